@@ -1,0 +1,208 @@
+"""Typed configuration: YAML presets -> dataclasses, strict keys, ``a.b=c`` overrides.
+
+Every settings object in ddkit is a dataclass whose fields carry a docstring-like ``help`` in their
+metadata and whose ``__post_init__`` validates values. :func:`from_dict` builds one from plain data
+and reports *all* problems at once (unknown keys with a did-you-mean, wrong types); YAML is read
+with ``yaml.safe_load`` only, so a config can never execute code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ddkit.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text (shown by ``ddkit show --config``)."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _convert(value, arg, where, sub)
+            if not sub:
+                return out
+        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            errors.append(f"{where}: {value!r} is not one of {list(choices)}{hint}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            return value
+        return _build(tp, value, where, errors)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return value
+        args = get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+        return dict(value) if isinstance(value, dict) else value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            errors.append(f"{where}: expected a number, got {value!r}")
+            return value
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            errors.append(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            errors.append(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            errors.append(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            errors.append(f"unknown config key {path!r}; {hint}")
+            continue
+        kwargs[key] = _convert(value, hints[key], path, errors)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    for name in missing:
+        errors.append(f"missing required config key {(where + '.' if where else '') + name!r}")
+    if errors:
+        return None  # type: ignore[return-value]
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        errors.append(f"{where + ': ' if where else ''}{exc}")
+        return None  # type: ignore[return-value]
+
+
+def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    obj = _build(cls, dict(data or {}), where, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass (nested) as plain JSON/YAML-serialisable data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def config_hash(obj: Any) -> str:
+    """A short, stable hash of a config (dataclass or plain data)."""
+    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file (see configs/)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b=value`` overrides (value parsed as YAML) to nested plain data, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def describe(cls: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for each field of a config dataclass."""
+    rows = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "<required>"
+        rows.append((f.name, _type_name(hints[f.name]), to_dict(default), f.metadata.get("help", "")))
+    return rows
