@@ -24,8 +24,10 @@ from ddkit.errors import ConfigError
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with a ``help`` text (shown by ``ddkit show --config``)."""
+def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = None, **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text; ``factory`` builds a (dataclass) default per instance."""
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kw)
     if isinstance(default, (list, dict, set)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
@@ -44,6 +46,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: report X's own errors (e.g. unknown nested keys)
+            return _convert(value, real[0], where, errors)
         for arg in args:
             if arg is type(None):
                 continue
@@ -110,6 +115,9 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
             hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
             errors.append(f"unknown config key {path!r}; {hint}")
             continue
+        default = _field_default(fields[key])
+        if isinstance(value, dict) and dataclasses.is_dataclass(default):
+            value = _deep_merge(to_dict(default), value)
         kwargs[key] = _convert(value, hints[key], path, errors)
     missing = [
         n for n, f in fields.items()
@@ -124,6 +132,21 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     except ConfigError as exc:
         errors.append(f"{where + ': ' if where else ''}{exc}")
         return None  # type: ignore[return-value]
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:

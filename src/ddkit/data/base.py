@@ -154,18 +154,22 @@ def find_data_dir(name: str, path: str | None, required: list[str], hint: str) -
     Order: explicit ``path``, then ``$DDKIT_DATA/<name>``, then ``/usr/share/datasets/<name>``.
     Raises a DataError naming every place searched and ``hint`` (how to provide the files).
     """
-    candidates: list[Path] = []
     if path:
-        candidates.append(Path(path).expanduser())
+        # an explicit path never falls back to other places: a typo must not load different data
+        cand = Path(path).expanduser()
+        if not cand.is_dir():
+            raise DataError(f"dataset {name!r} not found (searched {cand}); {hint}")
+        missing = [f for f in required if not (cand / f).exists()]
+        if missing:
+            raise DataError(f"dataset {name!r}: {cand} lacks {', '.join(missing)}; put the files there")
+        return cand
+    candidates: list[Path] = []
     if os.environ.get("DDKIT_DATA"):
         candidates.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
     candidates.append(SYSTEM_DATA_DIR / name)
     for cand in candidates:
         if cand.is_dir() and all((cand / f).exists() for f in required):
             return cand
-    if path and Path(path).expanduser().is_dir():
-        missing = [f for f in required if not (Path(path).expanduser() / f).exists()]
-        raise DataError(f"dataset {name!r}: {path} lacks {', '.join(missing)}; put the files there")
     searched = ", ".join(str(c) for c in candidates)
     raise DataError(f"dataset {name!r} not found (searched {searched}); {hint}")
 

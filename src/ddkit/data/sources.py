@@ -1,0 +1,753 @@
+"""Dataset sources read from local files: Fashion-MNIST/MNIST, CIFAR-10/100, ImageFolder, tensors.
+
+Each source is a function ``(DatasetConfig) -> DataBundle`` registered in :data:`DATASETS`. Nothing
+here downloads anything: files are found in ``dataset.path``, ``$DDKIT_DATA/<name>`` or
+``/usr/share/datasets/<name>`` (see :func:`find_data_dir`), and every problem with them raises a
+:class:`DataError` that names the file and the fix.
+
+Untrusted formats are read defensively: CIFAR pickles go through a restricted unpickler that only
+rebuilds plain numpy arrays, tar members are read in memory (never extracted), and ``.pt`` files
+are loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import os
+import pickle
+import struct
+import tarfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ddkit.data.base import (
+    DATASETS,
+    SYSTEM_DATA_DIR,
+    DataBundle,
+    DatasetConfig,
+    ImageSet,
+    find_data_dir,
+)
+from ddkit.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _check_no_options(cfg: DatasetConfig) -> None:
+    if cfg.options:
+        raise ConfigError(
+            f"unknown dataset.options {sorted(cfg.options)} for {cfg.name!r}; "
+            "this source takes no options, remove them"
+        )
+
+
+def _check_fixed_source(cfg: DatasetConfig) -> None:
+    """Settings that only imagefolder understands must not be silently ignored elsewhere."""
+    _check_no_options(cfg)
+    if cfg.image_size is not None:
+        raise ConfigError(
+            f"dataset.image_size applies only to 'imagefolder', not {cfg.name!r}; remove it"
+        )
+    if (cfg.train_split, cfg.test_split) != ("train", "test"):
+        raise ConfigError(
+            f"dataset.train_split/test_split apply only to 'imagefolder', not {cfg.name!r}; remove them"
+        )
+
+
+def _check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
+    """If the user pinned ``dataset.classes`` (e.g. a teacher's order), it must match the source."""
+    if cfg.classes is not None and list(cfg.classes) != list(classes):
+        raise DataError(
+            f"dataset.classes {list(cfg.classes)} does not match the classes of {cfg.name!r} "
+            f"{list(classes)}; remove dataset.classes or list exactly these names in this order"
+        )
+
+
+def _search_rank(name: str, path: str | None, found: Path) -> int:
+    """Position of ``found`` in find_data_dir's search order (lower wins)."""
+    order: list[Path] = []
+    if path:
+        order.append(Path(path).expanduser())
+    if os.environ.get("DDKIT_DATA"):
+        order.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
+    order.append(SYSTEM_DATA_DIR / name)
+    return order.index(found) if found in order else len(order)
+
+
+def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Path, int]:
+    """The highest-priority folder holding any one of ``layouts``; returns (folder, layout index).
+
+    An explicit ``dataset.path`` is authoritative: if it lacks the files we fail rather than
+    silently load other data from ``$DDKIT_DATA``. Errors name the first layout's files.
+    """
+    if cfg.path and not Path(cfg.path).expanduser().exists():
+        raise DataError(f"dataset.path {cfg.path} does not exist; fix dataset.path or unset it to search DDKIT_DATA")
+    hits: list[tuple[int, int, Path]] = []
+    first_error: DataError | None = None
+    for i, required in enumerate(layouts):
+        try:
+            found = find_data_dir(cfg.name, cfg.path, required=required, hint=hint)
+        except DataError as exc:
+            first_error = first_error or exc
+            continue
+        hits.append((_search_rank(cfg.name, cfg.path, found), i, found))
+    if cfg.path:
+        hits = [h for h in hits if h[0] == 0]
+        if not hits:
+            missing = [f for f in layouts[0] if not (Path(cfg.path).expanduser() / f).exists()]
+            raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; put the files there")
+    if not hits:
+        assert first_error is not None
+        raise first_error
+    _, layout, folder = min(hits)
+    return folder, layout
+
+
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of ``[N, C, H, W]`` images in [0, 1] pixel space.
+
+    Accumulates in float64, ``chunk`` images at a time, so large uint8 sets need little memory.
+    """
+    if len(images) == 0:
+        raise DataError("cannot compute mean/std of an empty training set; add training images")
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64) / scale
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    count = images.numel() // c
+    mean = total / count
+    var = (total_sq / count - mean * mean).clamp_min(0.0)
+    return tuple(float(v) for v in mean), tuple(float(v) for v in var.sqrt())
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST / MNIST (IDX files)
+
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+MNIST_SIDE = 28
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+MNIST_CLASSES = [str(d) for d in range(10)]
+
+_REDOWNLOAD = "re-download or re-install the file"
+
+
+def _read_bytes(path: Path) -> bytes:
+    """File contents, gunzipped when the name ends in ``.gz``; damage raises DataError."""
+    try:
+        raw = path.read_bytes()
+        if path.suffix == ".gz":
+            raw = gzip.decompress(raw)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{path} is not a valid gzip file or is truncated ({exc}); {_REDOWNLOAD}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc}); check the file and its permissions") from None
+    return raw
+
+
+def read_idx(path: Path, kind: str) -> np.ndarray:
+    """An IDX file as uint8: images ``[N, 1, 28, 28]`` (``kind='images'``) or labels ``[N]``."""
+    raw = _read_bytes(path)
+    magic_expected, header = (IDX_IMAGES_MAGIC, 16) if kind == "images" else (IDX_LABELS_MAGIC, 8)
+    if len(raw) < header:
+        raise DataError(
+            f"{path} is truncated (expected at least a {header}-byte header, found {len(raw)} bytes); "
+            f"{_REDOWNLOAD}"
+        )
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != magic_expected:
+        raise DataError(
+            f"{path} is not an IDX {kind} file (magic number {magic}, expected {magic_expected}); "
+            f"check the file name or {_REDOWNLOAD}"
+        )
+    if kind == "images":
+        n, rows, cols = struct.unpack(">iii", raw[4:16])
+        if (rows, cols) != (MNIST_SIDE, MNIST_SIDE) or n < 0:
+            raise DataError(
+                f"{path} holds {n} images of {rows}x{cols} pixels, expected {MNIST_SIDE}x{MNIST_SIDE}; "
+                f"{_REDOWNLOAD}"
+            )
+        shape: tuple[int, ...] = (n, 1, rows, cols)
+    else:
+        (n,) = struct.unpack(">i", raw[4:8])
+        if n < 0:
+            raise DataError(f"{path} declares {n} labels; {_REDOWNLOAD}")
+        shape = (n,)
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        problem = "is truncated" if len(raw) < expected else "has trailing data"
+        raise DataError(f"{path} {problem} (expected {expected} bytes, found {len(raw)}); {_REDOWNLOAD}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape).copy()
+
+
+def _load_idx_dataset(
+    cfg: DatasetConfig, classes: list[str], mean: tuple[float, ...], std: tuple[float, ...], hint: str
+) -> DataBundle:
+    _check_fixed_source(cfg)
+    gz = [f + ".gz" for f in IDX_FILES.values()]
+    plain = list(IDX_FILES.values())
+    folder, _ = _locate(cfg, [gz, plain], hint)
+
+    def file(stem: str) -> Path:
+        return folder / (stem + ".gz") if (folder / (stem + ".gz")).exists() else folder / stem
+
+    parts = {}
+    for split in ("train", "test"):
+        img_path, lab_path = file(IDX_FILES[f"{split}_images"]), file(IDX_FILES[f"{split}_labels"])
+        images, labels = read_idx(img_path, "images"), read_idx(lab_path, "labels")
+        if len(images) != len(labels):
+            raise DataError(
+                f"{lab_path} has {len(labels)} labels but {img_path} has {len(images)} images; "
+                "the files do not belong together, re-install the dataset"
+            )
+        if len(labels) and int(labels.max()) >= len(classes):
+            raise DataError(
+                f"{lab_path} has label {int(labels.max())} but {cfg.name!r} has {len(classes)} classes; "
+                f"{_REDOWNLOAD}"
+            )
+        parts[split] = ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+    _check_class_order(cfg, classes)
+    logger.info("loaded %s from %s: %d train, %d test", cfg.name, folder, len(parts["train"]), len(parts["test"]))
+    return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(folder))
+
+
+@DATASETS.register("fashion-mnist")
+def load_fashion_mnist(cfg: DatasetConfig) -> DataBundle:
+    """Fashion-MNIST (Xiao et al., 2017): 60k/10k grayscale 28x28 images of 10 clothing classes."""
+    hint = (
+        "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
+        "or set DDKIT_DATA / dataset.path to a folder with the four IDX files "
+        "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
+        "t10k-labels-idx1-ubyte.gz)"
+    )
+    return _load_idx_dataset(cfg, FASHION_MNIST_CLASSES, (0.2861,), (0.3530,), hint)
+
+
+@DATASETS.register("mnist")
+def load_mnist(cfg: DatasetConfig) -> DataBundle:
+    """MNIST (LeCun et al., 1998): 60k/10k grayscale 28x28 handwritten digits."""
+    hint = (
+        "set DDKIT_DATA (files in $DDKIT_DATA/mnist/) or dataset.path to a folder with the four "
+        "MNIST IDX files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)"
+    )
+    return _load_idx_dataset(cfg, MNIST_CLASSES, (0.1307,), (0.3081,), hint)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 (official python pickles)
+
+try:  # numpy >= 2
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct
+    from numpy._core.numeric import _frombuffer as _np_frombuffer
+except ImportError:  # numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[no-redef]
+    from numpy.core.numeric import _frombuffer as _np_frombuffer  # type: ignore[no-redef]
+
+# The only globals a CIFAR batch (written by numpy 1.x or 2.x) refers to: rebuilding plain arrays.
+_PICKLE_ALLOWED = {
+    ("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _np_frombuffer,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+}
+
+
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a global outside the allow-list."""
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
+
+    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle API)
+        try:
+            return _PICKLE_ALLOWED[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"it references {module}.{name}") from None
+
+    def persistent_load(self, pid):  # noqa: ANN001, ANN201
+        raise _RefusedGlobal("it uses a persistent id")
+
+
+def safe_unpickle(data: bytes, where: str) -> object:
+    """Unpickle ``data`` (named ``where`` in errors) allowing only plain numpy array helpers."""
+    try:
+        return _ArrayOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise DataError(
+            f"{where} is not a plain CIFAR batch ({exc}); refusing to load it, use the official archive"
+        ) from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
+            struct.error) as exc:  # fmt: skip
+        raise DataError(f"{where} is corrupt ({type(exc).__name__}: {_one_line(exc)}); {_REDOWNLOAD}") from None
+
+
+CIFAR = {
+    "cifar10": {
+        "archive": "cifar-10-python.tar.gz",
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "labels_key": "labels",
+        "names_key": "label_names",
+        "num_classes": 10,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+    },
+    "cifar100": {
+        "archive": "cifar-100-python.tar.gz",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "labels_key": "fine_labels",
+        "names_key": "fine_label_names",
+        "num_classes": 100,
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+    },
+}
+
+
+def _read_tar_members(archive: Path, folder: str, wanted: list[str]) -> dict[str, bytes]:
+    """Contents of ``folder/<name>`` for each wanted name, read in memory in one pass."""
+    targets = {f"{folder}/{name}": name for name in wanted}
+    out: dict[str, bytes] = {}
+    try:
+        with tarfile.open(archive, mode="r|*") as tar:
+            for member in tar:
+                key = member.name[2:] if member.name.startswith("./") else member.name
+                if key not in targets:
+                    continue
+                if not member.isreg():
+                    raise DataError(
+                        f"{archive}: member {member.name} is not a regular file; "
+                        "refusing it, use the official archive"
+                    )
+                if targets[key] in out:
+                    raise DataError(f"{archive}: member {member.name} appears twice; use the official archive")
+                fobj = tar.extractfile(member)
+                assert fobj is not None  # regular files always have contents
+                out[targets[key]] = fobj.read()
+    except (tarfile.TarError, gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise DataError(f"{archive} is not a valid tar.gz archive or is truncated ({exc}); {_REDOWNLOAD}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read {archive} ({exc}); check the file and its permissions") from None
+    missing = [f"{folder}/{n}" for n in wanted if n not in out]
+    if missing:
+        raise DataError(f"{archive} lacks {', '.join(missing)}; use the official archive")
+    return out
+
+
+def _read_folder_files(folder: Path, wanted: list[str]) -> dict[str, bytes]:
+    out = {}
+    for name in wanted:
+        path = folder / name
+        if not path.is_file():
+            raise DataError(f"{path} is missing or not a regular file; re-extract the official archive")
+        try:
+            out[name] = path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"cannot read {path} ({exc}); check the file and its permissions") from None
+    return out
+
+
+def _get(d: dict, key: str, where: str):  # noqa: ANN202
+    """``d[b'key']`` (official py2 pickles) or ``d['key']`` (re-pickled under Python 3)."""
+    for k in (key.encode(), key):
+        if k in d:
+            return d[k]
+    raise DataError(f"{where} has no {key!r} entry; {_REDOWNLOAD}")
+
+
+def _cifar_batch(blob: bytes, where: str, labels_key: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    batch = safe_unpickle(blob, where)
+    if not isinstance(batch, dict):
+        raise DataError(f"{where} holds a {type(batch).__name__}, expected a dict; {_REDOWNLOAD}")
+    data = _get(batch, "data", where)
+    labels = _get(batch, labels_key, where)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise DataError(f"{where}: 'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}; {_REDOWNLOAD}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: {labels_key!r} is not a list of integers; {_REDOWNLOAD}") from None
+    if labels.shape != (len(data),):
+        raise DataError(f"{where} has {labels.size} labels for {len(data)} images; {_REDOWNLOAD}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(f"{where} has labels outside [0, {num_classes - 1}]; {_REDOWNLOAD}")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def _cifar_names(blob: bytes, where: str, names_key: str, num_classes: int) -> list[str]:
+    meta = safe_unpickle(blob, where)
+    if not isinstance(meta, dict):
+        raise DataError(f"{where} holds a {type(meta).__name__}, expected a dict; {_REDOWNLOAD}")
+    names = _get(meta, names_key, where)
+    if not isinstance(names, list) or len(names) != num_classes or not all(isinstance(n, (str, bytes)) for n in names):
+        raise DataError(f"{where}: {names_key!r} must list {num_classes} class names; {_REDOWNLOAD}")
+    return [n.decode("utf-8") if isinstance(n, bytes) else n for n in names]
+
+
+def _load_cifar(cfg: DatasetConfig) -> DataBundle:
+    _check_fixed_source(cfg)
+    spec = CIFAR[cfg.name]
+    files = [spec["meta"], *spec["train"], *spec["test"]]
+    where_root: Path
+    if cfg.path and Path(cfg.path).expanduser().is_file():
+        where_root = Path(cfg.path).expanduser()
+        blobs = _read_tar_members(where_root, spec["folder"], files)
+        where = {n: f"{where_root}:{spec['folder']}/{n}" for n in files}
+    else:
+        hint = (
+            f"set DDKIT_DATA (files in $DDKIT_DATA/{cfg.name}/) or dataset.path to {spec['archive']} "
+            f"or to a folder holding it or the extracted {spec['folder']}/"
+        )
+        layouts = [files, [f"{spec['folder']}/{n}" for n in files], [spec["archive"]]]
+        try:
+            folder, layout = _locate(cfg, layouts, hint)
+        except DataError:
+            if cfg.path and Path(cfg.path).expanduser().is_dir():
+                raise DataError(
+                    f"dataset {cfg.name!r}: {cfg.path} holds neither {spec['archive']} nor a complete "
+                    f"{spec['folder']}/ folder; point dataset.path at the archive or the extracted folder"
+                ) from None
+            raise
+        if layout == 2:
+            where_root = folder / spec["archive"]
+            blobs = _read_tar_members(where_root, spec["folder"], files)
+            where = {n: f"{where_root}:{spec['folder']}/{n}" for n in files}
+        else:
+            where_root = folder if layout == 0 else folder / spec["folder"]
+            blobs = _read_folder_files(where_root, files)
+            where = {n: str(where_root / n) for n in files}
+
+    classes = _cifar_names(blobs[spec["meta"]], where[spec["meta"]], spec["names_key"], spec["num_classes"])
+    parts = {}
+    for split in ("train", "test"):
+        batches = [_cifar_batch(blobs[n], where[n], spec["labels_key"], spec["num_classes"]) for n in spec[split]]
+        images = np.concatenate([b[0] for b in batches])
+        labels = np.concatenate([b[1] for b in batches])
+        parts[split] = ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
+    _check_class_order(cfg, classes)
+    logger.info("loaded %s from %s: %d train, %d test", cfg.name, where_root, len(parts["train"]), len(parts["test"]))
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, spec["mean"], spec["std"], source=str(where_root))
+
+
+@DATASETS.register("cifar10")
+def load_cifar10(cfg: DatasetConfig) -> DataBundle:
+    """CIFAR-10 (Krizhevsky, 2009): 50k/10k RGB 32x32 images of 10 classes."""
+    return _load_cifar(cfg)
+
+
+@DATASETS.register("cifar100")
+def load_cifar100(cfg: DatasetConfig) -> DataBundle:
+    """CIFAR-100 (Krizhevsky, 2009): 50k/10k RGB 32x32 images of 100 fine classes."""
+    return _load_cifar(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageFolder: root/<split>/<class>/<image>
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+_GRAY_MODES = {"1", "L", "LA"}
+
+
+def _class_dirs(split_dir: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    return sorted(
+        p for p in class_dir.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )  # fmt: skip
+
+
+def _read_image(path: Path, size: int | None) -> np.ndarray:
+    """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
+            if size is not None and im.size != (size, size):
+                im = im.resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path} ({_one_line(exc)}); replace or delete the file") from None
+
+
+def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> list[str]:
+    found = {split: _class_dirs(d) for split, d in split_dirs.items()}
+    if cfg.classes is not None:
+        classes = list(cfg.classes)
+        dupes = sorted({c for c in classes if classes.count(c) > 1})
+        if dupes:
+            raise ConfigError(f"dataset.classes lists {dupes} more than once; list each class once")
+        for split, dirs in found.items():
+            missing = [c for c in classes if c not in dirs]
+            if missing:
+                raise DataError(
+                    f"dataset.classes lists {missing} but {split_dirs[split]} has no such folders; "
+                    "fix dataset.classes or add the folders"
+                )
+            extra = sorted(set(dirs) - set(classes))
+            if extra:
+                raise DataError(
+                    f"{split_dirs[split]} has class folders {extra} not in dataset.classes; "
+                    "add them to dataset.classes or remove the folders"
+                )
+        return classes
+    train, test = (set(found[s]) for s in split_dirs)
+    if train != test:
+        raise DataError(
+            f"class folders differ between {split_dirs['train']} and {split_dirs['test']} "
+            f"(only in train: {sorted(train - test)}, only in test: {sorted(test - train)}); "
+            "give both splits the same class folders"
+        )
+    if not train:
+        raise DataError(f"{split_dirs['train']} has no class folders; expected <split>/<class>/<image>")
+    return sorted(train)
+
+
+@DATASETS.register("imagefolder")
+def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
+    """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
+
+    Class order is ``dataset.classes`` when given (checked against both splits), else sorted folder
+    names. Images become RGB, or single-channel when every file is grayscale; sizes must agree
+    unless ``dataset.image_size`` resizes them (bilinear). mean/std come from the train split.
+    """
+    _check_no_options(cfg)
+    if not cfg.path:
+        raise ConfigError("dataset 'imagefolder' needs a root folder; set dataset.path=<root>")
+    root = Path(cfg.path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"imagefolder root {root} is not a folder; set dataset.path to root/<split>/<class>/<image>")
+    split_dirs = {"train": root / cfg.train_split, "test": root / cfg.test_split}
+    for split, d in split_dirs.items():
+        if not d.is_dir():
+            raise DataError(
+                f"imagefolder has no {split} split folder {d}; create it or set dataset.{split}_split"
+            )
+    classes = _imagefolder_classes(cfg, split_dirs)
+
+    arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    labels: dict[str, list[int]] = {"train": [], "test": []}
+    first: tuple[Path, tuple[int, int]] | None = None
+    for split, split_dir in split_dirs.items():
+        for label, name in enumerate(classes):
+            files = _image_files(split_dir / name)
+            if not files:
+                raise DataError(
+                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                    "add images or remove the class"
+                )
+            for path in files:
+                arr = _read_image(path, cfg.image_size)
+                hw = arr.shape[:2]
+                if first is None:
+                    first = (path, hw)
+                elif hw != first[1]:
+                    raise DataError(
+                        f"image {path} is {hw[1]}x{hw[0]} but {first[0]} is {first[1][1]}x{first[1][0]}; "
+                        "set dataset.image_size to resize all images to one size"
+                    )
+                arrays[split].append(arr)
+                labels[split].append(label)
+
+    gray = all(a.ndim == 2 for part in arrays.values() for a in part)
+    parts = {}
+    for split in ("train", "test"):
+        if gray:
+            images = np.stack(arrays[split])[:, None]
+        else:
+            images = np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays[split]])
+            images = images.transpose(0, 3, 1, 2)
+        parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
+        arrays[split] = []  # free the per-image arrays early
+    mean, std = channel_stats(parts["train"].images)
+    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]), len(parts["test"]))
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root))
+
+
+# ---------------------------------------------------------------------------------------------
+# tensors: one .safetensors or .pt file
+
+TENSOR_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DataError(f"{path} is not a valid safetensors file ({_one_line(exc)}); re-create the file") from None
+    classes = None
+    if "classes" in metadata:
+        try:
+            classes = json.loads(metadata["classes"])
+        except json.JSONDecodeError:
+            raise DataError(
+                f"{path}: metadata 'classes' is not valid JSON; store json.dumps(list_of_names)"
+            ) from None
+    return tensors, classes
+
+
+def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{path} holds objects that safe (weights_only) loading refuses ({_one_line(exc, 160)}); "
+            "save only a dict of tensors plus an optional list of class names"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, ImportError) as exc:
+        raise DataError(f"{path} is not a readable torch file ({_one_line(exc)}); re-create it with torch.save") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors; save a dict with {list(TENSOR_KEYS)}")
+    classes = obj.get("classes")
+    tensors = {k: v for k, v in obj.items() if k != "classes"}
+    return tensors, classes
+
+
+def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
+    if t.dim() != 4:
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N, C, H, W]; reshape it")
+    if t.dtype == torch.uint8:
+        return t.contiguous()
+    if not t.is_floating_point():
+        raise DataError(f"{path}: {key} has dtype {t.dtype}; store uint8 0..255 or float 0..1 images")
+    t = t.float().contiguous()
+    if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
+        raise DataError(
+            f"{path}: float {key} must lie in [0, 1], found [{float(t.min()):.4g}, {float(t.max()):.4g}]; "
+            "divide by 255 or store uint8"
+        )
+    return t
+
+
+def _tensor_labels(t: object, key: str, path: Path) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
+    if t.dim() != 1:
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N]; flatten it")
+    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+        raise DataError(f"{path}: {key} has dtype {t.dtype}; store integer class indices")
+    t = t.long()
+    if t.numel() and t.min() < 0:
+        raise DataError(f"{path}: {key} has negative labels; store class indices 0..K-1")
+    return t
+
+
+def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    if "mean" not in tensors and "std" not in tensors:
+        return None
+    if "mean" not in tensors or "std" not in tensors:
+        raise DataError(f"{path} has only one of mean/std; store both or neither (then they are computed)")
+    out = []
+    for key in ("mean", "std"):
+        t = tensors[key]
+        if not isinstance(t, torch.Tensor) or t.numel() != channels or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise DataError(f"{path}: {key} must be a float tensor of {channels} values (one per channel), found {shape}")
+        out.append(tuple(float(v) for v in t.flatten()))
+    if min(out[1]) <= 0:
+        raise DataError(f"{path}: std must be positive, found {list(out[1])}")
+    return out[0], out[1]
+
+
+@DATASETS.register("tensors")
+def load_tensors(cfg: DatasetConfig) -> DataBundle:
+    """Train/test tensors from one ``.safetensors`` or ``.pt`` file (see module docs for keys).
+
+    Class names: ``classes`` (a list of str) in a ``.pt`` dict, or JSON in the safetensors metadata
+    field ``classes``; default ``"0".."K-1"``. ``mean``/``std`` tensors are optional.
+    """
+    _check_fixed_source(cfg)
+    if not cfg.path:
+        raise ConfigError("dataset 'tensors' needs a file; set dataset.path=<file.safetensors or file.pt>")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise DataError(f"tensors file {path} does not exist; set dataset.path to a .safetensors or .pt file")
+    if path.suffix == ".safetensors":
+        tensors, classes = _read_safetensors(path)
+    elif path.suffix in (".pt", ".pth"):
+        tensors, classes = _read_pt(path)
+    else:
+        raise DataError(f"tensors file {path} has suffix {path.suffix!r}; use a .safetensors or .pt file")
+
+    missing = [k for k in TENSOR_KEYS if k not in tensors]
+    if missing:
+        raise DataError(
+            f"{path} lacks {missing}; a tensors file needs {list(TENSOR_KEYS)} "
+            "(optional: mean, std, classes)"
+        )
+    extra = sorted(set(tensors) - set(TENSOR_KEYS) - {"mean", "std"})
+    if extra:
+        logger.warning("%s: ignoring unknown entries %s", path, extra)
+    parts = {}
+    for split in ("train", "test"):
+        images = _tensor_images(tensors[f"{split}_images"], f"{split}_images", path)
+        labels = _tensor_labels(tensors[f"{split}_labels"], f"{split}_labels", path)
+        if len(images) != len(labels):
+            raise DataError(f"{path}: {split}_images has {len(images)} images but {split}_labels has {len(labels)} labels")
+        parts[split] = ImageSet(images, labels)
+
+    top = max((int(p.labels.max()) for p in parts.values() if len(p)), default=-1)
+    if classes is None:
+        classes = [str(c) for c in range(top + 1)]
+    elif not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{path}: 'classes' must be a list of str, found {type(classes).__name__}")
+    elif len(set(classes)) != len(classes):
+        raise DataError(f"{path}: 'classes' has duplicate names; give each class a unique name")
+    elif top >= len(classes):
+        raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; list every class")
+    _check_class_order(cfg, classes)
+
+    norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
+    mean, std = norm if norm is not None else channel_stats(parts["train"].images)
+    logger.info("loaded tensors %s: %d train, %d test", path, len(parts["train"]), len(parts["test"]))
+    return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(path))

@@ -1,0 +1,102 @@
+"""Benchmark of the spine on Fashion-MNIST: teacher accuracy and `random` at IPC 1/10/50.
+
+Protocol: DC's (ConvNet-3 width 128, instance norm, SGD 0.01 momentum 0.9, wd 5e-4, batch 256,
+300 epochs, lr x0.1 at half, no augmentation, hard labels). The teacher is a `convnet3` trained on
+the full training set; it is the whole-data reference. Published numbers beside ours come from
+Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021, Table 1.
+
+Usage (CPU, ~1.5 h on 2 cores; `--quick` for a 10-minute smoke run):
+    DDKIT_DATA=../shared/data python benchmarks/spine.py --out docs/results/spine-fashion-mnist.json
+Prints a table and writes JSON (and a markdown table next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ddkit.artifacts import versions, write_json
+from ddkit.data import load_dataset
+from ddkit.data.base import DatasetConfig
+from ddkit.evaluate import evaluate, resolve_protocol
+from ddkit.pipeline import DistillConfig, distill
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+# DC paper (ICLR 2021) Table 1, Fashion-MNIST, ConvNet, mean ± std over 5x20 students.
+PUBLISHED = {
+    "random": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
+    "whole dataset": 93.5,
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="docs/results/spine-fashion-mnist.json")
+    ap.add_argument("--work", default="runs/bench-spine")
+    ap.add_argument("--ipcs", default="1,10,50")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    work = Path(args.work)
+    data = load_dataset(DatasetConfig(name="fashion-mnist"))
+    ipcs = [int(x) for x in args.ipcs.split(",")]
+    seeds = [int(x) for x in args.seeds.split(",")]
+    epochs = 20 if args.quick else 300
+
+    t0 = time.perf_counter()
+    tdir = work / "teacher-convnet3"
+    tcfg = TeacherConfig(model="convnet3", train=TrainConfig(epochs=1 if args.quick else args.teacher_epochs, batch_size=256,
+                                                              lr=0.05, schedule="cosine", augment="crop_flip"))
+    teacher = Teacher.load(tdir) if (tdir / "manifest.json").is_file() else train_teacher(data, tcfg, tdir, args.device)
+    teacher_s = time.perf_counter() - t0
+
+    protocol = resolve_protocol("dc-protocol", {"random_baseline": False, "full_reference": False,
+                                                "train": {"epochs": epochs}})
+    rows = []
+    for ipc in ipcs:
+        ds = distill(data, DistillConfig(method="random", ipc=ipc, seed=0), DatasetConfig(name="fashion-mnist"),
+                     work / f"random-ipc{ipc}")
+        t1 = time.perf_counter()
+        rep = evaluate(ds, protocol, seeds, data=data, device=args.device)
+        res = rep["results"]["distilled"]
+        pub = PUBLISHED["random"].get(ipc)
+        rows.append({"method": "random", "ipc": ipc, "mean": 100 * res["mean"], "std": 100 * res["std"],
+                     "per_seed": [100 * a for a in res["per_seed"]], "published": pub,
+                     "image_bytes": rep["bytes"]["images"], "label_bytes": rep["bytes"]["labels"],
+                     "eval_seconds": round(time.perf_counter() - t1, 1)})
+        print(f"random ipc={ipc}: {100 * res['mean']:.2f} ± {100 * res['std']:.2f} (published {pub})", flush=True)
+
+    result = {
+        "benchmark": "spine-fashion-mnist",
+        "command": "DDKIT_DATA=../shared/data python benchmarks/spine.py" + (" --quick" if args.quick else ""),
+        "protocol": rep["config"], "protocol_hash": rep["protocol_hash"], "seeds": seeds,
+        "teacher": {"model": "convnet3", "test_accuracy": 100 * teacher.test_accuracy,
+                    "epochs": teacher.manifest["config"]["train"]["epochs"], "published_whole_dataset": PUBLISHED["whole dataset"],
+                    "train_seconds": round(teacher_s, 1)},
+        "rows": rows, "device": str(args.device), "versions": versions(),
+    }
+    lines = ["| set | IPC | ddkit top-1 % (mean ± std, {} seeds) | DC Table 1 | image bytes |".format(len(seeds)),
+             "|---|---|---|---|---|"]
+    for r in rows:
+        pub = f"{r['published'][0]} ± {r['published'][1]}" if r["published"] else "–"
+        lines.append(f"| random | {r['ipc']} | {r['mean']:.2f} ± {r['std']:.2f} | {pub} | {r['image_bytes']:,} |")
+    lines.append(f"| whole dataset (convnet3 teacher, {result['teacher']['epochs']} epochs) | – | "
+                 f"{result['teacher']['test_accuracy']:.2f} | {PUBLISHED['whole dataset']} | – |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    write_json(out, result)
+    out.with_suffix(".md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Versioned on-disk artifacts shared by all stages.
+
+Every artifact is a directory with a ``manifest.json`` (``schema_version``, ``kind``, the resolved
+config, the seed, package versions) and tensors in safetensors files. Directories are written to a
+temporary sibling and renamed into place at the end, so a crash or a bad input never leaves a
+partial artifact behind. Nothing here unpickles data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from ddkit.errors import DDKitError
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def versions() -> dict[str, str]:
+    """Versions of the code that produced an artifact."""
+    import torchvision
+
+    from ddkit import __version__
+
+    return {
+        "ddkit": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (temp file in the same folder + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DDKitError(f"{what} {str(path)!r} not found; check the path")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DDKitError(f"{what} {str(path)!r} is corrupt ({exc.__class__.__name__}); re-create it") from None
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Save tensors to safetensors atomically."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise DDKitError(f"{what} {str(path)!r} not found; the artifact is incomplete, re-create it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DDKitError(f"{what} {str(path)!r} is corrupt ({str(exc).splitlines()[0]}); re-create it") from None
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not overwrite:
+        raise DDKitError(f"output {str(final)!r} already exists; choose another --out or remove it")
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "kind": kind,
+        "seed": seed,
+        "config": config,
+        "versions": versions(),
+    }
+
+
+def read_manifest(path: str | Path, kind: str) -> dict[str, Any]:
+    """Read and check an artifact's manifest (kind and schema version)."""
+    path = Path(path)
+    if not path.exists():
+        raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
+    if path.is_file() and path.name == MANIFEST:
+        path = path.parent
+    manifest = read_json(path / MANIFEST, what=f"{kind} manifest")
+    if manifest.get("kind") != kind:
+        raise DDKitError(
+            f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
+        )
+    version = manifest.get("schema_version")
+    if not isinstance(version, int) or version > SCHEMA_VERSION:
+        raise DDKitError(
+            f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
+            f"({SCHEMA_VERSION}); upgrade ddkit"
+        )
+    return manifest
+
+
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))

@@ -1,0 +1,380 @@
+"""``ddkit`` command line: thin subcommands over the library.
+
+Every command builds one config (YAML file, then flags, then ``--set key.sub=value``), validates it
+strictly and calls a library function. User errors print ``error: ...`` and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from ddkit import __version__
+from ddkit.errors import DDKitError
+
+log = logging.getLogger("ddkit")
+
+
+class Progress:
+    """tqdm bars for training loops; one bar per label, only on the main rank."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        from ddkit import distributed as ddist
+
+        self.enabled = enabled and ddist.current().is_main
+        self.bar = None
+        self.label = None
+
+    def __call__(self, label: str, done: int, total: int, record: dict | None = None) -> None:
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        if label != self.label or self.bar is None:
+            self.close()
+            self.bar = tqdm(total=total, desc=label, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.label = label
+        self.bar.update(done - self.bar.n)
+        if record and "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.3f}")
+        if done >= total:
+            self.close()
+
+    def stage(self, name: str):
+        return lambda done, total, record: self(name, done, total, record)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+            self.label = None
+
+
+def _base(args) -> dict[str, Any]:
+    from ddkit.config import load_yaml
+
+    return load_yaml(args.config) if getattr(args, "config", None) else {}
+
+
+def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
+    from ddkit.config import apply_overrides
+
+    ds = data.setdefault("dataset", {})
+    if getattr(args, "dataset", None):
+        ds["name"] = args.dataset
+    if getattr(args, "data_path", None):
+        ds["path"] = args.data_path
+    return apply_overrides(data, list(getattr(args, "set", None) or []))
+
+
+def _device(args):
+    from ddkit import distributed as ddist
+
+    info = ddist.init_from_env(args.device if args.device != "auto" else ("cuda" if _cuda() else "cpu"))
+    return ddist.resolve_device(args.device, info)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip() != ""]
+    except ValueError:
+        raise DDKitError(f"--seeds must be comma-separated integers like 0,1,2, got {text!r}") from None
+
+
+def _print(*a) -> None:
+    from ddkit import distributed as ddist
+
+    if ddist.current().is_main:
+        print(*a)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_teacher(args) -> int:
+    from ddkit.config import from_dict
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    data = _apply_common(_base(args), args)
+    tcfg = data.setdefault("teacher", {})
+    for key in ("model", "seed", "checkpoint"):
+        if getattr(args, key, None) is not None:
+            tcfg[key] = getattr(args, key)
+    if args.epochs is not None:
+        tcfg.setdefault("train", {})["epochs"] = args.epochs
+    unknown = set(data) - {"dataset", "teacher"}
+    if unknown:
+        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit teacher`; use dataset and teacher")
+    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
+    cfg = from_dict(TeacherConfig, tcfg, "teacher")
+    device = _device(args)
+    bundle = load_dataset(dcfg)
+    progress = Progress(not args.quiet)
+    teacher = train_teacher(bundle, cfg, args.out, device, progress=progress.stage("teacher"))
+    progress.close()
+    _print(f"teacher {cfg.model} on {bundle.name}: test accuracy {100 * teacher.test_accuracy:.2f}% -> {args.out}")
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from ddkit.config import from_dict
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.pipeline import DistillConfig, distill, load_teacher_for
+
+    data = _apply_common(_base(args), args)
+    dist_cfg = data.setdefault("distill", {})
+    for key in ("method", "ipc", "seed"):
+        if getattr(args, key, None) is not None:
+            dist_cfg[key] = getattr(args, key)
+    if args.soft_labels:
+        dist_cfg["soft_labels"] = True
+    unknown = set(data) - {"dataset", "distill"}
+    if unknown:
+        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit distill`; use dataset and distill")
+    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
+    cfg = from_dict(DistillConfig, dist_cfg, "distill")
+    device = _device(args)
+    bundle = load_dataset(dcfg)
+    teacher = load_teacher_for(args.teacher, bundle, device)
+    progress = Progress(not args.quiet)
+    ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
+                 run_config={"dataset": data.get("dataset"), "distill": data.get("distill")})
+    progress.close()
+    _print(f"{cfg.method} ipc={ds.ipc}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
+           f"{ds.label_bytes:,} label bytes -> {args.out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from ddkit.config import apply_overrides, from_dict
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate import evaluate, format_table, resolve_protocol
+    from ddkit.pipeline import load_teacher_for
+
+    distilled = DistilledSet.load(args.distilled)
+    overrides = apply_overrides({}, list(args.set or []))
+    if args.label_mode:
+        overrides["label_mode"] = args.label_mode
+    if args.epochs is not None:
+        overrides.setdefault("train", {})["epochs"] = args.epochs
+    protocol = resolve_protocol(args.protocol, overrides)
+    dcfg_data = dict(distilled.manifest["dataset_config"])
+    if args.data_path:
+        dcfg_data["path"] = args.data_path
+    device = _device(args)
+    bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
+    teacher = load_teacher_for(args.teacher, bundle, device)
+    out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
+    progress = Progress(not args.quiet)
+    report = evaluate(distilled, protocol, _seeds(args.seeds), data=bundle, teacher=teacher, device=device,
+                      cache_dir=args.cache_dir, out=out, progress=progress)
+    progress.close()
+    _print(format_table([report]))
+    _print(f"label bytes {report['bytes']['labels']:,} + image bytes {report['bytes']['images']:,}; report -> {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from ddkit.config import apply_overrides, from_dict, load_yaml
+    from ddkit.evaluate import format_table
+    from ddkit.pipeline import RunConfig, run
+
+    data = apply_overrides(load_yaml(args.config), list(args.set or []))
+    if args.out:
+        data["out"] = args.out
+    if args.device != "auto":
+        data["device"] = args.device
+    cfg = from_dict(RunConfig, data)
+    return _run_and_print(cfg, args.quiet)
+
+
+def _run_and_print(cfg, quiet: bool) -> int:
+    from ddkit import distributed as ddist
+    from ddkit.evaluate import format_table
+    from ddkit.pipeline import run
+
+    ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
+    progress = Progress(not quiet)
+    summary = run(cfg, progress_factory=progress.stage, eval_progress=progress)
+    progress.close()
+    if summary.get("teacher_accuracy") is not None:
+        _print(f"teacher test accuracy: {100 * summary['teacher_accuracy']:.2f}%")
+    if summary["reused"]:
+        _print(f"reused: {', '.join(summary['reused'])}")
+    _print(format_table(summary["evaluations"]))
+    _print(f"report: {Path(cfg.out) / 'report' / 'summary.md'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ddkit.pipeline import demo_config
+
+    cfg = demo_config(out=args.out, data_path=args.data_path, device=args.device)
+    _print("ddkit demo: teacher -> random IPC 10 -> evaluation (hard and teacher-soft labels) on Fashion-MNIST")
+    return _run_and_print(cfg, args.quiet)
+
+
+def cmd_list(args) -> int:
+    import ddkit.data  # noqa: F401  (registration)
+    import ddkit.methods  # noqa: F401
+    from ddkit.data import DATASETS
+    from ddkit.evaluate import PROTOCOLS
+    from ddkit.methods import METHODS
+    from ddkit.models import MODELS
+
+    registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "protocols": PROTOCOLS}
+    names = registries[args.what].list(args.pattern)
+    if not names:
+        raise DDKitError(f"no {args.what} match {args.pattern!r}; try `ddkit list {args.what}`")
+    print("\n".join(names))
+    return 0
+
+
+def cmd_show(args) -> int:
+    from ddkit.artifacts import read_json
+    from ddkit.config import to_dict
+    from ddkit.evaluate import PROTOCOLS, format_table
+
+    target = Path(args.target)
+    if not target.exists() and args.target in PROTOCOLS:
+        print(json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2))
+        return 0
+    path = target / "manifest.json" if target.is_dir() else target
+    man = read_json(path, "artifact")
+    kind = man.get("kind")
+    if kind == "evaluation":
+        print(format_table([man]))
+    elif kind == "distilled-set":
+        print(f"distilled set: {man['method']['name']} ipc={man['ipc']} on {man['dataset']['name']} "
+              f"(fingerprint {man['dataset']['fingerprint']}), {man['num_images']} images, "
+              f"{man['bytes']['images']:,} image bytes, {man['bytes']['labels']:,} label bytes, seed {man['seed']}")
+    elif kind == "teacher":
+        print(f"teacher: {man['model']['name']} on {man['dataset']['name']}, test accuracy "
+              f"{100 * man['test_accuracy']:.2f}%, seed {man['seed']}, weights {man['weights_sha']}")
+    else:
+        raise DDKitError(f"{path} is not a ddkit artifact (kind {kind!r}); pass a teacher, distilled set or eval JSON")
+    if args.json:
+        print(json.dumps(man, indent=2))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ddkit.distilled import DistilledSet
+
+    ds = DistilledSet.load(args.distilled)
+    out = ds.export(args.out, args.format)
+    print(f"exported {len(ds)} images as {args.format} -> {out}")
+    return 0
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ddkit", description="Dataset distillation toolkit.")
+    p.add_argument("--version", action="version", version=f"ddkit {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp, data=True, device=True, overrides=True):
+        if data:
+            sp.add_argument("--dataset", help="dataset key (`ddkit list datasets`)")
+            sp.add_argument("--data-path", help="folder or file with the dataset")
+        if device:
+            sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+        if overrides:
+            sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. teacher.train.lr=0.1")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sp = sub.add_parser("teacher", help="train (or import) a teacher")
+    sp.add_argument("--config", help="YAML with dataset: and teacher: sections")
+    sp.add_argument("--model")
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--checkpoint", help="import these weights instead of training")
+    sp.add_argument("--out", required=True)
+    common(sp)
+    sp.set_defaults(func=cmd_teacher)
+
+    sp = sub.add_parser("distill", help="make a distilled set with a method")
+    sp.add_argument("--config", help="YAML with dataset: and distill: sections")
+    sp.add_argument("--method")
+    sp.add_argument("--ipc", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--teacher", help="teacher artifact directory")
+    sp.add_argument("--soft-labels", action="store_true", help="store the teacher's logits as soft labels")
+    sp.add_argument("--out", required=True)
+    common(sp)
+    sp.set_defaults(func=cmd_distill)
+
+    sp = sub.add_parser("evaluate", help="train fresh students on a distilled set and report accuracy")
+    sp.add_argument("distilled", help="distilled-set directory")
+    sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
+    sp.add_argument("--label-mode", choices=["hard", "teacher", "stored"])
+    sp.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    sp.add_argument("--teacher", help="teacher artifact directory (label modes teacher/stored)")
+    sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
+    sp.add_argument("--data-path", help="dataset location if it moved since distillation")
+    sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
+    sp.add_argument("--out", help="eval JSON path (default inside the distilled set)")
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("run", help="run a whole pipeline from a YAML config, reusing finished stages")
+    sp.add_argument("config")
+    sp.add_argument("--out")
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, random IPC 10, evaluation, report (CPU minutes)")
+    sp.add_argument("--out", default="runs/demo")
+    sp.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files")
+    common(sp, data=False, overrides=False)
+    sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")
+    sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"])
+    sp.add_argument("pattern", nargs="?", help="glob, e.g. 'convnet*'")
+    sp.set_defaults(func=cmd_list)
+
+    sp = sub.add_parser("show", help="summarise an artifact (teacher, distilled set, eval JSON) or a protocol")
+    sp.add_argument("target")
+    sp.add_argument("--json", action="store_true", help="also print the whole manifest")
+    sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("export", help="write a distilled set as PNG folders or a tensor file")
+    sp.add_argument("distilled")
+    sp.add_argument("--format", choices=["imagefolder", "pt"], required=True)
+    sp.add_argument("--out", required=True)
+    sp.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except DDKitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

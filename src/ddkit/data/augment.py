@@ -1,0 +1,559 @@
+"""Differentiable batch augmentation with explicit, replayable parameters.
+
+Every augmentation is split in two steps::
+
+    params = aug.sample(n, generator, (H, W))   # dict of CPU tensors, first dim n (one row per image)
+    out = aug.apply(x, params)                  # x [n, C, H, W] float -> same shape, dtype, device
+
+Separating the random draw from the pixel work gives three things the methods need:
+
+- **Siamese augmentation** (DSA): the same ``params`` applied to a real and a synthetic batch apply
+  the same transform to both. A parameter tensor whose first dim is 1 is *shared*: ``apply``
+  broadcasts it to every image, so ``sample(1, ...)`` gives one transform for batches of any size
+  (what the DSA reference does with its ``Siamese`` flag).
+- **Replay**: ``params`` can be stored (they are plain tensors) and applied again later, e.g. to
+  reproduce the crops that stored soft labels were computed on (FKD-style relabelling).
+- **Data parallel**: draw the parameters for the whole global batch from one seeded generator and
+  give each rank ``slice_params(params, slice(lo, hi))``; results do not depend on the world size.
+
+Every ``apply`` is differentiable with respect to the images (gathers, masks, ``grid_sample``), so
+gradients reach synthetic pixels, and works on any device: parameters are moved to ``x.device``
+and floating-point parameters are cast to ``x.dtype``.
+
+Specs accepted by :func:`build_augment`: ``none``, ``dsa``, ``rrc_flip``, ``flip``, ``crop_flip``.
+:class:`CutMix` is separate because it mixes pairs of images and therefore changes the labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from ddkit.errors import ConfigError, DDKitError
+
+Params = dict[str, torch.Tensor]
+
+__all__ = [
+    "AUGMENTS",
+    "DSA",
+    "DSA_OPS",
+    "Augment",
+    "CropFlip",
+    "CutMix",
+    "Flip",
+    "RandomResizedCropFlip",
+    "build_augment",
+    "slice_params",
+]
+
+
+@runtime_checkable
+class Augment(Protocol):
+    """A batch augmentation whose randomness lives entirely in explicit parameters."""
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        """Parameters for ``n`` images of size ``(H, W)``: CPU tensors whose first dim is ``n``."""
+        ...
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        """Augment ``x`` ``[n, C, H, W]`` (float) with ``params``; same shape, dtype and device."""
+        ...
+
+
+def slice_params(params: Params, index: int | slice | torch.Tensor) -> Params:
+    """The parameters of a sub-batch: every tensor indexed along its first dim.
+
+    ``index`` is an int (kept as a one-row batch), a slice, or an index/bool tensor. Tensors whose
+    first dim is 1 are shared by the whole batch (see the module docstring) and are returned
+    unchanged. Do not slice :class:`CutMix` parameters: partners index into the full batch.
+    """
+    if isinstance(index, int):
+        index = slice(index, index + 1 if index != -1 else None)
+    out = {}
+    for key, value in params.items():
+        if value.shape[0] == 1:
+            out[key] = value
+        elif isinstance(index, torch.Tensor):
+            out[key] = value[index.to(value.device)]
+        else:
+            out[key] = value[index]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# random draws: always from the caller's generator (on its device), returned on the CPU
+
+
+def _uniform(g: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
+    return (torch.rand(shape, generator=g, device=g.device) * (high - low) + low).cpu()
+
+
+def _randint(g: torch.Generator, low: int, high: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Integers in ``[low, high)``."""
+    return torch.randint(low, high, shape, generator=g, device=g.device).cpu()
+
+
+def _check_sample_args(n: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    if n < 0:
+        raise DDKitError(f"cannot sample augmentation parameters for {n} images")
+    h, w = (int(s) for s in image_size)
+    if h < 1 or w < 1:
+        raise DDKitError(f"image_size must be positive (H, W), got {tuple(image_size)}")
+    return h, w
+
+
+def _check_images(x: torch.Tensor) -> None:
+    if x.dim() != 4 or not x.is_floating_point():
+        raise DDKitError(f"augmentation needs float images [n, C, H, W], got {x.dtype} {tuple(x.shape)}")
+
+
+def _param(params: Params, key: str, x: torch.Tensor) -> torch.Tensor:
+    """``params[key]`` on ``x``'s device (floats in ``x.dtype``), broadcast to ``len(x)`` rows."""
+    if key not in params:
+        raise DDKitError(
+            f"augmentation parameters lack {key!r} (have {sorted(params)}); "
+            "sample them with the same augmentation that applies them"
+        )
+    value = params[key]
+    n = x.shape[0]
+    if value.shape[0] not in (1, n):
+        raise DDKitError(
+            f"augmentation parameter {key!r} has {value.shape[0]} rows for a batch of {n} images; "
+            "use slice_params to take the rows of this batch"
+        )
+    value = value.to(x.device)
+    if value.is_floating_point():
+        value = value.to(x.dtype)
+    return value.expand(n, *value.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------------
+# pixel operations: all differentiable with respect to x
+
+
+def _flip(x: torch.Tensor, flag: torch.Tensor) -> torch.Tensor:
+    """Mirror (last dim) the images where ``flag`` (bool ``[n]``) is set; exact, no resampling."""
+    return torch.where(flag.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def _translate(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Integer shift with zero fill: ``out[.., i, j] = x[.., i + dy, j + dx]``; ``shift`` is ``[n, 2]``
+    (dy, dx). Same as zero-padding and cropping at offset ``pad + (dy, dx)``."""
+    n, c, h, w = x.shape
+    rows = torch.arange(h, device=x.device) + shift[:, :1]  # [n, H]
+    cols = torch.arange(w, device=x.device) + shift[:, 1:]  # [n, W]
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    rows = rows.clamp(0, h - 1)[:, None, :, None].expand(n, c, h, w)
+    cols = cols.clamp(0, w - 1)[:, None, None, :].expand(n, c, h, w)
+    out = x.gather(2, rows).gather(3, cols)
+    return out * inside[:, None].to(x.dtype)
+
+
+def _box_mask(h: int, w: int, box: torch.Tensor) -> torch.Tensor:
+    """Bool ``[n, 1, H, W]``, true inside the pixel boxes ``[n, 4]`` = (x0, y0, x1, y1), end exclusive."""
+    ys = torch.arange(h, device=box.device)
+    xs = torch.arange(w, device=box.device)
+    in_y = (ys >= box[:, 1:2]) & (ys < box[:, 3:4])  # [n, H]
+    in_x = (xs >= box[:, 0:1]) & (xs < box[:, 2:3])  # [n, W]
+    return (in_y[:, :, None] & in_x[:, None, :])[:, None]
+
+
+def _affine(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """Bilinear resampling on the grid ``theta`` ``[n, 2, 3]`` (output -> input, coordinates in
+    [-1, 1], ``align_corners=False``, the default of ``affine_grid``/``grid_sample``)."""
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def _diag_theta(sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:
+    zero = torch.zeros_like(sx)
+    return torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# DSA
+
+
+#: Every DSA operation, in a fixed order: the ``op`` parameter indexes this tuple, so stored
+#: parameters stay meaningful whatever strategy sampled them.
+DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+@dataclass(frozen=True)
+class DSA:
+    """Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021).
+
+    Follows ``DiffAugment`` with ``aug_mode='S'`` in the reference code
+    (github.com/VICO-UoE/DatasetCondensation, ``utils.py``): for every batch ONE operation is drawn
+    uniformly from the ``_``-separated strategy and applied to all its images, each image with its
+    own random magnitude. ``color`` is brightness, saturation and contrast in sequence. The choice is
+    the ``op`` parameter (an index into :data:`DSA_OPS`, repeated ``n`` times) so it slices and
+    replays like the magnitudes; ``apply`` also accepts a different ``op`` per image.
+
+    The reference's ``Siamese`` mode (one draw shared by the whole batch, the same for the real and
+    the synthetic batch) is ``sample(1, ...)`` applied to both batches: one-row parameters broadcast.
+
+    Parameters (per image): ``brightness`` offset, ``saturation`` and ``contrast`` factors,
+    ``translate`` integer (dy, dx), ``cutout`` centre (cy, cx), ``flip`` flag, ``scale`` (sx, sy)
+    grid factors, ``rotate`` angle in radians; only those of the strategy's operations are drawn.
+
+    Differences from the reference: magnitudes come from the caller's generator instead of the
+    global RNG, and the crop/cutout offsets of the rows and columns are drawn as one ``[n, 2]``
+    tensor; the distributions are the reference's.
+    """
+
+    strategy: str = "color_crop_cutout_flip_scale_rotate"
+    flip: bool = True
+    """False drops ``flip`` from the strategy (digits and text, where mirroring changes the class)."""
+    brightness: float = 1.0
+    """added offset is U(-0.5, 0.5) * brightness (pixel units of the input, usually normalised)"""
+    saturation: float = 2.0
+    """factor U(0, saturation) on the deviation from the per-pixel channel mean"""
+    contrast: float = 0.5
+    """factor U(contrast, contrast + 1) on the deviation from the per-image mean"""
+    crop_ratio: float = 0.125
+    """integer translation up to round(ratio * size) pixels each way, zero fill"""
+    cutout_ratio: float = 0.5
+    """side of the zeroed square as a fraction of the image side"""
+    flip_prob: float = 0.5
+    scale_ratio: float = 1.2
+    """grid scale factors U(1/ratio, ratio), independently for x and y"""
+    rotate_degrees: float = 15.0
+    """rotation U(-deg, +deg)"""
+
+    def __post_init__(self) -> None:
+        names = [p for p in self.strategy.split("_") if p]
+        unknown = [p for p in names if p not in DSA_OPS]
+        if unknown:
+            raise ConfigError(
+                f"unknown DSA operation(s) {unknown} in strategy {self.strategy!r}; "
+                f"valid: {', '.join(DSA_OPS)}"
+            )
+        ops = tuple(p for p in names if self.flip or p != "flip")
+        if not ops:
+            raise ConfigError(f"DSA strategy {self.strategy!r} with flip={self.flip} has no operation left")
+        if self.scale_ratio < 1:
+            raise ConfigError(f"DSA scale_ratio must be >= 1 (factors 1/ratio..ratio), got {self.scale_ratio}")
+        if not 0 <= self.flip_prob <= 1:
+            raise ConfigError(f"DSA flip_prob must be in [0, 1], got {self.flip_prob}")
+        object.__setattr__(self, "ops", ops)
+
+    ops: tuple[str, ...] = dataclasses.field(init=False, default=(), repr=False)
+    """the operations one is chosen from, in strategy order (duplicates raise their odds)"""
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        h, w = _check_sample_args(n, image_size)
+        g = generator
+        choice = int(_randint(g, 0, len(self.ops), (1,)))
+        params: Params = {"op": torch.full((n,), DSA_OPS.index(self.ops[choice]), dtype=torch.long)}
+        used = set(self.ops)
+        if "color" in used:
+            params["brightness"] = _uniform(g, (n,), -0.5, 0.5) * self.brightness
+            params["saturation"] = _uniform(g, (n,), 0.0, 1.0) * self.saturation
+            params["contrast"] = _uniform(g, (n,), 0.0, 1.0) + self.contrast
+        if "crop" in used:
+            sy, sx = int(h * self.crop_ratio + 0.5), int(w * self.crop_ratio + 0.5)
+            params["translate"] = torch.stack(
+                [_randint(g, -sy, sy + 1, (n,)), _randint(g, -sx, sx + 1, (n,))], 1
+            )
+        if "cutout" in used:
+            ch, cw = self._cutout_size(h, w)
+            # centres as in the reference: an even-sized square may also hang off the far edge
+            params["cutout"] = torch.stack(
+                [_randint(g, 0, h + (1 - ch % 2), (n,)), _randint(g, 0, w + (1 - cw % 2), (n,))], 1
+            )
+        if "flip" in used:
+            params["flip"] = _uniform(g, (n,), 0.0, 1.0) < self.flip_prob
+        if "scale" in used:
+            params["scale"] = _uniform(g, (n, 2), 1.0 / self.scale_ratio, self.scale_ratio)
+        if "rotate" in used:
+            params["rotate"] = _uniform(g, (n,), -1.0, 1.0) * math.radians(self.rotate_degrees)
+        return params
+
+    def _cutout_size(self, h: int, w: int) -> tuple[int, int]:
+        return int(h * self.cutout_ratio + 0.5), int(w * self.cutout_ratio + 0.5)
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_images(x)
+        full = {key: _param(params, key, x) for key in params}  # validated, on device, n rows
+        op = _param(params, "op", x)
+        out = x
+        for k, name in enumerate(DSA_OPS):
+            chosen = op == k
+            if not bool(chosen.any()):
+                continue
+            if bool(chosen.all()):
+                out = self._apply_op(name, out, full, None)
+            else:  # images of one batch with different operations (e.g. concatenated parameters)
+                idx = chosen.nonzero().squeeze(1)
+                out = out.index_copy(0, idx, self._apply_op(name, out[idx], full, idx))
+        return out
+
+    def _apply_op(self, name: str, x: torch.Tensor, full: Params, idx: torch.Tensor | None) -> torch.Tensor:
+        """Operation ``name`` on ``x``, the rows ``idx`` of the batch (None: all rows)."""
+
+        def get(key: str) -> torch.Tensor:
+            if key not in full:
+                raise DDKitError(
+                    f"DSA parameters lack {key!r} for operation {name!r} (have {sorted(full)}); "
+                    "sample them with a DSA whose strategy includes it"
+                )
+            return full[key] if idx is None else full[key][idx]
+
+        if name == "color":
+            x = x + get("brightness").view(-1, 1, 1, 1)
+            mean = x.mean(dim=1, keepdim=True)
+            x = (x - mean) * get("saturation").view(-1, 1, 1, 1) + mean
+            mean = x.mean(dim=(1, 2, 3), keepdim=True)
+            return (x - mean) * get("contrast").view(-1, 1, 1, 1) + mean
+        if name == "crop":
+            return _translate(x, get("translate"))
+        if name == "cutout":
+            h, w = x.shape[-2:]
+            ch, cw = self._cutout_size(h, w)
+            centre = get("cutout")
+            y0, x0 = centre[:, 0] - ch // 2, centre[:, 1] - cw // 2
+            box = torch.stack([x0, y0, x0 + cw, y0 + ch], 1)
+            return x * (~_box_mask(h, w, box)).to(x.dtype)
+        if name == "flip":
+            return _flip(x, get("flip"))
+        if name == "scale":
+            s = get("scale")
+            zero = torch.zeros_like(s[:, 0])
+            return _affine(x, _diag_theta(s[:, 0], s[:, 1], zero, zero))
+        if name == "rotate":
+            a = get("rotate")
+            cos, sin, zero = torch.cos(a), torch.sin(a), torch.zeros_like(a)
+            theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+            return _affine(x, theta)
+        raise AssertionError(f"unhandled DSA operation {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# classic training augmentations
+
+
+@dataclass(frozen=True)
+class Flip:
+    """Horizontal flip with probability ``prob``. Parameter: ``flip`` bool ``[n]``."""
+
+    prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ConfigError(f"flip prob must be in [0, 1], got {self.prob}")
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        _check_sample_args(n, image_size)
+        return {"flip": _uniform(generator, (n,), 0.0, 1.0) < self.prob}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_images(x)
+        return _flip(x, _param(params, "flip", x))
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """Random crop of a zero-padded image + horizontal flip: the classic CIFAR recipe.
+
+    The padding is ``pad`` pixels, or by default 4 for images of 32 pixels and more and 1/8 of the
+    smaller side (at least 1) below that. Parameters: ``translate`` integer (dy, dx) in
+    ``[-pad, pad]`` (the crop offset minus ``pad``) and ``flip`` bool.
+    """
+
+    pad: int | None = None
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.pad is not None and self.pad < 0:
+            raise ConfigError(f"crop_flip pad must be >= 0, got {self.pad}")
+
+    def padding(self, image_size: tuple[int, int]) -> int:
+        if self.pad is not None:
+            return self.pad
+        side = min(image_size)
+        return 4 if side >= 32 else max(1, int(side / 8 + 0.5))
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        h, w = _check_sample_args(n, image_size)
+        p = self.padding((h, w))
+        translate = _randint(generator, -p, p + 1, (n, 2))
+        return {"translate": translate, "flip": _uniform(generator, (n,), 0.0, 1.0) < self.flip_prob}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_images(x)
+        return _flip(_translate(x, _param(params, "translate", x)), _param(params, "flip", x))
+
+
+@dataclass(frozen=True)
+class RandomResizedCropFlip:
+    """RandomResizedCrop back to the input size + horizontal flip, batched with ``grid_sample``.
+
+    Crop boxes are drawn like ``torchvision.transforms.RandomResizedCrop.get_params`` (area fraction
+    U(scale_min, 1), log-uniform aspect ratio in ``ratio``, 10 tries, then a centre crop), per image.
+    Parameters: ``box`` ``[n, 4]`` float = normalised (x0, y0, x1, y1), ``flip`` bool.
+
+    Differences from torchvision: bilinear sampling without antialiasing (torchvision antialiases
+    when shrinking), and edge pixels are repeated outside the image (``padding_mode='border'``, as
+    ``interpolate`` does). ``scale_min=0.5`` is EDC's "weak" augmentation.
+    """
+
+    scale_min: float = 0.08
+    scale_max: float = 1.0
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0 < self.scale_min <= self.scale_max <= 1:
+            raise ConfigError(
+                f"rrc_flip needs 0 < scale_min <= scale_max <= 1, got {self.scale_min}, {self.scale_max}"
+            )
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ConfigError(f"rrc_flip ratio must be (low, high) with 0 < low <= high, got {self.ratio}")
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        h, w = _check_sample_args(n, image_size)
+        g, tries = generator, 10
+        area = _uniform(g, (n, tries), self.scale_min, self.scale_max) * (h * w)
+        aspect = torch.exp(_uniform(g, (n, tries), math.log(self.ratio[0]), math.log(self.ratio[1])))
+        cw = torch.round(torch.sqrt(area * aspect))
+        ch = torch.round(torch.sqrt(area / aspect))
+        ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+        first = ok.int().argmax(1, keepdim=True)  # first successful try (0 if none)
+        cw, ch = cw.gather(1, first)[:, 0], ch.gather(1, first)[:, 0]
+        # fallback for images with no successful try: the largest centred box within the ratios
+        in_ratio = w / h
+        if in_ratio < self.ratio[0]:
+            fw, fh = w, int(round(w / self.ratio[0]))
+        elif in_ratio > self.ratio[1]:
+            fw, fh = int(round(h * self.ratio[1])), h
+        else:
+            fw, fh = w, h
+        found = ok.any(1)
+        cw = torch.where(found, cw, torch.tensor(float(fw)))
+        ch = torch.where(found, ch, torch.tensor(float(fh)))
+        u = _uniform(g, (n, 2), 0.0, 1.0)
+        top = torch.where(found, torch.floor(u[:, 0] * (h - ch + 1)), torch.tensor(float((h - fh) // 2)))
+        left = torch.where(found, torch.floor(u[:, 1] * (w - cw + 1)), torch.tensor(float((w - fw) // 2)))
+        box = torch.stack([left / w, top / h, (left + cw) / w, (top + ch) / h], 1)
+        return {"box": box.float(), "flip": _uniform(g, (n,), 0.0, 1.0) < self.flip_prob}
+
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        _check_images(x)
+        box = _param(params, "box", x)
+        # output coordinate u in [-1, 1] samples input (x0 + x1 - 1) + (x1 - x0) * u: the box's span
+        theta = _diag_theta(box[:, 2] - box[:, 0], box[:, 3] - box[:, 1],
+                            box[:, 0] + box[:, 2] - 1, box[:, 1] + box[:, 3] - 1)
+        return _flip(_affine(x, theta, padding_mode="border"), _param(params, "flip", x))
+
+
+# ------------------------------------------------------------------------------------------------
+# CutMix
+
+
+@dataclass(frozen=True)
+class CutMix:
+    """CutMix (Yun et al., ICCV 2019): paste a box from a partner image of the same batch.
+
+    Per image: with probability ``prob`` a box of area fraction ``1 - lam0``, ``lam0 ~ Beta(alpha,
+    alpha)``, centred at a uniform pixel and clipped to the image (as in the authors' code), is
+    replaced by the same box of its partner; partners are a random permutation of the batch. The
+    reference draws one box and one decision per batch; here each image has its own, which keeps
+    the parameters per-image like every other augmentation.
+
+    Parameters: ``perm`` long ``[n]`` partner index *into the batch passed to apply* (the image's
+    own index when not mixed), ``box`` long ``[n, 4]`` pixel (x0, y0, x1, y1), end exclusive,
+    ``lam`` float ``[n]`` fraction of the image's own pixels kept after clipping, ``apply`` bool.
+    Because partners index the whole batch, apply CutMix to the full (global) batch before taking a
+    rank's slice; ``slice_params`` does not make sense for these parameters.
+
+    ``apply`` returns ``(mixed, perm, lam)``; the caller mixes targets as
+    ``lam * t + (1 - lam) * t[perm]`` (weights sum to 1).
+    """
+
+    alpha: float = 1.0
+    prob: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.alpha <= 0:
+            raise ConfigError(f"cutmix alpha must be > 0, got {self.alpha}")
+        if not 0 <= self.prob <= 1:
+            raise ConfigError(f"cutmix prob must be in [0, 1], got {self.prob}")
+
+    def sample(self, n: int, generator: torch.Generator, image_size: tuple[int, int]) -> Params:
+        h, w = _check_sample_args(n, image_size)
+        g = generator
+        mixed = _uniform(g, (n,), 0.0, 1.0) < self.prob
+        lam0 = self._beta(g, n)
+        cut = torch.sqrt(1.0 - lam0)
+        cut_h, cut_w = (h * cut).long(), (w * cut).long()
+        cy, cx = _randint(g, 0, h, (n,)), _randint(g, 0, w, (n,))
+        box = torch.stack([(cx - cut_w // 2).clamp(0, w), (cy - cut_h // 2).clamp(0, h),
+                           (cx + cut_w // 2).clamp(0, w), (cy + cut_h // 2).clamp(0, h)], 1)
+        box = torch.where(mixed[:, None], box, torch.zeros_like(box))
+        perm = torch.randperm(n, generator=g, device=g.device).cpu()
+        perm = torch.where(mixed, perm, torch.arange(n))
+        area = (box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1])
+        lam = 1.0 - area.float() / (h * w)
+        return {"perm": perm, "box": box, "lam": lam, "apply": mixed}
+
+    def _beta(self, g: torch.Generator, n: int) -> torch.Tensor:
+        if self.alpha == 1.0:  # Beta(1, 1) is uniform: no detour needed
+            return _uniform(g, (n,), 0.0, 1.0)
+        # torch's gamma sampler takes no generator: seed a forked global RNG from ours
+        seed = int(_randint(g, 0, 2**62, (1,)))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.distributions.Beta(self.alpha, self.alpha).sample((n,))
+
+    def apply(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        _check_images(x)
+        n, _, h, w = x.shape
+        for key in ("perm", "box", "lam"):
+            if key not in params or params[key].shape[0] != n:
+                raise DDKitError(
+                    f"cutmix parameter {key!r} must have one row per image of the batch ({n}); "
+                    "sample them for the full batch that apply receives"
+                )
+        perm = params["perm"].to(x.device)
+        mask = _box_mask(h, w, params["box"].to(x.device))
+        mixed = torch.where(mask, x[perm], x)
+        return mixed, perm, params["lam"].to(x.device)
+
+
+# ------------------------------------------------------------------------------------------------
+# factory
+
+
+#: spec -> augmentation class (None: no augmentation)
+AUGMENTS: dict[str, type | None] = {
+    "none": None,
+    "dsa": DSA,
+    "rrc_flip": RandomResizedCropFlip,
+    "flip": Flip,
+    "crop_flip": CropFlip,
+}
+
+
+def build_augment(spec: str, **kw) -> Augment | None:
+    """The augmentation named ``spec`` with options ``kw`` (fields of its class); None for 'none'.
+
+    ``dsa``: ``strategy`` ('color_crop_cutout_flip_scale_rotate'), ``flip`` (False for digits) and
+    the magnitudes of :class:`DSA`; ``rrc_flip``: ``scale_min`` (0.08; EDC uses 0.5);
+    ``crop_flip``: ``pad``; ``flip``: ``prob``.
+    """
+    if spec not in AUGMENTS:
+        raise DDKitError(f"unknown augmentation {spec!r}; valid: {', '.join(AUGMENTS)}")
+    cls = AUGMENTS[spec]
+    valid = [f.name for f in dataclasses.fields(cls) if f.init] if cls is not None else []
+    unknown = sorted(set(kw) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"augmentation {spec!r} has no option(s) {unknown}; valid: {', '.join(valid) or 'none'}"
+        )
+    return None if cls is None else cls(**kw)

@@ -1,0 +1,232 @@
+"""The distilled-set artifact: one directory format for every method.
+
+Layout (every file named in ``manifest.json``):
+
+- ``images.safetensors``: ``images`` [N, C, H, W] (uint8 pixels, or float32 in ~[0, 1]) and ``labels`` int64 [N]
+- ``soft_labels.safetensors`` (optional): ``logits`` [N, num_classes], the relabel stage's slot
+- ``manifest.json``: schema version, dataset + fingerprint, classes, IPC, method + resolved config,
+  seed, versions, bytes of images and of labels
+- ``preview.png``: a grid, one row per class
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ddkit.artifacts import (
+    atomic_dir, base_manifest, load_tensors, read_manifest, save_tensors, tensor_bytes, write_json,
+)
+from ddkit.data.base import DataBundle, ImageSet
+from ddkit.errors import DDKitError
+
+KIND = "distilled-set"
+IMAGES = "images.safetensors"
+SOFT = "soft_labels.safetensors"
+PREVIEW = "preview.png"
+
+
+class DistilledSet(Dataset):
+    """A distilled set as a torch ``Dataset`` of ``(image, label)``; images in pixel space [0, 1]
+    (``normalize=True`` applies the dataset's mean/std)."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        manifest: dict[str, Any],
+        soft_labels: torch.Tensor | None = None,
+        path: Path | None = None,
+        normalize: bool = False,
+    ) -> None:
+        self.images = images
+        self.labels = labels.long()
+        self.soft_labels = soft_labels
+        self.manifest = manifest
+        self.path = path
+        self.normalize = normalize
+
+    # --- torch Dataset -------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        x = self.images[i]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if self.normalize:
+            m = torch.tensor(self.mean).view(-1, 1, 1)
+            s = torch.tensor(self.std).view(-1, 1, 1)
+            x = (x - m) / s
+        return x, int(self.labels[i])
+
+    # --- description ---------------------------------------------------------------------------
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["dataset"]["classes"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.manifest["dataset"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.manifest["dataset"]["std"])
+
+    @property
+    def ipc(self) -> int | None:
+        return self.manifest.get("ipc")
+
+    @property
+    def method(self) -> str:
+        return self.manifest["method"]["name"]
+
+    @property
+    def image_bytes(self) -> int:
+        return tensor_bytes(self.images)
+
+    @property
+    def label_bytes(self) -> int:
+        return tensor_bytes(self.labels, self.soft_labels)
+
+    def as_imageset(self) -> ImageSet:
+        return ImageSet(self.images, self.labels)
+
+    # --- building, saving, loading -------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        synthetic,
+        data: DataBundle,
+        *,
+        method: str,
+        method_config: dict,
+        ipc: int | None,
+        seed: int,
+        config: dict,
+        dataset_config: dict,
+        teacher: dict | None = None,
+    ) -> DistilledSet:
+        images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft_labels
+        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
+            raise DDKitError(
+                f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
+                f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
+            )
+        if not torch.isfinite(images.float()).all():
+            raise DDKitError(f"method {method!r} produced non-finite pixels; lower its learning rate")
+        manifest = base_manifest(KIND, config, seed)
+        manifest.update(
+            {
+                "dataset": data.describe(),
+                "dataset_config": dataset_config,
+                "ipc": ipc,
+                "num_images": len(labels),
+                "class_counts": torch.bincount(labels, minlength=data.num_classes).tolist(),
+                "method": {"name": method, "config": method_config},
+                "teacher": teacher,
+                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": [0, 255] if images.dtype == torch.uint8 else [0.0, 1.0]},
+                "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels, soft)},
+                "files": {"images": IMAGES, "soft_labels": SOFT if soft is not None else None, "preview": PREVIEW},
+                "meta": {k: v for k, v in synthetic.meta.items() if k != "source_index"},
+            }
+        )
+        if "source_index" in synthetic.meta:
+            manifest["source_index"] = synthetic.meta["source_index"]
+        return cls(images, labels, manifest, soft)
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        with atomic_dir(out) as tmp:
+            save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})
+            if self.soft_labels is not None:
+                save_tensors(tmp / SOFT, {"logits": self.soft_labels})
+            save_grid(self.images, self.labels, len(self.classes), tmp / PREVIEW)
+            write_json(tmp / "manifest.json", self.manifest)
+        self.path = out
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
+        path = Path(path)
+        manifest = read_manifest(path, KIND)
+        tensors = load_tensors(path / manifest["files"]["images"], what="distilled images")
+        if "images" not in tensors or "labels" not in tensors:
+            raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
+        images, labels = tensors["images"], tensors["labels"]
+        if len(images) != len(labels) or len(labels) != manifest["num_images"]:
+            raise DDKitError(f"{path} is inconsistent: {len(images)} images, {len(labels)} labels, manifest says "
+                             f"{manifest['num_images']}; re-create the distilled set")
+        soft = None
+        if manifest["files"].get("soft_labels"):
+            soft = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")["logits"]
+        return cls(images, labels, manifest, soft, path, normalize)
+
+    def export(self, out: str | Path, fmt: str) -> Path:
+        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors)."""
+        out = Path(out)
+        if fmt == "pt":
+            import os
+            import tempfile
+
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+            os.close(fd)
+            order = torch.argsort(self.labels, stable=True)  # class-major
+            x = self.images[order]
+            x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+            torch.save({"images": x, "labels": self.labels[order], "classes": self.classes,
+                        "mean": list(self.mean), "std": list(self.std)}, tmp)
+            os.replace(tmp, out)
+            return out
+        if fmt == "imagefolder":
+            from PIL import Image
+
+            with atomic_dir(out) as tmp:
+                names = class_folder_names(self.classes)
+                counters = [0] * len(names)
+                for img, y in zip(to_uint8(self.images), self.labels.tolist()):
+                    folder = tmp / names[y]
+                    folder.mkdir(exist_ok=True)
+                    arr = img.permute(1, 2, 0).numpy()
+                    Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
+                    counters[y] += 1
+                write_json(tmp / "classes.json", {"classes": self.classes, "folders": names})
+            return out
+        raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
+
+
+def class_folder_names(classes: list[str]) -> list[str]:
+    """Folder names that sort in label order: ``003_Dress``; unsafe characters become ``_``."""
+    width = max(3, len(str(len(classes) - 1)))
+    return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', c)}" for i, c in enumerate(classes)]
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    if images.dtype == torch.uint8:
+        return images
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10) -> None:
+    """A PNG grid: one row per class, up to ``per_class`` images each."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    rows = []
+    blank = torch.zeros_like(images[:1])
+    for c in range(num_classes):
+        sel = images[labels == c][:per_class]
+        if len(sel) < per_class:
+            sel = torch.cat([sel, blank.expand(per_class - len(sel), *blank.shape[1:])])
+        rows.append(sel)
+    grid_in = to_uint8(torch.cat(rows)).float() / 255.0
+    scale = max(1, 48 // images.shape[-1])
+    if scale > 1:
+        grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
+    grid = make_grid(grid_in, nrow=per_class, padding=2, pad_value=1.0)
+    arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(arr).save(path)

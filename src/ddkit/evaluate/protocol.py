@@ -1,0 +1,131 @@
+"""Evaluation protocols: typed configs and named presets.
+
+A protocol fixes everything that decides a student's test accuracy — architecture, label mode,
+loss, optimizer, schedule, epochs, batch size, augmentation, EMA — so that every distilled set, the
+random real subset of the same IPC and the full training set are measured the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ddkit.config import apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.errors import ConfigError
+from ddkit.registry import Registry
+from ddkit.training import TrainConfig
+
+
+@dataclass
+class ProtocolConfig:
+    """How students are trained and tested."""
+
+    student: str = field("convnet3", help="student model key (`ddkit list models`)")
+    student_options: dict = field({}, help="keyword options for the student factory")
+    label_mode: Literal["hard", "teacher", "stored"] = field(
+        "hard", help="hard: cross-entropy; teacher: teacher queried on every augmented batch; stored: the artifact's soft labels"
+    )
+    loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE)")
+    temperature: float = field(4.0, help="softmax temperature for the kl loss")
+    train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
+    random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
+    full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")
+    full_epochs: int = field(20, help="epochs for the full-data reference (300 passes over 60k images are not needed)")
+    full_seeds: int = field(1, help="how many of the seeds the full-data reference uses")
+
+    def __post_init__(self) -> None:
+        if self.label_mode == "hard" and self.loss != "ce":
+            raise ConfigError(f"label_mode 'hard' needs loss 'ce', got {self.loss!r}; set loss=ce or a soft label_mode")
+        if self.label_mode != "hard" and self.loss == "ce":
+            raise ConfigError(f"label_mode {self.label_mode!r} needs loss 'kl' or 'mse_ce'; set loss=kl")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.full_epochs < 1 or self.full_seeds < 1:
+            raise ConfigError("full_epochs and full_seeds must be >= 1")
+
+    @property
+    def hash(self) -> str:
+        return config_hash(self)
+
+    def full_train(self) -> TrainConfig:
+        return dataclasses.replace(self.train, epochs=self.full_epochs)
+
+
+PROTOCOLS: Registry[Callable[[], ProtocolConfig]] = Registry("protocol")
+
+
+@PROTOCOLS.register("dc-protocol")
+def dc_protocol() -> ProtocolConfig:
+    """DC/DSA/DM evaluation (Zhao et al. ICLR 2021): ConvNet-3, SGD 0.01, momentum 0.9, wd 5e-4,
+    batch 256, 300 epochs, lr x0.1 at half, no augmentation, hard labels."""
+    return ProtocolConfig()
+
+
+@PROTOCOLS.register("dsa-protocol")
+def dsa_protocol() -> ProtocolConfig:
+    """DSA evaluation (Zhao & Bilen ICML 2021): as dc-protocol, 1000 epochs with DSA augmentation."""
+    return ProtocolConfig(train=TrainConfig(epochs=1000, augment="dsa"))
+
+
+@PROTOCOLS.register("soft-kl")
+def soft_kl_protocol() -> ProtocolConfig:
+    """SRe2L-style relabelled training: teacher soft labels online, KL with T=4, AdamW 1e-3 +
+    cosine, random-resized-crop + flip."""
+    return ProtocolConfig(
+        label_mode="teacher", loss="kl", temperature=4.0,
+        train=TrainConfig(epochs=300, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                          schedule="cosine", augment="rrc_flip", augment_options={"scale_min": 0.08}),
+    )
+
+
+@PROTOCOLS.register("edc")
+def edc_protocol() -> ProtocolConfig:
+    """EDC's evaluation recipe (Shao et al. NeurIPS 2024): MSE + 0.025 CE on teacher logits, AdamW
+    1e-3, smoothing schedule (zeta 2), small batch (50, as EDC's CIFAR branch), weak augmentation
+    (crop scale 0.5-1) and an EMA student (0.99)."""
+    return ProtocolConfig(
+        label_mode="teacher", loss="mse_ce",
+        train=TrainConfig(epochs=300, batch_size=50, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                          schedule="smoothing", smoothing_zeta=2.0, augment="rrc_flip",
+                          augment_options={"scale_min": 0.5}, ema_decay=0.99),
+    )
+
+
+@PROTOCOLS.register("demo")
+def demo_protocol() -> ProtocolConfig:
+    """Fast CPU protocol for the demo: dc-protocol with a 32-wide ConvNet-3 student."""
+    return ProtocolConfig(student="convnet3-w32", full_epochs=3)
+
+
+def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None = None) -> ProtocolConfig:
+    """A protocol from a preset name, a YAML path, a dict or a config, with ``overrides`` (nested dict)."""
+    if isinstance(spec, ProtocolConfig):
+        base = to_dict(spec)
+    elif isinstance(spec, dict):
+        base = to_dict(from_dict(ProtocolConfig, spec, "protocol"))
+    elif spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+        base = to_dict(from_dict(ProtocolConfig, load_yaml(spec), "protocol"))
+    else:
+        base = to_dict(PROTOCOLS.get(spec)())
+    if overrides:
+        merged = _merge(base, overrides)
+        # switching to hard labels implies cross-entropy; to soft labels implies KL unless given
+        if "label_mode" in overrides and "loss" not in overrides:
+            merged["loss"] = "ce" if overrides["label_mode"] == "hard" else (
+                base["loss"] if base["loss"] != "ce" else "kl")
+        base = merged
+    return from_dict(ProtocolConfig, base, "protocol")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def overrides_to_dict(items: list[str]) -> dict:
+    return apply_overrides({}, items)

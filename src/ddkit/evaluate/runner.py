@@ -1,0 +1,211 @@
+"""Train fresh students on a distilled set, a same-IPC random real subset and the full data.
+
+Every number comes from one :class:`ProtocolConfig` and one list of seeds. Under ``torchrun`` the
+seeds are spread over ranks (each student is trained whole by one rank, so results equal the
+single-process run exactly) and the full-data reference is trained data-parallel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit import distributed as ddist
+from ddkit.artifacts import base_manifest, read_json, write_json
+from ddkit.config import config_hash, from_dict, to_dict
+from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
+from ddkit.distilled import DistilledSet
+from ddkit.errors import DDKitError
+from ddkit.evaluate.protocol import ProtocolConfig
+from ddkit.methods.random import stratified_indices
+from ddkit.models import create_model
+from ddkit.training import TrainConfig, train_classifier
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int, int], None]
+RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit"))
+
+
+def _summary(values: list[float]) -> dict[str, Any]:
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / n) if n else float("nan")
+    return {"per_seed": values, "mean": mean, "std": std, "n": n}
+
+
+@torch.no_grad()
+def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size: int = 512) -> torch.Tensor:
+    """Teacher logits on un-augmented pixel-space images (static soft labels)."""
+    from ddkit.training import normalizer, to_float
+
+    norm = normalizer(mean, std, device)
+    teacher.model.to(device).eval()
+    out = [teacher.model(norm(to_float(images[i : i + batch_size], device))).float().cpu()
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _train_student(
+    train_set: ImageSet,
+    data: DataBundle,
+    protocol: ProtocolConfig,
+    cfg: TrainConfig,
+    seed: int,
+    device,
+    label_mode: str,
+    teacher=None,
+    stored=None,
+    distributed: bool = False,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> float:
+    torch.manual_seed(seed)
+    c, h, _ = data.image_shape
+    model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+    result = train_classifier(
+        model, train_set, data.mean, data.std, cfg, seed=seed, device=device,
+        label_source=label_mode, loss=protocol.loss if label_mode != "hard" else "ce",
+        temperature=protocol.temperature, teacher=teacher.model if teacher is not None else None,
+        stored_targets=stored, test=data.test, distributed=distributed, progress=progress,
+    )
+    return float(result.test_accuracy)
+
+
+def full_reference(
+    data: DataBundle, protocol: ProtocolConfig, seeds: list[int], device, cache_dir: Path | None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Hard-label accuracy of the protocol's student trained on the whole training set (cached)."""
+    info = ddist.current()
+    cfg = protocol.full_train()
+    use = seeds[: protocol.full_seeds]
+    key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": to_dict(cfg),
+                       "data": data.fingerprint, "seeds": use})
+    cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
+    if cache.is_file():
+        cached = read_json(cache, "cache entry")
+        log.info("full-data reference from cache %s", cache)
+        return cached["result"]
+    accs = []
+    for s in use:
+        cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
+        accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled, progress=cb))
+    result = _summary(accs)
+    result.update({"epochs": cfg.epochs, "key": key})
+    if info.is_main:
+        write_json(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result})
+    return result
+
+
+def evaluate(
+    distilled: DistilledSet | str | Path,
+    protocol: ProtocolConfig,
+    seeds: list[int] = (0, 1, 2),
+    *,
+    data: DataBundle | None = None,
+    teacher=None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``distilled`` under ``protocol`` for every seed, beside a random subset and full data.
+
+    Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
+    """
+    seeds = list(seeds)
+    if not seeds:
+        raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
+    if not isinstance(distilled, DistilledSet):
+        distilled = DistilledSet.load(distilled)
+    device = torch.device(device)
+    info = ddist.current()
+    man = distilled.manifest
+    if data is None:
+        data = load_dataset(from_dict(DatasetConfig, man["dataset_config"], "dataset"))
+    if data.fingerprint != man["dataset"]["fingerprint"]:
+        raise DDKitError(
+            f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
+            f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; point the dataset at the same files"
+        )
+    if list(distilled.classes) != list(data.classes):
+        raise DDKitError("distilled set's class names differ from the dataset's; use the dataset it was made from")
+    mode = protocol.label_mode
+    if teacher is None and (mode == "teacher" or (mode == "stored" and protocol.random_baseline)):
+        raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
+    if teacher is not None:
+        teacher.check_compatible(data)
+    if mode == "stored" and distilled.soft_labels is None:
+        raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
+
+    cb_for = (lambda label: (lambda e, n, r: progress(label, e, n))) if progress else (lambda label: None)
+    t0 = time.perf_counter()
+    mine = seeds[info.rank :: info.world_size]
+    local: dict[int, dict[str, float]] = {}
+    ipc = distilled.ipc
+    for s in mine:
+        row = {"distilled": _train_student(
+            distilled.as_imageset(), data, protocol, protocol.train, s, device, mode, teacher,
+            distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
+        if protocol.random_baseline and ipc is not None:
+            idx = stratified_indices(data.train.labels, data.num_classes, ipc, s + RANDOM_SEED_OFFSET)
+            subset = data.train.subset(idx)
+            stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if mode == "stored" else None
+            row["random"] = _train_student(subset, data, protocol, protocol.train, s, device, mode, teacher, stored,
+                                           progress=cb_for(f"random subset, seed {s}"))
+        local[s] = row
+    merged: dict[int, dict[str, float]] = {}
+    for part in ddist.all_gather_objects(local):
+        merged.update(part)
+    results: dict[str, Any] = {"distilled": _summary([merged[s]["distilled"] for s in seeds])}
+    if protocol.random_baseline and ipc is not None:
+        results["random"] = _summary([merged[s]["random"] for s in seeds])
+    if protocol.full_reference:
+        results["full"] = full_reference(data, protocol, seeds, device, Path(cache_dir) if cache_dir else None, progress)
+    report = base_manifest("evaluation", to_dict(protocol), seeds[0])
+    report.update({
+        "seeds": seeds,
+        "protocol_hash": protocol.hash,
+        "distilled": {"path": str(distilled.path) if distilled.path else None, "method": distilled.method,
+                      "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
+                      "dataset_fingerprint": man["dataset"]["fingerprint"]},
+        "teacher": {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None,
+        "bytes": {"images": distilled.image_bytes, "labels": distilled.label_bytes,
+                  "total": distilled.image_bytes + distilled.label_bytes},
+        "results": results,
+        "timing": {"wall_seconds": round(time.perf_counter() - t0, 3), "world_size": info.world_size},
+    })
+    if out is not None and info.is_main:
+        write_json(out, report)
+    return report
+
+
+def format_table(reports: list[dict[str, Any]]) -> str:
+    """A plain-text table of one or more evaluation reports (accuracies shown in %)."""
+    lines = [f"{'set':<22} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"]
+    lines.append("-" * len(lines[0]))
+    for rep in reports:
+        proto = rep["config"]
+        name = f"{rep['distilled']['method']} ipc={rep['distilled']['ipc']}"
+        rows = [(name, rep["results"]["distilled"], rep["bytes"]["total"])]
+        if "random" in rep["results"]:
+            rows.append((f"random ipc={rep['distilled']['ipc']}", rep["results"]["random"], None))
+        if "full" in rep["results"]:
+            rows.append((f"full ({rep['results']['full']['epochs']} ep)", rep["results"]["full"], None))
+        for label, res, nbytes in rows:
+            mode = proto["label_mode"] if not label.startswith("full") else "hard"
+            acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
+            lines.append(f"{label:<22} {mode:<8} {proto['student']:<14} {acc:<22} {res['n']:>5} "
+                         f"{nbytes if nbytes is not None else '':>12}")
+    return "\n".join(lines)

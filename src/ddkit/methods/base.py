@@ -1,0 +1,72 @@
+"""What every distillation method shares: the registry, the output container and the fit context.
+
+A method is one class in one file: a ``Config`` dataclass, ``__init__(cfg)`` that only stores it,
+and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``. Register it with
+``@METHODS.register("key")``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ddkit.data.base import DataBundle
+from ddkit.errors import DataError
+from ddkit.registry import Registry
+
+
+@dataclass
+class SyntheticSet:
+    """A method's output: pixel-space images, hard labels, optional soft-label logits, metadata."""
+
+    images: torch.Tensor  # [N, C, H, W] uint8 (real pixels) or float32 in ~[0, 1]
+    labels: torch.Tensor  # int64 [N]
+    soft_labels: torch.Tensor | None = None  # [N, num_classes] logits
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FitContext:
+    """Run-time settings a method needs besides its own config."""
+
+    ipc: int | None
+    seed: int
+    device: torch.device = torch.device("cpu")
+    work_dir: Path | None = None  # for checkpoints that let an interrupted fit resume
+    progress: Callable[[int, int, dict], None] | None = None
+
+
+class Method:
+    """Marker base class (no behaviour) so registries can be type-checked."""
+
+    Config: ClassVar[type]
+    needs_teacher: ClassVar[bool] = False
+    synthetic_: SyntheticSet
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
+        raise NotImplementedError
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def check_ipc(real: DataBundle, ipc: int | None) -> int:
+    """Validate IPC against the smallest class of the training set."""
+    if ipc is None or ipc < 1:
+        raise DataError(f"ipc must be a positive integer, got {ipc!r}; pass --ipc N")
+    counts = real.train.class_counts(real.num_classes)
+    smallest = int(counts.min())
+    if ipc > smallest:
+        c = int(counts.argmin())
+        raise DataError(
+            f"ipc {ipc} is larger than the smallest class ({real.classes[c]!r} has {smallest} training "
+            f"images); use --ipc {smallest} or less"
+        )
+    return ipc

@@ -1,0 +1,108 @@
+"""The model registry and ``create_model``.
+
+Every entry of :data:`MODELS` is a factory ``factory(in_channels, num_classes, image_size, **options)``
+that returns an ``nn.Module`` with the model contract:
+
+- ``model(x)`` takes a normalised float tensor ``[B, C, H, W]`` and returns logits ``[B, num_classes]``;
+- ``model.embed(x)`` returns the penultimate features ``[B, model.feature_dim]`` (the input of the
+  final ``nn.Linear``), used by distribution-matching methods;
+- weights come from the global torch RNG only, so ``torch.manual_seed(s)`` before creation fixes them.
+
+A family can also accept names that are not registered one by one (``convnet4-w64-bn``): it adds a
+*name parser* with :func:`register_name_parser` that maps such a name to a registered base name and
+its options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from ddkit.errors import DDKitError
+from ddkit.registry import Registry
+
+ModelFactory = Callable[..., nn.Module]
+NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
+
+MODELS: Registry[ModelFactory] = Registry("model")
+
+# Parsers for parameterised names; each returns (registered base name, options) or None when the
+# name is not of its family, and raises DDKitError when the name is of its family but malformed.
+_NAME_PARSERS: list[NameParser] = []
+
+_POSITIONAL = ("in_channels", "num_classes", "image_size")
+
+
+def check_positive_int(what: str, value: Any) -> None:
+    """DDKitError unless ``value`` is an int >= 1 (``what`` names it in the message)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DDKitError(f"{what} must be a positive integer, got {value!r}")
+
+
+def register_name_parser(parser: NameParser) -> NameParser:
+    """Decorator: let ``create_model`` resolve a family's parameterised names with ``parser``."""
+    _NAME_PARSERS.append(parser)
+    return parser
+
+
+def list_models(pattern: str | None = None) -> list[str]:
+    """Registered model names, sorted, optionally filtered by a glob such as ``'convnet*'``."""
+    return MODELS.list(pattern)
+
+
+def model_options(factory: ModelFactory) -> dict[str, Any]:
+    """The options a factory takes besides the three positional sizes, with their defaults."""
+    params = inspect.signature(factory).parameters
+    return {
+        k: p.default
+        for k, p in params.items()
+        if k not in _POSITIONAL and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def resolve_model(name: str) -> tuple[ModelFactory, dict[str, Any]]:
+    """Factory and name-implied options for ``name``; DDKitError with a suggestion if unknown."""
+    if name in MODELS:
+        return MODELS.get(name), {}
+    for parser in _NAME_PARSERS:
+        parsed = parser(name)
+        if parsed is not None:
+            base, options = parsed
+            return MODELS.get(base), options
+    return MODELS.get(name), {}  # raises "unknown model ...; did you mean ...?"
+
+
+def create_model(
+    name: str, in_channels: int, num_classes: int, image_size: int, **kwargs: Any
+) -> nn.Module:
+    """Build model ``name`` for ``[in_channels, image_size, image_size]`` inputs and ``num_classes``.
+
+    ``kwargs`` are the model's options (``convnet``: depth, width, norm, pooling, activation;
+    ``resnet18_cifar``: width; ...). A name may fix some options (``convnet3-bn`` sets
+    ``norm='batchnorm'``); an option passed explicitly wins over the one the name implies.
+    Unknown names and unknown options raise :class:`DDKitError`.
+    """
+    for key, value in (
+        ("in_channels", in_channels),
+        ("num_classes", num_classes),
+        ("image_size", image_size),
+    ):
+        check_positive_int(f"model {name!r}: {key}", value)
+    factory, implied = resolve_model(name)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    if not takes_any:
+        valid = sorted(model_options(factory))
+        for key in kwargs:
+            if key not in valid:
+                close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise DDKitError(
+                    f"model {name!r} has no option {key!r}; {hint}"
+                    f"valid options: {', '.join(valid) if valid else 'none'}"
+                )
+    return factory(in_channels, num_classes, image_size, **{**implied, **kwargs})

@@ -1,0 +1,237 @@
+"""Stage functions and ``run``: dataset -> teacher -> distilled set -> evaluation -> report.
+
+Each stage writes an artifact whose manifest holds a ``config_hash`` of everything that decides its
+content; ``run`` reuses a stage whose artifact already carries the same hash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit import distributed as ddist
+from ddkit.artifacts import read_json, write_json
+from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.distilled import DistilledSet
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.evaluate.protocol import resolve_protocol
+from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
+from ddkit.methods import METHODS, FitContext
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """Which method makes the distilled set."""
+
+    method: str = field("random", help="registered method key (`ddkit list methods`)")
+    ipc: int | None = field(10, help="images per class")
+    seed: int = field(0, help="seed of the method")
+    options: dict = field({}, help="the method's own settings (its Config dataclass)")
+    soft_labels: bool = field(False, help="store the teacher's logits on each image (static soft labels)")
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(METHODS.unknown_message(self.method))
+
+
+@dataclass
+class EvalConfig:
+    """How the distilled set is evaluated."""
+
+    protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    label_modes: list[str] = field(["hard"], help="label modes to evaluate, each a separate protocol: hard, teacher, stored")
+    seeds: list[int] = field([0, 1, 2], help="student seeds")
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored")]
+        if bad:
+            raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher or stored")
+        if not self.seeds:
+            raise ConfigError("evaluate.seeds is empty; give at least one seed")
+
+    def protocols(self):
+        return [resolve_protocol(self.protocol, {**self.overrides, "label_mode": m}) for m in self.label_modes]
+
+
+@dataclass
+class RunConfig:
+    """A whole pipeline run (``ddkit run CONFIG``)."""
+
+    dataset: DatasetConfig = field(factory=DatasetConfig, help="the real dataset")
+    teacher: TeacherConfig | None = field(factory=TeacherConfig, help="teacher to train or import (null: no teacher)")
+    distill: DistillConfig = field(factory=DistillConfig, help="method, IPC and seed")
+    evaluate: EvalConfig = field(factory=EvalConfig, help="evaluation protocol, label modes and seeds")
+    device: str = field("auto", help="auto, cpu, cuda or cuda:N")
+    out: str = field("runs/run", help="output folder")
+
+
+def load_teacher_for(path: str | Path | None, data: DataBundle, device) -> Teacher | None:
+    if path is None:
+        return None
+    teacher = Teacher.load(path, device)
+    teacher.check_compatible(data)
+    return teacher
+
+
+def distill(
+    data: DataBundle,
+    cfg: DistillConfig,
+    dataset_cfg: DatasetConfig,
+    out: str | Path | None,
+    teacher: Teacher | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, dict], None] | None = None,
+    run_config: dict | None = None,
+) -> DistilledSet:
+    """Run a method and (if ``out``) write the distilled-set artifact atomically."""
+    method_cls = METHODS.get(cfg.method)
+    method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
+    if teacher is not None:
+        teacher.check_compatible(data)
+    if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
+        raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
+    device = torch.device(device)
+    work = Path(out).parent / f".{Path(out).name}.work" if out is not None else None
+    ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress)
+    method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
+    synthetic = method.synthetic_
+    if cfg.soft_labels:
+        synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device)
+    ipc = None if cfg.method == "full" else cfg.ipc
+    teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
+    distilled = DistilledSet.build(
+        synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
+        config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg), teacher=teacher_info,
+    )
+    distilled.manifest["config_hash"] = distill_hash(cfg, data, teacher)
+    if out is not None and ddist.current().is_main:
+        distilled.save(out)
+        if work is not None and work.exists():
+            import shutil
+
+            shutil.rmtree(work, ignore_errors=True)
+    ddist.barrier()
+    distilled.path = Path(out) if out is not None else None
+    return distilled
+
+
+def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
+    return config_hash({"distill": to_dict(cfg), "data": data.fingerprint,
+                        "teacher": teacher.fingerprint if teacher is not None else None})
+
+
+def run(
+    cfg: RunConfig,
+    progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
+    eval_progress=None,
+) -> dict[str, Any]:
+    """Chain the stages into ``cfg.out``; reuse every stage whose artifact matches. Returns a summary."""
+    from ddkit.distributed import resolve_device
+
+    pf = progress_factory or (lambda name: None)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    data = load_dataset(cfg.dataset)
+    log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test), data.fingerprint)
+    resolved = to_dict(cfg)
+    summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
+
+    teacher = None
+    if cfg.teacher is not None:
+        tdir = out / "teacher"
+        found = read_json(tdir / "manifest.json") if (tdir / "manifest.json").is_file() else {}
+        if found.get("config_hash") == config_hash(cfg.teacher) and found.get("dataset", {}).get("fingerprint") == data.fingerprint:
+            teacher = Teacher.load(tdir, device)
+            summary["reused"].append("teacher")
+        else:
+            teacher = train_teacher(data, cfg.teacher, tdir, device, progress=pf("teacher"))
+        teacher.check_compatible(data)
+        summary["teacher_accuracy"] = teacher.test_accuracy
+
+    ddir = out / "distilled"
+    want = distill_hash(cfg.distill, data, teacher)
+    if (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want:
+        distilled = DistilledSet.load(ddir)
+        summary["reused"].append("distilled")
+    else:
+        distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
+
+    for protocol in cfg.evaluate.protocols():
+        path = out / f"eval-{protocol.label_mode}.json"
+        key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
+                           "teacher": teacher.fingerprint if teacher is not None else None})
+        if path.is_file() and read_json(path).get("run_hash") == key:
+            report = read_json(path)
+            summary["reused"].append(path.name)
+        else:
+            report = evaluate(distilled, protocol, cfg.evaluate.seeds, data=data, teacher=teacher, device=device,
+                              progress=eval_progress)
+            report["run_hash"] = key
+            if ddist.current().is_main:
+                write_json(path, report)
+        summary["evaluations"].append(report)
+    if ddist.current().is_main:
+        write_json(out / "config.json", resolved)
+        write_report(out, distilled, summary["evaluations"], summary.get("teacher_accuracy"))
+    return summary
+
+
+def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:
+    """``report/``: the grid PNG, every eval JSON and a short markdown summary."""
+    import shutil
+
+    rdir = out / "report"
+    rdir.mkdir(parents=True, exist_ok=True)
+    if distilled.path is not None and (Path(distilled.path) / "preview.png").is_file():
+        shutil.copyfile(Path(distilled.path) / "preview.png", rdir / "distilled-grid.png")
+    write_json(rdir / "eval.json", {"schema_version": 1, "kind": "evaluation-set", "evaluations": reports})
+    man = distilled.manifest
+    lines = [
+        f"# ddkit report: {man['method']['name']} on {man['dataset']['name']}, IPC {man['ipc']}",
+        "",
+        f"- dataset fingerprint `{man['dataset']['fingerprint']}`, {len(man['dataset']['classes'])} classes, "
+        f"images {man['dataset']['image_shape']}",
+        f"- distilled set: {man['num_images']} images, {man['bytes']['images']:,} bytes of images, "
+        f"{man['bytes']['labels']:,} bytes of labels",
+    ]
+    if teacher_acc is not None:
+        lines.append(f"- teacher test accuracy: {100 * teacher_acc:.2f}%")
+    lines += ["", "![distilled set](distilled-grid.png)", "", "## Test accuracy (%)", "", "```", format_table(reports), "```", ""]
+    for rep in reports:
+        res = rep["results"]
+        line = f"- label mode **{rep['config']['label_mode']}** (protocol `{rep['protocol_hash']}`): distilled {100 * res['distilled']['mean']:.2f}%"
+        if "random" in res:
+            line += f", random subset {100 * res['random']['mean']:.2f}% (IOR {100 * (res['distilled']['mean'] - res['random']['mean']):+.2f})"
+        if "full" in res:
+            line += f", full data {100 * res['full']['mean']:.2f}%"
+        lines.append(line)
+    lines.append("")
+    lines.append(f"Produced by ddkit {man['versions']['ddkit']} (torch {man['versions']['torch']}).")
+    (rdir / "summary.md").write_text("\n".join(lines) + "\n")
+    return rdir
+
+
+def demo_config(out: str = "runs/demo", data_path: str | None = None, device: str = "auto") -> RunConfig:
+    """The demo: Fashion-MNIST, a small teacher, random IPC 10, hard and teacher-soft evaluation.
+
+    Sized for 2 CPU cores (under 10 minutes with the teacher). ``configs/fashion-mnist/demo.yaml``
+    holds the same run as a file.
+    """
+    from ddkit.config import load_yaml
+
+    data = load_yaml(Path(__file__).parent / "presets" / "demo.yaml")
+    data["out"] = out
+    data["device"] = device
+    if data_path:
+        data["dataset"]["path"] = data_path
+    return from_dict(RunConfig, data)

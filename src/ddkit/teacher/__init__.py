@@ -1,0 +1,5 @@
+"""The "squeeze" stage: train a teacher on the full training set, or import a checkpoint."""
+
+from ddkit.teacher.squeeze import Teacher, TeacherConfig, import_teacher, train_teacher
+
+__all__ = ["Teacher", "TeacherConfig", "import_teacher", "train_teacher"]

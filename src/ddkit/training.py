@@ -1,0 +1,341 @@
+"""One classifier training loop for teachers, students and full-data references.
+
+All randomness after model initialisation (batch order, augmentation, CutMix) is drawn from one
+``torch.Generator`` seeded explicitly, and always for the *global* batch: under ``torchrun`` each
+rank takes a contiguous slice of every global batch and of its augmentation parameters, and the
+per-sample loss is normalised by the global batch size, so a data-parallel run computes the same
+updates as a single process (up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkit import distributed as ddist
+from ddkit.config import field
+from ddkit.data.augment import CutMix, build_augment, slice_params
+from ddkit.data.base import ImageSet
+from ddkit.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LabelSource = Literal["hard", "teacher", "stored"]
+LossKind = Literal["ce", "kl", "mse_ce"]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe shared by teachers and evaluation protocols."""
+
+    epochs: int = field(300, help="passes over the training images")
+    batch_size: int = field(256, help="global batch size (split across ranks under torchrun)")
+    optimizer: Literal["sgd", "adam", "adamw"] = field("sgd", help="optimizer")
+    lr: float = field(0.01, help="peak learning rate")
+    momentum: float = field(0.9, help="SGD momentum")
+    weight_decay: float = field(5e-4, help="weight decay (L2 for sgd/adam, decoupled for adamw)")
+    schedule: Literal["step", "cosine", "smoothing", "constant"] = field(
+        "step", help="step: lr x0.1 at half the epochs (DC/DSA); cosine; smoothing: EDC's (1+cos(i*pi/(zeta*N)))/2"
+    )
+    smoothing_zeta: float = field(2.0, help="EDC smoothing-schedule zeta (1.5-2 in the paper)")
+    warmup_epochs: int = field(0, help="linear warm-up epochs before the schedule")
+    augment: str = field("none", help="none | dsa | rrc_flip | crop_flip | flip")
+    augment_options: dict = field({}, help="options for the augmentation (e.g. scale_min for rrc_flip)")
+    cutmix_prob: float = field(0.0, help="probability of CutMix per image (0 disables)")
+    cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
+    ema_decay: float = field(0.0, help="EMA of student weights used for testing (0 disables; EDC: 0.99)")
+    eval_batch_size: int = field(1024, help="batch size for test-set evaluation")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.cutmix_prob <= 1.0:
+            raise ConfigError(f"cutmix_prob must lie in [0, 1], got {self.cutmix_prob}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        build_augment(self.augment, **self.augment_options)  # fails early on a bad name
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict]
+    test_accuracy: float | None
+
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Learning-rate multiplier for ``epoch`` (0-based)."""
+    if epoch < cfg.warmup_epochs:
+        return (epoch + 1) / (cfg.warmup_epochs + 1)
+    e = epoch - cfg.warmup_epochs
+    n = max(1, cfg.epochs - cfg.warmup_epochs)
+    if cfg.schedule == "step":
+        return 0.1 if e >= n // 2 else 1.0
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * e / n))
+    if cfg.schedule == "smoothing":
+        return 0.5 * (1.0 + math.cos(math.pi * e / (cfg.smoothing_zeta * n)))
+    return 1.0
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    return lambda x: (x - m) / s
+
+
+def to_float(images: torch.Tensor, device) -> torch.Tensor:
+    x = images.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+
+
+def per_sample_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor | None,
+    loss: LossKind,
+    temperature: float,
+    ce_weight: float = 0.025,
+) -> torch.Tensor:
+    """Per-sample loss. ``labels`` are hard labels (or a soft [B, C] mixture), ``targets`` teacher logits.
+
+    - ``ce``: cross-entropy with the (possibly mixed) hard labels.
+    - ``kl``: KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. 2015; SRe2L/RDED relabelling).
+    - ``mse_ce``: mean-squared error between student and teacher logits plus ``ce_weight`` x
+      cross-entropy with the hard labels (G-VBSM / EDC, weight 0.025).
+    """
+    if loss == "ce" or targets is None:
+        if labels.dim() == 2:
+            return -(labels * F.log_softmax(logits, dim=1)).sum(1)
+        return F.cross_entropy(logits, labels, reduction="none")
+    if loss == "kl":
+        t = temperature
+        log_p = F.log_softmax(logits / t, dim=1)
+        q = F.softmax(targets / t, dim=1)
+        return (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(1) * t * t
+    mse = (logits - targets).pow(2).mean(1)
+    if labels.dim() == 2:
+        ce = -(labels * F.log_softmax(logits, dim=1)).sum(1)
+    else:
+        ce = F.cross_entropy(logits, labels, reduction="none")
+    return mse + ce_weight * ce
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data``; shards over ranks if distributed."""
+    info = ddist.current() if distributed else ddist.DistInfo()
+    norm = normalizer(mean, std, device)
+    was_training = model.training
+    model.eval()
+    n = len(data)
+    lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
+    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    for start in range(lo, hi, batch_size):
+        stop = min(hi, start + batch_size)
+        x = norm(to_float(data.images[start:stop], device))
+        pred = model(x).argmax(1)
+        correct[0] += (pred.cpu() == data.labels[start:stop]).sum().item()
+        correct[1] += stop - start
+    if distributed:
+        ddist.all_reduce_sum(correct)
+    model.train(was_training)
+    return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
+
+
+class _EMA:
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def train_classifier(
+    model: nn.Module,
+    data: ImageSet,
+    mean,
+    std,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    label_source: LabelSource = "hard",
+    loss: LossKind = "ce",
+    temperature: float = 4.0,
+    teacher: nn.Module | None = None,
+    stored_targets: torch.Tensor | None = None,
+    test: ImageSet | None = None,
+    distributed: bool = False,
+    state_path: str | Path | None = None,
+    eval_every: int = 0,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
+
+    ``label_source``: ``hard`` uses ``data.labels``; ``teacher`` queries ``teacher`` on every augmented
+    batch (online soft labels); ``stored`` uses ``stored_targets`` (logits [N, C], one row per image).
+    ``state_path``: a checkpoint written after every epoch; if it exists the run resumes from it.
+    ``distributed``: data-parallel over the ranks of an initialised process group (DDP).
+    """
+    device = torch.device(device)
+    info = ddist.current() if distributed else ddist.DistInfo()
+    if label_source == "teacher" and teacher is None:
+        raise ConfigError("label mode 'teacher' needs a teacher; pass --teacher DIR")
+    if label_source == "stored" and stored_targets is None:
+        raise ConfigError("label mode 'stored' needs soft labels in the distilled set; distil with --soft-labels")
+    if label_source == "hard" and loss != "ce":
+        raise ConfigError(f"loss {loss!r} needs soft labels; use label_mode teacher or stored, or loss ce")
+    if len(data) == 0:
+        raise ConfigError("no training images")
+
+    model = model.to(device)
+    norm = normalizer(mean, std, device)
+    augment = build_augment(cfg.augment, **cfg.augment_options)
+    cutmix = CutMix(cfg.cutmix_alpha, cfg.cutmix_prob) if cfg.cutmix_prob > 0 else None
+    image_size = tuple(data.images.shape[-2:])
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    if stored_targets is not None:
+        stored_targets = stored_targets.float()
+
+    optimizer = make_optimizer(cfg, model.parameters())
+    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(seed)
+    history: list[dict] = []
+    start_epoch = 0
+
+    state_path = Path(state_path) if state_path else None
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        if ema is not None:
+            ema.model.load_state_dict(state["ema"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"])
+        log.info("resumed from %s at epoch %d", state_path, start_epoch)
+
+    net: nn.Module = model
+    if info.enabled:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n = len(data)
+    bs = min(cfg.batch_size, n)
+    for epoch in range(start_epoch, cfg.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(cfg, epoch)
+        net.train()
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            gb = len(idx)
+            aug_params = augment.sample(gb, gen, image_size) if augment is not None else None
+            mix_params = cutmix.sample(gb, gen, image_size) if cutmix is not None else None
+            if info.enabled and gb < info.world_size:
+                continue  # too few samples to give every rank one; identical skip on all ranks
+            lo, hi = gb * info.rank // info.world_size, gb * (info.rank + 1) // info.world_size
+            x_all = norm(to_float(data.images[idx], device))
+            y_all = data.labels[idx].to(device)
+            if cutmix is not None:
+                x_all, partner, lam = cutmix.apply(x_all, mix_params)
+                lam = lam.to(device)
+                partner = partner.to(device)
+            x = x_all[lo:hi]
+            if augment is not None:
+                x = augment.apply(x, slice_params(aug_params, slice(lo, hi)))
+            logits = net(x)
+            labels: torch.Tensor = y_all[lo:hi]
+            targets = None
+            if cutmix is not None:
+                onehot = F.one_hot(y_all, logits.shape[1]).float()
+                labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
+            if label_source == "teacher":
+                with torch.no_grad():
+                    targets = teacher(x).float()
+            elif label_source == "stored":
+                t_all = stored_targets[idx].to(device)
+                if cutmix is not None:
+                    t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
+                targets = t_all[lo:hi]
+            per = per_sample_loss(logits, labels, targets, loss, temperature)
+            batch_loss = per.sum() * (info.world_size / gb)
+            optimizer.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            total += float(per.detach().sum())
+            count += len(per)
+        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
+        if test is not None and eval_every and ((epoch + 1) % eval_every == 0) and epoch + 1 < cfg.epochs:
+            record["test_accuracy"] = accuracy(
+                ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed
+            )
+        history.append(record)
+        if state_path is not None and info.is_main:
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": gen.get_state(),
+                "history": history,
+                "epoch": epoch + 1,
+            }
+            if ema is not None:
+                state["ema"] = ema.model.state_dict()
+            _atomic_torch_save(state, state_path)
+        if state_path is not None and info.enabled:
+            ddist.barrier()
+        if progress is not None:
+            progress(epoch + 1, cfg.epochs, record)
+
+    final = ema.model if ema is not None else model
+    acc = None
+    if test is not None:
+        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed)
+        if history:
+            history[-1]["test_accuracy"] = acc
+    return TrainResult(model=final, history=history, test_accuracy=acc)
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

@@ -1,0 +1,38 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit.data import make_synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Full-data reference cache goes to a per-test folder, never ~/.cache."""
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """4 classes of 1x16x16 images with class-dependent structure: 24 train / 12 test per class."""
+    return make_synthetic()
+
+
+@pytest.fixture
+def tiny_protocol():
+    from ddkit.evaluate import resolve_protocol
+
+    return resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_epochs": 15,
+                                            "train": {"epochs": 30, "batch_size": 32, "lr": 0.05}})
+
+
+def real_data_dir() -> Path | None:
+    """Where real Fashion-MNIST is: $DDKIT_DATA/fashion-mnist or the Debian package's folder."""
+    for root in (os.environ.get("DDKIT_DATA"), "/usr/share/datasets"):
+        if root and (Path(root) / "fashion-mnist").is_dir():
+            return Path(root)
+    return None

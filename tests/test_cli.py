@@ -1,0 +1,121 @@
+"""The CLI end to end, as a user runs it, on generated data and tiny models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ddkit.cli import main
+
+FAST = ["--set", "student=tiny_convnet", "--set", "full_epochs=2", "--set", "train.epochs=20",
+        "--set", "train.batch_size=32", "--set", "train.lr=0.05"]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+def test_list(capsys):
+    code, out, _ = run_cli(["list", "methods"], capsys)
+    assert code == 0 and out.split() == ["full", "random"]
+    code, out, _ = run_cli(["list", "models", "convnet3*"], capsys)
+    assert "convnet3" in out.split() and "resnet18_cifar" not in out
+    code, out, _ = run_cli(["list", "datasets"], capsys)
+    assert {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tensors", "synthetic"} <= set(out.split())
+    code, out, _ = run_cli(["list", "protocols"], capsys)
+    assert {"dc-protocol", "dsa-protocol", "edc", "soft-kl", "demo"} <= set(out.split())
+
+
+def test_teacher_distill_evaluate_show_export(workdir, capsys, tmp_path):
+    t = workdir / "teacher"
+    code, out, _ = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "6",
+                            "--set", "teacher.train.lr=0.05", "--out", str(t), "-q"], capsys)
+    assert code == 0 and "test accuracy" in out
+    assert json.loads((t / "manifest.json").read_text())["config"]["train"]["epochs"] == 6
+    d = workdir / "r5"
+    code, out, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "5", "--seed", "1",
+                            "--teacher", str(t), "--soft-labels", "--out", str(d), "-q"], capsys)
+    assert code == 0 and "20 images" in out
+    man = json.loads((d / "manifest.json").read_text())
+    assert man["seed"] == 1 and man["files"]["soft_labels"] == "soft_labels.safetensors"
+    ev = tmp_path / "ev.json"
+    code, out, _ = run_cli(["evaluate", str(d), "--seeds", "0,1", "--teacher", str(t), "--label-mode", "teacher",
+                            "--out", str(ev), "-q", *FAST], capsys)
+    assert code == 0, out
+    rep = json.loads(ev.read_text())
+    assert rep["config"]["label_mode"] == "teacher" and rep["config"]["loss"] == "kl"
+    assert rep["config"]["train"]["epochs"] == 20 and len(rep["results"]["distilled"]["per_seed"]) == 2
+    assert "random ipc=5" in out and "label bytes" in out
+    code, out, _ = run_cli(["show", str(d)], capsys)
+    assert code == 0 and "random ipc=5 on synthetic" in out
+    code, out, _ = run_cli(["show", str(ev)], capsys)
+    assert code == 0 and "teacher" in out
+    code, out, _ = run_cli(["export", str(d), "--format", "imagefolder", "--out", str(tmp_path / "png")], capsys)
+    assert code == 0 and len(list((tmp_path / "png").rglob("*.png"))) == 20
+
+
+def test_run_reuses_finished_stages(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 4, batch_size: 32}}\n"
+        "distill: {method: random, ipc: 3}\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 10, batch_size: 32}}\n"
+        "  label_modes: [hard, teacher]\n  seeds: [0]\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and "reused" not in out
+    files = {p.relative_to(tmp_path / "run").as_posix() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert {"teacher/manifest.json", "distilled/manifest.json", "eval-hard.json", "eval-teacher.json", "config.json",
+            "report/summary.md", "report/eval.json", "report/distilled-grid.png"} <= files
+    first = json.loads((tmp_path / "run/eval-teacher.json").read_text())
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and "reused: teacher, distilled, eval-hard.json, eval-teacher.json" in out
+    assert json.loads((tmp_path / "run/eval-teacher.json").read_text()) == first
+    # changing the distillation seed re-runs distill and evaluation, but reuses the teacher
+    code, out, _ = run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)
+    assert code == 0 and "reused: teacher\n" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["distill", "--dataset", "synthetic", "--method", "randon", "--ipc", "2"], "unknown method 'randon'; did you mean 'random'?"),
+        (["distill", "--dataset", "synthetc", "--method", "random", "--ipc", "2"], "unknown dataset 'synthetc'; did you mean 'synthetic'?"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "99"], "ipc 99 is larger than the smallest class"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.ipcc=3"], "unknown config key 'distill.ipcc'; did you mean 'ipc'?"),
+        (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "dataset.path /nonexistent/fm does not exist"),
+        (["teacher", "--dataset", "synthetic", "--model", "convnet33"], "unknown model 'convnet33'; did you mean"),
+    ],
+)
+def test_bad_input_one_line_exit_2_no_output(args, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DDKIT_DATA", raising=False)
+    out = tmp_path / "out"
+    code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no partial artifact, no temp dirs
+
+
+def test_distill_with_mismatched_teacher(workdir, tmp_path, capsys):
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--set", "dataset.options={num_classes: 5}",
+                            "--method", "random", "--ipc", "2", "--teacher", str(workdir / "teacher"),
+                            "--out", str(tmp_path / "o"), "-q"], capsys)
+    assert code == 2 and "teacher has 4 classes but dataset 'synthetic' has 5" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_entry_point_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "list", "methodz"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "show", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: artifact")

@@ -1,0 +1,94 @@
+from pathlib import Path
+
+import pytest
+
+from ddkit.config import apply_overrides, config_hash, from_dict, load_yaml, to_dict
+from ddkit.errors import ConfigError
+from ddkit.evaluate import ProtocolConfig, resolve_protocol
+from ddkit.pipeline import RunConfig, demo_config
+from ddkit.teacher import TeacherConfig
+from ddkit.training import TrainConfig
+
+from conftest import REPO
+
+
+def test_unknown_key_suggests_and_lists_all_errors():
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"epoch": 3, "lr": "fast", "optimizer": "sgdd"})
+    msg = str(err.value)
+    assert "unknown config key 'epoch'; did you mean 'epochs'?" in msg
+    assert "lr: expected a number, got 'fast'" in msg
+    assert "optimizer: 'sgdd' is not one of" in msg and "did you mean 'sgd'?" in msg
+
+
+def test_nested_paths_in_errors():
+    with pytest.raises(ConfigError, match=r"unknown config key 'teacher.train.lrr'; did you mean 'lr'\?"):
+        from_dict(RunConfig, {"teacher": {"train": {"lrr": 0.1}}})
+
+
+def test_validation_in_post_init():
+    with pytest.raises(ConfigError, match="epochs must be >= 1"):
+        from_dict(TrainConfig, {"epochs": 0})
+    with pytest.raises(ConfigError, match="label_mode 'hard' needs loss 'ce'"):
+        from_dict(ProtocolConfig, {"loss": "kl"})
+
+
+def test_partial_nested_section_keeps_parent_defaults():
+    cfg = from_dict(TeacherConfig, {"train": {"epochs": 3}})
+    default = TeacherConfig().train
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == default.lr == 0.05  # the teacher recipe, not TrainConfig's 0.01
+    assert cfg.train.schedule == "cosine"
+
+
+def test_overrides_parse_values_and_nest():
+    data = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=0.5", "d=[1, 2]", "e=hello", "f=true"])
+    assert data == {"a": {"b": 2, "c": 0.5}, "d": [1, 2], "e": "hello", "f": True}
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_roundtrip_and_hash_stable():
+    cfg = from_dict(RunConfig, {"distill": {"ipc": 5}})
+    again = from_dict(RunConfig, to_dict(cfg))
+    assert to_dict(again) == to_dict(cfg)
+    assert config_hash(cfg) == config_hash(again)
+    assert config_hash(cfg) != config_hash(from_dict(RunConfig, {"distill": {"ipc": 6}}))
+
+
+def test_protocol_presets_and_label_mode_switch():
+    p = resolve_protocol("dc-protocol")
+    assert (p.student, p.train.epochs, p.train.lr, p.train.batch_size, p.train.schedule) == ("convnet3", 300, 0.01, 256, "step")
+    soft = resolve_protocol("dc-protocol", {"label_mode": "teacher"})
+    assert soft.loss == "kl"
+    hard = resolve_protocol("edc", {"label_mode": "hard"})
+    assert hard.loss == "ce" and hard.train.ema_decay == 0.99
+    with pytest.raises(Exception, match="unknown protocol 'dc-protocl'; did you mean 'dc-protocol'"):
+        resolve_protocol("dc-protocl")
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(bad)
+    code = tmp_path / "code.yaml"
+    code.write_text("a: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_yaml(code)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_config_validates(path: Path):
+    data = load_yaml(path)
+    cfg = from_dict(RunConfig, data)
+    for protocol in cfg.evaluate.protocols():
+        assert protocol.train.epochs >= 1
+
+
+def test_demo_config_matches_shipped_yaml():
+    shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
+    demo = demo_config(out=shipped.out, device=shipped.device)
+    assert to_dict(demo) == to_dict(shipped)

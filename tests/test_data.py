@@ -1,0 +1,568 @@
+"""Dataset sources: tiny generated fixtures for every format, their errors, and the search order."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddkit.data import DATASETS, DatasetConfig, load_dataset
+from ddkit.data.sources import FASHION_MNIST_CLASSES
+from ddkit.errors import ConfigError, DataError
+
+# ------------------------------------------------------------------------------------------------
+# fixture writers
+
+
+def idx_images(images: np.ndarray) -> bytes:
+    n, rows, cols = images.shape
+    return struct.pack(">iiii", 2051, n, rows, cols) + images.astype(np.uint8).tobytes()
+
+
+def idx_labels(labels: np.ndarray) -> bytes:
+    return struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes()
+
+
+def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0) -> dict:
+    """Four IDX files with random 28x28 images; labels cycle 0..9. Returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    data = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n) % 10
+        for kind, blob in (("images-idx3", idx_images(images)), ("labels-idx1", idx_labels(labels))):
+            name = f"{prefix}-{kind}-ubyte"
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+            else:
+                (folder / name).write_bytes(blob)
+        data[prefix] = (images, labels)
+    return data
+
+
+CIFAR10_NAMES = [f"c{i}" for i in range(10)]
+
+
+def cifar10_pickles(n: int = 6, seed: int = 0) -> tuple[dict[str, bytes], dict[str, tuple]]:
+    """Pickled batches shaped like the official cifar-10-batches-py (bytes keys, numpy data)."""
+    rng = np.random.default_rng(seed)
+    blobs, arrays = {}, {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n)]
+        blobs[name] = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels})
+        arrays[name] = (data, labels)
+    blobs["batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_NAMES]})
+    return blobs, arrays
+
+
+def write_tar(path: Path, folder: str, blobs: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(folder)
+        info.type = tarfile.DIRTYPE
+        tar.addfile(info)
+        for name, blob in blobs.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+
+
+def write_png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def write_imagefolder(root: Path, classes: dict[str, int], size: int = 8, mode: str = "RGB", seed: int = 0) -> dict:
+    """root/{train,test}/<class>/<i>.png; returns {(split, class): [arrays in file order]}."""
+    rng = np.random.default_rng(seed)
+    shape = (size, size, 3) if mode == "RGB" else (size, size)
+    out = {}
+    for split in ("train", "test"):
+        for name, count in classes.items():
+            arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for _ in range(count)]
+            for i, a in enumerate(arrays):
+                write_png(root / split / name / f"{i:03d}.png", a)
+            out[(split, name)] = arrays
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# registry / config
+
+
+def test_all_sources_registered():
+    for name in ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tensors"):
+        assert name in DATASETS
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tensors"])
+def test_options_rejected(name, tmp_path):
+    with pytest.raises(ConfigError, match="bogus"):
+        load_dataset(DatasetConfig(name=name, path=str(tmp_path), options={"bogus": 1}))
+
+
+def test_image_size_rejected_for_fixed_sources(tmp_path):
+    write_idx_folder(tmp_path / "fm")
+    with pytest.raises(ConfigError, match="image_size"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"), image_size=32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Fashion-MNIST / MNIST
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_fashion_mnist_roundtrip(tmp_path, gz):
+    data = write_idx_folder(tmp_path / "fm", gz=gz)
+    b = load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+    assert b.train.images.shape == (20, 1, 28, 28) and b.train.images.dtype == torch.uint8
+    assert b.test.images.shape == (10, 1, 28, 28)
+    assert torch.equal(b.train.images[:, 0], torch.from_numpy(data["train"][0]))
+    assert torch.equal(b.test.images[:, 0], torch.from_numpy(data["t10k"][0]))
+    assert b.train.labels.tolist() == (np.arange(20) % 10).tolist()
+    assert b.classes == FASHION_MNIST_CLASSES and b.classes[9] == "Ankle boot"
+    assert b.mean == (0.2861,) and b.std == (0.3530,)
+    assert b.source == str(tmp_path / "fm")
+
+
+def test_mnist_classes_and_norm(tmp_path):
+    write_idx_folder(tmp_path / "m")
+    b = load_dataset("mnist", path=str(tmp_path / "m"))
+    assert b.classes == [str(d) for d in range(10)]
+    assert b.mean == (0.1307,) and b.std == (0.3081,)
+
+
+def test_missing_folder_lists_searched_places(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path / "data"))
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist")
+    msg = str(err.value)
+    assert str(tmp_path / "data" / "fashion-mnist") in msg
+    assert "/usr/share/datasets/fashion-mnist" in msg
+    assert "DDKIT_DATA" in msg and "dataset-fashion-mnist" in msg
+    assert "\n" not in msg
+
+
+def test_search_order_ddkit_data_then_explicit_path(tmp_path, monkeypatch):
+    env_data = write_idx_folder(tmp_path / "data" / "fashion-mnist", seed=1)
+    own = write_idx_folder(tmp_path / "own", n_train=30, seed=2)
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path / "data"))
+    b = load_dataset("fashion-mnist")
+    assert b.source == str(tmp_path / "data" / "fashion-mnist")
+    assert torch.equal(b.train.images[:, 0], torch.from_numpy(env_data["train"][0]))
+    b = load_dataset("fashion-mnist", path=str(tmp_path / "own"))  # explicit path wins
+    assert b.source == str(tmp_path / "own") and len(b.train) == 30
+    assert torch.equal(b.train.images[:, 0], torch.from_numpy(own["train"][0]))
+
+
+def test_train_per_class_subset(tmp_path):
+    write_idx_folder(tmp_path / "fm", n_train=50)
+    b = load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=3, test_per_class=1)
+    assert b.train.class_counts(10).tolist() == [3] * 10
+    assert b.test.class_counts(10).tolist() == [1] * 10
+
+
+def test_idx_truncated(tmp_path):
+    write_idx_folder(tmp_path / "fm")
+    path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    blob = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(blob[:1000]))
+    with pytest.raises(DataError, match=r"truncated \(expected 15696 bytes, found 1000\); re-download"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
+def test_idx_bad_magic(tmp_path):
+    write_idx_folder(tmp_path / "fm")
+    path = tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"
+    blob = bytearray(gzip.decompress(path.read_bytes()))
+    blob[:4] = struct.pack(">i", 2051)  # images magic in a labels file
+    path.write_bytes(gzip.compress(bytes(blob)))
+    with pytest.raises(DataError, match="magic number 2051, expected 2049"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
+@pytest.mark.parametrize("damage", ["cut", "garbage", "flipped"])
+def test_idx_corrupt_gzip(tmp_path, damage):
+    write_idx_folder(tmp_path / "fm")
+    path = tmp_path / "fm" / "train-labels-idx1-ubyte.gz"
+    raw = path.read_bytes()
+    if damage == "cut":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = b"this is not gzip at all"
+    else:
+        raw = raw[:12] + bytes(b ^ 0xFF for b in raw[12:-8]) + raw[-8:]
+    path.write_bytes(raw)
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz") as err:
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+    assert "re-download" in str(err.value)
+
+
+def test_idx_label_count_mismatch(tmp_path):
+    write_idx_folder(tmp_path / "fm")
+    (tmp_path / "fm" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_labels(np.zeros(19))))
+    with pytest.raises(DataError, match="19 labels but .* 20 images"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
+def test_idx_label_out_of_range(tmp_path):
+    write_idx_folder(tmp_path / "fm")
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_labels(np.full(10, 12))))
+    with pytest.raises(DataError, match="label 12"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
+def test_explicit_path_never_falls_back(tmp_path, monkeypatch):
+    write_idx_folder(tmp_path / "data" / "fashion-mnist")
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path / "data"))  # valid data that must NOT be used
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="lacks train-images-idx3-ubyte"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "typo"))
+
+
+def test_classes_pin_must_match(tmp_path):
+    write_idx_folder(tmp_path / "m")
+    with pytest.raises(DataError, match="does not match"):
+        load_dataset("mnist", path=str(tmp_path / "m"), classes=[str(d) for d in reversed(range(10))])
+    b = load_dataset("mnist", path=str(tmp_path / "m"), classes=[str(d) for d in range(10)])
+    assert b.num_classes == 10
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR
+
+
+def _check_cifar10(b, arrays):
+    train = [arrays[f"data_batch_{i}"] for i in range(1, 6)]
+    assert b.train.images.shape == (30, 3, 32, 32) and b.train.images.dtype == torch.uint8
+    expected = np.concatenate([d for d, _ in train]).reshape(-1, 3, 32, 32)
+    assert torch.equal(b.train.images, torch.from_numpy(expected))
+    assert b.train.labels.tolist() == sum((lab for _, lab in train), [])
+    test_data, test_labels = arrays["test_batch"]
+    assert torch.equal(b.test.images, torch.from_numpy(test_data.reshape(-1, 3, 32, 32)))
+    assert b.test.labels.tolist() == test_labels
+    assert b.classes == CIFAR10_NAMES
+    assert b.mean == (0.4914, 0.4822, 0.4465) and b.std == (0.2470, 0.2435, 0.2616)
+
+
+@pytest.mark.parametrize("layout", ["archive-file", "archive-folder", "extracted-parent", "extracted-folder"])
+def test_cifar10_layouts(tmp_path, layout):
+    blobs, arrays = cifar10_pickles()
+    folder = tmp_path / "c10"
+    folder.mkdir()
+    if layout.startswith("archive"):
+        write_tar(folder / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+        path = folder / "cifar-10-python.tar.gz" if layout == "archive-file" else folder
+    else:
+        (folder / "cifar-10-batches-py").mkdir()
+        for name, blob in blobs.items():
+            (folder / "cifar-10-batches-py" / name).write_bytes(blob)
+        path = folder if layout == "extracted-parent" else folder / "cifar-10-batches-py"
+    _check_cifar10(load_dataset("cifar10", path=str(path)), arrays)
+
+
+def test_cifar10_via_ddkit_data(tmp_path, monkeypatch):
+    blobs, arrays = cifar10_pickles()
+    (tmp_path / "cifar10").mkdir()
+    write_tar(tmp_path / "cifar10" / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    _check_cifar10(load_dataset("cifar10"), arrays)
+
+
+def test_cifar100_archive(tmp_path):
+    rng = np.random.default_rng(0)
+    names = [f"fine{i:02d}" for i in range(100)]
+    train = rng.integers(0, 256, (7, 3072), dtype=np.uint8)
+    test = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    blobs = {
+        "train": pickle.dumps({b"data": train, b"fine_labels": [99, 0, 5, 5, 1, 2, 3], b"coarse_labels": [0] * 7}),
+        "test": pickle.dumps({b"data": test, b"fine_labels": [7, 8, 9], b"coarse_labels": [0] * 3}),
+        "meta": pickle.dumps({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": []}),
+    }
+    write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", blobs)
+    b = load_dataset("cifar100", path=str(tmp_path / "cifar-100-python.tar.gz"))
+    assert torch.equal(b.train.images, torch.from_numpy(train.reshape(-1, 3, 32, 32)))
+    assert b.train.labels.tolist() == [99, 0, 5, 5, 1, 2, 3] and b.test.labels.tolist() == [7, 8, 9]
+    assert b.classes == names
+    assert b.mean == (0.5071, 0.4865, 0.4409) and b.std == (0.2673, 0.2564, 0.2762)
+
+
+class _Evil:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    blobs, _ = cifar10_pickles()
+    blobs["data_batch_3"] = pickle.dumps({b"data": _Evil(marker), b"labels": [0]})
+    write_tar(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+    with pytest.raises(DataError, match="data_batch_3.*(posix|os|nt)\\.system"):
+        load_dataset("cifar10", path=str(tmp_path / "cifar-10-python.tar.gz"))
+    assert not marker.exists()
+
+
+def test_safe_unpickle_accepts_numpy1_names_and_rejects_junk():
+    from ddkit.data.sources import safe_unpickle
+
+    a = np.arange(12, dtype=np.uint8).reshape(2, 6)
+    legacy = pickle.dumps({b"data": a}, protocol=3).replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in legacy  # as in the official (numpy 1.x era) files
+    assert np.array_equal(safe_unpickle(legacy, "x")[b"data"], a)
+    assert np.array_equal(safe_unpickle(pickle.dumps({b"data": a}, protocol=5), "x")[b"data"], a)
+    with pytest.raises(DataError, match="subprocess.Popen"):
+        safe_unpickle(pickle.dumps({b"data": __import__("subprocess").Popen}), "x")
+    with pytest.raises(DataError, match="x is corrupt"):
+        safe_unpickle(b"\x80\x04junk", "x")
+
+
+def test_cifar_symlink_member_is_refused(tmp_path):
+    blobs, _ = cifar10_pickles()
+    del blobs["test_batch"]
+    write_tar(tmp_path / "a.tar.gz", "cifar-10-batches-py", blobs)
+    with tarfile.open(tmp_path / "a.tar.gz", "r:gz") as src, tarfile.open(tmp_path / "b.tar.gz", "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+        link = tarfile.TarInfo("cifar-10-batches-py/test_batch")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "/etc/passwd"
+        dst.addfile(link)
+    with pytest.raises(DataError, match="not a regular file"):
+        load_dataset("cifar10", path=str(tmp_path / "b.tar.gz"))
+
+
+def test_cifar_truncated_archive(tmp_path):
+    blobs, _ = cifar10_pickles()
+    write_tar(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+    raw = (tmp_path / "cifar-10-python.tar.gz").read_bytes()
+    (tmp_path / "cifar-10-python.tar.gz").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset("cifar10", path=str(tmp_path / "cifar-10-python.tar.gz"))
+
+
+def test_cifar_archive_missing_member(tmp_path):
+    blobs, _ = cifar10_pickles()
+    del blobs["data_batch_4"]
+    write_tar(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+    with pytest.raises(DataError, match="lacks cifar-10-batches-py/data_batch_4"):
+        load_dataset("cifar10", path=str(tmp_path))
+
+
+def test_cifar_missing_everywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=r"not found \(searched .*cifar10.*DDKIT_DATA"):
+        load_dataset("cifar10")
+
+
+# ------------------------------------------------------------------------------------------------
+# ImageFolder
+
+
+def test_imagefolder_roundtrip_and_stats(tmp_path):
+    arrays = write_imagefolder(tmp_path, {"dog": 3, "cat": 2})
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.classes == ["cat", "dog"]  # sorted folder names
+    assert b.train.images.shape == (5, 3, 8, 8) and b.test.images.shape == (5, 3, 8, 8)
+    assert b.train.labels.tolist() == [0, 0, 1, 1, 1]
+    expected = np.stack(arrays[("train", "cat")] + arrays[("train", "dog")]).transpose(0, 3, 1, 2)
+    assert torch.equal(b.train.images, torch.from_numpy(expected))
+    x = expected.astype(np.float64) / 255
+    assert b.mean == pytest.approx(tuple(x.mean(axis=(0, 2, 3))), abs=1e-9)
+    assert b.std == pytest.approx(tuple(x.std(axis=(0, 2, 3))), abs=1e-9)
+    assert b.source == str(tmp_path)
+
+
+def test_imagefolder_explicit_class_order(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 2, "c": 3})
+    b = load_dataset("imagefolder", path=str(tmp_path), classes=["c", "a", "b"])
+    assert b.classes == ["c", "a", "b"]
+    assert b.train.labels.tolist() == [0, 0, 0, 1, 2, 2]
+
+
+def test_imagefolder_classes_must_cover_folders(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 1, "c": 1})
+    with pytest.raises(DataError, match=r"class folders \['c'\] not in dataset.classes"):
+        load_dataset("imagefolder", path=str(tmp_path), classes=["a", "b"])
+    with pytest.raises(DataError, match=r"lists \['z'\]"):
+        load_dataset("imagefolder", path=str(tmp_path), classes=["a", "b", "c", "z"])
+
+
+def test_imagefolder_mismatched_class_sets(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 1})
+    write_png(tmp_path / "train" / "extra" / "0.png", np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match=r"only in train: \['extra'\], only in test: \[\]"):
+        load_dataset("imagefolder", path=str(tmp_path))
+
+
+def test_imagefolder_grayscale_and_resize(tmp_path):
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=10, mode="L")
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.image_shape == (1, 10, 10) and len(b.mean) == 1
+    b = load_dataset("imagefolder", path=str(tmp_path), image_size=6)
+    assert b.image_shape == (1, 6, 6)
+    # one RGB file turns the whole set RGB (gray images replicated over channels)
+    rgb = np.random.default_rng(0).integers(0, 256, (10, 10, 3), dtype=np.uint8)
+    write_png(tmp_path / "test" / "a" / "rgb.png", rgb)
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.image_shape == (3, 10, 10)
+    assert torch.equal(b.train.images[:, 0], b.train.images[:, 2])
+
+
+def test_imagefolder_inconsistent_sizes(tmp_path):
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=8)
+    write_png(tmp_path / "train" / "b" / "big.png", np.zeros((12, 9, 3), np.uint8))
+    with pytest.raises(DataError, match=r"big.png is 9x12 .* set dataset.image_size"):
+        load_dataset("imagefolder", path=str(tmp_path))
+    b = load_dataset("imagefolder", path=str(tmp_path), image_size=8)
+    assert b.image_shape == (3, 8, 8) and len(b.train) == 5
+
+
+def test_imagefolder_corrupt_image(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 1})
+    (tmp_path / "test" / "b" / "broken.JPG").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    with pytest.raises(DataError, match="cannot read image .*broken.JPG"):
+        load_dataset("imagefolder", path=str(tmp_path))
+
+
+def test_imagefolder_empty_class_and_missing_path(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 1})
+    (tmp_path / "test" / "b" / "000.png").unlink()
+    (tmp_path / "test" / "b" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match="has no images"):
+        load_dataset("imagefolder", path=str(tmp_path))
+    with pytest.raises(ConfigError, match="set dataset.path"):
+        load_dataset("imagefolder")
+
+
+def test_imagefolder_custom_splits(tmp_path):
+    write_imagefolder(tmp_path, {"a": 1, "b": 1})
+    (tmp_path / "test").rename(tmp_path / "val")
+    with pytest.raises(DataError, match="test_split"):
+        load_dataset("imagefolder", path=str(tmp_path))
+    b = load_dataset("imagefolder", path=str(tmp_path), test_split="val")
+    assert len(b.test) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# tensors
+
+
+def _tensors(seed: int = 0, float_images: bool = False) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    tr = torch.randint(0, 256, (6, 3, 5, 5), generator=gen, dtype=torch.uint8)
+    te = torch.randint(0, 256, (3, 3, 5, 5), generator=gen, dtype=torch.uint8)
+    if float_images:
+        tr, te = tr.float() / 255, te.float() / 255
+    return {"train_images": tr, "train_labels": torch.tensor([0, 1, 2, 0, 1, 2]),
+            "test_images": te, "test_labels": torch.tensor([2, 1, 0])}
+
+
+def test_tensors_safetensors_roundtrip(tmp_path):
+    from safetensors.torch import save_file
+
+    t = _tensors()
+    save_file(t, tmp_path / "d.safetensors", metadata={"classes": '["x", "y", "z"]'})
+    b = load_dataset("tensors", path=str(tmp_path / "d.safetensors"))
+    assert torch.equal(b.train.images, t["train_images"]) and torch.equal(b.test.images, t["test_images"])
+    assert b.train.labels.tolist() == [0, 1, 2, 0, 1, 2] and b.classes == ["x", "y", "z"]
+    x = t["train_images"].double() / 255
+    assert b.mean == pytest.approx(x.mean(dim=(0, 2, 3)).tolist(), abs=1e-9)
+    assert b.std == pytest.approx(x.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-9)
+
+
+def test_tensors_pt_with_classes_and_norm(tmp_path):
+    t = _tensors(float_images=True)
+    t["mean"], t["std"] = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4, 0.5, 0.6])
+    torch.save({**t, "classes": ["p", "q", "r"]}, tmp_path / "d.pt")
+    b = load_dataset("tensors", path=str(tmp_path / "d.pt"))
+    assert b.train.images.dtype == torch.float32 and torch.equal(b.train.images, t["train_images"])
+    assert b.classes == ["p", "q", "r"]
+    assert b.mean == pytest.approx((0.1, 0.2, 0.3)) and b.std == pytest.approx((0.4, 0.5, 0.6))
+
+
+def test_tensors_default_class_names(tmp_path):
+    torch.save(_tensors(), tmp_path / "d.pt")
+    assert load_dataset("tensors", path=str(tmp_path / "d.pt")).classes == ["0", "1", "2"]
+
+
+def test_tensors_missing_keys(tmp_path):
+    from safetensors.torch import save_file
+
+    t = _tensors()
+    del t["test_labels"]
+    save_file(t, tmp_path / "d.safetensors")
+    with pytest.raises(DataError, match=r"lacks \['test_labels'\].*train_images.*test_labels"):
+        load_dataset("tensors", path=str(tmp_path / "d.safetensors"))
+
+
+def test_tensors_wrong_rank_and_range(tmp_path):
+    t = _tensors()
+    t["train_images"] = t["train_images"][:, 0]
+    torch.save(t, tmp_path / "rank.pt")
+    with pytest.raises(DataError, match=r"train_images has shape \(6, 5, 5\)"):
+        load_dataset("tensors", path=str(tmp_path / "rank.pt"))
+    t = _tensors(float_images=True)
+    t["test_images"] = t["test_images"] * 255
+    torch.save(t, tmp_path / "range.pt")
+    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\]"):
+        load_dataset("tensors", path=str(tmp_path / "range.pt"))
+
+
+class Payload:
+    """A custom class: weights_only loading must refuse to rebuild it."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_tensors_pt_uses_weights_only(tmp_path):
+    torch.save({**_tensors(), "extra": Payload()}, tmp_path / "d.pt")
+    with pytest.raises(DataError, match="weights_only"):
+        load_dataset("tensors", path=str(tmp_path / "d.pt"))
+
+
+def test_tensors_bad_file(tmp_path):
+    (tmp_path / "d.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="not a valid safetensors file"):
+        load_dataset("tensors", path=str(tmp_path / "d.safetensors"))
+    (tmp_path / "d.pt").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="d.pt"):
+        load_dataset("tensors", path=str(tmp_path / "d.pt"))
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("tensors", path=str(tmp_path / "nope.pt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# real data
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist():
+    root = os.environ.get("DDKIT_DATA")
+    if not root or not (Path(root) / "fashion-mnist").is_dir():
+        pytest.skip("set DDKIT_DATA to a folder with fashion-mnist/ to run")
+    b = load_dataset("fashion-mnist")
+    assert len(b.train) == 60000 and len(b.test) == 10000
+    assert b.image_shape == (1, 28, 28)
+    assert b.train.class_counts(10).tolist() == [6000] * 10
+    assert b.test.class_counts(10).tolist() == [1000] * 10
+    assert int(b.train.labels[0]) == 9 and b.classes[9] == "Ankle boot"
+    mean, std = (b.train.images.double() / 255).mean().item(), (b.train.images.double() / 255).std().item()
+    assert mean == pytest.approx(b.mean[0], abs=1e-4) and std == pytest.approx(b.std[0], abs=1e-4)

@@ -1,0 +1,71 @@
+"""torchrun with 2 gloo processes on CPU gives the single-process results.
+
+Teacher training is data-parallel: the same global batches and augmentation draws, gradients
+averaged over ranks, so weights agree up to float summation order (tolerance 1e-4 after a few
+epochs). Evaluation spreads whole students over ranks, so its numbers are identical.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+TOL = 1e-4
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(args, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "ddkit", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _single(args, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "ddkit", *args], capture_output=True, text=True, env=_env(),
+                          cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
+    teacher_args = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "3",
+                    "--set", "teacher.train.batch_size=32", "--set", "teacher.train.augment=dsa", "-q"]
+    _single([*teacher_args, "--out", "t1"], tmp_path)
+    _torchrun([*teacher_args, "--out", "t2"], tmp_path)
+    w1 = load_file(str(tmp_path / "t1/model.safetensors"))
+    w2 = load_file(str(tmp_path / "t2/model.safetensors"))
+    assert w1.keys() == w2.keys()
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < TOL, f"max weight difference {worst}"
+    m1 = json.loads((tmp_path / "t1/manifest.json").read_text())
+    m2 = json.loads((tmp_path / "t2/manifest.json").read_text())
+    assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 1 / 48 + 1e-9  # at most one test image flips
+
+    _single(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "3", "--out", "d", "-q"], tmp_path)
+    eval_args = ["evaluate", "d", "--seeds", "0,1,2", "--teacher", "t1", "--label-mode", "teacher",
+                 "--set", "student=tiny_convnet", "--set", "train.epochs=8", "--set", "full_epochs=1",
+                 "--set", "train.batch_size=16", "-q"]
+    env_cache = {"DDKIT_CACHE": str(tmp_path / "c1")}
+    os.environ.update(env_cache)
+    try:
+        _single([*eval_args, "--out", "e1.json"], tmp_path)
+        os.environ["DDKIT_CACHE"] = str(tmp_path / "c2")
+        _torchrun([*eval_args, "--out", "e2.json"], tmp_path)
+    finally:
+        os.environ.pop("DDKIT_CACHE", None)
+    r1 = json.loads((tmp_path / "e1.json").read_text())["results"]
+    r2 = json.loads((tmp_path / "e2.json").read_text())["results"]
+    assert r1["distilled"] == r2["distilled"] and r1["random"] == r2["random"]
+    assert abs(r1["full"]["mean"] - r2["full"]["mean"]) <= 2 / 48 + 1e-9
+    assert json.loads((tmp_path / "e2.json").read_text())["timing"]["world_size"] == 2

@@ -1,0 +1,76 @@
+import json
+
+import pytest
+
+from ddkit.data.base import DatasetConfig, make_synthetic
+from ddkit.errors import DDKitError
+from ddkit.evaluate import evaluate, format_table, resolve_protocol
+from ddkit.pipeline import DistillConfig, distill
+from ddkit.teacher import TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ev")
+    data = make_synthetic()
+    teacher = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=8, batch_size=32, lr=0.05)), root / "teacher")
+    ds = distill(data, DistillConfig(method="random", ipc=4, soft_labels=True), DatasetConfig(name="synthetic"), root / "r4", teacher)
+    return data, teacher, ds, root
+
+
+def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
+    data, teacher, ds, _ = setup
+    out = tmp_path / "eval.json"
+    rep = evaluate(ds, tiny_protocol, [0, 1, 2], data=data, out=out)
+    assert json.loads(out.read_text())["results"] == rep["results"]
+    res = rep["results"]
+    assert set(res) == {"distilled", "random", "full"}
+    for key in ("distilled", "random"):
+        assert len(res[key]["per_seed"]) == 3 and res[key]["n"] == 3
+        assert all(0.0 <= a <= 1.0 for a in res[key]["per_seed"])
+        mean = sum(res[key]["per_seed"]) / 3
+        assert res[key]["mean"] == pytest.approx(mean)
+        assert res[key]["std"] == pytest.approx((sum((a - mean) ** 2 for a in res[key]["per_seed"]) / 3) ** 0.5)
+    # 4 images per class of structured data: clearly better than chance (0.25)
+    assert res["distilled"]["mean"] > 0.5
+    assert res["full"]["n"] == 1 and res["full"]["mean"] > 0.7
+    assert rep["bytes"] == {"images": 16 * 256, "labels": 16 * 8 + 16 * 4 * 4, "total": 16 * 256 + 16 * 8 + 64 * 4}
+    assert rep["protocol_hash"] == tiny_protocol.hash and rep["seeds"] == [0, 1, 2]
+    table = format_table([rep])
+    assert "random ipc=4" in table and "full (15 ep)" in table and f"{100 * res['distilled']['mean']:.2f}" in table
+
+
+def test_same_seeds_same_numbers_and_full_cache(setup, tiny_protocol, tmp_path, monkeypatch):
+    data, _, ds, _ = setup
+    a = evaluate(ds, tiny_protocol, [3], data=data)
+    import ddkit.evaluate.runner as runner
+
+    calls = []
+    real = runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: calls.append(a[1] is a[2]) or real(*a, **k))
+    b = evaluate(ds, tiny_protocol, [3], data=data)
+    assert a["results"] == b["results"]
+    assert len(calls) == 2  # distilled + random only: the full-data reference came from the cache
+
+
+def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
+    data, teacher, ds, root = setup
+    teach = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})
+    with pytest.raises(DDKitError, match="label_mode 'teacher' needs a teacher; pass --teacher DIR"):
+        evaluate(ds, teach, [0], data=data)
+    plain = distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), root / "plain")
+    stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False})
+    with pytest.raises(DDKitError, match="needs soft labels in the distilled set"):
+        evaluate(plain, stored, [0], data=data, teacher=teacher)
+    rep = evaluate(ds, stored, [0], data=data, teacher=teacher)
+    assert set(rep["results"]) == {"distilled", "random"} and rep["teacher"]["weights_sha"] == teacher.fingerprint
+
+
+def test_fingerprint_and_class_checks(setup, tiny_protocol):
+    _, teacher, ds, _ = setup
+    other = make_synthetic(seed=5)
+    with pytest.raises(DDKitError, match="fingerprint .* but the loaded data has"):
+        evaluate(ds, tiny_protocol, [0], data=other)
+    with pytest.raises(DDKitError, match="no evaluation seeds"):
+        evaluate(ds, tiny_protocol, [], data=make_synthetic())

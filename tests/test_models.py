@@ -1,0 +1,279 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkit.data import make_synthetic
+from ddkit.errors import DDKitError
+from ddkit.models import MODELS, create_model, list_models
+
+ALL = list_models()
+# the smallest image each model takes (5 poolings of 2x2 need 32 px); every other model takes 28 px
+MIN_SIZE = {"convnetd5": 32}
+
+
+def _size(name: str) -> int:
+    return max(28, MIN_SIZE.get(name, 0))
+
+
+def _final_linear(model: nn.Module) -> nn.Linear:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+
+
+def _check_contract(model: nn.Module, channels: int, size: int, num_classes: int) -> None:
+    x = torch.randn(2, channels, size, size)
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, num_classes)
+    assert torch.isfinite(logits).all()
+    feats = model.embed(x)
+    assert feats.shape == (2, model.feature_dim)
+    assert torch.isfinite(feats).all()
+    # every parameter takes part in the forward pass (gradient matching needs all of them)
+    F.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    for k, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), k
+    # embed is exactly the input of the final linear layer (no dropout in eval mode)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _final_linear(model)(model.embed(x)), model(x), rtol=1e-4, atol=1e-5
+        )
+
+
+def test_registry_holds_the_documented_models():
+    assert set(ALL) >= {
+        "convnet", "convnet3", "convnetd1", "convnetd2", "convnetd4", "convnetd5", "convnet3-bn",
+        "convnet3-nonorm", "convnet3-w32", "convnet3-w64", "convnet3-w32-bn", "resnet18_cifar",
+        "resnet18_cifar_in", "tv_resnet18", "tv_resnet50", "tv_mobilenet_v2", "tv_efficientnet_b0",
+        "tv_vgg11_bn", "tv_densenet121", "tiny_convnet", "tiny_mlp",
+    }  # fmt: skip
+    assert list(MODELS) == ALL
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_keeps_the_contract_on_1x28(name):
+    size = _size(name)
+    _check_contract(create_model(name, 1, 10, size), 1, size, 10)
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [("convnet3", {}), ("resnet18_cifar", {"width": 8}), ("resnet18_cifar_in", {"width": 8}), ("tiny_mlp", {}),
+     ("tv_resnet18", {}), ("tv_mobilenet_v2", {}), ("tv_vgg11_bn", {})],
+)  # fmt: skip
+def test_three_channel_32px(name, options):
+    _check_contract(create_model(name, 3, 7, 32, **options), 3, 32, 7)
+
+
+def test_thin_resnet_width_sets_channels():
+    model = create_model("resnet18_cifar", 1, 10, 28, width=8)
+    assert model.conv1.out_channels == 8 and model.feature_dim == 64
+    assert isinstance(model.bn1, nn.BatchNorm2d)
+    model_in = create_model("resnet18_cifar_in", 1, 10, 28, width=8)
+    assert isinstance(model_in.bn1, nn.GroupNorm) and model_in.bn1.num_groups == 8
+
+
+def test_glob_listing():
+    convnets = list_models("convnet*")
+    assert "convnet3" in convnets and "convnet3-w32-bn" in convnets
+    assert "resnet18_cifar" not in convnets and "tiny_convnet" not in convnets
+    assert list_models("tv_*") == sorted(n for n in ALL if n.startswith("tv_"))
+    assert list_models("nothing*") == []
+
+
+def test_unknown_name_suggests():
+    with pytest.raises(DDKitError, match=r"unknown model 'convnt3'; did you mean 'convnet3'\?"):
+        create_model("convnt3", 1, 10, 28)
+    with pytest.raises(DDKitError, match="unknown model 'convnet33'; did you mean"):
+        create_model("convnet33", 1, 10, 28)
+    # a malformed parameterised ConvNet name explains the name grammar
+    with pytest.raises(
+        DDKitError, match=r"unknown model 'convnet3-gn'.*ConvNet names read convnet\["
+    ):
+        create_model("convnet3-gn", 1, 10, 28)
+
+
+def test_unknown_option_names_key_and_valid_ones():
+    with pytest.raises(DDKitError) as err:
+        create_model("convnet3", 1, 10, 28, widht=64)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "'widht'" in msg and "did you mean 'width'" in msg
+    assert "valid options: activation, depth, norm, pooling, width" in msg
+    with pytest.raises(
+        DDKitError, match="model 'tv_resnet18' has no option 'width'; valid options: none"
+    ):
+        create_model("tv_resnet18", 1, 10, 28, width=8)
+
+
+def test_bad_option_values():
+    with pytest.raises(
+        DDKitError, match="unknown ConvNet norm 'batchnrom'; did you mean 'batchnorm'"
+    ):
+        create_model("convnet", 1, 10, 28, norm="batchnrom")
+    with pytest.raises(DDKitError, match="choose one of avgpooling, maxpooling, none"):
+        create_model("convnet", 1, 10, 28, pooling="sum")
+    with pytest.raises(DDKitError, match="width must be a positive integer"):
+        create_model("convnet3", 1, 10, 28, width=0)
+    with pytest.raises(DDKitError, match="in_channels must be a positive integer"):
+        create_model("convnet3", 0, 10, 28)
+
+
+def test_image_too_small():
+    with pytest.raises(
+        DDKitError, match="image size 28 is too small for a depth-5 ConvNet.*at least 32 px"
+    ):
+        create_model("convnetd5", 1, 10, 28)
+    with pytest.raises(DDKitError, match="image size 4 is too small for a depth-3 ConvNet"):
+        create_model("convnet3", 1, 10, 4)
+    assert create_model("convnet3", 1, 10, 8).feature_dim == 128  # 8 -> 4 -> 2 -> 1
+    assert create_model("convnet3", 1, 10, 4, pooling="none").feature_dim == 128 * 4 * 4
+
+
+def test_wrong_input_size_is_explained():
+    model = create_model("convnet3", 1, 10, 28)
+    with pytest.raises(
+        DDKitError, match="built for 28x28 images but got 32x32; create it with image_size=32"
+    ):
+        model(torch.zeros(1, 1, 32, 32))
+
+
+def test_convnet3_parameter_count_by_hand():
+    c, w, k, n = 1, 128, 3, 10
+    conv1 = c * w * k * k + w
+    conv23 = 2 * (w * w * k * k + w)
+    norms = 3 * 2 * w  # GroupNorm(w, w) weight and bias per block
+    linear = (w * 3 * 3) * n + n  # 28 -> 14 -> 7 -> 3
+    expected = conv1 + conv23 + norms + linear
+    assert expected == 308_746
+    model = create_model("convnet3", 1, 10, 28)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert model.feature_dim == 1152
+    norm_layers = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert [(g.num_groups, g.num_channels, g.affine) for g in norm_layers] == [(128, 128, True)] * 3
+    assert sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 3
+
+
+def test_convnet_options_build_the_named_layers():
+    m = create_model("convnet", 3, 10, 32, depth=2, width=16, norm="layernorm", pooling="maxpooling",
+                     activation="leakyrelu")  # fmt: skip
+    kinds = [type(x) for x in m.features]
+    assert kinds == [nn.Conv2d, nn.GroupNorm, nn.LeakyReLU, nn.MaxPool2d] * 2
+    assert m.features[1].num_groups == 1 and m.feature_dim == 16 * 8 * 8
+    m = create_model("convnet3-nonorm", 1, 10, 28, activation="sigmoid")
+    assert [type(x) for x in m.features[:4]] == [nn.Conv2d, nn.Identity, nn.Sigmoid, nn.AvgPool2d]
+    m = create_model("convnet3-w32-bn", 1, 10, 28)
+    assert isinstance(m.features[1], nn.BatchNorm2d) and m.features[0].out_channels == 32
+
+
+def test_parameterised_convnet_names():
+    m = create_model("convnetd4-w16-bn-maxpool", 3, 10, 32)
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert len(convs) == 4 and {x.out_channels for x in convs} == {16}
+    assert sum(isinstance(x, nn.BatchNorm2d) for x in m.modules()) == 4
+    assert sum(isinstance(x, nn.MaxPool2d) for x in m.modules()) == 4
+    assert m.feature_dim == 16 * 2 * 2
+    # a parameterised name builds the same architecture as the registered one it spells
+    torch.manual_seed(0)
+    a = create_model("convnet3-w64-bn", 1, 10, 28)
+    torch.manual_seed(0)
+    b = create_model("convnet3", 1, 10, 28, width=64, norm="batchnorm")
+    _assert_same_state(a, b)
+    # options passed explicitly win over those the name implies
+    assert not any(
+        isinstance(x, nn.BatchNorm2d)
+        for x in create_model("convnet3-bn", 1, 10, 28, norm="none").modules()
+    )
+    with pytest.raises(DDKitError, match="sets the ConvNet norm twice"):
+        create_model("convnet3-bn-in", 1, 10, 28)
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_same_seed_same_weights(name):
+    size = _size(name)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        return create_model(name, 1, 10, size)
+
+    a, b, c = build(0), build(0), build(1)
+    _assert_same_state(a, b)
+    assert any(
+        not torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values())
+    )
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_torchvision_model_unchanged_for_3ch_64px(arch):
+    import torchvision
+
+    torch.manual_seed(0)
+    ours = create_model(f"tv_{arch}", 3, 10, 64)
+    torch.manual_seed(0)
+    ref = torchvision.models.get_model(arch, weights=None, num_classes=10)
+    _assert_same_state(ours, ref)  # same keys, so torchvision checkpoints load strictly
+    x = torch.randn(2, 3, 64, 64)
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_torchvision_small_image_adaptations():
+    big, small = create_model("tv_resnet18", 1, 10, 64), create_model("tv_resnet18", 1, 10, 32)
+    assert (big.conv1.in_channels, big.conv1.kernel_size, big.conv1.stride) == (1, (7, 7), (2, 2))
+    assert isinstance(big.maxpool, nn.MaxPool2d)
+    assert (small.conv1.in_channels, small.conv1.kernel_size, small.conv1.stride) == (
+        1,
+        (3, 3),
+        (1, 1),
+    )
+    assert isinstance(small.maxpool, nn.Identity)
+    assert list(big.state_dict()) == list(small.state_dict())  # torchvision's keys either way
+    dense = create_model("tv_densenet121", 1, 10, 28)
+    assert dense.features.conv0.kernel_size == (3, 3) and isinstance(
+        dense.features.pool0, nn.Identity
+    )
+    vgg = create_model("tv_vgg11_bn", 1, 10, 28)
+    assert vgg.feature_dim == 512 and vgg.min_size == 32  # 28 px input is upsampled to 32 px
+    mobile = create_model("tv_mobilenet_v2", 1, 10, 28)
+    assert mobile.features[0][0].in_channels == 1 and mobile.features[0][0].stride == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["tiny_convnet", "tiny_mlp"])
+def test_tiny_models_learn_synthetic(name):
+    bundle = make_synthetic()
+    mean = torch.tensor(bundle.mean).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std).view(1, -1, 1, 1)
+    x_train = (bundle.train.float_images() - mean) / std
+    x_test = (bundle.test.float_images() - mean) / std
+    y_train, y_test = bundle.train.labels, bundle.test.labels
+    c, h = x_train.shape[1], x_train.shape[-1]
+
+    torch.manual_seed(0)
+    model = create_model(name, c, bundle.num_classes, h)
+
+    def test_accuracy() -> float:
+        model.eval()
+        with torch.no_grad():
+            return (model(x_test).argmax(1) == y_test).float().mean().item()
+
+    before = test_accuracy()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(15):  # epochs of 96 images in batches of 32
+        model.train()
+        for idx in torch.randperm(len(y_train), generator=gen).split(32):
+            opt.zero_grad()
+            F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+            opt.step()
+    after = test_accuracy()
+    assert after > 0.8, (before, after)
+    assert after > before + 0.3

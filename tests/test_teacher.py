@@ -1,0 +1,105 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ddkit.data.base import DataBundle, make_synthetic
+from ddkit.errors import DDKitError
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+
+def _cfg(**kw):
+    kw.setdefault("train", TrainConfig(epochs=8, batch_size=32, lr=0.05, schedule="cosine"))
+    return TeacherConfig(model="tiny_convnet", **kw)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t") / "teacher"
+    train_teacher(make_synthetic(), _cfg(), out)
+    return out
+
+
+def test_teacher_artifact(teacher_dir, tiny):
+    names = sorted(p.name for p in teacher_dir.iterdir())
+    assert names == ["manifest.json", "model.safetensors"]
+    assert not any(p.name.startswith(".") for p in teacher_dir.parent.iterdir())  # resume state removed
+    man = json.loads((teacher_dir / "manifest.json").read_text())
+    assert man["kind"] == "teacher" and man["seed"] == 0
+    assert man["dataset"]["classes"] == tiny.classes and man["dataset"]["fingerprint"] == tiny.fingerprint
+    assert man["model"] == {"name": "tiny_convnet", "options": {}, "input_shape": [1, 16, 16]}
+    assert man["test_accuracy"] >= 0.85
+    assert man["config"]["train"]["epochs"] == 8
+    t = Teacher.load(teacher_dir)
+    from ddkit.training import accuracy
+
+    assert accuracy(t.model, tiny.test, t.mean, t.std, "cpu") == pytest.approx(man["test_accuracy"])
+
+
+def test_class_mismatch_errors(teacher_dir, tiny):
+    t = Teacher.load(teacher_dir)
+    t.check_compatible(tiny)
+    five = make_synthetic(num_classes=5)
+    with pytest.raises(DDKitError, match="teacher has 4 classes but dataset 'synthetic' has 5"):
+        t.check_compatible(five)
+    swapped = DataBundle("synthetic", tiny.train, tiny.test, ["class1", "class0", "class2", "class3"], tiny.mean, tiny.std)
+    with pytest.raises(DDKitError, match=r"class order differs .* at index 0 \('class0' vs 'class1'\)"):
+        t.check_compatible(swapped)
+    big = make_synthetic(image_size=20)
+    with pytest.raises(DDKitError, match=r"teacher expects images \[1, 16, 16\]"):
+        t.check_compatible(big)
+
+
+def test_import_checkpoint(teacher_dir, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    state = load_file(str(teacher_dir / "model.safetensors"))
+    pt = tmp_path / "ck.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pt)
+    imported = train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / "imp")
+    assert imported.test_accuracy == pytest.approx(json.loads((teacher_dir / "manifest.json").read_text())["test_accuracy"])
+    # wrong architecture: strict load fails with a one-line explanation, nothing written
+    bad = dict(state)
+    bad.pop(next(iter(bad)))
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(DDKitError, match="does not fit model 'tiny_convnet' \\(missing"):
+        train_teacher(tiny, _cfg(checkpoint=str(tmp_path / "bad.safetensors")), tmp_path / "bad-out")
+    assert not (tmp_path / "bad-out").exists()
+    with pytest.raises(DDKitError, match="does not fit model 'tiny_mlp'"):
+        train_teacher(tiny, TeacherConfig(model="tiny_mlp", checkpoint=str(pt)), tmp_path / "x")
+
+
+class Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_unsafe_pickle_checkpoint_refused(tiny, tmp_path):
+    pt = tmp_path / "evil.pt"
+    torch.save({"model": Evil()}, pt)
+    with pytest.raises(DDKitError, match="cannot be read safely"):
+        train_teacher(tiny, _cfg(checkpoint=str(pt)))
+
+
+def test_resume_after_interruption_matches(tiny, tmp_path):
+    out = tmp_path / "t"
+    cfg = _cfg(train=TrainConfig(epochs=4, batch_size=32, lr=0.05))
+    calls = {"n": 0}
+
+    def killer(epoch, total, record):
+        calls["n"] += 1
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny, cfg, out, progress=killer)
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir() if ".resume-" in p.name]
+    assert len(leftovers) == 1
+    resumed = train_teacher(tiny, cfg, out)
+    straight = train_teacher(tiny, cfg, tmp_path / "straight")
+    assert [h["epoch"] for h in resumed.manifest["history"]] == [1, 2, 3, 4]
+    assert resumed.fingerprint == straight.fingerprint
+    assert not any(".resume-" in p.name for p in tmp_path.iterdir())

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddkit.models import create_model
+from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, train_classifier
+
+
+def test_lr_schedules_match_formulas():
+    step = TrainConfig(epochs=10, schedule="step")
+    assert [lr_factor(step, e) for e in range(10)] == [1.0] * 5 + [0.1] * 5
+    cos = TrainConfig(epochs=10, schedule="cosine")
+    assert lr_factor(cos, 0) == 1.0 and lr_factor(cos, 5) == pytest.approx(0.5)
+    smooth = TrainConfig(epochs=10, schedule="smoothing", smoothing_zeta=2.0)
+    # EDC: (1 + cos(i*pi/(zeta*N)))/2 — at the last epoch it is still far from 0
+    assert lr_factor(smooth, 9) == pytest.approx((1 + math.cos(9 * math.pi / 20)) / 2)
+    assert lr_factor(smooth, 9) > 0.5
+    warm = TrainConfig(epochs=10, schedule="constant", warmup_epochs=3)
+    assert [lr_factor(warm, e) for e in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+def test_losses_match_hand_computation():
+    s = torch.tensor([[2.0, 0.0, -1.0]])
+    t = torch.tensor([[1.0, 1.0, 0.0]])
+    y = torch.tensor([0])
+    assert per_sample_loss(s, y, None, "ce", 1.0).item() == pytest.approx(F.cross_entropy(s, y).item())
+    T = 4.0
+    p, q = F.softmax(s / T, 1), F.softmax(t / T, 1)
+    kl = (q * (q.log() - p.log())).sum().item() * T * T
+    assert per_sample_loss(s, y, t, "kl", T).item() == pytest.approx(kl, rel=1e-5)
+    mse_ce = ((s - t) ** 2).mean().item() + 0.025 * F.cross_entropy(s, y).item()
+    assert per_sample_loss(s, y, t, "mse_ce", T).item() == pytest.approx(mse_ce, rel=1e-6)
+    soft_y = torch.tensor([[0.25, 0.75, 0.0]])
+    mixed = 0.25 * F.cross_entropy(s, torch.tensor([0])) + 0.75 * F.cross_entropy(s, torch.tensor([1]))
+    assert per_sample_loss(s, soft_y, None, "ce", 1.0).item() == pytest.approx(mixed.item(), rel=1e-6)
+
+
+def _train(tiny, cfg, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = create_model("tiny_convnet", 1, 4, 16)
+    return train_classifier(model, tiny.train, tiny.mean, tiny.std, cfg, seed=seed, test=tiny.test, **kw)
+
+
+def test_learns_and_is_deterministic(tiny):
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05)
+    untrained = create_model("tiny_convnet", 1, 4, 16)
+    before = accuracy(untrained, tiny.test, tiny.mean, tiny.std, "cpu")
+    a, b = _train(tiny, cfg), _train(tiny, cfg)
+    assert a.test_accuracy >= 0.85 > before + 0.2
+    assert a.test_accuracy == b.test_accuracy
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(va, vb), k
+    assert [h["epoch"] for h in a.history] == list(range(1, 16))
+    assert a.history[-1]["loss"] < a.history[0]["loss"]
+
+
+@pytest.mark.parametrize("augment", ["dsa", "rrc_flip", "crop_flip"])
+def test_resume_equals_uninterrupted(tiny, tmp_path, augment):
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=augment, cutmix_prob=0.5, ema_decay=0.9)
+    full = _train(tiny, cfg)
+    state = tmp_path / "state.pt"
+
+    def kill_after_second_epoch(epoch, total, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny, cfg, state_path=state, progress=kill_after_second_epoch)
+    # the killed run left the epoch-2 checkpoint; the resumed run continues from it
+    ck = torch.load(state, weights_only=True)
+    assert ck["epoch"] == 2
+    resumed = _train(tiny, cfg, state_path=state)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(va, vb)
+
+
+def test_soft_label_modes(tiny):
+    cfg = TrainConfig(epochs=10, batch_size=32, lr=0.05)
+    teacher = _train(tiny, cfg).model
+    online = _train(tiny, cfg, seed=1, label_source="teacher", loss="kl", teacher=teacher)
+    stored = torch.randn(len(tiny.train), 4)
+    stored[torch.arange(len(tiny.train)), tiny.train.labels] += 6.0
+    st = _train(tiny, cfg, seed=1, label_source="stored", loss="mse_ce", stored_targets=stored)
+    assert online.test_accuracy > 0.7 and st.test_accuracy > 0.7
+    with pytest.raises(Exception, match="needs a teacher"):
+        _train(tiny, cfg, label_source="teacher", loss="kl")
+    with pytest.raises(Exception, match="needs soft labels"):
+        _train(tiny, cfg, label_source="stored", loss="kl")
