@@ -12,6 +12,16 @@ ALL = list_models()
 MIN_SIZE = {"convnetd5": 32}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Batch-2 passes are many tiny ops: one thread is as fast, and two threads slow down tenfold
+    when other jobs share the 2 cores (OpenMP threads wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _size(name: str) -> int:
     return max(28, MIN_SIZE.get(name, 0))
 

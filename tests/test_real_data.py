@@ -24,8 +24,8 @@ def fmnist():
 
 @pytest.fixture(scope="module")
 def small_teacher(fmnist, tmp_path_factory):
-    cfg = TeacherConfig(model="convnet3-w32", train=TrainConfig(epochs=4, batch_size=128, lr=0.05, schedule="cosine",
-                                                                  augment="crop_flip"))
+    # the demo's teacher recipe (src/ddkit/presets/demo.yaml)
+    cfg = TeacherConfig(model="convnet3-w32", train=TrainConfig(epochs=4, batch_size=128, lr=0.05, schedule="cosine"))
     return train_teacher(fmnist, cfg, tmp_path_factory.mktemp("teacher") / "t")
 
 

@@ -144,7 +144,7 @@ class DistilledSet(Dataset):
             save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})
             if self.soft_labels is not None:
                 save_tensors(tmp / SOFT, {"logits": self.soft_labels})
-            save_grid(self.images, self.labels, len(self.classes), tmp / PREVIEW)
+            save_grid(self.images, self.labels, self.classes, tmp / PREVIEW)
             write_json(tmp / "manifest.json", self.manifest)
         self.path = out
         return out
@@ -211,22 +211,32 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
-def save_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, path: Path, per_class: int = 10) -> None:
-    """A PNG grid: one row per class, up to ``per_class`` images each."""
-    from PIL import Image
+def save_grid(
+    images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, per_class: int = 10, cell: int = 56
+) -> None:
+    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each."""
+    from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
     rows = []
     blank = torch.zeros_like(images[:1])
-    for c in range(num_classes):
+    for c in range(len(classes)):
         sel = images[labels == c][:per_class]
         if len(sel) < per_class:
             sel = torch.cat([sel, blank.expand(per_class - len(sel), *blank.shape[1:])])
         rows.append(sel)
     grid_in = to_uint8(torch.cat(rows)).float() / 255.0
-    scale = max(1, 48 // images.shape[-1])
+    scale = max(1, -(-cell // images.shape[-1]))
     if scale > 1:
         grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
     grid = make_grid(grid_in, nrow=per_class, padding=2, pad_value=1.0)
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    Image.fromarray(arr).save(path)
+    body = Image.fromarray(arr).convert("RGB")
+    margin = 8 + 6 * max(len(c) for c in classes)
+    canvas = Image.new("RGB", (body.width + margin, body.height), "white")
+    canvas.paste(body, (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    row_h = grid_in.shape[-2] + 2
+    for c, name in enumerate(classes):
+        draw.text((4, 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0))
+    canvas.save(path)

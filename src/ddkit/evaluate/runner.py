@@ -193,19 +193,19 @@ def evaluate(
 
 def format_table(reports: list[dict[str, Any]]) -> str:
     """A plain-text table of one or more evaluation reports (accuracies shown in %)."""
-    lines = [f"{'set':<22} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"]
-    lines.append("-" * len(lines[0]))
+    header = f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"
+    lines = [header, "-" * len(header)]
     for rep in reports:
         proto = rep["config"]
-        name = f"{rep['distilled']['method']} ipc={rep['distilled']['ipc']}"
-        rows = [(name, rep["results"]["distilled"], rep["bytes"]["total"])]
+        ipc = rep["distilled"]["ipc"]
+        rows = [(f"{rep['distilled']['method']} ipc={ipc}", proto["label_mode"], rep["results"]["distilled"], rep["bytes"]["total"])]
         if "random" in rep["results"]:
-            rows.append((f"random ipc={rep['distilled']['ipc']}", rep["results"]["random"], None))
+            rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
         if "full" in rep["results"]:
-            rows.append((f"full ({rep['results']['full']['epochs']} ep)", rep["results"]["full"], None))
-        for label, res, nbytes in rows:
-            mode = proto["label_mode"] if not label.startswith("full") else "hard"
+            full = rep["results"]["full"]
+            rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None))
+        for label, mode, res, nbytes in rows:
             acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
-            lines.append(f"{label:<22} {mode:<8} {proto['student']:<14} {acc:<22} {res['n']:>5} "
-                         f"{nbytes if nbytes is not None else '':>12}")
+            size = f"{nbytes:,}" if nbytes is not None else ""
+            lines.append(f"{label:<30} {mode:<8} {proto['student']:<14} {acc:<22} {res['n']:>5} {size:>12}")
     return "\n".join(lines)

@@ -45,6 +45,8 @@ class Method:
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
+    # options for a seconds-long run on tiny data (the contract test and `--quick` benchmarks)
+    smoke_options: ClassVar[dict[str, Any]] = {}
     synthetic_: SyntheticSet
 
     def __init__(self, cfg) -> None:

@@ -1,0 +1,104 @@
+"""Small pieces every synthesis method shares: initialisation, checkpoints, progress, sharding.
+
+Methods stay one class in one file; these are functions and a tiny checkpoint helper, not a base
+class to inherit behaviour from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit import distributed as ddist
+from ddkit.data.base import DataBundle
+from ddkit.methods.base import FitContext, check_ipc
+from ddkit.methods.random import stratified_indices
+
+
+def init_images(real: DataBundle, ipc: int, init: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial synthetic images in pixel space (float32) and their labels, class-major.
+
+    ``init``: ``real`` (a stratified random real subset drawn with ``seed``) or ``noise``
+    (Gaussian around the dataset mean with its std, as in DC/DSA's noise option).
+    """
+    ipc = check_ipc(real, ipc)
+    labels = torch.arange(real.num_classes).repeat_interleave(ipc)
+    if init == "real":
+        idx = stratified_indices(real.train.labels, real.num_classes, ipc, seed)
+        return real.train.subset(idx).float_images().clone(), labels
+    if init == "noise":
+        gen = torch.Generator().manual_seed(seed)
+        c, h, w = real.image_shape
+        mean = torch.tensor(real.mean).view(1, c, 1, 1)
+        std = torch.tensor(real.std).view(1, c, 1, 1)
+        return (mean + std * torch.randn(len(labels), c, h, w, generator=gen)), labels
+    raise ValueError(f"unknown init {init!r}; use real or noise")
+
+
+def to_normalized(x: torch.Tensor, real: DataBundle) -> torch.Tensor:
+    c = x.shape[1]
+    return (x - torch.tensor(real.mean, device=x.device).view(1, c, 1, 1)) / torch.tensor(real.std, device=x.device).view(1, c, 1, 1)
+
+
+def to_pixels(x: torch.Tensor, real: DataBundle) -> torch.Tensor:
+    c = x.shape[1]
+    return x * torch.tensor(real.std, device=x.device).view(1, c, 1, 1) + torch.tensor(real.mean, device=x.device).view(1, c, 1, 1)
+
+
+class Checkpoint:
+    """Resumable state of an iterative method, saved every ``every`` steps into ``ctx.work_dir``.
+
+    State is a flat dict of tensors and plain values (saved with ``torch.save``, read back with
+    ``weights_only=True``). Include every RNG ``Generator`` state the method uses
+    (``gen.get_state()``), so a resumed run equals an uninterrupted one.
+    """
+
+    def __init__(self, ctx: FitContext, every: int, tag: str = "state") -> None:
+        self.every = max(1, every)
+        self.path = Path(ctx.work_dir) / f"{tag}.pt" if ctx.work_dir is not None else None
+
+    def load(self) -> dict[str, Any] | None:
+        if self.path is None or not self.path.is_file():
+            return None
+        return torch.load(self.path, map_location="cpu", weights_only=True)
+
+    def due(self, step: int, total: int) -> bool:
+        return self.path is not None and (step % self.every == 0 or step == total)
+
+    def save(self, state: dict[str, Any]) -> None:
+        if self.path is None or not ddist.current().is_main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def report(ctx: FitContext, step: int, total: int, **record: float) -> None:
+    """Progress callback (after any checkpoint of ``step`` was written)."""
+    if ctx.progress is not None:
+        ctx.progress(step, total, record)
+
+
+def my_classes(num_classes: int) -> list[int]:
+    """Classes this rank synthesises under torchrun (round-robin); all classes single-process."""
+    info = ddist.current()
+    return list(range(info.rank, num_classes, info.world_size))
+
+
+def gather_classes(per_class: dict[int, torch.Tensor], num_classes: int) -> list[torch.Tensor]:
+    """Collect every rank's per-class tensors so each rank holds all classes, in class order."""
+    merged: dict[int, torch.Tensor] = {}
+    for part in ddist.all_gather_objects({c: t.cpu() for c, t in per_class.items()}):
+        merged.update(part)
+    missing = [c for c in range(num_classes) if c not in merged]
+    assert not missing, f"classes {missing} were synthesised by no rank"
+    return [merged[c] for c in range(num_classes)]
