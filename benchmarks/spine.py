@@ -13,7 +13,6 @@ Prints a table and writes JSON (and a markdown table next to it).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from pathlib import Path
@@ -41,7 +40,8 @@ def main() -> None:
     ap.add_argument("--work", default="runs/bench-spine")
     ap.add_argument("--ipcs", default="1,10,50")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--teacher-epochs", type=int, default=15)
+    ap.add_argument("--teacher-epochs", type=int, default=10)
+    ap.add_argument("--teacher-augment", default="flip")
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -55,7 +55,7 @@ def main() -> None:
     t0 = time.perf_counter()
     tdir = work / "teacher-convnet3"
     tcfg = TeacherConfig(model="convnet3", train=TrainConfig(epochs=1 if args.quick else args.teacher_epochs, batch_size=256,
-                                                              lr=0.05, schedule="cosine", augment="crop_flip"))
+                                                              lr=0.05, schedule="cosine", augment=args.teacher_augment))
     teacher = Teacher.load(tdir) if (tdir / "manifest.json").is_file() else train_teacher(data, tcfg, tdir, args.device)
     teacher_s = time.perf_counter() - t0
 
@@ -84,7 +84,7 @@ def main() -> None:
                     "train_seconds": round(teacher_s, 1)},
         "rows": rows, "device": str(args.device), "versions": versions(),
     }
-    lines = ["| set | IPC | ddkit top-1 % (mean ± std, {} seeds) | DC Table 1 | image bytes |".format(len(seeds)),
+    lines = [f"| set | IPC | ddkit top-1 % (mean ± std, {len(seeds)} seeds) | DC Table 1 | image bytes |",
              "|---|---|---|---|---|"]
     for r in rows:
         pub = f"{r['published'][0]} ± {r['published'][1]}" if r["published"] else "–"

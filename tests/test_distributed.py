@@ -10,8 +10,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-import torch
 from safetensors.torch import load_file
 
 TOL = 1e-4

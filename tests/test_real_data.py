@@ -2,14 +2,13 @@
 
 import pytest
 
+from conftest import real_data_dir
 from ddkit.data import load_dataset
-from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.data.base import DatasetConfig
+from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
 from ddkit.teacher import TeacherConfig, train_teacher
 from ddkit.training import TrainConfig
-
-from conftest import real_data_dir
 
 pytestmark = [
     pytest.mark.slow,

@@ -188,8 +188,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_run(args) -> int:
     from ddkit.config import apply_overrides, from_dict, load_yaml
-    from ddkit.evaluate import format_table
-    from ddkit.pipeline import RunConfig, run
+    from ddkit.pipeline import RunConfig
 
     data = apply_overrides(load_yaml(args.config), list(args.set or []))
     if args.out:
@@ -227,7 +226,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import ddkit.data  # noqa: F401  (registration)
+    import ddkit.data
     import ddkit.methods  # noqa: F401
     from ddkit.data import DATASETS
     from ddkit.evaluate import PROTOCOLS
@@ -276,6 +275,44 @@ def cmd_export(args) -> int:
     ds = DistilledSet.load(args.distilled)
     out = ds.export(args.out, args.format)
     print(f"exported {len(ds)} images as {args.format} -> {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from ddkit import distributed as ddist
+    from ddkit.bench import format_bench_table, load_bench_config, run_bench
+
+    cfg = load_bench_config(args.config, list(args.set or []))
+    if args.out:
+        cfg.out = args.out
+    if args.device != "auto":
+        cfg.device = args.device
+    ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
+    bar = None
+    if not args.quiet and ddist.current().is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc="bench cells", unit="cell", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int, row: dict) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.set_postfix_str(f"{row['cell']}{' (reused)' if row['reused'] else ''}")
+            bar.update(done - bar.n)
+
+    rows = run_bench(cfg, progress=progress)
+    if bar is not None:
+        bar.close()
+    _print(format_bench_table(rows))
+    _print(f"table: {Path(cfg.out) / 'bench.json'}; report: ddkit report {cfg.out}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from ddkit.report import write_report
+
+    out = write_report(args.run_dir, args.out)
+    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
 
@@ -343,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files")
     common(sp, data=False, overrides=False)
     sp.set_defaults(func=cmd_demo)
+
+    sp = sub.add_parser("bench", help="run a matrix of datasets x methods x IPCs x students x label modes (resumable)")
+    sp.add_argument("config", help="bench YAML (see configs/bench/)")
+    sp.add_argument("--out", help="run directory (default: the config's out)")
+    common(sp, data=False)
+    sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("report", help="write report.md / report.html with tables and plots for a bench run")
+    sp.add_argument("run_dir", help="bench run directory (holds bench.json)")
+    sp.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")
     sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"])

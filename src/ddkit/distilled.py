@@ -19,7 +19,13 @@ import torch
 from torch.utils.data import Dataset
 
 from ddkit.artifacts import (
-    atomic_dir, base_manifest, load_tensors, read_manifest, save_tensors, tensor_bytes, write_json,
+    atomic_dir,
+    base_manifest,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    tensor_bytes,
+    write_json,
 )
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.errors import DDKitError

@@ -292,13 +292,13 @@ class _RefusedGlobal(pickle.UnpicklingError):
 class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickles dicts, lists, strings, numbers and numpy arrays; refuses every other global."""
 
-    def find_class(self, module: str, name: str):  # noqa: ANN201 (pickle API)
+    def find_class(self, module: str, name: str):
         try:
             return _PICKLE_ALLOWED[(module, name)]
         except KeyError:
             raise _RefusedGlobal(f"it references {module}.{name}") from None
 
-    def persistent_load(self, pid):  # noqa: ANN001, ANN201
+    def persistent_load(self, pid):
         raise _RefusedGlobal("it uses a persistent id")
 
 
@@ -386,7 +386,7 @@ def _read_folder_files(folder: Path, wanted: list[str]) -> dict[str, bytes]:
     return out
 
 
-def _get(d: dict, key: str, where: str):  # noqa: ANN202
+def _get(d: dict, key: str, where: str):
     """``d[b'key']`` (official py2 pickles) or ``d['key']`` (re-pickled under Python 3)."""
     for k in (key.encode(), key):
         if k in d:
@@ -620,7 +620,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DataError(f"{path} is not a valid safetensors file ({_one_line(exc)}); re-create the file") from None
     classes = None

@@ -13,7 +13,14 @@ import torch
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import atomic_dir, base_manifest, load_tensors, read_manifest, save_tensors, write_json
+from ddkit.artifacts import (
+    atomic_dir,
+    base_manifest,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_json,
+)
 from ddkit.config import config_hash, field, to_dict
 from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
@@ -216,7 +223,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         return load_tensors(path, what="checkpoint")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad/unsafe files
+    except Exception as exc:
         raise DDKitError(
             f"checkpoint {str(path)!r} cannot be read safely ({str(exc).splitlines()[0][:120]}); "
             "save a plain state_dict or safetensors file"

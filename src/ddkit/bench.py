@@ -1,0 +1,503 @@
+"""``ddkit bench``: a matrix of datasets x methods x IPCs x students x label modes, resumable.
+
+Layout of a bench run directory (``BenchConfig.out``)::
+
+    config.json                     the resolved BenchConfig
+    teachers/<dataset>/             one teacher per dataset (only when a label mode or method needs one)
+    distilled/<dataset>-<method>-ipc<N>/          one distilled set per dataset x method x IPC
+    distilled/<dataset>-<method>-ipc<N>.synthesis.json   its synthesis wall time and peak memory
+    evals/<hash>.json               every ``evaluate`` report (shared by cells: e.g. the hard-label
+                                    evaluation behind HLR is reused by the hard cell of the same set)
+    cells/<cell id>.json            one finished cell; never recomputed while its key matches
+    bench.json                      the assembled table (written by rank 0)
+
+Every file is written atomically (temp file + rename), so a killed run leaves finished cells and
+nothing half-written; re-running the same config recomputes only the missing cells. Full-data
+references come from ``evaluate``'s cache ($DDKIT_CACHE).
+
+Under ``torchrun`` teachers, distilled sets and cells are spread over ranks (job i -> rank
+i % world); each job runs whole on its rank, and rank 0 assembles the table.
+
+Peak memory of synthesis: on CUDA ``torch.cuda.max_memory_allocated`` over the stage; on CPU the
+high-water mark of the process RSS (``VmRSS`` in /proc/self/status, sampled every 5 ms by a
+background thread) minus the RSS at the start of the stage. Neither ``tracemalloc`` (torch's
+allocations bypass it) nor ``ru_maxrss`` (a whole-process high-water mark) measure one stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddkit import distributed as ddist
+from ddkit.artifacts import read_json, versions, write_json
+from ddkit.config import config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.distilled import DistilledSet
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.evaluate import metrics
+from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.runner import evaluate
+from ddkit.methods import METHODS
+from ddkit.pipeline import DistillConfig, distill, distill_hash
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+
+log = logging.getLogger(__name__)
+
+CELL_SCHEMA = 1
+BenchProgress = Callable[[int, int, dict], None]
+
+
+@dataclass
+class MethodSpec:
+    """One method of the matrix with its own options."""
+
+    name: str = field("random", help="registered method key (`ddkit list methods`)")
+    options: dict = field({}, help="the method's own settings (its Config dataclass)")
+    soft_labels: bool = field(False, help="store the teacher's logits on each image")
+    label: str | None = field(None, help="name in tables and file names (default: name); needed when a method appears twice")
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ConfigError(METHODS.unknown_message(self.name))
+        if self.label is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.label):
+            raise ConfigError(f"method label {self.label!r} may only use letters, digits and _ . + -")
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+@dataclass
+class BenchConfig:
+    """A benchmark matrix (``ddkit bench CONFIG``)."""
+
+    datasets: list[str | DatasetConfig] = field(["synthetic"], help="dataset keys or dataset sections")
+    methods: list[str | MethodSpec] = field(["random"], help="method keys or {name, options, soft_labels, label}")
+    ipcs: list[int] = field([1, 10], help="images per class")
+    students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
+    label_modes: list[str] = field(["hard"], help="hard, teacher and/or stored; each is a column of the matrix")
+    seeds: list[int] = field([0, 1, 2], help="student seeds (accuracy is mean ± std over them)")
+    distill_seed: int = field(0, help="seed of every method's synthesis")
+    protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    robust_scores: bool = field(False, help="also compute ARS: evaluates with and without augmentation (2 more evaluations per cell)")
+    ars_augment: str = field("dsa", help="augmentation of the 'with augmentation' variant when the protocol has none")
+    lrs_lambda: float = field(0.5, help="lambda of LRS: weight of IOR against HLR")
+    ars_gamma: float = field(0.5, help="gamma of ARS: weight of the with-augmentation gap")
+    teacher: TeacherConfig = field(factory=TeacherConfig, help="teacher per dataset (trained only if a label mode or method needs it)")
+    device: str = field("auto", help="auto, cpu, cuda or cuda:N")
+    out: str = field("runs/bench", help="run directory")
+
+    def __post_init__(self) -> None:
+        self.datasets = [DatasetConfig(name=d) if isinstance(d, str) else d for d in self.datasets]
+        self.methods = [MethodSpec(name=m) if isinstance(m, str) else m for m in self.methods]
+        problems = []
+        for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
+            if not getattr(self, name):
+                problems.append(f"{name} is empty; list at least one")
+        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored")]
+        if bad:
+            problems.append(f"unknown label mode(s) {bad}; use hard, teacher or stored")
+        if any(i < 1 for i in self.ipcs):
+            problems.append(f"ipcs must be >= 1, got {self.ipcs}")
+        keys = [m.key for m in self.methods]
+        if len(set(keys)) != len(keys):
+            problems.append(f"methods {keys} repeat a name; give each a distinct label")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            problems.append(f"datasets {names} repeat a name; run them in separate benches")
+        for name in ("lrs_lambda", "ars_gamma"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if "stored" in self.label_modes and not all(m.soft_labels for m in self.methods):
+            problems.append("label mode 'stored' needs soft_labels: true on every method")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        for student in self.students:  # fail early on a bad protocol or student
+            self.protocol_for(student, self.label_modes[0])
+
+    def protocol_for(self, student: str, label_mode: str, augment: str | None = None) -> ProtocolConfig:
+        over: dict[str, Any] = {**self.overrides, "student": student, "label_mode": label_mode}
+        if augment is not None:
+            over["train"] = {**over.get("train", {}), "augment": augment}
+        return resolve_protocol(self.protocol, over)
+
+    def needs_teacher(self) -> bool:
+        return any(m != "hard" for m in self.label_modes) or any(
+            s.soft_labels or getattr(METHODS.get(s.name), "needs_teacher", False) for s in self.methods)
+
+
+@dataclass(frozen=True)
+class Cell:
+    index: int
+    dataset: str
+    method: str
+    ipc: int
+    student: str
+    label_mode: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.dataset}-{self.method}-ipc{self.ipc}-{self.student}-{self.label_mode}"
+
+
+def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
+    """A :class:`BenchConfig` from YAML plus ``a.b=c`` overrides."""
+    from ddkit.config import apply_overrides
+
+    return from_dict(BenchConfig, apply_overrides(load_yaml(path), list(overrides or [])))
+
+
+def cells_of(cfg: BenchConfig) -> list[Cell]:
+    """The matrix in a fixed order (dataset, method, IPC, student, label mode)."""
+    out = []
+    for d in cfg.datasets:
+        for m in cfg.methods:
+            for ipc in cfg.ipcs:
+                for s in cfg.students:
+                    for mode in cfg.label_modes:
+                        out.append(Cell(len(out), d.name, m.key, ipc, s, mode))
+    return out
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _single_process() -> Iterator[None]:
+    """Make ``ddkit.distributed.current()`` report one process, so a job runs whole on this rank
+    (its stage functions then skip their collectives). No-op outside torchrun."""
+    if not ddist.current().enabled:
+        yield
+        return
+    real = ddist.current
+    ddist.current = lambda: ddist.DistInfo()  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        ddist.current = real  # type: ignore[assignment]
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak memory of a stage: CUDA allocator peak on GPU, sampled RSS high-water minus start on CPU."""
+
+    def __init__(self, device: torch.device, interval: float = 0.005) -> None:
+        self.device = device
+        self.interval = interval
+        self.peak: int | None = None
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "rss_sampled_delta"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._high = self._base or 0
+        if self._base is None:
+            self.kind = "unavailable"
+            return self
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self._high = max(self._high, _rss_bytes() or 0)
+
+        self._thread = threading.Thread(target=sample, daemon=True, name="ddkit-peak-rss")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
+            return
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._high = max(self._high, _rss_bytes() or 0)
+            self.peak = int(self._high - self._base)
+
+
+def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device) -> Teacher:
+    man = tdir / "manifest.json"
+    found = read_json(man) if man.is_file() else {}
+    if found.get("config_hash") == config_hash(cfg) and found.get("dataset", {}).get("fingerprint") == data.fingerprint:
+        return Teacher.load(tdir, device)
+    return train_teacher(data, cfg, tdir, device)
+
+
+def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device) -> dict:
+    """Make (or reuse) one distilled set; return its synthesis record."""
+    stats_path = ddir.parent / f"{ddir.name}.synthesis.json"
+    want = distill_hash(dist_cfg, data, teacher)
+    if ((ddir / "manifest.json").is_file() and stats_path.is_file()
+            and read_json(ddir / "manifest.json").get("config_hash") == want
+            and read_json(stats_path).get("config_hash") == want):
+        return read_json(stats_path)
+    t0 = time.perf_counter()
+    with PeakMemory(torch.device(device)) as mem:
+        ds = distill(data, dist_cfg, dcfg, ddir, teacher, device)
+    stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want,
+             "wall_seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": mem.peak,
+             "peak_memory_kind": mem.kind, "device": str(device), "versions": versions(),
+             "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}}
+    write_json(stats_path, stats)
+    return stats
+
+
+# --- the runner ---------------------------------------------------------------------------------
+
+
+class _Bench:
+    def __init__(self, cfg: BenchConfig) -> None:
+        from ddkit.distributed import resolve_device
+
+        self.cfg = cfg
+        self.root = Path(cfg.out)
+        self.device = resolve_device(cfg.device)
+        self.data: dict[str, DataBundle] = {d.name: load_dataset(d) for d in cfg.datasets}
+        self.dcfg = {d.name: d for d in cfg.datasets}
+        self.methods = {m.key: m for m in cfg.methods}
+        self.teachers: dict[str, Teacher | None] = {}
+        self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
+        self.synthesis: dict[tuple[str, str, int], dict] = {}
+
+    def _spread(self, jobs: list, fn: Callable) -> None:
+        info = ddist.current()
+        for i, job in enumerate(jobs):
+            if i % info.world_size == info.rank:
+                with _single_process():
+                    fn(job)
+        ddist.barrier()
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        names = list(self.data)
+        if cfg.needs_teacher():
+            self._spread(names, lambda n: _teacher_stage(self.data[n], cfg.teacher, self.root / "teachers" / n, self.device))
+            for n in names:
+                self.teachers[n] = Teacher.load(self.root / "teachers" / n, self.device)
+                self.teachers[n].check_compatible(self.data[n])
+        else:
+            self.teachers = dict.fromkeys(names)
+        sets = [(d, m, ipc) for d in names for m in self.methods for ipc in cfg.ipcs]
+        self._spread(sets, self._make_set)
+        for key in sets:
+            ddir = self._set_dir(key)
+            self.distilled[key] = DistilledSet.load(ddir)
+            self.synthesis[key] = read_json(ddir.parent / f"{ddir.name}.synthesis.json")
+
+    def _set_dir(self, key: tuple[str, str, int]) -> Path:
+        d, m, ipc = key
+        return self.root / "distilled" / f"{d}-{m}-ipc{ipc}"
+
+    def _dist_cfg(self, m: str, ipc: int) -> DistillConfig:
+        spec = self.methods[m]
+        return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed, options=dict(spec.options),
+                             soft_labels=spec.soft_labels)
+
+    def _make_set(self, key: tuple[str, str, int]) -> None:
+        d, m, ipc = key
+        _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc), self._set_dir(key), self.teachers[d], self.device)
+
+    # evaluations are cached by everything that decides them
+    def _evaluate(self, cell: Cell, protocol: ProtocolConfig) -> dict:
+        key3 = (cell.dataset, cell.method, cell.ipc)
+        teacher = self.teachers[cell.dataset]
+        ds = self.distilled[key3]
+        tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
+        key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
+                           "teacher": tfp})
+        path = self.root / "evals" / f"{key}.json"
+        if path.is_file():
+            return read_json(path)
+        rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
+                       teacher=teacher if protocol.label_mode != "hard" else None, device=self.device)
+        rep["eval_key"] = key
+        write_json(path, rep)
+        return rep
+
+    def cell_key(self, cell: Cell) -> str:
+        cfg = self.cfg
+        key3 = (cell.dataset, cell.method, cell.ipc)
+        teacher = self.teachers[cell.dataset]
+        return config_hash({
+            "schema": CELL_SCHEMA, "cell": cell.id, "protocol": cfg.protocol_for(cell.student, cell.label_mode).hash,
+            "seeds": cfg.seeds, "distilled": self.distilled[key3].manifest.get("config_hash"),
+            "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
+            "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
+        })
+
+    def cell_path(self, cell: Cell) -> Path:
+        return self.root / "cells" / f"{cell.id}.json"
+
+    def finished(self, cell: Cell) -> dict | None:
+        path = self.cell_path(cell)
+        if not path.is_file():
+            return None
+        try:
+            rec = read_json(path, "cell")
+        except DDKitError:
+            return None
+        return rec if rec.get("key") == self.cell_key(cell) else None
+
+    def compute(self, cell: Cell) -> dict:
+        cfg = self.cfg
+        key3 = (cell.dataset, cell.method, cell.ipc)
+        protocol = cfg.protocol_for(cell.student, cell.label_mode)
+        rep = self._evaluate(cell, protocol)
+        hard = rep if cell.label_mode == "hard" else self._evaluate(cell, cfg.protocol_for(cell.student, "hard"))
+        res = rep["results"]
+        acc = res["distilled"]
+        rnd = res.get("random")
+        full = hard["results"].get("full")
+        hard_acc = hard["results"]["distilled"]
+        seeds = cfg.seeds
+        row: dict[str, Any] = {
+            "schema_version": CELL_SCHEMA, "kind": "bench-cell", "key": self.cell_key(cell), "cell": cell.id,
+            "index": cell.index, "dataset": cell.dataset, "method": cell.method,
+            "method_name": self.methods[cell.method].name, "ipc": cell.ipc, "student": cell.student,
+            "label_mode": cell.label_mode, "seeds": list(seeds), "acc": acc, "random": rnd,
+            "full_hard": full, "hard_acc": hard_acc,
+            "ior": None, "hlr": None, "lrs": None, "ars": None,
+            "bytes": rep["bytes"], "synthesis": {k: self.synthesis[key3].get(k) for k in
+                                                 ("wall_seconds", "peak_memory_bytes", "peak_memory_kind", "device")},
+            "protocol_hash": rep["protocol_hash"], "hard_protocol_hash": hard["protocol_hash"],
+            "eval_keys": [rep["eval_key"], hard["eval_key"]],
+            "distilled_path": str(self._set_dir(key3)), "versions": rep["versions"],
+        }
+        if rnd is not None:
+            row["ior"] = metrics.mean_std([metrics.ior(a, r) for a, r in zip(acc["per_seed"], rnd["per_seed"])])
+        if full is not None:
+            f = full["mean"]
+            row["hlr"] = metrics.mean_std([metrics.hlr(f, h) for h in hard_acc["per_seed"]])
+        if row["ior"] is not None and row["hlr"] is not None:
+            row["lrs"] = metrics.mean_std([metrics.lrs(i, h, cfg.lrs_lambda)
+                                           for i, h in zip(row["ior"]["per_seed"], row["hlr"]["per_seed"])])
+        if cfg.robust_scores and rnd is not None:
+            aug = protocol.train.augment if protocol.train.augment != "none" else cfg.ars_augment
+            with_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, aug))
+            no_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, "none"))
+            gap = [[metrics.ior(a, r) for a, r in zip(e["results"]["distilled"]["per_seed"], e["results"]["random"]["per_seed"])]
+                   for e in (with_aug, no_aug)]
+            row["ars"] = metrics.mean_std([metrics.ars(ga, gn, cfg.ars_gamma) for ga, gn in zip(*gap)])
+            row["aug_gap"] = metrics.mean_std(gap[0])
+            row["noaug_gap"] = metrics.mean_std(gap[1])
+            row["ars_protocol_hashes"] = {"with_aug": with_aug["protocol_hash"], "without_aug": no_aug["protocol_hash"]}
+            row["eval_keys"] += [with_aug["eval_key"], no_aug["eval_key"]]
+        return row
+
+
+def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None) -> list[dict]:
+    """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
+
+    ``progress(done, total, row)`` is called after every cell (``row["reused"]`` tells whether it was
+    already finished). Accuracies and scores are fractions. Under torchrun every rank runs its share
+    of the cells; the full table is returned on every rank (read back from the cell files).
+    """
+    bench = _Bench(cfg)
+    info = ddist.current()
+    if info.is_main:
+        write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
+                                                 "versions": versions()})
+    bench.prepare()
+    cells = cells_of(cfg)
+    mine = [c for c in cells if c.index % info.world_size == info.rank]
+    for done, cell in enumerate(mine, 1):
+        row = bench.finished(cell)
+        reused = row is not None
+        if row is None:
+            with _single_process():
+                row = bench.compute(cell)
+            write_json(bench.cell_path(cell), row)
+        if progress is not None:
+            progress(done, len(mine), {**row, "reused": reused})
+    ddist.barrier()
+    rows = [read_json(bench.cell_path(c), "cell") for c in cells]
+    _add_cross_arch(rows)
+    if info.is_main:
+        write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),
+                                                "versions": versions(), "rows": rows})
+    ddist.barrier()
+    return rows
+
+
+def _add_cross_arch(rows: list[dict]) -> None:
+    """Each row gets ``cross_arch``: {student: mean accuracy} of the same set and label mode."""
+    groups: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["method"], r["ipc"], r["label_mode"]), {})[r["student"]] = r["acc"]["mean"]
+    for r in rows:
+        g = groups[(r["dataset"], r["method"], r["ipc"], r["label_mode"])]
+        r["cross_arch"] = dict(g) if len(g) > 1 else None
+
+
+def load_table(run_dir: str | Path) -> dict:
+    """The assembled ``bench.json`` of a run directory."""
+    path = Path(run_dir) / "bench.json"
+    if not path.is_file():
+        raise DDKitError(f"{str(path)!r} not found; run `ddkit bench CONFIG` to completion first")
+    table = read_json(path, "bench table")
+    if table.get("kind") != "bench-table":
+        raise DDKitError(f"{str(path)!r} is not a bench table")
+    return table
+
+
+def _pm(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}"
+
+
+def format_bench_table(rows: list[dict]) -> str:
+    """Plain-text table: accuracy, random, IOR, HLR in points (%); LRS/ARS in [0, 1]."""
+    head = (f"{'dataset':<14} {'method':<10} {'ipc':>4} {'student':<14} {'labels':<8} {'acc %':<14} {'random %':<14} "
+            f"{'IOR':>7} {'HLR':>7} {'LRS':>6} {'ARS':>6} {'bytes':>11} {'synth s':>8}")
+    lines = [head, "-" * len(head)]
+    def mean(r, k, s=100.0, d=2):
+        return f"{s * r[k]['mean']:.{d}f}" if r.get(k) else "–"
+
+    for r in rows:
+        lines.append(
+            f"{r['dataset']:<14} {r['method']:<10} {r['ipc']:>4} {r['student']:<14} {r['label_mode']:<8} "
+            f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} {mean(r, 'lrs', 1, 3):>6} "
+            f"{mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} {r['synthesis']['wall_seconds'] or 0:>8.2f}")
+    return "\n".join(lines)
+
+
+def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) -> Path:
+    """Write what DD-Ranking's evaluators take: ``compute_metrics(image_tensor=..., soft_labels=...)``
+    wants class-major image tensors (its hard labels are built as ``[0]*ipc + [1]*ipc + ...``), or an
+    ImageFolder via ``image_path``. This is ``DistilledSet.export(out, 'pt')`` (class-major float
+    images in [0, 1] plus labels, classes, mean, std); kept as a named entry point for the bench."""
+    if not isinstance(distilled, DistilledSet):
+        distilled = DistilledSet.load(distilled)
+    return distilled.export(out, "pt")
+
+
+__all__ = ["BenchConfig", "Cell", "MethodSpec", "PeakMemory", "cells_of", "export_for_ddranking",
+           "format_bench_table", "load_bench_config", "load_table", "run_bench"]

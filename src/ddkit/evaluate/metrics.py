@@ -1,0 +1,77 @@
+"""DD-Ranking-style scores for distilled sets, computed on accuracies given as FRACTIONS in [0, 1].
+
+DD-Ranking (Li et al. 2025, ``dd_ranking/metrics``) defines, per evaluation run:
+
+- IOR, improvement over random = acc(distilled) - acc(random real subset, same IPC, same recipe);
+- HLR, hard-label recovery = acc(full real data, hard labels) - acc(distilled, hard labels);
+- LRS, label-robust score = (e^a - e^-1) / (e - e^-1) with a = lambda * IOR - (1 - lambda) * HLR;
+- ARS, augmentation-robust score = (e^b - e^-1) / (e - e^-1) with
+  b = gamma * (acc_syn_aug - acc_rand_aug) + (1 - gamma) * (acc_syn_noaug - acc_rand_noaug).
+
+With fractions every gap lies in [-1, 1], so a and b lie in [-1, 1] and both scores in [0, 1]; a
+random subset scores (1 - e^-1)/(e - e^-1) ~= 0.2689 when HLR is 0. Feeding percentages (as some
+published tables do) breaks the normalisation; :func:`check_fraction` rejects them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from ddkit.errors import DDKitError
+
+__all__ = ["ars", "check_fraction", "hlr", "ior", "lrs", "mean_std", "normalized_exp"]
+
+
+def check_fraction(value: float, name: str = "accuracy") -> float:
+    """Return ``value`` if it is a fraction in [0, 1]; raise with a hint if it looks like a percentage."""
+    if not (0.0 <= value <= 1.0) or math.isnan(value):
+        hint = " (it looks like a percentage; divide by 100)" if 1.0 < value <= 100.0 else ""
+        raise DDKitError(f"{name} must be a fraction in [0, 1], got {value!r}{hint}")
+    return float(value)
+
+
+def ior(acc: float, acc_random: float) -> float:
+    """Improvement over random: ``acc - acc_random`` (fractions), in [-1, 1]. Higher is better."""
+    return check_fraction(acc, "acc") - check_fraction(acc_random, "acc_random")
+
+
+def hlr(acc_full_hard: float, acc_hard: float) -> float:
+    """Hard-label recovery: ``acc_full_hard - acc_hard`` (fractions), in [-1, 1]. Lower is better."""
+    return check_fraction(acc_full_hard, "acc_full_hard") - check_fraction(acc_hard, "acc_hard")
+
+
+def normalized_exp(x: float) -> float:
+    """Map x in [-1, 1] to [0, 1] monotonically: ``(e^x - e^-1) / (e - e^-1)``."""
+    if not -1.0 - 1e-12 <= x <= 1.0 + 1e-12:
+        raise DDKitError(f"score argument must be in [-1, 1] (gaps of fractions), got {x!r}")
+    x = min(1.0, max(-1.0, x))
+    return (math.exp(x) - math.exp(-1.0)) / (math.e - math.exp(-1.0))
+
+
+def lrs(ior_value: float, hlr_value: float, lam: float = 0.5) -> float:
+    """Label-robust score from IOR and HLR (fractions): alpha = lam*IOR - (1-lam)*HLR, then
+    :func:`normalized_exp`. In [0, 1]; 1 means +100 points over random and full-data hard accuracy
+    recovered with margin to spare."""
+    if not 0.0 <= lam <= 1.0:
+        raise DDKitError(f"lambda must be in [0, 1], got {lam}")
+    return normalized_exp(lam * ior_value - (1.0 - lam) * hlr_value)
+
+
+def ars(gap_aug: float, gap_noaug: float, gamma: float = 0.5) -> float:
+    """Augmentation-robust score from the gaps to random with and without augmentation
+    (``acc_syn_aug - acc_rand_aug`` and ``acc_syn_noaug - acc_rand_noaug``, fractions):
+    beta = gamma*gap_aug + (1-gamma)*gap_noaug, then :func:`normalized_exp`. In [0, 1]."""
+    if not 0.0 <= gamma <= 1.0:
+        raise DDKitError(f"gamma must be in [0, 1], got {gamma}")
+    return normalized_exp(gamma * gap_aug + (1.0 - gamma) * gap_noaug)
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float | list[float] | int]:
+    """``{"per_seed", "mean", "std", "n"}`` with the population std (as ``evaluate`` reports)."""
+    vals = [float(v) for v in values]
+    n = len(vals)
+    if n == 0:
+        return {"per_seed": [], "mean": float("nan"), "std": float("nan"), "n": 0}
+    mean = sum(vals) / n
+    return {"per_seed": vals, "mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in vals) / n), "n": n}

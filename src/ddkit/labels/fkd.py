@@ -1,0 +1,490 @@
+"""Stored per-epoch soft labels (FKD-style relabelling) and student training that replays them.
+
+SRe2L, RDED, CDA and EDC train students on teacher logits of *augmented* views of the distilled
+images: the "relabel" stage stores, for every epoch ``e`` and image ``i``, the augmentation of that
+view and the teacher's logits on it (Shen & Xing, "A Fast Knowledge Distillation Framework for
+Visual Recognition", ECCV 2022 = FKD). Training then replays the very same views, so no teacher
+is needed at training time, at the cost of storing labels (counted by :attr:`SoftLabelStore.nbytes`).
+
+Everything is keyed by ``(epoch, image)``, never by batch: the parameters of epoch ``e`` are drawn
+from an RNG seeded with ``(seed, e)`` for all ``N`` images at once, CutMix partners are *global*
+image indices, so a replay works with any batch size, batch order or sampler.
+
+**A view** of image ``i`` in epoch ``e`` (:func:`render`): normalise with the dataset mean/std, apply
+the augmentation (default ``rrc_flip``: ``RandomResizedCropFlip`` params ``box``, ``flip``) with
+``i``'s own parameters, and (CutMix, ``cutmix_prob > 0``) replace the pixel box ``mix.box[e, i]``
+by the same box of the *partner's* view, partner ``j = mix.partner[e, i]`` augmented with ``j``'s
+own epoch-``e`` parameters. The stored target is the teacher's logits on that mixed view, so no
+label mixing is needed for the soft loss; ``lam`` (own-pixel fraction) is returned for the hard
+part of ``mse_ce``.
+
+**On-disk format** (a directory, written atomically, loaded with ``safetensors`` — no pickle):
+
+- ``fkd_labels.safetensors`` with named tensors, first two dims ``[E, N]`` (epochs, images):
+  ``aug.<key>`` every parameter of the augmentation (``aug.box`` float32 [E, N, 4] normalised
+  (x0, y0, x1, y1), ``aug.flip`` bool [E, N]); ``mix.partner`` int32 [E, N] (global index, ``i``
+  itself when not mixed) and ``mix.box`` int16 [E, N, 4] pixel (x0, y0, x1, y1), end exclusive,
+  all zero when not mixed (present only with CutMix); and either ``logits`` float16 [E, N, C] or,
+  with ``top_k``, ``topk.values`` float16 [E, N, K] (sorted, descending) + ``topk.indices``
+  uint8/int16/int32 (smallest that fits C) [E, N, K].
+- ``manifest.json``: ``kind: fkd-soft-labels``, ``schema_version``, ``format: 1``, teacher
+  fingerprint and classes, distilled-set fingerprint, augmentation spec and options, CutMix
+  prob/alpha, epochs, top_k, seed, tensor names/dtypes/shapes and bytes.
+
+**Top-k replay**: the dense target has the ``k`` stored logits and ``-inf`` elsewhere, so
+``softmax(target / T)`` is exactly the teacher's distribution renormalised over its top ``k``
+classes (FKD's renormalisation, at any temperature). ``-inf`` is only valid for the KL loss;
+``mse_ce`` on top-k labels is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkit.artifacts import (
+    atomic_dir,
+    base_manifest,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    tensor_bytes,
+    write_json,
+)
+from ddkit.data.augment import CutMix, Params, build_augment, slice_params
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.training import (
+    TrainResult,
+    accuracy,
+    lr_factor,
+    make_optimizer,
+    normalizer,
+    per_sample_loss,
+    to_float,
+)
+
+log = logging.getLogger(__name__)
+
+KIND = "fkd-soft-labels"
+FILE = "fkd_labels.safetensors"
+FORMAT = 1  # version of the tensor layout described in the module docstring
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """RNG of one epoch's views, derived from (seed, epoch): epochs can be relabelled independently."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch * 7_919 + 101) % (2**63 - 1))
+
+
+def set_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
+    """sha256 (16 hex) of a distilled set's images and labels: ties a store to the set it labels."""
+    h = hashlib.sha256()
+    h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
+    h.update(images.detach().cpu().contiguous().numpy().tobytes())
+    h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Replay:
+    """One batch of views: everything needed to rebuild them and their targets.
+
+    ``indices`` [B] global image indices; ``aug`` / ``partner_aug`` the augmentation parameters of
+    the images and of their CutMix partners (empty dicts without augmentation); ``partner`` [B]
+    global partner index; ``mix_box`` [B, 4] pixel box taken from the partner; ``lam`` [B] fraction
+    of the image's own pixels; ``targets`` [B, C] float32 teacher logits (``-inf`` outside top-k),
+    ``None`` while relabelling.
+    """
+
+    epoch: int
+    indices: torch.Tensor
+    aug: Params
+    partner: torch.Tensor
+    partner_aug: Params
+    mix_box: torch.Tensor
+    lam: torch.Tensor
+    targets: torch.Tensor | None = None
+
+
+def _lam(box: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    area = (box[:, 2] - box[:, 0]).clamp_min(0) * (box[:, 3] - box[:, 1]).clamp_min(0)
+    return 1.0 - area.float() / (image_size[0] * image_size[1])
+
+
+def render(replay: Replay, images: torch.Tensor, augment, norm: Callable, device) -> torch.Tensor:
+    """The normalised, augmented, mixed views ``[B, C, H, W]`` of ``replay`` from pixel ``images`` [N, ...]."""
+    x = norm(to_float(images[replay.indices], device))
+    mixed = bool((replay.partner != replay.indices).any())
+    if augment is not None:
+        x = augment.apply(x, replay.aug)
+    if not mixed:
+        return x
+    xp = norm(to_float(images[replay.partner], device))
+    if augment is not None:
+        xp = augment.apply(xp, replay.partner_aug)
+    b = len(x)
+    # ddkit's CutMix on [views; partner views]: row i takes its box from row B + i
+    both = torch.cat([x, xp])
+    params = {
+        "perm": torch.cat([torch.arange(b) + b, torch.arange(b, 2 * b)]),
+        "box": torch.cat([replay.mix_box.long(), torch.zeros_like(replay.mix_box, dtype=torch.long)]),
+        "lam": torch.cat([replay.lam, torch.ones(b)]),
+    }
+    out, _, _ = CutMix().apply(both, params)
+    return out[:b]
+
+
+class SoftLabelStore:
+    """Per-(epoch, image) augmentation parameters and teacher logits; see the module docstring.
+
+    Build with :func:`relabel`, persist with :meth:`save` / :meth:`load`, replay with :meth:`replay`.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor], manifest: dict[str, Any], path: Path | None = None) -> None:
+        self.tensors = tensors
+        self.manifest = manifest
+        self.path = path
+        self._check()
+        self.augment = build_augment(manifest["augment"]["spec"], **manifest["augment"]["options"])
+
+    # --- description ---------------------------------------------------------------------------
+    @property
+    def epochs(self) -> int:
+        return int(self.manifest["epochs"])
+
+    @property
+    def num_images(self) -> int:
+        return int(self.manifest["num_images"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def top_k(self) -> int | None:
+        return self.manifest["top_k"]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.manifest["image_size"])  # type: ignore[return-value]
+
+    @property
+    def mixed(self) -> bool:
+        return "mix.partner" in self.tensors
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything stored (parameters + logits): the label cost of this store."""
+        return tensor_bytes(*self.tensors.values())
+
+    @property
+    def logit_nbytes(self) -> int:
+        """Bytes of the stored logits alone (dense or top-k values + indices)."""
+        return tensor_bytes(*(v for k, v in self.tensors.items() if k == "logits" or k.startswith("topk.")))
+
+    def _check(self) -> None:
+        m, t = self.manifest, self.tensors
+        e, n, c = m["epochs"], m["num_images"], m["num_classes"]
+        need = ["topk.values", "topk.indices"] if m["top_k"] else ["logits"]
+        if m["cutmix"] is not None:
+            need += ["mix.partner", "mix.box"]
+        need += [f"aug.{k}" for k in m["augment"]["param_keys"]]
+        where = str(self.path) if self.path else "soft-label store"
+        missing = [k for k in need if k not in t]
+        if missing:
+            raise DDKitError(f"{where} lacks tensors {missing}; re-run `ddkit relabel`")
+        for key, value in t.items():
+            if tuple(value.shape[:2]) != (e, n):
+                raise DDKitError(
+                    f"{where}: tensor {key!r} has shape {tuple(value.shape)}, expected [{e}, {n}, ...] "
+                    "(epochs, images); the store is corrupt, re-run `ddkit relabel`"
+                )
+        last = (m["top_k"],) if m["top_k"] else (c,)
+        for key in need[:2] if m["top_k"] else need[:1]:
+            if tuple(t[key].shape[2:]) != last:
+                raise DDKitError(f"{where}: {key!r} has shape {tuple(t[key].shape)}; expected last dim {last[0]}")
+        if m["top_k"] and len(t["topk.indices"]) and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c):
+            raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run `ddkit relabel`")
+        if self.mixed and len(t["mix.partner"]) and (int(t["mix.partner"].min()) < 0 or int(t["mix.partner"].max()) >= n):
+            raise DDKitError(f"{where}: CutMix partners outside [0, {n}); the store is corrupt, re-run `ddkit relabel`")
+
+    def check_matches(self, distilled, teacher=None) -> None:
+        """Fail unless the store labels exactly ``distilled`` (and was made by ``teacher``, if given)."""
+        fp = set_fingerprint(distilled.images, distilled.labels)
+        if fp != self.manifest["distilled"]["fingerprint"]:
+            raise DDKitError(
+                f"soft-label store was made for a distilled set with fingerprint {self.manifest['distilled']['fingerprint']} "
+                f"but this set has {fp}; re-run `ddkit relabel` on this set"
+            )
+        if teacher is not None and hasattr(teacher, "fingerprint") and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]:
+            raise DDKitError(
+                f"soft-label store was made by teacher {self.manifest['teacher']['fingerprint']}, not "
+                f"{teacher.fingerprint}; pass the same teacher or re-run `ddkit relabel`"
+            )
+
+    # --- replay --------------------------------------------------------------------------------
+    def _params(self, epoch: int, idx: torch.Tensor) -> Params:
+        return {k.removeprefix("aug."): v[epoch][idx] for k, v in self.tensors.items() if k.startswith("aug.")}
+
+    def targets(self, epoch: int, indices) -> torch.Tensor:
+        """Teacher logits ``[B, C]`` float32 of the views of ``indices`` in ``epoch`` (``-inf`` outside top-k)."""
+        idx = self._index(epoch, indices)
+        if not self.top_k:
+            return self.tensors["logits"][epoch][idx].float()
+        out = torch.full((len(idx), self.num_classes), float("-inf"))
+        return out.scatter_(1, self.tensors["topk.indices"][epoch][idx].long(), self.tensors["topk.values"][epoch][idx].float())
+
+    def _index(self, epoch: int, indices) -> torch.Tensor:
+        if not 0 <= epoch < self.epochs:
+            raise DDKitError(f"epoch {epoch} is outside the store's {self.epochs} epochs; relabel with more --epochs")
+        idx = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= self.num_images):
+            raise DDKitError(f"image indices must lie in [0, {self.num_images}), got {idx.tolist()[:8]}")
+        return idx
+
+    def replay(self, epoch: int, indices) -> Replay:
+        """The exact views (parameters) and targets of images ``indices`` in ``epoch``.
+
+        Per (epoch, image): the result for ``[3, 1]`` is rows 3 and 1 of the full-epoch replay,
+        whatever the batch size or order.
+        """
+        idx = self._index(epoch, indices)
+        if self.mixed:
+            partner = self.tensors["mix.partner"][epoch][idx].long()
+            box = self.tensors["mix.box"][epoch][idx].long()
+        else:
+            partner, box = idx.clone(), torch.zeros((len(idx), 4), dtype=torch.long)
+        return Replay(epoch, idx, self._params(epoch, idx), partner, self._params(epoch, partner), box,
+                      _lam(box, self.image_size), self.targets(epoch, idx))
+
+    def render(self, replay: Replay, images: torch.Tensor, mean, std, device="cpu") -> torch.Tensor:
+        """The normalised views of ``replay`` built from pixel-space ``images`` (the distilled set's)."""
+        return render(replay, images, self.augment, normalizer(mean, std, device), device)
+
+    # --- persistence ---------------------------------------------------------------------------
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        man = dict(self.manifest)
+        man["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()}
+        man["bytes"] = {"total": self.nbytes, "logits": self.logit_nbytes}
+        man["files"] = {"labels": FILE}
+        with atomic_dir(out) as tmp:
+            save_tensors(tmp / FILE, self.tensors, metadata={"kind": KIND, "format": str(FORMAT)})
+            write_json(tmp / "manifest.json", man)
+        self.manifest, self.path = man, out
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path) -> SoftLabelStore:
+        path = Path(path)
+        man = read_manifest(path, KIND)
+        if man.get("format") != FORMAT:
+            raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
+        tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
+        for key, spec in man.get("tensors", {}).items():
+            if key not in tensors or str(tensors[key].dtype).removeprefix("torch.") != spec["dtype"] or list(tensors[key].shape) != spec["shape"]:
+                raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, re-run `ddkit relabel`")
+        return cls(tensors, man, path)
+
+
+def _topk_index_dtype(num_classes: int) -> torch.dtype:
+    if num_classes <= 256:
+        return torch.uint8
+    return torch.int16 if num_classes <= 2**15 else torch.int32
+
+
+@torch.no_grad()
+def relabel(
+    distilled,
+    teacher,
+    epochs: int,
+    augment_spec: str = "rrc_flip",
+    augment_options: dict | None = None,
+    cutmix_prob: float = 1.0,
+    seed: int = 0,
+    top_k: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, dict], None] | None = None,
+    *,
+    cutmix_alpha: float = 1.0,
+    batch_size: int = 256,
+) -> SoftLabelStore:
+    """Store the teacher's logits on ``epochs`` augmented (and CutMix-ed) views of every image.
+
+    ``distilled``: a :class:`~ddkit.distilled.DistilledSet` (anything with ``images``, ``labels``,
+    ``classes``, ``mean``, ``std``). ``teacher``: a :class:`~ddkit.teacher.Teacher` (or a bare
+    module, then no class/fingerprint check). ``augment_spec``/``augment_options``: any
+    :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1).
+    ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
+    logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
+    ``progress(epoch, epochs, record)`` after every epoch.
+    """
+    if epochs < 1:
+        raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
+    augment_options = dict(augment_options or {})
+    augment = build_augment(augment_spec, **augment_options)
+    cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
+    model: nn.Module = getattr(teacher, "model", teacher)
+    device = torch.device(device)
+    model = model.to(device).eval()
+    classes = list(distilled.classes)
+    if hasattr(teacher, "classes") and list(teacher.classes) != classes:
+        raise DDKitError("teacher's classes (names or order) differ from the distilled set's; use the teacher of this dataset")
+    images, n = distilled.images, len(distilled.labels)
+    size = tuple(images.shape[-2:])
+    num_classes = len(classes)
+    if top_k is not None and not 1 <= top_k <= num_classes:
+        raise ConfigError(f"top_k must lie in [1, {num_classes}] (or null for dense), got {top_k}")
+    if top_k == num_classes:
+        top_k = None  # all classes: store dense
+    norm = normalizer(distilled.mean, distilled.std, device)
+    fields: dict[str, list[torch.Tensor]] = {}
+    param_keys: list[str] = []
+    for e in range(epochs):
+        gen = epoch_generator(seed, e)
+        aug = augment.sample(n, gen, size) if augment is not None else {}
+        param_keys = sorted(aug)
+        if cutmix is not None:
+            mix = cutmix.sample(n, gen, size)
+            partner, box = mix["perm"].long(), mix["box"].long()
+        else:
+            partner, box = torch.arange(n), torch.zeros((n, 4), dtype=torch.long)
+        logits = []
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            r = Replay(e, idx, slice_params(aug, idx) if aug else {}, partner[idx],
+                       slice_params(aug, partner[idx]) if aug else {}, box[idx], _lam(box[idx], size))
+            logits.append(model(render(r, images, augment, norm, device)).float().cpu())
+        z = torch.cat(logits)
+        row: dict[str, torch.Tensor] = {f"aug.{k}": v for k, v in aug.items()}
+        if cutmix is not None:
+            row["mix.partner"], row["mix.box"] = partner.to(torch.int32), box.to(torch.int16)
+        if top_k:
+            values, index = z.topk(top_k, dim=1)
+            row["topk.values"], row["topk.indices"] = values.half(), index.to(_topk_index_dtype(num_classes))
+        else:
+            row["logits"] = z.half()
+        for k, v in row.items():
+            fields.setdefault(k, []).append(v)
+        if progress is not None:
+            progress(e + 1, epochs, {"epoch": e + 1})
+    tensors = {k: torch.stack(v) for k, v in fields.items()}
+    config = {"epochs": epochs, "augment": augment_spec, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
+              "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed}
+    manifest = base_manifest(KIND, config, seed)
+    manifest.update({
+        "format": FORMAT,
+        "epochs": epochs,
+        "num_images": n,
+        "num_classes": num_classes,
+        "classes": classes,
+        "image_size": list(size),
+        "top_k": top_k,
+        "topk_fill": "-inf" if top_k else None,
+        "augment": {"spec": augment_spec, "options": augment_options, "param_keys": param_keys},
+        "cutmix": {"prob": cutmix_prob, "alpha": cutmix_alpha} if cutmix is not None else None,
+        "view": "normalise -> augment(own params) -> CutMix box from partner's augmented view",
+        "batch_size_independent": True,
+        "teacher": {"fingerprint": getattr(teacher, "fingerprint", None),
+                    "path": str(teacher.path) if getattr(teacher, "path", None) else None},
+        "distilled": {"fingerprint": set_fingerprint(images, distilled.labels),
+                      "path": str(distilled.path) if getattr(distilled, "path", None) else None},
+    })
+    store = SoftLabelStore(tensors, manifest)
+    log.info("relabelled %d images x %d epochs: %d label bytes", n, epochs, store.nbytes)
+    return store
+
+
+class _EMA:
+    """Exponential moving average of a student's weights (buffers copied), as training.py's."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.model = decay, copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
+            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            e.copy_(b)
+
+
+def train_with_store(
+    model: nn.Module,
+    distilled,
+    store: SoftLabelStore,
+    cfg,
+    seed: int,
+    device: str | torch.device = "cpu",
+    test=None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` on ``distilled`` with the stored views and teacher logits of ``store``.
+
+    ``cfg``: a :class:`~ddkit.evaluate.protocol.ProtocolConfig` (uses ``train`` = optimizer, lr,
+    schedule, epochs, batch size, EMA; ``loss`` = kl | mse_ce; ``temperature``). The store's
+    augmentation and CutMix replace ``train.augment`` / ``train.cutmix_prob``. Student epoch ``e``
+    replays store epoch ``e % store.epochs`` (a warning is logged when the store is shorter).
+    Batch order comes from a generator seeded with ``seed``. Single process (no DDP).
+    """
+    tc = cfg.train
+    if cfg.loss == "ce":
+        raise ConfigError("training with stored FKD labels needs loss 'kl' or 'mse_ce'; set loss=kl")
+    if store.top_k and cfg.loss != "kl":
+        raise ConfigError(f"top-k FKD labels (k={store.top_k}) only work with loss 'kl' (got {cfg.loss!r}); relabel densely or use kl")
+    store.check_matches(distilled)
+    if tc.augment != "none" or tc.cutmix_prob > 0:
+        log.info("FKD training replays the store's augmentation (%s); train.augment/cutmix_prob are ignored",
+                 store.manifest["augment"]["spec"])
+    if tc.epochs > store.epochs:
+        log.warning("store has %d epochs but training runs %d: epochs are reused cyclically", store.epochs, tc.epochs)
+    device = torch.device(device)
+    model = model.to(device)
+    images, labels = distilled.images, distilled.labels.long()
+    norm = normalizer(distilled.mean, distilled.std, device)
+    optimizer = make_optimizer(tc, model.parameters())
+    ema = _EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    gen = torch.Generator().manual_seed(seed)
+    n, bs = len(labels), min(tc.batch_size, len(labels))
+    history: list[dict] = []
+    for epoch in range(tc.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = tc.lr * lr_factor(tc, epoch)
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for start in range(0, n, bs):
+            r = store.replay(epoch % store.epochs, perm[start : start + bs])
+            x = render(r, images, store.augment, norm, device)
+            logits = model(x)
+            onehot = F.one_hot(labels, store.num_classes).float()
+            lam = r.lam.to(device)[:, None]
+            hard = (lam * onehot[r.indices].to(device) + (1 - lam) * onehot[r.partner].to(device))
+            per = per_sample_loss(logits, hard, r.targets.to(device), cfg.loss, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            per.mean().backward()
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+            total += float(per.detach().sum())
+            count += len(per)
+        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
+        history.append(record)
+        if progress is not None:
+            progress(epoch + 1, tc.epochs, record)
+    final = ema.model if ema is not None else model
+    acc = None
+    if test is not None:
+        acc = accuracy(final, test, distilled.mean, distilled.std, device, tc.eval_batch_size)
+        history[-1]["test_accuracy"] = acc
+    return TrainResult(model=final, history=history, test_accuracy=acc)

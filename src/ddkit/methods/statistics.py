@@ -1,0 +1,614 @@
+"""Statistics machinery of the decoupled "squeeze-recover-relabel" family (SRe2L, CDA, G-VBSM, EDC).
+
+Three pieces, shared by every recover-style method:
+
+1. **Hooks** (:class:`FeatureHooks`): forward hooks that capture, per layer, the *input* of each
+   BatchNorm layer (key ``bn:<module name>``; SRe2L matches its per-channel mean/variance to the
+   layer's running statistics) and the *output* of each convolution (key ``conv:<module name>``;
+   G-VBSM's "convolution statistics", which work for any teacher, BatchNorm or not).
+2. **Real-data statistics** (:func:`real_statistics`): global and per-class per-channel mean and
+   variance at every hooked layer, plus the teacher's mean logits per class, computed once per
+   (teacher, dataset) over the un-augmented training set, with progress reported through a
+   callback, and cached as an artifact (``statistics.safetensors`` + ``manifest.json``, written
+   atomically, loaded without unpickling) under ``<cache>/statistics/<key>``, the key hashing the
+   teacher fingerprint, the data fingerprint and the layer list.
+3. **The loss** (:func:`statistics_loss`): sum over layers of
+   ``||mu_syn - mu_real||_2 + ||var_syn - var_real||_2`` (SRe2L's R_BN), with EDC's soft
+   category-aware matching ``alpha * global + (1 - alpha) * class-conditional`` (alpha = 1 is
+   plain global matching and never reads class statistics).
+
+:func:`recover` is the optimisation loop every method here is a preset of (see ``sre2l.py`` and
+``edc.py``): images optimised by Adam under a cosine schedule against teacher cross-entropy plus
+the statistics loss, optional flatness regularisation, logit matching and the FYI flip plug-in,
+resumable from checkpoints and sharded over ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkit import distributed as ddist
+from ddkit.artifacts import (
+    atomic_dir,
+    base_manifest,
+    load_tensors,
+    read_manifest,
+    save_tensors,
+    write_json,
+)
+from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.data.augment import build_augment
+from ddkit.data.base import DataBundle
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods import common
+from ddkit.methods.base import METHODS, FitContext, SyntheticSet, check_ipc
+from ddkit.methods.fyi import flip_pair
+
+log = logging.getLogger(__name__)
+
+KIND = "statistics"
+SCHEMA = 1
+TENSORS = "statistics.safetensors"
+LOGITS = "logits"
+
+Progress = Callable[[int, int, dict], None]
+
+# ------------------------------------------------------------------------------------------------
+# hooks
+
+
+def statistic_layers(model: nn.Module, kinds: tuple[str, ...] = ("bn", "conv")) -> list[str]:
+    """Keys ``bn:<name>`` (BatchNorm inputs) and ``conv:<name>`` (conv outputs), in module order."""
+    keys = []
+    for name, mod in model.named_modules():
+        if "bn" in kinds and isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            keys.append(f"bn:{name}")
+        elif "conv" in kinds and isinstance(mod, nn.modules.conv._ConvNd):
+            keys.append(f"conv:{name}")
+    return keys
+
+
+class FeatureHooks:
+    """Context manager: while active, ``features[key]`` holds the last tensor seen at each layer.
+
+    BatchNorm keys capture the layer's input, conv keys its output. The tensors keep their graph,
+    so losses on them reach the input images.
+    """
+
+    def __init__(self, model: nn.Module, keys: list[str]) -> None:
+        self.model, self.keys = model, list(keys)
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> FeatureHooks:
+        modules = dict(self.model.named_modules())
+        for key in self.keys:
+            kind, name = key.split(":", 1)
+            if name not in modules:
+                raise DDKitError(f"layer {name!r} not found in the teacher; statistics do not fit this model")
+            if kind == "bn":
+                hook = (lambda m, inp, out, key=key: self.features.__setitem__(key, inp[0]))
+            else:
+                hook = (lambda m, inp, out, key=key: self.features.__setitem__(key, out))
+            self._handles.append(modules[name].register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of ``x`` ``[N, C, ...]`` over every other dim."""
+    flat = x.transpose(0, 1).reshape(x.shape[1], -1)
+    return flat.mean(1), flat.var(1, unbiased=False)
+
+
+def class_moments(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class per-channel mean and biased variance ``[len(classes), C]`` of ``x`` ``[N, C, ...]``."""
+    n, c = x.shape[:2]
+    flat = x.reshape(n, c, -1)
+    m1, m2 = flat.mean(2), (flat * flat).mean(2)  # per image: E[x], E[x^2] (same pixel count each)
+    onehot = (labels[None, :] == classes[:, None]).to(x.dtype)  # [k, N]
+    count = onehot.sum(1, keepdim=True).clamp_min(1)
+    mean = onehot @ m1 / count
+    var = (onehot @ m2 / count - mean * mean).clamp_min(0)
+    return mean, var
+
+
+# ------------------------------------------------------------------------------------------------
+# real-data statistics and their cache
+
+
+@torch.no_grad()
+def compute_real_statistics(
+    model: nn.Module,
+    real: DataBundle,
+    keys: list[str],
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> dict[str, torch.Tensor]:
+    """Global and per-class channel statistics at ``keys`` and mean logits per class, one pass.
+
+    Returns float32 tensors ``<key>/mean`` and ``<key>/var`` ``[C]``, ``<key>/class_mean`` and
+    ``<key>/class_var`` ``[K, C]``, ``logits/class_mean`` ``[K, K]``. Sums are accumulated in
+    float64 over the whole (un-augmented) training set, so the result does not depend on
+    ``batch_size``. ``progress(done_images, total_images, {})`` is called after every batch.
+    """
+    device = torch.device(device)
+    model = model.to(device).eval()
+    k = real.num_classes
+    s1: dict[str, torch.Tensor] = {}
+    s2: dict[str, torch.Tensor] = {}
+    pix: dict[str, int] = {}
+    count = torch.zeros(k, dtype=torch.float64)
+    logit_sum = torch.zeros(k, k, dtype=torch.float64)
+    total = len(real.train)
+    with FeatureHooks(model, keys) as hooks:
+        for lo in range(0, total, batch_size):
+            part = real.train.subset(torch.arange(lo, min(lo + batch_size, total)))
+            x = common.to_normalized(part.float_images().to(device), real)
+            y = part.labels
+            logits = model(x)
+            logit_sum.index_add_(0, y, logits.double().cpu())
+            count.index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+            for key in keys:
+                f = hooks.features[key].double()
+                n, c = f.shape[:2]
+                flat = f.reshape(n, c, -1)
+                pix[key] = flat.shape[2]
+                if key not in s1:
+                    s1[key] = torch.zeros(k, c, dtype=torch.float64)
+                    s2[key] = torch.zeros(k, c, dtype=torch.float64)
+                s1[key].index_add_(0, y, flat.sum(2).cpu())
+                s2[key].index_add_(0, y, (flat * flat).sum(2).cpu())
+            hooks.features.clear()
+            if progress is not None:
+                progress(min(lo + batch_size, total), total, {})
+    out: dict[str, torch.Tensor] = {}
+    per_class = count.clamp_min(1)[:, None]
+    for key in keys:
+        n_pix = pix[key]
+        cm = s1[key] / (per_class * n_pix)
+        out[f"{key}/class_mean"] = cm.float()
+        out[f"{key}/class_var"] = (s2[key] / (per_class * n_pix) - cm * cm).clamp_min(0).float()
+        tot = count.sum() * n_pix
+        gm = s1[key].sum(0) / tot
+        out[f"{key}/mean"] = gm.float()
+        out[f"{key}/var"] = (s2[key].sum(0) / tot - gm * gm).clamp_min(0).float()
+    out[f"{LOGITS}/class_mean"] = (logit_sum / per_class).float()
+    return out
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit"))
+
+
+def statistics_key(teacher, real: DataBundle, keys: list[str]) -> str:
+    blob = f"{KIND}|{SCHEMA}|{teacher.fingerprint}|{real.fingerprint}|{','.join(keys)}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    if not (path / "manifest.json").is_file():
+        return None
+    try:
+        manifest = read_manifest(path, KIND)
+        if manifest.get("teacher") != teacher.fingerprint or manifest.get("data") != real.fingerprint:
+            raise DDKitError("teacher or data fingerprint differs")
+        stats = load_tensors(path / TENSORS, what="cached statistics")
+        want = {f"{key}/{part}" for key in keys for part in ("mean", "var", "class_mean", "class_var")}
+        missing = sorted(want - set(stats))
+        if missing or f"{LOGITS}/class_mean" not in stats:
+            raise DDKitError(f"missing {missing[:2]}")
+        return stats
+    except DDKitError as exc:
+        log.warning("ignoring cached statistics at %s (%s); recomputing", path, str(exc).splitlines()[0])
+        return None
+
+
+def real_statistics(
+    teacher,
+    real: DataBundle,
+    device: torch.device | str = "cpu",
+    cache_dir: str | Path | None = None,
+    batch_size: int = 256,
+    progress: Progress | None = None,
+) -> tuple[dict[str, torch.Tensor], Path]:
+    """Real-data statistics of ``teacher`` at every BN and conv layer, from the cache if present.
+
+    The cache lives in ``cache_dir`` (default ``$DDKIT_CACHE/statistics`` or
+    ``~/.cache/ddkit/statistics``), one artifact directory per key. Under torchrun rank 0
+    computes and writes, the other ranks wait and read. Returns ``(statistics, artifact path)``.
+    """
+    keys = statistic_layers(teacher.model)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
+    path = root / statistics_key(teacher, real, keys)
+    info = ddist.current()
+    stats = _load_cached(path, teacher, real, keys)
+    if stats is not None:
+        log.info("loaded real-data statistics from %s", path)
+        return stats, path
+    if info.is_main:
+        log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
+                 teacher.fingerprint, len(real.train), path)
+        stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress)
+        manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size}, None)
+        manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
+                         "dataset": real.name, "num_classes": real.num_classes})
+        with atomic_dir(path) as tmp:
+            save_tensors(tmp / TENSORS, stats)
+            write_json(tmp / "manifest.json", manifest)
+    ddist.barrier()
+    if stats is None:
+        stats = _load_cached(path, teacher, real, keys)
+        if stats is None:
+            raise DDKitError(f"statistics at {path} could not be read after rank 0 wrote them; use a shared cache_dir")
+    return stats, path
+
+
+# ------------------------------------------------------------------------------------------------
+# targets and the loss
+
+
+@dataclass
+class StatTargets:
+    """What the synthetic statistics are matched to, for one teacher."""
+
+    keys: list[str]
+    mean: dict[str, torch.Tensor]
+    var: dict[str, torch.Tensor]
+    class_mean: dict[str, torch.Tensor] | None = None  # [K, C]
+    class_var: dict[str, torch.Tensor] | None = None
+    class_logits: torch.Tensor | None = None  # [K, K]
+
+
+def build_targets(model: nn.Module, keys: list[str], real_stats: dict[str, torch.Tensor] | None,
+                  device: torch.device | str = "cpu") -> StatTargets:
+    """BN keys: global target = the layer's running statistics (SRe2L); conv keys: real-data
+    global statistics. Class targets (and class logits) come from ``real_stats`` when given."""
+    modules = dict(model.named_modules())
+    mean, var = {}, {}
+    for key in keys:
+        kind, name = key.split(":", 1)
+        if kind == "bn":
+            bn = modules[name]
+            if bn.running_mean is None or bn.running_var is None:
+                raise DDKitError(f"BatchNorm layer {name!r} tracks no running statistics; use stats: conv")
+            mean[key], var[key] = bn.running_mean.detach().float(), bn.running_var.detach().float()
+        else:
+            if real_stats is None:
+                raise DDKitError("convolution statistics need real-data statistics")
+            mean[key], var[key] = real_stats[f"{key}/mean"], real_stats[f"{key}/var"]
+    targets = StatTargets(keys, {k: v.to(device) for k, v in mean.items()}, {k: v.to(device) for k, v in var.items()})
+    if real_stats is not None:
+        targets.class_mean = {k: real_stats[f"{k}/class_mean"].to(device) for k in keys}
+        targets.class_var = {k: real_stats[f"{k}/class_var"].to(device) for k in keys}
+        targets.class_logits = real_stats[f"{LOGITS}/class_mean"].to(device)
+    return targets
+
+
+def statistics_loss(
+    features: dict[str, torch.Tensor],
+    targets: StatTargets,
+    labels: torch.Tensor,
+    alpha: float = 1.0,
+    first_multiplier: float = 1.0,
+) -> torch.Tensor:
+    """``sum_l w_l [alpha * G_l + (1 - alpha) * C_l]`` with ``w_0 = first_multiplier``, else 1.
+
+    ``G_l = ||mu_syn - mu||_2 + ||var_syn - var||_2`` over the whole batch (SRe2L's R_BN);
+    ``C_l`` is the same per class present in ``labels`` against that class's real statistics,
+    averaged over those classes (EDC's soft category-aware matching). ``alpha = 1`` never touches
+    class statistics.
+    """
+    total = torch.zeros((), device=labels.device)
+    classes = labels.unique() if alpha < 1 else None
+    if alpha < 1 and (targets.class_mean is None or targets.class_var is None):
+        raise DDKitError("category-aware matching (alpha < 1) needs class statistics of the real data")
+    for i, key in enumerate(targets.keys):
+        f = features[key].float()
+        loss = torch.zeros((), device=f.device)
+        if alpha > 0:
+            mu, var = channel_moments(f)
+            loss = loss + alpha * (torch.norm(mu - targets.mean[key], 2) + torch.norm(var - targets.var[key], 2))
+        if alpha < 1:
+            cm, cv = class_moments(f, labels, classes)
+            dist = torch.norm(cm - targets.class_mean[key][classes], 2, dim=1) + torch.norm(cv - targets.class_var[key][classes], 2, dim=1)
+            loss = loss + (1 - alpha) * dist.mean()
+        total = total + (first_multiplier if i == 0 else 1.0) * loss
+    return total
+
+
+def logit_matching_loss(logits: torch.Tensor, labels: torch.Tensor, class_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over classes present of ``||mean synthetic logits of c - mean real logits of c||_2``."""
+    classes = labels.unique()
+    onehot = (labels[None, :] == classes[:, None]).to(logits.dtype)
+    mean = onehot @ logits / onehot.sum(1, keepdim=True)
+    return torch.norm(mean - class_logits[classes], 2, dim=1).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# the shared recover loop
+
+
+@dataclass
+class RecoverConfig:
+    """Settings shared by every recover-style method (each method overrides the defaults)."""
+
+    iterations: int = field(1000, help="optimisation steps per batch of synthetic images")
+    lr: float = field(0.25, help="Adam learning rate on normalised pixels, cosine-annealed to 0")
+    beta1: float = field(0.5, help="Adam beta1 (SRe2L: 0.5)")
+    beta2: float = field(0.9, help="Adam beta2 (SRe2L: 0.9)")
+    r_stats: float = field(0.01, help="weight of the statistics loss (SRe2L's r_bn)")
+    first_multiplier: float = field(10.0, help="extra weight on the first matched layer (SRe2L/G-VBSM code: 10)")
+    stats: Literal["bn", "conv", "bn+conv"] = field("bn", help="layers matched: BN inputs vs running stats, conv outputs vs real data, or both (G-VBSM)")
+    alpha: float = field(1.0, help="EDC soft category-aware matching: alpha*global + (1-alpha)*per-class; 1 = global only")
+    r_logit: float = field(0.0, help="weight of per-class mean-logit matching to the real data (G-VBSM's logit matching)")
+    init: Literal["noise", "real", "rded"] = field("noise", help="start from Gaussian noise, a random real subset, or the registered 'rded' method's output")
+    rded_options: dict = field({}, help="options of the 'rded' method when init: rded")
+    augment: Literal["rrc_flip", "crop_flip", "none"] = field("rrc_flip", help="augmentation of the synthetic batch at every step")
+    scale_min: float = field(0.08, help="RandomResizedCrop area lower bound (EDC's weak augmentation: 0.5)")
+    curriculum: Literal["none", "step", "linear", "cosine"] = field("none", help="CDA: anneal scale_min from 1 down to scale_min (easy -> hard)")
+    milestone: float = field(1.0, help="CDA: fraction of the iterations over which the curriculum runs")
+    jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on Tiny)")
+    flatness_weight: float = field(0.0, help="EDC flatness regularisation weight (0 = off; EDC: 0.25)")
+    flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
+    flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
+    flip_plugin: bool = field(False, help="FYI (ECCV 2024): match each image together with its mirror image")
+    class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes of one IPC slot)")
+    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
+    stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
+    cache_dir: str | None = field(None, help="statistics cache (default $DDKIT_CACHE/statistics)")
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}"),
+            (self.r_stats >= 0 and self.r_logit >= 0 and self.flatness_weight >= 0, "loss weights (r_stats, r_logit, flatness_weight) must be >= 0"),
+            (0 <= self.alpha <= 1, f"alpha must be in [0, 1] (1 = global statistics only), got {self.alpha}"),
+            (0 < self.scale_min <= 1, f"scale_min must be in (0, 1], got {self.scale_min}"),
+            (0 <= self.milestone <= 1, f"milestone must be in [0, 1], got {self.milestone}"),
+            (self.jitter >= 0, f"jitter must be >= 0, got {self.jitter}"),
+            (0 <= self.flatness_beta < 1, f"flatness_beta must be in [0, 1), got {self.flatness_beta}"),
+            (self.flatness_tau > 0, f"flatness_tau must be > 0, got {self.flatness_tau}"),
+            (self.class_batch is None or self.class_batch >= 1, f"class_batch must be >= 1, got {self.class_batch}"),
+            (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.stats_batch_size >= 1, f"stats_batch_size must be >= 1, got {self.stats_batch_size}"),
+            (self.stats in ("bn", "conv", "bn+conv"), f"stats must be bn, conv or bn+conv, got {self.stats!r}"),
+            (self.init in ("noise", "real", "rded"), f"init must be noise, real or rded, got {self.init!r}"),
+            (self.augment in ("rrc_flip", "crop_flip", "none"), f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
+            (self.curriculum in ("none", "step", "linear", "cosine"), f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
+        ]
+        errors = [msg for ok, msg in checks if not ok]
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+
+def crop_scale_min(cfg: RecoverConfig, it: int) -> float:
+    """RRC area lower bound at step ``it``: CDA's easy-to-hard curriculum 1 -> scale_min."""
+    end = cfg.milestone * cfg.iterations
+    if cfg.curriculum == "none" or it >= end:
+        return cfg.scale_min
+    if cfg.curriculum == "step":
+        return 1.0
+    if cfg.curriculum == "linear":
+        return cfg.scale_min + (1.0 - cfg.scale_min) * (1 - it / end)
+    return cfg.scale_min + (1.0 - cfg.scale_min) * (1 + math.cos(math.pi * it / end)) / 2
+
+
+def _augment(cfg: RecoverConfig, it: int, flip: bool):
+    if cfg.augment == "none":
+        return None
+    if cfg.augment == "crop_flip":
+        return build_augment("crop_flip", flip_prob=0.5 if flip else 0.0)
+    return build_augment("rrc_flip", scale_min=crop_scale_min(cfg, it), flip_prob=0.5 if flip else 0.0)
+
+
+def _unit_seed(seed: int, slot: int, chunk: int) -> int:
+    return (seed * 1_000_003 + slot * 10_007 + chunk * 101 + 17) % (2**63)
+
+
+@dataclass
+class _TeacherState:
+    teacher: object
+    keys: list[str]
+    targets: StatTargets
+
+
+def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
+    if not teachers:
+        raise DDKitError(f"method {name!r} needs a teacher; pass --teacher DIR")
+    kinds = {"bn": ("bn",), "conv": ("conv",), "bn+conv": ("bn", "conv")}[cfg.stats]
+    need_real = "conv" in kinds or cfg.alpha < 1 or cfg.r_logit > 0
+    states, paths = [], []
+    for t in teachers:
+        t.check_compatible(real)
+        model = t.model.to(ctx.device).eval()
+        if "bn" in kinds and not statistic_layers(model, ("bn",)):
+            arch = t.manifest.get("model", {}).get("name", "?") if isinstance(t.manifest, dict) else "?"
+            raise DDKitError(
+                f"method {name!r} with stats: {cfg.stats} needs a teacher with BatchNorm layers, but teacher "
+                f"model {arch!r} has none; use e.g. convnet3-bn or resnet18_cifar, or set stats: conv to match "
+                "convolution statistics of the real data instead"
+            )
+        keys = statistic_layers(model, kinds)
+        if not keys:
+            raise DDKitError(f"teacher has no BatchNorm or convolution layers to match statistics at; method {name!r} cannot use it")
+        real_stats = None
+        if need_real:
+            # the one-off statistics pass reports its own progress (images done / total), marked
+            # with ``statistics_pass`` so a progress bar can label it
+            def bar(done: int, total: int, rec: dict) -> None:
+                common.report(ctx, done, total, statistics_pass=1.0)
+
+            real_stats, path = real_statistics(t, real, ctx.device, cfg.cache_dir, cfg.stats_batch_size, progress=bar)
+            paths.append(str(path))
+        states.append(_TeacherState(t, keys, build_targets(model, keys, real_stats, ctx.device)))
+    return states, paths
+
+
+def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int, ctx: FitContext) -> torch.Tensor:
+    """Initial pixel-space images, class-major ``[K * ipc, C, H, W]``."""
+    if cfg.init in ("noise", "real"):
+        return common.init_images(real, ipc, cfg.init, ctx.seed)[0]
+    if "rded" not in METHODS:
+        raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; use init: real")
+    cls = METHODS.get("rded")
+    sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
+                     work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None)
+    out = cls(from_dict(cls.Config, dict(cfg.rded_options), "rded_options")).fit(real, teachers, sub).synthetic_
+    order = torch.sort(out.labels, stable=True).indices
+    imgs = out.images[order]
+    imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
+    expected = torch.arange(real.num_classes).repeat_interleave(ipc)
+    if not torch.equal(out.labels[order], expected):
+        raise DDKitError("the 'rded' output does not hold ipc images of every class; cannot initialise from it")
+    return imgs
+
+
+def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet:
+    """Optimise ``ipc`` images per class against the teachers; the loop every preset here shares.
+
+    Work units are (IPC slot, chunk of ``class_batch`` classes): one batch holds one image per
+    class of the chunk, as SRe2L does. Units are split round-robin over ranks and gathered, and
+    each unit's random draws come from its own generator seeded by (seed, slot, chunk), so the
+    result does not depend on the number of ranks. Each step: augment the batch (RRC + flip,
+    optional CDA curriculum and jitter; with ``flip_plugin`` the batch is the images plus their
+    mirror images and the random flip is off), sample one teacher, and minimise
+    ``CE + r_stats * statistics + r_logit * logit matching + flatness``; Adam with a cosine
+    learning rate, images clamped to the valid pixel range after every step.
+    """
+    ipc = check_ipc(real, ctx.ipc)
+    states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
+    k = real.num_classes
+    init = _initial_images(name, cfg, real, teachers, ipc, ctx)  # [K*ipc], class-major
+    cb = cfg.class_batch or k
+    units = [(slot, lo) for slot in range(ipc) for lo in range(0, k, cb)]
+    mine = common.my_classes(len(units))  # round-robin over units (helper is generic over indices)
+    device = ctx.device
+    c = real.image_shape[0]
+    mean = torch.tensor(real.mean, device=device).view(1, c, 1, 1)
+    std = torch.tensor(real.std, device=device).view(1, c, 1, 1)
+    lo_px, hi_px = (0 - mean) / std, (1 - mean) / std
+    h, w = real.image_shape[1:]
+    total = len(mine) * cfg.iterations
+    info = ddist.current()
+    # the checkpoint name pins everything that decides the result, so a stale one is never resumed
+    run_id = config_hash({"cfg": to_dict(cfg), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
+                          "teachers": [t.fingerprint for t in teachers]})[:12]
+    ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=f"{name}-{run_id}-rank{info.rank}")
+    state = ckpt.load()
+    done: dict[int, torch.Tensor] = {}
+    start_unit, start_it = 0, 0
+    resume = None
+    if state is not None:
+        start_unit, start_it = int(state["unit"]), int(state["it"])
+        done = {int(key.split("_")[1]): v for key, v in state.items() if key.startswith("done_")}
+        resume = state if "x" in state else None
+        log.info("%s: resuming at unit %d step %d", name, start_unit, start_it)
+    last: dict[str, float] = {}
+    for ui in range(start_unit, len(mine)):
+        u = mine[ui]
+        slot, clo = units[u]
+        classes = torch.arange(clo, min(clo + cb, k))
+        labels = classes.to(device)
+        x0 = init[classes * ipc + slot].to(device)
+        x = ((x0 - mean) / std).clone().requires_grad_(True)
+        gen = torch.Generator().manual_seed(_unit_seed(ctx.seed, slot, clo))
+        opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        ema = x.detach().clone() if cfg.flatness_weight > 0 else None
+        it0 = 0
+        if resume is not None and ui == start_unit:
+            with torch.no_grad():
+                x.copy_(resume["x"].to(device))
+            opt.load_state_dict(resume["opt"])
+            gen.set_state(resume["gen"])
+            if ema is not None:
+                ema = resume["ema"].to(device)
+            it0 = start_it
+        for it in range(it0, cfg.iterations):
+            for group in opt.param_groups:  # cosine from lr to 0, no warm-up (SRe2L's lr_cosine_policy)
+                group["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
+            aug = _augment(cfg, it, flip=not cfg.flip_plugin)
+            batch, blabels = (flip_pair(x, labels) if cfg.flip_plugin else (x, labels))
+            params = aug.sample(len(batch), gen, (h, w)) if aug is not None else None
+            shifts = None
+            if cfg.jitter > 0:
+                shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
+            ti = int(torch.randint(len(states), (1,), generator=gen)) if len(states) > 1 else 0
+            st = states[ti]
+
+            def view(images, aug=aug, params=params, shifts=shifts):
+                out = aug.apply(images, params) if aug is not None else images
+                return torch.roll(out, shifts=shifts, dims=(2, 3)) if shifts is not None else out
+
+            model = st.teacher.model
+            with FeatureHooks(model, st.keys) as hooks:
+                logits = model(view(batch))
+            loss_ce = F.cross_entropy(logits, blabels)
+            loss_stats = statistics_loss(hooks.features, st.targets, blabels, cfg.alpha, cfg.first_multiplier)
+            loss = loss_ce + cfg.r_stats * loss_stats
+            record = {"loss_ce": float(loss_ce.detach()), "loss_stats": float(loss_stats.detach())}
+            if cfg.r_logit > 0:
+                loss_logit = logit_matching_loss(logits, blabels, st.targets.class_logits)
+                loss = loss + cfg.r_logit * loss_logit
+                record["loss_logit"] = float(loss_logit.detach())
+            if ema is not None:
+                with torch.no_grad():
+                    eb = flip_pair(ema, labels)[0] if cfg.flip_plugin else ema
+                    ema_logits = model(view(eb))
+                tau = cfg.flatness_tau
+                flat = F.kl_div(F.log_softmax(ema_logits / tau, 1), F.log_softmax(logits / tau, 1),
+                                reduction="batchmean", log_target=True)  # KL(p_images || p_ema)
+                loss = loss + cfg.flatness_weight * flat
+                record["loss_flat"] = float(flat.detach())
+            (grad,) = torch.autograd.grad(loss, [x])
+            x.grad = grad
+            opt.step()
+            with torch.no_grad():
+                x.copy_(torch.max(torch.min(x, hi_px), lo_px))
+                if ema is not None:
+                    ema.mul_(cfg.flatness_beta).add_(x, alpha=1 - cfg.flatness_beta)
+            record["loss"] = float(loss.detach())
+            last = record
+            step = ui * cfg.iterations + it + 1
+            if it + 1 == cfg.iterations:
+                done[u] = (x.detach() * std + mean).clamp(0, 1).cpu()
+            if ckpt.due(step, total):
+                finished = it + 1 == cfg.iterations
+                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1,
+                        **{f"done_{key}": v for key, v in done.items()}}
+                if not finished:
+                    snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})
+                    if ema is not None:
+                        snap["ema"] = ema.cpu()
+                ckpt.save(snap)
+            common.report(ctx, step, total, **record)
+    parts = common.gather_classes(done, len(units))
+    images = torch.empty(k * ipc, *real.image_shape)
+    for u, (slot, clo) in enumerate(units):
+        classes = torch.arange(clo, min(clo + cb, k))
+        images[classes * ipc + slot] = parts[u]
+    labels_all = torch.arange(k).repeat_interleave(ipc)
+    meta = {
+        "teachers": [t.fingerprint for t in teachers],
+        "statistics": stat_paths,
+        "layers_matched": {s.teacher.fingerprint: s.keys for s in states},
+        "final_losses": last,
+    }
+    return SyntheticSet(images.float(), labels_all, meta=meta)

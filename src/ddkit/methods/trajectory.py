@@ -1,0 +1,514 @@
+"""Expert trajectory buffers and the unrolled student shared by the trajectory-matching methods.
+
+**Buffer stage.** :func:`train_experts` trains ``num_experts`` classifiers on the real training
+set with the MTT recipe (Cazenavette et al., CVPR 2022, ``buffer.py``: plain SGD, lr 0.01, no
+momentum, no weight decay, batch 256, DSA augmentation of every real batch, 50 epochs) and stores
+every expert's flattened parameters after each epoch (epoch 0 = initialisation). Option
+``sam_rho > 0`` trains the experts with sharpness-aware minimisation instead (SAM, Foret et al.,
+ICLR 2021; ``sam_adaptive`` gives ASAM), the "flat trajectory" experts of FTD (Du et al., CVPR 2023).
+
+Artifact (``kind: expert-buffer``)::
+
+    manifest.json            schema_version, kind, config, seed, dataset (with fingerprint),
+                             versions, model {name, options, input_shape, num_classes},
+                             params [{name, shape}] (flattening order), num_params,
+                             experts [{file, test_accuracy, train_loss}]
+    expert_000.safetensors   "trajectory": float32 [epochs + 1, num_params]
+    ...
+
+The stage is resumable per expert: finished experts are kept in a hidden sibling folder
+(``.<name>.partial-<config hash>-<data fingerprint>``) until the artifact is renamed into place.
+:func:`load_experts` reads it back (strictly: every file, every shape).
+
+Difference from the reference: no ZCA whitening (ddkit has no ZCA transform yet); MTT's CIFAR
+results with ZCA therefore need their non-ZCA learning rates. Each expert's randomness (init, batch
+order, augmentation) comes from its own seeded generator, so expert ``i`` does not depend on how
+many experts were trained before it (or on a resume).
+
+**Unrolled student.** :class:`FunctionalStudent` runs a model on a flat parameter vector
+(``torch.func.functional_call``); :func:`trajectory_gradients` unrolls ``N`` SGD steps on synthetic
+minibatches and returns the normalised matching loss
+``||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²`` with its gradients for the images, the learnable
+learning rate and (optionally) learnable soft labels, computed one of three ways:
+
+- ``unroll``: back-propagation through the whole unrolled graph (MTT); memory grows with ``N``.
+- ``exact``: the same gradient with the memory of one step: a first pass stores only the ``N``
+  parameter vectors, then a reverse pass recomputes each step and propagates the adjoint
+  ``λ_i = λ_{i+1} − α H_i λ_{i+1}`` with one Hessian-vector product per step.
+- ``first_order``: TESLA's reference computation (Cui et al., ICML 2023): the adjoint is kept at
+  ``λ_N`` (the dependence of θ_i on earlier batches is dropped), i.e. the gradient of
+  ``||θ_0 − α Σ_i g_i − θ*||²`` through each ``g_i`` alone. Equal to ``unroll`` for ``N = 1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from ddkit.artifacts import (
+    atomic_dir,
+    base_manifest,
+    load_tensors,
+    read_json,
+    read_manifest,
+    save_tensors,
+    write_json,
+)
+from ddkit.config import config_hash, field, to_dict
+from ddkit.data.augment import build_augment
+from ddkit.data.base import DataBundle
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.models import create_model
+from ddkit.training import accuracy, normalizer, to_float
+
+log = logging.getLogger(__name__)
+
+KIND = "expert-buffer"
+GradientMode = Literal["unroll", "exact", "first_order"]
+
+
+@dataclass
+class ExpertConfig:
+    """How to train an expert trajectory buffer (defaults: MTT's ``buffer.py``)."""
+
+    model: str = field("convnet3", help="registered model key of the experts (and of the student)")
+    model_options: dict = field({}, help="keyword options for the model factory")
+    num_experts: int = field(10, help="number of expert trajectories (MTT trains 100)")
+    epochs: int = field(50, help="training epochs per expert; parameters are stored after each")
+    lr: float = field(0.01, help="SGD learning rate of the experts (MTT lr_teacher)")
+    momentum: float = field(0.0, help="SGD momentum (MTT: 0)")
+    weight_decay: float = field(0.0, help="SGD weight decay (MTT: 0)")
+    batch_size: int = field(256, help="expert training batch size (MTT batch_train)")
+    augment: str = field("dsa", help="augmentation of real batches: dsa (MTT) | none | crop_flip | ...")
+    augment_options: dict = field({}, help="options of the augmentation (dsa: flip=false for digits)")
+    sam_rho: float = field(0.0, help="SAM neighbourhood radius; 0 = plain SGD (FTD: flat experts)")
+    sam_adaptive: bool = field(False, help="adaptive SAM (ASAM): perturbation scaled by |w|")
+    seed: int = field(0, help="base seed; expert i uses its own generator derived from (seed, i)")
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1:
+            raise ConfigError(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.epochs < 1:
+            raise ConfigError(f"expert epochs must be >= 1, got {self.epochs}")
+        if self.lr <= 0:
+            raise ConfigError(f"expert lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"expert momentum must lie in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"expert weight_decay must be >= 0, got {self.weight_decay}")
+        if self.batch_size < 1:
+            raise ConfigError(f"expert batch_size must be >= 1, got {self.batch_size}")
+        if self.sam_rho < 0:
+            raise ConfigError(f"sam_rho must be >= 0 (0 disables SAM), got {self.sam_rho}")
+        try:
+            build_augment(self.augment, **self.augment_options)  # fails early on a bad name/option
+        except DDKitError as exc:
+            raise ConfigError(f"buffer augment: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# flat parameters
+
+
+def param_spec(model: nn.Module) -> list[dict[str, Any]]:
+    """Names and shapes of ``model``'s parameters, in the order they are flattened."""
+    return [{"name": n, "shape": list(p.shape)} for n, p in model.named_parameters()]
+
+
+def flatten_params(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).float().cpu()
+
+
+class FunctionalStudent:
+    """Run ``model`` with parameters taken from one flat vector (differentiable in that vector)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [tuple(p.shape) for _, p in model.named_parameters()]
+        self.numels = [math.prod(s) for s in self.shapes]
+        self.num_params = sum(self.numels)
+
+    def __call__(self, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if flat.numel() != self.num_params:
+            raise DDKitError(
+                f"flat parameter vector has {flat.numel()} values but the student has {self.num_params}; "
+                "use experts trained with the same model and options"
+            )
+        views = [t.view(s) for t, s in zip(flat.split(self.numels), self.shapes, strict=True)]
+        return functional_call(self.model, dict(zip(self.names, views, strict=True)), (x,))
+
+
+# ------------------------------------------------------------------------------------------------
+# buffer artifact
+
+
+class ExpertBuffer:
+    """Expert trajectories (``trajectories[i]``: float32 ``[epochs + 1, num_params]``) + manifest."""
+
+    def __init__(self, trajectories: list[torch.Tensor], manifest: dict[str, Any], path: Path | None = None) -> None:
+        self.trajectories = trajectories
+        self.manifest = manifest
+        self.path = path
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.trajectories)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.trajectories[0].shape[0]) - 1
+
+    @property
+    def num_params(self) -> int:
+        return int(self.manifest["num_params"])
+
+    def params(self, expert: int, epoch: int) -> torch.Tensor:
+        return self.trajectories[expert][epoch]
+
+    def build_model(self) -> nn.Module:
+        """A model of the experts' architecture (its own parameters are irrelevant)."""
+        m = self.manifest["model"]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = create_model(m["name"], m["input_shape"][0], m["num_classes"], m["input_shape"][-1], **m["options"])
+        if param_spec(model) != self.manifest["params"]:
+            raise DDKitError(
+                f"expert buffer {str(self.path)!r}: model {m['name']!r} no longer has the parameters the "
+                "buffer was trained with; re-create the buffer with this ddkit version"
+            )
+        return model
+
+    def check_compatible(self, data: DataBundle) -> None:
+        ds = self.manifest["dataset"]
+        if list(ds["classes"]) != list(data.classes):
+            raise DDKitError(
+                f"expert buffer classes {ds['classes'][:4]}... differ from dataset {data.name!r} "
+                f"{list(data.classes)[:4]}...; train the buffer on this dataset (same class order)"
+            )
+        if list(ds["image_shape"]) != list(data.image_shape):
+            raise DDKitError(
+                f"expert buffer was trained on images {ds['image_shape']} but dataset {data.name!r} has "
+                f"{list(data.image_shape)}; train the buffer on this dataset"
+            )
+        if ds["fingerprint"] != data.fingerprint:
+            log.warning("expert buffer was trained on data with fingerprint %s, this data has %s",
+                        ds["fingerprint"], data.fingerprint)
+
+
+def _expert_file(i: int) -> str:
+    return f"expert_{i:03d}.safetensors"
+
+
+def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float, adaptive: bool) -> tuple[torch.Tensor, list]:
+    """SAM: gradient at ``w + e``, ``e = rho * g / ||g||`` (ASAM: ``T_w² g / ||T_w g||``, ``T_w = |w|``)."""
+    loss = loss_fn()
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        scaled = [(p.abs() * g if adaptive else g) for p, g in zip(params, grads, strict=True)]
+        norm = torch.sqrt(sum((s * s).sum() for s in scaled)) + 1e-12
+        eps = [(p.abs() * s if adaptive else s) * (rho / norm) for p, s in zip(params, scaled, strict=True)]
+        for p, e in zip(params, eps, strict=True):
+            p.add_(e)
+    perturbed = torch.autograd.grad(loss_fn(), params)
+    with torch.no_grad():
+        for p, e in zip(params, eps, strict=True):
+            p.sub_(e)
+    return loss.detach(), list(perturbed)
+
+
+def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: torch.device) -> tuple[torch.Tensor, dict]:
+    """Train expert ``index``; return its trajectory ``[epochs + 1, P]`` and a summary."""
+    seed = cfg.seed * 1_000_003 + index
+    c, h, _ = data.image_shape
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
+    model = model.to(device).train()
+    gen = torch.Generator().manual_seed(seed)
+    augment = build_augment(cfg.augment, **cfg.augment_options)
+    norm = normalizer(data.mean, data.std, device)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    snapshots = [flatten_params(model)]
+    n = len(data.train)
+    bs = min(cfg.batch_size, n)
+    size = tuple(data.image_shape[-2:])
+    loss_epoch = float("nan")
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, bs):
+            idx = perm[start : start + bs]
+            x = norm(to_float(data.train.images[idx], device))
+            if augment is not None:
+                x = augment.apply(x, augment.sample(len(idx), gen, size))
+            y = data.train.labels[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            if cfg.sam_rho > 0:
+                loss, grads = _sam_step(model, lambda x=x, y=y: F.cross_entropy(model(x), y), cfg.sam_rho, cfg.sam_adaptive)
+                for p, g in zip(model.parameters(), grads, strict=True):
+                    p.grad = g
+            else:
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        loss_epoch = total / n
+        snapshots.append(flatten_params(model))
+    acc = accuracy(model, data.test, data.mean, data.std, device) if len(data.test) else None
+    return torch.stack(snapshots), {"test_accuracy": acc, "train_loss": loss_epoch}
+
+
+def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: list[dict]) -> dict:
+    manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
+    manifest.update({
+        "dataset": data.describe(),
+        "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
+                  "num_classes": data.num_classes},
+        "params": param_spec(model),
+        "num_params": sum(p.numel() for p in model.parameters()),
+        "epochs": cfg.epochs,
+        "experts": experts,
+        "config_hash": config_hash(cfg),
+    })
+    return manifest
+
+
+def train_experts(
+    data: DataBundle,
+    cfg: ExpertConfig,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> ExpertBuffer:
+    """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact.
+
+    Resumable per expert (finished experts live in a hidden sibling folder until the artifact is
+    complete); ``progress(done, num_experts, {"test_accuracy", "train_loss"})`` after each expert.
+    """
+    device = torch.device(device)
+    partial = None
+    if out is not None:
+        out = Path(out)
+        partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}"
+        partial.mkdir(parents=True, exist_ok=True)
+    c, h, _ = data.image_shape
+    with torch.random.fork_rng(devices=[]):
+        spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
+    trajectories: list[torch.Tensor] = []
+    summaries: list[dict] = []
+    for i in range(cfg.num_experts):
+        done = partial / _expert_file(i) if partial is not None else None
+        if done is not None and done.is_file() and (partial / f"expert_{i:03d}.json").is_file():
+            trajectories.append(load_tensors(done, what="expert trajectory")["trajectory"])
+            summaries.append(read_json(partial / f"expert_{i:03d}.json"))
+            log.info("expert %d/%d reused from %s", i + 1, cfg.num_experts, partial)
+        else:
+            traj, summary = train_one_expert(data, cfg, i, device)
+            summary = {"file": _expert_file(i), **summary}
+            trajectories.append(traj)
+            summaries.append(summary)
+            if done is not None:
+                save_tensors(done, {"trajectory": traj})
+                write_json(partial / f"expert_{i:03d}.json", summary)
+            log.info("expert %d/%d: test accuracy %s", i + 1, cfg.num_experts, summary["test_accuracy"])
+        if progress is not None:
+            progress(i + 1, cfg.num_experts, {k: v for k, v in summaries[-1].items() if k != "file"})
+    buffer = ExpertBuffer(trajectories, _manifest(data, cfg, spec_model, summaries))
+    if out is not None:
+        with atomic_dir(out) as tmp:
+            for i, traj in enumerate(trajectories):
+                save_tensors(tmp / _expert_file(i), {"trajectory": traj})
+            write_json(tmp / "manifest.json", buffer.manifest)
+        shutil.rmtree(partial, ignore_errors=True)
+        buffer.path = out
+    return buffer
+
+
+def load_experts(path: str | Path) -> ExpertBuffer:
+    """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
+    path = Path(path)
+    manifest = read_manifest(path, KIND)
+    if path.is_file():
+        path = path.parent
+    trajectories = []
+    want = (int(manifest["epochs"]) + 1, int(manifest["num_params"]))
+    for entry in manifest["experts"]:
+        tensors = load_tensors(path / entry["file"], what="expert trajectory")
+        traj = tensors.get("trajectory")
+        if traj is None or tuple(traj.shape) != want:
+            got = None if traj is None else tuple(traj.shape)
+            raise DDKitError(
+                f"expert file {str(path / entry['file'])!r} holds trajectory {got}, manifest says {want}; "
+                "the buffer is corrupt, re-create it"
+            )
+        trajectories.append(traj.float())
+    if not trajectories:
+        raise DDKitError(f"expert buffer {str(path)!r} has no experts; re-create it")
+    return ExpertBuffer(trajectories, manifest, path)
+
+
+def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_dir: Path | None,
+               device: torch.device) -> ExpertBuffer:
+    """The buffer at ``experts``, or one trained with ``cfg`` (kept in ``work_dir/experts`` if given)."""
+    if experts:
+        buffer = load_experts(experts)
+    else:
+        out = Path(work_dir) / "experts" if work_dir is not None else None
+        buffer = None
+        if out is not None and (out / "manifest.json").is_file():
+            with contextlib.suppress(DDKitError):
+                found = load_experts(out)
+                if (found.manifest.get("config_hash") == config_hash(cfg)
+                        and found.manifest["dataset"]["fingerprint"] == data.fingerprint):
+                    buffer = found
+        if buffer is None:
+            log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
+                     cfg.num_experts, cfg.epochs)
+            buffer = train_experts(data, cfg, out, device)
+    buffer.check_compatible(data)
+    return buffer
+
+
+# ------------------------------------------------------------------------------------------------
+# the matching loss and its gradients
+
+
+def student_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with hard labels (int) or with ``softmax(targets)`` for logit targets (DATM)."""
+    if targets.dtype.is_floating_point:
+        return -(F.softmax(targets, dim=1) * F.log_softmax(logits, dim=1)).sum(1).mean()
+    return F.cross_entropy(logits, targets)
+
+
+def matching_loss(final: torch.Tensor, start: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``||final − target||² / ||start − target||²`` (MTT eq. 1; the 1/P factors cancel)."""
+    return (final - target).pow(2).sum() / (start - target).pow(2).sum()
+
+
+@dataclass
+class Step:
+    """One inner step: indices of the synthetic minibatch and its augmentation parameters."""
+
+    index: torch.Tensor
+    aug: dict | None
+
+
+def plan_steps(n: int, syn_steps: int, batch: int, gen: torch.Generator, augment, image_size) -> list[Step]:
+    """Minibatches as in the reference: chunks of a fresh permutation, popped from the end."""
+    steps: list[Step] = []
+    chunks: list[torch.Tensor] = []
+    for _ in range(syn_steps):
+        if not chunks:
+            chunks = list(torch.randperm(n, generator=gen).split(batch))
+        idx = chunks.pop()
+        aug = augment.sample(len(idx), gen, image_size) if augment is not None else None
+        steps.append(Step(idx, aug))
+    return steps
+
+
+@dataclass
+class MatchResult:
+    loss: torch.Tensor  # detached scalar
+    grad_images: torch.Tensor
+    grad_lr: torch.Tensor  # gradient w.r.t. the lr *parameter* (plain lr or log lr)
+    grad_labels: torch.Tensor | None
+
+
+def trajectory_gradients(
+    student: FunctionalStudent,
+    start: torch.Tensor,
+    target: torch.Tensor,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    lr_param: torch.Tensor,
+    steps: list[Step],
+    augment=None,
+    mode: GradientMode = "unroll",
+    log_lr: bool = False,
+) -> MatchResult:
+    """Unroll ``len(steps)`` SGD steps of the student from ``start`` on ``images`` (normalised) and
+    return the matching loss against ``target`` with its gradients (see the module docstring).
+
+    ``labels``: int64 hard labels, or float logits (learnable if they require grad).
+    ``lr_param``: the learnable lr (``log_lr``: its log). Tensors that need no gradient get zeros.
+    """
+    learn_labels = labels.dtype.is_floating_point and labels.requires_grad
+    images = images.detach().requires_grad_(True)
+    lr_param = lr_param.detach().requires_grad_(True)
+    ys = labels.detach().requires_grad_(True) if learn_labels else labels.detach()
+    start = start.detach()
+    target = target.detach()
+
+    def batch(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        x = images[step.index]
+        if augment is not None:
+            x = augment.apply(x, step.aug)
+        return x, ys[step.index]
+
+    alpha = lr_param.exp() if log_lr else lr_param
+    if mode == "unroll":
+        theta = start.clone().requires_grad_(True)
+        params = [theta]
+        for step in steps:
+            x, y = batch(step)
+            g = torch.autograd.grad(student_loss(student(params[-1], x), y), params[-1], create_graph=True)[0]
+            params.append(params[-1] - alpha * g)
+        loss = matching_loss(params[-1], start, target)
+        inputs = [images, lr_param] + ([ys] if learn_labels else [])
+        grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+        gx, glr = grads[0], grads[1]
+        gy = grads[2] if learn_labels else None
+        return MatchResult(loss.detach(), _zeros_if_none(gx, images), _zeros_if_none(glr, lr_param),
+                           _zeros_if_none(gy, ys) if learn_labels else None)
+    if mode not in ("exact", "first_order"):
+        raise ConfigError(f"unknown gradient mode {mode!r}; use unroll, exact or first_order")
+
+    # pass 1: the trajectory, one step's graph at a time; keep only the parameter vectors
+    a = float(alpha.detach())
+    thetas = [start]
+    for step in steps:
+        with torch.no_grad():
+            x, y = batch(step)
+        theta = thetas[-1].clone().requires_grad_(True)
+        g = torch.autograd.grad(student_loss(student(theta, x), y), theta)[0]
+        thetas.append(thetas[-1] - a * g)
+    final = thetas[-1]
+    denom = (start - target).pow(2).sum()
+    loss = (final - target).pow(2).sum() / denom
+    lam = 2.0 * (final - target) / denom  # dL/dθ_N
+
+    # pass 2 (reverse): recompute each step's gradient and pull the adjoint back through it
+    gx = torch.zeros_like(images)
+    gy = torch.zeros_like(ys) if learn_labels else None
+    dalpha = torch.zeros((), dtype=images.dtype, device=images.device)
+    for i in range(len(steps) - 1, -1, -1):
+        theta = thetas[i].clone().requires_grad_(True)
+        x, y = batch(steps[i])
+        g = torch.autograd.grad(student_loss(student(theta, x), y), theta, create_graph=True)[0]
+        inputs = [images] + ([ys] if learn_labels else []) + ([theta] if mode == "exact" else [])
+        back = torch.autograd.grad((g * lam).sum(), inputs, allow_unused=True)
+        dalpha = dalpha - (g.detach() * lam).sum()
+        gx = gx - a * _zeros_if_none(back[0], images)
+        if learn_labels:
+            gy = gy - a * _zeros_if_none(back[1], ys)
+        if mode == "exact":
+            lam = lam - a * _zeros_if_none(back[-1], theta)
+    glr = dalpha * a if log_lr else dalpha
+    return MatchResult(loss.detach(), gx, glr.reshape(lr_param.shape), gy)
+
+
+def _zeros_if_none(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if g is None else g

@@ -1,0 +1,218 @@
+"""``ddkit report RUN_DIR``: a self-contained folder (report.md, report.html, PNG plots) from a bench run.
+
+Everything the pages show lives in the folder: plots are PNG files made with matplotlib's Agg
+backend and referenced by relative path, each distilled set's ``preview.png`` is copied in, and the
+HTML uses no external assets (inline CSS, no scripts), so the folder can be zipped or served as is.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import shutil
+from pathlib import Path
+
+from ddkit.bench import format_bench_table, load_table
+
+log = logging.getLogger(__name__)
+
+PLOTS = {
+    "acc_vs_ipc.png": "Accuracy vs IPC (mean ± std over seeds; shaded: random real subset)",
+    "acc_vs_bytes.png": "Accuracy vs total bytes (images + labels)",
+    "time_vs_acc.png": "Synthesis wall time vs accuracy",
+}
+
+
+def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """Rows grouped by (dataset, student, label mode, method), sorted by IPC."""
+    out: dict[tuple, list[dict]] = {}
+    for r in rows:
+        out.setdefault((r["dataset"], r["student"], r["label_mode"], r["method"]), []).append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["ipc"])
+    return out
+
+
+def _plots(rows: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = _series(rows)
+    panels = sorted({k[:3] for k in series})
+    written = []
+
+    def figure(n: int):
+        cols = min(n, 3)
+        rows_ = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.8 * rows_), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        return fig, list(axes.flat)
+
+    # accuracy vs IPC, with the random baseline as a shaded band
+    fig, axes = figure(len(panels))
+    for ax, panel in zip(axes, panels):
+        band_done = False
+        for key, rs in series.items():
+            if key[:3] != panel:
+                continue
+            ipcs = [r["ipc"] for r in rs]
+            ax.errorbar(ipcs, [100 * r["acc"]["mean"] for r in rs], yerr=[100 * r["acc"]["std"] for r in rs],
+                        marker="o", capsize=3, label=key[3])
+            if not band_done and all(r.get("random") for r in rs):
+                lo = [100 * (r["random"]["mean"] - r["random"]["std"]) for r in rs]
+                hi = [100 * (r["random"]["mean"] + r["random"]["std"]) for r in rs]
+                ax.fill_between(ipcs, lo, hi, color="gray", alpha=0.25, label="random subset")
+                band_done = True
+        ax.set_xscale("log")
+        ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel("images per class")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(" / ".join(panel), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "acc_vs_ipc.png", dpi=100)
+    plt.close(fig)
+    written.append("acc_vs_ipc.png")
+
+    # accuracy vs bytes
+    fig, axes = figure(len(panels))
+    for ax, panel in zip(axes, panels):
+        for key, rs in series.items():
+            if key[:3] == panel:
+                ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=key[3])
+        ax.set_xscale("log")
+        ax.set_xlabel("bytes (images + labels)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(" / ".join(panel), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "acc_vs_bytes.png", dpi=100)
+    plt.close(fig)
+    written.append("acc_vs_bytes.png")
+
+    # synthesis time vs accuracy
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, rs in series.items():
+        ax.scatter([max(r["synthesis"]["wall_seconds"] or 0.0, 1e-3) for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                   label=" / ".join(key), s=20)
+    ax.set_xscale("log")
+    ax.set_xlabel("synthesis wall time (s)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "time_vs_acc.png", dpi=100)
+    plt.close(fig)
+    written.append("time_vs_acc.png")
+    return written
+
+
+def _grids(rows: list[dict], out: Path) -> list[tuple[str, str]]:
+    """Copy each distilled set's preview.png into ``grids/``; return (title, relative path)."""
+    seen, grids = set(), []
+    for r in rows:
+        src = Path(r["distilled_path"])
+        if src.name in seen:
+            continue
+        seen.add(src.name)
+        if (src / "preview.png").is_file():
+            (out / "grids").mkdir(exist_ok=True)
+            shutil.copyfile(src / "preview.png", out / "grids" / f"{src.name}.png")
+            grids.append((f"{r['dataset']} / {r['method']} / IPC {r['ipc']}", f"grids/{src.name}.png"))
+        else:
+            log.warning("no preview.png in %s; its grid is left out", src)
+    return grids
+
+
+def _fmt(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    return "–" if not x else f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}"
+
+
+COLUMNS = ["dataset", "method", "IPC", "student", "labels", "acc %", "random %", "IOR (pts)", "HLR (pts)", "LRS",
+           "ARS", "image bytes", "label bytes", "synthesis s", "peak mem MiB", "protocol"]
+
+
+def _cells(r: dict) -> list[str]:
+    mem = r["synthesis"].get("peak_memory_bytes")
+    return [r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"], _fmt(r["acc"]), _fmt(r.get("random")),
+            _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3), _fmt(r.get("ars"), 1, 3),
+            f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", f"{r['synthesis'].get('wall_seconds') or 0:.2f}",
+            "–" if mem is None else f"{mem / 2**20:.1f}", f"`{r['protocol_hash']}`"]
+
+
+def _cross_arch(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
+    students = sorted({r["student"] for r in rows})
+    if len(students) < 2:
+        return None
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["method"], str(r["ipc"]), r["label_mode"]), {})[r["student"]] = r["acc"]
+    head = ["dataset", "method", "IPC", "labels", *students]
+    body = [[*k, *(_fmt(g.get(s)) for s in students)] for k, g in groups.items()]
+    return head, body
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report/`` (or ``out``) for the bench run in ``run_dir``; return the folder."""
+    table = load_table(run_dir)
+    rows = table["rows"]
+    out = Path(out) if out is not None else Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plots(rows, out)
+    grids = _grids(rows, out)
+    ver = table["versions"]
+    protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows})
+    cfg = table["config"]
+    intro = (f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`; seeds {cfg['seeds']}; "
+             f"protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
+             f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
+    notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds). IOR = acc − acc(random "
+             "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "
+             "follow DD-Ranking on fractions (λ = {}, γ = {}), in [0, 1]. Peak memory: CUDA allocator peak on GPU, "
+             "sampled RSS high-water above the stage's start on CPU.").format(cfg["lrs_lambda"], cfg["ars_gamma"])
+    cross = _cross_arch(rows)
+
+    md = ["# ddkit benchmark report", "", intro, "", notes, "", "## Results", "",
+          "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    if cross:
+        md += ["", "## Cross-architecture accuracy (%)", "", "| " + " | ".join(cross[0]) + " |", "|" + "---|" * len(cross[0])]
+        md += ["| " + " | ".join(c) + " |" for c in cross[1]]
+    md += ["", "## Plots", ""]
+    md += [f"### {PLOTS[p]}\n\n![{PLOTS[p]}]({p})\n" for p in plots]
+    md += ["## Distilled sets", ""]
+    md += [f"### {t}\n\n![{t}]({p})\n" for t, p in grids]
+    md += ["## Plain-text table", "", "```", format_bench_table(rows), "```", ""]
+    (out / "report.md").write_text("\n".join(md))
+
+    e = html.escape
+
+    def html_table(head, body):
+        h = "".join(f"<th>{e(c)}</th>" for c in head)
+        b = "".join("<tr>" + "".join(f"<td>{e(c.strip('`'))}</td>" for c in row) + "</tr>" for row in body)
+        return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
+
+    parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'><title>ddkit benchmark report</title>",
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
+             "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}</style></head><body>",
+             "<h1>ddkit benchmark report</h1>", f"<p>{e(intro).replace('`', '')}</p>", f"<p>{e(notes)}</p>",
+             "<h2>Results</h2>", html_table(COLUMNS, [_cells(r) for r in rows])]
+    if cross:
+        parts += ["<h2>Cross-architecture accuracy (%)</h2>", html_table(*cross)]
+    parts += ["<h2>Plots</h2>"]
+    parts += [f"<h3>{e(PLOTS[p])}</h3><img src='{e(p)}' alt='{e(PLOTS[p])}'>" for p in plots]
+    parts += ["<h2>Distilled sets</h2>"]
+    parts += [f"<h3>{e(t)}</h3><img src='{e(p)}' alt='{e(t)}'>" for t, p in grids]
+    parts += ["</body></html>"]
+    (out / "report.html").write_text("\n".join(parts) + "\n")
+    log.info("report written to %s", out)
+    return out

@@ -1,0 +1,212 @@
+"""``ddkit bench``: the matrix runner (reuse, resume, atomic cells) and the DD-Ranking metrics."""
+
+import json
+import math
+
+import pytest
+
+from conftest import REPO
+from ddkit.bench import BenchConfig, cells_of, load_bench_config, run_bench
+from ddkit.cli import main
+from ddkit.config import from_dict
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.evaluate import metrics
+
+TINY = {
+    "datasets": ["synthetic"], "methods": ["random"], "ipcs": [1, 2], "students": ["tiny_convnet"],
+    "label_modes": ["hard"], "seeds": [0, 1], "protocol": "dc-protocol",
+    "overrides": {"full_epochs": 1, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}},
+    "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+}
+
+
+def tiny_cfg(out, **kw) -> BenchConfig:
+    return from_dict(BenchConfig, {**TINY, **kw, "out": str(out), "device": "cpu"})
+
+
+def strip(rows):
+    """Rows without what legitimately differs between two run directories."""
+    return [{k: v for k, v in r.items() if k not in ("distilled_path", "synthesis")} for r in rows]
+
+
+# --- metrics against hand-computed values ---------------------------------------------------------
+
+E, EM1 = math.e, math.exp(-1)
+
+
+def test_ior_hlr_hand_values():
+    assert metrics.ior(0.62, 0.50) == pytest.approx(0.12)
+    assert metrics.hlr(0.90, 0.62) == pytest.approx(0.28)
+    with pytest.raises(DDKitError, match="percentage"):
+        metrics.ior(62.0, 50.0)
+
+
+def test_lrs_hand_values():
+    # alpha = 0.5*0.12 - 0.5*0.28 = -0.08
+    assert metrics.lrs(0.12, 0.28) == pytest.approx((math.exp(-0.08) - EM1) / (E - EM1))
+    assert metrics.lrs(0.0, 0.0) == pytest.approx((1 - EM1) / (E - EM1))  # 0.26894...
+    assert metrics.lrs(0.0, 0.0) == pytest.approx(0.268941, abs=1e-6)
+    assert metrics.lrs(1.0, -1.0) == pytest.approx(1.0)
+    assert metrics.lrs(-1.0, 1.0) == pytest.approx(0.0)
+    assert metrics.lrs(0.2, 0.1, lam=1.0) == pytest.approx((math.exp(0.2) - EM1) / (E - EM1))
+
+
+def test_ars_hand_values():
+    # beta = 0.5*0.10 + 0.5*0.04 = 0.07
+    assert metrics.ars(0.10, 0.04) == pytest.approx((math.exp(0.07) - EM1) / (E - EM1))
+    assert metrics.ars(0.10, 0.04, gamma=0.0) == pytest.approx((math.exp(0.04) - EM1) / (E - EM1))
+
+
+@pytest.mark.parametrize("a", [0.0, 0.1, 0.5, 0.93, 1.0])
+@pytest.mark.parametrize("b", [0.0, 0.37, 1.0])
+@pytest.mark.parametrize("c", [0.0, 0.8, 1.0])
+def test_scores_in_unit_interval_for_fractions(a, b, c):
+    lrs = metrics.lrs(metrics.ior(a, b), metrics.hlr(c, a))
+    ars = metrics.ars(a - b, c - b)
+    assert 0.0 <= lrs <= 1.0 and 0.0 <= ars <= 1.0
+
+
+def test_percentages_break_the_score():
+    with pytest.raises(DDKitError, match=r"\[-1, 1\]"):
+        metrics.normalized_exp(12.0)
+
+
+def test_mean_std():
+    s = metrics.mean_std([0.5, 0.7])
+    assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["n"] == 2
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "bench").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_bench_configs_validate(path):
+    cfg = load_bench_config(path)
+    assert cells_of(cfg)
+
+
+def test_fashion_mnist_config_matrix():
+    cfg = load_bench_config(REPO / "configs" / "bench" / "fashion-mnist-random.yaml")
+    assert [c.id for c in cells_of(cfg)][:2] == ["fashion-mnist-random-ipc1-convnet3-hard",
+                                                 "fashion-mnist-random-ipc1-convnet3-teacher"]
+    assert len(cells_of(cfg)) == 6 and cfg.seeds == [0, 1, 2] and cfg.needs_teacher()
+
+
+def test_config_errors_all_at_once(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        tiny_cfg(tmp_path, ipcs=[], label_modes=["soft"], methods=["random", "random"])
+    msg = str(err.value)
+    assert "ipcs is empty" in msg and "unknown label mode" in msg and "distinct label" in msg
+    with pytest.raises(ConfigError, match="did you mean"):
+        tiny_cfg(tmp_path, method=["random"])
+
+
+# --- the runner -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "full"
+    seen = []
+    rows = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append((d, n, r["reused"])))
+    return out, rows, seen
+
+
+def test_tiny_matrix_end_to_end(full_run):
+    out, rows, seen = full_run
+    assert seen == [(1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False)]
+    assert [r["cell"] for r in rows] == ["synthetic-random-ipc1-tiny_convnet-hard", "synthetic-random-ipc1-tiny_convnet-teacher",
+                                         "synthetic-random-ipc2-tiny_convnet-hard", "synthetic-random-ipc2-tiny_convnet-teacher"]
+    for r in rows:
+        assert r["acc"]["n"] == 2 and 0 <= r["acc"]["mean"] <= 1
+        assert r["ior"]["mean"] == pytest.approx(r["acc"]["mean"] - r["random"]["mean"])
+        assert r["hlr"]["mean"] == pytest.approx(r["full_hard"]["mean"] - r["hard_acc"]["mean"])
+        assert 0 <= r["lrs"]["mean"] <= 1 and r["ars"] is None
+        assert r["protocol_hash"] and r["versions"]["torch"] and r["synthesis"]["wall_seconds"] >= 0
+        assert r["bytes"]["images"] == 4 * r["ipc"] * 256
+    hard, teacher = rows[0], rows[1]
+    # HLR of the teacher cell reuses the hard cell's evaluation
+    assert teacher["hard_acc"] == hard["acc"] and teacher["eval_keys"][1] == hard["eval_keys"][0]
+    assert teacher["protocol_hash"] != hard["protocol_hash"] == teacher["hard_protocol_hash"]
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and "teachers" not in p.parts
+                   and p.parent.name not in ("synthetic-random-ipc1", "synthetic-random-ipc2"))
+    assert files[:3] == ["bench.json", "cells/synthetic-random-ipc1-tiny_convnet-hard.json",
+                         "cells/synthetic-random-ipc1-tiny_convnet-teacher.json"]
+    assert "distilled/synthetic-random-ipc1.synthesis.json" in files
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temp files left
+    table = json.loads((out / "bench.json").read_text())
+    assert table["kind"] == "bench-table" and table["rows"] == rows
+
+
+def test_second_run_reuses_everything(full_run, monkeypatch):
+    import ddkit.bench as bench
+
+    out, rows, _ = full_run
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    monkeypatch.setattr(bench, "distill", lambda *a, **k: pytest.fail("a distilled set was recomputed"))
+    monkeypatch.setattr(bench, "train_teacher", lambda *a, **k: pytest.fail("the teacher was retrained"))
+    seen = []
+    again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [True] * 4 and again == rows
+
+
+def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):
+    _, rows, _ = full_run
+    out = tmp_path / "resumed"
+
+    def stop_after_two(done, total, row):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=stop_after_two)
+    assert len(list((out / "cells").glob("*.json"))) == 2 and not (out / "bench.json").exists()
+    seen = []
+    resumed = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [True, True, False, False]
+    diff = [(k, a[k], b[k]) for a, b in zip(resumed, rows) for k in a if a[k] != b[k] and k not in ("distilled_path", "synthesis")]
+    assert not diff
+    assert strip(resumed) == strip(rows)
+
+
+def test_killed_cell_leaves_no_corrupt_files(full_run, tmp_path, monkeypatch):
+    import ddkit.bench as bench
+
+    out = tmp_path / "killed"
+    real = bench.evaluate
+    calls = []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second cell dies mid-evaluation
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(bench, "evaluate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_cfg(out), progress=None)
+    cells = sorted(p.name for p in (out / "cells").iterdir())
+    assert cells == ["synthetic-random-ipc1-tiny_convnet-hard.json"]  # only the finished cell, no temp file
+    for p in out.rglob("*.json"):
+        json.loads(p.read_text())
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]
+    # a stale (wrong-key) or corrupt cell file is recomputed, not trusted
+    (out / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").write_text("{not json")
+    monkeypatch.setattr(bench, "evaluate", real)
+    rows = run_bench(tiny_cfg(out))
+    assert [r["cell"] for r in rows] == ["synthetic-random-ipc1-tiny_convnet-hard", "synthetic-random-ipc2-tiny_convnet-hard"]
+
+
+def test_robust_scores_and_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    cfg = tmp_path / "b.yaml"
+    import yaml
+
+    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0], "robust_scores": True, "out": str(out)}))
+    code = main(["bench", str(cfg), "--device", "cpu", "-q"])
+    captured = capsys.readouterr().out
+    assert code == 0 and "synthetic" in captured and "ARS" in captured
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    assert 0 <= row["ars"]["mean"] <= 1 and set(row["ars_protocol_hashes"]) == {"with_aug", "without_aug"}
+    assert row["ars"]["mean"] == pytest.approx(metrics.ars(row["aug_gap"]["mean"], row["noaug_gap"]["mean"]))
+    assert main(["bench", str(tmp_path / "missing.yaml")]) == 2

@@ -1,0 +1,338 @@
+"""SRe2L / CDA / G-VBSM / EDC and their shared statistics machinery (fast tier)."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods import METHODS, FitContext
+from ddkit.methods import statistics as S
+from ddkit.methods.edc import EDCConfig
+from ddkit.methods.fyi import flip_pair
+from ddkit.methods.sre2l import CDAConfig, SRe2LConfig
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def _teacher(data, norm, seed=0):
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": norm}, seed=seed,
+                        train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
+    return train_teacher(data, cfg)
+
+
+@pytest.fixture(scope="module")
+def bn_teacher(data):
+    return _teacher(data, "batchnorm")
+
+
+@pytest.fixture(scope="module")
+def in_teacher(data):
+    return _teacher(data, "instancenorm")
+
+
+def _run(name, data, teachers, ipc=1, seed=0, progress=None, **options):
+    cls = METHODS.get(name)
+    cfg = from_dict(cls.Config, options)
+    return cls(cfg).fit(data, teachers, FitContext(ipc=ipc, seed=seed, progress=progress)).synthetic_
+
+
+def _hand_moments(f):
+    means, vars_ = [], []
+    for c in range(f.shape[1]):
+        v = f[:, c].flatten().double()
+        m = v.sum() / v.numel()
+        means.append(m)
+        vars_.append(((v - m) ** 2).sum() / v.numel())
+    return torch.stack(means).float(), torch.stack(vars_).float()
+
+
+def test_hooks_capture_bn_inputs_and_conv_outputs():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2)).eval()
+    keys = S.statistic_layers(net)
+    assert keys == ["conv:0", "bn:1", "conv:3", "bn:4"]
+    x = torch.randn(5, 1, 8, 8)
+    with S.FeatureHooks(net, keys) as hooks:
+        net(x)
+    conv0 = net[0](x)
+    assert torch.equal(hooks.features["conv:0"], conv0) and torch.equal(hooks.features["bn:1"], conv0)
+    conv3 = net[3](net[2](net[1](conv0)))
+    assert torch.allclose(hooks.features["bn:4"], conv3)
+    for key in keys:
+        mean, var = S.channel_moments(hooks.features[key])
+        hm, hv = _hand_moments(hooks.features[key])
+        assert torch.allclose(mean, hm, atol=1e-6) and torch.allclose(var, hv, atol=1e-6)
+    labels = torch.tensor([0, 1, 0, 2, 1])
+    cm, cv = S.class_moments(hooks.features["bn:4"], labels, torch.tensor([0, 1, 2]))
+    for row, c in enumerate([0, 1, 2]):
+        hm, hv = _hand_moments(hooks.features["bn:4"][labels == c])
+        assert torch.allclose(cm[row], hm, atol=1e-5) and torch.allclose(cv[row], hv, atol=1e-5)
+    # hooks are removed on exit
+    assert all(not m._forward_hooks for m in net)
+
+
+def test_real_statistics_equal_hand_computation_and_ignore_batch_size(data, bn_teacher):
+    model = bn_teacher.model
+    keys = S.statistic_layers(model)
+    calls = []
+    stats = S.compute_real_statistics(model, data, keys, batch_size=7, progress=lambda d, t, r: calls.append((d, t)))
+    assert calls[-1] == (len(data.train), len(data.train))
+    x = (data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    with torch.no_grad(), S.FeatureHooks(model, keys) as hooks:
+        logits = model(x)
+    y = data.train.labels
+    for key in keys:
+        hm, hv = _hand_moments(hooks.features[key])
+        assert torch.allclose(stats[f"{key}/mean"], hm, atol=1e-5) and torch.allclose(stats[f"{key}/var"], hv, atol=1e-4)
+        for c in range(data.num_classes):
+            cm, cv = _hand_moments(hooks.features[key][y == c])
+            assert torch.allclose(stats[f"{key}/class_mean"][c], cm, atol=1e-5)
+            assert torch.allclose(stats[f"{key}/class_var"][c], cv, atol=1e-4)
+    for c in range(data.num_classes):
+        assert torch.allclose(stats["logits/class_mean"][c], logits[y == c].mean(0), atol=1e-5)
+
+
+def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monkeypatch):
+    calls = []
+    real_compute = S.compute_real_statistics
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real_compute(*a, **kw)
+
+    monkeypatch.setattr(S, "compute_real_statistics", counting)
+    first, path = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    assert (path / "manifest.json").is_file() and (path / S.TENSORS).is_file() and path.parent == tmp_path
+    second, path2 = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    assert len(calls) == 1 and path2 == path
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    # a corrupt cache is recomputed, not trusted
+    (path / S.TENSORS).write_bytes(b"not safetensors")
+    third, _ = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    assert len(calls) == 2 and all(torch.equal(first[k], third[k]) for k in first)
+    # a different teacher gets its own entry
+    other = Teacher(copy.deepcopy(bn_teacher.model), {**bn_teacher.manifest, "weights_sha": "0" * 16})
+    _, path3 = S.real_statistics(other, data, cache_dir=tmp_path)
+    assert path3 != path and len(calls) == 3
+
+
+def test_statistics_loss_zero_at_targets_and_alpha_one_ignores_class_stats():
+    torch.manual_seed(0)
+    feats = {"conv:a": torch.randn(6, 3, 4, 4), "bn:b": torch.randn(6, 2, 2, 2) * 3 + 1}
+    labels = torch.tensor([0, 0, 1, 1, 3, 3])
+    classes = torch.tensor([0, 1, 3])
+    mean, var, cmean, cvar = {}, {}, {}, {}
+    for key, f in feats.items():
+        mean[key], var[key] = S.channel_moments(f)
+        cm, cv = S.class_moments(f, labels, classes)
+        cmean[key] = torch.zeros(4, f.shape[1]).index_copy(0, classes, cm)
+        cvar[key] = torch.ones(4, f.shape[1]).index_copy(0, classes, cv)
+    targets = S.StatTargets(list(feats), mean, var, cmean, cvar)
+    for alpha in (0.0, 0.5, 1.0):
+        assert float(S.statistics_loss(feats, targets, labels, alpha, first_multiplier=10)) < 1e-5
+    shifted = {k: v + 0.5 for k, v in feats.items()}
+    assert float(S.statistics_loss(shifted, targets, labels, 0.5)) > 0.5
+    # alpha = 1: class statistics are never read (absent or garbage gives the same value)
+    garbage = S.StatTargets(list(feats), mean, var, {k: v + 100 for k, v in cmean.items()}, cvar)
+    no_class = S.StatTargets(list(feats), mean, var)
+    a = S.statistics_loss(shifted, targets, labels, 1.0)
+    assert torch.equal(a, S.statistics_loss(shifted, garbage, labels, 1.0))
+    assert torch.equal(a, S.statistics_loss(shifted, no_class, labels, 1.0))
+    assert float(S.statistics_loss(shifted, garbage, labels, 0.5)) > float(S.statistics_loss(shifted, targets, labels, 0.5)) + 10
+    with pytest.raises(DDKitError, match="class statistics"):
+        S.statistics_loss(shifted, no_class, labels, 0.5)
+
+
+def _objective(images, data, teacher):
+    """SRe2L's objective on un-augmented pixel images: CE + 0.01 * BN statistics loss."""
+    model = teacher.model
+    keys = S.statistic_layers(model, ("bn",))
+    targets = S.build_targets(model, keys, None)
+    labels = torch.arange(data.num_classes)
+    x = (images - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    with torch.no_grad(), S.FeatureHooks(model, keys) as hooks:
+        ce = torch.nn.functional.cross_entropy(model(x), labels)
+        return float(ce), float(S.statistics_loss(hooks.features, targets, labels, 1.0, 10.0))
+
+
+def test_sre2l_iterations_reduce_the_loss(data, bn_teacher):
+    from ddkit.methods.common import init_images
+
+    records = []
+    out = _run("sre2l", data, [bn_teacher], progress=lambda s, t, r: records.append(r), iterations=25)
+    assert out.images.shape == (data.num_classes, *data.image_shape)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert len(records) == 25 and {"loss", "loss_ce", "loss_stats"} <= set(records[-1])
+    ce0, st0 = _objective(init_images(data, 1, "noise", 0)[0].clamp(0, 1), data, bn_teacher)
+    ce1, st1 = _objective(out.images, data, bn_teacher)
+    assert ce1 + 0.01 * st1 < 0.8 * (ce0 + 0.01 * st0) and st1 < st0, (ce0, st0, ce1, st1)
+    # with the statistics term dominating, it is what gets minimised
+    stat_only = _run("sre2l", data, [bn_teacher], iterations=25, r_stats=1.0)
+    ce2, st2 = _objective(stat_only.images, data, bn_teacher)
+    assert st2 < 0.7 * st0 and st2 < st1, (st0, st1, st2)
+
+
+def test_bn_statistics_need_a_batchnorm_teacher(data, in_teacher):
+    with pytest.raises(DDKitError, match="needs a teacher with BatchNorm layers.*convnet3-bn"):
+        _run("sre2l", data, [in_teacher], iterations=1)
+    with pytest.raises(DDKitError, match="needs a teacher"):
+        _run("cda", data, [], iterations=1)
+    # convolution statistics work for any teacher
+    out = _run("sre2l", data, [in_teacher], iterations=2, stats="conv")
+    assert torch.isfinite(out.images).all()
+
+
+def test_config_errors():
+    with pytest.raises(ConfigError, match="alpha"):
+        from_dict(EDCConfig, {"alpha": 1.5})
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        from_dict(SRe2LConfig, {"iteration": 10})
+    with pytest.raises(ConfigError, match="stats"):
+        from_dict(SRe2LConfig, {"stats": "batchnorm"})
+    with pytest.raises(ConfigError, match="scale_min"):
+        SRe2LConfig(scale_min=0)
+    with pytest.raises(ConfigError, match="iterations must be >= 1.*lr must be > 0"):
+        SRe2LConfig(iterations=0, lr=0)
+
+
+def test_cda_curriculum_anneals_crop_scale():
+    cfg = CDAConfig(iterations=100)
+    assert S.crop_scale_min(cfg, 0) == pytest.approx(1.0)
+    assert S.crop_scale_min(cfg, 50) == pytest.approx(0.08 + 0.92 / 2)
+    assert S.crop_scale_min(cfg, 100) == pytest.approx(0.08)
+    values = [S.crop_scale_min(cfg, i) for i in range(100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    half = CDAConfig(iterations=100, milestone=0.5, curriculum="step")
+    assert S.crop_scale_min(half, 49) == 1.0 and S.crop_scale_min(half, 50) == pytest.approx(0.08)
+    assert S.crop_scale_min(SRe2LConfig(iterations=100), 0) == pytest.approx(0.08)
+
+
+def test_fyi_flip_pair():
+    x = torch.arange(8.0).view(1, 1, 2, 4)
+    out, labels = flip_pair(x, torch.tensor([3]))
+    assert out.shape == (2, 1, 2, 4) and labels.tolist() == [3, 3]
+    assert torch.equal(out[1, 0, 0], torch.tensor([3.0, 2.0, 1.0, 0.0]))
+
+
+EDC_BASE = {"iterations": 4, "lr": 0.1}
+
+
+def test_each_edc_knob_changes_the_output(data, bn_teacher, tmp_path):
+    cache = {"cache_dir": str(tmp_path)}
+    base = _run("edc", data, [bn_teacher], **EDC_BASE, **cache)
+    assert base.images.shape == (data.num_classes, *data.image_shape)
+    toggles = {
+        "init": {"init": "noise"},
+        "alpha": {"alpha": 1.0},
+        "flatness": {"flatness_weight": 0.0},
+        "weak_augmentation": {"scale_min": 0.08},
+        "flip_plugin": {"flip_plugin": True},
+        "iterations": {"iterations": 2},
+    }
+    for knob, opt in toggles.items():
+        out = _run("edc", data, [bn_teacher], **{**EDC_BASE, **opt}, **cache)
+        assert not torch.equal(out.images, base.images), f"toggling {knob} did not change the output"
+
+
+def test_edc_alpha_one_ignores_class_statistics(data, bn_teacher, tmp_path):
+    opts = {**EDC_BASE, "cache_dir": str(tmp_path)}
+    a1 = _run("edc", data, [bn_teacher], **opts, alpha=1.0)
+    a05 = _run("edc", data, [bn_teacher], **opts, alpha=0.5)
+    # corrupt only the class statistics in the cache
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    stats = load_file(str(entry / S.TENSORS))
+    stats = {k: (v + 5.0 if "/class_" in k else v) for k, v in stats.items()}
+    save_file(stats, str(entry / S.TENSORS))
+    assert torch.equal(_run("edc", data, [bn_teacher], **opts, alpha=1.0).images, a1.images)
+    assert not torch.equal(_run("edc", data, [bn_teacher], **opts, alpha=0.5).images, a05.images)
+
+
+def test_gvbsm_samples_several_teachers(data, bn_teacher, in_teacher):
+    out = _run("gvbsm", data, [bn_teacher, in_teacher], iterations=4, stats="conv")
+    assert out.meta["teachers"] == [bn_teacher.fingerprint, in_teacher.fingerprint]
+    assert set(out.meta["layers_matched"]) == {bn_teacher.fingerprint, in_teacher.fingerprint}
+    assert "loss_logit" in out.meta["final_losses"]
+    again = _run("gvbsm", data, [bn_teacher, in_teacher], iterations=4, stats="conv")
+    assert torch.equal(out.images, again.images)
+
+
+def test_class_batches_and_ipc_slots(data, bn_teacher):
+    out = _run("sre2l", data, [bn_teacher], ipc=2, iterations=2, class_batch=3)
+    assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert torch.isfinite(out.images).all()
+    # every slot starts from its own noise: no two images are equal
+    flat = out.images.flatten(1)
+    assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 0
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
+    """ipc 2 = two units; EDC keeps an EMA copy and optimizer state: resume must be bit-exact."""
+    opts = {"iterations": 3, "lr": 0.1, "checkpoint_every": every, "cache_dir": str(tmp_path / "c")}
+    cls = METHODS.get("edc")
+    straight = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3)).synthetic_
+    calls = []
+
+    def kill(step, total, record):
+        calls.append(step)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work, progress=kill))
+    assert any(work.iterdir())
+    resumed = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work)).synthetic_
+    assert torch.equal(straight.images, resumed.images)
+
+
+def test_edc_init_from_rded(data, bn_teacher, tmp_path):
+    if "rded" not in METHODS:
+        pytest.skip("rded is not registered")
+    opts = {**EDC_BASE, "iterations": 1, "init": "rded", "cache_dir": str(tmp_path),
+            "rded_options": {"mipc": 6, "num_crop": 2, "soft_labels": False}}
+    out = _run("edc", data, [bn_teacher], ipc=2, **opts)
+    assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and torch.isfinite(out.images).all()
+    real_init = _run("edc", data, [bn_teacher], ipc=2, **{**opts, "init": "real"})
+    assert not torch.equal(out.images, real_init.images)
+
+
+@pytest.mark.slow
+def test_torchrun_shards_units_and_matches_single_process(tmp_path, request):
+    """2 gloo ranks synthesise disjoint (slot, class chunk) units; the gathered set equals 1 rank's.
+
+    Minutes on a loaded 2-core machine: runs only when selected with ``-m slow``.
+    """
+    import os
+
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("torchrun test: select it with -m slow")
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
+
+    def run(*args, ranks=1):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args, "-q"], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    run("teacher", "--dataset", "synthetic", "--model", "convnetd2-w8-bn", "--epochs", "2", "--out", "t")
+    distill = ["distill", "--dataset", "synthetic", "--method", "edc", "--ipc", "3", "--teacher", "t",
+               "--set", "distill.options.iterations=3", "--set", "distill.options.class_batch=3"]
+    run(*distill, "--out", "d1")
+    env["DDKIT_CACHE"] = str(tmp_path / "cache2")  # the statistics pass also runs under torchrun
+    run(*distill, "--out", "d2", ranks=2)
+    a, b = load_file(str(tmp_path / "d1/images.safetensors")), load_file(str(tmp_path / "d2/images.safetensors"))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])

@@ -1,0 +1,220 @@
+"""DC / DSA / DM / DataDAM: distances against hand-computed values, learning, sharding, configs."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods import METHODS, FitContext, common
+from ddkit.methods.datadam import (
+    DataDAM,
+    DataDAMConfig,
+    attention_loss,
+    attention_map,
+    embed_with_features,
+)
+from ddkit.methods.dm import DM, DMConfig, RealByClass, derive_seed, dm_loss, fresh_model
+from ddkit.methods.gradient_matching import (
+    DCConfig,
+    DSAConfig,
+    _class_grads,
+    layer_distance,
+    loops_for,
+    match_distance,
+)
+from ddkit.models import create_model
+
+KEYS = ("dc", "dsa", "dm", "datadam")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def test_registered():
+    for key in KEYS:
+        assert key in METHODS
+
+
+# ------------------------------------------------------------------------------------------------
+# distances
+
+
+def test_layer_distance_hand_computed():
+    g_syn = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    g_real = torch.tensor([[2.0, 0.0], [1.0, 0.0], [4.0, 3.0]])
+    # rows: cos 1, cos 0, cos 24/25  ->  0 + 1 + 1/25
+    assert layer_distance(g_syn, g_real).item() == pytest.approx(1.04, abs=1e-5)
+    # conv weights [out, in, kh, kw]: one row per output filter
+    conv = torch.tensor([[[[1.0, 0.0]]], [[[0.0, 1.0]]]])
+    assert layer_distance(conv, -conv).item() == pytest.approx(4.0, abs=1e-5)
+    # biases / norm parameters contribute nothing (reference distance_wb)
+    assert layer_distance(torch.ones(5), -torch.ones(5)).item() == 0.0
+
+
+def test_match_distance_is_sum_of_formula():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(4, 3, 3, 3), (4,), (5, 16)]
+    g_syn = [torch.randn(s, generator=gen) for s in shapes]
+    g_real = [torch.randn(s, generator=gen) for s in shapes]
+    want = sum(
+        (1 - F.cosine_similarity(s.reshape(len(s), -1), r.reshape(len(r), -1), dim=1, eps=1e-12)).sum().item()
+        for s, r in zip(g_syn, g_real, strict=True) if s.dim() > 1
+    )
+    assert match_distance(g_syn, g_real).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_dm_loss_hand_computed():
+    real = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert dm_loss(real, torch.tensor([[2.0, 3.0]])).item() == 0.0
+    assert dm_loss(real, torch.tensor([[0.0, 6.0], [4.0, 0.0]])).item() == 0.0  # same mean
+    assert dm_loss(real, torch.zeros(1, 2)).item() == pytest.approx(13.0)
+
+
+def test_attention_map_and_loss_hand_computed():
+    f = torch.tensor([[[[1.0, 2.0]], [[1.0, 0.0]]]])  # [1, C=2, 1, 2]
+    # p=2: mean over channels [1, 2] -> L2-normalised [1, 2] / sqrt(5)
+    assert torch.allclose(attention_map(f, 2.0), torch.tensor([[1.0, 2.0]]) / math.sqrt(5))
+    assert attention_loss([f], [f.clone()], 4.0).item() == 0.0
+    g = torch.tensor([[[[3.0, 0.0]], [[0.0, 0.0]]]])  # attention [1, 0]
+    want = (1 / math.sqrt(5) - 1) ** 2 + (2 / math.sqrt(5)) ** 2
+    assert attention_loss([f], [g], 2.0).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_embed_with_features_hooks_every_block_but_last():
+    net = create_model("convnet", 1, 4, 16, depth=3, width=4)
+    x = torch.randn(2, 1, 16, 16)
+    emb, feats = embed_with_features(net, x)
+    assert torch.equal(emb, net.embed(x))
+    assert [tuple(f.shape) for f in feats] == [(2, 4, 16, 16), (2, 4, 8, 8)]
+    assert not any(m._forward_hooks for m in net.modules()), "hooks must be removed"
+    with pytest.raises(DDKitError, match="ConvNet-style"):
+        embed_with_features(create_model("tiny_mlp", 1, 4, 16), x)
+
+
+def test_loops_for():
+    assert loops_for(1, None, None) == (1, 1)
+    assert loops_for(10, None, None) == (10, 50)
+    assert loops_for(50, None, None) == (50, 10)
+    assert loops_for(2, None, None) == (1, 1)  # nearest tabulated IPC
+    assert loops_for(10, 3, None) == (3, 50)
+
+
+def test_fresh_model_is_seeded_and_leaves_global_rng_alone(data):
+    before = torch.get_rng_state()
+    a = fresh_model("tiny_convnet", {}, data, 7, torch.device("cpu"))
+    b = fresh_model("tiny_convnet", {}, data, 7, torch.device("cpu"))
+    c = fresh_model("tiny_convnet", {}, data, 8, torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    pa, pb, pc = (torch.cat([p.flatten() for p in m.parameters()]) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert derive_seed(0, "dm", 1) != derive_seed(0, "dm", 2) and derive_seed(0, "x") == derive_seed(0, "x")
+
+
+# ------------------------------------------------------------------------------------------------
+# learning: a few iterations reduce the matching loss (measured on held-out random networks)
+
+
+def _eval_nets(data, n=2):
+    return [fresh_model("tiny_convnet", {}, data, 10_000 + i, torch.device("cpu")) for i in range(n)]
+
+
+def _dm_gap(data, images, ipc):
+    real = RealByClass(data, torch.device("cpu"))
+    syn = common.to_normalized(images, data)
+    with torch.no_grad():
+        return sum(
+            dm_loss(net.embed(real.images[real.index[c]]), net.embed(syn[c * ipc:(c + 1) * ipc])).item()
+            for net in _eval_nets(data) for c in range(data.num_classes)
+        )
+
+
+def _grad_gap(data, images, ipc):
+    real = RealByClass(data, torch.device("cpu"))
+    syn = common.to_normalized(images, data)
+    total = 0.0
+    for net in _eval_nets(data):
+        for c in range(data.num_classes):
+            g_real = _class_grads(net, real.images[real.index[c]], c, create_graph=False)
+            g_syn = _class_grads(net, syn[c * ipc:(c + 1) * ipc], c, create_graph=False)
+            total += match_distance(g_syn, g_real).item()
+    return total
+
+
+@pytest.mark.parametrize(("key", "options", "gap"), [
+    # lr_img 1 instead of DC's 0.1: a clear decrease within a few seconds
+    ("dc", {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
+    ("dsa", {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
+    ("dm", {"iterations": 8, "batch_real": 24, "init": "noise"}, _dm_gap),
+    ("datadam", {"iterations": 8, "batch_real": 24, "init": "noise"}, _dm_gap),
+])
+def test_iterations_reduce_matching_loss(data, key, options, gap):
+    ipc = 2
+    cls = METHODS.get(key)
+    cfg = from_dict(cls.Config, {"model": "tiny_convnet", **options})
+    init, _ = common.init_images(data, ipc, "noise", 0)  # what fit starts from with seed 0
+    out = cls(cfg).fit(data, [], FitContext(ipc=ipc, seed=0)).synthetic_
+    assert out.images.dtype == torch.float32 and out.labels.dtype == torch.int64
+    before, after = gap(data, init, ipc), gap(data, out.images, ipc)
+    assert after < 0.9 * before, f"{key}: matching loss {before:.4f} -> {after:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------
+# per-class independence: sharding classes over ranks gives the single-process result
+
+
+@pytest.mark.parametrize("method_cls", [DM, DataDAM])
+def test_per_class_fit_equals_full_fit(data, method_cls):
+    cfg = from_dict(method_cls.Config, {**method_cls.smoke_options, "iterations": 3})
+    ctx = FitContext(ipc=2, seed=3)
+    full = method_cls(cfg).fit(data, [], ctx).synthetic_  # all classes in one process
+    assert full.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    rank0 = method_cls(cfg).fit_classes(data, ctx, [0, 2])  # the classes of rank 0 of 2
+    rank1 = method_cls(cfg).fit_classes(data, ctx, [3, 1])  # rank 1, visited in another order
+    assert sorted([*rank0, *rank1]) == [0, 1, 2, 3]
+    for part in (rank0, rank1):
+        for c, images in part.items():
+            assert torch.equal(images, full.images[c * 2:(c + 1) * 2]), f"class {c} depends on the other classes"
+
+
+def test_resume_with_other_settings_is_refused(data, tmp_path):
+    ctx = FitContext(ipc=2, seed=0, work_dir=tmp_path)
+    DM(from_dict(DMConfig, {**DM.smoke_options, "iterations": 1})).fit(data, [], ctx)
+    other = from_dict(DMConfig, {**DM.smoke_options, "iterations": 1, "lr_img": 0.5})
+    with pytest.raises(DDKitError, match="other settings"):
+        DM(other).fit(data, [], ctx)
+
+
+# ------------------------------------------------------------------------------------------------
+# config errors
+
+
+@pytest.mark.parametrize(("cfg_cls", "options", "match"), [
+    (DCConfig, {"iterations": 0}, "iterations"),
+    (DCConfig, {"outer_loop": 0}, "outer_loop"),
+    (DCConfig, {"lr_net": 0.0}, "lr_net"),
+    (DCConfig, {"batch_train": 0}, "batch_train"),
+    (DCConfig, {"model": "convnet_nope"}, "model"),
+    (DSAConfig, {"dsa_options": {"bogus": 1}}, "bogus"),
+    (DSAConfig, {"lr_img": -1.0}, "lr_img"),
+    (DMConfig, {"init": "zeros"}, "init"),
+    (DMConfig, {"checkpoint_every": 0}, "checkpoint_every"),
+    (DMConfig, {"momentum_img": 1.0}, "momentum_img"),
+    (DMConfig, {"batch_real": 0}, "batch_real"),
+    (DataDAMConfig, {"power": 0.0}, "power"),
+    (DataDAMConfig, {"attention_weight": 0.0, "mmd_weight": 0.0}, "nothing to optimise"),
+    (DataDAMConfig, {"mmd_weight": -1.0}, "mmd_weight"),
+])
+def test_config_errors(cfg_cls, options, match):
+    with pytest.raises(ConfigError, match=match):
+        cfg_cls(**options)
+
+
+def test_unknown_key_is_a_config_error():
+    with pytest.raises(ConfigError, match="lr_img"):
+        from_dict(DMConfig, {"lr_imgs": 1.0})

@@ -1,0 +1,230 @@
+"""RDED (patch selection + stitching) and FKD-style stored per-epoch soft labels."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddkit.distilled import DistilledSet
+from ddkit.errors import DDKitError
+from ddkit.evaluate.protocol import ProtocolConfig
+from ddkit.labels import SoftLabelStore, relabel, train_with_store
+from ddkit.labels.fkd import FILE
+from ddkit.methods import METHODS, FitContext
+from ddkit.methods.random import stratified_indices
+from ddkit.methods.rded import RDEDConfig, cell_sizes, crop_patches, pad_to, select_patches, stitch
+from ddkit.models import create_model
+from ddkit.teacher import TeacherConfig, train_teacher
+from ddkit.training import TrainConfig, normalizer
+
+
+@pytest.fixture(scope="module")
+def data():
+    from ddkit.data.base import make_synthetic
+
+    return make_synthetic()
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    cfg = TeacherConfig(model="tiny_convnet", model_options={}, train=TrainConfig(epochs=6, batch_size=32, lr=0.05))
+    return train_teacher(data, cfg, tmp_path_factory.mktemp("t") / "teacher")
+
+
+def _subset(data, ipc, seed=0):
+    idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed)
+    sub = data.train.subset(idx)
+    return DistilledSet(sub.images.clone(), sub.labels.clone(), {"dataset": data.describe()})
+
+
+@pytest.fixture(scope="module")
+def small_set(data):
+    return _subset(data, 3)  # 12 images
+
+
+@pytest.fixture(scope="module")
+def store(small_set, teacher):
+    return relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)
+
+
+# ---------------------------------------------------------------------------------------------- RDED
+
+
+def test_rded_output(data, teacher):
+    for factor in (1, 2):
+        cfg = RDEDConfig(mipc=12, num_crop=3, factor=factor)
+        out = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=3)).synthetic_
+        assert out.images.shape == (8, *data.image_shape) and out.images.dtype == torch.float32
+        assert torch.isfinite(out.images).all() and out.images.min() >= 0 and out.images.max() <= 1
+        assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+        assert out.soft_labels.shape == (8, data.num_classes) and torch.isfinite(out.soft_labels).all()
+        if factor == 1:  # one selected (realistic) patch per image: the teacher recognises it
+            assert torch.equal(out.soft_labels.argmax(1), out.labels)
+        assert out.meta["factor"] == factor
+
+
+def test_rded_needs_teacher(data):
+    with pytest.raises(DDKitError, match="needs a teacher"):
+        METHODS.get("rded")(RDEDConfig()).fit(data, [], FitContext(ipc=1, seed=0))
+
+
+def test_rded_auto_factor_follows_reference_scripts():
+    from ddkit.methods.rded import resolve_factor
+
+    assert resolve_factor(None, (28, 28)) == 1 and resolve_factor(None, (32, 32)) == 1
+    assert resolve_factor(None, (64, 64)) == 1 and resolve_factor(None, (128, 128)) == 2
+    assert resolve_factor(3, (28, 28)) == 3
+
+
+def test_selected_patches_are_the_teachers_best(data, teacher):
+    """Brute force: score every crop alone, keep each image's best crop, then the best images."""
+    c, m, num_crop, keep, patch, size = 2, 6, 4, 3, (8, 8), (16, 16)
+    src = data.train.float_images()[data.train.labels == c][:m]
+    gen = torch.Generator().manual_seed(11)
+    chosen, scores = select_patches(teacher.model, src, c, num_crop, keep, patch, size, teacher.mean, teacher.std,
+                                    gen, (0.08, 1.0), 5, "cpu")
+
+    from ddkit.data.augment import RandomResizedCropFlip
+
+    gen = torch.Generator().manual_seed(11)
+    sampler = RandomResizedCropFlip(ratio=(1.0, 1.0), flip_prob=0.0)
+    boxes = [sampler.sample(m, gen, size)["box"] for _ in range(num_crop)]  # boxes[j][i]: crop j of image i
+    norm = normalizer(teacher.mean, teacher.std, "cpu")
+    best = []
+    for i in range(m):
+        cands = []
+        for j in range(num_crop):
+            crop = crop_patches(src[i : i + 1], boxes[j][i : i + 1], patch)
+            with torch.no_grad():
+                logit = teacher.model(pad_to(norm(crop), size))
+            cands.append((float(F.cross_entropy(logit, torch.tensor([c]))), j, crop[0]))
+        best.append(min(cands, key=lambda t: (t[0], t[1])))
+    best.sort(key=lambda t: t[0])
+    assert torch.allclose(scores, torch.tensor([b[0] for b in best[:keep]]), atol=1e-5)
+    assert torch.allclose(chosen, torch.stack([b[2] for b in best[:keep]]), atol=1e-6)
+    assert scores.tolist() == sorted(scores.tolist())
+
+
+def test_stitch_geometry():
+    patches = torch.arange(1.0, 5.0).view(4, 1, 1, 1).expand(4, 1, 4, 4).clone()
+    out = stitch(patches, 1, 2, (8, 8))[0, 0]
+    assert (out[:4, :4] == 1).all() and (out[:4, 4:] == 2).all()
+    assert (out[4:, :4] == 3).all() and (out[4:, 4:] == 4).all()
+    # two images: image t gets patches t, n+t, 2n+t, 3n+t (the reference's mix_images order)
+    patches = torch.arange(8.0).view(8, 1, 1, 1).expand(8, 1, 3, 3).clone()
+    out = stitch(patches, 2, 2, (6, 6))
+    assert out[1, 0, 0, 0] == 1 and out[1, 0, 0, 5] == 3 and out[1, 0, 5, 0] == 5 and out[1, 0, 5, 5] == 7
+    assert cell_sizes(9, 2) == [5, 4]
+    odd = stitch(torch.ones(4, 1, 4, 4), 1, 2, (9, 9))
+    assert odd.shape == (1, 1, 9, 9) and torch.allclose(odd, torch.ones_like(odd))
+
+
+def test_rded_is_deterministic_and_class_seeded(data, teacher):
+    cfg = RDEDConfig(**METHODS.get("rded").smoke_options)
+    a = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0)).synthetic_
+    b = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0)).synthetic_
+    c = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=1)).synthetic_
+    assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
+
+
+# ----------------------------------------------------------------------------------------------- FKD
+
+
+def test_store_round_trip(store, tmp_path):
+    store.save(tmp_path / "fkd")
+    loaded = SoftLabelStore.load(tmp_path / "fkd")
+    assert loaded.tensors.keys() == store.tensors.keys()
+    for k in store.tensors:
+        assert torch.equal(loaded.tensors[k], store.tensors[k]), k
+    assert loaded.nbytes == store.nbytes > 0
+    assert loaded.manifest["schema_version"] >= 1 and loaded.manifest["teacher"]["fingerprint"]
+    a, b = store.replay(2, [4, 0, 7]), loaded.replay(2, [4, 0, 7])
+    assert torch.equal(a.targets, b.targets) and torch.equal(a.partner, b.partner)
+    assert all(torch.equal(a.aug[k], b.aug[k]) for k in a.aug)
+
+
+def test_replay_is_per_epoch_and_image(store, small_set):
+    full = store.replay(1, torch.arange(len(small_set)))
+    part = store.replay(1, [3, 1])
+    assert torch.equal(part.targets, full.targets[[3, 1]])
+    assert torch.equal(part.partner, full.partner[[3, 1]]) and torch.equal(part.mix_box, full.mix_box[[3, 1]])
+    assert torch.equal(part.lam, full.lam[[3, 1]])
+    for k in full.aug:
+        assert torch.equal(part.aug[k], full.aug[k][[3, 1]])
+    views_full = store.render(full, small_set.images, small_set.mean, small_set.std)
+    views_part = store.render(part, small_set.images, small_set.mean, small_set.std)
+    assert torch.allclose(views_part, views_full[[3, 1]], atol=1e-6)
+    assert store.mixed and bool((full.lam < 1).any()), "cutmix_prob 0.7 should mix some images"
+    # epochs differ
+    assert not torch.equal(store.replay(0, [3, 1]).aug["box"], part.aug["box"])
+
+
+def test_stored_logits_are_the_teachers_on_the_views(store, small_set, teacher):
+    for e in range(store.epochs):
+        r = store.replay(e, torch.arange(len(small_set)))
+        with torch.no_grad():
+            expect = teacher.model(store.render(r, small_set.images, small_set.mean, small_set.std))
+        assert torch.allclose(r.targets, expect, atol=2e-2, rtol=2e-3)
+
+
+def test_relabel_independent_of_batch_size(small_set, teacher, store):
+    other = relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=256)
+    for k in store.tensors:
+        if k == "logits":
+            assert torch.allclose(store.tensors[k].float(), other.tensors[k].float(), atol=1e-2)
+        else:
+            assert torch.equal(store.tensors[k], other.tensors[k]), k
+
+
+def test_topk_store(small_set, teacher, store):
+    topk = relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, top_k=2)
+    assert topk.nbytes < store.nbytes and topk.logit_nbytes < store.logit_nbytes
+    dense = store.replay(2, [5, 2, 9]).targets
+    sparse = topk.replay(2, [5, 2, 9]).targets
+    assert torch.equal(torch.isfinite(sparse).sum(1), torch.full((3,), 2))
+    assert torch.equal(sparse.topk(2, 1).indices.sort(1).values, dense.topk(2, 1).indices.sort(1).values)
+    # softmax over the top-k target = the dense distribution renormalised over those classes
+    keep = torch.isfinite(sparse)
+    p = torch.softmax(dense, 1) * keep
+    assert torch.allclose(torch.softmax(sparse, 1), p / p.sum(1, keepdim=True), atol=1e-3)
+
+
+def test_corrupt_store_is_a_ddkit_error(store, tmp_path):
+    store.save(tmp_path / "fkd")
+    path = tmp_path / "fkd" / FILE
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DDKitError, match="corrupt"):
+        SoftLabelStore.load(tmp_path / "fkd")
+    path.write_bytes(b"\x00" * 64)
+    with pytest.raises(DDKitError):
+        SoftLabelStore.load(tmp_path / "fkd")
+
+
+def test_store_refuses_other_set(store, data):
+    other = _subset(data, 3, seed=1)
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl", train=TrainConfig(epochs=1))
+    with pytest.raises(DDKitError, match="fingerprint"):
+        train_with_store(create_model("tiny_convnet", 1, 4, 16), other, store, proto, seed=0)
+
+
+def test_training_with_store_learns(data, teacher):
+    distilled = _subset(data, 10)
+    store = relabel(distilled, teacher, epochs=25, augment_spec="rrc_flip", augment_options={"scale_min": 0.5},
+                    cutmix_prob=0.5, seed=0)
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl", temperature=4.0,
+                           train=TrainConfig(epochs=25, batch_size=12, optimizer="adamw", lr=1e-2, weight_decay=0.01,
+                                             schedule="cosine"))
+    torch.manual_seed(0)
+    model = create_model("tiny_convnet", 1, data.num_classes, 16)
+    result = train_with_store(model, distilled, store, proto, seed=0, test=data.test)
+    assert result.test_accuracy > 0.7, result.history[-3:]
+
+
+def test_topk_labels_refuse_mse(small_set, teacher):
+    from ddkit.errors import ConfigError
+
+    topk = relabel(small_set, teacher, epochs=1, cutmix_prob=0.0, seed=0, top_k=2)
+    assert not topk.mixed and torch.equal(topk.replay(0, [1]).lam, torch.ones(1))
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="mse_ce", train=TrainConfig(epochs=1))
+    with pytest.raises(ConfigError, match="top-k"):
+        train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, topk, proto, seed=0)

@@ -1,0 +1,90 @@
+"""``ddkit report``: a self-contained folder whose HTML renders with every image loaded."""
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from ddkit.bench import BenchConfig, run_bench
+from ddkit.cli import main
+from ddkit.config import from_dict
+from ddkit.errors import DDKitError
+from ddkit.report import write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    cfg = from_dict(BenchConfig, {
+        "datasets": ["synthetic"], "methods": ["random"], "ipcs": [1, 2], "students": ["tiny_convnet", "tiny_mlp"],
+        "label_modes": ["hard"], "seeds": [0, 1], "protocol": "dc-protocol", "device": "cpu", "out": str(out),
+        "overrides": {"full_epochs": 1, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}},
+    })
+    run_bench(cfg)
+    return out
+
+
+def test_report_files(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 0
+    rdir = run_dir / "report"
+    assert "report.html" in capsys.readouterr().out
+    names = {p.relative_to(rdir).as_posix() for p in rdir.rglob("*") if p.is_file()}
+    assert names == {"report.md", "report.html", "acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png",
+                     "grids/synthetic-random-ipc1.png", "grids/synthetic-random-ipc2.png"}
+    for name in names:
+        if name.endswith(".png"):
+            assert (rdir / name).read_bytes()[:8] == PNG_MAGIC, name
+    md = (rdir / "report.md").read_text()
+    assert "Cross-architecture" in md and "tiny_mlp" in md and "LRS" in md
+    html = (rdir / "report.html").read_text()
+    srcs = re.findall(r"<img src='([^']+)'", html)
+    assert len(srcs) == 5 and all((rdir / s).is_file() for s in srcs)
+    assert "http://" not in html and "https://" not in html  # no network assets
+    assert main(["report", str(run_dir / "nope")]) == 2
+
+
+def test_report_needs_a_finished_run(tmp_path):
+    with pytest.raises(DDKitError, match="ddkit bench"):
+        write_report(tmp_path)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if path := shutil.which(name):
+            return path
+    return None
+
+
+CHECK = """<pre id="imgcheck">pending</pre><script>
+window.onload = function () {
+  var out = [];
+  for (const img of document.images) out.push(img.getAttribute("src") + "=" + (img.complete && img.naturalWidth > 0 ? "ok" : "fail"));
+  document.getElementById("imgcheck").textContent = "IMGS " + out.join(" ") + " END";
+};
+</script></body>"""
+
+
+def test_html_renders_in_headless_chromium(run_dir, tmp_path):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("no chromium binary found (CI installs it: apt-get install -y chromium)")
+    rdir = write_report(run_dir)
+    # a copy of the page, in the same folder (so relative paths resolve), that reports image loads
+    page = rdir / "_imgcheck.html"
+    page.write_text((rdir / "report.html").read_text().replace("</body>", CHECK))
+    try:
+        proc = subprocess.run(
+            [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+            capture_output=True, text=True, timeout=120,
+        )
+    finally:
+        page.unlink()
+    found = re.search(r"IMGS (.*?) END", proc.stdout)
+    assert found, f"chromium printed no image report (rc {proc.returncode}): {proc.stderr[-500:]}"
+    results = dict(item.rsplit("=", 1) for item in found.group(1).split())
+    assert len(results) == 5 and set(results.values()) == {"ok"}, results

@@ -1,0 +1,328 @@
+"""Expert buffers and the trajectory-matching methods (mtt, tesla, ftd, datm)."""
+
+import json
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddkit.config import from_dict
+from ddkit.data.augment import build_augment
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods import METHODS, FitContext
+from ddkit.methods import trajectory as tr
+from ddkit.methods.mtt import DATMConfig, MTTConfig, TESLAConfig, _expert_logits, window_upper
+from ddkit.methods.trajectory import (
+    ExpertConfig,
+    FunctionalStudent,
+    Step,
+    load_experts,
+    plan_steps,
+    train_experts,
+    trajectory_gradients,
+)
+
+TINY_BUFFER = {"model": "tiny_convnet", "num_experts": 2, "epochs": 3, "batch_size": 32}
+
+
+@pytest.fixture(scope="module")
+def buffer(tmp_path_factory):
+    from ddkit.data import make_synthetic
+
+    return train_experts(make_synthetic(), from_dict(ExpertConfig, TINY_BUFFER), tmp_path_factory.mktemp("b") / "experts")
+
+
+# ------------------------------------------------------------------------------------------------
+# buffer artifact
+
+
+def test_buffer_artifact_round_trip(buffer, tiny):
+    path = buffer.path
+    assert sorted(p.name for p in path.iterdir()) == ["expert_000.safetensors", "expert_001.safetensors", "manifest.json"]
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["kind"] == "expert-buffer" and manifest["schema_version"] == 1
+    assert manifest["dataset"]["fingerprint"] == tiny.fingerprint and manifest["seed"] == 0
+    assert {"ddkit", "torch"} <= set(manifest["versions"]) and manifest["config"]["epochs"] == 3
+    loaded = load_experts(path)
+    assert loaded.num_experts == 2 and loaded.epochs == 3
+    model = loaded.build_model()
+    assert loaded.num_params == sum(p.numel() for p in model.parameters())
+    for a, b in zip(buffer.trajectories, loaded.trajectories, strict=True):
+        assert a.shape == (4, loaded.num_params) and torch.equal(a, b)
+    assert not torch.equal(loaded.params(0, 0), loaded.params(0, 2)), "the expert did not train"
+    assert not torch.equal(loaded.params(0, 0), loaded.params(1, 0)), "experts share their initialisation"
+    # epoch 0 is the initialisation the trajectory starts from: the student reproduces the model
+    student = FunctionalStudent(model)
+    x = torch.randn(3, *tiny.image_shape)
+    torch.nn.utils.vector_to_parameters(loaded.params(0, 1), model.parameters())
+    assert torch.allclose(student(loaded.params(0, 1), x), model(x))
+
+
+def test_buffer_errors(buffer, tmp_path):
+    with pytest.raises(DDKitError, match="not found"):
+        load_experts(tmp_path / "nope")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for p in buffer.path.iterdir():
+        (broken / p.name).write_bytes(p.read_bytes())
+    (broken / "expert_001.safetensors").write_bytes(b"garbage")
+    with pytest.raises(DDKitError, match="corrupt"):
+        load_experts(broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["kind"] = "teacher"
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDKitError, match="not a 'expert-buffer'"):
+        load_experts(broken)
+
+
+def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
+    cfg = from_dict(ExpertConfig, TINY_BUFFER)
+    out = tmp_path / "experts"
+
+    def stop(done, total, record):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(tiny, cfg, out, progress=stop)
+    assert not out.exists(), "an interrupted stage left a partial artifact"
+    trained = []
+    real_train = tr.train_one_expert
+    monkeypatch.setattr(tr, "train_one_expert", lambda d, c, i, dev: trained.append(i) or real_train(d, c, i, dev))
+    resumed = train_experts(tiny, cfg, out)
+    assert trained == [1], "the finished expert was trained again"
+    for a, b in zip(buffer.trajectories, resumed.trajectories, strict=True):
+        assert torch.equal(a, b)
+    assert [p.name for p in tmp_path.iterdir()] == ["experts"], "the resume folder was not cleaned up"
+
+
+def test_sam_experts_differ_and_are_finite(tiny):
+    sgd = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**TINY_BUFFER, "epochs": 1}), 0, torch.device("cpu"))[0]
+    for adaptive in (False, True):
+        cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "epochs": 1, "sam_rho": 0.5, "sam_adaptive": adaptive})
+        sam = tr.train_one_expert(tiny, cfg, 0, torch.device("cpu"))[0]
+        assert torch.equal(sam[0], sgd[0]) and torch.isfinite(sam).all() and not torch.equal(sam[1], sgd[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# the loss and its gradients
+
+
+class _Linear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_matching_loss_matches_hand_computation():
+    torch.manual_seed(0)
+    student = FunctionalStudent(_Linear())
+    x = torch.randn(5, 1, 2, 2)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    start, target = torch.randn(15), torch.randn(15)
+    alpha = 0.3
+    # by hand: softmax regression gradient (p - onehot)^T x / B, bias (p - onehot).mean
+    w, b = start[:12].view(3, 4), start[12:]
+    p = F.softmax(x.flatten(1) @ w.T + b, 1) - F.one_hot(y, 3).float()
+    grad = torch.cat([(p.T @ x.flatten(1) / 5).reshape(-1), p.mean(0)])
+    final = start - alpha * grad
+    want = ((final - target) ** 2).sum() / ((start - target) ** 2).sum()
+    for mode in ("unroll", "exact", "first_order"):
+        res = trajectory_gradients(student, start, target, x, y, torch.tensor(alpha), [Step(torch.arange(5), None)],
+                                   mode=mode)
+        assert torch.allclose(res.loss, want, rtol=1e-5), mode
+
+
+def _tiny_case(steps=4, dtype=torch.float64):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.GroupNorm(3, 3), nn.ReLU(), nn.AvgPool2d(2),
+                          nn.Flatten(), nn.Linear(3 * 4 * 4, 3)).to(dtype)
+    student = FunctionalStudent(model)
+    start = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    target = start + 0.05 * torch.randn_like(start)
+    images = torch.randn(6, 1, 8, 8, dtype=dtype)
+    augment = build_augment("dsa")
+    plan = plan_steps(6, steps, 4, torch.Generator().manual_seed(0), augment, (8, 8))
+    return student, start, target, images, augment, plan
+
+
+@pytest.mark.parametrize("log_lr", [False, True])
+def test_tesla_exact_gradient_equals_mtt(log_lr):
+    """The key correctness test: TESLA's constant-memory pass gives MTT's gradient (images, lr, labels)."""
+    student, start, target, images, augment, plan = _tiny_case()
+    labels = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
+    lr = torch.tensor(-2.0 if log_lr else 0.1, dtype=torch.float64)
+    ref = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, "unroll", log_lr)
+    got = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, "exact", log_lr)
+    assert torch.allclose(got.loss, ref.loss, rtol=1e-10)
+    assert ref.grad_images.abs().sum() > 0 and ref.grad_labels.abs().sum() > 0
+    assert torch.allclose(got.grad_images, ref.grad_images, rtol=1e-7, atol=1e-12)
+    assert torch.allclose(got.grad_lr, ref.grad_lr, rtol=1e-7)
+    assert torch.allclose(got.grad_labels, ref.grad_labels, rtol=1e-7, atol=1e-12)
+
+
+def test_tesla_first_order_gradient():
+    """TESLA's reference computation: equal to MTT for one step; for more steps, the gradient of
+    ||θ_0 − α Σ g_i − θ*||² through each g_i with θ_i held fixed (built here with plain autograd)."""
+    student, start, target, images, augment, plan = _tiny_case()
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    one = plan[:1]
+    ref = trajectory_gradients(student, start, target, images, y, lr, one, augment, "unroll")
+    got = trajectory_gradients(student, start, target, images, y, lr, one, augment, "first_order")
+    assert torch.allclose(got.grad_images, ref.grad_images, rtol=1e-8, atol=1e-14)
+    assert torch.allclose(got.grad_lr, ref.grad_lr, rtol=1e-8)
+
+    x = images.clone().requires_grad_(True)
+    alpha = lr.clone().requires_grad_(True)
+    theta, total = start.clone(), 0
+    for step in plan:
+        t = theta.clone().requires_grad_(True)
+        g = torch.autograd.grad(F.cross_entropy(student(t, augment.apply(x[step.index], step.aug)), y[step.index]), t,
+                                create_graph=True)[0]
+        total = total + g
+        theta = theta - 0.1 * g.detach()
+    loss = ((start - alpha * total - target) ** 2).sum() / ((start - target) ** 2).sum()
+    want_x, want_lr = torch.autograd.grad(loss, [x, alpha])
+    got = trajectory_gradients(student, start, target, images, y, lr, plan, augment, "first_order")
+    assert torch.allclose(got.grad_images, want_x, rtol=1e-8, atol=1e-14)
+    assert torch.allclose(got.grad_lr, want_lr, rtol=1e-8)
+    exact = trajectory_gradients(student, start, target, images, y, lr, plan, augment, "exact")
+    assert not torch.allclose(got.grad_images, exact.grad_images, rtol=1e-6), "first_order should be approximate"
+
+
+class _SavedBytes:
+    """Peak bytes held by autograd's saved tensors (released when their graph is freed)."""
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        box = [t]
+        n = t.numel() * t.element_size()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+        holder = _Holder(box)
+        weakref.finalize(holder, self._free, n)
+        return holder
+
+    def _free(self, n):
+        self.live -= n
+
+    @staticmethod
+    def unpack(holder):
+        return holder.box[0]
+
+
+class _Holder:
+    def __init__(self, box):
+        self.box = box
+
+
+def _peak_saved(mode, steps):
+    # no augmentation: DSA draws a different operation per step, and each saves different tensors
+    student, start, target, images, _, _ = _tiny_case(steps, torch.float32)
+    plan = plan_steps(6, steps, 3, torch.Generator().manual_seed(0), None, (8, 8))
+    meter = _SavedBytes()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        trajectory_gradients(student, start, target, images, torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor(0.1),
+                             plan, None, mode)
+    assert meter.live == 0
+    return meter.peak
+
+
+def test_tesla_memory_flat_while_mtt_grows():
+    mtt = [_peak_saved("unroll", n) for n in (2, 8)]
+    assert mtt[1] > 3 * mtt[0], f"MTT's saved tensors should grow with syn_steps: {mtt}"
+    for mode in ("exact", "first_order"):
+        tesla = [_peak_saved(mode, n) for n in (2, 8)]
+        assert tesla[1] == tesla[0], f"{mode} memory grows with syn_steps: {tesla}"
+        assert tesla[1] < mtt[1] / 3
+
+
+# ------------------------------------------------------------------------------------------------
+# methods
+
+
+def _fit(name, data, buffer_path, seed=0, progress=None, **options):
+    cls = METHODS.get(name)
+    opts = {**cls.smoke_options, "experts": str(buffer_path), **options}
+    opts.pop("buffer", None)
+    return cls(from_dict(cls.Config, opts)).fit(data, [], FitContext(ipc=2, seed=seed, progress=progress)).synthetic_
+
+
+def test_matching_loss_decreases(tiny, buffer):
+    losses = []
+    # one expert, one start epoch, no augmentation, full batches: the objective is fixed, so it must fall
+    out = _fit("mtt", tiny, buffer.path, progress=lambda s, t, r: losses.append(r["loss"]), iterations=8,
+               max_start_epoch=1, augment="none", lr_img=10.0, lr_lr=0.0, momentum=0.0, syn_steps=4)
+    assert losses[-1] < 0.95 * losses[0], losses
+    assert out.meta["syn_lr"] == pytest.approx(0.01)
+
+
+def test_datm_window_growth_schedule():
+    cfg = DATMConfig(min_start_epoch=0, current_max_start_epoch=10, max_start_epoch=20, expansion_end=1000)
+    assert [window_upper(i, cfg) for i in (0, 99, 100, 500, 999, 1000, 5000)] == [10, 10, 11, 15, 19, 20, 20]
+    assert window_upper(0, DATMConfig(max_start_epoch=4)) == 4  # IPC 1: fixed window
+    assert window_upper(123, MTTConfig(max_start_epoch=20)) == 20
+
+
+def test_datm_start_epochs_follow_window(tiny, buffer):
+    starts = []
+    window = {"max_start_epoch": 3, "current_max_start_epoch": 1, "expansion_end": 4}
+    out = _fit("datm", tiny, buffer.path, progress=lambda s, t, r: starts.append(int(r["start_epoch"])),
+               iterations=10, syn_steps=1, **window)
+    assert starts[:2] == [0, 0] and max(starts) == 2
+    assert all(s < window_upper(i, DATMConfig(**window)) for i, s in enumerate(starts))
+    assert out.soft_labels.shape == (8, 4) and out.soft_labels.dtype == torch.float32
+
+
+def test_datm_label_init_averages_correct_experts():
+    class Fixed:
+        def __init__(self):
+            self.trajectories = [torch.zeros(1, 1), torch.ones(1, 1)]
+            self.num_experts = 2
+
+        def params(self, e, epoch):
+            return self.trajectories[e][epoch]
+
+    # expert 0 predicts class 0 for every image, expert 1 class 1
+    def student(p, x):
+        return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1) if float(p) == 0 else torch.tensor([[0.0, 2.0]]).repeat(len(x), 1)
+
+    labels = torch.tensor([0, 1])
+    out = _expert_logits(Fixed(), student, torch.zeros(2, 1), labels, -1)
+    assert out.tolist() == [[1.0, 0.0], [0.0, 2.0]]
+
+
+def test_tesla_soft_labels_and_ftd_sam_buffer(tiny, buffer):
+    out = _fit("tesla", tiny, buffer.path)
+    assert out.soft_labels.shape == (8, 4) and torch.isfinite(out.soft_labels).all()
+    assert METHODS.get("ftd").Config().buffer.sam_rho > 0
+
+
+@pytest.mark.parametrize("cls, options, match", [
+    (MTTConfig, {"syn_steps": 0}, "syn_steps"),
+    (MTTConfig, {"min_start_epoch": 3, "max_start_epoch": 3}, "min_start_epoch"),
+    (MTTConfig, {"lr_img": -1.0}, "lr_img"),
+    (MTTConfig, {"gradient": "backprop"}, "gradient"),
+    (MTTConfig, {"augment": "dssa"}, "augment"),
+    (MTTConfig, {"buffer": {"sam_rho": -1.0}}, "sam_rho"),
+    (MTTConfig, {"buffer": {"num_experts": 0}}, "num_experts"),
+    (TESLAConfig, {"soft_labels": "teacher"}, "soft_labels"),
+    (DATMConfig, {"current_max_start_epoch": 9, "max_start_epoch": 4}, "current_max_start_epoch"),
+    (DATMConfig, {"threshold": 0.0}, "threshold"),
+])
+def test_config_errors(cls, options, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(cls, options)
+
+
+def test_buffer_too_short_for_window(tiny, buffer):
+    with pytest.raises(ConfigError, match="experts of at least"):
+        _fit("mtt", tiny, buffer.path, max_start_epoch=2, expert_epochs=3)
