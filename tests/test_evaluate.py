@@ -74,3 +74,23 @@ def test_fingerprint_and_class_checks(setup, tiny_protocol):
         evaluate(ds, tiny_protocol, [0], data=other)
     with pytest.raises(DDKitError, match="no evaluation seeds"):
         evaluate(ds, tiny_protocol, [], data=make_synthetic())
+
+
+def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path):
+    from ddkit.labels import SoftLabelStore, relabel
+
+    data, teacher, ds, _ = setup
+    store = relabel(ds, teacher, epochs=5, augment_spec="rrc_flip", cutmix_prob=0.5, seed=0)
+    store.save(tmp_path / "fkd")
+    proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
+                                             "full_reference": False, "train": {"epochs": 10}})
+    assert proto.loss == "kl"
+    rep = evaluate(ds, proto, [0], data=data, teacher=teacher)
+    assert set(rep["results"]) == {"distilled", "random"}
+    assert rep["bytes"]["fkd_labels"] == SoftLabelStore.load(tmp_path / "fkd").nbytes > 0
+    assert rep["bytes"]["labels"] == ds.label_bytes + rep["bytes"]["fkd_labels"]
+    assert 0.25 < rep["results"]["distilled"]["mean"] <= 1.0
+    with pytest.raises(DDKitError, match="label_mode 'fkd' needs a teacher"):
+        evaluate(ds, proto, [0], data=data)
+    with pytest.raises(Exception, match="label_mode 'fkd' needs fkd_store"):
+        resolve_protocol(tiny_protocol, {"label_mode": "fkd"})

@@ -53,9 +53,9 @@ class EvalConfig:
     seeds: list[int] = field([0, 1, 2], help="student seeds")
 
     def __post_init__(self) -> None:
-        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored")]
+        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
         if bad:
-            raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher or stored")
+            raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if not self.seeds:
             raise ConfigError("evaluate.seeds is empty; give at least one seed")
 

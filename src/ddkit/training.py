@@ -166,7 +166,9 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
 
 
-class _EMA:
+class EMA:
+    """Exponential moving average of a model's weights (buffers copied), used for testing."""
+
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
         self.model = copy.deepcopy(model).eval()
@@ -230,7 +232,7 @@ def train_classifier(
         stored_targets = stored_targets.float()
 
     optimizer = make_optimizer(cfg, model.parameters())
-    ema = _EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(seed)
     history: list[dict] = []
     start_epoch = 0

@@ -25,11 +25,13 @@ class ProtocolConfig:
 
     student: str = field("convnet3", help="student model key (`ddkit list models`)")
     student_options: dict = field({}, help="keyword options for the student factory")
-    label_mode: Literal["hard", "teacher", "stored"] = field(
-        "hard", help="hard: cross-entropy; teacher: teacher queried on every augmented batch; stored: the artifact's soft labels"
+    label_mode: Literal["hard", "teacher", "stored", "fkd"] = field(
+        "hard", help="hard: cross-entropy; teacher: teacher queried on every augmented batch; stored: the artifact's "
+        "static soft labels; fkd: per-epoch stored views and logits from `ddkit relabel` (fkd_store)"
     )
     loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE)")
     temperature: float = field(4.0, help="softmax temperature for the kl loss")
+    fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
     full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")
@@ -41,6 +43,8 @@ class ProtocolConfig:
             raise ConfigError(f"label_mode 'hard' needs loss 'ce', got {self.loss!r}; set loss=ce or a soft label_mode")
         if self.label_mode != "hard" and self.loss == "ce":
             raise ConfigError(f"label_mode {self.label_mode!r} needs loss 'kl' or 'mse_ce'; set loss=kl")
+        if self.label_mode == "fkd" and not self.fkd_store:
+            raise ConfigError("label_mode 'fkd' needs fkd_store (a `ddkit relabel` output); set fkd_store=DIR")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.full_epochs < 1 or self.full_seeds < 1:

@@ -57,6 +57,27 @@ def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size:
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: ProtocolConfig, seed: int, device,
+               progress=None) -> float:
+    from ddkit.labels import train_with_store
+
+    torch.manual_seed(seed)
+    c, h, _ = data.image_shape
+    model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+    return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test, progress=progress).test_accuracy)
+
+
+def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device):
+    """FKD labels for a random-baseline subset with the settings of ``store``."""
+    from ddkit.labels import relabel
+
+    ds = DistilledSet(subset.images, subset.labels, {"dataset": data.describe()})
+    m = store.manifest
+    cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
+    return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                       cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"])
+
+
 def _train_student(
     train_set: ImageSet,
     data: DataBundle,
@@ -142,8 +163,14 @@ def evaluate(
     if list(distilled.classes) != list(data.classes):
         raise DDKitError("distilled set's class names differ from the dataset's; use the dataset it was made from")
     mode = protocol.label_mode
-    if teacher is None and (mode == "teacher" or (mode == "stored" and protocol.random_baseline)):
+    if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
+    store = None
+    if mode == "fkd":
+        from ddkit.labels import SoftLabelStore
+
+        store = SoftLabelStore.load(protocol.fkd_store)
+        store.check_matches(distilled, teacher)
     if teacher is not None:
         teacher.check_compatible(data)
     if mode == "stored" and distilled.soft_labels is None:
@@ -155,15 +182,22 @@ def evaluate(
     local: dict[int, dict[str, float]] = {}
     ipc = distilled.ipc
     for s in mine:
-        row = {"distilled": _train_student(
-            distilled.as_imageset(), data, protocol, protocol.train, s, device, mode, teacher,
-            distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
+        if store is not None:
+            row = {"distilled": _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))}
+        else:
+            row = {"distilled": _train_student(
+                distilled.as_imageset(), data, protocol, protocol.train, s, device, mode, teacher,
+                distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
         if protocol.random_baseline and ipc is not None:
             idx = stratified_indices(data.train.labels, data.num_classes, ipc, s + RANDOM_SEED_OFFSET)
             subset = data.train.subset(idx)
-            stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if mode == "stored" else None
-            row["random"] = _train_student(subset, data, protocol, protocol.train, s, device, mode, teacher, stored,
-                                           progress=cb_for(f"random subset, seed {s}"))
+            if store is not None:
+                rds, rstore = _relabel_like(store, subset, data, teacher, s + RANDOM_SEED_OFFSET, device)
+                row["random"] = _train_fkd(rds, rstore, data, protocol, s, device, cb_for(f"random subset, seed {s}"))
+            else:
+                stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if mode == "stored" else None
+                row["random"] = _train_student(subset, data, protocol, protocol.train, s, device, mode, teacher, stored,
+                                               progress=cb_for(f"random subset, seed {s}"))
         local[s] = row
     merged: dict[int, dict[str, float]] = {}
     for part in ddist.all_gather_objects(local):
@@ -173,6 +207,7 @@ def evaluate(
         results["random"] = _summary([merged[s]["random"] for s in seeds])
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device, Path(cache_dir) if cache_dir else None, progress)
+    label_bytes = distilled.label_bytes + (store.nbytes if store is not None else 0)
     report = base_manifest("evaluation", to_dict(protocol), seeds[0])
     report.update({
         "seeds": seeds,
@@ -181,8 +216,9 @@ def evaluate(
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},
         "teacher": {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None,
-        "bytes": {"images": distilled.image_bytes, "labels": distilled.label_bytes,
-                  "total": distilled.image_bytes + distilled.label_bytes},
+        "bytes": {"images": distilled.image_bytes, "labels": label_bytes,
+                  "total": distilled.image_bytes + label_bytes,
+                  **({"fkd_labels": store.nbytes} if store is not None else {})},
         "results": results,
         "timing": {"wall_seconds": round(time.perf_counter() - t0, 3), "world_size": info.world_size},
     })

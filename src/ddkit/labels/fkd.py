@@ -39,7 +39,6 @@ classes (FKD's renormalisation, at any temperature). ``-inf`` is only valid for 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 from collections.abc import Callable
@@ -63,6 +62,7 @@ from ddkit.artifacts import (
 from ddkit.data.augment import CutMix, Params, build_augment, slice_params
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
+    EMA,
     TrainResult,
     accuracy,
     lr_factor,
@@ -403,22 +403,6 @@ def relabel(
     return store
 
 
-class _EMA:
-    """Exponential moving average of a student's weights (buffers copied), as training.py's."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay, self.model = decay, copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
-        for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            e.copy_(b)
-
-
 def train_with_store(
     model: nn.Module,
     distilled,
@@ -453,7 +437,7 @@ def train_with_store(
     images, labels = distilled.images, distilled.labels.long()
     norm = normalizer(distilled.mean, distilled.std, device)
     optimizer = make_optimizer(tc, model.parameters())
-    ema = _EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
+    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(seed)
     n, bs = len(labels), min(tc.batch_size, len(labels))
     history: list[dict] = []
