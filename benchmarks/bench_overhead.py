@@ -66,6 +66,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     hand, bench, rerun = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports, allocator, thread pools
+        os.environ["DDKIT_CACHE"] = str(Path(tmp) / "cache")
+        by_hand(config(Path(tmp) / "w", 2), Path(tmp) / "w")
     for rep in range(args.repeats):
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -79,22 +82,26 @@ def main() -> None:
                     bench.append(with_runner(cfg))
             rerun.append(with_runner(cfg))
     cells = len(cells_of(config(Path("x"), args.epochs)))
-    h, b, r = statistics.median(hand), statistics.median(bench), statistics.median(rerun)
+    # shared CPUs are noisy: the minimum estimates the uncontended cost; paired ratios are also reported
+    h, b, r = min(hand), min(bench), statistics.median(rerun)
+    ratios = [bb / hh for hh, bb in zip(hand, bench)]
     result = {
         "what": "run_bench vs the same cells by hand (distill + evaluate), synthetic data, tiny_convnet, CPU",
         "cells": cells, "seeds_per_cell": 2, "student_epochs": args.epochs, "repeats": args.repeats,
         "by_hand_seconds": [round(x, 3) for x in hand], "bench_seconds": [round(x, 3) for x in bench],
         "rerun_seconds": [round(x, 3) for x in rerun],
-        "median_by_hand_s": round(h, 3), "median_bench_s": round(b, 3), "median_rerun_s": round(r, 3),
-        "overhead_percent": round(100 * (b - h) / h, 2), "target_overhead_percent": 5.0,
+        "min_by_hand_s": round(h, 3), "min_bench_s": round(b, 3), "median_rerun_s": round(r, 3),
+        "overhead_percent": round(100 * (b - h) / h, 2),
+        "paired_overhead_percent_median": round(100 * (statistics.median(ratios) - 1), 2), "target_overhead_percent": 5.0,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
         "versions": versions(),
     }
-    print(f"{'arm':<28} {'median s':>9}  runs")
+    print(f"{'arm':<28} {'best s':>9}  runs")
     print(f"{'by hand (distill+evaluate)':<28} {h:>9.2f}  {result['by_hand_seconds']}")
     print(f"{'ddkit bench (fresh)':<28} {b:>9.2f}  {result['bench_seconds']}")
     print(f"{'ddkit bench (re-run)':<28} {r:>9.2f}  {result['rerun_seconds']}")
-    print(f"overhead: {result['overhead_percent']:+.2f}% (target <= 5%), {cells} cells")
+    print(f"overhead (best vs best): {result['overhead_percent']:+.2f}%, paired median "
+          f"{result['paired_overhead_percent_median']:+.2f}% (target <= 5%); {cells} cells; re-run = median")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")

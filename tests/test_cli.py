@@ -25,7 +25,9 @@ def workdir(tmp_path_factory):
 
 def test_list(capsys):
     code, out, _ = run_cli(["list", "methods"], capsys)
-    assert code == 0 and out.split() == ["full", "random"]
+    assert code == 0 and {"full", "random", "dc", "dsa", "dm", "mtt", "tesla", "datm", "sre2l", "edc", "rded"} <= set(out.split())
+    code, out, _ = run_cli(["list", "methods", "d*"], capsys)
+    assert out.split() == sorted(m for m in out.split() if m.startswith("d")) and "random" not in out
     code, out, _ = run_cli(["list", "models", "convnet3*"], capsys)
     assert "convnet3" in out.split() and "resnet18_cifar" not in out
     code, out, _ = run_cli(["list", "datasets"], capsys)
@@ -119,3 +121,26 @@ def test_console_entry_point_exit_code(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "ddkit", "show", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: artifact")
+
+
+def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
+    import torch
+
+    t, d = workdir / "teacher", workdir / "r5"
+    if not d.exists():
+        pytest.skip("needs test_teacher_distill_evaluate_show_export to have run first")
+    code, out, _ = run_cli(["relabel", str(d), "--teacher", str(t), "--epochs", "3", "--top-k", "2",
+                            "--out", str(tmp_path / "fkd"), "-q"], capsys)
+    assert code == 0 and "3 epochs x 20 images" in out and "--label-mode fkd" in out
+    man = json.loads((tmp_path / "fkd/manifest.json").read_text())
+    assert man["kind"] == "fkd-soft-labels" and man["top_k"] == 2 and man["epochs"] == 3
+    code, out, _ = run_cli(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "2",
+                            "--epochs", "2", "--out", str(tmp_path / "experts"), "-q"], capsys)
+    assert code == 0 and "2 expert trajectories" in out
+    man = json.loads((tmp_path / "experts/manifest.json").read_text())
+    assert man["kind"] == "expert-buffer" and man["config"]["num_experts"] == 2
+    code, out, _ = run_cli(["export", str(d), "--format", "ddranking", "--out", str(tmp_path / "ddr")], capsys)
+    assert code == 0
+    images = torch.load(tmp_path / "ddr/images.pt", weights_only=True)
+    labels = torch.load(tmp_path / "ddr/labels.pt", weights_only=True)
+    assert images.shape == (20, 1, 16, 16) and labels.tolist() == sorted(labels.tolist())

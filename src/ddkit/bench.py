@@ -490,13 +490,45 @@ def format_bench_table(rows: list[dict]) -> str:
 
 
 def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) -> Path:
-    """Write what DD-Ranking's evaluators take: ``compute_metrics(image_tensor=..., soft_labels=...)``
-    wants class-major image tensors (its hard labels are built as ``[0]*ipc + [1]*ipc + ...``), or an
-    ImageFolder via ``image_path``. This is ``DistilledSet.export(out, 'pt')`` (class-major float
-    images in [0, 1] plus labels, classes, mean, std); kept as a named entry point for the bench."""
+    """Write a distilled set the way DD-Ranking's evaluators consume it; returns the folder.
+
+    DD-Ranking's ``compute_metrics(image_tensor=..., soft_labels=...)`` takes one image tensor in
+    CLASS-MAJOR order (it rebuilds the hard labels as ``[0]*ipc + [1]*ipc + ...``, so every class
+    must have exactly ``ipc`` images) already normalised like its real data (mean/std of the dataset),
+    and optional soft labels in the same order. The folder holds::
+
+        images.pt       float32 N x C x H x W, class-major, normalised with the dataset mean/std
+        labels.pt       int64 N hard labels (class-major: 0..0, 1..1, ...)
+        soft_labels.pt  float32 N x K teacher logits (only if the set stores soft labels)
+        meta.json       classes, ipc, mean, std, source manifest hash
+
+    ``torch.load(folder / "images.pt")`` gives the tensor to pass as ``image_tensor``. For
+    ``image_path=`` use ``DistilledSet.export(out, "imagefolder")`` instead (folders sort in label order).
+    """
+    from ddkit.artifacts import atomic_dir
+
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
-    return distilled.export(out, "pt")
+    labels = distilled.labels.long()
+    counts = torch.bincount(labels, minlength=len(distilled.classes)).tolist()
+    if len(set(counts)) != 1:
+        raise DDKitError(f"DD-Ranking needs the same number of images in every class, got {counts}; "
+                         "export a set made with a fixed IPC")
+    order = torch.argsort(labels, stable=True)
+    x = distilled.images[order]
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(distilled.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(distilled.std, dtype=torch.float32).view(1, -1, 1, 1)
+    with atomic_dir(out) as tmp:
+        torch.save(((x - mean) / std).contiguous(), tmp / "images.pt")
+        torch.save(labels[order].clone(), tmp / "labels.pt")
+        if distilled.soft_labels is not None:
+            torch.save(distilled.soft_labels[order].float().clone(), tmp / "soft_labels.pt")
+        write_json(tmp / "meta.json", {"schema_version": 1, "kind": "ddranking-export", "classes": distilled.classes,
+                                       "ipc": counts[0], "mean": list(distilled.mean), "std": list(distilled.std),
+                                       "normalized": True, "order": "class-major",
+                                       "source_config_hash": distilled.manifest.get("config_hash")})
+    return Path(out)
 
 
 __all__ = ["BenchConfig", "Cell", "MethodSpec", "PeakMemory", "cells_of", "export_for_ddranking",

@@ -273,7 +273,12 @@ def cmd_export(args) -> int:
     from ddkit.distilled import DistilledSet
 
     ds = DistilledSet.load(args.distilled)
-    out = ds.export(args.out, args.format)
+    if args.format == "ddranking":
+        from ddkit.bench import export_for_ddranking
+
+        out = export_for_ddranking(ds, args.out)
+    else:
+        out = ds.export(args.out, args.format)
     print(f"exported {len(ds)} images as {args.format} -> {out}")
     return 0
 
@@ -313,6 +318,53 @@ def cmd_report(args) -> int:
 
     out = write_report(args.run_dir, args.out)
     print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
+def cmd_relabel(args) -> int:
+    from ddkit.config import apply_overrides
+    from ddkit.distilled import DistilledSet
+    from ddkit.labels import relabel
+    from ddkit.teacher import Teacher
+
+    device = _device(args)
+    distilled = DistilledSet.load(args.distilled)
+    teacher = Teacher.load(args.teacher, device)
+    if teacher.classes != distilled.classes:
+        raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")
+    options = apply_overrides({}, list(args.augment_option or []))
+    progress = Progress(not args.quiet)
+    store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
+                    device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size)
+    progress.close()
+    out = args.out or f"{str(args.distilled).rstrip('/')}.fkd"
+    store.save(out)
+    _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
+    _print(f"evaluate with: ddkit evaluate {args.distilled} --teacher {args.teacher} --label-mode fkd --set fkd_store={out}")
+    return 0
+
+
+def cmd_experts(args) -> int:
+    from ddkit.config import from_dict
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.methods.trajectory import ExpertConfig, train_experts
+
+    data = _apply_common(_base(args), args)
+    ecfg = data.setdefault("experts", {})
+    for key in ("model", "num_experts", "epochs", "seed"):
+        if getattr(args, key, None) is not None:
+            ecfg[key] = getattr(args, key)
+    unknown = set(data) - {"dataset", "experts"}
+    if unknown:
+        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit experts`; use dataset and experts")
+    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
+    cfg = from_dict(ExpertConfig, ecfg, "experts")
+    device = _device(args)
+    bundle = load_dataset(dcfg)
+    progress = Progress(not args.quiet)
+    train_experts(bundle, cfg, args.out, device, progress.stage("experts"))
+    progress.close()
+    _print(f"{cfg.num_experts} expert trajectories of {cfg.model} ({cfg.epochs} epochs) -> {args.out}")
     return 0
 
 
@@ -392,6 +444,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="report folder (default RUN_DIR/report)")
     sp.set_defaults(func=cmd_report)
 
+    sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
+    sp.add_argument("distilled")
+    sp.add_argument("--teacher", required=True, help="teacher artifact directory")
+    sp.add_argument("--epochs", type=int, default=300, help="epochs of stored views (match the protocol's epochs)")
+    sp.add_argument("--augment", default="rrc_flip", help="augmentation of the stored views")
+    sp.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="e.g. scale_min=0.08")
+    sp.add_argument("--cutmix-prob", type=float, default=1.0)
+    sp.add_argument("--cutmix-alpha", type=float, default=1.0)
+    sp.add_argument("--top-k", type=int, help="store only the k largest logits per view")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--batch-size", type=int, default=256, help="teacher batch size (does not change the store)")
+    sp.add_argument("--out", help="output directory (default: <distilled>.fkd)")
+    common(sp, data=False, overrides=False)
+    sp.set_defaults(func=cmd_relabel)
+
+    sp = sub.add_parser("experts", help="train expert trajectories for mtt/tesla/ftd/datm")
+    sp.add_argument("--config", help="YAML with dataset: and experts: sections")
+    sp.add_argument("--model")
+    sp.add_argument("--num-experts", type=int)
+    sp.add_argument("--epochs", type=int)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--out", required=True)
+    common(sp)
+    sp.set_defaults(func=cmd_experts)
+
     sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")
     sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"])
     sp.add_argument("pattern", nargs="?", help="glob, e.g. 'convnet*'")
@@ -404,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders or a tensor file")
     sp.add_argument("distilled")
-    sp.add_argument("--format", choices=["imagefolder", "pt"], required=True)
+    sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
+                    help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_export)
     return p

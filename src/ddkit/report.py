@@ -169,7 +169,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plots = _plots(rows, out)
     grids = _grids(rows, out)
     ver = table["versions"]
-    protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows})
+    protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
+                    | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
     cfg = table["config"]
     intro = (f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`; seeds {cfg['seeds']}; "
              f"protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
