@@ -38,7 +38,7 @@ def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
     assert rep["bytes"] == {"images": 16 * 256, "labels": 16 * 8 + 16 * 4 * 4, "total": 16 * 256 + 16 * 8 + 64 * 4}
     assert rep["protocol_hash"] == tiny_protocol.hash and rep["seeds"] == [0, 1, 2]
     table = format_table([rep])
-    assert "random ipc=4" in table and "full (15 ep)" in table and f"{100 * res['distilled']['mean']:.2f}" in table
+    assert "baseline: random ipc=4" in table and "baseline: full data (15 ep)" in table and f"{100 * res['distilled']['mean']:.2f}" in table
 
 
 def test_same_seeds_same_numbers_and_full_cache(setup, tiny_protocol, tmp_path, monkeypatch):

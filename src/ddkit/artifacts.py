@@ -147,5 +147,23 @@ def read_manifest(path: str | Path, kind: str) -> dict[str, Any]:
     return manifest
 
 
+class DescribesDataset:
+    """Accessors for an artifact whose ``manifest["dataset"]`` describes the data it was made from."""
+
+    manifest: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.manifest["dataset"]["classes"])
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.manifest["dataset"]["mean"])
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.manifest["dataset"]["std"])
+
+
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))

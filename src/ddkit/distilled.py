@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddkit.artifacts import (
+    DescribesDataset,
     atomic_dir,
     base_manifest,
     load_tensors,
@@ -36,7 +37,7 @@ SOFT = "soft_labels.safetensors"
 PREVIEW = "preview.png"
 
 
-class DistilledSet(Dataset):
+class DistilledSet(DescribesDataset, Dataset):
     """A distilled set as a torch ``Dataset`` of ``(image, label)``; images in pixel space [0, 1]
     (``normalize=True`` applies the dataset's mean/std)."""
 
@@ -70,18 +71,6 @@ class DistilledSet(Dataset):
         return x, int(self.labels[i])
 
     # --- description ---------------------------------------------------------------------------
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["dataset"]["classes"])
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.manifest["dataset"]["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.manifest["dataset"]["std"])
-
     @property
     def ipc(self) -> int | None:
         return self.manifest.get("ipc")

@@ -14,6 +14,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    DescribesDataset,
     atomic_dir,
     base_manifest,
     load_tensors,
@@ -50,25 +51,13 @@ class TeacherConfig:
     checkpoint: str | None = field(None, help="import these weights (safetensors or state-dict .pt) instead of training")
 
 
-class Teacher:
+class Teacher(DescribesDataset):
     """A trained classifier with the data description it was trained on."""
 
     def __init__(self, model: nn.Module, manifest: dict[str, Any], path: Path | None = None) -> None:
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["dataset"]["classes"])
-
-    @property
-    def mean(self) -> tuple[float, ...]:
-        return tuple(self.manifest["dataset"]["mean"])
-
-    @property
-    def std(self) -> tuple[float, ...]:
-        return tuple(self.manifest["dataset"]["std"])
 
     @property
     def test_accuracy(self) -> float | None:
