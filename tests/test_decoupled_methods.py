@@ -308,15 +308,13 @@ def test_edc_init_from_rded(data, bn_teacher, tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_shards_units_and_matches_single_process(tmp_path, request):
+def test_torchrun_shards_units_and_matches_single_process(tmp_path):
     """2 gloo ranks synthesise disjoint (slot, class chunk) units; the gathered set equals 1 rank's.
 
-    Minutes on a loaded 2-core machine: runs only when selected with ``-m slow``.
+    A couple of minutes on 2 cores, hence the slow tier (which CI runs).
     """
     import os
 
-    if "slow" not in (request.config.getoption("-m") or ""):
-        pytest.skip("torchrun test: select it with -m slow")
     import subprocess
     import sys
 
