@@ -314,7 +314,6 @@ def test_torchrun_shards_units_and_matches_single_process(tmp_path):
     A couple of minutes on 2 cores, hence the slow tier (which CI runs).
     """
     import os
-
     import subprocess
     import sys
 
