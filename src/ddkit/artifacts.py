@@ -93,6 +93,20 @@ def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch
         raise DDKitError(f"{what} {str(path)!r} is corrupt ({str(exc).splitlines()[0]}); re-create it") from None
 
 
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file beside ``path`` and rename (for resume states read back with
+    ``weights_only=True``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` only if the block succeeds."""

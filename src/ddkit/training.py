@@ -9,11 +9,9 @@ updates as a single process (up to floating-point summation order).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit import distributed as ddist
+from ddkit.artifacts import atomic_torch_save
 from ddkit.config import field
 from ddkit.data.augment import CutMix, build_augment, slice_params
 from ddkit.data.base import ImageSet
@@ -317,7 +316,7 @@ def train_classifier(
             }
             if ema is not None:
                 state["ema"] = ema.model.state_dict()
-            _atomic_torch_save(state, state_path)
+            atomic_torch_save(state, state_path)
         if state_path is not None and info.enabled:
             ddist.barrier()
         if progress is not None:
@@ -330,14 +329,3 @@ def train_classifier(
         if history:
             history[-1]["test_accuracy"] = acc
     return TrainResult(model=final, history=history, test_accuracy=acc)
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)

@@ -6,14 +6,13 @@ class to inherit behaviour from.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddkit import distributed as ddist
+from ddkit.artifacts import atomic_torch_save
 from ddkit.data.base import DataBundle
 from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
@@ -72,14 +71,7 @@ class Checkpoint:
     def save(self, state: dict[str, Any]) -> None:
         if self.path is None or not ddist.current().is_main:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        atomic_torch_save(state, self.path)
 
 
 def report(ctx: FitContext, step: int, total: int, **record: float) -> None:
