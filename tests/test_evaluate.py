@@ -41,7 +41,7 @@ def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
     assert "baseline: random ipc=4" in table and "baseline: full data (15 ep)" in table and f"{100 * res['distilled']['mean']:.2f}" in table
 
 
-def test_same_seeds_same_numbers_and_full_cache(setup, tiny_protocol, tmp_path, monkeypatch):
+def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_path, monkeypatch):
     data, _, ds, _ = setup
     a = evaluate(ds, tiny_protocol, [3], data=data)
     import ddkit.evaluate.runner as runner
@@ -51,7 +51,11 @@ def test_same_seeds_same_numbers_and_full_cache(setup, tiny_protocol, tmp_path, 
     monkeypatch.setattr(runner, "_train_student", lambda *a, **k: calls.append(a[1] is a[2]) or real(*a, **k))
     b = evaluate(ds, tiny_protocol, [3], data=data)
     assert a["results"] == b["results"]
-    assert len(calls) == 2  # distilled + random only: the full-data reference came from the cache
+    assert len(calls) == 1  # distilled only: the random subset and the full data came from the caches
+    # the random-baseline cache is keyed by the protocol: another epoch count trains it again
+    other = resolve_protocol(tiny_protocol, {"train": {"epochs": tiny_protocol.train.epochs + 1}})
+    c = evaluate(ds, other, [3], data=data)
+    assert len(calls) == 3 and c["results"]["random"]["n"] == 1  # distilled + random trained again
 
 
 def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):

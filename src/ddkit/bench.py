@@ -45,7 +45,7 @@ from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate
 from ddkit.methods import METHODS
 from ddkit.pipeline import DistillConfig, distill, distill_hash
@@ -63,12 +63,14 @@ class MethodSpec:
 
     name: str = field("random", help="registered method key (`ddkit list methods`)")
     options: dict = field({}, help="the method's own settings (its Config dataclass)")
+    ipc_options: dict[int, dict] = field({}, help="settings for one IPC over options, e.g. {50: {iterations: 500}} (papers tune per IPC)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image")
     label: str | None = field(None, help="name in tables and file names (default: name); needed when a method appears twice")
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
             raise ConfigError(METHODS.unknown_message(self.name))
+        self.ipc_options = {int(k): v for k, v in self.ipc_options.items()}
         if self.label is not None and not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.label):
             raise ConfigError(f"method label {self.label!r} may only use letters, digits and _ . + -")
 
@@ -90,6 +92,9 @@ class BenchConfig:
     distill_seed: int = field(0, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
+                                           "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
+    student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
     robust_scores: bool = field(False, help="also compute ARS: evaluates with and without augmentation (2 more evaluations per cell)")
     ars_augment: str = field("dsa", help="augmentation of the 'with augmentation' variant when the protocol has none")
     lrs_lambda: float = field(0.5, help="lambda of LRS: weight of IOR against HLR")
@@ -123,11 +128,29 @@ class BenchConfig:
             problems.append("label mode 'stored' needs soft_labels: true on every method")
         if problems:
             raise ConfigError("; ".join(problems))
+        self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
+        extra = sorted(set(self.ipc_overrides) - set(self.ipcs))
+        unknown = sorted(set(self.student_options) - set(self.students))
+        if extra or unknown:
+            raise ConfigError("; ".join(
+                ([f"ipc_overrides names IPC {extra} that is not in ipcs {self.ipcs}; remove it or add the IPC"] if extra else [])
+                + ([f"student_options names {unknown}, not in students {self.students}"] if unknown else [])))
+        stray = {m.key: sorted(set(m.ipc_options) - set(self.ipcs)) for m in self.methods if set(m.ipc_options) - set(self.ipcs)}
+        if stray:
+            raise ConfigError(f"ipc_options of {stray} name IPCs not in ipcs {self.ipcs}; remove them or add the IPC")
+        for m in self.methods:  # fail early on an unknown or badly typed method option
+            for ipc in self.ipcs:
+                cls = METHODS.get(m.name)
+                from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
         for student in self.students:  # fail early on a bad protocol or student
-            self.protocol_for(student, self.label_modes[0])
+            for ipc in self.ipcs:
+                self.protocol_for(student, self.label_modes[0], ipc=ipc)
 
-    def protocol_for(self, student: str, label_mode: str, augment: str | None = None) -> ProtocolConfig:
-        over: dict[str, Any] = {**self.overrides, "student": student, "label_mode": label_mode}
+    def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None) -> ProtocolConfig:
+        over: dict[str, Any] = merge_overrides(self.overrides, self.ipc_overrides.get(ipc, {}))
+        over.update({"student": student, "label_mode": label_mode})
+        if student in self.student_options:
+            over["student_options"] = dict(self.student_options[student])
         if augment is not None:
             over["train"] = {**over.get("train", {}), "augment": augment}
         return resolve_protocol(self.protocol, over)
@@ -317,8 +340,8 @@ class _Bench:
 
     def _dist_cfg(self, m: str, ipc: int) -> DistillConfig:
         spec = self.methods[m]
-        return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed, options=dict(spec.options),
-                             soft_labels=spec.soft_labels)
+        return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed,
+                             options=merge_overrides(spec.options, spec.ipc_options.get(ipc, {})), soft_labels=spec.soft_labels)
 
     def _make_set(self, key: tuple[str, str, int]) -> None:
         d, m, ipc = key
@@ -346,7 +369,7 @@ class _Bench:
         key3 = (cell.dataset, cell.method, cell.ipc)
         teacher = self.teachers[cell.dataset]
         return config_hash({
-            "schema": CELL_SCHEMA, "cell": cell.id, "protocol": cfg.protocol_for(cell.student, cell.label_mode).hash,
+            "schema": CELL_SCHEMA, "cell": cell.id, "protocol": cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc).hash,
             "seeds": cfg.seeds, "distilled": self.distilled[key3].manifest.get("config_hash"),
             "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
             "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
@@ -368,9 +391,9 @@ class _Bench:
     def compute(self, cell: Cell) -> dict:
         cfg = self.cfg
         key3 = (cell.dataset, cell.method, cell.ipc)
-        protocol = cfg.protocol_for(cell.student, cell.label_mode)
+        protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc)
         rep = self._evaluate(cell, protocol)
-        hard = rep if cell.label_mode == "hard" else self._evaluate(cell, cfg.protocol_for(cell.student, "hard"))
+        hard = rep if cell.label_mode == "hard" else self._evaluate(cell, cfg.protocol_for(cell.student, "hard", ipc=cell.ipc))
         res = rep["results"]
         acc = res["distilled"]
         rnd = res.get("random")
@@ -400,8 +423,8 @@ class _Bench:
                                            for i, h in zip(row["ior"]["per_seed"], row["hlr"]["per_seed"])])
         if cfg.robust_scores and rnd is not None:
             aug = protocol.train.augment if protocol.train.augment != "none" else cfg.ars_augment
-            with_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, aug))
-            no_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, "none"))
+            with_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, aug, cell.ipc))
+            no_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, "none", cell.ipc))
             gap = [[metrics.ior(a, r) for a, r in zip(e["results"]["distilled"]["per_seed"], e["results"]["random"]["per_seed"])]
                    for e in (with_aug, no_aug)]
             row["ars"] = metrics.mean_std([metrics.ars(ga, gn, cfg.ars_gamma) for ga, gn in zip(*gap)])

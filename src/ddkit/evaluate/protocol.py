@@ -115,7 +115,7 @@ def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None =
     else:
         base = to_dict(PROTOCOLS.get(spec)())
     if overrides:
-        merged = _merge(base, overrides)
+        merged = merge_overrides(base, overrides)
         # switching to hard labels implies cross-entropy; to soft labels implies KL unless given
         if "label_mode" in overrides and "loss" not in overrides:
             merged["loss"] = "ce" if overrides["label_mode"] == "hard" else (
@@ -124,11 +124,14 @@ def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None =
     return from_dict(ProtocolConfig, base, "protocol")
 
 
-def _merge(base: dict, over: dict) -> dict:
+def merge_overrides(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, recursing into nested dicts (neither is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
 
 
 def overrides_to_dict(items: list[str]) -> dict:

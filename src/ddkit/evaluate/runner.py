@@ -103,6 +103,33 @@ def _train_student(
     return float(result.test_accuracy)
 
 
+def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
+                      cache_dir: str | Path | None) -> Path:
+    """Cache file of one random-baseline student: keyed by everything that decides its accuracy
+    (protocol without the fkd store path, data, teacher, FKD store settings, IPC, seed)."""
+    proto = {**to_dict(protocol), "fkd_store": None}
+    settings = None
+    if store is not None:
+        m = store.manifest
+        settings = {"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"), "top_k": store.top_k}
+    key = config_hash({"protocol": proto, "data": data.fingerprint, "ipc": ipc, "seed": seed, "fkd": settings,
+                       "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None})
+    return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
+
+
+def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
+                     progress=None) -> float:
+    """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class."""
+    idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed + RANDOM_SEED_OFFSET)
+    subset = data.train.subset(idx)
+    if store is not None:
+        rds, rstore = _relabel_like(store, subset, data, teacher, seed + RANDOM_SEED_OFFSET, device)
+        return _train_fkd(rds, rstore, data, protocol, seed, device, progress)
+    stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if protocol.label_mode == "stored" else None
+    return _train_student(subset, data, protocol, protocol.train, seed, device, protocol.label_mode, teacher, stored,
+                          progress=progress)
+
+
 def full_reference(
     data: DataBundle, protocol: ProtocolConfig, seeds: list[int], device, cache_dir: Path | None,
     progress: Progress | None = None,
@@ -189,15 +216,13 @@ def evaluate(
                 distilled.as_imageset(), data, protocol, protocol.train, s, device, mode, teacher,
                 distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
         if protocol.random_baseline and ipc is not None:
-            idx = stratified_indices(data.train.labels, data.num_classes, ipc, s + RANDOM_SEED_OFFSET)
-            subset = data.train.subset(idx)
-            if store is not None:
-                rds, rstore = _relabel_like(store, subset, data, teacher, s + RANDOM_SEED_OFFSET, device)
-                row["random"] = _train_fkd(rds, rstore, data, protocol, s, device, cb_for(f"random subset, seed {s}"))
+            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir)
+            if cache.is_file():
+                row["random"] = float(read_json(cache, "cache entry")["accuracy"])
             else:
-                stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if mode == "stored" else None
-                row["random"] = _train_student(subset, data, protocol, protocol.train, s, device, mode, teacher, stored,
-                                               progress=cb_for(f"random subset, seed {s}"))
+                row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device, cb_for(f"random subset, seed {s}"))
+                write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
+                                   "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
         local[s] = row
     merged: dict[int, dict[str, float]] = {}
     for part in ddist.all_gather_objects(local):

@@ -307,10 +307,12 @@ def statistics_loss(
     labels: torch.Tensor,
     alpha: float = 1.0,
     first_multiplier: float = 1.0,
+    var_weight: float = 1.0,
 ) -> torch.Tensor:
     """``sum_l w_l [alpha * G_l + (1 - alpha) * C_l]`` with ``w_0 = first_multiplier``, else 1.
 
-    ``G_l = ||mu_syn - mu||_2 + ||var_syn - var||_2`` over the whole batch (SRe2L's R_BN);
+    ``G_l = ||mu_syn - mu||_2 + v ||var_syn - var||_2`` over the whole batch (SRe2L's R_BN; ``v =
+    var_weight`` is 1 there and DWA's ``r_var`` = 11);
     ``C_l`` is the same per class present in ``labels`` against that class's real statistics,
     averaged over those classes (EDC's soft category-aware matching). ``alpha = 1`` never touches
     class statistics.
@@ -324,10 +326,11 @@ def statistics_loss(
         loss = torch.zeros((), device=f.device)
         if alpha > 0:
             mu, var = channel_moments(f)
-            loss = loss + alpha * (torch.norm(mu - targets.mean[key], 2) + torch.norm(var - targets.var[key], 2))
+            loss = loss + alpha * (torch.norm(mu - targets.mean[key], 2) + var_weight * torch.norm(var - targets.var[key], 2))
         if alpha < 1:
             cm, cv = class_moments(f, labels, classes)
-            dist = torch.norm(cm - targets.class_mean[key][classes], 2, dim=1) + torch.norm(cv - targets.class_var[key][classes], 2, dim=1)
+            dist = (torch.norm(cm - targets.class_mean[key][classes], 2, dim=1)
+                    + var_weight * torch.norm(cv - targets.class_var[key][classes], 2, dim=1))
             loss = loss + (1 - alpha) * dist.mean()
         total = total + (first_multiplier if i == 0 else 1.0) * loss
     return total
@@ -369,6 +372,13 @@ class RecoverConfig:
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
     flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
     flip_plugin: bool = field(False, help="FYI (ECCV 2024): match each image together with its mirror image")
+    var_weight: float = field(1.0, help="weight of the variance term against the mean term of the statistics loss (DWA's r_var: 11)")
+    extra_teachers: list[str] = field([], help="more teacher artifacts (folders) beside the pipeline's teacher: G-VBSM/EDC backbones, a CV-DD committee")
+    committee_size: int | None = field(None, help="None: sample one teacher per step (G-VBSM); k: a committee of k teachers per IPC slot, all used every step with voting weights (CV-DD)")
+    committee_weights: Literal["prior", "equal"] = field("prior", help="CV-DD voting: softmax(prior / committee_temperature) of each teacher's test accuracy in %, or equal weights")
+    committee_temperature: float = field(5.0, help="CV-DD voting temperature (paper code: 5)")
+    perturb_rho: float = field(0.0, help="DWA directed weight adjustment: total norm of the per-batch teacher weight perturbation (0 = off; DWA: 0.015)")
+    perturb_steps: int = field(12, help="DWA: normalised gradient-ascent steps of size perturb_rho / perturb_steps (DWA: 12)")
     class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes of one IPC slot)")
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
@@ -389,6 +399,12 @@ class RecoverConfig:
             (self.class_batch is None or self.class_batch >= 1, f"class_batch must be >= 1, got {self.class_batch}"),
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.stats_batch_size >= 1, f"stats_batch_size must be >= 1, got {self.stats_batch_size}"),
+            (self.var_weight >= 0, f"var_weight must be >= 0, got {self.var_weight}"),
+            (self.committee_size is None or self.committee_size >= 1, f"committee_size must be >= 1, got {self.committee_size}"),
+            (self.committee_weights in ("prior", "equal"), f"committee_weights must be prior or equal, got {self.committee_weights!r}"),
+            (self.committee_temperature > 0, f"committee_temperature must be > 0, got {self.committee_temperature}"),
+            (self.perturb_rho >= 0, f"perturb_rho must be >= 0, got {self.perturb_rho}"),
+            (self.perturb_steps >= 1, f"perturb_steps must be >= 1, got {self.perturb_steps}"),
             (self.stats in ("bn", "conv", "bn+conv"), f"stats must be bn, conv or bn+conv, got {self.stats!r}"),
             (self.init in ("noise", "real", "rded"), f"init must be noise, real or rded, got {self.init!r}"),
             (self.augment in ("rrc_flip", "crop_flip", "none"), f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
@@ -481,6 +497,95 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
     return imgs
 
 
+def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
+    """The pipeline's teachers followed by those named in ``cfg.extra_teachers``."""
+    from ddkit.teacher import Teacher
+
+    extra = []
+    for path in cfg.extra_teachers:
+        if not Path(path).exists():
+            raise DDKitError(f"extra teacher {path!r} not found; give the folder of a `ddkit teacher` artifact")
+        extra.append(Teacher.load(path, device))
+    return list(teachers) + extra
+
+
+def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int, slot: int) -> list[tuple[int, float]] | None:
+    """CV-DD's committee of one IPC slot: ``committee_size`` teachers drawn without replacement
+    (by a generator of (seed, slot), so every rank draws the same) and their voting weights,
+    ``softmax(accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
+    if cfg.committee_size is None:
+        return None
+    if cfg.committee_size > len(states):
+        raise DDKitError(f"committee_size {cfg.committee_size} exceeds the {len(states)} teacher(s) given; "
+                         "add teachers with extra_teachers or lower committee_size")
+    gen = torch.Generator().manual_seed(_unit_seed(seed, slot, 0) ^ 0x5EED)
+    members = sorted(torch.randperm(len(states), generator=gen)[: cfg.committee_size].tolist())
+    return list(zip(members, committee_weights_of(cfg, [states[i].teacher for i in members])))
+
+
+def committee_weights_of(cfg: RecoverConfig, teachers: list) -> list[float]:
+    """CV-DD voting weights of ``teachers``: ``softmax(100 * test_accuracy / T)`` ("prior") or equal."""
+    if cfg.committee_weights == "equal":
+        return [1.0 / len(teachers)] * len(teachers)
+    priors = []
+    for t in teachers:
+        if t.test_accuracy is None:
+            raise DDKitError("committee_weights 'prior' needs each teacher's recorded test accuracy, and one teacher has none; "
+                             "set committee_weights: equal")
+        priors.append(100.0 * float(t.test_accuracy))
+    return torch.softmax(torch.tensor(priors, dtype=torch.float64) / cfg.committee_temperature, 0).tolist()
+
+
+def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rho: float,
+                               steps: int) -> nn.Module:
+    """DWA's per-batch teacher: a copy of ``model`` moved ``steps`` times by ``rho / steps`` along the
+    normalised gradient that *increases* its cross-entropy on ``images`` (the batch's initial real
+    images), so ``||delta theta|| <= rho``. BatchNorm running statistics (the matching targets) stay
+    as they are; the copy is in eval mode and its parameters do not require gradients."""
+    import copy
+
+    adjusted = copy.deepcopy(model).eval()
+    params = list(adjusted.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    step = rho / steps
+    for _ in range(steps):
+        loss = F.cross_entropy(adjusted(images), labels)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norm = torch.norm(torch.stack([g.norm(2) for g in grads if g is not None]), 2)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.add_(g, alpha=step / (float(norm) + 1e-12))
+    for p in params:
+        p.requires_grad_(False)
+    return adjusted
+
+
+def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                 ema_inputs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One teacher's objective: ``CE + r_stats * statistics + r_logit * logit matching + flatness``."""
+    with FeatureHooks(model, st.keys) as hooks:
+        logits = model(inputs)
+    loss_ce = F.cross_entropy(logits, labels)
+    loss_stats = statistics_loss(hooks.features, st.targets, labels, cfg.alpha, cfg.first_multiplier, cfg.var_weight)
+    loss = loss_ce + cfg.r_stats * loss_stats
+    record = {"loss_ce": float(loss_ce.detach()), "loss_stats": float(loss_stats.detach())}
+    if cfg.r_logit > 0:
+        loss_logit = logit_matching_loss(logits, labels, st.targets.class_logits)
+        loss = loss + cfg.r_logit * loss_logit
+        record["loss_logit"] = float(loss_logit.detach())
+    if ema_inputs is not None:
+        with torch.no_grad():
+            ema_logits = model(ema_inputs)
+        tau = cfg.flatness_tau
+        flat = F.kl_div(F.log_softmax(ema_logits / tau, 1), F.log_softmax(logits / tau, 1),
+                        reduction="batchmean", log_target=True)  # KL(p_images || p_ema)
+        loss = loss + cfg.flatness_weight * flat
+        record["loss_flat"] = float(flat.detach())
+    return loss, record
+
+
 def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet:
     """Optimise ``ipc`` images per class against the teachers; the loop every preset here shares.
 
@@ -494,6 +599,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     learning rate, images clamped to the valid pixel range after every step.
     """
     ipc = check_ipc(real, ctx.ipc)
+    teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
     k = real.num_classes
     init = _initial_images(name, cfg, real, teachers, ipc, ctx)  # [K*ipc], class-major
@@ -530,6 +636,12 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         x0 = init[classes * ipc + slot].to(device)
         x = ((x0 - mean) / std).clone().requires_grad_(True)
         gen = torch.Generator().manual_seed(_unit_seed(ctx.seed, slot, clo))
+        committee = committee_for(cfg, states, ctx.seed, slot)
+        models = [st.teacher.model for st in states]
+        if cfg.perturb_rho > 0:  # DWA: each batch gets its own adjusted copy of the teacher(s) it uses
+            used = range(len(states)) if committee is None else [i for i, _ in committee]
+            for i in used:
+                models[i] = directed_weight_adjustment(models[i], x.detach(), labels, cfg.perturb_rho, cfg.perturb_steps)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         ema = x.detach().clone() if cfg.flatness_weight > 0 else None
         it0 = 0
@@ -550,33 +662,24 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             shifts = None
             if cfg.jitter > 0:
                 shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
-            ti = int(torch.randint(len(states), (1,), generator=gen)) if len(states) > 1 else 0
-            st = states[ti]
+            if committee is None:  # G-VBSM: one teacher sampled per step
+                members = [(int(torch.randint(len(states), (1,), generator=gen)) if len(states) > 1 else 0, 1.0)]
+            else:  # CV-DD: every committee member votes with its weight
+                members = committee
 
             def view(images, aug=aug, params=params, shifts=shifts):
                 out = aug.apply(images, params) if aug is not None else images
                 return torch.roll(out, shifts=shifts, dims=(2, 3)) if shifts is not None else out
 
-            model = st.teacher.model
-            with FeatureHooks(model, st.keys) as hooks:
-                logits = model(view(batch))
-            loss_ce = F.cross_entropy(logits, blabels)
-            loss_stats = statistics_loss(hooks.features, st.targets, blabels, cfg.alpha, cfg.first_multiplier)
-            loss = loss_ce + cfg.r_stats * loss_stats
-            record = {"loss_ce": float(loss_ce.detach()), "loss_stats": float(loss_stats.detach())}
-            if cfg.r_logit > 0:
-                loss_logit = logit_matching_loss(logits, blabels, st.targets.class_logits)
-                loss = loss + cfg.r_logit * loss_logit
-                record["loss_logit"] = float(loss_logit.detach())
-            if ema is not None:
-                with torch.no_grad():
-                    eb = flip_pair(ema, labels)[0] if cfg.flip_plugin else ema
-                    ema_logits = model(view(eb))
-                tau = cfg.flatness_tau
-                flat = F.kl_div(F.log_softmax(ema_logits / tau, 1), F.log_softmax(logits / tau, 1),
-                                reduction="batchmean", log_target=True)  # KL(p_images || p_ema)
-                loss = loss + cfg.flatness_weight * flat
-                record["loss_flat"] = float(flat.detach())
+            inputs = view(batch)
+            ema_inputs = view(flip_pair(ema, labels)[0] if cfg.flip_plugin else ema) if ema is not None else None
+            loss = torch.zeros((), device=device)
+            record: dict[str, float] = {}
+            for ti, weight in members:
+                part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs)
+                loss = loss + weight * part
+                for key, v in rec.items():
+                    record[key] = record.get(key, 0.0) + weight * v
             (grad,) = torch.autograd.grad(loss, [x])
             x.grad = grad
             opt.step()

@@ -362,11 +362,19 @@ def load_experts(path: str | Path) -> ExpertBuffer:
 
 def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_dir: Path | None,
                device: torch.device) -> ExpertBuffer:
-    """The buffer at ``experts``, or one trained with ``cfg`` (kept in ``work_dir/experts`` if given)."""
+    """The buffer at ``experts``, or one trained with ``cfg``.
+
+    A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>``)
+    when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
+    same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
+    """
     if experts:
         buffer = load_experts(experts)
     else:
-        out = Path(work_dir) / "experts" if work_dir is not None else None
+        import os
+
+        cache = Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit")) / "experts"
+        out = cache / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}" if work_dir is not None else None
         buffer = None
         if out is not None and (out / "manifest.json").is_file():
             with contextlib.suppress(DDKitError):

@@ -1,0 +1,120 @@
+"""DWA (directed weight adjustment) and CV-DD (committee voting) over the shared recover loop."""
+
+import math
+
+import pytest
+import torch
+
+from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods import METHODS, FitContext
+from ddkit.methods import statistics as S
+from ddkit.methods.cvdd import CVDDConfig
+from ddkit.methods.dwa import DWAConfig
+from ddkit.teacher import TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def _teacher(data, out, norm="batchnorm", width=8, seed=0):
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": width, "norm": norm}, seed=seed,
+                        train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
+    return train_teacher(data, cfg, out)
+
+
+@pytest.fixture(scope="module")
+def teachers(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    return [_teacher(data, root / "a", width=8, seed=0), _teacher(data, root / "b", width=12, seed=1),
+            _teacher(data, root / "c", norm="instancenorm", width=8, seed=2)]
+
+
+def _run(name, data, teachers, ipc=1, seed=0, **options):
+    cls = METHODS.get(name)
+    return cls(from_dict(cls.Config, options)).fit(data, teachers, FitContext(ipc=ipc, seed=seed)).synthetic_
+
+
+def test_variance_weight_scales_only_the_variance_term():
+    f = torch.randn(6, 3, 4, 4)
+    mu, var = S.channel_moments(f)
+    targets = S.StatTargets(["conv:x"], {"conv:x": mu + 1.0}, {"conv:x": var + 2.0})
+    labels = torch.zeros(6, dtype=torch.long)
+    # ||mu - (mu + 1)|| = sqrt(3), ||var - (var + 2)|| = 2 sqrt(3)
+    for v in (1.0, 11.0):
+        got = S.statistics_loss({"conv:x": f}, targets, labels, var_weight=v)
+        assert math.isclose(float(got), math.sqrt(3) + v * 2 * math.sqrt(3), rel_tol=1e-5)
+
+
+def test_directed_weight_adjustment_has_norm_rho_raises_the_loss_and_leaves_the_teacher(data, teachers):
+    model = teachers[0].model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ((data.train.images[:20].float() / 255.0) - data.mean[0]) / data.std[0]
+    y = data.train.labels[:20]
+    adjusted = S.directed_weight_adjustment(model, x, y, rho=0.05, steps=4)
+    delta = torch.cat([(a - b).detach().flatten() for a, b in zip(adjusted.parameters(), model.parameters())])
+    assert 0.02 < float(delta.norm()) <= 0.05 + 1e-6  # 4 unit-norm steps of 0.0125: at most rho
+    with torch.no_grad():
+        assert torch.nn.functional.cross_entropy(adjusted(x), y) > torch.nn.functional.cross_entropy(model(x), y)
+    for k, v in model.state_dict().items():  # the teacher itself, and its BN running statistics, are untouched
+        assert torch.equal(v, before[k]), k
+    bn_buffers = {k: v for k, v in adjusted.state_dict().items() if "running" in k}
+    assert bn_buffers and all(torch.equal(v, before[k]) for k, v in bn_buffers.items())
+    assert not any(p.requires_grad for p in adjusted.parameters())
+
+
+def test_dwa_perturbation_changes_the_images_and_rho_zero_is_plain_recovery(data, teachers):
+    opts = {"iterations": 3, "checkpoint_every": 100}
+    dwa = _run("dwa", data, teachers[:1], **opts)
+    plain = _run("dwa", data, teachers[:1], perturb_rho=0.0, **opts)
+    same = _run("sre2l", data, teachers[:1], **{**opts, **{k: getattr(DWAConfig(), k) for k in (
+        "lr", "r_stats", "var_weight", "init", "augment", "jitter")}})
+    assert dwa.images.shape == plain.images.shape == (data.num_classes, *data.image_shape)
+    assert not torch.equal(dwa.images, plain.images)
+    assert torch.equal(plain.images, same.images)  # DWA without the adjustment is SRe2L with DWA's settings
+    assert torch.equal(dwa.images, _run("dwa", data, teachers[:1], **opts).images)  # deterministic
+
+
+def test_committee_weights_follow_prior_accuracy(data, teachers):
+    cfg = from_dict(CVDDConfig, {"committee_size": 2})
+    accs = [100 * t.test_accuracy for t in teachers]
+    w = S.committee_weights_of(cfg, teachers)
+    z = [math.exp(a / 5.0) for a in accs]
+    assert w == pytest.approx([v / sum(z) for v in z], rel=1e-9)
+    assert S.committee_weights_of(from_dict(CVDDConfig, {"committee_weights": "equal"}), teachers) == [1 / 3] * 3
+    states = [S._TeacherState(t, [], None) for t in teachers]
+    picks = {tuple(i for i, _ in S.committee_for(cfg, states, seed=0, slot=s)) for s in range(8)}
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in picks) and len(picks) > 1  # members vary by IPC slot
+    assert S.committee_for(cfg, states, 0, 3) == S.committee_for(cfg, states, 0, 3)
+    with pytest.raises(DDKitError, match="committee_size 2 exceeds the 1 teacher"):
+        S.committee_for(cfg, states[:1], 0, 0)
+
+
+def test_cvdd_uses_extra_teachers_and_stores_committee_soft_labels(data, teachers):
+    from ddkit.evaluate.runner import teacher_logits
+
+    opts = {"iterations": 2, "init": "real", "stats": "conv", "checkpoint_every": 100,
+            "extra_teachers": [str(teachers[1].path), str(teachers[2].path)]}
+    out = _run("cvdd", data, teachers[:1], ipc=2, **opts)
+    assert out.images.shape == (2 * data.num_classes, *data.image_shape)
+    assert len(out.meta["teachers"]) == 3
+    w = out.meta["soft_labels"]["weights"]
+    want = sum(wi * teacher_logits(t, out.images, data.mean, data.std, "cpu") for wi, t in zip(w, teachers))
+    assert torch.allclose(out.soft_labels, want, atol=1e-5)
+    assert sum(w) == pytest.approx(1.0)
+    # a committee of one teacher per slot differs from a committee of two
+    solo = _run("cvdd", data, teachers[:1], ipc=2, **{**opts, "committee_size": 1})
+    assert not torch.equal(solo.images, out.images)
+
+
+def test_cvdd_needs_enough_teachers_and_existing_paths(data, teachers, tmp_path):
+    with pytest.raises(DDKitError, match="committee_size 2 exceeds the 1 teacher"):
+        _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv")
+    with pytest.raises(DDKitError, match="extra teacher .* not found"):
+        _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv", extra_teachers=[str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match="perturb_steps must be >= 1"):
+        from_dict(DWAConfig, {"perturb_steps": 0})
