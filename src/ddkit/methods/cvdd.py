@@ -15,7 +15,12 @@ from ddkit.config import field
 from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method
-from ddkit.methods.statistics import RecoverConfig, committee_weights_of, load_extra_teachers, recover
+from ddkit.methods.statistics import (
+    RecoverConfig,
+    committee_weights_of,
+    load_extra_teachers,
+    recover,
+)
 
 _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1, "committee_size": 1}
 
