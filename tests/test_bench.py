@@ -253,3 +253,39 @@ def test_ddranking_export(full_run, tmp_path):
     raw = raw / 255.0 if src.images.dtype == torch.uint8 else raw
     assert torch.allclose(x, (raw - src.mean[0]) / src.std[0], atol=1e-6)
     assert json.loads((folder / "meta.json").read_text())["ipc"] == 2
+
+
+def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_path):
+    """ipc_options / ipc_overrides change one IPC only; '@name' resolves to a pool teacher; a
+    student or method limited to some IPCs gets only those cells; stages report progress."""
+    cfg = tiny_cfg(
+        tmp_path / "run", ipcs=[1, 2], students=["tiny_convnet", "tiny_mlp"], label_modes=["hard"], seeds=[0],
+        student_ipcs={"tiny_mlp": [2]}, method_ipcs={"b": [1]},
+        ipc_overrides={2: {"train": {"epochs": 4}}},
+        teacher_pool={"other": {"model": "tiny_convnet", "seed": 3, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}},
+        methods=[{"name": "sre2l", "label": "a", "options": {"iterations": 2, "stats": "conv", "extra_teachers": ["@other"]},
+                  "ipc_options": {2: {"iterations": 3}}},
+                 {"name": "random", "label": "b"}],
+    )
+    assert [c.id for c in cells_of(cfg)] == [
+        "synthetic-a-ipc1-tiny_convnet-hard", "synthetic-a-ipc2-tiny_convnet-hard", "synthetic-a-ipc2-tiny_mlp-hard",
+        "synthetic-b-ipc1-tiny_convnet-hard"]
+    assert cfg.protocol_for("tiny_convnet", "hard", ipc=2).train.epochs == 4
+    assert cfg.protocol_for("tiny_convnet", "hard", ipc=1).train.epochs == 3
+    stages = []
+    rows = run_bench(cfg, stage_progress=lambda what, d, n: stages.append((what, d, n)))
+    assert len(rows) == 4 and rows[2]["cross_arch"] is not None and rows[0]["cross_arch"] is None
+    pool = tmp_path / "run" / "teachers" / "synthetic@other"
+    assert (pool / "manifest.json").is_file()
+    a2 = json.loads((tmp_path / "run" / "distilled" / "synthetic-a-ipc2" / "manifest.json").read_text())
+    assert a2["method"]["config"]["iterations"] == 3 and a2["method"]["config"]["extra_teachers"] == [str(pool)]
+    a1 = json.loads((tmp_path / "run" / "distilled" / "synthetic-a-ipc1" / "manifest.json").read_text())
+    assert a1["method"]["config"]["iterations"] == 2 and len(a2["meta"]["teachers"]) == 2
+    assert not (tmp_path / "run" / "distilled" / "synthetic-b-ipc2").exists()
+    whats = {w.split(" ")[0] for w, _, _ in stages}
+    assert {"teacher", "distill"} <= whats and any(": distilled, seed 0" in w for w, _, _ in stages)
+    assert any(w == "distill synthetic-a-ipc2" and (d, n) == (6, 6) for w, d, n in stages)  # 2 slots x 3 steps
+    with pytest.raises(ConfigError, match="not in teacher_pool"):
+        tiny_cfg(tmp_path, methods=[{"name": "sre2l", "options": {"extra_teachers": ["@nope"]}}])
+    with pytest.raises(ConfigError, match="must be a non-empty subset of ipcs"):
+        tiny_cfg(tmp_path, student_ipcs={"tiny_convnet": [7]})

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CELL_SCHEMA = 1
 BenchProgress = Callable[[int, int, dict], None]
+StageProgress = Callable[[str, int, int], None]  # (what, done, total) inside a teacher, synthesis or evaluation
 
 
 @dataclass
@@ -95,11 +96,15 @@ class BenchConfig:
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
                                            "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
     student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
+    student_ipcs: dict[str, list[int]] = field({}, help="run a student only at these IPCs, e.g. {resnet18_cifar: [10]} (cross-architecture at one IPC)")
+    method_ipcs: dict[str, list[int]] = field({}, help="run a method (by its name in tables) only at these IPCs, e.g. an ablation at IPC 10")
     robust_scores: bool = field(False, help="also compute ARS: evaluates with and without augmentation (2 more evaluations per cell)")
     ars_augment: str = field("dsa", help="augmentation of the 'with augmentation' variant when the protocol has none")
     lrs_lambda: float = field(0.5, help="lambda of LRS: weight of IOR against HLR")
     ars_gamma: float = field(0.5, help="gamma of ARS: weight of the with-augmentation gap")
     teacher: TeacherConfig = field(factory=TeacherConfig, help="teacher per dataset (trained only if a label mode or method needs it)")
+    teacher_pool: dict[str, TeacherConfig] = field({}, help="more teachers per dataset, by name; a method option "
+                                                   "extra_teachers: ['@name'] refers to one (G-VBSM/EDC backbones, CV-DD committees)")
     device: str = field("auto", help="auto, cpu, cuda or cuda:N")
     out: str = field("runs/bench", help="run directory")
 
@@ -129,6 +134,8 @@ class BenchConfig:
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
+        self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
+                             for k, v in self.teacher_pool.items()}
         extra = sorted(set(self.ipc_overrides) - set(self.ipcs))
         unknown = sorted(set(self.student_options) - set(self.students))
         if extra or unknown:
@@ -142,6 +149,22 @@ class BenchConfig:
             for ipc in self.ipcs:
                 cls = METHODS.get(m.name)
                 from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
+        for what, table, known in (("student_ipcs", self.student_ipcs, self.students),
+                                   ("method_ipcs", self.method_ipcs, [m.key for m in self.methods])):
+            for name, ipcs in table.items():
+                if name not in known:
+                    raise ConfigError(f"{what} names {name!r}, which is not one of {known}")
+                if not ipcs or set(ipcs) - set(self.ipcs):
+                    raise ConfigError(f"{what}[{name}] = {ipcs} must be a non-empty subset of ipcs {self.ipcs}")
+        bad_names = [n for n in self.teacher_pool if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
+        if bad_names:
+            raise ConfigError(f"teacher_pool names {bad_names} may only use letters, digits and _ . + -")
+        for m in self.methods:
+            for ipc in self.ipcs:
+                refs = merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", [])
+                missing = [r for r in refs if isinstance(r, str) and r.startswith("@") and r[1:] not in self.teacher_pool]
+                if missing:
+                    raise ConfigError(f"method {m.key!r} refers to {missing}, not in teacher_pool {sorted(self.teacher_pool)}; add it there")
         for student in self.students:  # fail early on a bad protocol or student
             for ipc in self.ipcs:
                 self.protocol_for(student, self.label_modes[0], ipc=ipc)
@@ -156,7 +179,7 @@ class BenchConfig:
         return resolve_protocol(self.protocol, over)
 
     def needs_teacher(self) -> bool:
-        return any(m != "hard" for m in self.label_modes) or any(
+        return bool(self.teacher_pool) or any(m != "hard" for m in self.label_modes) or any(
             s.soft_labels or getattr(METHODS.get(s.name), "needs_teacher", False) for s in self.methods)
 
 
@@ -186,8 +209,10 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
     out = []
     for d in cfg.datasets:
         for m in cfg.methods:
-            for ipc in cfg.ipcs:
+            for ipc in cfg.method_ipcs.get(m.key, cfg.ipcs):
                 for s in cfg.students:
+                    if ipc not in cfg.student_ipcs.get(s, cfg.ipcs):
+                        continue
                     for mode in cfg.label_modes:
                         out.append(Cell(len(out), d.name, m.key, ipc, s, mode))
     return out
@@ -265,15 +290,17 @@ class PeakMemory:
             self.peak = int(self._high - self._base)
 
 
-def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device) -> Teacher:
+def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, progress: StageProgress | None = None) -> Teacher:
     man = tdir / "manifest.json"
     found = read_json(man) if man.is_file() else {}
     if found.get("config_hash") == config_hash(cfg) and found.get("dataset", {}).get("fingerprint") == data.fingerprint:
         return Teacher.load(tdir, device)
-    return train_teacher(data, cfg, tdir, device)
+    cb = (lambda e, n, r: progress(f"teacher {tdir.name}", e, n)) if progress is not None else None
+    return train_teacher(data, cfg, tdir, device, progress=cb)
 
 
-def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device) -> dict:
+def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device,
+                   progress: StageProgress | None = None) -> dict:
     """Make (or reuse) one distilled set; return its synthesis record."""
     stats_path = ddir.parent / f"{ddir.name}.synthesis.json"
     want = distill_hash(dist_cfg, data, teacher)
@@ -283,7 +310,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
         return read_json(stats_path)
     t0 = time.perf_counter()
     with PeakMemory(torch.device(device)) as mem:
-        ds = distill(data, dist_cfg, dcfg, ddir, teacher, device)
+        cb = (lambda d, n, r: progress(f"distill {ddir.name}", d, n)) if progress is not None else None
+        ds = distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb)
     stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want,
              "wall_seconds": round(time.perf_counter() - t0, 4), "peak_memory_bytes": mem.peak,
              "peak_memory_kind": mem.kind, "device": str(device), "versions": versions(),
@@ -296,10 +324,11 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 
 
 class _Bench:
-    def __init__(self, cfg: BenchConfig) -> None:
+    def __init__(self, cfg: BenchConfig, stage_progress: StageProgress | None = None) -> None:
         from ddkit.distributed import resolve_device
 
         self.cfg = cfg
+        self.stage_progress = stage_progress
         self.root = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.data: dict[str, DataBundle] = {d.name: load_dataset(d) for d in cfg.datasets}
@@ -321,31 +350,43 @@ class _Bench:
         cfg = self.cfg
         names = list(self.data)
         if cfg.needs_teacher():
-            self._spread(names, lambda n: _teacher_stage(self.data[n], cfg.teacher, self.root / "teachers" / n, self.device))
+            self._spread(names, lambda n: _teacher_stage(self.data[n], cfg.teacher, self.root / "teachers" / n, self.device,
+                                                         self.stage_progress))
+            pool = [(n, name) for n in names for name in cfg.teacher_pool]
+            self._spread(pool, lambda job: _teacher_stage(self.data[job[0]], cfg.teacher_pool[job[1]],
+                                                          self._pool_dir(*job), self.device, self.stage_progress))
             for n in names:
                 self.teachers[n] = Teacher.load(self.root / "teachers" / n, self.device)
                 self.teachers[n].check_compatible(self.data[n])
         else:
             self.teachers = dict.fromkeys(names)
-        sets = [(d, m, ipc) for d in names for m in self.methods for ipc in cfg.ipcs]
+        sets = [(d, m, ipc) for d in names for m in self.methods for ipc in cfg.method_ipcs.get(m, cfg.ipcs)]
         self._spread(sets, self._make_set)
         for key in sets:
             ddir = self._set_dir(key)
             self.distilled[key] = DistilledSet.load(ddir)
             self.synthesis[key] = read_json(ddir.parent / f"{ddir.name}.synthesis.json")
 
+    def _pool_dir(self, dataset: str, name: str) -> Path:
+        return self.root / "teachers" / f"{dataset}@{name}"
+
     def _set_dir(self, key: tuple[str, str, int]) -> Path:
         d, m, ipc = key
         return self.root / "distilled" / f"{d}-{m}-ipc{ipc}"
 
-    def _dist_cfg(self, m: str, ipc: int) -> DistillConfig:
+    def _dist_cfg(self, m: str, ipc: int, dataset: str) -> DistillConfig:
         spec = self.methods[m]
-        return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed,
-                             options=merge_overrides(spec.options, spec.ipc_options.get(ipc, {})), soft_labels=spec.soft_labels)
+        options = merge_overrides(spec.options, spec.ipc_options.get(ipc, {}))
+        if "extra_teachers" in options:  # '@name' -> this dataset's teacher of that name in the pool
+            options["extra_teachers"] = [str(self._pool_dir(dataset, r[1:])) if isinstance(r, str) and r.startswith("@") else r
+                                         for r in options["extra_teachers"]]
+        return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed, options=options,
+                             soft_labels=spec.soft_labels)
 
     def _make_set(self, key: tuple[str, str, int]) -> None:
         d, m, ipc = key
-        _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc), self._set_dir(key), self.teachers[d], self.device)
+        _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc, d), self._set_dir(key), self.teachers[d], self.device,
+                       self.stage_progress)
 
     # evaluations are cached by everything that decides them
     def _evaluate(self, cell: Cell, protocol: ProtocolConfig) -> dict:
@@ -358,8 +399,10 @@ class _Bench:
         path = self.root / "evals" / f"{key}.json"
         if path.is_file():
             return read_json(path)
+        sp = self.stage_progress
+        cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
         rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
-                       teacher=teacher if protocol.label_mode != "hard" else None, device=self.device)
+                       teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb)
         rep["eval_key"] = key
         write_json(path, rep)
         return rep
@@ -435,14 +478,15 @@ class _Bench:
         return row
 
 
-def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None) -> list[dict]:
+def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_progress: StageProgress | None = None) -> list[dict]:
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
 
     ``progress(done, total, row)`` is called after every cell (``row["reused"]`` tells whether it was
-    already finished). Accuracies and scores are fractions. Under torchrun every rank runs its share
+    already finished); ``stage_progress(what, done, total)`` inside every teacher training (epochs),
+    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs its share
     of the cells; the full table is returned on every rank (read back from the cell files).
     """
-    bench = _Bench(cfg)
+    bench = _Bench(cfg, stage_progress)
     info = ddist.current()
     if info.is_main:
         write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),

@@ -293,11 +293,12 @@ def cmd_bench(args) -> int:
     if args.device != "auto":
         cfg.device = args.device
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
-    bar = None
+    bar = stage = None
     if not args.quiet and ddist.current().is_main:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="bench cells", unit="cell", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(desc="bench cells", unit="cell", dynamic_ncols=True, file=sys.stderr, position=0)
+        stage = tqdm(desc="stage", dynamic_ncols=True, file=sys.stderr, position=1, leave=False)
 
     def progress(done: int, total: int, row: dict) -> None:
         if bar is not None:
@@ -305,9 +306,17 @@ def cmd_bench(args) -> int:
             bar.set_postfix_str(f"{row['cell']}{' (reused)' if row['reused'] else ''}")
             bar.update(done - bar.n)
 
-    rows = run_bench(cfg, progress=progress)
-    if bar is not None:
-        bar.close()
+    def stage_progress(what: str, done: int, total: int) -> None:
+        if stage is not None:
+            if stage.desc != what or done < stage.n:
+                stage.reset(total=total)
+                stage.set_description_str(what, refresh=False)
+            stage.update(done - stage.n)
+
+    rows = run_bench(cfg, progress=progress, stage_progress=stage_progress)
+    for b in (stage, bar):
+        if b is not None:
+            b.close()
     _print(format_bench_table(rows))
     _print(f"table: {Path(cfg.out) / 'bench.json'}; report: ddkit report {cfg.out}")
     return 0
