@@ -1,0 +1,14 @@
+"""The decoupled family (SRe2L, CDA, G-VBSM, EDC and its ablation, RDED, DWA, CV-DD) on Fashion-MNIST.
+
+IPC 1 / 10 / 50, teacher soft labels for every method and the random subset alike, ConvNet-3 and
+ResNet-18 students, synthesis time, peak memory and image + label bytes. See
+benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-core configuration,
+``--tier full`` the papers' settings (GPU).
+
+    DDKIT_DATA=../shared/data python benchmarks/decoupled.py --tier cpu
+"""
+
+from fashion_mnist import main
+
+if __name__ == "__main__":
+    main(families=("decoupled",))

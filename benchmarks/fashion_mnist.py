@@ -1,0 +1,215 @@
+"""Every ddkit method on Fashion-MNIST at IPC 1 / 10 / 50, beside random subsets and published numbers.
+
+Two families, each one `ddkit bench` matrix (resumable: re-run the same command after a stop):
+
+- ``matching``  (configs/bench/fashion-mnist-matching[-cpu].yaml): DC, DSA, DM, DataDAM, MTT, TESLA,
+  FTD, DATM and random, hard labels under the DC protocol (ConvNet-3, SGD 0.01, batch 256).
+- ``decoupled`` (configs/bench/fashion-mnist-decoupled[-cpu].yaml): SRe2L, CDA, G-VBSM, EDC (+ its
+  ablation), RDED, DWA, CV-DD and random, teacher soft labels under one soft-label protocol, ConvNet-3
+  and ResNet-18 students.
+
+``--tier cpu`` runs the reduced configurations (2 CPU cores, about 1.5 h for both families);
+``--tier full`` the papers' settings (needs a GPU). Writes, per family, ``<family>-fashion-mnist-<tier>.json``
+(the bench table), ``.md`` (tables) and a ``-report/`` folder (plots, image grids, HTML), then
+``fashion-mnist.md`` assembling every family found in the results folder.
+
+Usage (the one documented command; ~1.5 h on 2 CPU cores):
+    DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ddkit.artifacts import read_json, write_json
+from ddkit.bench import load_bench_config, run_bench
+
+ROOT = Path(__file__).resolve().parent.parent
+FAMILIES = ("matching", "decoupled")
+
+# Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
+# (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
+PUBLISHED: dict[str, dict[int, tuple[float, float]]] = {
+    "dc": {1: (70.5, 0.6), 10: (82.3, 0.4), 50: (83.6, 0.4)},
+    "dsa": {1: (70.6, 0.6), 10: (84.6, 0.3), 50: (88.7, 0.2)},
+    "random": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
+}
+WHOLE_DATASET = 93.5  # ConvNet-3 on all 60k images, DC paper Table 1
+
+
+def config_path(family: str, tier: str) -> Path:
+    return ROOT / "configs" / "bench" / f"fashion-mnist-{family}{'-cpu' if tier == 'cpu' else ''}.yaml"
+
+
+def run_family(family: str, tier: str, device: str | None = None, quiet: bool = False) -> tuple[list[dict], Path]:
+    """Run (or resume) one family's matrix; returns its rows and run directory."""
+    cfg = load_bench_config(config_path(family, tier))
+    if device:
+        cfg.device = device
+    bar = stage = None
+    if not quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"{family} cells", unit="cell", file=sys.stderr, position=0)
+        stage = tqdm(desc="stage", file=sys.stderr, position=1, leave=False)
+
+    def progress(done, total, row):
+        if bar is not None:
+            bar.total = total
+            bar.set_postfix_str(row["cell"])
+            bar.update(done - bar.n)
+
+    def stage_progress(what, done, total):
+        if stage is not None:
+            if stage.desc != what or done < stage.n:
+                stage.reset(total=total)
+                stage.set_description_str(what, refresh=False)
+            stage.update(done - stage.n)
+
+    rows = run_bench(cfg, progress=progress, stage_progress=stage_progress)
+    for b in (stage, bar):
+        if b is not None:
+            b.close()
+    return rows, Path(cfg.out)
+
+
+def _pm(x: dict | None) -> str:
+    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}"
+
+
+def _pub(method: str, ipc: int) -> str:
+    p = PUBLISHED.get(method, {}).get(ipc)
+    return f"{p[0]:.1f} ± {p[1]:.1f}" if p else "–"
+
+
+def _mb(n: int | None) -> str:
+    return "–" if n is None else f"{n / 2**20:.1f}"
+
+
+def family_markdown(family: str, tier: str, table: dict) -> str:
+    """Tables of one family: every cell, the EDC ablation and cross-architecture accuracy."""
+    rows = table["rows"]
+    cfg = table["config"]
+    lines = [f"## {family} family ({tier} tier)", "",
+             f"Config: `{config_path(family, tier).relative_to(ROOT)}`; label mode(s) {', '.join(cfg['label_modes'])}; "
+             f"student seeds {cfg['seeds']}; protocol `{cfg['protocol']}` with overrides `{cfg['overrides']}` and per-IPC "
+             f"overrides `{cfg.get('ipc_overrides', {})}`. Accuracies: top-1 % on the 10k test images, mean ± std over "
+             "student seeds, final epoch. `random` = a stratified random real subset of the same IPC under the identical "
+             "protocol and seeds; IOR = method − random (points); HLR = full-data hard − distilled hard (points).", "",
+             "| method | IPC | student | labels | accuracy % | random % | IOR | HLR | published (FMNIST) | synthesis s | peak MB | image B | label B |",
+             "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        syn = r["synthesis"]
+        ior = f"{100 * r['ior']['mean']:+.2f}" if r.get("ior") else "–"
+        hlr = f"{100 * r['hlr']['mean']:.2f}" if r.get("hlr") else "–"
+        pub = _pub(r["method_name"], r["ipc"]) if r["label_mode"] == "hard" and r["method"] == r["method_name"] else "–"
+        lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['acc'])} | {_pm(r['random'])} | {ior} | {hlr} | "
+                     f"{pub} | {syn['wall_seconds'] or 0:.1f} | {_mb(syn['peak_memory_bytes'])} | "
+                     f"{r['bytes']['images']:,} | {r['bytes']['labels']:,} |")
+    full = next((r["full_hard"] for r in rows if r.get("full_hard")), None)
+    if full:
+        lines += ["", f"Full-data reference (same student, hard labels, {full.get('epochs', '?')} epochs): "
+                      f"{100 * full['mean']:.2f} % (published whole-dataset ConvNet-3, 300 epochs: {WHOLE_DATASET})."]
+    ablation = [r for r in rows if r["method"].startswith("edc-") or (r["method"] == "edc" and any(
+        x["method"].startswith("edc-") for x in rows))]
+    if ablation:
+        ipc = min(r["ipc"] for r in ablation if r["method"].startswith("edc-"))
+        lines += ["", f"### EDC ablation (IPC {ipc}, knobs added one by one as in EDC Fig. 1)", "",
+                  "| step | knobs | student | accuracy % | vs random |", "|---|---|---|---|---:|"]
+        steps = {"edc-A": "G-VBSM baseline: backbones, BN + conv statistics, noise init",
+                 "edc-AB": "+ real-image init", "edc-ABD": "+ flatness regularisation",
+                 "edc-ABDF": "+ soft category-aware matching (alpha 0.5)", "edc": "+ weak augmentation (= EDC)"}
+        for key, text in steps.items():
+            for r in rows:
+                if r["method"] == key and r["ipc"] == ipc:
+                    gain = f"{100 * r['ior']['mean']:+.2f}" if r.get("ior") else "–"
+                    lines.append(f"| {key} | {text} | {r['student']} | {_pm(r['acc'])} | {gain} |")
+    cross = [r for r in rows if r.get("cross_arch") and not r["method"].startswith("edc-")]
+    if cross:
+        students = sorted({s for r in cross for s in r["cross_arch"]})
+        lines += ["", "### Cross-architecture accuracy (same distilled set, each student)", "",
+                  "| method | IPC | " + " | ".join(students) + " |", "|---|---:|" + "---:|" * len(students)]
+        seen = set()
+        for r in cross:
+            if (r["method"], r["ipc"]) in seen:
+                continue
+            seen.add((r["method"], r["ipc"]))
+            lines.append(f"| {r['method']} | {r['ipc']} | " + " | ".join(
+                f"{100 * r['cross_arch'][s]:.2f}" if s in r["cross_arch"] else "–" for s in students) + " |")
+    versions = rows[0]["versions"] if rows else {}
+    hashes = sorted({r["protocol_hash"][:12] for r in rows})
+    lines += ["", f"Protocol hashes: {', '.join(hashes)}. Versions: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def write_family(family: str, tier: str, run_dir: Path, results: Path) -> Path:
+    from ddkit.report import write_report
+
+    table = read_json(run_dir / "bench.json", "bench table")
+    stem = f"{family}-fashion-mnist-{tier}"
+    write_json(results / f"{stem}.json", table)
+    (results / f"{stem}.md").write_text(family_markdown(family, tier, table))
+    write_report(run_dir, results / f"{stem}-report")
+    return results / f"{stem}.md"
+
+
+def overview(results: Path) -> str:
+    """``fashion-mnist.md``: one table of every method found, per IPC, with published numbers."""
+    out = ["# Fashion-MNIST: every ddkit method at IPC 1 / 10 / 50", "",
+           "Produced by `DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier cpu` (re-run it when a method "
+           "lands; finished cells are reused). Published numbers are hard-label ConvNet-3 results from the DC (ICLR 2021) "
+           "and DSA (ICML 2021) papers; no other method here reports Fashion-MNIST.", ""]
+    found = False
+    for tier in ("full", "cpu"):
+        for family in FAMILIES:
+            path = results / f"{family}-fashion-mnist-{tier}.json"
+            if not path.is_file():
+                continue
+            found = True
+            rows = read_json(path)["rows"]
+            mode = rows[0]["label_mode"] if rows else "?"
+            main = [r for r in rows if not r["method"].startswith("edc-") and r["student"] == rows[0]["student"]
+                    and r["label_mode"] == mode]
+            ipcs = sorted({r["ipc"] for r in main})
+            methods = list(dict.fromkeys(r["method"] for r in main))
+            out += [f"## {family} family, {tier} tier — student {rows[0]['student']}, label mode `{mode}`", "",
+                    "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | published (hard) | synthesis s (sum) |",
+                    "|---|" + "---|" * len(ipcs) + "---|---:|"]
+            for m in methods:
+                cells = {r["ipc"]: r for r in main if r["method"] == m}
+                accs = " | ".join(_pm(cells[i]["acc"]) if i in cells else "–" for i in ipcs)
+                pub = " / ".join(_pub(m, i) for i in ipcs) if m in PUBLISHED and mode == "hard" else "–"
+                syn = sum((c["synthesis"]["wall_seconds"] or 0) for c in cells.values())
+                out.append(f"| {m} | {accs} | {pub} | {syn:.0f} |")
+            out += ["", f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
+                        f"({family}-fashion-mnist-{tier}.md); plots and image grids: "
+                        f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]
+    if not found:
+        out.append("No results yet: run the command above.")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
+    ap.add_argument("--family", choices=[*families, "all"], default="all")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
+    ap.add_argument("--device", default=None, help="cpu, cuda (default: the config's 'auto')")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    for family in (families if args.family == "all" else (args.family,)):
+        rows, run_dir = run_family(family, args.tier, args.device, args.quiet)
+        md = write_family(family, args.tier, run_dir, results)
+        print((results / md).read_text())
+    (results / "fashion-mnist.md").write_text(overview(results))
+    print(f"wrote {results / 'fashion-mnist.md'}")
+
+
+if __name__ == "__main__":
+    main()
