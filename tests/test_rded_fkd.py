@@ -228,3 +228,56 @@ def test_topk_labels_refuse_mse(small_set, teacher):
     proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="mse_ce", train=TrainConfig(epochs=1))
     with pytest.raises(ConfigError, match="top-k"):
         train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, topk, proto, seed=0)
+
+
+def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_path, monkeypatch):
+    """A relabel killed after 2 epochs restarts at epoch 3 and gives the uninterrupted store."""
+    import ddkit.labels.fkd as fkd
+
+    calls = []
+    real = fkd.render
+
+    def dying(r, *a, **k):
+        calls.append(r.epoch)
+        if r.epoch == 2:
+            raise KeyboardInterrupt
+        return real(r, *a, **k)
+
+    monkeypatch.setattr(fkd, "render", dying)
+    opts = dict(epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5, work_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        relabel(small_set, teacher, **opts)
+    partial = next(tmp_path.iterdir())
+    assert sorted(p.name for p in partial.iterdir()) == ["epoch_00000.safetensors", "epoch_00001.safetensors"]
+    calls.clear()
+    monkeypatch.setattr(fkd, "render", lambda r, *a, **k: calls.append(r.epoch) or real(r, *a, **k))
+    resumed = relabel(small_set, teacher, **opts)
+    assert set(calls) == {2}  # only the missing epoch was labelled
+    for k in store.tensors:
+        assert torch.equal(store.tensors[k], resumed.tensors[k]), k
+
+
+@pytest.mark.slow
+def test_relabel_under_torchrun_equals_single_process(tmp_path):
+    """2 gloo ranks label alternate epochs; the saved store equals the single-process one."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
+
+    def run(*args, ranks=1):
+        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args, "-q"], capture_output=True,
+                              text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+    run("teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "t")
+    run("distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", "d")
+    run("relabel", "d", "--teacher", "t", "--epochs", "5", "--out", "l1")
+    run("relabel", "d", "--teacher", "t", "--epochs", "5", "--out", "l2", ranks=2)
+    a, b = load_file(str(tmp_path / "l1" / FILE)), load_file(str(tmp_path / "l2" / FILE))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())

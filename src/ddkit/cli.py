@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_relabel(args) -> int:
+    from ddkit import distributed as ddist
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
     from ddkit.labels import relabel
@@ -342,12 +344,18 @@ def cmd_relabel(args) -> int:
     if teacher.classes != distilled.classes:
         raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")
     options = apply_overrides({}, list(args.augment_option or []))
-    progress = Progress(not args.quiet)
+    out = Path(args.out or f"{str(args.distilled).rstrip('/')}.fkd")
+    work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
+    progress = Progress(not args.quiet and ddist.current().is_main)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
-                    device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size)
+                    device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
+                    work_dir=work)
     progress.close()
-    out = args.out or f"{str(args.distilled).rstrip('/')}.fkd"
+    ddist.barrier()
+    if not ddist.current().is_main:
+        return 0
     store.save(out)
+    shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
     _print(f"evaluate with: ddkit evaluate {args.distilled} --teacher {args.teacher} --label-mode fkd --set fkd_store={out}")
     return 0

@@ -316,6 +316,7 @@ def relabel(
     *,
     cutmix_alpha: float = 1.0,
     batch_size: int = 256,
+    work_dir: str | Path | None = None,
 ) -> SoftLabelStore:
     """Store the teacher's logits on ``epochs`` augmented (and CutMix-ed) views of every image.
 
@@ -325,8 +326,17 @@ def relabel(
     :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
     logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
-    ``progress(epoch, epochs, record)`` after every epoch.
+    ``progress(done, epochs_of_this_rank, record)`` after every epoch.
+
+    Epochs are independent (epoch ``e`` draws from a generator of ``(seed, e)``), so under
+    ``torchrun`` rank ``r`` labels epochs ``e % world == r`` and every rank gathers the whole store:
+    the result equals the single-process one. With ``work_dir`` every finished epoch is kept there
+    (``epoch_<e>.safetensors``, in a folder named by the settings and the set's fingerprint) and a
+    restarted run labels only the missing epochs; delete the folder once the store is saved.
     """
+    from ddkit import distributed as ddist
+    from ddkit.config import config_hash
+
     if epochs < 1:
         raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
     augment_options = dict(augment_options or {})
@@ -346,12 +356,29 @@ def relabel(
     if top_k == num_classes:
         top_k = None  # all classes: store dense
     norm = normalizer(distilled.mean, distilled.std, device)
-    fields: dict[str, list[torch.Tensor]] = {}
-    param_keys: list[str] = []
-    for e in range(epochs):
+    config = {"epochs": epochs, "augment": augment_spec, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
+              "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed}
+    fingerprint = set_fingerprint(images, distilled.labels)
+    partial = None
+    if work_dir is not None:
+        key = config_hash({**config, "epochs": None, "set": fingerprint,
+                           "teacher": getattr(teacher, "fingerprint", None)})[:16]
+        partial = Path(work_dir) / f"relabel-{key}"
+        partial.mkdir(parents=True, exist_ok=True)
+    info = ddist.current()
+    mine = list(range(info.rank, epochs, info.world_size))
+    rows: dict[int, dict[str, torch.Tensor]] = {}
+    param_keys = sorted(augment.sample(1, torch.Generator().manual_seed(0), size)) if augment is not None else []
+    for done, e in enumerate(mine, 1):
+        path = partial / f"epoch_{e:05d}.safetensors" if partial is not None else None
+        if path is not None and path.is_file():
+            rows[e] = load_tensors(path, what="relabel epoch")
+            log.info("relabel epoch %d reused from %s", e, partial)
+            if progress is not None:
+                progress(done, len(mine), {"epoch": e + 1, "reused": True})
+            continue
         gen = epoch_generator(seed, e)
         aug = augment.sample(n, gen, size) if augment is not None else {}
-        param_keys = sorted(aug)
         if cutmix is not None:
             mix = cutmix.sample(n, gen, size)
             partner, box = mix["perm"].long(), mix["box"].long()
@@ -372,13 +399,15 @@ def relabel(
             row["topk.values"], row["topk.indices"] = values.half(), index.to(_topk_index_dtype(num_classes))
         else:
             row["logits"] = z.half()
-        for k, v in row.items():
-            fields.setdefault(k, []).append(v)
+        rows[e] = row
+        if path is not None:
+            save_tensors(path, row)
         if progress is not None:
-            progress(e + 1, epochs, {"epoch": e + 1})
-    tensors = {k: torch.stack(v) for k, v in fields.items()}
-    config = {"epochs": epochs, "augment": augment_spec, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
-              "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed}
+            progress(done, len(mine), {"epoch": e + 1})
+    if info.enabled:
+        for part in ddist.all_gather_objects(rows):
+            rows.update(part)
+    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in rows[0]}
     manifest = base_manifest(KIND, config, seed)
     manifest.update({
         "format": FORMAT,
@@ -395,7 +424,7 @@ def relabel(
         "batch_size_independent": True,
         "teacher": {"fingerprint": getattr(teacher, "fingerprint", None),
                     "path": str(teacher.path) if getattr(teacher, "path", None) else None},
-        "distilled": {"fingerprint": set_fingerprint(images, distilled.labels),
+        "distilled": {"fingerprint": fingerprint,
                       "path": str(distilled.path) if getattr(distilled, "path", None) else None},
     })
     store = SoftLabelStore(tensors, manifest)
