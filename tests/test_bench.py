@@ -289,3 +289,24 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
         tiny_cfg(tmp_path, methods=[{"name": "sre2l", "options": {"extra_teachers": ["@nope"]}}])
     with pytest.raises(ConfigError, match="must be a non-empty subset of ipcs"):
         tiny_cfg(tmp_path, student_ipcs={"tiny_convnet": [7]})
+
+
+def test_fkd_label_mode_relabels_each_set_once(tmp_path):
+    """Label mode fkd: the bench stores per-epoch soft labels for every set (and the random subset is
+    relabelled the same way inside evaluate); label bytes count the store; a re-run reuses it."""
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[2], label_modes=["fkd"], seeds=[0],
+                   relabel={"epochs": 2, "cutmix_prob": 0.5, "top_k": 2},
+                   overrides={"full_epochs": 1, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}})
+    rows = run_bench(cfg)
+    stores = [p for p in (tmp_path / "run" / "labels").iterdir() if not p.name.startswith(".")]
+    assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
+    man = json.loads((stores[0] / "manifest.json").read_text())
+    assert man["epochs"] == 2 and man["top_k"] == 2 and man["cutmix"]["prob"] == 0.5
+    r = rows[0]
+    assert r["label_mode"] == "fkd" and 0 <= r["acc"]["mean"] <= 1 and r["random"] is not None
+    # 2 epochs x 8 images x top-2 (fp16 values + uint8 indices) at least, plus the set's hard labels
+    assert r["bytes"]["fkd_labels"] >= 2 * 8 * 2 * 3 and r["bytes"]["labels"] > r["bytes"]["fkd_labels"]
+    assert r["hard_acc"] is not None
+    before = stores[0].stat().st_mtime_ns
+    again = run_bench(cfg)
+    assert strip(again) == strip(rows) and stores[0].stat().st_mtime_ns == before

@@ -54,6 +54,7 @@ from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 log = logging.getLogger(__name__)
 
 CELL_SCHEMA = 1
+FKD_PLACEHOLDER = "<made by the bench for each distilled set>"
 BenchProgress = Callable[[int, int, dict], None]
 StageProgress = Callable[[str, int, int], None]  # (what, done, total) inside a teacher, synthesis or evaluation
 
@@ -81,6 +82,19 @@ class MethodSpec:
 
 
 @dataclass
+class RelabelSpec:
+    """FKD-style stored soft labels made for every distilled set of a ``fkd`` label-mode cell."""
+
+    epochs: int | None = field(None, help="stored epochs (None: the protocol's training epochs)")
+    augment: str = field("rrc_flip", help="augmentation of each stored view (SRe2L/RDED: rrc_flip)")
+    augment_options: dict = field({}, help="options of the augmentation, e.g. {scale_min: 0.08}")
+    cutmix_prob: float = field(1.0, help="per-image CutMix probability (0: off)")
+    cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
+    top_k: int | None = field(None, help="keep only the k largest logits per view (None: all, fp16)")
+    seed: int = field(0, help="seed of the views")
+
+
+@dataclass
 class BenchConfig:
     """A benchmark matrix (``ddkit bench CONFIG``)."""
 
@@ -88,7 +102,8 @@ class BenchConfig:
     methods: list[str | MethodSpec] = field(["random"], help="method keys or {name, options, soft_labels, label}")
     ipcs: list[int] = field([1, 10], help="images per class")
     students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
-    label_modes: list[str] = field(["hard"], help="hard, teacher and/or stored; each is a column of the matrix")
+    label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
+    relabel: RelabelSpec = field(factory=RelabelSpec, help="label mode fkd: how each set's per-epoch soft labels are stored")
     seeds: list[int] = field([0, 1, 2], help="student seeds (accuracy is mean ± std over them)")
     distill_seed: int = field(0, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
@@ -115,9 +130,9 @@ class BenchConfig:
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):
                 problems.append(f"{name} is empty; list at least one")
-        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored")]
+        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
         if bad:
-            problems.append(f"unknown label mode(s) {bad}; use hard, teacher or stored")
+            problems.append(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if any(i < 1 for i in self.ipcs):
             problems.append(f"ipcs must be >= 1, got {self.ipcs}")
         keys = [m.key for m in self.methods]
@@ -169,13 +184,16 @@ class BenchConfig:
             for ipc in self.ipcs:
                 self.protocol_for(student, self.label_modes[0], ipc=ipc)
 
-    def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None) -> ProtocolConfig:
+    def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
+                     fkd_store: str | None = None) -> ProtocolConfig:
         over: dict[str, Any] = merge_overrides(self.overrides, self.ipc_overrides.get(ipc, {}))
         over.update({"student": student, "label_mode": label_mode})
         if student in self.student_options:
             over["student_options"] = dict(self.student_options[student])
         if augment is not None:
             over["train"] = {**over.get("train", {}), "augment": augment}
+        if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
+            over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
         return resolve_protocol(self.protocol, over)
 
     def needs_teacher(self) -> bool:
@@ -407,6 +425,30 @@ class _Bench:
         write_json(path, rep)
         return rep
 
+    def _fkd_store(self, key3: tuple[str, str, int], protocol_epochs: int) -> Path:
+        """The set's FKD store for ``cfg.relabel`` (made once; atomic; resumable per epoch)."""
+        from ddkit.labels import relabel
+
+        spec = self.cfg.relabel
+        epochs = spec.epochs or protocol_epochs
+        teacher = self.teachers[key3[0]]
+        ds = self.distilled[key3]
+        key = config_hash({"relabel": to_dict(spec), "epochs": epochs, "set": ds.manifest.get("config_hash"),
+                           "teacher": teacher.fingerprint})[:16]
+        path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
+        if (path / "manifest.json").is_file():
+            return path
+        sp = self.stage_progress
+        cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
+        work = self.root / "labels" / f".{path.name}.partial"
+        store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
+                        spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work)
+        store.save(path)
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+        return path
+
     def cell_key(self, cell: Cell) -> str:
         cfg = self.cfg
         key3 = (cell.dataset, cell.method, cell.ipc)
@@ -416,6 +458,7 @@ class _Bench:
             "seeds": cfg.seeds, "distilled": self.distilled[key3].manifest.get("config_hash"),
             "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
             "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
+            **({"relabel": to_dict(cfg.relabel)} if cell.label_mode == "fkd" else {}),
         })
 
     def cell_path(self, cell: Cell) -> Path:
@@ -435,6 +478,9 @@ class _Bench:
         cfg = self.cfg
         key3 = (cell.dataset, cell.method, cell.ipc)
         protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc)
+        if cell.label_mode == "fkd":
+            store = self._fkd_store(key3, protocol.train.epochs)
+            protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc, fkd_store=str(store))
         rep = self._evaluate(cell, protocol)
         hard = rep if cell.label_mode == "hard" else self._evaluate(cell, cfg.protocol_for(cell.student, "hard", ipc=cell.ipc))
         res = rep["results"]
