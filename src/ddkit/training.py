@@ -30,7 +30,7 @@ from ddkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-LabelSource = Literal["hard", "teacher", "stored"]
+LabelSource = Literal["hard", "teacher", "stored", "fkd"]
 LossKind = Literal["ce", "kl", "mse_ce"]
 
 
@@ -182,6 +182,14 @@ class EMA:
             e.copy_(b)
 
 
+def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.Module, ema: EMA | None) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    batch_loss.backward()
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+
+
 def train_classifier(
     model: nn.Module,
     data: ImageSet,
@@ -196,6 +204,7 @@ def train_classifier(
     temperature: float = 4.0,
     teacher: nn.Module | None = None,
     stored_targets: torch.Tensor | None = None,
+    fkd_store=None,
     test: ImageSet | None = None,
     distributed: bool = False,
     state_path: str | Path | None = None,
@@ -205,7 +214,10 @@ def train_classifier(
     """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
 
     ``label_source``: ``hard`` uses ``data.labels``; ``teacher`` queries ``teacher`` on every augmented
-    batch (online soft labels); ``stored`` uses ``stored_targets`` (logits [N, C], one row per image).
+    batch (online soft labels); ``stored`` uses ``stored_targets`` (logits [N, C], one row per image);
+    ``fkd`` replays ``fkd_store`` (a :class:`~ddkit.labels.SoftLabelStore`): student epoch ``e`` sees the
+    stored views of store epoch ``e % store.epochs`` (its augmentation and CutMix replace ``cfg``'s)
+    with their stored teacher logits, whatever the batch size or number of ranks.
     ``state_path``: a checkpoint written after every epoch; if it exists the run resumes from it.
     ``distributed``: data-parallel over the ranks of an initialised process group (DDP).
     """
@@ -215,6 +227,8 @@ def train_classifier(
         raise ConfigError("label mode 'teacher' needs a teacher; pass --teacher DIR")
     if label_source == "stored" and stored_targets is None:
         raise ConfigError("label mode 'stored' needs soft labels in the distilled set; distil with --soft-labels")
+    if label_source == "fkd" and fkd_store is None:
+        raise ConfigError("label mode 'fkd' needs a store made by `ddkit relabel`; set fkd_store=DIR")
     if label_source == "hard" and loss != "ce":
         raise ConfigError(f"loss {loss!r} needs soft labels; use label_mode teacher or stored, or loss ce")
     if len(data) == 0:
@@ -222,8 +236,9 @@ def train_classifier(
 
     model = model.to(device)
     norm = normalizer(mean, std, device)
-    augment = build_augment(cfg.augment, **cfg.augment_options)
-    cutmix = CutMix(cfg.cutmix_alpha, cfg.cutmix_prob) if cfg.cutmix_prob > 0 else None
+    fkd = label_source == "fkd"
+    augment = None if fkd else build_augment(cfg.augment, **cfg.augment_options)
+    cutmix = CutMix(cfg.cutmix_alpha, cfg.cutmix_prob) if cfg.cutmix_prob > 0 and not fkd else None
     image_size = tuple(data.images.shape[-2:])
     if teacher is not None:
         teacher = teacher.to(device).eval()
@@ -268,6 +283,18 @@ def train_classifier(
             if info.enabled and gb < info.world_size:
                 continue  # too few samples to give every rank one; identical skip on all ranks
             lo, hi = gb * info.rank // info.world_size, gb * (info.rank + 1) // info.world_size
+            if fkd:  # stored views (own augmentation + CutMix box from the partner) and their logits
+                r = fkd_store.replay(epoch % fkd_store.epochs, idx)
+                x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
+                logits = net(x)
+                onehot = F.one_hot(data.labels.long(), logits.shape[1]).float()
+                lam = r.lam[:, None]
+                labels = (lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi].to(device)
+                per = per_sample_loss(logits, labels, r.targets[lo:hi].to(device), loss, temperature)
+                _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
+                total += float(per.detach().sum())
+                count += len(per)
+                continue
             x_all = norm(to_float(data.images[idx], device))
             y_all = data.labels[idx].to(device)
             if cutmix is not None:
@@ -292,12 +319,7 @@ def train_classifier(
                     t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
                 targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
-            batch_loss = per.sum() * (info.world_size / gb)
-            optimizer.zero_grad(set_to_none=True)
-            batch_loss.backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
+            _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
             total += float(per.detach().sum())
             count += len(per)
         record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}

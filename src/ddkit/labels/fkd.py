@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ddkit.artifacts import (
@@ -60,17 +59,9 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.data.augment import CutMix, Params, build_augment, slice_params
+from ddkit.data.base import ImageSet
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.training import (
-    EMA,
-    TrainResult,
-    accuracy,
-    lr_factor,
-    make_optimizer,
-    normalizer,
-    per_sample_loss,
-    to_float,
-)
+from ddkit.training import TrainResult, normalizer, to_float, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -441,6 +432,7 @@ def train_with_store(
     device: str | torch.device = "cpu",
     test=None,
     progress: Callable[[int, int, dict], None] | None = None,
+    distributed: bool = False,
 ) -> TrainResult:
     """Train ``model`` on ``distilled`` with the stored views and teacher logits of ``store``.
 
@@ -448,7 +440,9 @@ def train_with_store(
     schedule, epochs, batch size, EMA; ``loss`` = kl | mse_ce; ``temperature``). The store's
     augmentation and CutMix replace ``train.augment`` / ``train.cutmix_prob``. Student epoch ``e``
     replays store epoch ``e % store.epochs`` (a warning is logged when the store is shorter).
-    Batch order comes from a generator seeded with ``seed``. Single process (no DDP).
+    Batch order comes from a generator seeded with ``seed``. The loop is
+    :func:`ddkit.training.train_classifier` with label source ``fkd`` (so DDP, resume and EMA
+    behave as everywhere else).
     """
     tc = cfg.train
     if cfg.loss == "ce":
@@ -461,43 +455,7 @@ def train_with_store(
                  store.manifest["augment"]["spec"])
     if tc.epochs > store.epochs:
         log.warning("store has %d epochs but training runs %d: epochs are reused cyclically", store.epochs, tc.epochs)
-    device = torch.device(device)
-    model = model.to(device)
-    images, labels = distilled.images, distilled.labels.long()
-    norm = normalizer(distilled.mean, distilled.std, device)
-    optimizer = make_optimizer(tc, model.parameters())
-    ema = EMA(model, tc.ema_decay) if tc.ema_decay > 0 else None
-    gen = torch.Generator().manual_seed(seed)
-    n, bs = len(labels), min(tc.batch_size, len(labels))
-    history: list[dict] = []
-    for epoch in range(tc.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = tc.lr * lr_factor(tc, epoch)
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
-        for start in range(0, n, bs):
-            r = store.replay(epoch % store.epochs, perm[start : start + bs])
-            x = render(r, images, store.augment, norm, device)
-            logits = model(x)
-            onehot = F.one_hot(labels, store.num_classes).float()
-            lam = r.lam.to(device)[:, None]
-            hard = (lam * onehot[r.indices].to(device) + (1 - lam) * onehot[r.partner].to(device))
-            per = per_sample_loss(logits, hard, r.targets.to(device), cfg.loss, cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            per.mean().backward()
-            optimizer.step()
-            if ema is not None:
-                ema.update(model)
-            total += float(per.detach().sum())
-            count += len(per)
-        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
-        history.append(record)
-        if progress is not None:
-            progress(epoch + 1, tc.epochs, record)
-    final = ema.model if ema is not None else model
-    acc = None
-    if test is not None:
-        acc = accuracy(final, test, distilled.mean, distilled.std, device, tc.eval_batch_size)
-        history[-1]["test_accuracy"] = acc
-    return TrainResult(model=final, history=history, test_accuracy=acc)
+    data = ImageSet(distilled.images, distilled.labels.long())
+    return train_classifier(model, data, distilled.mean, distilled.std, tc, seed=seed, device=device, label_source="fkd",
+                            loss=cfg.loss, temperature=cfg.temperature, fkd_store=store, test=test,
+                            distributed=distributed, progress=progress)
