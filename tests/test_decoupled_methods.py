@@ -333,3 +333,7 @@ def test_torchrun_shards_units_and_matches_single_process(tmp_path):
     run(*distill, "--out", "d2", ranks=2)
     a, b = load_file(str(tmp_path / "d1/images.safetensors")), load_file(str(tmp_path / "d2/images.safetensors"))
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    # the real-data statistics pass was sharded over the 2 ranks (all-reduced float64 sums)
+    (s1,), (s2,) = ((tmp_path / c).glob("statistics/*/statistics.safetensors") for c in ("cache", "cache2"))
+    one, two = load_file(str(s1)), load_file(str(s2))
+    assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], rtol=1e-6, atol=1e-7) for k in one)

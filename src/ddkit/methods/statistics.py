@@ -147,7 +147,12 @@ def compute_real_statistics(
     ``<key>/class_var`` ``[K, C]``, ``logits/class_mean`` ``[K, K]``. Sums are accumulated in
     float64 over the whole (un-augmented) training set, so the result does not depend on
     ``batch_size``. ``progress(done_images, total_images, {})`` is called after every batch.
+
+    Under ``torchrun`` batch ``i`` is processed by rank ``i % world`` and the float64 sums are
+    all-reduced, so every rank returns the statistics of the whole set (equal to one process up
+    to float64 summation order); ``progress`` then counts this rank's images.
     """
+    info = ddist.current()
     device = torch.device(device)
     model = model.to(device).eval()
     k = real.num_classes
@@ -157,8 +162,19 @@ def compute_real_statistics(
     count = torch.zeros(k, dtype=torch.float64)
     logit_sum = torch.zeros(k, k, dtype=torch.float64)
     total = len(real.train)
-    with FeatureHooks(model, keys) as hooks:
-        for lo in range(0, total, batch_size):
+    starts = list(range(0, total, batch_size))[info.rank :: info.world_size]
+    mine = sum(min(batch_size, total - lo) for lo in starts)
+    done = 0
+    with torch.no_grad(), FeatureHooks(model, keys) as hooks:
+        if info.enabled:  # channel counts and pixels per channel, even on a rank without batches
+            model(common.to_normalized(real.train.subset(torch.arange(1)).float_images().to(device), real))
+            for key in keys:
+                f = hooks.features[key]
+                pix[key] = f[0, 0].numel()
+                s1[key] = torch.zeros(k, f.shape[1], dtype=torch.float64)
+                s2[key] = torch.zeros(k, f.shape[1], dtype=torch.float64)
+            hooks.features.clear()
+        for lo in starts:
             part = real.train.subset(torch.arange(lo, min(lo + batch_size, total)))
             x = common.to_normalized(part.float_images().to(device), real)
             y = part.labels
@@ -176,8 +192,12 @@ def compute_real_statistics(
                 s1[key].index_add_(0, y, flat.sum(2).cpu())
                 s2[key].index_add_(0, y, (flat * flat).sum(2).cpu())
             hooks.features.clear()
+            done += len(y)
             if progress is not None:
-                progress(min(lo + batch_size, total), total, {})
+                progress(done, mine, {})
+    if info.enabled:
+        for t in (count, logit_sum, *s1.values(), *s2.values()):
+            t.copy_(ddist.all_reduce_sum(t.to(device)).cpu())
     out: dict[str, torch.Tensor] = {}
     per_class = count.clamp_min(1)[:, None]
     for key in keys:
@@ -231,8 +251,9 @@ def real_statistics(
     """Real-data statistics of ``teacher`` at every BN and conv layer, from the cache if present.
 
     The cache lives in ``cache_dir`` (default ``$DDKIT_CACHE/statistics`` or
-    ``~/.cache/ddkit/statistics``), one artifact directory per key. Under torchrun rank 0
-    computes and writes, the other ranks wait and read. Returns ``(statistics, artifact path)``.
+    ``~/.cache/ddkit/statistics``), one artifact directory per key. Under torchrun every rank
+    computes a shard of the pass (see :func:`compute_real_statistics`) and rank 0 writes the
+    artifact. Returns ``(statistics, artifact path)``.
     """
     keys = statistic_layers(teacher.model)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
@@ -242,10 +263,10 @@ def real_statistics(
     if stats is not None:
         log.info("loaded real-data statistics from %s", path)
         return stats, path
+    log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
+             teacher.fingerprint, len(real.train), path)
+    stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress)
     if info.is_main:
-        log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
-                 teacher.fingerprint, len(real.train), path)
-        stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress)
         manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size}, None)
         manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
                          "dataset": real.name, "num_classes": real.num_classes})
@@ -253,10 +274,6 @@ def real_statistics(
             save_tensors(tmp / TENSORS, stats)
             write_json(tmp / "manifest.json", manifest)
     ddist.barrier()
-    if stats is None:
-        stats = _load_cached(path, teacher, real, keys)
-        if stats is None:
-            raise DDKitError(f"statistics at {path} could not be read after rank 0 wrote them; use a shared cache_dir")
     return stats, path
 
 
