@@ -90,7 +90,7 @@ def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
     assert not out.exists(), "an interrupted stage left a partial artifact"
     trained = []
     real_train = tr.train_one_expert
-    monkeypatch.setattr(tr, "train_one_expert", lambda d, c, i, dev: trained.append(i) or real_train(d, c, i, dev))
+    monkeypatch.setattr(tr, "train_one_expert", lambda d, c, i, dev, zca=None: trained.append(i) or real_train(d, c, i, dev, zca))
     resumed = train_experts(tiny, cfg, out)
     assert trained == [1], "the finished expert was trained again"
     for a, b in zip(buffer.trajectories, resumed.trajectories, strict=True):

@@ -144,8 +144,10 @@ def per_sample_loss(
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False) -> float:
-    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data``; shards over ranks if distributed."""
+def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+    """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data``; shards over ranks if distributed.
+    ``transform`` (e.g. ZCA whitening) is applied to the normalised images."""
     info = ddist.current() if distributed else ddist.DistInfo()
     norm = normalizer(mean, std, device)
     was_training = model.training
@@ -156,6 +158,8 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     for start in range(lo, hi, batch_size):
         stop = min(hi, start + batch_size)
         x = norm(to_float(data.images[start:stop], device))
+        if transform is not None:
+            x = transform(x)
         pred = model(x).argmax(1)
         correct[0] += (pred.cpu() == data.labels[start:stop]).sum().item()
         correct[1] += stop - start

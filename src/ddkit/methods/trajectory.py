@@ -95,8 +95,12 @@ class ExpertConfig:
     sam_rho: float = field(0.0, help="SAM neighbourhood radius; 0 = plain SGD (FTD: flat experts)")
     sam_adaptive: bool = field(False, help="adaptive SAM (ASAM): perturbation scaled by |w|")
     seed: int = field(0, help="base seed; expert i uses its own generator derived from (seed, i)")
+    zca: bool = field(False, help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
+    zca_reg: float = field(0.1, help="ZCA regularisation added to the covariance eigenvalues (kornia/MTT: 0.1)")
 
     def __post_init__(self) -> None:
+        if self.zca_reg <= 0:
+            raise ConfigError(f"zca_reg must be > 0, got {self.zca_reg}")
         if self.num_experts < 1:
             raise ConfigError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.epochs < 1:
@@ -177,6 +181,15 @@ class ExpertBuffer:
     def params(self, expert: int, epoch: int) -> torch.Tensor:
         return self.trajectories[expert][epoch]
 
+    def zca(self, data: DataBundle):
+        """The whitening the experts were trained with (refitted on ``data``: deterministic), or None."""
+        cfg = self.manifest.get("config", {})
+        if not cfg.get("zca"):
+            return None
+        from ddkit.data.zca import ZCA
+
+        return ZCA.fit(data.train, data.mean, data.std, float(cfg.get("zca_reg", 0.1)))
+
     def build_model(self) -> nn.Module:
         """A model of the experts' architecture (its own parameters are irrelevant)."""
         m = self.manifest["model"]
@@ -229,8 +242,19 @@ def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float,
     return loss.detach(), list(perturbed)
 
 
-def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """Train expert ``index``; return its trajectory ``[epochs + 1, P]`` and a summary."""
+def fit_zca(data: DataBundle, cfg: ExpertConfig):
+    """The ZCA transform of ``cfg`` fitted on ``data``'s training set, or None when ``cfg.zca`` is off."""
+    if not cfg.zca:
+        return None
+    from ddkit.data.zca import ZCA
+
+    return ZCA.fit(data.train, data.mean, data.std, cfg.zca_reg)
+
+
+def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: torch.device,
+                     zca=None) -> tuple[torch.Tensor, dict]:
+    """Train expert ``index`` (on ``zca``-whitened images if given); return its trajectory
+    ``[epochs + 1, P]`` and a summary."""
     seed = cfg.seed * 1_000_003 + index
     c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):
@@ -252,6 +276,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             x = norm(to_float(data.train.images[idx], device))
+            if zca is not None:
+                x = zca(x)
             if augment is not None:
                 x = augment.apply(x, augment.sample(len(idx), gen, size))
             y = data.train.labels[idx].to(device)
@@ -267,7 +293,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             total += float(loss.detach()) * len(idx)
         loss_epoch = total / n
         snapshots.append(flatten_params(model))
-    acc = accuracy(model, data.test, data.mean, data.std, device) if len(data.test) else None
+    acc = accuracy(model, data.test, data.mean, data.std, device, transform=zca) if len(data.test) else None
     return torch.stack(snapshots), {"test_accuracy": acc, "train_loss": loss_epoch}
 
 
@@ -309,6 +335,7 @@ def train_experts(
         spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     trajectories: list[torch.Tensor] = []
     summaries: list[dict] = []
+    zca = None
     for i in range(cfg.num_experts):
         done = partial / _expert_file(i) if partial is not None else None
         if done is not None and done.is_file() and (partial / f"expert_{i:03d}.json").is_file():
@@ -316,7 +343,9 @@ def train_experts(
             summaries.append(read_json(partial / f"expert_{i:03d}.json"))
             log.info("expert %d/%d reused from %s", i + 1, cfg.num_experts, partial)
         else:
-            traj, summary = train_one_expert(data, cfg, i, device)
+            if zca is None:
+                zca = fit_zca(data, cfg)
+            traj, summary = train_one_expert(data, cfg, i, device, zca)
             summary = {"file": _expert_file(i), **summary}
             trajectories.append(traj)
             summaries.append(summary)

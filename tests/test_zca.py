@@ -1,0 +1,72 @@
+"""ZCA whitening (ddkit.data.zca) and its use by the trajectory-matching methods."""
+
+import pytest
+import torch
+
+from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
+from ddkit.data.zca import ZCA
+from ddkit.errors import ConfigError
+from ddkit.methods import METHODS, FitContext
+from ddkit.methods.common import to_normalized
+from ddkit.methods.trajectory import ExpertConfig, train_experts
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def _normalised(data):
+    return to_normalized(data.train.float_images(), data)
+
+
+def test_zca_whitens_and_inverts(data):
+    zca = ZCA.fit(data.train, data.mean, data.std, reg=1e-3)
+    x = _normalised(data)
+    z = zca(x).reshape(len(x), -1).double()
+    cov = torch.cov(z.T)
+    evals = torch.linalg.eigvalsh(cov)
+    # whitened: every direction the data spans (rank n - 1 after centring) has unit variance, the rest none
+    rank = min(len(x) - 1, z.shape[1])
+    assert evals.max() <= 1.0 + 1e-3 and int((evals > 0.99).sum()) == rank and evals[: len(evals) - rank].abs().max() < 1e-6
+    assert z.mean(0).abs().max() < 1e-4
+    assert torch.allclose(zca.invert(zca(x)), x, atol=1e-3)
+    again = ZCA.fit(data.train, data.mean, data.std, reg=1e-3)
+    assert torch.equal(again.whiten, zca.whiten)  # deterministic
+    with pytest.raises(ConfigError, match="zca_reg must be > 0"):
+        ZCA.fit(data.train, data.mean, data.std, reg=0.0)
+
+
+def test_zca_regularisation_shrinks_low_variance_directions(data):
+    x = _normalised(data)
+    small = ZCA.fit(data.train, data.mean, data.std, reg=1e-3)(x).reshape(len(x), -1)
+    big = ZCA.fit(data.train, data.mean, data.std, reg=10.0)(x).reshape(len(x), -1)
+    assert big.var(0).sum() < small.var(0).sum()
+
+
+def test_zca_experts_and_mtt_round_trip(data, tmp_path):
+    cfg = from_dict(ExpertConfig, {"model": "tiny_convnet", "num_experts": 1, "epochs": 2, "batch_size": 32,
+                                   "augment": "none", "zca": True, "lr": 0.05})
+    buffer = train_experts(data, cfg, tmp_path / "experts")
+    assert buffer.manifest["config"]["zca"] is True and buffer.zca(data) is not None
+    # the experts are tested on whitened test images: the recorded accuracy is the whitened one
+    from ddkit.methods.trajectory import FunctionalStudent
+
+    student = FunctionalStudent(buffer.build_model().eval())
+    zca = buffer.zca(data)
+    with torch.no_grad():
+        pred = student(buffer.params(0, buffer.epochs), zca(to_normalized(data.test.float_images(), data))).argmax(1)
+    assert buffer.manifest["experts"][0]["test_accuracy"] == pytest.approx(float((pred == data.test.labels).float().mean()))
+    plain = from_dict(ExpertConfig, {**{k: getattr(cfg, k) for k in ("model", "num_experts", "epochs", "batch_size",
+                                                                      "augment", "lr")}})
+    assert not torch.equal(train_experts(data, plain).trajectories[0], buffer.trajectories[0])
+    # with a negligible image learning rate the images go to whitened space and come back unchanged
+    cls = METHODS.get("mtt")
+    mcfg = from_dict(cls.Config, {"experts": str(tmp_path / "experts"), "iterations": 1, "syn_steps": 2,
+                                  "expert_epochs": 1, "max_start_epoch": 1, "lr_img": 1e-12, "augment": "none"})
+    out = cls(mcfg).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    from ddkit.methods.common import init_images
+
+    pixels, _ = init_images(data, 2, "real", 0)
+    assert torch.allclose(out.images, pixels, atol=1e-4)
