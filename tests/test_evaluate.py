@@ -98,3 +98,28 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path):
         evaluate(ds, proto, [0], data=data)
     with pytest.raises(Exception, match="label_mode 'fkd' needs fkd_store"):
         resolve_protocol(tiny_protocol, {"label_mode": "fkd"})
+
+
+def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
+    """Online soft labels from an ensemble: [t, t] is t itself; [t, u] averages their logits."""
+    import torch
+
+    from ddkit.evaluate.runner import teacher_logits
+    from ddkit.teacher import teacher_ensemble
+
+    data, teacher, ds, root = setup
+    other = train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5, train=TrainConfig(epochs=2, batch_size=32, lr=0.05)),
+                          tmp_path / "other")
+    both = teacher_ensemble([teacher, other])
+    x = ds.images[:8]
+    want = (teacher_logits(teacher, x, data.mean, data.std, "cpu") + teacher_logits(other, x, data.mean, data.std, "cpu")) / 2
+    assert torch.allclose(teacher_logits(both, x, data.mean, data.std, "cpu"), want, atol=1e-5)
+    assert both.fingerprint not in (teacher.fingerprint, other.fingerprint)
+    soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
+    alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
+    twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data, teacher=teacher)
+    mixed = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "other")]}), [0], data=data, teacher=teacher)
+    assert twice["results"]["distilled"]["per_seed"] == pytest.approx(alone["results"]["distilled"]["per_seed"], abs=1e-9)
+    assert mixed["teacher"]["weights_sha"] == both.fingerprint
+    with pytest.raises(DDKitError, match="extra teacher .* not found"):
+        evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "nope")]}), [0], data=data, teacher=teacher)

@@ -32,6 +32,8 @@ class ProtocolConfig:
     loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE)")
     temperature: float = field(4.0, help="softmax temperature for the kl loss")
     fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
+    extra_teachers: list[str] = field([], help="more teacher artifacts: soft labels become the mean logits of the "
+                                      "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
     full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")

@@ -192,6 +192,15 @@ def evaluate(
     mode = protocol.label_mode
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
+    if protocol.extra_teachers and mode != "hard":
+        from ddkit.teacher import Teacher, teacher_ensemble
+
+        if teacher is None:
+            raise DDKitError("protocol extra_teachers form an ensemble with the main teacher; pass --teacher DIR")
+        for p in protocol.extra_teachers:
+            if not Path(p).exists():
+                raise DDKitError(f"extra teacher {p!r} not found; give the folder of a `ddkit teacher` artifact")
+        teacher = teacher_ensemble([teacher] + [Teacher.load(p, device) for p in protocol.extra_teachers])
     store = None
     if mode == "fkd":
         from ddkit.labels import SoftLabelStore

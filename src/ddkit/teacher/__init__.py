@@ -1,5 +1,11 @@
 """The "squeeze" stage: train a teacher on the full training set, or import a checkpoint."""
 
-from ddkit.teacher.squeeze import Teacher, TeacherConfig, import_teacher, train_teacher
+from ddkit.teacher.squeeze import (
+    Teacher,
+    TeacherConfig,
+    import_teacher,
+    teacher_ensemble,
+    train_teacher,
+)
 
-__all__ = ["Teacher", "TeacherConfig", "import_teacher", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "import_teacher", "teacher_ensemble", "train_teacher"]

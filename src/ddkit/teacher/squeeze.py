@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,6 +113,48 @@ class Teacher(DescribesDataset):
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
         return cls(model.to(device), manifest, path)
+
+
+class _MeanLogits(nn.Module):
+    """Weighted mean of the logits of several models (a teacher ensemble)."""
+
+    def __init__(self, models: list[nn.Module], weights: list[float]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(models)
+        self.weights = list(weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = None
+        for w, m in zip(self.weights, self.members):
+            z = w * m(x)
+            out = z if out is None else out + z
+        return out
+
+
+def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None) -> Teacher:
+    """One teacher whose logits are the weighted mean of ``teachers``' (equal weights by default).
+
+    Used for online or stored soft labels from several teachers (EDC's CIFAR recipe, CV-DD's
+    committee). Every member must describe the same dataset (classes in order, image shape); the
+    ensemble's fingerprint hashes the members' fingerprints and weights.
+    """
+    import hashlib
+
+    if not teachers:
+        raise DDKitError("a teacher ensemble needs at least one teacher")
+    weights = list(weights) if weights is not None else [1.0 / len(teachers)] * len(teachers)
+    if len(weights) != len(teachers) or abs(sum(weights) - 1.0) > 1e-6 or min(weights) < 0:
+        raise DDKitError(f"ensemble weights {weights} must be {len(teachers)} non-negative numbers summing to 1")
+    first = teachers[0]
+    for t in teachers[1:]:
+        if t.classes != first.classes or t.manifest["model"]["input_shape"] != first.manifest["model"]["input_shape"]:
+            raise DDKitError(f"teacher {str(t.path)!r} was trained on other classes or image sizes than {str(first.path)!r}; "
+                             "an ensemble needs teachers of the same dataset")
+    members = [{"path": str(t.path) if t.path else None, "weights_sha": t.fingerprint, "weight": w}
+               for t, w in zip(teachers, weights)]
+    sha = hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1 else first.fingerprint
+    manifest = {**first.manifest, "weights_sha": sha, "test_accuracy": None, "ensemble": members}
+    return Teacher(_MeanLogits([t.model for t in teachers], weights), manifest, first.path)
 
 
 def _weights_sha(model: nn.Module) -> str:
