@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddkit import distributed as ddist
 from ddkit.config import field
 from ddkit.data.augment import Augment, build_augment
 from ddkit.data.base import DataBundle
@@ -118,6 +119,12 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     inner-loop shuffling) builds a fresh network, then ``outer_loop`` times: one image update on
     the summed per-class gradient distances, followed (except after the last) by ``inner_loop``
     epochs of SGD on a detached copy of the synthetic set.
+
+    Under ``torchrun`` class ``c``'s gradient distance is computed by rank ``c % world`` and the
+    image gradient is all-reduced: each class's images receive their gradient from one rank only
+    (zeros elsewhere), so every rank holds the single-process gradient bit for bit, takes the same
+    image step and trains the same inner-loop network. Every rank still draws every class's real
+    batch and augmentation, so the random streams stay those of one process.
     """
     ipc = check_ipc(real, ctx.ipc)
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
@@ -142,6 +149,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         log.info("%s: resumed from %s at iteration %d", tag, ckpt.path, step)
 
     data = RealByClass(real, device)
+    info = ddist.current()
     for it in range(step, cfg.iterations):
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, tag, "iteration", it))
         net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device)
@@ -156,11 +164,18 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                     params = augment.sample(1, gen, size)  # siamese: one draw for both batches
                     x_real = augment.apply(x_real, params)
                     x_syn = augment.apply(x_syn, params)
+                if c % info.world_size != info.rank:
+                    continue  # another rank's class (its random draws above were still taken)
                 g_real = [g.detach() for g in _class_grads(net, x_real, c, create_graph=False)]
                 g_syn = _class_grads(net, x_syn, c, create_graph=True)
                 loss = loss + match_distance(g_syn, g_real)
             opt_img.zero_grad(set_to_none=True)
-            syn.grad = torch.autograd.grad(loss, syn)[0]
+            grad = torch.autograd.grad(loss, syn, allow_unused=True)[0] if loss.requires_grad else None
+            grad = torch.zeros_like(syn) if grad is None else grad
+            if info.enabled:
+                ddist.all_reduce_sum(grad)
+                loss = ddist.all_reduce_sum(loss.detach().clone())
+            syn.grad = grad
             opt_img.step()
             total += float(loss.detach())
             if ol == outer - 1:
