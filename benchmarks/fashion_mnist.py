@@ -148,7 +148,12 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
 def write_family(family: str, tier: str, run_dir: Path, results: Path) -> Path:
     from ddkit.report import write_report
 
+    import os
+    import platform
+
     table = read_json(run_dir / "bench.json", "bench table")
+    table["command"] = f"DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
+    table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": table["config"]["device"]}
     stem = f"{family}-fashion-mnist-{tier}"
     write_json(results / f"{stem}.json", table)
     (results / f"{stem}.md").write_text(family_markdown(family, tier, table))
