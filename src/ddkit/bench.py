@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -444,8 +445,6 @@ class _Bench:
         store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
                         spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work)
         store.save(path)
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
         return path
 

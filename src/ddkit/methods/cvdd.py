@@ -6,6 +6,7 @@ committee soft labels.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,9 +82,9 @@ class CVDD(Method):
     smoke_options = dict(_SMOKE)
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> CVDD:
-        synthetic = recover("cvdd", self.cfg, real, teachers, ctx)
+        everyone = load_extra_teachers(self.cfg, teachers, ctx.device)  # loaded once for synthesis and labels
+        synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
         if self.cfg.soft_labels == "committee":
-            everyone = load_extra_teachers(self.cfg, teachers, ctx.device)
             weights = committee_weights_of(self.cfg, everyone)
             synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean, real.std, ctx.device)
             synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights}
