@@ -1,6 +1,6 @@
-"""Trajectory matching: MTT, TESLA, FTD and DATM.
+"""Trajectory matching: MTT, TESLA, FTD, DATM and AST (``shq``).
 
-All four distil by the same loop (see :mod:`ddkit.methods.trajectory` for the buffer and the
+All five distil by the same loop (see :mod:`ddkit.methods.trajectory` for the buffer and the
 unrolled student): each iteration samples an expert and a start epoch ``t``, starts a student at
 the expert's parameters ``θ*_t``, takes ``syn_steps`` SGD steps with the learnable learning rate on
 (DSA-augmented) synthetic minibatches, and moves the images (and the lr, and learned labels) to
@@ -36,6 +36,10 @@ ZCA-whitened images (:mod:`ddkit.data.zca`, regularisation 0.1 as MTT's kornia c
 then initialises, unrolls and matches in whitened space and maps the images back to pixel space
 (``ZCA.invert``) for the artifact, so every protocol evaluates them like any other set.
 
+AST (``shq``) adds options that every method here accepts (all off by default): ``init:
+representative``, ``balance_loss``, ``intermediate_matching``, ``weight_perturb``, and expert
+recipes with ``buffer.clip_loss`` / ``buffer.grad_penalty``; see :class:`SHQ`.
+
 Fashion-MNIST (1x28x28, no ZCA): keep the table's steps and windows, take lr_img 1000 (MTT's
 non-ZCA value) and DSA with flips (as DSA does on Fashion-MNIST). The defaults of each Config are
 the IPC-1 row.
@@ -63,6 +67,8 @@ from ddkit.methods.trajectory import (
     FunctionalStudent,
     GradientMode,
     buffer_for,
+    intermediate_terms,
+    perturb_start,
     plan_steps,
     trajectory_gradients,
 )
@@ -91,16 +97,29 @@ class MTTConfig:
     log_lr: bool = field(False, help="learn log(lr) instead of lr (the references learn lr itself)")
     momentum: float = field(0.5, help="SGD momentum of the image and lr optimisers (references: 0.5)")
     batch_syn: int | None = field(None, help="synthetic minibatch per student step (None: all images)")
-    init: Literal["real", "noise"] = field("real", help="initial images: stratified real subset or noise")
+    init: Literal["real", "noise", "representative"] = field(
+        "real", help="initial images: stratified real subset, noise, or representative (AST: per class, the "
+        "real images nearest to k-means centres of the last-epoch expert's logits)")
     augment: str = field("dsa", help="augmentation inside the unroll (dsa as the references; none)")
     augment_options: dict = field({}, help="options of the augmentation (dsa: flip=false for digits)")
     gradient: GradientMode = field(
         "unroll", help="unroll: backprop through all steps (MTT); exact: same gradient, memory of one step; "
         "first_order: TESLA's reference approximation")
     checkpoint_every: int = field(100, help="iterations between resumable checkpoints in the work dir")
+    balance_loss: bool = field(
+        False, help="AST balanced inner loss: scale the student's cross-entropy by log_5(t − h + 8) when the start "
+        "epoch t >= h = max_start_epoch // 2, else by 1 / log_5(h − t + 8)")
+    intermediate_matching: Literal["off", "uniform", "linear"] = field(
+        "off", help="AST intermediate matching: also match the student after i·(syn_steps // expert_epochs) steps "
+        "with the expert at t + i (i < expert_epochs); uniform: weight 1 each (AST), linear: weight i / expert_epochs")
+    weight_perturb: float = field(
+        0.0, help="AST weight perturbation α of the start parameters: conv weights W += α·(d/||d||)⊙W, "
+        "d ~ N(0, I) from the run's seeded generator; AST: 1; 0: off")
 
     def __post_init__(self) -> None:
         problems = []
+        if self.weight_perturb < 0:
+            problems.append(f"weight_perturb must be >= 0 (0 disables it), got {self.weight_perturb}")
         if self.iterations < 1:
             problems.append(f"iterations must be >= 1, got {self.iterations}")
         if self.syn_steps < 1:
@@ -163,8 +182,9 @@ class DATMConfig(MTTConfig):
     syn_steps: int = field(80, help="student SGD steps per iteration (DATM: 80 at IPC 1-50)")
     max_start_epoch: int = field(4, help="final upper end of the start window (exclusive)")
     lr_img: float = field(100.0, help="SGD lr of the synthetic images (DATM IPC 1/10: 100 with ZCA)")
-    init: Literal["real", "noise", "correct"] = field(
-        "correct", help="correct: real images that the experts classify correctly (DATM); real; noise")
+    init: Literal["real", "noise", "correct", "representative"] = field(
+        "correct", help="correct: real images that the experts classify correctly (DATM); real; noise; "
+        "representative (AST)")
     learn_labels: bool = field(True, help="learn soft labels (logits) initialised from the experts")
     label_epoch: int = field(-1, help="expert epoch whose logits initialise the labels (-1: last)")
     lr_y: float = field(5.0, help="SGD lr of the soft-label logits (DATM: 5 at IPC 1, else 2)")
@@ -195,6 +215,35 @@ class DATMConfig(MTTConfig):
             raise ConfigError("; ".join(problems))
 
 
+# AST's clipping loss: the authors' buffer.py --loss_decay factors for expert epochs 0..9.
+AST_CLIP_LOSS = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95]
+
+
+def _shq_buffer() -> ExpertConfig:
+    # AST's buffer.py as its README runs it (--optim SGDMOM --loss_decay --gp True): SGD momentum 0.9,
+    # weight decay 1e-3, lr 0.003 (its default lr_teacher), clipping loss, gradient penalty λ 2.
+    return ExpertConfig(lr=0.003, momentum=0.9, weight_decay=1e-3, clip_loss=list(AST_CLIP_LOSS), grad_penalty=2.0)
+
+
+@dataclass
+class SHQConfig(MTTConfig):
+    """MTT settings with every AST piece on (defaults: the authors' README command, CIFAR-100 IPC 1)."""
+
+    buffer: ExpertConfig = field(
+        factory=_shq_buffer, help="expert recipe (AST: momentum 0.9, wd 1e-3, lr 0.003, clip_loss, grad_penalty 2)")
+    syn_steps: int = field(20, help="student SGD steps per iteration (AST README, CIFAR-100 IPC 1: 20)")
+    expert_epochs: int = field(3, help="expert epochs between start and target (AST README: 3)")
+    max_start_epoch: int = field(20, help="start epochs are drawn from [min_start_epoch, max_start_epoch) (AST: 20)")
+    lr_lr: float = field(1e-5, help="SGD lr of the learnable student lr (AST: 1e-5)")
+    init: Literal["real", "noise", "representative"] = field(
+        "representative", help="representative (AST): real images nearest to per-class k-means centres of the "
+        "expert's logits; real; noise")
+    balance_loss: bool = field(True, help="AST balanced inner loss (see MTTConfig)")
+    intermediate_matching: Literal["off", "uniform", "linear"] = field(
+        "uniform", help="AST intermediate matching (uniform: the authors' --agg_middle_loss)")
+    weight_perturb: float = field(1.0, help="AST weight perturbation α of the start conv weights (AST: 1)")
+
+
 def window_upper(iteration: int, cfg: MTTConfig) -> int:
     """Exclusive upper end of the start-epoch window at ``iteration`` (0-based).
 
@@ -206,6 +255,16 @@ def window_upper(iteration: int, cfg: MTTConfig) -> int:
         return cfg.max_start_epoch
     grown = current + int((cfg.max_start_epoch - current) * iteration / cfg.expansion_end)
     return min(grown, cfg.max_start_epoch)
+
+
+def balance_scale(start_epoch: int, cfg: MTTConfig) -> float:
+    """AST's balanced inner loss factor for start epoch ``t`` (authors' code, ``--balance_loss``):
+    with ``h = max_start_epoch // 2``, ``log_5(t − h + 8)`` for ``t >= h`` (late, flat segments get
+    a larger inner loss) and ``1 / log_5(h − t + 8)`` for ``t < h`` (early, steep ones a smaller)."""
+    half = cfg.max_start_epoch // 2
+    if start_epoch >= half:
+        return math.log(start_epoch - half + 8, 5)
+    return 1.0 / math.log(half - start_epoch + 8, 5)
 
 
 def _randint(gen: torch.Generator, low: int, high: int) -> int:
@@ -240,6 +299,8 @@ class _TrajectoryMatching(Method):
         space = zca if zca is not None else (lambda x: x)
         if cfg.init == "correct":
             pixels, labels = _init_correct(real, ipc, buffer, student, cfg.label_epoch, ctx.seed, device, space)
+        elif cfg.init == "representative":
+            pixels, labels = _init_representative(real, ipc, buffer, student, ctx.seed, device, space)
         else:
             pixels, labels = init_images(real, ipc, cfg.init, ctx.seed)
         images = space(to_normalized(pixels.to(device), real)).requires_grad_(True)
@@ -284,6 +345,10 @@ class _TrajectoryMatching(Method):
             start = buffer.params(expert, t).to(device)
             target = buffer.params(expert, t + cfg.expert_epochs).to(device)
             steps = plan_steps(n, cfg.syn_steps, batch, gen, augment, size)
+            if cfg.weight_perturb > 0:
+                start = perturb_start(student, start, cfg.weight_perturb, gen)
+            middle = intermediate_terms(lambda i, e=expert, t=t: buffer.params(e, t + i).to(device), cfg.syn_steps,
+                                        cfg.expert_epochs, cfg.intermediate_matching)
             if soft is not None:
                 targets = soft
             elif getattr(cfg, "soft_labels", "none") == "expert":
@@ -293,7 +358,8 @@ class _TrajectoryMatching(Method):
             else:
                 targets = hard
             res = trajectory_gradients(student, start, target, images, targets, lr_param, steps, augment,
-                                       cfg.gradient, cfg.log_lr)
+                                       cfg.gradient, cfg.log_lr, balance_scale(t, cfg) if cfg.balance_loss else 1.0,
+                                       middle)
             if threshold is None or float(res.loss) <= threshold:
                 opt_img.zero_grad(set_to_none=True)
                 opt_lr.zero_grad(set_to_none=True)
@@ -374,6 +440,64 @@ def _init_correct(real: DataBundle, ipc: int, buffer: ExpertBuffer, student: Fun
     return real.train.subset(index).float_images().clone(), torch.arange(real.num_classes).repeat_interleave(ipc)
 
 
+def kmeans(x: torch.Tensor, k: int, gen: torch.Generator, iters: int = 100) -> torch.Tensor:
+    """Lloyd's k-means on rows of ``x`` [n, d] with k-means++ seeding from ``gen``; returns the
+    ``k`` centres. Deterministic for a given generator state (no library randomness)."""
+    x = x.double()
+    n = len(x)
+    if not 1 <= k <= n:
+        raise DDKitError(f"k-means needs 1 <= k <= n, got k={k}, n={n}")
+    first = int(torch.randint(n, (1,), generator=gen))
+    centres = x[first : first + 1]
+    while len(centres) < k:
+        d2 = torch.cdist(x, centres).pow(2).min(1).values
+        if float(d2.sum()) <= 0:  # fewer distinct points than k: take the next unused rows
+            centres = torch.cat([centres, x[len(centres) : len(centres) + 1]])
+            continue
+        pick = int(torch.multinomial((d2 / d2.sum()).float(), 1, generator=gen))
+        centres = torch.cat([centres, x[pick : pick + 1]])
+    for _ in range(iters):
+        assign = torch.cdist(x, centres).argmin(1)
+        new = torch.stack([x[assign == j].mean(0) if (assign == j).any() else centres[j] for j in range(k)])
+        if torch.equal(new, centres):
+            break
+        centres = new
+    return centres
+
+
+def representative_indices(features: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices (into ``features``) of the rows nearest to ``k`` k-means centres, one per centre and
+    all distinct (a centre whose nearest row is taken gets its next nearest)."""
+    centres = kmeans(features, k, gen)
+    dist = torch.cdist(centres, features.double())  # [k, n]
+    picks: list[int] = []
+    for row in dist:
+        for j in row.argsort(stable=True).tolist():
+            if j not in picks:
+                picks.append(j)
+                break
+    return torch.tensor(picks, dtype=torch.long)
+
+
+def _init_representative(real: DataBundle, ipc: int, buffer: ExpertBuffer, student: FunctionalStudent, seed: int,
+                         device: torch.device, space=lambda x: x) -> tuple[torch.Tensor, torch.Tensor]:
+    """AST's representative initialisation: per class, k-means (k = ipc) on the logits of the first
+    expert at its last epoch for every real image of the class; the real images nearest to the
+    centres initialise the synthetic set. Deterministic from ``seed``."""
+    params = buffer.params(0, buffer.epochs).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    picks = []
+    with torch.no_grad():
+        for c in range(real.num_classes):
+            idx = torch.nonzero(real.train.labels == c).flatten()
+            logits = torch.cat([student(params, space(to_normalized(real.train.subset(chunk).float_images().to(device),
+                                                                    real))).cpu()
+                                for chunk in idx.split(1024)])
+            picks.append(idx[representative_indices(logits, ipc, gen)])
+    index = torch.cat(picks)
+    return real.train.subset(index).float_images().clone(), torch.arange(real.num_classes).repeat_interleave(ipc)
+
+
 @METHODS.register("mtt")
 class MTT(_TrajectoryMatching):
     """Matching Training Trajectories (Cazenavette et al., "Dataset Distillation by Matching Training
@@ -443,3 +567,48 @@ class DATM(_TrajectoryMatching):
     key = "datm"
     smoke_options = {**_SMOKE, "max_start_epoch": 2, "current_max_start_epoch": 1, "expansion_end": 2,
                      "syn_steps": 3, "lr_img": 100.0, "threshold": 10.0}
+
+
+@METHODS.register("shq")
+class SHQ(_TrajectoryMatching):
+    """AST (Shen, Yang & Lam, "Efficient Dataset Distillation through Alignment with Smooth and
+    High-Quality Expert Trajectories", arXiv:2310.10541, 2023; v2 titled "AST: Effective Dataset
+    Distillation through ..."): MTT with smoother experts and a better-conditioned student.
+
+    Every piece is an option of MTT / the expert recipe (off there, on here); formulas and values
+    follow the authors' code (github.com/shenjiyuan123/AST-Alignment-with-Smooth-Expert):
+
+    - clipping loss (experts): ``buffer.clip_loss`` — the cross-entropy of expert epoch ``e`` is
+      multiplied by ``0.5 + 0.05 e`` for ``e < 10`` (``buffer.py --loss_decay``), damping the fast
+      early parameter change.
+    - gradient penalty (experts): ``buffer.grad_penalty`` λ = 2 — adds
+      ``λ · mean((||∂Σ logits/∂x||₂ − 1)²)`` on the un-augmented batch (``utils.epoch_gp``).
+    - expert optimiser: ``buffer.momentum`` 0.9, ``buffer.weight_decay`` 1e-3, ``buffer.lr`` 0.003.
+    - representative initialisation: ``init: representative`` — per class, k-means (k = IPC) on the
+      logits of the first expert at its last epoch; the nearest real image to each centre.
+    - balanced inner-loop loss: ``balance_loss`` — inner cross-entropy × ``log_5(t − h + 8)`` for
+      start epoch ``t >= h = max_start_epoch // 2``, else × ``1 / log_5(h − t + 8)``.
+    - intermediate matching loss: ``intermediate_matching: uniform`` — adds, for ``i < M``,
+      ``||θ_{i·(N//M)} − θ*_{t+i}||² / ||θ_0 − θ*_{t+i}||²`` (weight 1; ``linear``: ``i/M``).
+    - weight perturbation: ``weight_perturb`` α = 1 — each conv weight ``W`` of the start
+      parameters becomes ``W + α (d/||d||_F) ⊙ W``, ``d ~ N(0, I)``; the perturbed start is also
+      the denominators' ``θ_0``, as in the reference.
+
+    All pieces work with ``gradient: unroll``, ``exact`` and ``first_order`` (the reverse pass adds
+    the intermediate terms to the adjoint; the balance factor scales each inner gradient).
+    Defaults: the authors' README command for CIFAR-100 IPC 1 (syn_steps 20, expert_epochs 3,
+    max_start_epoch 20, lr_img 1000, lr_lr 1e-5, lr_teacher 0.01).
+
+    Not implemented / differences (from the reference code; the paper's full text was not
+    consulted here, only its abstract): the reference's expert lr drop (×0.6 after epoch
+    ``epochs // 2 + 1``, which also resets the momentum) and its inner-loop student momentum 0.9
+    (``distill.py --mom``) are not reproduced — the student takes MTT's plain SGD steps; the
+    reference's k-means uses 10 clusters and ``ipc // 10`` images per centre (which selects nothing
+    at IPC < 10), here k = IPC with one image per centre; no ZCA by default (set ``buffer.zca``);
+    randomness from one seeded generator, so the runs do not match the reference's numbers.
+    """
+
+    Config = SHQConfig
+    key = "shq"
+    smoke_options = {**_SMOKE, "buffer": {**_SMOKE_BUFFER, "clip_loss": [0.5, 0.75], "grad_penalty": 2.0},
+                     "syn_steps": 4, "expert_epochs": 2, "max_start_epoch": 2}

@@ -6,6 +6,8 @@ momentum, no weight decay, batch 256, DSA augmentation of every real batch, 50 e
 every expert's flattened parameters after each epoch (epoch 0 = initialisation). Option
 ``sam_rho > 0`` trains the experts with sharpness-aware minimisation instead (SAM, Foret et al.,
 ICLR 2021; ``sam_adaptive`` gives ASAM), the "flat trajectory" experts of FTD (Du et al., CVPR 2023).
+Options ``clip_loss`` (per-epoch loss factors) and ``grad_penalty`` (input-gradient penalty) give
+the smooth experts of AST (Shen et al., arXiv:2310.10541).
 
 Artifact (``kind: expert-buffer``)::
 
@@ -97,8 +99,18 @@ class ExpertConfig:
     seed: int = field(0, help="base seed; expert i uses its own generator derived from (seed, i)")
     zca: bool = field(False, help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
     zca_reg: float = field(0.1, help="ZCA regularisation added to the covariance eigenvalues (kornia/MTT: 0.1)")
+    clip_loss: list[float] = field(
+        [], help="AST clipping loss: the cross-entropy of epoch e is multiplied by clip_loss[e] for the first "
+        "len(clip_loss) epochs (slows the early, fastest parameter change); AST: 0.5, 0.55, ..., 0.95; []: off")
+    grad_penalty: float = field(
+        0.0, help="AST gradient penalty weight λ: adds λ·mean((||∂Σ logits/∂x||₂ over channels − 1)²) on the "
+        "un-augmented batch to every step's loss (smoother experts); AST: 2; 0: off")
 
     def __post_init__(self) -> None:
+        if any(not (isinstance(v, (int, float)) and v > 0) for v in self.clip_loss):
+            raise ConfigError(f"clip_loss factors must all be > 0 (or the list empty), got {self.clip_loss}")
+        if self.grad_penalty < 0:
+            raise ConfigError(f"grad_penalty must be >= 0 (0 disables it), got {self.grad_penalty}")
         if self.zca_reg <= 0:
             raise ConfigError(f"zca_reg must be > 0, got {self.zca_reg}")
         if self.num_experts < 1:
@@ -242,6 +254,18 @@ def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float,
     return loss.detach(), list(perturbed)
 
 
+def input_gradient_penalty(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """AST's expert gradient penalty (without its weight): ``mean((||∂(Σ logits)/∂x||₂ − 1)²)``.
+
+    As in the AST authors' ``epoch_gp``, the gradient of the sum of all logits is taken w.r.t. the
+    un-augmented batch and its 2-norm runs over the channel axis, so the mean is over images and
+    pixels (a WGAN-GP-style penalty, Gulrajani et al., 2017). Differentiable in the parameters.
+    """
+    x = x.detach().requires_grad_(True)
+    grad = torch.autograd.grad(model(x).sum(), x, create_graph=True)[0]
+    return (grad.norm(p=2, dim=1) - 1).pow(2).mean()
+
+
 def fit_zca(data: DataBundle, cfg: ExpertConfig):
     """The ZCA transform of ``cfg`` fitted on ``data``'s training set, or None when ``cfg.zca`` is off."""
     if not cfg.zca:
@@ -270,24 +294,34 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
     bs = min(cfg.batch_size, n)
     size = tuple(data.image_shape[-2:])
     loss_epoch = float("nan")
-    for _ in range(cfg.epochs):
+    for e in range(cfg.epochs):
+        scale = float(cfg.clip_loss[e]) if e < len(cfg.clip_loss) else 1.0
+
+        def loss_fn(x_aug: torch.Tensor, x_clean: torch.Tensor, y: torch.Tensor, scale: float = scale) -> torch.Tensor:
+            loss = F.cross_entropy(model(x_aug), y)
+            if scale != 1.0:
+                loss = loss * scale
+            if cfg.grad_penalty > 0:
+                loss = loss + cfg.grad_penalty * input_gradient_penalty(model, x_clean)
+            return loss
+
         perm = torch.randperm(n, generator=gen)
         total = 0.0
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
-            x = norm(to_float(data.train.images[idx], device))
+            x = clean = norm(to_float(data.train.images[idx], device))
             if zca is not None:
-                x = zca(x)
+                x = clean = zca(x)
             if augment is not None:
                 x = augment.apply(x, augment.sample(len(idx), gen, size))
             y = data.train.labels[idx].to(device)
             opt.zero_grad(set_to_none=True)
             if cfg.sam_rho > 0:
-                loss, grads = _sam_step(model, lambda x=x, y=y: F.cross_entropy(model(x), y), cfg.sam_rho, cfg.sam_adaptive)
+                loss, grads = _sam_step(model, lambda x=x, c=clean, y=y: loss_fn(x, c, y), cfg.sam_rho, cfg.sam_adaptive)
                 for p, g in zip(model.parameters(), grads, strict=True):
                     p.grad = g
             else:
-                loss = F.cross_entropy(model(x), y)
+                loss = loss_fn(x, clean, y)
                 loss.backward()
             opt.step()
             total += float(loss.detach()) * len(idx)
@@ -457,6 +491,48 @@ def plan_steps(n: int, syn_steps: int, batch: int, gen: torch.Generator, augment
 
 
 @dataclass
+class Intermediate:
+    """AST intermediate matching term: after ``step`` inner steps, match ``target`` with ``weight``."""
+
+    step: int
+    target: torch.Tensor
+    weight: float = 1.0
+
+
+def intermediate_terms(buffer_params: Callable[[int], torch.Tensor], syn_steps: int, expert_epochs: int,
+                       scheme: str) -> list[Intermediate]:
+    """AST's intermediate targets: for ``i = 1..M−1`` (``M = expert_epochs``) the student after
+    ``i·(N // M)`` steps is matched with the expert at ``start + i`` (``buffer_params(i)``).
+
+    ``scheme``: ``uniform`` weights every term 1 (the authors' ``--agg_middle_loss``, used in all
+    their commands); ``linear`` weights term ``i`` by ``i / M`` (``--adaptive_middle_loss``);
+    ``off``: no terms. Steps that fall outside ``1..N−1`` are dropped, as in the reference.
+    """
+    if scheme == "off":
+        return []
+    terms = []
+    for i in range(1, expert_epochs):
+        step = (syn_steps // expert_epochs) * i
+        if 0 < step < syn_steps:
+            weight = 1.0 if scheme == "uniform" else i / expert_epochs
+            terms.append(Intermediate(step, buffer_params(i), weight))
+    return terms
+
+
+def perturb_start(student: FunctionalStudent, flat: torch.Tensor, alpha: float, gen: torch.Generator) -> torch.Tensor:
+    """AST weight perturbation of the start parameters: every 4-D (convolution) weight ``W`` becomes
+    ``W + α · (d / ||d||_F) ⊙ W`` with ``d ~ N(0, I)`` drawn from ``gen`` (CPU, so the same on every
+    device); biases, norm and linear parameters are unchanged (as the authors' ``weightPerturb``)."""
+    out = []
+    for chunk, shape in zip(flat.split(student.numels), student.shapes, strict=True):
+        if len(shape) == 4:
+            d = torch.randn(chunk.numel(), generator=gen, dtype=torch.float32).to(device=chunk.device, dtype=chunk.dtype)
+            chunk = chunk + alpha * (d / d.norm()) * chunk
+        out.append(chunk)
+    return torch.cat(out)
+
+
+@dataclass
 class MatchResult:
     loss: torch.Tensor  # detached scalar
     grad_images: torch.Tensor
@@ -475,12 +551,18 @@ def trajectory_gradients(
     augment=None,
     mode: GradientMode = "unroll",
     log_lr: bool = False,
+    inner_scale: float = 1.0,
+    intermediate: list[Intermediate] | None = None,
 ) -> MatchResult:
     """Unroll ``len(steps)`` SGD steps of the student from ``start`` on ``images`` (normalised) and
     return the matching loss against ``target`` with its gradients (see the module docstring).
 
     ``labels``: int64 hard labels, or float logits (learnable if they require grad).
     ``lr_param``: the learnable lr (``log_lr``: its log). Tensors that need no gradient get zeros.
+    ``inner_scale``: factor on every inner cross-entropy (AST's balanced inner loss).
+    ``intermediate``: extra terms ``weight · ||θ_step − target||² / ||start − target||²`` (AST's
+    intermediate matching; ``0 < step < len(steps)``), added to the loss in every mode: the reverse
+    pass adds their gradient to the adjoint when it reaches ``θ_step``.
     """
     learn_labels = labels.dtype.is_floating_point and labels.requires_grad
     images = images.detach().requires_grad_(True)
@@ -495,15 +577,28 @@ def trajectory_gradients(
             x = augment.apply(x, step.aug)
         return x, ys[step.index]
 
+    def inner(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss = student_loss(student(theta, x), y)
+        return loss * inner_scale if inner_scale != 1.0 else loss
+
+    middle = {}
+    for term in intermediate or []:
+        if not 0 < term.step < len(steps):
+            raise DDKitError(f"intermediate matching step {term.step} must lie in 1..{len(steps) - 1}")
+        middle.setdefault(term.step, []).append(term)
+
     alpha = lr_param.exp() if log_lr else lr_param
     if mode == "unroll":
         theta = start.clone().requires_grad_(True)
         params = [theta]
         for step in steps:
             x, y = batch(step)
-            g = torch.autograd.grad(student_loss(student(params[-1], x), y), params[-1], create_graph=True)[0]
+            g = torch.autograd.grad(inner(params[-1], x, y), params[-1], create_graph=True)[0]
             params.append(params[-1] - alpha * g)
         loss = matching_loss(params[-1], start, target)
+        for k, terms in middle.items():
+            for term in terms:
+                loss = loss + term.weight * matching_loss(params[k], start, term.target.detach())
         inputs = [images, lr_param] + ([ys] if learn_labels else [])
         grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         gx, glr = grads[0], grads[1]
@@ -520,12 +615,15 @@ def trajectory_gradients(
         with torch.no_grad():
             x, y = batch(step)
         theta = thetas[-1].clone().requires_grad_(True)
-        g = torch.autograd.grad(student_loss(student(theta, x), y), theta)[0]
+        g = torch.autograd.grad(inner(theta, x, y), theta)[0]
         thetas.append(thetas[-1] - a * g)
     final = thetas[-1]
     denom = (start - target).pow(2).sum()
     loss = (final - target).pow(2).sum() / denom
     lam = 2.0 * (final - target) / denom  # dL/dθ_N
+    for k, terms in middle.items():
+        for term in terms:
+            loss = loss + term.weight * matching_loss(thetas[k], start, term.target.detach())
 
     # pass 2 (reverse): recompute each step's gradient and pull the adjoint back through it
     gx = torch.zeros_like(images)
@@ -534,7 +632,7 @@ def trajectory_gradients(
     for i in range(len(steps) - 1, -1, -1):
         theta = thetas[i].clone().requires_grad_(True)
         x, y = batch(steps[i])
-        g = torch.autograd.grad(student_loss(student(theta, x), y), theta, create_graph=True)[0]
+        g = torch.autograd.grad(inner(theta, x, y), theta, create_graph=True)[0]
         inputs = [images] + ([ys] if learn_labels else []) + ([theta] if mode == "exact" else [])
         back = torch.autograd.grad((g * lam).sum(), inputs, allow_unused=True)
         dalpha = dalpha - (g.detach() * lam).sum()
@@ -543,6 +641,9 @@ def trajectory_gradients(
             gy = gy - a * _zeros_if_none(back[1], ys)
         if mode == "exact":
             lam = lam - a * _zeros_if_none(back[-1], theta)
+        for term in middle.get(i, []):  # now lam is dL/dθ_i minus this step's own term: add it
+            t = term.target.detach()
+            lam = lam + term.weight * 2.0 * (thetas[i] - t) / (start - t).pow(2).sum()
     glr = dalpha * a if log_lr else dalpha
     return MatchResult(loss.detach(), gx, glr.reshape(lr_param.shape), gy)
 
