@@ -52,9 +52,17 @@ class ProtocolConfig:
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
 
+    def identity(self) -> dict:
+        """What decides the numbers: every field, except an empty ``extra_teachers`` (no ensemble),
+        which is left out so hashes stay those of protocols written before the field existed."""
+        out = to_dict(self)
+        if not out["extra_teachers"]:
+            del out["extra_teachers"]
+        return out
+
     @property
     def hash(self) -> str:
-        return config_hash(self)
+        return config_hash(self.identity())
 
     def full_train(self) -> TrainConfig:
         return dataclasses.replace(self.train, epochs=self.full_epochs)

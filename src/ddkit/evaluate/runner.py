@@ -107,7 +107,7 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
                       cache_dir: str | Path | None) -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
     (protocol without the fkd store path, data, teacher, FKD store settings, IPC, seed)."""
-    proto = {**to_dict(protocol), "fkd_store": None}
+    proto = {**protocol.identity(), "fkd_store": None}
     settings = None
     if store is not None:
         m = store.manifest
