@@ -146,10 +146,10 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
 
 
 def write_family(family: str, tier: str, run_dir: Path, results: Path) -> Path:
-    from ddkit.report import write_report
-
     import os
     import platform
+
+    from ddkit.report import write_report
 
     table = read_json(run_dir / "bench.json", "bench table")
     table["command"] = f"DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
