@@ -6,7 +6,7 @@ Two families, each one `ddkit bench` matrix (resumable: re-run the same command 
   FTD, DATM and random, hard labels under the DC protocol (ConvNet-3, SGD 0.01, batch 256).
 - ``decoupled`` (configs/bench/fashion-mnist-decoupled[-cpu].yaml): SRe2L, CDA, G-VBSM, EDC (+ its
   ablation), RDED, DWA, CV-DD and random, teacher soft labels under one soft-label protocol, ConvNet-3
-  and ResNet-18 students.
+  and ResNet-18 students (full tier; the CPU tier: width-32 ConvNet-3).
 
 ``--tier cpu`` runs the reduced configurations (2 CPU cores, about 1.5 h for both families);
 ``--tier full`` the papers' settings (needs a GPU). Writes, per family, ``<family>-fashion-mnist-<tier>.json``
