@@ -8,12 +8,12 @@ Two families, each one `ddkit bench` matrix (resumable: re-run the same command 
   ablation), RDED, DWA, CV-DD and random, teacher soft labels under one soft-label protocol, ConvNet-3
   and ResNet-18 students (full tier; the CPU tier: width-32 ConvNet-3).
 
-``--tier cpu`` runs the reduced configurations (2 CPU cores, about 1.5 h for both families);
+``--tier cpu`` runs the reduced configurations (2 CPU cores, about 2.5 h for both families);
 ``--tier full`` the papers' settings (needs a GPU). Writes, per family, ``<family>-fashion-mnist-<tier>.json``
 (the bench table), ``.md`` (tables) and a ``-report/`` folder (plots, image grids, HTML), then
 ``fashion-mnist.md`` assembling every family found in the results folder.
 
-Usage (the one documented command; ~1.5 h on 2 CPU cores):
+Usage (the one documented command; ~2.5 h on 2 CPU cores):
     DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier cpu
 """
 
