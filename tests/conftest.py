@@ -9,6 +9,19 @@ from ddkit.data import make_synthetic
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_ddkit(cwd: Path, *args: str, ranks: int = 1, cache: str = "cache", timeout: int = 600) -> None:
+    """``python -m ddkit ARGS -q`` in ``cwd`` (under torchrun with ``ranks`` gloo processes when > 1),
+    one OpenMP thread per process and ``$DDKIT_CACHE = cwd/cache``; fails the test on a non-zero exit."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(Path(cwd) / cache)}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args, "-q"], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Full-data reference cache goes to a per-test folder, never ~/.cache."""

@@ -313,24 +313,16 @@ def test_torchrun_shards_units_and_matches_single_process(tmp_path):
 
     A couple of minutes on 2 cores, hence the slow tier (which CI runs).
     """
-    import os
-    import subprocess
-    import sys
+    from conftest import run_ddkit
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
-
-    def run(*args, ranks=1):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args, "-q"], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    def run(*args, ranks=1, cache="cache"):
+        run_ddkit(tmp_path, *args, ranks=ranks, cache=cache)
 
     run("teacher", "--dataset", "synthetic", "--model", "convnetd2-w8-bn", "--epochs", "2", "--out", "t")
     distill = ["distill", "--dataset", "synthetic", "--method", "edc", "--ipc", "3", "--teacher", "t",
                "--set", "distill.options.iterations=3", "--set", "distill.options.class_batch=3"]
     run(*distill, "--out", "d1")
-    env["DDKIT_CACHE"] = str(tmp_path / "cache2")  # the statistics pass also runs under torchrun
-    run(*distill, "--out", "d2", ranks=2)
+    run(*distill, "--out", "d2", ranks=2, cache="cache2")  # the statistics pass also runs under torchrun
     a, b = load_file(str(tmp_path / "d1/images.safetensors")), load_file(str(tmp_path / "d2/images.safetensors"))
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
     # the real-data statistics pass was sharded over the 2 ranks (all-reduced float64 sums)

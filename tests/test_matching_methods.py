@@ -223,23 +223,15 @@ def test_unknown_key_is_a_config_error():
 @pytest.mark.slow
 def test_dc_under_torchrun_shards_classes_and_equals_one_process(tmp_path):
     """2 gloo ranks split DC's classes and all-reduce the image gradient: same images, bit for bit."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
+    from conftest import run_ddkit
 
     def run(out, ranks=1):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
-        args = ["distill", "--dataset", "synthetic", "--method", "dsa", "--ipc", "2", "--out", out,
-                "--set", "distill.options.model=tiny_convnet", "--set", "distill.options.iterations=2",
-                "--set", "distill.options.outer_loop=2", "--set", "distill.options.inner_loop=1",
-                "--set", "distill.options.batch_real=8", "-q"]
-        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args], capture_output=True, text=True,
-                              env=env, cwd=tmp_path, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run_ddkit(tmp_path, "distill", "--dataset", "synthetic", "--method", "dsa", "--ipc", "2", "--out", out,
+                  "--set", "distill.options.model=tiny_convnet", "--set", "distill.options.iterations=2",
+                  "--set", "distill.options.outer_loop=2", "--set", "distill.options.inner_loop=1",
+                  "--set", "distill.options.batch_real=8", ranks=ranks)
         return load_file(str(tmp_path / out / "images.safetensors"))
 
     one, two = run("d1"), run("d2", ranks=2)

@@ -260,19 +260,12 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
 @pytest.mark.slow
 def test_relabel_under_torchrun_equals_single_process(tmp_path):
     """2 gloo ranks label alternate epochs; the saved store equals the single-process one."""
-    import os
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
+    from conftest import run_ddkit
 
     def run(*args, ranks=1):
-        launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
-        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", *args, "-q"], capture_output=True,
-                              text=True, env=env, cwd=tmp_path, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        run_ddkit(tmp_path, *args, ranks=ranks)
 
     run("teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "t")
     run("distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", "d")
