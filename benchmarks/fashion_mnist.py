@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from ddkit.artifacts import read_json, write_json
@@ -49,30 +48,13 @@ def run_family(family: str, tier: str, device: str | None = None, quiet: bool = 
     cfg = load_bench_config(config_path(family, tier))
     if device:
         cfg.device = device
-    bar = stage = None
-    if not quiet:
-        from tqdm.auto import tqdm
+    from ddkit.cli import BenchBars
 
-        bar = tqdm(desc=f"{family} cells", unit="cell", file=sys.stderr, position=0)
-        stage = tqdm(desc="stage", file=sys.stderr, position=1, leave=False)
-
-    def progress(done, total, row):
-        if bar is not None:
-            bar.total = total
-            bar.set_postfix_str(row["cell"])
-            bar.update(done - bar.n)
-
-    def stage_progress(what, done, total):
-        if stage is not None:
-            if stage.desc != what or done < stage.n:
-                stage.reset(total=total)
-                stage.set_description_str(what, refresh=False)
-            stage.update(done - stage.n)
-
-    rows = run_bench(cfg, progress=progress, stage_progress=stage_progress)
-    for b in (stage, bar):
-        if b is not None:
-            b.close()
+    bars = BenchBars(not quiet, desc=f"{family} cells")
+    try:
+        rows = run_bench(cfg, progress=bars.cell, stage_progress=bars.stage)
+    finally:
+        bars.close()
     return rows, Path(cfg.out)
 
 

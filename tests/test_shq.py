@@ -32,6 +32,7 @@ from ddkit.methods.trajectory import (
     train_experts,
     trajectory_gradients,
 )
+from test_trajectory_methods import _Linear
 
 TINY = {"model": "tiny_convnet", "num_experts": 1, "epochs": 2, "batch_size": 32}
 CPU = torch.device("cpu")
@@ -162,15 +163,6 @@ def test_balance_scale_hand_values():
     assert balance_scale(15, cfg) == pytest.approx(math.log(13) / math.log(5))
     assert balance_scale(3, cfg) == pytest.approx(math.log(5) / math.log(15))
     assert balance_scale(0, cfg) < balance_scale(9, cfg) < 1 < balance_scale(10, cfg) < balance_scale(19, cfg)
-
-
-class _Linear(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(x.flatten(1))
 
 
 def _softmax_grad(theta, x, y):

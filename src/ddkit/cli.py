@@ -284,6 +284,37 @@ def cmd_export(args) -> int:
     return 0
 
 
+class BenchBars:
+    """The bench's progress view: a bar over cells and one inside the current stage (tqdm, stderr)."""
+
+    def __init__(self, enabled: bool, desc: str = "bench cells") -> None:
+        self._cells = self._stage = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self._cells = tqdm(desc=desc, unit="cell", dynamic_ncols=True, file=sys.stderr, position=0)
+            self._stage = tqdm(desc="stage", dynamic_ncols=True, file=sys.stderr, position=1, leave=False)
+
+    def cell(self, done: int, total: int, row: dict) -> None:
+        if self._cells is not None:
+            self._cells.total = total
+            self._cells.set_postfix_str(f"{row['cell']}{' (reused)' if row.get('reused') else ''}")
+            self._cells.update(done - self._cells.n)
+
+    def stage(self, what: str, done: int, total: int) -> None:
+        bar = self._stage
+        if bar is not None:
+            if bar.desc != what or done < bar.n:
+                bar.reset(total=total)
+                bar.set_description_str(what, refresh=False)
+            bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in (self._stage, self._cells):
+            if bar is not None:
+                bar.close()
+
+
 def cmd_bench(args) -> int:
     from ddkit import distributed as ddist
     from ddkit.bench import format_bench_table, load_bench_config, run_bench
@@ -294,30 +325,11 @@ def cmd_bench(args) -> int:
     if args.device != "auto":
         cfg.device = args.device
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
-    bar = stage = None
-    if not args.quiet and ddist.current().is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(desc="bench cells", unit="cell", dynamic_ncols=True, file=sys.stderr, position=0)
-        stage = tqdm(desc="stage", dynamic_ncols=True, file=sys.stderr, position=1, leave=False)
-
-    def progress(done: int, total: int, row: dict) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.set_postfix_str(f"{row['cell']}{' (reused)' if row['reused'] else ''}")
-            bar.update(done - bar.n)
-
-    def stage_progress(what: str, done: int, total: int) -> None:
-        if stage is not None:
-            if stage.desc != what or done < stage.n:
-                stage.reset(total=total)
-                stage.set_description_str(what, refresh=False)
-            stage.update(done - stage.n)
-
-    rows = run_bench(cfg, progress=progress, stage_progress=stage_progress)
-    for b in (stage, bar):
-        if b is not None:
-            b.close()
+    bars = BenchBars(not args.quiet and ddist.current().is_main)
+    try:
+        rows = run_bench(cfg, progress=bars.cell, stage_progress=bars.stage)
+    finally:
+        bars.close()
     _print(format_bench_table(rows))
     _print(f"table: {Path(cfg.out) / 'bench.json'}; report: ddkit report {cfg.out}")
     return 0
