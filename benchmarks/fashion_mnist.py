@@ -6,7 +6,7 @@ Two families, each one `ddkit bench` matrix (resumable: re-run the same command 
   FTD, DATM and random, hard labels under the DC protocol (ConvNet-3, SGD 0.01, batch 256).
 - ``decoupled`` (configs/bench/fashion-mnist-decoupled[-cpu].yaml): SRe2L, CDA, G-VBSM, EDC (+ its
   ablation), RDED, DWA, CV-DD and random, teacher soft labels under one soft-label protocol, ConvNet-3
-  and ResNet-18 students (full tier; the CPU tier: width-32 ConvNet-3).
+  and ResNet-18 students (the CPU tier: width-32 ConvNet-3 and width-8 ResNet-18).
 
 ``--tier cpu`` runs the reduced configurations (2 CPU cores, about 2.5 h for both families);
 ``--tier full`` the papers' settings (needs a GPU). Writes, per family, ``<family>-fashion-mnist-<tier>.json``
@@ -102,7 +102,7 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
         lines += ["", f"### EDC ablation (IPC {ipc}, knobs added one by one as in EDC Fig. 1)", "",
                   "| step | knobs | student | accuracy % | vs random |", "|---|---|---|---|---:|"]
         steps = {"edc-A": "G-VBSM baseline: backbones, BN + conv statistics, noise init",
-                 "edc-AB": "+ real-image init", "edc-ABD": "+ flatness regularisation",
+                 "edc-AB": "+ real-image init (RDED output)", "edc-ABD": "+ flatness regularisation",
                  "edc-ABDF": "+ soft category-aware matching (alpha 0.5)", "edc": "+ weak augmentation (= EDC)"}
         for key, text in steps.items():
             for r in rows:

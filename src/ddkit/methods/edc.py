@@ -69,7 +69,7 @@ class EDCConfig(RecoverConfig):
     lr: float = field(0.05, help="Adam lr on normalised pixels (as G-VBSM's CIFAR script)")
     r_stats: float = field(0.01, help="weight of the statistics loss")
     stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv", help="BN + convolution statistics (EDC step A, from G-VBSM)")
-    init: Literal["noise", "real", "rded"] = field("real", help="EDC step B: real-image init; 'rded' uses the rded method's output as EDC does; 'noise' turns B off")
+    init: Literal["noise", "real", "rded"] = field("rded", help="EDC step B: real-image init from the rded method's output (as EDC); 'real': a random real subset; 'noise' turns B off")
     alpha: float = field(0.5, help="EDC step F: soft category-aware matching alpha*global + (1-alpha)*class; 1 turns it off")
     flatness_weight: float = field(0.25, help="EDC step D: flatness regularisation weight; 0 turns it off")
     flatness_beta: float = field(0.99, help="EDC step D: EMA rate of the image copy")
@@ -89,7 +89,7 @@ class EDC(Method):
     step   EDC change                                            ddkit knob (off value)
     =====  ====================================================  =================================
     A      G-VBSM baseline: several observers, BN + conv stats   ``stats: bn+conv``, teachers list
-    B      real-image initialisation (RDED output); iterations   ``init: real|rded`` (``noise``);
+    B      real-image initialisation (RDED output); iterations   ``init: rded|real`` (``noise``);
            halved vs G-VBSM                                      ``iterations: 2000`` (4000)
     C      smoothing LR schedule at evaluation                   evaluation protocol, not here
     D      flatness regularisation: KL(observer logits on        ``flatness_weight: 0.25`` (0),
@@ -100,10 +100,8 @@ class EDC(Method):
            at evaluation)                                        student: evaluation protocol
     =====  ====================================================  =================================
 
-    Differences: the default initialisation is a random real subset (``init: real``), because
-    ``init: rded`` runs the whole RDED selection first; EDC initialises from RDED. G-VBSM's
-    logit-matching term is off (``r_logit: 0``) as EDC does not list it; the flatness KL is not
-    scaled by tau^2. Same G-VBSM omissions as :class:`GVBSM` (statistics EMA, layer dropping).
+    Differences: G-VBSM's logit-matching term is off (``r_logit: 0``) as EDC does not list it; the
+    flatness KL is not scaled by tau^2. Same G-VBSM omissions as :class:`GVBSM` (statistics EMA, layer dropping).
     ``flip_plugin`` adds FYI.
     """
 
