@@ -171,6 +171,21 @@ def findings(rows: list[dict], ipcs: list[int]) -> list[str]:
     return out
 
 
+def _student_table(family: str, tier: str, student: str, mode: str, main: list[dict]) -> list[str]:
+    ipcs = sorted({r["ipc"] for r in main})
+    methods = list(dict.fromkeys(r["method"] for r in main))
+    out = [f"## {family} family, {tier} tier — student {student}, label mode `{mode}`", "",
+           "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | published (hard) | synthesis s (sum) |",
+           "|---|" + "---|" * len(ipcs) + "---|---:|"]
+    for m in methods:
+        cells = {r["ipc"]: r for r in main if r["method"] == m}
+        accs = " | ".join(_pm(cells[i]["acc"]) if i in cells else "–" for i in ipcs)
+        pub = " / ".join(_pub(m, i) for i in ipcs) if m in PUBLISHED and mode == "hard" else "–"
+        syn = sum((c["synthesis"]["wall_seconds"] or 0) for c in cells.values())
+        out.append(f"| {m} | {accs} | {pub} | {syn:.0f} |")
+    return out + [""] + findings(main, ipcs) + [""]
+
+
 def overview(results: Path) -> str:
     """``fashion-mnist.md``: one table of every method found, per IPC, with published numbers."""
     out = ["# Fashion-MNIST: every ddkit method at IPC 1 / 10 / 50", "",
@@ -178,7 +193,8 @@ def overview(results: Path) -> str:
            "lands; finished cells are reused). Published numbers are hard-label ConvNet-3 results from the DC (ICLR 2021) "
            "and DSA (ICML 2021) papers; no other method here reports Fashion-MNIST.", "",
            "**Tiers.** `cpu` is the reduced configuration that 2 CPU cores finish in about two hours: ConvNet-3 of "
-           "width 32 (papers: 128) as synthesis network, experts and student; minutes of synthesis per set "
+           "width 32 (papers: 128) as synthesis network, experts and student (the decoupled family also trains a "
+           "width-8 ResNet-18 student); minutes of synthesis per set "
            "(papers: 1000-20000 iterations); 300 / 150 / 60 student epochs (matching) or 300 / 80 / 30 "
            "(decoupled) at IPC 1 / 10 / 50. It measures every method under one protocol against the random "
            "subset, not a reproduction of the papers: methods that need long optimisation (DC/DSA at IPC 10/50, "
@@ -194,21 +210,11 @@ def overview(results: Path) -> str:
             found = True
             rows = read_json(path)["rows"]
             mode = rows[0]["label_mode"] if rows else "?"
-            main = [r for r in rows if not r["method"].startswith("edc-") and r["student"] == rows[0]["student"]
-                    and r["label_mode"] == mode]
-            ipcs = sorted({r["ipc"] for r in main})
-            methods = list(dict.fromkeys(r["method"] for r in main))
-            out += [f"## {family} family, {tier} tier — student {rows[0]['student']}, label mode `{mode}`", "",
-                    "| method | " + " | ".join(f"IPC {i}" for i in ipcs) + " | published (hard) | synthesis s (sum) |",
-                    "|---|" + "---|" * len(ipcs) + "---|---:|"]
-            for m in methods:
-                cells = {r["ipc"]: r for r in main if r["method"] == m}
-                accs = " | ".join(_pm(cells[i]["acc"]) if i in cells else "–" for i in ipcs)
-                pub = " / ".join(_pub(m, i) for i in ipcs) if m in PUBLISHED and mode == "hard" else "–"
-                syn = sum((c["synthesis"]["wall_seconds"] or 0) for c in cells.values())
-                out.append(f"| {m} | {accs} | {pub} | {syn:.0f} |")
-            out += [""] + findings(main, ipcs)
-            out += ["", f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
+            for student in dict.fromkeys(r["student"] for r in rows):  # one table per student architecture
+                main = [r for r in rows if not r["method"].startswith("edc-") and r["student"] == student
+                        and r["label_mode"] == mode]
+                out += _student_table(family, tier, student, mode, main)
+            out += [f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
                         f"({family}-fashion-mnist-{tier}.md); plots and image grids: "
                         f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]
     if not found:
