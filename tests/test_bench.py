@@ -150,6 +150,29 @@ def test_second_run_reuses_everything(full_run, monkeypatch):
     assert seen == [True] * 4 and again == rows
 
 
+def test_method_revision_remakes_only_its_sets(full_run, tmp_path, monkeypatch):
+    """Bumping a method's ``revision`` (a changed default) remakes its sets and cells, not the teacher."""
+    import shutil
+
+    import ddkit.bench as bench
+    from ddkit.methods import METHODS
+
+    src, rows, _ = full_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    made = []
+    real_distill = bench.distill
+    monkeypatch.setattr(bench, "distill", lambda *a, **k: made.append(a[1].ipc) or real_distill(*a, **k))
+    monkeypatch.setattr(bench, "train_teacher", lambda *a, **k: pytest.fail("the teacher was retrained"))
+    monkeypatch.setattr(METHODS.get("random"), "revision", 1)
+    seen = []
+    again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
+    assert made == [1, 2] and seen == [False] * 4
+    assert [r["eval_keys"] for r in again] != [r["eval_keys"] for r in rows]
+    # same seed, same algorithm: the remade sets hold the same images, so accuracies are unchanged
+    assert [r["acc"] for r in again] == [r["acc"] for r in rows]
+
+
 def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):
     _, rows, _ = full_run
     out = tmp_path / "resumed"

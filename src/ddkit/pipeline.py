@@ -126,8 +126,14 @@ def distill(
 
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
-    return config_hash({"distill": to_dict(cfg), "data": data.fingerprint,
-                        "teacher": teacher.fingerprint if teacher is not None else None})
+    """Identity of a distilled set: options as given, data, teacher and the method's ``revision``
+    (left out while 0, so sets cached before revisions existed keep their hash)."""
+    key = {"distill": to_dict(cfg), "data": data.fingerprint,
+           "teacher": teacher.fingerprint if teacher is not None else None}
+    revision = getattr(METHODS.get(cfg.method), "revision", 0) if cfg.method in METHODS else 0
+    if revision:
+        key["method_revision"] = revision
+    return config_hash(key)
 
 
 def run(

@@ -47,6 +47,9 @@ class Method:
     needs_teacher: ClassVar[bool] = False
     # options for a seconds-long run on tiny data (the contract test and `--quick` benchmarks)
     smoke_options: ClassVar[dict[str, Any]] = {}
+    # bump when a change alters the output for the same options (a new default, a fixed bug): cached
+    # distilled sets of this method (and every evaluation of them) are then made again, others are kept
+    revision: ClassVar[int] = 0
     synthetic_: SyntheticSet
 
     def __init__(self, cfg) -> None:

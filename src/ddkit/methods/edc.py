@@ -108,6 +108,7 @@ class EDC(Method):
     Config = EDCConfig
     needs_teacher = True
     smoke_options = dict(_SMOKE)
+    revision = 1  # 1: default init real -> rded
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> EDC:
         self.synthetic_ = recover("edc", self.cfg, real, teachers, ctx)
