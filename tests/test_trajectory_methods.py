@@ -326,3 +326,105 @@ def test_config_errors(cls, options, match):
 def test_buffer_too_short_for_window(tiny, buffer):
     with pytest.raises(ConfigError, match="experts of at least"):
         _fit("mtt", tiny, buffer.path, max_start_epoch=2, expert_epochs=3)
+
+
+# ------------------------------------------------------------------------------------------------
+# several expert segments per iteration (``trajectories``), and torchrun
+
+
+@pytest.mark.parametrize("name, options", [
+    ("mtt", {"weight_perturb": 0.5, "gradient": "unroll"}),  # the perturbation is drawn per segment too
+    ("tesla", {"soft_labels": "expert", "gradient": "exact"}),  # each segment trains on its own expert's labels
+])
+def test_segments_average_their_gradients(tiny, buffer, name, options):
+    """One iteration with ``trajectories: 2`` takes the image step of the mean of two segments'
+    gradients, each drawn from the seeded generator in the order expert, t, steps, perturbation."""
+    from ddkit.methods.common import init_images, to_normalized, to_pixels
+
+    seed, lr_img = 3, 100.0
+    opts = {"iterations": 1, "momentum": 0.0, "lr_img": lr_img, "trajectories": 2, **options}
+    out = _fit(name, tiny, buffer.path, seed=seed, **opts)
+    # the same iteration by hand
+    buf = load_experts(buffer.path)
+    student = FunctionalStudent(buf.build_model().train())
+    augment = build_augment("dsa")
+    pixels, hard = init_images(tiny, 2, "real", seed)
+    images = to_normalized(pixels, tiny)
+    gen = torch.Generator().manual_seed(seed)
+    grads, labels = [], []
+    for _ in range(2):
+        expert = int(torch.randint(0, buf.num_experts, (1,), generator=gen))
+        t = int(torch.randint(0, 2, (1,), generator=gen))  # smoke window [0, 2)
+        steps = plan_steps(len(hard), 3, len(hard), gen, augment, (16, 16))
+        start, target = buf.params(expert, t), buf.params(expert, t + 1)
+        if options.get("weight_perturb"):
+            start = tr.perturb_start(student, start, options["weight_perturb"], gen)
+        targets = hard
+        if options.get("soft_labels") == "expert":
+            with torch.no_grad():
+                targets = student(target, images)
+            labels.append(targets)
+        res = trajectory_gradients(student, start, target, images, targets, torch.tensor(0.01), steps, augment,
+                                   options["gradient"])
+        grads.append(res.grad_images)
+    assert not torch.equal(grads[0], grads[1]), "the two segments should differ"
+    want = to_pixels(images.add((grads[0] + grads[1]) / 2, alpha=-lr_img), tiny)
+    assert torch.equal(out.images, want)
+    single = _fit(name, tiny, buffer.path, seed=seed, **{**opts, "trajectories": 1})
+    assert torch.equal(single.images, to_pixels(images.add(grads[0], alpha=-lr_img), tiny))  # segment 0 alone
+    if labels:  # stored soft labels: segment 0's expert
+        assert torch.equal(out.soft_labels, labels[0])
+
+
+def test_trajectories_config_error():
+    with pytest.raises(ConfigError, match="trajectories"):
+        from_dict(MTTConfig, {"trajectories": 0})
+
+
+def test_resume_with_other_trajectories_is_refused(tiny, buffer, tmp_path):
+    cls = METHODS.get("mtt")
+    opts = {**cls.smoke_options, "experts": str(buffer.path), "iterations": 1}
+    opts.pop("buffer")
+    ctx = FitContext(ipc=2, seed=0, work_dir=tmp_path)
+    cls(from_dict(cls.Config, opts)).fit(tiny, [], ctx)
+    with pytest.raises(DDKitError, match="other settings"):
+        cls(from_dict(cls.Config, {**opts, "trajectories": 2})).fit(tiny, [], ctx)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, extra", [
+    ("mtt", ["distill.options.weight_perturb=0.5"]),
+    ("datm", []),  # learned soft labels: their gradient is all-reduced too
+    ("tesla", ["distill.options.soft_labels=expert"]),  # stored labels: rank 0's segment, sent to every rank
+])
+def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra):
+    """2 gloo ranks compute one of the 2 segments each and all-reduce the sums: the images (and soft
+    labels) equal one process's bit for bit (a sum of two operands does not depend on their order).
+    The on-the-fly expert buffer is trained sharded too (expert i on rank i % 2) and equals one
+    process's."""
+    from safetensors.torch import load_file
+
+    from conftest import run_ddkit
+
+    options = ["buffer.model=tiny_convnet", "buffer.num_experts=2", "buffer.epochs=3", "buffer.batch_size=32",
+               "iterations=3", "syn_steps=3", "expert_epochs=1", "max_start_epoch=2", "lr_img=100.0",
+               "trajectories=2"]
+    if method == "datm":
+        options += ["current_max_start_epoch=1", "expansion_end=2", "threshold=10.0"]
+    sets = [f"distill.options.{o}" for o in options] + extra
+
+    def run(out, ranks):
+        run_ddkit(tmp_path, "distill", "--dataset", "synthetic", "--method", method, "--ipc", "2", "--out", out,
+                  *[a for s in sets for a in ("--set", s)], ranks=ranks, cache=f"cache{ranks}")
+        files = sorted(p.name for p in (tmp_path / out).glob("*.safetensors"))
+        return {f: load_file(str(tmp_path / out / f)) for f in files}
+
+    one, two = run("d1", 1), run("d2", 2)
+    assert one.keys() == two.keys() and ("soft_labels.safetensors" in one) == (method != "mtt")
+    for f in one:
+        assert one[f].keys() == two[f].keys() and all(torch.equal(one[f][k], two[f][k]) for k in one[f]), f
+    experts = [sorted((tmp_path / f"cache{r}" / "experts").glob("*/expert_*.safetensors")) for r in (1, 2)]
+    assert len(experts[0]) == len(experts[1]) == 2
+    for a, b in zip(*experts, strict=True):
+        assert torch.equal(load_file(str(a))["trajectory"], load_file(str(b))["trajectory"])
+    assert not list((tmp_path / "cache2" / "experts").glob(".*")), "the hidden per-expert folder was left behind"

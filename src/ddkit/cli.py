@@ -374,6 +374,7 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_experts(args) -> int:
+    from ddkit import distributed as ddist
     from ddkit.config import from_dict
     from ddkit.data.base import DatasetConfig, load_dataset
     from ddkit.methods.trajectory import ExpertConfig, train_experts
@@ -390,7 +391,7 @@ def cmd_experts(args) -> int:
     cfg = from_dict(ExpertConfig, ecfg, "experts")
     device = _device(args)
     bundle = load_dataset(dcfg)
-    progress = Progress(not args.quiet)
+    progress = Progress(not args.quiet and ddist.current().is_main)
     train_experts(bundle, cfg, args.out, device, progress.stage("experts"))
     progress.close()
     _print(f"{cfg.num_experts} expert trajectories of {cfg.model} ({cfg.epochs} epochs) -> {args.out}")

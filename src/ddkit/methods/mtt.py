@@ -6,6 +6,16 @@ the expert's parameters ``θ*_t``, takes ``syn_steps`` SGD steps with the learna
 (DSA-augmented) synthetic minibatches, and moves the images (and the lr, and learned labels) to
 reduce ``||θ_N − θ*_{t+M}||² / ||θ*_t − θ*_{t+M}||²`` (``M = expert_epochs``).
 
+``trajectories: k`` draws ``k`` such segments per iteration (each: expert, ``t``, minibatch and
+augmentation plan, weight perturbation, in that order, from the run's one seeded generator) and
+steps on the mean of their gradients (images, lr, learned labels) and of their losses; ``k = 1``
+is the references' loop. Under ``torchrun`` segment ``j`` is computed by rank ``j % world_size``
+while every rank takes every draw, and the per-rank sums are all-reduced, so all ranks take the
+same step as one process: bit for bit for ``k <= 2`` (one two-operand sum plus zeros has no
+order), to float rounding for larger ``k`` (the ranks' partial sums change the summation order).
+Use ``k`` a multiple of the world size (fewer segments than ranks leaves ranks idle, with a
+warning). Rank 0 writes the checkpoints; every rank resumes from them.
+
 Images are optimised in normalised space (as the references, which optimise the normalised or
 ZCA-whitened tensors) and returned in pixel space, unclamped. ``meta["syn_lr"]`` holds the learned
 learning rate, which MTT-style evaluation uses to train students on the distilled set.
@@ -54,18 +64,23 @@ from typing import Any, Literal
 
 import torch
 
+from ddkit import distributed as ddist
 from ddkit.config import field
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.common import Checkpoint, init_images, report, to_normalized, to_pixels
+from ddkit.methods.dm import check_resume, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
     ExpertBuffer,
     ExpertConfig,
     FunctionalStudent,
     GradientMode,
+    Intermediate,
+    MatchResult,
+    Step,
     buffer_for,
     intermediate_terms,
     perturb_start,
@@ -82,11 +97,15 @@ _SMOKE = {"buffer": _SMOKE_BUFFER, "iterations": 3, "syn_steps": 3, "expert_epoc
 
 @dataclass
 class MTTConfig:
-    """Settings of trajectory matching (defaults: MTT, CIFAR-10 IPC 1)."""
+    """Settings of trajectory matching (defaults: MTT, CIFAR-10 IPC 1); ``trajectories`` segments per
+    iteration, spread over the ranks under ``torchrun``."""
 
     experts: str | None = field(None, help="expert-buffer artifact; unset: train `buffer` on the fly")
     buffer: ExpertConfig = field(factory=ExpertConfig, help="expert recipe when `experts` is unset")
     iterations: int = field(5000, help="distillation iterations (MTT default 5000)")
+    trajectories: int = field(
+        1, help="expert segments per iteration; their gradients are averaged (references: 1). Under torchrun "
+        "segment k runs on rank k % world size: use a multiple of the number of processes")
     syn_steps: int = field(50, help="student SGD steps on synthetic data per iteration (N)")
     expert_epochs: int = field(2, help="expert epochs between start and target parameters (M)")
     min_start_epoch: int = field(0, help="smallest start epoch t")
@@ -122,6 +141,8 @@ class MTTConfig:
             problems.append(f"weight_perturb must be >= 0 (0 disables it), got {self.weight_perturb}")
         if self.iterations < 1:
             problems.append(f"iterations must be >= 1, got {self.iterations}")
+        if self.trajectories < 1:
+            problems.append(f"trajectories must be >= 1, got {self.trajectories}")
         if self.syn_steps < 1:
             problems.append(f"syn_steps must be >= 1, got {self.syn_steps}")
         if self.expert_epochs < 1:
@@ -271,8 +292,70 @@ def _randint(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high, (1,), generator=gen))
 
 
+@dataclass
+class Segment:
+    """One expert segment of an iteration: what was drawn for it and the tensors it matches."""
+
+    expert: int
+    start_epoch: int
+    steps: list[Step]
+    start: torch.Tensor  # θ*_t (perturbed when weight_perturb > 0)
+    target: torch.Tensor  # θ*_{t+M}
+    middle: list[Intermediate]
+
+
+def draw_segment(gen: torch.Generator, iteration: int, cfg: MTTConfig, buffer: ExpertBuffer,
+                 student: FunctionalStudent, n: int, batch: int, augment, size, device: torch.device) -> Segment:
+    """Draw one segment from ``gen`` in the fixed order expert, start epoch ``t``, minibatch and
+    augmentation plan, weight perturbation. Every rank draws every segment (so the generator stays
+    that of one process); a rank that will not compute it passes ``device=cpu`` to skip transfers."""
+    expert = _randint(gen, 0, buffer.num_experts)
+    t = _randint(gen, cfg.min_start_epoch, window_upper(iteration, cfg))
+    start = buffer.params(expert, t).to(device)
+    target = buffer.params(expert, t + cfg.expert_epochs).to(device)
+    steps = plan_steps(n, cfg.syn_steps, batch, gen, augment, size)
+    if cfg.weight_perturb > 0:
+        start = perturb_start(student, start, cfg.weight_perturb, gen)
+    middle = intermediate_terms(lambda i: buffer.params(expert, t + i).to(device), cfg.syn_steps,
+                                cfg.expert_epochs, cfg.intermediate_matching)
+    return Segment(expert, t, steps, start, target, middle)
+
+
+def add_results(total: MatchResult | None, r: MatchResult) -> MatchResult:
+    """``total + r`` field by field (``r`` alone when ``total`` is None)."""
+    if total is None:
+        return r
+    labels = None if r.grad_labels is None else total.grad_labels + r.grad_labels
+    return MatchResult(total.loss + r.loss, total.grad_images + r.grad_images, total.grad_lr + r.grad_lr, labels)
+
+
+def mean_over_segments(total: MatchResult | None, count: int, images: torch.Tensor, lr_param: torch.Tensor,
+                       labels: torch.Tensor | None) -> MatchResult:
+    """The mean of ``count`` segments' results, given this rank's sum ``total`` of the segments it
+    computed, in segment order (None: it computed none).
+
+    Under torchrun the sums (image, lr and label gradients and the loss, packed into one tensor) are
+    all-reduced, so every rank holds the same mean and takes the same step. One segment in one
+    process is returned unchanged.
+    """
+    if total is None:  # an idle rank (fewer segments than processes) contributes zeros
+        total = MatchResult(images.new_zeros(()), torch.zeros_like(images), torch.zeros_like(lr_param),
+                            None if labels is None else torch.zeros_like(labels))
+    parts = [total.grad_images, total.grad_lr, total.loss] + ([total.grad_labels] if labels is not None else [])
+    if ddist.current().enabled:
+        flat = ddist.all_reduce_sum(torch.cat([p.reshape(-1).to(images.dtype) for p in parts]))
+        parts = [chunk.view_as(p).to(p.dtype) for chunk, p in zip(flat.split([p.numel() for p in parts]), parts,
+                                                                   strict=True)]
+    if count > 1:
+        parts = [p / count for p in parts]
+    return MatchResult(parts[2], parts[0], parts[1], parts[3] if labels is not None else None)
+
+
 class _TrajectoryMatching(Method):
-    """The shared loop; subclasses only choose a Config and a registry key."""
+    """The shared loop; subclasses only choose a Config and a registry key.
+
+    Under ``torchrun``: the ``trajectories`` segments of an iteration are computed round-robin by
+    the ranks and their gradients all-reduced (see the module docstring)."""
 
     key = "mtt"
 
@@ -316,9 +399,11 @@ class _TrajectoryMatching(Method):
         expert_soft = None
 
         ckpt = Checkpoint(ctx, cfg.checkpoint_every, tag=f"{self.key}-state")
+        fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
         start_it, skipped = 0, 0
         state = ckpt.load()
         if state is not None:
+            check_resume(state, fingerprint, ckpt.path)
             with torch.no_grad():
                 images.copy_(state["images"].to(device))
                 lr_param.copy_(state["lr_param"].to(device))
@@ -339,27 +424,34 @@ class _TrajectoryMatching(Method):
         batch = cfg.batch_syn or n
         threshold = getattr(cfg, "threshold", None)
         total = cfg.iterations
+        info = ddist.current()
+        if info.enabled and cfg.trajectories < info.world_size and info.is_main:
+            log.warning("%s: trajectories %d < %d processes, so %d rank(s) stay idle; raise trajectories to a "
+                        "multiple of the world size", self.key, cfg.trajectories, info.world_size,
+                        info.world_size - cfg.trajectories)
+        expert_labels = getattr(cfg, "soft_labels", "none") == "expert"
         for it in range(start_it, total):
-            expert = _randint(gen, 0, buffer.num_experts)
-            t = _randint(gen, cfg.min_start_epoch, window_upper(it, cfg))
-            start = buffer.params(expert, t).to(device)
-            target = buffer.params(expert, t + cfg.expert_epochs).to(device)
-            steps = plan_steps(n, cfg.syn_steps, batch, gen, augment, size)
-            if cfg.weight_perturb > 0:
-                start = perturb_start(student, start, cfg.weight_perturb, gen)
-            middle = intermediate_terms(lambda i, e=expert, t=t: buffer.params(e, t + i).to(device), cfg.syn_steps,
-                                        cfg.expert_epochs, cfg.intermediate_matching)
-            if soft is not None:
-                targets = soft
-            elif getattr(cfg, "soft_labels", "none") == "expert":
-                with torch.no_grad():
-                    expert_soft = student(target, images.detach())
-                targets = expert_soft
-            else:
-                targets = hard
-            res = trajectory_gradients(student, start, target, images, targets, lr_param, steps, augment,
-                                       cfg.gradient, cfg.log_lr, balance_scale(t, cfg) if cfg.balance_loss else 1.0,
-                                       middle)
+            # every rank draws every segment; segment k is computed by rank k % world_size
+            mine = [k % info.world_size == info.rank for k in range(cfg.trajectories)]
+            segments = [draw_segment(gen, it, cfg, buffer, student, n, batch, augment, size,
+                                     device if own else torch.device("cpu")) for own in mine]
+            summed = None  # this rank's segments, added in segment order as they finish
+            for k, seg in enumerate(segments):
+                if not mine[k]:
+                    continue
+                if soft is not None:
+                    targets = soft
+                elif expert_labels:  # TESLA: each segment trains on its own expert's labels
+                    with torch.no_grad():
+                        targets = student(seg.target, images.detach())
+                    if k == 0:
+                        expert_soft = targets  # segment 0 (always rank 0) gives the stored soft labels
+                else:
+                    targets = hard
+                summed = add_results(summed, trajectory_gradients(
+                    student, seg.start, seg.target, images, targets, lr_param, seg.steps, augment, cfg.gradient,
+                    cfg.log_lr, balance_scale(seg.start_epoch, cfg) if cfg.balance_loss else 1.0, seg.middle))
+            res = mean_over_segments(summed, cfg.trajectories, images, lr_param, soft)
             if threshold is None or float(res.loss) <= threshold:
                 opt_img.zero_grad(set_to_none=True)
                 opt_lr.zero_grad(set_to_none=True)
@@ -376,6 +468,7 @@ class _TrajectoryMatching(Method):
             step = it + 1
             if ckpt.due(step, total):
                 ckpt.save({
+                    "fingerprint": fingerprint,
                     "images": images.detach().cpu(), "lr_param": lr_param.detach().cpu(),
                     "soft": soft.detach().cpu() if soft is not None else None,
                     "expert_soft": expert_soft.cpu() if expert_soft is not None else None,
@@ -383,7 +476,10 @@ class _TrajectoryMatching(Method):
                     "opt_y": opt_y.state_dict() if opt_y is not None else None,
                     "generator": gen.get_state(), "step": step, "skipped": skipped,
                 })
-            report(ctx, step, total, loss=float(res.loss), start_epoch=float(t), syn_lr=self._lr(lr_param))
+            report(ctx, step, total, loss=float(res.loss), start_epoch=float(segments[0].start_epoch),
+                   syn_lr=self._lr(lr_param))
+        if info.enabled and expert_labels:  # rank 0 computed them; every rank returns the same set
+            expert_soft = ddist.broadcast_object(expert_soft.cpu() if expert_soft is not None else None)
 
         out_soft = None
         if soft is not None:
@@ -506,6 +602,10 @@ class MTT(_TrajectoryMatching):
     Back-propagates through ``syn_steps`` unrolled student updates (memory grows with ``syn_steps``).
     Differences from the reference: no ZCA (see the module table for the non-ZCA lr); the on-the-fly
     buffer (when ``experts`` is unset) has 10 experts, not 100; randomness from one seeded generator.
+
+    Scale-out (all five keys): ``trajectories`` segments per iteration, averaged; under ``torchrun``
+    each rank computes every ``world_size``-th segment (and trains every ``world_size``-th expert of
+    an on-the-fly buffer) and the gradients are all-reduced, giving the one-process result.
     """
 
     Config = MTTConfig
@@ -525,7 +625,8 @@ class TESLA(_TrajectoryMatching):
     exactly MTT's gradient; ``first_order`` is the reference code's computation, which drops the
     dependence of later parameters on earlier batches (equal to MTT for one step). Soft labels:
     ``soft_labels: expert`` (the reference's ``teacher_label``); the stored ``soft_labels`` are the
-    last iteration's expert logits for the final images.
+    last iteration's expert logits for the final images. With ``trajectories > 1`` each segment's
+    student trains on its own expert's labels and the stored ones come from segment 0 (rank 0).
     """
 
     Config = TESLAConfig
@@ -558,7 +659,8 @@ class DATM(_TrajectoryMatching):
     of the synthetic images (mean over the experts that classify each image correctly); init from
     real images the first expert classifies correctly; a start-epoch window whose upper end grows
     from ``current_max_start_epoch`` to ``max_start_epoch`` (sequential generation); updates skipped
-    when the loss exceeds ``threshold``. Output ``soft_labels`` are the learned logits.
+    when the loss exceeds ``threshold`` (with ``trajectories > 1``: the mean loss of the segments).
+    Output ``soft_labels`` are the learned logits.
     Differences: the reference also averages the label init over experts from other buffer files
     and evaluates an EMA of the images; neither is done here.
     """

@@ -20,6 +20,8 @@ Artifact (``kind: expert-buffer``)::
 
 The stage is resumable per expert: finished experts are kept in a hidden sibling folder
 (``.<name>.partial-<config hash>-<data fingerprint>``) until the artifact is renamed into place.
+Under ``torchrun`` rank ``r`` trains experts ``r, r + world_size, ...`` and rank 0 writes the
+artifact, which equals the single-process one.
 :func:`load_experts` reads it back (strictly: every file, every shape).
 
 Difference from the reference: no ZCA whitening (ddkit has no ZCA transform yet); MTT's CIFAR
@@ -58,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ddkit import distributed as ddist
 from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
@@ -356,9 +359,15 @@ def train_experts(
     """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact.
 
     Resumable per expert (finished experts live in a hidden sibling folder until the artifact is
-    complete); ``progress(done, num_experts, {"test_accuracy", "train_loss"})`` after each expert.
+    complete); ``progress(i + 1, num_experts, {"test_accuracy", "train_loss"})`` after expert ``i``.
+
+    Under ``torchrun`` expert ``i`` is trained by rank ``i % world_size``; each expert has its own
+    seeded generator, so the buffer is the single-process one. The ranks exchange finished experts
+    through the hidden folder (without ``out``: by all-gather), every rank returns the whole buffer
+    and rank 0 alone writes the artifact.
     """
     device = torch.device(device)
+    info = ddist.current()
     partial = None
     if out is not None:
         out = Path(out)
@@ -367,35 +376,48 @@ def train_experts(
     c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):
         spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
-    trajectories: list[torch.Tensor] = []
-    summaries: list[dict] = []
+    finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
-    for i in range(cfg.num_experts):
+    for i in range(info.rank, cfg.num_experts, info.world_size):  # every expert in one process
         done = partial / _expert_file(i) if partial is not None else None
         if done is not None and done.is_file() and (partial / f"expert_{i:03d}.json").is_file():
-            trajectories.append(load_tensors(done, what="expert trajectory")["trajectory"])
-            summaries.append(read_json(partial / f"expert_{i:03d}.json"))
+            finished[i] = (load_tensors(done, what="expert trajectory")["trajectory"],
+                           read_json(partial / f"expert_{i:03d}.json"))
             log.info("expert %d/%d reused from %s", i + 1, cfg.num_experts, partial)
         else:
             if zca is None:
                 zca = fit_zca(data, cfg)
             traj, summary = train_one_expert(data, cfg, i, device, zca)
             summary = {"file": _expert_file(i), **summary}
-            trajectories.append(traj)
-            summaries.append(summary)
+            finished[i] = (traj, summary)
             if done is not None:
                 save_tensors(done, {"trajectory": traj})
                 write_json(partial / f"expert_{i:03d}.json", summary)
             log.info("expert %d/%d: test accuracy %s", i + 1, cfg.num_experts, summary["test_accuracy"])
         if progress is not None:
-            progress(i + 1, cfg.num_experts, {k: v for k, v in summaries[-1].items() if k != "file"})
+            progress(i + 1, cfg.num_experts, {k: v for k, v in finished[i][1].items() if k != "file"})
+    if info.enabled:  # collect the other ranks' experts
+        if partial is not None:
+            ddist.barrier()
+            for i in range(cfg.num_experts):
+                if i not in finished:
+                    finished[i] = (load_tensors(partial / _expert_file(i), what="expert trajectory")["trajectory"],
+                                   read_json(partial / f"expert_{i:03d}.json"))
+            ddist.barrier()  # every rank has read the hidden folder before rank 0 removes it
+        else:
+            for part in ddist.all_gather_objects(finished):
+                finished.update(part)
+    trajectories = [finished[i][0] for i in range(cfg.num_experts)]
+    summaries = [finished[i][1] for i in range(cfg.num_experts)]
     buffer = ExpertBuffer(trajectories, _manifest(data, cfg, spec_model, summaries))
     if out is not None:
-        with atomic_dir(out) as tmp:
-            for i, traj in enumerate(trajectories):
-                save_tensors(tmp / _expert_file(i), {"trajectory": traj})
-            write_json(tmp / "manifest.json", buffer.manifest)
-        shutil.rmtree(partial, ignore_errors=True)
+        if info.is_main:
+            with atomic_dir(out) as tmp:
+                for i, traj in enumerate(trajectories):
+                    save_tensors(tmp / _expert_file(i), {"trajectory": traj})
+                write_json(tmp / "manifest.json", buffer.manifest)
+            shutil.rmtree(partial, ignore_errors=True)
+        ddist.barrier()
         buffer.path = out
     return buffer
 
