@@ -19,6 +19,7 @@ from ddkit.methods.mtt import (
     _init_representative,
     balance_scale,
     kmeans,
+    representative_clusters,
     representative_indices,
 )
 from ddkit.methods.trajectory import (
@@ -55,7 +56,8 @@ def test_ast_options_are_off_by_default():
     cfg, mtt = ExpertConfig(), MTTConfig()
     assert cfg.clip_loss == [] and cfg.grad_penalty == 0.0
     assert mtt.init == "real" and not mtt.balance_loss and mtt.intermediate_matching == "off"
-    assert mtt.weight_perturb == 0.0
+    assert mtt.weight_perturb == 0.0 and mtt.inner_momentum == 0.0 and mtt.representative_clusters == 0
+    assert cfg.lr_drop == 1.0
 
 
 def test_clip_loss_scales_the_epochs_step_exactly(data):
@@ -123,6 +125,18 @@ def test_representative_indices_hand_case():
         assert sorted(got.tolist()) == [2, 5], seed
     # k = n: every row is its own centre; picks are distinct
     assert sorted(representative_indices(pts, 6, torch.Generator().manual_seed(0)).tolist()) == list(range(6))
+    # AST's IPC / k nearest rows per centre: each cluster's three points, nearest first
+    got = representative_indices(pts, 2, torch.Generator().manual_seed(0), per_centre=3)
+    assert sorted(got.tolist()) == list(range(6))
+    assert {tuple(sorted(got[:3].tolist())), tuple(sorted(got[3:].tolist()))} == {(0, 2, 4), (1, 3, 5)}
+    assert got[0] in (2, 5) and got[3] in (2, 5)
+
+
+def test_representative_clusters_rule():
+    assert [representative_clusters(ipc, 0) for ipc in (1, 7, 50)] == [1, 7, 50]
+    assert [representative_clusters(ipc, 10) for ipc in (1, 3, 10, 20, 50)] == [1, 3, 10, 10, 10]
+    with pytest.raises(ConfigError, match="does not divide IPC 15"):
+        representative_clusters(15, 10)
 
 
 def test_representative_init_picks_real_images_nearest_to_centres(data, tmp_path):
@@ -264,6 +278,8 @@ def test_shq_preset_defaults_and_doc():
     assert cfg.init == "representative" and cfg.balance_loss and cfg.intermediate_matching == "uniform"
     assert cfg.weight_perturb == 1.0 and cfg.buffer.clip_loss == AST_CLIP_LOSS and cfg.buffer.grad_penalty == 2.0
     assert cfg.buffer.momentum == 0.9 and cfg.buffer.weight_decay == 1e-3
+    assert cfg.buffer.lr_drop == 0.6 and cfg.buffer.lr_drop_epoch is None
+    assert cfg.inner_momentum == 0.9 and cfg.representative_clusters == 10
     doc = METHODS.get("shq").__doc__
     assert "2310.10541" in doc and "Not implemented" in doc
 
@@ -273,6 +289,31 @@ def test_shq_weight_perturbation_changes_result_and_is_deterministic(data):
     assert torch.equal(on.images, _fit(data, iterations=2).images)
     off = _fit(data, iterations=2, weight_perturb=0.0)
     assert not torch.equal(on.images, off.images)
+
+
+def test_shq_inner_momentum_changes_result(data):
+    on = _fit(data, iterations=2)
+    off = _fit(data, iterations=2, inner_momentum=0.0)
+    assert torch.isfinite(on.images).all() and not torch.equal(on.images, off.images)
+
+
+def test_representative_init_with_clusters(data, tmp_path):
+    """k = 2 clusters per class at IPC 4: two images per centre, all distinct real images of the class."""
+    buffer = train_experts(data, from_dict(ExpertConfig, TINY), tmp_path / "experts")
+    student = FunctionalStudent(buffer.build_model())
+    pixels, labels = _init_representative(data, 4, buffer, student, 7, CPU, clusters=2)
+    assert labels.tolist() == [c for c in range(data.num_classes) for _ in range(4)]
+    real = data.train.float_images()
+    for c in range(data.num_classes):
+        pool = real[data.train.labels == c]
+        match = [int(torch.nonzero((pool == im).flatten(1).all(1)).flatten()[0]) for im in pixels[labels == c]]
+        assert len(set(match)) == 4
+    one_each, _ = _init_representative(data, 4, buffer, student, 7, CPU)
+    assert not torch.equal(pixels, one_each)
+    cls = METHODS.get("shq")
+    cfg = from_dict(cls.Config, {**cls.smoke_options, "representative_clusters": 2})
+    with pytest.raises(ConfigError, match="does not divide IPC 3"):  # before any expert is trained
+        cls(cfg).fit(data, [], FitContext(ipc=3, seed=0))
 
 
 def test_ast_options_run_with_exact_gradient(data):

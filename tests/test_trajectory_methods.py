@@ -106,6 +106,73 @@ def test_sam_experts_differ_and_are_finite(tiny):
         assert torch.equal(sam[0], sgd[0]) and torch.isfinite(sam).all() and not torch.equal(sam[1], sgd[1])
 
 
+def _softmax_grad(theta, x, y):
+    """Cross-entropy gradient of softmax regression (_Linear's flat parameters: W [3, 4], then b), by hand."""
+    w, b = theta[:12].view(3, 4), theta[12:]
+    p = F.softmax(x.flatten(1) @ w.T + b, 1) - F.one_hot(y, 3).to(theta.dtype)
+    return torch.cat([(p.T @ x.flatten(1) / len(y)).reshape(-1), p.mean(0)])
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_gsam_step_equals_hand_computation(adaptive):
+    torch.manual_seed(0)
+    model = _Linear().double()
+    x, y = torch.randn(6, 1, 2, 2, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
+    w0 = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    rho, alpha = 0.3, 0.4
+    # by hand: clean gradient, (A)SAM perturbation, perturbed gradient, GSAM decomposition
+    g = _softmax_grad(w0, x, y)
+    s = w0.abs() * g if adaptive else g
+    e = (w0.abs() * s if adaptive else s) * rho / (s.norm() + 1e-12)
+    gp = _softmax_grad(w0 + e, x, y)
+    cos = (g @ gp) / (g.norm() * gp.norm())
+    ortho = g - cos * g.norm() * gp / gp.norm()
+    assert abs(float(ortho @ gp)) < 1e-12 and ortho.norm() > 1e-3  # the part of g orthogonal to gp
+    loss_fn = lambda: F.cross_entropy(model(x), y)
+    for a, want in ((0.0, gp), (alpha, gp - alpha * ortho)):
+        loss, grads = tr._sam_step(model, loss_fn, rho, adaptive, a)
+        got = torch.cat([t.reshape(-1) for t in grads])
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-14), a
+        restored = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+        assert torch.allclose(restored, w0, rtol=0, atol=1e-15), "weights not restored"  # (w + e) − e
+        torch.nn.utils.vector_to_parameters(w0, model.parameters())
+        assert torch.allclose(loss, F.cross_entropy(x.flatten(1) @ w0[:12].view(3, 4).T + w0[12:], y))
+
+
+def test_gsam_experts_and_options(tiny):
+    base = {**TINY_BUFFER, "epochs": 1, "sam_rho": 0.5, "sam_adaptive": True}
+    sam = tr.train_one_expert(tiny, from_dict(ExpertConfig, base), 0, torch.device("cpu"))[0]
+    gsam = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**base, "sam_alpha": 0.3}), 0, torch.device("cpu"))[0]
+    assert torch.equal(sam[0], gsam[0]) and torch.isfinite(gsam).all() and not torch.equal(sam[1], gsam[1])
+    with pytest.raises(ConfigError, match="needs sam_rho > 0"):
+        from_dict(ExpertConfig, {"sam_alpha": 0.3})
+    with pytest.raises(ConfigError, match="sam_alpha must be >= 0"):
+        from_dict(ExpertConfig, {"sam_rho": 0.1, "sam_alpha": -1.0})
+    ftd = METHODS.get("ftd").Config()
+    assert (ftd.buffer.sam_rho, ftd.buffer.sam_adaptive, ftd.buffer.sam_alpha) == (0.01, True, 0.3)
+    assert ftd.image_ema == 0.9999 and MTTConfig().image_ema == 0 and DATMConfig().image_ema == 0
+
+
+def test_expert_lr_drop(tiny):
+    """The lr drop (AST: × 0.6 after epoch epochs // 2 + 1) leaves the epochs before it untouched."""
+    cfg = {**TINY_BUFFER, "epochs": 3, "momentum": 0.9}
+    plain = tr.train_one_expert(tiny, from_dict(ExpertConfig, cfg), 0, torch.device("cpu"))[0]
+    late = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**cfg, "lr_drop": 0.6}), 0, torch.device("cpu"))[0]
+    assert torch.equal(plain, late), "the default drop epoch (3 // 2 + 1 = 2) is the last one: nothing changes"
+    early = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**cfg, "lr_drop": 0.6, "lr_drop_epoch": 0}), 0,
+                                torch.device("cpu"))[0]
+    assert torch.equal(early[:2], plain[:2]) and not torch.allclose(early[2], plain[2])
+    # plain SGD: lr × 0.5 from epoch 1 on is the same trajectory as the loss × 0.5 in epoch 1 (clip_loss)
+    cfg0 = {**TINY_BUFFER, "epochs": 2}
+    half = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**cfg0, "lr_drop": 0.5, "lr_drop_epoch": 0}), 0,
+                               torch.device("cpu"))[0]
+    clip = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**cfg0, "clip_loss": [1.0, 0.5]}), 0,
+                               torch.device("cpu"))[0]
+    assert torch.equal(half[:2], clip[:2]) and torch.allclose(half[2], clip[2], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="lr_drop"):
+        from_dict(ExpertConfig, {"lr_drop": 0.0})
+
+
 # ------------------------------------------------------------------------------------------------
 # the loss and its gradients
 
@@ -194,6 +261,66 @@ def test_tesla_first_order_gradient():
     assert torch.allclose(got.grad_lr, want_lr, rtol=1e-8)
     exact = trajectory_gradients(student, start, target, images, y, lr, plan, augment, "exact")
     assert not torch.allclose(got.grad_images, exact.grad_images, rtol=1e-6), "first_order should be approximate"
+
+
+def test_inner_momentum_hand_value_and_modes():
+    """Heavy-ball student steps: v_0 = g_0, v_i = m v_{i−1} + g_i, θ_{i+1} = θ_i − α v_i (AST's distill.py)."""
+    torch.manual_seed(0)
+    student = FunctionalStudent(_Linear())
+    x, y = torch.randn(9, 1, 2, 2), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    start, target = torch.randn(15), torch.randn(15)
+    alpha, m = 0.3, 0.9
+    plan = [Step(torch.arange(3 * i, 3 * i + 3), None) for i in range(3)]
+    theta, v = start, None
+    for step in plan:
+        g = _softmax_grad(theta, x[step.index], y[step.index])
+        v = g if v is None else m * v + g
+        theta = theta - alpha * v
+    want = ((theta - target) ** 2).sum() / ((start - target) ** 2).sum()
+    for mode in ("unroll", "exact", "first_order"):
+        res = trajectory_gradients(student, start, target, x, y, torch.tensor(alpha), plan, mode=mode, momentum=m)
+        assert torch.allclose(res.loss, want, rtol=1e-5), mode
+
+
+@pytest.mark.parametrize("log_lr", [False, True])
+def test_inner_momentum_exact_gradient_equals_unroll(log_lr):
+    student, start, target, images, augment, plan = _tiny_case(5)
+    labels = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
+    lr = torch.tensor(-2.0 if log_lr else 0.1, dtype=torch.float64)
+    middle = [tr.Intermediate(2, target + 0.01, 0.7)]
+    kw = dict(momentum=0.9, inner_scale=1.2, intermediate=middle, log_lr=log_lr)
+    ref = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, "unroll", **kw)
+    got = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, "exact", **kw)
+    assert torch.allclose(got.loss, ref.loss, rtol=1e-10)
+    assert torch.allclose(got.grad_images, ref.grad_images, rtol=1e-7, atol=1e-12)
+    assert torch.allclose(got.grad_lr, ref.grad_lr, rtol=1e-7)
+    assert torch.allclose(got.grad_labels, ref.grad_labels, rtol=1e-7, atol=1e-12)
+    plain = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, "unroll",
+                                 inner_scale=1.2, intermediate=middle, log_lr=log_lr)
+    assert not torch.allclose(plain.grad_images, ref.grad_images, rtol=1e-3), "momentum changed nothing"
+
+
+def test_inner_momentum_first_order_gradient():
+    """first_order with momentum: the gradient of ||θ_0 − α Σ_i v_i − θ*||² through each g_i, θ_i held fixed."""
+    student, start, target, images, augment, plan = _tiny_case()
+    lr, m = torch.tensor(0.1, dtype=torch.float64), 0.8
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = images.clone().requires_grad_(True)
+    alpha = lr.clone().requires_grad_(True)
+    theta, v, vs, total = start.clone(), None, None, 0
+    for step in plan:
+        t = theta.clone().requires_grad_(True)
+        g = torch.autograd.grad(F.cross_entropy(student(t, augment.apply(x[step.index], step.aug)), y[step.index]), t,
+                                create_graph=True)[0]
+        vs = g if vs is None else m * vs + g  # differentiable in x
+        total = total + vs
+        v = g.detach() if v is None else m * v + g.detach()
+        theta = theta - 0.1 * v
+    loss = ((start - alpha * total - target) ** 2).sum() / ((start - target) ** 2).sum()
+    want_x, want_lr = torch.autograd.grad(loss, [x, alpha])
+    got = trajectory_gradients(student, start, target, images, y, lr, plan, augment, "first_order", momentum=m)
+    assert torch.allclose(got.grad_images, want_x, rtol=1e-8, atol=1e-14)
+    assert torch.allclose(got.grad_lr, want_lr, rtol=1e-8)
 
 
 class _SavedBytes:
@@ -306,7 +433,51 @@ def test_tesla_soft_labels_and_ftd_sam_buffer(tiny, buffer):
     assert METHODS.get("ftd").Config().buffer.sam_rho > 0
 
 
+def test_image_ema_equals_manual_ema_of_the_iterates(tiny, buffer):
+    from ddkit.methods.common import init_images
+
+    d, opts = 0.6, {"augment": "none", "iterations": 3, "lr_img": 1000.0}
+    iterates = [init_images(tiny, 2, "real", 0)[0]] + [_fit("mtt", tiny, buffer.path, **{**opts, "iterations": k}).images
+                                                       for k in (1, 2, 3)]
+    want = iterates[0]
+    for x in iterates[1:]:
+        want = d * want + (1 - d) * x
+    got = _fit("mtt", tiny, buffer.path, image_ema=d, **opts)
+    assert got.meta["image_ema"] == d
+    assert not torch.allclose(iterates[3], iterates[0], atol=1e-3), "the images did not move"
+    assert torch.allclose(got.images, want, atol=1e-5)
+    assert not torch.allclose(got.images, iterates[3], atol=1e-3)
+
+
+def test_image_ema_resume_equals_uninterrupted(tiny, buffer, tmp_path):
+    opts = {"image_ema": 0.7, "iterations": 4}
+    straight = _fit("mtt", tiny, buffer.path, **opts)
+
+    def kill(step, total, record):
+        if step == 2:
+            raise KeyboardInterrupt
+
+    cls = METHODS.get("mtt")
+    smoke = {k: v for k, v in cls.smoke_options.items() if k != "buffer"}
+
+    def run(work, progress=None, **over):
+        cfg = from_dict(cls.Config, {**smoke, "experts": str(buffer.path), **over})
+        return cls(cfg).fit(tiny, [], FitContext(ipc=2, seed=0, work_dir=work, progress=progress)).synthetic_
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "on", kill, **opts)
+    assert torch.equal(straight.images, run(tmp_path / "on", **opts).images)
+    # a checkpoint written without the EMA cannot resume a run with it (the settings fingerprint differs)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "off", kill, iterations=4)
+    with pytest.raises(DDKitError, match="other settings"):
+        run(tmp_path / "off", **opts)
+
+
 @pytest.mark.parametrize("cls, options, match", [
+    (MTTConfig, {"image_ema": 1.0}, "image_ema"),
+    (MTTConfig, {"inner_momentum": -0.1}, "inner_momentum"),
+    (MTTConfig, {"representative_clusters": -1}, "representative_clusters"),
     (MTTConfig, {"syn_steps": 0}, "syn_steps"),
     (MTTConfig, {"min_start_epoch": 3, "max_start_epoch": 3}, "min_start_epoch"),
     (MTTConfig, {"lr_img": -1.0}, "lr_img"),

@@ -5,9 +5,10 @@ set with the MTT recipe (Cazenavette et al., CVPR 2022, ``buffer.py``: plain SGD
 momentum, no weight decay, batch 256, DSA augmentation of every real batch, 50 epochs) and stores
 every expert's flattened parameters after each epoch (epoch 0 = initialisation). Option
 ``sam_rho > 0`` trains the experts with sharpness-aware minimisation instead (SAM, Foret et al.,
-ICLR 2021; ``sam_adaptive`` gives ASAM), the "flat trajectory" experts of FTD (Du et al., CVPR 2023).
-Options ``clip_loss`` (per-epoch loss factors) and ``grad_penalty`` (input-gradient penalty) give
-the smooth experts of AST (Shen et al., arXiv:2310.10541).
+ICLR 2021; ``sam_adaptive`` gives ASAM; ``sam_alpha > 0`` gives GSAM, Zhuang et al., ICLR 2022),
+the "flat trajectory" experts of FTD (Du et al., CVPR 2023). Options ``clip_loss`` (per-epoch loss
+factors), ``grad_penalty`` (input-gradient penalty) and ``lr_drop`` (one lr drop halfway) give the
+smooth experts of AST (Shen et al., arXiv:2310.10541).
 
 Artifact (``kind: expert-buffer``)::
 
@@ -42,6 +43,11 @@ learning rate and (optionally) learnable soft labels, computed one of three ways
 - ``first_order``: TESLA's reference computation (Cui et al., ICML 2023): the adjoint is kept at
   ``λ_N`` (the dependence of θ_i on earlier batches is dropped), i.e. the gradient of
   ``||θ_0 − α Σ_i g_i − θ*||²`` through each ``g_i`` alone. Equal to ``unroll`` for ``N = 1``.
+
+Option ``momentum`` (AST's student, ``distill.py --mom 0.9``) makes the inner steps heavy-ball SGD:
+``v_0 = g_0``, ``v_i = m v_{i−1} + g_i``, ``θ_{i+1} = θ_i − α v_i``. Every mode supports it: the
+reverse pass pulls back ``c_i = λ_{i+1} + m c_{i+1}`` (the adjoint of ``v_i`` is ``−α c_i``) through
+``g_i`` instead of ``λ_{i+1}``; ``first_order`` again drops the Hessian terms.
 """
 
 from __future__ import annotations
@@ -99,6 +105,15 @@ class ExpertConfig:
     augment_options: dict = field({}, help="options of the augmentation (dsa: flip=false for digits)")
     sam_rho: float = field(0.0, help="SAM neighbourhood radius; 0 = plain SGD (FTD: flat experts)")
     sam_adaptive: bool = field(False, help="adaptive SAM (ASAM): perturbation scaled by |w|")
+    sam_alpha: float = field(
+        0.0, help="GSAM surrogate-gap weight α (Zhuang et al., ICLR 2022): the update is the perturbed gradient "
+        "minus α times the clean gradient's component orthogonal to it; needs sam_rho > 0; 0: plain SAM; "
+        "FTD/DATM: 0.3 (CIFAR-10 IPC 1/10)")
+    lr_drop: float = field(
+        1.0, help="factor on the expert lr after epoch lr_drop_epoch, with a fresh optimiser (momentum reset), as "
+        "AST's buffer.py (0.6, always on there; MTT's --decay: 0.1); 1: off")
+    lr_drop_epoch: int | None = field(
+        None, help="0-based epoch after which the lr drops (None: epochs // 2 + 1, the references' lr_schedule)")
     seed: int = field(0, help="base seed; expert i uses its own generator derived from (seed, i)")
     zca: bool = field(False, help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
     zca_reg: float = field(0.1, help="ZCA regularisation added to the covariance eigenvalues (kornia/MTT: 0.1)")
@@ -130,6 +145,15 @@ class ExpertConfig:
             raise ConfigError(f"expert batch_size must be >= 1, got {self.batch_size}")
         if self.sam_rho < 0:
             raise ConfigError(f"sam_rho must be >= 0 (0 disables SAM), got {self.sam_rho}")
+        if self.sam_alpha < 0:
+            raise ConfigError(f"sam_alpha must be >= 0 (0: plain SAM), got {self.sam_alpha}")
+        if self.sam_alpha > 0 and self.sam_rho == 0:
+            raise ConfigError(f"sam_alpha {self.sam_alpha} is GSAM's weight and needs sam_rho > 0; set sam_rho "
+                              "(FTD: 0.01) or sam_alpha: 0")
+        if self.lr_drop <= 0:
+            raise ConfigError(f"lr_drop must be > 0 (1 disables it), got {self.lr_drop}")
+        if self.lr_drop_epoch is not None and self.lr_drop_epoch < 0:
+            raise ConfigError(f"lr_drop_epoch must be >= 0 or null, got {self.lr_drop_epoch}")
         try:
             build_augment(self.augment, **self.augment_options)  # fails early on a bad name/option
         except DDKitError as exc:
@@ -239,8 +263,15 @@ def _expert_file(i: int) -> str:
     return f"expert_{i:03d}.safetensors"
 
 
-def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float, adaptive: bool) -> tuple[torch.Tensor, list]:
-    """SAM: gradient at ``w + e``, ``e = rho * g / ||g||`` (ASAM: ``T_w² g / ||T_w g||``, ``T_w = |w|``)."""
+def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float, adaptive: bool,
+              alpha: float = 0.0) -> tuple[torch.Tensor, list]:
+    """SAM: gradient at ``w + e``, ``e = rho * g / ||g||`` (ASAM: ``rho T_w² g / ||T_w g||``, ``T_w = |w|``).
+
+    ``alpha > 0``: GSAM (Zhuang et al., ICLR 2022, as the FTD authors' ``gsam.py``): with ``g`` the
+    clean and ``g_p`` the perturbed gradient, the update direction is ``g_p − alpha · g_⊥``,
+    ``g_⊥ = g − cos(g, g_p) ||g|| g_p / ||g_p||`` (the part of ``g`` orthogonal to ``g_p``; plain
+    norms, also for ASAM). Returns the clean loss and the update direction.
+    """
     loss = loss_fn()
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params)
@@ -254,7 +285,18 @@ def _sam_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor], rho: float,
     with torch.no_grad():
         for p, e in zip(params, eps, strict=True):
             p.sub_(e)
+        if alpha > 0:
+            perturbed = _gsam_direction(list(grads), list(perturbed), alpha)
     return loss.detach(), list(perturbed)
+
+
+def _gsam_direction(clean: list[torch.Tensor], perturbed: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """GSAM's gradient decomposition: ``g_p − alpha (g − cos · ||g|| g_p / ||g_p||)`` (eps 1e-12 as the reference)."""
+    inner = sum((g * q).sum() for g, q in zip(clean, perturbed, strict=True))
+    norm_p = torch.sqrt(sum((q * q).sum() for q in perturbed))
+    norm_g = torch.sqrt(sum((g * g).sum() for g in clean))
+    cosine = inner / (norm_p * norm_g + 1e-12)
+    return [q - alpha * (g - cosine * norm_g * q / (norm_p + 1e-12)) for g, q in zip(clean, perturbed, strict=True)]
 
 
 def input_gradient_penalty(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -292,6 +334,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
     augment = build_augment(cfg.augment, **cfg.augment_options)
     norm = normalizer(data.mean, data.std, device)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    drop_after = cfg.epochs // 2 + 1 if cfg.lr_drop_epoch is None else cfg.lr_drop_epoch
     snapshots = [flatten_params(model)]
     n = len(data.train)
     bs = min(cfg.batch_size, n)
@@ -320,7 +363,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             y = data.train.labels[idx].to(device)
             opt.zero_grad(set_to_none=True)
             if cfg.sam_rho > 0:
-                loss, grads = _sam_step(model, lambda x=x, c=clean, y=y: loss_fn(x, c, y), cfg.sam_rho, cfg.sam_adaptive)
+                loss, grads = _sam_step(model, lambda x=x, c=clean, y=y: loss_fn(x, c, y), cfg.sam_rho, cfg.sam_adaptive,
+                                        cfg.sam_alpha)
                 for p, g in zip(model.parameters(), grads, strict=True):
                     p.grad = g
             else:
@@ -330,6 +374,9 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             total += float(loss.detach()) * len(idx)
         loss_epoch = total / n
         snapshots.append(flatten_params(model))
+        if cfg.lr_drop != 1.0 and e == drop_after:  # AST: lr × 0.6 once, with a new optimiser (momentum reset)
+            opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * cfg.lr_drop, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
     acc = accuracy(model, data.test, data.mean, data.std, device, transform=zca) if len(data.test) else None
     return torch.stack(snapshots), {"test_accuracy": acc, "train_loss": loss_epoch}
 
@@ -575,6 +622,7 @@ def trajectory_gradients(
     log_lr: bool = False,
     inner_scale: float = 1.0,
     intermediate: list[Intermediate] | None = None,
+    momentum: float = 0.0,
 ) -> MatchResult:
     """Unroll ``len(steps)`` SGD steps of the student from ``start`` on ``images`` (normalised) and
     return the matching loss against ``target`` with its gradients (see the module docstring).
@@ -585,6 +633,7 @@ def trajectory_gradients(
     ``intermediate``: extra terms ``weight · ||θ_step − target||² / ||start − target||²`` (AST's
     intermediate matching; ``0 < step < len(steps)``), added to the loss in every mode: the reverse
     pass adds their gradient to the adjoint when it reaches ``θ_step``.
+    ``momentum``: heavy-ball momentum ``m`` of the inner SGD (AST: 0.9; 0: MTT's plain steps).
     """
     learn_labels = labels.dtype.is_floating_point and labels.requires_grad
     images = images.detach().requires_grad_(True)
@@ -613,9 +662,12 @@ def trajectory_gradients(
     if mode == "unroll":
         theta = start.clone().requires_grad_(True)
         params = [theta]
+        v = None
         for step in steps:
             x, y = batch(step)
             g = torch.autograd.grad(inner(params[-1], x, y), params[-1], create_graph=True)[0]
+            if momentum:
+                g = v = g if v is None else momentum * v + g
             params.append(params[-1] - alpha * g)
         loss = matching_loss(params[-1], start, target)
         for k, terms in middle.items():
@@ -633,11 +685,14 @@ def trajectory_gradients(
     # pass 1: the trajectory, one step's graph at a time; keep only the parameter vectors
     a = float(alpha.detach())
     thetas = [start]
+    v = None
     for step in steps:
         with torch.no_grad():
             x, y = batch(step)
         theta = thetas[-1].clone().requires_grad_(True)
         g = torch.autograd.grad(inner(theta, x, y), theta)[0]
+        if momentum:
+            g = v = g if v is None else momentum * v + g
         thetas.append(thetas[-1] - a * g)
     final = thetas[-1]
     denom = (start - target).pow(2).sum()
@@ -651,13 +706,17 @@ def trajectory_gradients(
     gx = torch.zeros_like(images)
     gy = torch.zeros_like(ys) if learn_labels else None
     dalpha = torch.zeros((), dtype=images.dtype, device=images.device)
+    c = None  # momentum: c_i = λ_{i+1} + m c_{i+1}, pulled back through g_i in place of λ_{i+1}
     for i in range(len(steps) - 1, -1, -1):
         theta = thetas[i].clone().requires_grad_(True)
         x, y = batch(steps[i])
         g = torch.autograd.grad(inner(theta, x, y), theta, create_graph=True)[0]
+        pull = lam  # what g_i is pulled back against: λ_{i+1}, or c_i with momentum
+        if momentum:
+            pull = c = lam if c is None else lam + momentum * c
         inputs = [images] + ([ys] if learn_labels else []) + ([theta] if mode == "exact" else [])
-        back = torch.autograd.grad((g * lam).sum(), inputs, allow_unused=True)
-        dalpha = dalpha - (g.detach() * lam).sum()
+        back = torch.autograd.grad((g * pull).sum(), inputs, allow_unused=True)
+        dalpha = dalpha - (g.detach() * pull).sum()
         gx = gx - a * _zeros_if_none(back[0], images)
         if learn_labels:
             gy = gy - a * _zeros_if_none(back[1], ys)
