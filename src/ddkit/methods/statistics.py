@@ -6,6 +6,8 @@ Three pieces, shared by every recover-style method:
    BatchNorm layer (key ``bn:<module name>``; SRe2L matches its per-channel mean/variance to the
    layer's running statistics) and the *output* of each convolution (key ``conv:<module name>``;
    G-VBSM's "convolution statistics", which work for any teacher, BatchNorm or not).
+   Convolution outputs can also be matched per spatial patch (:func:`patch_moments`, G-VBSM's
+   patch statistics).
 2. **Real-data statistics** (:func:`real_statistics`): global and per-class per-channel mean and
    variance at every hooked layer, plus the teacher's mean logits per class, computed once per
    (teacher, dataset) over the un-augmented training set, with progress reported through a
@@ -15,12 +17,14 @@ Three pieces, shared by every recover-style method:
 3. **The loss** (:func:`statistics_loss`): sum over layers of
    ``||mu_syn - mu_real||_2 + ||var_syn - var_real||_2`` (SRe2L's R_BN), with EDC's soft
    category-aware matching ``alpha * global + (1 - alpha) * class-conditional`` (alpha = 1 is
-   plain global matching and never reads class statistics).
+   plain global matching and never reads class statistics), G-VBSM's moving average of the
+   synthetic statistics (:class:`StatsEMA`), patch statistics and random dropping of
+   convolution terms.
 
 :func:`recover` is the optimisation loop every method here is a preset of (see ``sre2l.py`` and
 ``edc.py``): images optimised by Adam under a cosine schedule against teacher cross-entropy plus
-the statistics loss, optional flatness regularisation, logit matching and the FYI flip plug-in,
-resumable from checkpoints and sharded over ranks.
+the statistics loss, optional flatness regularisation, logit matching, G-VBSM's data densification
+and the FYI flip plug-in, resumable from checkpoints and sharded over ranks.
 """
 
 from __future__ import annotations
@@ -128,6 +132,28 @@ def class_moments(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) 
     return mean, var
 
 
+def patch_grid(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` cut into ``patch_size`` x ``patch_size`` pixel patches: ``[N, P, C * p * p]``.
+
+    H and W are first resized (bilinear) up to the next multiple of ``patch_size``, as G-VBSM's
+    code does, so every feature map of any size gives whole patches.
+    """
+    n, c, h, w = x.shape
+    p = patch_size
+    hh, ww = -(-h // p) * p, -(-w // p) * p
+    if (hh, ww) != (h, w):
+        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
+    x = x.reshape(n, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)  # [N, U, V, C, p, p]
+    return x.reshape(n, (hh // p) * (ww // p), c * p * p)
+
+
+def patch_moments(x: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance per patch position ``[P]``, over batch, channels and patch pixels."""
+    g = patch_grid(x, patch_size)
+    g = g.transpose(0, 1).reshape(g.shape[1], -1)
+    return g.mean(1), g.var(1, unbiased=False)
+
+
 # ------------------------------------------------------------------------------------------------
 # real-data statistics and their cache
 
@@ -140,11 +166,14 @@ def compute_real_statistics(
     device: torch.device | str = "cpu",
     batch_size: int = 256,
     progress: Progress | None = None,
+    patch_size: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Global and per-class channel statistics at ``keys`` and mean logits per class, one pass.
 
     Returns float32 tensors ``<key>/mean`` and ``<key>/var`` ``[C]``, ``<key>/class_mean`` and
-    ``<key>/class_var`` ``[K, C]``, ``logits/class_mean`` ``[K, K]``. Sums are accumulated in
+    ``<key>/class_var`` ``[K, C]``, ``logits/class_mean`` ``[K, K]``; with ``patch_size > 0`` also
+    ``<key>/patch_mean`` and ``<key>/patch_var`` ``[P]`` at every conv key (see
+    :func:`patch_moments`; global, over the whole set). Sums are accumulated in
     float64 over the whole (un-augmented) training set, so the result does not depend on
     ``batch_size``. ``progress(done_images, total_images, {})`` is called after every batch.
 
@@ -159,6 +188,10 @@ def compute_real_statistics(
     s1: dict[str, torch.Tensor] = {}
     s2: dict[str, torch.Tensor] = {}
     pix: dict[str, int] = {}
+    patched = [key for key in keys if patch_size > 0 and key.startswith("conv:")]
+    p1: dict[str, torch.Tensor] = {}
+    p2: dict[str, torch.Tensor] = {}
+    pcount: dict[str, int] = {}
     count = torch.zeros(k, dtype=torch.float64)
     logit_sum = torch.zeros(k, k, dtype=torch.float64)
     total = len(real.train)
@@ -173,6 +206,10 @@ def compute_real_statistics(
                 pix[key] = f[0, 0].numel()
                 s1[key] = torch.zeros(k, f.shape[1], dtype=torch.float64)
                 s2[key] = torch.zeros(k, f.shape[1], dtype=torch.float64)
+            for key in patched:
+                _, positions, pcount[key] = patch_grid(hooks.features[key], patch_size).shape
+                p1[key] = torch.zeros(positions, dtype=torch.float64)
+                p2[key] = torch.zeros_like(p1[key])
             hooks.features.clear()
         for lo in starts:
             part = real.train.subset(torch.arange(lo, min(lo + batch_size, total)))
@@ -191,12 +228,20 @@ def compute_real_statistics(
                     s2[key] = torch.zeros(k, c, dtype=torch.float64)
                 s1[key].index_add_(0, y, flat.sum(2).cpu())
                 s2[key].index_add_(0, y, (flat * flat).sum(2).cpu())
+            for key in patched:
+                g = patch_grid(hooks.features[key].double(), patch_size)  # [n, P, D]
+                if key not in p1:
+                    p1[key] = torch.zeros(g.shape[1], dtype=torch.float64)
+                    p2[key] = torch.zeros_like(p1[key])
+                pcount[key] = g.shape[2]
+                p1[key] += g.sum((0, 2)).cpu()
+                p2[key] += (g * g).sum((0, 2)).cpu()
             hooks.features.clear()
             done += len(y)
             if progress is not None:
                 progress(done, mine, {})
     if info.enabled:
-        for t in (count, logit_sum, *s1.values(), *s2.values()):
+        for t in (count, logit_sum, *s1.values(), *s2.values(), *p1.values(), *p2.values()):
             t.copy_(ddist.all_reduce_sum(t.to(device)).cpu())
     out: dict[str, torch.Tensor] = {}
     per_class = count.clamp_min(1)[:, None]
@@ -209,6 +254,11 @@ def compute_real_statistics(
         gm = s1[key].sum(0) / tot
         out[f"{key}/mean"] = gm.float()
         out[f"{key}/var"] = (s2[key].sum(0) / tot - gm * gm).clamp_min(0).float()
+    for key in patched:
+        n_per_patch = count.sum() * pcount[key]
+        pm = p1[key] / n_per_patch
+        out[f"{key}/patch_mean"] = pm.float()
+        out[f"{key}/patch_var"] = (p2[key] / n_per_patch - pm * pm).clamp_min(0).float()
     out[f"{LOGITS}/class_mean"] = (logit_sum / per_class).float()
     return out
 
@@ -217,12 +267,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit"))
 
 
-def statistics_key(teacher, real: DataBundle, keys: list[str]) -> str:
+def statistics_key(teacher, real: DataBundle, keys: list[str], patch_size: int = 0) -> str:
     blob = f"{KIND}|{SCHEMA}|{teacher.fingerprint}|{real.fingerprint}|{','.join(keys)}"
+    if patch_size > 0:  # left out without patches, so caches made before patch statistics stay valid
+        blob += f"|patch{patch_size}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str]) -> dict[str, torch.Tensor] | None:
+def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str], patch_size: int = 0) -> dict[str, torch.Tensor] | None:
     if not (path / "manifest.json").is_file():
         return None
     try:
@@ -231,6 +283,8 @@ def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str]) -> dict
             raise DDKitError("teacher or data fingerprint differs")
         stats = load_tensors(path / TENSORS, what="cached statistics")
         want = {f"{key}/{part}" for key in keys for part in ("mean", "var", "class_mean", "class_var")}
+        if patch_size > 0:
+            want |= {f"{key}/{part}" for key in keys if key.startswith("conv:") for part in ("patch_mean", "patch_var")}
         missing = sorted(want - set(stats))
         if missing or f"{LOGITS}/class_mean" not in stats:
             raise DDKitError(f"missing {missing[:2]}")
@@ -247,8 +301,11 @@ def real_statistics(
     cache_dir: str | Path | None = None,
     batch_size: int = 256,
     progress: Progress | None = None,
+    patch_size: int = 0,
 ) -> tuple[dict[str, torch.Tensor], Path]:
     """Real-data statistics of ``teacher`` at every BN and conv layer, from the cache if present.
+
+    ``patch_size > 0`` adds patch statistics at the conv layers (a separate cache entry).
 
     The cache lives in ``cache_dir`` (default ``$DDKIT_CACHE/statistics`` or
     ``~/.cache/ddkit/statistics``), one artifact directory per key. Under torchrun every rank
@@ -257,17 +314,17 @@ def real_statistics(
     """
     keys = statistic_layers(teacher.model)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
-    path = root / statistics_key(teacher, real, keys)
+    path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
-    stats = _load_cached(path, teacher, real, keys)
+    stats = _load_cached(path, teacher, real, keys, patch_size)
     if stats is not None:
         log.info("loaded real-data statistics from %s", path)
         return stats, path
     log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
              teacher.fingerprint, len(real.train), path)
-    stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress)
+    stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress, patch_size)
     if info.is_main:
-        manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size}, None)
+        manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size, "patch_size": patch_size}, None)
         manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
                          "dataset": real.name, "num_classes": real.num_classes})
         with atomic_dir(path) as tmp:
@@ -291,6 +348,29 @@ class StatTargets:
     class_mean: dict[str, torch.Tensor] | None = None  # [K, C]
     class_var: dict[str, torch.Tensor] | None = None
     class_logits: torch.Tensor | None = None  # [K, K]
+    patch_mean: dict[str, torch.Tensor] | None = None  # conv keys: [P], when patch statistics were computed
+    patch_var: dict[str, torch.Tensor] | None = None
+
+
+class StatsEMA:
+    """G-VBSM's moving average of the synthetic statistics (``--training-momentum``).
+
+    ``ema(name, value)`` updates ``avg = momentum * avg + (1 - momentum) * value`` (the first call
+    sets ``avg = value``) and returns a tensor whose *value* is the new average and whose
+    *gradient* is that of the current batch's ``value``, so the images are pushed by this step's
+    statistics while the matched quantity is smoothed over the steps of the batch.
+    """
+
+    def __init__(self, momentum: float) -> None:
+        self.momentum = momentum
+        self.values: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        cur = value.detach()
+        prev = self.values.get(name)
+        avg = cur if prev is None else self.momentum * prev + (1 - self.momentum) * cur
+        self.values[name] = avg
+        return avg + (value - cur)
 
 
 def build_targets(model: nn.Module, keys: list[str], real_stats: dict[str, torch.Tensor] | None,
@@ -315,6 +395,10 @@ def build_targets(model: nn.Module, keys: list[str], real_stats: dict[str, torch
         targets.class_mean = {k: real_stats[f"{k}/class_mean"].to(device) for k in keys}
         targets.class_var = {k: real_stats[f"{k}/class_var"].to(device) for k in keys}
         targets.class_logits = real_stats[f"{LOGITS}/class_mean"].to(device)
+        patched = [k for k in keys if f"{k}/patch_mean" in real_stats]
+        if patched:
+            targets.patch_mean = {k: real_stats[f"{k}/patch_mean"].to(device) for k in patched}
+            targets.patch_var = {k: real_stats[f"{k}/patch_var"].to(device) for k in patched}
     return targets
 
 
@@ -325,30 +409,47 @@ def statistics_loss(
     alpha: float = 1.0,
     first_multiplier: float = 1.0,
     var_weight: float = 1.0,
+    patch_size: int = 0,
+    ema: StatsEMA | None = None,
+    drop: frozenset[str] = frozenset(),
 ) -> torch.Tensor:
     """``sum_l w_l [alpha * G_l + (1 - alpha) * C_l]`` with ``w_0 = first_multiplier``, else 1.
 
     ``G_l = ||mu_syn - mu||_2 + v ||var_syn - var||_2`` over the whole batch (SRe2L's R_BN; ``v =
-    var_weight`` is 1 there and DWA's ``r_var`` = 11);
+    var_weight`` is 1 there and DWA's ``r_var`` = 11), plus the same distance between per-patch
+    moments (:func:`patch_moments`) at conv layers when ``patch_size > 0`` and the targets hold
+    patch statistics (G-VBSM);
     ``C_l`` is the same per class present in ``labels`` against that class's real statistics,
     averaged over those classes (EDC's soft category-aware matching). ``alpha = 1`` never touches
-    class statistics.
+    class statistics. With ``ema`` every synthetic moment is replaced by its moving average
+    (:class:`StatsEMA`); layers in ``drop`` contribute nothing this step (G-VBSM's drop rate).
     """
     total = torch.zeros((), device=labels.device)
     classes = labels.unique() if alpha < 1 else None
     if alpha < 1 and (targets.class_mean is None or targets.class_var is None):
         raise DDKitError("category-aware matching (alpha < 1) needs class statistics of the real data")
+
+    def dist(a, b, va, vb, dim=None):
+        return torch.norm(a - b, 2, dim=dim) + var_weight * torch.norm(va - vb, 2, dim=dim)
+
     for i, key in enumerate(targets.keys):
+        if key in drop:
+            continue
         f = features[key].float()
+        smooth = (lambda name, v: v) if ema is None else (lambda name, v, key=key: ema(f"{key}/{name}", v))
         loss = torch.zeros((), device=f.device)
         if alpha > 0:
             mu, var = channel_moments(f)
-            loss = loss + alpha * (torch.norm(mu - targets.mean[key], 2) + var_weight * torch.norm(var - targets.var[key], 2))
+            glob = dist(smooth("mean", mu), targets.mean[key], smooth("var", var), targets.var[key])
+            if patch_size > 0 and targets.patch_mean is not None and key in targets.patch_mean:
+                pm, pv = patch_moments(f, patch_size)
+                glob = glob + dist(smooth("patch_mean", pm), targets.patch_mean[key], smooth("patch_var", pv), targets.patch_var[key])
+            loss = loss + alpha * glob
         if alpha < 1:
             cm, cv = class_moments(f, labels, classes)
-            dist = (torch.norm(cm - targets.class_mean[key][classes], 2, dim=1)
-                    + var_weight * torch.norm(cv - targets.class_var[key][classes], 2, dim=1))
-            loss = loss + (1 - alpha) * dist.mean()
+            cm, cv = smooth("class_mean", cm), smooth("class_var", cv)
+            per_class = dist(cm, targets.class_mean[key][classes], cv, targets.class_var[key][classes], dim=1)
+            loss = loss + (1 - alpha) * per_class.mean()
         total = total + (first_multiplier if i == 0 else 1.0) * loss
     return total
 
@@ -359,6 +460,25 @@ def logit_matching_loss(logits: torch.Tensor, labels: torch.Tensor, class_logits
     onehot = (labels[None, :] == classes[:, None]).to(logits.dtype)
     mean = onehot @ logits / onehot.sum(1, keepdim=True)
     return torch.norm(mean - class_logits[classes], 2, dim=1).mean()
+
+
+def densification_loss(inputs: torch.Tensor, labels: torch.Tensor, tau: float) -> torch.Tensor:
+    """G-VBSM's data densification: sum over classes of ``KL(softmax(l / tau) || softmax(l))``.
+
+    ``l`` are the eigenvalues of the Gram matrix ``X X^T`` of the flattened images of one class
+    in the batch; the target ``softmax(l / tau)`` (``tau > 1``, no gradient) is flatter than
+    ``softmax(l)``, so the loss spreads the spectrum: the class's images stop collapsing onto a
+    few directions and become more diverse. A class with one image in the batch contributes 0.
+    """
+    flat = inputs.flatten(1).float()
+    total = torch.zeros((), device=inputs.device)
+    for c in labels.unique():
+        x = flat[labels == c]
+        if len(x) < 2:
+            continue
+        eig = torch.linalg.eigvalsh(x @ x.T)
+        total = total + F.kl_div(F.log_softmax(eig, 0), F.softmax(eig.detach() / tau, 0), reduction="sum")
+    return total
 
 
 # ------------------------------------------------------------------------------------------------
@@ -389,6 +509,16 @@ class RecoverConfig:
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
     flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
     flip_plugin: bool = field(False, help="FYI (ECCV 2024): match each image together with its mirror image")
+    stats_momentum: float = field(0.0, help="G-VBSM: moving average of the synthetic statistics over the steps of a batch "
+                                  "(value = average, gradient = this step's batch); 0 = off, G-VBSM: 0.8")
+    patch_size: int = field(0, help="G-VBSM: also match per-patch moments of conv outputs, patches of this many pixels "
+                            "a side (0 = off, G-VBSM: 4); needs stats conv or bn+conv")
+    conv_drop_rate: float = field(0.0, help="G-VBSM: probability of dropping each conv layer's statistics term at a step (G-VBSM: 0.4)")
+    densify_weight: float = field(0.0, help="G-VBSM data densification weight: KL on the Gram eigenvalues of each class's images "
+                                  "(0 = off, G-VBSM: 1); needs several images of a class per batch (slots_per_batch)")
+    densify_tau: float = field(4.0, help="G-VBSM data densification temperature (G-VBSM: 4)")
+    slots_per_batch: int | None = field(1, help="IPC slots per optimised batch: 1 = one image of each class (SRe2L); "
+                                        "None = every slot, class-major (G-VBSM's batches)")
     var_weight: float = field(1.0, help="weight of the variance term against the mean term of the statistics loss (DWA's r_var: 11)")
     extra_teachers: list[str] = field([], help="more teacher artifacts (folders) beside the pipeline's teacher: G-VBSM/EDC backbones, a CV-DD committee")
     committee_size: int | None = field(None, help="None: sample one teacher per step (G-VBSM); k: a committee of k teachers per IPC slot, all used every step with voting weights (CV-DD)")
@@ -417,6 +547,14 @@ class RecoverConfig:
             (self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.stats_batch_size >= 1, f"stats_batch_size must be >= 1, got {self.stats_batch_size}"),
             (self.var_weight >= 0, f"var_weight must be >= 0, got {self.var_weight}"),
+            (0 <= self.stats_momentum < 1, f"stats_momentum must be in [0, 1), got {self.stats_momentum}"),
+            (self.patch_size >= 0, f"patch_size must be >= 0, got {self.patch_size}"),
+            (self.patch_size == 0 or self.stats != "bn",
+             "patch_size > 0 matches conv statistics but stats is bn; set stats: bn+conv or patch_size: 0"),
+            (0 <= self.conv_drop_rate < 1, f"conv_drop_rate must be in [0, 1), got {self.conv_drop_rate}"),
+            (self.densify_weight >= 0, f"densify_weight must be >= 0, got {self.densify_weight}"),
+            (self.densify_tau > 0, f"densify_tau must be > 0, got {self.densify_tau}"),
+            (self.slots_per_batch is None or self.slots_per_batch >= 1, f"slots_per_batch must be >= 1 or None, got {self.slots_per_batch}"),
             (self.committee_size is None or self.committee_size >= 1, f"committee_size must be >= 1, got {self.committee_size}"),
             (self.committee_weights in ("prior", "equal"), f"committee_weights must be prior or equal, got {self.committee_weights!r}"),
             (self.committee_temperature > 0, f"committee_temperature must be > 0, got {self.committee_temperature}"),
@@ -489,7 +627,8 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
             def bar(done: int, total: int, rec: dict) -> None:
                 common.report(ctx, done, total, statistics_pass=1.0)
 
-            real_stats, path = real_statistics(t, real, ctx.device, cfg.cache_dir, cfg.stats_batch_size, progress=bar)
+            real_stats, path = real_statistics(t, real, ctx.device, cfg.cache_dir, cfg.stats_batch_size, progress=bar,
+                                               patch_size=cfg.patch_size)
             paths.append(str(path))
         states.append(_TeacherState(t, keys, build_targets(model, keys, real_stats, ctx.device)))
     return states, paths
@@ -580,12 +719,14 @@ def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: t
 
 
 def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                 ema_inputs: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
+                 ema_inputs: torch.Tensor | None, stats_ema: StatsEMA | None = None,
+                 drop: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, float]]:
     """One teacher's objective: ``CE + r_stats * statistics + r_logit * logit matching + flatness``."""
     with FeatureHooks(model, st.keys) as hooks:
         logits = model(inputs)
     loss_ce = F.cross_entropy(logits, labels)
-    loss_stats = statistics_loss(hooks.features, st.targets, labels, cfg.alpha, cfg.first_multiplier, cfg.var_weight)
+    loss_stats = statistics_loss(hooks.features, st.targets, labels, cfg.alpha, cfg.first_multiplier, cfg.var_weight,
+                                 patch_size=cfg.patch_size, ema=stats_ema, drop=drop)
     loss = loss_ce + cfg.r_stats * loss_stats
     record = {"loss_ce": float(loss_ce.detach()), "loss_stats": float(loss_stats.detach())}
     if cfg.r_logit > 0:
@@ -603,17 +744,36 @@ def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs
     return loss, record
 
 
+def _slot_groups(cfg: RecoverConfig, ipc: int) -> list[list[int]]:
+    """IPC slots optimised together: groups of ``slots_per_batch`` (None: all ``ipc`` in one)."""
+    n = cfg.slots_per_batch or ipc
+    return [list(range(lo, min(lo + n, ipc))) for lo in range(0, ipc, n)]
+
+
+def _conv_drop(cfg: RecoverConfig, st: _TeacherState, gen: torch.Generator) -> frozenset[str]:
+    """Conv keys whose statistics term is dropped this step (G-VBSM's drop rate); no draw when off."""
+    if cfg.conv_drop_rate <= 0:
+        return frozenset()
+    conv = [key for key in st.keys if key.startswith("conv:")]
+    draws = torch.rand(len(conv), generator=gen)
+    return frozenset(key for key, d in zip(conv, draws.tolist()) if d < cfg.conv_drop_rate)
+
+
 def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet:
     """Optimise ``ipc`` images per class against the teachers; the loop every preset here shares.
 
-    Work units are (IPC slot, chunk of ``class_batch`` classes): one batch holds one image per
-    class of the chunk, as SRe2L does. Units are split round-robin over ranks and gathered, and
-    each unit's random draws come from its own generator seeded by (seed, slot, chunk), so the
-    result does not depend on the number of ranks. Each step: augment the batch (RRC + flip,
-    optional CDA curriculum and jitter; with ``flip_plugin`` the batch is the images plus their
-    mirror images and the random flip is off), sample one teacher, and minimise
-    ``CE + r_stats * statistics + r_logit * logit matching + flatness``; Adam with a cosine
-    learning rate, images clamped to the valid pixel range after every step.
+    Work units are (group of IPC slots, chunk of ``class_batch`` classes): one batch holds, for
+    every class of the chunk, the images of the group's slots, class-major -- one image per class
+    with ``slots_per_batch: 1`` (SRe2L), every image of the chunk's classes with ``None``
+    (G-VBSM). Units are split round-robin over ranks and gathered, and each unit's random draws
+    come from its own generator seeded by (seed, first slot, chunk), so the result does not depend
+    on the number of ranks. Each step: augment the batch (RRC + flip, optional CDA curriculum and
+    jitter; with ``flip_plugin`` the batch is the images plus their mirror images and the random
+    flip is off), sample one teacher (or use the CV-DD committee), and minimise
+    ``CE + r_stats * statistics + r_logit * logit matching + flatness + densify_weight *
+    densification``; Adam with a cosine learning rate, images clamped to the valid pixel range
+    after every step. The statistics moving average (``stats_momentum``) starts afresh with each
+    unit and is part of its checkpoint.
     """
     ipc = check_ipc(real, ctx.ipc)
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
@@ -621,7 +781,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     k = real.num_classes
     init = _initial_images(name, cfg, real, teachers, ipc, ctx)  # [K*ipc], class-major
     cb = cfg.class_batch or k
-    units = [(slot, lo) for slot in range(ipc) for lo in range(0, k, cb)]
+    units = [(group, lo) for group in _slot_groups(cfg, ipc) for lo in range(0, k, cb)]
     mine = common.my_classes(len(units))  # round-robin over units (helper is generic over indices)
     device = ctx.device
     c = real.image_shape[0]
@@ -644,13 +804,19 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         done = {int(key.split("_")[1]): v for key, v in state.items() if key.startswith("done_")}
         resume = state if "x" in state else None
         log.info("%s: resuming at unit %d step %d", name, start_unit, start_it)
+
+    def positions(group: list[int], classes: torch.Tensor) -> torch.Tensor:
+        """Class-major indices into the ``[K * ipc]`` set of a unit's images."""
+        return (classes[:, None] * ipc + torch.tensor(group)[None, :]).reshape(-1)
+
     last: dict[str, float] = {}
     for ui in range(start_unit, len(mine)):
         u = mine[ui]
-        slot, clo = units[u]
+        group, clo = units[u]
+        slot = group[0]
         classes = torch.arange(clo, min(clo + cb, k))
-        labels = classes.to(device)
-        x0 = init[classes * ipc + slot].to(device)
+        labels = classes.repeat_interleave(len(group)).to(device)
+        x0 = init[positions(group, classes)].to(device)
         x = ((x0 - mean) / std).clone().requires_grad_(True)
         gen = torch.Generator().manual_seed(_unit_seed(ctx.seed, slot, clo))
         committee = committee_for(cfg, states, ctx.seed, slot)
@@ -661,6 +827,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 models[i] = directed_weight_adjustment(models[i], x.detach(), labels, cfg.perturb_rho, cfg.perturb_steps)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         ema = x.detach().clone() if cfg.flatness_weight > 0 else None
+        stats_emas = [StatsEMA(cfg.stats_momentum) for _ in states] if cfg.stats_momentum > 0 else None
         it0 = 0
         if resume is not None and ui == start_unit:
             with torch.no_grad():
@@ -669,10 +836,13 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             gen.set_state(resume["gen"])
             if ema is not None:
                 ema = resume["ema"].to(device)
+            if stats_emas is not None:
+                for se, values in zip(stats_emas, resume["stats_ema"]):
+                    se.values = {key: v.to(device) for key, v in values.items()}
             it0 = start_it
         for it in range(it0, cfg.iterations):
-            for group in opt.param_groups:  # cosine from lr to 0, no warm-up (SRe2L's lr_cosine_policy)
-                group["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
+            for group_ in opt.param_groups:  # cosine from lr to 0, no warm-up (SRe2L's lr_cosine_policy)
+                group_["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
             aug = _augment(cfg, it, flip=not cfg.flip_plugin)
             batch, blabels = (flip_pair(x, labels) if cfg.flip_plugin else (x, labels))
             params = aug.sample(len(batch), gen, (h, w)) if aug is not None else None
@@ -683,6 +853,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 members = [(int(torch.randint(len(states), (1,), generator=gen)) if len(states) > 1 else 0, 1.0)]
             else:  # CV-DD: every committee member votes with its weight
                 members = committee
+            drops = [_conv_drop(cfg, states[ti], gen) for ti, _ in members]
 
             def view(images, aug=aug, params=params, shifts=shifts):
                 out = aug.apply(images, params) if aug is not None else images
@@ -692,11 +863,16 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             ema_inputs = view(flip_pair(ema, labels)[0] if cfg.flip_plugin else ema) if ema is not None else None
             loss = torch.zeros((), device=device)
             record: dict[str, float] = {}
-            for ti, weight in members:
-                part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs)
+            for (ti, weight), drop in zip(members, drops):
+                part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs,
+                                         stats_emas[ti] if stats_emas is not None else None, drop)
                 loss = loss + weight * part
                 for key, v in rec.items():
                     record[key] = record.get(key, 0.0) + weight * v
+            if cfg.densify_weight > 0:
+                dense = densification_loss(inputs, blabels, cfg.densify_tau)
+                loss = loss + cfg.densify_weight * dense
+                record["loss_densify"] = float(dense.detach())
             (grad,) = torch.autograd.grad(loss, [x])
             x.grad = grad
             opt.step()
@@ -717,13 +893,14 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                     snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})
                     if ema is not None:
                         snap["ema"] = ema.cpu()
+                    if stats_emas is not None:
+                        snap["stats_ema"] = [{key: v.cpu() for key, v in se.values.items()} for se in stats_emas]
                 ckpt.save(snap)
             common.report(ctx, step, total, **record)
     parts = common.gather_classes(done, len(units))
     images = torch.empty(k * ipc, *real.image_shape)
-    for u, (slot, clo) in enumerate(units):
-        classes = torch.arange(clo, min(clo + cb, k))
-        images[classes * ipc + slot] = parts[u]
+    for u, (group, clo) in enumerate(units):
+        images[positions(group, torch.arange(clo, min(clo + cb, k)))] = parts[u]
     labels_all = torch.arange(k).repeat_interleave(ipc)
     meta = {
         "teachers": [t.fingerprint for t in teachers],
