@@ -103,8 +103,13 @@ def test_cvdd_uses_extra_teachers_and_stores_committee_soft_labels(data, teacher
     assert out.images.shape == (2 * data.num_classes, *data.image_shape)
     assert len(out.meta["teachers"]) == 3
     w = out.meta["soft_labels"]["weights"]
-    want = sum(wi * teacher_logits(t, out.images, data.mean, data.std, "cpu") for wi, t in zip(w, teachers))
+    assert out.meta["soft_labels"]["teacher_bn"] == "batch"  # CV-DD's batch-specific soft labels by default
+    want = sum(wi * teacher_logits(t, out.images, data.mean, data.std, "cpu", bn="batch") for wi, t in zip(w, teachers))
     assert torch.allclose(out.soft_labels, want, atol=1e-5)
+    running = sum(wi * teacher_logits(t, out.images, data.mean, data.std, "cpu") for wi, t in zip(w, teachers))
+    assert not torch.allclose(out.soft_labels, running, atol=1e-3)  # two of the teachers have BatchNorm
+    old = _run("cvdd", data, teachers[:1], ipc=2, **{**opts, "soft_labels_bn": "running"})
+    assert torch.equal(old.images, out.images) and torch.allclose(old.soft_labels, running, atol=1e-5)
     assert sum(w) == pytest.approx(1.0)
     # a committee of one teacher per slot differs from a committee of two
     solo = _run("cvdd", data, teachers[:1], ipc=2, **{**opts, "committee_size": 1})

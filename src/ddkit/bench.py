@@ -51,6 +51,7 @@ from ddkit.evaluate.runner import evaluate
 from ddkit.methods import METHODS
 from ddkit.pipeline import DistillConfig, distill, distill_hash
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,17 @@ class RelabelSpec:
     cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
     top_k: int | None = field(None, help="keep only the k largest logits per view (None: all, fp16)")
     seed: int = field(0, help="seed of the views")
+    teacher_bn: TeacherBN = field("running", help="teacher BatchNorm: running statistics, or batch: statistics of "
+                                  "groups of views (CV-DD's batch-specific soft labels)")
+    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all views of an epoch)")
+
+    def __post_init__(self) -> None:
+        check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+
+    def identity(self) -> dict:
+        """Every field; the BatchNorm mode only when not running, so cell and store keys of
+        benches written before it existed stay valid."""
+        return omit_running_bn(to_dict(self))
 
 
 @dataclass
@@ -434,7 +446,7 @@ class _Bench:
         epochs = spec.epochs or protocol_epochs
         teacher = self.teachers[key3[0]]
         ds = self.distilled[key3]
-        key = config_hash({"relabel": to_dict(spec), "epochs": epochs, "set": ds.manifest.get("config_hash"),
+        key = config_hash({"relabel": spec.identity(), "epochs": epochs, "set": ds.manifest.get("config_hash"),
                            "teacher": teacher.fingerprint})[:16]
         path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
         if (path / "manifest.json").is_file():
@@ -443,7 +455,8 @@ class _Bench:
         cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
         work = self.root / "labels" / f".{path.name}.partial"
         store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
-                        spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work)
+                        spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work,
+                        teacher_bn=spec.teacher_bn, teacher_bn_batch=spec.teacher_bn_batch)
         store.save(path)
         shutil.rmtree(work, ignore_errors=True)
         return path
@@ -457,7 +470,7 @@ class _Bench:
             "seeds": cfg.seeds, "distilled": self.distilled[key3].manifest.get("config_hash"),
             "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
             "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
-            **({"relabel": to_dict(cfg.relabel)} if cell.label_mode == "fkd" else {}),
+            **({"relabel": cfg.relabel.identity()} if cell.label_mode == "fkd" else {}),
         })
 
     def cell_path(self, cell: Cell) -> Path:

@@ -361,7 +361,7 @@ def cmd_relabel(args) -> int:
     progress = Progress(not args.quiet and ddist.current().is_main)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
                     device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
-                    work_dir=work)
+                    work_dir=work, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
     progress.close()
     ddist.barrier()
     if not ddist.current().is_main:
@@ -485,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-k", type=int, help="store only the k largest logits per view")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--batch-size", type=int, default=256, help="teacher batch size (does not change the store)")
+    sp.add_argument("--teacher-bn", default="running", choices=["running", "batch"],
+                    help="teacher BatchNorm: running statistics, or batch: statistics of the views labelled "
+                         "together (CV-DD's batch-specific soft labels)")
+    sp.add_argument("--teacher-bn-batch", type=int, metavar="N",
+                    help="with --teacher-bn batch: statistics over groups of N views of an epoch (default: all views)")
     sp.add_argument("--out", help="output directory (default: <distilled>.fkd)")
     common(sp, data=False, overrides=False)
     sp.set_defaults(func=cmd_relabel)

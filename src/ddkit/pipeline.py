@@ -24,6 +24,7 @@ from ddkit.evaluate.protocol import resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.methods import METHODS, FitContext
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,18 @@ class DistillConfig:
     seed: int = field(0, help="seed of the method")
     options: dict = field({}, help="the method's own settings (its Config dataclass)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image (static soft labels)")
+    soft_labels_bn: TeacherBN = field("running", help="teacher BatchNorm for soft_labels: running statistics, or "
+                                      "batch: statistics of the distilled images (CV-DD's batch-specific soft labels)")
+    soft_labels_bn_batch: int | None = field(None, help="soft_labels_bn batch: statistics over groups of this many "
+                                             "images (a permutation seeded with seed; null: all images at once)")
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(METHODS.unknown_message(self.method))
+        check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
+        if self.soft_labels_bn != "running" and not self.soft_labels:
+            raise ConfigError("soft_labels_bn batch only applies to stored soft labels; set soft_labels: true "
+                              "or soft_labels_bn: running")
 
 
 @dataclass
@@ -106,7 +115,8 @@ def distill(
     method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
     synthetic = method.synthetic_
     if cfg.soft_labels:
-        synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device)
+        synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
+                                               bn=cfg.soft_labels_bn, bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
     distilled = DistilledSet.build(
@@ -127,8 +137,9 @@ def distill(
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
     """Identity of a distilled set: options as given, data, teacher and the method's ``revision``
-    (left out while 0, so sets cached before revisions existed keep their hash)."""
-    key = {"distill": to_dict(cfg), "data": data.fingerprint,
+    (left out while 0, so sets cached before revisions existed keep their hash; likewise
+    ``soft_labels_bn`` while running)."""
+    key = {"distill": omit_running_bn(to_dict(cfg), "soft_labels_bn"), "data": data.fingerprint,
            "teacher": teacher.fingerprint if teacher is not None else None}
     revision = getattr(METHODS.get(cfg.method), "revision", 0) if cfg.method in METHODS else 0
     if revision:

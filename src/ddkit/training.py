@@ -5,14 +5,22 @@ All randomness after model initialisation (batch order, augmentation, CutMix) is
 rank takes a contiguous slice of every global batch and of its augmentation parameters, and the
 per-sample loss is normalised by the global batch size, so a data-parallel run computes the same
 updates as a single process (up to floating-point summation order).
+
+Teacher soft labels come from :func:`teacher_forward`, in one of two BatchNorm modes
+(:data:`TeacherBN`): ``running`` (the teacher as trained, eval mode: running statistics estimated
+on real data) or ``batch`` (CV-DD's "batch-specific soft labels": every BatchNorm layer normalises
+with the statistics of the images being labelled, optionally per group of N images, without
+touching the teacher's running statistics or parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 
 LabelSource = Literal["hard", "teacher", "stored", "fkd"]
 LossKind = Literal["ce", "kl", "mse_ce"]
+TeacherBN = Literal["running", "batch"]
+TEACHER_BN_MODES = ("running", "batch")
 
 
 @dataclass
@@ -143,6 +153,104 @@ def per_sample_loss(
     return mse + ce_weight * ce
 
 
+# --- teacher BatchNorm modes ---------------------------------------------------------------------
+
+_WARNED_NO_BN: weakref.WeakSet = weakref.WeakSet()
+
+
+def check_teacher_bn(mode: str, group: int | None, name: str = "teacher_bn") -> None:
+    """Raise :class:`ConfigError` unless ``mode`` is a :data:`TeacherBN` and ``group`` (the setting
+    ``<name>_batch``) is ``None`` or a positive image count given with mode ``batch``."""
+    if mode not in TEACHER_BN_MODES:
+        raise ConfigError(f"{name} must be 'running' or 'batch', got {mode!r}; set {name}=running or {name}=batch")
+    if group is None:
+        return
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ConfigError(f"{name}_batch must be a number of images >= 1 (or null: the whole batch), got {group!r}")
+    if mode != "batch":
+        raise ConfigError(f"{name}_batch={group} only applies with {name} 'batch'; set {name}=batch or drop {name}_batch")
+
+
+def omit_running_bn(settings: dict, name: str = "teacher_bn") -> dict:
+    """``settings`` (a config as a dict, changed in place and returned) without ``name`` and
+    ``<name>_batch`` while they are ``running`` and ``None``: identities and hashes of configs made
+    before the BatchNorm mode existed stay valid."""
+    if settings.get(name) == "running" and settings.get(f"{name}_batch") is None:
+        settings.pop(name, None)
+        settings.pop(f"{name}_batch", None)
+    return settings
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[int]:
+    """Inside the block every BatchNorm layer of ``model`` normalises each forward pass with that
+    pass's own batch statistics (mean and biased variance over batch and space) and updates nothing:
+    its ``training`` flag is set and ``track_running_stats`` cleared, so running statistics and
+    ``num_batches_tracked`` are neither used nor written; both flags are restored on exit. Other
+    modules keep their mode (a teacher's dropout stays off). Yields the number of BatchNorm layers."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not layers and model not in _WARNED_NO_BN:
+        _WARNED_NO_BN.add(model)
+        log.warning("teacher %s has no BatchNorm layers: batch-statistics labels equal running-mode ones",
+                    type(model).__name__)
+    saved = [(m.training, m.track_running_stats) for m in layers]
+    try:
+        for m in layers:
+            m.training, m.track_running_stats = True, False
+        yield len(layers)
+    finally:
+        for m, (training, track) in zip(layers, saved, strict=True):
+            m.training, m.track_running_stats = training, track
+
+
+@torch.no_grad()
+def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running", group: int | None = None) -> torch.Tensor:
+    """Float logits of the teacher ``model`` on normalised images ``x``, without gradients.
+
+    ``bn="running"``: the model as it is (a teacher is in eval mode, so BatchNorm uses its running
+    statistics). ``bn="batch"``: BatchNorm uses the statistics of each group of ``group`` consecutive
+    rows of ``x`` (``None``: all of ``x``; a last group may be smaller), so a row's logits depend only
+    on the rows of its own group (:func:`batch_statistics`).
+    """
+    if bn == "running":
+        return model(x).float()
+    with batch_statistics(model):
+        if group is None or group >= len(x):
+            return model(x).float()
+        return torch.cat([model(part) for part in x.split(group)]).float()
+
+
+def label_groups(n: int, batch_size: int, bn: TeacherBN, group: int | None, gen: torch.Generator) -> list[torch.Tensor]:
+    """Index batches for labelling ``n`` fixed images, one teacher forward pass each.
+
+    ``running``: consecutive batches of ``batch_size`` (speed only; ``gen`` is not used). ``batch``:
+    every batch is one BatchNorm group: a permutation of the images drawn from ``gen`` cut into
+    groups of ``group`` (``None``: one group of all ``n``), so groups mix classes even when the set
+    is stored class by class, and the labels do not depend on ``batch_size``.
+    """
+    if n == 0:
+        return []
+    if bn == "running":
+        return list(torch.arange(n).split(batch_size))
+    return list(torch.randperm(n, generator=gen).split(group or n))
+
+
+@torch.no_grad()
+def teacher_labels(model: nn.Module, views: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int,
+                   bn: TeacherBN, group: int | None, gen: torch.Generator) -> torch.Tensor:
+    """``[n, C]`` CPU float logits of the teacher ``model`` on ``n`` fixed images, row ``i`` for image
+    ``i``: one :func:`teacher_forward` per :func:`label_groups` batch on ``views(idx)`` (the normalised,
+    possibly augmented, views of the images ``idx``). An empty tensor when ``n`` is 0."""
+    check_teacher_bn(bn, group)
+    groups = label_groups(n, batch_size, bn, group, gen)
+    if not groups:
+        return torch.zeros(0)
+    parts = [teacher_forward(model, views(idx), bn).cpu() for idx in groups]
+    out = torch.empty((n, parts[0].shape[1]))
+    out[torch.cat(groups)] = torch.cat(parts)
+    return out
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
@@ -207,6 +315,8 @@ def train_classifier(
     loss: LossKind = "ce",
     temperature: float = 4.0,
     teacher: nn.Module | None = None,
+    teacher_bn: TeacherBN = "running",
+    teacher_bn_batch: int | None = None,
     stored_targets: torch.Tensor | None = None,
     fkd_store=None,
     test: ImageSet | None = None,
@@ -218,7 +328,9 @@ def train_classifier(
     """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
 
     ``label_source``: ``hard`` uses ``data.labels``; ``teacher`` queries ``teacher`` on every augmented
-    batch (online soft labels); ``stored`` uses ``stored_targets`` (logits [N, C], one row per image);
+    batch (online soft labels; ``teacher_bn``/``teacher_bn_batch``: its BatchNorm mode and group size,
+    see :func:`teacher_forward`; under DDP batch statistics are those of the global batch, as in one
+    process); ``stored`` uses ``stored_targets`` (logits [N, C], one row per image);
     ``fkd`` replays ``fkd_store`` (a :class:`~ddkit.labels.SoftLabelStore`): student epoch ``e`` sees the
     stored views of store epoch ``e % store.epochs`` (its augmentation and CutMix replace ``cfg``'s)
     with their stored teacher logits, whatever the batch size or number of ranks.
@@ -227,6 +339,7 @@ def train_classifier(
     """
     device = torch.device(device)
     info = ddist.current() if distributed else ddist.DistInfo()
+    check_teacher_bn(teacher_bn, teacher_bn_batch)
     if label_source == "teacher" and teacher is None:
         raise ConfigError("label mode 'teacher' needs a teacher; pass --teacher DIR")
     if label_source == "stored" and stored_targets is None:
@@ -314,9 +427,12 @@ def train_classifier(
             if cutmix is not None:
                 onehot = F.one_hot(y_all, logits.shape[1]).float()
                 labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
-            if label_source == "teacher":
-                with torch.no_grad():
-                    targets = teacher(x).float()
+            if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
+                # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
+                xt = augment.apply(x_all, aug_params) if augment is not None else x_all
+                targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
+            elif label_source == "teacher":
+                targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
             elif label_source == "stored":
                 t_all = stored_targets[idx].to(device)
                 if cutmix is not None:

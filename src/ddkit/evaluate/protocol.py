@@ -16,7 +16,7 @@ from typing import Literal
 from ddkit.config import apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
-from ddkit.training import TrainConfig
+from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
 
 
 @dataclass
@@ -31,6 +31,11 @@ class ProtocolConfig:
     )
     loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE)")
     temperature: float = field(4.0, help="softmax temperature for the kl loss")
+    teacher_bn: TeacherBN = field("running", help="teacher BatchNorm when the evaluator computes soft labels (label_mode "
+                                  "teacher; the random baseline's labels in mode stored): running statistics, or batch: "
+                                  "statistics of the images labelled (CV-DD's batch-specific soft labels)")
+    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: BatchNorm statistics over groups of this many "
+                                         "images of each batch (null: the whole batch)")
     fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
     extra_teachers: list[str] = field([], help="more teacher artifacts: soft labels become the mean logits of the "
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
@@ -49,16 +54,18 @@ class ProtocolConfig:
             raise ConfigError("label_mode 'fkd' needs fkd_store (a `ddkit relabel` output); set fkd_store=DIR")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
 
     def identity(self) -> dict:
-        """What decides the numbers: every field, except an empty ``extra_teachers`` (no ensemble),
-        which is left out so hashes stay those of protocols written before the field existed."""
+        """What decides the numbers: every field, except those at a value that reproduces the
+        behaviour from before they existed (an empty ``extra_teachers``: no ensemble; ``teacher_bn``
+        running with no ``teacher_bn_batch``), which are left out so hashes stay those of older protocols."""
         out = to_dict(self)
         if not out["extra_teachers"]:
             del out["extra_teachers"]
-        return out
+        return omit_running_bn(out)
 
     @property
     def hash(self) -> str:
@@ -105,6 +112,31 @@ def edc_protocol() -> ProtocolConfig:
         train=TrainConfig(epochs=300, batch_size=50, optimizer="adamw", lr=1e-3, weight_decay=0.01,
                           schedule="smoothing", smoothing_zeta=2.0, augment="rrc_flip",
                           augment_options={"scale_min": 0.5}, ema_decay=0.99),
+    )
+
+
+@PROTOCOLS.register("cvdd")
+def cvdd_protocol() -> ProtocolConfig:
+    """CV-DD's CIFAR evaluation (Cui et al. 2025, Jiacheng8/CV-DD ``validate/train_fkd.py``): KL on
+    teacher logits at temperature 20, AdamW lr 1e-3 (weight decay 0.01) with a cosine schedule over
+    300 epochs, batch 16 (``train_fkd.py``'s default), CutMix (Beta(1, 1) on every batch),
+    random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with the statistics
+    of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
+
+    Adapted: the teacher is queried online on every batch (``label_mode: teacher``) instead of
+    CV-DD's stored per-batch FKD labels, which only replay with the same batch size and order; for
+    stored labels use ``ddkit relabel --teacher-bn batch --teacher-bn-batch 16`` and label_mode fkd.
+    ddkit's KL is scaled by T^2 (CV-DD leaves it out; AdamW is nearly invariant to that factor),
+    CutMix draws a box per image (CV-DD one per batch) and comes before the per-image crop/flip
+    (CV-DD mixes after). Not reproduced: CV-DD's gradient accumulation (2 forward passes of 8 per
+    step). CV-DD's committee of teachers is ``extra_teachers``; its ``eta`` 2 runs are
+    ``train.schedule=smoothing``.
+    """
+    return ProtocolConfig(
+        label_mode="teacher", loss="kl", temperature=20.0, teacher_bn="batch",
+        train=TrainConfig(epochs=300, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=0.01,
+                          schedule="cosine", augment="rrc_flip", augment_options={"scale_min": 0.08},
+                          cutmix_prob=1.0, cutmix_alpha=1.0),
     )
 
 

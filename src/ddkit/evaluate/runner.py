@@ -26,7 +26,7 @@ from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
-from ddkit.training import TrainConfig, train_classifier
+from ddkit.training import TeacherBN, TrainConfig, omit_running_bn, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,19 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size: int = 512) -> torch.Tensor:
-    """Teacher logits on un-augmented pixel-space images (static soft labels)."""
-    from ddkit.training import normalizer, to_float
+def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size: int = 512, *,
+                   bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0) -> torch.Tensor:
+    """Teacher logits on un-augmented pixel-space images (static soft labels).
+
+    ``bn="batch"``: BatchNorm statistics of groups of ``bn_batch`` images (``None``: all images at
+    once, one forward pass), the groups cut from a permutation seeded with ``seed``
+    (:func:`~ddkit.training.label_groups`); ``running``: the teacher's running statistics.
+    """
+    from ddkit.training import normalizer, teacher_labels, to_float
 
     norm = normalizer(mean, std, device)
-    teacher.model.to(device).eval()
-    out = [teacher.model(norm(to_float(images[i : i + batch_size], device))).float().cpu()
-           for i in range(0, len(images), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0)
+    return teacher_labels(teacher.model.to(device).eval(), lambda idx: norm(to_float(images[idx], device)), len(images),
+                          batch_size, bn, bn_batch, torch.Generator().manual_seed(seed))
 
 
 def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: ProtocolConfig, seed: int, device,
@@ -75,7 +79,8 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
     m = store.manifest
     cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
     return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                       cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"])
+                       cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
+                       teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
 
 
 def _train_student(
@@ -98,6 +103,7 @@ def _train_student(
         model, train_set, data.mean, data.std, cfg, seed=seed, device=device,
         label_source=label_mode, loss=protocol.loss if label_mode != "hard" else "ce",
         temperature=protocol.temperature, teacher=teacher.model if teacher is not None else None,
+        teacher_bn=protocol.teacher_bn, teacher_bn_batch=protocol.teacher_bn_batch,
         stored_targets=stored, test=data.test, distributed=distributed, progress=progress,
     )
     return float(result.test_accuracy)
@@ -111,7 +117,9 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
     settings = None
     if store is not None:
         m = store.manifest
-        settings = {"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"), "top_k": store.top_k}
+        settings = omit_running_bn({"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"),
+                                    "top_k": store.top_k, "teacher_bn": store.teacher_bn,
+                                    "teacher_bn_batch": store.teacher_bn_batch})
     key = config_hash({"protocol": proto, "data": data.fingerprint, "ipc": ipc, "seed": seed, "fkd": settings,
                        "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None})
     return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
@@ -125,7 +133,10 @@ def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store,
     if store is not None:
         rds, rstore = _relabel_like(store, subset, data, teacher, seed + RANDOM_SEED_OFFSET, device)
         return _train_fkd(rds, rstore, data, protocol, seed, device, progress)
-    stored = teacher_logits(teacher, subset.images, data.mean, data.std, device) if protocol.label_mode == "stored" else None
+    stored = None
+    if protocol.label_mode == "stored":
+        stored = teacher_logits(teacher, subset.images, data.mean, data.std, device, bn=protocol.teacher_bn,
+                                bn_batch=protocol.teacher_bn_batch, seed=seed + RANDOM_SEED_OFFSET)
     return _train_student(subset, data, protocol, protocol.train, seed, device, protocol.label_mode, teacher, stored,
                           progress=progress)
 

@@ -29,7 +29,14 @@ part of ``mse_ce``.
   uint8/int16/int32 (smallest that fits C) [E, N, K].
 - ``manifest.json``: ``kind: fkd-soft-labels``, ``schema_version``, ``format: 1``, teacher
   fingerprint and classes, distilled-set fingerprint, augmentation spec and options, CutMix
-  prob/alpha, epochs, top_k, seed, tensor names/dtypes/shapes and bytes.
+  prob/alpha, epochs, top_k, seed, ``teacher_bn`` / ``teacher_bn_batch`` (the teacher's BatchNorm
+  mode; missing in older stores = running), tensor names/dtypes/shapes and bytes.
+
+**Teacher BatchNorm** (``teacher_bn``): ``running`` labels every view with the teacher in eval
+mode. ``batch`` (CV-DD's batch-specific soft labels) normalises with the statistics of a group of
+``teacher_bn_batch`` views (null: all views of the epoch) of the same epoch, the groups cut from a
+permutation drawn from the epoch's generator after the views' own parameters (so both modes store
+the same views). Groups do not depend on the relabel batch size nor on the student's batches.
 
 **Top-k replay**: the dense target has the ``k`` stored logits and ``-inf`` elsewhere, so
 ``softmax(target / T)`` is exactly the teacher's distribution renormalised over its top ``k``
@@ -61,7 +68,16 @@ from ddkit.artifacts import (
 from ddkit.data.augment import CutMix, Params, build_augment, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.training import TrainResult, normalizer, to_float, train_classifier
+from ddkit.training import (
+    TeacherBN,
+    TrainResult,
+    check_teacher_bn,
+    normalizer,
+    omit_running_bn,
+    teacher_labels,
+    to_float,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +182,14 @@ class SoftLabelStore:
     @property
     def image_size(self) -> tuple[int, int]:
         return tuple(self.manifest["image_size"])  # type: ignore[return-value]
+
+    @property
+    def teacher_bn(self) -> TeacherBN:
+        return self.manifest.get("teacher_bn", "running")
+
+    @property
+    def teacher_bn_batch(self) -> int | None:
+        return self.manifest.get("teacher_bn_batch")
 
     @property
     def mixed(self) -> bool:
@@ -286,6 +310,21 @@ class SoftLabelStore:
         return cls(tensors, man, path)
 
 
+def _epoch_logits(model: nn.Module, images: torch.Tensor, augment, norm: Callable, device, epoch: int, aug: Params,
+                  partner: torch.Tensor, box: torch.Tensor, gen: torch.Generator, batch_size: int, bn: TeacherBN,
+                  group: int | None) -> torch.Tensor:
+    """Teacher logits ``[N, C]`` of every view of one epoch; batch-statistics groups are drawn from
+    ``gen`` after the views' own parameters (so both BatchNorm modes store the same views)."""
+    size = tuple(images.shape[-2:])
+
+    def views(idx: torch.Tensor) -> torch.Tensor:
+        r = Replay(epoch, idx, slice_params(aug, idx) if aug else {}, partner[idx],
+                   slice_params(aug, partner[idx]) if aug else {}, box[idx], _lam(box[idx], size))
+        return render(r, images, augment, norm, device)
+
+    return teacher_labels(model, views, len(partner), batch_size, bn, group, gen)
+
+
 def _topk_index_dtype(num_classes: int) -> torch.dtype:
     if num_classes <= 256:
         return torch.uint8
@@ -308,6 +347,8 @@ def relabel(
     cutmix_alpha: float = 1.0,
     batch_size: int = 256,
     work_dir: str | Path | None = None,
+    teacher_bn: TeacherBN = "running",
+    teacher_bn_batch: int | None = None,
 ) -> SoftLabelStore:
     """Store the teacher's logits on ``epochs`` augmented (and CutMix-ed) views of every image.
 
@@ -317,6 +358,7 @@ def relabel(
     :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
     logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
+    ``teacher_bn``/``teacher_bn_batch``: the teacher's BatchNorm mode and group size (module docstring).
     ``progress(done, epochs_of_this_rank, record)`` after every epoch.
 
     Epochs are independent (epoch ``e`` draws from a generator of ``(seed, e)``), so under
@@ -330,6 +372,7 @@ def relabel(
 
     if epochs < 1:
         raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
+    check_teacher_bn(teacher_bn, teacher_bn_batch)
     augment_options = dict(augment_options or {})
     augment = build_augment(augment_spec, **augment_options)
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
@@ -348,7 +391,9 @@ def relabel(
         top_k = None  # all classes: store dense
     norm = normalizer(distilled.mean, distilled.std, device)
     config = {"epochs": epochs, "augment": augment_spec, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
-              "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed}
+              "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed, "teacher_bn": teacher_bn,
+              "teacher_bn_batch": teacher_bn_batch}
+    omit_running_bn(config)  # at the default: work folders of older runs keep their key
     fingerprint = set_fingerprint(images, distilled.labels)
     partial = None
     if work_dir is not None:
@@ -375,13 +420,8 @@ def relabel(
             partner, box = mix["perm"].long(), mix["box"].long()
         else:
             partner, box = torch.arange(n), torch.zeros((n, 4), dtype=torch.long)
-        logits = []
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size))
-            r = Replay(e, idx, slice_params(aug, idx) if aug else {}, partner[idx],
-                       slice_params(aug, partner[idx]) if aug else {}, box[idx], _lam(box[idx], size))
-            logits.append(model(render(r, images, augment, norm, device)).float().cpu())
-        z = torch.cat(logits)
+        z = _epoch_logits(model, images, augment, norm, device, e, aug, partner, box, gen, batch_size, teacher_bn,
+                          teacher_bn_batch)
         row: dict[str, torch.Tensor] = {f"aug.{k}": v for k, v in aug.items()}
         if cutmix is not None:
             row["mix.partner"], row["mix.box"] = partner.to(torch.int32), box.to(torch.int16)
@@ -412,6 +452,8 @@ def relabel(
         "augment": {"spec": augment_spec, "options": augment_options, "param_keys": param_keys},
         "cutmix": {"prob": cutmix_prob, "alpha": cutmix_alpha} if cutmix is not None else None,
         "view": "normalise -> augment(own params) -> CutMix box from partner's augmented view",
+        "teacher_bn": teacher_bn,
+        "teacher_bn_batch": teacher_bn_batch,
         "batch_size_independent": True,
         "teacher": {"fingerprint": getattr(teacher, "fingerprint", None),
                     "path": str(teacher.path) if getattr(teacher, "path", None) else None},

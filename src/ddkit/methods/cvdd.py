@@ -1,7 +1,7 @@
 """CV-DD: statistics recovery against a committee of teachers whose votes are weighted by their accuracy.
 
 A preset of :func:`ddkit.methods.statistics.recover` (``committee_size`` and the voting knobs), plus
-committee soft labels.
+committee soft labels computed with batch-specific BatchNorm statistics (BSSL).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from ddkit.methods.statistics import (
     load_extra_teachers,
     recover,
 )
+from ddkit.training import TeacherBN, check_teacher_bn
 
 _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1, "committee_size": 1}
 
@@ -40,15 +41,27 @@ class CVDDConfig(RecoverConfig):
     committee_temperature: float = field(5.0, help="voting temperature (CV-DD --weight-temperature 5)")
     soft_labels: Literal["none", "committee"] = field(
         "committee", help="committee: store the vote-weighted mean of every teacher's logits on each image (evaluate with label_mode stored)")
+    soft_labels_bn: TeacherBN = field("batch", help="teachers' BatchNorm for the committee labels: batch (CV-DD's "
+                                      "batch-specific soft labels: statistics of the synthetic images) or running")
+    soft_labels_bn_batch: int | None = field(None, help="soft_labels_bn batch: statistics over groups of this many "
+                                             "images, cut from a permutation seeded with the run's seed (null: all images in one "
+                                             "forward pass; set it for sets too large for that)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
 
 
-def committee_logits(teachers: list, images: torch.Tensor, weights: list[float], mean, std, device) -> torch.Tensor:
-    """``sum_i w_i * logits_i`` of un-augmented pixel-space ``images``."""
+def committee_logits(teachers: list, images: torch.Tensor, weights: list[float], mean, std, device, *,
+                     bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0) -> torch.Tensor:
+    """``sum_i w_i * logits_i`` of un-augmented pixel-space ``images``; ``bn``/``bn_batch``/``seed``:
+    every member's BatchNorm mode, as in :func:`~ddkit.evaluate.runner.teacher_logits` (the same
+    groups of images for every member)."""
     from ddkit.evaluate.runner import teacher_logits
 
     out = None
     for t, w in zip(teachers, weights):
-        part = w * teacher_logits(t, images, mean, std, device)
+        part = w * teacher_logits(t, images, mean, std, device, bn=bn, bn_batch=bn_batch, seed=seed)
         out = part if out is None else out + part
     if out is None:
         raise DDKitError("no teachers to label the images with")
@@ -66,18 +79,25 @@ class CVDD(Method):
     ``w = softmax(p / T)``, T = 5, so that the images carry what several models agree on rather
     than one model's bias. Soft labels come from the committee too: the vote-weighted mean of all
     teachers' logits on each image (``soft_labels: committee``; evaluate with ``label_mode:
-    stored``).
+    stored``), with CV-DD's batch-specific soft labels (BSSL, ``soft_labels_bn: batch``): every
+    teacher's BatchNorm normalises with the statistics of the synthetic images being labelled instead
+    of the running statistics estimated on real data, which do not match the synthetic distribution.
 
     Defaults follow the CIFAR-10 scripts (2 voters, prior votes, lr 0.25, r_bn 0.01, 200
     iterations, RRC + flip and jitter 4, initialisation from selected real patches -- ddkit's
     ``init: rded``). Differences: the prior ``p`` of a teacher is its own test accuracy (%) as
     recorded in its artifact; the authors use the accuracy of a student trained on data recovered
-    from that model alone (an extra distillation per model). CV-DD's "batch-specific soft labels"
-    (teachers in train-mode BatchNorm while relabelling) are not implemented; the static committee
-    logits are ddkit's stand-in. ``flip_plugin`` adds FYI.
+    from that model alone (an extra distillation per model). BSSL is adapted to static labels: CV-DD
+    relabels every augmented training batch with the teachers' BatchNorm on that batch (stored per
+    batch, replayed with the same batch size and order); here the un-augmented images are labelled
+    once, with statistics over all of them or over groups of ``soft_labels_bn_batch`` images drawn
+    by a seeded permutation, and running statistics are never updated. For CV-DD's per-batch form at
+    evaluation use the ``cvdd`` protocol (``teacher_bn: batch``) or ``ddkit relabel --teacher-bn
+    batch``. ``flip_plugin`` adds FYI.
     """
 
     Config = CVDDConfig
+    revision = 1  # 1: committee soft labels with batch-specific BatchNorm statistics (soft_labels_bn batch)
     needs_teacher = True
     smoke_options = dict(_SMOKE)
 
@@ -86,7 +106,10 @@ class CVDD(Method):
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
         if self.cfg.soft_labels == "committee":
             weights = committee_weights_of(self.cfg, everyone)
-            synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean, real.std, ctx.device)
-            synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights}
+            synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean, real.std, ctx.device,
+                                                     bn=self.cfg.soft_labels_bn, bn_batch=self.cfg.soft_labels_bn_batch,
+                                                     seed=ctx.seed)
+            synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights, "teacher_bn": self.cfg.soft_labels_bn,
+                                             "teacher_bn_batch": self.cfg.soft_labels_bn_batch}
         self.synthetic_ = synthetic
         return self
