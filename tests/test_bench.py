@@ -236,7 +236,7 @@ def test_robust_scores_and_cli(tmp_path, capsys):
 
 
 def test_torchrun_spreads_cells_and_matches_single_process(tmp_path):
-    """2 gloo ranks: cell i runs on rank i % 2, rank 0 assembles; numbers equal one process."""
+    """2 gloo ranks share the cells, rank 0 assembles; numbers equal one process."""
     import os
     import subprocess
     import sys
@@ -333,3 +333,21 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
     before = stores[0].stat().st_mtime_ns
     again = run_bench(cfg)
     assert strip(again) == strip(rows) and stores[0].stat().st_mtime_ns == before
+
+
+def test_unfinished_cells_are_dealt_per_student():
+    from ddkit.bench import Cell, _my_cells
+    from ddkit.distributed import DistInfo
+
+    cells = [Cell(i, "d", f"m{i // 2}", 1, ("small", "big")[i % 2], "hard") for i in range(8)]
+    fresh = {c.index: None for c in cells}
+    ranks = [_my_cells(cells, fresh, DistInfo(rank=r, world_size=2, local_rank=r)) for r in range(2)]
+    for mine in ranks:  # i % 2 would give one rank every "big" cell
+        assert sorted(c.student for c in mine) == ["big", "big", "small", "small"]
+    assert sorted(c.index for m in ranks for c in m) == list(range(8))
+    resumed = {**fresh, 0: {"acc": 1}, 2: {"acc": 1}, 4: {"acc": 1}}  # three "small" cells finished
+    ranks = [_my_cells(cells, resumed, DistInfo(rank=r, world_size=2, local_rank=r)) for r in range(2)]
+    todo = [[c.index for c in m if resumed[c.index] is None] for m in ranks]
+    assert sorted(todo[0] + todo[1]) == [1, 3, 5, 6, 7] and not set(todo[0]) & set(todo[1])
+    assert sorted(len(t) for t in todo) == [2, 3]
+    assert [c.index for c in ranks[0] if resumed[c.index] is not None] == [0, 2, 4]  # reported by index % world

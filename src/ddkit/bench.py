@@ -15,8 +15,9 @@ Every file is written atomically (temp file + rename), so a killed run leaves fi
 nothing half-written; re-running the same config recomputes only the missing cells. Full-data
 references come from ``evaluate``'s cache ($DDKIT_CACHE).
 
-Under ``torchrun`` teachers, distilled sets and cells are spread over ranks (job i -> rank
-i % world); each job runs whole on its rank, and rank 0 assembles the table.
+Under ``torchrun`` teachers and distilled sets are spread over ranks (job i -> rank i % world)
+and the unfinished cells are dealt round-robin per student (so every rank gets a share of the
+expensive students); each job runs whole on its rank, and rank 0 assembles the table.
 
 Peak memory of synthesis: on CUDA ``torch.cuda.max_memory_allocated`` over the stage; on CPU the
 high-water mark of the process RSS (``VmRSS`` in /proc/self/status, sampled every 5 ms by a
@@ -551,7 +552,8 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
                                                  "versions": versions()})
     bench.prepare()
     cells = cells_of(cfg)
-    mine = [c for c in cells if c.index % info.world_size == info.rank]
+    mine = _my_cells(cells, {c.index: bench.finished(c) for c in cells}, info)
+    ddist.barrier()  # every rank has read which cells are finished before any rank writes one
     for done, cell in enumerate(mine, 1):
         row = bench.finished(cell)
         reused = row is not None
@@ -569,6 +571,15 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
                                                 "versions": versions(), "rows": rows})
     ddist.barrier()
     return rows
+
+
+def _my_cells(cells: list[Cell], finished: dict[int, dict | None], info) -> list[Cell]:
+    """This rank's cells: finished ones (only reported) by ``index % world``; the unfinished ones
+    grouped by student and dealt round-robin, so each rank gets its share of every student's
+    cells (students differ a lot in cost) also when a resumed run has only a few left."""
+    done = [c for c in cells if finished[c.index] is not None and c.index % info.world_size == info.rank]
+    todo = sorted((c for c in cells if finished[c.index] is None), key=lambda c: (c.student, c.index))
+    return sorted(done + todo[info.rank :: info.world_size], key=lambda c: c.index)
 
 
 def _add_cross_arch(rows: list[dict]) -> None:
