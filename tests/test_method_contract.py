@@ -5,6 +5,7 @@ round-trip, and resume after an interruption equals an uninterrupted run.
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 import ddkit
 from ddkit.config import from_dict, to_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
+from ddkit.errors import ConfigError
 from ddkit.methods import METHODS, FitContext
 from ddkit.pipeline import DistillConfig, distill
 from ddkit.teacher import TeacherConfig, train_teacher
@@ -59,6 +61,20 @@ def test_method_contract(name, data, teacher, tmp_path):
                  DatasetConfig(name="synthetic"), tmp_path / "art", teacher)
     loaded = ddkit.load(tmp_path / "art")
     assert torch.equal(loaded.images, ds.images) and loaded.method == name
+    # a method that labels its images itself refuses the pipeline's teacher logits over them
+    own = METHODS.get(name).own_soft_labels(from_dict(METHODS.get(name).Config, dict(METHODS.get(name).smoke_options)))
+    if own is not None:
+        assert out.soft_labels is not None, f"{name} says {own} makes soft labels but made none"
+        with pytest.raises(ConfigError, match=re.escape(f"labels its images itself ({own})")):
+            distill(data, DistillConfig(method=name, ipc=IPC, soft_labels=True, options=dict(METHODS.get(name).smoke_options)),
+                    DatasetConfig(name="synthetic"), tmp_path / "own", teacher)
+        assert not (tmp_path / "own").exists()
+
+
+def test_methods_that_label_their_images_say_so():
+    assert {m for m in METHODS.list() if METHODS.get(m).own_soft_labels(
+        from_dict(METHODS.get(m).Config, dict(METHODS.get(m).smoke_options))) is not None} == {"tesla", "datm", "cvdd"}
+    assert METHODS.get("datm").own_soft_labels(from_dict(METHODS.get("datm").Config, {"learn_labels": False})) is None
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS.list() if m not in ("full", "random")])

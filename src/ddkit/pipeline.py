@@ -107,6 +107,10 @@ def distill(
     method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
     if teacher is not None:
         teacher.check_compatible(data)
+    own = method_cls.own_soft_labels(method_cfg)
+    if cfg.soft_labels and own is not None:
+        raise ConfigError(f"method {cfg.method!r} labels its images itself ({own}), and soft_labels would overwrite "
+                          f"them with the teacher's logits; drop soft_labels / --soft-labels, or turn off {own.split(':')[0]}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)

@@ -55,6 +55,12 @@ class Method:
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
+    @classmethod
+    def own_soft_labels(cls, cfg) -> str | None:
+        """The option that makes this method label its images itself (learned, expert or committee
+        logits), or None; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite them."""
+        return None
+
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError
 

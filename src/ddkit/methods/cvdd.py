@@ -101,6 +101,10 @@ class CVDD(Method):
     needs_teacher = True
     smoke_options = dict(_SMOKE)
 
+    @classmethod
+    def own_soft_labels(cls, cfg) -> str | None:
+        return "soft_labels: committee" if cfg.soft_labels == "committee" else None
+
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> CVDD:
         everyone = load_extra_teachers(self.cfg, teachers, ctx.device)  # loaded once for synthesis and labels
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)

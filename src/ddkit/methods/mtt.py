@@ -702,6 +702,10 @@ class TESLA(_TrajectoryMatching):
     key = "tesla"
     smoke_options = {**_SMOKE, "soft_labels": "expert"}
 
+    @classmethod
+    def own_soft_labels(cls, cfg) -> str | None:
+        return "soft_labels: expert" if cfg.soft_labels == "expert" else None
+
 
 @METHODS.register("ftd")
 class FTD(_TrajectoryMatching):
@@ -757,6 +761,10 @@ class DATM(_TrajectoryMatching):
     key = "datm"
     smoke_options = {**_SMOKE, "max_start_epoch": 2, "current_max_start_epoch": 1, "expansion_end": 2,
                      "syn_steps": 3, "lr_img": 100.0, "threshold": 10.0}
+
+    @classmethod
+    def own_soft_labels(cls, cfg) -> str | None:
+        return "learn_labels: true" if cfg.learn_labels else None
 
 
 @METHODS.register("shq")
