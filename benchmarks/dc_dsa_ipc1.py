@@ -101,7 +101,9 @@ def markdown(table: dict) -> str:
         lines.append(f"| {r['method']} | {r['iterations']} | `{r['protocol']}` | {100 * d['mean']:.2f} ± {100 * d['std']:.2f} | "
                      f"{pm:.1f} ± {ps:.1f} | {gap:+.2f} | {100 * rnd['mean']:.2f} ± {100 * rnd['std']:.2f} | "
                      f"{r['published_random'][0]:.1f} ± {r['published_random'][1]:.1f} | {r['synthesis_seconds']:.0f} |")
-    lines += ["", f"Machine: {table['machine']}. Versions: {table['versions']}.", ""]
+    lines += ["", "gap = our mean − the published mean (points); the check is |gap| ≤ 1.5. Synthesis seconds are the "
+              "wall time of the run that made the set (see the machine line for its threads; methods made side by "
+              "side share the cores).", "", f"Machine: {table['machine']}. Versions: {table['versions']}.", ""]
     return "\n".join(lines)
 
 
@@ -131,7 +133,7 @@ def main() -> None:
         table = {"schema_version": 1, "kind": "dc-dsa-ipc1", "iterations": args.iterations, "seeds": seeds, "rows": rows,
                  "command": "DDKIT_DATA=../shared/data python benchmarks/dc_dsa_ipc1.py"
                             + (f" --iterations {args.iterations}" if args.iterations != 250 else ""),
-                 "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, device {args.device}", "versions": versions()}
+                 "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), device {args.device}", "versions": versions()}
         results = Path(args.results)
         write_json(results / "dc-dsa-ipc1-fashion-mnist-cpu.json", table)
         md = markdown(table)

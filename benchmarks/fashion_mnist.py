@@ -28,6 +28,10 @@ from ddkit.bench import load_bench_config, run_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
+# Supplementary matrices (cpu tier only, run with --family NAME, not part of "all"): each answers one
+# question the family tables raise, under the same teacher and protocol as its family.
+EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 iterations from real images) beside "
+                        "the decoupled bench's EDC, RDED and random"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
@@ -37,6 +41,8 @@ PUBLISHED: dict[str, dict[int, tuple[float, float]]] = {
     "random": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
 }
 WHOLE_DATASET = 93.5  # ConvNet-3 on all 60k images, DC paper Table 1
+# the EDC ablation rows of the decoupled configs (EDC Fig. 1 steps), kept out of the main tables
+ABLATION = ("edc-A", "edc-AB", "edc-ABD", "edc-ABDF")
 
 
 def config_path(family: str, tier: str) -> Path:
@@ -95,10 +101,10 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
     if full:
         lines += ["", f"Full-data reference (same student, hard labels, {full.get('epochs', '?')} epochs): "
                       f"{100 * full['mean']:.2f} % (published whole-dataset ConvNet-3, 300 epochs: {WHOLE_DATASET})."]
-    ablation = [r for r in rows if r["method"].startswith("edc-") or (r["method"] == "edc" and any(
-        x["method"].startswith("edc-") for x in rows))]
+    ablation = [r for r in rows if r["method"] in ABLATION or (r["method"] == "edc" and any(
+        x["method"] in ABLATION for x in rows))]
     if ablation:
-        ipc = min(r["ipc"] for r in ablation if r["method"].startswith("edc-"))
+        ipc = min(r["ipc"] for r in ablation if r["method"] in ABLATION)
         lines += ["", f"### EDC ablation (IPC {ipc}, knobs added one by one as in EDC Fig. 1)", "",
                   "| step | knobs | student | accuracy % | vs random |", "|---|---|---|---|---:|"]
         steps = {"edc-A": "G-VBSM baseline: backbones, BN + conv statistics, noise init",
@@ -109,7 +115,7 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
                 if r["method"] == key and r["ipc"] == ipc:
                     gain = f"{100 * r['ior']['mean']:+.2f}" if r.get("ior") else "–"
                     lines.append(f"| {key} | {text} | {r['student']} | {_pm(r['acc'])} | {gain} |")
-    cross = [r for r in rows if r.get("cross_arch") and not r["method"].startswith("edc-")]
+    cross = [r for r in rows if r.get("cross_arch") and r["method"] not in ABLATION]
     if cross:
         students = sorted({s for r in cross for s in r["cross_arch"]})
         lines += ["", "### Cross-architecture accuracy (same distilled set, each student)", "",
@@ -121,6 +127,11 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
             seen.add((r["method"], r["ipc"]))
             lines.append(f"| {r['method']} | {r['ipc']} | " + " | ".join(
                 f"{100 * r['cross_arch'][s]:.2f}" if s in r["cross_arch"] else "–" for s in students) + " |")
+    for student in dict.fromkeys(r["student"] for r in rows):
+        for mode in dict.fromkeys(r["label_mode"] for r in rows):
+            main = [r for r in rows if r["student"] == student and r["label_mode"] == mode and r["method"] not in ABLATION]
+            if main:
+                lines += ["", f"Student {student}, label mode `{mode}`. " + "\n".join(findings(main, sorted({r['ipc'] for r in main})))]
     versions = rows[0]["versions"] if rows else {}
     hashes = sorted({r["protocol_hash"][:12] for r in rows})
     lines += ["", f"Protocol hashes: {', '.join(hashes)}. Versions: {versions}.", ""]
@@ -211,7 +222,7 @@ def overview(results: Path) -> str:
             rows = read_json(path)["rows"]
             mode = rows[0]["label_mode"] if rows else "?"
             for student in dict.fromkeys(r["student"] for r in rows):  # one table per student architecture
-                main = [r for r in rows if not r["method"].startswith("edc-") and r["student"] == student
+                main = [r for r in rows if r["method"] not in ABLATION and r["student"] == student
                         and r["label_mode"] == mode]
                 out += _student_table(family, tier, student, mode, main)
             out += [f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
@@ -219,13 +230,21 @@ def overview(results: Path) -> str:
                         f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]
     if not found:
         out.append("No results yet: run the command above.")
+    extras = [(f"{name}-fashion-mnist-cpu.md", text, f"python benchmarks/fashion_mnist.py --family {name}")
+              for name, text in EXTRAS.items()]
+    extras.append(("dc-dsa-ipc1-fashion-mnist-cpu.md", "DC and DSA at IPC 1 with the papers' width-128 ConvNet and "
+                   "evaluation protocols, only the outer iterations reduced: how close 2 CPU cores get to the "
+                   "published numbers", "python benchmarks/dc_dsa_ipc1.py"))
+    extras = [f"- [{md}]({md}): {text} (`{cmd}`)." for md, text, cmd in extras if (results / md).is_file()]
+    if extras:
+        out += ["## Supplementary runs", ""] + extras + [""]
     return "\n".join(out) + "\n"
 
 
 def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
-    ap.add_argument("--family", choices=[*families, "all"], default="all")
+    ap.add_argument("--family", choices=[*families, *EXTRAS, "all"], default="all")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: the config's 'auto')")
     ap.add_argument("--quiet", action="store_true")
