@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
 # Supplementary matrices (cpu tier only, run with --family NAME, not part of "all"): each answers one
 # question the family tables raise, under the same teacher and protocol as its family.
-EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 iterations from real images) beside "
+EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 iterations from real images), with 75 "
+                        "iterations, and with a 10x weaker statistics loss, beside "
                         "the decoupled bench's EDC, RDED and random"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
