@@ -7,6 +7,11 @@ import torch
 from ddkit.data import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+# One intra-op thread count for the whole session, set before any fixture computes: float reductions
+# (and so trained weights) differ in the last bits between thread counts, and a module- or
+# session-scoped fixture built under $OMP_NUM_THREADS would not equal the same computation in a test.
+THREADS = min(2, os.cpu_count() or 1)
+torch.set_num_threads(THREADS)
 
 
 def run_ddkit(cwd: Path, *args: str, ranks: int = 1, cache: str = "cache", timeout: int = 600) -> None:
@@ -26,7 +31,7 @@ def run_ddkit(cwd: Path, *args: str, ranks: int = 1, cache: str = "cache", timeo
 def _isolated_cache(tmp_path, monkeypatch):
     """Full-data reference cache goes to a per-test folder, never ~/.cache."""
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)  # undo a test that changed it
 
 
 @pytest.fixture(scope="session")
