@@ -32,7 +32,9 @@ FAMILIES = ("matching", "decoupled")
 # question the family tables raise, under the same teacher and protocol as its family.
 EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 iterations from real images), with 75 "
                         "iterations, and with a 10x weaker statistics loss, beside "
-                        "the decoupled bench's EDC, RDED and random"}
+                        "the decoupled bench's EDC, RDED and random",
+          "edc-transfer": "why recovered sets fall below random on the ResNet-18 student: RDED/EDC from "
+                          "larger crops or whole real images, and EDC with a ResNet-18 in its backbone pool"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
