@@ -50,6 +50,11 @@ WHOLE_DATASET = 93.5  # ConvNet-3 on all 60k images, DC paper Table 1
 ABLATION = ("edc-A", "edc-AB", "edc-ABD", "edc-ABDF")
 
 
+def main_rows(rows: list[dict], student: str, mode: str) -> list[dict]:
+    """The rows of one student and label mode, ablation rows left out: one main table."""
+    return [r for r in rows if r["student"] == student and r["label_mode"] == mode and r["method"] not in ABLATION]
+
+
 def config_path(family: str, tier: str) -> Path:
     return ROOT / "configs" / "bench" / f"fashion-mnist-{family}{'-cpu' if tier == 'cpu' else ''}.yaml"
 
@@ -134,7 +139,7 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
                 f"{100 * r['cross_arch'][s]:.2f}" if s in r["cross_arch"] else "–" for s in students) + " |")
     for student in dict.fromkeys(r["student"] for r in rows):
         for mode in dict.fromkeys(r["label_mode"] for r in rows):
-            main = [r for r in rows if r["student"] == student and r["label_mode"] == mode and r["method"] not in ABLATION]
+            main = main_rows(rows, student, mode)
             if main:
                 lines += ["", f"Student {student}, label mode `{mode}`. " + "\n".join(findings(main, sorted({r['ipc'] for r in main})))]
     versions = rows[0]["versions"] if rows else {}
@@ -227,8 +232,7 @@ def overview(results: Path) -> str:
             rows = read_json(path)["rows"]
             mode = rows[0]["label_mode"] if rows else "?"
             for student in dict.fromkeys(r["student"] for r in rows):  # one table per student architecture
-                main = [r for r in rows if r["method"] not in ABLATION and r["student"] == student
-                        and r["label_mode"] == mode]
+                main = main_rows(rows, student, mode)
                 out += _student_table(family, tier, student, mode, main)
             out += [f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
                         f"({family}-fashion-mnist-{tier}.md); plots and image grids: "
