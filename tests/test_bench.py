@@ -85,6 +85,19 @@ def test_shipped_bench_configs_validate(path):
     assert cells_of(cfg)
 
 
+def test_bench_config_base_states_only_what_differs(tmp_path):
+    shipped = REPO / "configs" / "bench" / "fashion-mnist-decoupled-cpu.yaml"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {shipped}\nipcs: [10]\nipc_overrides: {{10: {{train: {{epochs: 80}}}}}}\nmethod_ipcs: {{}}\nmethods: [random, rded]\nout: elsewhere\n")
+    base, cfg = load_bench_config(shipped), load_bench_config(child, ["seeds=[4]"])
+    assert cfg.ipcs == [10] and [m.key for m in cfg.methods] == ["random", "rded"] and cfg.seeds == [4]
+    assert cfg.teacher == base.teacher and cfg.teacher_pool == base.teacher_pool and cfg.students == base.students
+    assert cfg.protocol_for("resnet18_cifar", "teacher", ipc=10).hash == base.protocol_for("resnet18_cifar", "teacher", ipc=10).hash
+    child.write_text(f"base: {shipped}\nmethods: [random]\n")  # the base's method_ipcs name methods this file dropped
+    with pytest.raises(ConfigError, match="method_ipcs names 'edc-A'"):
+        load_bench_config(child)
+
+
 def test_fashion_mnist_config_matrix():
     cfg = load_bench_config(REPO / "configs" / "bench" / "fashion-mnist-random.yaml")
     assert [c.id for c in cells_of(cfg)][:2] == ["fashion-mnist-random-ipc1-convnet3-hard",

@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+import ddkit.config as config
 from conftest import REPO
 from ddkit.config import apply_overrides, config_hash, from_dict, load_yaml, to_dict
 from ddkit.errors import ConfigError
@@ -77,6 +78,28 @@ def test_yaml_errors(tmp_path):
     code.write_text("a: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(code)
+
+
+def test_base_file_keys_are_replaced_whole(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("a: 1\npool: {x: 1, y: 2}\nlist: [1, 2]\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\npool: {z: 3}\n")
+    (tmp_path / "sub" / "leaf.yaml").write_text("base: mid.yaml\nlist: [3]\nb: 2\n")
+    assert config.load_yaml_with_base(tmp_path / "sub" / "leaf.yaml") == {"a": 1, "pool": {"z": 3}, "list": [3], "b": 2}
+    assert config.load_yaml_with_base(tmp_path / "root.yaml") == load_yaml(tmp_path / "root.yaml")
+
+
+def test_base_file_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        config.load_yaml_with_base(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\nx: 1\n")
+    with pytest.raises(ConfigError, match=r"base file .*missing\.yaml.* not found; give a path relative"):
+        config.load_yaml_with_base(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base must be the path of a YAML file"):
+        config.load_yaml_with_base(tmp_path / "d.yaml")
 
 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if (REPO / "configs" / "bench") not in p.parents), ids=lambda p: str(p.relative_to(REPO)))

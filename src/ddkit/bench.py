@@ -42,7 +42,7 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import read_json, versions, write_json
-from ddkit.config import config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
@@ -230,10 +230,10 @@ class Cell:
 
 
 def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
-    """A :class:`BenchConfig` from YAML plus ``a.b=c`` overrides."""
-    from ddkit.config import apply_overrides
+    """A :class:`BenchConfig` from YAML (``base: other.yaml`` resolved) plus ``a.b=c`` overrides."""
+    from ddkit.config import apply_overrides, load_yaml_with_base
 
-    return from_dict(BenchConfig, apply_overrides(load_yaml(path), list(overrides or [])))
+    return from_dict(BenchConfig, apply_overrides(load_yaml_with_base(path), list(overrides or [])))
 
 
 def cells_of(cfg: BenchConfig) -> list[Cell]:

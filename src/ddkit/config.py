@@ -193,6 +193,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping whose top-level ``base: other.yaml`` (a path relative to this file) is resolved.
+
+    The base file is loaded the same way (it may name its own base), then every top-level key this
+    file sets replaces the base's value whole: a file states only what differs from its base, and
+    what it states is exactly what it gets (a mapping such as ``teacher_pool`` is not merged).
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    if "base" not in data:
+        return data
+    ref = data.pop("base")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"config file {str(path)!r}: base must be the path of a YAML file, got {ref!r}")
+    base_path = path.parent / ref
+    chain = (*_chain, path.resolve())
+    if base_path.resolve() in chain:
+        raise ConfigError(f"config file {str(path)!r}: base {ref!r} leads back to itself; remove the loop")
+    if not base_path.is_file():
+        raise ConfigError(f"config file {str(path)!r}: base file {str(base_path)!r} not found; "
+                          "give a path relative to this file's folder")
+    return {**load_yaml_with_base(base_path, chain), **data}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (value parsed as YAML) to nested plain data, in place."""
     for item in overrides:
