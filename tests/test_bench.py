@@ -6,7 +6,7 @@ import math
 import pytest
 
 from conftest import REPO
-from ddkit.bench import BenchConfig, cells_of, load_bench_config, run_bench
+from ddkit.bench import BenchConfig, cells_of, load_bench_config, run_bench, synthesis_seconds
 from ddkit.cli import main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError, DDKitError
@@ -318,6 +318,19 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     a1 = json.loads((tmp_path / "run" / "distilled" / "synthetic-a-ipc1" / "manifest.json").read_text())
     assert a1["method"]["config"]["iterations"] == 2 and len(a2["meta"]["teachers"]) == 2
     assert not (tmp_path / "run" / "distilled" / "synthetic-b-ipc2").exists()
+    # synthesis time leaves out building the teachers' statistics, charged once to the first set
+    # that needs them and reported as shared_seconds by every set that uses them
+    syn = [json.loads((tmp_path / "run" / "distilled" / f"synthetic-{s}.synthesis.json").read_text())
+           for s in ("a-ipc1", "a-ipc2", "b-ipc1")]
+    assert [len(s["shared"]) for s in syn] == [2, 2, 0] and syn[0]["shared_seconds"] > 0
+    assert [c["key"] for c in syn[0]["shared"]] == [c["key"] for c in syn[1]["shared"]]
+    assert syn[1]["shared_seconds"] == syn[0]["shared_seconds"] and all(c["seconds_here"] == 0 for c in syn[1]["shared"])
+    for s in syn:
+        here = sum(c["seconds_here"] for c in s["shared"])
+        assert s["seconds"] == pytest.approx(s["wall_seconds"] - here, abs=1e-3) and s["seconds"] > 0
+    assert syn[2]["shared_seconds"] == 0 and syn[2]["seconds"] == syn[2]["wall_seconds"]
+    assert rows[1]["synthesis"]["seconds"] == syn[1]["seconds"] and synthesis_seconds(rows[1]) == syn[1]["seconds"]
+    assert synthesis_seconds({"synthesis": {"wall_seconds": 2.5}}) == 2.5  # a cell from before the split
     whats = {w.split(" ")[0] for w, _, _ in stages}
     assert {"teacher", "distill"} <= whats and any(": distilled, seed 0" in w for w, _, _ in stages)
     assert any(w == "distill synthetic-a-ipc2" and (d, n) == (6, 6) for w, d, n in stages)  # 2 slots x 3 steps

@@ -1,12 +1,14 @@
 """SRe2L / CDA / G-VBSM / EDC and their shared statistics machinery (fast tier)."""
 
 import copy
+import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddkit.artifacts import shared_costs
 from ddkit.config import from_dict
 from ddkit.data.base import make_synthetic
 from ddkit.errors import ConfigError, DDKitError
@@ -111,10 +113,17 @@ def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monke
         return real_compute(*a, **kw)
 
     monkeypatch.setattr(S, "compute_real_statistics", counting)
-    first, path = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
-    assert (path / "manifest.json").is_file() and (path / S.TENSORS).is_file() and path.parent == tmp_path
-    second, path2 = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    with shared_costs() as costs:
+        first, path = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+        assert (path / "manifest.json").is_file() and (path / S.TENSORS).is_file() and path.parent == tmp_path
+        second, path2 = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
     assert len(calls) == 1 and path2 == path
+    # building is charged once, to the call that built; the reuse reports the build time it saved
+    built, reused = costs
+    assert built["kind"] == reused["kind"] == S.KIND and built["key"] == reused["key"] == path.name
+    assert built["build_seconds"] > 0 and built["seconds_here"] == built["build_seconds"]
+    assert reused["seconds_here"] == 0 and reused["build_seconds"] == built["build_seconds"]
+    assert json.loads((path / "manifest.json").read_text())["build_seconds"] == built["build_seconds"]
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     # a corrupt cache is recomputed, not trusted
     (path / S.TENSORS).write_bytes(b"not safetensors")

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddkit.artifacts import shared_costs
 from ddkit.config import from_dict
 from ddkit.data.augment import build_augment
 from ddkit.errors import ConfigError, DDKitError
@@ -58,6 +59,22 @@ def test_buffer_artifact_round_trip(buffer, tiny):
     x = torch.randn(3, *tiny.image_shape)
     torch.nn.utils.vector_to_parameters(loaded.params(0, 1), model.parameters())
     assert torch.allclose(student(loaded.params(0, 1), x), model(x))
+
+
+def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    cfg = from_dict(ExpertConfig, TINY_BUFFER)
+    with shared_costs() as costs:
+        built = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+        reused = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+    assert reused.path == built.path and built.path.parent == tmp_path / "cache" / "experts"
+    seconds = [e["seconds"] for e in built.manifest["experts"]]
+    assert len(seconds) == 2 and all(s > 0 for s in seconds)
+    first, second = costs
+    assert first["kind"] == second["kind"] == "expert-buffer" and first["key"] == second["key"] == built.path.name
+    assert first["build_seconds"] == second["build_seconds"] == pytest.approx(sum(seconds), abs=1e-3)
+    assert first["seconds_here"] >= first["build_seconds"] and second["seconds_here"] == 0
+    assert tr.build_seconds({"experts": [{"seconds": 1.0}, {}]}) is None  # a buffer from before the timing
 
 
 def test_buffer_errors(buffer, tmp_path):

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from ddkit.errors import DDKitError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+# the collector of shared_costs(), when one is open
+_SHARED_COSTS: ContextVar[list[dict[str, Any]] | None] = ContextVar("ddkit_shared_costs", default=None)
 
 
 def versions() -> dict[str, str]:
@@ -181,3 +184,34 @@ class DescribesDataset:
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))
+
+
+# --- shared (cached) work and what it cost -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def shared_costs() -> Iterator[list[dict[str, Any]]]:
+    """Collect the cached artifacts that the work inside the block builds or reuses.
+
+    Some work is done once and cached for every later run: a teacher's real-data statistics (SRe2L,
+    G-VBSM, EDC, ...), an expert trajectory buffer (MTT, TESLA, FTD, DATM). Timing one distilled set
+    would otherwise charge the first set that needs such an artifact for building it. Inside the
+    block, each use appends ``{"kind", "key", "build_seconds", "seconds_here"}`` to the yielded
+    list: ``build_seconds`` is what building the artifact took (from its manifest when reused; None
+    for artifacts written before ddkit recorded it), ``seconds_here`` the wall time this block spent
+    building it (0 when reused; less than ``build_seconds`` when it finished an interrupted build).
+    """
+    found: list[dict[str, Any]] = []
+    token = _SHARED_COSTS.set(found)
+    try:
+        yield found
+    finally:
+        _SHARED_COSTS.reset(token)
+
+
+def record_shared_cost(kind: str, key: str, build_seconds: float | None, seconds_here: float = 0.0) -> None:
+    """Note one use of a cached artifact for the enclosing :func:`shared_costs` (if any)."""
+    found = _SHARED_COSTS.get()
+    if found is not None:
+        found.append({"kind": kind, "key": key, "seconds_here": round(float(seconds_here), 3),
+                      "build_seconds": None if build_seconds is None else round(float(build_seconds), 3)})

@@ -33,6 +33,7 @@ import hashlib
 import logging
 import math
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,7 @@ from ddkit.artifacts import (
     base_manifest,
     load_tensors,
     read_manifest,
+    record_shared_cost,
     save_tensors,
     write_json,
 )
@@ -274,7 +276,9 @@ def statistics_key(teacher, real: DataBundle, keys: list[str], patch_size: int =
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str], patch_size: int = 0) -> dict[str, torch.Tensor] | None:
+def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str],
+                 patch_size: int = 0) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """The cached statistics at ``path`` and their manifest, or None when absent or unusable."""
     if not (path / "manifest.json").is_file():
         return None
     try:
@@ -288,7 +292,7 @@ def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str], patch_s
         missing = sorted(want - set(stats))
         if missing or f"{LOGITS}/class_mean" not in stats:
             raise DDKitError(f"missing {missing[:2]}")
-        return stats
+        return stats, manifest
     except DDKitError as exc:
         log.warning("ignoring cached statistics at %s (%s); recomputing", path, str(exc).splitlines()[0])
         return None
@@ -316,17 +320,22 @@ def real_statistics(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
-    stats = _load_cached(path, teacher, real, keys, patch_size)
-    if stats is not None:
+    cached = _load_cached(path, teacher, real, keys, patch_size)
+    if cached is not None:
         log.info("loaded real-data statistics from %s", path)
-        return stats, path
+        record_shared_cost(KIND, path.name, cached[1].get("build_seconds"))
+        return cached[0], path
     log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
              teacher.fingerprint, len(real.train), path)
+    t0 = time.perf_counter()
     stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress, patch_size)
+    seconds = time.perf_counter() - t0
+    record_shared_cost(KIND, path.name, seconds, seconds)
     if info.is_main:
         manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size, "patch_size": patch_size}, None)
         manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
-                         "dataset": real.name, "num_classes": real.num_classes})
+                         "dataset": real.name, "num_classes": real.num_classes,
+                         "build_seconds": round(seconds, 3)})
         with atomic_dir(path) as tmp:
             save_tensors(tmp / TENSORS, stats)
             write_json(tmp / "manifest.json", manifest)

@@ -56,6 +56,7 @@ import contextlib
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,7 @@ from ddkit.artifacts import (
     load_tensors,
     read_json,
     read_manifest,
+    record_shared_cost,
     save_tensors,
     write_json,
 )
@@ -381,6 +383,13 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
     return torch.stack(snapshots), {"test_accuracy": acc, "train_loss": loss_epoch}
 
 
+def build_seconds(manifest: dict) -> float | None:
+    """Seconds the buffer's experts took to train, summed over experts (None for buffers written
+    before ddkit recorded them)."""
+    seconds = [e.get("seconds") for e in manifest.get("experts", [])]
+    return sum(seconds) if seconds and None not in seconds else None
+
+
 def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: list[dict]) -> dict:
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update({
@@ -434,8 +443,9 @@ def train_experts(
         else:
             if zca is None:
                 zca = fit_zca(data, cfg)
+            t0 = time.perf_counter()
             traj, summary = train_one_expert(data, cfg, i, device, zca)
-            summary = {"file": _expert_file(i), **summary}
+            summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
             if done is not None:
                 save_tensors(done, {"trajectory": traj})
@@ -500,6 +510,8 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
     same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
     """
+    t0 = time.perf_counter()
+    trained = False
     if experts:
         buffer = load_experts(experts)
     else:
@@ -518,7 +530,10 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
             log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                      cfg.num_experts, cfg.epochs)
             buffer = train_experts(data, cfg, out, device)
+            trained = True
     buffer.check_compatible(data)
+    key = buffer.path.name if buffer.path is not None else "in-memory"
+    record_shared_cost(KIND, key, build_seconds(buffer.manifest), time.perf_counter() - t0 if trained else 0.0)
     return buffer
 
 
