@@ -75,6 +75,9 @@ def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch
     assert first["build_seconds"] == second["build_seconds"] == pytest.approx(sum(seconds), abs=1e-3)
     assert first["seconds_here"] >= first["build_seconds"] and second["seconds_here"] == 0
     assert tr.build_seconds({"experts": [{"seconds": 1.0}, {}]}) is None  # a buffer from before the timing
+    with shared_costs() as costs:  # without a work_dir the buffer is not cached: the set's own cost
+        tr.buffer_for(tiny, None, from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1}), None, torch.device("cpu"))
+    assert costs == []
 
 
 def test_buffer_errors(buffer, tmp_path):

@@ -532,8 +532,9 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
             buffer = train_experts(data, cfg, out, device)
             trained = True
     buffer.check_compatible(data)
-    key = buffer.path.name if buffer.path is not None else "in-memory"
-    record_shared_cost(KIND, key, build_seconds(buffer.manifest), time.perf_counter() - t0 if trained else 0.0)
+    if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
+        record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest),
+                           time.perf_counter() - t0 if trained else 0.0)
     return buffer
 
 
