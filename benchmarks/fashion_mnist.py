@@ -40,7 +40,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-gentle": "EDC on the ResNet-18 student from RDED's larger crops with a 5x and a 25x smaller image lr, "
                         "with and without a ResNet-18 observer: does any amount of optimisation beat its initialisation?",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
-                            "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?"}
+                            "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
+          "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
+                          "BatchNorm student why recovered images fall below random on the ResNet-18?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.

@@ -6,7 +6,14 @@ import math
 import pytest
 
 from conftest import REPO
-from ddkit.bench import BenchConfig, cells_of, load_bench_config, run_bench, synthesis_seconds
+from ddkit.bench import (
+    BenchConfig,
+    cells_of,
+    load_bench_config,
+    run_bench,
+    shared_seconds,
+    synthesis_seconds,
+)
 from ddkit.cli import main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError, DDKitError
@@ -331,6 +338,8 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     assert syn[2]["shared_seconds"] == 0 and syn[2]["seconds"] == syn[2]["wall_seconds"]
     assert rows[1]["synthesis"]["seconds"] == syn[1]["seconds"] and synthesis_seconds(rows[1]) == syn[1]["seconds"]
     assert synthesis_seconds({"synthesis": {"wall_seconds": 2.5}}) == 2.5  # a cell from before the split
+    use = [{"key": "a", "build_seconds": 2.0}, {"key": "b", "build_seconds": 0.5}, {"key": "a", "build_seconds": 2.0}]
+    assert shared_seconds(use) == 2.5 and shared_seconds([*use, {"key": "c", "build_seconds": None}]) is None
     whats = {w.split(" ")[0] for w, _, _ in stages}
     assert {"teacher", "distill"} <= whats and any(": distilled, seed 0" in w for w, _, _ in stages)
     assert any(w == "distill synthetic-a-ipc2" and (d, n) == (6, 6) for w, d, n in stages)  # 2 slots x 3 steps

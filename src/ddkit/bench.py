@@ -331,6 +331,13 @@ def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, pro
     return train_teacher(data, cfg, tdir, device, progress=cb)
 
 
+def shared_seconds(shared: list[dict]) -> float | None:
+    """What building the shared artifacts of :func:`ddkit.artifacts.shared_costs` took, each artifact
+    counted once however often it was used; None when one of them did not record it."""
+    builds = {c["key"]: c["build_seconds"] for c in shared}
+    return None if None in builds.values() else round(sum(builds.values()), 3)
+
+
 def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device,
                    progress: StageProgress | None = None) -> dict:
     """Make (or reuse) one distilled set; return its synthesis record."""
@@ -345,13 +352,12 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
         cb = (lambda d, n, r: progress(f"distill {ddir.name}", d, n)) if progress is not None else None
         ds = distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb)
     wall = time.perf_counter() - t0
-    builds = [c["build_seconds"] for c in shared]
     stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want,
              # wall_seconds: the whole call; seconds: without building shared cached artifacts (teacher
              # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
              "wall_seconds": round(wall, 4),
              "seconds": round(wall - sum(c["seconds_here"] for c in shared), 4),
-             "shared_seconds": None if None in builds else round(sum(builds), 3), "shared": shared,
+             "shared_seconds": shared_seconds(shared), "shared": shared,
              "peak_memory_bytes": mem.peak,
              "peak_memory_kind": mem.kind, "device": str(device), "versions": versions(),
              "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}}
