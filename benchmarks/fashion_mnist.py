@@ -42,7 +42,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
-                          "BatchNorm student why recovered images fall below random on the ResNet-18?"}
+                          "BatchNorm student why recovered images fall below random on the ResNet-18?",
+          "edc-protocol": "RDED, EDC and random at IPC 10 evaluated with EDC's own recipe (MSE + CE on teacher "
+                          "logits, crops of scale 0.5-1, EMA student) instead of soft-kl's 0.08-1 crops"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
