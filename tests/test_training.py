@@ -89,3 +89,34 @@ def test_soft_label_modes(tiny):
         _train(tiny, cfg, label_source="teacher", loss="kl")
     with pytest.raises(Exception, match="needs soft labels"):
         _train(tiny, cfg, label_source="stored", loss="kl")
+
+
+def test_ema_decay_warms_up_and_copies_buffers():
+    from torch import nn
+
+    from ddkit.training import EMA
+
+    live = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    ema = EMA(live, 0.99)
+    want = live[0].weight.detach().clone()
+    for n in range(40):
+        with torch.no_grad():
+            live[0].weight.add_(1.0)
+            live[1].running_mean.fill_(float(n))
+        d = min(0.99, (1 + n) / (10 + n))
+        want = d * want + (1 - d) * live[0].weight.detach()
+        ema.update(live)
+    assert ema.updates == 40 and ema.current_decay() == pytest.approx(41 / 50)
+    assert torch.allclose(ema.model[0].weight, want, atol=1e-5)
+    # after 40 steps the weights sit within a few steps of the live ones, not 0.99**40 = 67 % at the start
+    assert (live[0].weight - ema.model[0].weight).abs().max() < 10
+    assert torch.equal(ema.model[1].running_mean, live[1].running_mean)
+
+
+def test_ema_protocols_alone_get_new_hashes():
+    from ddkit.evaluate.protocol import resolve_protocol
+
+    edc = resolve_protocol("edc")
+    assert edc.identity()["train"]["ema_warmup"] is True
+    assert "ema_warmup" not in resolve_protocol("soft-kl").identity()["train"]
+    assert resolve_protocol("edc", {"train": {"ema_decay": 0.0}}).hash != edc.hash

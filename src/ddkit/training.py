@@ -63,7 +63,8 @@ class TrainConfig:
     augment_options: dict = field({}, help="options for the augmentation (e.g. scale_min for rrc_flip)")
     cutmix_prob: float = field(0.0, help="probability of CutMix per image (0 disables)")
     cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
-    ema_decay: float = field(0.0, help="EMA of student weights used for testing (0 disables; EDC: 0.99)")
+    ema_decay: float = field(0.0, help="EMA of student weights used for testing (0 disables; EDC: 0.99); "
+                             "the decay warms up as min(decay, (1 + n) / (10 + n)) over updates n")
     eval_batch_size: int = field(1024, help="batch size for test-set evaluation")
 
     def __post_init__(self) -> None:
@@ -278,20 +279,33 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
 
 
 class EMA:
-    """Exponential moving average of a model's weights (buffers copied), used for testing."""
+    """Exponential moving average of a model's weights (buffers copied), used for testing.
+
+    The decay warms up: update ``n`` (from 0) uses ``min(decay, (1 + n) / (10 + n))``, as
+    TensorFlow's ``ExponentialMovingAverage(num_updates=...)`` and timm's EMA warm-up do. Without
+    it a short schedule tests weights that still hold ``decay ** steps`` of the initialisation
+    (0.99 over the 160 steps of an IPC-10 run: 20 %), while BatchNorm buffers, copied from the live
+    model, describe the trained weights: a BatchNorm student then scores near chance.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = decay
+        self.updates = 0
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.mul_(self.decay).add_(p.detach(), alpha=1 - self.decay)
+            e.mul_(d).add_(p.detach(), alpha=1 - d)
         for e, b in zip(self.model.buffers(), model.buffers(), strict=True):
             e.copy_(b)
+        self.updates += 1
 
 
 def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.Module, ema: EMA | None) -> None:
@@ -376,6 +390,7 @@ def train_classifier(
         gen.set_state(state["generator"])
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
+            ema.updates = int(state.get("ema_updates", 0))
         history = list(state["history"])
         start_epoch = int(state["epoch"])
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
@@ -458,6 +473,7 @@ def train_classifier(
             }
             if ema is not None:
                 state["ema"] = ema.model.state_dict()
+                state["ema_updates"] = ema.updates
             atomic_torch_save(state, state_path)
         if state_path is not None and info.enabled:
             ddist.barrier()

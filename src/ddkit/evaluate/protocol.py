@@ -61,10 +61,13 @@ class ProtocolConfig:
     def identity(self) -> dict:
         """What decides the numbers: every field, except those at a value that reproduces the
         behaviour from before they existed (an empty ``extra_teachers``: no ensemble; ``teacher_bn``
-        running with no ``teacher_bn_batch``), which are left out so hashes stay those of older protocols."""
+        running with no ``teacher_bn_batch``), which are left out so hashes stay those of older
+        protocols; with an EMA student, a marker of the EMA's decay warm-up."""
         out = to_dict(self)
         if not out["extra_teachers"]:
             del out["extra_teachers"]
+        if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only
+            out["train"]["ema_warmup"] = True
         return omit_running_bn(out)
 
     @property
