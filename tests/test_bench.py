@@ -278,6 +278,40 @@ def test_torchrun_spreads_cells_and_matches_single_process(tmp_path):
         assert (a["cell"], a["acc"], a["random"], a["hard_acc"], a["lrs"]) == (b["cell"], b["acc"], b["random"], b["hard_acc"], b["lrs"])
 
 
+def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
+    """Two gloo ranks each make a set needing the same expert buffer at the same time: one trains it,
+    the other waits and reuses it (before the build lock both trained it into one hidden folder, and
+    the first to finish deleted it under the other)."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from ddkit.methods.mtt import MTT
+
+    # a buffer that takes a few seconds to train, so that both ranks ask for it while it is being built
+    mtt = {**MTT.smoke_options, "iterations": 2, "buffer": {**MTT.smoke_options["buffer"], "num_experts": 2, "epochs": 8}}
+    cfg = tmp_path / "b.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0],
+                                   "methods": [{"name": "mtt", "options": mtt},
+                                               {"name": "mtt", "label": "mtt-b", "options": {**mtt, "lr_img": 10.0}}]}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "ddkit", "bench", str(cfg), "--out", "run", "--device", "cpu", "-q"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    buffers = [p for p in (tmp_path / "cache" / "experts").iterdir() if not p.name.startswith(".")]
+    assert len(buffers) == 1 and (buffers[0] / "manifest.json").is_file()
+    assert not [p for p in (tmp_path / "cache" / "experts").iterdir() if ".partial-" in p.name]
+    uses = [c for name in ("mtt", "mtt-b")
+            for c in json.loads((tmp_path / "run" / "distilled" / f"synthetic-{name}-ipc1.synthesis.json").read_text())["shared"]]
+    assert [c["key"] for c in uses] == [buffers[0].name] * 2
+    built = sorted(c["seconds_here"] > 0 for c in uses)
+    assert built == [False, True], uses  # one rank built it, the other reused it
+    assert uses[0]["build_seconds"] == uses[1]["build_seconds"] > 0
+
+
 def test_ddranking_export(full_run, tmp_path):
     import torch
 

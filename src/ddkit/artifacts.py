@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +26,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ddkit.errors import DDKitError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -187,6 +190,46 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 # --- shared (cached) work and what it cost -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def build_lock(path: str | Path) -> Iterator[None]:
+    """Let one process at a time build (or look up) the cache entry ``path``.
+
+    Two processes that need the same cached artifact at once, e.g. two ``torchrun`` ranks of
+    ``ddkit bench`` each making a distilled set with the same expert recipe, or two runs sharing
+    ``$DDKIT_CACHE``, would otherwise both build it in the same place. Inside the block, look the
+    entry up again and build it only if still missing: a process that waited then finds the other's
+    result. The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside ``path``,
+    released when the block ends or the process dies (no stale locks). Where ranks build one entry
+    together (``ddkit.distributed.current()`` enabled), rank 0 holds the lock for all of them. No-op
+    where ``fcntl`` is missing (Windows).
+    """
+    from ddkit import distributed as ddist
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    path = Path(path)
+    info = ddist.current()
+    if not info.is_main:
+        ddist.barrier()  # rank 0 holds the lock
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent / f".{path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that is building %s", path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        ddist.barrier()
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 @contextlib.contextmanager

@@ -70,6 +70,7 @@ from torch.func import functional_call
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     atomic_dir,
+    build_lock,
     base_manifest,
     load_tensors,
     read_json,
@@ -502,6 +503,18 @@ def load_experts(path: str | Path) -> ExpertBuffer:
     return ExpertBuffer(trajectories, manifest, path)
 
 
+def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuffer | None:
+    """The buffer cached at ``out`` if it is complete and made by ``cfg`` from ``data``; else None."""
+    if not (out / "manifest.json").is_file():
+        return None
+    with contextlib.suppress(DDKitError):
+        found = load_experts(out)
+        if (found.manifest.get("config_hash") == config_hash(cfg)
+                and found.manifest["dataset"]["fingerprint"] == data.fingerprint):
+            return found
+    return None
+
+
 def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_dir: Path | None,
                device: torch.device) -> ExpertBuffer:
     """The buffer at ``experts``, or one trained with ``cfg``.
@@ -519,18 +532,15 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
 
         cache = Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit")) / "experts"
         out = cache / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}" if work_dir is not None else None
-        buffer = None
-        if out is not None and (out / "manifest.json").is_file():
-            with contextlib.suppress(DDKitError):
-                found = load_experts(out)
-                if (found.manifest.get("config_hash") == config_hash(cfg)
-                        and found.manifest["dataset"]["fingerprint"] == data.fingerprint):
-                    buffer = found
-        if buffer is None:
-            log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
-                     cfg.num_experts, cfg.epochs)
-            buffer = train_experts(data, cfg, out, device)
-            trained = True
+        # one builder per cache entry: a process that waited for another's build then finds it here
+        with build_lock(out) if out is not None else contextlib.nullcontext():
+            buffer = _cached_buffer(out, cfg, data) if out is not None else None
+            if buffer is None:
+                log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
+                         cfg.num_experts, cfg.epochs)
+                t0 = time.perf_counter()  # the build alone, not the wait for another process's
+                buffer = train_experts(data, cfg, out, device)
+                trained = True
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
         record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest),
