@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 import ddkit
-from ddkit.artifacts import SCHEMA_VERSION, atomic_dir
+from ddkit.artifacts import SCHEMA_VERSION, atomic_dir, build_lock
 from ddkit.data.base import DatasetConfig
 from ddkit.errors import DDKitError
 from ddkit.methods import METHODS, FitContext
@@ -123,3 +123,39 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_old(tmp_path):
 def test_full_method_is_whole_training_set(tiny, tmp_path):
     ds = distill(tiny, DistillConfig(method="full"), DatasetConfig(name="synthetic"), tmp_path / "full")
     assert torch.equal(ds.images, tiny.train.images) and ds.ipc is None
+
+
+def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
+    """A second holder of the same entry's lock waits until the first leaves; another entry does not."""
+    import threading
+    import time
+
+    entry = tmp_path / "cache" / "abc"
+    events = []
+    first_in = threading.Event()
+
+    def first():
+        with build_lock(entry):
+            events.append("first in")
+            first_in.set()
+            time.sleep(0.5)
+            events.append("first out")
+
+    def second():
+        first_in.wait()
+        with build_lock(entry):
+            events.append("second in")
+
+    def other():
+        first_in.wait()
+        with build_lock(tmp_path / "cache" / "xyz"):
+            events.append("other in")
+
+    threads = [threading.Thread(target=f) for f in (first, second, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert events.index("second in") > events.index("first out")
+    assert events.index("other in") < events.index("first out")  # a different entry is not blocked
+    assert (tmp_path / "cache" / ".abc.lock").is_file() and not entry.exists()

@@ -70,8 +70,8 @@ from torch.func import functional_call
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     atomic_dir,
-    build_lock,
     base_manifest,
+    build_lock,
     load_tensors,
     read_json,
     read_manifest,
