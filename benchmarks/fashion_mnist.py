@@ -44,7 +44,12 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
                           "BatchNorm student why recovered images fall below random on the ResNet-18?",
           "edc-protocol": "RDED, EDC and random at IPC 10 evaluated with EDC's own recipe (MSE + CE on teacher "
-                          "logits, crops of scale 0.5-1, EMA student) instead of soft-kl's 0.08-1 crops"}
+                          "logits, crops of scale 0.5-1, EMA student) instead of soft-kl's 0.08-1 crops",
+          "mtt-steps": "why the matching CPU tier's trajectory methods fall below random at IPC 10: the tier's 10 "
+                       "unrolled steps per expert epoch against MTT's IPC-10 unroll (30 steps, learned lr), and a "
+                       "10x smaller image lr",
+          "edc-ipc1": "EDC at IPC 1 (where RDED, its initialisation, beats it on the ConvNet-3) from RDED's larger "
+                      "crops and with smaller image lrs"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
