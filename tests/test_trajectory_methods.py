@@ -64,9 +64,13 @@ def test_buffer_artifact_round_trip(buffer, tiny):
 def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
     cfg = from_dict(ExpertConfig, TINY_BUFFER)
+    calls = []
     with shared_costs() as costs:
-        built = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
-        reused = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+        built = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"),
+                              progress=lambda done, total, rec: calls.append((done, total)))
+        reused = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"),
+                               progress=lambda done, total, rec: calls.append((done, total)))
+    assert calls == [(e, 6) for e in range(1, 7)]  # every epoch of both experts, nothing when reused
     assert reused.path == built.path and built.path.parent == tmp_path / "cache" / "experts"
     seconds = [e["seconds"] for e in built.manifest["experts"]]
     assert len(seconds) == 2 and all(s > 0 for s in seconds)
@@ -110,7 +114,8 @@ def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
     assert not out.exists(), "an interrupted stage left a partial artifact"
     trained = []
     real_train = tr.train_one_expert
-    monkeypatch.setattr(tr, "train_one_expert", lambda d, c, i, dev, zca=None: trained.append(i) or real_train(d, c, i, dev, zca))
+    monkeypatch.setattr(tr, "train_one_expert",
+                        lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i) or real_train(d, c, i, dev, zca, on_epoch))
     resumed = train_experts(tiny, cfg, out)
     assert trained == [1], "the finished expert was trained again"
     for a, b in zip(buffer.trajectories, resumed.trajectories, strict=True):
@@ -618,4 +623,6 @@ def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra
     assert len(experts[0]) == len(experts[1]) == 2
     for a, b in zip(*experts, strict=True):
         assert torch.equal(load_file(str(a))["trajectory"], load_file(str(b))["trajectory"])
-    assert not list((tmp_path / "cache2" / "experts").glob(".*")), "the hidden per-expert folder was left behind"
+    assert not list((tmp_path / "cache2" / "experts").glob(".*partial*")), "the hidden per-expert folder was left behind"
+    # only the (empty) lock file of the entry stays beside it: deleting a lock file races with its next user
+    assert [p.name for p in (tmp_path / "cache2" / "experts").glob(".*")] == [f".{experts[1][0].parent.name}.lock"]

@@ -201,7 +201,8 @@ def build_lock(path: str | Path) -> Iterator[None]:
     ``$DDKIT_CACHE``, would otherwise both build it in the same place. Inside the block, look the
     entry up again and build it only if still missing: a process that waited then finds the other's
     result. The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside ``path``,
-    released when the block ends or the process dies (no stale locks). Where ranks build one entry
+    released when the block ends or the process dies (no stale locks); the empty file stays, since
+    deleting a lock file races with its next user. Where ranks build one entry
     together (``ddkit.distributed.current()`` enabled), rank 0 holds the lock for all of them. No-op
     where ``fcntl`` is missing (Windows).
     """

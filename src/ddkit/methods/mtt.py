@@ -395,7 +395,10 @@ class _TrajectoryMatching(Method):
         ipc = check_ipc(real, ctx.ipc)
         if cfg.init == "representative":
             representative_clusters(ipc, cfg.representative_clusters)  # fail before training any experts
-        buffer = buffer_for(real, cfg.experts, cfg.buffer, ctx.work_dir, device)
+        # training the experts on the fly can take long: report it as its own pass (marked
+        # ``expert_epochs_pass``, like the decoupled methods' ``statistics_pass``)
+        buffer = buffer_for(real, cfg.experts, cfg.buffer, ctx.work_dir, device,
+                            progress=lambda done, total, rec: report(ctx, done, total, expert_epochs_pass=1.0))
         need = cfg.max_start_epoch - 1 + cfg.expert_epochs
         if need > buffer.epochs:
             raise ConfigError(

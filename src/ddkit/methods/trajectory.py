@@ -324,9 +324,9 @@ def fit_zca(data: DataBundle, cfg: ExpertConfig):
 
 
 def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: torch.device,
-                     zca=None) -> tuple[torch.Tensor, dict]:
+                     zca=None, on_epoch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Train expert ``index`` (on ``zca``-whitened images if given); return its trajectory
-    ``[epochs + 1, P]`` and a summary."""
+    ``[epochs + 1, P]`` and a summary. ``on_epoch(e + 1)`` after each epoch ``e``."""
     seed = cfg.seed * 1_000_003 + index
     c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):
@@ -377,6 +377,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             total += float(loss.detach()) * len(idx)
         loss_epoch = total / n
         snapshots.append(flatten_params(model))
+        if on_epoch is not None:
+            on_epoch(e + 1)
         if cfg.lr_drop != 1.0 and e == drop_after:  # AST: lr × 0.6 once, with a new optimiser (momentum reset)
             opt = torch.optim.SGD(model.parameters(), lr=cfg.lr * cfg.lr_drop, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay)
@@ -412,11 +414,14 @@ def train_experts(
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
+    epoch_progress: Callable[[int, int, dict], None] | None = None,
 ) -> ExpertBuffer:
     """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact.
 
     Resumable per expert (finished experts live in a hidden sibling folder until the artifact is
-    complete); ``progress(i + 1, num_experts, {"test_accuracy", "train_loss"})`` after expert ``i``.
+    complete); ``progress(i + 1, num_experts, {"test_accuracy", "train_loss"})`` after expert ``i``;
+    ``epoch_progress(done, total, {})`` after every expert epoch this process trains or reuses
+    (``total``: its experts times ``epochs``), for a finer progress bar.
 
     Under ``torchrun`` expert ``i`` is trained by rank ``i % world_size``; each expert has its own
     seeded generator, so the buffer is the single-process one. The ranks exchange finished experts
@@ -435,23 +440,32 @@ def train_experts(
         spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
-    for i in range(info.rank, cfg.num_experts, info.world_size):  # every expert in one process
+    mine = range(info.rank, cfg.num_experts, info.world_size)  # every expert in one process
+    epochs_done = 0
+
+    def epoch_done(e: int) -> None:
+        if epoch_progress is not None:
+            epoch_progress(epochs_done + e, len(mine) * cfg.epochs, {})
+
+    for i in mine:
         done = partial / _expert_file(i) if partial is not None else None
         if done is not None and done.is_file() and (partial / f"expert_{i:03d}.json").is_file():
             finished[i] = (load_tensors(done, what="expert trajectory")["trajectory"],
                            read_json(partial / f"expert_{i:03d}.json"))
             log.info("expert %d/%d reused from %s", i + 1, cfg.num_experts, partial)
+            epoch_done(cfg.epochs)
         else:
             if zca is None:
                 zca = fit_zca(data, cfg)
             t0 = time.perf_counter()
-            traj, summary = train_one_expert(data, cfg, i, device, zca)
+            traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
             summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
             if done is not None:
                 save_tensors(done, {"trajectory": traj})
                 write_json(partial / f"expert_{i:03d}.json", summary)
             log.info("expert %d/%d: test accuracy %s", i + 1, cfg.num_experts, summary["test_accuracy"])
+        epochs_done += cfg.epochs
         if progress is not None:
             progress(i + 1, cfg.num_experts, {k: v for k, v in finished[i][1].items() if k != "file"})
     if info.enabled:  # collect the other ranks' experts
@@ -516,8 +530,9 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
 
 
 def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_dir: Path | None,
-               device: torch.device) -> ExpertBuffer:
-    """The buffer at ``experts``, or one trained with ``cfg``.
+               device: torch.device, progress: Callable[[int, int, dict], None] | None = None) -> ExpertBuffer:
+    """The buffer at ``experts``, or one trained with ``cfg`` (``progress``: per expert epoch, see
+    :func:`train_experts`).
 
     A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>``)
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
@@ -539,7 +554,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
-                buffer = train_experts(data, cfg, out, device)
+                buffer = train_experts(data, cfg, out, device, epoch_progress=progress)
                 trained = True
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
