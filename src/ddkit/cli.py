@@ -392,7 +392,7 @@ def cmd_experts(args) -> int:
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet and ddist.current().is_main)
-    train_experts(bundle, cfg, args.out, device, progress.stage("experts"))
+    train_experts(bundle, cfg, args.out, device, epoch_progress=progress.stage("expert epochs"))
     progress.close()
     _print(f"{cfg.num_experts} expert trajectories of {cfg.model} ({cfg.epochs} epochs) -> {args.out}")
     return 0
