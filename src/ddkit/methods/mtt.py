@@ -54,7 +54,10 @@ is an EMA of the images) and GSAM experts (``buffer.sam_alpha``); see :class:`FT
 
 Fashion-MNIST (1x28x28, no ZCA): keep the table's steps and windows, take lr_img 1000 (MTT's
 non-ZCA value) and DSA with flips (as DSA does on Fashion-MNIST). The defaults of each Config are
-the IPC-1 row.
+the IPC-1 row, so set the IPC-10/50 rows' ``lr_lr`` and ``syn_steps`` yourself: an unroll too short
+for its expert segment makes the images worse than their real initialisation (on Fashion-MNIST IPC
+10, 10 steps per expert epoch: 4 points below the random subset; 30 steps with lr_lr 1e-5: above it;
+see ``docs/results/mtt-steps-fashion-mnist-cpu.md``).
 """
 
 from __future__ import annotations
