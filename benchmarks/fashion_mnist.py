@@ -48,6 +48,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "mtt-steps": "why the matching CPU tier's trajectory methods fall below random at IPC 10: the tier's 10 "
                        "unrolled steps per expert epoch against MTT's IPC-10 unroll (30 steps, learned lr), and a "
                        "10x smaller image lr",
+          "mtt-steps50": "mtt-steps at IPC 50: the tier's MTT against MTT's 30-step unroll with a learned lr, and AST "
+                         "(shq) with it",
           "edc-ipc1": "EDC at IPC 1 (where RDED, its initialisation, beats it on the ConvNet-3) from RDED's larger "
                       "crops and with smaller image lrs"}
 
