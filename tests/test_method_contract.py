@@ -83,6 +83,8 @@ def test_resume_equals_uninterrupted(name, data, teacher, tmp_path):
     calls = []
 
     def kill(step, total, record):
+        if any(k.endswith("_pass") for k in record):  # a one-off pass (statistics, experts), not an iteration
+            return
         calls.append(step)
         if len(calls) == 2:
             raise KeyboardInterrupt
