@@ -538,8 +538,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
     same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
     """
-    t0 = time.perf_counter()
-    trained = False
+    seconds_here = 0.0  # what training the buffer took here (0 when loaded)
     if experts:
         buffer = load_experts(experts)
     else:
@@ -555,11 +554,10 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
                 buffer = train_experts(data, cfg, out, device, epoch_progress=progress)
-                trained = True
+                seconds_here = time.perf_counter() - t0
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
-        record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest),
-                           time.perf_counter() - t0 if trained else 0.0)
+        record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest), seconds_here)
     return buffer
 
 
