@@ -166,7 +166,13 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
                 lines += ["", f"Student {student}, label mode `{mode}`. " + "\n".join(findings(main, sorted({r['ipc'] for r in main})))]
     versions = rows[0]["versions"] if rows else {}
     hashes = sorted({r["protocol_hash"][:12] for r in rows})
-    lines += ["", f"Protocol hashes: {', '.join(hashes)}. Versions: {versions}.", ""]
+    lines += ["", f"Protocol hashes: {', '.join(hashes)}. Versions: {versions}."]
+    teachers = sorted({r["teacher_sha"][:12] for r in rows if r.get("teacher_sha")})
+    threads = sorted({r["torch_threads"] for r in rows if r.get("torch_threads")})
+    if teachers or threads:  # cells recorded these from 2026-12-03 on
+        lines.append(f"Teacher weights sha: {', '.join(teachers) or '–'}; torch threads per cell: "
+                     f"{', '.join(map(str, threads)) or '–'} (both change the numbers).")
+    lines.append("")
     return "\n".join(lines)
 
 

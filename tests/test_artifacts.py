@@ -47,6 +47,7 @@ def test_distilled_roundtrip_and_manifest(tiny, tmp_path):
     assert man["ipc"] == 3 and man["num_images"] == 12 and man["seed"] == 0
     assert man["bytes"] == {"images": 12 * 16 * 16, "labels": 12 * 8}
     assert man["versions"]["ddkit"] == ddkit.__version__ and man["versions"]["torch"] == torch.__version__
+    assert man["run"] == {"torch_threads": torch.get_num_threads(), "world_size": 1}
     loaded = ddkit.load(path)
     assert len(loaded) == 12 and torch.equal(loaded.images, ds.images) and torch.equal(loaded.labels, ds.labels)
     x, y = loaded[0]

@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from conftest import REPO
 from ddkit.bench import (
@@ -18,6 +19,7 @@ from ddkit.cli import main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
+from ddkit.teacher import Teacher
 
 TINY = {
     "datasets": ["synthetic"], "methods": ["random"], "ipcs": [1, 2], "students": ["tiny_convnet"],
@@ -144,6 +146,8 @@ def test_tiny_matrix_end_to_end(full_run):
         assert 0 <= r["lrs"]["mean"] <= 1 and r["ars"] is None
         assert r["protocol_hash"] and r["versions"]["torch"] and r["synthesis"]["wall_seconds"] >= 0
         assert r["bytes"]["images"] == 4 * r["ipc"] * 256
+        assert r["teacher_sha"] == Teacher.load(out / "teachers" / "synthetic").fingerprint
+        assert r["torch_threads"] == torch.get_num_threads()
     hard, teacher = rows[0], rows[1]
     # HLR of the teacher cell reuses the hard cell's evaluation
     assert teacher["hard_acc"] == hard["acc"] and teacher["eval_keys"][1] == hard["eval_keys"][0]

@@ -49,6 +49,7 @@ def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
     m1 = json.loads((tmp_path / "t1/manifest.json").read_text())
     m2 = json.loads((tmp_path / "t2/manifest.json").read_text())
     assert abs(m1["test_accuracy"] - m2["test_accuracy"]) <= 1 / 48 + 1e-9  # at most one test image flips
+    assert m1["run"]["world_size"] == 1 and m2["run"]["world_size"] == 2
 
     _single(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "3", "--out", "d", "-q"], tmp_path)
     eval_args = ["evaluate", "d", "--seeds", "0,1,2", "--teacher", "t1", "--label-mode", "teacher",

@@ -137,12 +137,17 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
+    """The fields every artifact holds. ``run`` records what besides config, seed and versions
+    changes the numbers: the CPU thread count (float summation order) and the number of processes."""
+    from ddkit.distributed import current
+
     return {
         "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "seed": seed,
         "config": config,
         "versions": versions(),
+        "run": {"torch_threads": torch.get_num_threads(), "world_size": current().world_size},
     }
 
 

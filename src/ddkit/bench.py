@@ -528,6 +528,10 @@ class _Bench:
             "protocol_hash": rep["protocol_hash"], "hard_protocol_hash": hard["protocol_hash"],
             "eval_keys": [rep["eval_key"], hard["eval_key"]],
             "distilled_path": str(self._set_dir(key3)), "versions": rep["versions"],
+            # what else decides the numbers: the teacher's weights (retrained per bench folder) and the
+            # thread count (float summation order: one thread and two give different students)
+            "teacher_sha": self.teachers[cell.dataset].fingerprint if self.teachers[cell.dataset] is not None else None,
+            "torch_threads": torch.get_num_threads(),
         }
         if rnd is not None:
             row["ior"] = metrics.mean_std([metrics.ior(a, r) for a, r in zip(acc["per_seed"], rnd["per_seed"])])
