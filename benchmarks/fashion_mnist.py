@@ -51,7 +51,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "mtt-steps50": "mtt-steps at IPC 50: the tier's MTT against MTT's 30-step unroll with a learned lr, and AST "
                          "(shq) with it",
           "edc-ipc1": "EDC at IPC 1 (where RDED, its initialisation, beats it on the ConvNet-3) from RDED's larger "
-                      "crops and with smaller image lrs"}
+                      "crops and with smaller image lrs",
+          "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
+                        "how much of the soft-label numbers' gap to EDC's own recipe the crops explain",
+          "mtt-iters50": "mtt-steps50's 30-step MTT and AST rows with 4x the iterations (240): is the short run why "
+                         "MTT stays below random at IPC 50?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
