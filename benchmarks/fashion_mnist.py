@@ -55,7 +55,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
                         "how much of the soft-label numbers' gap to EDC's own recipe the crops explain",
           "mtt-iters50": "mtt-steps50's 30-step MTT and AST rows with 4x the iterations (240): is the short run why "
-                         "MTT stays below random at IPC 50?"}
+                         "MTT stays below random at IPC 50?",
+          "mtt-experts50": "mtt-iters50's MTT row with 8-epoch experts, matching 2 expert epochs from start epochs in "
+                           "[0, 6) and [3, 6): do the 2-epoch experts keep MTT below random at IPC 50?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
