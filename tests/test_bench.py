@@ -408,6 +408,37 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
     assert strip(again) == strip(rows) and stores[0].stat().st_mtime_ns == before
 
 
+def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
+    """Label mode stored with DATM: its learned logits are the stored labels (it cannot take the
+    teacher's), the random row needs soft_labels: true, and a set without soft labels is refused."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate.runner import teacher_logits
+    from ddkit.methods.mtt import DATM
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    datm = {"name": "datm", "options": DATM.smoke_options}
+    with pytest.raises(ConfigError, match=r"label mode 'stored' needs soft labels in every set; \['random'\]"):
+        tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"], methods=["random", datm])
+    with pytest.raises(ConfigError, match=r"\['datm'\] store none"):
+        tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"],
+                 methods=[{"name": "random", "soft_labels": True}, {**datm, "options": {**DATM.smoke_options, "learn_labels": False}}])
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["hard", "stored"], overrides={
+        "full_epochs": 1, "temperature": 1.0, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}},
+        methods=[{"name": "random", "soft_labels": True}, datm])
+    rows = {(r["method"], r["label_mode"]): r for r in run_bench(cfg)}
+    assert sorted(rows) == [("datm", "hard"), ("datm", "stored"), ("random", "hard"), ("random", "stored")]
+    ds = DistilledSet.load(tmp_path / "run" / "distilled" / "synthetic-datm-ipc1")
+    teacher = Teacher.load(tmp_path / "run" / "teachers" / "synthetic")
+    from_teacher = teacher_logits(teacher, ds.images, ds.mean, ds.std, torch.device("cpu"))
+    assert ds.soft_labels is not None and ds.soft_labels.shape == from_teacher.shape == (4, 4)
+    assert not torch.allclose(ds.soft_labels.float(), from_teacher, atol=1e-2)  # DATM's own logits, not the teacher's
+    stored, hard = rows[("datm", "stored")], rows[("datm", "hard")]
+    assert stored["bytes"]["labels"] == hard["bytes"]["labels"] == ds.label_bytes > 4 * 8  # hard + soft labels
+    assert stored["hard_acc"] == hard["acc"] and 0 <= stored["acc"]["mean"] <= 1
+    assert stored["protocol_hash"] != hard["protocol_hash"]
+    assert rows[("random", "stored")]["random"] == stored["random"]  # the random subset labelled by the teacher
+
+
 def test_unfinished_cells_are_dealt_per_student():
     from ddkit.bench import Cell, _my_cells
     from ddkit.distributed import DistInfo

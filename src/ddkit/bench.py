@@ -158,8 +158,6 @@ class BenchConfig:
         for name in ("lrs_lambda", "ars_gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if "stored" in self.label_modes and not all(m.soft_labels for m in self.methods):
-            problems.append("label mode 'stored' needs soft_labels: true on every method")
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
@@ -174,10 +172,16 @@ class BenchConfig:
         stray = {m.key: sorted(set(m.ipc_options) - set(self.ipcs)) for m in self.methods if set(m.ipc_options) - set(self.ipcs)}
         if stray:
             raise ConfigError(f"ipc_options of {stray} name IPCs not in ipcs {self.ipcs}; remove them or add the IPC")
+        unlabelled = []
         for m in self.methods:  # fail early on an unknown or badly typed method option
             for ipc in self.ipcs:
                 cls = METHODS.get(m.name)
-                from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
+                mcfg = from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
+                if not m.soft_labels and cls.own_soft_labels(mcfg) is None and m.key not in unlabelled:
+                    unlabelled.append(m.key)
+        if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
+            raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
+                              "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")
         for what, table, known in (("student_ipcs", self.student_ipcs, self.students),
                                    ("method_ipcs", self.method_ipcs, [m.key for m in self.methods])):
             for name, ipcs in table.items():
