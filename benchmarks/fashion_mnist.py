@@ -59,7 +59,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "mtt-experts50": "mtt-iters50's MTT row with 8-epoch experts, matching 2 expert epochs from start epochs in "
                            "[0, 6) and [3, 6): do the 2-epoch experts keep MTT below random at IPC 50?",
           "traj-labels": "TESLA's expert soft labels and DATM's learned soft labels evaluated with the labels they "
-                         "store (soft cross-entropy), beside MTT and random with the teacher's, IPC 10"}
+                         "store (soft cross-entropy), beside MTT and random with the teacher's, IPC 10",
+          "traj-labels-e8": "traj-labels with mtt-experts50's 8-epoch experts: are TESLA's and DATM's own labels "
+                            "better from longer-trained experts?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
