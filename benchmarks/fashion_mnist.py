@@ -63,7 +63,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "traj-labels-e8": "traj-labels with mtt-experts50's 8-epoch experts: are TESLA's and DATM's own labels "
                             "better from longer-trained experts?",
           "traj-ipc1-e8": "MTT and DATM at IPC 1 with 8-epoch experts and their papers' IPC-1 unrolls, hard and "
-                          "stored labels"}
+                          "stored labels",
+          "traj-flat-e8": "FTD and AST (shq) at IPC 10 with their own 8-epoch expert recipes (GSAM; clipping loss "
+                          "and gradient penalty), beside traj-labels-e8's MTT row"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
