@@ -422,6 +422,9 @@ def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"\['datm'\] store none"):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"],
                  methods=[{"name": "random", "soft_labels": True}, {**datm, "options": {**DATM.smoke_options, "learn_labels": False}}])
+    with pytest.raises(ConfigError, match=r"methods \['datm'\] label their images themselves \(learn_labels"):
+        tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["hard"], methods=["random", {**datm, "soft_labels": True}])
+    assert not (tmp_path / "bad").exists()  # refused at load, before any cell ran
     cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["hard", "stored"], overrides={
         "full_epochs": 1, "temperature": 1.0, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}},
         methods=[{"name": "random", "soft_labels": True}, datm])

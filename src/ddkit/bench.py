@@ -172,13 +172,19 @@ class BenchConfig:
         stray = {m.key: sorted(set(m.ipc_options) - set(self.ipcs)) for m in self.methods if set(m.ipc_options) - set(self.ipcs)}
         if stray:
             raise ConfigError(f"ipc_options of {stray} name IPCs not in ipcs {self.ipcs}; remove them or add the IPC")
-        unlabelled = []
+        unlabelled, clashes = [], {}
         for m in self.methods:  # fail early on an unknown or badly typed method option
             for ipc in self.ipcs:
                 cls = METHODS.get(m.name)
                 mcfg = from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
-                if not m.soft_labels and cls.own_soft_labels(mcfg) is None and m.key not in unlabelled:
+                own = cls.own_soft_labels(mcfg)
+                if not m.soft_labels and own is None and m.key not in unlabelled:
                     unlabelled.append(m.key)
+                if m.soft_labels and own is not None:
+                    clashes.setdefault(m.key, own)
+        if clashes:  # the pipeline would refuse them only when the bench reaches their cell
+            raise ConfigError(f"methods {sorted(clashes)} label their images themselves ({'; '.join(sorted(set(clashes.values())))}) "
+                              "and soft_labels: true would overwrite that with the teacher's logits; drop soft_labels on them")
         if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
                               "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")
