@@ -65,7 +65,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "traj-ipc1-e8": "MTT and DATM at IPC 1 with 8-epoch experts and their papers' IPC-1 unrolls, hard and "
                           "stored labels",
           "traj-flat-e8": "FTD and AST (shq) at IPC 10 with their own 8-epoch expert recipes (GSAM; clipping loss "
-                          "and gradient penalty), beside traj-labels-e8's MTT row"}
+                          "and gradient penalty), beside traj-labels-e8's MTT row",
+          "ast-ablate-e8": "why AST (shq) trails MTT at IPC 10 with 8-epoch experts: its student momentum off, its "
+                           "student pieces on MTT's experts, MTT on AST's experts",
+          "traj-ipc1-flat-e8": "FTD and AST (shq) at IPC 1 with their own 8-epoch expert recipes and MTT's IPC-1 "
+                               "unroll, beside traj-ipc1-e8's MTT row"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
