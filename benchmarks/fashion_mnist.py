@@ -66,8 +66,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                           "stored labels",
           "traj-flat-e8": "FTD and AST (shq) at IPC 10 with their own 8-epoch expert recipes (GSAM; clipping loss "
                           "and gradient penalty), beside traj-labels-e8's MTT row",
-          "ast-ablate-e8": "why AST (shq) trails MTT at IPC 10 with 8-epoch experts: its student momentum off, its "
-                           "student pieces on MTT's experts, MTT on AST's experts",
+          "ast-ablate-e8": "why AST (shq) trails MTT at IPC 10 with 8-epoch experts: its student momentum off, then its "
+                           "other student pieces on MTT's experts, and MTT on AST's experts",
           "traj-ipc1-flat-e8": "FTD and AST (shq) at IPC 1 with their own 8-epoch expert recipes and MTT's IPC-1 "
                                "unroll, beside traj-ipc1-e8's MTT row"}
 
