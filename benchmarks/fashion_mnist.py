@@ -71,7 +71,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "traj-ipc1-flat-e8": "FTD and AST (shq) at IPC 1 with their own 8-epoch expert recipes and MTT's IPC-1 "
                                "unroll, beside traj-ipc1-e8's MTT row",
           "traj-flat-e8-seed1": "traj-flat-e8's FTD row and traj-labels-e8's MTT row with synthesis seed 1: is FTD's "
-                                "lead over MTT more than the synthesis spread?"}
+                                "lead over MTT more than the synthesis spread?",
+          "ast-segment-e8": "MTT on its own and on AST's 8-epoch experts matched over 1 expert epoch instead of 2: do "
+                            "AST's faster-moving experts need shorter segments?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
