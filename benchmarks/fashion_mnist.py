@@ -73,7 +73,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "traj-flat-e8-seed1": "traj-flat-e8's FTD row and traj-labels-e8's MTT row with synthesis seed 1: is FTD's "
                                 "lead over MTT more than the synthesis spread?",
           "ast-segment-e8": "MTT on its own and on AST's 8-epoch experts matched over 1 expert epoch instead of 2: do "
-                            "AST's faster-moving experts need shorter segments?"}
+                            "AST's faster-moving experts need shorter segments?",
+          "traj-ipc50-e8": "DATM and FTD at IPC 50 with 8-epoch experts (mtt-experts50's setting), hard and stored "
+                           "labels: do they follow MTT above random there?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
