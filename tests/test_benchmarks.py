@@ -1,0 +1,64 @@
+"""The results tables benchmarks/fashion_mnist.py writes from bench JSON (no training here)."""
+
+import importlib.util
+import json
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def fm():
+    spec = importlib.util.spec_from_file_location("fashion_mnist_bench", REPO / "benchmarks" / "fashion_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(label, method, ipc, acc, rand, mode="hard", student="convnet3-w32"):
+    stat = lambda m: {"mean": m, "std": 0.01, "per_seed": [m], "n": 1}
+    return {"method": label, "method_name": method, "ipc": ipc, "label_mode": mode, "student": student,
+            "acc": stat(acc), "random": stat(rand), "ior": stat(acc - rand)}
+
+
+def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
+    configs, results = tmp_path / "configs", tmp_path / "results"
+    configs.mkdir()
+    results.mkdir()
+    (configs / "fashion-mnist-matching-cpu.yaml").write_text("ipcs: [1, 10]\n")
+    (configs / "fashion-mnist-child-cpu.yaml").write_text("base: fashion-mnist-matching-cpu.yaml\n")
+    (configs / "fashion-mnist-grandchild-cpu.yaml").write_text("base: fashion-mnist-child-cpu.yaml\n")
+    (configs / "fashion-mnist-other-cpu.yaml").write_text("ipcs: [10]\n")  # not built on the tier
+    monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": ""})
+
+    def write(name, rows):
+        (results / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
+
+    write("matching", [_row("random", "random", 1, 0.55, 0.53), _row("mtt", "mtt", 1, 0.60, 0.53),
+                       _row("mtt", "mtt", 10, 0.70, 0.74), _row("dm", "dm", 10, 0.76, 0.74)])
+    write("child", [_row("mtt-e8", "mtt", 10, 0.80, 0.745), _row("mtt-e8", "mtt", 10, 0.90, 0.745, mode="stored"),
+                    _row("random", "random", 10, 0.749, 0.745)])
+    write("grandchild", [_row("mtt-x1", "mtt", 10, 0.82, 0.74), _row("dm-big", "dm", 1, 0.65, 0.53),
+                         _row("mtt-r18", "mtt", 10, 0.95, 0.74, student="resnet18")])
+    write("other", [_row("mtt-other", "mtt", 10, 0.99, 0.74), _row("dm-other", "dm", 1, 0.99, 0.53)])
+
+    text = "\n".join(fm.best_sets(results, configs=configs))
+    assert "matching tier, child, grandchild (" in text and "other" not in text
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
+    # mtt at IPC 10: the grandchild's 82.00 beats the tier's and the child's; stored and ResNet rows never count
+    assert table["mtt"][1].startswith("82.00 ± 1.00 (+8.00; `mtt-x1`, grandchild; 3)")
+    assert table["mtt"][0].startswith("60.00 ± 1.00 (+7.00; `mtt`, matching tier; 1)")
+    assert table["dm"][0].startswith("65.00 ± 1.00 (+12.00; `dm-big`, grandchild; 1)")
+    assert "- IPC 10: mtt 82.00 > dm 76.00; random rows of these runs 74.90-74.90." in text
+    assert "- IPC 1: dm 65.00 > mtt 60.00; random rows of these runs 55.00-55.00." in text
+    (results / "matching-fashion-mnist-cpu.json").unlink()
+    assert fm.best_sets(results, configs=configs) == []
+
+
+def test_derives_from_stops_on_a_loop(fm, tmp_path):
+    a, b, c = (tmp_path / f"{n}.yaml" for n in "abc")
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    c.write_text("ipcs: [1]\n")
+    assert not fm._derives_from(a, c) and fm._derives_from(a, b) and fm._derives_from(c, c)
