@@ -76,7 +76,10 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "ast-segment-e8": "MTT on its own and on AST's 8-epoch experts matched over 1 expert epoch instead of 2: do "
                             "AST's faster-moving experts need shorter segments?",
           "traj-ipc50-e8": "DATM and FTD at IPC 50 with 8-epoch experts (mtt-experts50's setting), hard and stored "
-                           "labels: do they follow MTT above random there?"}
+                           "labels: do they follow MTT above random there?",
+          "segment-seed1-e8": "ast-segment-e8's mtt-e8-x1 (1 matched expert epoch, the best IPC-10 set) with "
+                              "synthesis seed 1: is its lead over MTT's 2 epochs more than the synthesis spread?",
+          "segment50-e8": "mtt-experts50's mtt-e8 at IPC 50 matched over 1 expert epoch instead of 2"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
