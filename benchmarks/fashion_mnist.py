@@ -79,7 +79,10 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                            "labels: do they follow MTT above random there?",
           "segment-seed1-e8": "ast-segment-e8's mtt-e8-x1 (1 matched expert epoch, the best IPC-10 set) with "
                               "synthesis seed 1: is its lead over MTT's 2 epochs more than the synthesis spread?",
-          "segment50-e8": "mtt-experts50's mtt-e8 at IPC 50 matched over 1 expert epoch instead of 2"}
+          "segment50-e8": "mtt-experts50's mtt-e8 at IPC 50 matched over 1 expert epoch instead of 2",
+          "ast50-e8": "AST (shq) at IPC 50 with its own 8-epoch experts and mtt-experts50's IPC-50 settings",
+          "datm-ablate-e8": "why DATM trails MTT at IPC 10 with 8-epoch experts: MTT's image lr, and 1 matched "
+                            "expert epoch"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
