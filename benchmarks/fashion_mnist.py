@@ -83,7 +83,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "ast50-e8": "AST (shq) at IPC 50 with its own 8-epoch experts and mtt-experts50's IPC-50 settings",
           "datm-ablate-e8": "why DATM trails MTT at IPC 10 with 8-epoch experts: MTT's image lr, and 1 matched "
                             "expert epoch",
-          "segment-ipc1-e8": "traj-ipc1-e8's MTT and DATM rows at IPC 1 matched over 1 expert epoch instead of 2"}
+          "segment-ipc1-e8": "traj-ipc1-e8's MTT and DATM rows at IPC 1 matched over 1 expert epoch instead of 2",
+          "segment-seed2-e8": "MTT at IPC 10 matched over 1 and over 2 expert epochs with a third synthesis seed"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
