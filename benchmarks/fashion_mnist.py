@@ -84,7 +84,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "datm-ablate-e8": "why DATM trails MTT at IPC 10 with 8-epoch experts: MTT's image lr, and 1 matched "
                             "expert epoch",
           "segment-ipc1-e8": "traj-ipc1-e8's MTT and DATM rows at IPC 1 matched over 1 expert epoch instead of 2",
-          "segment-seed2-e8": "MTT at IPC 10 matched over 1 and over 2 expert epochs with a third synthesis seed"}
+          "segment-seed2-e8": "MTT at IPC 10 matched over 1 and over 2 expert epochs with a third synthesis seed",
+          "tesla-e8-ipc1": "TESLA at IPC 1 with 8-epoch experts (traj-ipc1-e8's MTT settings): its exact "
+                           "constant-memory gradient and its reference code's first-order one, hard labels",
+          "tesla-e8-ipc50": "TESLA at IPC 50 with 8-epoch experts (mtt-experts50's MTT settings): exact and "
+                            "first-order gradients, hard labels"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
