@@ -87,6 +87,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "segment-seed2-e8": "MTT at IPC 10 matched over 1 and over 2 expert epochs with a third synthesis seed",
           "tesla-e8-ipc1": "TESLA at IPC 1 with 8-epoch experts (traj-ipc1-e8's MTT settings): its exact "
                            "constant-memory gradient and its reference code's first-order one, hard labels",
+          "tesla-e8-ipc10": "TESLA at IPC 10 with 8-epoch experts (traj-labels-e8's MTT settings): exact and "
+                            "first-order gradients, hard labels",
           "tesla-e8-ipc50": "TESLA at IPC 50 with 8-epoch experts (mtt-experts50's MTT settings): exact and "
                             "first-order gradients, hard labels"}
 
