@@ -40,6 +40,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                         "student) on the ConvNet-3 student, beside default RDED and random",
           "edc-gentle": "EDC on the ResNet-18 student from RDED's larger crops with a 5x and a 25x smaller image lr, "
                         "with and without a ResNet-18 observer: does any amount of optimisation beat its initialisation?",
+          "edc-gentle50": "edc-gentle's gentlest EDC (image lr 0.002, ResNet-18 observer) at IPC 50 on the ResNet-18 "
+                          "student, beside its initialisation and random",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
