@@ -1,19 +1,26 @@
-"""The results tables benchmarks/fashion_mnist.py writes from bench JSON (no training here)."""
+"""Benchmark scripts: the results tables benchmarks/fashion_mnist.py writes from bench JSON (no
+training here) and benchmarks/unroll_memory.py end to end on a tiny student."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 
 import pytest
 
 from conftest import REPO
 
 
-@pytest.fixture(scope="module")
-def fm():
-    spec = importlib.util.spec_from_file_location("fashion_mnist_bench", REPO / "benchmarks" / "fashion_mnist.py")
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def fm():
+    return _script("fashion_mnist")
 
 
 def _row(label, method, ipc, acc, rand, mode="hard", student="convnet3-w32"):
@@ -62,3 +69,38 @@ def test_derives_from_stops_on_a_loop(fm, tmp_path):
     b.write_text("base: a.yaml\n")
     c.write_text("ipcs: [1]\n")
     assert not fm._derives_from(a, c) and fm._derives_from(a, b) and fm._derives_from(c, c)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/unroll_memory.py
+
+
+def test_unroll_memory_graph_grows_for_mtt_only(tmp_path):
+    out = tmp_path / "um.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "unroll_memory.py"), "--models", "tiny_convnet",
+           "--steps", "2", "6", "--ipc", "2", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {(r["mode"], r["steps"]): r for r in result["rows"]}
+    assert len(rows) == 6 and all(r["params"] > 0 and r["seconds"] > 0 for r in rows.values())
+    # MTT keeps every step's graph; TESLA one step's (its size varies with the DSA operation drawn)
+    assert rows["unroll", 6]["graph_mb"] > 2.5 * rows["unroll", 2]["graph_mb"]
+    for mode in ("exact", "first_order"):
+        assert rows[mode, 6]["graph_mb"] < 1.2 * rows[mode, 2]["graph_mb"]
+        assert rows[mode, 6]["graph_mb"] < rows["unroll", 6]["graph_mb"] / 2
+    # TESLA's exact pass is MTT's gradient; first order is an approximation, near but not equal
+    assert rows["exact", 6]["rel_err"] < 1e-4
+    assert 1e-6 < rows["first_order", 6]["rel_err"] < 0.5
+    (check,) = result["precision"]
+    err = {(e["dtype"], e["mode"]): e["rel_err"] for e in check["errors"]}
+    assert check["steps"] == 2 and len(err) == 5
+    assert err["float64", "exact"] < 1e-12 < err["float32", "unroll"] < 1e-4
+    assert err["float64", "first_order"] > 1e-6
+    assert rows["exact", 2]["loss"] == pytest.approx(rows["unroll", 2]["loss"], rel=1e-5)
+    growth = {g["mode"]: g for g in result["growth"]}
+    assert growth["exact"]["graph_ratio"] < 1.2 and growth["unroll"]["graph_ratio"] > 2.5
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny_convnet |" in md and "TESLA (exact)" in md and "| tiny_convnet | 2 | MTT (unrolled) |" in md
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob("*.tmp*"))

@@ -1,7 +1,6 @@
 """Expert buffers and the trajectory-matching methods (mtt, tesla, ftd, datm)."""
 
 import json
-import weakref
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit.artifacts import shared_costs
+from ddkit.bench import SavedTensorBytes
 from ddkit.config import from_dict
 from ddkit.data.augment import build_augment
 from ddkit.errors import ConfigError, DDKitError
@@ -348,40 +348,27 @@ def test_inner_momentum_first_order_gradient():
     assert torch.allclose(got.grad_lr, want_lr, rtol=1e-8)
 
 
-class _SavedBytes:
-    """Peak bytes held by autograd's saved tensors (released when their graph is freed)."""
-
-    def __init__(self) -> None:
-        self.live = self.peak = 0
-
-    def pack(self, t):
-        box = [t]
-        n = t.numel() * t.element_size()
-        self.live += n
-        self.peak = max(self.peak, self.live)
-        holder = _Holder(box)
-        weakref.finalize(holder, self._free, n)
-        return holder
-
-    def _free(self, n):
-        self.live -= n
-
-    @staticmethod
-    def unpack(holder):
-        return holder.box[0]
-
-
-class _Holder:
-    def __init__(self, box):
-        self.box = box
+def test_saved_tensor_bytes_counts_each_storage_once():
+    x = torch.randn(1000, requires_grad=True)  # 4000 bytes
+    with SavedTensorBytes() as meter:
+        y = x * x  # saves x twice: one storage
+        assert meter.live == 4000
+        z = x[:500].exp()  # saves exp's output (2000 bytes); the view of x is x's storage
+        assert meter.live == 6000
+        del y
+        assert meter.live == 2000
+        del z
+    assert meter.live == 0 and meter.peak == 6000
+    with SavedTensorBytes():  # graphs built under the meter still differentiate correctly
+        (g,) = torch.autograd.grad((x * x).exp().sum(), x)
+    assert torch.allclose(g, 2 * x * (x * x).exp())
 
 
 def _peak_saved(mode, steps):
     # no augmentation: DSA draws a different operation per step, and each saves different tensors
     student, start, target, images, _, _ = _tiny_case(steps, torch.float32)
     plan = plan_steps(6, steps, 3, torch.Generator().manual_seed(0), None, (8, 8))
-    meter = _SavedBytes()
-    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+    with SavedTensorBytes() as meter:
         trajectory_gradients(student, start, target, images, torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor(0.1),
                              plan, None, mode)
     assert meter.live == 0

@@ -33,6 +33,7 @@ import re
 import shutil
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -330,6 +331,63 @@ class PeakMemory:
             self._thread.join()
             self._high = max(self._high, _rss_bytes() or 0)
             self.peak = int(self._high - self._base)
+
+
+class SavedTensorBytes:
+    """Peak bytes of the storages autograd holds for backward while the context is active.
+
+    Every tensor packed through ``torch.autograd.graph.saved_tensors_hooks`` is counted by its
+    storage: a storage saved by several graph nodes (or as several views) counts once, and stops
+    counting when the last node holding it is freed. ``peak`` is the high-water mark of graph
+    memory: exact and device-independent, unlike RSS (allocator caching) -- the quantity that grows
+    with the number of unrolled steps in trajectory matching. ``live`` is 0 again once every graph
+    built inside the context has been released.
+    """
+
+    def __init__(self) -> None:
+        self.live = self.peak = 0
+        self._refs: dict[tuple[str, int], list[int]] = {}  # storage -> [nbytes, holders]
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+
+    def __enter__(self) -> SavedTensorBytes:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def _pack(self, t: torch.Tensor) -> _Saved:
+        storage = t.untyped_storage()
+        key = (str(t.device), storage.data_ptr())
+        ref = self._refs.get(key)
+        if ref is None:
+            ref = self._refs[key] = [storage.nbytes(), 0]
+            self.live += ref[0]
+            self.peak = max(self.peak, self.live)
+        ref[1] += 1
+        # detached: a saved output would otherwise hold its own grad_fn (a reference cycle that
+        # only the garbage collector frees); autograd re-attaches the graph when unpacking
+        held = _Saved(t.detach())
+        weakref.finalize(held, self._free, key)
+        return held
+
+    def _free(self, key: tuple[str, int]) -> None:
+        ref = self._refs[key]
+        ref[1] -= 1
+        if ref[1] == 0:
+            self.live -= ref[0]
+            del self._refs[key]
+
+    @staticmethod
+    def _unpack(held: _Saved) -> torch.Tensor:
+        return held.tensor
+
+
+class _Saved:
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
 
 
 def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, progress: StageProgress | None = None) -> Teacher:
@@ -703,5 +761,5 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
     return Path(out)
 
 
-__all__ = ["BenchConfig", "Cell", "MethodSpec", "PeakMemory", "cells_of", "export_for_ddranking",
+__all__ = ["BenchConfig", "Cell", "MethodSpec", "PeakMemory", "SavedTensorBytes", "cells_of", "export_for_ddranking",
            "format_bench_table", "load_bench_config", "load_table", "run_bench"]
