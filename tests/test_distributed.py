@@ -68,3 +68,18 @@ def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
     assert r1["distilled"] == r2["distilled"] and r1["random"] == r2["random"]
     assert abs(r1["full"]["mean"] - r2["full"]["mean"]) <= 2 / 48 + 1e-9
     assert json.loads((tmp_path / "e2.json").read_text())["timing"]["world_size"] == 2
+
+
+def test_shutdown_destroys_the_process_group(tmp_path):
+    """ddist.shutdown waits for every rank and destroys the group (a no-op without one)."""
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+
+    ddist.shutdown()  # nothing initialised: nothing to do
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    assert dist.is_initialized() and ddist.current().world_size == 1
+    ddist.shutdown()
+    assert not dist.is_initialized()
+    ddist.shutdown(barrier=False)
+    assert not dist.is_initialized()

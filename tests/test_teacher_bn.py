@@ -369,6 +369,7 @@ train_classifier(student, data.train.subset(torch.arange(0, 96, 2)), data.mean, 
                  teacher_bn_batch=6, distributed=info.enabled)
 if info.is_main:
     torch.save(student.state_dict(), sys.argv[2])
+ddist.shutdown()
 """
 
 

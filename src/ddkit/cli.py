@@ -527,14 +527,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from ddkit import distributed as ddist
+
     try:
-        return args.func(args)
+        code = args.func(args)
     except DDKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        ddist.shutdown(barrier=False)
         return 130
+    except BaseException:
+        ddist.shutdown(barrier=False)
+        raise
+    ddist.shutdown(barrier=code == 0)  # every rank ran the same command: let the slowest finish its output
+    return code
 
 
 if __name__ == "__main__":

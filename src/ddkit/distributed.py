@@ -1,11 +1,13 @@
 """Thin helpers over ``torch.distributed`` for runs launched with ``torchrun``.
 
 Nothing here launches processes: ``torchrun --nproc-per-node N -m ddkit.cli ...`` does. On CPU the
-gloo backend is used, on CUDA NCCL.
+gloo backend is used, on CUDA NCCL. A program that calls :func:`init_from_env` ends with
+:func:`shutdown` on every rank.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -44,8 +46,26 @@ def init_from_env(device: str = "cpu") -> DistInfo:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend)
+        # last resort for programs that do not call shutdown(): never leave the group to static destructors
+        atexit.register(shutdown, barrier=False)
         log.info("initialised %s process group: rank %d of %d", backend, rank, world)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def shutdown(barrier: bool = True) -> None:
+    """Wait for every rank (``barrier``), then destroy the process group; no-op without one.
+
+    Call it at the end of a ``torchrun`` program on every rank (the CLI does). A gloo rank that exits
+    while a peer still holds the connection can abort in its static destructors ("terminate called
+    without an active exception", SIGABRT), and ``torchrun`` then kills the peer, possibly half-way
+    through writing its output. Pass ``barrier=False`` on error paths, where the other ranks may
+    never arrive. :func:`init_from_env` registers ``shutdown(barrier=False)`` at exit as a fallback.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if barrier:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def current() -> DistInfo:
