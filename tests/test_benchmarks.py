@@ -104,3 +104,51 @@ def test_unroll_memory_graph_grows_for_mtt_only(tmp_path):
     assert "| tiny_convnet |" in md and "TESLA (exact)" in md and "| tiny_convnet | 2 | MTT (unrolled) |" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_tier_cost_clock_extrapolates_from_the_reported_steps(monkeypatch):
+    tc = _script("tier_cost")
+    clock = tc.Clock(__import__("torch").device("cpu"), budget=None)
+    times = iter([10.0, 12.0, 12.5, 13.0, 13.5, 14.0])  # start; steps 1..4 each 0.5 s after 2 s of set-up; end
+    monkeypatch.setattr(tc.time, "perf_counter", lambda: next(times))
+    with clock:
+        clock(1, 100, {"statistics_pass": 1.0})  # a set-up report: not a step
+        for step in range(1, 5):
+            clock(step, 100, {"loss": 1.0})
+    est = clock.estimate()
+    assert est["per_unit_s"] == pytest.approx(0.5) and est["setup_s"] == pytest.approx(1.5)
+    assert est["units"] == 100 and est["total_s"] == pytest.approx(1.5 + 0.5 * 100) and est["measured_s"] == 4.0
+    assert clock.estimate(units=10)["total_s"] == pytest.approx(1.5 + 5.0)
+
+
+def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
+    tc = _script("tier_cost")
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "datasets: [synthetic]\nipcs: [1, 2]\nstudents: [tiny_convnet]\nlabel_modes: [teacher]\nseeds: [0, 1]\n"
+        "protocol: soft-kl\noverrides: {full_epochs: 3}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 4, batch_size: 32}}\n"
+        "methods:\n  - random\n  - name: sre2l\n    options: {iterations: 6, stats: conv}\n"
+        "  - name: mtt\n    options: {iterations: 5, syn_steps: 2, buffer: {model: tiny_convnet, num_experts: 3, epochs: 6}}\n"
+        "    ipc_options: {2: {iterations: 7}}\n"
+        "method_ipcs: {sre2l: [2]}\n")
+    out = tmp_path / "cost.json"
+    result = tc.main([str(cfg), "--device", "cpu", "--budget", "0.05", "--out", str(out)])
+    rows = {(r["stage"], r["item"]): r for r in result["rows"]}
+    assert not [r for r in result["rows"] if r["error"]], result["rows"]
+    assert rows[("teacher", "teacher tiny_convnet")]["units"] == 4
+    assert rows[("experts", "tiny_convnet x3x6")]["units"] == 18
+    assert rows[("synthesis", "mtt ipc1")]["units"] == 5 and rows[("synthesis", "mtt ipc2")]["units"] == 7
+    assert ("synthesis", "sre2l ipc1") not in rows and rows[("synthesis", "sre2l ipc2")]["units"] % 6 == 0
+    # random, mtt and the random baseline at IPC 1, sre2l too at IPC 2; 2 seeds of soft-kl's 300 epochs each
+    assert rows[("evaluate", "tiny_convnet teacher ipc1 (3 sets x 2 seeds)")]["units"] == 3 * 2 * 300
+    assert rows[("evaluate", "tiny_convnet teacher ipc2 (4 sets x 2 seeds)")]["units"] == 4 * 2 * 300
+    assert rows[("evaluate", "tiny_convnet teacher full data (1 seeds)")]["units"] == 3
+    for r in result["rows"]:
+        assert r["per_unit_s"] > 0 and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"]))
+    saved = json.loads(out.read_text())
+    assert saved["kind"] == "tier-cost" and len(saved["rows"]) == len(result["rows"])
+    stages = saved["summary"][0]["stages_h"]
+    assert set(stages) == {"teacher", "experts", "synthesis", "evaluate"}
+    assert saved["summary"][0]["total_h"] == pytest.approx(sum(stages.values()))
+    assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()

@@ -1,6 +1,11 @@
 """ddkit: dataset distillation toolkit — distil, relabel and fairly evaluate tiny datasets."""
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# cuBLAS reads this at its first call; deterministic CUDA runs need it (see ddkit.determinism)
+_os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
 def load(path):

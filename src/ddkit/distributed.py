@@ -81,6 +81,9 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
+    from ddkit.determinism import use_deterministic_cuda
+
+    use_deterministic_cuda(device)
     return torch.device(device)
 
 

@@ -34,6 +34,7 @@ from ddkit.artifacts import atomic_torch_save
 from ddkit.config import field
 from ddkit.data.augment import CutMix, build_augment, slice_params
 from ddkit.data.base import ImageSet
+from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -352,6 +353,7 @@ def train_classifier(
     ``distributed``: data-parallel over the ranks of an initialised process group (DDP).
     """
     device = torch.device(device)
+    use_deterministic_cuda(device)
     info = ddist.current() if distributed else ddist.DistInfo()
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     if label_source == "teacher" and teacher is None:

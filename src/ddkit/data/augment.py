@@ -165,9 +165,51 @@ def _box_mask(h: int, w: int, box: torch.Tensor) -> torch.Tensor:
 
 def _affine(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
     """Bilinear resampling on the grid ``theta`` ``[n, 2, 3]`` (output -> input, coordinates in
-    [-1, 1], ``align_corners=False``, the default of ``affine_grid``/``grid_sample``)."""
+    [-1, 1], ``align_corners=False``, the default of ``affine_grid``/``grid_sample``).
+
+    On CUDA with deterministic algorithms on (:mod:`ddkit.determinism`) the sampling is
+    :func:`bilinear_gather`: ``grid_sample``'s CUDA backward adds with atomics in no fixed order."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        return bilinear_gather(x, grid, padding_mode)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``interpolate(x, size, mode="bilinear", align_corners=False)``; on CUDA with deterministic
+    algorithms on, the same resampling by :func:`bilinear_gather` (interpolate's CUDA backward adds
+    with atomics)."""
+    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=x.device, dtype=x.dtype).expand(len(x), 2, 3)
+    grid = F.affine_grid(theta, [len(x), x.shape[1], *size], align_corners=False)
+    return bilinear_gather(x, grid, "border")
+
+
+def bilinear_gather(x: torch.Tensor, grid: torch.Tensor, padding_mode: str = "zeros") -> torch.Tensor:
+    """``grid_sample(x, grid, "bilinear", padding_mode, align_corners=False)`` built from ``gather``.
+
+    ``padding_mode``: ``zeros`` or ``border``. Equal to ``grid_sample`` up to float rounding; its
+    backward is ``gather``'s, which has a deterministic CUDA kernel.
+    """
+    if padding_mode not in ("zeros", "border"):
+        raise ValueError(f"padding_mode must be zeros or border, got {padding_mode!r}")
+    n, c, h, w = x.shape
+    ho, wo = grid.shape[1:3]
+    ix = ((grid[..., 0] + 1) * w - 1) / 2  # unnormalise (align_corners=False)
+    iy = ((grid[..., 1] + 1) * h - 1) / 2
+    if padding_mode == "border":
+        ix, iy = ix.clamp(0, w - 1), iy.clamp(0, h - 1)
+    x0, y0 = ix.floor(), iy.floor()
+    flat = x.reshape(n, c, h * w)
+    out = x.new_zeros(n, c, ho, wo)
+    for cx in (x0, x0 + 1):
+        for cy in (y0, y0 + 1):
+            weight = (1 - (ix - cx).abs()) * (1 - (iy - cy).abs())
+            inside = (cx >= 0) & (cx <= w - 1) & (cy >= 0) & (cy <= h - 1)
+            idx = (cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1)).long().reshape(n, 1, ho * wo).expand(n, c, ho * wo)
+            out = out + flat.gather(2, idx).reshape(n, c, ho, wo) * (weight * inside)[:, None]
+    return out
 
 
 def _diag_theta(sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor, ty: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ from ddkit.artifacts import (
 )
 from ddkit.data.augment import CutMix, Params, build_augment, slice_params
 from ddkit.data.base import ImageSet
+from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
     TeacherBN,
@@ -378,6 +379,7 @@ def relabel(
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)
     device = torch.device(device)
+    use_deterministic_cuda(device)
     model = model.to(device).eval()
     classes = list(distilled.classes)
     if hasattr(teacher, "classes") and list(teacher.classes) != classes:

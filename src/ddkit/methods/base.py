@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from ddkit.data.base import DataBundle
+from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import DataError
 from ddkit.registry import Registry
 
@@ -38,6 +39,9 @@ class FitContext:
     device: torch.device = torch.device("cpu")
     work_dir: Path | None = None  # for checkpoints that let an interrupted fit resume
     progress: Callable[[int, int, dict], None] | None = None
+
+    def __post_init__(self) -> None:
+        use_deterministic_cuda(self.device)
 
 
 class Method:

@@ -55,7 +55,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import config_hash, field, from_dict, to_dict
-from ddkit.data.augment import build_augment
+from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
@@ -145,7 +145,7 @@ def patch_grid(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     p = patch_size
     hh, ww = -(-h // p) * p, -(-w // p) * p
     if (hh, ww) != (h, w):
-        x = F.interpolate(x, size=(hh, ww), mode="bilinear", align_corners=False)
+        x = resize_bilinear(x, (hh, ww))
     x = x.reshape(n, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)  # [N, U, V, C, p, p]
     return x.reshape(n, (hh // p) * (ww // p), c * p * p)
 

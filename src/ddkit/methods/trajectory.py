@@ -82,6 +82,7 @@ from ddkit.artifacts import (
 from ddkit.config import config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
+from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
 from ddkit.training import accuracy, normalizer, to_float
@@ -429,6 +430,7 @@ def train_experts(
     and rank 0 alone writes the artifact.
     """
     device = torch.device(device)
+    use_deterministic_cuda(device)
     info = ddist.current()
     partial = None
     if out is not None:

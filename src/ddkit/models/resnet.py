@@ -22,6 +22,16 @@ from ddkit.models.registry import MODELS, check_positive_int
 Norm = Callable[[int], nn.Module]
 
 
+class GlobalAvgPool(nn.Module):
+    """``AdaptiveAvgPool2d(1)``; on CUDA with deterministic algorithms on (:mod:`ddkit.determinism`)
+    a plain mean, whose backward has no atomics (adaptive pooling's CUDA backward has)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
+        return nn.functional.adaptive_avg_pool2d(x, 1)
+
+
 def _batchnorm(channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels)
 
@@ -78,7 +88,7 @@ class ResNetCIFAR(nn.Module):
                 channels = out
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.feature_dim = channels
         self.fc = nn.Linear(channels, num_classes)
 

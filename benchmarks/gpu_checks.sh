@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every check that needs a GPU, in one run (a lent GPU machine's time is short):
+#
+#     DDKIT_DATA=/path/with/fashion-mnist bash benchmarks/gpu_checks.sh OUT_DIR
+#
+# 1. the gpu-marked tests (tests/test_cuda.py: every method, teacher, relabel and evaluation on CUDA;
+#    CUDA augmentations equal the CPU ones), then again under torch.use_deterministic_algorithms(True)
+#    without warn_only: an error there names a CUDA kernel that still has no deterministic version;
+# 2. `ddkit demo --device cuda` end to end;
+# 3. benchmarks/unroll_memory.py on CUDA (MTT's graph against TESLA's, ConvNet-3 width 128);
+# 4. benchmarks/tier_cost.py: each stage of the full decoupled and matching tiers timed, then extrapolated.
+# TOTAL_SECONDS (default 540) bounds the whole run: the last step gets what is left.
+# Runs with the machine's python3 (its torch) and this checkout's src/. Writes OUT_DIR/checks.log (every
+# step's output), unroll-memory.{json,md,png} and tier-cost.{json,md}: six files.
+set -u
+OUT=${1:-gpu-checks}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
+BUDGET=${TOTAL_SECONDS:-540}  # the tier-cost step gets what is left of this, less 10 s
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+LOG=$OUT/checks.log
+: >"$LOG"
+
+step() {  # step SECONDS NAME COMMAND...: run with a time limit, log everything, print the tail
+  local limit=$1 name=$2 t0=$SECONDS rc
+  shift 2
+  echo "=== $name" | tee -a "$LOG"
+  timeout "$limit" "$@" >>"$LOG" 2>&1
+  rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+step 30 environment bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; \
+  $PY -c 'import torch, ddkit; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"ddkit\", ddkit.__version__, \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no CUDA\")'"
+grep -E "^(torch|NVIDIA)" "$LOG" | tail -n 2
+step 200 pytest-gpu "$PY" -m pytest -m gpu -q -rfE --tb=short -o cache_dir=/tmp/ddkit-pytest-cache tests
+tail -n 25 "$LOG" | grep -E "passed|failed|FAILED|ERROR" || true
+step 90 pytest-gpu-strict "$PY" -c "
+import sys, torch, pytest
+torch.use_deterministic_algorithms(True)
+sys.exit(pytest.main(['-m', 'gpu', '-q', '-rfE', '--tb=line', '-o', 'cache_dir=/tmp/ddkit-pytest-cache', 'tests']))"
+step 120 demo "$PY" -m ddkit demo --device "$DEVICE" --out /tmp/ddkit-demo
+grep -A12 "^set " "$LOG" | tail -n 12 || true
+step 120 unroll-memory "$PY" benchmarks/unroll_memory.py --device "$DEVICE" --models convnet3 --modes unroll exact \
+  --out "$OUT/unroll-memory.json"
+left=$((BUDGET - SECONDS - 10))
+step $((left > 30 ? left : 30)) tier-cost "$PY" benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml \
+  configs/bench/fashion-mnist-matching.yaml --device "$DEVICE" --budget 1.0 --out "$OUT/tier-cost.json"
+tail -n 8 "$OUT/tier-cost.md" 2>/dev/null || true

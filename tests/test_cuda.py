@@ -1,0 +1,97 @@
+"""The CUDA path (marked ``gpu``; skipped without CUDA): teacher, every method, relabel, evaluation.
+
+CI has no GPU; run these where one is lent: ``pytest -m gpu``. The CPU suite checks the numbers,
+these check that the same code runs on the device, stays on it, agrees with the CPU where the
+arithmetic allows, and that the same seed gives the same bytes on the same GPU.
+"""
+
+import pytest
+import torch
+
+from ddkit.config import from_dict
+from ddkit.data.base import DatasetConfig, make_synthetic
+from ddkit.distilled import DistilledSet
+from ddkit.evaluate.protocol import resolve_protocol
+from ddkit.evaluate.runner import evaluate
+from ddkit.labels.fkd import relabel
+from ddkit.methods import METHODS, FitContext
+from ddkit.pipeline import DistillConfig, distill
+from ddkit.teacher import TeacherConfig, train_teacher
+from ddkit.training import TrainConfig
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+IPC = 2
+CUDA = torch.device("cuda")
+TEACHER = TeacherConfig(model="tiny_convnet", model_options={}, train=TrainConfig(epochs=6, batch_size=32, lr=0.05))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    return train_teacher(data, TEACHER, tmp_path_factory.mktemp("t") / "teacher", CUDA)
+
+
+def _fit(name, data, teacher, work_dir=None):
+    cls = METHODS.get(name)
+    method = cls(from_dict(cls.Config, dict(cls.smoke_options)))
+    return method.fit(data, [teacher], FitContext(ipc=IPC, seed=0, device=CUDA, work_dir=work_dir)).synthetic_
+
+
+def test_teacher_trains_on_cuda_like_on_cpu(data, teacher, tmp_path):
+    assert next(teacher.model.parameters()).device.type == "cpu"  # trained on CUDA, handed back on the CPU
+    cpu = train_teacher(data, TEACHER, tmp_path / "cpu", "cpu")
+    assert teacher.test_accuracy > 2.0 / data.num_classes
+    # same seed, same data: the two devices differ by float rounding only, over 6 epochs
+    assert abs(teacher.test_accuracy - cpu.test_accuracy) <= 0.1
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS.list() if m != "full"])
+def test_method_on_cuda(name, data, teacher, tmp_path):
+    out = _fit(name, data, teacher, tmp_path / "a")
+    n = IPC * data.num_classes
+    assert out.images.shape == (n, *data.image_shape) and torch.isfinite(out.images.float()).all()
+    assert torch.bincount(out.labels.cpu(), minlength=data.num_classes).tolist() == [IPC] * data.num_classes
+    if out.soft_labels is not None:
+        assert out.soft_labels.shape == (n, data.num_classes) and torch.isfinite(out.soft_labels).all()
+    again = _fit(name, data, teacher, tmp_path / "b")
+    diff = (out.images.float().cpu() - again.images.float().cpu()).abs().max().item()
+    assert diff == 0.0, f"{name}: the same seed on the same GPU gave images differing by up to {diff:.3g}"
+
+
+@pytest.mark.parametrize("name", ["sre2l", "gvbsm", "edc"])
+def test_batchnorm_teacher_synthesis_is_deterministic_on_cuda(name, data, tmp_path):
+    """A ResNet teacher: BN statistics, global average pooling and (G-VBSM/EDC) patch statistics of
+    feature maps that are resized first, all differentiated with respect to the images."""
+    cfg = TeacherConfig(model="resnet18_cifar", model_options={"width": 8}, train=TrainConfig(epochs=1, batch_size=32))
+    resnet = train_teacher(data, cfg, tmp_path / "r18", CUDA)
+    cls = METHODS.get(name)
+    options = {**cls.smoke_options, "stats": "bn+conv", "patch_size": 3}  # 16 px maps resized to 18 for 3 px patches
+    runs = [cls(from_dict(cls.Config, dict(options))).fit(data, [resnet], FitContext(ipc=IPC, seed=0, device=CUDA)).synthetic_
+            for _ in range(2)]
+    assert torch.isfinite(runs[0].images.float()).all()
+    assert torch.equal(runs[0].images.cpu(), runs[1].images.cpu()), f"{name}: same seed, different images on the GPU"
+
+
+def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
+    ds = distill(data, DistillConfig(method="sre2l", ipc=IPC, options=dict(METHODS.get("sre2l").smoke_options)),
+                 DatasetConfig(name="synthetic"), tmp_path / "set", teacher, CUDA)
+    assert ds.images.device.type == "cpu"  # artifacts hold CPU tensors whatever the device
+    loaded = DistilledSet.load(tmp_path / "set")
+    store = relabel(loaded, teacher, epochs=3, device=CUDA)
+    assert store.epochs == 3 and store.num_images == len(loaded)
+    cpu_store = relabel(loaded, teacher.to("cpu"), epochs=3, device="cpu")
+    teacher.to(CUDA)
+    # the same views (drawn by CPU generators) on both devices; fp16 logits equal to rounding
+    idx = torch.arange(len(loaded))
+    torch.testing.assert_close(store.targets(0, idx).float(), cpu_store.targets(0, idx).float(), rtol=2e-2, atol=2e-2)
+    protocol = resolve_protocol("soft-kl", {"train": {"epochs": 8, "batch_size": 8}, "full_reference": False})
+    report = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
+    acc = report["results"]["distilled"]["mean"]
+    assert 1.0 / data.num_classes < acc <= 1.0
+    again = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
+    assert again["results"]["distilled"]["per_seed"] == report["results"]["distilled"]["per_seed"]

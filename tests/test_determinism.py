@@ -1,0 +1,78 @@
+"""Deterministic CUDA kernels (ddkit.determinism) and the gather-based resampling they rely on.
+
+The CUDA paths themselves run in tests/test_cuda.py (marked gpu); here the replacement ops are
+checked against the PyTorch ops they stand in for, on the CPU, values and gradients.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddkit.data.augment import bilinear_gather
+from ddkit.determinism import use_deterministic_cuda
+
+
+def _thetas(n, gen):
+    angle = (torch.rand(n, generator=gen) - 0.5) * math.pi / 2
+    scale = 0.6 + 0.8 * torch.rand(n, 2, generator=gen)
+    shift = (torch.rand(n, 2, generator=gen) - 0.5) * 0.8
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    return torch.stack([torch.stack([scale[:, 0] * cos, -sin, shift[:, 0]], 1),
+                        torch.stack([sin, scale[:, 1] * cos, shift[:, 1]], 1)], 1)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+@pytest.mark.parametrize("out_size", [(13, 11), (28, 28)])
+def test_bilinear_gather_equals_grid_sample(padding_mode, out_size):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 3, 17, 19, generator=gen, dtype=torch.float64, requires_grad=True)
+    grid = F.affine_grid(_thetas(6, gen).double(), [6, 3, *out_size], align_corners=False)
+    ref = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    out = bilinear_gather(x, grid, padding_mode)
+    assert out.shape == (6, 3, *out_size)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    up = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (g_ref,) = torch.autograd.grad((ref * up).sum(), x)
+    (g_out,) = torch.autograd.grad((out * up).sum(), x)
+    torch.testing.assert_close(g_out, g_ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (9, 7)])
+def test_bilinear_gather_on_the_identity_grid_is_interpolate(size):
+    x = torch.rand(2, 4, 14, 14, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], dtype=torch.float64).expand(2, 2, 3)
+    grid = F.affine_grid(theta, [2, 4, *size], align_corners=False)
+    torch.testing.assert_close(bilinear_gather(x, grid, "border"),
+                               F.interpolate(x, size=size, mode="bilinear", align_corners=False), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="padding_mode"):
+        bilinear_gather(x, grid, "reflection")
+
+
+def test_use_deterministic_cuda_switches_only_for_cuda(monkeypatch):
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    assert before == (False, False)
+    try:
+        use_deterministic_cuda("cpu")
+        assert not torch.are_deterministic_algorithms_enabled()
+        monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")
+        use_deterministic_cuda("cuda:0")
+        assert not torch.are_deterministic_algorithms_enabled()
+        monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC")
+        use_deterministic_cuda(torch.device("cuda", 0))
+        assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+        assert not torch.backends.cudnn.benchmark
+        torch.use_deterministic_algorithms(True)  # a stricter setting of the caller's is kept
+        use_deterministic_cuda("cuda")
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def test_import_sets_the_cublas_workspace():
+    import os
+
+    import ddkit  # noqa: F401
+
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
