@@ -76,3 +76,37 @@ def test_import_sets_the_cublas_workspace():
     import ddkit  # noqa: F401
 
     assert os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+
+def test_every_replacement_computes_what_pytorch_computes(monkeypatch):
+    """The deterministic replacements switched on (as on CUDA) against PyTorch's ops, on the CPU:
+    augmentations, the patch statistics' resize, the ResNets' global pooling and torchvision
+    models' input upsampling; outputs and input gradients."""
+    from ddkit import determinism
+    from ddkit.data.augment import build_augment
+    from ddkit.methods.statistics import patch_grid
+    from ddkit.models import create_model
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=gen)
+    torch.manual_seed(0)
+    nets = {name: create_model(name, 3, 5, 16, **opts).eval()
+            for name, opts in (("resnet18_cifar", {"width": 8}), ("tv_resnet18", {}))}
+    cases = {f"aug {spec}": (lambda v, a=build_augment(spec), p=build_augment(spec).sample(4, gen, (16, 16)): a.apply(v, p))
+             for spec in ("dsa", "rrc_flip")}
+    cases["patch_grid 3 px (16 -> 18)"] = lambda v: patch_grid(v, 3)
+    cases.update({name: net for name, net in nets.items()})
+
+    def run(fn):
+        v = x.clone().requires_grad_(True)
+        out = fn(v)
+        (grad,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), v)
+        return out.detach(), grad
+
+    for name, fn in cases.items():
+        monkeypatch.setattr(determinism, "gather_resampling", lambda t: False)
+        ref = run(fn)
+        monkeypatch.setattr(determinism, "gather_resampling", lambda t: True)
+        got = run(fn)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

@@ -2,16 +2,18 @@
 
 On the CPU ddkit's numbers depend only on the seed (and the thread count). On CUDA several kernels
 accumulate with atomic adds in whatever order the threads arrive, so two runs with the same seed
-differ in the last bits, and iterative synthesis amplifies that: cuDNN's fastest convolution
-algorithms, the backward of ``gather`` / ``index_select`` (a scatter-add) and the backward of
-``grid_sample``, which every crop and DSA transform uses, were seen to make SRe2L, CDA, G-VBSM, EDC,
-CV-DD, DM and DataDAM give different images for the same seed on an H200.
+differ in the last bits, and iterative synthesis amplifies that. On an H200 SRe2L, CDA, G-VBSM, EDC,
+CV-DD, DM and DataDAM gave different images for the same seed; PyTorch's strict mode named the
+backward of ``grid_sample`` (every crop and DSA transform), and PyTorch documents others (cuDNN's
+benchmarked convolutions, the backward of ``gather``, ``interpolate`` and adaptive pooling).
 
 :func:`use_deterministic_cuda` switches PyTorch to its deterministic kernels
 (``torch.use_deterministic_algorithms(True, warn_only=True)``, cuDNN without benchmarking) the first
-time a CUDA device is used by a ddkit stage; :mod:`ddkit.data.augment` then resamples with gathers
-instead of ``grid_sample``, whose CUDA backward has no deterministic kernel. An operation that
-still has none only warns (PyTorch's message names it). cuBLAS needs
+time a CUDA device is used by a ddkit stage. Where :func:`gather_resampling` says so, ddkit then
+replaces the ops that have no deterministic CUDA backward by equivalents that have one: resampling
+by gathers instead of ``grid_sample`` and ``interpolate`` (:mod:`ddkit.data.augment`), a mean
+instead of adaptive pooling (the ResNets). An operation that still has none only warns (PyTorch's
+message names it). cuBLAS needs
 ``CUBLAS_WORKSPACE_CONFIG`` set before its first call: ``import ddkit`` sets ``:4096:8`` unless the
 variable is already set. Set ``DDKIT_CUDA_DETERMINISTIC=0`` to keep PyTorch's defaults (faster
 kernels, run-to-run differences).
@@ -23,6 +25,7 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,20 @@ log = logging.getLogger(__name__)
 def wanted() -> bool:
     """False when ``DDKIT_CUDA_DETERMINISTIC=0`` asks for PyTorch's default (nondeterministic) kernels."""
     return os.environ.get("DDKIT_CUDA_DETERMINISTIC", "1") != "0"
+
+
+def gather_resampling(x: torch.Tensor) -> bool:
+    """Whether ``x`` is resampled and pooled with the deterministic replacements (on CUDA with
+    deterministic algorithms on); the CPU keeps PyTorch's ops, bit for bit."""
+    return x.is_cuda and torch.are_deterministic_algorithms_enabled()
+
+
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """``adaptive_avg_pool2d(x, 1)``; under :func:`gather_resampling` a plain mean, whose backward
+    has no atomics (adaptive pooling's CUDA backward has)."""
+    if gather_resampling(x):
+        return x.mean((2, 3), keepdim=True)
+    return F.adaptive_avg_pool2d(x, 1)
 
 
 def use_deterministic_cuda(device: str | torch.device) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ddkit.determinism import use_deterministic_cuda
+
 log = logging.getLogger(__name__)
 
 
@@ -81,8 +83,6 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
-    from ddkit.determinism import use_deterministic_cuda
-
     use_deterministic_cuda(device)
     return torch.device(device)
 

@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.nn.functional as F
 
+from ddkit import determinism
 from ddkit.errors import ConfigError, DDKitError
 
 Params = dict[str, torch.Tensor]
@@ -170,7 +171,7 @@ def _affine(x: torch.Tensor, theta: torch.Tensor, padding_mode: str = "zeros") -
     On CUDA with deterministic algorithms on (:mod:`ddkit.determinism`) the sampling is
     :func:`bilinear_gather`: ``grid_sample``'s CUDA backward adds with atomics in no fixed order."""
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+    if determinism.gather_resampling(x):
         return bilinear_gather(x, grid, padding_mode)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
 
@@ -179,7 +180,7 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """``interpolate(x, size, mode="bilinear", align_corners=False)``; on CUDA with deterministic
     algorithms on, the same resampling by :func:`bilinear_gather` (interpolate's CUDA backward adds
     with atomics)."""
-    if not (x.is_cuda and torch.are_deterministic_algorithms_enabled()):
+    if not determinism.gather_resampling(x):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     theta = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], device=x.device, dtype=x.dtype).expand(len(x), 2, 3)
     grid = F.affine_grid(theta, [len(x), x.shape[1], *size], align_corners=False)

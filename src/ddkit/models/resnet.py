@@ -17,19 +17,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ddkit import determinism
 from ddkit.models.registry import MODELS, check_positive_int
 
 Norm = Callable[[int], nn.Module]
 
 
 class GlobalAvgPool(nn.Module):
-    """``AdaptiveAvgPool2d(1)``; on CUDA with deterministic algorithms on (:mod:`ddkit.determinism`)
-    a plain mean, whose backward has no atomics (adaptive pooling's CUDA backward has)."""
+    """``AdaptiveAvgPool2d(1)`` that stays deterministic on CUDA (:func:`ddkit.determinism.global_avg_pool`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-            return x.mean((2, 3), keepdim=True)
-        return nn.functional.adaptive_avg_pool2d(x, 1)
+        return determinism.global_avg_pool(x)
 
 
 def _batchnorm(channels: int) -> nn.Module:

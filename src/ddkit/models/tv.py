@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddkit.data.augment import resize_bilinear
+from ddkit.determinism import global_avg_pool
 from ddkit.models.registry import MODELS
 
 logger = logging.getLogger(__name__)
@@ -93,22 +95,18 @@ class TorchvisionClassifier(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         if min(h, w) < self.min_size:
-            x = F.interpolate(
-                x,
-                size=(max(h, self.min_size), max(w, self.min_size)),
-                mode="bilinear",
-                align_corners=False,
-            )
+            x = resize_bilinear(x, (max(h, self.min_size), max(w, self.min_size)))
         if self.family == "resnet":
             x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
             x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-            return self.avgpool(x).flatten(1)
+            return global_avg_pool(x).flatten(1)  # torchvision's avgpool: AdaptiveAvgPool2d((1, 1))
         if self.family == "densenet":
-            return F.adaptive_avg_pool2d(F.relu(self.features(x)), 1).flatten(1)
+            return global_avg_pool(F.relu(self.features(x))).flatten(1)
         if self.family == "mobilenet":
-            return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
-        # efficientnet: classifier = [Dropout, Linear]; vgg: classifier ends with its last Linear
-        x = self.avgpool(self.features(x)).flatten(1)
+            return global_avg_pool(self.features(x)).flatten(1)
+        # efficientnet: classifier = [Dropout, Linear]; vgg: classifier ends with its last Linear;
+        # both pool with AdaptiveAvgPool2d(1)
+        x = global_avg_pool(self.features(x)).flatten(1)
         return x if self.family == "efficientnet" else self.classifier[:-1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
