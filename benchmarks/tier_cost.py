@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 import traceback
@@ -44,6 +45,7 @@ from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, load_bench_config
 from ddkit.config import from_dict
 from ddkit.data.base import DataBundle, load_dataset
+from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import merge_overrides
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.random import stratified_indices
@@ -308,7 +310,9 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         result["summary"] = summarise(rows)
         write_json(out, result)
-        out.with_suffix(".md").write_text(markdown(result))
+        md = out.with_suffix(".md")
+        md.with_name(md.name + ".tmp").write_text(markdown(result))
+        os.replace(md.with_name(md.name + ".tmp"), md)
 
     cfgs = [(Path(p).stem, load_bench_config(p, args.set)) for p in args.configs]  # every config valid before any work
     with tempfile.TemporaryDirectory(prefix="ddkit-tier-cost-") as tmp:
@@ -320,4 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DDKitError as exc:  # a bad config or override: one line, no traceback, no output file
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

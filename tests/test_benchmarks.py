@@ -152,3 +152,11 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert set(stages) == {"teacher", "experts", "synthesis", "evaluate"}
     assert saved["summary"][0]["total_h"] == pytest.approx(sum(stages.values()))
     assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()
+
+
+def test_tier_cost_refuses_a_bad_config_in_one_line(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tier_cost.py"), str(REPO / "configs" / "bench" / "smoke.yaml"),
+                           "--set", "ipcs=[0]", "--device", "cpu", "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: ipcs must be >= 1, got [0]"]
+    assert not out.exists()
