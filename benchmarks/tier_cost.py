@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ import torch
 
 from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, load_bench_config
-from ddkit.config import from_dict
+from ddkit.config import config_hash, from_dict
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import merge_overrides
@@ -112,10 +111,6 @@ class Clock:
                 "total_s": setup + per * (units or d1)}
 
 
-def _short_buffer(buf: ExpertConfig, epochs: int) -> ExpertConfig:
-    return dataclasses.replace(buf, num_experts=1, epochs=epochs)
-
-
 class TierProbe:
     def __init__(self, cfg: BenchConfig, name: str, device: torch.device, budget: float, work: Path,
                  on_row=None) -> None:
@@ -159,9 +154,7 @@ class TierProbe:
                     self.teacher = teacher
                 else:
                     self.pool[label.split("@")[1]] = out
-                return {"setup_s": 0.0, "per_unit_s": clock.t_end - clock.t0, "units": tcfg.train.epochs,
-                        "measured_s": clock.t_end - clock.t0, "units_measured": 1,
-                        "total_s": (clock.t_end - clock.t0) * tcfg.train.epochs}
+                return clock.estimate(tcfg.train.epochs)  # no reports: the one epoch's wall time per epoch
             self._guard("teacher", f"{label} {tcfg.model}", "epoch", run)
 
     # --- expert buffers -------------------------------------------------------------------------
@@ -169,7 +162,7 @@ class TierProbe:
         if "buffer" not in {f.name for f in dataclasses.fields(cls.Config)}:
             return None
         buf = from_dict(cls.Config, {k: v for k, v in options.items() if k == "buffer"} or {}).buffer
-        return json.dumps(dataclasses.asdict(buf), sort_keys=True), buf
+        return config_hash(buf), buf
 
     def buffers_stage(self) -> None:
         seen: dict[str, ExpertConfig] = {}
@@ -183,7 +176,7 @@ class TierProbe:
             def run(key=key, buf=buf, i=i):
                 out = self.work / "experts" / f"buffer{i}"
                 with Clock(self.device, None, min_points=2) as clock:
-                    train_experts(self.data, _short_buffer(buf, 4), out, self.device, epoch_progress=clock)
+                    train_experts(self.data, dataclasses.replace(buf, num_experts=1, epochs=4), out, self.device, epoch_progress=clock)
                 self.buffers[key] = out
                 return clock.estimate(buf.num_experts * buf.epochs)
             sam = f", SAM rho {buf.sam_rho} alpha {buf.sam_alpha}" if buf.sam_rho else ""
