@@ -8,10 +8,12 @@
 #    without warn_only: an error there names a CUDA kernel that still has no deterministic version;
 # 2. `ddkit demo --device cuda` end to end;
 # 3. benchmarks/unroll_memory.py on CUDA (MTT's graph against TESLA's, ConvNet-3 width 128);
-# 4. benchmarks/tier_cost.py: each stage of the full decoupled and matching tiers timed, then extrapolated.
+# 4. benchmarks/stats_pass.py on CUDA: the real-data statistics pass of the full tier's teachers against a
+#    forward pass and the float64 reference;
+# 5. benchmarks/tier_cost.py: each stage of the full decoupled and matching tiers timed, then extrapolated.
 # TOTAL_SECONDS (default 540) bounds the whole run: the last step gets what is left.
 # Runs with the machine's python3 (its torch) and this checkout's src/. Writes OUT_DIR/checks.log (every
-# step's output), unroll-memory.{json,md,png} and tier-cost.{json,md}: six files.
+# step's output), unroll-memory.{json,md,png}, stats-pass.{json,md} and tier-cost.{json,md}: eight files.
 set -u
 OUT=${1:-gpu-checks}
 mkdir -p "$OUT"
@@ -47,6 +49,9 @@ step 120 demo "$PY" -m ddkit demo --device "$DEVICE" --out /tmp/ddkit-demo
 grep -A12 "^set " "$LOG" | tail -n 12 || true
 step 120 unroll-memory "$PY" benchmarks/unroll_memory.py --device "$DEVICE" --models convnet3 --modes unroll exact \
   --out "$OUT/unroll-memory.json"
+step 90 stats-pass "$PY" benchmarks/stats_pass.py --device "$DEVICE" --models resnet18_cifar convnet3-bn convnetd4-bn \
+  --per-class 2000 --out "$OUT/stats-pass.json"
+cat "$OUT/stats-pass.md" 2>/dev/null | tail -n 4 || true
 left=$((BUDGET - SECONDS - 10))
 step $((left > 30 ? left : 30)) tier-cost "$PY" benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml \
   configs/bench/fashion-mnist-matching.yaml --device "$DEVICE" --budget 1.0 --out "$OUT/tier-cost.json"

@@ -160,3 +160,19 @@ def test_tier_cost_refuses_a_bad_config_in_one_line(tmp_path):
                            "--set", "ipcs=[0]", "--device", "cpu", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: ipcs must be >= 1, got [0]"]
     assert not out.exists()
+
+
+def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
+    out = tmp_path / "sp.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "stats_pass.py"), "--dataset", "synthetic", "--per-class", "30",
+           "--models", "convnet3-w32-bn", "resnet18_cifar-w8", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["model"]: r for r in result["rows"]}
+    assert rows["convnet3-w32-bn"]["layers"] == 6 and rows["resnet18_cifar-w8"]["layers"] == 40
+    for r in rows.values():
+        assert r["images"] == result["images"] > 0 and min(r["forward_s"], r["stats_s"], r["patch_s"], r["reference_s"]) > 0
+        assert r["max_rel_diff"] < 1e-5  # ddkit's float32 per-image sums vs float64 feature maps
+    md = out.with_suffix(".md").read_text()
+    assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))

@@ -77,6 +77,21 @@ def test_batchnorm_teacher_synthesis_is_deterministic_on_cuda(name, data, tmp_pa
     assert torch.equal(runs[0].images.cpu(), runs[1].images.cpu()), f"{name}: same seed, different images on the GPU"
 
 
+def test_real_statistics_on_cuda_equal_cpu_and_repeat_exactly(data, tmp_path):
+    """The statistics pass keeps its float64 sums on the device (class sums by matmul, not atomics)."""
+    from ddkit.methods import statistics as S
+
+    cfg = TeacherConfig(model="resnet18_cifar", model_options={"width": 8}, train=TrainConfig(epochs=1, batch_size=32))
+    model = train_teacher(data, cfg, tmp_path / "r18", CUDA).model
+    keys = S.statistic_layers(model)
+    cuda = [S.compute_real_statistics(model, data, keys, CUDA, batch_size=16, patch_size=3) for _ in range(2)]
+    cpu = S.compute_real_statistics(model.cpu(), data, keys, "cpu", batch_size=16, patch_size=3)
+    assert cuda[0].keys() == cpu.keys() and all(v.device.type == "cpu" for v in cuda[0].values())
+    for key, ref in cpu.items():
+        assert torch.equal(cuda[0][key], cuda[1][key]), key
+        torch.testing.assert_close(cuda[0][key], ref, rtol=2e-2, atol=2e-3, msg=key)  # cuDNN convs may use TF32
+
+
 def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
     ds = distill(data, DistillConfig(method="sre2l", ipc=IPC, options=dict(METHODS.get("sre2l").smoke_options)),
                  DatasetConfig(name="synthetic"), tmp_path / "set", teacher, CUDA)
