@@ -35,6 +35,7 @@ import torch
 from ddkit.artifacts import versions, write_json
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.determinism import use_deterministic_cuda
+from ddkit.errors import DDKitError
 from ddkit.methods import common
 from ddkit.methods import statistics as S
 from ddkit.models import create_model
@@ -194,4 +195,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DDKitError as exc:  # missing data or a bad dataset name: one line, no traceback, no output file
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)

@@ -176,3 +176,11 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
         assert r["max_rel_diff"] < 1e-5  # ddkit's float32 per-image sums vs float64 feature maps
     md = out.with_suffix(".md").read_text()
     assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))
+
+
+def test_stats_pass_names_missing_data_in_one_line(tmp_path):
+    out = tmp_path / "sp.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stats_pass.py"), "--dataset", "no-such-set",
+                           "--out", str(out)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no-such-set" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
