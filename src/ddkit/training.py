@@ -408,7 +408,7 @@ def train_classifier(
             group["lr"] = cfg.lr * lr_factor(cfg, epoch)
         net.train()
         perm = torch.randperm(n, generator=gen)
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # no host sync per step
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             gb = len(idx)
@@ -426,7 +426,7 @@ def train_classifier(
                 labels = (lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi].to(device)
                 per = per_sample_loss(logits, labels, r.targets[lo:hi].to(device), loss, temperature)
                 _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
-                total += float(per.detach().sum())
+                total += per.detach().sum().double()
                 count += len(per)
                 continue
             x_all = norm(to_float(data.images[idx], device))
@@ -457,9 +457,9 @@ def train_classifier(
                 targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
-            total += float(per.detach().sum())
+            total += per.detach().sum().double()
             count += len(per)
-        record = {"epoch": epoch + 1, "loss": total / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
+        record = {"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
         if test is not None and eval_every and ((epoch + 1) % eval_every == 0) and epoch + 1 < cfg.epochs:
             record["test_accuracy"] = accuracy(
                 ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed
