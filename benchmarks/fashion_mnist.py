@@ -92,7 +92,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "tesla-e8-ipc10": "TESLA at IPC 10 with 8-epoch experts (traj-labels-e8's MTT settings): exact and "
                             "first-order gradients, hard labels",
           "tesla-e8-ipc50": "TESLA at IPC 50 with 8-epoch experts (mtt-experts50's MTT settings): exact and "
-                            "first-order gradients, hard labels"}
+                            "first-order gradients, hard labels",
+          "traj-e30": "traj-labels-e8 with 30-epoch experts (the full tier's length, starts in [0, 20)): TESLA's expert "
+                      "labels and 1 vs 2 matched expert epochs"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
@@ -389,7 +391,7 @@ def overview(results: Path) -> str:
               for name, text in EXTRAS.items()]
     extras.append(("dc-dsa-ipc1-fashion-mnist-cpu.md", "DC and DSA at IPC 1 with the papers' width-128 ConvNet and "
                    "evaluation protocols, only the outer iterations reduced: how close 2 CPU cores get to the "
-                   "published numbers", "python benchmarks/dc_dsa_ipc1.py"))
+                   "published numbers", "python benchmarks/dc_dsa.py"))
     extras = [f"- [{md}]({md}): {text} (`{cmd}`)." for md, text, cmd in extras if (results / md).is_file()]
     if extras:
         out += ["## Supplementary runs", ""] + extras + [""]

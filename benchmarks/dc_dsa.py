@@ -1,25 +1,32 @@
-"""DC and DSA at IPC 1 on Fashion-MNIST with the papers' network and evaluation, on CPU.
+"""DC and DSA on Fashion-MNIST with the papers' network, loops and evaluation, at one IPC.
 
-The check of issue 4 that a 2-core machine can afford: the synthesis network and the students are
-the full ConvNet-3 (width 128, instance norm, avg pooling), the loops are the papers' for IPC 1
-(outer 1, inner 1, 256 real images per class, image SGD lr 0.1), and each method is evaluated with
-its own paper's protocol: DC with ``dc-protocol`` (300 epochs, no augmentation), DSA with
-``dsa-protocol`` (1000 epochs with DSA augmentation), beside a random real subset under the same
-protocol and seeds. Only the number of outer iterations is reduced (papers: 1000; one iteration is
-about 7 s on 2 cores), so the table shows how far ``--iterations`` gets towards the published means
-(DC 70.5 ± 0.6, DSA 70.6 ± 0.6; random 51.4 ± 3.8).
+Issue 4's reproduction check: the synthesis network and the students are the full ConvNet-3
+(width 128, instance norm, avg pooling), the loops are the papers' for the IPC (outer/inner 1/1,
+10/50, 50/10 at IPC 1/10/50; 256 real images per class, image SGD lr 0.1), and each method is
+evaluated with its own paper's protocol: DC with ``dc-protocol`` (300 epochs, no augmentation), DSA
+with ``dsa-protocol`` (1000 epochs with DSA augmentation), beside a random real subset under the
+same protocol and seeds. Only the number of outer iterations may be reduced (papers: 1000), so the
+table shows how far ``--iterations`` gets towards the published means (DC paper Table 1, DSA paper
+Table 2): DC 70.5 / 82.3 / 83.6, DSA 70.6 / 84.6 / 88.7, random 51.4 / 73.8 / 82.5 at IPC 1 / 10 / 50.
 
-Usage (~1.5 h on 2 cores for both methods at the default 250 iterations; resumable):
-    DDKIT_DATA=../shared/data python benchmarks/dc_dsa_ipc1.py
-Two processes can share the work (each ``--methods`` one), then a last call without work writes
-the table: ``--methods dc`` / ``--methods dsa``, then ``--report-only``.
-Writes ``docs/results/dc-dsa-ipc1-fashion-mnist-cpu.{json,md}``.
+Cost of one outer iteration: about 7 s (IPC 1) on 2 CPU cores; on one H200 0.09 / 2.2 / 9.2 s for
+DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h200.md), so IPC 1 is
+a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
+
+    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda]
+
+Resumable (finished sets and evaluations are reused). Two processes can share the work (each
+``--methods`` one), then a last call without work writes the table: ``--methods dc`` /
+``--methods dsa``, then ``--report-only``. Writes
+``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -31,11 +38,14 @@ from ddkit.data import load_dataset
 from ddkit.data.base import DatasetConfig
 from ddkit.distilled import DistilledSet
 from ddkit.evaluate import evaluate, resolve_protocol
+from ddkit.methods.gradient_matching import loops_for
 from ddkit.pipeline import DistillConfig, distill, distill_hash
 
 ROOT = Path(__file__).resolve().parent.parent
-# DC paper (ICLR 2021) Table 1 and DSA paper (ICML 2021) Table 2: Fashion-MNIST, ConvNet-3, IPC 1.
-PUBLISHED = {"dc": (70.5, 0.6), "dsa": (70.6, 0.6), "random": (51.4, 3.8)}
+# DC paper (ICLR 2021) Table 1 and DSA paper (ICML 2021) Table 2: Fashion-MNIST, ConvNet-3, mean and std by IPC.
+PUBLISHED = {1: {"dc": (70.5, 0.6), "dsa": (70.6, 0.6), "random": (51.4, 3.8)},
+             10: {"dc": (82.3, 0.4), "dsa": (84.6, 0.3), "random": (73.8, 0.7)},
+             50: {"dc": (83.6, 0.4), "dsa": (88.7, 0.2), "random": (82.5, 0.7)}}
 PROTOCOL = {"dc": "dc-protocol", "dsa": "dsa-protocol"}
 ITERATIONS = 250  # default outer iterations (papers: 1000)
 
@@ -52,11 +62,11 @@ def _bar(desc: str):
     return update
 
 
-def run_method(method: str, iterations: int, seeds: list[int], work: Path, device: str) -> dict:
-    """Make (or reuse) the method's IPC-1 set and evaluate it under its paper's protocol."""
+def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, device: str) -> dict:
+    """Make (or reuse) the method's set and evaluate it under its paper's protocol."""
     dcfg = DatasetConfig(name="fashion-mnist")
     data = load_dataset(dcfg)
-    cfg = DistillConfig(method=method, ipc=1, seed=0, options={"iterations": iterations})
+    cfg = DistillConfig(method=method, ipc=ipc, seed=0, options={"iterations": iterations})
     out = work / f"{method}-it{iterations}"
     timing = work / f"{method}-it{iterations}.synthesis.json"
     distilled = DistilledSet.load(out) if (out / "manifest.json").is_file() else None
@@ -82,18 +92,20 @@ def run_method(method: str, iterations: int, seeds: list[int], work: Path, devic
         report = evaluate(distilled, protocol, seeds, data=data, device=device, progress=student_progress)
         bar.close()
         write_json(path, report)
-    return {"method": method, "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
+    published = PUBLISHED[ipc]
+    return {"method": method, "ipc": ipc, "loops": list(loops_for(ipc, None, None)), "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
             "seeds": seeds, "synthesis_seconds": round(seconds, 1), "distilled": report["results"]["distilled"],
-            "random": report["results"]["random"], "published": PUBLISHED[method], "published_random": PUBLISHED["random"],
+            "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
             "bytes": report["bytes"]}
 
 
 def markdown(table: dict) -> str:
-    lines = ["## DC and DSA at IPC 1, papers' network and protocols (CPU)", "",
-             f"Command: `{table['command']}`. ConvNet-3 width 128 for synthesis and students; loops of IPC 1 (outer 1, "
-             "inner 1), 256 real images per class per step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own "
+    outer, inner = loops_for(table["ipc"], None, None)
+    lines = [f"## DC and DSA at IPC {table['ipc']}, papers' network and protocols ({table['device']})", "",
+             f"Command: `{table['command']}`. ConvNet-3 width 128 for synthesis and students; loops of IPC {table['ipc']} "
+             f"(outer {outer}, inner {inner}), 256 real images per class per step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own "
              f"paper's protocol beside a random real subset (same protocol, same seeds). Student seeds {table['seeds']}. "
-             f"Only the outer iterations are reduced: {table['iterations']} (papers: 1000).", "",
+             f"Outer iterations: {table['iterations']} (papers: 1000).", "",
              "| method | iterations | protocol | accuracy % | published % | gap | random % | published random % | synthesis s |",
              "|---|---:|---|---|---|---:|---|---|---:|"]
     for r in table["rows"]:
@@ -110,33 +122,38 @@ def markdown(table: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ipc", type=int, default=1, choices=sorted(PUBLISHED))
     ap.add_argument("--methods", default="dc,dsa")
     ap.add_argument("--iterations", type=int, default=ITERATIONS, help="outer iterations (papers: 1000)")
     ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
-    ap.add_argument("--work", default="runs/bench/dc-dsa-ipc1")
+    ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC>)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--report-only", action="store_true", help="only assemble the table from finished methods")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    work = Path(args.work)
+    work = Path(args.work or f"runs/bench/dc-dsa-ipc{args.ipc}")
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     # each method runs once: the asked ones (unless --report-only), and the finished ones for the table
-    rows = [run_method(m, args.iterations, seeds, work, args.device) for m in ("dc", "dsa")
+    rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device) for m in ("dc", "dsa")
             if (m in methods and not args.report_only) or (work / f"{m}-it{args.iterations}.eval.json").is_file()]
     if args.report_only or set(methods) == {"dc", "dsa"}:
-        import os
-        import platform
-
-        table = {"schema_version": 1, "kind": "dc-dsa-ipc1", "iterations": args.iterations, "seeds": seeds, "rows": rows,
-                 "command": "DDKIT_DATA=../shared/data python benchmarks/dc_dsa_ipc1.py"
-                            + (f" --iterations {args.iterations}" if args.iterations != ITERATIONS else ""),
+        device = torch.device(args.device).type
+        table = {"schema_version": 1, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
+                 "seeds": seeds, "rows": rows,
+                 "command": "DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py"
+                            + (f" --ipc {args.ipc}" if args.ipc != 1 else "")
+                            + (f" --iterations {args.iterations}" if args.iterations != ITERATIONS else "")
+                            + (f" --device {args.device}" if device != "cpu" else ""),
                  "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), device {args.device}", "versions": versions()}
         results = Path(args.results)
-        write_json(results / "dc-dsa-ipc1-fashion-mnist-cpu.json", table)
+        stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}"
+        write_json(results / f"{stem}.json", table)
         md = markdown(table)
-        (results / "dc-dsa-ipc1-fashion-mnist-cpu.md").write_text(md)
+        tmp = results / f"{stem}.md.tmp"
+        tmp.write_text(md)
+        os.replace(tmp, results / f"{stem}.md")
         print(md)
 
 
