@@ -184,3 +184,16 @@ def test_stats_pass_names_missing_data_in_one_line(tmp_path):
                            "--out", str(out)], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "no-such-set" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_dc_dsa_table_compares_each_ipc_with_its_published_numbers():
+    dd = _script("dc_dsa")
+    stat = lambda m: {"mean": m, "std": 0.004, "per_seed": [m], "n": 1}
+    rows = [{"method": m, "iterations": 250, "protocol": dd.PROTOCOL[m], "distilled": stat(acc), "random": stat(0.74),
+             "published": dd.PUBLISHED[10][m], "published_random": dd.PUBLISHED[10]["random"], "synthesis_seconds": 12.0}
+            for m, acc in (("dc", 0.8130), ("dsa", 0.8500))]
+    md = dd.markdown({"ipc": 10, "device": "cuda", "iterations": 250, "seeds": [0], "rows": rows,
+                      "command": "python benchmarks/dc_dsa.py --ipc 10", "machine": "m", "versions": {}})
+    assert "## DC and DSA at IPC 10" in md and "(outer 10, inner 50)" in md
+    assert "| dc | 250 | `dc-protocol` | 81.30 ± 0.40 | 82.3 ± 0.4 | -1.00 | 74.00 ± 0.40 | 73.8 ± 0.7 | 12 |" in md
+    assert "| dsa | 250 | `dsa-protocol` | 85.00 ± 0.40 | 84.6 ± 0.3 | +0.40 |" in md
