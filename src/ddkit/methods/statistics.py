@@ -135,17 +135,20 @@ def class_moments(x: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor) 
     return mean, var
 
 
-def patch_grid(x: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """``x`` ``[N, C, H, W]`` cut into ``patch_size`` x ``patch_size`` pixel patches: ``[N, P, C * p * p]``.
+def _whole_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` resized (bilinear) up to the next multiple of ``patch_size`` in H and W,
+    as G-VBSM's code does, so every feature map of any size gives whole patches."""
+    h, w = x.shape[-2:]
+    hh, ww = -(-h // patch_size) * patch_size, -(-w // patch_size) * patch_size
+    return x if (hh, ww) == (h, w) else resize_bilinear(x, (hh, ww))
 
-    H and W are first resized (bilinear) up to the next multiple of ``patch_size``, as G-VBSM's
-    code does, so every feature map of any size gives whole patches.
-    """
-    n, c, h, w = x.shape
+
+def patch_grid(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """``x`` ``[N, C, H, W]`` cut into ``patch_size`` x ``patch_size`` pixel patches: ``[N, P, C * p * p]``
+    (after :func:`_whole_patches`)."""
+    x = _whole_patches(x, patch_size)
+    n, c, hh, ww = x.shape
     p = patch_size
-    hh, ww = -(-h // p) * p, -(-w // p) * p
-    if (hh, ww) != (h, w):
-        x = resize_bilinear(x, (hh, ww))
     x = x.reshape(n, c, hh // p, p, ww // p, p).permute(0, 2, 4, 1, 3, 5)  # [N, U, V, C, p, p]
     return x.reshape(n, (hh // p) * (ww // p), c * p * p)
 
@@ -173,17 +176,14 @@ def _image_sums(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _patch_sums(f: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Sums of ``x`` and ``x^2`` per patch position ``[P]`` (float64) of ``f`` ``[N, C, H, W]`` over
-    batch, channels and patch pixels, in :func:`patch_grid`'s position order, and the number of
-    values each position sums per image (``C * p * p``)."""
-    n, c, h, w = f.shape
-    p = patch_size
-    hh, ww = -(-h // p) * p, -(-w // p) * p
-    if (hh, ww) != (h, w):
-        f = resize_bilinear(f, (hh, ww))
-    s1 = F.avg_pool2d(f, p, divisor_override=1)  # [N, C, U, V]: per-patch sums
-    s2 = F.avg_pool2d(f * f, p, divisor_override=1)
-    return s1.double().sum((0, 1)).flatten(), s2.double().sum((0, 1)).flatten(), c * p * p
+    """Per-image sums of ``x`` and ``x^2`` per patch position, float64 ``[N, P]``, of ``f``
+    ``[N, C, H, W]`` over channels and patch pixels, in :func:`patch_grid`'s position order, and the
+    number of values each position sums per image (``C * p * p``)."""
+    f = _whole_patches(f, patch_size)
+    s1 = F.avg_pool2d(f, patch_size, divisor_override=1)  # [N, C, U, V]: per-patch sums
+    s2 = F.avg_pool2d(f * f, patch_size, divisor_override=1)
+    n, c = f.shape[:2]
+    return s1.double().sum(1).reshape(n, -1), s2.double().sum(1).reshape(n, -1), c * patch_size ** 2
 
 
 @torch.no_grad()
@@ -229,7 +229,9 @@ def compute_real_statistics(
     mine = sum(min(batch_size, total - lo) for lo in starts)
 
     def accumulate(features: dict[str, torch.Tensor], onehot: torch.Tensor) -> None:
-        # onehot [K, n] float64: class sums are one deterministic matmul (no atomics on CUDA)
+        # onehot [K, n] float64 (an all-zero column adds nothing): class sums are one deterministic
+        # matmul (no atomics on CUDA), patch sums over images its column sums times the per-image sums
+        weight = onehot.sum(0)
         for key in keys:
             f = features[key]
             a, b = _image_sums(f)
@@ -242,18 +244,15 @@ def compute_real_statistics(
         for key in patched:
             a, b, pcount[key] = _patch_sums(features[key], patch_size)
             if key not in p1:
-                p1[key], p2[key] = torch.zeros_like(a), torch.zeros_like(b)
-            p1[key] += a
-            p2[key] += b
+                p1[key], p2[key] = a.new_zeros(a.shape[1]), b.new_zeros(b.shape[1])
+            p1[key] += weight @ a
+            p2[key] += weight @ b
 
     done = 0
     with torch.no_grad(), FeatureHooks(model, keys) as hooks:
         if info.enabled:  # create every accumulator (zero weight), even on a rank without batches
             model(common.to_normalized(real.train.subset(torch.arange(1)).float_images().to(device), real))
             accumulate(hooks.features, torch.zeros(k, 1, dtype=torch.float64, device=device))
-            for key in patched:
-                p1[key].zero_()
-                p2[key].zero_()
             hooks.features.clear()
         for lo in starts:
             part = real.train.subset(torch.arange(lo, min(lo + batch_size, total)))
