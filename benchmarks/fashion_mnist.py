@@ -94,7 +94,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "tesla-e8-ipc50": "TESLA at IPC 50 with 8-epoch experts (mtt-experts50's MTT settings): exact and "
                             "first-order gradients, hard labels",
           "traj-e30": "traj-labels-e8 with 30-epoch experts (the full tier's length, starts in [0, 20)): TESLA's expert "
-                      "labels and 1 vs 2 matched expert epochs"}
+                      "labels and 1 vs 2 matched expert epochs",
+          "traj-e30-window": "traj-e30's MTT with 4x the iterations, and with starts in [0, 10): iterations or start "
+                             "window?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
