@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddkit.artifacts import read_json, versions, write_json
+from ddkit.artifacts import read_json, versions, write_json, write_text
 from ddkit.data import load_dataset
 from ddkit.data.base import DatasetConfig
 from ddkit.distilled import DistilledSet
@@ -151,9 +151,7 @@ def main() -> None:
         stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}"
         write_json(results / f"{stem}.json", table)
         md = markdown(table)
-        tmp = results / f"{stem}.md.tmp"
-        tmp.write_text(md)
-        os.replace(tmp, results / f"{stem}.md")
+        write_text(results / f"{stem}.md", md)
         print(md)
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json
+from ddkit.artifacts import versions, write_json, write_text
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import DDKitError
@@ -188,9 +188,7 @@ def main() -> None:
     out = Path(args.out or REPO / "docs" / "results" / f"stats-pass-{device.type}.json")
     write_json(out, result)
     md = out.with_suffix(".md")
-    tmp = md.with_name(md.name + ".tmp")
-    tmp.write_text(_markdown(result))
-    os.replace(tmp, md)
+    write_text(md, _markdown(result))
     print(f"-> {out}, {md.name}")
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json
+from ddkit.artifacts import versions, write_json, write_text
 from ddkit.bench import BenchConfig, load_bench_config
 from ddkit.config import config_hash, from_dict
 from ddkit.data.base import DataBundle, load_dataset
@@ -303,9 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         result["summary"] = summarise(rows)
         write_json(out, result)
-        md = out.with_suffix(".md")
-        md.with_name(md.name + ".tmp").write_text(markdown(result))
-        os.replace(md.with_name(md.name + ".tmp"), md)
+        write_text(out.with_suffix(".md"), markdown(result))
 
     cfgs = [(Path(p).stem, load_bench_config(p, args.set)) for p in args.configs]  # every config valid before any work
     with tempfile.TemporaryDirectory(prefix="ddkit-tier-cost-") as tmp:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json
+from ddkit.artifacts import versions, write_json, write_text
 from ddkit.bench import PeakMemory, SavedTensorBytes
 from ddkit.data.augment import build_augment
 from ddkit.methods.trajectory import FunctionalStudent, plan_steps, trajectory_gradients
@@ -278,9 +278,7 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     md = out.with_suffix(".md")
-    md_tmp = md.with_name(md.name + ".tmp")
-    md_tmp.write_text(_markdown(result))
-    os.replace(md_tmp, md)
+    write_text(md, _markdown(result))
     _plot(result, out.with_suffix(".png"))
     print(f"-> {out}, {md.name}, {out.with_suffix('.png').name}")
 

@@ -49,20 +49,24 @@ def versions() -> dict[str, str]:
     }
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """Write JSON atomically (temp file in the same folder + rename)."""
+def write_text(path: str | Path, text: str) -> None:
+    """Write text atomically (temp file in the same folder + rename): readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, sort_keys=False)
-            fh.write("\n")
+            fh.write(text)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """Write JSON atomically (:func:`write_text`)."""
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:

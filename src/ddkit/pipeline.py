@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import read_json, write_json
+from ddkit.artifacts import read_json, write_json, write_text
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -238,7 +238,7 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
         lines.append(line)
     lines.append("")
     lines.append(f"Produced by ddkit {man['versions']['ddkit']} (torch {man['versions']['torch']}).")
-    (rdir / "summary.md").write_text("\n".join(lines) + "\n")
+    write_text(rdir / "summary.md", "\n".join(lines) + "\n")
     return rdir
 
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from ddkit.artifacts import write_text
 from ddkit.bench import format_bench_table, load_table, synthesis_seconds
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     md += ["## Distilled sets", ""]
     md += [f"### {t}\n\n![{t}]({p})\n" for t, p in grids]
     md += ["## Plain-text table", "", "```", format_bench_table(rows), "```", ""]
-    (out / "report.md").write_text("\n".join(md))
+    write_text(out / "report.md", "\n".join(md))
 
     e = html.escape
 
@@ -221,6 +222,6 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts += ["<h2>Distilled sets</h2>"]
     parts += [f"<h3>{e(t)}</h3><img src='{e(p)}' alt='{e(t)}'>" for t, p in grids]
     parts += ["</body></html>"]
-    (out / "report.html").write_text("\n".join(parts) + "\n")
+    write_text(out / "report.html", "\n".join(parts) + "\n")
     log.info("report written to %s", out)
     return out
