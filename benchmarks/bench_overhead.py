@@ -14,7 +14,6 @@ Prints a table and writes docs/results/bench_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions
+from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, cells_of, run_bench
 from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig, load_dataset
@@ -102,8 +101,7 @@ def main() -> None:
     print(f"{'ddkit bench (re-run)':<28} {r:>9.2f}  {result['rerun_seconds']}")
     print(f"overhead (best vs best): {result['overhead_percent']:+.2f}%, paired median "
           f"{result['paired_overhead_percent_median']:+.2f}% (target <= 5%); {cells} cells; re-run = median")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"-> {args.out}")
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ddkit.artifacts import read_json, versions, write_json, write_text
+from ddkit.artifacts import read_json, versions, write_json, write_results
 from ddkit.data import load_dataset
 from ddkit.data.base import DatasetConfig
 from ddkit.distilled import DistilledSet
@@ -149,9 +149,8 @@ def main() -> None:
                  "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), device {args.device}", "versions": versions()}
         results = Path(args.results)
         stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}"
-        write_json(results / f"{stem}.json", table)
         md = markdown(table)
-        write_text(results / f"{stem}.md", md)
+        write_results(results / f"{stem}.json", table, md)
         print(md)
 
 

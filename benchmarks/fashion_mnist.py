@@ -23,7 +23,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ddkit.artifacts import read_json, write_json
+from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_seconds
 from ddkit.config import load_yaml
 
@@ -231,8 +231,7 @@ def write_family(family: str, tier: str, run_dir: Path, results: Path) -> Path:
     table["command"] = f"DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
     table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": table["config"]["device"]}
     stem = f"{family}-fashion-mnist-{tier}"
-    write_json(results / f"{stem}.json", table)
-    (results / f"{stem}.md").write_text(family_markdown(family, tier, table))
+    write_results(results / f"{stem}.json", table, family_markdown(family, tier, table))
     write_report(run_dir, results / f"{stem}-report")
     return results / f"{stem}.md"
 
@@ -415,7 +414,7 @@ def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES) ->
         rows, run_dir = run_family(family, args.tier, args.device, args.quiet)
         md = write_family(family, args.tier, run_dir, results)
         print((results / md).read_text())
-    (results / "fashion-mnist.md").write_text(overview(results))
+    write_text(results / "fashion-mnist.md", overview(results))
     print(f"wrote {results / 'fashion-mnist.md'}")
 
 

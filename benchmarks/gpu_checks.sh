@@ -10,10 +10,12 @@
 # 3. benchmarks/unroll_memory.py on CUDA (MTT's graph against TESLA's, ConvNet-3 width 128);
 # 4. benchmarks/stats_pass.py on CUDA: the real-data statistics pass of the full tier's teachers against a
 #    forward pass and the float64 reference;
-# 5. benchmarks/tier_cost.py: each stage of the full decoupled and matching tiers timed, then extrapolated.
+# 5. benchmarks/precision.py on CUDA: student training speed and accuracy in fp32, bf16 and fp16 (train.precision);
+# 6. benchmarks/tier_cost.py: each stage of the full decoupled and matching tiers timed, then extrapolated.
 # TOTAL_SECONDS (default 540) bounds the whole run: the last step gets what is left.
 # Runs with the machine's python3 (its torch) and this checkout's src/. Writes OUT_DIR/checks.log (every
-# step's output), unroll-memory.{json,md,png}, stats-pass.{json,md} and tier-cost.{json,md}: eight files.
+# step's output), unroll-memory.{json,md,png}, stats-pass.{json,md}, precision.{json,md} and tier-cost.{json,md}:
+# ten files.
 set -u
 OUT=${1:-gpu-checks}
 mkdir -p "$OUT"
@@ -52,6 +54,9 @@ step 120 unroll-memory "$PY" benchmarks/unroll_memory.py --device "$DEVICE" --mo
 step 90 stats-pass "$PY" benchmarks/stats_pass.py --device "$DEVICE" --models resnet18_cifar convnet3-bn convnetd4-bn \
   --per-class 2000 --out "$OUT/stats-pass.json"
 cat "$OUT/stats-pass.md" 2>/dev/null | tail -n 4 || true
+step 90 precision "$PY" benchmarks/precision.py --device "$DEVICE" --students convnet3 resnet18_cifar --steps 40 \
+  --seeds 0 1 --out "$OUT/precision.json"
+tail -n 6 "$OUT/precision.md" 2>/dev/null || true
 left=$((BUDGET - SECONDS - 10))
 step $((left > 30 ? left : 30)) tier-cost "$PY" benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml \
   configs/bench/fashion-mnist-matching.yaml --device "$DEVICE" --budget 1.0 --out "$OUT/tier-cost.json"

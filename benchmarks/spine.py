@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json
+from ddkit.artifacts import versions, write_results
 from ddkit.data import load_dataset
 from ddkit.data.base import DatasetConfig
 from ddkit.evaluate import evaluate, resolve_protocol
@@ -94,8 +94,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
-    write_json(out, result)
-    out.with_suffix(".md").write_text(table + "\n")
+    write_results(out, result, table + "\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json, write_text
+from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import DDKitError
@@ -186,9 +186,7 @@ def main() -> None:
         "versions": versions(),
     }
     out = Path(args.out or REPO / "docs" / "results" / f"stats-pass-{device.type}.json")
-    write_json(out, result)
-    md = out.with_suffix(".md")
-    write_text(md, _markdown(result))
+    md = write_results(out, result, _markdown(result))
     print(f"-> {out}, {md.name}")
 
 

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json, write_text
+from ddkit.artifacts import versions, write_results
 from ddkit.bench import BenchConfig, load_bench_config
 from ddkit.config import config_hash, from_dict
 from ddkit.data.base import DataBundle, load_dataset
@@ -302,8 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     def save(row: dict) -> None:  # after every stage: a run killed at its time limit keeps what it measured
         rows.append(row)
         result["summary"] = summarise(rows)
-        write_json(out, result)
-        write_text(out.with_suffix(".md"), markdown(result))
+        write_results(out, result, markdown(result))
 
     cfgs = [(Path(p).stem, load_bench_config(p, args.set)) for p in args.configs]  # every config valid before any work
     with tempfile.TemporaryDirectory(prefix="ddkit-tier-cost-") as tmp:

@@ -51,7 +51,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.artifacts import versions, write_json, write_text
+from ddkit.artifacts import versions, write_results
 from ddkit.bench import PeakMemory, SavedTensorBytes
 from ddkit.data.augment import build_augment
 from ddkit.methods.trajectory import FunctionalStudent, plan_steps, trajectory_gradients
@@ -276,9 +276,7 @@ def main() -> None:
               f"peak x{g['peak_ratio']:.2f}, time x{g['time_ratio']:.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    md = out.with_suffix(".md")
-    write_text(md, _markdown(result))
+    md = write_results(out, result, _markdown(result))
     _plot(result, out.with_suffix(".png"))
     print(f"-> {out}, {md.name}, {out.with_suffix('.png').name}")
 

@@ -197,3 +197,33 @@ def test_dc_dsa_table_compares_each_ipc_with_its_published_numbers():
     assert "## DC and DSA at IPC 10" in md and "(outer 10, inner 50)" in md
     assert "| dc | 250 | `dc-protocol` | 81.30 ± 0.40 | 82.3 ± 0.4 | -1.00 | 74.00 ± 0.40 | 73.8 ± 0.7 | 12 |" in md
     assert "| dsa | 250 | `dsa-protocol` | 85.00 ± 0.40 | 84.6 ± 0.3 | +0.40 |" in md
+
+
+def test_precision_benchmark_compares_each_precision_with_fp32(tmp_path):
+    out = tmp_path / "prec.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "precision.py"), "--dataset", "synthetic", "--students",
+           "tiny_convnet", "--precisions", "fp32", "bf16", "--steps", "1", "--ipc", "20", "--epochs", "15",
+           "--seeds", "0", "1", "--threads", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    rows = {r["precision"]: r for r in result["rows"]}
+    assert set(rows) == {"fp32", "bf16"} and rows["fp32"]["speedup"] == 1.0
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and len(r["accuracy"]) == 2
+        assert r["accuracy_mean"] > 0.5  # 4 classes: well above chance after 15 epochs
+    bf = rows["bf16"]
+    assert bf["speedup"] == round(bf["images_per_s"] / rows["fp32"]["images_per_s"], 2)
+    assert bf["diff_points"] == round(100 * (bf["accuracy_mean"] - rows["fp32"]["accuracy_mean"]), 2)
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny_convnet | fp32 |" in md and "| 1.00x |" in md and not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("args, words", [(["--dataset", "no-such-set"], "no-such-set"),
+                                         (["--dataset", "synthetic", "--ipc", "500"], "--ipc 500")])
+def test_precision_benchmark_names_bad_input_in_one_line(tmp_path, args, words):
+    out = tmp_path / "prec.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "precision.py"), *args, "--out", str(out)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and words in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -144,3 +144,22 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     images = torch.load(tmp_path / "ddr/images.pt", weights_only=True)
     labels = torch.load(tmp_path / "ddr/labels.pt", weights_only=True)
     assert images.shape == (20, 1, 16, 16) and labels.tolist() == sorted(labels.tolist())
+
+
+def test_precision_flag_reaches_teacher_and_protocol(tmp_path, capsys):
+    t = tmp_path / "teacher"
+    code, _, _ = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "2",
+                          "--precision", "bf16", "--out", str(t), "-q"], capsys)
+    assert code == 0 and json.loads((t / "manifest.json").read_text())["config"]["train"]["precision"] == "bf16"
+    d = tmp_path / "r2"
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(d), "-q"],
+                   capsys)[0] == 0
+    reports = {}
+    for precision in ("fp32", "bf16"):
+        code, _, _ = run_cli(["evaluate", str(d), "--seeds", "0", "--precision", precision, "-q", *FAST,
+                              "--set", "random_baseline=false", "--set", "full_reference=false"], capsys)
+        assert code == 0
+        reports[precision] = [json.loads(p.read_text()) for p in sorted(d.glob("eval-hard-*.json"))]
+    # fp32 keeps the protocol hash (and file name) of before the option; bf16 is another protocol, another file
+    assert len(reports["fp32"]) == 1 and len(reports["bf16"]) == 2
+    assert sorted(r["config"]["train"]["precision"] for r in reports["bf16"]) == ["bf16", "fp32"]

@@ -114,3 +114,26 @@ def test_demo_config_matches_shipped_yaml():
     shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
     demo = demo_config(out=shipped.out, device=shipped.device)
     assert to_dict(demo) == to_dict(shipped)
+
+
+def test_added_fields_leave_hashes_alone_at_their_default():
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Old:
+        a: int = config.field(1)
+
+    @dataclasses.dataclass
+    class New:
+        a: int = config.field(1)
+        b: str = config.field("same", added=True)
+        c: list = config.field([], added=True)
+
+    assert config_hash(New()) == config_hash(Old())  # an option added later does not re-key old artifacts
+    assert to_dict(New()) == {"a": 1, "b": "same", "c": []}  # manifests still show every setting
+    assert to_dict(New(), identity=True) == {"a": 1}
+    assert to_dict(New(b="other", c=[2]), identity=True) == {"a": 1, "b": "other", "c": [2]}
+    assert config_hash(New(b="other")) != config_hash(Old())
+    nested = TrainConfig(precision="bf16")
+    assert to_dict({"train": nested}, identity=True)["train"]["precision"] == "bf16"
+    assert "precision" not in to_dict({"train": TrainConfig()}, identity=True)["train"]

@@ -110,3 +110,46 @@ def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
     assert 1.0 / data.num_classes < acc <= 1.0
     again = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
     assert again["results"]["distilled"]["per_seed"] == report["results"]["distilled"]["per_seed"]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_training_on_cuda(data, precision):
+    from ddkit.models import create_model
+    from ddkit.training import train_classifier
+
+    def train(p):
+        torch.manual_seed(0)
+        model = create_model("tiny_convnet", 1, 4, 16)
+        cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05, precision=p)
+        return train_classifier(model, data.train, data.mean, data.std, cfg, seed=0, device=CUDA, test=data.test)
+
+    full, mixed, again = train("fp32"), train(precision), train(precision)
+    assert mixed.test_accuracy >= 0.85 and abs(mixed.test_accuracy - full.test_accuracy) <= 0.1
+    assert [h["loss"] for h in mixed.history] != [h["loss"] for h in full.history]
+    assert [h["loss"] for h in mixed.history] == [h["loss"] for h in again.history]
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in mixed.model.parameters())
+
+
+@pytest.mark.parametrize("spec", ["dsa", "rrc_flip", "crop_flip", "cutmix"])
+def test_augmentation_on_cuda_never_waits_for_the_gpu(spec):
+    from ddkit.data.augment import CutMix, build_augment
+    from ddkit.data.base import to_device
+
+    aug = CutMix() if spec == "cutmix" else build_augment(spec)
+    gen = torch.Generator().manual_seed(0)
+    params = aug.sample(64, gen, (16, 16))
+    if spec == "dsa":  # two draws of 32 images: different operations in one batch (the index path)
+        more = aug.sample(32, gen, (16, 16))
+        params = {k: torch.cat([v[:32], more[k]]) for k, v in params.items() if k in more}
+    x = torch.rand(64, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+    x_cuda = to_device(x, CUDA)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        out = aug.apply(x_cuda, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = aug.apply(x, params)
+    if spec == "cutmix":
+        out, want = out[0], want[0]
+    assert torch.allclose(out.cpu(), want, atol=1e-5)

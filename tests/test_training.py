@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -56,9 +57,11 @@ def test_learns_and_is_deterministic(tiny):
     assert a.history[-1]["loss"] < a.history[0]["loss"]
 
 
-@pytest.mark.parametrize("augment", ["dsa", "rrc_flip", "crop_flip"])
-def test_resume_equals_uninterrupted(tiny, tmp_path, augment):
-    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=augment, cutmix_prob=0.5, ema_decay=0.9)
+@pytest.mark.parametrize("augment, precision", [("dsa", "fp32"), ("rrc_flip", "fp32"), ("crop_flip", "fp32"),
+                                               ("rrc_flip", "fp16")])
+def test_resume_equals_uninterrupted(tiny, tmp_path, augment, precision):
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05, augment=augment, cutmix_prob=0.5, ema_decay=0.9,
+                      precision=precision)
     full = _train(tiny, cfg)
     state = tmp_path / "state.pt"
 
@@ -71,6 +74,9 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, augment):
     # the killed run left the epoch-2 checkpoint; the resumed run continues from it
     ck = torch.load(state, weights_only=True)
     assert ck["epoch"] == 2
+    assert ("scaler" in ck) == (precision == "fp16")  # fp16: GradScaler state travels with the checkpoint
+    if precision == "fp16":
+        assert ck["scaler"]["scale"] > 0
     resumed = _train(tiny, cfg, state_path=state)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
     for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
@@ -120,3 +126,54 @@ def test_ema_protocols_alone_get_new_hashes():
     assert edc.identity()["train"]["ema_warmup"] is True
     assert "ema_warmup" not in resolve_protocol("soft-kl").identity()["train"]
     assert resolve_protocol("edc", {"train": {"ema_decay": 0.0}}).hash != edc.hash
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_convolutions_in_the_reduced_type_and_learns(tiny, precision):
+    cfg = TrainConfig(epochs=15, batch_size=32, lr=0.05)
+    low = dataclasses.replace(cfg, precision=precision)
+    seen: set[torch.dtype] = set()
+    torch.manual_seed(0)
+    model = create_model("tiny_convnet", 1, 4, 16)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    mixed = train_classifier(model, tiny.train, tiny.mean, tiny.std, low, seed=0, test=tiny.test)
+    want = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert seen == {want}  # every forward pass, training and test, ran under autocast
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())  # weights stay fp32
+    full = _train(tiny, cfg)
+    assert mixed.test_accuracy >= 0.85 and abs(mixed.test_accuracy - full.test_accuracy) <= 0.1
+    losses = [h["loss"] for h in mixed.history]
+    assert losses != [h["loss"] for h in full.history]  # not silently fp32
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.5 * losses[0]
+    again = _train(tiny, low)
+    assert [h["loss"] for h in again.history] == losses  # deterministic in reduced precision too
+
+
+def test_precision_is_validated_and_enters_hashes_only_when_not_fp32():
+    from ddkit.config import from_dict
+    from ddkit.errors import ConfigError
+    from ddkit.evaluate.protocol import resolve_protocol
+    with pytest.raises(ConfigError, match="precision"):
+        from_dict(TrainConfig, {"precision": "fp8"})
+    with pytest.raises(ConfigError, match="fp32, bf16 or fp16"):
+        TrainConfig(precision="half")
+    base = resolve_protocol("dc-protocol")
+    assert "precision" not in base.identity()["train"]  # protocols hashed before the option keep their hash
+    bf16 = resolve_protocol("dc-protocol", {"train": {"precision": "bf16"}})
+    assert bf16.identity()["train"]["precision"] == "bf16" and bf16.hash != base.hash
+    assert resolve_protocol("dc-protocol", {"train": {"precision": "fp32"}}).hash == base.hash
+
+
+def test_bf16_on_a_cpu_without_native_support_warns_once(monkeypatch, caplog):
+    import ddkit.training as T
+
+    monkeypatch.setattr(T, "_WARNED_SLOW_BF16", [])
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    with caplog.at_level("WARNING", logger="ddkit.training"):
+        T.warn_slow_precision("fp32", torch.device("cpu"))
+        assert not caplog.records
+        for _ in range(3):
+            T.warn_slow_precision("bf16", torch.device("cpu"))
+    assert len(caplog.records) == 1 and "emulated" in caplog.records[0].getMessage()

@@ -69,6 +69,16 @@ def write_json(path: str | Path, data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def write_results(path: str | Path, result: Any, markdown: str) -> Path:
+    """A benchmark's output: ``result`` as JSON at ``path`` and ``markdown`` beside it (``.md``), each
+    written atomically; returns the markdown's path."""
+    path = Path(path)
+    write_json(path, result)
+    md = path.with_suffix(".md")
+    write_text(md, markdown)
+    return md
+
+
 def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

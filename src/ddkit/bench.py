@@ -106,7 +106,7 @@ class RelabelSpec:
     def identity(self) -> dict:
         """Every field; the BatchNorm mode only when not running, so cell and store keys of
         benches written before it existed stay valid."""
-        return omit_running_bn(to_dict(self))
+        return omit_running_bn(to_dict(self, identity=True))
 
 
 @dataclass

@@ -114,6 +114,8 @@ def cmd_teacher(args) -> int:
             tcfg[key] = getattr(args, key)
     if args.epochs is not None:
         tcfg.setdefault("train", {})["epochs"] = args.epochs
+    if args.precision is not None:
+        tcfg.setdefault("train", {})["precision"] = args.precision
     unknown = set(data) - {"dataset", "teacher"}
     if unknown:
         raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit teacher`; use dataset and teacher")
@@ -170,6 +172,8 @@ def cmd_evaluate(args) -> int:
         overrides["label_mode"] = args.label_mode
     if args.epochs is not None:
         overrides.setdefault("train", {})["epochs"] = args.epochs
+    if args.precision is not None:
+        overrides.setdefault("train", {})["precision"] = args.precision
     protocol = resolve_protocol(args.protocol, overrides)
     dcfg_data = dict(distilled.manifest["dataset_config"])
     if args.data_path:
@@ -221,7 +225,7 @@ def _run_and_print(cfg, quiet: bool) -> int:
 def cmd_demo(args) -> int:
     from ddkit.pipeline import demo_config
 
-    cfg = demo_config(out=args.out, data_path=args.data_path, device=args.device)
+    cfg = demo_config(out=args.out, data_path=args.data_path, device=args.device, precision=args.precision)
     _print("ddkit demo: teacher -> random IPC 10 -> evaluation (hard and teacher-soft labels) on Fashion-MNIST")
     return _run_and_print(cfg, args.quiet)
 
@@ -417,10 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. teacher.train.lr=0.1")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
+    def precision_flag(sp, what):
+        sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                        help=f"mixed precision for {what}: bf16 or fp16 autocast (default fp32)")
+
     sp = sub.add_parser("teacher", help="train (or import) a teacher")
     sp.add_argument("--config", help="YAML with dataset: and teacher: sections")
     sp.add_argument("--model")
     sp.add_argument("--epochs", type=int)
+    precision_flag(sp, "the teacher's training")
     sp.add_argument("--seed", type=int)
     sp.add_argument("--checkpoint", help="import these weights instead of training")
     sp.add_argument("--out", required=True)
@@ -443,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
     sp.add_argument("--label-mode", choices=["hard", "teacher", "stored"])
     sp.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    precision_flag(sp, "the students' training and testing (train.precision)")
     sp.add_argument("--teacher", help="teacher artifact directory (label modes teacher/stored)")
     sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
@@ -460,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, random IPC 10, evaluation, report (CPU minutes)")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files")
+    precision_flag(sp, "teacher and students (e.g. bf16 on a GPU)")
     common(sp, data=False, overrides=False)
     sp.set_defaults(func=cmd_demo)
 

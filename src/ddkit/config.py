@@ -24,14 +24,21 @@ from ddkit.errors import ConfigError
 T = TypeVar("T")
 
 
-def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = None, **kw: Any) -> Any:
-    """A dataclass field with a ``help`` text; ``factory`` builds a (dataclass) default per instance."""
+def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = None, added: bool = False,
+          **kw: Any) -> Any:
+    """A dataclass field with a ``help`` text; ``factory`` builds a (dataclass) default per instance.
+
+    ``added``: a field added after configs were already hashed, whose default reproduces the
+    behaviour from before it existed. :func:`config_hash` (and ``to_dict(..., identity=True)``)
+    leave it out while it holds that default, so cached artifacts keep their keys.
+    """
+    meta = {"help": help, "added": added}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=factory, metadata=meta, **kw)
     if isinstance(default, (list, dict, set)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def _type_name(tp: Any) -> str:
@@ -158,22 +165,38 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     return obj
 
 
-def to_dict(obj: Any) -> Any:
-    """A dataclass (nested) as plain JSON/YAML-serialisable data."""
+def _at_added_default(obj: Any, f: dataclasses.Field) -> bool:
+    if not f.metadata.get("added"):
+        return False
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    return to_dict(getattr(obj, f.name)) == to_dict(default)
+
+
+def to_dict(obj: Any, identity: bool = False) -> Any:
+    """A dataclass (nested) as plain JSON/YAML-serialisable data.
+
+    ``identity``: what decides results, for hashing -- fields declared ``added`` (see :func:`field`)
+    are left out while they hold their default."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {f.name: to_dict(getattr(obj, f.name), identity) for f in dataclasses.fields(obj)
+                if not (identity and _at_added_default(obj, f))}
     if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
+        return [to_dict(v, identity) for v in obj]
     if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
+        return {k: to_dict(v, identity) for k, v in obj.items()}
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
 def config_hash(obj: Any) -> str:
-    """A short, stable hash of a config (dataclass or plain data)."""
-    blob = json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"))
+    """A short, stable hash of a config (dataclass or plain data), over ``to_dict(obj, identity=True)``."""
+    blob = json.dumps(to_dict(obj, identity=True), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

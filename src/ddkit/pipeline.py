@@ -143,7 +143,7 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
     """Identity of a distilled set: options as given, data, teacher and the method's ``revision``
     (left out while 0, so sets cached before revisions existed keep their hash; likewise
     ``soft_labels_bn`` while running)."""
-    key = {"distill": omit_running_bn(to_dict(cfg), "soft_labels_bn"), "data": data.fingerprint,
+    key = {"distill": omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn"), "data": data.fingerprint,
            "teacher": teacher.fingerprint if teacher is not None else None}
     revision = getattr(METHODS.get(cfg.method), "revision", 0) if cfg.method in METHODS else 0
     if revision:
@@ -242,7 +242,8 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     return rdir
 
 
-def demo_config(out: str = "runs/demo", data_path: str | None = None, device: str = "auto") -> RunConfig:
+def demo_config(out: str = "runs/demo", data_path: str | None = None, device: str = "auto",
+                precision: str | None = None) -> RunConfig:
     """The demo: Fashion-MNIST, a small teacher, random IPC 10, hard and teacher-soft evaluation.
 
     Sized for 2 CPU cores (under 10 minutes with the teacher). ``configs/fashion-mnist/demo.yaml``
@@ -255,4 +256,7 @@ def demo_config(out: str = "runs/demo", data_path: str | None = None, device: st
     data["device"] = device
     if data_path:
         data["dataset"]["path"] = data_path
+    if precision is not None:  # teacher and students (the random baseline and full reference too)
+        data["teacher"]["train"]["precision"] = precision
+        data["evaluate"]["overrides"]["train"]["precision"] = precision
     return from_dict(RunConfig, data)

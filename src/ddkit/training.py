@@ -33,7 +33,7 @@ from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save
 from ddkit.config import field
 from ddkit.data.augment import CutMix, build_augment, slice_params
-from ddkit.data.base import ImageSet
+from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError
 
@@ -43,6 +43,8 @@ LabelSource = Literal["hard", "teacher", "stored", "fkd"]
 LossKind = Literal["ce", "kl", "mse_ce"]
 TeacherBN = Literal["running", "batch"]
 TEACHER_BN_MODES = ("running", "batch")
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -67,6 +69,9 @@ class TrainConfig:
     ema_decay: float = field(0.0, help="EMA of student weights used for testing (0 disables; EDC: 0.99); "
                              "the decay warms up as min(decay, (1 + n) / (10 + n)) over updates n")
     eval_batch_size: int = field(1024, help="batch size for test-set evaluation")
+    precision: Precision = field("fp32", added=True, help="fp32; bf16 or fp16: mixed precision (torch.autocast) for "
+                                 "the forward passes of student, teacher and test, fp16 with loss scaling; weights, "
+                                 "optimizer state and losses stay fp32 (see benchmarks/precision.py)")
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -80,6 +85,8 @@ class TrainConfig:
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         build_augment(self.augment, **self.augment_options)  # fails early on a bad name
+        if self.precision not in ("fp32", *_AUTOCAST_DTYPES):
+            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}; set train.precision=fp32")
 
 
 @dataclass
@@ -104,6 +111,30 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     return 1.0
 
 
+def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """A fresh ``torch.autocast`` context for ``precision`` on ``device``'s type; fp32: a no-op.
+
+    Autocast runs convolutions and matrix products in the reduced type and keeps reductions such as
+    softmax and cross-entropy in fp32 (PyTorch's autocast op lists); parameters stay fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
+
+
+_WARNED_SLOW_BF16: list[bool] = []
+
+
+def warn_slow_precision(precision: Precision, device: torch.device) -> None:
+    """Log once when bf16 is asked for on a CPU without native support (it then runs emulated)."""
+    if precision == "bf16" and device.type == "cpu" and not _WARNED_SLOW_BF16:
+        native = [getattr(torch.cpu, name, lambda: False)() for name in
+                  ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if not any(native):
+            _WARNED_SLOW_BF16.append(True)
+            log.warning("this CPU has no AVX512-BF16 or AMX: bf16 is emulated and likely slower than fp32; "
+                        "use precision fp32 here")
+
+
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -119,7 +150,7 @@ def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def to_float(images: torch.Tensor, device) -> torch.Tensor:
-    x = images.to(device, non_blocking=True)
+    x = to_device(images, device)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
@@ -255,9 +286,10 @@ def teacher_labels(model: nn.Module, views: Callable[[torch.Tensor], torch.Tenso
 
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
-             transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "fp32") -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data``; shards over ranks if distributed.
-    ``transform`` (e.g. ZCA whitening) is applied to the normalised images."""
+    ``transform`` (e.g. ZCA whitening) is applied to the normalised images; ``precision``: the
+    forward pass's autocast (:func:`autocast`)."""
     info = ddist.current() if distributed else ddist.DistInfo()
     norm = normalizer(mean, std, device)
     was_training = model.training
@@ -270,8 +302,9 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
         x = norm(to_float(data.images[start:stop], device))
         if transform is not None:
             x = transform(x)
-        pred = model(x).argmax(1)
-        correct[0] += (pred.cpu() == data.labels[start:stop]).sum().item()
+        with autocast(device, precision):
+            pred = model(x).argmax(1)
+        correct[0] += (pred == to_device(data.labels[start:stop], device)).sum()  # no host sync per batch
         correct[1] += stop - start
     if distributed:
         ddist.all_reduce_sum(correct)
@@ -309,10 +342,16 @@ class EMA:
         self.updates += 1
 
 
-def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.Module, ema: EMA | None) -> None:
+def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.Module, ema: EMA | None,
+          scaler: torch.amp.GradScaler | None = None) -> None:
     optimizer.zero_grad(set_to_none=True)
-    batch_loss.backward()
-    optimizer.step()
+    if scaler is None:
+        batch_loss.backward()
+        optimizer.step()
+    else:  # fp16: scaled loss; a step whose gradients overflow is skipped and the scale halved
+        scaler.scale(batch_loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
     if ema is not None:
         ema.update(model)
 
@@ -354,6 +393,7 @@ def train_classifier(
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
+    warn_slow_precision(cfg.precision, device)
     info = ddist.current() if distributed else ddist.DistInfo()
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     if label_source == "teacher" and teacher is None:
@@ -379,6 +419,11 @@ def train_classifier(
         stored_targets = stored_targets.float()
 
     optimizer = make_optimizer(cfg, model.parameters())
+    scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
+
+    def amp() -> contextlib.AbstractContextManager:
+        return autocast(device, cfg.precision)
+
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     gen = torch.Generator().manual_seed(seed)
     history: list[dict] = []
@@ -390,6 +435,8 @@ def train_classifier(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         if ema is not None:
             ema.model.load_state_dict(state["ema"])
             ema.updates = int(state.get("ema_updates", 0))
@@ -420,25 +467,27 @@ def train_classifier(
             if fkd:  # stored views (own augmentation + CutMix box from the partner) and their logits
                 r = fkd_store.replay(epoch % fkd_store.epochs, idx)
                 x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
-                logits = net(x)
+                with amp():
+                    logits = net(x).float()
                 onehot = F.one_hot(data.labels.long(), logits.shape[1]).float()
                 lam = r.lam[:, None]
-                labels = (lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi].to(device)
-                per = per_sample_loss(logits, labels, r.targets[lo:hi].to(device), loss, temperature)
-                _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
+                labels = to_device((lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi], device)
+                per = per_sample_loss(logits, labels, to_device(r.targets[lo:hi], device), loss, temperature)
+                _step(optimizer, per.sum() * (info.world_size / gb), model, ema, scaler)
                 total += per.detach().sum().double()
                 count += len(per)
                 continue
             x_all = norm(to_float(data.images[idx], device))
-            y_all = data.labels[idx].to(device)
+            y_all = to_device(data.labels[idx], device)
             if cutmix is not None:
                 x_all, partner, lam = cutmix.apply(x_all, mix_params)
-                lam = lam.to(device)
-                partner = partner.to(device)
+                lam = to_device(lam, device)
+                partner = to_device(partner, device)
             x = x_all[lo:hi]
             if augment is not None:
                 x = augment.apply(x, slice_params(aug_params, slice(lo, hi)))
-            logits = net(x)
+            with amp():
+                logits = net(x).float()
             labels: torch.Tensor = y_all[lo:hi]
             targets = None
             if cutmix is not None:
@@ -447,22 +496,25 @@ def train_classifier(
             if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
                 # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
                 xt = augment.apply(x_all, aug_params) if augment is not None else x_all
-                targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
+                with amp():
+                    targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
             elif label_source == "teacher":
-                targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
+                with amp():
+                    targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
             elif label_source == "stored":
-                t_all = stored_targets[idx].to(device)
+                t_all = to_device(stored_targets[idx], device)
                 if cutmix is not None:
                     t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
                 targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
-            _step(optimizer, per.sum() * (info.world_size / gb), model, ema)
+            _step(optimizer, per.sum() * (info.world_size / gb), model, ema, scaler)
             total += per.detach().sum().double()
             count += len(per)
         record = {"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
         if test is not None and eval_every and ((epoch + 1) % eval_every == 0) and epoch + 1 < cfg.epochs:
             record["test_accuracy"] = accuracy(
-                ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed
+                ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed,
+                precision=cfg.precision,
             )
         history.append(record)
         if state_path is not None and info.is_main:
@@ -476,6 +528,8 @@ def train_classifier(
             if ema is not None:
                 state["ema"] = ema.model.state_dict()
                 state["ema_updates"] = ema.updates
+            if scaler is not None:
+                state["scaler"] = scaler.state_dict()
             atomic_torch_save(state, state_path)
         if state_path is not None and info.enabled:
             ddist.barrier()
@@ -485,7 +539,7 @@ def train_classifier(
     final = ema.model if ema is not None else model
     acc = None
     if test is not None:
-        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed)
+        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, precision=cfg.precision)
         if history:
             history[-1]["test_accuracy"] = acc
     return TrainResult(model=final, history=history, test_accuracy=acc)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import determinism
+from ddkit.data.base import to_device
 from ddkit.errors import ConfigError, DDKitError
 
 Params = dict[str, torch.Tensor]
@@ -127,7 +128,7 @@ def _param(params: Params, key: str, x: torch.Tensor) -> torch.Tensor:
             f"augmentation parameter {key!r} has {value.shape[0]} rows for a batch of {n} images; "
             "use slice_params to take the rows of this batch"
         )
-    value = value.to(x.device)
+    value = to_device(value, x.device)  # parameters are drawn on the host: no wait for the GPU's queue
     if value.is_floating_point():
         value = value.to(x.dtype)
     return value.expand(n, *value.shape[1:])
@@ -324,7 +325,10 @@ class DSA:
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         _check_images(x)
         full = {key: _param(params, key, x) for key in params}  # validated, on device, n rows
-        op = _param(params, "op", x)
+        # which operation applies where is decided on the host copy when there is one (sample()
+        # draws on the host): asking a GPU tensor would wait for the GPU's queue at every operation
+        op = params.get("op")
+        op = op.expand(len(x)) if op is not None and op.device.type == "cpu" else _param(params, "op", x)
         out = x
         for k, name in enumerate(DSA_OPS):
             chosen = op == k
@@ -333,7 +337,7 @@ class DSA:
             if bool(chosen.all()):
                 out = self._apply_op(name, out, full, None)
             else:  # images of one batch with different operations (e.g. concatenated parameters)
-                idx = chosen.nonzero().squeeze(1)
+                idx = to_device(chosen.nonzero().squeeze(1), x.device)
                 out = out.index_copy(0, idx, self._apply_op(name, out[idx], full, idx))
         return out
 
@@ -563,10 +567,10 @@ class CutMix:
                     f"cutmix parameter {key!r} must have one row per image of the batch ({n}); "
                     "sample them for the full batch that apply receives"
                 )
-        perm = params["perm"].to(x.device)
-        mask = _box_mask(h, w, params["box"].to(x.device))
+        perm = to_device(params["perm"], x.device)
+        mask = _box_mask(h, w, to_device(params["box"], x.device))
         mixed = torch.where(mask, x[perm], x)
-        return mixed, perm, params["lam"].to(x.device)
+        return mixed, perm, to_device(params["lam"], x.device)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -174,6 +174,19 @@ def find_data_dir(name: str, path: str | None, required: list[str], hint: str) -
     raise DataError(f"dataset {name!r} not found (searched {searched}); {hint}")
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; a host tensor goes to a GPU through pinned memory, asynchronously.
+
+    A plain ``.to("cuda")`` of pageable memory waits until the GPU has finished all the work queued
+    before it. Pinned memory copied with ``non_blocking`` does not, and PyTorch's pinned-memory
+    allocator keeps the buffer until the copy is done, so ``t`` may change or go afterwards.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def per_class_subset(part: ImageSet, num_classes: int, per_class: int | None, seed: int) -> ImageSet:
     """At most ``per_class`` images of each class, chosen with ``seed``, in original order."""
     if per_class is None:

@@ -63,7 +63,7 @@ class ProtocolConfig:
         behaviour from before they existed (an empty ``extra_teachers``: no ensemble; ``teacher_bn``
         running with no ``teacher_bn_batch``), which are left out so hashes stay those of older
         protocols; with an EMA student, a marker of the EMA's decay warm-up."""
-        out = to_dict(self)
+        out = to_dict(self, identity=True)
         if not out["extra_teachers"]:
             del out["extra_teachers"]
         if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only

@@ -149,7 +149,7 @@ def full_reference(
     info = ddist.current()
     cfg = protocol.full_train()
     use = seeds[: protocol.full_seeds]
-    key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": to_dict(cfg),
+    key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": to_dict(cfg, identity=True),
                        "data": data.fingerprint, "seeds": use})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
     if cache.is_file():

@@ -829,7 +829,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     total = len(mine) * cfg.iterations
     info = ddist.current()
     # the checkpoint name pins everything that decides the result, so a stale one is never resumed
-    run_id = config_hash({"cfg": to_dict(cfg), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
+    run_id = config_hash({"cfg": to_dict(cfg, identity=True), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
                           "teachers": [t.fingerprint for t in teachers]})[:12]
     ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=f"{name}-{run_id}-rank{info.rank}")
     state = ckpt.load()
