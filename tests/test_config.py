@@ -114,6 +114,10 @@ def test_demo_config_matches_shipped_yaml():
     shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
     demo = demo_config(out=shipped.out, device=shipped.device)
     assert to_dict(demo) == to_dict(shipped)
+    bf16 = demo_config(out=shipped.out, device=shipped.device, precision="bf16")  # `ddkit demo --precision bf16`
+    assert bf16.teacher.train.precision == "bf16" and demo.teacher.train.precision == "fp32"
+    assert resolve_protocol(bf16.evaluate.protocol, bf16.evaluate.overrides).train.precision == "bf16"
+    assert bf16.evaluate.overrides["train"]["augment"] == "dsa"  # the demo's own override kept
 
 
 def test_added_fields_leave_hashes_alone_at_their_default():
