@@ -37,7 +37,7 @@ class ProtocolConfig:
     teacher_bn_batch: int | None = field(None, help="teacher_bn batch: BatchNorm statistics over groups of this many "
                                          "images of each batch (null: the whole batch)")
     fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
-    extra_teachers: list[str] = field([], help="more teacher artifacts: soft labels become the mean logits of the "
+    extra_teachers: list[str] = field([], added=True, help="more teacher artifacts: soft labels become the mean logits of the "
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
@@ -60,12 +60,10 @@ class ProtocolConfig:
 
     def identity(self) -> dict:
         """What decides the numbers: every field, except those at a value that reproduces the
-        behaviour from before they existed (an empty ``extra_teachers``: no ensemble; ``teacher_bn``
-        running with no ``teacher_bn_batch``), which are left out so hashes stay those of older
-        protocols; with an EMA student, a marker of the EMA's decay warm-up."""
+        behaviour from before they existed (fields declared ``added``, e.g. an empty ``extra_teachers``:
+        no ensemble; ``teacher_bn`` running with no ``teacher_bn_batch``), which are left out so hashes
+        stay those of older protocols; with an EMA student, a marker of the EMA's decay warm-up."""
         out = to_dict(self, identity=True)
-        if not out["extra_teachers"]:
-            del out["extra_teachers"]
         if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only
             out["train"]["ema_warmup"] = True
         return omit_running_bn(out)
