@@ -45,6 +45,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-long50": "the tier's EDC, edc-gentle50's gentlest EDC, their RDED initialisation and random at IPC 50 "
                         "on the ResNet-18 student with 90 instead of 30 student epochs (bf16): are recovered sets "
                         "below random there because the students train too briefly?",
+          "edc-long10": "edc-long50 at IPC 10: the same sets and random on the ResNet-18 student with 240 instead of "
+                        "80 student epochs (bf16)",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
