@@ -35,7 +35,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
-from ddkit.training import TrainConfig, train_classifier
+from ddkit.training import TrainConfig, cpu_bf16_support, train_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = {"convnet3": {}, "convnet3-w32": {}, "resnet18_cifar": {}, "tiny_convnet": {}}
@@ -89,18 +89,14 @@ def measure(name: str, real: DataBundle, precisions: list[str], args, device: to
     for precision in precisions:
         speed = throughput(name, real, precision, args.steps, device)
         accs = accuracy(name, real, precision, args.ipc, args.epochs, args.seeds, device)
+        mean, std = _mean_std(accs)
         rows.append({"student": name, "precision": precision, "images_per_s": round(speed, 1),
-                     "accuracy": accs, "accuracy_mean": _mean_std(accs)[0], "accuracy_std": _mean_std(accs)[1]})
+                     "accuracy": accs, "accuracy_mean": mean, "accuracy_std": std})
     base = next((r for r in rows if r["precision"] == "fp32"), None)
     for r in rows:
         r["speedup"] = round(r["images_per_s"] / base["images_per_s"], 2) if base else None
         r["diff_points"] = round(100 * (r["accuracy_mean"] - base["accuracy_mean"]), 2) if base else None
     return rows
-
-
-def cpu_bf16_support() -> dict[str, bool]:
-    return {name.strip("_").removeprefix("is_").removesuffix("_supported"): bool(getattr(torch.cpu, name, lambda: False)())
-            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")}
 
 
 def markdown(result: dict) -> str:

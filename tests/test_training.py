@@ -168,7 +168,7 @@ def test_precision_is_validated_and_enters_hashes_only_when_not_fp32():
 def test_bf16_on_a_cpu_without_native_support_warns_once(monkeypatch, caplog):
     import ddkit.training as T
 
-    monkeypatch.setattr(T, "_WARNED_SLOW_BF16", [])
+    T._warn_emulated_bf16.cache_clear()
     for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
     with caplog.at_level("WARNING", logger="ddkit.training"):
@@ -177,3 +177,4 @@ def test_bf16_on_a_cpu_without_native_support_warns_once(monkeypatch, caplog):
         for _ in range(3):
             T.warn_slow_precision("bf16", torch.device("cpu"))
     assert len(caplog.records) == 1 and "emulated" in caplog.records[0].getMessage()
+    T._warn_emulated_bf16.cache_clear()  # later tests see this machine's own CPU again

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import weakref
@@ -121,18 +122,23 @@ def autocast(device: torch.device | str, precision: Precision) -> contextlib.Abs
     return torch.autocast(torch.device(device).type, dtype=_AUTOCAST_DTYPES[precision])
 
 
-_WARNED_SLOW_BF16: list[bool] = []
+def cpu_bf16_support() -> dict[str, bool]:
+    """Whether this CPU has the instructions that make bf16 fast: ``{"avx512_bf16": ..., "amx_tile": ...}``."""
+    return {name: bool(getattr(torch.cpu, f"_is_{name}_supported", lambda: False)())
+            for name in ("avx512_bf16", "amx_tile")}
+
+
+@functools.cache
+def _warn_emulated_bf16() -> None:  # cached: the check and the warning happen once per process
+    if not any(cpu_bf16_support().values()):
+        log.warning("this CPU has no AVX512-BF16 or AMX: bf16 is emulated and likely slower than fp32; "
+                    "use precision fp32 here")
 
 
 def warn_slow_precision(precision: Precision, device: torch.device) -> None:
     """Log once when bf16 is asked for on a CPU without native support (it then runs emulated)."""
-    if precision == "bf16" and device.type == "cpu" and not _WARNED_SLOW_BF16:
-        native = [getattr(torch.cpu, name, lambda: False)() for name in
-                  ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        if not any(native):
-            _WARNED_SLOW_BF16.append(True)
-            log.warning("this CPU has no AVX512-BF16 or AMX: bf16 is emulated and likely slower than fp32; "
-                        "use precision fp32 here")
+    if precision == "bf16" and device.type == "cpu":
+        _warn_emulated_bf16()
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
