@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_seconds
-from ddkit.config import load_yaml
+from ddkit.config import load_yaml, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
@@ -101,7 +101,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "traj-e30": "traj-labels-e8 with 30-epoch experts (the full tier's length, starts in [0, 20)): TESLA's expert "
                       "labels and 1 vs 2 matched expert epochs",
           "traj-e30-window": "traj-e30's MTT with 4x the iterations, and with starts in [0, 10): iterations or start "
-                             "window?"}
+                             "window?",
+          "dsa-eval": "the matching tier's DC, DSA, DM and DataDAM sets (re-made from its settings) and random subsets "
+                      "with students trained under DSA augmentation (DSA's protocol: 1000 / 500 / 300 epochs), each "
+                      "also scored without it, and DC and DSA at IPC 10 with 30 outer iterations instead of 4: does DSA's "
+                      "evaluation restore the papers' DSA >= DC order?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
@@ -209,6 +213,17 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
             seen.add((r["method"], r["ipc"]))
             lines.append(f"| {r['method']} | {r['ipc']} | " + " | ".join(
                 f"{100 * r['cross_arch'][s]:.2f}" if s in r["cross_arch"] else "–" for s in students) + " |")
+    robust = [r for r in rows if r.get("aug_acc")]
+    if robust:
+        lines += ["", f"### With and without augmentation (the same students' seeds; `robust_scores`, augmentation "
+                      f"`{cfg.get('ars_augment', 'dsa')}` where the protocol has none)", "",
+                  "| method | IPC | student | labels | with aug % | random with aug % | without aug % | random without aug % "
+                  "| gain from aug | ARS |", "|---|---:|---|---|---|---|---|---|---:|---:|"]
+        for r in robust:
+            gain = 100 * (r["aug_acc"]["mean"] - r["noaug_acc"]["mean"])
+            lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['aug_acc'])} | "
+                         f"{_pm(r['aug_random'])} | {_pm(r['noaug_acc'])} | {_pm(r['noaug_random'])} | {gain:+.2f} | "
+                         f"{r['ars']['mean']:.3f} |")
     for student in dict.fromkeys(r["student"] for r in rows):
         for mode in dict.fromkeys(r["label_mode"] for r in rows):
             main = main_rows(rows, student, mode)
@@ -298,13 +313,22 @@ def _derives_from(config: Path, ancestor: Path) -> bool:
     return False
 
 
+def _student_training(config: Path, student: str, ipc: int) -> dict:
+    """How bench config ``config`` trains hard-label ``student``s at ``ipc``: its protocol's training
+    settings (epochs, optimizer, augmentation, precision...) and student options."""
+    protocol = load_bench_config(config).protocol_for(student, "hard", ipc=ipc)
+    return {"train": to_dict(protocol.train, identity=True), "student_options": protocol.student_options}
+
+
 def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "configs" / "bench") -> list[str]:
     """Each method's best set per IPC over a family's cpu tier and the supplementary runs built on its config.
 
-    Only runs whose bench config names the tier's config through ``base:`` count (same data, student and
-    per-IPC protocol), and only the tier's label mode and student. Each cell gives the set's accuracy, its
-    gain over the random subset of the same run (IOR), its label and run, and how many sets of that method
-    and IPC were run: the best of several configurations, each one synthesis seed, is an optimistic number.
+    Only runs whose bench config names the tier's config through ``base:`` count (same data and student),
+    only at the IPCs where they train students as the tier does (a run that changes the epochs, the
+    augmentation or the precision is left out there), and only the tier's label mode and student. Each
+    cell gives the set's accuracy, its gain over the random subset of the same run (IOR), its label and
+    run, and how many sets of that method and IPC were run: the best of several configurations, each one
+    synthesis seed, is an optimistic number.
     """
     tier_path = results / f"{family}-fashion-mnist-cpu.json"
     if not tier_path.is_file():
@@ -320,11 +344,18 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
         and _derives_from(configs / f"fashion-mnist-{name}-cpu.yaml", ancestor)]
     methods = list(dict.fromkeys(r["method_name"] for r in tier_rows if r["method_name"] != "random"))
     ipcs = sorted({r["ipc"] for r in tier_rows})
+    tier_training = {i: _student_training(ancestor, student, i) for i in ipcs}
     tried: dict[tuple[str, int], list[tuple[dict, str]]] = {}
     randoms: dict[int, list[float]] = {}
+    counted = []
     for name, rows in sources:
+        path = ancestor if name == f"{family} tier" else configs / f"fashion-mnist-{name}-cpu.yaml"
+        same = {i for i in ipcs if _student_training(path, student, i) == tier_training[i]}
+        if same:
+            counted.append(name)
         for r in rows:
-            if r["label_mode"] != mode or r["student"] != student or r["method"] in ABLATION:
+            if (r["label_mode"] != mode or r["student"] != student or r["method"] in ABLATION
+                    or r["ipc"] not in same):
                 continue
             if r["method_name"] == "random":
                 randoms.setdefault(r["ipc"], []).append(100 * r["acc"]["mean"])
@@ -333,7 +364,8 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
     best = {key: max(sets, key=lambda x: x[0]["acc"]["mean"]) for key, sets in tried.items()}
     out = [f"## {family} family, cpu scale — each method's best set (tier and supplementary runs)", "",
            f"Student {student}, label mode `{mode}`, the tier's per-IPC protocol; runs counted: "
-           f"{', '.join(name for name, _ in sources)} (every bench config built on the tier's through `base:`). "
+           f"{', '.join(counted)} (every bench config built on the tier's through `base:`, at the IPCs where it "
+           "trains students as the tier does). "
            "Cell: accuracy % (IOR: points over the random subset of the same run; set label, run; sets of that "
            "method and IPC run). The best of several configurations, each from one synthesis seed, is optimistic; "
            "the tier table above is the like-for-like one.", "",

@@ -256,6 +256,12 @@ def test_robust_scores_and_cli(tmp_path, capsys):
     row = json.loads((out / "bench.json").read_text())["rows"][0]
     assert 0 <= row["ars"]["mean"] <= 1 and set(row["ars_protocol_hashes"]) == {"with_aug", "without_aug"}
     assert row["ars"]["mean"] == pytest.approx(metrics.ars(row["aug_gap"]["mean"], row["noaug_gap"]["mean"]))
+    for name in ("aug", "noaug"):  # each gap is its accuracies' difference, per seed
+        gaps = [a - r for a, r in zip(row[f"{name}_acc"]["per_seed"], row[f"{name}_random"]["per_seed"])]
+        assert row[f"{name}_gap"]["per_seed"] == pytest.approx(gaps)
+    # the protocol has no augmentation: the row's accuracy is the one without; the other trains with DSA
+    hashes = row["ars_protocol_hashes"]
+    assert row["noaug_acc"] == row["acc"] and hashes["without_aug"] == row["protocol_hash"] != hashes["with_aug"]
     assert main(["bench", str(tmp_path / "missing.yaml")]) == 2
 
 

@@ -37,7 +37,12 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
     (configs / "fashion-mnist-child-cpu.yaml").write_text("base: fashion-mnist-matching-cpu.yaml\n")
     (configs / "fashion-mnist-grandchild-cpu.yaml").write_text("base: fashion-mnist-child-cpu.yaml\n")
     (configs / "fashion-mnist-other-cpu.yaml").write_text("ipcs: [10]\n")  # not built on the tier
-    monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": ""})
+    # built on the tier but training students otherwise: at IPC 10 only, and at every IPC
+    (configs / "fashion-mnist-longer-cpu.yaml").write_text(
+        "base: fashion-mnist-matching-cpu.yaml\nipc_overrides: {10: {train: {epochs: 600}}}\n")
+    (configs / "fashion-mnist-augmented-cpu.yaml").write_text(
+        "base: fashion-mnist-matching-cpu.yaml\noverrides: {train: {augment: dsa}}\n")
+    monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": "", "longer": "", "augmented": ""})
 
     def write(name, rows):
         (results / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
@@ -49,18 +54,40 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
     write("grandchild", [_row("mtt-x1", "mtt", 10, 0.82, 0.74), _row("dm-big", "dm", 1, 0.65, 0.53),
                          _row("mtt-r18", "mtt", 10, 0.95, 0.74, student="resnet18")])
     write("other", [_row("mtt-other", "mtt", 10, 0.99, 0.74), _row("dm-other", "dm", 1, 0.99, 0.53)])
+    write("longer", [_row("mtt-long", "mtt", 10, 0.99, 0.70), _row("dm-long", "dm", 1, 0.64, 0.53),
+                     _row("random", "random", 10, 0.70, 0.70)])
+    write("augmented", [_row("mtt-aug", "mtt", 10, 0.99, 0.74), _row("dm-aug", "dm", 1, 0.99, 0.53)])
 
     text = "\n".join(fm.best_sets(results, configs=configs))
-    assert "matching tier, child, grandchild (" in text and "other" not in text
+    assert "matching tier, child, grandchild, longer (" in text and "other" not in text and "augmented" not in text
+    assert "mtt-long" not in text and "-aug`" not in text
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
     # mtt at IPC 10: the grandchild's 82.00 beats the tier's and the child's; stored and ResNet rows never count
     assert table["mtt"][1].startswith("82.00 ± 1.00 (+8.00; `mtt-x1`, grandchild; 3)")
     assert table["mtt"][0].startswith("60.00 ± 1.00 (+7.00; `mtt`, matching tier; 1)")
-    assert table["dm"][0].startswith("65.00 ± 1.00 (+12.00; `dm-big`, grandchild; 1)")
+    # dm at IPC 1: longer trains as the tier there, so its set counts (a 2nd try) without beating dm-big
+    assert table["dm"][0].startswith("65.00 ± 1.00 (+12.00; `dm-big`, grandchild; 2)")
     assert "- IPC 10: mtt 82.00 > dm 76.00; random rows of these runs 74.90-74.90." in text
     assert "- IPC 1: dm 65.00 > mtt 60.00; random rows of these runs 55.00-55.00." in text
     (results / "matching-fashion-mnist-cpu.json").unlink()
     assert fm.best_sets(results, configs=configs) == []
+
+
+def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
+    stat = lambda *xs: {"mean": sum(xs) / len(xs), "std": 0.0, "per_seed": list(xs), "n": len(xs)}
+    base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
+            "synthesis": {"seconds": 1.0, "peak_memory_bytes": None}, "versions": {}, "protocol_hash": "abc"}
+    rows = [{**base, "method": "dsa", "method_name": "dsa", "ipc": 10, "acc": stat(0.80), "random": stat(0.76),
+             "aug_acc": stat(0.80, 0.82), "aug_random": stat(0.76), "noaug_acc": stat(0.75), "noaug_random": stat(0.74),
+             "ars": {"mean": 0.5123}},
+            {**base, "method": "dm", "method_name": "dm", "ipc": 10, "acc": stat(0.7), "random": stat(0.76)}]
+    cfg = {"label_modes": ["hard"], "seeds": [0, 1], "protocol": "dsa-protocol", "overrides": {}}
+    text = fm.family_markdown("dsa-eval", "cpu", {"rows": rows, "config": cfg})
+    section = text.split("### With and without augmentation")[1].split("\n\n")[1].splitlines()
+    # only the robust row; gain from augmentation = 81.00 - 75.00 points
+    assert section[2:] == ["| dsa | 10 | convnet3-w32 | hard | 81.00 ± 0.00 | 76.00 ± 0.00 | 75.00 ± 0.00 | "
+                           "74.00 ± 0.00 | +6.00 | 0.512 |"]
+    assert "With and without" not in fm.family_markdown("x", "cpu", {"rows": rows[1:], "config": cfg})
 
 
 def test_derives_from_stops_on_a_loop(fm, tmp_path):

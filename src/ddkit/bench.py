@@ -618,6 +618,8 @@ class _Bench:
             row["ars"] = metrics.mean_std([metrics.ars(ga, gn, cfg.ars_gamma) for ga, gn in zip(*gap)])
             row["aug_gap"] = metrics.mean_std(gap[0])
             row["noaug_gap"] = metrics.mean_std(gap[1])
+            for name, e in (("aug", with_aug), ("noaug", no_aug)):  # the accuracies behind the gaps
+                row[f"{name}_acc"], row[f"{name}_random"] = e["results"]["distilled"], e["results"]["random"]
             row["ars_protocol_hashes"] = {"with_aug": with_aug["protocol_hash"], "without_aug": no_aug["protocol_hash"]}
             row["eval_keys"] += [with_aug["eval_key"], no_aug["eval_key"]]
         return row
