@@ -104,7 +104,7 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                              "window?",
           "dsa-eval": "the matching tier's DC, DSA, DM and DataDAM sets (re-made from its settings) and random subsets "
                       "with students trained under DSA augmentation (DSA's protocol: 1000 / 500 / 300 epochs), each "
-                      "also scored without it, and DC and DSA at IPC 10 with 30 outer iterations instead of 4: does DSA's "
+                      "also scored without it, and DC and DSA at IPC 10 with 30 and 60 outer iterations instead of 4: does DSA's "
                       "evaluation restore the papers' DSA >= DC order?"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
