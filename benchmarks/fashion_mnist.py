@@ -313,11 +313,12 @@ def _derives_from(config: Path, ancestor: Path) -> bool:
     return False
 
 
-def _student_training(config: Path, student: str, ipc: int) -> dict:
-    """How bench config ``config`` trains hard-label ``student``s at ``ipc``: its protocol's training
-    settings (epochs, optimizer, augmentation, precision...) and student options."""
-    protocol = load_bench_config(config).protocol_for(student, "hard", ipc=ipc)
-    return {"train": to_dict(protocol.train, identity=True), "student_options": protocol.student_options}
+def _student_training(config: Path, student: str, ipcs: list[int]) -> dict[int, dict]:
+    """How bench config ``config`` trains hard-label ``student``s at each of ``ipcs``: its protocol's
+    training settings (epochs, optimizer, augmentation, precision...) and student options."""
+    cfg = load_bench_config(config)
+    protocols = {i: cfg.protocol_for(student, "hard", ipc=i) for i in ipcs}
+    return {i: {"train": to_dict(p.train, identity=True), "student_options": p.student_options} for i, p in protocols.items()}
 
 
 def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "configs" / "bench") -> list[str]:
@@ -338,19 +339,19 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
         return []
     student, mode = tier_rows[0]["student"], tier_rows[0]["label_mode"]
     ancestor = configs / f"fashion-mnist-{family}-cpu.yaml"
-    sources = [(f"{family} tier", tier_rows)] + [
-        (name, read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"]) for name in EXTRAS
-        if (results / f"{name}-fashion-mnist-cpu.json").is_file()
+    sources = [(f"{family} tier", tier_rows, ancestor)] + [
+        (name, read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"], configs / f"fashion-mnist-{name}-cpu.yaml")
+        for name in EXTRAS if (results / f"{name}-fashion-mnist-cpu.json").is_file()
         and _derives_from(configs / f"fashion-mnist-{name}-cpu.yaml", ancestor)]
     methods = list(dict.fromkeys(r["method_name"] for r in tier_rows if r["method_name"] != "random"))
     ipcs = sorted({r["ipc"] for r in tier_rows})
-    tier_training = {i: _student_training(ancestor, student, i) for i in ipcs}
+    tier_training = _student_training(ancestor, student, ipcs)
     tried: dict[tuple[str, int], list[tuple[dict, str]]] = {}
     randoms: dict[int, list[float]] = {}
     counted = []
-    for name, rows in sources:
-        path = ancestor if name == f"{family} tier" else configs / f"fashion-mnist-{name}-cpu.yaml"
-        same = {i for i in ipcs if _student_training(path, student, i) == tier_training[i]}
+    for name, rows, path in sources:
+        training = _student_training(path, student, ipcs)
+        same = {i for i in ipcs if training[i] == tier_training[i]}
         if same:
             counted.append(name)
         for r in rows:
