@@ -110,6 +110,31 @@ def test_every_shipped_config_validates(path: Path):
         assert protocol.train.epochs >= 1
 
 
+def _per_method_configs():
+    return sorted(p for p in (REPO / "configs" / "fashion-mnist").glob("*/ipc*.yaml") if p.parent.name != "random")
+
+
+@pytest.mark.parametrize("path", _per_method_configs(), ids=lambda p: str(p.relative_to(REPO)))
+def test_per_method_configs_match_the_full_tiers(path: Path):
+    """configs/fashion-mnist/<method>/ipc<N>.yaml say "the papers' settings (as in the full bench
+    config)": their method options must be the bench entry's options with that IPC's ipc_options."""
+    from ddkit.bench import load_bench_config
+    from ddkit.evaluate.protocol import merge_overrides
+
+    specs = {}
+    for tier in ("matching", "decoupled"):
+        bench = load_bench_config(REPO / f"configs/bench/fashion-mnist-{tier}.yaml")
+        specs.update({m.key: (bench, m) for m in bench.methods if m.key != "random"})
+    distill = load_yaml(path)["distill"]
+    bench, spec = specs[distill["method"]]
+    want = merge_overrides(spec.options, spec.ipc_options.get(distill["ipc"], {}))
+    # the bench's named teachers ("@c3") are the per-method configs' teacher folders
+    if "extra_teachers" in want:
+        want["extra_teachers"] = [f"runs/fashion-mnist/teachers/{t.lstrip('@')}" for t in want["extra_teachers"]]
+    assert distill.get("options", {}) == want
+    assert load_yaml(path)["evaluate"]["protocol"] == bench.protocol
+
+
 def test_demo_config_matches_shipped_yaml():
     shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
     demo = demo_config(out=shipped.out, device=shipped.device)
