@@ -534,7 +534,7 @@ def test_segments_average_their_gradients(tiny, buffer, name, options):
     pixels, hard = init_images(tiny, 2, "real", seed)
     images = to_normalized(pixels, tiny)
     gen = torch.Generator().manual_seed(seed)
-    grads, labels = [], []
+    grads, label_params = [], []
     for _ in range(2):
         expert = int(torch.randint(0, buf.num_experts, (1,), generator=gen))
         t = int(torch.randint(0, 2, (1,), generator=gen))  # smoke window [0, 2)
@@ -546,17 +546,20 @@ def test_segments_average_their_gradients(tiny, buffer, name, options):
         if options.get("soft_labels") == "expert":
             with torch.no_grad():
                 targets = student(target, images)
-            labels.append(targets)
+            label_params.append(target)
         res = trajectory_gradients(student, start, target, images, targets, torch.tensor(0.01), steps, augment,
                                    options["gradient"])
         grads.append(res.grad_images)
     assert not torch.equal(grads[0], grads[1]), "the two segments should differ"
-    want = to_pixels(images.add((grads[0] + grads[1]) / 2, alpha=-lr_img), tiny)
-    assert torch.equal(out.images, want)
+    updated = images.add((grads[0] + grads[1]) / 2, alpha=-lr_img)
+    assert torch.equal(out.images, to_pixels(updated, tiny))
     single = _fit(name, tiny, buffer.path, seed=seed, **{**opts, "trajectories": 1})
     assert torch.equal(single.images, to_pixels(images.add(grads[0], alpha=-lr_img), tiny))  # segment 0 alone
-    if labels:  # stored soft labels: segment 0's expert
-        assert torch.equal(out.soft_labels, labels[0])
+    if label_params:  # stored soft labels: segment 0's expert on the final (updated) images
+        with torch.no_grad():
+            want, before = student(label_params[0], updated), student(label_params[0], images)
+        assert torch.allclose(out.soft_labels, want, atol=1e-6)
+        assert not torch.allclose(out.soft_labels, before, atol=1e-3), "the labels are of the images before the update"
 
 
 def test_trajectories_config_error():

@@ -22,7 +22,7 @@ def _normalised(data):
 
 
 def test_zca_whitens_and_inverts(data):
-    zca = ZCA.fit(data.train, data.mean, data.std, reg=1e-3)
+    zca = ZCA.fit(data.train, data.mean, data.std, reg=1e-4)
     x = _normalised(data)
     z = zca(x).reshape(len(x), -1).double()
     cov = torch.cov(z.T)
@@ -32,10 +32,32 @@ def test_zca_whitens_and_inverts(data):
     assert evals.max() <= 1.0 + 1e-3 and int((evals > 0.99).sum()) == rank and evals[: len(evals) - rank].abs().max() < 1e-6
     assert z.mean(0).abs().max() < 1e-4
     assert torch.allclose(zca.invert(zca(x)), x, atol=1e-3)
-    again = ZCA.fit(data.train, data.mean, data.std, reg=1e-3)
+    again = ZCA.fit(data.train, data.mean, data.std, reg=1e-4)
     assert torch.equal(again.whiten, zca.whiten)  # deterministic
     with pytest.raises(ConfigError, match="zca_reg must be > 0"):
         ZCA.fit(data.train, data.mean, data.std, reg=0.0)
+
+
+def test_zca_is_mtts_pixel_space_whitening(data):
+    """MTT's --zca (kornia ZCAWhitening, eps 0.1) whitens the raw [0, 1] pixels: the regularisation is
+    in pixel units, so ddkit's transform of the normalised images must equal that one, not a ZCA
+    fitted on the normalised images (which would be eps * std**2 in pixel units)."""
+    p = data.train.float_images().double().reshape(len(data.train), -1)
+    mu = p.mean(0)
+    cov = (p - mu).T @ (p - mu) / (len(p) - 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    kornia_like = (p - mu) @ (evecs @ torch.diag((evals.clamp_min(0) + 0.1).rsqrt()) @ evecs.T)
+    zca = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
+    x = _normalised(data)
+    got = zca(x).reshape(len(x), -1).double()
+    assert torch.allclose(got, kornia_like, atol=1e-4 * float(kornia_like.abs().max()))
+    assert torch.allclose(zca.invert(zca(x)), x, atol=1e-3)
+    # fitted on the normalised images instead, the same eps whitens much harder (std < 1 here)
+    xn = x.double().reshape(len(x), -1)
+    cn = torch.cov(xn.T)
+    en, vn = torch.linalg.eigh(cn)
+    normalised_fit = (xn - xn.mean(0)) @ (vn @ torch.diag((en.clamp_min(0) + 0.1).rsqrt()) @ vn.T)
+    assert normalised_fit.norm() > 1.2 * got.norm()
 
 
 def test_zca_regularisation_shrinks_low_variance_directions(data):
@@ -70,3 +92,18 @@ def test_zca_experts_and_mtt_round_trip(data, tmp_path):
 
     pixels, _ = init_images(data, 2, "real", 0)
     assert torch.allclose(out.images, pixels, atol=1e-4)
+    # a buffer whitened by ddkit's older ZCA (no zca_space marker) is refused, and the distilled
+    # sets of a ZCA buffer recipe get their own identity
+    import json
+
+    from ddkit.errors import DDKitError
+    from ddkit.methods.trajectory import load_experts
+
+    manifest = json.loads((tmp_path / "experts" / "manifest.json").read_text())
+    assert manifest["zca_space"] == "pixel"
+    del manifest["zca_space"]
+    (tmp_path / "experts" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDKitError, match="older ZCA"):
+        load_experts(tmp_path / "experts").zca(data)
+    assert cls.identity_tags({"buffer": {"zca": True}}) == {"zca_space": "pixel"}
+    assert cls.identity_tags({"buffer": {"zca": False}}) == {} == cls.identity_tags({})

@@ -140,14 +140,17 @@ def distill(
 
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
-    """Identity of a distilled set: options as given, data, teacher and the method's ``revision``
-    (left out while 0, so sets cached before revisions existed keep their hash; likewise
+    """Identity of a distilled set: options as given, data, teacher, the method's ``revision``
+    and ``identity_tags`` (left out while 0 / empty, so sets cached before revisions existed keep their hash; likewise
     ``soft_labels_bn`` while running)."""
     key = {"distill": omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn"), "data": data.fingerprint,
            "teacher": teacher.fingerprint if teacher is not None else None}
-    revision = getattr(METHODS.get(cfg.method), "revision", 0) if cfg.method in METHODS else 0
-    if revision:
-        key["method_revision"] = revision
+    if cfg.method in METHODS:
+        cls = METHODS.get(cfg.method)
+        if cls.revision:
+            key["method_revision"] = cls.revision
+        if tags := cls.identity_tags(cfg.options):
+            key["method_tags"] = tags
     return config_hash(key)
 
 

@@ -1,15 +1,21 @@
-"""ZCA whitening of normalised images, as a dataset transform of the trajectory-matching methods.
+"""ZCA whitening as a dataset transform of the trajectory-matching methods.
 
 KIP, MTT, FTD, TESLA and DATM train their experts and optimise their synthetic images on
-ZCA-whitened data (MTT's ``--zca``: kornia's ``ZCAWhitening`` fitted on the normalised training
-set, regularisation 0.1). With ``X`` the normalised training images flattened to ``[N, D]``,
-``mu`` their mean and ``C = (X - mu)^T (X - mu) / (N - 1) = U diag(s) U^T``::
+ZCA-whitened data. MTT's ``--zca`` (copied by FTD, DATM and AST) loads the images without
+normalising them and fits kornia's ``ZCAWhitening`` (regularisation 0.1) on the raw ``[0, 1]``
+pixels. ddkit does the same: with ``P`` the pixel-space training images flattened to ``[N, D]``,
+``mu`` their mean and ``C = (P - mu)^T (P - mu) / (N - 1) = U diag(s) U^T``::
 
-    whiten(x) = (x - mu) U diag(1 / sqrt(s + eps)) U^T        invert(z) = z U diag(sqrt(s + eps)) U^T + mu
+    whiten(p) = (p - mu) U diag(1 / sqrt(s + eps)) U^T        invert(z) = z U diag(sqrt(s + eps)) U^T + mu
 
-``eps`` (``reg``) keeps the low-variance directions from exploding. ddkit stores distilled images in
-pixel space, so a method that works in whitened space maps its images back with :meth:`ZCA.invert`
-and every evaluation protocol can read them.
+``eps`` (``reg``) keeps the low-variance directions from exploding; it is added in pixel units, so
+its effect does not depend on the dataset's normalisation (fitting on normalised images, as ddkit
+did before revision 2 of the trajectory methods, amounts to ``eps * std**2``: about 8x weaker on
+Fashion-MNIST than MTT's). ddkit's pipeline hands models normalised images, so the transform is
+called on normalised images and folds the normalisation into its matrices: ``zca(x)`` equals
+``whiten(x * std + mean)``. ddkit stores distilled images in pixel space, so a method that works in
+whitened space maps its images back with :meth:`ZCA.invert` (which returns normalised images) and
+every evaluation protocol can read them.
 """
 
 from __future__ import annotations
@@ -21,7 +27,11 @@ from ddkit.errors import ConfigError
 
 
 class ZCA:
-    """A fitted whitening: call it on normalised images ``[B, C, H, W]``; :meth:`invert` undoes it."""
+    """A fitted whitening: call it on normalised images ``[B, C, H, W]``; :meth:`invert` undoes it.
+
+    ``mean`` is the training images' mean in normalised units; ``whiten`` / ``unwhiten`` act on
+    flattened normalised images (pixel-space ZCA with the normalisation folded in).
+    """
 
     def __init__(self, mean: torch.Tensor, whiten: torch.Tensor, unwhiten: torch.Tensor, reg: float) -> None:
         self.mean, self.whiten, self.unwhiten, self.reg = mean, whiten, unwhiten, reg
@@ -29,29 +39,32 @@ class ZCA:
     @classmethod
     @torch.no_grad()
     def fit(cls, data: ImageSet, mean, std, reg: float = 0.1, batch_size: int = 8192) -> ZCA:
-        """Fit on ``data`` (pixel-space images) normalised with ``mean``/``std``; float64 sums."""
+        """Fit on ``data`` (pixel-space images) in pixel space, as MTT; ``mean``/``std`` are the
+        normalisation the returned transform's inputs carry. Float64 sums."""
         if reg <= 0:
             raise ConfigError(f"zca_reg must be > 0, got {reg}")
         n = len(data)
         if n < 2:
             raise ConfigError("ZCA needs at least 2 training images")
-        c = data.images.shape[1]
-        m = torch.tensor(mean, dtype=torch.float64).view(1, c, 1, 1)
-        s = torch.tensor(std, dtype=torch.float64).view(1, c, 1, 1)
-        d = data.images[0].numel()
+        c, h, w = data.images.shape[1:]
+        d = c * h * w
         total = torch.zeros(d, dtype=torch.float64)
         outer = torch.zeros(d, d, dtype=torch.float64)
         for lo in range(0, n, batch_size):
-            x = ((data.subset(torch.arange(lo, min(n, lo + batch_size))).float_images().double() - m) / s).reshape(-1, d)
-            total += x.sum(0)
-            outer += x.T @ x
+            p = data.subset(torch.arange(lo, min(n, lo + batch_size))).float_images().double().reshape(-1, d)
+            total += p.sum(0)
+            outer += p.T @ p
         mu = total / n
         cov = (outer - n * torch.outer(mu, mu)) / (n - 1)
         evals, evecs = torch.linalg.eigh(cov)
         evals = evals.clamp_min(0) + reg
         whiten = evecs @ torch.diag(evals.rsqrt()) @ evecs.T
         unwhiten = evecs @ torch.diag(evals.sqrt()) @ evecs.T
-        return cls(mu.float(), whiten.float(), unwhiten.float(), reg)
+        # fold the normalisation x = (p - m) / s in: p - mu = (x - (mu - m) / s) * s
+        m = torch.tensor(mean, dtype=torch.float64).view(c, 1, 1).expand(c, h, w).reshape(d)
+        s = torch.tensor(std, dtype=torch.float64).view(c, 1, 1).expand(c, h, w).reshape(d)
+        mu_x = (mu - m) / s
+        return cls(mu_x.float(), (s[:, None] * whiten).float(), (unwhiten / s[None, :]).float(), reg)
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         return x.reshape(len(x), -1)

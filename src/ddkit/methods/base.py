@@ -60,6 +60,12 @@ class Method:
         self.cfg = cfg
 
     @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        """What else identifies a set made with ``options`` (the method's options as given) when a
+        change altered only some option combinations' output (``revision`` would remake them all)."""
+        return {}
+
+    @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         """The option that makes this method label its images itself (learned, expert or committee
         logits), or None; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite them."""

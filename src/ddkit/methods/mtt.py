@@ -42,7 +42,8 @@ DATM also: lr_y 5 (IPC 1) or 2, label momentum 0.9, skip the update when the los
 the first 1000 iterations (DATM's sequential generation).
 
 ZCA: ``buffer: {zca: true}`` (or an expert buffer made with ``zca: true``) trains the experts on
-ZCA-whitened images (:mod:`ddkit.data.zca`, regularisation 0.1 as MTT's kornia call); the method
+ZCA-whitened images (:mod:`ddkit.data.zca`: fitted on raw pixels with regularisation 0.1, as MTT's
+kornia call); the method
 then initialises, unrolls and matches in whitened space and maps the images back to pixel space
 (``ZCA.invert``) for the artifact, so every protocol evaluates them like any other set.
 
@@ -79,6 +80,7 @@ from ddkit.methods.common import Checkpoint, init_images, report, to_normalized,
 from ddkit.methods.dm import check_resume, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
+    ZCA_SPACE,
     ExpertBuffer,
     ExpertConfig,
     FunctionalStudent,
@@ -392,6 +394,12 @@ class _TrajectoryMatching(Method):
 
     key = "mtt"
 
+    @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        # ZCA is fitted on raw pixels since trajectory.ZCA_SPACE (it was on normalised images)
+        buffer = options.get("buffer") or {}
+        return {"zca_space": ZCA_SPACE} if isinstance(buffer, dict) and buffer.get("zca") else {}
+
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> _TrajectoryMatching:
         cfg = self.cfg
         device = torch.device(ctx.device)
@@ -511,6 +519,9 @@ class _TrajectoryMatching(Method):
             if ema is not None:  # every iteration, after the update (FTD's ema.update)
                 ema.mul_(cfg.image_ema).add_(images.detach(), alpha=1.0 - cfg.image_ema)
             step = it + 1
+            if expert_labels and step == total and mine[0]:  # the stored labels: of the final images
+                with torch.no_grad():
+                    expert_soft = student(segments[0].target, (ema if ema is not None else images).detach())
             if ckpt.due(step, total):
                 ckpt.save({
                     "fingerprint": fingerprint,
@@ -675,7 +686,8 @@ class MTT(_TrajectoryMatching):
     Trajectories", CVPR 2022).
 
     Back-propagates through ``syn_steps`` unrolled student updates (memory grows with ``syn_steps``).
-    Differences from the reference: no ZCA (see the module table for the non-ZCA lr); the on-the-fly
+    Differences from the reference: ZCA is off by default (``buffer: {zca: true}``; the module table
+    gives the non-ZCA lrs too); the on-the-fly
     buffer (when ``experts`` is unset) has 10 experts, not 100; randomness from one seeded generator.
 
     Scale-out (all five keys): ``trajectories`` segments per iteration, averaged; under ``torchrun``
@@ -700,7 +712,8 @@ class TESLA(_TrajectoryMatching):
     exactly MTT's gradient; ``first_order`` is the reference code's computation, which drops the
     dependence of later parameters on earlier batches (equal to MTT for one step). Soft labels:
     ``soft_labels: expert`` (the reference's ``teacher_label``); the stored ``soft_labels`` are the
-    last iteration's expert logits for the final images. With ``trajectories > 1`` each segment's
+    last iteration's segment-0 expert's logits for the final images (computed after the last image
+    update; before 2026-12-04 they were those of the images before it). With ``trajectories > 1`` each segment's
     student trains on its own expert's labels and the stored ones come from segment 0 (rank 0).
     """
 
@@ -711,6 +724,11 @@ class TESLA(_TrajectoryMatching):
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         return "soft_labels: expert" if cfg.soft_labels == "expert" else None
+
+    @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        tags = super().identity_tags(options)
+        return {**tags, "expert_labels": "final"} if options.get("soft_labels") == "expert" else tags
 
 
 @METHODS.register("ftd")

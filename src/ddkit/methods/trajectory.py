@@ -25,8 +25,9 @@ Under ``torchrun`` rank ``r`` trains experts ``r, r + world_size, ...`` and rank
 artifact, which equals the single-process one.
 :func:`load_experts` reads it back (strictly: every file, every shape).
 
-Difference from the reference: no ZCA whitening (ddkit has no ZCA transform yet); MTT's CIFAR
-results with ZCA therefore need their non-ZCA learning rates. Each expert's randomness (init, batch
+With ``zca: true`` the experts train on ZCA-whitened images (:mod:`ddkit.data.zca`, fitted on the
+raw pixels as MTT's kornia call; the manifest records ``zca_space: pixel``, and a buffer whitened the
+way ddkit did before, on normalised images, is refused). Each expert's randomness (init, batch
 order, augmentation) comes from its own seeded generator, so expert ``i`` does not depend on how
 many experts were trained before it (or on a resume).
 
@@ -90,6 +91,7 @@ from ddkit.training import accuracy, normalizer, to_float
 log = logging.getLogger(__name__)
 
 KIND = "expert-buffer"
+ZCA_SPACE = "pixel"  # where ZCA is fitted (MTT: raw pixels); buffers without this marker used normalised images
 GradientMode = Literal["unroll", "exact", "first_order"]
 
 
@@ -229,6 +231,11 @@ class ExpertBuffer:
         cfg = self.manifest.get("config", {})
         if not cfg.get("zca"):
             return None
+        if self.manifest.get("zca_space") != ZCA_SPACE:
+            raise DDKitError(
+                "this expert buffer was trained on images whitened by ddkit's older ZCA (fitted on normalised "
+                "images, a weaker regularisation than MTT's); train it again with this version of ddkit"
+            )
         from ddkit.data.zca import ZCA
 
         return ZCA.fit(data.train, data.mean, data.std, float(cfg.get("zca_reg", 0.1)))
@@ -406,6 +413,8 @@ def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: li
         "experts": experts,
         "config_hash": config_hash(cfg),
     })
+    if cfg.zca:
+        manifest["zca_space"] = ZCA_SPACE
     return manifest
 
 
@@ -526,7 +535,8 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
     with contextlib.suppress(DDKitError):
         found = load_experts(out)
         if (found.manifest.get("config_hash") == config_hash(cfg)
-                and found.manifest["dataset"]["fingerprint"] == data.fingerprint):
+                and found.manifest["dataset"]["fingerprint"] == data.fingerprint
+                and (not cfg.zca or found.manifest.get("zca_space") == ZCA_SPACE)):
             return found
     return None
 
