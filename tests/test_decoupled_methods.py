@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -212,6 +213,12 @@ def test_config_errors():
         SRe2LConfig(scale_min=0)
     with pytest.raises(ConfigError, match="iterations must be >= 1.*lr must be > 0"):
         SRe2LConfig(iterations=0, lr=0)
+    # the crop-scale settings shape only RandomResizedCrop: set with another augment they would do nothing
+    with pytest.raises(ConfigError, match="scale_min, curriculum apply only to augment: rrc_flip, but augment is crop_flip"):
+        from_dict(SRe2LConfig, {"augment": "crop_flip", "scale_min": 0.5, "curriculum": "cosine"})
+    with pytest.raises(ConfigError, match="milestone applies only to augment: rrc_flip, but augment is none"):
+        from_dict(CDAConfig, {"augment": "none", "milestone": 0.5})
+    assert from_dict(EDCConfig, {"augment": "crop_flip"}).scale_min == 0.5  # the preset's own default is no error
 
 
 def test_cda_curriculum_anneals_crop_scale():
@@ -251,6 +258,23 @@ def test_each_edc_knob_changes_the_output(data, bn_teacher, tmp_path):
     for knob, opt in toggles.items():
         out = _run("edc", data, [bn_teacher], **{**EDC_BASE, **opt}, **cache)
         assert not torch.equal(out.images, base.images), f"toggling {knob} did not change the output"
+
+
+def test_flatness_term_is_edcs():
+    """EDC's code: F.kl_div(log_softmax(l / 4), softmax(l_ema / 4)) with the default 'mean'
+    reduction, i.e. KL(p_ema || p_images) / (images x classes); gradient only through the images' logits."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 10, generator=gen, requires_grad=True)
+    ema = torch.randn(6, 10, generator=gen)
+    got = S.flatness_loss(logits, ema, 4.0)
+    p_ema, p_img = F.softmax(ema / 4, 1), F.softmax(logits.detach() / 4, 1)
+    by_hand = (p_ema * (p_ema.log() - p_img.log())).sum() / (6 * 10)
+    assert torch.allclose(got, by_hand, atol=1e-7)
+    reverse = (p_img * (p_img.log() - p_ema.log())).sum() / 6  # ddkit before revision 3
+    assert not torch.allclose(got, reverse, rtol=0.5)
+    got.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    assert float(S.flatness_loss(ema, ema, 4.0)) == pytest.approx(0.0, abs=1e-7)
 
 
 def test_edc_alpha_one_ignores_class_statistics(data, bn_teacher, tmp_path):

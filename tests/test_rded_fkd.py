@@ -126,6 +126,23 @@ def test_rded_is_deterministic_and_class_seeded(data, teacher):
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, c.images)
 
 
+def test_rded_does_not_resume_another_teachers_classes(data, teacher, tmp_path):
+    """The teacher scores the patches: a checkpoint left by a run with teacher A (all classes done)
+    must not be resumed by a run with teacher B in the same work folder."""
+    other = train_teacher(data, TeacherConfig(model="tiny_convnet", model_options={}, seed=1,
+                                              train=TrainConfig(epochs=2, batch_size=32, lr=0.05)), tmp_path / "other")
+    assert other.fingerprint != teacher.fingerprint
+    cls, cfg = METHODS.get("rded"), RDEDConfig(**METHODS.get("rded").smoke_options)
+    a = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
+    assert (tmp_path / "work" / "rded.pt").is_file()
+    fresh_b = cls(cfg).fit(data, [other], FitContext(ipc=2, seed=0)).synthetic_
+    assert not torch.equal(a.images, fresh_b.images), "the two teachers should pick different patches"
+    b = cls(cfg).fit(data, [other], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
+    assert torch.equal(b.images, fresh_b.images)
+    again_a = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
+    assert torch.equal(again_a.images, a.images)
+
+
 # ----------------------------------------------------------------------------------------------- FKD
 
 

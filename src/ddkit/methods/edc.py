@@ -115,8 +115,8 @@ class EDC(Method):
     B      real-image initialisation (RDED output); iterations   ``init: rded|real`` (``noise``);
            halved vs G-VBSM                                      ``iterations: 2000`` (4000)
     C      smoothing LR schedule at evaluation                   evaluation protocol, not here
-    D      flatness regularisation: KL(observer logits on        ``flatness_weight: 0.25`` (0),
-           images || on an EMA copy), beta 0.99, tau 4           ``flatness_beta``, ``flatness_tau``
+    D      flatness regularisation: KL(observer logits on an     ``flatness_weight: 0.25`` (0),
+           EMA copy || on the images), beta 0.99, tau 4          ``flatness_beta``, ``flatness_tau``
     E      small evaluation batch, better observer choice        evaluation protocol / teachers
     F      soft category-aware matching, alpha 0.5               ``alpha: 0.5`` (1)
     G      weak augmentation, RRC scale 0.5-1 (+ EMA student     ``scale_min: 0.5`` (0.08); EMA
@@ -128,15 +128,22 @@ class EDC(Method):
     and all-slot batches off here (``conv_drop_rate``, ``densify_weight``, ``slots_per_batch``
     turn them on), so by default an EDC batch holds one image per class, as SRe2L's.
 
+    The flatness term is EDC's code's: ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over
+    images and classes (``F.kl_div``'s default ``mean``, so 1/num_classes of a per-image KL; not
+    scaled by tau^2), with the EMA copy updated by each step's images before their update. Before
+    revision 3 ddkit took the KL the other way round, per image (10x stronger on 10 classes), and
+    updated the copy after the step: every EDC number in docs/results made before 2026-12-04 used
+    that term (edc-flat compares the two).
+
     Differences: G-VBSM's logit-matching term is off (``r_logit: 0``) as EDC does not list it; the
-    flatness KL is not scaled by tau^2; the same differences from G-VBSM's code as :class:`GVBSM`.
+    same differences from G-VBSM's code as :class:`GVBSM`.
     ``flip_plugin`` adds FYI.
     """
 
     Config = EDCConfig
     needs_teacher = True
     smoke_options = dict(_SMOKE)
-    revision = 2  # 1: default init real -> rded; 2: statistics EMA + patch statistics
+    revision = 3  # 1: default init real -> rded; 2: statistics EMA + patch statistics; 3: EDC's flatness KL
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> EDC:
         self.synthetic_ = recover("edc", self.cfg, real, teachers, ctx)

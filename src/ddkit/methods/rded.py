@@ -200,7 +200,9 @@ class RDED(Method):
 
         mine = common.my_classes(real.num_classes)
         ckpt = common.Checkpoint(ctx, every=1, tag="rded")
-        key = f"rded|seed={ctx.seed}|ipc={ipc}|factor={factor}|{cfg}|{real.fingerprint}"
+        # the teacher scores the patches: a rerun with another teacher must not resume this one's classes
+        key = (f"rded|seed={ctx.seed}|ipc={ipc}|factor={factor}|{cfg}|{real.fingerprint}"
+               f"|teacher={getattr(teacher, 'fingerprint', None)}")
         state = ckpt.load()
         done: dict[int, torch.Tensor] = {}
         if state is not None and state.get("key") == key:

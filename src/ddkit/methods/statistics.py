@@ -29,6 +29,7 @@ and the FYI flip plug-in, resumable from checkpoints and sharded over ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -602,6 +603,13 @@ class RecoverConfig:
             (self.augment in ("rrc_flip", "crop_flip", "none"), f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
             (self.curriculum in ("none", "step", "linear", "cosine"), f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
         ]
+        if self.augment != "rrc_flip":  # the crop-scale settings only shape RandomResizedCrop
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            moved = [k for k in ("scale_min", "curriculum", "milestone") if getattr(self, k) != defaults[k]]
+            if moved:
+                checks.append((False, f"{', '.join(moved)} {'apply' if len(moved) > 1 else 'applies'} only to "
+                                      f"augment: rrc_flip, but augment is "
+                                      f"{self.augment}; remove them or set augment: rrc_flip"))
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ConfigError("; ".join(errors))
@@ -755,6 +763,13 @@ def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: t
     return adjusted
 
 
+def flatness_loss(logits: torch.Tensor, ema_logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """EDC's flatness term: ``KL(softmax(ema_logits / tau) || softmax(logits / tau))`` averaged over
+    images and classes (EDC's code: ``F.kl_div`` with its default ``mean`` reduction)."""
+    return F.kl_div(F.log_softmax(logits / tau, 1), F.log_softmax(ema_logits / tau, 1),
+                    reduction="batchmean", log_target=True) / logits.shape[1]
+
+
 def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  ema_inputs: torch.Tensor | None, stats_ema: StatsEMA | None = None,
                  drop: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, float]]:
@@ -773,9 +788,7 @@ def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs
     if ema_inputs is not None:
         with torch.no_grad():
             ema_logits = model(ema_inputs)
-        tau = cfg.flatness_tau
-        flat = F.kl_div(F.log_softmax(ema_logits / tau, 1), F.log_softmax(logits / tau, 1),
-                        reduction="batchmean", log_target=True)  # KL(p_images || p_ema)
+        flat = flatness_loss(logits, ema_logits, cfg.flatness_tau)
         loss = loss + cfg.flatness_weight * flat
         record["loss_flat"] = float(flat.detach())
     return loss, record
@@ -911,12 +924,13 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 loss = loss + cfg.densify_weight * dense
                 record["loss_densify"] = float(dense.detach())
             (grad,) = torch.autograd.grad(loss, [x])
+            if ema is not None:  # EDC updates the copy with this step's images, before their update
+                with torch.no_grad():
+                    ema.mul_(cfg.flatness_beta).add_(x, alpha=1 - cfg.flatness_beta)
             x.grad = grad
             opt.step()
             with torch.no_grad():
                 x.copy_(torch.max(torch.min(x, hi_px), lo_px))
-                if ema is not None:
-                    ema.mul_(cfg.flatness_beta).add_(x, alpha=1 - cfg.flatness_beta)
             record["loss"] = float(loss.detach())
             last = record
             step = ui * cfg.iterations + it + 1
