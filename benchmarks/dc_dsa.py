@@ -13,7 +13,11 @@ Cost of one outer iteration: about 7 s (IPC 1) on 2 CPU cores; on one H200 0.09 
 DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h200.md), so IPC 1 is
 a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
 
-    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda]
+    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] [--model convnet3-p3]
+
+``--model convnet3-p3`` uses the papers' code's network exactly: on 1-channel 28x28 images it pads the
+first conv by 3 (feature maps 32 -> 16 -> 8 -> 4); ``convnet3`` (the default, and the recorded IPC-1
+run) pads by 1 (28 -> 14 -> 7 -> 3).
 
 Resumable (finished sets and evaluations are reused). Two processes can share the work (each
 ``--methods`` one), then a last call without work writes the table: ``--methods dc`` /
@@ -48,6 +52,7 @@ PUBLISHED = {1: {"dc": (70.5, 0.6), "dsa": (70.6, 0.6), "random": (51.4, 3.8)},
              50: {"dc": (83.6, 0.4), "dsa": (88.7, 0.2), "random": (82.5, 0.7)}}
 PROTOCOL = {"dc": "dc-protocol", "dsa": "dsa-protocol"}
 ITERATIONS = 250  # default outer iterations (papers: 1000)
+MODEL = "convnet3"  # synthesis network and students; convnet3-p3 is the papers' code's padding on 1x28x28
 
 
 def _bar(desc: str):
@@ -62,13 +67,16 @@ def _bar(desc: str):
     return update
 
 
-def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, device: str) -> dict:
+def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, device: str,
+               model: str = MODEL) -> dict:
     """Make (or reuse) the method's set and evaluate it under its paper's protocol."""
     dcfg = DatasetConfig(name="fashion-mnist")
     data = load_dataset(dcfg)
-    cfg = DistillConfig(method=method, ipc=ipc, seed=0, options={"iterations": iterations})
-    out = work / f"{method}-it{iterations}"
-    timing = work / f"{method}-it{iterations}.synthesis.json"
+    options = {"iterations": iterations, **({"model": model} if model != MODEL else {})}
+    cfg = DistillConfig(method=method, ipc=ipc, seed=0, options=options)
+    name = f"{method}-it{iterations}" + (f"-{model}" if model != MODEL else "")
+    out = work / name
+    timing = work / f"{name}.synthesis.json"
     distilled = DistilledSet.load(out) if (out / "manifest.json").is_file() else None
     if distilled is not None and distilled.manifest.get("config_hash") == distill_hash(cfg, data, None):
         seconds = read_json(timing)["wall_seconds"]
@@ -77,8 +85,8 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
         distilled = distill(data, cfg, dcfg, out, device=device, progress=_bar(f"{method} synthesis"))
         seconds = time.perf_counter() - t0
         write_json(timing, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": seconds})
-    protocol = resolve_protocol(PROTOCOL[method], {"full_reference": False})
-    path = work / f"{method}-it{iterations}.eval.json"
+    protocol = resolve_protocol(PROTOCOL[method], {"full_reference": False, **({"student": model} if model != MODEL else {})})
+    path = work / f"{name}.eval.json"
     report = read_json(path) if path.is_file() else None
     if report is None or report["protocol_hash"] != protocol.hash or report["seeds"] != seeds:
         bar = tqdm(desc=f"{method} students", unit="ep", leave=False)
@@ -93,7 +101,7 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
         bar.close()
         write_json(path, report)
     published = PUBLISHED[ipc]
-    return {"method": method, "ipc": ipc, "loops": list(loops_for(ipc, None, None)), "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
+    return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)), "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
             "seeds": seeds, "synthesis_seconds": round(seconds, 1), "distilled": report["results"]["distilled"],
             "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
             "bytes": report["bytes"]}
@@ -102,7 +110,7 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
 def markdown(table: dict) -> str:
     outer, inner = loops_for(table["ipc"], None, None)
     lines = [f"## DC and DSA at IPC {table['ipc']}, papers' network and protocols ({table['device']})", "",
-             f"Command: `{table['command']}`. ConvNet-3 width 128 for synthesis and students; loops of IPC {table['ipc']} "
+             f"Command: `{table['command']}`. ConvNet-3 width 128 (`{table.get('model', MODEL)}`) for synthesis and students; loops of IPC {table['ipc']} "
              f"(outer {outer}, inner {inner}), 256 real images per class per step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own "
              f"paper's protocol beside a random real subset (same protocol, same seeds). Student seeds {table['seeds']}. "
              f"Outer iterations: {table['iterations']} (papers: 1000).", "",
@@ -129,6 +137,8 @@ def main() -> None:
     ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC>)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=MODEL, help="synthesis network and students (convnet3-p3: the papers' "
+                    "code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
     ap.add_argument("--report-only", action="store_true", help="only assemble the table from finished methods")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -136,19 +146,22 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     # each method runs once: the asked ones (unless --report-only), and the finished ones for the table
-    rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device) for m in ("dc", "dsa")
-            if (m in methods and not args.report_only) or (work / f"{m}-it{args.iterations}.eval.json").is_file()]
+    suffix = f"-{args.model}" if args.model != MODEL else ""
+    rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device, args.model) for m in ("dc", "dsa")
+            if (m in methods and not args.report_only) or (work / f"{m}-it{args.iterations}{suffix}.eval.json").is_file()]
     if args.report_only or set(methods) == {"dc", "dsa"}:
         device = torch.device(args.device).type
         table = {"schema_version": 1, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
+                 "model": args.model,
                  "seeds": seeds, "rows": rows,
                  "command": "DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py"
                             + (f" --ipc {args.ipc}" if args.ipc != 1 else "")
                             + (f" --iterations {args.iterations}" if args.iterations != ITERATIONS else "")
+                            + (f" --model {args.model}" if args.model != MODEL else "")
                             + (f" --device {args.device}" if device != "cpu" else ""),
                  "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), device {args.device}", "versions": versions()}
         results = Path(args.results)
-        stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}"
+        stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}{suffix}"
         md = markdown(table)
         write_results(results / f"{stem}.json", table, md)
         print(md)

@@ -105,7 +105,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "dsa-eval": "the matching tier's DC, DSA, DM and DataDAM sets (re-made from its settings) and random subsets "
                       "with students trained under DSA augmentation (DSA's protocol: 1000 / 500 / 300 epochs), each "
                       "also scored without it, and DC and DSA at IPC 10 with 30 and 60 outer iterations instead of 4: does DSA's "
-                      "evaluation restore the papers' DSA >= DC order?"}
+                      "evaluation restore the papers' DSA >= DC order?",
+          "edc-flat": "EDC with its code's flatness term (the reverse KL averaged over classes; ddkit's older term "
+                      "was about 10x stronger), beside EDC without flatness and RDED, IPC 1/10/50, both students",
+          "convnet-p3": "the matching CPU tier's DC, DSA, DM and DataDAM with the papers' ConvNet (first conv padded by "
+                        "3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis network and student"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.

@@ -132,7 +132,10 @@ def test_per_method_configs_match_the_full_tiers(path: Path):
     if "extra_teachers" in want:
         want["extra_teachers"] = [f"runs/fashion-mnist/teachers/{t.lstrip('@')}" for t in want["extra_teachers"]]
     assert distill.get("options", {}) == want
-    assert load_yaml(path)["evaluate"]["protocol"] == bench.protocol
+    run = from_dict(RunConfig, load_yaml(path))
+    assert run.evaluate.protocol == bench.protocol
+    # the student is the tier's (its first, where it trains several)
+    assert run.evaluate.protocols()[0].student == bench.students[0]
 
 
 def test_demo_config_matches_shipped_yaml():

@@ -110,7 +110,7 @@ def test_unknown_option_names_key_and_valid_ones():
     msg = str(err.value)
     assert "\n" not in msg
     assert "'widht'" in msg and "did you mean 'width'" in msg
-    assert "valid options: activation, depth, norm, pooling, width" in msg
+    assert "valid options: activation, depth, first_padding, norm, pooling, width" in msg
     with pytest.raises(
         DDKitError, match="model 'tv_resnet18' has no option 'width'; valid options: none"
     ):
@@ -163,6 +163,23 @@ def test_convnet3_parameter_count_by_hand():
     norm_layers = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert [(g.num_groups, g.num_channels, g.affine) for g in norm_layers] == [(128, 128, True)] * 3
     assert sum(isinstance(m, nn.AvgPool2d) for m in model.modules()) == 3
+
+
+def test_papers_convnet_for_28px_grayscale():
+    """The DC/DSA/DM/MTT code pads the first conv by 3 on 1-channel 28x28 images (28 -> 32 -> 16 -> 8
+    -> 4): ``-p3`` builds that network, 4*4*128 = 2048 features, the other convs padded by 1."""
+    m = create_model("convnet3-p3", 1, 10, 28)
+    convs = [x for x in m.modules() if isinstance(x, nn.Conv2d)]
+    assert [c.padding for c in convs] == [(3, 3), (1, 1), (1, 1)]
+    assert m.feature_dim == 2048 and m(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+    with torch.no_grad():
+        assert m.features[:4](torch.zeros(1, 1, 28, 28)).shape[-2:] == (16, 16)
+    # one more linear input block than convnet3 (1152 features): 896 * 10 more weights
+    n = sum(p.numel() for p in m.parameters())
+    assert n - sum(p.numel() for p in create_model("convnet3", 1, 10, 28).parameters()) == (2048 - 1152) * 10
+    assert create_model("convnet3-w32-p3-bn", 1, 10, 28).feature_dim == 32 * 4 * 4
+    with pytest.raises(DDKitError, match="first_padding must be a positive integer"):
+        create_model("convnet3", 1, 10, 28, first_padding=0)
 
 
 def test_convnet_options_build_the_named_layers():

@@ -10,11 +10,17 @@ group per channel). Difference: ``layernorm`` here is ``GroupNorm(1, width)`` (n
 W like LayerNorm, but with per-channel rather than per-pixel affine weights), so it does not depend
 on the image size.
 
+One difference from the reference code, kept for the recorded results: for 1-channel 28x28 images
+(MNIST, Fashion-MNIST) the papers' code pads the first conv by 3 (``padding=3 if channel == 1``), so
+its feature maps are 32x32 -> 16 -> 8 -> 4 and a ConvNet-3 embeds 4*4*width features; ddkit pads
+by 1 (28 -> 14 -> 7 -> 3, the last pooling dropping the 7th row and column: 3*3*width features).
+``first_padding=3`` (name token ``-p3``, e.g. ``convnet3-p3``) builds the papers' network.
+
 Names: ``convnet`` takes all options; ``convnet3``, ``convnetd{1,2,4,5}``, ``convnet3-bn``,
 ``convnet3-nonorm``, ``convnet3-w32``, ``convnet3-w64`` and ``convnet3-w32-bn`` are registered, and
 ``create_model`` also accepts any name of the form
-``convnet[<depth digit>|d<depth>][-w<width>][-bn|-in|-ln|-nonorm][-avgpool|-maxpool|-nopool]
-[-relu|-leakyrelu|-sigmoid]``, e.g. ``convnetd6-w64-bn-maxpool``.
+``convnet[<depth digit>|d<depth>][-w<width>][-p<padding>][-bn|-in|-ln|-nonorm][-avgpool|-maxpool|-nopool]
+[-relu|-leakyrelu|-sigmoid]``, e.g. ``convnetd6-w64-bn-maxpool`` or ``convnet3-w32-p3``.
 """
 
 from __future__ import annotations
@@ -80,16 +86,18 @@ class ConvNet(nn.Module):
         norm: str = "instancenorm",
         pooling: str = "avgpooling",
         activation: str = "relu",
+        first_padding: int = 1,
     ) -> None:
         super().__init__()
         check_positive_int("ConvNet depth", depth)
         check_positive_int("ConvNet width", width)
+        check_positive_int("ConvNet first_padding", first_padding)
         _check_choice("norm", norm, NORMS)
         _check_choice("pooling", pooling, POOLINGS)
         _check_choice("activation", activation, ACTIVATIONS)
-        size = image_size
+        size = image_size + 2 * first_padding - 2  # after the first 3x3 conv; the others keep the size
         if pooling != "none":
-            size = image_size >> depth  # each 2x2 stride-2 pooling floors the size by half
+            size >>= depth  # each 2x2 stride-2 pooling floors the size by half
             if size < 1:
                 raise DDKitError(
                     f"image size {image_size} is too small for a depth-{depth} ConvNet with pooling: "
@@ -97,9 +105,9 @@ class ConvNet(nn.Module):
                 )
         layers: list[nn.Module] = []
         channels = in_channels
-        for _ in range(depth):
+        for d in range(depth):
             layers += [
-                nn.Conv2d(channels, width, 3, padding=1),
+                nn.Conv2d(channels, width, 3, padding=first_padding if d == 0 else 1),
                 _norm(norm, width),
                 _activation(activation),
             ]
@@ -136,9 +144,10 @@ def convnet(
     norm: str = "instancenorm",
     pooling: str = "avgpooling",
     activation: str = "relu",
+    first_padding: int = 1,
 ) -> ConvNet:
     """ConvNet with every option; the defaults are the standard ConvNet-3 (``convnet3``)."""
-    return ConvNet(in_channels, num_classes, image_size, depth, width, norm, pooling, activation)
+    return ConvNet(in_channels, num_classes, image_size, depth, width, norm, pooling, activation, first_padding)
 
 
 _VARIANTS: dict[str, dict[str, Any]] = {
@@ -171,8 +180,8 @@ _TOKENS: dict[str, tuple[str, str]] = {
     "sigmoid": ("activation", "sigmoid"),
 }
 GRAMMAR = (
-    "convnet[<depth digit>|d<depth>][-w<width>][-bn|-in|-ln|-nonorm][-avgpool|-maxpool|-nopool]"
-    "[-relu|-leakyrelu|-sigmoid]"
+    "convnet[<depth digit>|d<depth>][-w<width>][-p<first conv padding>][-bn|-in|-ln|-nonorm]"
+    "[-avgpool|-maxpool|-nopool][-relu|-leakyrelu|-sigmoid]"
 )
 
 
@@ -189,6 +198,8 @@ def parse_convnet_name(name: str) -> tuple[str, dict[str, Any]] | None:
     for token in m.group(3).split("-")[1:]:
         if re.fullmatch(r"w\d+", token):
             key, value = "width", int(token[1:])
+        elif re.fullmatch(r"p\d+", token):
+            key, value = "first_padding", int(token[1:])
         elif token in _TOKENS:
             key, value = _TOKENS[token]
         else:
