@@ -123,3 +123,30 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     assert mixed["teacher"]["weights_sha"] == both.fingerprint
     with pytest.raises(DDKitError, match="extra teacher .* not found"):
         evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "nope")]}), [0], data=data, teacher=teacher)
+
+
+def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):
+    """learned_lr (MTT's evaluation): the distilled set's and the random subset's students train with
+    the set's meta syn_lr, exactly as a protocol with that train.lr; sets without one are refused."""
+    import copy
+
+    from ddkit.distilled import DistilledSet
+
+    data, _, ds, _ = setup
+    with pytest.raises(DDKitError, match="set has none .*set learned_lr: false"):
+        evaluate(ds, resolve_protocol(tiny_protocol, {"learned_lr": True}), [0], data=data)
+    manifest = copy.deepcopy(ds.manifest)
+    manifest.setdefault("meta", {})["syn_lr"] = 0.003
+    learned = DistilledSet(ds.images, ds.labels, manifest)
+    proto = resolve_protocol(tiny_protocol, {"learned_lr": True})
+    assert proto.hash != tiny_protocol.hash and "learned_lr" not in tiny_protocol.identity()
+    got = evaluate(learned, proto, [0, 1], data=data, cache_dir=tmp_path)
+    assert got["learned_lr"] == 0.003
+    fixed = resolve_protocol(tiny_protocol, {"train": {"lr": 0.003}})
+    want = evaluate(ds, fixed, [0, 1], data=data, cache_dir=tmp_path / "other")
+    assert got["results"]["distilled"] == want["results"]["distilled"]
+    assert got["results"]["random"] == want["results"]["random"]
+    plain = evaluate(ds, tiny_protocol, [0, 1], data=data, cache_dir=tmp_path)
+    assert plain["results"]["distilled"]["per_seed"] != got["results"]["distilled"]["per_seed"]
+    with pytest.raises(Exception, match="learned_lr is not supported with label_mode fkd"):
+        resolve_protocol(tiny_protocol, {"learned_lr": True, "label_mode": "fkd", "loss": "kl", "fkd_store": "x"})

@@ -39,6 +39,8 @@ class ProtocolConfig:
     fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
     extra_teachers: list[str] = field([], added=True, help="more teacher artifacts: soft labels become the mean logits of the "
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
+    learned_lr: bool = field(False, added=True, help="train the students with the set's learned student lr (meta syn_lr: "
+                             "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the random subset too")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
     full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")
@@ -55,6 +57,8 @@ class ProtocolConfig:
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+        if self.learned_lr and self.label_mode == "fkd":
+            raise ConfigError("learned_lr is not supported with label_mode fkd; set learned_lr: false")
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
 

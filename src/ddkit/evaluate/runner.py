@@ -7,6 +7,7 @@ single-process run exactly) and the full-data reference is trained data-parallel
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -110,9 +111,10 @@ def _train_student(
 
 
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
-                      cache_dir: str | Path | None) -> Path:
+                      cache_dir: str | Path | None, lr: float | None = None) -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
-    (protocol without the fkd store path, data, teacher, FKD store settings, IPC, seed)."""
+    (protocol without the fkd store path, data, teacher, FKD store settings, IPC, seed, and the
+    learned lr it trains with under ``learned_lr``)."""
     proto = {**protocol.identity(), "fkd_store": None}
     settings = None
     if store is not None:
@@ -121,12 +123,13 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
                                     "top_k": store.top_k, "teacher_bn": store.teacher_bn,
                                     "teacher_bn_batch": store.teacher_bn_batch})
     key = config_hash({"protocol": proto, "data": data.fingerprint, "ipc": ipc, "seed": seed, "fkd": settings,
-                       "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None})
+                       "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
+                       **({"lr": lr} if lr is not None else {})})
     return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
 
 
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
-                     progress=None) -> float:
+                     progress=None, train: TrainConfig | None = None) -> float:
     """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class."""
     idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed + RANDOM_SEED_OFFSET)
     subset = data.train.subset(idx)
@@ -137,8 +140,8 @@ def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store,
     if protocol.label_mode == "stored":
         stored = teacher_logits(teacher, subset.images, data.mean, data.std, device, bn=protocol.teacher_bn,
                                 bn_batch=protocol.teacher_bn_batch, seed=seed + RANDOM_SEED_OFFSET)
-    return _train_student(subset, data, protocol, protocol.train, seed, device, protocol.label_mode, teacher, stored,
-                          progress=progress)
+    return _train_student(subset, data, protocol, train or protocol.train, seed, device, protocol.label_mode, teacher,
+                          stored, progress=progress)
 
 
 def full_reference(
@@ -223,6 +226,16 @@ def evaluate(
     if mode == "stored" and distilled.soft_labels is None:
         raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
 
+    train, learned = protocol.train, None
+    if protocol.learned_lr:
+        learned = man.get("meta", {}).get("syn_lr")
+        if learned is None:
+            raise DDKitError(f"protocol learned_lr trains students with the set's learned lr, but this {distilled.method!r} "
+                             "set has none (only mtt, tesla, ftd, datm and shq learn one); set learned_lr: false")
+        learned = float(learned)
+        train = dataclasses.replace(protocol.train, lr=learned)
+        log.info("students train with the set's learned lr %.5g (protocol learned_lr)", learned)
+
     cb_for = (lambda label: (lambda e, n, r: progress(label, e, n))) if progress else (lambda label: None)
     t0 = time.perf_counter()
     mine = seeds[info.rank :: info.world_size]
@@ -233,14 +246,15 @@ def evaluate(
             row = {"distilled": _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))}
         else:
             row = {"distilled": _train_student(
-                distilled.as_imageset(), data, protocol, protocol.train, s, device, mode, teacher,
+                distilled.as_imageset(), data, protocol, train, s, device, mode, teacher,
                 distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
         if protocol.random_baseline and ipc is not None:
-            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir)
+            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned)
             if cache.is_file():
                 row["random"] = float(read_json(cache, "cache entry")["accuracy"])
             else:
-                row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device, cb_for(f"random subset, seed {s}"))
+                row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
+                                                 cb_for(f"random subset, seed {s}"), train)
                 write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
                                    "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
         local[s] = row
@@ -257,6 +271,7 @@ def evaluate(
     report.update({
         "seeds": seeds,
         "protocol_hash": protocol.hash,
+        **({"learned_lr": learned} if learned is not None else {}),
         "distilled": {"path": str(distilled.path) if distilled.path else None, "method": distilled.method,
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},

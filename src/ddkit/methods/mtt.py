@@ -18,7 +18,7 @@ warning). Rank 0 writes the checkpoints; every rank resumes from them.
 
 Images are optimised in normalised space (as the references, which optimise the normalised or
 ZCA-whitened tensors) and returned in pixel space, unclamped. ``meta["syn_lr"]`` holds the learned
-learning rate, which MTT-style evaluation uses to train students on the distilled set.
+learning rate; a protocol with ``learned_lr: true`` trains the students with it, as MTT's evaluation.
 
 Per-IPC settings of the papers (CIFAR-10, ConvNet-3; lr_img values marked ZCA were tuned for
 ZCA-whitened images: set ``buffer.zca: true``, see below). DATM rows: the authors' configs
