@@ -109,7 +109,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-flat": "EDC with its code's flatness term (the reverse KL averaged over classes; ddkit's older term "
                       "was about 10x stronger), beside EDC without flatness and RDED, IPC 1/10/50, both students",
           "convnet-p3": "the matching CPU tier's DC, DSA, DM and DataDAM with the papers' ConvNet (first conv padded by "
-                        "3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis network and student"}
+                        "3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis network and student",
+          "learned-lr-e8": "MTT's evaluation: students trained with the set's learned lr (protocol learned_lr) "
+                           "instead of the DC protocol's 0.01, MTT at IPC 10 with 8-epoch experts"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
