@@ -109,16 +109,77 @@ def test_load_errors(tiny, tmp_path):
 def test_atomic_dir_leaves_nothing_on_failure_and_keeps_old(tmp_path):
     final = tmp_path / "out"
     final.mkdir()
+    (final / "manifest.json").write_text(json.dumps({"kind": "thing"}))
     (final / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError), atomic_dir(final) as tmp:
+    with pytest.raises(RuntimeError), atomic_dir(final, kind="thing") as tmp:
         (tmp / "new.txt").write_text("new")
         raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert (final / "old.txt").read_text() == "old"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final, kind="thing") as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
+    """--out pointing at a user's folder, a file, or another kind of ddkit output is refused (nothing
+    deleted, nothing left behind); an empty folder or an output of the same kind is replaced."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    with pytest.raises(DDKitError, match="exists and is not a ddkit output"), atomic_dir(precious):
+        pass
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    with pytest.raises(DDKitError, match="is a file, not a folder"), atomic_dir(afile):
+        pass
+    ds = _random_set(tiny, tmp_path)
+    with pytest.raises(DDKitError, match="holds a ddkit 'distilled-set' output, where a 'imagefolder-export'"):
+        ds.export(ds.path, "imagefolder")
+    with pytest.raises(DDKitError, match="is a folder; --format pt writes one file"):
+        ds.export(precious, "pt")
+    assert (precious / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"
+    assert ddkit.load(ds.path).ipc == ds.ipc  # the source set survived
+    (tmp_path / "empty").mkdir()
+    ds.save(tmp_path / "empty")
+    ds.save(tmp_path / "empty")  # a distilled set over a distilled set: fine
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # files are written with the umask's mode like open() would, not mkstemp's private 0600
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "empty" / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "empty" / "images.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    ds = distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=False), DatasetConfig(name="synthetic"),
+                 tmp_path / "r")
+    path = ds.path
+    t = load_file(str(path / "images.safetensors"))
+    save_file({"images": t["images"], "labels": t["labels"] + 10}, str(path / "images.safetensors"))
+    with pytest.raises(DDKitError, match="labels outside 0..3"):
+        ddkit.load(path)
+    save_file(t, str(path / "images.safetensors"))
+    man = json.loads((path / "manifest.json").read_text())
+    man["files"]["soft_labels"] = "soft_labels.safetensors"
+    (path / "manifest.json").write_text(json.dumps(man))
+    n = len(t["labels"])
+    for bad, msg in [({"logits": torch.zeros(2 * n, 4)}, "have shape \\[16, 4\\] but the set has 8 images of 4 classes"),
+                     ({"logits": torch.zeros(n, 5)}, "shape \\[8, 5\\]"),
+                     ({"other": torch.zeros(n, 4)}, "no 'logits' tensor"),
+                     ({"logits": torch.full((n, 4), float("nan"))}, "NaN or infinite")]:
+        save_file(bad, str(path / "soft_labels.safetensors"))
+        with pytest.raises(DDKitError, match=msg):
+            ddkit.load(path)
+    del man["files"]
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DDKitError, match="lacks \\['files'\\]"):
+        ddkit.load(path)
 
 
 def test_full_method_is_whole_training_set(tiny, tmp_path):

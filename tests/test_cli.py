@@ -97,6 +97,9 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.ipcc=3"], "unknown config key 'distill.ipcc'; did you mean 'ipc'?"),
         (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "dataset.path /nonexistent/fm does not exist"),
         (["teacher", "--dataset", "synthetic", "--model", "convnet33"], "unknown model 'convnet33'; did you mean"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--device", "tpu"], "unknown device 'tpu'"),
+        # no CUDA here: "not available"; with CUDA: no device 99
+        (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--device", "cuda:99"], "cuda:99"),
     ],
 )
 def test_bad_input_one_line_exit_2_no_output(args, message, tmp_path, capsys, monkeypatch):
@@ -163,3 +166,22 @@ def test_precision_flag_reaches_teacher_and_protocol(tmp_path, capsys):
     # fp32 keeps the protocol hash (and file name) of before the option; bf16 is another protocol, another file
     assert len(reports["fp32"]) == 1 and len(reports["bf16"]) == 2
     assert sorted(r["config"]["train"]["precision"] for r in reports["bf16"]) == ["bf16", "fp32"]
+
+
+def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out",
+                            str(precious), "-q"], capsys)
+    assert code == 2 and "exists and is not a ddkit output" in err and err.count("\n") == 1
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]
+    code, _, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out",
+                          str(tmp_path / "r2"), "-q"], capsys)
+    assert code == 0
+    code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--out", str(precious), "--seeds", "0,0", "-q"], capsys)
+    assert code == 2 and "repeat a seed" in err
+    # `ddkit relabel` prints an evaluate command with --label-mode fkd: the flag takes it
+    from ddkit.cli import build_parser
+
+    assert build_parser().parse_args(["evaluate", "x", "--label-mode", "fkd"]).label_mode == "fkd"

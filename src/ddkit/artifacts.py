@@ -49,14 +49,26 @@ def versions() -> dict[str, str]:
     }
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are private (0600)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Write text atomically (temp file in the same folder + rename): readers never see half a file."""
     path = Path(path)
+    if path.is_dir():
+        raise DDKitError(f"output {str(path)!r} is a folder; give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -96,6 +108,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -127,15 +140,58 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
+# files that name the kind of what a folder holds: an artifact's manifest, an export's meta or class list
+_KIND_FILES = ("manifest.json", "meta.json", "classes.json")
+
+
+def folder_kind(path: Path) -> str | None:
+    """The ``kind`` recorded in a ddkit output folder (manifest, export meta), or None if none is."""
+    for name in _KIND_FILES:
+        f = path / name
+        if f.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                kind = json.loads(f.read_text()).get("kind")
+                if isinstance(kind, str):
+                    return kind
+    return None
+
+
+def check_output_dir(final: Path, kind: str | None) -> None:
+    """Refuse to replace ``final`` unless it is missing, an empty folder, or a ddkit output of ``kind``
+    (any ddkit output when ``kind`` is None): --out must never delete a user's files."""
+    if not final.exists() and not final.is_symlink():
+        return
+    if not final.is_dir():
+        raise DDKitError(f"output {str(final)!r} is a file, not a folder; choose another --out or remove the file")
+    if not any(final.iterdir()):
+        return
+    found = folder_kind(final)
+    if found is None:
+        raise DDKitError(f"output {str(final)!r} exists and is not a ddkit output (no manifest); choose another --out "
+                         "or remove it")
+    if kind is not None and found != kind:
+        raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where a {kind!r} output would go; choose another --out or remove it")
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``final`` only if the block succeeds."""
+def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``final`` only if the block succeeds.
+
+    An existing ``final`` is replaced only when it is an empty folder or a ddkit output of ``kind``
+    (see :func:`check_output_dir`); otherwise, or with ``overwrite=False``, a one-line error."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise DDKitError(f"output {str(final)!r} already exists; choose another --out or remove it")
+    check_output_dir(final, kind)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DDKitError(f"cannot create the output folder {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
     tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise DDKitError(f"cannot write in {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
     try:
         yield tmp
     except BaseException:

@@ -751,7 +751,7 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     mean = torch.tensor(distilled.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(distilled.std, dtype=torch.float32).view(1, -1, 1, 1)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, kind="ddranking-export") as tmp:
         torch.save(((x - mean) / std).contiguous(), tmp / "images.pt")
         torch.save(labels[order].clone(), tmp / "labels.pt")
         if distilled.soft_labels is not None:

@@ -450,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("evaluate", help="train fresh students on a distilled set and report accuracy")
     sp.add_argument("distilled", help="distilled-set directory")
     sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
-    sp.add_argument("--label-mode", choices=["hard", "teacher", "stored"])
+    sp.add_argument("--label-mode", choices=["hard", "teacher", "stored", "fkd"])
     sp.add_argument("--epochs", type=int, help="override the protocol's epochs")
     precision_flag(sp, "the students' training and testing (train.precision)")
     sp.add_argument("--teacher", help="teacher artifact directory (label modes teacher/stored)")
@@ -544,6 +544,11 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(args)
     except DDKitError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        ddist.shutdown(barrier=False)
+        return 2
+    except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt:

@@ -210,7 +210,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
     if data is None:
-        return {}
+        raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ for examples)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data

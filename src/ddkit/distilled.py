@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from ddkit.artifacts import (
     DescribesDataset,
     atomic_dir,
+    atomic_torch_save,
     base_manifest,
     load_tensors,
     read_manifest,
@@ -135,7 +136,7 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})
             if self.soft_labels is not None:
                 save_tensors(tmp / SOFT, {"logits": self.soft_labels})
@@ -148,6 +149,9 @@ class DistilledSet(DescribesDataset, Dataset):
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
         path = Path(path)
         manifest = read_manifest(path, KIND)
+        missing = [k for k in ("files", "num_images", "dataset") if k not in manifest]
+        if missing or not isinstance(manifest["files"], dict) or "images" not in manifest["files"]:
+            raise DDKitError(f"{path / 'manifest.json'} lacks {missing or ['files.images']}; re-create the distilled set")
         tensors = load_tensors(path / manifest["files"]["images"], what="distilled images")
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
@@ -155,32 +159,39 @@ class DistilledSet(DescribesDataset, Dataset):
         if len(images) != len(labels) or len(labels) != manifest["num_images"]:
             raise DDKitError(f"{path} is inconsistent: {len(images)} images, {len(labels)} labels, manifest says "
                              f"{manifest['num_images']}; re-create the distilled set")
+        num_classes = len(manifest["dataset"].get("classes") or []) or None
+        if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
+            raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found {int(labels.min())}.."
+                             f"{int(labels.max())}); re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
-            soft = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")["logits"]
+            stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")
+            soft = stored.get("logits")
+            want = (len(labels), num_classes) if num_classes else None
+            if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):
+                shape = list(soft.shape) if soft is not None else "no 'logits' tensor"
+                raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} have shape {shape} but the set "
+                                 f"has {len(labels)} images of {num_classes} classes; re-run distill --soft-labels")
+            if not torch.isfinite(soft).all():
+                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
         return cls(images, labels, manifest, soft, path, normalize)
 
     def export(self, out: str | Path, fmt: str) -> Path:
         """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors)."""
         out = Path(out)
         if fmt == "pt":
-            import os
-            import tempfile
-
-            out.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-            os.close(fd)
+            if out.is_dir():
+                raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            torch.save({"images": x, "labels": self.labels[order], "classes": self.classes,
-                        "mean": list(self.mean), "std": list(self.std)}, tmp)
-            os.replace(tmp, out)
+            atomic_torch_save({"images": x, "labels": self.labels[order], "classes": self.classes,
+                               "mean": list(self.mean), "std": list(self.std)}, out)
             return out
         if fmt == "imagefolder":
             from PIL import Image
 
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, kind="imagefolder-export") as tmp:
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
                 for img, y in zip(to_uint8(self.images), self.labels.tolist()):
@@ -189,7 +200,8 @@ class DistilledSet(DescribesDataset, Dataset):
                     arr = img.permute(1, 2, 0).numpy()
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
-                write_json(tmp / "classes.json", {"classes": self.classes, "folders": names})
+                write_json(tmp / "classes.json", {"schema_version": 1, "kind": "imagefolder-export",
+                                                  "classes": self.classes, "folders": names})
             return out
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ddkit.determinism import use_deterministic_cuda
+from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,20 @@ def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         device = f"cuda:{info.local_rank}"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise DDKitError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DDKitError(f"device {device!r} asked for but CUDA is not available here; use --device cpu or auto")
+        if dev.index is not None and dev.index >= count:
+            raise DDKitError(f"device {device!r} does not exist (this machine has {count} CUDA device(s)); use cuda:0..{count - 1}")
+    elif dev.type not in ("cpu", "mps"):
+        raise DDKitError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     use_deterministic_cuda(device)
-    return torch.device(device)
+    return dev
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -189,6 +189,8 @@ def evaluate(
     seeds = list(seeds)
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
+    if len(set(seeds)) != len(seeds):
+        raise DDKitError(f"evaluation seeds {seeds} repeat a seed (the same student twice would inflate n); pass distinct seeds")
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
     device = torch.device(device)

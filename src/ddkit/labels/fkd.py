@@ -292,7 +292,7 @@ class SoftLabelStore:
         man["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()}
         man["bytes"] = {"total": self.nbytes, "logits": self.logit_nbytes}
         man["files"] = {"labels": FILE}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / FILE, self.tensors, metadata={"kind": KIND, "format": str(FORMAT)})
             write_json(tmp / "manifest.json", man)
         self.manifest, self.path = man, out

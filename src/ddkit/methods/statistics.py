@@ -365,7 +365,7 @@ def real_statistics(
             manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
                              "dataset": real.name, "num_classes": real.num_classes,
                              "build_seconds": round(seconds, 3)})
-            with atomic_dir(path) as tmp:
+            with atomic_dir(path, kind=KIND) as tmp:
                 save_tensors(tmp / TENSORS, stats)
                 write_json(tmp / "manifest.json", manifest)
         ddist.barrier()

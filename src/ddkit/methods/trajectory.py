@@ -495,7 +495,7 @@ def train_experts(
     buffer = ExpertBuffer(trajectories, _manifest(data, cfg, spec_model, summaries))
     if out is not None:
         if info.is_main:
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, kind=KIND) as tmp:
                 for i, traj in enumerate(trajectories):
                     save_tensors(tmp / _expert_file(i), {"trajectory": traj})
                 write_json(tmp / "manifest.json", buffer.manifest)

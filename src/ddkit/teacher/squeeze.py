@@ -98,7 +98,7 @@ class Teacher(DescribesDataset):
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / WEIGHTS, self.model.state_dict())
             write_json(tmp / "manifest.json", self.manifest)
         self.path = out
