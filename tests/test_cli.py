@@ -185,3 +185,19 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
     from ddkit.cli import build_parser
 
     assert build_parser().parse_args(["evaluate", "x", "--label-mode", "fkd"]).label_mode == "fkd"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("evaluate.overrides.student=nosuchmodel", "unknown model 'nosuchmodel'"),
+    ("evaluate.protocol=nosuch", "unknown protocol 'nosuch'"),
+    ("evaluate.label_modes=[teacher]", "label mode 'teacher' needs a teacher but teacher is null"),
+    ("distill.options.iterations=3", "unknown config key 'distill.options.iterations'"),
+])
+def test_run_checks_the_whole_config_before_any_stage(setting, message, tmp_path, capsys):
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", str(REPO / "configs/fashion-mnist/random/ipc10.yaml"), "--out", str(out), "-q",
+                            "--set", "dataset.name=synthetic", "--set", "distill.ipc=2", "--set", setting], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # not even the distilled set

@@ -154,6 +154,28 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
     return config_hash(key)
 
 
+def check_run(cfg: RunConfig, data: DataBundle) -> None:
+    """Fail before any stage runs (and leaves output) on what would only fail later: the method's
+    options, the evaluation protocols and their overrides, the students, label modes without the
+    teacher or soft labels they need."""
+    from ddkit.models import create_model
+
+    method = METHODS.get(cfg.distill.method)
+    method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
+    if method.needs_teacher and cfg.teacher is None:
+        raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
+    c, h, _ = data.image_shape
+    for protocol in cfg.evaluate.protocols():
+        mode = protocol.label_mode
+        if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
+            raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
+                              "or use label mode hard")
+        if mode == "stored" and not (cfg.distill.soft_labels or method.own_soft_labels(method_cfg)):
+            raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set distill.soft_labels: true")
+        with torch.random.fork_rng(devices=[]):  # a bad student name or option fails now, not after distillation
+            create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+
+
 def run(
     cfg: RunConfig,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
@@ -167,6 +189,7 @@ def run(
     out = Path(cfg.out)
     data = load_dataset(cfg.dataset)
     log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test), data.fingerprint)
+    check_run(cfg, data)
     resolved = to_dict(cfg)
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
