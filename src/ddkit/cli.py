@@ -7,8 +7,10 @@ strictly and calls a library function. User errors print ``error: ...`` and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -546,6 +548,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         ddist.shutdown(barrier=False)
         return 2
+    except BrokenPipeError:  # `ddkit show edc | head`: the reader left; say nothing more
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        ddist.shutdown(barrier=False)
+        return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
         where = f" {exc.filename!r}" if exc.filename else ""
         print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
