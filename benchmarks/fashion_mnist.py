@@ -321,10 +321,12 @@ def _derives_from(config: Path, ancestor: Path) -> bool:
 
 def _student_training(config: Path, student: str, ipcs: list[int]) -> dict[int, dict]:
     """How bench config ``config`` trains hard-label ``student``s at each of ``ipcs``: its protocol's
-    training settings (epochs, optimizer, augmentation, precision...) and student options."""
+    training settings (epochs, optimizer, augmentation, precision...), student options, and whether
+    the lr is the set's learned one (``learned_lr``)."""
     cfg = load_bench_config(config)
     protocols = {i: cfg.protocol_for(student, "hard", ipc=i) for i in ipcs}
-    return {i: {"train": to_dict(p.train, identity=True), "student_options": p.student_options} for i, p in protocols.items()}
+    return {i: {"train": to_dict(p.train, identity=True), "student_options": p.student_options,
+                "learned_lr": p.learned_lr} for i, p in protocols.items()}
 
 
 def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "configs" / "bench") -> list[str]:
@@ -332,7 +334,7 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
 
     Only runs whose bench config names the tier's config through ``base:`` count (same data and student),
     only at the IPCs where they train students as the tier does (a run that changes the epochs, the
-    augmentation or the precision is left out there), and only the tier's label mode and student. Each
+    augmentation, the precision or trains with the learned lr is left out there), and only the tier's label mode and student. Each
     cell gives the set's accuracy, its gain over the random subset of the same run (IOR), its label and
     run, and how many sets of that method and IPC were run: the best of several configurations, each one
     synthesis seed, is an optimistic number.

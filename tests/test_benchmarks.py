@@ -42,7 +42,10 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
         "base: fashion-mnist-matching-cpu.yaml\nipc_overrides: {10: {train: {epochs: 600}}}\n")
     (configs / "fashion-mnist-augmented-cpu.yaml").write_text(
         "base: fashion-mnist-matching-cpu.yaml\noverrides: {train: {augment: dsa}}\n")
-    monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": "", "longer": "", "augmented": ""})
+    (configs / "fashion-mnist-learned-cpu.yaml").write_text(
+        "base: fashion-mnist-matching-cpu.yaml\noverrides: {learned_lr: true}\n")
+    monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": "", "longer": "", "augmented": "",
+                                       "learned": ""})
 
     def write(name, rows):
         (results / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
@@ -57,10 +60,11 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
     write("longer", [_row("mtt-long", "mtt", 10, 0.99, 0.70), _row("dm-long", "dm", 1, 0.64, 0.53),
                      _row("random", "random", 10, 0.70, 0.70)])
     write("augmented", [_row("mtt-aug", "mtt", 10, 0.99, 0.74), _row("dm-aug", "dm", 1, 0.99, 0.53)])
+    write("learned", [_row("mtt-learned", "mtt", 10, 0.99, 0.74)])
 
     text = "\n".join(fm.best_sets(results, configs=configs))
     assert "matching tier, child, grandchild, longer (" in text and "other" not in text and "augmented" not in text
-    assert "mtt-long" not in text and "-aug`" not in text
+    assert "mtt-long" not in text and "-aug`" not in text and "learned" not in text
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
     # mtt at IPC 10: the grandchild's 82.00 beats the tier's and the child's; stored and ResNet rows never count
     assert table["mtt"][1].startswith("82.00 ± 1.00 (+8.00; `mtt-x1`, grandchild; 3)")
