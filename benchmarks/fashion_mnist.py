@@ -334,7 +334,8 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
 
     Only runs whose bench config names the tier's config through ``base:`` count (same data and student),
     only at the IPCs where they train students as the tier does (a run that changes the epochs, the
-    augmentation, the precision or trains with the learned lr is left out there), and only the tier's label mode and student. Each
+    augmentation, the precision or trains with the learned lr is left out there), and only the tier's
+    label mode and student (a run without rows of them is not listed). Each
     cell gives the set's accuracy, its gain over the random subset of the same run (IOR), its label and
     run, and how many sets of that method and IPC were run: the best of several configurations, each one
     synthesis seed, is an optimistic number.
@@ -360,8 +361,8 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
     for name, rows, path in sources:
         training = _student_training(path, student, ipcs)
         same = {i for i in ipcs if training[i] == tier_training[i]}
-        if same:
-            counted.append(name)
+        if same and any(r["student"] == student and r["label_mode"] == mode for r in rows):
+            counted.append(name)  # a run of other students or label modes only (convnet-p3) has nothing here
         for r in rows:
             if (r["label_mode"] != mode or r["student"] != student or r["method"] in ABLATION
                     or r["ipc"] not in same):

@@ -42,10 +42,11 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
         "base: fashion-mnist-matching-cpu.yaml\nipc_overrides: {10: {train: {epochs: 600}}}\n")
     (configs / "fashion-mnist-augmented-cpu.yaml").write_text(
         "base: fashion-mnist-matching-cpu.yaml\noverrides: {train: {augment: dsa}}\n")
+    (configs / "fashion-mnist-otherstudent-cpu.yaml").write_text("base: fashion-mnist-matching-cpu.yaml\n")
     (configs / "fashion-mnist-learned-cpu.yaml").write_text(
         "base: fashion-mnist-matching-cpu.yaml\noverrides: {learned_lr: true}\n")
     monkeypatch.setattr(fm, "EXTRAS", {"child": "", "grandchild": "", "other": "", "longer": "", "augmented": "",
-                                       "learned": ""})
+                                       "learned": "", "otherstudent": ""})
 
     def write(name, rows):
         (results / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
@@ -61,10 +62,11 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
                      _row("random", "random", 10, 0.70, 0.70)])
     write("augmented", [_row("mtt-aug", "mtt", 10, 0.99, 0.74), _row("dm-aug", "dm", 1, 0.99, 0.53)])
     write("learned", [_row("mtt-learned", "mtt", 10, 0.99, 0.74)])
+    write("otherstudent", [{**_row("mtt-p3", "mtt", 10, 0.99, 0.74), "student": "convnet3-w32-p3"}])
 
     text = "\n".join(fm.best_sets(results, configs=configs))
     assert "matching tier, child, grandchild, longer (" in text and "other" not in text and "augmented" not in text
-    assert "mtt-long" not in text and "-aug`" not in text and "learned" not in text
+    assert "mtt-long" not in text and "-aug`" not in text and "learned" not in text and "otherstudent" not in text
     table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
     # mtt at IPC 10: the grandchild's 82.00 beats the tier's and the child's; stored and ResNet rows never count
     assert table["mtt"][1].startswith("82.00 ± 1.00 (+8.00; `mtt-x1`, grandchild; 3)")
