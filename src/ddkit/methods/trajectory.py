@@ -231,7 +231,7 @@ class ExpertBuffer:
         cfg = self.manifest.get("config", {})
         if not cfg.get("zca"):
             return None
-        if self.manifest.get("zca_space") != ZCA_SPACE:
+        if not _zca_current(self.manifest):
             raise DDKitError(
                 "this expert buffer was trained on images whitened by ddkit's older ZCA (fitted on normalised "
                 "images, a weaker regularisation than MTT's); train it again with this version of ddkit"
@@ -401,6 +401,11 @@ def build_seconds(manifest: dict) -> float | None:
     return sum(seconds) if seconds and None not in seconds else None
 
 
+def _zca_current(manifest: dict) -> bool:
+    """False for a buffer trained on ddkit's older ZCA (fitted on normalised images, no ``zca_space``)."""
+    return not manifest.get("config", {}).get("zca") or manifest.get("zca_space") == ZCA_SPACE
+
+
 def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: list[dict]) -> dict:
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update({
@@ -536,7 +541,7 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
         found = load_experts(out)
         if (found.manifest.get("config_hash") == config_hash(cfg)
                 and found.manifest["dataset"]["fingerprint"] == data.fingerprint
-                and (not cfg.zca or found.manifest.get("zca_space") == ZCA_SPACE)):
+                and _zca_current(found.manifest)):
             return found
     return None
 
