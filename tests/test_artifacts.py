@@ -82,6 +82,11 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
     blob = torch.load(pt, weights_only=True)
     assert blob["images"].shape == (12, 1, 16, 16) and blob["classes"] == tiny.classes
     assert blob["labels"].tolist() == sorted(blob["labels"].tolist())  # class-major
+    for record in (blob, json.loads((folder / "classes.json").read_text())):  # exports say what made them
+        assert record["schema_version"] == 1 and record["seed"] == ds.manifest["seed"]
+        assert record["versions"]["ddkit"] == ddkit.__version__ and record["ipc"] == ds.ipc
+        assert record["source_config_hash"] == ds.manifest["config_hash"]
+    assert (blob["kind"], json.loads((folder / "classes.json").read_text())["kind"]) == ("pt-export", "imagefolder-export")
 
 
 def test_load_errors(tiny, tmp_path):

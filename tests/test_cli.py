@@ -123,7 +123,7 @@ def test_console_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddkit", "list", "methodz"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "ddkit", "show", str(tmp_path / "nothing")], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: artifact")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "not found" in proc.stderr
 
 
 def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
@@ -201,3 +201,20 @@ def test_run_checks_the_whole_config_before_any_stage(setting, message, tmp_path
                             "--set", "dataset.name=synthetic", "--set", "distill.ipc=2", "--set", setting], capsys)
     assert code == 2 and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # not even the distilled set
+
+
+def test_bench_bar_rate_leaves_out_reused_cells():
+    """Finished cells of a resumed bench count toward the bar, not toward its rate and ETA."""
+    from ddkit.cli import BenchBars
+
+    bars = BenchBars(True)
+    try:
+        for done in (1, 2, 3):
+            bars.cell(done, 5, {"cell": f"c{done}", "reused": True})
+        meter = bars._cells.format_dict
+        assert (meter["n"], meter["initial"], meter["total"], meter["rate"]) == (3, 3, 5, None)
+        bars.cell(4, 5, {"cell": "c4"})
+        meter = bars._cells.format_dict
+        assert (meter["n"], meter["initial"]) == (4, 3)  # the rate is taken over one computed cell
+    finally:
+        bars.close()

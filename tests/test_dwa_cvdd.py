@@ -123,3 +123,21 @@ def test_cvdd_needs_enough_teachers_and_existing_paths(data, teachers, tmp_path)
         _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv", extra_teachers=[str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="perturb_steps must be >= 1"):
         from_dict(DWAConfig, {"perturb_steps": 0})
+
+
+@pytest.mark.parametrize("mode,low", [("positive", 0), ("symmetric", -3)])
+def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, monkeypatch, mode, low):
+    """positive: shifts in [0, jitter] as the SRe2L/CDA/DWA/CV-DD scripts; symmetric: [-jitter, jitter]."""
+    shifts = []
+    roll = torch.roll
+
+    def spy(x, shifts_=None, dims=None, **kw):
+        shifts.extend(kw.get("shifts", shifts_))
+        return roll(x, kw.get("shifts", shifts_), dims)
+
+    monkeypatch.setattr(torch, "roll", spy)
+    _run("sre2l", data, teachers[:1], iterations=30, jitter=3, jitter_mode=mode, checkpoint_every=100)
+    assert len(shifts) == 60 and min(shifts) == low and max(shifts) == 3
+    assert METHODS.get("sre2l").identity_tags({"jitter": 3, "jitter_mode": mode}) == {"jitter_mode": mode}
+    assert METHODS.get("dwa").identity_tags({}) == {"jitter_mode": "positive"}  # DWA rolls by default
+    assert METHODS.get("sre2l").identity_tags({}) == {}  # no roll: sets keep their identity

@@ -43,8 +43,8 @@ def versions() -> dict[str, str]:
 
     return {
         "ddkit": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
+        "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
     }
 

@@ -420,7 +420,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
         cb = (lambda d, n, r: progress(f"distill {ddir.name}", d, n)) if progress is not None else None
         ds = distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb)
     wall = time.perf_counter() - t0
-    stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want,
+    stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want, "seed": dist_cfg.seed,
              # wall_seconds: the whole call; seconds: without building shared cached artifacts (teacher
              # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
              "wall_seconds": round(wall, 4),
@@ -756,10 +756,9 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
         torch.save(labels[order].clone(), tmp / "labels.pt")
         if distilled.soft_labels is not None:
             torch.save(distilled.soft_labels[order].float().clone(), tmp / "soft_labels.pt")
-        write_json(tmp / "meta.json", {"schema_version": 1, "kind": "ddranking-export", "classes": distilled.classes,
-                                       "ipc": counts[0], "mean": list(distilled.mean), "std": list(distilled.std),
-                                       "normalized": True, "order": "class-major",
-                                       "source_config_hash": distilled.manifest.get("config_hash")})
+        write_json(tmp / "meta.json", {**distilled.export_record("ddranking-export"), "ipc": counts[0],
+                                       "mean": list(distilled.mean), "std": list(distilled.std),
+                                       "normalized": True, "order": "class-major"})
     return Path(out)
 
 

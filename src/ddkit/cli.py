@@ -249,30 +249,18 @@ def cmd_list(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from ddkit.artifacts import read_json
     from ddkit.config import to_dict
-    from ddkit.evaluate import PROTOCOLS, format_table
+    from ddkit.describe import describe, read_record
+    from ddkit.evaluate import PROTOCOLS
 
-    target = Path(args.target)
-    if not target.exists() and args.target in PROTOCOLS:
-        print(json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2))
-        return 0
-    path = target / "manifest.json" if target.is_dir() else target
-    man = read_json(path, "artifact")
-    kind = man.get("kind")
-    if kind == "evaluation":
-        print(format_table([man]))
-    elif kind == "distilled-set":
-        print(f"distilled set: {man['method']['name']} ipc={man['ipc']} on {man['dataset']['name']} "
-              f"(fingerprint {man['dataset']['fingerprint']}), {man['num_images']} images, "
-              f"{man['bytes']['images']:,} image bytes, {man['bytes']['labels']:,} label bytes, seed {man['seed']}")
-    elif kind == "teacher":
-        print(f"teacher: {man['model']['name']} on {man['dataset']['name']}, test accuracy "
-              f"{100 * man['test_accuracy']:.2f}%, seed {man['seed']}, weights {man['weights_sha']}")
+    if not Path(args.target).exists() and args.target in PROTOCOLS:
+        text = json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2)
+    elif args.json:
+        text = json.dumps(read_record(args.target)[0], indent=2)
     else:
-        raise DDKitError(f"{path} is not a ddkit artifact (kind {kind!r}); pass a teacher, distilled set or eval JSON")
-    if args.json:
-        print(json.dumps(man, indent=2))
+        text = describe(args.target)
+    if not args.quiet:
+        print(text)
     return 0
 
 
@@ -286,7 +274,8 @@ def cmd_export(args) -> int:
         out = export_for_ddranking(ds, args.out)
     else:
         out = ds.export(args.out, args.format)
-    print(f"exported {len(ds)} images as {args.format} -> {out}")
+    if not args.quiet:
+        print(f"exported {len(ds)} images as {args.format} -> {out}")
     return 0
 
 
@@ -305,7 +294,12 @@ class BenchBars:
         if self._cells is not None:
             self._cells.total = total
             self._cells.set_postfix_str(f"{row['cell']}{' (reused)' if row.get('reused') else ''}")
-            self._cells.update(done - self._cells.n)
+            if row.get("reused"):  # a finished cell costs no time: start the rate (and ETA) after it
+                self._cells.reset(total)
+                self._cells.n = self._cells.initial = self._cells.last_print_n = done
+                self._cells.refresh()
+            else:
+                self._cells.update(done - self._cells.n)
 
     def stage(self, what: str, done: int, total: int) -> None:
         bar = self._stage
@@ -345,7 +339,8 @@ def cmd_report(args) -> int:
     from ddkit.report import write_report
 
     out = write_report(args.run_dir, args.out)
-    print(f"report: {out / 'report.md'} and {out / 'report.html'}")
+    if not args.quiet:
+        print(f"report: {out / 'report.md'} and {out / 'report.html'}")
     return 0
 
 
@@ -485,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("report", help="write report.md / report.html with tables and plots for a bench run")
     sp.add_argument("run_dir", help="bench run directory (holds bench.json)")
     sp.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
@@ -522,9 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("pattern", nargs="?", help="glob, e.g. 'convnet*'")
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("show", help="summarise an artifact (teacher, distilled set, eval JSON) or a protocol")
-    sp.add_argument("target")
-    sp.add_argument("--json", action="store_true", help="also print the whole manifest")
+    sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell) "
+                        "or a protocol")
+    sp.add_argument("target", help="folder or JSON file ddkit wrote, or a protocol name")
+    sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads, else 2")
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders or a tensor file")
@@ -532,6 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
                     help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_export)
     return p
 

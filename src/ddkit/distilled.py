@@ -176,6 +176,13 @@ class DistilledSet(DescribesDataset, Dataset):
                 raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
         return cls(images, labels, manifest, soft, path, normalize)
 
+    def export_record(self, kind: str) -> dict:
+        """What an export of this set records beside its files: schema version, kind, the set's seed,
+        ddkit/torch versions, the classes and which set it came from."""
+        record = base_manifest(kind, {"source": str(self.path) if self.path else None}, self.manifest.get("seed"))
+        record.update({"classes": self.classes, "ipc": self.ipc, "source_config_hash": self.manifest.get("config_hash")})
+        return record
+
     def export(self, out: str | Path, fmt: str) -> Path:
         """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors)."""
         out = Path(out)
@@ -185,7 +192,7 @@ class DistilledSet(DescribesDataset, Dataset):
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            atomic_torch_save({"images": x, "labels": self.labels[order], "classes": self.classes,
+            atomic_torch_save({**self.export_record("pt-export"), "images": x, "labels": self.labels[order],
                                "mean": list(self.mean), "std": list(self.std)}, out)
             return out
         if fmt == "imagefolder":
@@ -200,8 +207,7 @@ class DistilledSet(DescribesDataset, Dataset):
                     arr = img.permute(1, 2, 0).numpy()
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
-                write_json(tmp / "classes.json", {"schema_version": 1, "kind": "imagefolder-export",
-                                                  "classes": self.classes, "folders": names})
+                write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names})
             return out
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
 

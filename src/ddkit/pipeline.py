@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import read_json, write_json, write_text
+from ddkit.artifacts import base_manifest, read_json, write_json, write_text
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -27,6 +27,8 @@ from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
+
+RUN_KIND = "pipeline-run"  # the manifest.json `run` writes beside config.json once every stage is done
 
 
 @dataclass
@@ -125,7 +127,7 @@ def distill(
     teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
     distilled = DistilledSet.build(
         synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-        config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg), teacher=teacher_info,
+        config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()), teacher=teacher_info,
     )
     distilled.manifest["config_hash"] = distill_hash(cfg, data, teacher)
     if out is not None and ddist.current().is_main:
@@ -176,6 +178,33 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
             create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
 
 
+_STAGE_DIRS = ("teacher", "distilled")  # atomic_dir refuses these when they hold something else
+_RUN_FILES = ("config.json", "manifest.json", "report", "eval-*.json")
+
+
+def check_run_dir(out: Path) -> None:
+    """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
+    ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
+    user's files. A folder holding a finished run, or the stages of a killed one, is fine."""
+    import fnmatch
+
+    from ddkit.artifacts import folder_kind
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DDKitError(f"output {str(out)!r} is a file, not a folder; choose another out / --out or remove the file")
+    if folder_kind(out) == RUN_KIND:
+        return
+    started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS
+                     and not (started and any(fnmatch.fnmatch(p.name, pat) for pat in _RUN_FILES)))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise DDKitError(f"output {str(out)!r} exists and is not a ddkit run folder (it holds {shown}); choose another "
+                         "out / --out or remove it")
+
+
 def run(
     cfg: RunConfig,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
@@ -187,10 +216,12 @@ def run(
     pf = progress_factory or (lambda name: None)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
+    check_run_dir(out)
     data = load_dataset(cfg.dataset)
     log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test), data.fingerprint)
     check_run(cfg, data)
     resolved = to_dict(cfg)
+    resolved["dataset"] = to_dict(cfg.dataset.absolute())
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
     teacher = None
@@ -230,6 +261,14 @@ def run(
     if ddist.current().is_main:
         write_json(out / "config.json", resolved)
         write_report(out, distilled, summary["evaluations"], summary.get("teacher_accuracy"))
+        manifest = base_manifest(RUN_KIND, resolved, cfg.distill.seed)
+        manifest.update({"dataset": {"name": data.name, "fingerprint": data.fingerprint},
+                         "teacher_accuracy": summary.get("teacher_accuracy"), "reused": summary["reused"],
+                         "stages": {"teacher": "teacher" if teacher is not None else None, "distilled": "distilled",
+                                    "evaluations": [f"eval-{p.label_mode}.json" for p in cfg.evaluate.protocols()],
+                                    "report": "report"},
+                         "evaluations": summary["evaluations"]})
+        write_json(out / "manifest.json", manifest)
     return summary
 
 

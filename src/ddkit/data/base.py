@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -44,6 +44,13 @@ class DatasetConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"dataset.{name} must be >= 1, got {value}")
+
+    def absolute(self) -> DatasetConfig:
+        """This config with ``path`` made absolute (against the current folder), so that a record of it
+        (a distilled set's ``dataset_config``) still finds the data from another working folder."""
+        if self.path is None:
+            return self
+        return replace(self, path=str(Path(self.path).expanduser().absolute()))
 
 
 @dataclass

@@ -15,9 +15,10 @@ import torch
 from ddkit.config import field
 from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
-from ddkit.methods.base import METHODS, FitContext, Method
+from ddkit.methods.base import METHODS, FitContext
 from ddkit.methods.statistics import (
     RecoverConfig,
+    RecoverMethod,
     committee_weights_of,
     load_extra_teachers,
     recover,
@@ -69,7 +70,7 @@ def committee_logits(teachers: list, images: torch.Tensor, weights: list[float],
 
 
 @METHODS.register("cvdd")
-class CVDD(Method):
+class CVDD(RecoverMethod):
     """Committee Voting for Dataset Distillation (Cui, Li, Ma, Bi, Luo & Shen, "Dataset Distillation via
     Committee Voting", arXiv 2501.07575, 2025; Jiacheng8/CV-DD).
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 from ddkit.config import field
 from ddkit.data.base import DataBundle
-from ddkit.methods.base import METHODS, FitContext, Method
-from ddkit.methods.statistics import RecoverConfig, recover
+from ddkit.methods.base import METHODS, FitContext
+from ddkit.methods.statistics import RecoverConfig, RecoverMethod, recover
 
 # the contract test's teacher (tiny_convnet) has no BatchNorm: match convolution statistics only
 _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1, "perturb_steps": 2}
@@ -34,7 +34,7 @@ class DWAConfig(RecoverConfig):
 
 
 @METHODS.register("dwa")
-class DWA(Method):
+class DWA(RecoverMethod):
     """Directed Weight Adjustment (Du, Zhang, Hu, Huang & Zhou, "Diversity-Driven Synthesis: Enhancing
     Dataset Distillation through Directed Weight Adjustment", NeurIPS 2024; AngusDujw/Diversity-Driven-Synthesis).
 

@@ -11,8 +11,8 @@ from typing import Literal
 
 from ddkit.config import field
 from ddkit.data.base import DataBundle
-from ddkit.methods.base import METHODS, FitContext, Method
-from ddkit.methods.statistics import RecoverConfig, recover
+from ddkit.methods.base import METHODS, FitContext
+from ddkit.methods.statistics import RecoverConfig, RecoverMethod, recover
 
 # the contract test's teacher (tiny_convnet) has no BatchNorm: match convolution statistics only
 _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1}
@@ -36,7 +36,7 @@ class GVBSMConfig(RecoverConfig):
 
 
 @METHODS.register("gvbsm")
-class GVBSM(Method):
+class GVBSM(RecoverMethod):
     """Generalized Various Backbone and Statistical Matching (Shao, Yin, Wang & Shen, "Generalized
     Large-Scale Data Condensation via Various Backbone and Statistical Matching", CVPR 2024;
     shaoshitong/G_VBSM_Dataset_Condensation).
@@ -101,7 +101,7 @@ class EDCConfig(RecoverConfig):
 
 
 @METHODS.register("edc")
-class EDC(Method):
+class EDC(RecoverMethod):
     """Elucidating the Design space of dataset Condensation (Shao, Zhou, Yin, Zhang & Shen,
     "Elucidating the Design Space of Dataset Condensation", NeurIPS 2024; shaoshitong/EDC).
 

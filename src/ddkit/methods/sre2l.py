@@ -11,8 +11,8 @@ from typing import Literal
 
 from ddkit.config import field
 from ddkit.data.base import DataBundle
-from ddkit.methods.base import METHODS, FitContext, Method
-from ddkit.methods.statistics import RecoverConfig, recover
+from ddkit.methods.base import METHODS, FitContext
+from ddkit.methods.statistics import RecoverConfig, RecoverMethod, recover
 
 # fast settings for the contract test, whose teacher (tiny_convnet) has no BatchNorm: match
 # convolution statistics of the real data instead of BN running statistics
@@ -29,7 +29,7 @@ class SRe2LConfig(RecoverConfig):
 
 
 @METHODS.register("sre2l")
-class SRe2L(Method):
+class SRe2L(RecoverMethod):
     """Squeeze, Recover and Relabel (Yin, Xing & Shen, "Squeeze, Recover and Relabel: Dataset
     Condensation at ImageNet Scale From A New Perspective", NeurIPS 2023; VILA-Lab/SRe2L).
 
@@ -46,7 +46,8 @@ class SRe2L(Method):
     CIFAR-100 settings (``recover.sh``, ``recover_cifar.sh``); Tiny-ImageNet used lr 0.1. The
     authors' random roll ("jitter", 32 px at 224 px) is off by default (``jitter: 0``) because the
     small images ddkit targets are already shifted by the crop; set ``jitter: 4`` to follow the
-    Tiny-ImageNet script. Crops use bilinear ``grid_sample`` without antialiasing
+    Tiny-ImageNet script. The scripts draw each shift in [0, jitter] (``jitter_mode: positive``);
+    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear ``grid_sample`` without antialiasing
     (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as the authors do.
     ``stats: conv`` matches real-data convolution statistics instead (any teacher);
     ``alpha < 1`` adds EDC's class-conditional term; ``flip_plugin`` adds FYI.
@@ -73,7 +74,7 @@ class CDAConfig(RecoverConfig):
 
 
 @METHODS.register("cda")
-class CDA(Method):
+class CDA(RecoverMethod):
     """Curriculum Data Augmentation (Yin & Shen, "Dataset Distillation via Curriculum Data
     Synthesis in Large Data Era", TMLR 2024; code in VILA-Lab/SRe2L/CDA).
 

@@ -60,7 +60,7 @@ from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
-from ddkit.methods.base import METHODS, FitContext, SyntheticSet, check_ipc
+from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.fyi import flip_pair
 
 log = logging.getLogger(__name__)
@@ -543,6 +543,9 @@ class RecoverConfig:
     curriculum: Literal["none", "step", "linear", "cosine"] = field("none", help="CDA: anneal scale_min from 1 down to scale_min (easy -> hard)")
     milestone: float = field(1.0, help="CDA: fraction of the iterations over which the curriculum runs")
     jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on Tiny)")
+    jitter_mode: Literal["positive", "symmetric"] = field(
+        "positive", help="shifts of the roll: positive draws each in [0, jitter] (the SRe2L, CDA, DWA and CV-DD "
+        "recover scripts), symmetric in [-jitter, jitter] (DeepInversion)")
     flatness_weight: float = field(0.0, help="EDC flatness regularisation weight (0 = off; EDC: 0.25)")
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
     flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
@@ -637,6 +640,17 @@ def _augment(cfg: RecoverConfig, it: int, flip: bool):
 
 def _unit_seed(seed: int, slot: int, chunk: int) -> int:
     return (seed * 1_000_003 + slot * 10_007 + chunk * 101 + 17) % (2**63)
+
+
+class RecoverMethod(Method):
+    """Base of the methods that synthesise with :func:`recover` (SRe2L, CDA, G-VBSM, EDC, DWA, CV-DD)."""
+
+    @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        # until 2026-12-04 the roll's shifts were drawn in [-jitter, jitter]; sets made with a roll get a
+        # new identity now that `jitter_mode` decides (positive by default), those without keep theirs
+        jitter = options.get("jitter", cls.Config.__dataclass_fields__["jitter"].default)
+        return {"jitter_mode": options.get("jitter_mode", "positive")} if isinstance(jitter, int) and jitter > 0 else {}
 
 
 @dataclass
@@ -898,7 +912,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             params = aug.sample(len(batch), gen, (h, w)) if aug is not None else None
             shifts = None
             if cfg.jitter > 0:
-                shifts = torch.randint(-cfg.jitter, cfg.jitter + 1, (2,), generator=gen).tolist()
+                low = -cfg.jitter if cfg.jitter_mode == "symmetric" else 0
+                shifts = torch.randint(low, cfg.jitter + 1, (2,), generator=gen).tolist()
             if committee is None:  # G-VBSM: one teacher sampled per step
                 members = [(int(torch.randint(len(states), (1,), generator=gen)) if len(states) > 1 else 0, 1.0)]
             else:  # CV-DD: every committee member votes with its weight

@@ -1,0 +1,174 @@
+"""One-paragraph summaries of whatever ddkit writes (``ddkit show``).
+
+:func:`describe` reads the ``kind`` a file or folder records (an artifact's manifest, a bench table,
+cell or synthesis record, an evaluation, an export's side file) and returns a short plain-text
+summary of it; :func:`read_record` returns the record itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ddkit.artifacts import read_json
+from ddkit.errors import DDKitError
+
+# what a folder may hold that names its kind, in the order they are looked for
+_RECORD_FILES = ("manifest.json", "bench.json", "meta.json", "classes.json")
+
+
+def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The JSON record that describes ``path`` (a folder's manifest / bench table / export meta, or a
+    JSON file) and the file it came from."""
+    path = Path(path)
+    if not path.exists():
+        raise DDKitError(f"{str(path)!r} not found; pass a ddkit artifact folder, a JSON record of one, or a protocol name")
+    if path.is_dir():
+        found = next((path / name for name in _RECORD_FILES if (path / name).is_file()), None)
+        if found is None:
+            raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
+        path = found
+    record = read_json(path, "ddkit record")
+    if not isinstance(record, dict):
+        raise DDKitError(f"{str(path)!r} is not a ddkit record (a JSON object with a 'kind'); pass a ddkit output")
+    return record, path
+
+
+def describe(path: str | Path) -> str:
+    """A short plain-text summary of the ddkit output at ``path``."""
+    record, where = read_record(path)
+    kind = record.get("kind")
+    summarise = _SUMMARIES.get(kind)
+    if summarise is None:
+        raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
+                         f"{', '.join(sorted(_SUMMARIES))}")
+    try:
+        return summarise(record)
+    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or truncated record
+        raise DDKitError(f"{str(where)!r} is a {kind!r} record without the field {exc}; it is damaged, re-create it") from None
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}%"
+
+
+def _seconds(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1f} s"
+
+
+def _mib(x: int | None) -> str:
+    return "–" if x is None else f"{x / 2**20:.1f} MiB"
+
+
+def _distilled(m: dict) -> str:
+    return (f"distilled set: {m['method']['name']} ipc={m['ipc']} on {m['dataset']['name']} "
+            f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images, {m['bytes']['images']:,} image "
+            f"bytes, {m['bytes']['labels']:,} label bytes, seed {m['seed']}")
+
+
+def _teacher(m: dict) -> str:
+    return (f"teacher: {m['model']['name']} on {m['dataset']['name']}, test accuracy {_pct(m['test_accuracy'])}, "
+            f"seed {m['seed']}, weights {m['weights_sha']}")
+
+
+def _evaluation(m: dict) -> str:
+    from ddkit.evaluate import format_table
+
+    return format_table([m])
+
+
+def _evaluation_set(m: dict) -> str:
+    from ddkit.evaluate import format_table
+
+    return format_table(m["evaluations"])
+
+
+def _fkd(m: dict) -> str:
+    cut = m.get("cutmix")
+    top = f"top-{m['top_k']} logits" if m.get("top_k") else "all logits"
+    mix = f"CutMix p={cut['prob']} alpha={cut['alpha']}" if cut else "no CutMix"
+    return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, {top} (fp16), "
+            f"views {m['augment']['spec']} + {mix}, teacher BatchNorm {m.get('teacher_bn', 'running')}, "
+            f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}, "
+            f"set {m['distilled']['fingerprint']}")
+
+
+def _statistics(m: dict) -> str:
+    patch = m["config"].get("patch_size")
+    return (f"real-data statistics of teacher {m['teacher']} on {m['dataset']} ({m['num_classes']} classes, data "
+            f"{m['data']}): {len(m['config']['layers'])} layers{f', {patch}x{patch} patches' if patch else ''}, "
+            f"built in {_seconds(m.get('build_seconds'))}")
+
+
+def _experts(m: dict) -> str:
+    accs = [e.get("test_accuracy") for e in m["experts"]]
+    accs = [a for a in accs if a is not None]
+    final = f", final test accuracy {_pct(sum(accs) / len(accs))} (mean)" if accs else ""
+    return (f"expert buffer: {len(m['experts'])} trajectories of {m['model']['name']} x {m['epochs']} epochs on "
+            f"{m['dataset']['name']}, {m['num_params']:,} parameters each{final}, seed {m['seed']}")
+
+
+def _bench_table(m: dict) -> str:
+    from ddkit.bench import format_bench_table
+
+    return format_bench_table(m["rows"])
+
+
+def _bench_cell(m: dict) -> str:
+    from ddkit.bench import format_bench_table
+
+    return format_bench_table([m])
+
+
+def _names(entries: list) -> list[str]:
+    return [x if isinstance(x, str) else x.get("label") or x["name"] for x in entries]
+
+
+def _bench_config(m: dict) -> str:
+    c = m["config"]
+    return (f"bench config: datasets {_names(c['datasets'])}, methods {_names(c['methods'])}, IPC {c['ipcs']}, "
+            f"students {c['students']}, "
+            f"label modes {c['label_modes']}, seeds {c['seeds']}, protocol {c['protocol']!r}")
+
+
+def _synthesis(m: dict) -> str:
+    return (f"synthesis: {_seconds(m['seconds'])} ({_seconds(m['wall_seconds'])} with shared artifacts built here; "
+            f"they cost {_seconds(m.get('shared_seconds'))}), peak memory {_mib(m['peak_memory_bytes'])} "
+            f"({m['peak_memory_kind']}) on {m['device']}, {m['bytes']['images']:,} image + {m['bytes']['labels']:,} label bytes")
+
+
+def _run(m: dict) -> str:
+    from ddkit.evaluate import format_table
+
+    d = m["config"]["distill"]
+    head = f"pipeline run: {d['method']} ipc={d['ipc']} on {m['config']['dataset']['name']}, seed {m['seed']}"
+    if m.get("teacher_accuracy") is not None:
+        head += f", teacher test accuracy {_pct(m['teacher_accuracy'])}"
+    return head + "\n" + format_table(m["evaluations"]) if m["evaluations"] else head
+
+
+def _export(m: dict) -> str:
+    return (f"{m['kind']}: {len(m['classes'])} classes"
+            + (f", {m['ipc']} images per class" if m.get("ipc") else "")
+            + (f", from set {m['source_config_hash']}" if m.get("source_config_hash") else ""))
+
+
+_SUMMARIES: dict[str, Callable[[dict], str]] = {
+    "distilled-set": _distilled,
+    "teacher": _teacher,
+    "evaluation": _evaluation,
+    "evaluation-set": _evaluation_set,
+    "fkd-soft-labels": _fkd,
+    "statistics": _statistics,
+    "expert-buffer": _experts,
+    "bench-table": _bench_table,
+    "bench-cell": _bench_cell,
+    "bench-config": _bench_config,
+    "synthesis-stats": _synthesis,
+    "pipeline-run": _run,
+    "imagefolder-export": _export,
+    "ddranking-export": _export,
+}
+
+__all__ = ["describe", "read_record"]
