@@ -100,6 +100,11 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
                        (bench / "distilled" / "synthetic-random-ipc1.synthesis.json", "synthesis: ")]:
         code, out, err = run_cli(["show", str(path)], capsys)
         assert code == 0 and part in out, (path, out, err)
+    assert describe(bench / "config.json").endswith("\n1 of 1 cells finished; bench.json holds the table")
+    (bench / "bench.json").unlink()  # a bench folder before its table: the config and how far it got
+    assert describe(bench).endswith("\n1 of 1 cells finished; no table yet (bench.json)")
+    (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").unlink()
+    assert describe(bench).startswith("bench config:") and describe(bench).endswith("\n0 of 1 cells finished; no table yet (bench.json)")
     synthesis = json.loads((bench / "distilled" / "synthetic-random-ipc1.synthesis.json").read_text())
     assert synthesis["seed"] == 0 and synthesis["versions"]["ddkit"] == ddkit.__version__
 

@@ -15,7 +15,8 @@ from ddkit.artifacts import read_json
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for
-_RECORD_FILES = ("manifest.json", "bench.json", "meta.json", "classes.json")
+# (config.json last: a bench folder before its table exists; a run folder's config.json has no kind)
+_RECORD_FILES = ("manifest.json", "bench.json", "meta.json", "classes.json", "config.json")
 
 
 def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -44,9 +45,26 @@ def describe(path: str | Path) -> str:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
     try:
-        return summarise(record)
+        text = summarise(record)
     except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or truncated record
         raise DDKitError(f"{str(where)!r} is a {kind!r} record without the field {exc}; it is damaged, re-create it") from None
+    if kind == "bench-config" and where.name == "config.json":
+        text += "\n" + _bench_progress(record, where.parent)
+    return text
+
+
+def _bench_progress(record: dict, root: Path) -> str:
+    """How many of a bench folder's cells are finished (a cell file of the matrix exists)."""
+    from ddkit.bench import BenchConfig, cells_of
+    from ddkit.config import from_dict
+
+    try:
+        ids = [c.id for c in cells_of(from_dict(BenchConfig, record["config"]))]
+    except (DDKitError, KeyError, TypeError, ValueError):
+        return "(its matrix does not read with this ddkit; cannot count finished cells)"
+    done = sum((root / "cells" / f"{i}.json").is_file() for i in ids)
+    table = "bench.json holds the table" if (root / "bench.json").is_file() else "no table yet (bench.json)"
+    return f"{done} of {len(ids)} cells finished; {table}"
 
 
 def _pct(x: float | None) -> str:
