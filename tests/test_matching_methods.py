@@ -236,3 +236,15 @@ def test_dc_under_torchrun_shards_classes_and_equals_one_process(tmp_path):
 
     one, two = run("d1"), run("d2", ranks=2)
     assert torch.equal(one["images"], two["images"]) and torch.equal(one["labels"], two["labels"])
+
+
+def test_trajectory_window_beyond_the_buffer_fails_before_training_experts():
+    """A start window the experts to be trained cannot serve is a config error, not an error after them."""
+    from ddkit.config import from_dict
+    from ddkit.methods.mtt import DATMConfig
+
+    with pytest.raises(ConfigError, match="need experts of at least 31 epochs, but buffer.epochs is 30"):
+        from_dict(DATMConfig, {"buffer": {"epochs": 30}, "max_start_epoch": 30, "current_max_start_epoch": 20})
+    assert from_dict(DATMConfig, {"buffer": {"epochs": 30}, "max_start_epoch": 29}).max_start_epoch == 29
+    # with a given buffer the epochs are known only once it is read: fit checks them then
+    assert from_dict(DATMConfig, {"experts": "somewhere", "max_start_epoch": 60}).max_start_epoch == 60

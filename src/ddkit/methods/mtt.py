@@ -173,6 +173,12 @@ class MTTConfig:
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             problems.append(
                 f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch} and {self.max_start_epoch}")
+        elif self.experts is None and self.max_start_epoch - 1 + self.expert_epochs > self.buffer.epochs:
+            # caught before the experts are trained (fit checks a given `experts` buffer the same way)
+            problems.append(
+                f"start epochs up to {self.max_start_epoch - 1} plus expert_epochs {self.expert_epochs} need experts of "
+                f"at least {self.max_start_epoch - 1 + self.expert_epochs} epochs, but buffer.epochs is "
+                f"{self.buffer.epochs}; lower max_start_epoch/expert_epochs or raise buffer.epochs")
         if self.lr_img <= 0:
             problems.append(f"lr_img must be > 0, got {self.lr_img}")
         if self.lr_lr < 0:
