@@ -12,15 +12,10 @@ from ddkit.describe import describe
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
+from test_cli import run_cli
 from test_data import write_imagefolder
 
 FAST = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False, "train": {"epochs": 2, "batch_size": 8}}
-
-
-def run_cli(argv, capsys):
-    code = main(argv)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

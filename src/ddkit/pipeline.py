@@ -6,6 +6,7 @@ content; ``run`` reuses a stage whose artifact already carries the same hash.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import base_manifest, read_json, write_json, write_text
+from ddkit.artifacts import base_manifest, folder_kind, read_json, write_json, write_text
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -186,10 +187,6 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
     ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
     user's files. A folder holding a finished run, or the stages of a killed one, is fine."""
-    import fnmatch
-
-    from ddkit.artifacts import folder_kind
-
     if not out.exists():
         return
     if not out.is_dir():
