@@ -100,6 +100,13 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     assert describe(bench).endswith("\n1 of 1 cells finished; no table yet (bench.json)")
     (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").unlink()
     assert describe(bench).startswith("bench config:") and describe(bench).endswith("\n0 of 1 cells finished; no table yet (bench.json)")
+    for name, content in (("notes.txt", "mine"), ("config.json", "[1]")):  # not a bench folder: left alone
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_text(content)
+        code, _, err = run_cli(["bench", str(cfg), "--out", str(mine), "-q"], capsys)
+        assert code == 2 and "is not a ddkit bench folder" in err and [p.name for p in mine.iterdir()] == [name]
+        assert (mine / name).read_text() == content
     synthesis = json.loads((bench / "distilled" / "synthetic-random-ipc1.synthesis.json").read_text())
     assert synthesis["seed"] == 0 and synthesis["versions"]["ddkit"] == ddkit.__version__
 

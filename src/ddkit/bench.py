@@ -436,6 +436,25 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 # --- the runner ---------------------------------------------------------------------------------
 
 
+def check_bench_dir(root: Path) -> None:
+    """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
+    ``bench.json``, ``cells/``, ``distilled/`` and ``teachers/`` there and must never overwrite a user's
+    files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DDKitError(f"output {str(root)!r} is a file, not a folder; choose another out / --out or remove the file")
+    if not any(not p.name.startswith(".") for p in root.iterdir()):
+        return
+    marker = root / "config.json"
+    with contextlib.suppress(DDKitError):
+        record = read_json(marker) if marker.is_file() else {}
+        if isinstance(record, dict) and record.get("kind") == "bench-config":
+            return
+    raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind bench-config); "
+                     "choose another out / --out or remove it")
+
+
 class _Bench:
     def __init__(self, cfg: BenchConfig, stage_progress: StageProgress | None = None) -> None:
         from ddkit.distributed import resolve_device
@@ -443,6 +462,7 @@ class _Bench:
         self.cfg = cfg
         self.stage_progress = stage_progress
         self.root = Path(cfg.out)
+        check_bench_dir(self.root)
         self.device = resolve_device(cfg.device)
         self.data: dict[str, DataBundle] = {d.name: load_dataset(d) for d in cfg.datasets}
         self.dcfg = {d.name: d for d in cfg.datasets}
