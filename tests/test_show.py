@@ -59,6 +59,10 @@ def test_show_summarises_every_record_of_a_run(demo_run, capsys):
         for part in parts:
             assert part in out, (path, out)
         assert describe(path) == out.rstrip("\n")
+    for fmt, kind in (("imagefolder", "imagefolder-export"), ("ddranking", "ddranking-export")):
+        dest = demo_run / f"export-{fmt}"
+        assert run_cli(["export", str(run / "distilled"), "--format", fmt, "--out", str(dest), "-q"], capsys)[:2] == (0, "")
+        assert describe(dest).startswith(f"{kind}: 4 classes, 2 images per class, from set ")
     code, out, _ = run_cli(["show", str(demo_run / "fkd"), "--json"], capsys)
     assert json.loads(out)["kind"] == "fkd-soft-labels"  # --json alone is machine-readable
     code, out, _ = run_cli(["show", str(run / "teacher"), "-q"], capsys)
