@@ -100,6 +100,9 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
         code, out, err = run_cli(["show", str(path)], capsys)
         assert code == 0 and part in out, (path, out, err)
     assert describe(bench / "config.json").endswith("\n1 of 1 cells finished; bench.json holds the table")
+    (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").rename(bench / "cell.json")
+    assert describe(bench / "config.json").endswith("\n0 of 1 cells finished; bench.json holds an earlier run's table")
+    (bench / "cell.json").rename(bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json")
     (bench / "bench.json").unlink()  # a bench folder before its table: the config and how far it got
     assert describe(bench).endswith("\n1 of 1 cells finished; no table yet (bench.json)")
     (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").unlink()

@@ -63,7 +63,10 @@ def _bench_progress(record: dict, root: Path) -> str:
     except (DDKitError, KeyError, TypeError, ValueError):
         return "(its matrix does not read with this ddkit; cannot count finished cells)"
     done = sum((root / "cells" / f"{i}.json").is_file() for i in ids)
-    table = "bench.json holds the table" if (root / "bench.json").is_file() else "no table yet (bench.json)"
+    if not (root / "bench.json").is_file():
+        table = "no table yet (bench.json)"
+    else:
+        table = "bench.json holds the table" if done == len(ids) else "bench.json holds an earlier run's table"
     return f"{done} of {len(ids)} cells finished; {table}"
 
 
