@@ -48,8 +48,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-long10": "edc-long50 at IPC 10: the same sets and random on the ResNet-18 student with 240 instead of "
                         "80 student epochs (bf16)",
           "edc-real-long": "EDC from a random real subset (instead of RDED's crops) with gentle recovering and a "
-                           "ResNet-18 observer, on the ResNet-18 student with edc-long's long training, beside its "
-                           "initialisation and random: does recovering add anything to real images there?",
+                           "ResNet-18 observer, both students with edc-long's long training, IPC 1/10/50, beside its "
+                           "initialisation, RDED and random: does recovering add anything to real images?",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
