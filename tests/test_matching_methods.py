@@ -243,7 +243,7 @@ def test_trajectory_window_beyond_the_buffer_fails_before_training_experts():
     from ddkit.config import from_dict
     from ddkit.methods.mtt import DATMConfig
 
-    with pytest.raises(ConfigError, match="need experts of at least 31 epochs, but buffer.epochs is 30"):
+    with pytest.raises(ConfigError, match="need experts of at least 31 epochs, but they have 30"):
         from_dict(DATMConfig, {"buffer": {"epochs": 30}, "max_start_epoch": 30, "current_max_start_epoch": 20})
     assert from_dict(DATMConfig, {"buffer": {"epochs": 30}, "max_start_epoch": 29}).max_start_epoch == 29
     # with a given buffer the epochs are known only once it is read: fit checks them then

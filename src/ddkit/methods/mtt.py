@@ -102,6 +102,15 @@ _SMOKE = {"buffer": _SMOKE_BUFFER, "iterations": 3, "syn_steps": 3, "expert_epoc
           "lr_img": 100.0, "lr_lr": 1e-5, "checkpoint_every": 1}
 
 
+def window_problem(cfg: MTTConfig, epochs: int) -> str | None:
+    """Why experts of ``epochs`` epochs cannot serve ``cfg``'s start window, or None if they can."""
+    need = cfg.max_start_epoch - 1 + cfg.expert_epochs
+    if need <= epochs:
+        return None
+    return (f"start epochs up to {cfg.max_start_epoch - 1} plus expert_epochs {cfg.expert_epochs} need experts of at "
+            f"least {need} epochs, but they have {epochs}; lower max_start_epoch/expert_epochs or train longer experts")
+
+
 @dataclass
 class MTTConfig:
     """Settings of trajectory matching (defaults: MTT, CIFAR-10 IPC 1); ``trajectories`` segments per
@@ -173,12 +182,8 @@ class MTTConfig:
         if not 0 <= self.min_start_epoch < self.max_start_epoch:
             problems.append(
                 f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch} and {self.max_start_epoch}")
-        elif self.experts is None and self.max_start_epoch - 1 + self.expert_epochs > self.buffer.epochs:
-            # caught before the experts are trained (fit checks a given `experts` buffer the same way)
-            problems.append(
-                f"start epochs up to {self.max_start_epoch - 1} plus expert_epochs {self.expert_epochs} need experts of "
-                f"at least {self.max_start_epoch - 1 + self.expert_epochs} epochs, but buffer.epochs is "
-                f"{self.buffer.epochs}; lower max_start_epoch/expert_epochs or raise buffer.epochs")
+        elif self.experts is None and (window := window_problem(self, self.buffer.epochs)):
+            problems.append(window)  # before the experts are trained; fit checks a given `experts` buffer
         if self.lr_img <= 0:
             problems.append(f"lr_img must be > 0, got {self.lr_img}")
         if self.lr_lr < 0:
@@ -418,12 +423,8 @@ class _TrajectoryMatching(Method):
         # ``expert_epochs_pass``, like the decoupled methods' ``statistics_pass``)
         buffer = buffer_for(real, cfg.experts, cfg.buffer, ctx.work_dir, device,
                             progress=lambda done, total, rec: report(ctx, done, total, expert_epochs_pass=1.0))
-        need = cfg.max_start_epoch - 1 + cfg.expert_epochs
-        if need > buffer.epochs:
-            raise ConfigError(
-                f"start epochs up to {cfg.max_start_epoch - 1} plus expert_epochs {cfg.expert_epochs} need "
-                f"experts of at least {need} epochs, but the buffer has {buffer.epochs}; lower "
-                "max_start_epoch/expert_epochs or train longer experts")
+        if window := window_problem(cfg, buffer.epochs):
+            raise ConfigError(window)
         label_epoch = getattr(cfg, "label_epoch", -1)
         if not -buffer.epochs - 1 <= label_epoch <= buffer.epochs:
             raise ConfigError(f"label_epoch {label_epoch} is outside the buffer's epochs 0..{buffer.epochs} (or -1 for the last)")
