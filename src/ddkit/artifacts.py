@@ -140,30 +140,38 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
             os.unlink(tmp)
 
 
-# files that name the kind of what a folder holds: an artifact's manifest, an export's meta or class list
-_KIND_FILES = ("manifest.json", "meta.json", "classes.json")
+# files that name the kind of what a folder holds: an artifact's manifest, an export's meta or class
+# list, a bench folder's config (a run folder's config.json records no kind)
+KIND_FILES = ("manifest.json", "meta.json", "classes.json", "config.json")
 
 
 def folder_kind(path: Path) -> str | None:
-    """The ``kind`` recorded in a ddkit output folder (manifest, export meta), or None if none is."""
-    for name in _KIND_FILES:
+    """The ``kind`` recorded in a ddkit output folder (manifest, export meta, bench config), or None."""
+    for name in KIND_FILES:
         f = path / name
         if f.is_file():
             with contextlib.suppress(OSError, ValueError):
-                kind = json.loads(f.read_text()).get("kind")
+                record = json.loads(f.read_text())
+                kind = record.get("kind") if isinstance(record, dict) else None
                 if isinstance(kind, str):
                     return kind
     return None
 
 
+def holds_files(out: Path, ignore_hidden: bool = False) -> bool:
+    """Whether the output folder ``out`` exists with something in it (``ignore_hidden``: besides
+    dot-entries, a resumable command's work folders); a file where the folder should be is an error."""
+    if not out.exists() and not out.is_symlink():
+        return False
+    if not out.is_dir():
+        raise DDKitError(f"output {str(out)!r} is a file, not a folder; choose another --out or remove the file")
+    return any(not (ignore_hidden and p.name.startswith(".")) for p in out.iterdir())
+
+
 def check_output_dir(final: Path, kind: str | None) -> None:
     """Refuse to replace ``final`` unless it is missing, an empty folder, or a ddkit output of ``kind``
     (any ddkit output when ``kind`` is None): --out must never delete a user's files."""
-    if not final.exists() and not final.is_symlink():
-        return
-    if not final.is_dir():
-        raise DDKitError(f"output {str(final)!r} is a file, not a folder; choose another --out or remove the file")
-    if not any(final.iterdir()):
+    if not holds_files(final):
         return
     found = folder_kind(final)
     if found is None:

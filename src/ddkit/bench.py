@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import read_json, shared_costs, versions, write_json
+from ddkit.artifacts import folder_kind, holds_files, read_json, shared_costs, versions, write_json
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -440,17 +440,8 @@ def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
     ``bench.json``, ``cells/``, ``distilled/`` and ``teachers/`` there and must never overwrite a user's
     files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
-    if not root.exists():
+    if not holds_files(root, ignore_hidden=True) or folder_kind(root) == "bench-config":
         return
-    if not root.is_dir():
-        raise DDKitError(f"output {str(root)!r} is a file, not a folder; choose another out / --out or remove the file")
-    if not any(not p.name.startswith(".") for p in root.iterdir()):
-        return
-    marker = root / "config.json"
-    with contextlib.suppress(DDKitError):
-        record = read_json(marker) if marker.is_file() else {}
-        if isinstance(record, dict) and record.get("kind") == "bench-config":
-            return
     raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind bench-config); "
                      "choose another out / --out or remove it")
 

@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddkit.artifacts import read_json
+from ddkit.artifacts import KIND_FILES, read_json
 from ddkit.errors import DDKitError
 
-# what a folder may hold that names its kind, in the order they are looked for
-# (config.json last: a bench folder before its table exists; a run folder's config.json has no kind)
-_RECORD_FILES = ("manifest.json", "bench.json", "meta.json", "classes.json", "config.json")
+# what a folder may hold that names its kind, in the order they are looked for: a bench folder's
+# table before its config (no folder holds both a manifest and a bench table)
+_RECORD_FILES = ("bench.json", *KIND_FILES)
 
 
 def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:

@@ -16,7 +16,14 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import base_manifest, folder_kind, read_json, write_json, write_text
+from ddkit.artifacts import (
+    base_manifest,
+    folder_kind,
+    holds_files,
+    read_json,
+    write_json,
+    write_text,
+)
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -187,11 +194,7 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
     ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
     user's files. A folder holding a finished run, or the stages of a killed one, is fine."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise DDKitError(f"output {str(out)!r} is a file, not a folder; choose another out / --out or remove the file")
-    if folder_kind(out) == RUN_KIND:
+    if not holds_files(out, ignore_hidden=True) or folder_kind(out) == RUN_KIND:
         return
     started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
     foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS
