@@ -63,6 +63,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                          "(shq) with it",
           "edc-ipc1": "EDC at IPC 1 (where RDED, its initialisation, beats it on the ConvNet-3) from RDED's larger "
                       "crops and with smaller image lrs",
+          "edc-ipc1-seeds": "edc-ipc1 with 8 student seeds and a ResNet-18 observer added to its gentlest EDC: does "
+                            "EDC tie or beat RDED at IPC 1 on the ConvNet-3 once the seeds can tell?",
           "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
                         "how much of the soft-label numbers' gap to EDC's own recipe the crops explain",
           "mtt-iters50": "mtt-steps50's 30-step MTT and AST rows with 4x the iterations (240): is the short run why "

@@ -1,5 +1,6 @@
 """``ddkit report``: a self-contained folder whose HTML renders with every image loaded."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -32,7 +33,7 @@ def test_report_files(run_dir, capsys):
     rdir = run_dir / "report"
     assert "report.html" in capsys.readouterr().out
     names = {p.relative_to(rdir).as_posix() for p in rdir.rglob("*") if p.is_file()}
-    assert names == {"report.md", "report.html", "acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png",
+    assert names == {"manifest.json", "report.md", "report.html", "acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png",
                      "grids/synthetic-random-ipc1.png", "grids/synthetic-random-ipc2.png"}
     for name in names:
         if name.endswith(".png"):
@@ -44,6 +45,38 @@ def test_report_files(run_dir, capsys):
     assert len(srcs) == 5 and all((rdir / s).is_file() for s in srcs)
     assert "http://" not in html and "https://" not in html  # no network assets
     assert main(["report", str(run_dir / "nope")]) == 2
+
+
+def test_report_is_written_atomically_and_replaces_only_reports(run_dir, tmp_path, monkeypatch, capsys):
+    import ddkit.report as report
+    from ddkit.describe import describe
+
+    out = write_report(run_dir, tmp_path / "rep")
+    manifest = json.loads((out / "manifest.json").read_text())
+    pages = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert manifest["kind"] == "bench-report" and manifest["rows"] == 4 and set(manifest["files"]) == pages
+    assert manifest["run_dir"] == str(run_dir.resolve()) and manifest["config"]["seeds"] == [0, 1]
+    assert describe(out) == (f"bench report: 4 rows of the bench run {run_dir.resolve()}, report.md and report.html "
+                             "with 3 plots and 2 set grids")
+    before = (out / "report.md").read_text()
+
+    def broken(rows, where):
+        (where / "half.png").write_bytes(b"x")
+        raise RuntimeError("plotting failed")
+
+    monkeypatch.setattr(report, "_plots", broken)  # a report that fails half-way leaves the last one whole
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report(run_dir, out)
+    monkeypatch.undo()
+    assert (out / "report.md").read_text() == before and not (out / "half.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folder left behind
+    (out / "manifest.json").unlink()  # a report an older ddkit wrote (no manifest) is replaced
+    assert write_report(run_dir, out) == out and (out / "manifest.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.md").write_text("mine")
+    assert main(["report", str(run_dir), "--out", str(mine)]) == 2
+    assert "is not a ddkit output" in capsys.readouterr().err and [p.name for p in mine.iterdir()] == ["notes.md"]
 
 
 def test_report_needs_a_finished_run(tmp_path):

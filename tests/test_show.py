@@ -2,6 +2,7 @@
 from another working folder."""
 
 import json
+import shutil
 
 import pytest
 
@@ -67,6 +68,11 @@ def test_show_summarises_every_record_of_a_run(demo_run, capsys):
     assert json.loads(out)["kind"] == "fkd-soft-labels"  # --json alone is machine-readable
     code, out, _ = run_cli(["show", str(run / "teacher"), "-q"], capsys)
     assert code == 0 and out == ""
+    old = demo_run / "old-run"  # a run folder from before run manifests: named as such, with the fix
+    shutil.copytree(run, old)
+    (old / "manifest.json").unlink()
+    code, out, err = run_cli(["show", str(old)], capsys)
+    assert code == 2 and out == "" and "from before run folders had a manifest.json" in err and "ddkit run" in err
 
 
 def test_show_refuses_what_ddkit_did_not_write(tmp_path, capsys):

@@ -16,7 +16,7 @@ import platform
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -182,15 +182,18 @@ def check_output_dir(final: Path, kind: str | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = None) -> Iterator[Path]:
+def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = None,
+               accept: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` only if the block succeeds.
 
     An existing ``final`` is replaced only when it is an empty folder or a ddkit output of ``kind``
-    (see :func:`check_output_dir`); otherwise, or with ``overwrite=False``, a one-line error."""
+    (see :func:`check_output_dir`), or when ``accept(final)`` says it is one an older ddkit wrote
+    without a manifest; otherwise, or with ``overwrite=False``, a one-line error."""
     final = Path(final)
     if final.exists() and not overwrite:
         raise DDKitError(f"output {str(final)!r} already exists; choose another --out or remove it")
-    check_output_dir(final, kind)
+    if accept is None or not (final.is_dir() and accept(final)):
+        check_output_dir(final, kind)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

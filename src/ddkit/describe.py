@@ -41,6 +41,9 @@ def describe(path: str | Path) -> str:
     record, where = read_record(path)
     kind = record.get("kind")
     summarise = _SUMMARIES.get(kind)
+    if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
+        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder from before run folders had a manifest.json; "
+                         "run `ddkit run` again with the same config and --out (finished stages are reused) to write it")
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
@@ -169,6 +172,13 @@ def _run(m: dict) -> str:
     return head + "\n" + format_table(m["evaluations"]) if m["evaluations"] else head
 
 
+def _report(m: dict) -> str:
+    plots = sum(f.endswith(".png") and "/" not in f for f in m["files"])
+    grids = sum(f.startswith("grids/") for f in m["files"])
+    return (f"bench report: {m['rows']} rows of the bench run {m['run_dir']}, report.md and report.html with "
+            f"{plots} plots and {grids} set grids")
+
+
 def _export(m: dict) -> str:
     return (f"{m['kind']}: {len(m['classes'])} classes"
             + (f", {m['ipc']} images per class" if m.get("ipc") else "")
@@ -188,6 +198,7 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "bench-config": _bench_config,
     "synthesis-stats": _synthesis,
     "pipeline-run": _run,
+    "bench-report": _report,
     "imagefolder-export": _export,
     "ddranking-export": _export,
 }

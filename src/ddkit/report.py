@@ -3,6 +3,8 @@
 Everything the pages show lives in the folder: plots are PNG files made with matplotlib's Agg
 backend and referenced by relative path, each distilled set's ``preview.png`` is copied in, and the
 HTML uses no external assets (inline CSS, no scripts), so the folder can be zipped or served as is.
+Its ``manifest.json`` (kind ``bench-report``) names the bench run, its config and the files; the folder
+is written atomically (built beside the target, then renamed).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from ddkit.artifacts import write_text
+from ddkit.artifacts import atomic_dir, base_manifest, folder_kind, write_json, write_text
 from ddkit.bench import format_bench_table, load_table, synthesis_seconds
 
 log = logging.getLogger(__name__)
+REPORT_KIND = "bench-report"
 
 PLOTS = {
     "acc_vs_ipc.png": "Accuracy vs IPC (mean ± std over seeds; shaded: random real subset)",
@@ -166,12 +169,32 @@ def _cross_arch(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
     return head, body
 
 
+def _older_report(path: Path) -> bool:
+    """A report folder an older ddkit wrote (its pages, no manifest): ``write_report`` may replace it."""
+    return (path / "report.md").is_file() and (path / "report.html").is_file() and folder_kind(path) is None
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write ``report/`` (or ``out``) for the bench run in ``run_dir``; return the folder."""
+    """Write ``report/`` (or ``out``) for the bench run in ``run_dir``; return the folder.
+
+    The folder is built beside ``out`` and renamed into place when complete, so a failed report
+    leaves the previous one (or nothing); an existing ``out`` is replaced only when it is a report."""
     table = load_table(run_dir)
-    rows = table["rows"]
     out = Path(out) if out is not None else Path(run_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(out, kind=REPORT_KIND, accept=_older_report) as tmp:
+        _write_pages(table, tmp)
+        manifest = base_manifest(REPORT_KIND, table["config"], None)
+        manifest.update({"run_dir": str(Path(run_dir).resolve()), "rows": len(table["rows"]),
+                         "bench_versions": table["versions"],
+                         "files": sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())})
+        write_json(tmp / "manifest.json", manifest)
+    log.info("report written to %s", out)
+    return out
+
+
+def _write_pages(table: dict, out: Path) -> None:
+    """report.md, report.html, the plots and the set grids of ``table`` into the folder ``out``."""
+    rows = table["rows"]
     plots = _plots(rows, out)
     grids = _grids(rows, out)
     ver = table["versions"]
@@ -223,5 +246,3 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     parts += [f"<h3>{e(t)}</h3><img src='{e(p)}' alt='{e(t)}'>" for t, p in grids]
     parts += ["</body></html>"]
     write_text(out / "report.html", "\n".join(parts) + "\n")
-    log.info("report written to %s", out)
-    return out
