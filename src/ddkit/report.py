@@ -55,6 +55,21 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
             ax.set_visible(False)
         return fig, list(axes.flat)
 
+    def finish(ax, xlabel: str, title: str | None = None, legend: int = 8) -> None:
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy (%)")
+        if title:
+            ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend)
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
     # accuracy vs IPC, with the random baseline as a shaded band
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
@@ -70,19 +85,11 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
                 hi = [100 * (r["random"]["mean"] + r["random"]["std"]) for r in rs]
                 ax.fill_between(ipcs, lo, hi, color="gray", alpha=0.25, label="random subset")
                 band_done = True
-        ax.set_xscale("log")
+        finish(ax, "images per class", " / ".join(panel))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.set_xlabel("images per class")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(" / ".join(panel), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "acc_vs_ipc.png", dpi=100)
-    plt.close(fig)
-    written.append("acc_vs_ipc.png")
+    save(fig, "acc_vs_ipc.png")
 
     # accuracy vs bytes
     fig, axes = figure(len(panels))
@@ -91,31 +98,16 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
             if key[:3] == panel:
                 ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
                             yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=key[3])
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes (images + labels)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.set_title(" / ".join(panel), fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "acc_vs_bytes.png", dpi=100)
-    plt.close(fig)
-    written.append("acc_vs_bytes.png")
+        finish(ax, "bytes (images + labels)", " / ".join(panel))
+    save(fig, "acc_vs_bytes.png")
 
     # synthesis time vs accuracy
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, rs in series.items():
         ax.scatter([max(synthesis_seconds(r), 1e-3) for r in rs], [100 * r["acc"]["mean"] for r in rs],
                    label=" / ".join(key), s=20)
-    ax.set_xscale("log")
-    ax.set_xlabel("synthesis wall time (s, without shared statistics / expert buffers)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "time_vs_acc.png", dpi=100)
-    plt.close(fig)
-    written.append("time_vs_acc.png")
+    finish(ax, "synthesis wall time (s, without shared statistics / expert buffers)", legend=6)
+    save(fig, "time_vs_acc.png")
     return written
 
 
