@@ -65,6 +65,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                       "crops and with smaller image lrs",
           "edc-ipc1-seeds": "edc-ipc1 with 8 student seeds and a ResNet-18 observer added to its gentlest EDC: does "
                             "EDC tie or beat RDED at IPC 1 on the ConvNet-3 once the seeds can tell?",
+          "edc-ipc1-seed1": "edc-ipc1-seeds' gentlest EDC and its RDED initialisation with synthesis seed 1 (new crops, "
+                            "random subset and augmentations)",
+          "edc-ipc1-seed2": "edc-ipc1-seed1 with synthesis seed 2",
           "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
                         "how much of the soft-label numbers' gap to EDC's own recipe the crops explain",
           "mtt-iters50": "mtt-steps50's 30-step MTT and AST rows with 4x the iterations (240): is the short run why "

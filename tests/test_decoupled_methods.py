@@ -329,6 +329,45 @@ def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
     assert torch.equal(straight.images, resumed.images)
 
 
+def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp_path, monkeypatch):
+    """A checkpoint from a run with another number of ranks is not resumed: which units a rank holds
+    depends on it (a 1-rank run interrupted in unit 1 must not seed rank 0-of-2's unit 2). Every rank
+    writes its own checkpoint."""
+    from ddkit import distributed as ddist
+
+    opts = {"iterations": 2, "checkpoint_every": 1}
+    cls = METHODS.get("sre2l")
+    straight = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0)).synthetic_
+    slots = straight.images.view(data.num_classes, 4, *data.image_shape)
+
+    def kill(step, total, record):
+        if step == 3:  # one process: unit 1 (slot 1) half done
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
+    held: dict[int, dict] = {}
+
+    class Gathered(Exception):
+        pass
+
+    def gather(done, n, rank):  # what this rank contributes to the gather, then stop
+        held[rank] = dict(done)
+        raise Gathered
+
+    for rank in (0, 1):
+        monkeypatch.setattr(ddist, "current", lambda rank=rank: ddist.DistInfo(rank, 2))
+        monkeypatch.setattr(S.common, "gather_classes", lambda done, n, rank=rank: gather(done, n, rank))
+        with pytest.raises(Gathered):
+            cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work))
+    assert sorted(held[0]) == [0, 2] and sorted(held[1]) == [1, 3]
+    for rank, units in held.items():
+        for u, images in units.items():
+            assert torch.equal(images, slots[:, u]), (rank, u)
+    assert len([p for p in work.iterdir() if "rank1" in p.name]) == 1  # rank 1 saved its own
+
+
 def test_edc_init_from_rded(data, bn_teacher, tmp_path):
     if "rded" not in METHODS:
         pytest.skip("rded is not registered")

@@ -56,9 +56,10 @@ class Checkpoint:
     (``gen.get_state()``), so a resumed run equals an uninterrupted one.
     """
 
-    def __init__(self, ctx: FitContext, every: int, tag: str = "state") -> None:
+    def __init__(self, ctx: FitContext, every: int, tag: str = "state", per_rank: bool = False) -> None:
         self.every = max(1, every)
         self.path = Path(ctx.work_dir) / f"{tag}.pt" if ctx.work_dir is not None else None
+        self.per_rank = per_rank  # a tag naming the rank: every rank saves its own; otherwise rank 0 alone
 
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():
@@ -69,7 +70,7 @@ class Checkpoint:
         return self.path is not None and (step % self.every == 0 or step == total)
 
     def save(self, state: dict[str, Any]) -> None:
-        if self.path is None or not ddist.current().is_main:
+        if self.path is None or not (self.per_rank or ddist.current().is_main):
             return
         atomic_torch_save(state, self.path)
 
