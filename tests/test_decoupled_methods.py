@@ -1,6 +1,7 @@
 """SRe2L / CDA / G-VBSM / EDC and their shared statistics machinery (fast tier)."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -82,6 +83,37 @@ def test_hooks_capture_bn_inputs_and_conv_outputs():
         assert torch.allclose(cm[row], hm, atol=1e-5) and torch.allclose(cv[row], hv, atol=1e-5)
     # hooks are removed on exit
     assert all(not m._forward_hooks for m in net)
+    # conv_features: input (G-VBSM/EDC code): the conv layers' inputs, the images at the first one
+    keys_in = S.statistic_layers(net, ("bn", "convin"))
+    assert keys_in == ["convin:0", "bn:1", "convin:3", "bn:4"] and all(S.is_conv_key(k) for k in keys_in[::2])
+    with S.FeatureHooks(net, keys_in) as hooks:
+        net(x)
+    assert torch.equal(hooks.features["convin:0"], x) and torch.equal(hooks.features["convin:3"], net[2](net[1](conv0)))
+
+
+def test_conv_input_statistics_and_batch_augmentation(data, bn_teacher, tmp_path):
+    """The two knobs that follow the G-VBSM/EDC/SRe2L code: conv statistics at the conv inputs
+    (their own cache entry) and one crop box and flip per batch. Both change the images; leaving
+    them at their defaults keeps the config's identity (cached sets stay valid)."""
+    from ddkit.config import config_hash
+
+    stats_out, path_out = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    stats_in, path_in = S.real_statistics(bn_teacher, data, cache_dir=tmp_path, conv_features="input")
+    assert path_in != path_out and any(k.startswith("convin:") for k in stats_in)
+    first_conv = next(k for k in stats_in if k.startswith("convin:") and k.endswith("/mean"))
+    images = (data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    assert torch.allclose(stats_in[first_conv], images.mean((0, 2, 3)), atol=1e-5)  # the images' own mean
+    base = {"iterations": 2, "cache_dir": str(tmp_path), "stats": "bn+conv"}
+    out = _run("gvbsm", data, [bn_teacher], ipc=1, **base)
+    conv_in = _run("gvbsm", data, [bn_teacher], ipc=1, **base, conv_features="input")
+    per_batch = _run("gvbsm", data, [bn_teacher], ipc=1, **base, augment_per="batch")
+    assert not torch.equal(out.images, conv_in.images) and not torch.equal(out.images, per_batch.images)
+    assert torch.isfinite(conv_in.images).all() and torch.isfinite(per_batch.images).all()
+    cfg = METHODS.get("gvbsm").Config
+    assert config_hash(from_dict(cfg, {"augment_per": "image", "conv_features": "output"})) == config_hash(cfg())
+    assert config_hash(from_dict(cfg, {"augment_per": "batch"})) != config_hash(cfg())
+    with pytest.raises(ConfigError, match="augment_per: 'pixel' is not one of"):
+        from_dict(SRe2LConfig, {"augment_per": "pixel"})
 
 
 def test_real_statistics_equal_hand_computation_and_ignore_batch_size(data, bn_teacher):
@@ -134,6 +166,12 @@ def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monke
     other = Teacher(copy.deepcopy(bn_teacher.model), {**bn_teacher.manifest, "weights_sha": "0" * 16})
     _, path3 = S.real_statistics(other, data, cache_dir=tmp_path)
     assert path3 != path and len(calls) == 3
+    # so do the same images under another normalisation (the statistics are of normalised inputs)
+    renorm = dataclasses.replace(data, mean=tuple(m + 0.1 for m in data.mean))
+    assert renorm.fingerprint == data.fingerprint
+    renormed, path4 = S.real_statistics(bn_teacher, renorm, cache_dir=tmp_path)
+    assert path4 not in (path, path3) and len(calls) == 4
+    assert renormed.keys() == first.keys() and any(not torch.equal(renormed[k], first[k]) for k in first)
 
 
 def test_statistics_loss_zero_at_targets_and_alpha_one_ignores_class_stats():

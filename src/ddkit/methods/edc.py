@@ -64,7 +64,10 @@ class GVBSM(RecoverMethod):
 
     Differences from the authors' code: teachers are sampled at random (the code cycles through
     them; sampling is what the paper describes); conv statistics are taken at the conv *outputs*
-    (the code hooks their inputs), so the first matched layer is the first convolution's output;
+    (the code hooks their inputs; ``conv_features: input`` does too), so the first matched layer is
+    the first convolution's output and, on a BatchNorm teacher, every conv term matches the tensor
+    of a BN term again, against real-data statistics; a crop box and flip are drawn per image (the
+    code applies one to the whole batch; ``augment_per: batch`` does too);
     the densification works on the augmented images at their own resolution (the code pools them
     to 32x32 first); the statistics moving average restarts with each batch of images (the code
     carries it across batches); the logit-matching term and its weight 0.1 are ddkit's reading of

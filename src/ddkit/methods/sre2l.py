@@ -36,7 +36,8 @@ class SRe2L(RecoverMethod):
     Recover step: images start from Gaussian noise and minimise teacher cross-entropy on the
     target class plus ``r_bn * sum_l ||mu_l(x) - running_mean_l||_2 + ||var_l(x) - running_var_l||_2``
     over the teacher's BatchNorm layers (first layer x10, as in the authors' code), under
-    RandomResizedCrop(0.08-1) + flip of the batch at each step; Adam lr 0.25, betas (0.5, 0.9),
+    RandomResizedCrop(0.08-1) + flip at each step (drawn per image; the authors' code applies one
+    crop and flip to the whole batch, which ``augment_per: batch`` does); Adam lr 0.25, betas (0.5, 0.9),
     cosine schedule to 0, 1000 iterations, images clamped to the valid pixel range after every
     step. One batch = one image of every class for one IPC slot (``class_batch`` splits it, like
     the authors' ``--batch-size 100`` over ImageNet's 1000 classes). Relabelling is ddkit's label

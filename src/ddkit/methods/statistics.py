@@ -5,8 +5,12 @@ Three pieces, shared by every recover-style method:
 1. **Hooks** (:class:`FeatureHooks`): forward hooks that capture, per layer, the *input* of each
    BatchNorm layer (key ``bn:<module name>``; SRe2L matches its per-channel mean/variance to the
    layer's running statistics) and the *output* of each convolution (key ``conv:<module name>``;
-   G-VBSM's "convolution statistics", which work for any teacher, BatchNorm or not).
-   Convolution outputs can also be matched per spatial patch (:func:`patch_moments`, G-VBSM's
+   G-VBSM's "convolution statistics", which work for any teacher, BatchNorm or not) or, with
+   ``conv_features: input``, its *input* (key ``convin:<module name>``), as G-VBSM's and EDC's code
+   hook them. On a BatchNorm teacher a conv output is the next BN layer's input, so ``conv`` keys
+   match the BN terms' tensors again (against real-data instead of running statistics), while
+   ``convin`` keys add the post-activation features and, at the first convolution, the images.
+   Convolution features can also be matched per spatial patch (:func:`patch_moments`, G-VBSM's
    patch statistics).
 2. **Real-data statistics** (:func:`real_statistics`): global and per-class per-channel mean and
    variance at every hooked layer, plus the teacher's mean logits per class, computed once per
@@ -77,14 +81,20 @@ Progress = Callable[[int, int, dict], None]
 
 
 def statistic_layers(model: nn.Module, kinds: tuple[str, ...] = ("bn", "conv")) -> list[str]:
-    """Keys ``bn:<name>`` (BatchNorm inputs) and ``conv:<name>`` (conv outputs), in module order."""
+    """Keys ``bn:<name>`` (BatchNorm inputs), ``conv:<name>`` (conv outputs) and ``convin:<name>``
+    (conv inputs) of the ``kinds`` asked for, in module order."""
     keys = []
     for name, mod in model.named_modules():
         if "bn" in kinds and isinstance(mod, nn.modules.batchnorm._BatchNorm):
             keys.append(f"bn:{name}")
-        elif "conv" in kinds and isinstance(mod, nn.modules.conv._ConvNd):
-            keys.append(f"conv:{name}")
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            keys += [f"{kind}:{name}" for kind in ("conv", "convin") if kind in kinds]
     return keys
+
+
+def is_conv_key(key: str) -> bool:
+    """Whether ``key`` names convolution features (matched against real-data statistics)."""
+    return key.split(":", 1)[0] in ("conv", "convin")
 
 
 class FeatureHooks:
@@ -105,7 +115,7 @@ class FeatureHooks:
             kind, name = key.split(":", 1)
             if name not in modules:
                 raise DDKitError(f"layer {name!r} not found in the teacher; statistics do not fit this model")
-            if kind == "bn":
+            if kind in ("bn", "convin"):
                 hook = (lambda m, inp, out, key=key: self.features.__setitem__(key, inp[0]))
             else:
                 hook = (lambda m, inp, out, key=key: self.features.__setitem__(key, out))
@@ -215,7 +225,7 @@ def compute_real_statistics(
     device = torch.device(device)
     model = model.to(device).eval()
     k = real.num_classes
-    patched = [key for key in keys if patch_size > 0 and key.startswith("conv:")]
+    patched = [key for key in keys if patch_size > 0 and is_conv_key(key)]
     s1: dict[str, torch.Tensor] = {}  # [K, C] per-class sums of x, x^2
     s2: dict[str, torch.Tensor] = {}
     pix: dict[str, int] = {}
@@ -298,7 +308,9 @@ def default_cache_dir() -> Path:
 
 
 def statistics_key(teacher, real: DataBundle, keys: list[str], patch_size: int = 0) -> str:
-    blob = f"{KIND}|{SCHEMA}|{teacher.fingerprint}|{real.fingerprint}|{','.join(keys)}"
+    # the statistics are of normalised inputs, and the data fingerprint leaves the normalisation out
+    norm = ",".join(f"{v:.6g}" for v in (*real.mean, *real.std))
+    blob = f"{KIND}|{SCHEMA}|{teacher.fingerprint}|{real.fingerprint}|norm={norm}|{','.join(keys)}"
     if patch_size > 0:  # left out without patches, so caches made before patch statistics stay valid
         blob += f"|patch{patch_size}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -316,7 +328,7 @@ def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str],
         stats = load_tensors(path / TENSORS, what="cached statistics")
         want = {f"{key}/{part}" for key in keys for part in ("mean", "var", "class_mean", "class_var")}
         if patch_size > 0:
-            want |= {f"{key}/{part}" for key in keys if key.startswith("conv:") for part in ("patch_mean", "patch_var")}
+            want |= {f"{key}/{part}" for key in keys if is_conv_key(key) for part in ("patch_mean", "patch_var")}
         missing = sorted(want - set(stats))
         if missing or f"{LOGITS}/class_mean" not in stats:
             raise DDKitError(f"missing {missing[:2]}")
@@ -334,17 +346,19 @@ def real_statistics(
     batch_size: int = 256,
     progress: Progress | None = None,
     patch_size: int = 0,
+    conv_features: str = "output",
 ) -> tuple[dict[str, torch.Tensor], Path]:
     """Real-data statistics of ``teacher`` at every BN and conv layer, from the cache if present.
 
-    ``patch_size > 0`` adds patch statistics at the conv layers (a separate cache entry).
+    ``patch_size > 0`` adds patch statistics at the conv layers (a separate cache entry);
+    ``conv_features: input`` takes the conv layers' inputs instead of their outputs (one too).
 
     The cache lives in ``cache_dir`` (default ``$DDKIT_CACHE/statistics`` or
     ``~/.cache/ddkit/statistics``), one artifact directory per key. Under torchrun every rank
     computes a shard of the pass (see :func:`compute_real_statistics`) and rank 0 writes the
     artifact. Returns ``(statistics, artifact path)``.
     """
-    keys = statistic_layers(teacher.model)
+    keys = statistic_layers(teacher.model, ("bn", "convin" if conv_features == "input" else "conv"))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
@@ -541,6 +555,12 @@ class RecoverConfig:
     augment: Literal["rrc_flip", "crop_flip", "none"] = field("rrc_flip", help="augmentation of the synthetic batch at every step")
     scale_min: float = field(0.08, help="RandomResizedCrop area lower bound (EDC's weak augmentation: 0.5)")
     curriculum: Literal["none", "step", "linear", "cosine"] = field("none", help="CDA: anneal scale_min from 1 down to scale_min (easy -> hard)")
+    augment_per: Literal["image", "batch"] = field(
+        "image", added=True, help="draw the crop box and flip per image (ddkit's default) or once for the whole batch, as "
+        "the SRe2L/CDA/G-VBSM/EDC code does by applying torchvision's RandomResizedCrop and flip to the batch tensor")
+    conv_features: Literal["output", "input"] = field(
+        "output", added=True, help="convolution statistics of each conv's output (ddkit's default; on a BatchNorm teacher "
+        "the next BN's input) or its input (G-VBSM/EDC code: post-activation features, the images at the first conv)")
     milestone: float = field(1.0, help="CDA: fraction of the iterations over which the curriculum runs")
     jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on Tiny)")
     jitter_mode: Literal["positive", "symmetric"] = field(
@@ -663,8 +683,9 @@ class _TeacherState:
 def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
     if not teachers:
         raise DDKitError(f"method {name!r} needs a teacher; pass --teacher DIR")
-    kinds = {"bn": ("bn",), "conv": ("conv",), "bn+conv": ("bn", "conv")}[cfg.stats]
-    need_real = "conv" in kinds or cfg.alpha < 1 or cfg.r_logit > 0
+    conv = "convin" if cfg.conv_features == "input" else "conv"
+    kinds = {"bn": ("bn",), "conv": (conv,), "bn+conv": ("bn", conv)}[cfg.stats]
+    need_real = conv in kinds or cfg.alpha < 1 or cfg.r_logit > 0
     states, paths = [], []
     for t in teachers:
         t.check_compatible(real)
@@ -687,7 +708,7 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
                 common.report(ctx, done, total, statistics_pass=1.0)
 
             real_stats, path = real_statistics(t, real, ctx.device, cfg.cache_dir, cfg.stats_batch_size, progress=bar,
-                                               patch_size=cfg.patch_size)
+                                               patch_size=cfg.patch_size, conv_features=cfg.conv_features)
             paths.append(str(path))
         states.append(_TeacherState(t, keys, build_targets(model, keys, real_stats, ctx.device)))
     return states, paths
@@ -818,7 +839,7 @@ def _conv_drop(cfg: RecoverConfig, st: _TeacherState, gen: torch.Generator) -> f
     """Conv keys whose statistics term is dropped this step (G-VBSM's drop rate); no draw when off."""
     if cfg.conv_drop_rate <= 0:
         return frozenset()
-    conv = [key for key in st.keys if key.startswith("conv:")]
+    conv = [key for key in st.keys if is_conv_key(key)]
     draws = torch.rand(len(conv), generator=gen)
     return frozenset(key for key, d in zip(conv, draws.tolist()) if d < cfg.conv_drop_rate)
 
@@ -910,7 +931,11 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 group_["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
             aug = _augment(cfg, it, flip=not cfg.flip_plugin)
             batch, blabels = (flip_pair(x, labels) if cfg.flip_plugin else (x, labels))
-            params = aug.sample(len(batch), gen, (h, w)) if aug is not None else None
+            params = None
+            if aug is not None:
+                params = aug.sample(1 if cfg.augment_per == "batch" else len(batch), gen, (h, w))
+                if cfg.augment_per == "batch":  # one crop box and flip for every image of the batch
+                    params = {key: v.expand(len(batch), *v.shape[1:]) for key, v in params.items()}
             shifts = None
             if cfg.jitter > 0:
                 low = -cfg.jitter if cfg.jitter_mode == "symmetric" else 0
