@@ -265,6 +265,22 @@ def test_robust_scores_and_cli(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_robust_score_protocols_are_with_and_without_augmentation(tmp_path):
+    """ARS's "without augmentation" run drops the preset's augmentation options and CutMix (CV-DD's
+    protocol has both); its "with" run keeps the preset's own augmentation as it is."""
+    cfg = tiny_cfg(tmp_path / "b", protocol="cvdd", label_modes=["teacher"])
+    own = cfg.protocol_for("tiny_convnet", "teacher").train
+    assert own.augment == "rrc_flip" and own.augment_options and own.cutmix_prob > 0
+    without = cfg.protocol_for("tiny_convnet", "teacher", "none").train
+    assert without.augment == "none" and without.augment_options == {} and without.cutmix_prob == 0
+    same = cfg.protocol_for("tiny_convnet", "teacher", own.augment).train
+    assert (same.augment_options, same.cutmix_prob) == (own.augment_options, own.cutmix_prob)
+    other = cfg.protocol_for("tiny_convnet", "teacher", "dsa").train
+    assert other.augment == "dsa" and other.augment_options == {}
+    with pytest.raises(ConfigError, match="robust_scores .* label mode fkd"):
+        tiny_cfg(tmp_path / "c", label_modes=["fkd"], robust_scores=True)
+
+
 def test_torchrun_spreads_cells_and_matches_single_process(tmp_path):
     """2 gloo ranks share the cells, rank 0 assembles; numbers equal one process."""
     import os

@@ -83,3 +83,40 @@ def test_shutdown_destroys_the_process_group(tmp_path):
     assert not dist.is_initialized()
     ddist.shutdown(barrier=False)
     assert not dist.is_initialized()
+
+
+def _train_bn_rank(rank: int, store_path: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data.base import make_synthetic
+    from ddkit.models import create_model
+    from ddkit.training import TrainConfig, train_classifier
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        data = make_synthetic()
+        c, h, _ = data.image_shape
+        torch.manual_seed(0)
+        model = create_model("convnet", c, data.num_classes, h, depth=1, width=4, norm="batchnorm")
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=0.05, ema_decay=0.9)
+        result = train_classifier(model, data.train, data.mean, data.std, cfg, seed=0, distributed=True)
+        torch.save({"model": [b.clone() for b in model.buffers()], "ema": [b.clone() for b in result.model.buffers()]},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+
+
+def test_ddp_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
+    """Each DDP rank updates BatchNorm running statistics from its own slice; after every epoch every
+    rank holds rank 0's (model and EMA copy), so ranks evaluate and save the same network."""
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_train_bn_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("model", "ema"):
+        assert len(r0[part]) >= 3 and all(torch.equal(a, b) for a, b in zip(r0[part], r1[part])), part
+    assert r0["model"][0].abs().sum() > 0  # running means moved from their zero start

@@ -1,5 +1,7 @@
 """RDED (patch selection + stitching) and FKD-style stored per-epoch soft labels."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -274,6 +276,34 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
         assert torch.equal(store.tensors[k], resumed.tensors[k]), k
 
 
+def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_path):
+    """A bare module has no teacher fingerprint: its weights key the resume folder and the store, so
+    a second module never gets the first one's epochs back."""
+    import copy
+
+    a = copy.deepcopy(teacher.model)
+    b = copy.deepcopy(teacher.model)
+    with torch.no_grad():
+        next(b.parameters()).add_(0.5)
+    opts = {"epochs": 2, "augment_spec": "none", "seed": 1, "work_dir": tmp_path}
+    first = relabel(small_set, a, **opts)
+    second = relabel(small_set, b, **opts)
+    fresh = relabel(small_set, b, **{**opts, "work_dir": None})
+    assert not torch.equal(first.tensors["logits"], second.tensors["logits"])
+    assert torch.equal(second.tensors["logits"], fresh.tensors["logits"])
+    assert first.manifest["teacher"]["fingerprint"] != second.manifest["teacher"]["fingerprint"] is not None
+    assert relabel(small_set, teacher, **opts).manifest["teacher"]["fingerprint"] == teacher.fingerprint
+
+
+def test_relabel_refuses_logits_beyond_float16(small_set):
+    class Loud(torch.nn.Module):
+        def forward(self, x):
+            return torch.full((len(x), 4), 7e4)
+
+    with pytest.raises(DDKitError, match="beyond float16"):
+        relabel(small_set, Loud(), epochs=1, augment_spec="none")
+
+
 @pytest.mark.slow
 def test_relabel_under_torchrun_equals_single_process(tmp_path):
     """2 gloo ranks label alternate epochs; the saved store equals the single-process one."""
@@ -281,8 +311,8 @@ def test_relabel_under_torchrun_equals_single_process(tmp_path):
 
     from conftest import run_ddkit
 
-    def run(*args, ranks=1):
-        run_ddkit(tmp_path, *args, ranks=ranks)
+    def run(*args, ranks=1, cache="cache"):
+        run_ddkit(tmp_path, *args, ranks=ranks, cache=cache)
 
     run("teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "t")
     run("distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", "d")
@@ -291,3 +321,11 @@ def test_relabel_under_torchrun_equals_single_process(tmp_path):
     a, b = load_file(str(tmp_path / "l1" / FILE)), load_file(str(tmp_path / "l2" / FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    # evaluating with the store spreads seeds over ranks; each rank labels its own seeds' random
+    # subsets whole (3 seeds on 2 ranks: collectives inside would pair up wrongly or hang)
+    ev = ("evaluate", "d", "--teacher", "t", "--label-mode", "fkd", "--set", "fkd_store=l1", "--seeds", "0,1,2",
+          "--set", "student=tiny_convnet", "--set", "train.batch_size=8", "--set", "full_reference=false")
+    run(*ev, "--out", "e1.json")
+    run(*ev, "--out", "e2.json", ranks=2, cache="cache2")  # its own random-baseline cache
+    r1, r2 = (json.loads((tmp_path / f"e{i}.json").read_text())["results"] for i in (1, 2))
+    assert r1["distilled"] == r2["distilled"] and r1["random"] == r2["random"] and len(r1["random"]["per_seed"]) == 3

@@ -27,14 +27,14 @@ allocations bypass it) nor ``ru_maxrss`` (a whole-process high-water mark) measu
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import re
 import shutil
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -156,6 +156,9 @@ class BenchConfig:
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
+        if self.robust_scores and "fkd" in self.label_modes:
+            problems.append("robust_scores retrains students with and without augmentation, but label mode fkd replays the "
+                            "views stored with its labels; use robust_scores with hard, teacher or stored labels")
         for name in ("lrs_lambda", "ars_gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -215,11 +218,15 @@ class BenchConfig:
         over.update({"student": student, "label_mode": label_mode})
         if student in self.student_options:
             over["student_options"] = dict(self.student_options[student])
-        if augment is not None:
-            over["train"] = {**over.get("train", {}), "augment": augment}
         if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
             over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
-        return resolve_protocol(self.protocol, over)
+        protocol = resolve_protocol(self.protocol, over)
+        if augment is None or augment == protocol.train.augment:
+            return protocol
+        # ARS's other run: another augmentation's options do not apply, and "without" means without CutMix too
+        train = dataclasses.replace(protocol.train, augment=augment, augment_options={},
+                                    cutmix_prob=0.0 if augment == "none" else protocol.train.cutmix_prob)
+        return dataclasses.replace(protocol, train=train)
 
     def needs_teacher(self) -> bool:
         return bool(self.teacher_pool) or any(m != "hard" for m in self.label_modes) or any(
@@ -262,21 +269,6 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _single_process() -> Iterator[None]:
-    """Make ``ddkit.distributed.current()`` report one process, so a job runs whole on this rank
-    (its stage functions then skip their collectives). No-op outside torchrun."""
-    if not ddist.current().enabled:
-        yield
-        return
-    real = ddist.current
-    ddist.current = lambda: ddist.DistInfo()  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        ddist.current = real  # type: ignore[assignment]
 
 
 def _rss_bytes() -> int | None:
@@ -466,7 +458,7 @@ class _Bench:
         info = ddist.current()
         for i, job in enumerate(jobs):
             if i % info.world_size == info.rank:
-                with _single_process():
+                with ddist.single_process():
                     fn(job)
         ddist.barrier()
 
@@ -657,7 +649,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
         row = bench.finished(cell)
         reused = row is not None
         if row is None:
-            with _single_process():
+            with ddist.single_process():
                 row = bench.compute(cell)
             write_json(bench.cell_path(cell), row)
         if progress is not None:

@@ -8,8 +8,10 @@ gloo backend is used, on CUDA NCCL. A program that calls :func:`init_from_env` e
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,10 +73,26 @@ def shutdown(barrier: bool = True) -> None:
     dist.destroy_process_group()
 
 
+_SINGLE = [0]  # depth of nested single_process() blocks
+
+
 def current() -> DistInfo:
-    if dist.is_available() and dist.is_initialized():
+    """This process's rank and the world size (one process outside torchrun or inside :func:`single_process`)."""
+    if not _SINGLE[0] and dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return DistInfo()
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Run the block as if this were the only process: :func:`current` reports one, so ddkit's stage
+    functions do their whole job on this rank and skip their collectives. For work a rank does on its
+    own under ``torchrun`` (a bench cell, one evaluation seed's random-baseline labels)."""
+    _SINGLE[0] += 1
+    try:
+        yield
+    finally:
+        _SINGLE[0] -= 1
 
 
 def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
@@ -113,6 +131,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if current().enabled:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank ``src``'s buffers of ``module`` (BatchNorm running statistics: under DDP
+    each rank updates them from its own slice of the batch, and DDP only re-broadcasts them at the
+    next forward)."""
+    if current().enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, src)
 
 
 def barrier() -> None:

@@ -4,7 +4,11 @@ All randomness after model initialisation (batch order, augmentation, CutMix) is
 ``torch.Generator`` seeded explicitly, and always for the *global* batch: under ``torchrun`` each
 rank takes a contiguous slice of every global batch and of its augmentation parameters, and the
 per-sample loss is normalised by the global batch size, so a data-parallel run computes the same
-updates as a single process (up to floating-point summation order).
+updates as a single process (up to floating-point summation order) -- for models without
+BatchNorm. BatchNorm layers normalise with the statistics of their rank's slice, as under any DDP
+without SyncBatchNorm, so BatchNorm models (``resnet18_cifar``, ``*-bn`` ConvNets) train slightly
+differently with more ranks; their running statistics are rank 0's after every epoch, on every rank.
+A final global batch with fewer images than ranks is skipped (a single process trains on it).
 
 Teacher soft labels come from :func:`teacher_forward`, in one of two BatchNorm modes
 (:data:`TeacherBN`): ``running`` (the teacher as trained, eval mode: running statistics estimated
@@ -516,6 +520,10 @@ def train_classifier(
             _step(optimizer, per.sum() * (info.world_size / gb), model, ema, scaler)
             total += per.detach().sum().double()
             count += len(per)
+        if info.enabled:  # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
+            ddist.broadcast_buffers(model)
+            if ema is not None:
+                ddist.broadcast_buffers(ema.model)
         record = {"epoch": epoch + 1, "loss": float(total) / max(count, 1), "lr": optimizer.param_groups[0]["lr"]}
         if test is not None and eval_every and ((epoch + 1) % eval_every == 0) and epoch + 1 < cfg.epochs:
             record["test_accuracy"] = accuracy(

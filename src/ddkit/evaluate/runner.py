@@ -73,15 +73,18 @@ def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: Proto
 
 
 def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device):
-    """FKD labels for a random-baseline subset with the settings of ``store``."""
+    """FKD labels for a random-baseline subset with the settings of ``store``. Under torchrun each
+    rank labels its own seeds' subsets, so the relabel runs whole on this rank (no collectives)."""
     from ddkit.labels import relabel
 
     ds = DistilledSet(subset.images, subset.labels, {"dataset": data.describe()})
     m = store.manifest
     cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
-    return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                       cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
-                       teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+    with ddist.single_process():
+        labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                         cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
+                         teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+    return ds, labels
 
 
 def _train_student(
@@ -152,8 +155,13 @@ def full_reference(
     info = ddist.current()
     cfg = protocol.full_train()
     use = seeds[: protocol.full_seeds]
-    key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": to_dict(cfg, identity=True),
-                       "data": data.fingerprint, "seeds": use})
+    # data-parallel training differs for BatchNorm students, so the number of ranks keys the entry too
+    # (left out for one process: entries made before it was recorded keep their key)
+    train = to_dict(cfg, identity=True)
+    if cfg.ema_decay > 0:  # as in ProtocolConfig.identity: the EMA's decay warm-up changed its numbers
+        train["ema_warmup"] = True
+    key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
+                       "data": data.fingerprint, "seeds": use, **({"world": info.world_size} if info.enabled else {})})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
     if cache.is_file():
         cached = read_json(cache, "cache entry")

@@ -81,6 +81,7 @@ from ddkit.training import (
 )
 
 log = logging.getLogger(__name__)
+FP16_MAX = float(torch.finfo(torch.float16).max)
 
 KIND = "fkd-soft-labels"
 FILE = "fkd_labels.safetensors"
@@ -397,10 +398,14 @@ def relabel(
               "teacher_bn_batch": teacher_bn_batch}
     omit_running_bn(config)  # at the default: work folders of older runs keep their key
     fingerprint = set_fingerprint(images, distilled.labels)
+    teacher_fp = getattr(teacher, "fingerprint", None)
+    if teacher_fp is None:  # a bare module: its weights identify it (resume must not reuse another's logits)
+        from ddkit.teacher.squeeze import weights_sha
+
+        teacher_fp = weights_sha(model)
     partial = None
     if work_dir is not None:
-        key = config_hash({**config, "epochs": None, "set": fingerprint,
-                           "teacher": getattr(teacher, "fingerprint", None)})[:16]
+        key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]
         partial = Path(work_dir) / f"relabel-{key}"
         partial.mkdir(parents=True, exist_ok=True)
     info = ddist.current()
@@ -424,6 +429,10 @@ def relabel(
             partner, box = torch.arange(n), torch.zeros((n, 4), dtype=torch.long)
         z = _epoch_logits(model, images, augment, norm, device, e, aug, partner, box, gen, batch_size, teacher_bn,
                           teacher_bn_batch)
+        peak = float(z.abs().max()) if z.numel() else 0.0
+        if not peak <= FP16_MAX:  # also NaN
+            raise DDKitError(f"teacher logits reach {peak:.3g} in relabel epoch {e}, beyond float16's {FP16_MAX:g} that "
+                             "the label store keeps; check the teacher (diverged training?) or evaluate with label mode teacher")
         row: dict[str, torch.Tensor] = {f"aug.{k}": v for k, v in aug.items()}
         if cutmix is not None:
             row["mix.partner"], row["mix.box"] = partner.to(torch.int32), box.to(torch.int16)
@@ -457,7 +466,7 @@ def relabel(
         "teacher_bn": teacher_bn,
         "teacher_bn_batch": teacher_bn_batch,
         "batch_size_independent": True,
-        "teacher": {"fingerprint": getattr(teacher, "fingerprint", None),
+        "teacher": {"fingerprint": teacher_fp,
                     "path": str(teacher.path) if getattr(teacher, "path", None) else None},
         "distilled": {"fingerprint": fingerprint,
                       "path": str(distilled.path) if getattr(distilled, "path", None) else None},

@@ -157,7 +157,8 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
     return Teacher(_MeanLogits([t.model for t in teachers], weights), manifest, first.path)
 
 
-def _weights_sha(model: nn.Module) -> str:
+def weights_sha(model: nn.Module) -> str:
+    """sha256 (16 hex digits) over a model's state dict: a teacher's fingerprint."""
     import hashlib
 
     h = hashlib.sha256()
@@ -196,7 +197,7 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
             "dataset": data.describe(),
             "test_accuracy": acc,
             "history": history,
-            "weights_sha": _weights_sha(model),
+            "weights_sha": weights_sha(model),
             "config_hash": config_hash(cfg),
         }
     )
