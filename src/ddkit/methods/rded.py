@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ddkit import distributed as ddist
 from ddkit.config import field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
@@ -199,7 +200,8 @@ class RDED(Method):
             )
 
         mine = common.my_classes(real.num_classes)
-        ckpt = common.Checkpoint(ctx, every=1, tag="rded")
+        rank = ddist.current().rank  # each rank keeps its own classes' checkpoint
+        ckpt = common.Checkpoint(ctx, every=1, tag="rded" if rank == 0 else f"rded-rank{rank}", per_rank=True)
         # the teacher scores the patches: a rerun with another teacher must not resume this one's classes
         key = (f"rded|seed={ctx.seed}|ipc={ipc}|factor={factor}|{cfg}|{real.fingerprint}"
                f"|teacher={getattr(teacher, 'fingerprint', None)}")
