@@ -39,6 +39,40 @@ def buffer(tmp_path_factory):
 # buffer artifact
 
 
+def test_sets_from_a_buffer_on_disk_are_keyed_by_what_it_holds(tmp_path):
+    """``experts: PATH`` keys a distilled set (and a resumed run) by the buffer's recipe, data and
+    experts, not by the path: a buffer retrained at the same path with another recipe is a new key."""
+    from ddkit.data import make_synthetic
+    from ddkit.methods.trajectory import buffer_identity
+    from ddkit.pipeline import DistillConfig, distill_hash
+
+    data = make_synthetic()
+    path = tmp_path / "experts"
+    assert buffer_identity(path) is None
+    cfg = DistillConfig(method="mtt", ipc=1, seed=0, options={"experts": str(path)})
+    train_experts(data, from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 2}), path)
+    first, key = buffer_identity(path), distill_hash(cfg, data, None)
+    assert first is not None and buffer_identity(path) == first and distill_hash(cfg, data, None) == key
+    train_experts(data, from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 2, "seed": 5}), path)
+    assert buffer_identity(path) != first and distill_hash(cfg, data, None) != key
+
+
+def test_cached_buffer_needs_the_same_normalisation(tmp_path):
+    """The data fingerprint leaves out mean/std, under which the experts trained: a cached buffer
+    made with other ones is not reused."""
+    import dataclasses
+
+    from ddkit.data import make_synthetic
+    from ddkit.methods.trajectory import _cached_buffer
+
+    data = make_synthetic()
+    cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 1})
+    train_experts(data, cfg, tmp_path / "b")
+    assert _cached_buffer(tmp_path / "b", cfg, data) is not None
+    shifted = dataclasses.replace(data, mean=tuple(m + 0.1 for m in data.mean))
+    assert shifted.fingerprint == data.fingerprint and _cached_buffer(tmp_path / "b", cfg, shifted) is None
+
+
 def test_buffer_artifact_round_trip(buffer, tiny):
     path = buffer.path
     assert sorted(p.name for p in path.iterdir()) == ["expert_000.safetensors", "expert_001.safetensors", "manifest.json"]

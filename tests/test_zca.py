@@ -92,11 +92,18 @@ def test_zca_experts_and_mtt_round_trip(data, tmp_path):
 
     pixels, _ = init_images(data, 2, "real", 0)
     assert torch.allclose(out.images, pixels, atol=1e-4)
+    # the whitening is refitted on the data being distilled: other data than the experts' is refused
+    import dataclasses
+
+    from ddkit.errors import DDKitError
+
+    other = dataclasses.replace(data, train=data.train.subset(torch.arange(len(data.train) - 1)))
+    with pytest.raises(DDKitError, match="ZCA-whitened images of other data"):
+        buffer.zca(other)
     # a buffer whitened by ddkit's older ZCA (no zca_space marker) is refused, and the distilled
     # sets of a ZCA buffer recipe get their own identity
     import json
 
-    from ddkit.errors import DDKitError
     from ddkit.methods.trajectory import load_experts
 
     manifest = json.loads((tmp_path / "experts" / "manifest.json").read_text())

@@ -161,6 +161,10 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
             key["method_revision"] = cls.revision
         if tags := cls.identity_tags(cfg.options):
             key["method_tags"] = tags
+    if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
+        from ddkit.methods.trajectory import buffer_identity
+
+        key["experts_buffer"] = buffer_identity(experts)
     return config_hash(key)
 
 

@@ -89,6 +89,7 @@ from ddkit.methods.trajectory import (
     MatchResult,
     Step,
     buffer_for,
+    buffer_identity,
     intermediate_terms,
     perturb_start,
     plan_steps,
@@ -457,6 +458,8 @@ class _TrajectoryMatching(Method):
 
         ckpt = Checkpoint(ctx, cfg.checkpoint_every, tag=f"{self.key}-state")
         fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
+        if cfg.experts is not None:  # a buffer retrained at the same path must not resume the old one's run
+            fingerprint += f"|experts={buffer_identity(cfg.experts)}"
         start_it, skipped = 0, 0
         state = ckpt.load()
         if state is not None:

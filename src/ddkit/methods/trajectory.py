@@ -236,6 +236,12 @@ class ExpertBuffer:
                 "this expert buffer was trained on images whitened by ddkit's older ZCA (fitted on normalised "
                 "images, a weaker regularisation than MTT's); train it again with this version of ddkit"
             )
+        if self.manifest["dataset"]["fingerprint"] != data.fingerprint:  # refitted on other data: another whitening
+            raise DDKitError(
+                f"expert buffer {str(self.path)!r} was trained on ZCA-whitened images of other data (fingerprint "
+                f"{self.manifest['dataset']['fingerprint']}, this data {data.fingerprint}), and the whitening is refitted "
+                "on the data being distilled; distil the data the experts saw, or train the buffer on this data"
+            )
         from ddkit.data.zca import ZCA
 
         return ZCA.fit(data.train, data.mean, data.std, float(cfg.get("zca_reg", 0.1)))
@@ -423,6 +429,20 @@ def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: li
     return manifest
 
 
+def buffer_identity(path: str | Path) -> str | None:
+    """What decides the trajectories of the expert buffer at ``path`` (recipe, data, its experts), or
+    None when no buffer reads there. A set distilled from ``experts: PATH`` is keyed by it, not by
+    the path alone, so a buffer retrained at the same path is not mistaken for the old one."""
+    try:
+        m = read_manifest(path, KIND)
+        return config_hash({"recipe": m["config_hash"], "data": m["dataset"]["fingerprint"], "epochs": m["epochs"],
+                            "normalisation": [m["dataset"].get("mean"), m["dataset"].get("std")],
+                            "zca_space": m.get("zca_space"),
+                            "experts": [{k: v for k, v in e.items() if k != "seconds"} for e in m["experts"]]})
+    except (DDKitError, KeyError, TypeError):
+        return None
+
+
 def train_experts(
     data: DataBundle,
     cfg: ExpertConfig,
@@ -541,6 +561,8 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
         found = load_experts(out)
         if (found.manifest.get("config_hash") == config_hash(cfg)
                 and found.manifest["dataset"]["fingerprint"] == data.fingerprint
+                # the fingerprint leaves out the normalisation the experts trained under
+                and [found.manifest["dataset"].get(k) for k in ("mean", "std")] == [list(data.mean), list(data.std)]
                 and _zca_current(found.manifest)):
             return found
     return None
