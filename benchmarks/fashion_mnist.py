@@ -71,6 +71,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "recover-code": "SRe2L, G-VBSM and EDC at IPC 10 with the recover loop as the authors' code has it: conv "
                           "statistics at the conv inputs (conv_features: input) and one crop and flip per batch "
                           "(augment_per: batch), each beside the tier's setting",
+          "edc-real-code": "edc-real-long's best EDC at IPC 10 with the authors' conv-input statistics and per-batch "
+                           "crops, beside itself and random (both students, 240 epochs)",
           "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
                         "how much of the soft-label numbers' gap to EDC's own recipe the crops explain",
           "mtt-iters50": "mtt-steps50's 30-step MTT and AST rows with 4x the iterations (240): is the short run why "
