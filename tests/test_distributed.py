@@ -107,6 +107,9 @@ def _train_bn_rank(rank: int, store_path: str, out: str) -> None:
                    f"{out}/rank{rank}.pt")
     finally:
         ddist.shutdown()
+    # skip interpreter teardown: gloo's static destructors can abort a rank whose peer is still
+    # closing its connection (see ddist.shutdown); the result is on disk and the exit code is what counts
+    os._exit(0)
 
 
 def test_ddp_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
