@@ -92,6 +92,9 @@ def statistic_layers(model: nn.Module, kinds: tuple[str, ...] = ("bn", "conv")) 
     return keys
 
 
+CONV_KIND = {"output": "conv", "input": "convin"}  # conv_features -> the key kind of its statistics
+
+
 def is_conv_key(key: str) -> bool:
     """Whether ``key`` names convolution features (matched against real-data statistics)."""
     return key.split(":", 1)[0] in ("conv", "convin")
@@ -358,7 +361,7 @@ def real_statistics(
     computes a shard of the pass (see :func:`compute_real_statistics`) and rank 0 writes the
     artifact. Returns ``(statistics, artifact path)``.
     """
-    keys = statistic_layers(teacher.model, ("bn", "convin" if conv_features == "input" else "conv"))
+    keys = statistic_layers(teacher.model, ("bn", CONV_KIND[conv_features]))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
@@ -683,7 +686,7 @@ class _TeacherState:
 def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
     if not teachers:
         raise DDKitError(f"method {name!r} needs a teacher; pass --teacher DIR")
-    conv = "convin" if cfg.conv_features == "input" else "conv"
+    conv = CONV_KIND[cfg.conv_features]
     kinds = {"bn": ("bn",), "conv": (conv,), "bn+conv": ("bn", conv)}[cfg.stats]
     need_real = conv in kinds or cfg.alpha < 1 or cfg.r_logit > 0
     states, paths = [], []
@@ -931,11 +934,9 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 group_["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
             aug = _augment(cfg, it, flip=not cfg.flip_plugin)
             batch, blabels = (flip_pair(x, labels) if cfg.flip_plugin else (x, labels))
-            params = None
-            if aug is not None:
-                params = aug.sample(1 if cfg.augment_per == "batch" else len(batch), gen, (h, w))
-                if cfg.augment_per == "batch":  # one crop box and flip for every image of the batch
-                    params = {key: v.expand(len(batch), *v.shape[1:]) for key, v in params.items()}
+            # augment_per batch: one crop box and flip, which apply() broadcasts to every image of the batch
+            draws = 1 if cfg.augment_per == "batch" else len(batch)
+            params = aug.sample(draws, gen, (h, w)) if aug is not None else None
             shifts = None
             if cfg.jitter > 0:
                 low = -cfg.jitter if cfg.jitter_mode == "symmetric" else 0
