@@ -124,7 +124,11 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "convnet-p3": "the matching CPU tier's DC, DSA, DM and DataDAM with the papers' ConvNet (first conv padded by "
                         "3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis network and student",
           "learned-lr-e8": "MTT's evaluation: students trained with the set's learned lr (protocol learned_lr) "
-                           "instead of the DC protocol's 0.01, MTT at IPC 10 with 8-epoch experts"}
+                           "instead of the DC protocol's 0.01, MTT at IPC 10 with 8-epoch experts",
+          "zca-e8": "MTT at IPC 10 with ZCA-whitened 8-epoch experts, its sets evaluated on whitened images as MTT "
+                    "does (protocol zca), beside plain MTT and random under the same whitened protocol",
+          "zca-e8-plain": "zca-e8's sets and random evaluated on plain images (ddkit's evaluation of ZCA sets before "
+                          "the protocol field zca)"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.

@@ -92,6 +92,7 @@ def test_zca_experts_and_mtt_round_trip(data, tmp_path):
 
     pixels, _ = init_images(data, 2, "real", 0)
     assert torch.allclose(out.images, pixels, atol=1e-4)
+    assert out.meta["zca_reg"] == 0.1  # marks the set for protocol zca: true
     # the whitening is refitted on the data being distilled: other data than the experts' is refused
     import dataclasses
 
@@ -114,3 +115,72 @@ def test_zca_experts_and_mtt_round_trip(data, tmp_path):
         load_experts(tmp_path / "experts").zca(data)
     assert cls.identity_tags({"buffer": {"zca": True}}) == {"zca_space": "pixel"}
     assert cls.identity_tags({"buffer": {"zca": False}}) == {} == cls.identity_tags({})
+
+
+def test_student_transform_is_training_on_whitened_images(data):
+    """train_classifier's ``transform`` (protocol zca) trains on whitened batches and tests on whitened
+    images: the same run as on images whitened beforehand and passed with an identity normalisation."""
+    import dataclasses
+
+    from ddkit.data.base import ImageSet
+    from ddkit.models import create_model
+    from ddkit.training import TrainConfig, train_classifier
+
+    zca = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, augment="dsa", augment_options={"strategy": "crop_flip"})
+    c, h, _ = data.image_shape
+
+    def run(train, test, mean, std, transform):
+        torch.manual_seed(0)
+        model = create_model("tiny_convnet", c, data.num_classes, h)
+        return train_classifier(model, train, mean, std, cfg, seed=0, test=test, transform=transform)
+
+    got = run(data.train, data.test, data.mean, data.std, zca)
+    white = [ImageSet(zca(_normalised(dataclasses.replace(data, train=s))), s.labels) for s in (data.train, data.test)]
+    want = run(white[0], white[1], (0.0,) * c, (1.0,) * c, None)
+    for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values(), strict=True):
+        assert torch.allclose(a.float(), b.float(), atol=1e-4)
+    assert got.test_accuracy == want.test_accuracy
+    plain = run(data.train, data.test, data.mean, data.std, None)
+    assert not torch.allclose(plain.model.state_dict()["features.0.weight"], got.model.state_dict()["features.0.weight"])
+    with pytest.raises(ConfigError, match="use label mode hard or stored"):
+        train_classifier(create_model("tiny_convnet", c, data.num_classes, h), data.train, data.mean, data.std, cfg, seed=0,
+                         label_source="teacher", teacher=create_model("tiny_convnet", c, data.num_classes, h),
+                         loss="kl", transform=zca)
+
+
+def test_zca_protocol_whitens_set_random_subset_and_full_data(data, tmp_path, caplog, monkeypatch):
+    """Protocol ``zca: true`` (MTT's evaluation): the set's, the random subset's and the full-data
+    students all get the training set's whitening; it keys the protocol hash and the full-data cache;
+    a set distilled in ZCA space evaluated without it draws a warning; teacher labels are refused."""
+    import logging
+
+    import ddkit.evaluate.runner as runner
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.methods.common import init_images
+
+    base = {"student": "tiny_convnet", "full_epochs": 2, "train": {"epochs": 4, "batch_size": 32, "lr": 0.05}}
+    plain = resolve_protocol("dc-protocol", base)
+    white = resolve_protocol("dc-protocol", {**base, "zca": True})
+    assert "zca" not in plain.identity() and "zca_reg" not in white.identity() and white.hash != plain.hash
+    with pytest.raises(ConfigError, match="use label_mode hard or stored"):
+        resolve_protocol("soft-kl", {"zca": True})
+    pixels, labels = init_images(data, 2, "real", 0)
+    ds = DistilledSet(pixels, labels, {"dataset": data.describe(), "method": {"name": "mtt"}, "ipc": 2,
+                                       "meta": {"zca_reg": 0.1}})
+    seen = []
+    real = runner.train_classifier
+    monkeypatch.setattr(runner, "train_classifier", lambda *a, **k: seen.append(k["transform"]) or real(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="ddkit"):
+        rep = evaluate(ds, white, [0], data=data, cache_dir=tmp_path)
+    assert not [r for r in caplog.records if "ZCA" in r.getMessage()]
+    want = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
+    assert len(seen) == 3 and all(t is not None and torch.equal(t.whiten, want.whiten) for t in seen)  # set, random, full
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddkit"):
+        other = evaluate(ds, plain, [0], data=data, cache_dir=tmp_path)
+    assert seen[3:] == [None, None, None]
+    assert any("distilled on ZCA-whitened images" in r.getMessage() and "zca: true" in r.getMessage() for r in caplog.records)
+    assert len(list((tmp_path / "full-reference").glob("*.json"))) == 2  # whitened and plain full data: two entries
+    assert rep["results"]["full"]["key"] != other["results"]["full"]["key"]

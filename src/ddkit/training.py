@@ -388,6 +388,7 @@ def train_classifier(
     state_path: str | Path | None = None,
     eval_every: int = 0,
     progress: Callable[[int, int, dict], None] | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
 
@@ -400,6 +401,9 @@ def train_classifier(
     with their stored teacher logits, whatever the batch size or number of ranks.
     ``state_path``: a checkpoint written after every epoch; if it exists the run resumes from it.
     ``distributed``: data-parallel over the ranks of an initialised process group (DDP).
+    ``transform``: a fixed map of the normalised images (ZCA whitening), applied to training batches
+    before CutMix and augmentation, as MTT's students see whitened images augmented, and to the test
+    images; label modes hard and stored only.
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
@@ -414,6 +418,9 @@ def train_classifier(
         raise ConfigError("label mode 'fkd' needs a store made by `ddkit relabel`; set fkd_store=DIR")
     if label_source == "hard" and loss != "ce":
         raise ConfigError(f"loss {loss!r} needs soft labels; use label_mode teacher or stored, or loss ce")
+    if transform is not None and label_source not in ("hard", "stored"):
+        raise ConfigError(f"a transform (ZCA) of the student's images leaves label mode {label_source!r} without the "
+                          "teacher's views of the plain images; use label mode hard or stored")
     if len(data) == 0:
         raise ConfigError("no training images")
 
@@ -488,6 +495,8 @@ def train_classifier(
                 count += len(per)
                 continue
             x_all = norm(to_float(data.images[idx], device))
+            if transform is not None:
+                x_all = transform(x_all)
             y_all = to_device(data.labels[idx], device)
             if cutmix is not None:
                 x_all, partner, lam = cutmix.apply(x_all, mix_params)
@@ -528,7 +537,7 @@ def train_classifier(
         if test is not None and eval_every and ((epoch + 1) % eval_every == 0) and epoch + 1 < cfg.epochs:
             record["test_accuracy"] = accuracy(
                 ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed,
-                precision=cfg.precision,
+                transform=transform, precision=cfg.precision,
             )
         history.append(record)
         if state_path is not None and info.is_main:
@@ -553,7 +562,8 @@ def train_classifier(
     final = ema.model if ema is not None else model
     acc = None
     if test is not None:
-        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, precision=cfg.precision)
+        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform=transform,
+                       precision=cfg.precision)
         if history:
             history[-1]["test_accuracy"] = acc
     return TrainResult(model=final, history=history, test_accuracy=acc)

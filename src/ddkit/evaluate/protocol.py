@@ -41,6 +41,10 @@ class ProtocolConfig:
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
     learned_lr: bool = field(False, added=True, help="train the students with the set's learned student lr (meta syn_lr: "
                              "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the random subset too")
+    zca: bool = field(False, added=True, help="train and test students on ZCA-whitened images (fitted on the training "
+                      "set's pixels; the random subset and full-data reference too), as MTT, FTD, TESLA and DATM evaluate "
+                      "sets distilled with `buffer.zca`; label_mode hard or stored")
+    zca_reg: float = field(0.1, added=True, help="zca: regularisation added to the covariance eigenvalues (MTT: 0.1)")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
     full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")
@@ -59,6 +63,11 @@ class ProtocolConfig:
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
         if self.learned_lr and self.label_mode == "fkd":
             raise ConfigError("learned_lr is not supported with label_mode fkd; set learned_lr: false")
+        if self.zca and self.label_mode not in ("hard", "stored"):
+            raise ConfigError(f"zca trains students on whitened images, but label_mode {self.label_mode!r} has the "
+                              "teacher label views of unwhitened images; use label_mode hard or stored, or zca: false")
+        if self.zca_reg <= 0:
+            raise ConfigError(f"zca_reg must be > 0, got {self.zca_reg}")
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
 

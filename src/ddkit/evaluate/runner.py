@@ -99,6 +99,7 @@ def _train_student(
     stored=None,
     distributed: bool = False,
     progress: Callable[[int, int, dict], None] | None = None,
+    transform=None,
 ) -> float:
     torch.manual_seed(seed)
     c, h, _ = data.image_shape
@@ -108,7 +109,7 @@ def _train_student(
         label_source=label_mode, loss=protocol.loss if label_mode != "hard" else "ce",
         temperature=protocol.temperature, teacher=teacher.model if teacher is not None else None,
         teacher_bn=protocol.teacher_bn, teacher_bn_batch=protocol.teacher_bn_batch,
-        stored_targets=stored, test=data.test, distributed=distributed, progress=progress,
+        stored_targets=stored, test=data.test, distributed=distributed, progress=progress, transform=transform,
     )
     return float(result.test_accuracy)
 
@@ -132,7 +133,7 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
 
 
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
-                     progress=None, train: TrainConfig | None = None) -> float:
+                     progress=None, train: TrainConfig | None = None, transform=None) -> float:
     """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class."""
     idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed + RANDOM_SEED_OFFSET)
     subset = data.train.subset(idx)
@@ -144,14 +145,34 @@ def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store,
         stored = teacher_logits(teacher, subset.images, data.mean, data.std, device, bn=protocol.teacher_bn,
                                 bn_batch=protocol.teacher_bn_batch, seed=seed + RANDOM_SEED_OFFSET)
     return _train_student(subset, data, protocol, train or protocol.train, seed, device, protocol.label_mode, teacher,
-                          stored, progress=progress)
+                          stored, progress=progress, transform=transform)
+
+
+def student_transform(protocol: ProtocolConfig, data: DataBundle):
+    """The fixed map of the students' normalised images under ``protocol``: its ZCA whitening fitted on
+    ``data``'s training pixels (deterministic; one fit per data, normalisation and regularisation in
+    this process), or None."""
+    if not protocol.zca:
+        return None
+    key = (data.fingerprint, tuple(data.mean), tuple(data.std), protocol.zca_reg)
+    if key not in _ZCA_FITS:
+        from ddkit.data.zca import ZCA
+
+        log.info("fitting the protocol's ZCA whitening on %d training images", len(data.train))
+        _ZCA_FITS.clear()  # one dataset at a time: a 784-dim whitening is 5 MB, a 3072-dim one 75 MB
+        _ZCA_FITS[key] = ZCA.fit(data.train, data.mean, data.std, protocol.zca_reg)
+    return _ZCA_FITS[key]
+
+
+_ZCA_FITS: dict[tuple, Any] = {}
 
 
 def full_reference(
     data: DataBundle, protocol: ProtocolConfig, seeds: list[int], device, cache_dir: Path | None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Hard-label accuracy of the protocol's student trained on the whole training set (cached)."""
+    """Hard-label accuracy of the protocol's student trained on the whole training set (cached); on
+    whitened images under a ``zca`` protocol."""
     info = ddist.current()
     cfg = protocol.full_train()
     use = seeds[: protocol.full_seeds]
@@ -160,8 +181,9 @@ def full_reference(
     train = to_dict(cfg, identity=True)
     if cfg.ema_decay > 0:  # as in ProtocolConfig.identity: the EMA's decay warm-up changed its numbers
         train["ema_warmup"] = True
+    zca = {"zca": {"reg": protocol.zca_reg, "mean": list(data.mean), "std": list(data.std)}} if protocol.zca else {}
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
-                       "data": data.fingerprint, "seeds": use, **({"world": info.world_size} if info.enabled else {})})
+                       "data": data.fingerprint, "seeds": use, **({"world": info.world_size} if info.enabled else {}), **zca})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
     if cache.is_file():
         cached = read_json(cache, "cache entry")
@@ -170,7 +192,8 @@ def full_reference(
     accs = []
     for s in use:
         cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
-        accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled, progress=cb))
+        accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled, progress=cb,
+                                   transform=student_transform(protocol, data)))
     result = _summary(accs)
     result.update({"epochs": cfg.epochs, "key": key})
     if info.is_main:
@@ -246,6 +269,15 @@ def evaluate(
         train = dataclasses.replace(protocol.train, lr=learned)
         log.info("students train with the set's learned lr %.5g (protocol learned_lr)", learned)
 
+    set_reg = man.get("meta", {}).get("zca_reg")
+    if set_reg is not None and not protocol.zca:
+        log.warning("this %s set was distilled on ZCA-whitened images but the protocol trains students on plain ones; "
+                    "set zca: true to evaluate it as MTT does", distilled.method)
+    elif set_reg is not None and float(set_reg) != protocol.zca_reg:
+        log.warning("this set was distilled with ZCA regularisation %g, the protocol whitens with %g; set zca_reg: %g",
+                    set_reg, protocol.zca_reg, set_reg)
+    transform = student_transform(protocol, data)
+
     cb_for = (lambda label: (lambda e, n, r: progress(label, e, n))) if progress else (lambda label: None)
     t0 = time.perf_counter()
     mine = seeds[info.rank :: info.world_size]
@@ -257,14 +289,15 @@ def evaluate(
         else:
             row = {"distilled": _train_student(
                 distilled.as_imageset(), data, protocol, train, s, device, mode, teacher,
-                distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"))}
+                distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"),
+                transform=transform)}
         if protocol.random_baseline and ipc is not None:
             cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned)
             if cache.is_file():
                 row["random"] = float(read_json(cache, "cache entry")["accuracy"])
             else:
                 row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
-                                                 cb_for(f"random subset, seed {s}"), train)
+                                                 cb_for(f"random subset, seed {s}"), train, transform)
                 write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
                                    "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
         local[s] = row

@@ -45,7 +45,10 @@ ZCA: ``buffer: {zca: true}`` (or an expert buffer made with ``zca: true``) train
 ZCA-whitened images (:mod:`ddkit.data.zca`: fitted on raw pixels with regularisation 0.1, as MTT's
 kornia call); the method
 then initialises, unrolls and matches in whitened space and maps the images back to pixel space
-(``ZCA.invert``) for the artifact, so every protocol evaluates them like any other set.
+(``ZCA.invert``) for the artifact, so every protocol can read them. ``meta["zca_reg"]`` marks such
+a set: MTT's evaluation trains its students on whitened images, which a protocol with ``zca: true``
+does (the random subset and full-data reference whitened too); a plain protocol evaluates the
+un-whitened images, and ``evaluate`` warns.
 
 AST (``shq``) adds options that every method here accepts (all off by default): ``init:
 representative`` (``representative_clusters``), ``balance_loss``, ``intermediate_matching``,
@@ -561,6 +564,7 @@ class _TrajectoryMatching(Method):
             "expert_buffer_hash": buffer.manifest.get("config_hash"),
             "skipped_updates": skipped,
             "image_ema": cfg.image_ema,
+            **({"zca_reg": zca.reg} if zca is not None else {}),  # evaluate with protocol zca: true, as MTT
         }
         final = ema if ema is not None else images.detach()  # FTD saves (and evaluates) the EMA images
         final = zca.invert(final) if zca is not None else final
