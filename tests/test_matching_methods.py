@@ -199,6 +199,7 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
     (DCConfig, {"outer_loop": 0}, "outer_loop"),
     (DCConfig, {"lr_net": 0.0}, "lr_net"),
     (DCConfig, {"batch_train": 0}, "batch_train"),
+    (DCConfig, {"bn_real_per_class": -1}, "bn_real_per_class must be >= 0"),
     (DCConfig, {"model": "convnet_nope"}, "model"),
     (DSAConfig, {"dsa_options": {"bogus": 1}}, "bogus"),
     (DSAConfig, {"lr_img": -1.0}, "lr_img"),
@@ -248,3 +249,44 @@ def test_trajectory_window_beyond_the_buffer_fails_before_training_experts():
     assert from_dict(DATMConfig, {"buffer": {"epochs": 30}, "max_start_epoch": 29}).max_start_epoch == 29
     # with a given buffer the epochs are known only once it is read: fit checks them then
     assert from_dict(DATMConfig, {"experts": "somewhere", "max_start_epoch": 60}).max_start_epoch == 60
+
+
+@pytest.mark.parametrize("key", ["dc", "dsa"])
+def test_gradient_matching_freezes_batchnorm_from_real_images(data, key, monkeypatch):
+    """For a BatchNorm network (the reference's BN_flag), the running statistics are set by one
+    forward pass over real images before each image update and stay frozen while every class's
+    gradients are matched; the inner loop trains on batch statistics. Instance-norm networks are
+    untouched, and only BatchNorm sets get a new identity."""
+    import ddkit.methods.gradient_matching as gm
+
+    seen = []
+    real_grads = gm._class_grads
+
+    def spy(net, x, label, create_graph):
+        bn = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        seen.append((tuple(m.training for m in bn), int(bn[0].num_batches_tracked), bn[0].running_mean.clone()))
+        return real_grads(net, x, label, create_graph)
+
+    monkeypatch.setattr(gm, "_class_grads", spy)
+    cls = METHODS.get(key)
+    opts = {"model": "convnet3-bn", "model_options": {"width": 8}, "iterations": 1, "outer_loop": 2, "inner_loop": 1,
+            "batch_real": 8, "batch_train": 4}
+    frozen = cls(from_dict(cls.Config, opts)).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    per_step = 2 * data.num_classes  # a real and a synthetic gradient per class
+    assert len(seen) == 2 * per_step and not any(any(flags) for flags, _, _ in seen)  # every BN layer in eval mode
+    # one statistics pass before step 0; before step 1 the inner loop's 2 batches (8 images, batch 4) and one more pass
+    assert [n for _, n, _ in seen] == [1] * per_step + [4] * per_step
+    for step in (seen[:per_step], seen[per_step:]):
+        assert all(torch.equal(m, step[0][2]) for _, _, m in step) and step[0][2].abs().sum() > 0
+    seen.clear()
+    batch_stats = cls(from_dict(cls.Config, {**opts, "bn_real_per_class": 0})).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    assert all(all(flags) for flags, _, _ in seen)  # the old behaviour: batch statistics while matching
+    assert not torch.equal(frozen.images, batch_stats.images)
+    assert cls.identity_tags(opts) == {"bn_real_per_class": 16}
+    assert cls.identity_tags({**opts, "bn_real_per_class": 0}) == {} == cls.identity_tags({}) == cls.identity_tags(
+        {"model": "convnet3-w32"})
+    monkeypatch.setattr(gm, "_class_grads", real_grads)
+    plain = {**opts, "model": "tiny_convnet", "model_options": {}}
+    a = cls(from_dict(cls.Config, plain)).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    b = cls(from_dict(cls.Config, {**plain, "bn_real_per_class": 0})).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    assert torch.equal(a.images, b.images)

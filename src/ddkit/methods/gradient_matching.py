@@ -86,9 +86,15 @@ class DCConfig:
     batch_real: int = field(256, help="real images per class per matching step")
     batch_train: int = field(256, help="batch size of the inner-loop network training on the synthetic set")
     checkpoint_every: int = field(10, help="iterations between checkpoints in the work folder")
+    bn_real_per_class: int = field(16, added=True, help="networks with BatchNorm: before each image update a forward "
+                                   "pass over this many real images per class sets the running statistics, which stay "
+                                   "frozen while gradients are matched (the reference's BNSizePC); 0: the statistics of "
+                                   "each matched batch. No effect on the default instance-norm ConvNet")
 
     def __post_init__(self) -> None:
         check_common(self)
+        if self.bn_real_per_class < 0:
+            raise ConfigError(f"bn_real_per_class must be >= 0, got {self.bn_real_per_class}")
         for name in ("outer_loop", "inner_loop"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -104,6 +110,27 @@ class DSAConfig(DCConfig):
     """DC settings plus the DSA augmentation (defaults: DSA paper / reference ``main.py --method DSA``)."""
 
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits; strategy color_crop_cutout_flip_scale_rotate")
+
+
+def has_batchnorm(model: str, options: dict) -> bool:
+    """Whether ``model`` with ``options`` has BatchNorm layers (built on the meta device: no memory)."""
+    from ddkit.models import create_model
+
+    with torch.device("meta"):
+        net = create_model(model, 1, 2, 32, **options)
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
+    """The reference's BatchNorm handling before an image update: one training-mode forward pass over
+    ``per_class`` real images of every class updates the running statistics (momentum as the layer's),
+    then the layers switch to eval mode, so the matched gradients use those statistics and not the
+    statistics of each class's real or synthetic batch (a synthetic batch may be one image)."""
+    net.train()
+    with torch.no_grad():
+        net(torch.cat([data.batch(c, per_class, gen) for c in range(num_classes)]))
+    for m in bn:
+        m.eval()
 
 
 def _class_grads(net: nn.Module, x: torch.Tensor, label: int, create_graph: bool) -> tuple[torch.Tensor, ...]:
@@ -154,8 +181,11 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, tag, "iteration", it))
         net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+        bn = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.bn_real_per_class else []
         total = 0.0
         for ol in range(outer):
+            if bn:
+                _freeze_bn(net, bn, data, cfg.bn_real_per_class, nc, gen)
             loss = syn.new_zeros(())
             for c in range(nc):
                 x_real = data.batch(c, cfg.batch_real, gen)
@@ -181,6 +211,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)
+            net.train()  # BatchNorm trains on batch statistics again, as the reference's inner-loop epochs
             for _ in range(inner):
                 perm = torch.randperm(n, generator=gen)
                 for lo in range(0, n, cfg.batch_train):
@@ -215,12 +246,21 @@ class DC(Method):
     Differences: default initialisation is ``real`` (the DC reference's default is noise; its
     README and DSA use real), images are returned as float32 pixels; biases and normalisation
     parameters contribute nothing to the distance (as in the reference, not stated in the paper);
-    each iteration draws from its own seeded generator instead of a global stream; batch-norm
-    running statistics are not frozen from a real batch as in the reference (use the default
-    instance-norm ConvNet).
+    each iteration draws from its own seeded generator instead of a global stream. For a network
+    with BatchNorm (``model: convnet3-bn``) the running statistics are set from 16 real images per
+    class before each image update and frozen while gradients are matched, as the reference does
+    (``bn_real_per_class``; until 2026-12-05 ddkit matched with batch statistics).
     """
 
     Config = DCConfig
+
+    @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        # frozen BatchNorm statistics changed the sets of BatchNorm networks only: remake those
+        per = options.get("bn_real_per_class", 16)
+        if per and has_batchnorm(options.get("model", "convnet3"), options.get("model_options", {})):
+            return {"bn_real_per_class": per}
+        return {}
     smoke_options = {"model": "tiny_convnet", "iterations": 3, "outer_loop": 2, "inner_loop": 1,
                      "batch_real": 8, "batch_train": 4, "checkpoint_every": 1}
 
@@ -243,6 +283,7 @@ class DSA(Method):
 
     Config = DSAConfig
     smoke_options = DC.smoke_options
+    identity_tags = DC.identity_tags
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> DSA:
         augment = build_augment("dsa", **self.cfg.dsa_options)
