@@ -68,9 +68,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-ipc1-seed1": "edc-ipc1-seeds' gentlest EDC and its RDED initialisation with synthesis seed 1 (new crops, "
                             "random subset and augmentations)",
           "edc-ipc1-seed2": "edc-ipc1-seed1 with synthesis seed 2",
-          "recover-code": "SRe2L, G-VBSM and EDC at IPC 10 with the recover loop as the authors' code has it: conv "
-                          "statistics at the conv inputs (conv_features: input) and one crop and flip per batch "
-                          "(augment_per: batch), each beside the tier's setting",
+          "recover-code": "SRe2L, G-VBSM and EDC at IPC 10 (G-VBSM and EDC also at IPC 1 and 50) with the recover loop "
+                          "as the authors' code has it: conv statistics at the conv inputs (conv_features: input) and "
+                          "one crop and flip per batch (augment_per: batch), each beside the tier's setting",
           "edc-real-code": "edc-real-long's best EDC at IPC 10 with the authors' conv-input statistics and per-batch "
                            "crops, beside itself and random (both students, 240 epochs)",
           "softkl-s05": "every decoupled method at IPC 10 under soft-kl with crops of scale 0.5-1 instead of 0.08-1: "
