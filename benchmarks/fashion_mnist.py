@@ -128,7 +128,10 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "zca-e8": "MTT at IPC 10 with ZCA-whitened 8-epoch experts, its sets evaluated on whitened images as MTT "
                     "does (protocol zca), beside plain MTT and random under the same whitened protocol",
           "zca-e8-plain": "zca-e8's sets and random evaluated on plain images (ddkit's evaluation of ZCA sets before "
-                          "the protocol field zca)"}
+                          "the protocol field zca)",
+          "zca-e8-ipc1": "zca-e8 at IPC 1 (traj-ipc1-e8's MTT settings): MTT with plain and with ZCA-whitened experts, "
+                         "evaluated on whitened images",
+          "zca-e8-ipc1-plain": "zca-e8-ipc1's sets and random evaluated on plain images"}
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
