@@ -253,16 +253,16 @@ class DC(Method):
     """
 
     Config = DCConfig
+    smoke_options = {"model": "tiny_convnet", "iterations": 3, "outer_loop": 2, "inner_loop": 1,
+                     "batch_real": 8, "batch_train": 4, "checkpoint_every": 1}
 
     @classmethod
     def identity_tags(cls, options: dict) -> dict:
         # frozen BatchNorm statistics changed the sets of BatchNorm networks only: remake those
-        per = options.get("bn_real_per_class", 16)
-        if per and has_batchnorm(options.get("model", "convnet3"), options.get("model_options", {})):
-            return {"bn_real_per_class": per}
+        cfg = DCConfig(**{k: options[k] for k in ("model", "model_options", "bn_real_per_class") if k in options})
+        if cfg.bn_real_per_class and has_batchnorm(cfg.model, cfg.model_options):
+            return {"bn_real_per_class": cfg.bn_real_per_class}
         return {}
-    smoke_options = {"model": "tiny_convnet", "iterations": 3, "outer_loop": 2, "inner_loop": 1,
-                     "batch_real": 8, "batch_train": 4, "checkpoint_every": 1}
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> DC:
         self.synthetic_ = fit_gradient_matching(self.cfg, real, ctx, None, tag="dc")
