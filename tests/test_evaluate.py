@@ -150,3 +150,16 @@ def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_p
     assert plain["results"]["distilled"]["per_seed"] != got["results"]["distilled"]["per_seed"]
     with pytest.raises(Exception, match="learned_lr is not supported with label_mode fkd"):
         resolve_protocol(tiny_protocol, {"learned_lr": True, "label_mode": "fkd", "loss": "kl", "fkd_store": "x"})
+
+
+def test_mtt_protocol_preset():
+    """MTT's evaluate_synset: the DSA protocol (1000 epochs, DSA, SGD 0.9 / 5e-4, batch 256, step at
+    half) with the set's learned lr."""
+    import dataclasses
+
+    p, dsa = resolve_protocol("mtt-protocol"), resolve_protocol("dsa-protocol")
+    assert p.learned_lr and not dsa.learned_lr and dataclasses.replace(p, learned_lr=False) == dsa
+    t = p.train
+    assert (t.epochs, t.augment, t.optimizer, t.momentum, t.weight_decay, t.batch_size, t.schedule, p.label_mode) == (
+        1000, "dsa", "sgd", 0.9, 5e-4, 256, "step", "hard")
+    assert resolve_protocol("mtt-protocol", {"zca": True}).zca

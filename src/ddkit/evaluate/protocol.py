@@ -105,6 +105,16 @@ def dsa_protocol() -> ProtocolConfig:
     return ProtocolConfig(train=TrainConfig(epochs=1000, augment="dsa"))
 
 
+@PROTOCOLS.register("mtt-protocol")
+def mtt_protocol() -> ProtocolConfig:
+    """MTT's evaluation (Cazenavette et al. CVPR 2022, reference ``evaluate_synset``), also FTD's,
+    TESLA's and DATM's: dsa-protocol (ConvNet-3, SGD momentum 0.9, wd 5e-4, batch 256, 1000 epochs
+    with DSA augmentation, lr x0.1 at half, hard labels) with the set's learned student lr
+    (``learned_lr``). For a set distilled on whitened images add ``zca: true``; for DATM's and
+    TESLA's soft labels ``label_mode: stored``."""
+    return ProtocolConfig(learned_lr=True, train=TrainConfig(epochs=1000, augment="dsa"))
+
+
 @PROTOCOLS.register("soft-kl")
 def soft_kl_protocol() -> ProtocolConfig:
     """SRe2L-style relabelled training: teacher soft labels online, KL with T=4, AdamW 1e-3 +
