@@ -166,6 +166,8 @@ def test_zca_protocol_whitens_set_random_subset_and_full_data(data, tmp_path, ca
     assert "zca" not in plain.identity() and "zca_reg" not in white.identity() and white.hash != plain.hash
     with pytest.raises(ConfigError, match="use label_mode hard or stored"):
         resolve_protocol("soft-kl", {"zca": True})
+    with pytest.raises(ConfigError, match="zca_reg must be > 0, got 0"):
+        resolve_protocol("dc-protocol", {"zca": True, "zca_reg": 0})
     pixels, labels = init_images(data, 2, "real", 0)
     ds = DistilledSet(pixels, labels, {"dataset": data.describe(), "method": {"name": "mtt"}, "ipc": 2,
                                        "meta": {"zca_reg": 0.1}})

@@ -224,6 +224,11 @@ def omit_running_bn(settings: dict, name: str = "teacher_bn") -> dict:
     return settings
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of ``model`` (any dimension, SyncBatchNorm too), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def batch_statistics(model: nn.Module) -> Iterator[int]:
     """Inside the block every BatchNorm layer of ``model`` normalises each forward pass with that
@@ -231,7 +236,7 @@ def batch_statistics(model: nn.Module) -> Iterator[int]:
     its ``training`` flag is set and ``track_running_stats`` cleared, so running statistics and
     ``num_batches_tracked`` are neither used nor written; both flags are restored on exit. Other
     modules keep their mode (a teacher's dropout stays off). Yields the number of BatchNorm layers."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)
     if not layers and model not in _WARNED_NO_BN:
         _WARNED_NO_BN.add(model)
         log.warning("teacher %s has no BatchNorm layers: batch-statistics labels equal running-mode ones",

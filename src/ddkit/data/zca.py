@@ -26,6 +26,12 @@ from ddkit.data.base import ImageSet
 from ddkit.errors import ConfigError
 
 
+def check_reg(reg: float) -> None:
+    """ConfigError unless the ZCA regularisation ``reg`` (config key ``zca_reg``) is positive."""
+    if reg <= 0:
+        raise ConfigError(f"zca_reg must be > 0, got {reg}")
+
+
 class ZCA:
     """A fitted whitening: call it on normalised images ``[B, C, H, W]``; :meth:`invert` undoes it.
 
@@ -41,8 +47,7 @@ class ZCA:
     def fit(cls, data: ImageSet, mean, std, reg: float = 0.1, batch_size: int = 8192) -> ZCA:
         """Fit on ``data`` (pixel-space images) in pixel space, as MTT; ``mean``/``std`` are the
         normalisation the returned transform's inputs carry. Float64 sums."""
-        if reg <= 0:
-            raise ConfigError(f"zca_reg must be > 0, got {reg}")
+        check_reg(reg)
         n = len(data)
         if n < 2:
             raise ConfigError("ZCA needs at least 2 training images")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from ddkit.config import apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
 from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
@@ -66,8 +67,7 @@ class ProtocolConfig:
         if self.zca and self.label_mode not in ("hard", "stored"):
             raise ConfigError(f"zca trains students on whitened images, but label_mode {self.label_mode!r} has the "
                               "teacher label views of unwhitened images; use label_mode hard or stored, or zca: false")
-        if self.zca_reg <= 0:
-            raise ConfigError(f"zca_reg must be > 0, got {self.zca_reg}")
+        check_zca_reg(self.zca_reg)
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
 

@@ -29,6 +29,7 @@ from ddkit.methods.dm import (
     fresh_model,
     state_fingerprint,
 )
+from ddkit.training import batchnorm_layers
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def has_batchnorm(model: str, options: dict) -> bool:
 
     with torch.device("meta"):
         net = create_model(model, 1, 2, 32, **options)
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    return bool(batchnorm_layers(net))
 
 
 def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
@@ -181,7 +182,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, tag, "iteration", it))
         net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device)
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
-        bn = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if cfg.bn_real_per_class else []
+        bn = batchnorm_layers(net) if cfg.bn_real_per_class else []
         total = 0.0
         for ol in range(outer):
             if bn:

@@ -83,6 +83,7 @@ from ddkit.artifacts import (
 from ddkit.config import config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
+from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
@@ -135,8 +136,7 @@ class ExpertConfig:
             raise ConfigError(f"clip_loss factors must all be > 0 (or the list empty), got {self.clip_loss}")
         if self.grad_penalty < 0:
             raise ConfigError(f"grad_penalty must be >= 0 (0 disables it), got {self.grad_penalty}")
-        if self.zca_reg <= 0:
-            raise ConfigError(f"zca_reg must be > 0, got {self.zca_reg}")
+        check_zca_reg(self.zca_reg)
         if self.num_experts < 1:
             raise ConfigError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.epochs < 1:
