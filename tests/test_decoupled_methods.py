@@ -439,3 +439,26 @@ def test_torchrun_shards_units_and_matches_single_process(tmp_path):
     (s1,), (s2,) = ((tmp_path / c).glob("statistics/*/statistics.safetensors") for c in ("cache", "cache2"))
     one, two = load_file(str(s1)), load_file(str(s2))
     assert one.keys() == two.keys() and all(torch.allclose(one[k], two[k], rtol=1e-6, atol=1e-7) for k in one)
+
+
+def test_distill_bar_names_the_statistics_pass(data, bn_teacher, tmp_path):
+    """The CLI's distill bar shows the one-off real-data statistics pass as such, counting images, then
+    the method's iterations (users took the pass for a hang when it showed as iterations that do not move)."""
+    from ddkit.cli import Progress
+    from ddkit.methods.common import progress_view
+
+    seen = []
+
+    class Recording(Progress):
+        def __call__(self, label, done, total, record=None, unit="ep"):
+            seen.append((label, unit, total))
+            super().__call__(label, done, total, record, unit)
+
+    bar = Recording(True)
+    _run("edc", data, [bn_teacher], progress=bar.stage("distill edc"),
+         **{**METHODS.get("edc").smoke_options, "iterations": 3, "init": "real", "cache_dir": str(tmp_path)})
+    bar.close()
+    views = list(dict.fromkeys((label, unit, total) for label, unit, total in seen))
+    assert views == [("distill edc: real-data statistics", "img", len(data.train)), ("distill edc", "it", 3)]
+    assert progress_view("distill mtt", {"expert_epochs_pass": 1.0}) == ("distill mtt: expert epochs", "ep")
+    assert progress_view("distill mtt", {"loss": 0.5}) == ("distill mtt", "it")

@@ -51,6 +51,7 @@ from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate
 from ddkit.methods import METHODS
+from ddkit.methods.common import progress_view
 from ddkit.pipeline import DistillConfig, distill, distill_hash
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
@@ -409,7 +410,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
         return read_json(stats_path)
     t0 = time.perf_counter()
     with PeakMemory(torch.device(device)) as mem, shared_costs() as shared:
-        cb = (lambda d, n, r: progress(f"distill {ddir.name}", d, n)) if progress is not None else None
+        cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
         ds = distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb)
     wall = time.perf_counter() - t0
     stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want, "seed": dist_cfg.seed,

@@ -32,14 +32,14 @@ class Progress:
         self.bar = None
         self.label = None
 
-    def __call__(self, label: str, done: int, total: int, record: dict | None = None) -> None:
+    def __call__(self, label: str, done: int, total: int, record: dict | None = None, unit: str = "ep") -> None:
         if not self.enabled:
             return
         from tqdm.auto import tqdm
 
         if label != self.label or self.bar is None:
             self.close()
-            self.bar = tqdm(total=total, desc=label, unit="ep", leave=False, dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
             self.label = label
         self.bar.update(done - self.bar.n)
         if record and "loss" in record:
@@ -48,7 +48,16 @@ class Progress:
             self.close()
 
     def stage(self, name: str):
-        return lambda done, total, record: self(name, done, total, record)
+        """A callback for one stage; a ``distill`` stage counts iterations and names its one-off passes."""
+        if name.split()[0] != "distill":
+            return lambda done, total, record: self(name, done, total, record)
+        from ddkit.methods.common import progress_view
+
+        def synthesis(done: int, total: int, record: dict) -> None:
+            label, unit = progress_view(name, record)
+            self(label, done, total, record, unit)
+
+        return synthesis
 
     def close(self) -> None:
         if self.bar is not None:
@@ -228,7 +237,7 @@ def cmd_demo(args) -> int:
     from ddkit.pipeline import demo_config
 
     cfg = demo_config(out=args.out, data_path=args.data_path, device=args.device, precision=args.precision)
-    _print("ddkit demo: teacher -> random IPC 10 -> evaluation (hard and teacher-soft labels) on Fashion-MNIST")
+    _print("ddkit demo: teacher -> DM IPC 10 -> evaluation (hard and teacher-soft labels) on Fashion-MNIST")
     return _run_and_print(cfg, args.quiet)
 
 
@@ -464,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, data=False)
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, random IPC 10, evaluation, report (CPU minutes)")
+    sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, DM IPC 10, evaluation, report (CPU minutes)")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files")
     precision_flag(sp, "teacher and students (e.g. bf16 on a GPU)")

@@ -313,7 +313,7 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
 
 def demo_config(out: str = "runs/demo", data_path: str | None = None, device: str = "auto",
                 precision: str | None = None) -> RunConfig:
-    """The demo: Fashion-MNIST, a small teacher, random IPC 10, hard and teacher-soft evaluation.
+    """The demo: Fashion-MNIST, a small teacher, DM at IPC 10, hard and teacher-soft evaluation.
 
     Sized for 2 CPU cores (under 10 minutes with the teacher). ``configs/fashion-mnist/demo.yaml``
     holds the same run as a file.

@@ -81,6 +81,22 @@ def report(ctx: FitContext, step: int, total: int, **record: float) -> None:
         ctx.progress(step, total, record)
 
 
+# markers a method puts in its progress record while it runs a one-off pass before its own
+# iterations, with what a progress bar calls that pass and counts in
+PASSES = {"statistics_pass": ("real-data statistics", "img"), "expert_epochs_pass": ("expert epochs", "ep")}
+
+
+def progress_view(stage: str, record: dict | None) -> tuple[str, str]:
+    """Label and unit of a synthesis progress report: ``stage`` counting iterations, or the one-off
+    pass the record is marked with (the real-data statistics pass of the decoupled methods, counting
+    images; experts trained on the fly, counting epochs), so that a long pass is not shown as
+    iterations that do not move."""
+    for marker, (what, unit) in PASSES.items():
+        if record and marker in record:
+            return f"{stage}: {what}", unit
+    return stage, "it"
+
+
 def my_classes(num_classes: int) -> list[int]:
     """Classes this rank synthesises under torchrun (round-robin); all classes single-process."""
     info = ddist.current()
