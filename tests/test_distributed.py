@@ -70,6 +70,19 @@ def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
     assert json.loads((tmp_path / "e2.json").read_text())["timing"]["world_size"] == 2
 
 
+def test_torchrun_trains_a_final_batch_smaller_than_the_world_as_one_process(tmp_path):
+    """96 training images in batches of 19 leave a final batch of 1 image for 2 ranks: both train on it
+    whole, so the weights still agree with one process's (skipping it moved them by a whole step)."""
+    args = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "2",
+            "--set", "teacher.train.batch_size=19", "--set", "teacher.train.lr=0.1", "-q"]
+    _single([*args, "--out", "t1"], tmp_path)
+    _torchrun([*args, "--out", "t2"], tmp_path)
+    w1 = load_file(str(tmp_path / "t1/model.safetensors"))
+    w2 = load_file(str(tmp_path / "t2/model.safetensors"))
+    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    assert worst < TOL, f"max weight difference {worst}"
+
+
 def test_shutdown_destroys_the_process_group(tmp_path):
     """ddist.shutdown waits for every rank and destroys the group (a no-op without one)."""
     import torch.distributed as dist

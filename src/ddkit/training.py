@@ -8,7 +8,8 @@ updates as a single process (up to floating-point summation order) -- for models
 BatchNorm. BatchNorm layers normalise with the statistics of their rank's slice, as under any DDP
 without SyncBatchNorm, so BatchNorm models (``resnet18_cifar``, ``*-bn`` ConvNets) train slightly
 differently with more ranks; their running statistics are rank 0's after every epoch, on every rank.
-A final global batch with fewer images than ranks is skipped (a single process trains on it).
+A final global batch with fewer images than ranks is trained whole on every rank (gradients then
+average to that batch's own, as in a single process).
 
 Teacher soft labels come from :func:`teacher_forward`, in one of two BatchNorm modes
 (:data:`TeacherBN`): ``running`` (the teacher as trained, eval mode: running statistics estimated
@@ -484,8 +485,12 @@ def train_classifier(
             aug_params = augment.sample(gb, gen, image_size) if augment is not None else None
             mix_params = cutmix.sample(gb, gen, image_size) if cutmix is not None else None
             if info.enabled and gb < info.world_size:
-                continue  # too few samples to give every rank one; identical skip on all ranks
-            lo, hi = gb * info.rank // info.world_size, gb * (info.rank + 1) // info.world_size
+                # too few samples to give every rank one: every rank trains on the whole batch, so the
+                # gradient averaged over ranks is that batch's mean gradient, as in a single process
+                lo, hi, scale = 0, gb, 1.0 / gb
+            else:
+                lo, hi = gb * info.rank // info.world_size, gb * (info.rank + 1) // info.world_size
+                scale = info.world_size / gb  # DDP averages over ranks: the global batch's mean loss
             if fkd:  # stored views (own augmentation + CutMix box from the partner) and their logits
                 r = fkd_store.replay(epoch % fkd_store.epochs, idx)
                 x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
@@ -495,7 +500,7 @@ def train_classifier(
                 lam = r.lam[:, None]
                 labels = to_device((lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi], device)
                 per = per_sample_loss(logits, labels, to_device(r.targets[lo:hi], device), loss, temperature)
-                _step(optimizer, per.sum() * (info.world_size / gb), model, ema, scaler)
+                _step(optimizer, per.sum() * scale, model, ema, scaler)
                 total += per.detach().sum().double()
                 count += len(per)
                 continue
@@ -531,7 +536,7 @@ def train_classifier(
                     t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
                 targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
-            _step(optimizer, per.sum() * (info.world_size / gb), model, ema, scaler)
+            _step(optimizer, per.sum() * scale, model, ema, scaler)
             total += per.detach().sum().double()
             count += len(per)
         if info.enabled:  # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
