@@ -19,7 +19,10 @@ a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 
 first conv by 3 (feature maps 32 -> 16 -> 8 -> 4); ``convnet3`` (the default, and the recorded IPC-1
 run) pads by 1 (28 -> 14 -> 7 -> 3).
 
-Resumable (finished sets and evaluations are reused). Two processes can share the work (each
+Resumable (finished sets and evaluations are reused; a synthesis killed part way, e.g. by a GPU
+lease's time limit, resumes from its last checkpoint in ``<work>/.<set>.work`` and its synthesis
+seconds sum the chunks; on a lent GPU, run it under ``timeout`` and take ``<work>`` back as a tarball
+to carry into the next lease). Two processes can share the work (each
 ``--methods`` one), then a last call without work writes the table: ``--methods dc`` /
 ``--methods dsa``, then ``--report-only``. Writes
 ``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>.{json,md}``.
@@ -81,10 +84,25 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
     if distilled is not None and distilled.manifest.get("config_hash") == distill_hash(cfg, data, None):
         seconds = read_json(timing)["wall_seconds"]
     else:
-        t0 = time.perf_counter()
-        distilled = distill(data, cfg, dcfg, out, device=device, progress=_bar(f"{method} synthesis"))
-        seconds = time.perf_counter() - t0
-        write_json(timing, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": seconds})
+        # a run killed part way (a GPU lease's time limit) resumes from the method's last checkpoint;
+        # the time its earlier chunks took is kept beside it and summed in
+        partial = work / f"{name}.synthesis.partial.json"
+        before = read_json(partial)["wall_seconds"] if partial.is_file() else 0.0
+        t0 = last = time.perf_counter()
+        bar = _bar(f"{method} synthesis")
+
+        def progress(done: int, total: int, info: dict | None = None) -> None:
+            nonlocal last
+            bar(done, total, info)
+            if time.perf_counter() - last > 10:
+                last = time.perf_counter()
+                write_json(partial, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + last - t0})
+
+        distilled = distill(data, cfg, dcfg, out, device=device, progress=progress)
+        seconds = before + time.perf_counter() - t0
+        write_json(timing, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": seconds,
+                            "chunks_resumed": before > 0})
+        partial.unlink(missing_ok=True)
     protocol = resolve_protocol(PROTOCOL[method], {"full_reference": False, **({"student": model} if model != MODEL else {})})
     path = work / f"{name}.eval.json"
     report = read_json(path) if path.is_file() else None
