@@ -36,15 +36,21 @@ def _single(args, tmp_path):
     return proc
 
 
-def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
-    teacher_args = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "3",
-                    "--set", "teacher.train.batch_size=32", "--set", "teacher.train.augment=dsa", "-q"]
-    _single([*teacher_args, "--out", "t1"], tmp_path)
-    _torchrun([*teacher_args, "--out", "t2"], tmp_path)
+def _teacher_weight_gap(settings: list[str], tmp_path) -> float:
+    """Train a tiny teacher on generated data in one process (t1) and under 2-rank torchrun (t2);
+    the largest weight difference."""
+    args = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", *settings, "-q"]
+    _single([*args, "--out", "t1"], tmp_path)
+    _torchrun([*args, "--out", "t2"], tmp_path)
     w1 = load_file(str(tmp_path / "t1/model.safetensors"))
     w2 = load_file(str(tmp_path / "t2/model.safetensors"))
     assert w1.keys() == w2.keys()
-    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    return max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+
+
+def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
+    worst = _teacher_weight_gap(["--epochs", "3", "--set", "teacher.train.batch_size=32",
+                                 "--set", "teacher.train.augment=dsa"], tmp_path)
     assert worst < TOL, f"max weight difference {worst}"
     m1 = json.loads((tmp_path / "t1/manifest.json").read_text())
     m2 = json.loads((tmp_path / "t2/manifest.json").read_text())
@@ -73,13 +79,8 @@ def test_torchrun_teacher_and_evaluate_match_single_process(tmp_path):
 def test_torchrun_trains_a_final_batch_smaller_than_the_world_as_one_process(tmp_path):
     """96 training images in batches of 19 leave a final batch of 1 image for 2 ranks: both train on it
     whole, so the weights still agree with one process's (skipping it moved them by a whole step)."""
-    args = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "2",
-            "--set", "teacher.train.batch_size=19", "--set", "teacher.train.lr=0.1", "-q"]
-    _single([*args, "--out", "t1"], tmp_path)
-    _torchrun([*args, "--out", "t2"], tmp_path)
-    w1 = load_file(str(tmp_path / "t1/model.safetensors"))
-    w2 = load_file(str(tmp_path / "t2/model.safetensors"))
-    worst = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
+    worst = _teacher_weight_gap(["--epochs", "2", "--set", "teacher.train.batch_size=19",
+                                 "--set", "teacher.train.lr=0.1"], tmp_path)
     assert worst < TOL, f"max weight difference {worst}"
 
 
