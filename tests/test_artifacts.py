@@ -169,6 +169,22 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
     save_file({"images": t["images"], "labels": t["labels"] + 10}, str(path / "images.safetensors"))
     with pytest.raises(DDKitError, match="labels outside 0..3"):
         ddkit.load(path)
+    assert t["images"].dtype == torch.uint8  # random keeps the real images' bytes
+    images = t["images"].float() / 255
+    for bad, msg in [(t["images"].flatten(1), "images of shape \\[8, 256\\], expected \\[N, 1, 16, 16\\]"),
+                     (t["images"][:, :, :8], "images of shape \\[8, 1, 8, 16\\]"),
+                     (images, "float32 images but the manifest says uint8")]:
+        save_file({"images": bad.contiguous(), "labels": t["labels"]}, str(path / "images.safetensors"))
+        with pytest.raises(DDKitError, match=msg):
+            ddkit.load(path)
+    man = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**man, "images": {**man["images"], "dtype": "float32"}}))
+    assert len(ddkit.load(path)) == 8  # float32 pixels, as the manifest now says, load
+    save_file({"images": torch.where(images == images.max(), float("nan"), images), "labels": t["labels"]},
+              str(path / "images.safetensors"))
+    with pytest.raises(DDKitError, match="NaN or infinite pixels"):
+        ddkit.load(path)
+    (path / "manifest.json").write_text(json.dumps(man))
     save_file(t, str(path / "images.safetensors"))
     man = json.loads((path / "manifest.json").read_text())
     man["files"]["soft_labels"] = "soft_labels.safetensors"

@@ -317,6 +317,16 @@ def test_cutmix_prob_zero_is_identity_and_determinism():
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
 
 
+def test_cutmix_beta_draws_leave_the_cuda_generators_alone(monkeypatch):
+    """Beta(alpha != 1) draws seed a forked CPU generator only: torch.manual_seed would also reseed every
+    CUDA generator (which fork_rng does not restore), resetting a training run's CUDA randomness each batch."""
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    a = CutMix(alpha=0.4).sample(16, gen(0), SIZE)
+    assert reseeded == [] and same(a, CutMix(alpha=0.4).sample(16, gen(0), SIZE))
+    assert not (a["lam"] == a["lam"][0]).all()  # the draws still vary per image
+
+
 def test_cutmix_gradients():
     x = images().requires_grad_(True)
     p = CutMix().sample(8, gen(0), SIZE)

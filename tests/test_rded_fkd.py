@@ -217,6 +217,17 @@ def test_corrupt_store_is_a_ddkit_error(store, tmp_path):
     path.write_bytes(b"\x00" * 64)
     with pytest.raises(DDKitError):
         SoftLabelStore.load(tmp_path / "fkd")
+    # a readable file with non-finite logits (bit rot in an fp16 exponent) is refused too, not trained on
+    from safetensors.torch import load_file, save_file
+
+    store.save(tmp_path / "fkd2")
+    path = tmp_path / "fkd2" / FILE
+    tensors = load_file(str(path))
+    key = "topk.values" if "topk.values" in tensors else "logits"
+    tensors[key][0, 0, 0] = float("inf")
+    save_file(tensors, str(path), metadata={"kind": "fkd-soft-labels", "format": "1"})
+    with pytest.raises(DDKitError, match=f"\\['{key}'\\] hold NaN or infinite values"):
+        SoftLabelStore.load(tmp_path / "fkd2")
 
 
 def test_store_refuses_other_set(store, data):

@@ -156,6 +156,16 @@ class DistilledSet(DescribesDataset, Dataset):
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
         images, labels = tensors["images"], tensors["labels"]
+        shape = manifest["dataset"].get("image_shape")
+        if images.dim() != 4 or (shape and list(images.shape[1:]) != list(shape)):
+            raise DDKitError(f"{path / IMAGES} holds images of shape {list(images.shape)}, expected [N, "
+                             f"{', '.join(map(str, shape or ['C', 'H', 'W']))}]; re-create the distilled set")
+        dtype = (manifest.get("images") or {}).get("dtype")
+        if dtype and str(images.dtype).removeprefix("torch.") != dtype:
+            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images but the manifest "
+                             f"says {dtype}; re-create the distilled set")
+        if images.is_floating_point() and not torch.isfinite(images).all():
+            raise DDKitError(f"{path / IMAGES} holds NaN or infinite pixels; re-create the distilled set")
         if len(images) != len(labels) or len(labels) != manifest["num_images"]:
             raise DDKitError(f"{path} is inconsistent: {len(images)} images, {len(labels)} labels, manifest says "
                              f"{manifest['num_images']}; re-create the distilled set")

@@ -230,6 +230,9 @@ class SoftLabelStore:
                 raise DDKitError(f"{where}: {key!r} has shape {tuple(t[key].shape)}; expected last dim {last[0]}")
         if m["top_k"] and len(t["topk.indices"]) and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c):
             raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run `ddkit relabel`")
+        bad = [k for k, v in t.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run `ddkit relabel`")
         if self.mixed and len(t["mix.partner"]) and (int(t["mix.partner"].min()) < 0 or int(t["mix.partner"].max()) >= n):
             raise DDKitError(f"{where}: CutMix partners outside [0, {n}); the store is corrupt, re-run `ddkit relabel`")
 
