@@ -317,14 +317,27 @@ def test_cutmix_prob_zero_is_identity_and_determinism():
     assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
 
 
-def test_cutmix_beta_draws_leave_the_cuda_generators_alone(monkeypatch):
-    """Beta(alpha != 1) draws seed a forked CPU generator only: torch.manual_seed would also reseed every
-    CUDA generator (which fork_rng does not restore), resetting a training run's CUDA randomness each batch."""
+def test_seeded_draws_leave_the_cuda_generators_alone(monkeypatch):
+    """CutMix's Beta(alpha != 1) draws and the models DM / the experts build from a seed use the global
+    CPU generator alone: torch.manual_seed would also reseed every CUDA generator (which fork_rng does
+    not restore), restarting a training run's CUDA randomness at every batch or iteration."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.determinism import seeded_cpu_rng
+    from ddkit.methods.dm import fresh_model
+
     reseeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    before = torch.random.get_rng_state()
     a = CutMix(alpha=0.4).sample(16, gen(0), SIZE)
-    assert reseeded == [] and same(a, CutMix(alpha=0.4).sample(16, gen(0), SIZE))
+    assert same(a, CutMix(alpha=0.4).sample(16, gen(0), SIZE))
     assert not (a["lam"] == a["lam"][0]).all()  # the draws still vary per image
+    data = make_synthetic()
+    w = [fresh_model("tiny_convnet", {}, data, s, torch.device("cpu")).state_dict() for s in (3, 3, 4)]
+    assert all(torch.equal(w[0][k], w[1][k]) for k in w[0]) and not all(torch.equal(w[0][k], w[2][k]) for k in w[0])
+    with seeded_cpu_rng(5):
+        x = torch.rand(4)
+    assert torch.equal(x, torch.rand(4, generator=torch.Generator().manual_seed(5)))
+    assert reseeded == [] and torch.equal(torch.random.get_rng_state(), before)
 
 
 def test_cutmix_gradients():

@@ -21,13 +21,26 @@ kernels, run-to-run differences).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Inside: the global CPU generator seeded with ``seed``; after: its old state back, and every
+    CUDA generator untouched (``torch.manual_seed`` would reseed those too, and ``fork_rng(devices=[])``
+    would not restore them). For drawing something from a seed alone (a model's initial weights, a
+    sampler that takes no generator) without disturbing the caller's randomness."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def wanted() -> bool:

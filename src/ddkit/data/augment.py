@@ -552,11 +552,9 @@ class CutMix:
     def _beta(self, g: torch.Generator, n: int) -> torch.Tensor:
         if self.alpha == 1.0:  # Beta(1, 1) is uniform: no detour needed
             return _uniform(g, (n,), 0.0, 1.0)
-        # torch's gamma sampler takes no generator: seed a forked global CPU RNG from ours (only the CPU
-        # one: torch.manual_seed would also reseed every CUDA generator, which fork_rng([]) leaves changed)
+        # torch's gamma sampler takes no generator: seed the global CPU one from ours, for this draw alone
         seed = int(_randint(g, 0, 2**62, (1,)))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
+        with determinism.seeded_cpu_rng(seed):
             return torch.distributions.Beta(self.alpha, self.alpha).sample((n,))
 
     def apply(self, x: torch.Tensor, params: Params) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -23,6 +23,7 @@ from ddkit import distributed as ddist
 from ddkit.config import field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
+from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
@@ -45,12 +46,12 @@ def derive_seed(*keys: Any) -> int:
 def fresh_model(name: str, options: dict, real: DataBundle, seed: int, device: torch.device) -> nn.Module:
     """A randomly initialised ``name`` for ``real``'s images; weights depend only on ``seed``.
 
-    The model is built on the CPU inside ``torch.random.fork_rng`` seeded with ``seed``, so the
-    caller's global RNG state is untouched, then moved to ``device``.
+    The model is built on the CPU from the global CPU generator seeded with ``seed``
+    (:func:`~ddkit.determinism.seeded_cpu_rng`), so the caller's RNG states, CUDA's too, are
+    untouched, then moved to ``device``.
     """
     c, h, _ = real.image_shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_cpu_rng(seed):
         model = create_model(name, c, real.num_classes, h, **options)
     return model.to(device).train()
 

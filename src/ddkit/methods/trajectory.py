@@ -84,7 +84,7 @@ from ddkit.config import config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
-from ddkit.determinism import use_deterministic_cuda
+from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
 from ddkit.training import accuracy, normalizer, to_float
@@ -249,8 +249,7 @@ class ExpertBuffer:
     def build_model(self) -> nn.Module:
         """A model of the experts' architecture (its own parameters are irrelevant)."""
         m = self.manifest["model"]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded_cpu_rng(0):
             model = create_model(m["name"], m["input_shape"][0], m["num_classes"], m["input_shape"][-1], **m["options"])
         if param_spec(model) != self.manifest["params"]:
             raise DDKitError(
@@ -343,8 +342,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
     ``[epochs + 1, P]`` and a summary. ``on_epoch(e + 1)`` after each epoch ``e``."""
     seed = cfg.seed * 1_000_003 + index
     c, h, _ = data.image_shape
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_cpu_rng(seed):
         model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     model = model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
