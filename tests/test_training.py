@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ddkit.models import create_model
 from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, train_classifier
@@ -79,6 +80,29 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, augment, precision):
         assert ck["scaler"]["scale"] > 0
     resumed = _train(tiny, cfg, state_path=state)
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.equal(va, vb)
+
+
+def test_resume_with_dropout_equals_uninterrupted(tiny, tmp_path):
+    """Dropout masks come from the global generator: the checkpoint carries its state, so a resumed run
+    draws the masks the uninterrupted one drew (torchvision's MobileNet/EfficientNet heads have dropout)."""
+    cfg = TrainConfig(epochs=4, batch_size=32, lr=0.05)
+
+    def run(**kw):
+        torch.manual_seed(0)
+        model = nn.Sequential(create_model("tiny_convnet", 1, 4, 16), nn.Dropout(0.3), nn.Linear(4, 4))
+        return train_classifier(model, tiny.train, tiny.mean, tiny.std, cfg, seed=0, **kw)
+
+    def kill_after_second_epoch(epoch, total, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    full, state = run(), tmp_path / "state.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(state_path=state, progress=kill_after_second_epoch)
+    torch.rand(7)  # the resuming process's global generator is elsewhere
+    resumed = run(state_path=state)
     for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(va, vb)
 

@@ -458,6 +458,10 @@ def train_classifier(
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
+        if "torch_rng" in state:  # dropout draws from the global generators
+            torch.set_rng_state(state["torch_rng"])
+            if device.type == "cuda" and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         if ema is not None:
@@ -555,6 +559,8 @@ def train_classifier(
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
                 "history": history,
                 "epoch": epoch + 1,
             }
