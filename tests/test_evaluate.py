@@ -58,6 +58,33 @@ def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_p
     assert len(calls) == 3 and c["results"]["random"]["n"] == 1  # distilled + random trained again
 
 
+def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protocol, tmp_path):
+    import dataclasses
+
+    from ddkit.evaluate.runner import full_reference, random_cache_path
+
+    data = setup[0]
+
+    def rkey(protocol, d=data):
+        return random_cache_path(protocol, d, None, None, 4, 0, tmp_path).name
+
+    base = rkey(tiny_protocol)
+    # what only says which other numbers evaluate reports leaves the random student's entry alone
+    for change in ({"full_epochs": 7}, {"full_seeds": 2}, {"full_reference": False}, {"random_baseline": False},
+                   {"train": {"eval_batch_size": 7}}):
+        assert rkey(resolve_protocol(tiny_protocol, change)) == base, change
+    # its training settings and the images' normalisation do not
+    assert rkey(resolve_protocol(tiny_protocol, {"train": {"lr": 0.5}})) != base
+    renorm = dataclasses.replace(data, mean=(0.25,) * len(data.mean), std=(0.5,) * len(data.std))
+    assert renorm.fingerprint == data.fingerprint and rkey(tiny_protocol, renorm) != base
+    # the full-data reference: normalisation is its key too, so a renormalised dataset trains it again
+    one = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"batch_size": 32}})
+    a = full_reference(data, one, [0], "cpu", tmp_path)
+    assert full_reference(data, resolve_protocol(one, {"train": {"eval_batch_size": 7}}), [0], "cpu", tmp_path) == a
+    b = full_reference(renorm, one, [0], "cpu", tmp_path)
+    assert a["key"] != b["key"] and len(list((tmp_path / "full-reference").glob("*.json"))) == 2
+
+
 def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
     data, teacher, ds, root = setup
     teach = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})

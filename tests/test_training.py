@@ -13,6 +13,8 @@ from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, tr
 def test_lr_schedules_match_formulas():
     step = TrainConfig(epochs=10, schedule="step")
     assert [lr_factor(step, e) for e in range(10)] == [1.0] * 5 + [0.1] * 5
+    odd = TrainConfig(epochs=3, schedule="step")  # documented: the decay starts at epoch 3 // 2 = 1
+    assert [lr_factor(odd, e) for e in range(3)] == [1.0, 0.1, 0.1]
     cos = TrainConfig(epochs=10, schedule="cosine")
     assert lr_factor(cos, 0) == 1.0 and lr_factor(cos, 5) == pytest.approx(0.5)
     smooth = TrainConfig(epochs=10, schedule="smoothing", smoothing_zeta=2.0)

@@ -114,19 +114,33 @@ def _train_student(
     return float(result.test_accuracy)
 
 
+# protocol fields that cannot change the random subset's student: whether the baselines run, the full
+# data's epochs and seeds, and the fkd store's path (its settings key the entry instead)
+_NOT_RANDOM_STUDENT = frozenset({"random_baseline", "full_reference", "full_epochs", "full_seeds", "fkd_store"})
+
+
+def _normalisation(data: DataBundle) -> dict[str, list[float]]:
+    """The per-channel mean/std students normalise with: part of every cached student's key (the data
+    fingerprint covers the raw pixels only)."""
+    return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std]}
+
+
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
                       cache_dir: str | Path | None, lr: float | None = None) -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
-    (protocol without the fkd store path, data, teacher, FKD store settings, IPC, seed, and the
-    learned lr it trains with under ``learned_lr``)."""
-    proto = {**protocol.identity(), "fkd_store": None}
+    (the protocol without the fkd store path, the test batch size and the fields that only say what
+    else ``evaluate`` runs, data and its normalisation, teacher, FKD store settings, IPC, seed, and
+    the learned lr it trains with under ``learned_lr``)."""
+    proto = {k: v for k, v in protocol.identity().items() if k not in _NOT_RANDOM_STUDENT}
+    proto["train"] = {k: v for k, v in proto["train"].items() if k != "eval_batch_size"}
     settings = None
     if store is not None:
         m = store.manifest
         settings = omit_running_bn({"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"),
                                     "top_k": store.top_k, "teacher_bn": store.teacher_bn,
                                     "teacher_bn_batch": store.teacher_bn_batch})
-    key = config_hash({"protocol": proto, "data": data.fingerprint, "ipc": ipc, "seed": seed, "fkd": settings,
+    key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": _normalisation(data), "ipc": ipc,
+                       "seed": seed, "fkd": settings,
                        "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
                        **({"lr": lr} if lr is not None else {})})
     return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
@@ -178,12 +192,13 @@ def full_reference(
     use = seeds[: protocol.full_seeds]
     # data-parallel training differs for BatchNorm students, so the number of ranks keys the entry too
     # (left out for one process: entries made before it was recorded keep their key)
-    train = to_dict(cfg, identity=True)
+    train = {k: v for k, v in to_dict(cfg, identity=True).items() if k != "eval_batch_size"}
     if cfg.ema_decay > 0:  # as in ProtocolConfig.identity: the EMA's decay warm-up changed its numbers
         train["ema_warmup"] = True
-    zca = {"zca": {"reg": protocol.zca_reg, "mean": list(data.mean), "std": list(data.std)}} if protocol.zca else {}
+    zca = {"zca": {"reg": protocol.zca_reg}} if protocol.zca else {}
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
-                       "data": data.fingerprint, "seeds": use, **({"world": info.world_size} if info.enabled else {}), **zca})
+                       "data": data.fingerprint, "norm": _normalisation(data), "seeds": use,
+                       **({"world": info.world_size} if info.enabled else {}), **zca})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
     if cache.is_file():
         cached = read_json(cache, "cache entry")

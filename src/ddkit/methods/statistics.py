@@ -475,8 +475,11 @@ def statistics_loss(
     moments (:func:`patch_moments`) at conv layers when ``patch_size > 0`` and the targets hold
     patch statistics (G-VBSM);
     ``C_l`` is the same per class present in ``labels`` against that class's real statistics,
-    averaged over those classes (EDC's soft category-aware matching). ``alpha = 1`` never touches
-    class statistics. With ``ema`` every synthetic moment is replaced by its moving average
+    averaged over those classes (EDC's soft category-aware matching). A class with one image in the
+    batch (``slots_per_batch: 1``, EDC's and SRe2L's batches) contributes that image's own moments
+    over positions, so ``C_l`` asks each image to carry its class's mean and spread over images and
+    positions; ``slots_per_batch: None`` puts every IPC slot of a class in the batch, whose moments
+    then pool over images. ``alpha = 1`` never touches class statistics. With ``ema`` every synthetic moment is replaced by its moving average
     (:class:`StatsEMA`); layers in ``drop`` contribute nothing this step (G-VBSM's drop rate).
     """
     total = torch.zeros((), device=labels.device)
