@@ -50,6 +50,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-real-long": "EDC from a random real subset (instead of RDED's crops) with gentle recovering and a "
                            "ResNet-18 observer, both students with edc-long's long training, IPC 1/10/50, beside its "
                            "initialisation, RDED and random: does recovering add anything to real images?",
+          "decoupled-long10": "every decoupled method at IPC 10 under edc-long's long training (240 epochs, bf16), "
+                              "both students, with edc-real-long's EDC configuration beside EDC's own recipe: does "
+                              "EDC lead its family and beat random under one protocol?",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
