@@ -69,6 +69,16 @@ def test_rded_needs_teacher(data):
         METHODS.get("rded")(RDEDConfig()).fit(data, [], FitContext(ipc=1, seed=0))
 
 
+def test_rded_pool_too_small_is_a_clear_error(data, teacher, tmp_path):
+    from ddkit.errors import ConfigError
+
+    # 2 images x 2^2 patches need 8 sources per class; mipc 5 draws only 5 (the classes hold more)
+    with pytest.raises(ConfigError, match=r"rded needs 8 source images per class .* but mipc is 5; raise mipc to at least 8"):
+        METHODS.get("rded")(RDEDConfig(mipc=5, num_crop=2, factor=2)).fit(
+            data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "w"))
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+
+
 def test_rded_auto_factor_follows_reference_scripts():
     from ddkit.methods.rded import resolve_factor
 

@@ -170,7 +170,8 @@ class RDED(Method):
       antialiased bilinear interpolation; real images are drawn per class with an RNG derived from
       (seed, class), so results do not depend on the number of ranks.
     - The reference errors if the class has fewer than ``mipc`` images only implicitly; we cap
-      ``mipc`` at the class size and fail clearly if fewer than ``ipc * factor**2`` images remain.
+      ``mipc`` at the class size and fail clearly if ``mipc`` or the class holds fewer than
+      ``ipc * factor**2`` images.
     """
 
     Config = RDEDConfig
@@ -191,6 +192,11 @@ class RDED(Method):
         need = ipc * factor * factor
         patch = (size[0] // factor, size[1] // factor)
         mean, std = getattr(teacher, "mean", real.mean), getattr(teacher, "std", real.std)
+        if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
+            raise ConfigError(
+                f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
+                f"raise mipc to at least {need} or lower ipc or factor"
+            )
         counts = real.train.class_counts(real.num_classes)
         if int(counts.min()) < need:
             c = int(counts.argmin())
