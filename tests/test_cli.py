@@ -88,6 +88,42 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
     assert code == 0 and "reused: teacher\n" in out
 
 
+def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
+    import shutil
+
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    data = make_synthetic()
+    made = [train_teacher(data, TeacherConfig(model="tiny_convnet", seed=s, train=TrainConfig(epochs=1, batch_size=32)),
+                          tmp_path / f"t{s}") for s in (0, 1)]
+    assert made[0].fingerprint != made[1].fingerprint
+    ck = tmp_path / "ck.safetensors"
+    shutil.copy(made[0].path / "model.safetensors", ck)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        f"teacher: {{model: tiny_convnet, checkpoint: {ck}}}\n"
+        "distill: {method: random, ipc: 2}\n"
+        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 1}}}\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+
+    def run_teacher_sha():
+        code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+        assert code == 0
+        return json.loads((tmp_path / "run/teacher/manifest.json").read_text())["weights_sha"], out
+
+    assert run_teacher_sha()[0] == made[0].fingerprint
+    shutil.copy(made[1].path / "model.safetensors", ck)  # new weights under the same file name
+    sha, out = run_teacher_sha()
+    assert sha == made[1].fingerprint and "reused: teacher" not in out
+    # the same weights again: the teacher is re-read, the distilled set and the evaluation are reused
+    sha, out = run_teacher_sha()
+    assert sha == made[1].fingerprint and "reused: distilled, eval-teacher.json" in out
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -188,6 +188,16 @@ def test_resume_with_other_settings_is_refused(data, tmp_path):
     other = from_dict(DMConfig, {**DM.smoke_options, "iterations": 1, "lr_img": 0.5})
     with pytest.raises(DDKitError, match="other settings"):
         DM(other).fit(data, [], ctx)
+    # other data of the same shape and sizes (another subset, another normalisation) is other settings too
+    import dataclasses
+
+    from ddkit.data.base import make_synthetic
+
+    cfg = from_dict(DMConfig, {**DM.smoke_options, "iterations": 1})
+    for changed in (make_synthetic(seed=7), dataclasses.replace(data, std=tuple(2 * s for s in data.std))):
+        assert changed.train.images.shape == data.train.images.shape
+        with pytest.raises(DDKitError, match="other settings"):
+            DM(cfg).fit(changed, [], ctx)
 
 
 # ------------------------------------------------------------------------------------------------

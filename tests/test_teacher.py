@@ -69,6 +69,10 @@ def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     assert not (tmp_path / "bad-out").exists()
     with pytest.raises(DDKitError, match="does not fit model 'tiny_mlp'"):
         train_teacher(tiny, TeacherConfig(model="tiny_mlp", checkpoint=str(pt)), tmp_path / "x")
+    # a DDP-saved safetensors file (keys prefixed `module.`) imports like the .pt one
+    ddp = tmp_path / "ddp.safetensors"
+    save_file({f"module.{k}": v for k, v in state.items()}, str(ddp))
+    assert train_teacher(tiny, _cfg(checkpoint=str(ddp))).fingerprint == imported.fingerprint
 
 
 class Evil:

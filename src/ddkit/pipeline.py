@@ -232,7 +232,9 @@ def run(
     if cfg.teacher is not None:
         tdir = out / "teacher"
         found = read_json(tdir / "manifest.json") if (tdir / "manifest.json").is_file() else {}
-        if found.get("config_hash") == config_hash(cfg.teacher) and found.get("dataset", {}).get("fingerprint") == data.fingerprint:
+        # an imported checkpoint is read again every run (cheap): its config names the file, not the weights in it
+        if (not cfg.teacher.checkpoint and found.get("config_hash") == config_hash(cfg.teacher)
+                and found.get("dataset", {}).get("fingerprint") == data.fingerprint):
             teacher = Teacher.load(tdir, device)
             summary["reused"].append("teacher")
         else:

@@ -98,8 +98,9 @@ def check_common(cfg: Any) -> None:
 
 
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
-    """What a checkpoint must match to be resumed (config, IPC, seed, data)."""
-    return repr((to_dict(cfg), ipc, seed, real.num_classes, tuple(real.image_shape), len(real.train)))
+    """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
+    pixels, labels and classes) with its normalisation."""
+    return repr((to_dict(cfg), ipc, seed, real.fingerprint, tuple(real.mean), tuple(real.std)))
 
 
 def check_resume(state: dict, fingerprint: str, path) -> None:

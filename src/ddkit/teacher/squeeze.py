@@ -253,7 +253,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DDKitError(f"checkpoint {str(path)!r} not found; check teacher.checkpoint")
     if path.suffix == ".safetensors":
-        return load_tensors(path, what="checkpoint")
+        return {k.removeprefix("module."): v for k, v in load_tensors(path, what="checkpoint").items()}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
