@@ -134,6 +134,11 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
         (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "dataset.path /nonexistent/fm does not exist"),
         (["teacher", "--dataset", "synthetic", "--model", "convnet33"], "unknown model 'convnet33'; did you mean"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--device", "tpu"], "unknown device 'tpu'"),
+        (["teacher", "--set", "dataset=foo", "--model", "tiny_convnet"], "dataset: expected a mapping of settings, got 'foo'"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.options=foo"],
+         "distill.options: expected a mapping, got 'foo'"),
+        (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--set", "teacher.train.lr=.nan"],
+         "teacher.train.lr: expected a finite number, got nan"),
         # no CUDA here: "not available"; with CUDA: no device 99
         (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--device", "cuda:99"], "cuda:99"),
     ],

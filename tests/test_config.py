@@ -21,6 +21,19 @@ def test_unknown_key_suggests_and_lists_all_errors():
     assert "optimizer: 'sgdd' is not one of" in msg and "did you mean 'sgd'?" in msg
 
 
+def test_non_finite_numbers_and_non_mapping_sections_are_refused():
+    from ddkit.pipeline import DistillConfig
+
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match=r"teacher.train.lr: expected a finite number, got (nan|inf)"):
+            from_dict(RunConfig, {"teacher": {"train": {"lr": bad}}})
+    for bad in ("foo", None, 3):  # a plain dict field
+        with pytest.raises(ConfigError, match=rf"distill.options: expected a mapping, got {bad!r}"):
+            from_dict(DistillConfig, {"method": "random", "ipc": 1, "options": bad}, "distill")
+    with pytest.raises(ConfigError, match=r"dataset: expected a mapping of settings, got 'foo'"):
+        from_dict(TeacherConfig, "foo", "dataset")
+
+
 def test_nested_paths_in_errors():
     with pytest.raises(ConfigError, match=r"unknown config key 'teacher.train.lrr'; did you mean 'lr'\?"):
         from_dict(RunConfig, {"teacher": {"train": {"lrr": 0.1}}})

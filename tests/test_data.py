@@ -525,6 +525,25 @@ def test_tensors_wrong_rank_and_range(tmp_path):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 
+def test_tensors_bad_norm_and_classes(tmp_path):
+    t = _tensors(float_images=True)
+    for key, bad in (("mean", [float("nan"), 0.2, 0.3]), ("std", [0.4, float("inf"), 0.6])):
+        torch.save({**t, "mean": torch.tensor([0.1, 0.2, 0.3]), "std": torch.tensor([0.4, 0.5, 0.6]),
+                    key: torch.tensor(bad)}, tmp_path / "n.pt")
+        with pytest.raises(DataError, match=rf"{key} must hold finite numbers"):
+            load_dataset("tensors", path=str(tmp_path / "n.pt"))
+    # a test label past the training classes: a class without training images, named
+    torch.save({**t, "test_labels": torch.tensor([2, 1, 4])}, tmp_path / "c.pt")
+    with pytest.raises(DataError, match=r"classes \['3', '4'\] have no training images; check the labels"):
+        load_dataset("tensors", path=str(tmp_path / "c.pt"))
+    torch.save({**t, "classes": ["x", "y", "z", "w"]}, tmp_path / "w.pt")
+    with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
+        load_dataset("tensors", path=str(tmp_path / "w.pt"))
+    torch.save({**t, "train_images": t["train_images"][:, :0], "test_images": t["test_images"][:, :0]}, tmp_path / "z.pt")
+    with pytest.raises(DataError, match="images have 0 channels"):
+        load_dataset("tensors", path=str(tmp_path / "z.pt"))
+
+
 class Payload:
     """A custom class: weights_only loading must refuse to rebuild it."""
 

@@ -72,10 +72,22 @@ def _base(args) -> dict[str, Any]:
     return load_yaml(args.config) if getattr(args, "config", None) else {}
 
 
+def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    """``data[key]`` as a mapping the CLI's flags can fill in (made when absent or empty)."""
+    from ddkit.errors import ConfigError
+
+    value = data.get(key)
+    if value is None:
+        value = data[key] = {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where + '.' if where else ''}{key}: expected a mapping of settings, got {value!r}")
+    return value
+
+
 def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
     from ddkit.config import apply_overrides
 
-    ds = data.setdefault("dataset", {})
+    ds = _section(data, "dataset")
     if getattr(args, "dataset", None):
         ds["name"] = args.dataset
     if getattr(args, "data_path", None):
@@ -119,14 +131,14 @@ def cmd_teacher(args) -> int:
     from ddkit.teacher import TeacherConfig, train_teacher
 
     data = _apply_common(_base(args), args)
-    tcfg = data.setdefault("teacher", {})
+    tcfg = _section(data, "teacher")
     for key in ("model", "seed", "checkpoint"):
         if getattr(args, key, None) is not None:
             tcfg[key] = getattr(args, key)
     if args.epochs is not None:
-        tcfg.setdefault("train", {})["epochs"] = args.epochs
+        _section(tcfg, "train", "teacher")["epochs"] = args.epochs
     if args.precision is not None:
-        tcfg.setdefault("train", {})["precision"] = args.precision
+        _section(tcfg, "train", "teacher")["precision"] = args.precision
     unknown = set(data) - {"dataset", "teacher"}
     if unknown:
         raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit teacher`; use dataset and teacher")
@@ -147,7 +159,7 @@ def cmd_distill(args) -> int:
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
     data = _apply_common(_base(args), args)
-    dist_cfg = data.setdefault("distill", {})
+    dist_cfg = _section(data, "distill")
     for key in ("method", "ipc", "seed"):
         if getattr(args, key, None) is not None:
             dist_cfg[key] = getattr(args, key)
@@ -182,9 +194,9 @@ def cmd_evaluate(args) -> int:
     if args.label_mode:
         overrides["label_mode"] = args.label_mode
     if args.epochs is not None:
-        overrides.setdefault("train", {})["epochs"] = args.epochs
+        _section(overrides, "train")["epochs"] = args.epochs
     if args.precision is not None:
-        overrides.setdefault("train", {})["precision"] = args.precision
+        _section(overrides, "train")["precision"] = args.precision
     protocol = resolve_protocol(args.protocol, overrides)
     dcfg_data = dict(distilled.manifest["dataset_config"])
     if args.data_path:
@@ -390,7 +402,7 @@ def cmd_experts(args) -> int:
     from ddkit.methods.trajectory import ExpertConfig, train_experts
 
     data = _apply_common(_base(args), args)
-    ecfg = data.setdefault("experts", {})
+    ecfg = _section(data, "experts")
     for key in ("model", "num_experts", "epochs", "seed"):
         if getattr(args, key, None) is not None:
             ecfg[key] = getattr(args, key)

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -87,7 +88,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a mapping, got {value!r}")
         return dict(value) if isinstance(value, dict) else value
@@ -95,6 +96,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value
+        if not math.isfinite(value):
+            errors.append(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -158,6 +161,8 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {data!r}")
     errors: list[str] = []
     obj = _build(cls, dict(data or {}), where, errors)
     if errors:

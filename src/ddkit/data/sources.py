@@ -16,6 +16,7 @@ import gzip
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import struct
@@ -694,6 +695,8 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise DataError(f"{path}: {key} must be a float tensor of {channels} values (one per channel), found {shape}")
         out.append(tuple(float(v) for v in t.flatten()))
+        if not all(math.isfinite(v) for v in out[-1]):
+            raise DataError(f"{path}: {key} must hold finite numbers, found {list(out[-1])}")
     if min(out[1]) <= 0:
         raise DataError(f"{path}: std must be positive, found {list(out[1])}")
     return out[0], out[1]
@@ -747,6 +750,12 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; list every class")
     _check_class_order(cfg, classes)
 
+    if parts["train"].images.shape[1] == 0:
+        raise DataError(f"{path}: images have 0 channels; store images as [N, C, H, W] with C >= 1")
+    empty = [classes[c] for c, n in enumerate(parts["train"].class_counts(len(classes)).tolist()) if n == 0]
+    if empty:
+        raise DataError(f"{path}: classes {empty} have no training images; check the labels (train_labels, "
+                        "test_labels) or drop those classes from 'classes'")
     norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
     mean, std = norm if norm is not None else channel_stats(parts["train"].images)
     logger.info("loaded tensors %s: %d train, %d test", path, len(parts["train"]), len(parts["test"]))

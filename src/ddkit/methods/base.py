@@ -84,6 +84,9 @@ def check_ipc(real: DataBundle, ipc: int | None) -> int:
         raise DataError(f"ipc must be a positive integer, got {ipc!r}; pass --ipc N")
     counts = real.train.class_counts(real.num_classes)
     smallest = int(counts.min())
+    if smallest == 0:
+        c = int(counts.argmin())
+        raise DataError(f"class {real.classes[c]!r} has no training images; add some, or drop the class from the dataset")
     if ipc > smallest:
         c = int(counts.argmin())
         raise DataError(
