@@ -310,7 +310,19 @@ def test_relabel_cli_rejects_bad_settings(teacher, distilled, tmp_path, capsys):
                                                "set teacher_bn=batch or drop teacher_bn_batch")
     assert main([*base, "--teacher-bn", "batch", "--teacher-bn-batch", "0", "-q"]) == 2
     assert "teacher_bn_batch must be a number of images >= 1" in capsys.readouterr().err
-    assert not (tmp_path / "x").exists()
+    for flags, message in ((["--batch-size", "0"], "relabel batch_size must be >= 1, got 0"),
+                           (["--cutmix-prob", "-0.5"], "cutmix_prob must be in [0, 1] (0 disables CutMix), got -0.5"),
+                           (["--augment-option", "scale_min=abc"], "augment_options.scale_min: expected a number, got 'abc'")):
+        assert main([*base, *flags, "-q"]) == 2
+        assert capsys.readouterr().err.strip() == f"error: {message}"
+    # a teacher of another image size: refused before anything is labelled
+    small = make_synthetic(image_size=8)
+    other = distill(small, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic", options={"image_size": 8}),
+                    tmp_path / "small")
+    assert main(["relabel", str(other.path), "--teacher", str(teacher.path), "--epochs", "1", "--out", str(tmp_path / "x"),
+                 "-q"]) == 2
+    assert "teacher expects images [1, 16, 16] but the distilled set's are [1, 8, 8]" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 
 
 def test_random_baseline_relabels_like_the_store(data, teacher, distilled, tmp_path):

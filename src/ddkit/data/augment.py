@@ -602,4 +602,8 @@ def build_augment(spec: str, **kw) -> Augment | None:
         raise ConfigError(
             f"augmentation {spec!r} has no option(s) {unknown}; valid: {', '.join(valid) or 'none'}"
         )
-    return None if cls is None else cls(**kw)
+    if cls is None:
+        return None
+    from ddkit.config import from_dict
+
+    return from_dict(cls, kw, "augment_options")  # typed: a string for a number is a config error, not a TypeError

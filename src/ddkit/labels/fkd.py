@@ -377,6 +377,10 @@ def relabel(
 
     if epochs < 1:
         raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"relabel batch_size must be >= 1, got {batch_size}")
+    if not 0 <= cutmix_prob <= 1:
+        raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {cutmix_prob}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     augment_options = dict(augment_options or {})
     augment = build_augment(augment_spec, **augment_options)
@@ -389,6 +393,10 @@ def relabel(
     if hasattr(teacher, "classes") and list(teacher.classes) != classes:
         raise DDKitError("teacher's classes (names or order) differ from the distilled set's; use the teacher of this dataset")
     images, n = distilled.images, len(distilled.labels)
+    expects = getattr(teacher, "manifest", {}).get("model", {}).get("input_shape")
+    if expects is not None and list(expects) != list(images.shape[1:]):
+        raise DDKitError(f"teacher expects images {list(expects)} but the distilled set's are {list(images.shape[1:])}; "
+                         "use the teacher of this dataset")
     size = tuple(images.shape[-2:])
     num_classes = len(classes)
     if top_k is not None and not 1 <= top_k <= num_classes:
