@@ -152,6 +152,36 @@ def test_bad_input_one_line_exit_2_no_output(args, message, tmp_path, capsys, mo
     assert list(tmp_path.iterdir()) == []  # no partial artifact, no temp dirs
 
 
+def test_bad_output_and_ipc_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    import ddkit.methods.dm
+    import ddkit.methods.trajectory
+    import ddkit.teacher.squeeze
+
+    def no_training(*a, **k):
+        raise AssertionError("trained before checking the output")
+
+    monkeypatch.setattr(ddkit.teacher.squeeze, "train_classifier", no_training)
+    monkeypatch.setattr(ddkit.methods.dm.DM, "fit", no_training)
+    monkeypatch.setattr(ddkit.methods.trajectory, "train_one_expert", no_training)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for args in (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet"],
+                 ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "2"],
+                 ["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1", "--epochs", "1"]):
+        code, _, err = run_cli([*args, "--out", str(mine), "-q"], capsys)
+        assert code == 2 and "exists and is not a ddkit output" in err, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and [p.name for p in mine.iterdir()] == ["notes.txt"]
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: {model: tiny_convnet}\ndistill: {method: random, ipc: 100}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and "ipc 100 is larger than the smallest class" in err and not (tmp_path / "run").exists()
+    code, _, err = run_cli(["experts", "--dataset", "synthetic", "--model", "nope", "--out", str(tmp_path / "ex"), "-q"], capsys)
+    assert code == 2 and "unknown model 'nope'" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run.yaml"]
+
+
 def test_distill_with_mismatched_teacher(workdir, tmp_path, capsys):
     code, _, err = run_cli(["distill", "--dataset", "synthetic", "--set", "dataset.options={num_classes: 5}",
                             "--method", "random", "--ipc", "2", "--teacher", str(workdir / "teacher"),

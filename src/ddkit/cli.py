@@ -367,9 +367,11 @@ def cmd_report(args) -> int:
 
 def cmd_relabel(args) -> int:
     from ddkit import distributed as ddist
+    from ddkit.artifacts import check_output_dir
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
     from ddkit.labels import relabel
+    from ddkit.labels.fkd import KIND as FKD_KIND
     from ddkit.teacher import Teacher
 
     device = _device(args)
@@ -379,6 +381,7 @@ def cmd_relabel(args) -> int:
         raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")
     options = apply_overrides({}, list(args.augment_option or []))
     out = Path(args.out or f"{str(args.distilled).rstrip('/')}.fkd")
+    check_output_dir(out, FKD_KIND)  # before any labelling
     work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet and ddist.current().is_main)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,

@@ -18,6 +18,7 @@ import torch
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     base_manifest,
+    check_output_dir,
     folder_kind,
     holds_files,
     read_json,
@@ -26,11 +27,13 @@ from ddkit.artifacts import (
 )
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.methods import METHODS, FitContext
+from ddkit.methods.base import check_ipc
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
@@ -113,6 +116,8 @@ def distill(
     run_config: dict | None = None,
 ) -> DistilledSet:
     """Run a method and (if ``out``) write the distilled-set artifact atomically."""
+    if out is not None:
+        check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
     if teacher is not None:
@@ -176,6 +181,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
 
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
+    if cfg.distill.method != "full":
+        check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
     c, h, _ = data.image_shape

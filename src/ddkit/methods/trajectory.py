@@ -73,6 +73,7 @@ from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
     build_lock,
+    check_output_dir,
     load_tensors,
     read_json,
     read_manifest,
@@ -465,13 +466,14 @@ def train_experts(
     use_deterministic_cuda(device)
     info = ddist.current()
     partial = None
+    c, h, _ = data.image_shape
+    with torch.random.fork_rng(devices=[]):  # a bad model fails here, before anything is written
+        spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     if out is not None:
         out = Path(out)
+        check_output_dir(out, KIND)  # a folder we may not replace fails now, not after the training
         partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}"
         partial.mkdir(parents=True, exist_ok=True)
-    c, h, _ = data.image_shape
-    with torch.random.fork_rng(devices=[]):
-        spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
     mine = range(info.rank, cfg.num_experts, info.world_size)  # every expert in one process

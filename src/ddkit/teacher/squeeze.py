@@ -18,6 +18,7 @@ from ddkit.artifacts import (
     DescribesDataset,
     atomic_dir,
     base_manifest,
+    check_output_dir,
     load_tensors,
     read_manifest,
     save_tensors,
@@ -222,6 +223,8 @@ def train_teacher(
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
     until the artifact is written. Under torchrun the training is data-parallel.
     """
+    if out is not None:
+        check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
     if cfg.checkpoint:
         return import_teacher(data, cfg, out, device)
     info = ddist.current()
