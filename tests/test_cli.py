@@ -48,6 +48,11 @@ def test_teacher_distill_evaluate_show_export(workdir, capsys, tmp_path):
     assert code == 0 and "20 images" in out
     man = json.loads((d / "manifest.json").read_text())
     assert man["seed"] == 1 and man["files"]["soft_labels"] == "soft_labels.safetensors"
+    # the resolved config: defaults filled in, not just what was typed
+    assert man["config"]["distill"] == {**man["config"]["distill"], "method": "random", "ipc": 5, "seed": 1,
+                                        "soft_labels": True, "options": {}}
+    assert man["config"]["distill"]["soft_labels_bn"] == "running" and man["config"]["dataset"]["name"] == "synthetic"
+    assert "subset_seed" in man["config"]["dataset"]
     ev = tmp_path / "ev.json"
     code, out, _ = run_cli(["evaluate", str(d), "--seeds", "0,1", "--teacher", str(t), "--label-mode", "teacher",
                             "--out", str(ev), "-q", *FAST], capsys)

@@ -154,7 +154,7 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from ddkit.config import from_dict
+    from ddkit.config import from_dict, to_dict
     from ddkit.data.base import DatasetConfig, load_dataset
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
@@ -175,7 +175,7 @@ def cmd_distill(args) -> int:
     teacher = load_teacher_for(args.teacher, bundle, device)
     progress = Progress(not args.quiet)
     ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
-                 run_config={"dataset": data.get("dataset"), "distill": data.get("distill")})
+                 run_config={"dataset": to_dict(dcfg.absolute()), "distill": to_dict(cfg)})
     progress.close()
     _print(f"{cfg.method} ipc={ds.ipc}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
            f"{ds.label_bytes:,} label bytes -> {args.out}")
