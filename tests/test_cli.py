@@ -144,6 +144,8 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
          "distill.options: expected a mapping, got 'foo'"),
         (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--set", "teacher.train.lr=.nan"],
          "teacher.train.lr: expected a finite number, got nan"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--seed", str(2**64)],
+         "distill.seed: seeds must lie in [0, 2^32)"),
         # no CUDA here: "not available"; with CUDA: no device 99
         (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--device", "cuda:99"], "cuda:99"),
     ],

@@ -34,6 +34,19 @@ def test_non_finite_numbers_and_non_mapping_sections_are_refused():
         from_dict(TeacherConfig, "foo", "dataset")
 
 
+def test_seeds_must_fit_the_generators():
+    from ddkit.bench import BenchConfig
+    from ddkit.pipeline import DistillConfig
+
+    with pytest.raises(ConfigError, match=r"distill.seed: seeds must lie in \[0, 2\^32\), got 18446744073709551616"):
+        from_dict(DistillConfig, {"method": "random", "ipc": 1, "seed": 2**64}, "distill")
+    with pytest.raises(ConfigError, match=r"teacher.seed: seeds must lie in \[0, 2\^32\), got -1"):
+        from_dict(RunConfig, {"teacher": {"seed": -1}})
+    with pytest.raises(ConfigError, match=r"seeds: seeds must lie in \[0, 2\^32\), got 4294967296"):
+        from_dict(BenchConfig, {"datasets": ["synthetic"], "methods": ["random"], "seeds": [0, 2**32]})
+    assert from_dict(DistillConfig, {"method": "random", "ipc": 1, "seed": 2**32 - 1}).seed == 2**32 - 1
+
+
 def test_nested_paths_in_errors():
     with pytest.raises(ConfigError, match=r"unknown config key 'teacher.train.lrr'; did you mean 'lr'\?"):
         from_dict(RunConfig, {"teacher": {"train": {"lrr": 0.1}}})

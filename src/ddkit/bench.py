@@ -96,7 +96,7 @@ class RelabelSpec:
     cutmix_prob: float = field(1.0, help="per-image CutMix probability (0: off)")
     cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
     top_k: int | None = field(None, help="keep only the k largest logits per view (None: all, fp16)")
-    seed: int = field(0, help="seed of the views")
+    seed: int = field(0, seed=True, help="seed of the views")
     teacher_bn: TeacherBN = field("running", help="teacher BatchNorm: running statistics, or batch: statistics of "
                                   "groups of views (CV-DD's batch-specific soft labels)")
     teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all views of an epoch)")
@@ -120,8 +120,8 @@ class BenchConfig:
     students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
     relabel: RelabelSpec = field(factory=RelabelSpec, help="label mode fkd: how each set's per-epoch soft labels are stored")
-    seeds: list[int] = field([0, 1, 2], help="student seeds (accuracy is mean ± std over them)")
-    distill_seed: int = field(0, help="seed of every method's synthesis")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them)")
+    distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "

@@ -109,10 +109,16 @@ def _cuda() -> bool:
 
 
 def _seeds(text: str) -> list[int]:
+    from ddkit.config import SEED_LIMIT
+
     try:
-        return [int(s) for s in text.split(",") if s.strip() != ""]
+        seeds = [int(s) for s in text.split(",") if s.strip() != ""]
     except ValueError:
         raise DDKitError(f"--seeds must be comma-separated integers like 0,1,2, got {text!r}") from None
+    bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
+    if bad:
+        raise DDKitError(f"--seeds must lie in [0, 2^32), got {bad[0]}")
+    return seeds
 
 
 def _print(*a) -> None:

@@ -25,15 +25,19 @@ from ddkit.errors import ConfigError
 T = TypeVar("T")
 
 
+SEED_LIMIT = 2**32  # seeds are offset and combined (seed * 1000 + i, ...) and must stay within int64
+
+
 def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = None, added: bool = False,
-          **kw: Any) -> Any:
+          seed: bool = False, **kw: Any) -> Any:
     """A dataclass field with a ``help`` text; ``factory`` builds a (dataclass) default per instance.
 
     ``added``: a field added after configs were already hashed, whose default reproduces the
     behaviour from before it existed. :func:`config_hash` (and ``to_dict(..., identity=True)``)
     leave it out while it holds that default, so cached artifacts keep their keys.
+    ``seed``: a seed or a list of seeds, each checked to lie in [0, 2^32) when a config is built.
     """
-    meta = {"help": help, "added": added}
+    meta = {"help": help, "added": added, "seed": seed}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta, **kw)
     if isinstance(default, (list, dict, set)):
@@ -129,6 +133,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             value = _deep_merge(to_dict(default), value)
         kwargs[key] = _convert(value, hints[key], path, errors)
+        if fields[key].metadata.get("seed"):
+            _check_seeds(kwargs[key], path, errors)
     missing = [
         n for n, f in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -142,6 +148,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     except ConfigError as exc:
         errors.append(f"{where + ': ' if where else ''}{exc}")
         return None  # type: ignore[return-value]
+
+
+def _check_seeds(value: Any, where: str, errors: list[str]) -> None:
+    for v in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < SEED_LIMIT:
+            errors.append(f"{where}: seeds must lie in [0, 2^32), got {v}")
 
 
 def _field_default(f: dataclasses.Field) -> Any:

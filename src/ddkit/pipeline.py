@@ -48,7 +48,7 @@ class DistillConfig:
 
     method: str = field("random", help="registered method key (`ddkit list methods`)")
     ipc: int | None = field(10, help="images per class")
-    seed: int = field(0, help="seed of the method")
+    seed: int = field(0, seed=True, help="seed of the method")
     options: dict = field({}, help="the method's own settings (its Config dataclass)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image (static soft labels)")
     soft_labels_bn: TeacherBN = field("running", help="teacher BatchNorm for soft_labels: running statistics, or "
@@ -72,7 +72,7 @@ class EvalConfig:
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
     label_modes: list[str] = field(["hard"], help="label modes to evaluate, each a separate protocol: hard, teacher, stored")
-    seeds: list[int] = field([0, 1, 2], help="student seeds")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]

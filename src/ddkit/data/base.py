@@ -36,7 +36,7 @@ class DatasetConfig:
     test_split: str = field("test", help="imagefolder: test split folder name")
     train_per_class: int | None = field(None, help="keep at most this many training images per class (quick runs)")
     test_per_class: int | None = field(None, help="keep at most this many test images per class (quick runs)")
-    subset_seed: int = field(0, help="seed for the per-class train/test subsets")
+    subset_seed: int = field(0, seed=True, help="seed for the per-class train/test subsets")
     options: dict = field({}, help="source-specific options (e.g. synthetic: num_classes, image_size)")
 
     def __post_init__(self) -> None:

@@ -122,7 +122,7 @@ class ExpertConfig:
         "AST's buffer.py (0.6, always on there; MTT's --decay: 0.1); 1: off")
     lr_drop_epoch: int | None = field(
         None, help="0-based epoch after which the lr drops (None: epochs // 2 + 1, the references' lr_schedule)")
-    seed: int = field(0, help="base seed; expert i uses its own generator derived from (seed, i)")
+    seed: int = field(0, seed=True, help="base seed; expert i uses its own generator derived from (seed, i)")
     zca: bool = field(False, help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
     zca_reg: float = field(0.1, help="ZCA regularisation added to the covariance eigenvalues (kornia/MTT: 0.1)")
     clip_loss: list[float] = field(

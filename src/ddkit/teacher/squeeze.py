@@ -49,7 +49,7 @@ class TeacherConfig:
     model: str = field("convnet3", help="registered model key (`ddkit list models`)")
     model_options: dict = field({}, help="keyword options for the model factory (e.g. width)")
     train: TrainConfig = field(factory=lambda: _teacher_train_defaults(), help="training recipe")
-    seed: int = field(0, help="seed for initialisation, batch order and augmentation")
+    seed: int = field(0, seed=True, help="seed for initialisation, batch order and augmentation")
     checkpoint: str | None = field(None, help="import these weights (safetensors or state-dict .pt) instead of training")
 
 
