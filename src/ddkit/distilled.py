@@ -199,6 +199,8 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "pt":
             if out.is_dir():
                 raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
+            if out.exists() and not _is_pt_export(out):
+                raise DDKitError(f"output {str(out)!r} exists and is not a ddkit pt export; choose another --out or remove it")
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -220,6 +222,15 @@ class DistilledSet(DescribesDataset, Dataset):
                 write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names})
             return out
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
+
+
+def _is_pt_export(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(record, dict) and record.get("kind") == "pt-export"
 
 
 def class_folder_names(classes: list[str]) -> list[str]:
