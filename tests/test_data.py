@@ -425,6 +425,21 @@ def test_imagefolder_grayscale_and_resize(tmp_path):
     assert torch.equal(b.train.images[:, 0], b.train.images[:, 2])
 
 
+def test_imagefolder_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=4, mode="L")
+    wide = np.array([[0, 257, 32896, 65535]] * 4, dtype=np.uint16)  # 0, 1, 128, 255 in 8 bits
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            for f in (tmp_path / split / c).iterdir():
+                Image.fromarray(wide).save(f)  # mode I;16
+    assert Image.open(next((tmp_path / "train" / "a").iterdir())).mode.startswith("I")
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.image_shape == (1, 4, 4)
+    assert b.train.images[0, 0, 0].tolist() == [0, 1, 128, 255]
+
+
 def test_imagefolder_inconsistent_sizes(tmp_path):
     write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=8)
     write_png(tmp_path / "train" / "b" / "big.png", np.zeros((12, 9, 3), np.uint8))

@@ -487,6 +487,7 @@ def load_cifar100(cfg: DatasetConfig) -> DataBundle:
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 _GRAY_MODES = {"1", "L", "LA"}
+_WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale (PNG/TIFF): scaled to 8 bits
 
 
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
@@ -507,6 +508,12 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.load()
+            if im.mode in _WIDE_GRAY_MODES:  # convert("L") would clip, not scale, 16-bit values
+                wide = np.asarray(im, dtype=np.float64)
+                if wide.size and (wide.min() < 0 or wide.max() > 65535):
+                    raise DataError(f"image {path} holds values outside 0-65535 (mode {im.mode}); "
+                                    "store 8- or 16-bit images")
+                im = Image.fromarray(np.rint(wide * (255 / 65535)).astype(np.uint8))
             im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
