@@ -200,9 +200,15 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
         save_file(bad, str(path / "soft_labels.safetensors"))
         with pytest.raises(DDKitError, match=msg):
             ddkit.load(path)
-    del man["files"]
-    (path / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(DDKitError, match="lacks \\['files'\\]"):
+    for damage, key in ((lambda m: m.pop("files"), "files.images"), (lambda m: m["files"].update(images=None), "files.images"),
+                        (lambda m: m.pop("dataset_config"), "dataset_config")):
+        broken = json.loads(json.dumps(man))
+        damage(broken)
+        (path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
+            ddkit.load(path)
+    (path / "manifest.json").write_text(json.dumps(["not", "an", "object"]))
+    with pytest.raises(DDKitError, match="is not a JSON object; re-create the distilled-set artifact"):
         ddkit.load(path)
 
 

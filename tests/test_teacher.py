@@ -52,6 +52,20 @@ def test_class_mismatch_errors(teacher_dir, tiny):
         t.check_compatible(big)
 
 
+def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
+    import shutil
+
+    for damage, key in ((lambda m: m.pop("model"), "model.name"), (lambda m: m["model"].update(options=3), "model.options"),
+                        (lambda m: m["dataset"].pop("classes"), "dataset.classes")):
+        t = tmp_path / key
+        shutil.copytree(teacher_dir, t)
+        man = json.loads((t / "manifest.json").read_text())
+        damage(man)
+        (t / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=f"lacks '{key}' .*re-create the teacher artifact"):
+            Teacher.load(t)
+
+
 def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     from safetensors.torch import load_file
 

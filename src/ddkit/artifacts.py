@@ -232,14 +232,18 @@ def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
     }
 
 
-def read_manifest(path: str | Path, kind: str) -> dict[str, Any]:
-    """Read and check an artifact's manifest (kind and schema version)."""
+def read_manifest(path: str | Path, kind: str, require: dict[str, type] | None = None) -> dict[str, Any]:
+    """Read and check an artifact's manifest: a JSON object of ``kind`` and a schema version this
+    ddkit reads, holding every key of ``require`` (dotted paths for nested keys) with a value of
+    the given type."""
     path = Path(path)
     if not path.exists():
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
     if path.is_file() and path.name == MANIFEST:
         path = path.parent
     manifest = read_json(path / MANIFEST, what=f"{kind} manifest")
+    if not isinstance(manifest, dict):
+        raise DDKitError(f"{str(path / MANIFEST)!r} is not a JSON object; re-create the {kind} artifact")
     if manifest.get("kind") != kind:
         raise DDKitError(
             f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
@@ -250,6 +254,13 @@ def read_manifest(path: str | Path, kind: str) -> dict[str, Any]:
             f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
             f"({SCHEMA_VERSION}); upgrade ddkit"
         )
+    for key, tp in (require or {}).items():
+        value: Any = manifest
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, tp):
+            raise DDKitError(f"{str(path / MANIFEST)!r} lacks {key!r} (a {tp.__name__}) or holds {value!r} there; "
+                             f"the manifest is damaged: re-create the {kind} artifact")
     return manifest
 
 

@@ -148,10 +148,8 @@ class DistilledSet(DescribesDataset, Dataset):
     @classmethod
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
         path = Path(path)
-        manifest = read_manifest(path, KIND)
-        missing = [k for k in ("files", "num_images", "dataset") if k not in manifest]
-        if missing or not isinstance(manifest["files"], dict) or "images" not in manifest["files"]:
-            raise DDKitError(f"{path / 'manifest.json'} lacks {missing or ['files.images']}; re-create the distilled set")
+        manifest = read_manifest(path, KIND, require={"files.images": str, "num_images": int, "dataset": dict,
+                                                      "dataset_config": dict})
         tensors = load_tensors(path / manifest["files"]["images"], what="distilled images")
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")

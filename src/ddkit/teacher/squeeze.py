@@ -108,7 +108,8 @@ class Teacher(DescribesDataset):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = Path(path)
-        manifest = read_manifest(path, KIND)
+        manifest = read_manifest(path, KIND, require={"model.name": str, "model.input_shape": list, "model.options": dict,
+                                                      "dataset.classes": list})
         m = manifest["model"]
         model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1], **m["options"])
         state = load_tensors(path / WEIGHTS, what="teacher weights")
