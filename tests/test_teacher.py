@@ -121,3 +121,17 @@ def test_resume_after_interruption_matches(tiny, tmp_path):
     assert [h["epoch"] for h in resumed.manifest["history"]] == [1, 2, 3, 4]
     assert resumed.fingerprint == straight.fingerprint
     assert not any(".resume-" in p.name for p in tmp_path.iterdir())
+
+
+def test_distill_hash_follows_extra_teachers_weights_not_paths(tmp_path):
+    from ddkit.pipeline import DistillConfig, distill_hash
+
+    data = make_synthetic()
+    pool = tmp_path / "pool"
+    cfg = DistillConfig(method="sre2l", ipc=1, options={"extra_teachers": [str(pool)]})
+    hashes = []
+    for seed in (3, 4):  # the pool teacher retrained in place with another seed
+        train_teacher(data, _cfg(seed=seed, train=TrainConfig(epochs=1, batch_size=32)), pool)
+        hashes.append(distill_hash(cfg, data, None))
+    assert hashes[0] != hashes[1]
+    assert distill_hash(cfg, data, None) == hashes[1]

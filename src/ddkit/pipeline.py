@@ -22,6 +22,7 @@ from ddkit.artifacts import (
     folder_kind,
     holds_files,
     read_json,
+    read_manifest,
     write_json,
     write_text,
 )
@@ -170,6 +171,11 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
         from ddkit.methods.trajectory import buffer_identity
 
         key["experts_buffer"] = buffer_identity(experts)
+    if extra := cfg.options.get("extra_teachers"):  # teacher artifacts on disk: their weights, not their paths
+        from ddkit.teacher.squeeze import KIND as TEACHER_KIND
+
+        key["extra_teacher_weights"] = [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"]
+                                        for t in extra]
     return config_hash(key)
 
 

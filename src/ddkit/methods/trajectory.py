@@ -472,7 +472,9 @@ def train_experts(
     if out is not None:
         out = Path(out)
         check_output_dir(out, KIND)  # a folder we may not replace fails now, not after the training
-        partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}"
+        # the data fingerprint leaves normalisation out: experts trained under another mean/std are not reused
+        norm = config_hash({"mean": list(data.mean), "std": list(data.std)})[:8]
+        partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{norm}"
         partial.mkdir(parents=True, exist_ok=True)
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
