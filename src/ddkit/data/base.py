@@ -138,6 +138,12 @@ class DataBundle:
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()[:16]
 
+    @property
+    def normalisation(self) -> dict[str, list[float]]:
+        """The per-channel mean/std inputs are normalised with, for keys of what depends on them (the
+        fingerprint covers the raw pixels only)."""
+        return {"mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
+
     def describe(self) -> dict:
         return {
             "name": self.name,

@@ -119,12 +119,6 @@ def _train_student(
 _NOT_RANDOM_STUDENT = frozenset({"random_baseline", "full_reference", "full_epochs", "full_seeds", "fkd_store"})
 
 
-def _normalisation(data: DataBundle) -> dict[str, list[float]]:
-    """The per-channel mean/std students normalise with: part of every cached student's key (the data
-    fingerprint covers the raw pixels only)."""
-    return {"mean": [float(m) for m in data.mean], "std": [float(s) for s in data.std]}
-
-
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
                       cache_dir: str | Path | None, lr: float | None = None) -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
@@ -139,7 +133,7 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
         settings = omit_running_bn({"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"),
                                     "top_k": store.top_k, "teacher_bn": store.teacher_bn,
                                     "teacher_bn_batch": store.teacher_bn_batch})
-    key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": _normalisation(data), "ipc": ipc,
+    key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "ipc": ipc,
                        "seed": seed, "fkd": settings,
                        "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
                        **({"lr": lr} if lr is not None else {})})
@@ -197,7 +191,7 @@ def full_reference(
         train["ema_warmup"] = True
     zca = {"zca": {"reg": protocol.zca_reg}} if protocol.zca else {}
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
-                       "data": data.fingerprint, "norm": _normalisation(data), "seeds": use,
+                       "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
                        **({"world": info.world_size} if info.enabled else {}), **zca})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
     if cache.is_file():

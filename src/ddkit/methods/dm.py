@@ -100,7 +100,7 @@ def check_common(cfg: Any) -> None:
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
     pixels, labels and classes) with its normalisation."""
-    return repr((to_dict(cfg), ipc, seed, real.fingerprint, tuple(real.mean), tuple(real.std)))
+    return repr((to_dict(cfg), ipc, seed, real.fingerprint, real.normalisation))
 
 
 def check_resume(state: dict, fingerprint: str, path) -> None:

@@ -885,7 +885,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     # the checkpoint name pins everything that decides the result, so a stale one is never resumed; the
     # number of ranks too, since it decides which units a rank holds (each rank writes its own checkpoint)
     run_id = config_hash({"cfg": to_dict(cfg, identity=True), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
-                          "norm": [list(real.mean), list(real.std)],  # the fingerprint leaves normalisation out
+                          "norm": real.normalisation,
                           "teachers": [t.fingerprint for t in teachers], "world": info.world_size})[:12]
     ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=f"{name}-{run_id}-rank{info.rank}", per_rank=True)
     state = ckpt.load()

@@ -472,8 +472,7 @@ def train_experts(
     if out is not None:
         out = Path(out)
         check_output_dir(out, KIND)  # a folder we may not replace fails now, not after the training
-        # the data fingerprint leaves normalisation out: experts trained under another mean/std are not reused
-        norm = config_hash({"mean": list(data.mean), "std": list(data.std)})[:8]
+        norm = config_hash(data.normalisation)[:8]  # experts trained under another mean/std are not reused
         partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{norm}"
         partial.mkdir(parents=True, exist_ok=True)
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
