@@ -279,6 +279,21 @@ def test_robust_score_protocols_are_with_and_without_augmentation(tmp_path):
     assert other.augment == "dsa" and other.augment_options == {}
     with pytest.raises(ConfigError, match="robust_scores .* label mode fkd"):
         tiny_cfg(tmp_path / "c", label_modes=["fkd"], robust_scores=True)
+    # a protocol without augmentation but with CutMix: the "without" run still drops CutMix
+    plain_mix = tiny_cfg(tmp_path / "d", protocol="dc-protocol", label_modes=["hard"],
+                         overrides={"train": {"cutmix_prob": 0.5}})
+    assert plain_mix.protocol_for("tiny_convnet", "hard").train.cutmix_prob == 0.5
+    assert plain_mix.protocol_for("tiny_convnet", "hard", "none").train.cutmix_prob == 0
+
+
+def test_config_checks_every_label_modes_protocol_and_the_hard_one(tmp_path):
+    """Each cell trains its label mode's protocol and, for HLR, the hard-label one: a combination that
+    cannot resolve is refused when the config loads, not after the teacher and the first cells."""
+    with pytest.raises(ConfigError, match="label mode 'hard'.*"):
+        tiny_cfg(tmp_path / "a", protocol="soft-kl", label_modes=["teacher"], overrides={"loss": "kl"})
+    with pytest.raises(ConfigError, match="label mode 'hard'"):
+        tiny_cfg(tmp_path / "b", protocol="soft-kl", label_modes=["teacher", "hard"], overrides={"loss": "kl"})
+    assert tiny_cfg(tmp_path / "c", protocol="soft-kl", label_modes=["teacher"]).label_modes == ["teacher"]
 
 
 def test_torchrun_spreads_cells_and_matches_single_process(tmp_path):

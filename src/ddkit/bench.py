@@ -209,9 +209,16 @@ class BenchConfig:
                 missing = [r for r in refs if isinstance(r, str) and r.startswith("@") and r[1:] not in self.teacher_pool]
                 if missing:
                     raise ConfigError(f"method {m.key!r} refers to {missing}, not in teacher_pool {sorted(self.teacher_pool)}; add it there")
-        for student in self.students:  # fail early on a bad protocol or student
+        # fail early on a bad protocol or student: every label mode's, and the hard-label one that every
+        # cell's HLR trains too
+        for student in self.students:
             for ipc in self.ipcs:
-                self.protocol_for(student, self.label_modes[0], ipc=ipc)
+                for mode in dict.fromkeys([*self.label_modes, "hard"]):
+                    try:
+                        self.protocol_for(student, mode, ipc=ipc)
+                    except ConfigError as e:
+                        raise ConfigError(f"protocol {self.protocol!r} for student {student!r}, IPC {ipc}, label mode "
+                                          f"{mode!r}: {e}") from None
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
@@ -222,7 +229,7 @@ class BenchConfig:
         if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
             over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
         protocol = resolve_protocol(self.protocol, over)
-        if augment is None or augment == protocol.train.augment:
+        if augment is None or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob)):
             return protocol
         # ARS's other run: another augmentation's options do not apply, and "without" means without CutMix too
         train = dataclasses.replace(protocol.train, augment=augment, augment_options={},
