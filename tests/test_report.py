@@ -121,3 +121,20 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     assert found, f"chromium printed no image report (rc {proc.returncode}): {proc.stderr[-500:]}"
     results = dict(item.rsplit("=", 1) for item in found.group(1).split())
     assert len(results) == 5 and set(results.values()) == {"ok"}, results
+
+
+def test_random_band_gathers_every_ipc_of_a_panel():
+    """The methods of a panel may run at different IPCs (``method_ipcs``): the random band takes each
+    IPC from whichever method holds it, not from the first method alone."""
+    from ddkit.report import _random_band, _series
+
+    def row(method, ipc, student="s", rnd=None):
+        return {"dataset": "d", "student": student, "label_mode": "hard", "method": method, "ipc": ipc,
+                "random": None if rnd is None else {"mean": rnd, "std": 0.01}}
+
+    rows = [row("dm", 1, rnd=0.5), row("mtt", 10, rnd=0.7), row("mtt", 50, rnd=0.8), row("dm", 50, rnd=0.8),
+            row("random", 10), row("dm", 10, student="t", rnd=0.6)]
+    band = _random_band(_series(rows), ("d", "s", "hard"))
+    assert list(band) == [1, 10, 50]
+    assert [b["mean"] for b in band.values()] == [0.5, 0.7, 0.8]
+    assert list(_random_band(_series(rows), ("d", "t", "hard"))) == [10]

@@ -37,6 +37,18 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
+def _random_band(series: dict[tuple, list[dict]], panel: tuple) -> dict[int, dict]:
+    """The random subset's accuracy per IPC in one panel (dataset, student, label mode), from whichever
+    method's rows hold that IPC: the methods of a panel may run at different IPCs."""
+    band: dict[int, dict] = {}
+    for key, rs in series.items():
+        if key[:3] == panel:
+            for r in rs:
+                if r.get("random"):
+                    band.setdefault(r["ipc"], r["random"])
+    return dict(sorted(band.items()))
+
+
 def _plots(rows: list[dict], out: Path) -> list[str]:
     import matplotlib
 
@@ -73,18 +85,19 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     # accuracy vs IPC, with the random baseline as a shaded band
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
-        band_done = False
         for key, rs in series.items():
-            if key[:3] != panel:
-                continue
-            ipcs = [r["ipc"] for r in rs]
-            ax.errorbar(ipcs, [100 * r["acc"]["mean"] for r in rs], yerr=[100 * r["acc"]["std"] for r in rs],
-                        marker="o", capsize=3, label=key[3])
-            if not band_done and all(r.get("random") for r in rs):
-                lo = [100 * (r["random"]["mean"] - r["random"]["std"]) for r in rs]
-                hi = [100 * (r["random"]["mean"] + r["random"]["std"]) for r in rs]
-                ax.fill_between(ipcs, lo, hi, color="gray", alpha=0.25, label="random subset")
-                band_done = True
+            if key[:3] == panel:
+                ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=key[3])
+        band = _random_band(series, panel)
+        if len(band) > 1:
+            ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
+                            [100 * (b["mean"] + b["std"]) for b in band.values()],
+                            color="gray", alpha=0.25, label="random subset")
+        elif band:  # one IPC: a band would have no width
+            ((ipc, b),) = band.items()
+            ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color="gray", marker="s", capsize=3,
+                        label="random subset")
         finish(ax, "images per class", " / ".join(panel))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
