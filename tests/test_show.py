@@ -109,6 +109,14 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").rename(bench / "cell.json")
     assert describe(bench / "config.json").endswith("\n0 of 1 cells finished; bench.json holds an earlier run's table")
     (bench / "cell.json").rename(bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json")
+    # a changed config (other student seeds, another protocol) leaves its cell files stale, not finished
+    record = json.loads((bench / "config.json").read_text())
+    for change in ({"seeds": [0, 1]}, {"overrides": {**record["config"]["overrides"], "train": {"epochs": 3, "batch_size": 8}}}):
+        (bench / "config.json").write_text(json.dumps({**record, "config": {**record["config"], **change}}))
+        assert describe(bench / "config.json").endswith(
+            "\n0 of 1 cells finished (1 cell file(s) from another config or seeds, recomputed by the next `ddkit bench`); "
+            "bench.json holds an earlier run's table"), change
+    (bench / "config.json").write_text(json.dumps(record))
     (bench / "bench.json").unlink()  # a bench folder before its table: the config and how far it got
     assert describe(bench).endswith("\n1 of 1 cells finished; no table yet (bench.json)")
     (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").unlink()

@@ -57,20 +57,38 @@ def describe(path: str | Path) -> str:
 
 
 def _bench_progress(record: dict, root: Path) -> str:
-    """How many of a bench folder's cells are finished (a cell file of the matrix exists)."""
+    """How many of a bench folder's cells are finished: a cell file of the matrix exists and was made with
+    the config's protocols and student seeds. ``show`` loads no teacher or distilled set, so a cell whose
+    teacher or set changed still counts here; ``ddkit bench`` re-checks those and recomputes the cell."""
     from ddkit.bench import BenchConfig, cells_of
     from ddkit.config import from_dict
 
     try:
-        ids = [c.id for c in cells_of(from_dict(BenchConfig, record["config"]))]
+        cfg = from_dict(BenchConfig, record["config"])
+        cells = cells_of(cfg)
     except (DDKitError, KeyError, TypeError, ValueError):
         return "(its matrix does not read with this ddkit; cannot count finished cells)"
-    done = sum((root / "cells" / f"{i}.json").is_file() for i in ids)
+    done = stale = 0
+    for c in cells:
+        path = root / "cells" / f"{c.id}.json"
+        if not path.is_file():
+            continue
+        try:
+            rec = read_json(path, "cell")
+        except DDKitError:
+            rec = None
+        # an FKD cell's protocol names its label store, so only its hard-label protocol is compared
+        current = isinstance(rec, dict) and rec.get("seeds") == list(cfg.seeds) and (
+            rec.get("hard_protocol_hash") == cfg.protocol_for(c.student, "hard", ipc=c.ipc).hash) and (
+            c.label_mode == "fkd" or rec.get("protocol_hash") == cfg.protocol_for(c.student, c.label_mode, ipc=c.ipc).hash)
+        done += current
+        stale += not current
     if not (root / "bench.json").is_file():
         table = "no table yet (bench.json)"
     else:
-        table = "bench.json holds the table" if done == len(ids) else "bench.json holds an earlier run's table"
-    return f"{done} of {len(ids)} cells finished; {table}"
+        table = "bench.json holds the table" if done == len(cells) else "bench.json holds an earlier run's table"
+    old = f" ({stale} cell file(s) from another config or seeds, recomputed by the next `ddkit bench`)" if stale else ""
+    return f"{done} of {len(cells)} cells finished{old}; {table}"
 
 
 def _pct(x: float | None) -> str:
