@@ -473,7 +473,9 @@ def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
     assert ds.soft_labels is not None and ds.soft_labels.shape == from_teacher.shape == (4, 4)
     assert not torch.allclose(ds.soft_labels.float(), from_teacher, atol=1e-2)  # DATM's own logits, not the teacher's
     stored, hard = rows[("datm", "stored")], rows[("datm", "hard")]
-    assert stored["bytes"]["labels"] == hard["bytes"]["labels"] == ds.label_bytes > 4 * 8  # hard + soft labels
+    assert stored["bytes"]["labels"] == ds.label_bytes > 4 * 8  # hard + soft labels
+    assert hard["bytes"]["labels"] == 4 * 8  # a hard-label student uses no soft labels
+    assert rows[("random", "stored")]["bytes"]["labels"] > rows[("random", "hard")]["bytes"]["labels"] == 4 * 8
     assert stored["hard_acc"] == hard["acc"] and 0 <= stored["acc"]["mean"] <= 1
     assert stored["protocol_hash"] != hard["protocol_hash"]
     assert rows[("random", "stored")]["random"] == stored["random"]  # the random subset labelled by the teacher

@@ -49,7 +49,7 @@ from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
-from ddkit.evaluate.runner import evaluate
+from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.methods import METHODS
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import DistillConfig, distill, distill_hash
@@ -664,6 +664,9 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
             progress(done, len(mine), {**row, "reused": reused})
     ddist.barrier()
     rows = [read_json(bench.cell_path(c), "cell") for c in cells]
+    for r in rows:  # cells finished before 2026-12-05 counted a set's soft labels also where they go unused
+        if r["label_mode"] != "fkd":
+            r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
     _add_cross_arch(rows)
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import base_manifest, read_json, write_json
+from ddkit.artifacts import base_manifest, read_json, tensor_bytes, write_json
 from ddkit.config import config_hash, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
 from ddkit.distilled import DistilledSet
@@ -318,7 +318,6 @@ def evaluate(
         results["random"] = _summary([merged[s]["random"] for s in seeds])
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device, Path(cache_dir) if cache_dir else None, progress)
-    label_bytes = distilled.label_bytes + (store.nbytes if store is not None else 0)
     report = base_manifest("evaluation", to_dict(protocol), seeds[0])
     report.update({
         "seeds": seeds,
@@ -328,15 +327,22 @@ def evaluate(
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},
         "teacher": {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None,
-        "bytes": {"images": distilled.image_bytes, "labels": label_bytes,
-                  "total": distilled.image_bytes + label_bytes,
-                  **({"fkd_labels": store.nbytes} if store is not None else {})},
+        "bytes": evaluation_bytes(distilled, mode, store.nbytes if store is not None else None),
         "results": results,
         "timing": {"wall_seconds": round(time.perf_counter() - t0, 3), "world_size": info.world_size},
     })
     if out is not None and info.is_main:
         write_json(out, report)
     return report
+
+
+def evaluation_bytes(distilled: DistilledSet, label_mode: str, fkd_bytes: int | None = None) -> dict[str, int]:
+    """What a student of ``label_mode`` trains from: the images, the hard labels, and the set's soft labels
+    only where it replays them (``stored``), or the FKD store's bytes (``fkd``). A set's own soft labels
+    are not counted where the protocol ignores them (``hard``) or asks the teacher instead (``teacher``)."""
+    labels = tensor_bytes(distilled.labels, distilled.soft_labels if label_mode == "stored" else None) + (fkd_bytes or 0)
+    return {"images": distilled.image_bytes, "labels": labels, "total": distilled.image_bytes + labels,
+            **({"fkd_labels": fkd_bytes} if fkd_bytes is not None else {})}
 
 
 def format_table(reports: list[dict[str, Any]]) -> str:
