@@ -445,6 +445,39 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
     assert strip(again) == strip(rows) and stores[0].stat().st_mtime_ns == before
 
 
+
+def test_fkd_store_is_built_once_by_concurrent_builders(tmp_path, monkeypatch):
+    """Two torchrun ranks may run cells of the same set (other students) at once: the first builds the
+    FKD store, the second waits for it and reuses it instead of relabelling into the same partial folder."""
+    import threading
+    import time
+
+    import ddkit.labels
+    from ddkit.bench import _Bench
+
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[2], label_modes=["fkd"], seeds=[0], methods=["random"],
+                   relabel={"epochs": 2}, overrides={"full_epochs": 1, "train": {"epochs": 2, "batch_size": 32}})
+    bench = _Bench(cfg, None)
+    bench.prepare()
+    calls, real = [], ddkit.labels.relabel
+
+    def slow_relabel(*args, **kw):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other builder to arrive while this one works
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ddkit.labels, "relabel", slow_relabel)
+    key3 = ("synthetic", "random", 2)
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(bench._fkd_store(key3, 2))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "manifest.json").is_file()
+    assert [p.name for p in (tmp_path / "run" / "labels").iterdir() if not p.name.startswith(".")] == [paths[0].name]
+
+
 def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
     """Label mode stored with DATM: its learned logits are the stored labels (it cannot take the
     teacher's), the random row needs soft_labels: true, and a set without soft labels is refused."""

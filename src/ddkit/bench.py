@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import folder_kind, holds_files, read_json, shared_costs, versions, write_json
+from ddkit.artifacts import build_lock, folder_kind, holds_files, read_json, shared_costs, versions, write_json
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -544,14 +544,18 @@ class _Bench:
         path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
         if (path / "manifest.json").is_file():
             return path
-        sp = self.stage_progress
-        cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
-        work = self.root / "labels" / f".{path.name}.partial"
-        store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
-                        spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work,
-                        teacher_bn=spec.teacher_bn, teacher_bn_batch=spec.teacher_bn_batch)
-        store.save(path)
-        shutil.rmtree(work, ignore_errors=True)
+        # torchrun ranks may reach the same set's store at once (cells of other students): one builds it
+        with build_lock(path):
+            if (path / "manifest.json").is_file():  # another rank built it while this one waited
+                return path
+            sp = self.stage_progress
+            cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
+            work = self.root / "labels" / f".{path.name}.partial"
+            store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
+                            spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work,
+                            teacher_bn=spec.teacher_bn, teacher_bn_batch=spec.teacher_bn_batch)
+            store.save(path)
+            shutil.rmtree(work, ignore_errors=True)
         return path
 
     def cell_key(self, cell: Cell) -> str:
