@@ -367,6 +367,34 @@ def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
     assert torch.equal(straight.images, resumed.images)
 
 
+def test_recover_does_not_resume_a_checkpoint_of_another_normalisation(data, bn_teacher, tmp_path):
+    """The same pixels under another mean/std are other inputs to the teacher: a checkpoint made under
+    one normalisation is not resumed under another (the data fingerprint covers the pixels only)."""
+    opts = {"iterations": 2, "checkpoint_every": 1}
+    cls = METHODS.get("sre2l")
+    work = tmp_path / "work"
+
+    def kill(step, total, record):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
+    other = dataclasses.replace(data, mean=tuple(m + 0.1 for m in data.mean), std=tuple(1.5 * s for s in data.std))
+    assert other.fingerprint == data.fingerprint
+    steps: list[int] = []
+    got = cls(from_dict(cls.Config, opts)).fit(
+        other, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=lambda s, n, r: steps.append(s))).synthetic_
+    straight = cls(from_dict(cls.Config, opts)).fit(other, [bn_teacher], FitContext(ipc=4, seed=0)).synthetic_
+    assert steps[0] == 1, "resumed a checkpoint made under another normalisation"
+    assert torch.equal(got.images, straight.images)
+    # under its own normalisation the checkpoint is resumed: the run continues after the finished steps
+    steps.clear()
+    cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work,
+                                                                        progress=lambda s, n, r: steps.append(s)))
+    assert steps[0] > 1
+
+
 def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp_path, monkeypatch):
     """A checkpoint from a run with another number of ranks is not resumed: which units a rank holds
     depends on it (a 1-rank run interrupted in unit 1 must not seed rank 0-of-2's unit 2). Every rank

@@ -157,6 +157,29 @@ def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["experts"], "the resume folder was not cleaned up"
 
 
+def test_buffer_does_not_resume_experts_of_another_normalisation(tiny, tmp_path, monkeypatch):
+    """A finished expert of an interrupted buffer trained under another mean/std is trained again."""
+    import dataclasses
+
+    cfg = from_dict(ExpertConfig, TINY_BUFFER)
+    out = tmp_path / "experts"
+
+    def stop(done, total, record):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_experts(tiny, cfg, out, progress=stop)
+    other = dataclasses.replace(tiny, mean=tuple(m + 0.1 for m in tiny.mean), std=tuple(2 * s for s in tiny.std))
+    assert other.fingerprint == tiny.fingerprint
+    trained = []
+    real_train = tr.train_one_expert
+    monkeypatch.setattr(tr, "train_one_expert",
+                        lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i) or real_train(d, c, i, dev, zca, on_epoch))
+    train_experts(other, cfg, out)
+    assert trained == [0, 1], "an expert trained under another normalisation was reused"
+
+
 def test_sam_experts_differ_and_are_finite(tiny):
     sgd = tr.train_one_expert(tiny, from_dict(ExpertConfig, {**TINY_BUFFER, "epochs": 1}), 0, torch.device("cpu"))[0]
     for adaptive in (False, True):
