@@ -429,6 +429,63 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
     return out + [""]
 
 
+# the decoupled family under ONE protocol: every method of the tier, teacher soft labels, long student training
+SINGLE_PROTOCOL = ("decoupled-long1", "decoupled-long10", "decoupled-long50")
+
+
+def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> list[str]:
+    """The decoupled family's answer table: every method's set beside the random subset of the same run,
+    per student and IPC, from the ``runs`` that evaluate every method under one protocol (one run per
+    IPC, each IPC with its own student epochs). Cell: accuracy % and IOR. Findings name, per IPC, the
+    best set, the best EDC configuration (rows whose method is ``edc``), and whether it leads the family
+    and beats random by more than the two stds together."""
+    rows = [r for name in runs if (results / f"{name}-fashion-mnist-cpu.json").is_file()
+            for r in read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"]]
+    found = [name for name in runs if (results / f"{name}-fashion-mnist-cpu.json").is_file()]
+    if not rows:
+        return []
+    ipcs = sorted({r["ipc"] for r in rows})
+    out = ["## decoupled family under one protocol — every method at IPC " + " / ".join(map(str, ipcs)), "",
+           f"Runs: {', '.join(f'[{n}]({n}-fashion-mnist-cpu.md)' for n in found)} (one per IPC: the same teachers, "
+           "observer pool and soft-kl protocol with teacher soft labels, students trained long enough to converge at "
+           "CPU scale). Cell: accuracy % mean ± std over student seeds (IOR: points over the random subset of the "
+           "same run and seeds). `edc` is EDC's own recipe; `edc-real-lr002-r18` / `edc-s05-lr002-r18` are ddkit's "
+           "EDC configurations for this scale (whole real images / RDED's larger crops as initialisation, image lr "
+           "0.002, a ResNet-18 observer in the pool).", ""]
+    for student in dict.fromkeys(r["student"] for r in rows):
+        mine = [r for r in rows if r["student"] == student and r["method"] not in ABLATION]
+        methods = list(dict.fromkeys(r["method"] for r in mine))
+        out += [f"Student {student}:", "", "| set | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+                "|---|" + "---|" * len(ipcs)]
+        rnd = {r["ipc"]: r["random"] for r in mine if r.get("random")}
+        out.append("| random subset (baseline) | " + " | ".join(_pm(rnd.get(i)) for i in ipcs) + " |")
+        for m in methods:
+            cells = {r["ipc"]: r for r in mine if r["method"] == m}
+            out.append(f"| {m} | " + " | ".join(
+                f"{_pm(cells[i]['acc'])} ({100 * cells[i]['ior']['mean']:+.2f})" if i in cells and cells[i].get("ior")
+                else (_pm(cells[i]["acc"]) if i in cells else "–") for i in ipcs) + " |")
+        out += ["", "What the table says (computed from it):"]
+        for i in ipcs:
+            sets = [r for r in mine if r["ipc"] == i and r["method_name"] != "random"]
+            edcs = [r for r in sets if r["method_name"] == "edc"]
+            if not sets or not edcs:
+                continue
+            best = max(sets, key=lambda r: r["acc"]["mean"])
+            edc = max(edcs, key=lambda r: r["acc"]["mean"])
+            others = [r for r in sets if r["method_name"] != "edc"]
+            rival = max(others, key=lambda r: r["acc"]["mean"]) if others else None
+            gap = edc["acc"]["mean"] - edc["random"]["mean"]
+            clear = gap > edc["acc"]["std"] + edc["random"]["std"]
+            verdict = ("beats random by more than the stds together" if clear else
+                       "above random, inside the stds" if gap > 0 else "does not beat random")
+            lead = ("leads the family" if rival is None or edc["acc"]["mean"] >= rival["acc"]["mean"] else
+                    f"is behind {rival['method']} ({_pm(rival['acc'])})")
+            out.append(f"- IPC {i}: best set {best['method']} ({_pm(best['acc'])}); best EDC `{edc['method']}` "
+                       f"{_pm(edc['acc'])}, {lead}, {verdict} ({100 * gap:+.2f} against {_pm(edc['random'])}).")
+        out.append("")
+    return out
+
+
 def overview(results: Path) -> str:
     """``fashion-mnist.md``: one table of every method found, per IPC, with published numbers."""
     out = ["# Fashion-MNIST: every ddkit method at IPC 1 / 10 / 50", "",
@@ -470,6 +527,7 @@ def overview(results: Path) -> str:
                         f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]
     if not found:
         out.append("No results yet: run the command above.")
+    out += single_protocol(results)
     out += best_sets(results)
     extras = [(f"{name}-fashion-mnist-cpu.md", text, f"python benchmarks/fashion_mnist.py --family {name}")
               for name, text in EXTRAS.items()]

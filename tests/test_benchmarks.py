@@ -79,6 +79,34 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
     assert fm.best_sets(results, configs=configs) == []
 
 
+def test_single_protocol_table_per_student_and_ipc(fm, tmp_path):
+    """The decoupled family's one-protocol table gathers one run per IPC; findings name the best set and
+    whether the best EDC configuration leads its family and beats random by more than the stds."""
+    def write(name, rows):
+        (tmp_path / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
+
+    r18 = "resnet18_cifar"
+    write("long1", [_row("random", "random", 1, 0.50, 0.50, "teacher"), _row("rded", "rded", 1, 0.60, 0.50, "teacher"),
+                    _row("edc", "edc", 1, 0.55, 0.50, "teacher"), _row("edc-s05", "edc", 1, 0.605, 0.50, "teacher"),
+                    _row("rded", "rded", 1, 0.40, 0.45, "teacher", r18), _row("edc", "edc", 1, 0.46, 0.45, "teacher", r18)])
+    write("long50", [_row("rded", "rded", 50, 0.80, 0.82, "teacher"), _row("edc", "edc", 50, 0.81, 0.82, "teacher"),
+                     _row("edc-A", "edc", 50, 0.99, 0.82, "teacher")])  # an ablation row: left out
+    assert fm.single_protocol(tmp_path, ("nothing",)) == []
+    text = "\n".join(fm.single_protocol(tmp_path, ("long1", "long10", "long50")))
+    assert "[long1](long1-fashion-mnist-cpu.md), [long50](long50-fashion-mnist-cpu.md)" in text and "long10" not in text
+    assert "| random subset (baseline) | 50.00 ± 1.00 | 82.00 ± 1.00 |" in text
+    assert "| edc-s05 | 60.50 ± 1.00 (+10.50) | – |" in text and "edc-A" not in text
+    assert ("- IPC 1: best set edc-s05 (60.50 ± 1.00); best EDC `edc-s05` 60.50 ± 1.00, leads the family, beats random "
+            "by more than the stds together (+10.50 against 50.00 ± 1.00).") in text
+    assert ("- IPC 50: best set edc (81.00 ± 1.00); best EDC `edc` 81.00 ± 1.00, leads the family, does not beat "
+            "random (-1.00 against 82.00 ± 1.00).") in text
+    r18_part = text.split(f"Student {r18}:")[1]
+    assert "| random subset (baseline) | 45.00 ± 1.00 | – |" in r18_part
+    assert "best EDC `edc` 46.00 ± 1.00, leads the family, above random, inside the stds (+1.00" in r18_part
+    write("long1", [_row("rded", "rded", 1, 0.62, 0.50, "teacher"), _row("edc", "edc", 1, 0.55, 0.50, "teacher")])
+    assert "is behind rded (62.00 ± 1.00)" in "\n".join(fm.single_protocol(tmp_path, ("long1",)))
+
+
 def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
     stat = lambda *xs: {"mean": sum(xs) / len(xs), "std": 0.0, "per_seed": list(xs), "n": len(xs)}
     base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},

@@ -42,7 +42,15 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import build_lock, folder_kind, holds_files, read_json, shared_costs, versions, write_json
+from ddkit.artifacts import (
+    build_lock,
+    folder_kind,
+    holds_files,
+    read_json,
+    shared_costs,
+    versions,
+    write_json,
+)
 from ddkit.config import config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
