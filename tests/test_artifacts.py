@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,6 +88,21 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
         assert record["versions"]["ddkit"] == ddkit.__version__ and record["ipc"] == ds.ipc
         assert record["source_config_hash"] == ds.manifest["config_hash"]
     assert (blob["kind"], json.loads((folder / "classes.json").read_text())["kind"]) == ("pt-export", "imagefolder-export")
+
+
+def test_failed_torch_save_is_a_one_line_error(tiny, tmp_path, monkeypatch):
+    """torch.save reports a failed write (a full disk, a folder it may not write) as a RuntimeError,
+    which the CLI would show as a traceback; it becomes a DDKitError naming the file, and nothing is left."""
+    ds = _random_set(tiny, tmp_path)
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:747] . unexpected pos 64 vs 0\nmore")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(DDKitError, match=r"cannot write .*set.pt' \(\[enforce fail .* vs 0\); choose another place"):
+        ds.export(tmp_path / "out" / "set.pt", "pt")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_load_errors(tiny, tmp_path):

@@ -19,7 +19,7 @@ from ddkit.data.augment import (
     build_augment,
     slice_params,
 )
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 
 SIZE = (16, 12)  # non-square on purpose: catches swapped H/W
 # every spec, plus DSA restricted to each single operation so that every operation is exercised
@@ -270,6 +270,14 @@ def test_dsa_per_image_operations():
     out = aug.apply(x, mixed)
     torch.testing.assert_close(out[:4], DSA(strategy="flip").apply(x[:4], a))
     torch.testing.assert_close(out[4:], DSA(strategy="rotate").apply(x[4:], b))
+
+
+@pytest.mark.parametrize("option, bad", [("crop_ratio", -0.5), ("crop_ratio", 1.5), ("cutout_ratio", -1.0),
+                                         ("cutout_ratio", 2.0), ("saturation", -1.0), ("rotate_degrees", -5.0)])
+def test_dsa_refuses_out_of_range_magnitudes(option, bad):
+    """A negative crop used to crash inside torch and a negative cutout silently turned cutout off."""
+    with pytest.raises(ConfigError, match=rf"DSA {option} must be"):
+        DSA(**{option: bad})
 
 
 def test_dsa_missing_parameter_is_an_error():

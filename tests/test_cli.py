@@ -93,6 +93,15 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
     assert code == 0 and "reused: teacher\n" in out
 
 
+def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):
+    """--checkpoint imports a trained teacher: --epochs/--precision/--seed would be recorded but never used."""
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint",
+                            str(tmp_path / "ck.safetensors"), "--epochs", "5", "--seed", "7", "--out", str(tmp_path / "t"), "-q"],
+                           capsys)
+    assert code == 2 and "--epochs, --seed set how a teacher trains, but --checkpoint imports a trained one" in err
+    assert not (tmp_path / "t").exists()
+
+
 def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
     import shutil
 

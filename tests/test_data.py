@@ -389,6 +389,15 @@ def test_imagefolder_roundtrip_and_stats(tmp_path):
     assert b.source == str(tmp_path)
 
 
+def test_imagefolder_skips_hidden_subfolders(tmp_path):
+    """Copies in hidden folders inside a class (Jupyter's .ipynb_checkpoints) are not images of the class."""
+    write_imagefolder(tmp_path, {"dog": 3, "cat": 2})
+    write_png(tmp_path / "train" / "dog" / ".ipynb_checkpoints" / "000-checkpoint.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "train" / "dog" / "more" / "extra.png", np.zeros((8, 8, 3), np.uint8))  # a visible one counts
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.train.class_counts(2).tolist() == [2, 4]
+
+
 def test_imagefolder_explicit_class_order(tmp_path):
     write_imagefolder(tmp_path, {"a": 1, "b": 2, "c": 3})
     b = load_dataset("imagefolder", path=str(tmp_path), classes=["c", "a", "b"])
@@ -555,8 +564,11 @@ def test_tensors_bad_norm_and_classes(tmp_path):
     with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
         load_dataset("tensors", path=str(tmp_path / "w.pt"))
     torch.save({**t, "train_images": t["train_images"][:, :0], "test_images": t["test_images"][:, :0]}, tmp_path / "z.pt")
-    with pytest.raises(DataError, match="images have 0 channels"):
+    with pytest.raises(DataError, match=r"images have shape \[0, 5, 5\] \(C, H, W\)"):
         load_dataset("tensors", path=str(tmp_path / "z.pt"))
+    torch.save({**t, "train_images": t["train_images"][:, :, :0], "test_images": t["test_images"][:, :, :0]}, tmp_path / "h.pt")
+    with pytest.raises(DataError, match=r"images have shape \[3, 0, 5\] \(C, H, W\).*C, H and W >= 1"):
+        load_dataset("tensors", path=str(tmp_path / "h.pt"))
 
 
 class Payload:
@@ -600,3 +612,20 @@ def test_real_fashion_mnist():
     assert int(b.train.labels[0]) == 9 and b.classes[9] == "Ankle boot"
     mean, std = (b.train.images.double() / 255).mean().item(), (b.train.images.double() / 255).std().item()
     assert mean == pytest.approx(b.mean[0], abs=1e-4) and std == pytest.approx(b.std[0], abs=1e-4)
+
+
+def test_synthetic_refuses_settings_it_cannot_honour():
+    """The generated dataset has no files, splits or resizing: such settings are refused, not recorded as
+    if applied, and its own options are checked before generating."""
+    assert load_dataset("synthetic", options={"num_classes": 3, "image_size": 5}).train.images.shape[1:] == (1, 5, 5)
+    for kw in ({"image_size": 8}, {"path": "/tmp/x"}, {"train_split": "foo"}):
+        with pytest.raises(ConfigError, match="'synthetic' is generated, so dataset.path, image_size and train_split"):
+            load_dataset(DatasetConfig(name="synthetic", **kw))
+    for key, bad in (("num_classes", 0), ("num_classes", 1.5), ("image_size", 0), ("channels", 0), ("seed", -1)):
+        with pytest.raises(ConfigError, match=rf"dataset.options.{key} must be an integer >= \d, got {bad}"):
+            load_dataset("synthetic", options={key: bad})
+    with pytest.raises(ConfigError, match="dataset.options.noise must be a number >= 0, got 'abc'"):
+        load_dataset("synthetic", options={"noise": "abc"})
+    with pytest.raises(DataError, match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
+        load_dataset(DatasetConfig(name="synthetic", classes=["a", "b", "c", "d"]))
+    assert load_dataset(DatasetConfig(name="synthetic", classes=[f"class{c}" for c in range(4)])).num_classes == 4

@@ -133,7 +133,11 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:  # torch reports a failed write (no such folder, disk full) as RuntimeError
+            raise DDKitError(f"cannot write {str(path)!r} ({str(exc).splitlines()[0]}); choose another place or "
+                             "free space") from None
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -136,6 +136,11 @@ def cmd_teacher(args) -> int:
     from ddkit.data.base import DatasetConfig, load_dataset
     from ddkit.teacher import TeacherConfig, train_teacher
 
+    if args.checkpoint is not None:
+        given = [f"--{k}" for k in ("epochs", "precision", "seed") if getattr(args, k, None) is not None]
+        if given:
+            raise DDKitError(f"{', '.join(given)} set how a teacher trains, but --checkpoint imports a trained one; "
+                             "drop them (or drop --checkpoint to train)")
     data = _apply_common(_base(args), args)
     tcfg = _section(data, "teacher")
     for key in ("model", "seed", "checkpoint"):

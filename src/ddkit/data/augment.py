@@ -285,6 +285,12 @@ class DSA:
             raise ConfigError(f"DSA scale_ratio must be >= 1 (factors 1/ratio..ratio), got {self.scale_ratio}")
         if not 0 <= self.flip_prob <= 1:
             raise ConfigError(f"DSA flip_prob must be in [0, 1], got {self.flip_prob}")
+        for name in ("crop_ratio", "cutout_ratio"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"DSA {name} must be in [0, 1] (a fraction of the image size), got {getattr(self, name)}")
+        for name in ("brightness", "saturation", "contrast", "rotate_degrees"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"DSA {name} must be >= 0, got {getattr(self, name)}")
         object.__setattr__(self, "ops", ops)
 
     ops: tuple[str, ...] = dataclasses.field(init=False, default=(), repr=False)

@@ -287,4 +287,19 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
     unknown = set(cfg.options) - allowed
     if unknown:
         raise ConfigError(f"unknown dataset.options {sorted(unknown)} for 'synthetic'; valid: {sorted(allowed)}")
-    return make_synthetic(**cfg.options)
+    if cfg.path is not None or cfg.image_size is not None or (cfg.train_split, cfg.test_split) != ("train", "test"):
+        raise ConfigError("dataset 'synthetic' is generated, so dataset.path, image_size and train_split/test_split do "
+                          "not apply; remove them (its size is dataset.options.image_size)")
+    for key, low in (("num_classes", 2), ("channels", 1), ("image_size", 1), ("train_per_class", 1),
+                     ("test_per_class", 1), ("seed", 0)):
+        v = cfg.options.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+            raise ConfigError(f"dataset.options.{key} must be an integer >= {low}, got {v!r}")
+    noise = cfg.options.get("noise")
+    if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf")):
+        raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
+    data = make_synthetic(**cfg.options)
+    if cfg.classes is not None and list(cfg.classes) != data.classes:
+        raise DataError(f"dataset.classes {list(cfg.classes)} does not match the classes of 'synthetic' {data.classes}; "
+                        "remove dataset.classes or list exactly these names in this order")
+    return data

@@ -496,8 +496,9 @@ def _class_dirs(split_dir: Path) -> dict[str, Path]:
 
 def _image_files(class_dir: Path) -> list[Path]:
     return sorted(
-        p for p in class_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        p for p in class_dir.rglob("*")  # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )  # fmt: skip
 
 
@@ -757,8 +758,9 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; list every class")
     _check_class_order(cfg, classes)
 
-    if parts["train"].images.shape[1] == 0:
-        raise DataError(f"{path}: images have 0 channels; store images as [N, C, H, W] with C >= 1")
+    if 0 in parts["train"].images.shape[1:]:
+        raise DataError(f"{path}: images have shape {list(parts['train'].images.shape[1:])} (C, H, W); store images "
+                        "as [N, C, H, W] with C, H and W >= 1")
     empty = [classes[c] for c, n in enumerate(parts["train"].class_counts(len(classes)).tolist()) if n == 0]
     if empty:
         raise DataError(f"{path}: classes {empty} have no training images; check the labels (train_labels, "
