@@ -83,6 +83,11 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
     blob = torch.load(pt, weights_only=True)
     assert blob["images"].shape == (12, 1, 16, 16) and blob["classes"] == tiny.classes
     assert blob["labels"].tolist() == sorted(blob["labels"].tolist())  # class-major
+    assert "soft_labels" not in blob  # this set has none
+    ds.soft_labels = torch.randn(len(ds), 4).half()  # a set with soft labels exports them in the same order
+    with_soft = torch.load(ds.export(tmp_path / "soft.pt", "pt"), weights_only=True)
+    order = torch.argsort(ds.labels, stable=True)
+    assert torch.equal(with_soft["soft_labels"], ds.soft_labels[order]) and torch.equal(with_soft["labels"], ds.labels[order])
     for record in (blob, json.loads((folder / "classes.json").read_text())):  # exports say what made them
         assert record["schema_version"] == 1 and record["seed"] == ds.manifest["seed"]
         assert record["versions"]["ddkit"] == ddkit.__version__ and record["ipc"] == ds.ipc

@@ -192,7 +192,8 @@ class DistilledSet(DescribesDataset, Dataset):
         return record
 
     def export(self, out: str | Path, fmt: str) -> Path:
-        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors)."""
+        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors: images
+        in [0, 1], labels, the set's soft labels where it has them, mean/std, class-major)."""
         out = Path(out)
         if fmt == "pt":
             if out.is_dir():
@@ -202,7 +203,8 @@ class DistilledSet(DescribesDataset, Dataset):
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-            atomic_torch_save({**self.export_record("pt-export"), "images": x, "labels": self.labels[order],
+            soft = {"soft_labels": self.soft_labels[order]} if self.soft_labels is not None else {}
+            atomic_torch_save({**self.export_record("pt-export"), "images": x, "labels": self.labels[order], **soft,
                                "mean": list(self.mean), "std": list(self.std)}, out)
             return out
         if fmt == "imagefolder":
