@@ -67,6 +67,17 @@ def test_partial_nested_section_keeps_parent_defaults():
     assert cfg.train.schedule == "cosine"
 
 
+def test_option_dicts_are_replaced_whole_by_overrides():
+    """An override's augment_options replaces the preset's (``{}`` clears them), so a preset with crop
+    options can be evaluated with another augmentation; other sections still merge key by key."""
+    from ddkit.evaluate import resolve_protocol
+
+    edc = resolve_protocol("edc", {"train": {"augment_options": {"scale_max": 0.9}}})
+    assert edc.train.augment_options == {"scale_max": 0.9} and edc.train.ema_decay == 0.99
+    flip = resolve_protocol("soft-kl", {"train": {"augment": "flip", "augment_options": {}}})
+    assert (flip.train.augment, flip.train.augment_options, flip.train.lr) == ("flip", {}, 1e-3)
+
+
 def test_overrides_parse_values_and_nest():
     data = apply_overrides({"a": {"b": 1}}, ["a.b=2", "a.c=0.5", "d=[1, 2]", "e=hello", "f=true"])
     assert data == {"a": {"b": 2, "c": 0.5}, "d": [1, 2], "e": "hello", "f": True}

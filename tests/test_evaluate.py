@@ -60,6 +60,20 @@ def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_p
     assert len(calls) == 3 and c["results"]["random"]["n"] == 1  # distilled + random trained again
 
 
+def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path):
+    """A cache entry that reads but lacks its value (a foreign or hand-edited file) is a miss, not a KeyError."""
+    data, _, ds, _ = setup
+    cache = tmp_path / "cache"
+    first = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
+    entries = sorted(p for p in cache.rglob("*.json"))
+    assert {p.parent.name for p in entries} == {"random-baseline", "full-reference"}
+    for p in entries:
+        p.write_text(json.dumps({"kind": "something else"}))
+    again = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
+    assert again["results"] == first["results"]
+    assert all("accuracy" in json.loads(p.read_text()) or "result" in json.loads(p.read_text()) for p in entries)
+
+
 def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protocol, tmp_path):
     import dataclasses
 

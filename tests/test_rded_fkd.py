@@ -217,6 +217,27 @@ def test_topk_store(small_set, teacher, store):
     assert torch.allclose(torch.softmax(sparse, 1), p / p.sum(1, keepdim=True), atol=1e-3)
 
 
+def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
+    """A store whose manifest lost a key gives a one-line error naming it, not a KeyError; a store made
+    for another image size is refused for a set."""
+    import shutil
+
+    store.save(tmp_path / "fkd")
+    good = json.loads((tmp_path / "fkd" / "manifest.json").read_text())
+    for key in ("epochs", "augment", "top_k", "cutmix", "image_size"):
+        bad = tmp_path / f"fkd-{key}"
+        shutil.copytree(tmp_path / "fkd", bad)
+        (bad / "manifest.json").write_text(json.dumps({k: v for k, v in good.items() if k != key}))
+        with pytest.raises(DDKitError, match=rf"lacks '{key}(\.spec)?'"):
+            SoftLabelStore.load(bad)
+    other = tmp_path / "fkd-size"
+    shutil.copytree(tmp_path / "fkd", other)
+    (other / "manifest.json").write_text(json.dumps({**good, "image_size": [s + 1 for s in good["image_size"]]}))
+    with pytest.raises(DDKitError, match="soft-label store was made for .* images but this set has"):
+        SoftLabelStore.load(other).check_matches(small_set)
+    SoftLabelStore.load(tmp_path / "fkd").check_matches(small_set)
+
+
 def test_corrupt_store_is_a_ddkit_error(store, tmp_path):
     store.save(tmp_path / "fkd")
     path = tmp_path / "fkd" / FILE

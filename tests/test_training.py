@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddkit.errors import ConfigError
 from ddkit.models import create_model
 from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, train_classifier
 
@@ -23,6 +24,22 @@ def test_lr_schedules_match_formulas():
     assert lr_factor(smooth, 9) > 0.5
     warm = TrainConfig(epochs=10, schedule="constant", warmup_epochs=3)
     assert [lr_factor(warm, e) for e in range(4)] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"schedule": "smoothing", "smoothing_zeta": 0.0}, "smoothing_zeta must be > 0"),
+    ({"eval_batch_size": 0}, "eval_batch_size must be >= 1"),
+    ({"warmup_epochs": -3}, r"warmup_epochs must lie in \[0, epochs\) = \[0, 3\), got -3"),
+    ({"warmup_epochs": 3}, r"warmup_epochs must lie in \[0, epochs\)"),
+    ({"weight_decay": -1.0}, "momentum and weight_decay must be >= 0"),
+    ({"momentum": -0.5}, "momentum and weight_decay must be >= 0"),
+    ({"cutmix_alpha": 0.0}, "cutmix_alpha must be > 0"),
+])
+def test_train_config_refuses_values_that_crash_or_mislead(bad, message):
+    """Each used to pass: a ZeroDivisionError or a range() error after the whole training, a schedule that
+    never reaches the peak lr or never leaves warm-up, or torch's bare ValueError."""
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(epochs=3, **bad)
 
 
 def test_losses_match_hand_computation():

@@ -91,6 +91,16 @@ class TrainConfig:
             raise ConfigError(f"cutmix_prob must lie in [0, 1], got {self.cutmix_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
+        if self.momentum < 0 or self.weight_decay < 0:
+            raise ConfigError(f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}")
+        if self.smoothing_zeta <= 0:
+            raise ConfigError(f"smoothing_zeta must be > 0, got {self.smoothing_zeta}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must lie in [0, epochs) = [0, {self.epochs}), got {self.warmup_epochs}")
+        if self.cutmix_alpha <= 0:
+            raise ConfigError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         build_augment(self.augment, **self.augment_options)  # fails early on a bad name
         if self.precision not in ("fp32", *_AUTOCAST_DTYPES):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}; set train.precision=fp32")

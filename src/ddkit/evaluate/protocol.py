@@ -190,11 +190,18 @@ def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None =
     return from_dict(ProtocolConfig, base, "protocol")
 
 
+# option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
+# options merged from another augmentation or model would not apply to the new one
+WHOLE_DICTS = ("augment_options", "student_options", "model_options")
+
+
 def merge_overrides(base: dict, over: dict) -> dict:
-    """``base`` updated by ``over``, recursing into nested dicts (neither is modified)."""
+    """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
+    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = merge_overrides(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
+        out[k] = merge_overrides(out[k], v) if deep else v
     return out
 
 

@@ -194,10 +194,10 @@ def full_reference(
                        "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
                        **({"world": info.world_size} if info.enabled else {}), **zca})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
-    if cache.is_file():
-        cached = read_json(cache, "cache entry")
+    cached = _cache_entry(cache, "result", dict)
+    if cached is not None:
         log.info("full-data reference from cache %s", cache)
-        return cached["result"]
+        return cached
     accs = []
     for s in use:
         cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
@@ -302,8 +302,9 @@ def evaluate(
                 transform=transform)}
         if protocol.random_baseline and ipc is not None:
             cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned)
-            if cache.is_file():
-                row["random"] = float(read_json(cache, "cache entry")["accuracy"])
+            cached = _cache_entry(cache, "accuracy", (int, float))
+            if cached is not None:
+                row["random"] = float(cached)
             else:
                 row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
                                                  cb_for(f"random subset, seed {s}"), train, transform)
@@ -334,6 +335,21 @@ def evaluate(
     if out is not None and info.is_main:
         write_json(out, report)
     return report
+
+
+def _cache_entry(path: Path, key: str, kind: type | tuple[type, ...]) -> Any:
+    """The ``key`` of the cache entry at ``path``, or None where there is none or it is unreadable or lacks
+    it (a foreign or hand-edited file): the caller computes the value again and rewrites the entry."""
+    if not path.is_file():
+        return None
+    try:
+        value = read_json(path, "cache entry").get(key)
+    except (DDKitError, AttributeError):
+        value = None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        log.warning("cache entry %s is damaged (no %r); computing it again", path, key)
+        return None
+    return value
 
 
 def evaluation_bytes(distilled: DistilledSet, label_mode: str, fkd_bytes: int | None = None) -> dict[str, int]:

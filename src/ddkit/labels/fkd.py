@@ -238,6 +238,9 @@ class SoftLabelStore:
 
     def check_matches(self, distilled, teacher=None) -> None:
         """Fail unless the store labels exactly ``distilled`` (and was made by ``teacher``, if given)."""
+        if list(self.image_size) != list(distilled.images.shape[-2:]):
+            raise DDKitError(f"soft-label store was made for {list(self.image_size)} images but this set has "
+                             f"{list(distilled.images.shape[-2:])}; re-run `ddkit relabel` on this set")
         fp = set_fingerprint(distilled.images, distilled.labels)
         if fp != self.manifest["distilled"]["fingerprint"]:
             raise DDKitError(
@@ -305,7 +308,13 @@ class SoftLabelStore:
     @classmethod
     def load(cls, path: str | Path) -> SoftLabelStore:
         path = Path(path)
-        man = read_manifest(path, KIND)
+        man = read_manifest(path, KIND, require={
+            "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
+            "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str})
+        for key, types in (("top_k", (int, type(None))), ("cutmix", (dict, type(None)))):
+            if key not in man or not isinstance(man[key], types) or isinstance(man[key], bool):
+                raise DDKitError(f"{str(path / 'manifest.json')!r} lacks {key!r} or holds {man.get(key)!r} there; the "
+                                 "manifest is damaged: re-run `ddkit relabel`")
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
         tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
