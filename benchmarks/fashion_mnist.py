@@ -55,8 +55,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                               "EDC lead its family and beat random under one protocol?",
           "decoupled-long1": "decoupled-long10 at IPC 1 (300 epochs, bf16, 8 student seeds), with edc-ipc1-seeds' "
                              "EDC from RDED's larger crops beside ddkit's EDC configuration from real images",
-          "decoupled-long50": "decoupled-long10 at IPC 50 (90 epochs, bf16): does EDC lead its family and beat random "
-                              "under one protocol at IPC 50?",
+          "decoupled-long50": "decoupled-long10 at IPC 50 (90 epochs, bf16) for the sets within a few points of random "
+                              "at IPC 1 and 10 (EDC's two configurations, RDED, DWA): does EDC lead and beat random?",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
