@@ -135,21 +135,33 @@ def test_buffer_errors(buffer, tmp_path):
         load_experts(broken)
 
 
-def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
+def _interrupted_buffer(data, out):
+    """Train the tiny buffer into ``out`` and stop it after its first expert; the buffer config."""
     cfg = from_dict(ExpertConfig, TINY_BUFFER)
-    out = tmp_path / "experts"
 
     def stop(done, total, record):
         if done == 1:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_experts(tiny, cfg, out, progress=stop)
-    assert not out.exists(), "an interrupted stage left a partial artifact"
-    trained = []
+        train_experts(data, cfg, out, progress=stop)
+    return cfg
+
+
+def _count_trained(monkeypatch) -> list[int]:
+    """The indices of the experts trained from here on."""
+    trained: list[int] = []
     real_train = tr.train_one_expert
     monkeypatch.setattr(tr, "train_one_expert",
                         lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i) or real_train(d, c, i, dev, zca, on_epoch))
+    return trained
+
+
+def test_buffer_resumes_per_expert(tiny, buffer, tmp_path, monkeypatch):
+    out = tmp_path / "experts"
+    cfg = _interrupted_buffer(tiny, out)
+    assert not out.exists(), "an interrupted stage left a partial artifact"
+    trained = _count_trained(monkeypatch)
     resumed = train_experts(tiny, cfg, out)
     assert trained == [1], "the finished expert was trained again"
     for a, b in zip(buffer.trajectories, resumed.trajectories, strict=True):
@@ -161,22 +173,11 @@ def test_buffer_does_not_resume_experts_of_another_normalisation(tiny, tmp_path,
     """A finished expert of an interrupted buffer trained under another mean/std is trained again."""
     import dataclasses
 
-    cfg = from_dict(ExpertConfig, TINY_BUFFER)
-    out = tmp_path / "experts"
-
-    def stop(done, total, record):
-        if done == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_experts(tiny, cfg, out, progress=stop)
+    cfg = _interrupted_buffer(tiny, tmp_path / "experts")
     other = dataclasses.replace(tiny, mean=tuple(m + 0.1 for m in tiny.mean), std=tuple(2 * s for s in tiny.std))
     assert other.fingerprint == tiny.fingerprint
-    trained = []
-    real_train = tr.train_one_expert
-    monkeypatch.setattr(tr, "train_one_expert",
-                        lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i) or real_train(d, c, i, dev, zca, on_epoch))
-    train_experts(other, cfg, out)
+    trained = _count_trained(monkeypatch)
+    train_experts(other, cfg, tmp_path / "experts")
     assert trained == [0, 1], "an expert trained under another normalisation was reused"
 
 
