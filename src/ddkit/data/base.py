@@ -298,8 +298,8 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
     noise = cfg.options.get("noise")
     if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf")):
         raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
+    from ddkit.data.sources import _check_class_order  # sources imports this module
+
     data = make_synthetic(**cfg.options)
-    if cfg.classes is not None and list(cfg.classes) != data.classes:
-        raise DataError(f"dataset.classes {list(cfg.classes)} does not match the classes of 'synthetic' {data.classes}; "
-                        "remove dataset.classes or list exactly these names in this order")
+    _check_class_order(cfg, data.classes)
     return data
