@@ -236,10 +236,10 @@ def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
     }
 
 
-def read_manifest(path: str | Path, kind: str, require: dict[str, type] | None = None) -> dict[str, Any]:
+def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Read and check an artifact's manifest: a JSON object of ``kind`` and a schema version this
     ddkit reads, holding every key of ``require`` (dotted paths for nested keys) with a value of
-    the given type."""
+    the given type or types (``(int, type(None))``: present, an integer or null; a bool is no int)."""
     path = Path(path)
     if not path.exists():
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
@@ -258,13 +258,16 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type] | None =
             f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
             f"({SCHEMA_VERSION}); upgrade ddkit"
         )
+    missing = object()
     for key, tp in (require or {}).items():
+        types = tp if isinstance(tp, tuple) else (tp,)
         value: Any = manifest
         for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
-        if not isinstance(value, tp):
-            raise DDKitError(f"{str(path / MANIFEST)!r} lacks {key!r} (a {tp.__name__}) or holds {value!r} there; "
-                             f"the manifest is damaged: re-create the {kind} artifact")
+            value = value.get(part, missing) if isinstance(value, dict) else missing
+        if value is missing or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise DDKitError(f"{str(path / MANIFEST)!r} lacks {key!r} (a {names}) or holds "
+                             f"{None if value is missing else value!r} there; the manifest is damaged: re-create the {kind} artifact")
     return manifest
 
 

@@ -310,11 +310,8 @@ class SoftLabelStore:
         path = Path(path)
         man = read_manifest(path, KIND, require={
             "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
-            "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str})
-        for key, types in (("top_k", (int, type(None))), ("cutmix", (dict, type(None)))):
-            if key not in man or not isinstance(man[key], types) or isinstance(man[key], bool):
-                raise DDKitError(f"{str(path / 'manifest.json')!r} lacks {key!r} or holds {man.get(key)!r} there; the "
-                                 "manifest is damaged: re-run `ddkit relabel`")
+            "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,
+            "top_k": (int, type(None)), "cutmix": (dict, type(None))})
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
         tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
