@@ -162,6 +162,25 @@ def test_ema_decay_warms_up_and_copies_buffers():
     assert torch.equal(ema.model[1].running_mean, live[1].running_mean)
 
 
+def test_fp16_step_skipped_by_the_grad_scaler_leaves_the_ema_alone():
+    from ddkit.training import EMA, _step
+
+    torch.manual_seed(0)
+    live = nn.Linear(3, 2)
+    opt = torch.optim.SGD(live.parameters(), lr=0.1)
+    ema = EMA(live, 0.9)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x = torch.randn(4, 3)
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    _step(opt, live(x).sum() * float("inf"), live, ema, scaler)  # overflow: optimizer step skipped
+    assert scaler.get_scale() == 2.0**9
+    assert ema.updates == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.model.parameters(), strict=True))
+    _step(opt, live(x).sum(), live, ema, scaler)  # a finite step moves both
+    assert ema.updates == 1
+    assert not torch.equal(before[0], ema.model.weight)
+
+
 def test_ema_protocols_alone_get_new_hashes():
     from ddkit.evaluate.protocol import resolve_protocol
 

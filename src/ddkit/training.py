@@ -377,8 +377,11 @@ def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.
         optimizer.step()
     else:  # fp16: scaled loss; a step whose gradients overflow is skipped and the scale halved
         scaler.scale(batch_loss).backward()
-        scaler.step(optimizer)
+        scaler.step(optimizer)  # syncs with the host anyway (it reads found_inf)
+        before = scaler.get_scale()
         scaler.update()
+        if scaler.get_scale() < before:  # the scale only drops on a skipped step: the weights did not move,
+            return  # so neither does their average
     if ema is not None:
         ema.update(model)
 
