@@ -1,8 +1,8 @@
 """The decoupled family (SRe2L, CDA, G-VBSM, EDC and its ablation, RDED, DWA, CV-DD) on Fashion-MNIST.
 
 IPC 1 / 10 / 50, teacher soft labels for every method and the random subset alike, synthesis time,
-peak memory and image + label bytes; ConvNet-3 and ResNet-18 students in the full tier (the CPU
-tier runs a width-32 ConvNet-3 only). See
+peak memory and image + label bytes; ConvNet-3 and ResNet-18 students (the CPU tier: a width-32
+ConvNet-3 and a width-8 ResNet-18). See
 benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-core configuration,
 ``--tier full`` the papers' settings (GPU).
 
