@@ -57,6 +57,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                              "EDC from RDED's larger crops beside ddkit's EDC configuration from real images",
           "decoupled-long50": "decoupled-long10 at IPC 50 (90 epochs, bf16) for the sets within a few points of random "
                               "at IPC 1 and 10 (EDC's two configurations, RDED, DWA): does EDC lead and beat random?",
+          "edc-ablate10": "ddkit's EDC configuration (edc-real-lr002-r18) at IPC 10 under decoupled-long10's protocol "
+                          "with one EDC knob taken out per row (flatness, category-aware matching, weak crops, "
+                          "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which knobs carry it?",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
