@@ -47,6 +47,30 @@ def test_seeds_must_fit_the_generators():
     assert from_dict(DistillConfig, {"method": "random", "ipc": 1, "seed": 2**32 - 1}).seed == 2**32 - 1
 
 
+def test_numbers_written_without_a_dot_and_sections_without_settings():
+    """YAML 1.1 reads 1e-3 as text; a method without options used to list "valid keys: " (none)."""
+    assert apply_overrides({}, ["train.lr=1e-3"]) == {"train": {"lr": "1e-3"}}  # what YAML gives
+    assert from_dict(TrainConfig, {"lr": "1e-3", "weight_decay": "5E-4"}).lr == 1e-3
+    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
+        from_dict(TrainConfig, {"lr": "fast"})
+    from ddkit.methods import METHODS
+    with pytest.raises(ConfigError, match="distill.options takes no settings; remove 'distill.options.iterations'"):
+        from_dict(METHODS.get("random").Config, {"iterations": 5}, "distill.options")
+
+
+def test_evaluation_seeds_may_not_repeat():
+    with pytest.raises(ConfigError, match=r"evaluate.seeds: \[0, 0\] repeats a seed"):
+        from_dict(RunConfig, {**load_yaml(REPO / "configs/fashion-mnist/demo.yaml"), "evaluate": {"seeds": [0, 0]}})
+
+
+def test_full_reference_needs_an_epoch_after_warmup():
+    with pytest.raises(ConfigError, match="full_epochs 2 leaves no epoch after train.warmup_epochs 2"):
+        resolve_protocol("dc-protocol", {"full_epochs": 2, "train": {"warmup_epochs": 2, "epochs": 6}})
+    assert resolve_protocol("dc-protocol", {"full_epochs": 3, "train": {"warmup_epochs": 2, "epochs": 6}}).full_epochs == 3
+    assert not resolve_protocol("dc-protocol", {"full_epochs": 2, "full_reference": False,
+                                                "train": {"warmup_epochs": 2, "epochs": 6}}).full_reference
+
+
 def test_nested_paths_in_errors():
     with pytest.raises(ConfigError, match=r"unknown config key 'teacher.train.lrr'; did you mean 'lr'\?"):
         from_dict(RunConfig, {"teacher": {"train": {"lrr": 0.1}}})

@@ -13,6 +13,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -68,6 +69,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             out = _convert(value, arg, where, sub)
             if not sub:
                 return out
+        shaped = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(shaped) == 1:  # a mapping meant as that dataclass: say what is wrong in it
+            return _convert(value, shaped[0], where, errors)
         errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return value
     if origin is Literal:
@@ -95,8 +99,23 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(f"{where}: expected a mapping, got {value!r}")
-        return dict(value) if isinstance(value, dict) else value
+            return value
+        args = get_args(tp)
+        if not args:
+            return dict(value)
+        key_tp, value_tp = args
+        out = {}
+        for k, v in value.items():
+            if key_tp is int and isinstance(k, str) and re.fullmatch(r"[+-]?\d+", k.strip()):
+                k = int(k)  # `--set ipc_overrides.10.train.epochs=3` gives the key as text
+            if key_tp in (int, str) and (isinstance(k, bool) or not isinstance(k, key_tp)):
+                errors.append(f"{where}: key {k!r} must be {'an integer' if key_tp is int else 'a string'}")
+                continue
+            out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
+        return out
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {value!r}")
             return value
@@ -118,6 +137,10 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
     return value
 
 
+#: a decimal number as text, e.g. "1e-3", which YAML 1.1 does not read as a float
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -126,7 +149,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         path = f"{where}.{key}" if where else key
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}"
+            hint = (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}" if fields
+                    else f"{where or 'this section'} takes no settings; remove {path!r}")
             errors.append(f"unknown config key {path!r}; {hint}")
             continue
         default = _field_default(fields[key])
@@ -154,6 +178,8 @@ def _check_seeds(value: Any, where: str, errors: list[str]) -> None:
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < SEED_LIMIT:
             errors.append(f"{where}: seeds must lie in [0, 2^32), got {v}")
+    if isinstance(value, (list, tuple)) and len(set(map(repr, value))) != len(value):
+        errors.append(f"{where}: {list(value)} repeats a seed (the same run twice would inflate n); give distinct seeds")
 
 
 def _field_default(f: dataclasses.Field) -> Any:
