@@ -70,6 +70,9 @@ class ProtocolConfig:
         check_zca_reg(self.zca_reg)
         if self.full_epochs < 1 or self.full_seeds < 1:
             raise ConfigError("full_epochs and full_seeds must be >= 1")
+        if self.full_reference and self.train.warmup_epochs >= self.full_epochs:
+            raise ConfigError(f"full_epochs {self.full_epochs} leaves no epoch after train.warmup_epochs "
+                              f"{self.train.warmup_epochs} for the full-data reference; raise full_epochs or set full_reference: false")
 
     def identity(self) -> dict:
         """What decides the numbers: every field, except those at a value that reproduces the
