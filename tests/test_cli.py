@@ -305,3 +305,18 @@ def test_bench_bar_rate_leaves_out_reused_cells():
         assert (meter["n"], meter["initial"]) == (4, 3)  # the rate is taken over one computed cell
     finally:
         bars.close()
+
+
+def test_evaluate_refuses_a_folder_as_out_before_training(tmp_path, capsys):
+    d = tmp_path / "r2"
+    code, _, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(d), "-q"], capsys)
+    assert code == 0
+    (tmp_path / "outdir").mkdir()
+    code, _, err = run_cli(["evaluate", str(d), "--seeds", "0", "--out", str(tmp_path / "outdir"),
+                            "--cache-dir", str(tmp_path / "cache"), "-q", *FAST], capsys)
+    assert code == 2 and "is a folder; give a file path" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cache").exists()  # no student (random baseline, full reference) was trained
+    (tmp_path / "afile").write_text("x")
+    code, _, err = run_cli(["evaluate", str(d), "--seeds", "0", "--out", str(tmp_path / "afile" / "ev.json"),
+                            "--cache-dir", str(tmp_path / "cache"), "-q", *FAST], capsys)
+    assert code == 2 and "which is a file" in err and not (tmp_path / "cache").exists()

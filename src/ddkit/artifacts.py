@@ -58,11 +58,20 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are private (0600)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """Write text atomically (temp file in the same folder + rename): readers never see half a file."""
+def check_output_file(path: str | Path) -> None:
+    """Refuse an output file path that ``write_text`` could not write: a folder, or one inside a file."""
     path = Path(path)
     if path.is_dir():
         raise DDKitError(f"output {str(path)!r} is a folder; give a file path")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise DDKitError(f"output {str(path)!r} lies inside {str(parent)!r}, which is a file; give another path")
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write text atomically (temp file in the same folder + rename): readers never see half a file."""
+    path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import base_manifest, read_json, tensor_bytes, write_json
+from ddkit.artifacts import base_manifest, check_output_file, read_json, tensor_bytes, write_json
 from ddkit.config import config_hash, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
 from ddkit.distilled import DistilledSet
@@ -231,6 +231,8 @@ def evaluate(
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
     if len(set(seeds)) != len(seeds):
         raise DDKitError(f"evaluation seeds {seeds} repeat a seed (the same student twice would inflate n); pass distinct seeds")
+    if out is not None:
+        check_output_file(out)  # before any student trains
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
     device = torch.device(device)
