@@ -138,3 +138,18 @@ def test_random_band_gathers_every_ipc_of_a_panel():
     assert list(band) == [1, 10, 50]
     assert [b["mean"] for b in band.values()] == [0.5, 0.7, 0.8]
     assert list(_random_band(_series(rows), ("d", "t", "hard"))) == [10]
+
+
+def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
+    """bench records each set's folder relative to where it ran; report must not depend on that."""
+    monkeypatch.chdir(tmp_path)
+    run_bench(from_dict(BenchConfig, {
+        "datasets": ["synthetic"], "methods": ["random"], "ipcs": [1], "students": ["tiny_convnet"],
+        "label_modes": ["hard"], "seeds": [0], "protocol": "dc-protocol", "device": "cpu", "out": "rel/run",
+        "overrides": {"full_epochs": 1, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+    }))
+    shutil.move(tmp_path / "rel" / "run", tmp_path / "moved")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    rdir = write_report(tmp_path / "moved", tmp_path / "rep")
+    assert (rdir / "grids" / "synthetic-random-ipc1.png").read_bytes()[:8] == PNG_MAGIC

@@ -124,11 +124,14 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     return written
 
 
-def _grids(rows: list[dict], out: Path) -> list[tuple[str, str]]:
-    """Copy each distilled set's preview.png into ``grids/``; return (title, relative path)."""
+def _grids(rows: list[dict], out: Path, run_dir: Path) -> list[tuple[str, str]]:
+    """Copy each distilled set's preview.png into ``grids/``; return (title, relative path). A set is
+    looked up in ``run_dir/distilled`` first: the recorded path is relative to where the bench ran."""
     seen, grids = set(), []
     for r in rows:
         src = Path(r["distilled_path"])
+        if (run_dir / "distilled" / src.name).is_dir():
+            src = run_dir / "distilled" / src.name
         if src.name in seen:
             continue
         seen.add(src.name)
@@ -187,7 +190,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     table = load_table(run_dir)
     out = Path(out) if out is not None else Path(run_dir) / "report"
     with atomic_dir(out, kind=REPORT_KIND, accept=_older_report) as tmp:
-        _write_pages(table, tmp)
+        _write_pages(table, tmp, Path(run_dir))
         manifest = base_manifest(REPORT_KIND, table["config"], None)
         manifest.update({"run_dir": str(Path(run_dir).resolve()), "rows": len(table["rows"]),
                          "bench_versions": table["versions"],
@@ -197,11 +200,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
-def _write_pages(table: dict, out: Path) -> None:
-    """report.md, report.html, the plots and the set grids of ``table`` into the folder ``out``."""
+def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
+    """report.md, report.html, the plots and the set grids of ``table`` (the bench run in ``run_dir``)
+    into the folder ``out``."""
     rows = table["rows"]
     plots = _plots(rows, out)
-    grids = _grids(rows, out)
+    grids = _grids(rows, out, run_dir)
     ver = table["versions"]
     protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
                     | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
