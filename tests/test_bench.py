@@ -530,3 +530,36 @@ def test_unfinished_cells_are_dealt_per_student():
     assert sorted(todo[0] + todo[1]) == [1, 3, 5, 6, 7] and not set(todo[0]) & set(todo[1])
     assert sorted(len(t) for t in todo) == [2, 3]
     assert [c.index for c in ranks[0] if resumed[c.index] is not None] == [0, 2, 4]  # reported by index % world
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"ipc_overrides": {"ten": {"train": {"epochs": 3}}}}, "ipc_overrides: key 'ten' must be an integer"),
+    ({"ipc_overrides": {1: 5}}, r"ipc_overrides.1: expected a mapping"),
+    ({"student_ipcs": {"tiny_convnet": 1}}, r"student_ipcs.tiny_convnet: expected a list"),
+    ({"student_options": {"tiny_convnet": 3}}, r"student_options.tiny_convnet: expected a mapping"),
+    ({"methods": [{"name": "random", "ipc_options": {"x": {}}}]}, r"methods\[0\].ipc_options: key 'x' must be an integer"),
+    ({"methods": [{"name": "random", "optins": {}}]}, r"methods\[0\].optins'; did you mean 'options'"),
+    ({"seeds": [1, 1]}, r"seeds: \[1, 1\] repeats a seed"),
+])
+def test_badly_typed_mappings_and_repeated_seeds_are_config_errors(tmp_path, over, message):
+    """Typed mappings used to pass unchecked and crash later with a ValueError/TypeError traceback."""
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(tmp_path, **over)
+    assert tiny_cfg(tmp_path, ipc_overrides={"2": {"train": {"epochs": 2}}}).ipc_overrides == {2: {"train": {"epochs": 2}}}
+
+
+def test_ipc_larger_than_a_class_fails_before_any_teacher_or_set(tmp_path):
+    out = tmp_path / "b"
+    with pytest.raises(DDKitError, match="ipc 99 is larger than the smallest class"):
+        run_bench(tiny_cfg(out, ipcs=[1, 99], label_modes=["hard", "teacher"]))
+    assert not out.exists()
+
+
+def test_reusing_cells_made_with_another_thread_count_warns(full_run, monkeypatch, caplog):
+    out, rows, _ = full_run
+    made = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
+    with caplog.at_level("WARNING", logger="ddkit.bench"):
+        again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
+    assert strip(again) == strip(rows)
+    assert f"cells made with [{made}] torch threads are reused (now 97)" in caplog.text

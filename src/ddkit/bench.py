@@ -59,6 +59,7 @@ from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.methods import METHODS
+from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import DistillConfig, distill, distill_hash
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
@@ -466,6 +467,10 @@ class _Bench:
         self.data: dict[str, DataBundle] = {d.name: load_dataset(d) for d in cfg.datasets}
         self.dcfg = {d.name: d for d in cfg.datasets}
         self.methods = {m.key: m for m in cfg.methods}
+        for data in self.data.values():  # before any teacher trains or set is made
+            for key, spec in self.methods.items():
+                for ipc in cfg.method_ipcs.get(key, cfg.ipcs) if spec.name != "full" else ():
+                    check_ipc(data, ipc)
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
         self.synthesis: dict[tuple[str, str, int], dict] = {}
@@ -530,7 +535,12 @@ class _Bench:
                            "teacher": tfp})
         path = self.root / "evals" / f"{key}.json"
         if path.is_file():
-            return read_json(path)
+            rep = read_json(path)
+            made = rep.get("run", {}).get("torch_threads")
+            if made is not None and made != torch.get_num_threads():  # float sums differ with the thread count
+                log.warning("%s: reusing an evaluation made with %s torch threads (now %s); its numbers may differ from "
+                            "a fresh one's; delete %s to recompute it", cell.id, made, torch.get_num_threads(), path)
+            return rep
         sp = self.stage_progress
         cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
         rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
@@ -680,6 +690,10 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
     _add_cross_arch(rows)
+    other = sorted({r.get("torch_threads") for r in rows} - {torch.get_num_threads(), None})
+    if other and info.is_main:  # float sums differ with the thread count
+        log.warning("cells made with %s torch threads are reused (now %d), so their numbers may differ from fresh "
+                    "ones; delete their files in %s to recompute them", other, torch.get_num_threads(), bench.root / "cells")
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),
                                                 "versions": versions(), "rows": rows})
