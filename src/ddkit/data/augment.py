@@ -248,7 +248,9 @@ class DSA:
 
     Differences from the reference: magnitudes come from the caller's generator instead of the
     global RNG, and the crop/cutout offsets of the rows and columns are drawn as one ``[n, 2]``
-    tensor; the distributions are the reference's.
+    tensor; the distributions are the reference's. ``scale`` and ``rotate`` resample with
+    ``align_corners=False`` (the reference: ``True``), so a scaled image differs from the
+    reference's by under a pixel's shift; on square images the rotation is the same.
     """
 
     strategy: str = "color_crop_cutout_flip_scale_rotate"
