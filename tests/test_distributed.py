@@ -137,3 +137,45 @@ def test_ddp_ranks_end_with_the_same_batchnorm_statistics(tmp_path):
     for part in ("model", "ema"):
         assert len(r0[part]) >= 3 and all(torch.equal(a, b) for a, b in zip(r0[part], r1[part])), part
     assert r0["model"][0].abs().sum() > 0  # running means moved from their zero start
+
+
+def _loss_history(rank: int, world: int, store_path: str, out: str) -> None:
+    """Train tiny_convnet (no BatchNorm) on generated data with ``world`` ranks; rank 0 saves the recorded losses."""
+    import torch
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data.base import make_synthetic
+    from ddkit.models import create_model
+    from ddkit.training import TrainConfig, train_classifier
+
+    if world > 1:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        data = make_synthetic()
+        c, h, _ = data.image_shape
+        torch.manual_seed(0)
+        model = create_model("tiny_convnet", c, data.num_classes, h)
+        # 96 images in batches of 19: the last batch holds 1 image, fewer than the ranks
+        cfg = TrainConfig(epochs=2, batch_size=19, lr=0.05, augment="dsa")
+        result = train_classifier(model, data.train, data.mean, data.std, cfg, seed=0, distributed=world > 1)
+        if rank == 0:
+            torch.save([r["loss"] for r in result.history], f"{out}/losses{world}.pt")
+    finally:
+        ddist.shutdown()
+    if world > 1:
+        os._exit(0)  # see _train_bn_rank
+
+
+def test_ddp_history_loss_is_the_loss_over_every_rank(tmp_path):
+    """The per-epoch training loss in the history covers every rank's images (all-reduced), and a final
+    batch smaller than the world, trained whole on every rank, counts once: the single-process numbers."""
+    import torch
+    import torch.multiprocessing as mp
+
+    _loss_history(0, 1, "", str(tmp_path))
+    mp.spawn(_loss_history, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    one, two = (torch.load(tmp_path / f"losses{w}.pt", weights_only=True) for w in (1, 2))
+    assert len(one) == len(two) == 2
+    assert all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)

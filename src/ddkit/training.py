@@ -506,9 +506,11 @@ def train_classifier(
                 # too few samples to give every rank one: every rank trains on the whole batch, so the
                 # gradient averaged over ranks is that batch's mean gradient, as in a single process
                 lo, hi, scale = 0, gb, 1.0 / gb
+                counts = info.is_main  # the epoch's loss counts the batch once, on rank 0
             else:
                 lo, hi = gb * info.rank // info.world_size, gb * (info.rank + 1) // info.world_size
                 scale = info.world_size / gb  # DDP averages over ranks: the global batch's mean loss
+                counts = True
             if fkd:  # stored views (own augmentation + CutMix box from the partner) and their logits
                 r = fkd_store.replay(epoch % fkd_store.epochs, idx)
                 x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
@@ -519,8 +521,9 @@ def train_classifier(
                 labels = to_device((lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi], device)
                 per = per_sample_loss(logits, labels, to_device(r.targets[lo:hi], device), loss, temperature)
                 _step(optimizer, per.sum() * scale, model, ema, scaler)
-                total += per.detach().sum().double()
-                count += len(per)
+                if counts:
+                    total += per.detach().sum().double()
+                    count += len(per)
                 continue
             x_all = norm(to_float(data.images[idx], device))
             if transform is not None:
@@ -555,8 +558,12 @@ def train_classifier(
                 targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * scale, model, ema, scaler)
-            total += per.detach().sum().double()
-            count += len(per)
+            if counts:
+                total += per.detach().sum().double()
+                count += len(per)
+        if info.enabled:  # each rank summed its own slices: the epoch's loss is over every image, as in one process
+            sums = ddist.all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+            total, count = sums[0], int(sums[1])
         if info.enabled:  # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
             ddist.broadcast_buffers(model)
             if ema is not None:
