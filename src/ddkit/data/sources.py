@@ -114,10 +114,19 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
     return folder, layout
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+# a channel whose std is below this (in [0, 1] pixel space, far below one uint8 step of 1/255) is constant:
+# what is left is float rounding, and normalising by it would divide by (almost) zero
+CONSTANT_STD = 1e-6
+
+
+def channel_stats(
+    images: torch.Tensor, chunk: int = 4096, name: str = "the training images",
+    fix: str = "check the images",
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of ``[N, C, H, W]`` images in [0, 1] pixel space.
 
-    Accumulates in float64, ``chunk`` images at a time, so large uint8 sets need little memory.
+    Accumulates in float64, ``chunk`` images at a time, so large uint8 sets need little memory. A
+    constant channel (std 0) cannot be normalised and raises DataError naming ``name`` and ``fix``.
     """
     if len(images) == 0:
         raise DataError("cannot compute mean/std of an empty training set; add training images")
@@ -131,8 +140,12 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
         total_sq += (x * x).sum(dim=(0, 2, 3))
     count = images.numel() // c
     mean = total / count
-    var = (total_sq / count - mean * mean).clamp_min(0.0)
-    return tuple(float(v) for v in mean), tuple(float(v) for v in var.sqrt())
+    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+    for ch, v in enumerate(std.tolist()):
+        if v < CONSTANT_STD:
+            raise DataError(f"channel {ch} of {name} is constant (std {v:.3g}), so normalising it divides by "
+                            f"zero and training gives NaN; {fix}")
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -612,7 +625,8 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
             images = images.transpose(0, 3, 1, 2)
         parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
         arrays[split] = []  # free the per-image arrays early
-    mean, std = channel_stats(parts["train"].images)
+    mean, std = channel_stats(parts["train"].images, name=f"the training images in {split_dirs['train']}",
+                              fix="check the images (a folder of blank images?)")
     logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]), len(parts["test"]))
     return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root))
 
@@ -766,6 +780,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         raise DataError(f"{path}: classes {empty} have no training images; check the labels (train_labels, "
                         "test_labels) or drop those classes from 'classes'")
     norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
-    mean, std = norm if norm is not None else channel_stats(parts["train"].images)
+    mean, std = norm if norm is not None else channel_stats(
+        parts["train"].images, name=f"train_images in {path}",
+        fix="store mean and std in the file to give them explicitly, or check the images")
     logger.info("loaded tensors %s: %d train, %d test", path, len(parts["train"]), len(parts["test"]))
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(path))
