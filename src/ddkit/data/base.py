@@ -104,6 +104,11 @@ class DataBundle:
     source: str = ""
 
     def __post_init__(self) -> None:
+        for split, part in (("train", self.train), ("test", self.test)):
+            if len(part) == 0:  # no test images: accuracy 0/0 = NaN; no train images: nothing to learn from
+                where = f" ({self.source})" if self.source else ""
+                raise DataError(f"dataset {self.name!r}{where} has an empty {split} split (0 images); "
+                                f"give it at least one {split} image with its label")
         c = self.train.images.shape[1]
         if len(self.mean) != c or len(self.std) != c:
             raise DataError(f"dataset {self.name!r}: mean/std need {c} values (one per channel)")
