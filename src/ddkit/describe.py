@@ -1,8 +1,9 @@
 """One-paragraph summaries of whatever ddkit writes (``ddkit show``).
 
 :func:`describe` reads the ``kind`` a file or folder records (an artifact's manifest, a bench table,
-cell or synthesis record, an evaluation, an export's side file) and returns a short plain-text
-summary of it; :func:`read_record` returns the record itself.
+cell or synthesis record, an evaluation, an export's side file, a ``.pt`` export) and returns a short
+plain-text summary of it; :func:`read_record` returns the record itself (a ``.pt`` export's tensors as
+their shape and dtype).
 """
 
 from __future__ import annotations
@@ -11,12 +12,47 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ddkit.artifacts import KIND_FILES, read_json
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
 _RECORD_FILES = ("bench.json", *KIND_FILES)
+_ACCEPTS = "pass a ddkit output folder, a JSON record of one, a `ddkit export --format pt` file or a protocol name"
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's file format is a zip archive
+
+
+def _is_torch_file(path: Path) -> bool:
+    if path.suffix in (".pt", ".pth"):
+        return True
+    with path.open("rb") as f:
+        return f.read(4) == _ZIP_MAGIC
+
+
+def _tensor_info(obj: Any) -> Any:
+    """``obj`` with every tensor replaced by its shape and dtype (what ``show --json`` prints of a .pt export)."""
+    if isinstance(obj, torch.Tensor):
+        return {"shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
+    if isinstance(obj, dict):
+        return {k: _tensor_info(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_tensor_info(v) for v in obj]
+    return obj
+
+
+def _read_torch_record(path: Path) -> dict[str, Any]:
+    """The record of a ``ddkit export --format pt`` file: its fields, tensors as shape and dtype."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types for a file it cannot read; all mean the same here
+        raise DDKitError(f"{str(path)!r} is not a file `ddkit show` reads (torch.load: {exc.__class__.__name__}); "
+                         f"{_ACCEPTS}") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
+        raise DDKitError(f"{str(path)!r} holds a {type(obj).__name__}, not a ddkit record; {_ACCEPTS} "
+                         "(a ddranking export: pass its folder)")
+    return _tensor_info(obj)
 
 
 def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -24,13 +60,13 @@ def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
     JSON file) and the file it came from."""
     path = Path(path)
     if not path.exists():
-        raise DDKitError(f"{str(path)!r} not found; pass a ddkit artifact folder, a JSON record of one, or a protocol name")
+        raise DDKitError(f"{str(path)!r} not found; {_ACCEPTS}")
     if path.is_dir():
         found = next((path / name for name in _RECORD_FILES if (path / name).is_file()), None)
         if found is None:
             raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
         path = found
-    record = read_json(path, "ddkit record")
+    record = _read_torch_record(path) if _is_torch_file(path) else read_json(path, "ddkit record")
     if not isinstance(record, dict):
         raise DDKitError(f"{str(path)!r} is not a ddkit record (a JSON object with a 'kind'); pass a ddkit output")
     return record, path
@@ -203,6 +239,16 @@ def _export(m: dict) -> str:
             + (f", from set {m['source_config_hash']}" if m.get("source_config_hash") else ""))
 
 
+def _pt_export(m: dict) -> str:
+    def shape(key: str) -> str:
+        return str(list(m[key]["shape"]))
+
+    soft = f", soft labels {shape('soft_labels')}" if "soft_labels" in m else ", no soft labels"
+    names = ", ".join(m["classes"][:10]) + (f", ... ({len(m['classes'])} in all)" if len(m["classes"]) > 10 else "")
+    return (f"{_export(m)}: images {shape('images')} ({m['images']['dtype']}, pixels in [0, 1]), labels {shape('labels')}"
+            f"{soft}; classes {names}")
+
+
 _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "distilled-set": _distilled,
     "teacher": _teacher,
@@ -219,6 +265,7 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "bench-report": _report,
     "imagefolder-export": _export,
     "ddranking-export": _export,
+    "pt-export": _pt_export,
 }
 
 __all__ = ["describe", "read_record"]
