@@ -555,7 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell) "
                         "or a protocol")
-    sp.add_argument("target", help="folder or JSON file ddkit wrote, or a protocol name")
+    sp.add_argument("target", help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads, else 2")
     sp.set_defaults(func=cmd_show)
