@@ -535,12 +535,7 @@ class _Bench:
                            "teacher": tfp})
         path = self.root / "evals" / f"{key}.json"
         if path.is_file():
-            rep = read_json(path)
-            made = rep.get("run", {}).get("torch_threads")
-            if made is not None and made != torch.get_num_threads():  # float sums differ with the thread count
-                log.warning("%s: reusing an evaluation made with %s torch threads (now %s); its numbers may differ from "
-                            "a fresh one's; delete %s to recompute it", cell.id, made, torch.get_num_threads(), path)
-            return rep
+            return read_json(path)
         sp = self.stage_progress
         cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
         rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
@@ -632,7 +627,8 @@ class _Bench:
             # what else decides the numbers: the teacher's weights (retrained per bench folder) and the
             # thread count (float summation order: one thread and two give different students)
             "teacher_sha": self.teachers[cell.dataset].fingerprint if self.teachers[cell.dataset] is not None else None,
-            "torch_threads": torch.get_num_threads(),
+            # (of the evaluation, which may be a cached one: run_bench warns when they differ from now)
+            "torch_threads": rep.get("run", {}).get("torch_threads", torch.get_num_threads()),
         }
         if rnd is not None:
             row["ior"] = metrics.mean_std([metrics.ior(a, r) for a, r in zip(acc["per_seed"], rnd["per_seed"])])
