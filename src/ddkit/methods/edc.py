@@ -131,7 +131,8 @@ class EDC(RecoverMethod):
     and all-slot batches off here (``conv_drop_rate``, ``densify_weight``, ``slots_per_batch``
     turn them on), so by default an EDC batch holds one image per class, as SRe2L's.
 
-    The flatness term is EDC's code's: ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over
+    The flatness term is EDC's code's (its CIFAR branch; the ImageNet-1k branch updates the copy after
+    the step and crops it apart from the images): ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over
     images and classes (``F.kl_div``'s default ``mean``, so 1/num_classes of a per-image KL; not
     scaled by tau^2), with the EMA copy updated by each step's images before their update. Before
     revision 3 ddkit took the KL the other way round, per image (10x stronger on 10 classes), and
