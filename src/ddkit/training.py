@@ -519,43 +519,39 @@ def train_classifier(
                 onehot = F.one_hot(data.labels.long(), logits.shape[1]).float()
                 lam = r.lam[:, None]
                 labels = to_device((lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi], device)
-                per = per_sample_loss(logits, labels, to_device(r.targets[lo:hi], device), loss, temperature)
-                _step(optimizer, per.sum() * scale, model, ema, scaler)
-                if counts:
-                    total += per.detach().sum().double()
-                    count += len(per)
-                continue
-            x_all = norm(to_float(data.images[idx], device))
-            if transform is not None:
-                x_all = transform(x_all)
-            y_all = to_device(data.labels[idx], device)
-            if cutmix is not None:
-                x_all, partner, lam = cutmix.apply(x_all, mix_params)
-                lam = to_device(lam, device)
-                partner = to_device(partner, device)
-            x = x_all[lo:hi]
-            if augment is not None:
-                x = augment.apply(x, slice_params(aug_params, slice(lo, hi)))
-            with amp():
-                logits = net(x).float()
-            labels: torch.Tensor = y_all[lo:hi]
-            targets = None
-            if cutmix is not None:
-                onehot = F.one_hot(y_all, logits.shape[1]).float()
-                labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
-            if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
-                # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
-                xt = augment.apply(x_all, aug_params) if augment is not None else x_all
-                with amp():
-                    targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
-            elif label_source == "teacher":
-                with amp():
-                    targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
-            elif label_source == "stored":
-                t_all = to_device(stored_targets[idx], device)
+                targets = to_device(r.targets[lo:hi], device)
+            else:
+                x_all = norm(to_float(data.images[idx], device))
+                if transform is not None:
+                    x_all = transform(x_all)
+                y_all = to_device(data.labels[idx], device)
                 if cutmix is not None:
-                    t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
-                targets = t_all[lo:hi]
+                    x_all, partner, lam = cutmix.apply(x_all, mix_params)
+                    lam = to_device(lam, device)
+                    partner = to_device(partner, device)
+                x = x_all[lo:hi]
+                if augment is not None:
+                    x = augment.apply(x, slice_params(aug_params, slice(lo, hi)))
+                with amp():
+                    logits = net(x).float()
+                labels: torch.Tensor = y_all[lo:hi]
+                targets = None
+                if cutmix is not None:
+                    onehot = F.one_hot(y_all, logits.shape[1]).float()
+                    labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
+                if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
+                    # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
+                    xt = augment.apply(x_all, aug_params) if augment is not None else x_all
+                    with amp():
+                        targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
+                elif label_source == "teacher":
+                    with amp():
+                        targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
+                elif label_source == "stored":
+                    t_all = to_device(stored_targets[idx], device)
+                    if cutmix is not None:
+                        t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
+                    targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * scale, model, ema, scaler)
             if counts:
@@ -564,7 +560,7 @@ def train_classifier(
         if info.enabled:  # each rank summed its own slices: the epoch's loss is over every image, as in one process
             sums = ddist.all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
             total, count = sums[0], int(sums[1])
-        if info.enabled:  # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
+            # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
             ddist.broadcast_buffers(model)
             if ema is not None:
                 ddist.broadcast_buffers(ema.model)
