@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -555,11 +556,24 @@ def test_ipc_larger_than_a_class_fails_before_any_teacher_or_set(tmp_path):
     assert not out.exists()
 
 
-def test_reusing_cells_made_with_another_thread_count_warns(full_run, monkeypatch, caplog):
+def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(full_run, monkeypatch, tmp_path):
+    """A cached evaluation used to be reused whatever thread count made it (float sums, so other students):
+    a table then mixed numbers that no single run gives."""
     out, rows, _ = full_run
     made = torch.get_num_threads()
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 97)
-    with caplog.at_level("WARNING", logger="ddkit.bench"):
-        again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
-    assert strip(again) == strip(rows)
-    assert f"cells made with [{made}] torch threads are reused (now 97)" in caplog.text
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg = tiny_cfg(copy, label_modes=["hard", "teacher"])
+    seen = []
+    assert strip(run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))) == strip(rows)
+    assert seen == [True] * 4  # the same thread count: every cell reused
+    evals = sorted((copy / "evals").glob("*.json"))
+    before = {p.name: p.stat().st_mtime_ns for p in evals}
+    monkeypatch.setattr(torch, "get_num_threads", lambda: made + 96)
+    seen.clear()
+    again = run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [False] * 4
+    assert {r["torch_threads"] for r in again} == {made + 96}
+    assert all(json.loads(p.read_text())["run"]["torch_threads"] == made + 96 for p in evals)
+    assert all(p.stat().st_mtime_ns != before[p.name] for p in evals)
+    assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # (set_num_threads is untouched: same floats)

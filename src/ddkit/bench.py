@@ -535,7 +535,13 @@ class _Bench:
                            "teacher": tfp})
         path = self.root / "evals" / f"{key}.json"
         if path.is_file():
-            return read_json(path)
+            rep = read_json(path)
+            made = rep.get("run", {}).get("torch_threads")
+            if made in (None, torch.get_num_threads()):
+                return rep
+            # float sums depend on the thread count: a student trained with another one is another number
+            log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
+                     torch.get_num_threads())
         sp = self.stage_progress
         cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
         rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
@@ -594,7 +600,10 @@ class _Bench:
             rec = read_json(path, "cell")
         except DDKitError:
             return None
-        return rec if rec.get("key") == self.cell_key(cell) else None
+        if rec.get("key") != self.cell_key(cell):
+            return None
+        # a cell made with another thread count is recomputed (its evaluations too, in _evaluate)
+        return rec if rec.get("torch_threads") in (None, torch.get_num_threads()) else None
 
     def compute(self, cell: Cell) -> dict:
         cfg = self.cfg
@@ -627,7 +636,7 @@ class _Bench:
             # what else decides the numbers: the teacher's weights (retrained per bench folder) and the
             # thread count (float summation order: one thread and two give different students)
             "teacher_sha": self.teachers[cell.dataset].fingerprint if self.teachers[cell.dataset] is not None else None,
-            # (of the evaluation, which may be a cached one: run_bench warns when they differ from now)
+            # (of its evaluations: cells and cached evaluations made with another one are recomputed)
             "torch_threads": rep.get("run", {}).get("torch_threads", torch.get_num_threads()),
         }
         if rnd is not None:
@@ -686,10 +695,6 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
     _add_cross_arch(rows)
-    other = sorted({r.get("torch_threads") for r in rows} - {torch.get_num_threads(), None})
-    if other and info.is_main:  # float sums differ with the thread count
-        log.warning("cells made with %s torch threads are reused (now %d), so their numbers may differ from fresh "
-                    "ones; delete their files in %s to recompute them", other, torch.get_num_threads(), bench.root / "cells")
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),
                                                 "versions": versions(), "rows": rows})
