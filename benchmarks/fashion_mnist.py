@@ -60,6 +60,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-ablate10": "ddkit's EDC configuration (edc-real-lr002-r18) at IPC 10 under decoupled-long10's protocol "
                           "with one EDC knob taken out per row (flatness, category-aware matching, weak crops, "
                           "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which knobs carry it?",
+          "edc-build10": "EDC's knobs added one by one (G-VBSM baseline, real init, flatness, category-aware "
+                         "matching, weak crops = EDC's recipe), then whole real images, a 25x smaller image lr and a "
+                         "ResNet-18 observer (ddkit's configuration), at IPC 10 under decoupled-long10's protocol",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "

@@ -121,7 +121,9 @@ def mtt_protocol() -> ProtocolConfig:
 @PROTOCOLS.register("soft-kl")
 def soft_kl_protocol() -> ProtocolConfig:
     """SRe2L-style relabelled training: teacher soft labels online, KL with T=4, AdamW 1e-3 +
-    cosine, random-resized-crop + flip."""
+    cosine, random-resized-crop + flip. Sized for small sets, not SRe2L's ImageNet recipe (its FKD
+    script: T 20, CutMix, batch 1024); those are ``temperature``, ``train.cutmix_prob`` and
+    ``train.batch_size`` overrides."""
     return ProtocolConfig(
         label_mode="teacher", loss="kl", temperature=4.0,
         train=TrainConfig(epochs=300, batch_size=64, optimizer="adamw", lr=1e-3, weight_decay=0.01,
