@@ -250,3 +250,15 @@ def test_added_fields_leave_hashes_alone_at_their_default():
     nested = TrainConfig(precision="bf16")
     assert to_dict({"train": nested}, identity=True)["train"]["precision"] == "bf16"
     assert "precision" not in to_dict({"train": TrainConfig()}, identity=True)["train"]
+
+
+def test_fixed_length_tuples_need_that_many_values():
+    """rrc_flip's ratio is a (low, high) pair: one value used to crash its check with an IndexError."""
+    from ddkit.data.augment import build_augment
+
+    for bad in ([1.0], [0.5, 1.0, 2.0]):
+        with pytest.raises(ConfigError, match=rf"augment_options.ratio: expected a list of 2 values, got \{bad!r}"):
+            build_augment("rrc_flip", ratio=bad)
+    with pytest.raises(ConfigError, match=r"augment_options.ratio\[1\]: expected a number, got 'x'"):
+        build_augment("rrc_flip", ratio=[0.5, "x"])
+    assert build_augment("rrc_flip", ratio=[0.5, 2]).ratio == (0.5, 2.0)

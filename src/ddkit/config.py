@@ -93,6 +93,11 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: expected a list, got {value!r}")
             return value
         args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly these items
+            if len(value) != len(args):
+                errors.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
+                return value
+            return tuple(_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
         items = [_convert(v, item_tp, f"{where}[{i}]", errors) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
