@@ -135,3 +135,12 @@ def test_distill_hash_follows_extra_teachers_weights_not_paths(tmp_path):
         hashes.append(distill_hash(cfg, data, None))
     assert hashes[0] != hashes[1]
     assert distill_hash(cfg, data, None) == hashes[1]
+
+
+def test_checkpoint_with_non_string_keys_is_a_one_line_error(tiny, tmp_path):
+    """A dict keyed by integers used to crash on ``k.removeprefix`` with an AttributeError."""
+    pt = tmp_path / "ints.pt"
+    torch.save({0: torch.zeros(3)}, pt)
+    with pytest.raises(DDKitError, match="is not a state_dict \\(parameter names to tensors\\)"):
+        train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -268,8 +268,8 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DDKitError(f"checkpoint {str(path)!r} is not a state_dict of tensors; save model.state_dict()")
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise DDKitError(f"checkpoint {str(path)!r} is not a state_dict (parameter names to tensors); save model.state_dict()")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
