@@ -144,3 +144,19 @@ def test_checkpoint_with_non_string_keys_is_a_one_line_error(tiny, tmp_path):
     with pytest.raises(DDKitError, match="is not a state_dict \\(parameter names to tensors\\)"):
         train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_checkpoint_with_nan_or_integer_weights_is_refused(teacher_dir, tiny, tmp_path):
+    """Both used to import silently: a teacher of NaN logits at chance accuracy, or of weights cast from integers."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(teacher_dir / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    for name, value, message in (("nan", torch.full_like(state[key], float("nan")), "NaN or infinite values in"),
+                                 ("long", state[key].long(), "wants floating point weights")):
+        pt = tmp_path / f"{name}.pt"
+        torch.save({**state, key: value}, pt)
+        with pytest.raises(DDKitError, match=message):
+            train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / name)
+        assert not (tmp_path / name).exists()
+    assert train_teacher(tiny, _cfg(checkpoint=str(teacher_dir / "model.safetensors"))).test_accuracy is not None

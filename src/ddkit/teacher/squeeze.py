@@ -188,6 +188,13 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, n
             f"checkpoint {where} does not fit model {name!r} ({'; '.join(parts)}); "
             "choose the model the checkpoint was trained with"
         )
+    for k, v in own.items():  # load_state_dict would cast integers into float weights and copy NaN without a word
+        if v.is_floating_point() and not state[k].is_floating_point():
+            raise DDKitError(f"checkpoint {where} holds {k!r} as {state[k].dtype}, model {name!r} wants floating point "
+                             "weights; save model.state_dict() of the trained model")
+        if state[k].is_floating_point() and not torch.isfinite(state[k]).all():
+            raise DDKitError(f"checkpoint {where} holds NaN or infinite values in {k!r}; the training that saved it "
+                             "diverged, use an earlier or a re-trained checkpoint")
     model.load_state_dict(state, strict=True)
 
 
