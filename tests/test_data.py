@@ -571,6 +571,23 @@ def test_tensors_bad_norm_and_classes(tmp_path):
         load_dataset("tensors", path=str(tmp_path / "h.pt"))
 
 
+def test_tensors_stray_label_is_named_briefly_not_expanded(tmp_path):
+    """A stray label (2**40) used to build a class name for every index up to it (hanging and eating
+    memory); 500 made an error listing 497 class names. Both now name the first gaps and the count."""
+    t = _tensors()
+    for stray, count in ((500, 497), (2**40, 2**40 - 3)):
+        torch.save({**t, "train_labels": torch.tensor([0, 1, 2, 0, 1, stray])}, tmp_path / "s.pt")
+        with pytest.raises(DataError) as err:
+            load_dataset("tensors", path=str(tmp_path / "s.pt"))
+        assert str(err.value) == (f"{tmp_path / 's.pt'}: classes ['3', '4', '5', '6', '7', ...] ({count} in all) have no "
+                                  "training images; check the labels (train_labels, test_labels) or drop those classes "
+                                  "from 'classes'")
+    names = [f"c{i}" for i in range(20)]
+    torch.save({**t, "classes": names}, tmp_path / "n.pt")
+    with pytest.raises(DataError, match=r"classes \['c3', 'c4', 'c5', 'c6', 'c7', \.\.\.\] \(17 in all\) have no"):
+        load_dataset("tensors", path=str(tmp_path / "n.pt"))
+
+
 class Payload:
     """A custom class: weights_only loading must refuse to rebuild it."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
 import logging
 import math
@@ -724,6 +725,12 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
     return out[0], out[1]
 
 
+def _no_train_images(path: Path, names: list[str], count: int) -> None:
+    shown = f"{names}" if count <= len(names) else f"[{', '.join(map(repr, names))}, ...] ({count} in all)"
+    raise DataError(f"{path}: classes {shown} have no training images; check the labels (train_labels, "
+                    "test_labels) or drop those classes from 'classes'")
+
+
 @DATASETS.register("tensors")
 def load_tensors(cfg: DatasetConfig) -> DataBundle:
     """Train/test tensors from one ``.safetensors`` or ``.pt`` file (see module docs for keys).
@@ -763,6 +770,10 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
 
     top = max((int(p.labels.max()) for p in parts.values() if len(p)), default=-1)
     if classes is None:
+        seen = torch.unique(parts["train"].labels).tolist()
+        if len(seen) < top + 1:  # a stray label (255, 10**6): name the first gaps, never build top + 1 names
+            gaps = (c for lo, hi in zip([-1, *seen], [*seen, top + 1]) for c in range(lo + 1, hi))
+            _no_train_images(path, [str(c) for c in itertools.islice(gaps, 5)], top + 1 - len(seen))
         classes = [str(c) for c in range(top + 1)]
     elif not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: 'classes' must be a list of str, found {type(classes).__name__}")
@@ -777,8 +788,7 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
                         "as [N, C, H, W] with C, H and W >= 1")
     empty = [classes[c] for c, n in enumerate(parts["train"].class_counts(len(classes)).tolist()) if n == 0]
     if empty:
-        raise DataError(f"{path}: classes {empty} have no training images; check the labels (train_labels, "
-                        "test_labels) or drop those classes from 'classes'")
+        _no_train_images(path, empty[:5], len(empty))
     norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
     mean, std = norm if norm is not None else channel_stats(
         parts["train"].images, name=f"train_images in {path}",
