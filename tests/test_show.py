@@ -90,6 +90,17 @@ def test_show_refuses_what_ddkit_did_not_write(tmp_path, capsys):
         describe(tmp_path / "mine")
 
 
+def test_show_names_a_wrongly_typed_field_as_such(tmp_path, capsys):
+    """A field of the wrong type used to read "record without the field 'int' object is not subscriptable"."""
+    (tmp_path / "t.json").write_text('{"kind": "teacher", "model": 3}')
+    (tmp_path / "cut.json").write_text('{"kind": "teacher"}')
+    code, _, err = run_cli(["show", str(tmp_path / "t.json")], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "'teacher' record with a field of the wrong type ('int' object is not subscriptable)" in err
+    code, _, err = run_cli(["show", str(tmp_path / "cut.json")], capsys)
+    assert code == 2 and "'teacher' record without the field 'model'; it is damaged" in err
+
+
 def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(

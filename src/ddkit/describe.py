@@ -86,7 +86,8 @@ def describe(path: str | Path) -> str:
     try:
         text = summarise(record)
     except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or truncated record
-        raise DDKitError(f"{str(where)!r} is a {kind!r} record without the field {exc}; it is damaged, re-create it") from None
+        problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
+        raise DDKitError(f"{str(where)!r} is a {kind!r} record {problem}; it is damaged, re-create it") from None
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
