@@ -138,6 +138,39 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
     assert sha == made[1].fingerprint and "reused: distilled, eval-teacher.json" in out
 
 
+def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
+    """YAML, then flags, then --set: `--ipc 1 --set distill.ipc=2` used to make IPC 1 (the flag silently won)."""
+    import ddkit.evaluate
+    import ddkit.teacher
+
+    d = tmp_path / "d"
+    code, out, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--seed", "4",
+                            "--set", "distill.ipc=2", "--set", "distill.seed=5", "--out", str(d), "-q"], capsys)
+    man = json.loads((d / "manifest.json").read_text())
+    assert code == 0 and man["ipc"] == 2 and man["seed"] == 5 and man["config"]["distill"]["ipc"] == 2
+
+    class Stop(Exception):
+        pass
+
+    seen = {}
+
+    def capture(key):
+        def stop(*a, **k):
+            seen[key] = a
+            raise Stop
+        return stop
+
+    monkeypatch.setattr(ddkit.teacher, "train_teacher", capture("teacher"))
+    monkeypatch.setattr(ddkit.evaluate, "evaluate", capture("evaluate"))
+    with pytest.raises(Stop):
+        main(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "3", "--set",
+              "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=4", "--out", str(tmp_path / "t"), "-q"])
+    assert seen["teacher"][1].model == "tiny_convnet" and seen["teacher"][1].train.epochs == 4
+    with pytest.raises(Stop):
+        main(["evaluate", str(d), "--epochs", "3", "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
+    assert seen["evaluate"][1].train.epochs == 4
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

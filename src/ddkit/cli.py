@@ -85,6 +85,7 @@ def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
 
 
 def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
+    """The dataset flags, then ``--set`` (last, over every flag); call it after the command's own flags."""
     from ddkit.config import apply_overrides
 
     ds = _section(data, "dataset")
@@ -141,7 +142,7 @@ def cmd_teacher(args) -> int:
         if given:
             raise DDKitError(f"{', '.join(given)} set how a teacher trains, but --checkpoint imports a trained one; "
                              "drop them (or drop --checkpoint to train)")
-    data = _apply_common(_base(args), args)
+    data = _base(args)
     tcfg = _section(data, "teacher")
     for key in ("model", "seed", "checkpoint"):
         if getattr(args, key, None) is not None:
@@ -150,11 +151,12 @@ def cmd_teacher(args) -> int:
         _section(tcfg, "train", "teacher")["epochs"] = args.epochs
     if args.precision is not None:
         _section(tcfg, "train", "teacher")["precision"] = args.precision
+    data = _apply_common(data, args)
     unknown = set(data) - {"dataset", "teacher"}
     if unknown:
         raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit teacher`; use dataset and teacher")
     dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(TeacherConfig, tcfg, "teacher")
+    cfg = from_dict(TeacherConfig, data.get("teacher"), "teacher")
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet)
@@ -169,18 +171,19 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import DatasetConfig, load_dataset
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
-    data = _apply_common(_base(args), args)
+    data = _base(args)
     dist_cfg = _section(data, "distill")
     for key in ("method", "ipc", "seed"):
         if getattr(args, key, None) is not None:
             dist_cfg[key] = getattr(args, key)
     if args.soft_labels:
         dist_cfg["soft_labels"] = True
+    data = _apply_common(data, args)
     unknown = set(data) - {"dataset", "distill"}
     if unknown:
         raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit distill`; use dataset and distill")
     dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(DistillConfig, dist_cfg, "distill")
+    cfg = from_dict(DistillConfig, data.get("distill"), "distill")
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
@@ -201,13 +204,14 @@ def cmd_evaluate(args) -> int:
     from ddkit.pipeline import load_teacher_for
 
     distilled = DistilledSet.load(args.distilled)
-    overrides = apply_overrides({}, list(args.set or []))
+    overrides: dict[str, Any] = {}
     if args.label_mode:
         overrides["label_mode"] = args.label_mode
     if args.epochs is not None:
         _section(overrides, "train")["epochs"] = args.epochs
     if args.precision is not None:
         _section(overrides, "train")["precision"] = args.precision
+    apply_overrides(overrides, list(args.set or []))  # last, over the flags
     protocol = resolve_protocol(args.protocol, overrides)
     dcfg_data = dict(distilled.manifest["dataset_config"])
     if args.data_path:
@@ -229,11 +233,12 @@ def cmd_run(args) -> int:
     from ddkit.config import apply_overrides, from_dict, load_yaml
     from ddkit.pipeline import RunConfig
 
-    data = apply_overrides(load_yaml(args.config), list(args.set or []))
+    data = load_yaml(args.config)
     if args.out:
         data["out"] = args.out
     if args.device != "auto":
         data["device"] = args.device
+    apply_overrides(data, list(args.set or []))  # last, over the flags
     cfg = from_dict(RunConfig, data)
     return _run_and_print(cfg, args.quiet)
 
@@ -415,16 +420,17 @@ def cmd_experts(args) -> int:
     from ddkit.data.base import DatasetConfig, load_dataset
     from ddkit.methods.trajectory import ExpertConfig, train_experts
 
-    data = _apply_common(_base(args), args)
+    data = _base(args)
     ecfg = _section(data, "experts")
     for key in ("model", "num_experts", "epochs", "seed"):
         if getattr(args, key, None) is not None:
             ecfg[key] = getattr(args, key)
+    data = _apply_common(data, args)
     unknown = set(data) - {"dataset", "experts"}
     if unknown:
         raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit experts`; use dataset and experts")
     dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(ExpertConfig, ecfg, "experts")
+    cfg = from_dict(ExpertConfig, data.get("experts"), "experts")
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet and ddist.current().is_main)
