@@ -272,3 +272,25 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
     assert events.index("second in") > events.index("first out")
     assert events.index("other in") < events.index("first out")  # a different entry is not blocked
     assert (tmp_path / "cache" / ".abc.lock").is_file() and not entry.exists()
+
+
+def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):
+    """`ddkit run` reads each finished stage's record with .get to decide on reuse: a JSON list there
+    (a damaged or hand-edited file) used to crash it with an AttributeError traceback."""
+    from ddkit.cli import main
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n"
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
+                   "full_reference: false, random_baseline: false, train: {epochs: 1, batch_size: 8}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    assert main(["run", str(cfg), "-q"]) == 0
+    capsys.readouterr()
+    for name in ("distilled/manifest.json", "eval-hard.json"):
+        record = tmp_path / "run" / name
+        kept = record.read_text()
+        record.write_text("[]")
+        assert main(["run", str(cfg), "-q"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: file {str(record)!r} is corrupt (a JSON list, not an object); re-create it\n"
+        record.write_text(kept)

@@ -100,14 +100,19 @@ def write_results(path: str | Path, result: Any, markdown: str) -> Path:
     return md
 
 
-def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
+def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dict[str, Any]:
+    """A JSON file ddkit wrote; ``mapping``: it must hold an object (every ddkit record does), which its
+    callers read with ``.get``."""
     path = Path(path)
     if not path.is_file():
         raise DDKitError(f"{what} {str(path)!r} not found; check the path")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DDKitError(f"{what} {str(path)!r} is corrupt ({exc.__class__.__name__}); re-create it") from None
+    if mapping and not isinstance(data, dict):
+        raise DDKitError(f"{what} {str(path)!r} is corrupt (a JSON {type(data).__name__}, not an object); re-create it")
+    return data
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -254,7 +259,7 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
     if path.is_file() and path.name == MANIFEST:
         path = path.parent
-    manifest = read_json(path / MANIFEST, what=f"{kind} manifest")
+    manifest = read_json(path / MANIFEST, what=f"{kind} manifest", mapping=False)  # checked below, naming the kind
     if not isinstance(manifest, dict):
         raise DDKitError(f"{str(path / MANIFEST)!r} is not a JSON object; re-create the {kind} artifact")
     if manifest.get("kind") != kind:

@@ -66,7 +66,7 @@ def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
         if found is None:
             raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
         path = found
-    record = _read_torch_record(path) if _is_torch_file(path) else read_json(path, "ddkit record")
+    record = _read_torch_record(path) if _is_torch_file(path) else read_json(path, "ddkit record", mapping=False)
     if not isinstance(record, dict):
         raise DDKitError(f"{str(path)!r} is not a ddkit record (a JSON object with a 'kind'); pass a ddkit output")
     return record, path
