@@ -170,6 +170,15 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
         main(["evaluate", str(d), "--epochs", "3", "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
     assert seen["evaluate"][1].train.epochs == 4
 
+    import ddkit.bench
+
+    monkeypatch.setattr(ddkit.bench, "run_bench", capture("bench"))
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n")
+    with pytest.raises(Stop):
+        main(["bench", str(bench), "--out", str(tmp_path / "b1"), "--device", "cpu", "--set", f"out={tmp_path / 'b2'}", "-q"])
+    assert seen["bench"][0].out == str(tmp_path / "b2") and seen["bench"][0].device == "cpu"
+
 
 @pytest.mark.parametrize(
     "args, message",

@@ -264,11 +264,12 @@ class Cell:
         return f"{self.dataset}-{self.method}-ipc{self.ipc}-{self.student}-{self.label_mode}"
 
 
-def load_bench_config(path: str | Path, overrides: list[str] | None = None) -> BenchConfig:
-    """A :class:`BenchConfig` from YAML (``base: other.yaml`` resolved) plus ``a.b=c`` overrides."""
+def load_bench_config(path: str | Path, overrides: list[str] | None = None, **fields: Any) -> BenchConfig:
+    """A :class:`BenchConfig` from YAML (``base: other.yaml`` resolved), then top-level ``fields`` (the
+    CLI's flags), then ``a.b=c`` overrides."""
     from ddkit.config import apply_overrides, load_yaml_with_base
 
-    return from_dict(BenchConfig, apply_overrides(load_yaml_with_base(path), list(overrides or [])))
+    return from_dict(BenchConfig, apply_overrides({**load_yaml_with_base(path), **fields}, list(overrides or [])))
 
 
 def cells_of(cfg: BenchConfig) -> list[Cell]:

@@ -356,11 +356,8 @@ def cmd_bench(args) -> int:
     from ddkit import distributed as ddist
     from ddkit.bench import format_bench_table, load_bench_config, run_bench
 
-    cfg = load_bench_config(args.config, list(args.set or []))
-    if args.out:
-        cfg.out = args.out
-    if args.device != "auto":
-        cfg.device = args.device
+    flags = ({"out": args.out} if args.out else {}) | ({"device": args.device} if args.device != "auto" else {})
+    cfg = load_bench_config(args.config, list(args.set or []), **flags)  # --set last, as in every subcommand
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
     bars = BenchBars(not args.quiet and ddist.current().is_main)
     try:
