@@ -413,6 +413,15 @@ def test_imagefolder_classes_must_cover_folders(tmp_path):
         load_dataset("imagefolder", path=str(tmp_path), classes=["a", "b", "c", "z"])
 
 
+def test_imagefolder_refuses_testing_on_the_train_split(tmp_path):
+    """test_split naming the train folder used to load, and every accuracy was measured on training images."""
+    write_imagefolder(tmp_path, {"a": 1, "b": 1})
+    for split in ("train", "./train"):
+        with pytest.raises(ConfigError, match="both name .*train.*held-out"):
+            load_dataset("imagefolder", path=str(tmp_path), test_split=split)
+    assert load_dataset("imagefolder", path=str(tmp_path), test_split="test").test.labels.tolist() == [0, 1]
+
+
 def test_imagefolder_mismatched_class_sets(tmp_path):
     write_imagefolder(tmp_path, {"a": 1, "b": 1})
     write_png(tmp_path / "train" / "extra" / "0.png", np.zeros((8, 8, 3), np.uint8))

@@ -585,6 +585,9 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     if not root.is_dir():
         raise DataError(f"imagefolder root {root} is not a folder; set dataset.path to root/<split>/<class>/<image>")
     split_dirs = {"train": root / cfg.train_split, "test": root / cfg.test_split}
+    if split_dirs["train"].resolve() == split_dirs["test"].resolve():
+        raise ConfigError(f"dataset.train_split and test_split both name {split_dirs['train']}, so accuracy would be "
+                          f"measured on training images; set dataset.test_split to a held-out folder")
     for split, d in split_dirs.items():
         if not d.is_dir():
             raise DataError(
