@@ -577,3 +577,27 @@ def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(ful
     assert all(json.loads(p.read_text())["run"]["torch_threads"] == made + 96 for p in evals)
     assert all(p.stat().st_mtime_ns != before[p.name] for p in evals)
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # (set_num_threads is untouched: same floats)
+
+
+def test_teacher_checkpoint_replaced_in_place_is_imported_again(tmp_path):
+    """A teacher imported from ``teacher.checkpoint`` is keyed by the file's path, not its weights: a
+    checkpoint rewritten at the same path must give the bench the new weights (as ``ddkit run`` does),
+    not the teacher imported from the old file."""
+    from safetensors.torch import save_file
+
+    from ddkit.bench import _teacher_stage
+    from ddkit.data.base import make_synthetic
+    from ddkit.models import create_model
+    from ddkit.teacher import TeacherConfig
+
+    data = make_synthetic()
+    c, h, _ = data.image_shape
+    ckpt = tmp_path / "weights.safetensors"
+    cfg = TeacherConfig(model="tiny_convnet", checkpoint=str(ckpt))
+    shas = []
+    for seed in (0, 1):  # the user retrains and overwrites the checkpoint file
+        torch.manual_seed(seed)
+        save_file(create_model("tiny_convnet", c, data.num_classes, h).state_dict(), str(ckpt))
+        shas.append(_teacher_stage(data, cfg, tmp_path / "teachers" / "synthetic", "cpu").fingerprint)
+    assert shas[0] != shas[1]
+    assert Teacher.load(tmp_path / "teachers" / "synthetic").fingerprint == shas[1]
