@@ -601,3 +601,23 @@ def test_teacher_checkpoint_replaced_in_place_is_imported_again(tmp_path):
         shas.append(_teacher_stage(data, cfg, tmp_path / "teachers" / "synthetic", "cpu").fingerprint)
     assert shas[0] != shas[1]
     assert Teacher.load(tmp_path / "teachers" / "synthetic").fingerprint == shas[1]
+
+
+def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_path):
+    """A protocol's extra_teachers (an ensemble with the teacher) are named by path in its hash: a cell
+    and its evaluations must follow their weights, so retraining one in place recomputes them."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "extra"
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["teacher"],
+                   overrides={**TINY["overrides"], "extra_teachers": [str(extra)]})
+    seen = []
+    for seed in (0, 1, 1):  # the extra teacher retrained in place, then left alone
+        if not seen or seed != seen[-1][0]:
+            train_teacher(make_synthetic(), TeacherConfig(model="tiny_convnet", seed=seed,
+                                                          train=TrainConfig(epochs=1, batch_size=32)), extra)
+        rows = run_bench(cfg, progress=lambda d, n, r, s=seed: seen.append((s, r["reused"], r["eval_keys"][0])))
+    assert [(s, reused) for s, reused, _ in seen] == [(0, False), (1, False), (1, True)]
+    assert seen[0][2] != seen[1][2] == seen[2][2] == rows[0]["eval_keys"][0]

@@ -362,3 +362,32 @@ def test_evaluate_refuses_a_folder_as_out_before_training(tmp_path, capsys):
     code, _, err = run_cli(["evaluate", str(d), "--seeds", "0", "--out", str(tmp_path / "afile" / "ev.json"),
                             "--cache-dir", str(tmp_path / "cache"), "-q", *FAST], capsys)
     assert code == 2 and "which is a file" in err and not (tmp_path / "cache").exists()
+
+
+def test_run_evaluates_again_when_a_protocol_extra_teacher_changes(tmp_path, capsys):
+    """evaluate.overrides.extra_teachers are named by path in the protocol's hash: an extra teacher
+    retrained in place must give a new evaluation, not the one made with the old weights."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "extra"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+        "distill: {method: random, ipc: 2}\n"
+        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, "
+        f"train: {{epochs: 1}}, extra_teachers: [{extra}]}}}}\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    outs = []
+    for seed in (0, 1):
+        train_teacher(make_synthetic(), TeacherConfig(model="tiny_convnet", seed=seed,
+                                                      train=TrainConfig(epochs=1, batch_size=32)), extra)
+        code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+        assert code == 0
+        outs.append(out)
+    assert "reused: teacher, distilled\n" in outs[1]
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and "reused: teacher, distilled, eval-teacher.json" in out

@@ -61,7 +61,7 @@ from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
-from ddkit.pipeline import DistillConfig, distill, distill_hash
+from ddkit.pipeline import DistillConfig, distill, distill_hash, ensemble_identity
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
@@ -535,7 +535,7 @@ class _Bench:
         ds = self.distilled[key3]
         tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
         key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
-                           "teacher": tfp})
+                           "teacher": tfp, **ensemble_identity(protocol)})
         path = self.root / "evals" / f"{key}.json"
         if path.is_file():
             rep = read_json(path)
@@ -584,12 +584,13 @@ class _Bench:
         cfg = self.cfg
         key3 = (cell.dataset, cell.method, cell.ipc)
         teacher = self.teachers[cell.dataset]
+        protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc)
         return config_hash({
-            "schema": CELL_SCHEMA, "cell": cell.id, "protocol": cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc).hash,
+            "schema": CELL_SCHEMA, "cell": cell.id, "protocol": protocol.hash,
             "seeds": cfg.seeds, "distilled": self.distilled[key3].manifest.get("config_hash"),
             "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
             "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
-            **({"relabel": cfg.relabel.identity()} if cell.label_mode == "fkd" else {}),
+            **({"relabel": cfg.relabel.identity()} if cell.label_mode == "fkd" else {}), **ensemble_identity(protocol),
         })
 
     def cell_path(self, cell: Cell) -> Path:

@@ -31,7 +31,7 @@ from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.evaluate.protocol import resolve_protocol
+from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
@@ -179,6 +179,18 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
     return config_hash(key)
 
 
+def ensemble_identity(protocol: ProtocolConfig) -> dict:
+    """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash names
+    by path only (they form an ensemble with the teacher in every label mode but hard). Empty without
+    an ensemble, so the keys of other evaluations keep their values."""
+    if not protocol.extra_teachers or protocol.label_mode == "hard":
+        return {}
+    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
+
+    return {"extra_teacher_weights": [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"]
+                                      for t in protocol.extra_teachers]}
+
+
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
@@ -266,7 +278,7 @@ def run(
     for protocol in cfg.evaluate.protocols():
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
-                           "teacher": teacher.fingerprint if teacher is not None else None})
+                           "teacher": teacher.fingerprint if teacher is not None else None, **ensemble_identity(protocol)})
         if path.is_file() and read_json(path).get("run_hash") == key:
             report = read_json(path)
             summary["reused"].append(path.name)
