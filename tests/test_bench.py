@@ -621,3 +621,36 @@ def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_pa
         rows = run_bench(cfg, progress=lambda d, n, r, s=seed: seen.append((s, r["reused"], r["eval_keys"][0])))
     assert [(s, reused) for s, reused, _ in seen] == [(0, False), (1, False), (1, True)]
     assert seen[0][2] != seen[1][2] == seen[2][2] == rows[0]["eval_keys"][0]
+
+
+def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):
+    """Under torchrun the hard cell and the teacher cell of one set and student run on two ranks, and
+    both need the hard evaluation (the teacher cell for HLR): one makes it, the other waits and reuses
+    it instead of training the same students (and full-data reference) a second time."""
+    import threading
+    import time
+
+    import ddkit.bench as bench_mod
+    from ddkit.bench import Cell, _Bench
+
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["hard", "teacher"])
+    bench = _Bench(cfg, None)
+    bench.prepare()
+    bench.world = 2  # as made under a 2-rank torchrun; each cell then runs whole on its rank
+    calls, real = [], bench_mod.evaluate
+
+    def slow_evaluate(*args, **kw):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other rank to arrive while this one evaluates
+        return real(*args, **kw)
+
+    monkeypatch.setattr(bench_mod, "evaluate", slow_evaluate)
+    cell = Cell(0, "synthetic", "random", 1, "tiny_convnet", "hard")
+    protocol = cfg.protocol_for("tiny_convnet", "hard", ipc=1)
+    reports = []
+    threads = [threading.Thread(target=lambda: reports.append(bench._evaluate(cell, protocol))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(reports) == 2 and reports[0] == reports[1]

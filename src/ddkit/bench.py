@@ -27,6 +27,7 @@ allocations bypass it) nor ``ru_maxrss`` (a whole-process high-water mark) measu
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
@@ -477,6 +478,7 @@ class _Bench:
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
         self.synthesis: dict[tuple[str, str, int], dict] = {}
+        self.world = ddist.current().world_size  # ranks running cells at once (each cell runs whole on its rank)
 
     def _spread(self, jobs: list, fn: Callable) -> None:
         info = ddist.current()
@@ -537,21 +539,34 @@ class _Bench:
         key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
                            "teacher": tfp, **ensemble_identity(protocol)})
         path = self.root / "evals" / f"{key}.json"
-        if path.is_file():
-            rep = read_json(path)
-            made = rep.get("run", {}).get("torch_threads")
-            if made in (None, torch.get_num_threads()):
+        if (rep := self._cached_eval(path)) is not None:
+            return rep
+        # torchrun ranks may need one evaluation at once (the hard one behind HLR, for cells of other label
+        # modes): one makes it, the other waits and reuses it
+        with build_lock(path) if self.world > 1 else contextlib.nullcontext():
+            if (rep := self._cached_eval(path)) is not None:  # another rank made it while this one waited
                 return rep
-            # float sums depend on the thread count: a student trained with another one is another number
-            log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
-                     torch.get_num_threads())
-        sp = self.stage_progress
-        cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
-        rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
-                       teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb)
-        rep["eval_key"] = key
-        write_json(path, rep)
+            sp = self.stage_progress
+            cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
+            rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
+                           teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb)
+            rep["eval_key"] = key
+            write_json(path, rep)
         return rep
+
+    @staticmethod
+    def _cached_eval(path: Path) -> dict | None:
+        """The evaluation cached at ``path``, unless it is missing or was made with another thread count
+        (float sums depend on it: a student trained with another one is another number)."""
+        if not path.is_file():
+            return None
+        rep = read_json(path)
+        made = rep.get("run", {}).get("torch_threads")
+        if made in (None, torch.get_num_threads()):
+            return rep
+        log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
+                 torch.get_num_threads())
+        return None
 
     def _fkd_store(self, key3: tuple[str, str, int], protocol_epochs: int) -> Path:
         """The set's FKD store for ``cfg.relabel`` (made once; atomic; resumable per epoch)."""
