@@ -179,3 +179,46 @@ def test_ddp_history_loss_is_the_loss_over_every_rank(tmp_path):
     one, two = (torch.load(tmp_path / f"losses{w}.pt", weights_only=True) for w in (1, 2))
     assert len(one) == len(two) == 2
     assert all(abs(a - b) < 1e-5 for a, b in zip(one, two)), (one, two)
+
+
+def _run_rank(rank: int, store_path: str, out: str) -> None:
+    """``pipeline.run`` on 2 gloo ranks; rank 1 loads the data 3 s late, as a rank held up on a busy machine."""
+    import datetime
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    import ddkit.pipeline as pipeline
+    from ddkit import distributed as ddist
+    from ddkit.config import from_dict
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        if rank == 1:
+            load = pipeline.load_dataset
+            pipeline.load_dataset = lambda cfg: time.sleep(3) or load(cfg)
+        cfg = from_dict(pipeline.RunConfig, {
+            "dataset": {"name": "synthetic"}, "teacher": None, "distill": {"method": "random", "ipc": 2},
+            "evaluate": {"label_modes": ["hard"], "seeds": [0, 1],
+                         "overrides": {"student": "tiny_convnet", "full_epochs": 1, "train": {"epochs": 1}}},
+            "device": "cpu", "out": f"{out}/run"})
+        summary = pipeline.run(cfg)
+        torch.save(summary["reused"], f"{out}/reused{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_run_ranks_take_the_same_stages_when_one_rank_lags(tmp_path, monkeypatch):
+    """A rank that reaches a stage after rank 0 has already written it (a method without collectives, such
+    as random, writes its set at once) must not reuse that set while rank 0 made it: the two ranks would
+    then call different collectives (rank 0 the barrier after the save, rank 1 the evaluation's gather)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    mp.spawn(_run_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / "reused0.pt") == torch.load(tmp_path / "reused1.pt") == []

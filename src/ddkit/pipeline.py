@@ -269,7 +269,10 @@ def run(
 
     ddir = out / "distilled"
     want = distill_hash(cfg.distill, data, teacher)
-    if (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want:
+    found = (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want
+    # rank 0's decision on every rank: a rank that looks late may find the set rank 0 has just made (a method
+    # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
+    if ddist.broadcast_object(found):
         distilled = DistilledSet.load(ddir)
         summary["reused"].append("distilled")
     else:
