@@ -577,6 +577,15 @@ def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(ful
     assert all(json.loads(p.read_text())["run"]["torch_threads"] == made + 96 for p in evals)
     assert all(p.stat().st_mtime_ns != before[p.name] for p in evals)
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]  # (set_num_threads is untouched: same floats)
+    # a cell whose own record says this thread count but whose evaluations were made with another (cells
+    # recorded their run's count, not their evaluations', before 2026-12-05) is recomputed too
+    first = sorted((copy / "cells").glob("*.json"))[0]
+    rec = json.loads(first.read_text())
+    e = copy / "evals" / f"{rec['eval_keys'][0]}.json"
+    e.write_text(json.dumps({**json.loads(e.read_text()), "run": {"torch_threads": made + 5, "world_size": 1}}))
+    seen.clear()
+    run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen.count(False) >= 1 and json.loads(e.read_text())["run"]["torch_threads"] == made + 96
 
 
 def test_teacher_checkpoint_replaced_in_place_is_imported_again(tmp_path):

@@ -621,8 +621,13 @@ class _Bench:
             return None
         if rec.get("key") != self.cell_key(cell):
             return None
-        # a cell made with another thread count is recomputed (its evaluations too, in _evaluate)
-        return rec if rec.get("torch_threads") in (None, torch.get_num_threads()) else None
+        # a cell made with another thread count is recomputed (its evaluations too, in _evaluate); cells
+        # made before 2026-12-05 recorded the thread count of their run, not of the cached evaluations
+        # they were built from, so those are asked too
+        if rec.get("torch_threads") not in (None, torch.get_num_threads()):
+            return None
+        evals = [self.root / "evals" / f"{k}.json" for k in rec.get("eval_keys", [])]
+        return rec if all(self._cached_eval(p) is not None for p in evals if p.is_file()) else None
 
     def compute(self, cell: Cell) -> dict:
         cfg = self.cfg
