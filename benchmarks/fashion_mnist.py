@@ -63,6 +63,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "edc-build10": "EDC's knobs added one by one (G-VBSM baseline, real init, flatness, category-aware "
                          "matching, weak crops = EDC's recipe), then whole real images, a 25x smaller image lr and a "
                          "ResNet-18 observer (ddkit's configuration), at IPC 10 under decoupled-long10's protocol",
+          "edc-build1": "edc-build10 at IPC 1 under decoupled-long1's protocol (300 epochs, 8 student seeds), with "
+                        "ddkit's IPC-1 EDC configuration (from RDED's larger crops) and RDED beside them",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
@@ -494,6 +496,70 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
     return out
 
 
+# EDC's design steps added one by one under the one protocol (the tier's own ablation trains students briefly)
+EDC_STEP_RUNS = ("edc-build1", "edc-build10")
+EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
+    "gvbsm": ("G-VBSM's own preset", None),
+    "edc-A": ("A: G-VBSM's baseline in EDC's loop (noise init)", None),
+    "edc-AB": ("+ B: real-image init (RDED's output)", "edc-A"),
+    "edc-ABD": ("+ D: flatness regularisation", "edc-AB"),
+    "edc-ABDF": ("+ F: soft category-aware matching", "edc-ABD"),
+    "edc": ("+ G: weak crops = EDC's recipe (image lr 0.05)", "edc-ABDF"),
+    "edc-real": ("EDC's recipe from whole real images", "edc"),
+    "edc-real-lr002-d2d4": ("... with image lr 0.002", "edc-real"),
+    "edc-real-lr002-r18": ("... and a ResNet-18 observer (ddkit's IPC 10 / 50 configuration)", "edc-real-lr002-d2d4"),
+    "edc-s05-lr002-r18": ("from RDED's larger crops, lr 0.002, ResNet-18 observer (ddkit's IPC 1 configuration)", None),
+    "rded": ("RDED (EDC's initialisation)", None),
+    "random": ("the random method's subset (edc-real's initialisation)", None),
+}
+
+
+def edc_steps(results: Path, runs: tuple[str, ...] = EDC_STEP_RUNS) -> list[str]:
+    """EDC's steps added one by one (EDC Fig. 1), then ddkit's changes, per student and IPC, from the
+    ``runs`` that evaluate them under the one protocol. Cell: accuracy % and, for a step, its change
+    from the row it adds to; findings name each IPC's largest step."""
+    found = [n for n in runs if (results / f"{n}-fashion-mnist-cpu.json").is_file()]
+    rows = [r for n in found for r in read_json(results / f"{n}-fashion-mnist-cpu.json")["rows"] if r["method"] in EDC_STEPS]
+    if not rows:
+        return []
+    ipcs = sorted({r["ipc"] for r in rows})
+    out = ["## EDC's design steps under one protocol", "",
+           f"Runs: {', '.join(f'[{n}]({n}-fashion-mnist-cpu.md)' for n in found)} (the teachers, observer pool and "
+           "soft-kl protocol of the one-protocol table above). EDC's synthesis-side steps are added one by one as in "
+           "its Fig. 1 (C and E are evaluation-side: the `edc` protocol), then ddkit's changes. Cell: accuracy % "
+           "mean ± std over student seeds; in brackets the change from the row above it in the chain.", ""]
+    for student in dict.fromkeys(r["student"] for r in rows):
+        cell = {(r["method"], r["ipc"]): r for r in rows if r["student"] == student}
+        out += [f"Student {student}:", "", "| step | " + " | ".join(f"IPC {i}" for i in ipcs) + " |",
+                "|---|" + "---|" * len(ipcs)]
+        rnd = {r["ipc"]: r["random"] for r in rows if r["student"] == student and r.get("random")}
+        out.append("| random subset (baseline) | " + " | ".join(_pm(rnd.get(i)) for i in ipcs) + " |")
+        steps: dict[int, list[tuple[float, str]]] = {i: [] for i in ipcs}
+        for m, (what, prev) in EDC_STEPS.items():
+            if not any((m, i) in cell for i in ipcs):
+                continue
+            parts = []
+            for i in ipcs:
+                r, p = cell.get((m, i)), cell.get((prev, i))
+                if r is None:
+                    parts.append("–")
+                elif p is None:
+                    parts.append(_pm(r["acc"]))
+                else:
+                    d = 100 * (r["acc"]["mean"] - p["acc"]["mean"])
+                    steps[i].append((d, what))
+                    parts.append(f"{_pm(r['acc'])} ({d:+.2f})")
+            out.append(f"| `{m}`: {what} | " + " | ".join(parts) + " |")
+        out += ["", "What the table says (computed from it):"]
+        for i in ipcs:
+            if steps[i]:
+                d, what = max(steps[i], key=lambda t: abs(t[0]))
+                out.append(f"- IPC {i}: largest step {what} ({d:+.2f}); steps within 0.5 point: "
+                           f"{sum(abs(x) < 0.5 for x, _ in steps[i])} of {len(steps[i])}.")
+        out.append("")
+    return out
+
+
 def overview(results: Path) -> str:
     """``fashion-mnist.md``: one table of every method found, per IPC, with published numbers."""
     out = ["# Fashion-MNIST: every ddkit method at IPC 1 / 10 / 50", "",
@@ -536,6 +602,7 @@ def overview(results: Path) -> str:
     if not found:
         out.append("No results yet: run the command above.")
     out += single_protocol(results)
+    out += edc_steps(results)
     out += best_sets(results)
     extras = [(f"{name}-fashion-mnist-cpu.md", text, f"python benchmarks/fashion_mnist.py --family {name}")
               for name, text in EXTRAS.items()]

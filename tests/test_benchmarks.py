@@ -107,6 +107,23 @@ def test_single_protocol_table_per_student_and_ipc(fm, tmp_path):
     assert "is behind rded (62.00 ± 1.00)" in "\n".join(fm.single_protocol(tmp_path, ("long1",)))
 
 
+def test_edc_steps_table_shows_each_step_against_the_row_it_adds_to(fm, tmp_path):
+    def write(name, rows):
+        (tmp_path / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
+
+    assert fm.edc_steps(tmp_path, ("b1", "b10")) == []
+    write("b10", [_row("edc-A", "edc", 10, 0.40, 0.78, "teacher"), _row("edc-AB", "edc", 10, 0.72, 0.78, "teacher"),
+                  _row("edc-ABD", "edc", 10, 0.723, 0.78, "teacher"), _row("sre2l", "sre2l", 10, 0.3, 0.78, "teacher")])
+    write("b1", [_row("edc-A", "edc", 1, 0.30, 0.50, "teacher"), _row("edc-AB", "edc", 1, 0.35, 0.50, "teacher")])
+    text = "\n".join(fm.edc_steps(tmp_path, ("b1", "b10")))
+    assert "| random subset (baseline) | 50.00 ± 1.00 | 78.00 ± 1.00 |" in text
+    assert "| `edc-A`: A: G-VBSM's baseline in EDC's loop (noise init) | 30.00 ± 1.00 | 40.00 ± 1.00 |" in text
+    assert "| `edc-AB`: + B: real-image init (RDED's output) | 35.00 ± 1.00 (+5.00) | 72.00 ± 1.00 (+32.00) |" in text
+    assert "| `edc-ABD`: + D: flatness regularisation | – | 72.30 ± 1.00 (+0.30) |" in text
+    assert "sre2l" not in text  # not a step
+    assert "- IPC 10: largest step + B: real-image init (RDED's output) (+32.00); steps within 0.5 point: 1 of 2." in text
+
+
 def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
     stat = lambda *xs: {"mean": sum(xs) / len(xs), "std": 0.0, "per_seed": list(xs), "n": len(xs)}
     base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
