@@ -215,6 +215,21 @@ def test_idx_label_count_mismatch(tmp_path):
         load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
 
 
+def test_idx_folder_with_some_files_gunzipped_loads(tmp_path):
+    """Three .gz files and one plain one used to fail with "lacks t10k-labels-idx1-ubyte.gz" though it is there."""
+    write_idx_folder(tmp_path / "gz")
+    write_idx_folder(tmp_path / "mixed")
+    want = load_dataset("fashion-mnist", path=str(tmp_path / "gz"))
+    gzipped = tmp_path / "mixed" / "t10k-labels-idx1-ubyte.gz"
+    gzipped.with_suffix("").write_bytes(gzip.decompress(gzipped.read_bytes()))
+    gzipped.unlink()
+    got = load_dataset("fashion-mnist", path=str(tmp_path / "mixed"))
+    assert torch.equal(got.test.labels, want.test.labels) and torch.equal(got.train.images, want.train.images)
+    gzipped.with_suffix("").unlink()
+    with pytest.raises(DataError, match="lacks"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "mixed"))
+
+
 def test_idx_label_out_of_range(tmp_path):
     write_idx_folder(tmp_path / "fm")
     (tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_labels(np.full(10, 12))))

@@ -231,7 +231,13 @@ def _load_idx_dataset(
     _check_fixed_source(cfg)
     gz = [f + ".gz" for f in IDX_FILES.values()]
     plain = list(IDX_FILES.values())
-    folder, _ = _locate(cfg, [gz, plain], hint)
+    try:
+        folder, _ = _locate(cfg, [gz, plain], hint)
+    except DataError:
+        root = Path(cfg.path).expanduser() if cfg.path else None
+        if root is None or not all((root / f).exists() or (root / (f + ".gz")).exists() for f in plain):
+            raise
+        folder = root  # some files gzipped and some not: file() below takes each in the form it has
 
     def file(stem: str) -> Path:
         return folder / (stem + ".gz") if (folder / (stem + ".gz")).exists() else folder / stem
