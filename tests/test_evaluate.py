@@ -101,6 +101,34 @@ def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protoco
     assert a["key"] != b["key"] and len(list((tmp_path / "full-reference").glob("*.json"))) == 2
 
 
+def test_full_reference_is_trained_once_by_concurrent_callers(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Two bench ranks scoring other sets with the same student used to train the same whole-data students
+    side by side; the second now waits for the first and reads its entry."""
+    import threading
+    import time
+
+    import ddkit.evaluate.runner as runner
+
+    data = setup[0]
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"batch_size": 32}})
+    calls, real = [], runner._train_student
+
+    def slow(*args, **kw):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one trains
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runner, "_train_student", slow)
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(runner.full_reference(data, protocol, [0], "cpu", tmp_path)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(out) == 2 and out[0] == out[1]
+
+
 def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
     data, teacher, ds, root = setup
     teach = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})

@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import base_manifest, check_output_file, read_json, tensor_bytes, write_json
+from ddkit.artifacts import (
+    base_manifest,
+    build_lock,
+    check_output_file,
+    read_json,
+    tensor_bytes,
+    write_json,
+)
 from ddkit.config import config_hash, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
 from ddkit.distilled import DistilledSet
@@ -194,19 +201,22 @@ def full_reference(
                        "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
                        **({"world": info.world_size} if info.enabled else {}), **zca})
     cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
-    cached = _cache_entry(cache, "result", dict)
-    if cached is not None:
-        log.info("full-data reference from cache %s", cache)
-        return cached
-    accs = []
-    for s in use:
-        cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
-        accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled, progress=cb,
-                                   transform=student_transform(protocol, data)))
-    result = _summary(accs)
-    result.update({"epochs": cfg.epochs, "key": key})
-    if info.is_main:
-        write_json(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result})
+    # one builder per entry: torchrun ranks of `ddkit bench` scoring other sets with the same student, or
+    # two runs sharing the cache, would otherwise train the same whole-data students side by side
+    with build_lock(cache):
+        cached = _cache_entry(cache, "result", dict)
+        if cached is not None:
+            log.info("full-data reference from cache %s", cache)
+            return cached
+        accs = []
+        for s in use:
+            cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
+            accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled,
+                                       progress=cb, transform=student_transform(protocol, data)))
+        result = _summary(accs)
+        result.update({"epochs": cfg.epochs, "key": key})
+        if info.is_main:
+            write_json(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result})
     return result
 
 
