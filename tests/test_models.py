@@ -238,7 +238,7 @@ def test_same_seed_same_weights(name):
     )
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2", "vgg11_bn"])
 def test_torchvision_model_unchanged_for_3ch_64px(arch):
     import torchvision
 

@@ -104,9 +104,13 @@ class TorchvisionClassifier(nn.Module):
             return global_avg_pool(F.relu(self.features(x))).flatten(1)
         if self.family == "mobilenet":
             return global_avg_pool(self.features(x)).flatten(1)
-        # efficientnet: classifier = [Dropout, Linear]; vgg: classifier ends with its last Linear;
-        # both pool with AdaptiveAvgPool2d(1)
-        x = global_avg_pool(self.features(x)).flatten(1)
+        # efficientnet: classifier = [Dropout, Linear]; vgg: classifier ends with its last Linear.
+        # Both pool with AdaptiveAvgPool2d(1), except torchvision's VGG (>= 64 px): its 7x7 pooling
+        # feeds the 512 * 7 * 7-wide classifier
+        x = self.features(x)
+        if self.family == "vgg" and self.avgpool.output_size != 1:
+            return self.classifier[:-1](self.avgpool(x).flatten(1))
+        x = global_avg_pool(x).flatten(1)
         return x if self.family == "efficientnet" else self.classifier[:-1](x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
