@@ -138,6 +138,18 @@ def test_image_too_small():
     with pytest.raises(DDKitError, match="image size 4 is too small for a depth-3 ConvNet"):
         create_model("convnet3", 1, 10, 4)
     assert create_model("convnet3", 1, 10, 8).feature_dim == 128  # 8 -> 4 -> 2 -> 1
+
+
+def test_instance_norm_resnet_refuses_images_its_last_stage_sees_as_1x1():
+    """8 px -> 1x1 maps in the last stage, where GroupNorm(c, c) leaves only its bias: every image
+    would get the same logits. 9 px (-> 2x2) still tells images apart."""
+    with pytest.raises(DDKitError, match="image size 8 is too small for resnet18_cifar_in"):
+        create_model("resnet18_cifar_in", 3, 10, 8, width=8)
+    torch.manual_seed(0)
+    model = create_model("resnet18_cifar_in", 3, 10, 9, width=8)
+    logits = model(torch.randn(2, 3, 9, 9))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
+    assert create_model("resnet18_cifar", 3, 10, 8, width=8).feature_dim == 64  # batch norm: fine
     assert create_model("convnet3", 1, 10, 4, pooling="none").feature_dim == 128 * 4 * 4
 
 

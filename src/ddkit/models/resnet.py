@@ -3,7 +3,8 @@
 The variant used for 32x32 images throughout the distillation literature: a 3x3 stride-1 stem
 without max-pool, four stages of two BasicBlocks with ``width``, 2, 4 and 8 x ``width`` channels
 and strides 1, 2, 2, 2, global average pooling and one ``nn.Linear``. Any input size works (28x28
-MNIST-like images give 28 -> 14 -> 7 -> 4 feature maps).
+MNIST-like images give 28 -> 14 -> 7 -> 4 feature maps), but for the instance-norm variant, which
+needs at least 9 px.
 
 ``resnet18_cifar`` uses BatchNorm; ``resnet18_cifar_in`` uses instance norm as
 ``GroupNorm(c, c, affine=True)``, as the ConvNet of the DC/DM papers does. Both take ``width``
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ddkit import determinism
+from ddkit.errors import DDKitError
 from ddkit.models.registry import MODELS, check_positive_int
 
 Norm = Callable[[int], nn.Module]
@@ -111,5 +113,17 @@ def resnet18_cifar(
 def resnet18_cifar_in(
     in_channels: int, num_classes: int, image_size: int, width: int = 64
 ) -> ResNetCIFAR:
-    """CIFAR-style ResNet-18 with instance norm (``GroupNorm(c, c)``)."""
+    """CIFAR-style ResNet-18 with instance norm (``GroupNorm(c, c)``).
+
+    Needs images of at least 9 px: three stride-2 stages bring 8 px to 1x1 maps in the last stage,
+    where a per-channel norm subtracts the only value and every input gets the same logits.
+    """
+    size = image_size
+    for _ in range(3):  # the stride-2 3x3 convs (padding 1) of stages 2 to 4
+        size = (size + 1) // 2
+    if size < 2:
+        raise DDKitError(
+            f"image size {image_size} is too small for resnet18_cifar_in: its last stage would see "
+            "1x1 maps, which instance norm maps to a constant; use images of at least 9 px or resnet18_cifar"
+        )
     return ResNetCIFAR(in_channels, num_classes, (2, 2, 2, 2), width, _instancenorm)
