@@ -38,6 +38,16 @@ def test_zca_whitens_and_inverts(data):
         ZCA.fit(data.train, data.mean, data.std, reg=0.0)
 
 
+def test_zca_keeps_the_images_dtype(data):
+    """The matrices are stored in float32; float64 (or half) images used to fail in the matmul."""
+    zca = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
+    x = _normalised(data)[:4]
+    z = zca(x.double())
+    assert z.dtype == torch.float64 and torch.allclose(z.float(), zca(x), atol=1e-5)
+    back = zca.invert(z)
+    assert back.dtype == torch.float64 and torch.allclose(back.float(), x, atol=1e-4)
+
+
 def test_zca_is_mtts_pixel_space_whitening(data):
     """MTT's --zca (kornia ZCAWhitening, eps 0.1) whitens the raw [0, 1] pixels: the regularisation is
     in pixel units, so ddkit's transform of the normalised images must equal that one, not a ZCA

@@ -75,9 +75,9 @@ class ZCA:
         return x.reshape(len(x), -1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device
-        return ((self._flat(x) - self.mean.to(dev)) @ self.whiten.to(dev)).reshape(x.shape)
+        dev, dt = x.device, x.dtype
+        return ((self._flat(x) - self.mean.to(dev, dt)) @ self.whiten.to(dev, dt)).reshape(x.shape)
 
     def invert(self, z: torch.Tensor) -> torch.Tensor:
-        dev = z.device
-        return (self._flat(z) @ self.unwhiten.to(dev) + self.mean.to(dev)).reshape(z.shape)
+        dev, dt = z.device, z.dtype
+        return (self._flat(z) @ self.unwhiten.to(dev, dt) + self.mean.to(dev, dt)).reshape(z.shape)
