@@ -1,6 +1,6 @@
 """Tiny models for tests and smoke runs: they learn ``ddkit.data.make_synthetic()`` in seconds.
 
-``tiny_convnet``: a ConvNet with 2 blocks of width 8 (instance norm, average pooling), about 1.2k
+``tiny_convnet``: a ConvNet with 2 blocks of width 8 (instance norm, average pooling), about 2k
 parameters on 1x16x16 inputs; it takes every ``convnet`` option. ``tiny_mlp``: flatten ->
 Linear(hidden=32) -> ReLU -> Linear.
 """
