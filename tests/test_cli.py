@@ -332,6 +332,24 @@ def test_run_checks_the_whole_config_before_any_stage(setting, message, tmp_path
     assert list(tmp_path.iterdir()) == []  # not even the distilled set
 
 
+@pytest.mark.parametrize("setting, message", [
+    ("distill.options.extra_teachers=[no/such/teacher]", "'no/such/teacher' not found"),
+    ("evaluate.overrides.extra_teachers=[no/such/teacher]", "'no/such/teacher' not found"),
+])
+def test_run_checks_extra_teachers_before_training_the_teacher(setting, message, tmp_path, capsys):
+    """The README's `ddkit run configs/fashion-mnist/edc/ipc10.yaml` names extra teachers that must exist
+    first: a missing one fails before the (long) teacher stage, not after it."""
+    from conftest import REPO
+
+    out = tmp_path / "run"
+    code, _, err = run_cli(["run", str(REPO / "configs/fashion-mnist/edc/ipc10.yaml"), "--out", str(out), "-q",
+                            "--set", "dataset.name=synthetic", "--set", "distill.ipc=1",
+                            "--set", "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=1",
+                            "--set", "distill.options.extra_teachers=[]", "--set", setting], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # no teacher trained
+
+
 def test_bench_bar_rate_leaves_out_reused_cells():
     """Finished cells of a resumed bench count toward the bar, not toward its rate and ETA."""
     from ddkit.cli import BenchBars

@@ -194,11 +194,14 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
-    teacher or soft labels they need."""
+    teacher or soft labels they need, extra teachers that are not there."""
     from ddkit.models import create_model
+    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
 
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
+    for path in getattr(method_cfg, "extra_teachers", None) or []:  # read after the teacher stage otherwise
+        read_manifest(path, TEACHER_KIND)
     if cfg.distill.method != "full":
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
@@ -211,6 +214,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                               "or use label mode hard")
         if mode == "stored" and not (cfg.distill.soft_labels or method.own_soft_labels(method_cfg)):
             raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set distill.soft_labels: true")
+        for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
+            read_manifest(path, TEACHER_KIND)
         with torch.random.fork_rng(devices=[]):  # a bad student name or option fails now, not after distillation
             create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
 
