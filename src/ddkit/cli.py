@@ -541,7 +541,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, data=False, overrides=False)
     sp.set_defaults(func=cmd_relabel)
 
-    sp = sub.add_parser("experts", help="train expert trajectories for mtt/tesla/ftd/datm")
+    sp = sub.add_parser("experts", help="train expert trajectories for mtt/tesla/ftd/datm/shq")
     sp.add_argument("--config", help="YAML with dataset: and experts: sections")
     sp.add_argument("--model")
     sp.add_argument("--num-experts", type=int)
