@@ -72,7 +72,7 @@ class EvalConfig:
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
-    label_modes: list[str] = field(["hard"], help="label modes to evaluate, each a separate protocol: hard, teacher, stored")
+    label_modes: list[str] = field(["hard"], help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
