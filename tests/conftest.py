@@ -27,6 +27,29 @@ def run_ddkit(cwd: Path, *args: str, ranks: int = 1, cache: str = "cache", timeo
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
+def twice_at_once(monkeypatch, module, name: str, call) -> tuple[list, list]:
+    """Run ``call()`` in two threads at once, with ``module.name`` slowed down so that the second
+    thread arrives while the first is inside it; returns (the calls of ``module.name``, the results)."""
+    import threading
+    import time
+
+    calls, real = [], getattr(module, name)
+
+    def slow(*args, **kw):
+        calls.append(threading.get_ident())
+        time.sleep(0.5)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, name, slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(call())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return calls, results
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Full-data reference cache goes to a per-test folder, never ~/.cache."""

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, twice_at_once
 from ddkit.bench import (
     BenchConfig,
     cells_of,
@@ -636,9 +636,6 @@ def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):
     """Under torchrun the hard cell and the teacher cell of one set and student run on two ranks, and
     both need the hard evaluation (the teacher cell for HLR): one makes it, the other waits and reuses
     it instead of training the same students (and full-data reference) a second time."""
-    import threading
-    import time
-
     import ddkit.bench as bench_mod
     from ddkit.bench import Cell, _Bench
 
@@ -646,20 +643,7 @@ def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):
     bench = _Bench(cfg, None)
     bench.prepare()
     bench.world = 2  # as made under a 2-rank torchrun; each cell then runs whole on its rank
-    calls, real = [], bench_mod.evaluate
-
-    def slow_evaluate(*args, **kw):
-        calls.append(threading.get_ident())
-        time.sleep(0.5)  # long enough for the other rank to arrive while this one evaluates
-        return real(*args, **kw)
-
-    monkeypatch.setattr(bench_mod, "evaluate", slow_evaluate)
     cell = Cell(0, "synthetic", "random", 1, "tiny_convnet", "hard")
     protocol = cfg.protocol_for("tiny_convnet", "hard", ipc=1)
-    reports = []
-    threads = [threading.Thread(target=lambda: reports.append(bench._evaluate(cell, protocol))) for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls, reports = twice_at_once(monkeypatch, bench_mod, "evaluate", lambda: bench._evaluate(cell, protocol))
     assert len(calls) == 1 and len(reports) == 2 and reports[0] == reports[1]

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from conftest import twice_at_once
 from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, format_table, resolve_protocol
@@ -104,28 +105,11 @@ def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protoco
 def test_full_reference_is_trained_once_by_concurrent_callers(setup, tiny_protocol, tmp_path, monkeypatch):
     """Two bench ranks scoring other sets with the same student used to train the same whole-data students
     side by side; the second now waits for the first and reads its entry."""
-    import threading
-    import time
-
     import ddkit.evaluate.runner as runner
 
-    data = setup[0]
     protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"batch_size": 32}})
-    calls, real = [], runner._train_student
-
-    def slow(*args, **kw):
-        calls.append(threading.get_ident())
-        time.sleep(0.5)  # long enough for the other caller to arrive while this one trains
-        return real(*args, **kw)
-
-    monkeypatch.setattr(runner, "_train_student", slow)
-    out = []
-    threads = [threading.Thread(target=lambda: out.append(runner.full_reference(data, protocol, [0], "cpu", tmp_path)))
-               for _ in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls, out = twice_at_once(monkeypatch, runner, "_train_student",
+                               lambda: runner.full_reference(setup[0], protocol, [0], "cpu", tmp_path))
     assert len(calls) == 1 and len(out) == 2 and out[0] == out[1]
 
 
