@@ -437,6 +437,16 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
     return out + [""]
 
 
+def _cpu_runs(results: Path, runs: tuple[str, ...]) -> tuple[list[str], list[dict]]:
+    """The ``runs`` whose cpu-tier table is in ``results``, and their rows one after another."""
+    found = [n for n in runs if (results / f"{n}-fashion-mnist-cpu.json").is_file()]
+    return found, [r for n in found for r in read_json(results / f"{n}-fashion-mnist-cpu.json")["rows"]]
+
+
+def _run_links(found: list[str]) -> str:
+    return ", ".join(f"[{n}]({n}-fashion-mnist-cpu.md)" for n in found)
+
+
 # the decoupled family under ONE protocol: every method of the tier, teacher soft labels, long student training
 SINGLE_PROTOCOL = ("decoupled-long1", "decoupled-long10", "decoupled-long50")
 
@@ -447,14 +457,12 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
     IPC, each IPC with its own student epochs). Cell: accuracy % and IOR. Findings name, per IPC, the
     best set, the best EDC configuration (rows whose method is ``edc``), and whether it leads the family
     and beats random by more than the two stds together."""
-    rows = [r for name in runs if (results / f"{name}-fashion-mnist-cpu.json").is_file()
-            for r in read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"]]
-    found = [name for name in runs if (results / f"{name}-fashion-mnist-cpu.json").is_file()]
+    found, rows = _cpu_runs(results, runs)
     if not rows:
         return []
     ipcs = sorted({r["ipc"] for r in rows})
     out = ["## decoupled family under one protocol — every method at IPC " + " / ".join(map(str, ipcs)), "",
-           f"Runs: {', '.join(f'[{n}]({n}-fashion-mnist-cpu.md)' for n in found)} (one per IPC: the same teachers, "
+           f"Runs: {_run_links(found)} (one per IPC: the same teachers, "
            "observer pool and soft-kl protocol with teacher soft labels, students trained long enough to converge at "
            "CPU scale). Cell: accuracy % mean ± std over student seeds (IOR: points over the random subset of the "
            "same run and seeds). `edc` is EDC's own recipe; `edc-real-lr002-r18` / `edc-s05-lr002-r18` are ddkit's "
@@ -518,13 +526,13 @@ def edc_steps(results: Path, runs: tuple[str, ...] = EDC_STEP_RUNS) -> list[str]
     """EDC's steps added one by one (EDC Fig. 1), then ddkit's changes, per student and IPC, from the
     ``runs`` that evaluate them under the one protocol. Cell: accuracy % and, for a step, its change
     from the row it adds to; findings name each IPC's largest step."""
-    found = [n for n in runs if (results / f"{n}-fashion-mnist-cpu.json").is_file()]
-    rows = [r for n in found for r in read_json(results / f"{n}-fashion-mnist-cpu.json")["rows"] if r["method"] in EDC_STEPS]
+    found, rows = _cpu_runs(results, runs)
+    rows = [r for r in rows if r["method"] in EDC_STEPS]
     if not rows:
         return []
     ipcs = sorted({r["ipc"] for r in rows})
     out = ["## EDC's design steps under one protocol", "",
-           f"Runs: {', '.join(f'[{n}]({n}-fashion-mnist-cpu.md)' for n in found)} (the teachers, observer pool and "
+           f"Runs: {_run_links(found)} (the teachers, observer pool and "
            "soft-kl protocol of the one-protocol table above). EDC's synthesis-side steps are added one by one as in "
            "its Fig. 1 (C and E are evaluation-side: the `edc` protocol), then ddkit's changes. Cell: accuracy % "
            "mean ± std over student seeds; in brackets the change from the row above it in the chain.", ""]
