@@ -65,6 +65,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                          "ResNet-18 observer (ddkit's configuration), at IPC 10 under decoupled-long10's protocol",
           "edc-build1": "edc-build10 at IPC 1 under decoupled-long1's protocol (300 epochs, 8 student seeds), with "
                         "ddkit's IPC-1 EDC configuration (from RDED's larger crops) and RDED beside them",
+          "edc-build50": "edc-build10 at IPC 50 under decoupled-long50's protocol (90 epochs), in its folder so its "
+                         "EDC sets are reused: EDC's knobs one by one, then whole real images and ddkit's configuration",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
@@ -505,7 +507,7 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
 
 
 # EDC's design steps added one by one under the one protocol (the tier's own ablation trains students briefly)
-EDC_STEP_RUNS = ("edc-build1", "edc-build10")
+EDC_STEP_RUNS = ("edc-build1", "edc-build10", "edc-build50")
 EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
     "gvbsm": ("G-VBSM's own preset", None),
     "edc-A": ("A: G-VBSM's baseline in EDC's loop (noise init)", None),
