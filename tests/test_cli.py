@@ -93,6 +93,37 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
     assert code == 0 and "reused: teacher\n" in out
 
 
+def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):
+    """A tensors file's stored mean/std normalise every input; the same pixels under new ones used to
+    reuse the teacher and the distilled set made under the old ones (both were keyed by the pixels only)."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"train_images": torch.randint(0, 256, (40, 1, 8, 8), generator=gen, dtype=torch.uint8),
+               "train_labels": torch.arange(40) % 4, "test_images": torch.randint(0, 256, (8, 1, 8, 8), generator=gen,
+                                                                                dtype=torch.uint8),
+               "test_labels": torch.arange(8) % 4, "mean": torch.tensor([0.5]), "std": torch.tensor([0.3])}
+    file = tmp_path / "d.safetensors"
+    save_file(tensors, str(file))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"dataset: {{name: tensors, path: {file}}}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 16}}\n"
+        "distill: {method: random, ipc: 2}\n"
+        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 1}}}\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and "reused: teacher, distilled, eval-teacher.json" in out
+    save_file({**tensors, "mean": torch.tensor([0.1]), "std": torch.tensor([0.6])}, str(file))
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and "reused" not in out
+    manifest = json.loads((tmp_path / "run/teacher/manifest.json").read_text())
+    assert manifest["dataset"]["mean"] == [pytest.approx(0.1)] and manifest["dataset"]["std"] == [pytest.approx(0.6)]
+
+
 def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):
     """--checkpoint imports a trained teacher: --epochs/--precision/--seed would be recorded but never used."""
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint",

@@ -1,4 +1,6 @@
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -135,6 +137,14 @@ def test_distill_hash_follows_extra_teachers_weights_not_paths(tmp_path):
         hashes.append(distill_hash(cfg, data, None))
     assert hashes[0] != hashes[1]
     assert distill_hash(cfg, data, None) == hashes[1]
+    # the same teacher elsewhere (a moved or copied bench folder) keys the same set; it used to re-make it
+    shutil.copytree(pool, tmp_path / "moved")
+    moved = DistillConfig(method="sre2l", ipc=1, options={"extra_teachers": [str(tmp_path / "moved")]})
+    assert distill_hash(moved, data, None) == hashes[1]
+    assert moved.options == {"extra_teachers": [str(tmp_path / "moved")]}  # the config is left alone
+    # the same pixels under another normalisation (a tensors file's stored mean/std) are another set
+    renormed = dataclasses.replace(data, mean=(0.25,) * len(data.mean))
+    assert renormed.fingerprint == data.fingerprint and distill_hash(cfg, renormed, None) != hashes[1]
 
 
 def test_checkpoint_with_non_string_keys_is_a_one_line_error(tiny, tmp_path):

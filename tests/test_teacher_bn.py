@@ -249,11 +249,12 @@ def test_evaluate_passes_the_protocol_mode_to_training(data, teacher, distilled,
 def test_distill_soft_labels_in_batch_mode_and_stable_hashes(data, teacher, distilled):
     class Data:
         fingerprint = data.fingerprint
+        normalisation = data.normalisation
 
     plain = DistillConfig(method="random", ipc=3, soft_labels=True)
     old = {k: v for k, v in to_dict(plain).items() if not k.startswith("soft_labels_bn")}
     assert distill_hash(plain, Data, teacher) == config_hash({"distill": old, "data": data.fingerprint,
-                                                              "teacher": teacher.fingerprint})
+                                                              "norm": data.normalisation, "teacher": teacher.fingerprint})
     cfg = DistillConfig(method="random", ipc=3, soft_labels=True, soft_labels_bn="batch", soft_labels_bn_batch=4)
     assert distill_hash(cfg, Data, teacher) != distill_hash(plain, Data, teacher)
     ds = distill(data, cfg, DatasetConfig(name="synthetic"), None, teacher)

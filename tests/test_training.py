@@ -140,6 +140,31 @@ def test_soft_label_modes(tiny):
         _train(tiny, cfg, label_source="stored", loss="kl")
 
 
+def test_stored_labels_under_cutmix_mix_distributions_for_kl(tiny, monkeypatch):
+    """CutMix on stored soft labels used to mix the logits linearly for every loss. For ``kl`` the
+    target must be the mixture of the two distributions at the temperature (as one-hot labels mix);
+    ``mse_ce`` regresses logits and mixes those."""
+    from ddkit import training
+    from ddkit.training import mix_targets
+
+    a, b = torch.tensor([[4.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.0, 4.0]])
+    lam = torch.tensor([0.3])
+    for t in (1.0, 4.0):
+        want = 0.3 * F.softmax(a / t, 1) + 0.7 * F.softmax(b / t, 1)
+        got = F.softmax(mix_targets(a, b, lam, "kl", t) / t, 1)
+        assert torch.allclose(got, want, atol=1e-6)
+        linear = F.softmax((0.3 * a + 0.7 * b) / t, 1)
+        assert not torch.allclose(linear, want, atol=1e-3)  # the old target was another distribution
+    assert torch.allclose(mix_targets(a, b, lam, "mse_ce", 2.0), 0.3 * a + 0.7 * b)
+    # the training loop mixes stored targets through it, with the run's loss and temperature
+    seen = []
+    monkeypatch.setattr(training, "mix_targets", lambda *args: seen.append(args[3:]) or mix_targets(*args))
+    stored = torch.randn(len(tiny.train), 4)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, cutmix_prob=1.0)
+    _train(tiny, cfg, label_source="stored", loss="kl", temperature=3.0, stored_targets=stored)
+    assert seen and set(seen) == {("kl", 3.0)}
+
+
 def test_ema_decay_warms_up_and_copies_buffers():
     from torch import nn
 

@@ -406,7 +406,7 @@ def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, pro
     found = read_json(man) if man.is_file() else {}
     # an imported checkpoint is read again every run (cheap): its config names the file, not the weights in it
     if (not cfg.checkpoint and found.get("config_hash") == config_hash(cfg)
-            and found.get("dataset", {}).get("fingerprint") == data.fingerprint):
+            and data.matches(found.get("dataset", {}))):
         return Teacher.load(tdir, device)
     cb = (lambda e, n, r: progress(f"teacher {tdir.name}", e, n)) if progress is not None else None
     return train_teacher(data, cfg, tdir, device, progress=cb)

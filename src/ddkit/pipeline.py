@@ -156,10 +156,13 @@ def distill(
 
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
-    """Identity of a distilled set: options as given, data, teacher, the method's ``revision``
-    and ``identity_tags`` (left out while 0 / empty, so sets cached before revisions existed keep their hash; likewise
-    ``soft_labels_bn`` while running)."""
-    key = {"distill": omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn"), "data": data.fingerprint,
+    """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
+    ``revision`` and ``identity_tags`` (left out while 0 / empty; likewise ``soft_labels_bn`` while
+    running). Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what
+    they hold, not by path, so a moved or copied run or bench folder keeps its sets."""
+    ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
+    options = ident.get("options") or {}
+    key = {"distill": ident, "data": data.fingerprint, "norm": data.normalisation,
            "teacher": teacher.fingerprint if teacher is not None else None}
     if cfg.method in METHODS:
         cls = METHODS.get(cfg.method)
@@ -170,10 +173,12 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
         from ddkit.methods.trajectory import buffer_identity
 
+        options.pop("experts", None)
         key["experts_buffer"] = buffer_identity(experts)
     if extra := cfg.options.get("extra_teachers"):  # teacher artifacts on disk: their weights, not their paths
         from ddkit.teacher.squeeze import KIND as TEACHER_KIND
 
+        options.pop("extra_teachers", None)
         key["extra_teacher_weights"] = [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"]
                                         for t in extra]
     return config_hash(key)
@@ -264,7 +269,7 @@ def run(
         found = read_json(tdir / "manifest.json") if (tdir / "manifest.json").is_file() else {}
         # an imported checkpoint is read again every run (cheap): its config names the file, not the weights in it
         if (not cfg.teacher.checkpoint and found.get("config_hash") == config_hash(cfg.teacher)
-                and found.get("dataset", {}).get("fingerprint") == data.fingerprint):
+                and data.matches(found.get("dataset", {}))):
             teacher = Teacher.load(tdir, device)
             summary["reused"].append("teacher")
         else:

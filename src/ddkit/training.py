@@ -208,6 +208,18 @@ def per_sample_loss(
     return mse + ce_weight * ce
 
 
+def mix_targets(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: LossKind, temperature: float) -> torch.Tensor:
+    """Stored target logits ``a`` and ``b`` [B, C] of a CutMix pair as one target for ``loss``, ``lam`` [B]
+    being ``a``'s pixel fraction. ``kl`` mixes what it trains on, the distributions at ``temperature``
+    (as CutMix mixes one-hot labels): the result is ``T * log(lam * p_a + (1 - lam) * p_b)``, whose
+    softmax at ``T`` is that mixture exactly. ``mse_ce`` regresses logits, so it mixes the logits."""
+    lam = lam[:, None]
+    if loss != "kl":
+        return lam * a + (1 - lam) * b
+    t = temperature
+    return t * torch.log(lam * F.softmax(a / t, dim=1) + (1 - lam) * F.softmax(b / t, dim=1))
+
+
 # --- teacher BatchNorm modes ---------------------------------------------------------------------
 
 _WARNED_NO_BN: weakref.WeakSet = weakref.WeakSet()
@@ -550,7 +562,7 @@ def train_classifier(
                 elif label_source == "stored":
                     t_all = to_device(stored_targets[idx], device)
                     if cutmix is not None:
-                        t_all = lam[:, None] * t_all + (1 - lam[:, None]) * t_all[partner]
+                        t_all = mix_targets(t_all, t_all[partner], lam, loss, temperature)
                     targets = t_all[lo:hi]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * scale, model, ema, scaler)

@@ -149,6 +149,13 @@ class DataBundle:
         fingerprint covers the raw pixels only)."""
         return {"mean": [float(m) for m in self.mean], "std": [float(s) for s in self.std]}
 
+    def matches(self, described: dict) -> bool:
+        """Whether ``described`` (an artifact's ``dataset`` entry, written by :meth:`describe`) is this
+        data as the artifact saw it: the same pixels and labels and the same normalisation (a teacher
+        trained on other mean/std sees shifted inputs)."""
+        return (described.get("fingerprint") == self.fingerprint and described.get("mean") == list(self.mean)
+                and described.get("std") == list(self.std))
+
     def describe(self) -> dict:
         return {
             "name": self.name,

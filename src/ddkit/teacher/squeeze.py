@@ -240,7 +240,7 @@ def train_teacher(
     state_path = None
     if out is not None:
         out = Path(out)
-        state_path = out.parent / f".{out.name}.resume-{config_hash(cfg)}-{data.fingerprint}.pt"
+        state_path = out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train), cfg.train.epochs)
     result = train_classifier(
         model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device,
