@@ -613,8 +613,11 @@ def test_teacher_checkpoint_replaced_in_place_is_imported_again(tmp_path):
 
 
 def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_path):
-    """A protocol's extra_teachers (an ensemble with the teacher) are named by path in its hash: a cell
-    and its evaluations must follow their weights, so retraining one in place recomputes them."""
+    """A protocol's extra_teachers (an ensemble with the teacher): a cell and its evaluations follow
+    their weights, not their paths. Retraining one in place recomputes them (the protocol's hash used to
+    name the path only); the same teacher copied elsewhere reuses them (the path used to be in the keys)."""
+    import shutil
+
     from ddkit.data.base import make_synthetic
     from ddkit.teacher import TeacherConfig, train_teacher
     from ddkit.training import TrainConfig
@@ -630,6 +633,12 @@ def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_pa
         rows = run_bench(cfg, progress=lambda d, n, r, s=seed: seen.append((s, r["reused"], r["eval_keys"][0])))
     assert [(s, reused) for s, reused, _ in seen] == [(0, False), (1, False), (1, True)]
     assert seen[0][2] != seen[1][2] == seen[2][2] == rows[0]["eval_keys"][0]
+    shutil.copytree(extra, tmp_path / "moved")
+    moved = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["teacher"],
+                     overrides={**TINY["overrides"], "extra_teachers": [str(tmp_path / "moved")]})
+    again = []
+    assert run_bench(moved, progress=lambda d, n, r: again.append((r["reused"], r["eval_keys"][0]))) == rows
+    assert again == [(True, seen[2][2])]
 
 
 def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):

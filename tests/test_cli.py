@@ -414,8 +414,9 @@ def test_evaluate_refuses_a_folder_as_out_before_training(tmp_path, capsys):
 
 
 def test_run_evaluates_again_when_a_protocol_extra_teacher_changes(tmp_path, capsys):
-    """evaluate.overrides.extra_teachers are named by path in the protocol's hash: an extra teacher
-    retrained in place must give a new evaluation, not the one made with the old weights."""
+    """evaluate.overrides.extra_teachers enter evaluation keys by their weights (the protocol's hash
+    counts them only): an extra teacher retrained in place must give a new evaluation, not the one made
+    with the old weights."""
     from ddkit.data.base import make_synthetic
     from ddkit.teacher import TeacherConfig, train_teacher
     from ddkit.training import TrainConfig

@@ -7,7 +7,7 @@ from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, format_table, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
-from ddkit.teacher import TeacherConfig, train_teacher
+from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TrainConfig
 
 
@@ -170,6 +170,12 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     want = (teacher_logits(teacher, x, data.mean, data.std, "cpu") + teacher_logits(other, x, data.mean, data.std, "cpu")) / 2
     assert torch.allclose(teacher_logits(both, x, data.mean, data.std, "cpu"), want, atol=1e-5)
     assert both.fingerprint not in (teacher.fingerprint, other.fingerprint)
+    import shutil  # the same members elsewhere are the same ensemble (its fingerprint named their paths)
+
+    shutil.copytree(tmp_path / "other", tmp_path / "moved")
+    assert teacher_ensemble([teacher, Teacher.load(tmp_path / "moved")]).fingerprint == both.fingerprint
+    here, there = ({"extra_teachers": [str(tmp_path / p)]} for p in ("other", "moved"))
+    assert resolve_protocol(tiny_protocol, here).hash == resolve_protocol(tiny_protocol, there).hash != tiny_protocol.hash
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
     alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
     twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data, teacher=teacher)

@@ -185,8 +185,8 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
 
 
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
-    """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash names
-    by path only (they form an ensemble with the teacher in every label mode but hard). Empty without
+    """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash
+    counts only (they form an ensemble with the teacher in every label mode but hard). Empty without
     an ensemble, so the keys of other evaluations keep their values."""
     if not protocol.extra_teachers or protocol.label_mode == "hard":
         return {}

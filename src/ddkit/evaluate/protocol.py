@@ -78,8 +78,13 @@ class ProtocolConfig:
         """What decides the numbers: every field, except those at a value that reproduces the
         behaviour from before they existed (fields declared ``added``, e.g. an empty ``extra_teachers``:
         no ensemble; ``teacher_bn`` running with no ``teacher_bn_batch``), which are left out so hashes
-        stay those of older protocols; with an EMA student, a marker of the EMA's decay warm-up."""
+        stay those of older protocols; with an EMA student, a marker of the EMA's decay warm-up.
+        ``extra_teachers`` enter as their count: every key of an evaluation adds their weights
+        (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so a moved
+        or copied ensemble keeps its evaluations."""
         out = to_dict(self, identity=True)
+        if "extra_teachers" in out:
+            out["extra_teachers"] = len(out["extra_teachers"])
         if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only
             out["train"]["ema_warmup"] = True
         return omit_running_bn(out)

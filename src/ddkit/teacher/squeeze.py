@@ -154,7 +154,9 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
                              "an ensemble needs teachers of the same dataset")
     members = [{"path": str(t.path) if t.path else None, "weights_sha": t.fingerprint, "weight": w}
                for t, w in zip(teachers, weights)]
-    sha = hashlib.sha256(json.dumps(members, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1 else first.fingerprint
+    # by weights, not paths: the same teachers copied elsewhere are the same ensemble
+    identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
+    sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1 else first.fingerprint
     manifest = {**first.manifest, "weights_sha": sha, "test_accuracy": None, "ensemble": members}
     return Teacher(_MeanLogits([t.model for t in teachers], weights), manifest, first.path)
 
