@@ -55,8 +55,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                               "EDC lead its family and beat random under one protocol?",
           "decoupled-long1": "decoupled-long10 at IPC 1 (300 epochs, bf16, 8 student seeds), with edc-ipc1-seeds' "
                              "EDC from RDED's larger crops beside ddkit's EDC configuration from real images",
-          "decoupled-long50": "decoupled-long10 at IPC 50 (90 epochs, bf16) for the sets within a few points of random "
-                              "at IPC 1 and 10 (EDC's two configurations, RDED, DWA): does EDC lead and beat random?",
+          "decoupled-long50": "decoupled-long10 at IPC 50 (90 epochs, bf16): every method of the family, EDC's two "
+                              "configurations, RDED from larger crops and random: does EDC lead and beat random?",
           "edc-ablate10": "ddkit's EDC configuration (edc-real-lr002-r18) at IPC 10 under decoupled-long10's protocol "
                           "with one EDC knob taken out per row (flatness, category-aware matching, weak crops, "
                           "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which knobs carry it?",
