@@ -24,7 +24,7 @@ import logging
 from pathlib import Path
 
 from ddkit.artifacts import read_json, write_results, write_text
-from ddkit.bench import load_bench_config, run_bench, synthesis_seconds
+from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
 from ddkit.config import load_yaml, to_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -215,7 +215,9 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
              "protocol and seeds; IOR = method − random (points); HLR = full-data hard − distilled hard (points). "
              "Synthesis s leaves out building the cached teacher statistics or expert buffer that every set of the same "
              "teacher or expert recipe shares; shared s is what building those took. Where shared s is – the run "
-             "predates that split, and synthesis s of the first set made for a teacher or expert recipe includes it.", "",
+             "predates that split, and synthesis s of the first set made for a teacher or expert recipe includes it. "
+             "Synthesis s marked (resumed) counts only the time after the set's synthesis resumed from an interrupted "
+             "run's checkpoints.", "",
              "| method | IPC | student | labels | accuracy % | random % | IOR | HLR | published (FMNIST) | synthesis s | shared s | peak MB | image B | label B |",
              "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -224,7 +226,7 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
         hlr = f"{100 * r['hlr']['mean']:.2f}" if r.get("hlr") else "–"
         pub = _pub(r["method_name"], r["ipc"]) if r["label_mode"] == "hard" and r["method"] == r["method_name"] else "–"
         lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['acc'])} | {_pm(r['random'])} | {ior} | {hlr} | "
-                     f"{pub} | {synthesis_seconds(r):.1f} | {_seconds(syn.get('shared_seconds'))} | {_mb(syn['peak_memory_bytes'])} | "
+                     f"{pub} | {synthesis_cell(r, 1)} | {_seconds(syn.get('shared_seconds'))} | {_mb(syn['peak_memory_bytes'])} | "
                      f"{r['bytes']['images']:,} | {r['bytes']['labels']:,} |")
     full = next((r["full_hard"] for r in rows if r.get("full_hard")), None)
     if full:

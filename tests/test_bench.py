@@ -217,6 +217,35 @@ def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):
     assert strip(resumed) == strip(rows)
 
 
+def test_a_resumed_synthesis_is_marked(tmp_path):
+    """A set whose synthesis resumed from an interrupted run's checkpoints is timed from the resume: its
+    record and table cells say so (the time used to read as the whole synthesis')."""
+    from ddkit.bench import _distill_stage, synthesis_cell
+    from ddkit.data.base import DatasetConfig, make_synthetic
+    from ddkit.methods import METHODS
+    from ddkit.pipeline import DistillConfig, work_dir
+
+    data, dcfg = make_synthetic(), DatasetConfig(name="synthetic")
+    cfg = DistillConfig(method="dm", ipc=2, options=dict(METHODS.get("dm").smoke_options))
+    (tmp_path / "distilled").mkdir()
+    ddir, calls = tmp_path / "distilled" / "set", []
+
+    def kill(label, done, total):
+        calls.append(done)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _distill_stage(data, dcfg, cfg, ddir, None, "cpu", kill)
+    assert any(work_dir(ddir).iterdir()) and not ddir.exists()
+    resumed = _distill_stage(data, dcfg, cfg, ddir, None, "cpu")
+    fresh = _distill_stage(data, dcfg, cfg, tmp_path / "distilled" / "fresh", None, "cpu")
+    assert resumed["resumed"] is True and fresh["resumed"] is False and not work_dir(ddir).exists()
+    assert synthesis_cell({"synthesis": resumed}) == f"{resumed['seconds']:.2f} (resumed)"
+    assert synthesis_cell({"synthesis": fresh}, 1) == f"{fresh['seconds']:.1f}"
+    assert json.loads((tmp_path / "distilled" / "set.synthesis.json").read_text())["resumed"] is True
+
+
 def test_killed_cell_leaves_no_corrupt_files(full_run, tmp_path, monkeypatch):
     import ddkit.bench as bench
 
@@ -616,7 +645,6 @@ def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_pa
     """A protocol's extra_teachers (an ensemble with the teacher): a cell and its evaluations follow
     their weights, not their paths. Retraining one in place recomputes them (the protocol's hash used to
     name the path only); the same teacher copied elsewhere reuses them (the path used to be in the keys)."""
-    import shutil
 
     from ddkit.data.base import make_synthetic
     from ddkit.teacher import TeacherConfig, train_teacher

@@ -62,7 +62,7 @@ from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
-from ddkit.pipeline import DistillConfig, distill, distill_hash, ensemble_identity
+from ddkit.pipeline import DistillConfig, distill, distill_hash, ensemble_identity, work_dir
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
@@ -428,6 +428,10 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
             and read_json(ddir / "manifest.json").get("config_hash") == want
             and read_json(stats_path).get("config_hash") == want):
         return read_json(stats_path)
+    # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
+    # the set) is timed from the resume only: the record says so
+    work = work_dir(ddir)
+    resumed = work.is_dir() and any(work.iterdir())
     t0 = time.perf_counter()
     with PeakMemory(torch.device(device)) as mem, shared_costs() as shared:
         cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
@@ -438,7 +442,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
              # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
              "wall_seconds": round(wall, 4),
              "seconds": round(wall - sum(c["seconds_here"] for c in shared), 4),
-             "shared_seconds": shared_seconds(shared), "shared": shared,
+             "shared_seconds": shared_seconds(shared), "shared": shared, "resumed": resumed,
              "peak_memory_bytes": mem.peak,
              "peak_memory_kind": mem.kind, "device": str(device), "versions": versions(),
              "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}}
@@ -653,7 +657,7 @@ class _Bench:
             "ior": None, "hlr": None, "lrs": None, "ars": None,
             "bytes": rep["bytes"], "synthesis": {k: self.synthesis[key3].get(k) for k in
                                                  ("wall_seconds", "seconds", "shared_seconds", "peak_memory_bytes",
-                                                  "peak_memory_kind", "device")},
+                                                  "peak_memory_kind", "device", "resumed")},
             "protocol_hash": rep["protocol_hash"], "hard_protocol_hash": hard["protocol_hash"],
             "eval_keys": [rep["eval_key"], hard["eval_key"]],
             "distilled_path": str(self._set_dir(key3)), "versions": rep["versions"],
@@ -768,6 +772,12 @@ def synthesis_seconds(row: dict) -> float:
     separated the two give their whole wall time."""
     syn = row["synthesis"]
     return syn["seconds"] if syn.get("seconds") is not None else (syn.get("wall_seconds") or 0.0)
+
+
+def synthesis_cell(row: dict, digits: int = 2) -> str:
+    """:func:`synthesis_seconds` for a table, marked ``(resumed)`` where the synthesis resumed from an
+    interrupted run's checkpoints (its time then counts from the resume)."""
+    return f"{synthesis_seconds(row):.{digits}f}" + (" (resumed)" if row["synthesis"].get("resumed") else "")
 
 
 def format_bench_table(rows: list[dict]) -> str:

@@ -130,7 +130,7 @@ def distill(
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)
-    work = Path(out).parent / f".{Path(out).name}.work" if out is not None else None
+    work = work_dir(out) if out is not None else None
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress)
     method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
     synthetic = method.synthetic_
@@ -153,6 +153,12 @@ def distill(
     ddist.barrier()
     distilled.path = Path(out) if out is not None else None
     return distilled
+
+
+def work_dir(out: str | Path) -> Path:
+    """Where :func:`distill` keeps the checkpoints of a set written to ``out`` until it is saved (a
+    hidden folder beside it), so that an interrupted synthesis resumes."""
+    return Path(out).parent / f".{Path(out).name}.work"
 
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from ddkit.artifacts import atomic_dir, base_manifest, folder_kind, write_json, write_text
-from ddkit.bench import format_bench_table, load_table, synthesis_seconds
+from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -160,7 +160,7 @@ def _cells(r: dict) -> list[str]:
     mem = r["synthesis"].get("peak_memory_bytes")
     return [r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"], _fmt(r["acc"]), _fmt(r.get("random")),
             _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3), _fmt(r.get("ars"), 1, 3),
-            f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", f"{synthesis_seconds(r):.2f}",
+            f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
             _seconds(r["synthesis"].get("shared_seconds")),
             "–" if mem is None else f"{mem / 2**20:.1f}", f"`{r['protocol_hash']}`"]
 
