@@ -645,7 +645,6 @@ def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_pa
     """A protocol's extra_teachers (an ensemble with the teacher): a cell and its evaluations follow
     their weights, not their paths. Retraining one in place recomputes them (the protocol's hash used to
     name the path only); the same teacher copied elsewhere reuses them (the path used to be in the keys)."""
-
     from ddkit.data.base import make_synthetic
     from ddkit.teacher import TeacherConfig, train_teacher
     from ddkit.training import TrainConfig
