@@ -1,5 +1,6 @@
 """``ddkit bench``: the matrix runner (reuse, resume, atomic cells) and the DD-Ranking metrics."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -448,6 +449,12 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     whats = {w.split(" ")[0] for w, _, _ in stages}
     assert {"teacher", "distill"} <= whats and any(": distilled, seed 0" in w for w, _, _ in stages)
     assert any(w == "distill synthetic-a-ipc2" and (d, n) == (6, 6) for w, d, n in stages)  # 2 slots x 3 steps
+    # a moved bench folder keeps its sets and cells: '@other' resolves to another path, the same weights
+    # (the path used to be in the sets' keys, so every set that names a pool teacher was made again)
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    reused = []
+    moved = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "moved")), progress=lambda d, n, r: reused.append(r["reused"]))
+    assert reused == [True] * 4 and strip(moved) == strip(rows)
     with pytest.raises(ConfigError, match="not in teacher_pool"):
         tiny_cfg(tmp_path, methods=[{"name": "sre2l", "options": {"extra_teachers": ["@nope"]}}])
     with pytest.raises(ConfigError, match="must be a non-empty subset of ipcs"):
