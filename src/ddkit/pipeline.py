@@ -182,12 +182,17 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
         options.pop("experts", None)
         key["experts_buffer"] = buffer_identity(experts)
     if extra := cfg.options.get("extra_teachers"):  # teacher artifacts on disk: their weights, not their paths
-        from ddkit.teacher.squeeze import KIND as TEACHER_KIND
-
         options.pop("extra_teachers", None)
-        key["extra_teacher_weights"] = [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"]
-                                        for t in extra]
+        key["extra_teacher_weights"] = teacher_weights(extra)
     return config_hash(key)
+
+
+def teacher_weights(paths: list[str]) -> list[str]:
+    """The weights sha of each teacher artifact in ``paths`` (read from its manifest): what keys name
+    instead of the paths."""
+    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
+
+    return [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"] for t in paths]
 
 
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
@@ -196,10 +201,7 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     an ensemble, so the keys of other evaluations keep their values."""
     if not protocol.extra_teachers or protocol.label_mode == "hard":
         return {}
-    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
-
-    return {"extra_teacher_weights": [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"]
-                                      for t in protocol.extra_teachers]}
+    return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
