@@ -124,6 +124,43 @@ def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):
     assert manifest["dataset"]["mean"] == [pytest.approx(0.1)] and manifest["dataset"]["std"] == [pytest.approx(0.6)]
 
 
+def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
+    """Label mode fkd: `run` keys the evaluation by what the FKD store holds. A store re-made in place
+    with other settings used to reuse the old store's evaluation (the key named the path); a copy of
+    the store under another path reuses it."""
+    import shutil
+
+    base = ("dataset: {name: synthetic}\n"
+            "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+            "distill: {method: random, ipc: 2}\n"
+            f"out: {tmp_path / 'run'}\n")
+    cfg = tmp_path / "run.yaml"
+
+    def run(mode: str, store=None) -> str:
+        extra = f"fkd_store: {store}, " if store else ""
+        cfg.write_text(base + f"evaluate: {{label_modes: [{mode}], seeds: [0], overrides: {{student: tiny_convnet, "
+                       f"{extra}random_baseline: false, full_reference: false, train: {{epochs: 2, batch_size: 16}}}}}}\n")
+        code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
+        assert code == 0, err
+        return out
+
+    run("hard")
+    labels = tmp_path / "labels"
+    relabel = ["relabel", str(tmp_path / "run/distilled"), "--teacher", str(tmp_path / "run/teacher"), "--epochs", "2",
+               "--out", str(labels), "-q"]
+    assert run_cli(relabel, capsys)[0] == 0
+    assert "reused: teacher, distilled\n" in run("fkd", labels)
+    first = json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"]
+    assert "reused: teacher, distilled, eval-fkd.json" in run("fkd", labels)
+    assert run_cli([*relabel, "--seed", "1"], capsys)[0] == 0  # other views and logits, same path
+    assert "reused: teacher, distilled\n" in run("fkd", labels)
+    second = json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"]
+    assert second != first
+    shutil.copytree(labels, tmp_path / "copied")
+    assert "reused: teacher, distilled, eval-fkd.json" in run("fkd", tmp_path / "copied")
+    assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] == second
+
+
 def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):
     """--checkpoint imports a trained teacher: --epochs/--precision/--seed would be recorded but never used."""
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint",

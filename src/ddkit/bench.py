@@ -62,7 +62,14 @@ from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
-from ddkit.pipeline import DistillConfig, distill, distill_hash, ensemble_identity, work_dir
+from ddkit.pipeline import (
+    DistillConfig,
+    distill,
+    distill_hash,
+    ensemble_identity,
+    fkd_identity,
+    work_dir,
+)
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
@@ -541,7 +548,7 @@ class _Bench:
         ds = self.distilled[key3]
         tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
         key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
-                           "teacher": tfp, **ensemble_identity(protocol)})
+                           "teacher": tfp, **ensemble_identity(protocol), **fkd_identity(protocol)})
         path = self.root / "evals" / f"{key}.json"
         if (rep := self._cached_eval(path)) is not None:
             return rep

@@ -114,10 +114,9 @@ def _bench_progress(record: dict, root: Path) -> str:
             rec = read_json(path, "cell")
         except DDKitError:
             rec = None
-        # an FKD cell's protocol names its label store, so only its hard-label protocol is compared
         current = isinstance(rec, dict) and rec.get("seeds") == list(cfg.seeds) and (
             rec.get("hard_protocol_hash") == cfg.protocol_for(c.student, "hard", ipc=c.ipc).hash) and (
-            c.label_mode == "fkd" or rec.get("protocol_hash") == cfg.protocol_for(c.student, c.label_mode, ipc=c.ipc).hash)
+            rec.get("protocol_hash") == cfg.protocol_for(c.student, c.label_mode, ipc=c.ipc).hash)
         done += current
         stale += not current
     if not (root / "bench.json").is_file():

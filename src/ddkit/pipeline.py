@@ -33,6 +33,7 @@ from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
+from ddkit.labels.fkd import store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
@@ -204,6 +205,15 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
+def fkd_identity(protocol: ProtocolConfig) -> dict:
+    """For keys of ``protocol``'s evaluations: the content of its FKD store, which its hash names by a
+    marker only (a store re-made in place with other settings must not reuse the evaluations of the
+    old one; a moved or copied one keeps them). Empty outside label mode fkd."""
+    if protocol.label_mode != "fkd" or not protocol.fkd_store:
+        return {}
+    return {"fkd_store": store_identity(protocol.fkd_store)}
+
+
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
@@ -299,7 +309,8 @@ def run(
     for protocol in cfg.evaluate.protocols():
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
-                           "teacher": teacher.fingerprint if teacher is not None else None, **ensemble_identity(protocol)})
+                           "teacher": teacher.fingerprint if teacher is not None else None, **ensemble_identity(protocol),
+                           **fkd_identity(protocol)})
         if path.is_file() and read_json(path).get("run_hash") == key:
             report = read_json(path)
             summary["reused"].append(path.name)

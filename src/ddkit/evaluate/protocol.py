@@ -19,6 +19,9 @@ from ddkit.errors import ConfigError
 from ddkit.registry import Registry
 from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
 
+# what a protocol's hash holds for its FKD store: the path names no content, the keys add the content
+FKD_STORE_MARK = "<keyed by the store's content>"
+
 
 @dataclass
 class ProtocolConfig:
@@ -81,10 +84,13 @@ class ProtocolConfig:
         stay those of older protocols; with an EMA student, a marker of the EMA's decay warm-up.
         ``extra_teachers`` enter as their count: every key of an evaluation adds their weights
         (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so a moved
-        or copied ensemble keeps its evaluations."""
+        or copied ensemble keeps its evaluations. ``fkd_store`` enters as a marker for the same reason:
+        the keys add the store's content (:func:`ddkit.pipeline.fkd_identity`)."""
         out = to_dict(self, identity=True)
         if "extra_teachers" in out:
             out["extra_teachers"] = len(out["extra_teachers"])
+        if out.get("fkd_store"):
+            out["fkd_store"] = FKD_STORE_MARK
         if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only
             out["train"]["ema_warmup"] = True
         return omit_running_bn(out)

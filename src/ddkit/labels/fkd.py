@@ -65,6 +65,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
+from ddkit.config import config_hash
 from ddkit.data.augment import CutMix, Params, build_augment, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.determinism import use_deterministic_cuda
@@ -86,6 +87,19 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 KIND = "fkd-soft-labels"
 FILE = "fkd_labels.safetensors"
 FORMAT = 1  # version of the tensor layout described in the module docstring
+
+
+def store_identity(path: str | Path) -> str:
+    """What an evaluation that replays the store at ``path`` depends on, for cache keys: its manifest
+    (settings, seed, teacher and set fingerprints, thread count, tensor layout) without the paths it
+    was made from and the package versions. A moved or copied store keeps its identity; one re-made
+    in place with other settings, for another set or by another teacher gets another."""
+    man = read_manifest(path, KIND)
+    man.pop("versions", None)
+    for part in ("teacher", "distilled"):
+        if isinstance(man.get(part), dict):
+            man[part] = {k: v for k, v in man[part].items() if k != "path"}
+    return config_hash(man)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -379,7 +393,6 @@ def relabel(
     restarted run labels only the missing epochs; delete the folder once the store is saved.
     """
     from ddkit import distributed as ddist
-    from ddkit.config import config_hash
 
     if epochs < 1:
         raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
