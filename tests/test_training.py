@@ -165,6 +165,34 @@ def test_stored_labels_under_cutmix_mix_distributions_for_kl(tiny, monkeypatch):
     assert seen and set(seen) == {("kl", 3.0)}
 
 
+def test_cutmix_mixes_the_augmented_views(monkeypatch):
+    """CutMix pastes a box of the partner's view into the image's view (after crop and flip, as SRe2L,
+    RDED and CV-DD mix; the FKD store's views too), so a label's weight on a class is the share of the
+    view that class's image fills. CutMix used to come before the crop, which moved and rescaled the
+    box: the label weights then differed from what the student saw."""
+    from ddkit import training
+    from ddkit.data.base import ImageSet
+
+    levels = torch.tensor([0.1, 0.35, 0.6, 0.85])  # every image of class c is the constant levels[c]
+    labels = torch.arange(64) % 4
+    data = ImageSet(levels[labels].view(-1, 1, 1, 1).expand(-1, 1, 16, 16).contiguous(), labels)
+    seen = []
+    real = training.per_sample_loss
+    monkeypatch.setattr(training, "per_sample_loss", lambda logits, y, *a: seen.append(y) or real(logits, y, *a))
+    model = create_model("tiny_convnet", 1, 4, 16)
+    inputs = []
+    model.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.01, augment="rrc_flip", cutmix_prob=1.0)
+    train_classifier(model, data, (0.5,), (0.25,), cfg, seed=0)
+    assert len(seen) == 2 and len(inputs) == 2
+    norm = (levels - 0.5) / 0.25
+    for x, y in zip(inputs, seen):
+        share = torch.stack([((x[:, 0] - v).abs() < 1e-4).float().mean((1, 2)) for v in norm], 1)
+        assert y.shape == share.shape == (32, 4)
+        assert torch.allclose(share, y, atol=1e-6), (share - y).abs().max()
+        assert ((y > 0) & (y < 1)).any()  # some views do hold two classes
+
+
 def test_ema_decay_warms_up_and_copies_buffers():
     from torch import nn
 

@@ -434,8 +434,9 @@ def train_classifier(
     ``state_path``: a checkpoint written after every epoch; if it exists the run resumes from it.
     ``distributed``: data-parallel over the ranks of an initialised process group (DDP).
     ``transform``: a fixed map of the normalised images (ZCA whitening), applied to training batches
-    before CutMix and augmentation, as MTT's students see whitened images augmented, and to the test
-    images; label modes hard and stored only.
+    before augmentation and CutMix, as MTT's students see whitened images augmented, and to the test
+    images; label modes hard and stored only. CutMix (``cfg.cutmix_prob``) mixes the augmented views,
+    as the FKD store does.
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
@@ -538,12 +539,19 @@ def train_classifier(
                     x_all = transform(x_all)
                 y_all = to_device(data.labels[idx], device)
                 if cutmix is not None:
+                    # CutMix pastes a box of the partner's view into the image's view (after crop and flip,
+                    # as SRe2L, RDED and CV-DD mix), so lam is the share of the view each image fills;
+                    # partners may sit in another rank's slice: every rank augments the whole batch
+                    if augment is not None:
+                        x_all = augment.apply(x_all, aug_params)
                     x_all, partner, lam = cutmix.apply(x_all, mix_params)
                     lam = to_device(lam, device)
                     partner = to_device(partner, device)
-                x = x_all[lo:hi]
-                if augment is not None:
-                    x = augment.apply(x, slice_params(aug_params, slice(lo, hi)))
+                    x = x_all[lo:hi]
+                elif augment is not None:
+                    x = augment.apply(x_all[lo:hi], slice_params(aug_params, slice(lo, hi)))
+                else:
+                    x = x_all[lo:hi]
                 with amp():
                     logits = net(x).float()
                 labels: torch.Tensor = y_all[lo:hi]
@@ -553,7 +561,7 @@ def train_classifier(
                     labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
                 if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
                     # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
-                    xt = augment.apply(x_all, aug_params) if augment is not None else x_all
+                    xt = augment.apply(x_all, aug_params) if augment is not None and cutmix is None else x_all
                     with amp():
                         targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
                 elif label_source == "teacher":

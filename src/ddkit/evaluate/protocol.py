@@ -167,8 +167,8 @@ def cvdd_protocol() -> ProtocolConfig:
     CV-DD's stored per-batch FKD labels, which only replay with the same batch size and order; for
     stored labels use ``ddkit relabel --teacher-bn batch --teacher-bn-batch 16`` and label_mode fkd.
     ddkit's KL is scaled by T^2 (CV-DD leaves it out; AdamW is nearly invariant to that factor),
-    CutMix draws a box per image (CV-DD one per batch) and comes before the per-image crop/flip
-    (CV-DD mixes after). Not reproduced: CV-DD's gradient accumulation (2 forward passes of 8 per
+    CutMix draws a box per image (CV-DD one per batch); like CV-DD it mixes the cropped and flipped
+    views. Not reproduced: CV-DD's gradient accumulation (2 forward passes of 8 per
     step). CV-DD's committee of teachers is ``extra_teachers``; its ``eta`` 2 runs are
     ``train.schedule=smoothing``.
     """
