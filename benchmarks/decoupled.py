@@ -7,6 +7,14 @@ benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-cor
 ``--tier full`` the papers' settings (GPU).
 
     DDKIT_DATA=../shared/data python benchmarks/decoupled.py --tier cpu
+
+The CPU tier trains students briefly (300 / 80 / 30 epochs). Whether EDC leads its family and beats
+random is answered under one long protocol (every method of the tier plus ddkit's EDC configurations,
+students trained to convergence at CPU scale), one run per IPC, and EDC's steps added one by one
+under the same protocol; each takes hours on 2 cores, and ``fashion-mnist.md`` assembles their tables:
+
+    DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family decoupled-long1   # also -long10, -long50
+    DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family edc-build1        # also -build10, -build50
 """
 
 from fashion_mnist import main
