@@ -9,7 +9,8 @@ same protocol and seeds. Only the number of outer iterations may be reduced (pap
 table shows how far ``--iterations`` gets towards the published means (DC paper Table 1, DSA paper
 Table 2): DC 70.5 / 82.3 / 83.6, DSA 70.6 / 84.6 / 88.7, random 51.4 / 73.8 / 82.5 at IPC 1 / 10 / 50.
 
-Cost of one outer iteration: about 7 s (IPC 1) on 2 CPU cores; on one H200 0.09 / 2.2 / 9.2 s for
+Cost of one outer iteration: about 20 s (IPC 1) on one CPU thread, DC and DSA side by side on 2 cores
+(4904 / 5000 s for 250 iterations in dc-dsa-ipc1-fashion-mnist-cpu.json); on one H200 0.09 / 2.2 / 9.2 s for
 DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h200.md), so IPC 1 is
 a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
 

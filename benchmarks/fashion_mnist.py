@@ -3,7 +3,8 @@
 Two families, each one `ddkit bench` matrix (resumable: re-run the same command after a stop):
 
 - ``matching``  (configs/bench/fashion-mnist-matching[-cpu].yaml): DC, DSA, DM, DataDAM, MTT, TESLA,
-  FTD, DATM and random, hard labels under the DC protocol (ConvNet-3, SGD 0.01, batch 256).
+  FTD, DATM, AST (shq) and random, hard labels; the CPU tier under the DC protocol (SGD 0.01, batch
+  256, no augmentation), the full tier under DSA's (1000 epochs with DSA augmentation).
 - ``decoupled`` (configs/bench/fashion-mnist-decoupled[-cpu].yaml): SRe2L, CDA, G-VBSM, EDC (+ its
   ablation), RDED, DWA, CV-DD and random, teacher soft labels under one soft-label protocol, ConvNet-3
   and ResNet-18 students (the CPU tier: width-32 ConvNet-3 and width-8 ResNet-18).

@@ -1,6 +1,8 @@
-"""The matching family (DC, DSA, DM, DataDAM, MTT, TESLA, FTD, DATM) on Fashion-MNIST at IPC 1 / 10 / 50.
+"""The matching family (DC, DSA, DM, DataDAM, MTT, TESLA, FTD, DATM, and AST as shq) on Fashion-MNIST at IPC 1 / 10 / 50.
 
-Hard labels under the DC protocol, beside random subsets and the DC/DSA papers' numbers. See
+Hard labels, beside random subsets and the DC/DSA papers' numbers: the CPU tier evaluates under the DC
+protocol (width-32 ConvNet-3), the full tier under DSA's (1000 epochs with DSA augmentation, the
+papers' ConvNet-3 ``convnet3-p3``, 5 student seeds). See
 benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-core configuration,
 ``--tier full`` the papers' settings (GPU).
 
