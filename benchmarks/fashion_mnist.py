@@ -68,6 +68,10 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                         "ddkit's IPC-1 EDC configuration (from RDED's larger crops) and RDED beside them",
           "edc-build50": "edc-build10 at IPC 50 under decoupled-long50's protocol (90 epochs), in its folder so its "
                          "EDC sets are reused: EDC's knobs one by one, then whole real images and ddkit's configuration",
+          "edc-lr002-long1": "EDC's own recipe (RDED's output as initialisation) with image lr 0.002, without and with a "
+                             "ResNet-18 observer, at IPC 1 under decoupled-long1's protocol, in its folder",
+          "edc-lr002-long10": "edc-lr002-long1 at IPC 10 under decoupled-long10's protocol, in its folder",
+          "edc-lr002-long50": "edc-lr002-long1 at IPC 50 under decoupled-long50's protocol, in its folder",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
@@ -453,7 +457,8 @@ def _run_links(found: list[str]) -> str:
 
 
 # the decoupled family under ONE protocol: every method of the tier, teacher soft labels, long student training
-SINGLE_PROTOCOL = ("decoupled-long1", "decoupled-long10", "decoupled-long50")
+SINGLE_PROTOCOL = ("decoupled-long1", "decoupled-long10", "decoupled-long50",
+                   "edc-lr002-long1", "edc-lr002-long10", "edc-lr002-long50")  # the last three: more EDC rows
 
 
 def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> list[str]:
@@ -510,7 +515,7 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
 
 
 # EDC's design steps added one by one under the one protocol (the tier's own ablation trains students briefly)
-EDC_STEP_RUNS = ("edc-build1", "edc-build10", "edc-build50")
+EDC_STEP_RUNS = ("edc-build1", "edc-build10", "edc-build50", "edc-lr002-long1", "edc-lr002-long10", "edc-lr002-long50")
 EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
     "gvbsm": ("G-VBSM's own preset", None),
     "edc-A": ("A: G-VBSM's baseline in EDC's loop (noise init)", None),
@@ -518,6 +523,8 @@ EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
     "edc-ABD": ("+ D: flatness regularisation", "edc-AB"),
     "edc-ABDF": ("+ F: soft category-aware matching", "edc-ABD"),
     "edc": ("+ G: weak crops = EDC's recipe (image lr 0.05)", "edc-ABDF"),
+    "edc-lr002-d2d4": ("EDC's recipe with image lr 0.002", "edc"),
+    "edc-lr002-r18": ("... and a ResNet-18 observer", "edc-lr002-d2d4"),
     "edc-real": ("EDC's recipe from whole real images", "edc"),
     "edc-real-lr002-d2d4": ("... with image lr 0.002", "edc-real"),
     "edc-real-lr002-r18": ("... and a ResNet-18 observer (ddkit's IPC 10 / 50 configuration)", "edc-real-lr002-d2d4"),
