@@ -132,6 +132,38 @@ def test_load_errors(tiny, tmp_path):
         ddkit.load(path)
 
 
+def test_damaged_distilled_manifest_is_a_one_line_error(tiny, tmp_path, capsys):
+    """A manifest without (or with a mistyped) dataset classes, mean, std, method or ipc used to load and
+    then crash `ddkit export` / `ddkit evaluate` with a KeyError or TypeError."""
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    good = json.loads((path / "manifest.json").read_text())
+    damages = [(lambda m: m["dataset"].pop("classes"), "dataset.classes"),
+               (lambda m: m["dataset"].update(classes="class0"), "dataset.classes"),
+               (lambda m: m["dataset"].pop("mean"), "dataset.mean"), (lambda m: m["dataset"].pop("std"), "dataset.std"),
+               (lambda m: m.pop("method"), "method.name"), (lambda m: m.pop("ipc"), "ipc"),
+               (lambda m: m.update(ipc="3"), "ipc")]
+    for damage, key in damages:
+        broken = json.loads(json.dumps(good))
+        damage(broken)
+        (path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
+            ddkit.load(path)
+        assert main(["export", str(path), "--format", "pt", "--out", str(tmp_path / "set.pt")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and f"lacks '{key}'" in err and len(err.strip().splitlines()) == 1
+    (path / "manifest.json").write_text(json.dumps({**good, "ipc": None}))  # the full method's sets have no IPC
+    assert ddkit.load(path).ipc is None
+
+
+def test_load_takes_the_manifest_path_for_its_folder(tiny, tmp_path):
+    """`read_manifest` maps `.../manifest.json` to its folder; the loader must read the tensors from there."""
+    ds = _random_set(tiny, tmp_path)
+    loaded = ddkit.load(ds.path / "manifest.json")
+    assert loaded.path == ds.path and torch.equal(loaded.images, ds.images) and torch.equal(loaded.labels, ds.labels)
+
+
 def test_atomic_dir_leaves_nothing_on_failure_and_keeps_old(tmp_path):
     final = tmp_path / "out"
     final.mkdir()

@@ -690,3 +690,33 @@ def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):
     protocol = cfg.protocol_for("tiny_convnet", "hard", ipc=1)
     calls, reports = twice_at_once(monkeypatch, bench_mod, "evaluate", lambda: bench._evaluate(cell, protocol))
     assert len(calls) == 1 and len(reports) == 2 and reports[0] == reports[1]
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"students": ["tiny_convnet", "nosuch"]}, "student 'nosuch' on dataset 'synthetic': unknown model 'nosuch'"),
+    ({"student_options": {"tiny_convnet": {"bogus": 1}}},
+     "student 'tiny_convnet' on dataset 'synthetic': model 'tiny_convnet' has no option 'bogus'"),
+    ({"student_options": {"tiny_convnet": {"width": 0}}}, "student 'tiny_convnet' on dataset 'synthetic': "),
+    ({"ipc_overrides": {2: {"student_options": {"bogus": 1}}}}, "model 'tiny_convnet' has no option 'bogus'"),
+])
+def test_students_are_checked_before_any_stage_or_output(tmp_path, monkeypatch, capsys, over, message):
+    """A bad student (or student option) used to fail only at its first cell: after the teacher, the
+    distilled sets and the other students' cells, leaving the output folder full."""
+    import ddkit.bench
+
+    def no_stage(*a, **k):
+        raise AssertionError("a stage ran before the students were checked")
+
+    monkeypatch.setattr(ddkit.bench, "train_teacher", no_stage)
+    monkeypatch.setattr(ddkit.bench, "distill", no_stage)
+    out = tmp_path / "b"
+    cfg = tiny_cfg(out, label_modes=["hard", "teacher"], **over)
+    with pytest.raises(ConfigError, match=message):
+        run_bench(cfg)
+    assert not out.exists()
+    path = tmp_path / "bench.yaml"
+    path.write_text(json.dumps({**TINY, "label_modes": ["hard", "teacher"], **over, "out": str(out), "device": "cpu"}))
+    assert main(["bench", str(path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()

@@ -161,6 +161,61 @@ def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] == second
 
 
+def test_outputs_that_would_destroy_a_users_files_are_refused(workdir, tmp_path, capsys, monkeypatch):
+    """`evaluate --out` used to overwrite any file (a user's notes, a teacher's manifest.json) and
+    `--out .` failed after the work (a rename of the current folder), leaving a hidden temp folder
+    with a whole artifact in it, or a teacher's resume file."""
+    d = tmp_path / "set"
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(d), "-q"],
+                   capsys)[0] == 0
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    manifest = d / "manifest.json"
+    before = manifest.read_text()
+    for target in (notes, manifest):
+        code, _, err = run_cli(["evaluate", str(d), "--seeds", "0", "--out", str(target), "-q", *FAST], capsys)
+        assert code == 2 and "exists and is not a ddkit evaluation report; choose another --out" in err
+    assert notes.read_text() == "precious" and manifest.read_text() == before
+    ev = tmp_path / "ev.json"  # an evaluation report is replaced by the next one
+    args = ["evaluate", str(d), "--seeds", "0", "--out", str(ev), "-q", *FAST, "--set", "train.epochs=1"]
+    assert run_cli(args, capsys)[0] == 0 and run_cli(args, capsys)[0] == 0
+    assert json.loads(ev.read_text())["kind"] == "evaluation"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for cmd in (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1"],
+                ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1"]):
+        for out in (".", str(here), str(tmp_path)):
+            code, _, err = run_cli([*cmd, "--out", out, "-q"], capsys)
+            assert code == 2 and "is the current folder or holds it" in err, err
+    assert list(here.iterdir()) == [] and not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_diverged_teacher_and_experts_fail_and_save_nothing(tmp_path, capsys):
+    """A teacher or expert buffer whose training diverged used to be saved (every weight NaN, exit 0),
+    and failed only later, in distill or in the method that read it, blaming another setting."""
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "2",
+                            "--set", "teacher.train.lr=1e30", "--out", str(tmp_path / "t"), "-q"], capsys)
+    assert code == 2 and "teacher training diverged" in err and "lower teacher.train.lr (now 1e+30)" in err
+    code, _, err = run_cli(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1",
+                            "--epochs", "2", "--set", "experts.lr=1e30", "--out", str(tmp_path / "e"), "-q"], capsys)
+    assert code == 2 and "expert 0 diverged" in err and "lower experts.lr (now 1e+30)" in err
+    assert list(tmp_path.iterdir()) == []  # no artifact, no resume file, no partial folder
+
+
+def test_a_failed_distill_leaves_no_checkpoints_in_the_way(tmp_path, capsys):
+    """A method that diverged left its checkpoints in the hidden work folder, and the corrected re-run
+    then stopped on them ("written by a run with other settings")."""
+    out = tmp_path / "dm"
+    cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
+           "--out", str(out), "-q"]
+    code, _, err = run_cli([*cmd, "--set", "distill.options.lr_img=1e30"], capsys)
+    assert code == 2 and "non-finite pixels" in err
+    assert list(tmp_path.iterdir()) == []
+    assert run_cli(cmd, capsys)[0] == 0 and json.loads((out / "manifest.json").read_text())["method"]["name"] == "dm"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
+
+
 def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):
     """--checkpoint imports a trained teacher: --epochs/--precision/--seed would be recorded but never used."""
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint",
@@ -478,3 +533,30 @@ def test_run_evaluates_again_when_a_protocol_extra_teacher_changes(tmp_path, cap
     assert "reused: teacher, distilled\n" in outs[1]
     code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 0 and "reused: teacher, distilled, eval-teacher.json" in out
+
+
+def test_config_files_that_are_not_utf8_text_or_are_folders_fail_in_one_line(tmp_path, capsys):
+    """Every command that reads a YAML config used to print a UnicodeDecodeError traceback for one in
+    another encoding (or a PNG), and `ddkit run FOLDER` said the folder was not found."""
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\ndataset: {name: synthetic}\n")
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    (tmp_path / "bench.yaml").write_text("base: latin.yaml\n")
+    d = tmp_path / "r2"
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(d), "-q"],
+                   capsys)[0] == 0
+    out = tmp_path / "out"
+    for args, bad in ((["run", str(latin)], latin), (["run", str(png)], png),
+                      (["bench", str(tmp_path / "bench.yaml")], latin),
+                      (["teacher", "--config", str(latin)], latin),
+                      (["evaluate", str(d), "--protocol", str(latin), "--seeds", "0"], latin)):
+        code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+        assert code == 2 and err.count("\n") == 1, args
+        assert err.startswith(f"error: config file '{bad}' is not UTF-8 text (byte 0x"), args
+        assert "save it as UTF-8" in err, args
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    code, _, err = run_cli(["run", str(folder), "--out", str(out), "-q"], capsys)
+    assert code == 2 and err == f"error: config file '{folder}' is a folder; pass a YAML file (see configs/)\n"
+    assert not out.exists() and not list(d.glob("eval-*"))

@@ -262,3 +262,30 @@ def test_fixed_length_tuples_need_that_many_values():
     with pytest.raises(ConfigError, match=r"augment_options.ratio\[1\]: expected a number, got 'x'"):
         build_augment("rrc_flip", ratio=[0.5, "x"])
     assert build_augment("rrc_flip", ratio=[0.5, 2]).ratio == (0.5, 2.0)
+
+
+def test_config_files_that_are_not_utf8_text_or_are_folders(tmp_path):
+    """A Latin-1 file, a PNG or a folder used to give a UnicodeDecodeError traceback or 'not found'."""
+    import re
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"# caf\xe9\ndataset: {name: synthetic}\n")
+    png = tmp_path / "grid.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    for path, byte in ((latin, "0xe9 at offset 5"), (png, "0x89 at offset 0")):
+        with pytest.raises(ConfigError, match=re.escape(f"config file '{path}' is not UTF-8 text (byte {byte}); save it as UTF-8")):
+            load_yaml(path)
+    (tmp_path / "child.yaml").write_text("base: latin.yaml\nout: x\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{latin}' is not UTF-8 text")):
+        config.load_yaml_with_base(tmp_path / "child.yaml")
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{latin}' is not UTF-8 text")):
+        resolve_protocol(str(latin))
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{tmp_path}' is a folder; pass a YAML file")):
+        load_yaml(tmp_path)
+    (tmp_path / "sub.yaml").mkdir()
+    (tmp_path / "dirbase.yaml").write_text("base: sub.yaml\n")
+    with pytest.raises(ConfigError, match="sub.yaml' is a folder; pass a YAML file"):
+        config.load_yaml_with_base(tmp_path / "dirbase.yaml")
+    utf8 = tmp_path / "utf8.yaml"
+    utf8.write_bytes("\ufeff# café\na: 1\n".encode())  # UTF-8, with a byte-order mark as some editors write it
+    assert load_yaml(utf8) == {"a": 1}

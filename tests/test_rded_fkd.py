@@ -238,6 +238,26 @@ def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
     SoftLabelStore.load(tmp_path / "fkd").check_matches(small_set)
 
 
+def test_store_manifest_without_teacher_or_cutmix_alpha_is_refused(store, tmp_path):
+    """A store without its teacher, or with CutMix settings lacking alpha, used to load and then give a
+    KeyError at evaluate (checking the teacher, relabelling the random baseline alike)."""
+    import shutil
+
+    store.save(tmp_path / "fkd")
+    good = json.loads((tmp_path / "fkd" / "manifest.json").read_text())
+    assert good["cutmix"] is not None
+    for name, man, key in [("teacher", {k: v for k, v in good.items() if k != "teacher"}, "teacher.fingerprint"),
+                           ("teacher-null", {**good, "teacher": None}, "teacher.fingerprint"),
+                           ("alpha", {**good, "cutmix": {"prob": good["cutmix"]["prob"]}}, "cutmix.alpha"),
+                           ("alpha-text", {**good, "cutmix": {**good["cutmix"], "alpha": "1"}}, "cutmix.alpha"),
+                           ("prob", {**good, "cutmix": {"alpha": 1.0}}, "cutmix.prob")]:
+        bad = tmp_path / f"fkd-{name}"
+        shutil.copytree(tmp_path / "fkd", bad)
+        (bad / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=rf"lacks '{key}' .*re-create the fkd-soft-labels artifact"):
+            SoftLabelStore.load(bad)
+
+
 def test_corrupt_store_is_a_ddkit_error(store, tmp_path):
     store.save(tmp_path / "fkd")
     path = tmp_path / "fkd" / FILE
@@ -371,3 +391,27 @@ def test_relabel_under_torchrun_equals_single_process(tmp_path):
     run(*ev, "--out", "e2.json", ranks=2, cache="cache2")  # its own random-baseline cache
     r1, r2 = (json.loads((tmp_path / f"e{i}.json").read_text())["results"] for i in (1, 2))
     assert r1["distilled"] == r2["distilled"] and r1["random"] == r2["random"] and len(r1["random"]["per_seed"]) == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"cutmix_alpha": float("nan")}, "cutmix_alpha must be a finite number > 0"),
+    ({"cutmix_alpha": float("inf")}, "cutmix_alpha must be a finite number > 0"),
+    ({"cutmix_alpha": 0.0}, "cutmix_alpha must be a finite number > 0"),
+    ({"cutmix_prob": float("nan")}, r"cutmix_prob must be in \[0, 1\]"),
+    ({"seed": -1}, r"relabel seed must be an integer in \[0, 2\^32\), got -1"),
+    ({"seed": 99999999999999999999}, r"relabel seed must be an integer in \[0, 2\^32\), got 99999999999999999999"),
+    ({"seed": True}, r"relabel seed must be an integer in \[0, 2\^32\), got True"),
+    ({"epochs": 0}, "relabel epochs must be an integer >= 1, got 0"),
+    ({"epochs": 2.5}, "relabel epochs must be an integer >= 1, got 2.5"),
+])
+def test_relabel_checks_its_settings_before_any_work(small_set, teacher, tmp_path, monkeypatch, bad, message):
+    """NaN CutMix alpha used to fail inside torch (a ValueError) after the work folder was made; an
+    infinite alpha and out-of-range seeds were accepted."""
+    import ddkit.labels.fkd as fkd
+    from ddkit.errors import ConfigError
+
+    monkeypatch.setattr(fkd, "_epoch_logits", lambda *a, **k: pytest.fail("labelled before checking the settings"))
+    work = tmp_path / "work"
+    with pytest.raises(ConfigError, match=message):
+        relabel(small_set, teacher, **{"epochs": 1, "cutmix_prob": 0.5, "work_dir": work, **bad})
+    assert not work.exists()

@@ -84,6 +84,42 @@ def test_report_needs_a_finished_run(tmp_path):
         write_report(tmp_path)
 
 
+def test_damaged_bench_table_is_a_one_line_error(run_dir, tmp_path, capsys):
+    """A hand-edited or truncated bench.json used to crash `ddkit report` with a KeyError, TypeError or
+    ZeroDivisionError; it is refused as `ddkit show` refuses it, naming bench.json and the fix, and
+    nothing is written."""
+    good = json.loads((run_dir / "bench.json").read_text())
+    row = good["rows"][0]
+
+    def rows(*edit):
+        first = json.loads(json.dumps(row))
+        for e in edit:
+            e(first)
+        return {**good, "rows": [first, *good["rows"][1:]]}
+
+    cases = {
+        "no-rows": ({k: v for k, v in good.items() if k != "rows"}, r"lacks 'rows' \(a non-empty list\) or holds None"),
+        "empty-rows": ({**good, "rows": []}, r"lacks 'rows' \(a non-empty list\) or holds \[\]"),
+        "int-rows": ({**good, "rows": 5}, r"lacks 'rows' \(a non-empty list\) or holds 5"),
+        "list-row": ({**good, "rows": [list(row), *good["rows"][1:]]}, r"as rows\[0\], not a JSON object"),
+        "no-config": ({k: v for k, v in good.items() if k != "config"}, "lacks 'config'"),
+        "student-null": (rows(lambda r: r.update(student=None)), "with a field of the wrong type"),
+        "acc-text": (rows(lambda r: r["acc"].update(mean="0.5")), "with a field of the wrong type"),
+        **{f"no-{key}": (rows(lambda r, key=key: r.pop(key)), f"without the field '{key}'")
+           for key in ("acc", "ipc", "method", "bytes", "random")},
+    }
+    for name, (table, msg) in cases.items():
+        bench = tmp_path / name
+        bench.mkdir()
+        (bench / "bench.json").write_text(json.dumps(table))
+        with pytest.raises(DDKitError, match=msg + r".*re-run `ddkit bench`"):
+            write_report(bench)
+        assert main(["report", str(bench)]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {str(bench / 'bench.json')!r}") and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in bench.iterdir()) == ["bench.json"], name  # no report, no temporary folder
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if path := shutil.which(name):

@@ -68,6 +68,32 @@ def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
             Teacher.load(t)
 
 
+def test_teacher_manifest_without_weights_sha_or_input_shape_is_refused(teacher_dir, tmp_path):
+    """An empty ``model.input_shape`` used to raise IndexError and a missing ``weights_sha`` KeyError
+    (in relabel, distill --soft-labels and evaluate), after the teacher had loaded."""
+    good = json.loads((teacher_dir / "manifest.json").read_text())
+    for name, damage, msg in [
+        ("sha", lambda m: m.pop("weights_sha"), "lacks 'weights_sha' .*re-create the teacher artifact"),
+        ("sha-type", lambda m: m.update(weights_sha=5), "lacks 'weights_sha' .*re-create the teacher artifact"),
+        ("empty", lambda m: m["model"].update(input_shape=[]), r"holds model.input_shape \[\], not \[channels, height, "
+                                                                 r"width\]; .*re-create the teacher artifact"),
+        ("text", lambda m: m["model"].update(input_shape=["1", 16, 16]), r"holds model.input_shape \['1', 16, 16\]"),
+    ]:
+        t = tmp_path / name
+        shutil.copytree(teacher_dir, t)
+        man = json.loads(json.dumps(good))
+        damage(man)
+        (t / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=msg):
+            Teacher.load(t)
+
+
+def test_teacher_loads_from_its_manifest_path(teacher_dir):
+    """`read_manifest` maps `.../manifest.json` to its folder; the weights are read from there too."""
+    t = Teacher.load(teacher_dir / "manifest.json")
+    assert t.path == teacher_dir and t.fingerprint == Teacher.load(teacher_dir).fingerprint
+
+
 def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     from safetensors.torch import load_file
 

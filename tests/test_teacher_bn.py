@@ -410,3 +410,36 @@ def test_batch_statistics_under_torchrun_are_those_of_the_global_batch(teacher, 
     one = torch.load(tmp_path / "one.pt", weights_only=True)
     two = torch.load(tmp_path / "two.pt", weights_only=True)
     assert max(float((one[k] - two[k]).abs().max()) for k in one) < 1e-5
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cutmix-alpha", "nan"], "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got nan"),
+    (["--cutmix-alpha", "inf"], "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got inf"),
+    (["--cutmix-prob", "nan"], "cutmix_prob must be in [0, 1] (0 disables CutMix), got nan"),
+    (["--seed", "-1"], "relabel seed must be an integer in [0, 2^32), got -1"),
+    (["--seed", "99999999999999999999"], "relabel seed must be an integer in [0, 2^32), got 99999999999999999999"),
+    (["--epochs", "0"], "relabel epochs must be an integer >= 1, got 0"),
+])
+def test_relabel_cli_rejects_non_finite_cutmix_and_out_of_range_seeds(teacher, distilled, tmp_path, capsys, flags, message):
+    """`--cutmix-alpha nan` used to end in a torch ValueError traceback and leave `.x.partial` behind;
+    `--cutmix-alpha inf` and seeds outside [0, 2^32) were accepted."""
+    base = ["relabel", str(distilled.path), "--teacher", str(teacher.path), "--epochs", "1", "--out", str(tmp_path / "x")]
+    assert main([*base, *flags, "-q"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"cutmix_alpha": 0}, "relabel: cutmix_alpha must be > 0, got 0.0"),
+    ({"cutmix_alpha": float("nan")}, "relabel.cutmix_alpha: expected a finite number, got nan"),
+    ({"cutmix_prob": 2}, r"relabel: cutmix_prob must be in \[0, 1\] \(0 disables CutMix\), got 2.0"),
+    ({"epochs": 0}, r"relabel: epochs must be >= 1 \(or null: the protocol's training epochs\), got 0"),
+    ({"top_k": 0}, r"relabel: top_k must be >= 1 \(or null: all logits\), got 0"),
+])
+def test_bench_relabel_settings_fail_with_the_config(tmp_path, over, message):
+    """These used to pass the bench config and fail (or, epochs 0, silently fall back to the protocol's
+    epochs) only at the first fkd cell, after the teacher and every distilled set were made."""
+    cfg = {"students": ["tiny_convnet"], "label_modes": ["fkd"], "protocol": "soft-kl", "relabel": over,
+           "out": str(tmp_path / "b")}
+    with pytest.raises(ConfigError, match=message):
+        from_dict(BenchConfig, cfg)

@@ -34,6 +34,9 @@ def test_lr_schedules_match_formulas():
     ({"weight_decay": -1.0}, "momentum and weight_decay must be >= 0"),
     ({"momentum": -0.5}, "momentum and weight_decay must be >= 0"),
     ({"cutmix_alpha": 0.0}, "cutmix_alpha must be > 0"),
+    ({"momentum": 1.0}, "momentum must be < 1"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"lr": float("inf")}, "lr must be a finite number > 0"),
 ])
 def test_train_config_refuses_values_that_crash_or_mislead(bad, message):
     """Each used to pass: a ZeroDivisionError or a range() error after the whole training, a schedule that

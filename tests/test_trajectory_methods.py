@@ -135,6 +135,31 @@ def test_buffer_errors(buffer, tmp_path):
         load_experts(broken)
 
 
+def test_damaged_buffer_manifest_is_a_one_line_error(buffer, tmp_path):
+    """A manifest without (or with a mistyped) epochs, num_params, experts, dataset or model used to
+    give a KeyError, TypeError or ValueError instead of naming the damage."""
+    import shutil
+
+    good = json.loads((buffer.path / "manifest.json").read_text())
+    damages = [(lambda m: m.pop("epochs"), "epochs"), (lambda m: m.update(epochs="3"), "epochs"),
+               (lambda m: m.pop("num_params"), "num_params"), (lambda m: m.update(num_params=None), "num_params"),
+               (lambda m: m.pop("experts"), "experts"), (lambda m: m.update(experts={"file": "x"}), "experts"),
+               (lambda m: m.pop("dataset"), "dataset"), (lambda m: m["dataset"].pop("classes"), "dataset.classes"),
+               (lambda m: m.pop("model"), "model")]
+    for i, (damage, key) in enumerate(damages):
+        broken = tmp_path / f"broken{i}"
+        shutil.copytree(buffer.path, broken)
+        man = json.loads(json.dumps(good))
+        damage(man)
+        (broken / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the expert-buffer artifact"):
+            load_experts(broken)
+    for entries in (["expert_000.safetensors"], [{"test_accuracy": 0.5}], [None]):
+        (broken / "manifest.json").write_text(json.dumps({**good, "experts": entries}))
+        with pytest.raises(DDKitError, match=r"as experts\[0\], not a record with a 'file'; the manifest is damaged"):
+            load_experts(broken)
+
+
 def _interrupted_buffer(data, out):
     """Train the tiny buffer into ``out`` and stop it after its first expert; the buffer config."""
     cfg = from_dict(ExpertConfig, TINY_BUFFER)

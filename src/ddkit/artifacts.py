@@ -188,7 +188,13 @@ def holds_files(out: Path, ignore_hidden: bool = False) -> bool:
 
 def check_output_dir(final: Path, kind: str | None) -> None:
     """Refuse to replace ``final`` unless it is missing, an empty folder, or a ddkit output of ``kind``
-    (any ddkit output when ``kind`` is None): --out must never delete a user's files."""
+    (any ddkit output when ``kind`` is None): --out must never delete a user's files, nor the folder
+    the command runs in (an output is replaced whole, by a rename next to it)."""
+    final = Path(final)
+    here = Path.cwd().resolve()
+    if final.resolve() in (here, *here.parents):
+        raise DDKitError(f"output {str(final)!r} is the current folder or holds it, and an output folder is replaced "
+                         "whole; give a subfolder, e.g. --out ./out")
     if not holds_files(final):
         return
     found = folder_kind(final)
@@ -250,15 +256,19 @@ def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
     }
 
 
+def artifact_folder(path: str | Path) -> Path:
+    """An artifact's folder from ``path``: the folder itself, or the folder of its ``manifest.json``."""
+    path = Path(path)
+    return path.parent if path.is_file() and path.name == MANIFEST else path
+
+
 def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Read and check an artifact's manifest: a JSON object of ``kind`` and a schema version this
     ddkit reads, holding every key of ``require`` (dotted paths for nested keys) with a value of
     the given type or types (``(int, type(None))``: present, an integer or null; a bool is no int)."""
-    path = Path(path)
+    path = artifact_folder(path)
     if not path.exists():
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
-    if path.is_file() and path.name == MANIFEST:
-        path = path.parent
     manifest = read_json(path / MANIFEST, what=f"{kind} manifest", mapping=False)  # checked below, naming the kind
     if not isinstance(manifest, dict):
         raise DDKitError(f"{str(path / MANIFEST)!r} is not a JSON object; re-create the {kind} artifact")

@@ -64,6 +64,7 @@ from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
     DistillConfig,
+    check_student,
     distill,
     distill_hash,
     ensemble_identity,
@@ -120,6 +121,15 @@ class RelabelSpec:
 
     def __post_init__(self) -> None:
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+        # what relabel would refuse only when the bench reaches the first fkd cell (teachers and sets made)
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")
+        if not 0 <= self.cutmix_prob <= 1:
+            raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {self.cutmix_prob}")
+        if self.cutmix_alpha <= 0:
+            raise ConfigError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 (or null: all logits), got {self.top_k}")
 
     def identity(self) -> dict:
         """Every field; the BatchNorm mode only when not running, so cell and store keys of
@@ -470,6 +480,25 @@ def check_bench_dir(root: Path) -> None:
                      "choose another out / --out or remove it")
 
 
+def check_students(cfg: BenchConfig, data: DataBundle) -> None:
+    """Build every student of ``cfg`` once for ``data``'s channels, classes and image size (with the
+    options of each of its protocols), as ``check_run`` does for a run: a bad name or option fails
+    before any teacher trains or set is made, not when the bench reaches the student's first cell."""
+    built = set()
+    for student in cfg.students:
+        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+            for mode in dict.fromkeys([*cfg.label_modes, "hard"]):  # the hard one behind HLR trains too
+                protocol = cfg.protocol_for(student, mode, ipc=ipc)
+                key = config_hash({"student": protocol.student, "options": protocol.student_options})
+                if key in built:
+                    continue
+                built.add(key)
+                try:
+                    check_student(protocol, data)
+                except DDKitError as e:
+                    raise ConfigError(f"student {student!r} on dataset {data.name!r}: {e}") from None
+
+
 class _Bench:
     def __init__(self, cfg: BenchConfig, stage_progress: StageProgress | None = None) -> None:
         from ddkit.distributed import resolve_device
@@ -486,6 +515,7 @@ class _Bench:
             for key, spec in self.methods.items():
                 for ipc in cfg.method_ipcs.get(key, cfg.ipcs) if spec.name != "full" else ():
                     check_ipc(data, ipc)
+            check_students(cfg, data)
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
         self.synthesis: dict[tuple[str, str, int], dict] = {}

@@ -250,10 +250,18 @@ def config_hash(obj: Any) -> str:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file (see configs/)")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found; pass an existing YAML file (see configs/)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8")  # not the locale's encoding: a config reads the same everywhere
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
+                          "save it as UTF-8, or pass the YAML file meant (see configs/)") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
@@ -282,7 +290,7 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
     chain = (*_chain, path.resolve())
     if base_path.resolve() in chain:
         raise ConfigError(f"config file {str(path)!r}: base {ref!r} leads back to itself; remove the loop")
-    if not base_path.is_file():
+    if not base_path.exists():  # a folder is named as one by load_yaml
         raise ConfigError(f"config file {str(path)!r}: base file {str(base_path)!r} not found; "
                           "give a path relative to this file's folder")
     return {**load_yaml_with_base(base_path, chain), **data}

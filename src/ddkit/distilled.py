@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from ddkit.artifacts import (
     DescribesDataset,
+    artifact_folder,
     atomic_dir,
     atomic_torch_save,
     base_manifest,
@@ -147,9 +148,10 @@ class DistilledSet(DescribesDataset, Dataset):
 
     @classmethod
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
-        path = Path(path)
-        manifest = read_manifest(path, KIND, require={"files.images": str, "num_images": int, "dataset": dict,
-                                                      "dataset_config": dict})
+        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        manifest = read_manifest(path, KIND, require={
+            "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
+            "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})
         tensors = load_tensors(path / manifest["files"]["images"], what="distilled images")
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,24 +133,31 @@ def distill(
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)
     work = work_dir(out) if out is not None else None
+    fresh = work is not None and not work.exists()
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress)
-    method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
-    synthetic = method.synthetic_
-    if cfg.soft_labels:
-        synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
-                                               bn=cfg.soft_labels_bn, bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
-    distilled = DistilledSet.build(
-        synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-        config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()), teacher=teacher_info,
-    )
+    try:
+        method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
+        synthetic = method.synthetic_
+        if cfg.soft_labels:
+            synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
+                                                   bn=cfg.soft_labels_bn, bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
+        distilled = DistilledSet.build(
+            synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
+            config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+            teacher=teacher_info,
+        )
+    except DDKitError:
+        # a method that refuses its input or diverges does so again with the same settings: checkpoints
+        # this call made would only stand in the way of a corrected re-run (a kill keeps them, to resume)
+        if fresh and ddist.current().is_main:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     distilled.manifest["config_hash"] = distill_hash(cfg, data, teacher)
     if out is not None and ddist.current().is_main:
         distilled.save(out)
         if work is not None and work.exists():
-            import shutil
-
             shutil.rmtree(work, ignore_errors=True)
     ddist.barrier()
     distilled.path = Path(out) if out is not None else None
@@ -214,11 +222,20 @@ def fkd_identity(protocol: ProtocolConfig) -> dict:
     return {"fkd_store": store_identity(protocol.fkd_store)}
 
 
+def check_student(protocol: ProtocolConfig, data: DataBundle) -> None:
+    """Build ``protocol``'s student once for ``data`` (its channels, classes and image size), leaving
+    the global random state alone: a bad student name or option fails before any stage runs."""
+    from ddkit.models import create_model
+
+    c, h, _ = data.image_shape
+    with torch.random.fork_rng(devices=[]):
+        create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+
+
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
     teacher or soft labels they need, extra teachers that are not there."""
-    from ddkit.models import create_model
     from ddkit.teacher.squeeze import KIND as TEACHER_KIND
 
     method = METHODS.get(cfg.distill.method)
@@ -229,7 +246,6 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
-    c, h, _ = data.image_shape
     for protocol in cfg.evaluate.protocols():
         mode = protocol.label_mode
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
@@ -239,8 +255,7 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
             raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set distill.soft_labels: true")
         for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
             read_manifest(path, TEACHER_KIND)
-        with torch.random.fork_rng(devices=[]):  # a bad student name or option fails now, not after distillation
-            create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+        check_student(protocol, data)
 
 
 _STAGE_DIRS = ("teacher", "distilled")  # atomic_dir refuses these when they hold something else

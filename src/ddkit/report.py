@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ddkit.artifacts import atomic_dir, base_manifest, folder_kind, write_json, write_text
 from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
+from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -182,15 +183,40 @@ def _older_report(path: Path) -> bool:
     return (path / "report.md").is_file() and (path / "report.html").is_file() and folder_kind(path) is None
 
 
+_REBUILD = "the table is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) to rebuild it"
+
+
+def _check_table(table: dict, where: Path) -> None:
+    """Refuse a ``bench.json`` without result rows (a non-empty list of JSON objects), config or versions;
+    a row without a field the pages read is refused while they are written (as ``ddkit show`` does)."""
+    rows = table.get("rows")
+    if not isinstance(rows, list) or not rows:
+        raise DDKitError(f"{str(where)!r} lacks 'rows' (a non-empty list) or holds {rows!r} there; {_REBUILD}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DDKitError(f"{str(where)!r} holds {row!r} as rows[{i}], not a JSON object; {_REBUILD}")
+    for key in ("config", "versions"):
+        if not isinstance(table.get(key), dict):
+            raise DDKitError(f"{str(where)!r} lacks {key!r} (a JSON object) or holds {table.get(key)!r} there; {_REBUILD}")
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write ``report/`` (or ``out``) for the bench run in ``run_dir``; return the folder.
 
     The folder is built beside ``out`` and renamed into place when complete, so a failed report
     leaves the previous one (or nothing); an existing ``out`` is replaced only when it is a report."""
     table = load_table(run_dir)
+    where = Path(run_dir) / "bench.json"
+    _check_table(table, where)
     out = Path(out) if out is not None else Path(run_dir) / "report"
     with atomic_dir(out, kind=REPORT_KIND, accept=_older_report) as tmp:
-        _write_pages(table, tmp, Path(run_dir))
+        try:
+            _write_pages(table, tmp, Path(run_dir))
+        except DDKitError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or truncated table
+            problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
+            raise DDKitError(f"{str(where)!r} is a bench table {problem}; {_REBUILD}") from None
         manifest = base_manifest(REPORT_KIND, table["config"], None)
         manifest.update({"run_dir": str(Path(run_dir).resolve()), "rows": len(table["rows"]),
                          "bench_versions": table["versions"],

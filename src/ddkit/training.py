@@ -85,14 +85,16 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or math.isinf(self.lr):
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ConfigError(f"cutmix_prob must lie in [0, 1], got {self.cutmix_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}")
+        if self.momentum >= 1:
+            raise ConfigError(f"momentum must be < 1 (with 1 or more every step's gradient adds up forever), got {self.momentum}")
         if self.smoothing_zeta <= 0:
             raise ConfigError(f"smoothing_zeta must be > 0, got {self.smoothing_zeta}")
         if not 0 <= self.warmup_epochs < self.epochs:

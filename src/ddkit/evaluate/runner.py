@@ -7,7 +7,9 @@ single-process run exactly) and the full-data reference is trained data-parallel
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -220,6 +222,22 @@ def full_reference(
     return result
 
 
+def check_report_out(out: str | Path) -> None:
+    """Refuse an output path for an evaluation report that :func:`write_json` could not write or that
+    holds something else than an evaluation report (a user's file, another artifact's manifest)."""
+    check_output_file(out)
+    path = Path(out)
+    if not path.exists():
+        return
+    kind = None
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(path.read_text())
+        kind = record.get("kind") if isinstance(record, dict) else None
+    if kind != "evaluation":
+        raise DDKitError(f"output {str(path)!r} exists and is not a ddkit evaluation report; choose another --out or "
+                         "remove it")
+
+
 def evaluate(
     distilled: DistilledSet | str | Path,
     protocol: ProtocolConfig,
@@ -242,7 +260,7 @@ def evaluate(
     if len(set(seeds)) != len(seeds):
         raise DDKitError(f"evaluation seeds {seeds} repeat a seed (the same student twice would inflate n); pass distinct seeds")
     if out is not None:
-        check_output_file(out)  # before any student trains
+        check_report_out(out)  # before any student trains
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
     device = torch.device(device)

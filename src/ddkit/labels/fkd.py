@@ -325,7 +325,9 @@ class SoftLabelStore:
         man = read_manifest(path, KIND, require={
             "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
             "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,
-            "top_k": (int, type(None)), "cutmix": (dict, type(None))})
+            "top_k": (int, type(None)), "cutmix": (dict, type(None)), "teacher.fingerprint": str})
+        if man["cutmix"] is not None:  # CutMix's settings, which a random-baseline relabel repeats
+            read_manifest(path, KIND, require={"cutmix.prob": (int, float), "cutmix.alpha": (int, float)})
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
         tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
@@ -393,13 +395,20 @@ def relabel(
     restarted run labels only the missing epochs; delete the folder once the store is saved.
     """
     from ddkit import distributed as ddist
+    from ddkit.config import SEED_LIMIT
 
-    if epochs < 1:
-        raise ConfigError(f"relabel epochs must be >= 1, got {epochs}")
+    # before anything is labelled or the work folder made (NaN fails every comparison, so it fails these too)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"relabel epochs must be an integer >= 1, got {epochs!r}")
     if batch_size < 1:
         raise ConfigError(f"relabel batch_size must be >= 1, got {batch_size}")
     if not 0 <= cutmix_prob <= 1:
         raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {cutmix_prob}")
+    if not 0 < cutmix_alpha < float("inf"):
+        raise ConfigError(f"cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), "
+                          f"got {cutmix_alpha}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     augment_options = dict(augment_options or {})
     augment = build_augment(augment_spec, **augment_options)

@@ -70,6 +70,7 @@ from torch.func import functional_call
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    MANIFEST,
     atomic_dir,
     base_manifest,
     build_lock,
@@ -496,6 +497,11 @@ def train_experts(
                 zca = fit_zca(data, cfg)
             t0 = time.perf_counter()
             traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
+            if not torch.isfinite(traj).all():
+                if partial is not None:  # the same settings diverge again: nothing worth resuming
+                    shutil.rmtree(partial, ignore_errors=True)
+                raise DDKitError(f"expert {i} diverged (non-finite weights in its trajectory); nothing was saved: "
+                                 f"lower experts.lr (now {cfg.lr:g})")
             summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
             if done is not None:
@@ -534,11 +540,18 @@ def train_experts(
 def load_experts(path: str | Path) -> ExpertBuffer:
     """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
     path = Path(path)
-    manifest = read_manifest(path, KIND)
+    manifest = read_manifest(path, KIND, require={
+        "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
+        "dataset.image_shape": list, "dataset.fingerprint": str, "model": dict, "model.name": str,
+        "model.input_shape": list, "model.num_classes": int, "model.options": dict})
     if path.is_file():
         path = path.parent
+    for i, entry in enumerate(manifest["experts"]):
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)):
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds {entry!r} as experts[{i}], not a record with a 'file'; "
+                             f"the manifest is damaged: re-create the {KIND} artifact")
     trajectories = []
-    want = (int(manifest["epochs"]) + 1, int(manifest["num_params"]))
+    want = (manifest["epochs"] + 1, manifest["num_params"])
     for entry in manifest["experts"]:
         tensors = load_tensors(path / entry["file"], what="expert trajectory")
         traj = tensors.get("trajectory")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,9 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    MANIFEST,
     DescribesDataset,
+    artifact_folder,
     atomic_dir,
     base_manifest,
     check_output_dir,
@@ -107,10 +110,14 @@ class Teacher(DescribesDataset):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
-        path = Path(path)
+        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND, require={"model.name": str, "model.input_shape": list, "model.options": dict,
-                                                      "dataset.classes": list})
+                                                      "dataset.classes": list, "weights_sha": str})
         m = manifest["model"]
+        shape = m["input_shape"]
+        if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, height, width]; "
+                             "the manifest is damaged: re-create the teacher artifact")
         model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1], **m["options"])
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
@@ -249,6 +256,14 @@ def train_teacher(
         test=data.test, distributed=info.enabled, state_path=state_path, eval_every=5, progress=progress,
     )
     model = result.model.cpu()
+    last = result.history[-1]["loss"] if result.history else 0.0
+    if not math.isfinite(last) or not all(torch.isfinite(p).all() for p in model.state_dict().values()
+                                          if p.is_floating_point()):
+        if state_path is not None and info.is_main:  # the same settings diverge again: nothing to resume
+            with contextlib.suppress(FileNotFoundError):
+                state_path.unlink()
+        raise DDKitError(f"teacher training diverged (loss {last:.4g} after {cfg.train.epochs} epochs, non-finite "
+                         f"weights); nothing was saved: lower teacher.train.lr (now {cfg.train.lr:g})")
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
     log.info("teacher test accuracy %.4f", result.test_accuracy)
     if out is not None:
