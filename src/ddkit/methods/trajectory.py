@@ -71,6 +71,7 @@ from torch.func import functional_call
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     MANIFEST,
+    artifact_folder,
     atomic_dir,
     base_manifest,
     build_lock,
@@ -539,13 +540,11 @@ def train_experts(
 
 def load_experts(path: str | Path) -> ExpertBuffer:
     """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
-    path = Path(path)
+    path = artifact_folder(path)
     manifest = read_manifest(path, KIND, require={
         "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
         "dataset.image_shape": list, "dataset.fingerprint": str, "model": dict, "model.name": str,
         "model.input_shape": list, "model.num_classes": int, "model.options": dict})
-    if path.is_file():
-        path = path.parent
     for i, entry in enumerate(manifest["experts"]):
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds {entry!r} as experts[{i}], not a record with a 'file'; "
