@@ -472,14 +472,14 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
         return []
     ipcs = sorted({r["ipc"] for r in rows})
     out = ["## decoupled family under one protocol — every method at IPC " + " / ".join(map(str, ipcs)), "",
-           f"Runs: {_run_links(found)} (one per IPC: the same teachers, "
+           f"Runs: {_run_links(found)} (decoupled-long<IPC> and the runs that add rows in its folder: the same teachers, "
            "observer pool and soft-kl protocol with teacher soft labels, students trained long enough to converge at "
            "CPU scale). Cell: accuracy % mean ± std over student seeds (IOR: points over the random subset of the "
            "same run and seeds). `edc` is EDC's own recipe; `edc-real-lr002-r18` / `edc-s05-lr002-r18` are ddkit's "
            "EDC configurations for this scale (whole real images / RDED's larger crops as initialisation, image lr "
            "0.002, a ResNet-18 observer in the pool). The baseline row draws a random real subset per student seed; "
-           "`random` is the random method's one set. \"Best EDC\" is the best of the EDC rows at that IPC (two or "
-           "three configurations, each one synthesis seed): a selection, so slightly optimistic.", ""]
+           "`random` is the random method's one set. \"Best EDC\" is the best of the EDC rows at that IPC (up to "
+           "five configurations, each one synthesis seed): a selection, so slightly optimistic.", ""]
     for student in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == student and r["method"] not in ABLATION]
         methods = list(dict.fromkeys(r["method"] for r in mine))
