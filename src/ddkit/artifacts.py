@@ -163,17 +163,20 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 KIND_FILES = ("manifest.json", "meta.json", "classes.json", "config.json")
 
 
+def file_kind(path: Path) -> str | None:
+    """The ``kind`` recorded in a ddkit JSON record at ``path``, or None (missing, not JSON, no kind)."""
+    if path.is_file():
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            kind = record.get("kind") if isinstance(record, dict) else None
+            if isinstance(kind, str):
+                return kind
+    return None
+
+
 def folder_kind(path: Path) -> str | None:
     """The ``kind`` recorded in a ddkit output folder (manifest, export meta, bench config), or None."""
-    for name in KIND_FILES:
-        f = path / name
-        if f.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                record = json.loads(f.read_text())
-                kind = record.get("kind") if isinstance(record, dict) else None
-                if isinstance(kind, str):
-                    return kind
-    return None
+    return next((kind for name in KIND_FILES if (kind := file_kind(path / name)) is not None), None)
 
 
 def holds_files(out: Path, ignore_hidden: bool = False) -> bool:

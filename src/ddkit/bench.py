@@ -68,7 +68,7 @@ from ddkit.pipeline import (
     distill,
     distill_hash,
     ensemble_identity,
-    fkd_identity,
+    protocol_inputs,
     work_dir,
 )
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
@@ -578,7 +578,7 @@ class _Bench:
         ds = self.distilled[key3]
         tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
         key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
-                           "teacher": tfp, **ensemble_identity(protocol), **fkd_identity(protocol)})
+                           "teacher": tfp, **protocol_inputs(protocol)})
         path = self.root / "evals" / f"{key}.json"
         if (rep := self._cached_eval(path)) is not None:
             return rep

@@ -213,13 +213,15 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
-def fkd_identity(protocol: ProtocolConfig) -> dict:
-    """For keys of ``protocol``'s evaluations: the content of its FKD store, which its hash names by a
-    marker only (a store re-made in place with other settings must not reuse the evaluations of the
-    old one; a moved or copied one keeps them). Empty outside label mode fkd."""
-    if protocol.label_mode != "fkd" or not protocol.fkd_store:
-        return {}
-    return {"fkd_store": store_identity(protocol.fkd_store)}
+def protocol_inputs(protocol: ProtocolConfig) -> dict:
+    """For keys of ``protocol``'s evaluations: what it reads from disk, which its hash names only by
+    count or marker: the extra teachers' weights (:func:`ensemble_identity`) and, in label mode fkd,
+    the FKD store's content (a store re-made in place with other settings must not reuse the old
+    one's evaluations; a moved or copied one keeps them)."""
+    out = ensemble_identity(protocol)
+    if protocol.label_mode == "fkd" and protocol.fkd_store:
+        out["fkd_store"] = store_identity(protocol.fkd_store)
+    return out
 
 
 def check_student(protocol: ProtocolConfig, data: DataBundle) -> None:
@@ -324,8 +326,7 @@ def run(
     for protocol in cfg.evaluate.protocols():
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
-                           "teacher": teacher.fingerprint if teacher is not None else None, **ensemble_identity(protocol),
-                           **fkd_identity(protocol)})
+                           "teacher": teacher.fingerprint if teacher is not None else None, **protocol_inputs(protocol)})
         if path.is_file() and read_json(path).get("run_hash") == key:
             report = read_json(path)
             summary["reused"].append(path.name)

@@ -85,7 +85,7 @@ class ProtocolConfig:
         ``extra_teachers`` enter as their count: every key of an evaluation adds their weights
         (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so a moved
         or copied ensemble keeps its evaluations. ``fkd_store`` enters as a marker for the same reason:
-        the keys add the store's content (:func:`ddkit.pipeline.fkd_identity`)."""
+        the keys add the store's content (:func:`ddkit.pipeline.protocol_inputs`)."""
         out = to_dict(self, identity=True)
         if "extra_teachers" in out:
             out["extra_teachers"] = len(out["extra_teachers"])

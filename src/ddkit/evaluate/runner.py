@@ -7,9 +7,7 @@ single-process run exactly) and the full-data reference is trained data-parallel
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -25,6 +23,7 @@ from ddkit.artifacts import (
     base_manifest,
     build_lock,
     check_output_file,
+    file_kind,
     read_json,
     tensor_bytes,
     write_json,
@@ -227,13 +226,7 @@ def check_report_out(out: str | Path) -> None:
     holds something else than an evaluation report (a user's file, another artifact's manifest)."""
     check_output_file(out)
     path = Path(out)
-    if not path.exists():
-        return
-    kind = None
-    with contextlib.suppress(OSError, ValueError):
-        record = json.loads(path.read_text())
-        kind = record.get("kind") if isinstance(record, dict) else None
-    if kind != "evaluation":
+    if path.exists() and file_kind(path) != "evaluation":
         raise DDKitError(f"output {str(path)!r} exists and is not a ddkit evaluation report; choose another --out or "
                          "remove it")
 
