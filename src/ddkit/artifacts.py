@@ -285,17 +285,38 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
             f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
             f"({SCHEMA_VERSION}); upgrade ddkit"
         )
+    check_fields(manifest, require or {}, path, kind)
+    return manifest
+
+
+def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type, ...]], path: str | Path, kind: str) -> None:
+    """Check that the manifest of the ``kind`` artifact at ``path`` holds every key of ``require`` (as
+    :func:`read_manifest` does), for fields required only when others hold some value."""
     missing = object()
-    for key, tp in (require or {}).items():
+    for key, tp in require.items():
         types = tp if isinstance(tp, tuple) else (tp,)
         value: Any = manifest
         for part in key.split("."):
             value = value.get(part, missing) if isinstance(value, dict) else missing
         if value is missing or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise DDKitError(f"{str(path / MANIFEST)!r} lacks {key!r} (a {names}) or holds "
+            raise DDKitError(f"{str(Path(path) / MANIFEST)!r} lacks {key!r} (a {names}) or holds "
                              f"{None if value is missing else value!r} there; the manifest is damaged: re-create the {kind} artifact")
-    return manifest
+
+
+@contextlib.contextmanager
+def damaged_record(where: str | Path, what: str, fix: str,
+                   errors: tuple[type[Exception], ...] = (KeyError, TypeError, ValueError)) -> Iterator[None]:
+    """Turn what reading a hand-edited or truncated record raises (a missing field: KeyError; a field of
+    the wrong type: one of ``errors``) into a one-line error naming ``where`` as ``what`` and the ``fix``;
+    a DDKitError (a ValueError too, for ConfigError) passes unchanged."""
+    try:
+        yield
+    except DDKitError:
+        raise
+    except errors as exc:
+        problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
+        raise DDKitError(f"{str(where)!r} is {what} {problem}; {fix}") from None
 
 
 class DescribesDataset:

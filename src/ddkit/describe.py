@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ddkit.artifacts import KIND_FILES, read_json
+from ddkit.artifacts import KIND_FILES, damaged_record, read_json
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
@@ -83,11 +83,8 @@ def describe(path: str | Path) -> str:
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
-    try:
+    with damaged_record(where, f"a {kind!r} record", "it is damaged, re-create it"):
         text = summarise(record)
-    except (KeyError, TypeError, ValueError) as exc:  # a hand-edited or truncated record
-        problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
-        raise DDKitError(f"{str(where)!r} is a {kind!r} record {problem}; it is damaged, re-create it") from None
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text

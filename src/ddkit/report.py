@@ -14,7 +14,14 @@ import logging
 import shutil
 from pathlib import Path
 
-from ddkit.artifacts import atomic_dir, base_manifest, folder_kind, write_json, write_text
+from ddkit.artifacts import (
+    atomic_dir,
+    base_manifest,
+    damaged_record,
+    folder_kind,
+    write_json,
+    write_text,
+)
 from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
 from ddkit.errors import DDKitError
 
@@ -210,13 +217,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     _check_table(table, where)
     out = Path(out) if out is not None else Path(run_dir) / "report"
     with atomic_dir(out, kind=REPORT_KIND, accept=_older_report) as tmp:
-        try:
+        with damaged_record(where, "a bench table", _REBUILD, (KeyError, TypeError, ValueError, AttributeError)):
             _write_pages(table, tmp, Path(run_dir))
-        except DDKitError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a hand-edited or truncated table
-            problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
-            raise DDKitError(f"{str(where)!r} is a bench table {problem}; {_REBUILD}") from None
         manifest = base_manifest(REPORT_KIND, table["config"], None)
         manifest.update({"run_dir": str(Path(run_dir).resolve()), "rows": len(table["rows"]),
                          "bench_versions": table["versions"],

@@ -59,6 +59,7 @@ from torch import nn
 from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
+    check_fields,
     load_tensors,
     read_manifest,
     save_tensors,
@@ -327,7 +328,7 @@ class SoftLabelStore:
             "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,
             "top_k": (int, type(None)), "cutmix": (dict, type(None)), "teacher.fingerprint": str})
         if man["cutmix"] is not None:  # CutMix's settings, which a random-baseline relabel repeats
-            read_manifest(path, KIND, require={"cutmix.prob": (int, float), "cutmix.alpha": (int, float)})
+            check_fields(man, {"cutmix.prob": (int, float), "cutmix.alpha": (int, float)}, path, KIND)
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
         tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
