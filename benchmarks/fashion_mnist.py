@@ -72,6 +72,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                              "ResNet-18 observer, at IPC 1 under decoupled-long1's protocol, in its folder",
           "edc-lr002-long10": "edc-lr002-long1 at IPC 10 under decoupled-long10's protocol, in its folder",
           "edc-lr002-long50": "edc-lr002-long1 at IPC 50 under decoupled-long50's protocol, in its folder",
+          "seed1-long1": "decoupled-long1's closest IPC-1 race (edc-lr002-r18, RDED, random) with synthesis seed 1, "
+                         "in its folder: does EDC's lead over RDED outlast a new synthesis?",
+          "seed2-long1": "seed1-long1 with synthesis seed 2",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
