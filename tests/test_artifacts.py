@@ -326,3 +326,63 @@ def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err == f"error: file {str(record)!r} is corrupt (a JSON list, not an object); re-create it\n"
         record.write_text(kept)
+
+
+def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
+    """Float or bool labels (truncated to classes by ``.long()``), integer soft-label logits, a zero or
+    missing per-channel std (every normalised pixel inf), and a schema_version that is no number were
+    loaded without a word; each is now a one-line error naming the problem and the fix."""
+    from safetensors.torch import load_file, save_file
+
+    from ddkit.cli import main
+
+    path = distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "r").path
+    t = load_file(str(path / "images.safetensors"))
+    for bad, dtype in ((t["labels"].float() + 0.4, "float32"), (t["labels"] > 1, "bool"), (t["labels"][:, None], "int64")):
+        save_file({"images": t["images"], "labels": bad}, str(path / "images.safetensors"))
+        with pytest.raises(DDKitError, match=f"holds {dtype} labels of shape .*not one class index .*re-create"):
+            ddkit.load(path)
+    save_file({"images": t["images"].int(), "labels": t["labels"]}, str(path / "images.safetensors"))
+    with pytest.raises(DDKitError, match="holds int32 images, not uint8 or floating-point pixels"):
+        ddkit.load(path)
+    save_file(t, str(path / "images.safetensors"))
+    good = json.loads((path / "manifest.json").read_text())
+    for key, value, need in (("std", [0.0], "positive number"), ("std", [-0.3], "positive number"),
+                             ("std", [0.3, 0.3], "positive number"), ("mean", [float("nan")], "finite number"),
+                             ("mean", ["0.5"], "finite number")):
+        broken = json.loads(json.dumps(good))
+        broken["dataset"][key] = value
+        (path / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(DDKitError, match=rf"holds dataset.{key} .*not one {need} per image channel \(1\); the "
+                                             "manifest is damaged"):
+            ddkit.load(path)
+    for version in (None, "1", True, 0):
+        (path / "manifest.json").write_text(json.dumps({**good, "schema_version": version}))
+        with pytest.raises(DDKitError, match=f"holds schema_version {version!r}, not a version number; the manifest is "
+                                             "damaged: re-create the distilled-set artifact"):
+            ddkit.load(path)
+    (path / "manifest.json").write_text(json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
+    save_file({"logits": torch.zeros(len(t["labels"]), 4, dtype=torch.int32)}, str(path / "soft.safetensors"))
+    with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-run distill --soft-labels"):
+        ddkit.load(path)
+    assert main(["show", "-q", str(path)]) == 2  # show loads the artifact, not only its manifest
+    assert "not floating-point logits" in capsys.readouterr().err
+    save_file({"logits": torch.zeros(len(t["labels"]), 4)}, str(path / "soft.safetensors"))
+    assert ddkit.load(path).soft_labels.shape == (len(t["labels"]), 4) and main(["show", "-q", str(path)]) == 0
+
+
+def test_show_refuses_an_artifact_with_missing_files(tiny, tmp_path, capsys):
+    """`show -q` is documented as "exit 0 if the record reads"; a set whose tensor file was deleted
+    printed its summary and exited 0, though nothing could load it."""
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    assert main(["show", "-q", str(path)]) == 0
+    (path / "images.safetensors").unlink()
+    for args in (["show", "-q", str(path)], ["show", str(path / "manifest.json")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: distilled images ") and "not found; the artifact is incomplete" in err
+        assert len(err.strip().splitlines()) == 1
+    assert main(["show", "--json", str(path)]) == 0  # the raw record still prints, to see what is there
+    assert json.loads(capsys.readouterr().out)["kind"] == "distilled-set"

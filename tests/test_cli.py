@@ -194,12 +194,18 @@ def test_outputs_that_would_destroy_a_users_files_are_refused(workdir, tmp_path,
 def test_diverged_teacher_and_experts_fail_and_save_nothing(tmp_path, capsys):
     """A teacher or expert buffer whose training diverged used to be saved (every weight NaN, exit 0),
     and failed only later, in distill or in the method that read it, blaming another setting."""
-    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "2",
+    # it stops at the first epoch that leaves a non-finite weight, not after all of them
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "40",
                             "--set", "teacher.train.lr=1e30", "--out", str(tmp_path / "t"), "-q"], capsys)
-    assert code == 2 and "teacher training diverged" in err and "lower teacher.train.lr (now 1e+30)" in err
+    import re
+
+    stop = re.search(r"teacher training diverged at epoch (\d+) of 40 \(non-finite weights\); nothing was saved", err)
+    assert code == 2 and stop is not None and int(stop.group(1)) <= 3, err
+    assert "lower teacher.train.lr (now 1e+30)" in err and err.count("\n") == 1
     code, _, err = run_cli(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1",
-                            "--epochs", "2", "--set", "experts.lr=1e30", "--out", str(tmp_path / "e"), "-q"], capsys)
-    assert code == 2 and "expert 0 diverged" in err and "lower experts.lr (now 1e+30)" in err
+                            "--epochs", "40", "--set", "experts.lr=1e30", "--out", str(tmp_path / "e"), "-q"], capsys)
+    stop = re.search(r"expert 0: training diverged at epoch (\d+) of 40", err)
+    assert code == 2 and stop is not None and int(stop.group(1)) <= 3 and "lower experts.lr (now 1e+30)" in err
     assert list(tmp_path.iterdir()) == []  # no artifact, no resume file, no partial folder
 
 
@@ -433,6 +439,14 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
     assert code == 0
     code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--out", str(precious), "--seeds", "0,0", "-q"], capsys)
     assert code == 2 and "repeat a seed" in err
+    # the set's data moved: evaluate's hint names its --data-path, not the config key it cannot set
+    man = json.loads((tmp_path / "r2" / "manifest.json").read_text())
+    (tmp_path / "r2" / "manifest.json").write_text(json.dumps(
+        {**man, "dataset_config": {**man["dataset_config"], "name": "imagefolder", "path": str(tmp_path / "gone")}}))
+    for extra in ([], ["--data-path", str(tmp_path / "elsewhere")]):
+        code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--seeds", "0", "-q", *extra], capsys)
+        assert code == 2 and "is not a folder; set --data-path to root/<split>/<class>/<image>" in err, err
+        assert "dataset.path" not in err and err.count("\n") == 1
     # `ddkit relabel` prints an evaluate command with --label-mode fkd: the flag takes it
     from ddkit.cli import build_parser
 

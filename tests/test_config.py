@@ -141,6 +141,26 @@ def test_yaml_errors(tmp_path):
         load_yaml(code)
 
 
+def test_yaml_refuses_a_key_set_twice_in_one_section(tmp_path):
+    """YAML keeps the last of two equal keys, so an edit that added `lr:` to a section already holding one
+    silently dropped the first; it is an error naming the key and both lines. Equal keys in different
+    sections, and a `<<:` merge the section then overrides, are fine."""
+    import re
+
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("ipc: 10\nmethod:\n  name: dm\n  options: {iterations: 5}\n  name: dc\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{twice}' sets 'name' twice in one section (lines 3 and "
+                                                    "5); keep one of them")):
+        load_yaml(twice)
+    top = tmp_path / "top.yaml"
+    top.write_text("ipc: 10\nseed: 1\nipc: 50\n")
+    with pytest.raises(ConfigError, match="sets 'ipc' twice in one section \\(lines 1 and 3\\)"):
+        config.load_yaml_with_base(top)
+    fine = tmp_path / "fine.yaml"
+    fine.write_text("a: {lr: 1}\nb: {lr: 2}\nbase_opts: &o {lr: 3, wd: 0}\nc:\n  <<: *o\n  lr: 4\n")
+    assert load_yaml(fine) == {"a": {"lr": 1}, "b": {"lr": 2}, "base_opts": {"lr": 3, "wd": 0}, "c": {"lr": 4, "wd": 0}}
+
+
 def test_base_file_keys_are_replaced_whole(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "root.yaml").write_text("a: 1\npool: {x: 1, y: 2}\nlist: [1, 2]\n")

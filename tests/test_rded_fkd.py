@@ -281,6 +281,43 @@ def test_corrupt_store_is_a_ddkit_error(store, tmp_path):
         SoftLabelStore.load(tmp_path / "fkd2")
 
 
+def test_store_with_boxes_out_of_the_image_or_a_thin_manifest_is_refused(store, small_set, tmp_path):
+    """Crop boxes scaled out of the unit square or CutMix boxes out of the image (the views would sample
+    padding), and a manifest without its tensor list or classes, used to load without a word."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    store.save(tmp_path / "fkd")
+    good = json.loads((tmp_path / "fkd" / "manifest.json").read_text())
+    tensors = load_file(str(tmp_path / "fkd" / FILE))
+    assert store.mixed and "aug.box" in tensors
+    h, w = good["image_size"]
+    damages = [("aug.box", tensors["aug.box"] * 2, "'aug.box' holds boxes outside the normalised image 0..1 x 0..1"),
+               ("aug.box", tensors["aug.box"][..., [2, 1, 0, 3]], "'aug.box' holds boxes outside"),
+               ("mix.box", tensors["mix.box"] + w, f"'mix.box' holds boxes outside the pixel image 0..{w} x 0..{h}"),
+               ("mix.box", tensors["mix.box"] - 1, "'mix.box' holds boxes outside")]
+    for i, (key, value, message) in enumerate(damages):
+        bad = tmp_path / f"fkd-box{i}"
+        shutil.copytree(tmp_path / "fkd", bad)
+        save_file({**tensors, key: value.contiguous()}, str(bad / FILE), metadata={"kind": "fkd-soft-labels", "format": "1"})
+        with pytest.raises(DDKitError, match=f"{message}.*the store is corrupt, re-run `ddkit relabel`"):
+            SoftLabelStore.load(bad)
+    thin = [({k: v for k, v in good.items() if k != "tensors"}, "lacks 'tensors'"),
+            ({k: v for k, v in good.items() if k != "classes"}, "lacks 'classes'"),
+            ({**good, "classes": good["classes"][:-1]}, f"holds {len(good['classes']) - 1} classes for num_classes"),
+            ({**good, "image_size": [h]}, "image_size \\[" + str(h) + "\\]"),
+            ({**good, "tensors": {k: v for k, v in good["tensors"].items() if k != "mix.box"}},
+             "the manifest lists tensors .* but the file holds .*'mix.box'")]
+    for i, (man, message) in enumerate(thin):
+        bad = tmp_path / f"fkd-thin{i}"
+        shutil.copytree(tmp_path / "fkd", bad)
+        (bad / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=message):
+            SoftLabelStore.load(bad / "manifest.json")
+    assert SoftLabelStore.load(tmp_path / "fkd" / "manifest.json").epochs == store.epochs  # the manifest's path reads
+
+
 def test_store_refuses_other_set(store, data):
     other = _subset(data, 3, seed=1)
     proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl", train=TrainConfig(epochs=1))

@@ -78,6 +78,10 @@ def test_teacher_manifest_without_weights_sha_or_input_shape_is_refused(teacher_
         ("empty", lambda m: m["model"].update(input_shape=[]), r"holds model.input_shape \[\], not \[channels, height, "
                                                                  r"width\]; .*re-create the teacher artifact"),
         ("text", lambda m: m["model"].update(input_shape=["1", 16, 16]), r"holds model.input_shape \['1', 16, 16\]"),
+        # a zero std (every normalised pixel inf) or one value per channel too many used to load
+        ("std0", lambda m: m["dataset"].update(std=[0.0]), r"holds dataset.std \[0.0\], not one positive number per "
+                                                           r"image channel \(1\); .*re-create the teacher artifact"),
+        ("mean2", lambda m: m["dataset"].update(mean=[0.5, 0.5]), r"holds dataset.mean \[0.5, 0.5\], not one finite"),
     ]:
         t = tmp_path / name
         shutil.copytree(teacher_dir, t)
@@ -115,6 +119,14 @@ def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     ddp = tmp_path / "ddp.safetensors"
     save_file({f"module.{k}": v for k, v in state.items()}, str(ddp))
     assert train_teacher(tiny, _cfg(checkpoint=str(ddp))).fingerprint == imported.fingerprint
+    # a folder is named as one (a teacher folder as a teacher, which needs no import), not as "not found"
+    with pytest.raises(DDKitError, match="is a ddkit teacher folder, which needs no import; pass it as --teacher"):
+        train_teacher(tiny, _cfg(checkpoint=str(teacher_dir)), tmp_path / "y")
+    with pytest.raises(DDKitError, match="is a folder; give the weights file in it"):
+        train_teacher(tiny, _cfg(checkpoint=str(tmp_path)), tmp_path / "y")
+    with pytest.raises(DDKitError, match="not found; check --checkpoint \\(teacher.checkpoint in a config\\)"):
+        train_teacher(tiny, _cfg(checkpoint=str(tmp_path / "nope.pt")), tmp_path / "y")
+    assert not (tmp_path / "y").exists()
 
 
 class Evil:

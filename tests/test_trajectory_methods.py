@@ -57,6 +57,22 @@ def test_sets_from_a_buffer_on_disk_are_keyed_by_what_it_holds(tmp_path):
     assert buffer_identity(path) != first and distill_hash(cfg, data, None) != key
 
 
+def test_show_refuses_a_buffer_with_an_expert_file_missing(buffer, tmp_path, capsys):
+    """`show` checks an expert buffer's files (without loading gigabytes of trajectories): one deleted
+    expert file used to leave it printing the summary and exiting 0."""
+    import shutil
+
+    from ddkit.cli import main
+
+    copy = shutil.copytree(buffer.path, tmp_path / "experts")
+    assert main(["show", "-q", str(copy)]) == 0
+    first = json.loads((copy / "manifest.json").read_text())["experts"][0]["file"]
+    (copy / first).unlink()
+    assert main(["show", "-q", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: expert-buffer '{copy}' lacks its file(s) ['{first}']; the artifact is incomplete")
+
+
 def test_cached_buffer_needs_the_same_normalisation(tmp_path):
     """The data fingerprint leaves out mean/std, under which the experts trained: a cached buffer
     made with other ones is not reused."""

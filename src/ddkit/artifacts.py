@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import shutil
@@ -280,7 +281,10 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
             f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
         )
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or version > SCHEMA_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version number; the manifest "
+                         f"is damaged: re-create the {kind} artifact")
+    if version > SCHEMA_VERSION:
         raise DDKitError(
             f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
             f"({SCHEMA_VERSION}); upgrade ddkit"
@@ -317,6 +321,21 @@ def damaged_record(where: str | Path, what: str, fix: str,
     except errors as exc:
         problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
         raise DDKitError(f"{str(where)!r} is {what} {problem}; {fix}") from None
+
+
+def check_normalisation(manifest: dict[str, Any], channels: int, path: str | Path, kind: str) -> None:
+    """Check the ``dataset.mean`` / ``dataset.std`` of an artifact's manifest: one finite number per
+    image channel, every std above 0 (a zero std would turn every normalised pixel into inf or NaN)."""
+    described = manifest.get("dataset") if isinstance(manifest.get("dataset"), dict) else {}
+    for key in ("mean", "std"):
+        values = described.get(key)
+        ok = (isinstance(values, list) and len(values) == channels
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+              and (key == "mean" or all(v > 0 for v in values)))
+        if not ok:
+            need = "positive number" if key == "std" else "finite number"
+            raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds dataset.{key} {values!r}, not one {need} per image "
+                             f"channel ({channels}); the manifest is damaged: re-create the {kind} artifact")
 
 
 class DescribesDataset:

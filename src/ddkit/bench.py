@@ -53,6 +53,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.data.augment import check_cutmix
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
@@ -124,10 +125,7 @@ class RelabelSpec:
         # what relabel would refuse only when the bench reaches the first fkd cell (teachers and sets made)
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")
-        if not 0 <= self.cutmix_prob <= 1:
-            raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {self.cutmix_prob}")
-        if self.cutmix_alpha <= 0:
-            raise ConfigError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
+        check_cutmix(self.cutmix_prob, self.cutmix_alpha)
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"top_k must be >= 1 (or null: all logits), got {self.top_k}")
 

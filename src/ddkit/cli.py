@@ -217,7 +217,10 @@ def cmd_evaluate(args) -> int:
     if args.data_path:
         dcfg_data["path"] = args.data_path
     device = _device(args)
-    bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
+    try:
+        bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
+    except DDKitError as exc:  # the data's hints name the config key; here --data-path sets it
+        raise type(exc)(str(exc).replace("dataset.path", "--data-path")) from None
     teacher = load_teacher_for(args.teacher, bundle, device)
     out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
     progress = Progress(not args.quiet)
@@ -560,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a protocol")
     sp.add_argument("target", help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
-    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads, else 2")
+    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders or a tensor file")

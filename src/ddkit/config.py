@@ -248,6 +248,31 @@ def config_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+class _RepeatedKey(Exception):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(key)
+        self.key, self.first, self.again = key, first, again
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a mapping setting one key twice: YAML's last-one-wins would
+    silently drop the setting written first (an edit that added a key the file already had)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` brings defaults the file may override
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: safe_load's own error names it
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise _RepeatedKey(key, line, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -261,10 +286,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
                           "save it as UTF-8, or pass the YAML file meant (see configs/)") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
         raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
+    except _RepeatedKey as exc:
+        raise ConfigError(f"config file {str(path)!r} sets {exc.key!r} twice in one section (lines {exc.first} and "
+                          f"{exc.again}); keep one of them") from None
     if data is None:
         raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ for examples)")
     if not isinstance(data, dict):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ddkit.artifacts import KIND_FILES, damaged_record, read_json
+from ddkit.artifacts import KIND_FILES, MANIFEST, damaged_record, read_json
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
@@ -85,9 +85,38 @@ def describe(path: str | Path) -> str:
                          f"{', '.join(sorted(_SUMMARIES))}")
     with damaged_record(where, f"a {kind!r} record", "it is damaged, re-create it"):
         text = summarise(record)
+    if where.name == MANIFEST:
+        check_artifact(kind, where.parent, record)
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
+
+
+def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
+    """Load the artifact of ``kind`` in ``folder`` as its users would (files, shapes, values), so ``show``
+    refuses an incomplete or damaged artifact instead of summarising its manifest alone. An expert
+    buffer (gigabytes at paper scale) and a statistics cache are checked for their files only."""
+    if kind == "distilled-set":
+        from ddkit.distilled import DistilledSet
+
+        DistilledSet.load(folder)
+    elif kind == "teacher":
+        from ddkit.teacher import Teacher
+
+        Teacher.load(folder)
+    elif kind == "fkd-soft-labels":
+        from ddkit.labels.fkd import SoftLabelStore
+
+        SoftLabelStore.load(folder)
+    elif kind in ("expert-buffer", "statistics"):
+        from ddkit.methods.statistics import TENSORS
+
+        files = [e.get("file") if isinstance(e, dict) else None for e in manifest.get("experts", [])] \
+            if kind == "expert-buffer" else [TENSORS]
+        missing = [f for f in files if not (isinstance(f, str) and (folder / f).is_file())]
+        if missing:
+            raise DDKitError(f"{kind} {str(folder)!r} lacks its file(s) {missing[:3]}; the artifact is incomplete, "
+                             "re-create it")
 
 
 def _bench_progress(record: dict, root: Path) -> str:

@@ -24,6 +24,7 @@ from ddkit.artifacts import (
     atomic_dir,
     atomic_torch_save,
     base_manifest,
+    check_normalisation,
     load_tensors,
     read_manifest,
     save_tensors,
@@ -156,10 +157,17 @@ class DistilledSet(DescribesDataset, Dataset):
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
         images, labels = tensors["images"], tensors["labels"]
+        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise DDKitError(f"{path / IMAGES} holds {str(labels.dtype).removeprefix('torch.')} labels of shape "
+                             f"{list(labels.shape)}, not one class index (an integer) per image; re-create the distilled set")
+        if not (images.dtype == torch.uint8 or images.is_floating_point()):
+            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images, not uint8 or "
+                             "floating-point pixels; re-create the distilled set")
         shape = manifest["dataset"].get("image_shape")
         if images.dim() != 4 or (shape and list(images.shape[1:]) != list(shape)):
             raise DDKitError(f"{path / IMAGES} holds images of shape {list(images.shape)}, expected [N, "
                              f"{', '.join(map(str, shape or ['C', 'H', 'W']))}]; re-create the distilled set")
+        check_normalisation(manifest, images.shape[1], path, KIND)
         dtype = (manifest.get("images") or {}).get("dtype")
         if dtype and str(images.dtype).removeprefix("torch.") != dtype:
             raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images but the manifest "
@@ -182,6 +190,9 @@ class DistilledSet(DescribesDataset, Dataset):
                 shape = list(soft.shape) if soft is not None else "no 'logits' tensor"
                 raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} have shape {shape} but the set "
                                  f"has {len(labels)} images of {num_classes} classes; re-run distill --soft-labels")
+            if not soft.is_floating_point():
+                raise DDKitError(f"soft labels in {path} hold {str(soft.dtype).removeprefix('torch.')} values, not "
+                                 "floating-point logits; re-run distill --soft-labels")
             if not torch.isfinite(soft).all():
                 raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
         return cls(images, labels, manifest, soft, path, normalize)

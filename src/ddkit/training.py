@@ -38,10 +38,10 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save
 from ddkit.config import field
-from ddkit.data.augment import CutMix, build_augment, slice_params
+from ddkit.data.augment import CutMix, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DDKitError
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,6 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0 or math.isinf(self.lr):
             raise ConfigError(f"lr must be a finite number > 0, got {self.lr}")
-        if not 0.0 <= self.cutmix_prob <= 1.0:
-            raise ConfigError(f"cutmix_prob must lie in [0, 1], got {self.cutmix_prob}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.momentum < 0 or self.weight_decay < 0:
@@ -99,13 +97,27 @@ class TrainConfig:
             raise ConfigError(f"smoothing_zeta must be > 0, got {self.smoothing_zeta}")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs must lie in [0, epochs) = [0, {self.epochs}), got {self.warmup_epochs}")
-        if self.cutmix_alpha <= 0:
-            raise ConfigError(f"cutmix_alpha must be > 0, got {self.cutmix_alpha}")
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+        check_cutmix(self.cutmix_prob, self.cutmix_alpha)
         build_augment(self.augment, **self.augment_options)  # fails early on a bad name
         if self.precision not in ("fp32", *_AUTOCAST_DTYPES):
             raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}; set train.precision=fp32")
+
+
+class Diverged(DDKitError):
+    """Training stopped at the end of ``epoch`` (1-based) because a weight became non-finite: no later
+    epoch can recover it, so the remaining epochs are not run."""
+
+    def __init__(self, epoch: int, epochs: int) -> None:
+        super().__init__(f"training diverged at epoch {epoch} of {epochs} (non-finite weights)")
+        self.epoch, self.epochs = epoch, epochs
+
+
+def check_finite_weights(model: nn.Module, epoch: int, epochs: int) -> None:
+    """Raise :class:`Diverged` if a parameter of ``model`` holds NaN or inf after ``epoch`` (of ``epochs``)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise Diverged(epoch, epochs)
 
 
 @dataclass
@@ -423,6 +435,7 @@ def train_classifier(
     eval_every: int = 0,
     progress: Callable[[int, int, dict], None] | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    stop_if_diverged: bool = False,
 ) -> TrainResult:
     """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
 
@@ -438,7 +451,8 @@ def train_classifier(
     ``transform``: a fixed map of the normalised images (ZCA whitening), applied to training batches
     before augmentation and CutMix, as MTT's students see whitened images augmented, and to the test
     images; label modes hard and stored only. CutMix (``cfg.cutmix_prob``) mixes the augmented views,
-    as the FKD store does.
+    as the FKD store does. ``stop_if_diverged``: after each epoch, raise :class:`Diverged` (before that
+    epoch's checkpoint) if a weight is non-finite, instead of training the remaining epochs on NaN.
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
@@ -592,6 +606,8 @@ def train_classifier(
                 ema.model if ema else model, test, mean, std, device, cfg.eval_batch_size, distributed,
                 transform=transform, precision=cfg.precision,
             )
+        if stop_if_diverged:  # every rank holds the same weights, so every rank stops together
+            check_finite_weights(model, epoch + 1, cfg.epochs)
         history.append(record)
         if state_path is not None and info.is_main:
             state = {

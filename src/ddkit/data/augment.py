@@ -511,6 +511,15 @@ class RandomResizedCropFlip:
 # CutMix
 
 
+def check_cutmix(prob: float, alpha: float) -> None:
+    """Refuse CutMix settings no run can use: a probability outside [0, 1] or an alpha that is not a
+    finite number > 0 (the one check of training configs, the bench's relabel section and ``relabel``)."""
+    if not 0 <= prob <= 1:
+        raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {prob}")
+    if not 0 < alpha < float("inf"):
+        raise ConfigError(f"cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got {alpha}")
+
+
 @dataclass(frozen=True)
 class CutMix:
     """CutMix (Yun et al., ICCV 2019): paste a box from a partner image of the same batch.

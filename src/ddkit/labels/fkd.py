@@ -57,6 +57,8 @@ import torch
 from torch import nn
 
 from ddkit.artifacts import (
+    MANIFEST,
+    artifact_folder,
     atomic_dir,
     base_manifest,
     check_fields,
@@ -67,7 +69,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import config_hash
-from ddkit.data.augment import CutMix, Params, build_augment, slice_params
+from ddkit.data.augment import CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
@@ -250,6 +252,18 @@ class SoftLabelStore:
             raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run `ddkit relabel`")
         if self.mixed and len(t["mix.partner"]) and (int(t["mix.partner"].min()) < 0 or int(t["mix.partner"].max()) >= n):
             raise DDKitError(f"{where}: CutMix partners outside [0, {n}); the store is corrupt, re-run `ddkit relabel`")
+        h, w = m["image_size"]
+        for key, top, unit in (("aug.box", (1, 1), "normalised"), ("mix.box", (w, h), "pixel")):
+            box = t.get(key)
+            if box is None or not box.numel():
+                continue
+            box = box.double()
+            inside = (box.shape[-1] == 4 and bool((box >= 0).all())
+                      and bool((box[..., 2] <= top[0]).all() and (box[..., 3] <= top[1]).all())
+                      and bool((box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()))
+            if not inside:
+                raise DDKitError(f"{where}: {key!r} holds boxes outside the {unit} image 0..{top[0]:g} x 0..{top[1]:g} "
+                                 "(x0 <= x1, y0 <= y1); the store is corrupt, re-run `ddkit relabel`")
 
     def check_matches(self, distilled, teacher=None) -> None:
         """Fail unless the store labels exactly ``distilled`` (and was made by ``teacher``, if given)."""
@@ -322,18 +336,29 @@ class SoftLabelStore:
 
     @classmethod
     def load(cls, path: str | Path) -> SoftLabelStore:
-        path = Path(path)
+        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
         man = read_manifest(path, KIND, require={
             "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
             "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,
-            "top_k": (int, type(None)), "cutmix": (dict, type(None)), "teacher.fingerprint": str})
+            "top_k": (int, type(None)), "cutmix": (dict, type(None)), "teacher.fingerprint": str, "classes": list,
+            "tensors": dict})
+        size = man["image_size"]
+        if (len(man["classes"]) != man["num_classes"] or len(size) != 2 or min(man["epochs"], man["num_images"]) < 1
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds {len(man['classes'])} classes for num_classes "
+                             f"{man['num_classes']}, image_size {size!r}, {man['epochs']} epochs and {man['num_images']} "
+                             "images; the manifest is damaged: re-create the store with `ddkit relabel`")
         if man["cutmix"] is not None:  # CutMix's settings, which a random-baseline relabel repeats
             check_fields(man, {"cutmix.prob": (int, float), "cutmix.alpha": (int, float)}, path, KIND)
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
         tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
-        for key, spec in man.get("tensors", {}).items():
-            if key not in tensors or str(tensors[key].dtype).removeprefix("torch.") != spec["dtype"] or list(tensors[key].shape) != spec["shape"]:
+        if set(man["tensors"]) != set(tensors):
+            raise DDKitError(f"{path}: the manifest lists tensors {sorted(man['tensors'])} but the file holds "
+                             f"{sorted(tensors)}; the store is corrupt, re-run `ddkit relabel`")
+        for key, spec in man["tensors"].items():
+            if (not isinstance(spec, dict) or str(tensors[key].dtype).removeprefix("torch.") != spec.get("dtype")
+                    or list(tensors[key].shape) != spec.get("shape")):
                 raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, re-run `ddkit relabel`")
         return cls(tensors, man, path)
 
@@ -403,11 +428,7 @@ def relabel(
         raise ConfigError(f"relabel epochs must be an integer >= 1, got {epochs!r}")
     if batch_size < 1:
         raise ConfigError(f"relabel batch_size must be >= 1, got {batch_size}")
-    if not 0 <= cutmix_prob <= 1:
-        raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {cutmix_prob}")
-    if not 0 < cutmix_alpha < float("inf"):
-        raise ConfigError(f"cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), "
-                          f"got {cutmix_alpha}")
+    check_cutmix(cutmix_prob, cutmix_alpha)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)

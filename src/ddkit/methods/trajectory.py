@@ -90,7 +90,7 @@ from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
-from ddkit.training import accuracy, normalizer, to_float
+from ddkit.training import Diverged, accuracy, normalizer, to_float
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +392,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             total += float(loss.detach()) * len(idx)
         loss_epoch = total / n
         snapshots.append(flatten_params(model))
+        if not torch.isfinite(snapshots[-1]).all():  # no later epoch recovers it: stop here
+            raise Diverged(e + 1, cfg.epochs)
         if on_epoch is not None:
             on_epoch(e + 1)
         if cfg.lr_drop != 1.0 and e == drop_after:  # AST: lr × 0.6 once, with a new optimiser (momentum reset)
@@ -497,12 +499,12 @@ def train_experts(
             if zca is None:
                 zca = fit_zca(data, cfg)
             t0 = time.perf_counter()
-            traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
-            if not torch.isfinite(traj).all():
+            try:
+                traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
+            except Diverged as exc:
                 if partial is not None:  # the same settings diverge again: nothing worth resuming
                     shutil.rmtree(partial, ignore_errors=True)
-                raise DDKitError(f"expert {i} diverged (non-finite weights in its trajectory); nothing was saved: "
-                                 f"lower experts.lr (now {cfg.lr:g})")
+                raise DDKitError(f"expert {i}: {exc}; nothing was saved: lower experts.lr (now {cfg.lr:g})") from None
             summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
             if done is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,9 @@ from ddkit.artifacts import (
     artifact_folder,
     atomic_dir,
     base_manifest,
+    check_normalisation,
     check_output_dir,
+    folder_kind,
     load_tensors,
     read_manifest,
     save_tensors,
@@ -31,7 +32,7 @@ from ddkit.config import config_hash, field, to_dict
 from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
 from ddkit.models import create_model
-from ddkit.training import TrainConfig, accuracy, train_classifier
+from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class Teacher(DescribesDataset):
         if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, height, width]; "
                              "the manifest is damaged: re-create the teacher artifact")
+        check_normalisation(manifest, shape[0], path, KIND)
         model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1], **m["options"])
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
@@ -251,19 +253,19 @@ def train_teacher(
         out = Path(out)
         state_path = out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train), cfg.train.epochs)
-    result = train_classifier(
-        model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device,
-        test=data.test, distributed=info.enabled, state_path=state_path, eval_every=5, progress=progress,
-    )
-    model = result.model.cpu()
-    last = result.history[-1]["loss"] if result.history else 0.0
-    if not math.isfinite(last) or not all(torch.isfinite(p).all() for p in model.state_dict().values()
-                                          if p.is_floating_point()):
+    try:
+        result = train_classifier(
+            model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device, test=data.test,
+            distributed=info.enabled, state_path=state_path, eval_every=5, progress=progress, stop_if_diverged=True,
+        )
+        model = result.model.cpu()
+        if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
+            raise Diverged(cfg.train.epochs, cfg.train.epochs)  # finite weights, non-finite buffers (BatchNorm)
+    except Diverged as exc:
         if state_path is not None and info.is_main:  # the same settings diverge again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
-        raise DDKitError(f"teacher training diverged (loss {last:.4g} after {cfg.train.epochs} epochs, non-finite "
-                         f"weights); nothing was saved: lower teacher.train.lr (now {cfg.train.lr:g})")
+        raise DDKitError(f"teacher {exc}; nothing was saved: lower teacher.train.lr (now {cfg.train.lr:g})") from None
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
     log.info("teacher test accuracy %.4f", result.test_accuracy)
     if out is not None:
@@ -278,8 +280,14 @@ def train_teacher(
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        if folder_kind(path) == KIND:
+            raise DDKitError(f"checkpoint {str(path)!r} is a ddkit teacher folder, which needs no import; pass it as "
+                             "--teacher where a command takes one (or import its model.safetensors)")
+        raise DDKitError(f"checkpoint {str(path)!r} is a folder; give the weights file in it (a state_dict .pt/.pth or "
+                         ".safetensors)")
     if not path.is_file():
-        raise DDKitError(f"checkpoint {str(path)!r} not found; check teacher.checkpoint")
+        raise DDKitError(f"checkpoint {str(path)!r} not found; check --checkpoint (teacher.checkpoint in a config)")
     if path.suffix == ".safetensors":
         return {k.removeprefix("module."): v for k, v in load_tensors(path, what="checkpoint").items()}
     try:
