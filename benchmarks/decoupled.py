@@ -11,13 +11,18 @@ benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-cor
 The CPU tier trains students briefly (300 / 80 / 30 epochs). Whether EDC leads its family and beats
 random is answered under one long protocol (every method of the tier plus ddkit's EDC configurations,
 students trained to convergence at CPU scale), one run per IPC, and EDC's steps added one by one
-under the same protocol; each takes hours on 2 cores, and ``fashion-mnist.md`` assembles their tables:
+under the same protocol. ``--family one-protocol`` runs all of them in order (each run takes hours on
+2 cores; finished cells are reused) and ``fashion-mnist.md`` assembles their tables; one run alone:
 
+    DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family one-protocol
     DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family decoupled-long1   # also -long10, -long50
     DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family edc-build1        # also -build10, -build50
 """
 
-from fashion_mnist import main
+from fashion_mnist import EDC_STEP_RUNS, SINGLE_PROTOCOL, main
+
+# the runs behind the one-protocol and EDC-steps tables; a run that adds rows in another's folder after it
+ONE_PROTOCOL = tuple(dict.fromkeys((*SINGLE_PROTOCOL, *EDC_STEP_RUNS)))
 
 if __name__ == "__main__":
-    main(families=("decoupled",))
+    main(families=("decoupled",), groups={"one-protocol": ONE_PROTOCOL})

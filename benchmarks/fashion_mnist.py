@@ -643,10 +643,14 @@ def overview(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES) -> None:
+def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES,
+         groups: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Run ``families`` (``--family all``), one family or supplementary run, or a named group of
+    supplementary runs (``groups``: name -> runs, run in order; cpu tier only)."""
+    groups = groups or {}
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
-    ap.add_argument("--family", choices=[*families, *EXTRAS, "all"], default="all")
+    ap.add_argument("--family", choices=[*families, *EXTRAS, *groups, "all"], default="all")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
     ap.add_argument("--device", default=None, help="cpu, cuda (default: the config's 'auto')")
     ap.add_argument("--quiet", action="store_true")
@@ -654,7 +658,9 @@ def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES) ->
     logging.basicConfig(level=logging.WARNING)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
-    for family in (families if args.family == "all" else (args.family,)):
+    if args.family in groups and args.tier != "cpu":
+        ap.error(f"--family {args.family} runs supplementary runs of the cpu tier; drop --tier {args.tier}")
+    for family in families if args.family == "all" else groups.get(args.family, (args.family,)):
         rows, run_dir = run_family(family, args.tier, args.device, args.quiet)
         md = write_family(family, args.tier, run_dir, results)
         print((results / md).read_text())

@@ -305,3 +305,27 @@ def test_precision_benchmark_names_bad_input_in_one_line(tmp_path, args, words):
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ") and words in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monkeypatch):
+    """`decoupled.py --family one-protocol` runs every run behind the one-protocol and EDC-steps tables,
+    each after the run whose folder (and teachers) it reuses; a group is a cpu-tier thing."""
+    from ddkit.bench import load_bench_config
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script: it imports fashion_mnist
+    dec = _script("decoupled")
+    ran = []
+    monkeypatch.setattr(fm, "run_family", lambda family, tier, device, quiet: (ran.append((family, tier)) or [], tmp_path))
+    monkeypatch.setattr(fm, "write_family", lambda family, tier, run_dir, results: (results / f"{family}.md").write_text(
+        family) and f"{family}.md")
+    fm.main(["--family", "grp", "--results", str(tmp_path / "res"), "--quiet"], families=("decoupled",),
+            groups={"grp": ("edc-build1", "decoupled-long1")})
+    assert ran == [("edc-build1", "cpu"), ("decoupled-long1", "cpu")] and (tmp_path / "res" / "fashion-mnist.md").is_file()
+    with pytest.raises(SystemExit) as stop:
+        fm.main(["--family", "grp", "--tier", "full"], families=("decoupled",), groups={"grp": ("decoupled-long1",)})
+    assert stop.value.code == 2
+    assert set(dec.ONE_PROTOCOL) == set(fm.SINGLE_PROTOCOL) | set(fm.EDC_STEP_RUNS) and set(dec.ONE_PROTOCOL) <= set(fm.EXTRAS)
+    outs = {name: load_bench_config(fm.config_path(name, "cpu")).out for name in dec.ONE_PROTOCOL}
+    for i, name in enumerate(dec.ONE_PROTOCOL):
+        owner = next(n for n in dec.ONE_PROTOCOL if outs[n] == outs[name])  # the first run in that folder
+        assert dec.ONE_PROTOCOL.index(owner) <= i and (owner == name or owner.startswith("decoupled-long"))
