@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 from pathlib import Path
 
 from ddkit.artifacts import read_json, write_results, write_text
@@ -517,6 +518,59 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
     return out
 
 
+# decoupled-long1's closest IPC-1 race again with other synthesis seeds: run -> its distill_seed
+SEED_RUNS = {"seed1-long1": 1, "seed2-long1": 2}
+SEED_BASE = ("decoupled-long1", "edc-lr002-long1")  # the race's synthesis seed 0
+SEED_RACE = ("edc-lr002-r18", "rded", "random")  # sets of the race, by their label at seed 0
+
+
+def synthesis_seeds(results: Path, runs: dict[str, int] = SEED_RUNS, base: tuple[str, ...] = SEED_BASE) -> list[str]:
+    """The IPC-1 race of the one-protocol table (the best EDC set, RDED, the random method's set) with
+    every synthesis seed run, per student: each seed's accuracy, the mean and std over synthesis seeds,
+    and EDC's margin over RDED per seed. A seed run labels its sets ``<label>-seed<N>``."""
+    first, rows = _cpu_runs(results, base)
+    seeds = {0: [r for r in rows if r["ipc"] == 1]}
+    for run, seed in runs.items():
+        path = results / f"{run}-fashion-mnist-cpu.json"
+        if path.is_file():
+            first.append(run)
+            seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")} for r in read_json(path)["rows"]]
+    if len(seeds) < 2 or not seeds[0]:
+        return []
+    order = sorted(seeds)
+    edc, rival = SEED_RACE[0], SEED_RACE[1]
+    out = ["## The IPC-1 race across synthesis seeds", "",
+           f"Runs: {_run_links(first)} (decoupled-long1's teachers, protocol and student seeds; each synthesis seed "
+           "draws new RDED crops, so a new initialisation for EDC, new recover augmentations and a new random "
+           "subset). Cell: accuracy % mean ± std over student seeds; the last column is the mean ± std over "
+           "synthesis seeds of those means.", ""]
+    for student in dict.fromkeys(r["student"] for r in seeds[0]):
+        cell = {(r["method"], s): r for s in order for r in seeds[s] if r["student"] == student and r["ipc"] == 1}
+        out += [f"Student {student}:", "", "| set | " + " | ".join(f"seed {s}" for s in order) + " | over seeds |",
+                "|---|" + "---|" * (len(order) + 1)]
+        base = {s: next((r["random"] for r in seeds[s] if r["student"] == student and r.get("random")), None)
+                for s in order}  # a draw per student seed, whatever the synthesis seed: each run repeats it
+        rnd = base[0]
+        out.append("| random subset (baseline) | " + " | ".join(_pm(base[s]) for s in order) + " | |")
+        means: dict[str, list[float]] = {}
+        for m in SEED_RACE:
+            got = [cell.get((m, s)) for s in order]
+            means[m] = [100 * r["acc"]["mean"] for r in got if r is not None]
+            spread = (f"{statistics.fmean(means[m]):.2f} ± {statistics.pstdev(means[m]):.2f}"
+                      if len(means[m]) == len(order) else "–")
+            out.append(f"| {m} | " + " | ".join(_pm(r["acc"]) if r else "–" for r in got) + f" | {spread} |")
+        if len(means[edc]) == len(means[rival]) == len(order):
+            gaps = [a - b for a, b in zip(means[edc], means[rival])]
+            out.append(f"| {edc} − {rival} | " + " | ".join(f"{g:+.2f}" for g in gaps)
+                       + f" | {statistics.fmean(gaps):+.2f} |")
+            above = sum(m > 100 * rnd["mean"] for m in means[edc]) if rnd else 0
+            out += ["", f"- {edc} is ahead of {rival} on {sum(g > 0 for g in gaps)} of {len(gaps)} synthesis seeds "
+                        f"(mean margin {statistics.fmean(gaps):+.2f} points) and above the random subset baseline "
+                        f"on {above} of {len(gaps)}."]
+        out.append("")
+    return out
+
+
 # EDC's design steps added one by one under the one protocol (the tier's own ablation trains students briefly)
 EDC_STEP_RUNS = ("edc-build1", "edc-build10", "edc-build50", "edc-lr002-long1", "edc-lr002-long10", "edc-lr002-long50")
 EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
@@ -630,6 +684,7 @@ def overview(results: Path) -> str:
     if not found:
         out.append("No results yet: run the command above.")
     out += single_protocol(results)
+    out += synthesis_seeds(results)
     out += edc_steps(results)
     out += best_sets(results)
     extras = [(f"{name}-fashion-mnist-cpu.md", text, f"python benchmarks/fashion_mnist.py --family {name}")

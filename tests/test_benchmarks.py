@@ -329,3 +329,27 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
     for i, name in enumerate(dec.ONE_PROTOCOL):
         owner = next(n for n in dec.ONE_PROTOCOL if outs[n] == outs[name])  # the first run in that folder
         assert dec.ONE_PROTOCOL.index(owner) <= i and (owner == name or owner.startswith("decoupled-long"))
+
+
+def test_synthesis_seeds_table_follows_the_race_over_seeds(fm, tmp_path):
+    """The IPC-1 race (best EDC set, RDED, random) at synthesis seed 0 from the one-protocol runs and at
+    the seeds of the seed runs (labels suffixed -seedN): per-seed cells, mean ± std over seeds, EDC's margin."""
+    def write(name, rows):
+        (tmp_path / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
+
+    row = lambda label, name, acc: _row(label, name, 1, acc, 0.50, "teacher")
+    write("base", [row("rded", "rded", 0.60), row("random", "random", 0.52), row("sre2l", "sre2l", 0.3),
+                   _row("rded", "rded", 10, 0.9, 0.8, "teacher")])
+    write("lr", [row("edc-lr002-r18", "edc", 0.62)])
+    assert fm.synthesis_seeds(tmp_path, {"s1": 1}, ("base", "lr")) == []  # no seed run yet
+    write("s1", [row("rded-seed1", "rded", 0.61), row("edc-lr002-r18-seed1", "edc", 0.60), row("random-seed1", "random", 0.49)])
+    write("s2", [row("rded-seed2", "rded", 0.58), row("edc-lr002-r18-seed2", "edc", 0.61), row("random-seed2", "random", 0.51)])
+    text = "\n".join(fm.synthesis_seeds(tmp_path, {"s1": 1, "s2": 2}, ("base", "lr")))
+    assert "| set | seed 0 | seed 1 | seed 2 | over seeds |" in text
+    assert "| random subset (baseline) | 50.00 ± 1.00 | 50.00 ± 1.00 | 50.00 ± 1.00 | |" in text
+    assert "| edc-lr002-r18 | 62.00 ± 1.00 | 60.00 ± 1.00 | 61.00 ± 1.00 | 61.00 ± 0.82 |" in text
+    assert "| rded | 60.00 ± 1.00 | 61.00 ± 1.00 | 58.00 ± 1.00 | 59.67 ± 1.25 |" in text
+    assert "| edc-lr002-r18 − rded | +2.00 | -1.00 | +3.00 | +1.33 |" in text
+    assert "sre2l" not in text and "90.00" not in text  # not in the race; IPC 10
+    assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (mean margin +1.33 points) and above the random "
+            "subset baseline on 3 of 3.") in text
