@@ -162,6 +162,16 @@ def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monke
     (path / S.TENSORS).write_bytes(b"not safetensors")
     third, _ = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
     assert len(calls) == 2 and all(torch.equal(first[k], third[k]) for k in first)
+    # so is one whose values rotted to NaN (it used to be trusted, and synthesis then failed on NaN pixels)
+    from safetensors.torch import load_file, save_file
+
+    rotten = load_file(str(path / S.TENSORS))
+    key = next(iter(rotten))
+    rotten[key] = torch.full_like(rotten[key], float("nan"))
+    save_file(rotten, str(path / S.TENSORS))
+    fourth, _ = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    assert len(calls) == 3 and all(torch.equal(first[k], fourth[k]) for k in first)
+    calls.pop()
     # a different teacher gets its own entry
     other = Teacher(copy.deepcopy(bn_teacher.model), {**bn_teacher.manifest, "weights_sha": "0" * 16})
     _, path3 = S.real_statistics(other, data, cache_dir=tmp_path)

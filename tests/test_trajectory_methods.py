@@ -144,6 +144,13 @@ def test_buffer_errors(buffer, tmp_path):
     (broken / "expert_001.safetensors").write_bytes(b"garbage")
     with pytest.raises(DDKitError, match="corrupt"):
         load_experts(broken)
+    from safetensors.torch import load_file, save_file
+
+    traj = load_file(str(buffer.path / "expert_001.safetensors"))["trajectory"].clone()
+    traj[-1, 0] = float("nan")  # read, right shape, one weight rotted: MTT would then fail on NaN pixels
+    save_file({"trajectory": traj}, str(broken / "expert_001.safetensors"))
+    with pytest.raises(DDKitError, match="expert_001.safetensors' holds NaN or infinite weights; the buffer is corrupt"):
+        load_experts(broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["kind"] = "teacher"
     (broken / "manifest.json").write_text(json.dumps(manifest))

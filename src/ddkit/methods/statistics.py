@@ -335,6 +335,9 @@ def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str],
         missing = sorted(want - set(stats))
         if missing or f"{LOGITS}/class_mean" not in stats:
             raise DDKitError(f"missing {missing[:2]}")
+        broken = [k for k, v in stats.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if broken:
+            raise DDKitError(f"non-finite values in {broken[:2]}")
         return stats, manifest
     except DDKitError as exc:
         log.warning("ignoring cached statistics at %s (%s); recomputing", path, str(exc).splitlines()[0])

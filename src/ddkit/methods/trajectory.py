@@ -562,6 +562,9 @@ def load_experts(path: str | Path) -> ExpertBuffer:
                 f"expert file {str(path / entry['file'])!r} holds trajectory {got}, manifest says {want}; "
                 "the buffer is corrupt, re-create it"
             )
+        if not torch.isfinite(traj).all():
+            raise DDKitError(f"expert file {str(path / entry['file'])!r} holds NaN or infinite weights; the buffer is "
+                             "corrupt, re-create it")
         trajectories.append(traj.float())
     if not trajectories:
         raise DDKitError(f"expert buffer {str(path)!r} has no experts; re-create it")
