@@ -85,8 +85,8 @@ def describe(path: str | Path) -> str:
                          f"{', '.join(sorted(_SUMMARIES))}")
     with damaged_record(where, f"a {kind!r} record", "it is damaged, re-create it"):
         text = summarise(record)
-    if where.name == MANIFEST:
-        check_artifact(kind, where.parent, record)
+        if where.name == MANIFEST:
+            check_artifact(kind, where.parent, record)
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text

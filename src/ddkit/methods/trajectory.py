@@ -90,7 +90,7 @@ from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
-from ddkit.training import Diverged, accuracy, normalizer, to_float
+from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, to_float
 
 log = logging.getLogger(__name__)
 
@@ -392,8 +392,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             total += float(loss.detach()) * len(idx)
         loss_epoch = total / n
         snapshots.append(flatten_params(model))
-        if not torch.isfinite(snapshots[-1]).all():  # no later epoch recovers it: stop here
-            raise Diverged(e + 1, cfg.epochs)
+        check_finite_weights(model, e + 1, cfg.epochs)  # no later epoch recovers a NaN weight: stop here
         if on_epoch is not None:
             on_epoch(e + 1)
         if cfg.lr_drop != 1.0 and e == drop_after:  # AST: lr × 0.6 once, with a new optimiser (momentum reset)
