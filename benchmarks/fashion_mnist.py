@@ -565,7 +565,8 @@ def synthesis_seeds(results: Path, runs: dict[str, int] = SEED_RUNS, base: tuple
                        + f" | {statistics.fmean(gaps):+.2f} |")
             above = sum(m > 100 * rnd["mean"] for m in means[edc]) if rnd else 0
             out += ["", f"- {edc} is ahead of {rival} on {sum(g > 0 for g in gaps)} of {len(gaps)} synthesis seeds "
-                        f"(mean margin {statistics.fmean(gaps):+.2f} points) and above the random subset baseline "
+                        f"(margin {statistics.fmean(gaps):+.2f} ± {statistics.pstdev(gaps):.2f} points over seeds) and "
+                        "above the random subset baseline "
                         f"on {above} of {len(gaps)}."]
         out.append("")
     return out

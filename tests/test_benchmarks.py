@@ -351,5 +351,5 @@ def test_synthesis_seeds_table_follows_the_race_over_seeds(fm, tmp_path):
     assert "| rded | 60.00 ± 1.00 | 61.00 ± 1.00 | 58.00 ± 1.00 | 59.67 ± 1.25 |" in text
     assert "| edc-lr002-r18 − rded | +2.00 | -1.00 | +3.00 | +1.33 |" in text
     assert "sre2l" not in text and "90.00" not in text  # not in the race; IPC 10
-    assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (mean margin +1.33 points) and above the random "
-            "subset baseline on 3 of 3.") in text
+    assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (margin +1.33 ± 1.70 points over seeds) and above "
+            "the random subset baseline on 3 of 3.") in text
