@@ -316,7 +316,7 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
         (["distill", "--dataset", "synthetc", "--method", "random", "--ipc", "2"], "unknown dataset 'synthetc'; did you mean 'synthetic'?"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "99"], "ipc 99 is larger than the smallest class"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.ipcc=3"], "unknown config key 'distill.ipcc'; did you mean 'ipc'?"),
-        (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "dataset.path /nonexistent/fm does not exist"),
+        (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "--data-path /nonexistent/fm does not exist; fix --data-path"),
         (["teacher", "--dataset", "synthetic", "--model", "convnet33"], "unknown model 'convnet33'; did you mean"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--device", "tpu"], "unknown device 'tpu'"),
         (["teacher", "--set", "dataset=foo", "--model", "tiny_convnet"], "dataset: expected a mapping of settings, got 'foo'"),
@@ -447,6 +447,17 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
         code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--seeds", "0", "-q", *extra], capsys)
         assert code == 2 and "is not a folder; set --data-path to root/<split>/<class>/<image>" in err, err
         assert "dataset.path" not in err and err.count("\n") == 1
+    # a fix naming another dataset setting cannot be followed: the set records them all but the path
+    (tmp_path / "elsewhere").mkdir()
+    code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--seeds", "0", "-q", "--data-path", str(tmp_path / "elsewhere")],
+                           capsys)
+    assert code == 2 and "no train split folder" in err and "dataset.train_split" not in err, err
+    assert err.endswith("the set records its dataset settings: point --data-path at the data it was made from (and "
+                        "--teacher at a teacher trained on it)\n")
+    # demo has no --set: its data hint must name the flag it has
+    code, _, err = run_cli(["demo", "--data-path", str(tmp_path / "nosuch"), "--out", str(tmp_path / "demo"), "-q"], capsys)
+    assert code == 2 and err == f"error: --data-path {tmp_path / 'nosuch'} does not exist; fix --data-path or unset it to search DDKIT_DATA\n"
+    assert not (tmp_path / "demo").exists()
     # `ddkit relabel` prints an evaluate command with --label-mode fkd: the flag takes it
     from ddkit.cli import build_parser
 

@@ -670,3 +670,91 @@ def test_synthetic_refuses_settings_it_cannot_honour():
     with pytest.raises(DataError, match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
         load_dataset(DatasetConfig(name="synthetic", classes=["a", "b", "c", "d"]))
     assert load_dataset(DatasetConfig(name="synthetic", classes=[f"class{c}" for c in range(4)])).num_classes == 4
+
+
+# ------------------------------------------------------------------------------------------------
+# hints and refusals found by the data-source audit of 2026-12-06
+
+
+def test_idx_hints_name_the_folder_ddkit_data_must_hold(tmp_path, monkeypatch):
+    """The hint said "set DDKIT_DATA / dataset.path to a folder with the four IDX files", which is what a
+    user with DDKIT_DATA=.../fashion-mnist had done; DDKIT_DATA must hold fashion-mnist/."""
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path))
+    with pytest.raises(DataError, match=r"set DDKIT_DATA \(files in \$DDKIT_DATA/fashion-mnist/\) or dataset.path to a "
+                                        "folder with the four IDX files"):
+        load_dataset("fashion-mnist")
+
+
+def test_idx_folder_mixing_gzip_and_plain_loads_from_ddkit_data(tmp_path, monkeypatch):
+    """The mixed-files fallback ran only for an explicit dataset.path: the same folder under DDKIT_DATA
+    was "not found", though every file is there."""
+    write_idx_folder(tmp_path / "gz")
+    mixed = tmp_path / "data" / "fashion-mnist"
+    write_idx_folder(mixed)
+    gzipped = mixed / "t10k-images-idx3-ubyte.gz"
+    gzipped.with_suffix("").write_bytes(gzip.decompress(gzipped.read_bytes()))
+    gzipped.unlink()
+    monkeypatch.setenv("DDKIT_DATA", str(tmp_path / "data"))
+    got, want = load_dataset("fashion-mnist"), load_dataset("fashion-mnist", path=str(tmp_path / "gz"))
+    assert torch.equal(got.test.images, want.test.images) and got.source == str(mixed)
+
+
+def test_idx_path_errors_name_what_is_wrong_with_the_folder(tmp_path):
+    """A file given as the folder, and a folder lacking one plain file, were told to hold all four .gz files."""
+    write_idx_folder(tmp_path / "fm", gz=False)
+    with pytest.raises(DataError, match=r"dataset.path .*train-images-idx3-ubyte is a file, not a folder; point "
+                                        "dataset.path at the folder holding"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm" / "train-images-idx3-ubyte"))
+    (tmp_path / "fm" / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match=r"fm lacks t10k-labels-idx1-ubyte \(or t10k-labels-idx1-ubyte.gz\); put the "
+                                        "files there$"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
+def test_tensors_source_names_a_folder_as_one(tmp_path):
+    with pytest.raises(DataError, match="tensors file .* is a folder, not a file; set dataset.path to a .safetensors"):
+        load_dataset("tensors", path=str(tmp_path))
+
+
+def test_a_dataset_of_one_class_is_refused(tmp_path):
+    """One class: every prediction is right, so teachers and students reported a meaningless 100%."""
+    write_imagefolder(tmp_path, {"only": 3}, mode="L")
+    with pytest.raises(DataError, match=r"dataset 'imagefolder' \(.*\) has 1 class \['only'\]; classification needs at "
+                                        "least 2"):
+        load_dataset("imagefolder", path=str(tmp_path))
+
+
+def test_a_large_image_is_read_without_a_warning_on_stderr(tmp_path, recwarn):
+    """PIL warns (several stderr lines, beside ddkit's one-line error) of images between its pixel limit
+    and twice that; ddkit reads them like any other, or names the file in one line when it is damaged."""
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, mode="L")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 40  # a 8x8 image is then "large" (64 pixels, below twice the limit)
+        b = load_dataset("imagefolder", path=str(tmp_path))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+    assert b.train.images.shape == (4, 1, 8, 8)
+    assert not [w for w in recwarn.list if issubclass(w.category, Image.DecompressionBombWarning)]
+
+
+def test_split_names_and_sizes_are_checked_with_one_prefix(tmp_path):
+    """An empty split name was read as the root folder ("only in train: ['test', 'train']"); range errors
+    read "dataset: dataset.image_size"."""
+    from ddkit.config import from_dict
+
+    for split in ("", ".", "./", ".."):
+        with pytest.raises(ConfigError, match=f"train_split must be the name of a folder in dataset.path, got {split!r}"):
+            DatasetConfig(name="imagefolder", path=str(tmp_path), train_split=split)
+    with pytest.raises(ConfigError, match="^dataset: image_size must be >= 1, got 0$"):
+        from_dict(DatasetConfig, {"name": "imagefolder", "image_size": 0}, "dataset")
+
+
+def test_class_folders_differing_in_unicode_form_show_apart(tmp_path):
+    import unicodedata
+
+    write_imagefolder(tmp_path, {"a": 1, "caf\u00e9": 1}, mode="L")
+    nfc = tmp_path / "test" / "caf\u00e9"
+    nfc.rename(tmp_path / "test" / unicodedata.normalize("NFD", "caf\u00e9"))
+    with pytest.raises(DataError, match=r"only in train: \['caf\\xe9'\], only in test: \['cafe\\u0301'\]"):
+        load_dataset("imagefolder", path=str(tmp_path))

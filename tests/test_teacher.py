@@ -52,6 +52,15 @@ def test_class_mismatch_errors(teacher_dir, tiny):
     big = make_synthetic(image_size=20)
     with pytest.raises(DDKitError, match=r"teacher expects images \[1, 16, 16\]"):
         t.check_compatible(big)
+    # other names: no order fits, so the order hint ("pass dataset.classes ...") would fail when followed
+    renamed = DataBundle("synthetic", tiny.train, tiny.test, ["x", "class1", "class2", "class3"], tiny.mean, tiny.std)
+    with pytest.raises(DDKitError, match=r"teacher classes \['class0', 'class1', 'class2', 'class3'\] differ from dataset "
+                                         r"'synthetic''s \['x', .*\]; use a teacher trained on this data"):
+        t.check_compatible(renamed)
+    # colour for a grayscale teacher: the size hint would not help either
+    rgb = make_synthetic(channels=3)
+    with pytest.raises(DDKitError, match="teacher expects 1-channel images but dataset 'synthetic' has 3-channel ones"):
+        t.check_compatible(rgb)
 
 
 def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -219,9 +220,13 @@ def cmd_evaluate(args) -> int:
     device = _device(args)
     try:
         bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
-    except DDKitError as exc:  # the data's hints name the config key; here --data-path sets it
-        raise type(exc)(str(exc).replace("dataset.path", "--data-path")) from None
-    teacher = load_teacher_for(args.teacher, bundle, device)
+        teacher = load_teacher_for(args.teacher, bundle, device)
+    except DDKitError as exc:  # the set fixes every dataset setting but the path: a fix naming another cannot be followed
+        problem, _, fix = str(exc).rpartition("; ")
+        if problem and re.search(r"dataset\.(?!path\b)\w+", fix):
+            raise type(exc)(f"{problem}; the set records its dataset settings: point --data-path at the data it was "
+                            "made from (and --teacher at a teacher trained on it)") from None
+        raise
     out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
     progress = Progress(not args.quiet)
     report = evaluate(distilled, protocol, _seeds(args.seeds), data=bundle, teacher=teacher, device=device,
@@ -576,6 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _as_flags(message: str, args) -> str:
+    """``message`` as this command's user would act on it: the library names the config key
+    ``dataset.path``, which a command with ``--data-path`` sets by that flag (``demo`` has no other way)."""
+    return message.replace("dataset.path", "--data-path") if hasattr(args, "data_path") else message
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -585,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except DDKitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_as_flags(str(exc), args)}", file=sys.stderr)
         ddist.shutdown(barrier=False)
         return 2
     except BrokenPipeError:  # `ddkit show edc | head`: the reader left; say nothing more

@@ -43,7 +43,11 @@ class DatasetConfig:
         for name in ("train_per_class", "test_per_class", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ConfigError(f"dataset.{name} must be >= 1, got {value}")
+                raise ConfigError(f"{name} must be >= 1, got {value}")  # from_dict names the section
+        for name in ("train_split", "test_split"):
+            value = getattr(self, name)
+            if not value.strip("./\\"):  # the root itself (or above it): the other split's class folders look like classes
+                raise ConfigError(f"{name} must be the name of a folder in dataset.path, got {value!r}")
 
     def absolute(self) -> DatasetConfig:
         """This config with ``path`` made absolute (against the current folder), so that a record of it
@@ -104,6 +108,10 @@ class DataBundle:
     source: str = ""
 
     def __post_init__(self) -> None:
+        if len(self.classes) < 2:  # one class: every prediction is right, every accuracy a meaningless 100%
+            where = f" ({self.source})" if self.source else ""
+            raise DataError(f"dataset {self.name!r}{where} has {len(self.classes)} class {list(self.classes)}; "
+                            "classification needs at least 2: give it images of two or more classes")
         for split, part in (("train", self.train), ("test", self.test)):
             if len(part) == 0:  # no test images: accuracy 0/0 = NaN; no train images: nothing to learn from
                 where = f" ({self.source})" if self.source else ""

@@ -22,6 +22,7 @@ import os
 import pickle
 import struct
 import tarfile
+import warnings
 import zlib
 from pathlib import Path
 
@@ -75,14 +76,20 @@ def _check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
         )
 
 
-def _search_rank(name: str, path: str | None, found: Path) -> int:
-    """Position of ``found`` in find_data_dir's search order (lower wins)."""
+def _search_order(name: str, path: str | None) -> list[Path]:
+    """The folders find_data_dir searches, first first: ``dataset.path``, ``$DDKIT_DATA/<name>``, the system's."""
     order: list[Path] = []
     if path:
         order.append(Path(path).expanduser())
     if os.environ.get("DDKIT_DATA"):
         order.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
     order.append(SYSTEM_DATA_DIR / name)
+    return order
+
+
+def _search_rank(name: str, path: str | None, found: Path) -> int:
+    """Position of ``found`` in find_data_dir's search order (lower wins)."""
+    order = _search_order(name, path)
     return order.index(found) if found in order else len(order)
 
 
@@ -94,6 +101,9 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
     """
     if cfg.path and not Path(cfg.path).expanduser().exists():
         raise DataError(f"dataset.path {cfg.path} does not exist; fix dataset.path or unset it to search DDKIT_DATA")
+    if cfg.path and not Path(cfg.path).expanduser().is_dir():
+        raise DataError(f"dataset.path {cfg.path} is a file, not a folder; point dataset.path at the folder holding "
+                        f"{', '.join(layouts[0])}")
     hits: list[tuple[int, int, Path]] = []
     first_error: DataError | None = None
     for i, required in enumerate(layouts):
@@ -233,11 +243,18 @@ def _load_idx_dataset(
     plain = list(IDX_FILES.values())
     try:
         folder, _ = _locate(cfg, [gz, plain], hint)
-    except DataError:
-        root = Path(cfg.path).expanduser() if cfg.path else None
-        if root is None or not all((root / f).exists() or (root / (f + ".gz")).exists() for f in plain):
-            raise
-        folder = root  # some files gzipped and some not: file() below takes each in the form it has
+    except DataError as exc:
+        # some files gzipped and some not: the first searched folder with each file in either form (file()
+        # below takes each in the form it has); an explicit dataset.path is the only folder searched
+        whole = lambda root: root.is_dir() and all((root / f).exists() or (root / (f + ".gz")).exists() for f in plain)
+        order = _search_order(cfg.name, cfg.path)
+        folder = next((root for root in (order[:1] if cfg.path else order) if whole(root)), None)
+        if folder is None:
+            root = order[0] if cfg.path else None
+            if root is not None and root.is_dir():  # name what the folder lacks, in whichever form is missing
+                missing = [f"{f} (or {f}.gz)" for f in plain if not ((root / f).exists() or (root / (f + ".gz")).exists())]
+                raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; put the files there") from None
+            raise exc from None
 
     def file(stem: str) -> Path:
         return folder / (stem + ".gz") if (folder / (stem + ".gz")).exists() else folder / stem
@@ -267,7 +284,7 @@ def load_fashion_mnist(cfg: DatasetConfig) -> DataBundle:
     """Fashion-MNIST (Xiao et al., 2017): 60k/10k grayscale 28x28 images of 10 clothing classes."""
     hint = (
         "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist), "
-        "or set DDKIT_DATA / dataset.path to a folder with the four IDX files "
+        "set DDKIT_DATA (files in $DDKIT_DATA/fashion-mnist/) or dataset.path to a folder with the four IDX files "
         "(train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         "t10k-labels-idx1-ubyte.gz)"
     )
@@ -527,7 +544,12 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
+        # PIL warns (on stderr, several lines) of images between its pixel limit and twice that, and refuses
+        # larger ones (DecompressionBombError, below): a large photo is read and resized like any other
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
             im.load()
             if im.mode in _WIDE_GRAY_MODES:  # convert("L") would clip, not scale, 16-bit values
                 wide = np.asarray(im, dtype=np.float64)
@@ -568,8 +590,8 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
     if train != test:
         raise DataError(
             f"class folders differ between {split_dirs['train']} and {split_dirs['test']} "
-            f"(only in train: {sorted(train - test)}, only in test: {sorted(test - train)}); "
-            "give both splits the same class folders"
+            f"(only in train: {ascii(sorted(train - test))}, only in test: {ascii(sorted(test - train))}; names "
+            "as ascii(), so names that differ only in Unicode form show apart); give both splits the same class folders"
         )
     if not train:
         raise DataError(f"{split_dirs['train']} has no class folders; expected <split>/<class>/<image>")
@@ -752,7 +774,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         raise ConfigError("dataset 'tensors' needs a file; set dataset.path=<file.safetensors or file.pt>")
     path = Path(cfg.path).expanduser()
     if not path.is_file():
-        raise DataError(f"tensors file {path} does not exist; set dataset.path to a .safetensors or .pt file")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise DataError(f"tensors file {path} {what}; set dataset.path to a .safetensors or .pt file")
     if path.suffix == ".safetensors":
         tensors, classes = _read_safetensors(path)
     elif path.suffix in (".pt", ".pth"):

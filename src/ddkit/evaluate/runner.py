@@ -261,13 +261,15 @@ def evaluate(
     man = distilled.manifest
     if data is None:
         data = load_dataset(from_dict(DatasetConfig, man["dataset_config"], "dataset"))
+    if list(distilled.classes) != list(data.classes):
+        raise DDKitError(f"distilled set's classes {list(distilled.classes)} differ from the dataset's "
+                         f"{list(data.classes)}; point dataset.path at the data it was made from")
     if data.fingerprint != man["dataset"]["fingerprint"]:
         raise DDKitError(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
-            f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; point the dataset at the same files"
+            f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; point dataset.path at the "
+            "same files"
         )
-    if list(distilled.classes) != list(data.classes):
-        raise DDKitError("distilled set's class names differ from the dataset's; use the dataset it was made from")
     mode = protocol.label_mode
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")

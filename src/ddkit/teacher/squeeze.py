@@ -88,6 +88,9 @@ class Teacher(DescribesDataset):
                 f"teacher has {len(mine)} classes but dataset {data.name!r} has {data.num_classes}; "
                 "use a teacher trained on this dataset"
             )
+        if sorted(mine) != sorted(data.classes):  # other names: no order of this data's classes fits
+            raise DDKitError(f"teacher classes {mine} differ from dataset {data.name!r}'s {list(data.classes)}; use a "
+                             "teacher trained on this data")
         if mine != list(data.classes):
             diff = next(i for i, (a, b) in enumerate(zip(mine, data.classes)) if a != b)
             raise DDKitError(
@@ -95,6 +98,10 @@ class Teacher(DescribesDataset):
                 f"({mine[diff]!r} vs {data.classes[diff]!r}); pass dataset.classes in the teacher's order"
             )
         shape = list(self.manifest["model"]["input_shape"])
+        if shape[0] != data.image_shape[0]:
+            raise DDKitError(f"teacher expects {shape[0]}-channel images but dataset {data.name!r} has "
+                             f"{data.image_shape[0]}-channel ones (grayscale vs colour); use a teacher trained on "
+                             "this data")
         if shape != list(data.image_shape):
             raise DDKitError(
                 f"teacher expects images {shape} but dataset {data.name!r} has {list(data.image_shape)}; "
