@@ -224,3 +224,18 @@ def test_mtt_protocol_preset():
     assert (t.epochs, t.augment, t.optimizer, t.momentum, t.weight_decay, t.batch_size, t.schedule, p.label_mode) == (
         1000, "dsa", "sgd", 0.9, 5e-4, 256, "step", "hard")
     assert resolve_protocol("mtt-protocol", {"zca": True}).zca
+
+
+def test_data_with_other_classes_is_named_before_its_fingerprint(setup, tiny_protocol):
+    """Other class names used to be reported as an unexplained fingerprint mismatch; the classes are now
+    named, and both errors point dataset.path at the set's data (the CLI says --data-path)."""
+    import dataclasses
+
+    data, ds = setup[0], setup[2]
+    renamed = dataclasses.replace(data, classes=[f"x{i}" for i in range(data.num_classes)])
+    with pytest.raises(DDKitError, match=r"distilled set's classes \['class0', .*\] differ from the dataset's \['x0', "
+                                         r".*\]; point dataset.path at the data it was made from"):
+        evaluate(ds, tiny_protocol, [0], data=renamed)
+    other = make_synthetic(num_classes=data.num_classes, seed=9)
+    with pytest.raises(DDKitError, match="but the loaded data has .*; point dataset.path at the same files"):
+        evaluate(ds, tiny_protocol, [0], data=other)

@@ -246,13 +246,12 @@ def _load_idx_dataset(
     except DataError as exc:
         # some files gzipped and some not: the first searched folder with each file in either form (file()
         # below takes each in the form it has); an explicit dataset.path is the only folder searched
-        whole = lambda root: root.is_dir() and all((root / f).exists() or (root / (f + ".gz")).exists() for f in plain)
-        order = _search_order(cfg.name, cfg.path)
-        folder = next((root for root in (order[:1] if cfg.path else order) if whole(root)), None)
+        lacks = lambda root: [f for f in plain if not ((root / f).exists() or (root / (f + ".gz")).exists())]
+        order = _search_order(cfg.name, cfg.path)[: 1 if cfg.path else None]
+        folder = next((root for root in order if root.is_dir() and not lacks(root)), None)
         if folder is None:
-            root = order[0] if cfg.path else None
-            if root is not None and root.is_dir():  # name what the folder lacks, in whichever form is missing
-                missing = [f"{f} (or {f}.gz)" for f in plain if not ((root / f).exists() or (root / (f + ".gz")).exists())]
+            if cfg.path and order[0].is_dir():  # name what the folder lacks, in whichever form is missing
+                missing = [f"{f} (or {f}.gz)" for f in lacks(order[0])]
                 raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; put the files there") from None
             raise exc from None
 
