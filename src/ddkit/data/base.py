@@ -181,6 +181,15 @@ Loader = Callable[[DatasetConfig], DataBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
 
 
+def search_order(name: str, path: str | None) -> list[Path]:
+    """The folders a dataset is looked for in, first first: ``path``, ``$DDKIT_DATA/<name>``, the system's."""
+    order = [Path(path).expanduser()] if path else []
+    if os.environ.get("DDKIT_DATA"):
+        order.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
+    order.append(SYSTEM_DATA_DIR / name)
+    return order
+
+
 def find_data_dir(name: str, path: str | None, required: list[str], hint: str) -> Path:
     """Locate a dataset folder holding ``required`` files.
 
@@ -196,10 +205,7 @@ def find_data_dir(name: str, path: str | None, required: list[str], hint: str) -
         if missing:
             raise DataError(f"dataset {name!r}: {cand} lacks {', '.join(missing)}; put the files there")
         return cand
-    candidates: list[Path] = []
-    if os.environ.get("DDKIT_DATA"):
-        candidates.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
-    candidates.append(SYSTEM_DATA_DIR / name)
+    candidates = search_order(name, None)
     for cand in candidates:
         if cand.is_dir() and all((cand / f).exists() for f in required):
             return cand

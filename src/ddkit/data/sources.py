@@ -18,7 +18,6 @@ import itertools
 import json
 import logging
 import math
-import os
 import pickle
 import struct
 import tarfile
@@ -31,11 +30,11 @@ import torch
 
 from ddkit.data.base import (
     DATASETS,
-    SYSTEM_DATA_DIR,
     DataBundle,
     DatasetConfig,
     ImageSet,
     find_data_dir,
+    search_order,
 )
 from ddkit.errors import ConfigError, DataError
 
@@ -76,20 +75,9 @@ def _check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
         )
 
 
-def _search_order(name: str, path: str | None) -> list[Path]:
-    """The folders find_data_dir searches, first first: ``dataset.path``, ``$DDKIT_DATA/<name>``, the system's."""
-    order: list[Path] = []
-    if path:
-        order.append(Path(path).expanduser())
-    if os.environ.get("DDKIT_DATA"):
-        order.append(Path(os.environ["DDKIT_DATA"]).expanduser() / name)
-    order.append(SYSTEM_DATA_DIR / name)
-    return order
-
-
 def _search_rank(name: str, path: str | None, found: Path) -> int:
     """Position of ``found`` in find_data_dir's search order (lower wins)."""
-    order = _search_order(name, path)
+    order = search_order(name, path)
     return order.index(found) if found in order else len(order)
 
 
@@ -247,7 +235,7 @@ def _load_idx_dataset(
         # some files gzipped and some not: the first searched folder with each file in either form (file()
         # below takes each in the form it has); an explicit dataset.path is the only folder searched
         lacks = lambda root: [f for f in plain if not ((root / f).exists() or (root / (f + ".gz")).exists())]
-        order = _search_order(cfg.name, cfg.path)[: 1 if cfg.path else None]
+        order = search_order(cfg.name, cfg.path)[: 1 if cfg.path else None]
         folder = next((root for root in order if root.is_dir() and not lacks(root)), None)
         if folder is None:
             if cfg.path and order[0].is_dir():  # name what the folder lacks, in whichever form is missing
