@@ -4,7 +4,7 @@ import pytest
 
 import ddkit.config as config
 from conftest import REPO
-from ddkit.config import apply_overrides, config_hash, from_dict, load_yaml, to_dict
+from ddkit.config import apply_overrides, config_hash, from_dict, is_count, load_yaml, to_dict
 from ddkit.errors import ConfigError
 from ddkit.evaluate import ProtocolConfig, resolve_protocol
 from ddkit.pipeline import RunConfig, demo_config
@@ -45,6 +45,12 @@ def test_seeds_must_fit_the_generators():
     with pytest.raises(ConfigError, match=r"seeds: seeds must lie in \[0, 2\^32\), got 4294967296"):
         from_dict(BenchConfig, {"datasets": ["synthetic"], "methods": ["random"], "seeds": [0, 2**32]})
     assert from_dict(DistillConfig, {"method": "random", "ipc": 1, "seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_is_count_takes_integers_from_low_and_refuses_bools_and_floats():
+    assert [is_count(v) for v in (1, 7, 0, -1, True, 1.0, "3", None)] == [True, True] + [False] * 6
+    assert is_count(0, 0) and not is_count(False, 0) and not is_count(-1, 0)
+    assert is_count(2, 2) and not is_count(1, 2)
 
 
 def test_numbers_written_without_a_dot_and_sections_without_settings():

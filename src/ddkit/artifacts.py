@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ddkit.config import is_count
 from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
             f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
         )
     version = manifest.get("schema_version")
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+    if not is_count(version):
         raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version number; the manifest "
                          f"is damaged: re-create the {kind} artifact")
     if version > SCHEMA_VERSION:

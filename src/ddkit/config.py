@@ -179,6 +179,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
 
 
+def is_count(value: Any, low: int = 1) -> bool:
+    """Whether ``value`` is an integer (a bool is not) of at least ``low``: the one check of the counts,
+    sizes and epochs that arrive untyped (manifests, options, library arguments)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 def _check_seeds(value: Any, where: str, errors: list[str]) -> None:
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < SEED_LIMIT:

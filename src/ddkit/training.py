@@ -37,7 +37,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save
-from ddkit.config import field
+from ddkit.config import field, is_count
 from ddkit.data.augment import CutMix, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
@@ -246,7 +246,7 @@ def check_teacher_bn(mode: str, group: int | None, name: str = "teacher_bn") -> 
         raise ConfigError(f"{name} must be 'running' or 'batch', got {mode!r}; set {name}=running or {name}=batch")
     if group is None:
         return
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    if not is_count(group):
         raise ConfigError(f"{name}_batch must be a number of images >= 1 (or null: the whole batch), got {group!r}")
     if mode != "batch":
         raise ConfigError(f"{name}_batch={group} only applies with {name} 'batch'; set {name}=batch or drop {name}_batch")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import field
+from ddkit.config import field, is_count
 from ddkit.errors import ConfigError, DataError
 from ddkit.registry import Registry
 
@@ -319,7 +319,7 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
     for key, low in (("num_classes", 2), ("channels", 1), ("image_size", 1), ("train_per_class", 1),
                      ("test_per_class", 1), ("seed", 0)):
         v = cfg.options.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < low):
+        if v is not None and not is_count(v, low):
             raise ConfigError(f"dataset.options.{key} must be an integer >= {low}, got {v!r}")
     noise = cfg.options.get("noise")
     if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf")):

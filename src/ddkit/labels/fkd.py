@@ -68,7 +68,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import config_hash
+from ddkit.config import config_hash, is_count
 from ddkit.data.augment import CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.determinism import use_deterministic_cuda
@@ -344,7 +344,7 @@ class SoftLabelStore:
             "tensors": dict})
         size = man["image_size"]
         if (len(man["classes"]) != man["num_classes"] or len(size) != 2 or min(man["epochs"], man["num_images"]) < 1
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+                or not all(map(is_count, size))):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds {len(man['classes'])} classes for num_classes "
                              f"{man['num_classes']}, image_size {size!r}, {man['epochs']} epochs and {man['num_images']} "
                              "images; the manifest is damaged: re-create the store with `ddkit relabel`")
@@ -424,12 +424,12 @@ def relabel(
     from ddkit.config import SEED_LIMIT
 
     # before anything is labelled or the work folder made (NaN fails every comparison, so it fails these too)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not is_count(epochs):
         raise ConfigError(f"relabel epochs must be an integer >= 1, got {epochs!r}")
     if batch_size < 1:
         raise ConfigError(f"relabel batch_size must be >= 1, got {batch_size}")
     check_cutmix(cutmix_prob, cutmix_alpha)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+    if not is_count(seed, 0) or seed >= SEED_LIMIT:
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     augment_options = dict(augment_options or {})

@@ -22,6 +22,7 @@ from typing import Any
 
 from torch import nn
 
+from ddkit.config import is_count
 from ddkit.errors import DDKitError
 from ddkit.registry import Registry
 
@@ -39,7 +40,7 @@ _POSITIONAL = ("in_channels", "num_classes", "image_size")
 
 def check_positive_int(what: str, value: Any) -> None:
     """DDKitError unless ``value`` is an int >= 1 (``what`` names it in the message)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value):
         raise DDKitError(f"{what} must be a positive integer, got {value!r}")
 
 

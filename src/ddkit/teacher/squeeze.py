@@ -28,7 +28,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, to_dict
+from ddkit.config import config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
 from ddkit.models import create_model
@@ -123,7 +123,7 @@ class Teacher(DescribesDataset):
                                                       "dataset.classes": list, "weights_sha": str})
         m = manifest["model"]
         shape = m["input_shape"]
-        if len(shape) != 3 or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape):
+        if len(shape) != 3 or not all(map(is_count, shape)):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, height, width]; "
                              "the manifest is damaged: re-create the teacher artifact")
         check_normalisation(manifest, shape[0], path, KIND)
