@@ -93,6 +93,38 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
     assert code == 0 and "reused: teacher\n" in out
 
 
+def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_path, capsys, monkeypatch):
+    """A finished run re-run with another distillation seed and stopped (Ctrl-C) before its evaluations
+    kept the previous run's manifest.json beside the new distilled set: `ddkit show -q` exited 0 and
+    showed the old seed's accuracies for a set no longer on disk."""
+    import ddkit.pipeline
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\nteacher: null\n"
+        "distill: {method: random, ipc: 2}\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
+        "  label_modes: [hard]\n  seeds: [0]\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(tmp_path / "run")], capsys)[0] == 0
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddkit.pipeline, "evaluate", interrupted)
+    code, _, err = run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)
+    assert code == 130 and err == "interrupted\n"
+    assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["seed"] == 1
+    assert not (tmp_path / "run/manifest.json").exists()
+    code, _, err = run_cli(["show", "-q", str(tmp_path / "run")], capsys)
+    assert code == 2 and "an unfinished run" in err
+    monkeypatch.undo()
+    assert run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)[0] == 0
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["seed"] == 1
+
+
 def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):
     """A tensors file's stored mean/std normalise every input; the same pixels under new ones used to
     reuse the teacher and the distilled set made under the old ones (both were keyed by the pixels only)."""

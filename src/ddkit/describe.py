@@ -78,8 +78,9 @@ def describe(path: str | Path) -> str:
     kind = record.get("kind")
     summarise = _SUMMARIES.get(kind)
     if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
-        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder from before run folders had a manifest.json; "
-                         "run `ddkit run` again with the same config and --out (finished stages are reused) to write it")
+        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an unfinished run, or "
+                         "one from before run folders had a manifest.json); run `ddkit run` again with the same config "
+                         "and --out (finished stages are reused) to write it")
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")

@@ -294,6 +294,10 @@ def run(
     data = load_dataset(cfg.dataset)
     log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test), data.fingerprint)
     check_run(cfg, data)
+    if ddist.current().is_main:
+        # the run record says every stage is done; a run that stops (killed, or failing) after replacing a
+        # stage must not leave the previous run's record beside it, read as a finished run by `ddkit show`
+        (out / "manifest.json").unlink(missing_ok=True)
     resolved = to_dict(cfg)
     resolved["dataset"] = to_dict(cfg.dataset.absolute())
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
