@@ -94,3 +94,24 @@ def test_resume_equals_uninterrupted(name, data, teacher, tmp_path):
     assert any((tmp_path / "work").iterdir()), "no checkpoint was written before the interruption"
     resumed = _fit(name, data, teacher, work_dir=tmp_path / "work")
     assert torch.equal(straight.images, resumed.images)
+
+
+
+@pytest.mark.parametrize("name", ["dm", "mtt"])  # methods that refuse checkpoints of other settings
+def test_a_set_with_other_settings_starts_afresh_after_an_interruption(name, data, teacher, tmp_path):
+    """An interrupted synthesis left checkpoints beside --out, and a re-run to the same --out with another
+    seed (or options) stopped on them ("written by a run with other settings"): in `ddkit run` and
+    `ddkit bench`, whose set folders keep their names, a changed config could not be run at all."""
+    def run(out, seed, progress=None):
+        return distill(data, DistillConfig(method=name, ipc=IPC, seed=seed, options=dict(METHODS.get(name).smoke_options)),
+                       DatasetConfig(name="synthetic"), tmp_path / out, teacher, progress=progress)
+
+    def kill(step, total, record):
+        if not any(k.endswith("_pass") for k in record):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run("set", 0, kill)
+    assert any((tmp_path / ".set.work").iterdir()), "no checkpoint was written before the interruption"
+    assert torch.equal(run("set", 1).images, run("straight", 1).images)
+    assert not (tmp_path / ".set.work").exists()

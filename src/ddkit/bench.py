@@ -445,7 +445,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
         return read_json(stats_path)
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
     # the set) is timed from the resume only: the record says so
-    work = work_dir(ddir)
+    work = work_dir(ddir, want)
     resumed = work.is_dir() and any(work.iterdir())
     t0 = time.perf_counter()
     with PeakMemory(torch.device(device)) as mem, shared_costs() as shared:

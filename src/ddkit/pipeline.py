@@ -132,8 +132,20 @@ def distill(
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)
-    work = work_dir(out) if out is not None else None
-    fresh = work is not None and not work.exists()
+    key = distill_hash(cfg, data, teacher)
+    root = work_dir(out) if out is not None else None
+    fresh = root is not None and not root.exists()
+    work = work_dir(out, key) if out is not None else None
+    if root is not None and not fresh and ddist.current().is_main:
+        # checkpoints of an interrupted synthesis with other settings (seed, options, teacher, data) cannot be
+        # resumed by this one: they would only stop it, so it starts afresh
+        for stale in root.iterdir():
+            if stale != work:
+                log.info("discarding %s: checkpoints of a synthesis with other settings", stale)
+                if stale.is_dir():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
@@ -152,22 +164,24 @@ def distill(
         # a method that refuses its input or diverges does so again with the same settings: checkpoints
         # this call made would only stand in the way of a corrected re-run (a kill keeps them, to resume)
         if fresh and ddist.current().is_main:
-            shutil.rmtree(work, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         raise
-    distilled.manifest["config_hash"] = distill_hash(cfg, data, teacher)
+    distilled.manifest["config_hash"] = key
     if out is not None and ddist.current().is_main:
         distilled.save(out)
-        if work is not None and work.exists():
-            shutil.rmtree(work, ignore_errors=True)
+        if root is not None and root.exists():
+            shutil.rmtree(root, ignore_errors=True)
     ddist.barrier()
     distilled.path = Path(out) if out is not None else None
     return distilled
 
 
-def work_dir(out: str | Path) -> Path:
+def work_dir(out: str | Path, key: str | None = None) -> Path:
     """Where :func:`distill` keeps the checkpoints of a set written to ``out`` until it is saved (a
-    hidden folder beside it), so that an interrupted synthesis resumes."""
-    return Path(out).parent / f".{Path(out).name}.work"
+    hidden folder beside it), so that an interrupted synthesis resumes; with ``key`` (the set's
+    :func:`distill_hash`), the subfolder of the synthesis with those settings."""
+    root = Path(out).parent / f".{Path(out).name}.work"
+    return root if key is None else root / key[:16]
 
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
