@@ -118,7 +118,9 @@ def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dic
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors to safetensors atomically."""
+    """Save tensors to safetensors atomically. ``metadata``: at most one entry, since safetensors writes
+    several in an order that changes from call to call, and equal tensors must give equal bytes."""
+    assert metadata is None or len(metadata) <= 1, "more than one metadata entry makes the file's bytes vary"
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -329,7 +329,7 @@ class SoftLabelStore:
         man["bytes"] = {"total": self.nbytes, "logits": self.logit_nbytes}
         man["files"] = {"labels": FILE}
         with atomic_dir(out, kind=KIND) as tmp:
-            save_tensors(tmp / FILE, self.tensors, metadata={"kind": KIND, "format": str(FORMAT)})
+            save_tensors(tmp / FILE, self.tensors, metadata={"kind": KIND})  # the format is in the manifest
             write_json(tmp / "manifest.json", man)
         self.manifest, self.path = man, out
         return out
