@@ -409,6 +409,26 @@ def test_distill_with_mismatched_teacher(workdir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_ctrl_c_while_torch_loads_ends_in_one_line(capsys, monkeypatch):
+    """main() imported torch (through ddkit.distributed) before its error handling: a Ctrl-C in the
+    seconds that takes printed a long traceback through torch's import machinery instead of one line."""
+    import importlib.abc
+
+    import ddkit
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "ddkit.distributed":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delattr(ddkit, "distributed")
+    monkeypatch.delitem(sys.modules, "ddkit.distributed")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    code, out, err = run_cli(["list", "methods"], capsys)
+    assert (code, out, err) == (130, "", "interrupted\n")
+
+
 def test_console_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddkit", "list", "methodz"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

@@ -591,7 +591,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from ddkit import distributed as ddist
+    # importing torch (below) takes seconds, in which a Ctrl-C must end as a later one does
+    try:
+        from ddkit import distributed as ddist
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
     try:
         code = args.func(args)
