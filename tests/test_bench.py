@@ -21,6 +21,7 @@ from ddkit.cli import main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
+from ddkit.methods import METHODS
 from ddkit.teacher import Teacher
 
 TINY = {
@@ -216,6 +217,31 @@ def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):
     diff = [(k, a[k], b[k]) for a, b in zip(resumed, rows) for k in a if a[k] != b[k] and k not in ("distilled_path", "synthesis")]
     assert not diff
     assert strip(resumed) == strip(rows)
+
+
+def test_a_bench_stopped_after_a_config_change_leaves_no_earlier_table(tmp_path, monkeypatch):
+    """A finished bench re-run with other method options and stopped before its cells kept the earlier
+    run's bench.json: `ddkit report` published that table with the new run's distilled-set grids."""
+    import ddkit.bench as bench
+    from ddkit.report import write_report
+
+    out = tmp_path / "b"
+    options = {"methods": [{"name": "dm", "options": {**METHODS.get("dm").smoke_options, "iterations": 1}}], "ipcs": [1],
+               "seeds": [0], "overrides": {"full_reference": False, "random_baseline": False, "train": {"epochs": 1}}}
+    run_bench(tiny_cfg(out, **options))
+    assert (out / "bench.json").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench, "evaluate", interrupted)
+    options["methods"][0]["options"]["iterations"] = 2
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(tiny_cfg(out, **options))
+    assert json.loads((out / "distilled/synthetic-dm-ipc1/manifest.json").read_text())["method"]["config"]["iterations"] == 2
+    assert not (out / "bench.json").exists()
+    with pytest.raises(DDKitError, match="bench.json' not found"):
+        write_report(out)
 
 
 def test_a_resumed_synthesis_is_marked(tmp_path):

@@ -739,6 +739,9 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_pro
     if info.is_main:
         write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
                                                  "versions": versions()})
+        # the table is written once every cell is done: a run that stops before must not leave an earlier
+        # run's table, which `ddkit report` would publish beside this run's distilled sets
+        (bench.root / "bench.json").unlink(missing_ok=True)
     bench.prepare()
     cells = cells_of(cfg)
     mine = _my_cells(cells, {c.index: bench.finished(c) for c in cells}, info)
