@@ -1,6 +1,7 @@
 """The CLI end to end, as a user runs it, on generated data and tiny models."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -252,6 +253,52 @@ def test_a_failed_distill_leaves_no_checkpoints_in_the_way(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
     assert run_cli(cmd, capsys)[0] == 0 and json.loads((out / "manifest.json").read_text())["method"]["name"] == "dm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
+
+
+def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
+    """SIGTERM (kill, a scheduler's limit, torchrun stopping other ranks) killed a command on the spot:
+    no message, and a set being saved left its hidden temporary folder. It now unwinds as Ctrl-C does."""
+    import signal
+
+    import ddkit.distilled
+
+    save, sent = ddkit.distilled.save_tensors, []
+
+    def terminated_while_saving(*args, **kwargs):
+        if not sent:
+            sent.append(os.getpid())
+            os.kill(os.getpid(), signal.SIGTERM)  # handled at the next bytecode, inside the atomic write
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(ddkit.distilled, "save_tensors", terminated_while_saving)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "dm"
+    cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
+           "--set", "distill.options.checkpoint_every=1", "--out", str(out), "-q"]
+    code, _, err = run_cli(cmd, capsys)
+    assert (code, err, sent) == (143, "terminated\n", [os.getpid()])
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]  # no half-written set; checkpoints kept to resume
+    assert run_cli(cmd, capsys)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
+
+
+def test_sigterm_to_a_running_command(tmp_path):
+    """The handler is installed in a real process: SIGTERM during synthesis ends in one line, exit 143."""
+    import signal
+    import time
+
+    out = tmp_path / "dm"
+    proc = subprocess.Popen([sys.executable, "-m", "ddkit", "distill", "--dataset", "synthetic", "--method", "dm",
+                             "--ipc", "1", "--set", "distill.options.iterations=100000", "--set",
+                             "distill.options.checkpoint_every=1", "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any((tmp_path / ".dm.work").rglob("*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert (proc.returncode, err) == (143, "terminated\n")
+    assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]
 
 
 def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):

@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -587,16 +589,41 @@ def _as_flags(message: str, args) -> str:
     return message.replace("dataset.path", "--data-path") if hasattr(args, "data_path") else message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler's time limit, torchrun stopping the other ranks), raised in the
+    main thread so that a command unwinds as on Ctrl-C: half-written outputs are removed, checkpoints
+    kept for a re-run to resume, and the command ends with one line and exit code 143."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # importing torch (below) takes seconds, in which a Ctrl-C must end as a later one does
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        return _main(args)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main(args)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _stopped(exc: KeyboardInterrupt) -> int:
+    term = isinstance(exc, Terminated)
+    print("terminated" if term else "interrupted", file=sys.stderr)
+    return 143 if term else 130
+
+
+def _main(args: argparse.Namespace) -> int:
+    # importing torch (below) takes seconds, in which a Ctrl-C or SIGTERM must end as a later one does
     try:
         from ddkit import distributed as ddist
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _stopped(exc)
 
     try:
         code = args.func(args)
@@ -614,10 +641,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
         ddist.shutdown(barrier=False)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        code = _stopped(exc)
         ddist.shutdown(barrier=False)
-        return 130
+        return code
     except BaseException:
         ddist.shutdown(barrier=False)
         raise
