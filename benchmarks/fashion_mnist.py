@@ -76,6 +76,12 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "seed1-long1": "decoupled-long1's closest IPC-1 race (edc-lr002-r18, RDED, random) with synthesis seed 1, "
                          "in its folder: does EDC's lead over RDED outlast a new synthesis?",
           "seed2-long1": "seed1-long1 with synthesis seed 2",
+          "seed1-long10": "decoupled-long10's IPC-10 race (ddkit's EDC, edc-real-lr002-r18, against the random "
+                          "method's subset it starts from) with synthesis seed 1, in its folder: does EDC's lead over "
+                          "random outlast a new synthesis?",
+          "seed2-long10": "seed1-long10 with synthesis seed 2",
+          "seed1-long50": "seed1-long10 at IPC 50, in decoupled-long50's folder",
+          "seed2-long50": "seed1-long50 with synthesis seed 2",
           "edc-r18teacher": "EDC when the main teacher (soft labels, statistics, first observer) is a ResNet-18: "
                             "do recovered images then favour the ResNet-18 student instead of the ConvNet-3?",
           "edc-instnorm": "RDED and EDC on a ResNet-18 student with instance norm instead of BatchNorm: is the "
@@ -518,42 +524,59 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
     return out
 
 
-# decoupled-long1's closest IPC-1 race again with other synthesis seeds: run -> its distill_seed
-SEED_RUNS = {"seed1-long1": 1, "seed2-long1": 2}
-SEED_BASE = ("decoupled-long1", "edc-lr002-long1")  # the race's synthesis seed 0
-SEED_RACE = ("edc-lr002-r18", "rded", "random")  # sets of the race, by their label at seed 0
+# each IPC's closest race of the one-protocol table again with other synthesis seeds:
+# IPC -> (the runs holding synthesis seed 0, seed runs -> their distill_seed, the race's sets by their label at seed 0:
+# the best EDC set, its rival, then any other set shown)
+SEED_RACES: dict[int, tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]] = {
+    1: (("decoupled-long1", "edc-lr002-long1"), {"seed1-long1": 1, "seed2-long1": 2}, ("edc-lr002-r18", "rded", "random")),
+    10: (("decoupled-long10",), {"seed1-long10": 1, "seed2-long10": 2}, ("edc-real-lr002-r18", "random")),
+    50: (("decoupled-long50",), {"seed1-long50": 1, "seed2-long50": 2}, ("edc-real-lr002-r18", "random")),
+}
 
 
-def synthesis_seeds(results: Path, runs: dict[str, int] = SEED_RUNS, base: tuple[str, ...] = SEED_BASE) -> list[str]:
-    """The IPC-1 race of the one-protocol table (the best EDC set, RDED, the random method's set) with
-    every synthesis seed run, per student: each seed's accuracy, the mean and std over synthesis seeds,
-    and EDC's margin over RDED per seed. A seed run labels its sets ``<label>-seed<N>``."""
-    first, rows = _cpu_runs(results, base)
-    seeds = {0: [r for r in rows if r["ipc"] == 1]}
-    for run, seed in runs.items():
-        path = results / f"{run}-fashion-mnist-cpu.json"
-        if path.is_file():
-            first.append(run)
-            seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")} for r in read_json(path)["rows"]]
-    if len(seeds) < 2 or not seeds[0]:
+def synthesis_seeds(results: Path, races: dict[int, tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]] = SEED_RACES
+                    ) -> list[str]:
+    """Each IPC's closest race of the one-protocol table (the best EDC set against its nearest rival:
+    RDED at IPC 1, the random method's set at IPC 10 / 50) with every synthesis seed run, per student:
+    each seed's accuracy, the mean and std over synthesis seeds, and EDC's margin over the rival per
+    seed. A seed run labels its sets ``<label>-seed<N>``; an IPC without a seed run is left out."""
+    out: list[str] = []
+    for ipc, (base, runs, race) in races.items():
+        first, rows = _cpu_runs(results, base)
+        seeds = {0: [r for r in rows if r["ipc"] == ipc]}
+        for run, seed in runs.items():
+            path = results / f"{run}-fashion-mnist-cpu.json"
+            if path.is_file():
+                first.append(run)
+                seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")}
+                               for r in read_json(path)["rows"] if r["ipc"] == ipc]
+        if len(seeds) > 1 and seeds[0]:
+            out += _seed_race(ipc, first, seeds, race)
+    if not out:
         return []
+    return ["## The closest races across synthesis seeds", "",
+            "Each IPC's closest race of the one-protocol table again with other synthesis seeds, in the run's folder "
+            "(its teachers, protocol and student seeds). A synthesis seed draws a new initialisation for EDC (RDED's "
+            "crops at IPC 1, a real subset at IPC 10 / 50: the random method's set of that seed), new recover "
+            "augmentations and a new random method's set; the baseline row draws its subsets per student seed, so it "
+            "is the same at every synthesis seed. Cell: accuracy % mean ± std over student seeds; the last column is "
+            "the mean ± std over synthesis seeds of those means.", "", *out]
+
+
+def _seed_race(ipc: int, runs: list[str], seeds: dict[int, list[dict]], race: tuple[str, ...]) -> list[str]:
     order = sorted(seeds)
-    edc, rival = SEED_RACE[0], SEED_RACE[1]
-    out = ["## The IPC-1 race across synthesis seeds", "",
-           f"Runs: {_run_links(first)} (decoupled-long1's teachers, protocol and student seeds; each synthesis seed "
-           "draws new RDED crops, so a new initialisation for EDC, new recover augmentations and a new random "
-           "subset). Cell: accuracy % mean ± std over student seeds; the last column is the mean ± std over "
-           "synthesis seeds of those means.", ""]
+    edc, rival = race[0], race[1]
+    out = [f"### IPC {ipc}: {edc} against {rival}", "", f"Runs: {_run_links(runs)}.", ""]
     for student in dict.fromkeys(r["student"] for r in seeds[0]):
-        cell = {(r["method"], s): r for s in order for r in seeds[s] if r["student"] == student and r["ipc"] == 1}
+        cell = {(r["method"], s): r for s in order for r in seeds[s] if r["student"] == student}
         out += [f"Student {student}:", "", "| set | " + " | ".join(f"seed {s}" for s in order) + " | over seeds |",
                 "|---|" + "---|" * (len(order) + 1)]
         base = {s: next((r["random"] for r in seeds[s] if r["student"] == student and r.get("random")), None)
-                for s in order}  # a draw per student seed, whatever the synthesis seed: each run repeats it
+                for s in order}
         rnd = base[0]
         out.append("| random subset (baseline) | " + " | ".join(_pm(base[s]) for s in order) + " | |")
         means: dict[str, list[float]] = {}
-        for m in SEED_RACE:
+        for m in race:
             got = [cell.get((m, s)) for s in order]
             means[m] = [100 * r["acc"]["mean"] for r in got if r is not None]
             spread = (f"{statistics.fmean(means[m]):.2f} ± {statistics.pstdev(means[m]):.2f}"
@@ -566,8 +589,7 @@ def synthesis_seeds(results: Path, runs: dict[str, int] = SEED_RUNS, base: tuple
             above = sum(m > 100 * rnd["mean"] for m in means[edc]) if rnd else 0
             out += ["", f"- {edc} is ahead of {rival} on {sum(g > 0 for g in gaps)} of {len(gaps)} synthesis seeds "
                         f"(margin {statistics.fmean(gaps):+.2f} ± {statistics.pstdev(gaps):.2f} points over seeds) and "
-                        "above the random subset baseline "
-                        f"on {above} of {len(gaps)}."]
+                        f"above the random subset baseline on {above} of {len(gaps)}."]
         out.append("")
     return out
 

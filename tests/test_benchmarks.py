@@ -331,20 +331,24 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
         assert dec.ONE_PROTOCOL.index(owner) <= i and (owner == name or owner.startswith("decoupled-long"))
 
 
-def test_synthesis_seeds_table_follows_the_race_over_seeds(fm, tmp_path):
-    """The IPC-1 race (best EDC set, RDED, random) at synthesis seed 0 from the one-protocol runs and at
-    the seeds of the seed runs (labels suffixed -seedN): per-seed cells, mean ± std over seeds, EDC's margin."""
+def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
+    """Each IPC's race (best EDC set, its rival, other sets) at synthesis seed 0 from the one-protocol runs
+    and at the seeds of the seed runs (labels suffixed -seedN): per-seed cells, mean ± std over seeds,
+    EDC's margin; an IPC without a seed run is left out."""
     def write(name, rows):
         (tmp_path / f"{name}-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
 
-    row = lambda label, name, acc: _row(label, name, 1, acc, 0.50, "teacher")
+    row = lambda label, name, acc, ipc=1: _row(label, name, ipc, acc, 0.50 if ipc == 1 else 0.70, "teacher")
     write("base", [row("rded", "rded", 0.60), row("random", "random", 0.52), row("sre2l", "sre2l", 0.3),
-                   _row("rded", "rded", 10, 0.9, 0.8, "teacher")])
+                   row("rded", "rded", 0.9, 10), row("edc-real", "edc", 0.73, 10), row("random", "random", 0.71, 10)])
     write("lr", [row("edc-lr002-r18", "edc", 0.62)])
-    assert fm.synthesis_seeds(tmp_path, {"s1": 1}, ("base", "lr")) == []  # no seed run yet
+    races = {1: (("base", "lr"), {"s1": 1, "s2": 2}, ("edc-lr002-r18", "rded", "random")),
+             10: (("base",), {"t1": 1}, ("edc-real", "random"))}
+    assert fm.synthesis_seeds(tmp_path, races) == []  # no seed run yet
     write("s1", [row("rded-seed1", "rded", 0.61), row("edc-lr002-r18-seed1", "edc", 0.60), row("random-seed1", "random", 0.49)])
     write("s2", [row("rded-seed2", "rded", 0.58), row("edc-lr002-r18-seed2", "edc", 0.61), row("random-seed2", "random", 0.51)])
-    text = "\n".join(fm.synthesis_seeds(tmp_path, {"s1": 1, "s2": 2}, ("base", "lr")))
+    text = "\n".join(fm.synthesis_seeds(tmp_path, races))
+    assert "### IPC 1: edc-lr002-r18 against rded" in text and "### IPC 10" not in text  # no IPC-10 seed run yet
     assert "| set | seed 0 | seed 1 | seed 2 | over seeds |" in text
     assert "| random subset (baseline) | 50.00 ± 1.00 | 50.00 ± 1.00 | 50.00 ± 1.00 | |" in text
     assert "| edc-lr002-r18 | 62.00 ± 1.00 | 60.00 ± 1.00 | 61.00 ± 1.00 | 61.00 ± 0.82 |" in text
@@ -353,3 +357,11 @@ def test_synthesis_seeds_table_follows_the_race_over_seeds(fm, tmp_path):
     assert "sre2l" not in text and "90.00" not in text  # not in the race; IPC 10
     assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (margin +1.33 ± 1.70 points over seeds) and above "
             "the random subset baseline on 3 of 3.") in text
+    write("t1", [row("edc-real-seed1", "edc", 0.69, 10), row("random-seed1", "random", 0.72, 10),
+                 row("edc-real-seed1", "edc", 0.5)])  # an IPC-1 row of the seed run stays out of IPC 10's race
+    ipc10 = "\n".join(fm.synthesis_seeds(tmp_path, races)).split("### IPC 10: edc-real against random")[1]
+    assert "| set | seed 0 | seed 1 | over seeds |" in ipc10 and "| random subset (baseline) | 70.00 ± 1.00 | 70.00 ± 1.00 | |" in ipc10
+    assert "| edc-real | 73.00 ± 1.00 | 69.00 ± 1.00 | 71.00 ± 2.00 |" in ipc10
+    assert "| edc-real − random | +2.00 | -3.00 | -0.50 |" in ipc10 and "rded" not in ipc10
+    assert ("- edc-real is ahead of random on 1 of 2 synthesis seeds (margin -0.50 ± 2.50 points over seeds) and above "
+            "the random subset baseline on 1 of 2.") in ipc10
