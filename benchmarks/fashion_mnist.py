@@ -527,15 +527,15 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
 # each IPC's closest race of the one-protocol table again with other synthesis seeds:
 # IPC -> (the runs holding synthesis seed 0, seed runs -> their distill_seed, the race's sets by their label at seed 0:
 # the best EDC set, its rival, then any other set shown)
-SEED_RACES: dict[int, tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]] = {
+SeedRace = tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]
+SEED_RACES: dict[int, SeedRace] = {
     1: (("decoupled-long1", "edc-lr002-long1"), {"seed1-long1": 1, "seed2-long1": 2}, ("edc-lr002-r18", "rded", "random")),
     10: (("decoupled-long10",), {"seed1-long10": 1, "seed2-long10": 2}, ("edc-real-lr002-r18", "random")),
     50: (("decoupled-long50",), {"seed1-long50": 1, "seed2-long50": 2}, ("edc-real-lr002-r18", "random")),
 }
 
 
-def synthesis_seeds(results: Path, races: dict[int, tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]] = SEED_RACES
-                    ) -> list[str]:
+def synthesis_seeds(results: Path, races: dict[int, SeedRace] = SEED_RACES) -> list[str]:
     """Each IPC's closest race of the one-protocol table (the best EDC set against its nearest rival:
     RDED at IPC 1, the random method's set at IPC 10 / 50) with every synthesis seed run, per student:
     each seed's accuracy, the mean and std over synthesis seeds, and EDC's margin over the rival per
@@ -545,11 +545,10 @@ def synthesis_seeds(results: Path, races: dict[int, tuple[tuple[str, ...], dict[
         first, rows = _cpu_runs(results, base)
         seeds = {0: [r for r in rows if r["ipc"] == ipc]}
         for run, seed in runs.items():
-            path = results / f"{run}-fashion-mnist-cpu.json"
-            if path.is_file():
-                first.append(run)
-                seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")}
-                               for r in read_json(path)["rows"] if r["ipc"] == ipc]
+            found, got = _cpu_runs(results, (run,))
+            if found:
+                first += found
+                seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")} for r in got if r["ipc"] == ipc]
         if len(seeds) > 1 and seeds[0]:
             out += _seed_race(ipc, first, seeds, race)
     if not out:
