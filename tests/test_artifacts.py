@@ -386,3 +386,52 @@ def test_show_refuses_an_artifact_with_missing_files(tiny, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1
     assert main(["show", "--json", str(path)]) == 0  # the raw record still prints, to see what is there
     assert json.loads(capsys.readouterr().out)["kind"] == "distilled-set"
+
+
+def _killed_writer(final: Path, *kinds: str) -> list[Path]:
+    """Temporary names beside ``final`` that a process made and left when it died without cleanup (as
+    under SIGKILL): a child process creates them and exits at once."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys; from pathlib import Path; from ddkit.artifacts import temp_path\n"
+              "final = Path(sys.argv[1])\n"
+              "for what in sys.argv[2:]:\n"
+              "    p = temp_path(final, what.split(':')[0])\n"
+              "    (p.mkdir() or (p / 'half.bin').write_bytes(b'x')) if what.endswith(':dir') else p.write_bytes(b'half')\n"
+              "    print(p)\n"
+              "os._exit(9)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(final), *kinds], capture_output=True, text=True)
+    assert done.returncode == 9, done.stderr
+    left = [Path(line) for line in done.stdout.split()]
+    assert len(left) == len(kinds) and all(p.exists() for p in left)
+    return left
+
+
+@pytest.mark.parametrize("writer", ["write_json", "save_tensors", "atomic_torch_save", "atomic_dir"])
+def test_writers_sweep_what_a_killed_writer_left(tmp_path, writer):
+    """A writer killed between creating its temporary file (or folder) and renaming it left the hidden
+    temporary behind for good; the next write of the same output removes it, and only it."""
+    from ddkit import artifacts
+
+    final = tmp_path / ("out" if writer == "atomic_dir" else "out.bin")
+    left = _killed_writer(final, "tmp", "tmp:dir", "old:dir")
+    live = artifacts.temp_path(final)  # this process's own, e.g. another thread's write in progress
+    live.write_bytes(b"mine")
+    elsewhere = left[0].with_name(left[0].name.replace(artifacts._origin(), "otherhost"))
+    elsewhere.write_bytes(b"a writer on another machine sharing the folder")
+    keep = [live, elsewhere, tmp_path / f".{final.name}.lock", tmp_path / ".other.bin.tmp-x-1-0123abcd"]
+    for p in keep[2:]:
+        p.write_bytes(b"")
+    if writer == "write_json":
+        artifacts.write_json(final, {"a": 1})
+    elif writer == "save_tensors":
+        artifacts.save_tensors(final, {"a": torch.ones(2)})
+    elif writer == "atomic_torch_save":
+        artifacts.atomic_torch_save({"a": torch.ones(2)}, final)
+    else:
+        with artifacts.atomic_dir(final) as tmp:
+            (tmp / "x.json").write_text("{}")
+    assert not any(p.exists() for p in left), "a dead writer's temporary was left"
+    assert all(p.exists() for p in keep), "a live writer's, another machine's or an unrelated file was removed"
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [final.name]

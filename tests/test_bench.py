@@ -509,6 +509,29 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
 
 
 
+def test_fkd_store_reused_after_a_kill_removes_its_finished_epochs(tmp_path, monkeypatch):
+    """A bench stopped between saving a set's FKD store and removing the store's finished epochs (its
+    hidden .partial folder) reused the store ever after and left the folder for good."""
+    from ddkit.labels.fkd import SoftLabelStore
+
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], label_modes=["fkd"], seeds=[0], methods=["random"],
+                   relabel={"epochs": 2}, overrides={"full_epochs": 1, "train": {"epochs": 2, "batch_size": 32}})
+    real_save = SoftLabelStore.save
+
+    def killed_after_save(self, out):
+        real_save(self, out)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(SoftLabelStore, "save", killed_after_save)
+        with pytest.raises(KeyboardInterrupt):
+            run_bench(cfg)
+    labels = tmp_path / "run" / "labels"
+    assert [p.name for p in labels.glob(".*.partial")] and [p for p in labels.glob("*/manifest.json")]
+    rows = run_bench(cfg)
+    assert rows[0]["label_mode"] == "fkd" and not list(labels.glob(".*.partial"))
+
+
 def test_fkd_store_is_built_once_by_concurrent_builders(tmp_path, monkeypatch):
     """Two torchrun ranks may run cells of the same set (other students) at once: the first builds the
     FKD store, the second waits for it and reuses it instead of relabelling into the same partial folder."""

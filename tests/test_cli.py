@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -124,6 +125,40 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
     monkeypatch.undo()
     assert run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)[0] == 0
     assert json.loads((tmp_path / "run/manifest.json").read_text())["seed"] == 1
+
+
+@pytest.mark.parametrize("stage", ["teacher", "distilled"])
+def test_a_stage_reused_after_a_kill_between_its_save_and_cleanup_removes_its_checkpoints(tmp_path, capsys, monkeypatch, stage):
+    """A run stopped right after a stage saved its artifact, before it removed its checkpoints (the
+    teacher's resume file, distill's work folder), reused the stage in every later run, and nothing
+    ever removed them."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.teacher import Teacher
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 2, batch_size: 32}}\n"
+        "distill: {method: dm, ipc: 2, options: {model: tiny_convnet, iterations: 4, batch_real: 8, checkpoint_every: 2}}\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
+        "  label_modes: [hard]\n  seeds: [0]\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    cls = Teacher if stage == "teacher" else DistilledSet
+    real_save = cls.save
+
+    def killed_after_save(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, "save", killed_after_save)
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 130
+    pattern = ".teacher.resume-*.pt" if stage == "teacher" else ".distilled.work"
+    assert len(list((tmp_path / "run").glob(pattern))) == 1 and (tmp_path / "run" / stage / "manifest.json").is_file()
+    monkeypatch.undo()
+    code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 0 and re.search(rf"reused: (teacher, )?{stage}\b", out)
+    assert list((tmp_path / "run").glob(".*")) == []
 
 
 def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):

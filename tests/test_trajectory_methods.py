@@ -111,6 +111,20 @@ def test_buffer_artifact_round_trip(buffer, tiny):
     assert torch.allclose(student(loaded.params(0, 1), x), model(x))
 
 
+def test_reused_buffer_removes_experts_a_kill_left(tiny, tmp_path, monkeypatch):
+    """A kill between saving the buffer and removing its hidden per-expert folder left the folder for
+    good: every later use finds the buffer and never trains (nor cleans) again."""
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    cfg = from_dict(ExpertConfig, TINY_BUFFER)
+    with monkeypatch.context() as m:  # the process dies before the cleanup: nothing is removed
+        m.setattr(tr.shutil, "rmtree", lambda *a, **k: None)
+        built = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+    left = sorted(p.name for p in built.path.parent.glob(".*partial*"))
+    assert len(left) == 1 and (built.path.parent / left[0] / "expert_001.json").is_file()
+    reused = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+    assert reused.path == built.path and not list(built.path.parent.glob(".*partial*"))
+
+
 def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
     cfg = from_dict(ExpertConfig, TINY_BUFFER)

@@ -14,8 +14,9 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
-import tempfile
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -57,7 +58,80 @@ def _umask() -> int:
     return mask
 
 
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are private (0600)
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give, for temporary files, created private (0600)
+
+
+# --- temporary names, and what a killed process leaves ------------------------------------------
+
+
+def _origin() -> str:
+    """Where this process runs, as a name part: the host and (on Linux) the PID namespace, so that a
+    process id in a temporary name is only ever checked where it means the same process."""
+    where = socket.gethostname()
+    with contextlib.suppress(OSError):
+        where += "_" + os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    return re.sub(r"[^A-Za-z0-9.]", "_", where) or "host"
+
+
+def temp_path(final: Path, what: str = "tmp") -> Path:
+    """A hidden name beside ``final`` for this process's temporary file or folder ``what`` (``tmp``, or
+    ``old`` for a folder being replaced): ``.<name>.<what>-<origin>-<pid>-<random>``, which
+    :func:`sweep_leftovers` recognises once the process is gone."""
+    return final.with_name(f".{final.name}.{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process, or not a process id here
+        return True
+    return True
+
+
+def sweep_leftovers(final: str | Path) -> list[Path]:
+    """Remove the temporary files and folders that killed processes (SIGKILL, power loss: no cleanup
+    runs) left beside ``final`` (see :func:`temp_path`); returns them. Only names made on this host
+    and PID namespace by a process that no longer runs are touched: a live writer's, another
+    machine's on a shared filesystem, or anything else hidden there is left alone."""
+    final = Path(final)
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:  # no folder yet, or not readable: nothing of ours there
+        return []
+    origin, removed = _origin(), []
+    for entry in entries:
+        found = pattern.fullmatch(entry.name)
+        if found is None or found["origin"] != origin or _alive(int(found["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        log.info("removed %s, left by a process that was killed while writing %s", entry.name, final.name)
+        removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary file beside ``path`` (once dead writers' leftovers are swept) that
+    replaces ``path`` if the block succeeds and is removed if it fails."""
+    sweep_leftovers(path)
+    tmp = temp_path(path)
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        yield tmp
+        os.chmod(tmp, _FILE_MODE)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def check_output_file(path: str | Path) -> None:
@@ -75,16 +149,8 @@ def write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -122,16 +188,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     several in an order that changes from call to call, and equal tensors must give equal bytes."""
     assert metadata is None or len(metadata) <= 1, "more than one metadata entry makes the file's bytes vary"
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, _FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
@@ -149,17 +207,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with _atomic_file(path) as tmp:
         try:
             torch.save(obj, tmp)
         except RuntimeError as exc:  # torch reports a failed write (no such folder, disk full) as RuntimeError
             raise DDKitError(f"cannot write {str(path)!r} ({str(exc).splitlines()[0]}); choose another place or "
                              "free space") from None
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # files that name the kind of what a folder holds: an artifact's manifest, an export's meta or class
@@ -229,7 +282,8 @@ def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = Non
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DDKitError(f"cannot create the output folder {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    sweep_leftovers(final)
+    tmp = temp_path(final)
     try:
         tmp.mkdir()
     except OSError as exc:
@@ -241,7 +295,7 @@ def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = Non
         raise
     old = None
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temp_path(final, "old")
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:

@@ -72,7 +72,7 @@ from ddkit.pipeline import (
     protocol_inputs,
     work_dir,
 )
-from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.teacher import Teacher, TeacherConfig, saved_teacher, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -417,12 +417,8 @@ class _Saved:
 
 
 def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, progress: StageProgress | None = None) -> Teacher:
-    man = tdir / "manifest.json"
-    found = read_json(man) if man.is_file() else {}
-    # an imported checkpoint is read again every run (cheap): its config names the file, not the weights in it
-    if (not cfg.checkpoint and found.get("config_hash") == config_hash(cfg)
-            and data.matches(found.get("dataset", {}))):
-        return Teacher.load(tdir, device)
+    if (teacher := saved_teacher(data, cfg, tdir, device)) is not None:
+        return teacher
     cb = (lambda e, n, r: progress(f"teacher {tdir.name}", e, n)) if progress is not None else None
     return train_teacher(data, cfg, tdir, device, progress=cb)
 
@@ -618,7 +614,10 @@ class _Bench:
         key = config_hash({"relabel": spec.identity(), "epochs": epochs, "set": ds.manifest.get("config_hash"),
                            "teacher": teacher.fingerprint})[:16]
         path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
+        work = self.root / "labels" / f".{path.name}.partial"  # finished epochs, until the store is saved
         if (path / "manifest.json").is_file():
+            if ddist.current().is_main:  # a kill between the save and the removal below leaves them
+                shutil.rmtree(work, ignore_errors=True)
             return path
         # torchrun ranks may reach the same set's store at once (cells of other students): one builds it
         with build_lock(path):
@@ -626,7 +625,6 @@ class _Bench:
                 return path
             sp = self.stage_progress
             cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
-            work = self.root / "labels" / f".{path.name}.partial"
             store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
                             spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work,
                             teacher_bn=spec.teacher_bn, teacher_bn_batch=spec.teacher_bn_batch)

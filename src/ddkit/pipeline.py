@@ -6,6 +6,7 @@ content; ``run`` reuses a stage whose artifact already carries the same hash.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import shutil
@@ -37,7 +38,7 @@ from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
-from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+from ddkit.teacher import Teacher, TeacherConfig, saved_teacher, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,16 @@ def work_dir(out: str | Path, key: str | None = None) -> Path:
     return root if key is None else root / key[:16]
 
 
+def discard_work(out: str | Path, key: str) -> None:
+    """Remove the checkpoints of the set ``key`` at ``out`` that a kill between the set's save and their
+    removal left (the set is then reused and never made again), and the work folder once empty."""
+    if not ddist.current().is_main:
+        return
+    shutil.rmtree(work_dir(out, key), ignore_errors=True)
+    with contextlib.suppress(OSError):  # missing, or holding another setting's checkpoints: kept
+        work_dir(out).rmdir()
+
+
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
     """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
     ``revision`` and ``identity_tags`` (left out while 0 / empty; likewise ``soft_labels_bn`` while
@@ -319,11 +330,8 @@ def run(
     teacher = None
     if cfg.teacher is not None:
         tdir = out / "teacher"
-        found = read_json(tdir / "manifest.json") if (tdir / "manifest.json").is_file() else {}
-        # an imported checkpoint is read again every run (cheap): its config names the file, not the weights in it
-        if (not cfg.teacher.checkpoint and found.get("config_hash") == config_hash(cfg.teacher)
-                and data.matches(found.get("dataset", {}))):
-            teacher = Teacher.load(tdir, device)
+        teacher = saved_teacher(data, cfg.teacher, tdir, device)
+        if teacher is not None:
             summary["reused"].append("teacher")
         else:
             teacher = train_teacher(data, cfg.teacher, tdir, device, progress=pf("teacher"))
@@ -337,6 +345,7 @@ def run(
     # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
     if ddist.broadcast_object(found):
         distilled = DistilledSet.load(ddir)
+        discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
         distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)

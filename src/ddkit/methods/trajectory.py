@@ -475,8 +475,7 @@ def train_experts(
     if out is not None:
         out = Path(out)
         check_output_dir(out, KIND)  # a folder we may not replace fails now, not after the training
-        norm = config_hash(data.normalisation)[:8]  # experts trained under another mean/std are not reused
-        partial = out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{norm}"
+        partial = _partial_dir(out, cfg, data)
         partial.mkdir(parents=True, exist_ok=True)
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
@@ -570,8 +569,15 @@ def load_experts(path: str | Path) -> ExpertBuffer:
     return ExpertBuffer(trajectories, manifest, path)
 
 
+def _partial_dir(out: Path, cfg: ExpertConfig, data: DataBundle) -> Path:
+    """Where :func:`train_experts` keeps the finished experts of a buffer for ``out`` until it is saved."""
+    norm = config_hash(data.normalisation)[:8]  # experts trained under another mean/std are not reused
+    return out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{norm}"
+
+
 def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuffer | None:
-    """The buffer cached at ``out`` if it is complete and made by ``cfg`` from ``data``; else None."""
+    """The buffer cached at ``out`` if it is complete and made by ``cfg`` from ``data``; else None. The
+    finished experts that a kill between the buffer's save and their removal left are removed."""
     if not (out / "manifest.json").is_file():
         return None
     with contextlib.suppress(DDKitError):
@@ -581,6 +587,8 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
                 # the fingerprint leaves out the normalisation the experts trained under
                 and [found.manifest["dataset"].get(k) for k in ("mean", "std")] == [list(data.mean), list(data.std)]
                 and _zca_current(found.manifest)):
+            if ddist.current().is_main:
+                shutil.rmtree(_partial_dir(out, cfg, data), ignore_errors=True)
             return found
     return None
 

@@ -4,8 +4,9 @@ from ddkit.teacher.squeeze import (
     Teacher,
     TeacherConfig,
     import_teacher,
+    saved_teacher,
     teacher_ensemble,
     train_teacher,
 )
 
-__all__ = ["Teacher", "TeacherConfig", "import_teacher", "teacher_ensemble", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]

@@ -24,6 +24,7 @@ from ddkit.artifacts import (
     check_output_dir,
     folder_kind,
     load_tensors,
+    read_json,
     read_manifest,
     save_tensors,
     write_json,
@@ -258,7 +259,7 @@ def train_teacher(
     state_path = None
     if out is not None:
         out = Path(out)
-        state_path = out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
+        state_path = _resume_path(out, cfg, data)
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train), cfg.train.epochs)
     try:
         result = train_classifier(
@@ -284,6 +285,26 @@ def train_teacher(
         ddist.barrier()
         teacher.path = out
     return teacher
+
+
+def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
+    """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data``."""
+    return out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
+
+
+def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path, device: str | torch.device = "cpu") -> Teacher | None:
+    """The teacher at ``out`` if ``cfg`` trained it on ``data`` (same pixels and normalisation); else
+    None. An imported checkpoint never counts: its config names the file, not the weights in it, so
+    it is read again (cheap). A checkpoint of this training that a kill between the save and its
+    removal left beside ``out`` is removed."""
+    out = Path(out)
+    manifest = out / MANIFEST
+    found = read_json(manifest) if manifest.is_file() else {}
+    if cfg.checkpoint or found.get("config_hash") != config_hash(cfg) or not data.matches(found.get("dataset", {})):
+        return None
+    if ddist.current().is_main:
+        _resume_path(out, cfg, data).unlink(missing_ok=True)
+    return Teacher.load(out, device)
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
