@@ -273,6 +273,47 @@ def test_a_resumed_synthesis_is_marked(tmp_path):
     assert json.loads((tmp_path / "distilled" / "set.synthesis.json").read_text())["resumed"] is True
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_set_killed_around_its_save_is_not_made_again(tmp_path, monkeypatch, when):
+    """A kill between saving a set and writing its synthesis record made the next run distil the set
+    again. The record is now written first: killed after the save, the set is reused (and the
+    checkpoints the kill left are removed); killed before it, the set is made again from them and the
+    record of the finished synthesis keeps its timing."""
+    import ddkit.bench as bench
+    from ddkit.bench import _distill_stage
+    from ddkit.data.base import DatasetConfig, make_synthetic
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods import METHODS
+    from ddkit.pipeline import DistillConfig, work_dir
+
+    data, dcfg = make_synthetic(), DatasetConfig(name="synthetic")
+    cfg = DistillConfig(method="dm", ipc=2, options=dict(METHODS.get("dm").smoke_options))
+    (tmp_path / "distilled").mkdir()
+    ddir, real_save = tmp_path / "distilled" / "set", DistilledSet.save
+
+    def killed(self, path, *args, **kwargs):
+        if when == "after":
+            real_save(self, path, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(DistilledSet, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            _distill_stage(data, dcfg, cfg, ddir, None, "cpu")
+    first = json.loads((tmp_path / "distilled" / "set.synthesis.json").read_text())
+    assert first["resumed"] is False and first["seconds"] > 0 and work_dir(ddir).is_dir()
+    assert (ddir / "manifest.json").is_file() == (when == "after")
+    made = []
+    real_distill = bench.distill
+    monkeypatch.setattr(bench, "distill", lambda *a, **k: made.append(1) or real_distill(*a, **k))
+    again = _distill_stage(data, dcfg, cfg, ddir, None, "cpu")
+    assert made == ([1] if when == "before" else []) and again == first
+    assert (ddir / "manifest.json").is_file() and not work_dir(ddir).exists()
+    fresh = _distill_stage(data, dcfg, cfg, tmp_path / "distilled" / "fresh", None, "cpu")
+    images = [DistilledSet.load(d).images for d in (ddir, tmp_path / "distilled" / "fresh")]
+    assert torch.equal(*images) and fresh["bytes"] == first["bytes"]
+
+
 def test_killed_cell_leaves_no_corrupt_files(full_run, tmp_path, monkeypatch):
     import ddkit.bench as bench
 

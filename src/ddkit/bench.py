@@ -66,6 +66,7 @@ from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
     DistillConfig,
     check_student,
+    discard_work,
     distill,
     distill_hash,
     ensemble_identity,
@@ -347,16 +348,20 @@ class PeakMemory:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def read(self) -> int | None:
+        """The peak so far (the stage may still be running); None where RSS cannot be read."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-            self.peak = int(torch.cuda.max_memory_allocated(self.device) - self._base)
-            return
+            return int(torch.cuda.max_memory_allocated(self.device) - self._base)
+        if self._base is None:
+            return None
+        return int(max(self._high, _rss_bytes() or 0) - self._base)
+
+    def __exit__(self, *exc) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
-            self._high = max(self._high, _rss_bytes() or 0)
-            self.peak = int(self._high - self._base)
+        self.peak = self.read()
 
 
 class SavedTensorBytes:
@@ -432,33 +437,42 @@ def shared_seconds(shared: list[dict]) -> float | None:
 
 def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device,
                    progress: StageProgress | None = None) -> dict:
-    """Make (or reuse) one distilled set; return its synthesis record."""
+    """Make (or reuse) one distilled set; return its synthesis record (``<set>.synthesis.json``).
+
+    The record is written just before the set is saved, so a kill between the two costs no new
+    synthesis; a record already there for these settings is of a synthesis that finished before its
+    set was saved, and keeps its timing when the set is made again (from the checkpoints left)."""
     stats_path = ddir.parent / f"{ddir.name}.synthesis.json"
     want = distill_hash(dist_cfg, data, teacher)
-    if ((ddir / "manifest.json").is_file() and stats_path.is_file()
-            and read_json(ddir / "manifest.json").get("config_hash") == want
-            and read_json(stats_path).get("config_hash") == want):
-        return read_json(stats_path)
+    made = read_json(stats_path) if stats_path.is_file() else {}
+    made = made if made.get("config_hash") == want else {}
+    if made and (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want:
+        discard_work(ddir, want)
+        return made
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
     # the set) is timed from the resume only: the record says so
     work = work_dir(ddir, want)
     resumed = work.is_dir() and any(work.iterdir())
     t0 = time.perf_counter()
     with PeakMemory(torch.device(device)) as mem, shared_costs() as shared:
+
+        def record(ds: DistilledSet) -> None:
+            if made:
+                return
+            wall = time.perf_counter() - t0
+            write_json(stats_path, {
+                "schema_version": 1, "kind": "synthesis-stats", "config_hash": want, "seed": dist_cfg.seed,
+                # wall_seconds: the whole call; seconds: without building shared cached artifacts (teacher
+                # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
+                "wall_seconds": round(wall, 4),
+                "seconds": round(wall - sum(c["seconds_here"] for c in shared), 4),
+                "shared_seconds": shared_seconds(shared), "shared": shared, "resumed": resumed,
+                "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind, "device": str(device),
+                "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}})
+
         cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
-        ds = distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb)
-    wall = time.perf_counter() - t0
-    stats = {"schema_version": 1, "kind": "synthesis-stats", "config_hash": want, "seed": dist_cfg.seed,
-             # wall_seconds: the whole call; seconds: without building shared cached artifacts (teacher
-             # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
-             "wall_seconds": round(wall, 4),
-             "seconds": round(wall - sum(c["seconds_here"] for c in shared), 4),
-             "shared_seconds": shared_seconds(shared), "shared": shared, "resumed": resumed,
-             "peak_memory_bytes": mem.peak,
-             "peak_memory_kind": mem.kind, "device": str(device), "versions": versions(),
-             "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}}
-    write_json(stats_path, stats)
-    return stats
+        distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record)
+    return read_json(stats_path)
 
 
 # --- the runner ---------------------------------------------------------------------------------

@@ -118,8 +118,10 @@ def distill(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
     run_config: dict | None = None,
+    before_save: Callable[[DistilledSet], None] | None = None,
 ) -> DistilledSet:
-    """Run a method and (if ``out``) write the distilled-set artifact atomically."""
+    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``before_save(set)``
+    is called (by the process that saves) once the set is made, before it is saved."""
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
@@ -169,6 +171,8 @@ def distill(
         raise
     distilled.manifest["config_hash"] = key
     if out is not None and ddist.current().is_main:
+        if before_save is not None:
+            before_save(distilled)
         distilled.save(out)
         if root is not None and root.exists():
             shutil.rmtree(root, ignore_errors=True)
