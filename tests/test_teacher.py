@@ -170,6 +170,12 @@ def test_resume_after_interruption_matches(tiny, tmp_path):
     assert [h["epoch"] for h in resumed.manifest["history"]] == [1, 2, 3, 4]
     assert resumed.fingerprint == straight.fingerprint
     assert not any(".resume-" in p.name for p in tmp_path.iterdir())
+    # a teacher with other settings trained into the same place discards an interrupted one's checkpoint,
+    # which it cannot resume (it stayed for good)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny, cfg, tmp_path / "other", progress=killer)
+    train_teacher(tiny, dataclasses.replace(cfg, seed=1), tmp_path / "other")
+    assert not any(".resume-" in p.name for p in tmp_path.iterdir())
 
 
 def test_distill_hash_follows_extra_teachers_weights_not_paths(tmp_path):

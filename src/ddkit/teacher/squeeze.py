@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 from collections.abc import Callable
@@ -260,6 +261,11 @@ def train_teacher(
     if out is not None:
         out = Path(out)
         state_path = _resume_path(out, cfg, data)
+        if info.is_main:  # as distill's: another setting's checkpoint cannot be resumed here, and would stay for good
+            for stale in out.parent.glob(f".{glob.escape(out.name)}.resume-*.pt"):
+                if stale != state_path:
+                    log.info("discarding %s: the checkpoint of a teacher with other settings", stale.name)
+                    stale.unlink(missing_ok=True)
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train), cfg.train.epochs)
     try:
         result = train_classifier(
