@@ -719,3 +719,29 @@ def test_config_files_that_are_not_utf8_text_or_are_folders_fail_in_one_line(tmp
     code, _, err = run_cli(["run", str(folder), "--out", str(out), "-q"], capsys)
     assert code == 2 and err == f"error: config file '{folder}' is a folder; pass a YAML file (see configs/)\n"
     assert not out.exists() and not list(d.glob("eval-*"))
+
+
+@pytest.mark.parametrize(("command", "yaml", "flags", "message"), [
+    ("distill", "evaluate: {seeds: [0]}\n", ["--method", "random", "--ipc", "1"],
+     "unknown config section(s) ['evaluate'] for `ddkit distill`; use dataset and distill"),
+    ("teacher", "teacher: {train: [1]}\n", ["--epochs", "1"], "teacher.train: expected a mapping of settings, got [1]"),
+    ("experts", "experts: {epochs: 2}\nteacher: {}\n", ["--num-experts", "1"],
+     "unknown config section(s) ['teacher'] for `ddkit experts`; use dataset and experts"),
+])
+def test_stage_commands_refuse_what_they_do_not_read(tmp_path, capsys, command, yaml, flags, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml)
+    code, _, err = run_cli([command, "--config", str(cfg), "--dataset", "synthetic", *flags, "--out", str(tmp_path / "o"), "-q"],
+                           capsys)
+    assert code == 2 and err == f"error: {message}\n" and not (tmp_path / "o").exists()
+
+
+def test_stage_command_flags_fill_nested_settings_over_the_yaml(tmp_path, capsys):
+    """`ddkit teacher --epochs/--precision` set teacher.train.* over the YAML's values, which stay otherwise."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("teacher: {model: tiny_mlp, train: {epochs: 5, batch_size: 16, lr: 0.02}}\n")
+    code, _, _ = run_cli(["teacher", "--config", str(cfg), "--dataset", "synthetic", "--epochs", "1", "--seed", "3",
+                          "--out", str(tmp_path / "t"), "-q"], capsys)
+    man = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert code == 0 and man["seed"] == 3 and man["model"]["name"] == "tiny_mlp"
+    assert (man["config"]["train"]["epochs"], man["config"]["train"]["batch_size"], man["config"]["train"]["lr"]) == (1, 16, 0.02)

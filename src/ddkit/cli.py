@@ -99,6 +99,32 @@ def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
     return apply_overrides(data, list(getattr(args, "set", None) or []))
 
 
+def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple[Any, Any]:
+    """A one-stage command's dataset config and ``section`` config (of type ``cls``; the command is
+    ``ddkit <section>``): the YAML (--config), then the command's ``flags`` (flag -> key in the
+    section, dotted for nested ones), then the dataset flags and --set. A flag left out (None, or a
+    switch not given) keeps the YAML's value; a section the command does not read is refused."""
+    from ddkit.config import from_dict
+    from ddkit.data.base import DatasetConfig
+
+    data = _base(args)
+    own = _section(data, section)
+    for flag, key in flags.items():
+        value = getattr(args, flag, None)
+        if value is None or value is False:
+            continue
+        *parents, leaf = key.split(".")
+        target, where = own, section
+        for parent in parents:
+            target, where = _section(target, parent, where), f"{where}.{parent}"
+        target[leaf] = value
+    data = _apply_common(data, args)
+    unknown = set(data) - {"dataset", section}
+    if unknown:
+        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit {section}`; use dataset and {section}")
+    return from_dict(DatasetConfig, data.get("dataset"), "dataset"), from_dict(cls, data.get(section), section)
+
+
 def _device(args):
     from ddkit import distributed as ddist
 
@@ -136,8 +162,7 @@ def _print(*a) -> None:
 
 
 def cmd_teacher(args) -> int:
-    from ddkit.config import from_dict
-    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.data.base import load_dataset
     from ddkit.teacher import TeacherConfig, train_teacher
 
     if args.checkpoint is not None:
@@ -145,21 +170,8 @@ def cmd_teacher(args) -> int:
         if given:
             raise DDKitError(f"{', '.join(given)} set how a teacher trains, but --checkpoint imports a trained one; "
                              "drop them (or drop --checkpoint to train)")
-    data = _base(args)
-    tcfg = _section(data, "teacher")
-    for key in ("model", "seed", "checkpoint"):
-        if getattr(args, key, None) is not None:
-            tcfg[key] = getattr(args, key)
-    if args.epochs is not None:
-        _section(tcfg, "train", "teacher")["epochs"] = args.epochs
-    if args.precision is not None:
-        _section(tcfg, "train", "teacher")["precision"] = args.precision
-    data = _apply_common(data, args)
-    unknown = set(data) - {"dataset", "teacher"}
-    if unknown:
-        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit teacher`; use dataset and teacher")
-    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(TeacherConfig, data.get("teacher"), "teacher")
+    dcfg, cfg = _stage_config(args, "teacher", TeacherConfig, {"model": "model", "seed": "seed", "checkpoint": "checkpoint",
+                                                                "epochs": "train.epochs", "precision": "train.precision"})
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet)
@@ -170,23 +182,12 @@ def cmd_teacher(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from ddkit.config import from_dict, to_dict
-    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.config import to_dict
+    from ddkit.data.base import load_dataset
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
-    data = _base(args)
-    dist_cfg = _section(data, "distill")
-    for key in ("method", "ipc", "seed"):
-        if getattr(args, key, None) is not None:
-            dist_cfg[key] = getattr(args, key)
-    if args.soft_labels:
-        dist_cfg["soft_labels"] = True
-    data = _apply_common(data, args)
-    unknown = set(data) - {"dataset", "distill"}
-    if unknown:
-        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit distill`; use dataset and distill")
-    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(DistillConfig, data.get("distill"), "distill")
+    dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
+                                                               "soft_labels": "soft_labels"})
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
@@ -423,21 +424,10 @@ def cmd_relabel(args) -> int:
 
 def cmd_experts(args) -> int:
     from ddkit import distributed as ddist
-    from ddkit.config import from_dict
-    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.data.base import load_dataset
     from ddkit.methods.trajectory import ExpertConfig, train_experts
 
-    data = _base(args)
-    ecfg = _section(data, "experts")
-    for key in ("model", "num_experts", "epochs", "seed"):
-        if getattr(args, key, None) is not None:
-            ecfg[key] = getattr(args, key)
-    data = _apply_common(data, args)
-    unknown = set(data) - {"dataset", "experts"}
-    if unknown:
-        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit experts`; use dataset and experts")
-    dcfg = from_dict(DatasetConfig, data.get("dataset"), "dataset")
-    cfg = from_dict(ExpertConfig, data.get("experts"), "experts")
+    dcfg, cfg = _stage_config(args, "experts", ExpertConfig, {k: k for k in ("model", "num_experts", "epochs", "seed")})
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet and ddist.current().is_main)
