@@ -435,3 +435,32 @@ def test_writers_sweep_what_a_killed_writer_left(tmp_path, writer):
     assert not any(p.exists() for p in left), "a dead writer's temporary was left"
     assert all(p.exists() for p in keep), "a live writer's, another machine's or an unrelated file was removed"
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [final.name]
+
+
+def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
+    """An images entry that is not a mapping, and class names that are not names, crashed every loader
+    (show, export, evaluate, run); soft labels without a 'logits' tensor got a garbled message."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    ds = distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=False), DatasetConfig(name="synthetic"),
+                 tmp_path / "r")
+    good = json.loads((ds.path / "manifest.json").read_text())
+    for name, change, message in [
+        ("images", {"images": "x"}, r"holds images 'x', not a mapping of their dtype and shape; the manifest is damaged"),
+        ("classes", {"dataset": {**good["dataset"], "classes": [1, 2, 3, 4]}},
+         r"holds dataset.classes \[1, 2, 3, 4\], not a list of class names; the manifest is damaged: re-create"),
+    ]:
+        bad = tmp_path / name
+        shutil.copytree(ds.path, bad)
+        (bad / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DDKitError, match=message):
+            ddkit.load(bad)
+    soft = tmp_path / "soft"
+    shutil.copytree(ds.path, soft)
+    save_file({"x": torch.zeros(8, 4)}, str(soft / "soft_labels.safetensors"))
+    (soft / "manifest.json").write_text(json.dumps({**good, "files": {**good["files"], "soft_labels": "soft_labels.safetensors"}}))
+    with pytest.raises(DDKitError, match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
+                                         r"of 4 classes; re-run distill --soft-labels"):
+        ddkit.load(soft)

@@ -244,6 +244,22 @@ def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
     with pytest.raises(DDKitError, match="soft-label store was made for .* images but this set has"):
         SoftLabelStore.load(other).check_matches(small_set)
     SoftLabelStore.load(tmp_path / "fkd").check_matches(small_set)
+    # a files entry of the wrong type and class names that are not names crashed the loader; classes that
+    # are not the set's were taken
+    for name, change, message in [
+        ("files", {"files": None}, r"holds files None, not the name of its labels file; the manifest is damaged"),
+        ("ints", {"classes": [0, 1, 2, 3]}, r"holds classes \[0, 1, 2, 3\], not a list of class names; the manifest is damaged"),
+    ]:
+        bad = tmp_path / f"fkd-{name}"
+        shutil.copytree(tmp_path / "fkd", bad)
+        (bad / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DDKitError, match=message):
+            SoftLabelStore.load(bad)
+    renamed = tmp_path / "fkd-renamed"
+    shutil.copytree(tmp_path / "fkd", renamed)
+    (renamed / "manifest.json").write_text(json.dumps({**good, "classes": ["a", "b", "c", "d"]}))
+    with pytest.raises(DDKitError, match=r"made for classes \['a', 'b', 'c', 'd'\] but this set has .*re-run `ddkit relabel`"):
+        SoftLabelStore.load(renamed).check_matches(small_set)
 
 
 def test_store_manifest_without_teacher_or_cutmix_alpha_is_refused(store, tmp_path):

@@ -75,6 +75,21 @@ def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
         (t / "manifest.json").write_text(json.dumps(man))
         with pytest.raises(DDKitError, match=f"lacks '{key}' .*re-create the teacher artifact"):
             Teacher.load(t)
+    # a model this ddkit cannot build, or class names that are not names, are damage too (not "did you mean")
+    for name, damage, message in [
+        ("model", lambda m: m["model"].update(name="nonexist"), r"holds a model this ddkit cannot build \(unknown model "
+                                                                 r"'nonexist'.*\); the manifest is damaged or from another "
+                                                                 r"ddkit: re-create the teacher artifact$"),
+        ("classes", lambda m: m["dataset"].update(classes=[1, 2, 3, 4]), r"holds dataset.classes \[1, 2, 3, 4\], not a "
+                                                                         r"list of class names"),
+    ]:
+        t = tmp_path / f"bad-{name}"
+        shutil.copytree(teacher_dir, t)
+        man = json.loads((t / "manifest.json").read_text())
+        damage(man)
+        (t / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(DDKitError, match=message):
+            Teacher.load(t)
 
 
 def test_teacher_manifest_without_weights_sha_or_input_shape_is_refused(teacher_dir, tmp_path):
@@ -223,3 +238,39 @@ def test_checkpoint_with_nan_or_integer_weights_is_refused(teacher_dir, tiny, tm
             train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / name)
         assert not (tmp_path / name).exists()
     assert train_teacher(tiny, _cfg(checkpoint=str(teacher_dir / "model.safetensors"))).test_accuracy is not None
+
+
+def test_damaged_resume_checkpoint_is_a_one_line_error(tiny, tmp_path):
+    """A resume checkpoint damaged on disk (truncated) or not a ddkit one crashed the next run with
+    torch's traceback; it is a one-line error naming the file and the fix."""
+    from ddkit.methods.base import FitContext
+    from ddkit.methods.common import Checkpoint
+
+    out = tmp_path / "t"
+    cfg = _cfg(train=TrainConfig(epochs=4, batch_size=32, lr=0.05))
+
+    def killer(epoch, total, record):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(tiny, cfg, out, progress=killer)
+    (state,) = [p for p in tmp_path.iterdir() if ".resume-" in p.name]
+    state.write_bytes(state.read_bytes()[:500])
+    with pytest.raises(DDKitError, match=r"^resume checkpoint '.*\.resume-\w+\.pt' cannot be read \(.+\); delete it to "
+                                         r"start afresh$"):
+        train_teacher(tiny, cfg, out)
+    torch.save({"model": {}}, state)  # readable, but not this training's state
+    with pytest.raises(DDKitError, match=r"does not hold this training's state \(KeyError: 'optimizer'\)|does not hold "
+                                         r"this training's state \(RuntimeError"):
+        train_teacher(tiny, cfg, out)
+    state.unlink()
+    assert train_teacher(tiny, cfg, out).manifest["history"][-1]["epoch"] == 4
+    ckpt = Checkpoint(FitContext(ipc=1, seed=0, work_dir=tmp_path / "w"), 1, tag="dm")
+    ckpt.path.parent.mkdir()
+    torch.save([1, 2], ckpt.path)
+    with pytest.raises(DDKitError, match=r"^resume checkpoint '.*dm\.pt' holds a list, not a ddkit checkpoint; delete it"):
+        ckpt.load()
+    ckpt.path.write_bytes(b"\x80\x04K\x01.")  # a plain pickle
+    with pytest.raises(DDKitError, match=r"dm\.pt' cannot be read .*; delete it to start afresh$"):
+        ckpt.load()

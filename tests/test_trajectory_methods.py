@@ -195,6 +195,9 @@ def test_damaged_buffer_manifest_is_a_one_line_error(buffer, tmp_path):
         (broken / "manifest.json").write_text(json.dumps({**good, "experts": entries}))
         with pytest.raises(DDKitError, match=r"as experts\[0\], not a record with a 'file'; the manifest is damaged"):
             load_experts(broken)
+    # a distillation keyed by such a buffer (experts: PATH) crashed before loading it
+    (broken / "manifest.json").write_text(json.dumps({**good, "experts": "x"}))
+    assert tr.buffer_identity(broken) is None
 
 
 def _interrupted_buffer(data, out):

@@ -215,6 +215,32 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
                              "free space") from None
 
 
+def quiet_torch_load(path: str | Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, without the warnings torch prints for some
+    files it refuses (a plain pickle): the caller turns the refusal into its own one-line error."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_resume_state(path: str | Path) -> dict[str, Any]:
+    """A checkpoint :func:`atomic_torch_save` wrote for resuming, read with ``weights_only=True``. One
+    that cannot be read (damaged on disk, or not a ddkit checkpoint) is a one-line error: resuming is
+    impossible, and deleting it starts the work afresh."""
+    path = Path(path)
+    try:
+        state = quiet_torch_load(path)
+    except Exception as exc:  # a damaged zip, a pickle weights_only refuses, an unreadable file
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise DDKitError(f"resume checkpoint {str(path)!r} cannot be read ({reason}); delete it to start afresh") from None
+    if not isinstance(state, dict):
+        raise DDKitError(f"resume checkpoint {str(path)!r} holds a {type(state).__name__}, not a ddkit checkpoint; "
+                         "delete it to start afresh")
+    return state
+
+
 # files that name the kind of what a folder holds: an artifact's manifest, an export's meta or class
 # list, a bench folder's config (a run folder's config.json records no kind)
 KIND_FILES = ("manifest.json", "meta.json", "classes.json", "config.json")
@@ -378,6 +404,14 @@ def damaged_record(where: str | Path, what: str, fix: str,
     except errors as exc:
         problem = f"without the field {exc}" if isinstance(exc, KeyError) else f"with a field of the wrong type ({exc})"
         raise DDKitError(f"{str(where)!r} is {what} {problem}; {fix}") from None
+
+
+def check_classes(classes: Any, path: str | Path, kind: str, key: str = "dataset.classes") -> None:
+    """Check the class names an artifact's manifest records at ``key``: a non-empty list of strings
+    (exports name their folders after them, evaluation compares them across artifacts)."""
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds {key} {classes!r}, not a list of class names; the "
+                         f"manifest is damaged: re-create the {kind} artifact")
 
 
 def check_normalisation(manifest: dict[str, Any], channels: int, path: str | Path, kind: str) -> None:

@@ -24,8 +24,10 @@ from ddkit.artifacts import (
     atomic_dir,
     atomic_torch_save,
     base_manifest,
+    check_classes,
     check_normalisation,
     load_tensors,
+    quiet_torch_load,
     read_manifest,
     save_tensors,
     tensor_bytes,
@@ -168,7 +170,12 @@ class DistilledSet(DescribesDataset, Dataset):
             raise DDKitError(f"{path / IMAGES} holds images of shape {list(images.shape)}, expected [N, "
                              f"{', '.join(map(str, shape or ['C', 'H', 'W']))}]; re-create the distilled set")
         check_normalisation(manifest, images.shape[1], path, KIND)
-        dtype = (manifest.get("images") or {}).get("dtype")
+        check_classes(manifest["dataset"]["classes"], path, KIND)
+        described = manifest.get("images", {})
+        if not isinstance(described, dict):
+            raise DDKitError(f"{str(path / 'manifest.json')!r} holds images {described!r}, not a mapping of their "
+                             "dtype and shape; the manifest is damaged: re-create the distilled set")
+        dtype = described.get("dtype")
         if dtype and str(images.dtype).removeprefix("torch.") != dtype:
             raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images but the manifest "
                              f"says {dtype}; re-create the distilled set")
@@ -187,8 +194,8 @@ class DistilledSet(DescribesDataset, Dataset):
             soft = stored.get("logits")
             want = (len(labels), num_classes) if num_classes else None
             if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):
-                shape = list(soft.shape) if soft is not None else "no 'logits' tensor"
-                raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} have shape {shape} but the set "
+                held = f"have shape {list(soft.shape)}" if soft is not None else "hold no 'logits' tensor"
+                raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} {held} but the set "
                                  f"has {len(labels)} images of {num_classes} classes; re-run distill --soft-labels")
             if not soft.is_floating_point():
                 raise DDKitError(f"soft labels in {path} hold {str(soft.dtype).removeprefix('torch.')} values, not "
@@ -240,7 +247,7 @@ class DistilledSet(DescribesDataset, Dataset):
 def _is_pt_export(path: Path) -> bool:
     """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
     try:
-        record = torch.load(path, map_location="cpu", weights_only=True)
+        record = quiet_torch_load(path)
     except Exception:
         return False
     return isinstance(record, dict) and record.get("kind") == "pt-export"

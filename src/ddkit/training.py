@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import atomic_torch_save
+from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.config import field, is_count
 from ddkit.data.augment import CutMix, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
@@ -497,21 +497,26 @@ def train_classifier(
 
     state_path = Path(state_path) if state_path else None
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        if "torch_rng" in state:  # dropout draws from the global generators
-            torch.set_rng_state(state["torch_rng"])
-            if device.type == "cuda" and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.model.load_state_dict(state["ema"])
-            ema.updates = int(state.get("ema_updates", 0))
-        history = list(state["history"])
-        start_epoch = int(state["epoch"])
+        state = load_resume_state(state_path)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            if "torch_rng" in state:  # dropout draws from the global generators
+                torch.set_rng_state(state["torch_rng"])
+                if device.type == "cuda" and "cuda_rng" in state:
+                    torch.cuda.set_rng_state(state["cuda_rng"], device)
+            if scaler is not None and "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            if ema is not None:
+                ema.model.load_state_dict(state["ema"])
+                ema.updates = int(state.get("ema_updates", 0))
+            history = list(state["history"])
+            start_epoch = int(state["epoch"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise DDKitError(f"resume checkpoint {str(state_path)!r} does not hold this training's state "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''}); "
+                             "delete it to start afresh") from None
         log.info("resumed from %s at epoch %d", state_path, start_epoch)
 
     net: nn.Module = model

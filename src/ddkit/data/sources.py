@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ddkit.artifacts import quiet_torch_load
 from ddkit.data.base import (
     DATASETS,
     DataBundle,
@@ -678,7 +679,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | 
 
 def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = quiet_torch_load(path)
     except pickle.UnpicklingError as exc:
         raise DataError(
             f"{path} holds objects that safe (weights_only) loading refuses ({_one_line(exc, 160)}); "

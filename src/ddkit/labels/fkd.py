@@ -61,6 +61,7 @@ from ddkit.artifacts import (
     artifact_folder,
     atomic_dir,
     base_manifest,
+    check_classes,
     check_fields,
     load_tensors,
     read_manifest,
@@ -270,6 +271,9 @@ class SoftLabelStore:
         if list(self.image_size) != list(distilled.images.shape[-2:]):
             raise DDKitError(f"soft-label store was made for {list(self.image_size)} images but this set has "
                              f"{list(distilled.images.shape[-2:])}; re-run `ddkit relabel` on this set")
+        if list(self.manifest["classes"]) != list(distilled.classes):
+            raise DDKitError(f"soft-label store was made for classes {self.manifest['classes']} but this set has "
+                             f"{list(distilled.classes)}; re-run `ddkit relabel` on this set")
         fp = set_fingerprint(distilled.images, distilled.labels)
         if fp != self.manifest["distilled"]["fingerprint"]:
             raise DDKitError(
@@ -352,7 +356,12 @@ class SoftLabelStore:
             check_fields(man, {"cutmix.prob": (int, float), "cutmix.alpha": (int, float)}, path, KIND)
         if man.get("format") != FORMAT:
             raise DDKitError(f"{path} has FKD store format {man.get('format')!r}; this ddkit reads format {FORMAT}")
-        tensors = load_tensors(path / man.get("files", {}).get("labels", FILE), what="FKD soft labels")
+        files = man.get("files", {})
+        if not (isinstance(files, dict) and isinstance(files.get("labels", FILE), str)):
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds files {files!r}, not the name of its labels file; the "
+                             "manifest is damaged: re-create the store with `ddkit relabel`")
+        check_classes(man["classes"], path, KIND, key="classes")
+        tensors = load_tensors(path / files.get("labels", FILE), what="FKD soft labels")
         if set(man["tensors"]) != set(tensors):
             raise DDKitError(f"{path}: the manifest lists tensors {sorted(man['tensors'])} but the file holds "
                              f"{sorted(tensors)}; the store is corrupt, re-run `ddkit relabel`")

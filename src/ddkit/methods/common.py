@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import atomic_torch_save
+from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.data.base import DataBundle
 from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
@@ -64,7 +64,7 @@ class Checkpoint:
     def load(self) -> dict[str, Any] | None:
         if self.path is None or not self.path.is_file():
             return None
-        return torch.load(self.path, map_location="cpu", weights_only=True)
+        return load_resume_state(self.path)
 
     def due(self, step: int, total: int) -> bool:
         return self.path is not None and (step % self.every == 0 or step == total)

@@ -441,7 +441,7 @@ def buffer_identity(path: str | Path) -> str | None:
                             "normalisation": [m["dataset"].get("mean"), m["dataset"].get("std")],
                             "zca_space": m.get("zca_space"),
                             "experts": [{k: v for k, v in e.items() if k != "seconds"} for e in m["experts"]]})
-    except (DDKitError, KeyError, TypeError):
+    except (DDKitError, KeyError, TypeError, AttributeError):  # a damaged buffer: load_experts says what is wrong
         return None
 
 

@@ -21,10 +21,12 @@ from ddkit.artifacts import (
     artifact_folder,
     atomic_dir,
     base_manifest,
+    check_classes,
     check_normalisation,
     check_output_dir,
     folder_kind,
     load_tensors,
+    quiet_torch_load,
     read_json,
     read_manifest,
     save_tensors,
@@ -129,7 +131,13 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, height, width]; "
                              "the manifest is damaged: re-create the teacher artifact")
         check_normalisation(manifest, shape[0], path, KIND)
-        model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1], **m["options"])
+        check_classes(manifest["dataset"]["classes"], path, KIND)
+        try:
+            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1],
+                                 **m["options"])
+        except DDKitError as exc:  # ConfigError too: an unknown name or option
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({str(exc).split(';')[0]}); "
+                             "the manifest is damaged or from another ddkit: re-create the teacher artifact") from None
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
         return cls(model.to(device), manifest, path)
@@ -325,7 +333,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return {k.removeprefix("module."): v for k, v in load_tensors(path, what="checkpoint").items()}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = quiet_torch_load(path)
     except Exception as exc:
         raise DDKitError(
             f"checkpoint {str(path)!r} cannot be read safely ({str(exc).splitlines()[0][:120]}); "
