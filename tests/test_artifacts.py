@@ -31,7 +31,7 @@ def test_random_is_stratified_deterministic_and_seeded(tiny):
 
 
 def test_ipc_larger_than_smallest_class(tiny, tmp_path):
-    with pytest.raises(DDKitError, match=r"ipc 25 is larger than the smallest class \('class0' has 24 training images\); use --ipc 24"):
+    with pytest.raises(DDKitError, match=r"ipc 25 is larger than the smallest class \('class0' has 24 training images\); use an ipc of 24 or less \(--ipc, or ipc / ipcs in a config\)$"):
         _random_set(tiny, tmp_path, ipc=25)
     assert list(tmp_path.iterdir()) == []  # nothing partial left behind
 

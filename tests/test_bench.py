@@ -810,3 +810,75 @@ def test_students_are_checked_before_any_stage_or_output(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+_UNKNOWN_AUG = "unknown augmentation 'bogus'; valid: none, dsa, rrc_flip, flip, crop_flip"
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"label_modes": ["fkd"], "relabel": {"top_k": 99}},
+     "relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 99"),
+    ({"label_modes": ["fkd"], "protocol": "edc", "relabel": {"top_k": 2}},
+     "relabel.top_k = 2 stores top-k logits, which only train with loss 'kl', but the fkd protocol of student "
+     "'tiny_convnet' at IPC 1 uses loss 'mse_ce'; set relabel.top_k: null (dense labels) or use a protocol whose "
+     "soft-label loss is kl"),
+    ({"label_modes": ["fkd"], "relabel": {"augment": "bogus"}}, f"relabel.augment: {_UNKNOWN_AUG}"),
+    ({"label_modes": ["fkd"], "relabel": {"augment_options": {"zz": 1}}},
+     "relabel.augment_options: augmentation 'rrc_flip' has no option(s) ['zz']; valid: scale_min, scale_max, ratio, flip_prob"),
+    ({"label_modes": ["fkd"], "relabel": {"augment_options": {"scale_min": "x"}}},
+     "relabel.augment_options.scale_min: expected a number, got 'x'"),
+    ({"robust_scores": True, "ars_augment": "bogus"}, f"ars_augment: {_UNKNOWN_AUG}"),
+    ({"label_modes": ["teacher"], "teacher": {"model": "nonexist"}},
+     "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    ({"label_modes": ["teacher"], "teacher": {"model": "tiny_convnet", "model_options": {"width": 0}}},
+     "teacher.model_options: ConvNet width must be a positive integer, got 0"),
+    ({"teacher_pool": {"a": {"model": "nonexist"}}}, "teacher_pool.a.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    ({"label_modes": ["teacher"], "teacher": {"model": "tiny_convnet", "checkpoint": "{tmp}/nofile.pt"}},
+     "teacher.checkpoint: checkpoint '{tmp}/nofile.pt' not found; check --checkpoint (teacher.checkpoint in a config)"),
+    ({"methods": [{"name": "sre2l", "options": {"extra_teachers": ["{tmp}/nope"]}}]},
+     "methods[sre2l].options.extra_teachers: teacher artifact '{tmp}/nope' not found; check the path or create it first"),
+    ({"label_modes": ["teacher"], "overrides": {**TINY["overrides"], "extra_teachers": ["{tmp}/nope"]}},
+     "extra_teachers of protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'teacher': teacher "
+     "artifact '{tmp}/nope' not found; check the path or create it first"),
+])
+def test_late_used_values_are_checked_before_any_stage_or_output(tmp_path, monkeypatch, over, message):
+    """Relabel's, ARS's and the teachers' settings (and artifacts named by path) used to be refused only
+    when the bench reached them: after teachers were trained and/or sets distilled, leaving config.json,
+    teachers/, distilled/, labels/ or evals/ behind, with a message that did not name the config key."""
+    import re
+
+    import ddkit.bench
+
+    def no_stage(*a, **k):
+        raise AssertionError("a stage ran before the config was checked")
+
+    monkeypatch.setattr(ddkit.bench, "train_teacher", no_stage)
+    monkeypatch.setattr(ddkit.bench, "distill", no_stage)
+    over = json.loads(json.dumps(over).replace("{tmp}", str(tmp_path)))
+    message = message.replace("{tmp}", str(tmp_path))
+    out = tmp_path / "b"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        run_bench(tiny_cfg(out, **{"ipcs": [1], **over}))
+    assert not out.exists()
+
+
+def test_late_used_values_fail_the_cli_in_one_line(tmp_path, capsys):
+    out = tmp_path / "bo"
+    path = tmp_path / "bc.yaml"
+    path.write_text(json.dumps({**TINY, "ipcs": [1], "label_modes": ["fkd"], "relabel": {"top_k": 99}, "out": str(out),
+                                "device": "cpu"}))
+    assert main(["bench", str(path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 99\n"
+    assert not out.exists()
+
+
+def test_relabel_settings_that_fit_pass_the_early_checks(tmp_path, monkeypatch):
+    """top_k equal to the class count is stored dense, so it needs no kl loss; relabel settings are not
+    asked of a bench without label mode fkd; a hard-label bench trains no teacher, so its model is not built."""
+    from ddkit.bench import _Bench
+
+    _Bench(tiny_cfg(tmp_path / "a", label_modes=["fkd"], protocol="edc", relabel={"top_k": 4}))
+    _Bench(tiny_cfg(tmp_path / "b", relabel={"top_k": 99}))
+    _Bench(tiny_cfg(tmp_path / "c", teacher={"model": "nonexist"}))
+    assert not any(tmp_path.iterdir())

@@ -745,3 +745,46 @@ def test_stage_command_flags_fill_nested_settings_over_the_yaml(tmp_path, capsys
     man = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert code == 0 and man["seed"] == 3 and man["model"]["name"] == "tiny_mlp"
     assert (man["config"]["train"]["epochs"], man["config"]["train"]["batch_size"], man["config"]["train"]["lr"]) == (1, 16, 0.02)
+
+
+def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, capsys):
+    """A refused write used to name ddkit's hidden temporary ('/proc/..t.resume-<hash>.pt.tmp-<host>-<pid>-…'),
+    or no path at all (a full disk), or call a file in the way 'File exists'."""
+    import errno
+
+    from ddkit.cli import _os_error
+
+    hidden = str(tmp_path / "..t.resume-5a99ab.pt.tmp-host_1-6472-0123abcd")
+    assert _os_error(OSError(errno.ENOENT, "No such file or directory", hidden)) == (
+        f"cannot use {str(tmp_path / 't')!r}: No such file or directory; check the path and its permissions")
+    assert _os_error(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".d.work" / "k" / "dm.pt"))) == (
+        f"cannot write {str(tmp_path / 'd')!r}: No space left on device; free space on that disk or choose another --out")
+    assert _os_error(OSError(errno.ENOSPC, "No space left on device")) == (
+        "cannot write: No space left on device; free space on that disk or choose another --out")
+    (tmp_path / "afile").write_text("mine")
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1",
+                            "--out", str(tmp_path / "afile" / "sub"), "-q"], capsys)
+    assert code == 2 and err == f"error: {str(tmp_path / 'afile')!r} is a file where a folder is needed; choose another path\n"
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["evaluate.overrides.trian.epochs=1"], "unknown config key 'evaluate.overrides.trian'; did you mean 'train'?"),
+    (["evaluate.overrides.student=convnet", "evaluate.overrides.student_options.width=0"],
+     "student_options: ConvNet width must be a positive integer, got 0"),
+    (["teacher.model=tiny_convnet", "teacher.model_options.width=0"], "teacher.model_options: ConvNet width must be a positive integer, got 0"),
+    (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+])
+def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
+    """Errors in a run config's protocol overrides named 'protocol.…' (a key no run config has), and a
+    bad model option did not say which model's option it was."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\nteacher: {model: tiny_mlp, train: {epochs: 1}}\n"
+        "distill: {method: random, ipc: 2}\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
+        "  label_modes: [hard]\n  seeds: [0]\n"
+        f"out: {tmp_path / 'run'}\n"
+    )
+    code, _, err = run_cli(["run", str(cfg), "-q", *[a for s in sets for a in ("--set", s)]], capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and not (tmp_path / "run").exists()

@@ -80,6 +80,24 @@ def temp_path(final: Path, what: str = "tmp") -> Path:
     return final.with_name(f".{final.name}.{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+# hidden names ddkit keeps beside an output while it is made: temporaries, checkpoints, work folders
+_HIDDEN_FOR = re.compile(r"\.(?P<name>.+?)\.(?:(?:tmp|old)-[A-Za-z0-9._]+-\d+-[0-9a-f]{8}|resume-\w+\.pt|work|partial(?:-.*)?)")
+
+
+def output_for(path: str | Path) -> Path:
+    """The output a path of ddkit's hidden work stands for (``.t.resume-<hash>.pt`` and its temporary
+    ``..t.resume-<hash>.pt.tmp-...`` for ``t``, ``.d.work/<key>/dm.pt`` for ``d``), so that an error
+    names what the user asked for; any other path unchanged."""
+    path = Path(path)
+    for i, part in enumerate(path.parts):
+        name = part
+        while (found := _HIDDEN_FOR.fullmatch(name)) is not None:
+            name = found["name"]
+        if name != part:
+            return Path(*path.parts[:i], name)
+    return path
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

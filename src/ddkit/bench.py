@@ -53,7 +53,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import config_hash, field, from_dict, to_dict
-from ddkit.data.augment import check_cutmix
+from ddkit.data.augment import AUGMENTS, build_augment, check_cutmix
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
@@ -73,7 +73,7 @@ from ddkit.pipeline import (
     protocol_inputs,
     work_dir,
 )
-from ddkit.teacher import Teacher, TeacherConfig, saved_teacher, train_teacher
+from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -245,6 +245,15 @@ class BenchConfig:
                     except ConfigError as e:
                         raise ConfigError(f"protocol {self.protocol!r} for student {student!r}, IPC {ipc}, label mode "
                                           f"{mode!r}: {e}") from None
+        # the augmentations of relabel (fkd cells) and of ARS's "with augmentation" run, built only when the
+        # bench reaches a cell, after teachers and sets are made
+        relabel_key = "relabel.augment_options" if self.relabel.augment in AUGMENTS else "relabel.augment"
+        for key, spec, options in ((relabel_key, self.relabel.augment, self.relabel.augment_options),
+                                   ("ars_augment", self.ars_augment, {})):
+            try:
+                build_augment(spec, **options)
+            except DDKitError as e:
+                raise _keyed(key, e) from None
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
@@ -304,6 +313,19 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _keyed(key: str, e: DDKitError) -> ConfigError:
+    """``e`` as a ConfigError that starts with the config ``key`` it is about (``relabel.augment: ...``);
+    a message that names a field below the key's last part (``augment_options.scale_min: ...``) gets the
+    key's parents."""
+    msg = str(e)
+    if msg.startswith(key):
+        return ConfigError(msg)
+    parent, _, leaf = key.rpartition(".")
+    if parent and (msg.startswith(f"{leaf}.") or msg.startswith(f"{leaf}:")):
+        return ConfigError(f"{parent}.{msg}")
+    return ConfigError(f"{key}: {msg}")
 
 
 def _rss_bytes() -> int | None:
@@ -502,9 +524,68 @@ def check_students(cfg: BenchConfig, data: DataBundle) -> None:
                     continue
                 built.add(key)
                 try:
-                    check_student(protocol, data)
+                    check_student(protocol, data, keys=None)  # the message names the student
                 except DDKitError as e:
                     raise ConfigError(f"student {student!r} on dataset {data.name!r}: {e}") from None
+
+
+def check_teachers(cfg: BenchConfig, data: DataBundle) -> None:
+    """:func:`~ddkit.teacher.check_teacher` for ``cfg``'s teacher and every teacher of its pool on
+    ``data``: a bad model, option or checkpoint fails before any output is written, not at the teacher
+    stage. Nothing when no teacher is trained."""
+    if not cfg.needs_teacher():
+        return
+    for key, tcfg in [("teacher", cfg.teacher), *((f"teacher_pool.{n}", t) for n, t in cfg.teacher_pool.items())]:
+        check_teacher(tcfg, data, key)
+
+
+def check_relabel(cfg: BenchConfig, data: DataBundle) -> None:
+    """What ``relabel`` and FKD training refuse only when the bench reaches the first ``fkd`` cell (after
+    teachers and sets are made): a ``relabel.top_k`` outside ``data``'s classes, or top-k labels with a
+    protocol loss other than kl. Nothing without label mode fkd (relabel is unused then)."""
+    top_k, n = cfg.relabel.top_k, data.num_classes
+    if "fkd" not in cfg.label_modes or top_k is None:
+        return
+    if not 1 <= top_k <= n:
+        raise ConfigError(f"relabel.top_k must lie in [1, {n}] (dataset {data.name!r} has {n} classes) or be null "
+                          f"(all logits), got {top_k}")
+    if top_k == n:  # all classes: stored dense
+        return
+    for student in cfg.students:
+        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+            loss = cfg.protocol_for(student, "fkd", ipc=ipc).loss
+            if loss != "kl":
+                raise ConfigError(f"relabel.top_k = {top_k} stores top-k logits, which only train with loss 'kl', but the "
+                                  f"fkd protocol of student {student!r} at IPC {ipc} uses loss {loss!r}; set relabel.top_k: "
+                                  "null (dense labels) or use a protocol whose soft-label loss is kl")
+
+
+def check_extra_teachers(cfg: BenchConfig) -> None:
+    """Read the manifest of every teacher artifact that a method option or a protocol names by path
+    (``extra_teachers``; ``@name`` ones are the bench's pool): one that is missing or not a teacher
+    fails before any output is written, not at its synthesis or first cell."""
+    from ddkit.artifacts import read_manifest
+    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
+
+    for m in cfg.methods:
+        for ipc in cfg.method_ipcs.get(m.key, cfg.ipcs):
+            for ref in merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", []):
+                if isinstance(ref, str) and not ref.startswith("@"):
+                    try:
+                        read_manifest(ref, TEACHER_KIND)
+                    except DDKitError as e:
+                        raise _keyed(f"methods[{m.key}].options.extra_teachers", e) from None
+    for student in cfg.students:
+        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+            for mode in cfg.label_modes:
+                if mode == "hard":  # hard labels ask no teacher
+                    continue
+                for ref in cfg.protocol_for(student, mode, ipc=ipc).extra_teachers:
+                    try:
+                        read_manifest(ref, TEACHER_KIND)
+                    except DDKitError as e:
+                        raise ConfigError(f"extra_teachers of protocol {cfg.protocol!r} for student {student!r}, IPC {ipc}, "
+                                          f"label mode {mode!r}: {e}") from None
 
 
 class _Bench:
@@ -524,6 +605,9 @@ class _Bench:
                 for ipc in cfg.method_ipcs.get(key, cfg.ipcs) if spec.name != "full" else ():
                     check_ipc(data, ipc)
             check_students(cfg, data)
+            check_teachers(cfg, data)
+            check_relabel(cfg, data)
+        check_extra_teachers(cfg)
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
         self.synthesis: dict[tuple[str, str, int], dict] = {}

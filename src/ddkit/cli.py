@@ -589,6 +589,24 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _os_error(exc: OSError) -> str:
+    """One line for a path the system refused, naming the output the user gave rather than ddkit's
+    hidden temporary or checkpoint beside it, with the fix the error calls for."""
+    import errno
+
+    from ddkit.artifacts import output_for
+
+    path = output_for(exc.filename) if exc.filename else None
+    where = f" {str(path)!r}" if path is not None else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"cannot write{where}: {exc.strerror}; free space on that disk or choose another --out"
+    if exc.errno in (errno.EEXIST, errno.ENOTDIR) and path is not None and path.is_file():
+        return f"{str(path)!r} is a file where a folder is needed; choose another path"
+    if exc.errno == errno.EROFS:
+        return f"cannot write{where}: {exc.strerror}; choose another --out"
+    return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -627,8 +645,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
-        where = f" {exc.filename!r}" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or exc}; check the path and its permissions", file=sys.stderr)
+        print(f"error: {_os_error(exc)}", file=sys.stderr)
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:

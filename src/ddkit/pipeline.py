@@ -38,7 +38,7 @@ from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
-from ddkit.teacher import Teacher, TeacherConfig, saved_teacher, train_teacher
+from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ class EvalConfig:
             raise ConfigError("evaluate.seeds is empty; give at least one seed")
 
     def protocols(self):
-        return [resolve_protocol(self.protocol, {**self.overrides, "label_mode": m}) for m in self.label_modes]
+        return [resolve_protocol(self.protocol, {**self.overrides, "label_mode": m}, "evaluate.overrides")
+                for m in self.label_modes]
 
 
 @dataclass
@@ -253,14 +254,19 @@ def protocol_inputs(protocol: ProtocolConfig) -> dict:
     return out
 
 
-def check_student(protocol: ProtocolConfig, data: DataBundle) -> None:
+def check_student(protocol: ProtocolConfig, data: DataBundle,
+                  keys: tuple[str, str] | None = ("student", "student_options")) -> None:
     """Build ``protocol``'s student once for ``data`` (its channels, classes and image size), leaving
-    the global random state alone: a bad student name or option fails before any stage runs."""
-    from ddkit.models import create_model
+    the global random state alone: a bad student name or option fails before any stage runs, naming
+    the config key of the name or options (``keys``; None: the caller names where the student is)."""
+    from ddkit.models import configured_model, create_model
 
     c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):
-        create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+        if keys is None:
+            create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+        else:
+            configured_model(keys, protocol.student, c, data.num_classes, h, protocol.student_options)
 
 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
@@ -277,6 +283,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
+    if cfg.teacher is not None:
+        check_teacher(cfg.teacher, data)
     for protocol in cfg.evaluate.protocols():
         mode = protocol.label_mode
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:

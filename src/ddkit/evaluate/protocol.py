@@ -186,8 +186,10 @@ def demo_protocol() -> ProtocolConfig:
     return ProtocolConfig(student="convnet3-w32", full_epochs=3)
 
 
-def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None = None) -> ProtocolConfig:
-    """A protocol from a preset name, a YAML path, a dict or a config, with ``overrides`` (nested dict)."""
+def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None = None,
+                     where: str = "protocol") -> ProtocolConfig:
+    """A protocol from a preset name, a YAML path, a dict or a config, with ``overrides`` (nested dict;
+    ``where``: what a config calls them, which errors in them name)."""
     if isinstance(spec, ProtocolConfig):
         base = to_dict(spec)
     elif isinstance(spec, dict):
@@ -203,7 +205,7 @@ def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None =
             merged["loss"] = "ce" if overrides["label_mode"] == "hard" else (
                 base["loss"] if base["loss"] != "ce" else "kl")
         base = merged
-    return from_dict(ProtocolConfig, base, "protocol")
+    return from_dict(ProtocolConfig, base, where if overrides else "protocol")
 
 
 # option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since

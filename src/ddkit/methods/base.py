@@ -91,6 +91,6 @@ def check_ipc(real: DataBundle, ipc: int | None) -> int:
         c = int(counts.argmin())
         raise DataError(
             f"ipc {ipc} is larger than the smallest class ({real.classes[c]!r} has {smallest} training "
-            f"images); use --ipc {smallest} or less"
+            f"images); use an ipc of {smallest} or less (--ipc, or ipc / ipcs in a config)"
         )
     return ipc

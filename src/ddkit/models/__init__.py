@@ -10,6 +10,7 @@ from ddkit.models import convnet, resnet, tiny, tv  # noqa: F401  (registration)
 from ddkit.models.convnet import ConvNet
 from ddkit.models.registry import (
     MODELS,
+    configured_model,
     create_model,
     list_models,
     model_options,
@@ -25,6 +26,7 @@ __all__ = [
     "ConvNet",
     "ResNetCIFAR",
     "TorchvisionClassifier",
+    "configured_model",
     "create_model",
     "list_models",
     "model_options",

@@ -23,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from ddkit.config import is_count
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.registry import Registry
 
 ModelFactory = Callable[..., nn.Module]
@@ -107,3 +107,17 @@ def create_model(
                     f"valid options: {', '.join(valid) if valid else 'none'}"
                 )
     return factory(in_channels, num_classes, image_size, **{**implied, **kwargs})
+
+
+def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_classes: int, image_size: int,
+                     options: dict[str, Any]) -> nn.Module:
+    """:func:`create_model` for a model a config names: ``keys`` are the config keys of the name and of
+    the options (``("teacher.model", "teacher.model_options")``), and an error names the one at fault."""
+    try:
+        resolve_model(name)
+    except DDKitError as exc:
+        raise ConfigError(f"{keys[0]}: {exc}") from None
+    try:
+        return create_model(name, in_channels, num_classes, image_size, **options)
+    except DDKitError as exc:  # the name is known: its options are at fault
+        raise ConfigError(f"{keys[1]}: {exc}") from None

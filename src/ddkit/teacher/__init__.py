@@ -3,10 +3,11 @@
 from ddkit.teacher.squeeze import (
     Teacher,
     TeacherConfig,
+    check_teacher,
     import_teacher,
     saved_teacher,
     teacher_ensemble,
     train_teacher,
 )
 
-__all__ = ["Teacher", "TeacherConfig", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "check_teacher", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]

@@ -34,8 +34,8 @@ from ddkit.artifacts import (
 )
 from ddkit.config import config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle
-from ddkit.errors import DDKitError
-from ddkit.models import create_model
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.models import configured_model, create_model
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
@@ -244,7 +244,22 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
 def _build(cfg: TeacherConfig, data: DataBundle) -> nn.Module:
     torch.manual_seed(cfg.seed)
     c, h, _ = data.image_shape
-    return create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
+    return configured_model(("teacher.model", "teacher.model_options"), cfg.model, c, data.num_classes, h, cfg.model_options)
+
+
+def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> None:
+    """Build ``cfg``'s model once for ``data`` (leaving the global random state alone) and load an
+    imported ``checkpoint`` into it: a bad model, option or checkpoint fails before any stage runs,
+    naming the config key (``key``: where the config holds ``cfg``)."""
+    c, h, _ = data.image_shape
+    with torch.random.fork_rng(devices=[]):
+        model = configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h,
+                                 cfg.model_options)
+    if cfg.checkpoint:
+        try:
+            _load_strict(model, _read_checkpoint(Path(cfg.checkpoint)), cfg.checkpoint, cfg.model)
+        except DDKitError as exc:
+            raise ConfigError(f"{key}.checkpoint: {exc}") from None
 
 
 def train_teacher(
