@@ -788,3 +788,25 @@ def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
     )
     code, _, err = run_cli(["run", str(cfg), "-q", *[a for s in sets for a in ("--set", s)]], capsys)
     assert code == 2 and err.startswith(f"error: {message}") and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--dataset", ""], "dataset: name is empty; give a dataset key (`ddkit list datasets`)"),
+    (["--dataset", "synthetic", "--data-path", ""], "dataset: path is empty; give the data's folder or file, or leave "
+                                                     "path out to search for it"),
+    (["--dataset", "synthetic", "--checkpoint", ""], "teacher: checkpoint is empty; give the weights file to import, or "
+                                                     "leave it out (null) to train"),
+])
+def test_empty_flags_are_refused_not_dropped(tmp_path, capsys, flags, message):
+    """An empty --dataset fell back to fashion-mnist, an empty --checkpoint trained a teacher instead."""
+    code, _, err = run_cli(["teacher", *flags, "--model", "tiny_mlp", "--out", str(tmp_path / "t"), "-q"], capsys)
+    assert code == 2 and err == f"error: {message}\n" and not (tmp_path / "t").exists()
+
+
+def test_evaluate_refuses_a_data_path_for_a_generated_set(tmp_path, capsys):
+    """The message used to say the path does not apply, then to point --data-path at the data."""
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--out", str(tmp_path / "d"),
+                    "-q"], capsys)[0] == 0
+    code, _, err = run_cli(["evaluate", str(tmp_path / "d"), "--data-path", str(tmp_path), "--seeds", "0", "-q"], capsys)
+    assert code == 2 and err == ("error: the set was distilled from the generated dataset 'synthetic', which has no files; "
+                                 "drop --data-path\n")

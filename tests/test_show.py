@@ -180,3 +180,184 @@ def test_run_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     code, out, _ = run_cli(["run", str(cfg), "--out", str(run), "-q"], capsys)
     assert code == 0 and "reused: distilled" in out and (run / "manifest.json").is_file()
     assert run_cli(["run", str(cfg), "--out", str(run), "-q"], capsys)[0] == 0
+
+
+def _edit(path, change):
+    """Apply ``change`` to the JSON record at ``path`` (a manifest of a folder)."""
+    path = path / "manifest.json" if path.is_dir() else path
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+def _refused(args, capsys):
+    """The one-line error of ``ddkit ARGS`` (exit code 2, nothing on stdout)."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, (code, out, err)
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
+    """A list or object as `kind` used to be a traceback (unhashable type: 'list')."""
+    for kind in ([], {}):
+        bad = tmp_path / f"set-{type(kind).__name__}"
+        shutil.copytree(demo_run / "run" / "distilled", bad)
+        _edit(bad, lambda m, kind=kind: m.update(kind=kind))
+        for flags in ([], ["-q"], ["--json"]):
+            assert _refused(["show", str(bad), *flags], capsys) == (
+                f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
+                "bench-cell, bench-config, bench-report, bench-table, ddranking-export, distilled-set, evaluation, "
+                "evaluation-set, expert-buffer, fkd-soft-labels, imagefolder-export, pipeline-run, pt-export, "
+                "statistics, synthesis-stats, teacher")
+
+
+def test_show_json_refuses_what_show_refuses(tmp_path, capsys):
+    """`show --json` printed any JSON object; it now refuses the records plain `show` refuses."""
+    for name, text, words in (("empty.json", "{}", "(kind None)"), ("eval.json", '{"kind": "eval"}', "(kind 'eval')"),
+                              ("five.json", '{"kind": 5}', "(kind 5)"),
+                              ("cell.json", '{"kind": "bench-cell"}', "is a 'bench-cell' record without the field")):
+        (tmp_path / name).write_text(text)
+        for flags in ([], ["--json"], ["--json", "-q"]):
+            assert words in _refused(["show", str(tmp_path / name), *flags], capsys)
+
+
+def test_show_names_a_file_that_is_no_record(demo_run, tmp_path, capsys):
+    """An image or weights file read "ddkit record ... is corrupt (UnicodeDecodeError); re-create it"."""
+    run = demo_run / "run"
+    for path, what in ((run / "distilled" / "preview.png", "a .png file"),
+                       (run / "teacher" / "model.safetensors", "a .safetensors file")):
+        for flags in ([], ["-q"], ["--json"]):
+            assert _refused(["show", str(path), *flags], capsys) == (
+                f"{str(path)!r} is not a ddkit record ({what} of the ddkit output {str(path.parent)!r}); pass that folder")
+    (tmp_path / "weights.bin").write_bytes(b"\x89\x00\xff binary")
+    assert _refused(["show", str(tmp_path / "weights.bin")], capsys) == (
+        f"{str(tmp_path / 'weights.bin')!r} is not a ddkit record (a .bin file); pass a ddkit output folder, a JSON "
+        "record of one, a `ddkit export --format pt` file or a protocol name")
+    (tmp_path / "broken.json").write_bytes(b"\xff{")  # a damaged record stays "corrupt"
+    assert "is corrupt (UnicodeDecodeError); re-create it" in _refused(["show", str(tmp_path / "broken.json")], capsys)
+
+
+def test_show_refuses_a_bench_table_with_a_damaged_row(tmp_path, capsys):
+    """A row whose `synthesis` is null was an AttributeError from bench.synthesis_seconds (`ddkit report`
+    refused it)."""
+    row = {"dataset": "synthetic", "method": "random", "ipc": 1, "student": "tiny_convnet", "label_mode": "hard",
+           "acc": {"mean": 0.5, "std": 0.0}, "random": None, "bytes": {"total": 10}, "synthesis": {"seconds": 1.5}}
+    (tmp_path / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [row]}))
+    assert run_cli(["show", str(tmp_path), "-q"], capsys)[:2] == (0, "")
+    (tmp_path / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [{**row, "synthesis": None}]}))
+    for flags in ([], ["-q"], ["--json"]):
+        assert _refused(["show", str(tmp_path), *flags], capsys) == (
+            f"{str(tmp_path / 'bench.json')!r} is a 'bench-table' record with a field of the wrong type ('NoneType' "
+            "object has no attribute 'get'); it is damaged: re-run `ddkit bench` with the run's config (finished cells "
+            "are reused) to rebuild it")
+
+
+def test_show_checks_an_expert_buffer_from_its_file_headers(tmp_path, capsys, monkeypatch):
+    """`show -q` passed an expert buffer whose files existed, whatever they held; it reads their headers
+    (not the trajectories: gigabytes at paper scale) and the manifest as load_experts does."""
+    import ddkit.artifacts
+
+    good = tmp_path / "experts"
+    assert main(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1", "--epochs", "2",
+                 "--out", str(good), "-q"]) == 0
+    capsys.readouterr()
+    man = json.loads((good / "manifest.json").read_text())
+    with monkeypatch.context() as m:  # no trajectory is loaded
+        m.setattr(ddkit.artifacts, "load_file", lambda *a, **k: pytest.fail("show loaded a tensor file"))
+        assert run_cli(["show", str(good), "-q"], capsys)[:2] == (0, "")
+    params = man["num_params"]
+
+    def truncate(folder):
+        file = folder / "expert_000.safetensors"
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+
+    cases = {
+        "string": (lambda f: _edit(f, lambda m: m.update(experts="expert_000.safetensors")),
+                   "{manifest!r} lacks 'experts' (a list) or holds 'expert_000.safetensors' there; the manifest is "
+                   "damaged: re-create the expert-buffer artifact"),
+        "epochs": (lambda f: _edit(f, lambda m: m.update(epochs=10)),
+                   f"expert file {{file!r}} holds trajectory [3, {params}] (F32), manifest says [11, {params}] (floating "
+                   "point); the buffer is corrupt, re-create it"),
+        "none": (lambda f: _edit(f, lambda m: m.update(experts=[])), "expert buffer {folder!r} has no experts; re-create it"),
+        "params": (lambda f: _edit(f, lambda m: m.update(params=m["params"][:-1])),
+                   f"{{manifest!r}} lists params of {params - man['params'][-1]['shape'][0]} values but num_params "
+                   f"{params}; the manifest is damaged: re-create the expert-buffer artifact"),
+        "truncated": (truncate, "expert trajectory {file!r} is corrupt (Error while deserializing header: incomplete "
+                                "metadata, file not fully covered); re-create it"),
+    }
+    for name, (damage, message) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(good, bad)
+        damage(bad)
+        want = message.format(folder=str(bad), manifest=str(bad / "manifest.json"),
+                              file=str(bad / "expert_000.safetensors"))
+        for flags in ([], ["-q"]):
+            assert _refused(["show", str(bad), *flags], capsys) == want, name
+    # --json prints the manifest of a buffer with damaged files (to see what is there), not a damaged manifest
+    assert run_cli(["show", str(tmp_path / "truncated"), "--json"], capsys)[0] == 0
+    assert _refused(["show", str(tmp_path / "string"), "--json"], capsys) == (
+        f"{str(tmp_path / 'string' / 'manifest.json')!r} is a 'expert-buffer' record with a field of the wrong type "
+        "('str' object has no attribute 'get'); it is damaged, re-create it")
+    (tmp_path / "epochs" / "expert_000.safetensors").unlink()  # a file missing: named as before
+    assert _refused(["show", str(tmp_path / "epochs"), "-q"], capsys) == (
+        f"expert-buffer {str(tmp_path / 'epochs')!r} lacks its file(s) ['expert_000.safetensors']; the artifact is "
+        "incomplete, re-create it")
+
+
+def test_show_checks_exports(demo_run, tmp_path, capsys):
+    """`show -q` passed an image-folder export missing a class or holding a text file as a PNG, and a
+    DD-Ranking export whose images.pt was cut short."""
+    src = demo_run / "run" / "distilled"
+    folders, ranking = tmp_path / "folders", tmp_path / "ranking"
+    assert main(["export", str(src), "--format", "imagefolder", "--out", str(folders), "-q"]) == 0
+    assert main(["export", str(src), "--format", "ddranking", "--out", str(ranking), "-q"]) == 0
+    capsys.readouterr()
+    for good in (folders, ranking):
+        assert run_cli(["show", str(good), "-q"], capsys)[:2] == (0, "")
+    fix = "the imagefolder-export is incomplete or damaged; export the distilled set again"
+    bad = tmp_path / "no-class"
+    shutil.copytree(folders, bad)
+    for png in (bad / "001_class1").glob("*.png"):
+        png.unlink()
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"export {str(bad)!r} holds no images of class folder '001_class1'; {fix}")
+    shutil.rmtree(bad / "001_class1")
+    assert _refused(["show", str(bad)], capsys) == (
+        f"export {str(bad)!r} holds no images of class folder '001_class1'; {fix}")
+    bad = tmp_path / "one-less"
+    shutil.copytree(folders, bad)
+    (bad / "002_class2" / "00001.png").unlink()
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"export {str(bad)!r} holds 2 images in its other class folders but 1 in '002_class2'; {fix}")
+    bad = tmp_path / "text"
+    shutil.copytree(folders, bad)
+    (bad / "000_class0" / "00000.png").write_text("not an image")
+    png = bad / "000_class0" / "00000.png"
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"image {str(png)!r} does not open (cannot identify image file {str(png)!r}); {fix}")
+    bad = tmp_path / "cut"
+    shutil.copytree(ranking, bad)
+    (bad / "images.pt").write_bytes((bad / "images.pt").read_bytes()[:200])
+    assert _refused(["show", str(bad), "-q"], capsys).startswith(
+        f"{str(bad / 'images.pt')!r} does not load (")
+    assert _refused(["show", str(bad)], capsys).endswith(
+        "; the ddranking-export is incomplete or damaged; export the distilled set again")
+    bad = tmp_path / "fewer"
+    shutil.copytree(ranking, bad)
+    import torch
+
+    torch.save(torch.load(ranking / "images.pt")[:-1].clone(), bad / "images.pt")
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"{str(bad / 'images.pt')!r} holds float32 images of shape [7, 1, 16, 16], meta.json says 8 images (2 per "
+        "class) of 1 channel(s); the ddranking-export is incomplete or damaged; export the distilled set again")
+
+
+def test_show_refuses_an_fkd_store_evaluate_refuses(demo_run, tmp_path, capsys):
+    """An FKD store recording a teacher BatchNorm mode that is neither 'running' nor 'batch' passed `show -q`."""
+    bad = tmp_path / "fkd"
+    shutil.copytree(demo_run / "fkd", bad)
+    _edit(bad, lambda m: m.update(teacher_bn="xx"))
+    for flags in ([], ["-q"]):
+        assert _refused(["show", str(bad), *flags], capsys) == (
+            f"{str(bad / 'manifest.json')!r}: teacher_bn must be 'running' or 'batch', got 'xx'; the manifest is damaged: "
+            "re-create the store with `ddkit relabel`")

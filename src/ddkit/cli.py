@@ -92,9 +92,9 @@ def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
     from ddkit.config import apply_overrides
 
     ds = _section(data, "dataset")
-    if getattr(args, "dataset", None):
+    if getattr(args, "dataset", None) is not None:
         ds["name"] = args.dataset
-    if getattr(args, "data_path", None):
+    if getattr(args, "data_path", None) is not None:
         ds["path"] = args.data_path
     return apply_overrides(data, list(getattr(args, "set", None) or []))
 
@@ -218,7 +218,10 @@ def cmd_evaluate(args) -> int:
     apply_overrides(overrides, list(args.set or []))  # last, over the flags
     protocol = resolve_protocol(args.protocol, overrides)
     dcfg_data = dict(distilled.manifest["dataset_config"])
-    if args.data_path:
+    if args.data_path is not None:
+        if dcfg_data.get("name") == "synthetic":
+            raise DDKitError("the set was distilled from the generated dataset 'synthetic', which has no files; "
+                             "drop --data-path")
         dcfg_data["path"] = args.data_path
     device = _device(args)
     try:

@@ -8,13 +8,14 @@ their shape and dtype).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ddkit.artifacts import KIND_FILES, MANIFEST, damaged_record, read_json
+from ddkit.artifacts import KIND_FILES, MANIFEST, damaged_record, quiet_torch_load, read_json
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
@@ -55,9 +56,15 @@ def _read_torch_record(path: Path) -> dict[str, Any]:
     return _tensor_info(obj)
 
 
-def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
-    """The JSON record that describes ``path`` (a folder's manifest / bench table / export meta, or a
-    JSON file) and the file it came from."""
+def _not_json(path: Path) -> bool:
+    """Whether ``path`` (not named .json) holds something other than a JSON record (an image, weights):
+    its first bytes tell, without reading a file of gigabytes."""
+    with path.open("rb") as f:
+        return not f.read(64).lstrip().startswith((b"{", b"["))
+
+
+def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The record at ``path`` as it is stored (unchecked) and the file it came from."""
     path = Path(path)
     if not path.exists():
         raise DDKitError(f"{str(path)!r} not found; {_ACCEPTS}")
@@ -66,17 +73,41 @@ def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
         if found is None:
             raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
         path = found
-    record = _read_torch_record(path) if _is_torch_file(path) else read_json(path, "ddkit record", mapping=False)
+    if _is_torch_file(path):
+        record = _read_torch_record(path)
+    elif path.suffix != ".json" and _not_json(path):  # an image, weights, a text file: no record at all
+        what = f"a {path.suffix} file" if path.suffix else "a file that is not JSON"
+        if any((path.parent / name).is_file() for name in _RECORD_FILES):  # a file of an artifact: name the artifact
+            raise DDKitError(f"{str(path)!r} is not a ddkit record ({what} of the ddkit output {str(path.parent)!r}); "
+                             "pass that folder")
+        raise DDKitError(f"{str(path)!r} is not a ddkit record ({what}); {_ACCEPTS}")
+    else:
+        record = read_json(path, "ddkit record", mapping=False)
     if not isinstance(record, dict):
         raise DDKitError(f"{str(path)!r} is not a ddkit record (a JSON object with a 'kind'); pass a ddkit output")
     return record, path
 
 
+def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
+    """The record that describes ``path`` (a folder's manifest / bench table / export meta, a JSON file,
+    a ``.pt`` export's fields) and the file it came from. A record :func:`describe` cannot summarise (no
+    kind of ddkit's, a missing or mistyped field) is refused here too; an artifact's files are not checked,
+    so ``show --json`` prints the manifest of a damaged artifact, to see what is there."""
+    record, where = _load_record(path)
+    _summarise(record, where, check_files=False)
+    return record, where
+
+
 def describe(path: str | Path) -> str:
     """A short plain-text summary of the ddkit output at ``path``."""
-    record, where = read_record(path)
+    return _summarise(*_load_record(path))
+
+
+def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) -> str:
+    """The summary of ``record`` (read from ``where``); ``check_files``: first check the files of the
+    artifact it describes (:func:`check_artifact`)."""
     kind = record.get("kind")
-    summarise = _SUMMARIES.get(kind)
+    summarise = _SUMMARIES.get(kind) if isinstance(kind, str) else None  # a list or object kind: no record of ours
     if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
         raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an unfinished run, or "
                          "one from before run folders had a manifest.json); run `ddkit run` again with the same config "
@@ -84,19 +115,29 @@ def describe(path: str | Path) -> str:
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
-    with damaged_record(where, f"a {kind!r} record", "it is damaged, re-create it"):
-        text = summarise(record)
-        if where.name == MANIFEST:
+    with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
+                        (KeyError, TypeError, ValueError, AttributeError)):
+        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):  # the record of a folder: check the folder's files
             check_artifact(kind, where.parent, record)
+        text = summarise(record)
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
 
 
+# how to re-create a damaged record, where it is not the command that wrote it
+_FIXES = {"bench-table": "it is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) to rebuild it"}
+
+# the file that records the kind of an artifact folder, where it is not its manifest.json
+_ARTIFACT_RECORD = {"imagefolder-export": "classes.json", "ddranking-export": "meta.json"}
+
+
 def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
     """Load the artifact of ``kind`` in ``folder`` as its users would (files, shapes, values), so ``show``
     refuses an incomplete or damaged artifact instead of summarising its manifest alone. An expert
-    buffer (gigabytes at paper scale) and a statistics cache are checked for their files only."""
+    buffer (gigabytes at paper scale) is checked from its files' headers (each opens, holds a trajectory of
+    the manifest's shape), a statistics cache for its file only, an image-folder export for its class
+    folders and that each image opens."""
     if kind == "distilled-set":
         from ddkit.distilled import DistilledSet
 
@@ -109,15 +150,135 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
         from ddkit.labels.fkd import SoftLabelStore
 
         SoftLabelStore.load(folder)
-    elif kind in ("expert-buffer", "statistics"):
+    elif kind == "expert-buffer":
+        _check_experts(folder)
+    elif kind == "imagefolder-export":
+        _check_imagefolder(folder, manifest)
+    elif kind == "ddranking-export":
+        _check_ddranking(folder, manifest)
+    elif kind == "statistics":
         from ddkit.methods.statistics import TENSORS
 
-        files = [e.get("file") if isinstance(e, dict) else None for e in manifest.get("experts", [])] \
-            if kind == "expert-buffer" else [TENSORS]
-        missing = [f for f in files if not (isinstance(f, str) and (folder / f).is_file())]
-        if missing:
-            raise DDKitError(f"{kind} {str(folder)!r} lacks its file(s) {missing[:3]}; the artifact is incomplete, "
+        if not (folder / TENSORS).is_file():
+            raise DDKitError(f"{kind} {str(folder)!r} lacks its file(s) {[TENSORS]}; the artifact is incomplete, "
                              "re-create it")
+
+
+def _check_experts(folder: Path) -> None:
+    """What :func:`ddkit.methods.trajectory.load_experts` checks, from the files' headers: the manifest's
+    fields, at least one expert, each expert file opens and holds a float ``trajectory`` of shape
+    ``[epochs + 1, num_params]``; and the manifest's parameter list adds up to ``num_params`` and is
+    that of its model (as :meth:`ExpertBuffer.build_model` checks). Values (NaN) are not read."""
+    from safetensors import SafetensorError, safe_open
+
+    from ddkit.methods.trajectory import KIND, ExpertBuffer, read_experts_manifest
+
+    manifest = read_experts_manifest(folder)
+    damaged = f"the manifest is damaged: re-create the {KIND} artifact"
+    if not manifest["experts"]:
+        raise DDKitError(f"expert buffer {str(folder)!r} has no experts; re-create it")
+    missing = [e["file"] for e in manifest["experts"] if not (folder / e["file"]).is_file()]
+    if missing:
+        raise DDKitError(f"{KIND} {str(folder)!r} lacks its file(s) {missing[:3]}; the artifact is incomplete, "
+                         "re-create it")
+    spec = manifest["params"]
+    if not all(isinstance(p, dict) and isinstance(p.get("shape"), list) and all(isinstance(n, int) for n in p["shape"])
+               for p in spec):
+        raise DDKitError(f"{str(folder / MANIFEST)!r} holds params that are not [{{name, shape}}]; {damaged}")
+    counted = sum(math.prod(p["shape"]) for p in spec)
+    if counted != manifest["num_params"]:
+        raise DDKitError(f"{str(folder / MANIFEST)!r} lists params of {counted} values but num_params "
+                         f"{manifest['num_params']}; {damaged}")
+    ExpertBuffer([], manifest, folder).build_model()  # the model still has the buffer's parameters
+    want = [manifest["epochs"] + 1, manifest["num_params"]]
+    for entry in manifest["experts"]:
+        path = folder / entry["file"]
+        try:
+            with safe_open(str(path), "pt") as f:
+                names = list(f.keys())
+                traj = f.get_slice("trajectory") if "trajectory" in names else None
+                got = None if traj is None else list(traj.get_shape())
+                dtype = None if traj is None else traj.get_dtype()
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise DDKitError(f"expert trajectory {str(path)!r} is corrupt ({str(exc).splitlines()[0]}); "
+                             "re-create it") from None
+        if got != want or dtype not in ("F16", "BF16", "F32", "F64"):
+            raise DDKitError(f"expert file {str(path)!r} holds trajectory {got} ({dtype}), manifest says {want} "
+                             "(floating point); the buffer is corrupt, re-create it")
+
+
+def _export_fix(kind: str) -> str:
+    return f"the {kind} is incomplete or damaged; export the distilled set again"
+
+
+def _check_imagefolder(folder: Path, meta: dict) -> None:
+    """An image-folder export holds a folder of images for each class of its classes.json (as many in
+    each when the set had a fixed IPC), and every image opens."""
+    from PIL import Image, UnidentifiedImageError
+
+    from ddkit.distilled import class_folder_names
+
+    kind, where = "imagefolder-export", folder / "classes.json"
+    classes = meta.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise DDKitError(f"{str(where)!r} holds classes {classes!r}, not a list of class names; {_export_fix(kind)}")
+    names = meta.get("folders", class_folder_names(classes))  # exports before the record named them
+    if not (isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names)):
+        raise DDKitError(f"{str(where)!r} holds folders {names!r}, not one folder name per class; {_export_fix(kind)}")
+    counts = {}
+    for name in names:
+        images = sorted((folder / name).glob("*.png")) if (folder / name).is_dir() else []
+        if not images:
+            raise DDKitError(f"export {str(folder)!r} holds no images of class folder {name!r}; {_export_fix(kind)}")
+        counts[name] = len(images)
+        for image in images:
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise DDKitError(f"image {str(image)!r} does not open ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                                 f"{_export_fix(kind)}") from None
+    usual = max(set(counts.values()), key=list(counts.values()).count)
+    odd = [f"{n} in {name!r}" for name, n in counts.items() if n != usual]
+    if isinstance(meta.get("ipc"), int) and odd:  # a set of a fixed IPC has as many images of every class
+        raise DDKitError(f"export {str(folder)!r} holds {usual} images in its other class folders but "
+                         f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; {_export_fix(kind)}")
+
+
+def _check_ddranking(folder: Path, meta: dict) -> None:
+    """A DD-Ranking export's tensors load and agree with its meta.json: ``ipc`` images of each class in
+    class-major order, the channels of its mean, soft labels (where written) one row of logits per image."""
+    kind = "ddranking-export"
+    classes, ipc, mean = meta.get("classes"), meta.get("ipc"), meta.get("mean")
+    if not (isinstance(classes, list) and classes and isinstance(ipc, int) and ipc > 0 and isinstance(mean, list)):
+        raise DDKitError(f"{str(folder / 'meta.json')!r} lacks classes, ipc or mean; {_export_fix(kind)}")
+
+    def load(name: str) -> torch.Tensor:
+        try:
+            obj = quiet_torch_load(folder / name)
+        except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
+            raise DDKitError(f"{str(folder / name)!r} does not load ({exc.__class__.__name__}); {_export_fix(kind)}") from None
+        if not isinstance(obj, torch.Tensor):
+            raise DDKitError(f"{str(folder / name)!r} holds a {type(obj).__name__}, not a tensor; {_export_fix(kind)}")
+        return obj
+
+    n, k = ipc * len(classes), len(classes)
+    for name in ("images.pt", "labels.pt"):
+        if not (folder / name).is_file():
+            raise DDKitError(f"export {str(folder)!r} lacks {name}; {_export_fix(kind)}")
+    images, labels = load("images.pt"), load("labels.pt")
+    if images.dim() != 4 or images.shape[0] != n or images.shape[1] != len(mean) or not images.is_floating_point():
+        raise DDKitError(f"{str(folder / 'images.pt')!r} holds {str(images.dtype).removeprefix('torch.')} images of shape "
+                         f"{list(images.shape)}, meta.json says {n} images ({ipc} per class) of {len(mean)} channel(s); "
+                         f"{_export_fix(kind)}")
+    if labels.tolist() != [c for c in range(k) for _ in range(ipc)]:
+        raise DDKitError(f"{str(folder / 'labels.pt')!r} does not hold {ipc} labels of each of {k} classes in class-major "
+                         f"order; {_export_fix(kind)}")
+    if (folder / "soft_labels.pt").is_file():
+        soft = load("soft_labels.pt")
+        if list(soft.shape) != [n, k]:
+            raise DDKitError(f"{str(folder / 'soft_labels.pt')!r} holds soft labels of shape {list(soft.shape)}, not "
+                             f"[{n}, {k}]; {_export_fix(kind)}")
 
 
 def _bench_progress(record: dict, root: Path) -> str:

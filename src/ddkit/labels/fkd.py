@@ -361,6 +361,11 @@ class SoftLabelStore:
             raise DDKitError(f"{str(path / MANIFEST)!r} holds files {files!r}, not the name of its labels file; the "
                              "manifest is damaged: re-create the store with `ddkit relabel`")
         check_classes(man["classes"], path, KIND, key="classes")
+        try:
+            check_teacher_bn(man.get("teacher_bn", "running"), man.get("teacher_bn_batch"))
+        except ConfigError as exc:
+            raise DDKitError(f"{str(path / MANIFEST)!r}: {str(exc).split(';')[0]}; the manifest is damaged: re-create "
+                             "the store with `ddkit relabel`") from None
         tensors = load_tensors(path / files.get("labels", FILE), what="FKD soft labels")
         if set(man["tensors"]) != set(tensors):
             raise DDKitError(f"{path}: the manifest lists tensors {sorted(man['tensors'])} but the file holds "

@@ -538,8 +538,9 @@ def train_experts(
     return buffer
 
 
-def load_experts(path: str | Path) -> ExpertBuffer:
-    """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
+def read_experts_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of the expert buffer at ``path``, checked for every field :func:`load_experts` reads
+    (the files are not opened)."""
     path = artifact_folder(path)
     manifest = read_manifest(path, KIND, require={
         "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
@@ -549,6 +550,13 @@ def load_experts(path: str | Path) -> ExpertBuffer:
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds {entry!r} as experts[{i}], not a record with a 'file'; "
                              f"the manifest is damaged: re-create the {KIND} artifact")
+    return manifest
+
+
+def load_experts(path: str | Path) -> ExpertBuffer:
+    """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
+    path = artifact_folder(path)
+    manifest = read_experts_manifest(path)
     trajectories = []
     want = (manifest["epochs"] + 1, manifest["num_params"])
     for entry in manifest["experts"]:

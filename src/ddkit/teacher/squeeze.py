@@ -60,6 +60,10 @@ class TeacherConfig:
     seed: int = field(0, seed=True, help="seed for initialisation, batch order and augmentation")
     checkpoint: str | None = field(None, help="import these weights (safetensors or state-dict .pt) instead of training")
 
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None and not self.checkpoint.strip():
+            raise ConfigError("checkpoint is empty; give the weights file to import, or leave it out (null) to train")
+
 
 class Teacher(DescribesDataset):
     """A trained classifier with the data description it was trained on."""
