@@ -442,7 +442,7 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     (show, export, evaluate, run); soft labels without a 'logits' tensor got a garbled message."""
     import shutil
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     ds = distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=False), DatasetConfig(name="synthetic"),
                  tmp_path / "r")
@@ -464,3 +464,11 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(DDKitError, match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
                                          r"of 4 classes; re-run distill --soft-labels"):
         ddkit.load(soft)
+    # labels that disagree with the manifest's class counts loaded, and showed and exported
+    relabelled = tmp_path / "relabelled"
+    shutil.copytree(ds.path, relabelled)
+    t = load_file(str(ds.path / "images.safetensors"))
+    save_file({"images": t["images"], "labels": torch.zeros_like(t["labels"])}, str(relabelled / "images.safetensors"))
+    with pytest.raises(DDKitError, match=r"holds \[8, 0, 0, 0\] images per class but the manifest says \[2, 2, 2, 2\]; "
+                                         r"re-create the distilled set"):
+        ddkit.load(relabelled)

@@ -758,3 +758,13 @@ def test_class_folders_differing_in_unicode_form_show_apart(tmp_path):
     nfc.rename(tmp_path / "test" / unicodedata.normalize("NFD", "caf\u00e9"))
     with pytest.raises(DataError, match=r"only in train: \['caf\\xe9'\], only in test: \['cafe\\u0301'\]"):
         load_dataset("imagefolder", path=str(tmp_path))
+
+
+def test_tensors_splits_of_other_channels_or_size_name_what_differs(tmp_path):
+    """Test images of other channels than the train images were told to 'use one image size'."""
+    for name, test_images, fix in [("channels", _tensors()["test_images"][:, :1], "the same number of channels"),
+                                   ("size", _tensors()["test_images"][:, :, :4, :4], "the same image size")]:
+        torch.save({**_tensors(), "test_images": test_images}, tmp_path / f"{name}.pt")
+        with pytest.raises(DataError, match=rf"test images \(.*\) differ from train images \(3, 5, 5\); give both "
+                                            rf"splits {fix}$"):
+            load_dataset("tensors", path=str(tmp_path / f"{name}.pt"))

@@ -249,6 +249,8 @@ def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
     for name, change, message in [
         ("files", {"files": None}, r"holds files None, not the name of its labels file; the manifest is damaged"),
         ("ints", {"classes": [0, 1, 2, 3]}, r"holds classes \[0, 1, 2, 3\], not a list of class names; the manifest is damaged"),
+        ("spec", {"augment": {**good["augment"], "spec": "bogus"}},
+         r"holds an augmentation this ddkit cannot replay \(unknown augmentation 'bogus'\); re-create the store"),
     ]:
         bad = tmp_path / f"fkd-{name}"
         shutil.copytree(tmp_path / "fkd", bad)
@@ -397,6 +399,14 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
     assert set(calls) == {2}  # only the missing epoch was labelled
     for k in store.tensors:
         assert torch.equal(store.tensors[k], resumed.tensors[k]), k
+    # a finished epoch damaged on disk used to stop the relabel ("re-create it", which cannot be done for one
+    # epoch); it is labelled again
+    (partial / "epoch_00001.safetensors").write_bytes(b"damaged")
+    calls.clear()
+    again = relabel(small_set, teacher, **opts)
+    assert set(calls) == {1}
+    for k in store.tensors:
+        assert torch.equal(store.tensors[k], again.tensors[k]), k
 
 
 def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_path):

@@ -188,6 +188,10 @@ class DistilledSet(DescribesDataset, Dataset):
         if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
             raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found {int(labels.min())}.."
                              f"{int(labels.max())}); re-create the distilled set")
+        counts = manifest.get("class_counts")
+        if counts is not None and counts != torch.bincount(labels, minlength=num_classes or 0).tolist():
+            raise DDKitError(f"{path / IMAGES} holds {torch.bincount(labels, minlength=num_classes or 0).tolist()} images "
+                             f"per class but the manifest says {counts}; re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
             stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")

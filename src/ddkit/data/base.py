@@ -127,7 +127,8 @@ class DataBundle:
         if self.test.images.shape[1:] != self.train.images.shape[1:]:
             raise DataError(
                 f"dataset {self.name!r}: test images {tuple(self.test.images.shape[1:])} differ "
-                f"from train images {tuple(self.train.images.shape[1:])}; use one image size"
+                f"from train images {tuple(self.train.images.shape[1:])}; give both splits the same "
+                f"{'number of channels' if self.test.images.shape[1] != c else 'image size'}"
             )
         for split, part in (("train", self.train), ("test", self.test)):
             if len(part) and (part.labels.min() < 0 or part.labels.max() >= len(self.classes)):

@@ -180,7 +180,12 @@ class SoftLabelStore:
         self.manifest = manifest
         self.path = path
         self._check()
-        self.augment = build_augment(manifest["augment"]["spec"], **manifest["augment"]["options"])
+        try:
+            self.augment = build_augment(manifest["augment"]["spec"], **manifest["augment"]["options"])
+        except DDKitError as exc:  # only a damaged or foreign manifest names an augmentation this ddkit lacks
+            where = f"{str(path / MANIFEST)!r}" if path is not None else "the store's manifest"
+            raise DDKitError(f"{where} holds an augmentation this ddkit cannot replay ({str(exc).split(';')[0]}); "
+                             "re-create the store with `ddkit relabel`") from None
 
     # --- description ---------------------------------------------------------------------------
     @property
@@ -490,11 +495,16 @@ def relabel(
     for done, e in enumerate(mine, 1):
         path = partial / f"epoch_{e:05d}.safetensors" if partial is not None else None
         if path is not None and path.is_file():
-            rows[e] = load_tensors(path, what="relabel epoch")
-            log.info("relabel epoch %d reused from %s", e, partial)
-            if progress is not None:
-                progress(done, len(mine), {"epoch": e + 1, "reused": True})
-            continue
+            try:
+                rows[e] = load_tensors(path, what="relabel epoch")
+            except DDKitError as exc:  # damaged on disk (it was written atomically): label the epoch again
+                log.warning("%s; labelling epoch %d again", exc, e)
+                path.unlink(missing_ok=True)
+            else:
+                log.info("relabel epoch %d reused from %s", e, partial)
+                if progress is not None:
+                    progress(done, len(mine), {"epoch": e + 1, "reused": True})
+                continue
         gen = epoch_generator(seed, e)
         aug = augment.sample(n, gen, size) if augment is not None else {}
         if cutmix is not None:
