@@ -104,9 +104,14 @@ def test_damaged_bench_table_is_a_one_line_error(run_dir, tmp_path, capsys):
         "list-row": ({**good, "rows": [list(row), *good["rows"][1:]]}, r"as rows\[0\], not a JSON object"),
         "no-config": ({k: v for k, v in good.items() if k != "config"}, "lacks 'config'"),
         "student-null": (rows(lambda r: r.update(student=None)), "with a field of the wrong type"),
-        "acc-text": (rows(lambda r: r["acc"].update(mean="0.5")), "with a field of the wrong type"),
+        "acc-text": (rows(lambda r: r["acc"].update(mean="0.5")), r"holds accuracy .* \(not a mean in \[0, 1\]\) in rows\[0\]"),
+        "no-acc": (rows(lambda r: r.pop("acc")), r"holds accuracy None \(not a mean in \[0, 1\]\) in rows\[0\]"),
+        # NaN, a text IPC and a cell twice used to give a report (with a matplotlib warning)
+        "acc-nan": (rows(lambda r: r["acc"].update(mean=float("nan"))), r"holds accuracy \{.*'mean': nan, .*\} \(not a mean in \[0, 1\]\)"),
+        "ipc-text": (rows(lambda r: r.update(ipc="one")), r"holds ipc 'one' \(not a count\) in rows\[0\]"),
+        "twice": ({**good, "rows": [row, row, *good["rows"][1:]]}, rf"holds cell {row['cell']!r} twice in rows\[1\]"),
         **{f"no-{key}": (rows(lambda r, key=key: r.pop(key)), f"without the field '{key}'")
-           for key in ("acc", "ipc", "method", "bytes", "random")},
+           for key in ("ipc", "method", "bytes", "random")},
     }
     for name, (table, msg) in cases.items():
         bench = tmp_path / name

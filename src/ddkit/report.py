@@ -23,6 +23,7 @@ from ddkit.artifacts import (
     write_text,
 )
 from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
+from ddkit.config import is_count
 from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
@@ -199,9 +200,21 @@ def _check_table(table: dict, where: Path) -> None:
     rows = table.get("rows")
     if not isinstance(rows, list) or not rows:
         raise DDKitError(f"{str(where)!r} lacks 'rows' (a non-empty list) or holds {rows!r} there; {_REBUILD}")
+    seen = set()
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DDKitError(f"{str(where)!r} holds {row!r} as rows[{i}], not a JSON object; {_REBUILD}")
+        cell, ipc, acc = row.get("cell"), row.get("ipc"), row.get("acc")
+        mean = acc.get("mean") if isinstance(acc, dict) else None
+        problem = (f"cell {cell!r} (not a name)" if not isinstance(cell, str)
+                   else f"cell {cell!r} twice" if cell in seen
+                   else f"ipc {ipc!r} (not a count)" if ipc is not None and not is_count(ipc)
+                   else f"accuracy {acc!r} (not a mean in [0, 1])" if not (
+                       isinstance(mean, (int, float)) and not isinstance(mean, bool) and 0 <= mean <= 1)
+                   else None)
+        if problem:
+            raise DDKitError(f"{str(where)!r} holds {problem} in rows[{i}]; {_REBUILD}")
+        seen.add(cell)
     for key in ("config", "versions"):
         if not isinstance(table.get(key), dict):
             raise DDKitError(f"{str(where)!r} lacks {key!r} (a JSON object) or holds {table.get(key)!r} there; {_REBUILD}")
