@@ -161,7 +161,8 @@ class Evil:
 def test_unsafe_pickle_checkpoint_refused(tiny, tmp_path):
     pt = tmp_path / "evil.pt"
     torch.save({"model": Evil()}, pt)
-    with pytest.raises(DDKitError, match="cannot be read safely"):
+    with pytest.raises(DDKitError, match=r"cannot be read safely \(it holds Python objects that safe \(weights_only\) "
+                                         r"loading refuses\); save a plain state_dict or safetensors file$"):
         train_teacher(tiny, _cfg(checkpoint=str(pt)))
 
 

@@ -243,6 +243,15 @@ def quiet_torch_load(path: str | Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_failure(exc: BaseException) -> str:
+    """Why ``torch.load`` refused a file, in a few words (torch's refusal of a pickle runs to a page)."""
+    text = str(exc).strip()
+    if text.startswith("Weights only load failed"):
+        return "it holds Python objects that safe (weights_only) loading refuses"
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 120 else line[:117] + "..."
+
+
 def load_resume_state(path: str | Path) -> dict[str, Any]:
     """A checkpoint :func:`atomic_torch_save` wrote for resuming, read with ``weights_only=True``. One
     that cannot be read (damaged on disk, or not a ddkit checkpoint) is a one-line error: resuming is
@@ -251,8 +260,8 @@ def load_resume_state(path: str | Path) -> dict[str, Any]:
     try:
         state = quiet_torch_load(path)
     except Exception as exc:  # a damaged zip, a pickle weights_only refuses, an unreadable file
-        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
-        raise DDKitError(f"resume checkpoint {str(path)!r} cannot be read ({reason}); delete it to start afresh") from None
+        raise DDKitError(f"resume checkpoint {str(path)!r} cannot be read ({load_failure(exc)}); delete it to start "
+                         "afresh") from None
     if not isinstance(state, dict):
         raise DDKitError(f"resume checkpoint {str(path)!r} holds a {type(state).__name__}, not a ddkit checkpoint; "
                          "delete it to start afresh")

@@ -25,6 +25,7 @@ from ddkit.artifacts import (
     check_normalisation,
     check_output_dir,
     folder_kind,
+    load_failure,
     load_tensors,
     quiet_torch_load,
     read_json,
@@ -355,7 +356,7 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         obj = quiet_torch_load(path)
     except Exception as exc:
         raise DDKitError(
-            f"checkpoint {str(path)!r} cannot be read safely ({str(exc).splitlines()[0][:120]}); "
+            f"checkpoint {str(path)!r} cannot be read safely ({load_failure(exc)}); "
             "save a plain state_dict or safetensors file"
         ) from None
     for key in ("state_dict", "model", "model_state_dict"):
