@@ -46,7 +46,7 @@ def _tensor_info(obj: Any) -> Any:
 def _read_torch_record(path: Path) -> dict[str, Any]:
     """The record of a ``ddkit export --format pt`` file: its fields, tensors as shape and dtype."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = quiet_torch_load(path)
     except Exception as exc:  # torch.load raises many types for a file it cannot read; all mean the same here
         raise DDKitError(f"{str(path)!r} is not a file `ddkit show` reads (torch.load: {exc.__class__.__name__}); "
                          f"{_ACCEPTS}") from None
