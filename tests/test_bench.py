@@ -882,3 +882,23 @@ def test_relabel_settings_that_fit_pass_the_early_checks(tmp_path, monkeypatch):
     _Bench(tiny_cfg(tmp_path / "b", relabel={"top_k": 99}))
     _Bench(tiny_cfg(tmp_path / "c", teacher={"model": "nonexist"}))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"ipcs": [1, 1]}, r"ipcs \[1, 1\] repeat an entry \(the same cells twice\); list each once"),
+    ({"label_modes": ["hard", "hard"]}, r"label_modes \['hard', 'hard'\] repeat an entry"),
+    ({"students": ["tiny_convnet", "tiny_convnet"]}, r"students \['tiny_convnet', 'tiny_convnet'\] repeat an entry"),
+])
+def test_repeated_matrix_entries_are_refused(tmp_path, over, message):
+    """ipcs: [1, 1] or label_modes: [hard, hard] wrote every row twice."""
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg(tmp_path / "b", **over)
+
+
+def test_learned_lr_protocol_for_a_method_without_one_is_refused_before_any_output(tmp_path):
+    """mtt-protocol (learned_lr) with a method that learns no lr failed after the teacher and sets were made."""
+    cfg = tiny_cfg(tmp_path / "b", protocol="mtt-protocol")
+    with pytest.raises(ConfigError, match=r"^method 'random': the protocol trains students with the set's learned lr "
+                                          r"\(learned_lr: true\), but method 'random' learns none"):
+        run_bench(cfg)
+    assert not (tmp_path / "b").exists()

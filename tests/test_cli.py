@@ -810,3 +810,30 @@ def test_evaluate_refuses_a_data_path_for_a_generated_set(tmp_path, capsys):
     code, _, err = run_cli(["evaluate", str(tmp_path / "d"), "--data-path", str(tmp_path), "--seeds", "0", "-q"], capsys)
     assert code == 2 and err == ("error: the set was distilled from the generated dataset 'synthetic', which has no files; "
                                  "drop --data-path\n")
+
+
+@pytest.mark.parametrize(("evaluate", "message"), [
+    ("{protocol: mtt-protocol, overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 1}}, label_modes: [hard], "
+     "seeds: [0]}", "evaluate: the protocol trains students with the set's learned lr (learned_lr: true), but method "
+                    "'random' learns none; use a trajectory method (mtt, tesla, ftd, datm, shq) or set learned_lr: false"),
+    ("{label_modes: [], seeds: [0]}", "evaluate: label_modes is empty; list at least one (hard, teacher, stored or fkd)"),
+    ("{label_modes: [hard, hard], seeds: [0]}",
+     "evaluate: label_modes ['hard', 'hard'] repeat a mode (the same evaluation twice); list each once"),
+])
+def test_run_refuses_evaluations_it_cannot_or_need_not_make(tmp_path, capsys, evaluate, message):
+    """A learned-lr protocol for a set without a learned lr failed after the teacher and the set were made
+    (leaving them); no label mode gave an empty report, a repeated one every result twice."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"dataset: {{name: synthetic}}\nteacher: null\ndistill: {{method: random, ipc: 2}}\nevaluate: {evaluate}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and err == f"error: {message}\n" and not (tmp_path / "run").exists()
+
+
+def test_error_lines_of_other_ranks_name_the_rank(tmp_path, monkeypatch, capsys):
+    """Under torchrun every rank printed the same error, in two writes that could interleave into one
+    garbled line; each is one write, and ranks other than 0 name themselves."""
+    monkeypatch.setenv("RANK", "1")
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill.bogus=1",
+                            "--out", str(tmp_path / "d"), "-q"], capsys)
+    assert code == 2 and err.startswith("rank 1: error: unknown config key 'distill.bogus'") and err.count("\n") == 1

@@ -65,6 +65,7 @@ from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
     DistillConfig,
+    check_learned_lr,
     check_student,
     discard_work,
     distill,
@@ -177,6 +178,10 @@ class BenchConfig:
             problems.append(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if any(i < 1 for i in self.ipcs):
             problems.append(f"ipcs must be >= 1, got {self.ipcs}")
+        for name in ("ipcs", "students", "label_modes"):
+            values = getattr(self, name)
+            if len(set(map(repr, values))) != len(values):
+                problems.append(f"{name} {list(values)} repeat an entry (the same cells twice); list each once")
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             problems.append(f"methods {keys} repeat a name; give each a distinct label")
@@ -608,6 +613,10 @@ class _Bench:
             check_teachers(cfg, data)
             check_relabel(cfg, data)
         check_extra_teachers(cfg)
+        for spec in cfg.methods:  # learned_lr protocols need a set that learned its lr
+            check_learned_lr(spec.name, [cfg.protocol_for(st, mode, ipc=ipc) for st in cfg.students
+                                         for ipc in cfg.student_ipcs.get(st, cfg.ipcs) for mode in cfg.label_modes],
+                             f"method {spec.key!r}")
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
         self.synthesis: dict[tuple[str, str, int], dict] = {}

@@ -592,6 +592,15 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _error(message: str) -> None:
+    """Print ``error: message`` as one line in one write, so that the ranks of a ``torchrun`` job, which
+    share stderr and usually fail alike, never interleave; a rank other than 0 names itself."""
+    rank = os.environ.get("RANK", "0")  # set by torchrun, also before the process group starts
+    who = f"rank {rank}: " if rank not in ("", "0") else ""
+    sys.stderr.write(f"{who}error: {message}\n")
+    sys.stderr.flush()
+
+
 def _os_error(exc: OSError) -> str:
     """One line for a path the system refused, naming the output the user gave rather than ddkit's
     hidden temporary or checkpoint beside it, with the fix the error calls for."""
@@ -639,7 +648,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         code = args.func(args)
     except DDKitError as exc:
-        print(f"error: {_as_flags(str(exc), args)}", file=sys.stderr)
+        _error(_as_flags(str(exc), args))
         ddist.shutdown(barrier=False)
         return 2
     except BrokenPipeError:  # `ddkit show edc | head`: the reader left; say nothing more
@@ -648,7 +657,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
-        print(f"error: {_os_error(exc)}", file=sys.stderr)
+        _error(_os_error(exc))
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:

@@ -79,9 +79,13 @@ class EvalConfig:
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
+        if not self.label_modes:
+            raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
         if bad:
             raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
+        if len(set(self.label_modes)) != len(self.label_modes):
+            raise ConfigError(f"label_modes {self.label_modes} repeat a mode (the same evaluation twice); list each once")
         if not self.seeds:
             raise ConfigError("evaluate.seeds is empty; give at least one seed")
 
@@ -269,6 +273,17 @@ def check_student(protocol: ProtocolConfig, data: DataBundle,
             configured_model(keys, protocol.student, c, data.num_classes, h, protocol.student_options)
 
 
+def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = "evaluate") -> None:
+    """Refuse a protocol with ``learned_lr`` (students train with the set's learned lr) for a method
+    whose sets record none, before any stage runs."""
+    if method not in METHODS or METHODS.get(method).learns_lr:
+        return
+    if any(p.learned_lr for p in protocols):
+        raise ConfigError(f"{where}: the protocol trains students with the set's learned lr (learned_lr: true), but "
+                          f"method {method!r} learns none; use a trajectory method (mtt, tesla, ftd, datm, shq) or set "
+                          "learned_lr: false")
+
+
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
@@ -285,7 +300,9 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
     if cfg.teacher is not None:
         check_teacher(cfg.teacher, data)
-    for protocol in cfg.evaluate.protocols():
+    protocols = cfg.evaluate.protocols()
+    check_learned_lr(cfg.distill.method, protocols)
+    for protocol in protocols:
         mode = protocol.label_mode
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "

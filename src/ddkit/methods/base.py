@@ -49,6 +49,8 @@ class Method:
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
+    # whether its sets record a learned student lr (meta.syn_lr) that protocols with learned_lr train with
+    learns_lr: ClassVar[bool] = False
     # options for a seconds-long run on tiny data (the contract test and `--quick` benchmarks)
     smoke_options: ClassVar[dict[str, Any]] = {}
     # bump when a change alters the output for the same options (a new default, a fixed bug): cached

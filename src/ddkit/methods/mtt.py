@@ -410,6 +410,7 @@ class _TrajectoryMatching(Method):
     the ranks and their gradients all-reduced (see the module docstring)."""
 
     key = "mtt"
+    learns_lr = True  # its sets record meta.syn_lr
 
     @classmethod
     def identity_tags(cls, options: dict) -> dict:
