@@ -246,20 +246,19 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
     return manifest
 
 
-def _build(cfg: TeacherConfig, data: DataBundle) -> nn.Module:
+def _build(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> nn.Module:
+    """``cfg``'s model for ``data``, initialised from ``cfg.seed``; errors name ``key``'s model settings."""
     torch.manual_seed(cfg.seed)
     c, h, _ = data.image_shape
-    return configured_model(("teacher.model", "teacher.model_options"), cfg.model, c, data.num_classes, h, cfg.model_options)
+    return configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h, cfg.model_options)
 
 
 def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> None:
     """Build ``cfg``'s model once for ``data`` (leaving the global random state alone) and load an
     imported ``checkpoint`` into it: a bad model, option or checkpoint fails before any stage runs,
     naming the config key (``key``: where the config holds ``cfg``)."""
-    c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):
-        model = configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h,
-                                 cfg.model_options)
+        model = _build(cfg, data, key)
     if cfg.checkpoint:
         try:
             _load_strict(model, _read_checkpoint(Path(cfg.checkpoint)), cfg.checkpoint, cfg.model)
