@@ -95,6 +95,40 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
     assert (blob["kind"], json.loads((folder / "classes.json").read_text())["kind"]) == ("pt-export", "imagefolder-export")
 
 
+def test_float_set_records_its_true_pixel_range_and_png_export_says_what_it_clips(tiny, tmp_path, caplog):
+    """Pixel-optimising methods (DC, DM, MTT, ...) leave float pixels outside the data's 0..1: the manifest
+    records the range the set holds, pt keeps it exactly, and PNG (8-bit) clips it, saying how much."""
+    from ddkit.describe import describe
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    labels = torch.arange(4).repeat_interleave(2)
+    images = torch.linspace(-0.5, 1.5, 8 * 16 * 16).view(8, 1, 16, 16)  # a quarter below 0, a quarter above 1
+    ds = DistilledSet.build(SyntheticSet(images, labels), tiny, method="dm", method_config={}, ipc=2, seed=0,
+                            config={}, dataset_config={"name": "synthetic"})
+    ds.save(tmp_path / "set")
+    man = json.loads((tmp_path / "set/manifest.json").read_text())
+    assert man["images"] == {"dtype": "float32", "pixel_range": [-0.5, 1.5]}
+    assert "float pixels in [-0.5, 1.5] (beyond the data's 0..1)" in describe(tmp_path / "set")
+    with caplog.at_level("WARNING", logger="ddkit.distilled"):
+        folder = DistilledSet.load(tmp_path / "set").export(tmp_path / "png", "imagefolder")
+    record = json.loads((folder / "classes.json").read_text())
+    assert record["pixel_range"] == [-0.5, 1.5] and record["clipped_pixels"] == pytest.approx(0.5, abs=1e-3)
+    assert "50.00% of the set's pixels lie outside [0, 1] and are clipped" in caplog.text
+    first = torch.from_numpy(__import__("numpy").array(Image.open(folder / "000_class0/00000.png")))
+    assert torch.equal(first, (images[0, 0].clamp(0, 1) * 255).round().to(torch.uint8))
+    blob = torch.load(ds.export(tmp_path / "set.pt", "pt"), weights_only=True)
+    assert torch.equal(blob["images"], images) and blob["pixel_range"] == [-0.5, 1.5]  # exact, nothing clipped
+    assert "pixels in [-0.5, 1.5] (beyond the data's 0..1)" in describe(tmp_path / "set.pt")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkit.distilled"):  # a set within 0..1 clips nothing and says nothing
+        inside = DistilledSet.build(SyntheticSet(images.clamp(0, 1), labels), tiny, method="dm", method_config={},
+                                    ipc=2, seed=0, config={}, dataset_config={"name": "synthetic"})
+        inside.save(tmp_path / "inside")
+        assert json.loads((inside.export(tmp_path / "png2", "imagefolder") / "classes.json").read_text())["clipped_pixels"] == 0.0
+    assert inside.manifest["images"]["pixel_range"] == [0.0, 1.0] and caplog.text == ""
+
+
 def test_failed_torch_save_is_a_one_line_error(tiny, tmp_path, monkeypatch):
     """torch.save reports a failed write (a full disk, a folder it may not write) as a RuntimeError,
     which the CLI would show as a traceback; it becomes a DDKitError naming the file, and nothing is left."""

@@ -327,10 +327,20 @@ def _mib(x: int | None) -> str:
     return "–" if x is None else f"{x / 2**20:.1f} MiB"
 
 
+def _pixels(lo: float, hi: float) -> str:
+    """A float set's pixel range, and whether it leaves the data's 0..1 (clipped in PNG exports)."""
+    beyond = " (beyond the data's 0..1)" if lo < 0 or hi > 1 else ""
+    return f"in [{lo:.3g}, {hi:.3g}]{beyond}"
+
+
 def _distilled(m: dict) -> str:
+    images = m.get("images") if isinstance(m.get("images"), dict) else {}
+    span = images.get("pixel_range")
+    floats = (f", float pixels {_pixels(*span)}" if images.get("dtype", "").startswith("float") and isinstance(span, list)
+              and len(span) == 2 and all(isinstance(v, (int, float)) for v in span) else "")
     return (f"distilled set: {m['method']['name']} ipc={m['ipc']} on {m['dataset']['name']} "
-            f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images, {m['bytes']['images']:,} image "
-            f"bytes, {m['bytes']['labels']:,} label bytes, seed {m['seed']}")
+            f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images{floats}, {m['bytes']['images']:,} "
+            f"image bytes, {m['bytes']['labels']:,} label bytes, seed {m['seed']}")
 
 
 def _teacher(m: dict) -> str:
@@ -433,7 +443,8 @@ def _pt_export(m: dict) -> str:
 
     soft = f", soft labels {shape('soft_labels')}" if "soft_labels" in m else ", no soft labels"
     names = ", ".join(m["classes"][:10]) + (f", ... ({len(m['classes'])} in all)" if len(m["classes"]) > 10 else "")
-    return (f"{_export(m)}: images {shape('images')} ({m['images']['dtype']}, pixels in [0, 1]), labels {shape('labels')}"
+    lo, hi = m.get("pixel_range") or (0.0, 1.0)  # exports before 2026-12-06 did not record it
+    return (f"{_export(m)}: images {shape('images')} ({m['images']['dtype']}, pixels {_pixels(lo, hi)}), labels {shape('labels')}"
             f"{soft}; classes {names}")
 
 

@@ -2,7 +2,10 @@
 
 Layout (every file named in ``manifest.json``):
 
-- ``images.safetensors``: ``images`` [N, C, H, W] (uint8 pixels, or float32 in ~[0, 1]) and ``labels`` int64 [N]
+- ``images.safetensors``: ``images`` [N, C, H, W] and ``labels`` int64 [N]. Images are uint8 pixels, or
+  float32 where 0..1 is the real data's range; methods that optimise pixels without clamping them (DC, DM,
+  MTT, ...) leave values outside it, which training uses as they are. The manifest's
+  ``images.pixel_range`` records the range the set holds: [0, 255] for uint8, the true min and max for float
 - ``soft_labels.safetensors`` (optional): ``logits`` [N, num_classes], the relabel stage's slot
 - ``manifest.json``: schema version, dataset + fingerprint, classes, IPC, method + resolved config,
   seed, versions, bytes of images and of labels
@@ -11,6 +14,7 @@ Layout (every file named in ``manifest.json``):
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,8 @@ from ddkit.artifacts import (
 )
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.errors import DDKitError
+
+log = logging.getLogger(__name__)
 
 KIND = "distilled-set"
 IMAGES = "images.safetensors"
@@ -128,7 +134,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 "class_counts": torch.bincount(labels, minlength=data.num_classes).tolist(),
                 "method": {"name": method, "config": method_config},
                 "teacher": teacher,
-                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": [0, 255] if images.dtype == torch.uint8 else [0.0, 1.0]},
+                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": pixel_range(images)},
                 "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels, soft)},
                 "files": {"images": IMAGES, "soft_labels": SOFT if soft is not None else None, "preview": PREVIEW},
                 "meta": {k: v for k, v in synthetic.meta.items() if k != "source_index"},
@@ -216,8 +222,10 @@ class DistilledSet(DescribesDataset, Dataset):
         return record
 
     def export(self, out: str | Path, fmt: str) -> Path:
-        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors: images
-        in [0, 1], labels, the set's soft labels where it has them, mean/std, class-major)."""
+        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors: float
+        images, 0..1 the data's range, exactly as the set holds them; labels, the set's soft labels where it
+        has them, mean/std, class-major). PNG holds 8-bit pixels: float pixels outside [0, 1] are clipped,
+        which is logged and recorded (``clipped_pixels``, the fraction, in ``classes.json``)."""
         out = Path(out)
         if fmt == "pt":
             if out.is_dir():
@@ -229,11 +237,15 @@ class DistilledSet(DescribesDataset, Dataset):
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             soft = {"soft_labels": self.soft_labels[order]} if self.soft_labels is not None else {}
             atomic_torch_save({**self.export_record("pt-export"), "images": x, "labels": self.labels[order], **soft,
-                               "mean": list(self.mean), "std": list(self.std)}, out)
+                               "mean": list(self.mean), "std": list(self.std), "pixel_range": pixel_range(x)}, out)
             return out
         if fmt == "imagefolder":
             from PIL import Image
 
+            clipped = clipped_fraction(self.images)
+            if clipped:
+                log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG files; export "
+                            "--format pt keeps them exactly", 100 * clipped)
             with atomic_dir(out, kind="imagefolder-export") as tmp:
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
@@ -243,7 +255,8 @@ class DistilledSet(DescribesDataset, Dataset):
                     arr = img.permute(1, 2, 0).numpy()
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
-                write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names})
+                write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names,
+                                                  "pixel_range": pixel_range(self.images), "clipped_pixels": clipped})
             return out
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
 
@@ -261,6 +274,22 @@ def class_folder_names(classes: list[str]) -> list[str]:
     """Folder names that sort in label order: ``003_Dress``; unsafe characters become ``_``."""
     width = max(3, len(str(len(classes) - 1)))
     return [f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', c)}" for i, c in enumerate(classes)]
+
+
+def pixel_range(images: torch.Tensor) -> list:
+    """[0, 255] for uint8 pixels; the smallest and largest value for float ones (an empty set: [0.0, 1.0])."""
+    if images.dtype == torch.uint8:
+        return [0, 255]
+    if images.numel() == 0:
+        return [0.0, 1.0]
+    return [float(images.min()), float(images.max())]
+
+
+def clipped_fraction(images: torch.Tensor) -> float:
+    """The fraction of float pixels outside [0, 1], which 8-bit files (PNG) cannot hold: they are clipped."""
+    if images.dtype == torch.uint8 or images.numel() == 0:
+        return 0.0
+    return float(((images < 0) | (images > 1)).float().mean())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
