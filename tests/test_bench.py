@@ -579,21 +579,21 @@ def test_fkd_store_is_built_once_by_concurrent_builders(tmp_path, monkeypatch):
     import threading
     import time
 
-    import ddkit.labels
+    import ddkit.labels.fkd
     from ddkit.bench import _Bench
 
     cfg = tiny_cfg(tmp_path / "run", ipcs=[2], label_modes=["fkd"], seeds=[0], methods=["random"],
                    relabel={"epochs": 2}, overrides={"full_epochs": 1, "train": {"epochs": 2, "batch_size": 32}})
     bench = _Bench(cfg, None)
     bench.prepare()
-    calls, real = [], ddkit.labels.relabel
+    calls, real = [], ddkit.labels.fkd.relabel
 
     def slow_relabel(*args, **kw):
         calls.append(threading.get_ident())
         time.sleep(0.5)  # long enough for the other builder to arrive while this one works
         return real(*args, **kw)
 
-    monkeypatch.setattr(ddkit.labels, "relabel", slow_relabel)
+    monkeypatch.setattr(ddkit.labels.fkd, "relabel", slow_relabel)
     key3 = ("synthetic", "random", 2)
     paths = []
     threads = [threading.Thread(target=lambda: paths.append(bench._fkd_store(key3, 2))) for _ in range(2)]

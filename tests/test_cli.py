@@ -229,6 +229,63 @@ def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] == second
 
 
+def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys):
+    """Label mode fkd without evaluate.overrides.fkd_store: `run` relabels its own set into labels/
+    (with the relabel: section's settings), reuses the store while the settings hold, and makes it
+    again (and evaluates again) when they change. Before, run refused fkd without a store."""
+    cfg = tmp_path / "run.yaml"
+
+    def run(relabel: str) -> str:
+        cfg.write_text(
+            "dataset: {name: synthetic}\n"
+            "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+            "distill: {method: random, ipc: 2}\n"
+            "evaluate: {label_modes: [hard, fkd], seeds: [0], overrides: {student: tiny_convnet, random_baseline: false, "
+            "full_reference: false, train: {epochs: 2, batch_size: 16}}}\n"
+            f"relabel: {relabel}\n"
+            f"out: {tmp_path / 'run'}\n")
+        code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
+        assert code == 0, err
+        return out
+
+    run("{seed: 0}")
+    store = json.loads((tmp_path / "run/labels/manifest.json").read_text())
+    assert store["kind"] == "fkd-soft-labels" and store["epochs"] == 2 and store["num_images"] == 8  # protocol's epochs
+    assert store["distilled"]["path"] == str(tmp_path / "run/distilled") and store["config"]["seed"] == 0
+    report = json.loads((tmp_path / "run/eval-fkd.json").read_text())
+    assert report["bytes"]["fkd_labels"] == store["bytes"]["total"] > 0
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["stages"]["labels"] == "labels"
+    assert not list(tmp_path.glob("run/.labels*"))  # the finished epochs are gone once the store is saved
+    assert "reused: teacher, distilled, labels, eval-hard.json, eval-fkd.json" in run("{seed: 0}")
+    out = run("{seed: 1, epochs: 3}")  # other views: a new store, and the fkd evaluation again
+    assert "reused: teacher, distilled, eval-hard.json\n" in out
+    again = json.loads((tmp_path / "run/labels/manifest.json").read_text())
+    assert (again["epochs"], again["config"]["seed"]) == (3, 1)
+    assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] != report["run_hash"]
+
+
+@pytest.mark.parametrize(("relabel", "overrides", "message"), [
+    ("{top_k: 9}", "", "relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 9"),
+    ("{top_k: 2}", "loss: mse_ce, ", "relabel.top_k = 2 stores top-k logits, which only train with loss 'kl', but the fkd "
+     "protocol uses loss 'mse_ce'; set relabel.top_k: null (dense labels) or evaluate.overrides.loss: kl"),
+    ("{augment: rrc_flip, augment_options: {bogus: 1}}", "", "relabel.augment_options"),
+    ("{}", "fkd_store: MISSING, ", "evaluate.overrides.fkd_store: "),
+])
+def test_run_checks_its_fkd_labels_before_any_stage(tmp_path, capsys, relabel, overrides, message):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+        "distill: {method: random, ipc: 2}\n"
+        f"evaluate: {{label_modes: [fkd], seeds: [0], overrides: {{{overrides.replace('MISSING', str(tmp_path / 'none'))}"
+        "student: tiny_convnet, train: {epochs: 1}}}\n"
+        f"relabel: {relabel}\n"
+        f"out: {tmp_path / 'run'}\n")
+    code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # refused before the teacher stage
+
+
 def test_outputs_that_would_destroy_a_users_files_are_refused(workdir, tmp_path, capsys, monkeypatch):
     """`evaluate --out` used to overwrite any file (a user's notes, a teacher's manifest.json) and
     `--out .` failed after the work (a rename of the current folder), leaving a hidden temp folder

@@ -222,3 +222,53 @@ def test_run_ranks_take_the_same_stages_when_one_rank_lags(tmp_path, monkeypatch
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
     mp.spawn(_run_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     assert torch.load(tmp_path / "reused0.pt") == torch.load(tmp_path / "reused1.pt") == []
+
+
+def _run_fkd(rank: int, world: int, store_path: str, out: str) -> None:
+    """``pipeline.run`` with label mode fkd and no store named (the run relabels its own set), on
+    ``world`` gloo ranks (1: in this process)."""
+    import torch
+    import torch.distributed as dist
+
+    import ddkit.pipeline as pipeline
+    from ddkit import distributed as ddist
+    from ddkit.config import from_dict
+
+    if world > 1:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world)
+    try:
+        cfg = from_dict(pipeline.RunConfig, {
+            "dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+            "distill": {"method": "random", "ipc": 2}, "relabel": {"epochs": 3, "top_k": 2},
+            "evaluate": {"label_modes": ["fkd"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "random_baseline": False, "full_reference": False, "train": {"epochs": 3}}},
+            "device": "cpu", "out": f"{out}/run{world}"})
+        pipeline.run(cfg)
+    finally:
+        ddist.shutdown()
+    if world > 1:
+        os._exit(0)  # see _train_bn_rank
+
+
+def test_run_relabels_its_set_under_torchrun_as_in_one_process(tmp_path, monkeypatch):
+    """The run's labels stage is a collective (ranks label alternate epochs): 2 ranks store the labels of
+    one process, to the byte, and the fkd students trained from them match."""
+    import json
+
+    import torch
+    import torch.multiprocessing as mp
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count: the teachers must train alike
+    try:
+        _run_fkd(0, 1, "", str(tmp_path))
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_run_fkd, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    one, two = (tmp_path / f"run{w}" for w in (1, 2))
+    assert (one / "labels/fkd_labels.safetensors").read_bytes() == (two / "labels/fkd_labels.safetensors").read_bytes()
+    assert json.loads((one / "labels/manifest.json").read_text())["top_k"] == 2
+    acc = [json.loads((d / "eval-fkd.json").read_text())["results"]["distilled"] for d in (one, two)]
+    assert acc[0] == acc[1]

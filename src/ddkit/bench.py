@@ -52,14 +52,15 @@ from ddkit.artifacts import (
     versions,
     write_json,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
-from ddkit.data.augment import AUGMENTS, build_augment, check_cutmix
+from ddkit.config import config_hash, field, from_dict, keyed, to_dict
+from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
+from ddkit.labels.fkd import RelabelSpec
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
@@ -75,7 +76,6 @@ from ddkit.pipeline import (
     work_dir,
 )
 from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
-from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -105,36 +105,6 @@ class MethodSpec:
     @property
     def key(self) -> str:
         return self.label or self.name
-
-
-@dataclass
-class RelabelSpec:
-    """FKD-style stored soft labels made for every distilled set of a ``fkd`` label-mode cell."""
-
-    epochs: int | None = field(None, help="stored epochs (None: the protocol's training epochs)")
-    augment: str = field("rrc_flip", help="augmentation of each stored view (SRe2L/RDED: rrc_flip)")
-    augment_options: dict = field({}, help="options of the augmentation, e.g. {scale_min: 0.08}")
-    cutmix_prob: float = field(1.0, help="per-image CutMix probability (0: off)")
-    cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
-    top_k: int | None = field(None, help="keep only the k largest logits per view (None: all, fp16)")
-    seed: int = field(0, seed=True, help="seed of the views")
-    teacher_bn: TeacherBN = field("running", help="teacher BatchNorm: running statistics, or batch: statistics of "
-                                  "groups of views (CV-DD's batch-specific soft labels)")
-    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all views of an epoch)")
-
-    def __post_init__(self) -> None:
-        check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
-        # what relabel would refuse only when the bench reaches the first fkd cell (teachers and sets made)
-        if self.epochs is not None and self.epochs < 1:
-            raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")
-        check_cutmix(self.cutmix_prob, self.cutmix_alpha)
-        if self.top_k is not None and self.top_k < 1:
-            raise ConfigError(f"top_k must be >= 1 (or null: all logits), got {self.top_k}")
-
-    def identity(self) -> dict:
-        """Every field; the BatchNorm mode only when not running, so cell and store keys of
-        benches written before it existed stay valid."""
-        return omit_running_bn(to_dict(self, identity=True))
 
 
 @dataclass
@@ -252,13 +222,11 @@ class BenchConfig:
                                           f"{mode!r}: {e}") from None
         # the augmentations of relabel (fkd cells) and of ARS's "with augmentation" run, built only when the
         # bench reaches a cell, after teachers and sets are made
-        relabel_key = "relabel.augment_options" if self.relabel.augment in AUGMENTS else "relabel.augment"
-        for key, spec, options in ((relabel_key, self.relabel.augment, self.relabel.augment_options),
-                                   ("ars_augment", self.ars_augment, {})):
-            try:
-                build_augment(spec, **options)
-            except DDKitError as e:
-                raise _keyed(key, e) from None
+        self.relabel.check_augment("relabel")
+        try:
+            build_augment(self.ars_augment)
+        except DDKitError as e:
+            raise keyed("ars_augment", e) from None
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
@@ -318,19 +286,6 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def _keyed(key: str, e: DDKitError) -> ConfigError:
-    """``e`` as a ConfigError that starts with the config ``key`` it is about (``relabel.augment: ...``);
-    a message that names a field below the key's last part (``augment_options.scale_min: ...``) gets the
-    key's parents."""
-    msg = str(e)
-    if msg.startswith(key):
-        return ConfigError(msg)
-    parent, _, leaf = key.rpartition(".")
-    if parent and (msg.startswith(f"{leaf}.") or msg.startswith(f"{leaf}:")):
-        return ConfigError(f"{parent}.{msg}")
-    return ConfigError(f"{key}: {msg}")
 
 
 def _rss_bytes() -> int | None:
@@ -548,14 +503,9 @@ def check_relabel(cfg: BenchConfig, data: DataBundle) -> None:
     """What ``relabel`` and FKD training refuse only when the bench reaches the first ``fkd`` cell (after
     teachers and sets are made): a ``relabel.top_k`` outside ``data``'s classes, or top-k labels with a
     protocol loss other than kl. Nothing without label mode fkd (relabel is unused then)."""
-    top_k, n = cfg.relabel.top_k, data.num_classes
-    if "fkd" not in cfg.label_modes or top_k is None:
+    if "fkd" not in cfg.label_modes or not cfg.relabel.check(data.num_classes, data.name):
         return
-    if not 1 <= top_k <= n:
-        raise ConfigError(f"relabel.top_k must lie in [1, {n}] (dataset {data.name!r} has {n} classes) or be null "
-                          f"(all logits), got {top_k}")
-    if top_k == n:  # all classes: stored dense
-        return
+    top_k = cfg.relabel.top_k
     for student in cfg.students:
         for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
             loss = cfg.protocol_for(student, "fkd", ipc=ipc).loss
@@ -579,7 +529,7 @@ def check_extra_teachers(cfg: BenchConfig) -> None:
                     try:
                         read_manifest(ref, TEACHER_KIND)
                     except DDKitError as e:
-                        raise _keyed(f"methods[{m.key}].options.extra_teachers", e) from None
+                        raise keyed(f"methods[{m.key}].options.extra_teachers", e) from None
     for student in cfg.students:
         for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
             for mode in cfg.label_modes:
@@ -712,14 +662,10 @@ class _Bench:
 
     def _fkd_store(self, key3: tuple[str, str, int], protocol_epochs: int) -> Path:
         """The set's FKD store for ``cfg.relabel`` (made once; atomic; resumable per epoch)."""
-        from ddkit.labels import relabel
-
         spec = self.cfg.relabel
-        epochs = spec.epochs or protocol_epochs
         teacher = self.teachers[key3[0]]
         ds = self.distilled[key3]
-        key = config_hash({"relabel": spec.identity(), "epochs": epochs, "set": ds.manifest.get("config_hash"),
-                           "teacher": teacher.fingerprint})[:16]
+        key = spec.key(ds, teacher, protocol_epochs)[:16]
         path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
         work = self.root / "labels" / f".{path.name}.partial"  # finished epochs, until the store is saved
         if (path / "manifest.json").is_file():
@@ -732,9 +678,7 @@ class _Bench:
                 return path
             sp = self.stage_progress
             cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
-            store = relabel(ds, teacher, epochs, spec.augment, dict(spec.augment_options), spec.cutmix_prob, spec.seed,
-                            spec.top_k, self.device, cb, cutmix_alpha=spec.cutmix_alpha, work_dir=work,
-                            teacher_bn=spec.teacher_bn, teacher_bn_batch=spec.teacher_bn_batch)
+            store = spec.make(ds, teacher, protocol_epochs, self.device, cb, work_dir=work)
             store.save(path)
             shutil.rmtree(work, ignore_errors=True)
         return path

@@ -179,6 +179,19 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
 
 
+def keyed(key: str, e: Exception) -> ConfigError:
+    """``e`` as a ConfigError that starts with the config ``key`` it is about (``relabel.augment: ...``);
+    a message that names a field below the key's last part (``augment_options.scale_min: ...``) gets the
+    key's parents."""
+    msg = str(e)
+    if msg.startswith(key):
+        return ConfigError(msg)
+    parent, _, leaf = key.rpartition(".")
+    if parent and (msg.startswith(f"{leaf}.") or msg.startswith(f"{leaf}:")):
+        return ConfigError(f"{parent}.{msg}")
+    return ConfigError(f"{key}: {msg}")
+
+
 def is_count(value: Any, low: int = 1) -> bool:
     """Whether ``value`` is an integer (a bool is not) of at least ``low``: the one check of the counts,
     sizes and epochs that arrive untyped (manifests, options, library arguments)."""

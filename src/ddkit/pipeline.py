@@ -28,14 +28,15 @@ from ddkit.artifacts import (
     write_json,
     write_text,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.config import config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
-from ddkit.labels.fkd import store_identity
+from ddkit.labels.fkd import KIND as FKD_KIND
+from ddkit.labels.fkd import RelabelSpec, store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
 from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
@@ -44,6 +45,7 @@ from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 log = logging.getLogger(__name__)
 
 RUN_KIND = "pipeline-run"  # the manifest.json `run` writes beside config.json once every stage is done
+RUN_FKD_STORE = "<made by the run from its distilled set>"  # label mode fkd's store until the labels stage made it
 
 
 @dataclass
@@ -89,9 +91,21 @@ class EvalConfig:
         if not self.seeds:
             raise ConfigError("evaluate.seeds is empty; give at least one seed")
 
-    def protocols(self):
-        return [resolve_protocol(self.protocol, {**self.overrides, "label_mode": m}, "evaluate.overrides")
-                for m in self.label_modes]
+    @property
+    def makes_store(self) -> bool:
+        """Whether the run makes its set's FKD store (label mode fkd, no ``overrides.fkd_store`` given)."""
+        return "fkd" in self.label_modes and not self.overrides.get("fkd_store")
+
+    def protocols(self, fkd_store: str | None = None) -> list[ProtocolConfig]:
+        """One protocol per label mode; label mode fkd replays ``overrides.fkd_store`` where given, else
+        ``fkd_store`` (the run's own store; a placeholder until it is made)."""
+        out = []
+        for mode in self.label_modes:
+            over = {**self.overrides, "label_mode": mode}
+            if mode == "fkd" and self.makes_store:
+                over["fkd_store"] = fkd_store or RUN_FKD_STORE
+            out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
+        return out
 
 
 @dataclass
@@ -102,6 +116,8 @@ class RunConfig:
     teacher: TeacherConfig | None = field(factory=TeacherConfig, help="teacher to train or import (null: no teacher)")
     distill: DistillConfig = field(factory=DistillConfig, help="method, IPC and seed")
     evaluate: EvalConfig = field(factory=EvalConfig, help="evaluation protocol, label modes and seeds")
+    relabel: RelabelSpec = field(factory=RelabelSpec, help="label mode fkd (without evaluate.overrides.fkd_store): how "
+                                 "the run stores its set's per-epoch soft labels, in labels/")
     device: str = field("auto", help="auto, cpu, cuda or cuda:N")
     out: str = field("runs/run", help="output folder")
 
@@ -309,12 +325,29 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                               "or use label mode hard")
         if mode == "stored" and not (cfg.distill.soft_labels or method.own_soft_labels(method_cfg)):
             raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set distill.soft_labels: true")
+        if mode == "fkd":
+            check_fkd(cfg, data, protocol)
         for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
             read_manifest(path, TEACHER_KIND)
         check_student(protocol, data)
 
 
-_STAGE_DIRS = ("teacher", "distilled")  # atomic_dir refuses these when they hold something else
+def check_fkd(cfg: RunConfig, data: DataBundle, protocol: ProtocolConfig) -> None:
+    """Label mode fkd: the store named in ``evaluate.overrides.fkd_store`` must be one, or the run's own
+    store must be makeable (``relabel``'s augmentation and top_k; top-k labels train only with loss kl)."""
+    if not cfg.evaluate.makes_store:
+        try:
+            read_manifest(protocol.fkd_store, FKD_KIND)
+        except DDKitError as e:
+            raise keyed("evaluate.overrides.fkd_store", e) from None
+        return
+    if cfg.relabel.check(data.num_classes, data.name) and protocol.loss != "kl":
+        raise ConfigError(f"relabel.top_k = {cfg.relabel.top_k} stores top-k logits, which only train with loss 'kl', "
+                          f"but the fkd protocol uses loss {protocol.loss!r}; set relabel.top_k: null (dense labels) or "
+                          "evaluate.overrides.loss: kl")
+
+
+_STAGE_DIRS = ("teacher", "distilled", "labels")  # atomic_dir refuses these when they hold something else
 _RUN_FILES = ("config.json", "manifest.json", "report", "eval-*.json")
 
 
@@ -379,7 +412,16 @@ def run(
     else:
         distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
 
-    for protocol in cfg.evaluate.protocols():
+    protocols = cfg.evaluate.protocols()
+    store = None
+    if cfg.evaluate.makes_store:
+        store = out / "labels"
+        epochs = next(p for p in protocols if p.label_mode == "fkd").train.epochs
+        if relabel_stage(store, distilled, teacher, cfg.relabel, epochs, device, pf("relabel")):
+            summary["reused"].append("labels")
+        protocols = cfg.evaluate.protocols(fkd_store=str(store))
+
+    for protocol in protocols:
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
                            "teacher": teacher.fingerprint if teacher is not None else None, **protocol_inputs(protocol)})
@@ -400,11 +442,33 @@ def run(
         manifest.update({"dataset": {"name": data.name, "fingerprint": data.fingerprint},
                          "teacher_accuracy": summary.get("teacher_accuracy"), "reused": summary["reused"],
                          "stages": {"teacher": "teacher" if teacher is not None else None, "distilled": "distilled",
-                                    "evaluations": [f"eval-{p.label_mode}.json" for p in cfg.evaluate.protocols()],
+                                    "labels": "labels" if store is not None else None,
+                                    "evaluations": [f"eval-{p.label_mode}.json" for p in protocols],
                                     "report": "report"},
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)
     return summary
+
+
+def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: RelabelSpec, protocol_epochs: int,
+                  device, progress: Callable[[int, int, dict], None] | None = None) -> bool:
+    """Make ``distilled``'s FKD store at ``path`` (:meth:`RelabelSpec.make`; finished epochs survive a kill
+    in a hidden ``.<name>.partial`` beside it), unless the store there has these settings for this set
+    and teacher. Returns whether it was reused."""
+    key = spec.key(distilled, teacher, protocol_epochs)
+    work = path.parent / f".{path.name}.partial"
+    found = (path / "manifest.json").is_file() and read_json(path / "manifest.json").get("config_hash") == key
+    if ddist.broadcast_object(found):  # rank 0's decision on every rank: relabel is a collective
+        if ddist.current().is_main:  # a kill between the save and the removal below leaves them
+            shutil.rmtree(work, ignore_errors=True)
+        return True
+    store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work)
+    store.manifest["config_hash"] = key
+    if ddist.current().is_main:
+        store.save(path)
+        shutil.rmtree(work, ignore_errors=True)
+    ddist.barrier()
+    return False
 
 
 def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:

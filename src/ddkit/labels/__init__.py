@@ -5,6 +5,6 @@
   training time independently of batch size and order.
 """
 
-from ddkit.labels.fkd import Replay, SoftLabelStore, relabel, render, train_with_store
+from ddkit.labels.fkd import RelabelSpec, Replay, SoftLabelStore, relabel, render, train_with_store
 
-__all__ = ["Replay", "SoftLabelStore", "relabel", "render", "train_with_store"]
+__all__ = ["RelabelSpec", "Replay", "SoftLabelStore", "relabel", "render", "train_with_store"]

@@ -69,8 +69,8 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import config_hash, is_count
-from ddkit.data.augment import CutMix, Params, build_augment, check_cutmix, slice_params
+from ddkit.config import config_hash, field, is_count, keyed, to_dict
+from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
@@ -559,6 +559,74 @@ def relabel(
     store = SoftLabelStore(tensors, manifest)
     log.info("relabelled %d images x %d epochs: %d label bytes", n, epochs, store.nbytes)
     return store
+
+
+@dataclass
+class RelabelSpec:
+    """How ``run`` and ``bench`` make a distilled set's FKD store for label mode ``fkd``: the settings
+    of :func:`relabel` as a config section (``relabel:``)."""
+
+    epochs: int | None = field(None, help="stored epochs (None: the protocol's training epochs)")
+    augment: str = field("rrc_flip", help="augmentation of each stored view (SRe2L/RDED: rrc_flip)")
+    augment_options: dict = field({}, help="options of the augmentation, e.g. {scale_min: 0.08}")
+    cutmix_prob: float = field(1.0, help="per-image CutMix probability (0: off)")
+    cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")
+    top_k: int | None = field(None, help="keep only the k largest logits per view (None: all, fp16)")
+    seed: int = field(0, seed=True, help="seed of the views")
+    teacher_bn: TeacherBN = field("running", help="teacher BatchNorm: running statistics, or batch: statistics of "
+                                  "groups of views (CV-DD's batch-specific soft labels)")
+    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all views of an epoch)")
+
+    def __post_init__(self) -> None:
+        check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+        # what relabel would refuse only once a run or bench reaches it (teachers and sets made)
+        if self.epochs is not None and self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")
+        check_cutmix(self.cutmix_prob, self.cutmix_alpha)
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 (or null: all logits), got {self.top_k}")
+
+    def identity(self) -> dict:
+        """Every field; the BatchNorm mode only when not running, so cell and store keys of
+        benches written before it existed stay valid."""
+        return omit_running_bn(to_dict(self, identity=True))
+
+
+    def check_augment(self, where: str = "relabel") -> None:
+        """Refuse an augmentation or option that relabel cannot build, naming the key under ``where``."""
+        key = f"{where}.augment_options" if self.augment in AUGMENTS else f"{where}.augment"
+        try:
+            build_augment(self.augment, **self.augment_options)
+        except DDKitError as e:
+            raise keyed(key, e) from None
+
+    def check(self, num_classes: int, dataset: str, where: str = "relabel") -> bool:
+        """Refuse, naming the key under ``where``, what :func:`relabel` would refuse only once it starts:
+        an augmentation or option it cannot build, a ``top_k`` outside ``dataset``'s ``num_classes``.
+        Returns whether the labels are stored top-k (fewer than all classes), which train only with
+        the kl loss."""
+        self.check_augment(where)
+        if self.top_k is None:
+            return False
+        if not 1 <= self.top_k <= num_classes:
+            raise ConfigError(f"{where}.top_k must lie in [1, {num_classes}] (dataset {dataset!r} has {num_classes} "
+                              f"classes) or be null (all logits), got {self.top_k}")
+        return self.top_k < num_classes  # all classes: stored dense
+
+    def key(self, distilled, teacher, protocol_epochs: int) -> str:
+        """Identity of the store :meth:`make` would make: these settings, the epochs, the set's
+        ``config_hash`` and the teacher's fingerprint (a stage whose stored key matches is reused)."""
+        return config_hash({"relabel": self.identity(), "epochs": self.epochs or protocol_epochs,
+                            "set": distilled.manifest.get("config_hash"), "teacher": teacher.fingerprint})
+
+    def make(self, distilled, teacher, protocol_epochs: int, device: str | torch.device = "cpu",
+             progress: Callable[[int, int, dict], None] | None = None,
+             work_dir: str | Path | None = None) -> SoftLabelStore:
+        """The store of ``distilled`` by ``teacher`` with these settings (:func:`relabel`): ``epochs``
+        views per image, or ``protocol_epochs`` (the training epochs of the protocol that replays it)."""
+        return relabel(distilled, teacher, self.epochs or protocol_epochs, self.augment, dict(self.augment_options),
+                       self.cutmix_prob, self.seed, self.top_k, device, progress, cutmix_alpha=self.cutmix_alpha,
+                       work_dir=work_dir, teacher_bn=self.teacher_bn, teacher_bn_batch=self.teacher_bn_batch)
 
 
 def train_with_store(
