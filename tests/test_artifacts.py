@@ -132,6 +132,20 @@ def test_load_errors(tiny, tmp_path):
         ddkit.load(path)
 
 
+@pytest.mark.parametrize("path", [5, None, b"runs/set", ["runs/set"]])
+def test_load_refuses_a_path_that_is_no_str_or_path(path):
+    """ddkit.load(5) said "expected str, bytes or os.PathLike object, not int" (a TypeError from pathlib)."""
+    with pytest.raises(DDKitError) as err:
+        ddkit.load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"the distilled-set path must be a folder path (str or Path), got {type(path).__name__} {path!r}")
+    assert "pass the folder of a distilled-set artifact" in msg and "\n" not in msg
+    from ddkit.teacher import Teacher
+
+    with pytest.raises(DDKitError, match=r"^the teacher path must be a folder path \(str or Path\), got int 3;"):
+        Teacher.load(3)
+
+
 def test_damaged_distilled_manifest_is_a_one_line_error(tiny, tmp_path, capsys):
     """A manifest without (or with a mistyped) dataset classes, mean, std, method or ipc used to load and
     then crash `ddkit export` / `ddkit evaluate` with a KeyError or TypeError."""

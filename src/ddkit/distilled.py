@@ -151,7 +151,7 @@ class DistilledSet(DescribesDataset, Dataset):
 
     @classmethod
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND, require={
             "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
             "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})

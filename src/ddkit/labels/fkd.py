@@ -345,7 +345,7 @@ class SoftLabelStore:
 
     @classmethod
     def load(cls, path: str | Path) -> SoftLabelStore:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         man = read_manifest(path, KIND, require={
             "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
             "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,

@@ -541,7 +541,7 @@ def train_experts(
 def read_experts_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the expert buffer at ``path``, checked for every field :func:`load_experts` reads
     (the files are not opened)."""
-    path = artifact_folder(path)
+    path = artifact_folder(path, KIND)
     manifest = read_manifest(path, KIND, require={
         "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
         "dataset.image_shape": list, "dataset.fingerprint": str, "model": dict, "model.name": str,
@@ -555,7 +555,7 @@ def read_experts_manifest(path: str | Path) -> dict[str, Any]:
 
 def load_experts(path: str | Path) -> ExpertBuffer:
     """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
-    path = artifact_folder(path)
+    path = artifact_folder(path, KIND)
     manifest = read_experts_manifest(path)
     trajectories = []
     want = (manifest["epochs"] + 1, manifest["num_params"])

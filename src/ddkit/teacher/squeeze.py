@@ -127,7 +127,7 @@ class Teacher(DescribesDataset):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND, require={"model.name": str, "model.input_shape": list, "model.options": dict,
                                                       "dataset.classes": list, "weights_sha": str})
         m = manifest["model"]
