@@ -52,7 +52,7 @@ from ddkit.artifacts import (
     versions,
     write_json,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import AUGMENTS, build_augment, check_cutmix
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -86,7 +86,7 @@ StageProgress = Callable[[str, int, int], None]  # (what, done, total) inside a 
 
 
 @dataclass
-class MethodSpec:
+class MethodSpec(Checked):
     """One method of the matrix with its own options."""
 
     name: str = field("random", help="registered method key (`ddkit list methods`)")
@@ -108,7 +108,7 @@ class MethodSpec:
 
 
 @dataclass
-class RelabelSpec:
+class RelabelSpec(Checked):
     """FKD-style stored soft labels made for every distilled set of a ``fkd`` label-mode cell."""
 
     epochs: int | None = field(None, help="stored epochs (None: the protocol's training epochs)")
@@ -138,7 +138,7 @@ class RelabelSpec:
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Checked):
     """A benchmark matrix (``ddkit bench CONFIG``)."""
 
     datasets: list[str | DatasetConfig] = field(["synthetic"], help="dataset keys or dataset sections")

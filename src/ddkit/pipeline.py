@@ -28,7 +28,7 @@ from ddkit.artifacts import (
     write_json,
     write_text,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
@@ -47,7 +47,7 @@ RUN_KIND = "pipeline-run"  # the manifest.json `run` writes beside config.json o
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Checked):
     """Which method makes the distilled set."""
 
     method: str = field("random", help="registered method key (`ddkit list methods`)")
@@ -70,7 +70,7 @@ class DistillConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """How the distilled set is evaluated."""
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
@@ -95,7 +95,7 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """A whole pipeline run (``ddkit run CONFIG``)."""
 
     dataset: DatasetConfig = field(factory=DatasetConfig, help="the real dataset")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddkit.config import apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.config import Checked, apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -24,7 +24,7 @@ FKD_STORE_MARK = "<keyed by the store's content>"
 
 
 @dataclass
-class ProtocolConfig:
+class ProtocolConfig(Checked):
     """How students are trained and tested."""
 
     student: str = field("convnet3", help="student model key (`ddkit list models`)")

@@ -1,6 +1,7 @@
 """What every distillation method shares: the registry, the output container and the fit context.
 
-A method is one class in one file: a ``Config`` dataclass, ``__init__(cfg)`` that only stores it,
+A method is one class in one file: a ``Config`` dataclass (derived from :class:`ddkit.config.Checked`,
+so that one built in Python is type-checked as YAML is), ``__init__(cfg)`` that only stores it,
 and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``. Register it with
 ``@METHODS.register("key")``.
 """

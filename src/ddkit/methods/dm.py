@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.config import field, to_dict
+from ddkit.config import Checked, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.determinism import seeded_cpu_rng
@@ -208,7 +208,7 @@ def dm_loss(embed_real: torch.Tensor, embed_syn: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DMConfig:
+class DMConfig(Checked):
     """Distribution Matching settings (defaults: the reference ``main_DM.py`` for ConvNet)."""
 
     iterations: int = field(20000, help="image updates, each with a freshly initialised network (paper: 20000)")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import distributed as ddist
-from ddkit.config import field
+from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DataError, DDKitError
@@ -24,7 +24,7 @@ AUTO_FACTOR2_MIN_SIDE = 128
 
 
 @dataclass
-class RDEDConfig:
+class RDEDConfig(Checked):
     """RDED settings; defaults are the reference repository's scripts (LINs-lab/RDED, ``scripts/``)."""
 
     mipc: int = field(300, help="real images drawn per class as crop sources (reference: 300); capped at the class size")

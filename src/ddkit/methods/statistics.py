@@ -59,7 +59,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
@@ -547,7 +547,7 @@ def densification_loss(inputs: torch.Tensor, labels: torch.Tensor, tau: float) -
 
 
 @dataclass
-class RecoverConfig:
+class RecoverConfig(Checked):
     """Settings shared by every recover-style method (each method overrides the defaults)."""
 
     iterations: int = field(1000, help="optimisation steps per batch of synthetic images")

@@ -83,7 +83,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, to_dict
+from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
@@ -100,7 +100,7 @@ GradientMode = Literal["unroll", "exact", "first_order"]
 
 
 @dataclass
-class ExpertConfig:
+class ExpertConfig(Checked):
     """How to train an expert trajectory buffer (defaults: MTT's ``buffer.py``)."""
 
     model: str = field("convnet3", help="registered model key of the experts (and of the student)")

@@ -33,7 +33,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, is_count, to_dict
+from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
@@ -52,7 +52,7 @@ def _teacher_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Checked):
     """How to make a teacher."""
 
     model: str = field("convnet3", help="registered model key (`ddkit list models`)")
