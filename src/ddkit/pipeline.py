@@ -38,7 +38,14 @@ from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
-from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
+from ddkit.teacher import (
+    Teacher,
+    TeacherConfig,
+    as_teacher,
+    check_teacher,
+    saved_teacher,
+    train_teacher,
+)
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -119,16 +126,18 @@ def distill(
     cfg: DistillConfig,
     dataset_cfg: DatasetConfig,
     out: str | Path | None,
-    teacher: Teacher | None = None,
+    teacher: Teacher | str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
     run_config: dict | None = None,
     before_save: Callable[[DistilledSet], None] | None = None,
 ) -> DistilledSet:
-    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``before_save(set)``
-    is called (by the process that saves) once the set is made, before it is saved."""
+    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
+    :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
+    saves) once the set is made, before it is saved."""
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
+    teacher = as_teacher(teacher, device)
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
     if teacher is not None:

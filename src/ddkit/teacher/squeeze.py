@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,17 @@ class _MeanLogits(nn.Module):
             z = w * m(x)
             out = z if out is None else out + z
         return out
+
+
+def as_teacher(teacher: Teacher | str | Path | None, device: str | torch.device = "cpu") -> Teacher | None:
+    """``teacher`` as library functions take it: a :class:`Teacher` as it is, the path (str or Path) of
+    a teacher artifact loaded onto ``device``, None as None; anything else is refused in one line."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        return Teacher.load(teacher, device)
+    raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
+                     f"{type(teacher).__name__} {teacher!r}; pass the teacher's folder or Teacher.load(folder)")
 
 
 def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None) -> Teacher:
