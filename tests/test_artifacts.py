@@ -279,6 +279,23 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
         ddkit.load(path)
 
 
+@pytest.mark.parametrize("options, fix", [
+    ({"lr_img": 100.0, "lr_lr": 1e-5}, "lower distill.options.lr_img (now 100)"),  # DC, DM, MTT, ...: the images' lr
+    ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25)"),  # SRe2L, EDC, CV-DD, ...
+    ({}, "lower the learning rate of its images in distill.options"),  # a method without such a field
+])
+def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, options, fix):
+    """The error said "lower its learning rate" without naming which setting that is."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    images = torch.full((4, *tiny.image_shape), float("nan"))
+    with pytest.raises(DDKitError) as err:
+        DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="m", method_config=options, ipc=1, seed=0,
+                           config={}, dataset_config={})
+    assert str(err.value) == f"method 'm' produced non-finite pixels (its images diverged); {fix}"
+
+
 def test_full_method_is_whole_training_set(tiny, tmp_path):
     ds = distill(tiny, DistillConfig(method="full"), DatasetConfig(name="synthetic"), tmp_path / "full")
     assert torch.equal(ds.images, tiny.train.images) and ds.ipc is None
