@@ -40,6 +40,8 @@ class FitContext:
     device: torch.device = torch.device("cpu")
     work_dir: Path | None = None  # for checkpoints that let an interrupted fit resume
     progress: Callable[[int, int, dict], None] | None = None
+    # the config key of the method's options, which its errors name (a method run by another: a key inside its)
+    options_key: str = "distill.options"
 
     def __post_init__(self) -> None:
         use_deterministic_cuda(self.device)

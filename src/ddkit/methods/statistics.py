@@ -731,7 +731,8 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
         raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; use init: real")
     cls = METHODS.get("rded")
     sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
-                     work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None)
+                     work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None,
+                     options_key=f"{ctx.options_key}.rded_options")
     out = cls(from_dict(cls.Config, dict(cfg.rded_options), "rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
     imgs = out.images[order]
