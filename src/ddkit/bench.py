@@ -217,10 +217,13 @@ class BenchConfig(Checked):
                 if not m.soft_labels and own is None and m.key not in unlabelled:
                     unlabelled.append(m.key)
                 if m.soft_labels and own is not None:
-                    clashes.setdefault(m.key, own)
+                    clashes.setdefault(m.key, (own, cls.own_soft_labels_off(own)))
         if clashes:  # the pipeline would refuse them only when the bench reaches their cell
-            raise ConfigError(f"methods {sorted(clashes)} label their images themselves ({'; '.join(sorted(set(clashes.values())))}) "
-                              "and soft_labels: true would overwrite that with the teacher's logits; drop soft_labels on them")
+            keys = sorted(clashes)
+            raise ConfigError(
+                f"methods {keys} label their images themselves ({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), "
+                "and their soft_labels: true would overwrite that with the teacher's logits; drop soft_labels: true on them, "
+                f"or set {' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
         if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
                               "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")

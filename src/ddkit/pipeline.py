@@ -144,8 +144,9 @@ def distill(
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
-        raise ConfigError(f"method {cfg.method!r} labels its images itself ({own}), and soft_labels would overwrite "
-                          f"them with the teacher's logits; drop soft_labels / --soft-labels, or turn off {own.split(':')[0]}")
+        raise ConfigError(f"method {cfg.method!r} labels its images itself (distill.options.{own}), and distill.soft_labels "
+                          "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
+                          f"distill.soft_labels: true, or set distill.options.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 
@@ -73,8 +73,21 @@ class Method:
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         """The option that makes this method label its images itself (learned, expert or committee
-        logits), or None; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite them."""
+        logits) as ``"<option>: <value>"``, or None; the pipeline's ``soft_labels`` (the teacher's
+        logits) would overwrite them."""
         return None
+
+    @classmethod
+    def own_soft_labels_off(cls, own: str) -> str:
+        """The setting that turns off the method's own labels that ``own`` (from :meth:`own_soft_labels`)
+        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none."""
+        option = own.split(":")[0].strip()
+        hint = get_type_hints(cls.Config).get(option)
+        if hint is bool:
+            return f"{option}: false"
+        if "none" in get_args(hint):
+            return f"{option}: none"
+        raise AssertionError(f"{cls.__name__}: own_soft_labels names {option!r}, which has no off setting")
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError
