@@ -137,9 +137,9 @@ def distill(
     saves) once the set is made, before it is saved."""
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
-    teacher = as_teacher(teacher, device)
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
+    teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)

@@ -87,7 +87,7 @@ class Method:
             return f"{option}: false"
         if "none" in get_args(hint):
             return f"{option}: none"
-        raise AssertionError(f"{cls.__name__}: own_soft_labels names {option!r}, which has no off setting")
+        return f"{option} to a value that leaves the labels to the pipeline"
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError
