@@ -166,6 +166,20 @@ def test_load_errors(tiny, tmp_path):
         ddkit.load(path)
 
 
+@pytest.mark.parametrize("path", [5, None, b"runs/set", ["runs/set"]])
+def test_load_refuses_a_path_that_is_no_str_or_path(path):
+    """ddkit.load(5) said "expected str, bytes or os.PathLike object, not int" (a TypeError from pathlib)."""
+    with pytest.raises(DDKitError) as err:
+        ddkit.load(path)
+    msg = str(err.value)
+    assert msg.startswith(f"the distilled-set path must be a folder path (str or Path), got {type(path).__name__} {path!r}")
+    assert "pass the folder of a distilled-set artifact" in msg and "\n" not in msg
+    from ddkit.teacher import Teacher
+
+    with pytest.raises(DDKitError, match=r"^the teacher path must be a folder path \(str or Path\), got int 3;"):
+        Teacher.load(3)
+
+
 def test_damaged_distilled_manifest_is_a_one_line_error(tiny, tmp_path, capsys):
     """A manifest without (or with a mistyped) dataset classes, mean, std, method or ipc used to load and
     then crash `ddkit export` / `ddkit evaluate` with a KeyError or TypeError."""
@@ -297,6 +311,23 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
     (path / "manifest.json").write_text(json.dumps(["not", "an", "object"]))
     with pytest.raises(DDKitError, match="is not a JSON object; re-create the distilled-set artifact"):
         ddkit.load(path)
+
+
+@pytest.mark.parametrize("options, fix", [
+    ({"lr_img": 100.0, "lr_lr": 1e-5}, "lower distill.options.lr_img (now 100)"),  # DC, DM, MTT, ...: the images' lr
+    ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25)"),  # SRe2L, EDC, CV-DD, ...
+    ({}, "lower the learning rate of its images in distill.options"),  # a method without such a field
+])
+def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, options, fix):
+    """The error said "lower its learning rate" without naming which setting that is."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    images = torch.full((4, *tiny.image_shape), float("nan"))
+    with pytest.raises(DDKitError) as err:
+        DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="m", method_config=options, ipc=1, seed=0,
+                           config={}, dataset_config={})
+    assert str(err.value) == f"method 'm' produced non-finite pixels (its images diverged); {fix}"
 
 
 def test_full_method_is_whole_training_set(tiny, tmp_path):

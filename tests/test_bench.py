@@ -619,7 +619,9 @@ def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"\['datm'\] store none"):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"],
                  methods=[{"name": "random", "soft_labels": True}, {**datm, "options": {**DATM.smoke_options, "learn_labels": False}}])
-    with pytest.raises(ConfigError, match=r"methods \['datm'\] label their images themselves \(learn_labels"):
+    with pytest.raises(ConfigError, match=r"methods \['datm'\] label their images themselves \(datm: options.learn_labels: "
+                                          r"true\), and their soft_labels: true would overwrite that with the teacher's logits; "
+                                          r"drop soft_labels: true on them, or set methods\[datm\].options.learn_labels: false$"):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["hard"], methods=["random", {**datm, "soft_labels": True}])
     assert not (tmp_path / "bad").exists()  # refused at load, before any cell ran
     cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["hard", "stored"], overrides={

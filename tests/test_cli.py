@@ -334,6 +334,19 @@ def test_diverged_teacher_and_experts_fail_and_save_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no artifact, no resume file, no partial folder
 
 
+def test_distill_full_refuses_ipc(tmp_path, capsys):
+    """--method full --ipc 3 silently kept all the data, as if --ipc had not been given."""
+    out = tmp_path / "full"
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "full", "--ipc", "3", "--out", str(out), "-q"],
+                           capsys)
+    assert code == 2 and err == ("error: --ipc 3 does not apply to method 'full', which keeps every training image; "
+                                 "drop --ipc (or pick another method)\n")
+    assert list(tmp_path.iterdir()) == []
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "full", "--out", str(out), "-q"], capsys)
+    man = json.loads((out / "manifest.json").read_text())
+    assert code == 0 and man["ipc"] is None and man["num_images"] == 96, err
+
+
 def test_a_failed_distill_leaves_no_checkpoints_in_the_way(tmp_path, capsys):
     """A method that diverged left its checkpoints in the hidden work folder, and the corrected re-run
     then stopped on them ("written by a run with other settings")."""
@@ -341,7 +354,7 @@ def test_a_failed_distill_leaves_no_checkpoints_in_the_way(tmp_path, capsys):
     cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
            "--out", str(out), "-q"]
     code, _, err = run_cli([*cmd, "--set", "distill.options.lr_img=1e30"], capsys)
-    assert code == 2 and "non-finite pixels" in err
+    assert code == 2 and err == "error: method 'dm' produced non-finite pixels (its images diverged); lower distill.options.lr_img (now 1e+30)\n"
     assert list(tmp_path.iterdir()) == []
     assert run_cli(cmd, capsys)[0] == 0 and json.loads((out / "manifest.json").read_text())["method"]["name"] == "dm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dm"]

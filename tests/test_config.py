@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,79 @@ def test_validation_in_post_init():
         from_dict(TrainConfig, {"epochs": 0})
     with pytest.raises(ConfigError, match="label_mode 'hard' needs loss 'ce'"):
         from_dict(ProtocolConfig, {"loss": "kl"})
+
+
+def test_configs_built_in_python_check_their_field_types():
+    """DistillConfig(ipc="2") was accepted and failed later; ipc=True was taken as 1."""
+    from ddkit.data.augment import RandomResizedCropFlip
+    from ddkit.pipeline import DistillConfig
+
+    with pytest.raises(ConfigError, match=r"^DistillConfig.ipc: expected an integer, got '2'$"):
+        DistillConfig(ipc="2")
+    with pytest.raises(ConfigError, match=r"^DistillConfig.ipc: expected an integer, got True$"):
+        DistillConfig(ipc=True)
+    with pytest.raises(ConfigError) as err:  # every wrong field at once, on one line
+        TrainConfig(lr="fast", epochs=2.5, optimizer="sgdd")
+    assert str(err.value) == ("TrainConfig.epochs: expected an integer, got 2.5; TrainConfig.optimizer: 'sgdd' is not one "
+                              "of ['sgd', 'adam', 'adamw']; did you mean 'sgd'?; TrainConfig.lr: expected a number, got 'fast'")
+    with pytest.raises(ConfigError, match=r"DistillConfig.seed: seeds must lie in \[0, 2\^32\), got -1"):
+        DistillConfig(seed=-1)
+    with pytest.raises(ConfigError, match=r"ProtocolConfig.train: expected a mapping for TrainConfig, got 'fast'"):
+        ProtocolConfig(train="fast")
+    with pytest.raises(ConfigError, match=r"RandomResizedCropFlip.ratio: expected a list of 2 values"):
+        RandomResizedCropFlip(ratio=(0.5,))  # a frozen dataclass is checked too
+    assert DistillConfig(ipc=None, method="full").ipc is None
+
+
+def test_configs_built_in_python_store_values_as_from_dict_does():
+    from ddkit.data.augment import RandomResizedCropFlip
+    from ddkit.pipeline import DistillConfig
+
+    built = TrainConfig(lr=1, epochs=3)  # an int for a float, as YAML writes it
+    assert built.lr == 1.0 and isinstance(built.lr, float) and isinstance(from_dict(TrainConfig, {"lr": 1}).lr, float)
+    assert config_hash(built) == config_hash(from_dict(TrainConfig, {"lr": 1, "epochs": 3}))
+    assert RandomResizedCropFlip(ratio=[0.5, 2]).ratio == (0.5, 2.0)
+    run = RunConfig(distill={"method": "random", "ipc": 2})  # a mapping for a nested config becomes that config
+    assert isinstance(run.distill, DistillConfig) and run.distill.ipc == 2
+    with pytest.raises(ConfigError, match=r"unknown config key 'RunConfig.distill.ipcs'; did you mean 'ipc'\?"):
+        RunConfig(distill={"ipcs": 2})
+    assert to_dict(from_dict(RunConfig, to_dict(RunConfig()))) == to_dict(RunConfig())
+
+
+def _wrong_value(tp):
+    return {int: "2", float: "fast", bool: 1, str: 3}.get(tp)
+
+
+def _checked_config_classes():
+    import dataclasses
+
+    import ddkit.data.augment as augment
+    from ddkit.bench import BenchConfig, MethodSpec, RelabelSpec
+    from ddkit.methods import METHODS
+    from ddkit.methods.trajectory import ExpertConfig
+    from ddkit.pipeline import DistillConfig, EvalConfig
+
+    classes = {METHODS.get(m).Config for m in METHODS.list()} | {
+        RunConfig, DistillConfig, EvalConfig, TeacherConfig, TrainConfig, ProtocolConfig, ExpertConfig, BenchConfig,
+        MethodSpec, RelabelSpec, *[c for c in augment.AUGMENTS.values() if c is not None]}
+    assert all(dataclasses.is_dataclass(c) for c in classes)
+    return sorted(classes, key=lambda c: c.__name__)
+
+
+@pytest.mark.parametrize("cls", _checked_config_classes(), ids=lambda c: c.__name__)
+def test_every_config_class_checks_the_types_of_python_arguments(cls):
+    """Each registered method's Config and every pipeline config refuses a wrong type with a ConfigError
+    naming the field (not a TypeError from its own checks, nor silent acceptance)."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    scalar = [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if _wrong_value(hints[f.name]) is not None]
+    assert scalar or not dataclasses.fields(cls), f"{cls.__name__}: no plain int/float/bool/str field to try"
+    for name, tp in scalar:
+        bad = _wrong_value(tp)
+        with pytest.raises(ConfigError, match=rf"^{cls.__name__}.{name}: expected .*, got {re.escape(repr(bad))}$"):
+            cls(**{name: bad})
 
 
 def test_partial_nested_section_keeps_parent_defaults():

@@ -453,6 +453,9 @@ def test_edc_init_from_rded(data, bn_teacher, tmp_path):
     assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and torch.isfinite(out.images).all()
     real_init = _run("edc", data, [bn_teacher], ipc=2, **{**opts, "init": "real"})
     assert not torch.equal(out.images, real_init.images)
+    # rded's errors name its settings inside edc's options
+    with pytest.raises(ConfigError, match=r"raise distill.options.rded_options.mipc to at least 2, or lower --ipc$"):
+        _run("edc", data, [bn_teacher], ipc=2, **{**opts, "rded_options": {"mipc": 1, "num_crop": 2}})
 
 
 @pytest.mark.slow

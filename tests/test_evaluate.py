@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import twice_at_once
 from ddkit.data.base import DatasetConfig, make_synthetic
@@ -239,3 +240,53 @@ def test_data_with_other_classes_is_named_before_its_fingerprint(setup, tiny_pro
     other = make_synthetic(num_classes=data.num_classes, seed=9)
     with pytest.raises(DDKitError, match="but the loaded data has .*; point dataset.path at the same files"):
         evaluate(ds, tiny_protocol, [0], data=other)
+
+
+def test_distill_and_evaluate_take_a_teacher_folder(setup, tiny_protocol, tmp_path):
+    """distill(..., teacher="/path/to/teacher") failed with "'str' object has no attribute 'check_compatible'"."""
+    from pathlib import Path
+
+    data, teacher, ds, _ = setup
+    cfg = DistillConfig(method="random", ipc=4, soft_labels=True)
+    for given in (str(teacher.path), Path(teacher.path)):
+        by_path = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / f"by-{type(given).__name__}", given)
+        assert by_path.manifest["teacher"] == {"path": str(teacher.path), "weights_sha": teacher.fingerprint}
+        assert torch.equal(by_path.soft_labels, ds.soft_labels)  # the same logits as from the loaded teacher
+    for bad in (5, ["t"]):
+        with pytest.raises(DDKitError) as err:
+            distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "bad", bad)
+        assert str(err.value) == (f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
+                                  f"{type(bad).__name__} {bad!r}; pass the teacher's folder or Teacher.load(folder)")
+        assert not (tmp_path / "bad").exists()
+    stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False})
+    rep = evaluate(ds, stored, [0], data=data, teacher=str(teacher.path))
+    assert rep["teacher"]["weights_sha"] == teacher.fingerprint
+    with pytest.raises(DDKitError, match=r"^teacher must be a Teacher or the folder path .*, got int 3;"):
+        evaluate(ds, stored, [0], data=data, teacher=3)
+
+
+def test_evaluate_takes_a_protocol_preset_name_or_yaml_file(setup, tiny_protocol, tmp_path):
+    """evaluate(path, "dc-protocol") failed with "'str' object has no attribute 'label_mode'"."""
+    import yaml
+
+    from ddkit.config import to_dict
+    from ddkit.errors import ConfigError
+
+    data, _, ds, _ = setup
+    quick = resolve_protocol(tiny_protocol, {"full_reference": False, "random_baseline": False})
+    path = tmp_path / "quick.yaml"
+    path.write_text(yaml.safe_dump(to_dict(quick)))
+    want = evaluate(ds, quick, [0], data=data)["results"]
+    for spec in (str(path), path):
+        rep = evaluate(ds, spec, [0], data=data)
+        assert rep["protocol_hash"] == quick.hash and rep["results"] == want
+    # a preset name is resolved: the run gets as far as the data check (no training needed to show it)
+    with pytest.raises(DDKitError, match="but the loaded data has"):
+        evaluate(ds, "dc-protocol", [0], data=make_synthetic(num_classes=data.num_classes, seed=9))
+    with pytest.raises(DDKitError, match=r"unknown protocol 'dc-protocl'; did you mean 'dc-protocol'\?"):
+        evaluate(ds, "dc-protocl", [0], data=data)
+    for bad in (5, None, ["dc-protocol"]):
+        with pytest.raises(ConfigError) as err:
+            evaluate(ds, bad, [0], data=data)
+        assert str(err.value) == (f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML "
+                                  f"file's path, got {type(bad).__name__} {bad!r}; pass one of them, e.g. 'dc-protocol'")

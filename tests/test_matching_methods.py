@@ -261,6 +261,37 @@ def test_trajectory_window_beyond_the_buffer_fails_before_training_experts():
     assert from_dict(DATMConfig, {"experts": "somewhere", "max_start_epoch": 60}).max_start_epoch == 60
 
 
+@pytest.mark.parametrize("key", ["dm", "dc", "datadam"])
+def test_a_model_too_deep_for_the_images_names_its_option(data, key, tmp_path):
+    """"image size 16 is too small for a depth-5 ConvNet" did not say which setting made the ConvNet."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    cfg = DistillConfig(method=key, ipc=1, options={"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1})
+    with pytest.raises(ConfigError) as err:
+        distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set")
+    assert str(err.value) == ("distill.options.model_options: image size 16 is too small for a depth-5 ConvNet with "
+                              "pooling: 5 poolings need at least 32 px; use a smaller depth (at most 4) or pooling='none'")
+    assert list(tmp_path.iterdir()) == []  # no set, no checkpoints
+
+
+def test_an_expert_model_too_deep_for_the_images_names_the_buffer_option(data, tmp_path, monkeypatch):
+    from ddkit.data.base import DatasetConfig
+    from ddkit.methods.trajectory import ExpertConfig, train_experts
+    from ddkit.pipeline import DistillConfig, distill
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    buffer = {"model": "convnetd5", "num_experts": 1, "epochs": 2}
+    cfg = DistillConfig(method="mtt", ipc=1, options={"buffer": buffer, "expert_epochs": 1, "max_start_epoch": 1})
+    with pytest.raises(ConfigError, match=r"^distill.options.buffer.model_options: image size 16 is too small for a "
+                                          r"depth-5 ConvNet .*; use a smaller depth \(at most 4\) or pooling='none'$"):
+        distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set")
+    assert not (tmp_path / "set").exists()
+    with pytest.raises(ConfigError, match=r"^experts.model_options: image size 16 is too small"):  # `ddkit experts`
+        train_experts(data, ExpertConfig(**buffer), tmp_path / "buffer")
+    assert not (tmp_path / "buffer").exists()
+
+
 @pytest.mark.parametrize("key", ["dc", "dsa"])
 def test_gradient_matching_freezes_batchnorm_from_real_images(data, key, monkeypatch):
     """For a BatchNorm network (the reference's BN_flag), the running statistics are set by one

@@ -9,6 +9,7 @@ import re
 
 import pytest
 import torch
+import yaml
 
 import ddkit
 from ddkit.config import from_dict, to_dict
@@ -65,7 +66,10 @@ def test_method_contract(name, data, teacher, tmp_path):
     own = METHODS.get(name).own_soft_labels(from_dict(METHODS.get(name).Config, dict(METHODS.get(name).smoke_options)))
     if own is not None:
         assert out.soft_labels is not None, f"{name} says {own} makes soft labels but made none"
-        with pytest.raises(ConfigError, match=re.escape(f"labels its images itself ({own})")):
+        off = METHODS.get(name).own_soft_labels_off(own)
+        with pytest.raises(ConfigError, match=re.escape(
+                f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) would overwrite "
+                f"them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or set distill.options.{off}")):
             distill(data, DistillConfig(method=name, ipc=IPC, soft_labels=True, options=dict(METHODS.get(name).smoke_options)),
                     DatasetConfig(name="synthetic"), tmp_path / "own", teacher)
         assert not (tmp_path / "own").exists()
@@ -75,6 +79,17 @@ def test_methods_that_label_their_images_say_so():
     assert {m for m in METHODS.list() if METHODS.get(m).own_soft_labels(
         from_dict(METHODS.get(m).Config, dict(METHODS.get(m).smoke_options))) is not None} == {"tesla", "datm", "cvdd"}
     assert METHODS.get("datm").own_soft_labels(from_dict(METHODS.get("datm").Config, {"learn_labels": False})) is None
+
+
+def test_the_setting_that_turns_off_a_methods_own_labels():
+    """The refusal said "turn off soft_labels", easily read as the pipeline's soft_labels / --soft-labels."""
+    offs = {}
+    for name in ("tesla", "datm", "cvdd"):
+        cls = METHODS.get(name)
+        own = cls.own_soft_labels(from_dict(cls.Config, dict(cls.smoke_options)))
+        offs[name] = cls.own_soft_labels_off(own)
+        assert cls.own_soft_labels(from_dict(cls.Config, {**cls.smoke_options, **yaml.safe_load(offs[name])})) is None
+    assert offs == {"tesla": "soft_labels: none", "datm": "learn_labels: false", "cvdd": "soft_labels: none"}
 
 
 @pytest.mark.parametrize("name", [m for m in METHODS.list() if m not in ("full", "random")])

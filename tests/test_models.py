@@ -135,8 +135,11 @@ def test_image_too_small():
         DDKitError, match="image size 28 is too small for a depth-5 ConvNet.*at least 32 px"
     ):
         create_model("convnetd5", 1, 10, 28)
-    with pytest.raises(DDKitError, match="image size 4 is too small for a depth-3 ConvNet"):
+    with pytest.raises(DDKitError, match=r"image size 4 is too small for a depth-3 ConvNet .*use a smaller depth \(at "
+                                         r"most 2\) or pooling='none'$"):
         create_model("convnet3", 1, 10, 4)
+    with pytest.raises(DDKitError, match=r"image size 1 is too small for a depth-1 ConvNet .*; use pooling='none'$"):
+        create_model("convnet", 1, 10, 1, depth=1)
     assert create_model("convnet3", 1, 10, 8).feature_dim == 128  # 8 -> 4 -> 2 -> 1
 
 

@@ -73,10 +73,25 @@ def test_rded_pool_too_small_is_a_clear_error(data, teacher, tmp_path):
     from ddkit.errors import ConfigError
 
     # 2 images x 2^2 patches need 8 sources per class; mipc 5 draws only 5 (the classes hold more)
-    with pytest.raises(ConfigError, match=r"rded needs 8 source images per class .* but mipc is 5; raise mipc to at least 8"):
+    with pytest.raises(ConfigError, match=r"rded needs 8 source images per class .* but mipc is 5; raise "
+                                          r"distill.options.mipc to at least 8, or lower --ipc or distill.options.factor$"):
         METHODS.get("rded")(RDEDConfig(mipc=5, num_crop=2, factor=2)).fit(
             data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "w"))
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+    # the classes hold 24 images: 7 images x 2^2 patches need 28 (the message named "ipc or factor", no key)
+    counts = data.train.class_counts(data.num_classes)
+    assert int(counts.min()) == 24 and data.classes[int(counts.argmin())] == "class0"
+    with pytest.raises(DDKitError) as err:
+        METHODS.get("rded")(RDEDConfig(mipc=30, num_crop=2, factor=2)).fit(data, [teacher], FitContext(ipc=7, seed=0))
+    assert str(err.value) == ("rded needs 28 real images per class (ipc 7 x factor 2^2) but class 'class0' has 24; "
+                              "lower --ipc or distill.options.factor")
+    # run by another method (init: rded), the keys are those inside its options; with factor 1 only --ipc helps
+    with pytest.raises(ConfigError, match=r"but mipc is 1; raise distill.options.rded_options.mipc to at least 2, or "
+                                          r"lower --ipc$"):
+        METHODS.get("rded")(RDEDConfig(mipc=1, num_crop=2, factor=1)).fit(
+            data, [teacher], FitContext(ipc=2, seed=0, options_key="distill.options.rded_options"))
+    with pytest.raises(ConfigError, match=r"rded factor 17 is larger than the image side 16; lower distill.options.factor$"):
+        METHODS.get("rded")(RDEDConfig(factor=17)).fit(data, [teacher], FitContext(ipc=1, seed=0))
 
 
 def test_rded_auto_factor_follows_reference_scripts():

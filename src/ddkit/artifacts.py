@@ -370,8 +370,12 @@ def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
     }
 
 
-def artifact_folder(path: str | Path) -> Path:
-    """An artifact's folder from ``path``: the folder itself, or the folder of its ``manifest.json``."""
+def artifact_folder(path: str | Path, kind: str = "artifact") -> Path:
+    """An artifact's folder from ``path``: the folder itself, or the folder of its ``manifest.json``;
+    ``path`` of another type (a number, None) is refused naming the ``kind`` meant."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise DDKitError(f"the {kind} path must be a folder path (str or Path), got {type(path).__name__} {path!r}; "
+                         f"pass the folder of a {kind} artifact")
     path = Path(path)
     return path.parent if path.is_file() and path.name == MANIFEST else path
 
@@ -380,7 +384,7 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
     """Read and check an artifact's manifest: a JSON object of ``kind`` and a schema version this
     ddkit reads, holding every key of ``require`` (dotted paths for nested keys) with a value of
     the given type or types (``(int, type(None))``: present, an integer or null; a bool is no int)."""
-    path = artifact_folder(path)
+    path = artifact_folder(path, kind)
     if not path.exists():
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
     manifest = read_json(path / MANIFEST, what=f"{kind} manifest", mapping=False)  # checked below, naming the kind

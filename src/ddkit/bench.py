@@ -52,7 +52,7 @@ from ddkit.artifacts import (
     versions,
     write_json,
 )
-from ddkit.config import config_hash, field, from_dict, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
@@ -86,7 +86,7 @@ StageProgress = Callable[[str, int, int], None]  # (what, done, total) inside a 
 
 
 @dataclass
-class MethodSpec:
+class MethodSpec(Checked):
     """One method of the matrix with its own options."""
 
     name: str = field("random", help="registered method key (`ddkit list methods`)")
@@ -108,7 +108,7 @@ class MethodSpec:
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Checked):
     """A benchmark matrix (``ddkit bench CONFIG``)."""
 
     datasets: list[str | DatasetConfig] = field(["synthetic"], help="dataset keys or dataset sections")
@@ -187,10 +187,13 @@ class BenchConfig:
                 if not m.soft_labels and own is None and m.key not in unlabelled:
                     unlabelled.append(m.key)
                 if m.soft_labels and own is not None:
-                    clashes.setdefault(m.key, own)
+                    clashes.setdefault(m.key, (own, cls.own_soft_labels_off(own)))
         if clashes:  # the pipeline would refuse them only when the bench reaches their cell
-            raise ConfigError(f"methods {sorted(clashes)} label their images themselves ({'; '.join(sorted(set(clashes.values())))}) "
-                              "and soft_labels: true would overwrite that with the teacher's logits; drop soft_labels on them")
+            keys = sorted(clashes)
+            raise ConfigError(
+                f"methods {keys} label their images themselves ({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), "
+                "and their soft_labels: true would overwrite that with the teacher's logits; drop soft_labels: true on them, "
+                f"or set {' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
         if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
                               "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")

@@ -188,6 +188,9 @@ def cmd_distill(args) -> int:
 
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
                                                                "soft_labels": "soft_labels"})
+    if cfg.method == "full" and args.ipc is not None:  # the flag's default is None: only a typed --ipc gets here
+        raise DDKitError(f"--ipc {args.ipc} does not apply to method 'full', which keeps every training image; "
+                         "drop --ipc (or pick another method)")
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)

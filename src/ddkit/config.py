@@ -2,8 +2,9 @@
 
 Every settings object in ddkit is a dataclass whose fields carry a docstring-like ``help`` in their
 metadata and whose ``__post_init__`` validates values. :func:`from_dict` builds one from plain data
-and reports *all* problems at once (unknown keys with a did-you-mean, wrong types); YAML is read
-with ``yaml.safe_load`` only, so a config can never execute code.
+and reports *all* problems at once (unknown keys with a did-you-mean, wrong types); a config class
+derived from :class:`Checked` applies the same type rules to a config constructed in Python. YAML
+is read with ``yaml.safe_load`` only, so a config can never execute code.
 """
 
 from __future__ import annotations
@@ -190,6 +191,60 @@ def keyed(key: str, e: Exception) -> ConfigError:
     if parent and (msg.startswith(f"{leaf}.") or msg.startswith(f"{leaf}:")):
         return ConfigError(f"{parent}.{msg}")
     return ConfigError(f"{key}: {msg}")
+
+
+class Checked:
+    """Base of the config dataclasses: a config constructed in Python (``DistillConfig(ipc="2")``) has
+    its fields checked against their types as :func:`from_dict` checks YAML, before its own
+    ``__post_init__`` runs; a wrong type is a :class:`ConfigError` naming the field (see
+    :func:`check_fields`). A subclass's ``__post_init__`` needs no ``super()`` call for this."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+        if own is None or getattr(own, "_checks_fields", False):
+            return
+
+        def __post_init__(self: Any) -> None:
+            if type(self).__post_init__ is __post_init__:  # the outermost: a subclass's wrapper checked already
+                check_fields(self)
+            own(self)
+
+        __post_init__._checks_fields = True  # type: ignore[attr-defined]
+        __post_init__.__doc__ = own.__doc__
+        cls.__post_init__ = __post_init__  # type: ignore[method-assign]
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+#: per config class: (name, type hint, holds seeds) of each field set by ``__init__``
+_FIELD_TYPES: dict[type, list[tuple[str, Any, bool]]] = {}
+
+
+def check_fields(obj: Any) -> None:
+    """Check the fields of the constructed dataclass ``obj`` against their type hints with the rules
+    of :func:`from_dict` (a bool is no int, a string no number, seeds in range), raising one
+    :class:`ConfigError` that names every wrong field. A value is stored as from_dict would store it
+    (an int in a float field as a float, a list for a fixed-length tuple as a tuple, a mapping given
+    for a nested config as that config), so a config built in Python has the hash of its YAML twin."""
+    cls = type(obj)
+    spec = _FIELD_TYPES.get(cls)
+    if spec is None:
+        hints = get_type_hints(cls)
+        spec = _FIELD_TYPES[cls] = [(f.name, hints[f.name], bool(f.metadata.get("seed")))
+                                    for f in dataclasses.fields(cls) if f.init]
+    errors: list[str] = []
+    for name, tp, seed in spec:
+        value = getattr(obj, name)
+        where = f"{cls.__name__}.{name}"
+        out = _convert(value, tp, where, errors)
+        if seed:
+            _check_seeds(out, where, errors)
+        if out is not value and not errors:
+            object.__setattr__(obj, name, out)  # frozen dataclasses too
+    if errors:
+        raise ConfigError("; ".join(errors))
 
 
 def is_count(value: Any, low: int = 1) -> bool:

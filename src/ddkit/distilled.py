@@ -123,7 +123,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
             )
         if not torch.isfinite(images.float()).all():
-            raise DDKitError(f"method {method!r} produced non-finite pixels; lower its learning rate")
+            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config)}")
         manifest = base_manifest(KIND, config, seed)
         manifest.update(
             {
@@ -157,7 +157,7 @@ class DistilledSet(DescribesDataset, Dataset):
 
     @classmethod
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND, require={
             "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
             "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})
@@ -296,6 +296,20 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+#: the options that set the learning rate of a method's images, by the name its Config gives them
+#: (``lr_img``: DC, DSA, DM, DataDAM and the trajectory-matching methods; ``lr``: the recovery methods)
+IMAGE_LR_OPTIONS = ("lr_img", "lr")
+
+
+def _lower_lr(method_config: dict) -> str:
+    """How to stop a method's images from diverging: lower the option of their learning rate."""
+    for key in IMAGE_LR_OPTIONS:
+        value = method_config.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return f"lower distill.options.{key} (now {value:g})"
+    return "lower the learning rate of its images in distill.options"
 
 
 def save_grid(

@@ -28,7 +28,7 @@ from ddkit.artifacts import (
     write_json,
     write_text,
 )
-from ddkit.config import config_hash, field, from_dict, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
@@ -39,7 +39,14 @@ from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
-from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
+from ddkit.teacher import (
+    Teacher,
+    TeacherConfig,
+    as_teacher,
+    check_teacher,
+    saved_teacher,
+    train_teacher,
+)
 from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -49,7 +56,7 @@ RUN_FKD_STORE = "<made by the run from its distilled set>"  # label mode fkd's s
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(Checked):
     """Which method makes the distilled set."""
 
     method: str = field("random", help="registered method key (`ddkit list methods`)")
@@ -72,7 +79,7 @@ class DistillConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Checked):
     """How the distilled set is evaluated."""
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
@@ -109,7 +116,7 @@ class EvalConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Checked):
     """A whole pipeline run (``ddkit run CONFIG``)."""
 
     dataset: DatasetConfig = field(factory=DatasetConfig, help="the real dataset")
@@ -135,24 +142,27 @@ def distill(
     cfg: DistillConfig,
     dataset_cfg: DatasetConfig,
     out: str | Path | None,
-    teacher: Teacher | None = None,
+    teacher: Teacher | str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
     run_config: dict | None = None,
     before_save: Callable[[DistilledSet], None] | None = None,
 ) -> DistilledSet:
-    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``before_save(set)``
-    is called (by the process that saves) once the set is made, before it is saved."""
+    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
+    :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
+    saves) once the set is made, before it is saved."""
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
+    teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
-        raise ConfigError(f"method {cfg.method!r} labels its images itself ({own}), and soft_labels would overwrite "
-                          f"them with the teacher's logits; drop soft_labels / --soft-labels, or turn off {own.split(':')[0]}")
+        raise ConfigError(f"method {cfg.method!r} labels its images itself (distill.options.{own}), and distill.soft_labels "
+                          "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
+                          f"distill.soft_labels: true, or set distill.options.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)

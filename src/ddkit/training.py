@@ -37,7 +37,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
-from ddkit.config import field, is_count
+from ddkit.config import Checked, field, is_count
 from ddkit.data.augment import CutMix, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
@@ -54,7 +54,7 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Checked):
     """Optimisation recipe shared by teachers and evaluation protocols."""
 
     epochs: int = field(300, help="passes over the training images")

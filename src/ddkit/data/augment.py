@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import determinism
+from ddkit.config import Checked
 from ddkit.data.base import to_device
 from ddkit.errors import ConfigError, DDKitError
 
@@ -229,7 +230,7 @@ DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
 
 
 @dataclass(frozen=True)
-class DSA:
+class DSA(Checked):
     """Differentiable Siamese Augmentation (Zhao & Bilen, ICML 2021).
 
     Follows ``DiffAugment`` with ``aug_mode='S'`` in the reference code
@@ -394,7 +395,7 @@ class DSA:
 
 
 @dataclass(frozen=True)
-class Flip:
+class Flip(Checked):
     """Horizontal flip with probability ``prob``. Parameter: ``flip`` bool ``[n]``."""
 
     prob: float = 0.5
@@ -413,7 +414,7 @@ class Flip:
 
 
 @dataclass(frozen=True)
-class CropFlip:
+class CropFlip(Checked):
     """Random crop of a zero-padded image + horizontal flip: the classic CIFAR recipe.
 
     The padding is ``pad`` pixels, or by default 4 for images of 32 pixels and more and 1/8 of the
@@ -446,7 +447,7 @@ class CropFlip:
 
 
 @dataclass(frozen=True)
-class RandomResizedCropFlip:
+class RandomResizedCropFlip(Checked):
     """RandomResizedCrop back to the input size + horizontal flip, batched with ``grid_sample``.
 
     Crop boxes are drawn like ``torchvision.transforms.RandomResizedCrop.get_params`` (area fraction
@@ -521,7 +522,7 @@ def check_cutmix(prob: float, alpha: float) -> None:
 
 
 @dataclass(frozen=True)
-class CutMix:
+class CutMix(Checked):
     """CutMix (Yun et al., ICCV 2019): paste a box from a partner image of the same batch.
 
     Per image: with probability ``prob`` a box of area fraction ``1 - lam0``, ``lam0 ~ Beta(alpha,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import field, is_count
+from ddkit.config import Checked, field, is_count
 from ddkit.errors import ConfigError, DataError
 from ddkit.registry import Registry
 
@@ -25,7 +25,7 @@ SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Checked):
     """Which dataset to load and how."""
 
     name: str = field("fashion-mnist", help="registered dataset key (`ddkit list datasets`)")

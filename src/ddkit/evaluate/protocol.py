@@ -8,12 +8,13 @@ random real subset of the same IPC and the full training set are measured the sa
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddkit.config import apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.config import Checked, apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -24,7 +25,7 @@ FKD_STORE_MARK = "<keyed by the store's content>"
 
 
 @dataclass
-class ProtocolConfig:
+class ProtocolConfig(Checked):
     """How students are trained and tested."""
 
     student: str = field("convnet3", help="student model key (`ddkit list models`)")
@@ -186,18 +187,22 @@ def demo_protocol() -> ProtocolConfig:
     return ProtocolConfig(student="convnet3-w32", full_epochs=3)
 
 
-def resolve_protocol(spec: str | dict | ProtocolConfig, overrides: dict | None = None,
+def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
                      where: str = "protocol") -> ProtocolConfig:
-    """A protocol from a preset name, a YAML path, a dict or a config, with ``overrides`` (nested dict;
-    ``where``: what a config calls them, which errors in them name)."""
+    """A protocol from a preset name, a YAML path (str or Path), a dict or a config, with ``overrides``
+    (nested dict; ``where``: what a config calls them, which errors in them name)."""
     if isinstance(spec, ProtocolConfig):
         base = to_dict(spec)
     elif isinstance(spec, dict):
         base = to_dict(from_dict(ProtocolConfig, spec, "protocol"))
-    elif spec.endswith((".yaml", ".yml")) or Path(spec).is_file():
+    elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml"))
+                                                                       or Path(spec).is_file())):
         base = to_dict(from_dict(ProtocolConfig, load_yaml(spec), "protocol"))
-    else:
+    elif isinstance(spec, str):
         base = to_dict(PROTOCOLS.get(spec)())
+    else:
+        raise ConfigError(f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML file's "
+                          f"path, got {type(spec).__name__} {spec!r}; pass one of them, e.g. 'dc-protocol'")
     if overrides:
         merged = merge_overrides(base, overrides)
         # switching to hard labels implies cross-entropy; to soft labels implies KL unless given

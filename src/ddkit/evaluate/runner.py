@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,10 +32,13 @@ from ddkit.config import config_hash, from_dict, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
-from ddkit.evaluate.protocol import ProtocolConfig
+from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
 from ddkit.training import TeacherBN, TrainConfig, omit_running_bn, train_classifier
+
+if TYPE_CHECKING:
+    from ddkit.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
@@ -233,20 +236,23 @@ def check_report_out(out: str | Path) -> None:
 
 def evaluate(
     distilled: DistilledSet | str | Path,
-    protocol: ProtocolConfig,
+    protocol: ProtocolConfig | str | Path,
     seeds: list[int] = (0, 1, 2),
     *,
     data: DataBundle | None = None,
-    teacher=None,
+    teacher: Teacher | str | Path | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | Path | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``distilled`` under ``protocol`` for every seed, beside a random subset and full data.
+    """Evaluate ``distilled`` under ``protocol`` (a config, a preset name or a YAML file) for every
+    seed, beside a random subset and full data; ``teacher``: a Teacher or its artifact folder.
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
+    if not isinstance(protocol, ProtocolConfig):
+        protocol = resolve_protocol(protocol)
     seeds = list(seeds)
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
@@ -257,6 +263,9 @@ def evaluate(
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
     device = torch.device(device)
+    from ddkit.teacher import as_teacher
+
+    teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded
     info = ddist.current()
     man = distilled.manifest
     if data is None:

@@ -69,7 +69,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import config_hash, field, is_count, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, is_count, keyed, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet
 from ddkit.determinism import use_deterministic_cuda
@@ -345,7 +345,7 @@ class SoftLabelStore:
 
     @classmethod
     def load(cls, path: str | Path) -> SoftLabelStore:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         man = read_manifest(path, KIND, require={
             "epochs": int, "num_images": int, "num_classes": int, "image_size": list, "augment.spec": str,
             "augment.options": dict, "augment.param_keys": list, "distilled.fingerprint": str,
@@ -562,7 +562,7 @@ def relabel(
 
 
 @dataclass
-class RelabelSpec:
+class RelabelSpec(Checked):
     """How ``run`` and ``bench`` make a distilled set's FKD store for label mode ``fkd``: the settings
     of :func:`relabel` as a config section (``relabel:``)."""
 

@@ -1,6 +1,7 @@
 """What every distillation method shares: the registry, the output container and the fit context.
 
-A method is one class in one file: a ``Config`` dataclass, ``__init__(cfg)`` that only stores it,
+A method is one class in one file: a ``Config`` dataclass (derived from :class:`ddkit.config.Checked`,
+so that one built in Python is type-checked as YAML is), ``__init__(cfg)`` that only stores it,
 and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``. Register it with
 ``@METHODS.register("key")``.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 
@@ -39,6 +40,8 @@ class FitContext:
     device: torch.device = torch.device("cpu")
     work_dir: Path | None = None  # for checkpoints that let an interrupted fit resume
     progress: Callable[[int, int, dict], None] | None = None
+    # the config key of the method's options, which its errors name (a method run by another: a key inside its)
+    options_key: str = "distill.options"
 
     def __post_init__(self) -> None:
         use_deterministic_cuda(self.device)
@@ -70,8 +73,21 @@ class Method:
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         """The option that makes this method label its images itself (learned, expert or committee
-        logits), or None; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite them."""
+        logits) as ``"<option>: <value>"``, or None; the pipeline's ``soft_labels`` (the teacher's
+        logits) would overwrite them."""
         return None
+
+    @classmethod
+    def own_soft_labels_off(cls, own: str) -> str:
+        """The setting that turns off the method's own labels that ``own`` (from :meth:`own_soft_labels`)
+        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none."""
+        option = own.split(":")[0].strip()
+        hint = get_type_hints(cls.Config).get(option)
+        if hint is bool:
+            return f"{option}: false"
+        if "none" in get_args(hint):
+            return f"{option}: none"
+        return f"{option} to a value that leaves the labels to the pipeline"
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddkit.config import field
+from ddkit.config import Checked, field
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
@@ -61,7 +61,7 @@ def embed_with_features(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 @dataclass
-class DataDAMConfig:
+class DataDAMConfig(Checked):
     """DataDAM settings (defaults: the paper / reference ``main_DataDAM.py`` for ConvNet)."""
 
     iterations: int = field(20000, help="image updates, each with a freshly initialised network (reference: 20000)")

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.config import field, to_dict
+from ddkit.config import Checked, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.models import create_model
+from ddkit.models import configured_model
 from ddkit.models.registry import resolve_model
 
 log = logging.getLogger(__name__)
@@ -43,8 +43,14 @@ def derive_seed(*keys: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def fresh_model(name: str, options: dict, real: DataBundle, seed: int, device: torch.device) -> nn.Module:
-    """A randomly initialised ``name`` for ``real``'s images; weights depend only on ``seed``.
+#: the config keys of a matching method's network (its Config's ``model`` and ``model_options``)
+MODEL_KEYS = ("distill.options.model", "distill.options.model_options")
+
+
+def fresh_model(name: str, options: dict, real: DataBundle, seed: int, device: torch.device,
+                keys: tuple[str, str] = MODEL_KEYS) -> nn.Module:
+    """A randomly initialised ``name`` for ``real``'s images; weights depend only on ``seed``. A model
+    that cannot take these images (too deep for their size) is an error naming ``keys``.
 
     The model is built on the CPU from the global CPU generator seeded with ``seed``
     (:func:`~ddkit.determinism.seeded_cpu_rng`), so the caller's RNG states, CUDA's too, are
@@ -52,7 +58,7 @@ def fresh_model(name: str, options: dict, real: DataBundle, seed: int, device: t
     """
     c, h, _ = real.image_shape
     with seeded_cpu_rng(seed):
-        model = create_model(name, c, real.num_classes, h, **options)
+        model = configured_model(keys, name, c, real.num_classes, h, options)
     return model.to(device).train()
 
 
@@ -208,7 +214,7 @@ def dm_loss(embed_real: torch.Tensor, embed_syn: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DMConfig:
+class DMConfig(Checked):
     """Distribution Matching settings (defaults: the reference ``main_DM.py`` for ConvNet)."""
 
     iterations: int = field(20000, help="image updates, each with a freshly initialised network (paper: 20000)")

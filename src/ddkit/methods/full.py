@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ddkit.config import Checked
 from ddkit.data.base import DataBundle
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet
 
 
 @dataclass
-class FullConfig:
+class FullConfig(Checked):
     """No settings."""
 
 

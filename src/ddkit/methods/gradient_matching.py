@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.config import field
+from ddkit.config import Checked, field
 from ddkit.data.augment import Augment, build_augment
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError
@@ -72,7 +72,7 @@ def match_distance(grads_syn, grads_real) -> torch.Tensor:
 
 
 @dataclass
-class DCConfig:
+class DCConfig(Checked):
     """Gradient-matching settings (defaults: DC paper / reference ``main.py`` for ConvNet)."""
 
     iterations: int = field(1000, help="outer iterations, each with a freshly initialised network (paper: 1000)")

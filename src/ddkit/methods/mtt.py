@@ -74,7 +74,7 @@ from typing import Any, Literal
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.config import field
+from ddkit.config import Checked, field
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
@@ -116,7 +116,7 @@ def window_problem(cfg: MTTConfig, epochs: int) -> str | None:
 
 
 @dataclass
-class MTTConfig:
+class MTTConfig(Checked):
     """Settings of trajectory matching (defaults: MTT, CIFAR-10 IPC 1); ``trajectories`` segments per
     iteration, spread over the ranks under ``torchrun``."""
 

@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+from ddkit.config import Checked
 from ddkit.data.base import DataBundle
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 
 
 @dataclass
-class RandomConfig:
+class RandomConfig(Checked):
     """No settings: the subset depends only on the seed and IPC."""
 
 

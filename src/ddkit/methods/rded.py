@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import distributed as ddist
-from ddkit.config import field
+from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DataError, DDKitError
@@ -24,7 +24,7 @@ AUTO_FACTOR2_MIN_SIDE = 128
 
 
 @dataclass
-class RDEDConfig:
+class RDEDConfig(Checked):
     """RDED settings; defaults are the reference repository's scripts (LINs-lab/RDED, ``scripts/``)."""
 
     mipc: int = field(300, help="real images drawn per class as crop sources (reference: 300); capped at the class size")
@@ -48,11 +48,12 @@ class RDEDConfig:
             raise ConfigError(f"rded batch_size must be >= 1, got {self.batch_size}")
 
 
-def resolve_factor(factor: int | None, image_size: tuple[int, int]) -> int:
-    """The stitch factor: ``factor`` or, when None, 2 for images of >= 128 px and 1 below."""
+def resolve_factor(factor: int | None, image_size: tuple[int, int], key: str = "distill.options.factor") -> int:
+    """The stitch factor: ``factor`` or, when None, 2 for images of >= 128 px and 1 below (``key``: the
+    config key of ``factor``, which an error names)."""
     if factor is not None:
         if factor > min(image_size):
-            raise ConfigError(f"rded factor {factor} is larger than the image side {min(image_size)}; lower it")
+            raise ConfigError(f"rded factor {factor} is larger than the image side {min(image_size)}; lower {key}")
         return factor
     return 2 if min(image_size) >= AUTO_FACTOR2_MIN_SIDE else 1
 
@@ -188,21 +189,23 @@ class RDED(Method):
         model = getattr(teacher, "model", teacher).to(ctx.device).eval()
         ipc = check_ipc(real, ctx.ipc)
         size = tuple(real.image_shape[-2:])
-        factor = resolve_factor(cfg.factor, size)
+        factor = resolve_factor(cfg.factor, size, f"{ctx.options_key}.factor")
         need = ipc * factor * factor
         patch = (size[0] // factor, size[1] // factor)
         mean, std = getattr(teacher, "mean", real.mean), getattr(teacher, "std", real.std)
+        # what lowers the need: the images per class, and the patches per image while there are several
+        lower = f"--ipc or {ctx.options_key}.factor" if factor > 1 else "--ipc"
         if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
             raise ConfigError(
                 f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
-                f"raise mipc to at least {need} or lower ipc or factor"
+                f"raise {ctx.options_key}.mipc to at least {need}, or lower {lower}"
             )
         counts = real.train.class_counts(real.num_classes)
         if int(counts.min()) < need:
             c = int(counts.argmin())
             raise DataError(
                 f"rded needs {need} real images per class (ipc {ipc} x factor {factor}^2) but class "
-                f"{real.classes[c]!r} has {int(counts.min())}; lower ipc or factor"
+                f"{real.classes[c]!r} has {int(counts.min())}; lower {lower}"
             )
 
         mine = common.my_classes(real.num_classes)

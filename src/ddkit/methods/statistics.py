@@ -59,7 +59,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, from_dict, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
@@ -547,7 +547,7 @@ def densification_loss(inputs: torch.Tensor, labels: torch.Tensor, tau: float) -
 
 
 @dataclass
-class RecoverConfig:
+class RecoverConfig(Checked):
     """Settings shared by every recover-style method (each method overrides the defaults)."""
 
     iterations: int = field(1000, help="optimisation steps per batch of synthetic images")
@@ -731,7 +731,8 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
         raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; use init: real")
     cls = METHODS.get("rded")
     sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
-                     work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None)
+                     work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None,
+                     options_key=f"{ctx.options_key}.rded_options")
     out = cls(from_dict(cls.Config, dict(cfg.rded_options), "rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
     imgs = out.images[order]

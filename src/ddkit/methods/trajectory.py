@@ -83,13 +83,13 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, to_dict
+from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.models import create_model
+from ddkit.models import configured_model, create_model
 from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, to_float
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ GradientMode = Literal["unroll", "exact", "first_order"]
 
 
 @dataclass
-class ExpertConfig:
+class ExpertConfig(Checked):
     """How to train an expert trajectory buffer (defaults: MTT's ``buffer.py``)."""
 
     model: str = field("convnet3", help="registered model key of the experts (and of the student)")
@@ -452,8 +452,10 @@ def train_experts(
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
     epoch_progress: Callable[[int, int, dict], None] | None = None,
+    where: str = "experts",
 ) -> ExpertBuffer:
-    """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact.
+    """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact; ``where``:
+    the config key of ``cfg``, which an error in its model names (a method's: ``distill.options.buffer``).
 
     Resumable per expert (finished experts live in a hidden sibling folder until the artifact is
     complete); ``progress(i + 1, num_experts, {"test_accuracy", "train_loss"})`` after expert ``i``;
@@ -471,7 +473,8 @@ def train_experts(
     partial = None
     c, h, _ = data.image_shape
     with torch.random.fork_rng(devices=[]):  # a bad model fails here, before anything is written
-        spec_model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
+        spec_model = configured_model((f"{where}.model", f"{where}.model_options"), cfg.model, c, data.num_classes, h,
+                                      cfg.model_options)
     if out is not None:
         out = Path(out)
         check_output_dir(out, KIND)  # a folder we may not replace fails now, not after the training
@@ -541,7 +544,7 @@ def train_experts(
 def read_experts_manifest(path: str | Path) -> dict[str, Any]:
     """The manifest of the expert buffer at ``path``, checked for every field :func:`load_experts` reads
     (the files are not opened)."""
-    path = artifact_folder(path)
+    path = artifact_folder(path, KIND)
     manifest = read_manifest(path, KIND, require={
         "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
         "dataset.image_shape": list, "dataset.fingerprint": str, "model": dict, "model.name": str,
@@ -555,7 +558,7 @@ def read_experts_manifest(path: str | Path) -> dict[str, Any]:
 
 def load_experts(path: str | Path) -> ExpertBuffer:
     """Read an expert-buffer artifact (checks kind, schema version, every file and shape)."""
-    path = artifact_folder(path)
+    path = artifact_folder(path, KIND)
     manifest = read_experts_manifest(path)
     trajectories = []
     want = (manifest["epochs"] + 1, manifest["num_params"])
@@ -625,7 +628,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
-                buffer = train_experts(data, cfg, out, device, epoch_progress=progress)
+                buffer = train_experts(data, cfg, out, device, epoch_progress=progress, where="distill.options.buffer")
                 seconds_here = time.perf_counter() - t0
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost

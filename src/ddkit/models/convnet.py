@@ -97,11 +97,13 @@ class ConvNet(nn.Module):
         _check_choice("activation", activation, ACTIVATIONS)
         size = image_size + 2 * first_padding - 2  # after the first 3x3 conv; the others keep the size
         if pooling != "none":
+            deepest = max(size, 0).bit_length() - 1  # the most poolings that leave at least 1 px
             size >>= depth  # each 2x2 stride-2 pooling floors the size by half
             if size < 1:
+                smaller = f"a smaller depth (at most {deepest}) or " if deepest >= 1 else ""
                 raise DDKitError(
                     f"image size {image_size} is too small for a depth-{depth} ConvNet with pooling: "
-                    f"{depth} poolings need at least {2**depth} px; use a smaller depth or pooling='none'"
+                    f"{depth} poolings need at least {2**depth} px; use {smaller}pooling='none'"
                 )
         layers: list[nn.Module] = []
         channels = in_channels

@@ -3,6 +3,7 @@
 from ddkit.teacher.squeeze import (
     Teacher,
     TeacherConfig,
+    as_teacher,
     check_teacher,
     import_teacher,
     saved_teacher,
@@ -10,4 +11,4 @@ from ddkit.teacher.squeeze import (
     train_teacher,
 )
 
-__all__ = ["Teacher", "TeacherConfig", "check_teacher", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "as_teacher", "check_teacher", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import json
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
-from ddkit.config import config_hash, field, is_count, to_dict
+from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
@@ -52,7 +53,7 @@ def _teacher_train_defaults() -> TrainConfig:
 
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Checked):
     """How to make a teacher."""
 
     model: str = field("convnet3", help="registered model key (`ddkit list models`)")
@@ -127,7 +128,7 @@ class Teacher(DescribesDataset):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
-        path = artifact_folder(path)  # the manifest's path names its folder, as read_manifest takes it
+        path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND, require={"model.name": str, "model.input_shape": list, "model.options": dict,
                                                       "dataset.classes": list, "weights_sha": str})
         m = manifest["model"]
@@ -162,6 +163,17 @@ class _MeanLogits(nn.Module):
             z = w * m(x)
             out = z if out is None else out + z
         return out
+
+
+def as_teacher(teacher: Teacher | str | Path | None, device: str | torch.device = "cpu") -> Teacher | None:
+    """``teacher`` as library functions take it: a :class:`Teacher` as it is, the path (str or Path) of
+    a teacher artifact loaded onto ``device``, None as None; anything else is refused in one line."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    if isinstance(teacher, (str, os.PathLike)):
+        return Teacher.load(teacher, device)
+    raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
+                     f"{type(teacher).__name__} {teacher!r}; pass the teacher's folder or Teacher.load(folder)")
 
 
 def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None) -> Teacher:
