@@ -7,10 +7,11 @@ from PIL import Image
 
 import ddkit
 from ddkit.artifacts import SCHEMA_VERSION, atomic_dir, build_lock
+from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import METHODS, FitContext
-from ddkit.pipeline import DistillConfig, distill
+from ddkit.pipeline import DistillConfig, RunConfig, distill
 
 
 def _random_set(tiny, tmp_path, ipc=3, seed=0):
@@ -331,6 +332,10 @@ def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, opt
 
 
 def test_full_method_is_whole_training_set(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"^distill: ipc 3 does not apply to method 'full', which keeps every training "
+                                          r"image; remove ipc \(or set ipc: null\)$"):
+        from_dict(RunConfig, {"distill": {"method": "full", "ipc": 3}})  # a YAML ipc, as --ipc in the CLI
+    assert DistillConfig(method="full", ipc=None).ipc is None
     ds = distill(tiny, DistillConfig(method="full"), DatasetConfig(name="synthetic"), tmp_path / "full")
     assert torch.equal(ds.images, tiny.train.images) and ds.ipc is None
 

@@ -186,11 +186,12 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import load_dataset
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
-    dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
-                                                               "soft_labels": "soft_labels"})
-    if cfg.method == "full" and args.ipc is not None:  # the flag's default is None: only a typed --ipc gets here
+    if args.method == "full" and args.ipc is not None:  # the flag's default is None: only a typed --ipc gets here
         raise DDKitError(f"--ipc {args.ipc} does not apply to method 'full', which keeps every training image; "
                          "drop --ipc (or pick another method)")
+    # method full from a config file: DistillConfig refuses an ipc other than the default
+    dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
+                                                               "soft_labels": "soft_labels"})
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)

@@ -51,6 +51,7 @@ from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
 
+DEFAULT_IPC = 10
 RUN_KIND = "pipeline-run"  # the manifest.json `run` writes beside config.json once every stage is done
 RUN_FKD_STORE = "<made by the run from its distilled set>"  # label mode fkd's store until the labels stage made it
 
@@ -60,7 +61,7 @@ class DistillConfig(Checked):
     """Which method makes the distilled set."""
 
     method: str = field("random", help="registered method key (`ddkit list methods`)")
-    ipc: int | None = field(10, help="images per class")
+    ipc: int | None = field(DEFAULT_IPC, help="images per class (method full: every image; leave it out)")
     seed: int = field(0, seed=True, help="seed of the method")
     options: dict = field({}, help="the method's own settings (its Config dataclass)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image (static soft labels)")
@@ -72,6 +73,9 @@ class DistillConfig(Checked):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(METHODS.unknown_message(self.method))
+        if self.method == "full" and self.ipc not in (None, DEFAULT_IPC):  # the default cannot be told from a typed 10
+            raise ConfigError(f"ipc {self.ipc} does not apply to method 'full', which keeps every training image; "
+                              "remove ipc (or set ipc: null)")
         check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
         if self.soft_labels_bn != "running" and not self.soft_labels:
             raise ConfigError("soft_labels_bn batch only applies to stored soft labels; set soft_labels: true "
