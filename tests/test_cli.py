@@ -262,6 +262,19 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys):
     again = json.loads((tmp_path / "run/labels/manifest.json").read_text())
     assert (again["epochs"], again["config"]["seed"]) == (3, 1)
     assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] != report["run_hash"]
+    # a damaged store was reused (the run exited 0) and failed only at an evaluation: it is labelled again
+    store_file = tmp_path / "run/labels/fkd_labels.safetensors"
+    whole = store_file.read_bytes()
+    store_file.write_bytes(whole[:100])
+    assert "reused: teacher, distilled, eval-hard.json, eval-fkd.json\n" in run("{seed: 1, epochs: 3}")
+    assert store_file.read_bytes() == whole
+    # a labels folder that is no store fails before any epoch is labelled, naming the folder to remove
+    (tmp_path / "run/labels/manifest.json").unlink()
+    cfg.write_text(cfg.read_text().replace("seed: 1", "seed: 2"))
+    code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and err == (f"error: output {str(tmp_path / 'run/labels')!r} exists and is not a ddkit output (no "
+                                 "manifest); the run writes its FKD labels there: remove it, or give the run another out\n")
+    assert not list(tmp_path.glob("run/.labels*"))
 
 
 @pytest.mark.parametrize(("relabel", "overrides", "message"), [

@@ -414,6 +414,9 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
     assert set(calls) == {2}  # only the missing epoch was labelled
     for k in store.tensors:
         assert torch.equal(store.tensors[k], resumed.tensors[k]), k
+    # the tensors' order (the saved manifest lists them in it) came from the first epoch, read back from its
+    # checkpoint in the file's order when resumed: the manifests of a resumed and an uninterrupted run differed
+    assert list(resumed.tensors) == list(store.tensors) == sorted(store.tensors)
     # a finished epoch damaged on disk used to stop the relabel ("re-create it", which cannot be done for one
     # epoch); it is labelled again
     (partial / "epoch_00001.safetensors").write_bytes(b"damaged")

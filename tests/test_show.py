@@ -361,3 +361,19 @@ def test_show_refuses_an_fkd_store_evaluate_refuses(demo_run, tmp_path, capsys):
         assert _refused(["show", str(bad), *flags], capsys) == (
             f"{str(bad / 'manifest.json')!r}: teacher_bn must be 'running' or 'batch', got 'xx'; the manifest is damaged: "
             "re-create the store with `ddkit relabel`")
+
+
+def test_show_checks_the_stages_of_a_run(demo_run, tmp_path, capsys):
+    """`show -q RUN` exited 0 with a truncated teacher, set or FKD store in the run folder: a run's
+    stages are checked as their own artifacts."""
+    run = tmp_path / "run"
+    shutil.copytree(demo_run / "run", run)
+    assert run_cli(["show", str(run), "-q"], capsys)[:2] == (0, "")
+    for stage, file in (("distilled", "images.safetensors"), ("teacher", "model.safetensors")):
+        target = run / stage / file
+        whole = target.read_bytes()
+        target.write_bytes(whole[:50])
+        code, out, err = run_cli(["show", str(run), "-q"], capsys)
+        assert code == 2 and out == "" and err.startswith(f"error: the run's {stage} stage: ") and str(target) in err
+        assert len(err.splitlines()) == 1
+        target.write_bytes(whole)

@@ -156,12 +156,27 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
         _check_imagefolder(folder, manifest)
     elif kind == "ddranking-export":
         _check_ddranking(folder, manifest)
+    elif kind == "pipeline-run":
+        _check_run(folder, manifest)
     elif kind == "statistics":
         from ddkit.methods.statistics import TENSORS
 
         if not (folder / TENSORS).is_file():
             raise DDKitError(f"{kind} {str(folder)!r} lacks its file(s) {[TENSORS]}; the artifact is incomplete, "
                              "re-create it")
+
+
+def _check_run(folder: Path, manifest: dict) -> None:
+    """Each stage a run's manifest names (teacher, distilled set, FKD labels), checked as its own artifact."""
+    from ddkit.artifacts import read_manifest
+
+    stages = manifest.get("stages") or {}
+    for stage, kind in (("teacher", "teacher"), ("distilled", "distilled-set"), ("labels", "fkd-soft-labels")):
+        if name := stages.get(stage):
+            try:
+                check_artifact(kind, folder / name, read_manifest(folder / name, kind))
+            except DDKitError as e:
+                raise DDKitError(f"the run's {stage} stage: {e}") from None
 
 
 def _check_experts(folder: Path) -> None:

@@ -36,7 +36,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
-from ddkit.labels.fkd import RelabelSpec, store_identity
+from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.base import check_ipc
 from ddkit.teacher import (
@@ -471,7 +471,18 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
     and teacher. Returns whether it was reused."""
     key = spec.key(distilled, teacher, protocol_epochs)
     work = path.parent / f".{path.name}.partial"
-    found = (path / "manifest.json").is_file() and read_json(path / "manifest.json").get("config_hash") == key
+    found = False
+    if (path / "manifest.json").is_file():
+        try:  # the whole store: a damaged one is labelled again, not replayed (or refused) at evaluation
+            found = SoftLabelStore.load(path).manifest.get("config_hash") == key
+        except DDKitError as e:
+            log.warning("%s; labelling the set again", str(e).split(";")[0])
+    if not found:  # a folder relabel could not replace fails now, not after every epoch is labelled
+        try:
+            check_output_dir(path, FKD_KIND)
+        except DDKitError as e:
+            raise DDKitError(f"{str(e).split(';')[0]}; the run writes its FKD labels there: remove it, or give the run "
+                             "another out") from None
     if ddist.broadcast_object(found):  # rank 0's decision on every rank: relabel is a collective
         if ddist.current().is_main:  # a kill between the save and the removal below leaves them
             shutil.rmtree(work, ignore_errors=True)

@@ -534,7 +534,7 @@ def relabel(
     if info.enabled:
         for part in ddist.all_gather_objects(rows):
             rows.update(part)
-    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in rows[0]}
+    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}  # resumed or not: one order
     manifest = base_manifest(KIND, config, seed)
     manifest.update({
         "format": FORMAT,
