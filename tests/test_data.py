@@ -181,6 +181,18 @@ def test_idx_truncated(tmp_path):
         load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
 
 
+def test_idx_huge_declared_count_is_truncation(tmp_path):
+    """IDX sizes are unsigned: a header declaring 2^31 images was read as -2147483648 and told as a wrong
+    image size ("holds -2147483648 images of 28x28 pixels, expected 28x28")."""
+    write_idx_folder(tmp_path / "fm")
+    path = tmp_path / "fm" / "train-images-idx3-ubyte.gz"
+    blob = bytearray(gzip.decompress(path.read_bytes()))
+    blob[4:8] = struct.pack(">I", 2**31)
+    path.write_bytes(gzip.compress(bytes(blob)))
+    with pytest.raises(DataError, match=rf"truncated \(expected {16 + 2**31 * 784} bytes, found 15696\); re-download"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"))
+
+
 def test_idx_bad_magic(tmp_path):
     write_idx_folder(tmp_path / "fm")
     path = tmp_path / "fm" / "t10k-labels-idx1-ubyte.gz"

@@ -205,17 +205,14 @@ def read_idx(path: Path, kind: str) -> np.ndarray:
             f"check the file name or {_REDOWNLOAD}"
         )
     if kind == "images":
-        n, rows, cols = struct.unpack(">iii", raw[4:16])
-        if (rows, cols) != (MNIST_SIDE, MNIST_SIDE) or n < 0:
+        n, rows, cols = struct.unpack(">III", raw[4:16])  # IDX sizes are unsigned 32-bit
+        if (rows, cols) != (MNIST_SIDE, MNIST_SIDE):
             raise DataError(
-                f"{path} holds {n} images of {rows}x{cols} pixels, expected {MNIST_SIDE}x{MNIST_SIDE}; "
-                f"{_REDOWNLOAD}"
+                f"{path} holds images of {rows}x{cols} pixels, expected {MNIST_SIDE}x{MNIST_SIDE}; {_REDOWNLOAD}"
             )
         shape: tuple[int, ...] = (n, 1, rows, cols)
     else:
-        (n,) = struct.unpack(">i", raw[4:8])
-        if n < 0:
-            raise DataError(f"{path} declares {n} labels; {_REDOWNLOAD}")
+        (n,) = struct.unpack(">I", raw[4:8])
         shape = (n,)
     expected = header + int(np.prod(shape))
     if len(raw) != expected:
