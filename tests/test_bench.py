@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import re
 import shutil
 
 import pytest
@@ -904,3 +905,13 @@ def test_learned_lr_protocol_for_a_method_without_one_is_refused_before_any_outp
                                           r"\(learned_lr: true\), but method 'random' learns none"):
         run_bench(cfg)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"nope": 1}, "unknown config key 'overrides.nope'"),
+    ({"train": {"epochs": "abc"}}, "overrides.train.epochs: expected an integer, got 'abc'"),
+])
+def test_bench_override_errors_name_the_overrides_key(tmp_path, overrides, message):
+    """Errors in a bench's overrides named them `protocol.*`, a key the bench config does not have."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tiny_cfg(tmp_path / "run", overrides=overrides)

@@ -239,7 +239,7 @@ class BenchConfig(Checked):
             over["student_options"] = dict(self.student_options[student])
         if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
             over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
-        protocol = resolve_protocol(self.protocol, over)
+        protocol = resolve_protocol(self.protocol, over, "overrides")
         if augment is None or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob)):
             return protocol
         # ARS's other run: another augmentation's options do not apply, and "without" means without CutMix too
