@@ -229,7 +229,7 @@ def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] == second
 
 
-def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys):
+def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog):
     """Label mode fkd without evaluate.overrides.fkd_store: `run` relabels its own set into labels/
     (with the relabel: section's settings), reuses the store while the settings hold, and makes it
     again (and evaluates again) when they change. Before, run refused fkd without a store."""
@@ -275,6 +275,31 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys):
     assert code == 2 and err == (f"error: output {str(tmp_path / 'run/labels')!r} exists and is not a ddkit output (no "
                                  "manifest); the run writes its FKD labels there: remove it, or give the run another out\n")
     assert not list(tmp_path.glob("run/.labels*"))
+    # a relabel: section without the fkd label mode it configures is named as unused
+    cfg.write_text(cfg.read_text().replace("[hard, fkd]", "[hard]"))
+    with caplog.at_level("WARNING", logger="ddkit.pipeline"):
+        assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    assert "the relabel: section is unused" in caplog.text
+
+
+def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
+    """A run killed after redoing a stage left the previous run's report/ (naming the old IPC) beside
+    the new stages; the report is removed when a run starts and written again when it finishes."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, random_baseline: false, "
+                   f"full_reference: false, train: {{epochs: 1}}}}}}\nout: {tmp_path / 'run'}\n")
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    assert "IPC 2" in (tmp_path / "run/report/summary.md").read_text()
+    cfg.write_text(cfg.read_text().replace("ipc: 2", "ipc: 3"))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ddkit.pipeline.evaluate", killed)  # a kill after the new set is made
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 130
+    assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["ipc"] == 3
+    assert not (tmp_path / "run/report").exists() and not (tmp_path / "run/manifest.json").exists()
 
 
 @pytest.mark.parametrize(("relabel", "overrides", "message"), [

@@ -332,6 +332,9 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
         check_teacher(cfg.teacher, data)
     protocols = cfg.evaluate.protocols()
     check_learned_lr(cfg.distill.method, protocols)
+    if not cfg.evaluate.makes_store and cfg.relabel != RelabelSpec():
+        log.warning("the relabel: section is unused: the run makes FKD labels only for label mode fkd without "
+                    "evaluate.overrides.fkd_store")
     for protocol in protocols:
         mode = protocol.label_mode
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
@@ -399,6 +402,8 @@ def run(
         # the run record says every stage is done; a run that stops (killed, or failing) after replacing a
         # stage must not leave the previous run's record beside it, read as a finished run by `ddkit show`
         (out / "manifest.json").unlink(missing_ok=True)
+        # nor its report, which names the previous stages (written again once every stage is done)
+        shutil.rmtree(out / "report", ignore_errors=True)
     resolved = to_dict(cfg)
     resolved["dataset"] = to_dict(cfg.dataset.absolute())
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
