@@ -115,6 +115,7 @@ def test_float_set_records_its_true_pixel_range_and_png_export_says_what_it_clip
         folder = DistilledSet.load(tmp_path / "set").export(tmp_path / "png", "imagefolder")
     record = json.loads((folder / "classes.json").read_text())
     assert record["pixel_range"] == [-0.5, 1.5] and record["clipped_pixels"] == pytest.approx(0.5, abs=1e-3)
+    assert record["source_dtype"] == "float32"  # the range's units: float pixels, not PNG's 0..255
     assert "50.00% of the set's pixels lie outside [0, 1] and are clipped" in caplog.text
     first = torch.from_numpy(__import__("numpy").array(Image.open(folder / "000_class0/00000.png")))
     assert torch.equal(first, (images[0, 0].clamp(0, 1) * 255).round().to(torch.uint8))

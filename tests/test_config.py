@@ -215,6 +215,9 @@ def test_yaml_errors(tmp_path):
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(bad)
+    bad.write_text("distill:\n  method: dm\n ipc: 3\n")  # where the syntax breaks, to find it in a long file
+    with pytest.raises(ConfigError, match=r"is not valid YAML at line 3, column 2 \("):
+        load_yaml(bad)
     code = tmp_path / "code.yaml"
     code.write_text("a: !!python/object/apply:os.system ['echo hi']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):

@@ -194,3 +194,21 @@ def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monk
     monkeypatch.chdir(tmp_path / "elsewhere")
     rdir = write_report(tmp_path / "moved", tmp_path / "rep")
     assert (rdir / "grids" / "synthetic-random-ipc1.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_takes_the_bench_table_and_names_a_run_folder(run_dir, tmp_path):
+    """`ddkit report RUN/bench.json` looked for RUN/bench.json/bench.json; a `ddkit run` folder was told to
+    run `ddkit bench` first; a JSON file of another kind was "not a bench table" without a fix."""
+    out = write_report(run_dir / "bench.json", tmp_path / "rep")
+    assert (out / "report.md").is_file()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "pipeline-run"}))
+    with pytest.raises(DDKitError, match=rf"^'{re.escape(str(run))}' is a `ddkit run` folder, whose report is "
+                                         rf"'{re.escape(str(run / 'report'))}'; `ddkit report` takes the folder of a "
+                                         r"`ddkit bench` run$"):
+        write_report(run)
+    (run / "bench.json").write_text(json.dumps({"kind": "evaluation"}))
+    with pytest.raises(DDKitError, match=r"is not a bench table \(kind 'evaluation'\); pass the folder of a `ddkit bench` run$"):
+        write_report(run)
+    assert not (run / "report").exists()

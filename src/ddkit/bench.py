@@ -840,13 +840,17 @@ def _add_cross_arch(rows: list[dict]) -> None:
 
 
 def load_table(run_dir: str | Path) -> dict:
-    """The assembled ``bench.json`` of a run directory."""
+    """The assembled ``bench.json`` of a run directory (or that file itself)."""
     path = Path(run_dir) / "bench.json"
     if not path.is_file():
+        if folder_kind(Path(run_dir)) == "pipeline-run":
+            raise DDKitError(f"{str(run_dir)!r} is a `ddkit run` folder, whose report is {str(Path(run_dir) / 'report')!r}; "
+                             "`ddkit report` takes the folder of a `ddkit bench` run")
         raise DDKitError(f"{str(path)!r} not found; run `ddkit bench CONFIG` to completion first")
     table = read_json(path, "bench table")
     if table.get("kind") != "bench-table":
-        raise DDKitError(f"{str(path)!r} is not a bench table")
+        raise DDKitError(f"{str(path)!r} is not a bench table (kind {table.get('kind')!r}); pass the folder of a "
+                         "`ddkit bench` run")
     return table
 
 

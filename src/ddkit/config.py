@@ -363,7 +363,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0]
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML ({first}); fix the syntax") from None
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({first}); fix the syntax") from None
     except _RepeatedKey as exc:
         raise ConfigError(f"config file {str(path)!r} sets {exc.key!r} twice in one section (lines {exc.first} and "
                           f"{exc.again}); keep one of them") from None

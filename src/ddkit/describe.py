@@ -345,7 +345,7 @@ def _mib(x: int | None) -> str:
 def _pixels(lo: float, hi: float) -> str:
     """A float set's pixel range, and whether it leaves the data's 0..1 (clipped in PNG exports)."""
     beyond = " (beyond the data's 0..1)" if lo < 0 or hi > 1 else ""
-    return f"in [{lo:.3g}, {hi:.3g}]{beyond}"
+    return f"in [{lo:.6g}, {hi:.6g}]{beyond}"  # enough digits to show a value just beyond 1
 
 
 def _distilled(m: dict) -> str:

@@ -256,6 +256,7 @@ class DistilledSet(DescribesDataset, Dataset):
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
                 write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names,
+                                                  "source_dtype": str(self.images.dtype).removeprefix("torch."),
                                                   "pixel_range": pixel_range(self.images), "clipped_pixels": clipped})
             return out
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")

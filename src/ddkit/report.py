@@ -225,6 +225,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     The folder is built beside ``out`` and renamed into place when complete, so a failed report
     leaves the previous one (or nothing); an existing ``out`` is replaced only when it is a report."""
+    if Path(run_dir).name == "bench.json" and Path(run_dir).is_file():  # the table itself: its run folder
+        run_dir = Path(run_dir).parent
     table = load_table(run_dir)
     where = Path(run_dir) / "bench.json"
     _check_table(table, where)

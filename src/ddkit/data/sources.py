@@ -22,6 +22,7 @@ import pickle
 import struct
 import tarfile
 import warnings
+import zipfile
 import zlib
 from pathlib import Path
 
@@ -678,6 +679,9 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     try:
         obj = quiet_torch_load(path)
     except pickle.UnpicklingError as exc:
+        if not zipfile.is_zipfile(path):  # no torch.save archive at all: its bytes are no pickle either
+            raise DataError(f"{path} is not a readable torch file (neither a torch.save archive nor a pickle); "
+                            "re-create it with torch.save") from None
         raise DataError(
             f"{path} holds objects that safe (weights_only) loading refuses ({_one_line(exc, 160)}); "
             "save only a dict of tensors plus an optional list of class names"
