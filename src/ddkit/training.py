@@ -101,8 +101,6 @@ class TrainConfig(Checked):
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         check_cutmix(self.cutmix_prob, self.cutmix_alpha)
         build_augment(self.augment, **self.augment_options)  # fails early on a bad name
-        if self.precision not in ("fp32", *_AUTOCAST_DTYPES):
-            raise ConfigError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}; set train.precision=fp32")
 
 
 class Diverged(DDKitError):
