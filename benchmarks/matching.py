@@ -9,7 +9,8 @@ benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-cor
     DDKIT_DATA=../shared/data python benchmarks/matching.py --tier cpu
 """
 
+from _cli import run_main
 from fashion_mnist import main
 
 if __name__ == "__main__":
-    main(families=("matching",))
+    run_main(lambda: main(families=("matching",)))
