@@ -66,7 +66,7 @@ def positive_int(text: str) -> int:
     return value
 
 
-def seed(text: str) -> int:
+def seed_int(text: str) -> int:
     """A seed: an integer in [0, 2^32)."""
     value = _int(text, "a seed, an integer in [0, 2^32)")
     if not 0 <= value < SEED_LIMIT:
@@ -95,7 +95,8 @@ def comma_list(item: Callable[[str], Any], example: str) -> Callable[[str], list
         try:
             return [item(p) for p in parts]
         except argparse.ArgumentTypeError as exc:
-            raise argparse.ArgumentTypeError(f"{exc} in {text!r} (a comma-separated list like {example})") from None
+            where = f" in {text!r}" if len(parts) > 1 else ""
+            raise argparse.ArgumentTypeError(f"{exc}{where} (a comma-separated list like {example})") from None
 
     parse.__name__ = f"{item.__name__}_list"
     return parse
@@ -108,13 +109,13 @@ def one_of(*names: str) -> Callable[[str], list[str]]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         bad = [p for p in parts if p not in names]
         if bad or not parts:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(names)}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(names)}, comma-separated, got {text!r}")
         return list(dict.fromkeys(parts))
 
     return parse
 
 
-def model_name(text: str) -> str:
+def registered_model(text: str) -> str:
     """A registered model name, with its name-implied options (``convnet3-w32``, ``resnet18_cifar``)."""
     from ddkit.models.registry import resolve_model
 
@@ -125,7 +126,7 @@ def model_name(text: str) -> str:
     return text
 
 
-def device(text: str) -> str:
+def device_spec(text: str) -> str:
     """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` or ``auto`` (cuda if present,
     else cpu; returned resolved). Checked without touching the device's settings."""
     import torch

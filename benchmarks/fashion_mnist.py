@@ -25,7 +25,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from _cli import Parser, device, run_main
+from _cli import Parser, device_spec, run_main
 
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
@@ -754,7 +754,7 @@ def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ..
     ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
     ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
-    ap.add_argument("--device", type=device, default=None, help="cpu, cuda (default: the config's 'auto')")
+    ap.add_argument("--device", type=device_spec, default=None, help="cpu, cuda (default: the config's 'auto')")
     ap.add_argument("--quiet", action="store_true")
     return ap
 
