@@ -13,7 +13,6 @@ Prints a table and writes docs/results/bench_overhead.json.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import Parser, positive_int, run_main
 
 from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, cells_of, run_bench
@@ -58,11 +58,13 @@ def with_runner(cfg: BenchConfig) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--epochs", type=int, default=20, help="student epochs per evaluation")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=positive_int, default=20, help="student epochs per evaluation")
+    ap.add_argument("--repeats", type=positive_int, default=2)
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_overhead.json"))
     args = ap.parse_args()
+    if Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     hand, bench, rerun = [], [], []
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports, allocator, thread pools
@@ -106,4 +108,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

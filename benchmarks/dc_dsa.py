@@ -31,7 +31,6 @@ to carry into the next lease). Two processes can share the work (each
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import platform
@@ -39,6 +38,16 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import (
+    Parser,
+    comma_list,
+    device_spec,
+    one_of,
+    positive_int,
+    registered_model,
+    run_main,
+    seed_int,
+)
 from tqdm import tqdm
 
 from ddkit.artifacts import read_json, versions, write_json, write_results
@@ -148,26 +157,32 @@ def markdown(table: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--ipc", type=int, default=1, choices=sorted(PUBLISHED))
-    ap.add_argument("--methods", default="dc,dsa")
-    ap.add_argument("--iterations", type=int, default=ITERATIONS, help="outer iterations (papers: 1000)")
-    ap.add_argument("--seeds", default="0,1,2,3,4,5,6,7")
+    ap.add_argument("--methods", type=one_of("dc", "dsa"), default="dc,dsa", help="dc, dsa or dc,dsa")
+    ap.add_argument("--iterations", type=positive_int, default=ITERATIONS, help="outer iterations (papers: 1000)")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2,3,4,5,6,7")
     ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC>)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--model", default=MODEL, help="synthesis network and students (convnet3-p3: the papers' "
-                    "code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", type=registered_model, default=MODEL, help="synthesis network and students (convnet3-p3: "
+                    "the papers' code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
     ap.add_argument("--report-only", action="store_true", help="only assemble the table from finished methods")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     work = Path(args.work or f"runs/bench/dc-dsa-ipc{args.ipc}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    methods = [m for m in args.methods.split(",") if m]
+    seeds, methods = args.seeds, args.methods
+    for flag, path in (("--work", work), ("--results", Path(args.results))):
+        if path.exists() and not path.is_dir():
+            ap.error(f"{flag} {path} is a file, not a folder; choose another {flag}")
     # each method runs once: the asked ones (unless --report-only), and the finished ones for the table
     suffix = f"-{args.model}" if args.model != MODEL else ""
+    finished = [m for m in ("dc", "dsa") if (work / f"{m}-it{args.iterations}{suffix}.eval.json").is_file()]
+    if args.report_only and not finished:
+        ap.error(f"--report-only: no finished method in {work} (iterations {args.iterations}, model {args.model}); "
+                 "run --methods dc and --methods dsa first, or give their --work, --iterations and --model")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device, args.model) for m in ("dc", "dsa")
-            if (m in methods and not args.report_only) or (work / f"{m}-it{args.iterations}{suffix}.eval.json").is_file()]
+            if (m in methods and not args.report_only) or m in finished]
     if args.report_only or set(methods) == {"dc", "dsa"}:
         device = torch.device(args.device).type
         table = {"schema_version": 1, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
@@ -187,4 +202,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

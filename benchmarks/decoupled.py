@@ -19,10 +19,11 @@ under the same protocol. ``--family one-protocol`` runs all of them in order (ea
     DDKIT_DATA=../shared/data python benchmarks/decoupled.py --family edc-build1        # also -build10, -build50
 """
 
+from _cli import run_main
 from fashion_mnist import EDC_STEP_RUNS, SINGLE_PROTOCOL, main
 
 # the runs behind the one-protocol and EDC-steps tables; a run that adds rows in another's folder after it
 ONE_PROTOCOL = tuple(dict.fromkeys((*SINGLE_PROTOCOL, *EDC_STEP_RUNS)))
 
 if __name__ == "__main__":
-    main(families=("decoupled",), groups={"one-protocol": ONE_PROTOCOL})
+    run_main(lambda: main(families=("decoupled",), groups={"one-protocol": ONE_PROTOCOL}))

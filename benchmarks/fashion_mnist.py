@@ -25,6 +25,8 @@ import logging
 import statistics
 from pathlib import Path
 
+from _cli import Parser, device_spec, run_main
+
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
 from ddkit.config import load_yaml, to_dict
@@ -164,6 +166,22 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "zca-e8-ipc1": "zca-e8 at IPC 1 (traj-ipc1-e8's MTT settings): MTT with plain and with ZCA-whitened experts, "
                          "evaluated on whitened images",
           "zca-e8-ipc1-plain": "zca-e8-ipc1's sets and random evaluated on plain images"}
+
+# The supplementary runs of the matching family (its experts, methods and DC protocol); every other one
+# is the decoupled family's (its teacher, methods and soft-label protocol). matching.py and decoupled.py
+# offer only their own family's runs under --family, fashion_mnist.py all of them.
+MATCHING_EXTRAS = ("mtt-steps", "mtt-steps50", "mtt-iters50", "mtt-experts50", "traj-labels", "traj-labels-e8",
+                   "traj-ipc1-e8", "traj-flat-e8", "ast-ablate-e8", "traj-ipc1-flat-e8", "traj-flat-e8-seed1",
+                   "ast-segment-e8", "traj-ipc50-e8", "segment-seed1-e8", "segment50-e8", "ast50-e8", "datm-ablate-e8",
+                   "segment-ipc1-e8", "segment-seed2-e8", "tesla-e8-ipc1", "tesla-e8-ipc10", "tesla-e8-ipc50", "traj-e30",
+                   "traj-e30-window", "dsa-eval", "convnet-p3", "learned-lr-e8", "zca-e8", "zca-e8-plain", "zca-e8-ipc1",
+                   "zca-e8-ipc1-plain")
+
+
+def extra_family(name: str) -> str:
+    """The family (of FAMILIES) supplementary run ``name`` belongs to."""
+    return "matching" if name in MATCHING_EXTRAS else "decoupled"
+
 
 # Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
 # (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
@@ -720,25 +738,50 @@ def overview(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
+def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ...]] | None = None) -> Parser:
+    """The command line of a script running ``families``: ``--family`` offers them, their supplementary
+    runs and ``groups``; another family's run is refused naming the script that runs it."""
+    groups = groups or {}
+    extras = [name for name in EXTRAS if extra_family(name) in families]
+
+    def family(name: str) -> str:  # checked before argparse's list of choices
+        if name in EXTRAS and extra_family(name) not in families:
+            raise argparse.ArgumentTypeError(f"{name!r} is a run of the {extra_family(name)} family; run "
+                                             f"benchmarks/{extra_family(name)}.py --family {name}")
+        return name
+
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
+    ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
+    ap.add_argument("--device", type=device_spec, default=None, help="cpu, cuda (default: the config's 'auto')")
+    ap.add_argument("--quiet", action="store_true")
+    return ap
+
+
 def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES,
          groups: dict[str, tuple[str, ...]] | None = None) -> None:
-    """Run ``families`` (``--family all``), one family or supplementary run, or a named group of
-    supplementary runs (``groups``: name -> runs, run in order; cpu tier only)."""
+    """Run ``families`` (``--family all``), one family or one of its supplementary runs, or a named group
+    of supplementary runs (``groups``: name -> runs, run in order; cpu tier only). Every run's config
+    is read before the first starts, and the results folder is made only once a run has finished, so
+    bad input (missing data included) leaves nothing behind."""
     groups = groups or {}
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
-    ap.add_argument("--family", choices=[*families, *EXTRAS, *groups, "all"], default="all")
-    ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
-    ap.add_argument("--device", default=None, help="cpu, cuda (default: the config's 'auto')")
-    ap.add_argument("--quiet", action="store_true")
+    ap = parser(families, groups)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
     if args.family in groups and args.tier != "cpu":
         ap.error(f"--family {args.family} runs supplementary runs of the cpu tier; drop --tier {args.tier}")
-    for family in families if args.family == "all" else groups.get(args.family, (args.family,)):
+    if args.family in EXTRAS and args.tier != "cpu":
+        ap.error(f"--family {args.family} is a supplementary run of the cpu tier; drop --tier {args.tier}")
+    results = Path(args.results)
+    if results.exists() and not results.is_dir():
+        ap.error(f"--results {args.results} is a file, not a folder; choose another --results")
+    runs = families if args.family == "all" else groups.get(args.family, (args.family,))
+    for family in runs:  # a missing or bad config fails before any run starts
+        load_bench_config(config_path(family, args.tier))
+    for family in runs:
         rows, run_dir = run_family(family, args.tier, args.device, args.quiet)
+        results.mkdir(parents=True, exist_ok=True)
         md = write_family(family, args.tier, run_dir, results)
         print((results / md).read_text())
     write_text(results / "fashion-mnist.md", overview(results))
@@ -746,4 +789,4 @@ def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES,
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

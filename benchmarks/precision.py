@@ -18,7 +18,6 @@ with AVX512-BF16 or AMX (the table records whether the CPU has them); fp16 on a 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
@@ -28,10 +27,10 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import Parser, device_spec, positive_int, run_main, seed_int
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
-from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
@@ -119,29 +118,29 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=["convnet3", "convnet3-w32", "resnet18_cifar"],
                     choices=list(STUDENTS))
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                     help="default: fp32 bf16, and fp16 on CUDA")
     ap.add_argument("--dataset", default="fashion-mnist", help="a registered dataset (tests use synthetic)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--steps", type=int, default=10, help="batches of 256 in the timed epoch")
-    ap.add_argument("--ipc", type=int, default=50)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--device", type=device_spec, default="cpu")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--steps", type=positive_int, default=10, help="batches of 256 in the timed epoch")
+    ap.add_argument("--ipc", type=positive_int, default=50)
+    ap.add_argument("--epochs", type=positive_int, default=30)
+    ap.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", help="JSON path (default docs/results/precision-<device>.json)")
     args = ap.parse_args()
-    if min(args.steps, args.ipc, args.epochs) < 1:
-        raise ConfigError(f"--steps, --ipc and --epochs must be >= 1, got {args.steps}, {args.ipc}, {args.epochs}")
+    if args.out and Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = args.precisions or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
     real = load_dataset(args.dataset)
     smallest = int(real.train.class_counts(real.num_classes).min())
     if args.ipc > smallest:
-        raise ConfigError(f"--ipc {args.ipc} is more than the {smallest} images of the smallest class; lower --ipc")
+        ap.error(f"--ipc {args.ipc} is more than the {smallest} images of the smallest class; lower --ipc")
     rows = []
     print(f"{'student':<16} {'precision':<9} {'img/s':>8} {'x fp32':>7} {'accuracy %':>14} {'diff':>6}")
     for name in args.students:
@@ -166,8 +165,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DDKitError as exc:  # missing data, a bad dataset name or argument: one line, no traceback, no output file
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)  # missing data, a bad dataset name: one line, no traceback, no output file

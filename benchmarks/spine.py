@@ -12,15 +12,16 @@ Prints a table and writes JSON (and a markdown table next to it).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from pathlib import Path
 
 import torch
+from _cli import Parser, comma_list, device_spec, positive_int, run_main, seed_int
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data import load_dataset
+from ddkit.data.augment import AUGMENTS
 from ddkit.data.base import DatasetConfig
 from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
@@ -35,21 +36,25 @@ PUBLISHED = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="docs/results/spine-fashion-mnist.json")
     ap.add_argument("--work", default="runs/bench-spine")
-    ap.add_argument("--ipcs", default="1,10,50")
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--teacher-epochs", type=int, default=10)
-    ap.add_argument("--teacher-augment", default="flip")
+    ap.add_argument("--ipcs", type=comma_list(positive_int, "1,10,50"), default="1,10,50")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2")
+    ap.add_argument("--teacher-epochs", type=positive_int, default=10)
+    ap.add_argument("--teacher-augment", default="flip", choices=list(AUGMENTS))
     ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     work = Path(args.work)
     data = load_dataset(DatasetConfig(name="fashion-mnist"))
-    ipcs = [int(x) for x in args.ipcs.split(",")]
-    seeds = [int(x) for x in args.seeds.split(",")]
+    ipcs, seeds = args.ipcs, args.seeds
+    smallest = int(data.train.class_counts(data.num_classes).min())
+    if max(ipcs) > smallest:
+        ap.error(f"--ipcs {max(ipcs)} is more than the {smallest} images of the smallest class; lower --ipcs")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # after the checks: one line on bad input
     epochs = 20 if args.quick else 300
 
     t0 = time.perf_counter()
@@ -98,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

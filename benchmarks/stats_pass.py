@@ -23,7 +23,6 @@ Prints a table and writes docs/results/stats-pass-<device>.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -31,11 +30,11 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import Parser, device_spec, positive_int, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.determinism import use_deterministic_cuda
-from ddkit.errors import DDKitError
 from ddkit.methods import common
 from ddkit.methods import statistics as S
 from ddkit.models import create_model
@@ -155,17 +154,17 @@ def _markdown(result: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--dataset", default="fashion-mnist", help="a registered dataset (tests use synthetic)")
-    ap.add_argument("--per-class", type=int, default=1000, help="images per class (6000 = all of Fashion-MNIST)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--per-class", type=positive_int, default=1000, help="images per class (6000 = all of Fashion-MNIST)")
+    ap.add_argument("--device", type=device_spec, default="cpu")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slowest part)")
     ap.add_argument("--out", help="JSON path (default docs/results/stats-pass-<device>.json)")
     args = ap.parse_args()
-    if args.per_class < 1:
-        raise SystemExit(f"--per-class must be >= 1, got {args.per_class}")
+    if args.out and Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_deterministic_cuda(device)
@@ -191,8 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DDKitError as exc:  # missing data or a bad dataset name: one line, no traceback, no output file
-        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)  # missing data or a bad dataset name: one line, no traceback, no output file

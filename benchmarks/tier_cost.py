@@ -28,23 +28,21 @@ Prints a table and writes the JSON (every measured stage) and a markdown table b
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import platform
-import sys
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
 import torch
+from _cli import Parser, device_spec, positive_float, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import BenchConfig, load_bench_config
 from ddkit.config import config_hash, from_dict
 from ddkit.data.base import DataBundle, load_dataset
-from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import merge_overrides
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods.random import stratified_indices
@@ -284,13 +282,15 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="+", help="bench configs (YAML)")
     ap.add_argument("--set", action="append", default=[], help="override for every config, e.g. datasets=[synthetic]")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--budget", type=float, default=1.5, help="seconds of repeated steps timed per stage")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--budget", type=positive_float, default=1.5, help="seconds of repeated steps timed per stage")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "tier-cost.json"))
     args = ap.parse_args(argv)
+    if Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     device = torch.device(args.device)
     out = Path(args.out)
     rows: list[dict] = []
@@ -314,8 +314,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DDKitError as exc:  # a bad config or override: one line, no traceback, no output file
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)  # a bad config or override, missing data: one line, no traceback, no output file

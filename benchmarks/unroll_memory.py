@@ -50,6 +50,7 @@ import time
 from pathlib import Path
 
 import torch
+from _cli import Parser, device_spec, positive_int, registered_model, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import PeakMemory, SavedTensorBytes
@@ -211,13 +212,13 @@ def _ratio(a: float, b: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[5, 10, 20, 40])
-    ap.add_argument("--models", nargs="+", default=["convnet3-w32", "convnet3"])
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 20, 40])
+    ap.add_argument("--models", type=registered_model, nargs="+", default=["convnet3-w32", "convnet3"])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--ipc", type=int, default=10)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--ipc", type=positive_int, default=10)
+    ap.add_argument("--device", type=device_spec, default="cpu")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "unroll-memory.json"))
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--grad-out", help=argparse.SUPPRESS)
@@ -228,7 +229,9 @@ def main() -> None:
         print(json.dumps(run_cell(model_name, mode, int(steps), args.ipc, args.device, args.grad_out)))
         return
     if "unroll" not in args.modes:
-        raise SystemExit("--modes must include unroll: the other gradients are checked against it")
+        ap.error("--modes must include unroll: the other gradients are checked against it")
+    if Path(args.out).is_dir():
+        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
     rows = []
     print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MB':>9} {'peak MB':>9} {'s/update':>9} {'rel.err':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -282,4 +285,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

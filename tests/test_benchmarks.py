@@ -3,15 +3,19 @@ training here) and benchmarks/unroll_memory.py end to end on a tiny student."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
+from ddkit.data.base import SYSTEM_DATA_DIR
 
 
 def _script(name):
+    if str(REPO / "benchmarks") not in sys.path:  # as when run as a script: scripts import their helper _cli
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -365,3 +369,112 @@ def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
     assert "| edc-real − random | +2.00 | -3.00 | -0.50 |" in ipc10 and "rded" not in ipc10
     assert ("- edc-real is ahead of random on 1 of 2 synthesis seeds (margin -0.50 ± 2.50 points over seeds) and above "
             "the random subset baseline on 1 of 2.") in ipc10
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input to every script: one line `error: ...`, exit code 2, nothing written, before any training
+
+
+# where each script writes: pointed inside the test's folder
+OUTPUTS = {"fashion_mnist": ["--results", "res"], "matching": ["--results", "res"], "decoupled": ["--results", "res"],
+           "dc_dsa": ["--work", "work", "--results", "res"], "spine": ["--work", "work", "--out", "out.json"],
+           "unroll_memory": ["--out", "out.json"], "bench_overhead": ["--out", "out.json"], "tier_cost": ["--out", "out.json"],
+           "stats_pass": ["--out", "out.json"], "precision": ["--out", "out.json"]}
+
+
+def _refused(tmp_path, script, *args, env=None):
+    """Run ``benchmarks/<script>.py ARGS`` from an empty folder with its outputs pointed inside ``tmp_path``;
+    assert exit code 2, one line ``error: ...`` on stderr and nothing written; return that line."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    env = {**os.environ, **(env or {})}
+    env = {k: v for k, v in env.items() if v is not None}
+    outputs = [str(tmp_path / a) if i % 2 else a for i, a in enumerate(OUTPUTS[script])]
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *outputs, *args],
+                          capture_output=True, text=True, cwd=work, env=env, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["cwd"]  # no output file, no results or work folder
+    return lines[0]
+
+
+no_fashion_mnist = pytest.mark.skipif((SYSTEM_DATA_DIR / "fashion-mnist").is_dir(),
+                                      reason="Fashion-MNIST is installed system-wide: the run would start")
+
+
+@no_fashion_mnist
+@pytest.mark.parametrize("script, args, data", [
+    ("fashion_mnist", ["--family", "matching", "--quiet"], None),
+    ("decoupled", ["--family", "decoupled", "--quiet"], None),
+    ("matching", ["--quiet"], "no-data"),
+    ("dc_dsa", ["--ipc", "1"], None),
+    ("spine", [], "no-data"),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "fashion-mnist-matching-cpu.yaml"), "--device", "cpu"], None),
+])
+def test_scripts_name_missing_data_in_one_line_and_write_nothing(tmp_path, script, args, data):
+    env = {"DDKIT_DATA": str(tmp_path / data) if data else None}
+    line = _refused(tmp_path, script, *args, env=env)
+    assert "dataset 'fashion-mnist' not found" in line and "DDKIT_DATA" in line
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("decoupled", ["--family", "one-protocol", "--tier", "full"], "--family one-protocol runs supplementary runs of the cpu tier; drop --tier full"),
+    ("matching", ["--family", "mtt-steps", "--tier", "full"], "--family mtt-steps is a supplementary run of the cpu tier; drop --tier full"),
+    ("decoupled", ["--family", "mtt-steps"], "'mtt-steps' is a run of the matching family; run benchmarks/matching.py --family mtt-steps"),
+    ("matching", ["--family", "edc-recipe"], "'edc-recipe' is a run of the decoupled family; run benchmarks/decoupled.py"),
+    ("matching", ["--family", "one-protocol"], "invalid choice: 'one-protocol'"),
+    ("fashion_mnist", ["--device", "gpu"], "argument --device: unknown device 'gpu'; use cpu, cuda"),
+])
+def test_family_scripts_refuse_bad_arguments_before_making_the_results_folder(tmp_path, script, args, words):
+    assert words in _refused(tmp_path, script, *args)
+
+
+def test_family_scripts_offer_their_own_familys_runs(fm):
+    """matching.py and decoupled.py list only their family's supplementary runs under --family; fashion_mnist.py
+    all of them. Each run is its family's: built on its family's CPU tier config (dsa-eval on none: its
+    protocol differs; it runs the matching family's methods)."""
+    assert set(fm.MATCHING_EXTRAS) < set(fm.EXTRAS)
+    for name in fm.EXTRAS:
+        config = fm.config_path(name, "cpu")
+        assert config.is_file(), name
+        built_on = [f for f in fm.FAMILIES if fm._derives_from(config, fm.config_path(f, "cpu"))]
+        assert built_on == ([] if name == "dsa-eval" else [fm.extra_family(name)]), name
+
+    def choices(*args):
+        return set(next(a.choices for a in fm.parser(*args)._actions if a.dest == "family"))
+
+    assert choices(fm.FAMILIES) == {*fm.FAMILIES, "all", *fm.EXTRAS}
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("unroll_memory", ["--ipc", "0"], "argument --ipc: expected an integer >= 1, got '0'"),
+    ("unroll_memory", ["--ipc", "-3"], "argument --ipc: expected an integer >= 1, got '-3'"),
+    ("unroll_memory", ["--steps", "2", "0"], "argument --steps: expected an integer >= 1, got '0'"),
+    ("unroll_memory", ["--models", "tiny_convnet", "nope"], "argument --models: unknown model 'nope'"),
+    ("unroll_memory", ["--threads", "0"], "argument --threads: expected an integer >= 1"),
+    ("unroll_memory", ["--modes", "exact"], "--modes must include unroll"),
+    ("unroll_memory", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
+    ("spine", ["--ipcs", "abc"], "argument --ipcs: expected an integer >= 1, got 'abc' (a comma-separated list like 1,10,50)"),
+    ("spine", ["--ipcs", "1,0"], "got '0' in '1,0'"),
+    ("spine", ["--seeds", "-1"], "argument --seeds: expected a seed, an integer in [0, 2^32), got '-1'"),
+    ("spine", ["--teacher-epochs", "0"], "argument --teacher-epochs: expected an integer >= 1"),
+    ("spine", ["--teacher-augment", "nope"], "argument --teacher-augment: invalid choice: 'nope'"),
+    ("bench_overhead", ["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got '-1'"),
+    ("bench_overhead", ["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "-1"], "argument --budget: expected a number > 0, got '-1'"),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "nan"], "argument --budget: expected a number > 0"),
+    ("tier_cost", ["no-such.yaml"], "config file 'no-such.yaml' not found"),
+    ("tier_cost", [], "the following arguments are required: configs"),
+    ("stats_pass", ["--per-class", "0"], "argument --per-class: expected an integer >= 1, got '0'"),
+    ("stats_pass", ["--dataset", "synthetic", "--threads", "0"], "argument --threads: expected an integer >= 1"),
+    ("precision", ["--dataset", "synthetic", "--epochs", "0"], "argument --epochs: expected an integer >= 1, got '0'"),
+    ("precision", ["--dataset", "synthetic", "--seeds", "0", "x"], "argument --seeds: expected a seed"),
+    ("dc_dsa", ["--methods", "dc,xx"], "argument --methods: expected one or more of dc, dsa"),
+    ("dc_dsa", ["--iterations", "0"], "argument --iterations: expected an integer >= 1"),
+    ("dc_dsa", ["--seeds", "0,a"], "argument --seeds: expected a seed"),
+    ("dc_dsa", ["--model", "nope"], "argument --model: unknown model 'nope'"),
+    ("dc_dsa", ["--report-only"], "--report-only: no finished method in"),
+])
+def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args, words):
+    """Every numeric and name argument is checked while parsing: no NaN table, no traceback, no output."""
+    assert words in _refused(tmp_path, script, *args)
