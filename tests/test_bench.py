@@ -915,3 +915,16 @@ def test_bench_override_errors_name_the_overrides_key(tmp_path, overrides, messa
     """Errors in a bench's overrides named them `protocol.*`, a key the bench config does not have."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         tiny_cfg(tmp_path / "run", overrides=overrides)
+
+
+def test_bench_method_errors_name_the_methods_options_key(tmp_path, monkeypatch):
+    """An error a method raises while it synthesises (a network too deep for the images, experts trained on
+    the fly too) named distill.options.*, a key a bench config does not have."""
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    deep = {"name": "dm", "label": "deep", "options": {"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1}}
+    with pytest.raises(ConfigError, match=r"^methods\[deep\]\.options\.model_options: image size 16 is too small"):
+        run_bench(tiny_cfg(tmp_path / "a", methods=[deep], ipcs=[1], label_modes=["hard"]))
+    experts = {"name": "mtt", "options": {"buffer": {"model": "convnetd5", "num_experts": 1, "epochs": 2},
+                                          "expert_epochs": 1, "max_start_epoch": 1}}
+    with pytest.raises(ConfigError, match=r"^methods\[mtt\]\.options\.buffer\.model_options: image size 16 is too small"):
+        run_bench(tiny_cfg(tmp_path / "b", methods=[experts], ipcs=[1], label_modes=["hard"]))

@@ -421,8 +421,9 @@ def shared_seconds(shared: list[dict]) -> float | None:
 
 
 def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device,
-                   progress: StageProgress | None = None) -> dict:
-    """Make (or reuse) one distilled set; return its synthesis record (``<set>.synthesis.json``).
+                   progress: StageProgress | None = None, options_key: str = "distill.options") -> dict:
+    """Make (or reuse) one distilled set; return its synthesis record (``<set>.synthesis.json``);
+    ``options_key``: the config key of the method's options, which errors in them name.
 
     The record is written just before the set is saved, so a kill between the two costs no new
     synthesis; a record already there for these settings is of a synthesis that finished before its
@@ -456,7 +457,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
                 "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}})
 
         cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
-        distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record)
+        distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record, options_key=options_key)
     return read_json(stats_path)
 
 
@@ -623,7 +624,7 @@ class _Bench:
     def _make_set(self, key: tuple[str, str, int]) -> None:
         d, m, ipc = key
         _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc, d), self._set_dir(key), self.teachers[d], self.device,
-                       self.stage_progress)
+                       self.stage_progress, f"methods[{m}].options")
 
     # evaluations are cached by everything that decides them
     def _evaluate(self, cell: Cell, protocol: ProtocolConfig) -> dict:

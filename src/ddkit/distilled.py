@@ -115,7 +115,10 @@ class DistilledSet(DescribesDataset, Dataset):
         config: dict,
         dataset_config: dict,
         teacher: dict | None = None,
+        options_key: str = "distill.options",
     ) -> DistilledSet:
+        """The artifact of a method's output (``options_key``: the config key of the method's options,
+        which an error names)."""
         images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft_labels
         if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
             raise DDKitError(
@@ -123,7 +126,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
             )
         if not torch.isfinite(images.float()).all():
-            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config)}")
+            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config, options_key)}")
         manifest = base_manifest(KIND, config, seed)
         manifest.update(
             {
@@ -304,13 +307,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 IMAGE_LR_OPTIONS = ("lr_img", "lr")
 
 
-def _lower_lr(method_config: dict) -> str:
+def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
     """How to stop a method's images from diverging: lower the option of their learning rate."""
     for key in IMAGE_LR_OPTIONS:
         value = method_config.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"lower distill.options.{key} (now {value:g})"
-    return "lower the learning rate of its images in distill.options"
+            return f"lower {options_key}.{key} (now {value:g})"
+    return f"lower the learning rate of its images in {options_key}"
 
 
 def save_grid(

@@ -151,22 +151,24 @@ def distill(
     progress: Callable[[int, int, dict], None] | None = None,
     run_config: dict | None = None,
     before_save: Callable[[DistilledSet], None] | None = None,
+    options_key: str = "distill.options",
 ) -> DistilledSet:
     """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
     :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
-    saves) once the set is made, before it is saved."""
+    saves) once the set is made, before it is saved. ``options_key``: the config key of
+    ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``)."""
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
-    method_cfg = from_dict(method_cls.Config, cfg.options, "distill.options")
+    method_cfg = from_dict(method_cls.Config, cfg.options, options_key)
     teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
-        raise ConfigError(f"method {cfg.method!r} labels its images itself (distill.options.{own}), and distill.soft_labels "
+        raise ConfigError(f"method {cfg.method!r} labels its images itself ({options_key}.{own}), and distill.soft_labels "
                           "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
-                          f"distill.soft_labels: true, or set distill.options.{method_cls.own_soft_labels_off(own)}")
+                          f"distill.soft_labels: true, or set {options_key}.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
     device = torch.device(device)
@@ -184,7 +186,8 @@ def distill(
                     shutil.rmtree(stale)
                 else:
                     stale.unlink()
-    ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress)
+    ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
+                     options_key=options_key)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
     try:
@@ -196,7 +199,7 @@ def distill(
         distilled = DistilledSet.build(
             synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
             config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
-            teacher=teacher_info,
+            teacher=teacher_info, options_key=options_key,
         )
     except DDKitError:
         # a method that refuses its input or diverges does so again with the same settings: checkpoints

@@ -43,12 +43,13 @@ def derive_seed(*keys: Any) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-#: the config keys of a matching method's network (its Config's ``model`` and ``model_options``)
-MODEL_KEYS = ("distill.options.model", "distill.options.model_options")
+def model_keys(ctx: FitContext) -> tuple[str, str]:
+    """The config keys of a matching method's network (its Config's ``model`` and ``model_options``)."""
+    return f"{ctx.options_key}.model", f"{ctx.options_key}.model_options"
 
 
 def fresh_model(name: str, options: dict, real: DataBundle, seed: int, device: torch.device,
-                keys: tuple[str, str] = MODEL_KEYS) -> nn.Module:
+                keys: tuple[str, str] = ("distill.options.model", "distill.options.model_options")) -> nn.Module:
     """A randomly initialised ``name`` for ``real``'s images; weights depend only on ``seed``. A model
     that cannot take these images (too deep for their size) is an error naming ``keys``.
 
@@ -166,7 +167,8 @@ def fit_per_class(
 
     data = RealByClass(real, device)
     for it in range(step, cfg.iterations):
-        net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device)
+        net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device,
+                          model_keys(ctx))
         for p in net.parameters():
             p.requires_grad_(False)
         total = 0.0

@@ -27,6 +27,7 @@ from ddkit.methods.dm import (
     check_resume,
     derive_seed,
     fresh_model,
+    model_keys,
     state_fingerprint,
 )
 from ddkit.training import batchnorm_layers
@@ -180,7 +181,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     info = ddist.current()
     for it in range(step, cfg.iterations):
         gen = torch.Generator().manual_seed(derive_seed(ctx.seed, tag, "iteration", it))
-        net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device)
+        net = fresh_model(cfg.model, cfg.model_options, real, derive_seed(ctx.seed, tag, "net", it), device,
+                          model_keys(ctx))
         opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
         bn = batchnorm_layers(net) if cfg.bn_real_per_class else []
         total = 0.0

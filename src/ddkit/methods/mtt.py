@@ -427,7 +427,8 @@ class _TrajectoryMatching(Method):
         # training the experts on the fly can take long: report it as its own pass (marked
         # ``expert_epochs_pass``, like the decoupled methods' ``statistics_pass``)
         buffer = buffer_for(real, cfg.experts, cfg.buffer, ctx.work_dir, device,
-                            progress=lambda done, total, rec: report(ctx, done, total, expert_epochs_pass=1.0))
+                            progress=lambda done, total, rec: report(ctx, done, total, expert_epochs_pass=1.0),
+                            where=f"{ctx.options_key}.buffer")
         if window := window_problem(cfg, buffer.epochs):
             raise ConfigError(window)
         label_epoch = getattr(cfg, "label_epoch", -1)

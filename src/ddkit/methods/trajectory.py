@@ -605,9 +605,10 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
 
 
 def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_dir: Path | None,
-               device: torch.device, progress: Callable[[int, int, dict], None] | None = None) -> ExpertBuffer:
+               device: torch.device, progress: Callable[[int, int, dict], None] | None = None,
+               where: str = "distill.options.buffer") -> ExpertBuffer:
     """The buffer at ``experts``, or one trained with ``cfg`` (``progress``: per expert epoch, see
-    :func:`train_experts`).
+    :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
     A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>``)
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
@@ -628,7 +629,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
-                buffer = train_experts(data, cfg, out, device, epoch_progress=progress, where="distill.options.buffer")
+                buffer = train_experts(data, cfg, out, device, epoch_progress=progress, where=where)
                 seconds_here = time.perf_counter() - t0
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
