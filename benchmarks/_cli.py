@@ -29,9 +29,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from ddkit.config import SEED_LIMIT  # as the ddkit CLI's --seeds
 from ddkit.errors import DDKitError
-
-SEED_LIMIT = 2**32  # as the ddkit CLI's --seeds: numpy and CUDA generators take seeds below 2^32
 
 
 class Parser(argparse.ArgumentParser):

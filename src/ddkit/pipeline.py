@@ -134,10 +134,10 @@ class RunConfig(Checked):
 
 
 def load_teacher_for(path: str | Path | None, data: DataBundle, device) -> Teacher | None:
-    if path is None:
-        return None
-    teacher = Teacher.load(path, device)
-    teacher.check_compatible(data)
+    """The teacher artifact at ``path`` (:func:`as_teacher`; None: none), checked against ``data``."""
+    teacher = as_teacher(path, device)
+    if teacher is not None:
+        teacher.check_compatible(data)
     return teacher
 
 
