@@ -37,6 +37,9 @@ class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line, ``error: <message>``, exit code 2."""
 
     def error(self, message: str) -> NoReturn:
+        head, sep, choices = message.partition(" (choose from ")
+        if sep and len(message) > 200:  # a long list of choices (--family has ~70): --help lists them
+            message = f"{head}; see --help for the choices"
         self.exit(2, f"error: {message}\n")
 
 

@@ -422,7 +422,7 @@ def test_scripts_name_missing_data_in_one_line_and_write_nothing(tmp_path, scrip
     ("matching", ["--family", "mtt-steps", "--tier", "full"], "--family mtt-steps is a supplementary run of the cpu tier; drop --tier full"),
     ("decoupled", ["--family", "mtt-steps"], "'mtt-steps' is a run of the matching family; run benchmarks/matching.py --family mtt-steps"),
     ("matching", ["--family", "edc-recipe"], "'edc-recipe' is a run of the decoupled family; run benchmarks/decoupled.py"),
-    ("matching", ["--family", "one-protocol"], "invalid choice: 'one-protocol'"),
+    ("matching", ["--family", "one-protocol"], "invalid choice: 'one-protocol'; see --help for the choices"),  # not ~70 names
     ("fashion_mnist", ["--device", "gpu"], "argument --device: unknown device 'gpu'; use cpu, cuda"),
 ])
 def test_family_scripts_refuse_bad_arguments_before_making_the_results_folder(tmp_path, script, args, words):
