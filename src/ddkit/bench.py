@@ -507,16 +507,11 @@ def check_relabel(cfg: BenchConfig, data: DataBundle) -> None:
     """What ``relabel`` and FKD training refuse only when the bench reaches the first ``fkd`` cell (after
     teachers and sets are made): a ``relabel.top_k`` outside ``data``'s classes, or top-k labels with a
     protocol loss other than kl. Nothing without label mode fkd (relabel is unused then)."""
-    if "fkd" not in cfg.label_modes or not cfg.relabel.check(data.num_classes, data.name):
+    if "fkd" not in cfg.label_modes:
         return
-    top_k = cfg.relabel.top_k
-    for student in cfg.students:
-        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
-            loss = cfg.protocol_for(student, "fkd", ipc=ipc).loss
-            if loss != "kl":
-                raise ConfigError(f"relabel.top_k = {top_k} stores top-k logits, which only train with loss 'kl', but the "
-                                  f"fkd protocol of student {student!r} at IPC {ipc} uses loss {loss!r}; set relabel.top_k: "
-                                  "null (dense labels) or use a protocol whose soft-label loss is kl")
+    losses = {f"the fkd protocol of student {student!r} at IPC {ipc}": cfg.protocol_for(student, "fkd", ipc=ipc).loss
+              for student in cfg.students for ipc in cfg.student_ipcs.get(student, cfg.ipcs)}
+    cfg.relabel.check(data.num_classes, data.name, losses, "use a protocol whose soft-label loss is kl")
 
 
 def check_extra_teachers(cfg: BenchConfig) -> None:

@@ -361,10 +361,7 @@ def check_fkd(cfg: RunConfig, data: DataBundle, protocol: ProtocolConfig) -> Non
         except DDKitError as e:
             raise keyed("evaluate.overrides.fkd_store", e) from None
         return
-    if cfg.relabel.check(data.num_classes, data.name) and protocol.loss != "kl":
-        raise ConfigError(f"relabel.top_k = {cfg.relabel.top_k} stores top-k logits, which only train with loss 'kl', "
-                          f"but the fkd protocol uses loss {protocol.loss!r}; set relabel.top_k: null (dense labels) or "
-                          "evaluate.overrides.loss: kl")
+    cfg.relabel.check(data.num_classes, data.name, {"the fkd protocol": protocol.loss}, "evaluate.overrides.loss: kl")
 
 
 _STAGE_DIRS = ("teacher", "distilled", "labels")  # atomic_dir refuses these when they hold something else

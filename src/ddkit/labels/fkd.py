@@ -600,18 +600,24 @@ class RelabelSpec(Checked):
         except DDKitError as e:
             raise keyed(key, e) from None
 
-    def check(self, num_classes: int, dataset: str, where: str = "relabel") -> bool:
-        """Refuse, naming the key under ``where``, what :func:`relabel` would refuse only once it starts:
-        an augmentation or option it cannot build, a ``top_k`` outside ``dataset``'s ``num_classes``.
-        Returns whether the labels are stored top-k (fewer than all classes), which train only with
-        the kl loss."""
+    def check(self, num_classes: int, dataset: str, losses: dict[str, str], fix: str, where: str = "relabel") -> None:
+        """Refuse, naming the key under ``where``, what :func:`relabel` and FKD training would refuse only
+        once they start: an augmentation or option relabel cannot build, a ``top_k`` outside ``dataset``'s
+        ``num_classes``, and top-k labels (fewer than all classes) for a protocol whose loss is not kl.
+        ``losses``: each protocol that replays the store, described, with its loss; ``fix``: how to give
+        those protocols the kl loss."""
         self.check_augment(where)
         if self.top_k is None:
-            return False
+            return
         if not 1 <= self.top_k <= num_classes:
             raise ConfigError(f"{where}.top_k must lie in [1, {num_classes}] (dataset {dataset!r} has {num_classes} "
                               f"classes) or be null (all logits), got {self.top_k}")
-        return self.top_k < num_classes  # all classes: stored dense
+        if self.top_k == num_classes:  # all classes: stored dense
+            return
+        for which, loss in losses.items():
+            if loss != "kl":
+                raise ConfigError(f"{where}.top_k = {self.top_k} stores top-k logits, which only train with loss 'kl', "
+                                  f"but {which} uses loss {loss!r}; set {where}.top_k: null (dense labels) or {fix}")
 
     def key(self, distilled, teacher, protocol_epochs: int) -> str:
         """Identity of the store :meth:`make` would make: these settings, the epochs, the set's
