@@ -4,6 +4,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -212,3 +213,21 @@ def test_report_takes_the_bench_table_and_names_a_run_folder(run_dir, tmp_path):
     with pytest.raises(DDKitError, match=r"is not a bench table \(kind 'evaluation'\); pass the folder of a `ddkit bench` run$"):
         write_report(run)
     assert not (run / "report").exists()
+
+
+def test_a_copied_table_takes_no_grids_from_the_path_it_records(run_dir, tmp_path, caplog):
+    """A bench.json copied away from its run took the grids from the path its rows record: once that folder
+    holds another run's sets, the report showed grids of sets it has no numbers for."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copyfile(run_dir / "bench.json", copy / "bench.json")
+    rows = json.loads((copy / "bench.json").read_text())["rows"]
+    assert all((run_dir / "distilled" / Path(r["distilled_path"]).name / "preview.png").is_file() for r in rows)
+    with caplog.at_level("WARNING", logger="ddkit.report"):
+        out = write_report(copy, tmp_path / "rep")
+    assert not (out / "grids").exists() and "](grids/" not in (out / "report.md").read_text()
+    assert "no preview.png for 2 of 2 sets in" in caplog.text and "synthetic-random-ipc1" in caplog.text
+    (copy / "distilled").mkdir()
+    shutil.copytree(run_dir / "distilled" / "synthetic-random-ipc2", copy / "distilled" / "synthetic-random-ipc2")
+    out = write_report(copy, tmp_path / "rep2")
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["synthetic-random-ipc2.png"]

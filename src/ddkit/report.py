@@ -135,21 +135,25 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
 
 def _grids(rows: list[dict], out: Path, run_dir: Path) -> list[tuple[str, str]]:
     """Copy each distilled set's preview.png into ``grids/``; return (title, relative path). A set is
-    looked up in ``run_dir/distilled`` first: the recorded path is relative to where the bench ran."""
-    seen, grids = set(), []
+    taken only from ``run_dir/distilled``: the bench writes its sets there, and the path a row records
+    (relative to where the bench ran) may name another run's set by the time a copied table is reported."""
+    seen, grids, missing = set(), [], []
     for r in rows:
-        src = Path(r["distilled_path"])
-        if (run_dir / "distilled" / src.name).is_dir():
-            src = run_dir / "distilled" / src.name
-        if src.name in seen:
+        name = Path(r["distilled_path"]).name
+        if name in seen:
             continue
-        seen.add(src.name)
+        seen.add(name)
+        src = run_dir / "distilled" / name
         if (src / "preview.png").is_file():
             (out / "grids").mkdir(exist_ok=True)
-            shutil.copyfile(src / "preview.png", out / "grids" / f"{src.name}.png")
-            grids.append((f"{r['dataset']} / {r['method']} / IPC {r['ipc']}", f"grids/{src.name}.png"))
+            shutil.copyfile(src / "preview.png", out / "grids" / f"{name}.png")
+            grids.append((f"{r['dataset']} / {r['method']} / IPC {r['ipc']}", f"grids/{name}.png"))
         else:
-            log.warning("no preview.png in %s; its grid is left out", src)
+            missing.append(name)
+    if missing:
+        log.warning("no preview.png for %d of %d sets in %s (%s); their grids are left out (report the bench "
+                    "folder that holds them to include them)", len(missing), len(seen), run_dir / "distilled",
+                    ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else ""))
     return grids
 
 
