@@ -125,6 +125,10 @@ def test_configs_built_in_python_store_values_as_from_dict_does():
     with pytest.raises(ConfigError, match=r"unknown config key 'RunConfig.distill.ipcs'; did you mean 'ipc'\?"):
         RunConfig(distill={"ipcs": 2})
     assert to_dict(from_dict(RunConfig, to_dict(RunConfig()))) == to_dict(RunConfig())
+    # a mapping lands on the field's own default, not its class's: a teacher's train recipe is not TrainConfig()
+    teacher = TeacherConfig(train={"epochs": 1})
+    assert (teacher.train.lr, teacher.train.schedule, teacher.train.augment) == (0.05, "cosine", "crop_flip")
+    assert config_hash(teacher) == config_hash(from_dict(TeacherConfig, {"train": {"epochs": 1}}))
 
 
 def _wrong_value(tp):

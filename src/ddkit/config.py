@@ -218,8 +218,8 @@ class Checked:
         check_fields(self)
 
 
-#: per config class: (name, type hint, holds seeds) of each field set by ``__init__``
-_FIELD_TYPES: dict[type, list[tuple[str, Any, bool]]] = {}
+#: per config class: (field, type hint, holds seeds) of each field set by ``__init__``
+_FIELD_TYPES: dict[type, list[tuple[dataclasses.Field, Any, bool]]] = {}
 
 
 def check_fields(obj: Any) -> None:
@@ -232,12 +232,17 @@ def check_fields(obj: Any) -> None:
     spec = _FIELD_TYPES.get(cls)
     if spec is None:
         hints = get_type_hints(cls)
-        spec = _FIELD_TYPES[cls] = [(f.name, hints[f.name], bool(f.metadata.get("seed")))
+        spec = _FIELD_TYPES[cls] = [(f, hints[f.name], bool(f.metadata.get("seed")))
                                     for f in dataclasses.fields(cls) if f.init]
     errors: list[str] = []
-    for name, tp, seed in spec:
+    for field, tp, seed in spec:
+        name = field.name
         value = getattr(obj, name)
         where = f"{cls.__name__}.{name}"
+        if isinstance(value, dict):  # on the field's own default, as from_dict does (TeacherConfig.train)
+            default = _field_default(field)
+            if dataclasses.is_dataclass(default):
+                value = _deep_merge(to_dict(default), value)
         out = _convert(value, tp, where, errors)
         if seed:
             _check_seeds(out, where, errors)
