@@ -125,6 +125,12 @@ def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
         evaluate(plain, stored, [0], data=data, teacher=teacher)
     rep = evaluate(ds, stored, [0], data=data, teacher=teacher)
     assert set(rep["results"]) == {"distilled", "random"} and rep["teacher"]["weights_sha"] == teacher.fingerprint
+    # the set replays teacher A's logits: a random baseline labelled by teacher B is no comparison
+    other = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)))
+    assert other.fingerprint != teacher.fingerprint
+    with pytest.raises(DDKitError, match=rf"^label_mode 'stored' replays the soft labels teacher {teacher.fingerprint} "
+                                         rf"\(.*teacher\) gave this set, not teacher {other.fingerprint}; pass that teacher"):
+        evaluate(ds, stored, [0], data=data, teacher=other)
 
 
 def test_fingerprint_and_class_checks(setup, tiny_protocol):

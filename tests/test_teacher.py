@@ -116,6 +116,34 @@ def test_teacher_manifest_without_weights_sha_or_input_shape_is_refused(teacher_
             Teacher.load(t)
 
 
+def test_teacher_weights_that_are_not_the_manifests_are_refused(teacher_dir, tmp_path):
+    """The fingerprint keys every cache, store and reuse check; a teacher whose weights file was replaced,
+    or whose weights_sha was edited, loaded under the old identity."""
+    from ddkit.artifacts import load_tensors
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(teacher_dir, swapped)
+    state = load_tensors(teacher_dir / "model.safetensors", what="teacher weights")
+    save_file({k: v * 0.5 if v.is_floating_point() else v for k, v in state.items()}, swapped / "model.safetensors")
+    edited = tmp_path / "edited"
+    shutil.copytree(teacher_dir, edited)
+    man = json.loads((edited / "manifest.json").read_text())
+    (edited / "manifest.json").write_text(json.dumps({**man, "weights_sha": "0" * 16}))
+    for t, sha in ((swapped, man["weights_sha"]), (edited, "0" * 16)):
+        with pytest.raises(DDKitError, match=rf"^'{t}/model.safetensors' does not hold the weights its manifest names "
+                                             rf"\(weights_sha {sha}\); the teacher artifact is damaged: re-create it$"):
+            Teacher.load(t)
+    assert Teacher.load(teacher_dir).fingerprint == man["weights_sha"]
+
+
+def test_teacher_record_names_the_folder_absolutely(teacher_dir, monkeypatch):
+    """Sets and reports recorded a teacher never saved as the string 'None', and a relative folder as given."""
+    t = Teacher.load(teacher_dir)
+    monkeypatch.chdir(teacher_dir.parent)
+    assert Teacher.load("teacher").record() == {"path": str(teacher_dir), "weights_sha": t.fingerprint}
+    assert Teacher(t.model, t.manifest).record() == {"path": None, "weights_sha": t.fingerprint}
+
+
 def test_teacher_loads_from_its_manifest_path(teacher_dir):
     """`read_manifest` maps `.../manifest.json` to its folder; the weights are read from there too."""
     t = Teacher.load(teacher_dir / "manifest.json")

@@ -189,7 +189,7 @@ def distill(
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
                      options_key=options_key)
     ipc = None if cfg.method == "full" else cfg.ipc
-    teacher_info = {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None
+    teacher_info = teacher.record() if teacher is not None else None
     try:
         method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
         synthetic = method.synthetic_

@@ -282,6 +282,12 @@ def evaluate(
     mode = protocol.label_mode
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
+    made_by = (man.get("teacher") or {}).get("weights_sha")
+    if mode == "stored" and teacher is not None and made_by is not None and teacher.fingerprint != made_by:
+        # the set replays its teacher's logits; the random baseline would be labelled by another teacher
+        raise DDKitError(f"label_mode 'stored' replays the soft labels teacher {made_by} "
+                         f"({man['teacher'].get('path')}) gave this set, not teacher {teacher.fingerprint}; pass that "
+                         "teacher, or use label_mode teacher to label both sets with this one")
     if protocol.extra_teachers and mode != "hard":
         from ddkit.teacher import Teacher, teacher_ensemble
 
@@ -361,7 +367,7 @@ def evaluate(
         "distilled": {"path": str(distilled.path) if distilled.path else None, "method": distilled.method,
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},
-        "teacher": {"path": str(teacher.path), "weights_sha": teacher.fingerprint} if teacher is not None else None,
+        "teacher": teacher.record() if teacher is not None else None,
         "bytes": evaluation_bytes(distilled, mode, store.nbytes if store is not None else None),
         "results": results,
         "timing": {"wall_seconds": round(time.perf_counter() - t0, 3), "world_size": info.world_size},

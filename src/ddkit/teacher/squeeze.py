@@ -83,12 +83,18 @@ class Teacher(DescribesDataset):
     def fingerprint(self) -> str:
         return self.manifest["weights_sha"]
 
+    def record(self) -> dict[str, Any]:
+        """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
+        return {"path": str(Path(self.path).absolute()) if self.path is not None else None,
+                "weights_sha": self.fingerprint}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x``: images normalised with the teacher's mean and std, as students see them."""
+        return self.model(x)
+
     def to(self, device) -> Teacher:
         self.model.to(device)
         return self
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
 
     def check_compatible(self, data: DataBundle) -> None:
         """Fail unless ``data`` has the teacher's class names, order and image shape."""
@@ -146,6 +152,10 @@ class Teacher(DescribesDataset):
                              "the manifest is damaged or from another ddkit: re-create the teacher artifact") from None
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
+        # the fingerprint keys every cache, store and reuse check: weights that are not the manifest's are refused
+        if weights_sha(model) != manifest["weights_sha"]:
+            raise DDKitError(f"{str(path / WEIGHTS)!r} does not hold the weights its manifest names (weights_sha "
+                             f"{manifest['weights_sha']}); the teacher artifact is damaged: re-create it")
         return cls(model.to(device), manifest, path)
 
 
