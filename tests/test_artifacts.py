@@ -543,3 +543,10 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(DDKitError, match=r"holds \[8, 0, 0, 0\] images per class but the manifest says \[2, 2, 2, 2\]; "
                                          r"re-create the distilled set"):
         ddkit.load(relabelled)
+    # an ipc that disagrees with the images: evaluation drew a random baseline of that many per class
+    wrong_ipc = tmp_path / "wrong-ipc"
+    shutil.copytree(ds.path, wrong_ipc)
+    (wrong_ipc / "manifest.json").write_text(json.dumps({**good, "ipc": 5}))
+    with pytest.raises(DDKitError, match=r"^'.*wrong-ipc/manifest.json' says ipc 5 but the set holds \[2, 2, 2, 2\] images "
+                                         r"per class; the manifest is damaged: re-create the distilled set$"):
+        ddkit.load(wrong_ipc)

@@ -296,3 +296,49 @@ def test_evaluate_takes_a_protocol_preset_name_or_yaml_file(setup, tiny_protocol
             evaluate(ds, bad, [0], data=data)
         assert str(err.value) == (f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML "
                                   f"file's path, got {type(bad).__name__} {bad!r}; pass one of them, e.g. 'dc-protocol'")
+
+
+def test_library_calls_refuse_wrong_arguments_in_one_line(setup, tiny_protocol, tmp_path):
+    """Seeds, devices, data and configs given wrongly to the library raised raw torch/Python errors, or (seed
+    -1) ran a whole evaluation; a dataset_cfg that disagreed with the data was recorded, and the set could not
+    be evaluated later."""
+    import numpy as np
+
+    from ddkit.config import ConfigError
+    from ddkit.data.base import load_dataset
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    for seeds, msg in ((-1, r"must be a list of integers such as \[0, 1, 2\], got -1"),
+                       ("0", r"must be a list of integers such as \[0, 1, 2\], got '0'"),
+                       ([-1], r"^evaluation seeds: seeds must lie in \[0, 2\^32\), got -1$"),
+                       ([0.5], r"^evaluation seeds must be integers, got 0.5 in \[0.5\]$")):
+        with pytest.raises(ConfigError, match=msg):
+            evaluate(ds, tiny_protocol, seeds, data=data)
+    with pytest.raises(DDKitError, match=r"^unknown device 'gpu'; use cpu, cuda, cuda:N or auto$"):
+        evaluate(ds, tiny_protocol, [0], data=data, device="gpu")
+    with pytest.raises(DDKitError, match=r"^data must be a loaded DataBundle, got DatasetConfig .*; load it with "
+                                         r"ddkit.data.load_dataset\(name or DatasetConfig\)$"):
+        distill(DatasetConfig(name="synthetic"), DistillConfig(method="random", ipc=1))
+    with pytest.raises(DDKitError, match=r"^data must be a loaded DataBundle, got NoneType"):
+        train_teacher(None, TeacherConfig(model="tiny_convnet"))
+    with pytest.raises(DDKitError, match=r"^unknown device 'gpu'"):
+        distill(data, DistillConfig(method="random", ipc=1), DatasetConfig(name="synthetic"), device="gpu")
+
+    loaded = load_dataset("synthetic", train_per_class=6)
+    assert loaded.config == DatasetConfig(name="synthetic", train_per_class=6)
+    with pytest.raises(ConfigError, match=r"^dataset_cfg does not describe the data it is given \(train_per_class None "
+                                          r"vs 6, as loaded\); pass the config the data was loaded with"):
+        distill(loaded, DistillConfig(method="random", ipc=1), DatasetConfig(name="synthetic"), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    made = distill(loaded, DistillConfig(method="random", ipc=1), out=tmp_path / "own")  # the data's own config
+    assert made.manifest["dataset_config"]["train_per_class"] == 6
+    assert evaluate(tmp_path / "own", tiny_protocol, np.arange(1))["seeds"] == [0]  # reloads the same data
+    with pytest.raises(ConfigError, match=r"^dataset_cfg is needed for data built by hand \('synthetic'\)"):
+        distill(data, DistillConfig(method="random", ipc=1))
+
+    # relabel takes folders, as distill and evaluate do
+    store = relabel(str(ds.path), str(teacher.path), epochs=1)
+    assert store.manifest["teacher"]["fingerprint"] == teacher.fingerprint and store.manifest["epochs"] == 1
+    with pytest.raises(DDKitError, match=r"^teacher must be a Teacher, its artifact folder or a module, got int$"):
+        relabel(ds, 3, epochs=1)

@@ -266,6 +266,28 @@ def _check_seeds(value: Any, where: str, errors: list[str]) -> None:
         errors.append(f"{where}: {list(value)} repeats a seed (the same run twice would inflate n); give distinct seeds")
 
 
+def seed_list(value: Any, what: str = "seeds") -> list[int]:
+    """``value`` as a list of distinct seeds (integers in [0, 2^32); numpy or torch integers are
+    taken), for library calls that take seeds; anything else is one :class:`ConfigError`."""
+    import operator
+
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise ConfigError(f"{what} must be a list of integers such as [0, 1, 2], got {value!r}")
+    seeds = []
+    for v in value:
+        try:
+            if isinstance(v, bool):
+                raise TypeError
+            seeds.append(operator.index(v))
+        except TypeError:
+            raise ConfigError(f"{what} must be integers, got {v!r} in {value!r}") from None
+    errors: list[str] = []
+    _check_seeds(seeds, what, errors)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return seeds
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default

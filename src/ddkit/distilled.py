@@ -127,6 +127,10 @@ class DistilledSet(DescribesDataset, Dataset):
             )
         if not torch.isfinite(images.float()).all():
             raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config, options_key)}")
+        counts = torch.bincount(labels, minlength=data.num_classes).tolist()
+        if ipc is not None and set(counts) != {ipc}:
+            raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
+                             "the method")
         manifest = base_manifest(KIND, config, seed)
         manifest.update(
             {
@@ -134,7 +138,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 "dataset_config": dataset_config,
                 "ipc": ipc,
                 "num_images": len(labels),
-                "class_counts": torch.bincount(labels, minlength=data.num_classes).tolist(),
+                "class_counts": counts,
                 "method": {"name": method, "config": method_config},
                 "teacher": teacher,
                 "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": pixel_range(images)},
@@ -201,6 +205,11 @@ class DistilledSet(DescribesDataset, Dataset):
         if counts is not None and counts != torch.bincount(labels, minlength=num_classes or 0).tolist():
             raise DDKitError(f"{path / IMAGES} holds {torch.bincount(labels, minlength=num_classes or 0).tolist()} images "
                              f"per class but the manifest says {counts}; re-create the distilled set")
+        ipc = manifest["ipc"]  # the random baseline of an evaluation draws this many real images per class
+        if ipc is not None and len(labels) and set(torch.bincount(labels, minlength=num_classes or 0).tolist()) != {ipc}:
+            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds "
+                             f"{torch.bincount(labels, minlength=num_classes or 0).tolist()} images per class; the "
+                             "manifest is damaged: re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
             stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")

@@ -95,9 +95,15 @@ def single_process() -> Iterator[None]:
         _SINGLE[0] -= 1
 
 
-def resolve_device(device: str, info: DistInfo | None = None) -> torch.device:
-    """``auto`` -> cuda:<local_rank> if available else cpu."""
+def resolve_device(device: str | torch.device, info: DistInfo | None = None) -> torch.device:
+    """``device`` (a name or a torch.device) checked against this machine; ``auto`` -> cuda:<local_rank>
+    if available else cpu, ``cuda`` -> cuda:<local_rank>."""
     info = info or current()
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise DDKitError(f"device must be a name such as 'cpu', 'cuda', 'cuda:N' or 'auto', or a torch.device, got "
+                         f"{type(device).__name__} {device!r}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

@@ -29,7 +29,7 @@ from ddkit.artifacts import (
     write_text,
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
-from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.data.base import DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
@@ -141,11 +141,29 @@ def load_teacher_for(path: str | Path | None, data: DataBundle, device) -> Teach
     return teacher
 
 
+def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> DatasetConfig:
+    """The config a set records for ``data``: ``given`` if it describes the data ``data`` was loaded with."""
+    if given is None:
+        if data.config is None:
+            raise ConfigError(f"dataset_cfg is needed for data built by hand ({data.name!r}): pass the DatasetConfig "
+                              "that loads it, which the set records and evaluation reloads the data by")
+        return data.config
+    if not isinstance(given, DatasetConfig):
+        raise ConfigError(f"dataset_cfg must be a DatasetConfig, got {type(given).__name__} {given!r:.80}")
+    if data.config is not None:
+        mine, theirs = to_dict(data.config.absolute()), to_dict(given.absolute())
+        diff = [f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+        if diff:
+            raise ConfigError(f"dataset_cfg does not describe the data it is given ({', '.join(diff)}, as loaded); "
+                              "pass the config the data was loaded with (data.config), or leave dataset_cfg out")
+    return given
+
+
 def distill(
     data: DataBundle,
     cfg: DistillConfig,
-    dataset_cfg: DatasetConfig,
-    out: str | Path | None,
+    dataset_cfg: DatasetConfig | None = None,
+    out: str | Path | None = None,
     teacher: Teacher | str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
@@ -156,7 +174,12 @@ def distill(
     """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
     :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
     saves) once the set is made, before it is saved. ``options_key``: the config key of
-    ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``)."""
+    ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``). ``dataset_cfg``
+    (recorded in the set, which evaluation reloads the data by) defaults to the config ``data`` was
+    loaded with, and must describe the same data if given."""
+    check_bundle(data)
+    dataset_cfg = _dataset_config_of(data, dataset_cfg)
+    device = ddist.resolve_device(device)
     if out is not None:
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
@@ -171,7 +194,6 @@ def distill(
                           f"distill.soft_labels: true, or set {options_key}.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
-    device = torch.device(device)
     key = distill_hash(cfg, data, teacher)
     root = work_dir(out) if out is not None else None
     fresh = root is not None and not root.exists()

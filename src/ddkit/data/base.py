@@ -8,6 +8,7 @@ code, so stored images always stay in pixel space.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ddkit.config import Checked, field, is_count
-from ddkit.errors import ConfigError, DataError
+from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
@@ -59,6 +60,13 @@ class DatasetConfig(Checked):
         if self.path is None:
             return self
         return replace(self, path=str(Path(self.path).expanduser().absolute()))
+
+
+def dataset_config(**kw) -> DatasetConfig:
+    """``DatasetConfig(**kw)``, an unknown keyword being the one-line error YAML's would be."""
+    from ddkit.config import from_dict
+
+    return from_dict(DatasetConfig, kw, "dataset")
 
 
 @dataclass
@@ -110,6 +118,8 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
+    #: the config :func:`load_dataset` loaded it with (None for data built by hand)
+    config: DatasetConfig | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.classes) < 2:  # one class: every prediction is right, every accuracy a meaningless 100%
@@ -245,10 +255,19 @@ def per_class_subset(part: ImageSet, num_classes: int, per_class: int | None, se
     return part.subset(index)
 
 
+def check_bundle(data: object, what: str = "data") -> None:
+    """Refuse, in one line, a ``data`` argument that is not a loaded :class:`DataBundle`."""
+    if not isinstance(data, DataBundle):
+        raise DDKitError(f"{what} must be a loaded DataBundle, got {type(data).__name__} {data!r:.80}; load it with "
+                         "ddkit.data.load_dataset(name or DatasetConfig)")
+
+
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     """Load a registered dataset by config (or by name with config fields as keywords)."""
     if isinstance(cfg, str):
-        cfg = DatasetConfig(name=cfg, **kw)
+        cfg = dataset_config(name=cfg, **kw)
+    elif not isinstance(cfg, DatasetConfig):
+        raise DDKitError(f"load_dataset takes a dataset name or a DatasetConfig, got {type(cfg).__name__} {cfg!r:.80}")
     loader = DATASETS.get(cfg.name)
     bundle = loader(cfg)
     if cfg.train_per_class is not None or cfg.test_per_class is not None:
@@ -261,6 +280,7 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
             std=bundle.std,
             source=bundle.source,
         )
+    bundle.config = cfg
     return bundle
 
 

@@ -28,8 +28,8 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import config_hash, from_dict, to_dict
-from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, load_dataset
+from ddkit.config import config_hash, from_dict, seed_list, to_dict
+from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
@@ -253,16 +253,19 @@ def evaluate(
     """
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
-    seeds = list(seeds)
+    if isinstance(seeds, (list, tuple)) and len(set(map(repr, seeds))) != len(seeds):
+        raise DDKitError(f"evaluation seeds {list(seeds)} repeat a seed (the same student twice would inflate n); pass "
+                         "distinct seeds")
+    seeds = seed_list(seeds, "evaluation seeds")
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
-    if len(set(seeds)) != len(seeds):
-        raise DDKitError(f"evaluation seeds {seeds} repeat a seed (the same student twice would inflate n); pass distinct seeds")
+    if data is not None:
+        check_bundle(data)
+    device = ddist.resolve_device(device)
     if out is not None:
         check_report_out(out)  # before any student trains
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
-    device = torch.device(device)
     from ddkit.teacher import as_teacher
 
     teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded

@@ -72,7 +72,6 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, is_count, keyed, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet
-from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
     TeacherBN,
@@ -424,9 +423,9 @@ def relabel(
 ) -> SoftLabelStore:
     """Store the teacher's logits on ``epochs`` augmented (and CutMix-ed) views of every image.
 
-    ``distilled``: a :class:`~ddkit.distilled.DistilledSet` (anything with ``images``, ``labels``,
-    ``classes``, ``mean``, ``std``). ``teacher``: a :class:`~ddkit.teacher.Teacher` (or a bare
-    module, then no class/fingerprint check). ``augment_spec``/``augment_options``: any
+    ``distilled``: a :class:`~ddkit.distilled.DistilledSet` or its folder (or anything with ``images``,
+    ``labels``, ``classes``, ``mean``, ``std``). ``teacher``: a :class:`~ddkit.teacher.Teacher` or its
+    folder (or a bare module, then no class/fingerprint check). ``augment_spec``/``augment_options``: any
     :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
     logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
@@ -439,9 +438,20 @@ def relabel(
     (``epoch_<e>.safetensors``, in a folder named by the settings and the set's fingerprint) and a
     restarted run labels only the missing epochs; delete the folder once the store is saved.
     """
+    import os
+
     from ddkit import distributed as ddist
     from ddkit.config import SEED_LIMIT
 
+    if isinstance(distilled, (str, os.PathLike)):  # artifact folders, as distill and evaluate take them
+        from ddkit.distilled import DistilledSet
+
+        distilled = DistilledSet.load(distilled)
+    device = ddist.resolve_device(device)
+    if isinstance(teacher, (str, os.PathLike)):
+        from ddkit.teacher import Teacher
+
+        teacher = Teacher.load(teacher, device)
     # before anything is labelled or the work folder made (NaN fails every comparison, so it fails these too)
     if not is_count(epochs):
         raise ConfigError(f"relabel epochs must be an integer >= 1, got {epochs!r}")
@@ -455,8 +465,11 @@ def relabel(
     augment = build_augment(augment_spec, **augment_options)
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)
-    device = torch.device(device)
-    use_deterministic_cuda(device)
+    if not isinstance(model, nn.Module):
+        raise DDKitError(f"teacher must be a Teacher, its artifact folder or a module, got {type(teacher).__name__}")
+    for name in ("images", "labels", "classes"):
+        if not hasattr(distilled, name):
+            raise DDKitError(f"distilled must be a DistilledSet or its artifact folder, got {type(distilled).__name__}")
     model = model.to(device).eval()
     classes = list(distilled.classes)
     if hasattr(teacher, "classes") and list(teacher.classes) != classes:

@@ -35,7 +35,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
-from ddkit.data.base import DataBundle
+from ddkit.data.base import DataBundle, check_bundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
@@ -300,6 +300,10 @@ def train_teacher(
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
     until the artifact is written. Under torchrun the training is data-parallel.
     """
+    check_bundle(data)
+    if not isinstance(cfg, TeacherConfig):
+        raise DDKitError(f"cfg must be a TeacherConfig, got {type(cfg).__name__} {cfg!r:.80}")
+    device = ddist.resolve_device(device)
     if out is not None:
         check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
     if cfg.checkpoint:
