@@ -94,6 +94,17 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
         assert record["versions"]["ddkit"] == ddkit.__version__ and record["ipc"] == ds.ipc
         assert record["source_config_hash"] == ds.manifest["config_hash"]
     assert (blob["kind"], json.loads((folder / "classes.json").read_text())["kind"]) == ("pt-export", "imagefolder-export")
+    # an export passed where the set is meant says what it is and names the set (it read "manifest not found")
+    for export, what in ((pt, "a pt export"), (folder, "an imagefolder export")):
+        with pytest.raises(DDKitError, match=rf"^'{export}' is {what} of a distilled set, not the set \(.*\); pass the "
+                                             rf"set's folder \({ds.path}\)$"):
+            ddkit.load(export)
+    ranked = ds.export(tmp_path / "rank", "ddranking")  # the CLI's third format, from the library too
+    assert torch.load(ranked / "labels.pt", weights_only=True).tolist() == blob["labels"].tolist()
+    with pytest.raises(DDKitError, match=r"^unknown export format 'png'; use imagefolder, pt or ddranking$"):
+        ds.export(tmp_path / "x", "png")
+    with pytest.raises(DDKitError, match=r"^normalize must be True or False, got 'yes'$"):
+        ddkit.load(ds.path, normalize="yes")
 
 
 def test_float_set_records_its_true_pixel_range_and_png_export_says_what_it_clips(tiny, tmp_path, caplog):
@@ -242,6 +253,9 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
     afile.write_text("mine")
     with pytest.raises(DDKitError, match="is a file, not a folder"), atomic_dir(afile):
         pass
+    with pytest.raises(DDKitError, match=rf"^output '{afile}/x' lies inside '{afile}', which is a file; give another path$"), \
+            atomic_dir(afile / "x"):  # it said "cannot create the output folder ... (File exists)"
+        pass
     ds = _random_set(tiny, tmp_path)
     with pytest.raises(DDKitError, match="holds a ddkit 'distilled-set' output, where a 'imagefolder-export'"):
         ds.export(ds.path, "imagefolder")
@@ -339,6 +353,9 @@ def test_full_method_is_whole_training_set(tiny, tmp_path):
     assert DistillConfig(method="full", ipc=None).ipc is None
     ds = distill(tiny, DistillConfig(method="full"), DatasetConfig(name="synthetic"), tmp_path / "full")
     assert torch.equal(ds.images, tiny.train.images) and ds.ipc is None
+    from ddkit.describe import describe
+
+    assert describe(ds.path).startswith("distilled set: full ipc=all on synthetic")  # it said "ipc=None"
 
 
 def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):

@@ -125,6 +125,9 @@ def test_configs_built_in_python_store_values_as_from_dict_does():
     with pytest.raises(ConfigError, match=r"unknown config key 'RunConfig.distill.ipcs'; did you mean 'ipc'\?"):
         RunConfig(distill={"ipcs": 2})
     assert to_dict(from_dict(RunConfig, to_dict(RunConfig()))) == to_dict(RunConfig())
+    # a field's own check names its key (it said only "unknown augmentation 'flips'")
+    with pytest.raises(ConfigError, match=r"^train.augment: unknown augmentation 'flips'; valid: none, dsa"):
+        from_dict(ProtocolConfig, {"train": {"augment": "flips"}})
     # a mapping lands on the field's own default, not its class's: a teacher's train recipe is not TrainConfig()
     teacher = TeacherConfig(train={"epochs": 1})
     assert (teacher.train.lr, teacher.train.schedule, teacher.train.augment) == (0.05, "cosine", "crop_flip")

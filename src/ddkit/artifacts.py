@@ -157,6 +157,10 @@ def check_output_file(path: str | Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise DDKitError(f"output {str(path)!r} is a folder; give a file path")
+    _refuse_file_parent(path)
+
+
+def _refuse_file_parent(path: Path) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise DDKitError(f"output {str(path)!r} lies inside {str(parent)!r}, which is a file; give another path")
@@ -308,6 +312,7 @@ def check_output_dir(final: Path, kind: str | None) -> None:
     if final.resolve() in (here, *here.parents):
         raise DDKitError(f"output {str(final)!r} is the current folder or holds it, and an output folder is replaced "
                          "whole; give a subfolder, e.g. --out ./out")
+    _refuse_file_parent(final)
     if not holds_files(final):
         return
     found = folder_kind(final)

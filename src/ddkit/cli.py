@@ -184,6 +184,7 @@ def cmd_teacher(args) -> int:
 def cmd_distill(args) -> int:
     from ddkit.config import to_dict
     from ddkit.data.base import load_dataset
+    from ddkit.distilled import ipc_text
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
     if args.method == "full" and args.ipc is not None:  # the flag's default is None: only a typed --ipc gets here
@@ -199,7 +200,7 @@ def cmd_distill(args) -> int:
     ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
                  run_config={"dataset": to_dict(dcfg.absolute()), "distill": to_dict(cfg)})
     progress.close()
-    _print(f"{cfg.method} ipc={ds.ipc}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
+    _print(f"{cfg.method} ipc={ipc_text(ds.ipc)}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
            f"{ds.label_bytes:,} label bytes -> {args.out}")
     return 0
 
@@ -323,12 +324,7 @@ def cmd_export(args) -> int:
     from ddkit.distilled import DistilledSet
 
     ds = DistilledSet.load(args.distilled)
-    if args.format == "ddranking":
-        from ddkit.bench import export_for_ddranking
-
-        out = export_for_ddranking(ds, args.out)
-    else:
-        out = ds.export(args.out, args.format)
+    out = ds.export(args.out, args.format)
     if not args.quiet:
         print(f"exported {len(ds)} images as {args.format} -> {out}")
     return 0

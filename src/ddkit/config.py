@@ -175,8 +175,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        errors.append(f"{where + ': ' if where else ''}{exc}")
+    except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...") gets its key
+        msg = str(exc)
+        named = msg.split(":")[0].split(".")[0] in fields and ":" in msg
+        errors.append(f"{where}.{msg}" if where and named else f"{where + ': ' if where else ''}{msg}")
         return None  # type: ignore[return-value]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ddkit.artifacts import KIND_FILES, MANIFEST, damaged_record, quiet_torch_load, read_json
+from ddkit.distilled import ipc_text
 from ddkit.errors import DDKitError
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
@@ -353,7 +354,7 @@ def _distilled(m: dict) -> str:
     span = images.get("pixel_range")
     floats = (f", float pixels {_pixels(*span)}" if images.get("dtype", "").startswith("float") and isinstance(span, list)
               and len(span) == 2 and all(isinstance(v, (int, float)) for v in span) else "")
-    return (f"distilled set: {m['method']['name']} ipc={m['ipc']} on {m['dataset']['name']} "
+    return (f"distilled set: {m['method']['name']} ipc={ipc_text(m['ipc'])} on {m['dataset']['name']} "
             f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images{floats}, {m['bytes']['images']:,} "
             f"image bytes, {m['bytes']['labels']:,} label bytes, seed {m['seed']}")
 
@@ -433,7 +434,7 @@ def _run(m: dict) -> str:
     from ddkit.evaluate import format_table
 
     d = m["config"]["distill"]
-    head = f"pipeline run: {d['method']} ipc={d['ipc']} on {m['config']['dataset']['name']}, seed {m['seed']}"
+    head = f"pipeline run: {d['method']} ipc={ipc_text(d['ipc'])} on {m['config']['dataset']['name']}, seed {m['seed']}"
     if m.get("teacher_accuracy") is not None:
         head += f", teacher test accuracy {_pct(m['teacher_accuracy'])}"
     return head + "\n" + format_table(m["evaluations"]) if m["evaluations"] else head

@@ -164,7 +164,10 @@ class DistilledSet(DescribesDataset, Dataset):
 
     @classmethod
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
+        if not isinstance(normalize, bool):
+            raise DDKitError(f"normalize must be True or False, got {normalize!r}")
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
+        _refuse_export(path)
         manifest = read_manifest(path, KIND, require={
             "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
             "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})
@@ -234,7 +237,8 @@ class DistilledSet(DescribesDataset, Dataset):
         return record
 
     def export(self, out: str | Path, fmt: str) -> Path:
-        """Write as ``imagefolder`` (PNG per image, class folders in label order) or ``pt`` (tensors: float
+        """Write as ``imagefolder`` (PNG per image, class folders in label order), ``ddranking``
+        (:func:`ddkit.bench.export_for_ddranking`) or ``pt`` (tensors: float
         images, 0..1 the data's range, exactly as the set holds them; labels, the set's soft labels where it
         has them, mean/std, class-major). PNG holds 8-bit pixels: float pixels outside [0, 1] are clipped,
         which is logged and recorded (``clipped_pixels``, the fraction, in ``classes.json``)."""
@@ -271,7 +275,38 @@ class DistilledSet(DescribesDataset, Dataset):
                                                   "source_dtype": str(self.images.dtype).removeprefix("torch."),
                                                   "pixel_range": pixel_range(self.images), "clipped_pixels": clipped})
             return out
-        raise DDKitError(f"unknown export format {fmt!r}; use imagefolder or pt")
+        if fmt == "ddranking":
+            from ddkit.bench import export_for_ddranking
+
+            return export_for_ddranking(self, out)
+        raise DDKitError(f"unknown export format {fmt!r}; use imagefolder, pt or ddranking")
+
+
+def ipc_text(ipc: int | None) -> str:
+    """A set's IPC as messages and tables print it: ``all`` for method full's whole training split."""
+    return "all" if ipc is None else str(ipc)
+
+
+def _refuse_export(path: Path) -> None:
+    """An export of a set given where the set is meant: say what it is and what to pass instead."""
+    import json
+
+    if path.is_file() and path.stat().st_size and _is_pt_export(path):
+        source = quiet_torch_load(path).get("config", {}).get("source")
+        what, use = "a pt export", f"torch.load({str(path)!r}, weights_only=True) reads it"
+    elif path.is_dir() and not (path / "manifest.json").exists() and (path / "classes.json").is_file():
+        try:
+            record = json.loads((path / "classes.json").read_text())
+        except (OSError, ValueError):
+            return
+        if not (isinstance(record, dict) and record.get("kind") == "imagefolder-export"):
+            return
+        source = record.get("config", {}).get("source")
+        what, use = "an imagefolder export", "PNG class folders for other tools"
+    else:
+        return
+    raise DDKitError(f"{str(path)!r} is {what} of a distilled set, not the set ({use}); pass the set's folder"
+                     + (f" ({source})" if source else ""))
 
 
 def _is_pt_export(path: Path) -> bool:

@@ -38,7 +38,7 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.config import Checked, field, is_count
-from ddkit.data.augment import CutMix, build_augment, check_cutmix, slice_params
+from ddkit.data.augment import AUGMENTS, CutMix, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
@@ -100,7 +100,9 @@ class TrainConfig(Checked):
         if self.eval_batch_size < 1:
             raise ConfigError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         check_cutmix(self.cutmix_prob, self.cutmix_alpha)
-        build_augment(self.augment, **self.augment_options)  # fails early on a bad name
+        if self.augment not in AUGMENTS:  # a ConfigError: from_dict names the section
+            raise ConfigError(f"augment: unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
+        build_augment(self.augment, **self.augment_options)  # fails early on a bad option
 
 
 class Diverged(DDKitError):

@@ -30,7 +30,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.distilled import DistilledSet
+from ddkit.distilled import DistilledSet, ipc_text
 from ddkit.errors import DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.methods.random import stratified_indices
@@ -411,7 +411,7 @@ def format_table(reports: list[dict[str, Any]]) -> str:
     for rep in reports:
         proto = rep["config"]
         ipc = rep["distilled"]["ipc"]
-        rows = [(f"{rep['distilled']['method']} ipc={ipc}", proto["label_mode"], rep["results"]["distilled"], rep["bytes"]["total"])]
+        rows = [(f"{rep['distilled']['method']} ipc={ipc_text(ipc)}", proto["label_mode"], rep["results"]["distilled"], rep["bytes"]["total"])]
         if "random" in rep["results"]:
             rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
         if "full" in rep["results"]:
