@@ -282,6 +282,32 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog
     assert "the relabel: section is unused" in caplog.text
 
 
+def test_run_makes_a_damaged_stage_again(tmp_path, capsys, caplog):
+    """A truncated teacher or set file, or a broken eval JSON, stopped `run` with "is corrupt ...; re-create it"
+    (exit 2) while a damaged FKD store was labelled again; every stage is now made again, with a warning."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+                   "distill: {method: random, ipc: 2, soft_labels: true}\nevaluate: {label_modes: [stored], seeds: [0], "
+                   "overrides: {student: tiny_convnet, random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    files = {name: (tmp_path / "run" / name).read_bytes() for name in
+             ("teacher/model.safetensors", "distilled/images.safetensors", "eval-stored.json")}
+    for name, whole in files.items():
+        (tmp_path / "run" / name).write_bytes(whole[:60])
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
+        assert code == 0, err
+        assert (tmp_path / "run" / name).read_bytes() == whole or name.endswith(".json")
+        redo = {"teacher/model.safetensors": "training the teacher again", "distilled/images.safetensors":
+                "distilling again", "eval-stored.json": "evaluating again"}[name]
+        assert redo in caplog.text and name.split("/")[0] not in out.split("reused:")[-1]
+    evaluation = json.loads((tmp_path / "run/eval-stored.json").read_text())
+    assert evaluation["results"]["distilled"]["per_seed"] == json.loads(files["eval-stored.json"])["results"]["distilled"][
+        "per_seed"]
+
+
 def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
     """A run killed after redoing a stage left the previous run's report/ (naming the old IPC) beside
     the new stages; the report is removed when a run starts and written again when it finishes."""

@@ -581,7 +581,12 @@ def test_tensors_wrong_rank_and_range(tmp_path):
     t = _tensors(float_images=True)
     t["test_images"] = t["test_images"] * 255
     torch.save(t, tmp_path / "range.pt")
-    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\]"):
+    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\], found \[0, 25.*\]; divide by 255 or store uint8$"):
+        load_dataset("tensors", path=str(tmp_path / "range.pt"))
+    # a distilled set's optimised pixels (a pt export of dm) were told to divide by 255
+    t["test_images"] = t["test_images"] / 255 * 2.5 - 0.75
+    torch.save(t, tmp_path / "range.pt")
+    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\], found \[-0.75, .*\]; clamp them to \[0, 1\]$"):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 

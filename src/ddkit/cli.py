@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -379,7 +380,7 @@ def cmd_bench(args) -> int:
     finally:
         bars.close()
     _print(format_bench_table(rows))
-    _print(f"table: {Path(cfg.out) / 'bench.json'}; report: ddkit report {cfg.out}")
+    _print(f"table: {Path(cfg.out) / 'bench.json'}; report: ddkit report {shlex.quote(str(cfg.out))}")
     return 0
 
 
@@ -407,7 +408,12 @@ def cmd_relabel(args) -> int:
     if teacher.classes != distilled.classes:
         raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")
     options = apply_overrides({}, list(args.augment_option or []))
-    out = Path(args.out or f"{str(args.distilled).rstrip('/')}.fkd")
+    if args.out is None:  # beside the set's folder, however it was named (`set/.`, `set/manifest.json`)
+        folder = Path(distilled.path)
+        folder = folder.resolve() if folder.name in ("", "..") else folder
+        out = folder.parent / f"{folder.name}.fkd"
+    else:
+        out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
     work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet and ddist.current().is_main)
@@ -421,7 +427,8 @@ def cmd_relabel(args) -> int:
     store.save(out)
     shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
-    _print(f"evaluate with: ddkit evaluate {args.distilled} --teacher {args.teacher} --label-mode fkd --set fkd_store={out}")
+    _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher {shlex.quote(str(args.teacher))} "
+           f"--label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
     return 0
 
 

@@ -31,7 +31,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
-from ddkit.distilled import DistilledSet
+from ddkit.distilled import DistilledSet, ipc_text
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
@@ -443,11 +443,12 @@ def run(
 
     ddir = out / "distilled"
     want = distill_hash(cfg.distill, data, teacher)
-    found = (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want
+    found = _reusable(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
+                      and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
     # rank 0's decision on every rank: a rank that looks late may find the set rank 0 has just made (a method
     # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
-    if ddist.broadcast_object(found):
-        distilled = DistilledSet.load(ddir)
+    if ddist.broadcast_object(bool(found)):
+        distilled = found or DistilledSet.load(ddir)
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
@@ -466,8 +467,8 @@ def run(
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
                            "teacher": teacher.fingerprint if teacher is not None else None, **protocol_inputs(protocol)})
-        if path.is_file() and read_json(path).get("run_hash") == key:
-            report = read_json(path)
+        report = _reusable(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r, path, "evaluating")
+        if report:
             summary["reused"].append(path.name)
         else:
             report = evaluate(distilled, protocol, cfg.evaluate.seeds, data=data, teacher=teacher, device=device,
@@ -489,6 +490,18 @@ def run(
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)
     return summary
+
+
+def _reusable(load: Callable[[], Any], marker: Path, redo: str) -> Any:
+    """``load()`` (falsy when the stage there has other settings) if ``marker`` exists; a stage that cannot
+    be read (damaged) is falsy too, with a warning that the run is ``redo``-ing it."""
+    if not marker.is_file():
+        return None
+    try:
+        return load()
+    except DDKitError as e:
+        log.warning("%s; %s again", str(e).split(";")[0], redo)
+        return None
 
 
 def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: RelabelSpec, protocol_epochs: int,
@@ -534,7 +547,7 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     write_json(rdir / "eval.json", {"schema_version": 1, "kind": "evaluation-set", "evaluations": reports})
     man = distilled.manifest
     lines = [
-        f"# ddkit report: {man['method']['name']} on {man['dataset']['name']}, IPC {man['ipc']}",
+        f"# ddkit report: {man['method']['name']} on {man['dataset']['name']}, IPC {ipc_text(man['ipc'])}",
         "",
         f"- dataset fingerprint `{man['dataset']['fingerprint']}`, {len(man['dataset']['classes'])} classes, "
         f"images {man['dataset']['image_shape']}",

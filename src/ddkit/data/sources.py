@@ -705,11 +705,13 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
     if not t.is_floating_point():
         raise DataError(f"{path}: {key} has dtype {t.dtype}; store uint8 0..255 or float 0..1 images")
     t = t.float().contiguous()
-    if t.numel() and (not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1):
-        raise DataError(
-            f"{path}: float {key} must lie in [0, 1], found [{float(t.min()):.4g}, {float(t.max()):.4g}]; "
-            "divide by 255 or store uint8"
-        )
+    if t.numel() and not torch.isfinite(t).all():
+        raise DataError(f"{path}: float {key} hold NaN or infinite pixels; give finite pixels in [0, 1]")
+    if t.numel() and (t.min() < 0 or t.max() > 1):
+        low, high = float(t.min()), float(t.max())
+        # 0..255 floats are 8-bit pixels; other ranges (a distilled set's optimised pixels) are no image data
+        fix = "divide by 255 or store uint8" if low >= 0 and high > 2 else "clamp them to [0, 1]"
+        raise DataError(f"{path}: float {key} must lie in [0, 1], found [{low:.4g}, {high:.4g}]; {fix}")
     return t
 
 

@@ -355,15 +355,20 @@ def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path, device:
     """The teacher at ``out`` if ``cfg`` trained it on ``data`` (same pixels and normalisation); else
     None. An imported checkpoint never counts: its config names the file, not the weights in it, so
     it is read again (cheap). A checkpoint of this training that a kill between the save and its
-    removal left beside ``out`` is removed."""
+    removal left beside ``out`` is removed. A damaged teacher there is None, with a warning."""
     out = Path(out)
     manifest = out / MANIFEST
-    found = read_json(manifest) if manifest.is_file() else {}
-    if cfg.checkpoint or found.get("config_hash") != config_hash(cfg) or not data.matches(found.get("dataset", {})):
+    try:
+        found = read_json(manifest) if manifest.is_file() else {}
+        if cfg.checkpoint or found.get("config_hash") != config_hash(cfg) or not data.matches(found.get("dataset", {})):
+            return None
+        teacher = Teacher.load(out, device)
+    except DDKitError as e:  # damaged: trained again (train_teacher refuses a folder it may not replace)
+        log.warning("%s; training the teacher again", str(e).split(";")[0])
         return None
     if ddist.current().is_main:
         _resume_path(out, cfg, data).unlink(missing_ok=True)
-    return Teacher.load(out, device)
+    return teacher
 
 
 def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
