@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -663,6 +664,12 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     assert code == 0 and "3 epochs x 20 images" in out and "--label-mode fkd" in out
     man = json.loads((tmp_path / "fkd/manifest.json").read_text())
     assert man["kind"] == "fkd-soft-labels" and man["top_k"] == 2 and man["epochs"] == 3
+    # the default store goes beside the set's folder: `set/.` wrote `set/..fkd` inside it
+    for given in (f"{d}/.", str(d / "manifest.json")):
+        code, out, _ = run_cli(["relabel", given, "--teacher", str(t), "--epochs", "1", "-q"], capsys)
+        assert code == 0 and f"--set fkd_store={workdir / 'r5.fkd'}" in out
+        assert (workdir / "r5.fkd/manifest.json").is_file() and sorted(p.name for p in d.iterdir() if "fkd" in p.name) == []
+        shutil.rmtree(workdir / "r5.fkd")
     code, out, _ = run_cli(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "2",
                             "--epochs", "2", "--out", str(tmp_path / "experts"), "-q"], capsys)
     assert code == 0 and "2 expert trajectories" in out
