@@ -664,6 +664,9 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     assert code == 0 and "3 epochs x 20 images" in out and "--label-mode fkd" in out
     man = json.loads((tmp_path / "fkd/manifest.json").read_text())
     assert man["kind"] == "fkd-soft-labels" and man["top_k"] == 2 and man["epochs"] == 3
+    # evaluate's --set keys are the protocol's own: an error named 'protocol.train.epochz', a key no one can type
+    code, _, err = run_cli(["evaluate", str(d), "--set", "train.epochz=2"], capsys)
+    assert code == 2 and err == "error: unknown config key 'train.epochz'; did you mean 'epochs'?\n"
     # the default store goes beside the set's folder: `set/.` wrote `set/..fkd` inside it
     for given in (f"{d}/.", str(d / "manifest.json")):
         code, out, _ = run_cli(["relabel", given, "--teacher", str(t), "--epochs", "1", "-q"], capsys)
@@ -978,3 +981,36 @@ def test_error_lines_of_other_ranks_name_the_rank(tmp_path, monkeypatch, capsys)
     code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill.bogus=1",
                             "--out", str(tmp_path / "d"), "-q"], capsys)
     assert code == 2 and err.startswith("rank 1: error: unknown config key 'distill.bogus'") and err.count("\n") == 1
+
+
+def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
+    """-v only worked before the subcommand; --seeds 0,,1 ran as 0,1; a rerun replaced the earlier output
+    without a word; label mode stored on a set without soft labels first asked for a teacher it would not
+    use; --teacher with label mode hard was ignored silently."""
+    from ddkit.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["distill", "--method", "random", "--out", "x", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "distill", "--method", "random", "--out", "x"]).verbose is True
+    assert parser.parse_args(["distill", "--method", "random", "--out", "x"]).verbose is False
+    out = tmp_path / "set"
+    args = ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(out), "-q"]
+    assert run_cli(args, capsys)[0] == 0
+    with caplog.at_level("WARNING", logger="ddkit"):
+        assert run_cli(args, capsys)[0] == 0
+    assert f"replaced the earlier distilled-set in {out}" in caplog.text
+    code, _, err = run_cli(["evaluate", str(out), "--seeds", "0,,1"], capsys)
+    assert code == 2 and err == "error: --seeds must be comma-separated integers like 0,1,2, got '0,,1'\n"
+    code, _, err = run_cli(["evaluate", str(out), "--label-mode", "stored"], capsys)
+    assert code == 2 and err.startswith("error: label_mode 'stored' needs soft labels in the distilled set;")
+    caplog.clear()
+    teacher = tmp_path / "t"
+    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", str(teacher),
+                    "-q"], capsys)[0] == 0
+    with caplog.at_level("WARNING", logger="ddkit"):
+        code, _, err = run_cli(["evaluate", str(out), "--teacher", str(teacher), "--label-mode", "hard", "--seeds", "0",
+                                "--set", "student=tiny_convnet", "--set", "train.epochs=1", "--set", "full_reference=false",
+                                "--set", "random_baseline=false", "--set", "fkd_store=nowhere", "-q"], capsys)
+    assert code == 0, err
+    assert "label mode hard trains on the set's own labels: --teacher is not used" in caplog.text
+    assert "label mode hard replays no FKD store: fkd_store is not used" in caplog.text

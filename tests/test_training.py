@@ -102,8 +102,11 @@ def test_resume_equals_uninterrupted(tiny, tmp_path, augment, precision):
     assert ("scaler" in ck) == (precision == "fp16")  # fp16: GradScaler state travels with the checkpoint
     if precision == "fp16":
         assert ck["scaler"]["scale"] > 0
-    resumed = _train(tiny, cfg, state_path=state)
+    calls = []
+    resumed = _train(tiny, cfg, state_path=state, progress=lambda e, n, r: calls.append((e, n)))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+    # the bar starts where the training does (it appeared only after the first epoch it ran)
+    assert calls == [(2, 4), (3, 4), (4, 4)]
     for va, vb in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(va, vb)
 

@@ -357,6 +357,8 @@ def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = Non
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
+        if any(old.iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
+            log.warning("replaced the earlier %s in %s", folder_kind(old) or "output", final)
         shutil.rmtree(old, ignore_errors=True)
 
 

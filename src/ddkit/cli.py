@@ -43,7 +43,9 @@ class Progress:
 
         if label != self.label or self.bar is None:
             self.close()
-            self.bar = tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+            # into a log file (no terminal), an update every 30 s instead of every 0.1 s
+            self.bar = tqdm(total=total, desc=label, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr,
+                            mininterval=0.1 if sys.stderr.isatty() else 30.0)
             self.label = label
         self.bar.update(done - self.bar.n)
         if record and "loss" in record:
@@ -143,7 +145,7 @@ def _seeds(text: str) -> list[int]:
     from ddkit.config import SEED_LIMIT
 
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip() != ""]
+        seeds = [int(s) for s in text.split(",")]  # an empty item ("0,,1") is a typo, not a separator
     except ValueError:
         raise DDKitError(f"--seeds must be comma-separated integers like 0,1,2, got {text!r}") from None
     bad = [s for s in seeds if not 0 <= s < SEED_LIMIT]
@@ -222,7 +224,12 @@ def cmd_evaluate(args) -> int:
     if args.precision is not None:
         _section(overrides, "train")["precision"] = args.precision
     apply_overrides(overrides, list(args.set or []))  # last, over the flags
-    protocol = resolve_protocol(args.protocol, overrides)
+    protocol = resolve_protocol(args.protocol, overrides, where="")  # keys as --set names them
+    if protocol.label_mode == "hard" and args.teacher:
+        log.warning("label mode hard trains on the set's own labels: --teacher is not used")
+    if protocol.label_mode != "fkd" and protocol.fkd_store:
+        log.warning("label mode %s replays no FKD store: fkd_store is not used (--label-mode fkd replays it)",
+                    protocol.label_mode)
     dcfg_data = dict(distilled.manifest["dataset_config"])
     if args.data_path is not None:
         if dcfg_data.get("name") == "synthetic":
@@ -456,15 +463,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp, data=True, device=True, overrides=True):
+    def common(sp, data=True, device=True, overrides=True, example="teacher.train.lr=0.1"):
         if data:
             sp.add_argument("--dataset", help="dataset key (`ddkit list datasets`)")
             sp.add_argument("--data-path", help="folder or file with the dataset")
         if device:
             sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         if overrides:
-            sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. teacher.train.lr=0.1")
+            sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"config override, e.g. {example}")
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
 
     def precision_flag(sp, what):
         sp.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
@@ -489,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--teacher", help="teacher artifact directory")
     sp.add_argument("--soft-labels", action="store_true", help="store the teacher's logits as soft labels")
     sp.add_argument("--out", required=True)
-    common(sp)
+    common(sp, example="distill.options.iterations=200")
     sp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("evaluate", help="train fresh students on a distilled set and report accuracy")
@@ -503,13 +512,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
     sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
     sp.add_argument("--out", help="eval JSON path (default inside the distilled set)")
-    common(sp, data=False)
+    common(sp, data=False, example="train.epochs=50")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("run", help="run a whole pipeline from a YAML config, reusing finished stages")
     sp.add_argument("config")
     sp.add_argument("--out")
-    common(sp, data=False)
+    common(sp, data=False, example="distill.ipc=50")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, DM IPC 10, evaluation, report (CPU minutes)")
@@ -522,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="run a matrix of datasets x methods x IPCs x students x label modes (resumable)")
     sp.add_argument("config", help="bench YAML (see configs/bench/)")
     sp.add_argument("--out", help="run directory (default: the config's out)")
-    common(sp, data=False)
+    common(sp, data=False, example="seeds=[0,1]")
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("report", help="write report.md / report.html with tables and plots for a bench run")
@@ -558,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--out", required=True)
-    common(sp)
+    common(sp, example="experts.epochs=20")
     sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")

@@ -525,6 +525,8 @@ def train_classifier(
 
     n = len(data)
     bs = min(cfg.batch_size, n)
+    if progress is not None and start_epoch < cfg.epochs:  # a bar from the start, not after the first epoch
+        progress(start_epoch, cfg.epochs, {})
     for epoch in range(start_epoch, cfg.epochs):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(cfg, epoch)

@@ -283,6 +283,8 @@ def evaluate(
             "same files"
         )
     mode = protocol.label_mode
+    if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
+        raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
     made_by = (man.get("teacher") or {}).get("weights_sha")
@@ -308,8 +310,6 @@ def evaluate(
         store.check_matches(distilled, teacher)
     if teacher is not None:
         teacher.check_compatible(data)
-    if mode == "stored" and distilled.soft_labels is None:
-        raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
 
     train, learned = protocol.train, None
     if protocol.learned_lr:
