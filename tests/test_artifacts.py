@@ -257,7 +257,7 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
             atomic_dir(afile / "x"):  # it said "cannot create the output folder ... (File exists)"
         pass
     ds = _random_set(tiny, tmp_path)
-    with pytest.raises(DDKitError, match="holds a ddkit 'distilled-set' output, where a 'imagefolder-export'"):
+    with pytest.raises(DDKitError, match="holds a ddkit 'distilled-set' output, where an 'imagefolder-export'"):
         ds.export(ds.path, "imagefolder")
     with pytest.raises(DDKitError, match="is a folder; --format pt writes one file"):
         ds.export(precious, "pt")

@@ -327,6 +327,11 @@ def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeyp
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 130
     assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["ipc"] == 3
     assert not (tmp_path / "run/report").exists() and not (tmp_path / "run/manifest.json").exists()
+    # `show` on a killed first run (no config.json yet) says what it is ("holds no ddkit record" before)
+    (tmp_path / "run/config.json").unlink()
+    code, _, err = run_cli(["show", str(tmp_path / "run")], capsys)
+    assert code == 2 and err == (f"error: {str(tmp_path / 'run')!r} looks like an unfinished `ddkit run` (stages done: "
+                                 "distilled; no run record yet); run its config again to finish it, or show a stage folder\n")
 
 
 @pytest.mark.parametrize(("relabel", "overrides", "message"), [

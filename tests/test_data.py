@@ -257,6 +257,11 @@ def test_explicit_path_never_falls_back(tmp_path, monkeypatch):
         load_dataset("fashion-mnist", path=str(tmp_path / "empty"))
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("fashion-mnist", path=str(tmp_path / "typo"))
+    # the data root given for the dataset's own folder: the fix names the folder inside it
+    with pytest.raises(DataError, match=rf"lacks train-images-idx3-ubyte.*; did you mean '{tmp_path}/data/fashion-mnist'\?$"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"; put the files there$"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "empty"))
 
 
 def test_classes_pin_must_match(tmp_path):

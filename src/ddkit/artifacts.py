@@ -320,7 +320,8 @@ def check_output_dir(final: Path, kind: str | None) -> None:
         raise DDKitError(f"output {str(final)!r} exists and is not a ddkit output (no manifest); choose another --out "
                          "or remove it")
     if kind is not None and found != kind:
-        raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where a {kind!r} output would go; choose another --out or remove it")
+        raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where {'an' if kind[0] in 'aeiou' else 'a'} "
+                         f"{kind!r} output would go; choose another --out or remove it")
 
 
 @contextlib.contextmanager

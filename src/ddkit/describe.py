@@ -72,6 +72,11 @@ def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
     if path.is_dir():
         found = next((path / name for name in _RECORD_FILES if (path / name).is_file()), None)
         if found is None:
+            # a `ddkit run` killed before its last stage has stage folders but no record of its own yet
+            stages = [name for name in ("teacher", "distilled", "labels") if (path / name / MANIFEST).is_file()]
+            if stages:
+                raise DDKitError(f"{str(path)!r} looks like an unfinished `ddkit run` (stages done: {', '.join(stages)}; "
+                                 "no run record yet); run its config again to finish it, or show a stage folder")
             raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
         path = found
     if _is_torch_file(path):

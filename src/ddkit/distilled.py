@@ -258,11 +258,11 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "imagefolder":
             from PIL import Image
 
-            clipped = clipped_fraction(self.images)
-            if clipped:
-                log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG files; export "
-                            "--format pt keeps them exactly", 100 * clipped)
-            with atomic_dir(out, kind="imagefolder-export") as tmp:
+            with atomic_dir(out, kind="imagefolder-export") as tmp:  # a refused --out first, then the warning
+                clipped = clipped_fraction(self.images)
+                if clipped:
+                    log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG files; export "
+                                "--format pt keeps them exactly", 100 * clipped)
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
                 for img, y in zip(to_uint8(self.images), self.labels.tolist()):

@@ -47,6 +47,13 @@ logger = logging.getLogger(__name__)
 # shared helpers
 
 
+
+def _put_files(cfg) -> str:
+    """The fix for a dataset.path that lacks the files: the folder named like the dataset inside it (a data
+    root such as $DDKIT_DATA given for the dataset's own folder), or putting the files there."""
+    inner = Path(cfg.path).expanduser() / cfg.name
+    return f"did you mean {str(inner)!r}?" if inner.is_dir() else "put the files there"
+
 def _check_no_options(cfg: DatasetConfig) -> None:
     if cfg.options:
         raise ConfigError(
@@ -107,7 +114,7 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
         hits = [h for h in hits if h[0] == 0]
         if not hits:
             missing = [f for f in layouts[0] if not (Path(cfg.path).expanduser() / f).exists()]
-            raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; put the files there")
+            raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; {_put_files(cfg)}")
     if not hits:
         assert first_error is not None
         raise first_error
@@ -239,7 +246,7 @@ def _load_idx_dataset(
         if folder is None:
             if cfg.path and order[0].is_dir():  # name what the folder lacks, in whichever form is missing
                 missing = [f"{f} (or {f}.gz)" for f in lacks(order[0])]
-                raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; put the files there") from None
+                raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; {_put_files(cfg)}") from None
             raise exc from None
 
     def file(stem: str) -> Path:
