@@ -567,3 +567,18 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(DDKitError, match=r"^'.*wrong-ipc/manifest.json' says ipc 5 but the set holds \[2, 2, 2, 2\] images "
                                          r"per class; the manifest is damaged: re-create the distilled set$"):
         ddkit.load(wrong_ipc)
+
+
+def test_records_name_other_artifacts_absolutely(tiny, tmp_path, monkeypatch):
+    """A set loaded by a relative path was recorded relative (export source, FKD store, evaluation) and
+    went stale once the record was read from another folder."""
+    from ddkit.labels import relabel
+
+    _random_set(tiny, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    ds = ddkit.load("r3-0")
+    blob = torch.load(ds.export("set.pt", "pt"), weights_only=True)
+    assert blob["config"]["source"] == str(tmp_path / "r3-0")
+    bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 4))  # a bare module: no folder to record
+    store = relabel(ds, bare, epochs=1)
+    assert store.manifest["distilled"]["path"] == str(tmp_path / "r3-0") and store.manifest["teacher"]["path"] is None

@@ -152,6 +152,12 @@ def _atomic_file(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def recorded_path(path: str | Path | None) -> str | None:
+    """How a record names another artifact's folder: absolute (against the current folder), so the
+    record still finds it from another working folder; None for one never saved."""
+    return str(Path(path).absolute()) if path else None
+
+
 def check_output_file(path: str | Path) -> None:
     """Refuse an output file path that ``write_text`` could not write: a folder, or one inside a file."""
     path = Path(path)

@@ -33,6 +33,7 @@ from ddkit.artifacts import (
     load_tensors,
     quiet_torch_load,
     read_manifest,
+    recorded_path,
     save_tensors,
     tensor_bytes,
     write_json,
@@ -232,7 +233,7 @@ class DistilledSet(DescribesDataset, Dataset):
     def export_record(self, kind: str) -> dict:
         """What an export of this set records beside its files: schema version, kind, the set's seed,
         ddkit/torch versions, the classes and which set it came from."""
-        record = base_manifest(kind, {"source": str(self.path) if self.path else None}, self.manifest.get("seed"))
+        record = base_manifest(kind, {"source": recorded_path(self.path)}, self.manifest.get("seed"))
         record.update({"classes": self.classes, "ipc": self.ipc, "source_config_hash": self.manifest.get("config_hash")})
         return record
 

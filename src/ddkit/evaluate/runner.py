@@ -25,6 +25,7 @@ from ddkit.artifacts import (
     check_output_file,
     file_kind,
     read_json,
+    recorded_path,
     tensor_bytes,
     write_json,
 )
@@ -367,7 +368,7 @@ def evaluate(
         "seeds": seeds,
         "protocol_hash": protocol.hash,
         **({"learned_lr": learned} if learned is not None else {}),
-        "distilled": {"path": str(distilled.path) if distilled.path else None, "method": distilled.method,
+        "distilled": {"path": recorded_path(distilled.path), "method": distilled.method,
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},
         "teacher": teacher.record() if teacher is not None else None,

@@ -65,6 +65,7 @@ from ddkit.artifacts import (
     check_fields,
     load_tensors,
     read_manifest,
+    recorded_path,
     save_tensors,
     tensor_bytes,
     write_json,
@@ -565,9 +566,9 @@ def relabel(
         "teacher_bn_batch": teacher_bn_batch,
         "batch_size_independent": True,
         "teacher": {"fingerprint": teacher_fp,
-                    "path": str(teacher.path) if getattr(teacher, "path", None) else None},
+                    "path": recorded_path(getattr(teacher, "path", None))},
         "distilled": {"fingerprint": fingerprint,
-                      "path": str(distilled.path) if getattr(distilled, "path", None) else None},
+                      "path": recorded_path(getattr(distilled, "path", None))},
     })
     store = SoftLabelStore(tensors, manifest)
     log.info("relabelled %d images x %d epochs: %d label bytes", n, epochs, store.nbytes)

@@ -31,6 +31,7 @@ from ddkit.artifacts import (
     quiet_torch_load,
     read_json,
     read_manifest,
+    recorded_path,
     save_tensors,
     write_json,
 )
@@ -85,7 +86,7 @@ class Teacher(DescribesDataset):
 
     def record(self) -> dict[str, Any]:
         """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
-        return {"path": str(Path(self.path).absolute()) if self.path is not None else None,
+        return {"path": recorded_path(self.path),
                 "weights_sha": self.fingerprint}
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,7 +206,7 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
         if t.classes != first.classes or t.manifest["model"]["input_shape"] != first.manifest["model"]["input_shape"]:
             raise DDKitError(f"teacher {str(t.path)!r} was trained on other classes or image sizes than {str(first.path)!r}; "
                              "an ensemble needs teachers of the same dataset")
-    members = [{"path": str(t.path) if t.path else None, "weights_sha": t.fingerprint, "weight": w}
+    members = [{"path": recorded_path(t.path), "weights_sha": t.fingerprint, "weight": w}
                for t, w in zip(teachers, weights)]
     # by weights, not paths: the same teachers copied elsewhere are the same ensemble
     identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
