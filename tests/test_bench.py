@@ -274,6 +274,30 @@ def test_a_resumed_synthesis_is_marked(tmp_path):
     assert json.loads((tmp_path / "distilled" / "set.synthesis.json").read_text())["resumed"] is True
 
 
+def test_a_damaged_set_or_cached_evaluation_is_made_again(tmp_path, caplog):
+    """A set whose images file was truncated was reused and failed at its first evaluation ("is corrupt;
+    re-create it"); a broken cached evaluation stopped the bench. Both are made again, with a warning."""
+    from ddkit.bench import _Bench, _distill_stage
+    from ddkit.data.base import DatasetConfig, make_synthetic
+    from ddkit.pipeline import DistillConfig
+
+    data, dcfg = make_synthetic(), DatasetConfig(name="synthetic")
+    cfg = DistillConfig(method="random", ipc=2)
+    (tmp_path / "distilled").mkdir()
+    ddir = tmp_path / "distilled" / "set"
+    _distill_stage(data, dcfg, cfg, ddir, None, "cpu")
+    whole = (ddir / "images.safetensors").read_bytes()
+    (ddir / "images.safetensors").write_bytes(whole[:50])
+    with caplog.at_level("WARNING"):
+        _distill_stage(data, dcfg, cfg, ddir, None, "cpu")
+    assert "distilling again" in caplog.text and (ddir / "images.safetensors").read_bytes() == whole
+    broken = tmp_path / "eval.json"
+    broken.write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert _Bench._cached_eval(broken) is None
+    assert "evaluating again" in caplog.text
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_set_killed_around_its_save_is_not_made_again(tmp_path, monkeypatch, when):
     """A kill between saving a set and writing its synthesis record made the next run distil the set

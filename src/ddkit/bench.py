@@ -73,6 +73,7 @@ from ddkit.pipeline import (
     distill_hash,
     ensemble_identity,
     protocol_inputs,
+    reusable_stage,
     work_dir,
 )
 from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
@@ -432,7 +433,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
     want = distill_hash(dist_cfg, data, teacher)
     made = read_json(stats_path) if stats_path.is_file() else {}
     made = made if made.get("config_hash") == want else {}
-    if made and (ddir / "manifest.json").is_file() and read_json(ddir / "manifest.json").get("config_hash") == want:
+    if made and reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
+                               and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"):
         discard_work(ddir, want)
         return made
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
@@ -649,9 +651,9 @@ class _Bench:
     def _cached_eval(path: Path) -> dict | None:
         """The evaluation cached at ``path``, unless it is missing or was made with another thread count
         (float sums depend on it: a student trained with another one is another number)."""
-        if not path.is_file():
+        rep = reusable_stage(lambda: read_json(path), path, "evaluating")  # a damaged one is made again
+        if not rep:
             return None
-        rep = read_json(path)
         made = rep.get("run", {}).get("torch_threads")
         if made in (None, torch.get_num_threads()):
             return rep

@@ -443,7 +443,7 @@ def run(
 
     ddir = out / "distilled"
     want = distill_hash(cfg.distill, data, teacher)
-    found = _reusable(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
+    found = reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
                       and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
     # rank 0's decision on every rank: a rank that looks late may find the set rank 0 has just made (a method
     # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
@@ -467,7 +467,7 @@ def run(
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
                            "teacher": teacher.fingerprint if teacher is not None else None, **protocol_inputs(protocol)})
-        report = _reusable(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r, path, "evaluating")
+        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r, path, "evaluating")
         if report:
             summary["reused"].append(path.name)
         else:
@@ -492,7 +492,7 @@ def run(
     return summary
 
 
-def _reusable(load: Callable[[], Any], marker: Path, redo: str) -> Any:
+def reusable_stage(load: Callable[[], Any], marker: Path, redo: str) -> Any:
     """``load()`` (falsy when the stage there has other settings) if ``marker`` exists; a stage that cannot
     be read (damaged) is falsy too, with a warning that the run is ``redo``-ing it."""
     if not marker.is_file():
