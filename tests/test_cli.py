@@ -721,7 +721,7 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
                           str(tmp_path / "r2"), "-q"], capsys)
     assert code == 0
     code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--out", str(precious), "--seeds", "0,0", "-q"], capsys)
-    assert code == 2 and "repeat a seed" in err
+    assert code == 2 and err == "error: evaluation seeds: [0, 0] repeats a seed (the same run twice would inflate n); give distinct seeds\n"
     # the set's data moved: evaluate's hint names its --data-path, not the config key it cannot set
     man = json.loads((tmp_path / "r2" / "manifest.json").read_text())
     (tmp_path / "r2" / "manifest.json").write_text(json.dumps(

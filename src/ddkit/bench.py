@@ -433,8 +433,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
     want = distill_hash(dist_cfg, data, teacher)
     made = read_json(stats_path) if stats_path.is_file() else {}
     made = made if made.get("config_hash") == want else {}
-    if made and reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                               and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"):
+    if made and isinstance(reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
+                                          and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"), DistilledSet):
         discard_work(ddir, want)
         return made
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside

@@ -444,11 +444,11 @@ def run(
     ddir = out / "distilled"
     want = distill_hash(cfg.distill, data, teacher)
     found = reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                      and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
+                           and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
     # rank 0's decision on every rank: a rank that looks late may find the set rank 0 has just made (a method
     # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
-    if ddist.broadcast_object(bool(found)):
-        distilled = found or DistilledSet.load(ddir)
+    if ddist.broadcast_object(isinstance(found, DistilledSet)):
+        distilled = found if isinstance(found, DistilledSet) else DistilledSet.load(ddir)
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:

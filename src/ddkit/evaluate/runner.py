@@ -254,10 +254,7 @@ def evaluate(
     """
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
-    if isinstance(seeds, (list, tuple)) and len(set(map(repr, seeds))) != len(seeds):
-        raise DDKitError(f"evaluation seeds {list(seeds)} repeat a seed (the same student twice would inflate n); pass "
-                         "distinct seeds")
-    seeds = seed_list(seeds, "evaluation seeds")
+    seeds = seed_list(seeds, "evaluation seeds")  # integers in range, none repeated
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
     if data is not None:
