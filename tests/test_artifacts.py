@@ -406,14 +406,18 @@ def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):
                    f"out: {tmp_path / 'run'}\n")
     assert main(["run", str(cfg), "-q"]) == 0
     capsys.readouterr()
-    for name in ("distilled/manifest.json", "eval-hard.json"):
-        record = tmp_path / "run" / name
-        kept = record.read_text()
-        record.write_text("[]")
-        assert main(["run", str(cfg), "-q"]) == 2
-        err = capsys.readouterr().err
-        assert err == f"error: file {str(record)!r} is corrupt (a JSON list, not an object); re-create it\n"
-        record.write_text(kept)
+    # a damaged evaluation is made again; a set folder whose manifest is damaged is not replaced unasked
+    record = tmp_path / "run" / "eval-hard.json"
+    kept = json.loads(record.read_text())
+    record.write_text("[]")
+    assert main(["run", str(cfg), "-q"]) == 0
+    assert json.loads(record.read_text())["results"] == kept["results"]
+    record = tmp_path / "run" / "distilled/manifest.json"
+    record.write_text("[]")
+    assert main(["run", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: output {str(record.parent)!r} exists and is not a ddkit output (its manifest.json is damaged "
+                   "or not ddkit's); choose another --out or remove it\n")
 
 
 def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):

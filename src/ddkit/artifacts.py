@@ -323,7 +323,8 @@ def check_output_dir(final: Path, kind: str | None) -> None:
         return
     found = folder_kind(final)
     if found is None:
-        raise DDKitError(f"output {str(final)!r} exists and is not a ddkit output (no manifest); choose another --out "
+        why = "its manifest.json is damaged or not ddkit's" if (final / MANIFEST).exists() else "no manifest"
+        raise DDKitError(f"output {str(final)!r} exists and is not a ddkit output ({why}); choose another --out "
                          "or remove it")
     if kind is not None and found != kind:
         raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where {'an' if kind[0] in 'aeiou' else 'a'} "

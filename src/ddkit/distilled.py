@@ -205,15 +205,14 @@ class DistilledSet(DescribesDataset, Dataset):
         if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
             raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found {int(labels.min())}.."
                              f"{int(labels.max())}); re-create the distilled set")
-        counts = manifest.get("class_counts")
-        if counts is not None and counts != torch.bincount(labels, minlength=num_classes or 0).tolist():
-            raise DDKitError(f"{path / IMAGES} holds {torch.bincount(labels, minlength=num_classes or 0).tolist()} images "
-                             f"per class but the manifest says {counts}; re-create the distilled set")
+        counts, held = manifest.get("class_counts"), torch.bincount(labels, minlength=num_classes or 0).tolist()
+        if counts is not None and counts != held:
+            raise DDKitError(f"{path / IMAGES} holds {held} images per class but the manifest says {counts}; re-create "
+                             "the distilled set")
         ipc = manifest["ipc"]  # the random baseline of an evaluation draws this many real images per class
-        if ipc is not None and len(labels) and set(torch.bincount(labels, minlength=num_classes or 0).tolist()) != {ipc}:
-            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds "
-                             f"{torch.bincount(labels, minlength=num_classes or 0).tolist()} images per class; the "
-                             "manifest is damaged: re-create the distilled set")
+        if ipc is not None and held and set(held) != {ipc}:
+            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds {held} images per class; "
+                             "the manifest is damaged: re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
             stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")
