@@ -913,7 +913,8 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
     (tmp_path / "afile").write_text("mine")
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1",
                             "--out", str(tmp_path / "afile" / "sub"), "-q"], capsys)
-    assert code == 2 and err == f"error: {str(tmp_path / 'afile')!r} is a file where a folder is needed; choose another path\n"
+    assert code == 2 and err == (f"error: output {str(tmp_path / 'afile' / 'sub')!r} lies inside {str(tmp_path / 'afile')!r}, "
+                                 "which is a file; give another path\n")
     assert (tmp_path / "afile").read_text() == "mine"
 
 
