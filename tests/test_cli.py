@@ -1020,3 +1020,33 @@ def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
     assert code == 0, err
     assert "label mode hard trains on the set's own labels: --teacher is not used" in caplog.text
     assert "label mode hard replays no FKD store: fkd_store is not used" in caplog.text
+
+
+def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):
+    """A rank whose peer was killed mid-collective printed gloo's 30-line traceback ("Connection closed by
+    peer"); it now says in one line that another process stopped, and exits non-zero. Any other
+    RuntimeError (a bug) keeps its traceback."""
+    import ddkit.cli as cli
+    import ddkit.distributed as ddist
+
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(ddist, "shutdown", lambda barrier=True: None)
+    monkeypatch.setenv("RANK", "1")
+    args = cli.build_parser().parse_args(["list", "methods"])
+
+    def lost(_):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.1]:1")
+
+    args.func = lost
+    assert cli._main(args) == 1
+    assert capsys.readouterr().err == (
+        "rank 1: error: another process of this torchrun job stopped ([../third_party/gloo/gloo/transport/tcp/pair.cc:561] "
+        "Connection closed by peer [10.0.0.1]:1); its own output says why: rerun the command, which resumes where the "
+        "job got to\n")
+
+    def bug(_):
+        raise RuntimeError("shape mismatch")
+
+    args.func = bug
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        cli._main(args)

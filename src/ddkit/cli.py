@@ -654,6 +654,14 @@ def _stopped(exc: KeyboardInterrupt) -> int:
     return 143 if term else 130
 
 
+def _peer_lost(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective's failure because another rank went away."""
+    import torch.distributed as dist
+
+    lost = ("connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "nccl communicator")
+    return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(w in str(exc).lower() for w in lost)
+
+
 def _main(args: argparse.Namespace) -> int:
     # importing torch (below) takes seconds, in which a Ctrl-C or SIGTERM must end as a later one does
     try:
@@ -680,6 +688,16 @@ def _main(args: argparse.Namespace) -> int:
         code = _stopped(exc)
         ddist.shutdown(barrier=False)
         return code
+    except RuntimeError as exc:
+        lost = ddist.current().enabled and _peer_lost(exc)
+        ddist.shutdown(barrier=False)
+        if not lost:
+            raise
+        # gloo / NCCL: another rank of the job was killed or failed while this one waited on it
+        cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]  # gloo: "...: Connection reset by peer. This is..."
+        _error(f"another process of this torchrun job stopped ({cause}); its own "
+               "output says why: rerun the command, which resumes where the job got to")
+        return 1
     except BaseException:
         ddist.shutdown(barrier=False)
         raise
