@@ -329,10 +329,14 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
         ddkit.load(path)
 
 
+_OTHER = "or undo another option that makes the updates larger (a network's lr, a loss weight)"  # dc's lr_net=1e30
+
+
 @pytest.mark.parametrize("options, fix", [
-    ({"lr_img": 100.0, "lr_lr": 1e-5}, "lower distill.options.lr_img (now 100)"),  # DC, DM, MTT, ...: the images' lr
-    ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25)"),  # SRe2L, EDC, CV-DD, ...
-    ({}, "lower the learning rate of its images in distill.options"),  # a method without such a field
+    ({"lr_img": 100.0, "lr_lr": 1e-5}, "lower distill.options.lr_img (now 100), " + _OTHER),  # DC, DM, MTT: the images' lr
+    ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25), " + _OTHER),  # SRe2L, EDC, CV-DD, ...
+    # a method without such a field
+    ({}, "lower the learning rate of its images in distill.options, or undo another option that makes the updates larger"),
 ])
 def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, options, fix):
     """The error said "lower its learning rate" without naming which setting that is."""

@@ -356,8 +356,9 @@ def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
     for key in IMAGE_LR_OPTIONS:
         value = method_config.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return f"lower {options_key}.{key} (now {value:g})"
-    return f"lower the learning rate of its images in {options_key}"
+            return (f"lower {options_key}.{key} (now {value:g}), or undo another option that makes the updates "
+                    "larger (a network's lr, a loss weight)")
+    return f"lower the learning rate of its images in {options_key}, or undo another option that makes the updates larger"
 
 
 def save_grid(

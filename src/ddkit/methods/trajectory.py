@@ -455,7 +455,7 @@ def train_experts(
     where: str = "experts",
 ) -> ExpertBuffer:
     """Train an expert buffer on ``data.train`` and (if ``out``) save it as an artifact; ``where``:
-    the config key of ``cfg``, which an error in its model names (a method's: ``distill.options.buffer``).
+    the config key of ``cfg``, which errors in its model and lr name (a method's: ``distill.options.buffer``).
 
     Resumable per expert (finished experts live in a hidden sibling folder until the artifact is
     complete); ``progress(i + 1, num_experts, {"test_accuracy", "train_loss"})`` after expert ``i``;
@@ -505,7 +505,7 @@ def train_experts(
             except Diverged as exc:
                 if partial is not None:  # the same settings diverge again: nothing worth resuming
                     shutil.rmtree(partial, ignore_errors=True)
-                raise DDKitError(f"expert {i}: {exc}; nothing was saved: lower experts.lr (now {cfg.lr:g})") from None
+                raise DDKitError(f"expert {i}: {exc}; nothing was saved: lower {where}.lr (now {cfg.lr:g})") from None
             summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
             if done is not None:
