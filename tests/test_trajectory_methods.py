@@ -542,6 +542,10 @@ def test_datm_start_epochs_follow_window(tiny, buffer):
     assert starts[:2] == [0, 0] and max(starts) == 2
     assert all(s < window_upper(i, DATMConfig(**window)) for i, s in enumerate(starts))
     assert out.soft_labels.shape == (8, 4) and out.soft_labels.dtype == torch.float32
+    epochs = buffer.epochs
+    with pytest.raises(ConfigError, match=rf"^distill.options.label_epoch {epochs + 1} is outside the buffer's epochs "
+                                          rf"0..{epochs} \(or -{epochs + 1}..-1, counted back from the last\)$"):
+        _fit("datm", tiny, buffer.path, iterations=1, label_epoch=epochs + 1, **window)
 
 
 def test_datm_label_init_averages_correct_experts():

@@ -433,7 +433,8 @@ class _TrajectoryMatching(Method):
             raise ConfigError(window)
         label_epoch = getattr(cfg, "label_epoch", -1)
         if not -buffer.epochs - 1 <= label_epoch <= buffer.epochs:
-            raise ConfigError(f"label_epoch {label_epoch} is outside the buffer's epochs 0..{buffer.epochs} (or -1 for the last)")
+            raise ConfigError(f"{ctx.options_key}.label_epoch {label_epoch} is outside the buffer's epochs 0..{buffer.epochs} "
+                              f"(or -{buffer.epochs + 1}..-1, counted back from the last)")
         student = FunctionalStudent(buffer.build_model().to(device).train())
         augment = build_augment(cfg.augment, **cfg.augment_options)
         size = tuple(real.image_shape[-2:])

@@ -733,7 +733,7 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
     sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
                      work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None,
                      options_key=f"{ctx.options_key}.rded_options")
-    out = cls(from_dict(cls.Config, dict(cfg.rded_options), "rded_options")).fit(real, teachers, sub).synthetic_
+    out = cls(from_dict(cls.Config, dict(cfg.rded_options), f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
     imgs = out.images[order]
     imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
