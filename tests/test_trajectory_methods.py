@@ -743,3 +743,11 @@ def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra
     assert not list((tmp_path / "cache2" / "experts").glob(".*partial*")), "the hidden per-expert folder was left behind"
     # only the (empty) lock file of the entry stays beside it: deleting a lock file races with its next user
     assert [p.name for p in (tmp_path / "cache2" / "experts").glob(".*")] == [f".{experts[1][0].parent.name}.lock"]
+
+
+@pytest.mark.parametrize("name", ["mtt", "tesla", "ftd", "datm", "shq"])
+def test_an_empty_experts_path_is_refused(name):
+    """experts: '' trained a buffer on the fly, as if the option were left out."""
+    with pytest.raises(ConfigError, match=r"^distill.options: experts is empty; give the expert buffer's folder, or leave "
+                                          r"it out \(null\) to train `buffer` on the fly$"):
+        from_dict(METHODS.get(name).Config, {"experts": " "}, "distill.options")

@@ -167,6 +167,9 @@ class MTTConfig(Checked):
 
     def __post_init__(self) -> None:
         problems = []
+        if self.experts is not None and not self.experts.strip():  # '' trained experts on the fly, unasked
+            problems.append("experts is empty; give the expert buffer's folder, or leave it out (null) to train "
+                            "`buffer` on the fly")
         if not 0 <= self.inner_momentum < 1:
             problems.append(f"inner_momentum must lie in [0, 1), got {self.inner_momentum}")
         if self.representative_clusters < 0:
