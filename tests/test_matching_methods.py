@@ -226,6 +226,17 @@ def test_config_errors(cfg_cls, options, match):
         cfg_cls(**options)
 
 
+@pytest.mark.parametrize("cfg_cls", [DSAConfig, DMConfig, DataDAMConfig])
+def test_dsa_option_errors_name_dsa_options(cfg_cls):
+    """They named build_augment's augment_options, a key these methods do not have."""
+    with pytest.raises(ConfigError, match=r"^distill.options.dsa_options: DSA strategy '' with flip=True has no "
+                                          r"operation left$"):
+        from_dict(cfg_cls, {"dsa_options": {"strategy": ""}}, "distill.options")
+    with pytest.raises(ConfigError, match=r"^distill.options.dsa_options: augmentation 'dsa' has no option\(s\) "
+                                          r"\['bogus'\]"):
+        from_dict(cfg_cls, {"dsa_options": {"bogus": 1}}, "distill.options")
+
+
 def test_unknown_key_is_a_config_error():
     with pytest.raises(ConfigError, match="lr_img"):
         from_dict(DMConfig, {"lr_imgs": 1.0})

@@ -101,7 +101,12 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"batch_real must be >= 1, got {cfg.batch_real}")
     check_model(cfg.model)
     if hasattr(cfg, "dsa_options"):
-        build_augment("dsa", **cfg.dsa_options)  # unknown DSA options fail here
+        try:
+            build_augment("dsa", **cfg.dsa_options)  # unknown DSA options fail here
+        except ConfigError as e:  # named as the method's option, not build_augment's augment_options
+            msg = str(e)
+            raise ConfigError(f"dsa_options{msg.removeprefix('augment_options')}" if msg.startswith("augment_options")
+                              else f"dsa_options: {msg}") from None
 
 
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
