@@ -30,8 +30,10 @@ from ddkit.artifacts import (
     base_manifest,
     check_classes,
     check_normalisation,
+    folder_kind,
     load_tensors,
     quiet_torch_load,
+    read_json,
     read_manifest,
     recorded_path,
     save_tensors,
@@ -289,33 +291,30 @@ def ipc_text(ipc: int | None) -> str:
 
 def _refuse_export(path: Path) -> None:
     """An export of a set given where the set is meant: say what it is and what to pass instead."""
-    import json
-
-    if path.is_file() and path.stat().st_size and _is_pt_export(path):
-        source = quiet_torch_load(path).get("config", {}).get("source")
+    if path.is_file() and path.stat().st_size and (record := _pt_export_record(path)) is not None:
         what, use = "a pt export", f"torch.load({str(path)!r}, weights_only=True) reads it"
-    elif path.is_dir() and not (path / "manifest.json").exists() and (path / "classes.json").is_file():
-        try:
-            record = json.loads((path / "classes.json").read_text())
-        except (OSError, ValueError):
-            return
-        if not (isinstance(record, dict) and record.get("kind") == "imagefolder-export"):
-            return
-        source = record.get("config", {}).get("source")
+    elif path.is_dir() and folder_kind(path) == "imagefolder-export":
+        record = read_json(path / "classes.json")
         what, use = "an imagefolder export", "PNG class folders for other tools"
     else:
         return
+    source = (record.get("config") or {}).get("source")
     raise DDKitError(f"{str(path)!r} is {what} of a distilled set, not the set ({use}); pass the set's folder"
                      + (f" ({source})" if source else ""))
 
 
-def _is_pt_export(path: Path) -> bool:
-    """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
+def _pt_export_record(path: Path) -> dict | None:
+    """The record of a file an earlier ``export --format pt`` wrote, or None for any other file."""
     try:
         record = quiet_torch_load(path)
     except Exception:
-        return False
-    return isinstance(record, dict) and record.get("kind") == "pt-export"
+        return None
+    return record if isinstance(record, dict) and record.get("kind") == "pt-export" else None
+
+
+def _is_pt_export(path: Path) -> bool:
+    """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
+    return _pt_export_record(path) is not None
 
 
 def class_folder_names(classes: list[str]) -> list[str]:
