@@ -1023,6 +1023,23 @@ def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
     assert "label mode hard replays no FKD store: fkd_store is not used" in caplog.text
 
 
+def test_only_rank_0_of_a_torchrun_job_prints_warnings(tmp_path):
+    """Every rank of a torchrun job printed the same warnings (datm's, cvdd's, a replaced output's);
+    ranks other than 0 now print errors only, unless -v asks for every rank's messages."""
+    out = tmp_path / "set"
+    cmd = [sys.executable, "-m", "ddkit", "distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2",
+           "--out", str(out), "-q"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    assert subprocess.run(cmd, capture_output=True, text=True, env=env).returncode == 0
+    warned = f"WARNING ddkit.artifacts: replaced the earlier distilled-set in {out}"
+    rank0 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "0"})
+    rank1 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "1"})
+    verbose = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env={**env, "RANK": "1"})
+    assert (rank0.returncode, rank1.returncode, verbose.returncode) == (0, 0, 0)
+    assert warned in rank0.stderr and warned in verbose.stderr
+    assert rank1.stderr == ""
+
+
 def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):
     """A rank whose peer was killed mid-collective printed gloo's 30-line traceback ("Connection closed by
     peer"); it now says in one line that another process stopped, and exits non-zero. Any other

@@ -638,7 +638,11 @@ def _os_error(exc: OSError) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # the ranks of a torchrun job run the same code and would repeat every warning: only rank 0 warns
+    # (errors still come from every rank, naming it); -v shows every rank's messages
+    quiet_rank = os.environ.get("RANK", "0") not in ("", "0")
+    level = logging.INFO if args.verbose else logging.ERROR if quiet_rank else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return _main(args)
     previous = signal.signal(signal.SIGTERM, _terminate)
