@@ -85,6 +85,10 @@ def test_rded_pool_too_small_is_a_clear_error(data, teacher, tmp_path):
         METHODS.get("rded")(RDEDConfig(mipc=30, num_crop=2, factor=2)).fit(data, [teacher], FitContext(ipc=7, seed=0))
     assert str(err.value) == ("rded needs 28 real images per class (ipc 7 x factor 2^2) but class 'class0' has 24; "
                               "lower --ipc or distill.options.factor")
+    # both too small: the class size is named first (raising mipc, as the other message says, cannot help it)
+    with pytest.raises(DDKitError) as err:
+        METHODS.get("rded")(RDEDConfig(mipc=5, num_crop=2, factor=2)).fit(data, [teacher], FitContext(ipc=7, seed=0))
+    assert str(err.value).startswith("rded needs 28 real images per class (ipc 7 x factor 2^2) but class 'class0'")
     # run by another method (init: rded), the keys are those inside its options; with factor 1 only --ipc helps
     with pytest.raises(ConfigError, match=r"but mipc is 1; raise distill.options.rded_options.mipc to at least 2, or "
                                           r"lower --ipc$"):

@@ -195,17 +195,18 @@ class RDED(Method):
         mean, std = getattr(teacher, "mean", real.mean), getattr(teacher, "std", real.std)
         # what lowers the need: the images per class, and the patches per image while there are several
         lower = f"--ipc or {ctx.options_key}.factor" if factor > 1 else "--ipc"
-        if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
-            raise ConfigError(
-                f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
-                f"raise {ctx.options_key}.mipc to at least {need}, or lower {lower}"
-            )
         counts = real.train.class_counts(real.num_classes)
         if int(counts.min()) < need:
             c = int(counts.argmin())
             raise DataError(
                 f"rded needs {need} real images per class (ipc {ipc} x factor {factor}^2) but class "
                 f"{real.classes[c]!r} has {int(counts.min())}; lower {lower}"
+            )
+        # checked after the class sizes: raising mipc cannot help a class too small
+        if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
+            raise ConfigError(
+                f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
+                f"raise {ctx.options_key}.mipc to at least {need}, or lower {lower}"
             )
 
         mine = common.my_classes(real.num_classes)
