@@ -350,6 +350,28 @@ def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, opt
     assert str(err.value) == f"method 'm' produced non-finite pixels (its images diverged); {fix}"
 
 
+def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
+    """dm with a huge lr_img and momentum ended with pixels of +-5e5 and exit 0, without a word; a set
+    that far outside the data's range is now warned about, with the option to lower. A few units out
+    (a pixel-optimising method's usual set) is not."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    def build(images):
+        with caplog.at_level("WARNING", logger="ddkit"):
+            caplog.clear()
+            DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="dm", method_config={"lr_img": 1e4},
+                               ipc=1, seed=0, config={}, dataset_config={})
+        return caplog.text
+
+    images = torch.rand(4, *tiny.image_shape) * 6 - 3
+    assert build(images) == ""
+    images[1, 0, 0, 0] = -5e5
+    warned = build(images)
+    assert f"method 'dm' produced pixels from -5e+05 to {float(images.max()):.3g}, " in warned
+    assert "far outside the data's 0..1 (its images likely diverged); lower distill.options.lr_img (now 10000)" in warned
+
+
 def test_full_method_is_whole_training_set(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"^distill: ipc 3 does not apply to method 'full', which keeps every training "
                                           r"image; remove ipc \(or set ipc: null\)$"):

@@ -130,6 +130,10 @@ class DistilledSet(DescribesDataset, Dataset):
             )
         if not torch.isfinite(images.float()).all():
             raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config, options_key)}")
+        low, high = pixel_range(images)
+        if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
+            log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
+                        "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
         counts = torch.bincount(labels, minlength=data.num_classes).tolist()
         if ipc is not None and set(counts) != {ipc}:
             raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
@@ -348,6 +352,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 #: the options that set the learning rate of a method's images, by the name its Config gives them
 #: (``lr_img``: DC, DSA, DM, DataDAM and the trajectory-matching methods; ``lr``: the recovery methods)
 IMAGE_LR_OPTIONS = ("lr_img", "lr")
+# how far outside 0..1 a pixel may lie before a set is taken to have diverged: pixel-optimising methods
+# leave 0..1 by a few units (ZCA-whitened sets by tens), a diverged one by orders of magnitude
+FAR_OUT = 1000.0
 
 
 def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
