@@ -628,7 +628,7 @@ def test_distill_with_mismatched_teacher(workdir, tmp_path, capsys):
     code, _, err = run_cli(["distill", "--dataset", "synthetic", "--set", "dataset.options={num_classes: 5}",
                             "--method", "random", "--ipc", "2", "--teacher", str(workdir / "teacher"),
                             "--out", str(tmp_path / "o"), "-q"], capsys)
-    assert code == 2 and "teacher has 4 classes but dataset 'synthetic' has 5" in err
+    assert code == 2 and f"teacher '{workdir / 'teacher'}' has 4 classes but dataset 'synthetic' has 5" in err
     assert not (tmp_path / "o").exists()
 
 

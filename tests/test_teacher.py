@@ -44,22 +44,22 @@ def test_class_mismatch_errors(teacher_dir, tiny):
     t = Teacher.load(teacher_dir)
     t.check_compatible(tiny)
     five = make_synthetic(num_classes=5)
-    with pytest.raises(DDKitError, match="teacher has 4 classes but dataset 'synthetic' has 5"):
+    with pytest.raises(DDKitError, match=f"teacher '{teacher_dir}' has 4 classes but dataset 'synthetic' has 5"):
         t.check_compatible(five)
     swapped = DataBundle("synthetic", tiny.train, tiny.test, ["class1", "class0", "class2", "class3"], tiny.mean, tiny.std)
     with pytest.raises(DDKitError, match=r"class order differs .* at index 0 \('class0' vs 'class1'\)"):
         t.check_compatible(swapped)
     big = make_synthetic(image_size=20)
-    with pytest.raises(DDKitError, match=r"teacher expects images \[1, 16, 16\]"):
+    with pytest.raises(DDKitError, match=r"teacher '.*' expects images \[1, 16, 16\]"):
         t.check_compatible(big)
     # other names: no order fits, so the order hint ("pass dataset.classes ...") would fail when followed
     renamed = DataBundle("synthetic", tiny.train, tiny.test, ["x", "class1", "class2", "class3"], tiny.mean, tiny.std)
-    with pytest.raises(DDKitError, match=r"teacher classes \['class0', 'class1', 'class2', 'class3'\] differ from dataset "
+    with pytest.raises(DDKitError, match=r"teacher '.*' classes \['class0', 'class1', 'class2', 'class3'\] differ from dataset "
                                          r"'synthetic''s \['x', .*\]; use a teacher trained on this data"):
         t.check_compatible(renamed)
     # colour for a grayscale teacher: the size hint would not help either
     rgb = make_synthetic(channels=3)
-    with pytest.raises(DDKitError, match="teacher expects 1-channel images but dataset 'synthetic' has 3-channel ones"):
+    with pytest.raises(DDKitError, match="teacher '.*' expects 1-channel images but dataset 'synthetic' has 3-channel ones"):
         t.check_compatible(rgb)
 
 

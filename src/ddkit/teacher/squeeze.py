@@ -98,30 +98,32 @@ class Teacher(DescribesDataset):
         return self
 
     def check_compatible(self, data: DataBundle) -> None:
-        """Fail unless ``data`` has the teacher's class names, order and image shape."""
+        """Fail unless ``data`` has the teacher's class names, order and image shape (an error names the
+        teacher's folder, which tells an extra teacher or committee member from the main one)."""
         mine = self.classes
+        who = f"teacher {str(self.path)!r}" if self.path is not None else "teacher"
         if len(mine) != data.num_classes:
             raise DDKitError(
-                f"teacher has {len(mine)} classes but dataset {data.name!r} has {data.num_classes}; "
+                f"{who} has {len(mine)} classes but dataset {data.name!r} has {data.num_classes}; "
                 "use a teacher trained on this dataset"
             )
         if sorted(mine) != sorted(data.classes):  # other names: no order of this data's classes fits
-            raise DDKitError(f"teacher classes {mine} differ from dataset {data.name!r}'s {list(data.classes)}; use a "
+            raise DDKitError(f"{who} classes {mine} differ from dataset {data.name!r}'s {list(data.classes)}; use a "
                              "teacher trained on this data")
         if mine != list(data.classes):
             diff = next(i for i, (a, b) in enumerate(zip(mine, data.classes)) if a != b)
             raise DDKitError(
-                f"teacher class order differs from dataset {data.name!r} at index {diff} "
+                f"{who} class order differs from dataset {data.name!r} at index {diff} "
                 f"({mine[diff]!r} vs {data.classes[diff]!r}); pass dataset.classes in the teacher's order"
             )
         shape = list(self.manifest["model"]["input_shape"])
         if shape[0] != data.image_shape[0]:
-            raise DDKitError(f"teacher expects {shape[0]}-channel images but dataset {data.name!r} has "
+            raise DDKitError(f"{who} expects {shape[0]}-channel images but dataset {data.name!r} has "
                              f"{data.image_shape[0]}-channel ones (grayscale vs colour); use a teacher trained on "
                              "this data")
         if shape != list(data.image_shape):
             raise DDKitError(
-                f"teacher expects images {shape} but dataset {data.name!r} has {list(data.image_shape)}; "
+                f"{who} expects images {shape} but dataset {data.name!r} has {list(data.image_shape)}; "
                 "use the same image size"
             )
 
