@@ -942,10 +942,10 @@ def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--dataset", ""], "dataset: name is empty; give a dataset key (`ddkit list datasets`)"),
-    (["--dataset", "synthetic", "--data-path", ""], "dataset: path is empty; give the data's folder or file, or leave "
-                                                     "path out to search for it"),
-    (["--dataset", "synthetic", "--checkpoint", ""], "teacher: checkpoint is empty; give the weights file to import, or "
+    (["--dataset", ""], "dataset.name is empty; give a dataset key (`ddkit list datasets`)"),
+    (["--dataset", "synthetic", "--data-path", ""], "--data-path is empty; give the data's folder or file, or leave "
+                                                     "it out to search for it"),
+    (["--dataset", "synthetic", "--checkpoint", ""], "teacher.checkpoint is empty; give the weights file to import, or "
                                                      "leave it out (null) to train"),
 ])
 def test_empty_flags_are_refused_not_dropped(tmp_path, capsys, flags, message):
@@ -967,9 +967,9 @@ def test_evaluate_refuses_a_data_path_for_a_generated_set(tmp_path, capsys):
     ("{protocol: mtt-protocol, overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 1}}, label_modes: [hard], "
      "seeds: [0]}", "evaluate: the protocol trains students with the set's learned lr (learned_lr: true), but method "
                     "'random' learns none; use a trajectory method (mtt, tesla, ftd, datm, shq) or set learned_lr: false"),
-    ("{label_modes: [], seeds: [0]}", "evaluate: label_modes is empty; list at least one (hard, teacher, stored or fkd)"),
+    ("{label_modes: [], seeds: [0]}", "evaluate.label_modes is empty; list at least one (hard, teacher, stored or fkd)"),
     ("{label_modes: [hard, hard], seeds: [0]}",
-     "evaluate: label_modes ['hard', 'hard'] repeat a mode (the same evaluation twice); list each once"),
+     "evaluate.label_modes ['hard', 'hard'] repeat a mode (the same evaluation twice); list each once"),
 ])
 def test_run_refuses_evaluations_it_cannot_or_need_not_make(tmp_path, capsys, evaluate, message):
     """A learned-lr protocol for a set without a learned lr failed after the teacher and the set were made

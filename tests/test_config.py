@@ -1,3 +1,4 @@
+import json
 import re
 from pathlib import Path
 
@@ -399,3 +400,18 @@ def test_config_files_that_are_not_utf8_text_or_are_folders(tmp_path):
     utf8 = tmp_path / "utf8.yaml"
     utf8.write_bytes("\ufeff# café\na: 1\n".encode())  # UTF-8, with a byte-order mark as some editors write it
     assert load_yaml(utf8) == {"a": 1}
+
+
+def test_free_form_settings_are_recorded_in_one_key_order():
+    """A set's manifest kept --set options in the order given: the same settings (same hash) written as
+    different bytes. Method options and protocol overrides are now recorded with sorted keys."""
+    from ddkit.pipeline import DistillConfig, EvalConfig
+
+    one = DistillConfig(method="dm", options={"lr_img": 0.5, "iterations": 2, "dsa_options": {"scale": 0.2, "crop": 0.1}})
+    other = DistillConfig(method="dm", options={"iterations": 2, "dsa_options": {"crop": 0.1, "scale": 0.2}, "lr_img": 0.5})
+    assert json.dumps(to_dict(one)) == json.dumps(to_dict(other))
+    assert list(one.options) == ["dsa_options", "iterations", "lr_img"] and list(one.options["dsa_options"]) == ["crop", "scale"]
+    assert config_hash(one) == config_hash(DistillConfig(method="dm", options={"lr_img": 0.5, "iterations": 2,
+                                                                               "dsa_options": {"scale": 0.2, "crop": 0.1}}))
+    ev = EvalConfig(overrides={"train": {"lr": 0.1, "epochs": 3}, "student": "tiny_convnet"})
+    assert list(ev.overrides) == ["student", "train"] and list(ev.overrides["train"]) == ["epochs", "lr"]

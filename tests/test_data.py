@@ -769,7 +769,7 @@ def test_split_names_and_sizes_are_checked_with_one_prefix(tmp_path):
     for split in ("", ".", "./", ".."):
         with pytest.raises(ConfigError, match=f"train_split must be the name of a folder in dataset.path, got {split!r}"):
             DatasetConfig(name="imagefolder", path=str(tmp_path), train_split=split)
-    with pytest.raises(ConfigError, match="^dataset: image_size must be >= 1, got 0$"):
+    with pytest.raises(ConfigError, match="^dataset.image_size must be >= 1, got 0$"):
         from_dict(DatasetConfig, {"name": "imagefolder", "image_size": 0}, "dataset")
 
 

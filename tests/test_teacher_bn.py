@@ -430,11 +430,11 @@ def test_relabel_cli_rejects_non_finite_cutmix_and_out_of_range_seeds(teacher, d
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"cutmix_alpha": 0}, r"relabel: cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
+    ({"cutmix_alpha": 0}, r"relabel.cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
     ({"cutmix_alpha": float("nan")}, "relabel.cutmix_alpha: expected a finite number, got nan"),
-    ({"cutmix_prob": 2}, r"relabel: cutmix_prob must be in \[0, 1\] \(0 disables CutMix\), got 2.0"),
-    ({"epochs": 0}, r"relabel: epochs must be >= 1 \(or null: the protocol's training epochs\), got 0"),
-    ({"top_k": 0}, r"relabel: top_k must be >= 1 \(or null: all logits\), got 0"),
+    ({"cutmix_prob": 2}, r"relabel.cutmix_prob must be in \[0, 1\] \(0 disables CutMix\), got 2.0"),
+    ({"epochs": 0}, r"relabel.epochs must be >= 1 \(or null: the protocol's training epochs\), got 0"),
+    ({"top_k": 0}, r"relabel.top_k must be >= 1 \(or null: all logits\), got 0"),
 ])
 def test_bench_relabel_settings_fail_with_the_config(tmp_path, over, message):
     """These used to pass the bench config and fail (or, epochs 0, silently fall back to the protocol's

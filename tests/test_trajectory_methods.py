@@ -748,6 +748,6 @@ def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra
 @pytest.mark.parametrize("name", ["mtt", "tesla", "ftd", "datm", "shq"])
 def test_an_empty_experts_path_is_refused(name):
     """experts: '' trained a buffer on the fly, as if the option were left out."""
-    with pytest.raises(ConfigError, match=r"^distill.options: experts is empty; give the expert buffer's folder, or leave "
+    with pytest.raises(ConfigError, match=r"^distill.options.experts is empty; give the expert buffer's folder, or leave "
                                           r"it out \(null\) to train `buffer` on the fly$"):
         from_dict(METHODS.get(name).Config, {"experts": " "}, "distill.options")

@@ -471,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         if overrides:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"config override, e.g. {example}")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
 

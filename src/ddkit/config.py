@@ -175,9 +175,9 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
-    except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...") gets its key
+    except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
         msg = str(exc)
-        named = msg.split(":")[0].split(".")[0] in fields and ":" in msg
+        named = re.split(r"[\s:.,]", msg, maxsplit=1)[0] in fields
         errors.append(f"{where}.{msg}" if where and named else f"{where + ': ' if where else ''}{msg}")
         return None  # type: ignore[return-value]
 
@@ -343,6 +343,17 @@ def to_dict(obj: Any, identity: bool = False) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def sorted_keys(value: Any) -> Any:
+    """``value`` with the keys of its (nested) string-keyed dicts in sorted order: free-form settings
+    given in another order (``--set b=1 --set a=2``) are then recorded byte for byte alike."""
+    if isinstance(value, dict):
+        items = ((k, sorted_keys(v)) for k, v in value.items())
+        return dict(sorted(items) if all(isinstance(k, str) for k in value) else items)
+    if isinstance(value, list):
+        return [sorted_keys(v) for v in value]
+    return value
 
 
 def config_hash(obj: Any) -> str:

@@ -28,7 +28,7 @@ from ddkit.artifacts import (
     write_json,
     write_text,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text
@@ -71,6 +71,7 @@ class DistillConfig(Checked):
                                              "images (a permutation seeded with seed; null: all images at once)")
 
     def __post_init__(self) -> None:
+        self.options = sorted_keys(self.options)  # recorded alike whatever order the keys were given in
         if self.method not in METHODS:
             raise ConfigError(METHODS.unknown_message(self.method))
         if self.method == "full" and self.ipc not in (None, DEFAULT_IPC):  # the default cannot be told from a typed 10
@@ -92,6 +93,7 @@ class EvalConfig(Checked):
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
+        self.overrides = sorted_keys(self.overrides)
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]

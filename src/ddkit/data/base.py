@@ -44,7 +44,7 @@ class DatasetConfig(Checked):
         if not self.name.strip():
             raise ConfigError("name is empty; give a dataset key (`ddkit list datasets`)")  # from_dict names the section
         if self.path is not None and not self.path.strip():
-            raise ConfigError("path is empty; give the data's folder or file, or leave path out to search for it")
+            raise ConfigError("path is empty; give the data's folder or file, or leave it out to search for it")
         for name in ("train_per_class", "test_per_class", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
