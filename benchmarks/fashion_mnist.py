@@ -394,11 +394,13 @@ def _derives_from(config: Path, ancestor: Path) -> bool:
 def _student_training(config: Path, student: str, ipcs: list[int]) -> dict[int, dict]:
     """How bench config ``config`` trains hard-label ``student``s at each of ``ipcs``: its protocol's
     training settings (epochs, optimizer, augmentation, precision...), student options, and whether
-    the lr is the set's learned one (``learned_lr``)."""
+    the lr is the set's learned one (``learned_lr``), and whether students train on ZCA-whitened images
+    (``zca``, ``zca_reg``: a whitened set is scored against a whitened random subset)."""
     cfg = load_bench_config(config)
     protocols = {i: cfg.protocol_for(student, "hard", ipc=i) for i in ipcs}
     return {i: {"train": to_dict(p.train, identity=True), "student_options": p.student_options,
-                "learned_lr": p.learned_lr} for i, p in protocols.items()}
+                "learned_lr": p.learned_lr, "zca": p.zca, "zca_reg": p.zca_reg if p.zca else None}
+            for i, p in protocols.items()}
 
 
 def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "configs" / "bench") -> list[str]:
