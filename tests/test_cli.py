@@ -1068,3 +1068,36 @@ def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):
     args.func = bug
     with pytest.raises(RuntimeError, match="shape mismatch"):
         cli._main(args)
+
+
+def test_plugins_let_the_cli_train_and_load_a_users_model(tmp_path):
+    """A model registered from Python trained and evaluated there, but every CLI use of its teacher
+    called the artifact damaged, and the CLI had no way to import the user's code. DDKIT_PLUGINS names
+    the modules to import first."""
+    (tmp_path / "myplug.py").write_text(
+        "from functools import partial\n"
+        "from ddkit.models import MODELS\n"
+        "from ddkit.models.convnet import convnet\n"
+        "MODELS.add('my_net', partial(convnet, depth=1, width=4))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "DDKIT_PLUGINS")}
+
+    def ddkit(*args, plugins=None):
+        extra = {"DDKIT_PLUGINS": plugins} if plugins is not None else {}
+        return subprocess.run([sys.executable, "-m", "ddkit", *args], capture_output=True, text=True, cwd=tmp_path,
+                              env={**env, **extra})
+
+    made = ddkit("teacher", "--dataset", "synthetic", "--model", "my_net", "--epochs", "1", "--out", "t", "-q",
+                 plugins="myplug")
+    assert made.returncode == 0, made.stderr
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["model"]["name"] == "my_net"
+    shown = ddkit("show", "-q", "t", plugins=" myplug ,")
+    assert (shown.returncode, shown.stderr) == (0, "")
+    alone = ddkit("show", "-q", "t")
+    assert alone.returncode == 2 and "a model of your own: import the module that registers it first (the CLI " \
+                                      "imports those named in DDKIT_PLUGINS)" in alone.stderr
+    broken = ddkit("list", "models", plugins="myplug,nosuchplug")
+    assert broken.returncode == 2 and broken.stderr == (
+        "error: DDKIT_PLUGINS: cannot import 'nosuchplug' (ModuleNotFoundError: No module named 'nosuchplug'); fix the "
+        "module or remove it from DDKIT_PLUGINS\n")
+    listed = ddkit("list", "models", "my_*", plugins="myplug")
+    assert listed.returncode == 0 and listed.stdout.split() == ["my_net"]

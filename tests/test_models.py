@@ -162,6 +162,16 @@ def test_wrong_input_size_is_explained():
         DDKitError, match="built for 28x28 images but got 32x32; create it with image_size=32"
     ):
         model(torch.zeros(1, 1, 32, 32))
+    # non-square data (an imagefolder of 16x24 images): no image_size fits, so the advice was a dead end
+    fix = ("resize them to one square size (dataset.image_size for an imagefolder) or use a model that pools "
+           "adaptively (resnet18_cifar)")
+    with pytest.raises(DDKitError) as err:
+        create_model("tiny_convnet", 1, 10, 16)(torch.zeros(1, 1, 16, 24))
+    assert str(err.value) == f"ConvNet models need square images, the data's are 16x24 (height x width); {fix}"
+    with pytest.raises(DDKitError) as err:
+        create_model("tiny_mlp", 1, 10, 16)(torch.zeros(1, 1, 16, 24))
+    assert str(err.value) == f"MLP models need square images, the data's are 16x24 (height x width); {fix}"
+    assert create_model("resnet18_cifar", 1, 10, 16, width=4)(torch.zeros(2, 1, 16, 24)).shape == (2, 10)
 
 
 def test_convnet3_parameter_count_by_hand():
@@ -319,3 +329,64 @@ def test_tiny_models_learn_synthetic(name):
     after = test_accuracy()
     assert after > 0.8, (before, after)
     assert after > before + 0.3
+
+
+def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypatch):
+    """A user's model without embed failed inside dm with AttributeError, one giving 2 logits for 3
+    classes inside the teacher's loss with IndexError; create_model now checks a user's factory once."""
+    from torch import nn
+
+    import ddkit.models.registry as registry
+
+    class Good(nn.Module):
+        def __init__(self, c, k, s):
+            super().__init__()
+            self.feature_dim = 6
+            self.body, self.head = nn.Linear(c * s * s, 6), nn.Linear(6, k)
+
+        def embed(self, x):
+            return self.body(x.flatten(1))
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    class NoEmbed(nn.Module):
+        feature_dim = 4
+
+        def __init__(self, c, k, s):
+            super().__init__()
+
+        def forward(self, x):
+            return x.flatten(1)[:, :3]
+
+    class TwoLogits(Good):
+        def __init__(self, c, k, s):
+            super().__init__(c, 2, s)
+
+    class TextDim(Good):
+        def __init__(self, c, k, s):
+            super().__init__(c, k, s)
+            self.feature_dim = "6"
+
+    factories = {"qa_good": Good, "qa_noembed": NoEmbed, "qa_two": TwoLogits, "qa_dim": TextDim,
+                 "qa_none": lambda c, k, s: None}
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+    monkeypatch.setattr(registry, "_CHECKED", set())
+    for name, f in factories.items():
+        MODELS.add(name, f)
+    rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
+            "integer feature_dim (README, Models)")
+    torch.manual_seed(0)
+    good = create_model("qa_good", 1, 3, 4)
+    torch.manual_seed(0)
+    assert torch.equal(good.body.weight, nn.Linear(16, 6).weight)  # the check draws nothing from the RNG first
+    for name, problem in [("qa_noembed", "it has no embed(x) method"),
+                          ("qa_two", "model(x) gives (2, 2) for 2 images, expected [2, 3]"),
+                          ("qa_dim", "feature_dim is '6'"),
+                          ("qa_none", "its factory returned a NoneType, not an nn.Module")]:
+        with pytest.raises(DDKitError) as err:
+            create_model(name, 1, 3, 4)
+        assert str(err.value) == f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}"
+    # ddkit's own models are not probed (dm builds one per iteration)
+    create_model("tiny_convnet", 1, 3, 8)
+    assert {k[0] for k in registry._CHECKED} == {"qa_good"}

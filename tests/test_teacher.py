@@ -78,7 +78,8 @@ def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
     # a model this ddkit cannot build, or class names that are not names, are damage too (not "did you mean")
     for name, damage, message in [
         ("model", lambda m: m["model"].update(name="nonexist"), r"holds a model this ddkit cannot build \(unknown model "
-                                                                 r"'nonexist'.*\); the manifest is damaged or from another "
+                                                                 r"'nonexist'.*\); a model of your own: import the module that registers it first \(the CLI imports those "
+                                                                 r"named in DDKIT_PLUGINS\); else the manifest is damaged or from another "
                                                                  r"ddkit: re-create the teacher artifact$"),
         ("classes", lambda m: m["dataset"].update(classes=[1, 2, 3, 4]), r"holds dataset.classes \[1, 2, 3, 4\], not a "
                                                                          r"list of class names"),

@@ -666,6 +666,25 @@ def _peer_lost(exc: RuntimeError) -> bool:
     return isinstance(exc, getattr(dist, "DistBackendError", ())) or any(w in str(exc).lower() for w in lost)
 
 
+def load_plugins() -> list[str]:
+    """Import the modules named in ``$DDKIT_PLUGINS`` (comma-separated, importable from ``sys.path`` or
+    the current folder), which register a user's own models, methods or datasets with ddkit's registries
+    before a command runs: the CLI can then train, load and evaluate them as ddkit's own."""
+    import importlib
+
+    names = [n.strip() for n in os.environ.get("DDKIT_PLUGINS", "").split(",") if n.strip()]
+    if names and "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # `python -m` puts the current folder first; the ddkit script does not
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a user's module: any failure is reported in one line
+            raise DDKitError(f"DDKIT_PLUGINS: cannot import {name!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the module or remove it from "
+                             "DDKIT_PLUGINS") from None
+    return names
+
+
 def _main(args: argparse.Namespace) -> int:
     # importing torch (below) takes seconds, in which a Ctrl-C or SIGTERM must end as a later one does
     try:
@@ -674,6 +693,7 @@ def _main(args: argparse.Namespace) -> int:
         return _stopped(exc)
 
     try:
+        load_plugins()
         code = args.func(args)
     except DDKitError as exc:
         _error(_as_flags(str(exc), args))

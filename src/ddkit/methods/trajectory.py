@@ -253,7 +253,7 @@ class ExpertBuffer:
         """A model of the experts' architecture (its own parameters are irrelevant)."""
         m = self.manifest["model"]
         with seeded_cpu_rng(0):
-            model = create_model(m["name"], m["input_shape"][0], m["num_classes"], m["input_shape"][-1], **m["options"])
+            model = create_model(m["name"], m["input_shape"][0], m["num_classes"], m["input_shape"][-2], **m["options"])
         if param_spec(model) != self.manifest["params"]:
             raise DDKitError(
                 f"expert buffer {str(self.path)!r}: model {m['name']!r} no longer has the parameters the "

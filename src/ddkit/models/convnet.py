@@ -126,6 +126,12 @@ class ConvNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x).flatten(1)
         if h.shape[1] != self.feature_dim:
+            if x.shape[-2] != x.shape[-1]:  # no image_size fits: the classifier sees size x size features
+                raise DDKitError(
+                    f"ConvNet models need square images, the data's are {x.shape[-2]}x{x.shape[-1]} (height x "
+                    "width); resize them to one square size (dataset.image_size for an imagefolder) or use a "
+                    "model that pools adaptively (resnet18_cifar)"
+                )
             raise DDKitError(
                 f"this ConvNet was built for {self.image_size}x{self.image_size} images but got "
                 f"{x.shape[-2]}x{x.shape[-1]}; create it with image_size={x.shape[-1]}"

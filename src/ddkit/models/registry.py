@@ -106,7 +106,50 @@ def create_model(
                     f"model {name!r} has no option {key!r}; {hint}"
                     f"valid options: {', '.join(valid) if valid else 'none'}"
                 )
-    return factory(in_channels, num_classes, image_size, **{**implied, **kwargs})
+    model = factory(in_channels, num_classes, image_size, **{**implied, **kwargs})
+    if not type(model).__module__.startswith("ddkit."):  # ddkit's own model classes are tested
+        key = (name, in_channels, num_classes, image_size, repr(sorted(kwargs.items())))
+        if key not in _CHECKED:
+            check_contract(name, model, in_channels, num_classes, image_size)
+            _CHECKED.add(key)
+    return model
+
+
+_CHECKED: set[tuple] = set()  # user models (and settings) whose contract was checked in this process
+
+
+def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
+    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked on
+    a copy with a batch of two zero images, so the model's weights, buffers and the RNG are untouched."""
+    import copy
+
+    import torch
+
+    rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
+            "integer feature_dim (README, Models)")
+
+    def broken(problem: str) -> DDKitError:
+        return DDKitError(f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}")
+
+    if not isinstance(model, nn.Module):
+        raise broken(f"its factory returned a {type(model).__name__}, not an nn.Module")
+    dim = getattr(model, "feature_dim", None)
+    if not is_count(dim):
+        raise broken(f"feature_dim is {dim!r}")
+    if not callable(getattr(model, "embed", None)):
+        raise broken("it has no embed(x) method")
+    probe = copy.deepcopy(model).eval()
+    x = torch.zeros(2, in_channels, image_size, image_size)
+    try:
+        with torch.no_grad():
+            logits, features = probe(x), probe.embed(x)
+    except Exception as exc:  # any failure of user code on the shape it was built for
+        raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images ({type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for what, out, want in (("model(x)", logits, (2, num_classes)), ("embed(x)", features, (2, dim))):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        if shape != want:
+            raise broken(f"{what} gives {shape} for 2 images, expected {list(want)}")
 
 
 def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_classes: int, image_size: int,

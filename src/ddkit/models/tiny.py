@@ -35,6 +35,12 @@ class MLP(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
         if h.shape[1] != self.fc1.in_features:
+            if x.dim() == 4 and x.shape[-2] != x.shape[-1]:
+                raise DDKitError(
+                    f"MLP models need square images, the data's are {x.shape[-2]}x{x.shape[-1]} (height x width); "
+                    "resize them to one square size (dataset.image_size for an imagefolder) or use a model that "
+                    "pools adaptively (resnet18_cifar)"
+                )
             raise DDKitError(
                 f"this MLP was built for {self.fc1.in_features} values per image but got "
                 f"{tuple(x.shape[1:])}; create it with the data's channels and image_size"

@@ -148,10 +148,12 @@ class Teacher(DescribesDataset):
         check_normalisation(manifest, shape[0], path, KIND)
         check_classes(manifest["dataset"]["classes"], path, KIND)
         try:
-            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-1],
+            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-2],
                                  **m["options"])
         except DDKitError as exc:  # ConfigError too: an unknown name or option
-            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({str(exc).split(';')[0]}); "
+            own = ("a model of your own: import the module that registers it first (the CLI imports those named in "
+                   "DDKIT_PLUGINS); else " if str(exc).startswith("unknown model") else "")
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({str(exc).split(';')[0]}); {own}"
                              "the manifest is damaged or from another ddkit: re-create the teacher artifact") from None
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
