@@ -64,8 +64,9 @@ class TrainConfig(Checked):
     momentum: float = field(0.9, help="SGD momentum")
     weight_decay: float = field(5e-4, help="weight decay (L2 for sgd/adam, decoupled for adamw)")
     schedule: Literal["step", "cosine", "smoothing", "constant"] = field(
-        "step", help="step: lr x0.1 from epoch N//2 on, counting from 0 (DC/DSA's halving; an odd N spends its extra "
-        "epoch at the low lr); cosine; smoothing: EDC's (1+cos(i*pi/(zeta*N)))/2"
+        "step", help="step: lr x0.1 from epoch N//2 on, counting from 0, momentum kept (DC/DSA's halving; their code trains "
+        "N+1 epochs, drops after epoch N//2+1 and restarts the optimizer; an odd N spends its extra epoch at the low "
+        "lr); cosine; smoothing: EDC's (1+cos(i*pi/(zeta*N)))/2"
     )
     smoothing_zeta: float = field(2.0, help="EDC smoothing-schedule zeta (1.5-2 in the paper)")
     warmup_epochs: int = field(0, help="linear warm-up epochs before the schedule")
