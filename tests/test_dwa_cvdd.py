@@ -116,6 +116,46 @@ def test_cvdd_uses_extra_teachers_and_stores_committee_soft_labels(data, teacher
     assert not torch.equal(solo.images, out.images)
 
 
+def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, teachers, tmp_path, monkeypatch):
+    """label_mode stored compared a CV-DD set's committee labels (vote-weighted, batch statistics) with a
+    random subset labelled by the main teacher alone with running statistics."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import resolve_protocol
+    from ddkit.pipeline import DistillConfig, distill
+
+    opts = {"iterations": 1, "init": "real", "stats": "conv", "checkpoint_every": 100,
+            "extra_teachers": [str(teachers[1].path), str(teachers[2].path)]}
+    ds = distill(data, DistillConfig(method="cvdd", ipc=1, options=opts), DatasetConfig(name="synthetic"),
+                 tmp_path / "set", teachers[0])
+    assert [m["weights_sha"] for m in ds.manifest["meta"]["soft_labels"]["teachers"]] == [t.fingerprint for t in teachers]
+    seen = []
+    monkeypatch.setattr(runner, "_train_student", lambda train_set, *a, **k: seen.append((train_set, a[7])) or 0.5)
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
+                                                "loss": "kl", "train": {"epochs": 1}})
+    runner.evaluate(ds, protocol, [0], data=data, teacher=teachers[0], cache_dir=tmp_path / "cache")
+    (subset, stored) = seen[1]
+    w = ds.manifest["meta"]["soft_labels"]["weights"]
+    seed = runner.RANDOM_SEED_OFFSET
+    want = sum(wi * runner.teacher_logits(t, subset.images, data.mean, data.std, "cpu", bn="batch", seed=seed)
+               for wi, t in zip(w, teachers))
+    assert torch.allclose(stored, want, atol=1e-5)
+    alone = runner.teacher_logits(teachers[0], subset.images, data.mean, data.std, "cpu", seed=seed)
+    assert not torch.allclose(stored, alone, atol=1e-3)
+    # a committee member that is gone is named, not replaced by the main teacher
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(teachers[2].path, moved)
+    shutil.rmtree(teachers[2].path)
+    try:
+        with pytest.raises(DDKitError, match=r"^this set's stored soft labels come from a committee with teacher "
+                                             rf"'{teachers[2].path}', which is not there;"):
+            runner.evaluate(ds, protocol, [0], data=data, teacher=teachers[0], cache_dir=tmp_path / "cache2")
+    finally:
+        shutil.copytree(moved, teachers[2].path)
+
+
 def test_cvdd_needs_enough_teachers_and_existing_paths(data, teachers, tmp_path):
     with pytest.raises(DDKitError, match="committee_size 2 exceeds the 1 teacher"):
         _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv")

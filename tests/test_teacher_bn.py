@@ -269,6 +269,40 @@ def test_distill_soft_labels_in_batch_mode_and_stable_hashes(data, teacher, dist
         DistillConfig(method="random", soft_labels=True, soft_labels_bn_batch=4)
 
 
+def _random_subset_labels(runner, monkeypatch):
+    """Spy on the students evaluate trains: the stored logits the random subset (the second) trains on."""
+    seen = []
+    monkeypatch.setattr(runner, "_train_student", lambda train_set, *a, **k: seen.append((train_set, a[7])) or 0.5)
+    return seen
+
+
+def test_random_baseline_of_batch_statistics_labels_is_labelled_alike(data, teacher, tmp_path, monkeypatch):
+    """A set whose stored labels used batch statistics (soft_labels_bn: batch) was compared with a random
+    subset labelled with running statistics: a better label source mixed into the comparison."""
+    import ddkit.evaluate.runner as runner
+
+    cfg = DistillConfig(method="random", ipc=3, soft_labels=True, soft_labels_bn="batch", soft_labels_bn_batch=4)
+    ds = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set", teacher)
+    seen = _random_subset_labels(runner, monkeypatch)
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
+                                                "loss": "kl", "train": {"epochs": 1}})
+    runner.evaluate(ds, protocol, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    (_, own), (subset, stored) = seen
+    assert torch.equal(own, ds.soft_labels)
+    seed = runner.RANDOM_SEED_OFFSET
+    want = teacher_logits(teacher, subset.images, data.mean, data.std, "cpu", bn="batch", bn_batch=4, seed=seed)
+    assert torch.allclose(stored, want, atol=1e-5)
+    running = teacher_logits(teacher, subset.images, data.mean, data.std, "cpu", seed=seed)
+    assert not torch.allclose(stored, running, atol=1e-3)
+    # its cache entry is not the one of a running-statistics set's random subset
+    plain = distill(data, DistillConfig(method="random", ipc=3, soft_labels=True), DatasetConfig(name="synthetic"),
+                    tmp_path / "plain", teacher)
+    seen.clear()
+    runner.evaluate(plain, protocol, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    assert len(seen) == 2 and torch.allclose(seen[1][1], running, atol=1e-5)
+    assert len(list((tmp_path / "cache" / "random-baseline").iterdir())) == 2
+
+
 # --- FKD relabelling ---------------------------------------------------------------------------------
 
 

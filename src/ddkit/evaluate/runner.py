@@ -132,7 +132,8 @@ _NOT_RANDOM_STUDENT = frozenset({"random_baseline", "full_reference", "full_epoc
 
 
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
-                      cache_dir: str | Path | None, lr: float | None = None) -> Path:
+                      cache_dir: str | Path | None, lr: float | None = None, labeller: StoredLabeller | None = None
+                      ) -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
     (the protocol without the fkd store path, the test batch size and the fields that only say what
     else ``evaluate`` runs, data and its normalisation, teacher, FKD store settings, IPC, seed, and
@@ -148,12 +149,70 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
     key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "ipc": ipc,
                        "seed": seed, "fkd": settings,
                        "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
-                       **({"lr": lr} if lr is not None else {})})
+                       **({"lr": lr} if lr is not None else {}),
+                       **({"stored_labels": labeller.key} if labeller is not None else {})})
     return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
 
 
+@dataclasses.dataclass
+class StoredLabeller:
+    """How a set's stored soft labels were made, when not by the evaluation's teacher with the
+    protocol's BatchNorm mode: the random subset beside the set is labelled the same way (``key``
+    enters its cache entry). ``teachers`` and ``weights``: a CV-DD committee's members (the
+    evaluation's teacher first) and votes; ``bn``/``bn_batch``: their BatchNorm mode."""
+
+    teachers: list
+    weights: list[float]
+    bn: TeacherBN
+    bn_batch: int | None
+
+    @property
+    def key(self) -> dict:
+        return {"teachers": [t.fingerprint for t in self.teachers], "weights": self.weights, "bn": self.bn,
+                "bn_batch": self.bn_batch}
+
+    def __call__(self, images: torch.Tensor, mean, std, device, seed: int) -> torch.Tensor:
+        from ddkit.methods.cvdd import committee_logits
+
+        return committee_logits(self.teachers, images, self.weights, mean, std, device, bn=self.bn,
+                                bn_batch=self.bn_batch, seed=seed)
+
+
+def stored_labeller(distilled: DistilledSet, teacher, device) -> StoredLabeller | None:
+    """:class:`StoredLabeller` of ``distilled``'s stored soft labels if they came from a committee
+    (CV-DD) or from the teacher with batch statistics (``soft_labels_bn: batch``); None when the
+    teacher with running statistics gave them, as the protocol's default labels the random subset."""
+    from ddkit.teacher import Teacher
+
+    man = distilled.manifest
+    rec = man.get("meta", {}).get("soft_labels") or {}
+    if rec.get("kind") == "committee":
+        members = rec.get("teachers")
+        if members is None:  # sets made before the members were recorded: the main teacher, then extra_teachers
+            extra = man["method"]["config"].get("extra_teachers") or []
+            members = [{"path": None, "weights_sha": teacher.fingerprint}] + [{"path": p, "weights_sha": None} for p in extra]
+        teachers = [teacher]
+        for m in members[1:]:
+            if not m.get("path") or not Path(m["path"]).exists():
+                raise DDKitError(f"this set's stored soft labels come from a committee with teacher {m.get('path')!r}, "
+                                 "which is not there; the random subset beside it is labelled by the same committee: "
+                                 "restore that teacher, or use label_mode teacher")
+            member = Teacher.load(m["path"], device)
+            if m.get("weights_sha") not in (None, member.fingerprint):
+                raise DDKitError(f"committee teacher {m['path']!r} no longer holds the weights that labelled this set "
+                                 f"({m['weights_sha']}); restore them, or use label_mode teacher")
+            teachers.append(member)
+        return StoredLabeller(teachers, [float(w) for w in rec["weights"]], rec.get("teacher_bn", "running"),
+                              rec.get("teacher_bn_batch"))
+    distill = man.get("config", {}).get("distill") or {}
+    if distill.get("soft_labels") and distill.get("soft_labels_bn", "running") != "running":
+        return StoredLabeller([teacher], [1.0], distill["soft_labels_bn"], distill.get("soft_labels_bn_batch"))
+    return None
+
+
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
-                     progress=None, train: TrainConfig | None = None, transform=None) -> float:
+                     progress=None, train: TrainConfig | None = None, transform=None,
+                     labeller: StoredLabeller | None = None) -> float:
     """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class."""
     idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed + RANDOM_SEED_OFFSET)
     subset = data.train.subset(idx)
@@ -161,7 +220,9 @@ def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store,
         rds, rstore = _relabel_like(store, subset, data, teacher, seed + RANDOM_SEED_OFFSET, device)
         return _train_fkd(rds, rstore, data, protocol, seed, device, progress)
     stored = None
-    if protocol.label_mode == "stored":
+    if protocol.label_mode == "stored" and labeller is not None:  # as the set's own labels were made
+        stored = labeller(subset.images, data.mean, data.std, device, seed + RANDOM_SEED_OFFSET)
+    elif protocol.label_mode == "stored":
         stored = teacher_logits(teacher, subset.images, data.mean, data.std, device, bn=protocol.teacher_bn,
                                 bn_batch=protocol.teacher_bn_batch, seed=seed + RANDOM_SEED_OFFSET)
     return _train_student(subset, data, protocol, train or protocol.train, seed, device, protocol.label_mode, teacher,
@@ -308,6 +369,10 @@ def evaluate(
         store.check_matches(distilled, teacher)
     if teacher is not None:
         teacher.check_compatible(data)
+    labeller = stored_labeller(distilled, teacher, device) if mode == "stored" and protocol.random_baseline else None
+    if labeller is not None:
+        for member in labeller.teachers[1:]:
+            member.check_compatible(data)
 
     train, learned = protocol.train, None
     if protocol.learned_lr:
@@ -342,13 +407,13 @@ def evaluate(
                 distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"),
                 transform=transform)}
         if protocol.random_baseline and ipc is not None:
-            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned)
+            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller)
             cached = _cache_entry(cache, "accuracy", (int, float))
             if cached is not None:
                 row["random"] = float(cached)
             else:
                 row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
-                                                 cb_for(f"random subset, seed {s}"), train, transform)
+                                                 cb_for(f"random subset, seed {s}"), train, transform, labeller)
                 write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
                                    "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
         local[s] = row

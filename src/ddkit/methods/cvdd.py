@@ -115,6 +115,7 @@ class CVDD(RecoverMethod):
                                                      bn=self.cfg.soft_labels_bn, bn_batch=self.cfg.soft_labels_bn_batch,
                                                      seed=ctx.seed)
             synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights, "teacher_bn": self.cfg.soft_labels_bn,
-                                             "teacher_bn_batch": self.cfg.soft_labels_bn_batch}
+                                             "teacher_bn_batch": self.cfg.soft_labels_bn_batch,
+                                             "teachers": [t.record() for t in everyone]}  # evaluation labels random alike
         self.synthetic_ = synthetic
         return self
