@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -142,7 +143,8 @@ def test_fingerprint_and_class_checks(setup, tiny_protocol):
         evaluate(ds, tiny_protocol, [], data=make_synthetic())
 
 
-def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path):
+def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, caplog):
+    from ddkit.evaluate.runner import _other_views
     from ddkit.labels import SoftLabelStore, relabel
 
     data, teacher, ds, _ = setup
@@ -151,7 +153,15 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path):
     proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
                                              "full_reference": False, "train": {"epochs": 10}})
     assert proto.loss == "kl"
-    rep = evaluate(ds, proto, [0], data=data, teacher=teacher)
+    with caplog.at_level("WARNING", logger="ddkit"):
+        rep = evaluate(ds, proto, [0], data=data, teacher=teacher)
+    # the protocol's augmentation is not what students see in label mode fkd: said once, not per student
+    assert caplog.text.count("the FKD store's views (rrc_flip {}, CutMix p=0.5 alpha=1) are not the protocol's "
+                             f"({proto.train.augment} ") == 1
+    same = dataclasses.replace(proto.train, augment="rrc_flip", augment_options={"scale_min": 0.08}, cutmix_prob=0.5)
+    assert _other_views(same, store) is None  # options spelled out or left at their defaults agree
+    assert _other_views(dataclasses.replace(same, augment_options={"scale_min": 0.5}), store) == (
+        "rrc_flip {}, CutMix p=0.5 alpha=1", "rrc_flip {'scale_min': 0.5}, CutMix p=0.5 alpha=1")
     assert set(rep["results"]) == {"distilled", "random"}
     assert rep["bytes"]["fkd_labels"] == SoftLabelStore.load(tmp_path / "fkd").nbytes > 0
     assert rep["bytes"]["labels"] == ds.labels.numel() * 8 + rep["bytes"]["fkd_labels"]

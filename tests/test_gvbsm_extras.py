@@ -132,7 +132,7 @@ def test_presets_and_validation():
     assert (g.stats_momentum, g.patch_size, g.conv_drop_rate, g.densify_weight, g.densify_tau, g.slots_per_batch) == (
         0.8, 4, 0.4, 1.0, 4.0, None)
     assert (e.stats_momentum, e.patch_size, e.conv_drop_rate, e.densify_weight, e.slots_per_batch) == (0.8, 4, 0.0, 0.0, 1)
-    assert METHODS.get("gvbsm").revision == 1 and METHODS.get("edc").revision == 3
+    assert METHODS.get("gvbsm").revision == 1 and METHODS.get("edc").revision == 4
     for bad in ({"stats": "bn", "patch_size": 4}, {"stats_momentum": 1.0}, {"conv_drop_rate": -0.1},
                 {"densify_tau": 0}, {"slots_per_batch": 0}):
         with pytest.raises(ConfigError):
@@ -178,3 +178,27 @@ def test_patch_statistics_need_conv_statistics():
     with pytest.raises(ConfigError, match="set stats: bn\\+conv or patch_size: 0"):
         EDCConfig(stats="bn")
     assert EDCConfig(stats="bn", patch_size=0).patch_size == 0
+
+
+def test_class_moments_keep_their_precision_far_from_zero():
+    """The class variance was E[x^2] - E[x]^2 in float32: 86 % off at mean/std 2000 (QA measured)."""
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(6, 3, 4, 4, generator=gen, dtype=torch.float64)
+    labels, classes = torch.tensor([0, 1, 0, 2, 1, 0]), torch.tensor([0, 2])
+    for offset in (0.0, 2000.0, 20000.0):
+        x = f + offset
+        mean, var = S.class_moments(x.float(), labels, classes)
+        for row, c in enumerate(classes):
+            ref = x[labels == c].transpose(0, 1).reshape(3, -1)  # every image and position of class c
+            assert torch.allclose(mean[row].double(), ref.mean(1), rtol=1e-6)
+            assert torch.allclose(var[row].double(), ref.var(1, unbiased=False), rtol=1e-3), (offset, var[row])
+
+
+def test_densification_with_one_image_per_class_is_refused():
+    """densify_weight > 0 with slots_per_batch 1 had no effect (one image per class has no spread)."""
+    with pytest.raises(ConfigError, match=r"densify_weight > 0 spreads the images of a class in a batch, but "
+                                          r"slots_per_batch: 1 puts one image of each class in a batch; set "
+                                          r"slots_per_batch: null \(or >= 2\), or densify_weight: 0"):
+        from_dict(EDCConfig, {"densify_weight": 1.0})
+    assert from_dict(EDCConfig, {"densify_weight": 1.0, "slots_per_batch": None}).densify_weight == 1.0
+    assert from_dict(EDCConfig, {"densify_weight": 1.0, "flip_plugin": True}).flip_plugin  # image and mirror

@@ -296,6 +296,23 @@ def check_report_out(out: str | Path) -> None:
                          "remove it")
 
 
+def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
+    """The store's and the protocol's augmentation and CutMix, as text, when they differ (label mode fkd
+    replays the store's views, so the protocol's are not used); None when they agree."""
+    from ddkit.data.augment import build_augment
+
+    aug, cut = store.manifest["augment"], store.manifest.get("cutmix")
+    theirs = (aug["spec"], aug.get("options") or {}, (cut["prob"], cut["alpha"]) if cut else None)
+    mine = (train.augment, train.augment_options, (train.cutmix_prob, train.cutmix_alpha) if train.cutmix_prob > 0 else None)
+    if (build_augment(theirs[0], **theirs[1]), theirs[2]) == (build_augment(mine[0], **mine[1]), mine[2]):
+        return None
+
+    def text(spec, options, mix):
+        return f"{spec} {options}, " + (f"CutMix p={mix[0]:g} alpha={mix[1]:g}" if mix else "no CutMix")
+
+    return text(*theirs), text(*mine)
+
+
 def evaluate(
     distilled: DistilledSet | str | Path,
     protocol: ProtocolConfig | str | Path,
@@ -367,6 +384,9 @@ def evaluate(
 
         store = SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
+        if differs := _other_views(protocol.train, store):
+            log.warning("the FKD store's views (%s) are not the protocol's (%s): students replay the store's; relabel "
+                        "with the protocol's train.augment and cutmix settings to train as it says", *differs)
     if teacher is not None:
         teacher.check_compatible(data)
     labeller = stored_labeller(distilled, teacher, device) if mode == "stored" and protocol.random_baseline else None

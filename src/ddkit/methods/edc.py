@@ -72,7 +72,10 @@ class GVBSM(RecoverMethod):
     to 32x32 first); the statistics moving average restarts with each batch of images (the code
     carries it across batches); the logit-matching term and its weight 0.1 are ddkit's reading of
     the paper, not copied from code; augmentation is RRC(0.08-1) + flip as in the ImageNet branch
-    (``augment: crop_flip`` gives the CIFAR branch's crop + flip).
+    (``augment: crop_flip`` gives the CIFAR branch's crop + flip); the code's random roll of the
+    batch by up to ``--jitter 32`` pixels each step (its default, which no recover script of G-VBSM
+    or EDC overrides; on 32 px images a full cyclic shift) is off (``jitter: 0``; ``jitter: 32``
+    turns it on).
     """
 
     Config = GVBSMConfig
@@ -147,7 +150,8 @@ class EDC(RecoverMethod):
     Config = EDCConfig
     needs_teacher = True
     smoke_options = dict(_SMOKE)
-    revision = 3  # 1: default init real -> rded; 2: statistics EMA + patch statistics; 3: EDC's flatness KL
+    revision = 4  # 1: default init real -> rded; 2: statistics EMA + patch statistics; 3: EDC's flatness KL;
+    # 4: class variances computed without cancellation (float rounding of alpha < 1's term)
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> EDC:
         self.synthetic_ = recover("edc", self.cfg, real, teachers, ctx)
