@@ -595,6 +595,24 @@ def test_tensors_wrong_rank_and_range(tmp_path):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 
+def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
+    """[N, H, W, C] images were read as H channels of width C and crashed later in pooling."""
+    t = _tensors()
+    for c in (3, 1):
+        nhwc = torch.zeros(6, 12, 12, c, dtype=torch.uint8)
+        torch.save({**t, "train_images": nhwc, "test_images": nhwc[:3]}, tmp_path / "nhwc.pt")
+        with pytest.raises(DataError) as err:
+            load_dataset("tensors", path=str(tmp_path / "nhwc.pt"))
+        assert str(err.value) == (f"{tmp_path / 'nhwc.pt'}: train_images has shape (6, 12, 12, {c}), which looks like "
+                                  "[N, H, W, C] (channels last) but is read as [N, C, H, W]; save "
+                                  "images.permute(0, 3, 1, 2) instead")
+    # 1-4 in both places could be either layout: read as [N, C, H, W] as documented
+    for shape in ((4, 6, 4), (3, 8, 3), (1, 9, 1), (4, 4, 4)):
+        x = torch.randint(0, 256, (6, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        torch.save({**t, "train_images": x, "test_images": x[:3]}, tmp_path / "ok.pt")
+        assert load_dataset("tensors", path=str(tmp_path / "ok.pt")).image_shape == shape
+
+
 def test_tensors_bad_norm_and_classes(tmp_path):
     t = _tensors(float_images=True)
     for key, bad in (("mean", [float("nan"), 0.2, 0.3]), ("std", [0.4, float("inf"), 0.6])):

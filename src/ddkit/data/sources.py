@@ -707,6 +707,10 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
     if t.dim() != 4:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N, C, H, W]; reshape it")
+    if t.shape[-1] in (1, 3, 4) and t.shape[1] > 4:  # [N, 12, 12, 3] is channels-last, not 12 channels 3 wide
+        # (a shape with 1-4 in both places, [N, 3, 32, 3] or [N, 4, 4, 4], stays read as [N, C, H, W])
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, which looks like [N, H, W, C] (channels last) "
+                        f"but is read as [N, C, H, W]; save images.permute(0, 3, 1, 2) instead")
     if t.dtype == torch.uint8:
         return t.contiguous()
     if not t.is_floating_point():
