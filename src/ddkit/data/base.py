@@ -194,6 +194,14 @@ class DataBundle:
 
 Loader = Callable[[DatasetConfig], DataBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
+#: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
+CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
+
+
+def reorders_classes(data: DataBundle) -> bool:
+    """Whether loading ``data`` again with ``dataset.classes`` in another order re-orders its classes
+    (loaded by a source in :data:`CLASS_ORDER_SOURCES`; never for a bundle built by hand)."""
+    return data.config is not None and data.config.name in CLASS_ORDER_SOURCES
 
 
 def search_order(name: str, path: str | None) -> list[Path]:
