@@ -595,6 +595,19 @@ def test_tensors_wrong_rank_and_range(tmp_path):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 
+def test_tensors_label_rows_are_told_to_argmax_a_column_to_flatten(tmp_path):
+    t = _tensors()
+    torch.save({**t, "train_labels": torch.nn.functional.one_hot(t["train_labels"])}, tmp_path / "l.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "l.pt"))
+    assert str(err.value) == (f"{tmp_path / 'l.pt'}: train_labels has shape (6, 3), expected [N] class indices; store "
+                              "train_labels.argmax(1) for one-hot or score rows")
+    torch.save({**t, "test_labels": t["test_labels"][:, None]}, tmp_path / "l.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "l.pt"))
+    assert str(err.value) == f"{tmp_path / 'l.pt'}: test_labels has shape (3, 1), expected [N]; flatten it"
+
+
 def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
     """[N, H, W, C] images were read as H channels of width C and crashed later in pooling."""
     t = _tensors()
@@ -622,8 +635,11 @@ def test_tensors_bad_norm_and_classes(tmp_path):
             load_dataset("tensors", path=str(tmp_path / "n.pt"))
     # a test label past the training classes: a class without training images, named
     torch.save({**t, "test_labels": torch.tensor([2, 1, 4])}, tmp_path / "c.pt")
-    with pytest.raises(DataError, match=r"classes \['3', '4'\] have no training images; check the labels"):
+    with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "c.pt"))
+    assert str(err.value) == (f"{tmp_path / 'c.pt'}: train_labels hold {{0, 1, 2}} and test_labels also {{4}}, but without "
+                              "'classes' the labels must be 0..K-1, each with training images; drop the test images "
+                              "whose labels no training image has")
     torch.save({**t, "classes": ["x", "y", "z", "w"]}, tmp_path / "w.pt")
     with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
         load_dataset("tensors", path=str(tmp_path / "w.pt"))
@@ -637,15 +653,28 @@ def test_tensors_bad_norm_and_classes(tmp_path):
 
 def test_tensors_stray_label_is_named_briefly_not_expanded(tmp_path):
     """A stray label (2**40) used to build a class name for every index up to it (hanging and eating
-    memory); 500 made an error listing 497 class names. Both now name the first gaps and the count."""
+    memory); 500 made an error listing 497 class names. Both now name the labels found; without
+    'classes' there is no 'classes' to drop names from, so the fix is remapping the labels."""
     t = _tensors()
-    for stray, count in ((500, 497), (2**40, 2**40 - 3)):
+    remap = ("but without 'classes' the labels must be 0..K-1, each with training images; remap the labels to 0..K-1 "
+             "(torch.unique(labels, return_inverse=True)[1] over the train and test labels together)")
+    for stray in (500, 2**40):
         torch.save({**t, "train_labels": torch.tensor([0, 1, 2, 0, 1, stray])}, tmp_path / "s.pt")
         with pytest.raises(DataError) as err:
             load_dataset("tensors", path=str(tmp_path / "s.pt"))
-        assert str(err.value) == (f"{tmp_path / 's.pt'}: classes ['3', '4', '5', '6', '7', ...] ({count} in all) have no "
-                                  "training images; check the labels (train_labels, test_labels) or drop those classes "
-                                  "from 'classes'")
+        assert str(err.value) == f"{tmp_path / 's.pt'}: train_labels hold {{0, 1, 2, {stray}}}, {remap}"
+    torch.save({**t, "train_labels": torch.tensor([3, 7, 3, 7, 3, 7]), "test_labels": torch.tensor([3, 7, 3])},
+               tmp_path / "s.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "s.pt"))
+    assert str(err.value) == f"{tmp_path / 's.pt'}: train_labels hold {{3, 7}}, {remap}"
+    t12 = {k: v.repeat(2, *[1] * (v.dim() - 1)) if k.startswith("train") else v for k, v in t.items()}
+    torch.save({**t12, "train_labels": torch.arange(12) * 3}, tmp_path / "s.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "s.pt"))
+    assert str(err.value) == (f"{tmp_path / 's.pt'}: train_labels hold {{0, 3, 6, 9, 12, ..., 33}} (12 values) and "
+                              f"test_labels also {{1, 2}}, {remap} and drop the test images whose labels no training "
+                              "image has")
     names = [f"c{i}" for i in range(20)]
     torch.save({**t, "classes": names}, tmp_path / "n.pt")
     with pytest.raises(DataError, match=r"classes \['c3', 'c4', 'c5', 'c6', 'c7', \.\.\.\] \(17 in all\) have no"):

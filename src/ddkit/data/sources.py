@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import itertools
 import json
 import logging
 import math
@@ -729,6 +728,9 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
 def _tensor_labels(t: object, key: str, path: Path) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
+    if t.dim() == 2 and t.shape[1] > 1:  # one row per image: one-hot or scores, flattening gives N*K labels
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N] class indices; store "
+                        f"{key}.argmax(1) for one-hot or score rows")
     if t.dim() != 1:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N]; flatten it")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -762,6 +764,27 @@ def _no_train_images(path: Path, names: list[str], count: int) -> None:
     shown = f"{names}" if count <= len(names) else f"[{', '.join(map(repr, names))}, ...] ({count} in all)"
     raise DataError(f"{path}: classes {shown} have no training images; check the labels (train_labels, "
                     "test_labels) or drop those classes from 'classes'")
+
+
+def _label_set(labels: list[int]) -> str:
+    """``{3, 7}``; a long set as its first and last values and its size."""
+    if len(labels) <= 8:
+        return "{" + ", ".join(map(str, labels)) + "}"
+    return "{" + ", ".join(map(str, labels[:5])) + f", ..., {labels[-1]}}} ({len(labels)} values)"
+
+
+def _labels_not_0_to_k(path: Path, train: list[int], test: list[int]) -> None:
+    """Without 'classes' the labels name the classes 0..K-1, each of which needs training images."""
+    test_only = sorted(set(test) - set(train))
+    found = f"train_labels hold {_label_set(train)}" + (f" and test_labels also {_label_set(test_only)}" if test_only else "")
+    fixes = []
+    if train != list(range(len(train))):
+        fixes.append("remap the labels to 0..K-1 (torch.unique(labels, return_inverse=True)[1] over the train and test "
+                     "labels together)")
+    if test_only:
+        fixes.append("drop the test images whose labels no training image has")
+    raise DataError(f"{path}: {found}, but without 'classes' the labels must be 0..K-1, each with training images; "
+                    f"{' and '.join(fixes)}")
 
 
 @DATASETS.register("tensors")
@@ -805,9 +828,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     top = max((int(p.labels.max()) for p in parts.values() if len(p)), default=-1)
     if classes is None:
         seen = torch.unique(parts["train"].labels).tolist()
-        if len(seen) < top + 1:  # a stray label (255, 10**6): name the first gaps, never build top + 1 names
-            gaps = (c for lo, hi in zip([-1, *seen], [*seen, top + 1]) for c in range(lo + 1, hi))
-            _no_train_images(path, [str(c) for c in itertools.islice(gaps, 5)], top + 1 - len(seen))
+        if len(seen) < top + 1:  # labels {3, 7} or a stray 255, 10**6: name them, never build top + 1 names
+            _labels_not_0_to_k(path, seen, torch.unique(parts["test"].labels).tolist())
         classes = [str(c) for c in range(top + 1)]
     elif not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: 'classes' must be a list of str, found {type(classes).__name__}")
