@@ -690,8 +690,29 @@ class Payload:
 
 def test_tensors_pt_uses_weights_only(tmp_path):
     torch.save({**_tensors(), "extra": Payload()}, tmp_path / "d.pt")
-    with pytest.raises(DataError, match="weights_only"):
+    with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "d.pt"))
+    assert str(err.value) == (f"{tmp_path / 'd.pt'} holds objects that safe (weights_only) loading refuses (unsupported "
+                              f"global {__name__}.Payload); save only a dict of tensors plus an optional list of class "
+                              "names")
+
+
+def test_tensors_pt_of_numpy_arrays_is_told_to_save_tensors(tmp_path):
+    """torch's refusal of numpy arrays came through with its terminal escape codes (bold) and no fix."""
+    torch.save({k: v.numpy() for k, v in _tensors().items()}, tmp_path / "np.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "np.pt"))
+    assert "\x1b" not in str(err.value)
+    head = f"{tmp_path / 'np.pt'} holds objects that safe (weights_only) loading refuses (unsupported global numpy."
+    assert str(err.value).startswith(head)  # numpy.core or numpy._core, by numpy version
+    assert str(err.value).endswith("._reconstruct); numpy arrays are not tensors: save torch.from_numpy(a)")
+
+
+def test_one_line_strips_terminal_escape_codes():
+    from ddkit.data.sources import _one_line
+
+    exc = RuntimeError("Weights only load failed, \x1b[1mdo those steps only if you trust it\x1b[0m. \n\t(1) more")
+    assert _one_line(exc) == "Weights only load failed, do those steps only if you trust it."
 
 
 def test_tensors_bad_file(tmp_path):

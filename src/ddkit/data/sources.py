@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import pickle
+import re
 import struct
 import tarfile
 import warnings
@@ -155,9 +156,12 @@ def channel_stats(
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal escape sequences (torch bolds words in its errors)
+
+
 def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    line = text[0].strip() if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -688,10 +692,11 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
         if not zipfile.is_zipfile(path):  # no torch.save archive at all: its bytes are no pickle either
             raise DataError(f"{path} is not a readable torch file (neither a torch.save archive nor a pickle); "
                             "re-create it with torch.save") from None
-        raise DataError(
-            f"{path} holds objects that safe (weights_only) loading refuses ({_one_line(exc, 160)}); "
-            "save only a dict of tensors plus an optional list of class names"
-        ) from None
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = _one_line(exc, 160) if refused is None else f"unsupported global {refused[1]}"
+        fix = ("numpy arrays are not tensors: save torch.from_numpy(a)" if refused and refused[1].startswith("numpy")
+               else "save only a dict of tensors plus an optional list of class names")
+        raise DataError(f"{path} holds objects that safe (weights_only) loading refuses ({why}); {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, ImportError) as exc:
         raise DataError(f"{path} is not a readable torch file ({_one_line(exc)}); re-create it with torch.save") from None
     if not isinstance(obj, dict):
