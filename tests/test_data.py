@@ -510,8 +510,12 @@ def test_imagefolder_empty_class_and_missing_path(tmp_path):
     write_imagefolder(tmp_path, {"a": 1, "b": 1})
     (tmp_path / "test" / "b" / "000.png").unlink()
     (tmp_path / "test" / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match="has no images"):
+    with pytest.raises(DataError) as err:
         load_dataset("imagefolder", path=str(tmp_path))
+    assert str(err.value) == (f"class folder {tmp_path / 'test' / 'b'} has no images (.bmp, .jpeg, .jpg, .png, .webp); "
+                              "add images, or remove the class folder 'b' from both splits (train/ and test/)")
+    with pytest.raises(DataError, match=r"from both splits \(train/ and test/\) and from dataset.classes$"):
+        load_dataset("imagefolder", path=str(tmp_path), classes=["a", "b"])
     with pytest.raises(ConfigError, match="set dataset.path"):
         load_dataset("imagefolder")
 

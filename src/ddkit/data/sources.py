@@ -627,8 +627,9 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
             files = _image_files(split_dir / name)
             if not files:
                 raise DataError(
-                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                    "add images or remove the class"
+                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add "
+                    f"images, or remove the class folder {name!r} from both splits ({cfg.train_split}/ and "
+                    f"{cfg.test_split}/)" + (" and from dataset.classes" if cfg.classes is not None else "")
                 )
             for path in files:
                 arr = _read_image(path, cfg.image_size)
