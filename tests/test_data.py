@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -473,6 +474,56 @@ def test_imagefolder_grayscale_and_resize(tmp_path):
     b = load_dataset("imagefolder", path=str(tmp_path))
     assert b.image_shape == (3, 10, 10)
     assert torch.equal(b.train.images[:, 0], b.train.images[:, 2])
+
+
+def test_imagefolder_conversions_are_logged_once_per_split_and_recorded(tmp_path, caplog):
+    """Mixed grayscale/RGB/RGBA/palette files were converted without a word, transparency lost silently."""
+    import logging
+
+    from PIL import Image
+
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=4)
+    plain = load_dataset("imagefolder", path=str(tmp_path))
+    assert "conversions" not in plain.describe() and plain.conversions == {}
+    rgb = np.full((4, 4, 3), 200, np.uint8)
+    opaque, clear = np.full((4, 4, 4), 255, np.uint8), np.full((4, 4, 4), 255, np.uint8)
+    opaque[..., :3], clear[..., :3], clear[0, 0, 3] = 10, 20, 0
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "train" / "a" / "gray.png")  # L
+    Image.fromarray(opaque).save(tmp_path / "train" / "a" / "opaque.png")  # RGBA, every pixel opaque
+    Image.fromarray(clear).save(tmp_path / "train" / "b" / "clear.png")  # RGBA with a transparent pixel
+    Image.fromarray(rgb).convert("P").save(tmp_path / "train" / "b" / "palette.png")  # P
+    Image.fromarray(np.full((4, 4), 9, np.uint8)).save(tmp_path / "test" / "b" / "gray.png")
+    with caplog.at_level(logging.INFO, logger="ddkit.data.sources"):
+        b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.conversions == {"train": {"grayscale_to_rgb": 1, "palette_to_rgb": 1, "alpha_dropped": 2, "transparent": 1},
+                             "test": {"grayscale_to_rgb": 1}}
+    assert b.describe()["conversions"] == b.conversions
+    assert b.fingerprint == b.describe()["fingerprint"] and b.image_shape == (3, 4, 4)
+    assert b.train.images[2].unique().tolist() == [7]  # a/gray.png (after 000, 001.png): its value in every channel
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("imagefolder ")]
+    assert lines == [
+        ("WARNING", f"imagefolder {tmp_path / 'train'} (8 images): grayscale repeated to RGB: 1, palette expanded to "
+                    "RGB: 1, alpha dropped: 2 (1 with transparent pixels, which now show the colour stored under them; "
+                    "flatten them onto a background first to choose it)"),
+        ("INFO", f"imagefolder {tmp_path / 'test'} (5 images): grayscale repeated to RGB: 1"),
+    ]
+    # a subset keeps the record; the record is no part of the fingerprint (which covers the pixels)
+    assert load_dataset("imagefolder", path=str(tmp_path), train_per_class=1).conversions == b.conversions
+    assert dataclasses.replace(b, conversions={}).fingerprint == b.fingerprint
+
+
+def test_imagefolder_palette_with_transparency_loads_without_a_warning(tmp_path, recwarn):
+    """PIL warns (UserWarning) converting a palette image whose transparency is a byte string to RGB."""
+    from PIL import Image
+
+    write_imagefolder(tmp_path, {"a": 1, "b": 1}, size=4)
+    p = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).convert("P")
+    p.save(tmp_path / "test" / "a" / "t.png", transparency=bytes([0, 0] + [255] * 254))
+    with Image.open(tmp_path / "test" / "a" / "t.png") as im:
+        assert im.info["transparency"] == bytes([0, 0] + [255] * 254)
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.conversions == {"test": {"palette_to_rgb": 1, "alpha_dropped": 1, "transparent": 1}}
+    assert [str(w.message) for w in recwarn] == []
 
 
 def test_imagefolder_16bit_grayscale_is_scaled_not_clipped(tmp_path):

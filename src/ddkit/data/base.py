@@ -118,6 +118,9 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
+    #: per split, how many files the source converted to fit the data ({"train": {"alpha_dropped": 3}}; empty when
+    #: none were; see ddkit.data.sources.CONVERSIONS): recorded by :meth:`describe`, not part of the fingerprint
+    conversions: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     #: the config :func:`load_dataset` loaded it with (None for data built by hand)
     config: DatasetConfig | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -180,7 +183,7 @@ class DataBundle:
                 and described.get("std") == list(self.std))
 
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "fingerprint": self.fingerprint,
             "classes": list(self.classes),
@@ -190,6 +193,9 @@ class DataBundle:
             "train_size": len(self.train),
             "test_size": len(self.test),
         }
+        if self.conversions:  # only then: the description of data read as it is stays as it was
+            out["conversions"] = {split: dict(counts) for split, counts in self.conversions.items()}
+        return out
 
 
 Loader = Callable[[DatasetConfig], DataBundle]
@@ -287,6 +293,7 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
             mean=bundle.mean,
             std=bundle.std,
             source=bundle.source,
+            conversions=bundle.conversions,
         )
     bundle.config = cfg
     return bundle

@@ -535,8 +535,20 @@ def _image_files(class_dir: Path) -> list[Path]:
     )  # fmt: skip
 
 
-def _read_image(path: Path, size: int | None) -> np.ndarray:
-    """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else."""
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+#: what :func:`load_imagefolder` counts and records (``DataBundle.conversions``), in log order, with its words
+CONVERSIONS = {
+    "grayscale_to_rgb": "grayscale repeated to RGB",
+    "palette_to_rgb": "palette expanded to RGB",
+    "other_to_rgb": "other colour modes (CMYK, YCbCr, ...) converted to RGB",
+    "16bit_to_8bit": "16-bit grayscale scaled to 8 bits",
+    "alpha_dropped": "alpha dropped",
+}
+
+
+def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
+    """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else, and what was converted
+    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels)."""
     from PIL import Image
 
     try:
@@ -547,16 +559,28 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
             im = Image.open(path)
         with im:
             im.load()
+            done = []
             if im.mode in _WIDE_GRAY_MODES:  # convert("L") would clip, not scale, 16-bit values
                 wide = np.asarray(im, dtype=np.float64)
                 if wide.size and (wide.min() < 0 or wide.max() > 65535):
                     raise DataError(f"image {path} holds values outside 0-65535 (mode {im.mode}); "
                                     "store 8- or 16-bit images")
                 im = Image.fromarray(np.rint(wide * (255 / 65535)).astype(np.uint8))
+                done.append("16bit_to_8bit")
+            if im.mode in ("P", "PA"):
+                done.append("palette_to_rgb")
+            elif im.mode not in _GRAY_MODES | _ALPHA_MODES | {"RGB"}:
+                done.append("other_to_rgb")
+            if im.mode in _ALPHA_MODES or "transparency" in im.info:  # an alpha band, or a colour key / palette alpha
+                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")  # (a palette's alpha warns in convert("RGB"))
+                done.append("alpha_dropped")
+                if rgba.getchannel("A").getextrema()[0] < 255:
+                    done.append("transparent")
+                im = rgba if im.mode in ("P", "PA") else im
             im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), done
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({_one_line(exc)}); replace or delete the file") from None
 
@@ -598,9 +622,12 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
 
-    Class order is ``dataset.classes`` when given (checked against both splits), else sorted folder
-    names. Images become RGB, or single-channel when every file is grayscale; sizes must agree
-    unless ``dataset.image_size`` resizes them (bilinear). mean/std come from the train split.
+    Class folders are searched recursively (hidden files and folders skipped). Class order is
+    ``dataset.classes`` when given (checked against both splits), else sorted folder names. Images
+    become RGB, or single-channel when every file is grayscale; what that converted (grayscale
+    repeated, palettes expanded, alpha dropped, ...) is logged once per split and recorded in
+    ``DataBundle.conversions``. Sizes must agree unless ``dataset.image_size`` resizes them
+    (bilinear). mean/std come from the train split.
     """
     _check_no_options(cfg)
     if not cfg.path:
@@ -621,6 +648,7 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
 
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
+    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # split -> CONVERSIONS key (or "transparent") -> files
     first: tuple[Path, tuple[int, int]] | None = None
     for split, split_dir in split_dirs.items():
         for label, name in enumerate(classes):
@@ -632,7 +660,9 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
                     f"{cfg.test_split}/)" + (" and from dataset.classes" if cfg.classes is not None else "")
                 )
             for path in files:
-                arr = _read_image(path, cfg.image_size)
+                arr, done = _read_image(path, cfg.image_size)
+                for what in done:
+                    converted[split][what] = converted[split].get(what, 0) + 1
                 hw = arr.shape[:2]
                 if first is None:
                     first = (path, hw)
@@ -650,14 +680,34 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
         if gray:
             images = np.stack(arrays[split])[:, None]
         else:
+            repeated = sum(a.ndim == 2 for a in arrays[split])
+            if repeated:
+                converted[split]["grayscale_to_rgb"] = repeated
             images = np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays[split]])
             images = images.transpose(0, 3, 1, 2)
         parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
         arrays[split] = []  # free the per-image arrays early
+        _log_conversions(split_dirs[split], converted[split], len(parts[split]))
     mean, std = channel_stats(parts["train"].images, name=f"the training images in {split_dirs['train']}",
                               fix="check the images (a folder of blank images?)")
     logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]), len(parts["test"]))
-    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root))
+    conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}
+                   for split, counts in converted.items() if counts}
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root),
+                      conversions=conversions)
+
+
+def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> None:
+    """One line per split saying what was converted: info, or a warning when transparency was lost."""
+    if not counts:
+        return
+    said = ", ".join(f"{words}: {counts[k]}" for k, words in CONVERSIONS.items() if k in counts)
+    if counts.get("transparent"):
+        logger.warning("imagefolder %s (%d images): %s (%d with transparent pixels, which now show the colour stored "
+                       "under them; flatten them onto a background first to choose it)", split_dir, total, said,
+                       counts["transparent"])
+    else:
+        logger.info("imagefolder %s (%d images): %s", split_dir, total, said)
 
 
 # ---------------------------------------------------------------------------------------------
