@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import io
 import os
@@ -475,6 +476,56 @@ def test_imagefolder_grayscale_and_resize(tmp_path):
     assert torch.equal(b.train.images[:, 0], b.train.images[:, 2])
 
 
+def test_imagefolder_conversions_are_logged_once_per_split_and_recorded(tmp_path, caplog):
+    """Mixed grayscale/RGB/RGBA/palette files were converted without a word, transparency lost silently."""
+    import logging
+
+    from PIL import Image
+
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=4)
+    plain = load_dataset("imagefolder", path=str(tmp_path))
+    assert "conversions" not in plain.describe() and plain.conversions == {}
+    rgb = np.full((4, 4, 3), 200, np.uint8)
+    opaque, clear = np.full((4, 4, 4), 255, np.uint8), np.full((4, 4, 4), 255, np.uint8)
+    opaque[..., :3], clear[..., :3], clear[0, 0, 3] = 10, 20, 0
+    Image.fromarray(np.full((4, 4), 7, np.uint8)).save(tmp_path / "train" / "a" / "gray.png")  # L
+    Image.fromarray(opaque).save(tmp_path / "train" / "a" / "opaque.png")  # RGBA, every pixel opaque
+    Image.fromarray(clear).save(tmp_path / "train" / "b" / "clear.png")  # RGBA with a transparent pixel
+    Image.fromarray(rgb).convert("P").save(tmp_path / "train" / "b" / "palette.png")  # P
+    Image.fromarray(np.full((4, 4), 9, np.uint8)).save(tmp_path / "test" / "b" / "gray.png")
+    with caplog.at_level(logging.INFO, logger="ddkit.data.sources"):
+        b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.conversions == {"train": {"grayscale_to_rgb": 1, "palette_to_rgb": 1, "alpha_dropped": 2, "transparent": 1},
+                             "test": {"grayscale_to_rgb": 1}}
+    assert b.describe()["conversions"] == b.conversions
+    assert b.fingerprint == b.describe()["fingerprint"] and b.image_shape == (3, 4, 4)
+    assert b.train.images[2].unique().tolist() == [7]  # a/gray.png (after 000, 001.png): its value in every channel
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.getMessage().startswith("imagefolder ")]
+    assert lines == [
+        ("WARNING", f"imagefolder {tmp_path / 'train'} (8 images): grayscale repeated to RGB: 1, palette expanded to "
+                    "RGB: 1, alpha dropped: 2 (1 with transparent pixels, which now show the colour stored under them; "
+                    "flatten them onto a background first to choose it)"),
+        ("INFO", f"imagefolder {tmp_path / 'test'} (5 images): grayscale repeated to RGB: 1"),
+    ]
+    # a subset keeps the record; the record is no part of the fingerprint (which covers the pixels)
+    assert load_dataset("imagefolder", path=str(tmp_path), train_per_class=1).conversions == b.conversions
+    assert dataclasses.replace(b, conversions={}).fingerprint == b.fingerprint
+
+
+def test_imagefolder_palette_with_transparency_loads_without_a_warning(tmp_path, recwarn):
+    """PIL warns (UserWarning) converting a palette image whose transparency is a byte string to RGB."""
+    from PIL import Image
+
+    write_imagefolder(tmp_path, {"a": 1, "b": 1}, size=4)
+    p = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4)).convert("P")
+    p.save(tmp_path / "test" / "a" / "t.png", transparency=bytes([0, 0] + [255] * 254))
+    with Image.open(tmp_path / "test" / "a" / "t.png") as im:
+        assert im.info["transparency"] == bytes([0, 0] + [255] * 254)
+    b = load_dataset("imagefolder", path=str(tmp_path))
+    assert b.conversions == {"test": {"palette_to_rgb": 1, "alpha_dropped": 1, "transparent": 1}}
+    assert [str(w.message) for w in recwarn] == []
+
+
 def test_imagefolder_16bit_grayscale_is_scaled_not_clipped(tmp_path):
     from PIL import Image
 
@@ -510,8 +561,12 @@ def test_imagefolder_empty_class_and_missing_path(tmp_path):
     write_imagefolder(tmp_path, {"a": 1, "b": 1})
     (tmp_path / "test" / "b" / "000.png").unlink()
     (tmp_path / "test" / "b" / "notes.txt").write_text("not an image")
-    with pytest.raises(DataError, match="has no images"):
+    with pytest.raises(DataError) as err:
         load_dataset("imagefolder", path=str(tmp_path))
+    assert str(err.value) == (f"class folder {tmp_path / 'test' / 'b'} has no images (.bmp, .jpeg, .jpg, .png, .webp); "
+                              "add images, or remove the class folder 'b' from both splits (train/ and test/)")
+    with pytest.raises(DataError, match=r"from both splits \(train/ and test/\) and from dataset.classes$"):
+        load_dataset("imagefolder", path=str(tmp_path), classes=["a", "b"])
     with pytest.raises(ConfigError, match="set dataset.path"):
         load_dataset("imagefolder")
 
@@ -595,6 +650,37 @@ def test_tensors_wrong_rank_and_range(tmp_path):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 
+def test_tensors_label_rows_are_told_to_argmax_a_column_to_flatten(tmp_path):
+    t = _tensors()
+    torch.save({**t, "train_labels": torch.nn.functional.one_hot(t["train_labels"])}, tmp_path / "l.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "l.pt"))
+    assert str(err.value) == (f"{tmp_path / 'l.pt'}: train_labels has shape (6, 3), expected [N] class indices; store "
+                              "train_labels.argmax(1) for one-hot or score rows")
+    torch.save({**t, "test_labels": t["test_labels"][:, None]}, tmp_path / "l.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "l.pt"))
+    assert str(err.value) == f"{tmp_path / 'l.pt'}: test_labels has shape (3, 1), expected [N]; flatten it"
+
+
+def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
+    """[N, H, W, C] images were read as H channels of width C and crashed later in pooling."""
+    t = _tensors()
+    for c in (3, 1):
+        nhwc = torch.zeros(6, 12, 12, c, dtype=torch.uint8)
+        torch.save({**t, "train_images": nhwc, "test_images": nhwc[:3]}, tmp_path / "nhwc.pt")
+        with pytest.raises(DataError) as err:
+            load_dataset("tensors", path=str(tmp_path / "nhwc.pt"))
+        assert str(err.value) == (f"{tmp_path / 'nhwc.pt'}: train_images has shape (6, 12, 12, {c}), which looks like "
+                                  "[N, H, W, C] (channels last) but is read as [N, C, H, W]; save "
+                                  "images.permute(0, 3, 1, 2) instead")
+    # 1-4 in both places could be either layout: read as [N, C, H, W] as documented
+    for shape in ((4, 6, 4), (3, 8, 3), (1, 9, 1), (4, 4, 4)):
+        x = torch.randint(0, 256, (6, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+        torch.save({**t, "train_images": x, "test_images": x[:3]}, tmp_path / "ok.pt")
+        assert load_dataset("tensors", path=str(tmp_path / "ok.pt")).image_shape == shape
+
+
 def test_tensors_bad_norm_and_classes(tmp_path):
     t = _tensors(float_images=True)
     for key, bad in (("mean", [float("nan"), 0.2, 0.3]), ("std", [0.4, float("inf"), 0.6])):
@@ -604,8 +690,11 @@ def test_tensors_bad_norm_and_classes(tmp_path):
             load_dataset("tensors", path=str(tmp_path / "n.pt"))
     # a test label past the training classes: a class without training images, named
     torch.save({**t, "test_labels": torch.tensor([2, 1, 4])}, tmp_path / "c.pt")
-    with pytest.raises(DataError, match=r"classes \['3', '4'\] have no training images; check the labels"):
+    with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "c.pt"))
+    assert str(err.value) == (f"{tmp_path / 'c.pt'}: train_labels hold {{0, 1, 2}} and test_labels also {{4}}, but without "
+                              "'classes' the labels must be 0..K-1, each with training images; drop the test images "
+                              "whose labels no training image has")
     torch.save({**t, "classes": ["x", "y", "z", "w"]}, tmp_path / "w.pt")
     with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
         load_dataset("tensors", path=str(tmp_path / "w.pt"))
@@ -619,15 +708,28 @@ def test_tensors_bad_norm_and_classes(tmp_path):
 
 def test_tensors_stray_label_is_named_briefly_not_expanded(tmp_path):
     """A stray label (2**40) used to build a class name for every index up to it (hanging and eating
-    memory); 500 made an error listing 497 class names. Both now name the first gaps and the count."""
+    memory); 500 made an error listing 497 class names. Both now name the labels found; without
+    'classes' there is no 'classes' to drop names from, so the fix is remapping the labels."""
     t = _tensors()
-    for stray, count in ((500, 497), (2**40, 2**40 - 3)):
+    remap = ("but without 'classes' the labels must be 0..K-1, each with training images; remap the labels to 0..K-1 "
+             "(torch.unique(labels, return_inverse=True)[1] over the train and test labels together)")
+    for stray in (500, 2**40):
         torch.save({**t, "train_labels": torch.tensor([0, 1, 2, 0, 1, stray])}, tmp_path / "s.pt")
         with pytest.raises(DataError) as err:
             load_dataset("tensors", path=str(tmp_path / "s.pt"))
-        assert str(err.value) == (f"{tmp_path / 's.pt'}: classes ['3', '4', '5', '6', '7', ...] ({count} in all) have no "
-                                  "training images; check the labels (train_labels, test_labels) or drop those classes "
-                                  "from 'classes'")
+        assert str(err.value) == f"{tmp_path / 's.pt'}: train_labels hold {{0, 1, 2, {stray}}}, {remap}"
+    torch.save({**t, "train_labels": torch.tensor([3, 7, 3, 7, 3, 7]), "test_labels": torch.tensor([3, 7, 3])},
+               tmp_path / "s.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "s.pt"))
+    assert str(err.value) == f"{tmp_path / 's.pt'}: train_labels hold {{3, 7}}, {remap}"
+    t12 = {k: v.repeat(2, *[1] * (v.dim() - 1)) if k.startswith("train") else v for k, v in t.items()}
+    torch.save({**t12, "train_labels": torch.arange(12) * 3}, tmp_path / "s.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "s.pt"))
+    assert str(err.value) == (f"{tmp_path / 's.pt'}: train_labels hold {{0, 3, 6, 9, 12, ..., 33}} (12 values) and "
+                              f"test_labels also {{1, 2}}, {remap} and drop the test images whose labels no training "
+                              "image has")
     names = [f"c{i}" for i in range(20)]
     torch.save({**t, "classes": names}, tmp_path / "n.pt")
     with pytest.raises(DataError, match=r"classes \['c3', 'c4', 'c5', 'c6', 'c7', \.\.\.\] \(17 in all\) have no"):
@@ -643,8 +745,29 @@ class Payload:
 
 def test_tensors_pt_uses_weights_only(tmp_path):
     torch.save({**_tensors(), "extra": Payload()}, tmp_path / "d.pt")
-    with pytest.raises(DataError, match="weights_only"):
+    with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "d.pt"))
+    assert str(err.value) == (f"{tmp_path / 'd.pt'} holds objects that safe (weights_only) loading refuses (unsupported "
+                              f"global {__name__}.Payload); save only a dict of tensors plus an optional list of class "
+                              "names")
+
+
+def test_tensors_pt_of_numpy_arrays_is_told_to_save_tensors(tmp_path):
+    """torch's refusal of numpy arrays came through with its terminal escape codes (bold) and no fix."""
+    torch.save({k: v.numpy() for k, v in _tensors().items()}, tmp_path / "np.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "np.pt"))
+    assert "\x1b" not in str(err.value)
+    head = f"{tmp_path / 'np.pt'} holds objects that safe (weights_only) loading refuses (unsupported global numpy."
+    assert str(err.value).startswith(head)  # numpy.core or numpy._core, by numpy version
+    assert str(err.value).endswith("._reconstruct); numpy arrays are not tensors: save torch.from_numpy(a)")
+
+
+def test_one_line_strips_terminal_escape_codes():
+    from ddkit.data.sources import _one_line
+
+    exc = RuntimeError("Weights only load failed, \x1b[1mdo those steps only if you trust it\x1b[0m. \n\t(1) more")
+    assert _one_line(exc) == "Weights only load failed, do those steps only if you trust it."
 
 
 def test_tensors_bad_file(tmp_path):

@@ -63,6 +63,37 @@ def test_class_mismatch_errors(teacher_dir, tiny):
         t.check_compatible(rgb)
 
 
+def test_class_order_advice_fits_the_source(teacher_dir, tiny, tmp_path):
+    """Only imagefolder re-orders its classes by dataset.classes; the other sources only check it, so
+    advising it there led to a second error."""
+    from PIL import Image
+
+    from ddkit.data import load_dataset
+
+    t = Teacher.load(teacher_dir)
+    order = ["class1", "class0", "class2", "class3"]
+    head = f"teacher '{teacher_dir}' class order differs from dataset '{{}}' at index 0 ('class0' vs 'class1'); "
+    for split, part in (("train", tiny.train), ("test", tiny.test)):
+        for c in range(4):
+            for i in part.indices_of(c)[:2].tolist():
+                path = tmp_path / "folder" / split / f"class{c}" / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(part.images[i, 0].numpy()).save(path)
+    folder = load_dataset("imagefolder", path=str(tmp_path / "folder"), classes=order)
+    with pytest.raises(DDKitError) as err:
+        t.check_compatible(folder)
+    assert str(err.value) == head.format("imagefolder") + "pass dataset.classes in the teacher's order"
+    t.check_compatible(load_dataset("imagefolder", path=str(tmp_path / "folder")))  # the advice, followed, works
+    torch.save({"train_images": tiny.train.images, "train_labels": tiny.train.labels, "test_images": tiny.test.images,
+                "test_labels": tiny.test.labels, "classes": order}, tmp_path / "d.pt")
+    for data in (load_dataset("tensors", path=str(tmp_path / "d.pt")),
+                 DataBundle("imagefolder", tiny.train, tiny.test, order, tiny.mean, tiny.std)):  # built by hand
+        with pytest.raises(DDKitError) as err:
+            t.check_compatible(data)
+        assert str(err.value) == head.format(data.name) + ("re-order the labels and 'classes' in the data, or train a "
+                                                           "teacher on this data")
+
+
 def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
     import shutil
 

@@ -118,6 +118,9 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     source: str = ""
+    #: per split, how many files the source converted to fit the data ({"train": {"alpha_dropped": 3}}; empty when
+    #: none were; see ddkit.data.sources.CONVERSIONS): recorded by :meth:`describe`, not part of the fingerprint
+    conversions: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     #: the config :func:`load_dataset` loaded it with (None for data built by hand)
     config: DatasetConfig | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -180,7 +183,7 @@ class DataBundle:
                 and described.get("std") == list(self.std))
 
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "fingerprint": self.fingerprint,
             "classes": list(self.classes),
@@ -190,10 +193,21 @@ class DataBundle:
             "train_size": len(self.train),
             "test_size": len(self.test),
         }
+        if self.conversions:  # only then: the description of data read as it is stays as it was
+            out["conversions"] = {split: dict(counts) for split, counts in self.conversions.items()}
+        return out
 
 
 Loader = Callable[[DatasetConfig], DataBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
+#: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
+CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
+
+
+def reorders_classes(data: DataBundle) -> bool:
+    """Whether loading ``data`` again with ``dataset.classes`` in another order re-orders its classes
+    (loaded by a source in :data:`CLASS_ORDER_SOURCES`; never for a bundle built by hand)."""
+    return data.config is not None and data.config.name in CLASS_ORDER_SOURCES
 
 
 def search_order(name: str, path: str | None) -> list[Path]:
@@ -279,6 +293,7 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
             mean=bundle.mean,
             std=bundle.std,
             source=bundle.source,
+            conversions=bundle.conversions,
         )
     bundle.config = cfg
     return bundle

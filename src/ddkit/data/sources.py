@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import gzip
 import io
-import itertools
 import json
 import logging
 import math
 import pickle
+import re
 import struct
 import tarfile
 import warnings
@@ -156,9 +156,12 @@ def channel_stats(
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal escape sequences (torch bolds words in its errors)
+
+
 def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
+    text = _ANSI.sub("", str(exc)).strip().splitlines()
+    line = text[0].strip() if text else type(exc).__name__
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
@@ -532,8 +535,20 @@ def _image_files(class_dir: Path) -> list[Path]:
     )  # fmt: skip
 
 
-def _read_image(path: Path, size: int | None) -> np.ndarray:
-    """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else."""
+_ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
+#: what :func:`load_imagefolder` counts and records (``DataBundle.conversions``), in log order, with its words
+CONVERSIONS = {
+    "grayscale_to_rgb": "grayscale repeated to RGB",
+    "palette_to_rgb": "palette expanded to RGB",
+    "other_to_rgb": "other colour modes (CMYK, YCbCr, ...) converted to RGB",
+    "16bit_to_8bit": "16-bit grayscale scaled to 8 bits",
+    "alpha_dropped": "alpha dropped",
+}
+
+
+def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
+    """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else, and what was converted
+    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels)."""
     from PIL import Image
 
     try:
@@ -544,16 +559,28 @@ def _read_image(path: Path, size: int | None) -> np.ndarray:
             im = Image.open(path)
         with im:
             im.load()
+            done = []
             if im.mode in _WIDE_GRAY_MODES:  # convert("L") would clip, not scale, 16-bit values
                 wide = np.asarray(im, dtype=np.float64)
                 if wide.size and (wide.min() < 0 or wide.max() > 65535):
                     raise DataError(f"image {path} holds values outside 0-65535 (mode {im.mode}); "
                                     "store 8- or 16-bit images")
                 im = Image.fromarray(np.rint(wide * (255 / 65535)).astype(np.uint8))
+                done.append("16bit_to_8bit")
+            if im.mode in ("P", "PA"):
+                done.append("palette_to_rgb")
+            elif im.mode not in _GRAY_MODES | _ALPHA_MODES | {"RGB"}:
+                done.append("other_to_rgb")
+            if im.mode in _ALPHA_MODES or "transparency" in im.info:  # an alpha band, or a colour key / palette alpha
+                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")  # (a palette's alpha warns in convert("RGB"))
+                done.append("alpha_dropped")
+                if rgba.getchannel("A").getextrema()[0] < 255:
+                    done.append("transparent")
+                im = rgba if im.mode in ("P", "PA") else im
             im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(im, dtype=np.uint8)
+            return np.asarray(im, dtype=np.uint8), done
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({_one_line(exc)}); replace or delete the file") from None
 
@@ -595,9 +622,12 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
 
-    Class order is ``dataset.classes`` when given (checked against both splits), else sorted folder
-    names. Images become RGB, or single-channel when every file is grayscale; sizes must agree
-    unless ``dataset.image_size`` resizes them (bilinear). mean/std come from the train split.
+    Class folders are searched recursively (hidden files and folders skipped). Class order is
+    ``dataset.classes`` when given (checked against both splits), else sorted folder names. Images
+    become RGB, or single-channel when every file is grayscale; what that converted (grayscale
+    repeated, palettes expanded, alpha dropped, ...) is logged once per split and recorded in
+    ``DataBundle.conversions``. Sizes must agree unless ``dataset.image_size`` resizes them
+    (bilinear). mean/std come from the train split.
     """
     _check_no_options(cfg)
     if not cfg.path:
@@ -618,17 +648,21 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
 
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
+    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # split -> CONVERSIONS key (or "transparent") -> files
     first: tuple[Path, tuple[int, int]] | None = None
     for split, split_dir in split_dirs.items():
         for label, name in enumerate(classes):
             files = _image_files(split_dir / name)
             if not files:
                 raise DataError(
-                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
-                    "add images or remove the class"
+                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add "
+                    f"images, or remove the class folder {name!r} from both splits ({cfg.train_split}/ and "
+                    f"{cfg.test_split}/)" + (" and from dataset.classes" if cfg.classes is not None else "")
                 )
             for path in files:
-                arr = _read_image(path, cfg.image_size)
+                arr, done = _read_image(path, cfg.image_size)
+                for what in done:
+                    converted[split][what] = converted[split].get(what, 0) + 1
                 hw = arr.shape[:2]
                 if first is None:
                     first = (path, hw)
@@ -646,14 +680,34 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
         if gray:
             images = np.stack(arrays[split])[:, None]
         else:
+            repeated = sum(a.ndim == 2 for a in arrays[split])
+            if repeated:
+                converted[split]["grayscale_to_rgb"] = repeated
             images = np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays[split]])
             images = images.transpose(0, 3, 1, 2)
         parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
         arrays[split] = []  # free the per-image arrays early
+        _log_conversions(split_dirs[split], converted[split], len(parts[split]))
     mean, std = channel_stats(parts["train"].images, name=f"the training images in {split_dirs['train']}",
                               fix="check the images (a folder of blank images?)")
     logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]), len(parts["test"]))
-    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root))
+    conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}
+                   for split, counts in converted.items() if counts}
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root),
+                      conversions=conversions)
+
+
+def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> None:
+    """One line per split saying what was converted: info, or a warning when transparency was lost."""
+    if not counts:
+        return
+    said = ", ".join(f"{words}: {counts[k]}" for k, words in CONVERSIONS.items() if k in counts)
+    if counts.get("transparent"):
+        logger.warning("imagefolder %s (%d images): %s (%d with transparent pixels, which now show the colour stored "
+                       "under them; flatten them onto a background first to choose it)", split_dir, total, said,
+                       counts["transparent"])
+    else:
+        logger.info("imagefolder %s (%d images): %s", split_dir, total, said)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -689,10 +743,11 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
         if not zipfile.is_zipfile(path):  # no torch.save archive at all: its bytes are no pickle either
             raise DataError(f"{path} is not a readable torch file (neither a torch.save archive nor a pickle); "
                             "re-create it with torch.save") from None
-        raise DataError(
-            f"{path} holds objects that safe (weights_only) loading refuses ({_one_line(exc, 160)}); "
-            "save only a dict of tensors plus an optional list of class names"
-        ) from None
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        why = _one_line(exc, 160) if refused is None else f"unsupported global {refused[1]}"
+        fix = ("numpy arrays are not tensors: save torch.from_numpy(a)" if refused and refused[1].startswith("numpy")
+               else "save only a dict of tensors plus an optional list of class names")
+        raise DataError(f"{path} holds objects that safe (weights_only) loading refuses ({why}); {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, ImportError) as exc:
         raise DataError(f"{path} is not a readable torch file ({_one_line(exc)}); re-create it with torch.save") from None
     if not isinstance(obj, dict):
@@ -707,6 +762,10 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
     if t.dim() != 4:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N, C, H, W]; reshape it")
+    if t.shape[-1] in (1, 3, 4) and t.shape[1] > 4:  # [N, 12, 12, 3] is channels-last, not 12 channels 3 wide
+        # (a shape with 1-4 in both places, [N, 3, 32, 3] or [N, 4, 4, 4], stays read as [N, C, H, W])
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, which looks like [N, H, W, C] (channels last) "
+                        f"but is read as [N, C, H, W]; save images.permute(0, 3, 1, 2) instead")
     if t.dtype == torch.uint8:
         return t.contiguous()
     if not t.is_floating_point():
@@ -725,6 +784,9 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
 def _tensor_labels(t: object, key: str, path: Path) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
+    if t.dim() == 2 and t.shape[1] > 1:  # one row per image: one-hot or scores, flattening gives N*K labels
+        raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N] class indices; store "
+                        f"{key}.argmax(1) for one-hot or score rows")
     if t.dim() != 1:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N]; flatten it")
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
@@ -758,6 +820,27 @@ def _no_train_images(path: Path, names: list[str], count: int) -> None:
     shown = f"{names}" if count <= len(names) else f"[{', '.join(map(repr, names))}, ...] ({count} in all)"
     raise DataError(f"{path}: classes {shown} have no training images; check the labels (train_labels, "
                     "test_labels) or drop those classes from 'classes'")
+
+
+def _label_set(labels: list[int]) -> str:
+    """``{3, 7}``; a long set as its first and last values and its size."""
+    if len(labels) <= 8:
+        return "{" + ", ".join(map(str, labels)) + "}"
+    return "{" + ", ".join(map(str, labels[:5])) + f", ..., {labels[-1]}}} ({len(labels)} values)"
+
+
+def _labels_not_0_to_k(path: Path, train: list[int], test: list[int]) -> None:
+    """Without 'classes' the labels name the classes 0..K-1, each of which needs training images."""
+    test_only = sorted(set(test) - set(train))
+    found = f"train_labels hold {_label_set(train)}" + (f" and test_labels also {_label_set(test_only)}" if test_only else "")
+    fixes = []
+    if train != list(range(len(train))):
+        fixes.append("remap the labels to 0..K-1 (torch.unique(labels, return_inverse=True)[1] over the train and test "
+                     "labels together)")
+    if test_only:
+        fixes.append("drop the test images whose labels no training image has")
+    raise DataError(f"{path}: {found}, but without 'classes' the labels must be 0..K-1, each with training images; "
+                    f"{' and '.join(fixes)}")
 
 
 @DATASETS.register("tensors")
@@ -801,9 +884,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     top = max((int(p.labels.max()) for p in parts.values() if len(p)), default=-1)
     if classes is None:
         seen = torch.unique(parts["train"].labels).tolist()
-        if len(seen) < top + 1:  # a stray label (255, 10**6): name the first gaps, never build top + 1 names
-            gaps = (c for lo, hi in zip([-1, *seen], [*seen, top + 1]) for c in range(lo + 1, hi))
-            _no_train_images(path, [str(c) for c in itertools.islice(gaps, 5)], top + 1 - len(seen))
+        if len(seen) < top + 1:  # labels {3, 7} or a stray 255, 10**6: name them, never build top + 1 names
+            _labels_not_0_to_k(path, seen, torch.unique(parts["test"].labels).tolist())
         classes = [str(c) for c in range(top + 1)]
     elif not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise DataError(f"{path}: 'classes' must be a list of str, found {type(classes).__name__}")

@@ -36,7 +36,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
-from ddkit.data.base import DataBundle, check_bundle
+from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
@@ -114,7 +114,9 @@ class Teacher(DescribesDataset):
             diff = next(i for i, (a, b) in enumerate(zip(mine, data.classes)) if a != b)
             raise DDKitError(
                 f"{who} class order differs from dataset {data.name!r} at index {diff} "
-                f"({mine[diff]!r} vs {data.classes[diff]!r}); pass dataset.classes in the teacher's order"
+                f"({mine[diff]!r} vs {data.classes[diff]!r}); "
+                + ("pass dataset.classes in the teacher's order" if reorders_classes(data) else
+                   "re-order the labels and 'classes' in the data, or train a teacher on this data")
             )
         shape = list(self.manifest["model"]["input_shape"])
         if shape[0] != data.image_shape[0]:
