@@ -373,7 +373,7 @@ def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
 
 
 def test_full_method_is_whole_training_set(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r"^distill: ipc 3 does not apply to method 'full', which keeps every training "
+    with pytest.raises(ConfigError, match=r"^distill.ipc 3 does not apply to method 'full', which keeps every training "
                                           r"image; remove ipc \(or set ipc: null\)$"):
         from_dict(RunConfig, {"distill": {"method": "full", "ipc": 3}})  # a YAML ipc, as --ipc in the CLI
     assert DistillConfig(method="full", ipc=None).ipc is None
