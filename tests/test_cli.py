@@ -1099,5 +1099,8 @@ def test_plugins_let_the_cli_train_and_load_a_users_model(tmp_path):
     assert broken.returncode == 2 and broken.stderr == (
         "error: DDKIT_PLUGINS: cannot import 'nosuchplug' (ModuleNotFoundError: No module named 'nosuchplug'); fix the "
         "module or remove it from DDKIT_PLUGINS\n")
+    file = ddkit("list", "models", plugins="myplug.py")
+    assert file.returncode == 2 and file.stderr == ("error: DDKIT_PLUGINS names modules, not files: use 'myplug', not "
+                                                    "'myplug.py'\n")
     listed = ddkit("list", "models", "my_*", plugins="myplug")
     assert listed.returncode == 0 and listed.stdout.split() == ["my_net"]

@@ -661,6 +661,10 @@ def test_tensors_label_rows_are_told_to_argmax_a_column_to_flatten(tmp_path):
     with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "l.pt"))
     assert str(err.value) == f"{tmp_path / 'l.pt'}: test_labels has shape (3, 1), expected [N]; flatten it"
+    torch.save({**t, "test_labels": t["test_labels"][None, :]}, tmp_path / "l.pt")  # one row of labels: not argmax
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "l.pt"))
+    assert str(err.value) == f"{tmp_path / 'l.pt'}: test_labels has shape (1, 3), expected [N]; flatten it"
 
 
 def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
@@ -674,8 +678,8 @@ def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
         assert str(err.value) == (f"{tmp_path / 'nhwc.pt'}: train_images has shape (6, 12, 12, {c}), which looks like "
                                   "[N, H, W, C] (channels last) but is read as [N, C, H, W]; save "
                                   "images.permute(0, 3, 1, 2) instead")
-    # 1-4 in both places could be either layout: read as [N, C, H, W] as documented
-    for shape in ((4, 6, 4), (3, 8, 3), (1, 9, 1), (4, 4, 4)):
+    # 1-4 in two places could be either layout: read as [N, C, H, W] as documented (8-channel 4x4 maps too)
+    for shape in ((4, 6, 4), (3, 8, 3), (1, 9, 1), (4, 4, 4), (8, 4, 4), (16, 3, 3)):
         x = torch.randint(0, 256, (6, *shape), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
         torch.save({**t, "train_images": x, "test_images": x[:3]}, tmp_path / "ok.pt")
         assert load_dataset("tensors", path=str(tmp_path / "ok.pt")).image_shape == shape
@@ -727,9 +731,9 @@ def test_tensors_stray_label_is_named_briefly_not_expanded(tmp_path):
     torch.save({**t12, "train_labels": torch.arange(12) * 3}, tmp_path / "s.pt")
     with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "s.pt"))
+    drop_then = remap.replace("; remap", "; drop the test images whose labels no training image has, then remap")
     assert str(err.value) == (f"{tmp_path / 's.pt'}: train_labels hold {{0, 3, 6, 9, 12, ..., 33}} (12 values) and "
-                              f"test_labels also {{1, 2}}, {remap} and drop the test images whose labels no training "
-                              "image has")
+                              f"test_labels also {{1, 2}}, {drop_then}")
     names = [f"c{i}" for i in range(20)]
     torch.save({**t, "classes": names}, tmp_path / "n.pt")
     with pytest.raises(DataError, match=r"classes \['c3', 'c4', 'c5', 'c6', 'c7', \.\.\.\] \(17 in all\) have no"):

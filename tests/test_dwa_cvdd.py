@@ -142,13 +142,17 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
     assert torch.allclose(stored, want, atol=1e-5)
     alone = runner.teacher_logits(teachers[0], subset.images, data.mean, data.std, "cpu", seed=seed)
     assert not torch.allclose(stored, alone, atol=1e-3)
-    # a committee member that is gone is named, not replaced by the main teacher
+    # a committee member that is gone is named, not replaced by the main teacher, where a random subset must
+    # be labelled; its cached students need no member
     import shutil
 
     moved = tmp_path / "moved"
     shutil.copytree(teachers[2].path, moved)
     shutil.rmtree(teachers[2].path)
     try:
+        seen.clear()
+        runner.evaluate(ds, protocol, [0], data=data, teacher=teachers[0], cache_dir=tmp_path / "cache")
+        assert len(seen) == 1  # the set's student; the random one came from the cache
         with pytest.raises(DDKitError, match=r"^this set's stored soft labels come from a committee with teacher "
                                              rf"'{teachers[2].path}', which is not there;"):
             runner.evaluate(ds, protocol, [0], data=data, teacher=teachers[0], cache_dir=tmp_path / "cache2")

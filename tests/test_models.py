@@ -331,6 +331,15 @@ def test_tiny_models_learn_synthetic(name):
     assert after > before + 0.3
 
 
+def _weight_normed(model):
+    import warnings
+
+    with warnings.catch_warnings():  # torch suggests its parametrizations version; users still use this one
+        warnings.simplefilter("ignore")
+        model.head = torch.nn.utils.weight_norm(model.head)
+    return model
+
+
 def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypatch):
     """A user's model without embed failed inside dm with AttributeError, one giving 2 logits for 3
     classes inside the teacher's loss with IndexError; create_model now checks a user's factory once."""
@@ -378,10 +387,16 @@ def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypat
             "integer feature_dim (README, Models)")
     torch.manual_seed(0)
     good = create_model("qa_good", 1, 3, 4)
+    after_check = torch.rand(1)
     torch.manual_seed(0)
-    assert torch.equal(good.body.weight, nn.Linear(16, 6).weight)  # the check draws nothing from the RNG first
+    plain = Good(1, 3, 4)
+    assert torch.equal(after_check, torch.rand(1))  # the check draws nothing from the RNG
+    assert torch.equal(good.body.weight, plain.body.weight) and good.training  # nor changes the model's mode
+    # a model deepcopy refuses (weight_norm keeps a non-leaf tensor) is probed as it is
+    MODELS.add("qa_weightnorm", lambda c, k, s: _weight_normed(Good(c, k, s)))
+    assert create_model("qa_weightnorm", 1, 3, 4).head.weight.shape == (3, 6)
     for name, problem in [("qa_noembed", "it has no embed(x) method"),
-                          ("qa_two", "model(x) gives (2, 2) for 2 images, expected [2, 3]"),
+                          ("qa_two", "model(x) gives [2, 2] for 2 images, expected [2, 3]"),
                           ("qa_dim", "feature_dim is '6'"),
                           ("qa_none", "its factory returned a NoneType, not an nn.Module")]:
         with pytest.raises(DDKitError) as err:
@@ -389,4 +404,4 @@ def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypat
         assert str(err.value) == f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}"
     # ddkit's own models are not probed (dm builds one per iteration)
     create_model("tiny_convnet", 1, 3, 8)
-    assert {k[0] for k in registry._CHECKED} == {"qa_good"}
+    assert {k[0] for k in registry._CHECKED} == {"qa_good", "qa_weightnorm"}

@@ -1,5 +1,6 @@
 """Teacher BatchNorm modes: running statistics, or CV-DD's batch-specific soft labels (BSSL)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -301,6 +302,12 @@ def test_random_baseline_of_batch_statistics_labels_is_labelled_alike(data, teac
     runner.evaluate(plain, protocol, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
     assert len(seen) == 2 and torch.allclose(seen[1][1], running, atol=1e-5)
     assert len(list((tmp_path / "cache" / "random-baseline").iterdir())) == 2
+    # a set labelled with running statistics, under a protocol whose teacher_bn is batch (the cvdd preset's):
+    # its random subset is labelled with running statistics too
+    seen.clear()
+    batch_protocol = dataclasses.replace(protocol, teacher_bn="batch")
+    runner.evaluate(plain, batch_protocol, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    assert len(seen) == 2 and torch.allclose(seen[1][1], running, atol=1e-5)
 
 
 # --- FKD relabelling ---------------------------------------------------------------------------------

@@ -676,6 +676,8 @@ def load_plugins() -> list[str]:
     if names and "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # `python -m` puts the current folder first; the ddkit script does not
     for name in names:
+        if name.endswith(".py"):
+            raise DDKitError(f"DDKIT_PLUGINS names modules, not files: use {name.removesuffix('.py')!r}, not {name!r}")
         try:
             importlib.import_module(name)
         except Exception as exc:  # a user's module: any failure is reported in one line

@@ -177,8 +177,15 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return cls(**kwargs)
     except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
         msg = str(exc)
-        named = re.split(r"[\s:.,]", msg, maxsplit=1)[0] in fields
-        errors.append(f"{where}.{msg}" if where and named else f"{where + ': ' if where else ''}{msg}")
+        parts = msg.split("; ")  # several problems at once: each that starts with a field gets its key
+
+        def named(part: str) -> bool:
+            return re.split(r"[\s:.,]", part, maxsplit=1)[0] in fields
+
+        if where and named(parts[0]):
+            errors.append("; ".join(f"{where}.{p}" if named(p) else p for p in parts))
+        else:
+            errors.append(f"{where + ': ' if where else ''}{msg}")
         return None  # type: ignore[return-value]
 
 

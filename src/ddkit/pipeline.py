@@ -117,7 +117,13 @@ class EvalConfig(Checked):
             over = {**self.overrides, "label_mode": mode}
             if mode == "fkd" and self.makes_store:
                 over["fkd_store"] = fkd_store or RUN_FKD_STORE
-            out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
+            try:
+                out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
+            except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
+                if "label_mode" in self.overrides:
+                    raise
+                raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
+                                  ) from None
         return out
 
 

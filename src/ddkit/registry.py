@@ -45,7 +45,8 @@ class Registry(Generic[T]):
     def unknown_message(self, name: str) -> str:
         close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
         hint = (f"did you mean {close[0]!r}?" if close else
-                f"see `ddkit list {self.kind}s` (one of your own: name the module that registers it in DDKIT_PLUGINS)")
+                f"see `ddkit list {self.kind}s` (one of your own: import the module that registers it first; the CLI "
+                "imports those named in DDKIT_PLUGINS)")
         return f"unknown {self.kind} {name!r}; {hint}"
 
     def list(self, pattern: str | None = None) -> list[str]:

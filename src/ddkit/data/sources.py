@@ -762,8 +762,9 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
     if t.dim() != 4:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N, C, H, W]; reshape it")
-    if t.shape[-1] in (1, 3, 4) and t.shape[1] > 4:  # [N, 12, 12, 3] is channels-last, not 12 channels 3 wide
-        # (a shape with 1-4 in both places, [N, 3, 32, 3] or [N, 4, 4, 4], stays read as [N, C, H, W])
+    if t.shape[-1] in (1, 3, 4) and t.shape[1] > 4 and t.shape[2] > 4:  # [N, 12, 12, 3]: channels last
+        # (12 channels of 12x3 images is no image data; a shape with 1-4 in two places, [N, 3, 32, 3],
+        # [N, 4, 4, 4] or 8-channel 4x4 maps [N, 8, 4, 4], stays read as [N, C, H, W])
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, which looks like [N, H, W, C] (channels last) "
                         f"but is read as [N, C, H, W]; save images.permute(0, 3, 1, 2) instead")
     if t.dtype == torch.uint8:
@@ -784,7 +785,7 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
 def _tensor_labels(t: object, key: str, path: Path) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise DataError(f"{path}: {key} is a {type(t).__name__}, expected a tensor")
-    if t.dim() == 2 and t.shape[1] > 1:  # one row per image: one-hot or scores, flattening gives N*K labels
+    if t.dim() == 2 and t.shape[1] > 1 and t.shape[0] > 1:  # a row per image (one-hot, scores): not flatten
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, expected [N] class indices; store "
                         f"{key}.argmax(1) for one-hot or score rows")
     if t.dim() != 1:
@@ -834,13 +835,13 @@ def _labels_not_0_to_k(path: Path, train: list[int], test: list[int]) -> None:
     test_only = sorted(set(test) - set(train))
     found = f"train_labels hold {_label_set(train)}" + (f" and test_labels also {_label_set(test_only)}" if test_only else "")
     fixes = []
+    if test_only:  # first: a remap of labels that still include them would keep them
+        fixes.append("drop the test images whose labels no training image has")
     if train != list(range(len(train))):
         fixes.append("remap the labels to 0..K-1 (torch.unique(labels, return_inverse=True)[1] over the train and test "
                      "labels together)")
-    if test_only:
-        fixes.append("drop the test images whose labels no training image has")
     raise DataError(f"{path}: {found}, but without 'classes' the labels must be 0..K-1, each with training images; "
-                    f"{' and '.join(fixes)}")
+                    f"{', then '.join(fixes)}")
 
 
 @DATASETS.register("tensors")

@@ -156,57 +156,73 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
 
 @dataclasses.dataclass
 class StoredLabeller:
-    """How a set's stored soft labels were made, when not by the evaluation's teacher with the
-    protocol's BatchNorm mode: the random subset beside the set is labelled the same way (``key``
-    enters its cache entry). ``teachers`` and ``weights``: a CV-DD committee's members (the
-    evaluation's teacher first) and votes; ``bn``/``bn_batch``: their BatchNorm mode."""
+    """How a set's stored soft labels were made, where not by the evaluation's teacher with the
+    protocol's BatchNorm mode: the random subset beside the set is labelled the same way. ``members``:
+    a CV-DD committee's other teachers (``path``, ``weights_sha``), loaded only when a random subset
+    is labelled (a cached one needs none); ``weights``: the votes, the evaluation's teacher first;
+    ``bn``/``bn_batch``: the BatchNorm mode. ``key`` enters the random subset's cache entry."""
 
-    teachers: list
+    teacher: Any
+    members: list[dict]
     weights: list[float]
     bn: TeacherBN
     bn_batch: int | None
+    loaded: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def key(self) -> dict:
-        return {"teachers": [t.fingerprint for t in self.teachers], "weights": self.weights, "bn": self.bn,
-                "bn_batch": self.bn_batch}
+        return {"teachers": [self.teacher.fingerprint] + [m["weights_sha"] for m in self.members],
+                "weights": self.weights, "bn": self.bn, "bn_batch": self.bn_batch}
 
-    def __call__(self, images: torch.Tensor, mean, std, device, seed: int) -> torch.Tensor:
+    def _member(self, i: int, data: DataBundle, device):
+        from ddkit.teacher import Teacher
+
+        if i not in self.loaded:
+            m = self.members[i]
+            if not Path(m["path"]).exists():
+                raise DDKitError(f"this set's stored soft labels come from a committee with teacher {m['path']!r}, "
+                                 "which is not there; the random subset beside it is labelled by the same committee: "
+                                 "restore that teacher, or use label_mode teacher")
+            member = Teacher.load(m["path"], device)
+            if member.fingerprint != m["weights_sha"]:
+                raise DDKitError(f"committee teacher {m['path']!r} no longer holds the weights that labelled this set "
+                                 f"({m['weights_sha']}); restore them, or use label_mode teacher")
+            member.check_compatible(data)
+            self.loaded[i] = member
+        return self.loaded[i]
+
+    def __call__(self, images: torch.Tensor, data: DataBundle, device, seed: int) -> torch.Tensor:
         from ddkit.methods.cvdd import committee_logits
 
-        return committee_logits(self.teachers, images, self.weights, mean, std, device, bn=self.bn,
+        teachers = [self.teacher] + [self._member(i, data, device) for i in range(len(self.members))]
+        return committee_logits(teachers, images, self.weights, data.mean, data.std, device, bn=self.bn,
                                 bn_batch=self.bn_batch, seed=seed)
 
 
-def stored_labeller(distilled: DistilledSet, teacher, device) -> StoredLabeller | None:
-    """:class:`StoredLabeller` of ``distilled``'s stored soft labels if they came from a committee
-    (CV-DD) or from the teacher with batch statistics (``soft_labels_bn: batch``); None when the
-    teacher with running statistics gave them, as the protocol's default labels the random subset."""
+def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, device) -> StoredLabeller | None:
+    """:class:`StoredLabeller` of ``distilled``'s stored soft labels when they came from a committee
+    (CV-DD), or from the teacher with other BatchNorm statistics than the protocol's ``teacher_bn``
+    (``soft_labels_bn``); None when the protocol's mode is the set's."""
     from ddkit.teacher import Teacher
 
     man = distilled.manifest
     rec = man.get("meta", {}).get("soft_labels") or {}
     if rec.get("kind") == "committee":
-        members = rec.get("teachers")
-        if members is None:  # sets made before the members were recorded: the main teacher, then extra_teachers
-            extra = man["method"]["config"].get("extra_teachers") or []
-            members = [{"path": None, "weights_sha": teacher.fingerprint}] + [{"path": p, "weights_sha": None} for p in extra]
-        teachers = [teacher]
-        for m in members[1:]:
-            if not m.get("path") or not Path(m["path"]).exists():
-                raise DDKitError(f"this set's stored soft labels come from a committee with teacher {m.get('path')!r}, "
-                                 "which is not there; the random subset beside it is labelled by the same committee: "
-                                 "restore that teacher, or use label_mode teacher")
-            member = Teacher.load(m["path"], device)
-            if m.get("weights_sha") not in (None, member.fingerprint):
-                raise DDKitError(f"committee teacher {m['path']!r} no longer holds the weights that labelled this set "
-                                 f"({m['weights_sha']}); restore them, or use label_mode teacher")
-            teachers.append(member)
-        return StoredLabeller(teachers, [float(w) for w in rec["weights"]], rec.get("teacher_bn", "running"),
+        members = (rec.get("teachers") or [None])[1:]
+        if "teachers" not in rec:  # sets made before the members were recorded: their extra_teachers, as given
+            members = []
+            for path in man["method"]["config"].get("extra_teachers") or []:
+                if not Path(path).exists():
+                    log.warning("this set's committee teacher %r is not there (older sets record it as given); its "
+                                "random subset is labelled by the main teacher alone", path)
+                    return None
+                members.append({"path": path, "weights_sha": Teacher.load(path).fingerprint})
+        return StoredLabeller(teacher, members, [float(w) for w in rec["weights"]], rec.get("teacher_bn", "running"),
                               rec.get("teacher_bn_batch"))
     distill = man.get("config", {}).get("distill") or {}
-    if distill.get("soft_labels") and distill.get("soft_labels_bn", "running") != "running":
-        return StoredLabeller([teacher], [1.0], distill["soft_labels_bn"], distill.get("soft_labels_bn_batch"))
+    bn, bn_batch = distill.get("soft_labels_bn", "running"), distill.get("soft_labels_bn_batch")
+    if (bn, bn_batch) != (protocol.teacher_bn, protocol.teacher_bn_batch):
+        return StoredLabeller(teacher, [], [1.0], bn, bn_batch)
     return None
 
 
@@ -221,7 +237,7 @@ def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store,
         return _train_fkd(rds, rstore, data, protocol, seed, device, progress)
     stored = None
     if protocol.label_mode == "stored" and labeller is not None:  # as the set's own labels were made
-        stored = labeller(subset.images, data.mean, data.std, device, seed + RANDOM_SEED_OFFSET)
+        stored = labeller(subset.images, data, device, seed + RANDOM_SEED_OFFSET)
     elif protocol.label_mode == "stored":
         stored = teacher_logits(teacher, subset.images, data.mean, data.std, device, bn=protocol.teacher_bn,
                                 bn_batch=protocol.teacher_bn_batch, seed=seed + RANDOM_SEED_OFFSET)
@@ -297,20 +313,16 @@ def check_report_out(out: str | Path) -> None:
 
 
 def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
-    """The store's and the protocol's augmentation and CutMix, as text, when they differ (label mode fkd
-    replays the store's views, so the protocol's are not used); None when they agree."""
+    """The store's and the protocol's augmentation, as text, when they differ (label mode fkd replays the
+    store's views, so the protocol's are not used; the store's CutMix is FKD's own recipe, not compared);
+    None when they agree."""
     from ddkit.data.augment import build_augment
 
-    aug, cut = store.manifest["augment"], store.manifest.get("cutmix")
-    theirs = (aug["spec"], aug.get("options") or {}, (cut["prob"], cut["alpha"]) if cut else None)
-    mine = (train.augment, train.augment_options, (train.cutmix_prob, train.cutmix_alpha) if train.cutmix_prob > 0 else None)
-    if (build_augment(theirs[0], **theirs[1]), theirs[2]) == (build_augment(mine[0], **mine[1]), mine[2]):
+    aug = store.manifest["augment"]
+    theirs, mine = (aug["spec"], aug.get("options") or {}), (train.augment, train.augment_options)
+    if build_augment(theirs[0], **theirs[1]) == build_augment(mine[0], **mine[1]):
         return None
-
-    def text(spec, options, mix):
-        return f"{spec} {options}, " + (f"CutMix p={mix[0]:g} alpha={mix[1]:g}" if mix else "no CutMix")
-
-    return text(*theirs), text(*mine)
+    return f"{theirs[0]} {theirs[1]}", f"{mine[0]} {mine[1]}"
 
 
 def evaluate(
@@ -385,14 +397,12 @@ def evaluate(
         store = SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
         if differs := _other_views(protocol.train, store):
-            log.warning("the FKD store's views (%s) are not the protocol's (%s): students replay the store's; relabel "
-                        "with the protocol's train.augment and cutmix settings to train as it says", *differs)
+            log.warning("the FKD store's augmentation (%s) is not the protocol's train.augment (%s): students replay the "
+                        "store's views; relabel with the protocol's augmentation to train as it says", *differs)
     if teacher is not None:
         teacher.check_compatible(data)
-    labeller = stored_labeller(distilled, teacher, device) if mode == "stored" and protocol.random_baseline else None
-    if labeller is not None:
-        for member in labeller.teachers[1:]:
-            member.check_compatible(data)
+    stored_random = mode == "stored" and protocol.random_baseline and distilled.ipc is not None
+    labeller = stored_labeller(distilled, teacher, protocol, device) if stored_random else None
 
     train, learned = protocol.train, None
     if protocol.learned_lr:

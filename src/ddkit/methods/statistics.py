@@ -591,7 +591,8 @@ class RecoverConfig(Checked):
                             "a side (0 = off, G-VBSM: 4); needs stats conv or bn+conv")
     conv_drop_rate: float = field(0.0, help="G-VBSM: probability of dropping each conv layer's statistics term at a step (G-VBSM: 0.4)")
     densify_weight: float = field(0.0, help="G-VBSM data densification weight: KL on the Gram eigenvalues of each class's images "
-                                  "(0 = off, G-VBSM: 1); needs several images of a class per batch (slots_per_batch)")
+                                  "(0 = off, G-VBSM: 1); needs several images of a class per batch (slots_per_batch), so it does "
+                                  "nothing at IPC 1 without flip_plugin (as in G-VBSM's code)")
     densify_tau: float = field(4.0, help="G-VBSM data densification temperature (G-VBSM: 4)")
     slots_per_batch: int | None = field(1, help="IPC slots per optimised batch: 1 = one image of each class (SRe2L); "
                                         "None = every slot, class-major (G-VBSM's batches)")

@@ -119,10 +119,10 @@ _CHECKED: set[tuple] = set()  # user models (and settings) whose contract was ch
 
 
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
-    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked on
-    a copy with a batch of two zero images, so the model's weights, buffers and the RNG are untouched."""
-    import copy
-
+    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked
+    with a batch of two zero images in eval mode without gradients, on the model's device and dtype,
+    with the RNG forked and every module's train/eval flag restored: weights, buffers and the RNG are
+    left as they were."""
     import torch
 
     rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
@@ -138,18 +138,24 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
         raise broken(f"feature_dim is {dim!r}")
     if not callable(getattr(model, "embed", None)):
         raise broken("it has no embed(x) method")
-    probe = copy.deepcopy(model).eval()
-    x = torch.zeros(2, in_channels, image_size, image_size)
+    first = next(model.parameters(), None)
+    x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None,
+                    dtype=first.dtype if first is not None and first.is_floating_point() else None)
+    modes = [(m, m.training) for m in model.modules()]
     try:
-        with torch.no_grad():
-            logits, features = probe(x), probe.embed(x)
+        model.eval()
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            logits, features = model(x), model.embed(x)
     except Exception as exc:  # any failure of user code on the shape it was built for
         raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images ({type(exc).__name__}: "
                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    for what, out, want in (("model(x)", logits, (2, num_classes)), ("embed(x)", features, (2, dim))):
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    finally:
+        for m, training in modes:
+            m.training = training
+    for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         if shape != want:
-            raise broken(f"{what} gives {shape} for 2 images, expected {list(want)}")
+            raise broken(f"{what} gives {shape} for 2 images, expected {want}")
 
 
 def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_classes: int, image_size: int,

@@ -153,6 +153,8 @@ class Teacher(DescribesDataset):
             model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-2],
                                  **m["options"])
         except DDKitError as exc:  # ConfigError too: an unknown name or option
+            if "does not keep ddkit's model contract" in str(exc):  # the user's code, not the artifact, is at fault
+                raise DDKitError(f"teacher {str(path)!r}: {exc}") from None
             own = ("a model of your own: import the module that registers it first (the CLI imports those named in "
                    "DDKIT_PLUGINS); else " if str(exc).startswith("unknown model") else "")
             raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({str(exc).split(';')[0]}); {own}"
