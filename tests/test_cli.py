@@ -37,6 +37,11 @@ def test_list(capsys):
     assert {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tensors", "synthetic"} <= set(out.split())
     code, out, _ = run_cli(["list", "protocols"], capsys)
     assert {"dc-protocol", "dsa-protocol", "edc", "soft-kl", "demo"} <= set(out.split())
+    # a ConvNet name of the grammar the README and presets use is no registered name but builds
+    code, out, _ = run_cli(["list", "models", "convnet3-p3"], capsys)
+    assert code == 0 and out == "convnet3-p3  (options {'depth': 3, 'first_padding': 3})\n"
+    code, _, err = run_cli(["list", "models", "convnet3-zz"], capsys)
+    assert code == 2 and "(ConvNets also read any name of the grammar convnet[d<N>]" in err
 
 
 def test_teacher_distill_evaluate_show_export(workdir, capsys, tmp_path):
@@ -988,6 +993,14 @@ def test_error_lines_of_other_ranks_name_the_rank(tmp_path, monkeypatch, capsys)
     code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill.bogus=1",
                             "--out", str(tmp_path / "d"), "-q"], capsys)
     assert code == 2 and err.startswith("rank 1: error: unknown config key 'distill.bogus'") and err.count("\n") == 1
+    import ddkit.cli as ddkit_cli
+
+    monkeypatch.setenv("RANK", "0")  # rank 0 of a job of several names itself too; a single process does not
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert ddkit_cli._error("x") is None and capsys.readouterr().err == "rank 0: error: x\n"
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    ddkit_cli._error("x")
+    assert capsys.readouterr().err == "error: x\n"
 
 
 def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
@@ -1038,6 +1051,12 @@ def test_only_rank_0_of_a_torchrun_job_prints_warnings(tmp_path):
     assert (rank0.returncode, rank1.returncode, verbose.returncode) == (0, 0, 0)
     assert warned in rank0.stderr and warned in verbose.stderr
     assert rank1.stderr == ""
+    # export -q prints nothing but errors (its replaced-output warning was printed)
+    export = [sys.executable, "-m", "ddkit", "export", str(out), "--format", "imagefolder", "--out", str(tmp_path / "x")]
+    assert subprocess.run(export, capture_output=True, text=True, env=env).returncode == 0
+    again = subprocess.run(export, capture_output=True, text=True, env=env)
+    quiet = subprocess.run([*export, "-q"], capture_output=True, text=True, env=env)
+    assert "replaced the earlier imagefolder-export" in again.stderr and (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
 
 
 def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):

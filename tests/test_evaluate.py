@@ -166,7 +166,8 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, cap
     assert rep["bytes"]["fkd_labels"] == SoftLabelStore.load(tmp_path / "fkd").nbytes > 0
     assert rep["bytes"]["labels"] == ds.labels.numel() * 8 + rep["bytes"]["fkd_labels"]
     assert 0.25 < rep["results"]["distilled"]["mean"] <= 1.0
-    with pytest.raises(DDKitError, match="label_mode 'fkd' needs a teacher"):
+    with pytest.raises(DDKitError, match=r"^label_mode 'fkd' needs a teacher to label the random subset beside the set; pass "
+                                         r"--teacher DIR, or set random_baseline=false to evaluate the set alone$"):
         evaluate(ds, proto, [0], data=data)
     with pytest.raises(Exception, match="label_mode 'fkd' needs fkd_store"):
         resolve_protocol(tiny_protocol, {"label_mode": "fkd"})

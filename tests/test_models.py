@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddkit.data import make_synthetic
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import MODELS, create_model, list_models
 
 ALL = list_models()
@@ -403,5 +403,7 @@ def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypat
             create_model(name, 1, 3, 4)
         assert str(err.value) == f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}"
     # ddkit's own models are not probed (dm builds one per iteration)
+    with pytest.raises(ConfigError, match=r"^teacher.model: model 'qa_noembed' does not keep"):  # not its options
+        registry.configured_model(("teacher.model", "teacher.model_options"), "qa_noembed", 1, 3, 4, {})
     create_model("tiny_convnet", 1, 3, 8)
     assert {k[0] for k in registry._CHECKED} == {"qa_good", "qa_weightnorm"}

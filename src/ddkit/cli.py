@@ -306,8 +306,16 @@ def cmd_list(args) -> int:
 
     registries = {"models": MODELS, "methods": METHODS, "datasets": DATASETS, "protocols": PROTOCOLS}
     names = registries[args.what].list(args.pattern)
+    if not names and args.what == "models" and args.pattern:  # a name of a family's grammar (convnet3-p3)
+        from ddkit.models.registry import resolve_model
+
+        with contextlib.suppress(DDKitError):
+            _, options = resolve_model(args.pattern)
+            names = [f"{args.pattern}  (options {options})"]
     if not names:
-        raise DDKitError(f"no {args.what} match {args.pattern!r}; try `ddkit list {args.what}`")
+        hint = (" (ConvNets also read any name of the grammar convnet[d<N>][-w<W>][-p<P>][-bn|-in|-ln|-nonorm]"
+                "[-avgpool|-maxpool|-nopool])" if args.what == "models" else "")
+        raise DDKitError(f"no {args.what} match {args.pattern!r}; try `ddkit list {args.what}`{hint}")
     print("\n".join(names))
     return 0
 
@@ -582,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
     sp.set_defaults(func=cmd_show)
 
-    sp = sub.add_parser("export", help="write a distilled set as PNG folders or a tensor file")
+    sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's images.pt + labels.pt")
     sp.add_argument("distilled")
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
                     help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
@@ -610,9 +618,10 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def _error(message: str) -> None:
     """Print ``error: message`` as one line in one write, so that the ranks of a ``torchrun`` job, which
-    share stderr and usually fail alike, never interleave; a rank other than 0 names itself."""
+    share stderr and usually fail alike, never interleave; every rank of a job of several names itself."""
     rank = os.environ.get("RANK", "0")  # set by torchrun, also before the process group starts
-    who = f"rank {rank}: " if rank not in ("", "0") else ""
+    several = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+    who = f"rank {rank}: " if rank not in ("", "0") or several else ""
     sys.stderr.write(f"{who}error: {message}\n")
     sys.stderr.flush()
 
@@ -641,7 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     # the ranks of a torchrun job run the same code and would repeat every warning: only rank 0 warns
     # (errors still come from every rank, naming it); -v shows every rank's messages
     quiet_rank = os.environ.get("RANK", "0") not in ("", "0")
-    level = logging.INFO if args.verbose else logging.ERROR if quiet_rank else logging.WARNING
+    # export, report and show -q: "print nothing but errors", warnings included
+    silent = getattr(args, "quiet", False) and args.command in ("export", "report", "show")
+    level = logging.INFO if args.verbose else logging.ERROR if quiet_rank or silent else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return _main(args)

@@ -71,6 +71,8 @@ def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
         raise DDKitError(f"{str(path)!r} not found; {_ACCEPTS}")
     if path.is_dir():
         found = next((path / name for name in _RECORD_FILES if (path / name).is_file()), None)
+        if found is None and path.name == "report" and (path.parent / "config.json").is_file():
+            found = path / "eval.json" if (path / "eval.json").is_file() else None  # a `ddkit run`'s report/
         if found is None:
             # a `ddkit run` killed before its last stage has stage folders but no record of its own yet
             stages = [name for name in ("teacher", "distilled", "labels") if (path / name / MANIFEST).is_file()]
@@ -115,6 +117,8 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     kind = record.get("kind")
     summarise = _SUMMARIES.get(kind) if isinstance(kind, str) else None  # a list or object kind: no record of ours
     if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
+        if (where.parent / MANIFEST).is_file():  # a finished run: its record is the folder's manifest
+            return _summarise(*_load_record(where.parent), check_files=check_files)
         raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an unfinished run, or "
                          "one from before run folders had a manifest.json); run `ddkit run` again with the same config "
                          "and --out (finished stages are reused) to write it")

@@ -374,7 +374,9 @@ def evaluate(
     if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
         raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
-        raise DDKitError(f"label_mode {mode!r} needs a teacher; pass --teacher DIR")
+        why = "" if mode == "teacher" else " to label the random subset beside the set"
+        fix = "" if mode == "teacher" else ", or set random_baseline=false to evaluate the set alone"
+        raise DDKitError(f"label_mode {mode!r} needs a teacher{why}; pass --teacher DIR{fix}")
     made_by = (man.get("teacher") or {}).get("weights_sha")
     if mode == "stored" and teacher is not None and made_by is not None and teacher.fingerprint != made_by:
         # the set replays its teacher's logits; the random baseline would be labelled by another teacher

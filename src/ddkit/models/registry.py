@@ -168,5 +168,6 @@ def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_cla
         raise ConfigError(f"{keys[0]}: {exc}") from None
     try:
         return create_model(name, in_channels, num_classes, image_size, **options)
-    except DDKitError as exc:  # the name is known: its options are at fault
-        raise ConfigError(f"{keys[1]}: {exc}") from None
+    except DDKitError as exc:  # the name is known: its options are at fault, or the model's own code
+        key = keys[0] if "does not keep ddkit's model contract" in str(exc) else keys[1]
+        raise ConfigError(f"{key}: {exc}") from None
