@@ -637,7 +637,7 @@ class _Bench:
         # torchrun ranks may need one evaluation at once (the hard one behind HLR, for cells of other label
         # modes): one makes it, the other waits and reuses it
         with build_lock(path) if self.world > 1 else contextlib.nullcontext():
-            if (rep := self._cached_eval(path)) is not None:  # another rank made it while this one waited
+            if (rep := self._cached_eval(path, say=False)) is not None:  # another rank made it while this one waited
                 return rep
             sp = self.stage_progress
             cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
@@ -648,17 +648,19 @@ class _Bench:
         return rep
 
     @staticmethod
-    def _cached_eval(path: Path) -> dict | None:
+    def _cached_eval(path: Path, say: bool = True) -> dict | None:
         """The evaluation cached at ``path``, unless it is missing or was made with another thread count
-        (float sums depend on it: a student trained with another one is another number)."""
+        (float sums depend on it: a student trained with another one is another number); ``say``: log
+        that it is recomputed (once per cell: not again after waiting for the lock)."""
         rep = reusable_stage(lambda: read_json(path), path, "evaluating")  # a damaged one is made again
         if not rep:
             return None
         made = rep.get("run", {}).get("torch_threads")
         if made in (None, torch.get_num_threads()):
             return rep
-        log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
-                 torch.get_num_threads())
+        if say:
+            log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
+                     torch.get_num_threads())
         return None
 
     def _fkd_store(self, key3: tuple[str, str, int], protocol_epochs: int) -> Path:
