@@ -142,6 +142,15 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
     assert torch.allclose(stored, want, atol=1e-5)
     alone = runner.teacher_logits(teachers[0], subset.images, data.mean, data.std, "cpu", seed=seed)
     assert not torch.allclose(stored, alone, atol=1e-3)
+    # a set made before its committee was recorded: its extra_teachers, each read once
+    import copy
+
+    old = copy.copy(ds)
+    old.manifest = copy.deepcopy(ds.manifest)
+    old.manifest["meta"]["soft_labels"].pop("teachers")
+    labeller = runner.stored_labeller(old, teachers[0], protocol, "cpu")
+    assert labeller.key == runner.stored_labeller(ds, teachers[0], protocol, "cpu").key and set(labeller.loaded) == {0, 1}
+    assert torch.allclose(labeller(subset.images, data, "cpu", seed), want, atol=1e-5)
     # a committee member that is gone is named, not replaced by the main teacher, where a random subset must
     # be labelled; its cached students need no member
     import shutil

@@ -187,8 +187,8 @@ class StoredLabeller:
             if member.fingerprint != m["weights_sha"]:
                 raise DDKitError(f"committee teacher {m['path']!r} no longer holds the weights that labelled this set "
                                  f"({m['weights_sha']}); restore them, or use label_mode teacher")
-            member.check_compatible(data)
             self.loaded[i] = member
+        self.loaded[i].check_compatible(data)  # class names and image shape: cheap, for loaded members too
         return self.loaded[i]
 
     def __call__(self, images: torch.Tensor, data: DataBundle, device, seed: int) -> torch.Tensor:
@@ -208,17 +208,18 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
     man = distilled.manifest
     rec = man.get("meta", {}).get("soft_labels") or {}
     if rec.get("kind") == "committee":
-        members = (rec.get("teachers") or [None])[1:]
+        members, loaded = (rec.get("teachers") or [None])[1:], {}
         if "teachers" not in rec:  # sets made before the members were recorded: their extra_teachers, as given
             members = []
-            for path in man["method"]["config"].get("extra_teachers") or []:
+            for i, path in enumerate(man["method"]["config"].get("extra_teachers") or []):
                 if not Path(path).exists():
                     log.warning("this set's committee teacher %r is not there (older sets record it as given); its "
                                 "random subset is labelled by the main teacher alone", path)
                     return None
-                members.append({"path": path, "weights_sha": Teacher.load(path).fingerprint})
+                loaded[i] = Teacher.load(path, device)  # loaded for its fingerprint: kept, not read again
+                members.append({"path": path, "weights_sha": loaded[i].fingerprint})
         return StoredLabeller(teacher, members, [float(w) for w in rec["weights"]], rec.get("teacher_bn", "running"),
-                              rec.get("teacher_bn_batch"))
+                              rec.get("teacher_bn_batch"), loaded)
     distill = man.get("config", {}).get("distill") or {}
     bn, bn_batch = distill.get("soft_labels_bn", "running"), distill.get("soft_labels_bn_batch")
     if (bn, bn_batch) != (protocol.teacher_bn, protocol.teacher_bn_batch):
