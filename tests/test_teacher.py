@@ -335,3 +335,19 @@ def test_damaged_resume_checkpoint_is_a_one_line_error(tiny, tmp_path):
     ckpt.path.write_bytes(b"\x80\x04K\x01.")  # a plain pickle
     with pytest.raises(DDKitError, match=r"dm\.pt' cannot be read .*; delete it to start afresh$"):
         ckpt.load()
+
+
+def test_a_teacher_whose_model_breaks_the_contract_is_not_called_damaged(teacher_dir, monkeypatch):
+    """A teacher of a user's model that no longer keeps the contract was reported as a damaged manifest
+    to re-create, which fails the same way: the model's code is at fault, and the message says so."""
+    import ddkit.teacher.squeeze as squeeze
+    from ddkit.models.registry import ContractError
+
+    def broken(name, *a, **k):
+        raise ContractError(f"model {name!r} does not keep ddkit's model contract: it has no embed(x) method; rule")
+
+    monkeypatch.setattr(squeeze, "create_model", broken)
+    with pytest.raises(DDKitError) as err:
+        Teacher.load(teacher_dir)
+    assert str(err.value) == (f"teacher {str(teacher_dir)!r}: model 'tiny_convnet' does not keep ddkit's model contract: "
+                              "it has no embed(x) method; rule")

@@ -118,6 +118,10 @@ def create_model(
 _CHECKED: set[tuple] = set()  # user models (and settings) whose contract was checked in this process
 
 
+class ContractError(DDKitError):
+    """A user's model breaks the model contract: its code is at fault, not its options or an artifact."""
+
+
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
     """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked
     with a batch of two zero images in eval mode without gradients, on the model's device and dtype,
@@ -128,8 +132,8 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
     rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
             "integer feature_dim (README, Models)")
 
-    def broken(problem: str) -> DDKitError:
-        return DDKitError(f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}")
+    def broken(problem: str) -> ContractError:
+        return ContractError(f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}")
 
     if not isinstance(model, nn.Module):
         raise broken(f"its factory returned a {type(model).__name__}, not an nn.Module")
@@ -169,5 +173,5 @@ def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_cla
     try:
         return create_model(name, in_channels, num_classes, image_size, **options)
     except DDKitError as exc:  # the name is known: its options are at fault, or the model's own code
-        key = keys[0] if "does not keep ddkit's model contract" in str(exc) else keys[1]
+        key = keys[0] if isinstance(exc, ContractError) else keys[1]
         raise ConfigError(f"{key}: {exc}") from None

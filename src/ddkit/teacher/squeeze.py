@@ -39,6 +39,7 @@ from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
+from ddkit.models.registry import ContractError
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class Teacher(DescribesDataset):
             model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-2],
                                  **m["options"])
         except DDKitError as exc:  # ConfigError too: an unknown name or option
-            if "does not keep ddkit's model contract" in str(exc):  # the user's code, not the artifact, is at fault
+            if isinstance(exc, ContractError):  # the user's code, not the artifact, is at fault
                 raise DDKitError(f"teacher {str(path)!r}: {exc}") from None
             own = ("a model of your own: import the module that registers it first (the CLI imports those named in "
                    "DDKIT_PLUGINS); else " if str(exc).startswith("unknown model") else "")
