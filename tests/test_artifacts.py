@@ -261,7 +261,7 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
         ds.export(ds.path, "imagefolder")
     with pytest.raises(DDKitError, match="is a folder; --format pt writes one file"):
         ds.export(precious, "pt")
-    with pytest.raises(DDKitError, match="exists and is not a ddkit pt export; choose another --out"):
+    with pytest.raises(DDKitError, match="exists and is not a readable ddkit pt export; choose another --out"):
         ds.export(afile, "pt")
     assert ds.export(tmp_path / "set.pt", "pt") == ds.export(tmp_path / "set.pt", "pt")  # its own export is replaced
     assert (precious / "notes.txt").read_text() == "mine" and afile.read_text() == "mine"

@@ -365,6 +365,18 @@ def test_show_refuses_an_fkd_store_evaluate_refuses(demo_run, tmp_path, capsys):
             "re-create the store with `ddkit relabel`")
 
 
+def test_show_names_an_fkd_stores_teacher_batchnorm_groups(demo_run, tmp_path, capsys):
+    """`show` of a store labelled with batch statistics left out its group size (`teacher_bn_batch`)."""
+    expected = {("running", None): "teacher BatchNorm running,", ("batch", None): "teacher BatchNorm batch (all views of an epoch),",
+                ("batch", 4): "teacher BatchNorm batch (groups of 4 views),"}
+    for (bn, group), text in expected.items():
+        store = tmp_path / f"fkd-{bn}-{group}"
+        shutil.copytree(demo_run / "fkd", store)
+        _edit(store, lambda m, bn=bn, group=group: m.update(teacher_bn=bn, teacher_bn_batch=group))
+        code, out, err = run_cli(["show", str(store)], capsys)
+        assert code == 0 and text in out, (err, out)
+
+
 def test_show_checks_the_stages_of_a_run(demo_run, tmp_path, capsys):
     """`show -q RUN` exited 0 with a truncated teacher, set or FKD store in the run folder: a run's
     stages are checked as their own artifacts."""

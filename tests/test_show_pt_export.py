@@ -15,7 +15,7 @@ def _cli(args, capsys):
     return code, out, err
 
 
-def test_show_describes_a_pt_export(tmp_path, capsys):
+def test_show_describes_a_pt_export(tmp_path, capsys, caplog):
     t, d, pt = (str(tmp_path / n) for n in ("t", "d", "set.pt"))
     assert main(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", t, "-q"]) == 0
     assert main(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--teacher", t,
@@ -33,11 +33,26 @@ def test_show_describes_a_pt_export(tmp_path, capsys):
     assert code == 0 and record["kind"] == "pt-export" and record["images"] == {"shape": [8, 1, 16, 16], "dtype": "float32"}
     assert _cli(["show", pt, "-q"], capsys)[:2] == (0, "")
 
+    # a truncated export: named as damaged, with the fix; evaluate of any file says a set is a folder
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes((tmp_path / "set.pt").read_bytes()[:300])
+    code, out, err = _cli(["show", str(cut)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "is damaged or not a file `ddkit show` reads" in err
+    assert "export the set again" in err
+    code, out, err = _cli(["evaluate", str(cut), "--protocol", "dc-protocol", "-q"], capsys)
+    assert (code, err) == (2, f"error: {str(cut)!r} is a file, not a distilled-set artifact (a folder holding "
+                              "manifest.json); pass the artifact's folder\n")
+
+    # exporting over an earlier pt export replaces it, and says so as a folder export does
+    caplog.clear()
+    assert main(["export", d, "--format", "pt", "--out", pt]) == 0
+    assert f"replaced the earlier pt-export {pt}" in caplog.text
+
 
 def test_show_refuses_other_torch_files_in_one_line(tmp_path, capsys):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     (tmp_path / "garbage.pt").write_bytes(b"\x00\xffnot a torch file")
-    for name, words in (("tensor.pt", "holds a Tensor, not a ddkit record"), ("garbage.pt", "is not a file `ddkit show` reads")):
+    for name, words in (("tensor.pt", "holds a Tensor, not a ddkit record"), ("garbage.pt", "is damaged or not a file `ddkit show` reads")):
         code, out, err = _cli(["show", str(tmp_path / name)], capsys)
         assert code == 2 and out == "" and err.count("\n") == 1, err
         assert words in err and "a `ddkit export --format pt` file" in err

@@ -402,6 +402,9 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
     path = artifact_folder(path, kind)
     if not path.exists():
         raise DDKitError(f"{kind} artifact {str(path)!r} not found; check the path or create it first")
+    if path.is_file():
+        raise DDKitError(f"{str(path)!r} is a file, not a {kind} artifact (a folder holding {MANIFEST}); pass the "
+                         f"artifact's folder")
     manifest = read_json(path / MANIFEST, what=f"{kind} manifest", mapping=False)  # checked below, naming the kind
     if not isinstance(manifest, dict):
         raise DDKitError(f"{str(path / MANIFEST)!r} is not a JSON object; re-create the {kind} artifact")

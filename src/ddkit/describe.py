@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from ddkit.artifacts import KIND_FILES, MANIFEST, damaged_record, quiet_torch_load, read_json
+from ddkit.artifacts import (
+    KIND_FILES,
+    MANIFEST,
+    damaged_record,
+    load_failure,
+    quiet_torch_load,
+    read_json,
+)
 from ddkit.distilled import ipc_text
 from ddkit.errors import DDKitError
 
@@ -49,8 +56,8 @@ def _read_torch_record(path: Path) -> dict[str, Any]:
     try:
         obj = quiet_torch_load(path)
     except Exception as exc:  # torch.load raises many types for a file it cannot read; all mean the same here
-        raise DDKitError(f"{str(path)!r} is not a file `ddkit show` reads (torch.load: {exc.__class__.__name__}); "
-                         f"{_ACCEPTS}") from None
+        raise DDKitError(f"{str(path)!r} is damaged or not a file `ddkit show` reads (torch.load: {load_failure(exc)}); "
+                         f"a damaged `ddkit export --format pt` file: export the set again; {_ACCEPTS}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise DDKitError(f"{str(path)!r} holds a {type(obj).__name__}, not a ddkit record; {_ACCEPTS} "
                          "(a ddranking export: pass its folder)")
@@ -389,8 +396,12 @@ def _fkd(m: dict) -> str:
     cut = m.get("cutmix")
     top = f"top-{m['top_k']} logits" if m.get("top_k") else "all logits"
     mix = f"CutMix p={cut['prob']} alpha={cut['alpha']}" if cut else "no CutMix"
+    bn = m.get("teacher_bn", "running")
+    if bn == "batch":
+        group = m.get("teacher_bn_batch")
+        bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
     return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, {top} (fp16), "
-            f"views {m['augment']['spec']} + {mix}, teacher BatchNorm {m.get('teacher_bn', 'running')}, "
+            f"views {m['augment']['spec']} + {mix}, teacher BatchNorm {bn}, "
             f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}, "
             f"set {m['distilled']['fingerprint']}")
 

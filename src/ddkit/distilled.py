@@ -252,14 +252,18 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "pt":
             if out.is_dir():
                 raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
-            if out.exists() and not _is_pt_export(out):
-                raise DDKitError(f"output {str(out)!r} exists and is not a ddkit pt export; choose another --out or remove it")
+            earlier = out.exists()
+            if earlier and not _is_pt_export(out):
+                raise DDKitError(f"output {str(out)!r} exists and is not a readable ddkit pt export; choose another --out "
+                                 "or remove it")
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
             soft = {"soft_labels": self.soft_labels[order]} if self.soft_labels is not None else {}
             atomic_torch_save({**self.export_record("pt-export"), "images": x, "labels": self.labels[order], **soft,
                                "mean": list(self.mean), "std": list(self.std), "pixel_range": pixel_range(x)}, out)
+            if earlier:  # as a folder export does: a rerun with other settings must not replace it unannounced
+                log.warning("replaced the earlier pt-export %s", out)
             return out
         if fmt == "imagefolder":
             from PIL import Image
