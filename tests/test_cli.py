@@ -235,7 +235,7 @@ def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["run_hash"] == second
 
 
-def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog):
+def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog, monkeypatch):
     """Label mode fkd without evaluate.overrides.fkd_store: `run` relabels its own set into labels/
     (with the relabel: section's settings), reuses the store while the settings hold, and makes it
     again (and evaluates again) when they change. Before, run refused fkd without a store."""
@@ -263,7 +263,17 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog
     assert json.loads((tmp_path / "run/manifest.json").read_text())["stages"]["labels"] == "labels"
     assert not list(tmp_path.glob("run/.labels*"))  # the finished epochs are gone once the store is saved
     assert "reused: teacher, distilled, labels, eval-hard.json, eval-fkd.json" in run("{seed: 0}")
+    # the store is read once: the evaluation replays the store the run made or checked (it read it twice)
+    from ddkit.labels import SoftLabelStore
+
+    loads, load = [], SoftLabelStore.load
+    monkeypatch.setattr(SoftLabelStore, "load", classmethod(lambda cls, path: loads.append(path) or load(path)))
+    (tmp_path / "run/eval-fkd.json").unlink()
+    assert "reused: teacher, distilled, labels, eval-hard.json\n" in run("{seed: 0}")
+    assert len(loads) == 1  # replayed from memory: the same numbers as the first run's, made from a fresh store
+    assert json.loads((tmp_path / "run/eval-fkd.json").read_text())["results"] == report["results"]
     out = run("{seed: 1, epochs: 3}")  # other views: a new store, and the fkd evaluation again
+    assert len(loads) == 2  # the old store, read to check its settings; the new one is replayed from memory
     assert "reused: teacher, distilled, eval-hard.json\n" in out
     again = json.loads((tmp_path / "run/labels/manifest.json").read_text())
     assert (again["epochs"], again["config"]["seed"]) == (3, 1)

@@ -579,8 +579,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")
-    sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"])
-    sp.add_argument("pattern", nargs="?", help="glob, e.g. 'convnet*'")
+    sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"], metavar="{models,methods,datasets,protocols}",
+                    help="which registry to list")
+    sp.add_argument("pattern", nargs="?", help="glob on the names, e.g. 'convnet*' (a ConvNet name such as "
+                    "convnet3-w32-p3 is accepted as itself)")
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell) "

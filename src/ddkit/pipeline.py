@@ -465,11 +465,11 @@ def run(
     protocols = cfg.evaluate.protocols()
     store = None
     if cfg.evaluate.makes_store:
-        store = out / "labels"
         epochs = next(p for p in protocols if p.label_mode == "fkd").train.epochs
-        if relabel_stage(store, distilled, teacher, cfg.relabel, epochs, device, pf("relabel")):
+        reused, store = relabel_stage(out / "labels", distilled, teacher, cfg.relabel, epochs, device, pf("relabel"))
+        if reused:
             summary["reused"].append("labels")
-        protocols = cfg.evaluate.protocols(fkd_store=str(store))
+        protocols = cfg.evaluate.protocols(fkd_store=str(store.path))
 
     for protocol in protocols:
         path = out / f"eval-{protocol.label_mode}.json"
@@ -480,7 +480,7 @@ def run(
             summary["reused"].append(path.name)
         else:
             report = evaluate(distilled, protocol, cfg.evaluate.seeds, data=data, teacher=teacher, device=device,
-                              progress=eval_progress)
+                              progress=eval_progress, fkd_store=store if protocol.label_mode == "fkd" else None)
             report["run_hash"] = key
             if ddist.current().is_main:
                 write_json(path, report)
@@ -513,16 +513,18 @@ def reusable_stage(load: Callable[[], Any], marker: Path, redo: str) -> Any:
 
 
 def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: RelabelSpec, protocol_epochs: int,
-                  device, progress: Callable[[int, int, dict], None] | None = None) -> bool:
+                  device, progress: Callable[[int, int, dict], None] | None = None) -> tuple[bool, SoftLabelStore]:
     """Make ``distilled``'s FKD store at ``path`` (:meth:`RelabelSpec.make`; finished epochs survive a kill
     in a hidden ``.<name>.partial`` beside it), unless the store there has these settings for this set
-    and teacher. Returns whether it was reused."""
+    and teacher. Returns whether it was reused, and the store (saved at ``path``, kept in memory for the
+    evaluation, which then does not read it again)."""
     key = spec.key(distilled, teacher, protocol_epochs)
     work = path.parent / f".{path.name}.partial"
-    found = False
+    found = None
     if (path / "manifest.json").is_file():
         try:  # the whole store: a damaged one is labelled again, not replayed (or refused) at evaluation
-            found = SoftLabelStore.load(path).manifest.get("config_hash") == key
+            found = SoftLabelStore.load(path)
+            found = found if found.manifest.get("config_hash") == key else None
         except DDKitError as e:
             log.warning("%s; labelling the set again", str(e).split(";")[0])
     if not found:  # a folder relabel could not replace fails now, not after every epoch is labelled
@@ -531,17 +533,19 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
         except DDKitError as e:
             raise DDKitError(f"{str(e).split(';')[0]}; the run writes its FKD labels there: remove it, or give the run "
                              "another out") from None
-    if ddist.broadcast_object(found):  # rank 0's decision on every rank: relabel is a collective
+    if ddist.broadcast_object(found is not None):  # rank 0's decision on every rank: relabel is a collective
         if ddist.current().is_main:  # a kill between the save and the removal below leaves them
             shutil.rmtree(work, ignore_errors=True)
-        return True
+        return True, found if found is not None else SoftLabelStore.load(path)
     store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work)
     store.manifest["config_hash"] = key
     if ddist.current().is_main:
         store.save(path)
         shutil.rmtree(work, ignore_errors=True)
     ddist.barrier()
-    return False
+    if not ddist.current().is_main:
+        store = SoftLabelStore.load(path)  # rank 0's saved store (its manifest as saved), as rank 0 holds it
+    return False, store
 
 
 def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:

@@ -39,6 +39,7 @@ from ddkit.models import create_model
 from ddkit.training import TeacherBN, TrainConfig, omit_running_bn, train_classifier
 
 if TYPE_CHECKING:
+    from ddkit.labels import SoftLabelStore
     from ddkit.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -337,9 +338,12 @@ def evaluate(
     cache_dir: str | Path | None = None,
     out: str | Path | None = None,
     progress: Progress | None = None,
+    fkd_store: SoftLabelStore | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``distilled`` under ``protocol`` (a config, a preset name or a YAML file) for every
-    seed, beside a random subset and full data; ``teacher``: a Teacher or its artifact folder.
+    seed, beside a random subset and full data; ``teacher``: a Teacher or its artifact folder;
+    ``fkd_store``: label mode fkd's store already in memory (the one saved at ``protocol.fkd_store``,
+    which is then not read again; a run passes the store it has just made or checked).
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
@@ -397,7 +401,9 @@ def evaluate(
     if mode == "fkd":
         from ddkit.labels import SoftLabelStore
 
-        store = SoftLabelStore.load(protocol.fkd_store)
+        if fkd_store is not None and (fkd_store.path is None or Path(fkd_store.path) != Path(protocol.fkd_store)):
+            raise ValueError(f"fkd_store was saved at {fkd_store.path}, not at the protocol's fkd_store {protocol.fkd_store}")
+        store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
         if differs := _other_views(protocol.train, store):
             log.warning("the FKD store's augmentation (%s) is not the protocol's train.augment (%s): students replay the "
