@@ -39,6 +39,14 @@ class DistInfo:
         return self.rank == 0
 
 
+def launched_as() -> tuple[str, bool]:
+    """This process's rank as torchrun's ``RANK`` gives it ("0" when not launched by torchrun), and
+    whether it is one of several (``WORLD_SIZE`` > 1): readable before the process group starts, for
+    the CLI's logging and error lines."""
+    rank = os.environ.get("RANK", "0").strip() or "0"
+    return rank, os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def init_from_env(device: str = "cpu") -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); else single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
