@@ -393,8 +393,11 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
     events = []
     first_in = threading.Event()
 
+    waits = {}
+
     def first():
-        with build_lock(entry):
+        with build_lock(entry) as lock:
+            waits["first"] = lock.seconds
             events.append("first in")
             first_in.set()
             time.sleep(0.5)
@@ -402,12 +405,14 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
 
     def second():
         first_in.wait()
-        with build_lock(entry):
+        with build_lock(entry) as lock:
+            waits["second"] = lock.seconds
             events.append("second in")
 
     def other():
         first_in.wait()
-        with build_lock(tmp_path / "cache" / "xyz"):
+        with build_lock(tmp_path / "cache" / "xyz") as lock:
+            waits["other"] = lock.seconds
             events.append("other in")
 
     threads = [threading.Thread(target=f) for f in (first, second, other)]
@@ -418,6 +423,8 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
     assert events.index("second in") > events.index("first out")
     assert events.index("other in") < events.index("first out")  # a different entry is not blocked
     assert (tmp_path / "cache" / ".abc.lock").is_file() and not entry.exists()
+    # what each waited, which synthesis timings leave out: only the second waited, about the first's 0.5 s
+    assert waits["first"] < 0.1 and waits["other"] < 0.1 and 0.3 < waits["second"] < 5
 
 
 def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):

@@ -455,9 +455,11 @@ def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
     from ddkit.methods.mtt import MTT
 
     # a buffer that takes a few seconds to train, so that both ranks ask for it while it is being built
-    mtt = {**MTT.smoke_options, "iterations": 2, "buffer": {**MTT.smoke_options["buffer"], "num_experts": 2, "epochs": 8}}
+    # log_lr: learned plainly, these sets' lr goes below zero in 2 iterations, which learned_lr refuses
+    mtt = {**MTT.smoke_options, "iterations": 2, "log_lr": True,
+           "buffer": {**MTT.smoke_options["buffer"], "num_experts": 2, "epochs": 8}}
     cfg = tmp_path / "b.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0],
+    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0], "overrides": {**TINY["overrides"], "learned_lr": True},
                                    "methods": [{"name": "mtt", "options": mtt},
                                                {"name": "mtt", "label": "mtt-b", "options": {**mtt, "lr_img": 10.0}}]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
@@ -473,7 +475,22 @@ def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
     assert [c["key"] for c in uses] == [buffers[0].name] * 2
     built = sorted(c["seconds_here"] > 0 for c in uses)
     assert built == [False, True], uses  # one rank built it, the other reused it
+    # the rank that waited for the build is not charged for the wait (its synthesis time read ~100 s
+    # for a 4 s synthesis): neither set's time holds the build or the wait for it
+    waiter = next(c for c in uses if c["seconds_here"] == 0)
+    assert 0 <= waiter["waited_seconds"] <= waiter["build_seconds"] + 1.0  # 0 if it came after the build
+    for name in ("mtt", "mtt-b"):
+        syn = json.loads((tmp_path / "run" / "distilled" / f"synthetic-{name}-ipc1.synthesis.json").read_text())
+        off = sum(c["seconds_here"] + c["waited_seconds"] for c in syn["shared"])
+        assert syn["seconds"] == pytest.approx(syn["wall_seconds"] - off, abs=1e-3), syn
     assert uses[0]["build_seconds"] == uses[1]["build_seconds"] > 0
+    # protocol learned_lr: each cell records the lr its students trained with, the set's learned one
+    rows = [json.loads(p.read_text()) for p in (tmp_path / "run" / "cells").glob("*.json")]
+    assert sorted(row["method"] for row in rows) == ["mtt", "mtt-b"]
+    for row in rows:
+        name = row["method"]
+        syn_lr = json.loads((tmp_path / "run" / "distilled" / f"synthetic-{name}-ipc1" / "manifest.json").read_text())
+        assert row["learned_lr"] == syn_lr["meta"]["syn_lr"] != TINY["overrides"]["train"]["lr"]
 
 
 def test_ddranking_export(full_run, tmp_path):
@@ -531,7 +548,7 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     assert [c["key"] for c in syn[0]["shared"]] == [c["key"] for c in syn[1]["shared"]]
     assert syn[1]["shared_seconds"] == syn[0]["shared_seconds"] and all(c["seconds_here"] == 0 for c in syn[1]["shared"])
     for s in syn:
-        here = sum(c["seconds_here"] for c in s["shared"])
+        here = sum(c["seconds_here"] + c["waited_seconds"] for c in s["shared"])
         assert s["seconds"] == pytest.approx(s["wall_seconds"] - here, abs=1e-3) and s["seconds"] > 0
     assert syn[2]["shared_seconds"] == 0 and syn[2]["seconds"] == syn[2]["wall_seconds"]
     assert rows[1]["synthesis"]["seconds"] == syn[1]["seconds"] and synthesis_seconds(rows[1]) == syn[1]["seconds"]

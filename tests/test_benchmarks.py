@@ -379,7 +379,7 @@ def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
 OUTPUTS = {"fashion_mnist": ["--results", "res"], "matching": ["--results", "res"], "decoupled": ["--results", "res"],
            "dc_dsa": ["--work", "work", "--results", "res"], "spine": ["--work", "work", "--out", "out.json"],
            "unroll_memory": ["--out", "out.json"], "bench_overhead": ["--out", "out.json"], "tier_cost": ["--out", "out.json"],
-           "stats_pass": ["--out", "out.json"], "precision": ["--out", "out.json"]}
+           "stats_pass": ["--out", "out.json"], "precision": ["--out", "out.json"], "ddp_drift": ["--out", "out.json"]}
 
 
 def _refused(tmp_path, script, *args, env=None):
@@ -460,6 +460,7 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
     ("spine", ["--teacher-epochs", "0"], "argument --teacher-epochs: expected an integer >= 1"),
     ("spine", ["--teacher-augment", "nope"], "argument --teacher-augment: invalid choice: 'nope'"),
     ("bench_overhead", ["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got '-1'"),
+    ("ddp_drift", ["--epochs", "3,0"], "argument --epochs: expected an integer >= 1, got '0' in '3,0'"),
     ("bench_overhead", ["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
     ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "-1"], "argument --budget: expected a number > 0, got '-1'"),
     ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "nan"], "argument --budget: expected a number > 0"),

@@ -227,6 +227,10 @@ def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_p
     assert got["results"]["random"] == want["results"]["random"]
     plain = evaluate(ds, tiny_protocol, [0, 1], data=data, cache_dir=tmp_path)
     assert plain["results"]["distilled"]["per_seed"] != got["results"]["distilled"]["per_seed"]
+    manifest["meta"]["syn_lr"] = -0.0066  # MTT's lr updates (lr_lr) can carry a plainly learned lr past zero
+    with pytest.raises(DDKitError, match=r"set learned -0.0066 \(meta.syn_lr\), not a usable lr > 0; set learned_lr: "
+                                         "false, or distil again with a smaller lr_lr or log_lr: true"):
+        evaluate(DistilledSet(ds.images, ds.labels, manifest), proto, [0], data=data, cache_dir=tmp_path)
     with pytest.raises(Exception, match="learned_lr is not supported with label_mode fkd"):
         resolve_protocol(tiny_protocol, {"learned_lr": True, "label_mode": "fkd", "loss": "kl", "fkd_store": "x"})
 

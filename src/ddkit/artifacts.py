@@ -9,6 +9,7 @@ partial artifact behind. Nothing here unpickles data.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import platform
 import re
 import shutil
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -516,19 +518,25 @@ def build_lock(path: str | Path) -> Iterator[None]:
     deleting a lock file races with its next user. Where ranks build one entry
     together (``ddkit.distributed.current()`` enabled), rank 0 holds the lock for all of them. No-op
     where ``fcntl`` is missing (Windows).
+
+    Yields a :class:`LockWait`: how long this process waited for the lock (another process's build),
+    which timings of the work around it leave out as they leave out the build.
     """
     from ddkit import distributed as ddist
 
+    waited = LockWait()
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
-        yield
+        yield waited
         return
     path = Path(path)
     info = ddist.current()
+    t0 = time.perf_counter()
     if not info.is_main:
         ddist.barrier()  # rank 0 holds the lock
-        yield
+        waited.seconds = time.perf_counter() - t0
+        yield waited
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path.parent / f".{path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
@@ -539,9 +547,17 @@ def build_lock(path: str | Path) -> Iterator[None]:
             log.info("waiting for another process that is building %s", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
         ddist.barrier()
-        yield
+        waited.seconds = time.perf_counter() - t0
+        yield waited
     finally:
         os.close(fd)  # releases the lock
+
+
+@dataclasses.dataclass
+class LockWait:
+    """What :func:`build_lock` yields: ``seconds`` this process waited to enter the block."""
+
+    seconds: float = 0.0
 
 
 @contextlib.contextmanager
@@ -554,7 +570,9 @@ def shared_costs() -> Iterator[list[dict[str, Any]]]:
     block, each use appends ``{"kind", "key", "build_seconds", "seconds_here"}`` to the yielded
     list: ``build_seconds`` is what building the artifact took (from its manifest when reused; None
     for artifacts written before ddkit recorded it), ``seconds_here`` the wall time this block spent
-    building it (0 when reused; less than ``build_seconds`` when it finished an interrupted build).
+    building it (0 when reused; less than ``build_seconds`` when it finished an interrupted build),
+    ``waited_seconds`` the wall time it waited for another process (a torchrun rank, a concurrent
+    run) that was building it.
     """
     found: list[dict[str, Any]] = []
     token = _SHARED_COSTS.set(found)
@@ -564,9 +582,11 @@ def shared_costs() -> Iterator[list[dict[str, Any]]]:
         _SHARED_COSTS.reset(token)
 
 
-def record_shared_cost(kind: str, key: str, build_seconds: float | None, seconds_here: float = 0.0) -> None:
+def record_shared_cost(kind: str, key: str, build_seconds: float | None, seconds_here: float = 0.0,
+                       waited_seconds: float = 0.0) -> None:
     """Note one use of a cached artifact for the enclosing :func:`shared_costs` (if any)."""
     found = _SHARED_COSTS.get()
     if found is not None:
         found.append({"kind": kind, "key": key, "seconds_here": round(float(seconds_here), 3),
+                      "waited_seconds": round(float(waited_seconds), 3),
                       "build_seconds": None if build_seconds is None else round(float(build_seconds), 3)})

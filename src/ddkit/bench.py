@@ -451,9 +451,10 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
             write_json(stats_path, {
                 "schema_version": 1, "kind": "synthesis-stats", "config_hash": want, "seed": dist_cfg.seed,
                 # wall_seconds: the whole call; seconds: without building shared cached artifacts (teacher
-                # statistics, expert buffers), whose cost is shared_seconds whether built here or reused
+                # statistics, expert buffers) or waiting for another process to build them, whose cost is
+                # shared_seconds whether built here or reused
                 "wall_seconds": round(wall, 4),
-                "seconds": round(wall - sum(c["seconds_here"] for c in shared), 4),
+                "seconds": round(wall - sum(c["seconds_here"] + c["waited_seconds"] for c in shared), 4),
                 "shared_seconds": shared_seconds(shared), "shared": shared, "resumed": resumed,
                 "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind, "device": str(device),
                 "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}})
@@ -754,6 +755,8 @@ class _Bench:
             # (of its evaluations: cells and cached evaluations made with another one are recomputed)
             "torch_threads": rep.get("run", {}).get("torch_threads", torch.get_num_threads()),
         }
+        if "learned_lr" in rep:  # protocol learned_lr: the student lr the set learned, which its students trained with
+            row["learned_lr"] = rep["learned_lr"]
         if rnd is not None:
             row["ior"] = metrics.mean_std([metrics.ior(a, r) for a, r in zip(acc["per_seed"], rnd["per_seed"])])
         if full is not None:

@@ -420,6 +420,10 @@ def evaluate(
             raise DDKitError(f"protocol learned_lr trains students with the set's learned lr, but this {distilled.method!r} "
                              "set has none (only mtt, tesla, ftd, datm and shq learn one); set learned_lr: false")
         learned = float(learned)
+        if not (math.isfinite(learned) and learned > 0):
+            raise DDKitError(f"protocol learned_lr trains students with the set's learned lr, but this {distilled.method!r} "
+                             f"set learned {learned:.4g} (meta.syn_lr), not a usable lr > 0; set learned_lr: false, or "
+                             "distil again with a smaller lr_lr or log_lr: true")
         train = dataclasses.replace(protocol.train, lr=learned)
         log.info("students train with the set's learned lr %.5g (protocol learned_lr)", learned)
 

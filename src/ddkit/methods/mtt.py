@@ -564,8 +564,13 @@ class _TrajectoryMatching(Method):
             out_soft = soft.detach().cpu().float()
         elif expert_soft is not None:
             out_soft = expert_soft.detach().cpu().float()
+        syn_lr = self._lr(lr_param)
+        if not syn_lr > 0:  # learned as a plain number (log_lr false), an update can carry it past zero
+            log.warning("the learned student lr ended at %.4g, not > 0: its updates (lr_lr %g) carried it past zero, so "
+                        "the set cannot be evaluated with its learned lr (protocol learned_lr); lower lr_lr or set "
+                        "log_lr: true", syn_lr, cfg.lr_lr)
         meta: dict[str, Any] = {
-            "syn_lr": self._lr(lr_param),
+            "syn_lr": syn_lr,
             "experts": str(buffer.path) if buffer.path is not None else None,
             "expert_buffer_hash": buffer.manifest.get("config_hash"),
             "skipped_updates": skipped,

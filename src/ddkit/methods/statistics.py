@@ -370,18 +370,18 @@ def real_statistics(
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
-    with build_lock(path):  # one builder per entry: a process that waited finds the other's result here
+    with build_lock(path) as waited:  # one builder per entry: a process that waited finds the other's result here
         cached = _load_cached(path, teacher, real, keys, patch_size)
         if cached is not None:
             log.info("loaded real-data statistics from %s", path)
-            record_shared_cost(KIND, path.name, cached[1].get("build_seconds"))
+            record_shared_cost(KIND, path.name, cached[1].get("build_seconds"), waited_seconds=waited.seconds)
             return cached[0], path
         log.info("computing real-data statistics of teacher %s over %d images (cached at %s)",
                  teacher.fingerprint, len(real.train), path)
         t0 = time.perf_counter()
         stats = compute_real_statistics(teacher.model, real, keys, device, batch_size, progress, patch_size)
         seconds = time.perf_counter() - t0
-        record_shared_cost(KIND, path.name, seconds, seconds)
+        record_shared_cost(KIND, path.name, seconds, seconds, waited.seconds)
         if info.is_main:
             manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size, "patch_size": patch_size}, None)
             manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,

@@ -614,7 +614,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
     same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
     """
-    seconds_here = 0.0  # what training the buffer took here (0 when loaded)
+    seconds_here = waited = 0.0  # what training the buffer took here (0 when loaded); waiting for another's build
     if experts:
         buffer = load_experts(experts)
     else:
@@ -623,7 +623,8 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
         cache = Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit")) / "experts"
         out = cache / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}" if work_dir is not None else None
         # one builder per cache entry: a process that waited for another's build then finds it here
-        with build_lock(out) if out is not None else contextlib.nullcontext():
+        with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
+            waited = lock.seconds if lock is not None else 0.0
             buffer = _cached_buffer(out, cfg, data) if out is not None else None
             if buffer is None:
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
@@ -633,7 +634,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
                 seconds_here = time.perf_counter() - t0
     buffer.check_compatible(data)
     if buffer.path is not None:  # a buffer trained in memory (no work_dir) is this set's own cost
-        record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest), seconds_here)
+        record_shared_cost(KIND, buffer.path.name, build_seconds(buffer.manifest), seconds_here, waited)
     return buffer
 
 
