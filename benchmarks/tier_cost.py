@@ -184,7 +184,7 @@ class TierProbe:
     def synthesis(self) -> None:
         for m in self.cfg.methods:
             cls = METHODS.get(m.name)
-            for ipc in self.cfg.method_ipcs.get(m.key, self.cfg.ipcs):
+            for ipc in self.cfg.method_ipcs_of(m.key):
                 options = merge_overrides(m.options, m.ipc_options.get(ipc, {}))
                 self._guard("synthesis", f"{m.key} ipc{ipc}", "step", lambda cls=cls, options=options, ipc=ipc, key=m.key:
                             self._fit(cls, options, ipc, key))

@@ -568,6 +568,13 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
         tiny_cfg(tmp_path, methods=[{"name": "sre2l", "options": {"extra_teachers": ["@nope"]}}])
     with pytest.raises(ConfigError, match="must be a non-empty subset of ipcs"):
         tiny_cfg(tmp_path, student_ipcs={"tiny_convnet": [7]})
+    # a repeated IPC made the same cells (and, under torchrun, the same set on two ranks at once) twice
+    for table, name in (("student_ipcs", "tiny_convnet"), ("method_ipcs", "random")):
+        with pytest.raises(ConfigError, match=rf"{table}\[{name}\] = \[2, 2\] repeats an entry"):
+            tiny_cfg(tmp_path, **{table: {name: [2, 2]}})
+    # cells follow the order of ipcs, whatever the order of a method's or student's own list
+    cells = cells_of(tiny_cfg(tmp_path, method_ipcs={"random": [2, 1]}, student_ipcs={"tiny_convnet": [2, 1]}))
+    assert [c.ipc for c in cells] == [1, 2]
 
 
 def test_fkd_label_mode_relabels_each_set_once(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -40,18 +41,23 @@ MANIFEST = "manifest.json"
 _SHARED_COSTS: ContextVar[list[dict[str, Any]] | None] = ContextVar("ddkit_shared_costs", default=None)
 
 
-def versions() -> dict[str, str]:
-    """Versions of the code that produced an artifact."""
-    import torchvision
+@functools.cache
+def _versions() -> tuple[tuple[str, str], ...]:
+    import torchvision  # seconds to import the first time: timed work should not be the first to ask
 
     from ddkit import __version__
 
-    return {
-        "ddkit": __version__,
-        "torch": str(torch.__version__),  # a TorchVersion, which weights_only loading refuses
-        "torchvision": str(torchvision.__version__),
-        "python": platform.python_version(),
-    }
+    return (
+        ("ddkit", __version__),
+        ("torch", str(torch.__version__)),  # a TorchVersion, which weights_only loading refuses
+        ("torchvision", str(torchvision.__version__)),
+        ("python", platform.python_version()),
+    )
+
+
+def versions() -> dict[str, str]:
+    """Versions of the code that produced an artifact (read once per process)."""
+    return dict(_versions())
 
 
 def _umask() -> int:

@@ -205,6 +205,8 @@ class BenchConfig(Checked):
                     raise ConfigError(f"{what} names {name!r}, which is not one of {known}")
                 if not ipcs or set(ipcs) - set(self.ipcs):
                     raise ConfigError(f"{what}[{name}] = {ipcs} must be a non-empty subset of ipcs {self.ipcs}")
+                if len(set(ipcs)) != len(ipcs):
+                    raise ConfigError(f"{what}[{name}] = {ipcs} repeats an entry (the same cells twice); list each once")
         bad_names = [n for n in self.teacher_pool if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
         if bad_names:
             raise ConfigError(f"teacher_pool names {bad_names} may only use letters, digits and _ . + -")
@@ -231,6 +233,14 @@ class BenchConfig(Checked):
             build_augment(self.ars_augment)
         except DDKitError as e:
             raise keyed("ars_augment", e) from None
+
+    def method_ipcs_of(self, key: str) -> list[int]:
+        """The IPCs method ``key`` (its label) runs at, in the order of ``ipcs``."""
+        return [i for i in self.ipcs if i in self.method_ipcs.get(key, self.ipcs)]
+
+    def student_ipcs_of(self, student: str) -> list[int]:
+        """The IPCs ``student`` is trained at, in the order of ``ipcs``."""
+        return [i for i in self.ipcs if i in self.student_ipcs.get(student, self.ipcs)]
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
@@ -280,9 +290,9 @@ def cells_of(cfg: BenchConfig) -> list[Cell]:
     out = []
     for d in cfg.datasets:
         for m in cfg.methods:
-            for ipc in cfg.method_ipcs.get(m.key, cfg.ipcs):
+            for ipc in cfg.method_ipcs_of(m.key):
                 for s in cfg.students:
-                    if ipc not in cfg.student_ipcs.get(s, cfg.ipcs):
+                    if ipc not in cfg.student_ipcs_of(s):
                         continue
                     for mode in cfg.label_modes:
                         out.append(Cell(len(out), d.name, m.key, ipc, s, mode))
@@ -483,7 +493,7 @@ def check_students(cfg: BenchConfig, data: DataBundle) -> None:
     before any teacher trains or set is made, not when the bench reaches the student's first cell."""
     built = set()
     for student in cfg.students:
-        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+        for ipc in cfg.student_ipcs_of(student):
             for mode in dict.fromkeys([*cfg.label_modes, "hard"]):  # the hard one behind HLR trains too
                 protocol = cfg.protocol_for(student, mode, ipc=ipc)
                 key = config_hash({"student": protocol.student, "options": protocol.student_options})
@@ -513,7 +523,7 @@ def check_relabel(cfg: BenchConfig, data: DataBundle) -> None:
     if "fkd" not in cfg.label_modes:
         return
     losses = {f"the fkd protocol of student {student!r} at IPC {ipc}": cfg.protocol_for(student, "fkd", ipc=ipc).loss
-              for student in cfg.students for ipc in cfg.student_ipcs.get(student, cfg.ipcs)}
+              for student in cfg.students for ipc in cfg.student_ipcs_of(student)}
     cfg.relabel.check(data.num_classes, data.name, losses, "use a protocol whose soft-label loss is kl")
 
 
@@ -525,7 +535,7 @@ def check_extra_teachers(cfg: BenchConfig) -> None:
     from ddkit.teacher.squeeze import KIND as TEACHER_KIND
 
     for m in cfg.methods:
-        for ipc in cfg.method_ipcs.get(m.key, cfg.ipcs):
+        for ipc in cfg.method_ipcs_of(m.key):
             for ref in merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", []):
                 if isinstance(ref, str) and not ref.startswith("@"):
                     try:
@@ -533,7 +543,7 @@ def check_extra_teachers(cfg: BenchConfig) -> None:
                     except DDKitError as e:
                         raise keyed(f"methods[{m.key}].options.extra_teachers", e) from None
     for student in cfg.students:
-        for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+        for ipc in cfg.student_ipcs_of(student):
             for mode in cfg.label_modes:
                 if mode == "hard":  # hard labels ask no teacher
                     continue
@@ -553,13 +563,14 @@ class _Bench:
         self.stage_progress = stage_progress
         self.root = Path(cfg.out)
         check_bench_dir(self.root)
+        versions()  # every record holds them; reading them imports torchvision (seconds), not in a set's timing
         self.device = resolve_device(cfg.device)
         self.data: dict[str, DataBundle] = {d.name: load_dataset(d) for d in cfg.datasets}
         self.dcfg = {d.name: d for d in cfg.datasets}
         self.methods = {m.key: m for m in cfg.methods}
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
-                for ipc in cfg.method_ipcs.get(key, cfg.ipcs) if spec.name != "full" else ():
+                for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
                     check_ipc(data, ipc)
             check_students(cfg, data)
             check_teachers(cfg, data)
@@ -567,7 +578,7 @@ class _Bench:
         check_extra_teachers(cfg)
         for spec in cfg.methods:  # learned_lr protocols need a set that learned its lr
             check_learned_lr(spec.name, [cfg.protocol_for(st, mode, ipc=ipc) for st in cfg.students
-                                         for ipc in cfg.student_ipcs.get(st, cfg.ipcs) for mode in cfg.label_modes],
+                                         for ipc in cfg.student_ipcs_of(st) for mode in cfg.label_modes],
                              f"method {spec.key!r}")
         self.teachers: dict[str, Teacher | None] = {}
         self.distilled: dict[tuple[str, str, int], DistilledSet] = {}
@@ -596,7 +607,7 @@ class _Bench:
                 self.teachers[n].check_compatible(self.data[n])
         else:
             self.teachers = dict.fromkeys(names)
-        sets = [(d, m, ipc) for d in names for m in self.methods for ipc in cfg.method_ipcs.get(m, cfg.ipcs)]
+        sets = [(d, m, ipc) for d in names for m in self.methods for ipc in cfg.method_ipcs_of(m)]
         self._spread(sets, self._make_set)
         for key in sets:
             ddir = self._set_dir(key)

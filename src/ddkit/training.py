@@ -553,9 +553,10 @@ def train_classifier(
                 x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
                 with amp():
                     logits = net(x).float()
-                onehot = F.one_hot(data.labels.long(), logits.shape[1]).float()
-                lam = r.lam[:, None]
-                labels = to_device((lam * onehot[r.indices] + (1 - lam) * onehot[r.partner])[lo:hi], device)
+                lam, classes = r.lam[:, None], logits.shape[1]  # one-hot of the batch's labels only (not the set's)
+                own = F.one_hot(data.labels[r.indices].long(), classes).float()
+                partner = F.one_hot(data.labels[r.partner].long(), classes).float()
+                labels = to_device((lam * own + (1 - lam) * partner)[lo:hi], device)
                 targets = to_device(r.targets[lo:hi], device)
             else:
                 x_all = norm(to_float(data.images[idx], device))
