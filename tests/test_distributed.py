@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from safetensors.torch import load_file
 
 TOL = 1e-4
@@ -272,3 +273,50 @@ def test_run_relabels_its_set_under_torchrun_as_in_one_process(tmp_path, monkeyp
     assert json.loads((one / "labels/manifest.json").read_text())["top_k"] == 2
     acc = [json.loads((d / "eval-fkd.json").read_text())["results"]["distilled"] for d in (one, two)]
     assert acc[0] == acc[1]
+
+
+SLOW_RANK_PLUGIN = """
+import os, time
+
+from ddkit import distributed as ddist
+from ddkit.methods.base import METHODS
+from ddkit.methods.random import RandomSubset
+
+
+@METHODS.register("slow_rank")
+class SlowRank(RandomSubset):
+    def fit(self, real, teachers, ctx):
+        if ddist.current().rank == 1:
+            time.sleep(12)  # a rank still working when the other reaches the barrier
+        ddist.barrier()
+        return super().fit(real, teachers, ctx)
+"""
+
+
+def test_a_rank_that_waits_past_the_timeout_names_the_setting(tmp_path):
+    """torch's default collective timeout (30 min gloo, 10 min NCCL) ended a bench whose ranks waited
+    while one trained a teacher or made a set, with "another process of this torchrun job stopped".
+    ddkit waits $DDKIT_DIST_TIMEOUT minutes (24 h by default), and a wait past it names the setting."""
+    (tmp_path / "slow_rank_plugin.py").write_text(SLOW_RANK_PLUGIN)
+    env = {**_env(), "DDKIT_PLUGINS": "slow_rank_plugin", "DDKIT_DIST_TIMEOUT": "0.05", "PYTHONPATH": str(tmp_path)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "ddkit",
+           "distill", "--dataset", "synthetic", "--method", "slow_rank", "--ipc", "2", "--out", "d", "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0 and not (tmp_path / "d").exists()
+    line = next(li for li in proc.stderr.splitlines() if li.startswith("rank 0: error:"))
+    assert line.startswith("rank 0: error: waited more than 0.05 min for another process of this torchrun job (")
+    assert line.endswith("raise DDKIT_DIST_TIMEOUT (minutes) and rerun the command, which resumes where the job got to")
+
+
+def test_dist_timeout_is_read_from_the_environment(monkeypatch):
+    from ddkit import distributed as ddist
+    from ddkit.errors import DDKitError
+
+    monkeypatch.delenv("DDKIT_DIST_TIMEOUT", raising=False)
+    assert ddist.timeout_minutes() == 24 * 60
+    monkeypatch.setenv("DDKIT_DIST_TIMEOUT", "90")
+    assert ddist.timeout_minutes() == 90
+    for bad in ("0", "-5", "abc", "inf", "nan"):
+        monkeypatch.setenv("DDKIT_DIST_TIMEOUT", bad)
+        with pytest.raises(DDKitError, match=rf"^DDKIT_DIST_TIMEOUT='{bad}' is not a number of minutes > 0; set it"):
+            ddist.timeout_minutes()

@@ -735,10 +735,16 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         if not lost:
             raise
-        # gloo / NCCL: another rank of the job was killed or failed while this one waited on it
+        # gloo / NCCL: another rank of the job was killed or failed while this one waited on it, or worked
+        # on longer than the collectives' timeout
         cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]  # gloo: "...: Connection reset by peer. This is..."
-        _error(f"another process of this torchrun job stopped ({cause}); its own "
-               "output says why: rerun the command, which resumes where the job got to")
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            _error(f"waited more than {ddist.timeout_minutes():g} min for another process of this torchrun job "
+                   f"({cause}); if it was still working (a teacher, a set or a cell of its own), raise "
+                   f"{ddist.TIMEOUT_ENV} (minutes) and rerun the command, which resumes where the job got to")
+        else:
+            _error(f"another process of this torchrun job stopped ({cause}); its own "
+                   "output says why: rerun the command, which resumes where the job got to")
         return 1
     except BaseException:
         ddist.shutdown(barrier=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import logging
 import os
 from collections.abc import Iterator
@@ -47,6 +48,27 @@ def launched_as() -> tuple[str, bool]:
     return rank, os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
+TIMEOUT_ENV = "DDKIT_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_MINUTES = 24 * 60  # a rank may wait at a barrier while another trains a teacher or runs a cell
+
+
+def timeout_minutes() -> float:
+    """How long a collective waits for the other ranks before failing: ``$DDKIT_DIST_TIMEOUT``
+    minutes, 24 h by default. torch's own default (30 min gloo, 10 min NCCL) ends a bench whose
+    ranks wait while one of them trains a teacher, makes a set or runs a long cell."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return float(DEFAULT_TIMEOUT_MINUTES)
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise DDKitError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes > 0; set it like {TIMEOUT_ENV}=600 "
+                         "or unset it (24 h)")
+    return value
+
+
 def init_from_env(device: str = "cpu") -> DistInfo:
     """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); else single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -58,7 +80,7 @@ def init_from_env(device: str = "cpu") -> DistInfo:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes()))
         # last resort for programs that do not call shutdown(): never leave the group to static destructors
         atexit.register(shutdown, barrier=False)
         log.info("initialised %s process group: rank %d of %d", backend, rank, world)
