@@ -320,3 +320,37 @@ def test_dist_timeout_is_read_from_the_environment(monkeypatch):
         monkeypatch.setenv("DDKIT_DIST_TIMEOUT", bad)
         with pytest.raises(DDKitError, match=rf"^DDKIT_DIST_TIMEOUT='{bad}' is not a number of minutes > 0; set it"):
             ddist.timeout_minutes()
+
+
+def _agree_rank(rank: int, store_path: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.errors import DDKitError
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        results = [ddist.agree_found(True, "x"), ddist.agree_found(False, "x")]
+        try:
+            ddist.agree_found(rank == 0, "the expert buffer /c/e")  # rank 0 sees the entry, rank 1 does not
+            results.append("agreed")
+        except DDKitError as exc:
+            results.append(str(exc))
+        with open(f"{out}/agree{rank}.json", "w") as f:
+            json.dump(results, f)
+    finally:
+        ddist.shutdown()
+    os._exit(0)
+
+
+def test_ranks_that_see_different_caches_stop_with_the_fix(tmp_path):
+    """Ranks decide from their own disk whether a cached artifact exists; ranks that disagree (nodes
+    with their own $DDKIT_CACHE) would take different paths and hang in a collective: every rank
+    stops with the fix instead."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_agree_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    want = ("the ranks of this torchrun job disagree on whether the expert buffer /c/e exists (found by ranks [0], not "
+            "by ranks [1]); the nodes of a job must share one $DDKIT_CACHE folder: point it there")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"agree{rank}.json").read_text()) == [True, False, want]

@@ -143,6 +143,15 @@ def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch
     assert first["build_seconds"] == second["build_seconds"] == pytest.approx(sum(seconds), abs=1e-3)
     assert first["seconds_here"] >= first["build_seconds"] and second["seconds_here"] == 0
     assert tr.build_seconds({"experts": [{"seconds": 1.0}, {}]}) is None  # a buffer from before the timing
+    # the same pixels under another normalisation: a buffer of its own beside the first (the two
+    # settings replaced each other's buffer at every alternation), and the first is still reused
+    import dataclasses
+
+    other = dataclasses.replace(tiny, mean=(0.3,) * len(tiny.mean), std=(0.4,) * len(tiny.std))
+    assert other.fingerprint == tiny.fingerprint
+    second_norm = tr.buffer_for(other, None, cfg, tmp_path / "work", torch.device("cpu"))
+    assert second_norm.path != built.path and built.path.is_dir()
+    assert tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu")).path == built.path
     with shared_costs() as costs:  # without a work_dir the buffer is not cached: the set's own cost
         tr.buffer_for(tiny, None, from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1}), None, torch.device("cpu"))
     assert costs == []

@@ -60,6 +60,13 @@ def versions() -> dict[str, str]:
     return dict(_versions())
 
 
+def cache_dir(kind: str = "") -> Path:
+    """ddkit's cache (``$DDKIT_CACHE``, else ``~/.cache/ddkit``), or its ``kind`` folder in it
+    (``statistics``, ``experts``, ``full-reference``, ``random-baseline``)."""
+    root = Path(os.environ.get("DDKIT_CACHE") or Path.home() / ".cache" / "ddkit")
+    return root / kind if kind else root
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -222,7 +229,8 @@ def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dic
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Save tensors to safetensors atomically. ``metadata``: at most one entry, since safetensors writes
     several in an order that changes from call to call, and equal tensors must give equal bytes."""
-    assert metadata is None or len(metadata) <= 1, "more than one metadata entry makes the file's bytes vary"
+    if metadata is not None and len(metadata) > 1:
+        raise ValueError(f"save_tensors takes at most one metadata entry (several make the file's bytes vary), got {sorted(metadata)}")
     path = Path(path)
     with _atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -340,16 +348,14 @@ def check_output_dir(final: Path, kind: str | None) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: str | Path, overwrite: bool = True, kind: str | None = None,
+def atomic_dir(final: str | Path, *, kind: str | None = None,
                accept: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``final`` only if the block succeeds.
 
     An existing ``final`` is replaced only when it is an empty folder or a ddkit output of ``kind``
     (see :func:`check_output_dir`), or when ``accept(final)`` says it is one an older ddkit wrote
-    without a manifest; otherwise, or with ``overwrite=False``, a one-line error."""
+    without a manifest; otherwise a one-line error."""
     final = Path(final)
-    if final.exists() and not overwrite:
-        raise DDKitError(f"output {str(final)!r} already exists; choose another --out or remove it")
     if accept is None or not (final.is_dir() and accept(final)):
         check_output_dir(final, kind)
     try:
@@ -512,7 +518,7 @@ def tensor_bytes(*tensors: torch.Tensor | None) -> int:
 
 
 @contextlib.contextmanager
-def build_lock(path: str | Path) -> Iterator[None]:
+def build_lock(path: str | Path) -> Iterator[LockWait]:
     """Let one process at a time build (or look up) the cache entry ``path``.
 
     Two processes that need the same cached artifact at once, e.g. two ``torchrun`` ranks of
@@ -573,7 +579,7 @@ def shared_costs() -> Iterator[list[dict[str, Any]]]:
     Some work is done once and cached for every later run: a teacher's real-data statistics (SRe2L,
     G-VBSM, EDC, ...), an expert trajectory buffer (MTT, TESLA, FTD, DATM). Timing one distilled set
     would otherwise charge the first set that needs such an artifact for building it. Inside the
-    block, each use appends ``{"kind", "key", "build_seconds", "seconds_here"}`` to the yielded
+    block, each use appends ``{"kind", "key", "build_seconds", "seconds_here", "waited_seconds"}`` to the yielded
     list: ``build_seconds`` is what building the artifact took (from its manifest when reused; None
     for artifacts written before ddkit recorded it), ``seconds_here`` the wall time this block spent
     building it (0 when reused; less than ``build_seconds`` when it finished an interrupted build),

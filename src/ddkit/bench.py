@@ -4,10 +4,12 @@ Layout of a bench run directory (``BenchConfig.out``)::
 
     config.json                     the resolved BenchConfig
     teachers/<dataset>/             one teacher per dataset (only when a label mode or method needs one)
+    teachers/<dataset>@<name>/      one per teacher_pool entry (extra_teachers: ["@name"])
     distilled/<dataset>-<method>-ipc<N>/          one distilled set per dataset x method x IPC
     distilled/<dataset>-<method>-ipc<N>.synthesis.json   its synthesis wall time and peak memory
     evals/<hash>.json               every ``evaluate`` report (shared by cells: e.g. the hard-label
                                     evaluation behind HLR is reused by the hard cell of the same set)
+    labels/<set>-<key>/             label mode fkd: each set's FKD store (per-epoch soft labels)
     cells/<cell id>.json            one finished cell; never recomputed while its key matches
     bench.json                      the assembled table (written by rank 0)
 
@@ -479,7 +481,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 
 def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
-    ``bench.json``, ``cells/``, ``distilled/`` and ``teachers/`` there and must never overwrite a user's
+    ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite a user's
     files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
     if not holds_files(root, ignore_hidden=True) or folder_kind(root) == "bench-config":
         return
@@ -917,7 +919,7 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
         soft_labels.pt  float32 N x K teacher logits (only if the set stores soft labels)
         meta.json       classes, ipc, mean, std, source manifest hash
 
-    ``torch.load(folder / "images.pt")`` gives the tensor to pass as ``image_tensor``. For
+    ``torch.load(folder / "images.pt", weights_only=True)`` gives the tensor to pass as ``image_tensor``. For
     ``image_path=`` use ``DistilledSet.export(out, "imagefolder")`` instead (folders sort in label order).
     """
     from ddkit.artifacts import atomic_dir

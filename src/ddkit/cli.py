@@ -431,7 +431,7 @@ def cmd_relabel(args) -> int:
         out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
     work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
-    progress = Progress(not args.quiet and ddist.current().is_main)
+    progress = Progress(not args.quiet)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
                     device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
                     work_dir=work, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
@@ -448,14 +448,13 @@ def cmd_relabel(args) -> int:
 
 
 def cmd_experts(args) -> int:
-    from ddkit import distributed as ddist
     from ddkit.data.base import load_dataset
     from ddkit.methods.trajectory import ExpertConfig, train_experts
 
     dcfg, cfg = _stage_config(args, "experts", ExpertConfig, {k: k for k in ("model", "num_experts", "epochs", "seed")})
     device = _device(args)
     bundle = load_dataset(dcfg)
-    progress = Progress(not args.quiet and ddist.current().is_main)
+    progress = Progress(not args.quiet)
     train_experts(bundle, cfg, args.out, device, epoch_progress=progress.stage("expert epochs"))
     progress.close()
     _print(f"{cfg.num_experts} expert trajectories of {cfg.model} ({cfg.epochs} epochs) -> {args.out}")

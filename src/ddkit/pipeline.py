@@ -550,8 +550,6 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
 
 def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:
     """``report/``: the grid PNG, every eval JSON and a short markdown summary."""
-    import shutil
-
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
     if distilled.path is not None and (Path(distilled.path) / "preview.png").is_file():

@@ -47,12 +47,12 @@ logger = logging.getLogger(__name__)
 # shared helpers
 
 
-
 def _put_files(cfg) -> str:
     """The fix for a dataset.path that lacks the files: the folder named like the dataset inside it (a data
     root such as $DDKIT_DATA given for the dataset's own folder), or putting the files there."""
     inner = Path(cfg.path).expanduser() / cfg.name
     return f"did you mean {str(inner)!r}?" if inner.is_dir() else "put the files there"
+
 
 def _check_no_options(cfg: DatasetConfig) -> None:
     if cfg.options:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,9 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
+from ddkit.artifacts import (
+    cache_dir as cache_dir_of,
+)
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.distilled import DistilledSet, ipc_text
@@ -46,10 +48,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit"))
 
 
 def _summary(values: list[float]) -> dict[str, Any]:
@@ -152,7 +150,7 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
                        "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
                        **({"lr": lr} if lr is not None else {}),
                        **({"stored_labels": labeller.key} if labeller is not None else {})})
-    return Path(cache_dir or default_cache_dir()) / "random-baseline" / f"{key}.json"
+    return (Path(cache_dir) if cache_dir else cache_dir_of()) / "random-baseline" / f"{key}.json"
 
 
 @dataclasses.dataclass
@@ -284,7 +282,7 @@ def full_reference(
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
                        "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
                        **({"world": info.world_size} if info.enabled else {}), **zca})
-    cache = (cache_dir or default_cache_dir()) / "full-reference" / f"{key}.json"
+    cache = (Path(cache_dir) if cache_dir else cache_dir_of()) / "full-reference" / f"{key}.json"
     # one builder per entry: torchrun ranks of `ddkit bench` scoring other sets with the same student, or
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
     with build_lock(cache):

@@ -605,7 +605,6 @@ class RelabelSpec(Checked):
         benches written before it existed stay valid."""
         return omit_running_bn(to_dict(self, identity=True))
 
-
     def check_augment(self, where: str = "relabel") -> None:
         """Refuse an augmentation or option that relabel cannot build, naming the key under ``where``."""
         key = f"{where}.augment_options" if self.augment in AUGMENTS else f"{where}.augment"

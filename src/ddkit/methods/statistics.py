@@ -17,7 +17,8 @@ Three pieces, shared by every recover-style method:
    (teacher, dataset) over the un-augmented training set, with progress reported through a
    callback, and cached as an artifact (``statistics.safetensors`` + ``manifest.json``, written
    atomically, loaded without unpickling) under ``<cache>/statistics/<key>``, the key hashing the
-   teacher fingerprint, the data fingerprint and the layer list.
+   schema, the teacher fingerprint, the data fingerprint, the normalisation, the layer list and the
+   patch size.
 3. **The loss** (:func:`statistics_loss`): sum over layers of
    ``||mu_syn - mu_real||_2 + ||var_syn - var_real||_2`` (SRe2L's R_BN), with EDC's soft
    category-aware matching ``alpha * global + (1 - alpha) * class-conditional`` (alpha = 1 is
@@ -37,7 +38,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -58,6 +58,9 @@ from ddkit.artifacts import (
     record_shared_cost,
     save_tensors,
     write_json,
+)
+from ddkit.artifacts import (
+    cache_dir as cache_dir_of,
 )
 from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
@@ -103,7 +106,8 @@ def is_conv_key(key: str) -> bool:
 class FeatureHooks:
     """Context manager: while active, ``features[key]`` holds the last tensor seen at each layer.
 
-    BatchNorm keys capture the layer's input, conv keys its output. The tensors keep their graph,
+    BatchNorm (``bn:``) and ``convin:`` keys capture the layer's input, ``conv:`` keys its output. The
+    tensors keep their graph,
     so losses on them reach the input images.
     """
 
@@ -265,7 +269,7 @@ def compute_real_statistics(
             p2[key] += weight @ b
 
     done = 0
-    with torch.no_grad(), FeatureHooks(model, keys) as hooks:
+    with FeatureHooks(model, keys) as hooks:
         if info.enabled:  # create every accumulator (zero weight), even on a rank without batches
             model(common.to_normalized(real.train.subset(torch.arange(1)).float_images().to(device), real))
             accumulate(hooks.features, torch.zeros(k, 1, dtype=torch.float64, device=device))
@@ -306,10 +310,6 @@ def compute_real_statistics(
         out[f"{key}/patch_var"] = (p2[key].cpu() / n_per_patch - pm * pm).clamp_min(0).float()
     out[f"{LOGITS}/class_mean"] = (logit_sum / per_class).float()
     return out
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit"))
 
 
 def statistics_key(teacher, real: DataBundle, keys: list[str], patch_size: int = 0) -> str:
@@ -367,12 +367,12 @@ def real_statistics(
     artifact. Returns ``(statistics, artifact path)``.
     """
     keys = statistic_layers(teacher.model, ("bn", CONV_KIND[conv_features]))
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "statistics"
+    root = Path(cache_dir) if cache_dir is not None else cache_dir_of("statistics")
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
     with build_lock(path) as waited:  # one builder per entry: a process that waited finds the other's result here
         cached = _load_cached(path, teacher, real, keys, patch_size)
-        if cached is not None:
+        if ddist.agree_found(cached is not None, f"the real-data statistics {path}"):
             log.info("loaded real-data statistics from %s", path)
             record_shared_cost(KIND, path.name, cached[1].get("build_seconds"), waited_seconds=waited.seconds)
             return cached[0], path

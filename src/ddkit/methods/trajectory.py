@@ -83,6 +83,9 @@ from ddkit.artifacts import (
     save_tensors,
     write_json,
 )
+from ddkit.artifacts import (
+    cache_dir as cache_dir_of,
+)
 from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
@@ -610,7 +613,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     """The buffer at ``experts``, or one trained with ``cfg`` (``progress``: per expert epoch, see
     :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
-    A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>``)
+    A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``)
     when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
     same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
     """
@@ -618,15 +621,14 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     if experts:
         buffer = load_experts(experts)
     else:
-        import os
-
-        cache = Path(os.environ.get("DDKIT_CACHE", Path.home() / ".cache" / "ddkit")) / "experts"
-        out = cache / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}" if work_dir is not None else None
+        # the data fingerprint leaves out the normalisation the experts train under (as _partial_dir)
+        norm = config_hash({"mean": list(data.mean), "std": list(data.std)})[:8]
+        out = cache_dir_of("experts") / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{norm}" if work_dir is not None else None
         # one builder per cache entry: a process that waited for another's build then finds it here
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
             waited = lock.seconds if lock is not None else 0.0
             buffer = _cached_buffer(out, cfg, data) if out is not None else None
-            if buffer is None:
+            if not ddist.agree_found(buffer is not None, f"the expert buffer {out}"):
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
