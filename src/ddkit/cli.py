@@ -617,12 +617,18 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _launched_as() -> tuple[str, bool]:
+    """This process's rank as torchrun's ``RANK`` gives it ("0" when not launched by torchrun), and
+    whether it is one of several (``WORLD_SIZE`` > 1): read from the environment, before the process
+    group starts and without importing torch (a Ctrl-C during that import must still end in one line)."""
+    rank = os.environ.get("RANK", "0").strip() or "0"
+    return rank, os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
+
+
 def _error(message: str) -> None:
     """Print ``error: message`` as one line in one write, so that the ranks of a ``torchrun`` job, which
     share stderr and usually fail alike, never interleave; every rank of a job of several names itself."""
-    from ddkit.distributed import launched_as
-
-    rank, several = launched_as()
+    rank, several = _launched_as()
     who = f"rank {rank}: " if rank != "0" or several else ""
     sys.stderr.write(f"{who}error: {message}\n")
     sys.stderr.flush()
@@ -651,9 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # the ranks of a torchrun job run the same code and would repeat every warning: only rank 0 warns
     # (errors still come from every rank, naming it); -v shows every rank's messages
-    from ddkit.distributed import launched_as
-
-    quiet_rank = launched_as()[0] != "0"
+    quiet_rank = _launched_as()[0] != "0"
     # export, report and show -q: "print nothing but errors", warnings included
     silent = getattr(args, "quiet", False) and args.command in ("export", "report", "show")
     level = logging.INFO if args.verbose else logging.ERROR if quiet_rank or silent else logging.WARNING

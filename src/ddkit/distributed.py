@@ -40,14 +40,6 @@ class DistInfo:
         return self.rank == 0
 
 
-def launched_as() -> tuple[str, bool]:
-    """This process's rank as torchrun's ``RANK`` gives it ("0" when not launched by torchrun), and
-    whether it is one of several (``WORLD_SIZE`` > 1): readable before the process group starts, for
-    the CLI's logging and error lines."""
-    rank = os.environ.get("RANK", "0").strip() or "0"
-    return rank, os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
-
-
 TIMEOUT_ENV = "DDKIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_MINUTES = 24 * 60  # a rank may wait at a barrier while another trains a teacher or runs a cell
 

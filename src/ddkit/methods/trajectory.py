@@ -373,7 +373,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             return loss
 
         perm = torch.randperm(n, generator=gen)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=device)  # as train_classifier's
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             x = clean = norm(to_float(data.train.images[idx], device))
@@ -392,8 +392,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
                 loss = loss_fn(x, clean, y)
                 loss.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
-        loss_epoch = total / n
+            total += loss.detach().double() * len(idx)  # on the device: no host sync per step
+        loss_epoch = float(total) / n
         snapshots.append(flatten_params(model))
         check_finite_weights(model, e + 1, cfg.epochs)  # no later epoch recovers a NaN weight: stop here
         if on_epoch is not None:
