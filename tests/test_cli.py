@@ -23,7 +23,26 @@ def run_cli(args, capsys):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("cli")
+    """A folder holding a tiny teacher (``teacher``, 6 epochs) and a soft-labelled random set (``r5``,
+    IPC 5, seed 1), made with the CLI, for the tests that use them (each used to rely on the test that
+    made them running first); ``outputs.json`` holds what the two commands printed."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("cli")
+    commands = {
+        "teacher": ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "6",
+                    "--set", "teacher.train.lr=0.05", "--out", str(root / "teacher"), "-q"],
+        "distill": ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "5", "--seed", "1",
+                    "--teacher", str(root / "teacher"), "--soft-labels", "--out", str(root / "r5"), "-q"],
+    }
+    outputs = {}
+    for name, args in commands.items():
+        with contextlib.redirect_stdout(io.StringIO()) as buf:
+            assert main(args) == 0, name
+        outputs[name] = buf.getvalue()
+    (root / "outputs.json").write_text(json.dumps(outputs))
+    return root
 
 
 def test_list(capsys):
@@ -45,15 +64,10 @@ def test_list(capsys):
 
 
 def test_teacher_distill_evaluate_show_export(workdir, capsys, tmp_path):
-    t = workdir / "teacher"
-    code, out, _ = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "6",
-                            "--set", "teacher.train.lr=0.05", "--out", str(t), "-q"], capsys)
-    assert code == 0 and "test accuracy" in out
+    t, d = workdir / "teacher", workdir / "r5"
+    printed = json.loads((workdir / "outputs.json").read_text())
+    assert "test accuracy" in printed["teacher"] and "20 images" in printed["distill"]
     assert json.loads((t / "manifest.json").read_text())["config"]["train"]["epochs"] == 6
-    d = workdir / "r5"
-    code, out, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "5", "--seed", "1",
-                            "--teacher", str(t), "--soft-labels", "--out", str(d), "-q"], capsys)
-    assert code == 0 and "20 images" in out
     man = json.loads((d / "manifest.json").read_text())
     assert man["seed"] == 1 and man["files"]["soft_labels"] == "soft_labels.safetensors"
     # the resolved config: defaults filled in, not just what was typed
@@ -681,8 +695,6 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     import torch
 
     t, d = workdir / "teacher", workdir / "r5"
-    if not d.exists():
-        pytest.skip("needs test_teacher_distill_evaluate_show_export to have run first")
     code, out, _ = run_cli(["relabel", str(d), "--teacher", str(t), "--epochs", "3", "--top-k", "2",
                             "--out", str(tmp_path / "fkd"), "-q"], capsys)
     assert code == 0 and "3 epochs x 20 images" in out and "--label-mode fkd" in out
@@ -1049,27 +1061,36 @@ def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
     assert "label mode hard replays no FKD store: fkd_store is not used" in caplog.text
 
 
-def test_only_rank_0_of_a_torchrun_job_prints_warnings(tmp_path):
+def test_only_rank_0_of_a_torchrun_job_prints_warnings(tmp_path, monkeypatch):
     """Every rank of a torchrun job printed the same warnings (datm's, cvdd's, a replaced output's);
-    ranks other than 0 now print errors only, unless -v asks for every rank's messages."""
+    ranks other than 0 now print errors only, unless -v asks for every rank's messages. export, report
+    and show -q print nothing but errors (export's replaced-output warning was printed)."""
+    import logging
+
+    from ddkit.cli import _log_level, build_parser
+
+    cases = {  # (RANK, arguments): the level
+        ("0", "distill --method random --out x"): logging.WARNING,
+        ("1", "distill --method random --out x"): logging.ERROR,
+        ("1", "distill --method random --out x -v"): logging.INFO,
+        ("0", "export s --format pt --out x"): logging.WARNING,
+        ("0", "export s --format pt --out x -q"): logging.ERROR,
+        ("0", "show s -q"): logging.ERROR,
+        ("0", "distill --method random --out x -q"): logging.WARNING,  # -q of a training command: no bars
+    }
+    for (rank, argv), level in cases.items():
+        monkeypatch.setenv("RANK", rank)
+        assert _log_level(build_parser().parse_args(argv.split())) == level, (rank, argv)
+    # end to end, in the processes whose logging main() configures: rank 1 prints none of rank 0's warning
     out = tmp_path / "set"
     cmd = [sys.executable, "-m", "ddkit", "distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2",
            "--out", str(out), "-q"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     assert subprocess.run(cmd, capture_output=True, text=True, env=env).returncode == 0
-    warned = f"WARNING ddkit.artifacts: replaced the earlier distilled-set in {out}"
     rank0 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "0"})
     rank1 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "1"})
-    verbose = subprocess.run([*cmd, "-v"], capture_output=True, text=True, env={**env, "RANK": "1"})
-    assert (rank0.returncode, rank1.returncode, verbose.returncode) == (0, 0, 0)
-    assert warned in rank0.stderr and warned in verbose.stderr
-    assert rank1.stderr == ""
-    # export -q prints nothing but errors (its replaced-output warning was printed)
-    export = [sys.executable, "-m", "ddkit", "export", str(out), "--format", "imagefolder", "--out", str(tmp_path / "x")]
-    assert subprocess.run(export, capture_output=True, text=True, env=env).returncode == 0
-    again = subprocess.run(export, capture_output=True, text=True, env=env)
-    quiet = subprocess.run([*export, "-q"], capture_output=True, text=True, env=env)
-    assert "replaced the earlier imagefolder-export" in again.stderr and (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "", "")
+    assert (rank0.returncode, rank1.returncode) == (0, 0)
+    assert f"WARNING ddkit.artifacts: replaced the earlier distilled-set in {out}" in rank0.stderr and rank1.stderr == ""
 
 
 def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):

@@ -652,16 +652,21 @@ def _os_error(exc: OSError) -> str:
     return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
 
 
+def _log_level(args: argparse.Namespace) -> int:
+    """The level the CLI logs at: INFO with -v; else WARNING, or ERROR (errors only) on the ranks of a
+    torchrun job other than 0 (they run the same code and would repeat every warning; errors still
+    come from every rank, naming it) and for export, report and show -q ("print nothing but errors")."""
+    if args.verbose:
+        return logging.INFO
+    quiet_rank = _launched_as()[0] != "0"
+    silent = getattr(args, "quiet", False) and args.command in ("export", "report", "show")
+    return logging.ERROR if quiet_rank or silent else logging.WARNING
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # the ranks of a torchrun job run the same code and would repeat every warning: only rank 0 warns
-    # (errors still come from every rank, naming it); -v shows every rank's messages
-    quiet_rank = _launched_as()[0] != "0"
-    # export, report and show -q: "print nothing but errors", warnings included
-    silent = getattr(args, "quiet", False) and args.command in ("export", "report", "show")
-    level = logging.INFO if args.verbose else logging.ERROR if quiet_rank or silent else logging.WARNING
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
         return _main(args)
     previous = signal.signal(signal.SIGTERM, _terminate)
