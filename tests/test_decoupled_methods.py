@@ -279,6 +279,30 @@ def test_cda_curriculum_anneals_crop_scale():
     half = CDAConfig(iterations=100, milestone=0.5, curriculum="step")
     assert S.crop_scale_min(half, 49) == 1.0 and S.crop_scale_min(half, 50) == pytest.approx(0.08)
     assert S.crop_scale_min(SRe2LConfig(iterations=100), 0) == pytest.approx(0.08)
+    line = CDAConfig(iterations=100, curriculum="linear")  # 1 -> scale_min in equal steps, then scale_min
+    assert [S.crop_scale_min(line, i) for i in (0, 25, 50, 99, 100)] == pytest.approx(
+        [1.0, 1.0 - 0.92 / 4, 1.0 - 0.92 / 2, 0.08 + 0.92 / 100, 0.08])
+
+
+def test_recover_keeps_its_final_losses_when_resumed_after_the_last_step(data, bn_teacher, tmp_path):
+    """A synthesis killed after its last step's checkpoint (before the set was returned) resumed with
+    no step left to run, and recorded final_losses {}."""
+    def run(progress=None):
+        cfg = from_dict(METHODS.get("sre2l").Config, {"iterations": 3, "checkpoint_every": 1})
+        ctx = FitContext(ipc=1, seed=0, work_dir=tmp_path / "work", progress=progress)
+        return METHODS.get("sre2l")(cfg).fit(data, [bn_teacher], ctx).synthetic_
+
+    def kill_at_the_end(step, total, record):
+        if step == total and "loss" in record:  # after the last step's checkpoint
+            raise KeyboardInterrupt
+
+    straight = _run("sre2l", data, [bn_teacher], iterations=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(kill_at_the_end)
+    resumed = run()
+    assert set(straight.meta["final_losses"]) >= {"loss", "loss_ce", "loss_stats"}
+    assert resumed.meta["final_losses"] == straight.meta["final_losses"]
+    assert torch.equal(resumed.images, straight.images)
 
 
 def test_fyi_flip_pair():

@@ -328,6 +328,11 @@ def test_expert_lr_drop(tiny):
     assert torch.equal(half[:2], clip[:2]) and torch.allclose(half[2], clip[2], rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="lr_drop"):
         from_dict(ExpertConfig, {"lr_drop": 0.0})
+    # a drop epoch at or after the last epoch never drops: refused (it trained as if lr_drop were 1)
+    with pytest.raises(ConfigError, match=r"^lr_drop_epoch 2 is at or after the last of 3 epochs, so the lr never "
+                                          r"drops; use 0..1, or lr_drop 1 for no drop$"):
+        from_dict(ExpertConfig, {**cfg, "lr_drop": 0.6, "lr_drop_epoch": 2})
+    assert from_dict(ExpertConfig, {**cfg, "lr_drop_epoch": 2}).lr_drop == 1.0  # no drop asked: nothing to refuse
 
 
 # ------------------------------------------------------------------------------------------------

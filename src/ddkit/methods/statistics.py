@@ -906,8 +906,10 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     done: dict[int, torch.Tensor] = {}
     start_unit, start_it = 0, 0
     resume = None
+    last: dict[str, float] = {}  # the losses of the latest step (the set's final_losses)
     if state is not None:
         start_unit, start_it = int(state["unit"]), int(state["it"])
+        last = dict(state.get("last", {}))  # a checkpoint after the last step leaves no step to record them
         done = {int(key.split("_")[1]): v for key, v in state.items() if key.startswith("done_")}
         resume = state if "x" in state else None
         log.info("%s: resuming at unit %d step %d", name, start_unit, start_it)
@@ -916,7 +918,6 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         """Class-major indices into the ``[K * ipc]`` set of a unit's images."""
         return (classes[:, None] * ipc + torch.tensor(group)[None, :]).reshape(-1)
 
-    last: dict[str, float] = {}
     for ui in range(start_unit, len(mine)):
         u = mine[ui]
         group, clo = units[u]
@@ -998,7 +999,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 done[u] = (x.detach() * std + mean).clamp(0, 1).cpu()
             if ckpt.due(step, total):
                 finished = it + 1 == cfg.iterations
-                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1,
+                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1, "last": last,
                         **{f"done_{key}": v for key, v in done.items()}}
                 if not finished:
                     snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})

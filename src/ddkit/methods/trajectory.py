@@ -166,6 +166,9 @@ class ExpertConfig(Checked):
             raise ConfigError(f"lr_drop must be > 0 (1 disables it), got {self.lr_drop}")
         if self.lr_drop_epoch is not None and self.lr_drop_epoch < 0:
             raise ConfigError(f"lr_drop_epoch must be >= 0 or null, got {self.lr_drop_epoch}")
+        if self.lr_drop != 1.0 and self.lr_drop_epoch is not None and self.lr_drop_epoch >= self.epochs - 1:
+            raise ConfigError(f"lr_drop_epoch {self.lr_drop_epoch} is at or after the last of {self.epochs} epochs, so "
+                              f"the lr never drops; use 0..{self.epochs - 2}, or lr_drop 1 for no drop")
         try:
             build_augment(self.augment, **self.augment_options)  # fails early on a bad name/option
         except DDKitError as exc:
