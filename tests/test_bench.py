@@ -596,6 +596,15 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
     before = stores[0].stat().st_mtime_ns
     again = run_bench(cfg)
     assert strip(again) == strip(rows) and stores[0].stat().st_mtime_ns == before
+    # a damaged store is labelled again when a cell must be evaluated (it failed every fkd cell of the
+    # set, where `ddkit run` labels it again), and gives the same numbers
+    labels = stores[0] / "fkd_labels.safetensors"
+    whole = labels.read_bytes()
+    labels.write_bytes(whole[:100])
+    for folder in ("cells", "evals"):
+        shutil.rmtree(tmp_path / "run" / folder)
+    remade = run_bench(cfg)
+    assert strip(remade) == strip(rows) and labels.read_bytes() == whole
 
 
 

@@ -62,7 +62,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
-from ddkit.labels.fkd import RelabelSpec
+from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
@@ -655,8 +655,10 @@ class _Bench:
                 return rep
             sp = self.stage_progress
             cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
+            store = self._replayable_store(key3, protocol) if protocol.label_mode == "fkd" else None
             rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
-                           teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb)
+                           teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb,
+                           fkd_store=store)
             rep["eval_key"] = key
             write_json(path, rep)
         return rep
@@ -699,6 +701,23 @@ class _Bench:
             store.save(path)
             shutil.rmtree(work, ignore_errors=True)
         return path
+
+    def _replayable_store(self, key3: tuple[str, str, int], protocol: ProtocolConfig) -> SoftLabelStore:
+        """The set's FKD store at ``protocol.fkd_store``, loaded for an evaluation (which then does not read it
+        again). A damaged one (a truncated file) is labelled again, as ``ddkit run`` does, instead of failing
+        every fkd cell of the set."""
+        path = Path(protocol.fkd_store)
+        try:
+            return SoftLabelStore.load(path)
+        except DDKitError as e:
+            log.warning("%s; labelling the set again", str(e).split(";")[0])
+        with build_lock(path):  # another rank may be labelling it again already: it then finds the new store
+            try:
+                return SoftLabelStore.load(path)
+            except DDKitError:
+                shutil.rmtree(path, ignore_errors=True)
+        self._fkd_store(key3, protocol.train.epochs)
+        return SoftLabelStore.load(path)
 
     def cell_key(self, cell: Cell) -> str:
         cfg = self.cfg
