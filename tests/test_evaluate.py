@@ -215,7 +215,8 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
     alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
     # label mode teacher asks the teacher: the set's own soft labels (16 x 4 float32) are not counted
-    assert ds.soft_labels is not None and alone["bytes"] == {"images": 16 * 256, "labels": 16 * 8, "total": 16 * 256 + 16 * 8}
+    assert ds.soft_labels is not None
+    assert alone["bytes"] == {"images": 16 * 256, "labels": 16 * 8, "total": 16 * 256 + 16 * 8}
     twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data, teacher=teacher)
     mixed = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "other")]}), [0], data=data, teacher=teacher)
     assert twice["results"]["distilled"]["per_seed"] == pytest.approx(alone["results"]["distilled"]["per_seed"], abs=1e-9)
