@@ -31,6 +31,15 @@ def test_random_is_stratified_deterministic_and_seeded(tiny):
         assert len(matches) >= 1 and tiny.train.labels[matches[0]] == y
 
 
+def test_distill_passes_its_seed_to_the_method(tiny, tmp_path):
+    """``distill`` built the method's FitContext with its own seed: one forced to 0 made the seed-0 set
+    for every --seed while the manifest recorded the seed asked for."""
+    zero, one = _random_set(tiny, tmp_path, seed=0), _random_set(tiny, tmp_path, seed=1)
+    fit = METHODS.get("random")(METHODS.get("random").Config()).fit(tiny, [], FitContext(ipc=3, seed=1)).synthetic_
+    assert not torch.equal(zero.images, one.images)
+    assert torch.equal(one.images, fit.images) and one.manifest["seed"] == 1
+
+
 def test_ipc_larger_than_smallest_class(tiny, tmp_path):
     with pytest.raises(DDKitError, match=r"ipc 25 is larger than the smallest class \('class0' has 24 training images\); use an ipc of 24 or less \(--ipc, or ipc / ipcs in a config\)$"):
         _random_set(tiny, tmp_path, ipc=25)

@@ -468,9 +468,31 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
     assert len([p for p in work.iterdir() if "rank1" in p.name]) == 1  # rank 1 saved its own
 
 
+def test_gather_classes_returns_every_ranks_classes_in_class_order(monkeypatch):
+    """Under torchrun, dm, datadam, rded and the statistics methods synthesise classes round-robin
+    (rank 0: 0, 2; rank 1: 1, 3) and gather them: the set must come back in class order, not rank order,
+    or images land under other classes' labels. No test runs those methods under torchrun, so the
+    gather is checked with two ranks' parts handed in."""
+    from ddkit import distributed as ddist
+    from ddkit.methods import common
+
+    a, b, c, d = (torch.full((2, 1), float(k)) for k in range(4))
+    sent = []
+
+    def all_gather(mine):
+        sent.append(mine)
+        return [mine, {1: b, 3: d}]  # this process is rank 0 of 2
+
+    monkeypatch.setattr(ddist, "all_gather_objects", all_gather)
+    got = common.gather_classes({0: a, 2: c}, 4)
+    assert [t[0, 0].item() for t in got] == [0.0, 1.0, 2.0, 3.0]
+    assert [sorted(m) for m in sent] == [[0, 2]]  # it sends only its own classes
+    monkeypatch.setattr(ddist, "all_gather_objects", lambda mine: [mine, {1: b}])  # class 3 made by no rank
+    with pytest.raises(AssertionError, match=r"classes \[3\] were synthesised by no rank"):
+        common.gather_classes({0: a, 2: c}, 4)
+
+
 def test_edc_init_from_rded(data, bn_teacher, tmp_path):
-    if "rded" not in METHODS:
-        pytest.skip("rded is not registered")
     opts = {**EDC_BASE, "iterations": 1, "init": "rded", "cache_dir": str(tmp_path),
             "rded_options": {"mipc": 6, "num_crop": 2, "soft_labels": False}}
     out = _run("edc", data, [bn_teacher], ipc=2, **opts)

@@ -64,9 +64,11 @@ def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_p
 
 
 def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path):
-    """A cache entry that reads but lacks its value (a foreign or hand-edited file) is a miss, not a KeyError."""
+    """A cache entry that reads but lacks its value (a foreign or hand-edited file) is a miss, not a KeyError.
+    (One epoch per student: what is cached is tested, not how well it learns.)"""
     data, _, ds, _ = setup
     cache = tmp_path / "cache"
+    tiny_protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
     first = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
     entries = sorted(p for p in cache.rglob("*.json"))
     assert {p.parent.name for p in entries} == {"random-baseline", "full-reference"}
@@ -75,6 +77,22 @@ def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path
     again = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
     assert again["results"] == first["results"]
     assert all("accuracy" in json.loads(p.read_text()) or "result" in json.loads(p.read_text()) for p in entries)
+
+
+def test_random_baseline_never_draws_the_sets_own_subset(setup, tiny_protocol, monkeypatch):
+    """A `random` set of seed s evaluated with student seed s: a baseline subset drawn with the same seed
+    is the set itself, so IOR would be 0 by construction. The baseline draws with seed + RANDOM_SEED_OFFSET."""
+    import ddkit.evaluate.runner as runner
+
+    data, _, ds, _ = setup
+    assert ds.manifest["seed"] == 0 and ds.method == "random"
+    seen = []
+    monkeypatch.setattr(runner, "_train_student", lambda train_set, *a, **k: seen.append(train_set) or 0.5)
+    evaluate(ds, resolve_protocol(tiny_protocol, {"full_reference": False}), [0], data=data)
+    mine, baseline = seen  # the set's student, then the random subset's
+    assert torch.equal(mine.images, ds.images)
+    assert baseline.images.shape == ds.images.shape and torch.equal(baseline.labels, ds.labels)
+    assert not torch.equal(baseline.images, ds.images), "the random baseline trained on the set's own subset"
 
 
 def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protocol, tmp_path):
@@ -196,6 +214,9 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     assert resolve_protocol(tiny_protocol, here).hash == resolve_protocol(tiny_protocol, there).hash != tiny_protocol.hash
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
     alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
+    # label mode teacher asks the teacher: the set's own soft labels (16 x 4 float32) are not counted
+    assert ds.soft_labels is not None
+    assert alone["bytes"] == {"images": 16 * 256, "labels": 16 * 8, "total": 16 * 256 + 16 * 8}
     twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data, teacher=teacher)
     mixed = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "other")]}), [0], data=data, teacher=teacher)
     assert twice["results"]["distilled"]["per_seed"] == pytest.approx(alone["results"]["distilled"]["per_seed"], abs=1e-9)

@@ -1,7 +1,8 @@
 """Every registered method, on tiny data with its ``smoke_options``: the contract.
 
-Shapes, finite pixels, label range, same seed -> same bytes, config not mutated, artifact
-round-trip, and resume after an interruption equals an uninterrupted run.
+Shapes, finite pixels, label range, same seed -> same bytes (soft labels too), another seed ->
+other images, config not mutated, artifact round-trip (the saved set is the fit's output), and
+resume after an interruption equals an uninterrupted run.
 """
 
 import copy
@@ -44,6 +45,13 @@ def _fit(name, data, teacher, seed=0, work_dir=None, progress=None):
     return method.synthetic_
 
 
+def _assert_same_soft_labels(a, b):
+    assert (a.soft_labels is None) == (b.soft_labels is None)
+    if a.soft_labels is not None:
+        assert a.soft_labels.dtype == b.soft_labels.dtype and torch.equal(a.soft_labels, b.soft_labels)
+
+
+# every method but `full` (the whole training set, which no seed changes; it is not in the contract at all)
 @pytest.mark.parametrize("name", [m for m in METHODS.list() if m != "full"])
 def test_method_contract(name, data, teacher, tmp_path):
     out = _fit(name, data, teacher)
@@ -55,13 +63,19 @@ def test_method_contract(name, data, teacher, tmp_path):
     assert torch.bincount(out.labels, minlength=data.num_classes).tolist() == [IPC] * data.num_classes
     if out.soft_labels is not None:
         assert out.soft_labels.shape == (n, data.num_classes) and torch.isfinite(out.soft_labels).all()
-    again = _fit(name, data, teacher)
-    assert torch.equal(out.images, again.images) and torch.equal(out.labels, again.labels)
-    # artifact round-trip through the distill stage
+    # another seed, another result: a method that ignores ctx.seed makes one set for every seed
+    other = _fit(name, data, teacher, seed=1)
+    assert not torch.equal(out.images, other.images), f"{name} made the same images with seed 0 and seed 1"
+    # same seed, same result, and the artifact round-trip: a second run, through the distill stage with
+    # seed 0, gives the first run's images, labels and (tesla, datm, cvdd) soft labels, and so does the
+    # set loaded back from disk (a lossy save or load changes them)
     ds = distill(data, DistillConfig(method=name, ipc=IPC, options=dict(METHODS.get(name).smoke_options)),
                  DatasetConfig(name="synthetic"), tmp_path / "art", teacher)
     loaded = ddkit.load(tmp_path / "art")
-    assert torch.equal(loaded.images, ds.images) and loaded.method == name
+    assert loaded.method == name
+    for got in (ds, loaded):
+        assert torch.equal(got.images, out.images) and torch.equal(got.labels, out.labels)
+        _assert_same_soft_labels(out, got)
     # a method that labels its images itself refuses the pipeline's teacher logits over them
     own = METHODS.get(name).own_soft_labels(from_dict(METHODS.get(name).Config, dict(METHODS.get(name).smoke_options)))
     if own is not None:

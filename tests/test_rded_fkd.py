@@ -383,6 +383,29 @@ def test_training_with_store_learns(data, teacher):
     assert result.test_accuracy > 0.7, result.history[-3:]
 
 
+def test_student_epoch_e_replays_store_epoch_e_mod_epochs(store, small_set, monkeypatch, caplog):
+    """FKD's point is another stored view (and its logits) every epoch: student epoch e replays store
+    epoch e % store.epochs, cyclically when training is longer. A loop that replayed epoch 0 only still
+    reached the accuracy floors, so the epochs asked of the store are recorded here."""
+    asked = []
+    real = SoftLabelStore.replay
+
+    def spy(self, epoch, indices):
+        asked.append((epoch, sorted(int(i) for i in indices)))
+        return real(self, epoch, indices)
+
+    monkeypatch.setattr(SoftLabelStore, "replay", spy)
+    epochs, n = store.epochs + 2, len(small_set)
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl",
+                           train=TrainConfig(epochs=epochs, batch_size=n // 2))
+    with caplog.at_level("WARNING", logger="ddkit"):
+        train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, store, proto, seed=0)
+    assert f"store has {store.epochs} epochs but training runs {epochs}: epochs are reused cyclically" in caplog.text
+    assert [e for e, _ in asked] == [e % store.epochs for e in range(epochs) for _ in range(2)]  # two batches an epoch
+    for e in range(epochs):  # each epoch's two batches replay every image once
+        assert sorted(asked[2 * e][1] + asked[2 * e + 1][1]) == list(range(n))
+
+
 def test_topk_labels_refuse_mse(small_set, teacher):
     from ddkit.errors import ConfigError
 
@@ -446,7 +469,8 @@ def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_pa
     fresh = relabel(small_set, b, **{**opts, "work_dir": None})
     assert not torch.equal(first.tensors["logits"], second.tensors["logits"])
     assert torch.equal(second.tensors["logits"], fresh.tensors["logits"])
-    assert first.manifest["teacher"]["fingerprint"] != second.manifest["teacher"]["fingerprint"] is not None
+    assert second.manifest["teacher"]["fingerprint"] is not None
+    assert first.manifest["teacher"]["fingerprint"] != second.manifest["teacher"]["fingerprint"]
     assert relabel(small_set, teacher, **opts).manifest["teacher"]["fingerprint"] == teacher.fingerprint
 
 

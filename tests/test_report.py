@@ -48,6 +48,23 @@ def test_report_files(run_dir, capsys):
     assert main(["report", str(run_dir / "nope")]) == 2
 
 
+def test_report_table_cells_hold_the_rows_numbers(run_dir, tmp_path):
+    """The pages were checked for file names and words only: a table whose acc % and random % cells were
+    swapped (or taken from another row) passed. Each row's cells are read back here by column name."""
+    from ddkit.report import COLUMNS
+
+    rows = json.loads((run_dir / "bench.json").read_text())["rows"]
+    md = (write_report(run_dir, tmp_path / "rep") / "report.md").read_text().splitlines()
+    start = md.index("| " + " | ".join(COLUMNS) + " |") + 2  # past the header and its |---| line
+    table = [dict(zip(COLUMNS, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in md[start:start + len(rows)]]
+    pct = lambda x: f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}"
+    assert any(pct(r["acc"]) != pct(r["random"]) for r in rows)  # so swapped cells would show
+    for r, cells in zip(rows, table, strict=True):
+        assert (cells["IPC"], cells["student"], cells["labels"]) == (str(r["ipc"]), r["student"], r["label_mode"])
+        assert cells["acc %"] == pct(r["acc"]) and cells["random %"] == pct(r["random"])
+        assert cells["IOR (pts)"] == pct(r["ior"]) and cells["label bytes"] == f"{r['bytes']['labels']:,}"
+
+
 def test_report_is_written_atomically_and_replaces_only_reports(run_dir, tmp_path, monkeypatch, capsys):
     import ddkit.report as report
     from ddkit.describe import describe
