@@ -527,7 +527,7 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
             found = found if found.manifest.get("config_hash") == key else None
         except DDKitError as e:
             log.warning("%s; labelling the set again", str(e).split(";")[0])
-    if not found:  # a folder relabel could not replace fails now, not after every epoch is labelled
+    if found is None:  # a folder relabel could not replace fails now, not after every epoch is labelled
         try:
             check_output_dir(path, FKD_KIND)
         except DDKitError as e:

@@ -107,8 +107,7 @@ class FeatureHooks:
     """Context manager: while active, ``features[key]`` holds the last tensor seen at each layer.
 
     BatchNorm (``bn:``) and ``convin:`` keys capture the layer's input, ``conv:`` keys its output. The
-    tensors keep their graph,
-    so losses on them reach the input images.
+    tensors keep their graph, so losses on them reach the input images.
     """
 
     def __init__(self, model: nn.Module, keys: list[str]) -> None:
