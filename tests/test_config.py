@@ -331,10 +331,17 @@ def test_demo_pipeline_runs_scaled_down(tmp_path):
         "distill.options.batch_real=8", "evaluate.seeds=[0]", "evaluate.overrides.full_epochs=1",
         "evaluate.overrides.train.epochs=2"]))
     summary = run(cfg)
+    from ddkit.data import load_dataset
+
+    n_test = len(load_dataset(cfg.dataset).test)
     assert [e["config"]["label_mode"] for e in summary["evaluations"]] == ["hard", "teacher"]
     for e in summary["evaluations"]:
         assert set(e["results"]) == {"distilled", "random", "full"}
-        assert all(0 <= r["mean"] <= 1 and r["n"] >= 1 for r in e["results"].values())
+        for r in e["results"].values():  # one student each: a count of correct test images
+            assert r["n"] == 1 and 0 <= r["mean"] <= 1
+            assert r["mean"] * n_test == pytest.approx(round(r["mean"] * n_test), abs=1e-6)
+    # the same set and students under the hard and the teacher labels: the labels changed the numbers
+    assert summary["evaluations"][0]["results"]["distilled"] != summary["evaluations"][1]["results"]["distilled"]
     manifest = (tmp_path / "demo/distilled/manifest.json").read_text()
     assert '"method": "dm"' in manifest and '"ipc": 2' in manifest
     assert (tmp_path / "demo/report/distilled-grid.png").stat().st_size > 0

@@ -305,6 +305,19 @@ def test_recover_keeps_its_final_losses_when_resumed_after_the_last_step(data, b
     assert torch.equal(resumed.images, straight.images)
 
 
+def test_recover_reports_its_losses_as_numbers(data, bn_teacher, tmp_path):
+    """The loop keeps its losses as tensors (no device wait per step); a progress callback and the
+    set's final_losses get Python numbers, the last report equal to final_losses."""
+    seen = []
+    cfg = from_dict(METHODS.get("sre2l").Config, {"iterations": 3})
+    ctx = FitContext(ipc=1, seed=0, work_dir=tmp_path / "work", progress=lambda s, t, rec: seen.append(rec))
+    out = METHODS.get("sre2l")(cfg).fit(data, [bn_teacher], ctx).synthetic_
+    assert len(seen) == 3  # IPC 1: one unit (every class in one batch), 3 steps
+    assert all(type(v) is float for rec in seen for v in rec.values())
+    assert seen[-1] == out.meta["final_losses"] and all(type(v) is float for v in seen[-1].values())
+    assert seen[0]["loss"] != seen[-1]["loss"]
+
+
 def test_fyi_flip_pair():
     x = torch.arange(8.0).view(1, 1, 2, 4)
     out, labels = flip_pair(x, torch.tensor([3]))

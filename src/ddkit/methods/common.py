@@ -75,10 +75,17 @@ class Checkpoint:
         atomic_torch_save(state, self.path)
 
 
-def report(ctx: FitContext, step: int, total: int, **record: float) -> None:
-    """Progress callback (after any checkpoint of ``step`` was written)."""
+def floats(record: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """A record's values as Python numbers (a tensor value waits for its device here)."""
+    return {key: float(v) for key, v in record.items()}
+
+
+def report(ctx: FitContext, step: int, total: int, **record: float | torch.Tensor) -> None:
+    """Progress callback (after any checkpoint of ``step`` was written). Tensor values are read as
+    numbers only when there is a callback, so a library call without one does not wait for the
+    device at every step."""
     if ctx.progress is not None:
-        ctx.progress(step, total, record)
+        ctx.progress(step, total, floats(record))
 
 
 # markers a method puts in its progress record while it runs a one-off pass before its own

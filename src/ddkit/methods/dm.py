@@ -189,7 +189,7 @@ def fit_per_class(
             opts[c].zero_grad(set_to_none=True)
             syn[c].grad = torch.autograd.grad(loss, syn[c])[0]
             opts[c].step()
-            total += float(loss.detach())
+            total = total + loss.detach()  # a tensor: read (a device wait) only by a progress report
         if ckpt.due(it + 1, cfg.iterations):
             parts = ddist.all_gather_objects({
                 "images": {str(c): syn[c].detach().cpu() for c in classes},

@@ -210,7 +210,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 loss = ddist.all_reduce_sum(loss.detach().clone())
             syn.grad = grad
             opt_img.step()
-            total += float(loss.detach())
+            total = total + loss.detach()  # a tensor: read (a device wait) only by a progress report
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)

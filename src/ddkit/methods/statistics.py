@@ -811,7 +811,7 @@ def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: t
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is not None:
-                    p.add_(g, alpha=step / (float(norm) + 1e-12))
+                    p.add_(g * (step / (norm + 1e-12)))
     for p in params:
         p.requires_grad_(False)
     return adjusted
@@ -826,25 +826,27 @@ def flatness_loss(logits: torch.Tensor, ema_logits: torch.Tensor, tau: float) ->
 
 def _member_loss(cfg: RecoverConfig, st: _TeacherState, model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                  ema_inputs: torch.Tensor | None, stats_ema: StatsEMA | None = None,
-                 drop: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, float]]:
-    """One teacher's objective: ``CE + r_stats * statistics + r_logit * logit matching + flatness``."""
+                 drop: frozenset[str] = frozenset()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One teacher's objective: ``CE + r_stats * statistics + r_logit * logit matching + flatness``, and
+    its terms (detached tensors: reading them as numbers waits for the device, so only a progress
+    report or a checkpoint does)."""
     with FeatureHooks(model, st.keys) as hooks:
         logits = model(inputs)
     loss_ce = F.cross_entropy(logits, labels)
     loss_stats = statistics_loss(hooks.features, st.targets, labels, cfg.alpha, cfg.first_multiplier, cfg.var_weight,
                                  patch_size=cfg.patch_size, ema=stats_ema, drop=drop)
     loss = loss_ce + cfg.r_stats * loss_stats
-    record = {"loss_ce": float(loss_ce.detach()), "loss_stats": float(loss_stats.detach())}
+    record = {"loss_ce": loss_ce.detach(), "loss_stats": loss_stats.detach()}
     if cfg.r_logit > 0:
         loss_logit = logit_matching_loss(logits, labels, st.targets.class_logits)
         loss = loss + cfg.r_logit * loss_logit
-        record["loss_logit"] = float(loss_logit.detach())
+        record["loss_logit"] = loss_logit.detach()
     if ema_inputs is not None:
         with torch.no_grad():
             ema_logits = model(ema_inputs)
         flat = flatness_loss(logits, ema_logits, cfg.flatness_tau)
         loss = loss + cfg.flatness_weight * flat
-        record["loss_flat"] = float(flat.detach())
+        record["loss_flat"] = flat.detach()
     return loss, record
 
 
@@ -905,7 +907,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     done: dict[int, torch.Tensor] = {}
     start_unit, start_it = 0, 0
     resume = None
-    last: dict[str, float] = {}  # the losses of the latest step (the set's final_losses)
+    last: dict[str, torch.Tensor | float] = {}  # the losses of the latest step (the set's final_losses)
     if state is not None:
         start_unit, start_it = int(state["unit"]), int(state["it"])
         last = dict(state.get("last", {}))  # a checkpoint after the last step leaves no step to record them
@@ -972,7 +974,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             inputs = view(batch)
             ema_inputs = view(flip_pair(ema, labels)[0] if cfg.flip_plugin else ema) if ema is not None else None
             loss = torch.zeros((), device=device)
-            record: dict[str, float] = {}
+            record: dict[str, torch.Tensor] = {}
             for (ti, weight), drop in zip(members, drops):
                 part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs,
                                          stats_emas[ti] if stats_emas is not None else None, drop)
@@ -982,7 +984,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             if cfg.densify_weight > 0:
                 dense = densification_loss(inputs, blabels, cfg.densify_tau)
                 loss = loss + cfg.densify_weight * dense
-                record["loss_densify"] = float(dense.detach())
+                record["loss_densify"] = dense.detach()
             (grad,) = torch.autograd.grad(loss, [x])
             if ema is not None:  # EDC updates the copy with this step's images, before their update
                 with torch.no_grad():
@@ -991,14 +993,14 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             opt.step()
             with torch.no_grad():
                 x.copy_(torch.max(torch.min(x, hi_px), lo_px))
-            record["loss"] = float(loss.detach())
+            record["loss"] = loss.detach()
             last = record
             step = ui * cfg.iterations + it + 1
             if it + 1 == cfg.iterations:
                 done[u] = (x.detach() * std + mean).clamp(0, 1).cpu()
             if ckpt.due(step, total):
                 finished = it + 1 == cfg.iterations
-                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1, "last": last,
+                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1, "last": common.floats(last),
                         **{f"done_{key}": v for key, v in done.items()}}
                 if not finished:
                     snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})
@@ -1017,6 +1019,6 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         "teachers": [t.fingerprint for t in teachers],
         "statistics": stat_paths,
         "layers_matched": {s.teacher.fingerprint: s.keys for s in states},
-        "final_losses": last,
+        "final_losses": common.floats(last),
     }
     return SyntheticSet(images.float(), labels_all, meta=meta)
