@@ -503,6 +503,10 @@ def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
         name = row["method"]
         syn_lr = json.loads((tmp_path / "run" / "distilled" / f"synthetic-{name}-ipc1" / "manifest.json").read_text())
         assert row["learned_lr"] == syn_lr["meta"]["syn_lr"] != TINY["overrides"]["train"]["lr"]
+        # and the accuracies of the experts its set matched, from the buffer both sets used
+        experts = [e["test_accuracy"] for e in json.loads((buffers[0] / "manifest.json").read_text())["experts"]]
+        assert row["synthesis"]["expert_test_accuracy"] == syn_lr["meta"]["expert_test_accuracy"] == experts
+        assert len(experts) >= 1 and all(0 < a <= 1 for a in experts)
 
 
 def test_ddranking_export(full_run, tmp_path):

@@ -6,7 +6,8 @@ Layout of a bench run directory (``BenchConfig.out``)::
     teachers/<dataset>/             one teacher per dataset (only when a label mode or method needs one)
     teachers/<dataset>@<name>/      one per teacher_pool entry (extra_teachers: ["@name"])
     distilled/<dataset>-<method>-ipc<N>/          one distilled set per dataset x method x IPC
-    distilled/<dataset>-<method>-ipc<N>.synthesis.json   its synthesis wall time and peak memory
+    distilled/<dataset>-<method>-ipc<N>.synthesis.json   its synthesis wall time and peak memory (and,
+                                    for the trajectory methods, the matched experts' test accuracies)
     evals/<hash>.json               every ``evaluate`` report (shared by cells: e.g. the hard-label
                                     evaluation behind HLR is reused by the hard cell of the same set)
     labels/<set>-<key>/             label mode fkd: each set's FKD store (per-epoch soft labels)
@@ -433,6 +434,10 @@ def shared_seconds(shared: list[dict]) -> float | None:
     return None if None in builds.values() else round(sum(builds.values()), 3)
 
 
+# facts of a set's synthesis its record and cells carry from the set's meta (trajectory methods)
+SET_FACTS = ("expert_test_accuracy",)
+
+
 def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Path, teacher, device,
                    progress: StageProgress | None = None, options_key: str = "distill.options") -> dict:
     """Make (or reuse) one distilled set; return its synthesis record (``<set>.synthesis.json``);
@@ -469,7 +474,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
                 "seconds": round(wall - sum(c["seconds_here"] + c["waited_seconds"] for c in shared), 4),
                 "shared_seconds": shared_seconds(shared), "shared": shared, "resumed": resumed,
                 "peak_memory_bytes": mem.read(), "peak_memory_kind": mem.kind, "device": str(device),
-                "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes}})
+                "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes},
+                **{key: ds.manifest["meta"][key] for key in SET_FACTS if key in ds.manifest.get("meta", {})}})
 
         cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
         distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record, options_key=options_key)
@@ -775,9 +781,10 @@ class _Bench:
             "label_mode": cell.label_mode, "seeds": list(seeds), "acc": acc, "random": rnd,
             "full_hard": full, "hard_acc": hard_acc,
             "ior": None, "hlr": None, "lrs": None, "ars": None,
-            "bytes": rep["bytes"], "synthesis": {k: self.synthesis[key3].get(k) for k in
-                                                 ("wall_seconds", "seconds", "shared_seconds", "peak_memory_bytes",
-                                                  "peak_memory_kind", "device", "resumed")},
+            "bytes": rep["bytes"], "synthesis": {
+                **{k: self.synthesis[key3].get(k) for k in ("wall_seconds", "seconds", "shared_seconds",
+                                                            "peak_memory_bytes", "peak_memory_kind", "device", "resumed")},
+                **{k: self.synthesis[key3][k] for k in SET_FACTS if k in self.synthesis[key3]}},
             "protocol_hash": rep["protocol_hash"], "hard_protocol_hash": hard["protocol_hash"],
             "eval_keys": [rep["eval_key"], hard["eval_key"]],
             "distilled_path": str(self._set_dir(key3)), "versions": rep["versions"],

@@ -573,6 +573,8 @@ class _TrajectoryMatching(Method):
             "syn_lr": syn_lr,
             "experts": str(buffer.path) if buffer.path is not None else None,
             "expert_buffer_hash": buffer.manifest.get("config_hash"),
+            # how good the targets were: each expert's final test accuracy (a bench cell reports them)
+            "expert_test_accuracy": [e.get("test_accuracy") for e in buffer.manifest.get("experts", [])],
             "skipped_updates": skipped,
             "image_ema": cfg.image_ema,
             **({"zca_reg": zca.reg} if zca is not None else {}),  # evaluate with protocol zca: true, as MTT
