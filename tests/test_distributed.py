@@ -7,8 +7,10 @@ epochs). Evaluation spreads whole students over ranks, so its numbers are identi
 
 import json
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -326,16 +328,31 @@ def _agree_rank(rank: int, store_path: str, out: str) -> None:
     import torch.distributed as dist
 
     from ddkit import distributed as ddist
+    from ddkit.data import make_synthetic
     from ddkit.errors import DDKitError
+    from ddkit.evaluate import resolve_protocol
+    from ddkit.evaluate.runner import full_reference
 
     dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
     try:
-        results = [ddist.agree_found(True, "x"), ddist.agree_found(False, "x")]
+        results = [ddist.agree_found(True, "x", "/c"), ddist.agree_found(False, "x", "/c")]
         try:
-            ddist.agree_found(rank == 0, "the expert buffer /c/e")  # rank 0 sees the entry, rank 1 does not
+            ddist.agree_found(rank == 0, "the expert buffer e", "/c")  # rank 0 sees the entry, rank 1 does not
             results.append("agreed")
         except DDKitError as exc:
             results.append(str(exc))
+        # the full-data reference: filled by both ranks in a shared cache, then looked up with rank 1's
+        # own empty cache (it trained in collectives that rank 0, returning from its cache, never joined)
+        data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=4, image_size=8)
+        protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_epochs": 1,
+                                                    "train": {"epochs": 1, "batch_size": 8}})
+        shared = Path(out) / "cache-shared"
+        results.append(full_reference(data, protocol, [0], "cpu", shared)["n"])
+        try:
+            full_reference(data, protocol, [0], "cpu", shared if rank == 0 else Path(out) / f"cache{rank}")
+            results.append("agreed")
+        except DDKitError as exc:
+            results.append(str(exc).split(" (found")[0])
         with open(f"{out}/agree{rank}.json", "w") as f:
             json.dump(results, f)
     finally:
@@ -350,7 +367,11 @@ def test_ranks_that_see_different_caches_stop_with_the_fix(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(_agree_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
-    want = ("the ranks of this torchrun job disagree on whether the expert buffer /c/e exists (found by ranks [0], not "
-            "by ranks [1]); the nodes of a job must share one $DDKIT_CACHE folder: point it there")
+    want = ("the ranks of this torchrun job disagree on whether the expert buffer e exists (found by ranks [0], not "
+            "by ranks [1]); the nodes of a job must share the cache folder '/c': put it on storage every node mounts "
+            "($DDKIT_CACHE, or the option that named it)")
     for rank in (0, 1):
-        assert json.loads((tmp_path / f"agree{rank}.json").read_text()) == [True, False, want]
+        got = json.loads((tmp_path / f"agree{rank}.json").read_text())
+        assert got[:4] == [True, False, want, 1]
+        assert re.fullmatch(r"the ranks of this torchrun job disagree on whether the full-data reference \w+\.json "
+                            r"exists", got[4]), got[4]

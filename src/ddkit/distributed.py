@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -155,16 +156,17 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def agree_found(found: bool, what: str) -> bool:
-    """``found`` (whether this rank found the cached ``what`` on its disk), checked to be every rank's:
-    ranks that disagree would take different paths (load it, or build it in collectives) and hang, as
-    happens when the nodes of a job each keep their own ``$DDKIT_CACHE``."""
+def agree_found(found: bool, what: str, folder: str | Path) -> bool:
+    """``found`` (whether this rank found the cached ``what`` in the cache ``folder`` on its disk),
+    checked to be every rank's: ranks that disagree would take different paths (load it, or build it
+    in collectives) and hang, as happens when the nodes of a job each keep their own cache."""
     flags = all_gather_objects(bool(found))
     if len(set(flags)) > 1:
         have = [r for r, f in enumerate(flags) if f]
         lack = [r for r, f in enumerate(flags) if not f]
         raise DDKitError(f"the ranks of this torchrun job disagree on whether {what} exists (found by ranks {have}, "
-                         f"not by ranks {lack}); the nodes of a job must share one $DDKIT_CACHE folder: point it there")
+                         f"not by ranks {lack}); the nodes of a job must share the cache folder {str(folder)!r}: put it "
+                         "on storage every node mounts ($DDKIT_CACHE, or the option that named it)")
     return bool(found)
 
 

@@ -287,7 +287,8 @@ def full_reference(
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
     with build_lock(cache):
         cached = _cache_entry(cache, "result", dict)
-        if cached is not None:
+        # ranks that disagree would take different paths: one returns, the others train in collectives
+        if ddist.agree_found(cached is not None, f"the full-data reference {cache.name}", cache.parent):
             log.info("full-data reference from cache %s", cache)
             return cached
         accs = []

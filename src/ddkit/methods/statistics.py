@@ -371,7 +371,7 @@ def real_statistics(
     info = ddist.current()
     with build_lock(path) as waited:  # one builder per entry: a process that waited finds the other's result here
         cached = _load_cached(path, teacher, real, keys, patch_size)
-        if ddist.agree_found(cached is not None, f"the real-data statistics {path}"):
+        if ddist.agree_found(cached is not None, f"the real-data statistics {path.name}", root):
             log.info("loaded real-data statistics from %s", path)
             record_shared_cost(KIND, path.name, cached[1].get("build_seconds"), waited_seconds=waited.seconds)
             return cached[0], path

@@ -631,7 +631,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
             waited = lock.seconds if lock is not None else 0.0
             buffer = _cached_buffer(out, cfg, data) if out is not None else None
-            if not ddist.agree_found(buffer is not None, f"the expert buffer {out}"):
+            if not ddist.agree_found(buffer is not None, f"the expert buffer {out.name}", out.parent):
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
