@@ -335,6 +335,22 @@ def test_expert_lr_drop(tiny):
     assert from_dict(ExpertConfig, {**cfg, "lr_drop_epoch": 2}).lr_drop == 1.0  # no drop asked: nothing to refuse
 
 
+def test_expert_lr_drop_at_the_default_epoch_warns_when_it_never_applies(tiny, caplog):
+    """AST's default drop epoch (epochs // 2 + 1) is at or after the last epoch of experts of 4 epochs
+    or fewer (shq's CPU tier trains 2): kept, as AST's code has it, with a warning naming the fix."""
+    def warnings(epochs, **extra):
+        caplog.clear()
+        cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "epochs": epochs, **extra})
+        with caplog.at_level("WARNING", logger="ddkit.methods.trajectory"):
+            tr.train_experts(tiny, cfg)
+        return [r.getMessage() for r in caplog.records if "lr drop" in r.getMessage()]
+
+    assert warnings(3, lr_drop=0.6) == ["the expert lr drop (x 0.6 after epoch epochs // 2 + 1 = 2) never applies to "
+                                        "3-epoch experts; set lr_drop_epoch 0..1 to drop it, or lr_drop 1"]
+    assert warnings(1, lr_drop=0.6)[0].endswith("never applies to 1-epoch experts; set lr_drop 1")
+    assert warnings(5, lr_drop=0.6) == [] and warnings(3) == [] and warnings(3, lr_drop=0.6, lr_drop_epoch=0) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # the loss and its gradients
 
