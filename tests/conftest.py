@@ -1,3 +1,4 @@
+import contextlib
 import os
 from pathlib import Path
 
@@ -48,6 +49,31 @@ def twice_at_once(monkeypatch, module, name: str, call) -> tuple[list, list]:
     for t in threads:
         t.join()
     return calls, results
+
+
+@contextlib.contextmanager
+def lock_held(path: Path, seconds: float):
+    """Another holder of ``build_lock(path)`` (a thread, as another process would be) for ``seconds``:
+    the block starts once the lock is taken, so work in it that needs the lock waits that long."""
+    import threading
+    import time
+
+    from ddkit.artifacts import build_lock
+
+    taken = threading.Event()
+
+    def hold():
+        with build_lock(path):
+            taken.set()
+            time.sleep(seconds)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    taken.wait()
+    try:
+        yield
+    finally:
+        thread.join()
 
 
 @pytest.fixture(autouse=True)

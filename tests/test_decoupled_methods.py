@@ -91,6 +91,17 @@ def test_hooks_capture_bn_inputs_and_conv_outputs():
     assert torch.equal(hooks.features["convin:0"], x) and torch.equal(hooks.features["convin:3"], net[2](net[1](conv0)))
 
 
+def test_real_statistics_report_the_wait_for_another_build(data, bn_teacher, tmp_path):
+    """As an expert buffer's: waiting for another process's build of the statistics is recorded."""
+    from conftest import lock_held
+
+    _, path = S.real_statistics(bn_teacher, data, cache_dir=tmp_path)
+    with lock_held(path, 0.6), shared_costs() as costs:
+        assert S.real_statistics(bn_teacher, data, cache_dir=tmp_path)[1] == path
+    assert len(costs) == 1 and costs[0]["seconds_here"] == 0
+    assert 0.5 <= costs[0]["waited_seconds"] < 5
+
+
 def test_conv_input_statistics_and_batch_augmentation(data, bn_teacher, tmp_path):
     """The two knobs that follow the G-VBSM/EDC/SRe2L code: conv statistics at the conv inputs
     (their own cache entry) and one crop box and flip per batch. Both change the images; leaving

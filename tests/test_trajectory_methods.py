@@ -157,6 +157,20 @@ def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch
     assert costs == []
 
 
+def test_buffer_for_reports_the_wait_for_another_build(tiny, tmp_path, monkeypatch):
+    """A process that waited for another's build of the buffer (a torchrun rank, a concurrent run)
+    records the wait, which bench timings leave out with the build (it read as synthesis time)."""
+    from conftest import lock_held
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 1})
+    built = tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu"))
+    with lock_held(built.path, 0.6), shared_costs() as costs:
+        assert tr.buffer_for(tiny, None, cfg, tmp_path / "work", torch.device("cpu")).path == built.path
+    assert len(costs) == 1 and costs[0]["seconds_here"] == 0
+    assert 0.5 <= costs[0]["waited_seconds"] < 5
+
+
 def test_buffer_errors(buffer, tmp_path):
     with pytest.raises(DDKitError, match="not found"):
         load_experts(tmp_path / "nope")

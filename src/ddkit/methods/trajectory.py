@@ -591,10 +591,15 @@ def load_experts(path: str | Path) -> ExpertBuffer:
     return ExpertBuffer(trajectories, manifest, path)
 
 
+def _norm_tag(data: DataBundle) -> str:
+    """The normalisation the experts train under, which the data fingerprint leaves out, as a short hash
+    (part of the buffer's cache name and of its partial folder: experts of another mean/std are not reused)."""
+    return config_hash({"mean": list(data.mean), "std": list(data.std)})[:8]
+
+
 def _partial_dir(out: Path, cfg: ExpertConfig, data: DataBundle) -> Path:
     """Where :func:`train_experts` keeps the finished experts of a buffer for ``out`` until it is saved."""
-    norm = config_hash(data.normalisation)[:8]  # experts trained under another mean/std are not reused
-    return out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{norm}"
+    return out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{_norm_tag(data)}"
 
 
 def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuffer | None:
@@ -629,14 +634,13 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     if experts:
         buffer = load_experts(experts)
     else:
-        # the data fingerprint leaves out the normalisation the experts train under (as _partial_dir)
-        norm = config_hash({"mean": list(data.mean), "std": list(data.std)})[:8]
-        out = cache_dir_of("experts") / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{norm}" if work_dir is not None else None
+        out = (cache_dir_of("experts") / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{_norm_tag(data)}"
+               if work_dir is not None else None)
         # one builder per cache entry: a process that waited for another's build then finds it here
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
             waited = lock.seconds if lock is not None else 0.0
             buffer = _cached_buffer(out, cfg, data) if out is not None else None
-            if not ddist.agree_found(buffer is not None, f"the expert buffer {out.name}", out.parent):
+            if out is None or not ddist.agree_found(buffer is not None, f"the expert buffer {out.name}", out.parent):
                 log.info("no expert buffer given (experts=...): training %d experts of %d epochs on the fly",
                          cfg.num_experts, cfg.epochs)
                 t0 = time.perf_counter()  # the build alone, not the wait for another process's
