@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from _cli import Parser, comma_list, positive_int, run_main
 from safetensors.torch import load_file
 
@@ -82,7 +81,7 @@ def main() -> None:
                 "seed 0, CPU",
         "rows": rows, "command": "python benchmarks/ddp_drift.py --epochs " + ",".join(map(str, args.epochs)),
         "machine": {"cpus": os.cpu_count(), "torch_threads_per_process": 1, "platform": platform.platform()},
-        "versions": {**versions(), "torch": torch.__version__},
+        "versions": versions(),
     })
     print(f"-> {args.out}")
 

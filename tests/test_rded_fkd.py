@@ -532,3 +532,28 @@ def test_relabel_checks_its_settings_before_any_work(small_set, teacher, tmp_pat
     with pytest.raises(ConfigError, match=message):
         relabel(small_set, teacher, **{"epochs": 1, "cutmix_prob": 0.5, "work_dir": work, **bad})
     assert not work.exists()
+
+
+def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher, data, tmp_path, monkeypatch):
+    """evaluate(fkd_store=) replays a store already in memory; the same store named relative, absolute
+    or by its manifest is the protocol's. It was refused unless spelled alike, with a bare ValueError."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.pipeline import DistillConfig, distill
+
+    ds = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
+    store = relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0)
+    store.save(tmp_path / "st")
+    store.save(tmp_path / "other")
+    monkeypatch.chdir(tmp_path)
+    proto = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "fkd", "loss": "kl",
+                                             "fkd_store": "st/manifest.json", "random_baseline": False,
+                                             "full_reference": False,
+                                             "train": {"epochs": 2, "batch_size": 6, "augment": "rrc_flip"}})
+    fresh = evaluate(ds, proto, [0], data=data, teacher=teacher)["results"]
+    assert evaluate(ds, proto, [0], data=data, teacher=teacher,
+                    fkd_store=SoftLabelStore.load(tmp_path / "st"))["results"] == fresh
+    with pytest.raises(DDKitError, match=r"^fkd_store was loaded from 'other', not from the protocol's fkd_store "
+                                         r"'st/manifest.json'; pass the store loaded from the protocol's fkd_store, or "
+                                         r"leave fkd_store out \(it is read from there\)$"):
+        evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=SoftLabelStore.load("other"))

@@ -38,10 +38,14 @@ def test_show_describes_a_pt_export(tmp_path, capsys, caplog):
     cut.write_bytes((tmp_path / "set.pt").read_bytes()[:300])
     code, out, err = _cli(["show", str(cut)], capsys)
     assert code == 2 and err.count("\n") == 1 and "is damaged or not a file `ddkit show` reads" in err
-    assert "export the set again" in err
+    assert "remove it and export the set again" in err
     code, out, err = _cli(["evaluate", str(cut), "--protocol", "dc-protocol", "-q"], capsys)
     assert (code, err) == (2, f"error: {str(cut)!r} is a file, not a distilled-set artifact (a folder holding "
                               "manifest.json); pass the artifact's folder\n")
+    code, _, err = _cli(["export", d, "--format", "pt", "--out", str(cut), "-q"], capsys)  # never over a file it cannot read
+    assert code == 2 and "exists and is not a readable ddkit pt export; choose another --out or remove it" in err
+    cut.unlink()  # the advice, followed
+    assert main(["export", d, "--format", "pt", "--out", str(cut), "-q"]) == 0 and _cli(["show", str(cut)], capsys)[0] == 0
 
     # exporting over an earlier pt export replaces it, and says so as a folder export does
     caplog.clear()

@@ -57,7 +57,7 @@ def _read_torch_record(path: Path) -> dict[str, Any]:
         obj = quiet_torch_load(path)
     except Exception as exc:  # torch.load raises many types for a file it cannot read; all mean the same here
         raise DDKitError(f"{str(path)!r} is damaged or not a file `ddkit show` reads (torch.load: {load_failure(exc)}); "
-                         f"a damaged `ddkit export --format pt` file: export the set again; {_ACCEPTS}") from None
+                         f"a damaged `ddkit export --format pt` file: remove it and export the set again; {_ACCEPTS}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise DDKitError(f"{str(path)!r} holds a {type(obj).__name__}, not a ddkit record; {_ACCEPTS} "
                          "(a ddranking export: pass its folder)")

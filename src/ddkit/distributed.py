@@ -42,6 +42,7 @@ class DistInfo:
 
 
 TIMEOUT_ENV = "DDKIT_DIST_TIMEOUT"
+MAX_TIMEOUT_MINUTES = 30 * 24 * 60  # 30 days: far beyond a wait worth having (a huge value crashed in timedelta)
 DEFAULT_TIMEOUT_MINUTES = 24 * 60  # a rank may wait at a barrier while another trains a teacher or runs a cell
 
 
@@ -56,9 +57,9 @@ def timeout_minutes() -> float:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not (value > 0 and value != float("inf")):
-        raise DDKitError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes > 0; set it like {TIMEOUT_ENV}=600 "
-                         "or unset it (24 h)")
+    if not (0 < value <= MAX_TIMEOUT_MINUTES):
+        raise DDKitError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes in (0, {MAX_TIMEOUT_MINUTES}]; set it like "
+                         f"{TIMEOUT_ENV}=600 or unset it (24 h)")
     return value
 
 

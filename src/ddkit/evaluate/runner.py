@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,7 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    artifact_folder,
     base_manifest,
     build_lock,
     check_output_file,
@@ -329,7 +330,7 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
 def evaluate(
     distilled: DistilledSet | str | Path,
     protocol: ProtocolConfig | str | Path,
-    seeds: list[int] = (0, 1, 2),
+    seeds: Sequence[int] = (0, 1, 2),
     *,
     data: DataBundle | None = None,
     teacher: Teacher | str | Path | None = None,
@@ -400,8 +401,11 @@ def evaluate(
     if mode == "fkd":
         from ddkit.labels import SoftLabelStore
 
-        if fkd_store is not None and (fkd_store.path is None or Path(fkd_store.path) != Path(protocol.fkd_store)):
-            raise ValueError(f"fkd_store was saved at {fkd_store.path}, not at the protocol's fkd_store {protocol.fkd_store}")
+        if fkd_store is not None and (fkd_store.path is None or Path(fkd_store.path).resolve()
+                                      != artifact_folder(protocol.fkd_store, "fkd-soft-labels").resolve()):
+            raise DDKitError(f"fkd_store was loaded from {str(fkd_store.path)!r}, not from the protocol's fkd_store "
+                             f"{protocol.fkd_store!r}; pass the store loaded from the protocol's fkd_store, or leave "
+                             "fkd_store out (it is read from there)")
         store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
         if differs := _other_views(protocol.train, store):

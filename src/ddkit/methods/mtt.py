@@ -565,7 +565,10 @@ class _TrajectoryMatching(Method):
         elif expert_soft is not None:
             out_soft = expert_soft.detach().cpu().float()
         syn_lr = self._lr(lr_param)
-        if not syn_lr > 0:  # learned as a plain number (log_lr false), an update can carry it past zero
+        if not math.isfinite(syn_lr):
+            log.warning("the learned student lr ended at %s: the synthesis diverged, so the set cannot be evaluated "
+                        "with its learned lr (protocol learned_lr); lower lr_img or lr_lr", syn_lr)
+        elif syn_lr <= 0:  # learned as a plain number (log_lr false), an update can carry it past zero
             log.warning("the learned student lr ended at %.4g, not > 0: its updates (lr_lr %g) carried it past zero, so "
                         "the set cannot be evaluated with its learned lr (protocol learned_lr); lower lr_lr or set "
                         "log_lr: true", syn_lr, cfg.lr_lr)
