@@ -381,6 +381,26 @@ def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
     assert "far outside the data's 0..1 (its images likely diverged); lower distill.options.lr_img (now 10000)" in warned
 
 
+@pytest.mark.parametrize("labels", [
+    torch.tensor([0, 1, 2, 3, 4]),  # a class the data lacks, each bin 1: the count check passed it
+    torch.tensor([0, 1, 2, -1, 3]),
+    torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0]),
+    torch.tensor([0, 1, 2, 3]),  # one label short
+])
+def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, labels):
+    """A label >= K passed (every bin of the longer bincount held ipc images), the set was saved, and
+    loading it then failed with "re-create the distilled set", which makes the same set again."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    images = torch.rand(5, *tiny.image_shape)
+    for ipc in (1, None):  # None: method full, which had no label check at all
+        with pytest.raises(DDKitError, match=rf"^method 'm' produced labels of shape \({len(labels)},\) .* for 5 images, "
+                                             r"expected \[N\] class indices in 0..3; this is a bug in the method$"):
+            DistilledSet.build(SyntheticSet(images, labels), tiny, method="m", method_config={}, ipc=ipc, seed=0,
+                               config={}, dataset_config={})
+
+
 def test_full_method_is_whole_training_set(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"^distill.ipc 3 does not apply to method 'full', which keeps every training "
                                           r"image; remove ipc \(or set ipc: null\)$"):

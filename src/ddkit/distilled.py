@@ -134,6 +134,11 @@ class DistilledSet(DescribesDataset, Dataset):
         if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
             log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
                         "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
+        if (labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point()
+                or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < data.num_classes)):
+            raise DDKitError(f"method {method!r} produced labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
+                             f"{len(images)} images, expected [N] class indices in 0..{data.num_classes - 1}; this is a "
+                             "bug in the method")
         counts = torch.bincount(labels, minlength=data.num_classes).tolist()
         if ipc is not None and set(counts) != {ipc}:
             raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
