@@ -378,3 +378,40 @@ def test_ranks_that_see_different_caches_stop_with_the_fix(tmp_path):
         assert got[:4] == [True, False, want, 1]
         assert re.fullmatch(r"the ranks of this torchrun job disagree on whether the full-data reference \w+\.json "
                             r"exists", got[4]), got[4]
+
+
+def _import_rank(rank: int, store_path: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ddkit.data import make_synthetic
+    from ddkit.models import create_model
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        data = make_synthetic(num_classes=2, train_per_class=4, test_per_class=2, image_size=8)
+        ckpt = f"{out}/weights.pt"
+        if rank == 0:
+            torch.manual_seed(0)
+            torch.save(create_model("tiny_convnet", 1, 2, 8).state_dict(), ckpt)
+        dist.barrier()
+        teacher = train_teacher(data, TeacherConfig(model="tiny_convnet", checkpoint=ckpt), f"{out}/t")
+        # every rank returns once the artifact is there, and knows where it is
+        with open(f"{out}/import{rank}.json", "w") as f:
+            json.dump([str(teacher.path), os.path.isfile(f"{out}/t/manifest.json")], f)
+    finally:
+        from ddkit import distributed as ddist
+
+        ddist.shutdown()
+    os._exit(0)
+
+
+def test_an_imported_teacher_is_saved_before_any_rank_goes_on(tmp_path):
+    """Importing a checkpoint under torchrun: rank 0 saved the artifact, but no rank waited for it (the
+    others could read the folder before it existed) and they returned a teacher without its path."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_import_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"import{rank}.json").read_text()) == [str(tmp_path / "t"), True]

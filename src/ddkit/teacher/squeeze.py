@@ -417,6 +417,9 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     acc = accuracy(model, data.test, data.mean, data.std, device)
     teacher = Teacher(model.cpu(), _manifest(model, data, cfg, acc, []))
     teacher.manifest["imported_from"] = str(path)
-    if out is not None and ddist.current().is_main:
-        teacher.save(out)
+    if out is not None:  # as train_teacher: rank 0 writes it, and no rank goes on before it is there
+        if ddist.current().is_main:
+            teacher.save(out)
+        ddist.barrier()
+        teacher.path = Path(out)
     return teacher
