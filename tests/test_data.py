@@ -918,3 +918,16 @@ def test_tensors_splits_of_other_channels_or_size_name_what_differs(tmp_path):
         with pytest.raises(DataError, match=rf"test images \(.*\) differ from train images \(3, 5, 5\); give both "
                                             rf"splits {fix}$"):
             load_dataset("tensors", path=str(tmp_path / f"{name}.pt"))
+
+
+def test_imageset_refuses_integer_images_other_than_uint8():
+    """int64 0..255 images were taken as float pixels (255x too bright), without a word."""
+    from ddkit.data import ImageSet
+
+    with pytest.raises(DataError, match=r"^images have dtype torch.int64; give uint8 0..255 or float 0..1 images "
+                                        r"\(images.to\(torch.uint8\) for integer pixels\)$"):
+        ImageSet(torch.randint(0, 256, (2, 1, 4, 4)), torch.tensor([0, 1]))
+    ok = ImageSet(torch.randint(0, 256, (2, 1, 4, 4), dtype=torch.uint8), torch.tensor([0, 1]))
+    assert ok.float_images().max() <= 1.0
+    half = ImageSet(torch.full((2, 1, 4, 4), 0.5, dtype=torch.float16), torch.tensor([0, 1]))
+    assert half.images.dtype == torch.float32 and float(half.float_images().max()) == 0.5

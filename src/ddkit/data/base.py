@@ -84,6 +84,10 @@ class ImageSet:
                 f"labels must have shape [{len(self.images)}], got {tuple(self.labels.shape)}; "
                 "give one label per image"
             )
+        if not (self.images.dtype == torch.uint8 or self.images.is_floating_point()):
+            # int64 0..255 taken as float pixels would be 255x too bright
+            raise DataError(f"images have dtype {self.images.dtype}; give uint8 0..255 or float 0..1 images "
+                            "(images.to(torch.uint8) for integer pixels)")
         if self.images.dtype not in (torch.uint8, torch.float32):
             self.images = self.images.float()
         self.labels = self.labels.long()
