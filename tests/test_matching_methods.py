@@ -286,6 +286,23 @@ def test_a_model_too_deep_for_the_images_names_its_option(data, key, tmp_path):
     assert list(tmp_path.iterdir()) == []  # no set, no checkpoints
 
 
+@pytest.mark.parametrize("key", ["dc", "dsa"])
+def test_gradient_matching_takes_a_model_that_needs_more_than_32_px(key, tmp_path):
+    """A set's identity asked whether the model has BatchNorm by building it at 32 px: a depth-6
+    ConvNet (64 px and up) failed with "image size 32 is too small" even on 64 px data."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    data = make_synthetic(num_classes=2, train_per_class=4, test_per_class=2, image_size=64)
+    for model, tags in (("convnetd6", {}), ("convnetd6-bn", {"bn_real_per_class": 16})):
+        assert METHODS.get(key).identity_tags({"model": model}) == tags
+    options = {"model": "convnetd6", "model_options": {"width": 4}, "iterations": 1, "outer_loop": 1, "inner_loop": 1,
+               "batch_real": 2, "batch_train": 2}
+    out = distill(data, DistillConfig(method=key, ipc=1, options=options), DatasetConfig(name="synthetic"),
+                  tmp_path / "set")
+    assert out.images.shape == (2, 1, 64, 64) and torch.isfinite(out.images).all()
+
+
 def test_an_expert_model_too_deep_for_the_images_names_the_buffer_option(data, tmp_path, monkeypatch):
     from ddkit.data.base import DatasetConfig
     from ddkit.methods.trajectory import ExpertConfig, train_experts

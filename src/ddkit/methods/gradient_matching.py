@@ -18,7 +18,7 @@ from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import Augment, build_augment
 from ddkit.data.base import DataBundle
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.dm import (
@@ -114,13 +114,31 @@ class DSAConfig(DCConfig):
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits; strategy color_crop_cutout_flip_scale_rotate")
 
 
+#: image sides at which :func:`has_batchnorm` tries to build a model, smallest first: the data's size
+#: is not known where it is asked (a set's identity), and a deep model needs large images
+PROBE_SIZES = (32, 64, 128, 256, 512, 1024)
+
+
 def has_batchnorm(model: str, options: dict) -> bool:
-    """Whether ``model`` with ``options`` has BatchNorm layers (built on the meta device: no memory)."""
+    """Whether ``model`` with ``options`` has BatchNorm layers (built on the meta device: no memory).
+
+    The model is built at the first of :data:`PROBE_SIZES` it accepts (a depth-6 ConvNet needs 64 px),
+    so any model that some data can use is answered for; whether it fits the data at hand is checked
+    when the method builds it for that data.
+    """
     from ddkit.models import create_model
 
-    with torch.device("meta"):
-        net = create_model(model, 1, 2, 32, **options)
-    return bool(batchnorm_layers(net))
+    errors = []
+    for size in PROBE_SIZES:
+        try:
+            with torch.device("meta"):
+                net = create_model(model, 1, 2, size, **options)
+        except DDKitError as err:
+            errors.append(err)
+            continue
+        return bool(batchnorm_layers(net))
+    raise DDKitError(f"cannot tell whether model {model!r} has BatchNorm layers: it cannot be built for 1-channel "
+                     f"images of {PROBE_SIZES[0]} to {PROBE_SIZES[-1]} px ({errors[-1]})")
 
 
 def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
