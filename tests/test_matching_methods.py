@@ -182,6 +182,51 @@ def test_per_class_fit_equals_full_fit(data, method_cls):
             assert torch.equal(images, full.images[c * 2:(c + 1) * 2]), f"class {c} depends on the other classes"
 
 
+def test_tree_to_moves_every_tensor_and_keeps_the_rest():
+    from ddkit.methods.dm import tree_to
+
+    state = {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.5, "params": [0]}],
+             "pair": (torch.zeros(1), "x")}
+    moved = tree_to(state, "meta")
+    assert moved["state"][0]["momentum_buffer"].is_meta and moved["pair"][0].is_meta
+    assert moved["param_groups"] == [{"lr": 0.5, "params": [0]}] and isinstance(moved["pair"], tuple)
+    assert moved["pair"][1] == "x" and not state["state"][0]["momentum_buffer"].is_meta  # the input is untouched
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_dm_checkpoint_gathers_its_state_on_the_cpu(data, device, tmp_path, monkeypatch):
+    """The ranks all-gather DM's checkpoint by pickling it: an optimiser's momentum buffers on a GPU
+    came out on the sending rank's GPU at every peer (or failed there). On the CPU this only checks
+    that every tensor is gathered and resumed; the device move itself shows on CUDA (gpu tier)."""
+    from ddkit import distributed as ddist
+
+    gathered = []
+    real_gather = ddist.all_gather_objects
+
+    def spy(obj):
+        if isinstance(obj, dict) and "optim" in obj:
+            gathered.append(obj)
+        return real_gather(obj)
+
+    def kill(step, total, record):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddist, "all_gather_objects", spy)
+    cfg = from_dict(DMConfig, {**DM.smoke_options, "iterations": 2})
+    ctx = FitContext(ipc=2, seed=0, device=device, work_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):  # after the checkpoint of iteration 1
+        DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device, work_dir=tmp_path, progress=kill))
+    assert len(gathered) == 1
+    buffers = [s["momentum_buffer"] for c in range(4) for s in gathered[0]["optim"][str(c)]["state"].values()]
+    assert len(buffers) == 4 and all(b.device.type == "cpu" for b in buffers)
+    assert all(t.device.type == "cpu" for t in gathered[0]["images"].values())
+    # the resume loads them back onto the device and ends where an uninterrupted run does
+    resumed = DM(cfg).fit(data, [], ctx).synthetic_
+    assert len(gathered) == 2
+    assert torch.equal(resumed.images, DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device)).synthetic_.images)
+
+
 def test_resume_with_other_settings_is_refused(data, tmp_path):
     ctx = FitContext(ipc=2, seed=0, work_dir=tmp_path)
     DM(from_dict(DMConfig, {**DM.smoke_options, "iterations": 1})).fit(data, [], ctx)

@@ -77,6 +77,18 @@ class RealByClass:
         return self.images[pick.to(self.images.device)]
 
 
+def tree_to(obj: Any, device: torch.device | str) -> Any:
+    """``obj`` (dicts, lists and tuples of tensors and plain values, e.g. an optimiser's
+    ``state_dict()``) with every tensor moved to ``device``; other values as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: tree_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(tree_to(v, device) for v in obj)
+    return obj
+
+
 def check_model(name: str, what: str = "model") -> None:
     """Raise ConfigError for an unknown model name (at config time, not after loading data)."""
     try:
@@ -145,7 +157,7 @@ def fit_per_class(
     ``(seed, c, it)`` for the real batch and the one DSA draw applied to both batches (siamese).
     Each class has its own image tensor and SGD optimiser, so the images of a class do not depend on
     which other classes are fitted with it: sharding classes over ranks gives the single-process
-    result. Checkpoints hold all classes (gathered from every rank) and the step.
+    result. Checkpoints hold all classes (gathered from every rank, on the CPU) and the step.
     """
     ipc = check_ipc(real, ctx.ipc)
     device = torch.device(ctx.device)
@@ -167,7 +179,7 @@ def fit_per_class(
         for c in classes:
             with torch.no_grad():
                 syn[c].copy_(state["images"][str(c)].to(device))
-            opts[c].load_state_dict(state["optim"][str(c)])
+            opts[c].load_state_dict(tree_to(state["optim"][str(c)], device))
         log.info("%s: resumed from %s at iteration %d", tag, ckpt.path, step)
 
     data = RealByClass(real, device)
@@ -191,9 +203,10 @@ def fit_per_class(
             opts[c].step()
             total = total + loss.detach()  # a tensor: read (a device wait) only by a progress report
         if ckpt.due(it + 1, cfg.iterations):
+            # on the CPU: a pickled CUDA tensor is rebuilt on its rank's GPU by every peer
             parts = ddist.all_gather_objects({
                 "images": {str(c): syn[c].detach().cpu() for c in classes},
-                "optim": {str(c): opts[c].state_dict() for c in classes},
+                "optim": {str(c): tree_to(opts[c].state_dict(), "cpu") for c in classes},
             })
             merged: dict[str, dict] = {"images": {}, "optim": {}}
             for part in parts:

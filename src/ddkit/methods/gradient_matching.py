@@ -29,6 +29,7 @@ from ddkit.methods.dm import (
     fresh_model,
     model_keys,
     state_fingerprint,
+    tree_to,
 )
 from ddkit.training import batchnorm_layers
 
@@ -191,7 +192,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         check_resume(state, fingerprint, ckpt.path)
         with torch.no_grad():
             syn.copy_(state["images"].to(device))
-        opt_img.load_state_dict(state["optim"])
+        opt_img.load_state_dict(tree_to(state["optim"], device))
         step = int(state["step"])
         log.info("%s: resumed from %s at iteration %d", tag, ckpt.path, step)
 
@@ -246,7 +247,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                     opt_net.step()
         if ckpt.due(it + 1, cfg.iterations):
             ckpt.save({"step": it + 1, "fingerprint": fingerprint, "images": syn.detach().cpu(),
-                       "optim": opt_img.state_dict()})
+                       "optim": tree_to(opt_img.state_dict(), "cpu")})
         common.report(ctx, it + 1, cfg.iterations, loss=total / (outer * nc))
     images = common.to_pixels(syn.detach(), real).cpu().float()
     return SyntheticSet(images, labels.to(torch.int64),
