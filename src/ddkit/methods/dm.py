@@ -22,7 +22,7 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.config import Checked, field, to_dict
 from ddkit.data.augment import build_augment
-from ddkit.data.base import DataBundle
+from ddkit.data.base import DataBundle, to_device
 from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
@@ -74,7 +74,8 @@ class RealByClass:
         """``min(n, size of class c)`` random images of class ``c`` (without replacement)."""
         idx = self.index[c]
         pick = idx[torch.randperm(len(idx), generator=gen)[:n]]
-        return self.images[pick.to(self.images.device)]
+        # drawn on the host; a pinned, asynchronous copy does not wait for the GPU's queue
+        return self.images[to_device(pick, self.images.device)]
 
 
 def tree_to(obj: Any, device: torch.device | str) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import Augment, build_augment
-from ddkit.data.base import DataBundle
+from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
@@ -235,13 +235,14 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
             train_x, n = syn.detach().clone(), len(labels_dev)
             net.train()  # BatchNorm trains on batch statistics again, as the reference's inner-loop epochs
             for _ in range(inner):
-                perm = torch.randperm(n, generator=gen)
+                # drawn on the host, moved once per epoch without waiting for the GPU's queue
+                perm = to_device(torch.randperm(n, generator=gen), device)
                 for lo in range(0, n, cfg.batch_train):
                     idx = perm[lo:lo + cfg.batch_train]
-                    x = train_x[idx.to(device)]
+                    x = train_x[idx]
                     if augment is not None:
                         x = augment.apply(x, augment.sample(len(idx), gen, size))
-                    step_loss = F.cross_entropy(net(x), labels_dev[idx.to(device)])
+                    step_loss = F.cross_entropy(net(x), labels_dev[idx])
                     opt_net.zero_grad(set_to_none=True)
                     step_loss.backward()
                     opt_net.step()
