@@ -165,7 +165,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
 
     Iteration ``it`` (seeded from ``(seed, it)``: network weights, real batches, augmentation,
     inner-loop shuffling) builds a fresh network, then ``outer_loop`` times: one image update on
-    the summed per-class gradient distances, followed (except after the last) by ``inner_loop``
+    the summed per-class gradient distances (each class's differentiated on its own, into its rows
+    of the images), followed (except after the last) by ``inner_loop``
     epochs of SGD on a detached copy of the synthetic set.
 
     Under ``torchrun`` class ``c``'s gradient distance is computed by rank ``c % world`` and the
@@ -208,10 +209,15 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         for ol in range(outer):
             if bn:
                 _freeze_bn(net, bn, data, cfg.bn_real_per_class, nc, gen)
+            # the classes' images are disjoint rows of syn: each class's distance is differentiated
+            # on its own, into its rows, so only one class's double-backward graph is alive at a time
+            # (the gradient of the summed distance, bit for bit)
             loss = syn.new_zeros(())
+            grad = torch.zeros_like(syn)
             for c in range(nc):
                 x_real = data.batch(c, cfg.batch_real, gen)
-                x_syn = syn[c * ipc:(c + 1) * ipc]
+                rows = syn[c * ipc:(c + 1) * ipc]
+                x_syn = rows
                 if augment is not None:
                     params = augment.sample(1, gen, size)  # siamese: one draw for both batches
                     x_real = augment.apply(x_real, params)
@@ -220,10 +226,10 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                     continue  # another rank's class (its random draws above were still taken)
                 g_real = [g.detach() for g in _class_grads(net, x_real, c, create_graph=False)]
                 g_syn = _class_grads(net, x_syn, c, create_graph=True)
-                loss = loss + match_distance(g_syn, g_real)
+                distance = match_distance(g_syn, g_real)
+                grad[c * ipc:(c + 1) * ipc] += torch.autograd.grad(distance, rows)[0]
+                loss = loss + distance.detach()
             opt_img.zero_grad(set_to_none=True)
-            grad = torch.autograd.grad(loss, syn, allow_unused=True)[0] if loss.requires_grad else None
-            grad = torch.zeros_like(syn) if grad is None else grad
             if info.enabled:
                 ddist.all_reduce_sum(grad)
                 loss = ddist.all_reduce_sum(loss.detach().clone())
