@@ -222,6 +222,27 @@ def test_gradient_matching_per_class_gradients_equal_the_summed_loss(data, key):
     assert torch.equal(got, want)
 
 
+def test_gradient_matching_rank_gathers_and_augments_only_its_own_classes(data, monkeypatch):
+    """Under torchrun every rank gathered and DSA-augmented every class's batches, then dropped those
+    of the classes it does not own; it still draws them all (the random streams stay one process's)."""
+    from ddkit import distributed as ddist
+    from ddkit.data.augment import DSA as DSAugment
+    from ddkit.methods.dm import RealByClass as Real
+
+    taken, siamese = [], []
+    take, apply = Real.take, DSAugment.apply
+    monkeypatch.setattr(Real, "take", lambda self, pick: taken.append(data.train.labels[pick].unique().tolist())
+                        or take(self, pick))
+    monkeypatch.setattr(DSAugment, "apply", lambda self, x, params: siamese.append(len(params["op"]) == 1)
+                        or apply(self, x, params))
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=1, world_size=2))  # rank 1 of 2 ...
+    monkeypatch.setattr(ddist, "all_reduce_sum", lambda t: t)  # ... whose peer contributes nothing
+    cfg = from_dict(DSAConfig, {**METHODS.get("dsa").smoke_options, "iterations": 1, "outer_loop": 1})
+    METHODS.get("dsa")(cfg).fit(data, [], FitContext(ipc=2, seed=0))
+    assert taken == [[1], [3]]  # its classes only
+    assert siamese == [True] * 4  # a real and a synthetic batch of each
+
+
 # ------------------------------------------------------------------------------------------------
 # per-class independence: sharding classes over ranks gives the single-process result
 

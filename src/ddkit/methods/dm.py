@@ -70,12 +70,20 @@ class RealByClass:
         self.images = common.to_normalized(real.train.float_images(), real).to(device)
         self.index = [real.train.indices_of(c) for c in range(real.num_classes)]
 
+    def draw(self, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
+        """The indices (on the host) of ``min(n, size of class c)`` random images of class ``c``
+        (without replacement): what :meth:`batch` takes, drawn without touching the images."""
+        idx = self.index[c]
+        return idx[torch.randperm(len(idx), generator=gen)[:n]]
+
+    def take(self, pick: torch.Tensor) -> torch.Tensor:
+        """The images at the host indices ``pick``; a pinned, asynchronous copy of the indices does
+        not wait for the GPU's queue."""
+        return self.images[to_device(pick, self.images.device)]
+
     def batch(self, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
         """``min(n, size of class c)`` random images of class ``c`` (without replacement)."""
-        idx = self.index[c]
-        pick = idx[torch.randperm(len(idx), generator=gen)[:n]]
-        # drawn on the host; a pinned, asynchronous copy does not wait for the GPU's queue
-        return self.images[to_device(pick, self.images.device)]
+        return self.take(self.draw(c, n, gen))
 
 
 def tree_to(obj: Any, device: torch.device | str) -> Any:

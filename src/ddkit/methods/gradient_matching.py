@@ -173,7 +173,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     image gradient is all-reduced: each class's images receive their gradient from one rank only
     (zeros elsewhere), so every rank holds the single-process gradient bit for bit, takes the same
     image step and trains the same inner-loop network. Every rank still draws every class's real
-    batch and augmentation, so the random streams stay those of one process.
+    batch and augmentation (gathering and augmenting only its own), so the random streams stay those
+    of one process.
     """
     ipc = check_ipc(real, ctx.ipc)
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
@@ -215,15 +216,18 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
             loss = syn.new_zeros(())
             grad = torch.zeros_like(syn)
             for c in range(nc):
-                x_real = data.batch(c, cfg.batch_real, gen)
+                # every rank takes every class's random draws (the streams stay one process's) but
+                # gathers and augments the images of its own classes only
+                pick = data.draw(c, cfg.batch_real, gen)
+                params = augment.sample(1, gen, size) if augment is not None else None  # siamese: both batches
+                if c % info.world_size != info.rank:
+                    continue  # another rank's class
+                x_real = data.take(pick)
                 rows = syn[c * ipc:(c + 1) * ipc]
                 x_syn = rows
-                if augment is not None:
-                    params = augment.sample(1, gen, size)  # siamese: one draw for both batches
+                if params is not None:
                     x_real = augment.apply(x_real, params)
                     x_syn = augment.apply(x_syn, params)
-                if c % info.world_size != info.rank:
-                    continue  # another rank's class (its random draws above were still taken)
                 g_real = [g.detach() for g in _class_grads(net, x_real, c, create_graph=False)]
                 g_syn = _class_grads(net, x_syn, c, create_graph=True)
                 distance = match_distance(g_syn, g_real)
