@@ -331,7 +331,7 @@ def test_seeded_draws_leave_the_cuda_generators_alone(monkeypatch):
     not restore), restarting a training run's CUDA randomness at every batch or iteration."""
     from ddkit.data.base import make_synthetic
     from ddkit.determinism import seeded_cpu_rng
-    from ddkit.methods.dm import fresh_model
+    from ddkit.methods.matching import fresh_model
 
     reseeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))

@@ -158,7 +158,7 @@ def test_augmentation_on_cuda_never_waits_for_the_gpu(spec):
 def test_real_batches_of_the_matching_methods_never_wait_for_the_gpu(data):
     """RealByClass.batch moved its host-drawn indices with a plain .to("cuda"), which waits for the
     GPU's queue once per class step of DM, DataDAM, DC and DSA."""
-    from ddkit.methods.dm import RealByClass
+    from ddkit.methods.matching import RealByClass
 
     real = RealByClass(data, CUDA)
     want = RealByClass(data, torch.device("cpu")).batch(1, 8, torch.Generator().manual_seed(0))

@@ -17,7 +17,7 @@ from ddkit.methods.datadam import (
     attention_map,
     embed_with_features,
 )
-from ddkit.methods.dm import DM, DMConfig, RealByClass, derive_seed, dm_loss, fresh_model
+from ddkit.methods.dm import DM, DMConfig, dm_loss
 from ddkit.methods.gradient_matching import (
     DCConfig,
     DSAConfig,
@@ -26,6 +26,7 @@ from ddkit.methods.gradient_matching import (
     loops_for,
     match_distance,
 )
+from ddkit.methods.matching import RealByClass, derive_seed, fresh_model
 from ddkit.models import create_model
 
 KEYS = ("dc", "dsa", "dm", "datadam")
@@ -167,8 +168,8 @@ def test_iterations_reduce_matching_loss(data, key, options, gap):
 def _gradient_matching_the_old_way(data, cfg, ipc, seed, augment, tag):
     """DC/DSA's synthesis as it was until 2026-12-06: every class's distance summed, then one
     autograd.grad (all classes' double-backward graphs alive at once). One process, no BatchNorm."""
-    from ddkit.methods.dm import model_keys
     from ddkit.methods.gradient_matching import loops_for
+    from ddkit.methods.matching import model_keys
 
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
     size, nc = tuple(data.image_shape[1:]), data.num_classes
@@ -227,7 +228,7 @@ def test_gradient_matching_rank_gathers_and_augments_only_its_own_classes(data, 
     of the classes it does not own; it still draws them all (the random streams stay one process's)."""
     from ddkit import distributed as ddist
     from ddkit.data.augment import DSA as DSAugment
-    from ddkit.methods.dm import RealByClass as Real
+    from ddkit.methods.matching import RealByClass as Real
 
     taken, siamese = [], []
     take, apply = Real.take, DSAugment.apply
@@ -262,7 +263,7 @@ def test_per_class_fit_equals_full_fit(data, method_cls):
 
 
 def test_tree_to_moves_every_tensor_and_keeps_the_rest():
-    from ddkit.methods.dm import tree_to
+    from ddkit.methods.matching import tree_to
 
     state = {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.5, "params": [0]}],
              "pair": (torch.zeros(1), "x")}

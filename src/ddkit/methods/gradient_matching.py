@@ -21,7 +21,7 @@ from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.dm import (
+from ddkit.methods.matching import (
     RealByClass,
     check_common,
     check_resume,
