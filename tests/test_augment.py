@@ -331,7 +331,7 @@ def test_seeded_draws_leave_the_cuda_generators_alone(monkeypatch):
     not restore), restarting a training run's CUDA randomness at every batch or iteration."""
     from ddkit.data.base import make_synthetic
     from ddkit.determinism import seeded_cpu_rng
-    from ddkit.methods.dm import fresh_model
+    from ddkit.methods.matching import fresh_model
 
     reseeded = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
@@ -394,3 +394,26 @@ def test_cuda_matches_cpu(spec):
     torch.testing.assert_close(out.cpu(), aug.apply(x, params), rtol=1e-4, atol=1e-4)
     mixed, perm, lam = CutMix().apply(x.cuda(), CutMix().sample(8, gen(0), SIZE))
     assert mixed.is_cuda and perm.is_cuda and lam.is_cuda
+
+
+def test_dsa_moves_only_the_parameters_of_the_chosen_operation(monkeypatch):
+    """DSA.apply copied every parameter to the images' device (up to 9 copies, each a pinned copy on
+    a GPU), though the one operation it applies reads 1 to 3 of them."""
+    import ddkit.data.augment as augment
+
+    reads = {"color": {"brightness", "saturation", "contrast"}, "crop": {"translate"}, "cutout": {"cutout"},
+             "flip": {"flip"}, "scale": {"scale"}, "rotate": {"rotate"}}
+    aug, x = DSA(), images()
+    moved, real_to_device = [], augment.to_device
+    monkeypatch.setattr(augment, "to_device", lambda t, device: moved.append(t) or real_to_device(t, device))
+    seen = set()
+    for seed in range(40):
+        params = aug.sample(1, gen(seed), SIZE)
+        name = aug.ops[[augment.DSA_OPS.index(o) for o in aug.ops].index(int(params["op"][0]))]
+        moved.clear()
+        aug.apply(x, params)
+        assert {k for t in moved for k, v in params.items() if v is t} == reads[name]
+        seen.add(name)
+    assert seen == set(reads)
+    with pytest.raises(DDKitError, match="slice_params"):  # the rows of a parameter the operation skips: checked too
+        aug.apply(x, {**params, "flip": torch.zeros(3, dtype=torch.bool)})

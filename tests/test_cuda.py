@@ -153,3 +153,19 @@ def test_augmentation_on_cuda_never_waits_for_the_gpu(spec):
     if spec == "cutmix":
         out, want = out[0], want[0]
     assert torch.allclose(out.cpu(), want, atol=1e-5)
+
+
+def test_real_batches_of_the_matching_methods_never_wait_for_the_gpu(data):
+    """RealByClass.batch moved its host-drawn indices with a plain .to("cuda"), which waits for the
+    GPU's queue once per class step of DM, DataDAM, DC and DSA."""
+    from ddkit.methods.matching import RealByClass
+
+    real = RealByClass(data, CUDA)
+    want = RealByClass(data, torch.device("cpu")).batch(1, 8, torch.Generator().manual_seed(0))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host-device synchronisation raises
+    try:
+        got = real.batch(1, 8, torch.Generator().manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert got.is_cuda and torch.equal(got.cpu(), want)

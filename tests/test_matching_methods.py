@@ -17,7 +17,7 @@ from ddkit.methods.datadam import (
     attention_map,
     embed_with_features,
 )
-from ddkit.methods.dm import DM, DMConfig, RealByClass, derive_seed, dm_loss, fresh_model
+from ddkit.methods.dm import DM, DMConfig, dm_loss
 from ddkit.methods.gradient_matching import (
     DCConfig,
     DSAConfig,
@@ -26,6 +26,7 @@ from ddkit.methods.gradient_matching import (
     loops_for,
     match_distance,
 )
+from ddkit.methods.matching import RealByClass, derive_seed, fresh_model
 from ddkit.models import create_model
 
 KEYS = ("dc", "dsa", "dm", "datadam")
@@ -164,6 +165,85 @@ def test_iterations_reduce_matching_loss(data, key, options, gap):
     assert after < 0.9 * before, f"{key}: matching loss {before:.4f} -> {after:.4f}"
 
 
+def _gradient_matching_the_old_way(data, cfg, ipc, seed, augment, tag):
+    """DC/DSA's synthesis as it was until 2026-12-06: every class's distance summed, then one
+    autograd.grad (all classes' double-backward graphs alive at once). One process, no BatchNorm."""
+    from ddkit.methods.gradient_matching import loops_for
+    from ddkit.methods.matching import model_keys
+
+    outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
+    size, nc = tuple(data.image_shape[1:]), data.num_classes
+    pixels, labels = common.init_images(data, ipc, cfg.init, seed)
+    syn = common.to_normalized(pixels, data).requires_grad_(True)
+    opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
+    real = RealByClass(data, torch.device("cpu"))
+    for it in range(cfg.iterations):
+        gen = torch.Generator().manual_seed(derive_seed(seed, tag, "iteration", it))
+        net = fresh_model(cfg.model, cfg.model_options, data, derive_seed(seed, tag, "net", it), torch.device("cpu"),
+                          model_keys(FitContext(ipc=ipc, seed=seed)))
+        opt_net = torch.optim.SGD(net.parameters(), lr=cfg.lr_net)
+        for ol in range(outer):
+            loss = syn.new_zeros(())
+            for c in range(nc):
+                x_real, x_syn = real.batch(c, cfg.batch_real, gen), syn[c * ipc:(c + 1) * ipc]
+                if augment is not None:
+                    params = augment.sample(1, gen, size)
+                    x_real, x_syn = augment.apply(x_real, params), augment.apply(x_syn, params)
+                g_real = [g.detach() for g in _class_grads(net, x_real, c, create_graph=False)]
+                loss = loss + match_distance(_class_grads(net, x_syn, c, create_graph=True), g_real)
+            opt_img.zero_grad(set_to_none=True)
+            syn.grad = torch.autograd.grad(loss, syn)[0]
+            opt_img.step()
+            if ol == outer - 1:
+                break
+            train_x, n = syn.detach().clone(), len(labels)
+            for _ in range(inner):
+                perm = torch.randperm(n, generator=gen)
+                for lo in range(0, n, cfg.batch_train):
+                    idx = perm[lo:lo + cfg.batch_train]
+                    x = train_x[idx]
+                    if augment is not None:
+                        x = augment.apply(x, augment.sample(len(idx), gen, size))
+                    opt_net.zero_grad(set_to_none=True)
+                    F.cross_entropy(net(x), labels[idx]).backward()
+                    opt_net.step()
+    return common.to_pixels(syn.detach(), data).float()
+
+
+@pytest.mark.parametrize("key", ["dc", "dsa"])
+def test_gradient_matching_per_class_gradients_equal_the_summed_loss(data, key):
+    """Each class's distance is now differentiated on its own (one class's double-backward graph in
+    memory at a time); the images stay those of one gradient of the summed distance, bit for bit."""
+    from ddkit.data.augment import build_augment
+
+    cls = METHODS.get(key)
+    cfg = from_dict(cls.Config, {**cls.smoke_options, "iterations": 2, "outer_loop": 3, "batch_real": 8})
+    got = cls(cfg).fit(data, [], FitContext(ipc=2, seed=4)).synthetic_.images
+    want = _gradient_matching_the_old_way(data, cfg, 2, 4, build_augment("dsa") if key == "dsa" else None, key)
+    assert torch.equal(got, want)
+
+
+def test_gradient_matching_rank_gathers_and_augments_only_its_own_classes(data, monkeypatch):
+    """Under torchrun every rank gathered and DSA-augmented every class's batches, then dropped those
+    of the classes it does not own; it still draws them all (the random streams stay one process's)."""
+    from ddkit import distributed as ddist
+    from ddkit.data.augment import DSA as DSAugment
+    from ddkit.methods.matching import RealByClass as Real
+
+    taken, siamese = [], []
+    take, apply = Real.take, DSAugment.apply
+    monkeypatch.setattr(Real, "take", lambda self, pick: taken.append(data.train.labels[pick].unique().tolist())
+                        or take(self, pick))
+    monkeypatch.setattr(DSAugment, "apply", lambda self, x, params: siamese.append(len(params["op"]) == 1)
+                        or apply(self, x, params))
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=1, world_size=2))  # rank 1 of 2 ...
+    monkeypatch.setattr(ddist, "all_reduce_sum", lambda t: t)  # ... whose peer contributes nothing
+    cfg = from_dict(DSAConfig, {**METHODS.get("dsa").smoke_options, "iterations": 1, "outer_loop": 1})
+    METHODS.get("dsa")(cfg).fit(data, [], FitContext(ipc=2, seed=0))
+    assert taken == [[1], [3]]  # its classes only
+    assert siamese == [True] * 4  # a real and a synthetic batch of each
+
+
 # ------------------------------------------------------------------------------------------------
 # per-class independence: sharding classes over ranks gives the single-process result
 
@@ -180,6 +260,51 @@ def test_per_class_fit_equals_full_fit(data, method_cls):
     for part in (rank0, rank1):
         for c, images in part.items():
             assert torch.equal(images, full.images[c * 2:(c + 1) * 2]), f"class {c} depends on the other classes"
+
+
+def test_tree_to_moves_every_tensor_and_keeps_the_rest():
+    from ddkit.methods.matching import tree_to
+
+    state = {"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.5, "params": [0]}],
+             "pair": (torch.zeros(1), "x")}
+    moved = tree_to(state, "meta")
+    assert moved["state"][0]["momentum_buffer"].is_meta and moved["pair"][0].is_meta
+    assert moved["param_groups"] == [{"lr": 0.5, "params": [0]}] and isinstance(moved["pair"], tuple)
+    assert moved["pair"][1] == "x" and not state["state"][0]["momentum_buffer"].is_meta  # the input is untouched
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_dm_checkpoint_gathers_its_state_on_the_cpu(data, device, tmp_path, monkeypatch):
+    """The ranks all-gather DM's checkpoint by pickling it: an optimiser's momentum buffers on a GPU
+    came out on the sending rank's GPU at every peer (or failed there). On the CPU this only checks
+    that every tensor is gathered and resumed; the device move itself shows on CUDA (gpu tier)."""
+    from ddkit import distributed as ddist
+
+    gathered = []
+    real_gather = ddist.all_gather_objects
+
+    def spy(obj):
+        if isinstance(obj, dict) and "optim" in obj:
+            gathered.append(obj)
+        return real_gather(obj)
+
+    def kill(step, total, record):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddist, "all_gather_objects", spy)
+    cfg = from_dict(DMConfig, {**DM.smoke_options, "iterations": 2})
+    ctx = FitContext(ipc=2, seed=0, device=device, work_dir=tmp_path)
+    with pytest.raises(KeyboardInterrupt):  # after the checkpoint of iteration 1
+        DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device, work_dir=tmp_path, progress=kill))
+    assert len(gathered) == 1
+    buffers = [s["momentum_buffer"] for c in range(4) for s in gathered[0]["optim"][str(c)]["state"].values()]
+    assert len(buffers) == 4 and all(b.device.type == "cpu" for b in buffers)
+    assert all(t.device.type == "cpu" for t in gathered[0]["images"].values())
+    # the resume loads them back onto the device and ends where an uninterrupted run does
+    resumed = DM(cfg).fit(data, [], ctx).synthetic_
+    assert len(gathered) == 2
+    assert torch.equal(resumed.images, DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device)).synthetic_.images)
 
 
 def test_resume_with_other_settings_is_refused(data, tmp_path):
@@ -284,6 +409,23 @@ def test_a_model_too_deep_for_the_images_names_its_option(data, key, tmp_path):
     assert str(err.value) == ("distill.options.model_options: image size 16 is too small for a depth-5 ConvNet with "
                               "pooling: 5 poolings need at least 32 px; use a smaller depth (at most 4) or pooling='none'")
     assert list(tmp_path.iterdir()) == []  # no set, no checkpoints
+
+
+@pytest.mark.parametrize("key", ["dc", "dsa"])
+def test_gradient_matching_takes_a_model_that_needs_more_than_32_px(key, tmp_path):
+    """A set's identity asked whether the model has BatchNorm by building it at 32 px: a depth-6
+    ConvNet (64 px and up) failed with "image size 32 is too small" even on 64 px data."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    data = make_synthetic(num_classes=2, train_per_class=4, test_per_class=2, image_size=64)
+    for model, tags in (("convnetd6", {}), ("convnetd6-bn", {"bn_real_per_class": 16})):
+        assert METHODS.get(key).identity_tags({"model": model}) == tags
+    options = {"model": "convnetd6", "model_options": {"width": 4}, "iterations": 1, "outer_loop": 1, "inner_loop": 1,
+               "batch_real": 2, "batch_train": 2}
+    out = distill(data, DistillConfig(method=key, ipc=1, options=options), DatasetConfig(name="synthetic"),
+                  tmp_path / "set")
+    assert out.images.shape == (2, 1, 64, 64) and torch.isfinite(out.images).all()
 
 
 def test_an_expert_model_too_deep_for_the_images_names_the_buffer_option(data, tmp_path, monkeypatch):

@@ -165,13 +165,30 @@ def test_rded_does_not_resume_another_teachers_classes(data, teacher, tmp_path):
     assert other.fingerprint != teacher.fingerprint
     cls, cfg = METHODS.get("rded"), RDEDConfig(**METHODS.get("rded").smoke_options)
     a = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
-    assert (tmp_path / "work" / "rded.pt").is_file()
+    assert (tmp_path / "work" / "rded-class0.pt").is_file()
     fresh_b = cls(cfg).fit(data, [other], FitContext(ipc=2, seed=0)).synthetic_
     assert not torch.equal(a.images, fresh_b.images), "the two teachers should pick different patches"
     b = cls(cfg).fit(data, [other], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
     assert torch.equal(b.images, fresh_b.images)
     again_a = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
     assert torch.equal(again_a.images, a.images)
+
+
+def test_rded_checkpoints_write_each_class_once(data, teacher, tmp_path, monkeypatch):
+    """Every checkpoint re-saved all finished classes: C(C+1)/2 class images written for C classes."""
+    from ddkit.methods import common
+
+    saved, real_save = [], common.atomic_torch_save
+    monkeypatch.setattr(common, "atomic_torch_save", lambda state, path: saved.append((path.name, state))
+                        or real_save(state, path))
+    cls, cfg = METHODS.get("rded"), RDEDConfig(**METHODS.get("rded").smoke_options)
+    a = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
+    assert [name for name, _ in saved] == [f"rded-class{c}.pt" for c in range(data.num_classes)]
+    for c, (_, state) in enumerate(saved):
+        assert sorted(state) == ["images", "key"] and torch.equal(state["images"], a.images[2 * c:2 * c + 2])
+    saved.clear()
+    again = cls(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "work")).synthetic_
+    assert saved == [] and torch.equal(again.images, a.images)  # every class resumed, nothing rewritten
 
 
 # ----------------------------------------------------------------------------------------------- FKD

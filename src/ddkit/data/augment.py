@@ -115,6 +115,15 @@ def _check_images(x: torch.Tensor) -> None:
         raise DDKitError(f"augmentation needs float images [n, C, H, W], got {x.dtype} {tuple(x.shape)}")
 
 
+def _check_rows(key: str, value: torch.Tensor, n: int) -> None:
+    """``value`` (parameter ``key``) has one row, shared by the batch, or one per image of ``n``."""
+    if value.shape[0] not in (1, n):
+        raise DDKitError(
+            f"augmentation parameter {key!r} has {value.shape[0]} rows for a batch of {n} images; "
+            "use slice_params to take the rows of this batch"
+        )
+
+
 def _param(params: Params, key: str, x: torch.Tensor) -> torch.Tensor:
     """``params[key]`` on ``x``'s device (floats in ``x.dtype``), broadcast to ``len(x)`` rows."""
     if key not in params:
@@ -124,11 +133,7 @@ def _param(params: Params, key: str, x: torch.Tensor) -> torch.Tensor:
         )
     value = params[key]
     n = x.shape[0]
-    if value.shape[0] not in (1, n):
-        raise DDKitError(
-            f"augmentation parameter {key!r} has {value.shape[0]} rows for a batch of {n} images; "
-            "use slice_params to take the rows of this batch"
-        )
+    _check_rows(key, value, n)
     value = to_device(value, x.device)  # parameters are drawn on the host: no wait for the GPU's queue
     if value.is_floating_point():
         value = value.to(x.dtype)
@@ -227,6 +232,25 @@ def _diag_theta(sx: torch.Tensor, sy: torch.Tensor, tx: torch.Tensor, ty: torch.
 #: Every DSA operation, in a fixed order: the ``op`` parameter indexes this tuple, so stored
 #: parameters stay meaningful whatever strategy sampled them.
 DSA_OPS = ("color", "crop", "cutout", "flip", "scale", "rotate")
+
+
+class _LazyParams:
+    """``params`` as :func:`_param` gives them for ``x`` (on its device, in its dtype, ``len(x)``
+    rows), each key converted when first read and kept for the other reads."""
+
+    def __init__(self, params: Params, x: torch.Tensor) -> None:
+        self.params, self.x, self.done = params, x, {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.params
+
+    def __iter__(self):
+        return iter(self.params)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.done:
+            self.done[key] = _param(self.params, key, self.x)
+        return self.done[key]
 
 
 @dataclass(frozen=True)
@@ -333,7 +357,9 @@ class DSA(Checked):
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         _check_images(x)
-        full = {key: _param(params, key, x) for key in params}  # validated, on device, n rows
+        for key, value in params.items():  # every parameter's rows checked here, on the host
+            _check_rows(key, value, len(x))
+        full = _LazyParams(params, x)  # on the device when an operation first reads it: 1-3 of them
         # which operation applies where is decided on the host copy when there is one (sample()
         # draws on the host): asking a GPU tensor would wait for the GPU's queue at every operation
         op = params.get("op")
@@ -350,7 +376,7 @@ class DSA(Checked):
                 out = out.index_copy(0, idx, self._apply_op(name, out[idx], full, idx))
         return out
 
-    def _apply_op(self, name: str, x: torch.Tensor, full: Params, idx: torch.Tensor | None) -> torch.Tensor:
+    def _apply_op(self, name: str, x: torch.Tensor, full: _LazyParams, idx: torch.Tensor | None) -> torch.Tensor:
         """Operation ``name`` on ``x``, the rows ``idx`` of the batch (None: all rows)."""
 
         def get(key: str) -> torch.Tensor:
@@ -359,7 +385,8 @@ class DSA(Checked):
                     f"DSA parameters lack {key!r} for operation {name!r} (have {sorted(full)}); "
                     "sample them with a DSA whose strategy includes it"
                 )
-            return full[key] if idx is None else full[key][idx]
+            value = full.get(key)
+            return value if idx is None else value[idx]
 
         if name == "color":
             x = x + get("brightness").view(-1, 1, 1, 1)

@@ -14,7 +14,8 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, check_ipc
-from ddkit.methods.dm import check_common, dm_loss, fit_per_class, gather_result
+from ddkit.methods.dm import dm_loss
+from ddkit.methods.matching import check_common, fit_per_class, gather_result
 
 #: modules whose outputs are the attention layers (the activation after each ConvNet block's norm)
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Sigmoid)

@@ -17,11 +17,11 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import Augment, build_augment
-from ddkit.data.base import DataBundle
-from ddkit.errors import ConfigError
+from ddkit.data.base import DataBundle, to_device
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.dm import (
+from ddkit.methods.matching import (
     RealByClass,
     check_common,
     check_resume,
@@ -29,6 +29,7 @@ from ddkit.methods.dm import (
     fresh_model,
     model_keys,
     state_fingerprint,
+    tree_to,
 )
 from ddkit.training import batchnorm_layers
 
@@ -114,13 +115,31 @@ class DSAConfig(DCConfig):
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits; strategy color_crop_cutout_flip_scale_rotate")
 
 
+#: image sides at which :func:`has_batchnorm` tries to build a model, smallest first: the data's size
+#: is not known where it is asked (a set's identity), and a deep model needs large images
+PROBE_SIZES = (32, 64, 128, 256, 512, 1024)
+
+
 def has_batchnorm(model: str, options: dict) -> bool:
-    """Whether ``model`` with ``options`` has BatchNorm layers (built on the meta device: no memory)."""
+    """Whether ``model`` with ``options`` has BatchNorm layers (built on the meta device: no memory).
+
+    The model is built at the first of :data:`PROBE_SIZES` it accepts (a depth-6 ConvNet needs 64 px),
+    so any model that some data can use is answered for; whether it fits the data at hand is checked
+    when the method builds it for that data.
+    """
     from ddkit.models import create_model
 
-    with torch.device("meta"):
-        net = create_model(model, 1, 2, 32, **options)
-    return bool(batchnorm_layers(net))
+    errors = []
+    for size in PROBE_SIZES:
+        try:
+            with torch.device("meta"):
+                net = create_model(model, 1, 2, size, **options)
+        except DDKitError as err:
+            errors.append(err)
+            continue
+        return bool(batchnorm_layers(net))
+    raise DDKitError(f"cannot tell whether model {model!r} has BatchNorm layers: it cannot be built for 1-channel "
+                     f"images of {PROBE_SIZES[0]} to {PROBE_SIZES[-1]} px ({errors[-1]})")
 
 
 def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
@@ -146,14 +165,16 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
 
     Iteration ``it`` (seeded from ``(seed, it)``: network weights, real batches, augmentation,
     inner-loop shuffling) builds a fresh network, then ``outer_loop`` times: one image update on
-    the summed per-class gradient distances, followed (except after the last) by ``inner_loop``
+    the summed per-class gradient distances (each class's differentiated on its own, into its rows
+    of the images), followed (except after the last) by ``inner_loop``
     epochs of SGD on a detached copy of the synthetic set.
 
     Under ``torchrun`` class ``c``'s gradient distance is computed by rank ``c % world`` and the
     image gradient is all-reduced: each class's images receive their gradient from one rank only
     (zeros elsewhere), so every rank holds the single-process gradient bit for bit, takes the same
     image step and trains the same inner-loop network. Every rank still draws every class's real
-    batch and augmentation, so the random streams stay those of one process.
+    batch and augmentation (gathering and augmenting only its own), so the random streams stay those
+    of one process.
     """
     ipc = check_ipc(real, ctx.ipc)
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
@@ -173,7 +194,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         check_resume(state, fingerprint, ckpt.path)
         with torch.no_grad():
             syn.copy_(state["images"].to(device))
-        opt_img.load_state_dict(state["optim"])
+        opt_img.load_state_dict(tree_to(state["optim"], device))
         step = int(state["step"])
         log.info("%s: resumed from %s at iteration %d", tag, ckpt.path, step)
 
@@ -189,22 +210,30 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
         for ol in range(outer):
             if bn:
                 _freeze_bn(net, bn, data, cfg.bn_real_per_class, nc, gen)
+            # the classes' images are disjoint rows of syn: each class's distance is differentiated
+            # on its own, into its rows, so only one class's double-backward graph is alive at a time
+            # (the gradient of the summed distance, bit for bit)
             loss = syn.new_zeros(())
+            grad = torch.zeros_like(syn)
             for c in range(nc):
-                x_real = data.batch(c, cfg.batch_real, gen)
-                x_syn = syn[c * ipc:(c + 1) * ipc]
-                if augment is not None:
-                    params = augment.sample(1, gen, size)  # siamese: one draw for both batches
+                # every rank takes every class's random draws (the streams stay one process's) but
+                # gathers and augments the images of its own classes only
+                pick = data.draw(c, cfg.batch_real, gen)
+                params = augment.sample(1, gen, size) if augment is not None else None  # siamese: both batches
+                if c % info.world_size != info.rank:
+                    continue  # another rank's class
+                x_real = data.take(pick)
+                rows = syn[c * ipc:(c + 1) * ipc]
+                x_syn = rows
+                if params is not None:
                     x_real = augment.apply(x_real, params)
                     x_syn = augment.apply(x_syn, params)
-                if c % info.world_size != info.rank:
-                    continue  # another rank's class (its random draws above were still taken)
                 g_real = [g.detach() for g in _class_grads(net, x_real, c, create_graph=False)]
                 g_syn = _class_grads(net, x_syn, c, create_graph=True)
-                loss = loss + match_distance(g_syn, g_real)
+                distance = match_distance(g_syn, g_real)
+                grad[c * ipc:(c + 1) * ipc] += torch.autograd.grad(distance, rows)[0]
+                loss = loss + distance.detach()
             opt_img.zero_grad(set_to_none=True)
-            grad = torch.autograd.grad(loss, syn, allow_unused=True)[0] if loss.requires_grad else None
-            grad = torch.zeros_like(syn) if grad is None else grad
             if info.enabled:
                 ddist.all_reduce_sum(grad)
                 loss = ddist.all_reduce_sum(loss.detach().clone())
@@ -216,19 +245,20 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
             train_x, n = syn.detach().clone(), len(labels_dev)
             net.train()  # BatchNorm trains on batch statistics again, as the reference's inner-loop epochs
             for _ in range(inner):
-                perm = torch.randperm(n, generator=gen)
+                # drawn on the host, moved once per epoch without waiting for the GPU's queue
+                perm = to_device(torch.randperm(n, generator=gen), device)
                 for lo in range(0, n, cfg.batch_train):
                     idx = perm[lo:lo + cfg.batch_train]
-                    x = train_x[idx.to(device)]
+                    x = train_x[idx]
                     if augment is not None:
                         x = augment.apply(x, augment.sample(len(idx), gen, size))
-                    step_loss = F.cross_entropy(net(x), labels_dev[idx.to(device)])
+                    step_loss = F.cross_entropy(net(x), labels_dev[idx])
                     opt_net.zero_grad(set_to_none=True)
                     step_loss.backward()
                     opt_net.step()
         if ckpt.due(it + 1, cfg.iterations):
             ckpt.save({"step": it + 1, "fingerprint": fingerprint, "images": syn.detach().cpu(),
-                       "optim": opt_img.state_dict()})
+                       "optim": tree_to(opt_img.state_dict(), "cpu")})
         common.report(ctx, it + 1, cfg.iterations, loss=total / (outer * nc))
     images = common.to_pixels(syn.detach(), real).cpu().float()
     return SyntheticSet(images, labels.to(torch.int64),

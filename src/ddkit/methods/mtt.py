@@ -80,7 +80,7 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.common import Checkpoint, init_images, report, to_normalized, to_pixels
-from ddkit.methods.dm import check_resume, state_fingerprint
+from ddkit.methods.matching import check_resume, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
     ZCA_SPACE,

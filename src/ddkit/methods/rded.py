@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
@@ -70,12 +69,16 @@ def class_generator(seed: int, c: int) -> torch.Generator:
 
 
 def crop_patches(images: torch.Tensor, boxes: torch.Tensor, patch: tuple[int, int]) -> torch.Tensor:
-    """Crop ``images`` [n, C, H, W] (float) to the normalised pixel ``boxes`` [n, 4] = (x0, y0, x1, y1)
+    """Crop ``images`` [m, C, H, W] (float) to the normalised pixel ``boxes`` [k*m, 4] = (x0, y0, x1, y1)
     and resize each crop to ``patch`` (bilinear with antialiasing, like torchvision's
-    ``RandomResizedCrop(antialias=True)`` in the reference)."""
+    ``RandomResizedCrop(antialias=True)`` in the reference). Box ``j`` crops image ``j % m``: several
+    crops of every image without a repeated copy of the images."""
     h, w = images.shape[-2:]
+    m = len(images)
+    assert len(boxes) == 0 or (m > 0 and len(boxes) % m == 0), "crop_patches needs a multiple of len(images) boxes"
     out = []
-    for img, box in zip(images, boxes):
+    for j, box in enumerate(boxes):
+        img = images[j % m]
         x0, y0 = int(round(float(box[0]) * w)), int(round(float(box[1]) * h))
         x1, y1 = int(round(float(box[2]) * w)), int(round(float(box[3]) * h))
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
@@ -136,9 +139,11 @@ def select_patches(
     sampler = RandomResizedCropFlip(scale_min=scale[0], scale_max=scale[1], ratio=(1.0, 1.0), flip_prob=0.0)
     # crop-major like the reference: row j*m + i is crop j of image i
     boxes = torch.cat([sampler.sample(m, gen, image_size)["box"] for _ in range(num_crop)])
-    crops = crop_patches(images.repeat(num_crop, 1, 1, 1), boxes, patch)
+    crops = crop_patches(images, boxes, patch)
     norm = normalizer(mean, std, "cpu")
-    logits = _forward(model, pad_to(norm(crops), image_size, 0.0), batch_size, device)
+    # padded to the image size one forward batch at a time, not all crops at once
+    logits = torch.cat([_forward(model, pad_to(norm(crops[i : i + batch_size]), image_size, 0.0), batch_size, device)
+                        for i in range(0, len(crops), batch_size)])
     ce = F.cross_entropy(logits, torch.full((len(crops),), label, dtype=torch.long), reduction="none").view(num_crop, m)
     best = ce.argmin(0)  # first crop on ties
     ce_best = ce[best, torch.arange(m)]
@@ -210,19 +215,18 @@ class RDED(Method):
             )
 
         mine = common.my_classes(real.num_classes)
-        rank = ddist.current().rank  # each rank keeps its own classes' checkpoint
-        ckpt = common.Checkpoint(ctx, every=1, tag="rded" if rank == 0 else f"rded-rank{rank}", per_rank=True)
         # the teacher scores the patches: a rerun with another teacher must not resume this one's classes
         key = (f"rded|seed={ctx.seed}|ipc={ipc}|factor={factor}|{cfg}|{real.fingerprint}"
                f"|teacher={getattr(teacher, 'fingerprint', None)}")
-        state = ckpt.load()
         done: dict[int, torch.Tensor] = {}
-        if state is not None and state.get("key") == key:
-            done = {int(k.removeprefix("class")): v for k, v in state.items() if k.startswith("class")}
-            done = {c: v for c, v in done.items() if c in mine}
-            log.info("rded: resumed %d finished classes from %s", len(done), ckpt.path)
         for step, c in enumerate(mine, start=1):
-            if c not in done:
+            # one checkpoint file per class, written once when the class is done (by the rank that owns it)
+            ckpt = common.Checkpoint(ctx, every=1, tag=f"rded-class{c}", per_rank=True)
+            state = ckpt.load()
+            if state is not None and state.get("key") == key:
+                done[c] = state["images"]
+                log.info("rded: resumed class %d from %s", c, ckpt.path)
+            else:
                 gen = class_generator(ctx.seed, c)
                 pool = torch.nonzero(real.train.labels == c, as_tuple=False).flatten()
                 pool = pool[torch.randperm(len(pool), generator=gen)[: min(cfg.mipc, len(pool))]]
@@ -233,7 +237,7 @@ class RDED(Method):
                 )
                 done[c] = stitch(patches, ipc, factor, size).clamp_(0.0, 1.0)
                 if ckpt.due(step, len(mine)):
-                    ckpt.save({"key": key, **{f"class{k}": v for k, v in done.items()}})
+                    ckpt.save({"key": key, "images": done[c]})
             common.report(ctx, step, len(mine), **{"class": float(c)})
 
         images = torch.cat(common.gather_classes(done, real.num_classes))
