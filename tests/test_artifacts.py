@@ -401,6 +401,19 @@ def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, la
                                config={}, dataset_config={})
 
 
+def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path):
+    """The grid of a 1000-class 224 px set was 226k px tall, made from GBs of float copies: it shows
+    the first 100 classes, images shrunk to 128 px; small images are still enlarged to ~56 px."""
+    from ddkit.distilled import save_grid
+
+    classes = [f"c{i}" for i in range(99)] + ["class100", "class101"]  # the names left out widen no margin
+    save_grid(torch.rand(101, 1, 136, 136), torch.arange(101), classes, tmp_path / "big.png")
+    big = Image.open(tmp_path / "big.png")
+    assert big.height == 100 * (128 + 2) + 2 and big.width - (8 + 6 * len("class100")) == 10 * (128 + 2) + 2
+    save_grid(torch.rand(3, 1, 28, 28), torch.arange(3), ["a", "b", "c"], tmp_path / "small.png")
+    assert Image.open(tmp_path / "small.png").height == 3 * (56 + 2) + 2
+
+
 def test_full_method_is_whole_training_set(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"^distill.ipc 3 does not apply to method 'full', which keeps every training "
                                           r"image; remove ipc \(or set ipc: null\)$"):

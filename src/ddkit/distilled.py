@@ -377,12 +377,19 @@ def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
 
 
 def save_grid(
-    images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, per_class: int = 10, cell: int = 56
+    images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, per_class: int = 10, cell: int = 56,
+    max_classes: int = 100, max_side: int = 128,
 ) -> None:
-    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each."""
+    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each; small
+    images enlarged to about ``cell`` px. A preview, bounded whatever the set's size: the first
+    ``max_classes`` classes (a 1000-class set's grid was 226k px tall and took GBs to make), images
+    larger than ``max_side`` px shrunk to it."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
+    if len(classes) > max_classes:
+        log.info("the preview grid shows the first %d of %d classes", max_classes, len(classes))
+        classes = classes[:max_classes]
     rows = []
     blank = torch.zeros_like(images[:1])
     for c in range(len(classes)):
@@ -391,6 +398,9 @@ def save_grid(
             sel = torch.cat([sel, blank.expand(per_class - len(sel), *blank.shape[1:])])
         rows.append(sel)
     grid_in = to_uint8(torch.cat(rows)).float() / 255.0
+    side = max(images.shape[-2:])
+    if side > max_side:
+        grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=max_side / side, mode="area")
     scale = max(1, -(-cell // images.shape[-1]))
     if scale > 1:
         grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
