@@ -231,7 +231,6 @@ def merge_overrides(base: dict, over: dict) -> dict:
     return out
 
 
-
-
 def overrides_to_dict(items: list[str]) -> dict:
+    """``key=value`` override strings (``--set``) as a nested dict."""
     return apply_overrides({}, items)
