@@ -479,3 +479,34 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
 def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args, words):
     """Every numeric and name argument is checked while parsing: no NaN table, no traceback, no output."""
     assert words in _refused(tmp_path, script, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_checks.sh, run here with a stand-in for python (no GPU): the time budget and exit codes
+
+STUB_PYTHON = """#!/usr/bin/env bash
+case " $* " in
+  *" demo "*) exit 3 ;;                     # the demo step fails
+  *" -m pytest "*) sleep "${STUB_SLEEP:-0}" ;;  # the first gpu tests step may run long
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("env, summary, seconds", [
+    # every step runs; the failing one is named with its exit code, the script exits 1
+    ({"TOTAL_SECONDS": "300"}, "gpu_checks: 7 passed; failed: demo(3);", 60),
+    # the long step is cut at what is left of the budget (not its own 200 s); the others are skipped
+    ({"TOTAL_SECONDS": "4", "RESERVE_SECONDS": "0", "MIN_STEP_SECONDS": "1", "STUB_SLEEP": "60"},
+     "gpu_checks: 1 passed; failed: pytest-gpu(124); skipped (no time left): pytest-gpu-strict demo unroll-memory "
+     "stats-pass precision tier-cost;", 15),
+])
+def test_gpu_checks_keeps_to_its_budget_and_fails_on_a_failed_step(tmp_path, env, summary, seconds):
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
+                          env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True, timeout=seconds)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith(summary), proc.stdout[-2000:]
+    assert (tmp_path / "out" / "checks.log").read_text().strip().splitlines()[-1] == last
