@@ -145,7 +145,7 @@ def _markdown(result: dict, plot: str = "unroll-memory.png") -> str:
     lines = [
         "## Memory of one trajectory-matching update against unrolled steps",
         "",
-        f"`{result['command']}` on {result['device']} ({result['machine']['torch_threads']} "
+        f"`{result['command'].strip()}` on {result['device']} ({result['machine']['torch_threads']} "
         f"threads): IPC {result['ipc']} (one synthetic batch of {10 * result['ipc']} 1x28x28 images), DSA "
         "augmentation in every step, float32. graph MB = peak bytes of the storages autograd holds for backward "
         "(exact); "
