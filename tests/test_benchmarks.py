@@ -693,3 +693,14 @@ def test_dc_dsa_renders_the_first_shape_of_its_json():
     assert "| dc | 250 | `dc-protocol` | 70.46 ± 0.98 | 70.5 ± 0.6 | -0.04 | 51.44 ± 5.90 | 51.4 ± 3.8 | 4904 |" in md
     assert "| dsa | 250 | `dsa-protocol` | 70.81 ± 0.41 | 70.6 ± 0.6 | +0.21 |" in md
     assert md == (REPO / "docs" / "results" / "dc-dsa-ipc1-fashion-mnist-cpu.md").read_text()
+
+
+def test_committed_family_markdown_is_the_rendering_of_its_json(fm):
+    """Each docs/results/<run>-fashion-mnist-cpu.md is family_markdown of its JSON (re-render after changing it)."""
+    stale = []
+    for path in sorted((REPO / "docs" / "results").glob("*-fashion-mnist-cpu.json")):
+        family = path.name.removesuffix("-fashion-mnist-cpu.json")
+        if family in fm.FAMILIES or family in fm.EXTRAS:
+            if fm.family_markdown(family, "cpu", json.loads(path.read_text())) != path.with_suffix(".md").read_text():
+                stale.append(family)
+    assert stale == []
