@@ -23,10 +23,14 @@ run) pads by 1 (28 -> 14 -> 7 -> 3).
 Resumable (finished sets and evaluations are reused; a synthesis killed part way, e.g. by a GPU
 lease's time limit, resumes from its last checkpoint in ``<work>/.<set>.work`` and its synthesis
 seconds sum the chunks; on a lent GPU, run it under ``timeout`` and take ``<work>`` back as a tarball
-to carry into the next lease). Two processes can share the work (each
-``--methods`` one), then a last call without work writes the table: ``--methods dc`` /
-``--methods dsa``, then ``--report-only``. Writes
-``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>.{json,md}``.
+to carry into the next lease). An evaluation is reused only if it scored this very set (the set's
+config hash and data fingerprint, the protocol and the seeds); a set made again loses its old one.
+Two processes can share the work (each ``--methods`` one), then a last call writes the table without
+any work: ``--methods dc`` / ``--methods dsa``, then ``--report-only`` (reads the finished files and
+refuses, in one line, an evaluation that does not match). Writes
+``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>[-<model>].{json,md}``; a trial with other
+``--iterations`` or ``--seeds`` than the defaults adds them to the name (``-it5-seeds0``), so it never
+replaces the published record.
 """
 
 from __future__ import annotations
