@@ -5,8 +5,13 @@ fix>`` on stderr, exit code 2, no traceback and nothing written. Two halves:
 
 - :class:`Parser` and the argument types below refuse a bad value while the arguments are parsed,
   before any data is read or folder made (``argument --ipc: expected an integer >= 1, got '0'``);
+- :func:`output_file` and :func:`output_folder` check where a script will write (``--out`` a ``.json``
+  file whose folder exists or can be made and is writable; ``--results``/``--work`` folders likewise)
+  right after parsing, before any work, so a run of hours never ends on an unwritable path;
 - :func:`run_main` runs a script's ``main`` and turns a :class:`~ddkit.errors.DDKitError` raised later
   (missing data, an unknown dataset, a bad bench config) into the same line.
+
+Every script records the command that made its JSON with :func:`command`.
 
     from _cli import Parser, positive_int, run_main
 
@@ -25,8 +30,11 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ddkit.config import SEED_LIMIT  # as the ddkit CLI's --seeds
@@ -51,6 +59,51 @@ def run_main(main: Callable[[], Any]) -> None:
         message = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
+
+
+def command(script: str, argv: list[str] | None = None, data: bool = False) -> str:
+    """The exact command line that ran ``benchmarks/<script>.py`` (``argv``: its arguments, default
+    ``sys.argv[1:]``), quoted for a shell; ``data``: prefixed with the ``DDKIT_DATA`` it read."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    line = " ".join(["python", f"benchmarks/{script}.py", *map(shlex.quote, args)])
+    if data and os.environ.get("DDKIT_DATA"):
+        line = f"DDKIT_DATA={shlex.quote(os.environ['DDKIT_DATA'])} {line}"
+    return line
+
+
+def _writable(ap: argparse.ArgumentParser, folder: Path, flag: str, given: str) -> None:
+    """``folder`` exists and is writable, or can be made: its nearest existing parent is a writable folder."""
+    probe = folder.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        ap.error(f"{flag} {given} lies inside {probe}, which is a file; choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        ap.error(f"{flag} {given}: the folder {probe} is not writable; choose another {flag}")
+
+
+def output_file(ap: argparse.ArgumentParser, path: str | Path, flag: str = "--out") -> Path:
+    """Check a JSON output path before any work (the markdown, and any plot, go beside it): it ends in
+    ``.json``, is not a folder, and its folder exists or can be made and is writable. Returns it."""
+    out = Path(path)
+    if out.suffix != ".json":
+        ap.error(f"{flag} must end in .json, got {path}; the markdown is written beside it")
+    if out.is_dir():
+        ap.error(f"{flag} {path} is a folder; give the JSON file's path")
+    if out.exists() and not os.access(out, os.W_OK):
+        ap.error(f"{flag} {path} is not writable; choose another {flag}")
+    _writable(ap, out.parent, flag, str(path))
+    return out
+
+
+def output_folder(ap: argparse.ArgumentParser, path: str | Path, flag: str) -> Path:
+    """Check an output folder (``--results``, ``--work``) before any work: not a file, and it exists or
+    can be made, and is writable. Nothing is made here. Returns it."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        ap.error(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    _writable(ap, folder, flag, str(path))
+    return folder
 
 
 def _int(text: str, what: str) -> int:
@@ -129,7 +182,7 @@ def registered_model(text: str) -> str:
 
 
 def device_spec(text: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` or ``auto`` (cuda if present,
+    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` (where it is available) or ``auto`` (cuda if present,
     else cpu; returned resolved). Checked without touching the device's settings."""
     import torch
 
@@ -147,4 +200,6 @@ def device_spec(text: str) -> str:
                                          f"device(s)); use cuda:0..{cuda - 1}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"device {text!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} asked for but MPS is not available here; use cpu")
     return text

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, positive_int, run_main
+from _cli import Parser, command, output_file, positive_int, run_main
 
 from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, cells_of, run_bench
@@ -60,11 +60,12 @@ def with_runner(cfg: BenchConfig) -> float:
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=positive_int, default=20, help="student epochs per evaluation")
-    ap.add_argument("--repeats", type=positive_int, default=2)
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_overhead.json"))
+    ap.add_argument("--repeats", type=positive_int, default=2,
+                    help="paired runs of both arms (order alternated); the table takes the best of each")
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_overhead.json"),
+                    help="JSON path (default docs/results/bench_overhead.json)")
     args = ap.parse_args()
-    if Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    output_file(ap, args.out)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     hand, bench, rerun = [], [], []
     with tempfile.TemporaryDirectory() as tmp:  # warm-up: imports, allocator, thread pools
@@ -87,6 +88,7 @@ def main() -> None:
     h, b, r = min(hand), min(bench), statistics.median(rerun)
     ratios = [bb / hh for hh, bb in zip(hand, bench)]
     result = {
+        "command": command("bench_overhead"),
         "what": "run_bench vs the same cells by hand (distill + evaluate), synthetic data, tiny_convnet, CPU",
         "cells": cells, "seeds_per_cell": 2, "student_epochs": args.epochs, "repeats": args.repeats,
         "by_hand_seconds": [round(x, 3) for x in hand], "bench_seconds": [round(x, 3) for x in bench],

@@ -23,10 +23,14 @@ run) pads by 1 (28 -> 14 -> 7 -> 3).
 Resumable (finished sets and evaluations are reused; a synthesis killed part way, e.g. by a GPU
 lease's time limit, resumes from its last checkpoint in ``<work>/.<set>.work`` and its synthesis
 seconds sum the chunks; on a lent GPU, run it under ``timeout`` and take ``<work>`` back as a tarball
-to carry into the next lease). Two processes can share the work (each
-``--methods`` one), then a last call without work writes the table: ``--methods dc`` /
-``--methods dsa``, then ``--report-only``. Writes
-``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>.{json,md}``.
+to carry into the next lease). An evaluation is reused only if it scored this very set (the set's
+config hash and data fingerprint, the protocol and the seeds); a set made again loses its old one.
+Two processes can share the work (each ``--methods`` one), then a last call writes the table without
+any work: ``--methods dc`` / ``--methods dsa``, then ``--report-only`` (reads the finished files and
+refuses, in one line, an evaluation that does not match). Writes
+``docs/results/dc-dsa-ipc<IPC>-fashion-mnist-<cpu|cuda>[-<model>].{json,md}``; a trial with other
+``--iterations`` or ``--seeds`` than the defaults adds them to the name (``-it5-seeds0``), so it never
+replaces the published record.
 """
 
 from __future__ import annotations
@@ -41,8 +45,10 @@ import torch
 from _cli import (
     Parser,
     comma_list,
+    command,
     device_spec,
     one_of,
+    output_folder,
     positive_int,
     registered_model,
     run_main,
@@ -54,6 +60,7 @@ from ddkit.artifacts import read_json, versions, write_json, write_results
 from ddkit.data import load_dataset
 from ddkit.data.base import DatasetConfig
 from ddkit.distilled import DistilledSet
+from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.methods.gradient_matching import loops_for
 from ddkit.pipeline import DistillConfig, distill, distill_hash
@@ -65,6 +72,7 @@ PUBLISHED = {1: {"dc": (70.5, 0.6), "dsa": (70.6, 0.6), "random": (51.4, 3.8)},
              50: {"dc": (83.6, 0.4), "dsa": (88.7, 0.2), "random": (82.5, 0.7)}}
 PROTOCOL = {"dc": "dc-protocol", "dsa": "dsa-protocol"}
 ITERATIONS = 250  # default outer iterations (papers: 1000)
+SEEDS = [0, 1, 2, 3, 4, 5, 6, 7]  # default student seeds
 MODEL = "convnet3"  # synthesis network and students; convnet3-p3 is the papers' code's padding on 1x28x28
 
 
@@ -80,20 +88,77 @@ def _bar(desc: str):
     return update
 
 
+def set_name(method: str, iterations: int, model: str = MODEL) -> str:
+    """The name of a method's set (a folder in ``--work``; ``<name>.eval.json`` and ``.synthesis.json`` beside it)."""
+    return f"{method}-it{iterations}" + (f"-{model}" if model != MODEL else "")
+
+
+def _protocol(method: str, model: str):
+    return resolve_protocol(PROTOCOL[method], {"full_reference": False, **({"student": model} if model != MODEL else {})})
+
+
+def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int]) -> str | None:
+    """Why an evaluation report is not this set's under this protocol and these seeds (None: it is). The
+    report records the set's config hash (ddkit's own reports the data fingerprint it scored)."""
+    if report["protocol_hash"] != protocol_hash:
+        return f"it was evaluated under another protocol (hash {report['protocol_hash'][:12]}, now {protocol_hash[:12]})"
+    if report["seeds"] != seeds:
+        return f"it scored student seeds {report['seeds']}, not {seeds}"
+    fingerprint = manifest.get("dataset", {}).get("fingerprint")
+    if report.get("distilled", {}).get("dataset_fingerprint") != fingerprint:
+        return (f"it scored a set made from other data (fingerprint {report.get('distilled', {}).get('dataset_fingerprint')}, "
+                f"the set's {fingerprint})")
+    if report.get("set_config_hash", manifest.get("config_hash")) != manifest.get("config_hash"):
+        return f"it scored another making of the set (config hash {report['set_config_hash']}, the set's {manifest.get('config_hash')})"
+    return None
+
+
+def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], seconds: float, report: dict) -> dict:
+    published = PUBLISHED[ipc]
+    return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)), "iterations": iterations,
+            "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
+            "seeds": seeds, "synthesis_seconds": round(seconds, 1), "distilled": report["results"]["distilled"],
+            "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
+            "bytes": report["bytes"]}
+
+
+def finished_row(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, model: str = MODEL) -> dict:
+    """``--report-only``: the table row of a finished method, read from ``work`` (nothing trained or made);
+    a missing file, or an evaluation that did not score this set with this protocol and these seeds, is
+    refused in one line naming the fix."""
+    name = set_name(method, iterations, model)
+    paths = {"set": work / name / "manifest.json", "synthesis time": work / f"{name}.synthesis.json",
+             "evaluation": work / f"{name}.eval.json"}
+    for what, path in paths.items():
+        if not path.is_file():
+            raise DDKitError(f"--report-only: the {what} of {method} ({path}) is missing; run --methods {method} "
+                             "(without --report-only) to finish it, or give the --work, --iterations and --model it ran with")
+    report = read_json(paths["evaluation"], "evaluation report")
+    why = unscored(report, read_json(paths["set"], "set manifest"), _protocol(method, model).hash, seeds)
+    if why:
+        raise DDKitError(f"--report-only: {paths['evaluation']} cannot go in the table: {why}; give the --seeds it "
+                         f"scored, or run --methods {method} (without --report-only) to evaluate it again")
+    return _row(method, ipc, model, iterations, seeds, read_json(paths["synthesis time"])["wall_seconds"], report)
+
+
 def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, device: str,
                model: str = MODEL) -> dict:
-    """Make (or reuse) the method's set and evaluate it under its paper's protocol."""
+    """Make (or reuse) the method's set and evaluate it under its paper's protocol. An evaluation is
+    reused only if it scored this very set (its config hash and data fingerprint), protocol and seeds;
+    making the set again deletes the old evaluation first."""
     dcfg = DatasetConfig(name="fashion-mnist")
     data = load_dataset(dcfg)
     options = {"iterations": iterations, **({"model": model} if model != MODEL else {})}
     cfg = DistillConfig(method=method, ipc=ipc, seed=0, options=options)
-    name = f"{method}-it{iterations}" + (f"-{model}" if model != MODEL else "")
+    name = set_name(method, iterations, model)
     out = work / name
     timing = work / f"{name}.synthesis.json"
+    path = work / f"{name}.eval.json"
     distilled = DistilledSet.load(out) if (out / "manifest.json").is_file() else None
     if distilled is not None and distilled.manifest.get("config_hash") == distill_hash(cfg, data, None):
         seconds = read_json(timing)["wall_seconds"]
     else:
+        path.unlink(missing_ok=True)  # it scored the set made before (other data, an older method revision)
         # a run killed part way (a GPU lease's time limit) resumes from the method's last checkpoint;
         # the time its earlier chunks took is kept beside it and summed in
         partial = work / f"{name}.synthesis.partial.json"
@@ -113,10 +178,9 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
         write_json(timing, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": seconds,
                             "chunks_resumed": before > 0})
         partial.unlink(missing_ok=True)
-    protocol = resolve_protocol(PROTOCOL[method], {"full_reference": False, **({"student": model} if model != MODEL else {})})
-    path = work / f"{name}.eval.json"
+    protocol = _protocol(method, model)
     report = read_json(path) if path.is_file() else None
-    if report is None or report["protocol_hash"] != protocol.hash or report["seeds"] != seeds:
+    if report is None or unscored(report, distilled.manifest, protocol.hash, seeds):
         bar = tqdm(desc=f"{method} students", unit="ep", leave=False)
 
         def student_progress(label: str, epoch: int, epochs: int) -> None:
@@ -127,15 +191,26 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
 
         report = evaluate(distilled, protocol, seeds, data=data, device=device, progress=student_progress)
         bar.close()
+        report["set_config_hash"] = distilled.manifest.get("config_hash")  # which making of the set it scored
         write_json(path, report)
-    published = PUBLISHED[ipc]
-    return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)), "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
-            "seeds": seeds, "synthesis_seconds": round(seconds, 1), "distilled": report["results"]["distilled"],
-            "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
-            "bytes": report["bytes"]}
+    return _row(method, ipc, model, iterations, seeds, seconds, report)
+
+
+def upgrade(table: dict) -> dict:
+    """A table in the first shape (dc-dsa-ipc1-fashion-mnist-cpu.json, 2026-11: no ``ipc``, ``device`` or
+    ``model``; rows without ``loops`` or ``model``) given the keys it implies; numbers untouched."""
+    table = dict(table)
+    if "ipc" not in table:  # the first shape's kind names it: dc-dsa-ipc1
+        table["ipc"] = int(table["kind"].removeprefix("dc-dsa-ipc"))
+    table.setdefault("device", table.get("machine", "").rpartition("device ")[2] or "cpu")
+    table.setdefault("model", MODEL)
+    table["rows"] = [{"ipc": table["ipc"], "model": table["model"], "loops": list(loops_for(table["ipc"], None, None)), **r}
+                     for r in table["rows"]]
+    return table
 
 
 def markdown(table: dict) -> str:
+    table = upgrade(table)
     outer, inner = loops_for(table["ipc"], None, None)
     lines = [f"## DC and DSA at IPC {table['ipc']}, papers' network and protocols ({table['device']})", "",
              f"Command: `{table['command']}`. ConvNet-3 width 128 (`{table.get('model', MODEL)}`) for synthesis and students; loops of IPC {table['ipc']} "
@@ -158,44 +233,47 @@ def markdown(table: dict) -> str:
 
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ipc", type=int, default=1, choices=sorted(PUBLISHED))
-    ap.add_argument("--methods", type=one_of("dc", "dsa"), default="dc,dsa", help="dc, dsa or dc,dsa")
+    ap.add_argument("--ipc", type=int, default=1, choices=sorted(PUBLISHED),
+                    help="images per class (sets the papers' loops; 1 is a CPU run, 10 and 50 GPU runs)")
+    ap.add_argument("--methods", type=one_of("dc", "dsa"), default="dc,dsa",
+                    help="dc, dsa or dc,dsa; the table is written when both are asked (or with --report-only)")
     ap.add_argument("--iterations", type=positive_int, default=ITERATIONS, help="outer iterations (papers: 1000)")
-    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2,3,4,5,6,7")
-    ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC>)")
-    ap.add_argument("--results", default=str(ROOT / "docs" / "results"))
-    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default=",".join(map(str, SEEDS)),
+                    help="student seeds, comma-separated (default 0,...,7)")
+    ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC> in the repo)")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "results"),
+                    help="folder for the table's JSON and markdown (default docs/results); runs with other "
+                         "--iterations or --seeds than the defaults get those settings in the file name")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     ap.add_argument("--model", type=registered_model, default=MODEL, help="synthesis network and students (convnet3-p3: "
                     "the papers' code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
-    ap.add_argument("--report-only", action="store_true", help="only assemble the table from finished methods")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only assemble the table from the finished methods in --work (nothing is trained)")
     args = ap.parse_args()
-    work = Path(args.work or f"runs/bench/dc-dsa-ipc{args.ipc}")
+    work = output_folder(ap, args.work or ROOT / "runs" / "bench" / f"dc-dsa-ipc{args.ipc}", "--work")
+    results = output_folder(ap, args.results, "--results")
     seeds, methods = args.seeds, args.methods
-    for flag, path in (("--work", work), ("--results", Path(args.results))):
-        if path.exists() and not path.is_dir():
-            ap.error(f"{flag} {path} is a file, not a folder; choose another {flag}")
-    # each method runs once: the asked ones (unless --report-only), and the finished ones for the table
     suffix = f"-{args.model}" if args.model != MODEL else ""
-    finished = [m for m in ("dc", "dsa") if (work / f"{m}-it{args.iterations}{suffix}.eval.json").is_file()]
+    finished = [m for m in ("dc", "dsa") if (work / f"{set_name(m, args.iterations, args.model)}.eval.json").is_file()]
     if args.report_only and not finished:
         ap.error(f"--report-only: no finished method in {work} (iterations {args.iterations}, model {args.model}); "
                  "run --methods dc and --methods dsa first, or give their --work, --iterations and --model")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device, args.model) for m in ("dc", "dsa")
-            if (m in methods and not args.report_only) or m in finished]
+    if args.report_only:  # read, never train: a report that does not match is refused
+        rows = [finished_row(m, args.ipc, args.iterations, seeds, work, args.model) for m in finished]
+    else:
+        rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device, args.model) for m in methods]
     if args.report_only or set(methods) == {"dc", "dsa"}:
         device = torch.device(args.device).type
-        table = {"schema_version": 1, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
-                 "model": args.model,
-                 "seeds": seeds, "rows": rows,
-                 "command": "DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py"
-                            + (f" --ipc {args.ipc}" if args.ipc != 1 else "")
-                            + (f" --iterations {args.iterations}" if args.iterations != ITERATIONS else "")
-                            + (f" --model {args.model}" if args.model != MODEL else "")
-                            + (f" --device {args.device}" if device != "cpu" else ""),
-                 "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), device {args.device}", "versions": versions()}
-        results = Path(args.results)
-        stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}{suffix}"
+        table = {"schema_version": 2, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
+                 "model": args.model, "seeds": seeds, "rows": rows, "command": command("dc_dsa", data=True),
+                 "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
+                            f"device {args.device}", "versions": versions()}
+        # a trial with fewer iterations or other seeds never takes the published record's name
+        trial = ((f"-it{args.iterations}" if args.iterations != ITERATIONS else "")
+                 + (f"-seeds{'_'.join(map(str, seeds))}" if seeds != SEEDS else ""))
+        stem = f"dc-dsa-ipc{args.ipc}-fashion-mnist-{device}{suffix}{trial}"
         md = markdown(table)
         write_results(results / f"{stem}.json", table, md)
         print(md)

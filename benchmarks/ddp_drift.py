@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _cli import Parser, comma_list, positive_int, run_main
+from _cli import Parser, comma_list, command, output_file, positive_int, run_main
 from safetensors.torch import load_file
 
 from ddkit.artifacts import read_json, versions, write_json
@@ -59,10 +59,10 @@ def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=comma_list(positive_int, "3,50,800"), default=[3, 50, 800],
                     help="teacher epochs, e.g. 3,50,800")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "ddp-drift-cpu.json"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "ddp-drift-cpu.json"),
+                    help="JSON path (default docs/results/ddp-drift-cpu.json)")
     args = ap.parse_args()
-    if Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    output_file(ap, args.out)
     rows = []
     print(f"{'epochs':>6} {'max |w1-w2|':>12} {'relative':>10} {'acc 1 proc':>10} {'acc 2 proc':>10} {'s 1 / 2 proc':>14}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,7 +79,7 @@ def main() -> None:
     write_json(args.out, {
         "what": "teacher weights, 1 process vs 2-process torchrun (DDP, gloo): synthetic data, tiny_convnet, batch 32, "
                 "seed 0, CPU",
-        "rows": rows, "command": "python benchmarks/ddp_drift.py --epochs " + ",".join(map(str, args.epochs)),
+        "rows": rows, "command": command("ddp_drift"),
         "machine": {"cpus": os.cpu_count(), "torch_threads_per_process": 1, "platform": platform.platform()},
         "versions": versions(),
     })

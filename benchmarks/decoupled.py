@@ -26,4 +26,5 @@ from fashion_mnist import EDC_STEP_RUNS, SINGLE_PROTOCOL, main
 ONE_PROTOCOL = tuple(dict.fromkeys((*SINGLE_PROTOCOL, *EDC_STEP_RUNS)))
 
 if __name__ == "__main__":
-    run_main(lambda: main(families=("decoupled",), groups={"one-protocol": ONE_PROTOCOL}))
+    run_main(lambda: main(families=("decoupled",), groups={"one-protocol": ONE_PROTOCOL}, script="decoupled",
+                          description=__doc__.splitlines()[0]))

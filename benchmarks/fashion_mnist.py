@@ -25,7 +25,7 @@ import logging
 import statistics
 from pathlib import Path
 
-from _cli import Parser, device_spec, run_main
+from _cli import Parser, command, device_spec, output_folder, run_main
 
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
@@ -178,6 +178,10 @@ MATCHING_EXTRAS = ("mtt-steps", "mtt-steps50", "mtt-iters50", "mtt-experts50", "
                    "zca-e8-ipc1-plain")
 
 
+# named groups of supplementary runs, and the family whose script runs them (decoupled.py defines the runs)
+GROUP_FAMILY = {"one-protocol": "decoupled"}
+
+
 def extra_family(name: str) -> str:
     """The family (of FAMILIES) supplementary run ``name`` belongs to."""
     return "matching" if name in MATCHING_EXTRAS else "decoupled"
@@ -319,15 +323,28 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
     return "\n".join(lines)
 
 
-def write_family(family: str, tier: str, run_dir: Path, results: Path) -> Path:
+def used_device(device: str | None, config_device: str) -> dict:
+    """The device a run used (``--device``, else the config's, ``auto`` resolved) and, on CUDA, its name."""
+    import torch
+
+    from ddkit.distributed import resolve_device
+
+    dev = resolve_device(device or config_device)
+    return {"device": str(dev), **({"device_name": torch.cuda.get_device_name(dev)} if dev.type == "cuda" else {})}
+
+
+def write_family(family: str, tier: str, run_dir: Path, results: Path, command_line: str | None = None,
+                 device: str | None = None) -> Path:
+    """``command_line``: the command that ran it (recorded in the JSON); ``device``: its ``--device``."""
     import os
     import platform
 
     from ddkit.report import write_report
 
     table = read_json(run_dir / "bench.json", "bench table")
-    table["command"] = f"DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
-    table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "device": table["config"]["device"]}
+    table["command"] = command_line or f"python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
+    table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "config_device": table["config"]["device"],
+                        **used_device(device, table["config"]["device"])}
     stem = f"{family}-fashion-mnist-{tier}"
     write_results(results / f"{stem}.json", table, family_markdown(family, tier, table))
     write_report(run_dir, results / f"{stem}-report")
@@ -740,51 +757,77 @@ def overview(results: Path) -> str:
     return "\n".join(out) + "\n"
 
 
-def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ...]] | None = None) -> Parser:
+def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ...]] | None = None,
+           description: str | None = None) -> Parser:
     """The command line of a script running ``families``: ``--family`` offers them, their supplementary
-    runs and ``groups``; another family's run is refused naming the script that runs it."""
+    runs and ``groups`` (each listed under --help with what it runs); another family's family, run or
+    group is refused naming the script that runs it. ``description``: the script's own (its docstring's
+    first line)."""
     groups = groups or {}
     extras = [name for name in EXTRAS if extra_family(name) in families]
 
     def family(name: str) -> str:  # checked before argparse's list of choices
-        if name in EXTRAS and extra_family(name) not in families:
-            raise argparse.ArgumentTypeError(f"{name!r} is a run of the {extra_family(name)} family; run "
-                                             f"benchmarks/{extra_family(name)}.py --family {name}")
+        owner = (extra_family(name) if name in EXTRAS else name if name in FAMILIES else GROUP_FAMILY.get(name))
+        if owner and (owner not in families or name in GROUP_FAMILY) and name not in groups:
+            what = (f"the {owner} family" if name == owner else
+                    f"a {'run' if name in EXTRAS else 'group of runs'} of the {owner} family")
+            raise argparse.ArgumentTypeError(f"{name!r} is {what}; run benchmarks/{owner}.py --family {name}")
         return name
 
-    ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tier", choices=["cpu", "full"], default="cpu")
-    ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all")
+    epilog = ["--family choices:", "  all: " + " then ".join(families) + " (the default)"]
+    epilog += [f"  {name}: the {name} family's tier matrix" for name in families]
+    epilog += [f"  {name}: runs {', '.join(runs)} in order (cpu tier)" for name, runs in groups.items()]
+    epilog += [f"  {name}: {' '.join(EXTRAS[name].split())} (cpu tier)" for name in extras]
+    ap = Parser(description=description or __doc__.splitlines()[0], epilog="\n".join(epilog),
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tier", choices=["cpu", "full"], default="cpu",
+                    help="cpu: the reduced 2-core configuration; full: the papers' settings (GPU)")
+    ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all",
+                    metavar="FAMILY", help="what to run (default all); the choices are listed below")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
     ap.add_argument("--device", type=device_spec, default=None, help="cpu, cuda (default: the config's 'auto')")
-    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
 
 
+def check_data(runs: tuple[str, ...], tier: str) -> None:
+    """Load every dataset the runs read, so missing data is one error line before any progress bar."""
+    from ddkit.data.base import load_dataset
+
+    seen = set()
+    for name in runs:
+        for dataset in load_bench_config(config_path(name, tier)).datasets:
+            if repr(dataset) not in seen:
+                seen.add(repr(dataset))
+                load_dataset(dataset)
+
+
 def main(argv: list[str] | None = None, families: tuple[str, ...] = FAMILIES,
-         groups: dict[str, tuple[str, ...]] | None = None) -> None:
+         groups: dict[str, tuple[str, ...]] | None = None, script: str = "fashion_mnist",
+         description: str | None = None) -> None:
     """Run ``families`` (``--family all``), one family or one of its supplementary runs, or a named group
     of supplementary runs (``groups``: name -> runs, run in order; cpu tier only). Every run's config
     is read before the first starts, and the results folder is made only once a run has finished, so
-    bad input (missing data included) leaves nothing behind."""
+    bad input (missing data included) leaves nothing behind. ``script``: the file name (no ``.py``) the
+    JSON's recorded command names; ``description``: its --help line."""
     groups = groups or {}
-    ap = parser(families, groups)
+    ap = parser(families, groups, description)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     if args.family in groups and args.tier != "cpu":
         ap.error(f"--family {args.family} runs supplementary runs of the cpu tier; drop --tier {args.tier}")
     if args.family in EXTRAS and args.tier != "cpu":
         ap.error(f"--family {args.family} is a supplementary run of the cpu tier; drop --tier {args.tier}")
-    results = Path(args.results)
-    if results.exists() and not results.is_dir():
-        ap.error(f"--results {args.results} is a file, not a folder; choose another --results")
+    results = output_folder(ap, args.results, "--results")
     runs = families if args.family == "all" else groups.get(args.family, (args.family,))
     for family in runs:  # a missing or bad config fails before any run starts
         load_bench_config(config_path(family, args.tier))
+    check_data(runs, args.tier)  # missing data too: one line before the first progress bar
+    command_line = command(script, argv, data=True)
     for family in runs:
         rows, run_dir = run_family(family, args.tier, args.device, args.quiet)
         results.mkdir(parents=True, exist_ok=True)
-        md = write_family(family, args.tier, run_dir, results)
+        md = write_family(family, args.tier, run_dir, results, command_line, args.device)
         print((results / md).read_text())
     write_text(results / "fashion-mnist.md", overview(results))
     print(f"wrote {results / 'fashion-mnist.md'}")

@@ -14,4 +14,4 @@ from _cli import run_main
 from fashion_mnist import main
 
 if __name__ == "__main__":
-    run_main(lambda: main(families=("matching",)))
+    run_main(lambda: main(families=("matching",), script="matching", description=__doc__.splitlines()[0]))

@@ -22,12 +22,11 @@ import dataclasses
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, device_spec, positive_int, run_main, seed_int
+from _cli import Parser, command, device_spec, output_file, positive_int, run_main, seed_int
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
@@ -120,20 +119,19 @@ def markdown(result: dict) -> str:
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--students", nargs="+", default=["convnet3", "convnet3-w32", "resnet18_cifar"],
-                    choices=list(STUDENTS))
+                    choices=list(STUDENTS), help="student models, space-separated")
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
                     help="default: fp32 bf16, and fp16 on CUDA")
     ap.add_argument("--dataset", default="fashion-mnist", help="a registered dataset (tests use synthetic)")
-    ap.add_argument("--device", type=device_spec, default="cpu")
-    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--steps", type=positive_int, default=10, help="batches of 256 in the timed epoch")
-    ap.add_argument("--ipc", type=positive_int, default=50)
-    ap.add_argument("--epochs", type=positive_int, default=30)
-    ap.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--out", help="JSON path (default docs/results/precision-<device>.json)")
+    ap.add_argument("--ipc", type=positive_int, default=50, help="images per class of the random subset trained on")
+    ap.add_argument("--epochs", type=positive_int, default=30, help="student epochs for the accuracy check")
+    ap.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2], help="student seeds, space-separated")
+    ap.add_argument("--out", help="JSON path, the markdown beside it (default docs/results/precision-<device>.json)")
     args = ap.parse_args()
-    if args.out and Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    out = output_file(ap, args.out or REPO / "docs" / "results" / f"precision-{torch.device(args.device).type}.json")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     precisions = args.precisions or (["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"])
@@ -151,7 +149,7 @@ def main() -> None:
                   f"{r['diff_points'] if r['diff_points'] is not None else float('nan'):>+6.2f}", flush=True)
     result = {
         "what": "student training in each train.precision: images/s and accuracy against fp32",
-        "command": " ".join(["python benchmarks/precision.py", *sys.argv[1:]]),
+        "command": command("precision", data=args.dataset != "synthetic"),
         "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "dataset": real.name, "steps": args.steps, "ipc": args.ipc, "epochs": args.epochs, "seeds": args.seeds,
         "rows": rows,
@@ -159,7 +157,6 @@ def main() -> None:
                     "cpu_bf16": cpu_bf16_support()},
         "versions": versions(),
     }
-    out = Path(args.out or REPO / "docs" / "results" / f"precision-{device.type}.json")
     md = write_results(out, result, markdown(result))
     print(f"-> {out}, {md.name}")
 

@@ -6,8 +6,11 @@ the full training set; it is the whole-data reference. Published numbers beside 
 Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021, Table 1.
 
 Usage (CPU, ~1.5 h on 2 cores; `--quick` for a 10-minute smoke run):
-    DDKIT_DATA=../shared/data python benchmarks/spine.py --out docs/results/spine-fashion-mnist.json
-Prints a table and writes JSON (and a markdown table next to it).
+    DDKIT_DATA=../shared/data python benchmarks/spine.py
+Prints a table and writes JSON (and a markdown table next to it): docs/results/spine-fashion-mnist.json
+for a run with the default settings; a `--quick` run, or one with other --ipcs, --seeds or --teacher-*,
+writes runs/bench-spine/spine-trial.json unless --out says otherwise. The teacher is kept in
+``<work>/teacher-convnet3-e<epochs>-<augment>``: a teacher trained with other settings is never reused.
 """
 
 from __future__ import annotations
@@ -17,17 +20,30 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, comma_list, device_spec, positive_int, run_main, seed_int
+from _cli import (
+    Parser,
+    comma_list,
+    command,
+    device_spec,
+    output_file,
+    output_folder,
+    positive_int,
+    run_main,
+    seed_int,
+)
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data import load_dataset
 from ddkit.data.augment import AUGMENTS
 from ddkit.data.base import DatasetConfig
+from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TrainConfig
 
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULTS = {"ipcs": [1, 10, 50], "seeds": [0, 1, 2], "teacher_epochs": 10, "teacher_augment": "flip", "quick": False}
 # DC paper (ICLR 2021) Table 1, Fashion-MNIST, ConvNet, mean ± std over 5x20 students.
 PUBLISHED = {
     "random": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
@@ -37,18 +53,23 @@ PUBLISHED = {
 
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="docs/results/spine-fashion-mnist.json")
-    ap.add_argument("--work", default="runs/bench-spine")
-    ap.add_argument("--ipcs", type=comma_list(positive_int, "1,10,50"), default="1,10,50")
-    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2")
-    ap.add_argument("--teacher-epochs", type=positive_int, default=10)
-    ap.add_argument("--teacher-augment", default="flip", choices=list(AUGMENTS))
-    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
-    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="JSON path, the markdown beside it (default: docs/results/spine-fashion-mnist.json "
+                    "with the default settings, else runs/bench-spine/spine-trial.json)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench-spine"),
+                    help="folder of the teacher and the random sets (default runs/bench-spine in the repo)")
+    ap.add_argument("--ipcs", type=comma_list(positive_int, "1,10,50"), default="1,10,50",
+                    help="images per class, comma-separated")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2", help="student seeds, comma-separated")
+    ap.add_argument("--teacher-epochs", type=positive_int, default=10, help="epochs of the convnet3 teacher (--quick: 1)")
+    ap.add_argument("--teacher-augment", default="flip", choices=list(AUGMENTS), help="the teacher's augmentation")
+    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (1-epoch teacher, 20-epoch students)")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     args = ap.parse_args()
-    if Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
-    work = Path(args.work)
+    trial = any(getattr(args, k) != v for k, v in DEFAULTS.items())  # never the published file unless --out says so
+    out = output_file(ap, args.out or ROOT / ("runs/bench-spine/spine-trial.json" if trial else
+                                              "docs/results/spine-fashion-mnist.json"))
+    work = output_folder(ap, args.work, "--work")
     data = load_dataset(DatasetConfig(name="fashion-mnist"))
     ipcs, seeds = args.ipcs, args.seeds
     smallest = int(data.train.class_counts(data.num_classes).min())
@@ -58,10 +79,15 @@ def main() -> None:
     epochs = 20 if args.quick else 300
 
     t0 = time.perf_counter()
-    tdir = work / "teacher-convnet3"
-    tcfg = TeacherConfig(model="convnet3", train=TrainConfig(epochs=1 if args.quick else args.teacher_epochs, batch_size=256,
+    teacher_epochs = 1 if args.quick else args.teacher_epochs
+    tdir = work / f"teacher-convnet3-e{teacher_epochs}-{args.teacher_augment}"  # keyed on what changes between runs
+    tcfg = TeacherConfig(model="convnet3", train=TrainConfig(epochs=teacher_epochs, batch_size=256,
                                                               lr=0.05, schedule="cosine", augment=args.teacher_augment))
     teacher = Teacher.load(tdir) if (tdir / "manifest.json").is_file() else train_teacher(data, tcfg, tdir, args.device)
+    made = teacher.manifest["config"]["train"]
+    if (made["epochs"], made["augment"]) != (teacher_epochs, args.teacher_augment):
+        raise DDKitError(f"the teacher in {tdir} was trained for {made['epochs']} epochs with augment {made['augment']!r}, "
+                         f"not {teacher_epochs} with {args.teacher_augment!r}; remove that folder or choose another --work")
     teacher_s = time.perf_counter() - t0
 
     protocol = resolve_protocol("dc-protocol", {"random_baseline": False, "full_reference": False,
@@ -82,7 +108,7 @@ def main() -> None:
 
     result = {
         "benchmark": "spine-fashion-mnist",
-        "command": "DDKIT_DATA=../shared/data python benchmarks/spine.py" + (" --quick" if args.quick else ""),
+        "command": command("spine", data=True),
         "protocol": rep["config"], "protocol_hash": rep["protocol_hash"], "seeds": seeds,
         "teacher": {"model": "convnet3", "test_accuracy": 100 * teacher.test_accuracy,
                     "epochs": teacher.manifest["config"]["train"]["epochs"], "published_whole_dataset": PUBLISHED["whole dataset"],
@@ -98,8 +124,8 @@ def main() -> None:
                  f"{result['teacher']['test_accuracy']:.2f} | {PUBLISHED['whole dataset']} | – |")
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
     write_results(out, result, table + "\n")
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

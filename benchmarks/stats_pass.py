@@ -25,16 +25,16 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, device_spec, positive_int, run_main
+from _cli import Parser, command, device_spec, output_file, positive_int, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.determinism import use_deterministic_cuda
+from ddkit.errors import DDKitError
 from ddkit.methods import common
 from ddkit.methods import statistics as S
 from ddkit.models import create_model
@@ -113,7 +113,8 @@ def reference_statistics(model, real: DataBundle, keys: list[str], device: torch
 
 def max_rel_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> float:
     if set(ours) != set(ref):
-        raise SystemExit(f"statistics keys differ from the reference: {sorted(set(ours) ^ set(ref))[:4]}")
+        raise DDKitError(f"statistics keys differ from the reference: {sorted(set(ours) ^ set(ref))[:4]}; "
+                         "reference_statistics() must compute every key compute_real_statistics() returns")
     return max(float((ours[k].double().cpu() - v).abs().max() / v.abs().max().clamp_min(1e-12)) for k, v in ref.items())
 
 
@@ -125,6 +126,7 @@ def measure(label: str, real: DataBundle, device: torch.device, reference: bool)
     keys = S.statistic_layers(model)
     forward_pass(model, real, device, batch_size=256)  # warm-up (kernels, allocator)
     _, fwd = _timed(lambda: forward_pass(model, real, device), device)
+    S.compute_real_statistics(model, real, keys, device, patch_size=PATCH)  # warm-up of the statistics hooks
     _, plain = _timed(lambda: S.compute_real_statistics(model, real, keys, device), device)
     ours, patch = _timed(lambda: S.compute_real_statistics(model, real, keys, device, patch_size=PATCH), device)
     row = {"model": label, "layers": len(keys), "images": len(real.train), "forward_s": round(fwd, 3),
@@ -155,16 +157,15 @@ def _markdown(result: dict) -> str:
 
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="teachers, space-separated")
     ap.add_argument("--dataset", default="fashion-mnist", help="a registered dataset (tests use synthetic)")
     ap.add_argument("--per-class", type=positive_int, default=1000, help="images per class (6000 = all of Fashion-MNIST)")
-    ap.add_argument("--device", type=device_spec, default="cpu")
-    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slowest part)")
-    ap.add_argument("--out", help="JSON path (default docs/results/stats-pass-<device>.json)")
+    ap.add_argument("--out", help="JSON path, the markdown beside it (default docs/results/stats-pass-<device>.json)")
     args = ap.parse_args()
-    if args.out and Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    out = output_file(ap, args.out or REPO / "docs" / "results" / f"stats-pass-{torch.device(args.device).type}.json")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     use_deterministic_cuda(device)
@@ -179,12 +180,11 @@ def main() -> None:
               f"{r.get('max_rel_diff', float('nan')):>9.1e}", flush=True)
     result = {
         "what": "real-data statistics pass of the recover methods: ddkit's against a float64 reference and a forward pass",
-        "command": " ".join(["python benchmarks/stats_pass.py", *sys.argv[1:]]),
+        "command": command("stats_pass", data=args.dataset != "synthetic"),
         "device": str(device), "dataset": real.name, "images": len(real.train), "patch_size": PATCH, "rows": rows,
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},
         "versions": versions(),
     }
-    out = Path(args.out or REPO / "docs" / "results" / f"stats-pass-{device.type}.json")
     md = write_results(out, result, _markdown(result))
     print(f"-> {out}, {md.name}")
 

@@ -37,8 +37,9 @@ import traceback
 from pathlib import Path
 
 import torch
-from _cli import Parser, device_spec, positive_float, run_main
+from _cli import Parser, command, device_spec, output_file, positive_float, run_main
 
+from ddkit import determinism
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import BenchConfig, load_bench_config
 from ddkit.config import config_hash, from_dict
@@ -265,6 +266,10 @@ def markdown(result: dict) -> str:
     lines = [f"# Bench tier cost on {result['device_name']}", "",
              f"Each stage timed for about {result['budget_s']} s on the real data, then extrapolated "
              "(`benchmarks/tier_cost.py`). One process; set-up + per-unit time x units.", "",
+             *([f"Command: `{result['command']}`; CUDA deterministic algorithms "
+                f"{'on' if result['cuda_deterministic']['enabled'] else 'off'} "
+                f"(DDKIT_CUDA_DETERMINISTIC={result['cuda_deterministic']['DDKIT_CUDA_DETERMINISTIC'] or 'unset'}).", ""]
+               if "cuda_deterministic" in result else []),  # recorded from 2026-12-06 on
              "| tier | stage | item | s / unit | units | set-up s | extrapolated h |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
@@ -285,22 +290,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("configs", nargs="+", help="bench configs (YAML)")
     ap.add_argument("--set", action="append", default=[], help="override for every config, e.g. datasets=[synthetic]")
-    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     ap.add_argument("--budget", type=positive_float, default=1.5, help="seconds of repeated steps timed per stage")
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "tier-cost.json"))
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "tier-cost.json"),
+                    help="JSON path, the markdown beside it (default docs/results/tier-cost.json)")
     args = ap.parse_args(argv)
-    if Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    out = output_file(ap, args.out)
     device = torch.device(args.device)
-    out = Path(args.out)
     rows: list[dict] = []
-    result = {"schema_version": 1, "kind": "tier-cost", "configs": args.configs, "overrides": args.set,
-              "device": str(device), "budget_s": args.budget,
+    result = {"schema_version": 1, "kind": "tier-cost", "command": command("tier_cost", argv, data=True),
+              "configs": args.configs, "overrides": args.set, "device": str(device), "budget_s": args.budget,
+              # CUDA kernels: deterministic unless DDKIT_CUDA_DETERMINISTIC=0 (ddkit.determinism); changes the timings
+              "cuda_deterministic": {"DDKIT_CUDA_DETERMINISTIC": os.environ.get("DDKIT_CUDA_DETERMINISTIC"),
+                                     "wanted": determinism.wanted(), "enabled": torch.are_deterministic_algorithms_enabled()},
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "threads": torch.get_num_threads(), "versions": versions(), "rows": rows, "summary": []}
 
     def save(row: dict) -> None:  # after every stage: a run killed at its time limit keeps what it measured
         rows.append(row)
+        result["cuda_deterministic"]["enabled"] = torch.are_deterministic_algorithms_enabled()  # as the stages left it
         result["summary"] = summarise(rows)
         write_results(out, result, markdown(result))
 

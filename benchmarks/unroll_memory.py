@@ -50,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, device_spec, positive_int, registered_model, run_main
+from _cli import Parser, command, device_spec, output_file, positive_int, registered_model, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import PeakMemory, SavedTensorBytes
@@ -140,11 +140,12 @@ def _in_fresh_process(args, model_name: str, mode: str, steps: int, grad_out: st
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _markdown(result: dict) -> str:
+def _markdown(result: dict, plot: str = "unroll-memory.png") -> str:
+    """The markdown table of ``result``; ``plot``: the file name of the png beside it (``--out``'s stem)."""
     lines = [
         "## Memory of one trajectory-matching update against unrolled steps",
         "",
-        f"`python benchmarks/unroll_memory.py` on {result['device']} ({result['machine']['torch_threads']} "
+        f"`{result['command'].strip()}` on {result['device']} ({result['machine']['torch_threads']} "
         f"threads): IPC {result['ipc']} (one synthetic batch of {10 * result['ipc']} 1x28x28 images), DSA "
         "augmentation in every step, float32. graph MB = peak bytes of the storages autograd holds for backward "
         "(exact); "
@@ -171,7 +172,7 @@ def _markdown(result: dict) -> str:
         for mode in [m for m in MODES if ("float32", m) in err]:
             f64 = "reference" if mode == "unroll" else f"{err['float64', mode]:.1e}"
             lines.append(f"| {check['model']} | {check['steps']} | {MODES[mode]} | {err['float32', mode]:.1e} | {f64} |")
-    lines += ["", "![memory against steps](unroll-memory.png)", "",
+    lines += ["", f"![memory against steps]({plot})", "",
               f"Versions: {result['versions']}.", ""]
     return "\n".join(lines)
 
@@ -213,13 +214,17 @@ def _ratio(a: float, b: float) -> float:
 
 def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 20, 40])
-    ap.add_argument("--models", type=registered_model, nargs="+", default=["convnet3-w32", "convnet3"])
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
-    ap.add_argument("--ipc", type=positive_int, default=10)
-    ap.add_argument("--device", type=device_spec, default="cpu")
-    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "unroll-memory.json"))
+    ap.add_argument("--steps", type=positive_int, nargs="+", default=[5, 10, 20, 40],
+                    help="unrolled student steps per update, space-separated")
+    ap.add_argument("--models", type=registered_model, nargs="+", default=["convnet3-w32", "convnet3"],
+                    help="student models, space-separated")
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES),
+                    help="gradients to measure: unroll (MTT, required), exact and first_order (TESLA)")
+    ap.add_argument("--ipc", type=positive_int, default=10, help="images per class in the synthetic batch")
+    ap.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
+    ap.add_argument("--out", default=str(REPO / "docs" / "results" / "unroll-memory.json"),
+                    help="JSON path; the markdown and png go beside it (default docs/results/unroll-memory.json)")
     ap.add_argument("--cell", help=argparse.SUPPRESS)
     ap.add_argument("--grad-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -230,8 +235,7 @@ def main() -> None:
         return
     if "unroll" not in args.modes:
         ap.error("--modes must include unroll: the other gradients are checked against it")
-    if Path(args.out).is_dir():
-        ap.error(f"--out {args.out} is a folder; give the JSON file's path")
+    out = output_file(ap, args.out)
     rows = []
     print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MB':>9} {'peak MB':>9} {'s/update':>9} {'rel.err':>8}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +272,7 @@ def main() -> None:
                            "time_ratio": _ratio(lo["seconds"], hi["seconds"])})
     result = {
         "what": "memory and time of one trajectory-matching update vs unrolled steps: MTT's unroll vs TESLA",
-        "command": "python benchmarks/unroll_memory.py " + " ".join(sys.argv[1:]),
+        "command": command("unroll_memory"),
         "ipc": args.ipc, "device": args.device, "peak_kind": rows[0]["peak_kind"], "rows": rows, "growth": growth,
         "precision": precision,
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},
@@ -277,9 +281,7 @@ def main() -> None:
     for g in growth:
         print(f"{g['model']}, {MODES[g['mode']]}: steps x{g['steps_ratio']:g} -> graph x{g['graph_ratio']:.2f}, "
               f"peak x{g['peak_ratio']:.2f}, time x{g['time_ratio']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    md = write_results(out, result, _markdown(result))
+    md = write_results(out, result, _markdown(result, out.with_suffix(".png").name))
     _plot(result, out.with_suffix(".png"))
     print(f"-> {out}, {md.name}, {out.with_suffix('.png').name}")
 

@@ -183,6 +183,8 @@ def test_unroll_memory_graph_grows_for_mtt_only(tmp_path):
     growth = {g["mode"]: g for g in result["growth"]}
     assert growth["exact"]["graph_ratio"] < 1.2 and growth["unroll"]["graph_ratio"] > 2.5
     md = out.with_suffix(".md").read_text()
+    assert result["command"] == "python benchmarks/unroll_memory.py " + " ".join(cmd[2:])
+    assert f"`{result['command']}` on cpu" in md and "![memory against steps](um.png)" in md
     assert "| tiny_convnet |" in md and "TESLA (exact)" in md and "| tiny_convnet | 2 | MTT (unrolled) |" in md
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.tmp*"))
@@ -230,6 +232,9 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
         assert r["per_unit_s"] > 0 and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"]))
     saved = json.loads(out.read_text())
     assert saved["kind"] == "tier-cost" and len(saved["rows"]) == len(result["rows"])
+    assert saved["command"].endswith(f"python benchmarks/tier_cost.py {cfg} --device cpu --budget 0.05 --out {out}")
+    assert saved["cuda_deterministic"]["wanted"] == (os.environ.get("DDKIT_CUDA_DETERMINISTIC", "1") != "0")
+    assert "CUDA deterministic algorithms" in out.with_suffix(".md").read_text()
     stages = saved["summary"][0]["stages_h"]
     assert set(stages) == {"teacher", "experts", "synthesis", "evaluate"}
     assert saved["summary"][0]["total_h"] == pytest.approx(sum(stages.values()))
@@ -251,6 +256,7 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
+    assert result["command"] == "python benchmarks/stats_pass.py " + " ".join(cmd[2:])  # every argument, as given
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["convnet3-w32-bn"]["layers"] == 6 and rows["resnet18_cifar-w8"]["layers"] == 40
     for r in rows.values():
@@ -320,11 +326,18 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
     dec = _script("decoupled")
     ran = []
     monkeypatch.setattr(fm, "run_family", lambda family, tier, device, quiet: (ran.append((family, tier)) or [], tmp_path))
-    monkeypatch.setattr(fm, "write_family", lambda family, tier, run_dir, results: (results / f"{family}.md").write_text(
-        family) and f"{family}.md")
-    fm.main(["--family", "grp", "--results", str(tmp_path / "res"), "--quiet"], families=("decoupled",),
-            groups={"grp": ("edc-build1", "decoupled-long1")})
+    monkeypatch.setattr(fm, "check_data", lambda runs, tier: None)  # the runs are stand-ins: no data read
+    recorded = []
+    monkeypatch.setattr(fm, "write_family", lambda family, tier, run_dir, results, *rest: recorded.append(rest) or (
+        results / f"{family}.md").write_text(family) and f"{family}.md")
+    monkeypatch.delenv("DDKIT_DATA", raising=False)
+    argv = ["--family", "grp", "--results", str(tmp_path / "res"), "--quiet"]
+    fm.main(argv, families=("decoupled",), groups={"grp": ("edc-build1", "decoupled-long1")}, script="decoupled")
     assert ran == [("edc-build1", "cpu"), ("decoupled-long1", "cpu")] and (tmp_path / "res" / "fashion-mnist.md").is_file()
+    # each JSON records the exact command (script and every argument) and the --device given (None: the config's)
+    assert recorded == [("python benchmarks/decoupled.py " + " ".join(argv), None)] * 2
+    assert fm.used_device(None, "auto")["device"] == ("cuda:0" if __import__("torch").cuda.is_available() else "cpu")
+    assert fm.used_device("cpu", "auto") == {"device": "cpu"}
     with pytest.raises(SystemExit) as stop:
         fm.main(["--family", "grp", "--tier", "full"], families=("decoupled",), groups={"grp": ("decoupled-long1",)})
     assert stop.value.code == 2
@@ -422,7 +435,10 @@ def test_scripts_name_missing_data_in_one_line_and_write_nothing(tmp_path, scrip
     ("matching", ["--family", "mtt-steps", "--tier", "full"], "--family mtt-steps is a supplementary run of the cpu tier; drop --tier full"),
     ("decoupled", ["--family", "mtt-steps"], "'mtt-steps' is a run of the matching family; run benchmarks/matching.py --family mtt-steps"),
     ("matching", ["--family", "edc-recipe"], "'edc-recipe' is a run of the decoupled family; run benchmarks/decoupled.py"),
-    ("matching", ["--family", "one-protocol"], "invalid choice: 'one-protocol'; see --help for the choices"),  # not ~70 names
+    ("matching", ["--family", "one-protocol"], "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py --family one-protocol"),
+    ("fashion_mnist", ["--family", "one-protocol"], "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py"),
+    ("matching", ["--family", "decoupled"], "'decoupled' is the decoupled family; run benchmarks/decoupled.py --family decoupled"),
+    ("matching", ["--family", "nope"], "invalid choice: 'nope'; see --help for the choices"),  # not ~70 names
     ("fashion_mnist", ["--device", "gpu"], "argument --device: unknown device 'gpu'; use cpu, cuda"),
 ])
 def test_family_scripts_refuse_bad_arguments_before_making_the_results_folder(tmp_path, script, args, words):
@@ -479,3 +495,218 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
 def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args, words):
     """Every numeric and name argument is checked while parsing: no NaN table, no traceback, no output."""
     assert words in _refused(tmp_path, script, *args)
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/gpu_checks.sh, run here with a stand-in for python (no GPU): the time budget and exit codes
+
+STUB_PYTHON = """#!/usr/bin/env bash
+case " $* " in
+  *" demo "*) exit 3 ;;                     # the demo step fails
+  *" -m pytest "*) sleep "${STUB_SLEEP:-0}" ;;  # the first gpu tests step may run long
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize("env, summary, seconds", [
+    # every step runs; the failing one is named with its exit code, the script exits 1
+    ({"TOTAL_SECONDS": "300"}, "gpu_checks: 7 passed; failed: demo(3);", 60),
+    # the long step is cut at what is left of the budget (not its own 200 s); the others are skipped
+    ({"TOTAL_SECONDS": "4", "RESERVE_SECONDS": "0", "MIN_STEP_SECONDS": "1", "STUB_SLEEP": "60"},
+     "gpu_checks: 1 passed; failed: pytest-gpu(124); skipped (no time left): pytest-gpu-strict demo unroll-memory "
+     "stats-pass precision tier-cost;", 15),
+])
+def test_gpu_checks_keeps_to_its_budget_and_fails_on_a_failed_step(tmp_path, env, summary, seconds):
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
+                          env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True, timeout=seconds)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith(summary), proc.stdout[-2000:]
+    assert (tmp_path / "out" / "checks.log").read_text().strip().splitlines()[-1] == last
+
+
+# ------------------------------------------------------------------------------------------------
+# Where a script writes is checked before any work (the JSON path, its folder, --results/--work)
+
+
+@pytest.mark.parametrize("script, args", [
+    ("stats_pass", ["--dataset", "synthetic"]), ("precision", ["--dataset", "synthetic"]), ("unroll_memory", []),
+    ("bench_overhead", []), ("ddp_drift", []), ("spine", []),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--device", "cpu"]),
+])
+def test_scripts_refuse_an_out_that_is_not_json_or_cannot_be_written(tmp_path, script, args):
+    """`--out X.md` would have the markdown overwrite the JSON; a folder inside a file failed after the run."""
+    md = tmp_path / "out.md"
+    line = _refused(tmp_path, script, *args, "--out", str(md))
+    assert line == f"error: --out must end in .json, got {md}; the markdown is written beside it"
+    (tmp_path / "afile").write_text("")
+    inside = tmp_path / "afile" / "sub" / "out.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), *args, "--out", str(inside)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --out {inside} lies inside {tmp_path / 'afile'}, which is a file; choose another --out"]
+
+
+@pytest.mark.parametrize("script, flag", [("fashion_mnist", "--results"), ("matching", "--results"),
+                                          ("dc_dsa", "--results"), ("dc_dsa", "--work"), ("spine", "--work")])
+def test_scripts_refuse_a_folder_inside_a_file_before_any_work(tmp_path, script, flag):
+    (tmp_path / "afile").write_text("")
+    inside = tmp_path / "afile" / "sub"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), flag, str(inside)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "DDKIT_DATA": str(tmp_path / "none")})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {flag} {inside} lies inside {tmp_path / 'afile'}, which is a file; choose another {flag}"]
+
+
+def test_device_spec_refuses_mps_where_it_is_missing(monkeypatch):
+    import argparse
+
+    import torch
+
+    _script("dc_dsa")  # puts benchmarks/ on sys.path
+    import _cli
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="device 'mps' asked for but MPS is not available here; use cpu"):
+        _cli.device_spec("mps")
+    assert _cli.device_spec("cpu") == "cpu"
+
+
+def test_command_records_every_argument_quoted(monkeypatch):
+    _script("dc_dsa")
+    import _cli
+
+    monkeypatch.setattr(sys, "argv", ["x.py", "--seeds", "0,1", "--out", "a b.json"])
+    monkeypatch.delenv("DDKIT_DATA", raising=False)
+    assert _cli.command("dc_dsa", data=True) == "python benchmarks/dc_dsa.py --seeds 0,1 --out 'a b.json'"
+    monkeypatch.setenv("DDKIT_DATA", "../shared/data")
+    assert _cli.command("spine", ["--quick"], data=True) == "DDKIT_DATA=../shared/data python benchmarks/spine.py --quick"
+
+
+class _Parsed(Exception):
+    pass
+
+
+SCRIPTS = ["fashion_mnist", "matching", "decoupled", "dc_dsa", "spine", "ddp_drift", "bench_overhead", "stats_pass",
+           "precision", "unroll_memory", "tier_cost"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_argument_of_every_script_has_help(script, monkeypatch):
+    """--help describes the script itself (matching.py and decoupled.py showed fashion_mnist.py's line) and
+    every argument; the family scripts list each --family choice with what it runs."""
+
+    module = _script(script)
+    import _cli
+
+    def capture(self, *args, **kwargs):
+        raise _Parsed(self)
+
+    monkeypatch.setattr(_cli.Parser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py"])
+    source = (REPO / "benchmarks" / f"{script}.py").read_text()
+    main = source.split('if __name__ == "__main__":')[1]
+    with pytest.raises(_Parsed) as got:
+        if "lambda: main(" in main:  # matching.py, decoupled.py: fashion_mnist's main with their family
+            exec(main.strip().replace("run_main(", "(lambda f: f())(", 1), module.__dict__)
+        else:
+            module.main()
+    ap = got.value.args[0]
+    assert ap.description == module.__doc__.splitlines()[0]
+    undocumented = [a.option_strings or a.dest for a in ap._actions if not a.help]
+    assert undocumented == []
+    if script in ("fashion_mnist", "matching", "decoupled"):
+        fm = _script("fashion_mnist")
+        choices = next(a.choices for a in ap._actions if a.dest == "family")
+        assert all(f"\n  {name}: " in ap.epilog for name in choices)
+        assert all(f"  {name}: {' '.join(fm.EXTRAS[name].split())}" in ap.epilog for name in choices if name in fm.EXTRAS)
+
+
+def test_stats_pass_names_a_key_mismatch_with_the_project_error():
+    from ddkit.errors import DDKitError
+
+    sp = _script("stats_pass")
+    with pytest.raises(DDKitError, match="statistics keys differ from the reference"):
+        sp.max_rel_diff({"a": __import__("torch").ones(1)}, {"b": __import__("torch").ones(1)})
+
+
+# ------------------------------------------------------------------------------------------------
+# benchmarks/dc_dsa.py: an evaluation counts only for the set it scored; --report-only never trains
+
+
+def _dc_files(work, seeds=(0, 1), fingerprint="f1", config_hash="h1", set_hash="h1"):
+    dd = _script("dc_dsa")
+    name = dd.set_name("dc", 3)
+    (work / name).mkdir(parents=True)
+    (work / name / "manifest.json").write_text(json.dumps({"config_hash": config_hash, "dataset": {"fingerprint": fingerprint}}))
+    (work / f"{name}.synthesis.json").write_text(json.dumps({"wall_seconds": 12.0}))
+    stat = {"mean": 0.7, "std": 0.01, "per_seed": [0.7], "n": 1}
+    report = {"protocol_hash": dd._protocol("dc", dd.MODEL).hash, "seeds": list(seeds), "set_config_hash": set_hash,
+              "distilled": {"dataset_fingerprint": "f1"}, "results": {"distilled": stat, "random": stat},
+              "bytes": {"images": 1, "labels": 1}}
+    (work / f"{name}.eval.json").write_text(json.dumps(report))
+    return dd
+
+
+def test_dc_dsa_report_only_reads_the_finished_files_and_refuses_a_mismatch(tmp_path):
+    from ddkit.errors import DDKitError
+
+    dd = _dc_files(tmp_path)
+    row = dd.finished_row("dc", 1, 3, [0, 1], tmp_path)
+    assert row["distilled"]["mean"] == 0.7 and row["synthesis_seconds"] == 12.0 and row["seeds"] == [0, 1]
+    with pytest.raises(DDKitError, match=r"scored student seeds \[0, 1\], not \[0\]; give the --seeds it scored"):
+        dd.finished_row("dc", 1, 3, [0], tmp_path)
+    for kw, words in (({"fingerprint": "f2"}, "made from other data"), ({"config_hash": "h2"}, "another making of the set")):
+        work = tmp_path / words.replace(" ", "-")
+        _dc_files(work, **kw)
+        with pytest.raises(DDKitError, match=words):
+            dd.finished_row("dc", 1, 3, [0, 1], work)
+    (tmp_path / "dc-it3.synthesis.json").unlink()
+    with pytest.raises(DDKitError, match="the synthesis time of dc .* is missing"):
+        dd.finished_row("dc", 1, 3, [0, 1], tmp_path)
+
+
+def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
+    """B1: the set is made again (other data, a method revision): its old evaluation is deleted, never reused."""
+    dd = _dc_files(tmp_path)
+    made = type("Set", (), {"manifest": {"config_hash": "h2", "dataset": {"fingerprint": "f1"}}})()
+    monkeypatch.setattr(dd, "load_dataset", lambda cfg: None)
+    monkeypatch.setattr(dd, "distill_hash", lambda cfg, data, teacher: "h2")
+    monkeypatch.setattr(dd.DistilledSet, "load", classmethod(lambda cls, path: type("Old", (), {"manifest": {"config_hash": "h1"}})()))
+    monkeypatch.setattr(dd, "distill", lambda *a, **k: made)
+    evaluated = []
+
+    def evaluate(distilled, protocol, seeds, **kw):
+        evaluated.append(distilled)
+        stat = {"mean": 0.8, "std": 0.0, "per_seed": [0.8], "n": 1}
+        return {"protocol_hash": protocol.hash, "seeds": seeds, "distilled": {"dataset_fingerprint": "f1"},
+                "results": {"distilled": stat, "random": stat}, "bytes": {"images": 1, "labels": 1}}
+
+    monkeypatch.setattr(dd, "evaluate", evaluate)
+    row = dd.run_method("dc", 1, 3, [0, 1], tmp_path, "cpu")
+    assert evaluated == [made] and row["distilled"]["mean"] == 0.8
+    assert json.loads((tmp_path / "dc-it3.eval.json").read_text())["set_config_hash"] == "h2"
+
+
+def test_dc_dsa_renders_the_first_shape_of_its_json():
+    """dc-dsa-ipc1-fashion-mnist-cpu.json predates the ipc/device/model keys: it renders, numbers unchanged."""
+    dd = _script("dc_dsa")
+    table = json.loads((REPO / "docs" / "results" / "dc-dsa-ipc1-fashion-mnist-cpu.json").read_text())
+    md = dd.markdown(table)
+    assert "| dc | 250 | `dc-protocol` | 70.46 ± 0.98 | 70.5 ± 0.6 | -0.04 | 51.44 ± 5.90 | 51.4 ± 3.8 | 4904 |" in md
+    assert "| dsa | 250 | `dsa-protocol` | 70.81 ± 0.41 | 70.6 ± 0.6 | +0.21 |" in md
+    assert md == (REPO / "docs" / "results" / "dc-dsa-ipc1-fashion-mnist-cpu.md").read_text()
+
+
+def test_committed_family_markdown_is_the_rendering_of_its_json(fm):
+    """Each docs/results/<run>-fashion-mnist-cpu.md is family_markdown of its JSON (re-render after changing it)."""
+    stale = []
+    for path in sorted((REPO / "docs" / "results").glob("*-fashion-mnist-cpu.json")):
+        family = path.name.removesuffix("-fashion-mnist-cpu.json")
+        rendered = fm.family_markdown(family, "cpu", json.loads(path.read_text())) if family in {*fm.FAMILIES, *fm.EXTRAS} else None
+        if rendered is not None and rendered != path.with_suffix(".md").read_text():
+            stale.append(family)
+    assert stale == []
