@@ -277,13 +277,19 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['tier']} | {r['stage']} | {r['item']} | failed: {r['error']} | | | |")
         else:
             lines.append(f"| {r['tier']} | {r['stage']} | {r['item']} | {r['per_unit_s']:.4f} per {r['unit']} | "
-                         f"{r['units']} | {r['setup_s']:.1f} | {r['total_s'] / 3600:.3f} |")
+                         f"{_units(r)} | {r['setup_s']:.1f} | {r['total_s'] / 3600:.3f} |")
     lines += ["", "| tier | " + " | ".join(["teacher", "experts", "synthesis", "evaluate"]) + " | total h | failed |",
               "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in result["summary"]:
         cells = [f"{s['stages_h'].get(k, 0.0):.2f}" for k in ("teacher", "experts", "synthesis", "evaluate")]
         lines.append(f"| {s['tier']} | " + " | ".join(cells) + f" | {s['total_h']:.2f} | {', '.join(s['failed']) or '-'} |")
     return "\n".join(lines) + "\n"
+
+
+def _units(row: dict) -> str:
+    """A row's unit count: the config's, else (a stage with no count of its own, ``random``'s
+    synthesis) the units measured, which its extrapolation used."""
+    return str(row["units"] if row["units"] is not None else row.get("units_measured", "-"))
 
 
 def main(argv: list[str] | None = None) -> dict:
