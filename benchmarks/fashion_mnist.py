@@ -728,10 +728,10 @@ def overview(results: Path) -> str:
                 continue
             found = True
             rows = read_json(path)["rows"]
-            mode = rows[0]["label_mode"] if rows else "?"
-            for student in dict.fromkeys(r["student"] for r in rows):  # one table per student architecture
-                main = main_rows(rows, student, mode)
-                out += _student_table(family, tier, student, mode, main)
+            # one table per label mode and student architecture (a tier run with several label modes)
+            for mode in dict.fromkeys(r["label_mode"] for r in rows):
+                for student in dict.fromkeys(r["student"] for r in rows if r["label_mode"] == mode):
+                    out += _student_table(family, tier, student, mode, main_rows(rows, student, mode))
             out += [f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
                         f"({family}-fashion-mnist-{tier}.md); plots and image grids: "
                         f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]

@@ -710,3 +710,12 @@ def test_committed_family_markdown_is_the_rendering_of_its_json(fm):
         if rendered is not None and rendered != path.with_suffix(".md").read_text():
             stale.append(family)
     assert stale == []
+
+
+def test_overview_has_a_table_per_label_mode(fm, tmp_path):
+    """A tier run with two label modes: the overview tabulated only the first row's mode."""
+    rows = [{**_row("dm", "dm", 1, 0.6, 0.5), "synthesis": {"wall_seconds": 2.0}},
+            {**_row("dm", "dm", 1, 0.7, 0.5, mode="teacher"), "synthesis": {"wall_seconds": 2.0}}]
+    (tmp_path / "matching-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
+    md = fm.overview(tmp_path)
+    assert "student convnet3-w32, label mode `hard`" in md and "student convnet3-w32, label mode `teacher`" in md
