@@ -26,6 +26,7 @@ import statistics
 from pathlib import Path
 
 from _cli import Parser, command, device_spec, output_folder, run_main
+from _published import FASHION_MNIST
 
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
@@ -187,13 +188,7 @@ def extra_family(name: str) -> str:
     return "matching" if name in MATCHING_EXTRAS else "decoupled"
 
 
-# Published Fashion-MNIST numbers (top-1 %, ConvNet-3, hard labels): DC paper (ICLR 2021) Table 1
-# (DC and random), DSA paper (ICML 2021) Table 2. No other method here reports Fashion-MNIST.
-PUBLISHED: dict[str, dict[int, tuple[float, float]]] = {
-    "dc": {1: (70.5, 0.6), 10: (82.3, 0.4), 50: (83.6, 0.4)},
-    "dsa": {1: (70.6, 0.6), 10: (84.6, 0.3), 50: (88.7, 0.2)},
-    "random": {1: (51.4, 3.8), 10: (73.8, 0.7), 50: (82.5, 0.7)},
-}
+PUBLISHED = FASHION_MNIST  # the DC and DSA papers' numbers (see _published)
 WHOLE_DATASET = 93.5  # ConvNet-3 on all 60k images, DC paper Table 1
 # the EDC ablation rows of the decoupled configs (EDC Fig. 1 steps), kept out of the main tables
 ABLATION = ("edc-A", "edc-AB", "edc-ABD", "edc-ABDF")
