@@ -60,16 +60,22 @@ def lock_held(path: Path, seconds: float):
 
     from ddkit.artifacts import build_lock
 
-    taken = threading.Event()
+    taken, failed = threading.Event(), []
 
     def hold():
-        with build_lock(path):
+        try:
+            with build_lock(path):
+                taken.set()
+                time.sleep(seconds)
+        except BaseException as exc:  # reported below, not left to hang the session
+            failed.append(exc)
             taken.set()
-            time.sleep(seconds)
 
     thread = threading.Thread(target=hold)
     thread.start()
-    taken.wait()
+    assert taken.wait(60), "the lock holder never took the lock"
+    if failed:
+        raise failed[0]
     try:
         yield
     finally:

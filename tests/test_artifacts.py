@@ -401,12 +401,19 @@ def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, la
                                config={}, dataset_config={})
 
 
-def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path):
+def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path, monkeypatch):
     """The grid of a 1000-class 224 px set was 226k px tall, made from GBs of float copies: it shows
-    the first 100 classes, images shrunk to 128 px; small images are still enlarged to ~56 px."""
+    the first 100 classes, images shrunk to 128 px one row at a time (no full-size copy of more than a
+    row); small images are still enlarged to ~56 px."""
+    import ddkit.distilled as distilled_mod
     from ddkit.distilled import save_grid
 
+    converted, to_uint8 = [], distilled_mod.to_uint8
+    monkeypatch.setattr(distilled_mod, "to_uint8", lambda x: converted.append(len(x)) or to_uint8(x))
     classes = [f"c{i}" for i in range(99)] + ["class100", "class101"]  # the names left out widen no margin
+    save_grid(torch.rand(202, 1, 136, 136), torch.arange(101).repeat(2), classes, tmp_path / "big.png", per_class=3)
+    assert converted == [2] * 100  # each shown class's images, a row at a time
+    monkeypatch.undo()
     save_grid(torch.rand(101, 1, 136, 136), torch.arange(101), classes, tmp_path / "big.png")
     big = Image.open(tmp_path / "big.png")
     assert big.height == 100 * (128 + 2) + 2 and big.width - (8 + 6 * len("class100")) == 10 * (128 + 2) + 2

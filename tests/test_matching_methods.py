@@ -368,8 +368,9 @@ def test_unknown_key_is_a_config_error():
 
 
 @pytest.mark.slow
-def test_dc_under_torchrun_shards_classes_and_equals_one_process(tmp_path):
-    """2 gloo ranks split DC's classes and all-reduce the image gradient: same images, bit for bit."""
+def test_dsa_under_torchrun_shards_classes_and_equals_one_process(tmp_path):
+    """2 gloo ranks split DSA's classes (DC's loop, plus the siamese augmentation) and all-reduce the
+    image gradient: same images, bit for bit."""
     from safetensors.torch import load_file
 
     from conftest import run_ddkit
@@ -426,6 +427,14 @@ def test_gradient_matching_takes_a_model_that_needs_more_than_32_px(key, tmp_pat
     out = distill(data, DistillConfig(method=key, ipc=1, options=options), DatasetConfig(name="synthetic"),
                   tmp_path / "set")
     assert out.images.shape == (2, 1, 64, 64) and torch.isfinite(out.images).all()
+    # only a size error sends the check to larger images: a bad option is named as it stands
+    from ddkit.methods.gradient_matching import has_batchnorm
+
+    with pytest.raises(DDKitError, match=r"^model 'convnet' has no option 'bogus'"):
+        has_batchnorm("convnet", {"bogus": 1})
+    with pytest.raises(DDKitError, match=r"^cannot tell whether model 'convnetd12' has BatchNorm layers: it cannot be "
+                                         r"built for 1-channel images of 32 to 1024 px \(image size 1024 is too small"):
+        has_batchnorm("convnetd12", {})
 
 
 def test_an_expert_model_too_deep_for_the_images_names_the_buffer_option(data, tmp_path, monkeypatch):

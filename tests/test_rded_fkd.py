@@ -574,3 +574,7 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
                                          r"'st/manifest.json'; pass the store loaded from the protocol's fkd_store, or "
                                          r"leave fkd_store out \(it is read from there\)$"):
         evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=SoftLabelStore.load("other"))
+    with pytest.raises(DDKitError, match=r"^fkd_store was never saved, so it cannot be the protocol's fkd_store "
+                                         r"'st/manifest.json'; save it there and pass the saved store"):
+        evaluate(ds, proto, [0], data=data, teacher=teacher,
+                 fkd_store=relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0))

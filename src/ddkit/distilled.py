@@ -390,18 +390,18 @@ def save_grid(
     if len(classes) > max_classes:
         log.info("the preview grid shows the first %d of %d classes", max_classes, len(classes))
         classes = classes[:max_classes]
+    c_, h, w = images.shape[1:]
+    side = max(h, w)
+    size = (max(1, h * max_side // side), max(1, w * max_side // side)) if side > max_side else (h, w)
+    blank = torch.zeros(1, c_, *size)
     rows = []
-    blank = torch.zeros_like(images[:1])
-    for c in range(len(classes)):
-        sel = images[labels == c][:per_class]
-        if len(sel) < per_class:
-            sel = torch.cat([sel, blank.expand(per_class - len(sel), *blank.shape[1:])])
-        rows.append(sel)
-    grid_in = to_uint8(torch.cat(rows)).float() / 255.0
-    side = max(images.shape[-2:])
-    if side > max_side:
-        grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=max_side / side, mode="area")
-    scale = max(1, -(-cell // images.shape[-1]))
+    for c in range(len(classes)):  # one row at a time, shrunk before the next: memory of one row at full size
+        sel = to_uint8(images[labels == c][:per_class]).float() / 255.0
+        if len(sel) and size != (h, w):
+            sel = torch.nn.functional.interpolate(sel, size=size, mode="area")
+        rows.append(torch.cat([sel, blank.expand(per_class - len(sel), -1, -1, -1)]))
+    grid_in = torch.cat(rows)
+    scale = max(1, -(-cell // grid_in.shape[-1]))
     if scale > 1:
         grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
     grid = make_grid(grid_in, nrow=per_class, padding=2, pad_value=1.0)

@@ -16,3 +16,7 @@ class ConfigError(DDKitError, ValueError):
 
 class DataError(DDKitError):
     """A dataset that is missing, corrupt, or does not fit what the run expects."""
+
+
+class ImageTooSmall(DDKitError):
+    """A model that cannot be built for images this small (too many poolings or strides)."""

@@ -401,7 +401,10 @@ def evaluate(
     if mode == "fkd":
         from ddkit.labels import SoftLabelStore
 
-        if fkd_store is not None and (fkd_store.path is None or Path(fkd_store.path).resolve()
+        if fkd_store is not None and fkd_store.path is None:
+            raise DDKitError("fkd_store was never saved, so it cannot be the protocol's fkd_store "
+                             f"{protocol.fkd_store!r}; save it there and pass the saved store, or leave fkd_store out")
+        if fkd_store is not None and (Path(fkd_store.path).resolve()
                                       != artifact_folder(protocol.fkd_store, "fkd-soft-labels").resolve()):
             raise DDKitError(f"fkd_store was loaded from {str(fkd_store.path)!r}, not from the protocol's fkd_store "
                              f"{protocol.fkd_store!r}; pass the store loaded from the protocol's fkd_store, or leave "

@@ -18,7 +18,7 @@ from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import Augment, build_augment
 from ddkit.data.base import DataBundle, to_device
-from ddkit.errors import ConfigError, DDKitError
+from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.matching import (
@@ -129,17 +129,16 @@ def has_batchnorm(model: str, options: dict) -> bool:
     """
     from ddkit.models import create_model
 
-    errors = []
     for size in PROBE_SIZES:
         try:
             with torch.device("meta"):
                 net = create_model(model, 1, 2, size, **options)
-        except DDKitError as err:
-            errors.append(err)
+        except ImageTooSmall as err:  # another error (a bad option) is the user's to fix, as it stands
+            too_small = err
             continue
         return bool(batchnorm_layers(net))
     raise DDKitError(f"cannot tell whether model {model!r} has BatchNorm layers: it cannot be built for 1-channel "
-                     f"images of {PROBE_SIZES[0]} to {PROBE_SIZES[-1]} px ({errors[-1]})")
+                     f"images of {PROBE_SIZES[0]} to {PROBE_SIZES[-1]} px ({too_small})")
 
 
 def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
@@ -239,7 +238,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 loss = ddist.all_reduce_sum(loss.detach().clone())
             syn.grad = grad
             opt_img.step()
-            total = total + loss.detach()  # a tensor: read (a device wait) only by a progress report
+            total = total + loss.detach().double()  # float64 as Python numbers; read (a device wait) only by a progress report
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)

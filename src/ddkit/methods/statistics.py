@@ -811,7 +811,7 @@ def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: t
         with torch.no_grad():
             for p, g in zip(params, grads):
                 if g is not None:
-                    p.add_(g * (step / (norm + 1e-12)))
+                    p.add_(g, alpha=step / (float(norm) + 1e-12))  # (a few waits per batch, not per step)
     for p in params:
         p.requires_grad_(False)
     return adjusted
@@ -979,8 +979,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs,
                                          stats_emas[ti] if stats_emas is not None else None, drop)
                 loss = loss + weight * part
-                for key, v in rec.items():
-                    record[key] = record.get(key, 0.0) + weight * v
+                for key, v in rec.items():  # summed in float64, as Python numbers were
+                    record[key] = record.get(key, 0.0) + weight * v.double()
             if cfg.densify_weight > 0:
                 dense = densification_loss(inputs, blabels, cfg.densify_tau)
                 loss = loss + cfg.densify_weight * dense

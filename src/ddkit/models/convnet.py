@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, ImageTooSmall
 from ddkit.models.registry import MODELS, check_positive_int, register_name_parser
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
@@ -101,7 +101,7 @@ class ConvNet(nn.Module):
             size >>= depth  # each 2x2 stride-2 pooling floors the size by half
             if size < 1:
                 smaller = f"a smaller depth (at most {deepest}) or " if deepest >= 1 else ""
-                raise DDKitError(
+                raise ImageTooSmall(
                     f"image size {image_size} is too small for a depth-{depth} ConvNet with pooling: "
                     f"{depth} poolings need at least {2**depth} px; use {smaller}pooling='none'"
                 )

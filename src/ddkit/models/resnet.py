@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ddkit import determinism
-from ddkit.errors import DDKitError
+from ddkit.errors import ImageTooSmall
 from ddkit.models.registry import MODELS, check_positive_int
 
 Norm = Callable[[int], nn.Module]
@@ -122,7 +122,7 @@ def resnet18_cifar_in(
     for _ in range(3):  # the stride-2 3x3 convs (padding 1) of stages 2 to 4
         size = (size + 1) // 2
     if size < 2:
-        raise DDKitError(
+        raise ImageTooSmall(
             f"image size {image_size} is too small for resnet18_cifar_in: its last stage would see "
             "1x1 maps, which instance norm maps to a constant; use images of at least 9 px or resnet18_cifar"
         )

@@ -408,7 +408,8 @@ def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
 
 def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None = None, device="cpu") -> Teacher:
-    """Wrap a user checkpoint (strictly loaded into ``cfg.model``) as a teacher artifact."""
+    """Wrap a user checkpoint (strictly loaded into ``cfg.model``) as a teacher artifact. Under
+    torchrun every rank calls it (rank 0 saves ``out``, the others wait for it at a barrier)."""
     path = Path(cfg.checkpoint)
     state = _read_checkpoint(path)
     model = _build(cfg, data)
