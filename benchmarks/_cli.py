@@ -62,12 +62,15 @@ def run_main(main: Callable[[], Any]) -> None:
 
 
 def command(script: str, argv: list[str] | None = None, data: bool = False) -> str:
-    """The exact command line that ran ``benchmarks/<script>.py`` (``argv``: its arguments, default
-    ``sys.argv[1:]``), quoted for a shell; ``data``: prefixed with the ``DDKIT_DATA`` it read."""
+    """The command line that ran ``benchmarks/<script>.py`` from the repository root, its arguments as
+    given (``argv``, default ``sys.argv[1:]``: relative paths are relative to where it ran), quoted for a
+    shell; ``data``: prefixed with the ``DDKIT_DATA`` it read. The ``DDKIT_*`` settings that change
+    results (``DDKIT_CUDA_DETERMINISTIC``) are prefixed too when set."""
     args = sys.argv[1:] if argv is None else list(argv)
     line = " ".join(["python", f"benchmarks/{script}.py", *map(shlex.quote, args)])
-    if data and os.environ.get("DDKIT_DATA"):
-        line = f"DDKIT_DATA={shlex.quote(os.environ['DDKIT_DATA'])} {line}"
+    for name in ("DDKIT_CUDA_DETERMINISTIC", *(("DDKIT_DATA",) if data else ())):
+        if os.environ.get(name):
+            line = f"{name}={shlex.quote(os.environ[name])} {line}"
     return line
 
 

@@ -112,19 +112,28 @@ def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int])
     return None
 
 
-def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], seconds: float, report: dict) -> dict:
+def machine(device: str) -> str:
+    """This machine in one line: platform, CPUs, torch threads and ``device`` (with the GPU's name)."""
+    gpu = f" ({torch.cuda.get_device_name(torch.device(device))})" if torch.device(device).type == "cuda" else ""
+    return (f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
+            f"device {device}{gpu}")
+
+
+def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], timing: dict, report: dict) -> dict:
+    """A table row; ``timing``: the set's synthesis record (its seconds, and the device and machine it
+    was made on, which the table reports whoever assembles it)."""
     published = PUBLISHED[ipc]
     return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)), "iterations": iterations,
             "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
-            "seeds": seeds, "synthesis_seconds": round(seconds, 1), "distilled": report["results"]["distilled"],
+            "seeds": seeds, "synthesis_seconds": round(timing["wall_seconds"], 1), "distilled": report["results"]["distilled"],
             "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
-            "bytes": report["bytes"]}
+            "bytes": report["bytes"], "device": timing["device"], "machine": timing["machine"]}
 
 
 def finished_row(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, model: str = MODEL) -> dict:
     """``--report-only``: the table row of a finished method, read from ``work`` (nothing trained or made);
-    a missing file, or an evaluation that did not score this set with this protocol and these seeds, is
-    refused in one line naming the fix."""
+    a missing file, an evaluation that did not score this set with this protocol and these seeds, or a
+    synthesis record that does not say where the set was made, is refused in one line naming the fix."""
     name = set_name(method, iterations, model)
     paths = {"set": work / name / "manifest.json", "synthesis time": work / f"{name}.synthesis.json",
              "evaluation": work / f"{name}.eval.json"}
@@ -137,7 +146,12 @@ def finished_row(method: str, ipc: int, iterations: int, seeds: list[int], work:
     if why:
         raise DDKitError(f"--report-only: {paths['evaluation']} cannot go in the table: {why}; give the --seeds it "
                          f"scored, or run --methods {method} (without --report-only) to evaluate it again")
-    return _row(method, ipc, model, iterations, seeds, read_json(paths["synthesis time"])["wall_seconds"], report)
+    timing = read_json(paths["synthesis time"])
+    if "device" not in timing:
+        raise DDKitError(f"--report-only: {paths['synthesis time']} does not record the device {method} was made on "
+                         f"(written before ddkit recorded it); run --methods {method} without --report-only on that "
+                         "machine to assemble its table there")
+    return _row(method, ipc, model, iterations, seeds, timing, report)
 
 
 def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, device: str,
@@ -155,7 +169,7 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
     path = work / f"{name}.eval.json"
     distilled = DistilledSet.load(out) if (out / "manifest.json").is_file() else None
     if distilled is not None and distilled.manifest.get("config_hash") == distill_hash(cfg, data, None):
-        seconds = read_json(timing)["wall_seconds"]
+        record = read_json(timing)
     else:
         path.unlink(missing_ok=True)  # it scored the set made before (other data, an older method revision)
         # a run killed part way (a GPU lease's time limit) resumes from the method's last checkpoint;
@@ -173,9 +187,10 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
                 write_json(partial, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + last - t0})
 
         distilled = distill(data, cfg, dcfg, out, device=device, progress=progress)
-        seconds = before + time.perf_counter() - t0
-        write_json(timing, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": seconds,
-                            "chunks_resumed": before > 0})
+        # where it was made, which a table assembled elsewhere (--report-only) reports
+        record = {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + time.perf_counter() - t0,
+                  "chunks_resumed": before > 0, "device": torch.device(device).type, "machine": machine(device)}
+        write_json(timing, record)
         partial.unlink(missing_ok=True)
     protocol = _protocol(method, model)
     report = read_json(path) if path.is_file() else None
@@ -192,7 +207,8 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
         bar.close()
         report["set_config_hash"] = distilled.manifest.get("config_hash")  # which making of the set it scored
         write_json(path, report)
-    return _row(method, ipc, model, iterations, seeds, seconds, report)
+    return _row(method, ipc, model, iterations, seeds, {"device": torch.device(device).type, "machine": machine(device),
+                                                         **record}, report)
 
 
 def upgrade(table: dict) -> dict:
@@ -264,11 +280,15 @@ def main() -> None:
     else:
         rows = [run_method(m, args.ipc, args.iterations, seeds, work, args.device, args.model) for m in methods]
     if args.report_only or set(methods) == {"dc", "dsa"}:
-        device = torch.device(args.device).type
+        # the device the sets were made on (a table assembled on another machine reports theirs)
+        made_on = {r["method"]: r["device"] for r in rows}
+        if len(set(made_on.values())) > 1:
+            raise DDKitError(f"the sets were made on different devices ({', '.join(f'{m}: {d}' for m, d in made_on.items())}), "
+                             "so their synthesis times do not compare; make them on one device, or report them apart")
+        device = rows[0]["device"]
         table = {"schema_version": 2, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
                  "model": args.model, "seeds": seeds, "rows": rows, "command": command("dc_dsa", data=True),
-                 "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
-                            f"device {args.device}", "versions": versions()}
+                 "machine": rows[0]["machine"], "versions": versions()}
         # a trial with fewer iterations or other seeds never takes the published record's name
         trial = ((f"-it{args.iterations}" if args.iterations != ITERATIONS else "")
                  + (f"-seeds{'_'.join(map(str, seeds))}" if seeds != SEEDS else ""))

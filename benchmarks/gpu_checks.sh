@@ -18,7 +18,7 @@
 # a step with fewer than MIN_STEP_SECONDS (default 20) left is skipped, with a note in the log. The last
 # step (tier-cost) gets whatever is left. Every step's exit code is collected: the last line printed is
 # `gpu_checks: ...` naming the failed (exit code) and skipped steps, and the script exits 1 if any step
-# failed (a time-out is a failure: exit 124), else 0.
+# failed (a time-out is a failure: exit 124), else 2 if a step was skipped (not every check ran), else 0.
 # Runs with the machine's python3 (its torch; PYTHON=... for another) and this checkout's src/. Writes
 # OUT_DIR/checks.log (every step's output), unroll-memory.{json,md,png}, stats-pass.{json,md},
 # precision.{json,md} and tier-cost.{json,md}: ten files.
@@ -88,4 +88,5 @@ summary="gpu_checks: $PASSED passed"
 summary+="; $SECONDS s of TOTAL_SECONDS=$BUDGET; log $LOG"
 echo "$summary" | tee -a "$LOG"
 ((${#FAILED[@]} == 0)) || exit 1
+((${#SKIPPED[@]} == 0)) || exit 2
 exit 0

@@ -502,29 +502,33 @@ def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args
 
 STUB_PYTHON = """#!/usr/bin/env bash
 case " $* " in
-  *" demo "*) exit 3 ;;                     # the demo step fails
+  *" demo "*) exit "${STUB_DEMO_RC:-3}" ;;   # the demo step fails
   *" -m pytest "*) sleep "${STUB_SLEEP:-0}" ;;  # the first gpu tests step may run long
 esac
 exit 0
 """
 
 
-@pytest.mark.parametrize("env, summary, seconds", [
+@pytest.mark.parametrize("env, summary, seconds, code", [
     # every step runs; the failing one is named with its exit code, the script exits 1
-    ({"TOTAL_SECONDS": "300"}, "gpu_checks: 7 passed; failed: demo(3);", 60),
+    ({"TOTAL_SECONDS": "300"}, "gpu_checks: 7 passed; failed: demo(3);", 60, 1),
     # the long step is cut at what is left of the budget (not its own 200 s); the others are skipped
     ({"TOTAL_SECONDS": "4", "RESERVE_SECONDS": "0", "MIN_STEP_SECONDS": "1", "STUB_SLEEP": "60"},
      "gpu_checks: 1 passed; failed: pytest-gpu(124); skipped (no time left): pytest-gpu-strict demo unroll-memory "
-     "stats-pass precision tier-cost;", 15),
+     "stats-pass precision tier-cost;", 15, 1),
+    # nothing failed but steps were skipped: not every check ran, exit 2 (not 0)
+    ({"TOTAL_SECONDS": "30", "RESERVE_SECONDS": "0", "MIN_STEP_SECONDS": "25", "STUB_SLEEP": "6", "STUB_DEMO_RC": "0"},
+     "gpu_checks: 2 passed; skipped (no time left): pytest-gpu-strict demo unroll-memory stats-pass precision "
+     "tier-cost;", 30, 2),
 ])
-def test_gpu_checks_keeps_to_its_budget_and_fails_on_a_failed_step(tmp_path, env, summary, seconds):
+def test_gpu_checks_keeps_to_its_budget_and_fails_on_a_failed_step(tmp_path, env, summary, seconds, code):
     stub = tmp_path / "python"
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
                           env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True, timeout=seconds)
     last = proc.stdout.strip().splitlines()[-1]
-    assert proc.returncode == 1 and last.startswith(summary), proc.stdout[-2000:]
+    assert proc.returncode == code and last.startswith(summary), proc.stdout[-2000:]
     assert (tmp_path / "out" / "checks.log").read_text().strip().splitlines()[-1] == last
 
 
@@ -581,9 +585,12 @@ def test_command_records_every_argument_quoted(monkeypatch):
 
     monkeypatch.setattr(sys, "argv", ["x.py", "--seeds", "0,1", "--out", "a b.json"])
     monkeypatch.delenv("DDKIT_DATA", raising=False)
+    monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC", raising=False)
     assert _cli.command("dc_dsa", data=True) == "python benchmarks/dc_dsa.py --seeds 0,1 --out 'a b.json'"
     monkeypatch.setenv("DDKIT_DATA", "../shared/data")
     assert _cli.command("spine", ["--quick"], data=True) == "DDKIT_DATA=../shared/data python benchmarks/spine.py --quick"
+    monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")  # a setting that changes the numbers is part of the command
+    assert _cli.command("tier_cost", ["a.yaml"]) == "DDKIT_CUDA_DETERMINISTIC=0 python benchmarks/tier_cost.py a.yaml"
 
 
 class _Parsed(Exception):
@@ -637,14 +644,14 @@ def test_stats_pass_names_a_key_mismatch_with_the_project_error():
 # benchmarks/dc_dsa.py: an evaluation counts only for the set it scored; --report-only never trains
 
 
-def _dc_files(work, seeds=(0, 1), fingerprint="f1", config_hash="h1", set_hash="h1"):
+def _dc_files(work, seeds=(0, 1), fingerprint="f1", config_hash="h1", set_hash="h1", method="dc", device="cuda"):
     dd = _script("dc_dsa")
-    name = dd.set_name("dc", 3)
+    name = dd.set_name(method, 3)
     (work / name).mkdir(parents=True)
     (work / name / "manifest.json").write_text(json.dumps({"config_hash": config_hash, "dataset": {"fingerprint": fingerprint}}))
-    (work / f"{name}.synthesis.json").write_text(json.dumps({"wall_seconds": 12.0}))
+    (work / f"{name}.synthesis.json").write_text(json.dumps({"wall_seconds": 12.0, "device": device, "machine": f"a box, device {device}"}))
     stat = {"mean": 0.7, "std": 0.01, "per_seed": [0.7], "n": 1}
-    report = {"protocol_hash": dd._protocol("dc", dd.MODEL).hash, "seeds": list(seeds), "set_config_hash": set_hash,
+    report = {"protocol_hash": dd._protocol(method, dd.MODEL).hash, "seeds": list(seeds), "set_config_hash": set_hash,
               "distilled": {"dataset_fingerprint": "f1"}, "results": {"distilled": stat, "random": stat},
               "bytes": {"images": 1, "labels": 1}}
     (work / f"{name}.eval.json").write_text(json.dumps(report))
@@ -664,9 +671,34 @@ def test_dc_dsa_report_only_reads_the_finished_files_and_refuses_a_mismatch(tmp_
         _dc_files(work, **kw)
         with pytest.raises(DDKitError, match=words):
             dd.finished_row("dc", 1, 3, [0, 1], work)
+    # the device and machine the set was made on (a GPU lease), not those of the machine assembling the table
+    assert (row["device"], row["machine"]) == ("cuda", "a box, device cuda")
+    (tmp_path / "dc-it3.synthesis.json").write_text(json.dumps({"wall_seconds": 12.0}))  # before ddkit recorded it
+    with pytest.raises(DDKitError, match=r"dc-it3.synthesis.json does not record the device dc was made on"):
+        dd.finished_row("dc", 1, 3, [0, 1], tmp_path)
     (tmp_path / "dc-it3.synthesis.json").unlink()
     with pytest.raises(DDKitError, match="the synthesis time of dc .* is missing"):
         dd.finished_row("dc", 1, 3, [0, 1], tmp_path)
+
+
+def test_dc_dsa_report_only_tables_the_device_the_sets_were_made_on(tmp_path, monkeypatch, capsys):
+    """--report-only labelled the table with the assembling machine's device: GPU-made sets reported on
+    the CPU machine would have replaced the published CPU record."""
+    from ddkit.errors import DDKitError
+
+    dd = _dc_files(tmp_path / "work")
+    _dc_files(tmp_path / "work", method="dsa")
+    argv = ["dc_dsa.py", "--report-only", "--iterations", "3", "--seeds", "0,1", "--device", "cpu",
+            "--work", str(tmp_path / "work"), "--results", str(tmp_path / "res")]
+    monkeypatch.setattr("sys.argv", argv)
+    dd.main()
+    out = list((tmp_path / "res").glob("*.json"))
+    assert [p.name for p in out] == ["dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.json"]
+    table = json.loads(out[0].read_text())
+    assert table["device"] == "cuda" and table["machine"] == "a box, device cuda"
+    (tmp_path / "work" / "dsa-it3.synthesis.json").write_text(json.dumps({"wall_seconds": 1.0, "device": "cpu", "machine": "m"}))
+    with pytest.raises(DDKitError, match=r"^the sets were made on different devices \(dc: cuda, dsa: cpu\)"):
+        dd.main()
 
 
 def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
