@@ -24,10 +24,10 @@ from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_
 from ddkit.methods.matching import (
     RealByClass,
     check_common,
-    check_resume,
     derive_seed,
     fresh_model,
     model_keys,
+    resumable,
     state_fingerprint,
     tree_to,
 )
@@ -185,12 +185,10 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     labels_dev = labels.to(device)
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
 
-    ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=tag)
     fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
+    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint)
     step = 0
-    state = ckpt.load()
     if state is not None:
-        check_resume(state, fingerprint, ckpt.path)
         with torch.no_grad():
             syn.copy_(state["images"].to(device))
         opt_img.load_state_dict(tree_to(state["optim"], device))

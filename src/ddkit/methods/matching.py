@@ -6,8 +6,8 @@
   touching the global RNG (:func:`model_keys`: the config keys an error about it names);
 - :class:`RealByClass`: normalised real images indexed by class, on the device;
 - :func:`check_common`, :func:`check_model`: the config checks the matching methods share;
-- :func:`state_fingerprint`, :func:`check_resume`, :func:`tree_to`: what a checkpoint must match to be
-  resumed, and moving its (optimiser) state between devices;
+- :func:`state_fingerprint`, :func:`resumable`, :func:`tree_to`: what a checkpoint must match to be
+  resumed, the checkpoint with the state it holds, and moving its (optimiser) state between devices;
 - :func:`fit_per_class`: the loop of every method whose loss splits into independent per-class terms
   (DM, DataDAM), and :func:`gather_result`, their classes from every rank as one synthetic set.
 """
@@ -147,6 +147,16 @@ def check_resume(state: dict, fingerprint: str, path) -> None:
         )
 
 
+def resumable(ctx: FitContext, every: int, tag: str, fingerprint: str) -> tuple[common.Checkpoint, dict | None]:
+    """The method's checkpoint and the state it holds (None: start afresh); a state that a run with other
+    settings wrote (another ``fingerprint``) is refused."""
+    ckpt = common.Checkpoint(ctx, every, tag=tag)
+    state = ckpt.load()
+    if state is not None:
+        check_resume(state, fingerprint, ckpt.path)
+    return ckpt, state
+
+
 # ------------------------------------------------------------------------------------------------
 # the per-class loop (DM, DataDAM)
 
@@ -181,12 +191,10 @@ def fit_per_class(
     syn = {c: start[c * ipc:(c + 1) * ipc].clone().to(device).requires_grad_(True) for c in classes}
     opts = {c: torch.optim.SGD([syn[c]], lr=cfg.lr_img, momentum=cfg.momentum_img) for c in classes}
 
-    ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=tag)
     fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
+    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint)
     step = 0
-    state = ckpt.load()
     if state is not None:
-        check_resume(state, fingerprint, ckpt.path)
         step = int(state["step"])
         for c in classes:
             with torch.no_grad():

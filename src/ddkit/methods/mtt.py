@@ -79,8 +79,8 @@ from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.common import Checkpoint, init_images, report, to_normalized, to_pixels
-from ddkit.methods.matching import check_resume, state_fingerprint
+from ddkit.methods.common import init_images, report, to_normalized, to_pixels
+from ddkit.methods.matching import resumable, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
     ZCA_SPACE,
@@ -465,14 +465,12 @@ class _TrajectoryMatching(Method):
         expert_soft = None
         ema = images.detach().clone() if cfg.image_ema > 0 else None  # FTD: EMA from the initial images
 
-        ckpt = Checkpoint(ctx, cfg.checkpoint_every, tag=f"{self.key}-state")
         fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
         if cfg.experts is not None:  # a buffer retrained at the same path must not resume the old one's run
             fingerprint += f"|experts={buffer_identity(cfg.experts)}"
+        ckpt, state = resumable(ctx, cfg.checkpoint_every, f"{self.key}-state", fingerprint)
         start_it, skipped = 0, 0
-        state = ckpt.load()
         if state is not None:
-            check_resume(state, fingerprint, ckpt.path)
             with torch.no_grad():
                 images.copy_(state["images"].to(device))
                 lr_param.copy_(state["lr_param"].to(device))
