@@ -194,3 +194,8 @@ def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, 
     assert METHODS.get("sre2l").identity_tags({"jitter": 3, "jitter_mode": mode}) == {"jitter_mode": mode}
     assert METHODS.get("dwa").identity_tags({}) == {"jitter_mode": "positive"}  # DWA rolls by default
     assert METHODS.get("sre2l").identity_tags({}) == {}  # no roll: sets keep their identity
+    # the shared loop's later changes re-key only the sets they touch, whichever preset made them
+    assert METHODS.get("sre2l").identity_tags({"alpha": 0.5}) == {"class_var": 2}
+    assert METHODS.get("cda").identity_tags({"flatness_weight": 0.1}) == {"flatness_kl": 2}
+    assert METHODS.get("edc").identity_tags({}) == {"class_var": 2, "flatness_kl": 2}  # both on by default
+    assert METHODS.get("edc").identity_tags({"alpha": 1.0, "flatness_weight": 0.0}) == {}

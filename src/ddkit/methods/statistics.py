@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -685,10 +685,23 @@ class RecoverMethod(Method):
 
     @classmethod
     def identity_tags(cls, options: dict) -> dict:
-        # until 2026-12-04 the roll's shifts were drawn in [-jitter, jitter]; sets made with a roll get a
-        # new identity now that `jitter_mode` decides (positive by default), those without keep theirs
-        jitter = options.get("jitter", cls.Config.__dataclass_fields__["jitter"].default)
-        return {"jitter_mode": options.get("jitter_mode", "positive")} if isinstance(jitter, int) and jitter > 0 else {}
+        """Changes to the shared loop's output, as identity tags of the sets they touch (each preset's
+        ``revision`` covers only its own changes): a set cached before such a change is made again,
+        those the change left alone keep their identity."""
+        def option(name: str):
+            return options.get(name, cls.Config.__dataclass_fields__[name].default)
+
+        tags: dict[str, Any] = {}
+        # until 2026-12-04 the roll's shifts were drawn in [-jitter, jitter]; `jitter_mode` now decides
+        if isinstance(option("jitter"), int) and option("jitter") > 0:
+            tags["jitter_mode"] = options.get("jitter_mode", "positive")
+        # 2026-12-05: class-conditional variances computed without cancellation (alpha < 1 uses them)
+        if isinstance(option("alpha"), (int, float)) and option("alpha") < 1:
+            tags["class_var"] = 2
+        # 2026-12-05: the flatness KL taken as EDC's code takes it (KL(ema || images), mean over classes)
+        if isinstance(option("flatness_weight"), (int, float)) and option("flatness_weight") > 0:
+            tags["flatness_kl"] = 2
+        return tags
 
 
 @dataclass
