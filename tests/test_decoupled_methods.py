@@ -329,6 +329,19 @@ def test_recover_reports_its_losses_as_numbers(data, bn_teacher, tmp_path):
     assert seen[0]["loss"] != seen[-1]["loss"]
 
 
+def test_a_record_is_read_in_one_copy_and_quiet_bars_take_no_callback():
+    """Each loss term was read from the device on its own (4-6 waits per step), and the CLI passed a
+    callback even with its bars off (-q, ranks other than 0), so every step read them anyway."""
+    from ddkit.cli import Progress
+    from ddkit.methods.common import floats
+
+    record = {"loss": torch.tensor(1.5), "n": 2, "kl": torch.tensor(0.25, dtype=torch.float64)}
+    out = floats(record)
+    assert out == {"loss": 1.5, "n": 2.0, "kl": 0.25} and list(out) == ["loss", "n", "kl"]
+    assert all(type(v) is float for v in out.values()) and floats({}) == {}
+    assert Progress(enabled=False).stage("distill edc") is None and callable(Progress().stage("distill edc"))
+
+
 def test_fyi_flip_pair():
     x = torch.arange(8.0).view(1, 1, 2, 4)
     out, labels = flip_pair(x, torch.tensor([3]))

@@ -54,7 +54,11 @@ class Progress:
             self.close()
 
     def stage(self, name: str):
-        """A callback for one stage; a ``distill`` stage counts iterations and names its one-off passes."""
+        """A callback for one stage; a ``distill`` stage counts iterations and names its one-off passes.
+        None when the bars are off (``-q``, ranks other than 0): a synthesis loop then never reads its
+        losses from the device for a bar that is not shown."""
+        if not self.enabled:
+            return None
         if name.split()[0] != "distill":
             return lambda done, total, record: self(name, done, total, record)
         from ddkit.methods.common import progress_view
@@ -368,6 +372,10 @@ class BenchBars:
             else:
                 self._cells.update(done - self._cells.n)
 
+    @property
+    def enabled(self) -> bool:
+        return self._cells is not None
+
     def stage(self, what: str, done: int, total: int) -> None:
         bar = self._stage
         if bar is not None:
@@ -391,7 +399,7 @@ def cmd_bench(args) -> int:
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
     bars = BenchBars(not args.quiet and ddist.current().is_main)
     try:
-        rows = run_bench(cfg, progress=bars.cell, stage_progress=bars.stage)
+        rows = run_bench(cfg, progress=bars.cell, stage_progress=bars.stage if bars.enabled else None)
     finally:
         bars.close()
     _print(format_bench_table(rows))

@@ -76,8 +76,11 @@ class Checkpoint:
 
 
 def floats(record: dict[str, float | torch.Tensor]) -> dict[str, float]:
-    """A record's values as Python numbers (a tensor value waits for its device here)."""
-    return {key: float(v) for key, v in record.items()}
+    """A record's values as Python numbers; its tensor values are read in one copy from their device
+    (one wait, not one per value)."""
+    tensors = [v.detach().double().reshape(()) for v in record.values() if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return {key: next(read) if isinstance(v, torch.Tensor) else float(v) for key, v in record.items()}
 
 
 def report(ctx: FitContext, step: int, total: int, **record: float | torch.Tensor) -> None:
