@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -340,6 +341,21 @@ def test_a_record_is_read_in_one_copy_and_quiet_bars_take_no_callback():
     assert out == {"loss": 1.5, "n": 2.0, "kl": 0.25} and list(out) == ["loss", "n", "kl"]
     assert all(type(v) is float for v in out.values()) and floats({}) == {}
     assert Progress(enabled=False).stage("distill edc") is None and callable(Progress().stage("distill edc"))
+
+
+@pytest.mark.parametrize("key, options, message", [
+    ("cda", {"augment": "crop_flip"}, "curriculum cosine (this method's) shapes RandomResizedCrop's scale, but augment "
+                                       "is crop_flip; set curriculum: none or augment: rrc_flip"),
+    ("sre2l", {"jitter_mode": "symmetric"}, "jitter_mode symmetric applies only with jitter > 0; remove it or set jitter"),
+    ("sre2l", {"augment": "none", "augment_per": "batch"},
+     "augment_per batch applies only with an augmentation, but augment is none; remove it or set augment"),
+])
+def test_settings_of_a_part_that_is_off_are_refused(key, options, message):
+    """CDA's own curriculum under crop_flip did nothing, silently; jitter_mode without a jitter and
+    augment_per without an augmentation did nothing but gave the set another identity."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        from_dict(METHODS.get(key).Config, options)
+    from_dict(METHODS.get("cda").Config, {"augment": "crop_flip", "curriculum": "none"})  # the fix, accepted
 
 
 def test_fyi_flip_pair():

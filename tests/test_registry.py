@@ -28,5 +28,25 @@ def test_unknown_name_suggests():
 def test_duplicate_registration_fails():
     reg = Registry("model")
     reg.add("a", 1)
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(DDKitError, match=r"^model 'a' is already registered \(by int\); register yours under another "
+                                         r"name$"):
         reg.add("a", 2)
+
+    def make():
+        return 1
+
+    reg.add("f", make)
+    reg.add("f", make)  # the same definition again (a re-run notebook cell): it replaces the entry
+
+    def other():
+        return 2
+
+    with pytest.raises(DDKitError, match=r"is already registered \(by test_registry\..*make\)"):
+        reg.add("f", other)
+
+
+def test_unknown_name_suggests_the_name_in_another_case():
+    reg = Registry("method")
+    reg.add("edc", object())
+    with pytest.raises(DDKitError, match=r"^unknown method 'EDC'; did you mean 'edc'\?$"):
+        reg.get("EDC")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -26,9 +27,11 @@ class Registry(Generic[T]):
         """Decorator that registers ``obj`` under ``name``; names are unique."""
 
         def deco(obj: T) -> T:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = obj
+            if name in self._entries and (_origin(obj) is None or _origin(self._entries[name]) != _origin(obj)):
+                raise DDKitError(f"{self.kind} {name!r} is already registered (by "
+                                 f"{_origin(self._entries[name]) or type(self._entries[name]).__name__}); register "
+                                 "yours under another name")
+            self._entries[name] = obj  # the same definition again (a re-run notebook cell, a reload) replaces it
             return obj
 
         return deco
@@ -43,7 +46,8 @@ class Registry(Generic[T]):
             raise DDKitError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: str) -> str:
-        close = difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
+        same_case = [n for n in self._entries if n.lower() == str(name).lower()]  # 'EDC' for 'edc'
+        close = same_case or difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
         hint = (f"did you mean {close[0]!r}?" if close else
                 f"see `ddkit list {self.kind}s` (one of your own: import the module that registers it first; the CLI "
                 "imports those named in DDKIT_PLUGINS)")
@@ -63,3 +67,12 @@ class Registry(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _origin(obj: object) -> str | None:
+    """Where a class or function ``obj`` is defined (``module.QualName``), which tells a second
+    registration of the same definition from another one under a taken name; None for other objects
+    (instances, partials), which are never taken for the same definition."""
+    if not (isinstance(obj, type) or inspect.isfunction(obj)):
+        return None
+    return f"{obj.__module__}.{obj.__qualname__}"

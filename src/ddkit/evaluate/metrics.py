@@ -51,8 +51,9 @@ def normalized_exp(x: float) -> float:
 
 def lrs(ior_value: float, hlr_value: float, lam: float = 0.5) -> float:
     """Label-robust score from IOR and HLR (fractions): alpha = lam*IOR - (1-lam)*HLR, then
-    :func:`normalized_exp`. In [0, 1]; 1 means +100 points over random and full-data hard accuracy
-    recovered with margin to spare."""
+    :func:`normalized_exp`. In [0, 1]: 1 only at IOR = 1 and HLR = -1 (unreachable while the full
+    data scores above 0); a random subset (IOR 0) whose hard-label accuracy equals the full data's
+    (HLR 0) scores (1 - e^-1) / (e - e^-1) = 0.2689."""
     if not 0.0 <= lam <= 1.0:
         raise DDKitError(f"lambda must be in [0, 1], got {lam}")
     return normalized_exp(lam * ior_value - (1.0 - lam) * hlr_value)

@@ -644,13 +644,23 @@ class RecoverConfig(Checked):
             (self.augment in ("rrc_flip", "crop_flip", "none"), f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
             (self.curriculum in ("none", "step", "linear", "cosine"), f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
         ]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.augment != "rrc_flip":  # the crop-scale settings only shape RandomResizedCrop
-            defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            moved = [k for k in ("scale_min", "curriculum", "milestone") if getattr(self, k) != defaults[k]]
+            moved = [k for k in ("scale_min", "curriculum", "milestone")  # (curriculum none is no curriculum)
+                     if getattr(self, k) != defaults[k] and not (k == "curriculum" and self.curriculum == "none")]
             if moved:
                 checks.append((False, f"{', '.join(moved)} {'apply' if len(moved) > 1 else 'applies'} only to "
                                       f"augment: rrc_flip, but augment is "
                                       f"{self.augment}; remove them or set augment: rrc_flip"))
+            elif self.curriculum != "none":  # a preset's own curriculum (CDA's) would silently do nothing
+                checks.append((False, f"curriculum {self.curriculum} (this method's) shapes RandomResizedCrop's scale, "
+                                      f"but augment is {self.augment}; set curriculum: none or augment: rrc_flip"))
+        # settings of a part that is off: they would do nothing, yet give the set another identity
+        if self.jitter == 0 and self.jitter_mode != defaults["jitter_mode"]:
+            checks.append((False, f"jitter_mode {self.jitter_mode} applies only with jitter > 0; remove it or set jitter"))
+        if self.augment == "none" and self.augment_per != defaults["augment_per"]:
+            checks.append((False, f"augment_per {self.augment_per} applies only with an augmentation, but augment is "
+                                  "none; remove it or set augment"))
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ConfigError("; ".join(errors))
