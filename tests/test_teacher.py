@@ -213,6 +213,26 @@ def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     assert not (tmp_path / "y").exists()
 
 
+def test_an_imported_checkpoint_is_read_once_after_its_check(teacher_dir, tiny, tmp_path, monkeypatch):
+    """check_teacher (the pre-flight of run and bench) read the checkpoint, and the import read it again."""
+    from safetensors.torch import load_file
+
+    import ddkit.teacher.squeeze as squeeze
+    from ddkit.teacher import check_teacher
+
+    shutil.copy(teacher_dir / "model.safetensors", tmp_path / "ck.safetensors")
+    cfg = _cfg(checkpoint=str(tmp_path / "ck.safetensors"))
+    reads, read = [], squeeze._read_checkpoint_file
+    monkeypatch.setattr(squeeze, "_read_checkpoint_file", lambda path: reads.append(path) or read(path))
+    check_teacher(cfg, tiny)
+    once = train_teacher(tiny, cfg, tmp_path / "imp")
+    assert len(reads) == 1 and squeeze._CHECKED == {}  # the import took what the check read
+    assert train_teacher(tiny, cfg).fingerprint == once.fingerprint and len(reads) == 2  # no check: read again
+    check_teacher(cfg, tiny)
+    save_file({k: v + 1 for k, v in load_file(str(cfg.checkpoint)).items()}, str(cfg.checkpoint))  # changed since
+    assert train_teacher(tiny, cfg).fingerprint != once.fingerprint and len(reads) == 4
+
+
 class Evil:
     def __reduce__(self):
         return (print, ("pwned",))

@@ -293,7 +293,7 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
         model = _build(cfg, data, key)
     if cfg.checkpoint:
         try:
-            _load_strict(model, _read_checkpoint(Path(cfg.checkpoint)), cfg.checkpoint, cfg.model)
+            _load_strict(model, _read_checkpoint(Path(cfg.checkpoint), keep=True), cfg.checkpoint, cfg.model)
         except DDKitError as exc:
             raise ConfigError(f"{key}.checkpoint: {exc}") from None
 
@@ -381,7 +381,24 @@ def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path, device:
     return teacher
 
 
-def _read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+# the checkpoint check_teacher last read, for the import that follows it (a checkpoint is read once)
+_CHECKED: dict[tuple, dict[str, torch.Tensor]] = {}
+
+
+def _read_checkpoint(path: Path, keep: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict in a user's checkpoint file. ``keep``: hold it for the next read of the same
+    unchanged file (path, size and modification time), which takes it (check_teacher, then the import)."""
+    key = (str(path.resolve()), *((path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else ()))
+    if key in _CHECKED:
+        return _CHECKED[key] if keep else _CHECKED.pop(key)
+    state = _read_checkpoint_file(path)
+    if keep:
+        _CHECKED.clear()
+        _CHECKED[key] = state
+    return state
+
+
+def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         if folder_kind(path) == KIND:
             raise DDKitError(f"checkpoint {str(path)!r} is a ddkit teacher folder, which needs no import; pass it as "
