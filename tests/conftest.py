@@ -95,6 +95,18 @@ def tiny():
     return make_synthetic()
 
 
+@pytest.fixture(scope="session")
+def bn_teacher(tiny):
+    """A depth-2, width-8 BatchNorm ConvNet trained 2 epochs on ``tiny``: the teacher of the decoupled
+    methods' tests (trained once for every module that uses it)."""
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
+    return train_teacher(tiny, cfg)
+
+
 @pytest.fixture
 def tiny_protocol():
     from ddkit.evaluate import resolve_protocol

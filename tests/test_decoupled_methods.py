@@ -36,11 +36,6 @@ def _teacher(data, norm, seed=0):
 
 
 @pytest.fixture(scope="module")
-def bn_teacher(data):
-    return _teacher(data, "batchnorm")
-
-
-@pytest.fixture(scope="module")
 def in_teacher(data):
     return _teacher(data, "instancenorm")
 

@@ -10,20 +10,11 @@ from ddkit.errors import ConfigError
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods import statistics as S
 from ddkit.methods.edc import EDCConfig, GVBSMConfig
-from ddkit.teacher import TeacherConfig, train_teacher
-from ddkit.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def data():
     return make_synthetic()
-
-
-@pytest.fixture(scope="module")
-def bn_teacher(data):
-    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
-                        train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
-    return train_teacher(data, cfg)
 
 
 def test_patch_moments_match_hand_computation():

@@ -8,20 +8,11 @@ import torch
 from ddkit.config import from_dict
 from ddkit.data.base import make_synthetic
 from ddkit.methods import METHODS, FitContext
-from ddkit.teacher import TeacherConfig, train_teacher
-from ddkit.training import TrainConfig
 
 
 @pytest.fixture(scope="module")
 def data():
     return make_synthetic()
-
-
-@pytest.fixture(scope="module")
-def teacher(data):
-    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
-                        train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
-    return train_teacher(data, cfg)
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +32,11 @@ def _fit(name, data, teacher, work, **options):
     ("edc", "flatness_beta", 0.5, "images"),  # the EMA rate of the image copy (default 0.99)
     ("datm", "momentum_y", 0.0, "soft_labels"),  # SGD momentum of the learned logits (default 0.9)
 ])
-def test_an_option_changes_the_set(data, teacher, cache, tmp_path, monkeypatch, name, option, value, field):
+def test_an_option_changes_the_set(data, bn_teacher, cache, tmp_path, monkeypatch, name, option, value, field):
     monkeypatch.setenv("DDKIT_CACHE", str(cache))
     default = getattr(METHODS.get(name).Config(), option)
     assert value != default
-    base = _fit(name, data, teacher, tmp_path / "base")
-    other = _fit(name, data, teacher, tmp_path / "other", **{option: value})
+    base = _fit(name, data, bn_teacher, tmp_path / "base")
+    other = _fit(name, data, bn_teacher, tmp_path / "other", **{option: value})
     assert getattr(base, field) is not None and getattr(base, field).shape == getattr(other, field).shape
     assert not torch.equal(getattr(base, field), getattr(other, field)), f"{name}.{option} {value} changed nothing"
