@@ -388,7 +388,8 @@ _CHECKED: dict[tuple, dict[str, torch.Tensor]] = {}
 def _read_checkpoint(path: Path, keep: bool = False) -> dict[str, torch.Tensor]:
     """The state_dict in a user's checkpoint file. ``keep``: hold it for the next read of the same
     unchanged file (path, size and modification time), which takes it (check_teacher, then the import)."""
-    key = (str(path.resolve()), *((path.stat().st_size, path.stat().st_mtime_ns) if path.is_file() else ()))
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), *((stat.st_size, stat.st_mtime_ns) if stat is not None else ()))
     if key in _CHECKED:
         return _CHECKED[key] if keep else _CHECKED.pop(key)
     state = _read_checkpoint_file(path)
