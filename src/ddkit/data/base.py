@@ -123,7 +123,8 @@ class DataBundle:
     std: tuple[float, ...]
     source: str = ""
     #: per split, how many files the source converted to fit the data ({"train": {"alpha_dropped": 3}}; empty when
-    #: none were; see ddkit.data.sources.CONVERSIONS): recorded by :meth:`describe`, not part of the fingerprint
+    #: none were; see ddkit.data.sources.CONVERSIONS): recorded by :meth:`describe`, not part of the fingerprint.
+    #: Counts cover every file the source read, before ``train_per_class``/``test_per_class`` keep a subset.
     conversions: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
     #: the config :func:`load_dataset` loaded it with (None for data built by hand)
     config: DatasetConfig | None = dataclasses.field(default=None, compare=False, repr=False)
