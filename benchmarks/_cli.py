@@ -167,7 +167,8 @@ def one_of(*names: str) -> Callable[[str], list[str]]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         bad = [p for p in parts if p not in names]
         if bad or not parts:
-            raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(names)}, comma-separated, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(names)}, comma-separated, "
+                                             f"got {text!r}")
         return list(dict.fromkeys(parts))
 
     return parse

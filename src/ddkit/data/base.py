@@ -30,8 +30,10 @@ class DatasetConfig(Checked):
     """Which dataset to load and how."""
 
     name: str = field("fashion-mnist", help="registered dataset key (`ddkit list datasets`)")
-    path: str | None = field(None, help="explicit folder or file; default searches $DDKIT_DATA/<name>, then /usr/share/datasets/<name>")
-    classes: list[str] | None = field(None, help="imagefolder: class names in label order (default: sorted folder names)")
+    path: str | None = field(None, help="explicit folder or file; default searches $DDKIT_DATA/<name>, then "
+                                        "/usr/share/datasets/<name>")
+    classes: list[str] | None = field(None,
+                                      help="imagefolder: class names in label order (default: sorted folder names)")
     image_size: int | None = field(None, help="imagefolder: resize images to this square size")
     train_split: str = field("train", help="imagefolder: train split folder name")
     test_split: str = field("test", help="imagefolder: test split folder name")
@@ -366,7 +368,8 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
         if v is not None and not is_count(v, low):
             raise ConfigError(f"dataset.options.{key} must be an integer >= {low}, got {v!r}")
     noise = cfg.options.get("noise")
-    if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf")):
+    if (noise is not None
+            and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf"))):
         raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
     from ddkit.data.sources import _check_class_order  # sources imports this module
 
