@@ -186,8 +186,8 @@ def registered_model(text: str) -> str:
 
 
 def device_spec(text: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` (where it is available) or ``auto`` (cuda if present,
-    else cpu; returned resolved). Checked without touching the device's settings."""
+    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` (where it is available) or ``auto`` (cuda if
+    present, else cpu; returned resolved). Checked without touching the device's settings."""
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -14,7 +14,8 @@ Cost of one outer iteration: about 20 s (IPC 1) on one CPU thread, DC and DSA si
 DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h200.md), so IPC 1 is
 a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
 
-    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] [--model convnet3-p3]
+    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] \\
+        [--model convnet3-p3]
 
 ``--model convnet3-p3`` uses the papers' code's network exactly: on 1-channel 28x28 images it pads the
 first conv by 3 (feature maps 32 -> 16 -> 8 -> 4); ``convnet3`` (the default, and the recorded IPC-1

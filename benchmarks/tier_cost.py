@@ -20,8 +20,8 @@ Extrapolated time = set-up + per-unit time x units. It leaves out what the bench
 stages (loading, artifacts, reports: seconds) and assumes one process; under ``torchrun`` the
 stages are spread over ranks.
 
-    python benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml configs/bench/fashion-mnist-matching.yaml \\
-        --device cuda [--budget 1.5] [--out docs/results/tier-cost.json]
+    python benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml \\
+        configs/bench/fashion-mnist-matching.yaml --device cuda [--budget 1.5] [--out docs/results/tier-cost.json]
 
 Prints a table and writes the JSON (every measured stage) and a markdown table beside it.
 """

@@ -320,7 +320,8 @@ def test_per_method_configs_match_the_full_tiers(path: Path):
 def test_demo_config_matches_shipped_yaml():
     shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
     demo = demo_config(out=shipped.out, device=shipped.device)
-    assert to_dict(demo) == to_dict(shipped) and shipped.out == "runs/demo"  # `ddkit run` on it writes where the demo does
+    # `ddkit run` on it writes where the demo does
+    assert to_dict(demo) == to_dict(shipped) and shipped.out == "runs/demo"
     bf16 = demo_config(out=shipped.out, device=shipped.device, precision="bf16")  # `ddkit demo --precision bf16`
     assert bf16.teacher.train.precision == "bf16" and demo.teacher.train.precision == "fp32"
     assert resolve_protocol(bf16.evaluate.protocol, bf16.evaluate.overrides).train.precision == "bf16"

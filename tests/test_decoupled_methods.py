@@ -561,7 +561,8 @@ def test_edc_init_from_rded(data, bn_teacher, tmp_path):
     # rded's errors name its settings inside edc's options
     with pytest.raises(ConfigError, match=r"raise distill.options.rded_options.mipc to at least 2, or lower --ipc$"):
         _run("edc", data, [bn_teacher], ipc=2, **{**opts, "rded_options": {"mipc": 1, "num_crop": 2}})
-    with pytest.raises(ConfigError, match=r"^unknown config key 'distill.options.rded_options.bogus'"):  # it said 'rded_options.bogus'
+    # it said 'rded_options.bogus'
+    with pytest.raises(ConfigError, match=r"^unknown config key 'distill.options.rded_options.bogus'"):
         _run("edc", data, [bn_teacher], ipc=2, **{**opts, "rded_options": {"bogus": 1}})
 
 

@@ -54,7 +54,8 @@ def test_show_summarises_every_record_of_a_run(demo_run, capsys):
         run / "eval-teacher.json": ["random ipc=2", "teacher"],
         run / "report" / "eval.json": ["hard", "teacher"],
         run / "report": ["hard", "teacher"],  # the README's report folder: its eval.json
-        run / "config.json": ["pipeline run: random ipc=2 on synthetic, seed 3"],  # was "a run folder without its manifest"
+        # was "a run folder without its manifest"
+        run / "config.json": ["pipeline run: random ipc=2 on synthetic, seed 3"],
         demo_run / "fkd": ["FKD soft labels: 2 epochs x 8 images, 4 classes, top-2 logits", "CutMix p=1.0"],
     }
     for path, parts in expected.items():

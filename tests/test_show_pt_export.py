@@ -44,7 +44,8 @@ def test_show_describes_a_pt_export(tmp_path, capsys, caplog):
     code, out, err = _cli(["evaluate", str(cut), "--protocol", "dc-protocol", "-q"], capsys)
     assert (code, err) == (2, f"error: {str(cut)!r} is a file, not a distilled-set artifact (a folder holding "
                               "manifest.json); pass the artifact's folder\n")
-    code, _, err = _cli(["export", d, "--format", "pt", "--out", str(cut), "-q"], capsys)  # never over a file it cannot read
+    # never over a file it cannot read
+    code, _, err = _cli(["export", d, "--format", "pt", "--out", str(cut), "-q"], capsys)
     assert code == 2 and "exists and is not a readable ddkit pt export; choose another --out or remove it" in err
     cut.unlink()  # the advice, followed
     assert (main(["export", d, "--format", "pt", "--out", str(cut), "-q"]) == 0

@@ -339,7 +339,8 @@ def test_relabel_cli_records_the_mode_and_stores_other_logits(teacher, distilled
     for key in run.tensors:  # the same views (augmentation and CutMix) ...
         if key != "logits":
             assert torch.equal(run.tensors[key], batch.tensors[key]), key
-    assert float((run.tensors["logits"].float() - batch.tensors["logits"].float()).abs().max()) > 1e-2  # ... other logits
+    # ... other logits
+    assert float((run.tensors["logits"].float() - batch.tensors["logits"].float()).abs().max()) > 1e-2
     assert torch.equal(batch.tensors["logits"], SoftLabelStore.load(tmp_path / "batch3").tensors["logits"])
     # the logits of one group: its rendered views through the teacher with the group's statistics
     one = relabel(distilled, teacher, 1, cutmix_prob=0.5, teacher_bn="batch", teacher_bn_batch=12)

@@ -191,7 +191,8 @@ def test_zca_protocol_whitens_set_random_subset_and_full_data(data, tmp_path, ca
         rep = evaluate(ds, white, [0], data=data, cache_dir=tmp_path)
     assert not [r for r in caplog.records if "ZCA" in r.getMessage()]
     want = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
-    assert len(seen) == 3 and all(t is not None and torch.equal(t.whiten, want.whiten) for t in seen)  # set, random, full
+    # set, random, full
+    assert len(seen) == 3 and all(t is not None and torch.equal(t.whiten, want.whiten) for t in seen)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ddkit"):
         other = evaluate(ds, plain, [0], data=data, cache_dir=tmp_path)

@@ -207,10 +207,12 @@ class BenchConfig(Checked):
         if clashes:  # the pipeline would refuse them only when the bench reaches their cell
             keys = sorted(clashes)
             raise ConfigError(
-                f"methods {keys} label their images themselves ({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), "
-                "and their soft_labels: true would overwrite that with the teacher's logits; drop soft_labels: true on them, "
-                f"or set {' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
-        if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
+                f"methods {keys} label their images themselves "
+                f"({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), and their soft_labels: true would "
+                "overwrite that with the teacher's logits; drop soft_labels: true on them, or set "
+                f"{' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
+        # a method that labels its images itself (DATM) needs no teacher's
+        if "stored" in self.label_modes and unlabelled:
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
                               "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")
         for what, table, known in (("student_ipcs", self.student_ipcs, self.students),
@@ -506,8 +508,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 
 def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
-    ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite a user's
-    files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
+    ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite
+    a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
     if not holds_files(root, ignore_hidden=True) or folder_kind(root) == "bench-config":
         return
     raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
@@ -850,8 +852,8 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
 
     ``progress(done, total, row)`` is called after every cell (``row["reused"]`` tells whether it was
     already finished); ``stage_progress(what, done, total)`` inside every teacher training (epochs),
-    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs its share
-    of the cells; the full table is returned on every rank (read back from the cell files).
+    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs
+    its share of the cells; the full table is returned on every rank (read back from the cell files).
     """
     bench = _Bench(cfg, stage_progress)
     info = ddist.current()

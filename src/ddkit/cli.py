@@ -246,7 +246,8 @@ def cmd_evaluate(args) -> int:
     try:
         bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
         teacher = load_teacher_for(args.teacher, bundle, device)
-    except DDKitError as exc:  # the set fixes every dataset setting but the path: a fix naming another cannot be followed
+    except DDKitError as exc:
+        # the set fixes every dataset setting but the path: a fix naming another cannot be followed
         problem, _, fix = str(exc).rpartition("; ")
         if problem and re.search(r"dataset\.(?!path\b)\w+", fix):
             raise type(exc)(f"{problem}; the set records its dataset settings: point --data-path at the data it was "
@@ -759,7 +760,8 @@ def _main(args: argparse.Namespace) -> int:
             raise
         # gloo / NCCL: another rank of the job was killed or failed while this one waited on it, or worked
         # on longer than the collectives' timeout
-        cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]  # gloo: "...: Connection reset by peer. This is..."
+        # gloo: "...: Connection reset by peer. This is..."
+        cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
             _error(f"waited more than {ddist.timeout_minutes():g} min for another process of this torchrun job "
                    f"({cause}); if it was still working (a teacher, a set or a cell of its own), raise "

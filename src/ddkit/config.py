@@ -175,7 +175,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
-    except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
+    except ConfigError as exc:
+        # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
         msg = str(exc)
         parts = msg.split("; ")  # several problems at once: each that starts with a field gets its key
 

@@ -137,7 +137,8 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
                          f"{', '.join(sorted(_SUMMARIES))}")
     with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
                         (KeyError, TypeError, ValueError, AttributeError)):
-        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):  # the record of a folder: check the folder's files
+        # the record of a folder: check the folder's files
+        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
         text = summarise(record)
     if kind == "bench-config" and where.name == "config.json":

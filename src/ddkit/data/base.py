@@ -44,7 +44,8 @@ class DatasetConfig(Checked):
 
     def __post_init__(self) -> None:
         if not self.name.strip():
-            raise ConfigError("name is empty; give a dataset key (`ddkit list datasets`)")  # from_dict names the section
+            # from_dict names the section
+            raise ConfigError("name is empty; give a dataset key (`ddkit list datasets`)")
         if self.path is not None and not self.path.strip():
             raise ConfigError("path is empty; give the data's folder or file, or leave it out to search for it")
         for name in ("train_per_class", "test_per_class", "image_size"):
@@ -53,7 +54,8 @@ class DatasetConfig(Checked):
                 raise ConfigError(f"{name} must be >= 1, got {value}")  # from_dict names the section
         for name in ("train_split", "test_split"):
             value = getattr(self, name)
-            if not value.strip("./\\"):  # the root itself (or above it): the other split's class folders look like classes
+            # the root itself (or above it): the other split's class folders look like classes
+            if not value.strip("./\\"):
                 raise ConfigError(f"{name} must be the name of a folder in dataset.path, got {value!r}")
 
     def absolute(self) -> DatasetConfig:

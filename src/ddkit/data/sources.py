@@ -532,7 +532,8 @@ def _class_dirs(split_dir: Path) -> dict[str, Path]:
 
 def _image_files(class_dir: Path) -> list[Path]:
     return sorted(
-        p for p in class_dir.rglob("*")  # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
+        # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
+        p for p in class_dir.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )  # fmt: skip
@@ -575,7 +576,8 @@ def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
             elif im.mode not in _GRAY_MODES | _ALPHA_MODES | {"RGB"}:
                 done.append("other_to_rgb")
             if im.mode in _ALPHA_MODES or "transparency" in im.info:  # an alpha band, or a colour key / palette alpha
-                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")  # (a palette's alpha warns in convert("RGB"))
+                # (a palette's alpha warns in convert("RGB"))
+                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")
                 done.append("alpha_dropped")
                 if rgba.getchannel("A").getextrema()[0] < 255:
                     done.append("transparent")
@@ -651,7 +653,8 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
 
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
-    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # split -> CONVERSIONS key (or "transparent") -> files
+    # split -> CONVERSIONS key (or "transparent") -> files
+    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     first: tuple[Path, tuple[int, int]] | None = None
     for split, split_dir in split_dirs.items():
         for label, name in enumerate(classes):

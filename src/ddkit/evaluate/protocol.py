@@ -171,8 +171,8 @@ def cvdd_protocol() -> ProtocolConfig:
     """CV-DD's CIFAR evaluation (Cui et al. 2025, Jiacheng8/CV-DD ``validate/train_fkd.py``): KL on
     teacher logits at temperature 20, AdamW lr 1e-3 (weight decay 0.01) with a cosine schedule over
     300 epochs, batch 16 (``train_fkd.py``'s default), CutMix (Beta(1, 1) on every batch),
-    random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with the statistics
-    of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
+    random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with
+    the statistics of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
 
     Adapted: the teacher is queried online on every batch (``label_mode: teacher``) instead of
     CV-DD's stored per-batch FKD labels, which only replay with the same batch size and order; for

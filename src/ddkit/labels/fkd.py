@@ -559,7 +559,8 @@ def relabel(
     if info.enabled:
         for part in ddist.all_gather_objects(rows):
             rows.update(part)
-    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}  # resumed or not: one order
+    # resumed or not: one order
+    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}
     manifest = base_manifest(KIND, config, seed)
     manifest.update({
         "format": FORMAT,

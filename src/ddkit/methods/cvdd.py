@@ -121,6 +121,7 @@ class CVDD(RecoverMethod):
             synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights,
                                              "teacher_bn": self.cfg.soft_labels_bn,
                                              "teacher_bn_batch": self.cfg.soft_labels_bn_batch,
-                                             "teachers": [t.record() for t in everyone]}  # evaluation labels random alike
+                                             # evaluation labels random alike
+                                             "teachers": [t.record() for t in everyone]}
         self.synthetic_ = synthetic
         return self

@@ -240,7 +240,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 loss = ddist.all_reduce_sum(loss.detach().clone())
             syn.grad = grad
             opt_img.step()
-            total = total + loss.detach().double()  # float64 as Python numbers; read (a device wait) only by a progress report
+            # float64 as Python numbers; read (a device wait) only by a progress report
+            total = total + loss.detach().double()
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)

@@ -50,9 +50,9 @@ class SRe2L(RecoverMethod):
     authors' random roll ("jitter", 32 px at 224 px) is off by default (``jitter: 0``) because the
     small images ddkit targets are already shifted by the crop; set ``jitter: 4`` to follow the
     Tiny-ImageNet script. The scripts draw each shift in [0, jitter] (``jitter_mode: positive``);
-    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear ``grid_sample`` without antialiasing
-    (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as the authors do.
-    ``stats: conv`` matches real-data convolution statistics instead (any teacher);
+    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear
+    ``grid_sample`` without antialiasing (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as
+    the authors do. ``stats: conv`` matches real-data convolution statistics instead (any teacher);
     ``alpha < 1`` adds EDC's class-conditional term; ``flip_plugin`` adds FYI.
     """
 

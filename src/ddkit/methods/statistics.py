@@ -487,8 +487,9 @@ def statistics_loss(
     global``) takes as a class's target the mean over its images of their own moments over positions
     (the within-image spread, without the spread between images; on Fashion-MNIST features ddkit's
     pooled variance is 1.05-1.08x that) and matches the batch's moving-average moments against the
-    mean of those targets over the batch's labels. ``alpha = 1`` never touches class statistics. With ``ema`` every synthetic moment is replaced by its moving average
-    (:class:`StatsEMA`); layers in ``drop`` contribute nothing this step (G-VBSM's drop rate).
+    mean of those targets over the batch's labels. ``alpha = 1`` never touches class statistics. With ``ema`` every
+    synthetic moment is replaced by its moving average (:class:`StatsEMA`); layers in ``drop`` contribute nothing this
+    step (G-VBSM's drop rate).
     """
     total = torch.zeros((), device=labels.device)
     classes = labels.unique() if alpha < 1 else None

@@ -628,9 +628,10 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     """The buffer at ``experts``, or one trained with ``cfg`` (``progress``: per expert epoch, see
     :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
-    A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``)
-    when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
-    same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
+    A trained buffer is kept in the cache
+    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``) when ``work_dir`` is given, so
+    every method, IPC and run with the same expert recipe on the same data shares one buffer (MTT, FTD, TESLA and DATM
+    train theirs once, not per distilled set).
     """
     seconds_here = waited = 0.0  # what training the buffer took here (0 when loaded); waiting for another's build
     if experts:

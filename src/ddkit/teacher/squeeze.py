@@ -343,7 +343,8 @@ def train_teacher(
         )
         model = result.model.cpu()
         if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
-            raise Diverged(cfg.train.epochs, cfg.train.epochs)  # the returned model may be the EMA copy, and buffers (BatchNorm) are not checked per epoch
+            # the returned model may be the EMA copy, and buffers (BatchNorm) are not checked per epoch
+            raise Diverged(cfg.train.epochs, cfg.train.epochs)
     except Diverged as exc:
         if state_path is not None and info.is_main:  # the same settings diverge again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
