@@ -167,7 +167,8 @@ def one_of(*names: str) -> Callable[[str], list[str]]:
         parts = [p.strip() for p in text.split(",") if p.strip()]
         bad = [p for p in parts if p not in names]
         if bad or not parts:
-            raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(names)}, comma-separated, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected one or more of {', '.join(names)}, comma-separated, "
+                                             f"got {text!r}")
         return list(dict.fromkeys(parts))
 
     return parse
@@ -185,8 +186,8 @@ def registered_model(text: str) -> str:
 
 
 def device_spec(text: str) -> str:
-    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` (where it is available) or ``auto`` (cuda if present,
-    else cpu; returned resolved). Checked without touching the device's settings."""
+    """``cpu``, ``cuda``, ``cuda:N`` (on a machine that has it), ``mps`` (where it is available) or ``auto`` (cuda if
+    present, else cpu; returned resolved). Checked without touching the device's settings."""
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0

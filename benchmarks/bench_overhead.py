@@ -95,7 +95,8 @@ def main() -> None:
         "rerun_seconds": [round(x, 3) for x in rerun],
         "min_by_hand_s": round(h, 3), "min_bench_s": round(b, 3), "median_rerun_s": round(r, 3),
         "overhead_percent": round(100 * (b - h) / h, 2),
-        "paired_overhead_percent_median": round(100 * (statistics.median(ratios) - 1), 2), "target_overhead_percent": 5.0,
+        "paired_overhead_percent_median": round(100 * (statistics.median(ratios) - 1), 2),
+        "target_overhead_percent": 5.0,
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
         "versions": versions(),
     }

@@ -14,7 +14,8 @@ Cost of one outer iteration: about 20 s (IPC 1) on one CPU thread, DC and DSA si
 DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h200.md), so IPC 1 is
 a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
 
-    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] [--model convnet3-p3]
+    DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] \\
+        [--model convnet3-p3]
 
 ``--model convnet3-p3`` uses the papers' code's network exactly: on 1-channel 28x28 images it pads the
 first conv by 3 (feature maps 32 -> 16 -> 8 -> 4); ``convnet3`` (the default, and the recorded IPC-1
@@ -93,22 +94,25 @@ def set_name(method: str, iterations: int, model: str = MODEL) -> str:
 
 
 def _protocol(method: str, model: str):
-    return resolve_protocol(PROTOCOL[method], {"full_reference": False, **({"student": model} if model != MODEL else {})})
+    return resolve_protocol(PROTOCOL[method],
+                            {"full_reference": False, **({"student": model} if model != MODEL else {})})
 
 
 def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int]) -> str | None:
     """Why an evaluation report is not this set's under this protocol and these seeds (None: it is). The
     report records the set's config hash (ddkit's own reports the data fingerprint it scored)."""
     if report["protocol_hash"] != protocol_hash:
-        return f"it was evaluated under another protocol (hash {report['protocol_hash'][:12]}, now {protocol_hash[:12]})"
+        return (f"it was evaluated under another protocol (hash {report['protocol_hash'][:12]}, now "
+                f"{protocol_hash[:12]})")
     if report["seeds"] != seeds:
         return f"it scored student seeds {report['seeds']}, not {seeds}"
     fingerprint = manifest.get("dataset", {}).get("fingerprint")
     if report.get("distilled", {}).get("dataset_fingerprint") != fingerprint:
-        return (f"it scored a set made from other data (fingerprint {report.get('distilled', {}).get('dataset_fingerprint')}, "
-                f"the set's {fingerprint})")
+        return ("it scored a set made from other data (fingerprint "
+                f"{report.get('distilled', {}).get('dataset_fingerprint')}, the set's {fingerprint})")
     if report.get("set_config_hash", manifest.get("config_hash")) != manifest.get("config_hash"):
-        return f"it scored another making of the set (config hash {report['set_config_hash']}, the set's {manifest.get('config_hash')})"
+        return (f"it scored another making of the set (config hash {report['set_config_hash']}, the set's "
+                f"{manifest.get('config_hash')})")
     return None
 
 
@@ -123,11 +127,12 @@ def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], t
     """A table row; ``timing``: the set's synthesis record (its seconds, and the device and machine it
     was made on, which the table reports whoever assembles it)."""
     published = PUBLISHED[ipc]
-    return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)), "iterations": iterations,
-            "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
-            "seeds": seeds, "synthesis_seconds": round(timing["wall_seconds"], 1), "distilled": report["results"]["distilled"],
-            "random": report["results"]["random"], "published": published[method], "published_random": published["random"],
-            "bytes": report["bytes"], "device": timing["device"], "machine": timing["machine"]}
+    return {"method": method, "ipc": ipc, "model": model, "loops": list(loops_for(ipc, None, None)),
+            "iterations": iterations, "protocol": PROTOCOL[method], "protocol_hash": report["protocol_hash"],
+            "seeds": seeds, "synthesis_seconds": round(timing["wall_seconds"], 1),
+            "distilled": report["results"]["distilled"], "random": report["results"]["random"],
+            "published": published[method], "published_random": published["random"], "bytes": report["bytes"],
+            "device": timing["device"], "machine": timing["machine"]}
 
 
 def finished_row(method: str, ipc: int, iterations: int, seeds: list[int], work: Path, model: str = MODEL) -> dict:
@@ -140,7 +145,8 @@ def finished_row(method: str, ipc: int, iterations: int, seeds: list[int], work:
     for what, path in paths.items():
         if not path.is_file():
             raise DDKitError(f"--report-only: the {what} of {method} ({path}) is missing; run --methods {method} "
-                             "(without --report-only) to finish it, or give the --work, --iterations and --model it ran with")
+                             "(without --report-only) to finish it, or give the --work, --iterations and "
+                             "--model it ran with")
     report = read_json(paths["evaluation"], "evaluation report")
     why = unscored(report, read_json(paths["set"], "set manifest"), _protocol(method, model).hash, seeds)
     if why:
@@ -184,7 +190,8 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
             bar(done, total, info)
             if time.perf_counter() - last > 10:
                 last = time.perf_counter()
-                write_json(partial, {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + last - t0})
+                write_json(partial,
+                           {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + last - t0})
 
         distilled = distill(data, cfg, dcfg, out, device=device, progress=progress)
         # where it was made, which a table assembled elsewhere (--report-only) reports
@@ -219,7 +226,8 @@ def upgrade(table: dict) -> dict:
         table["ipc"] = int(table["kind"].removeprefix("dc-dsa-ipc"))
     table.setdefault("device", table.get("machine", "").rpartition("device ")[2] or "cpu")
     table.setdefault("model", MODEL)
-    table["rows"] = [{"ipc": table["ipc"], "model": table["model"], "loops": list(loops_for(table["ipc"], None, None)), **r}
+    table["rows"] = [{"ipc": table["ipc"], "model": table["model"],
+                      "loops": list(loops_for(table["ipc"], None, None)), **r}
                      for r in table["rows"]]
     return table
 
@@ -228,18 +236,21 @@ def markdown(table: dict) -> str:
     table = upgrade(table)
     outer, inner = loops_for(table["ipc"], None, None)
     lines = [f"## DC and DSA at IPC {table['ipc']}, papers' network and protocols ({table['device']})", "",
-             f"Command: `{table['command']}`. ConvNet-3 width 128 (`{table.get('model', MODEL)}`) for synthesis and students; loops of IPC {table['ipc']} "
-             f"(outer {outer}, inner {inner}), 256 real images per class per step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own "
-             f"paper's protocol beside a random real subset (same protocol, same seeds). Student seeds {table['seeds']}. "
-             f"Outer iterations: {table['iterations']} (papers: 1000).", "",
-             "| method | iterations | protocol | accuracy % | published % | gap | random % | published random % | synthesis s |",
+             f"Command: `{table['command']}`. ConvNet-3 width 128 (`{table.get('model', MODEL)}`) for synthesis and "
+             f"students; loops of IPC {table['ipc']} (outer {outer}, inner {inner}), 256 real images per class per "
+             "step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own paper's protocol beside a random "
+             f"real subset (same protocol, same seeds). Student seeds {table['seeds']}. Outer iterations: "
+             f"{table['iterations']} (papers: 1000).", "",
+             "| method | iterations | protocol | accuracy % | published % | gap | random % | published random % | "
+             "synthesis s |",
              "|---|---:|---|---|---|---:|---|---|---:|"]
     for r in table["rows"]:
         d, rnd, (pm, ps) = r["distilled"], r["random"], r["published"]
         gap = 100 * d["mean"] - pm
-        lines.append(f"| {r['method']} | {r['iterations']} | `{r['protocol']}` | {100 * d['mean']:.2f} ± {100 * d['std']:.2f} | "
-                     f"{pm:.1f} ± {ps:.1f} | {gap:+.2f} | {100 * rnd['mean']:.2f} ± {100 * rnd['std']:.2f} | "
-                     f"{r['published_random'][0]:.1f} ± {r['published_random'][1]:.1f} | {r['synthesis_seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['iterations']} | `{r['protocol']}` | {100 * d['mean']:.2f} ± "
+                     f"{100 * d['std']:.2f} | {pm:.1f} ± {ps:.1f} | {gap:+.2f} | {100 * rnd['mean']:.2f} ± "
+                     f"{100 * rnd['std']:.2f} | {r['published_random'][0]:.1f} ± {r['published_random'][1]:.1f} | "
+                     f"{r['synthesis_seconds']:.0f} |")
     lines += ["", "gap = our mean − the published mean (points); the check is |gap| ≤ 1.5. Synthesis seconds are the "
               "wall time of the run that made the set (see the machine line for its threads; methods made side by "
               "side share the cores).", "", f"Machine: {table['machine']}. Versions: {table['versions']}.", ""]
@@ -255,13 +266,15 @@ def main() -> None:
     ap.add_argument("--iterations", type=positive_int, default=ITERATIONS, help="outer iterations (papers: 1000)")
     ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default=",".join(map(str, SEEDS)),
                     help="student seeds, comma-separated (default 0,...,7)")
-    ap.add_argument("--work", help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC> in the repo)")
+    ap.add_argument("--work",
+                    help="folder of the sets and evaluations (default runs/bench/dc-dsa-ipc<IPC> in the repo)")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"),
                     help="folder for the table's JSON and markdown (default docs/results); runs with other "
                          "--iterations or --seeds than the defaults get those settings in the file name")
     ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
-    ap.add_argument("--model", type=registered_model, default=MODEL, help="synthesis network and students (convnet3-p3: "
+    ap.add_argument("--model", type=registered_model, default=MODEL,
+                    help="synthesis network and students (convnet3-p3: "
                     "the papers' code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
     ap.add_argument("--report-only", action="store_true",
                     help="only assemble the table from the finished methods in --work (nothing is trained)")
@@ -283,12 +296,13 @@ def main() -> None:
         # the device the sets were made on (a table assembled on another machine reports theirs)
         made_on = {r["method"]: r["device"] for r in rows}
         if len(set(made_on.values())) > 1:
-            raise DDKitError(f"the sets were made on different devices ({', '.join(f'{m}: {d}' for m, d in made_on.items())}), "
-                             "so their synthesis times do not compare; make them on one device, or report them apart")
+            raise DDKitError("the sets were made on different devices "
+                             f"({', '.join(f'{m}: {d}' for m, d in made_on.items())}), so their synthesis times do not "
+                             "compare; make them on one device, or report them apart")
         device = rows[0]["device"]
-        table = {"schema_version": 2, "kind": "dc-dsa", "ipc": args.ipc, "device": device, "iterations": args.iterations,
-                 "model": args.model, "seeds": seeds, "rows": rows, "command": command("dc_dsa", data=True),
-                 "machine": rows[0]["machine"], "versions": versions()}
+        table = {"schema_version": 2, "kind": "dc-dsa", "ipc": args.ipc, "device": device,
+                 "iterations": args.iterations, "model": args.model, "seeds": seeds, "rows": rows,
+                 "command": command("dc_dsa", data=True), "machine": rows[0]["machine"], "versions": versions()}
         # a trial with fewer iterations or other seeds never takes the published record's name
         trial = ((f"-it{args.iterations}" if args.iterations != ITERATIONS else "")
                  + (f"-seeds{'_'.join(map(str, seeds))}" if seeds != SEEDS else ""))

@@ -64,7 +64,8 @@ def main() -> None:
     args = ap.parse_args()
     output_file(ap, args.out)
     rows = []
-    print(f"{'epochs':>6} {'max |w1-w2|':>12} {'relative':>10} {'acc 1 proc':>10} {'acc 2 proc':>10} {'s 1 / 2 proc':>14}")
+    print(f"{'epochs':>6} {'max |w1-w2|':>12} {'relative':>10} {'acc 1 proc':>10} {'acc 2 proc':>10} "
+          f"{'s 1 / 2 proc':>14}")
     with tempfile.TemporaryDirectory() as tmp:
         for epochs in args.epochs:
             one, two = Path(tmp) / f"t{epochs}-1", Path(tmp) / f"t{epochs}-2"

@@ -44,7 +44,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
           "rded-crops": "RDED with crops of at least half the image (the fix edc-transfer found for the ResNet-18 "
                         "student) on the ConvNet-3 student, beside default RDED and random",
           "edc-gentle": "EDC on the ResNet-18 student from RDED's larger crops with a 5x and a 25x smaller image lr, "
-                        "with and without a ResNet-18 observer: does any amount of optimisation beat its initialisation?",
+                        "with and without a ResNet-18 observer: does any amount of optimisation beat its "
+                        "initialisation?",
           "edc-gentle50": "edc-gentle's gentlest EDC (image lr 0.002, ResNet-18 observer) at IPC 50 on the ResNet-18 "
                           "student, beside its initialisation and random",
           "edc-long50": "the tier's EDC, edc-gentle50's gentlest EDC, their RDED initialisation and random at IPC 50 "
@@ -64,16 +65,19 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                               "configurations, RDED from larger crops and random: does EDC lead and beat random?",
           "edc-ablate10": "ddkit's EDC configuration (edc-real-lr002-r18) at IPC 10 under decoupled-long10's protocol "
                           "with one EDC knob taken out per row (flatness, category-aware matching, weak crops, "
-                          "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which knobs carry it?",
+                          "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which "
+                          "knobs carry it?",
           "edc-build10": "EDC's knobs added one by one (G-VBSM baseline, real init, flatness, category-aware "
                          "matching, weak crops = EDC's recipe), then whole real images, a 25x smaller image lr and a "
                          "ResNet-18 observer (ddkit's configuration), at IPC 10 under decoupled-long10's protocol",
           "edc-build1": "edc-build10 at IPC 1 under decoupled-long1's protocol (300 epochs, 8 student seeds), with "
                         "ddkit's IPC-1 EDC configuration (from RDED's larger crops) and RDED beside them",
           "edc-build50": "edc-build10 at IPC 50 under decoupled-long50's protocol (90 epochs), in its folder so its "
-                         "EDC sets are reused: EDC's knobs one by one, then whole real images and ddkit's configuration",
-          "edc-lr002-long1": "EDC's own recipe (RDED's output as initialisation) with image lr 0.002, without and with a "
-                             "ResNet-18 observer, at IPC 1 under decoupled-long1's protocol, in its folder",
+                         "EDC sets are reused: EDC's knobs one by one, then whole real images and ddkit's "
+                         "configuration",
+          "edc-lr002-long1": "EDC's own recipe (RDED's output as initialisation) with image lr 0.002, "
+                             "without and with a ResNet-18 observer, at IPC 1 under decoupled-long1's protocol, "
+                             "in its folder",
           "edc-lr002-long10": "edc-lr002-long1 at IPC 10 under decoupled-long10's protocol, in its folder",
           "edc-lr002-long50": "edc-lr002-long1 at IPC 50 under decoupled-long50's protocol, in its folder",
           "seed1-long1": "decoupled-long1's closest IPC-1 race (edc-lr002-r18, RDED, random) with synthesis seed 1, "
@@ -100,8 +104,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                       "crops and with smaller image lrs",
           "edc-ipc1-seeds": "edc-ipc1 with 8 student seeds and a ResNet-18 observer added to its gentlest EDC: does "
                             "EDC tie or beat RDED at IPC 1 on the ConvNet-3 once the seeds can tell?",
-          "edc-ipc1-seed1": "edc-ipc1-seeds' gentlest EDC and its RDED initialisation with synthesis seed 1 (new crops, "
-                            "random subset and augmentations)",
+          "edc-ipc1-seed1": "edc-ipc1-seeds' gentlest EDC and its RDED initialisation with synthesis seed "
+                            "1 (new crops, random subset and augmentations)",
           "edc-ipc1-seed2": "edc-ipc1-seed1 with synthesis seed 2",
           "recover-code": "SRe2L, G-VBSM and EDC at IPC 10 (G-VBSM and EDC also at IPC 1 and 50) with the recover loop "
                           "as the authors' code has it: conv statistics at the conv inputs (conv_features: input) and "
@@ -122,8 +126,8 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                           "stored labels",
           "traj-flat-e8": "FTD and AST (shq) at IPC 10 with their own 8-epoch expert recipes (GSAM; clipping loss "
                           "and gradient penalty), beside traj-labels-e8's MTT row",
-          "ast-ablate-e8": "why AST (shq) trails MTT at IPC 10 with 8-epoch experts: its student momentum off, then its "
-                           "other student pieces on MTT's experts, and MTT on AST's experts",
+          "ast-ablate-e8": "why AST (shq) trails MTT at IPC 10 with 8-epoch experts: its student momentum "
+                           "off, then its other student pieces on MTT's experts, and MTT on AST's experts",
           "traj-ipc1-flat-e8": "FTD and AST (shq) at IPC 1 with their own 8-epoch expert recipes and MTT's IPC-1 "
                                "unroll, beside traj-ipc1-e8's MTT row",
           "traj-flat-e8-seed1": "traj-flat-e8's FTD row and traj-labels-e8's MTT row with synthesis seed 1: is FTD's "
@@ -146,18 +150,19 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                             "first-order gradients, hard labels",
           "tesla-e8-ipc50": "TESLA at IPC 50 with 8-epoch experts (mtt-experts50's MTT settings): exact and "
                             "first-order gradients, hard labels",
-          "traj-e30": "traj-labels-e8 with 30-epoch experts (the full tier's length, starts in [0, 20)): TESLA's expert "
-                      "labels and 1 vs 2 matched expert epochs",
+          "traj-e30": "traj-labels-e8 with 30-epoch experts (the full tier's length, starts in [0, 20)): "
+                      "TESLA's expert labels and 1 vs 2 matched expert epochs",
           "traj-e30-window": "traj-e30's MTT with 4x the iterations, and with starts in [0, 10): iterations or start "
                              "window?",
           "dsa-eval": "the matching tier's DC, DSA, DM and DataDAM sets (re-made from its settings) and random subsets "
                       "with students trained under DSA augmentation (DSA's protocol: 1000 / 500 / 300 epochs), each "
-                      "also scored without it, and DC and DSA at IPC 10 with 30 and 60 outer iterations instead of 4: does DSA's "
-                      "evaluation restore the papers' DSA >= DC order?",
+                      "also scored without it, and DC and DSA at IPC 10 with 30 and 60 outer iterations instead of "
+                      "4: does DSA's evaluation restore the papers' DSA >= DC order?",
           "edc-flat": "EDC with its code's flatness term (the reverse KL averaged over classes; ddkit's older term "
                       "was about 10x stronger), beside EDC without flatness and RDED, IPC 1/10/50, both students",
-          "convnet-p3": "the matching CPU tier's DC, DSA, DM and DataDAM with the papers' ConvNet (first conv padded by "
-                        "3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis network and student",
+          "convnet-p3": "the matching CPU tier's DC, DSA, DM and DataDAM with the papers' ConvNet (first "
+                        "conv padded by 3 on 28x28 images, 4x4 final maps instead of ddkit's 3x3) as synthesis "
+                        "network and student",
           "learned-lr-e8": "MTT's evaluation: students trained with the set's learned lr (protocol learned_lr) "
                            "instead of the DC protocol's 0.01, MTT at IPC 10 with 8-epoch experts",
           "zca-e8": "MTT at IPC 10 with ZCA-whitened 8-epoch experts, its sets evaluated on whitened images as MTT "
@@ -174,9 +179,9 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
 MATCHING_EXTRAS = ("mtt-steps", "mtt-steps50", "mtt-iters50", "mtt-experts50", "traj-labels", "traj-labels-e8",
                    "traj-ipc1-e8", "traj-flat-e8", "ast-ablate-e8", "traj-ipc1-flat-e8", "traj-flat-e8-seed1",
                    "ast-segment-e8", "traj-ipc50-e8", "segment-seed1-e8", "segment50-e8", "ast50-e8", "datm-ablate-e8",
-                   "segment-ipc1-e8", "segment-seed2-e8", "tesla-e8-ipc1", "tesla-e8-ipc10", "tesla-e8-ipc50", "traj-e30",
-                   "traj-e30-window", "dsa-eval", "convnet-p3", "learned-lr-e8", "zca-e8", "zca-e8-plain", "zca-e8-ipc1",
-                   "zca-e8-ipc1-plain")
+                   "segment-ipc1-e8", "segment-seed2-e8", "tesla-e8-ipc1", "tesla-e8-ipc10",
+                   "tesla-e8-ipc50", "traj-e30", "traj-e30-window", "dsa-eval", "convnet-p3", "learned-lr-e8", "zca-e8",
+                   "zca-e8-plain", "zca-e8-ipc1", "zca-e8-ipc1-plain")
 
 
 # named groups of supplementary runs, and the family whose script runs them (decoupled.py defines the runs)
@@ -241,24 +246,26 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
     cfg = table["config"]
     lines = [f"## {family} family ({tier} tier)", "",
              f"Config: `{config_path(family, tier).relative_to(ROOT)}`; label mode(s) {', '.join(cfg['label_modes'])}; "
-             f"student seeds {cfg['seeds']}; protocol `{cfg['protocol']}` with overrides `{cfg['overrides']}` and per-IPC "
-             f"overrides `{cfg.get('ipc_overrides', {})}`. Accuracies: top-1 % on the 10k test images, mean ± std over "
-             "student seeds, final epoch. `random` = a stratified random real subset of the same IPC under the identical "
-             "protocol and seeds; IOR = method − random (points); HLR = full-data hard − distilled hard (points). "
-             "Synthesis s leaves out building the cached teacher statistics or expert buffer that every set of the same "
-             "teacher or expert recipe shares; shared s is what building those took. Where shared s is – the run "
-             "predates that split, and synthesis s of the first set made for a teacher or expert recipe includes it. "
-             "Synthesis s marked (resumed) counts only the time after the set's synthesis resumed from an interrupted "
-             "run's checkpoints.", "",
-             "| method | IPC | student | labels | accuracy % | random % | IOR | HLR | published (FMNIST) | synthesis s | shared s | peak MB | image B | label B |",
+             f"student seeds {cfg['seeds']}; protocol `{cfg['protocol']}` with overrides "
+             f"`{cfg['overrides']}` and per-IPC overrides `{cfg.get('ipc_overrides', {})}`. Accuracies: top-1 % on the "
+             "10k test images, mean ± std over student seeds, final epoch. `random` = a stratified random real subset "
+             "of the same IPC under the identical protocol and seeds; IOR = method − random (points); HLR = full-data "
+             "hard − distilled hard (points). Synthesis s leaves out building the cached teacher statistics or expert "
+             "buffer that every set of the same teacher or expert recipe shares; shared s is what building those took. "
+             "Where shared s is – the run predates that split, and synthesis s of the first set made for a teacher or "
+             "expert recipe includes it. Synthesis s marked (resumed) counts only the time after the set's synthesis "
+             "resumed from an interrupted run's checkpoints.", "",
+             "| method | IPC | student | labels | accuracy % | random % | IOR | HLR | published (FMNIST) | synthesis s "
+             "| shared s | peak MB | image B | label B |",
              "|---|---:|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         syn = r["synthesis"]
         ior = f"{100 * r['ior']['mean']:+.2f}" if r.get("ior") else "–"
         hlr = f"{100 * r['hlr']['mean']:.2f}" if r.get("hlr") else "–"
         pub = _pub(r["method_name"], r["ipc"]) if r["label_mode"] == "hard" and r["method"] == r["method_name"] else "–"
-        lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['acc'])} | {_pm(r['random'])} | {ior} | {hlr} | "
-                     f"{pub} | {synthesis_cell(r, 1)} | {_seconds(syn.get('shared_seconds'))} | {_mb(syn['peak_memory_bytes'])} | "
+        lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['acc'])} | "
+                     f"{_pm(r['random'])} | {ior} | {hlr} | {pub} | {synthesis_cell(r, 1)} | "
+                     f"{_seconds(syn.get('shared_seconds'))} | {_mb(syn['peak_memory_bytes'])} | "
                      f"{r['bytes']['images']:,} | {r['bytes']['labels']:,} |")
     full = next((r["full_hard"] for r in rows if r.get("full_hard")), None)
     if full:
@@ -294,8 +301,8 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
     if robust:
         lines += ["", f"### With and without augmentation (the same students' seeds; `robust_scores`, augmentation "
                       f"`{cfg.get('ars_augment', 'dsa')}` where the protocol has none)", "",
-                  "| method | IPC | student | labels | with aug % | random with aug % | without aug % | random without aug % "
-                  "| gain from aug | ARS |", "|---|---:|---|---|---|---|---|---|---:|---:|"]
+                  "| method | IPC | student | labels | with aug % | random with aug % | without aug % | random "
+                  "without aug % | gain from aug | ARS |", "|---|---:|---|---|---|---|---|---|---:|---:|"]
         for r in robust:
             gain = 100 * (r["aug_acc"]["mean"] - r["noaug_acc"]["mean"])
             lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['aug_acc'])} | "
@@ -305,7 +312,8 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
         for mode in dict.fromkeys(r["label_mode"] for r in rows):
             main = main_rows(rows, student, mode)
             if main:
-                lines += ["", f"Student {student}, label mode `{mode}`. " + "\n".join(findings(main, sorted({r['ipc'] for r in main})))]
+                lines += ["", f"Student {student}, label mode `{mode}`. "
+                          + "\n".join(findings(main, sorted({r['ipc'] for r in main})))]
     versions = rows[0]["versions"] if rows else {}
     hashes = sorted({r["protocol_hash"][:12] for r in rows})
     lines += ["", f"Protocol hashes: {', '.join(hashes)}. Versions: {versions}."]
@@ -338,8 +346,8 @@ def write_family(family: str, tier: str, run_dir: Path, results: Path, command_l
 
     table = read_json(run_dir / "bench.json", "bench table")
     table["command"] = command_line or f"python benchmarks/fashion_mnist.py --tier {tier} --family {family}"
-    table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(), "config_device": table["config"]["device"],
-                        **used_device(device, table["config"]["device"])}
+    table["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                        "config_device": table["config"]["device"], **used_device(device, table["config"]["device"])}
     stem = f"{family}-fashion-mnist-{tier}"
     write_results(results / f"{stem}.json", table, family_markdown(family, tier, table))
     write_report(run_dir, results / f"{stem}-report")
@@ -435,7 +443,8 @@ def best_sets(results: Path, family: str = "matching", configs: Path = ROOT / "c
     student, mode = tier_rows[0]["student"], tier_rows[0]["label_mode"]
     ancestor = configs / f"fashion-mnist-{family}-cpu.yaml"
     sources = [(f"{family} tier", tier_rows, ancestor)] + [
-        (name, read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"], configs / f"fashion-mnist-{name}-cpu.yaml")
+        (name, read_json(results / f"{name}-fashion-mnist-cpu.json")["rows"],
+         configs / f"fashion-mnist-{name}-cpu.yaml")
         for name in EXTRAS if (results / f"{name}-fashion-mnist-cpu.json").is_file()
         and _derives_from(configs / f"fashion-mnist-{name}-cpu.yaml", ancestor)]
     methods = list(dict.fromkeys(r["method_name"] for r in tier_rows if r["method_name"] != "random"))
@@ -514,14 +523,14 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
         return []
     ipcs = sorted({r["ipc"] for r in rows})
     out = ["## decoupled family under one protocol — every method at IPC " + " / ".join(map(str, ipcs)), "",
-           f"Runs: {_run_links(found)} (decoupled-long<IPC> and the runs that add rows in its folder: the same teachers, "
-           "observer pool and soft-kl protocol with teacher soft labels, students trained long enough to converge at "
-           "CPU scale). Cell: accuracy % mean ± std over student seeds (IOR: points over the random subset of the "
-           "same run and seeds). `edc` is EDC's own recipe; `edc-real-lr002-r18` / `edc-s05-lr002-r18` are ddkit's "
-           "EDC configurations for this scale (whole real images / RDED's larger crops as initialisation, image lr "
-           "0.002, a ResNet-18 observer in the pool). The baseline row draws a random real subset per student seed; "
-           "`random` is the random method's one set. \"Best EDC\" is the best of the EDC rows at that IPC (up to "
-           "five configurations, each one synthesis seed): a selection, so slightly optimistic.", ""]
+           f"Runs: {_run_links(found)} (decoupled-long<IPC> and the runs that add rows in its folder: the "
+           "same teachers, observer pool and soft-kl protocol with teacher soft labels, students trained long enough "
+           "to converge at CPU scale). Cell: accuracy % mean ± std over student seeds (IOR: points over the random "
+           "subset of the same run and seeds). `edc` is EDC's own recipe; `edc-real-lr002-r18` / "
+           "`edc-s05-lr002-r18` are ddkit's EDC configurations for this scale (whole real images / RDED's larger crops "
+           "as initialisation, image lr 0.002, a ResNet-18 observer in the pool). The baseline row draws a random real "
+           "subset per student seed; `random` is the random method's one set. \"Best EDC\" is the best of the EDC rows "
+           "at that IPC (up to five configurations, each one synthesis seed): a selection, so slightly optimistic.", ""]
     for student in dict.fromkeys(r["student"] for r in rows):
         mine = [r for r in rows if r["student"] == student and r["method"] not in ABLATION]
         methods = list(dict.fromkeys(r["method"] for r in mine))
@@ -561,7 +570,8 @@ def single_protocol(results: Path, runs: tuple[str, ...] = SINGLE_PROTOCOL) -> l
 # the best EDC set, its rival, then any other set shown)
 SeedRace = tuple[tuple[str, ...], dict[str, int], tuple[str, ...]]
 SEED_RACES: dict[int, SeedRace] = {
-    1: (("decoupled-long1", "edc-lr002-long1"), {"seed1-long1": 1, "seed2-long1": 2}, ("edc-lr002-r18", "rded", "random")),
+    1: (("decoupled-long1", "edc-lr002-long1"), {"seed1-long1": 1, "seed2-long1": 2},
+        ("edc-lr002-r18", "rded", "random")),
     10: (("decoupled-long10",), {"seed1-long10": 1, "seed2-long10": 2}, ("edc-real-lr002-r18", "random")),
     50: (("decoupled-long50",), {"seed1-long50": 1, "seed2-long50": 2}, ("edc-real-lr002-r18", "random")),
 }
@@ -580,7 +590,8 @@ def synthesis_seeds(results: Path, races: dict[int, SeedRace] = SEED_RACES) -> l
             found, got = _cpu_runs(results, (run,))
             if found:
                 first += found
-                seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")} for r in got if r["ipc"] == ipc]
+                seeds[seed] = [{**r, "method": r["method"].removesuffix(f"-seed{seed}")} for r in got
+                               if r["ipc"] == ipc]
         if len(seeds) > 1 and seeds[0]:
             out += _seed_race(ipc, first, seeds, race)
     if not out:
@@ -694,9 +705,9 @@ def edc_steps(results: Path, runs: tuple[str, ...] = EDC_STEP_RUNS) -> list[str]
 def overview(results: Path) -> str:
     """``fashion-mnist.md``: one table of every method found, per IPC, with published numbers."""
     out = ["# Fashion-MNIST: every ddkit method at IPC 1 / 10 / 50", "",
-           "Produced by `DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier cpu` (re-run it when a method "
-           "lands; finished cells are reused). Published numbers are hard-label ConvNet-3 results from the DC (ICLR 2021) "
-           "and DSA (ICML 2021) papers; no other method here reports Fashion-MNIST.", "",
+           "Produced by `DDKIT_DATA=../shared/data python benchmarks/fashion_mnist.py --tier cpu` (re-run it "
+           "when a method lands; finished cells are reused). Published numbers are hard-label ConvNet-3 results from "
+           "the DC (ICLR 2021) and DSA (ICML 2021) papers; no other method here reports Fashion-MNIST.", "",
            "**Tiers.** `cpu` is the reduced configuration that 2 CPU cores finish in about two hours: ConvNet-3 of "
            "width 32 (papers: 128) as synthesis network, experts and student (the decoupled family also trains a "
            "width-8 ResNet-18 student); minutes of synthesis per set "
@@ -712,9 +723,9 @@ def overview(results: Path) -> str:
            "FTD and DATM whiten CIFAR; DC/DSA/DM never did, and none of them whitened Fashion-MNIST); DSA's "
            "augmentation keeps its flips; 50 experts of 30 epochs instead of 100 of 50 (MTT) or 100 (DATM), so "
            "start windows at IPC 1 / 10 / 50 end at 2 / 20 / 29 for MTT, TESLA and FTD (MTT's 2 / 20 / 40) and at "
-           "4 / 20 / 29 for DATM (its configs' 4 / 20 / 40), the last cut to what 30-epoch experts can serve; unrolls, lrs and thresholds are the CIFAR-10 "
-           "values of each method's configs at the same IPC; every set is evaluated with DSA's protocol "
-           "(1000 epochs, DSA augmentation).", ""]
+           "4 / 20 / 29 for DATM (its configs' 4 / 20 / 40), the last cut to what 30-epoch experts can serve; unrolls, "
+           "lrs and thresholds are the CIFAR-10 values of each method's configs at the same IPC; every set is "
+           "evaluated with DSA's protocol (1000 epochs, DSA augmentation).", ""]
     found = False
     for tier in ("full", "cpu"):
         for family in FAMILIES:
@@ -729,12 +740,13 @@ def overview(results: Path) -> str:
                     out += _student_table(family, tier, student, mode, main_rows(rows, student, mode))
             out += [f"Details, ablation, cross-architecture, bytes and memory: [{family}-fashion-mnist-{tier}.md]"
                         f"({family}-fashion-mnist-{tier}.md); plots and image grids: "
-                        f"[{family}-fashion-mnist-{tier}-report/report.md]({family}-fashion-mnist-{tier}-report/report.md).", ""]
+                        f"[{family}-fashion-mnist-{tier}-report/report.md]"
+                        f"({family}-fashion-mnist-{tier}-report/report.md).", ""]
             if family == "decoupled" and tier == "cpu" and _cpu_runs(results, SINGLE_PROTOCOL)[0]:
                 out += ["This tier trains students briefly (300 / 80 / 30 epochs at IPC 1 / 10 / 50), too briefly for "
-                        "the recovered sets on the ResNet-18 (edc-long50, edc-long10); for whether EDC leads its family "
-                        "and beats random, read the table under one long protocol below, which holds every method of "
-                        "this tier and ddkit's EDC configurations at every IPC.", ""]
+                        "the recovered sets on the ResNet-18 (edc-long50, edc-long10); for whether EDC "
+                        "leads its family and beats random, read the table under one long protocol below, which holds "
+                        "every method of this tier and ddkit's EDC configurations at every IPC.", ""]
     if not found:
         out.append("No results yet: run the command above.")
     out += single_protocol(results)
@@ -779,7 +791,8 @@ def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ..
                     help="cpu: the reduced 2-core configuration; full: the papers' settings (GPU)")
     ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all",
                     metavar="FAMILY", help="what to run (default all); the choices are listed below")
-    ap.add_argument("--results", default=str(ROOT / "docs" / "results"), help="folder for the JSON, markdown and reports")
+    ap.add_argument("--results", default=str(ROOT / "docs" / "results"),
+                    help="folder for the JSON, markdown and reports")
     ap.add_argument("--device", type=device_spec, default=None, help="cpu, cuda (default: the config's 'auto')")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap

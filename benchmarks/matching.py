@@ -8,7 +8,7 @@ benchmarks/fashion_mnist.py for the outputs; ``--tier cpu`` is the reduced 2-cor
 runs of the cpu tier (``--help`` lists them; the decoupled family's are decoupled.py's).
 
     DDKIT_DATA=../shared/data python benchmarks/matching.py --tier cpu
-"""
+"""  # noqa: E501 (the first line is the script's --help description)
 
 from _cli import run_main
 from fashion_mnist import main

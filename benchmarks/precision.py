@@ -104,9 +104,9 @@ def markdown(result: dict) -> str:
              f"{result['machine']['torch_threads']} threads"
              + (f", CPU support {result['machine']['cpu_bf16']}" if result["device"] == "cpu" else "") + ". "
              f"img/s: one training epoch of {result['steps']} batches of {BATCH} (SGD, hard labels) after a warm-up; "
-             f"x fp32: ratio to the same student's fp32 row, this run. accuracy: the DC protocol's recipe on one random "
-             f"IPC-{result['ipc']} subset for {result['epochs']} epochs, whole test set, mean ± std over seeds {seeds}; "
-             "diff: against fp32, points.", "",
+             "x fp32: ratio to the same student's fp32 row, this run. accuracy: the DC protocol's recipe "
+             f"on one random IPC-{result['ipc']} subset for {result['epochs']} epochs, whole test set, mean ± std over "
+             f"seeds {seeds}; diff: against fp32, points.", "",
              "| student | precision | img/s | x fp32 | accuracy % | diff |", "|---|---|---:|---:|---|---:|"]
     for r in result["rows"]:
         speedup = f"{r['speedup']:.2f}x" if r["speedup"] is not None else "–"
@@ -150,9 +150,10 @@ def main() -> None:
     result = {
         "what": "student training in each train.precision: images/s and accuracy against fp32",
         "command": command("precision", data=args.dataset != "synthetic"),
-        "device": device.type, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "dataset": real.name, "steps": args.steps, "ipc": args.ipc, "epochs": args.epochs, "seeds": args.seeds,
-        "rows": rows,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "dataset": real.name, "steps": args.steps, "ipc": args.ipc, "epochs": args.epochs,
+        "seeds": args.seeds, "rows": rows,
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
                     "cpu_bf16": cpu_bf16_support()},
         "versions": versions(),

@@ -57,10 +57,13 @@ def main() -> None:
                     help="folder of the teacher and the random sets (default runs/bench-spine in the repo)")
     ap.add_argument("--ipcs", type=comma_list(positive_int, "1,10,50"), default="1,10,50",
                     help="images per class, comma-separated")
-    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2", help="student seeds, comma-separated")
-    ap.add_argument("--teacher-epochs", type=positive_int, default=10, help="epochs of the convnet3 teacher (--quick: 1)")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), default="0,1,2",
+                    help="student seeds, comma-separated")
+    ap.add_argument("--teacher-epochs", type=positive_int, default=10,
+                    help="epochs of the convnet3 teacher (--quick: 1)")
     ap.add_argument("--teacher-augment", default="flip", choices=list(AUGMENTS), help="the teacher's augmentation")
-    ap.add_argument("--quick", action="store_true", help="tiny settings for a smoke run (1-epoch teacher, 20-epoch students)")
+    ap.add_argument("--quick", action="store_true",
+                    help="tiny settings for a smoke run (1-epoch teacher, 20-epoch students)")
     ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     args = ap.parse_args()
@@ -84,8 +87,9 @@ def main() -> None:
     teacher = Teacher.load(tdir) if (tdir / "manifest.json").is_file() else train_teacher(data, tcfg, tdir, args.device)
     made = teacher.manifest["config"]["train"]
     if (made["epochs"], made["augment"]) != (teacher_epochs, args.teacher_augment):
-        raise DDKitError(f"the teacher in {tdir} was trained for {made['epochs']} epochs with augment {made['augment']!r}, "
-                         f"not {teacher_epochs} with {args.teacher_augment!r}; remove that folder or choose another --work")
+        raise DDKitError(f"the teacher in {tdir} was trained for {made['epochs']} epochs with augment "
+                         f"{made['augment']!r}, not {teacher_epochs} with {args.teacher_augment!r}; remove that folder "
+                         "or choose another --work")
     teacher_s = time.perf_counter() - t0
 
     protocol = resolve_protocol("dc-protocol", {"random_baseline": False, "full_reference": False,
@@ -109,8 +113,8 @@ def main() -> None:
         "command": command("spine", data=True),
         "protocol": rep["config"], "protocol_hash": rep["protocol_hash"], "seeds": seeds,
         "teacher": {"model": "convnet3", "test_accuracy": 100 * teacher.test_accuracy,
-                    "epochs": teacher.manifest["config"]["train"]["epochs"], "published_whole_dataset": PUBLISHED["whole dataset"],
-                    "train_seconds": round(teacher_s, 1)},
+                    "epochs": teacher.manifest["config"]["train"]["epochs"],
+                    "published_whole_dataset": PUBLISHED["whole dataset"], "train_seconds": round(teacher_s, 1)},
         "rows": rows, "device": str(args.device), "versions": versions(),
     }
     lines = [f"| set | IPC | ddkit top-1 % (mean ± std, {len(seeds)} seeds) | DC Table 1 | image bytes |",

@@ -145,13 +145,14 @@ def _markdown(result: dict) -> str:
              "stats = BN + conv channel statistics (SRe2L); +patch = also 4x4 patch statistics of conv outputs "
              "(G-VBSM, EDC); ref = the same with float64 feature maps and per-layer host sums (ddkit before 2026-12); "
              "speedup = ref / +patch.", "",
-             "| teacher | layers | forward s | stats s | +patch s | +patch / forward | ref s | speedup | max rel diff |",
+             "| teacher | layers | forward s | stats s | +patch s | +patch / forward | ref s | speedup | "
+             "max rel diff |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         ref = (f"{r['reference_s']:.2f} | {r['speedup']:.2f}x | {r['max_rel_diff']:.1e}" if "reference_s" in r
                else "– | – | –")
-        lines.append(f"| {r['model']} | {r['layers']} | {r['forward_s']:.2f} | {r['stats_s']:.2f} | {r['patch_s']:.2f} | "
-                     f"{r['patch_over_forward']:.2f}x | {ref} |")
+        lines.append(f"| {r['model']} | {r['layers']} | {r['forward_s']:.2f} | {r['stats_s']:.2f} | "
+                     f"{r['patch_s']:.2f} | {r['patch_over_forward']:.2f}x | {ref} |")
     return "\n".join(lines) + "\n"
 
 
@@ -159,7 +160,8 @@ def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="teachers, space-separated")
     ap.add_argument("--dataset", default="fashion-mnist", help="a registered dataset (tests use synthetic)")
-    ap.add_argument("--per-class", type=positive_int, default=1000, help="images per class (6000 = all of Fashion-MNIST)")
+    ap.add_argument("--per-class", type=positive_int, default=1000,
+                    help="images per class (6000 = all of Fashion-MNIST)")
     ap.add_argument("--device", type=device_spec, default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--threads", type=positive_int, default=min(2, os.cpu_count() or 1), help="torch CPU threads")
     ap.add_argument("--no-reference", action="store_true", help="skip the float64 reference (slowest part)")
@@ -171,7 +173,8 @@ def main() -> None:
     use_deterministic_cuda(device)
     real = load_dataset(args.dataset, train_per_class=args.per_class, test_per_class=1)
     rows = []
-    print(f"{'teacher':<18} {'layers':>6} {'fwd s':>7} {'stats s':>8} {'+patch s':>9} {'ref s':>7} {'speedup':>8} {'rel diff':>9}")
+    print(f"{'teacher':<18} {'layers':>6} {'fwd s':>7} {'stats s':>8} {'+patch s':>9} {'ref s':>7} {'speedup':>8} "
+          f"{'rel diff':>9}")
     for label in args.models:
         r = measure(label, real, device, reference=not args.no_reference)
         rows.append(r)
@@ -179,7 +182,8 @@ def main() -> None:
               f"{r.get('reference_s', float('nan')):>7.2f} {r.get('speedup', float('nan')):>7.2f}x "
               f"{r.get('max_rel_diff', float('nan')):>9.1e}", flush=True)
     result = {
-        "what": "real-data statistics pass of the recover methods: ddkit's against a float64 reference and a forward pass",
+        "what": "real-data statistics pass of the recover methods: ddkit's against a float64 reference and "
+                "a forward pass",
         "command": command("stats_pass", data=args.dataset != "synthetic"),
         "device": str(device), "dataset": real.name, "images": len(real.train), "patch_size": PATCH, "rows": rows,
         "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},

@@ -20,8 +20,8 @@ Extrapolated time = set-up + per-unit time x units. It leaves out what the bench
 stages (loading, artifacts, reports: seconds) and assumes one process; under ``torchrun`` the
 stages are spread over ranks.
 
-    python benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml configs/bench/fashion-mnist-matching.yaml \\
-        --device cuda [--budget 1.5] [--out docs/results/tier-cost.json]
+    python benchmarks/tier_cost.py configs/bench/fashion-mnist-decoupled.yaml \\
+        configs/bench/fashion-mnist-matching.yaml --device cuda [--budget 1.5] [--out docs/results/tier-cost.json]
 
 Prints a table and writes the JSON (every measured stage) and a markdown table beside it.
 """
@@ -175,7 +175,8 @@ class TierProbe:
             def run(key=key, buf=buf, i=i):
                 out = self.work / "experts" / f"buffer{i}"
                 with Clock(self.device, None, min_points=2) as clock:
-                    train_experts(self.data, dataclasses.replace(buf, num_experts=1, epochs=4), out, self.device, epoch_progress=clock)
+                    train_experts(self.data, dataclasses.replace(buf, num_experts=1, epochs=4), out, self.device,
+                                  epoch_progress=clock)
                 self.buffers[key] = out
                 return clock.estimate(buf.num_experts * buf.epochs)
             sam = f", SAM rho {buf.sam_rho} alpha {buf.sam_alpha}" if buf.sam_rho else ""
@@ -187,7 +188,8 @@ class TierProbe:
             cls = METHODS.get(m.name)
             for ipc in self.cfg.method_ipcs_of(m.key):
                 options = merge_overrides(m.options, m.ipc_options.get(ipc, {}))
-                self._guard("synthesis", f"{m.key} ipc{ipc}", "step", lambda cls=cls, options=options, ipc=ipc, key=m.key:
+                self._guard("synthesis", f"{m.key} ipc{ipc}", "step",
+                            lambda cls=cls, options=options, ipc=ipc, key=m.key:
                             self._fit(cls, options, ipc, key))
 
     def _fit(self, cls, options: dict, ipc: int, key: str) -> dict:
@@ -204,7 +206,8 @@ class TierProbe:
                 options["current_max_start_epoch"] = 1
         mcfg = from_dict(cls.Config, options)
         clock = Clock(self.device, self.budget)
-        ctx = FitContext(ipc=ipc, seed=0, device=self.device, work_dir=self.work / "fits" / f"{key}-ipc{ipc}", progress=clock)
+        ctx = FitContext(ipc=ipc, seed=0, device=self.device,
+                         work_dir=self.work / "fits" / f"{key}-ipc{ipc}", progress=clock)
         teachers = [self.teacher] if self.teacher is not None else []
         with clock:
             cls(mcfg).fit(self.data, teachers, ctx)
@@ -220,12 +223,15 @@ class TierProbe:
                     sets = sum(ipc in cfg.method_ipcs.get(m.key, cfg.ipcs) for m in cfg.methods)
                     sets += 1 if protocol.random_baseline else 0
                     idx = stratified_indices(self.data.train.labels, self.data.num_classes, ipc, 0)
-                    self._guard("evaluate", f"{student} {mode} ipc{ipc} ({sets} sets x {len(cfg.seeds)} seeds)", "epoch",
-                                lambda p=protocol, idx=idx, n=sets * len(cfg.seeds): self._train(p, self.data.train.subset(idx), p.train, n))
+                    self._guard("evaluate",
+                                f"{student} {mode} ipc{ipc} ({sets} sets x {len(cfg.seeds)} seeds)", "epoch",
+                                lambda p=protocol, idx=idx, n=sets * len(cfg.seeds): self._train(
+                                    p, self.data.train.subset(idx), p.train, n))
                 protocol = cfg.protocol_for(student, mode, ipc=cfg.ipcs[0])
                 if protocol.full_reference:
                     self._guard("evaluate", f"{student} {mode} full data ({protocol.full_seeds} seeds)", "epoch",
-                                lambda p=protocol: self._train(p, self.data.train, p.full_train(), p.full_seeds, min_points=2))
+                                lambda p=protocol: self._train(p, self.data.train, p.full_train(),
+                                                               p.full_seeds, min_points=2))
 
     def _train(self, protocol, train_set, tcfg, runs: int, min_points: int = 2) -> dict:
         c, h, _ = self.data.image_shape
@@ -241,7 +247,8 @@ class TierProbe:
         return clock.estimate(tcfg.epochs * runs)
 
     def run(self) -> list[dict]:
-        print(f"[{self.name}] {self.data.name}: {len(self.data.train)} training images, device {self.device}", flush=True)
+        print(f"[{self.name}] {self.data.name}: {len(self.data.train)} training images, device "
+              f"{self.device}", flush=True)
         self.teachers()
         self.buffers_stage()
         self.synthesis()
@@ -268,7 +275,8 @@ def markdown(result: dict) -> str:
              "(`benchmarks/tier_cost.py`). One process; set-up + per-unit time x units.", "",
              *([f"Command: `{result['command']}`; CUDA deterministic algorithms "
                 f"{'on' if result['cuda_deterministic']['enabled'] else 'off'} "
-                f"(DDKIT_CUDA_DETERMINISTIC={result['cuda_deterministic']['DDKIT_CUDA_DETERMINISTIC'] or 'unset'}).", ""]
+                f"(DDKIT_CUDA_DETERMINISTIC={result['cuda_deterministic']['DDKIT_CUDA_DETERMINISTIC'] or 'unset'}).",
+                ""]
                if "cuda_deterministic" in result else []),  # recorded from 2026-12-06 on
              "| tier | stage | item | s / unit | units | set-up s | extrapolated h |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
@@ -282,7 +290,8 @@ def markdown(result: dict) -> str:
               "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in result["summary"]:
         cells = [f"{s['stages_h'].get(k, 0.0):.2f}" for k in ("teacher", "experts", "synthesis", "evaluate")]
-        lines.append(f"| {s['tier']} | " + " | ".join(cells) + f" | {s['total_h']:.2f} | {', '.join(s['failed']) or '-'} |")
+        lines.append(f"| {s['tier']} | " + " | ".join(cells)
+                     + f" | {s['total_h']:.2f} | {', '.join(s['failed']) or '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -309,8 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
               "configs": args.configs, "overrides": args.set, "device": str(device), "budget_s": args.budget,
               # CUDA kernels: deterministic unless DDKIT_CUDA_DETERMINISTIC=0 (ddkit.determinism); changes the timings
               "cuda_deterministic": {"DDKIT_CUDA_DETERMINISTIC": os.environ.get("DDKIT_CUDA_DETERMINISTIC"),
-                                     "wanted": determinism.wanted(), "enabled": torch.are_deterministic_algorithms_enabled()},
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                                     "wanted": determinism.wanted(),
+                                     "enabled": torch.are_deterministic_algorithms_enabled()},
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+              else platform.processor() or "cpu",
               "threads": torch.get_num_threads(), "versions": versions(), "rows": rows, "summary": []}
 
     def save(row: dict) -> None:  # after every stage: a run killed at its time limit keeps what it measured

@@ -127,7 +127,8 @@ def precision_check(model_name: str, steps: int, ipc: int, modes: list[str]) -> 
             out = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode)
             grads[str(dtype).removeprefix("torch."), mode] = out.grad_images
     ref = grads["float64", "unroll"]
-    errors = [{"dtype": d, "mode": m, "rel_err": _rel(g, ref)} for (d, m), g in grads.items() if (d, m) != ("float64", "unroll")]
+    errors = [{"dtype": d, "mode": m, "rel_err": _rel(g, ref)} for (d, m), g in grads.items()
+              if (d, m) != ("float64", "unroll")]
     return {"model": model_name, "steps": steps, "errors": errors}
 
 
@@ -171,7 +172,8 @@ def _markdown(result: dict, plot: str = "unroll-memory.png") -> str:
         err = {(e["dtype"], e["mode"]): e["rel_err"] for e in check["errors"]}
         for mode in [m for m in MODES if ("float32", m) in err]:
             f64 = "reference" if mode == "unroll" else f"{err['float64', mode]:.1e}"
-            lines.append(f"| {check['model']} | {check['steps']} | {MODES[mode]} | {err['float32', mode]:.1e} | {f64} |")
+            lines.append(f"| {check['model']} | {check['steps']} | {MODES[mode]} | "
+                         f"{err['float32', mode]:.1e} | {f64} |")
     lines += ["", f"![memory against steps]({plot})", "",
               f"Versions: {result['versions']}.", ""]
     return "\n".join(lines)
@@ -237,7 +239,8 @@ def main() -> None:
         ap.error("--modes must include unroll: the other gradients are checked against it")
     out = output_file(ap, args.out)
     rows = []
-    print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MB':>9} {'peak MB':>9} {'s/update':>9} {'rel.err':>8}")
+    print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MB':>9} {'peak MB':>9} {'s/update':>9} "
+          f"{'rel.err':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models:
             for steps in sorted(args.steps):
@@ -256,7 +259,8 @@ def main() -> None:
                           f"{row['peak_mb']:>9.1f} {row['seconds']:>9.2f} {err:>8}", flush=True)
     precision = []
     for model_name in args.models:
-        check = precision_check(model_name, min(args.steps), args.ipc, ["unroll"] + [m for m in args.modes if m != "unroll"])
+        check = precision_check(model_name, min(args.steps), args.ipc,
+                                ["unroll"] + [m for m in args.modes if m != "unroll"])
         precision.append(check)
         for e in check["errors"]:
             print(f"{model_name}, {check['steps']} steps, {e['dtype']} {MODES[e['mode']]}: "

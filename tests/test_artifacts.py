@@ -41,7 +41,8 @@ def test_distill_passes_its_seed_to_the_method(tiny, tmp_path):
 
 
 def test_ipc_larger_than_smallest_class(tiny, tmp_path):
-    with pytest.raises(DDKitError, match=r"ipc 25 is larger than the smallest class \('class0' has 24 training images\); use an ipc of 24 or less \(--ipc, or ipc / ipcs in a config\)$"):
+    with pytest.raises(DDKitError, match=r"ipc 25 is larger than the smallest class \('class0' has 24 training "
+                                         r"images\); use an ipc of 24 or less \(--ipc, or ipc / ipcs in a config\)$"):
         _random_set(tiny, tmp_path, ipc=25)
     assert list(tmp_path.iterdir()) == []  # nothing partial left behind
 
@@ -97,12 +98,14 @@ def test_export_imagefolder_and_pt(tiny, tmp_path):
     ds.soft_labels = torch.randn(len(ds), 4).half()  # a set with soft labels exports them in the same order
     with_soft = torch.load(ds.export(tmp_path / "soft.pt", "pt"), weights_only=True)
     order = torch.argsort(ds.labels, stable=True)
-    assert torch.equal(with_soft["soft_labels"], ds.soft_labels[order]) and torch.equal(with_soft["labels"], ds.labels[order])
+    assert (torch.equal(with_soft["soft_labels"], ds.soft_labels[order])
+            and torch.equal(with_soft["labels"], ds.labels[order]))
     for record in (blob, json.loads((folder / "classes.json").read_text())):  # exports say what made them
         assert record["schema_version"] == 1 and record["seed"] == ds.manifest["seed"]
         assert record["versions"]["ddkit"] == ddkit.__version__ and record["ipc"] == ds.ipc
         assert record["source_config_hash"] == ds.manifest["config_hash"]
-    assert (blob["kind"], json.loads((folder / "classes.json").read_text())["kind"]) == ("pt-export", "imagefolder-export")
+    assert ((blob["kind"], json.loads((folder / "classes.json").read_text())["kind"])
+            == ("pt-export", "imagefolder-export"))
     # an export passed where the set is meant says what it is and names the set (it read "manifest not found")
     for export, what in ((pt, "a pt export"), (folder, "an imagefolder export")):
         with pytest.raises(DDKitError, match=rf"^'{export}' is {what} of a distilled set, not the set \(.*\); pass the "
@@ -147,7 +150,8 @@ def test_float_set_records_its_true_pixel_range_and_png_export_says_what_it_clip
         inside = DistilledSet.build(SyntheticSet(images.clamp(0, 1), labels), tiny, method="dm", method_config={},
                                     ipc=2, seed=0, config={}, dataset_config={"name": "synthetic"})
         inside.save(tmp_path / "inside")
-        assert json.loads((inside.export(tmp_path / "png2", "imagefolder") / "classes.json").read_text())["clipped_pixels"] == 0.0
+        assert json.loads((inside.export(tmp_path / "png2", "imagefolder")
+                           / "classes.json").read_text())["clipped_pixels"] == 0.0
     assert inside.manifest["images"]["pixel_range"] == [0.0, 1.0] and caplog.text == ""
 
 
@@ -194,7 +198,8 @@ def test_load_refuses_a_path_that_is_no_str_or_path(path):
     with pytest.raises(DDKitError) as err:
         ddkit.load(path)
     msg = str(err.value)
-    assert msg.startswith(f"the distilled-set path must be a folder path (str or Path), got {type(path).__name__} {path!r}")
+    assert msg.startswith("the distilled-set path must be a folder path (str or Path), got "
+                          f"{type(path).__name__} {path!r}")
     assert "pass the folder of a distilled-set artifact" in msg and "\n" not in msg
     from ddkit.teacher import Teacher
 
@@ -218,7 +223,8 @@ def test_damaged_distilled_manifest_is_a_one_line_error(tiny, tmp_path, capsys):
         broken = json.loads(json.dumps(good))
         damage(broken)
         (path / "manifest.json").write_text(json.dumps(broken))
-        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
+        with pytest.raises(DDKitError,
+                           match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
             ddkit.load(path)
         assert main(["export", str(path), "--format", "pt", "--out", str(tmp_path / "set.pt")]) == 2
         err = capsys.readouterr().err
@@ -262,7 +268,8 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
     afile.write_text("mine")
     with pytest.raises(DDKitError, match="is a file, not a folder"), atomic_dir(afile):
         pass
-    with pytest.raises(DDKitError, match=rf"^output '{afile}/x' lies inside '{afile}', which is a file; give another path$"), \
+    with pytest.raises(DDKitError,
+                       match=rf"^output '{afile}/x' lies inside '{afile}', which is a file; give another path$"), \
             atomic_dir(afile / "x"):  # it said "cannot create the output folder ... (File exists)"
         pass
     ds = _random_set(tiny, tmp_path)
@@ -319,19 +326,22 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
     man["files"]["soft_labels"] = "soft_labels.safetensors"
     (path / "manifest.json").write_text(json.dumps(man))
     n = len(t["labels"])
-    for bad, msg in [({"logits": torch.zeros(2 * n, 4)}, "have shape \\[16, 4\\] but the set has 8 images of 4 classes"),
+    for bad, msg in [({"logits": torch.zeros(2 * n, 4)},
+                      "have shape \\[16, 4\\] but the set has 8 images of 4 classes"),
                      ({"logits": torch.zeros(n, 5)}, "shape \\[8, 5\\]"),
                      ({"other": torch.zeros(n, 4)}, "no 'logits' tensor"),
                      ({"logits": torch.full((n, 4), float("nan"))}, "NaN or infinite")]:
         save_file(bad, str(path / "soft_labels.safetensors"))
         with pytest.raises(DDKitError, match=msg):
             ddkit.load(path)
-    for damage, key in ((lambda m: m.pop("files"), "files.images"), (lambda m: m["files"].update(images=None), "files.images"),
+    for damage, key in ((lambda m: m.pop("files"), "files.images"),
+                        (lambda m: m["files"].update(images=None), "files.images"),
                         (lambda m: m.pop("dataset_config"), "dataset_config")):
         broken = json.loads(json.dumps(man))
         damage(broken)
         (path / "manifest.json").write_text(json.dumps(broken))
-        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
+        with pytest.raises(DDKitError,
+                           match=f"lacks '{key}' .*the manifest is damaged: re-create the distilled-set artifact"):
             ddkit.load(path)
     (path / "manifest.json").write_text(json.dumps(["not", "an", "object"]))
     with pytest.raises(DDKitError, match="is not a JSON object; re-create the distilled-set artifact"):
@@ -342,10 +352,12 @@ _OTHER = "or undo another option that makes the updates larger (a network's lr, 
 
 
 @pytest.mark.parametrize("options, fix", [
-    ({"lr_img": 100.0, "lr_lr": 1e-5}, "lower distill.options.lr_img (now 100), " + _OTHER),  # DC, DM, MTT: the images' lr
+    ({"lr_img": 100.0, "lr_lr": 1e-5},
+     "lower distill.options.lr_img (now 100), " + _OTHER),  # DC, DM, MTT: the images' lr
     ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25), " + _OTHER),  # SRe2L, EDC, CV-DD, ...
     # a method without such a field
-    ({}, "lower the learning rate of its images in distill.options, or undo another option that makes the updates larger"),
+    ({},
+     "lower the learning rate of its images in distill.options, or undo another option that makes the updates larger"),
 ])
 def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, options, fix):
     """The error said "lower its learning rate" without naming which setting that is."""
@@ -354,8 +366,8 @@ def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, opt
 
     images = torch.full((4, *tiny.image_shape), float("nan"))
     with pytest.raises(DDKitError) as err:
-        DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="m", method_config=options, ipc=1, seed=0,
-                           config={}, dataset_config={})
+        DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="m",
+                           method_config=options, ipc=1, seed=0, config={}, dataset_config={})
     assert str(err.value) == f"method 'm' produced non-finite pixels (its images diverged); {fix}"
 
 
@@ -378,7 +390,8 @@ def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
     images[1, 0, 0, 0] = -5e5
     warned = build(images)
     assert f"method 'dm' produced pixels from -5e+05 to {float(images.max()):.3g}, " in warned
-    assert "far outside the data's 0..1 (its images likely diverged); lower distill.options.lr_img (now 10000)" in warned
+    assert ("far outside the data's 0..1 (its images likely diverged); lower distill.options.lr_img "
+            "(now 10000)" in warned)
 
 
 @pytest.mark.parametrize("labels", [
@@ -395,8 +408,9 @@ def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, la
 
     images = torch.rand(5, *tiny.image_shape)
     for ipc in (1, None):  # None: method full, which had no label check at all
-        with pytest.raises(DDKitError, match=rf"^method 'm' produced labels of shape \({len(labels)},\) .* for 5 images, "
-                                             r"expected \[N\] class indices in 0..3; this is a bug in the method$"):
+        with pytest.raises(DDKitError,
+                           match=rf"^method 'm' produced labels of shape \({len(labels)},\) .* for 5 images, "
+                                 r"expected \[N\] class indices in 0..3; this is a bug in the method$"):
             DistilledSet.build(SyntheticSet(images, labels), tiny, method="m", method_config={}, ipc=ipc, seed=0,
                                config={}, dataset_config={})
 
@@ -498,8 +512,8 @@ def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):
     record.write_text("[]")
     assert main(["run", str(cfg), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err == (f"error: output {str(record.parent)!r} exists and is not a ddkit output (its manifest.json is damaged "
-                   "or not ddkit's); choose another --out or remove it\n")
+    assert err == (f"error: output {str(record.parent)!r} exists and is not a ddkit output (its "
+                   "manifest.json is damaged or not ddkit's); choose another --out or remove it\n")
 
 
 def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
@@ -512,7 +526,8 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
 
     path = distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "r").path
     t = load_file(str(path / "images.safetensors"))
-    for bad, dtype in ((t["labels"].float() + 0.4, "float32"), (t["labels"] > 1, "bool"), (t["labels"][:, None], "int64")):
+    for bad, dtype in ((t["labels"].float() + 0.4, "float32"), (t["labels"] > 1, "bool"),
+                       (t["labels"][:, None], "int64")):
         save_file({"images": t["images"], "labels": bad}, str(path / "images.safetensors"))
         with pytest.raises(DDKitError, match=f"holds {dtype} labels of shape .*not one class index .*re-create"):
             ddkit.load(path)
@@ -535,7 +550,8 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
         with pytest.raises(DDKitError, match=f"holds schema_version {version!r}, not a version number; the manifest is "
                                              "damaged: re-create the distilled-set artifact"):
             ddkit.load(path)
-    (path / "manifest.json").write_text(json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
+    (path / "manifest.json").write_text(
+        json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
     save_file({"logits": torch.zeros(len(t["labels"]), 4, dtype=torch.int32)}, str(path / "soft.safetensors"))
     with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-run distill --soft-labels"):
         ddkit.load(path)
@@ -572,8 +588,8 @@ def _killed_writer(final: Path, *kinds: str) -> list[Path]:
               "final = Path(sys.argv[1])\n"
               "for what in sys.argv[2:]:\n"
               "    p = temp_path(final, what.split(':')[0])\n"
-              "    (p.mkdir() or (p / 'half.bin').write_bytes(b'x')) if what.endswith(':dir') else p.write_bytes(b'half')\n"
-              "    print(p)\n"
+              "    (p.mkdir() or (p / 'half.bin').write_bytes(b'x')) if what.endswith(':dir') else "
+              "p.write_bytes(b'half')\n    print(p)\n"
               "os._exit(9)\n")
     done = subprocess.run([sys.executable, "-c", script, str(final), *kinds], capture_output=True, text=True)
     assert done.returncode == 9, done.stderr
@@ -622,7 +638,8 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
                  tmp_path / "r")
     good = json.loads((ds.path / "manifest.json").read_text())
     for name, change, message in [
-        ("images", {"images": "x"}, r"holds images 'x', not a mapping of their dtype and shape; the manifest is damaged"),
+        ("images", {"images": "x"},
+         r"holds images 'x', not a mapping of their dtype and shape; the manifest is damaged"),
         ("classes", {"dataset": {**good["dataset"], "classes": [1, 2, 3, 4]}},
          r"holds dataset.classes \[1, 2, 3, 4\], not a list of class names; the manifest is damaged: re-create"),
     ]:
@@ -634,9 +651,11 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     soft = tmp_path / "soft"
     shutil.copytree(ds.path, soft)
     save_file({"x": torch.zeros(8, 4)}, str(soft / "soft_labels.safetensors"))
-    (soft / "manifest.json").write_text(json.dumps({**good, "files": {**good["files"], "soft_labels": "soft_labels.safetensors"}}))
-    with pytest.raises(DDKitError, match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
-                                         r"of 4 classes; re-run distill --soft-labels"):
+    (soft / "manifest.json").write_text(
+        json.dumps({**good, "files": {**good["files"], "soft_labels": "soft_labels.safetensors"}}))
+    with pytest.raises(DDKitError,
+                       match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
+                             r"of 4 classes; re-run distill --soft-labels"):
         ddkit.load(soft)
     # labels that disagree with the manifest's class counts loaded, and showed and exported
     relabelled = tmp_path / "relabelled"
@@ -650,8 +669,9 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
     wrong_ipc = tmp_path / "wrong-ipc"
     shutil.copytree(ds.path, wrong_ipc)
     (wrong_ipc / "manifest.json").write_text(json.dumps({**good, "ipc": 5}))
-    with pytest.raises(DDKitError, match=r"^'.*wrong-ipc/manifest.json' says ipc 5 but the set holds \[2, 2, 2, 2\] images "
-                                         r"per class; the manifest is damaged: re-create the distilled set$"):
+    with pytest.raises(DDKitError,
+                       match=r"^'.*wrong-ipc/manifest.json' says ipc 5 but the set holds \[2, 2, 2, 2\] images "
+                             r"per class; the manifest is damaged: re-create the distilled set$"):
         ddkit.load(wrong_ipc)
 
 

@@ -110,11 +110,13 @@ def test_shipped_bench_configs_validate(path):
 def test_bench_config_base_states_only_what_differs(tmp_path):
     shipped = REPO / "configs" / "bench" / "fashion-mnist-decoupled-cpu.yaml"
     child = tmp_path / "child.yaml"
-    child.write_text(f"base: {shipped}\nipcs: [10]\nipc_overrides: {{10: {{train: {{epochs: 80}}}}}}\nmethod_ipcs: {{}}\nmethods: [random, rded]\nout: elsewhere\n")
+    child.write_text(f"base: {shipped}\nipcs: [10]\nipc_overrides: {{10: {{train: {{epochs: 80}}}}}}\nmethod_ipcs: "
+                     "{}\nmethods: [random, rded]\nout: elsewhere\n")
     base, cfg = load_bench_config(shipped), load_bench_config(child, ["seeds=[4]"])
     assert cfg.ipcs == [10] and [m.key for m in cfg.methods] == ["random", "rded"] and cfg.seeds == [4]
     assert cfg.teacher == base.teacher and cfg.teacher_pool == base.teacher_pool and cfg.students == base.students
-    assert cfg.protocol_for("resnet18_cifar", "teacher", ipc=10).hash == base.protocol_for("resnet18_cifar", "teacher", ipc=10).hash
+    assert (cfg.protocol_for("resnet18_cifar", "teacher", ipc=10).hash
+            == base.protocol_for("resnet18_cifar", "teacher", ipc=10).hash)
     child.write_text(f"base: {shipped}\nmethods: [random]\n")  # the base's method_ipcs name methods this file dropped
     with pytest.raises(ConfigError, match="method_ipcs names 'edc-A'"):
         load_bench_config(child)
@@ -143,15 +145,18 @@ def test_config_errors_all_at_once(tmp_path):
 def full_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "full"
     seen = []
-    rows = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append((d, n, r["reused"])))
+    rows = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]),
+                     progress=lambda d, n, r: seen.append((d, n, r["reused"])))
     return out, rows, seen
 
 
 def test_tiny_matrix_end_to_end(full_run):
     out, rows, seen = full_run
     assert seen == [(1, 4, False), (2, 4, False), (3, 4, False), (4, 4, False)]
-    assert [r["cell"] for r in rows] == ["synthetic-random-ipc1-tiny_convnet-hard", "synthetic-random-ipc1-tiny_convnet-teacher",
-                                         "synthetic-random-ipc2-tiny_convnet-hard", "synthetic-random-ipc2-tiny_convnet-teacher"]
+    assert [r["cell"] for r in rows] == ["synthetic-random-ipc1-tiny_convnet-hard",
+                                         "synthetic-random-ipc1-tiny_convnet-teacher",
+                                         "synthetic-random-ipc2-tiny_convnet-hard",
+                                         "synthetic-random-ipc2-tiny_convnet-teacher"]
     for r in rows:
         assert r["acc"]["n"] == 2
         assert_numbers_from_own_evaluations(out, r)
@@ -225,9 +230,11 @@ def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):
         run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=stop_after_two)
     assert len(list((out / "cells").glob("*.json"))) == 2 and not (out / "bench.json").exists()
     seen = []
-    resumed = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
+    resumed = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]),
+                        progress=lambda d, n, r: seen.append(r["reused"]))
     assert seen == [True, True, False, False]
-    diff = [(k, a[k], b[k]) for a, b in zip(resumed, rows) for k in a if a[k] != b[k] and k not in ("distilled_path", "synthesis")]
+    diff = [(k, a[k], b[k]) for a, b in zip(resumed, rows) for k in a
+            if a[k] != b[k] and k not in ("distilled_path", "synthesis")]
     assert not diff
     assert strip(resumed) == strip(rows)
 
@@ -239,8 +246,9 @@ def test_a_bench_stopped_after_a_config_change_leaves_no_earlier_table(tmp_path,
     from ddkit.report import write_report
 
     out = tmp_path / "b"
-    options = {"methods": [{"name": "dm", "options": {**METHODS.get("dm").smoke_options, "iterations": 1}}], "ipcs": [1],
-               "seeds": [0], "overrides": {"full_reference": False, "random_baseline": False, "train": {"epochs": 1}}}
+    options = {"methods": [{"name": "dm", "options": {**METHODS.get("dm").smoke_options, "iterations": 1}}],
+               "ipcs": [1], "seeds": [0],
+               "overrides": {"full_reference": False, "random_baseline": False, "train": {"epochs": 1}}}
     run_bench(tiny_cfg(out, **options))
     assert (out / "bench.json").is_file()
 
@@ -251,7 +259,8 @@ def test_a_bench_stopped_after_a_config_change_leaves_no_earlier_table(tmp_path,
     options["methods"][0]["options"]["iterations"] = 2
     with pytest.raises(KeyboardInterrupt):
         run_bench(tiny_cfg(out, **options))
-    assert json.loads((out / "distilled/synthetic-dm-ipc1/manifest.json").read_text())["method"]["config"]["iterations"] == 2
+    assert json.loads(
+        (out / "distilled/synthetic-dm-ipc1/manifest.json").read_text())["method"]["config"]["iterations"] == 2
     assert not (out / "bench.json").exists()
     with pytest.raises(DDKitError, match="bench.json' not found"):
         write_report(out)
@@ -376,7 +385,8 @@ def test_killed_cell_leaves_no_corrupt_files(full_run, tmp_path, monkeypatch):
     (out / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").write_text("{not json")
     monkeypatch.setattr(bench, "evaluate", real)
     rows = run_bench(tiny_cfg(out))
-    assert [r["cell"] for r in rows] == ["synthetic-random-ipc1-tiny_convnet-hard", "synthetic-random-ipc2-tiny_convnet-hard"]
+    assert ([r["cell"] for r in rows]
+            == ["synthetic-random-ipc1-tiny_convnet-hard", "synthetic-random-ipc2-tiny_convnet-hard"])
 
 
 def test_robust_scores_and_cli(tmp_path, capsys):
@@ -443,15 +453,18 @@ def test_torchrun_spreads_cells_and_matches_single_process(tmp_path):
     cfg.write_text(yaml.safe_dump({**TINY, "label_modes": ["hard", "teacher"]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {}
-    for name, launcher in (("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]), ("one", [])):
+    for name, launcher in (("two", ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]),
+                           ("one", [])):
         env["DDKIT_CACHE"] = str(tmp_path / f"cache-{name}")
-        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", "bench", str(cfg), "--out", name, "--device", "cpu", "-q"],
+        proc = subprocess.run([sys.executable, *launcher, "-m", "ddkit", "bench", str(cfg), "--out", name,
+                               "--device", "cpu", "-q"],
                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         runs[name] = json.loads((tmp_path / name / "bench.json").read_text())["rows"]
     assert len(runs["two"]) == 4
     for a, b in zip(runs["two"], runs["one"]):
-        assert (a["cell"], a["acc"], a["random"], a["hard_acc"], a["lrs"]) == (b["cell"], b["acc"], b["random"], b["hard_acc"], b["lrs"])
+        assert ((a["cell"], a["acc"], a["random"], a["hard_acc"], a["lrs"])
+                == (b["cell"], b["acc"], b["random"], b["hard_acc"], b["lrs"]))
 
 
 def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
@@ -471,9 +484,10 @@ def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
     mtt = {**MTT.smoke_options, "iterations": 2, "log_lr": True,
            "buffer": {**MTT.smoke_options["buffer"], "num_experts": 2, "epochs": 8}}
     cfg = tmp_path / "b.yaml"
-    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0], "overrides": {**TINY["overrides"], "learned_lr": True},
-                                   "methods": [{"name": "mtt", "options": mtt},
-                                               {"name": "mtt", "label": "mtt-b", "options": {**mtt, "lr_img": 10.0}}]}))
+    cfg.write_text(
+        yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0], "overrides": {**TINY["overrides"], "learned_lr": True},
+                        "methods": [{"name": "mtt", "options": mtt},
+                                    {"name": "mtt", "label": "mtt-b", "options": {**mtt, "lr_img": 10.0}}]}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DDKIT_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "ddkit", "bench", str(cfg), "--out", "run", "--device", "cpu", "-q"],
@@ -483,7 +497,8 @@ def test_torchrun_ranks_build_a_shared_expert_buffer_once(tmp_path):
     assert len(buffers) == 1 and (buffers[0] / "manifest.json").is_file()
     assert not [p for p in (tmp_path / "cache" / "experts").iterdir() if ".partial-" in p.name]
     uses = [c for name in ("mtt", "mtt-b")
-            for c in json.loads((tmp_path / "run" / "distilled" / f"synthetic-{name}-ipc1.synthesis.json").read_text())["shared"]]
+            for c in json.loads((tmp_path / "run" / "distilled"
+                                 / f"synthetic-{name}-ipc1.synthesis.json").read_text())["shared"]]
     assert [c["key"] for c in uses] == [buffers[0].name] * 2
     built = sorted(c["seconds_here"] > 0 for c in uses)
     assert built == [False, True], uses  # one rank built it, the other reused it
@@ -536,8 +551,10 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
         tmp_path / "run", ipcs=[1, 2], students=["tiny_convnet", "tiny_mlp"], label_modes=["hard"], seeds=[0],
         student_ipcs={"tiny_mlp": [2]}, method_ipcs={"b": [1]},
         ipc_overrides={2: {"train": {"epochs": 4}}},
-        teacher_pool={"other": {"model": "tiny_convnet", "seed": 3, "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}},
-        methods=[{"name": "sre2l", "label": "a", "options": {"iterations": 2, "stats": "conv", "extra_teachers": ["@other"]},
+        teacher_pool={"other": {"model": "tiny_convnet", "seed": 3,
+                                "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}},
+        methods=[{"name": "sre2l", "label": "a",
+                  "options": {"iterations": 2, "stats": "conv", "extra_teachers": ["@other"]},
                   "ipc_options": {2: {"iterations": 3}}},
                  {"name": "random", "label": "b"}],
     )
@@ -562,7 +579,8 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
            for s in ("a-ipc1", "a-ipc2", "b-ipc1")]
     assert [len(s["shared"]) for s in syn] == [2, 2, 0] and syn[0]["shared_seconds"] > 0
     assert [c["key"] for c in syn[0]["shared"]] == [c["key"] for c in syn[1]["shared"]]
-    assert syn[1]["shared_seconds"] == syn[0]["shared_seconds"] and all(c["seconds_here"] == 0 for c in syn[1]["shared"])
+    assert (syn[1]["shared_seconds"] == syn[0]["shared_seconds"]
+            and all(c["seconds_here"] == 0 for c in syn[1]["shared"]))
     for s in syn:
         here = sum(c["seconds_here"] + c["waited_seconds"] for c in s["shared"])
         assert s["seconds"] == pytest.approx(s["wall_seconds"] - here, abs=1e-3) and s["seconds"] > 0
@@ -578,7 +596,8 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     # (the path used to be in the sets' keys, so every set that names a pool teacher was made again)
     shutil.move(tmp_path / "run", tmp_path / "moved")
     reused = []
-    moved = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "moved")), progress=lambda d, n, r: reused.append(r["reused"]))
+    moved = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "moved")),
+                      progress=lambda d, n, r: reused.append(r["reused"]))
     assert reused == [True] * 4 and strip(moved) == strip(rows)
     with pytest.raises(ConfigError, match="not in teacher_pool"):
         tiny_cfg(tmp_path, methods=[{"name": "sre2l", "options": {"extra_teachers": ["@nope"]}}])
@@ -694,10 +713,12 @@ def test_stored_label_mode_uses_a_methods_own_labels(tmp_path, monkeypatch):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"], methods=["random", datm])
     with pytest.raises(ConfigError, match=r"\['datm'\] store none"):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["stored"],
-                 methods=[{"name": "random", "soft_labels": True}, {**datm, "options": {**DATM.smoke_options, "learn_labels": False}}])
-    with pytest.raises(ConfigError, match=r"methods \['datm'\] label their images themselves \(datm: options.learn_labels: "
-                                          r"true\), and their soft_labels: true would overwrite that with the teacher's logits; "
-                                          r"drop soft_labels: true on them, or set methods\[datm\].options.learn_labels: false$"):
+                 methods=[{"name": "random", "soft_labels": True},
+                          {**datm, "options": {**DATM.smoke_options, "learn_labels": False}}])
+    with pytest.raises(ConfigError,
+                       match=r"methods \['datm'\] label their images themselves \(datm: options.learn_labels: "
+                             r"true\), and their soft_labels: true would overwrite that with the teacher's logits; "
+                             r"drop soft_labels: true on them, or set methods\[datm\].options.learn_labels: false$"):
         tiny_cfg(tmp_path / "bad", ipcs=[1], label_modes=["hard"], methods=["random", {**datm, "soft_labels": True}])
     assert not (tmp_path / "bad").exists()  # refused at load, before any cell ran
     cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["hard", "stored"], overrides={
@@ -744,7 +765,8 @@ def test_unfinished_cells_are_dealt_per_student():
     ({"ipc_overrides": {1: 5}}, r"ipc_overrides.1: expected a mapping"),
     ({"student_ipcs": {"tiny_convnet": 1}}, r"student_ipcs.tiny_convnet: expected a list"),
     ({"student_options": {"tiny_convnet": 3}}, r"student_options.tiny_convnet: expected a mapping"),
-    ({"methods": [{"name": "random", "ipc_options": {"x": {}}}]}, r"methods\[0\].ipc_options: key 'x' must be an integer"),
+    ({"methods": [{"name": "random", "ipc_options": {"x": {}}}]},
+     r"methods\[0\].ipc_options: key 'x' must be an integer"),
     ({"methods": [{"name": "random", "optins": {}}]}, r"methods\[0\].optins'; did you mean 'options'"),
     ({"seeds": [1, 1]}, r"seeds: \[1, 1\] repeats a seed"),
 ])
@@ -752,7 +774,8 @@ def test_badly_typed_mappings_and_repeated_seeds_are_config_errors(tmp_path, ove
     """Typed mappings used to pass unchecked and crash later with a ValueError/TypeError traceback."""
     with pytest.raises(ConfigError, match=message):
         tiny_cfg(tmp_path, **over)
-    assert tiny_cfg(tmp_path, ipc_overrides={"2": {"train": {"epochs": 2}}}).ipc_overrides == {2: {"train": {"epochs": 2}}}
+    assert (tiny_cfg(tmp_path, ipc_overrides={"2": {"train": {"epochs": 2}}}).ipc_overrides
+            == {2: {"train": {"epochs": 2}}})
 
 
 def test_ipc_larger_than_a_class_fails_before_any_teacher_or_set(tmp_path):
@@ -904,7 +927,8 @@ _UNKNOWN_AUG = "unknown augmentation 'bogus'; valid: none, dsa, rrc_flip, flip, 
      "soft-label loss is kl"),
     ({"label_modes": ["fkd"], "relabel": {"augment": "bogus"}}, f"relabel.augment: {_UNKNOWN_AUG}"),
     ({"label_modes": ["fkd"], "relabel": {"augment_options": {"zz": 1}}},
-     "relabel.augment_options: augmentation 'rrc_flip' has no option(s) ['zz']; valid: scale_min, scale_max, ratio, flip_prob"),
+     "relabel.augment_options: augmentation 'rrc_flip' has no option(s) ['zz']; valid: scale_min, scale_max, "
+     "ratio, flip_prob"),
     ({"label_modes": ["fkd"], "relabel": {"augment_options": {"scale_min": "x"}}},
      "relabel.augment_options.scale_min: expected a number, got 'x'"),
     ({"robust_scores": True, "ars_augment": "bogus"}, f"ars_augment: {_UNKNOWN_AUG}"),
@@ -912,11 +936,13 @@ _UNKNOWN_AUG = "unknown augmentation 'bogus'; valid: none, dsa, rrc_flip, flip, 
      "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
     ({"label_modes": ["teacher"], "teacher": {"model": "tiny_convnet", "model_options": {"width": 0}}},
      "teacher.model_options: ConvNet width must be a positive integer, got 0"),
-    ({"teacher_pool": {"a": {"model": "nonexist"}}}, "teacher_pool.a.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    ({"teacher_pool": {"a": {"model": "nonexist"}}},
+     "teacher_pool.a.model: unknown model 'nonexist'; did you mean 'convnet'?"),
     ({"label_modes": ["teacher"], "teacher": {"model": "tiny_convnet", "checkpoint": "{tmp}/nofile.pt"}},
      "teacher.checkpoint: checkpoint '{tmp}/nofile.pt' not found; check --checkpoint (teacher.checkpoint in a config)"),
     ({"methods": [{"name": "sre2l", "options": {"extra_teachers": ["{tmp}/nope"]}}]},
-     "methods[sre2l].options.extra_teachers: teacher artifact '{tmp}/nope' not found; check the path or create it first"),
+     "methods[sre2l].options.extra_teachers: teacher artifact '{tmp}/nope' not found; check the path or "
+     "create it first"),
     ({"label_modes": ["teacher"], "overrides": {**TINY["overrides"], "extra_teachers": ["{tmp}/nope"]}},
      "extra_teachers of protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'teacher': teacher "
      "artifact '{tmp}/nope' not found; check the path or create it first"),
@@ -949,7 +975,8 @@ def test_late_used_values_fail_the_cli_in_one_line(tmp_path, capsys):
                                 "device": "cpu"}))
     assert main(["bench", str(path), "-q"]) == 2
     err = capsys.readouterr().err
-    assert err == "error: relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 99\n"
+    assert err == ("error: relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all "
+                   "logits), got 99\n")
     assert not out.exists()
 
 
@@ -998,10 +1025,12 @@ def test_bench_method_errors_name_the_methods_options_key(tmp_path, monkeypatch)
     """An error a method raises while it synthesises (a network too deep for the images, experts trained on
     the fly too) named distill.options.*, a key a bench config does not have."""
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
-    deep = {"name": "dm", "label": "deep", "options": {"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1}}
+    deep = {"name": "dm", "label": "deep",
+            "options": {"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1}}
     with pytest.raises(ConfigError, match=r"^methods\[deep\]\.options\.model_options: image size 16 is too small"):
         run_bench(tiny_cfg(tmp_path / "a", methods=[deep], ipcs=[1], label_modes=["hard"]))
     experts = {"name": "mtt", "options": {"buffer": {"model": "convnetd5", "num_experts": 1, "epochs": 2},
                                           "expert_epochs": 1, "max_start_epoch": 1}}
-    with pytest.raises(ConfigError, match=r"^methods\[mtt\]\.options\.buffer\.model_options: image size 16 is too small"):
+    with pytest.raises(ConfigError,
+                       match=r"^methods\[mtt\]\.options\.buffer\.model_options: image size 16 is too small"):
         run_bench(tiny_cfg(tmp_path / "b", methods=[experts], ipcs=[1], label_modes=["hard"]))

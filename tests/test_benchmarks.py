@@ -71,7 +71,8 @@ def test_best_sets_keeps_runs_built_on_the_tier(fm, tmp_path, monkeypatch):
     text = "\n".join(fm.best_sets(results, configs=configs))
     assert "matching tier, child, grandchild, longer (" in text and "other" not in text and "augmented" not in text
     assert "mtt-long" not in text and "-aug`" not in text and "learned" not in text and "otherstudent" not in text
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines() if line.startswith("| ")}
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+             if line.startswith("| ")}
     # mtt at IPC 10: the grandchild's 82.00 beats the tier's and the child's; stored and ResNet rows never count
     assert table["mtt"][1].startswith("82.00 ± 1.00 (+8.00; `mtt-x1`, grandchild; 3)")
     assert table["mtt"][0].startswith("60.00 ± 1.00 (+7.00; `mtt`, matching tier; 1)")
@@ -92,7 +93,8 @@ def test_single_protocol_table_per_student_and_ipc(fm, tmp_path):
     r18 = "resnet18_cifar"
     write("long1", [_row("random", "random", 1, 0.50, 0.50, "teacher"), _row("rded", "rded", 1, 0.60, 0.50, "teacher"),
                     _row("edc", "edc", 1, 0.55, 0.50, "teacher"), _row("edc-s05", "edc", 1, 0.605, 0.50, "teacher"),
-                    _row("rded", "rded", 1, 0.40, 0.45, "teacher", r18), _row("edc", "edc", 1, 0.46, 0.45, "teacher", r18)])
+                    _row("rded", "rded", 1, 0.40, 0.45, "teacher", r18),
+                    _row("edc", "edc", 1, 0.46, 0.45, "teacher", r18)])
     write("long50", [_row("rded", "rded", 50, 0.80, 0.82, "teacher"), _row("edc", "edc", 50, 0.81, 0.82, "teacher"),
                      _row("edc-A", "edc", 50, 0.99, 0.82, "teacher")])  # an ablation row: left out
     assert fm.single_protocol(tmp_path, ("nothing",)) == []
@@ -125,13 +127,15 @@ def test_edc_steps_table_shows_each_step_against_the_row_it_adds_to(fm, tmp_path
     assert "| `edc-AB`: + B: real-image init (RDED's output) | 35.00 ± 1.00 (+5.00) | 72.00 ± 1.00 (+32.00) |" in text
     assert "| `edc-ABD`: + D: flatness regularisation | – | 72.30 ± 1.00 (+0.30) |" in text
     assert "sre2l" not in text  # not a step
-    assert "- IPC 10: largest step + B: real-image init (RDED's output) (+32.00); steps within 0.5 point: 1 of 2." in text
+    assert ("- IPC 10: largest step + B: real-image init (RDED's output) (+32.00); steps within 0.5 "
+            "point: 1 of 2." in text)
 
 
 def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
     stat = lambda *xs: {"mean": sum(xs) / len(xs), "std": 0.0, "per_seed": list(xs), "n": len(xs)}
-    base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
-            "synthesis": {"seconds": 1.0, "peak_memory_bytes": None}, "versions": {}, "protocol_hash": "abc"}
+    base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None,
+            "bytes": {"images": 1, "labels": 1}, "synthesis": {"seconds": 1.0, "peak_memory_bytes": None},
+            "versions": {}, "protocol_hash": "abc"}
     rows = [{**base, "method": "dsa", "method_name": "dsa", "ipc": 10, "acc": stat(0.80), "random": stat(0.76),
              "aug_acc": stat(0.80, 0.82), "aug_random": stat(0.76), "noaug_acc": stat(0.75), "noaug_random": stat(0.74),
              "ars": {"mean": 0.5123}},
@@ -213,8 +217,8 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
         "protocol: soft-kl\noverrides: {full_epochs: 3}\n"
         "teacher: {model: tiny_convnet, train: {epochs: 4, batch_size: 32}}\n"
         "methods:\n  - random\n  - name: sre2l\n    options: {iterations: 6, stats: conv}\n"
-        "  - name: mtt\n    options: {iterations: 5, syn_steps: 2, buffer: {model: tiny_convnet, num_experts: 3, epochs: 6}}\n"
-        "    ipc_options: {2: {iterations: 7}}\n"
+        "  - name: mtt\n    options: {iterations: 5, syn_steps: 2, buffer: {model: tiny_convnet, num_experts: "
+        "3, epochs: 6}}\n    ipc_options: {2: {iterations: 7}}\n"
         "method_ipcs: {sre2l: [2]}\n")
     out = tmp_path / "cost.json"
     result = tc.main([str(cfg), "--device", "cpu", "--budget", "0.05", "--out", str(out)])
@@ -229,7 +233,8 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert rows[("evaluate", "tiny_convnet teacher ipc2 (4 sets x 2 seeds)")]["units"] == 4 * 2 * 300
     assert rows[("evaluate", "tiny_convnet teacher full data (1 seeds)")]["units"] == 3
     for r in result["rows"]:
-        assert r["per_unit_s"] > 0 and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"]))
+        assert (r["per_unit_s"] > 0
+                and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"])))
     saved = json.loads(out.read_text())
     assert saved["kind"] == "tier-cost" and len(saved["rows"]) == len(result["rows"])
     assert saved["command"].endswith(f"python benchmarks/tier_cost.py {cfg} --device cpu --budget 0.05 --out {out}")
@@ -243,8 +248,9 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
 
 def test_tier_cost_refuses_a_bad_config_in_one_line(tmp_path):
     out = tmp_path / "cost.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tier_cost.py"), str(REPO / "configs" / "bench" / "smoke.yaml"),
-                           "--set", "ipcs=[0]", "--device", "cpu", "--out", str(out)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tier_cost.py"),
+                           str(REPO / "configs" / "bench" / "smoke.yaml"), "--set", "ipcs=[0]", "--device", "cpu",
+                           "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: ipcs must be >= 1, got [0]"]
     assert not out.exists()
 
@@ -260,7 +266,8 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
     rows = {r["model"]: r for r in result["rows"]}
     assert rows["convnet3-w32-bn"]["layers"] == 6 and rows["resnet18_cifar-w8"]["layers"] == 40
     for r in rows.values():
-        assert r["images"] == result["images"] > 0 and min(r["forward_s"], r["stats_s"], r["patch_s"], r["reference_s"]) > 0
+        assert (r["images"] == result["images"] > 0
+                and min(r["forward_s"], r["stats_s"], r["patch_s"], r["reference_s"]) > 0)
         assert r["max_rel_diff"] < 1e-5  # ddkit's float32 per-image sums vs float64 feature maps
     md = out.with_suffix(".md").read_text()
     assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))
@@ -278,7 +285,8 @@ def test_dc_dsa_table_compares_each_ipc_with_its_published_numbers():
     dd = _script("dc_dsa")
     stat = lambda m: {"mean": m, "std": 0.004, "per_seed": [m], "n": 1}
     rows = [{"method": m, "iterations": 250, "protocol": dd.PROTOCOL[m], "distilled": stat(acc), "random": stat(0.74),
-             "published": dd.PUBLISHED[10][m], "published_random": dd.PUBLISHED[10]["random"], "synthesis_seconds": 12.0}
+             "published": dd.PUBLISHED[10][m], "published_random": dd.PUBLISHED[10]["random"],
+             "synthesis_seconds": 12.0}
             for m, acc in (("dc", 0.8130), ("dsa", 0.8500))]
     md = dd.markdown({"ipc": 10, "device": "cuda", "iterations": 250, "seeds": [0], "rows": rows,
                       "command": "python benchmarks/dc_dsa.py --ipc 10", "machine": "m", "versions": {}})
@@ -325,7 +333,8 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as when run as a script: it imports fashion_mnist
     dec = _script("decoupled")
     ran = []
-    monkeypatch.setattr(fm, "run_family", lambda family, tier, device, quiet: (ran.append((family, tier)) or [], tmp_path))
+    monkeypatch.setattr(fm, "run_family",
+                        lambda family, tier, device, quiet: (ran.append((family, tier)) or [], tmp_path))
     monkeypatch.setattr(fm, "check_data", lambda runs, tier: None)  # the runs are stand-ins: no data read
     recorded = []
     monkeypatch.setattr(fm, "write_family", lambda family, tier, run_dir, results, *rest: recorded.append(rest) or (
@@ -333,7 +342,8 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
     monkeypatch.delenv("DDKIT_DATA", raising=False)
     argv = ["--family", "grp", "--results", str(tmp_path / "res"), "--quiet"]
     fm.main(argv, families=("decoupled",), groups={"grp": ("edc-build1", "decoupled-long1")}, script="decoupled")
-    assert ran == [("edc-build1", "cpu"), ("decoupled-long1", "cpu")] and (tmp_path / "res" / "fashion-mnist.md").is_file()
+    assert (ran == [("edc-build1", "cpu"), ("decoupled-long1", "cpu")]
+            and (tmp_path / "res" / "fashion-mnist.md").is_file())
     # each JSON records the exact command (script and every argument) and the --device given (None: the config's)
     assert recorded == [("python benchmarks/decoupled.py " + " ".join(argv), None)] * 2
     assert fm.used_device(None, "auto")["device"] == ("cuda:0" if __import__("torch").cuda.is_available() else "cpu")
@@ -341,7 +351,8 @@ def test_decoupled_one_protocol_group_runs_its_runs_in_order(fm, tmp_path, monke
     with pytest.raises(SystemExit) as stop:
         fm.main(["--family", "grp", "--tier", "full"], families=("decoupled",), groups={"grp": ("decoupled-long1",)})
     assert stop.value.code == 2
-    assert set(dec.ONE_PROTOCOL) == set(fm.SINGLE_PROTOCOL) | set(fm.EDC_STEP_RUNS) and set(dec.ONE_PROTOCOL) <= set(fm.EXTRAS)
+    assert (set(dec.ONE_PROTOCOL) == set(fm.SINGLE_PROTOCOL) | set(fm.EDC_STEP_RUNS)
+            and set(dec.ONE_PROTOCOL) <= set(fm.EXTRAS))
     outs = {name: load_bench_config(fm.config_path(name, "cpu")).out for name in dec.ONE_PROTOCOL}
     for i, name in enumerate(dec.ONE_PROTOCOL):
         owner = next(n for n in dec.ONE_PROTOCOL if outs[n] == outs[name])  # the first run in that folder
@@ -362,8 +373,10 @@ def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
     races = {1: (("base", "lr"), {"s1": 1, "s2": 2}, ("edc-lr002-r18", "rded", "random")),
              10: (("base",), {"t1": 1}, ("edc-real", "random"))}
     assert fm.synthesis_seeds(tmp_path, races) == []  # no seed run yet
-    write("s1", [row("rded-seed1", "rded", 0.61), row("edc-lr002-r18-seed1", "edc", 0.60), row("random-seed1", "random", 0.49)])
-    write("s2", [row("rded-seed2", "rded", 0.58), row("edc-lr002-r18-seed2", "edc", 0.61), row("random-seed2", "random", 0.51)])
+    write("s1", [row("rded-seed1", "rded", 0.61), row("edc-lr002-r18-seed1", "edc", 0.60),
+                 row("random-seed1", "random", 0.49)])
+    write("s2", [row("rded-seed2", "rded", 0.58), row("edc-lr002-r18-seed2", "edc", 0.61),
+                 row("random-seed2", "random", 0.51)])
     text = "\n".join(fm.synthesis_seeds(tmp_path, races))
     assert "### IPC 1: edc-lr002-r18 against rded" in text and "### IPC 10" not in text  # no IPC-10 seed run yet
     assert "| set | seed 0 | seed 1 | seed 2 | over seeds |" in text
@@ -372,12 +385,13 @@ def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
     assert "| rded | 60.00 ± 1.00 | 61.00 ± 1.00 | 58.00 ± 1.00 | 59.67 ± 1.25 |" in text
     assert "| edc-lr002-r18 − rded | +2.00 | -1.00 | +3.00 | +1.33 |" in text
     assert "sre2l" not in text and "90.00" not in text  # not in the race; IPC 10
-    assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (margin +1.33 ± 1.70 points over seeds) and above "
-            "the random subset baseline on 3 of 3.") in text
+    assert ("- edc-lr002-r18 is ahead of rded on 2 of 3 synthesis seeds (margin +1.33 ± 1.70 points over "
+            "seeds) and above the random subset baseline on 3 of 3.") in text
     write("t1", [row("edc-real-seed1", "edc", 0.69, 10), row("random-seed1", "random", 0.72, 10),
                  row("edc-real-seed1", "edc", 0.5)])  # an IPC-1 row of the seed run stays out of IPC 10's race
     ipc10 = "\n".join(fm.synthesis_seeds(tmp_path, races)).split("### IPC 10: edc-real against random")[1]
-    assert "| set | seed 0 | seed 1 | over seeds |" in ipc10 and "| random subset (baseline) | 70.00 ± 1.00 | 70.00 ± 1.00 | |" in ipc10
+    assert "| set | seed 0 | seed 1 | over seeds |" in ipc10 and ("| random subset (baseline) | 70.00 ± 1.00 | "
+                                                                  "70.00 ± 1.00 | |") in ipc10
     assert "| edc-real | 73.00 ± 1.00 | 69.00 ± 1.00 | 71.00 ± 2.00 |" in ipc10
     assert "| edc-real − random | +2.00 | -3.00 | -0.50 |" in ipc10 and "rded" not in ipc10
     assert ("- edc-real is ahead of random on 1 of 2 synthesis seeds (margin -0.50 ± 2.50 points over seeds) and above "
@@ -391,8 +405,9 @@ def test_synthesis_seeds_table_follows_each_ipcs_race_over_seeds(fm, tmp_path):
 # where each script writes: pointed inside the test's folder
 OUTPUTS = {"fashion_mnist": ["--results", "res"], "matching": ["--results", "res"], "decoupled": ["--results", "res"],
            "dc_dsa": ["--work", "work", "--results", "res"], "spine": ["--work", "work", "--out", "out.json"],
-           "unroll_memory": ["--out", "out.json"], "bench_overhead": ["--out", "out.json"], "tier_cost": ["--out", "out.json"],
-           "stats_pass": ["--out", "out.json"], "precision": ["--out", "out.json"], "ddp_drift": ["--out", "out.json"]}
+           "unroll_memory": ["--out", "out.json"], "bench_overhead": ["--out", "out.json"],
+           "tier_cost": ["--out", "out.json"], "stats_pass": ["--out", "out.json"], "precision": ["--out", "out.json"],
+           "ddp_drift": ["--out", "out.json"]}
 
 
 def _refused(tmp_path, script, *args, env=None):
@@ -431,13 +446,20 @@ def test_scripts_name_missing_data_in_one_line_and_write_nothing(tmp_path, scrip
 
 
 @pytest.mark.parametrize("script, args, words", [
-    ("decoupled", ["--family", "one-protocol", "--tier", "full"], "--family one-protocol runs supplementary runs of the cpu tier; drop --tier full"),
-    ("matching", ["--family", "mtt-steps", "--tier", "full"], "--family mtt-steps is a supplementary run of the cpu tier; drop --tier full"),
-    ("decoupled", ["--family", "mtt-steps"], "'mtt-steps' is a run of the matching family; run benchmarks/matching.py --family mtt-steps"),
-    ("matching", ["--family", "edc-recipe"], "'edc-recipe' is a run of the decoupled family; run benchmarks/decoupled.py"),
-    ("matching", ["--family", "one-protocol"], "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py --family one-protocol"),
-    ("fashion_mnist", ["--family", "one-protocol"], "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py"),
-    ("matching", ["--family", "decoupled"], "'decoupled' is the decoupled family; run benchmarks/decoupled.py --family decoupled"),
+    ("decoupled", ["--family", "one-protocol", "--tier", "full"],
+     "--family one-protocol runs supplementary runs of the cpu tier; drop --tier full"),
+    ("matching", ["--family", "mtt-steps", "--tier", "full"],
+     "--family mtt-steps is a supplementary run of the cpu tier; drop --tier full"),
+    ("decoupled", ["--family", "mtt-steps"],
+     "'mtt-steps' is a run of the matching family; run benchmarks/matching.py --family mtt-steps"),
+    ("matching", ["--family", "edc-recipe"],
+     "'edc-recipe' is a run of the decoupled family; run benchmarks/decoupled.py"),
+    ("matching", ["--family", "one-protocol"],
+     "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py --family one-protocol"),
+    ("fashion_mnist", ["--family", "one-protocol"],
+     "'one-protocol' is a group of runs of the decoupled family; run benchmarks/decoupled.py"),
+    ("matching", ["--family", "decoupled"],
+     "'decoupled' is the decoupled family; run benchmarks/decoupled.py --family decoupled"),
     ("matching", ["--family", "nope"], "invalid choice: 'nope'; see --help for the choices"),  # not ~70 names
     ("fashion_mnist", ["--device", "gpu"], "argument --device: unknown device 'gpu'; use cpu, cuda"),
 ])
@@ -470,7 +492,8 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
     ("unroll_memory", ["--threads", "0"], "argument --threads: expected an integer >= 1"),
     ("unroll_memory", ["--modes", "exact"], "--modes must include unroll"),
     ("unroll_memory", ["--device", "gpu"], "argument --device: unknown device 'gpu'"),
-    ("spine", ["--ipcs", "abc"], "argument --ipcs: expected an integer >= 1, got 'abc' (a comma-separated list like 1,10,50)"),
+    ("spine", ["--ipcs", "abc"],
+     "argument --ipcs: expected an integer >= 1, got 'abc' (a comma-separated list like 1,10,50)"),
     ("spine", ["--ipcs", "1,0"], "got '0' in '1,0'"),
     ("spine", ["--seeds", "-1"], "argument --seeds: expected a seed, an integer in [0, 2^32), got '-1'"),
     ("spine", ["--teacher-epochs", "0"], "argument --teacher-epochs: expected an integer >= 1"),
@@ -478,8 +501,10 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
     ("bench_overhead", ["--epochs", "-1"], "argument --epochs: expected an integer >= 1, got '-1'"),
     ("ddp_drift", ["--epochs", "3,0"], "argument --epochs: expected an integer >= 1, got '0' in '3,0'"),
     ("bench_overhead", ["--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
-    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "-1"], "argument --budget: expected a number > 0, got '-1'"),
-    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "nan"], "argument --budget: expected a number > 0"),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "-1"],
+     "argument --budget: expected a number > 0, got '-1'"),
+    ("tier_cost", [str(REPO / "configs" / "bench" / "smoke.yaml"), "--budget", "nan"],
+     "argument --budget: expected a number > 0"),
     ("tier_cost", ["no-such.yaml"], "config file 'no-such.yaml' not found"),
     ("tier_cost", [], "the following arguments are required: configs"),
     ("stats_pass", ["--per-class", "0"], "argument --per-class: expected an integer >= 1, got '0'"),
@@ -526,7 +551,8 @@ def test_gpu_checks_keeps_to_its_budget_and_fails_on_a_failed_step(tmp_path, env
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
     proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_checks.sh"), str(tmp_path / "out")],
-                          env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True, timeout=seconds)
+                          env={**os.environ, "PYTHON": str(stub), **env}, capture_output=True, text=True,
+                          timeout=seconds)
     last = proc.stdout.strip().splitlines()[-1]
     assert proc.returncode == code and last.startswith(summary), proc.stdout[-2000:]
     assert (tmp_path / "out" / "checks.log").read_text().strip().splitlines()[-1] == last
@@ -560,7 +586,8 @@ def test_scripts_refuse_a_folder_inside_a_file_before_any_work(tmp_path, script,
     (tmp_path / "afile").write_text("")
     inside = tmp_path / "afile" / "sub"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), flag, str(inside)],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "DDKIT_DATA": str(tmp_path / "none")})
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DDKIT_DATA": str(tmp_path / "none")})
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"error: {flag} {inside} lies inside {tmp_path / 'afile'}, which is a file; choose another {flag}"]
 
@@ -574,7 +601,8 @@ def test_device_spec_refuses_mps_where_it_is_missing(monkeypatch):
     import _cli
 
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    with pytest.raises(argparse.ArgumentTypeError, match="device 'mps' asked for but MPS is not available here; use cpu"):
+    with pytest.raises(argparse.ArgumentTypeError,
+                       match="device 'mps' asked for but MPS is not available here; use cpu"):
         _cli.device_spec("mps")
     assert _cli.device_spec("cpu") == "cpu"
 
@@ -588,7 +616,8 @@ def test_command_records_every_argument_quoted(monkeypatch):
     monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC", raising=False)
     assert _cli.command("dc_dsa", data=True) == "python benchmarks/dc_dsa.py --seeds 0,1 --out 'a b.json'"
     monkeypatch.setenv("DDKIT_DATA", "../shared/data")
-    assert _cli.command("spine", ["--quick"], data=True) == "DDKIT_DATA=../shared/data python benchmarks/spine.py --quick"
+    assert _cli.command("spine", ["--quick"], data=True) == ("DDKIT_DATA=../shared/data python "
+                                                             "benchmarks/spine.py --quick")
     monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")  # a setting that changes the numbers is part of the command
     assert _cli.command("tier_cost", ["a.yaml"]) == "DDKIT_CUDA_DETERMINISTIC=0 python benchmarks/tier_cost.py a.yaml"
 
@@ -629,7 +658,8 @@ def test_every_argument_of_every_script_has_help(script, monkeypatch):
         fm = _script("fashion_mnist")
         choices = next(a.choices for a in ap._actions if a.dest == "family")
         assert all(f"\n  {name}: " in ap.epilog for name in choices)
-        assert all(f"  {name}: {' '.join(fm.EXTRAS[name].split())}" in ap.epilog for name in choices if name in fm.EXTRAS)
+        assert all(f"  {name}: {' '.join(fm.EXTRAS[name].split())}" in ap.epilog for name in choices
+                   if name in fm.EXTRAS)
 
 
 def test_stats_pass_names_a_key_mismatch_with_the_project_error():
@@ -648,8 +678,10 @@ def _dc_files(work, seeds=(0, 1), fingerprint="f1", config_hash="h1", set_hash="
     dd = _script("dc_dsa")
     name = dd.set_name(method, 3)
     (work / name).mkdir(parents=True)
-    (work / name / "manifest.json").write_text(json.dumps({"config_hash": config_hash, "dataset": {"fingerprint": fingerprint}}))
-    (work / f"{name}.synthesis.json").write_text(json.dumps({"wall_seconds": 12.0, "device": device, "machine": f"a box, device {device}"}))
+    (work / name / "manifest.json").write_text(
+        json.dumps({"config_hash": config_hash, "dataset": {"fingerprint": fingerprint}}))
+    (work / f"{name}.synthesis.json").write_text(
+        json.dumps({"wall_seconds": 12.0, "device": device, "machine": f"a box, device {device}"}))
     stat = {"mean": 0.7, "std": 0.01, "per_seed": [0.7], "n": 1}
     report = {"protocol_hash": dd._protocol(method, dd.MODEL).hash, "seeds": list(seeds), "set_config_hash": set_hash,
               "distilled": {"dataset_fingerprint": "f1"}, "results": {"distilled": stat, "random": stat},
@@ -666,7 +698,8 @@ def test_dc_dsa_report_only_reads_the_finished_files_and_refuses_a_mismatch(tmp_
     assert row["distilled"]["mean"] == 0.7 and row["synthesis_seconds"] == 12.0 and row["seeds"] == [0, 1]
     with pytest.raises(DDKitError, match=r"scored student seeds \[0, 1\], not \[0\]; give the --seeds it scored"):
         dd.finished_row("dc", 1, 3, [0], tmp_path)
-    for kw, words in (({"fingerprint": "f2"}, "made from other data"), ({"config_hash": "h2"}, "another making of the set")):
+    for kw, words in (({"fingerprint": "f2"}, "made from other data"),
+                      ({"config_hash": "h2"}, "another making of the set")):
         work = tmp_path / words.replace(" ", "-")
         _dc_files(work, **kw)
         with pytest.raises(DDKitError, match=words):
@@ -696,7 +729,8 @@ def test_dc_dsa_report_only_tables_the_device_the_sets_were_made_on(tmp_path, mo
     assert [p.name for p in out] == ["dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.json"]
     table = json.loads(out[0].read_text())
     assert table["device"] == "cuda" and table["machine"] == "a box, device cuda"
-    (tmp_path / "work" / "dsa-it3.synthesis.json").write_text(json.dumps({"wall_seconds": 1.0, "device": "cpu", "machine": "m"}))
+    (tmp_path / "work"
+     / "dsa-it3.synthesis.json").write_text(json.dumps({"wall_seconds": 1.0, "device": "cpu", "machine": "m"}))
     with pytest.raises(DDKitError, match=r"^the sets were made on different devices \(dc: cuda, dsa: cpu\)"):
         dd.main()
 
@@ -707,7 +741,8 @@ def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
     made = type("Set", (), {"manifest": {"config_hash": "h2", "dataset": {"fingerprint": "f1"}}})()
     monkeypatch.setattr(dd, "load_dataset", lambda cfg: None)
     monkeypatch.setattr(dd, "distill_hash", lambda cfg, data, teacher: "h2")
-    monkeypatch.setattr(dd.DistilledSet, "load", classmethod(lambda cls, path: type("Old", (), {"manifest": {"config_hash": "h1"}})()))
+    monkeypatch.setattr(dd.DistilledSet, "load",
+                        classmethod(lambda cls, path: type("Old", (), {"manifest": {"config_hash": "h1"}})()))
     monkeypatch.setattr(dd, "distill", lambda *a, **k: made)
     evaluated = []
 
@@ -738,7 +773,8 @@ def test_committed_family_markdown_is_the_rendering_of_its_json(fm):
     stale = []
     for path in sorted((REPO / "docs" / "results").glob("*-fashion-mnist-cpu.json")):
         family = path.name.removesuffix("-fashion-mnist-cpu.json")
-        rendered = fm.family_markdown(family, "cpu", json.loads(path.read_text())) if family in {*fm.FAMILIES, *fm.EXTRAS} else None
+        rendered = (fm.family_markdown(family, "cpu", json.loads(path.read_text()))
+                    if family in {*fm.FAMILIES, *fm.EXTRAS} else None)
         if rendered is not None and rendered != path.with_suffix(".md").read_text():
             stale.append(family)
     assert stale == []

@@ -47,7 +47,8 @@ def workdir(tmp_path_factory):
 
 def test_list(capsys):
     code, out, _ = run_cli(["list", "methods"], capsys)
-    assert code == 0 and {"full", "random", "dc", "dsa", "dm", "mtt", "tesla", "datm", "sre2l", "edc", "rded"} <= set(out.split())
+    assert (code == 0 and {"full", "random", "dc", "dsa", "dm", "mtt", "tesla", "datm", "sre2l", "edc", "rded"}
+            <= set(out.split()))
     code, out, _ = run_cli(["list", "methods", "d*"], capsys)
     assert out.split() == sorted(m for m in out.split() if m.startswith("d")) and "random" not in out
     code, out, _ = run_cli(["list", "models", "convnet3*"], capsys)
@@ -97,8 +98,8 @@ def test_run_reuses_finished_stages(tmp_path, capsys):
         "dataset: {name: synthetic}\n"
         "teacher: {model: tiny_convnet, train: {epochs: 4, batch_size: 32}}\n"
         "distill: {method: random, ipc: 3}\n"
-        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 10, batch_size: 32}}\n"
-        "  label_modes: [hard, teacher]\n  seeds: [0]\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 10, "
+        "batch_size: 32}}\n  label_modes: [hard, teacher]\n  seeds: [0]\n"
         f"out: {tmp_path / 'run'}\n"
     )
     code, out, _ = run_cli(["run", str(cfg), "-q"], capsys)
@@ -125,8 +126,8 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
     cfg.write_text(
         "dataset: {name: synthetic}\nteacher: null\n"
         "distill: {method: random, ipc: 2}\n"
-        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
-        "  label_modes: [hard]\n  seeds: [0]\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: "
+        "{epochs: 2}}\n  label_modes: [hard]\n  seeds: [0]\n"
         f"out: {tmp_path / 'run'}\n"
     )
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
@@ -148,7 +149,8 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
 
 
 @pytest.mark.parametrize("stage", ["teacher", "distilled"])
-def test_a_stage_reused_after_a_kill_between_its_save_and_cleanup_removes_its_checkpoints(tmp_path, capsys, monkeypatch, stage):
+def test_a_stage_reused_after_a_kill_between_its_save_and_cleanup_removes_its_checkpoints(tmp_path, capsys,
+                                                                                          monkeypatch, stage):
     """A run stopped right after a stage saved its artifact, before it removed its checkpoints (the
     teacher's resume file, distill's work folder), reused the stage in every later run, and nothing
     ever removed them."""
@@ -159,9 +161,9 @@ def test_a_stage_reused_after_a_kill_between_its_save_and_cleanup_removes_its_ch
     cfg.write_text(
         "dataset: {name: synthetic}\n"
         "teacher: {model: tiny_convnet, train: {epochs: 2, batch_size: 32}}\n"
-        "distill: {method: dm, ipc: 2, options: {model: tiny_convnet, iterations: 4, batch_real: 8, checkpoint_every: 2}}\n"
-        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
-        "  label_modes: [hard]\n  seeds: [0]\n"
+        "distill: {method: dm, ipc: 2, options: {model: tiny_convnet, iterations: 4, batch_real: 8, "
+        "checkpoint_every: 2}}\nevaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: "
+        "false, train: {epochs: 2}}\n  label_modes: [hard]\n  seeds: [0]\n"
         f"out: {tmp_path / 'run'}\n"
     )
     cls = Teacher if stage == "teacher" else DistilledSet
@@ -199,7 +201,8 @@ def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):
         f"dataset: {{name: tensors, path: {file}}}\n"
         "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 16}}\n"
         "distill: {method: random, ipc: 2}\n"
-        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 1}}}\n"
+        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: "
+        "{epochs: 1}}}\n"
         f"out: {tmp_path / 'run'}\n"
     )
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
@@ -227,7 +230,8 @@ def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     def run(mode: str, store=None) -> str:
         extra = f"fkd_store: {store}, " if store else ""
         cfg.write_text(base + f"evaluate: {{label_modes: [{mode}], seeds: [0], overrides: {{student: tiny_convnet, "
-                       f"{extra}random_baseline: false, full_reference: false, train: {{epochs: 2, batch_size: 16}}}}}}\n")
+                       f"{extra}random_baseline: false, full_reference: false, train: {{epochs: 2, "
+                       "batch_size: 16}}}\n")
         code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
         assert code == 0, err
         return out
@@ -260,8 +264,8 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog
             "dataset: {name: synthetic}\n"
             "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
             "distill: {method: random, ipc: 2}\n"
-            "evaluate: {label_modes: [hard, fkd], seeds: [0], overrides: {student: tiny_convnet, random_baseline: false, "
-            "full_reference: false, train: {epochs: 2, batch_size: 16}}}\n"
+            "evaluate: {label_modes: [hard, fkd], seeds: [0], overrides: {student: tiny_convnet, "
+            "random_baseline: false, full_reference: false, train: {epochs: 2, batch_size: 16}}}\n"
             f"relabel: {relabel}\n"
             f"out: {tmp_path / 'run'}\n")
         code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
@@ -303,7 +307,8 @@ def test_run_makes_its_own_fkd_store_when_none_is_named(tmp_path, capsys, caplog
     cfg.write_text(cfg.read_text().replace("seed: 1", "seed: 2"))
     code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 2 and err == (f"error: output {str(tmp_path / 'run/labels')!r} exists and is not a ddkit output (no "
-                                 "manifest); the run writes its FKD labels there: remove it, or give the run another out\n")
+                                 "manifest); the run writes its FKD labels there: remove it, or give the run "
+                                 "another out\n")
     assert not list(tmp_path.glob("run/.labels*"))
     # a relabel: section without the fkd label mode it configures is named as unused
     cfg.write_text(cfg.read_text().replace("[hard, fkd]", "[hard]"))
@@ -317,8 +322,9 @@ def test_run_makes_a_damaged_stage_again(tmp_path, capsys, caplog):
     (exit 2) while a damaged FKD store was labelled again; every stage is now made again, with a warning."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("dataset: {name: synthetic}\nteacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
-                   "distill: {method: random, ipc: 2, soft_labels: true}\nevaluate: {label_modes: [stored], seeds: [0], "
-                   "overrides: {student: tiny_convnet, random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
+                   "distill: {method: random, ipc: 2, soft_labels: true}\nevaluate: {label_modes: "
+                   "[stored], seeds: [0], overrides: {student: tiny_convnet, random_baseline: false, full_reference: "
+                   "false, train: {epochs: 1}}}\n"
                    f"out: {tmp_path / 'run'}\n")
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
     files = {name: (tmp_path / "run" / name).read_bytes() for name in
@@ -334,8 +340,8 @@ def test_run_makes_a_damaged_stage_again(tmp_path, capsys, caplog):
                 "distilling again", "eval-stored.json": "evaluating again"}[name]
         assert redo in caplog.text and name.split("/")[0] not in out.split("reused:")[-1]
     evaluation = json.loads((tmp_path / "run/eval-stored.json").read_text())
-    assert evaluation["results"]["distilled"]["per_seed"] == json.loads(files["eval-stored.json"])["results"]["distilled"][
-        "per_seed"]
+    assert (evaluation["results"]["distilled"]["per_seed"]
+            == json.loads(files["eval-stored.json"])["results"]["distilled"]["per_seed"])
 
 
 def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
@@ -343,8 +349,9 @@ def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeyp
     the new stages; the report is removed when a run starts and written again when it finishes."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
-                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, random_baseline: false, "
-                   f"full_reference: false, train: {{epochs: 1}}}}}}\nout: {tmp_path / 'run'}\n")
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
+                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\nout: "
+                   f"{tmp_path / 'run'}\n")
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
     assert "IPC 2" in (tmp_path / "run/report/summary.md").read_text()
     cfg.write_text(cfg.read_text().replace("ipc: 2", "ipc: 3"))
@@ -360,12 +367,15 @@ def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeyp
     (tmp_path / "run/config.json").unlink()
     code, _, err = run_cli(["show", str(tmp_path / "run")], capsys)
     assert code == 2 and err == (f"error: {str(tmp_path / 'run')!r} looks like an unfinished `ddkit run` (stages done: "
-                                 "distilled; no run record yet); run its config again to finish it, or show a stage folder\n")
+                                 "distilled; no run record yet); run its config again to finish it, or show a "
+                                 "stage folder\n")
 
 
 @pytest.mark.parametrize(("relabel", "overrides", "message"), [
-    ("{top_k: 9}", "", "relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 9"),
-    ("{top_k: 2}", "loss: mse_ce, ", "relabel.top_k = 2 stores top-k logits, which only train with loss 'kl', but the fkd "
+    ("{top_k: 9}", "",
+     "relabel.top_k must lie in [1, 4] (dataset 'synthetic' has 4 classes) or be null (all logits), got 9"),
+    ("{top_k: 2}", "loss: mse_ce, ",
+     "relabel.top_k = 2 stores top-k logits, which only train with loss 'kl', but the fkd "
      "protocol uses loss 'mse_ce'; set relabel.top_k: null (dense labels) or evaluate.overrides.loss: kl"),
     ("{augment: rrc_flip, augment_options: {bogus: 1}}", "", "relabel.augment_options"),
     ("{}", "fkd_store: MISSING, ", "evaluate.overrides.fkd_store: "),
@@ -376,7 +386,8 @@ def test_run_checks_its_fkd_labels_before_any_stage(tmp_path, capsys, relabel, o
         "dataset: {name: synthetic}\n"
         "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
         "distill: {method: random, ipc: 2}\n"
-        f"evaluate: {{label_modes: [fkd], seeds: [0], overrides: {{{overrides.replace('MISSING', str(tmp_path / 'none'))}"
+        "evaluate: {label_modes: [fkd], seeds: [0], overrides: "
+        f"{{{overrides.replace('MISSING', str(tmp_path / 'none'))}"
         "student: tiny_convnet, train: {epochs: 1}}}\n"
         f"relabel: {relabel}\n"
         f"out: {tmp_path / 'run'}\n")
@@ -436,7 +447,8 @@ def test_diverged_teacher_and_experts_fail_and_save_nothing(tmp_path, capsys):
 def test_distill_full_refuses_ipc(tmp_path, capsys):
     """--method full --ipc 3 silently kept all the data, as if --ipc had not been given."""
     out = tmp_path / "full"
-    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "full", "--ipc", "3", "--out", str(out), "-q"],
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "full", "--ipc", "3", "--out",
+                            str(out), "-q"],
                            capsys)
     assert code == 2 and err == ("error: --ipc 3 does not apply to method 'full', which keeps every training image; "
                                  "drop --ipc (or pick another method)\n")
@@ -453,8 +465,9 @@ def test_a_failed_distill_leaves_no_checkpoints_in_the_way(tmp_path, capsys):
     cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
            "--out", str(out), "-q"]
     code, _, err = run_cli([*cmd, "--set", "distill.options.lr_img=1e30"], capsys)
-    assert code == 2 and err == ("error: method 'dm' produced non-finite pixels (its images diverged); lower distill.options.lr_img (now 1e+30), "
-                                 "or undo another option that makes the updates larger (a network's lr, a loss weight)\n")
+    assert code == 2 and err == ("error: method 'dm' produced non-finite pixels (its images diverged); lower "
+                                 "distill.options.lr_img (now 1e+30), or undo another option that makes the updates "
+                                 "larger (a network's lr, a loss weight)\n")
     assert list(tmp_path.iterdir()) == []
     assert run_cli(cmd, capsys)[0] == 0 and json.loads((out / "manifest.json").read_text())["method"]["name"] == "dm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
@@ -509,7 +522,8 @@ def test_sigterm_to_a_running_command(tmp_path):
 def test_teacher_checkpoint_refuses_training_flags(tmp_path, capsys):
     """--checkpoint imports a trained teacher: --epochs/--precision/--seed would be recorded but never used."""
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint",
-                            str(tmp_path / "ck.safetensors"), "--epochs", "5", "--seed", "7", "--out", str(tmp_path / "t"), "-q"],
+                            str(tmp_path / "ck.safetensors"), "--epochs", "5", "--seed", "7", "--out",
+                            str(tmp_path / "t"), "-q"],
                            capsys)
     assert code == 2 and "--epochs, --seed set how a teacher trains, but --checkpoint imports a trained one" in err
     assert not (tmp_path / "t").exists()
@@ -533,7 +547,8 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
         "dataset: {name: synthetic}\n"
         f"teacher: {{model: tiny_convnet, checkpoint: {ck}}}\n"
         "distill: {method: random, ipc: 2}\n"
-        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: {epochs: 1}}}\n"
+        "evaluate: {label_modes: [teacher], seeds: [0], overrides: {student: tiny_convnet, full_epochs: 1, train: "
+        "{epochs: 1}}}\n"
         f"out: {tmp_path / 'run'}\n"
     )
 
@@ -589,21 +604,29 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
     bench = tmp_path / "bench.yaml"
     bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n")
     with pytest.raises(Stop):
-        main(["bench", str(bench), "--out", str(tmp_path / "b1"), "--device", "cpu", "--set", f"out={tmp_path / 'b2'}", "-q"])
+        main(["bench", str(bench), "--out", str(tmp_path / "b1"), "--device", "cpu", "--set",
+              f"out={tmp_path / 'b2'}", "-q"])
     assert seen["bench"][0].out == str(tmp_path / "b2") and seen["bench"][0].device == "cpu"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["distill", "--dataset", "synthetic", "--method", "randon", "--ipc", "2"], "unknown method 'randon'; did you mean 'random'?"),
-        (["distill", "--dataset", "synthetc", "--method", "random", "--ipc", "2"], "unknown dataset 'synthetc'; did you mean 'synthetic'?"),
-        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "99"], "ipc 99 is larger than the smallest class"),
-        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.ipcc=3"], "unknown config key 'distill.ipcc'; did you mean 'ipc'?"),
-        (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc", "2"], "--data-path /nonexistent/fm does not exist; fix --data-path"),
+        (["distill", "--dataset", "synthetic", "--method", "randon", "--ipc", "2"],
+         "unknown method 'randon'; did you mean 'random'?"),
+        (["distill", "--dataset", "synthetc", "--method", "random", "--ipc", "2"],
+         "unknown dataset 'synthetc'; did you mean 'synthetic'?"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "99"],
+         "ipc 99 is larger than the smallest class"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.ipcc=3"],
+         "unknown config key 'distill.ipcc'; did you mean 'ipc'?"),
+        (["distill", "--dataset", "fashion-mnist", "--data-path", "/nonexistent/fm", "--method", "random", "--ipc",
+          "2"], "--data-path /nonexistent/fm does not exist; fix --data-path"),
         (["teacher", "--dataset", "synthetic", "--model", "convnet33"], "unknown model 'convnet33'; did you mean"),
-        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--device", "tpu"], "unknown device 'tpu'"),
-        (["teacher", "--set", "dataset=foo", "--model", "tiny_convnet"], "dataset: expected a mapping of settings, got 'foo'"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--device", "tpu"],
+         "unknown device 'tpu'"),
+        (["teacher", "--set", "dataset=foo", "--model", "tiny_convnet"],
+         "dataset: expected a mapping of settings, got 'foo'"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--set", "distill.options=foo"],
          "distill.options: expected a mapping, got 'foo'"),
         (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--set", "teacher.train.lr=.nan"],
@@ -639,7 +662,8 @@ def test_bad_output_and_ipc_fail_before_any_work(tmp_path, capsys, monkeypatch):
     (mine / "notes.txt").write_text("keep me")
     for args in (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet"],
                  ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "2"],
-                 ["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1", "--epochs", "1"]):
+                 ["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1",
+                  "--epochs", "1"]):
         code, _, err = run_cli([*args, "--out", str(mine), "-q"], capsys)
         assert code == 2 and "exists and is not a ddkit output" in err, args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"] and [p.name for p in mine.iterdir()] == ["notes.txt"]
@@ -648,7 +672,8 @@ def test_bad_output_and_ipc_fail_before_any_work(tmp_path, capsys, monkeypatch):
                    f"out: {tmp_path / 'run'}\n")
     code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 2 and "ipc 100 is larger than the smallest class" in err and not (tmp_path / "run").exists()
-    code, _, err = run_cli(["experts", "--dataset", "synthetic", "--model", "nope", "--out", str(tmp_path / "ex"), "-q"], capsys)
+    code, _, err = run_cli(["experts", "--dataset", "synthetic", "--model", "nope", "--out",
+                            str(tmp_path / "ex"), "-q"], capsys)
     assert code == 2 and "unknown model 'nope'" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "run.yaml"]
 
@@ -687,7 +712,8 @@ def test_ctrl_c_while_torch_loads_ends_in_one_line(capsys, monkeypatch):
 def test_console_entry_point_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ddkit", "list", "methodz"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "ddkit", "show", str(tmp_path / "nothing")], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "show", str(tmp_path / "nothing")],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "not found" in proc.stderr
 
 
@@ -707,7 +733,8 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     for given in (f"{d}/.", str(d / "manifest.json")):
         code, out, _ = run_cli(["relabel", given, "--teacher", str(t), "--epochs", "1", "-q"], capsys)
         assert code == 0 and f"--set fkd_store={workdir / 'r5.fkd'}" in out
-        assert (workdir / "r5.fkd/manifest.json").is_file() and sorted(p.name for p in d.iterdir() if "fkd" in p.name) == []
+        assert ((workdir / "r5.fkd/manifest.json").is_file()
+                and sorted(p.name for p in d.iterdir() if "fkd" in p.name) == [])
         shutil.rmtree(workdir / "r5.fkd")
     code, out, _ = run_cli(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "2",
                             "--epochs", "2", "--out", str(tmp_path / "experts"), "-q"], capsys)
@@ -752,7 +779,8 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
                           str(tmp_path / "r2"), "-q"], capsys)
     assert code == 0
     code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--out", str(precious), "--seeds", "0,0", "-q"], capsys)
-    assert code == 2 and err == "error: evaluation seeds: [0, 0] repeats a seed (the same run twice would inflate n); give distinct seeds\n"
+    assert code == 2 and err == ("error: evaluation seeds: [0, 0] repeats a seed (the same run twice would inflate n); "
+                                 "give distinct seeds\n")
     # the set's data moved: evaluate's hint names its --data-path, not the config key it cannot set
     man = json.loads((tmp_path / "r2" / "manifest.json").read_text())
     (tmp_path / "r2" / "manifest.json").write_text(json.dumps(
@@ -763,14 +791,17 @@ def test_out_never_deletes_a_users_folder_and_evaluate_takes_fkd(tmp_path, capsy
         assert "dataset.path" not in err and err.count("\n") == 1
     # a fix naming another dataset setting cannot be followed: the set records them all but the path
     (tmp_path / "elsewhere").mkdir()
-    code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--seeds", "0", "-q", "--data-path", str(tmp_path / "elsewhere")],
+    code, _, err = run_cli(["evaluate", str(tmp_path / "r2"), "--seeds", "0", "-q", "--data-path",
+                            str(tmp_path / "elsewhere")],
                            capsys)
     assert code == 2 and "no train split folder" in err and "dataset.train_split" not in err, err
     assert err.endswith("the set records its dataset settings: point --data-path at the data it was made from (and "
                         "--teacher at a teacher trained on it)\n")
     # demo has no --set: its data hint must name the flag it has
-    code, _, err = run_cli(["demo", "--data-path", str(tmp_path / "nosuch"), "--out", str(tmp_path / "demo"), "-q"], capsys)
-    assert code == 2 and err == f"error: --data-path {tmp_path / 'nosuch'} does not exist; fix --data-path or unset it to search DDKIT_DATA\n"
+    code, _, err = run_cli(["demo", "--data-path", str(tmp_path / "nosuch"), "--out", str(tmp_path / "demo"), "-q"],
+                           capsys)
+    assert code == 2 and err == (f"error: --data-path {tmp_path / 'nosuch'} does not exist; fix --data-path or unset "
+                                 "it to search DDKIT_DATA\n")
     assert not (tmp_path / "demo").exists()
     # `ddkit relabel` prints an evaluate command with --label-mode fkd: the flag takes it
     from ddkit.cli import build_parser
@@ -831,7 +862,8 @@ def test_bench_bar_rate_leaves_out_reused_cells():
 
 def test_evaluate_refuses_a_folder_as_out_before_training(tmp_path, capsys):
     d = tmp_path / "r2"
-    code, _, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(d), "-q"], capsys)
+    code, _, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out",
+                          str(d), "-q"], capsys)
     assert code == 0
     (tmp_path / "outdir").mkdir()
     code, _, err = run_cli(["evaluate", str(d), "--seeds", "0", "--out", str(tmp_path / "outdir"),
@@ -911,7 +943,8 @@ def test_config_files_that_are_not_utf8_text_or_are_folders_fail_in_one_line(tmp
 def test_stage_commands_refuse_what_they_do_not_read(tmp_path, capsys, command, yaml, flags, message):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml)
-    code, _, err = run_cli([command, "--config", str(cfg), "--dataset", "synthetic", *flags, "--out", str(tmp_path / "o"), "-q"],
+    code, _, err = run_cli([command, "--config", str(cfg), "--dataset", "synthetic", *flags, "--out",
+                            str(tmp_path / "o"), "-q"],
                            capsys)
     assert code == 2 and err == f"error: {message}\n" and not (tmp_path / "o").exists()
 
@@ -924,7 +957,8 @@ def test_stage_command_flags_fill_nested_settings_over_the_yaml(tmp_path, capsys
                           "--out", str(tmp_path / "t"), "-q"], capsys)
     man = json.loads((tmp_path / "t" / "manifest.json").read_text())
     assert code == 0 and man["seed"] == 3 and man["model"]["name"] == "tiny_mlp"
-    assert (man["config"]["train"]["epochs"], man["config"]["train"]["batch_size"], man["config"]["train"]["lr"]) == (1, 16, 0.02)
+    assert ((man["config"]["train"]["epochs"], man["config"]["train"]["batch_size"], man["config"]["train"]["lr"])
+            == (1, 16, 0.02))
 
 
 def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, capsys):
@@ -938,14 +972,15 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
     assert _os_error(OSError(errno.ENOENT, "No such file or directory", hidden)) == (
         f"cannot use {str(tmp_path / 't')!r}: No such file or directory; check the path and its permissions")
     assert _os_error(OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".d.work" / "k" / "dm.pt"))) == (
-        f"cannot write {str(tmp_path / 'd')!r}: No space left on device; free space on that disk or choose another --out")
+        f"cannot write {str(tmp_path / 'd')!r}: No space left on device; free space on that disk or choose "
+        "another --out")
     assert _os_error(OSError(errno.ENOSPC, "No space left on device")) == (
         "cannot write: No space left on device; free space on that disk or choose another --out")
     (tmp_path / "afile").write_text("mine")
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1",
                             "--out", str(tmp_path / "afile" / "sub"), "-q"], capsys)
-    assert code == 2 and err == (f"error: output {str(tmp_path / 'afile' / 'sub')!r} lies inside {str(tmp_path / 'afile')!r}, "
-                                 "which is a file; give another path\n")
+    assert code == 2 and err == (f"error: output {str(tmp_path / 'afile' / 'sub')!r} lies inside "
+                                 f"{str(tmp_path / 'afile')!r}, which is a file; give another path\n")
     assert (tmp_path / "afile").read_text() == "mine"
 
 
@@ -953,7 +988,8 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
     (["evaluate.overrides.trian.epochs=1"], "unknown config key 'evaluate.overrides.trian'; did you mean 'train'?"),
     (["evaluate.overrides.student=convnet", "evaluate.overrides.student_options.width=0"],
      "student_options: ConvNet width must be a positive integer, got 0"),
-    (["teacher.model=tiny_convnet", "teacher.model_options.width=0"], "teacher.model_options: ConvNet width must be a positive integer, got 0"),
+    (["teacher.model=tiny_convnet", "teacher.model_options.width=0"],
+     "teacher.model_options: ConvNet width must be a positive integer, got 0"),
     (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
 ])
 def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
@@ -963,8 +999,8 @@ def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
     cfg.write_text(
         "dataset: {name: synthetic}\nteacher: {model: tiny_mlp, train: {epochs: 1}}\n"
         "distill: {method: random, ipc: 2}\n"
-        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 2}}\n"
-        "  label_modes: [hard]\n  seeds: [0]\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, train: "
+        "{epochs: 2}}\n  label_modes: [hard]\n  seeds: [0]\n"
         f"out: {tmp_path / 'run'}\n"
     )
     code, _, err = run_cli(["run", str(cfg), "-q", *[a for s in sets for a in ("--set", s)]], capsys)
@@ -986,18 +1022,21 @@ def test_empty_flags_are_refused_not_dropped(tmp_path, capsys, flags, message):
 
 def test_evaluate_refuses_a_data_path_for_a_generated_set(tmp_path, capsys):
     """The message used to say the path does not apply, then to point --data-path at the data."""
-    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--out", str(tmp_path / "d"),
-                    "-q"], capsys)[0] == 0
-    code, _, err = run_cli(["evaluate", str(tmp_path / "d"), "--data-path", str(tmp_path), "--seeds", "0", "-q"], capsys)
-    assert code == 2 and err == ("error: the set was distilled from the generated dataset 'synthetic', which has no files; "
-                                 "drop --data-path\n")
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--out",
+                    str(tmp_path / "d"), "-q"], capsys)[0] == 0
+    code, _, err = run_cli(["evaluate", str(tmp_path / "d"), "--data-path", str(tmp_path), "--seeds", "0", "-q"],
+                           capsys)
+    assert code == 2 and err == ("error: the set was distilled from the generated dataset 'synthetic', which "
+                                 "has no files; drop --data-path\n")
 
 
 @pytest.mark.parametrize(("evaluate", "message"), [
-    ("{protocol: mtt-protocol, overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 1}}, label_modes: [hard], "
-     "seeds: [0]}", "evaluate: the protocol trains students with the set's learned lr (learned_lr: true), but method "
-                    "'random' learns none; use a trajectory method (mtt, tesla, ftd, datm, shq) or set learned_lr: false"),
-    ("{label_modes: [], seeds: [0]}", "evaluate.label_modes is empty; list at least one (hard, teacher, stored or fkd)"),
+    ("{protocol: mtt-protocol, overrides: {student: tiny_mlp, full_reference: false, train: {epochs: 1}}, "
+     "label_modes: [hard], seeds: [0]}",
+     "evaluate: the protocol trains students with the set's learned lr (learned_lr: true), but method "
+     "'random' learns none; use a trajectory method (mtt, tesla, ftd, datm, shq) or set learned_lr: false"),
+    ("{label_modes: [], seeds: [0]}",
+     "evaluate.label_modes is empty; list at least one (hard, teacher, stored or fkd)"),
     ("{label_modes: [hard, hard], seeds: [0]}",
      "evaluate.label_modes ['hard', 'hard'] repeat a mode (the same evaluation twice); list each once"),
 ])
@@ -1005,8 +1044,8 @@ def test_run_refuses_evaluations_it_cannot_or_need_not_make(tmp_path, capsys, ev
     """A learned-lr protocol for a set without a learned lr failed after the teacher and the set were made
     (leaving them); no label mode gave an empty report, a repeated one every result twice."""
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"dataset: {{name: synthetic}}\nteacher: null\ndistill: {{method: random, ipc: 2}}\nevaluate: {evaluate}\n"
-                   f"out: {tmp_path / 'run'}\n")
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: "
+                   f"2}}\nevaluate: {evaluate}\nout: {tmp_path / 'run'}\n")
     code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 2 and err == f"error: {message}\n" and not (tmp_path / "run").exists()
 
@@ -1015,8 +1054,8 @@ def test_error_lines_of_other_ranks_name_the_rank(tmp_path, monkeypatch, capsys)
     """Under torchrun every rank printed the same error, in two writes that could interleave into one
     garbled line; each is one write, and ranks other than 0 name themselves."""
     monkeypatch.setenv("RANK", "1")
-    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill.bogus=1",
-                            "--out", str(tmp_path / "d"), "-q"], capsys)
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set",
+                            "distill.bogus=1", "--out", str(tmp_path / "d"), "-q"], capsys)
     assert code == 2 and err.startswith("rank 1: error: unknown config key 'distill.bogus'") and err.count("\n") == 1
     import ddkit.cli as ddkit_cli
 
@@ -1050,12 +1089,13 @@ def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
     assert code == 2 and err.startswith("error: label_mode 'stored' needs soft labels in the distilled set;")
     caplog.clear()
     teacher = tmp_path / "t"
-    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", str(teacher),
-                    "-q"], capsys)[0] == 0
+    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1",
+                    "--out", str(teacher), "-q"], capsys)[0] == 0
     with caplog.at_level("WARNING", logger="ddkit"):
         code, _, err = run_cli(["evaluate", str(out), "--teacher", str(teacher), "--label-mode", "hard", "--seeds", "0",
-                                "--set", "student=tiny_convnet", "--set", "train.epochs=1", "--set", "full_reference=false",
-                                "--set", "random_baseline=false", "--set", "fkd_store=nowhere", "-q"], capsys)
+                                "--set", "student=tiny_convnet", "--set", "train.epochs=1", "--set",
+                                "full_reference=false", "--set", "random_baseline=false", "--set",
+                                "fkd_store=nowhere", "-q"], capsys)
     assert code == 0, err
     assert "label mode hard trains on the set's own labels: --teacher is not used" in caplog.text
     assert "label mode hard replays no FKD store: fkd_store is not used" in caplog.text
@@ -1090,7 +1130,8 @@ def test_only_rank_0_of_a_torchrun_job_prints_warnings(tmp_path, monkeypatch):
     rank0 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "0"})
     rank1 = subprocess.run(cmd, capture_output=True, text=True, env={**env, "RANK": "1"})
     assert (rank0.returncode, rank1.returncode) == (0, 0)
-    assert f"WARNING ddkit.artifacts: replaced the earlier distilled-set in {out}" in rank0.stderr and rank1.stderr == ""
+    assert (f"WARNING ddkit.artifacts: replaced the earlier distilled-set in {out}" in rank0.stderr
+            and rank1.stderr == "")
 
 
 def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):
@@ -1106,14 +1147,15 @@ def test_a_lost_torchrun_peer_is_one_line_per_rank(capsys, monkeypatch):
     args = cli.build_parser().parse_args(["list", "methods"])
 
     def lost(_):
-        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.1]:1")
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by "
+                           "peer [10.0.0.1]:1")
 
     args.func = lost
     assert cli._main(args) == 1
     assert capsys.readouterr().err == (
-        "rank 1: error: another process of this torchrun job stopped ([../third_party/gloo/gloo/transport/tcp/pair.cc:561] "
-        "Connection closed by peer [10.0.0.1]:1); its own output says why: rerun the command, which resumes where the "
-        "job got to\n")
+        "rank 1: error: another process of this torchrun job stopped "
+        "([../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.1]:1); its own output "
+        "says why: rerun the command, which resumes where the job got to\n")
 
     def bug(_):
         raise RuntimeError("shape mismatch")

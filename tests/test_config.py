@@ -74,7 +74,8 @@ def test_evaluation_seeds_may_not_repeat():
 def test_full_reference_needs_an_epoch_after_warmup():
     with pytest.raises(ConfigError, match="full_epochs 2 leaves no epoch after train.warmup_epochs 2"):
         resolve_protocol("dc-protocol", {"full_epochs": 2, "train": {"warmup_epochs": 2, "epochs": 6}})
-    assert resolve_protocol("dc-protocol", {"full_epochs": 3, "train": {"warmup_epochs": 2, "epochs": 6}}).full_epochs == 3
+    assert resolve_protocol("dc-protocol",
+                            {"full_epochs": 3, "train": {"warmup_epochs": 2, "epochs": 6}}).full_epochs == 3
     assert not resolve_protocol("dc-protocol", {"full_epochs": 2, "full_reference": False,
                                                 "train": {"warmup_epochs": 2, "epochs": 6}}).full_reference
 
@@ -102,8 +103,9 @@ def test_configs_built_in_python_check_their_field_types():
         DistillConfig(ipc=True)
     with pytest.raises(ConfigError) as err:  # every wrong field at once, on one line
         TrainConfig(lr="fast", epochs=2.5, optimizer="sgdd")
-    assert str(err.value) == ("TrainConfig.epochs: expected an integer, got 2.5; TrainConfig.optimizer: 'sgdd' is not one "
-                              "of ['sgd', 'adam', 'adamw']; did you mean 'sgd'?; TrainConfig.lr: expected a number, got 'fast'")
+    assert str(err.value) == ("TrainConfig.epochs: expected an integer, got 2.5; TrainConfig.optimizer: "
+                              "'sgdd' is not one of ['sgd', 'adam', 'adamw']; did you mean 'sgd'?; TrainConfig.lr: "
+                              "expected a number, got 'fast'")
     with pytest.raises(ConfigError, match=r"DistillConfig.seed: seeds must lie in \[0, 2\^32\), got -1"):
         DistillConfig(seed=-1)
     with pytest.raises(ConfigError, match=r"ProtocolConfig.train: expected a mapping for TrainConfig, got 'fast'"):
@@ -207,7 +209,8 @@ def test_roundtrip_and_hash_stable():
 
 def test_protocol_presets_and_label_mode_switch():
     p = resolve_protocol("dc-protocol")
-    assert (p.student, p.train.epochs, p.train.lr, p.train.batch_size, p.train.schedule) == ("convnet3", 300, 0.01, 256, "step")
+    assert ((p.student, p.train.epochs, p.train.lr, p.train.batch_size, p.train.schedule)
+            == ("convnet3", 300, 0.01, 256, "step"))
     soft = resolve_protocol("dc-protocol", {"label_mode": "teacher"})
     assert soft.loss == "kl"
     hard = resolve_protocol("edc", {"label_mode": "hard"})
@@ -240,8 +243,9 @@ def test_yaml_refuses_a_key_set_twice_in_one_section(tmp_path):
 
     twice = tmp_path / "twice.yaml"
     twice.write_text("ipc: 10\nmethod:\n  name: dm\n  options: {iterations: 5}\n  name: dc\n")
-    with pytest.raises(ConfigError, match=re.escape(f"config file '{twice}' sets 'name' twice in one section (lines 3 and "
-                                                    "5); keep one of them")):
+    with pytest.raises(ConfigError,
+                       match=re.escape(f"config file '{twice}' sets 'name' twice in one section (lines 3 and "
+                                       "5); keep one of them")):
         load_yaml(twice)
     top = tmp_path / "top.yaml"
     top.write_text("ipc: 10\nseed: 1\nipc: 50\n")
@@ -274,7 +278,10 @@ def test_base_file_errors(tmp_path):
         config.load_yaml_with_base(tmp_path / "d.yaml")
 
 
-@pytest.mark.parametrize("path", sorted(p for p in (REPO / "configs").rglob("*.yaml") if (REPO / "configs" / "bench") not in p.parents), ids=lambda p: str(p.relative_to(REPO)))
+@pytest.mark.parametrize("path",
+                         sorted(p for p in (REPO / "configs").rglob("*.yaml")
+                                if (REPO / "configs" / "bench") not in p.parents),
+                         ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_config_validates(path: Path):
     data = load_yaml(path)
     cfg = from_dict(RunConfig, data)
@@ -313,7 +320,8 @@ def test_per_method_configs_match_the_full_tiers(path: Path):
 def test_demo_config_matches_shipped_yaml():
     shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/demo.yaml"))
     demo = demo_config(out=shipped.out, device=shipped.device)
-    assert to_dict(demo) == to_dict(shipped) and shipped.out == "runs/demo"  # `ddkit run` on it writes where the demo does
+    # `ddkit run` on it writes where the demo does
+    assert to_dict(demo) == to_dict(shipped) and shipped.out == "runs/demo"
     bf16 = demo_config(out=shipped.out, device=shipped.device, precision="bf16")  # `ddkit demo --precision bf16`
     assert bf16.teacher.train.precision == "bf16" and demo.teacher.train.precision == "fp32"
     assert resolve_protocol(bf16.evaluate.protocol, bf16.evaluate.overrides).train.precision == "bf16"
@@ -391,7 +399,8 @@ def test_config_files_that_are_not_utf8_text_or_are_folders(tmp_path):
     png = tmp_path / "grid.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
     for path, byte in ((latin, "0xe9 at offset 5"), (png, "0x89 at offset 0")):
-        with pytest.raises(ConfigError, match=re.escape(f"config file '{path}' is not UTF-8 text (byte {byte}); save it as UTF-8")):
+        with pytest.raises(ConfigError,
+                           match=re.escape(f"config file '{path}' is not UTF-8 text (byte {byte}); save it as UTF-8")):
             load_yaml(path)
     (tmp_path / "child.yaml").write_text("base: latin.yaml\nout: x\n")
     with pytest.raises(ConfigError, match=re.escape(f"config file '{latin}' is not UTF-8 text")):
@@ -414,11 +423,14 @@ def test_free_form_settings_are_recorded_in_one_key_order():
     different bytes. Method options and protocol overrides are now recorded with sorted keys."""
     from ddkit.pipeline import DistillConfig, EvalConfig
 
-    one = DistillConfig(method="dm", options={"lr_img": 0.5, "iterations": 2, "dsa_options": {"scale": 0.2, "crop": 0.1}})
-    other = DistillConfig(method="dm", options={"iterations": 2, "dsa_options": {"crop": 0.1, "scale": 0.2}, "lr_img": 0.5})
+    one = DistillConfig(method="dm",
+                        options={"lr_img": 0.5, "iterations": 2, "dsa_options": {"scale": 0.2, "crop": 0.1}})
+    other = DistillConfig(method="dm",
+                          options={"iterations": 2, "dsa_options": {"crop": 0.1, "scale": 0.2}, "lr_img": 0.5})
     assert json.dumps(to_dict(one)) == json.dumps(to_dict(other))
-    assert list(one.options) == ["dsa_options", "iterations", "lr_img"] and list(one.options["dsa_options"]) == ["crop", "scale"]
-    assert config_hash(one) == config_hash(DistillConfig(method="dm", options={"lr_img": 0.5, "iterations": 2,
-                                                                               "dsa_options": {"scale": 0.2, "crop": 0.1}}))
+    assert (list(one.options) == ["dsa_options", "iterations", "lr_img"]
+            and list(one.options["dsa_options"]) == ["crop", "scale"])
+    assert config_hash(one) == config_hash(DistillConfig(method="dm", options={
+        "lr_img": 0.5, "iterations": 2, "dsa_options": {"scale": 0.2, "crop": 0.1}}))
     ev = EvalConfig(overrides={"train": {"lr": 0.1, "epochs": 3}, "student": "tiny_convnet"})
     assert list(ev.overrides) == ["student", "train"] and list(ev.overrides["train"]) == ["epochs", "lr"]

@@ -71,7 +71,8 @@ def test_batchnorm_teacher_synthesis_is_deterministic_on_cuda(name, data, tmp_pa
     resnet = train_teacher(data, cfg, tmp_path / "r18", CUDA)
     cls = METHODS.get(name)
     options = {**cls.smoke_options, "stats": "bn+conv", "patch_size": 3}  # 16 px maps resized to 18 for 3 px patches
-    runs = [cls(from_dict(cls.Config, dict(options))).fit(data, [resnet], FitContext(ipc=IPC, seed=0, device=CUDA)).synthetic_
+    runs = [cls(from_dict(cls.Config, dict(options))).fit(data, [resnet],
+                                                          FitContext(ipc=IPC, seed=0, device=CUDA)).synthetic_
             for _ in range(2)]
     assert torch.isfinite(runs[0].images.float()).all()
     assert torch.equal(runs[0].images.cpu(), runs[1].images.cpu()), f"{name}: same seed, different images on the GPU"

@@ -259,7 +259,8 @@ def test_explicit_path_never_falls_back(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist"):
         load_dataset("fashion-mnist", path=str(tmp_path / "typo"))
     # the data root given for the dataset's own folder: the fix names the folder inside it
-    with pytest.raises(DataError, match=rf"lacks train-images-idx3-ubyte.*; did you mean '{tmp_path}/data/fashion-mnist'\?$"):
+    with pytest.raises(DataError,
+                       match=rf"lacks train-images-idx3-ubyte.*; did you mean '{tmp_path}/data/fashion-mnist'\?$"):
         load_dataset("fashion-mnist", path=str(tmp_path / "data"))
     with pytest.raises(DataError, match=r"; put the files there$"):
         load_dataset("fashion-mnist", path=str(tmp_path / "empty"))
@@ -495,7 +496,8 @@ def test_imagefolder_conversions_are_logged_once_per_split_and_recorded(tmp_path
     Image.fromarray(np.full((4, 4), 9, np.uint8)).save(tmp_path / "test" / "b" / "gray.png")
     with caplog.at_level(logging.INFO, logger="ddkit.data.sources"):
         b = load_dataset("imagefolder", path=str(tmp_path))
-    assert b.conversions == {"train": {"grayscale_to_rgb": 1, "palette_to_rgb": 1, "alpha_dropped": 2, "transparent": 1},
+    assert b.conversions == {"train": {"grayscale_to_rgb": 1, "palette_to_rgb": 1, "alpha_dropped": 2,
+                                       "transparent": 1},
                              "test": {"grayscale_to_rgb": 1}}
     assert b.describe()["conversions"] == b.conversions
     assert b.fingerprint == b.describe()["fingerprint"] and b.image_shape == (3, 4, 4)
@@ -641,12 +643,14 @@ def test_tensors_wrong_rank_and_range(tmp_path):
     t = _tensors(float_images=True)
     t["test_images"] = t["test_images"] * 255
     torch.save(t, tmp_path / "range.pt")
-    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\], found \[0, 25.*\]; divide by 255 or store uint8$"):
+    with pytest.raises(DataError,
+                       match=r"test_images must lie in \[0, 1\], found \[0, 25.*\]; divide by 255 or store uint8$"):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
     # a distilled set's optimised pixels (a pt export of dm) were told to divide by 255
     t["test_images"] = t["test_images"] / 255 * 2.5 - 0.75
     torch.save(t, tmp_path / "range.pt")
-    with pytest.raises(DataError, match=r"test_images must lie in \[0, 1\], found \[-0.75, .*\]; clamp them to \[0, 1\]$"):
+    with pytest.raises(DataError,
+                       match=r"test_images must lie in \[0, 1\], found \[-0.75, .*\]; clamp them to \[0, 1\]$"):
         load_dataset("tensors", path=str(tmp_path / "range.pt"))
 
 
@@ -696,16 +700,18 @@ def test_tensors_bad_norm_and_classes(tmp_path):
     torch.save({**t, "test_labels": torch.tensor([2, 1, 4])}, tmp_path / "c.pt")
     with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "c.pt"))
-    assert str(err.value) == (f"{tmp_path / 'c.pt'}: train_labels hold {{0, 1, 2}} and test_labels also {{4}}, but without "
-                              "'classes' the labels must be 0..K-1, each with training images; drop the test images "
-                              "whose labels no training image has")
+    assert str(err.value) == (f"{tmp_path / 'c.pt'}: train_labels hold {{0, 1, 2}} and test_labels also "
+                              "{4}, but without 'classes' the labels must be 0..K-1, each with training images; drop "
+                              "the test images whose labels no training image has")
     torch.save({**t, "classes": ["x", "y", "z", "w"]}, tmp_path / "w.pt")
     with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
         load_dataset("tensors", path=str(tmp_path / "w.pt"))
-    torch.save({**t, "train_images": t["train_images"][:, :0], "test_images": t["test_images"][:, :0]}, tmp_path / "z.pt")
+    torch.save({**t, "train_images": t["train_images"][:, :0], "test_images": t["test_images"][:, :0]},
+               tmp_path / "z.pt")
     with pytest.raises(DataError, match=r"images have shape \[0, 5, 5\] \(C, H, W\)"):
         load_dataset("tensors", path=str(tmp_path / "z.pt"))
-    torch.save({**t, "train_images": t["train_images"][:, :, :0], "test_images": t["test_images"][:, :, :0]}, tmp_path / "h.pt")
+    torch.save({**t, "train_images": t["train_images"][:, :, :0], "test_images": t["test_images"][:, :, :0]},
+               tmp_path / "h.pt")
     with pytest.raises(DataError, match=r"images have shape \[3, 0, 5\] \(C, H, W\).*C, H and W >= 1"):
         load_dataset("tensors", path=str(tmp_path / "h.pt"))
 
@@ -751,9 +757,9 @@ def test_tensors_pt_uses_weights_only(tmp_path):
     torch.save({**_tensors(), "extra": Payload()}, tmp_path / "d.pt")
     with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "d.pt"))
-    assert str(err.value) == (f"{tmp_path / 'd.pt'} holds objects that safe (weights_only) loading refuses (unsupported "
-                              f"global {__name__}.Payload); save only a dict of tensors plus an optional list of class "
-                              "names")
+    assert str(err.value) == (f"{tmp_path / 'd.pt'} holds objects that safe (weights_only) loading "
+                              f"refuses (unsupported global {__name__}.Payload); save only a dict of tensors plus an "
+                              "optional list of class names")
 
 
 def test_tensors_pt_of_numpy_arrays_is_told_to_save_tensors(tmp_path):
@@ -817,7 +823,8 @@ def test_synthetic_refuses_settings_it_cannot_honour():
             load_dataset("synthetic", options={key: bad})
     with pytest.raises(ConfigError, match="dataset.options.noise must be a number >= 0, got 'abc'"):
         load_dataset("synthetic", options={"noise": "abc"})
-    with pytest.raises(DataError, match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
+    with pytest.raises(DataError,
+                       match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
         load_dataset(DatasetConfig(name="synthetic", classes=["a", "b", "c", "d"]))
     assert load_dataset(DatasetConfig(name="synthetic", classes=[f"class{c}" for c in range(4)])).num_classes == 4
 
@@ -894,7 +901,8 @@ def test_split_names_and_sizes_are_checked_with_one_prefix(tmp_path):
     from ddkit.config import from_dict
 
     for split in ("", ".", "./", ".."):
-        with pytest.raises(ConfigError, match=f"train_split must be the name of a folder in dataset.path, got {split!r}"):
+        with pytest.raises(ConfigError,
+                           match=f"train_split must be the name of a folder in dataset.path, got {split!r}"):
             DatasetConfig(name="imagefolder", path=str(tmp_path), train_split=split)
     with pytest.raises(ConfigError, match="^dataset.image_size must be >= 1, got 0$"):
         from_dict(DatasetConfig, {"name": "imagefolder", "image_size": 0}, "dataset")

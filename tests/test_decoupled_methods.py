@@ -108,7 +108,8 @@ def test_conv_input_statistics_and_batch_augmentation(data, bn_teacher, tmp_path
     stats_in, path_in = S.real_statistics(bn_teacher, data, cache_dir=tmp_path, conv_features="input")
     assert path_in != path_out and any(k.startswith("convin:") for k in stats_in)
     first_conv = next(k for k in stats_in if k.startswith("convin:") and k.endswith("/mean"))
-    images = (data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    images = ((data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1))
+              / torch.tensor(data.std).view(1, -1, 1, 1))
     assert torch.allclose(stats_in[first_conv], images.mean((0, 2, 3)), atol=1e-5)  # the images' own mean
     base = {"iterations": 2, "cache_dir": str(tmp_path), "stats": "bn+conv"}
     out = _run("gvbsm", data, [bn_teacher], ipc=1, **base)
@@ -129,13 +130,15 @@ def test_real_statistics_equal_hand_computation_and_ignore_batch_size(data, bn_t
     calls = []
     stats = S.compute_real_statistics(model, data, keys, batch_size=7, progress=lambda d, t, r: calls.append((d, t)))
     assert calls[-1] == (len(data.train), len(data.train))
-    x = (data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1)) / torch.tensor(data.std).view(1, -1, 1, 1)
+    x = ((data.train.float_images() - torch.tensor(data.mean).view(1, -1, 1, 1))
+         / torch.tensor(data.std).view(1, -1, 1, 1))
     with torch.no_grad(), S.FeatureHooks(model, keys) as hooks:
         logits = model(x)
     y = data.train.labels
     for key in keys:
         hm, hv = _hand_moments(hooks.features[key])
-        assert torch.allclose(stats[f"{key}/mean"], hm, atol=1e-5) and torch.allclose(stats[f"{key}/var"], hv, atol=1e-4)
+        assert (torch.allclose(stats[f"{key}/mean"], hm, atol=1e-5)
+                and torch.allclose(stats[f"{key}/var"], hv, atol=1e-4))
         for c in range(data.num_classes):
             cm, cv = _hand_moments(hooks.features[key][y == c])
             assert torch.allclose(stats[f"{key}/class_mean"][c], cm, atol=1e-5)
@@ -213,7 +216,8 @@ def test_statistics_loss_zero_at_targets_and_alpha_one_ignores_class_stats():
     a = S.statistics_loss(shifted, targets, labels, 1.0)
     assert torch.equal(a, S.statistics_loss(shifted, garbage, labels, 1.0))
     assert torch.equal(a, S.statistics_loss(shifted, no_class, labels, 1.0))
-    assert float(S.statistics_loss(shifted, garbage, labels, 0.5)) > float(S.statistics_loss(shifted, targets, labels, 0.5)) + 10
+    assert (float(S.statistics_loss(shifted, garbage, labels, 0.5))
+            > float(S.statistics_loss(shifted, targets, labels, 0.5)) + 10)
     with pytest.raises(DDKitError, match="class statistics"):
         S.statistics_loss(shifted, no_class, labels, 0.5)
 
@@ -269,7 +273,8 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="iterations must be >= 1.*lr must be > 0"):
         SRe2LConfig(iterations=0, lr=0)
     # the crop-scale settings shape only RandomResizedCrop: set with another augment they would do nothing
-    with pytest.raises(ConfigError, match="scale_min, curriculum apply only to augment: rrc_flip, but augment is crop_flip"):
+    with pytest.raises(ConfigError,
+                       match="scale_min, curriculum apply only to augment: rrc_flip, but augment is crop_flip"):
         from_dict(SRe2LConfig, {"augment": "crop_flip", "scale_min": 0.5, "curriculum": "cosine"})
     with pytest.raises(ConfigError, match="milestone applies only to augment: rrc_flip, but augment is none"):
         from_dict(CDAConfig, {"augment": "none", "milestone": 0.5})
@@ -341,7 +346,8 @@ def test_a_record_is_read_in_one_copy_and_quiet_bars_take_no_callback():
 @pytest.mark.parametrize("key, options, message", [
     ("cda", {"augment": "crop_flip"}, "curriculum cosine (this method's) shapes RandomResizedCrop's scale, but augment "
                                        "is crop_flip; set curriculum: none or augment: rrc_flip"),
-    ("sre2l", {"jitter_mode": "symmetric"}, "jitter_mode symmetric applies only with jitter > 0; remove it or set jitter"),
+    ("sre2l", {"jitter_mode": "symmetric"},
+     "jitter_mode symmetric applies only with jitter > 0; remove it or set jitter"),
     ("sre2l", {"augment": "none", "augment_per": "batch"},
      "augment_per batch applies only with an augmentation, but augment is none; remove it or set augment"),
 ])
@@ -443,9 +449,11 @@ def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
 
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work, progress=kill))
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+                                             FitContext(ipc=2, seed=3, work_dir=work, progress=kill))
     assert any(work.iterdir())
-    resumed = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work)).synthetic_
+    resumed = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+                                                   FitContext(ipc=2, seed=3, work_dir=work)).synthetic_
     assert torch.equal(straight.images, resumed.images)
 
 
@@ -461,12 +469,14 @@ def test_recover_does_not_resume_a_checkpoint_of_another_normalisation(data, bn_
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+                                             FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
     other = dataclasses.replace(data, mean=tuple(m + 0.1 for m in data.mean), std=tuple(1.5 * s for s in data.std))
     assert other.fingerprint == data.fingerprint
     steps: list[int] = []
     got = cls(from_dict(cls.Config, opts)).fit(
-        other, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=lambda s, n, r: steps.append(s))).synthetic_
+        other, [bn_teacher],
+        FitContext(ipc=4, seed=0, work_dir=work, progress=lambda s, n, r: steps.append(s))).synthetic_
     straight = cls(from_dict(cls.Config, opts)).fit(other, [bn_teacher], FitContext(ipc=4, seed=0)).synthetic_
     assert steps[0] == 1, "resumed a checkpoint made under another normalisation"
     assert torch.equal(got.images, straight.images)
@@ -494,7 +504,8 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
 
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
+        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+                                             FitContext(ipc=4, seed=0, work_dir=work, progress=kill))
     held: dict[int, dict] = {}
 
     class Gathered(Exception):
@@ -550,7 +561,8 @@ def test_edc_init_from_rded(data, bn_teacher, tmp_path):
     # rded's errors name its settings inside edc's options
     with pytest.raises(ConfigError, match=r"raise distill.options.rded_options.mipc to at least 2, or lower --ipc$"):
         _run("edc", data, [bn_teacher], ipc=2, **{**opts, "rded_options": {"mipc": 1, "num_crop": 2}})
-    with pytest.raises(ConfigError, match=r"^unknown config key 'distill.options.rded_options.bogus'"):  # it said 'rded_options.bogus'
+    # it said 'rded_options.bogus'
+    with pytest.raises(ConfigError, match=r"^unknown config key 'distill.options.rded_options.bogus'"):
         _run("edc", data, [bn_teacher], ipc=2, **{**opts, "rded_options": {"bogus": 1}})
 
 

@@ -92,8 +92,9 @@ def test_every_replacement_computes_what_pytorch_computes(monkeypatch):
     torch.manual_seed(0)
     nets = {name: create_model(name, 3, 5, 16, **opts).eval()
             for name, opts in (("resnet18_cifar", {"width": 8}), ("tv_resnet18", {}))}
-    cases = {f"aug {spec}": (lambda v, a=build_augment(spec), p=build_augment(spec).sample(4, gen, (16, 16)): a.apply(v, p))
-             for spec in ("dsa", "rrc_flip")}
+    cases = {
+        f"aug {spec}": (lambda v, a=build_augment(spec), p=build_augment(spec).sample(4, gen, (16, 16)): a.apply(v, p))
+        for spec in ("dsa", "rrc_flip")}
     cases["patch_grid 3 px (16 -> 18)"] = lambda v: patch_grid(v, 3)
     cases.update({name: net for name, net in nets.items()})
 

@@ -322,8 +322,9 @@ def test_dist_timeout_is_read_from_the_environment(monkeypatch):
     assert ddist.timeout_minutes() == 43200  # 30 days, the most
     for bad in ("0", "-5", "abc", "inf", "nan", "43201", "1e13"):
         monkeypatch.setenv("DDKIT_DIST_TIMEOUT", bad)
-        with pytest.raises(DDKitError, match=rf"^DDKIT_DIST_TIMEOUT='{bad}' is not a number of minutes in \(0, 43200\]; "
-                                             "set it"):
+        with pytest.raises(DDKitError,
+                           match=rf"^DDKIT_DIST_TIMEOUT='{bad}' is not a number of minutes in \(0, 43200\]; "
+                                 "set it"):
             ddist.timeout_minutes()
 
 

@@ -128,11 +128,13 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
             "extra_teachers": [str(teachers[1].path), str(teachers[2].path)]}
     ds = distill(data, DistillConfig(method="cvdd", ipc=1, options=opts), DatasetConfig(name="synthetic"),
                  tmp_path / "set", teachers[0])
-    assert [m["weights_sha"] for m in ds.manifest["meta"]["soft_labels"]["teachers"]] == [t.fingerprint for t in teachers]
+    assert ([m["weights_sha"] for m in ds.manifest["meta"]["soft_labels"]["teachers"]]
+            == [t.fingerprint for t in teachers])
     seen = []
     monkeypatch.setattr(runner, "_train_student", lambda train_set, *a, **k: seen.append((train_set, a[7])) or 0.5)
-    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
-                                                "loss": "kl", "train": {"epochs": 1}})
+    protocol = resolve_protocol("dc-protocol",
+                                {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
+                                 "loss": "kl", "train": {"epochs": 1}})
     runner.evaluate(ds, protocol, [0], data=data, teacher=teachers[0], cache_dir=tmp_path / "cache")
     (subset, stored) = seen[1]
     w = ds.manifest["meta"]["soft_labels"]["weights"]
@@ -149,7 +151,8 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
     old.manifest = copy.deepcopy(ds.manifest)
     old.manifest["meta"]["soft_labels"].pop("teachers")
     labeller = runner.stored_labeller(old, teachers[0], protocol, "cpu")
-    assert labeller.key == runner.stored_labeller(ds, teachers[0], protocol, "cpu").key and set(labeller.loaded) == {0, 1}
+    assert (labeller.key == runner.stored_labeller(ds, teachers[0], protocol, "cpu").key
+            and set(labeller.loaded) == {0, 1})
     assert torch.allclose(labeller(subset.images, data, "cpu", seed), want, atol=1e-5)
     # a committee member that is gone is named, not replaced by the main teacher, where a random subset must
     # be labelled; its cached students need no member
@@ -173,7 +176,8 @@ def test_cvdd_needs_enough_teachers_and_existing_paths(data, teachers, tmp_path)
     with pytest.raises(DDKitError, match="committee_size 2 exceeds the 1 teacher"):
         _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv")
     with pytest.raises(DDKitError, match="extra teacher .* not found"):
-        _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv", extra_teachers=[str(tmp_path / "nope")])
+        _run("cvdd", data, teachers[:1], iterations=1, init="real", stats="conv",
+             extra_teachers=[str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="perturb_steps must be >= 1"):
         from_dict(DWAConfig, {"perturb_steps": 0})
 

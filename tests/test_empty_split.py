@@ -33,7 +33,8 @@ def test_empty_test_split_exits_2_and_writes_nothing(tmp_path, capsys):
 def test_every_source_refuses_an_empty_split(split):
     """The check is in DataBundle, which every dataset source returns."""
     kw = {"train_per_class": 0} if split == "train" else {"test_per_class": 0}
-    with pytest.raises(DataError, match=rf"dataset 'synthetic' .*has an empty {split} split \(0 images\); give it at least one"):
+    with pytest.raises(DataError,
+                       match=rf"dataset 'synthetic' .*has an empty {split} split \(0 images\); give it at least one"):
         make_synthetic(**kw)
 
 

@@ -17,8 +17,10 @@ from ddkit.training import TrainConfig
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("ev")
     data = make_synthetic()
-    teacher = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=8, batch_size=32, lr=0.05)), root / "teacher")
-    ds = distill(data, DistillConfig(method="random", ipc=4, soft_labels=True), DatasetConfig(name="synthetic"), root / "r4", teacher)
+    teacher = train_teacher(data, TeacherConfig(model="tiny_convnet",
+                                                train=TrainConfig(epochs=8, batch_size=32, lr=0.05)), root / "teacher")
+    ds = distill(data, DistillConfig(method="random", ipc=4, soft_labels=True), DatasetConfig(name="synthetic"),
+                 root / "r4", teacher)
     return data, teacher, ds, root
 
 
@@ -43,7 +45,8 @@ def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
     assert rep["bytes"] == {"images": 16 * 256, "labels": 16 * 8, "total": 16 * 256 + 16 * 8}
     assert rep["protocol_hash"] == tiny_protocol.hash and rep["seeds"] == [0, 1, 2]
     table = format_table([rep])
-    assert "baseline: random ipc=4" in table and "baseline: full data (15 ep)" in table and f"{100 * res['distilled']['mean']:.2f}" in table
+    assert ("baseline: random ipc=4" in table and "baseline: full data (15 ep)" in table
+            and f"{100 * res['distilled']['mean']:.2f}" in table)
 
 
 def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_path, monkeypatch):
@@ -148,7 +151,8 @@ def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
     other = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)))
     assert other.fingerprint != teacher.fingerprint
     with pytest.raises(DDKitError, match=rf"^label_mode 'stored' replays the soft labels teacher {teacher.fingerprint} "
-                                         rf"\(.*teacher\) gave this set, not teacher {other.fingerprint}; pass that teacher"):
+                                         rf"\(.*teacher\) gave this set, not teacher {other.fingerprint}; pass "
+                                         r"that teacher"):
         evaluate(ds, stored, [0], data=data, teacher=other)
 
 
@@ -184,8 +188,9 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, cap
     assert rep["bytes"]["fkd_labels"] == SoftLabelStore.load(tmp_path / "fkd").nbytes > 0
     assert rep["bytes"]["labels"] == ds.labels.numel() * 8 + rep["bytes"]["fkd_labels"]
     assert 0.25 < rep["results"]["distilled"]["mean"] <= 1.0
-    with pytest.raises(DDKitError, match=r"^label_mode 'fkd' needs a teacher to label the random subset beside the set; pass "
-                                         r"--teacher DIR, or set random_baseline=false to evaluate the set alone$"):
+    with pytest.raises(DDKitError,
+                       match=r"^label_mode 'fkd' needs a teacher to label the random subset beside the set; pass "
+                             r"--teacher DIR, or set random_baseline=false to evaluate the set alone$"):
         evaluate(ds, proto, [0], data=data)
     with pytest.raises(Exception, match="label_mode 'fkd' needs fkd_store"):
         resolve_protocol(tiny_protocol, {"label_mode": "fkd"})
@@ -199,11 +204,13 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     from ddkit.teacher import teacher_ensemble
 
     data, teacher, ds, root = setup
-    other = train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5, train=TrainConfig(epochs=2, batch_size=32, lr=0.05)),
+    other = train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5,
+                                              train=TrainConfig(epochs=2, batch_size=32, lr=0.05)),
                           tmp_path / "other")
     both = teacher_ensemble([teacher, other])
     x = ds.images[:8]
-    want = (teacher_logits(teacher, x, data.mean, data.std, "cpu") + teacher_logits(other, x, data.mean, data.std, "cpu")) / 2
+    want = (teacher_logits(teacher, x, data.mean, data.std, "cpu")
+            + teacher_logits(other, x, data.mean, data.std, "cpu")) / 2
     assert torch.allclose(teacher_logits(both, x, data.mean, data.std, "cpu"), want, atol=1e-5)
     assert both.fingerprint not in (teacher.fingerprint, other.fingerprint)
     import shutil  # the same members elsewhere are the same ensemble (its fingerprint named their paths)
@@ -211,18 +218,23 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     shutil.copytree(tmp_path / "other", tmp_path / "moved")
     assert teacher_ensemble([teacher, Teacher.load(tmp_path / "moved")]).fingerprint == both.fingerprint
     here, there = ({"extra_teachers": [str(tmp_path / p)]} for p in ("other", "moved"))
-    assert resolve_protocol(tiny_protocol, here).hash == resolve_protocol(tiny_protocol, there).hash != tiny_protocol.hash
+    assert (resolve_protocol(tiny_protocol, here).hash == resolve_protocol(tiny_protocol, there).hash
+            != tiny_protocol.hash)
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
     alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
     # label mode teacher asks the teacher: the set's own soft labels (16 x 4 float32) are not counted
     assert ds.soft_labels is not None
     assert alone["bytes"] == {"images": 16 * 256, "labels": 16 * 8, "total": 16 * 256 + 16 * 8}
-    twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data, teacher=teacher)
-    mixed = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "other")]}), [0], data=data, teacher=teacher)
-    assert twice["results"]["distilled"]["per_seed"] == pytest.approx(alone["results"]["distilled"]["per_seed"], abs=1e-9)
+    twice = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(root / "teacher")]}), [0], data=data,
+                     teacher=teacher)
+    mixed = evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "other")]}), [0], data=data,
+                     teacher=teacher)
+    assert (twice["results"]["distilled"]["per_seed"]
+            == pytest.approx(alone["results"]["distilled"]["per_seed"], abs=1e-9))
     assert mixed["teacher"]["weights_sha"] == both.fingerprint
     with pytest.raises(DDKitError, match="extra teacher .* not found"):
-        evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "nope")]}), [0], data=data, teacher=teacher)
+        evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "nope")]}), [0], data=data,
+                 teacher=teacher)
 
 
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):
@@ -297,8 +309,9 @@ def test_distill_and_evaluate_take_a_teacher_folder(setup, tiny_protocol, tmp_pa
     for bad in (5, ["t"]):
         with pytest.raises(DDKitError) as err:
             distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "bad", bad)
-        assert str(err.value) == (f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
-                                  f"{type(bad).__name__} {bad!r}; pass the teacher's folder or Teacher.load(folder)")
+        assert str(err.value) == ("teacher must be a Teacher or the folder path (str or Path) of a teacher "
+                                  f"artifact, got {type(bad).__name__} {bad!r}; pass the teacher's folder or "
+                                  "Teacher.load(folder)")
         assert not (tmp_path / "bad").exists()
     stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False})
     rep = evaluate(ds, stored, [0], data=data, teacher=str(teacher.path))
@@ -330,8 +343,9 @@ def test_evaluate_takes_a_protocol_preset_name_or_yaml_file(setup, tiny_protocol
     for bad in (5, None, ["dc-protocol"]):
         with pytest.raises(ConfigError) as err:
             evaluate(ds, bad, [0], data=data)
-        assert str(err.value) == (f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML "
-                                  f"file's path, got {type(bad).__name__} {bad!r}; pass one of them, e.g. 'dc-protocol'")
+        assert str(err.value) == ("protocol must be a ProtocolConfig, a preset name (`ddkit list "
+                                  f"protocols`) or a YAML file's path, got {type(bad).__name__} {bad!r}; pass one of "
+                                  "them, e.g. 'dc-protocol'")
 
 
 def test_library_calls_refuse_wrong_arguments_in_one_line(setup, tiny_protocol, tmp_path):

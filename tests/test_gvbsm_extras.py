@@ -122,7 +122,8 @@ def test_presets_and_validation():
     g, e = GVBSMConfig(), EDCConfig()
     assert (g.stats_momentum, g.patch_size, g.conv_drop_rate, g.densify_weight, g.densify_tau, g.slots_per_batch) == (
         0.8, 4, 0.4, 1.0, 4.0, None)
-    assert (e.stats_momentum, e.patch_size, e.conv_drop_rate, e.densify_weight, e.slots_per_batch) == (0.8, 4, 0.0, 0.0, 1)
+    assert ((e.stats_momentum, e.patch_size, e.conv_drop_rate, e.densify_weight, e.slots_per_batch)
+            == (0.8, 4, 0.0, 0.0, 1))
     assert METHODS.get("gvbsm").revision == 1 and METHODS.get("edc").revision == 4
     for bad in ({"stats": "bn", "patch_size": 4}, {"stats_momentum": 1.0}, {"conv_drop_rate": -0.1},
                 {"densify_tau": 0}, {"slots_per_batch": 0}):

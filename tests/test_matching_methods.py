@@ -149,8 +149,10 @@ def _grad_gap(data, images, ipc):
 
 @pytest.mark.parametrize(("key", "options", "gap"), [
     # lr_img 1 instead of DC's 0.1: a clear decrease within a few seconds
-    ("dc", {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
-    ("dsa", {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
+    ("dc",
+     {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
+    ("dsa",
+     {"iterations": 4, "outer_loop": 2, "inner_loop": 1, "batch_real": 24, "init": "noise", "lr_img": 1.0}, _grad_gap),
     ("dm", {"iterations": 8, "batch_real": 24, "init": "noise"}, _dm_gap),
     ("datadam", {"iterations": 8, "batch_real": 24, "init": "noise"}, _dm_gap),
 ])
@@ -304,7 +306,8 @@ def test_dm_checkpoint_gathers_its_state_on_the_cpu(data, device, tmp_path, monk
     # the resume loads them back onto the device and ends where an uninterrupted run does
     resumed = DM(cfg).fit(data, [], ctx).synthetic_
     assert len(gathered) == 2
-    assert torch.equal(resumed.images, DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device)).synthetic_.images)
+    assert torch.equal(resumed.images,
+                       DM(cfg).fit(data, [], FitContext(ipc=2, seed=0, device=device)).synthetic_.images)
 
 
 def test_resume_with_other_settings_is_refused(data, tmp_path):
@@ -404,11 +407,13 @@ def test_a_model_too_deep_for_the_images_names_its_option(data, key, tmp_path):
     from ddkit.data.base import DatasetConfig
     from ddkit.pipeline import DistillConfig, distill
 
-    cfg = DistillConfig(method=key, ipc=1, options={"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1})
+    cfg = DistillConfig(method=key, ipc=1,
+                        options={"model": "convnet3", "model_options": {"depth": 5}, "iterations": 1})
     with pytest.raises(ConfigError) as err:
         distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set")
     assert str(err.value) == ("distill.options.model_options: image size 16 is too small for a depth-5 ConvNet with "
-                              "pooling: 5 poolings need at least 32 px; use a smaller depth (at most 4) or pooling='none'")
+                              "pooling: 5 poolings need at least 32 px; use a smaller depth (at most 4) or "
+                              "pooling='none'")
     assert list(tmp_path.iterdir()) == []  # no set, no checkpoints
 
 
@@ -482,7 +487,8 @@ def test_gradient_matching_freezes_batchnorm_from_real_images(data, key, monkeyp
     for step in (seen[:per_step], seen[per_step:]):
         assert all(torch.equal(m, step[0][2]) for _, _, m in step) and step[0][2].abs().sum() > 0
     seen.clear()
-    batch_stats = cls(from_dict(cls.Config, {**opts, "bn_real_per_class": 0})).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    batch_stats = cls(from_dict(cls.Config, {**opts, "bn_real_per_class": 0})).fit(
+        data, [], FitContext(ipc=2, seed=0)).synthetic_
     assert all(all(flags) for flags, _, _ in seen)  # the old behaviour: batch statistics while matching
     assert not torch.equal(frozen.images, batch_stats.images)
     assert cls.identity_tags(opts) == {"bn_real_per_class": 16}
@@ -491,5 +497,6 @@ def test_gradient_matching_freezes_batchnorm_from_real_images(data, key, monkeyp
     monkeypatch.setattr(gm, "_class_grads", real_grads)
     plain = {**opts, "model": "tiny_convnet", "model_options": {}}
     a = cls(from_dict(cls.Config, plain)).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
-    b = cls(from_dict(cls.Config, {**plain, "bn_real_per_class": 0})).fit(data, [], FitContext(ipc=2, seed=0)).synthetic_
+    b = cls(from_dict(cls.Config, {**plain, "bn_real_per_class": 0})).fit(
+        data, [], FitContext(ipc=2, seed=0)).synthetic_
     assert torch.equal(a.images, b.images)

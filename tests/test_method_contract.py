@@ -82,9 +82,11 @@ def test_method_contract(name, data, teacher, tmp_path):
         assert out.soft_labels is not None, f"{name} says {own} makes soft labels but made none"
         off = METHODS.get(name).own_soft_labels_off(own)
         with pytest.raises(ConfigError, match=re.escape(
-                f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) would overwrite "
-                f"them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or set distill.options.{off}")):
-            distill(data, DistillConfig(method=name, ipc=IPC, soft_labels=True, options=dict(METHODS.get(name).smoke_options)),
+                f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) "
+                "would overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or "
+                f"set distill.options.{off}")):
+            distill(data, DistillConfig(method=name, ipc=IPC, soft_labels=True,
+                                        options=dict(METHODS.get(name).smoke_options)),
                     DatasetConfig(name="synthetic"), tmp_path / "own", teacher)
         assert not (tmp_path / "own").exists()
 
@@ -132,7 +134,8 @@ def test_a_set_with_other_settings_starts_afresh_after_an_interruption(name, dat
     seed (or options) stopped on them ("written by a run with other settings"): in `ddkit run` and
     `ddkit bench`, whose set folders keep their names, a changed config could not be run at all."""
     def run(out, seed, progress=None):
-        return distill(data, DistillConfig(method=name, ipc=IPC, seed=seed, options=dict(METHODS.get(name).smoke_options)),
+        return distill(data,
+                       DistillConfig(method=name, ipc=IPC, seed=seed, options=dict(METHODS.get(name).smoke_options)),
                        DatasetConfig(name="synthetic"), tmp_path / out, teacher, progress=progress)
 
     def kill(step, total, record):

@@ -74,7 +74,8 @@ def test_rded_pool_too_small_is_a_clear_error(data, teacher, tmp_path):
 
     # 2 images x 2^2 patches need 8 sources per class; mipc 5 draws only 5 (the classes hold more)
     with pytest.raises(ConfigError, match=r"rded needs 8 source images per class .* but mipc is 5; raise "
-                                          r"distill.options.mipc to at least 8, or lower --ipc or distill.options.factor$"):
+                                          r"distill.options.mipc to at least 8, or lower --ipc or "
+                                          r"distill.options.factor$"):
         METHODS.get("rded")(RDEDConfig(mipc=5, num_crop=2, factor=2)).fit(
             data, [teacher], FitContext(ipc=2, seed=0, work_dir=tmp_path / "w"))
     assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
@@ -94,7 +95,8 @@ def test_rded_pool_too_small_is_a_clear_error(data, teacher, tmp_path):
                                           r"lower --ipc$"):
         METHODS.get("rded")(RDEDConfig(mipc=1, num_crop=2, factor=1)).fit(
             data, [teacher], FitContext(ipc=2, seed=0, options_key="distill.options.rded_options"))
-    with pytest.raises(ConfigError, match=r"rded factor 17 is larger than the image side 16; lower distill.options.factor$"):
+    with pytest.raises(ConfigError,
+                       match=r"rded factor 17 is larger than the image side 16; lower distill.options.factor$"):
         METHODS.get("rded")(RDEDConfig(factor=17)).fit(data, [teacher], FitContext(ipc=1, seed=0))
 
 
@@ -284,7 +286,8 @@ def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
     # are not the set's were taken
     for name, change, message in [
         ("files", {"files": None}, r"holds files None, not the name of its labels file; the manifest is damaged"),
-        ("ints", {"classes": [0, 1, 2, 3]}, r"holds classes \[0, 1, 2, 3\], not a list of class names; the manifest is damaged"),
+        ("ints", {"classes": [0, 1, 2, 3]},
+         r"holds classes \[0, 1, 2, 3\], not a list of class names; the manifest is damaged"),
         ("spec", {"augment": {**good["augment"], "spec": "bogus"}},
          r"holds an augmentation this ddkit cannot replay \(unknown augmentation 'bogus'\); re-create the store"),
     ]:
@@ -296,7 +299,8 @@ def test_damaged_store_manifest_is_a_ddkit_error(store, small_set, tmp_path):
     renamed = tmp_path / "fkd-renamed"
     shutil.copytree(tmp_path / "fkd", renamed)
     (renamed / "manifest.json").write_text(json.dumps({**good, "classes": ["a", "b", "c", "d"]}))
-    with pytest.raises(DDKitError, match=r"made for classes \['a', 'b', 'c', 'd'\] but this set has .*re-run `ddkit relabel`"):
+    with pytest.raises(DDKitError,
+                       match=r"made for classes \['a', 'b', 'c', 'd'\] but this set has .*re-run `ddkit relabel`"):
         SoftLabelStore.load(renamed).check_matches(small_set)
 
 
@@ -362,7 +366,8 @@ def test_store_with_boxes_out_of_the_image_or_a_thin_manifest_is_refused(store, 
     for i, (key, value, message) in enumerate(damages):
         bad = tmp_path / f"fkd-box{i}"
         shutil.copytree(tmp_path / "fkd", bad)
-        save_file({**tensors, key: value.contiguous()}, str(bad / FILE), metadata={"kind": "fkd-soft-labels", "format": "1"})
+        save_file({**tensors, key: value.contiguous()}, str(bad / FILE),
+                  metadata={"kind": "fkd-soft-labels", "format": "1"})
         with pytest.raises(DDKitError, match=f"{message}.*the store is corrupt, re-run `ddkit relabel`"):
             SoftLabelStore.load(bad)
     thin = [({k: v for k, v in good.items() if k != "tensors"}, "lacks 'tensors'"),

@@ -33,7 +33,8 @@ def test_small_teacher_reaches_88(small_teacher):
 
 
 def test_random_ipc10_dc_protocol_and_soft_labels(fmnist, small_teacher, tmp_path):
-    ds = distill(fmnist, DistillConfig(method="random", ipc=10, seed=0), DatasetConfig(name="fashion-mnist"), tmp_path / "r10")
+    ds = distill(fmnist, DistillConfig(method="random", ipc=10, seed=0), DatasetConfig(name="fashion-mnist"),
+                 tmp_path / "r10")
     hard = resolve_protocol("dc-protocol", {"random_baseline": False, "full_reference": False})
     assert (hard.student, hard.train.epochs, hard.train.lr) == ("convnet3", 300, 0.01)
     rep_hard = evaluate(ds, hard, [0], data=fmnist)

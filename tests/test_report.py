@@ -34,8 +34,8 @@ def test_report_files(run_dir, capsys):
     rdir = run_dir / "report"
     assert "report.html" in capsys.readouterr().out
     names = {p.relative_to(rdir).as_posix() for p in rdir.rglob("*") if p.is_file()}
-    assert names == {"manifest.json", "report.md", "report.html", "acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png",
-                     "grids/synthetic-random-ipc1.png", "grids/synthetic-random-ipc2.png"}
+    assert names == {"manifest.json", "report.md", "report.html", "acc_vs_ipc.png", "acc_vs_bytes.png",
+                     "time_vs_acc.png", "grids/synthetic-random-ipc1.png", "grids/synthetic-random-ipc2.png"}
     for name in names:
         if name.endswith(".png"):
             assert (rdir / name).read_bytes()[:8] == PNG_MAGIC, name
@@ -56,7 +56,8 @@ def test_report_table_cells_hold_the_rows_numbers(run_dir, tmp_path):
     rows = json.loads((run_dir / "bench.json").read_text())["rows"]
     md = (write_report(run_dir, tmp_path / "rep") / "report.md").read_text().splitlines()
     start = md.index("| " + " | ".join(COLUMNS) + " |") + 2  # past the header and its |---| line
-    table = [dict(zip(COLUMNS, (c.strip() for c in line.strip("|").split("|")), strict=True)) for line in md[start:start + len(rows)]]
+    table = [dict(zip(COLUMNS, (c.strip() for c in line.strip("|").split("|")), strict=True))
+             for line in md[start:start + len(rows)]]
     pct = lambda x: f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}"
     assert any(pct(r["acc"]) != pct(r["random"]) for r in rows)  # so swapped cells would show
     for r, cells in zip(rows, table, strict=True):
@@ -122,10 +123,12 @@ def test_damaged_bench_table_is_a_one_line_error(run_dir, tmp_path, capsys):
         "list-row": ({**good, "rows": [list(row), *good["rows"][1:]]}, r"as rows\[0\], not a JSON object"),
         "no-config": ({k: v for k, v in good.items() if k != "config"}, "lacks 'config'"),
         "student-null": (rows(lambda r: r.update(student=None)), "with a field of the wrong type"),
-        "acc-text": (rows(lambda r: r["acc"].update(mean="0.5")), r"holds accuracy .* \(not a mean in \[0, 1\]\) in rows\[0\]"),
+        "acc-text": (rows(lambda r: r["acc"].update(mean="0.5")),
+                     r"holds accuracy .* \(not a mean in \[0, 1\]\) in rows\[0\]"),
         "no-acc": (rows(lambda r: r.pop("acc")), r"holds accuracy None \(not a mean in \[0, 1\]\) in rows\[0\]"),
         # NaN, a text IPC and a cell twice used to give a report (with a matplotlib warning)
-        "acc-nan": (rows(lambda r: r["acc"].update(mean=float("nan"))), r"holds accuracy \{.*'mean': nan, .*\} \(not a mean in \[0, 1\]\)"),
+        "acc-nan": (rows(lambda r: r["acc"].update(mean=float("nan"))),
+                    r"holds accuracy \{.*'mean': nan, .*\} \(not a mean in \[0, 1\]\)"),
         "ipc-text": (rows(lambda r: r.update(ipc="one")), r"holds ipc 'one' \(not a count\) in rows\[0\]"),
         "twice": ({**good, "rows": [row, row, *good["rows"][1:]]}, rf"holds cell {row['cell']!r} twice in rows\[1\]"),
         **{f"no-{key}": (rows(lambda r, key=key: r.pop(key)), f"without the field '{key}'")
@@ -153,7 +156,8 @@ def _chromium() -> str | None:
 CHECK = """<pre id="imgcheck">pending</pre><script>
 window.onload = function () {
   var out = [];
-  for (const img of document.images) out.push(img.getAttribute("src") + "=" + (img.complete && img.naturalWidth > 0 ? "ok" : "fail"));
+  for (const img of document.images) out.push(img.getAttribute("src") + "=" + \
+(img.complete && img.naturalWidth > 0 ? "ok" : "fail"));
   document.getElementById("imgcheck").textContent = "IMGS " + out.join(" ") + " END";
 };
 </script></body>"""
@@ -227,7 +231,8 @@ def test_report_takes_the_bench_table_and_names_a_run_folder(run_dir, tmp_path):
                                          r"`ddkit bench` run$"):
         write_report(run)
     (run / "bench.json").write_text(json.dumps({"kind": "evaluation"}))
-    with pytest.raises(DDKitError, match=r"is not a bench table \(kind 'evaluation'\); pass the folder of a `ddkit bench` run$"):
+    with pytest.raises(DDKitError,
+                       match=r"is not a bench table \(kind 'evaluation'\); pass the folder of a `ddkit bench` run$"):
         write_report(run)
     assert not (run / "report").exists()
 

@@ -16,7 +16,8 @@ from ddkit.pipeline import DistillConfig, distill
 from test_cli import run_cli
 from test_data import write_imagefolder
 
-FAST = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False, "train": {"epochs": 2, "batch_size": 8}}
+FAST = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+        "train": {"epochs": 2, "batch_size": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def test_show_summarises_every_record_of_a_run(demo_run, capsys):
         run / "eval-teacher.json": ["random ipc=2", "teacher"],
         run / "report" / "eval.json": ["hard", "teacher"],
         run / "report": ["hard", "teacher"],  # the README's report folder: its eval.json
-        run / "config.json": ["pipeline run: random ipc=2 on synthetic, seed 3"],  # was "a run folder without its manifest"
+        # was "a run folder without its manifest"
+        run / "config.json": ["pipeline run: random ipc=2 on synthetic, seed 3"],
         demo_run / "fkd": ["FKD soft labels: 2 epochs x 8 images, 4 classes, top-2 logits", "CutMix p=1.0"],
     }
     for path, parts in expected.items():
@@ -64,7 +66,8 @@ def test_show_summarises_every_record_of_a_run(demo_run, capsys):
         assert describe(path) == out.rstrip("\n")
     for fmt, kind in (("imagefolder", "imagefolder-export"), ("ddranking", "ddranking-export")):
         dest = demo_run / f"export-{fmt}"
-        assert run_cli(["export", str(run / "distilled"), "--format", fmt, "--out", str(dest), "-q"], capsys)[:2] == (0, "")
+        assert run_cli(["export", str(run / "distilled"), "--format", fmt, "--out", str(dest), "-q"],
+                       capsys)[:2] == (0, "")
         assert describe(dest).startswith(f"{kind}: 4 classes, 2 images per class, from set ")
     code, out, _ = run_cli(["show", str(demo_run / "fkd"), "--json"], capsys)
     assert json.loads(out)["kind"] == "fkd-soft-labels"  # --json alone is machine-readable
@@ -107,13 +110,14 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(
         "datasets: [synthetic]\nipcs: [1]\nstudents: [tiny_convnet]\nlabel_modes: [hard]\nseeds: [0]\n"
-        "methods: [random]\noverrides: {full_reference: false, random_baseline: false, train: {epochs: 2, batch_size: 8}}\n"
+        "methods: [random]\noverrides: {full_reference: false, random_baseline: false, train: {epochs: 2, "
+        "batch_size: 8}}\n"
         f"out: {tmp_path / 'bench'}\n")
     assert main(["bench", str(cfg), "-q"]) == 0
     capsys.readouterr()
     bench = tmp_path / "bench"
-    for path, part in [(bench, "synthetic      random"), (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json",
-                                                           "tiny_convnet"),
+    for path, part in [(bench, "synthetic      random"),
+                       (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json", "tiny_convnet"),
                        (bench / "config.json", "bench config: datasets ['synthetic'], methods ['random'], IPC [1]"),
                        (bench / "distilled" / "synthetic-random-ipc1.synthesis.json", "synthesis: ")]:
         code, out, err = run_cli(["show", str(path)], capsys)
@@ -124,16 +128,18 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     (bench / "cell.json").rename(bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json")
     # a changed config (other student seeds, another protocol) leaves its cell files stale, not finished
     record = json.loads((bench / "config.json").read_text())
-    for change in ({"seeds": [0, 1]}, {"overrides": {**record["config"]["overrides"], "train": {"epochs": 3, "batch_size": 8}}}):
+    for change in ({"seeds": [0, 1]},
+                   {"overrides": {**record["config"]["overrides"], "train": {"epochs": 3, "batch_size": 8}}}):
         (bench / "config.json").write_text(json.dumps({**record, "config": {**record["config"], **change}}))
         assert describe(bench / "config.json").endswith(
-            "\n0 of 1 cells finished (1 cell file(s) from another config or seeds, recomputed by the next `ddkit bench`); "
-            "bench.json holds an earlier run's table"), change
+            "\n0 of 1 cells finished (1 cell file(s) from another config or seeds, recomputed by the next "
+            "`ddkit bench`); bench.json holds an earlier run's table"), change
     (bench / "config.json").write_text(json.dumps(record))
     (bench / "bench.json").unlink()  # a bench folder before its table: the config and how far it got
     assert describe(bench).endswith("\n1 of 1 cells finished; no table yet (bench.json)")
     (bench / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json").unlink()
-    assert describe(bench).startswith("bench config:") and describe(bench).endswith("\n0 of 1 cells finished; no table yet (bench.json)")
+    assert (describe(bench).startswith("bench config:")
+            and describe(bench).endswith("\n0 of 1 cells finished; no table yet (bench.json)"))
     for name, content in (("notes.txt", "mine"), ("config.json", "[1]")):  # not a bench folder: left alone
         mine = tmp_path / f"mine-{name}"
         mine.mkdir()
@@ -165,14 +171,15 @@ def test_run_refuses_a_folder_it_did_not_make(tmp_path, capsys):
     """`ddkit run` writes config.json, report/ and eval-*.json into out: never over a user's files."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n"
-                   "evaluate: {seeds: [0], overrides: {student: tiny_convnet, full_reference: false, random_baseline: false,"
-                   " train: {epochs: 1, batch_size: 8}}}\n")
+                   "evaluate: {seeds: [0], overrides: {student: tiny_convnet, full_reference: false, "
+                   "random_baseline: false, train: {epochs: 1, batch_size: 8}}}\n")
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text('{"mine": true}')
     code, _, err = run_cli(["run", str(cfg), "--out", str(mine), "-q"], capsys)
     assert code == 2 and "is not a ddkit run folder (it holds config.json)" in err
-    assert sorted(p.name for p in mine.iterdir()) == ["config.json"] and (mine / "config.json").read_text() == '{"mine": true}'
+    assert (sorted(p.name for p in mine.iterdir()) == ["config.json"]
+            and (mine / "config.json").read_text() == '{"mine": true}')
     (tmp_path / "file").write_text("x")
     code, _, err = run_cli(["run", str(cfg), "--out", str(tmp_path / "file"), "-q"], capsys)
     assert code == 2 and "is a file, not a folder" in err
@@ -209,10 +216,10 @@ def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
         _edit(bad, lambda m, kind=kind: m.update(kind=kind))
         for flags in ([], ["-q"], ["--json"]):
             assert _refused(["show", str(bad), *flags], capsys) == (
-                f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
-                "bench-cell, bench-config, bench-report, bench-table, ddranking-export, distilled-set, evaluation, "
-                "evaluation-set, expert-buffer, fkd-soft-labels, imagefolder-export, pipeline-run, pt-export, "
-                "statistics, synthesis-stats, teacher")
+                f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind "
+                f"{kind!r}); pass one of: bench-cell, bench-config, bench-report, bench-table, ddranking-export, "
+                "distilled-set, evaluation, evaluation-set, expert-buffer, fkd-soft-labels, imagefolder-export, "
+                "pipeline-run, pt-export, statistics, synthesis-stats, teacher")
 
 
 def test_show_json_refuses_what_show_refuses(tmp_path, capsys):
@@ -232,7 +239,8 @@ def test_show_names_a_file_that_is_no_record(demo_run, tmp_path, capsys):
                        (run / "teacher" / "model.safetensors", "a .safetensors file")):
         for flags in ([], ["-q"], ["--json"]):
             assert _refused(["show", str(path), *flags], capsys) == (
-                f"{str(path)!r} is not a ddkit record ({what} of the ddkit output {str(path.parent)!r}); pass that folder")
+                f"{str(path)!r} is not a ddkit record ({what} of the ddkit output {str(path.parent)!r}); "
+                "pass that folder")
     (tmp_path / "weights.bin").write_bytes(b"\x89\x00\xff binary")
     assert _refused(["show", str(tmp_path / "weights.bin")], capsys) == (
         f"{str(tmp_path / 'weights.bin')!r} is not a ddkit record (a .bin file); pass a ddkit output folder, a JSON "
@@ -280,9 +288,10 @@ def test_show_checks_an_expert_buffer_from_its_file_headers(tmp_path, capsys, mo
                    "{manifest!r} lacks 'experts' (a list) or holds 'expert_000.safetensors' there; the manifest is "
                    "damaged: re-create the expert-buffer artifact"),
         "epochs": (lambda f: _edit(f, lambda m: m.update(epochs=10)),
-                   f"expert file {{file!r}} holds trajectory [3, {params}] (F32), manifest says [11, {params}] (floating "
-                   "point); the buffer is corrupt, re-create it"),
-        "none": (lambda f: _edit(f, lambda m: m.update(experts=[])), "expert buffer {folder!r} has no experts; re-create it"),
+                   f"expert file {{file!r}} holds trajectory [3, {params}] (F32), manifest says [11, "
+                   f"{params}] (floating point); the buffer is corrupt, re-create it"),
+        "none": (lambda f: _edit(f, lambda m: m.update(experts=[])),
+                 "expert buffer {folder!r} has no experts; re-create it"),
         "params": (lambda f: _edit(f, lambda m: m.update(params=m["params"][:-1])),
                    f"{{manifest!r}} lists params of {params - man['params'][-1]['shape'][0]} values but num_params "
                    f"{params}; the manifest is damaged: re-create the expert-buffer artifact"),
@@ -363,13 +372,14 @@ def test_show_refuses_an_fkd_store_evaluate_refuses(demo_run, tmp_path, capsys):
     _edit(bad, lambda m: m.update(teacher_bn="xx"))
     for flags in ([], ["-q"]):
         assert _refused(["show", str(bad), *flags], capsys) == (
-            f"{str(bad / 'manifest.json')!r}: teacher_bn must be 'running' or 'batch', got 'xx'; the manifest is damaged: "
-            "re-create the store with `ddkit relabel`")
+            f"{str(bad / 'manifest.json')!r}: teacher_bn must be 'running' or 'batch', got 'xx'; the "
+            "manifest is damaged: re-create the store with `ddkit relabel`")
 
 
 def test_show_names_an_fkd_stores_teacher_batchnorm_groups(demo_run, tmp_path, capsys):
     """`show` of a store labelled with batch statistics left out its group size (`teacher_bn_batch`)."""
-    expected = {("running", None): "teacher BatchNorm running,", ("batch", None): "teacher BatchNorm batch (all views of an epoch),",
+    expected = {("running", None): "teacher BatchNorm running,",
+                ("batch", None): "teacher BatchNorm batch (all views of an epoch),",
                 ("batch", 4): "teacher BatchNorm batch (groups of 4 views),"}
     for (bn, group), text in expected.items():
         store = tmp_path / f"fkd-{bn}-{group}"

@@ -46,7 +46,8 @@ def test_class_mismatch_errors(teacher_dir, tiny):
     five = make_synthetic(num_classes=5)
     with pytest.raises(DDKitError, match=f"teacher '{teacher_dir}' has 4 classes but dataset 'synthetic' has 5"):
         t.check_compatible(five)
-    swapped = DataBundle("synthetic", tiny.train, tiny.test, ["class1", "class0", "class2", "class3"], tiny.mean, tiny.std)
+    swapped = DataBundle("synthetic", tiny.train, tiny.test, ["class1", "class0", "class2", "class3"],
+                         tiny.mean, tiny.std)
     with pytest.raises(DDKitError, match=r"class order differs .* at index 0 \('class0' vs 'class1'\)"):
         t.check_compatible(swapped)
     big = make_synthetic(image_size=20)
@@ -54,12 +55,14 @@ def test_class_mismatch_errors(teacher_dir, tiny):
         t.check_compatible(big)
     # other names: no order fits, so the order hint ("pass dataset.classes ...") would fail when followed
     renamed = DataBundle("synthetic", tiny.train, tiny.test, ["x", "class1", "class2", "class3"], tiny.mean, tiny.std)
-    with pytest.raises(DDKitError, match=r"teacher '.*' classes \['class0', 'class1', 'class2', 'class3'\] differ from dataset "
-                                         r"'synthetic''s \['x', .*\]; use a teacher trained on this data"):
+    with pytest.raises(DDKitError,
+                       match=r"teacher '.*' classes \['class0', 'class1', 'class2', 'class3'\] differ from dataset "
+                             r"'synthetic''s \['x', .*\]; use a teacher trained on this data"):
         t.check_compatible(renamed)
     # colour for a grayscale teacher: the size hint would not help either
     rgb = make_synthetic(channels=3)
-    with pytest.raises(DDKitError, match="teacher '.*' expects 1-channel images but dataset 'synthetic' has 3-channel ones"):
+    with pytest.raises(DDKitError,
+                       match="teacher '.*' expects 1-channel images but dataset 'synthetic' has 3-channel ones"):
         t.check_compatible(rgb)
 
 
@@ -97,7 +100,8 @@ def test_class_order_advice_fits_the_source(teacher_dir, tiny, tmp_path):
 def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
     import shutil
 
-    for damage, key in ((lambda m: m.pop("model"), "model.name"), (lambda m: m["model"].update(options=3), "model.options"),
+    for damage, key in ((lambda m: m.pop("model"), "model.name"),
+                        (lambda m: m["model"].update(options=3), "model.options"),
                         (lambda m: m["dataset"].pop("classes"), "dataset.classes")):
         t = tmp_path / key
         shutil.copytree(teacher_dir, t)
@@ -108,10 +112,10 @@ def test_damaged_teacher_manifest_is_a_one_line_error(teacher_dir, tmp_path):
             Teacher.load(t)
     # a model this ddkit cannot build, or class names that are not names, are damage too (not "did you mean")
     for name, damage, message in [
-        ("model", lambda m: m["model"].update(name="nonexist"), r"holds a model this ddkit cannot build \(unknown model "
-                                                                 r"'nonexist'.*\); a model of your own: import the module that registers it first \(the CLI imports those "
-                                                                 r"named in DDKIT_PLUGINS\); else the manifest is damaged or from another "
-                                                                 r"ddkit: re-create the teacher artifact$"),
+        ("model", lambda m: m["model"].update(name="nonexist"),
+         r"holds a model this ddkit cannot build \(unknown model 'nonexist'.*\); a model of your own: import the "
+         r"module that registers it first \(the CLI imports those named in DDKIT_PLUGINS\); else the manifest is "
+         r"damaged or from another ddkit: re-create the teacher artifact$"),
         ("classes", lambda m: m["dataset"].update(classes=[1, 2, 3, 4]), r"holds dataset.classes \[1, 2, 3, 4\], not a "
                                                                          r"list of class names"),
     ]:
@@ -189,7 +193,8 @@ def test_import_checkpoint(teacher_dir, tiny, tmp_path):
     pt = tmp_path / "ck.pt"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, pt)
     imported = train_teacher(tiny, _cfg(checkpoint=str(pt)), tmp_path / "imp")
-    assert imported.test_accuracy == pytest.approx(json.loads((teacher_dir / "manifest.json").read_text())["test_accuracy"])
+    assert (imported.test_accuracy
+            == pytest.approx(json.loads((teacher_dir / "manifest.json").read_text())["test_accuracy"]))
     # wrong architecture: strict load fails with a one-line explanation, nothing written
     bad = dict(state)
     bad.pop(next(iter(bad)))
@@ -350,7 +355,8 @@ def test_damaged_resume_checkpoint_is_a_one_line_error(tiny, tmp_path):
     ckpt = Checkpoint(FitContext(ipc=1, seed=0, work_dir=tmp_path / "w"), 1, tag="dm")
     ckpt.path.parent.mkdir()
     torch.save([1, 2], ckpt.path)
-    with pytest.raises(DDKitError, match=r"^resume checkpoint '.*dm\.pt' holds a list, not a ddkit checkpoint; delete it"):
+    with pytest.raises(DDKitError,
+                       match=r"^resume checkpoint '.*dm\.pt' holds a list, not a ddkit checkpoint; delete it"):
         ckpt.load()
     ckpt.path.write_bytes(b"\x80\x04K\x01.")  # a plain pickle
     with pytest.raises(DDKitError, match=r"dm\.pt' cannot be read .*; delete it to start afresh$"):
@@ -369,5 +375,5 @@ def test_a_teacher_whose_model_breaks_the_contract_is_not_called_damaged(teacher
     monkeypatch.setattr(squeeze, "create_model", broken)
     with pytest.raises(DDKitError) as err:
         Teacher.load(teacher_dir)
-    assert str(err.value) == (f"teacher {str(teacher_dir)!r}: model 'tiny_convnet' does not keep ddkit's model contract: "
-                              "it has no embed(x) method; rule")
+    assert str(err.value) == (f"teacher {str(teacher_dir)!r}: model 'tiny_convnet' does not keep ddkit's "
+                              "model contract: it has no embed(x) method; rule")

@@ -132,7 +132,8 @@ def test_label_groups():
     groups = label_groups(10, 3, "batch", 4, torch.Generator().manual_seed(1))
     assert [len(g) for g in groups] == [4, 4, 2] and sorted(torch.cat(groups).tolist()) == list(range(10))
     assert torch.cat(groups).tolist() != list(range(10))  # a permutation: groups mix a class-sorted set
-    assert torch.equal(torch.cat(groups), torch.cat(label_groups(10, 256, "batch", 4, torch.Generator().manual_seed(1))))
+    assert torch.equal(torch.cat(groups),
+                       torch.cat(label_groups(10, 256, "batch", 4, torch.Generator().manual_seed(1))))
     assert [len(g) for g in label_groups(10, 3, "batch", None, torch.Generator())] == [10]
     assert label_groups(0, 3, "batch", 2, torch.Generator()) == []
 
@@ -200,8 +201,8 @@ def test_train_classifier_labels_with_batch_statistics(data, teacher):
 def test_protocol_identity_omits_running_and_records_batch():
     for name in ("dc-protocol", "soft-kl", "edc"):
         p = PROTOCOLS.get(name)()
-        old = {k: v for k, v in to_dict(p).items() if k not in ("teacher_bn", "teacher_bn_batch", "extra_teachers", "learned_lr",
-                                                               "zca", "zca_reg")}
+        old = {k: v for k, v in to_dict(p).items()
+               if k not in ("teacher_bn", "teacher_bn_batch", "extra_teachers", "learned_lr", "zca", "zca_reg")}
         if p.train.ema_decay > 0:  # the EMA's decay warm-up is marked (test_training.py)
             old["train"]["ema_warmup"] = True
         del old["train"]["precision"]  # added later, left out at fp32 (test_config.py)
@@ -214,7 +215,8 @@ def test_protocol_identity_omits_running_and_records_batch():
     assert len({base.hash, batch.hash, grouped.hash}) == 3
     with pytest.raises(ConfigError, match="'batchy' is not one of \\['running', 'batch'\\]; did you mean 'batch'"):
         resolve_protocol("soft-kl", {"teacher_bn": "batchy"})
-    with pytest.raises(ConfigError, match="teacher_bn_batch=8 only applies with teacher_bn 'batch'; set teacher_bn=batch"):
+    with pytest.raises(ConfigError,
+                       match="teacher_bn_batch=8 only applies with teacher_bn 'batch'; set teacher_bn=batch"):
         resolve_protocol("soft-kl", {"teacher_bn_batch": 8})
     with pytest.raises(ConfigError, match="teacher_bn_batch must be a number of images >= 1"):
         resolve_protocol("soft-kl", {"teacher_bn": "batch", "teacher_bn_batch": 0})
@@ -223,8 +225,10 @@ def test_protocol_identity_omits_running_and_records_batch():
 def test_cvdd_protocol_preset(capsys):
     p = resolve_protocol("cvdd")
     t = p.train
-    assert (p.label_mode, p.loss, p.temperature, p.teacher_bn, p.teacher_bn_batch) == ("teacher", "kl", 20.0, "batch", None)
-    assert (t.optimizer, t.lr, t.weight_decay, t.schedule, t.batch_size, t.epochs) == ("adamw", 1e-3, 0.01, "cosine", 16, 300)
+    assert ((p.label_mode, p.loss, p.temperature, p.teacher_bn, p.teacher_bn_batch)
+            == ("teacher", "kl", 20.0, "batch", None))
+    assert ((t.optimizer, t.lr, t.weight_decay, t.schedule, t.batch_size, t.epochs)
+            == ("adamw", 1e-3, 0.01, "cosine", 16, 300))
     assert (t.cutmix_prob, t.cutmix_alpha, t.augment, t.augment_options) == (1.0, 1.0, "rrc_flip", {"scale_min": 0.08})
     assert p.identity()["teacher_bn"] == "batch"
     assert main(["list", "protocols", "cv*"]) == 0 and capsys.readouterr().out.split() == ["cvdd"]
@@ -255,7 +259,8 @@ def test_distill_soft_labels_in_batch_mode_and_stable_hashes(data, teacher, dist
     plain = DistillConfig(method="random", ipc=3, soft_labels=True)
     old = {k: v for k, v in to_dict(plain).items() if not k.startswith("soft_labels_bn")}
     assert distill_hash(plain, Data, teacher) == config_hash({"distill": old, "data": data.fingerprint,
-                                                              "norm": data.normalisation, "teacher": teacher.fingerprint})
+                                                              "norm": data.normalisation,
+                                                              "teacher": teacher.fingerprint})
     cfg = DistillConfig(method="random", ipc=3, soft_labels=True, soft_labels_bn="batch", soft_labels_bn_batch=4)
     assert distill_hash(cfg, Data, teacher) != distill_hash(plain, Data, teacher)
     ds = distill(data, cfg, DatasetConfig(name="synthetic"), None, teacher)
@@ -264,7 +269,8 @@ def test_distill_soft_labels_in_batch_mode_and_stable_hashes(data, teacher, dist
     assert torch.allclose(ds.soft_labels.float(), want, atol=1e-3)
     running = teacher_logits(teacher, ds.images, data.mean, data.std, "cpu")
     assert not torch.allclose(ds.soft_labels.float(), running, atol=1e-2)
-    with pytest.raises(ConfigError, match="soft_labels_bn batch only applies to stored soft labels; set soft_labels: true"):
+    with pytest.raises(ConfigError,
+                       match="soft_labels_bn batch only applies to stored soft labels; set soft_labels: true"):
         DistillConfig(method="random", soft_labels_bn="batch")
     with pytest.raises(ConfigError, match="soft_labels_bn_batch=4 only applies with soft_labels_bn 'batch'"):
         DistillConfig(method="random", soft_labels=True, soft_labels_bn_batch=4)
@@ -285,8 +291,9 @@ def test_random_baseline_of_batch_statistics_labels_is_labelled_alike(data, teac
     cfg = DistillConfig(method="random", ipc=3, soft_labels=True, soft_labels_bn="batch", soft_labels_bn_batch=4)
     ds = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set", teacher)
     seen = _random_subset_labels(runner, monkeypatch)
-    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
-                                                "loss": "kl", "train": {"epochs": 1}})
+    protocol = resolve_protocol("dc-protocol",
+                                {"student": "tiny_convnet", "label_mode": "stored", "full_reference": False,
+                                 "loss": "kl", "train": {"epochs": 1}})
     runner.evaluate(ds, protocol, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
     (_, own), (subset, stored) = seen
     assert torch.equal(own, ds.soft_labels)
@@ -325,13 +332,15 @@ def test_relabel_cli_records_the_mode_and_stores_other_logits(teacher, distilled
     assert (man["teacher_bn"], man["teacher_bn_batch"]) == ("batch", 4)
     assert (man["config"]["teacher_bn"], man["config"]["teacher_bn_batch"]) == ("batch", 4)
     run_man = json.loads((tmp_path / "run/manifest.json").read_text())
-    assert (run_man["teacher_bn"], run_man["teacher_bn_batch"]) == ("running", None) and "teacher_bn" not in run_man["config"]
+    assert ((run_man["teacher_bn"], run_man["teacher_bn_batch"]) == ("running", None)
+            and "teacher_bn" not in run_man["config"])
     run, batch = SoftLabelStore.load(tmp_path / "run"), SoftLabelStore.load(tmp_path / "batch")
     assert batch.teacher_bn == "batch" and batch.teacher_bn_batch == 4 and run.teacher_bn == "running"
     for key in run.tensors:  # the same views (augmentation and CutMix) ...
         if key != "logits":
             assert torch.equal(run.tensors[key], batch.tensors[key]), key
-    assert float((run.tensors["logits"].float() - batch.tensors["logits"].float()).abs().max()) > 1e-2  # ... other logits
+    # ... other logits
+    assert float((run.tensors["logits"].float() - batch.tensors["logits"].float()).abs().max()) > 1e-2
     assert torch.equal(batch.tensors["logits"], SoftLabelStore.load(tmp_path / "batch3").tensors["logits"])
     # the logits of one group: its rendered views through the teacher with the group's statistics
     one = relabel(distilled, teacher, 1, cutmix_prob=0.5, teacher_bn="batch", teacher_bn_batch=12)
@@ -344,8 +353,10 @@ def test_relabel_cli_rejects_bad_settings(teacher, distilled, tmp_path, capsys):
     import subprocess
     import sys
 
-    base = ["relabel", str(distilled.path), "--teacher", str(teacher.path), "--epochs", "1", "--out", str(tmp_path / "x")]
-    proc = subprocess.run([sys.executable, "-m", "ddkit", *base, "--teacher-bn", "batchy"], capture_output=True, text=True)
+    base = ["relabel", str(distilled.path), "--teacher", str(teacher.path), "--epochs", "1", "--out",
+            str(tmp_path / "x")]
+    proc = subprocess.run([sys.executable, "-m", "ddkit", *base, "--teacher-bn", "batchy"],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "--teacher-bn: invalid choice: 'batchy'" in proc.stderr
     assert main([*base, "--teacher-bn-batch", "4", "-q"]) == 2
     assert capsys.readouterr().err.strip() == ("error: teacher_bn_batch=4 only applies with teacher_bn 'batch'; "
@@ -354,15 +365,16 @@ def test_relabel_cli_rejects_bad_settings(teacher, distilled, tmp_path, capsys):
     assert "teacher_bn_batch must be a number of images >= 1" in capsys.readouterr().err
     for flags, message in ((["--batch-size", "0"], "relabel batch_size must be >= 1, got 0"),
                            (["--cutmix-prob", "-0.5"], "cutmix_prob must be in [0, 1] (0 disables CutMix), got -0.5"),
-                           (["--augment-option", "scale_min=abc"], "augment_options.scale_min: expected a number, got 'abc'")):
+                           (["--augment-option", "scale_min=abc"],
+                            "augment_options.scale_min: expected a number, got 'abc'")):
         assert main([*base, *flags, "-q"]) == 2
         assert capsys.readouterr().err.strip() == f"error: {message}"
     # a teacher of another image size: refused before anything is labelled
     small = make_synthetic(image_size=8)
-    other = distill(small, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic", options={"image_size": 8}),
-                    tmp_path / "small")
-    assert main(["relabel", str(other.path), "--teacher", str(teacher.path), "--epochs", "1", "--out", str(tmp_path / "x"),
-                 "-q"]) == 2
+    other = distill(small, DistillConfig(method="random", ipc=2),
+                    DatasetConfig(name="synthetic", options={"image_size": 8}), tmp_path / "small")
+    assert main(["relabel", str(other.path), "--teacher", str(teacher.path), "--epochs", "1", "--out",
+                 str(tmp_path / "x"), "-q"]) == 2
     assert "teacher expects images [1, 16, 16] but the distilled set's are [1, 8, 8]" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x*"))
 
@@ -457,24 +469,29 @@ def test_batch_statistics_under_torchrun_are_those_of_the_global_batch(teacher, 
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--cutmix-alpha", "nan"], "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got nan"),
-    (["--cutmix-alpha", "inf"], "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got inf"),
+    (["--cutmix-alpha", "nan"],
+     "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got nan"),
+    (["--cutmix-alpha", "inf"],
+     "cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got inf"),
     (["--cutmix-prob", "nan"], "cutmix_prob must be in [0, 1] (0 disables CutMix), got nan"),
     (["--seed", "-1"], "relabel seed must be an integer in [0, 2^32), got -1"),
     (["--seed", "99999999999999999999"], "relabel seed must be an integer in [0, 2^32), got 99999999999999999999"),
     (["--epochs", "0"], "relabel epochs must be an integer >= 1, got 0"),
 ])
-def test_relabel_cli_rejects_non_finite_cutmix_and_out_of_range_seeds(teacher, distilled, tmp_path, capsys, flags, message):
+def test_relabel_cli_rejects_non_finite_cutmix_and_out_of_range_seeds(teacher, distilled, tmp_path, capsys,
+                                                                      flags, message):
     """`--cutmix-alpha nan` used to end in a torch ValueError traceback and leave `.x.partial` behind;
     `--cutmix-alpha inf` and seeds outside [0, 2^32) were accepted."""
-    base = ["relabel", str(distilled.path), "--teacher", str(teacher.path), "--epochs", "1", "--out", str(tmp_path / "x")]
+    base = ["relabel", str(distilled.path), "--teacher", str(teacher.path), "--epochs", "1", "--out",
+            str(tmp_path / "x")]
     assert main([*base, *flags, "-q"]) == 2
     assert capsys.readouterr().err == f"error: {message}\n"
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"cutmix_alpha": 0}, r"relabel.cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
+    ({"cutmix_alpha": 0},
+     r"relabel.cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
     ({"cutmix_alpha": float("nan")}, "relabel.cutmix_alpha: expected a finite number, got nan"),
     ({"cutmix_prob": 2}, r"relabel.cutmix_prob must be in \[0, 1\] \(0 disables CutMix\), got 2.0"),
     ({"epochs": 0}, r"relabel.epochs must be >= 1 \(or null: the protocol's training epochs\), got 0"),

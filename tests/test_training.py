@@ -33,7 +33,8 @@ def test_lr_schedules_match_formulas():
     ({"warmup_epochs": 3}, r"warmup_epochs must lie in \[0, epochs\)"),
     ({"weight_decay": -1.0}, "momentum and weight_decay must be >= 0"),
     ({"momentum": -0.5}, "momentum and weight_decay must be >= 0"),
-    ({"cutmix_alpha": 0.0}, r"cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
+    ({"cutmix_alpha": 0.0},
+     r"cutmix_alpha must be a finite number > 0 \(CutMix's Beta\(alpha, alpha\); 1 is usual\), got 0.0"),
     ({"cutmix_alpha": float("nan")}, "^TrainConfig.cutmix_alpha: expected a finite number, got nan$"),  # the type check
     ({"cutmix_prob": 1.5}, r"cutmix_prob must be in \[0, 1\] \(0 disables CutMix\), got 1.5"),
     ({"momentum": 1.0}, "momentum must be < 1"),

@@ -32,7 +32,8 @@ TINY_BUFFER = {"model": "tiny_convnet", "num_experts": 2, "epochs": 3, "batch_si
 def buffer(tmp_path_factory):
     from ddkit.data import make_synthetic
 
-    return train_experts(make_synthetic(), from_dict(ExpertConfig, TINY_BUFFER), tmp_path_factory.mktemp("b") / "experts")
+    return train_experts(make_synthetic(), from_dict(ExpertConfig, TINY_BUFFER),
+                         tmp_path_factory.mktemp("b") / "experts")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +92,8 @@ def test_cached_buffer_needs_the_same_normalisation(tmp_path):
 
 def test_buffer_artifact_round_trip(buffer, tiny):
     path = buffer.path
-    assert sorted(p.name for p in path.iterdir()) == ["expert_000.safetensors", "expert_001.safetensors", "manifest.json"]
+    assert (sorted(p.name for p in path.iterdir())
+            == ["expert_000.safetensors", "expert_001.safetensors", "manifest.json"])
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["kind"] == "expert-buffer" and manifest["schema_version"] == 1
     assert manifest["dataset"]["fingerprint"] == tiny.fingerprint and manifest["seed"] == 0
@@ -186,7 +188,8 @@ def test_buffer_errors(buffer, tmp_path):
     traj = load_file(str(buffer.path / "expert_001.safetensors"))["trajectory"].clone()
     traj[-1, 0] = float("nan")  # read, right shape, one weight rotted: MTT would then fail on NaN pixels
     save_file({"trajectory": traj}, str(broken / "expert_001.safetensors"))
-    with pytest.raises(DDKitError, match="expert_001.safetensors' holds NaN or infinite weights; the buffer is corrupt"):
+    with pytest.raises(DDKitError,
+                       match="expert_001.safetensors' holds NaN or infinite weights; the buffer is corrupt"):
         load_experts(broken)
     manifest = json.loads((broken / "manifest.json").read_text())
     manifest["kind"] = "teacher"
@@ -212,7 +215,8 @@ def test_damaged_buffer_manifest_is_a_one_line_error(buffer, tmp_path):
         man = json.loads(json.dumps(good))
         damage(man)
         (broken / "manifest.json").write_text(json.dumps(man))
-        with pytest.raises(DDKitError, match=f"lacks '{key}' .*the manifest is damaged: re-create the expert-buffer artifact"):
+        with pytest.raises(DDKitError,
+                           match=f"lacks '{key}' .*the manifest is damaged: re-create the expert-buffer artifact"):
             load_experts(broken)
     for entries in (["expert_000.safetensors"], [{"test_accuracy": 0.5}], [None]):
         (broken / "manifest.json").write_text(json.dumps({**good, "experts": entries}))
@@ -241,7 +245,8 @@ def _count_trained(monkeypatch) -> list[int]:
     trained: list[int] = []
     real_train = tr.train_one_expert
     monkeypatch.setattr(tr, "train_one_expert",
-                        lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i) or real_train(d, c, i, dev, zca, on_epoch))
+                        lambda d, c, i, dev, zca=None, on_epoch=None: trained.append(i)
+                        or real_train(d, c, i, dev, zca, on_epoch))
     return trained
 
 
@@ -603,7 +608,8 @@ def test_datm_label_init_averages_correct_experts():
 
     # expert 0 predicts class 0 for every image, expert 1 class 1
     def student(p, x):
-        return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1) if float(p) == 0 else torch.tensor([[0.0, 2.0]]).repeat(len(x), 1)
+        return (torch.tensor([[1.0, 0.0]]).repeat(len(x), 1) if float(p) == 0
+                else torch.tensor([[0.0, 2.0]]).repeat(len(x), 1))
 
     labels = torch.tensor([0, 1])
     out = _expert_logits(Fixed(), student, torch.zeros(2, 1), labels, -1)
@@ -620,7 +626,8 @@ def test_image_ema_equals_manual_ema_of_the_iterates(tiny, buffer):
     from ddkit.methods.common import init_images
 
     d, opts = 0.6, {"augment": "none", "iterations": 3, "lr_img": 1000.0}
-    iterates = [init_images(tiny, 2, "real", 0)[0]] + [_fit("mtt", tiny, buffer.path, **{**opts, "iterations": k}).images
+    iterates = [init_images(tiny, 2, "real", 0)[0]] + [_fit("mtt", tiny, buffer.path,
+                                                            **{**opts, "iterations": k}).images
                                                        for k in (1, 2, 3)]
     want = iterates[0]
     for x in iterates[1:]:
@@ -784,7 +791,8 @@ def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra
     assert len(experts[0]) == len(experts[1]) == 2
     for a, b in zip(*experts, strict=True):
         assert torch.equal(load_file(str(a))["trajectory"], load_file(str(b))["trajectory"])
-    assert not list((tmp_path / "cache2" / "experts").glob(".*partial*")), "the hidden per-expert folder was left behind"
+    assert not list((tmp_path / "cache2" / "experts").glob(".*partial*")), (
+        "the hidden per-expert folder was left behind")
     # only the (empty) lock file of the entry stays beside it: deleting a lock file races with its next user
     assert [p.name for p in (tmp_path / "cache2" / "experts").glob(".*")] == [f".{experts[1][0].parent.name}.lock"]
 
@@ -792,6 +800,7 @@ def test_torchrun_shards_segments_and_equals_one_process(tmp_path, method, extra
 @pytest.mark.parametrize("name", ["mtt", "tesla", "ftd", "datm", "shq"])
 def test_an_empty_experts_path_is_refused(name):
     """experts: '' trained a buffer on the fly, as if the option were left out."""
-    with pytest.raises(ConfigError, match=r"^distill.options.experts is empty; give the expert buffer's folder, or leave "
-                                          r"it out \(null\) to train `buffer` on the fly$"):
+    with pytest.raises(ConfigError,
+                       match=r"^distill.options.experts is empty; give the expert buffer's folder, or leave "
+                             r"it out \(null\) to train `buffer` on the fly$"):
         from_dict(METHODS.get(name).Config, {"experts": " "}, "distill.options")

@@ -29,7 +29,8 @@ def test_zca_whitens_and_inverts(data):
     evals = torch.linalg.eigvalsh(cov)
     # whitened: every direction the data spans (rank n - 1 after centring) has unit variance, the rest none
     rank = min(len(x) - 1, z.shape[1])
-    assert evals.max() <= 1.0 + 1e-3 and int((evals > 0.99).sum()) == rank and evals[: len(evals) - rank].abs().max() < 1e-6
+    assert (evals.max() <= 1.0 + 1e-3 and int((evals > 0.99).sum()) == rank
+            and evals[: len(evals) - rank].abs().max() < 1e-6)
     assert z.mean(0).abs().max() < 1e-4
     assert torch.allclose(zca.invert(zca(x)), x, atol=1e-3)
     again = ZCA.fit(data.train, data.mean, data.std, reg=1e-4)
@@ -89,7 +90,8 @@ def test_zca_experts_and_mtt_round_trip(data, tmp_path):
     zca = buffer.zca(data)
     with torch.no_grad():
         pred = student(buffer.params(0, buffer.epochs), zca(to_normalized(data.test.float_images(), data))).argmax(1)
-    assert buffer.manifest["experts"][0]["test_accuracy"] == pytest.approx(float((pred == data.test.labels).float().mean()))
+    assert (buffer.manifest["experts"][0]["test_accuracy"]
+            == pytest.approx(float((pred == data.test.labels).float().mean())))
     plain = from_dict(ExpertConfig, {**{k: getattr(cfg, k) for k in ("model", "num_experts", "epochs", "batch_size",
                                                                       "augment", "lr")}})
     assert not torch.equal(train_experts(data, plain).trajectories[0], buffer.trajectories[0])
@@ -152,11 +154,12 @@ def test_student_transform_is_training_on_whitened_images(data):
         assert torch.allclose(a.float(), b.float(), atol=1e-4)
     assert got.test_accuracy == want.test_accuracy
     plain = run(data.train, data.test, data.mean, data.std, None)
-    assert not torch.allclose(plain.model.state_dict()["features.0.weight"], got.model.state_dict()["features.0.weight"])
+    assert not torch.allclose(plain.model.state_dict()["features.0.weight"],
+                              got.model.state_dict()["features.0.weight"])
     with pytest.raises(ConfigError, match="use label mode hard or stored"):
-        train_classifier(create_model("tiny_convnet", c, data.num_classes, h), data.train, data.mean, data.std, cfg, seed=0,
-                         label_source="teacher", teacher=create_model("tiny_convnet", c, data.num_classes, h),
-                         loss="kl", transform=zca)
+        train_classifier(create_model("tiny_convnet", c, data.num_classes, h), data.train, data.mean,
+                         data.std, cfg, seed=0, label_source="teacher",
+                         teacher=create_model("tiny_convnet", c, data.num_classes, h), loss="kl", transform=zca)
 
 
 def test_zca_protocol_whitens_set_random_subset_and_full_data(data, tmp_path, caplog, monkeypatch):
@@ -188,12 +191,14 @@ def test_zca_protocol_whitens_set_random_subset_and_full_data(data, tmp_path, ca
         rep = evaluate(ds, white, [0], data=data, cache_dir=tmp_path)
     assert not [r for r in caplog.records if "ZCA" in r.getMessage()]
     want = ZCA.fit(data.train, data.mean, data.std, reg=0.1)
-    assert len(seen) == 3 and all(t is not None and torch.equal(t.whiten, want.whiten) for t in seen)  # set, random, full
+    # set, random, full
+    assert len(seen) == 3 and all(t is not None and torch.equal(t.whiten, want.whiten) for t in seen)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ddkit"):
         other = evaluate(ds, plain, [0], data=data, cache_dir=tmp_path)
     assert seen[3:] == [None, None, None]
-    assert any("distilled on ZCA-whitened images" in r.getMessage() and "zca: true" in r.getMessage() for r in caplog.records)
+    assert any("distilled on ZCA-whitened images" in r.getMessage() and "zca: true" in r.getMessage()
+               for r in caplog.records)
     assert len(list((tmp_path / "full-reference").glob("*.json"))) == 2  # whitened and plain full data: two entries
     assert rep["results"]["full"]["key"] != other["results"]["full"]["key"]
 

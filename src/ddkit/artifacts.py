@@ -96,7 +96,8 @@ def temp_path(final: Path, what: str = "tmp") -> Path:
 
 
 # hidden names ddkit keeps beside an output while it is made: temporaries, checkpoints, work folders
-_HIDDEN_FOR = re.compile(r"\.(?P<name>.+?)\.(?:(?:tmp|old)-[A-Za-z0-9._]+-\d+-[0-9a-f]{8}|resume-\w+\.pt|work|partial(?:-.*)?)")
+_HIDDEN_FOR = re.compile(
+    r"\.(?P<name>.+?)\.(?:(?:tmp|old)-[A-Za-z0-9._]+-\d+-[0-9a-f]{8}|resume-\w+\.pt|work|partial(?:-.*)?)")
 
 
 def output_for(path: str | Path) -> Path:
@@ -131,7 +132,8 @@ def sweep_leftovers(final: str | Path) -> list[Path]:
     and PID namespace by a process that no longer runs are touched: a live writer's, another
     machine's on a shared filesystem, or anything else hidden there is left alone."""
     final = Path(final)
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+    pattern = re.compile(
+        rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
     try:
         entries = list(final.parent.iterdir())
     except OSError:  # no folder yet, or not readable: nothing of ours there
@@ -230,7 +232,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     """Save tensors to safetensors atomically. ``metadata``: at most one entry, since safetensors writes
     several in an order that changes from call to call, and equal tensors must give equal bytes."""
     if metadata is not None and len(metadata) > 1:
-        raise ValueError(f"save_tensors takes at most one metadata entry (several make the file's bytes vary), got {sorted(metadata)}")
+        raise ValueError("save_tensors takes at most one metadata entry (several make the file's bytes vary), got "
+                         f"{sorted(metadata)}")
     path = Path(path)
     with _atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
@@ -343,8 +346,9 @@ def check_output_dir(final: Path, kind: str | None) -> None:
         raise DDKitError(f"output {str(final)!r} exists and is not a ddkit output ({why}); choose another --out "
                          "or remove it")
     if kind is not None and found != kind:
-        raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where {'an' if kind[0] in 'aeiou' else 'a'} "
-                         f"{kind!r} output would go; choose another --out or remove it")
+        raise DDKitError(f"output {str(final)!r} holds a ddkit {found!r} output, where "
+                         f"{'an' if kind[0] in 'aeiou' else 'a'} {kind!r} output would go; choose another "
+                         "--out or remove it")
 
 
 @contextlib.contextmanager
@@ -361,7 +365,8 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise DDKitError(f"cannot create the output folder {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
+        raise DDKitError(f"cannot create the output folder {str(final.parent)!r} ({exc.strerror}); choose "
+                         "another --out") from None
     sweep_leftovers(final)
     tmp = temp_path(final)
     try:
@@ -409,7 +414,8 @@ def artifact_folder(path: str | Path, kind: str = "artifact") -> Path:
     return path.parent if path.is_file() and path.name == MANIFEST else path
 
 
-def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
+def read_manifest(path: str | Path, kind: str,
+                  require: dict[str, type | tuple[type, ...]] | None = None) -> dict[str, Any]:
     """Read and check an artifact's manifest: a JSON object of ``kind`` and a schema version this
     ddkit reads, holding every key of ``require`` (dotted paths for nested keys) with a value of
     the given type or types (``(int, type(None))``: present, an integer or null; a bool is no int)."""
@@ -428,8 +434,8 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
         )
     version = manifest.get("schema_version")
     if not is_count(version):
-        raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version number; the manifest "
-                         f"is damaged: re-create the {kind} artifact")
+        raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version "
+                         f"number; the manifest is damaged: re-create the {kind} artifact")
     if version > SCHEMA_VERSION:
         raise DDKitError(
             f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
@@ -439,7 +445,8 @@ def read_manifest(path: str | Path, kind: str, require: dict[str, type | tuple[t
     return manifest
 
 
-def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type, ...]], path: str | Path, kind: str) -> None:
+def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type, ...]], path: str | Path,
+                 kind: str) -> None:
     """Check that the manifest of the ``kind`` artifact at ``path`` holds every key of ``require`` (as
     :func:`read_manifest` does), for fields required only when others hold some value."""
     missing = object()
@@ -451,7 +458,8 @@ def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type,
         if value is missing or not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
             raise DDKitError(f"{str(Path(path) / MANIFEST)!r} lacks {key!r} (a {names}) or holds "
-                             f"{None if value is missing else value!r} there; the manifest is damaged: re-create the {kind} artifact")
+                             f"{None if value is missing else value!r} there; the manifest is damaged: re-create the "
+                             f"{kind} artifact")
 
 
 @contextlib.contextmanager

@@ -95,9 +95,11 @@ class MethodSpec(Checked):
 
     name: str = field("random", help="registered method key (`ddkit list methods`)")
     options: dict = field({}, help="the method's own settings (its Config dataclass)")
-    ipc_options: dict[int, dict] = field({}, help="settings for one IPC over options, e.g. {50: {iterations: 500}} (papers tune per IPC)")
+    ipc_options: dict[int, dict] = field({}, help="settings for one IPC over options, e.g. {50: {iterations: 500}} "
+                                                  "(papers tune per IPC)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image")
-    label: str | None = field(None, help="name in tables and file names (default: name); needed when a method appears twice")
+    label: str | None = field(None,
+                              help="name in tables and file names (default: name); needed when a method appears twice")
 
     def __post_init__(self) -> None:
         if self.name not in METHODS:
@@ -120,7 +122,8 @@ class BenchConfig(Checked):
     ipcs: list[int] = field([1, 10], help="images per class")
     students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
-    relabel: RelabelSpec = field(factory=RelabelSpec, help="label mode fkd: how each set's per-epoch soft labels are stored")
+    relabel: RelabelSpec = field(factory=RelabelSpec,
+                                 help="label mode fkd: how each set's per-epoch soft labels are stored")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them)")
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
@@ -128,15 +131,20 @@ class BenchConfig(Checked):
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
                                            "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
     student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
-    student_ipcs: dict[str, list[int]] = field({}, help="run a student only at these IPCs, e.g. {resnet18_cifar: [10]} (cross-architecture at one IPC)")
-    method_ipcs: dict[str, list[int]] = field({}, help="run a method (by its name in tables) only at these IPCs, e.g. an ablation at IPC 10")
-    robust_scores: bool = field(False, help="also compute ARS: evaluates with and without augmentation (2 more evaluations per cell)")
+    student_ipcs: dict[str, list[int]] = field({}, help="run a student only at these IPCs, e.g. {resnet18_cifar: [10]} "
+                                                        "(cross-architecture at one IPC)")
+    method_ipcs: dict[str, list[int]] = field({}, help="run a method (by its name in tables) only at these IPCs, e.g. "
+                                                       "an ablation at IPC 10")
+    robust_scores: bool = field(False, help="also compute ARS: evaluates with and without augmentation (2 more "
+                                            "evaluations per cell)")
     ars_augment: str = field("dsa", help="augmentation of the 'with augmentation' variant when the protocol has none")
     lrs_lambda: float = field(0.5, help="lambda of LRS: weight of IOR against HLR")
     ars_gamma: float = field(0.5, help="gamma of ARS: weight of the with-augmentation gap")
-    teacher: TeacherConfig = field(factory=TeacherConfig, help="teacher per dataset (trained only if a label mode or method needs it)")
+    teacher: TeacherConfig = field(factory=TeacherConfig,
+                                   help="teacher per dataset (trained only if a label mode or method needs it)")
     teacher_pool: dict[str, TeacherConfig] = field({}, help="more teachers per dataset, by name; a method option "
-                                                   "extra_teachers: ['@name'] refers to one (G-VBSM/EDC backbones, CV-DD committees)")
+                                                   "extra_teachers: ['@name'] refers to one (G-VBSM/EDC backbones, "
+                                                   "CV-DD committees)")
     device: str = field("auto", help="auto, cpu, cuda or cuda:N")
     out: str = field("runs/bench", help="run directory")
 
@@ -163,8 +171,9 @@ class BenchConfig(Checked):
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
         if self.robust_scores and "fkd" in self.label_modes:
-            problems.append("robust_scores retrains students with and without augmentation, but label mode fkd replays the "
-                            "views stored with its labels; use robust_scores with hard, teacher or stored labels")
+            problems.append("robust_scores retrains students with and without augmentation, but label mode "
+                            "fkd replays the views stored with its labels; use robust_scores with hard, teacher or "
+                            "stored labels")
         for name in ("lrs_lambda", "ars_gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -177,16 +186,19 @@ class BenchConfig(Checked):
         unknown = sorted(set(self.student_options) - set(self.students))
         if extra or unknown:
             raise ConfigError("; ".join(
-                ([f"ipc_overrides names IPC {extra} that is not in ipcs {self.ipcs}; remove it or add the IPC"] if extra else [])
+                ([f"ipc_overrides names IPC {extra} that is not in ipcs {self.ipcs}; remove it or add the IPC"]
+                 if extra else [])
                 + ([f"student_options names {unknown}, not in students {self.students}"] if unknown else [])))
-        stray = {m.key: sorted(set(m.ipc_options) - set(self.ipcs)) for m in self.methods if set(m.ipc_options) - set(self.ipcs)}
+        stray = {m.key: sorted(set(m.ipc_options) - set(self.ipcs)) for m in self.methods
+                 if set(m.ipc_options) - set(self.ipcs)}
         if stray:
             raise ConfigError(f"ipc_options of {stray} name IPCs not in ipcs {self.ipcs}; remove them or add the IPC")
         unlabelled, clashes = [], {}
         for m in self.methods:  # fail early on an unknown or badly typed method option
             for ipc in self.ipcs:
                 cls = METHODS.get(m.name)
-                mcfg = from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})), f"methods[{m.key}].options")
+                mcfg = from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})),
+                                 f"methods[{m.key}].options")
                 own = cls.own_soft_labels(mcfg)
                 if not m.soft_labels and own is None and m.key not in unlabelled:
                     unlabelled.append(m.key)
@@ -195,10 +207,12 @@ class BenchConfig(Checked):
         if clashes:  # the pipeline would refuse them only when the bench reaches their cell
             keys = sorted(clashes)
             raise ConfigError(
-                f"methods {keys} label their images themselves ({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), "
-                "and their soft_labels: true would overwrite that with the teacher's logits; drop soft_labels: true on them, "
-                f"or set {' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
-        if "stored" in self.label_modes and unlabelled:  # a method that labels its images itself (DATM) needs no teacher's
+                f"methods {keys} label their images themselves "
+                f"({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), and their soft_labels: true would "
+                "overwrite that with the teacher's logits; drop soft_labels: true on them, or set "
+                f"{' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
+        # a method that labels its images itself (DATM) needs no teacher's
+        if "stored" in self.label_modes and unlabelled:
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
                               "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")
         for what, table, known in (("student_ipcs", self.student_ipcs, self.students),
@@ -209,16 +223,19 @@ class BenchConfig(Checked):
                 if not ipcs or set(ipcs) - set(self.ipcs):
                     raise ConfigError(f"{what}[{name}] = {ipcs} must be a non-empty subset of ipcs {self.ipcs}")
                 if len(set(ipcs)) != len(ipcs):
-                    raise ConfigError(f"{what}[{name}] = {ipcs} repeats an entry (the same cells twice); list each once")
+                    raise ConfigError(f"{what}[{name}] = {ipcs} repeats an entry (the same cells twice); "
+                                      "list each once")
         bad_names = [n for n in self.teacher_pool if not re.fullmatch(r"[A-Za-z0-9_.+-]+", n)]
         if bad_names:
             raise ConfigError(f"teacher_pool names {bad_names} may only use letters, digits and _ . + -")
         for m in self.methods:
             for ipc in self.ipcs:
                 refs = merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", [])
-                missing = [r for r in refs if isinstance(r, str) and r.startswith("@") and r[1:] not in self.teacher_pool]
+                missing = [r for r in refs
+                           if isinstance(r, str) and r.startswith("@") and r[1:] not in self.teacher_pool]
                 if missing:
-                    raise ConfigError(f"method {m.key!r} refers to {missing}, not in teacher_pool {sorted(self.teacher_pool)}; add it there")
+                    raise ConfigError(f"method {m.key!r} refers to {missing}, not in teacher_pool "
+                                      f"{sorted(self.teacher_pool)}; add it there")
         # fail early on a bad protocol or student: every label mode's, and the hard-label one that every
         # cell's HLR trains too
         for student in self.students:
@@ -254,7 +271,8 @@ class BenchConfig(Checked):
         if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
             over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
         protocol = resolve_protocol(self.protocol, over, "overrides")
-        if augment is None or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob)):
+        if (augment is None
+                or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob))):
             return protocol
         # ARS's other run: another augmentation's options do not apply, and "without" means without CutMix too
         train = dataclasses.replace(protocol.train, augment=augment, augment_options={},
@@ -420,7 +438,8 @@ class _Saved:
         self.tensor = tensor
 
 
-def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device, progress: StageProgress | None = None) -> Teacher:
+def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device,
+                   progress: StageProgress | None = None) -> Teacher:
     if (teacher := saved_teacher(data, cfg, tdir, device)) is not None:
         return teacher
     cb = (lambda e, n, r: progress(f"teacher {tdir.name}", e, n)) if progress is not None else None
@@ -451,7 +470,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
     made = read_json(stats_path) if stats_path.is_file() else {}
     made = made if made.get("config_hash") == want else {}
     if made and isinstance(reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                                          and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"), DistilledSet):
+                                          and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"),
+                           DistilledSet):
         discard_work(ddir, want)
         return made
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
@@ -477,7 +497,8 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
                 "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes},
                 **{key: ds.manifest["meta"][key] for key in SET_FACTS if key in ds.manifest.get("meta", {})}})
 
-        cb = (lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n)) if progress is not None else None
+        cb = ((lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n))
+              if progress is not None else None)
         distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record, options_key=options_key)
     return read_json(stats_path)
 
@@ -487,12 +508,12 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 
 def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
-    ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite a user's
-    files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
+    ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite
+    a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
     if not holds_files(root, ignore_hidden=True) or folder_kind(root) == "bench-config":
         return
-    raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind bench-config); "
-                     "choose another out / --out or remove it")
+    raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
+                     "bench-config); choose another out / --out or remove it")
 
 
 def check_students(cfg: BenchConfig, data: DataBundle) -> None:
@@ -559,8 +580,8 @@ def check_extra_teachers(cfg: BenchConfig) -> None:
                     try:
                         read_manifest(ref, TEACHER_KIND)
                     except DDKitError as e:
-                        raise ConfigError(f"extra_teachers of protocol {cfg.protocol!r} for student {student!r}, IPC {ipc}, "
-                                          f"label mode {mode!r}: {e}") from None
+                        raise ConfigError(f"extra_teachers of protocol {cfg.protocol!r} for student "
+                                          f"{student!r}, IPC {ipc}, label mode {mode!r}: {e}") from None
 
 
 class _Bench:
@@ -605,8 +626,9 @@ class _Bench:
         cfg = self.cfg
         names = list(self.data)
         if cfg.needs_teacher():
-            self._spread(names, lambda n: _teacher_stage(self.data[n], cfg.teacher, self.root / "teachers" / n, self.device,
-                                                         self.stage_progress))
+            self._spread(names,
+                         lambda n: _teacher_stage(self.data[n], cfg.teacher, self.root / "teachers" / n, self.device,
+                                                  self.stage_progress))
             pool = [(n, name) for n in names for name in cfg.teacher_pool]
             self._spread(pool, lambda job: _teacher_stage(self.data[job[0]], cfg.teacher_pool[job[1]],
                                                           self._pool_dir(*job), self.device, self.stage_progress))
@@ -633,15 +655,16 @@ class _Bench:
         spec = self.methods[m]
         options = merge_overrides(spec.options, spec.ipc_options.get(ipc, {}))
         if "extra_teachers" in options:  # '@name' -> this dataset's teacher of that name in the pool
-            options["extra_teachers"] = [str(self._pool_dir(dataset, r[1:])) if isinstance(r, str) and r.startswith("@") else r
+            options["extra_teachers"] = [str(self._pool_dir(dataset, r[1:]))
+                                         if isinstance(r, str) and r.startswith("@") else r
                                          for r in options["extra_teachers"]]
         return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed, options=options,
                              soft_labels=spec.soft_labels)
 
     def _make_set(self, key: tuple[str, str, int]) -> None:
         d, m, ipc = key
-        _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc, d), self._set_dir(key), self.teachers[d], self.device,
-                       self.stage_progress, f"methods[{m}].options")
+        _distill_stage(self.data[d], self.dcfg[d], self._dist_cfg(m, ipc, d), self._set_dir(key),
+                       self.teachers[d], self.device, self.stage_progress, f"methods[{m}].options")
 
     # evaluations are cached by everything that decides them
     def _evaluate(self, cell: Cell, protocol: ProtocolConfig) -> dict:
@@ -649,8 +672,8 @@ class _Bench:
         teacher = self.teachers[cell.dataset]
         ds = self.distilled[key3]
         tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
-        key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds, "distilled": ds.manifest.get("config_hash"),
-                           "teacher": tfp, **protocol_inputs(protocol)})
+        key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds,
+                           "distilled": ds.manifest.get("config_hash"), "teacher": tfp, **protocol_inputs(protocol)})
         path = self.root / "evals" / f"{key}.json"
         if (rep := self._cached_eval(path)) is not None:
             return rep
@@ -767,7 +790,8 @@ class _Bench:
             store = self._fkd_store(key3, protocol.train.epochs)
             protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc, fkd_store=str(store))
         rep = self._evaluate(cell, protocol)
-        hard = rep if cell.label_mode == "hard" else self._evaluate(cell, cfg.protocol_for(cell.student, "hard", ipc=cell.ipc))
+        hard = (rep if cell.label_mode == "hard"
+                else self._evaluate(cell, cfg.protocol_for(cell.student, "hard", ipc=cell.ipc)))
         res = rep["results"]
         acc = res["distilled"]
         rnd = res.get("random")
@@ -783,7 +807,8 @@ class _Bench:
             "ior": None, "hlr": None, "lrs": None, "ars": None,
             "bytes": rep["bytes"], "synthesis": {
                 **{k: self.synthesis[key3].get(k) for k in ("wall_seconds", "seconds", "shared_seconds",
-                                                            "peak_memory_bytes", "peak_memory_kind", "device", "resumed")},
+                                                            "peak_memory_bytes", "peak_memory_kind", "device",
+                                                            "resumed")},
                 **{k: self.synthesis[key3][k] for k in SET_FACTS if k in self.synthesis[key3]}},
             "protocol_hash": rep["protocol_hash"], "hard_protocol_hash": hard["protocol_hash"],
             "eval_keys": [rep["eval_key"], hard["eval_key"]],
@@ -808,7 +833,8 @@ class _Bench:
             aug = protocol.train.augment if protocol.train.augment != "none" else cfg.ars_augment
             with_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, aug, cell.ipc))
             no_aug = self._evaluate(cell, cfg.protocol_for(cell.student, cell.label_mode, "none", cell.ipc))
-            gap = [[metrics.ior(a, r) for a, r in zip(e["results"]["distilled"]["per_seed"], e["results"]["random"]["per_seed"])]
+            gap = [[metrics.ior(a, r)
+                    for a, r in zip(e["results"]["distilled"]["per_seed"], e["results"]["random"]["per_seed"])]
                    for e in (with_aug, no_aug)]
             row["ars"] = metrics.mean_std([metrics.ars(ga, gn, cfg.ars_gamma) for ga, gn in zip(*gap)])
             row["aug_gap"] = metrics.mean_std(gap[0])
@@ -820,13 +846,14 @@ class _Bench:
         return row
 
 
-def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None, stage_progress: StageProgress | None = None) -> list[dict]:
+def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
+              stage_progress: StageProgress | None = None) -> list[dict]:
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
 
     ``progress(done, total, row)`` is called after every cell (``row["reused"]`` tells whether it was
     already finished); ``stage_progress(what, done, total)`` inside every teacher training (epochs),
-    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs its share
-    of the cells; the full table is returned on every rank (read back from the cell files).
+    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs
+    its share of the cells; the full table is returned on every rank (read back from the cell files).
     """
     bench = _Bench(cfg, stage_progress)
     info = ddist.current()
@@ -886,8 +913,9 @@ def load_table(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "bench.json"
     if not path.is_file():
         if folder_kind(Path(run_dir)) == "pipeline-run":
-            raise DDKitError(f"{str(run_dir)!r} is a `ddkit run` folder, whose report is {str(Path(run_dir) / 'report')!r}; "
-                             "`ddkit report` takes the folder of a `ddkit bench` run")
+            raise DDKitError(f"{str(run_dir)!r} is a `ddkit run` folder, whose report is "
+                             f"{str(Path(run_dir) / 'report')!r}; `ddkit report` takes the folder of a "
+                             "`ddkit bench` run")
         raise DDKitError(f"{str(path)!r} not found; run `ddkit bench CONFIG` to completion first")
     table = read_json(path, "bench table")
     if table.get("kind") != "bench-table":
@@ -927,8 +955,9 @@ def format_bench_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             f"{r['dataset']:<14} {r['method']:<10} {r['ipc']:>4} {r['student']:<14} {r['label_mode']:<8} "
-            f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} {mean(r, 'lrs', 1, 3):>6} "
-            f"{mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} {synthesis_seconds(r):>8.2f}")
+            f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
+            f"{mean(r, 'lrs', 1, 3):>6} {mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} "
+            f"{synthesis_seconds(r):>8.2f}")
     return "\n".join(lines)
 
 

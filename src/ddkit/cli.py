@@ -128,7 +128,8 @@ def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple
     data = _apply_common(data, args)
     unknown = set(data) - {"dataset", section}
     if unknown:
-        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit {section}`; use dataset and {section}")
+        raise DDKitError(f"unknown config section(s) {sorted(unknown)} for `ddkit {section}`; use dataset "
+                         f"and {section}")
     return from_dict(DatasetConfig, data.get("dataset"), "dataset"), from_dict(cls, data.get(section), section)
 
 
@@ -177,8 +178,9 @@ def cmd_teacher(args) -> int:
         if given:
             raise DDKitError(f"{', '.join(given)} set how a teacher trains, but --checkpoint imports a trained one; "
                              "drop them (or drop --checkpoint to train)")
-    dcfg, cfg = _stage_config(args, "teacher", TeacherConfig, {"model": "model", "seed": "seed", "checkpoint": "checkpoint",
-                                                                "epochs": "train.epochs", "precision": "train.precision"})
+    dcfg, cfg = _stage_config(args, "teacher", TeacherConfig,
+                              {"model": "model", "seed": "seed", "checkpoint": "checkpoint",
+                               "epochs": "train.epochs", "precision": "train.precision"})
     device = _device(args)
     bundle = load_dataset(dcfg)
     progress = Progress(not args.quiet)
@@ -244,7 +246,8 @@ def cmd_evaluate(args) -> int:
     try:
         bundle = load_dataset(from_dict(DatasetConfig, dcfg_data, "dataset"))
         teacher = load_teacher_for(args.teacher, bundle, device)
-    except DDKitError as exc:  # the set fixes every dataset setting but the path: a fix naming another cannot be followed
+    except DDKitError as exc:
+        # the set fixes every dataset setting but the path: a fix naming another cannot be followed
         problem, _, fix = str(exc).rpartition("; ")
         if problem and re.search(r"dataset\.(?!path\b)\w+", fix):
             raise type(exc)(f"{problem}; the set records its dataset settings: point --data-path at the data it was "
@@ -450,8 +453,8 @@ def cmd_relabel(args) -> int:
     store.save(out)
     shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
-    _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher {shlex.quote(str(args.teacher))} "
-           f"--label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
+    _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
+           f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
     return 0
 
 
@@ -486,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         if overrides:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"config override, e.g. {example}")
-        sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars (the result lines and warnings are still printed)")
+        sp.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
 
@@ -586,20 +590,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_experts)
 
     sp = sub.add_parser("list", help="list registered models, methods, datasets or protocols")
-    sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"], metavar="{models,methods,datasets,protocols}",
-                    help="which registry to list")
+    sp.add_argument("what", choices=["models", "methods", "datasets", "protocols"],
+                    metavar="{models,methods,datasets,protocols}", help="which registry to list")
     sp.add_argument("pattern", nargs="?", help="glob on the names, e.g. 'convnet*' (a ConvNet name such as "
                     "convnet3-w32-p3 is accepted as itself)")
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell) "
                         "or a protocol")
-    sp.add_argument("target", help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
+    sp.add_argument("target",
+                    help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
-    sp.add_argument("-q", "--quiet", action="store_true", help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
+    sp.add_argument("-q", "--quiet", action="store_true",
+                    help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
     sp.set_defaults(func=cmd_show)
 
-    sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's images.pt + labels.pt")
+    sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
+                                       "images.pt + labels.pt")
     sp.add_argument("distilled")
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
                     help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
@@ -753,7 +760,8 @@ def _main(args: argparse.Namespace) -> int:
             raise
         # gloo / NCCL: another rank of the job was killed or failed while this one waited on it, or worked
         # on longer than the collectives' timeout
-        cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]  # gloo: "...: Connection reset by peer. This is..."
+        # gloo: "...: Connection reset by peer. This is..."
+        cause = str(exc).strip().splitlines()[0].split(". ")[0][:200]
         if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
             _error(f"waited more than {ddist.timeout_minutes():g} min for another process of this torchrun job "
                    f"({cause}); if it was still working (a teacher, a set or a cell of its own), raise "

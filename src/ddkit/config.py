@@ -175,7 +175,8 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
     try:
         return cls(**kwargs)
-    except ConfigError as exc:  # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
+    except ConfigError as exc:
+        # a message that starts with one of cls's fields ("augment: ...", "lr must ...") gets its key
         msg = str(exc)
         parts = msg.split("; ")  # several problems at once: each that starts with a field gets its key
 
@@ -272,7 +273,8 @@ def _check_seeds(value: Any, where: str, errors: list[str]) -> None:
         if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v < SEED_LIMIT:
             errors.append(f"{where}: seeds must lie in [0, 2^32), got {v}")
     if isinstance(value, (list, tuple)) and len(set(map(repr, value))) != len(value):
-        errors.append(f"{where}: {list(value)} repeats a seed (the same run twice would inflate n); give distinct seeds")
+        errors.append(f"{where}: {list(value)} repeats a seed (the same run twice would inflate n); give "
+                      "distinct seeds")
 
 
 def seed_list(value: Any, what: str = "seeds") -> list[int]:
@@ -404,8 +406,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")  # not the locale's encoding: a config reads the same everywhere
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset {exc.start}); "
-                          "save it as UTF-8, or pass the YAML file meant (see configs/)") from None
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {raw[exc.start]:#04x} at offset "
+                          f"{exc.start}); save it as UTF-8, or pass the YAML file meant (see configs/)") from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
@@ -417,7 +419,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} sets {exc.key!r} twice in one section (lines {exc.first} and "
                           f"{exc.again}); keep one of them") from None
     if data is None:
-        raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ for examples)")
+        raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ "
+                          "for examples)")
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
     return data

@@ -56,8 +56,9 @@ def _read_torch_record(path: Path) -> dict[str, Any]:
     try:
         obj = quiet_torch_load(path)
     except Exception as exc:  # torch.load raises many types for a file it cannot read; all mean the same here
-        raise DDKitError(f"{str(path)!r} is damaged or not a file `ddkit show` reads (torch.load: {load_failure(exc)}); "
-                         f"a damaged `ddkit export --format pt` file: remove it and export the set again; {_ACCEPTS}") from None
+        raise DDKitError(f"{str(path)!r} is damaged or not a file `ddkit show` reads (torch.load: "
+                         f"{load_failure(exc)}); a damaged `ddkit export --format pt` file: remove it and export the "
+                         f"set again; {_ACCEPTS}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) for k in obj):
         raise DDKitError(f"{str(path)!r} holds a {type(obj).__name__}, not a ddkit record; {_ACCEPTS} "
                          "(a ddranking export: pass its folder)")
@@ -84,9 +85,11 @@ def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
             # a `ddkit run` killed before its last stage has stage folders but no record of its own yet
             stages = [name for name in ("teacher", "distilled", "labels") if (path / name / MANIFEST).is_file()]
             if stages:
-                raise DDKitError(f"{str(path)!r} looks like an unfinished `ddkit run` (stages done: {', '.join(stages)}; "
-                                 "no run record yet); run its config again to finish it, or show a stage folder")
-            raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit output folder")
+                raise DDKitError(f"{str(path)!r} looks like an unfinished `ddkit run` (stages done: "
+                                 f"{', '.join(stages)}; no run record yet); run its config again to finish it, or show "
+                                 "a stage folder")
+            raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit "
+                             "output folder")
         path = found
     if _is_torch_file(path):
         record = _read_torch_record(path)
@@ -126,15 +129,16 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
         if (where.parent / MANIFEST).is_file():  # a finished run: its record is the folder's manifest
             return _summarise(*_load_record(where.parent), check_files=check_files)
-        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an unfinished run, or "
-                         "one from before run folders had a manifest.json); run `ddkit run` again with the same config "
-                         "and --out (finished stages are reused) to write it")
+        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an "
+                         "unfinished run, or one from before run folders had a manifest.json); run `ddkit run` again "
+                         "with the same config and --out (finished stages are reused) to write it")
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
     with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
                         (KeyError, TypeError, ValueError, AttributeError)):
-        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):  # the record of a folder: check the folder's files
+        # the record of a folder: check the folder's files
+        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
         text = summarise(record)
     if kind == "bench-config" and where.name == "config.json":
@@ -143,7 +147,8 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
 
 
 # how to re-create a damaged record, where it is not the command that wrote it
-_FIXES = {"bench-table": "it is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) to rebuild it"}
+_FIXES = {"bench-table": "it is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) "
+                         "to rebuild it"}
 
 # the file that records the kind of an artifact folder, where it is not its manifest.json
 _ARTIFACT_RECORD = {"imagefolder-export": "classes.json", "ddranking-export": "meta.json"}
@@ -268,7 +273,8 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
                 with Image.open(image) as im:
                     im.verify()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                raise DDKitError(f"image {str(image)!r} does not open ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                raise DDKitError(f"image {str(image)!r} does not open "
+                                 f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                  f"{_export_fix(kind)}") from None
     usual = max(set(counts.values()), key=list(counts.values()).count)
     odd = [f"{n} in {name!r}" for name, n in counts.items() if n != usual]
@@ -289,7 +295,8 @@ def _check_ddranking(folder: Path, meta: dict) -> None:
         try:
             obj = quiet_torch_load(folder / name)
         except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
-            raise DDKitError(f"{str(folder / name)!r} does not load ({exc.__class__.__name__}); {_export_fix(kind)}") from None
+            raise DDKitError(f"{str(folder / name)!r} does not load ({exc.__class__.__name__}); "
+                             f"{_export_fix(kind)}") from None
         if not isinstance(obj, torch.Tensor):
             raise DDKitError(f"{str(folder / name)!r} holds a {type(obj).__name__}, not a tensor; {_export_fix(kind)}")
         return obj
@@ -300,12 +307,12 @@ def _check_ddranking(folder: Path, meta: dict) -> None:
             raise DDKitError(f"export {str(folder)!r} lacks {name}; {_export_fix(kind)}")
     images, labels = load("images.pt"), load("labels.pt")
     if images.dim() != 4 or images.shape[0] != n or images.shape[1] != len(mean) or not images.is_floating_point():
-        raise DDKitError(f"{str(folder / 'images.pt')!r} holds {str(images.dtype).removeprefix('torch.')} images of shape "
-                         f"{list(images.shape)}, meta.json says {n} images ({ipc} per class) of {len(mean)} channel(s); "
-                         f"{_export_fix(kind)}")
+        raise DDKitError(f"{str(folder / 'images.pt')!r} holds {str(images.dtype).removeprefix('torch.')} "
+                         f"images of shape {list(images.shape)}, meta.json says {n} images ({ipc} per class) of "
+                         f"{len(mean)} channel(s); {_export_fix(kind)}")
     if labels.tolist() != [c for c in range(k) for _ in range(ipc)]:
-        raise DDKitError(f"{str(folder / 'labels.pt')!r} does not hold {ipc} labels of each of {k} classes in class-major "
-                         f"order; {_export_fix(kind)}")
+        raise DDKitError(f"{str(folder / 'labels.pt')!r} does not hold {ipc} labels of each of {k} classes "
+                         f"in class-major order; {_export_fix(kind)}")
     if (folder / "soft_labels.pt").is_file():
         soft = load("soft_labels.pt")
         if list(soft.shape) != [n, k]:
@@ -368,7 +375,8 @@ def _pixels(lo: float, hi: float) -> str:
 def _distilled(m: dict) -> str:
     images = m.get("images") if isinstance(m.get("images"), dict) else {}
     span = images.get("pixel_range")
-    floats = (f", float pixels {_pixels(*span)}" if images.get("dtype", "").startswith("float") and isinstance(span, list)
+    floats = (f", float pixels {_pixels(*span)}"
+              if images.get("dtype", "").startswith("float") and isinstance(span, list)
               and len(span) == 2 and all(isinstance(v, (int, float)) for v in span) else "")
     return (f"distilled set: {m['method']['name']} ipc={ipc_text(m['ipc'])} on {m['dataset']['name']} "
             f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images{floats}, {m['bytes']['images']:,} "
@@ -400,8 +408,8 @@ def _fkd(m: dict) -> str:
     if bn == "batch":
         group = m.get("teacher_bn_batch")
         bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
-    return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, {top} (fp16), "
-            f"views {m['augment']['spec']} + {mix}, teacher BatchNorm {bn}, "
+    return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, "
+            f"{top} (fp16), views {m['augment']['spec']} + {mix}, teacher BatchNorm {bn}, "
             f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}, "
             f"set {m['distilled']['fingerprint']}")
 
@@ -447,7 +455,8 @@ def _bench_config(m: dict) -> str:
 def _synthesis(m: dict) -> str:
     return (f"synthesis: {_seconds(m['seconds'])} ({_seconds(m['wall_seconds'])} with shared artifacts built here; "
             f"they cost {_seconds(m.get('shared_seconds'))}), peak memory {_mib(m['peak_memory_bytes'])} "
-            f"({m['peak_memory_kind']}) on {m['device']}, {m['bytes']['images']:,} image + {m['bytes']['labels']:,} label bytes")
+            f"({m['peak_memory_kind']}) on {m['device']}, {m['bytes']['images']:,} image + "
+            f"{m['bytes']['labels']:,} label bytes")
 
 
 def _run(m: dict) -> str:
@@ -480,8 +489,8 @@ def _pt_export(m: dict) -> str:
     soft = f", soft labels {shape('soft_labels')}" if "soft_labels" in m else ", no soft labels"
     names = ", ".join(m["classes"][:10]) + (f", ... ({len(m['classes'])} in all)" if len(m["classes"]) > 10 else "")
     lo, hi = m.get("pixel_range") or (0.0, 1.0)  # exports before 2026-12-06 did not record it
-    return (f"{_export(m)}: images {shape('images')} ({m['images']['dtype']}, pixels {_pixels(lo, hi)}), labels {shape('labels')}"
-            f"{soft}; classes {names}")
+    return (f"{_export(m)}: images {shape('images')} ({m['images']['dtype']}, pixels {_pixels(lo, hi)}), labels "
+            f"{shape('labels')}{soft}; classes {names}")
 
 
 _SUMMARIES: dict[str, Callable[[dict], str]] = {

@@ -129,7 +129,8 @@ class DistilledSet(DescribesDataset, Dataset):
                 f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
             )
         if not torch.isfinite(images.float()).all():
-            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); {_lower_lr(method_config, options_key)}")
+            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); "
+                             f"{_lower_lr(method_config, options_key)}")
         low, high = pixel_range(images)
         if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
             log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
@@ -137,8 +138,8 @@ class DistilledSet(DescribesDataset, Dataset):
         if (labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point()
                 or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < data.num_classes)):
             raise DDKitError(f"method {method!r} produced labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
-                             f"{len(images)} images, expected [N] class indices in 0..{data.num_classes - 1}; this is a "
-                             "bug in the method")
+                             f"{len(images)} images, expected [N] class indices in "
+                             f"0..{data.num_classes - 1}; this is a bug in the method")
         counts = torch.bincount(labels, minlength=data.num_classes).tolist()
         if ipc is not None and set(counts) != {ipc}:
             raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
@@ -189,7 +190,8 @@ class DistilledSet(DescribesDataset, Dataset):
         images, labels = tensors["images"], tensors["labels"]
         if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise DDKitError(f"{path / IMAGES} holds {str(labels.dtype).removeprefix('torch.')} labels of shape "
-                             f"{list(labels.shape)}, not one class index (an integer) per image; re-create the distilled set")
+                             f"{list(labels.shape)}, not one class index (an integer) per image; re-create the "
+                             "distilled set")
         if not (images.dtype == torch.uint8 or images.is_floating_point()):
             raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images, not uint8 or "
                              "floating-point pixels; re-create the distilled set")
@@ -205,8 +207,8 @@ class DistilledSet(DescribesDataset, Dataset):
                              "dtype and shape; the manifest is damaged: re-create the distilled set")
         dtype = described.get("dtype")
         if dtype and str(images.dtype).removeprefix("torch.") != dtype:
-            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images but the manifest "
-                             f"says {dtype}; re-create the distilled set")
+            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images "
+                             f"but the manifest says {dtype}; re-create the distilled set")
         if images.is_floating_point() and not torch.isfinite(images).all():
             raise DDKitError(f"{path / IMAGES} holds NaN or infinite pixels; re-create the distilled set")
         if len(images) != len(labels) or len(labels) != manifest["num_images"]:
@@ -214,16 +216,16 @@ class DistilledSet(DescribesDataset, Dataset):
                              f"{manifest['num_images']}; re-create the distilled set")
         num_classes = len(manifest["dataset"].get("classes") or []) or None
         if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
-            raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found {int(labels.min())}.."
-                             f"{int(labels.max())}); re-create the distilled set")
+            raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found "
+                             f"{int(labels.min())}..{int(labels.max())}); re-create the distilled set")
         counts, held = manifest.get("class_counts"), torch.bincount(labels, minlength=num_classes or 0).tolist()
         if counts is not None and counts != held:
             raise DDKitError(f"{path / IMAGES} holds {held} images per class but the manifest says {counts}; re-create "
                              "the distilled set")
         ipc = manifest["ipc"]  # the random baseline of an evaluation draws this many real images per class
         if ipc is not None and held and set(held) != {ipc}:
-            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds {held} images per class; "
-                             "the manifest is damaged: re-create the distilled set")
+            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds {held} "
+                             "images per class; the manifest is damaged: re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
             stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")
@@ -244,7 +246,8 @@ class DistilledSet(DescribesDataset, Dataset):
         """What an export of this set records beside its files: schema version, kind, the set's seed,
         ddkit/torch versions, the classes and which set it came from."""
         record = base_manifest(kind, {"source": recorded_path(self.path)}, self.manifest.get("seed"))
-        record.update({"classes": self.classes, "ipc": self.ipc, "source_config_hash": self.manifest.get("config_hash")})
+        record.update({"classes": self.classes, "ipc": self.ipc,
+                       "source_config_hash": self.manifest.get("config_hash")})
         return record
 
     def export(self, out: str | Path, fmt: str) -> Path:
@@ -259,8 +262,8 @@ class DistilledSet(DescribesDataset, Dataset):
                 raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
             earlier = out.exists()
             if earlier and not _is_pt_export(out):
-                raise DDKitError(f"output {str(out)!r} exists and is not a readable ddkit pt export; choose another --out "
-                                 "or remove it")
+                raise DDKitError(f"output {str(out)!r} exists and is not a readable ddkit pt export; choose "
+                                 "another --out or remove it")
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -276,8 +279,8 @@ class DistilledSet(DescribesDataset, Dataset):
             with atomic_dir(out, kind="imagefolder-export") as tmp:  # a refused --out first, then the warning
                 clipped = clipped_fraction(self.images)
                 if clipped:
-                    log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG files; export "
-                                "--format pt keeps them exactly", 100 * clipped)
+                    log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG "
+                                "files; export --format pt keeps them exactly", 100 * clipped)
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
                 for img, y in zip(to_uint8(self.images), self.labels.tolist()):
@@ -373,7 +376,8 @@ def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return (f"lower {options_key}.{key} (now {value:g}), or undo another option that makes the updates "
                     "larger (a network's lr, a loss weight)")
-    return f"lower the learning rate of its images in {options_key}, or undo another option that makes the updates larger"
+    return (f"lower the learning rate of its images in {options_key}, or undo another option that makes the "
+            "updates larger")
 
 
 def save_grid(

@@ -58,8 +58,8 @@ def timeout_minutes() -> float:
     except ValueError:
         value = float("nan")
     if not (0 < value <= MAX_TIMEOUT_MINUTES):
-        raise DDKitError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes in (0, {MAX_TIMEOUT_MINUTES}]; set it like "
-                         f"{TIMEOUT_ENV}=600 or unset it (24 h)")
+        raise DDKitError(f"{TIMEOUT_ENV}={text!r} is not a number of minutes in (0, "
+                         f"{MAX_TIMEOUT_MINUTES}]; set it like {TIMEOUT_ENV}=600 or unset it (24 h)")
     return value
 
 
@@ -141,7 +141,8 @@ def resolve_device(device: str | torch.device, info: DistInfo | None = None) -> 
         if count == 0:
             raise DDKitError(f"device {device!r} asked for but CUDA is not available here; use --device cpu or auto")
         if dev.index is not None and dev.index >= count:
-            raise DDKitError(f"device {device!r} does not exist (this machine has {count} CUDA device(s)); use cuda:0..{count - 1}")
+            raise DDKitError(f"device {device!r} does not exist (this machine has {count} CUDA device(s)); use "
+                             f"cuda:0..{count - 1}")
     elif dev.type not in ("cpu", "mps"):
         raise DDKitError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     use_deterministic_cuda(device)
@@ -166,8 +167,9 @@ def agree_found(found: bool, what: str, folder: str | Path) -> bool:
         have = [r for r, f in enumerate(flags) if f]
         lack = [r for r, f in enumerate(flags) if not f]
         raise DDKitError(f"the ranks of this torchrun job disagree on whether {what} exists (found by ranks {have}, "
-                         f"not by ranks {lack}); the nodes of a job must share the cache folder {str(folder)!r}: put it "
-                         "on storage every node mounts ($DDKIT_CACHE, or the option that named it)")
+                         f"not by ranks {lack}); the nodes of a job must share the cache folder "
+                         f"{str(folder)!r}: put it on storage every node mounts ($DDKIT_CACHE, or the option "
+                         "that named it)")
     return bool(found)
 
 

@@ -89,7 +89,8 @@ class EvalConfig(Checked):
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
-    label_modes: list[str] = field(["hard"], help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
+    label_modes: list[str] = field(["hard"],
+                                   help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
@@ -100,7 +101,8 @@ class EvalConfig(Checked):
         if bad:
             raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if len(set(self.label_modes)) != len(self.label_modes):
-            raise ConfigError(f"label_modes {self.label_modes} repeat a mode (the same evaluation twice); list each once")
+            raise ConfigError(f"label_modes {self.label_modes} repeat a mode (the same evaluation twice); "
+                              "list each once")
         if not self.seeds:
             raise ConfigError("evaluate.seeds is empty; give at least one seed")
 
@@ -197,11 +199,13 @@ def distill(
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
-        raise ConfigError(f"method {cfg.method!r} labels its images itself ({options_key}.{own}), and distill.soft_labels "
-                          "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
-                          f"distill.soft_labels: true, or set {options_key}.{method_cls.own_soft_labels_off(own)}")
+        raise ConfigError(f"method {cfg.method!r} labels its images itself ({options_key}.{own}), and "
+                          "distill.soft_labels (--soft-labels) would overwrite them with the teacher's logits; drop "
+                          "--soft-labels / distill.soft_labels: true, or set "
+                          f"{options_key}.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
-        raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass --teacher DIR")
+        raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass "
+                         "--teacher DIR")
     key = distill_hash(cfg, data, teacher)
     root = work_dir(out) if out is not None else None
     fresh = root is not None and not root.exists()
@@ -225,7 +229,8 @@ def distill(
         synthetic = method.synthetic_
         if cfg.soft_labels:
             synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
-                                                   bn=cfg.soft_labels_bn, bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
+                                                   bn=cfg.soft_labels_bn,
+                                                   bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
         distilled = DistilledSet.build(
             synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
             config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
@@ -374,7 +379,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
                               "or use label mode hard")
         if mode == "stored" and not (cfg.distill.soft_labels or method.own_soft_labels(method_cfg)):
-            raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set distill.soft_labels: true")
+            raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set "
+                              "distill.soft_labels: true")
         if mode == "fkd":
             check_fkd(cfg, data, protocol)
         for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
@@ -426,7 +432,8 @@ def run(
     out = Path(cfg.out)
     check_run_dir(out)
     data = load_dataset(cfg.dataset)
-    log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test), data.fingerprint)
+    log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test),
+             data.fingerprint)
     check_run(cfg, data)
     if ddist.current().is_main:
         # the run record says every stage is done; a run that stops (killed, or failing) after replacing a
@@ -474,8 +481,10 @@ def run(
     for protocol in protocols:
         path = out / f"eval-{protocol.label_mode}.json"
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
-                           "teacher": teacher.fingerprint if teacher is not None else None, **protocol_inputs(protocol)})
-        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r, path, "evaluating")
+                           "teacher": teacher.fingerprint if teacher is not None else None,
+                           **protocol_inputs(protocol)})
+        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r,
+                                path, "evaluating")
         if report:
             summary["reused"].append(path.name)
         else:
@@ -566,12 +575,15 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     ]
     if teacher_acc is not None:
         lines.append(f"- teacher test accuracy: {100 * teacher_acc:.2f}%")
-    lines += ["", "![distilled set](distilled-grid.png)", "", "## Test accuracy (%)", "", "```", format_table(reports), "```", ""]
+    lines += ["", "![distilled set](distilled-grid.png)", "", "## Test accuracy (%)", "", "```",
+              format_table(reports), "```", ""]
     for rep in reports:
         res = rep["results"]
-        line = f"- label mode **{rep['config']['label_mode']}** (protocol `{rep['protocol_hash']}`): distilled {100 * res['distilled']['mean']:.2f}%"
+        line = (f"- label mode **{rep['config']['label_mode']}** (protocol `{rep['protocol_hash']}`): distilled "
+                f"{100 * res['distilled']['mean']:.2f}%")
         if "random" in res:
-            line += f", random subset {100 * res['random']['mean']:.2f}% (IOR {100 * (res['distilled']['mean'] - res['random']['mean']):+.2f})"
+            line += (f", random subset {100 * res['random']['mean']:.2f}% (IOR "
+                     f"{100 * (res['distilled']['mean'] - res['random']['mean']):+.2f})")
         if "full" in res:
             line += f", full data {100 * res['full']['mean']:.2f}%"
         lines.append(line)

@@ -171,9 +171,9 @@ def _seconds(x: float | None) -> str:
 
 def _cells(r: dict) -> list[str]:
     mem = r["synthesis"].get("peak_memory_bytes")
-    return [r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"], _fmt(r["acc"]), _fmt(r.get("random")),
-            _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3), _fmt(r.get("ars"), 1, 3),
-            f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
+    return [r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"], _fmt(r["acc"]),
+            _fmt(r.get("random")), _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3),
+            _fmt(r.get("ars"), 1, 3), f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
             _seconds(r["synthesis"].get("shared_seconds")),
             "–" if mem is None else f"{mem / 2**20:.1f}", f"`{r['protocol_hash']}`"]
 
@@ -221,7 +221,8 @@ def _check_table(table: dict, where: Path) -> None:
         seen.add(cell)
     for key in ("config", "versions"):
         if not isinstance(table.get(key), dict):
-            raise DDKitError(f"{str(where)!r} lacks {key!r} (a JSON object) or holds {table.get(key)!r} there; {_REBUILD}")
+            raise DDKitError(f"{str(where)!r} lacks {key!r} (a JSON object) or holds {table.get(key)!r} "
+                             f"there; {_REBUILD}")
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -265,14 +266,16 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
              "follow DD-Ranking on fractions (λ = {}, γ = {}), in [0, 1]. Peak memory: CUDA allocator peak on GPU, "
              "sampled RSS high-water above the stage's start on CPU. Synthesis s leaves out building the cached "
              "artifacts that every set of the same teacher or expert recipe shares (teacher statistics, expert "
-             "buffers); shared s is what building those took, reused or not (– where not recorded).").format(cfg["lrs_lambda"], cfg["ars_gamma"])
+             "buffers); shared s is what building those took, reused or not (– where "
+             "not recorded).").format(cfg["lrs_lambda"], cfg["ars_gamma"])
     cross = _cross_arch(rows)
 
     md = ["# ddkit benchmark report", "", intro, "", notes, "", "## Results", "",
           "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     if cross:
-        md += ["", "## Cross-architecture accuracy (%)", "", "| " + " | ".join(cross[0]) + " |", "|" + "---|" * len(cross[0])]
+        md += ["", "## Cross-architecture accuracy (%)", "", "| " + " | ".join(cross[0]) + " |",
+               "|" + "---|" * len(cross[0])]
         md += ["| " + " | ".join(c) + " |" for c in cross[1]]
     md += ["", "## Plots", ""]
     md += [f"### {PLOTS[p]}\n\n![{PLOTS[p]}]({p})\n" for p in plots]
@@ -289,7 +292,8 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
         return f"<table><thead><tr>{h}</tr></thead><tbody>{b}</tbody></table>"
 
     parts = ["<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'><title>ddkit benchmark report</title>",
-             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse;font-size:12px}"
+             "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}"
+             "table{border-collapse:collapse;font-size:12px}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
              "img{max-width:100%;border:1px solid #eee}code{background:#f6f6f6}</style></head><body>",
              "<h1>ddkit benchmark report</h1>", f"<p>{e(intro).replace('`', '')}</p>", f"<p>{e(notes)}</p>",

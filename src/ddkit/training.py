@@ -64,7 +64,8 @@ class TrainConfig(Checked):
     momentum: float = field(0.9, help="SGD momentum")
     weight_decay: float = field(5e-4, help="weight decay (L2 for sgd/adam, decoupled for adamw)")
     schedule: Literal["step", "cosine", "smoothing", "constant"] = field(
-        "step", help="step: lr x0.1 from epoch N//2 on, counting from 0, momentum kept (DC/DSA's halving; their code trains "
+        "step",
+        help="step: lr x0.1 from epoch N//2 on, counting from 0, momentum kept (DC/DSA's halving; their code trains "
         "N+1 epochs, drops after epoch N//2+1 and restarts the optimizer; an odd N spends its extra epoch at the low "
         "lr); cosine; smoothing: EDC's (1+cos(i*pi/(zeta*N)))/2"
     )
@@ -93,7 +94,8 @@ class TrainConfig(Checked):
         if self.momentum < 0 or self.weight_decay < 0:
             raise ConfigError(f"momentum and weight_decay must be >= 0, got {self.momentum} and {self.weight_decay}")
         if self.momentum >= 1:
-            raise ConfigError(f"momentum must be < 1 (with 1 or more every step's gradient adds up forever), got {self.momentum}")
+            raise ConfigError("momentum must be < 1 (with 1 or more every step's gradient adds up forever), got "
+                              f"{self.momentum}")
         if self.smoothing_zeta <= 0:
             raise ConfigError(f"smoothing_zeta must be > 0, got {self.smoothing_zeta}")
         if not 0 <= self.warmup_epochs < self.epochs:
@@ -223,7 +225,8 @@ def per_sample_loss(
     return mse + ce_weight * ce
 
 
-def mix_targets(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: LossKind, temperature: float) -> torch.Tensor:
+def mix_targets(a: torch.Tensor, b: torch.Tensor, lam: torch.Tensor, loss: LossKind,
+                temperature: float) -> torch.Tensor:
     """Stored target logits ``a`` and ``b`` [B, C] of a CutMix pair as one target for ``loss``, ``lam`` [B]
     being ``a``'s pixel fraction. ``kl`` mixes what it trains on, the distributions at ``temperature``
     (as CutMix mixes one-hot labels): the result is ``T * log(lam * p_a + (1 - lam) * p_b)``, whose
@@ -250,7 +253,8 @@ def check_teacher_bn(mode: str, group: int | None, name: str = "teacher_bn") -> 
     if not is_count(group):
         raise ConfigError(f"{name}_batch must be a number of images >= 1 (or null: the whole batch), got {group!r}")
     if mode != "batch":
-        raise ConfigError(f"{name}_batch={group} only applies with {name} 'batch'; set {name}=batch or drop {name}_batch")
+        raise ConfigError(f"{name}_batch={group} only applies with {name} 'batch'; set {name}=batch or drop "
+                          f"{name}_batch")
 
 
 def omit_running_bn(settings: dict, name: str = "teacher_bn") -> dict:
@@ -291,7 +295,8 @@ def batch_statistics(model: nn.Module) -> Iterator[int]:
 
 
 @torch.no_grad()
-def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running", group: int | None = None) -> torch.Tensor:
+def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running",
+                    group: int | None = None) -> torch.Tensor:
     """Float logits of the teacher ``model`` on normalised images ``x``, without gradients.
 
     ``bn="running"``: the model as it is (a teacher is in eval mode, so BatchNorm uses its running
@@ -603,7 +608,8 @@ def train_classifier(
                 total += per.detach().sum().double()
                 count += len(per)
         if info.enabled:  # each rank summed its own slices: the epoch's loss is over every image, as in one process
-            sums = ddist.all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+            sums = ddist.all_reduce_sum(
+                torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
             total, count = sums[0], int(sums[1])
             # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
             ddist.broadcast_buffers(model)

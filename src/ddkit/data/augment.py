@@ -314,7 +314,8 @@ class DSA(Checked):
             raise ConfigError(f"DSA flip_prob must be in [0, 1], got {self.flip_prob}")
         for name in ("crop_ratio", "cutout_ratio"):
             if not 0 <= getattr(self, name) <= 1:
-                raise ConfigError(f"DSA {name} must be in [0, 1] (a fraction of the image size), got {getattr(self, name)}")
+                raise ConfigError(f"DSA {name} must be in [0, 1] (a fraction of the image size), got "
+                                  f"{getattr(self, name)}")
         for name in ("brightness", "saturation", "contrast", "rotate_degrees"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"DSA {name} must be >= 0, got {getattr(self, name)}")
@@ -545,7 +546,8 @@ def check_cutmix(prob: float, alpha: float) -> None:
     if not 0 <= prob <= 1:
         raise ConfigError(f"cutmix_prob must be in [0, 1] (0 disables CutMix), got {prob}")
     if not 0 < alpha < float("inf"):
-        raise ConfigError(f"cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is usual), got {alpha}")
+        raise ConfigError("cutmix_alpha must be a finite number > 0 (CutMix's Beta(alpha, alpha); 1 is "
+                          f"usual), got {alpha}")
 
 
 @dataclass(frozen=True)

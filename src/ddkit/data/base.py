@@ -30,8 +30,10 @@ class DatasetConfig(Checked):
     """Which dataset to load and how."""
 
     name: str = field("fashion-mnist", help="registered dataset key (`ddkit list datasets`)")
-    path: str | None = field(None, help="explicit folder or file; default searches $DDKIT_DATA/<name>, then /usr/share/datasets/<name>")
-    classes: list[str] | None = field(None, help="imagefolder: class names in label order (default: sorted folder names)")
+    path: str | None = field(None, help="explicit folder or file; default searches $DDKIT_DATA/<name>, then "
+                                        "/usr/share/datasets/<name>")
+    classes: list[str] | None = field(None,
+                                      help="imagefolder: class names in label order (default: sorted folder names)")
     image_size: int | None = field(None, help="imagefolder: resize images to this square size")
     train_split: str = field("train", help="imagefolder: train split folder name")
     test_split: str = field("test", help="imagefolder: test split folder name")
@@ -42,7 +44,8 @@ class DatasetConfig(Checked):
 
     def __post_init__(self) -> None:
         if not self.name.strip():
-            raise ConfigError("name is empty; give a dataset key (`ddkit list datasets`)")  # from_dict names the section
+            # from_dict names the section
+            raise ConfigError("name is empty; give a dataset key (`ddkit list datasets`)")
         if self.path is not None and not self.path.strip():
             raise ConfigError("path is empty; give the data's folder or file, or leave it out to search for it")
         for name in ("train_per_class", "test_per_class", "image_size"):
@@ -51,7 +54,8 @@ class DatasetConfig(Checked):
                 raise ConfigError(f"{name} must be >= 1, got {value}")  # from_dict names the section
         for name in ("train_split", "test_split"):
             value = getattr(self, name)
-            if not value.strip("./\\"):  # the root itself (or above it): the other split's class folders look like classes
+            # the root itself (or above it): the other split's class folders look like classes
+            if not value.strip("./\\"):
                 raise ConfigError(f"{name} must be the name of a folder in dataset.path, got {value!r}")
 
     def absolute(self) -> DatasetConfig:
@@ -367,7 +371,8 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
         if v is not None and not is_count(v, low):
             raise ConfigError(f"dataset.options.{key} must be an integer >= {low}, got {v!r}")
     noise = cfg.options.get("noise")
-    if noise is not None and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf")):
+    if (noise is not None
+            and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf"))):
         raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
     from ddkit.data.sources import _check_class_order  # sources imports this module
 

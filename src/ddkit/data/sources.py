@@ -249,7 +249,8 @@ def _load_idx_dataset(
         if folder is None:
             if cfg.path and order[0].is_dir():  # name what the folder lacks, in whichever form is missing
                 missing = [f"{f} (or {f}.gz)" for f in lacks(order[0])]
-                raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; {_put_files(cfg)}") from None
+                raise DataError(f"dataset {cfg.name!r}: {cfg.path} lacks {', '.join(missing)}; "
+                                f"{_put_files(cfg)}") from None
             raise exc from None
 
     def file(stem: str) -> Path:
@@ -344,8 +345,8 @@ def safe_unpickle(data: bytes, where: str) -> object:
         raise DataError(
             f"{where} is not a plain CIFAR batch ({exc}); refusing to load it, use the official archive"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
-            struct.error) as exc:  # fmt: skip
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, struct.error) as exc:  # fmt: skip
         raise DataError(f"{where} is corrupt ({type(exc).__name__}: {_one_line(exc)}); {_REDOWNLOAD}") from None
 
 
@@ -436,7 +437,8 @@ def _cifar_batch(blob: bytes, where: str, labels_key: str, num_classes: int) -> 
     labels = _get(batch, labels_key, where)
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         shape = getattr(data, "shape", None)
-        raise DataError(f"{where}: 'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}; {_REDOWNLOAD}")
+        raise DataError(f"{where}: 'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}; "
+                        f"{_REDOWNLOAD}")
     try:
         labels = np.asarray(labels, dtype=np.int64)
     except (TypeError, ValueError):
@@ -500,7 +502,8 @@ def _load_cifar(cfg: DatasetConfig) -> DataBundle:
         parts[split] = ImageSet(torch.from_numpy(images), torch.from_numpy(labels))
     _check_class_order(cfg, classes)
     logger.info("loaded %s from %s: %d train, %d test", cfg.name, where_root, len(parts["train"]), len(parts["test"]))
-    return DataBundle(cfg.name, parts["train"], parts["test"], classes, spec["mean"], spec["std"], source=str(where_root))
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, spec["mean"], spec["std"],
+                      source=str(where_root))
 
 
 @DATASETS.register("cifar10")
@@ -529,7 +532,8 @@ def _class_dirs(split_dir: Path) -> dict[str, Path]:
 
 def _image_files(class_dir: Path) -> list[Path]:
     return sorted(
-        p for p in class_dir.rglob("*")  # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
+        # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
+        p for p in class_dir.rglob("*")
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )  # fmt: skip
@@ -572,7 +576,8 @@ def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
             elif im.mode not in _GRAY_MODES | _ALPHA_MODES | {"RGB"}:
                 done.append("other_to_rgb")
             if im.mode in _ALPHA_MODES or "transparency" in im.info:  # an alpha band, or a colour key / palette alpha
-                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")  # (a palette's alpha warns in convert("RGB"))
+                # (a palette's alpha warns in convert("RGB"))
+                rgba = im if im.mode in _ALPHA_MODES else im.convert("RGBA")
                 done.append("alpha_dropped")
                 if rgba.getchannel("A").getextrema()[0] < 255:
                     done.append("transparent")
@@ -648,7 +653,8 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
 
     arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
     labels: dict[str, list[int]] = {"train": [], "test": []}
-    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}  # split -> CONVERSIONS key (or "transparent") -> files
+    # split -> CONVERSIONS key (or "transparent") -> files
+    converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     first: tuple[Path, tuple[int, int]] | None = None
     for split, split_dir in split_dirs.items():
         for label, name in enumerate(classes):
@@ -690,7 +696,8 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
         _log_conversions(split_dirs[split], converted[split], len(parts[split]))
     mean, std = channel_stats(parts["train"].images, name=f"the training images in {split_dirs['train']}",
                               fix="check the images (a folder of blank images?)")
-    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]), len(parts["test"]))
+    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]),
+                len(parts["test"]))
     conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}
                    for split, counts in converted.items() if counts}
     return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root),
@@ -749,9 +756,11 @@ def _read_pt(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
                else "save only a dict of tensors plus an optional list of class names")
         raise DataError(f"{path} holds objects that safe (weights_only) loading refuses ({why}); {fix}") from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError, TypeError, ImportError) as exc:
-        raise DataError(f"{path} is not a readable torch file ({_one_line(exc)}); re-create it with torch.save") from None
+        raise DataError(f"{path} is not a readable torch file ({_one_line(exc)}); re-create it "
+                        "with torch.save") from None
     if not isinstance(obj, dict):
-        raise DataError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors; save a dict with {list(TENSOR_KEYS)}")
+        raise DataError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors; save a dict with "
+                        f"{list(TENSOR_KEYS)}")
     classes = obj.get("classes")
     tensors = {k: v for k, v in obj.items() if k != "classes"}
     return tensors, classes
@@ -808,7 +817,8 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
         t = tensors[key]
         if not isinstance(t, torch.Tensor) or t.numel() != channels or not t.is_floating_point():
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise DataError(f"{path}: {key} must be a float tensor of {channels} values (one per channel), found {shape}")
+            raise DataError(f"{path}: {key} must be a float tensor of {channels} values (one per channel), "
+                            f"found {shape}")
         out.append(tuple(float(v) for v in t.flatten()))
         if not all(math.isfinite(v) for v in out[-1]):
             raise DataError(f"{path}: {key} must hold finite numbers, found {list(out[-1])}")
@@ -833,7 +843,8 @@ def _label_set(labels: list[int]) -> str:
 def _labels_not_0_to_k(path: Path, train: list[int], test: list[int]) -> None:
     """Without 'classes' the labels name the classes 0..K-1, each of which needs training images."""
     test_only = sorted(set(test) - set(train))
-    found = f"train_labels hold {_label_set(train)}" + (f" and test_labels also {_label_set(test_only)}" if test_only else "")
+    found = (f"train_labels hold {_label_set(train)}"
+             + (f" and test_labels also {_label_set(test_only)}" if test_only else ""))
     fixes = []
     if test_only:  # first: a remap of labels that still include them would keep them
         fixes.append("drop the test images whose labels no training image has")
@@ -879,7 +890,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         images = _tensor_images(tensors[f"{split}_images"], f"{split}_images", path)
         labels = _tensor_labels(tensors[f"{split}_labels"], f"{split}_labels", path)
         if len(images) != len(labels):
-            raise DataError(f"{path}: {split}_images has {len(images)} images but {split}_labels has {len(labels)} labels")
+            raise DataError(f"{path}: {split}_images has {len(images)} images but {split}_labels has "
+                            f"{len(labels)} labels")
         parts[split] = ImageSet(images, labels)
 
     top = max((int(p.labels.max()) for p in parts.values() if len(p)), default=-1)
@@ -893,7 +905,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     elif len(set(classes)) != len(classes):
         raise DataError(f"{path}: 'classes' has duplicate names; give each class a unique name")
     elif top >= len(classes):
-        raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; list every class")
+        raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; "
+                        "list every class")
     _check_class_order(cfg, classes)
 
     if 0 in parts["train"].images.shape[1:]:

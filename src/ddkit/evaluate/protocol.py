@@ -34,21 +34,27 @@ class ProtocolConfig(Checked):
         "hard", help="hard: cross-entropy; teacher: teacher queried on every augmented batch; stored: the artifact's "
         "static soft labels; fkd: per-epoch stored views and logits from `ddkit relabel` (fkd_store)"
     )
-    loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE)")
+    loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: "
+                                                           "MSE + 0.025 CE)")
     temperature: float = field(4.0, help="softmax temperature for the kl loss")
-    teacher_bn: TeacherBN = field("running", help="teacher BatchNorm when the evaluator computes soft labels (label_mode "
-                                  "teacher; the random baseline's labels in mode stored): running statistics, or batch: "
-                                  "statistics of the images labelled (CV-DD's batch-specific soft labels)")
+    teacher_bn: TeacherBN = field("running",
+                                  help="teacher BatchNorm when the evaluator computes soft labels (label_mode "
+                                  "teacher; the random baseline's labels in mode stored): running "
+                                  "statistics, or batch: statistics of the images labelled (CV-DD's "
+                                  "batch-specific soft labels)")
     teacher_bn_batch: int | None = field(None, help="teacher_bn batch: BatchNorm statistics over groups of this many "
                                          "images of each batch (null: the whole batch)")
     fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
-    extra_teachers: list[str] = field([], added=True, help="more teacher artifacts: soft labels become the mean logits of the "
+    extra_teachers: list[str] = field([], added=True,
+                                      help="more teacher artifacts: soft labels become the mean logits of the "
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
-    learned_lr: bool = field(False, added=True, help="train the students with the set's learned student lr (meta syn_lr: "
-                             "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the random subset too")
+    learned_lr: bool = field(False, added=True,
+                             help="train the students with the set's learned student lr (meta syn_lr: "
+                             "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the "
+                             "random subset too")
     zca: bool = field(False, added=True, help="train and test students on ZCA-whitened images (fitted on the training "
-                      "set's pixels; the random subset and full-data reference too), as MTT, FTD, TESLA and DATM evaluate "
-                      "sets distilled with `buffer.zca`; label_mode hard or stored")
+                      "set's pixels; the random subset and full-data reference too), as MTT, FTD, TESLA and "
+                      "DATM evaluate sets distilled with `buffer.zca`; label_mode hard or stored")
     zca_reg: float = field(0.1, added=True, help="zca: regularisation added to the covariance eigenvalues (MTT: 0.1)")
     train: TrainConfig = field(factory=TrainConfig, help="optimizer, schedule, epochs, batch, augmentation, EMA")
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
@@ -76,7 +82,8 @@ class ProtocolConfig(Checked):
             raise ConfigError("full_epochs and full_seeds must be >= 1")
         if self.full_reference and self.train.warmup_epochs >= self.full_epochs:
             raise ConfigError(f"full_epochs {self.full_epochs} leaves no epoch after train.warmup_epochs "
-                              f"{self.train.warmup_epochs} for the full-data reference; raise full_epochs or set full_reference: false")
+                              f"{self.train.warmup_epochs} for the full-data reference; raise full_epochs or set "
+                              "full_reference: false")
 
     def identity(self) -> dict:
         """What decides the numbers: every field, except those at a value that reproduces the
@@ -164,8 +171,8 @@ def cvdd_protocol() -> ProtocolConfig:
     """CV-DD's CIFAR evaluation (Cui et al. 2025, Jiacheng8/CV-DD ``validate/train_fkd.py``): KL on
     teacher logits at temperature 20, AdamW lr 1e-3 (weight decay 0.01) with a cosine schedule over
     300 epochs, batch 16 (``train_fkd.py``'s default), CutMix (Beta(1, 1) on every batch),
-    random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with the statistics
-    of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
+    random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with
+    the statistics of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
 
     Adapted: the teacher is queried online on every batch (``label_mode: teacher``) instead of
     CV-DD's stored per-batch FKD labels, which only replay with the same batch size and order; for

@@ -81,7 +81,8 @@ def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: Proto
     torch.manual_seed(seed)
     c, h, _ = data.image_shape
     model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
-    return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test, progress=progress).test_accuracy)
+    return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test,
+                                  progress=progress).test_accuracy)
 
 
 def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device):
@@ -148,7 +149,8 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
                                     "teacher_bn_batch": store.teacher_bn_batch})
     key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "ipc": ipc,
                        "seed": seed, "fkd": settings,
-                       "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
+                       "teacher": teacher.fingerprint
+                       if teacher is not None and protocol.label_mode != "hard" else None,
                        **({"lr": lr} if lr is not None else {}),
                        **({"stored_labels": labeller.key} if labeller is not None else {})})
     return (Path(cache_dir) if cache_dir else cache_dir_of()) / "random-baseline" / f"{key}.json"
@@ -377,7 +379,8 @@ def evaluate(
         )
     mode = protocol.label_mode
     if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
-        raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use label_mode teacher")
+        raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use "
+                         "label_mode teacher")
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         why = "" if mode == "teacher" else " to label the random subset beside the set"
         fix = "" if mode == "teacher" else ", or set random_baseline=false to evaluate the set alone"
@@ -412,8 +415,9 @@ def evaluate(
         store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
         if differs := _other_views(protocol.train, store):
-            log.warning("the FKD store's augmentation (%s) is not the protocol's train.augment (%s): students replay the "
-                        "store's views; relabel with the protocol's augmentation to train as it says", *differs)
+            log.warning("the FKD store's augmentation (%s) is not the protocol's train.augment (%s): "
+                        "students replay the store's views; relabel with the protocol's augmentation to "
+                        "train as it says", *differs)
     if teacher is not None:
         teacher.check_compatible(data)
     stored_random = mode == "stored" and protocol.random_baseline and distilled.ipc is not None
@@ -423,13 +427,14 @@ def evaluate(
     if protocol.learned_lr:
         learned = man.get("meta", {}).get("syn_lr")
         if learned is None:
-            raise DDKitError(f"protocol learned_lr trains students with the set's learned lr, but this {distilled.method!r} "
-                             "set has none (only mtt, tesla, ftd, datm and shq learn one); set learned_lr: false")
+            raise DDKitError("protocol learned_lr trains students with the set's learned lr, but this "
+                             f"{distilled.method!r} set has none (only mtt, tesla, ftd, datm and shq learn one); set "
+                             "learned_lr: false")
         learned = float(learned)
         if not (math.isfinite(learned) and learned > 0):
-            raise DDKitError(f"protocol learned_lr trains students with the set's learned lr, but this {distilled.method!r} "
-                             f"set learned {learned:.4g} (meta.syn_lr), not a usable lr > 0; set learned_lr: false, or "
-                             "distil again with a smaller lr_lr or log_lr: true")
+            raise DDKitError("protocol learned_lr trains students with the set's learned lr, but this "
+                             f"{distilled.method!r} set learned {learned:.4g} (meta.syn_lr), not a usable lr > 0; set "
+                             "learned_lr: false, or distil again with a smaller lr_lr or log_lr: true")
         train = dataclasses.replace(protocol.train, lr=learned)
         log.info("students train with the set's learned lr %.5g (protocol learned_lr)", learned)
 
@@ -473,7 +478,8 @@ def evaluate(
     if protocol.random_baseline and ipc is not None:
         results["random"] = _summary([merged[s]["random"] for s in seeds])
     if protocol.full_reference:
-        results["full"] = full_reference(data, protocol, seeds, device, Path(cache_dir) if cache_dir else None, progress)
+        results["full"] = full_reference(data, protocol, seeds, device,
+                                         Path(cache_dir) if cache_dir else None, progress)
     report = base_manifest("evaluation", to_dict(protocol), seeds[0])
     report.update({
         "seeds": seeds,
@@ -511,7 +517,8 @@ def evaluation_bytes(distilled: DistilledSet, label_mode: str, fkd_bytes: int | 
     """What a student of ``label_mode`` trains from: the images, the hard labels, and the set's soft labels
     only where it replays them (``stored``), or the FKD store's bytes (``fkd``). A set's own soft labels
     are not counted where the protocol ignores them (``hard``) or asks the teacher instead (``teacher``)."""
-    labels = tensor_bytes(distilled.labels, distilled.soft_labels if label_mode == "stored" else None) + (fkd_bytes or 0)
+    labels = (tensor_bytes(distilled.labels, distilled.soft_labels if label_mode == "stored" else None)
+              + (fkd_bytes or 0))
     return {"images": distilled.image_bytes, "labels": labels, "total": distilled.image_bytes + labels,
             **({"fkd_labels": fkd_bytes} if fkd_bytes is not None else {})}
 
@@ -523,7 +530,8 @@ def format_table(reports: list[dict[str, Any]]) -> str:
     for rep in reports:
         proto = rep["config"]
         ipc = rep["distilled"]["ipc"]
-        rows = [(f"{rep['distilled']['method']} ipc={ipc_text(ipc)}", proto["label_mode"], rep["results"]["distilled"], rep["bytes"]["total"])]
+        rows = [(f"{rep['distilled']['method']} ipc={ipc_text(ipc)}", proto["label_mode"], rep["results"]["distilled"],
+                 rep["bytes"]["total"])]
         if "random" in rep["results"]:
             rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
         if "full" in rep["results"]:

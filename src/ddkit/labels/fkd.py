@@ -251,12 +251,16 @@ class SoftLabelStore:
         for key in need[:2] if m["top_k"] else need[:1]:
             if tuple(t[key].shape[2:]) != last:
                 raise DDKitError(f"{where}: {key!r} has shape {tuple(t[key].shape)}; expected last dim {last[0]}")
-        if m["top_k"] and len(t["topk.indices"]) and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c):
-            raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run `ddkit relabel`")
+        if (m["top_k"] and len(t["topk.indices"])
+                and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c)):
+            raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run "
+                             "`ddkit relabel`")
         bad = [k for k, v in t.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
-            raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run `ddkit relabel`")
-        if self.mixed and len(t["mix.partner"]) and (int(t["mix.partner"].min()) < 0 or int(t["mix.partner"].max()) >= n):
+            raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run "
+                             "`ddkit relabel`")
+        if (self.mixed and len(t["mix.partner"])
+                and (int(t["mix.partner"].min()) < 0 or int(t["mix.partner"].max()) >= n)):
             raise DDKitError(f"{where}: CutMix partners outside [0, {n}); the store is corrupt, re-run `ddkit relabel`")
         h, w = m["image_size"]
         for key, top, unit in (("aug.box", (1, 1), "normalised"), ("mix.box", (w, h), "pixel")):
@@ -282,10 +286,11 @@ class SoftLabelStore:
         fp = set_fingerprint(distilled.images, distilled.labels)
         if fp != self.manifest["distilled"]["fingerprint"]:
             raise DDKitError(
-                f"soft-label store was made for a distilled set with fingerprint {self.manifest['distilled']['fingerprint']} "
-                f"but this set has {fp}; re-run `ddkit relabel` on this set"
+                "soft-label store was made for a distilled set with fingerprint "
+                f"{self.manifest['distilled']['fingerprint']} but this set has {fp}; re-run `ddkit relabel` on this set"
             )
-        if teacher is not None and hasattr(teacher, "fingerprint") and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]:
+        if (teacher is not None and hasattr(teacher, "fingerprint")
+                and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]):
             raise DDKitError(
                 f"soft-label store was made by teacher {self.manifest['teacher']['fingerprint']}, not "
                 f"{teacher.fingerprint}; pass the same teacher or re-run `ddkit relabel`"
@@ -301,7 +306,8 @@ class SoftLabelStore:
         if not self.top_k:
             return self.tensors["logits"][epoch][idx].float()
         out = torch.full((len(idx), self.num_classes), float("-inf"))
-        return out.scatter_(1, self.tensors["topk.indices"][epoch][idx].long(), self.tensors["topk.values"][epoch][idx].float())
+        return out.scatter_(1, self.tensors["topk.indices"][epoch][idx].long(),
+                            self.tensors["topk.values"][epoch][idx].float())
 
     def _index(self, epoch: int, indices) -> torch.Tensor:
         if not 0 <= epoch < self.epochs:
@@ -334,7 +340,8 @@ class SoftLabelStore:
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         man = dict(self.manifest)
-        man["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)} for k, v in self.tensors.items()}
+        man["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+                          for k, v in self.tensors.items()}
         man["bytes"] = {"total": self.nbytes, "logits": self.logit_nbytes}
         man["files"] = {"labels": FILE}
         with atomic_dir(out, kind=KIND) as tmp:
@@ -355,8 +362,9 @@ class SoftLabelStore:
         if (len(man["classes"]) != man["num_classes"] or len(size) != 2 or min(man["epochs"], man["num_images"]) < 1
                 or not all(map(is_count, size))):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds {len(man['classes'])} classes for num_classes "
-                             f"{man['num_classes']}, image_size {size!r}, {man['epochs']} epochs and {man['num_images']} "
-                             "images; the manifest is damaged: re-create the store with `ddkit relabel`")
+                             f"{man['num_classes']}, image_size {size!r}, {man['epochs']} epochs and "
+                             f"{man['num_images']} images; the manifest is damaged: re-create the store with "
+                             "`ddkit relabel`")
         if man["cutmix"] is not None:  # CutMix's settings, which a random-baseline relabel repeats
             check_fields(man, {"cutmix.prob": (int, float), "cutmix.alpha": (int, float)}, path, KIND)
         if man.get("format") != FORMAT:
@@ -378,7 +386,8 @@ class SoftLabelStore:
         for key, spec in man["tensors"].items():
             if (not isinstance(spec, dict) or str(tensors[key].dtype).removeprefix("torch.") != spec.get("dtype")
                     or list(tensors[key].shape) != spec.get("shape")):
-                raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, re-run `ddkit relabel`")
+                raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, "
+                                 "re-run `ddkit relabel`")
         return cls(tensors, man, path)
 
 
@@ -474,12 +483,13 @@ def relabel(
     model = model.to(device).eval()
     classes = list(distilled.classes)
     if hasattr(teacher, "classes") and list(teacher.classes) != classes:
-        raise DDKitError("teacher's classes (names or order) differ from the distilled set's; use the teacher of this dataset")
+        raise DDKitError("teacher's classes (names or order) differ from the distilled set's; use the teacher "
+                         "of this dataset")
     images, n = distilled.images, len(distilled.labels)
     expects = getattr(teacher, "manifest", {}).get("model", {}).get("input_shape")
     if expects is not None and list(expects) != list(images.shape[1:]):
-        raise DDKitError(f"teacher expects images {list(expects)} but the distilled set's are {list(images.shape[1:])}; "
-                         "use the teacher of this dataset")
+        raise DDKitError(f"teacher expects images {list(expects)} but the distilled set's are "
+                         f"{list(images.shape[1:])}; use the teacher of this dataset")
     size = tuple(images.shape[-2:])
     num_classes = len(classes)
     if top_k is not None and not 1 <= top_k <= num_classes:
@@ -530,8 +540,9 @@ def relabel(
                           teacher_bn_batch)
         peak = float(z.abs().max()) if z.numel() else 0.0
         if not peak <= FP16_MAX:  # also NaN
-            raise DDKitError(f"teacher logits reach {peak:.3g} in relabel epoch {e}, beyond float16's {FP16_MAX:g} that "
-                             "the label store keeps; check the teacher (diverged training?) or evaluate with label mode teacher")
+            raise DDKitError(f"teacher logits reach {peak:.3g} in relabel epoch {e}, beyond float16's "
+                             f"{FP16_MAX:g} that the label store keeps; check the teacher (diverged training?) or "
+                             "evaluate with label mode teacher")
         row: dict[str, torch.Tensor] = {f"aug.{k}": v for k, v in aug.items()}
         if cutmix is not None:
             row["mix.partner"], row["mix.box"] = partner.to(torch.int32), box.to(torch.int16)
@@ -548,7 +559,8 @@ def relabel(
     if info.enabled:
         for part in ddist.all_gather_objects(rows):
             rows.update(part)
-    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}  # resumed or not: one order
+    # resumed or not: one order
+    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}
     manifest = base_manifest(KIND, config, seed)
     manifest.update({
         "format": FORMAT,
@@ -589,7 +601,8 @@ class RelabelSpec(Checked):
     seed: int = field(0, seed=True, help="seed of the views")
     teacher_bn: TeacherBN = field("running", help="teacher BatchNorm: running statistics, or batch: statistics of "
                                   "groups of views (CV-DD's batch-specific soft labels)")
-    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all views of an epoch)")
+    teacher_bn_batch: int | None = field(None, help="teacher_bn batch: views per BatchNorm group (null: all "
+                                                    "views of an epoch)")
 
     def __post_init__(self) -> None:
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
@@ -673,7 +686,8 @@ def train_with_store(
     if cfg.loss == "ce":
         raise ConfigError("training with stored FKD labels needs loss 'kl' or 'mse_ce'; set loss=kl")
     if store.top_k and cfg.loss != "kl":
-        raise ConfigError(f"top-k FKD labels (k={store.top_k}) only work with loss 'kl' (got {cfg.loss!r}); relabel densely or use kl")
+        raise ConfigError(f"top-k FKD labels (k={store.top_k}) only work with loss 'kl' (got {cfg.loss!r}); relabel "
+                          "densely or use kl")
     store.check_matches(distilled)
     if tc.augment != "none" or tc.cutmix_prob > 0:
         log.info("FKD training replays the store's augmentation (%s); train.augment/cutmix_prob are ignored",
@@ -681,6 +695,6 @@ def train_with_store(
     if tc.epochs > store.epochs:
         log.warning("store has %d epochs but training runs %d: epochs are reused cyclically", store.epochs, tc.epochs)
     data = ImageSet(distilled.images, distilled.labels.long())
-    return train_classifier(model, data, distilled.mean, distilled.std, tc, seed=seed, device=device, label_source="fkd",
-                            loss=cfg.loss, temperature=cfg.temperature, fkd_store=store, test=test,
+    return train_classifier(model, data, distilled.mean, distilled.std, tc, seed=seed, device=device,
+                            label_source="fkd", loss=cfg.loss, temperature=cfg.temperature, fkd_store=store, test=test,
                             distributed=distributed, progress=progress)

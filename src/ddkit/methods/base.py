@@ -104,7 +104,8 @@ def check_ipc(real: DataBundle, ipc: int | None) -> int:
     smallest = int(counts.min())
     if smallest == 0:
         c = int(counts.argmin())
-        raise DataError(f"class {real.classes[c]!r} has no training images; add some, or drop the class from the dataset")
+        raise DataError(f"class {real.classes[c]!r} has no training images; add some, or drop the class "
+                        "from the dataset")
     if ipc > smallest:
         c = int(counts.argmin())
         raise DataError(

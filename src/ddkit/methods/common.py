@@ -40,12 +40,14 @@ def init_images(real: DataBundle, ipc: int, init: str, seed: int) -> tuple[torch
 
 def to_normalized(x: torch.Tensor, real: DataBundle) -> torch.Tensor:
     c = x.shape[1]
-    return (x - torch.tensor(real.mean, device=x.device).view(1, c, 1, 1)) / torch.tensor(real.std, device=x.device).view(1, c, 1, 1)
+    return ((x - torch.tensor(real.mean, device=x.device).view(1, c, 1, 1))
+            / torch.tensor(real.std, device=x.device).view(1, c, 1, 1))
 
 
 def to_pixels(x: torch.Tensor, real: DataBundle) -> torch.Tensor:
     c = x.shape[1]
-    return x * torch.tensor(real.std, device=x.device).view(1, c, 1, 1) + torch.tensor(real.mean, device=x.device).view(1, c, 1, 1)
+    return (x * torch.tensor(real.std, device=x.device).view(1, c, 1, 1)
+            + torch.tensor(real.mean, device=x.device).view(1, c, 1, 1))
 
 
 class Checkpoint:

@@ -35,18 +35,22 @@ class CVDDConfig(RecoverConfig):
     iterations: int = field(200, help="steps per batch (CV-DD CIFAR-10 script: 200)")
     lr: float = field(0.25, help="Adam lr on normalised pixels (CV-DD: 0.25)")
     r_stats: float = field(0.01, help="weight of each member's BN statistics loss (CV-DD --r-bn 0.01)")
-    init: Literal["noise", "real", "rded"] = field("rded", help="CV-DD starts from RDED-style selected real patches ('real' is cheaper)")
+    init: Literal["noise", "real", "rded"] = field("rded", help="CV-DD starts from RDED-style selected real patches "
+                                                                "('real' is cheaper)")
     jitter: int = field(4, help="random roll of up to this many pixels per step (CV-DD CIFAR: 4)")
-    committee_size: int | None = field(2, help="teachers per committee, drawn per IPC slot (CV-DD: 2); needs that many teachers (extra_teachers)")
-    committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(accuracy_% / T) voting (CV-DD 'prior') or equal weights")
+    committee_size: int | None = field(2, help="teachers per committee, drawn per IPC slot (CV-DD: 2); needs that many "
+                                               "teachers (extra_teachers)")
+    committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(accuracy_% / T) voting (CV-DD 'prior') "
+                                                                       "or equal weights")
     committee_temperature: float = field(5.0, help="voting temperature (CV-DD --weight-temperature 5)")
     soft_labels: Literal["none", "committee"] = field(
-        "committee", help="committee: store the vote-weighted mean of every teacher's logits on each image (evaluate with label_mode stored)")
+        "committee", help="committee: store the vote-weighted mean of every teacher's logits on each image (evaluate "
+                          "with label_mode stored)")
     soft_labels_bn: TeacherBN = field("batch", help="teachers' BatchNorm for the committee labels: batch (CV-DD's "
                                       "batch-specific soft labels: statistics of the synthetic images) or running")
     soft_labels_bn_batch: int | None = field(None, help="soft_labels_bn batch: statistics over groups of this many "
-                                             "images, cut from a permutation seeded with the run's seed (null: all images in one "
-                                             "forward pass; set it for sets too large for that)")
+                                             "images, cut from a permutation seeded with the run's seed (null: all "
+                                             "images in one forward pass; set it for sets too large for that)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -111,11 +115,13 @@ class CVDD(RecoverMethod):
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
         if self.cfg.soft_labels == "committee":
             weights = committee_weights_of(self.cfg, everyone)
-            synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean, real.std, ctx.device,
-                                                     bn=self.cfg.soft_labels_bn, bn_batch=self.cfg.soft_labels_bn_batch,
-                                                     seed=ctx.seed)
-            synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights, "teacher_bn": self.cfg.soft_labels_bn,
+            synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean,
+                                                     real.std, ctx.device, bn=self.cfg.soft_labels_bn,
+                                                     bn_batch=self.cfg.soft_labels_bn_batch, seed=ctx.seed)
+            synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights,
+                                             "teacher_bn": self.cfg.soft_labels_bn,
                                              "teacher_bn_batch": self.cfg.soft_labels_bn_batch,
-                                             "teachers": [t.record() for t in everyone]}  # evaluation labels random alike
+                                             # evaluation labels random alike
+                                             "teachers": [t.record() for t in everyone]}
         self.synthetic_ = synthetic
         return self

@@ -69,7 +69,8 @@ class DataDAMConfig(Checked):
     model: str = field("convnet3", help="network whose attention maps and embeddings are matched")
     model_options: dict = field({}, help="options of the model (e.g. {width: 64})")
     init: Literal["real", "noise"] = field("real", help="initial images: random real ones (paper) or Gaussian noise")
-    lr_img: float = field(1.0, help="SGD learning rate of the synthetic images (normalised pixel units; reference: 1 for IPC < 100)")
+    lr_img: float = field(1.0, help="SGD learning rate of the synthetic images (normalised pixel units; reference: 1 "
+                                    "for IPC < 100)")
     momentum_img: float = field(0.5, help="SGD momentum of the synthetic images")
     batch_real: int = field(64, help="real images per class per iteration (reference: 64)")
     power: float = field(4.0, help="attention exponent p in mean_c |f_c|^p (paper: 4)")

@@ -26,8 +26,10 @@ class DWAConfig(RecoverConfig):
     lr: float = field(0.25, help="Adam lr on normalised pixels (DWA CIFAR script: 0.25)")
     r_stats: float = field(0.01, help="weight of the BN statistics loss (DWA --r-bn 0.01)")
     var_weight: float = field(11.0, help="weight of the variance term (DWA --r-var 11)")
-    init: Literal["noise", "real", "rded"] = field("real", help="DWA starts every batch from randomly chosen real images")
-    augment: Literal["rrc_flip", "crop_flip", "none"] = field("none", help="the CIFAR branch only shifts the batch (jitter); rrc_flip is the ImageNet branch")
+    init: Literal["noise", "real", "rded"] = field("real",
+                                                   help="DWA starts every batch from randomly chosen real images")
+    augment: Literal["rrc_flip", "crop_flip", "none"] = field("none", help="the CIFAR branch only shifts the batch "
+                                                                           "(jitter); rrc_flip is the ImageNet branch")
     jitter: int = field(4, help="random roll of up to this many pixels per step (DWA CIFAR: 4)")
     perturb_rho: float = field(0.015, help="total norm of the directed weight adjustment (DWA --rho 15e-3)")
     perturb_steps: int = field(12, help="gradient-ascent steps of the adjustment (DWA --steps 12)")

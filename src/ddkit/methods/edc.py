@@ -25,14 +25,19 @@ class GVBSMConfig(RecoverConfig):
     iterations: int = field(4000, help="steps per batch (G-VBSM CIFAR-10 script: 4000)")
     lr: float = field(0.05, help="Adam lr on normalised pixels (G-VBSM CIFAR-10 script: 0.05)")
     r_stats: float = field(0.01, help="weight of the BN + conv statistics loss (G-VBSM --r-loss 0.01)")
-    stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv", help="BN running statistics and real-data convolution statistics")
-    r_logit: float = field(0.1, help="weight of per-class mean-logit matching to the real data (ddkit's choice, see the class docstring)")
-    stats_momentum: float = field(0.8, help="moving average of the synthetic statistics (G-VBSM --training-momentum 0.8)")
+    stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv",
+                                                    help="BN running statistics and real-data convolution statistics")
+    r_logit: float = field(0.1, help="weight of per-class mean-logit matching to the real data (ddkit's choice, see "
+                                     "the class docstring)")
+    stats_momentum: float = field(0.8,
+                                  help="moving average of the synthetic statistics (G-VBSM --training-momentum 0.8)")
     patch_size: int = field(4, help="per-patch statistics of conv outputs, 4x4-pixel patches (G-VBSM code)")
-    conv_drop_rate: float = field(0.4, help="probability of dropping each conv statistics term per step (G-VBSM --drop-rate 0.4)")
+    conv_drop_rate: float = field(0.4, help="probability of dropping each conv statistics term per step (G-VBSM "
+                                            "--drop-rate 0.4)")
     densify_weight: float = field(1.0, help="data densification weight (G-VBSM CIFAR script --nuc-norm 1)")
     densify_tau: float = field(4.0, help="data densification temperature (G-VBSM --tau 4)")
-    slots_per_batch: int | None = field(None, help="every IPC slot of a class in one batch, class-major (G-VBSM's batches)")
+    slots_per_batch: int | None = field(None,
+                                        help="every IPC slot of a class in one batch, class-major (G-VBSM's batches)")
 
 
 @METHODS.register("gvbsm")
@@ -95,9 +100,13 @@ class EDCConfig(RecoverConfig):
     iterations: int = field(2000, help="steps per batch: half of G-VBSM's 4000 (EDC step B)")
     lr: float = field(0.05, help="Adam lr on normalised pixels (as G-VBSM's CIFAR script)")
     r_stats: float = field(0.01, help="weight of the statistics loss")
-    stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv", help="BN + convolution statistics (EDC step A, from G-VBSM)")
-    init: Literal["noise", "real", "rded"] = field("rded", help="EDC step B: real-image init from the rded method's output (as EDC); 'real': a random real subset; 'noise' turns B off")
-    alpha: float = field(0.5, help="EDC step F: soft category-aware matching alpha*global + (1-alpha)*class; 1 turns it off")
+    stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv",
+                                                    help="BN + convolution statistics (EDC step A, from G-VBSM)")
+    init: Literal["noise", "real", "rded"] = field("rded", help="EDC step B: real-image init from the rded method's "
+                                                                "output (as EDC); 'real': a random real subset; "
+                                                                "'noise' turns B off")
+    alpha: float = field(0.5,
+                         help="EDC step F: soft category-aware matching alpha*global + (1-alpha)*class; 1 turns it off")
     flatness_weight: float = field(0.25, help="EDC step D: flatness regularisation weight; 0 turns it off")
     flatness_beta: float = field(0.99, help="EDC step D: EMA rate of the image copy")
     flatness_tau: float = field(4.0, help="EDC step D: KL temperature")

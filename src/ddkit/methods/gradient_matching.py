@@ -82,7 +82,8 @@ class DCConfig(Checked):
     model_options: dict = field({}, help="options of the model (e.g. {width: 64})")
     init: Literal["real", "noise"] = field("real", help="initial images: random real ones or Gaussian noise")
     outer_loop: int | None = field(None, help="image updates per network; null: by IPC (1->1, 10->10, 50->50)")
-    inner_loop: int | None = field(None, help="network epochs on the synthetic set between image updates; null: by IPC (1->1, 10->50, 50->10)")
+    inner_loop: int | None = field(None, help="network epochs on the synthetic set between image updates; null: by IPC "
+                                              "(1->1, 10->50, 50->10)")
     lr_img: float = field(0.1, help="SGD learning rate of the synthetic images (normalised pixel units)")
     momentum_img: float = field(0.5, help="SGD momentum of the synthetic images")
     lr_net: float = field(0.01, help="SGD learning rate of the network in the inner loop (no momentum)")
@@ -91,8 +92,8 @@ class DCConfig(Checked):
     checkpoint_every: int = field(10, help="iterations between checkpoints in the work folder")
     bn_real_per_class: int = field(16, added=True, help="networks with BatchNorm: before each image update a forward "
                                    "pass over this many real images per class sets the running statistics, which stay "
-                                   "frozen while gradients are matched (the reference's BNSizePC); 0: the statistics of "
-                                   "each matched batch. No effect on the default instance-norm ConvNet")
+                                   "frozen while gradients are matched (the reference's BNSizePC); 0: the "
+                                   "statistics of each matched batch. No effect on the default instance-norm ConvNet")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -112,7 +113,8 @@ class DCConfig(Checked):
 class DSAConfig(DCConfig):
     """DC settings plus the DSA augmentation (defaults: DSA paper / reference ``main.py --method DSA``)."""
 
-    dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits; strategy color_crop_cutout_flip_scale_rotate")
+    dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits; strategy "
+                                       "color_crop_cutout_flip_scale_rotate")
 
 
 #: image sides at which :func:`has_batchnorm` tries to build a model, smallest first: the data's size
@@ -141,7 +143,8 @@ def has_batchnorm(model: str, options: dict) -> bool:
                      f"images of {PROBE_SIZES[0]} to {PROBE_SIZES[-1]} px ({too_small})")
 
 
-def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int, gen: torch.Generator) -> None:
+def _freeze_bn(net: nn.Module, bn: list[nn.Module], data, per_class: int, num_classes: int,
+               gen: torch.Generator) -> None:
     """The reference's BatchNorm handling before an image update: one training-mode forward pass over
     ``per_class`` real images of every class updates the running statistics (momentum as the layer's),
     then the layers switch to eval mode, so the matched gradients use those statistics and not the
@@ -159,7 +162,8 @@ def _class_grads(net: nn.Module, x: torch.Tensor, label: int, create_graph: bool
     return torch.autograd.grad(loss, list(net.parameters()), create_graph=create_graph)
 
 
-def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augment: Augment | None, tag: str) -> SyntheticSet:
+def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augment: Augment | None,
+                          tag: str) -> SyntheticSet:
     """DC / DSA synthesis; returns float32 pixel images, class-major.
 
     Iteration ``it`` (seeded from ``(seed, it)``: network weights, real batches, augmentation,
@@ -236,7 +240,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 loss = ddist.all_reduce_sum(loss.detach().clone())
             syn.grad = grad
             opt_img.step()
-            total = total + loss.detach().double()  # float64 as Python numbers; read (a device wait) only by a progress report
+            # float64 as Python numbers; read (a device wait) only by a progress report
+            total = total + loss.detach().double()
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)

@@ -221,7 +221,8 @@ def fit_per_class(
             opts[c].zero_grad(set_to_none=True)
             syn[c].grad = torch.autograd.grad(loss, syn[c])[0]
             opts[c].step()
-            total = total + loss.detach().double()  # float64 as Python numbers; read (a device wait) only by a progress report
+            # float64 as Python numbers; read (a device wait) only by a progress report
+            total = total + loss.detach().double()
         if ckpt.due(it + 1, cfg.iterations):
             # on the CPU: a pickled CUDA tensor is rebuilt on its rank's GPU by every peer
             parts = ddist.all_gather_objects({

@@ -173,7 +173,8 @@ class MTTConfig(Checked):
         if not 0 <= self.inner_momentum < 1:
             problems.append(f"inner_momentum must lie in [0, 1), got {self.inner_momentum}")
         if self.representative_clusters < 0:
-            problems.append(f"representative_clusters must be >= 0 (0: one per image), got {self.representative_clusters}")
+            problems.append("representative_clusters must be >= 0 (0: one per image), got "
+                            f"{self.representative_clusters}")
         if not 0 <= self.image_ema < 1:
             problems.append(f"image_ema must lie in [0, 1) (0 disables it), got {self.image_ema}")
         if self.weight_perturb < 0:
@@ -436,8 +437,8 @@ class _TrajectoryMatching(Method):
             raise ConfigError(window)
         label_epoch = getattr(cfg, "label_epoch", -1)
         if not -buffer.epochs - 1 <= label_epoch <= buffer.epochs:
-            raise ConfigError(f"{ctx.options_key}.label_epoch {label_epoch} is outside the buffer's epochs 0..{buffer.epochs} "
-                              f"(or -{buffer.epochs + 1}..-1, counted back from the last)")
+            raise ConfigError(f"{ctx.options_key}.label_epoch {label_epoch} is outside the buffer's epochs "
+                              f"0..{buffer.epochs} (or -{buffer.epochs + 1}..-1, counted back from the last)")
         student = FunctionalStudent(buffer.build_model().to(device).train())
         augment = build_augment(cfg.augment, **cfg.augment_options)
         size = tuple(real.image_shape[-2:])
@@ -567,9 +568,9 @@ class _TrajectoryMatching(Method):
             log.warning("the learned student lr ended at %s: the synthesis diverged, so the set cannot be evaluated "
                         "with its learned lr (protocol learned_lr); lower lr_img or lr_lr", syn_lr)
         elif syn_lr <= 0:  # learned as a plain number (log_lr false), an update can carry it past zero
-            log.warning("the learned student lr ended at %.4g, not > 0: its updates (lr_lr %g) carried it past zero, so "
-                        "the set cannot be evaluated with its learned lr (protocol learned_lr); lower lr_lr or set "
-                        "log_lr: true", syn_lr, cfg.lr_lr)
+            log.warning("the learned student lr ended at %.4g, not > 0: its updates (lr_lr %g) carried it "
+                        "past zero, so the set cannot be evaluated with its learned lr (protocol learned_lr); "
+                        "lower lr_lr or set log_lr: true", syn_lr, cfg.lr_lr)
         meta: dict[str, Any] = {
             "syn_lr": syn_lr,
             "experts": str(buffer.path) if buffer.path is not None else None,
@@ -623,8 +624,9 @@ def _init_correct(real: DataBundle, ipc: int, buffer: ExpertBuffer, student: Fun
     with torch.no_grad():
         for c in range(real.num_classes):
             idx = order[real.train.labels[order] == c]
-            preds = torch.cat([student(params, space(to_normalized(real.train.subset(chunk).float_images().to(device), real)))
-                               .argmax(1).cpu() for chunk in idx.split(1024)])
+            preds = torch.cat(
+                [student(params, space(to_normalized(real.train.subset(chunk).float_images().to(device), real)))
+                 .argmax(1).cpu() for chunk in idx.split(1024)])
             good, bad = idx[preds == c], idx[preds != c]
             if len(good) < ipc:
                 log.warning("class %d: only %d real images are classified correctly; using %d others",
@@ -690,7 +692,8 @@ def representative_clusters(ipc: int, clusters: int) -> int:
 
 
 def _init_representative(real: DataBundle, ipc: int, buffer: ExpertBuffer, student: FunctionalStudent, seed: int,
-                         device: torch.device, space=lambda x: x, clusters: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                         device: torch.device, space=lambda x: x,
+                         clusters: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """AST's representative initialisation: per class, k-means on the logits of the first expert at
     its last epoch for every real image of the class; the real images nearest to the centres
     (``ipc // k`` each, see :func:`representative_clusters`) initialise the synthetic set.

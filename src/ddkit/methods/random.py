@@ -36,5 +36,6 @@ class RandomSubset(Method):
         ipc = check_ipc(real, ctx.ipc)
         index = stratified_indices(real.train.labels, real.num_classes, ipc, ctx.seed)
         subset = real.train.subset(index)
-        self.synthetic_ = SyntheticSet(subset.images.clone(), subset.labels.clone(), meta={"source_index": index.tolist()})
+        self.synthetic_ = SyntheticSet(subset.images.clone(), subset.labels.clone(),
+                                       meta={"source_index": index.tolist()})
         return self

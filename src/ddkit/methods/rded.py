@@ -26,12 +26,14 @@ AUTO_FACTOR2_MIN_SIDE = 128
 class RDEDConfig(Checked):
     """RDED settings; defaults are the reference repository's scripts (LINs-lab/RDED, ``scripts/``)."""
 
-    mipc: int = field(300, help="real images drawn per class as crop sources (reference: 300); capped at the class size")
+    mipc: int = field(300,
+                      help="real images drawn per class as crop sources (reference: 300); capped at the class size")
     num_crop: int = field(5, help="random-resized crops scored per real image; the best one survives (reference: 5)")
     factor: int | None = field(
         None, help="stitch factor x factor patches per image; None: 2 for images >= 128 px, else 1 (reference scripts)"
     )
-    scale_min: float = field(0.08, help="RandomResizedCrop smallest area fraction of a candidate crop (torchvision default)")
+    scale_min: float = field(0.08,
+                             help="RandomResizedCrop smallest area fraction of a candidate crop (torchvision default)")
     scale_max: float = field(1.0, help="RandomResizedCrop largest area fraction of a candidate crop")
     batch_size: int = field(256, help="teacher forward batch size while scoring (does not change the result)")
     soft_labels: bool = field(True, help="store the teacher's logits of each stitched image as static soft labels")

@@ -23,7 +23,8 @@ _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1}
 class SRe2LConfig(RecoverConfig):
     """SRe2L recover settings (defaults: the authors' ImageNet-1K / CIFAR-100 recipe)."""
 
-    iterations: int = field(1000, help="steps per batch (SRe2L: 4000 on ImageNet-1K in recover.sh, 1000 on CIFAR-100 and Tiny-ImageNet)")
+    iterations: int = field(1000, help="steps per batch (SRe2L: 4000 on ImageNet-1K in recover.sh, 1000 on CIFAR-100 "
+                                       "and Tiny-ImageNet)")
     lr: float = field(0.25, help="Adam lr on normalised pixels (SRe2L: 0.25 ImageNet/CIFAR-100, 0.1 Tiny-ImageNet)")
     r_stats: float = field(0.01, help="weight of the BN statistics loss (SRe2L's r_bn: 0.01)")
 
@@ -49,9 +50,9 @@ class SRe2L(RecoverMethod):
     authors' random roll ("jitter", 32 px at 224 px) is off by default (``jitter: 0``) because the
     small images ddkit targets are already shifted by the crop; set ``jitter: 4`` to follow the
     Tiny-ImageNet script. The scripts draw each shift in [0, jitter] (``jitter_mode: positive``);
-    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear ``grid_sample`` without antialiasing
-    (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as the authors do.
-    ``stats: conv`` matches real-data convolution statistics instead (any teacher);
+    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear
+    ``grid_sample`` without antialiasing (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as
+    the authors do. ``stats: conv`` matches real-data convolution statistics instead (any teacher);
     ``alpha < 1`` adds EDC's class-conditional term; ``flip_plugin`` adds FYI.
     """
 
@@ -68,10 +69,12 @@ class SRe2L(RecoverMethod):
 class CDAConfig(RecoverConfig):
     """CDA recover settings: SRe2L plus an easy-to-hard crop-scale curriculum."""
 
-    iterations: int = field(1000, help="steps per batch (CDA: 4000 on ImageNet-1K and Tiny-ImageNet; 1000 here, as SRe2L)")
+    iterations: int = field(1000,
+                            help="steps per batch (CDA: 4000 on ImageNet-1K and Tiny-ImageNet; 1000 here, as SRe2L)")
     lr: float = field(0.25, help="Adam lr (CDA: 0.25 ImageNet-1K, 0.4 Tiny-ImageNet, 0.05 ImageNet-21K)")
     r_stats: float = field(0.01, help="BN statistics weight (CDA: 0.01 ImageNet-1K, 0.05 Tiny-ImageNet)")
-    curriculum: Literal["none", "step", "linear", "cosine"] = field("cosine", help="schedule of the crop-scale lower bound from 1 down to scale_min (CDA: cosine)")
+    curriculum: Literal["none", "step", "linear", "cosine"] = field(
+        "cosine", help="schedule of the crop-scale lower bound from 1 down to scale_min (CDA: cosine)")
     milestone: float = field(1.0, help="fraction of the iterations the curriculum spans (CDA scripts: 1)")
 
 

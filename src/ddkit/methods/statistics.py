@@ -487,8 +487,9 @@ def statistics_loss(
     global``) takes as a class's target the mean over its images of their own moments over positions
     (the within-image spread, without the spread between images; on Fashion-MNIST features ddkit's
     pooled variance is 1.05-1.08x that) and matches the batch's moving-average moments against the
-    mean of those targets over the batch's labels. ``alpha = 1`` never touches class statistics. With ``ema`` every synthetic moment is replaced by its moving average
-    (:class:`StatsEMA`); layers in ``drop`` contribute nothing this step (G-VBSM's drop rate).
+    mean of those targets over the batch's labels. ``alpha = 1`` never touches class statistics. With ``ema`` every
+    synthetic moment is replaced by its moving average (:class:`StatsEMA`); layers in ``drop`` contribute nothing this
+    step (G-VBSM's drop rate).
     """
     total = torch.zeros((), device=labels.device)
     classes = labels.unique() if alpha < 1 else None
@@ -509,7 +510,8 @@ def statistics_loss(
             glob = dist(smooth("mean", mu), targets.mean[key], smooth("var", var), targets.var[key])
             if patch_size > 0 and targets.patch_mean is not None and key in targets.patch_mean:
                 pm, pv = patch_moments(f, patch_size)
-                glob = glob + dist(smooth("patch_mean", pm), targets.patch_mean[key], smooth("patch_var", pv), targets.patch_var[key])
+                glob = glob + dist(smooth("patch_mean", pm), targets.patch_mean[key], smooth("patch_var", pv),
+                                   targets.patch_var[key])
             loss = loss + alpha * glob
         if alpha < 1:
             cm, cv = class_moments(f, labels, classes)
@@ -561,19 +563,27 @@ class RecoverConfig(Checked):
     beta2: float = field(0.9, help="Adam beta2 (SRe2L: 0.9)")
     r_stats: float = field(0.01, help="weight of the statistics loss (SRe2L's r_bn)")
     first_multiplier: float = field(10.0, help="extra weight on the first matched layer (SRe2L/G-VBSM code: 10)")
-    stats: Literal["bn", "conv", "bn+conv"] = field("bn", help="layers matched: BN inputs vs running stats, conv outputs vs real data, or both (G-VBSM)")
-    alpha: float = field(1.0, help="EDC soft category-aware matching: alpha*global + (1-alpha)*per-class; 1 = global only")
-    r_logit: float = field(0.0, help="weight of per-class mean-logit matching to the real data (G-VBSM's logit matching)")
-    init: Literal["noise", "real", "rded"] = field("noise", help="start from Gaussian noise, a random real subset, or the registered 'rded' method's output")
+    stats: Literal["bn", "conv", "bn+conv"] = field("bn", help="layers matched: BN inputs vs running stats, conv "
+                                                               "outputs vs real data, or both (G-VBSM)")
+    alpha: float = field(1.0,
+                         help="EDC soft category-aware matching: alpha*global + (1-alpha)*per-class; 1 = global only")
+    r_logit: float = field(0.0,
+                           help="weight of per-class mean-logit matching to the real data (G-VBSM's logit matching)")
+    init: Literal["noise", "real", "rded"] = field("noise", help="start from Gaussian noise, a random real subset, or "
+                                                                 "the registered 'rded' method's output")
     rded_options: dict = field({}, help="options of the 'rded' method when init: rded")
-    augment: Literal["rrc_flip", "crop_flip", "none"] = field("rrc_flip", help="augmentation of the synthetic batch at every step")
+    augment: Literal["rrc_flip", "crop_flip", "none"] = field("rrc_flip",
+                                                              help="augmentation of the synthetic batch at every step")
     scale_min: float = field(0.08, help="RandomResizedCrop area lower bound (EDC's weak augmentation: 0.5)")
-    curriculum: Literal["none", "step", "linear", "cosine"] = field("none", help="CDA: anneal scale_min from 1 down to scale_min (easy -> hard)")
+    curriculum: Literal["none", "step", "linear", "cosine"] = field("none", help="CDA: anneal scale_min from 1 down to "
+                                                                                 "scale_min (easy -> hard)")
     augment_per: Literal["image", "batch"] = field(
-        "image", added=True, help="draw the crop box and flip per image (ddkit's default) or once for the whole batch, as "
+        "image", added=True,
+        help="draw the crop box and flip per image (ddkit's default) or once for the whole batch, as "
         "the SRe2L/CDA/G-VBSM/EDC code does by applying torchvision's RandomResizedCrop and flip to the batch tensor")
     conv_features: Literal["output", "input"] = field(
-        "output", added=True, help="convolution statistics of each conv's output (ddkit's default; on a BatchNorm teacher "
+        "output", added=True,
+        help="convolution statistics of each conv's output (ddkit's default; on a BatchNorm teacher "
         "the next BN's input) or its input (G-VBSM/EDC code: post-activation features, the images at the first conv)")
     milestone: float = field(1.0, help="CDA: fraction of the iterations over which the curriculum runs")
     jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on Tiny)")
@@ -584,25 +594,37 @@ class RecoverConfig(Checked):
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
     flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
     flip_plugin: bool = field(False, help="FYI (ECCV 2024): match each image together with its mirror image")
-    stats_momentum: float = field(0.0, help="G-VBSM: moving average of the synthetic statistics over the steps of a batch "
+    stats_momentum: float = field(0.0,
+                                  help="G-VBSM: moving average of the synthetic statistics over the steps of a batch "
                                   "(value = average, gradient = this step's batch); 0 = off, G-VBSM: 0.8")
     patch_size: int = field(0, help="G-VBSM: also match per-patch moments of conv outputs, patches of this many pixels "
                             "a side (0 = off, G-VBSM: 4); needs stats conv or bn+conv")
-    conv_drop_rate: float = field(0.0, help="G-VBSM: probability of dropping each conv layer's statistics term at a step (G-VBSM: 0.4)")
-    densify_weight: float = field(0.0, help="G-VBSM data densification weight: KL on the Gram eigenvalues of each class's images "
-                                  "(0 = off, G-VBSM: 1); needs several images of a class per batch (slots_per_batch), so it does "
-                                  "nothing at IPC 1 without flip_plugin (as in G-VBSM's code)")
+    conv_drop_rate: float = field(0.0, help="G-VBSM: probability of dropping each conv layer's statistics term at a "
+                                            "step (G-VBSM: 0.4)")
+    densify_weight: float = field(0.0, help="G-VBSM data densification weight: KL on the Gram eigenvalues of each "
+                                  "class's images (0 = off, G-VBSM: 1); needs several images of a class per batch "
+                                  "(slots_per_batch), so it does nothing at IPC 1 without flip_plugin (as in "
+                                  "G-VBSM's code)")
     densify_tau: float = field(4.0, help="G-VBSM data densification temperature (G-VBSM: 4)")
     slots_per_batch: int | None = field(1, help="IPC slots per optimised batch: 1 = one image of each class (SRe2L); "
                                         "None = every slot, class-major (G-VBSM's batches)")
-    var_weight: float = field(1.0, help="weight of the variance term against the mean term of the statistics loss (DWA's r_var: 11)")
-    extra_teachers: list[str] = field([], help="more teacher artifacts (folders) beside the pipeline's teacher: G-VBSM/EDC backbones, a CV-DD committee")
-    committee_size: int | None = field(None, help="None: sample one teacher per step (G-VBSM); k: a committee of k teachers per IPC slot, all used every step with voting weights (CV-DD)")
-    committee_weights: Literal["prior", "equal"] = field("prior", help="CV-DD voting: softmax(prior / committee_temperature) of each teacher's test accuracy in %, or equal weights")
+    var_weight: float = field(1.0, help="weight of the variance term against the mean term of the statistics loss "
+                                        "(DWA's r_var: 11)")
+    extra_teachers: list[str] = field([], help="more teacher artifacts (folders) beside the pipeline's teacher: "
+                                               "G-VBSM/EDC backbones, a CV-DD committee")
+    committee_size: int | None = field(None, help="None: sample one teacher per step (G-VBSM); k: a committee of k "
+                                                  "teachers per IPC slot, all used every step with voting "
+                                                  "weights (CV-DD)")
+    committee_weights: Literal["prior", "equal"] = field("prior", help="CV-DD voting: softmax(prior / "
+                                                                       "committee_temperature) of each teacher's test "
+                                                                       "accuracy in %, or equal weights")
     committee_temperature: float = field(5.0, help="CV-DD voting temperature (paper code: 5)")
-    perturb_rho: float = field(0.0, help="DWA directed weight adjustment: total norm of the per-batch teacher weight perturbation (0 = off; DWA: 0.015)")
-    perturb_steps: int = field(12, help="DWA: normalised gradient-ascent steps of size perturb_rho / perturb_steps (DWA: 12)")
-    class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes of one IPC slot)")
+    perturb_rho: float = field(0.0, help="DWA directed weight adjustment: total norm of the per-batch teacher weight "
+                                         "perturbation (0 = off; DWA: 0.015)")
+    perturb_steps: int = field(12, help="DWA: normalised gradient-ascent steps of size perturb_rho / "
+                                        "perturb_steps (DWA: 12)")
+    class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes of "
+                                               "one IPC slot)")
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
     cache_dir: str | None = field(None, help="statistics cache (default $DDKIT_CACHE/statistics)")
@@ -611,8 +633,10 @@ class RecoverConfig(Checked):
         checks = [
             (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}"),
-            (self.r_stats >= 0 and self.r_logit >= 0 and self.flatness_weight >= 0, "loss weights (r_stats, r_logit, flatness_weight) must be >= 0"),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1,
+             f"Adam betas must be in [0, 1), got {self.beta1}, {self.beta2}"),
+            (self.r_stats >= 0 and self.r_logit >= 0 and self.flatness_weight >= 0,
+             "loss weights (r_stats, r_logit, flatness_weight) must be >= 0"),
             (0 <= self.alpha <= 1, f"alpha must be in [0, 1] (1 = global statistics only), got {self.alpha}"),
             (0 < self.scale_min <= 1, f"scale_min must be in (0, 1], got {self.scale_min}"),
             (0 <= self.milestone <= 1, f"milestone must be in [0, 1], got {self.milestone}"),
@@ -633,16 +657,21 @@ class RecoverConfig(Checked):
             (self.densify_weight == 0 or self.slots_per_batch != 1 or self.flip_plugin,
              "densify_weight > 0 spreads the images of a class in a batch, but slots_per_batch: 1 puts one image of "
              "each class in a batch; set slots_per_batch: null (or >= 2), or densify_weight: 0"),
-            (self.slots_per_batch is None or self.slots_per_batch >= 1, f"slots_per_batch must be >= 1 or None, got {self.slots_per_batch}"),
-            (self.committee_size is None or self.committee_size >= 1, f"committee_size must be >= 1, got {self.committee_size}"),
-            (self.committee_weights in ("prior", "equal"), f"committee_weights must be prior or equal, got {self.committee_weights!r}"),
+            (self.slots_per_batch is None or self.slots_per_batch >= 1,
+             f"slots_per_batch must be >= 1 or None, got {self.slots_per_batch}"),
+            (self.committee_size is None or self.committee_size >= 1,
+             f"committee_size must be >= 1, got {self.committee_size}"),
+            (self.committee_weights in ("prior", "equal"),
+             f"committee_weights must be prior or equal, got {self.committee_weights!r}"),
             (self.committee_temperature > 0, f"committee_temperature must be > 0, got {self.committee_temperature}"),
             (self.perturb_rho >= 0, f"perturb_rho must be >= 0, got {self.perturb_rho}"),
             (self.perturb_steps >= 1, f"perturb_steps must be >= 1, got {self.perturb_steps}"),
             (self.stats in ("bn", "conv", "bn+conv"), f"stats must be bn, conv or bn+conv, got {self.stats!r}"),
             (self.init in ("noise", "real", "rded"), f"init must be noise, real or rded, got {self.init!r}"),
-            (self.augment in ("rrc_flip", "crop_flip", "none"), f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
-            (self.curriculum in ("none", "step", "linear", "cosine"), f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
+            (self.augment in ("rrc_flip", "crop_flip", "none"),
+             f"augment must be rrc_flip, crop_flip or none, got {self.augment!r}"),
+            (self.curriculum in ("none", "step", "linear", "cosine"),
+             f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
         ]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         if self.augment != "rrc_flip":  # the crop-scale settings only shape RandomResizedCrop
@@ -657,7 +686,8 @@ class RecoverConfig(Checked):
                                       f"but augment is {self.augment}; set curriculum: none or augment: rrc_flip"))
         # settings of a part that is off: they would do nothing, yet give the set another identity
         if self.jitter == 0 and self.jitter_mode != defaults["jitter_mode"]:
-            checks.append((False, f"jitter_mode {self.jitter_mode} applies only with jitter > 0; remove it or set jitter"))
+            checks.append((False,
+                           f"jitter_mode {self.jitter_mode} applies only with jitter > 0; remove it or set jitter"))
         if self.augment == "none" and self.augment_per != defaults["augment_per"]:
             checks.append((False, f"augment_per {self.augment_per} applies only with an augmentation, but augment is "
                                   "none; remove it or set augment"))
@@ -721,7 +751,8 @@ class _TeacherState:
     targets: StatTargets
 
 
-def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
+def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list,
+                      ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
     if not teachers:
         raise DDKitError(f"method {name!r} needs a teacher; pass --teacher DIR")
     conv = CONV_KIND[cfg.conv_features]
@@ -740,7 +771,8 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
             )
         keys = statistic_layers(model, kinds)
         if not keys:
-            raise DDKitError(f"teacher has no BatchNorm or convolution layers to match statistics at; method {name!r} cannot use it")
+            raise DDKitError(f"teacher has no BatchNorm or convolution layers to match statistics at; method {name!r} "
+                             "cannot use it")
         real_stats = None
         if need_real:
             # the one-off statistics pass reports its own progress (images done / total), marked
@@ -755,17 +787,20 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
     return states, paths
 
 
-def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int, ctx: FitContext) -> torch.Tensor:
+def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int,
+                    ctx: FitContext) -> torch.Tensor:
     """Initial pixel-space images, class-major ``[K * ipc, C, H, W]``."""
     if cfg.init in ("noise", "real"):
         return common.init_images(real, ipc, cfg.init, ctx.seed)[0]
     if "rded" not in METHODS:
-        raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; use init: real")
+        raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; "
+                         "use init: real")
     cls = METHODS.get("rded")
     sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
                      work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None,
                      options_key=f"{ctx.options_key}.rded_options")
-    out = cls(from_dict(cls.Config, dict(cfg.rded_options), f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
+    out = cls(from_dict(cls.Config, dict(cfg.rded_options),
+                        f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
     imgs = out.images[order]
     imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
@@ -787,7 +822,8 @@ def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
     return list(teachers) + extra
 
 
-def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int, slot: int) -> list[tuple[int, float]] | None:
+def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
+                  slot: int) -> list[tuple[int, float]] | None:
     """CV-DD's committee of one IPC slot: ``committee_size`` teachers drawn without replacement
     (by a generator of (seed, slot), so every rank draws the same) and their voting weights,
     ``softmax(accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
@@ -808,8 +844,8 @@ def committee_weights_of(cfg: RecoverConfig, teachers: list) -> list[float]:
     priors = []
     for t in teachers:
         if t.test_accuracy is None:
-            raise DDKitError("committee_weights 'prior' needs each teacher's recorded test accuracy, and one teacher has none; "
-                             "set committee_weights: equal")
+            raise DDKitError("committee_weights 'prior' needs each teacher's recorded test accuracy, and one "
+                             "teacher has none; set committee_weights: equal")
         priors.append(100.0 * float(t.test_accuracy))
     return torch.softmax(torch.tensor(priors, dtype=torch.float64) / cfg.committee_temperature, 0).tolist()
 
@@ -956,7 +992,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         if cfg.perturb_rho > 0:  # DWA: each batch gets its own adjusted copy of the teacher(s) it uses
             used = range(len(states)) if committee is None else [i for i, _ in committee]
             for i in used:
-                models[i] = directed_weight_adjustment(models[i], x.detach(), labels, cfg.perturb_rho, cfg.perturb_steps)
+                models[i] = directed_weight_adjustment(models[i], x.detach(), labels, cfg.perturb_rho,
+                                                       cfg.perturb_steps)
         opt = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
         ema = x.detach().clone() if cfg.flatness_weight > 0 else None
         stats_emas = [StatsEMA(cfg.stats_momentum) for _ in states] if cfg.stats_momentum > 0 else None
@@ -1023,8 +1060,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 done[u] = (x.detach() * std + mean).clamp(0, 1).cpu()
             if ckpt.due(step, total):
                 finished = it + 1 == cfg.iterations
-                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1, "last": common.floats(last),
-                        **{f"done_{key}": v for key, v in done.items()}}
+                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1,
+                        "last": common.floats(last), **{f"done_{key}": v for key, v in done.items()}}
                 if not finished:
                     snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})
                     if ema is not None:

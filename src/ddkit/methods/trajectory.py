@@ -128,7 +128,8 @@ class ExpertConfig(Checked):
     lr_drop_epoch: int | None = field(
         None, help="0-based epoch after which the lr drops (None: epochs // 2 + 1, the references' lr_schedule)")
     seed: int = field(0, seed=True, help="base seed; expert i uses its own generator derived from (seed, i)")
-    zca: bool = field(False, help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
+    zca: bool = field(False,
+                      help="train on ZCA-whitened images (MTT/FTD/DATM --zca); the methods then optimise in that space")
     zca_reg: float = field(0.1, help="ZCA regularisation added to the covariance eigenvalues (kornia/MTT: 0.1)")
     clip_loss: list[float] = field(
         [], help="AST clipping loss: the cross-entropy of epoch e is multiplied by clip_loss[e] for the first "
@@ -248,8 +249,9 @@ class ExpertBuffer:
         if self.manifest["dataset"]["fingerprint"] != data.fingerprint:  # refitted on other data: another whitening
             raise DDKitError(
                 f"expert buffer {str(self.path)!r} was trained on ZCA-whitened images of other data (fingerprint "
-                f"{self.manifest['dataset']['fingerprint']}, this data {data.fingerprint}), and the whitening is refitted "
-                "on the data being distilled; distil the data the experts saw, or train the buffer on this data"
+                f"{self.manifest['dataset']['fingerprint']}, this data {data.fingerprint}), and the "
+                "whitening is refitted on the data being distilled; distil the data the experts saw, or train the "
+                "buffer on this data"
             )
         from ddkit.data.zca import ZCA
 
@@ -387,8 +389,8 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             y = data.train.labels[idx].to(device)
             opt.zero_grad(set_to_none=True)
             if cfg.sam_rho > 0:
-                loss, grads = _sam_step(model, lambda x=x, c=clean, y=y: loss_fn(x, c, y), cfg.sam_rho, cfg.sam_adaptive,
-                                        cfg.sam_alpha)
+                loss, grads = _sam_step(model, lambda x=x, c=clean, y=y: loss_fn(x, c, y), cfg.sam_rho,
+                                        cfg.sam_adaptive, cfg.sam_alpha)
                 for p, g in zip(model.parameters(), grads, strict=True):
                     p.grad = g
             else:
@@ -626,9 +628,10 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     """The buffer at ``experts``, or one trained with ``cfg`` (``progress``: per expert epoch, see
     :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
-    A trained buffer is kept in the cache (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``)
-    when ``work_dir`` is given, so every method, IPC and run with the same expert recipe on the
-    same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled set).
+    A trained buffer is kept in the cache
+    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``) when ``work_dir`` is given, so
+    every method, IPC and run with the same expert recipe on the same data shares one buffer (MTT, FTD, TESLA and DATM
+    train theirs once, not per distilled set).
     """
     seconds_here = waited = 0.0  # what training the buffer took here (0 when loaded); waiting for another's build
     if experts:
@@ -725,7 +728,8 @@ def perturb_start(student: FunctionalStudent, flat: torch.Tensor, alpha: float, 
     out = []
     for chunk, shape in zip(flat.split(student.numels), student.shapes, strict=True):
         if len(shape) == 4:
-            d = torch.randn(chunk.numel(), generator=gen, dtype=torch.float32).to(device=chunk.device, dtype=chunk.dtype)
+            d = torch.randn(chunk.numel(), generator=gen, dtype=torch.float32).to(device=chunk.device,
+                                                                                  dtype=chunk.dtype)
             chunk = chunk + alpha * (d / d.norm()) * chunk
         out.append(chunk)
     return torch.cat(out)

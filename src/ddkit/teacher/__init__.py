@@ -11,4 +11,5 @@ from ddkit.teacher.squeeze import (
     train_teacher,
 )
 
-__all__ = ["Teacher", "TeacherConfig", "as_teacher", "check_teacher", "import_teacher", "saved_teacher", "teacher_ensemble", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "as_teacher", "check_teacher", "import_teacher", "saved_teacher",
+           "teacher_ensemble", "train_teacher"]

@@ -62,7 +62,8 @@ class TeacherConfig(Checked):
     model_options: dict = field({}, help="keyword options for the model factory (e.g. width)")
     train: TrainConfig = field(factory=lambda: _teacher_train_defaults(), help="training recipe")
     seed: int = field(0, seed=True, help="seed for initialisation, batch order and augmentation")
-    checkpoint: str | None = field(None, help="import these weights (safetensors or state-dict .pt) instead of training")
+    checkpoint: str | None = field(None,
+                                   help="import these weights (safetensors or state-dict .pt) instead of training")
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None and not self.checkpoint.strip():
@@ -141,25 +142,27 @@ class Teacher(DescribesDataset):
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
-        manifest = read_manifest(path, KIND, require={"model.name": str, "model.input_shape": list, "model.options": dict,
-                                                      "dataset.classes": list, "weights_sha": str})
+        manifest = read_manifest(path, KIND,
+                                 require={"model.name": str, "model.input_shape": list, "model.options": dict,
+                                          "dataset.classes": list, "weights_sha": str})
         m = manifest["model"]
         shape = m["input_shape"]
         if len(shape) != 3 or not all(map(is_count, shape)):
-            raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, height, width]; "
-                             "the manifest is damaged: re-create the teacher artifact")
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds model.input_shape {shape!r}, not [channels, "
+                             "height, width]; the manifest is damaged: re-create the teacher artifact")
         check_normalisation(manifest, shape[0], path, KIND)
         check_classes(manifest["dataset"]["classes"], path, KIND)
         try:
-            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]), m["input_shape"][-2],
-                                 **m["options"])
+            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]),
+                                 m["input_shape"][-2], **m["options"])
         except DDKitError as exc:  # ConfigError too: an unknown name or option
             if isinstance(exc, ContractError):  # the user's code, not the artifact, is at fault
                 raise DDKitError(f"teacher {str(path)!r}: {exc}") from None
             own = ("a model of your own: import the module that registers it first (the CLI imports those named in "
                    "DDKIT_PLUGINS); else " if str(exc).startswith("unknown model") else "")
-            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({str(exc).split(';')[0]}); {own}"
-                             "the manifest is damaged or from another ddkit: re-create the teacher artifact") from None
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build "
+                             f"({str(exc).split(';')[0]}); {own}the manifest is damaged or from another ddkit: "
+                             "re-create the teacher artifact") from None
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
         # the fingerprint keys every cache, store and reuse check: weights that are not the manifest's are refused
@@ -213,13 +216,14 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
     first = teachers[0]
     for t in teachers[1:]:
         if t.classes != first.classes or t.manifest["model"]["input_shape"] != first.manifest["model"]["input_shape"]:
-            raise DDKitError(f"teacher {str(t.path)!r} was trained on other classes or image sizes than {str(first.path)!r}; "
-                             "an ensemble needs teachers of the same dataset")
+            raise DDKitError(f"teacher {str(t.path)!r} was trained on other classes or image sizes than "
+                             f"{str(first.path)!r}; an ensemble needs teachers of the same dataset")
     members = [{"path": recorded_path(t.path), "weights_sha": t.fingerprint, "weight": w}
                for t, w in zip(teachers, weights)]
     # by weights, not paths: the same teachers copied elsewhere are the same ensemble
     identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
-    sha = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1 else first.fingerprint
+    sha = (hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1
+           else first.fingerprint)
     manifest = {**first.manifest, "weights_sha": sha, "test_accuracy": None, "ensemble": members}
     return Teacher(_MeanLogits([t.model for t in teachers], weights), manifest, first.path)
 
@@ -282,7 +286,8 @@ def _build(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> nn.Mod
     """``cfg``'s model for ``data``, initialised from ``cfg.seed``; errors name ``key``'s model settings."""
     torch.manual_seed(cfg.seed)
     c, h, _ = data.image_shape
-    return configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h, cfg.model_options)
+    return configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h,
+                            cfg.model_options)
 
 
 def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> None:
@@ -329,7 +334,8 @@ def train_teacher(
                 if stale != state_path:
                     log.info("discarding %s: the checkpoint of a teacher with other settings", stale.name)
                     stale.unlink(missing_ok=True)
-    log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train), cfg.train.epochs)
+    log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train),
+             cfg.train.epochs)
     try:
         result = train_classifier(
             model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device, test=data.test,
@@ -337,7 +343,8 @@ def train_teacher(
         )
         model = result.model.cpu()
         if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
-            raise Diverged(cfg.train.epochs, cfg.train.epochs)  # the returned model may be the EMA copy, and buffers (BatchNorm) are not checked per epoch
+            # the returned model may be the EMA copy, and buffers (BatchNorm) are not checked per epoch
+            raise Diverged(cfg.train.epochs, cfg.train.epochs)
     except Diverged as exc:
         if state_path is not None and info.is_main:  # the same settings diverge again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
@@ -361,7 +368,8 @@ def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
     return out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
 
 
-def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path, device: str | torch.device = "cpu") -> Teacher | None:
+def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path,
+                  device: str | torch.device = "cpu") -> Teacher | None:
     """The teacher at ``out`` if ``cfg`` trained it on ``data`` (same pixels and normalisation); else
     None. An imported checkpoint never counts: its config names the file, not the weights in it, so
     it is read again (cheap). A checkpoint of this training that a kill between the save and its
@@ -421,7 +429,8 @@ def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
-        raise DDKitError(f"checkpoint {str(path)!r} is not a state_dict (parameter names to tensors); save model.state_dict()")
+        raise DDKitError(f"checkpoint {str(path)!r} is not a state_dict (parameter names to tensors); save "
+                         "model.state_dict()")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
