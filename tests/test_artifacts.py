@@ -415,6 +415,59 @@ def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, la
                                config={}, dataset_config={})
 
 
+def test_pixel_checks_skip_integer_sets_and_read_float_sets_a_bounded_chunk_at_a_time(tiny, tmp_path, monkeypatch):
+    """build checked finiteness on a float32 copy of the whole set (11x a uint8 set's bytes: about 2 TB for
+    method full on ImageNet), load on the whole float tensor, and the PNG export made a 4-byte mask of
+    every pixel and an 8-bit copy of the set. Integer pixels are finite by type and not scanned; float
+    pixels are scanned a chunk of images at a time (:data:`CHECK_BYTES`), and export converts one image
+    at a time; a NaN or an infinity in the last chunk is refused with the same message as before."""
+    import ddkit.distilled as distilled_mod
+    from ddkit.artifacts import save_tensors
+    from ddkit.distilled import IMAGES, DistilledSet
+    from ddkit.methods.base import SyntheticSet
+
+    monkeypatch.setattr(distilled_mod, "CHECK_BYTES", 3 * 4 * 16 * 16)  # three float32 1x16x16 images a chunk
+    scanned, isfinite = [], torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: scanned.append(tuple(t.shape)) or isfinite(t))
+    converted, to_uint8 = [], distilled_mod.to_uint8
+    monkeypatch.setattr(distilled_mod, "to_uint8", lambda x: converted.append(tuple(x.shape)) or to_uint8(x))
+    labels = torch.arange(4).repeat_interleave(2)
+
+    def build(images):
+        return DistilledSet.build(SyntheticSet(images, labels), tiny, method="dm", method_config={}, ipc=2, seed=0,
+                                  config={}, dataset_config={"name": "synthetic"})
+
+    build((torch.rand(8, 1, 16, 16) * 255).to(torch.uint8))
+    assert scanned == []  # no float copy scanned (it was all [8, 1, 16, 16] of it)
+    chunks = [(3, 1, 16, 16), (3, 1, 16, 16), (2, 1, 16, 16)]
+    images = torch.rand(8, 1, 16, 16) * 1.4 - 0.2
+    build(images).save(tmp_path / "set")
+    assert scanned == chunks
+    scanned.clear()
+    ds = DistilledSet.load(tmp_path / "set")
+    assert scanned == chunks
+    converted.clear()  # the preview's, a class at a time
+    record = json.loads((ds.export(tmp_path / "png", "imagefolder") / "classes.json").read_text())
+    assert converted == [(1, 16, 16)] * 8  # one image at a time
+    assert record["clipped_pixels"] == float(((images < 0) | (images > 1)).float().mean())  # the old formula's value
+    diverged = ("method 'dm' produced non-finite pixels (its images diverged); lower the learning rate of its images "
+                "in distill.options, or undo another option that makes the updates larger")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = images.clone()
+        broken[7, 0, 15, 15] = bad  # in the last chunk
+        with pytest.raises(DDKitError) as err:
+            build(broken)
+        assert str(err.value) == diverged
+        save_tensors(tmp_path / "set" / IMAGES, {"images": broken, "labels": labels})
+        with pytest.raises(DDKitError) as err:
+            DistilledSet.load(tmp_path / "set")
+        assert str(err.value) == (f"{tmp_path / 'set' / IMAGES} holds NaN or infinite pixels; re-create the "
+                                  "distilled set")
+    with pytest.raises(DDKitError) as err:  # finite as float64 but not as float32, what training reads: as before
+        build(images.double().index_fill(0, torch.tensor([7]), 1e300))
+    assert str(err.value) == diverged
+
+
 def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path, monkeypatch):
     """The grid of a 1000-class 224 px set was 226k px tall, made from GBs of float copies: it shows
     the first 100 classes, images shrunk to 128 px one row at a time (no full-size copy of more than a

@@ -302,3 +302,72 @@ def test_bf16_on_a_cpu_without_native_support_warns_once(monkeypatch, caplog):
             T.warn_slow_precision("bf16", torch.device("cpu"))
     assert len(caplog.records) == 1 and "emulated" in caplog.records[0].getMessage()
     T._warn_emulated_bf16.cache_clear()  # later tests see this machine's own CPU again
+
+
+def _steps_as_rank(monkeypatch, tiny, cfg, rank: int, world: int, **kw) -> list[dict]:
+    """Train as rank ``rank`` of ``world`` (the process group faked: no DDP wrapper, collectives that
+    return their input) and record per step the images moved to the device, the student's input, its
+    labels and targets."""
+    from ddkit import distributed as ddist
+    from ddkit import training
+    from ddkit.labels import fkd
+
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=rank, world_size=world))
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    monkeypatch.setattr(ddist, "all_reduce_sum", lambda t: t)
+    monkeypatch.setattr(ddist, "broadcast_buffers", lambda module, src=0: None)
+    steps, moved = [], []
+    for module in (training, fkd):  # the FKD views are rendered by fkd.render
+        real_to_float = module.to_float
+        monkeypatch.setattr(module, "to_float", lambda x, d, f=real_to_float: moved.append(len(x)) or f(x, d))
+    real_loss = training.per_sample_loss
+
+    def loss(logits, labels, targets, *args):
+        steps[-1].update(labels=labels, targets=targets, moved=sum(moved))
+        moved.clear()
+        return real_loss(logits, labels, targets, *args)
+
+    monkeypatch.setattr(training, "per_sample_loss", loss)
+    torch.manual_seed(0)
+    model = create_model("tiny_convnet", 1, 4, 16)
+    model.register_forward_pre_hook(lambda m, args: steps.append({"x": args[0].detach().clone()}))
+    train_classifier(model, tiny.train, tiny.mean, tiny.std, cfg, seed=3, distributed=world > 1, **kw)
+    monkeypatch.undo()
+    return steps
+
+
+@pytest.mark.parametrize("mode", ["hard", "stored", "fkd"])
+def test_a_ddp_rank_moves_only_its_slice_and_its_partners(tiny, monkeypatch, mode):
+    """Under DDP every rank used to gather, move and normalise the whole global batch (and FKD rendered
+    the whole batch's views and partners) to train on its slice. A rank now reads its rows and the
+    CutMix partners they need: the student's inputs, labels and targets are bit for bit the rows of
+    the single-process batch, and at most twice the slice's images reach the device."""
+    cfg = TrainConfig(epochs=1, batch_size=19, lr=0.05, augment="rrc_flip" if mode == "hard" else "dsa",
+                      cutmix_prob=0.5 if mode == "hard" else 1.0)
+    kw: dict = {"label_source": mode}
+    if mode == "stored":
+        kw.update(loss="kl", stored_targets=torch.randn(len(tiny.train), 4, generator=torch.Generator().manual_seed(1)))
+    if mode == "fkd":
+        from ddkit.labels import relabel
+
+        class Set:
+            images, labels, classes, mean, std = tiny.train.images, tiny.train.labels, tiny.classes, tiny.mean, tiny.std
+
+        torch.manual_seed(1)
+        kw.update(loss="kl", fkd_store=relabel(Set, create_model("tiny_convnet", 1, 4, 16).eval(), 1, cutmix_prob=1.0))
+    one = _steps_as_rank(monkeypatch, tiny, cfg, 0, 1, **kw)
+    world = 4
+    sizes = [len(s["x"]) for s in one]
+    assert sizes == [19] * 5 + [1]  # 96 images: the last batch has fewer images than ranks
+    for rank in range(world):
+        steps = _steps_as_rank(monkeypatch, tiny, cfg, rank, world, **kw)
+        assert len(steps) == len(one)
+        for gb, mine, whole in zip(sizes, steps, one):
+            lo, hi = (gb * rank // world, gb * (rank + 1) // world) if gb >= world else (0, gb)
+            assert torch.equal(mine["x"], whole["x"][lo:hi])
+            assert torch.equal(mine["labels"], whole["labels"][lo:hi])
+            assert (mine["targets"] is None) == (mode == "hard")
+            if mode != "hard":
+                assert torch.equal(mine["targets"], whole["targets"][lo:hi])
+            # own rows and their partners (FKD renders both); the whole batch of 19 before
+            assert mine["moved"] <= 2 * (hi - lo) and (gb < world or mine["moved"] < gb), (gb, mine["moved"])

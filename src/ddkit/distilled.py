@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -128,10 +129,10 @@ class DistilledSet(DescribesDataset, Dataset):
                 f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
                 f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
             )
-        if not torch.isfinite(images.float()).all():
+        if not all_finite(images):
             raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); "
                              f"{_lower_lr(method_config, options_key)}")
-        low, high = pixel_range(images)
+        low, high = held = pixel_range(images)
         if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
             log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
                         "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
@@ -154,7 +155,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 "class_counts": counts,
                 "method": {"name": method, "config": method_config},
                 "teacher": teacher,
-                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": pixel_range(images)},
+                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": held},
                 "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels, soft)},
                 "files": {"images": IMAGES, "soft_labels": SOFT if soft is not None else None, "preview": PREVIEW},
                 "meta": {k: v for k, v in synthetic.meta.items() if k != "source_index"},
@@ -209,7 +210,7 @@ class DistilledSet(DescribesDataset, Dataset):
         if dtype and str(images.dtype).removeprefix("torch.") != dtype:
             raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images "
                              f"but the manifest says {dtype}; re-create the distilled set")
-        if images.is_floating_point() and not torch.isfinite(images).all():
+        if not all_finite(images, as_float32=False):
             raise DDKitError(f"{path / IMAGES} holds NaN or infinite pixels; re-create the distilled set")
         if len(images) != len(labels) or len(labels) != manifest["num_images"]:
             raise DDKitError(f"{path} is inconsistent: {len(images)} images, {len(labels)} labels, manifest says "
@@ -283,10 +284,10 @@ class DistilledSet(DescribesDataset, Dataset):
                                 "files; export --format pt keeps them exactly", 100 * clipped)
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
-                for img, y in zip(to_uint8(self.images), self.labels.tolist()):
+                for img, y in zip(self.images, self.labels.tolist()):
                     folder = tmp / names[y]
                     folder.mkdir(exist_ok=True)
-                    arr = img.permute(1, 2, 0).numpy()
+                    arr = to_uint8(img).permute(1, 2, 0).numpy()  # one image at a time: no 8-bit copy of the set
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
                 write_json(tmp / "classes.json", {**self.export_record("imagefolder-export"), "folders": names,
@@ -348,11 +349,34 @@ def pixel_range(images: torch.Tensor) -> list:
     return [float(images.min()), float(images.max())]
 
 
+#: whole-set checks of pixels (finite, inside 0..1) read this many bytes of images at a time: one over the
+#: whole tensor made temporaries of several times its size (a float32 copy of a uint8 set, 11x)
+CHECK_BYTES = 64 * 2**20
+
+
+def pixel_chunks(images: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``images`` as views of consecutive images, about :data:`CHECK_BYTES` each (at least one image)."""
+    per_image = max(1, images[0].numel() * images.element_size()) if len(images) else 1
+    rows = max(1, CHECK_BYTES // per_image)
+    for start in range(0, len(images), rows):
+        yield images[start : start + rows]
+
+
+def all_finite(images: torch.Tensor, as_float32: bool = True) -> bool:
+    """Whether every pixel is finite (``as_float32``: once converted to float32, as training reads it):
+    always for integer pixels, checked a chunk at a time for float ones."""
+    if not (images.is_floating_point() or images.is_complex()):
+        return True  # an integer is finite, in float32 too
+    return all(bool(torch.isfinite(chunk.float() if as_float32 else chunk).all()) for chunk in pixel_chunks(images))
+
+
 def clipped_fraction(images: torch.Tensor) -> float:
     """The fraction of float pixels outside [0, 1], which 8-bit files (PNG) cannot hold: they are clipped."""
     if images.dtype == torch.uint8 or images.numel() == 0:
         return 0.0
-    return float(((images < 0) | (images > 1)).float().mean())
+    count = sum(int(torch.count_nonzero((chunk < 0) | (chunk > 1))) for chunk in pixel_chunks(images))
+    # as the float32 mean of a 0/1 mask gives it (the number written before), without the 4-byte mask
+    return float(torch.tensor(float(count)) / images.numel())
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.config import Checked, field, is_count
-from ddkit.data.augment import AUGMENTS, CutMix, build_augment, check_cutmix, slice_params
+from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
@@ -418,6 +418,40 @@ def _step(optimizer: torch.optim.Optimizer, batch_loss: torch.Tensor, model: nn.
         ema.update(model)
 
 
+def needed_rows(gb: int, lo: int, hi: int, mix_params: Params | None, whole: bool = False) -> torch.Tensor:
+    """The rows of a global batch of ``gb`` images that a rank training on rows ``lo:hi`` reads, sorted: its
+    own and, with CutMix (``mix_params``), their partners, which may sit in another rank's slice. Every row
+    when ``whole``: a teacher labelling with the global batch's statistics sees all of it, and a transform
+    (ZCA, a matrix product) is applied to the whole batch, whose sums may round otherwise on fewer rows."""
+    if whole or (lo, hi) == (0, gb):
+        return torch.arange(gb)
+    rows = torch.arange(lo, hi)
+    if mix_params is None:
+        return rows
+    return torch.unique(torch.cat([rows, mix_params["perm"][lo:hi]]))  # sorted
+
+
+def own_rows(need: torch.Tensor, lo: int, hi: int) -> slice:
+    """Where rows ``lo:hi`` of the global batch sit in ``need`` (sorted, holding them all): one run of rows."""
+    start = int((need < lo).sum())
+    return slice(start, start + hi - lo)
+
+
+def partner_params(mix_params: Params, need: torch.Tensor, lo: int, hi: int) -> Params:
+    """CutMix parameters (drawn for the whole global batch) for its rows ``need`` (see :func:`needed_rows`):
+    rows ``lo:hi`` take their partner's box as in the whole batch; the other rows, only partners read by
+    them, stay unmixed."""
+    if len(need) == len(mix_params["perm"]):
+        return mix_params
+    mine = (need >= lo) & (need < hi)
+    return {
+        "perm": torch.where(mine, torch.searchsorted(need, mix_params["perm"][need]), torch.arange(len(need))),
+        "box": torch.where(mine[:, None], mix_params["box"][need], 0),
+        "lam": torch.where(mine, mix_params["lam"][need], 1.0),
+        "apply": mix_params["apply"][need] & mine,
+    }
+
+
 def train_classifier(
     model: nn.Module,
     data: ImageSet,
@@ -554,41 +588,48 @@ def train_classifier(
                 scale = info.world_size / gb  # DDP averages over ranks: the global batch's mean loss
                 counts = True
             if fkd:  # stored views (own augmentation + CutMix box from the partner) and their logits
-                r = fkd_store.replay(epoch % fkd_store.epochs, idx)
-                x = fkd_store.render(r, data.images, mean, std, device)[lo:hi]
+                # of this rank's rows only: a row's replay is the same whatever else the batch holds
+                r = fkd_store.replay(epoch % fkd_store.epochs, idx[lo:hi])
+                x = fkd_store.render(r, data.images, mean, std, device)
                 with amp():
                     logits = net(x).float()
                 lam, classes = r.lam[:, None], logits.shape[1]  # one-hot of the batch's labels only (not the set's)
                 own = F.one_hot(data.labels[r.indices].long(), classes).float()
                 partner = F.one_hot(data.labels[r.partner].long(), classes).float()
-                labels = to_device((lam * own + (1 - lam) * partner)[lo:hi], device)
-                targets = to_device(r.targets[lo:hi], device)
+                labels = to_device(lam * own + (1 - lam) * partner, device)
+                targets = to_device(r.targets, device)
             else:
-                x_all = norm(to_float(data.images[idx], device))
+                # the rows of the global batch this rank reads (sorted): its slice and the slice's CutMix
+                # partners, or every row where each rank needs the whole batch (see needed_rows);
+                # ``mine`` picks the slice out of them
+                need = needed_rows(gb, lo, hi, mix_params, whole=(
+                    transform is not None or (label_source == "teacher" and teacher_bn == "batch" and info.enabled)))
+                mine = own_rows(need, lo, hi)
+                x_all = norm(to_float(data.images[idx[need]], device))
                 if transform is not None:
                     x_all = transform(x_all)
-                y_all = to_device(data.labels[idx], device)
+                y_all = to_device(data.labels[idx[need]], device)
                 if cutmix is not None:
                     # CutMix pastes a box of the partner's view into the image's view (after crop and flip,
                     # as SRe2L, RDED and CV-DD mix), so lam is the share of the view each image fills;
-                    # partners may sit in another rank's slice: every rank augments the whole batch
+                    # partners may sit in another rank's slice: every rank augments the partners it needs
                     if augment is not None:
-                        x_all = augment.apply(x_all, aug_params)
-                    x_all, partner, lam = cutmix.apply(x_all, mix_params)
+                        x_all = augment.apply(x_all, aug_params if len(need) == gb else slice_params(aug_params, need))
+                    x_all, partner, lam = cutmix.apply(x_all, partner_params(mix_params, need, lo, hi))
                     lam = to_device(lam, device)
                     partner = to_device(partner, device)
-                    x = x_all[lo:hi]
+                    x = x_all[mine]
                 elif augment is not None:
-                    x = augment.apply(x_all[lo:hi], slice_params(aug_params, slice(lo, hi)))
+                    x = augment.apply(x_all[mine], slice_params(aug_params, slice(lo, hi)))
                 else:
-                    x = x_all[lo:hi]
+                    x = x_all[mine]
                 with amp():
                     logits = net(x).float()
-                labels: torch.Tensor = y_all[lo:hi]
+                labels: torch.Tensor = y_all[mine]
                 targets = None
                 if cutmix is not None:
                     onehot = F.one_hot(y_all, logits.shape[1]).float()
-                    labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[lo:hi]
+                    labels = (lam[:, None] * onehot + (1 - lam[:, None]) * onehot[partner])[mine]
                 if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
                     # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
                     xt = augment.apply(x_all, aug_params) if augment is not None and cutmix is None else x_all
@@ -598,10 +639,10 @@ def train_classifier(
                     with amp():
                         targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
                 elif label_source == "stored":
-                    t_all = to_device(stored_targets[idx], device)
+                    t_all = to_device(stored_targets[idx[need]], device)
                     if cutmix is not None:
                         t_all = mix_targets(t_all, t_all[partner], lam, loss, temperature)
-                    targets = t_all[lo:hi]
+                    targets = t_all[mine]
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * scale, model, ema, scaler)
             if counts:

@@ -74,19 +74,23 @@ def crop_patches(images: torch.Tensor, boxes: torch.Tensor, patch: tuple[int, in
     """Crop ``images`` [m, C, H, W] (float) to the normalised pixel ``boxes`` [k*m, 4] = (x0, y0, x1, y1)
     and resize each crop to ``patch`` (bilinear with antialiasing, like torchvision's
     ``RandomResizedCrop(antialias=True)`` in the reference). Box ``j`` crops image ``j % m``: several
-    crops of every image without a repeated copy of the images."""
+    crops of every image without a repeated copy of the images. Crops of the same size are resized
+    in one call (a crop's result does not depend on the others in the batch), into one output tensor."""
     h, w = images.shape[-2:]
     m = len(images)
     assert len(boxes) == 0 or (m > 0 and len(boxes) % m == 0), "crop_patches needs a multiple of len(images) boxes"
-    out = []
-    for j, box in enumerate(boxes):
-        img = images[j % m]
-        x0, y0 = int(round(float(box[0]) * w)), int(round(float(box[1]) * h))
-        x1, y1 = int(round(float(box[2]) * w)), int(round(float(box[3]) * h))
-        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-        crop = img[None, :, y0:y1, x0:x1]
-        out.append(F.interpolate(crop, size=patch, mode="bilinear", align_corners=False, antialias=True))
-    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], *patch))
+    out = images.new_empty((len(boxes), images.shape[1], *patch))
+    starts, by_size = [], {}  # (x0, y0) of each crop; the crops of each (height, width)
+    for j, box in enumerate(boxes.tolist()):
+        x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
+        x1, y1 = int(round(box[2] * w)), int(round(box[3] * h))
+        starts.append((x0, y0))
+        by_size.setdefault((max(y1, y0 + 1) - y0, max(x1, x0 + 1) - x0), []).append(j)
+    for (ch, cw), rows in by_size.items():
+        crops = torch.stack([images[j % m, :, starts[j][1] : starts[j][1] + ch, starts[j][0] : starts[j][0] + cw]
+                             for j in rows])
+        out[rows] = F.interpolate(crops, size=patch, mode="bilinear", align_corners=False, antialias=True)
+    return out
 
 
 def pad_to(x: torch.Tensor, size: tuple[int, int], value: float = 0.0) -> torch.Tensor:
@@ -246,8 +250,9 @@ class RDED(Method):
         labels = torch.arange(real.num_classes).repeat_interleave(ipc)
         soft = None
         if cfg.soft_labels:
-            norm = normalizer(mean, std, "cpu")
-            soft = _forward(model, norm(images), cfg.batch_size, ctx.device)
+            norm = normalizer(mean, std, "cpu")  # one forward batch at a time, not a normalised copy of the set
+            soft = torch.cat([_forward(model, norm(images[i : i + cfg.batch_size]), cfg.batch_size, ctx.device)
+                              for i in range(0, len(images), cfg.batch_size)])
         self.synthetic_ = SyntheticSet(
             images, labels, soft,
             meta={"factor": factor, "patch_size": list(patch), "soft_labels": "teacher logits of the stitched image"},
