@@ -583,3 +583,45 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
                                          r"'st/manifest.json'; save it there and pass the saved store"):
         evaluate(ds, proto, [0], data=data, teacher=teacher,
                  fkd_store=relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0))
+
+
+# --- stores at scale: streamed to disk, checked per epoch -----------------------------------------------------------
+
+
+def test_set_fingerprint_hashes_the_tensors_without_a_copy(small_set, monkeypatch):
+    """set_fingerprint copied the whole set into bytes before hashing it; it hashes the arrays themselves,
+    to the same value."""
+    import hashlib
+
+    import numpy as np
+
+    from ddkit.labels.fkd import set_fingerprint
+
+    def old(images, labels):
+        h = hashlib.sha256()
+        h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
+        h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    x = torch.rand(6, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    cases = [(small_set.images, small_set.labels), (x, torch.arange(6)), (x.transpose(2, 3), torch.arange(6).int()),
+             ((x * 255).to(torch.uint8), torch.arange(6)), (x.half(), torch.arange(6)), (x[:0], torch.arange(0))]
+    assert [set_fingerprint(*c) for c in cases] == [old(*c) for c in cases]
+    fed, real = [], hashlib.sha256
+
+    class Spy:
+        def __init__(self):
+            self.h = real()
+
+        def update(self, data):
+            fed.append(type(data))
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    want = old(x, torch.arange(6))
+    monkeypatch.setattr(hashlib, "sha256", Spy)
+    assert set_fingerprint(x, torch.arange(6)) == want
+    assert fed == [bytes, np.ndarray, np.ndarray]  # the shape and dtype as text, the tensors' own buffers

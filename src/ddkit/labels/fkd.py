@@ -115,8 +115,9 @@ def set_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """sha256 (16 hex) of a distilled set's images and labels: ties a store to the set it labels."""
     h = hashlib.sha256()
     h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
-    h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    # the arrays themselves, not a bytes copy: hashlib reads their buffers (a set can be gigabytes)
+    h.update(images.detach().cpu().contiguous().numpy())
+    h.update(labels.detach().cpu().long().contiguous().numpy())
     return h.hexdigest()[:16]
 
 
