@@ -625,3 +625,17 @@ def test_set_fingerprint_hashes_the_tensors_without_a_copy(small_set, monkeypatc
     monkeypatch.setattr(hashlib, "sha256", Spy)
     assert set_fingerprint(x, torch.arange(6)) == want
     assert fed == [bytes, np.ndarray, np.ndarray]  # the shape and dtype as text, the tensors' own buffers
+
+
+def test_training_with_a_store_makes_its_normaliser_once(store, small_set, monkeypatch):
+    """render() built the normaliser (two tensors copied to the device: a wait on a GPU) at every step."""
+    import ddkit.labels.fkd as fkd
+
+    made, real_norm, rendered, real_render = [], fkd.normalizer, [], fkd.render
+    monkeypatch.setattr(fkd, "normalizer", lambda *a: made.append(a) or real_norm(*a))
+    monkeypatch.setattr(fkd, "render", lambda *a: rendered.append(a) or real_render(*a))
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl",
+                           train=TrainConfig(epochs=3, batch_size=4))
+    fresh = SoftLabelStore(store.tensors, store.manifest)  # the module's store may have rendered already
+    train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, fresh, proto, seed=0)
+    assert len(rendered) == 9 and len(made) == 1  # 3 epochs of 3 steps, one normaliser

@@ -180,6 +180,7 @@ class SoftLabelStore:
         self.tensors = tensors
         self.manifest = manifest
         self.path = path
+        self._norms: dict[tuple, Callable] = {}  # render's normalisers, one per (mean, std, device)
         self._check()
         try:
             self.augment = build_augment(manifest["augment"]["spec"], **manifest["augment"]["options"])
@@ -335,7 +336,13 @@ class SoftLabelStore:
 
     def render(self, replay: Replay, images: torch.Tensor, mean, std, device="cpu") -> torch.Tensor:
         """The normalised views of ``replay`` built from pixel-space ``images`` (the distilled set's)."""
-        return render(replay, images, self.augment, normalizer(mean, std, device), device)
+        # made once per mean, std and device, not every training step: building it copies two small tensors to
+        # the device, which waits for the device each time
+        key = (tuple(map(float, mean)), tuple(map(float, std)), str(device))
+        if key not in self._norms:
+            self._norms[key] = normalizer(mean, std, device)
+        return render(replay, images, self.augment, self._norms[key], device)
+
 
     # --- persistence ---------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
