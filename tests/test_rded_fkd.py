@@ -639,3 +639,67 @@ def test_training_with_a_store_makes_its_normaliser_once(store, small_set, monke
     fresh = SoftLabelStore(store.tensors, store.manifest)  # the module's store may have rendered already
     train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, fresh, proto, seed=0)
     assert len(rendered) == 9 and len(made) == 1  # 3 epochs of 3 steps, one normaliser
+
+
+class _LargestAllocation:
+    """Records the largest tensor storage any torch op allocates inside the block (views, in-place ops and
+    memory-mapped loads allocate none): a store written or checked one epoch at a time never allocates one
+    of the store's size."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watch = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if all(r.alias_info is None for r in func._schema.returns):  # a new tensor, not a view or in-place
+                    for t in out if isinstance(out, (tuple, list)) else [out]:
+                        if isinstance(t, torch.Tensor):
+                            watch.bytes = max(watch.bytes, t.untyped_storage().nbytes())
+                return out
+
+        self.bytes, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _wide(epochs=40, n=12, classes=50):
+    """A set of ``n`` 4x4 images and a bare linear teacher over many classes: its dense store
+    (epochs x n x classes fp16) is 40 times one epoch's float32 logits."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    ds = types.SimpleNamespace(images=torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8),
+                               labels=torch.arange(n) % classes, classes=[f"c{i}" for i in range(classes)],
+                               mean=(0.5,), std=(0.25,), path=None)
+    torch.manual_seed(0)
+    return ds, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)), epochs * n * classes * 2
+
+
+def test_loading_and_showing_a_store_checks_it_one_epoch_at_a_time(tmp_path, capsys):
+    """Loading a store (every evaluation) and `ddkit show` checked its values over whole tensors, about 4
+    times the store in temporaries; per epoch they take a fraction, and still refuse a bad last epoch."""
+    from safetensors.torch import load_file, save_file
+
+    from ddkit.cli import main
+
+    ds, model, logit_bytes = _wide()
+    relabel(ds, model, 40).save(tmp_path / "fkd")
+    with _LargestAllocation() as loading:
+        SoftLabelStore.load(tmp_path / "fkd")
+    with _LargestAllocation() as showing:
+        assert main(["show", str(tmp_path / "fkd"), "-q"]) == 0
+    assert 0 < loading.bytes < logit_bytes / 8 and 0 < showing.bytes < logit_bytes / 8
+    tensors = load_file(str(tmp_path / "fkd" / FILE))
+    for key, damage, message in (("logits", float("nan"), r"\['logits'\] hold NaN or infinite values"),
+                                 ("aug.box", 2.0, "'aug.box' holds boxes outside the normalised image")):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[key][-1, -1, -1] = damage
+        save_file(bad, str(tmp_path / "fkd" / FILE), metadata={"kind": "fkd-soft-labels"})
+        with pytest.raises(DDKitError, match=message):
+            SoftLabelStore.load(tmp_path / "fkd")

@@ -170,6 +170,12 @@ def render(replay: Replay, images: torch.Tensor, augment, norm: Callable, device
     return out[:b]
 
 
+def _boxes_inside(box: torch.Tensor, top: tuple[float, float]) -> bool:
+    """Whether every (x0, y0, x1, y1) box of ``box`` [..., 4] lies in 0..top[0] x 0..top[1] with x0 <= x1, y0 <= y1."""
+    return (bool((box >= 0).all()) and bool((box[..., 2] <= top[0]).all() and (box[..., 3] <= top[1]).all())
+            and bool((box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()))
+
+
 class SoftLabelStore:
     """Per-(epoch, image) augmentation parameters and teacher logits; see the module docstring.
 
@@ -257,7 +263,9 @@ class SoftLabelStore:
                 and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c)):
             raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run "
                              "`ddkit relabel`")
-        bad = [k for k, v in t.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # value checks one epoch at a time: whole-store temporaries would be several times the store (which
+        # may be tens of GB, memory-mapped), an epoch's are a few times N x C
+        bad = [k for k, v in t.items() if v.is_floating_point() and not all(torch.isfinite(r).all() for r in v)]
         if bad:
             raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run "
                              "`ddkit relabel`")
@@ -269,11 +277,7 @@ class SoftLabelStore:
             box = t.get(key)
             if box is None or not box.numel():
                 continue
-            box = box.double()
-            inside = (box.shape[-1] == 4 and bool((box >= 0).all())
-                      and bool((box[..., 2] <= top[0]).all() and (box[..., 3] <= top[1]).all())
-                      and bool((box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()))
-            if not inside:
+            if box.shape[-1] != 4 or not all(_boxes_inside(r.double(), top) for r in box):
                 raise DDKitError(f"{where}: {key!r} holds boxes outside the {unit} image 0..{top[0]:g} x 0..{top[1]:g} "
                                  "(x0 <= x1, y0 <= y1); the store is corrupt, re-run `ddkit relabel`")
 
