@@ -703,3 +703,96 @@ def test_loading_and_showing_a_store_checks_it_one_epoch_at_a_time(tmp_path, cap
         save_file(bad, str(tmp_path / "fkd" / FILE), metadata={"kind": "fkd-soft-labels"})
         with pytest.raises(DDKitError, match=message):
             SoftLabelStore.load(tmp_path / "fkd")
+
+
+def test_saved_and_streamed_stores_are_what_save_file_writes(store, small_set, teacher, tmp_path):
+    """save() and relabel(out=) write the labels file epoch by epoch; it holds the bytes safetensors'
+    save_file writes for the whole stacked tensors (the format before), and the same manifest."""
+    from safetensors.torch import save_file
+
+    topk = relabel(small_set, teacher, epochs=3, augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2)
+    for name, made, opts in (("dense", store, dict(augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)),
+                             ("topk", topk, dict(augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2))):
+        save_file(made.tensors, str(tmp_path / f"{name}.safetensors"), metadata={"kind": "fkd-soft-labels"})
+        made.save(tmp_path / f"{name}-saved")
+        streamed = relabel(small_set, teacher, epochs=3, out=tmp_path / f"{name}-streamed", **opts)
+        want = (tmp_path / f"{name}.safetensors").read_bytes()
+        assert (tmp_path / f"{name}-saved" / FILE).read_bytes() == want
+        assert (tmp_path / f"{name}-streamed" / FILE).read_bytes() == want
+        assert ((tmp_path / f"{name}-saved" / "manifest.json").read_text()
+                == (tmp_path / f"{name}-streamed" / "manifest.json").read_text())
+        assert streamed.path == tmp_path / f"{name}-streamed" and streamed.manifest == made.manifest
+        assert all(torch.equal(streamed.tensors[k], made.tensors[k]) for k in made.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work folder left
+
+
+def test_relabel_into_a_folder_holds_one_epoch_at_a_time(tmp_path):
+    """relabel(out=) streams each epoch to disk: it never allocates a tensor of the store's size (it stacked
+    every epoch in memory, about 4.7 times the store at its peak); returned in memory, the store is one."""
+    ds, model, logit_bytes = _wide()
+    with _LargestAllocation() as streamed:
+        on_disk = relabel(ds, model, 40, out=tmp_path / "fkd")
+    assert 0 < streamed.bytes < logit_bytes / 8
+    with _LargestAllocation() as whole:
+        in_memory = relabel(ds, model, 40)
+    assert whole.bytes >= logit_bytes
+    assert all(torch.equal(on_disk.tensors[k], in_memory.tensors[k]) for k in in_memory.tensors)
+
+
+def test_streaming_refuses_work_epochs_of_other_shapes(tmp_path):
+    """An epoch file in the work folder that does not match the first epoch's tensors is refused in one line."""
+    from ddkit.artifacts import save_tensors
+
+    ds, model, _ = _wide(epochs=2)
+    relabel(ds, model, 1, work_dir=tmp_path / "work")
+    partial = next((tmp_path / "work").iterdir())
+    save_tensors(partial / "epoch_00001.safetensors", {"logits": torch.zeros(3, 50, dtype=torch.float16)})
+    with pytest.raises(DDKitError, match=r"^relabel epoch 1 holds tensors .*; delete the relabel work folder and "
+                                         r"relabel again$"):
+        relabel(ds, model, 2, augment_spec="rrc_flip", work_dir=tmp_path / "work", out=tmp_path / "fkd")
+    assert not (tmp_path / "fkd").exists()
+
+
+def _relabel_rank(rank: int, store_path: str, out: str) -> None:
+    """relabel under 2 gloo ranks, into a folder and in memory, with all_gather refused and the largest
+    allocation recorded."""
+    import os
+
+    import torch.distributed as dist
+
+    import ddkit.distributed as ddist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+
+    def gather(obj):
+        raise AssertionError("relabel gathered every rank's epochs")
+
+    ddist.all_gather_objects = gather
+    try:
+        ds, model, _ = _wide(epochs=9)
+        with _LargestAllocation() as streamed:
+            relabel(ds, model, 9, out=f"{out}/fkd2")
+        in_memory = relabel(ds, model, 9)
+        torch.save({"bytes": streamed.bytes, "tensors": in_memory.tensors}, f"{out}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see test_distributed._train_bn_rank
+
+
+def test_relabel_under_two_ranks_streams_the_store_without_gathering_it(tmp_path):
+    """Under torchrun every rank gathered every rank's epochs (all_gather_object of the tensors) and stacked
+    them; now the ranks hand their epochs over in the work folder and rank 0 streams them into the store,
+    which is byte for byte the single-process one; in memory, ranks pass one epoch at a time."""
+    import torch.multiprocessing as mp
+
+    ds, model, logit_bytes = _wide(epochs=9)
+    one = relabel(ds, model, 9, out=tmp_path / "fkd1")
+    mp.spawn(_relabel_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "fkd1" / FILE).read_bytes() == (tmp_path / "fkd2" / FILE).read_bytes()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert 0 < got["bytes"] < logit_bytes / 4
+        assert got["tensors"].keys() == one.tensors.keys()
+        assert all(torch.equal(got["tensors"][k], one.tensors[k]) for k in one.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fkd1", "fkd2", "rank0.pt", "rank1.pt", "store"]
