@@ -796,3 +796,38 @@ def test_relabel_under_two_ranks_streams_the_store_without_gathering_it(tmp_path
         assert got["tensors"].keys() == one.tensors.keys()
         assert all(torch.equal(got["tensors"][k], one.tensors[k]) for k in one.tensors)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fkd1", "fkd2", "rank0.pt", "rank1.pt", "store"]
+
+
+def test_random_baseline_streams_its_labels_and_reuses_a_whole_store(data, teacher, tmp_path, monkeypatch):
+    """Label mode fkd's random subset was relabelled in memory for every seed; its labels now go to a folder
+    beside its cache entry, removed once the student's accuracy is cached; labels left whole there by a
+    stopped evaluation are used again. The accuracy is the in-memory one."""
+    import ddkit.labels
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.evaluate.runner import _random_baseline, _relabel_like, random_cache_path
+    from ddkit.pipeline import DistillConfig, distill
+
+    small_set = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
+    store = relabel(small_set, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.5, seed=0)
+    store.save(tmp_path / "fkd")
+    proto = resolve_protocol("soft-kl", {"student": "tiny_convnet", "label_mode": "fkd",
+                                         "fkd_store": str(tmp_path / "fkd"), "full_reference": False,
+                                         "train": {"epochs": 2, "batch_size": 6}})
+    outs, real = [], ddkit.labels.relabel
+    monkeypatch.setattr(ddkit.labels, "relabel", lambda *a, **k: outs.append(k.get("out")) or real(*a, **k))
+    rep = evaluate(small_set, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    entry = random_cache_path(proto, data, teacher, store, 3, 0, tmp_path / "cache")
+    assert outs == [entry.with_suffix(".fkd")] and entry.is_file()
+    assert sorted(p.name for p in entry.parent.iterdir() if not p.name.endswith(".lock")) == [entry.name]
+    monkeypatch.setattr(ddkit.labels, "relabel", real)
+    assert rep["results"]["random"]["per_seed"] == [_random_baseline(data, proto, teacher, store, 3, 0, "cpu")]
+    # a whole store in the folder (the student was stopped) is used again, not labelled again
+    subset = data.train.subset(torch.arange(0, 96, 8))
+    _, made = _relabel_like(store, subset, data, teacher, 5, "cpu", out=tmp_path / "r.fkd")
+    monkeypatch.setattr(ddkit.labels, "relabel", lambda *a, **k: pytest.fail("labelled the subset again"))
+    _, again = _relabel_like(store, subset, data, teacher, 5, "cpu", out=tmp_path / "r.fkd")
+    monkeypatch.setattr(ddkit.labels, "relabel", real)
+    _, fresh = _relabel_like(store, subset, data, teacher, 5, "cpu")
+    assert made.path == again.path == tmp_path / "r.fkd"
+    assert all(torch.equal(again.tensors[k], fresh.tensors[k]) for k in fresh.tensors)
