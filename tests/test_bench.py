@@ -648,18 +648,18 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
 def test_fkd_store_reused_after_a_kill_removes_its_finished_epochs(tmp_path, monkeypatch):
     """A bench stopped between saving a set's FKD store and removing the store's finished epochs (its
     hidden .partial folder) reused the store ever after and left the folder for good."""
-    from ddkit.labels.fkd import SoftLabelStore
+    import ddkit.labels.fkd
 
     cfg = tiny_cfg(tmp_path / "run", ipcs=[1], label_modes=["fkd"], seeds=[0], methods=["random"],
                    relabel={"epochs": 2}, overrides={"full_epochs": 1, "train": {"epochs": 2, "batch_size": 32}})
-    real_save = SoftLabelStore.save
+    real_write = ddkit.labels.fkd._write_store
 
-    def killed_after_save(self, out):
-        real_save(self, out)
+    def killed_after_save(*args):
+        real_write(*args)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(SoftLabelStore, "save", killed_after_save)
+        m.setattr(ddkit.labels.fkd, "_write_store", killed_after_save)
         with pytest.raises(KeyboardInterrupt):
             run_bench(cfg)
     labels = tmp_path / "run" / "labels"

@@ -622,3 +622,251 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
                                          r"'st/manifest.json'; save it there and pass the saved store"):
         evaluate(ds, proto, [0], data=data, teacher=teacher,
                  fkd_store=relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0))
+
+
+# --- stores at scale: streamed to disk, checked per epoch -----------------------------------------------------------
+
+
+def test_set_fingerprint_hashes_the_tensors_without_a_copy(small_set, monkeypatch):
+    """set_fingerprint copied the whole set into bytes before hashing it; it hashes the arrays themselves,
+    to the same value."""
+    import hashlib
+
+    import numpy as np
+
+    from ddkit.labels.fkd import set_fingerprint
+
+    def old(images, labels):
+        h = hashlib.sha256()
+        h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
+        h.update(images.detach().cpu().contiguous().numpy().tobytes())
+        h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    x = torch.rand(6, 3, 5, 7, generator=torch.Generator().manual_seed(0))
+    cases = [(small_set.images, small_set.labels), (x, torch.arange(6)), (x.transpose(2, 3), torch.arange(6).int()),
+             ((x * 255).to(torch.uint8), torch.arange(6)), (x.half(), torch.arange(6)), (x[:0], torch.arange(0))]
+    assert [set_fingerprint(*c) for c in cases] == [old(*c) for c in cases]
+    fed, real = [], hashlib.sha256
+
+    class Spy:
+        def __init__(self):
+            self.h = real()
+
+        def update(self, data):
+            fed.append(type(data))
+            self.h.update(data)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    want = old(x, torch.arange(6))
+    monkeypatch.setattr(hashlib, "sha256", Spy)
+    assert set_fingerprint(x, torch.arange(6)) == want
+    assert fed == [bytes, np.ndarray, np.ndarray]  # the shape and dtype as text, the tensors' own buffers
+
+
+def test_training_with_a_store_makes_its_normaliser_once(store, small_set, monkeypatch):
+    """render() built the normaliser (two tensors copied to the device: a wait on a GPU) at every step."""
+    import ddkit.labels.fkd as fkd
+
+    made, real_norm, rendered, real_render = [], fkd.normalizer, [], fkd.render
+    monkeypatch.setattr(fkd, "normalizer", lambda *a: made.append(a) or real_norm(*a))
+    monkeypatch.setattr(fkd, "render", lambda *a: rendered.append(a) or real_render(*a))
+    proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl",
+                           train=TrainConfig(epochs=3, batch_size=4))
+    fresh = SoftLabelStore(store.tensors, store.manifest)  # the module's store may have rendered already
+    train_with_store(create_model("tiny_convnet", 1, 4, 16), small_set, fresh, proto, seed=0)
+    assert len(rendered) == 9 and len(made) == 1  # 3 epochs of 3 steps, one normaliser
+
+
+class _LargestAllocation:
+    """Records the largest tensor storage any torch op allocates inside the block (views, in-place ops and
+    memory-mapped loads allocate none): a store written or checked one epoch at a time never allocates one
+    of the store's size."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        watch = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if all(r.alias_info is None for r in func._schema.returns):  # a new tensor, not a view or in-place
+                    for t in out if isinstance(out, (tuple, list)) else [out]:
+                        if isinstance(t, torch.Tensor):
+                            watch.bytes = max(watch.bytes, t.untyped_storage().nbytes())
+                return out
+
+        self.bytes, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def _wide(epochs=40, n=12, classes=50):
+    """A set of ``n`` 4x4 images and a bare linear teacher over many classes: its dense store
+    (epochs x n x classes fp16) is 40 times one epoch's float32 logits."""
+    import types
+
+    g = torch.Generator().manual_seed(0)
+    ds = types.SimpleNamespace(images=torch.randint(0, 256, (n, 1, 4, 4), generator=g, dtype=torch.uint8),
+                               labels=torch.arange(n) % classes, classes=[f"c{i}" for i in range(classes)],
+                               mean=(0.5,), std=(0.25,), path=None)
+    torch.manual_seed(0)
+    return ds, torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)), epochs * n * classes * 2
+
+
+def test_loading_and_showing_a_store_checks_it_one_epoch_at_a_time(tmp_path, capsys):
+    """Loading a store (every evaluation) and `ddkit show` checked its values over whole tensors, about 4
+    times the store in temporaries; per epoch they take a fraction, and still refuse a bad last epoch."""
+    from safetensors.torch import load_file, save_file
+
+    from ddkit.cli import main
+
+    ds, model, logit_bytes = _wide()
+    relabel(ds, model, 40).save(tmp_path / "fkd")
+    with _LargestAllocation() as loading:
+        SoftLabelStore.load(tmp_path / "fkd")
+    with _LargestAllocation() as showing:
+        assert main(["show", str(tmp_path / "fkd"), "-q"]) == 0
+    assert 0 < loading.bytes < logit_bytes / 8 and 0 < showing.bytes < logit_bytes / 8
+    tensors = load_file(str(tmp_path / "fkd" / FILE))
+    for key, damage, message in (("logits", float("nan"), r"\['logits'\] hold NaN or infinite values"),
+                                 ("aug.box", 2.0, "'aug.box' holds boxes outside the normalised image")):
+        bad = {k: v.clone() for k, v in tensors.items()}
+        bad[key][-1, -1, -1] = damage
+        save_file(bad, str(tmp_path / "fkd" / FILE), metadata={"kind": "fkd-soft-labels"})
+        with pytest.raises(DDKitError, match=message):
+            SoftLabelStore.load(tmp_path / "fkd")
+
+
+def test_saved_and_streamed_stores_are_what_save_file_writes(store, small_set, teacher, tmp_path):
+    """save() and relabel(out=) write the labels file epoch by epoch; it holds the bytes safetensors'
+    save_file writes for the whole stacked tensors (the format before), and the same manifest."""
+    from safetensors.torch import save_file
+
+    topk = relabel(small_set, teacher, epochs=3, augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2)
+    for name, made, opts in (("dense", store, dict(augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)),
+                             ("topk", topk, dict(augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2))):
+        save_file(made.tensors, str(tmp_path / f"{name}.safetensors"), metadata={"kind": "fkd-soft-labels"})
+        made.save(tmp_path / f"{name}-saved")
+        streamed = relabel(small_set, teacher, epochs=3, out=tmp_path / f"{name}-streamed", **opts)
+        want = (tmp_path / f"{name}.safetensors").read_bytes()
+        assert (tmp_path / f"{name}-saved" / FILE).read_bytes() == want
+        assert (tmp_path / f"{name}-streamed" / FILE).read_bytes() == want
+        assert ((tmp_path / f"{name}-saved" / "manifest.json").read_text()
+                == (tmp_path / f"{name}-streamed" / "manifest.json").read_text())
+        assert streamed.path == tmp_path / f"{name}-streamed" and streamed.manifest == made.manifest
+        assert all(torch.equal(streamed.tensors[k], made.tensors[k]) for k in made.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no work folder left
+
+
+def test_relabel_into_a_folder_holds_one_epoch_at_a_time(tmp_path):
+    """relabel(out=) streams each epoch to disk: it never allocates a tensor of the store's size (it stacked
+    every epoch in memory, about 4.7 times the store at its peak); returned in memory, the store is one."""
+    ds, model, logit_bytes = _wide()
+    with _LargestAllocation() as streamed:
+        on_disk = relabel(ds, model, 40, out=tmp_path / "fkd")
+    assert 0 < streamed.bytes < logit_bytes / 8
+    with _LargestAllocation() as whole:
+        in_memory = relabel(ds, model, 40)
+    assert whole.bytes >= logit_bytes
+    assert all(torch.equal(on_disk.tensors[k], in_memory.tensors[k]) for k in in_memory.tensors)
+
+
+def test_streaming_refuses_work_epochs_of_other_shapes(tmp_path):
+    """An epoch file in the work folder that does not match the first epoch's tensors is refused in one line."""
+    from ddkit.artifacts import save_tensors
+
+    ds, model, _ = _wide(epochs=2)
+    relabel(ds, model, 1, work_dir=tmp_path / "work")
+    partial = next((tmp_path / "work").iterdir())
+    save_tensors(partial / "epoch_00001.safetensors", {"logits": torch.zeros(3, 50, dtype=torch.float16)})
+    with pytest.raises(DDKitError, match=r"^relabel epoch 1 holds tensors .*; delete the relabel work folder and "
+                                         r"relabel again$"):
+        relabel(ds, model, 2, augment_spec="rrc_flip", work_dir=tmp_path / "work", out=tmp_path / "fkd")
+    assert not (tmp_path / "fkd").exists()
+
+
+def _relabel_rank(rank: int, store_path: str, out: str) -> None:
+    """relabel under 2 gloo ranks, into a folder and in memory, with all_gather refused and the largest
+    allocation recorded."""
+    import os
+
+    import torch.distributed as dist
+
+    import ddkit.distributed as ddist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+
+    def gather(obj):
+        raise AssertionError("relabel gathered every rank's epochs")
+
+    ddist.all_gather_objects = gather
+    try:
+        ds, model, _ = _wide(epochs=9)
+        with _LargestAllocation() as streamed:
+            relabel(ds, model, 9, out=f"{out}/fkd2")
+        in_memory = relabel(ds, model, 9)
+        torch.save({"bytes": streamed.bytes, "tensors": in_memory.tensors}, f"{out}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see test_distributed._train_bn_rank
+
+
+def test_relabel_under_two_ranks_streams_the_store_without_gathering_it(tmp_path):
+    """Under torchrun every rank gathered every rank's epochs (all_gather_object of the tensors) and stacked
+    them; now the ranks hand their epochs over in the work folder and rank 0 streams them into the store,
+    which is byte for byte the single-process one; in memory, ranks pass one epoch at a time."""
+    import torch.multiprocessing as mp
+
+    ds, model, logit_bytes = _wide(epochs=9)
+    one = relabel(ds, model, 9, out=tmp_path / "fkd1")
+    mp.spawn(_relabel_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "fkd1" / FILE).read_bytes() == (tmp_path / "fkd2" / FILE).read_bytes()
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert 0 < got["bytes"] < logit_bytes / 4
+        assert got["tensors"].keys() == one.tensors.keys()
+        assert all(torch.equal(got["tensors"][k], one.tensors[k]) for k in one.tensors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fkd1", "fkd2", "rank0.pt", "rank1.pt", "store"]
+
+
+def test_random_baseline_streams_its_labels_and_reuses_a_whole_store(data, teacher, tmp_path, monkeypatch):
+    """Label mode fkd's random subset was relabelled in memory for every seed; its labels now go to a folder
+    beside its cache entry, removed once the student's accuracy is cached; labels left whole there by a
+    stopped evaluation are used again. The accuracy is the in-memory one."""
+    import ddkit.labels
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.evaluate.runner import _random_baseline, _relabel_like, random_cache_path
+    from ddkit.pipeline import DistillConfig, distill
+
+    small_set = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
+    store = relabel(small_set, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.5, seed=0)
+    store.save(tmp_path / "fkd")
+    proto = resolve_protocol("soft-kl", {"student": "tiny_convnet", "label_mode": "fkd",
+                                         "fkd_store": str(tmp_path / "fkd"), "full_reference": False,
+                                         "train": {"epochs": 2, "batch_size": 6}})
+    outs, real = [], ddkit.labels.relabel
+    monkeypatch.setattr(ddkit.labels, "relabel", lambda *a, **k: outs.append(k.get("out")) or real(*a, **k))
+    rep = evaluate(small_set, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "cache")
+    entry = random_cache_path(proto, data, teacher, store, 3, 0, tmp_path / "cache")
+    assert outs == [entry.with_suffix(".fkd")] and entry.is_file()
+    assert sorted(p.name for p in entry.parent.iterdir() if not p.name.endswith(".lock")) == [entry.name]
+    monkeypatch.setattr(ddkit.labels, "relabel", real)
+    assert rep["results"]["random"]["per_seed"] == [_random_baseline(data, proto, teacher, store, 3, 0, "cpu")]
+    # a whole store in the folder (the student was stopped) is used again, not labelled again
+    subset = data.train.subset(torch.arange(0, 96, 8))
+    _, made = _relabel_like(store, subset, data, teacher, 5, "cpu", out=tmp_path / "r.fkd")
+    monkeypatch.setattr(ddkit.labels, "relabel", lambda *a, **k: pytest.fail("labelled the subset again"))
+    _, again = _relabel_like(store, subset, data, teacher, 5, "cpu", out=tmp_path / "r.fkd")
+    monkeypatch.setattr(ddkit.labels, "relabel", real)
+    _, fresh = _relabel_like(store, subset, data, teacher, 5, "cpu")
+    assert made.path == again.path == tmp_path / "r.fkd"
+    assert all(torch.equal(again.tensors[k], fresh.tensors[k]) for k in fresh.tensors)

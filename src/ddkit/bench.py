@@ -726,8 +726,7 @@ class _Bench:
                 return path
             sp = self.stage_progress
             cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
-            store = spec.make(ds, teacher, protocol_epochs, self.device, cb, work_dir=work)
-            store.save(path)
+            spec.make(ds, teacher, protocol_epochs, self.device, cb, work_dir=work, out=path)
             shutil.rmtree(work, ignore_errors=True)
         return path
 

@@ -445,12 +445,10 @@ def cmd_relabel(args) -> int:
     progress = Progress(not args.quiet)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
                     device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
-                    work_dir=work, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
+                    work_dir=work, out=out, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
     progress.close()
-    ddist.barrier()
     if not ddist.current().is_main:
         return 0
-    store.save(out)
     shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "

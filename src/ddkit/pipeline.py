@@ -525,8 +525,8 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
                   device, progress: Callable[[int, int, dict], None] | None = None) -> tuple[bool, SoftLabelStore]:
     """Make ``distilled``'s FKD store at ``path`` (:meth:`RelabelSpec.make`; finished epochs survive a kill
     in a hidden ``.<name>.partial`` beside it), unless the store there has these settings for this set
-    and teacher. Returns whether it was reused, and the store (saved at ``path``, kept in memory for the
-    evaluation, which then does not read it again)."""
+    and teacher. Returns whether it was reused, and the store (saved at ``path`` and loaded from there,
+    memory-mapped, on every rank, for the evaluation, which then does not read it again)."""
     key = spec.key(distilled, teacher, protocol_epochs)
     work = path.parent / f".{path.name}.partial"
     found = None
@@ -546,14 +546,11 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
         if ddist.current().is_main:  # a kill between the save and the removal below leaves them
             shutil.rmtree(work, ignore_errors=True)
         return True, found if found is not None else SoftLabelStore.load(path)
-    store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work)
-    store.manifest["config_hash"] = key
+    # streamed into path epoch by epoch, never whole in memory; every rank gets it loaded from there
+    store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work, out=path,
+                      manifest_extra={"config_hash": key})
     if ddist.current().is_main:
-        store.save(path)
         shutil.rmtree(work, ignore_errors=True)
-    ddist.barrier()
-    if not ddist.current().is_main:
-        store = SoftLabelStore.load(path)  # rank 0's saved store (its manifest as saved), as rank 0 holds it
     return False, store
 
 

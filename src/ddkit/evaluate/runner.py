@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -85,18 +86,38 @@ def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: Proto
                                   progress=progress).test_accuracy)
 
 
-def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device):
+def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device, out: Path | None = None):
     """FKD labels for a random-baseline subset with the settings of ``store``. Under torchrun each
-    rank labels its own seeds' subsets, so the relabel runs whole on this rank (no collectives)."""
-    from ddkit.labels import relabel
+    rank labels its own seeds' subsets, so the relabel runs whole on this rank (no collectives).
+
+    ``out``: a folder named by everything the labels depend on (the random subset's cache entry), which
+    the labels are streamed into, one epoch at a time, instead of being made in memory; finished epochs
+    survive a kill in ``.<name>.partial`` beside it, and labels already whole there (a student stopped
+    before its accuracy was cached) are used again. The caller removes ``out`` once the student is done.
+    """
+    from ddkit.labels import SoftLabelStore, relabel
 
     ds = DistilledSet(subset.images, subset.labels, {"dataset": data.describe()})
     m = store.manifest
     cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
     with ddist.single_process():
-        labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                         cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
-                         teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+        if out is None:
+            return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                               cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
+                               teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+        with build_lock(out):  # two evaluations that need the same random subset's labels make them once
+            if (out / "manifest.json").is_file():
+                try:
+                    labels = SoftLabelStore.load(out)
+                    labels.check_matches(ds, teacher)
+                    return ds, labels
+                except DDKitError as e:
+                    log.warning("%s; labelling the random subset again", str(e).split(";")[0])
+            work = out.parent / f".{out.name}.partial"
+            labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                             cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"], work_dir=work,
+                             out=out, teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+            shutil.rmtree(work, ignore_errors=True)
     return ds, labels
 
 
@@ -231,12 +252,13 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
 
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
                      progress=None, train: TrainConfig | None = None, transform=None,
-                     labeller: StoredLabeller | None = None) -> float:
-    """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class."""
+                     labeller: StoredLabeller | None = None, fkd_out: Path | None = None) -> float:
+    """Accuracy of the protocol's student trained on a stratified random subset of ``ipc`` per class
+    (label mode fkd: its labels are made in ``fkd_out``, see :func:`_relabel_like`, or in memory)."""
     idx = stratified_indices(data.train.labels, data.num_classes, ipc, seed + RANDOM_SEED_OFFSET)
     subset = data.train.subset(idx)
     if store is not None:
-        rds, rstore = _relabel_like(store, subset, data, teacher, seed + RANDOM_SEED_OFFSET, device)
+        rds, rstore = _relabel_like(store, subset, data, teacher, seed + RANDOM_SEED_OFFSET, device, fkd_out)
         return _train_fkd(rds, rstore, data, protocol, seed, device, progress)
     stored = None
     if protocol.label_mode == "stored" and labeller is not None:  # as the set's own labels were made
@@ -466,10 +488,17 @@ def evaluate(
             if cached is not None:
                 row["random"] = float(cached)
             else:
+                # label mode fkd: the subset's labels are streamed into a folder beside its cache entry (an
+                # IPC-50 ImageNet store is tens of GB), kept until the student's accuracy is cached
+                fkd_out = cache.with_suffix(".fkd") if store is not None else None
                 row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
-                                                 cb_for(f"random subset, seed {s}"), train, transform, labeller)
+                                                 cb_for(f"random subset, seed {s}"), train, transform, labeller,
+                                                 fkd_out)
                 write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
                                    "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
+                if fkd_out is not None:
+                    with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
+                        shutil.rmtree(fkd_out, ignore_errors=True)
         local[s] = row
     merged: dict[int, dict[str, float]] = {}
     for part in ddist.all_gather_objects(local):

@@ -47,13 +47,18 @@ classes (FKD's renormalisation, at any temperature). ``-inf`` is only valid for 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
+import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ddkit.artifacts import (
@@ -63,6 +68,7 @@ from ddkit.artifacts import (
     base_manifest,
     check_classes,
     check_fields,
+    check_output_dir,
     load_tensors,
     read_manifest,
     recorded_path,
@@ -115,8 +121,9 @@ def set_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """sha256 (16 hex) of a distilled set's images and labels: ties a store to the set it labels."""
     h = hashlib.sha256()
     h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
-    h.update(images.detach().cpu().contiguous().numpy().tobytes())
-    h.update(labels.detach().cpu().long().contiguous().numpy().tobytes())
+    # the arrays themselves, not a bytes copy: hashlib reads their buffers (a set can be gigabytes)
+    h.update(images.detach().cpu().contiguous().numpy())
+    h.update(labels.detach().cpu().long().contiguous().numpy())
     return h.hexdigest()[:16]
 
 
@@ -169,6 +176,12 @@ def render(replay: Replay, images: torch.Tensor, augment, norm: Callable, device
     return out[:b]
 
 
+def _boxes_inside(box: torch.Tensor, top: tuple[float, float]) -> bool:
+    """Whether every (x0, y0, x1, y1) box of ``box`` [..., 4] lies in 0..top[0] x 0..top[1] with x0 <= x1, y0 <= y1."""
+    return (bool((box >= 0).all()) and bool((box[..., 2] <= top[0]).all() and (box[..., 3] <= top[1]).all())
+            and bool((box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()))
+
+
 class SoftLabelStore:
     """Per-(epoch, image) augmentation parameters and teacher logits; see the module docstring.
 
@@ -179,6 +192,7 @@ class SoftLabelStore:
         self.tensors = tensors
         self.manifest = manifest
         self.path = path
+        self._norms: dict[tuple, Callable] = {}  # render's normalisers, one per (mean, std, device)
         self._check()
         try:
             self.augment = build_augment(manifest["augment"]["spec"], **manifest["augment"]["options"])
@@ -255,7 +269,9 @@ class SoftLabelStore:
                 and (int(t["topk.indices"].min()) < 0 or int(t["topk.indices"].max()) >= c)):
             raise DDKitError(f"{where}: top-k class indices outside [0, {c}); the store is corrupt, re-run "
                              "`ddkit relabel`")
-        bad = [k for k, v in t.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        # value checks one epoch at a time: whole-store temporaries would be several times the store (which
+        # may be tens of GB, memory-mapped), an epoch's are a few times N x C
+        bad = [k for k, v in t.items() if v.is_floating_point() and not all(torch.isfinite(r).all() for r in v)]
         if bad:
             raise DDKitError(f"{where}: {bad} hold NaN or infinite values; the store is corrupt, re-run "
                              "`ddkit relabel`")
@@ -267,11 +283,7 @@ class SoftLabelStore:
             box = t.get(key)
             if box is None or not box.numel():
                 continue
-            box = box.double()
-            inside = (box.shape[-1] == 4 and bool((box >= 0).all())
-                      and bool((box[..., 2] <= top[0]).all() and (box[..., 3] <= top[1]).all())
-                      and bool((box[..., 0] <= box[..., 2]).all() and (box[..., 1] <= box[..., 3]).all()))
-            if not inside:
+            if box.shape[-1] != 4 or not all(_boxes_inside(r.double(), top) for r in box):
                 raise DDKitError(f"{where}: {key!r} holds boxes outside the {unit} image 0..{top[0]:g} x 0..{top[1]:g} "
                                  "(x0 <= x1, y0 <= y1); the store is corrupt, re-run `ddkit relabel`")
 
@@ -334,19 +346,19 @@ class SoftLabelStore:
 
     def render(self, replay: Replay, images: torch.Tensor, mean, std, device="cpu") -> torch.Tensor:
         """The normalised views of ``replay`` built from pixel-space ``images`` (the distilled set's)."""
-        return render(replay, images, self.augment, normalizer(mean, std, device), device)
+        # made once per mean, std and device, not every training step: building it copies two small tensors to
+        # the device, which waits for the device each time
+        key = (tuple(map(float, mean)), tuple(map(float, std)), str(device))
+        if key not in self._norms:
+            self._norms[key] = normalizer(mean, std, device)
+        return render(replay, images, self.augment, self._norms[key], device)
 
     # --- persistence ---------------------------------------------------------------------------
     def save(self, out: str | Path) -> Path:
+        """Write the store to the folder ``out`` (atomically), one epoch at a time."""
         out = Path(out)
-        man = dict(self.manifest)
-        man["tensors"] = {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                          for k, v in self.tensors.items()}
-        man["bytes"] = {"total": self.nbytes, "logits": self.logit_nbytes}
-        man["files"] = {"labels": FILE}
-        with atomic_dir(out, kind=KIND) as tmp:
-            save_tensors(tmp / FILE, self.tensors, metadata={"kind": KIND})  # the format is in the manifest
-            write_json(tmp / "manifest.json", man)
+        man = _write_store(out, self.manifest, self.epochs, list(self.tensors),
+                           lambda e: {k: v[e] for k, v in self.tensors.items()})
         self.manifest, self.path = man, out
         return out
 
@@ -391,6 +403,66 @@ class SoftLabelStore:
         return cls(tensors, man, path)
 
 
+def _write_store(out: Path, manifest: dict[str, Any], epochs: int, names: list[str],
+                 row: Callable[[int], dict[str, torch.Tensor]]) -> dict[str, Any]:
+    """Write a store folder at ``out`` (atomically) from ``row(e)``, the tensors ``names`` of epoch ``e``
+    (the same shapes every epoch), reading one epoch at a time; returns the manifest written: ``manifest``
+    with the tensor list, bytes and file name added. The labels file holds what ``save_file`` of the
+    stacked ``[epochs, ...]`` tensors would, to the byte."""
+    first = row(0)
+    spec = {k: (first[k].dtype, tuple(first[k].shape)) for k in names}
+    size = {k: epochs * math.prod(shape) * _itemsize(dtype) for k, (dtype, shape) in spec.items()}
+    man = dict(manifest)
+    man["tensors"] = {k: {"dtype": str(dtype).removeprefix("torch."), "shape": [epochs, *shape]}
+                      for k, (dtype, shape) in spec.items()}
+    man["bytes"] = {"total": sum(size.values()),
+                    "logits": sum(v for k, v in size.items() if k == "logits" or k.startswith("topk."))}
+    man["files"] = {"labels": FILE}
+    with atomic_dir(out, kind=KIND) as tmp:
+        _write_epochs(tmp / FILE, spec, epochs, row, {"kind": KIND})  # the format is in the manifest
+        write_json(tmp / "manifest.json", man)
+    return man
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def _write_epochs(path: Path, spec: dict[str, tuple[torch.dtype, tuple[int, ...]]], epochs: int,
+                  row: Callable[[int], dict[str, torch.Tensor]], metadata: dict[str, str]) -> None:
+    """A safetensors file of tensors ``[epochs, *shape]`` (``spec``: name -> dtype, shape of one epoch),
+    filled epoch by epoch from ``row(e)``. safetensors writes a little-endian u64 header length, a
+    compact JSON header (``__metadata__``, then every tensor's dtype, shape and byte range, in the order
+    of the data) padded with spaces to a multiple of 8, then each tensor's bytes back to back; since
+    every epoch has the same shapes, the header comes first and each epoch's slice goes to its offset.
+    The order of the tensors and the names of their dtypes are safetensors' own, read from a file of
+    empty stand-ins."""
+    probe = safetensors_bytes({k: torch.empty(0, dtype=dtype) for k, (dtype, _) in spec.items()})
+    probe_header = json.loads(probe[8:8 + struct.unpack("<Q", probe[:8])[0]])
+    header: dict[str, Any] = {"__metadata__": metadata}
+    where, start = {}, 0
+    for k in probe_header:  # safetensors' order: by dtype, then by name
+        dtype, shape = spec[k]
+        step = math.prod(shape) * _itemsize(dtype)  # bytes of one epoch's slice
+        header[k] = {"dtype": probe_header[k]["dtype"], "shape": [epochs, *shape],
+                     "data_offsets": [start, start + epochs * step]}
+        where[k] = (start, step)
+        start += epochs * step
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for e in range(epochs):
+            tensors = row(e)
+            found = {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+            if found != spec:
+                raise DDKitError(f"relabel epoch {e} holds tensors {found}, epoch 0 {spec}; delete the relabel work "
+                                 "folder and relabel again")
+            for k, (start, step) in where.items():
+                f.seek(8 + len(text) + start + e * step)
+                f.write(tensors[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
 def _epoch_logits(model: nn.Module, images: torch.Tensor, augment, norm: Callable, device, epoch: int, aug: Params,
                   partner: torch.Tensor, box: torch.Tensor, gen: torch.Generator, batch_size: int, bn: TeacherBN,
                   group: int | None) -> torch.Tensor:
@@ -428,6 +500,8 @@ def relabel(
     cutmix_alpha: float = 1.0,
     batch_size: int = 256,
     work_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    manifest_extra: dict[str, Any] | None = None,
     teacher_bn: TeacherBN = "running",
     teacher_bn_batch: int | None = None,
 ) -> SoftLabelStore:
@@ -442,11 +516,21 @@ def relabel(
     ``teacher_bn``/``teacher_bn_batch``: the teacher's BatchNorm mode and group size (module docstring).
     ``progress(done, epochs_of_this_rank, record)`` after every epoch.
 
+    ``out``: save the store to this folder (atomically) and return it loaded from there (memory-mapped);
+    ``manifest_extra``: fields added to its manifest (``ddkit run`` records its stage key).
+
     Epochs are independent (epoch ``e`` draws from a generator of ``(seed, e)``), so under
-    ``torchrun`` rank ``r`` labels epochs ``e % world == r`` and every rank gathers the whole store:
-    the result equals the single-process one. With ``work_dir`` every finished epoch is kept there
-    (``epoch_<e>.safetensors``, in a folder named by the settings and the set's fingerprint) and a
-    restarted run labels only the missing epochs; delete the folder once the store is saved.
+    ``torchrun`` rank ``r`` labels epochs ``e % world == r``: the result equals the single-process
+    one. With ``work_dir`` every finished epoch is kept there (``epoch_<e>.safetensors``, in a folder
+    named by the settings and the set's fingerprint) and a restarted run labels only the missing
+    epochs; delete the folder once the store is saved.
+
+    Memory: with ``out`` each rank holds one epoch at a time: the ranks write their epochs to the work
+    folder (``work_dir``, or ``.<out name>.partial`` beside ``out``, which every rank must see: a
+    shared filesystem, as ``out`` itself), rank 0 streams them into ``out`` and removes them, and every
+    rank loads the store (memory-mapped, its pages shared). Without ``out`` the store is returned in
+    memory (the whole ``[epochs, N, C]`` logits, for small sets and tests); under ``torchrun`` every
+    rank then receives the other ranks' epochs one at a time.
     """
     import os
 
@@ -507,6 +591,12 @@ def relabel(
         from ddkit.teacher.squeeze import weights_sha
 
         teacher_fp = weights_sha(model)
+    own_work = out is not None and work_dir is None
+    if out is not None:
+        out = Path(out)
+        check_output_dir(out, KIND)  # before any labelling
+        if own_work:  # the epochs go to files that rank 0 then streams into the store: a folder beside it
+            work_dir = out.parent / f".{out.name}.partial"
     partial = None
     if work_dir is not None:
         key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]
@@ -514,13 +604,22 @@ def relabel(
         partial.mkdir(parents=True, exist_ok=True)
     info = ddist.current()
     mine = list(range(info.rank, epochs, info.world_size))
-    rows: dict[int, dict[str, torch.Tensor]] = {}
+    tensors: dict[str, torch.Tensor] = {}  # the whole store, when it is returned in memory (no out)
+
+    def keep(e: int, row: dict[str, torch.Tensor]) -> None:
+        if out is not None:
+            return
+        if not tensors:  # resumed or not: one order
+            tensors.update({k: torch.empty((epochs, *row[k].shape), dtype=row[k].dtype) for k in sorted(row)})
+        for k, v in row.items():
+            tensors[k][e] = v
+
     param_keys = sorted(augment.sample(1, torch.Generator().manual_seed(0), size)) if augment is not None else []
     for done, e in enumerate(mine, 1):
-        path = partial / f"epoch_{e:05d}.safetensors" if partial is not None else None
+        path = partial / epoch_file(e) if partial is not None else None
         if path is not None and path.is_file():
             try:
-                rows[e] = load_tensors(path, what="relabel epoch")
+                keep(e, load_tensors(path, what="relabel epoch"))
             except DDKitError as exc:  # damaged on disk (it was written atomically): label the epoch again
                 log.warning("%s; labelling epoch %d again", exc, e)
                 path.unlink(missing_ok=True)
@@ -551,16 +650,12 @@ def relabel(
             row["topk.values"], row["topk.indices"] = values.half(), index.to(_topk_index_dtype(num_classes))
         else:
             row["logits"] = z.half()
-        rows[e] = row
         if path is not None:
             save_tensors(path, row)
+        keep(e, row)
+        del z, row
         if progress is not None:
             progress(done, len(mine), {"epoch": e + 1})
-    if info.enabled:
-        for part in ddist.all_gather_objects(rows):
-            rows.update(part)
-    # resumed or not: one order
-    tensors = {k: torch.stack([rows[e][k] for e in range(epochs)]) for k in sorted(rows[0])}
     manifest = base_manifest(KIND, config, seed)
     manifest.update({
         "format": FORMAT,
@@ -581,10 +676,33 @@ def relabel(
                     "path": recorded_path(getattr(teacher, "path", None))},
         "distilled": {"fingerprint": fingerprint,
                       "path": recorded_path(getattr(distilled, "path", None))},
+        **(manifest_extra or {}),
     })
-    store = SoftLabelStore(tensors, manifest)
+    if out is None:
+        if info.enabled:  # every rank gets each other rank's epochs, one epoch at a time
+            for e in range(epochs):
+                src = e % info.world_size
+                row = ddist.broadcast_object({k: v[e].clone() for k, v in tensors.items()} if src == info.rank
+                                             else None, src)
+                if src != info.rank:
+                    keep(e, row)
+        store = SoftLabelStore(tensors, manifest)
+    else:
+        ddist.barrier()  # every rank's epochs are in the work folder
+        if info.is_main:
+            files = [partial / epoch_file(e) for e in range(epochs)]
+            _write_store(out, manifest, epochs, sorted(load_tensors(files[0], what="relabel epoch")),
+                         lambda e: load_tensors(files[e], what="relabel epoch"))
+            shutil.rmtree(work_dir if own_work else partial, ignore_errors=True)
+        ddist.barrier()
+        store = SoftLabelStore.load(out)
     log.info("relabelled %d images x %d epochs: %d label bytes", n, epochs, store.nbytes)
     return store
+
+
+def epoch_file(epoch: int) -> str:
+    """Name of one labelled epoch's file in relabel's work folder."""
+    return f"epoch_{epoch:05d}.safetensors"
 
 
 @dataclass
@@ -653,12 +771,15 @@ class RelabelSpec(Checked):
 
     def make(self, distilled, teacher, protocol_epochs: int, device: str | torch.device = "cpu",
              progress: Callable[[int, int, dict], None] | None = None,
-             work_dir: str | Path | None = None) -> SoftLabelStore:
+             work_dir: str | Path | None = None, out: str | Path | None = None,
+             manifest_extra: dict[str, Any] | None = None) -> SoftLabelStore:
         """The store of ``distilled`` by ``teacher`` with these settings (:func:`relabel`): ``epochs``
-        views per image, or ``protocol_epochs`` (the training epochs of the protocol that replays it)."""
+        views per image, or ``protocol_epochs`` (the training epochs of the protocol that replays it);
+        saved to ``out`` (and loaded from there) when given."""
         return relabel(distilled, teacher, self.epochs or protocol_epochs, self.augment, dict(self.augment_options),
                        self.cutmix_prob, self.seed, self.top_k, device, progress, cutmix_alpha=self.cutmix_alpha,
-                       work_dir=work_dir, teacher_bn=self.teacher_bn, teacher_bn_batch=self.teacher_bn_batch)
+                       work_dir=work_dir, out=out, manifest_extra=manifest_extra, teacher_bn=self.teacher_bn,
+                       teacher_bn_batch=self.teacher_bn_batch)
 
 
 def train_with_store(
