@@ -527,6 +527,101 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
     assert len([p for p in work.iterdir() if "rank1" in p.name]) == 1  # rank 1 saved its own
 
 
+def test_recover_checkpoint_bytes_grow_linearly_with_the_set(data, bn_teacher, tmp_path, monkeypatch):
+    """Every checkpoint held every finished unit and was rewritten every checkpoint_every steps, so a
+    run wrote O(units^2) bytes (43x the set at IPC 40, 20 classes). A finished unit is written once,
+    to its own file, and the rolling checkpoint holds the unit in progress alone: the bytes a run
+    writes stay a fixed multiple of the set's, whatever the IPC."""
+    writes = []
+    save = S.common.atomic_torch_save
+
+    def counting(state, path):
+        save(state, path)
+        writes.append((path.name, path.stat().st_size))
+
+    monkeypatch.setattr(S.common, "atomic_torch_save", counting)
+    cls = METHODS.get("sre2l")
+    ratio = {}
+    for ipc in (2, 8):  # sre2l: one unit per IPC slot
+        writes.clear()
+        out = cls(from_dict(cls.Config, {"iterations": 4, "checkpoint_every": 2})).fit(
+            data, [bn_teacher], FitContext(ipc=ipc, seed=0, work_dir=tmp_path / f"ipc{ipc}")).synthetic_
+        units = [name for name, _ in writes if "-unit" in name]
+        assert len(units) == len(set(units)) == ipc  # each finished unit written once
+        unit = out.images.numel() * 4 / ipc
+        # no write holds more than one unit's state: its images, Adam's two moments, the generator (5 KB)
+        assert max(size for _, size in writes) < 3 * unit + 12_000
+        ratio[ipc] = sum(size for _, size in writes) / (out.images.numel() * 4)
+    assert ratio[2] < 8 and ratio[8] < 8 and ratio[8] <= 1.05 * ratio[2], ratio
+
+
+def test_recover_resumes_bit_exactly_after_a_kill_at_any_step(data, bn_teacher, tmp_path):
+    """Killed after any step (a unit's last included, and twice in one run), EDC (its EMA copy, the
+    statistics moving average, Adam's state, the unit's generator) resumes from the unit files and the
+    rolling checkpoint to the uninterrupted run's images and final losses."""
+    cls = METHODS.get("edc")
+
+    def fit(work=None, progress=None):
+        cfg = from_dict(cls.Config, {"iterations": 3, "lr": 0.1, "checkpoint_every": 2, "init": "noise"})
+        return cls(cfg).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work, progress=progress)).synthetic_
+
+    straight = fit()
+    for kills in [[k] for k in range(1, 7)] + [[2, 5]]:  # 2 units of 3 steps
+        work = tmp_path / "-".join(map(str, kills))
+        for at in kills:
+            def kill(step, total, record, at=at):
+                if step == at and "loss" in record:
+                    raise KeyboardInterrupt
+
+            with pytest.raises(KeyboardInterrupt):
+                fit(work, kill)
+        resumed = fit(work)
+        assert torch.equal(resumed.images, straight.images), kills
+        assert resumed.meta["final_losses"] == straight.meta["final_losses"], kills
+
+
+def test_recover_resumes_a_checkpoint_of_the_earlier_layout(data, bn_teacher, tmp_path):
+    """A rolling checkpoint written before finished units had files of their own holds them all
+    (``done_<unit>``) and its unit in progress as an index into the rank's units: it is resumed (its
+    finished units move to their files), to the uninterrupted run's result."""
+    cls = METHODS.get("sre2l")
+
+    def fit(work, progress=None):
+        cfg = from_dict(cls.Config, {"iterations": 3, "checkpoint_every": 1})
+        return cls(cfg).fit(data, [bn_teacher], FitContext(ipc=3, seed=0, work_dir=work, progress=progress)).synthetic_
+
+    straight = fit(None)
+    slots = straight.images.view(data.num_classes, 3, *data.image_shape)
+
+    def kill(step, total, record):
+        if step == 5 and "loss" in record:  # unit 1, step 2 of 3
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        fit(work, kill)
+    (rolling,) = work.glob("*-rank0.pt")
+    (unit0,) = work.glob("*-unit0.pt")
+    state = torch.load(rolling, weights_only=True)
+    old = {key: v for key, v in state.items() if key != "layout"}
+    old.update(unit=1, done_0=torch.load(unit0, weights_only=True)["images"])  # single process: index = unit
+    unit0.unlink()
+    torch.save(old, rolling)
+    resumed = fit(work)
+    assert torch.equal(resumed.images, straight.images)
+    assert resumed.meta["final_losses"] == straight.meta["final_losses"]
+    # the earlier layout after the last unit: every unit finished, nothing in progress
+    work = tmp_path / "finished"
+    work.mkdir()
+    torch.save({"unit": 3, "it": 0, "last": straight.meta["final_losses"],
+                **{f"done_{u}": slots[:, u].clone() for u in range(3)}}, work / rolling.name)
+    steps = []
+    again = fit(work, lambda s, n, rec: steps.append(s))
+    assert steps == [] and torch.equal(again.images, straight.images)
+    assert again.meta["final_losses"] == straight.meta["final_losses"]
+    assert len(list(work.glob("*-unit*.pt"))) == 3
+
+
 def test_gather_classes_returns_every_ranks_classes_in_class_order(monkeypatch):
     """Under torchrun, dm, datadam, rded and the statistics methods synthesise classes round-robin
     (rank 0: 0, 2; rank 1: 1, 3) and gather them: the set must come back in class order, not rank order,
