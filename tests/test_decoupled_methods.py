@@ -511,13 +511,13 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
     class Gathered(Exception):
         pass
 
-    def gather(done, n, rank):  # what this rank contributes to the gather, then stop
+    def gather(done, rank):  # what this rank contributes to the gather, then stop
         held[rank] = dict(done)
         raise Gathered
 
     for rank in (0, 1):
         monkeypatch.setattr(ddist, "current", lambda rank=rank: ddist.DistInfo(rank, 2))
-        monkeypatch.setattr(S.common, "gather_classes", lambda done, n, rank=rank: gather(done, n, rank))
+        monkeypatch.setattr(S.common, "gather_units", lambda done, shapes, place, rank=rank: gather(done, rank))
         with pytest.raises(Gathered):
             cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work))
     assert sorted(held[0]) == [0, 2] and sorted(held[1]) == [1, 3]
@@ -620,6 +620,108 @@ def test_recover_resumes_a_checkpoint_of_the_earlier_layout(data, bn_teacher, tm
     assert steps == [] and torch.equal(again.images, straight.images)
     assert again.meta["final_losses"] == straight.meta["final_losses"]
     assert len(list(work.glob("*-unit*.pt"))) == 3
+
+
+def test_initial_images_of_some_rows_are_those_rows_of_the_whole_set(data):
+    """A rank builds the initial images of its own units alone; they equal those rows of the whole set
+    (the noise drawn in slices continues the generator's stream exactly as one call does)."""
+    from ddkit.methods import common
+
+    rows = torch.tensor([5, 0, 7, 2, 3])
+    for init in ("noise", "real"):
+        full, labels = common.init_images(data, 2, init, seed=4)
+        part, part_labels = common.init_images(data, 2, init, seed=4, rows=rows)
+        assert torch.equal(part, full[rows]) and torch.equal(part_labels, labels[rows])
+    for shape in [(1, 16, 16), (3, 5, 7), (2, 3, 3), (1, 1, 1)]:  # values per image: multiples of 16 or not
+        for n in (1, 7, 33):
+            whole = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+            rows = torch.randperm(n, generator=torch.Generator().manual_seed(2))[: max(1, n // 2)]
+            for values in (1, 40, 1 << 22):  # slices of one row (at least 16 values), a few rows, all of it
+                got = common.randn_rows(n, shape, torch.Generator().manual_seed(1), rows, values=values)
+                assert torch.equal(got, whole[rows]), (shape, n, values)
+
+
+def _sre2l_distill(teacher_dir, out):
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    cfg = DistillConfig(method="sre2l", ipc=3, options={"iterations": 2, "checkpoint_every": 1})
+    return distill(make_synthetic(), cfg, DatasetConfig(name="synthetic"), out, teacher_dir)
+
+
+def _recover_rank(rank: int, store_path: str, tmp: str) -> None:
+    """``distill`` (sre2l, IPC 3: rank 0 makes units 0 and 2, rank 1 unit 1) on 2 gloo ranks, recording
+    the images each rank builds, sends, receives and gathers."""
+    import os
+
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    seen = {"init": [], "sent": [], "received": [], "collective_tensors": 0}
+
+    def record(key, fn, shape_of):
+        def wrapped(*args, **kw):
+            out = fn(*args, **kw)
+            seen[key].append(tuple(shape_of(args, out)))
+            return out
+        return wrapped
+
+    def tensors_in(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel()
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+        return sum(map(tensors_in, obj)) if isinstance(obj, (list, tuple)) else 0
+
+    def collective(fn):
+        def wrapped(obj, *args):
+            seen["collective_tensors"] += tensors_in(obj)
+            return fn(obj, *args)
+        return wrapped
+
+    try:
+        S._initial_images = record("init", S._initial_images, lambda a, out: out.shape)
+        ddist.send_to_main = record("sent", ddist.send_to_main, lambda a, out: a[0].shape)
+        ddist.receive_from = record("received", ddist.receive_from, lambda a, out: out.shape)
+        ddist.all_gather_objects = collective(ddist.all_gather_objects)
+        ddist.broadcast_object = collective(ddist.broadcast_object)
+        ds = _sre2l_distill(f"{tmp}/t", f"{tmp}/d2")
+        torch.save({"images": ds.images.clone(), "labels": ds.labels, "seen": seen}, f"{tmp}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see tests/test_distributed.py::_train_bn_rank
+
+
+def test_recover_under_torchrun_holds_each_ranks_own_units_and_gathers_on_rank_0(tmp_path):
+    """Every rank built the initial images of the whole set, and all ranks gathered every unit
+    (``all_gather``), although rank 0 alone saves. Each rank now builds its own units' images, sends
+    them to rank 0 unit by unit, and rank 0 alone holds (labels, builds, saves) the set; the other ranks
+    read the saved set back. The result is one process's, to the bit."""
+    import torch.multiprocessing as mp
+
+    data = make_synthetic()
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+    train_teacher(data, cfg, tmp_path / "t")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count
+    try:
+        one = _sre2l_distill(tmp_path / "t", tmp_path / "d1")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_recover_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for got in (r0, r1):
+        assert torch.equal(got["images"], one.images) and torch.equal(got["labels"], one.labels)
+    unit = (data.num_classes, *data.image_shape)  # sre2l: one image of every class per unit
+    assert r0["seen"]["init"] == [(2 * data.num_classes, *data.image_shape)]  # units 0 and 2
+    assert r1["seen"]["init"] == [unit]  # unit 1 only
+    assert r1["seen"]["sent"] == [unit] and r1["seen"]["received"] == []
+    assert r0["seen"]["sent"] == [] and r0["seen"]["received"] == [unit]
+    assert r0["seen"]["collective_tensors"] == r1["seen"]["collective_tensors"] == 0  # no image through a gather
 
 
 def test_gather_classes_returns_every_ranks_classes_in_class_order(monkeypatch):

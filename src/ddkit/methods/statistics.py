@@ -787,11 +787,13 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
     return states, paths
 
 
-def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int,
-                    ctx: FitContext) -> torch.Tensor:
-    """Initial pixel-space images, class-major ``[K * ipc, C, H, W]``."""
+def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int, ctx: FitContext,
+                    rows: torch.Tensor) -> torch.Tensor:
+    """Initial pixel-space images of the positions ``rows`` of the class-major ``[K * ipc, C, H, W]``
+    set, equal to those rows of the whole set. Noise and real images are made for ``rows`` alone;
+    ``init: rded`` runs the rded method, which makes (and, under torchrun, gathers) every image."""
     if cfg.init in ("noise", "real"):
-        return common.init_images(real, ipc, cfg.init, ctx.seed)[0]
+        return common.init_images(real, ipc, cfg.init, ctx.seed, rows)[0]
     if "rded" not in METHODS:
         raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; "
                          "use init: real")
@@ -802,12 +804,11 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
     out = cls(from_dict(cls.Config, dict(cfg.rded_options),
                         f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
-    imgs = out.images[order]
-    imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
     expected = torch.arange(real.num_classes).repeat_interleave(ipc)
     if not torch.equal(out.labels[order], expected):
         raise DDKitError("the 'rded' output does not hold ipc images of every class; cannot initialise from it")
-    return imgs
+    imgs = out.images[order[rows]]
+    return imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
 
 
 def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
@@ -924,21 +925,22 @@ def _conv_drop(cfg: RecoverConfig, st: _TeacherState, gen: torch.Generator) -> f
     return frozenset(key for key, d in zip(conv, draws.tolist()) if d < cfg.conv_drop_rate)
 
 
-def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet:
+def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet | None:
     """Optimise ``ipc`` images per class against the teachers; the loop every preset here shares.
 
     Work units are (group of IPC slots, chunk of ``class_batch`` classes): one batch holds, for
     every class of the chunk, the images of the group's slots, class-major -- one image per class
     with ``slots_per_batch: 1`` (SRe2L), every image of the chunk's classes with ``None``
-    (G-VBSM). Units are split round-robin over ranks and gathered, and each unit's random draws
-    come from its own generator seeded by (seed, first slot, chunk), so the result does not depend
-    on the number of ranks. Each step: augment the batch (RRC + flip, optional CDA curriculum and
-    jitter; with ``flip_plugin`` the batch is the images plus their mirror images and the random
-    flip is off), sample one teacher (or use the CV-DD committee), and minimise
-    ``CE + r_stats * statistics + r_logit * logit matching + flatness + densify_weight *
-    densification``; Adam with a cosine learning rate, images clamped to the valid pixel range
-    after every step. The statistics moving average (``stats_momentum``) starts afresh with each
-    unit.
+    (G-VBSM). Units are split round-robin over ranks, each rank starting from its own units'
+    initial images alone, and gathered on rank 0, which alone returns the set (the other ranks of a
+    torchrun job return None); each unit's random draws come from its own generator seeded by
+    (seed, first slot, chunk), so the result does not depend on the number of ranks. Each step:
+    augment the batch (RRC + flip, optional CDA curriculum and jitter; with ``flip_plugin`` the
+    batch is the images plus their mirror images and the random flip is off), sample one teacher
+    (or use the CV-DD committee), and minimise ``CE + r_stats * statistics + r_logit * logit
+    matching + flatness + densify_weight * densification``; Adam with a cosine learning rate,
+    images clamped to the valid pixel range after every step. The statistics moving average
+    (``stats_momentum``) starts afresh with each unit.
 
     Checkpoints (with a ``ctx.work_dir``): a finished unit is written once, to a file of its own;
     every ``checkpoint_every`` steps a rank's rolling checkpoint holds the state of its unit in
@@ -950,7 +952,6 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
     k = real.num_classes
-    init = _initial_images(name, cfg, real, teachers, ipc, ctx)  # [K*ipc], class-major
     cb = cfg.class_batch or k
     units = [(group, lo) for group in _slot_groups(cfg, ipc) for lo in range(0, k, cb)]
     mine = common.my_classes(len(units))  # round-robin over units (helper is generic over indices)
@@ -960,6 +961,11 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         group, clo = units[u]
         return (torch.arange(clo, min(clo + cb, k))[:, None] * ipc + torch.tensor(group)[None, :]).reshape(-1)
 
+    spans = [positions(u) for u in mine]
+    # this rank's units' initial images only, as the whole set's would be
+    init = _initial_images(name, cfg, real, teachers, ipc, ctx,
+                           torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64))
+    init = dict(zip(mine, torch.split(init, [len(r) for r in spans])))
     device = ctx.device
     c = real.image_shape[0]
     mean = torch.tensor(real.mean, device=device).view(1, c, 1, 1)
@@ -989,12 +995,13 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         saved = unit_file(u).load()
         if saved is not None:
             done[u], last = saved["images"], dict(saved["last"])
+            del init[u]
             log.info("%s: unit %d was finished before, in %s", name, u, unit_file(u).path)
             continue
         group, clo = units[u]
         slot = group[0]
         labels = torch.arange(clo, min(clo + cb, k)).repeat_interleave(len(group)).to(device)
-        x0 = init[positions(u)].to(device)
+        x0 = init.pop(u).to(device)
         x = ((x0 - mean) / std).clone().requires_grad_(True)
         gen = torch.Generator().manual_seed(_unit_seed(ctx.seed, slot, clo))
         committee = committee_for(cfg, states, ctx.seed, slot)
@@ -1081,10 +1088,14 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                     snap["stats_ema"] = [{key: v.cpu() for key, v in se.values.items()} for se in stats_emas]
                 ckpt.save(snap)
             common.report(ctx, step, total, **record)
-    parts = common.gather_classes(done, len(units))
-    images = torch.empty(k * ipc, *real.image_shape)
-    for u in range(len(units)):
-        images[positions(u)] = parts[u]
+    images = torch.empty(k * ipc, *real.image_shape) if info.is_main else None
+
+    def place(u: int, part: torch.Tensor) -> None:
+        images[positions(u)] = part
+
+    common.gather_units(done, [(len(positions(u)), *real.image_shape) for u in range(len(units))], place)
+    if images is None:
+        return None
     labels_all = torch.arange(k).repeat_interleave(ipc)
     meta = {
         "teachers": [t.fingerprint for t in teachers],
