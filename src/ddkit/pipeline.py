@@ -186,7 +186,8 @@ def distill(
     saves) once the set is made, before it is saved. ``options_key``: the config key of
     ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``). ``dataset_cfg``
     (recorded in the set, which evaluation reloads the data by) defaults to the config ``data`` was
-    loaded with, and must describe the same data if given."""
+    loaded with, and must describe the same data if given. Under torchrun rank 0 alone labels, builds
+    and saves the set; the other ranks return the saved artifact (without ``out``: rank 0's set, sent)."""
     check_bundle(data)
     dataset_cfg = _dataset_config_of(data, dataset_cfg)
     device = ddist.resolve_device(device)
