@@ -511,13 +511,13 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
     class Gathered(Exception):
         pass
 
-    def gather(done, n, rank):  # what this rank contributes to the gather, then stop
+    def gather(done, rank):  # what this rank contributes to the gather, then stop
         held[rank] = dict(done)
         raise Gathered
 
     for rank in (0, 1):
         monkeypatch.setattr(ddist, "current", lambda rank=rank: ddist.DistInfo(rank, 2))
-        monkeypatch.setattr(S.common, "gather_classes", lambda done, n, rank=rank: gather(done, n, rank))
+        monkeypatch.setattr(S.common, "gather_units", lambda done, shapes, place, rank=rank: gather(done, rank))
         with pytest.raises(Gathered):
             cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=4, seed=0, work_dir=work))
     assert sorted(held[0]) == [0, 2] and sorted(held[1]) == [1, 3]
@@ -525,6 +525,203 @@ def test_resume_with_another_number_of_ranks_starts_afresh(data, bn_teacher, tmp
         for u, images in units.items():
             assert torch.equal(images, slots[:, u]), (rank, u)
     assert len([p for p in work.iterdir() if "rank1" in p.name]) == 1  # rank 1 saved its own
+
+
+def test_recover_checkpoint_bytes_grow_linearly_with_the_set(data, bn_teacher, tmp_path, monkeypatch):
+    """Every checkpoint held every finished unit and was rewritten every checkpoint_every steps, so a
+    run wrote O(units^2) bytes (43x the set at IPC 40, 20 classes). A finished unit is written once,
+    to its own file, and the rolling checkpoint holds the unit in progress alone: the bytes a run
+    writes stay a fixed multiple of the set's, whatever the IPC."""
+    writes = []
+    save = S.common.atomic_torch_save
+
+    def counting(state, path):
+        save(state, path)
+        writes.append((path.name, path.stat().st_size))
+
+    monkeypatch.setattr(S.common, "atomic_torch_save", counting)
+    cls = METHODS.get("sre2l")
+    ratio = {}
+    for ipc in (2, 8):  # sre2l: one unit per IPC slot
+        writes.clear()
+        out = cls(from_dict(cls.Config, {"iterations": 4, "checkpoint_every": 2})).fit(
+            data, [bn_teacher], FitContext(ipc=ipc, seed=0, work_dir=tmp_path / f"ipc{ipc}")).synthetic_
+        units = [name for name, _ in writes if "-unit" in name]
+        assert len(units) == len(set(units)) == ipc  # each finished unit written once
+        unit = out.images.numel() * 4 / ipc
+        # no write holds more than one unit's state: its images, Adam's two moments, the generator (5 KB)
+        assert max(size for _, size in writes) < 3 * unit + 12_000
+        ratio[ipc] = sum(size for _, size in writes) / (out.images.numel() * 4)
+    assert ratio[2] < 8 and ratio[8] < 8 and ratio[8] <= 1.05 * ratio[2], ratio
+
+
+def test_recover_resumes_bit_exactly_after_a_kill_at_any_step(data, bn_teacher, tmp_path):
+    """Killed after any step (a unit's last included, and twice in one run), EDC (its EMA copy, the
+    statistics moving average, Adam's state, the unit's generator) resumes from the unit files and the
+    rolling checkpoint to the uninterrupted run's images and final losses."""
+    cls = METHODS.get("edc")
+
+    def fit(work=None, progress=None):
+        cfg = from_dict(cls.Config, {"iterations": 3, "lr": 0.1, "checkpoint_every": 2, "init": "noise"})
+        return cls(cfg).fit(data, [bn_teacher], FitContext(ipc=2, seed=3, work_dir=work, progress=progress)).synthetic_
+
+    straight = fit()
+    for kills in [[k] for k in range(1, 7)] + [[2, 5]]:  # 2 units of 3 steps
+        work = tmp_path / "-".join(map(str, kills))
+        for at in kills:
+            def kill(step, total, record, at=at):
+                if step == at and "loss" in record:
+                    raise KeyboardInterrupt
+
+            with pytest.raises(KeyboardInterrupt):
+                fit(work, kill)
+        resumed = fit(work)
+        assert torch.equal(resumed.images, straight.images), kills
+        assert resumed.meta["final_losses"] == straight.meta["final_losses"], kills
+
+
+def test_recover_resumes_a_checkpoint_of_the_earlier_layout(data, bn_teacher, tmp_path):
+    """A rolling checkpoint written before finished units had files of their own holds them all
+    (``done_<unit>``) and its unit in progress as an index into the rank's units: it is resumed (its
+    finished units move to their files), to the uninterrupted run's result."""
+    cls = METHODS.get("sre2l")
+
+    def fit(work, progress=None):
+        cfg = from_dict(cls.Config, {"iterations": 3, "checkpoint_every": 1})
+        return cls(cfg).fit(data, [bn_teacher], FitContext(ipc=3, seed=0, work_dir=work, progress=progress)).synthetic_
+
+    straight = fit(None)
+    slots = straight.images.view(data.num_classes, 3, *data.image_shape)
+
+    def kill(step, total, record):
+        if step == 5 and "loss" in record:  # unit 1, step 2 of 3
+            raise KeyboardInterrupt
+
+    work = tmp_path / "work"
+    with pytest.raises(KeyboardInterrupt):
+        fit(work, kill)
+    (rolling,) = work.glob("*-rank0.pt")
+    (unit0,) = work.glob("*-unit0.pt")
+    state = torch.load(rolling, weights_only=True)
+    old = {key: v for key, v in state.items() if key != "layout"}
+    old.update(unit=1, done_0=torch.load(unit0, weights_only=True)["images"])  # single process: index = unit
+    unit0.unlink()
+    torch.save(old, rolling)
+    resumed = fit(work)
+    assert torch.equal(resumed.images, straight.images)
+    assert resumed.meta["final_losses"] == straight.meta["final_losses"]
+    # the earlier layout after the last unit: every unit finished, nothing in progress
+    work = tmp_path / "finished"
+    work.mkdir()
+    torch.save({"unit": 3, "it": 0, "last": straight.meta["final_losses"],
+                **{f"done_{u}": slots[:, u].clone() for u in range(3)}}, work / rolling.name)
+    steps = []
+    again = fit(work, lambda s, n, rec: steps.append(s))
+    assert steps == [] and torch.equal(again.images, straight.images)
+    assert again.meta["final_losses"] == straight.meta["final_losses"]
+    assert len(list(work.glob("*-unit*.pt"))) == 3
+
+
+def test_initial_images_of_some_rows_are_those_rows_of_the_whole_set(data):
+    """A rank builds the initial images of its own units alone; they equal those rows of the whole set
+    (the noise drawn in slices continues the generator's stream exactly as one call does)."""
+    from ddkit.methods import common
+
+    rows = torch.tensor([5, 0, 7, 2, 3])
+    for init in ("noise", "real"):
+        full, labels = common.init_images(data, 2, init, seed=4)
+        part, part_labels = common.init_images(data, 2, init, seed=4, rows=rows)
+        assert torch.equal(part, full[rows]) and torch.equal(part_labels, labels[rows])
+    for shape in [(1, 16, 16), (3, 5, 7), (2, 3, 3), (1, 1, 1)]:  # values per image: multiples of 16 or not
+        for n in (1, 7, 33):
+            whole = torch.randn(n, *shape, generator=torch.Generator().manual_seed(1))
+            rows = torch.randperm(n, generator=torch.Generator().manual_seed(2))[: max(1, n // 2)]
+            for values in (1, 40, 1 << 22):  # slices of one row (at least 16 values), a few rows, all of it
+                got = common.randn_rows(n, shape, torch.Generator().manual_seed(1), rows, values=values)
+                assert torch.equal(got, whole[rows]), (shape, n, values)
+
+
+def _sre2l_distill(teacher_dir, out):
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    cfg = DistillConfig(method="sre2l", ipc=3, options={"iterations": 2, "checkpoint_every": 1})
+    return distill(make_synthetic(), cfg, DatasetConfig(name="synthetic"), out, teacher_dir)
+
+
+def _recover_rank(rank: int, store_path: str, tmp: str) -> None:
+    """``distill`` (sre2l, IPC 3: rank 0 makes units 0 and 2, rank 1 unit 1) on 2 gloo ranks, recording
+    the images each rank builds, sends, receives and gathers."""
+    import os
+
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    seen = {"init": [], "sent": [], "received": [], "collective_tensors": 0}
+
+    def record(key, fn, shape_of):
+        def wrapped(*args, **kw):
+            out = fn(*args, **kw)
+            seen[key].append(tuple(shape_of(args, out)))
+            return out
+        return wrapped
+
+    def tensors_in(obj) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel()
+        if isinstance(obj, dict):
+            obj = list(obj.values())
+        return sum(map(tensors_in, obj)) if isinstance(obj, (list, tuple)) else 0
+
+    def collective(fn):
+        def wrapped(obj, *args):
+            seen["collective_tensors"] += tensors_in(obj)
+            return fn(obj, *args)
+        return wrapped
+
+    try:
+        S._initial_images = record("init", S._initial_images, lambda a, out: out.shape)
+        ddist.send_to_main = record("sent", ddist.send_to_main, lambda a, out: a[0].shape)
+        ddist.receive_from = record("received", ddist.receive_from, lambda a, out: out.shape)
+        ddist.all_gather_objects = collective(ddist.all_gather_objects)
+        ddist.broadcast_object = collective(ddist.broadcast_object)
+        ds = _sre2l_distill(f"{tmp}/t", f"{tmp}/d2")
+        torch.save({"images": ds.images.clone(), "labels": ds.labels, "seen": seen}, f"{tmp}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see tests/test_distributed.py::_train_bn_rank
+
+
+def test_recover_under_torchrun_holds_each_ranks_own_units_and_gathers_on_rank_0(tmp_path):
+    """Every rank built the initial images of the whole set, and all ranks gathered every unit
+    (``all_gather``), although rank 0 alone saves. Each rank now builds its own units' images, sends
+    them to rank 0 unit by unit, and rank 0 alone holds (labels, builds, saves) the set; the other ranks
+    read the saved set back. The result is one process's, to the bit."""
+    import torch.multiprocessing as mp
+
+    data = make_synthetic()
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+    train_teacher(data, cfg, tmp_path / "t")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count
+    try:
+        one = _sre2l_distill(tmp_path / "t", tmp_path / "d1")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_recover_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for got in (r0, r1):
+        assert torch.equal(got["images"], one.images) and torch.equal(got["labels"], one.labels)
+    unit = (data.num_classes, *data.image_shape)  # sre2l: one image of every class per unit
+    assert r0["seen"]["init"] == [(2 * data.num_classes, *data.image_shape)]  # units 0 and 2
+    assert r1["seen"]["init"] == [unit]  # unit 1 only
+    assert r1["seen"]["sent"] == [unit] and r1["seen"]["received"] == []
+    assert r0["seen"]["sent"] == [] and r0["seen"]["received"] == [unit]
+    assert r0["seen"]["collective_tensors"] == r1["seen"]["collective_tensors"] == 0  # no image through a gather
 
 
 def test_gather_classes_returns_every_ranks_classes_in_class_order(monkeypatch):

@@ -416,3 +416,43 @@ def test_an_imported_teacher_is_saved_before_any_rank_goes_on(tmp_path):
     mp.spawn(_import_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"import{rank}.json").read_text()) == [str(tmp_path / "t"), True]
+
+
+def _refused_rank(rank: int, store_path: str, out: str) -> None:
+    """``distill`` (random) on 2 gloo ranks, with rank 0's ``DistilledSet.build`` refusing the set."""
+    import torch.distributed as dist
+
+    import ddkit.pipeline as pipeline
+    from ddkit import distributed as ddist
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.errors import DDKitError
+
+    def refuse(*args, **kw):
+        raise DDKitError("the set holds NaN pixels; fix the method")
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        if rank == 0:
+            pipeline.DistilledSet.build = refuse
+        try:
+            pipeline.distill(load_dataset(DatasetConfig(name="synthetic")),
+                             pipeline.DistillConfig(method="random", ipc=2), None, f"{out}/d")
+            result = "made"
+        except DDKitError as exc:
+            result = str(exc)
+        with open(f"{out}/refused{rank}.json", "w") as f:
+            json.dump(result, f)
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_a_set_rank_0_refuses_stops_every_rank_with_its_error(tmp_path):
+    """Under torchrun rank 0 alone builds the set (the other ranks read it back once saved): its refusal
+    stops every rank with rank 0's error, where the others would wait for a set that is never saved."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_refused_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"refused{rank}.json").read_text()) == "the set holds NaN pixels; fix the method"
+    assert not (tmp_path / "d").exists()

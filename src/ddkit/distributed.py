@@ -199,3 +199,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def _wire_device() -> torch.device:
+    """Where a point-to-point tensor travels from: this rank's GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def send_to_main(t: torch.Tensor) -> None:
+    """Send ``t`` to rank 0 alone, which takes it with :func:`receive_from` (tensors a rank sends
+    arrive in the order it sent them)."""
+    dist.send(t.to(_wire_device()).contiguous(), dst=0)
+
+
+def receive_from(src: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The next tensor (of ``shape`` and ``dtype``) that rank ``src`` sent with :func:`send_to_main`, on the CPU."""
+    buf = torch.empty(shape, dtype=dtype, device=_wire_device())
+    dist.recv(buf, src=src)
+    return buf.cpu()

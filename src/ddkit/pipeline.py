@@ -186,7 +186,8 @@ def distill(
     saves) once the set is made, before it is saved. ``options_key``: the config key of
     ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``). ``dataset_cfg``
     (recorded in the set, which evaluation reloads the data by) defaults to the config ``data`` was
-    loaded with, and must describe the same data if given."""
+    loaded with, and must describe the same data if given. Under torchrun rank 0 alone labels, builds
+    and saves the set; the other ranks return the saved artifact (without ``out``: rank 0's set, sent)."""
     check_bundle(data)
     dataset_cfg = _dataset_config_of(data, dataset_cfg)
     device = ddist.resolve_device(device)
@@ -224,32 +225,49 @@ def distill(
                      options_key=options_key)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = teacher.record() if teacher is not None else None
+    info = ddist.current()
+    distilled, failure = None, None
     try:
         method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
-        synthetic = method.synthetic_
-        if cfg.soft_labels:
-            synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
-                                                   bn=cfg.soft_labels_bn,
-                                                   bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
-        distilled = DistilledSet.build(
-            synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-            config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
-            teacher=teacher_info, options_key=options_key,
-        )
-    except DDKitError:
+        # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
+        # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
+        if info.is_main:
+            synthetic = method.synthetic_
+            if cfg.soft_labels:
+                synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
+                                                       bn=cfg.soft_labels_bn,
+                                                       bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
+            distilled = DistilledSet.build(
+                synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
+                config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+                teacher=teacher_info, options_key=options_key,
+            )
+    except DDKitError as e:
+        failure = e
+    if info.enabled:  # a set rank 0 refused is refused on every rank, which would otherwise wait for it
+        reason = ddist.broadcast_object(None if failure is None else str(failure))
+        if failure is None and reason is not None:
+            failure = DDKitError(reason)
+    if failure is not None:
         # a method that refuses its input or diverges does so again with the same settings: checkpoints
         # this call made would only stand in the way of a corrected re-run (a kill keeps them, to resume)
-        if fresh and ddist.current().is_main:
+        if fresh and info.is_main:
             shutil.rmtree(root, ignore_errors=True)
-        raise
-    distilled.manifest["config_hash"] = key
-    if out is not None and ddist.current().is_main:
+        raise failure
+    if info.is_main:
+        distilled.manifest["config_hash"] = key
+    if out is not None and info.is_main:
         if before_save is not None:
             before_save(distilled)
         distilled.save(out)
         if root is not None and root.exists():
             shutil.rmtree(root, ignore_errors=True)
-    ddist.barrier()
+    if info.enabled and out is None:
+        distilled = ddist.broadcast_object(distilled)  # no artifact to read it from: rank 0 sends it
+    else:
+        ddist.barrier()
+        if not info.is_main:
+            distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
     distilled.path = Path(out) if out is not None else None
     return distilled
 

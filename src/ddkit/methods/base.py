@@ -59,7 +59,9 @@ class Method:
     # bump when a change alters the output for the same options (a new default, a fixed bug): cached
     # distilled sets of this method (and every evaluation of them) are then made again, others are kept
     revision: ClassVar[int] = 0
-    synthetic_: SyntheticSet
+    # None on the ranks of a torchrun job but rank 0 when the method gathers its set on rank 0 alone (the
+    # pipeline builds and saves it there, and the other ranks read the saved artifact)
+    synthetic_: SyntheticSet | None
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg

@@ -6,6 +6,8 @@ class to inherit behaviour from.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,24 +20,51 @@ from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
 
 
-def init_images(real: DataBundle, ipc: int, init: str, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def init_images(real: DataBundle, ipc: int, init: str, seed: int,
+                rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial synthetic images in pixel space (float32) and their labels, class-major.
 
     ``init``: ``real`` (a stratified random real subset drawn with ``seed``) or ``noise``
-    (Gaussian around the dataset mean with its std, as in DC/DSA's noise option).
+    (Gaussian around the dataset mean with its std, as in DC/DSA's noise option). ``rows``: only
+    these positions of the class-major set, equal to the same rows of the whole set, which is never
+    held (a rank of a torchrun job builds only its own images).
     """
     ipc = check_ipc(real, ipc)
     labels = torch.arange(real.num_classes).repeat_interleave(ipc)
     if init == "real":
         idx = stratified_indices(real.train.labels, real.num_classes, ipc, seed)
+        if rows is not None:
+            idx, labels = idx[rows], labels[rows]
         return real.train.subset(idx).float_images().clone(), labels
     if init == "noise":
         gen = torch.Generator().manual_seed(seed)
         c, h, w = real.image_shape
         mean = torch.tensor(real.mean).view(1, c, 1, 1)
         std = torch.tensor(real.std).view(1, c, 1, 1)
-        return (mean + std * torch.randn(len(labels), c, h, w, generator=gen)), labels
+        if rows is None:
+            return (mean + std * torch.randn(len(labels), c, h, w, generator=gen)), labels
+        return mean + std * randn_rows(len(labels), (c, h, w), gen, rows), labels[rows]
     raise ValueError(f"unknown init {init!r}; use real or noise")
+
+
+def randn_rows(n: int, shape: tuple[int, ...], gen: torch.Generator, rows: torch.Tensor,
+               values: int = 1 << 22) -> torch.Tensor:
+    """``torch.randn(n, *shape, generator=gen)[rows]`` without holding the ``n`` rows: drawn in
+    slices of about ``values`` values, a multiple of 16 (the last slice takes the rest), which
+    continue ``gen``'s stream exactly as one call does, since torch's CPU ``randn`` turns blocks of
+    16 uniform draws into normals (tests/test_decoupled_methods.py checks the rows are the one call's)."""
+    size = math.prod(shape)
+    step = 16 // math.gcd(16, size)  # rows per 16 values
+    chunk = step * max(1, values // (step * size))
+    out = torch.empty(len(rows), *shape)
+    lo = 0
+    while lo < n:
+        hi = n if n - lo < 2 * chunk else lo + chunk
+        draw = torch.randn(hi - lo, *shape, generator=gen)
+        take = (rows >= lo) & (rows < hi)
+        out[take] = draw[rows[take] - lo]
+        lo = hi
+    return out
 
 
 def to_normalized(x: torch.Tensor, real: DataBundle) -> torch.Tensor:
@@ -123,3 +152,20 @@ def gather_classes(per_class: dict[int, torch.Tensor], num_classes: int) -> list
     missing = [c for c in range(num_classes) if c not in merged]
     assert not missing, f"classes {missing} were synthesised by no rank"
     return [merged[c] for c in range(num_classes)]
+
+
+def gather_units(done: dict[int, torch.Tensor], shapes: list[tuple[int, ...]],
+                 place: Callable[[int, torch.Tensor], None]) -> None:
+    """Hand every unit's tensor to ``place(unit, tensor)`` on rank 0, in unit order: its own from
+    ``done``, the others' (unit ``u`` was made by rank ``u % world_size``, as :func:`my_classes`
+    deals them; ``shapes[u]``: its shape, float32) received from their rank one at a time, so rank 0
+    holds one received unit besides what ``place`` keeps. The other ranks send theirs and place
+    nothing: no rank but rank 0 ever holds the whole set. One process: every unit from ``done``."""
+    info = ddist.current()
+    for u, shape in enumerate(shapes):
+        owner = u % info.world_size
+        if info.is_main:
+            assert owner != 0 or u in done, f"unit {u} was made by no rank"
+            place(u, done[u] if owner == 0 else ddist.receive_from(owner, shape, torch.float32))
+        elif owner == info.rank:
+            ddist.send_to_main(done[u])

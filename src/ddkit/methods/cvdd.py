@@ -113,7 +113,7 @@ class CVDD(RecoverMethod):
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> CVDD:
         everyone = load_extra_teachers(self.cfg, teachers, ctx.device)  # loaded once for synthesis and labels
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
-        if self.cfg.soft_labels == "committee":
+        if self.cfg.soft_labels == "committee" and synthetic is not None:  # None: torchrun ranks but rank 0
             weights = committee_weights_of(self.cfg, everyone)
             synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean,
                                                      real.std, ctx.device, bn=self.cfg.soft_labels_bn,

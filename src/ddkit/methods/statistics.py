@@ -787,11 +787,13 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
     return states, paths
 
 
-def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int,
-                    ctx: FitContext) -> torch.Tensor:
-    """Initial pixel-space images, class-major ``[K * ipc, C, H, W]``."""
+def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ipc: int, ctx: FitContext,
+                    rows: torch.Tensor) -> torch.Tensor:
+    """Initial pixel-space images of the positions ``rows`` of the class-major ``[K * ipc, C, H, W]``
+    set, equal to those rows of the whole set. Noise and real images are made for ``rows`` alone;
+    ``init: rded`` runs the rded method, which makes (and, under torchrun, gathers) every image."""
     if cfg.init in ("noise", "real"):
-        return common.init_images(real, ipc, cfg.init, ctx.seed)[0]
+        return common.init_images(real, ipc, cfg.init, ctx.seed, rows)[0]
     if "rded" not in METHODS:
         raise DDKitError(f"method {name!r}: init: rded needs the 'rded' method, which is not registered; "
                          "use init: real")
@@ -802,12 +804,11 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
     out = cls(from_dict(cls.Config, dict(cfg.rded_options),
                         f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
     order = torch.sort(out.labels, stable=True).indices
-    imgs = out.images[order]
-    imgs = imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
     expected = torch.arange(real.num_classes).repeat_interleave(ipc)
     if not torch.equal(out.labels[order], expected):
         raise DDKitError("the 'rded' output does not hold ipc images of every class; cannot initialise from it")
-    return imgs
+    imgs = out.images[order[rows]]
+    return imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
 
 
 def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
@@ -924,30 +925,47 @@ def _conv_drop(cfg: RecoverConfig, st: _TeacherState, gen: torch.Generator) -> f
     return frozenset(key for key, d in zip(conv, draws.tolist()) if d < cfg.conv_drop_rate)
 
 
-def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet:
+def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx: FitContext) -> SyntheticSet | None:
     """Optimise ``ipc`` images per class against the teachers; the loop every preset here shares.
 
     Work units are (group of IPC slots, chunk of ``class_batch`` classes): one batch holds, for
     every class of the chunk, the images of the group's slots, class-major -- one image per class
     with ``slots_per_batch: 1`` (SRe2L), every image of the chunk's classes with ``None``
-    (G-VBSM). Units are split round-robin over ranks and gathered, and each unit's random draws
-    come from its own generator seeded by (seed, first slot, chunk), so the result does not depend
-    on the number of ranks. Each step: augment the batch (RRC + flip, optional CDA curriculum and
-    jitter; with ``flip_plugin`` the batch is the images plus their mirror images and the random
-    flip is off), sample one teacher (or use the CV-DD committee), and minimise
-    ``CE + r_stats * statistics + r_logit * logit matching + flatness + densify_weight *
-    densification``; Adam with a cosine learning rate, images clamped to the valid pixel range
-    after every step. The statistics moving average (``stats_momentum``) starts afresh with each
-    unit and is part of its checkpoint.
+    (G-VBSM). Units are split round-robin over ranks, each rank starting from its own units'
+    initial images alone, and gathered on rank 0, which alone returns the set (the other ranks of a
+    torchrun job return None); each unit's random draws come from its own generator seeded by
+    (seed, first slot, chunk), so the result does not depend on the number of ranks. Each step:
+    augment the batch (RRC + flip, optional CDA curriculum and jitter; with ``flip_plugin`` the
+    batch is the images plus their mirror images and the random flip is off), sample one teacher
+    (or use the CV-DD committee), and minimise ``CE + r_stats * statistics + r_logit * logit
+    matching + flatness + densify_weight * densification``; Adam with a cosine learning rate,
+    images clamped to the valid pixel range after every step. The statistics moving average
+    (``stats_momentum``) starts afresh with each unit.
+
+    Checkpoints (with a ``ctx.work_dir``): a finished unit is written once, to a file of its own;
+    every ``checkpoint_every`` steps a rank's rolling checkpoint holds the state of its unit in
+    progress (images, optimiser, generator, EMA copies), so the bytes written grow linearly with
+    the set. A rolling checkpoint of ddkit's earlier layout (every finished unit inside it, as
+    ``done_<unit>``) is resumed too: its finished units move to their files.
     """
     ipc = check_ipc(real, ctx.ipc)
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
     k = real.num_classes
-    init = _initial_images(name, cfg, real, teachers, ipc, ctx)  # [K*ipc], class-major
     cb = cfg.class_batch or k
     units = [(group, lo) for group in _slot_groups(cfg, ipc) for lo in range(0, k, cb)]
     mine = common.my_classes(len(units))  # round-robin over units (helper is generic over indices)
+
+    def positions(u: int) -> torch.Tensor:
+        """Class-major indices into the ``[K * ipc]`` set of unit ``u``'s images."""
+        group, clo = units[u]
+        return (torch.arange(clo, min(clo + cb, k))[:, None] * ipc + torch.tensor(group)[None, :]).reshape(-1)
+
+    spans = [positions(u) for u in mine]
+    # this rank's units' initial images only, as the whole set's would be
+    init = _initial_images(name, cfg, real, teachers, ipc, ctx,
+                           torch.cat(spans) if spans else torch.zeros(0, dtype=torch.int64))
+    init = dict(zip(mine, torch.split(init, [len(r) for r in spans])))
     device = ctx.device
     c = real.image_shape[0]
     mean = torch.tensor(real.mean, device=device).view(1, c, 1, 1)
@@ -956,35 +974,34 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     h, w = real.image_shape[1:]
     total = len(mine) * cfg.iterations
     info = ddist.current()
-    # the checkpoint name pins everything that decides the result, so a stale one is never resumed; the
+    # the checkpoint names pin everything that decides the result, so a stale one is never resumed; the
     # number of ranks too, since it decides which units a rank holds (each rank writes its own checkpoint)
     run_id = config_hash({"cfg": to_dict(cfg, identity=True), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
                           "norm": real.normalisation,
                           "teachers": [t.fingerprint for t in teachers], "world": info.world_size})[:12]
     ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=f"{name}-{run_id}-rank{info.rank}", per_rank=True)
-    state = ckpt.load()
+
+    def unit_file(u: int) -> common.Checkpoint:
+        """Where unit ``u`` is written once finished (by the rank that made it)."""
+        return common.Checkpoint(ctx, 1, tag=f"{name}-{run_id}-unit{u}", per_rank=True)
+
+    state = ckpt.load()  # the unit in progress
+    if state is not None and state.get("layout") != 2:
+        state = _from_old_layout(name, state, mine, unit_file)
     done: dict[int, torch.Tensor] = {}
-    start_unit, start_it = 0, 0
-    resume = None
     last: dict[str, torch.Tensor | float] = {}  # the losses of the latest step (the set's final_losses)
-    if state is not None:
-        start_unit, start_it = int(state["unit"]), int(state["it"])
-        last = dict(state.get("last", {}))  # a checkpoint after the last step leaves no step to record them
-        done = {int(key.split("_")[1]): v for key, v in state.items() if key.startswith("done_")}
-        resume = state if "x" in state else None
-        log.info("%s: resuming at unit %d step %d", name, start_unit, start_it)
 
-    def positions(group: list[int], classes: torch.Tensor) -> torch.Tensor:
-        """Class-major indices into the ``[K * ipc]`` set of a unit's images."""
-        return (classes[:, None] * ipc + torch.tensor(group)[None, :]).reshape(-1)
-
-    for ui in range(start_unit, len(mine)):
-        u = mine[ui]
+    for ui, u in enumerate(mine):
+        saved = unit_file(u).load()
+        if saved is not None:
+            done[u], last = saved["images"], dict(saved["last"])
+            del init[u]
+            log.info("%s: unit %d was finished before, in %s", name, u, unit_file(u).path)
+            continue
         group, clo = units[u]
         slot = group[0]
-        classes = torch.arange(clo, min(clo + cb, k))
-        labels = classes.repeat_interleave(len(group)).to(device)
-        x0 = init[positions(group, classes)].to(device)
+        labels = torch.arange(clo, min(clo + cb, k)).repeat_interleave(len(group)).to(device)
+        x0 = init.pop(u).to(device)
         x = ((x0 - mean) / std).clone().requires_grad_(True)
         gen = torch.Generator().manual_seed(_unit_seed(ctx.seed, slot, clo))
         committee = committee_for(cfg, states, ctx.seed, slot)
@@ -998,17 +1015,19 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         ema = x.detach().clone() if cfg.flatness_weight > 0 else None
         stats_emas = [StatsEMA(cfg.stats_momentum) for _ in states] if cfg.stats_momentum > 0 else None
         it0 = 0
-        if resume is not None and ui == start_unit:
+        if state is not None and int(state["unit"]) == u:
             with torch.no_grad():
-                x.copy_(resume["x"].to(device))
-            opt.load_state_dict(resume["opt"])
-            gen.set_state(resume["gen"])
+                x.copy_(state["x"].to(device))
+            opt.load_state_dict(state["opt"])
+            gen.set_state(state["gen"])
             if ema is not None:
-                ema = resume["ema"].to(device)
+                ema = state["ema"].to(device)
             if stats_emas is not None:
-                for se, values in zip(stats_emas, resume["stats_ema"]):
+                for se, values in zip(stats_emas, state["stats_ema"]):
                     se.values = {key: v.to(device) for key, v in values.items()}
-            it0 = start_it
+            it0, last = int(state["it"]), dict(state["last"])
+            state = None
+            log.info("%s: resuming unit %d at step %d", name, u, it0)
         for it in range(it0, cfg.iterations):
             for group_ in opt.param_groups:  # cosine from lr to 0, no warm-up (SRe2L's lr_cosine_policy)
                 group_["lr"] = 0.5 * (1 + math.cos(math.pi * it / cfg.iterations)) * cfg.lr
@@ -1056,24 +1075,27 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
             record["loss"] = loss.detach()
             last = record
             step = ui * cfg.iterations + it + 1
-            if it + 1 == cfg.iterations:
+            if it + 1 == cfg.iterations:  # finished: written once, to its own file
                 done[u] = (x.detach() * std + mean).clamp(0, 1).cpu()
-            if ckpt.due(step, total):
-                finished = it + 1 == cfg.iterations
-                snap = {"unit": ui + 1 if finished else ui, "it": 0 if finished else it + 1,
-                        "last": common.floats(last), **{f"done_{key}": v for key, v in done.items()}}
-                if not finished:
-                    snap.update({"x": x.detach().cpu(), "opt": opt.state_dict(), "gen": gen.get_state()})
-                    if ema is not None:
-                        snap["ema"] = ema.cpu()
-                    if stats_emas is not None:
-                        snap["stats_ema"] = [{key: v.cpu() for key, v in se.values.items()} for se in stats_emas]
+                if (file := unit_file(u)).path is not None:
+                    file.save({"images": done[u], "last": common.floats(last)})
+            elif ckpt.due(step, total):
+                snap = {"layout": 2, "unit": u, "it": it + 1, "last": common.floats(last), "x": x.detach().cpu(),
+                        "opt": opt.state_dict(), "gen": gen.get_state()}
+                if ema is not None:
+                    snap["ema"] = ema.cpu()
+                if stats_emas is not None:
+                    snap["stats_ema"] = [{key: v.cpu() for key, v in se.values.items()} for se in stats_emas]
                 ckpt.save(snap)
             common.report(ctx, step, total, **record)
-    parts = common.gather_classes(done, len(units))
-    images = torch.empty(k * ipc, *real.image_shape)
-    for u, (group, clo) in enumerate(units):
-        images[positions(group, torch.arange(clo, min(clo + cb, k)))] = parts[u]
+    images = torch.empty(k * ipc, *real.image_shape) if info.is_main else None
+
+    def place(u: int, part: torch.Tensor) -> None:
+        images[positions(u)] = part
+
+    common.gather_units(done, [(len(positions(u)), *real.image_shape) for u in range(len(units))], place)
+    if images is None:
+        return None
     labels_all = torch.arange(k).repeat_interleave(ipc)
     meta = {
         "teachers": [t.fingerprint for t in teachers],
@@ -1081,4 +1103,21 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         "layers_matched": {s.teacher.fingerprint: s.keys for s in states},
         "final_losses": common.floats(last),
     }
-    return SyntheticSet(images.float(), labels_all, meta=meta)
+    return SyntheticSet(images, labels_all, meta=meta)
+
+
+def _from_old_layout(name: str, state: dict, mine: list[int], unit_file) -> dict | None:
+    """A rolling checkpoint of the layout before finished units had files of their own (``done_<unit>``
+    entries, the unit in progress as an index into ``mine``): its finished units are written to their
+    files, and the state of its unit in progress (None: there is none) is returned in the new layout."""
+    last = common.floats(dict(state.get("last", {})))
+    finished = {int(key.split("_")[1]): v for key, v in state.items() if key.startswith("done_")}
+    for u, images in finished.items():
+        unit_file(u).save({"images": images, "last": last})
+    ui = int(state["unit"])
+    log.info("%s: resuming a checkpoint of the earlier layout (%d finished unit(s) moved to files of their own)",
+             name, len(finished))
+    if "x" not in state or ui >= len(mine):
+        return None
+    return {**{key: v for key, v in state.items() if not key.startswith("done_")}, "layout": 2, "unit": mine[ui],
+            "last": last}
