@@ -6,11 +6,16 @@ passed around (allocations, hashed buffers, tensor ops), never on time.
 
 from __future__ import annotations
 
+import hashlib
+from types import SimpleNamespace
+
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddkit.data.base import ImageSet, class_indices, per_class_subset
+from ddkit.data import base
+from ddkit.data.base import DataBundle, ImageSet, class_indices, per_class_subset
 from ddkit.methods.random import stratified_indices
 
 # ------------------------------------------------------------------------------------------------
@@ -39,6 +44,16 @@ def old_per_class_subset(part: ImageSet, num_classes: int, per_class: int, seed:
     return part.subset(torch.cat(keep).sort().values)
 
 
+def old_fingerprint(data: DataBundle) -> str:
+    h = hashlib.sha256()
+    for part in (data.train, data.test):
+        h.update(str(tuple(part.images.shape)).encode() + str(part.images.dtype).encode())
+        h.update(part.images.contiguous().numpy().tobytes())
+        h.update(part.labels.contiguous().numpy().tobytes())
+    h.update("\n".join(data.classes).encode())
+    return h.hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------------------
 # fixtures
 
@@ -57,6 +72,49 @@ class TensorsMade(TorchDispatchMode):
         self.made += [(t.dtype, t.numel() * t.element_size()) for t in (out if isinstance(out, (tuple, list))
                                                                        else [out]) if isinstance(t, torch.Tensor)]
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# item: the fingerprint hashes the tensors' memory, not copies of it
+
+
+class RecordingSha256:
+    """hashlib.sha256 that keeps what it is given."""
+
+    given: list = []
+
+    def __init__(self) -> None:
+        self.h = hashlib.sha256()
+
+    def update(self, data) -> None:
+        self.given.append(data)
+        self.h.update(data)
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()
+
+
+def test_fingerprint_hashes_the_images_without_copying_them(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 16, 16), generator=gen, dtype=torch.uint8)
+    channels_last = torch.randint(0, 256, (40, 16, 16, 3), generator=gen, dtype=torch.uint8).permute(0, 3, 1, 2)
+    labels = torch.arange(40) % 4
+    for train in (images, channels_last):
+        data = DataBundle("x", ImageSet(train, labels), ImageSet(images[:8], labels[:8]), list("abcd"),
+                          (0.5,) * 3, (0.25,) * 3)
+        assert data.fingerprint == old_fingerprint(data)
+        record = RecordingSha256.given = []
+        monkeypatch.setattr(base, "HASH_BLOCK_BYTES", 4000)
+        monkeypatch.setattr(base, "hashlib", SimpleNamespace(sha256=RecordingSha256))
+        assert base.DataBundle.fingerprint.func(data) == old_fingerprint(data)
+        monkeypatch.undo()
+        assert all(len(d) < 100 for d in record if isinstance(d, bytes))  # no bytes copy of the pixels
+        arrays = [d for d in record if isinstance(d, np.ndarray) and d.dtype == np.uint8]
+        assert sum(a.nbytes for a in arrays) == train.numel() + images[:8].numel()
+        if train.is_contiguous():  # views of the tensors' own memory
+            assert all(np.shares_memory(a, train.numpy()) or np.shares_memory(a, images.numpy()) for a in arrays)
+        else:  # copied a block (at most 4000 bytes) at a time
+            assert max(a.nbytes for a in arrays) <= 4000
 
 
 # ------------------------------------------------------------------------------------------------
