@@ -14,12 +14,27 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddkit.data import base
+from ddkit.data import base, sources
 from ddkit.data.base import DataBundle, ImageSet, class_indices, per_class_subset
 from ddkit.methods.random import stratified_indices
 
 # ------------------------------------------------------------------------------------------------
 # the code replaced, as it was
+
+
+def old_channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    scale = 255.0 if images.dtype == torch.uint8 else 1.0
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64) / scale
+        total += x.sum(dim=(0, 2, 3))
+        total_sq += (x * x).sum(dim=(0, 2, 3))
+    count = images.numel() // c
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
 
 def old_indices_of(labels: torch.Tensor, c: int) -> torch.Tensor:
@@ -72,6 +87,57 @@ class TensorsMade(TorchDispatchMode):
         self.made += [(t.dtype, t.numel() * t.element_size()) for t in (out if isinstance(out, (tuple, list))
                                                                        else [out]) if isinstance(t, torch.Tensor)]
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# item: channel_stats in bounded memory, every bit as before
+
+
+@pytest.mark.parametrize("shape", [(5000, 3, 6, 5), (300, 3, 24, 24), (9, 3, 150, 149), (4200, 1, 8, 8),
+                                   (4100, 2, 3, 3), (1, 3, 5, 5)])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_channel_stats_keeps_every_bit(shape, dtype, monkeypatch):
+    """mean/std go into teachers' records (DataBundle.matches compares them exactly) and into cache keys."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    images = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    if dtype == torch.float32:
+        images = images.float().div(255).add_(torch.rand(shape, generator=gen).mul_(1e-3)).clamp_(0, 1)
+    want = old_channel_stats(images)
+    assert sources.channel_stats(images) == want
+    # by blocks of a few images: the same bits for images of several channels (torch summed a single channel in
+    # an order that depended on the number of threads; such sets keep their old bits only while a group fits)
+    monkeypatch.setattr(sources, "STATS_BLOCK_BYTES", 3 * images[0].numel() * 8 + 1)
+    if shape[1] > 1:
+        assert sources.channel_stats(images) == want
+    # images that come one at a time (the imagefolder loader) give what channel_stats of them all gives
+    sums = sources.ChannelSums(tuple(shape[1:]), dtype, len(images))
+    for image in images:
+        sums.add(image[None].numpy())
+    assert sums.mean_std() == sources.channel_stats(images)
+
+
+def test_channel_stats_converts_a_bounded_block_at_a_time(monkeypatch):
+    """It converted 4096 images at a time to float64 (4.9 GB of 224 px images, and as much again for x * x)."""
+    monkeypatch.setattr(sources, "STATS_BLOCK_BYTES", 200_000)
+    images = torch.randint(0, 256, (500, 3, 32, 32), dtype=torch.uint8)  # 12 MB as float64
+    with TensorsMade() as made:
+        stats = sources.channel_stats(images)
+    assert stats == old_channel_stats(images)
+    assert max(size for dtype, size in made.made if dtype == torch.float64) <= 200_000
+
+
+def test_one_channel_stats_do_not_depend_on_the_number_of_threads(monkeypatch):
+    monkeypatch.setattr(sources, "STATS_BLOCK_BYTES", 1)  # one image at a time
+    images = torch.randint(0, 256, (3, 1, 220, 230), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            got.append(sources.channel_stats(images))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0] == got[1]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -127,33 +127,106 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
 CONSTANT_STD = 1e-6
 
 
+#: images summed as one group by :class:`ChannelSums`, the group totals then added: channel_stats's chunk, always 4096
+STATS_GROUP = 4096
+#: the most float64 bytes of images :class:`ChannelSums` converts at once (at least one image)
+STATS_BLOCK_BYTES = 128 << 20
+
+
+class ChannelSums:
+    """Per-channel float64 sums of ``[C, H, W]`` images (and of their squares) in [0, 1] pixel space, added a few
+    at a time in order, and the mean/std they give: :func:`channel_stats` for images that come one by one. It holds
+    at most :data:`STATS_BLOCK_BYTES` of float64 and a block of images.
+
+    The sums are added in the order channel_stats always took them, so that mean/std, which teachers record and
+    cache keys include, keep every bit: groups of :data:`STATS_GROUP` images, a group summed by one torch ``sum``
+    over images, height and width when its float64 copy fits in STATS_BLOCK_BYTES. A larger group goes a block at
+    a time, its images' sums over height and width added one after another: the order of that ``sum`` for images
+    of several channels. (For one channel torch splits the sum between threads, in an order that depends on their
+    number, so single-channel images too large for a group to fit could differ from it in the last bits anyway.)
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, count: int) -> None:
+        """Sums of ``count`` images of ``shape`` (C, H, W) and ``dtype`` (uint8 0..255 or float 0..1)."""
+        self.block = max(1, STATS_BLOCK_BYTES // (math.prod(shape) * 8))  # images converted to float64 at once
+        self.scale = 255.0 if dtype == torch.uint8 else 1.0
+        self.expected = count
+        self.buffer = np.empty((max(1, min(self.block, STATS_GROUP, count)), *shape),
+                               dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        self.filled = 0  # images waiting in the buffer
+        self.count = 0  # images added
+        self.sums = torch.zeros(2, shape[0], dtype=torch.float64)  # of the finished groups: pixels, squares
+        self.group = torch.zeros(2, shape[0], dtype=torch.float64)  # of the current group, when it goes by blocks
+
+    def add(self, images) -> None:
+        """Add ``[n, C, H, W]`` images (a numpy array or CPU tensor of the shape and dtype given) after the others."""
+        assert self.count + len(images) <= self.expected, "more images than ChannelSums was told of"
+        done = 0
+        while done < len(images):
+            n = min(len(self.buffer) - self.filled, STATS_GROUP - self.count % STATS_GROUP, len(images) - done)
+            self.buffer[self.filled : self.filled + n] = np.asarray(images[done : done + n])
+            self.filled, self.count, done = self.filled + n, self.count + n, done + n
+            if self.filled == len(self.buffer) or self.count % STATS_GROUP == 0:
+                self._flush()
+            if self.count % STATS_GROUP == 0:
+                self._end_group()
+
+    def _flush(self) -> None:
+        x = torch.from_numpy(self.buffer[: self.filled]).to(torch.float64)
+        x.div_(self.scale)
+        if self.block >= STATS_GROUP:  # the buffer holds the whole group (or all the images)
+            self.sums[0] += x.sum(dim=(0, 2, 3))
+            self.sums[1] += x.mul_(x).sum(dim=(0, 2, 3))
+        else:  # one image after another (cumsum adds in order)
+            self.group[0] = torch.cat([self.group[0, None], _plane_sums(x)]).cumsum(0)[-1]
+            self.group[1] = torch.cat([self.group[1, None], _plane_sums(x.mul_(x))]).cumsum(0)[-1]
+        self.filled = 0
+
+    def _end_group(self) -> None:
+        self.sums += self.group  # (zeros when groups are summed whole)
+        self.group.zero_()
+
+    def mean_std(self, name: str = "the training images", fix: str = "check the images",
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and (population) std of the images added. A constant channel (std 0) cannot be
+        normalised and raises DataError naming ``name`` and ``fix``."""
+        if self.count == 0:
+            raise DataError("cannot compute mean/std of an empty training set; add training images")
+        if self.filled:
+            self._flush()
+        self._end_group()
+        pixels = self.count * self.buffer[0, 0].size
+        mean = self.sums[0] / pixels
+        std = (self.sums[1] / pixels - mean * mean).clamp_min(0.0).sqrt()
+        for ch, v in enumerate(std.tolist()):
+            if v < CONSTANT_STD:
+                raise DataError(f"channel {ch} of {name} is constant (std {v:.3g}), so normalising it divides by "
+                                f"zero and training gives NaN; {fix}")
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _plane_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(dim=(2, 3))`` of contiguous ``[n, C, H, W]`` float64 images, the same bits however many threads."""
+    rows = x.reshape(len(x) * x.shape[1], -1)
+    if len(rows) == 1:  # torch splits a sum with one output between threads: sum it as one of two equal rows
+        return rows.expand(2, -1).sum(1)[:1].reshape(1, 1)
+    return rows.sum(1).reshape(x.shape[:2])
+
+
 def channel_stats(
-    images: torch.Tensor, chunk: int = 4096, name: str = "the training images",
-    fix: str = "check the images",
+    images: torch.Tensor, name: str = "the training images", fix: str = "check the images",
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of ``[N, C, H, W]`` images in [0, 1] pixel space.
 
-    Accumulates in float64, ``chunk`` images at a time, so large uint8 sets need little memory. A
-    constant channel (std 0) cannot be normalised and raises DataError naming ``name`` and ``fix``.
+    Accumulates in float64 a block of at most :data:`STATS_BLOCK_BYTES` at a time (see :class:`ChannelSums`), so
+    large uint8 sets need little memory. A constant channel (std 0) cannot be normalised and raises DataError
+    naming ``name`` and ``fix``.
     """
     if len(images) == 0:
         raise DataError("cannot compute mean/std of an empty training set; add training images")
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].to(torch.float64) / scale
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    count = images.numel() // c
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
-    for ch, v in enumerate(std.tolist()):
-        if v < CONSTANT_STD:
-            raise DataError(f"channel {ch} of {name} is constant (std {v:.3g}), so normalising it divides by "
-                            f"zero and training gives NaN; {fix}")
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    sums = ChannelSums(tuple(images.shape[1:]), images.dtype, len(images))
+    sums.add(images)
+    return sums.mean_std(name, fix)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal escape sequences (torch bolds words in its errors)
