@@ -7,15 +7,20 @@ passed around (allocations, hashed buffers, tensor ops), never on time.
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
+import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from ddkit.data import base, sources
+from ddkit.data import base, load_dataset, sources
 from ddkit.data.base import DataBundle, ImageSet, class_indices, per_class_subset
+from ddkit.errors import DataError
 from ddkit.methods.random import stratified_indices
 
 # ------------------------------------------------------------------------------------------------
@@ -35,6 +40,28 @@ def old_channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[fl
     mean = total / count
     std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def old_load_imagefolder(root: Path, size: int) -> tuple[ImageSet, ImageSet, tuple, tuple]:
+    """Every file decoded into a list, stacked, made NCHW; mean/std of the whole train split."""
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    arrays: dict[str, list] = {"train": [], "test": []}
+    labels: dict[str, list] = {"train": [], "test": []}
+    for split in ("train", "test"):
+        for label, name in enumerate(classes):
+            for path in sources._image_files(root / split / name):
+                arrays[split].append(sources._read_image(path, size)[0])
+                labels[split].append(label)
+    gray = all(a.ndim == 2 for part in arrays.values() for a in part)
+    parts = {}
+    for split in ("train", "test"):
+        if gray:
+            images = np.stack(arrays[split])[:, None]
+        else:
+            images = np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays[split]])
+            images = images.transpose(0, 3, 1, 2)
+        parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
+    return parts["train"], parts["test"], *old_channel_stats(parts["train"].images)
 
 
 def old_indices_of(labels: torch.Tensor, c: int) -> torch.Tensor:
@@ -73,6 +100,38 @@ def old_fingerprint(data: DataBundle) -> str:
 # fixtures
 
 
+def write_mixed_folder(root: Path, train: list[int], test: list[int], seed: int = 0) -> None:
+    """Classes with the given file counts; files of several sizes and modes (grayscale, palette, RGBA, RGB JPEG)."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", train), ("test", test)):
+        for c, count in enumerate(counts):
+            folder = root / split / f"k{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                h, w = (int(v) for v in rng.integers(9, 30, 2))
+                rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+                kind = (i + c) % 4
+                if kind == 0:
+                    Image.fromarray(rgb[..., 0]).save(folder / f"{i:03d}.png")
+                elif kind == 1:
+                    Image.fromarray(rgb).convert("P").save(folder / f"{i:03d}.png")
+                elif kind == 2:
+                    alpha = rng.integers(0, 256, (h, w, 1), dtype=np.uint8)
+                    Image.fromarray(np.concatenate([rgb, alpha], 2)).save(folder / f"{i:03d}.png")
+                else:
+                    Image.fromarray(rgb).save(folder / f"{i:03d}.jpg")
+
+
+def write_rgb_folder(root: Path, classes: int, train: int, test: int, size: int) -> None:
+    rng = np.random.default_rng(1)
+    for split, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            (root / split / f"k{c}").mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
+                    root / split / f"k{c}" / f"{i:03d}.png")
+
+
 class TensorsMade(TorchDispatchMode):
     """Records every tensor that torch ops make (or are given), by dtype and size."""
 
@@ -87,6 +146,70 @@ class TensorsMade(TorchDispatchMode):
         self.made += [(t.dtype, t.numel() * t.element_size()) for t in (out if isinstance(out, (tuple, list))
                                                                        else [out]) if isinstance(t, torch.Tensor)]
         return out
+
+
+# ------------------------------------------------------------------------------------------------
+# item: imagefolder keeps only the per-class subset, decoded into one array
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_imagefolder_subset_is_the_old_paths_subset(tmp_path, monkeypatch, workers):
+    """train_per_class/test_per_class are applied as files are read, not after the whole split is held: the
+    same images in the same order as before (per_class_subset of everything, seed and seed + 1), mean/std
+    and the conversions record of every file, and the images the old code built."""
+    monkeypatch.setattr(sources, "DECODE_WORKERS", workers)
+    write_mixed_folder(tmp_path, train=[7, 12, 9, 15, 8], test=[3, 6, 4, 5, 2])
+    old_train, old_test, old_mean, old_std = old_load_imagefolder(tmp_path, 16)
+    full = load_dataset("imagefolder", path=str(tmp_path), image_size=16)
+    assert torch.equal(full.train.images, old_train.images) and torch.equal(full.test.images, old_test.images)
+    assert (full.mean, full.std) == (old_mean, old_std)  # every bit
+    built: list[int] = []
+    monkeypatch.setattr(sources, "ImageSet", lambda images, labels: built.append(len(labels)) or ImageSet(images,
+                                                                                                          labels))
+    for train_pc, test_pc, seed in ((2, None, 0), (None, 1, 3), (3, 2, 7), (100, 100, 1)):
+        built.clear()
+        sub = load_dataset("imagefolder", path=str(tmp_path), image_size=16, train_per_class=train_pc,
+                           test_per_class=test_pc, subset_seed=seed)
+        for got, old, per_class, s in ((sub.train, old_train, train_pc, seed), (sub.test, old_test, test_pc, seed + 1)):
+            want = old if per_class is None else old_per_class_subset(old, 5, per_class, s)
+            assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+        assert built == [len(sub.train), len(sub.test)]  # only the kept images were ever put in an ImageSet
+        assert (sub.mean, sub.std) == (old_mean, old_std)  # of every training image, as before
+        assert sub.conversions == full.conversions and sub.conversions["train"]["grayscale_to_rgb"] == 13
+
+
+def test_imagefolder_holds_the_kept_images_only(tmp_path, monkeypatch):
+    """The old loader held a list of every decoded image, stacked it and copied it to NCHW (2.8x the split,
+    and all of it before per_class_subset); now one array of the kept images is filled in place."""
+    monkeypatch.setattr(sources, "STATS_BLOCK_BYTES", 64 << 10)
+    write_rgb_folder(tmp_path, classes=4, train=30, test=2, size=96)
+    full_bytes = 4 * 32 * 96 * 96 * 3  # 3.5 MB of images (numpy allocations are traced, PIL's own are not)
+    load_dataset("imagefolder", path=str(tmp_path), train_per_class=1)  # imports, caches
+    for per_class, limit in ((1, full_bytes / 4), (None, 1.5 * full_bytes)):
+        tracemalloc.start()
+        try:
+            data = load_dataset("imagefolder", path=str(tmp_path), train_per_class=per_class, test_per_class=per_class)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert len(data.train) == (4 if per_class else 120)
+        assert peak < limit, (per_class, peak, full_bytes)  # before: 10 MB with train_per_class=1
+
+
+def test_decoding_threads_keep_the_order_and_name_the_first_bad_file(tmp_path, monkeypatch):
+    write_mixed_folder(tmp_path, train=[9, 11, 10], test=[4, 3, 5])
+    loaded = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(sources, "DECODE_WORKERS", workers)
+        data = load_dataset("imagefolder", path=str(tmp_path), image_size=14)
+        loaded[workers] = (data.fingerprint, data.mean, data.std, data.conversions)
+    assert loaded[1] == loaded[4]
+    (tmp_path / "train" / "k1" / "001.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "train" / "k2" / "000.png").write_bytes(b"\x89PNG not really")
+    filters = list(warnings.filters)
+    with pytest.raises(DataError, match=r"cannot read image .*k1.001\.png .*replace or delete the file"):
+        load_dataset("imagefolder", path=str(tmp_path), image_size=14)
+    assert warnings.filters == filters  # the DecompressionBombWarning filter went with the error
 
 
 # ------------------------------------------------------------------------------------------------

@@ -238,6 +238,9 @@ Loader = Callable[[DatasetConfig], DataBundle]
 DATASETS: Registry[Loader] = Registry("dataset")
 #: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
 CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
+#: sources that apply ``train_per_class``/``test_per_class`` themselves, with :func:`per_class_index` (the same
+#: images :func:`load_dataset` would keep), so that they hold only the kept images in memory
+SUBSET_SOURCES = frozenset({"imagefolder"})
 
 
 def reorders_classes(data: DataBundle) -> bool:
@@ -291,17 +294,22 @@ def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return t.to(device)
 
 
+def per_class_index(labels: torch.Tensor, num_classes: int, per_class: int, seed: int) -> torch.Tensor:
+    """The ascending indices of at most ``per_class`` images of each class, chosen with ``seed``: what
+    :func:`per_class_subset` keeps. It needs only the labels, so a source can apply it before decoding images."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = []
+    for idx in class_indices(labels, num_classes):
+        perm = torch.randperm(len(idx), generator=gen)[:per_class]
+        keep.append(idx[perm])
+    return torch.cat(keep).sort().values
+
+
 def per_class_subset(part: ImageSet, num_classes: int, per_class: int | None, seed: int) -> ImageSet:
     """At most ``per_class`` images of each class, chosen with ``seed``, in original order."""
     if per_class is None:
         return part
-    gen = torch.Generator().manual_seed(seed)
-    keep = []
-    for idx in part.class_indices(num_classes):
-        perm = torch.randperm(len(idx), generator=gen)[:per_class]
-        keep.append(idx[perm])
-    index = torch.cat(keep).sort().values
-    return part.subset(index)
+    return part.subset(per_class_index(part.labels, num_classes, per_class, seed))
 
 
 def check_bundle(data: object, what: str = "data") -> None:
@@ -319,7 +327,8 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
         raise DDKitError(f"load_dataset takes a dataset name or a DatasetConfig, got {type(cfg).__name__} {cfg!r:.80}")
     loader = DATASETS.get(cfg.name)
     bundle = loader(cfg)
-    if cfg.train_per_class is not None or cfg.test_per_class is not None:
+    subset_here = cfg.name not in SUBSET_SOURCES
+    if subset_here and (cfg.train_per_class is not None or cfg.test_per_class is not None):
         bundle = DataBundle(
             name=bundle.name,
             train=per_class_subset(bundle.train, bundle.num_classes, cfg.train_per_class, cfg.subset_seed),
