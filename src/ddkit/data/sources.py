@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import os
 import pickle
 import re
 import struct
@@ -24,6 +25,10 @@ import tarfile
 import warnings
 import zipfile
 import zlib
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +41,7 @@ from ddkit.data.base import (
     DatasetConfig,
     ImageSet,
     find_data_dir,
+    per_class_index,
     search_order,
 )
 from ddkit.errors import ConfigError, DataError
@@ -127,33 +133,106 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
 CONSTANT_STD = 1e-6
 
 
+#: images summed as one group by :class:`ChannelSums`, the group totals then added: channel_stats's chunk, always 4096
+STATS_GROUP = 4096
+#: the most float64 bytes of images :class:`ChannelSums` converts at once (at least one image)
+STATS_BLOCK_BYTES = 128 << 20
+
+
+class ChannelSums:
+    """Per-channel float64 sums of ``[C, H, W]`` images (and of their squares) in [0, 1] pixel space, added a few
+    at a time in order, and the mean/std they give: :func:`channel_stats` for images that come one by one. It holds
+    at most :data:`STATS_BLOCK_BYTES` of float64 and a block of images.
+
+    The sums are added in the order channel_stats always took them, so that mean/std, which teachers record and
+    cache keys include, keep every bit: groups of :data:`STATS_GROUP` images, a group summed by one torch ``sum``
+    over images, height and width when its float64 copy fits in STATS_BLOCK_BYTES. A larger group goes a block at
+    a time, its images' sums over height and width added one after another: the order of that ``sum`` for images
+    of several channels. (For one channel torch splits the sum between threads, in an order that depends on their
+    number, so single-channel images too large for a group to fit could differ from it in the last bits anyway.)
+    """
+
+    def __init__(self, shape: tuple[int, int, int], dtype: torch.dtype, count: int) -> None:
+        """Sums of ``count`` images of ``shape`` (C, H, W) and ``dtype`` (uint8 0..255 or float 0..1)."""
+        self.block = max(1, STATS_BLOCK_BYTES // (math.prod(shape) * 8))  # images converted to float64 at once
+        self.scale = 255.0 if dtype == torch.uint8 else 1.0
+        self.expected = count
+        self.buffer = np.empty((max(1, min(self.block, STATS_GROUP, count)), *shape),
+                               dtype=torch.empty(0, dtype=dtype).numpy().dtype)
+        self.filled = 0  # images waiting in the buffer
+        self.count = 0  # images added
+        self.sums = torch.zeros(2, shape[0], dtype=torch.float64)  # of the finished groups: pixels, squares
+        self.group = torch.zeros(2, shape[0], dtype=torch.float64)  # of the current group, when it goes by blocks
+
+    def add(self, images) -> None:
+        """Add ``[n, C, H, W]`` images (a numpy array or CPU tensor of the shape and dtype given) after the others."""
+        assert self.count + len(images) <= self.expected, "more images than ChannelSums was told of"
+        done = 0
+        while done < len(images):
+            n = min(len(self.buffer) - self.filled, STATS_GROUP - self.count % STATS_GROUP, len(images) - done)
+            self.buffer[self.filled : self.filled + n] = np.asarray(images[done : done + n])
+            self.filled, self.count, done = self.filled + n, self.count + n, done + n
+            if self.filled == len(self.buffer) or self.count % STATS_GROUP == 0:
+                self._flush()
+            if self.count % STATS_GROUP == 0:
+                self._end_group()
+
+    def _flush(self) -> None:
+        x = torch.from_numpy(self.buffer[: self.filled]).to(torch.float64)
+        x.div_(self.scale)
+        if self.block >= STATS_GROUP:  # the buffer holds the whole group (or all the images)
+            self.sums[0] += x.sum(dim=(0, 2, 3))
+            self.sums[1] += x.mul_(x).sum(dim=(0, 2, 3))
+        else:  # one image after another (cumsum adds in order)
+            self.group[0] = torch.cat([self.group[0, None], _plane_sums(x)]).cumsum(0)[-1]
+            self.group[1] = torch.cat([self.group[1, None], _plane_sums(x.mul_(x))]).cumsum(0)[-1]
+        self.filled = 0
+
+    def _end_group(self) -> None:
+        self.sums += self.group  # (zeros when groups are summed whole)
+        self.group.zero_()
+
+    def mean_std(self, name: str = "the training images", fix: str = "check the images",
+                 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and (population) std of the images added. A constant channel (std 0) cannot be
+        normalised and raises DataError naming ``name`` and ``fix``."""
+        if self.count == 0:
+            raise DataError("cannot compute mean/std of an empty training set; add training images")
+        if self.filled:
+            self._flush()
+        self._end_group()
+        pixels = self.count * self.buffer[0, 0].size
+        mean = self.sums[0] / pixels
+        std = (self.sums[1] / pixels - mean * mean).clamp_min(0.0).sqrt()
+        for ch, v in enumerate(std.tolist()):
+            if v < CONSTANT_STD:
+                raise DataError(f"channel {ch} of {name} is constant (std {v:.3g}), so normalising it divides by "
+                                f"zero and training gives NaN; {fix}")
+        return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def _plane_sums(x: torch.Tensor) -> torch.Tensor:
+    """``x.sum(dim=(2, 3))`` of contiguous ``[n, C, H, W]`` float64 images, the same bits however many threads."""
+    rows = x.reshape(len(x) * x.shape[1], -1)
+    if len(rows) == 1:  # torch splits a sum with one output between threads: sum it as one of two equal rows
+        return rows.expand(2, -1).sum(1)[:1].reshape(1, 1)
+    return rows.sum(1).reshape(x.shape[:2])
+
+
 def channel_stats(
-    images: torch.Tensor, chunk: int = 4096, name: str = "the training images",
-    fix: str = "check the images",
+    images: torch.Tensor, name: str = "the training images", fix: str = "check the images",
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of ``[N, C, H, W]`` images in [0, 1] pixel space.
 
-    Accumulates in float64, ``chunk`` images at a time, so large uint8 sets need little memory. A
-    constant channel (std 0) cannot be normalised and raises DataError naming ``name`` and ``fix``.
+    Accumulates in float64 a block of at most :data:`STATS_BLOCK_BYTES` at a time (see :class:`ChannelSums`), so
+    large uint8 sets need little memory. A constant channel (std 0) cannot be normalised and raises DataError
+    naming ``name`` and ``fix``.
     """
     if len(images) == 0:
         raise DataError("cannot compute mean/std of an empty training set; add training images")
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64)
-    total_sq = torch.zeros(c, dtype=torch.float64)
-    scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    for start in range(0, len(images), chunk):
-        x = images[start : start + chunk].to(torch.float64) / scale
-        total += x.sum(dim=(0, 2, 3))
-        total_sq += (x * x).sum(dim=(0, 2, 3))
-    count = images.numel() // c
-    mean = total / count
-    std = (total_sq / count - mean * mean).clamp_min(0.0).sqrt()
-    for ch, v in enumerate(std.tolist()):
-        if v < CONSTANT_STD:
-            raise DataError(f"channel {ch} of {name} is constant (std {v:.3g}), so normalising it divides by "
-                            f"zero and training gives NaN; {fix}")
-    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    sums = ChannelSums(tuple(images.shape[1:]), images.dtype, len(images))
+    sums.add(images)
+    return sums.mean_std(name, fix)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # terminal escape sequences (torch bolds words in its errors)
@@ -552,15 +631,12 @@ CONVERSIONS = {
 
 def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
     """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else, and what was converted
-    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels)."""
+    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels).
+    Callers ignore PIL's DecompressionBombWarning (see :func:`_read_images`)."""
     from PIL import Image
 
     try:
-        # PIL warns (on stderr, several lines) of images between its pixel limit and twice that, and refuses
-        # larger ones (DecompressionBombError, below): a large photo is read and resized like any other
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(path)
+        im = Image.open(path)  # refuses images over twice PIL's pixel limit (DecompressionBombError, below)
         with im:
             im.load()
             done = []
@@ -588,6 +664,47 @@ def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
             return np.asarray(im, dtype=np.uint8), done
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot read image {path} ({_one_line(exc)}); replace or delete the file") from None
+
+
+#: threads that decode image files (PIL releases the GIL while it decodes and resizes); 1 decodes in the caller
+DECODE_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def _read_images(paths: list[Path], size: int | None) -> Iterator[tuple[np.ndarray, list[str]]]:
+    """:func:`_read_image` of each path, in order, :data:`DECODE_WORKERS` threads decoding at most a few files
+    ahead. The first unreadable file (in order) raises its DataError. Close the generator when done with it."""
+    if DECODE_WORKERS <= 1:
+        yield from (_read_image(path, size) for path in paths)
+        return
+    with ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="ddkit-decode") as pool:
+        ahead: deque[Future] = deque()
+        try:
+            for path in paths:
+                ahead.append(pool.submit(_read_image, path, size))
+                if len(ahead) > 4 * DECODE_WORKERS:  # bounded: decoded images wait only a short while
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:  # an error, or the caller stopped: decode no further
+                future.cancel()
+
+
+def _split_files(cfg: DatasetConfig, split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files of a split, class by class in label order, and their labels."""
+    files: list[Path] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        found = _image_files(split_dir / name)
+        if not found:
+            raise DataError(
+                f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add "
+                f"images, or remove the class folder {name!r} from both splits ({cfg.train_split}/ and "
+                f"{cfg.test_split}/)" + (" and from dataset.classes" if cfg.classes is not None else "")
+            )
+        files += found
+        labels += [label] * len(found)
+    return files, labels
 
 
 def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> list[str]:
@@ -632,7 +749,12 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     become RGB, or single-channel when every file is grayscale; what that converted (grayscale
     repeated, palettes expanded, alpha dropped, ...) is logged once per split and recorded in
     ``DataBundle.conversions``. Sizes must agree unless ``dataset.image_size`` resizes them
-    (bilinear). mean/std come from the train split.
+    (bilinear). mean/std come from the whole train split.
+
+    Files are decoded by :data:`DECODE_WORKERS` threads, in order, straight into one uint8 array per
+    split. With ``train_per_class``/``test_per_class`` only the kept images are held (the ones
+    :func:`~ddkit.data.base.per_class_subset` keeps), but every file is still read: mean/std and the
+    conversions record cover them all.
     """
     _check_no_options(cfg)
     if not cfg.path:
@@ -650,52 +772,76 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
                 f"imagefolder has no {split} split folder {d}; create it or set dataset.{split}_split"
             )
     classes = _imagefolder_classes(cfg, split_dirs)
+    from PIL import Image
 
-    arrays: dict[str, list[np.ndarray]] = {"train": [], "test": []}
-    labels: dict[str, list[int]] = {"train": [], "test": []}
+    parts: dict[str, ImageSet] = {}
+    images: dict[str, np.ndarray] = {}  # per split, the kept images [N, C, H, W] (C 1 until a colour image comes)
+    kept_labels: dict[str, torch.Tensor] = {}
     # split -> CONVERSIONS key (or "transparent") -> files
     converted: dict[str, dict[str, int]] = {"train": {}, "test": {}}
+    gray_files = {"train": 0, "test": 0}  # files read as grayscale
+    files_read = {"train": 0, "test": 0}
     first: tuple[Path, tuple[int, int]] | None = None
-    for split, split_dir in split_dirs.items():
-        for label, name in enumerate(classes):
-            files = _image_files(split_dir / name)
-            if not files:
-                raise DataError(
-                    f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add "
-                    f"images, or remove the class folder {name!r} from both splits ({cfg.train_split}/ and "
-                    f"{cfg.test_split}/)" + (" and from dataset.classes" if cfg.classes is not None else "")
-                )
-            for path in files:
-                arr, done = _read_image(path, cfg.image_size)
-                for what in done:
-                    converted[split][what] = converted[split].get(what, 0) + 1
-                hw = arr.shape[:2]
-                if first is None:
-                    first = (path, hw)
-                elif hw != first[1]:
-                    raise DataError(
-                        f"image {path} is {hw[1]}x{hw[0]} but {first[0]} is {first[1][1]}x{first[1][0]}; "
-                        "set dataset.image_size to resize all images to one size"
-                    )
-                arrays[split].append(arr)
-                labels[split].append(label)
+    colour = False  # whether any file so far (either split) is in colour: then every image is RGB
+    # mean/std of every training image (kept or not), by channels: 1 and 3 while all images so far are grayscale
+    stats: dict[int, ChannelSums] = {}
+    subsets = {"train": (cfg.train_per_class, cfg.subset_seed), "test": (cfg.test_per_class, cfg.subset_seed + 1)}
+    with warnings.catch_warnings():
+        # PIL warns (on stderr, several lines) of images between its pixel limit and twice that: a large photo is
+        # read and resized like any other (warning filters are process-wide, so the decoding threads see this one)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        for split, split_dir in split_dirs.items():
+            files, labels = _split_files(cfg, split_dir, classes)
+            files_read[split] = len(files)
+            # train_per_class/test_per_class: the images load_dataset's per_class_subset would keep, chosen from the
+            # labels, so that only they are held. Every file is still read: mean/std and the conversions record
+            # cover them all, as they did when the subset was taken after loading
+            kept_labels[split] = torch.tensor(labels)
+            slot = np.arange(len(files))  # file -> its row in images[split], -1 if not kept
+            per_class, seed = subsets[split]
+            if per_class is not None:
+                keep = per_class_index(kept_labels[split], len(classes), per_class, seed)
+                kept_labels[split] = kept_labels[split][keep]
+                slot[:] = -1
+                slot[keep.numpy()] = np.arange(len(keep))
+            with closing(_read_images(files, cfg.image_size)) as decoded:
+                for path, row, (arr, done) in zip(files, slot, decoded):
+                    for what in done:
+                        converted[split][what] = converted[split].get(what, 0) + 1
+                    hw = arr.shape[:2]
+                    if first is None:
+                        first = (path, hw)
+                    elif hw != first[1]:
+                        raise DataError(
+                            f"image {path} is {hw[1]}x{hw[0]} but {first[0]} is {first[1][1]}x{first[1][0]}; "
+                            "set dataset.image_size to resize all images to one size"
+                        )
+                    gray_files[split] += arr.ndim == 2
+                    colour = colour or arr.ndim == 3
+                    chw = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                    if split not in images:
+                        images[split] = np.empty((len(kept_labels[split]), 3 if colour else 1, *hw), np.uint8)
+                    elif colour and images[split].shape[1] == 1:  # the first colour image: RGB from now on
+                        images[split] = np.repeat(images[split], 3, axis=1)
+                    if row >= 0:
+                        images[split][row] = chw
+                    if split == "train":
+                        if not stats:
+                            stats = {c: ChannelSums((c, *hw), torch.uint8, len(files)) for c in (1, 3)}
+                        if colour:
+                            stats.pop(1, None)
+                        for channels, sums in stats.items():
+                            sums.add(np.broadcast_to(chw, (channels, *hw))[None])
 
-    gray = all(a.ndim == 2 for part in arrays.values() for a in part)
-    parts = {}
     for split in ("train", "test"):
-        if gray:
-            images = np.stack(arrays[split])[:, None]
-        else:
-            repeated = sum(a.ndim == 2 for a in arrays[split])
-            if repeated:
-                converted[split]["grayscale_to_rgb"] = repeated
-            images = np.stack([a if a.ndim == 3 else np.repeat(a[:, :, None], 3, axis=2) for a in arrays[split]])
-            images = images.transpose(0, 3, 1, 2)
-        parts[split] = ImageSet(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels[split]))
-        arrays[split] = []  # free the per-image arrays early
-        _log_conversions(split_dirs[split], converted[split], len(parts[split]))
-    mean, std = channel_stats(parts["train"].images, name=f"the training images in {split_dirs['train']}",
-                              fix="check the images (a folder of blank images?)")
+        if colour and images[split].shape[1] == 1:
+            images[split] = np.repeat(images[split], 3, axis=1)
+        if colour and gray_files[split]:
+            converted[split]["grayscale_to_rgb"] = gray_files[split]
+        parts[split] = ImageSet(torch.from_numpy(images.pop(split)), kept_labels[split])
+        _log_conversions(split_dirs[split], converted[split], files_read[split])
+    mean, std = stats[3 if colour else 1].mean_std(name=f"the training images in {split_dirs['train']}",
+                                                   fix="check the images (a folder of blank images?)")
     logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]),
                 len(parts["test"]))
     conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}

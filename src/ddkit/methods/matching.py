@@ -71,7 +71,7 @@ class RealByClass:
 
     def __init__(self, real: DataBundle, device: torch.device) -> None:
         self.images = common.to_normalized(real.train.float_images(), real).to(device)
-        self.index = [real.train.indices_of(c) for c in range(real.num_classes)]
+        self.index = real.train.class_indices(real.num_classes)
 
     def draw(self, c: int, n: int, gen: torch.Generator) -> torch.Tensor:
         """The indices (on the host) of ``min(n, size of class c)`` random images of class ``c``

@@ -703,8 +703,7 @@ def _init_representative(real: DataBundle, ipc: int, buffer: ExpertBuffer, stude
     gen = torch.Generator().manual_seed(seed)
     picks = []
     with torch.no_grad():
-        for c in range(real.num_classes):
-            idx = torch.nonzero(real.train.labels == c).flatten()
+        for idx in real.train.class_indices(real.num_classes):
             logits = torch.cat([student(params, space(to_normalized(real.train.subset(chunk).float_images().to(device),
                                                                     real))).cpu()
                                 for chunk in idx.split(1024)])

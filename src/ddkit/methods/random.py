@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ddkit.config import Checked
-from ddkit.data.base import DataBundle
+from ddkit.data.base import DataBundle, class_indices
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 
 
@@ -19,10 +19,7 @@ class RandomConfig(Checked):
 def stratified_indices(labels: torch.Tensor, num_classes: int, ipc: int, seed: int) -> torch.Tensor:
     """``ipc`` indices per class drawn without replacement with ``seed``, class-major order."""
     gen = torch.Generator().manual_seed(seed)
-    picks = []
-    for c in range(num_classes):
-        idx = torch.nonzero(labels == c, as_tuple=False).flatten()
-        picks.append(idx[torch.randperm(len(idx), generator=gen)[:ipc]])
+    picks = [idx[torch.randperm(len(idx), generator=gen)[:ipc]] for idx in class_indices(labels, num_classes)]
     return torch.cat(picks)
 
 

@@ -225,6 +225,7 @@ class RDED(Method):
         key = (f"rded|seed={ctx.seed}|ipc={ipc}|factor={factor}|{cfg}|{real.fingerprint}"
                f"|teacher={getattr(teacher, 'fingerprint', None)}")
         done: dict[int, torch.Tensor] = {}
+        by_class = real.train.class_indices(real.num_classes)
         for step, c in enumerate(mine, start=1):
             # one checkpoint file per class, written once when the class is done (by the rank that owns it)
             ckpt = common.Checkpoint(ctx, every=1, tag=f"rded-class{c}", per_rank=True)
@@ -234,7 +235,7 @@ class RDED(Method):
                 log.info("rded: resumed class %d from %s", c, ckpt.path)
             else:
                 gen = class_generator(ctx.seed, c)
-                pool = torch.nonzero(real.train.labels == c, as_tuple=False).flatten()
+                pool = by_class[c]
                 pool = pool[torch.randperm(len(pool), generator=gen)[: min(cfg.mipc, len(pool))]]
                 src = real.train.subset(pool).float_images()
                 patches, _ = select_patches(
