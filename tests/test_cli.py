@@ -1,5 +1,6 @@
 """The CLI end to end, as a user runs it, on generated data and tiny models."""
 
+import argparse
 import json
 import os
 import re
@@ -138,7 +139,7 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
 
     monkeypatch.setattr(ddkit.pipeline, "evaluate", interrupted)
     code, _, err = run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)
-    assert code == 130 and err == "interrupted\n"
+    assert code == 130 and err == "interrupted; run the same command again to resume\n"  # `ddkit run` reuses its finished stages
     assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["seed"] == 1
     assert not (tmp_path / "run/manifest.json").exists()
     code, _, err = run_cli(["show", "-q", str(tmp_path / "run")], capsys)
@@ -496,7 +497,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
     cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
            "--set", "distill.options.checkpoint_every=1", "--out", str(out), "-q"]
     code, _, err = run_cli(cmd, capsys)
-    assert (code, err, sent) == (143, "terminated\n", [os.getpid()])
+    assert (code, err, sent) == (143, "terminated; run the same command again to resume\n", [os.getpid()])
     assert signal.getsignal(signal.SIGTERM) is before
     assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]  # no half-written set; checkpoints kept to resume
     assert run_cli(cmd, capsys)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
@@ -517,7 +518,7 @@ def test_sigterm_to_a_running_command(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert (proc.returncode, err) == (143, "terminated\n")
+    assert (proc.returncode, err) == (143, "terminated; run the same command again to resume\n")
     assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]
 
 
@@ -1201,3 +1202,46 @@ def test_plugins_let_the_cli_train_and_load_a_users_model(tmp_path):
                                                     "'myplug.py'\n")
     listed = ddkit("list", "models", "my_*", plugins="myplug")
     assert listed.returncode == 0 and listed.stdout.split() == ["my_net"]
+
+
+def _help(command: str) -> str:
+    """``ddkit COMMAND --help``'s text, with argparse's line wrapping undone."""
+    from ddkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join(sub.choices[command].format_help().split())
+
+
+def test_evaluate_teacher_help_names_every_case_that_needs_one():
+    """--teacher's help named label modes teacher/stored only: the presets with label mode teacher and
+    fkd (with the random baseline on) need one too."""
+    from ddkit.cli import TEACHER_PRESETS
+    from ddkit.evaluate import PROTOCOLS
+
+    assert TEACHER_PRESETS == tuple(n for n in PROTOCOLS.list() if PROTOCOLS.get(n)().label_mode == "teacher")
+    text = _help("evaluate")
+    assert ("needed for label mode teacher (the presets cvdd, edc, soft-kl), and for stored and fkd while the random "
+            "baseline is on") in text
+
+
+def test_evaluate_epochs_help_names_the_full_reference_epochs():
+    assert ("the full-data reference keeps its own full_epochs: change them with --set full_epochs=N, or skip it "
+            "with --set full_reference=false") in _help("evaluate")
+
+
+def test_show_quiet_help_says_errors_are_printed():
+    assert "-q, --quiet print nothing but an error; exit 0" in _help("show")
+
+
+def test_interrupt_line_offers_a_rerun_only_where_it_resumes(monkeypatch, capsys):
+    """`ddkit evaluate` starts its students afresh: its line says only that it was interrupted."""
+    import ddkit.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddkit.cli, "cmd_evaluate", interrupted)
+    monkeypatch.setattr(ddkit.cli, "cmd_relabel", interrupted)
+    assert run_cli(["evaluate", "somewhere"], capsys) == (130, "", "interrupted\n")
+    assert run_cli(["relabel", "somewhere", "--teacher", "t"], capsys) == (
+        130, "", "interrupted; run the same command again to resume\n")

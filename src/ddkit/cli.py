@@ -25,6 +25,10 @@ from ddkit.errors import DDKitError
 
 log = logging.getLogger("ddkit")
 
+# the protocol presets whose label mode is teacher (`evaluate --teacher`'s help; written out, as building the
+# parser imports no torch: tests/test_cli.py checks it against ddkit.evaluate.PROTOCOLS)
+TEACHER_PRESETS = ("cvdd", "edc", "soft-kl")
+
 
 class Progress:
     """tqdm bars for training loops; one bar per label, only on the main rank."""
@@ -522,9 +526,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("distilled", help="distilled-set directory")
     sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
     sp.add_argument("--label-mode", choices=["hard", "teacher", "stored", "fkd"])
-    sp.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    sp.add_argument("--epochs", type=int,
+                    help="the students' training epochs (train.epochs); the full-data reference keeps its own "
+                    "full_epochs: change them with --set full_epochs=N, or skip it with --set full_reference=false")
     precision_flag(sp, "the students' training and testing (train.precision)")
-    sp.add_argument("--teacher", help="teacher artifact directory (label modes teacher/stored)")
+    sp.add_argument("--teacher", help="teacher artifact directory: needed for label mode teacher (the presets "
+                    f"{', '.join(TEACHER_PRESETS)}), and for stored and fkd while the random baseline is on")
     sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
     sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
@@ -600,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true",
-                    help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
+                    help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
+                    "else 2 and the one-line error")
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
@@ -689,9 +697,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _stopped(exc: KeyboardInterrupt) -> int:
+# the commands whose re-run resumes: finished stages, cells and epochs are reused, checkpoints resumed
+RESUMABLE = ("teacher", "distill", "relabel", "experts", "run", "demo", "bench")
+
+
+def _stopped(exc: KeyboardInterrupt, command: str | None = None) -> int:
     term = isinstance(exc, Terminated)
-    print("terminated" if term else "interrupted", file=sys.stderr)
+    hint = "; run the same command again to resume" if command in RESUMABLE else ""
+    print(("terminated" if term else "interrupted") + hint, file=sys.stderr)
     return 143 if term else 130
 
 
@@ -729,7 +742,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         from ddkit import distributed as ddist
     except KeyboardInterrupt as exc:
-        return _stopped(exc)
+        return _stopped(exc, args.command)
 
     try:
         load_plugins()
@@ -748,7 +761,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:
-        code = _stopped(exc)
+        code = _stopped(exc, args.command)
         ddist.shutdown(barrier=False)
         return code
     except RuntimeError as exc:
