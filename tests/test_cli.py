@@ -139,7 +139,7 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
 
     monkeypatch.setattr(ddkit.pipeline, "evaluate", interrupted)
     code, _, err = run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)
-    assert code == 130 and err == "interrupted; run the same command again to resume\n"  # `ddkit run` reuses its finished stages
+    assert code == 130 and err == "interrupted; run the same command again to resume\n"  # reuses finished stages
     assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["seed"] == 1
     assert not (tmp_path / "run/manifest.json").exists()
     code, _, err = run_cli(["show", "-q", str(tmp_path / "run")], capsys)
@@ -1218,7 +1218,7 @@ def test_evaluate_teacher_help_names_every_case_that_needs_one():
     from ddkit.cli import TEACHER_PRESETS
     from ddkit.evaluate import PROTOCOLS
 
-    assert TEACHER_PRESETS == tuple(n for n in PROTOCOLS.list() if PROTOCOLS.get(n)().label_mode == "teacher")
+    assert tuple(n for n in PROTOCOLS.list() if PROTOCOLS.get(n)().label_mode == "teacher") == TEACHER_PRESETS
     text = _help("evaluate")
     assert ("needed for label mode teacher (the presets cvdd, edc, soft-kl), and for stored and fkd while the random "
             "baseline is on") in text
