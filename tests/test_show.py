@@ -403,3 +403,14 @@ def test_show_checks_the_stages_of_a_run(demo_run, tmp_path, capsys):
         assert code == 2 and out == "" and err.startswith(f"error: the run's {stage} stage: ") and str(target) in err
         assert len(err.splitlines()) == 1
         target.write_bytes(whole)
+
+
+def test_show_suggests_the_protocol_a_typo_meant(tmp_path, capsys, monkeypatch):
+    """`show ecd` said only "not found": --protocol's typos got a did-you-mean, show's did not."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["show", "ecd"], capsys)
+    assert (code, err) == (2, "error: 'ecd' not found (no file, folder or protocol of that name); did you mean the "
+                              "protocol 'edc'?\n")
+    for target in ("runs/demo", "xyzzy"):  # a path's typo, or nothing like a protocol: not found, as before
+        code, _, err = run_cli(["show", target], capsys)
+        assert code == 2 and err.startswith(f"error: '{target}' not found; pass a ddkit output folder"), err

@@ -338,6 +338,10 @@ def cmd_show(args) -> int:
 
     if not Path(args.target).exists() and args.target in PROTOCOLS:
         text = json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2)
+    elif (not Path(args.target).exists() and not re.search(r"[/\\.]", args.target)
+          and PROTOCOLS.suggest(args.target) is not None):  # `show ecd`; a path's typo is left to describe()
+        raise DDKitError(f"{args.target!r} not found (no file, folder or protocol of that name); did you mean the "
+                         f"protocol {PROTOCOLS.suggest(args.target)!r}?")
     elif args.json:
         text = json.dumps(read_record(args.target)[0], indent=2)
     else:
