@@ -563,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("report", help="write report.md / report.html with tables and plots for a bench run")
-    sp.add_argument("run_dir", help="bench run directory (holds bench.json)")
-    sp.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    sp.add_argument("run_dir", metavar="BENCH_DIR", help="the folder of a `ddkit bench` run (holds bench.json; a "
+                    "`ddkit run` folder has its report in its report/ already)")
+    sp.add_argument("--out", help="report folder (default BENCH_DIR/report)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_report)
 
