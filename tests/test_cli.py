@@ -1245,3 +1245,24 @@ def test_interrupt_line_offers_a_rerun_only_where_it_resumes(monkeypatch, capsys
     assert run_cli(["evaluate", "somewhere"], capsys) == (130, "", "interrupted\n")
     assert run_cli(["relabel", "somewhere", "--teacher", "t"], capsys) == (
         130, "", "interrupted; run the same command again to resume\n")
+
+
+def test_run_and_bench_name_the_command_a_config_of_the_other_belongs_to(tmp_path, capsys):
+    """A bench config given to `ddkit run` gave eight unknown-key errors (one with a did-you-mean 'dataset'
+    for 'datasets'), and a run config given to `ddkit bench` a misleading did-you-mean 'distill_seed'."""
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n"
+                     f"out: {tmp_path / 'b'}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"dataset: {{name: synthetic}}\ndistill: {{method: random, ipc: 1}}\nout: {tmp_path / 'r'}\n")
+    assert run_cli(["run", str(bench)], capsys) == (
+        2, "", f"error: '{bench}' looks like a `ddkit bench` config (keys datasets, ipcs, methods, students); run it "
+               f"with `ddkit bench {bench}`\n")
+    assert run_cli(["bench", str(run)], capsys) == (
+        2, "", f"error: '{run}' looks like a `ddkit run` config (keys dataset, distill); run it with `ddkit run "
+               f"{run}`\n")
+    # a run config with one bench-like typo is still told its own key errors
+    run.write_text("datasets: {name: synthetic}\ndistill: {method: random, ipc: 1}\nevaluate: {}\n")
+    code, _, err = run_cli(["run", str(run)], capsys)
+    assert code == 2 and "unknown config key 'datasets'; did you mean 'dataset'?" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]

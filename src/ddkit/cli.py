@@ -272,6 +272,7 @@ def cmd_run(args) -> int:
     from ddkit.pipeline import RunConfig
 
     data = load_yaml(args.config)
+    _refuse_other_schema(data, args.config, "run")
     if args.out:
         data["out"] = args.out
     if args.device != "auto":
@@ -279,6 +280,27 @@ def cmd_run(args) -> int:
     apply_overrides(data, list(args.set or []))  # last, over the flags
     cfg = from_dict(RunConfig, data)
     return _run_and_print(cfg, args.quiet)
+
+
+def _refuse_other_schema(data: Any, path: str, command: str) -> None:
+    """Refuse in one line a config file of the other command (`ddkit run` / `ddkit bench`), which would
+    otherwise list every top-level key as unknown, with a did-you-mean between the two schemas: when
+    every key its config does not know is one of the other's, and more of them than its own."""
+    import dataclasses
+
+    from ddkit.bench import BenchConfig
+    from ddkit.pipeline import RunConfig
+
+    if not isinstance(data, dict):
+        return
+    own, other_command = (RunConfig, "bench") if command == "run" else (BenchConfig, "run")
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (RunConfig, BenchConfig)}
+    mine, theirs = fields[own], fields[BenchConfig if own is RunConfig else RunConfig]
+    keys = {k for k in data if isinstance(k, str)}
+    unknown = keys - mine
+    if unknown and unknown <= theirs and len(unknown) > len(keys & (mine - theirs)):
+        raise DDKitError(f"{path!r} looks like a `ddkit {other_command}` config (keys {', '.join(sorted(unknown))}); "
+                         f"run it with `ddkit {other_command} {shlex.quote(path)}`")
 
 
 def _run_and_print(cfg, quiet: bool) -> int:
@@ -404,7 +426,9 @@ class BenchBars:
 def cmd_bench(args) -> int:
     from ddkit import distributed as ddist
     from ddkit.bench import format_bench_table, load_bench_config, run_bench
+    from ddkit.config import load_yaml_with_base
 
+    _refuse_other_schema(load_yaml_with_base(args.config), args.config, "bench")
     flags = ({"out": args.out} if args.out else {}) | ({"device": args.device} if args.device != "auto" else {})
     cfg = load_bench_config(args.config, list(args.set or []), **flags)  # --set last, as in every subcommand
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
