@@ -1266,3 +1266,21 @@ def test_run_and_bench_name_the_command_a_config_of_the_other_belongs_to(tmp_pat
     code, _, err = run_cli(["run", str(run)], capsys)
     assert code == 2 and "unknown config key 'datasets'; did you mean 'dataset'?" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]
+
+
+def test_augment_option_error_names_the_fix(capsys):
+    """`--protocol edc --set train.augment=flip` kept edc's scale_min: the error named no way out."""
+    from ddkit.errors import ConfigError
+    from ddkit.evaluate import resolve_protocol
+
+    with pytest.raises(ConfigError) as exc:
+        resolve_protocol("edc", {"train": {"augment": "flip"}}, where="")
+    assert str(exc.value) == ("train: augmentation 'flip' has no option(s) ['scale_min']; valid: prob; the protocol's "
+                              "train.augment_options are kept when train.augment changes: add --set "
+                              "train.augment_options={}")
+    with pytest.raises(ConfigError, match=r"changes: add evaluate\.overrides\.train\.augment_options: \{\}$"):
+        resolve_protocol("edc", {"train": {"augment": "flip"}}, where="evaluate.overrides")
+    with pytest.raises(ConfigError, match=r"valid: prob$"):  # the options given with it: they are what is wrong
+        resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {"scale_min": 0.5}}}, where="")
+    fixed = resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {}}}, where="")
+    assert (fixed.train.augment, fixed.train.augment_options) == ("flip", {})
