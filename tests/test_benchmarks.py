@@ -735,6 +735,24 @@ def test_dc_dsa_report_only_tables_the_device_the_sets_were_made_on(tmp_path, mo
         dd.main()
 
 
+def test_dc_dsa_report_only_records_the_commands_that_made_the_sets(tmp_path, monkeypatch):
+    """A --report-only table recorded only its own command, which made none of its rows."""
+    dd = _dc_files(tmp_path / "work")
+    _dc_files(tmp_path / "work", method="dsa")
+    made = {"dc": "python benchmarks/dc_dsa.py --methods dc --iterations 3", "dsa": None}  # dsa: an older record
+    record = json.loads((tmp_path / "work" / "dc-it3.synthesis.json").read_text())
+    (tmp_path / "work" / "dc-it3.synthesis.json").write_text(json.dumps({**record, "command": made["dc"]}))
+    monkeypatch.setattr("sys.argv", ["dc_dsa.py", "--report-only", "--iterations", "3", "--seeds", "0,1", "--work",
+                                     str(tmp_path / "work"), "--results", str(tmp_path / "res")])
+    dd.main()
+    table = json.loads((tmp_path / "res" / "dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.json").read_text())
+    assert table["command"].endswith("benchmarks/dc_dsa.py --report-only --iterations 3 --seeds 0,1 --work "
+                                     f"{tmp_path / 'work'} --results {tmp_path / 'res'}")
+    assert table["set_commands"] == made
+    md = (tmp_path / "res" / "dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.md").read_text()
+    assert f"Sets made by: dc: `{made['dc']}`." in md
+
+
 def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
     """B1: the set is made again (other data, a method revision): its old evaluation is deleted, never reused."""
     dd = _dc_files(tmp_path)
@@ -753,8 +771,11 @@ def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
                 "results": {"distilled": stat, "random": stat}, "bytes": {"images": 1, "labels": 1}}
 
     monkeypatch.setattr(dd, "evaluate", evaluate)
+    monkeypatch.setattr("sys.argv", ["dc_dsa.py", "--methods", "dc", "--iterations", "3"])
     row = dd.run_method("dc", 1, 3, [0, 1], tmp_path, "cpu")
     assert evaluated == [made] and row["distilled"]["mean"] == 0.8
+    command = json.loads((tmp_path / "dc-it3.synthesis.json").read_text())["command"]
+    assert command.endswith("python benchmarks/dc_dsa.py --methods dc --iterations 3")  # what made the set
     assert json.loads((tmp_path / "dc-it3.eval.json").read_text())["set_config_hash"] == "h2"
 
 
