@@ -41,8 +41,28 @@ from ddkit.config import SEED_LIMIT  # as the ddkit CLI's --seeds
 from ddkit.errors import DDKitError
 
 
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with each option's default appended, ``(default: 10)``, where its help does not name it
+    (a help text that says "default" already explains it); a list as it is typed: ``0 1 2`` for an
+    option of several values, ``3,50,800`` for a comma-separated one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text, value = action.help or "", action.default
+        if (not action.option_strings or "default" in text or value is None or value is False
+                or value is argparse.SUPPRESS or value == []):
+            return text
+        if isinstance(value, (list, tuple)):
+            value = (" " if action.nargs in ("+", "*") else ",").join(map(str, value))
+        return f"{text} (default: {str(value).replace('%', '%%')})"
+
+
 class Parser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` whose errors are one line, ``error: <message>``, exit code 2."""
+    """An ``ArgumentParser`` whose errors are one line, ``error: <message>``, exit code 2, and whose
+    --help shows the defaults (:class:`DefaultsHelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         head, sep, choices = message.partition(" (choose from ")

@@ -61,7 +61,8 @@ def main() -> None:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=positive_int, default=20, help="student epochs per evaluation")
     ap.add_argument("--repeats", type=positive_int, default=2,
-                    help="paired runs of both arms (order alternated); the table takes the best of each")
+                    help="paired runs of both arms (order alternated); the table takes the best of each (the "
+                    "committed docs/results/bench_overhead.json used 5)")
     ap.add_argument("--out", default=str(REPO / "docs" / "results" / "bench_overhead.json"),
                     help="JSON path (default docs/results/bench_overhead.json)")
     args = ap.parse_args()

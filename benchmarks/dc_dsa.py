@@ -195,8 +195,10 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
 
         distilled = distill(data, cfg, dcfg, out, device=device, progress=progress)
         # where it was made, which a table assembled elsewhere (--report-only) reports
+        # and the command that made it, which a table assembled by --report-only records beside its own
         record = {"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": before + time.perf_counter() - t0,
-                  "chunks_resumed": before > 0, "device": torch.device(device).type, "machine": machine(device)}
+                  "chunks_resumed": before > 0, "device": torch.device(device).type, "machine": machine(device),
+                  "command": command("dc_dsa", data=True)}
         write_json(timing, record)
         partial.unlink(missing_ok=True)
     protocol = _protocol(method, model)
@@ -216,6 +218,13 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
         write_json(path, report)
     return _row(method, ipc, model, iterations, seeds, {"device": torch.device(device).type, "machine": machine(device),
                                                          **record}, report)
+
+
+def set_commands(work: Path, rows: list[dict]) -> dict[str, str | None]:
+    """The command that made each row's set, from its synthesis record (None: made before they recorded
+    it): ``command`` is the one that assembled the table, a ``--report-only`` run that made nothing."""
+    return {r["method"]: read_json(work / f"{set_name(r['method'], r['iterations'], r['model'])}.synthesis.json",
+                                   "synthesis record").get("command") for r in rows}
 
 
 def upgrade(table: dict) -> dict:
@@ -254,6 +263,9 @@ def markdown(table: dict) -> str:
     lines += ["", "gap = our mean − the published mean (points); the check is |gap| ≤ 1.5. Synthesis seconds are the "
               "wall time of the run that made the set (see the machine line for its threads; methods made side by "
               "side share the cores).", "", f"Machine: {table['machine']}. Versions: {table['versions']}.", ""]
+    made = {m: c for m, c in (table.get("set_commands") or {}).items() if c and c != table["command"]}
+    if made:  # a --report-only table: the runs that made the sets
+        lines[-1:-1] = [f"Sets made by: {'; '.join(f'{m}: `{c}`' for m, c in made.items())}.", ""]
     return "\n".join(lines)
 
 
@@ -302,7 +314,8 @@ def main() -> None:
         device = rows[0]["device"]
         table = {"schema_version": 2, "kind": "dc-dsa", "ipc": args.ipc, "device": device,
                  "iterations": args.iterations, "model": args.model, "seeds": seeds, "rows": rows,
-                 "command": command("dc_dsa", data=True), "machine": rows[0]["machine"], "versions": versions()}
+                 "command": command("dc_dsa", data=True), "set_commands": set_commands(work, rows),
+                 "machine": rows[0]["machine"], "versions": versions()}
         # a trial with fewer iterations or other seeds never takes the published record's name
         trial = ((f"-it{args.iterations}" if args.iterations != ITERATIONS else "")
                  + (f"-seeds{'_'.join(map(str, seeds))}" if seeds != SEEDS else ""))

@@ -785,16 +785,16 @@ def parser(families: tuple[str, ...] = FAMILIES, groups: dict[str, tuple[str, ..
     epilog += [f"  {name}: the {name} family's tier matrix" for name in families]
     epilog += [f"  {name}: runs {', '.join(runs)} in order (cpu tier)" for name, runs in groups.items()]
     epilog += [f"  {name}: {' '.join(EXTRAS[name].split())} (cpu tier)" for name in extras]
-    ap = Parser(description=description or __doc__.splitlines()[0], epilog="\n".join(epilog),
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=description or __doc__.splitlines()[0], epilog="\n".join(epilog))  # epilog as written
     ap.add_argument("--tier", choices=["cpu", "full"], default="cpu",
                     help="cpu: the reduced 2-core configuration; full: the papers' settings (GPU)")
     ap.add_argument("--family", type=family, choices=[*families, *extras, *groups, "all"], default="all",
                     metavar="FAMILY", help="what to run (default all); the choices are listed below")
     ap.add_argument("--results", default=str(ROOT / "docs" / "results"),
                     help="folder for the JSON, markdown and reports")
-    ap.add_argument("--device", type=device_spec, default=None, help="cpu, cuda (default: the config's 'auto')")
-    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--device", type=device_spec, default=None,
+                    help="cpu, cuda, cuda:N or auto (default: the config's 'auto')")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return ap
 
 

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, command, device_spec, output_file, positive_int, run_main, seed_int
+from _cli import Parser, comma_list, command, device_spec, output_file, positive_int, run_main, seed_int
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
@@ -128,9 +128,13 @@ def main() -> None:
     ap.add_argument("--steps", type=positive_int, default=10, help="batches of 256 in the timed epoch")
     ap.add_argument("--ipc", type=positive_int, default=50, help="images per class of the random subset trained on")
     ap.add_argument("--epochs", type=positive_int, default=30, help="student epochs for the accuracy check")
-    ap.add_argument("--seeds", type=seed_int, nargs="+", default=[0, 1, 2], help="student seeds, space-separated")
+    ap.add_argument("--seeds", type=comma_list(seed_int, "0,1,2"), nargs="+", default=[[0, 1, 2]], metavar="SEEDS",
+                    help="student seeds, comma- or space-separated: 0,1,2 or 0 1 2 (default: 0,1,2)")
     ap.add_argument("--out", help="JSON path, the markdown beside it (default docs/results/precision-<device>.json)")
     args = ap.parse_args()
+    args.seeds = [s for group in args.seeds for s in group]  # `0,1 2`: one list
+    if len(set(args.seeds)) < len(args.seeds):
+        ap.error(f"argument --seeds: a seed is given twice in {args.seeds}; give each once")
     out = output_file(ap, args.out or REPO / "docs" / "results" / f"precision-{torch.device(args.device).type}.json")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

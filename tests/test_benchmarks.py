@@ -735,6 +735,24 @@ def test_dc_dsa_report_only_tables_the_device_the_sets_were_made_on(tmp_path, mo
         dd.main()
 
 
+def test_dc_dsa_report_only_records_the_commands_that_made_the_sets(tmp_path, monkeypatch):
+    """A --report-only table recorded only its own command, which made none of its rows."""
+    dd = _dc_files(tmp_path / "work")
+    _dc_files(tmp_path / "work", method="dsa")
+    made = {"dc": "python benchmarks/dc_dsa.py --methods dc --iterations 3", "dsa": None}  # dsa: an older record
+    record = json.loads((tmp_path / "work" / "dc-it3.synthesis.json").read_text())
+    (tmp_path / "work" / "dc-it3.synthesis.json").write_text(json.dumps({**record, "command": made["dc"]}))
+    monkeypatch.setattr("sys.argv", ["dc_dsa.py", "--report-only", "--iterations", "3", "--seeds", "0,1", "--work",
+                                     str(tmp_path / "work"), "--results", str(tmp_path / "res")])
+    dd.main()
+    table = json.loads((tmp_path / "res" / "dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.json").read_text())
+    assert table["command"].endswith("benchmarks/dc_dsa.py --report-only --iterations 3 --seeds 0,1 --work "
+                                     f"{tmp_path / 'work'} --results {tmp_path / 'res'}")
+    assert table["set_commands"] == made
+    md = (tmp_path / "res" / "dc-dsa-ipc1-fashion-mnist-cuda-it3-seeds0_1.md").read_text()
+    assert f"Sets made by: dc: `{made['dc']}`." in md
+
+
 def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
     """B1: the set is made again (other data, a method revision): its old evaluation is deleted, never reused."""
     dd = _dc_files(tmp_path)
@@ -753,8 +771,11 @@ def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
                 "results": {"distilled": stat, "random": stat}, "bytes": {"images": 1, "labels": 1}}
 
     monkeypatch.setattr(dd, "evaluate", evaluate)
+    monkeypatch.setattr("sys.argv", ["dc_dsa.py", "--methods", "dc", "--iterations", "3"])
     row = dd.run_method("dc", 1, 3, [0, 1], tmp_path, "cpu")
     assert evaluated == [made] and row["distilled"]["mean"] == 0.8
+    command = json.loads((tmp_path / "dc-it3.synthesis.json").read_text())["command"]
+    assert command.endswith("python benchmarks/dc_dsa.py --methods dc --iterations 3")  # what made the set
     assert json.loads((tmp_path / "dc-it3.eval.json").read_text())["set_config_hash"] == "h2"
 
 
@@ -787,3 +808,55 @@ def test_overview_has_a_table_per_label_mode(fm, tmp_path):
     (tmp_path / "matching-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
     md = fm.overview(tmp_path)
     assert "student convnet3-w32, label mode `hard`" in md and "student convnet3-w32, label mode `teacher`" in md
+
+
+@pytest.mark.parametrize("seeds, want", [(["0,1,2"], [0, 1, 2]), (["0", "1", "2"], [0, 1, 2]),
+                                         (["0,1", "5"], [0, 1, 5]), ([], [0, 1, 2])])
+def test_precision_seeds_take_the_clis_comma_form_too(tmp_path, monkeypatch, seeds, want):
+    """precision.py took only `--seeds 0 1 2`, where the ddkit CLI and the other scripts take `0,1,2`."""
+    prec = _script("precision")
+
+    def measure(name, real, precisions, args, device):
+        raise _Parsed(args)
+
+    monkeypatch.setattr(prec, "measure", measure)
+    monkeypatch.setattr(sys, "argv", ["precision.py", "--dataset", "synthetic", "--ipc", "2",
+                                      *(["--seeds", *seeds] if seeds else []), "--out", str(tmp_path / "p.json")])
+    with pytest.raises(_Parsed) as got:
+        prec.main()
+    assert got.value.args[0].seeds == want
+
+
+def test_precision_refuses_a_repeated_seed(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "precision.py"), "--seeds", "0,1", "1",
+                           "--out", str(tmp_path / "p.json")], capture_output=True, text=True, check=False)
+    assert (proc.returncode, proc.stderr) == (2, "error: argument --seeds: a seed is given twice in [0, 1, 1]; give "
+                                                 "each once\n")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help_shows_every_default(script, monkeypatch, capsys):
+    """Defaults were hidden (precision.py --steps, bench_overhead.py --repeats, ddp_drift.py --epochs "e.g.
+    3,50,800"): each option with a default now names it, as typed, unless its help explains it."""
+    module = _script(script)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", "--help"])
+    source = (REPO / "benchmarks" / f"{script}.py").read_text()
+    main = source.split('if __name__ == "__main__":')[1]
+    with pytest.raises(SystemExit):
+        if "lambda: main(" in main:
+            exec(main.strip().replace("run_main(", "(lambda f: f())(", 1), module.__dict__)
+        else:
+            module.main()
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {"precision": ["batches of 256 in the timed epoch (default: 10)",
+                              "comma- or space-separated: 0,1,2 or 0 1 2 (default: 0,1,2)",
+                              "student models, space-separated (default: convnet3 convnet3-w32 resnet18_cifar)"],
+                "bench_overhead": ["takes the best of each (the committed docs/results/bench_overhead.json used 5) "
+                                   "(default: 2)"],
+                "ddp_drift": ["teacher epochs, e.g. 3,50,800 (default: 3,50,800)"],
+                "stats_pass": ["images per class (6000 = all of Fashion-MNIST) (default: 1000)"],
+                "fashion_mnist": ["-q, --quiet no progress bars", "cpu, cuda, cuda:N or auto (default: the config's"],
+                "dc_dsa": ["outer iterations (papers: 1000) (default: 250)"]}
+    for words in expected.get(script, []):
+        assert words in text, (words, text)
+    assert text.count("(default") >= 1

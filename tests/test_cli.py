@@ -1,5 +1,6 @@
 """The CLI end to end, as a user runs it, on generated data and tiny models."""
 
+import argparse
 import json
 import os
 import re
@@ -138,7 +139,7 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
 
     monkeypatch.setattr(ddkit.pipeline, "evaluate", interrupted)
     code, _, err = run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)
-    assert code == 130 and err == "interrupted\n"
+    assert code == 130 and err == "interrupted; run the same command again to resume\n"  # reuses finished stages
     assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["seed"] == 1
     assert not (tmp_path / "run/manifest.json").exists()
     code, _, err = run_cli(["show", "-q", str(tmp_path / "run")], capsys)
@@ -496,7 +497,7 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
     cmd = ["distill", "--dataset", "synthetic", "--method", "dm", "--ipc", "1", "--set", "distill.options.iterations=3",
            "--set", "distill.options.checkpoint_every=1", "--out", str(out), "-q"]
     code, _, err = run_cli(cmd, capsys)
-    assert (code, err, sent) == (143, "terminated\n", [os.getpid()])
+    assert (code, err, sent) == (143, "terminated; run the same command again to resume\n", [os.getpid()])
     assert signal.getsignal(signal.SIGTERM) is before
     assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]  # no half-written set; checkpoints kept to resume
     assert run_cli(cmd, capsys)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
@@ -517,7 +518,7 @@ def test_sigterm_to_a_running_command(tmp_path):
         time.sleep(0.1)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
-    assert (proc.returncode, err) == (143, "terminated\n")
+    assert (proc.returncode, err) == (143, "terminated; run the same command again to resume\n")
     assert [p.name for p in tmp_path.iterdir()] == [".dm.work"]
 
 
@@ -1201,3 +1202,85 @@ def test_plugins_let_the_cli_train_and_load_a_users_model(tmp_path):
                                                     "'myplug.py'\n")
     listed = ddkit("list", "models", "my_*", plugins="myplug")
     assert listed.returncode == 0 and listed.stdout.split() == ["my_net"]
+
+
+def _help(command: str) -> str:
+    """``ddkit COMMAND --help``'s text, with argparse's line wrapping undone."""
+    from ddkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return " ".join(sub.choices[command].format_help().split())
+
+
+def test_evaluate_teacher_help_names_every_case_that_needs_one():
+    """--teacher's help named label modes teacher/stored only: the presets with label mode teacher and
+    fkd (with the random baseline on) need one too."""
+    from ddkit.cli import TEACHER_PRESETS
+    from ddkit.evaluate import PROTOCOLS
+
+    assert tuple(n for n in PROTOCOLS.list() if PROTOCOLS.get(n)().label_mode == "teacher") == TEACHER_PRESETS
+    text = _help("evaluate")
+    assert ("needed for label mode teacher (the presets cvdd, edc, soft-kl), and for stored and fkd while the random "
+            "baseline is on") in text
+
+
+def test_evaluate_epochs_help_names_the_full_reference_epochs():
+    assert ("the full-data reference keeps its own full_epochs: change them with --set full_epochs=N, or skip it "
+            "with --set full_reference=false") in _help("evaluate")
+
+
+def test_show_quiet_help_says_errors_are_printed():
+    assert "-q, --quiet print nothing but an error; exit 0" in _help("show")
+
+
+def test_interrupt_line_offers_a_rerun_only_where_it_resumes(monkeypatch, capsys):
+    """`ddkit evaluate` starts its students afresh: its line says only that it was interrupted."""
+    import ddkit.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddkit.cli, "cmd_evaluate", interrupted)
+    monkeypatch.setattr(ddkit.cli, "cmd_relabel", interrupted)
+    assert run_cli(["evaluate", "somewhere"], capsys) == (130, "", "interrupted\n")
+    assert run_cli(["relabel", "somewhere", "--teacher", "t"], capsys) == (
+        130, "", "interrupted; run the same command again to resume\n")
+
+
+def test_run_and_bench_name_the_command_a_config_of_the_other_belongs_to(tmp_path, capsys):
+    """A bench config given to `ddkit run` gave eight unknown-key errors (one with a did-you-mean 'dataset'
+    for 'datasets'), and a run config given to `ddkit bench` a misleading did-you-mean 'distill_seed'."""
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n"
+                     f"out: {tmp_path / 'b'}\n")
+    run = tmp_path / "run.yaml"
+    run.write_text(f"dataset: {{name: synthetic}}\ndistill: {{method: random, ipc: 1}}\nout: {tmp_path / 'r'}\n")
+    assert run_cli(["run", str(bench)], capsys) == (
+        2, "", f"error: '{bench}' looks like a `ddkit bench` config (keys datasets, ipcs, methods, students); run it "
+               f"with `ddkit bench {bench}`\n")
+    assert run_cli(["bench", str(run)], capsys) == (
+        2, "", f"error: '{run}' looks like a `ddkit run` config (keys dataset, distill); run it with `ddkit run "
+               f"{run}`\n")
+    # a run config with one bench-like typo is still told its own key errors
+    run.write_text("datasets: {name: synthetic}\ndistill: {method: random, ipc: 1}\nevaluate: {}\n")
+    code, _, err = run_cli(["run", str(run)], capsys)
+    assert code == 2 and "unknown config key 'datasets'; did you mean 'dataset'?" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]
+
+
+def test_augment_option_error_names_the_fix(capsys):
+    """`--protocol edc --set train.augment=flip` kept edc's scale_min: the error named no way out."""
+    from ddkit.errors import ConfigError
+    from ddkit.evaluate import resolve_protocol
+
+    with pytest.raises(ConfigError) as exc:
+        resolve_protocol("edc", {"train": {"augment": "flip"}}, where="")
+    assert str(exc.value) == ("train: augmentation 'flip' has no option(s) ['scale_min']; valid: prob; the protocol's "
+                              "train.augment_options are kept when train.augment changes: add --set "
+                              "train.augment_options={}")
+    with pytest.raises(ConfigError, match=r"changes: add evaluate\.overrides\.train\.augment_options: \{\}$"):
+        resolve_protocol("edc", {"train": {"augment": "flip"}}, where="evaluate.overrides")
+    with pytest.raises(ConfigError, match=r"valid: prob$"):  # the options given with it: they are what is wrong
+        resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {"scale_min": 0.5}}}, where="")
+    fixed = resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {}}}, where="")
+    assert (fixed.train.augment, fixed.train.augment_options) == ("flip", {})

@@ -253,3 +253,26 @@ def test_a_copied_table_takes_no_grids_from_the_path_it_records(run_dir, tmp_pat
     shutil.copytree(run_dir / "distilled" / "synthetic-random-ipc2", copy / "distilled" / "synthetic-random-ipc2")
     out = write_report(copy, tmp_path / "rep2")
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["synthetic-random-ipc2.png"]
+
+
+def test_report_names_what_it_was_given_instead_of_a_bench_folder(tmp_path):
+    """A set folder or an unfinished `ddkit run` was told "'DIR/bench.json' not found; run `ddkit bench
+    CONFIG` to completion first", which a `ddkit run` user had never been told to use."""
+    sset = tmp_path / "r10"
+    sset.mkdir()
+    (sset / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "distilled-set"}))
+    with pytest.raises(DDKitError, match=rf"^'{re.escape(str(sset))}' holds a ddkit 'distilled-set' output, not a "
+                                         r"bench run; `ddkit report` takes the folder of a `ddkit bench` run \(`ddkit "
+                                         r"show` summarises this one\)$"):
+        write_report(sset)
+    run = tmp_path / "run"
+    (run / "distilled").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "distilled" / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "distilled-set"}))
+    with pytest.raises(DDKitError, match=r"looks like an unfinished `ddkit run` folder \(no report yet\); run `ddkit "
+                                         r"run` with its config again to finish it and write its report/; `ddkit "
+                                         r"report` takes the folder of a `ddkit bench` run$"):
+        write_report(run)
+    with pytest.raises(DDKitError, match=r"bench.json' not found; run `ddkit bench CONFIG` to completion first$"):
+        write_report(tmp_path)  # anything else: as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r10", "run"]

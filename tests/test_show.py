@@ -219,7 +219,7 @@ def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
                 f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind "
                 f"{kind!r}); pass one of: bench-cell, bench-config, bench-report, bench-table, ddranking-export, "
                 "distilled-set, evaluation, evaluation-set, expert-buffer, fkd-soft-labels, imagefolder-export, "
-                "pipeline-run, pt-export, statistics, synthesis-stats, teacher")
+                "pipeline-run, pt-export, statistics, synthesis-stats, synthesis-timing, teacher")
 
 
 def test_show_json_refuses_what_show_refuses(tmp_path, capsys):
@@ -403,3 +403,32 @@ def test_show_checks_the_stages_of_a_run(demo_run, tmp_path, capsys):
         assert code == 2 and out == "" and err.startswith(f"error: the run's {stage} stage: ") and str(target) in err
         assert len(err.splitlines()) == 1
         target.write_bytes(whole)
+
+
+def test_show_suggests_the_protocol_a_typo_meant(tmp_path, capsys, monkeypatch):
+    """`show ecd` said only "not found": --protocol's typos got a did-you-mean, show's did not."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(["show", "ecd"], capsys)
+    assert (code, err) == (2, "error: 'ecd' not found (no file, folder or protocol of that name); did you mean the "
+                              "protocol 'edc'?\n")
+    for target in ("runs/demo", "xyzzy"):  # a path's typo, or nothing like a protocol: not found, as before
+        code, _, err = run_cli(["show", target], capsys)
+        assert code == 2 and err.startswith(f"error: '{target}' not found; pass a ddkit output folder"), err
+
+
+def test_show_summarises_the_synthesis_records_of_a_benchmark(tmp_path, capsys):
+    """`show` refused the `NAME.synthesis.json` benchmarks/dc_dsa.py writes (kind synthesis-timing)."""
+    done = tmp_path / "dc-it1.synthesis.json"
+    done.write_text(json.dumps({"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": 12.34,
+                                "chunks_resumed": True, "device": "cpu", "machine": "a box, device cpu",
+                                "command": "python benchmarks/dc_dsa.py --methods dc"}))
+    partial = tmp_path / "dc-it1.synthesis.partial.json"
+    partial.write_text(json.dumps({"schema_version": 1, "kind": "synthesis-timing", "wall_seconds": 5.0}))
+    code, out, err = run_cli(["show", str(done)], capsys)
+    assert (code, err) == (0, "")
+    assert out == ("synthesis (benchmarks/dc_dsa.py): 12.3 s wall on cpu, in chunks resumed from checkpoints; "
+                   "machine: a box, device cpu\nmade by: python benchmarks/dc_dsa.py --methods dc\n")
+    assert describe(partial) == "synthesis so far (benchmarks/dc_dsa.py, unfinished or interrupted): 5.0 s"
+    partial.write_text(json.dumps({"kind": "synthesis-timing"}))
+    code, _, err = run_cli(["show", "-q", str(partial)], capsys)
+    assert code == 2 and "'synthesis-timing' record without the field 'wall_seconds'" in err

@@ -911,10 +911,17 @@ def load_table(run_dir: str | Path) -> dict:
     """The assembled ``bench.json`` of a run directory (or that file itself)."""
     path = Path(run_dir) / "bench.json"
     if not path.is_file():
-        if folder_kind(Path(run_dir)) == "pipeline-run":
+        kind, takes = folder_kind(Path(run_dir)), "`ddkit report` takes the folder of a `ddkit bench` run"
+        if kind == "pipeline-run":
             raise DDKitError(f"{str(run_dir)!r} is a `ddkit run` folder, whose report is "
-                             f"{str(Path(run_dir) / 'report')!r}; `ddkit report` takes the folder of a "
-                             "`ddkit bench` run")
+                             f"{str(Path(run_dir) / 'report')!r}; {takes}")
+        if kind is None and any((Path(run_dir) / stage / "manifest.json").is_file()
+                                for stage in ("teacher", "distilled", "labels")):
+            raise DDKitError(f"{str(run_dir)!r} looks like an unfinished `ddkit run` folder (no report yet); run "
+                             f"`ddkit run` with its config again to finish it and write its report/; {takes}")
+        if kind is not None and kind != "bench-config":
+            raise DDKitError(f"{str(run_dir)!r} holds a ddkit {kind!r} output, not a bench run; {takes} (`ddkit "
+                             "show` summarises this one)")
         raise DDKitError(f"{str(path)!r} not found; run `ddkit bench CONFIG` to completion first")
     table = read_json(path, "bench table")
     if table.get("kind") != "bench-table":

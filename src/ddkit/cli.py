@@ -25,6 +25,10 @@ from ddkit.errors import DDKitError
 
 log = logging.getLogger("ddkit")
 
+# the protocol presets whose label mode is teacher (`evaluate --teacher`'s help; written out, as building the
+# parser imports no torch: tests/test_cli.py checks it against ddkit.evaluate.PROTOCOLS)
+TEACHER_PRESETS = ("cvdd", "edc", "soft-kl")
+
 
 class Progress:
     """tqdm bars for training loops; one bar per label, only on the main rank."""
@@ -268,6 +272,7 @@ def cmd_run(args) -> int:
     from ddkit.pipeline import RunConfig
 
     data = load_yaml(args.config)
+    _refuse_other_schema(data, args.config, "run")
     if args.out:
         data["out"] = args.out
     if args.device != "auto":
@@ -275,6 +280,27 @@ def cmd_run(args) -> int:
     apply_overrides(data, list(args.set or []))  # last, over the flags
     cfg = from_dict(RunConfig, data)
     return _run_and_print(cfg, args.quiet)
+
+
+def _refuse_other_schema(data: Any, path: str, command: str) -> None:
+    """Refuse in one line a config file of the other command (`ddkit run` / `ddkit bench`), which would
+    otherwise list every top-level key as unknown, with a did-you-mean between the two schemas: when
+    every key its config does not know is one of the other's, and more of them than its own."""
+    import dataclasses
+
+    from ddkit.bench import BenchConfig
+    from ddkit.pipeline import RunConfig
+
+    if not isinstance(data, dict):
+        return
+    own, other_command = (RunConfig, "bench") if command == "run" else (BenchConfig, "run")
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (RunConfig, BenchConfig)}
+    mine, theirs = fields[own], fields[BenchConfig if own is RunConfig else RunConfig]
+    keys = {k for k in data if isinstance(k, str)}
+    unknown = keys - mine
+    if unknown and unknown <= theirs and len(unknown) > len(keys & (mine - theirs)):
+        raise DDKitError(f"{path!r} looks like a `ddkit {other_command}` config (keys {', '.join(sorted(unknown))}); "
+                         f"run it with `ddkit {other_command} {shlex.quote(path)}`")
 
 
 def _run_and_print(cfg, quiet: bool) -> int:
@@ -334,6 +360,10 @@ def cmd_show(args) -> int:
 
     if not Path(args.target).exists() and args.target in PROTOCOLS:
         text = json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2)
+    elif (not Path(args.target).exists() and not re.search(r"[/\\.]", args.target)
+          and PROTOCOLS.suggest(args.target) is not None):  # `show ecd`; a path's typo is left to describe()
+        raise DDKitError(f"{args.target!r} not found (no file, folder or protocol of that name); did you mean the "
+                         f"protocol {PROTOCOLS.suggest(args.target)!r}?")
     elif args.json:
         text = json.dumps(read_record(args.target)[0], indent=2)
     else:
@@ -396,7 +426,9 @@ class BenchBars:
 def cmd_bench(args) -> int:
     from ddkit import distributed as ddist
     from ddkit.bench import format_bench_table, load_bench_config, run_bench
+    from ddkit.config import load_yaml_with_base
 
+    _refuse_other_schema(load_yaml_with_base(args.config), args.config, "bench")
     flags = ({"out": args.out} if args.out else {}) | ({"device": args.device} if args.device != "auto" else {})
     cfg = load_bench_config(args.config, list(args.set or []), **flags)  # --set last, as in every subcommand
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
@@ -522,9 +554,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("distilled", help="distilled-set directory")
     sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
     sp.add_argument("--label-mode", choices=["hard", "teacher", "stored", "fkd"])
-    sp.add_argument("--epochs", type=int, help="override the protocol's epochs")
+    sp.add_argument("--epochs", type=int,
+                    help="the students' training epochs (train.epochs); the full-data reference keeps its own "
+                    "full_epochs: change them with --set full_epochs=N, or skip it with --set full_reference=false")
     precision_flag(sp, "the students' training and testing (train.precision)")
-    sp.add_argument("--teacher", help="teacher artifact directory (label modes teacher/stored)")
+    sp.add_argument("--teacher", help="teacher artifact directory: needed for label mode teacher (the presets "
+                    f"{', '.join(TEACHER_PRESETS)}), and for stored and fkd while the random baseline is on")
     sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
     sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
@@ -552,8 +587,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("report", help="write report.md / report.html with tables and plots for a bench run")
-    sp.add_argument("run_dir", help="bench run directory (holds bench.json)")
-    sp.add_argument("--out", help="report folder (default RUN_DIR/report)")
+    sp.add_argument("run_dir", metavar="BENCH_DIR", help="the folder of a `ddkit bench` run (holds bench.json; a "
+                    "`ddkit run` folder has its report in its report/ already)")
+    sp.add_argument("--out", help="report folder (default BENCH_DIR/report)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_report)
 
@@ -600,7 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true",
-                    help="print nothing; exit 0 if the record reads (an artifact: with its files), else 2")
+                    help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
+                    "else 2 and the one-line error")
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
@@ -689,9 +726,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _stopped(exc: KeyboardInterrupt) -> int:
+# the commands whose re-run resumes: finished stages, cells and epochs are reused, checkpoints resumed
+RESUMABLE = ("teacher", "distill", "relabel", "experts", "run", "demo", "bench")
+
+
+def _stopped(exc: KeyboardInterrupt, command: str | None = None) -> int:
     term = isinstance(exc, Terminated)
-    print("terminated" if term else "interrupted", file=sys.stderr)
+    hint = "; run the same command again to resume" if command in RESUMABLE else ""
+    print(("terminated" if term else "interrupted") + hint, file=sys.stderr)
     return 143 if term else 130
 
 
@@ -729,7 +771,7 @@ def _main(args: argparse.Namespace) -> int:
     try:
         from ddkit import distributed as ddist
     except KeyboardInterrupt as exc:
-        return _stopped(exc)
+        return _stopped(exc, args.command)
 
     try:
         load_plugins()
@@ -748,7 +790,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:
-        code = _stopped(exc)
+        code = _stopped(exc, args.command)
         ddist.shutdown(barrier=False)
         return code
     except RuntimeError as exc:

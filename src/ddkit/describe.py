@@ -1,9 +1,9 @@
 """One-paragraph summaries of whatever ddkit writes (``ddkit show``).
 
 :func:`describe` reads the ``kind`` a file or folder records (an artifact's manifest, a bench table,
-cell or synthesis record, an evaluation, an export's side file, a ``.pt`` export) and returns a short
-plain-text summary of it; :func:`read_record` returns the record itself (a ``.pt`` export's tensors as
-their shape and dtype).
+cell or synthesis record (a bench's, or a benchmark script's), an evaluation, an export's side file, a
+``.pt`` export) and returns a short plain-text summary of it; :func:`read_record` returns the record
+itself (a ``.pt`` export's tensors as their shape and dtype).
 """
 
 from __future__ import annotations
@@ -459,6 +459,17 @@ def _synthesis(m: dict) -> str:
             f"{m['bytes']['labels']:,} label bytes")
 
 
+def _synthesis_timing(m: dict) -> str:
+    """A set's synthesis record written by ``benchmarks/dc_dsa.py`` (``NAME.synthesis.json``; while the
+    set is being made, ``NAME.synthesis.partial.json`` holds the time so far)."""
+    if "device" not in m:
+        return f"synthesis so far (benchmarks/dc_dsa.py, unfinished or interrupted): {_seconds(m['wall_seconds'])}"
+    text = (f"synthesis (benchmarks/dc_dsa.py): {_seconds(m['wall_seconds'])} wall on {m['device']}"
+            + (", in chunks resumed from checkpoints" if m.get("chunks_resumed") else "")
+            + (f"; machine: {m['machine']}" if m.get("machine") else ""))
+    return text + (f"\nmade by: {m['command']}" if m.get("command") else "")
+
+
 def _run(m: dict) -> str:
     from ddkit.evaluate import format_table
 
@@ -505,6 +516,7 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "bench-cell": _bench_cell,
     "bench-config": _bench_config,
     "synthesis-stats": _synthesis,
+    "synthesis-timing": _synthesis_timing,
     "pipeline-run": _run,
     "bench-report": _report,
     "imagefolder-export": _export,

@@ -45,10 +45,15 @@ class Registry(Generic[T]):
         except KeyError:
             raise DDKitError(self.unknown_message(name)) from None
 
-    def unknown_message(self, name: str) -> str:
+    def suggest(self, name: str) -> str | None:
+        """The registered name ``name`` is most likely a typo of, or None."""
         same_case = [n for n in self._entries if n.lower() == str(name).lower()]  # 'EDC' for 'edc'
         close = same_case or difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
-        hint = (f"did you mean {close[0]!r}?" if close else
+        return close[0] if close else None
+
+    def unknown_message(self, name: str) -> str:
+        close = self.suggest(name)
+        hint = (f"did you mean {close!r}?" if close else
                 f"see `ddkit list {self.kind}s` (one of your own: import the module that registers it first; the CLI "
                 "imports those named in DDKIT_PLUGINS)")
         return f"unknown {self.kind} {name!r}; {hint}"

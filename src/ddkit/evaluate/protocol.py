@@ -220,7 +220,18 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
             merged["loss"] = "ce" if overrides["label_mode"] == "hard" else (
                 base["loss"] if base["loss"] != "ce" else "kl")
         base = merged
-    return from_dict(ProtocolConfig, base, where if overrides else "protocol")
+    try:
+        return from_dict(ProtocolConfig, base, where if overrides else "protocol")
+    except ConfigError as exc:
+        train = (overrides or {}).get("train")
+        if (isinstance(train, dict) and "augment" in train and "augment_options" not in train
+                and "has no option(s)" in str(exc)):
+            # the preset's options were for its own augmentation: WHOLE_DICTS keeps them unless given
+            key = f"{where + '.' if where else ''}train.augment_options"
+            fix = "add --set train.augment_options={}" if not where else f"add {key}: {{}}"
+            raise ConfigError(f"{exc}; the protocol's train.augment_options are kept when train.augment changes: "
+                              f"{fix}") from None
+        raise
 
 
 # option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
