@@ -787,3 +787,13 @@ def test_overview_has_a_table_per_label_mode(fm, tmp_path):
     (tmp_path / "matching-fashion-mnist-cpu.json").write_text(json.dumps({"rows": rows}))
     md = fm.overview(tmp_path)
     assert "student convnet3-w32, label mode `hard`" in md and "student convnet3-w32, label mode `teacher`" in md
+
+
+def test_spine_quick_trains_a_small_teacher_and_full_runs_keep_theirs():
+    spine = _script("spine")
+    cfg, name = spine.teacher_recipe(True, 10, "flip")  # --quick: the width-128 epoch on 60k images takes ~6 min
+    assert (cfg.model, cfg.train.epochs, name) == ("convnet3-w32", 1, "teacher-convnet3-w32-e1-flip")
+    cfg, name = spine.teacher_recipe(False, 10, "flip")  # the recorded run's teacher and folder, unchanged
+    assert (cfg.model, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule) == (
+        "convnet3", 10, 256, 0.05, "cosine")
+    assert name == "teacher-convnet3-e10-flip"
