@@ -5,8 +5,8 @@ Protocol: DC's (ConvNet-3 width 128, instance norm, SGD 0.01 momentum 0.9, wd 5e
 the full training set; it is the whole-data reference. Published numbers beside ours come from
 Zhao, Mopuri & Bilen, "Dataset Condensation with Gradient Matching", ICLR 2021, Table 1.
 
-Usage (CPU, ~1.5 h on 2 cores; `--quick` for a smoke run of a few minutes: a 1-epoch `convnet3-w32` teacher,
-20-epoch students):
+Usage (CPU, ~1.5 h on 2 cores; `--quick` for a smoke run, a 1-epoch `convnet3-w32` teacher and 20-epoch students:
+13.5 min with 1 thread on a busy 2-core machine, 2 min of it the teacher, whose width-128 epoch took ~10 there):
     DDKIT_DATA=../shared/data python benchmarks/spine.py
 Prints a table and writes JSON (and a markdown table next to it): docs/results/spine-fashion-mnist.json
 for a run with the default settings; a `--quick` run, or one with other --ipcs, --seeds or --teacher-*,
@@ -73,7 +73,7 @@ def main() -> None:
                     help="epochs of the convnet3 teacher (--quick: 1 epoch of a convnet3-w32)")
     ap.add_argument("--teacher-augment", default="flip", choices=list(AUGMENTS), help="the teacher's augmentation")
     ap.add_argument("--quick", action="store_true",
-                    help="smoke run of a few minutes (1-epoch convnet3-w32 teacher, 20-epoch students)")
+                    help="smoke run (1-epoch convnet3-w32 teacher, 20-epoch students): ~15 min on 1 busy core")
     ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     args = ap.parse_args()
