@@ -860,3 +860,13 @@ def test_script_help_shows_every_default(script, monkeypatch, capsys):
     for words in expected.get(script, []):
         assert words in text, (words, text)
     assert text.count("(default") >= 1
+
+
+def test_spine_quick_trains_a_small_teacher_and_full_runs_keep_theirs():
+    spine = _script("spine")
+    cfg, name = spine.teacher_recipe(True, 10, "flip")  # --quick: the width-128 epoch on 60k images takes ~6 min
+    assert (cfg.model, cfg.train.epochs, name) == ("convnet3-w32", 1, "teacher-convnet3-w32-e1-flip")
+    cfg, name = spine.teacher_recipe(False, 10, "flip")  # the recorded run's teacher and folder, unchanged
+    assert (cfg.model, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule) == (
+        "convnet3", 10, 256, 0.05, "cosine")
+    assert name == "teacher-convnet3-e10-flip"

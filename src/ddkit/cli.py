@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(sp, data=False, example="distill.ipc=50")
     sp.set_defaults(func=cmd_run)
 
-    sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, DM IPC 10, evaluation, report (CPU minutes)")
+    sp = sub.add_parser("demo", help="Fashion-MNIST: teacher, DM IPC 10, evaluation, report (~15 min on 2 CPU cores)")
     sp.add_argument("--out", default="runs/demo")
     sp.add_argument("--data-path", help="folder with the Fashion-MNIST IDX files")
     precision_flag(sp, "teacher and students (e.g. bf16 on a GPU)")

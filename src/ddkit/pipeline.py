@@ -612,7 +612,7 @@ def demo_config(out: str = "runs/demo", data_path: str | None = None, device: st
                 precision: str | None = None) -> RunConfig:
     """The demo: Fashion-MNIST, a small teacher, DM at IPC 10, hard and teacher-soft evaluation.
 
-    Sized for 2 CPU cores (under 10 minutes with the teacher). ``configs/fashion-mnist/demo.yaml``
+    About 15 minutes on 2 CPU cores, teacher included (README). ``configs/fashion-mnist/demo.yaml``
     holds the same run as a file.
     """
     from ddkit.config import load_yaml
