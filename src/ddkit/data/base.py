@@ -130,11 +130,11 @@ def class_indices(labels: torch.Tensor, num_classes: int) -> list[torch.Tensor]:
     return list(order[: int(counts.sum())].split(counts.tolist()))
 
 
-#: the most bytes of a non-contiguous tensor :attr:`DataBundle.fingerprint` copies at once to hash them
+#: the most bytes of a non-contiguous tensor :func:`hash_rows` copies at once to hash them
 HASH_BLOCK_BYTES = 64 << 20
 
 
-def _hash_rows(h, t: torch.Tensor) -> None:
+def hash_rows(h, t: torch.Tensor) -> None:
     """Feed ``t``'s bytes (in C order) to ``h`` without copying them: hashlib reads the numpy views' memory. Rows
     go in blocks, so a non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
     rows = max(1, HASH_BLOCK_BYTES // max(1, t[0].numel() * t.element_size())) if len(t) else 1
@@ -200,8 +200,8 @@ class DataBundle:
         h = hashlib.sha256()
         for part in (self.train, self.test):
             h.update(str(tuple(part.images.shape)).encode() + str(part.images.dtype).encode())
-            _hash_rows(h, part.images)
-            _hash_rows(h, part.labels)
+            hash_rows(h, part.images)
+            hash_rows(h, part.labels)
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()[:16]
 

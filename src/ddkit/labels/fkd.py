@@ -78,7 +78,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, config_hash, field, is_count, keyed, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
-from ddkit.data.base import ImageSet
+from ddkit.data.base import ImageSet, hash_rows
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
     TeacherBN,
@@ -121,9 +121,8 @@ def set_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     """sha256 (16 hex) of a distilled set's images and labels: ties a store to the set it labels."""
     h = hashlib.sha256()
     h.update(str(tuple(images.shape)).encode() + str(images.dtype).encode())
-    # the arrays themselves, not a bytes copy: hashlib reads their buffers (a set can be gigabytes)
-    h.update(images.detach().cpu().contiguous().numpy())
-    h.update(labels.detach().cpu().long().contiguous().numpy())
+    hash_rows(h, images.detach().cpu())  # their own buffers, not a bytes copy (a set can be gigabytes)
+    hash_rows(h, labels.detach().cpu().long())
     return h.hexdigest()[:16]
 
 
