@@ -924,6 +924,7 @@ def _decoded_key(cfg: DatasetConfig, root: Path, classes: list[str],
     slot = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     h = hashlib.sha256(slot.encode())
     h.update(json.dumps(_decoding_versions(), sort_keys=True).encode())
+    skip = len(str(root / "_")) - 1  # root's part of a file's path (none for "."): cheaper than relative_to
     for split in ("train", "test"):
         files, _ = listing[split]
         h.update(f"{split} {len(files)}\n".encode())
@@ -932,7 +933,7 @@ def _decoded_key(cfg: DatasetConfig, root: Path, classes: list[str],
                 st = path.stat()
             except OSError as exc:
                 raise DataError(f"cannot read image {path} ({exc.strerror}); replace or delete the file") from None
-            h.update(os.fsencode(path.relative_to(root)) + f"\0{st.st_size} {st.st_mtime_ns}\n".encode())
+            h.update(os.fsencode(str(path)[skip:]) + f"\0{st.st_size} {st.st_mtime_ns}\n".encode())
     return slot, h.hexdigest()[:16], settings
 
 
@@ -968,7 +969,7 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
     with ddist.single_process(), build_lock(entry):
         found = _cached_entry(entry, key)
         if found is not None:
-            logger.info("decoded images from the cache %s (%s)", entry, _gigabytes(found.nbytes))
+            logger.info("decoded images from the cache %s (%s)", entry, _size_text(found.nbytes))
             for split, split_dir in split_dirs.items():
                 _log_conversions(split_dir, found.conversions.get(split, {}), found.files_read[split])
             return found
@@ -977,7 +978,8 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
         seconds = time.perf_counter() - start
         try:
             _write_entry(entry, key, settings, decoded, seconds)
-        except (OSError, DDKitError) as exc:
+            mapped = _read_entry(entry, key)  # the file's pages, shared, for the decoded copy in this process
+        except (OSError, ValueError, KeyError, TypeError, DDKitError) as exc:
             logger.warning("cannot write the decoded-image cache %s (%s); the images stay decoded in memory",
                            entry, _one_line(exc))
             return decoded
@@ -985,14 +987,12 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
             if old != entry and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
                 logger.info("removed the decoded-image cache %s of files that have changed since", old)
-        del decoded  # its pages go: the entry's are shared
-        mapped = _read_entry(entry, key)
     logger.info("decoded images cached in %s (%s, decoded in %.1f s; dataset.decode_cache=false decodes every load)",
-                entry, _gigabytes(mapped.nbytes), seconds)
+                entry, _size_text(mapped.nbytes), seconds)
     return mapped
 
 
-def _gigabytes(n: int) -> str:
+def _size_text(n: int) -> str:
     return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
 
 
