@@ -37,6 +37,9 @@ class DatasetConfig(Checked):
     image_size: int | None = field(None, help="imagefolder: resize images to this square size")
     train_split: str = field("train", help="imagefolder: train split folder name")
     test_split: str = field("test", help="imagefolder: test split folder name")
+    decode_cache: bool = field(True, help="imagefolder: keep the decoded images in $DDKIT_CACHE/imagefolder (as large "
+                                          "as the decoded pixels), memory-mapped by every later load and torchrun "
+                                          "rank until a file changes; false decodes every file on every load")
     train_per_class: int | None = field(None, help="keep at most this many training images per class (quick runs)")
     test_per_class: int | None = field(None, help="keep at most this many test images per class (quick runs)")
     subset_seed: int = field(0, seed=True, help="seed for the per-class train/test subsets")
@@ -400,6 +403,9 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
     if cfg.path is not None or cfg.image_size is not None or (cfg.train_split, cfg.test_split) != ("train", "test"):
         raise ConfigError("dataset 'synthetic' is generated, so dataset.path, image_size and train_split/test_split do "
                           "not apply; remove them (its size is dataset.options.image_size)")
+    if not cfg.decode_cache:
+        raise ConfigError("dataset.decode_cache applies only to 'imagefolder' ('synthetic' decodes no image files); "
+                          "remove it")
     for key, low in (("num_classes", 2), ("channels", 1), ("image_size", 1), ("train_per_class", 1),
                      ("test_per_class", 1), ("seed", 0)):
         v = cfg.options.get(key)

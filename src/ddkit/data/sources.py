@@ -12,7 +12,9 @@ are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -20,8 +22,10 @@ import math
 import os
 import pickle
 import re
+import shutil
 import struct
 import tarfile
+import time
 import warnings
 import zipfile
 import zlib
@@ -34,7 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddkit.artifacts import quiet_torch_load
+from ddkit import distributed as ddist
+from ddkit.artifacts import atomic_dir, build_lock, cache_dir, quiet_torch_load
 from ddkit.data.base import (
     DATASETS,
     DataBundle,
@@ -44,7 +49,7 @@ from ddkit.data.base import (
     per_class_index,
     search_order,
 )
-from ddkit.errors import ConfigError, DataError
+from ddkit.errors import ConfigError, DataError, DDKitError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +84,9 @@ def _check_fixed_source(cfg: DatasetConfig) -> None:
         raise ConfigError(
             f"dataset.train_split/test_split apply only to 'imagefolder', not {cfg.name!r}; remove them"
         )
+    if not cfg.decode_cache:
+        raise ConfigError(f"dataset.decode_cache applies only to 'imagefolder' ({cfg.name!r} decodes no image files); "
+                          "remove it")
 
 
 def _check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
@@ -755,6 +763,10 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     split. With ``train_per_class``/``test_per_class`` only the kept images are held (the ones
     :func:`~ddkit.data.base.per_class_subset` keeps), but every file is still read: mean/std and the
     conversions record cover them all.
+
+    With ``dataset.decode_cache`` (the default) the decoded images are kept in ``$DDKIT_CACHE/imagefolder``
+    (see :func:`_decode_cached`): a later load with the same files and settings, or another torchrun rank,
+    memory-maps them instead of decoding every file again.
     """
     _check_no_options(cfg)
     if not cfg.path:
@@ -772,9 +784,42 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
                 f"imagefolder has no {split} split folder {d}; create it or set dataset.{split}_split"
             )
     classes = _imagefolder_classes(cfg, split_dirs)
+    listing = {split: _split_files(cfg, split_dir, classes) for split, split_dir in split_dirs.items()}
+    if cfg.decode_cache:
+        decoded = _decode_cached(cfg, root, split_dirs, classes, listing)
+    else:
+        decoded = _decode_imagefolder(cfg, split_dirs, classes, listing)
+    parts = {split: ImageSet(torch.from_numpy(decoded.images[split]), decoded.labels[split])
+             for split in ("train", "test")}
+    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]),
+                len(parts["test"]))
+    return DataBundle(cfg.name, parts["train"], parts["test"], classes, decoded.mean, decoded.std, source=str(root),
+                      conversions=decoded.conversions)
+
+
+@dataclasses.dataclass
+class _Decoded:
+    """An imagefolder decoded (what its cache entry holds): per split the kept images ``[N, C, H, W]`` uint8 and
+    their int64 labels, mean/std of every training image, the conversions record (``DataBundle.conversions``)
+    and the number of files read per split."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, torch.Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    conversions: dict[str, dict[str, int]]
+    files_read: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.images.values()) + sum(t.numel() * 8 for t in self.labels.values())
+
+
+def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes: list[str],
+                        listing: dict[str, tuple[list[Path], list[int]]]) -> _Decoded:
+    """Decode every file of ``listing`` (per split, :func:`_split_files`' files and labels); logs the conversions."""
     from PIL import Image
 
-    parts: dict[str, ImageSet] = {}
     images: dict[str, np.ndarray] = {}  # per split, the kept images [N, C, H, W] (C 1 until a colour image comes)
     kept_labels: dict[str, torch.Tensor] = {}
     # split -> CONVERSIONS key (or "transparent") -> files
@@ -790,8 +835,8 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
         # PIL warns (on stderr, several lines) of images between its pixel limit and twice that: a large photo is
         # read and resized like any other (warning filters are process-wide, so the decoding threads see this one)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        for split, split_dir in split_dirs.items():
-            files, labels = _split_files(cfg, split_dir, classes)
+        for split in split_dirs:
+            files, labels = listing[split]
             files_read[split] = len(files)
             # train_per_class/test_per_class: the images load_dataset's per_class_subset would keep, chosen from the
             # labels, so that only they are held. Every file is still read: mean/std and the conversions record
@@ -838,16 +883,12 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
             images[split] = np.repeat(images[split], 3, axis=1)
         if colour and gray_files[split]:
             converted[split]["grayscale_to_rgb"] = gray_files[split]
-        parts[split] = ImageSet(torch.from_numpy(images.pop(split)), kept_labels[split])
         _log_conversions(split_dirs[split], converted[split], files_read[split])
     mean, std = stats[3 if colour else 1].mean_std(name=f"the training images in {split_dirs['train']}",
                                                    fix="check the images (a folder of blank images?)")
-    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]),
-                len(parts["test"]))
     conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}
                    for split, counts in converted.items() if counts}
-    return DataBundle(cfg.name, parts["train"], parts["test"], classes, mean, std, source=str(root),
-                      conversions=conversions)
+    return _Decoded(images, kept_labels, mean, std, conversions, files_read)
 
 
 def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> None:
@@ -861,6 +902,166 @@ def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> Non
                        counts["transparent"])
     else:
         logger.info("imagefolder %s (%d images): %s", split_dir, total, said)
+
+
+# ---------------------------------------------------------------------------------------------
+# the decoded-image cache of imagefolder: $DDKIT_CACHE/imagefolder/<settings>-<files>/
+
+#: the layout and meaning of an entry: bump it when a change to the decoding changes what the same files give
+DECODED_SCHEMA = 1
+DECODED_KIND = "imagefolder-decoded"
+
+
+def _decoded_key(cfg: DatasetConfig, root: Path, classes: list[str],
+                 listing: dict[str, tuple[list[Path], list[int]]]) -> tuple[str, str, dict]:
+    """``(slot, key, settings)`` of the cache entry of this load: ``slot`` hashes the settings that decide what
+    is decoded (resolved root, split names, classes in order, image_size, the per-class subset, the schema),
+    ``key`` the slot, the decoding libraries' versions and every file's path, size and mtime_ns (stat only:
+    no file is read). A changed, added or removed file gives a new key in the same slot."""
+    settings = {"schema": DECODED_SCHEMA, "root": str(root.resolve()), "splits": [cfg.train_split, cfg.test_split],
+                "classes": list(classes), "image_size": cfg.image_size, "train_per_class": cfg.train_per_class,
+                "test_per_class": cfg.test_per_class, "subset_seed": cfg.subset_seed}
+    slot = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    h = hashlib.sha256(slot.encode())
+    h.update(json.dumps(_decoding_versions(), sort_keys=True).encode())
+    skip = len(str(root / "_")) - 1  # root's part of a file's path (none for "."): cheaper than relative_to
+    for split in ("train", "test"):
+        files, _ = listing[split]
+        h.update(f"{split} {len(files)}\n".encode())
+        for path in files:
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise DataError(f"cannot read image {path} ({exc.strerror}); replace or delete the file") from None
+            h.update(os.fsencode(str(path)[skip:]) + f"\0{st.st_size} {st.st_mtime_ns}\n".encode())
+    return slot, h.hexdigest()[:16], settings
+
+
+def _decoding_versions() -> dict[str, str]:
+    """The versions of the libraries that decode (Pillow) and sum (numpy, torch), which the cache key pins (ddkit's
+    own changes to the decoding bump :data:`DECODED_SCHEMA`)."""
+    import PIL
+
+    return {"pillow": PIL.__version__, "numpy": np.__version__, "torch": str(torch.__version__)}
+
+
+def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], classes: list[str],
+                   listing: dict[str, tuple[list[Path], list[int]]]) -> _Decoded:
+    """:func:`_decode_imagefolder` through the cache: the entry of these files and settings, memory-mapped, when
+    it exists; else decode, write the entry and map it. The images are mapped copy-on-write: every process that
+    maps an entry (torchrun ranks, later runs) shares the file's pages, and a write into the images stays private
+    to the process (the file never changes).
+
+    One process builds an entry (under :func:`build_lock`; every rank takes the lock on its own, so the first
+    decodes and the others wait, then map its result). A damaged entry is decoded again, with a warning; an
+    entry that cannot be written (disk full, no cache folder) leaves the images decoded in memory, with a warning.
+    Writing an entry removes the entries of earlier states of the same files (same slot)."""
+    slot, key, settings = _decoded_key(cfg, root, classes, listing)
+    folder = cache_dir("imagefolder")
+    entry = folder / f"{slot}-{key}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        logger.warning("cannot create the decoded-image cache %s (%s); decoding every file (set DDKIT_CACHE to a "
+                       "writable folder, or dataset.decode_cache=false)", folder, exc.strerror)
+        return _decode_imagefolder(cfg, split_dirs, classes, listing)
+    # each rank on its own: the ranks of one machine, or of nodes sharing the cache, decode once between them
+    with ddist.single_process(), build_lock(entry):
+        found = _cached_entry(entry, key)
+        if found is not None:
+            logger.info("decoded images from the cache %s (%s)", entry, _size_text(found.nbytes))
+            for split, split_dir in split_dirs.items():
+                _log_conversions(split_dir, found.conversions.get(split, {}), found.files_read[split])
+            return found
+        start = time.perf_counter()
+        decoded = _decode_imagefolder(cfg, split_dirs, classes, listing)
+        seconds = time.perf_counter() - start
+        try:
+            _write_entry(entry, key, settings, decoded, seconds)
+            mapped = _read_entry(entry, key)  # the file's pages, shared, for the decoded copy in this process
+        except (OSError, ValueError, KeyError, TypeError, DDKitError) as exc:
+            logger.warning("cannot write the decoded-image cache %s (%s); the images stay decoded in memory",
+                           entry, _one_line(exc))
+            return decoded
+        for old in folder.glob(f"{slot}-*"):  # an earlier state of the same files: never used again
+            if old != entry and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+                logger.info("removed the decoded-image cache %s of files that have changed since", old)
+    logger.info("decoded images cached in %s (%s, decoded in %.1f s; dataset.decode_cache=false decodes every load)",
+                entry, _size_text(mapped.nbytes), seconds)
+    return mapped
+
+
+def _size_text(n: int) -> str:
+    return f"{n / 1e9:.3g} GB" if n >= 1e8 else f"{n / 1e6:.3g} MB"
+
+
+def _cached_entry(entry: Path, key: str) -> _Decoded | None:
+    """The cache entry mapped, or None when there is none; a damaged one is removed (with a warning)."""
+    if not entry.exists():
+        return None
+    try:
+        return _read_entry(entry, key)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        logger.warning("the decoded-image cache %s is damaged (%s); removing it and decoding the images again",
+                       entry, _one_line(exc))
+        shutil.rmtree(entry, ignore_errors=True)
+        return None
+
+
+def _read_entry(entry: Path, key: str) -> _Decoded:
+    """Map an entry written by :func:`_write_entry`; ValueError (or OSError, KeyError) when it is damaged: a
+    manifest that is not this schema's and key's, or arrays of other shapes or sizes than it records."""
+    manifest = json.loads((entry / "manifest.json").read_text())
+    if (manifest.get("schema_version"), manifest.get("kind"), manifest.get("key")) != (DECODED_SCHEMA, DECODED_KIND,
+                                                                                      key):
+        raise ValueError("its manifest.json is not an entry of this key")
+    images, labels = {}, {}
+    for split in ("train", "test"):
+        shape = tuple(manifest["shapes"][split])
+        path = entry / f"{split}_images.npy"
+        arr = np.load(path, mmap_mode="c")  # raises ValueError when the file is shorter than its header says
+        if arr.dtype != np.uint8 or arr.shape != shape or arr.offset + arr.nbytes != path.stat().st_size:
+            raise ValueError(f"{path.name} holds {arr.dtype} {arr.shape} in {path.stat().st_size} bytes, "
+                             f"not uint8 {shape}")
+        lab = np.load(entry / f"{split}_labels.npy")
+        if lab.dtype != np.int64 or lab.shape != shape[:1]:
+            raise ValueError(f"{split}_labels.npy holds {lab.dtype} {lab.shape}, not int64 {shape[:1]}")
+        images[split], labels[split] = np.asarray(arr), torch.from_numpy(lab)
+    conversions = {split: {k: int(n) for k, n in counts.items()} for split, counts in manifest["conversions"].items()}
+    return _Decoded(images, labels, tuple(float(v) for v in manifest["mean"]),
+                    tuple(float(v) for v in manifest["std"]), conversions,
+                    {split: int(manifest["files_read"][split]) for split in ("train", "test")})
+
+
+def _write_entry(entry: Path, key: str, settings: dict, decoded: _Decoded, seconds: float) -> None:
+    """Write ``decoded`` as the cache entry ``entry``: a temporary folder renamed into place (see :func:`atomic_dir`),
+    each file on the disk before the rename, so that an entry is whole or absent."""
+    from ddkit import __version__
+
+    with atomic_dir(entry, accept=lambda _: True) as tmp:
+        for split in ("train", "test"):
+            _write_synced(tmp / f"{split}_images.npy", decoded.images[split])
+            _write_synced(tmp / f"{split}_labels.npy", decoded.labels[split].numpy())
+        manifest = {"schema_version": DECODED_SCHEMA, "kind": DECODED_KIND, "key": key, "settings": settings,
+                    "shapes": {split: list(a.shape) for split, a in decoded.images.items()},
+                    "mean": list(decoded.mean), "std": list(decoded.std), "conversions": decoded.conversions,
+                    "files_read": decoded.files_read, "bytes": decoded.nbytes, "decode_seconds": round(seconds, 3),
+                    "versions": {"ddkit": __version__, **_decoding_versions()}}
+        _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+def _write_synced(path: Path, data: np.ndarray | bytes) -> None:
+    """A new read-only file of ``data`` (an array as ``.npy``), flushed to the disk. Read-only: processes map the
+    arrays, and a file changed in place (not replaced) would change their images under them."""
+    with open(path, "xb") as f:
+        if isinstance(data, bytes):
+            f.write(data)
+        else:
+            np.save(f, data, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, 0o444)
 
 
 # ---------------------------------------------------------------------------------------------
