@@ -37,9 +37,10 @@ class DatasetConfig(Checked):
     image_size: int | None = field(None, help="imagefolder: resize images to this square size")
     train_split: str = field("train", help="imagefolder: train split folder name")
     test_split: str = field("test", help="imagefolder: test split folder name")
-    decode_cache: bool = field(True, help="imagefolder: keep the decoded images in $DDKIT_CACHE/imagefolder (as large "
-                                          "as the decoded pixels), memory-mapped by every later load and torchrun "
-                                          "rank until a file changes; false decodes every file on every load")
+    decode_cache: bool = field(True, added=True,
+                               help="imagefolder: keep the decoded images in $DDKIT_CACHE/imagefolder (as large as "
+                                    "the decoded pixels), memory-mapped by every later load and torchrun rank until "
+                                    "a file changes; false decodes every file on every load")
     train_per_class: int | None = field(None, help="keep at most this many training images per class (quick runs)")
     test_per_class: int | None = field(None, help="keep at most this many test images per class (quick runs)")
     subset_seed: int = field(0, seed=True, help="seed for the per-class train/test subsets")
