@@ -69,6 +69,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.fyi import flip_pair
+from ddkit.training import sum_dtype
 
 log = logging.getLogger(__name__)
 
@@ -1071,8 +1072,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs,
                                          stats_emas[ti] if stats_emas is not None else None, drop)
                 loss = loss + weight * part
-                for key, v in rec.items():  # summed in float64, as Python numbers were
-                    record[key] = record.get(key, 0.0) + weight * v.double()
+                for key, v in rec.items():  # summed in float64 (float32 on MPS), as Python numbers were
+                    record[key] = record.get(key, 0.0) + weight * v.to(sum_dtype(device))
             if cfg.densify_weight > 0:
                 dense = densification_loss(inputs, blabels, cfg.densify_tau)
                 loss = loss + cfg.densify_weight * dense
