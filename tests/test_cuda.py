@@ -2,7 +2,8 @@
 
 CI has no GPU; run these where one is lent: ``pytest -m gpu``. The CPU suite checks the numbers,
 these check that the same code runs on the device, stays on it, agrees with the CPU where the
-arithmetic allows, and that the same seed gives the same bytes on the same GPU.
+arithmetic allows, and that the same seed gives the same bytes on the same GPU: the teacher's weights, a
+set's images, labels and soft labels, an FKD store's tensors and the evaluation's accuracies.
 """
 
 import pytest
@@ -36,6 +37,17 @@ def teacher(data, tmp_path_factory):
     return train_teacher(data, TEACHER, tmp_path_factory.mktemp("t") / "teacher", CUDA)
 
 
+def _assert_same_set(a, b, what):
+    """The same images, labels and soft labels (dtype and bytes), as tests/test_method_contract.py asks on the CPU."""
+    assert a.images.dtype == b.images.dtype and torch.equal(a.images.cpu(), b.images.cpu()), \
+        f"{what}: same seed, different images on the GPU"
+    assert torch.equal(a.labels.cpu(), b.labels.cpu()), f"{what}: same seed, different labels on the GPU"
+    assert (a.soft_labels is None) == (b.soft_labels is None), f"{what}: soft labels in one run only"
+    if a.soft_labels is not None:
+        assert a.soft_labels.dtype == b.soft_labels.dtype and torch.equal(a.soft_labels.cpu(), b.soft_labels.cpu()), \
+            f"{what}: same seed, different soft labels on the GPU"
+
+
 def _fit(name, data, teacher, work_dir=None):
     cls = METHODS.get(name)
     method = cls(from_dict(cls.Config, dict(cls.smoke_options)))
@@ -46,6 +58,10 @@ def test_teacher_trains_on_cuda_like_on_cpu(data, teacher, tmp_path):
     assert next(teacher.model.parameters()).device.type == "cpu"  # trained on CUDA, handed back on the CPU
     cpu = train_teacher(data, TEACHER, tmp_path / "cpu", "cpu")
     assert teacher.test_accuracy > 2.0 / data.num_classes
+    again = train_teacher(data, TEACHER, tmp_path / "again", CUDA)  # same seed, same GPU: the same weights
+    assert again.fingerprint == teacher.fingerprint and again.test_accuracy == teacher.test_accuracy
+    for (key, a), b in zip(teacher.model.state_dict().items(), again.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
     # same seed, same data: the two devices differ by float rounding only, over 6 epochs
     assert abs(teacher.test_accuracy - cpu.test_accuracy) <= 0.1
 
@@ -61,6 +77,7 @@ def test_method_on_cuda(name, data, teacher, tmp_path):
     again = _fit(name, data, teacher, tmp_path / "b")
     diff = (out.images.float().cpu() - again.images.float().cpu()).abs().max().item()
     assert diff == 0.0, f"{name}: the same seed on the same GPU gave images differing by up to {diff:.3g}"
+    _assert_same_set(out, again, name)
 
 
 @pytest.mark.parametrize("name", ["sre2l", "gvbsm", "edc"])
@@ -75,7 +92,7 @@ def test_batchnorm_teacher_synthesis_is_deterministic_on_cuda(name, data, tmp_pa
                                                           FitContext(ipc=IPC, seed=0, device=CUDA)).synthetic_
             for _ in range(2)]
     assert torch.isfinite(runs[0].images.float()).all()
-    assert torch.equal(runs[0].images.cpu(), runs[1].images.cpu()), f"{name}: same seed, different images on the GPU"
+    _assert_same_set(runs[0], runs[1], name)
 
 
 def test_real_statistics_on_cuda_equal_cpu_and_repeat_exactly(data, tmp_path):
@@ -94,12 +111,23 @@ def test_real_statistics_on_cuda_equal_cpu_and_repeat_exactly(data, tmp_path):
 
 
 def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
-    ds = distill(data, DistillConfig(method="sre2l", ipc=IPC, options=dict(METHODS.get("sre2l").smoke_options)),
-                 DatasetConfig(name="synthetic"), tmp_path / "set", teacher, CUDA)
+    """Every stage after the teacher twice with the same seed on the GPU: the same set (images, labels,
+    the teacher's soft labels), the same FKD store and the same accuracies, seed by seed."""
+    cfg = DistillConfig(method="sre2l", ipc=IPC, soft_labels=True, options=dict(METHODS.get("sre2l").smoke_options))
+    ds = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set", teacher, CUDA)
     assert ds.images.device.type == "cpu"  # artifacts hold CPU tensors whatever the device
+    assert ds.soft_labels is not None and ds.soft_labels.device.type == "cpu"
     loaded = DistilledSet.load(tmp_path / "set")
+    _assert_same_set(ds, loaded, "sre2l saved and loaded")
+    _assert_same_set(ds, distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set2", teacher, CUDA),
+                     "sre2l distilled again")
     store = relabel(loaded, teacher, epochs=3, device=CUDA)
     assert store.epochs == 3 and store.num_images == len(loaded)
+    again = relabel(loaded, teacher, epochs=3, device=CUDA)
+    assert store.tensors.keys() == again.tensors.keys()
+    for key, value in store.tensors.items():
+        assert value.dtype == again.tensors[key].dtype and torch.equal(value, again.tensors[key]), \
+            f"FKD store {key}: same seed, different values on the GPU"
     cpu_store = relabel(loaded, teacher.to("cpu"), epochs=3, device="cpu")
     teacher.to(CUDA)
     # the same views (drawn by CPU generators) on both devices; fp16 logits equal to rounding
@@ -111,6 +139,7 @@ def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
     assert 1.0 / data.num_classes < acc <= 1.0
     again = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
     assert again["results"]["distilled"]["per_seed"] == report["results"]["distilled"]["per_seed"]
+    assert again["results"] == report["results"]  # the random baseline's too
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])

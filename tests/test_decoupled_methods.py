@@ -434,6 +434,24 @@ def test_class_batches_and_ipc_slots(data, bn_teacher):
     assert torch.cdist(flat, flat).add(torch.eye(len(flat))).min() > 0
 
 
+def test_many_classes_are_split_into_batches_of_100():
+    """class_batch None: every class in one batch up to 100 classes, batches of 100 beyond (SRe2L's
+    ImageNet-1K --batch-size 100), not one batch of every class."""
+    many = make_synthetic(num_classes=120, image_size=8, train_per_class=2, test_per_class=1)
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 1, "width": 4, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=1, batch_size=64, lr=0.05))
+    teacher = train_teacher(many, cfg)
+    seen = []
+    handle = teacher.model.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    try:
+        out = _run("sre2l", many, [teacher], ipc=1, iterations=1)
+    finally:
+        handle.remove()
+    assert seen == [100, 20] and out.labels.tolist() == list(range(120))
+    assert S.class_chunk(S.RecoverConfig(), 120) == 100 and S.class_chunk(S.RecoverConfig(), 10) == 10
+    assert S.class_chunk(S.RecoverConfig(class_batch=7), 120) == 7
+
+
 @pytest.mark.parametrize("every", [2, 3])
 def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
     """ipc 2 = two units; EDC keeps an EMA copy and optimizer state: resume must be bit-exact."""

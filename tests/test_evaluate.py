@@ -196,6 +196,35 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, cap
         resolve_protocol(tiny_protocol, {"label_mode": "fkd"})
 
 
+def test_fkd_evaluation_fingerprints_its_set_once(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Every student seed checks the set against the store; the set is fingerprinted once, and a set
+    changed since (another set, or this one edited in place) is still refused."""
+    import ddkit.labels.fkd as fkd
+    from ddkit.distilled import DistilledSet
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", seed=0).save(tmp_path / "fkd")
+    proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
+                                             "random_baseline": False, "full_reference": False,
+                                             "train": {"epochs": 1}})
+    calls = []
+    real = fkd.set_fingerprint
+    monkeypatch.setattr(fkd, "set_fingerprint", lambda *a: calls.append(1) or real(*a))
+    rep = evaluate(ds.path, proto, [0, 1, 2], data=data, teacher=teacher)
+    assert len(rep["results"]["distilled"]["per_seed"]) == 3 and len(calls) == 1
+    edited = DistilledSet.load(ds.path)
+    edited.images[0] = edited.images[1]
+    with pytest.raises(DDKitError, match="made for a distilled set with fingerprint"):
+        evaluate(edited, proto, [0], data=data, teacher=teacher)
+    loaded = DistilledSet.load(ds.path)
+    fkd.SoftLabelStore.load(tmp_path / "fkd").check_matches(loaded)
+    loaded.images[0] = loaded.images[1]  # in place, after a check: fingerprinted again
+    with pytest.raises(DDKitError, match="made for a distilled set with fingerprint"):
+        fkd.SoftLabelStore.load(tmp_path / "fkd").check_matches(loaded)
+    assert len(calls) == 4
+
+
 def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     """Online soft labels from an ensemble: [t, t] is t itself; [t, u] averages their logits."""
     import torch

@@ -500,3 +500,31 @@ def test_gradient_matching_freezes_batchnorm_from_real_images(data, key, monkeyp
     b = cls(from_dict(cls.Config, {**plain, "bn_real_per_class": 0})).fit(
         data, [], FitContext(ipc=2, seed=0)).synthetic_
     assert torch.equal(a.images, b.images)
+
+
+@pytest.mark.parametrize("key, options", [
+    ("dm", {"iterations": 2, "batch_real": 8}),
+    ("dc", {"model": "tiny_convnet", "iterations": 2, "outer_loop": 2, "inner_loop": 1, "batch_real": 8,
+            "batch_train": 4}),
+])
+def test_progress_losses_on_a_device_without_float64(data, monkeypatch, key, options):
+    """The progress loss sums on the device in float32 where it has no float64 (mps, simulated on the
+    CPU), and is the CPU's float64 sum to float32 rounding."""
+    import ddkit.methods.gradient_matching as gm
+    import ddkit.methods.matching as mt
+    from test_training import _NoFloat64
+
+    cls = METHODS.get(key)
+
+    def losses():
+        records = []
+        cls(from_dict(cls.Config, options)).fit(data, [], FitContext(ipc=1, seed=0, progress=lambda s, t, r:
+                                                                     records.append(r["loss"])))
+        return records
+
+    ref = losses()
+    for module in (mt, gm, common):
+        monkeypatch.setattr(module, "sum_dtype", lambda device: torch.float32)
+    with _NoFloat64():
+        got = losses()
+    assert got == pytest.approx(ref, rel=1e-6) and len(got) == 2

@@ -8,7 +8,7 @@ from torch import nn
 
 from ddkit.errors import ConfigError
 from ddkit.models import create_model
-from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, train_classifier
+from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, sum_dtype, train_classifier
 
 
 def test_lr_schedules_match_formulas():
@@ -81,6 +81,35 @@ def test_learns_and_is_deterministic(tiny):
         assert torch.equal(va, vb), k
     assert [h["epoch"] for h in a.history] == list(range(1, 16))
     assert a.history[-1]["loss"] < a.history[0]["loss"]
+
+
+class _NoFloat64(torch.overrides.TorchFunctionMode):
+    """The CPU as a device without float64 (Apple MPS, where torch raises on float64 tensors)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+            raise TypeError(f"{getattr(func, '__name__', func)} made a float64 tensor on a device without float64")
+        return out
+
+
+def test_running_sums_on_a_device_without_float64(tiny, monkeypatch):
+    """Loss and accuracy sums stay on the device (no host sync per step) in float64, or in float32
+    where the device has no float64 (mps); the CPU's and CUDA's are float64, as before."""
+    assert sum_dtype("cpu") == sum_dtype(torch.device("cuda:1")) == sum_dtype("cuda") == torch.float64
+    assert sum_dtype("mps") == sum_dtype(torch.device("mps:0")) == torch.float32
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05, augment="rrc_flip", cutmix_prob=0.5)
+    ref = _train(tiny, cfg, eval_every=1)
+    import ddkit.training as training
+
+    with _NoFloat64(), pytest.raises(TypeError, match="float64"):  # the simulation bites
+        torch.zeros(2, dtype=torch.float64)
+    monkeypatch.setattr(training, "sum_dtype", lambda device: torch.float32)
+    with _NoFloat64():
+        got = _train(tiny, cfg, eval_every=1)
+    assert [h["test_accuracy"] for h in got.history[:-1]] == [h["test_accuracy"] for h in ref.history[:-1]]
+    assert got.test_accuracy == ref.test_accuracy
+    assert [h["loss"] for h in got.history] == pytest.approx([h["loss"] for h in ref.history], rel=1e-6)
 
 
 @pytest.mark.parametrize("augment, precision", [("dsa", "fp32"), ("rrc_flip", "fp32"), ("crop_flip", "fp32"),

@@ -188,6 +188,12 @@ def normalizer(mean, std, device) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: (x - m) / s
 
 
+def sum_dtype(device: torch.device | str) -> torch.dtype:
+    """dtype of running sums kept on ``device`` (losses, counts) so that reading them costs no host
+    sync per step: float64, or float32 on Apple MPS, which has no float64 tensors."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def to_float(images: torch.Tensor, device) -> torch.Tensor:
     x = to_device(images, device)
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
@@ -355,7 +361,7 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     model.eval()
     n = len(data)
     lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
-    correct = torch.zeros(2, dtype=torch.float64, device=device)
+    correct = torch.zeros(2, dtype=sum_dtype(device), device=device)
     for start in range(lo, hi, batch_size):
         stop = min(hi, start + batch_size)
         x = norm(to_float(data.images[start:stop], device))
@@ -368,7 +374,8 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     if distributed:
         ddist.all_reduce_sum(correct)
     model.train(was_training)
-    return float(correct[0] / correct[1]) if correct[1] > 0 else float("nan")
+    right, seen = correct.tolist()  # divided as Python floats: exact counts give the same fraction in float32
+    return right / seen if seen > 0 else float("nan")
 
 
 class EMA:
@@ -572,7 +579,7 @@ def train_classifier(
             group["lr"] = cfg.lr * lr_factor(cfg, epoch)
         net.train()
         perm = torch.randperm(n, generator=gen)
-        total, count = torch.zeros((), dtype=torch.float64, device=device), 0  # no host sync per step
+        total, count = torch.zeros((), dtype=sum_dtype(device), device=device), 0  # no host sync per step
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             gb = len(idx)
@@ -646,11 +653,11 @@ def train_classifier(
             per = per_sample_loss(logits, labels, targets, loss, temperature)
             _step(optimizer, per.sum() * scale, model, ema, scaler)
             if counts:
-                total += per.detach().sum().double()
+                total += per.detach().sum().to(total.dtype)
                 count += len(per)
         if info.enabled:  # each rank summed its own slices: the epoch's loss is over every image, as in one process
             sums = ddist.all_reduce_sum(
-                torch.stack([total, torch.tensor(float(count), dtype=torch.float64, device=device)]))
+                torch.stack([total, torch.tensor(float(count), dtype=total.dtype, device=device)]))
             total, count = sums[0], int(sums[1])
             # every rank evaluates and saves the same BatchNorm statistics (rank 0's)
             ddist.broadcast_buffers(model)

@@ -52,6 +52,7 @@ import logging
 import math
 import shutil
 import struct
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,27 @@ def set_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     hash_rows(h, images.detach().cpu())  # their own buffers, not a bytes copy (a set can be gigabytes)
     hash_rows(h, labels.detach().cpu().long())
     return h.hexdigest()[:16]
+
+
+# set -> (its images and labels, weakly, their versions, their fingerprint): an evaluation checks its set against the
+# store once and then for every student seed; fingerprinting reads every image, so it is done once per set
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def distilled_fingerprint(distilled) -> str:
+    """:func:`set_fingerprint` of ``distilled``, remembered while its images and labels are the same
+    tensors, unmodified in place (their ``_version``)."""
+    images, labels = distilled.images, distilled.labels
+    try:
+        memo = _FINGERPRINTS.get(distilled)
+    except TypeError:  # an object that cannot be referenced weakly: fingerprinted every time
+        return set_fingerprint(images, labels)
+    if (memo is not None and memo[0]() is images and memo[1] == images._version
+            and memo[2]() is labels and memo[3] == labels._version):
+        return memo[4]
+    fp = set_fingerprint(images, labels)
+    _FINGERPRINTS[distilled] = (weakref.ref(images), images._version, weakref.ref(labels), labels._version, fp)
+    return fp
 
 
 @dataclass
@@ -294,7 +316,7 @@ class SoftLabelStore:
         if list(self.manifest["classes"]) != list(distilled.classes):
             raise DDKitError(f"soft-label store was made for classes {self.manifest['classes']} but this set has "
                              f"{list(distilled.classes)}; re-run `ddkit relabel` on this set")
-        fp = set_fingerprint(distilled.images, distilled.labels)
+        fp = distilled_fingerprint(distilled)
         if fp != self.manifest["distilled"]["fingerprint"]:
             raise DDKitError(
                 "soft-label store was made for a distilled set with fingerprint "
@@ -584,7 +606,7 @@ def relabel(
               "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed, "teacher_bn": teacher_bn,
               "teacher_bn_batch": teacher_bn_batch}
     omit_running_bn(config)  # at the default: work folders of older runs keep their key
-    fingerprint = set_fingerprint(images, distilled.labels)
+    fingerprint = distilled_fingerprint(distilled)
     teacher_fp = getattr(teacher, "fingerprint", None)
     if teacher_fp is None:  # a bare module: its weights identify it (resume must not reuse another's logits)
         from ddkit.teacher.squeeze import weights_sha

@@ -18,6 +18,7 @@ from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.data.base import DataBundle
 from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
+from ddkit.training import sum_dtype
 
 
 def init_images(real: DataBundle, ipc: int, init: str, seed: int,
@@ -109,7 +110,7 @@ class Checkpoint:
 def floats(record: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """A record's values as Python numbers; its tensor values are read in one copy from their device
     (one wait, not one per value)."""
-    tensors = [v.detach().double().reshape(()) for v in record.values() if isinstance(v, torch.Tensor)]
+    tensors = [v.detach().reshape(()).to(sum_dtype(v.device)) for v in record.values() if isinstance(v, torch.Tensor)]
     read = iter(torch.stack(tensors).tolist() if tensors else [])
     return {key: next(read) if isinstance(v, torch.Tensor) else float(v) for key, v in record.items()}
 

@@ -31,7 +31,7 @@ from ddkit.methods.matching import (
     state_fingerprint,
     tree_to,
 )
-from ddkit.training import batchnorm_layers
+from ddkit.training import batchnorm_layers, sum_dtype
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +240,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 loss = ddist.all_reduce_sum(loss.detach().clone())
             syn.grad = grad
             opt_img.step()
-            # float64 as Python numbers; read (a device wait) only by a progress report
-            total = total + loss.detach().double()
+            # float64 as Python numbers (float32 on MPS); read (a device wait) only by a progress report
+            total = total + loss.detach().to(sum_dtype(device))
             if ol == outer - 1:
                 break
             train_x, n = syn.detach().clone(), len(labels_dev)

@@ -32,6 +32,7 @@ from ddkit.methods import common
 from ddkit.methods.base import FitContext, SyntheticSet, check_ipc
 from ddkit.models import configured_model
 from ddkit.models.registry import resolve_model
+from ddkit.training import sum_dtype
 
 log = logging.getLogger(__name__)
 
@@ -221,8 +222,8 @@ def fit_per_class(
             opts[c].zero_grad(set_to_none=True)
             syn[c].grad = torch.autograd.grad(loss, syn[c])[0]
             opts[c].step()
-            # float64 as Python numbers; read (a device wait) only by a progress report
-            total = total + loss.detach().double()
+            # float64 as Python numbers (float32 on MPS); read (a device wait) only by a progress report
+            total = total + loss.detach().to(sum_dtype(device))
         if ckpt.due(it + 1, cfg.iterations):
             # on the CPU: a pickled CUDA tensor is rebuilt on its rank's GPU by every peer
             parts = ddist.all_gather_objects({

@@ -40,8 +40,9 @@ class SRe2L(RecoverMethod):
     RandomResizedCrop(0.08-1) + flip at each step (drawn per image; the authors' code applies one
     crop and flip to the whole batch, which ``augment_per: batch`` does); Adam lr 0.25, betas (0.5, 0.9),
     cosine schedule to 0, 1000 iterations (CIFAR-100's), images clamped to the valid pixel range after every
-    step. One batch = one image of every class for one IPC slot (``class_batch`` splits it, like
-    the authors' ``--batch-size 100`` over ImageNet's 1000 classes). Relabelling is ddkit's label
+    step. One batch = one image of every class for one IPC slot, split into chunks of ``class_batch``
+    classes (default: 100 beyond 100 classes, the authors' ``--batch-size 100`` of their ImageNet-1K and
+    Tiny-ImageNet scripts). Relabelling is ddkit's label
     stage (soft labels / online teacher), not part of this method.
 
     Defaults and differences: lr 0.25 / r_bn 0.01 are the ImageNet-1K and CIFAR-100 settings

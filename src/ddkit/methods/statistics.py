@@ -69,6 +69,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.fyi import flip_pair
+from ddkit.training import sum_dtype
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ def statistic_layers(model: nn.Module, kinds: tuple[str, ...] = ("bn", "conv")) 
 
 
 CONV_KIND = {"output": "conv", "input": "convin"}  # conv_features -> the key kind of its statistics
+# classes per optimised batch when class_batch is None: the --batch-size of SRe2L's ImageNet-1K and Tiny-ImageNet
+# recover scripts; at most 100 classes (CIFAR-100 and smaller) stay in one batch
+CLASS_BATCH = 100
 
 
 def is_conv_key(key: str) -> bool:
@@ -623,8 +627,9 @@ class RecoverConfig(Checked):
                                          "perturbation (0 = off; DWA: 0.015)")
     perturb_steps: int = field(12, help="DWA: normalised gradient-ascent steps of size perturb_rho / "
                                         "perturb_steps (DWA: 12)")
-    class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes of "
-                                               "one IPC slot)")
+    class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes "
+                                               f"up to {CLASS_BATCH}, in chunks of {CLASS_BATCH} beyond, as SRe2L's "
+                                               "ImageNet-1K recover script)")
     checkpoint_every: int = field(50, help="steps between resumable checkpoints")
     stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
     cache_dir: str | None = field(None, help="statistics cache (default $DDKIT_CACHE/statistics)")
@@ -714,6 +719,13 @@ def _augment(cfg: RecoverConfig, it: int, flip: bool):
     if cfg.augment == "crop_flip":
         return build_augment("crop_flip", flip_prob=0.5 if flip else 0.0)
     return build_augment("rrc_flip", scale_min=crop_scale_min(cfg, it), flip_prob=0.5 if flip else 0.0)
+
+
+def class_chunk(cfg: RecoverConfig, num_classes: int) -> int:
+    """Classes per optimised batch: ``class_batch``, or with None every class up to ``CLASS_BATCH``
+    and chunks of ``CLASS_BATCH`` beyond (one 1000-image batch at ImageNet-1K would take several
+    times the memory the papers' recover steps take)."""
+    return cfg.class_batch or min(num_classes, CLASS_BATCH)
 
 
 def _unit_seed(seed: int, slot: int, chunk: int) -> int:
@@ -952,7 +964,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
     k = real.num_classes
-    cb = cfg.class_batch or k
+    cb = class_chunk(cfg, k)
     units = [(group, lo) for group in _slot_groups(cfg, ipc) for lo in range(0, k, cb)]
     mine = common.my_classes(len(units))  # round-robin over units (helper is generic over indices)
 
@@ -976,9 +988,11 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     info = ddist.current()
     # the checkpoint names pin everything that decides the result, so a stale one is never resumed; the
     # number of ranks too, since it decides which units a rank holds (each rank writes its own checkpoint)
-    run_id = config_hash({"cfg": to_dict(cfg, identity=True), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
-                          "norm": real.normalisation,
-                          "teachers": [t.fingerprint for t in teachers], "world": info.world_size})[:12]
+    key = {"cfg": to_dict(cfg, identity=True), "ipc": ipc, "seed": ctx.seed, "data": real.fingerprint,
+           "norm": real.normalisation, "teachers": [t.fingerprint for t in teachers], "world": info.world_size}
+    if cb < k and cfg.class_batch is None:  # None meant every class in one batch before 2026-12-06
+        key["class_chunk"] = cb
+    run_id = config_hash(key)[:12]
     ckpt = common.Checkpoint(ctx, cfg.checkpoint_every, tag=f"{name}-{run_id}-rank{info.rank}", per_rank=True)
 
     def unit_file(u: int) -> common.Checkpoint:
@@ -1058,8 +1072,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
                 part, rec = _member_loss(cfg, states[ti], models[ti], inputs, blabels, ema_inputs,
                                          stats_emas[ti] if stats_emas is not None else None, drop)
                 loss = loss + weight * part
-                for key, v in rec.items():  # summed in float64, as Python numbers were
-                    record[key] = record.get(key, 0.0) + weight * v.double()
+                for key, v in rec.items():  # summed in float64 (float32 on MPS), as Python numbers were
+                    record[key] = record.get(key, 0.0) + weight * v.to(sum_dtype(device))
             if cfg.densify_weight > 0:
                 dense = densification_loss(inputs, blabels, cfg.densify_tau)
                 loss = loss + cfg.densify_weight * dense

@@ -93,7 +93,7 @@ from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
-from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, to_float
+from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, sum_dtype, to_float
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +378,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
             return loss
 
         perm = torch.randperm(n, generator=gen)
-        total = torch.zeros((), dtype=torch.float64, device=device)  # as train_classifier's
+        total = torch.zeros((), dtype=sum_dtype(device), device=device)  # as train_classifier's
         for start in range(0, n, bs):
             idx = perm[start : start + bs]
             x = clean = norm(to_float(data.train.images[idx], device))
@@ -397,7 +397,7 @@ def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: to
                 loss = loss_fn(x, clean, y)
                 loss.backward()
             opt.step()
-            total += loss.detach().double() * len(idx)  # on the device: no host sync per step
+            total += loss.detach().to(total.dtype) * len(idx)  # on the device: no host sync per step
         loss_epoch = float(total) / n
         snapshots.append(flatten_params(model))
         check_finite_weights(model, e + 1, cfg.epochs)  # no later epoch recovers a NaN weight: stop here
