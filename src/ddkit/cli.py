@@ -205,7 +205,8 @@ def cmd_distill(args) -> int:
                          "drop --ipc (or pick another method)")
     # method full from a config file: DistillConfig refuses an ipc other than the default
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
-                                                               "soft_labels": "soft_labels"})
+                                                               "soft_labels": "soft_labels",
+                                                               "image_dtype": "image_dtype"})
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
@@ -546,6 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--teacher", help="teacher artifact directory")
     sp.add_argument("--soft-labels", action="store_true", help="store the teacher's logits as soft labels")
+    sp.add_argument("--image-dtype", choices=["float32", "uint8"],
+                    help="store the images as float32 (default: as the method makes them) or uint8 (8-bit pixels, "
+                    "4x smaller; pixels outside 0..1 are clipped and counted) (distill.image_dtype)")
     sp.add_argument("--out", required=True)
     common(sp, example="distill.options.iterations=200")
     sp.set_defaults(func=cmd_distill)

@@ -372,12 +372,20 @@ def _pixels(lo: float, hi: float) -> str:
     return f"in [{lo:.6g}, {hi:.6g}]{beyond}"  # enough digits to show a value just beyond 1
 
 
+def _span(span) -> str:
+    """A recorded float pixel range as :func:`_pixels` writes it ("" for anything else)."""
+    ok = isinstance(span, list) and len(span) == 2 and all(isinstance(v, (int, float)) for v in span)
+    return _pixels(*span) if ok else ""
+
+
 def _distilled(m: dict) -> str:
     images = m.get("images") if isinstance(m.get("images"), dict) else {}
-    span = images.get("pixel_range")
-    floats = (f", float pixels {_pixels(*span)}"
-              if images.get("dtype", "").startswith("float") and isinstance(span, list)
-              and len(span) == 2 and all(isinstance(v, (int, float)) for v in span) else "")
+    span = _span(images.get("pixel_range")) if images.get("dtype", "").startswith("float") else ""
+    floats = f", float pixels {span}" if span else ""
+    if isinstance(rounded := images.get("quantised"), dict):  # distill.image_dtype uint8 rounded float pixels
+        span = _span(rounded.get("pixel_range"))
+        floats = (f", uint8 pixels rounded from {rounded.get('from', 'float')} {span}".rstrip()
+                  + f", {rounded.get('clipped_pixels', 0)} clipped")
     return (f"distilled set: {m['method']['name']} ipc={ipc_text(m['ipc'])} on {m['dataset']['name']} "
             f"(fingerprint {m['dataset']['fingerprint']}), {m['num_images']} images{floats}, {m['bytes']['images']:,} "
             f"image bytes, {m['bytes']['labels']:,} label bytes, seed {m['seed']}")

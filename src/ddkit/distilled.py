@@ -5,7 +5,9 @@ Layout (every file named in ``manifest.json``):
 - ``images.safetensors``: ``images`` [N, C, H, W] and ``labels`` int64 [N]. Images are uint8 pixels, or
   float32 where 0..1 is the real data's range; methods that optimise pixels without clamping them (DC, DM,
   MTT, ...) leave values outside it, which training uses as they are. The manifest's
-  ``images.pixel_range`` records the range the set holds: [0, 255] for uint8, the true min and max for float
+  ``images.pixel_range`` records the range the set holds: [0, 255] for uint8, the true min and max for float;
+  a float set stored as uint8 (``distill.image_dtype: uint8``) records ``images.quantised``: the float dtype and
+  range it was rounded from and how many pixels lay outside 0..1 and were clipped
 - ``soft_labels.safetensors`` (optional): ``logits`` [N, num_classes], the relabel stage's slot
 - ``manifest.json``: schema version, dataset + fingerprint, classes, IPC, method + resolved config,
   seed, versions, bytes of images and of labels
@@ -120,22 +122,13 @@ class DistilledSet(DescribesDataset, Dataset):
         dataset_config: dict,
         teacher: dict | None = None,
         options_key: str = "distill.options",
+        quantised: dict | None = None,
     ) -> DistilledSet:
         """The artifact of a method's output (``options_key``: the config key of the method's options,
-        which an error names)."""
+        which an error names; ``quantised``: the record :func:`store_images` returned, when it rounded the
+        images to uint8)."""
         images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft_labels
-        if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
-            raise DDKitError(
-                f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
-                f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
-            )
-        if not all_finite(images):
-            raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); "
-                             f"{_lower_lr(method_config, options_key)}")
-        low, high = held = pixel_range(images)
-        if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
-            log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
-                        "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
+        held = check_pixels(images, data, method, method_config, options_key)
         if (labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point()
                 or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < data.num_classes)):
             raise DDKitError(f"method {method!r} produced labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
@@ -155,7 +148,8 @@ class DistilledSet(DescribesDataset, Dataset):
                 "class_counts": counts,
                 "method": {"name": method, "config": method_config},
                 "teacher": teacher,
-                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": held},
+                "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": held,
+                           **({"quantised": quantised} if quantised is not None else {})},
                 "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels, soft)},
                 "files": {"images": IMAGES, "soft_labels": SOFT if soft is not None else None, "preview": PREVIEW},
                 "meta": {k: v for k, v in synthetic.meta.items() if k != "source_index"},
@@ -383,6 +377,67 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images
     return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def quantise(images: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``images`` as 8-bit pixels, equal to :func:`to_uint8` (each pixel rounded to the nearest of 256 levels
+    of 0..1), written a chunk at a time into one uint8 tensor (no float temporary of the set's size), and the
+    number of pixels whose nearest level lies outside 0..255 and is clipped to 0 or 255 (a pixel that float
+    rounding put a hair outside 0..1 is not one). uint8 images are returned as they are."""
+    if images.dtype == torch.uint8:
+        return images, 0
+    out = torch.empty(images.shape, dtype=torch.uint8, device=images.device)
+    clipped, start = 0, 0
+    for chunk in pixel_chunks(images):
+        levels = (chunk.float() * 255).round()
+        clipped += int(torch.count_nonzero((levels < 0) | (levels > 255)))
+        out[start : start + len(chunk)] = levels.clamp_(0, 255).to(torch.uint8)
+        start += len(chunk)
+    return out, clipped
+
+
+def stored_pixels(images: torch.Tensor, image_dtype: str) -> torch.Tensor:
+    """``images`` as a set with ``image_dtype`` stores them: unchanged for float32, :func:`quantise`-d for uint8."""
+    return quantise(images)[0] if image_dtype == "uint8" else images
+
+
+def check_pixels(images: torch.Tensor, data: DataBundle, method: str, method_config: dict,
+                 options_key: str = "distill.options") -> list:
+    """Refuse a method's images of the wrong shape or with non-finite pixels, warn of pixels far outside
+    0..1 (diverged images); return their :func:`pixel_range`."""
+    if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
+        raise DDKitError(
+            f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
+            f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
+        )
+    if not all_finite(images):
+        raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); "
+                         f"{_lower_lr(method_config, options_key)}")
+    low, high = held = pixel_range(images)
+    if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
+        log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
+                    "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
+    return held
+
+
+def store_images(synthetic, image_dtype: str, data: DataBundle, method: str, method_config: dict,
+                 options_key: str = "distill.options") -> dict | None:
+    """Set ``synthetic.images`` to the pixels a set with ``image_dtype`` stores, before anything labels them
+    (the labels must describe the stored images). uint8 rounds float pixels to 8 bits; pixels outside 0..1
+    (methods that do not clamp: DC, DM, MTT, ...) are clipped, as 8-bit PNG files of the set would clip them,
+    with a warning and their count in the returned record (the manifest's ``images.quantised``), rather than
+    refused: the check can only run once the synthesis is done. None: nothing was converted."""
+    images = synthetic.images
+    if image_dtype == "float32" or images.dtype == torch.uint8:  # real pixels are kept as the data holds them
+        return None
+    held = check_pixels(images, data, method, method_config, options_key)  # a diverged set is refused, not rounded
+    synthetic.images, clipped = quantise(images)
+    if clipped:
+        log.warning("%d of %d pixels (%.2f%%) of the %s set lie outside 0..1 and are clipped to 8 bits "
+                    "(distill.image_dtype uint8; recorded as images.quantised.clipped_pixels in its manifest); "
+                    "keep distill.image_dtype: float32 to store them exactly", clipped, images.numel(),
+                    100 * clipped / images.numel(), method)
+    return {"from": str(images.dtype).removeprefix("torch."), "pixel_range": held, "clipped_pixels": clipped}
 
 
 #: the options that set the learning rate of a method's images, by the name its Config gives them

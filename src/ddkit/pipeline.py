@@ -13,7 +13,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -31,7 +31,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
-from ddkit.distilled import DistilledSet, ipc_text
+from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
@@ -69,6 +69,10 @@ class DistillConfig(Checked):
                                       "batch: statistics of the distilled images (CV-DD's batch-specific soft labels)")
     soft_labels_bn_batch: int | None = field(None, help="soft_labels_bn batch: statistics over groups of this many "
                                              "images (a permutation seeded with seed; null: all images at once)")
+    image_dtype: Literal["float32", "uint8"] = field(
+        "float32", added=True, help="how the set stores its images: float32 (as the method makes them; sets of real "
+        "pixels, as random's, keep the data's uint8) or uint8 (each pixel rounded to the nearest of 256 levels of "
+        "0..1, 4x fewer bytes; pixels outside 0..1 are clipped and counted in images.quantised of the manifest)")
 
     def __post_init__(self) -> None:
         self.options = sorted_keys(self.options)  # recorded alike whatever order the keys were given in
@@ -222,7 +226,7 @@ def distill(
                 else:
                     stale.unlink()
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
-                     options_key=options_key)
+                     options_key=options_key, image_dtype=cfg.image_dtype)
     ipc = None if cfg.method == "full" else cfg.ipc
     teacher_info = teacher.record() if teacher is not None else None
     info = ddist.current()
@@ -233,6 +237,9 @@ def distill(
         # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
         if info.is_main:
             synthetic = method.synthetic_
+            # the images as the set stores them (uint8: rounded), before the teacher labels them: stored labels
+            # describe the stored images (RDED and CV-DD label theirs in fit, with ctx.as_stored)
+            quantised = store_images(synthetic, cfg.image_dtype, data, cfg.method, to_dict(method_cfg), options_key)
             if cfg.soft_labels:
                 synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
                                                        bn=cfg.soft_labels_bn,
@@ -240,7 +247,7 @@ def distill(
             distilled = DistilledSet.build(
                 synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
                 config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
-                teacher=teacher_info, options_key=options_key,
+                teacher=teacher_info, options_key=options_key, quantised=quantised,
             )
     except DDKitError as e:
         failure = e

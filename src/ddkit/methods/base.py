@@ -42,9 +42,19 @@ class FitContext:
     progress: Callable[[int, int, dict], None] | None = None
     # the config key of the method's options, which its errors name (a method run by another: a key inside its)
     options_key: str = "distill.options"
+    # how the pipeline stores the set's images (distill.image_dtype): float32 or uint8
+    image_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         use_deterministic_cuda(self.device)
+
+    def as_stored(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` as the pipeline will store them (``image_dtype`` uint8: rounded to 8-bit pixels, dtype
+        uint8): what a method that labels its own images (RDED, CV-DD) labels, so that the stored labels
+        describe the stored images."""
+        from ddkit.distilled import stored_pixels
+
+        return stored_pixels(images, self.image_dtype)
 
 
 class Method:

@@ -115,7 +115,8 @@ class CVDD(RecoverMethod):
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
         if self.cfg.soft_labels == "committee" and synthetic is not None:  # None: torchrun ranks but rank 0
             weights = committee_weights_of(self.cfg, everyone)
-            synthetic.soft_labels = committee_logits(everyone, synthetic.images, weights, real.mean,
+            # of the images as the set stores them (8-bit with distill.image_dtype uint8)
+            synthetic.soft_labels = committee_logits(everyone, ctx.as_stored(synthetic.images), weights, real.mean,
                                                      real.std, ctx.device, bn=self.cfg.soft_labels_bn,
                                                      bn_batch=self.cfg.soft_labels_bn_batch, seed=ctx.seed)
             synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights,

@@ -14,7 +14,7 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.training import normalizer
+from ddkit.training import normalizer, to_float
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,9 @@ class RDED(Method):
         soft = None
         if cfg.soft_labels:
             norm = normalizer(mean, std, "cpu")  # one forward batch at a time, not a normalised copy of the set
-            soft = torch.cat([_forward(model, norm(images[i : i + cfg.batch_size]), cfg.batch_size, ctx.device)
-                              for i in range(0, len(images), cfg.batch_size)])
+            # the images as the set stores them (8-bit with distill.image_dtype uint8): the labels describe those
+            soft = torch.cat([_forward(model, norm(to_float(ctx.as_stored(images[i : i + cfg.batch_size]), "cpu")),
+                                       cfg.batch_size, ctx.device) for i in range(0, len(images), cfg.batch_size)])
         self.synthetic_ = SyntheticSet(
             images, labels, soft,
             meta={"factor": factor, "patch_size": list(patch), "soft_labels": "teacher logits of the stitched image"},
