@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import ddkit
 from conftest import REPO, twice_at_once
 from ddkit.bench import (
     BenchConfig,
@@ -1034,3 +1035,20 @@ def test_bench_method_errors_name_the_methods_options_key(tmp_path, monkeypatch)
     with pytest.raises(ConfigError,
                        match=r"^methods\[mtt\]\.options\.buffer\.model_options: image size 16 is too small"):
         run_bench(tiny_cfg(tmp_path / "b", methods=[experts], ipcs=[1], label_modes=["hard"]))
+
+
+def test_method_image_dtype_stores_the_bench_set_as_uint8(tmp_path):
+    """methods[].image_dtype reaches the set: the same sre2l set stored as uint8 holds the float
+    one's pixels rounded, in a quarter of the image bytes, and the table's rows say so."""
+    opts = {"iterations": 2, "stats": "conv"}
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[2], seeds=[0], overrides={"full_epochs": 1, "train": {"epochs": 1}},
+                   methods=[{"name": "sre2l", "label": "f32", "options": opts},
+                            {"name": "sre2l", "label": "u8", "options": opts, "image_dtype": "uint8"}])
+    assert from_dict(BenchConfig, {**TINY, "out": "x", "methods": ["random"]}).methods[0].image_dtype == "float32"
+    rows = {r["method"]: r for r in run_bench(cfg)}
+    sets = {m: ddkit.load(tmp_path / "run" / "distilled" / f"synthetic-{m}-ipc2") for m in ("f32", "u8")}
+    assert sets["f32"].images.dtype == torch.float32 and sets["u8"].images.dtype == torch.uint8
+    assert torch.equal(sets["u8"].images, (sets["f32"].images.clamp(0, 1) * 255).round().to(torch.uint8))
+    assert rows["u8"]["bytes"]["images"] * 4 == rows["f32"]["bytes"]["images"] == sets["f32"].images.numel() * 4
+    with pytest.raises(ConfigError, match="image_dtype"):
+        tiny_cfg(tmp_path / "bad", methods=[{"name": "random", "image_dtype": "float16"}])

@@ -41,7 +41,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -98,6 +98,9 @@ class MethodSpec(Checked):
     ipc_options: dict[int, dict] = field({}, help="settings for one IPC over options, e.g. {50: {iterations: 500}} "
                                                   "(papers tune per IPC)")
     soft_labels: bool = field(False, help="store the teacher's logits on each image")
+    image_dtype: Literal["float32", "uint8"] = field("float32", added=True,
+                                                     help="how the set stores its images (distill.image_dtype): "
+                                                          "float32, or uint8 (4x fewer image bytes in the tables)")
     label: str | None = field(None,
                               help="name in tables and file names (default: name); needed when a method appears twice")
 
@@ -659,7 +662,7 @@ class _Bench:
                                          if isinstance(r, str) and r.startswith("@") else r
                                          for r in options["extra_teachers"]]
         return DistillConfig(method=spec.name, ipc=ipc, seed=self.cfg.distill_seed, options=options,
-                             soft_labels=spec.soft_labels)
+                             soft_labels=spec.soft_labels, image_dtype=spec.image_dtype)
 
     def _make_set(self, key: tuple[str, str, int]) -> None:
         d, m, ipc = key
