@@ -355,9 +355,9 @@ _OTHER = "or undo another option that makes the updates larger (a network's lr, 
     ({"lr_img": 100.0, "lr_lr": 1e-5},
      "lower distill.options.lr_img (now 100), " + _OTHER),  # DC, DM, MTT: the images' lr
     ({"lr": 0.25, "iterations": 3}, "lower distill.options.lr (now 0.25), " + _OTHER),  # SRe2L, EDC, CV-DD, ...
-    # a method without such a field
-    ({},
-     "lower the learning rate of its images in distill.options, or undo another option that makes the updates larger"),
+    # a method without such a field (a selection method, too): no image learning rate is presumed
+    ({}, "check the method (for optimising methods: lower the learning rate of its images in distill.options, or undo "
+         "another option that makes the updates larger)"),
 ])
 def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, options, fix):
     """The error said "lower its learning rate" without naming which setting that is."""
@@ -368,7 +368,8 @@ def test_non_finite_pixels_name_the_option_of_the_images_learning_rate(tiny, opt
     with pytest.raises(DDKitError) as err:
         DistilledSet.build(SyntheticSet(images, torch.arange(4)), tiny, method="m",
                            method_config=options, ipc=1, seed=0, config={}, dataset_config={})
-    assert str(err.value) == f"method 'm' produced non-finite pixels (its images diverged); {fix}"
+    diverged = " (its images diverged)" if options else ""
+    assert str(err.value) == f"method 'm' produced non-finite pixels{diverged}; {fix}"
 
 
 def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
@@ -394,13 +395,16 @@ def test_pixels_far_outside_0_1_are_warned_about(tiny, caplog):
             "(now 10000)" in warned)
 
 
-@pytest.mark.parametrize("labels", [
-    torch.tensor([0, 1, 2, 3, 4]),  # a class the data lacks, each bin 1: the count check passed it
-    torch.tensor([0, 1, 2, -1, 3]),
-    torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0]),
-    torch.tensor([0, 1, 2, 3]),  # one label short
+@pytest.mark.parametrize("labels, message", [
+    # a class the data lacks, each bin 1: the count check passed it; the message named the shape, which was fine
+    (torch.tensor([0, 1, 2, 3, 4]), r"produced 1 label\(s\) outside the class indices 0..3, the first 4 \(image 4\)"),
+    (torch.tensor([0, 1, 2, -1, 9]), r"produced 2 label\(s\) outside the class indices 0..3, the first -1 \(image 3\)"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0, 0.0]), r"produced labels of shape \(5,\) .* for 5 images, expected \[N\] class "
+                                              r"indices in 0..3"),
+    (torch.tensor([0, 1, 2, 3]), r"produced labels of shape \(4,\) .* for 5 images, expected \[N\] class indices "
+                                 r"in 0..3"),  # one label short
 ])
-def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, labels):
+def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, labels, message):
     """A label >= K passed (every bin of the longer bincount held ipc images), the set was saved, and
     loading it then failed with "re-create the distilled set", which makes the same set again."""
     from ddkit.distilled import DistilledSet
@@ -408,9 +412,7 @@ def test_labels_outside_the_classes_are_refused_before_the_set_is_saved(tiny, la
 
     images = torch.rand(5, *tiny.image_shape)
     for ipc in (1, None):  # None: method full, which had no label check at all
-        with pytest.raises(DDKitError,
-                           match=rf"^method 'm' produced labels of shape \({len(labels)},\) .* for 5 images, "
-                                 r"expected \[N\] class indices in 0..3; this is a bug in the method$"):
+        with pytest.raises(DDKitError, match=rf"^method 'm' {message}; this is a bug in the method$"):
             DistilledSet.build(SyntheticSet(images, labels), tiny, method="m", method_config={}, ipc=ipc, seed=0,
                                config={}, dataset_config={})
 
@@ -450,8 +452,8 @@ def test_pixel_checks_skip_integer_sets_and_read_float_sets_a_bounded_chunk_at_a
     record = json.loads((ds.export(tmp_path / "png", "imagefolder") / "classes.json").read_text())
     assert converted == [(1, 16, 16)] * 8  # one image at a time
     assert record["clipped_pixels"] == float(((images < 0) | (images > 1)).float().mean())  # the old formula's value
-    diverged = ("method 'dm' produced non-finite pixels (its images diverged); lower the learning rate of its images "
-                "in distill.options, or undo another option that makes the updates larger")
+    diverged = ("method 'dm' produced non-finite pixels; check the method (for optimising methods: lower the learning "
+                "rate of its images in distill.options, or undo another option that makes the updates larger)")
     for bad in (float("nan"), float("inf"), -float("inf")):
         broken = images.clone()
         broken[7, 0, 15, 15] = bad  # in the last chunk

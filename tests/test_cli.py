@@ -1196,7 +1196,19 @@ def test_plugins_let_the_cli_train_and_load_a_users_model(tmp_path):
     broken = ddkit("list", "models", plugins="myplug,nosuchplug")
     assert broken.returncode == 2 and broken.stderr == (
         "error: DDKIT_PLUGINS: cannot import 'nosuchplug' (ModuleNotFoundError: No module named 'nosuchplug'); fix the "
-        "module or remove it from DDKIT_PLUGINS\n")
+        "module or remove it from DDKIT_PLUGINS (-v shows the traceback)\n")
+    # an error inside the module: where it is, in the one line; the traceback with -v
+    (tmp_path / "badplug.py").write_text("def helper():\n    return undefined_name\n\n\nhelper()\n")
+    bad = ddkit("list", "models", plugins="badplug")
+    assert bad.returncode == 2 and bad.stderr == (
+        "error: DDKIT_PLUGINS: cannot import 'badplug' (NameError: name 'undefined_name' is not defined, at "
+        f"{tmp_path / 'badplug.py'}:2); fix the module or remove it from DDKIT_PLUGINS (-v shows the traceback)\n")
+    verbose = ddkit("-v", "list", "models", plugins="badplug")
+    assert verbose.returncode == 2 and "Traceback (most recent call last)" in verbose.stderr
+    assert f'File "{tmp_path / "badplug.py"}", line 5, in <module>' in verbose.stderr
+    (tmp_path / "synplug.py").write_text("x = 1\ny = (\n")
+    syntax = ddkit("list", "models", plugins="synplug")
+    assert f", at {tmp_path / 'synplug.py'}:2); fix the module" in syntax.stderr
     file = ddkit("list", "models", plugins="myplug.py")
     assert file.returncode == 2 and file.stderr == ("error: DDKIT_PLUGINS names modules, not files: use 'myplug', not "
                                                     "'myplug.py'\n")

@@ -50,3 +50,18 @@ def test_unknown_name_suggests_the_name_in_another_case():
     reg.add("edc", object())
     with pytest.raises(DDKitError, match=r"^unknown method 'EDC'; did you mean 'edc'\?$"):
         reg.get("EDC")
+
+
+def test_a_check_refuses_an_entry_at_registration():
+    """METHODS accepted anything (a class that is no Method failed later with a raw AttributeError): a
+    registry may check what is registered; the other registries take anything, as before."""
+    def positive(name, obj):
+        if obj <= 0:
+            raise DDKitError(f"widget {name!r} must be positive")
+
+    reg = Registry("widget", check=positive)
+    reg.add("a", 1)
+    with pytest.raises(DDKitError, match=r"^widget 'b' must be positive$"):
+        reg.add("b", -1)
+    assert reg.list() == ["a"]
+    Registry("model").add("c", -1)

@@ -31,7 +31,8 @@ def test_teacher_artifact(teacher_dir, tiny):
     man = json.loads((teacher_dir / "manifest.json").read_text())
     assert man["kind"] == "teacher" and man["seed"] == 0
     assert man["dataset"]["classes"] == tiny.classes and man["dataset"]["fingerprint"] == tiny.fingerprint
-    assert man["model"] == {"name": "tiny_convnet", "options": {}, "input_shape": [1, 16, 16]}
+    assert man["model"] == {"name": "tiny_convnet", "options": {}, "input_shape": [1, 16, 16],
+                            "module": "ddkit.models.convnet.convnet"}  # where its factory is (tiny: a partial of it)
     assert man["test_accuracy"] >= 0.85
     assert man["config"]["train"]["epochs"] == 8
     t = Teacher.load(teacher_dir)

@@ -763,11 +763,27 @@ def load_plugins() -> list[str]:
             raise DDKitError(f"DDKIT_PLUGINS names modules, not files: use {name.removesuffix('.py')!r}, not {name!r}")
         try:
             importlib.import_module(name)
-        except Exception as exc:  # a user's module: any failure is reported in one line
+        except Exception as exc:  # a user's module: any failure is reported in one line, the traceback with -v
+            # the traceback at INFO, which -v shows (DEBUG would bring every library's debug records with it)
+            log.info("DDKIT_PLUGINS: importing %r failed:", name, exc_info=True)
+            where = _innermost(exc)
             raise DDKitError(f"DDKIT_PLUGINS: cannot import {name!r} ({type(exc).__name__}: "
-                             f"{str(exc).splitlines()[0] if str(exc) else ''}); fix the module or remove it from "
-                             "DDKIT_PLUGINS") from None
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}{f', at {where}' if where else ''}); fix "
+                             "the module or remove it from DDKIT_PLUGINS (-v shows the traceback)") from None
     return names
+
+
+def _innermost(exc: BaseException) -> str:
+    """``file:line`` where an import failed: the innermost frame of the imported code (not importlib's
+    own, nor load_plugins'), or a SyntaxError's line (which no frame holds); "" for neither."""
+    import importlib
+    import traceback
+
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{exc.filename}:{exc.lineno}"
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)[1:]
+              if not f.filename.startswith("<frozen") and f.filename != importlib.__file__]
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ Layout (every file named in ``manifest.json``):
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Iterator
@@ -123,17 +124,23 @@ class DistilledSet(DescribesDataset, Dataset):
         teacher: dict | None = None,
         options_key: str = "distill.options",
         quantised: dict | None = None,
+        method_source: dict | None = None,
     ) -> DistilledSet:
         """The artifact of a method's output (``options_key``: the config key of the method's options,
         which an error names; ``quantised``: the record :func:`store_images` returned, when it rounded the
-        images to uint8)."""
+        images to uint8; ``method_source``: where the method's code is, recorded beside its name)."""
         images, labels, soft = synthetic.images, synthetic.labels, synthetic.soft_labels
         held = check_pixels(images, data, method, method_config, options_key)
-        if (labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point()
-                or (len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < data.num_classes)):
+        if labels.dim() != 1 or len(labels) != len(images) or labels.is_floating_point():
             raise DDKitError(f"method {method!r} produced labels of shape {tuple(labels.shape)} ({labels.dtype}) for "
                              f"{len(images)} images, expected [N] class indices in "
                              f"0..{data.num_classes - 1}; this is a bug in the method")
+        bad = ((labels < 0) | (labels >= data.num_classes)).nonzero().flatten()
+        if len(bad):
+            raise DDKitError(f"method {method!r} produced {len(bad)} label(s) outside the class indices "
+                             f"0..{data.num_classes - 1}, the first {int(labels[bad[0]])} (image {int(bad[0])}); this "
+                             "is a bug in the method")
+        _check_meta(synthetic.meta, method)
         counts = torch.bincount(labels, minlength=data.num_classes).tolist()
         if ipc is not None and set(counts) != {ipc}:
             raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
@@ -146,7 +153,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 "ipc": ipc,
                 "num_images": len(labels),
                 "class_counts": counts,
-                "method": {"name": method, "config": method_config},
+                "method": {"name": method, "config": method_config, **(method_source or {})},
                 "teacher": teacher,
                 "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": held,
                            **({"quantised": quantised} if quantised is not None else {})},
@@ -411,7 +418,8 @@ def check_pixels(images: torch.Tensor, data: DataBundle, method: str, method_con
             f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
         )
     if not all_finite(images):
-        raise DDKitError(f"method {method!r} produced non-finite pixels (its images diverged); "
+        raise DDKitError(f"method {method!r} produced non-finite pixels"
+                         f"{' (its images diverged)' if _image_lr(method_config) else ''}; "
                          f"{_lower_lr(method_config, options_key)}")
     low, high = held = pixel_range(images)
     if max(-low, high - 1.0) > FAR_OUT:  # finite, but no image of the data looks like this
@@ -448,15 +456,48 @@ IMAGE_LR_OPTIONS = ("lr_img", "lr")
 FAR_OUT = 1000.0
 
 
-def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
-    """How to stop a method's images from diverging: lower the option of their learning rate."""
+def _image_lr(method_config: dict) -> tuple[str, float] | None:
+    """The option of a method's image learning rate and its value, or None (a method that optimises none)."""
     for key in IMAGE_LR_OPTIONS:
         value = method_config.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return (f"lower {options_key}.{key} (now {value:g}), or undo another option that makes the updates "
-                    "larger (a network's lr, a loss weight)")
-    return (f"lower the learning rate of its images in {options_key}, or undo another option that makes the "
-            "updates larger")
+            return key, value
+    return None
+
+
+def _lower_lr(method_config: dict, options_key: str = "distill.options") -> str:
+    """How to stop a method's images from diverging: lower the option of their learning rate."""
+    if found := _image_lr(method_config):
+        return (f"lower {options_key}.{found[0]} (now {found[1]:g}), or undo another option that makes the updates "
+                "larger (a network's lr, a loss weight)")
+    return (f"check the method (for optimising methods: lower the learning rate of its images in {options_key}, or "
+            "undo another option that makes the updates larger)")
+
+
+class _NotJSON(Exception):
+    pass
+
+
+def _not_json(obj: Any) -> Any:
+    raise _NotJSON(obj)
+
+
+def _check_meta(meta: dict, method: str) -> None:
+    """Refuse a ``synthetic_.meta`` the manifest (JSON) cannot hold now, not at the save after the fit."""
+    if not isinstance(meta, dict):
+        raise DDKitError(f"method {method!r} set synthetic_.meta to a {type(meta).__name__}; it must be a dict of "
+                         "JSON values (numbers, str, lists, dicts)")
+    for key, value in meta.items():
+        try:
+            json.dumps({key: value}, default=_not_json)
+        except _NotJSON as e:
+            held = e.args[0]
+            fix = " (.tolist())" if isinstance(held, torch.Tensor) or hasattr(held, "tolist") else ""
+            raise DDKitError(f"method {method!r} put a {type(held).__name__} in synthetic_.meta[{key!r}]; meta is "
+                             f"saved as JSON: convert it to lists, numbers or str{fix}") from None
+        except (TypeError, ValueError) as e:  # a key JSON cannot hold (a tuple), a circular reference
+            raise DDKitError(f"method {method!r} put a value in synthetic_.meta[{key!r}] that JSON cannot hold ({e}); "
+                             "meta is saved as JSON: use str keys and lists, numbers or str") from None
 
 
 def save_grid(

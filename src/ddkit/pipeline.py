@@ -37,8 +37,9 @@ from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
-from ddkit.methods import METHODS, FitContext
+from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
 from ddkit.methods.base import check_ipc
+from ddkit.registry import origin, source_sha256
 from ddkit.teacher import (
     Teacher,
     TeacherConfig,
@@ -199,6 +200,8 @@ def distill(
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, options_key)
+    if cfg.method != "full" and method_cls.ipc_within_class_size:  # every method's, not only those that check it
+        check_ipc(data, cfg.ipc)
     teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
         teacher.check_compatible(data)
@@ -212,6 +215,7 @@ def distill(
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass "
                          "--teacher DIR")
     key = distill_hash(cfg, data, teacher)
+    source = method_source(method_cls)  # read with the key, before the fit (an edit during it is the next set's)
     root = work_dir(out) if out is not None else None
     fresh = root is not None and not root.exists()
     work = work_dir(out, key) if out is not None else None
@@ -236,7 +240,7 @@ def distill(
         # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
         # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
         if info.is_main:
-            synthetic = method.synthetic_
+            synthetic = _fitted(method, cfg.method)
             # the images as the set stores them (uint8: rounded), before the teacher labels them: stored labels
             # describe the stored images (RDED and CV-DD label theirs in fit, with ctx.as_stored)
             quantised = store_images(synthetic, cfg.image_dtype, data, cfg.method, to_dict(method_cfg), options_key)
@@ -247,7 +251,7 @@ def distill(
             distilled = DistilledSet.build(
                 synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
                 config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
-                teacher=teacher_info, options_key=options_key, quantised=quantised,
+                teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
             )
     except DDKitError as e:
         failure = e
@@ -279,6 +283,25 @@ def distill(
     return distilled
 
 
+def _fitted(method: Any, name: str) -> SyntheticSet:
+    """The set a method's ``fit`` made, or a DDKitError naming the slip (no ``return self``, no ``synthetic_``)."""
+    if not isinstance(method, Method):
+        got = "None" if method is None else f"a {type(method).__name__}"
+        raise DDKitError(f"method {name!r}: its fit returned {got}; it must `return self` after setting "
+                         "self.synthetic_")
+    if not isinstance(getattr(method, "synthetic_", None), SyntheticSet):
+        raise DDKitError(f"method {name!r}: its fit set no self.synthetic_ (a ddkit.methods.SyntheticSet); set it "
+                         "before `return self`")
+    return method.synthetic_
+
+
+def method_source(cls: type) -> dict:
+    """Where method class ``cls`` is defined (``module``: ``myplug.Herding``) and, for one from outside
+    ddkit, the sha256 of its source, which a distilled set records beside the method's name."""
+    sha = source_sha256(cls)
+    return {"module": origin(cls), **({"source_sha256": sha} if sha else {})}
+
+
 def work_dir(out: str | Path, key: str | None = None) -> Path:
     """Where :func:`distill` keeps the checkpoints of a set written to ``out`` until it is saved (a
     hidden folder beside it), so that an interrupted synthesis resumes; with ``key`` (the set's
@@ -300,8 +323,9 @@ def discard_work(out: str | Path, key: str) -> None:
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
     """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
     ``revision`` and ``identity_tags`` (left out while 0 / empty; likewise ``soft_labels_bn`` while
-    running). Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what
-    they hold, not by path, so a moved or copied run or bench folder keeps its sets."""
+    running), and for a method from outside ddkit the sha256 of its source (:func:`source_sha256`).
+    Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what they hold,
+    not by path, so a moved or copied run or bench folder keeps its sets."""
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
     options = ident.get("options") or {}
     key = {"distill": ident, "data": data.fingerprint, "norm": data.normalisation,
@@ -312,6 +336,8 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
             key["method_revision"] = cls.revision
         if tags := cls.identity_tags(cfg.options):
             key["method_tags"] = tags
+        if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
+            key["method_source"] = sha
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
         from ddkit.methods.trajectory import buffer_identity
 

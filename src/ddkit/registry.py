@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import functools
+import hashlib
 import inspect
+import logging
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -12,21 +15,27 @@ from ddkit.errors import DDKitError
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 class Registry(Generic[T]):
     """Maps short keys to objects (classes or factories).
 
-    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern.
+    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern. ``check(name,
+    obj)``, if given, refuses an entry at registration (a DDKitError naming the fix).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, check: Callable[[str, T], None] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._check = check
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name``; names are unique."""
 
         def deco(obj: T) -> T:
+            if self._check is not None:
+                self._check(name, obj)
             if name in self._entries and (_origin(obj) is None or _origin(self._entries[name]) != _origin(obj)):
                 raise DDKitError(f"{self.kind} {name!r} is already registered (by "
                                  f"{_origin(self._entries[name]) or type(self._entries[name]).__name__}); register "
@@ -81,3 +90,46 @@ def _origin(obj: object) -> str | None:
     if not (isinstance(obj, type) or inspect.isfunction(obj)):
         return None
     return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def origin(obj: object) -> str:
+    """``module.QualName`` of a registered class or function (``functools.partial``: of its function);
+    the type's name for other objects."""
+    return _origin(_unwrap(obj)) or type(obj).__name__
+
+
+_UNTRACKED: set[str] = set()  # definitions warned about once per process
+
+
+def source_sha256(obj: object) -> str | None:
+    """sha256 of the source of a registered class or function defined outside the ddkit package (a
+    plugin): its module's file, else (a function of a notebook cell) the definition's own source text. It
+    enters the identity of what ``obj`` makes, so an edited plugin makes new sets and teachers instead of
+    reusing those of its old code. None for ddkit's own (their ``revision`` counts), and for a definition
+    whose source cannot be read (with a warning, once)."""
+    obj = _unwrap(obj)
+    module = getattr(obj, "__module__", None) or ""
+    if module == "ddkit" or module.startswith("ddkit."):
+        return None
+    try:
+        with open(inspect.getsourcefile(obj) or "", "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, TypeError):
+        pass
+    try:
+        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+    except (OSError, TypeError):
+        name = origin(obj)
+        if name not in _UNTRACKED:
+            _UNTRACKED.add(name)
+            log.warning("cannot read the source of %s: edits to it are not tracked (what it made is reused after one); "
+                        "after an edit bump a method's `revision` class attribute, or write to another out folder",
+                        name)
+        return None
+
+
+def _unwrap(obj: object) -> object:
+    """The function of a ``functools.partial``; ``obj`` itself otherwise."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return obj

@@ -7,10 +7,11 @@ Every module in this package is imported here, so a new method file registers it
 import importlib
 import pkgutil
 
-from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet
+from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
+from ddkit.methods.common import Checkpoint
 
 for _mod in pkgutil.iter_modules(__path__):
     if _mod.name not in ("base", "common"):
         importlib.import_module(f"{__name__}.{_mod.name}")
 
-__all__ = ["METHODS", "FitContext", "Method", "SyntheticSet"]
+__all__ = ["METHODS", "Checkpoint", "FitContext", "Method", "SyntheticSet", "check_ipc"]

@@ -8,22 +8,28 @@ and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``. Register it w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 
+from ddkit.config import from_dict
 from ddkit.data.base import DataBundle
 from ddkit.determinism import use_deterministic_cuda
-from ddkit.errors import DataError
+from ddkit.errors import DataError, DDKitError
 from ddkit.registry import Registry
 
 
 @dataclass
 class SyntheticSet:
-    """A method's output: pixel-space images, hard labels, optional soft-label logits, metadata."""
+    """A method's output: pixel-space images, hard labels, optional soft-label logits, metadata.
+
+    ``meta`` is written to the set's JSON manifest, so it holds JSON values only: numbers, strings,
+    bools, None, lists and dicts of them (a tensor: ``.tolist()``; ``source_index``: the indices of
+    selected real training images)."""
 
     images: torch.Tensor  # [N, C, H, W] uint8 (real pixels) or float32 in ~[0, 1]
     labels: torch.Tensor  # int64 [N]
@@ -68,13 +74,18 @@ class Method:
     smoke_options: ClassVar[dict[str, Any]] = {}
     # bump when a change alters the output for the same options (a new default, a fixed bug): cached
     # distilled sets of this method (and every evaluation of them) are then made again, others are kept
+    # (a method from outside ddkit needs no bump: the sha256 of its module's source counts as well)
     revision: ClassVar[int] = 0
+    # whether ipc must not exceed the smallest class's training images (the pipeline checks it before
+    # fit); False for a method that may make more images per class than the data holds
+    ipc_within_class_size: ClassVar[bool] = True
     # None on the ranks of a torchrun job but rank 0 when the method gathers its set on rank 0 alone (the
     # pipeline builds and saves it there, and the other ranks read the saved artifact)
     synthetic_: SyntheticSet | None
 
     def __init__(self, cfg) -> None:
-        self.cfg = cfg
+        # a mapping of options ({"space": "pixels"}) is built into the Config, checked as YAML is
+        self.cfg = from_dict(self.Config, dict(cfg), "options") if isinstance(cfg, Mapping) else cfg
 
     @classmethod
     def identity_tags(cls, options: dict) -> dict:
@@ -105,7 +116,18 @@ class Method:
         raise NotImplementedError
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+def _check_method(name: str, obj: object) -> None:
+    """METHODS refuses what the pipeline cannot run: not a Method subclass, or no dataclass Config."""
+    if not (isinstance(obj, type) and issubclass(obj, Method)):
+        raise DDKitError(f"method {name!r}: {getattr(obj, '__qualname__', type(obj).__name__)} is not a subclass of "
+                         "ddkit.methods.Method; derive it from Method (class X(Method): ...)")
+    if not dataclasses.is_dataclass(getattr(obj, "Config", None)):
+        raise DDKitError(f"method {name!r}: {obj.__qualname__} has no dataclass Config; give it one (a "
+                         "@dataclass class deriving from ddkit.config.Checked, even without fields) as "
+                         "`Config = ...` or a nested class")
+
+
+METHODS: Registry[type[Method]] = Registry("method", check=_check_method)
 
 
 def check_ipc(real: DataBundle, ipc: int | None) -> int:

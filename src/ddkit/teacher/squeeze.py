@@ -39,7 +39,8 @@ from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
-from ddkit.models.registry import ContractError
+from ddkit.models.registry import ContractError, resolve_model
+from ddkit.registry import origin, source_sha256
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,11 @@ class Teacher(DescribesDataset):
         except DDKitError as exc:  # ConfigError too: an unknown name or option
             if isinstance(exc, ContractError):  # the user's code, not the artifact, is at fault
                 raise DDKitError(f"teacher {str(path)!r}: {exc}") from None
-            own = ("a model of your own: import the module that registers it first (the CLI imports those named in "
-                   "DDKIT_PLUGINS); else " if str(exc).startswith("unknown model") else "")
+            made_by = _plugin_module(m.get("module"))
+            own = ("" if not str(exc).startswith("unknown model") else
+                   f"made by module {made_by}: import it first (CLI: set DDKIT_PLUGINS={made_by}); else "
+                   if made_by else "a model of your own: import the module that registers it first (the CLI "
+                   "imports those named in DDKIT_PLUGINS); else ")
             raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build "
                              f"({str(exc).split(';')[0]}); {own}the manifest is damaged or from another ddkit: "
                              "re-create the teacher artifact") from None
@@ -170,6 +174,13 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"{str(path / WEIGHTS)!r} does not hold the weights its manifest names (weights_sha "
                              f"{manifest['weights_sha']}); the teacher artifact is damaged: re-create it")
         return cls(model.to(device), manifest, path)
+
+
+def _plugin_module(recorded: Any) -> str | None:
+    """The module a manifest's ``module`` entry (``myplug.my_mlp``) names, unless ddkit's own or not one."""
+    if not isinstance(recorded, str) or "." not in recorded or recorded.split(".")[0] == "ddkit":
+        return None
+    return recorded.rsplit(".", 1)[0]
 
 
 class _MeanLogits(nn.Module):
@@ -267,16 +278,36 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, n
     model.load_state_dict(state, strict=True)
 
 
+def model_source(name: str) -> dict:
+    """Where the factory of model ``name`` is defined (``module``: ``myplug.my_mlp``) and, for one from
+    outside ddkit, the sha256 of its source; empty for a name no factory is registered under."""
+    try:
+        factory, _ = resolve_model(name)
+    except DDKitError:  # refused where the model is built, with the suggestion
+        return {}
+    sha = source_sha256(factory)
+    return {"module": origin(factory), **({"source_sha256": sha} if sha else {})}
+
+
+def teacher_hash(cfg: TeacherConfig) -> str:
+    """A teacher's identity: its config and, for a model from outside ddkit (a plugin), the sha256 of
+    the model's source, so that an edited model is trained again instead of reused (ddkit's own keep
+    their keys: the config's hash alone)."""
+    sha = model_source(cfg.model).get("source_sha256")
+    return config_hash(cfg) if sha is None else config_hash([cfg, {"model_source": sha}])
+
+
 def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float, history: list) -> dict:
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update(
         {
-            "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape)},
+            "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
+                      **model_source(cfg.model)},
             "dataset": data.describe(),
             "test_accuracy": acc,
             "history": history,
             "weights_sha": weights_sha(model),
-            "config_hash": config_hash(cfg),
+            "config_hash": teacher_hash(cfg),
         }
     )
     return manifest
@@ -365,7 +396,10 @@ def train_teacher(
 
 def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
     """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data``."""
-    return out.parent / f".{out.name}.resume-{config_hash([cfg, data.fingerprint, data.normalisation])}.pt"
+    parts = [cfg, data.fingerprint, data.normalisation]
+    if sha := model_source(cfg.model).get("source_sha256"):  # a plugin model's edit does not resume the old one
+        parts.append(sha)
+    return out.parent / f".{out.name}.resume-{config_hash(parts)}.pt"
 
 
 def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path,
@@ -378,7 +412,8 @@ def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path,
     manifest = out / MANIFEST
     try:
         found = read_json(manifest) if manifest.is_file() else {}
-        if cfg.checkpoint or found.get("config_hash") != config_hash(cfg) or not data.matches(found.get("dataset", {})):
+        if (cfg.checkpoint or found.get("config_hash") != teacher_hash(cfg)
+                or not data.matches(found.get("dataset", {}))):
             return None
         teacher = Teacher.load(out, device)
     except DDKitError as e:  # damaged: trained again (train_teacher refuses a folder it may not replace)

@@ -1,0 +1,304 @@
+"""Methods and models from a user's own module (a plugin): their code is part of what they make, and the
+mistakes a method author makes end in one line that names the fix."""
+
+import hashlib
+import importlib
+import json
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from ddkit.config import Checked, config_hash, from_dict
+from ddkit.data.base import DatasetConfig, make_synthetic
+from ddkit.errors import DataError, DDKitError
+from ddkit.methods import METHODS, Checkpoint, Method, SyntheticSet, check_ipc
+from ddkit.models import MODELS
+from ddkit.pipeline import DistillConfig, RunConfig, distill, distill_hash, run
+
+PICK = '''
+from dataclasses import dataclass
+
+from ddkit.config import Checked
+from ddkit.methods import METHODS, Method, SyntheticSet
+
+
+@METHODS.register("{key}")
+class Pick(Method):
+    """The images OFFSET.. of every class."""
+
+    @dataclass
+    class Config(Checked):
+        pass
+
+    def fit(self, real, teachers, ctx):
+        idx = [i for c in range(real.num_classes) for i in real.train.indices_of(c)[OFFSET:OFFSET + ctx.ipc].tolist()]
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone(),
+                                       meta={{"source_index": idx}})
+        return self
+
+
+OFFSET = 0
+'''
+
+NET = '''
+from torch import nn
+
+from ddkit.models import MODELS
+
+HIDDEN = 8
+
+
+class Net(nn.Module):
+    def __init__(self, in_channels, num_classes, image_size, hidden=HIDDEN):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, hidden), nn.ReLU())
+        self.feature_dim = hidden
+        self.head = nn.Linear(hidden, num_classes)
+
+    def embed(self, x):
+        return self.body(x)
+
+    def forward(self, x):
+        return self.head(self.embed(x))
+
+
+def {key}(in_channels, num_classes, image_size):
+    return Net(in_channels, num_classes, image_size)
+
+
+MODELS.add("{key}", {key})
+'''
+
+
+@pytest.fixture
+def registries(monkeypatch):
+    """Registrations a test makes are undone after it (the contract test lists every registered method)."""
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    monkeypatch.setattr(MODELS, "_entries", dict(MODELS._entries))
+
+
+def _plugin(tmp_path, monkeypatch, name: str, text: str):
+    """Write module ``name`` into tmp_path and import it (again: reload, as an edited plugin in a new process)."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)  # an edit of the same size in the same second: no stale pyc
+    (tmp_path / f"{name}.py").write_text(text)
+    importlib.invalidate_caches()
+    if name in sys.modules:
+        return importlib.reload(sys.modules[name])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return importlib.import_module(name)
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_an_edited_plugin_method_makes_its_set_again(tmp_path, monkeypatch, registries):
+    """A set was identified by the method's key, options and `revision` only: a run after an edit of the
+    plugin's method reused the old set (and its evaluations) without a word, and the set did not record
+    where its method came from. The sha256 of the plugin's source now enters its identity and manifest."""
+    _plugin(tmp_path, monkeypatch, "pickplug", PICK.format(key="pick"))
+    cfg = from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "teacher": None, "distill": {"method": "pick", "ipc": 2},
+        "evaluate": {"overrides": {"student": "tiny_convnet", "full_reference": False,
+                                   "train": {"epochs": 1, "batch_size": 32}}, "seeds": [0]},
+        "device": "cpu", "out": str(tmp_path / "run")})
+    assert run(cfg)["reused"] == []
+    man = json.loads((tmp_path / "run/distilled/manifest.json").read_text())
+    assert man["method"] == {"name": "pick", "config": {}, "module": "pickplug.Pick",
+                             "source_sha256": _sha(tmp_path / "pickplug.py")}
+    assert man["source_index"] == [0, 1, 24, 25, 48, 49, 72, 73]
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"]  # unchanged code: reused
+    old_sha, old_key = man["method"]["source_sha256"], man["config_hash"]
+    _plugin(tmp_path, monkeypatch, "pickplug", PICK.format(key="pick").replace("OFFSET = 0", "OFFSET = 5"))
+    again = run(cfg)
+    assert again["reused"] == []  # the edited method made its set again, and it was evaluated again
+    man = json.loads((tmp_path / "run/distilled/manifest.json").read_text())
+    assert man["source_index"] == [5, 6, 29, 30, 53, 54, 77, 78]
+    assert man["method"]["source_sha256"] == _sha(tmp_path / "pickplug.py") != old_sha
+    assert man["config_hash"] != old_key
+
+
+def test_builtin_identities_hold_no_source_and_keep_their_values(tmp_path, monkeypatch, registries):
+    """ddkit's own methods and models keep the keys they had (their `revision` counts, not a file's
+    sha): every cached set and teacher stays valid. The payloads below are those of the base code."""
+    import ddkit.pipeline as pipeline
+    from ddkit.teacher import TeacherConfig
+    from ddkit.teacher.squeeze import teacher_hash
+
+    data = make_synthetic()
+    payloads = []
+    monkeypatch.setattr(pipeline, "config_hash", lambda key: payloads.append(key) or config_hash(key))
+    for name in METHODS.list():
+        distill_hash(DistillConfig(method=name, ipc=None if name == "full" else 2), data, None)
+    assert payloads and not any("method_source" in p for p in payloads)
+    # the values the base code (611c2fc) computes: edc has a revision
+    assert distill_hash(DistillConfig(method="random", ipc=2), data, None) == "df4c3875b63f04ed"
+    assert distill_hash(DistillConfig(method="edc", ipc=2, options={"iterations": 3}), data, None) == "c3c32d7ec0b3e781"
+    assert teacher_hash(TeacherConfig(model="tiny_convnet")) == "d99de0aabf289a6c"
+    for model in ("tiny_convnet", "convnet3", "convnet4-w64-bn", "resnet18_cifar"):
+        tcfg = TeacherConfig(model=model)
+        assert teacher_hash(tcfg) == config_hash(tcfg)
+    _plugin(tmp_path, monkeypatch, "pickplug2", PICK.format(key="pick2"))
+    payloads.clear()
+    distill_hash(DistillConfig(method="pick2", ipc=2), data, None)
+    assert payloads[-1]["method_source"] == _sha(tmp_path / "pickplug2.py")
+
+
+def test_an_edited_plugin_model_trains_its_teacher_again(tmp_path, monkeypatch, registries):
+    """A teacher was identified by its config: an edited plugin model reused the teacher of the old code.
+    Its manifest records where the model is, and a load without the plugin names the module to import."""
+    from ddkit.teacher import Teacher, TeacherConfig, saved_teacher, train_teacher
+    from ddkit.teacher.squeeze import teacher_hash
+    from ddkit.training import TrainConfig
+
+    data = make_synthetic()
+    _plugin(tmp_path, monkeypatch, "netplug", NET.format(key="plug_net"))
+    cfg = TeacherConfig(model="plug_net", train=TrainConfig(epochs=1, batch_size=32))
+    train_teacher(data, cfg, tmp_path / "t")
+    man = json.loads((tmp_path / "t/manifest.json").read_text())
+    assert man["model"]["module"] == "netplug.plug_net"
+    assert man["model"]["source_sha256"] == _sha(tmp_path / "netplug.py")
+    assert man["config_hash"] == teacher_hash(cfg) != config_hash(cfg)
+    assert saved_teacher(data, cfg, tmp_path / "t") is not None
+    _plugin(tmp_path, monkeypatch, "netplug", NET.format(key="plug_net").replace("HIDDEN = 8", "HIDDEN = 16"))
+    assert saved_teacher(data, cfg, tmp_path / "t") is None  # trained again, with the new code
+    del MODELS._entries["plug_net"]  # a later process without the plugin
+    with pytest.raises(DDKitError, match=r"\(unknown model 'plug_net'\); made by module netplug: import it first "
+                                         r"\(CLI: set DDKIT_PLUGINS=netplug\); else"):
+        Teacher.load(tmp_path / "t")
+
+
+def test_a_method_whose_source_cannot_be_read_is_warned_about(caplog, registries):
+    """A class defined where no source is kept (``python -c``, some notebooks) cannot be tracked: its
+    identity is its key, options and `revision`, and a warning says so, once."""
+    from ddkit.registry import source_sha256
+
+    ns: dict = {}
+    exec("class Ghost:\n    pass\n", {"__name__": "ghostmod"}, ns)  # no file, no source
+    with caplog.at_level("WARNING", logger="ddkit"):
+        assert source_sha256(ns["Ghost"]) is None
+        assert source_sha256(ns["Ghost"]) is None
+    assert caplog.text.count("cannot read the source of ghostmod.Ghost: edits to it are not tracked") == 1
+    assert "bump a method's `revision`" in caplog.text
+    assert source_sha256(DistillConfig) is None  # ddkit's own: never hashed
+
+
+@dataclass
+class _NoFields(Checked):
+    pass
+
+
+def _method(fit, config=_NoFields):
+    return type("M", (Method,), {"Config": config, "fit": fit})
+
+
+def test_a_tensor_in_meta_is_refused_at_build_in_memory_and_on_disk(tmp_path, registries):
+    """A tensor in synthetic_.meta worked in memory, then failed at the save (after the whole fit) with a
+    raw "TypeError: Object of type Tensor is not JSON serializable" naming neither method nor key."""
+    data = make_synthetic()
+
+    def fit(self, real, teachers, ctx):
+        idx = torch.arange(0, 96, 12)
+        self.synthetic_ = SyntheticSet(real.train.images[idx], real.train.labels[idx], meta={"ok": [1], "scores":
+                                                                                           torch.ones(3)})
+        return self
+
+    METHODS.register("tmeta")(_method(fit))
+    message = ("method 'tmeta' put a Tensor in synthetic_.meta['scores']; meta is saved as JSON: convert it to lists, "
+               "numbers or str (.tolist())")
+    for out in (None, tmp_path / "set"):
+        with pytest.raises(DDKitError) as err:
+            distill(data, DistillConfig(method="tmeta", ipc=2), DatasetConfig(name="synthetic"), out)
+        assert str(err.value) == message
+    assert not (tmp_path / "set").exists()
+
+
+def test_method_author_mistakes_end_in_one_line(registries):
+    """fit without `return self`, a class that is no Method or has no Config, a dict for a config, labels
+    out of range and NaN pixels from a method without a learning rate: raw AttributeErrors or a message
+    that did not fit."""
+    data = make_synthetic()
+
+    def no_return(self, real, teachers, ctx):
+        self.synthetic_ = SyntheticSet(real.train.images[:4], real.train.labels[:4])
+
+    METHODS.register("noreturn")(_method(no_return))
+    with pytest.raises(DDKitError) as err:
+        distill(data, DistillConfig(method="noreturn", ipc=1), DatasetConfig(name="synthetic"))
+    assert str(err.value) == ("method 'noreturn': its fit returned None; it must `return self` after setting "
+                              "self.synthetic_")
+
+    METHODS.register("noset")(_method(lambda self, real, teachers, ctx: self))
+    with pytest.raises(DDKitError, match=r"^method 'noset': its fit set no self.synthetic_ \(a "):
+        distill(data, DistillConfig(method="noset", ipc=1), DatasetConfig(name="synthetic"))
+
+    class NotAMethod:
+        Config = _NoFields
+
+    with pytest.raises(DDKitError) as err:
+        METHODS.register("notamethod")(NotAMethod)
+    assert str(err.value) == ("method 'notamethod': test_method_author_mistakes_end_in_one_line.<locals>.NotAMethod is "
+                              "not a subclass of ddkit.methods.Method; derive it from Method (class X(Method): ...)")
+    with pytest.raises(DDKitError, match=r"^method 'noconfig': M has no dataclass Config; give it one \(a @dataclass "):
+        METHODS.register("noconfig")(type("M", (Method,), {}))
+    with pytest.raises(DDKitError, match="no dataclass Config"):
+        METHODS.add("plainconfig", _method(no_return, config=dict))
+    assert not {"notamethod", "noconfig", "plainconfig"} & set(METHODS.list())
+
+    @dataclass
+    class Cfg(Checked):
+        space: str = "pixels"
+
+    assert _method(no_return, Cfg)({"space": "teacher"}).cfg == Cfg(space="teacher")
+    with pytest.raises(DDKitError, match=r"options\.spac.*did you mean 'space'"):
+        _method(no_return, Cfg)({"spac": "teacher"})
+
+    def bad_labels(self, real, teachers, ctx):
+        self.synthetic_ = SyntheticSet(real.train.images[:5], torch.tensor([0, 1, 9, 3, -1]))
+        return self
+
+    METHODS.register("badlabels")(_method(bad_labels))
+    with pytest.raises(DDKitError) as err:
+        distill(data, DistillConfig(method="badlabels", ipc=1), DatasetConfig(name="synthetic"))
+    assert str(err.value) == ("method 'badlabels' produced 2 label(s) outside the class indices 0..3, the first 9 "
+                              "(image 2); this is a bug in the method")
+
+    def nan_images(self, real, teachers, ctx):
+        self.synthetic_ = SyntheticSet(torch.full((4, *real.image_shape), float("nan")), torch.arange(4))
+        return self
+
+    METHODS.register("nanimgs")(_method(nan_images))
+    with pytest.raises(DDKitError) as err:
+        distill(data, DistillConfig(method="nanimgs", ipc=1), DatasetConfig(name="synthetic"))
+    assert str(err.value) == ("method 'nanimgs' produced non-finite pixels; check the method (for optimising methods: "
+                              "lower the learning rate of its images in distill.options, or undo another option that "
+                              "makes the updates larger)")
+
+
+def test_the_pipeline_checks_ipc_for_every_method(registries):
+    """A plugin method that did not call check_ipc ran with more images per class than the class holds
+    (herding with ipc 30 on 24 images: duplicates, accepted). A method may opt out."""
+    assert check_ipc(make_synthetic(), 3) == 3 and Checkpoint.__module__ == "ddkit.methods.common"  # exported
+    data = make_synthetic()
+    made = []
+
+    def fit(self, real, teachers, ctx):
+        made.append(ctx.ipc)
+        idx = torch.cat([real.train.indices_of(c)[torch.arange(ctx.ipc) % 24] for c in range(real.num_classes)])
+        self.synthetic_ = SyntheticSet(real.train.images[idx], real.train.labels[idx])
+        return self
+
+    METHODS.register("nocheck")(_method(fit))
+    with pytest.raises(DataError, match=r"^ipc 30 is larger than the smallest class \('class0' has 24 training "):
+        distill(data, DistillConfig(method="nocheck", ipc=30), DatasetConfig(name="synthetic"))
+    assert made == []  # refused before the fit
+    beyond = _method(fit)
+    beyond.ipc_within_class_size = False
+    METHODS.register("beyond")(beyond)
+    ds = distill(data, DistillConfig(method="beyond", ipc=30), DatasetConfig(name="synthetic"))
+    assert made == [30] and ds.manifest["class_counts"] == [30] * 4
+    assert all(METHODS.get(m).ipc_within_class_size for m in METHODS.list() if m not in ("beyond",))
+
