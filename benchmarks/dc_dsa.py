@@ -206,10 +206,10 @@ def run_method(method: str, ipc: int, iterations: int, seeds: list[int], work: P
     if report is None or unscored(report, distilled.manifest, protocol.hash, seeds):
         bar = tqdm(desc=f"{method} students", unit="ep", leave=False)
 
-        def student_progress(label: str, epoch: int, epochs: int) -> None:
+        def student_progress(epoch: int, epochs: int, record: dict) -> None:
             if epoch == 1:
                 bar.reset(epochs)
-                bar.set_description(f"{method} {label}")
+                bar.set_description(f"{method} {record['stage']}")
             bar.update(1)
 
         report = evaluate(distilled, protocol, seeds, data=data, device=device, progress=student_progress)

@@ -9,6 +9,7 @@ import ddkit
 from ddkit.artifacts import SCHEMA_VERSION, atomic_dir, build_lock
 from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig
+from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import METHODS, FitContext
 from ddkit.pipeline import DistillConfig, RunConfig, distill
@@ -184,6 +185,18 @@ def test_load_errors(tiny, tmp_path):
     man["kind"] = "teacher"
     (path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(DDKitError, match="is a 'teacher' artifact, not a 'distilled-set'"):
+        DistilledSet.load(path)
+    with pytest.raises(DDKitError, match=r"lacks 'model.name' .*re-create the teacher artifact"):
+        ddkit.load(path)  # loaded as the teacher its manifest says it is
+    man["kind"] = "expert-buffer"
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DDKitError, match=r"is a 'expert-buffer' record, which ddkit.load does not read; "
+                                         r"ddkit.methods.trajectory.load_experts\(path\) reads it$"):
+        ddkit.load(path)
+    man["kind"] = "thing"
+    (path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(DDKitError, match=r"is a 'thing' record, which ddkit.load does not know; ddkit.load reads "
+                                         r"distilled sets, run folders, teachers, FKD stores and evaluation reports$"):
         ddkit.load(path)
     man["kind"] = "distilled-set"
     (path / "manifest.json").write_text(json.dumps(man))
@@ -743,3 +756,74 @@ def test_records_name_other_artifacts_absolutely(tiny, tmp_path, monkeypatch):
     bare = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 4))  # a bare module: no folder to record
     store = relabel(ds, bare, epochs=1)
     assert store.manifest["distilled"]["path"] == str(tmp_path / "r3-0") and store.manifest["teacher"]["path"] is None
+
+
+def test_load_reads_every_stages_artifact_by_its_kind(tiny, tmp_path):
+    """ddkit.load took only distilled sets ("'runs/t' is a 'teacher' artifact, not a 'distilled-set'"),
+    also for a `ddkit run` folder whose manifest names its set; evaluation reports had no loader and
+    format_table wanted a list; a grid of a set needed the internal distilled.save_grid."""
+    from ddkit.evaluate import evaluate, format_table, resolve_protocol
+    from ddkit.labels import SoftLabelStore, relabel
+    from ddkit.pipeline import run
+    from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+
+    teacher = train_teacher(tiny, TeacherConfig(model="tiny_mlp", train={"epochs": 1}), tmp_path / "t")
+    ds = _random_set(tiny, tmp_path)
+    relabel(ds, teacher, 1, out=tmp_path / "fkd")
+    loaded = ddkit.load(tmp_path / "t")
+    assert isinstance(loaded, Teacher) and loaded.fingerprint == teacher.fingerprint
+    store = ddkit.load(tmp_path / "fkd" / "manifest.json")
+    assert isinstance(store, SoftLabelStore) and store.path == tmp_path / "fkd"
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_mlp", "full_reference": False,
+                                                "random_baseline": False, "train": {"epochs": 1}})
+    report = evaluate(ds, protocol, [0], out=tmp_path / "eval.json")
+    assert ddkit.load(tmp_path / "eval.json") == json.loads((tmp_path / "eval.json").read_text())
+    assert format_table(report) == format_table([report])
+    with pytest.raises(DDKitError, match=r"^normalize applies to distilled sets, but .* is a 'teacher'; leave "
+                                         r"normalize out$"):
+        ddkit.load(tmp_path / "t", normalize=True)
+
+    cfg = RunConfig(dataset=DatasetConfig(name="synthetic"), teacher=None, out=str(tmp_path / "run"),
+                    distill=DistillConfig(method="random", ipc=2), device="cpu",
+                    evaluate={"overrides": {"student": "tiny_mlp", "full_reference": False, "random_baseline": False,
+                                            "train": {"epochs": 1}}, "seeds": [0]})
+    run(cfg)
+    from_run = ddkit.load(tmp_path / "run", normalize=True)
+    made = DistilledSet.load(tmp_path / "run" / "distilled", normalize=True)
+    assert from_run.path == made.path and torch.equal(from_run[0][0], made[0][0]) and from_run.normalize
+    sets = ddkit.load(tmp_path / "run" / "report")  # the run's report folder: its eval.json, every evaluation
+    assert sets["kind"] == "evaluation-set" and ddkit.load(tmp_path / "run" / "report" / "eval.json") == sets
+    assert format_table(sets) == format_table(sets["evaluations"])
+    (tmp_path / "run" / "manifest.json").unlink()  # a run killed before its last stage
+    with pytest.raises(DDKitError, match=r"is an unfinished `ddkit run` folder .*ddkit.load\('.*distilled'\)$"):
+        ddkit.load(tmp_path / "run")
+
+    ds.save_grid(tmp_path / "grid.png", per_class=2)
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(ds.path / "preview.png") as preview:
+        assert grid.format == "PNG" and grid.height == preview.height and grid.width < preview.width
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # written atomically
+
+
+def test_the_stages_are_reexported_lazily_from_ddkit():
+    """dir(ddkit) and help(ddkit) showed only load: the stage functions and configs are there now, imported
+    on first use, so `import ddkit` still imports neither torch nor any ddkit module."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ddkit; print(sorted(m for m in sys.modules if m.startswith(('ddkit', 'torch'))));"
+            "print(callable(ddkit.evaluate), ddkit.distill.__module__, ddkit.TeacherConfig.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["['ddkit']", "True ddkit.pipeline TeacherConfig"]
+    from ddkit.evaluate import evaluate
+    from ddkit.labels import relabel
+    from ddkit.pipeline import distill
+    from ddkit.teacher import train_teacher
+
+    assert (ddkit.distill, ddkit.relabel, ddkit.train_teacher) == (distill, relabel, train_teacher)
+    assert ddkit.evaluate.evaluate is evaluate and ddkit.evaluate.__call__.__doc__
+    for name in ddkit.__all__:
+        assert getattr(ddkit, name) is not None and name in dir(ddkit)
+    assert {"train_teacher", "distill", "relabel", "evaluate", "load_dataset", "DatasetConfig", "DistillConfig",
+            "ProtocolConfig", "TeacherConfig", "RelabelSpec", "save_tensors"} <= set(ddkit.__all__)
+    with pytest.raises(AttributeError, match="module 'ddkit' has no attribute 'distil'"):
+        ddkit.distil  # noqa: B018

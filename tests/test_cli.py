@@ -1296,3 +1296,28 @@ def test_augment_option_error_names_the_fix(capsys):
         resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {"scale_min": 0.5}}}, where="")
     fixed = resolve_protocol("edc", {"train": {"augment": "flip", "augment_options": {}}}, where="")
     assert (fixed.train.augment, fixed.train.augment_options) == ("flip", {})
+
+
+def test_evaluate_bars_read_the_stage_from_the_record_and_fkd_needs_its_store_first(tmp_path, capsys, monkeypatch):
+    """evaluate's progress callback is now progress(step, total, record) with the student in record["stage"],
+    as every other stage calls it; the CLI's bars name each student from it. A protocol may leave
+    fkd_store out (a library call passes the store), so `evaluate --label-mode fkd` without --set
+    fkd_store says so before the data and teacher are loaded."""
+    import ddkit.cli as cli
+    import ddkit.data.base as base
+
+    bars = cli.Progress(True)
+    seen = []
+    callback = bars.students()
+    monkeypatch.setattr(cli.Progress, "__call__", lambda self, label, done, total, record=None, unit="ep":
+                        seen.append((label, done, total, record)))
+    callback(2, 5, {"stage": "random subset, seed 1", "loss": 0.5})
+    assert seen == [("random subset, seed 1", 2, 5, {"stage": "random subset, seed 1", "loss": 0.5})]
+    assert cli.Progress(False).students() is None  # -q: no callback, as Progress.stage gives
+
+    out = tmp_path / "set"
+    assert run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(out), "-q"],
+                   capsys)[0] == 0
+    monkeypatch.setattr(base, "load_dataset", lambda *a, **k: pytest.fail("loaded the data before the check"))
+    code, _, err = run_cli(["evaluate", str(out), "--label-mode", "fkd"], capsys)
+    assert code == 2 and err == "error: label mode fkd replays a `ddkit relabel` store; pass --set fkd_store=DIR\n"

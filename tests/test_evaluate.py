@@ -139,7 +139,8 @@ def test_full_reference_is_trained_once_by_concurrent_callers(setup, tiny_protoc
 def test_soft_label_modes_need_their_inputs(setup, tiny_protocol):
     data, teacher, ds, root = setup
     teach = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})
-    with pytest.raises(DDKitError, match="label_mode 'teacher' needs a teacher; pass --teacher DIR"):
+    with pytest.raises(DDKitError,
+                       match=r"^label_mode 'teacher' needs a teacher; pass teacher= \(CLI: --teacher DIR\)$"):
         evaluate(ds, teach, [0], data=data)
     plain = distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), root / "plain")
     stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False})
@@ -170,7 +171,7 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, cap
     from ddkit.labels import SoftLabelStore, relabel
 
     data, teacher, ds, _ = setup
-    store = relabel(ds, teacher, epochs=5, augment_spec="rrc_flip", cutmix_prob=0.5, seed=0)
+    store = relabel(ds, teacher, epochs=5, augment="rrc_flip", cutmix_prob=0.5, seed=0)
     store.save(tmp_path / "fkd")
     proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
                                              "full_reference": False, "train": {"epochs": 10}})
@@ -190,10 +191,16 @@ def test_fkd_label_mode_with_random_baseline(setup, tiny_protocol, tmp_path, cap
     assert 0.25 < rep["results"]["distilled"]["mean"] <= 1.0
     with pytest.raises(DDKitError,
                        match=r"^label_mode 'fkd' needs a teacher to label the random subset beside the set; pass "
-                             r"--teacher DIR, or set random_baseline=false to evaluate the set alone$"):
+                             r"teacher= \(CLI: --teacher DIR\), or set random_baseline=false to evaluate the set "
+                             r"alone$"):
         evaluate(ds, proto, [0], data=data)
-    with pytest.raises(Exception, match="label_mode 'fkd' needs fkd_store"):
-        resolve_protocol(tiny_protocol, {"label_mode": "fkd"})
+    # a protocol may leave the store out (evaluate is then given it); evaluate needs one of the two
+    no_store = resolve_protocol(tiny_protocol, {"label_mode": "fkd"})
+    assert no_store.fkd_store is None and no_store.loss == "kl"
+    with pytest.raises(DDKitError, match=r"^label_mode 'fkd' needs fkd_store: pass fkd_store= \(a SoftLabelStore, as "
+                                         r"relabel returns\) or set the protocol's fkd_store to a `ddkit relabel` "
+                                         r"folder \(CLI: --set fkd_store=DIR\)$"):
+        evaluate(ds, no_store, [0], data=data, teacher=teacher)
 
 
 def test_fkd_evaluation_fingerprints_its_set_once(setup, tiny_protocol, tmp_path, monkeypatch):
@@ -312,17 +319,27 @@ def test_mtt_protocol_preset():
 
 def test_data_with_other_classes_is_named_before_its_fingerprint(setup, tiny_protocol):
     """Other class names used to be reported as an unexplained fingerprint mismatch; the classes are now
-    named, and both errors point dataset.path at the set's data (the CLI says --data-path)."""
+    named, and both errors point dataset.path at the set's data (the CLI says --data-path), or, for data
+    built by hand (no files to point at), ask for the right bundle as data=."""
     import dataclasses
+
+    from ddkit.data.base import load_dataset
 
     data, ds = setup[0], setup[2]
     renamed = dataclasses.replace(data, classes=[f"x{i}" for i in range(data.num_classes)])
     with pytest.raises(DDKitError, match=r"distilled set's classes \['class0', .*\] differ from the dataset's \['x0', "
-                                         r".*\]; point dataset.path at the data it was made from"):
+                                         r".*\]; pass the bundle the set was made from as data=$"):
         evaluate(ds, tiny_protocol, [0], data=renamed)
     other = make_synthetic(num_classes=data.num_classes, seed=9)
-    with pytest.raises(DDKitError, match="but the loaded data has .*; point dataset.path at the same files"):
+    with pytest.raises(DDKitError, match="but the loaded data has .*; pass the bundle the set was made from as data=$"):
         evaluate(ds, tiny_protocol, [0], data=other)
+    loaded = load_dataset(DatasetConfig(name="synthetic", options={"num_classes": data.num_classes, "seed": 9}))
+    with pytest.raises(DDKitError, match="but the loaded data has .*; point dataset.path at the same files$"):
+        evaluate(ds, tiny_protocol, [0], data=loaded)
+    renamed = dataclasses.replace(loaded, classes=[f"x{i}" for i in range(data.num_classes)])
+    renamed.config = loaded.config
+    with pytest.raises(DDKitError, match=r"\]; point dataset.path at the data it was made from$"):
+        evaluate(ds, tiny_protocol, [0], data=renamed)
 
 
 def test_distill_and_evaluate_take_a_teacher_folder(setup, tiny_protocol, tmp_path):
@@ -421,3 +438,72 @@ def test_library_calls_refuse_wrong_arguments_in_one_line(setup, tiny_protocol, 
     assert store.manifest["teacher"]["fingerprint"] == teacher.fingerprint and store.manifest["epochs"] == 1
     with pytest.raises(DDKitError, match=r"^teacher must be a Teacher, its artifact folder or a module, got int$"):
         relabel(ds, 3, epochs=1)
+
+
+def test_progress_is_called_as_every_stage_calls_it(setup, tiny_protocol, tmp_path):
+    """evaluate called progress(label, epoch, total) where train_teacher, distill and relabel call
+    progress(step, total, record): a callback written for the other stages got a string as its step. Now
+    every student reports (epoch, epochs, record) with the student named in record["stage"]."""
+    data, _, ds, _ = setup
+    calls = []
+    proto = resolve_protocol(tiny_protocol, {"full_epochs": 2, "train": {"epochs": 3}})
+    evaluate(ds, proto, [0], data=data, cache_dir=tmp_path,
+             progress=lambda step, total, record: calls.append((step, total, record["stage"], "loss" in record)))
+    assert [c[:3] for c in calls] == (
+        [(e, 3, "distilled, seed 0") for e in range(4)] + [(e, 3, "random subset, seed 0") for e in range(4)]
+        + [(e, 2, "full data, seed 0") for e in range(3)])
+    assert all(has_loss == (step > 0) for step, _, _, has_loss in calls)  # the epoch's record, as train_teacher's
+
+
+def test_protocol_picks_the_loss_of_a_soft_label_mode_as_resolve_protocol_does():
+    """ProtocolConfig(label_mode="teacher") was refused ("set loss=kl") where resolve_protocol and `ddkit run`
+    switch to kl themselves; a loss given explicitly is still checked, and every preset keeps its hash."""
+    from ddkit.config import ConfigError
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
+
+    for mode in ("teacher", "stored", "fkd"):
+        assert ProtocolConfig(label_mode=mode) == resolve_protocol("dc-protocol", {"label_mode": mode})
+        assert ProtocolConfig(label_mode=mode).loss == "kl"
+    assert ProtocolConfig().loss == "ce" and ProtocolConfig(label_mode="teacher", loss="mse_ce").loss == "mse_ce"
+    with pytest.raises(ConfigError, match=r"^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
+        ProtocolConfig(label_mode="teacher", loss="ce")
+    with pytest.raises(ConfigError, match=r"^label_mode 'hard' needs loss 'ce', got 'kl'"):
+        ProtocolConfig(loss="kl")
+    # the presets' hashes key cached evaluations: unchanged by the new default
+    assert {k: PROTOCOLS.get(k)().hash for k in PROTOCOLS.list()} == {
+        "cvdd": "1b41253b1c9e3d93", "dc-protocol": "26ab4d31935aff70", "demo": "c3ee88bcf436d67d",
+        "dsa-protocol": "34feb71c5412d85e", "edc": "ce8aae6a0441945b", "mtt-protocol": "70fc2691509dc513",
+        "soft-kl": "7d9477511be45149"}
+
+
+def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, tmp_path):
+    """A DataBundle built from tensors in memory could be distilled only with a DatasetConfig naming no
+    registered dataset, which the set recorded and evaluation could not load ("unknown dataset 'mine'").
+    save_tensors writes the tensors source's file and returns the config that loads the same data."""
+    from ddkit.config import ConfigError
+    from ddkit.data import DataBundle, ImageSet, load_dataset, save_tensors
+
+    g = torch.Generator().manual_seed(0)
+
+    def split(n):
+        y = torch.arange(3).repeat_interleave(n)
+        return ImageSet(((torch.rand(len(y), 1, 8, 8, generator=g) + y.view(-1, 1, 1, 1) * 0.2) / 1.5).clamp(0, 1), y)
+
+    data = DataBundle(name="mine", train=split(12), test=split(4), classes=["a", "b", "c"], mean=(0.5,), std=(0.3,))
+    with pytest.raises(ConfigError, match=r"^dataset_cfg names dataset 'mine', which no registered source loads, .*"
+                                          r"dataset_cfg=ddkit.data.save_tensors\(data, 'data.safetensors'\)"):
+        distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="mine"))
+    with pytest.raises(ConfigError, match=r"^dataset_cfg is needed for data built by hand .*ddkit.data.save_tensors"):
+        distill(data, DistillConfig(method="random", ipc=2))
+    cfg = save_tensors(data, tmp_path / "mine.safetensors")
+    assert cfg == DatasetConfig(name="tensors", path=str(tmp_path / "mine.safetensors"))
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.safetensors"]  # written atomically: no temporary left
+    again = load_dataset(cfg)
+    assert (again.fingerprint, again.classes, again.mean, again.std) == (data.fingerprint, data.classes, data.mean,
+                                                                         data.std)
+    ds = distill(data, DistillConfig(method="random", ipc=2), cfg, out=tmp_path / "set")
+    proto = resolve_protocol(tiny_protocol, {"full_reference": False, "train": {"epochs": 2}})
+    rep = evaluate(tmp_path / "set", proto, [0], cache_dir=tmp_path / "cache")  # the data reloaded from the file
+    assert rep["distilled"]["dataset_fingerprint"] == data.fingerprint == ds.manifest["dataset"]["fingerprint"]
+    with pytest.raises(ConfigError, match=r"^save_tensors writes a .safetensors file"):
+        save_tensors(data, tmp_path / "mine.pt")

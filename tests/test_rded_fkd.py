@@ -45,7 +45,7 @@ def small_set(data):
 
 @pytest.fixture(scope="module")
 def store(small_set, teacher):
-    return relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)
+    return relabel(small_set, teacher, epochs=3, augment="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)
 
 
 # ---------------------------------------------------------------------------------------------- RDED
@@ -281,7 +281,7 @@ def test_stored_logits_are_the_teachers_on_the_views(store, small_set, teacher):
 
 
 def test_relabel_independent_of_batch_size(small_set, teacher, store):
-    other = relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=256)
+    other = relabel(small_set, teacher, epochs=3, augment="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=256)
     for k in store.tensors:
         if k == "logits":
             assert torch.allclose(store.tensors[k].float(), other.tensors[k].float(), atol=1e-2)
@@ -290,7 +290,7 @@ def test_relabel_independent_of_batch_size(small_set, teacher, store):
 
 
 def test_topk_store(small_set, teacher, store):
-    topk = relabel(small_set, teacher, epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, top_k=2)
+    topk = relabel(small_set, teacher, epochs=3, augment="rrc_flip", cutmix_prob=0.7, seed=5, top_k=2)
     assert topk.nbytes < store.nbytes and topk.logit_nbytes < store.logit_nbytes
     dense = store.replay(2, [5, 2, 9]).targets
     sparse = topk.replay(2, [5, 2, 9]).targets
@@ -433,7 +433,7 @@ def test_store_refuses_other_set(store, data):
 
 def test_training_with_store_learns(data, teacher):
     distilled = _subset(data, 10)
-    store = relabel(distilled, teacher, epochs=25, augment_spec="rrc_flip", augment_options={"scale_min": 0.5},
+    store = relabel(distilled, teacher, epochs=25, augment="rrc_flip", augment_options={"scale_min": 0.5},
                     cutmix_prob=0.5, seed=0)
     proto = ProtocolConfig(student="tiny_convnet", label_mode="teacher", loss="kl", temperature=4.0,
                            train=TrainConfig(epochs=25, batch_size=12, optimizer="adamw", lr=1e-2, weight_decay=0.01,
@@ -491,7 +491,7 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
         return real(r, *a, **k)
 
     monkeypatch.setattr(fkd, "render", dying)
-    opts = dict(epochs=3, augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5, work_dir=tmp_path)
+    opts = dict(epochs=3, augment="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5, work_dir=tmp_path)
     with pytest.raises(KeyboardInterrupt):
         relabel(small_set, teacher, **opts)
     partial = next(tmp_path.iterdir())
@@ -524,7 +524,7 @@ def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_pa
     b = copy.deepcopy(teacher.model)
     with torch.no_grad():
         next(b.parameters()).add_(0.5)
-    opts = {"epochs": 2, "augment_spec": "none", "seed": 1, "work_dir": tmp_path}
+    opts = {"epochs": 2, "augment": "none", "seed": 1, "work_dir": tmp_path}
     first = relabel(small_set, a, **opts)
     second = relabel(small_set, b, **opts)
     fresh = relabel(small_set, b, **{**opts, "work_dir": None})
@@ -541,7 +541,7 @@ def test_relabel_refuses_logits_beyond_float16(small_set):
             return torch.full((len(x), 4), 7e4)
 
     with pytest.raises(DDKitError, match="beyond float16"):
-        relabel(small_set, Loud(), epochs=1, augment_spec="none")
+        relabel(small_set, Loud(), epochs=1, augment="none")
 
 
 @pytest.mark.slow
@@ -603,7 +603,7 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
     from ddkit.pipeline import DistillConfig, distill
 
     ds = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
-    store = relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0)
+    store = relabel(ds, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.0, seed=0)
     store.save(tmp_path / "st")
     store.save(tmp_path / "other")
     monkeypatch.chdir(tmp_path)
@@ -621,8 +621,68 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
     with pytest.raises(DDKitError, match=r"^fkd_store was never saved, so it cannot be the protocol's fkd_store "
                                          r"'st/manifest.json'; save it there and pass the saved store"):
         evaluate(ds, proto, [0], data=data, teacher=teacher,
-                 fkd_store=relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.0, seed=0))
+                 fkd_store=relabel(ds, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.0, seed=0))
 
+
+
+def test_evaluate_replays_a_store_held_in_memory(teacher, data, tmp_path):
+    """evaluate(..., fkd_store=relabel(...)) needed the store saved and named as the protocol's fkd_store
+    ("label_mode 'fkd' needs fkd_store ... set fkd_store=DIR", then "fkd_store was never saved"). A
+    protocol without fkd_store now replays the store it is given, and the report names the store by its
+    content: a store in memory by the identity it has once saved, another store by another."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.labels.fkd import store_identity
+    from ddkit.pipeline import DistillConfig, distill
+
+    ds = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
+    mem = relabel(ds, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.0, seed=0)
+    over = {"student": "tiny_convnet", "label_mode": "fkd", "full_reference": False,
+            "train": {"epochs": 2, "batch_size": 6, "augment": "rrc_flip"}}
+    proto = resolve_protocol("dc-protocol", over)
+    assert proto.fkd_store is None and proto.loss == "kl"
+    rep = evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=mem, cache_dir=tmp_path / "cache")
+    assert mem.path is None and rep["fkd_store"] == {"path": None, "identity": store_identity(mem)}
+    assert set(rep["results"]) == {"distilled", "random"}
+    mem.save(tmp_path / "st")
+    assert store_identity(tmp_path / "st") == rep["fkd_store"]["identity"]
+    saved = evaluate(ds, resolve_protocol("dc-protocol", {**over, "fkd_store": str(tmp_path / "st")}), [0], data=data,
+                     teacher=teacher, cache_dir=tmp_path / "cache2")
+    assert saved["results"] == rep["results"]
+    assert saved["fkd_store"] == {"path": str(tmp_path / "st"), "identity": rep["fkd_store"]["identity"]}
+    # the folder passed as fkd_store= is loaded, as teacher= is
+    assert evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=tmp_path / "st",
+                    cache_dir=tmp_path / "cache")["results"] == rep["results"]
+    other = relabel(ds, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.0, seed=1)
+    assert store_identity(other) != store_identity(mem)
+    with pytest.raises(DDKitError, match=r"^fkd_store must be a SoftLabelStore \(as relabel returns\) or its folder, "
+                                         r"got int; pass one of them$"):
+        evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=3)
+
+
+def test_relabel_takes_augment_as_relabel_spec_and_the_cli_name_it(small_set, teacher):
+    """relabel(..., augment="flip") was a TypeError: the argument was augment_spec, where RelabelSpec and
+    --augment say augment. augment_spec= still works, with a DeprecationWarning; RelabelSpec(epochs=N).make
+    asked for protocol_epochs although its epochs were set."""
+    from ddkit.config import ConfigError
+    from ddkit.labels import RelabelSpec
+
+    new = relabel(small_set, teacher, epochs=1, augment="flip", cutmix_prob=0.0)
+    with pytest.warns(DeprecationWarning, match=r"^relabel\(augment_spec=\) is deprecated; pass augment=$"):
+        old = relabel(small_set, teacher, epochs=1, augment_spec="flip", cutmix_prob=0.0)
+    made = RelabelSpec(epochs=1, augment="flip", cutmix_prob=0.0).make(small_set, teacher)
+    positional = relabel(small_set, teacher, 1, "flip", None, 0.0)
+    for store in (old, made, positional):
+        assert store.manifest["augment"] == new.manifest["augment"] and store.manifest["augment"]["spec"] == "flip"
+        assert store.tensors.keys() == new.tensors.keys()
+        assert all(torch.equal(store.tensors[k], new.tensors[k]) for k in new.tensors)
+    with pytest.raises(ConfigError, match=r"^relabel got augment='none' and its old name augment_spec='flip'; pass "
+                                          r"augment= alone$"):
+        relabel(small_set, teacher, epochs=1, augment="none", augment_spec="flip")
+    with pytest.raises(ConfigError, match=r"^RelabelSpec.epochs is None \(the protocol's training epochs\), so make "
+                                          r"needs protocol_epochs; pass protocol_epochs=N, or set epochs$"):
+        RelabelSpec().make(small_set, teacher)
+    assert RelabelSpec(cutmix_prob=0.0).make(small_set, teacher, 2).epochs == 2
 
 # --- stores at scale: streamed to disk, checked per epoch -----------------------------------------------------------
 
@@ -749,9 +809,9 @@ def test_saved_and_streamed_stores_are_what_save_file_writes(store, small_set, t
     save_file writes for the whole stacked tensors (the format before), and the same manifest."""
     from safetensors.torch import save_file
 
-    topk = relabel(small_set, teacher, epochs=3, augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2)
-    for name, made, opts in (("dense", store, dict(augment_spec="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)),
-                             ("topk", topk, dict(augment_spec="none", cutmix_prob=0.0, seed=2, top_k=2))):
+    topk = relabel(small_set, teacher, epochs=3, augment="none", cutmix_prob=0.0, seed=2, top_k=2)
+    for name, made, opts in (("dense", store, dict(augment="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=5)),
+                             ("topk", topk, dict(augment="none", cutmix_prob=0.0, seed=2, top_k=2))):
         save_file(made.tensors, str(tmp_path / f"{name}.safetensors"), metadata={"kind": "fkd-soft-labels"})
         made.save(tmp_path / f"{name}-saved")
         streamed = relabel(small_set, teacher, epochs=3, out=tmp_path / f"{name}-streamed", **opts)
@@ -788,7 +848,7 @@ def test_streaming_refuses_work_epochs_of_other_shapes(tmp_path):
     save_tensors(partial / "epoch_00001.safetensors", {"logits": torch.zeros(3, 50, dtype=torch.float16)})
     with pytest.raises(DDKitError, match=r"^relabel epoch 1 holds tensors .*; delete the relabel work folder and "
                                          r"relabel again$"):
-        relabel(ds, model, 2, augment_spec="rrc_flip", work_dir=tmp_path / "work", out=tmp_path / "fkd")
+        relabel(ds, model, 2, augment="rrc_flip", work_dir=tmp_path / "work", out=tmp_path / "fkd")
     assert not (tmp_path / "fkd").exists()
 
 
@@ -848,7 +908,7 @@ def test_random_baseline_streams_its_labels_and_reuses_a_whole_store(data, teach
     from ddkit.pipeline import DistillConfig, distill
 
     small_set = distill(data, DistillConfig(method="random", ipc=3), DatasetConfig(name="synthetic"), tmp_path / "d")
-    store = relabel(small_set, teacher, epochs=2, augment_spec="rrc_flip", cutmix_prob=0.5, seed=0)
+    store = relabel(small_set, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.5, seed=0)
     store.save(tmp_path / "fkd")
     proto = resolve_protocol("soft-kl", {"student": "tiny_convnet", "label_mode": "fkd",
                                          "fkd_store": str(tmp_path / "fkd"), "full_reference": False,

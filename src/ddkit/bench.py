@@ -686,7 +686,7 @@ class _Bench:
             if (rep := self._cached_eval(path, say=False)) is not None:  # another rank made it while this one waited
                 return rep
             sp = self.stage_progress
-            cb = (lambda label, e, n: sp(f"{cell.id}: {label}", e, n)) if sp is not None else None
+            cb = (lambda e, n, r: sp(f"{cell.id}: {r['stage']}", e, n)) if sp is not None else None
             store = self._replayable_store(key3, protocol) if protocol.label_mode == "fkd" else None
             rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
                            teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb,

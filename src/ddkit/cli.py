@@ -73,6 +73,13 @@ class Progress:
 
         return synthesis
 
+    def students(self):
+        """The callback of ``evaluate`` (and ``run``'s evaluations): one bar per student, named by each
+        report's ``record["stage"]``; None when the bars are off."""
+        if not self.enabled:
+            return None
+        return lambda done, total, record: self(record["stage"], done, total, record)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -238,6 +245,8 @@ def cmd_evaluate(args) -> int:
     protocol = resolve_protocol(args.protocol, overrides, where="")  # keys as --set names them
     if protocol.label_mode == "hard" and args.teacher:
         log.warning("label mode hard trains on the set's own labels: --teacher is not used")
+    if protocol.label_mode == "fkd" and not protocol.fkd_store:  # before the data and teacher load
+        raise DDKitError("label mode fkd replays a `ddkit relabel` store; pass --set fkd_store=DIR")
     if protocol.label_mode != "fkd" and protocol.fkd_store:
         log.warning("label mode %s replays no FKD store: fkd_store is not used (--label-mode fkd replays it)",
                     protocol.label_mode)
@@ -261,7 +270,7 @@ def cmd_evaluate(args) -> int:
     out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
     progress = Progress(not args.quiet)
     report = evaluate(distilled, protocol, _seeds(args.seeds), data=bundle, teacher=teacher, device=device,
-                      cache_dir=args.cache_dir, out=out, progress=progress)
+                      cache_dir=args.cache_dir, out=out, progress=progress.students())
     progress.close()
     _print(format_table([report]))
     _print(f"label bytes {report['bytes']['labels']:,} + image bytes {report['bytes']['images']:,}; report -> {out}")
@@ -311,7 +320,7 @@ def _run_and_print(cfg, quiet: bool) -> int:
 
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
     progress = Progress(not quiet)
-    summary = run(cfg, progress_factory=progress.stage, eval_progress=progress)
+    summary = run(cfg, progress_factory=progress.stage, eval_progress=progress.students())
     progress.close()
     if summary.get("teacher_accuracy") is not None:
         _print(f"teacher test accuracy: {100 * summary['teacher_accuracy']:.2f}%")

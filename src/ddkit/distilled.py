@@ -244,6 +244,16 @@ class DistilledSet(DescribesDataset, Dataset):
                 raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
         return cls(images, labels, manifest, soft, path, normalize)
 
+    def save_grid(self, path: str | Path, per_class: int = 10) -> Path:
+        """Write a PNG of the set to ``path`` (atomically): one row per class, named on the left, up to
+        ``per_class`` images each (the set's ``preview.png`` shows 10)."""
+        from ddkit.artifacts import _atomic_file
+
+        path = Path(path)
+        with _atomic_file(path) as tmp:
+            save_grid(self.images, self.labels, self.classes, tmp, per_class=per_class)
+        return path
+
     def export_record(self, kind: str) -> dict:
         """What an export of this set records beside its files: schema version, kind, the set's seed,
         ddkit/torch versions, the classes and which set it came from."""
@@ -538,4 +548,4 @@ def save_grid(
     row_h = grid_in.shape[-2] + 2
     for c, name in enumerate(classes):
         draw.text((4, 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0))
-    canvas.save(path)
+    canvas.save(path, format="PNG")  # named by the format, not by the path's suffix (a temporary file's)

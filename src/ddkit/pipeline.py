@@ -29,7 +29,7 @@ from ddkit.artifacts import (
     write_text,
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
-from ddkit.data.base import DataBundle, DatasetConfig, check_bundle, load_dataset
+from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
@@ -161,10 +161,15 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     if given is None:
         if data.config is None:
             raise ConfigError(f"dataset_cfg is needed for data built by hand ({data.name!r}): pass the DatasetConfig "
-                              "that loads it, which the set records and evaluation reloads the data by")
+                              "that loads it, which the set records and evaluation reloads the data by (data in "
+                              "memory: dataset_cfg=ddkit.data.save_tensors(data, 'data.safetensors'))")
         return data.config
     if not isinstance(given, DatasetConfig):
         raise ConfigError(f"dataset_cfg must be a DatasetConfig, got {type(given).__name__} {given!r:.80}")
+    if given.name not in DATASETS:
+        raise ConfigError(f"dataset_cfg names dataset {given.name!r}, which no registered source loads, so the set "
+                          "could not be evaluated from it; save the data with "
+                          "dataset_cfg=ddkit.data.save_tensors(data, 'data.safetensors') (a 'tensors' config)")
     if data.config is not None:
         mine, theirs = to_dict(data.config.absolute()), to_dict(given.absolute())
         diff = [f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
@@ -213,7 +218,7 @@ def distill(
                           f"{options_key}.{method_cls.own_soft_labels_off(own)}")
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass "
-                         "--teacher DIR")
+                         "teacher= (CLI: --teacher DIR)")
     key = distill_hash(cfg, data, teacher)
     source = method_source(method_cls)  # read with the key, before the fit (an edit during it is the next set's)
     root = work_dir(out) if out is not None else None
@@ -473,9 +478,14 @@ def check_run_dir(out: Path) -> None:
 def run(
     cfg: RunConfig,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
-    eval_progress=None,
+    eval_progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Chain the stages into ``cfg.out``; reuse every stage whose artifact matches. Returns a summary."""
+    """Chain the stages into ``cfg.out``; reuse every stage whose artifact matches. Returns a summary.
+
+    ``progress_factory(stage)``: the ``progress(step, total, record)`` callback of the teacher, distill and
+    relabel stages; ``eval_progress``: the evaluations' callback of the same form (``evaluate``'s
+    ``progress``, ``record["stage"]`` naming each student). Older ddkit called ``eval_progress``
+    ``(stage, epoch, total)``."""
     from ddkit.distributed import resolve_device
 
     pf = progress_factory or (lambda name: None)

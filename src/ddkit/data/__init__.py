@@ -9,5 +9,7 @@ from ddkit.data.base import (
     load_dataset,
     make_synthetic,
 )
+from ddkit.data.sources import save_tensors
 
-__all__ = ["DATASETS", "DataBundle", "DatasetConfig", "ImageSet", "load_dataset", "make_synthetic"]
+__all__ = ["DATASETS", "DataBundle", "DatasetConfig", "ImageSet", "load_dataset", "make_synthetic",
+           "save_tensors"]

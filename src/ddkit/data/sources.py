@@ -1268,3 +1268,31 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
         fix="store mean and std in the file to give them explicitly, or check the images")
     logger.info("loaded tensors %s: %d train, %d test", path, len(parts["train"]), len(parts["test"]))
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(path))
+
+
+def save_tensors(data: DataBundle, path: str | Path) -> DatasetConfig:
+    """Write ``data`` (a bundle built by hand, or any loaded one) as a file the ``tensors`` source reads,
+    and return the :class:`DatasetConfig` that loads it: the pipeline's stages record that config, so a
+    set made from the data evaluates from it later. ``path`` ends in ``.safetensors``; written
+    atomically, holding :data:`TENSOR_KEYS`, ``mean``/``std`` (float64, as given) and the class names
+    (metadata). Images are kept as uint8 or stored as float32 (the source's dtypes), labels as int64,
+    so ``load_dataset`` of the result has ``data``'s fingerprint when its tensors had those dtypes."""
+    from ddkit.artifacts import save_tensors as write_tensors
+
+    path = Path(path).expanduser()
+    if path.suffix != ".safetensors":
+        raise ConfigError(f"save_tensors writes a .safetensors file, got {str(path)!r}; give a path ending in "
+                          ".safetensors")
+    tensors = {}
+    for split in ("train", "test"):
+        part = getattr(data, split)
+        images = part.images if part.images.dtype == torch.uint8 else part.images.float()
+        if images.dtype != torch.uint8 and images.numel() and not (images.min() >= 0 and images.max() <= 1):
+            raise DataError(f"{split} images hold pixels outside [0, 1] ([{float(images.min()):.4g}, "
+                            f"{float(images.max()):.4g}]), which the tensors source refuses; scale them to 0..1")
+        tensors[f"{split}_images"], tensors[f"{split}_labels"] = images, part.labels.long()
+    tensors["mean"] = torch.tensor(data.mean, dtype=torch.float64)
+    tensors["std"] = torch.tensor(data.std, dtype=torch.float64)
+    write_tensors(path, tensors, metadata={"classes": json.dumps(list(data.classes))})
+    logger.info("saved %s (%d train, %d test images) to %s", data.name, len(data.train), len(data.test), path)
+    return DatasetConfig(name="tensors", path=str(path.absolute()))

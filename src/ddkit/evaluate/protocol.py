@@ -34,8 +34,9 @@ class ProtocolConfig(Checked):
         "hard", help="hard: cross-entropy; teacher: teacher queried on every augmented batch; stored: the artifact's "
         "static soft labels; fkd: per-epoch stored views and logits from `ddkit relabel` (fkd_store)"
     )
-    loss: Literal["ce", "kl", "mse_ce"] = field("ce", help="ce (hard labels); kl with temperature; mse_ce (EDC: "
-                                                           "MSE + 0.025 CE)")
+    loss: Literal["ce", "kl", "mse_ce"] | None = field(
+        None, help="ce (hard labels); kl with temperature; mse_ce (EDC: MSE + 0.025 CE); null (the default): ce for "
+        "label_mode hard, kl for the others")
     temperature: float = field(4.0, help="softmax temperature for the kl loss")
     teacher_bn: TeacherBN = field("running",
                                   help="teacher BatchNorm when the evaluator computes soft labels (label_mode "
@@ -44,7 +45,8 @@ class ProtocolConfig(Checked):
                                   "batch-specific soft labels)")
     teacher_bn_batch: int | None = field(None, help="teacher_bn batch: BatchNorm statistics over groups of this many "
                                          "images of each batch (null: the whole batch)")
-    fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel`")
+    fkd_store: str | None = field(None, help="label_mode fkd: directory written by `ddkit relabel` (null: the store "
+                                  "passed to evaluate as fkd_store=)")
     extra_teachers: list[str] = field([], added=True,
                                       help="more teacher artifacts: soft labels become the mean logits of the "
                                       "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
@@ -63,12 +65,12 @@ class ProtocolConfig(Checked):
     full_seeds: int = field(1, help="how many of the seeds the full-data reference uses")
 
     def __post_init__(self) -> None:
+        if self.loss is None:  # left at its default: the label mode's loss, as resolve_protocol picks it
+            self.loss = "ce" if self.label_mode == "hard" else "kl"
         if self.label_mode == "hard" and self.loss != "ce":
             raise ConfigError(f"label_mode 'hard' needs loss 'ce', got {self.loss!r}; set loss=ce or a soft label_mode")
         if self.label_mode != "hard" and self.loss == "ce":
             raise ConfigError(f"label_mode {self.label_mode!r} needs loss 'kl' or 'mse_ce'; set loss=kl")
-        if self.label_mode == "fkd" and not self.fkd_store:
-            raise ConfigError("label_mode 'fkd' needs fkd_store (a `ddkit relabel` output); set fkd_store=DIR")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -48,7 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str, int, int], None]
+# progress(step, total, record), as train_teacher, distill and relabel call theirs: after every epoch of every
+# student, step/total its epochs, record["stage"] naming the student ("distilled, seed 0", "random subset, seed 0",
+# "full data, seed 0"; older ddkit called progress(stage, epoch, total))
+Progress = Callable[[int, int, dict], None]
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
 
 
@@ -318,7 +322,7 @@ def full_reference(
             return cached
         accs = []
         for s in use:
-            cb = (lambda e, n, r, s=s: progress(f"full data, seed {s}", e, n)) if progress else None
+            cb = (lambda e, n, r, s=s: progress(e, n, {**r, "stage": f"full data, seed {s}"})) if progress else None
             accs.append(_train_student(data.train, data, protocol, cfg, s, device, "hard", distributed=info.enabled,
                                        progress=cb, transform=student_transform(protocol, data)))
         result = _summary(accs)
@@ -366,13 +370,21 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate ``distilled`` under ``protocol`` (a config, a preset name or a YAML file) for every
     seed, beside a random subset and full data; ``teacher``: a Teacher or its artifact folder;
-    ``fkd_store``: label mode fkd's store already in memory (the one saved at ``protocol.fkd_store``,
-    which is then not read again; a run passes the store it has just made or checked).
+    ``fkd_store``: label mode fkd's store already in memory: the one saved at ``protocol.fkd_store``
+    (which is then not read again; a run passes the store it has just made or checked), or, with no
+    ``protocol.fkd_store``, any store of this set (one :func:`~ddkit.labels.relabel` returned, saved or
+    not); the report records its identity (``fkd_store``). ``progress(step, total, record)`` after every
+    epoch of every student (as ``train_teacher``, ``distill`` and ``relabel`` call theirs): ``step`` of
+    ``total`` epochs, ``record["stage"]`` naming the student (``"distilled, seed 0"``, ``"random subset,
+    seed 0"``, ``"full data, seed 0"``). Older ddkit called ``progress(stage, epoch, total)``.
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
+    if protocol.label_mode == "fkd" and not protocol.fkd_store and fkd_store is None:
+        raise DDKitError("label_mode 'fkd' needs fkd_store: pass fkd_store= (a SoftLabelStore, as relabel returns) or "
+                         "set the protocol's fkd_store to a `ddkit relabel` folder (CLI: --set fkd_store=DIR)")
     seeds = seed_list(seeds, "evaluation seeds")  # integers in range, none repeated
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
@@ -390,14 +402,18 @@ def evaluate(
     man = distilled.manifest
     if data is None:
         data = load_dataset(from_dict(DatasetConfig, man["dataset_config"], "dataset"))
+    # data built by hand has no files to point at: the fix is passing the right bundle
+    by_hand = data.config is None
     if list(distilled.classes) != list(data.classes):
+        fix = ("pass the bundle the set was made from as data=" if by_hand
+               else "point dataset.path at the data it was made from")
         raise DDKitError(f"distilled set's classes {list(distilled.classes)} differ from the dataset's "
-                         f"{list(data.classes)}; point dataset.path at the data it was made from")
+                         f"{list(data.classes)}; {fix}")
     if data.fingerprint != man["dataset"]["fingerprint"]:
+        fix = "pass the bundle the set was made from as data=" if by_hand else "point dataset.path at the same files"
         raise DDKitError(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
-            f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; point dataset.path at the "
-            "same files"
+            f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
         )
     mode = protocol.label_mode
     if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
@@ -406,7 +422,7 @@ def evaluate(
     if teacher is None and (mode == "teacher" or (mode in ("stored", "fkd") and protocol.random_baseline)):
         why = "" if mode == "teacher" else " to label the random subset beside the set"
         fix = "" if mode == "teacher" else ", or set random_baseline=false to evaluate the set alone"
-        raise DDKitError(f"label_mode {mode!r} needs a teacher{why}; pass --teacher DIR{fix}")
+        raise DDKitError(f"label_mode {mode!r} needs a teacher{why}; pass teacher= (CLI: --teacher DIR){fix}")
     made_by = (man.get("teacher") or {}).get("weights_sha")
     if mode == "stored" and teacher is not None and made_by is not None and teacher.fingerprint != made_by:
         # the set replays its teacher's logits; the random baseline would be labelled by another teacher
@@ -417,25 +433,34 @@ def evaluate(
         from ddkit.teacher import Teacher, teacher_ensemble
 
         if teacher is None:
-            raise DDKitError("protocol extra_teachers form an ensemble with the main teacher; pass --teacher DIR")
+            raise DDKitError("protocol extra_teachers form an ensemble with the main teacher; pass teacher= "
+                             "(CLI: --teacher DIR)")
         for p in protocol.extra_teachers:
             if not Path(p).exists():
                 raise DDKitError(f"extra teacher {p!r} not found; give the folder of a `ddkit teacher` artifact")
         teacher = teacher_ensemble([teacher] + [Teacher.load(p, device) for p in protocol.extra_teachers])
-    store = None
+    store = store_record = None
     if mode == "fkd":
-        from ddkit.labels import SoftLabelStore
+        from ddkit.labels.fkd import SoftLabelStore, store_identity
 
-        if fkd_store is not None and fkd_store.path is None:
+        if isinstance(fkd_store, (str, os.PathLike)):
+            fkd_store = SoftLabelStore.load(fkd_store)
+        if fkd_store is not None and not isinstance(fkd_store, SoftLabelStore):
+            raise DDKitError(f"fkd_store must be a SoftLabelStore (as relabel returns) or its folder, got "
+                             f"{type(fkd_store).__name__}; pass one of them")
+        if protocol.fkd_store and fkd_store is not None and fkd_store.path is None:
             raise DDKitError("fkd_store was never saved, so it cannot be the protocol's fkd_store "
-                             f"{protocol.fkd_store!r}; save it there and pass the saved store, or leave fkd_store out")
-        if fkd_store is not None and (Path(fkd_store.path).resolve()
-                                      != artifact_folder(protocol.fkd_store, "fkd-soft-labels").resolve()):
+                             f"{protocol.fkd_store!r}; save it there and pass the saved store, or leave fkd_store out, "
+                             "or set the protocol's fkd_store to null to replay the store in memory")
+        if protocol.fkd_store and fkd_store is not None and (
+                Path(fkd_store.path).resolve() != artifact_folder(protocol.fkd_store, "fkd-soft-labels").resolve()):
             raise DDKitError(f"fkd_store was loaded from {str(fkd_store.path)!r}, not from the protocol's fkd_store "
                              f"{protocol.fkd_store!r}; pass the store loaded from the protocol's fkd_store, or leave "
                              "fkd_store out (it is read from there)")
         store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
         store.check_matches(distilled, teacher)
+        # the report names the store by content: one in memory has no path
+        store_record = {"path": recorded_path(store.path), "identity": store_identity(store)}
         if differs := _other_views(protocol.train, store):
             log.warning("the FKD store's augmentation (%s) is not the protocol's train.augment (%s): "
                         "students replay the store's views; relabel with the protocol's augmentation to "
@@ -469,7 +494,9 @@ def evaluate(
                     set_reg, protocol.zca_reg, set_reg)
     transform = student_transform(protocol, data)
 
-    cb_for = (lambda label: (lambda e, n, r: progress(label, e, n))) if progress else (lambda label: None)
+    def cb_for(label: str) -> Progress | None:  # a student's reports, named by record["stage"]
+        return (lambda e, n, r: progress(e, n, {**r, "stage": label})) if progress else None
+
     t0 = time.perf_counter()
     mine = seeds[info.rank :: info.world_size]
     local: dict[int, dict[str, float]] = {}
@@ -518,6 +545,8 @@ def evaluate(
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
                       "dataset_fingerprint": man["dataset"]["fingerprint"]},
         "teacher": teacher.record() if teacher is not None else None,
+        # label mode fkd: which store it replayed (by content: a store in memory has no path)
+        **({"fkd_store": store_record} if store is not None else {}),
         "bytes": evaluation_bytes(distilled, mode, store.nbytes if store is not None else None),
         "results": results,
         "timing": {"wall_seconds": round(time.perf_counter() - t0, 3), "world_size": info.world_size},
@@ -552,8 +581,11 @@ def evaluation_bytes(distilled: DistilledSet, label_mode: str, fkd_bytes: int | 
             **({"fkd_labels": fkd_bytes} if fkd_bytes is not None else {})}
 
 
-def format_table(reports: list[dict[str, Any]]) -> str:
-    """A plain-text table of one or more evaluation reports (accuracies shown in %)."""
+def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
+    """A plain-text table of one or more evaluation reports (accuracies shown in %): a list of them, one
+    report, or a run's ``report/eval.json`` (which lists them under ``evaluations``)."""
+    if isinstance(reports, dict):
+        reports = reports["evaluations"] if reports.get("kind") == "evaluation-set" else [reports]
     header = f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"
     lines = [header, "-" * len(header)]
     for rep in reports:

@@ -100,12 +100,20 @@ FILE = "fkd_labels.safetensors"
 FORMAT = 1  # version of the tensor layout described in the module docstring
 
 
-def store_identity(path: str | Path) -> str:
-    """What an evaluation that replays the store at ``path`` depends on, for cache keys: its manifest
-    (settings, seed, teacher and set fingerprints, thread count, tensor layout) without the paths it
-    was made from and the package versions. A moved or copied store keeps its identity; one re-made
-    in place with other settings, for another set or by another teacher gets another."""
-    man = read_manifest(path, KIND)
+def store_identity(store: str | Path | SoftLabelStore) -> str:
+    """What an evaluation that replays ``store`` (a store's folder, or a :class:`SoftLabelStore`) depends
+    on, for cache keys: its manifest (settings, seed, teacher and set fingerprints, thread count, tensor
+    layout) without the paths it was made from and the package versions. A moved or copied store keeps
+    its identity; one re-made in place with other settings, for another set or by another teacher gets
+    another. A store in memory that was never saved has the identity it will have once saved."""
+    if isinstance(store, SoftLabelStore):
+        man = dict(store.manifest)
+        if "tensors" not in man:  # never saved: the fields saving it adds
+            spec = {k: (v.dtype, tuple(v.shape[1:])) for k, v in store.tensors.items()}
+            man.update(_layout_fields(store.epochs, spec))
+        man = json.loads(json.dumps(man))  # as saved and read back (tuples as lists)
+    else:
+        man = read_manifest(store, KIND)
     man.pop("versions", None)
     for part in ("teacher", "distilled"):
         if isinstance(man.get(part), dict):
@@ -432,17 +440,22 @@ def _write_store(out: Path, manifest: dict[str, Any], epochs: int, names: list[s
     stacked ``[epochs, ...]`` tensors would, to the byte."""
     first = row(0)
     spec = {k: (first[k].dtype, tuple(first[k].shape)) for k in names}
-    size = {k: epochs * math.prod(shape) * _itemsize(dtype) for k, (dtype, shape) in spec.items()}
-    man = dict(manifest)
-    man["tensors"] = {k: {"dtype": str(dtype).removeprefix("torch."), "shape": [epochs, *shape]}
-                      for k, (dtype, shape) in spec.items()}
-    man["bytes"] = {"total": sum(size.values()),
-                    "logits": sum(v for k, v in size.items() if k == "logits" or k.startswith("topk."))}
-    man["files"] = {"labels": FILE}
+    man = {**manifest, **_layout_fields(epochs, spec)}
     with atomic_dir(out, kind=KIND) as tmp:
         _write_epochs(tmp / FILE, spec, epochs, row, {"kind": KIND})  # the format is in the manifest
         write_json(tmp / "manifest.json", man)
     return man
+
+
+def _layout_fields(epochs: int, spec: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, Any]:
+    """The manifest fields a saved store adds: its tensors' dtypes and shapes (``spec``: name -> dtype and
+    shape of one epoch), their bytes and the labels file's name."""
+    size = {k: epochs * math.prod(shape) * _itemsize(dtype) for k, (dtype, shape) in spec.items()}
+    return {"tensors": {k: {"dtype": str(dtype).removeprefix("torch."), "shape": [epochs, *shape]}
+                        for k, (dtype, shape) in spec.items()},
+            "bytes": {"total": sum(size.values()),
+                      "logits": sum(v for k, v in size.items() if k == "logits" or k.startswith("topk."))},
+            "files": {"labels": FILE}}
 
 
 def _itemsize(dtype: torch.dtype) -> int:
@@ -510,7 +523,7 @@ def relabel(
     distilled,
     teacher,
     epochs: int,
-    augment_spec: str = "rrc_flip",
+    augment: str = "rrc_flip",
     augment_options: dict | None = None,
     cutmix_prob: float = 1.0,
     seed: int = 0,
@@ -525,13 +538,15 @@ def relabel(
     manifest_extra: dict[str, Any] | None = None,
     teacher_bn: TeacherBN = "running",
     teacher_bn_batch: int | None = None,
+    augment_spec: str | None = None,
 ) -> SoftLabelStore:
     """Store the teacher's logits on ``epochs`` augmented (and CutMix-ed) views of every image.
 
     ``distilled``: a :class:`~ddkit.distilled.DistilledSet` or its folder (or anything with ``images``,
     ``labels``, ``classes``, ``mean``, ``std``). ``teacher``: a :class:`~ddkit.teacher.Teacher` or its
-    folder (or a bare module, then no class/fingerprint check). ``augment_spec``/``augment_options``: any
-    :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1).
+    folder (or a bare module, then no class/fingerprint check). ``augment``/``augment_options``: any
+    :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1), as
+    ``RelabelSpec.augment`` and ``--augment`` name it (``augment_spec=``: its old name, deprecated).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
     logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
     ``teacher_bn``/``teacher_bn_batch``: the teacher's BatchNorm mode and group size (module docstring).
@@ -554,9 +569,18 @@ def relabel(
     rank then receives the other ranks' epochs one at a time.
     """
     import os
+    import warnings
 
     from ddkit import distributed as ddist
     from ddkit.config import SEED_LIMIT
+
+    if augment_spec is not None:
+        if augment not in ("rrc_flip", augment_spec):
+            raise ConfigError(f"relabel got augment={augment!r} and its old name augment_spec={augment_spec!r}; pass "
+                              "augment= alone")
+        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=3)
+        augment = augment_spec
+    augment_name = augment  # `augment` is the built augmentation from here on
 
     if isinstance(distilled, (str, os.PathLike)):  # artifact folders, as distill and evaluate take them
         from ddkit.distilled import DistilledSet
@@ -577,7 +601,7 @@ def relabel(
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
     augment_options = dict(augment_options or {})
-    augment = build_augment(augment_spec, **augment_options)
+    augment = build_augment(augment_name, **augment_options)
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)
     if not isinstance(model, nn.Module):
@@ -602,7 +626,7 @@ def relabel(
     if top_k == num_classes:
         top_k = None  # all classes: store dense
     norm = normalizer(distilled.mean, distilled.std, device)
-    config = {"epochs": epochs, "augment": augment_spec, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
+    config = {"epochs": epochs, "augment": augment_name, "augment_options": augment_options, "cutmix_prob": cutmix_prob,
               "cutmix_alpha": cutmix_alpha, "top_k": top_k, "seed": seed, "teacher_bn": teacher_bn,
               "teacher_bn_batch": teacher_bn_batch}
     omit_running_bn(config)  # at the default: work folders of older runs keep their key
@@ -687,7 +711,7 @@ def relabel(
         "image_size": list(size),
         "top_k": top_k,
         "topk_fill": "-inf" if top_k else None,
-        "augment": {"spec": augment_spec, "options": augment_options, "param_keys": param_keys},
+        "augment": {"spec": augment_name, "options": augment_options, "param_keys": param_keys},
         "cutmix": {"prob": cutmix_prob, "alpha": cutmix_alpha} if cutmix is not None else None,
         "view": "normalise -> augment(own params) -> CutMix box from partner's augmented view",
         "teacher_bn": teacher_bn,
@@ -790,13 +814,16 @@ class RelabelSpec(Checked):
         return config_hash({"relabel": self.identity(), "epochs": self.epochs or protocol_epochs,
                             "set": distilled.manifest.get("config_hash"), "teacher": teacher.fingerprint})
 
-    def make(self, distilled, teacher, protocol_epochs: int, device: str | torch.device = "cpu",
+    def make(self, distilled, teacher, protocol_epochs: int | None = None, device: str | torch.device = "cpu",
              progress: Callable[[int, int, dict], None] | None = None,
              work_dir: str | Path | None = None, out: str | Path | None = None,
              manifest_extra: dict[str, Any] | None = None) -> SoftLabelStore:
         """The store of ``distilled`` by ``teacher`` with these settings (:func:`relabel`): ``epochs``
-        views per image, or ``protocol_epochs`` (the training epochs of the protocol that replays it);
-        saved to ``out`` (and loaded from there) when given."""
+        views per image, or, where ``epochs`` is None, ``protocol_epochs`` (the training epochs of the
+        protocol that replays it); saved to ``out`` (and loaded from there) when given."""
+        if self.epochs is None and protocol_epochs is None:
+            raise ConfigError("RelabelSpec.epochs is None (the protocol's training epochs), so make needs "
+                              "protocol_epochs; pass protocol_epochs=N, or set epochs")
         return relabel(distilled, teacher, self.epochs or protocol_epochs, self.augment, dict(self.augment_options),
                        self.cutmix_prob, self.seed, self.top_k, device, progress, cutmix_alpha=self.cutmix_alpha,
                        work_dir=work_dir, out=out, manifest_extra=manifest_extra, teacher_bn=self.teacher_bn,
