@@ -302,3 +302,35 @@ def test_the_pipeline_checks_ipc_for_every_method(registries):
     assert made == [30] and ds.manifest["class_counts"] == [30] * 4
     assert all(METHODS.get(m).ipc_within_class_size for m in METHODS.list() if m not in ("beyond",))
 
+
+
+def test_an_edited_plugin_model_is_a_new_student_expert_recipe_and_set(tmp_path, monkeypatch, registries):
+    """A plugin model used as the evaluation's student, as MTT's experts or named in a method's options
+    entered those keys by name only: cached evaluations, expert buffers and sets made with the old code
+    were reused after an edit. Its source now enters them; ddkit's own models keep their keys."""
+    from ddkit.evaluate import ProtocolConfig, resolve_protocol
+    from ddkit.methods.trajectory import ExpertConfig
+    from ddkit.models.registry import model_config_hash
+
+    data = make_synthetic()
+    builtin = resolve_protocol("dc-protocol", {"student": "tiny_convnet"})
+    assert "student_source" not in builtin.identity()
+    assert model_config_hash(ExpertConfig(model="tiny_convnet")) == config_hash(ExpertConfig(model="tiny_convnet"))
+    with_builtin = DistillConfig(method="mtt", ipc=2, options={"buffer": {"model": "tiny_convnet"}})
+    payloads = []
+    import ddkit.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "config_hash", lambda key: payloads.append(key) or config_hash(key))
+    distill_hash(with_builtin, data, None)
+    assert "model_sources" not in payloads[-1]
+
+    _plugin(tmp_path, monkeypatch, "stunet", NET.format(key="stu_net"))
+    proto, experts = ProtocolConfig(student="stu_net"), ExpertConfig(model="stu_net")
+    mtt = DistillConfig(method="mtt", ipc=2, options={"buffer": {"model": "stu_net"}})
+    before = (proto.hash, model_config_hash(experts), distill_hash(mtt, data, None))
+    assert proto.identity()["student_source"] == _sha(tmp_path / "stunet.py")
+    assert payloads[-1]["model_sources"] == {"stu_net": _sha(tmp_path / "stunet.py")}
+    assert before[1] != config_hash(experts)
+    _plugin(tmp_path, monkeypatch, "stunet", NET.format(key="stu_net").replace("HIDDEN = 8", "HIDDEN = 16"))
+    after = (proto.hash, model_config_hash(experts), distill_hash(mtt, data, None))
+    assert all(a != b for a, b in zip(before, after))

@@ -343,6 +343,8 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
             key["method_tags"] = tags
         if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
             key["method_source"] = sha
+    if models := _plugin_model_sources(cfg.options):  # a plugin model the options name (MTT's experts, a student)
+        key["model_sources"] = models
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
         from ddkit.methods.trajectory import buffer_identity
 
@@ -352,6 +354,24 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
         options.pop("extra_teachers", None)
         key["extra_teacher_weights"] = teacher_weights(extra)
     return config_hash(key)
+
+
+def _plugin_model_sources(value: Any) -> dict[str, str]:
+    """The source sha256 of every plugin model (from outside ddkit) named by a string in ``value`` (a
+    method's options, nested): an edited model makes a new set, as an edited method does. Empty for
+    ddkit's own models, so the keys of their sets keep their values."""
+    from ddkit.models.registry import model_source
+
+    found: dict[str, str] = {}
+    if isinstance(value, dict):
+        for v in value.values():
+            found.update(_plugin_model_sources(v))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found.update(_plugin_model_sources(v))
+    elif isinstance(value, str) and (sha := model_source(value).get("source_sha256")):
+        found[value] = sha
+    return found
 
 
 def teacher_weights(paths: list[str]) -> list[str]:

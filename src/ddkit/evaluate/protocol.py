@@ -95,7 +95,8 @@ class ProtocolConfig(Checked):
         ``extra_teachers`` enter as their count: every key of an evaluation adds their weights
         (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so a moved
         or copied ensemble keeps its evaluations. ``fkd_store`` enters as a marker for the same reason:
-        the keys add the store's content (:func:`ddkit.pipeline.protocol_inputs`)."""
+        the keys add the store's content (:func:`ddkit.pipeline.protocol_inputs`). A student model from outside
+        ddkit (a plugin) adds the sha256 of its source, so cached evaluations of an edited one are not reused."""
         out = to_dict(self, identity=True)
         if "extra_teachers" in out:
             out["extra_teachers"] = len(out["extra_teachers"])
@@ -103,6 +104,10 @@ class ProtocolConfig(Checked):
             out["fkd_store"] = FKD_STORE_MARK
         if self.train.ema_decay > 0:  # the EMA's decay warm-up changed its numbers: new hashes for EMA protocols only
             out["train"]["ema_warmup"] = True
+        from ddkit.models.registry import model_source
+
+        if sha := model_source(self.student).get("source_sha256"):  # a plugin student: an edit is a new protocol
+            out["student_source"] = sha
         return omit_running_bn(out)
 
     @property

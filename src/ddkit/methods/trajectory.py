@@ -93,6 +93,7 @@ from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
+from ddkit.models.registry import model_config_hash
 from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, sum_dtype, to_float
 
 log = logging.getLogger(__name__)
@@ -432,7 +433,7 @@ def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: li
         "num_params": sum(p.numel() for p in model.parameters()),
         "epochs": cfg.epochs,
         "experts": experts,
-        "config_hash": config_hash(cfg),
+        "config_hash": model_config_hash(cfg),
     })
     if cfg.zca:
         manifest["zca_space"] = ZCA_SPACE
@@ -601,7 +602,7 @@ def _norm_tag(data: DataBundle) -> str:
 
 def _partial_dir(out: Path, cfg: ExpertConfig, data: DataBundle) -> Path:
     """Where :func:`train_experts` keeps the finished experts of a buffer for ``out`` until it is saved."""
-    return out.parent / f".{out.name}.partial-{config_hash(cfg)}-{data.fingerprint}-{_norm_tag(data)}"
+    return out.parent / f".{out.name}.partial-{model_config_hash(cfg)}-{data.fingerprint}-{_norm_tag(data)}"
 
 
 def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuffer | None:
@@ -611,7 +612,7 @@ def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuff
         return None
     with contextlib.suppress(DDKitError):
         found = load_experts(out)
-        if (found.manifest.get("config_hash") == config_hash(cfg)
+        if (found.manifest.get("config_hash") == model_config_hash(cfg)
                 and found.manifest["dataset"]["fingerprint"] == data.fingerprint
                 # the fingerprint leaves out the normalisation the experts trained under
                 and [found.manifest["dataset"].get(k) for k in ("mean", "std")] == [list(data.mean), list(data.std)]
@@ -637,7 +638,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     if experts:
         buffer = load_experts(experts)
     else:
-        out = (cache_dir_of("experts") / f"{config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{_norm_tag(data)}"
+        out = (cache_dir_of("experts") / f"{model_config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{_norm_tag(data)}"
                if work_dir is not None else None)
         # one builder per cache entry: a process that waited for another's build then finds it here
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:

@@ -22,9 +22,9 @@ from typing import Any
 
 from torch import nn
 
-from ddkit.config import is_count
+from ddkit.config import config_hash, is_count
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.registry import Registry
+from ddkit.registry import Registry, origin, source_sha256
 
 ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
@@ -175,3 +175,22 @@ def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_cla
     except DDKitError as exc:  # the name is known: its options are at fault, or the model's own code
         key = keys[0] if isinstance(exc, ContractError) else keys[1]
         raise ConfigError(f"{key}: {exc}") from None
+
+
+def model_source(name: str) -> dict:
+    """Where the factory of model ``name`` is defined (``module``: ``myplug.my_mlp``) and, for one from
+    outside ddkit, the sha256 of its source; empty for a name no factory is registered under."""
+    try:
+        factory, _ = resolve_model(name)
+    except DDKitError:  # refused where the model is built, with the suggestion
+        return {}
+    sha = source_sha256(factory)
+    return {"module": origin(factory), **({"source_sha256": sha} if sha else {})}
+
+
+def model_config_hash(cfg: Any) -> str:
+    """The identity of what a config with a ``model`` key makes (a teacher, an expert buffer): the config's
+    hash and, for a model from outside ddkit (a plugin), the sha256 of the model's source, so that an edited
+    model trains anew instead of its old results being reused (ddkit's own models keep the config's hash)."""
+    sha = model_source(cfg.model).get("source_sha256")
+    return config_hash(cfg) if sha is None else config_hash([cfg, {"model_source": sha}])

@@ -39,8 +39,7 @@ from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
-from ddkit.models.registry import ContractError, resolve_model
-from ddkit.registry import origin, source_sha256
+from ddkit.models.registry import ContractError, model_config_hash, model_source
 from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
@@ -278,23 +277,11 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], where: str, n
     model.load_state_dict(state, strict=True)
 
 
-def model_source(name: str) -> dict:
-    """Where the factory of model ``name`` is defined (``module``: ``myplug.my_mlp``) and, for one from
-    outside ddkit, the sha256 of its source; empty for a name no factory is registered under."""
-    try:
-        factory, _ = resolve_model(name)
-    except DDKitError:  # refused where the model is built, with the suggestion
-        return {}
-    sha = source_sha256(factory)
-    return {"module": origin(factory), **({"source_sha256": sha} if sha else {})}
-
-
 def teacher_hash(cfg: TeacherConfig) -> str:
     """A teacher's identity: its config and, for a model from outside ddkit (a plugin), the sha256 of
     the model's source, so that an edited model is trained again instead of reused (ddkit's own keep
     their keys: the config's hash alone)."""
-    sha = model_source(cfg.model).get("source_sha256")
-    return config_hash(cfg) if sha is None else config_hash([cfg, {"model_source": sha}])
+    return model_config_hash(cfg)
 
 
 def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float, history: list) -> dict:
