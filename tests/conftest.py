@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddkit.cli import load_plugins
 from ddkit.data import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+# a user's own methods, models and datasets join the tests parametrized over the registries (the method
+# contract): `DDKIT_PLUGINS=myplug pytest tests/test_method_contract.py`, imported as the CLI imports them
+load_plugins()
 # One intra-op thread count for the whole session, set before any fixture computes: float reductions
 # (and so trained weights) differ in the last bits between thread counts, and a module- or
 # session-scoped fixture built under $OMP_NUM_THREADS would not equal the same computation in a test.

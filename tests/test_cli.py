@@ -1224,6 +1224,23 @@ def _help(command: str) -> str:
     return " ".join(sub.choices[command].format_help().split())
 
 
+def test_help_names_ddkit_plugins_and_where_methods_are_listed(capsys):
+    """No --help named DDKIT_PLUGINS, and `distill --method` had no help text; `list methods` printed keys only."""
+    from ddkit.cli import build_parser
+
+    top = " ".join(build_parser().format_help().split())
+    assert ("Your own methods, models and datasets: DDKIT_PLUGINS=mymodule[,other] imports those modules (from the "
+            "current folder or sys.path) before any command") in top
+    assert ("--method METHOD registered method key (`ddkit list methods -l`; its options: `ddkit show METHOD`, set "
+            "with --set distill.options.OPTION=VALUE)") in _help("distill")
+    code, out, _ = run_cli(["list", "methods", "d*", "-l"], capsys)
+    assert code == 0 and [line.split()[0] for line in out.splitlines()] == ["datadam", "datm", "dc", "dm", "dsa", "dwa"]
+    assert out.splitlines()[3] == ('dm       Distribution Matching (Zhao & Bilen, "Dataset Condensation with '
+                                   'Distribution Matching", WACV 2023).')
+    code, out, _ = run_cli(["list", "models", "tiny_*", "--long"], capsys)
+    assert out.splitlines()[1] == "tiny_mlp      flatten -> Linear(hidden) -> ReLU -> Linear."
+
+
 def test_evaluate_teacher_help_names_every_case_that_needs_one():
     """--teacher's help named label modes teacher/stored only: the presets with label mode teacher and
     fkd (with the random baseline on) need one too."""

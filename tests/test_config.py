@@ -434,3 +434,40 @@ def test_free_form_settings_are_recorded_in_one_key_order():
         "lr_img": 0.5, "iterations": 2, "dsa_options": {"scale": 0.2, "crop": 0.1}}))
     ev = EvalConfig(overrides={"train": {"lr": 0.1, "epochs": 3}, "student": "tiny_convnet"})
     assert list(ev.overrides) == ["student", "train"] and list(ev.overrides["train"]) == ["epochs", "lr"]
+
+
+def test_help_of_a_config_shows_its_fields_help():
+    """help(TeacherConfig) showed the signature, not the per-field help texts kept in the fields' metadata."""
+    import pydoc
+    from dataclasses import dataclass
+
+    from ddkit.config import Checked, field
+    from ddkit.teacher import TeacherConfig
+
+    assert TeacherConfig.__doc__ == (
+        "How to make a teacher.\n\nAttributes:\n"
+        "    model (str, default 'convnet3'): registered model key (`ddkit list models`)\n"
+        "    model_options (dict, default {}): keyword options for the model factory (e.g. width)\n"
+        "    train (TrainConfig, default TrainConfig()): training recipe\n"
+        "    seed (int, default 0): seed for initialisation, batch order and augmentation\n"
+        "    checkpoint (str | None, default None): import these weights (safetensors or state-dict .pt) instead of "
+        "training")
+    shown = pydoc.render_doc(TeacherConfig, renderer=pydoc.plaintext)
+    assert "    seed (int, default 0): seed for initialisation" in shown
+
+    @dataclass
+    class Mine(Checked):
+        noise: float = field(0.0, help="std of the noise")
+        steps: int = 3
+
+    @dataclass
+    class More(Mine):
+        """More settings."""
+
+        name: str = field("x", help="a name")
+
+    assert Mine.__doc__ == ("Mine\n\nAttributes:\n    noise (float, default 0.0): std of the noise\n"
+                            "    steps (int, default 3)")
+    assert More.__doc__.endswith("Attributes:\n    noise (float, default 0.0): std of the noise\n"
+                                 "    steps (int, default 3)\n    name (str, default 'x'): a name")
+    assert More(noise=1).noise == 1.0  # still a checked dataclass

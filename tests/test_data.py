@@ -18,7 +18,7 @@ from PIL import Image
 
 from ddkit.data import DATASETS, DatasetConfig, load_dataset
 from ddkit.data.sources import FASHION_MNIST_CLASSES
-from ddkit.errors import ConfigError, DataError
+from ddkit.errors import ConfigError, DataError, DDKitError
 
 # ------------------------------------------------------------------------------------------------
 # fixture writers
@@ -827,6 +827,80 @@ def test_synthetic_refuses_settings_it_cannot_honour():
                        match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
         load_dataset(DatasetConfig(name="synthetic", classes=["a", "b", "c", "d"]))
     assert load_dataset(DatasetConfig(name="synthetic", classes=[f"class{c}" for c in range(4)])).num_classes == 4
+
+
+def _blobs(cfg: DatasetConfig):
+    """A plugin's source (as the QA's myplug.blobs): 3 generated classes of 1x12x12 images, reading
+    ``num_classes`` and nothing else."""
+    from ddkit.data import DataBundle, ImageSet
+
+    n = int(cfg.options.get("num_classes", 3))
+    labels = torch.arange(n).repeat_interleave(4)
+    images = torch.rand(len(labels), 1, 12, 12, generator=torch.Generator().manual_seed(0))
+    return DataBundle("blobs", ImageSet(images, labels), ImageSet(images, labels), [f"c{i}" for i in range(n)],
+                      (0.5,), (0.25,))
+
+
+@pytest.fixture
+def plugin_sources(monkeypatch):
+    """``blobs`` registered as a plugin registers it (declaring nothing) and ``blobs_declared`` declaring
+    its options and that it reads none of the file settings; both gone after the test."""
+    for name in ("blobs", "blobs_declared"):
+        monkeypatch.delitem(DATASETS._entries, name, raising=False)
+        monkeypatch.delitem(DATASETS.declared, name, raising=False)
+    DATASETS.register("blobs")(_blobs)
+    DATASETS.add("blobs_declared", _blobs, options={"num_classes": 3, "seed": 0}, settings=())
+    yield
+    for name in ("blobs", "blobs_declared"):
+        DATASETS._entries.pop(name)
+        DATASETS.declared.pop(name)
+
+
+def test_a_plugin_source_gets_the_generic_checks(plugin_sources, caplog):
+    """A source registered by a plugin ignored dataset.classes (the class order), image_size, path, the split
+    names and misspelt options: the checks lived in each built-in source. load_dataset now makes them for all."""
+    import logging
+
+    for name in ("blobs", "blobs_declared"):
+        with pytest.raises(DataError, match=r"^dataset.classes \['c2', 'c1', 'c0'\] does not match the classes of "
+                           rf"'{name}' \['c0', 'c1', 'c2'\]; remove dataset.classes or list exactly these names"):
+            load_dataset(DatasetConfig(name=name, classes=["c2", "c1", "c0"]))
+        assert load_dataset(DatasetConfig(name=name, classes=["c0", "c1", "c2"])).classes == ["c0", "c1", "c2"]
+        data = load_dataset(name, options={"num_classes": 4}, train_per_class=2)
+        assert data.train.class_counts(4).tolist() == [2] * 4
+    # the size it loaded tells that it did not resize, declared or not
+    with pytest.raises(ConfigError, match="^dataset.image_size 32 does not apply to 'blobs', which loaded 12x12 "
+                                          "images; remove it$"):
+        load_dataset(DatasetConfig(name="blobs", image_size=32))
+    # declared: what it does not read is refused, a misspelt option with did-you-mean
+    for kw, words in (({"image_size": 32}, "dataset.image_size; remove it"),
+                      ({"path": "/nonexistent", "test_split": "val"}, "dataset.path, dataset.test_split; remove them")):
+        with pytest.raises(ConfigError, match=rf"^dataset 'blobs_declared' does not read {words} \(it reads none of "
+                                              r"dataset.path, image_size, train_split, test_split\)$"):
+            load_dataset(DatasetConfig(name="blobs_declared", **kw))
+    with pytest.raises(ConfigError, match=r"^unknown dataset.options \['num_clases'\] for 'blobs_declared'; did you "
+                                          r"mean 'num_classes'\? valid: \['num_classes', 'seed'\]$"):
+        load_dataset("blobs_declared", options={"num_clases": 5})
+    # declared nothing: it may read them, so they are loaded as before, with a warning (once) that names them
+    with caplog.at_level(logging.WARNING, logger="ddkit.data.base"):
+        for _ in range(2):
+            assert load_dataset("blobs", path="/nonexistent", options={"num_clases": 5}).num_classes == 3
+    warned = [r.getMessage() for r in caplog.records if "dataset.path" in r.getMessage()]
+    assert warned == ["dataset 'blobs' does not declare what it reads, so dataset.path and dataset.options "
+                      "['num_clases'] could not be checked (a source that ignores them loads other data than asked); "
+                      "its author can declare them: DATASETS.register('blobs', options=[...], settings=[...])"]
+    with pytest.raises(DDKitError, match="give settings as a list of"):
+        DATASETS.register("blobs_bad", settings=["size"])
+
+
+def test_built_in_sources_declare_what_they_read():
+    assert {name: DATASETS.declared[name] for name in DATASETS} == {
+        **{name: (frozenset(), frozenset({"path"})) for name in ("cifar10", "cifar100", "fashion-mnist", "mnist",
+                                                                  "tensors")},
+        "imagefolder": (frozenset(), frozenset({"path", "image_size", "train_split", "test_split"})),
+        "synthetic": (frozenset({"num_classes", "channels", "image_size", "train_per_class", "test_per_class", "seed",
+                                 "noise"}), frozenset()),
+    }
 
 
 # ------------------------------------------------------------------------------------------------

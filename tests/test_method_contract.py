@@ -5,94 +5,41 @@ other images, config not mutated, artifact round-trip (the saved set is the fit'
 resume after an interruption equals an uninterrupted run.
 """
 
-import copy
-import re
+from dataclasses import dataclass
 
 import pytest
 import torch
 import yaml
 
-import ddkit
-from ddkit.config import from_dict, to_dict
-from ddkit.data.base import DatasetConfig, make_synthetic
-from ddkit.errors import ConfigError
-from ddkit.methods import METHODS, FitContext
+from ddkit import testing
+from ddkit.config import Checked, from_dict
+from ddkit.data.base import DatasetConfig
+from ddkit.errors import DDKitError
+from ddkit.methods import METHODS, Method, SyntheticSet
 from ddkit.pipeline import DistillConfig, distill
-from ddkit.teacher import TeacherConfig, train_teacher
-from ddkit.training import TrainConfig
 
-IPC = 2
+IPC = testing.IPC
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_synthetic()
+    return testing.tiny_data()
 
 
 @pytest.fixture(scope="module")
 def teacher(data, tmp_path_factory):
-    cfg = TeacherConfig(model="tiny_convnet", model_options={}, train=TrainConfig(epochs=6, batch_size=32, lr=0.05))
-    return train_teacher(data, cfg, tmp_path_factory.mktemp("t") / "teacher")
+    return testing.tiny_teacher(data, tmp_path_factory.mktemp("t") / "teacher")
 
 
-def _fit(name, data, teacher, seed=0, work_dir=None, progress=None):
-    cls = METHODS.get(name)
-    cfg = from_dict(cls.Config, dict(cls.smoke_options))
-    before = copy.deepcopy(to_dict(cfg))
-    ctx = FitContext(ipc=IPC, seed=seed, work_dir=work_dir, progress=progress)
-    method = cls(cfg).fit(data, [teacher], ctx)
-    assert to_dict(cfg) == before, "fit() mutated its config"
-    return method.synthetic_
-
-
-def _assert_same_soft_labels(a, b):
-    assert (a.soft_labels is None) == (b.soft_labels is None)
-    if a.soft_labels is not None:
-        assert a.soft_labels.dtype == b.soft_labels.dtype and torch.equal(a.soft_labels, b.soft_labels)
-
-
-# every method but `full` (the whole training set, which no seed changes; it is not in the contract at all)
-@pytest.mark.parametrize("name", [m for m in METHODS.list() if m != "full"])
+# every method, `full` (every training image, which no seed changes) and deterministic ones (uses_seed = False) too
+@pytest.mark.parametrize("name", METHODS.list())
 def test_method_contract(name, data, teacher, tmp_path):
-    out = _fit(name, data, teacher)
-    n = IPC * data.num_classes
-    assert out.images.shape == (n, *data.image_shape)
-    assert out.images.dtype in (torch.uint8, torch.float32)
-    assert torch.isfinite(out.images.float()).all()
-    assert out.labels.dtype == torch.int64 and out.labels.shape == (n,)
-    assert torch.bincount(out.labels, minlength=data.num_classes).tolist() == [IPC] * data.num_classes
-    if out.soft_labels is not None:
-        assert out.soft_labels.shape == (n, data.num_classes) and torch.isfinite(out.soft_labels).all()
-    # another seed, another result: a method that ignores ctx.seed makes one set for every seed
-    other = _fit(name, data, teacher, seed=1)
-    assert not torch.equal(out.images, other.images), f"{name} made the same images with seed 0 and seed 1"
-    # same seed, same result, and the artifact round-trip: a second run, through the distill stage with
-    # seed 0, gives the first run's images, labels and (tesla, datm, cvdd) soft labels, and so does the
-    # set loaded back from disk (a lossy save or load changes them)
-    ds = distill(data, DistillConfig(method=name, ipc=IPC, options=dict(METHODS.get(name).smoke_options)),
-                 DatasetConfig(name="synthetic"), tmp_path / "art", teacher)
-    loaded = ddkit.load(tmp_path / "art")
-    assert loaded.method == name
-    for got in (ds, loaded):
-        assert torch.equal(got.images, out.images) and torch.equal(got.labels, out.labels)
-        _assert_same_soft_labels(out, got)
-    # a method that labels its images itself refuses the pipeline's teacher logits over them
-    own = METHODS.get(name).own_soft_labels(from_dict(METHODS.get(name).Config, dict(METHODS.get(name).smoke_options)))
-    if own is not None:
-        assert out.soft_labels is not None, f"{name} says {own} makes soft labels but made none"
-        off = METHODS.get(name).own_soft_labels_off(own)
-        with pytest.raises(ConfigError, match=re.escape(
-                f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) "
-                "would overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or "
-                f"set distill.options.{off}")):
-            distill(data, DistillConfig(method=name, ipc=IPC, soft_labels=True,
-                                        options=dict(METHODS.get(name).smoke_options)),
-                    DatasetConfig(name="synthetic"), tmp_path / "own", teacher)
-        assert not (tmp_path / "own").exists()
+    testing.check_output(name, data, teacher, tmp_path)
 
 
 def test_methods_that_label_their_images_say_so():
-    assert {m for m in METHODS.list() if METHODS.get(m).own_soft_labels(
+    ours = [m for m in METHODS.list() if METHODS.get(m).__module__.startswith("ddkit.")]  # not DDKIT_PLUGINS' ones
+    assert {m for m in ours if METHODS.get(m).own_soft_labels(
         from_dict(METHODS.get(m).Config, dict(METHODS.get(m).smoke_options))) is not None} == {"tesla", "datm", "cvdd"}
     assert METHODS.get("datm").own_soft_labels(from_dict(METHODS.get("datm").Config, {"learn_labels": False})) is None
 
@@ -108,24 +55,10 @@ def test_the_setting_that_turns_off_a_methods_own_labels():
     assert offs == {"tesla": "soft_labels: none", "datm": "learn_labels: false", "cvdd": "soft_labels: none"}
 
 
-@pytest.mark.parametrize("name", [m for m in METHODS.list() if m not in ("full", "random")])
+# every method marked resumable (random, full: one pass, nothing to interrupt)
+@pytest.mark.parametrize("name", [m for m in METHODS.list() if METHODS.get(m).resumable])
 def test_resume_equals_uninterrupted(name, data, teacher, tmp_path):
-    straight = _fit(name, data, teacher)
-    calls = []
-
-    def kill(step, total, record):
-        if any(k.endswith("_pass") for k in record):  # a one-off pass (statistics, experts), not an iteration
-            return
-        calls.append(step)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        _fit(name, data, teacher, work_dir=tmp_path / "work", progress=kill)
-    assert any((tmp_path / "work").iterdir()), "no checkpoint was written before the interruption"
-    resumed = _fit(name, data, teacher, work_dir=tmp_path / "work")
-    assert torch.equal(straight.images, resumed.images)
-
+    testing.check_resume(name, data, teacher, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["dm", "mtt"])  # methods that refuse checkpoints of other settings
@@ -147,3 +80,104 @@ def test_a_set_with_other_settings_starts_afresh_after_an_interruption(name, dat
     assert any((tmp_path / ".set.work").iterdir()), "no checkpoint was written before the interruption"
     assert torch.equal(run("set", 1).images, run("straight", 1).images)
     assert not (tmp_path / ".set.work").exists()
+
+
+@dataclass
+class _NoConfig(Checked):
+    """No settings."""
+
+
+class _Copies(Method):
+    """The first ipc images of each class, optionally shifted by the seed, optionally iterating."""
+
+    Config = _NoConfig
+    shift_by_seed = True
+    wrong_label = False
+    iterations = 0
+
+    def fit(self, real, teachers, ctx):
+        index = torch.cat([real.train.indices_of(c)[:ctx.ipc] + ctx.seed * self.shift_by_seed
+                           for c in range(real.num_classes)])
+        labels = real.train.labels[index].clone()
+        if self.wrong_label:
+            labels[-1] = real.num_classes + 5
+        for step in range(self.iterations):
+            if ctx.progress is not None:
+                ctx.progress(step + 1, self.iterations, {"loss": 0.0})
+        self.synthetic_ = SyntheticSet(real.train.images[index].clone(), labels)
+        return self
+
+
+def _register(monkeypatch, name, **attrs):
+    cls = type(name, (_Copies,), attrs)
+    monkeypatch.setitem(METHODS._entries, name, cls)  # for this test only: the parametrized lists stay ddkit's
+    return cls
+
+
+def test_check_method_passes_a_method_that_keeps_the_contract(monkeypatch, data, teacher, tmp_path):
+    """A one-pass method of one's own marked resumable = False, checked by key and by class."""
+    cls = _register(monkeypatch, "copies", resumable=False)
+    testing.check_method("copies", data, teacher, tmp_path / "a")
+    testing.check_method(cls, data, teacher, tmp_path / "b")
+    assert (tmp_path / "a" / "output" / "art" / "manifest.json").is_file()
+    assert not (tmp_path / "a" / "resume").exists()  # not resumable: not fitted for it
+
+
+@pytest.mark.parametrize(("attrs", "message"), [
+    ({"shift_by_seed": False, "resumable": False},
+     "method 'broken' made the same images with seed 0 and seed 1; draw its randomness from ctx.seed, or set "
+     "`uses_seed = False` on the class if it is deterministic (herding)"),
+    ({"wrong_label": True, "resumable": False}, "method 'broken' made label 9, outside 0..3 for 4 classes"),
+    ({}, "method 'broken' is marked resumable but called ctx.progress 0 time(s) outside one-off passes, so it was "
+         "never interrupted: call ctx.progress(step, total, record) once per iteration and checkpoint to "
+         "ctx.work_dir (ddkit.methods.common.Checkpoint), or set `resumable = False` on the class"),
+    ({"iterations": 3}, "method 'broken' is marked resumable but wrote no checkpoint to ctx.work_dir before it was "
+                        "interrupted in its 2nd iteration"),
+])
+def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teacher, tmp_path, attrs, message):
+    """The contract test said "DID NOT RAISE KeyboardInterrupt" for a method that never reports progress, and
+    exempted methods by name ('full', 'random'), so a deterministic method of one's own could not pass it."""
+    _register(monkeypatch, "broken", **attrs)
+    with pytest.raises(testing.ContractError) as exc:
+        testing.check_method("broken", data, teacher, tmp_path)
+    assert str(exc.value).startswith(message)
+    _register(monkeypatch, "broken", **attrs, uses_seed=False)  # deterministic by design: the seed check is off
+    if attrs == {"shift_by_seed": False, "resumable": False}:
+        testing.check_method("broken", data, teacher, tmp_path / "det")
+
+
+def test_check_method_refuses_an_unregistered_class():
+    with pytest.raises(DDKitError, match="register the class with @METHODS.register"):
+        testing.check_method(type("Loose", (_Copies,), {}))
+
+
+def test_the_contract_covers_the_methods_of_ddkit_plugins(tmp_path):
+    """`DDKIT_PLUGINS=myplug pytest tests/test_method_contract.py -k myherding` ran nothing ("37 deselected"):
+    conftest.py now imports the plugins, as the CLI does, before the tests are parametrized over METHODS."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "herdplug.py").write_text(
+        "import torch\n"
+        "from dataclasses import dataclass\n"
+        "from ddkit.config import Checked\n"
+        "from ddkit.methods import METHODS, Method, SyntheticSet\n"
+        "@dataclass\n"
+        "class Cfg(Checked):\n"
+        "    pass\n"
+        "@METHODS.register('herdplug')\n"
+        "class First(Method):\n"
+        "    '''The first ipc images of each class: deterministic, one pass.'''\n"
+        "    Config = Cfg\n"
+        "    uses_seed = False\n"
+        "    resumable = False\n"
+        "    def fit(self, real, teachers, ctx):\n"
+        "        index = torch.cat([real.train.indices_of(c)[:ctx.ipc] for c in range(real.num_classes)])\n"
+        "        self.synthetic_ = SyntheticSet(real.train.images[index].clone(), real.train.labels[index].clone())\n"
+        "        return self\n")
+    env = {**os.environ, "DDKIT_PLUGINS": "herdplug", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "herdplug",
+                           str(Path(__file__))], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0 and "1 passed" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -432,3 +432,40 @@ def test_show_summarises_the_synthesis_records_of_a_benchmark(tmp_path, capsys):
     partial.write_text(json.dumps({"kind": "synthesis-timing"}))
     code, _, err = run_cli(["show", "-q", str(partial)], capsys)
     assert code == 2 and "'synthesis-timing' record without the field 'wall_seconds'" in err
+
+
+def test_show_a_methods_options(tmp_path, capsys, monkeypatch):
+    """`ddkit show dm` said "'dm' not found ... did you mean the protocol 'demo'?": a method's options were
+    only in its source. A file or folder, then a protocol keep their place before a method of that name."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["show", "dm"], capsys)
+    lines = out.splitlines()
+    assert code == 0 and err == ""
+    assert lines[0] == ('method dm (ddkit.methods.dm.DM): Distribution Matching (Zhao & Bilen, "Dataset Condensation '
+                        'with Distribution Matching", WACV 2023).')
+    assert lines[2] == "options (distill.options.OPTION in a config, --set distill.options.OPTION=VALUE):"
+    assert lines[3].split() == ["option", "type", "default", "help"]
+    assert lines[4].split(maxsplit=3) == ["iterations", "int", "20000", "image updates, each with a freshly "
+                                          "initialised network (paper: 20000)"]
+    assert "  init              real | noise  real      initial images" in out
+    record = json.loads(run_cli(["show", "dm", "--json"], capsys)[1])
+    assert record["options"][0] == {"name": "iterations", "type": "int", "default": 20000,
+                                    "help": "image updates, each with a freshly initialised network (paper: 20000)"}
+    assert (record["needs_teacher"], record["uses_seed"], record["resumable"]) == (False, True, True)
+    assert run_cli(["show", "full"], capsys)[1].splitlines()[1:] == [
+        "needs a teacher: no; another seed, another set: no; resumes after an interruption: no", "options: none"]
+    assert run_cli(["show", "dm", "-q"], capsys)[:2] == (0, "")
+    # a name both protocol and method shows the protocol, as before, and says how to see the method
+    code, out, err = run_cli(["show", "edc"], capsys)
+    assert code == 0 and json.loads(out)["label_mode"] == "teacher"
+    assert err == "note: 'edc' is also a method; `ddkit show method:edc` shows its options\n"
+    code, out, err = run_cli(["show", "method:edc"], capsys)
+    assert code == 0 and out.startswith("method edc (ddkit.methods.edc.EDC): Elucidating") and err == ""
+    assert _refused(["show", "method:edcc"], capsys) == "unknown method 'edcc'; did you mean 'edc'?"
+    # a typo: the closer of a protocol and a method, the protocol when as close
+    assert _refused(["show", "dmm"], capsys) == ("'dmm' not found (no file, folder, protocol or method of that name); "
+                                                 "did you mean the method 'dm'?")
+    assert _refused(["show", "ecd"], capsys).endswith("did you mean the protocol 'edc'?")
+    # a folder of a method's name is shown as the folder
+    (tmp_path / "dm").mkdir()
+    assert _refused(["show", "dm"], capsys).startswith("'dm' holds no ddkit record")

@@ -359,21 +359,42 @@ def cmd_list(args) -> int:
         hint = (" (ConvNets also read any name of the grammar convnet[d<N>][-w<W>][-p<P>][-bn|-in|-ln|-nonorm]"
                 "[-avgpool|-maxpool|-nopool])" if args.what == "models" else "")
         raise DDKitError(f"no {args.what} match {args.pattern!r}; try `ddkit list {args.what}`{hint}")
+    if args.long:  # each with the summary of its docstring (a method's cites its paper)
+        from ddkit.describe import doc_summary
+
+        width = max(len(n) for n in names)
+        names = [f"{n.ljust(width)}  {doc_summary(registries[args.what].get(n))}".rstrip() if n in registries[args.what]
+                 else n for n in names]
     print("\n".join(names))
     return 0
 
 
 def cmd_show(args) -> int:
     from ddkit.config import to_dict
-    from ddkit.describe import describe, read_record
+    from ddkit.describe import describe, describe_method, method_record, read_record
     from ddkit.evaluate import PROTOCOLS
 
-    if not Path(args.target).exists() and args.target in PROTOCOLS:
-        text = json.dumps(to_dict(PROTOCOLS.get(args.target)()), indent=2)
-    elif (not Path(args.target).exists() and not re.search(r"[/\\.]", args.target)
-          and PROTOCOLS.suggest(args.target) is not None):  # `show ecd`; a path's typo is left to describe()
-        raise DDKitError(f"{args.target!r} not found (no file, folder or protocol of that name); did you mean the "
-                         f"protocol {PROTOCOLS.suggest(args.target)!r}?")
+    # a file or folder first, then a protocol, then a method; a name both protocol and method (edc, cvdd) shows
+    # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`
+    target, is_path = args.target, Path(args.target).exists()
+    if not is_path:  # importing every method takes a while: only for a name
+        from ddkit.methods import METHODS
+    method = target.removeprefix("method:") if not is_path and target.startswith("method:") else None
+    if not is_path and target in PROTOCOLS:
+        text = json.dumps(to_dict(PROTOCOLS.get(target)()), indent=2)
+        if target in METHODS and not args.quiet:
+            print(f"note: {target!r} is also a method; `ddkit show method:{target}` shows its options",
+                  file=sys.stderr)
+    elif method is not None or (not is_path and target in METHODS):
+        key = method if method is not None else target
+        METHODS.get(key)  # an unknown method:NAME: did-you-mean
+        text = json.dumps(method_record(key), indent=2) if args.json else describe_method(key)
+    elif not is_path and not re.search(r"[/\\.]", target) and (close := _closest_name(target)) is not None:
+        # `show ecd`, `show dmm`; a path's typo is left to describe()
+        kind, name = close
+        names = "folder or protocol" if kind == "protocol" else "folder, protocol or method"
+        raise DDKitError(f"{target!r} not found (no file, {names} of that name); did you mean the {kind} "
+                         f"{name!r}?")
     elif args.json:
         text = json.dumps(read_record(args.target)[0], indent=2)
     else:
@@ -381,6 +402,20 @@ def cmd_show(args) -> int:
     if not args.quiet:
         print(text)
     return 0
+
+
+def _closest_name(name: str) -> tuple[str, str] | None:
+    """("protocol" or "method", the registered name ``name`` is most likely a typo of), or None; the protocol
+    when both are as close (``ecd``: the protocol ``edc``, which ``show edc`` shows)."""
+    import difflib
+
+    from ddkit.evaluate import PROTOCOLS
+    from ddkit.methods import METHODS
+
+    found = [(difflib.SequenceMatcher(None, name.lower(), close.lower()).ratio(), -rank, kind, close)
+             for rank, (kind, registry) in enumerate((("protocol", PROTOCOLS), ("method", METHODS)))
+             if (close := registry.suggest(name)) is not None]
+    return max(found)[2:] if found else None
 
 
 def cmd_export(args) -> int:
@@ -516,7 +551,11 @@ def cmd_experts(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ddkit", description="Dataset distillation toolkit.")
+    p = argparse.ArgumentParser(
+        prog="ddkit", description="Dataset distillation toolkit.",
+        epilog="Your own methods, models and datasets: DDKIT_PLUGINS=mymodule[,other] imports those modules (from the "
+               "current folder or sys.path) before any command, so that they can register them. `ddkit list methods "
+               "-l` lists the methods, `ddkit show METHOD` a method's options.")
     p.add_argument("--version", action="version", version=f"ddkit {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
@@ -551,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("distill", help="make a distilled set with a method")
     sp.add_argument("--config", help="YAML with dataset: and distill: sections")
-    sp.add_argument("--method")
+    sp.add_argument("--method", help="registered method key (`ddkit list methods -l`; its options: `ddkit show "
+                    "METHOD`, set with --set distill.options.OPTION=VALUE)")
     sp.add_argument("--ipc", type=int)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--teacher", help="teacher artifact directory")
@@ -641,12 +681,15 @@ def build_parser() -> argparse.ArgumentParser:
                     metavar="{models,methods,datasets,protocols}", help="which registry to list")
     sp.add_argument("pattern", nargs="?", help="glob on the names, e.g. 'convnet*' (a ConvNet name such as "
                     "convnet3-w32-p3 is accepted as itself)")
+    sp.add_argument("-l", "--long", action="store_true",
+                    help="each with its description (a method's paper; `ddkit show METHOD` for its options)")
     sp.set_defaults(func=cmd_list)
 
-    sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell) "
-                        "or a protocol")
+    sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell), "
+                        "a protocol or a method's options")
     sp.add_argument("target",
-                    help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, or a protocol name")
+                    help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, a protocol name, or a "
+                    "method name (its options; method:NAME for one that is also a protocol: edc, cvdd)")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "

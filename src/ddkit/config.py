@@ -211,6 +211,7 @@ class Checked:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        cls.__doc__ = _with_attributes(cls)
         own = cls.__dict__.get("__post_init__")
         if own is None or getattr(own, "_checks_fields", False):
             return
@@ -226,6 +227,42 @@ class Checked:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+def _with_attributes(cls: type) -> str | None:
+    """``cls.__doc__`` with an "Attributes" section listing each field's type, default and help text, so that
+    ``help(SomeConfig)`` shows them. Called as the class is made, before ``@dataclass`` turns its fields into
+    dataclass fields: those of base configs are read from them, its own from its annotations and ``field()``s."""
+    rows: dict[str, tuple[str, str, str]] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            for f in dataclasses.fields(base):
+                rows[f.name] = (_annotation(f.type), _default_text(f), f.metadata.get("help", ""))
+    for name, hint in cls.__dict__.get("__annotations__", {}).items():
+        if "ClassVar" in str(hint) or "InitVar" in str(hint):
+            continue
+        value = cls.__dict__.get(name, dataclasses.MISSING)
+        if isinstance(value, dataclasses.Field):
+            rows[name] = (_annotation(hint), _default_text(value), value.metadata.get("help", ""))
+        else:
+            rows[name] = (_annotation(hint), "required" if value is dataclasses.MISSING else f"default {value!r}", "")
+    if not rows:
+        return cls.__doc__
+    lines = [f"    {name} ({tp}, {default}){': ' + text if text else ''}" for name, (tp, default, text) in rows.items()]
+    return f"{(cls.__doc__ or cls.__name__).rstrip()}\n\nAttributes:\n" + "\n".join(lines)
+
+
+def _annotation(hint: Any) -> str:
+    return hint if isinstance(hint, str) else _type_name(hint)
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return f"default {f.default!r}"
+    if f.default_factory is dataclasses.MISSING:
+        return "required"
+    value = f.default_factory()
+    return f"default {type(value).__name__}()" if dataclasses.is_dataclass(value) else f"default {value!r}"
 
 
 #: per config class: (field, type hint, holds seeds) of each field set by ``__init__``
@@ -473,6 +510,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def _choices_or_type(tp: Any) -> str:
+    """A Literal's choices (``real | noise``), or the type's name."""
+    if get_origin(tp) is Literal:
+        return " | ".join(str(a) for a in get_args(tp))
+    return _type_name(tp)
+
+
 def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     """(name, type, default, help) for each field of a config dataclass."""
     rows = []
@@ -484,5 +528,5 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
             default = f.default_factory()
         else:
             default = "<required>"
-        rows.append((f.name, _type_name(hints[f.name]), to_dict(default), f.metadata.get("help", "")))
+        rows.append((f.name, _choices_or_type(hints[f.name]), to_dict(default), f.metadata.get("help", "")))
     return rows

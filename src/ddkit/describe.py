@@ -533,3 +533,56 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
 }
 
 __all__ = ["describe", "read_record"]
+
+
+def method_record(key: str) -> dict[str, Any]:
+    """What ``ddkit show METHOD --json`` prints: the registered method ``key``'s class, docstring's summary,
+    the promises of its class attributes and its options (``config.describe`` of its ``Config``)."""
+    import json
+
+    from ddkit.config import describe as config_rows
+    from ddkit.methods import METHODS
+
+    cls = METHODS.get(key)
+    return {
+        "method": key,
+        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "description": doc_summary(cls),
+        "needs_teacher": bool(cls.needs_teacher),
+        "uses_seed": bool(cls.uses_seed),
+        "resumable": bool(cls.resumable),
+        # through JSON: a default the table prints is the value a YAML or --set override writes
+        "options": [{"name": name, "type": tp, "default": json.loads(json.dumps(default)), "help": text}
+                    for name, tp, default, text in config_rows(cls.Config)],
+    }
+
+
+def describe_method(key: str) -> str:
+    """``ddkit show METHOD``: the method's docstring summary, what it needs, and a table of its options
+    (name, type, default, help) as ``distill.options`` takes them."""
+    import json
+
+    m = method_record(key)
+    lines = [f"method {key} ({m['class']}): {m['description'] or 'no description'}",
+             f"needs a teacher: {'yes' if m['needs_teacher'] else 'no'}; another seed, another set: "
+             f"{'yes' if m['uses_seed'] else 'no'}; resumes after an interruption: {'yes' if m['resumable'] else 'no'}"]
+    if not m["options"]:
+        return "\n".join([*lines, "options: none"])
+    rows = [("option", "type", "default", "help")] + [
+        (o["name"], o["type"], o["default"] if isinstance(o["default"], str) else json.dumps(o["default"]), o["help"])
+        for o in m["options"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines.append("options (distill.options.OPTION in a config, --set distill.options.OPTION=VALUE):")
+    lines += ["  " + "  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3] for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def doc_summary(obj: Any) -> str:
+    """The first paragraph of ``obj``'s docstring (its summary, which cites the paper) on one line, or ""."""
+    import functools
+    import inspect
+
+    while isinstance(obj, functools.partial):  # a model family's preset: the family's docstring
+        obj = obj.func
+    doc = (inspect.getdoc(obj) or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())

@@ -9,7 +9,9 @@ code, so stored images always stay in pixel space.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -21,6 +23,8 @@ import torch
 from ddkit.config import Checked, field, is_count
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
+
+logger = logging.getLogger(__name__)
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
 
@@ -239,7 +243,43 @@ class DataBundle:
 
 
 Loader = Callable[[DatasetConfig], DataBundle]
-DATASETS: Registry[Loader] = Registry("dataset")
+#: the DatasetConfig fields a source may read or not (``classes`` and the per-class subsets apply to every source)
+SOURCE_SETTINGS = ("path", "image_size", "train_split", "test_split")
+
+
+class DatasetRegistry(Registry[Loader]):
+    """The dataset sources. A registration may declare what the source reads besides ``dataset.classes``:
+    ``options`` (the ``dataset.options`` keys it takes; a dict of their defaults will do) and ``settings``
+    (which of :data:`SOURCE_SETTINGS` it reads). :func:`load_dataset` then refuses the others, which a source
+    would silently ignore. A source that declares neither is warned about instead (it may read them)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        #: per name: (the dataset.options keys, the SOURCE_SETTINGS it reads), None for one not declared
+        self.declared: dict[str, tuple[frozenset[str] | None, frozenset[str] | None]] = {}
+
+    def register(self, name: str, *, options=None, settings=None) -> Callable[[Loader], Loader]:
+        """Decorator that registers a loader ``f(DatasetConfig) -> DataBundle`` under ``name``, e.g.
+        ``@DATASETS.register("blobs", options={"num_classes": 3, "seed": 0}, settings=())``."""
+        unknown = sorted(set(settings or ()) - set(SOURCE_SETTINGS))
+        if unknown or isinstance(settings, str) or isinstance(options, str):
+            raise DDKitError(f"dataset {name!r}: settings={settings!r}, options={options!r}; give settings as a "
+                             f"list of {list(SOURCE_SETTINGS)} and options as a list (or dict) of option names")
+        deco = super().register(name)
+
+        def register(loader: Loader) -> Loader:
+            loader = deco(loader)
+            self.declared[name] = (None if options is None else frozenset(options),
+                                   None if settings is None else frozenset(settings))
+            return loader
+
+        return register
+
+    def add(self, name: str, obj: Loader, *, options=None, settings=None) -> Loader:
+        return self.register(name, options=options, settings=settings)(obj)
+
+
+DATASETS = DatasetRegistry("dataset")
 #: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
 CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
 #: sources that apply ``train_per_class``/``test_per_class`` themselves, with :func:`per_class_index` (the same
@@ -331,6 +371,7 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
         raise DDKitError(f"load_dataset takes a dataset name or a DatasetConfig, got {type(cfg).__name__} {cfg!r:.80}")
     loader = DATASETS.get(cfg.name)
     bundle = loader(cfg)
+    _check_source_settings(cfg, bundle)
     subset_here = cfg.name not in SUBSET_SOURCES
     if subset_here and (cfg.train_per_class is not None or cfg.test_per_class is not None):
         bundle = DataBundle(
@@ -345,6 +386,55 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
         )
     bundle.config = cfg
     return bundle
+
+
+def check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
+    """If the user pinned ``dataset.classes`` (e.g. a teacher's order), it must match the source."""
+    if cfg.classes is not None and list(cfg.classes) != list(classes):
+        raise DataError(
+            f"dataset.classes {list(cfg.classes)} does not match the classes of {cfg.name!r} "
+            f"{list(classes)}; remove dataset.classes or list exactly these names in this order"
+        )
+
+
+#: (dataset, settings) pairs already warned about as unchecked
+_WARNED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _check_source_settings(cfg: DatasetConfig, bundle: DataBundle) -> None:
+    """What every source gets, whoever wrote it: ``dataset.classes`` must be the loaded classes in their order,
+    ``dataset.image_size`` the loaded size, and settings and options the source does not declare are refused
+    (see :class:`DatasetRegistry`). Built-in sources refuse them themselves, before loading."""
+    check_class_order(cfg, bundle.classes)
+    options, settings = DATASETS.declared.get(cfg.name, (None, None))
+    defaults = {f.name: f.default for f in dataclasses.fields(DatasetConfig) if f.name in SOURCE_SETTINGS}
+    given = [name for name in SOURCE_SETTINGS if getattr(cfg, name) != defaults[name]]
+    if settings is not None and set(given) - settings:
+        unused = [name for name in given if name not in settings]
+        reads = ("dataset." + ", ".join(sorted(settings)) if settings
+                 else "none of dataset." + ", ".join(SOURCE_SETTINGS))
+        raise ConfigError(f"dataset {cfg.name!r} does not read dataset.{', dataset.'.join(unused)}; remove "
+                          f"{'them' if len(unused) > 1 else 'it'} (it reads {reads})")
+    if options is not None and set(cfg.options) - options:
+        unknown = sorted(set(cfg.options) - options)
+        if not options:
+            raise ConfigError(f"unknown dataset.options {unknown} for {cfg.name!r}; this source takes no options, "
+                              "remove them")
+        close = difflib.get_close_matches(unknown[0], sorted(options), n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"unknown dataset.options {unknown} for {cfg.name!r}; {hint}valid: {sorted(options)}")
+    size = cfg.image_size
+    if size is not None and tuple(bundle.image_shape[1:]) != (size, size):
+        raise ConfigError(f"dataset.image_size {size} does not apply to {cfg.name!r}, which loaded "
+                          f"{bundle.image_shape[1]}x{bundle.image_shape[2]} images; remove it")
+    unchecked = ([f"dataset.{name}" for name in given if settings is None and name != "image_size"]
+                 + ([f"dataset.options {sorted(cfg.options)}"] if options is None and cfg.options else []))
+    if unchecked and (cfg.name, tuple(unchecked)) not in _WARNED:
+        _WARNED.add((cfg.name, tuple(unchecked)))  # once per process: evaluation reloads the data per student
+        logger.warning("dataset %r does not declare what it reads, so %s could not be checked (a source that "
+                       "ignores them loads other data than asked); its author can declare them: "
+                       "DATASETS.register(%r, options=[...], settings=[...])", cfg.name, " and ".join(unchecked),
+                       cfg.name)
 
 
 def make_synthetic(
@@ -395,9 +485,12 @@ def make_synthetic(
     )
 
 
-@DATASETS.register("synthetic")
+SYNTHETIC_OPTIONS = {"num_classes", "channels", "image_size", "train_per_class", "test_per_class", "seed", "noise"}
+
+
+@DATASETS.register("synthetic", options=SYNTHETIC_OPTIONS, settings=())
 def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
-    allowed = {"num_classes", "channels", "image_size", "train_per_class", "test_per_class", "seed", "noise"}
+    allowed = SYNTHETIC_OPTIONS
     unknown = set(cfg.options) - allowed
     if unknown:
         raise ConfigError(f"unknown dataset.options {sorted(unknown)} for 'synthetic'; valid: {sorted(allowed)}")
@@ -416,8 +509,4 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
     if (noise is not None
             and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf"))):
         raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
-    from ddkit.data.sources import _check_class_order  # sources imports this module
-
-    data = make_synthetic(**cfg.options)
-    _check_class_order(cfg, data.classes)
-    return data
+    return make_synthetic(**cfg.options)

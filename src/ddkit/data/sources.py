@@ -42,9 +42,11 @@ from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_dir, build_lock, cache_dir, quiet_torch_load
 from ddkit.data.base import (
     DATASETS,
+    SOURCE_SETTINGS,
     DataBundle,
     DatasetConfig,
     ImageSet,
+    check_class_order,
     find_data_dir,
     per_class_index,
     search_order,
@@ -89,13 +91,7 @@ def _check_fixed_source(cfg: DatasetConfig) -> None:
                           "remove it")
 
 
-def _check_class_order(cfg: DatasetConfig, classes: list[str]) -> None:
-    """If the user pinned ``dataset.classes`` (e.g. a teacher's order), it must match the source."""
-    if cfg.classes is not None and list(cfg.classes) != list(classes):
-        raise DataError(
-            f"dataset.classes {list(cfg.classes)} does not match the classes of {cfg.name!r} "
-            f"{list(classes)}; remove dataset.classes or list exactly these names in this order"
-        )
+_check_class_order = check_class_order  # the check load_dataset makes for every source, made here before the rest
 
 
 def _search_rank(name: str, path: str | None, found: Path) -> int:
@@ -363,7 +359,7 @@ def _load_idx_dataset(
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(folder))
 
 
-@DATASETS.register("fashion-mnist")
+@DATASETS.register("fashion-mnist", options=(), settings=("path",))
 def load_fashion_mnist(cfg: DatasetConfig) -> DataBundle:
     """Fashion-MNIST (Xiao et al., 2017): 60k/10k grayscale 28x28 images of 10 clothing classes."""
     hint = (
@@ -375,7 +371,7 @@ def load_fashion_mnist(cfg: DatasetConfig) -> DataBundle:
     return _load_idx_dataset(cfg, FASHION_MNIST_CLASSES, (0.2861,), (0.3530,), hint)
 
 
-@DATASETS.register("mnist")
+@DATASETS.register("mnist", options=(), settings=("path",))
 def load_mnist(cfg: DatasetConfig) -> DataBundle:
     """MNIST (LeCun et al., 1998): 60k/10k grayscale 28x28 handwritten digits."""
     hint = (
@@ -593,13 +589,13 @@ def _load_cifar(cfg: DatasetConfig) -> DataBundle:
                       source=str(where_root))
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", options=(), settings=("path",))
 def load_cifar10(cfg: DatasetConfig) -> DataBundle:
     """CIFAR-10 (Krizhevsky, 2009): 50k/10k RGB 32x32 images of 10 classes."""
     return _load_cifar(cfg)
 
 
-@DATASETS.register("cifar100")
+@DATASETS.register("cifar100", options=(), settings=("path",))
 def load_cifar100(cfg: DatasetConfig) -> DataBundle:
     """CIFAR-100 (Krizhevsky, 2009): 50k/10k RGB 32x32 images of 100 fine classes."""
     return _load_cifar(cfg)
@@ -748,7 +744,7 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
     return sorted(train)
 
 
-@DATASETS.register("imagefolder")
+@DATASETS.register("imagefolder", options=(), settings=SOURCE_SETTINGS)
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
 
@@ -1202,7 +1198,7 @@ def _labels_not_0_to_k(path: Path, train: list[int], test: list[int]) -> None:
                     f"{', then '.join(fixes)}")
 
 
-@DATASETS.register("tensors")
+@DATASETS.register("tensors", options=(), settings=("path",))
 def load_tensors(cfg: DatasetConfig) -> DataBundle:
     """Train/test tensors from one ``.safetensors`` or ``.pt`` file (see module docs for keys).
 

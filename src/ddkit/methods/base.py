@@ -72,6 +72,14 @@ class Method:
     learns_lr: ClassVar[bool] = False
     # options for a seconds-long run on tiny data (the contract test and `--quick` benchmarks)
     smoke_options: ClassVar[dict[str, Any]] = {}
+    # the contract (ddkit.testing.check_method) checks what these three promise:
+    # whether another ctx.seed gives another set (False for a deterministic method: herding, k-center, full)
+    uses_seed: ClassVar[bool] = True
+    # whether it makes ctx.ipc images per class (False: it ignores ipc, as full keeps every training image)
+    uses_ipc: ClassVar[bool] = True
+    # whether an interrupted fit resumes to the uninterrupted result: it reports each iteration through
+    # ctx.progress and checkpoints to ctx.work_dir (False for a one-pass method: random, herding, full)
+    resumable: ClassVar[bool] = True
     # bump when a change alters the output for the same options (a new default, a fixed bug): cached
     # distilled sets of this method (and every evaluation of them) are then made again, others are kept
     # (a method from outside ddkit needs no bump: the sha256 of its module's source counts as well)

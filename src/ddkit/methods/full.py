@@ -19,6 +19,9 @@ class FullDataset(Method):
     """Every training image (the "Whole Dataset" row of Zhao et al., ICLR 2021, Table 1). IPC is ignored."""
 
     Config = FullConfig
+    uses_seed = False
+    uses_ipc = False
+    resumable = False
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> FullDataset:
         self.synthetic_ = SyntheticSet(real.train.images.clone(), real.train.labels.clone())
