@@ -12,7 +12,7 @@ import torch
 
 from ddkit.config import Checked, config_hash, from_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
-from ddkit.errors import DataError, DDKitError
+from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.methods import METHODS, Checkpoint, Method, SyntheticSet, check_ipc
 from ddkit.models import MODELS
 from ddkit.pipeline import DistillConfig, RunConfig, distill, distill_hash, run
@@ -334,3 +334,28 @@ def test_an_edited_plugin_model_is_a_new_student_expert_recipe_and_set(tmp_path,
     _plugin(tmp_path, monkeypatch, "stunet", NET.format(key="stu_net").replace("HIDDEN = 8", "HIDDEN = 16"))
     after = (proto.hash, model_config_hash(experts), distill_hash(mtt, data, None))
     assert all(a != b for a, b in zip(before, after))
+
+
+def test_a_method_that_ignores_ipc_is_treated_as_full_is(registries):
+    """The pipeline asked `method == "full"` where it meant "makes no ipc images per class": a plugin
+    method declaring uses_ipc = False was refused ipc as full is, got its ipc checked against the class
+    sizes and had its set recorded with an ipc. It now reads the class attribute."""
+
+    @METHODS.register("everything")
+    class Everything(Method):
+        uses_ipc = uses_seed = resumable = False
+
+        @dataclass
+        class Config(Checked):
+            pass
+
+        def fit(self, real, teachers, ctx):
+            self.synthetic_ = SyntheticSet(real.train.images.clone(), real.train.labels.clone())
+            return self
+
+    with pytest.raises(ConfigError, match=r"^ipc 3 does not apply to method 'everything', which makes no ipc images "
+                                          r"per class; remove ipc"):
+        DistillConfig(method="everything", ipc=3)
+    data = make_synthetic()
+    ds = distill(data, DistillConfig(method="everything", ipc=None), DatasetConfig(name="synthetic"))
+    assert ds.ipc is None and len(ds) == len(data.train)

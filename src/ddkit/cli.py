@@ -205,11 +205,14 @@ def cmd_distill(args) -> int:
     from ddkit.config import to_dict
     from ddkit.data.base import load_dataset
     from ddkit.distilled import ipc_text
+    from ddkit.methods import METHODS
     from ddkit.pipeline import DistillConfig, distill, load_teacher_for
 
-    if args.method == "full" and args.ipc is not None:  # the flag's default is None: only a typed --ipc gets here
-        raise DDKitError(f"--ipc {args.ipc} does not apply to method 'full', which keeps every training image; "
-                         "drop --ipc (or pick another method)")
+    # the flag's default is None: only a typed --ipc gets here
+    if args.ipc is not None and args.method in METHODS and not METHODS.get(args.method).uses_ipc:
+        what = "keeps every training image" if args.method == "full" else "makes no ipc images per class"
+        raise DDKitError(f"--ipc {args.ipc} does not apply to method {args.method!r}, which {what}; drop --ipc (or "
+                         "pick another method)")
     # method full from a config file: DistillConfig refuses an ipc other than the default
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
                                                                "soft_labels": "soft_labels",

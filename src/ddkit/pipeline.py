@@ -79,9 +79,11 @@ class DistillConfig(Checked):
         self.options = sorted_keys(self.options)  # recorded alike whatever order the keys were given in
         if self.method not in METHODS:
             raise ConfigError(METHODS.unknown_message(self.method))
-        if self.method == "full" and self.ipc not in (None, DEFAULT_IPC):  # the default cannot be told from a typed 10
-            raise ConfigError(f"ipc {self.ipc} does not apply to method 'full', which keeps every training image; "
-                              "remove ipc (or set ipc: null)")
+        # the default cannot be told from a typed 10
+        if not METHODS.get(self.method).uses_ipc and self.ipc not in (None, DEFAULT_IPC):
+            what = "keeps every training image" if self.method == "full" else "makes no ipc images per class"
+            raise ConfigError(f"ipc {self.ipc} does not apply to method {self.method!r}, which {what}; remove ipc (or "
+                              "set ipc: null)")
         check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
         if self.soft_labels_bn != "running" and not self.soft_labels:
             raise ConfigError("soft_labels_bn batch only applies to stored soft labels; set soft_labels: true "
@@ -205,7 +207,7 @@ def distill(
         check_output_dir(Path(out), DISTILLED_KIND)  # a folder we may not replace fails now, not after the method
     method_cls = METHODS.get(cfg.method)
     method_cfg = from_dict(method_cls.Config, cfg.options, options_key)
-    if cfg.method != "full" and method_cls.ipc_within_class_size:  # every method's, not only those that check it
+    if method_cls.uses_ipc and method_cls.ipc_within_class_size:  # every method's, not only those that check it
         check_ipc(data, cfg.ipc)
     teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
@@ -236,7 +238,7 @@ def distill(
                     stale.unlink()
     ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
                      options_key=options_key, image_dtype=cfg.image_dtype)
-    ipc = None if cfg.method == "full" else cfg.ipc
+    ipc = cfg.ipc if method_cls.uses_ipc else None
     teacher_info = teacher.record() if teacher is not None else None
     info = ddist.current()
     distilled, failure = None, None
@@ -438,7 +440,7 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
     for path in getattr(method_cfg, "extra_teachers", None) or []:  # read after the teacher stage otherwise
         read_manifest(path, TEACHER_KIND)
-    if cfg.distill.method != "full":
+    if method.uses_ipc and method.ipc_within_class_size:
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
