@@ -507,3 +507,38 @@ def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, t
     assert rep["distilled"]["dataset_fingerprint"] == data.fingerprint == ds.manifest["dataset"]["fingerprint"]
     with pytest.raises(ConfigError, match=r"^save_tensors writes a .safetensors file"):
         save_tensors(data, tmp_path / "mine.pt")
+
+
+def test_torchrun_ranks_share_out_students_not_seeds(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Ranks took whole seeds (a seed's distilled student and its random subset's): 3 seeds on 8 GPUs
+    kept 3 busy. Each student is now one job, dealt round-robin, and random baselines already cached are
+    read, not dealt. Rank 1 of 2 is simulated; rank 0's share arrives through the gather."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.distributed import DistInfo
+
+    data, _, ds, _ = setup
+    protocol = dataclasses.replace(tiny_protocol, full_reference=False)
+    trained = []
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(("distilled", a[4])) or 0.5 + a[4])
+    monkeypatch.setattr(runner, "_random_baseline", lambda *a, **k: trained.append(("random", a[5])) or 0.25 + a[5])
+    monkeypatch.setattr(runner.ddist, "current", lambda: DistInfo(rank=1, world_size=2))
+    cached = {}
+    monkeypatch.setattr(runner.ddist, "broadcast_object", lambda obj, src=0: cached)  # rank 0's view of the cache
+    rank0 = {}
+    monkeypatch.setattr(runner.ddist, "all_gather_objects", lambda local: [rank0, local])
+
+    # jobs d0 d1 d2 r0 r1 r2: rank 1 trains d1, r0, r2
+    rank0.update({("distilled", 0): 0.5, ("distilled", 2): 2.5, ("random", 1): 1.25})
+    rep = evaluate(ds, protocol, [0, 1, 2], data=data, cache_dir=tmp_path / "c1")
+    assert trained == [("distilled", 1), ("random", 0), ("random", 2)]
+    assert rep["results"]["distilled"]["per_seed"] == [0.5, 1.5, 2.5]
+    assert rep["results"]["random"]["per_seed"] == [0.25, 1.25, 2.25]
+
+    # seed 1's random baseline cached (as rank 0 found it): jobs d0 d1 d2 r0 r2, rank 1 trains d1 and r0
+    trained.clear()
+    cached.update({1: 1.25})
+    rank0.clear()
+    rank0.update({("distilled", 0): 0.5, ("distilled", 2): 2.5, ("random", 2): 2.25})
+    rep = evaluate(ds, protocol, [0, 1, 2], data=data, cache_dir=tmp_path / "c2")
+    assert trained == [("distilled", 1), ("random", 0)]
+    assert rep["results"]["random"]["per_seed"] == [0.25, 1.25, 2.25]

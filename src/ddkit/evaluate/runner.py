@@ -1,8 +1,9 @@
 """Train fresh students on a distilled set, a same-IPC random real subset and the full data.
 
 Every number comes from one :class:`ProtocolConfig` and one list of seeds. Under ``torchrun`` the
-seeds are spread over ranks (each student is trained whole by one rank, so results equal the
-single-process run exactly) and the full-data reference is trained data-parallel.
+students (the distilled set's and each random subset's, per seed) are spread over ranks (each is
+trained whole by one rank, so results equal the single-process run exactly) and the full-data
+reference is trained data-parallel.
 """
 
 from __future__ import annotations
@@ -498,41 +499,47 @@ def evaluate(
         return (lambda e, n, r: progress(e, n, {**r, "stage": label})) if progress else None
 
     t0 = time.perf_counter()
-    mine = seeds[info.rank :: info.world_size]
-    local: dict[int, dict[str, float]] = {}
     ipc = distilled.ipc
-    for s in mine:
-        if store is not None:
-            row = {"distilled": _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))}
-        else:
-            row = {"distilled": _train_student(
+    # random baselines already cached are read, not trained; rank 0 decides which, so every rank deals the same jobs
+    cached: dict[int, float] = {}
+    if protocol.random_baseline and ipc is not None:
+        caches = {s: random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller)
+                  for s in seeds}
+        if info.is_main:
+            cached = {s: float(v) for s, c in caches.items()
+                      if (v := _cache_entry(c, "accuracy", (int, float))) is not None}
+        cached = ddist.broadcast_object(cached)
+    # every student is one job (the distilled set's, then the random subsets' left to train), dealt round-robin:
+    # under torchrun 3 seeds with a random baseline keep 6 ranks busy, not 3; each student is trained whole
+    # by one rank from its own seed, so the numbers are those of one process
+    jobs = [("distilled", s) for s in seeds] + [("random", s) for s in seeds
+                                                 if protocol.random_baseline and ipc is not None and s not in cached]
+    local: dict[tuple[str, int], float] = {}
+    for kind, s in jobs[info.rank :: info.world_size]:
+        if kind == "distilled" and store is not None:
+            local[kind, s] = _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))
+        elif kind == "distilled":
+            local[kind, s] = _train_student(
                 distilled.as_imageset(), data, protocol, train, s, device, mode, teacher,
                 distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"),
-                transform=transform)}
-        if protocol.random_baseline and ipc is not None:
-            cache = random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller)
-            cached = _cache_entry(cache, "accuracy", (int, float))
-            if cached is not None:
-                row["random"] = float(cached)
-            else:
-                # label mode fkd: the subset's labels are streamed into a folder beside its cache entry (an
-                # IPC-50 ImageNet store is tens of GB), kept until the student's accuracy is cached
-                fkd_out = cache.with_suffix(".fkd") if store is not None else None
-                row["random"] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
-                                                 cb_for(f"random subset, seed {s}"), train, transform, labeller,
-                                                 fkd_out)
-                write_json(cache, {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": row["random"],
+                transform=transform)
+        else:
+            # label mode fkd: the subset's labels are streamed into a folder beside its cache entry (an
+            # IPC-50 ImageNet store is tens of GB), kept until the student's accuracy is cached
+            fkd_out = caches[s].with_suffix(".fkd") if store is not None else None
+            local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
+                                              cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
+            write_json(caches[s], {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": local[kind, s],
                                    "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
-                if fkd_out is not None:
-                    with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
-                        shutil.rmtree(fkd_out, ignore_errors=True)
-        local[s] = row
-    merged: dict[int, dict[str, float]] = {}
+            if fkd_out is not None:
+                with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
+                    shutil.rmtree(fkd_out, ignore_errors=True)
+    merged: dict[tuple[str, int], float] = {("random", s): acc for s, acc in cached.items()}
     for part in ddist.all_gather_objects(local):
         merged.update(part)
-    results: dict[str, Any] = {"distilled": _summary([merged[s]["distilled"] for s in seeds])}
+    results: dict[str, Any] = {"distilled": _summary([merged["distilled", s] for s in seeds])}
     if protocol.random_baseline and ipc is not None:
-        results["random"] = _summary([merged[s]["random"] for s in seeds])
+        results["random"] = _summary([merged["random", s] for s in seeds])
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device,
                                          Path(cache_dir) if cache_dir else None, progress)
