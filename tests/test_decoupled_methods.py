@@ -147,6 +147,21 @@ def test_real_statistics_equal_hand_computation_and_ignore_batch_size(data, bn_t
         assert torch.allclose(stats["logits/class_mean"][c], logits[y == c].mean(0), atol=1e-5)
 
 
+def test_real_statistics_keep_their_float64_sums_where_float64_exists(data, bn_teacher):
+    """The real-data pass summed in float64 on the device, which Apple MPS lacks (it raised there). Its
+    sums now stay on the device where float64 exists (CPU, CUDA: no host sync per batch, as before) and
+    go to the CPU otherwise; the statistics do not depend on where they were summed."""
+    assert S.sums_device(torch.device("cpu")) == torch.device("cpu")
+    assert S.sums_device(torch.device("cuda:1")) == torch.device("cuda:1")
+    assert S.sums_device(torch.device("mps")) == torch.device("cpu")
+    model = bn_teacher.model
+    keys = S.statistic_layers(model)
+    a = S.compute_real_statistics(model, data, keys, batch_size=7, patch_size=2)
+    b = S.compute_real_statistics(model, data, keys, batch_size=7, patch_size=2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("/patch_var") for k in a)
+
+
 def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monkeypatch):
     calls = []
     real_compute = S.compute_real_statistics

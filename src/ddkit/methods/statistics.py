@@ -187,18 +187,26 @@ def patch_moments(x: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch
 # real-data statistics and their cache
 
 
-def _image_sums(f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-image per-channel sums of ``x`` and ``x^2`` of ``f`` ``[N, C, ...]``: float64 ``[N, C]``.
+def sums_device(device: torch.device) -> torch.device:
+    """Where the real-data pass keeps its float64 sums across images: on ``device`` (no host sync per
+    batch), or on the CPU for a device without float64 (Apple MPS), where float32 sums over a whole
+    dataset would lose the variance (E[x^2] - E[x]^2 of nearly equal numbers)."""
+    return device if sum_dtype(device) == torch.float64 else torch.device("cpu")
+
+
+def _image_sums(f: torch.Tensor, acc: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image per-channel sums of ``x`` and ``x^2`` of ``f`` ``[N, C, ...]``: float64 ``[N, C]`` on
+    ``acc`` (the device of the sums across images; see :func:`compute_real_statistics`).
 
     The sum over one image's pixels runs in ``f``'s dtype (float32: relative error ~1e-7, well
     below what float32 statistics hold); only the sums across images need float64. Casting whole
     feature maps to float64 first made the real-data pass 5x slower on the CPU.
     """
     flat = f.reshape(f.shape[0], f.shape[1], -1)
-    return flat.sum(2).double(), (flat * flat).sum(2).double()
+    return flat.sum(2).to(acc).double(), (flat * flat).sum(2).to(acc).double()
 
 
-def _patch_sums(f: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _patch_sums(f: torch.Tensor, patch_size: int, acc: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Per-image sums of ``x`` and ``x^2`` per patch position, float64 ``[N, P]``, of ``f``
     ``[N, C, H, W]`` over channels and patch pixels, in :func:`patch_grid`'s position order, and the
     number of values each position sums per image (``C * p * p``)."""
@@ -206,7 +214,8 @@ def _patch_sums(f: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.T
     s1 = F.avg_pool2d(f, patch_size, divisor_override=1)  # [N, C, U, V]: per-patch sums
     s2 = F.avg_pool2d(f * f, patch_size, divisor_override=1)
     n, c = f.shape[:2]
-    return s1.double().sum(1).reshape(n, -1), s2.double().sum(1).reshape(n, -1), c * patch_size ** 2
+    return (s1.to(acc).double().sum(1).reshape(n, -1), s2.to(acc).double().sum(1).reshape(n, -1),
+            c * patch_size ** 2)
 
 
 @torch.no_grad()
@@ -235,6 +244,7 @@ def compute_real_statistics(
     """
     info = ddist.current()
     device = torch.device(device)
+    acc = sums_device(device)
     model = model.to(device).eval()
     k = real.num_classes
     patched = [key for key in keys if patch_size > 0 and is_conv_key(key)]
@@ -244,9 +254,9 @@ def compute_real_statistics(
     p1: dict[str, torch.Tensor] = {}  # [P] sums over every image
     p2: dict[str, torch.Tensor] = {}
     pcount: dict[str, int] = {}
-    count = torch.zeros(k, dtype=torch.float64, device=device)
-    logit_sum = torch.zeros(k, k, dtype=torch.float64, device=device)
-    classes = torch.arange(k, device=device)
+    count = torch.zeros(k, dtype=torch.float64, device=acc)
+    logit_sum = torch.zeros(k, k, dtype=torch.float64, device=acc)
+    classes = torch.arange(k, device=acc)
     total = len(real.train)
     starts = list(range(0, total, batch_size))[info.rank :: info.world_size]
     mine = sum(min(batch_size, total - lo) for lo in starts)
@@ -257,15 +267,15 @@ def compute_real_statistics(
         weight = onehot.sum(0)
         for key in keys:
             f = features[key]
-            a, b = _image_sums(f)
+            a, b = _image_sums(f, acc)
             if key not in s1:
-                s1[key] = torch.zeros(k, f.shape[1], dtype=torch.float64, device=device)
+                s1[key] = torch.zeros(k, f.shape[1], dtype=torch.float64, device=acc)
                 s2[key] = torch.zeros_like(s1[key])
                 pix[key] = f[0, 0].numel()
             s1[key] += onehot @ a
             s2[key] += onehot @ b
         for key in patched:
-            a, b, pcount[key] = _patch_sums(features[key], patch_size)
+            a, b, pcount[key] = _patch_sums(features[key], patch_size, acc)
             if key not in p1:
                 p1[key], p2[key] = a.new_zeros(a.shape[1]), b.new_zeros(b.shape[1])
             p1[key] += weight @ a
@@ -275,15 +285,15 @@ def compute_real_statistics(
     with FeatureHooks(model, keys) as hooks:
         if info.enabled:  # create every accumulator (zero weight), even on a rank without batches
             model(common.to_normalized(real.train.subset(torch.arange(1)).float_images().to(device), real))
-            accumulate(hooks.features, torch.zeros(k, 1, dtype=torch.float64, device=device))
+            accumulate(hooks.features, torch.zeros(k, 1, dtype=torch.float64, device=acc))
             hooks.features.clear()
         for lo in starts:
             part = real.train.subset(torch.arange(lo, min(lo + batch_size, total)))
             x = common.to_normalized(part.float_images().to(device), real)
-            y = part.labels.to(device)
+            y = part.labels.to(acc)
             onehot = (y[None, :] == classes[:, None]).double()  # [K, n]
             logits = model(x)
-            logit_sum += onehot @ logits.double()
+            logit_sum += onehot @ logits.to(acc).double()
             count += onehot.sum(1)
             accumulate(hooks.features, onehot)
             hooks.features.clear()
