@@ -542,3 +542,19 @@ def test_torchrun_ranks_share_out_students_not_seeds(setup, tiny_protocol, tmp_p
     rep = evaluate(ds, protocol, [0, 1, 2], data=data, cache_dir=tmp_path / "c2")
     assert trained == [("distilled", 1), ("random", 0)]
     assert rep["results"]["random"]["per_seed"] == [0.25, 1.25, 2.25]
+
+
+def test_save_tensors_writes_splits_that_share_memory(tmp_path):
+    """One ImageSet as both splits (or overlapping views) made safetensors refuse the file with a raw
+    "Some tensors share memory" RuntimeError; each tensor is now written from its own copy."""
+    from ddkit.data import save_tensors
+    from ddkit.data.base import DataBundle, ImageSet, load_dataset
+
+    images, labels = torch.rand(6, 1, 4, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    both = ImageSet(images, labels)
+    for test in (both, ImageSet(images[:3], labels[:3])):
+        data = DataBundle("mine", both, test, ["a", "b", "c"], (0.5,), (0.29,))
+        back = load_dataset(save_tensors(data, tmp_path / "mine.safetensors"))
+        assert torch.equal(back.train.images, images) and torch.equal(back.test.images, test.images)
+        assert torch.equal(back.test.labels, test.labels) and back.classes == ["a", "b", "c"]
+    assert torch.equal(both.images, images)  # the caller's tensors are untouched

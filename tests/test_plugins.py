@@ -359,3 +359,44 @@ def test_a_method_that_ignores_ipc_is_treated_as_full_is(registries):
     data = make_synthetic()
     ds = distill(data, DistillConfig(method="everything", ipc=None), DatasetConfig(name="synthetic"))
     assert ds.ipc is None and len(ds) == len(data.train)
+
+
+def test_a_plugin_is_hashed_as_loaded_not_as_edited_since(tmp_path, monkeypatch, registries):
+    """The sha was read from the file at every key: an edit during a long run labelled what the old,
+    loaded code made with the new code's hash, so the next run (new code) reused it. The source is read
+    once, at registration; a reload (or the next process) reads it again."""
+    from ddkit.models.registry import model_source
+    from ddkit.registry import source_sha256
+
+    mod = _plugin(tmp_path, monkeypatch, "loadednet", NET.format(key="loaded_net"))
+    loaded = _sha(tmp_path / "loadednet.py")
+    (tmp_path / "loadednet.py").write_text(NET.format(key="loaded_net").replace("HIDDEN = 8", "HIDDEN = 16"))
+    assert source_sha256(mod.loaded_net) == model_source("loaded_net")["source_sha256"] == loaded
+    _plugin(tmp_path, monkeypatch, "loadednet", NET.format(key="loaded_net").replace("HIDDEN = 8", "HIDDEN = 16"))
+    assert model_source("loaded_net")["source_sha256"] == _sha(tmp_path / "loadednet.py") != loaded
+
+
+def test_protocol_hash_and_full_reference_of_a_plugin_student(tmp_path, monkeypatch, registries, caplog):
+    """The full-data reference was keyed by the student's name: after an edit of a plugin student its
+    stale accuracy was reused. A student no registry knows (its plugin not imported) hashes without its
+    source, with a warning saying so."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.evaluate import ProtocolConfig
+
+    data = make_synthetic()
+    with caplog.at_level("WARNING", logger="ddkit"):
+        ProtocolConfig(student="later_net").identity()
+    assert "student 'later_net' is not a registered model" in caplog.text and "DDKIT_PLUGINS" in caplog.text
+    keys = []
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: 0.5)
+    monkeypatch.setattr(runner, "cache_dir_of", lambda *a: tmp_path)
+    real_hash = runner.config_hash
+    monkeypatch.setattr(runner, "config_hash", lambda key: keys.append(key) or real_hash(key))
+    for hidden in ("HIDDEN = 8", "HIDDEN = 16"):
+        _plugin(tmp_path, monkeypatch, "laternet", NET.format(key="later_net").replace("HIDDEN = 8", hidden))
+        protocol = ProtocolConfig(student="later_net", full_epochs=1)
+        runner.full_reference(data, protocol, [0], "cpu", tmp_path)
+    assert [k["student_source"] for k in keys] == [keys[0]["student_source"], _sha(tmp_path / "laternet.py")]
+    assert keys[0]["student_source"] != keys[1]["student_source"]
+    runner.full_reference(data, ProtocolConfig(student="tiny_convnet", full_epochs=1), [0], "cpu", tmp_path)
+    assert "student_source" not in keys[-1]

@@ -8,6 +8,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -41,6 +42,7 @@ class Registry(Generic[T]):
                                  f"{_origin(self._entries[name]) or type(self._entries[name]).__name__}); register "
                                  "yours under another name")
             self._entries[name] = obj  # the same definition again (a re-run notebook cell, a reload) replaces it
+            source_sha256(obj)  # a plugin's source as it is when loaded, not as an edit during a long run leaves it
             return obj
 
         return deco
@@ -99,6 +101,7 @@ def origin(obj: object) -> str:
 
 
 _UNTRACKED: set[str] = set()  # definitions warned about once per process
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # definition -> its source_sha256, read once
 
 
 def source_sha256(obj: object) -> str | None:
@@ -106,8 +109,23 @@ def source_sha256(obj: object) -> str | None:
     plugin): its module's file, else (a function of a notebook cell) the definition's own source text. It
     enters the identity of what ``obj`` makes, so an edited plugin makes new sets and teachers instead of
     reusing those of its old code. None for ddkit's own (their ``revision`` counts), and for a definition
-    whose source cannot be read (with a warning, once)."""
+    whose source cannot be read (with a warning, once).
+
+    Read once per definition and process, when it is registered (or first asked): the hash describes the
+    code this process runs, so an edit of the file during a long run does not label what the old code
+    makes with the new code's hash (a reload, or the next process, defines it anew and reads it again)."""
     obj = _unwrap(obj)
+    try:
+        return _SOURCES[obj]
+    except KeyError:
+        pass
+    except TypeError:  # not hashable or not weakly referable: read every time
+        return _read_source_sha256(obj)
+    sha = _SOURCES[obj] = _read_source_sha256(obj)
+    return sha
+
+
+def _read_source_sha256(obj: object) -> str | None:
     module = getattr(obj, "__module__", None) or ""
     if module == "ddkit" or module.startswith("ddkit."):
         return None

@@ -1287,6 +1287,11 @@ def save_tensors(data: DataBundle, path: str | Path) -> DatasetConfig:
             raise DataError(f"{split} images hold pixels outside [0, 1] ([{float(images.min()):.4g}, "
                             f"{float(images.max()):.4g}]), which the tensors source refuses; scale them to 0..1")
         tensors[f"{split}_images"], tensors[f"{split}_labels"] = images, part.labels.long()
+    # safetensors refuses tensors that share memory (one ImageSet as both splits, or views of one tensor):
+    # each is written from its own contiguous copy then, which changes no value
+    storages = [t.untyped_storage().data_ptr() for t in tensors.values()]
+    if len(set(storages)) < len(storages):
+        tensors = {k: t.contiguous().clone() for k, t in tensors.items()}
     tensors["mean"] = torch.tensor(data.mean, dtype=torch.float64)
     tensors["std"] = torch.tensor(data.std, dtype=torch.float64)
     write_tensors(path, tensors, metadata={"classes": json.dumps(list(data.classes))})

@@ -8,6 +8,7 @@ random real subset of the same IPC and the full training set are measured the sa
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
 from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
+
+log = logging.getLogger(__name__)
+_UNKNOWN_STUDENTS: set[str] = set()  # students warned about once per process
 
 # what a protocol's hash holds for its FKD store: the path names no content, the keys add the content
 FKD_STORE_MARK = "<keyed by the store's content>"
@@ -106,8 +110,14 @@ class ProtocolConfig(Checked):
             out["train"]["ema_warmup"] = True
         from ddkit.models.registry import model_source
 
-        if sha := model_source(self.student).get("source_sha256"):  # a plugin student: an edit is a new protocol
+        source = model_source(self.student)
+        if sha := source.get("source_sha256"):  # a plugin student: an edit is a new protocol
             out["student_source"] = sha
+        elif not source and self.student not in _UNKNOWN_STUDENTS:
+            _UNKNOWN_STUDENTS.add(self.student)
+            log.warning("student %r is not a registered model, so the protocol's hash leaves out its source (and "
+                        "differs from the hash once its plugin is imported); import the module that registers it "
+                        "first (CLI: DDKIT_PLUGINS)", self.student)
         return omit_running_bn(out)
 
     @property

@@ -309,9 +309,11 @@ def full_reference(
     if cfg.ema_decay > 0:  # as in ProtocolConfig.identity: the EMA's decay warm-up changed its numbers
         train["ema_warmup"] = True
     zca = {"zca": {"reg": protocol.zca_reg}} if protocol.zca else {}
+    # a plugin student's source, as in ProtocolConfig.identity: an edited model trains its reference again
+    source = {"student_source": sha} if (sha := protocol.identity().get("student_source")) else {}
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
                        "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
-                       **({"world": info.world_size} if info.enabled else {}), **zca})
+                       **({"world": info.world_size} if info.enabled else {}), **zca, **source})
     cache = (Path(cache_dir) if cache_dir else cache_dir_of()) / "full-reference" / f"{key}.json"
     # one builder per entry: torchrun ranks of `ddkit bench` scoring other sets with the same student, or
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
