@@ -558,3 +558,14 @@ def test_save_tensors_writes_splits_that_share_memory(tmp_path):
         assert torch.equal(back.train.images, images) and torch.equal(back.test.images, test.images)
         assert torch.equal(back.test.labels, test.labels) and back.classes == ["a", "b", "c"]
     assert torch.equal(both.images, images)  # the caller's tensors are untouched
+
+
+def test_the_callable_evaluate_module_has_the_functions_signature():
+    """``ddkit.evaluate`` is the subpackage made callable; inspect (and help, IDEs) showed (*args, **kwargs)."""
+    import inspect
+
+    import ddkit
+    from ddkit.evaluate.runner import evaluate as function
+
+    assert inspect.signature(ddkit.evaluate) == inspect.signature(function)
+    assert list(inspect.signature(ddkit.evaluate).parameters)[:3] == ["distilled", "protocol", "seeds"]

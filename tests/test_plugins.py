@@ -400,3 +400,19 @@ def test_protocol_hash_and_full_reference_of_a_plugin_student(tmp_path, monkeypa
     assert keys[0]["student_source"] != keys[1]["student_source"]
     runner.full_reference(data, ProtocolConfig(student="tiny_convnet", full_epochs=1), [0], "cpu", tmp_path)
     assert "student_source" not in keys[-1]
+
+
+def test_a_plugin_model_a_method_defaults_to_is_part_of_the_set_identity(tmp_path, monkeypatch, registries):
+    """Only the options as given were scanned for plugin models: a method whose Config defaults to a
+    plugin model of another file did not see that model's edits."""
+    data = make_synthetic()
+    _plugin(tmp_path, monkeypatch, "defnet", NET.format(key="def_net"))
+
+    @dataclass
+    class UsesNet(Checked):
+        net: str = "def_net"
+
+    METHODS.add("usesnet", _method(lambda self, real, teachers, ctx: self, UsesNet))
+    before = distill_hash(DistillConfig(method="usesnet", ipc=2), data, None)
+    _plugin(tmp_path, monkeypatch, "defnet", NET.format(key="def_net").replace("HIDDEN = 8", "HIDDEN = 16"))
+    assert distill_hash(DistillConfig(method="usesnet", ipc=2), data, None) != before

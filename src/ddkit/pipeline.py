@@ -345,7 +345,9 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
             key["method_tags"] = tags
         if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
             key["method_source"] = sha
-    if models := _plugin_model_sources(cfg.options):  # a plugin model the options name (MTT's experts, a student)
+    # a plugin model the options name (MTT's experts, a student), given or a plugin method's default
+    resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options)) if cfg.method in METHODS else cfg.options
+    if models := _plugin_model_sources(resolved):
         key["model_sources"] = models
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
         from ddkit.methods.trajectory import buffer_identity

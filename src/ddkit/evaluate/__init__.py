@@ -4,6 +4,7 @@ The subpackage is callable as its stage function: ``ddkit.evaluate(distilled, pr
 is :func:`ddkit.evaluate.evaluate` (``import ddkit`` then reaches every stage as ``ddkit.<stage>``).
 """
 
+import inspect as _inspect
 import sys as _sys
 import types as _types
 
@@ -20,3 +21,4 @@ class _CallableModule(_types.ModuleType):
 
 
 _sys.modules[__name__].__class__ = _CallableModule
+__signature__ = _inspect.signature(evaluate)  # inspect.signature / help of ``ddkit.evaluate``: the function's
