@@ -1,4 +1,7 @@
+import errno
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -556,6 +559,52 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
     assert (tmp_path / "cache" / ".abc.lock").is_file() and not entry.exists()
     # what each waited, which synthesis timings leave out: only the second waited, about the first's 0.5 s
     assert waits["first"] < 0.1 and waits["other"] < 0.1 and 0.3 < waits["second"] < 5
+
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
+def test_build_lock_where_the_lock_file_cannot_be_written(tmp_path, monkeypatch, caplog, code):
+    """Another user's lock file in a shared cache, or a read-only cache, made build_lock raise: the existing
+    lock file is used read-only (it still keeps a second builder out); without one the block runs unlocked."""
+    import fcntl
+    import threading
+    import time
+
+    entry = tmp_path / "cache" / "abc"
+    lock = tmp_path / "cache" / ".abc.lock"
+    with build_lock(entry):
+        pass
+    real_open, flags = os.open, []
+
+    def refuse(path, flag, *args, **kw):
+        if Path(path) == lock and flag & (os.O_CREAT | os.O_RDWR | os.O_WRONLY):
+            raise OSError(code, os.strerror(code), str(path))
+        flags.append(flag)
+        return real_open(path, flag, *args, **kw)
+
+    monkeypatch.setattr(os, "open", refuse)
+    held = real_open(lock, os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_EX)  # another process building it
+    events = []
+
+    def build():
+        with build_lock(entry):
+            events.append("in")
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    time.sleep(0.3)
+    assert events == [] and flags == [os.O_RDONLY]  # waiting on the read-only lock file
+    events.append("released")
+    os.close(held)
+    thread.join(timeout=10)
+    assert events == ["released", "in"]
+
+    lock.unlink()
+    with caplog.at_level(logging.DEBUG, logger="ddkit.artifacts"), build_lock(entry):
+        events.append("unlocked")
+    assert events[-1] == "unlocked" and not lock.exists()
+    assert any(r.getMessage().startswith(f"cannot create the lock file {lock} (") for r in caplog.records)
 
 
 def test_run_reports_a_stage_record_that_is_not_a_json_object(tmp_path, capsys):

@@ -7,6 +7,7 @@ Every test runs with its own ``$DDKIT_CACHE`` (conftest's ``_isolated_cache``), 
 from __future__ import annotations
 
 import builtins
+import errno
 import io
 import json
 import logging
@@ -49,7 +50,7 @@ def write_folder(root: Path, train: int = 6, test: int = 3) -> None:
 
 def entries() -> list[Path]:
     folder = Path(os.environ["DDKIT_CACHE"]) / "imagefolder"
-    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder.is_dir() else []
 
 
 def assert_same(a, b) -> None:
@@ -289,3 +290,211 @@ def test_torchrun_ranks_decode_once_and_map_the_same_entry(tmp_path):
         assert (r["fingerprint"], tuple(r["mean"]), tuple(r["std"]), r["conversions"]) == (
             plain.fingerprint, plain.mean, plain.std, plain.conversions)
     assert len(entries()) == 1
+
+
+def read_only(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` read-only: by its mode, or (as root, whom modes do not stop) by failing as a read-only
+    mount would every call that creates or writes there."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)  # pytest's removal of tmp_path makes it writable again
+        return
+
+    def there(path) -> bool:
+        return Path(path) == folder or Path(path).parent == folder
+
+    def erofs(path):
+        return OSError(errno.EROFS, "Read-only file system", str(path))
+
+    real_open, real_mkdir, real_access = os.open, os.mkdir, os.access
+
+    def fake_open(path, flags, *args, **kw):
+        if there(path) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise erofs(path)
+        return real_open(path, flags, *args, **kw)
+
+    def fake_mkdir(path, *args, **kw):
+        if there(path):
+            raise erofs(path)
+        return real_mkdir(path, *args, **kw)
+
+    monkeypatch.setattr(os, "open", fake_open)
+    monkeypatch.setattr(os, "mkdir", fake_mkdir)
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if there(path) and mode & os.W_OK
+                        else real_access(path, mode, **kw))
+
+
+@pytest.mark.parametrize("before", ["nothing", "an entry"])
+def test_a_read_only_cache_maps_its_entry_or_decodes_in_memory(tmp_path, monkeypatch, caplog, before):
+    """A read-only DDKIT_CACHE, or a filled one mounted read-only, crashed every load in build_lock."""
+    write_folder(tmp_path / "d")
+    path = str(tmp_path / "d")
+    plain = load_dataset("imagefolder", path=path, decode_cache=False)
+    folder = tmp_path / "cache" / "imagefolder"
+    folder.mkdir(parents=True)
+    if before == "an entry":
+        load_dataset("imagefolder", path=path)
+        (entry,) = entries()
+    there = sorted(folder.iterdir())
+    read_only(monkeypatch, folder)
+    calls = []
+    real = sources._decode_imagefolder
+    monkeypatch.setattr(sources, "_decode_imagefolder", lambda *a: calls.append(1) or real(*a))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddkit.data.sources"):
+        got = load_dataset("imagefolder", path=path)
+    assert_same(got, plain)
+    warned = [r.getMessage() for r in caplog.records if "decoded-image cache" in r.getMessage()]
+    if before == "an entry":
+        assert calls == [] and warned == []
+        assert mapped_files(got.train.images) == {str(entry / "train_images.npy")}
+    else:
+        assert calls == [1] and len(warned) == 1
+        assert warned[0].startswith(f"cannot write the decoded-image cache {folder} (")
+        assert warned[0].endswith("; decoding every file (set DDKIT_CACHE to a writable folder, or "
+                                  "dataset.decode_cache=false)")
+    assert sorted(folder.iterdir()) == there
+
+
+def test_a_shared_cache_with_another_users_lock_file_maps_the_entry(tmp_path, monkeypatch):
+    """The lock file of another user (0644, not writable here) is used read-only: flock needs no write access."""
+    write_folder(tmp_path / "d")
+    plain = load_dataset("imagefolder", path=str(tmp_path / "d"))
+    (entry,) = entries()
+    lock = entry.with_name(f".{entry.name}.lock")
+    flags = []
+    real_open = os.open
+
+    def not_mine(path, flag, *args, **kw):
+        if Path(path) == lock:
+            flags.append(flag)
+            if flag & (os.O_RDWR | os.O_WRONLY):
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flag, *args, **kw)
+
+    monkeypatch.setattr(os, "open", not_mine)
+    monkeypatch.setattr(sources, "_read_image", lambda p, s: pytest.fail(f"{p} was decoded"))
+    assert_same(load_dataset("imagefolder", path=str(tmp_path / "d")), plain)
+    assert len(flags) == 2 and flags[-1] == os.O_RDONLY and lock.exists()
+
+
+def dead_pid() -> int:
+    """The id of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_what_killed_decodes_left_of_earlier_states_goes(tmp_path):
+    """A decode killed while writing left its hidden temporary folder for good once the files changed (another
+    key): each load sweeps the slot's leftovers of dead processes, and lock files no one holds of gone entries."""
+    from ddkit import artifacts
+
+    write_folder(tmp_path / "d")
+    load_dataset("imagefolder", path=str(tmp_path / "d"))
+    (entry,) = entries()
+    slot = entry.name.split("-")[0]
+    folder = entry.parent
+    gone = folder / f"{slot}-{'0' * 16}"  # an earlier state's entry, and what writing it left
+    dead, origin = dead_pid(), artifacts._origin()
+    left = [folder / f".{gone.name}.tmp-{origin}-{dead}-0123abcd",
+            folder / f".{gone.name}.old-{origin}-{dead}-4567cdef"]
+    keep = [folder / f".{gone.name}.tmp-{origin}-{os.getpid()}-89abcdef",  # a live decode's
+            folder / f".{gone.name}.tmp-otherhost-{dead}-0123abcd",  # another machine's
+            folder / f".{'f' * 16}-{'0' * 16}.tmp-{origin}-{dead}-0123abcd"]  # another slot's
+    for path in left + keep:
+        path.mkdir()
+        (path / "train_images.npy").write_bytes(b"half")
+    stale = folder / f".{gone.name}.lock"
+    stale.write_bytes(b"")
+    (tmp_path / "d" / "train" / "k0" / "000.png").touch()  # the files change: another key of the same slot
+    load_dataset("imagefolder", path=str(tmp_path / "d"))
+    (new,) = entries()
+    assert new != entry and new.name.startswith(f"{slot}-")
+    assert not any(p.exists() for p in left) and all(p.exists() for p in keep)
+    assert not stale.exists() and not entry.with_name(f".{entry.name}.lock").exists()
+    assert new.with_name(f".{new.name}.lock").exists()
+
+
+@pytest.mark.parametrize("room", [-1, 0])
+def test_an_entry_the_disk_has_no_room_for_is_not_written(tmp_path, monkeypatch, caplog, room):
+    """Writing filled the disk to the last byte before it gave up, on every load: the free space is checked
+    first, leaving a tenth of the entry and at least 1 GiB free."""
+    import shutil
+
+    write_folder(tmp_path / "d")
+    plain = load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=False)
+    size = plain.train.images.numel() + plain.test.images.numel() + 8 * (len(plain.train) + len(plain.test))
+    need = size + 2**30
+    seen = []
+
+    def usage(path):
+        seen.append(Path(path))
+        return shutil._ntuple_diskusage(10 * need, 9 * need, need + room)
+
+    monkeypatch.setattr(shutil, "disk_usage", usage)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ddkit.data.sources"):
+        got = load_dataset("imagefolder", path=str(tmp_path / "d"))
+    assert_same(got, plain)
+    assert seen == [tmp_path / "cache" / "imagefolder"]
+    warned = [r.getMessage() for r in caplog.records if "decoded-image cache" in r.getMessage()]
+    if room < 0:
+        assert entries() == [] and len(warned) == 1
+        assert warned[0].startswith("not writing the decoded-image cache ")
+        assert f"it needs {sources._size_text(need)} (with {sources._size_text(2**30)} left free) and " \
+               f"{sources._size_text(need - 1)} is free;" in warned[0] and "dataset.decode_cache=false" in warned[0]
+    else:
+        assert len(entries()) == 1 and warned == []
+
+
+def test_a_file_replaced_with_the_same_size_and_mtime_decodes_again(tmp_path, monkeypatch):
+    """cp -p / rsync -a / tar -x of a new version keep size and mtime: the inode and ctime tell it apart."""
+    write_folder(tmp_path / "d")
+    first = load_dataset("imagefolder", path=str(tmp_path / "d"))
+    a, b = tmp_path / "d" / "train" / "k0" / "000.png", tmp_path / "d" / "train" / "k0" / "004.png"
+    assert a.stat().st_size == b.stat().st_size  # both grayscale 9x9: the same size
+    new = tmp_path / "new.png"
+    new.write_bytes(b.read_bytes())
+    os.utime(new, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    os.replace(new, a)  # a's name, size and mtime, b's pixels
+    got = load_dataset("imagefolder", path=str(tmp_path / "d"))
+    assert torch.equal(got.train.images[0], first.train.images[4])
+    assert not torch.equal(got.train.images[0], first.train.images[0])
+    assert_same(got, load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=False))
+
+
+def test_another_hosts_entry_of_an_earlier_state_stays_a_day(tmp_path, monkeypatch):
+    """Nodes sharing one cache folder whose files differ removed each other's entries (which the other may map,
+    and re-decoded in turn): only this host's earlier-state entries go, and another host's once a day old."""
+    write_folder(tmp_path / "d")
+    load_dataset("imagefolder", path=str(tmp_path / "d"))
+    (mine,) = entries()
+    manifest = json.loads((mine / "manifest.json").read_text())
+    assert manifest["host"] == sources.socket.gethostname()
+    theirs = mine.with_name(mine.name.split("-")[0] + "-" + "0" * 16)
+    theirs.mkdir()
+    (theirs / "manifest.json").write_text(json.dumps({**manifest, "host": "othernode"}))
+    old = mine.with_name(mine.name.split("-")[0] + "-" + "1" * 16)
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({**manifest, "host": "othernode"}))
+    day = sources.FOREIGN_ENTRY_AGE + 60
+    os.utime(old, (os.stat(old).st_atime - day, os.stat(old).st_mtime - day))
+    (tmp_path / "d" / "train" / "k0" / "000.png").touch()  # this host's files change
+    load_dataset("imagefolder", path=str(tmp_path / "d"))
+    (new,) = set(entries()) - {theirs}
+    assert sorted(entries()) == sorted([new, theirs])  # mine (this host's) and the day-old one went
+
+
+def test_the_switch_is_no_data_difference_to_distill(tmp_path):
+    """distill refused a dataset_cfg that differed from the loaded data's only in decode_cache (same pixels)."""
+    from ddkit.data import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    write_folder(tmp_path / "d")
+    data = load_dataset(DatasetConfig(name="imagefolder", path=str(tmp_path / "d"), decode_cache=False))
+    given = DatasetConfig(name="imagefolder", path=str(tmp_path / "d"))
+    made = distill(data, DistillConfig(method="random", ipc=1), given)
+    assert len(made.images) == 3
+    with pytest.raises(ConfigError, match=r"^dataset_cfg does not describe the data it is given \(image_size 5 vs "
+                                          r"None, as loaded\)"):
+        distill(data, DistillConfig(method="random", ipc=1),
+                DatasetConfig(name="imagefolder", path=str(tmp_path / "d"), image_size=5, decode_cache=False))

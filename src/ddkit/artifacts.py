@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -535,7 +536,9 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
     entry up again and build it only if still missing: a process that waited then finds the other's
     result. The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside ``path``,
     released when the block ends or the process dies (no stale locks); the empty file stays, since
-    deleting a lock file races with its next user. Where ranks build one entry
+    deleting a lock file races with its next user. A folder where the lock file cannot be made (read-only,
+    or another user's file in a shared cache) uses the existing file read-only, or runs the block unlocked
+    where there is none (the block's own writes there then fail as they would). Where ranks build one entry
     together (``ddkit.distributed.current()`` enabled), rank 0 holds the lock for all of them. No-op
     where ``fcntl`` is missing (Windows).
 
@@ -558,19 +561,70 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
         waited.seconds = time.perf_counter() - t0
         yield waited
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path.parent / f".{path.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    fd = _open_lock(path)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("waiting for another process that is building %s", path)
             fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:  # no locks here (NFS without lockd, or a read-only descriptor there)
+            log.debug("cannot lock %s (%s); building %s without a lock", _lock_file(path), exc.strerror, path)
+            os.close(fd)
+            fd = None
         ddist.barrier()
         waited.seconds = time.perf_counter() - t0
         yield waited
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _lock_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def _open_lock(path: Path) -> int | None:
+    """A descriptor of ``path``'s lock file for :func:`build_lock`, made if missing. Where it cannot be made or
+    written (a read-only cache, another user's lock file in a shared one), the existing file opened read-only
+    (``flock`` needs no write access); None where there is none either: the block then runs unlocked, and
+    whatever it writes there fails on its own."""
+    lock = _lock_file(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        why = exc.strerror
+    try:
+        return os.open(lock, os.O_RDONLY)
+    except OSError:
+        log.debug("cannot create the lock file %s (%s); building %s without a lock", lock, why, path)
+        return None
+
+
+def remove_unused_lock(path: str | Path) -> bool:
+    """Remove :func:`build_lock`'s file of ``path`` when no process holds it (an entry that is gone for good);
+    whether it did. One that is held, or cannot be locked here, stays."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    lock = _lock_file(Path(path))
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while another process holds it
+        lock.unlink()
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @dataclasses.dataclass

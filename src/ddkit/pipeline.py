@@ -174,7 +174,8 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
                           "dataset_cfg=ddkit.data.save_tensors(data, 'data.safetensors') (a 'tensors' config)")
     if data.config is not None:
         mine, theirs = to_dict(data.config.absolute()), to_dict(given.absolute())
-        diff = [f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in mine if mine[k] != theirs[k]]
+        neutral = {"decode_cache"}  # how the data is loaded, not which data: the same pixels either way
+        diff = [f"{k} {theirs[k]!r} vs {mine[k]!r}" for k in mine if k not in neutral and mine[k] != theirs[k]]
         if diff:
             raise ConfigError(f"dataset_cfg does not describe the data it is given ({', '.join(diff)}, as loaded); "
                               "pass the config the data was loaded with (data.config), or leave dataset_cfg out")

@@ -12,7 +12,9 @@ are loaded with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import gzip
 import hashlib
 import io
@@ -23,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import struct
 import tarfile
 import time
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import atomic_dir, build_lock, cache_dir, quiet_torch_load
+from ddkit.artifacts import atomic_dir, build_lock, cache_dir, quiet_torch_load, remove_unused_lock, sweep_leftovers
 from ddkit.data.base import (
     DATASETS,
     SOURCE_SETTINGS,
@@ -904,7 +907,7 @@ def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> Non
 # the decoded-image cache of imagefolder: $DDKIT_CACHE/imagefolder/<settings>-<files>/
 
 #: the layout and meaning of an entry: bump it when a change to the decoding changes what the same files give
-DECODED_SCHEMA = 1
+DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records the writing host
 DECODED_KIND = "imagefolder-decoded"
 
 
@@ -912,8 +915,9 @@ def _decoded_key(cfg: DatasetConfig, root: Path, classes: list[str],
                  listing: dict[str, tuple[list[Path], list[int]]]) -> tuple[str, str, dict]:
     """``(slot, key, settings)`` of the cache entry of this load: ``slot`` hashes the settings that decide what
     is decoded (resolved root, split names, classes in order, image_size, the per-class subset, the schema),
-    ``key`` the slot, the decoding libraries' versions and every file's path, size and mtime_ns (stat only:
-    no file is read). A changed, added or removed file gives a new key in the same slot."""
+    ``key`` the slot, the decoding libraries' versions and every file's path, size, mtime_ns, inode and ctime_ns
+    (stat only: no file is read). A changed, added or removed file gives a new key in the same slot, as does one
+    replaced by another of the same size and mtime (``cp -p``, ``rsync -a``, ``tar -x``: none sets the ctime)."""
     settings = {"schema": DECODED_SCHEMA, "root": str(root.resolve()), "splits": [cfg.train_split, cfg.test_split],
                 "classes": list(classes), "image_size": cfg.image_size, "train_per_class": cfg.train_per_class,
                 "test_per_class": cfg.test_per_class, "subset_seed": cfg.subset_seed}
@@ -929,7 +933,8 @@ def _decoded_key(cfg: DatasetConfig, root: Path, classes: list[str],
                 st = path.stat()
             except OSError as exc:
                 raise DataError(f"cannot read image {path} ({exc.strerror}); replace or delete the file") from None
-            h.update(os.fsencode(str(path)[skip:]) + f"\0{st.st_size} {st.st_mtime_ns}\n".encode())
+            stamp = f"\0{st.st_size} {st.st_mtime_ns} {st.st_ino} {st.st_ctime_ns}\n"
+            h.update(os.fsencode(str(path)[skip:]) + stamp.encode())
     return slot, h.hexdigest()[:16], settings
 
 
@@ -950,42 +955,114 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
 
     One process builds an entry (under :func:`build_lock`; every rank takes the lock on its own, so the first
     decodes and the others wait, then map its result). A damaged entry is decoded again, with a warning; an
-    entry that cannot be written (disk full, no cache folder) leaves the images decoded in memory, with a warning.
-    Writing an entry removes the entries of earlier states of the same files (same slot)."""
+    entry that cannot be written (no cache folder, a read-only one, too little free space) leaves the images
+    decoded in memory, with a warning; an entry in a read-only folder is mapped all the same. Writing an entry
+    removes the entries of earlier states of the same files (same slot) that this host wrote, or that are a day
+    old (nodes sharing the cache folder may map their own); each load removes the temporary folders of killed
+    decodes of the slot (see :func:`sweep_leftovers`)."""
     slot, key, settings = _decoded_key(cfg, root, classes, listing)
     folder = cache_dir("imagefolder")
     entry = folder / f"{slot}-{key}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        logger.warning("cannot create the decoded-image cache %s (%s); decoding every file (set DDKIT_CACHE to a "
-                       "writable folder, or dataset.decode_cache=false)", folder, exc.strerror)
-        return _decode_imagefolder(cfg, split_dirs, classes, listing)
+        return _uncached(cfg, split_dirs, classes, listing, f"cannot create the decoded-image cache {folder}", exc)
     # each rank on its own: the ranks of one machine, or of nodes sharing the cache, decode once between them
-    with ddist.single_process(), build_lock(entry):
+    with ddist.single_process(), contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(build_lock(entry))
+        except OSError as exc:  # no lock to be had there: use the entry as it is, or do without the cache
+            found = _cached_entry(entry, key)
+            if found is not None:
+                return _cache_hit(entry, found, split_dirs)
+            return _uncached(cfg, split_dirs, classes, listing, f"cannot lock the decoded-image cache {entry}", exc)
+        _sweep_killed(folder, slot)
         found = _cached_entry(entry, key)
         if found is not None:
-            logger.info("decoded images from the cache %s (%s)", entry, _size_text(found.nbytes))
-            for split, split_dir in split_dirs.items():
-                _log_conversions(split_dir, found.conversions.get(split, {}), found.files_read[split])
-            return found
+            return _cache_hit(entry, found, split_dirs)
+        if not os.access(folder, os.W_OK):
+            return _uncached(cfg, split_dirs, classes, listing, f"cannot write the decoded-image cache {folder}",
+                             OSError(errno.EACCES, "not writable"))
         start = time.perf_counter()
         decoded = _decode_imagefolder(cfg, split_dirs, classes, listing)
         seconds = time.perf_counter() - start
         try:
+            need, free = decoded.nbytes + _free_margin(decoded.nbytes), shutil.disk_usage(folder).free
+            if free < need:
+                logger.warning("not writing the decoded-image cache %s: it needs %s (with %s left free) and %s is "
+                               "free; the images stay decoded in memory (free some space, set DDKIT_CACHE to "
+                               "another folder, or dataset.decode_cache=false)", entry, _size_text(need),
+                               _size_text(need - decoded.nbytes), _size_text(free))
+                return decoded
             _write_entry(entry, key, settings, decoded, seconds)
             mapped = _read_entry(entry, key)  # the file's pages, shared, for the decoded copy in this process
         except (OSError, ValueError, KeyError, TypeError, DDKitError) as exc:
             logger.warning("cannot write the decoded-image cache %s (%s); the images stay decoded in memory",
                            entry, _one_line(exc))
             return decoded
-        for old in folder.glob(f"{slot}-*"):  # an earlier state of the same files: never used again
-            if old != entry and old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-                logger.info("removed the decoded-image cache %s of files that have changed since", old)
+        _remove_old_states(folder, slot, entry)
     logger.info("decoded images cached in %s (%s, decoded in %.1f s; dataset.decode_cache=false decodes every load)",
                 entry, _size_text(mapped.nbytes), seconds)
     return mapped
+
+
+def _uncached(cfg: DatasetConfig, split_dirs: dict[str, Path], classes: list[str],
+              listing: dict[str, tuple[list[Path], list[int]]], problem: str, exc: OSError) -> _Decoded:
+    logger.warning("%s (%s); decoding every file (set DDKIT_CACHE to a writable folder, or "
+                   "dataset.decode_cache=false)", problem, exc.strerror or exc)
+    return _decode_imagefolder(cfg, split_dirs, classes, listing)
+
+
+def _cache_hit(entry: Path, found: _Decoded, split_dirs: dict[str, Path]) -> _Decoded:
+    logger.info("decoded images from the cache %s (%s)", entry, _size_text(found.nbytes))
+    for split, split_dir in split_dirs.items():
+        _log_conversions(split_dir, found.conversions.get(split, {}), found.files_read[split])
+    return found
+
+
+def _free_margin(nbytes: int) -> int:
+    """The free space an entry of ``nbytes`` must leave on its disk: a tenth of it, and at least 1 GiB (what the
+    runs and checkpoints written beside the cache need)."""
+    return max(nbytes // 10, 2**30)
+
+
+#: an entry of an earlier state of the files that another host wrote is removed only once it is this old (seconds):
+#: that host may map it still, and deleting mapped files on NFS breaks the mapping (SIGBUS, ESTALE) there
+FOREIGN_ENTRY_AGE = 24 * 3600
+
+
+def _sweep_killed(folder: Path, slot: str) -> None:
+    """Remove the temporary folders that killed decodes of ``slot`` left in ``folder`` (of any key: the files may
+    have changed since), as :func:`sweep_leftovers` does: only dead processes' of this host."""
+    names = set()
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            found = re.fullmatch(rf"\.({slot}-[0-9a-f]+)\.(?:tmp|old)-.+", path.name)
+            if found is not None:
+                names.add(found[1])
+    for name in sorted(names):
+        sweep_leftovers(folder / name)
+
+
+def _remove_old_states(folder: Path, slot: str, entry: Path) -> None:
+    """Remove the entries of ``slot`` besides ``entry`` (earlier states of the same files, never used again here)
+    that this host wrote or that are :data:`FOREIGN_ENTRY_AGE` old, and the lock files of gone entries."""
+    host = socket.gethostname()
+    for old in folder.glob(f"{slot}-*"):
+        if old == entry or not old.is_dir():
+            continue
+        try:
+            ours = json.loads((old / "manifest.json").read_text()).get("host") == host
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        with contextlib.suppress(OSError):
+            if ours or time.time() - old.stat().st_mtime > FOREIGN_ENTRY_AGE:
+                shutil.rmtree(old, ignore_errors=True)
+                logger.info("removed the decoded-image cache %s of files that have changed since", old)
+    for lock in folder.glob(f".{slot}-*.lock"):
+        name = lock.name[1:-len(".lock")]
+        if name != entry.name and not (folder / name).exists():
+            remove_unused_lock(folder / name)
 
 
 def _size_text(n: int) -> str:
@@ -1040,6 +1117,7 @@ def _write_entry(entry: Path, key: str, settings: dict, decoded: _Decoded, secon
             _write_synced(tmp / f"{split}_images.npy", decoded.images[split])
             _write_synced(tmp / f"{split}_labels.npy", decoded.labels[split].numpy())
         manifest = {"schema_version": DECODED_SCHEMA, "kind": DECODED_KIND, "key": key, "settings": settings,
+                    "host": socket.gethostname(),
                     "shapes": {split: list(a.shape) for split, a in decoded.images.items()},
                     "mean": list(decoded.mean), "std": list(decoded.std), "conversions": decoded.conversions,
                     "files_read": decoded.files_read, "bytes": decoded.nbytes, "decode_seconds": round(seconds, 3),
