@@ -97,10 +97,16 @@ def check_output(method, data=None, teacher=None, work_dir: str | Path | None = 
     contract. ``data`` (a loaded DataBundle) and ``teacher`` default to :func:`tiny_data` and :func:`tiny_teacher`;
     ``work_dir``: where the distilled-set artifact is written (default: a temporary folder)."""
     key, cls = _resolve(method)
+    _run(_check_output, key, cls, data, teacher, work_dir)
+
+
+def _run(check, key: str, cls, data, teacher, work_dir: str | Path | None) -> None:
+    """``check(key, cls, data, teacher, work_dir)`` with the defaults filled in (tiny data and teacher, a
+    temporary work folder)."""
     data = tiny_data() if data is None else data
     teacher = tiny_teacher(data) if teacher is None else teacher
     with tempfile.TemporaryDirectory(prefix="ddkit-check-") as tmp:
-        _check_output(key, cls, data, teacher, Path(work_dir) if work_dir is not None else Path(tmp))
+        check(key, cls, data, teacher, Path(work_dir) if work_dir is not None else Path(tmp))
 
 
 def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
@@ -178,12 +184,8 @@ def check_resume(method, data=None, teacher=None, work_dir: str | Path | None = 
     wrote to ``ctx.work_dir`` to the images of an uninterrupted fit; a method with ``resumable = False`` passes.
     Arguments as :func:`check_output`'s; ``work_dir`` holds the checkpoints."""
     key, cls = _resolve(method)
-    if not cls.resumable:
-        return
-    data = tiny_data() if data is None else data
-    teacher = tiny_teacher(data) if teacher is None else teacher
-    with tempfile.TemporaryDirectory(prefix="ddkit-check-") as tmp:
-        _check_resume(key, cls, data, teacher, Path(work_dir) if work_dir is not None else Path(tmp))
+    if cls.resumable:
+        _run(_check_resume, key, cls, data, teacher, work_dir)
 
 
 def _check_resume(key: str, cls, data, teacher, work_dir: Path) -> None:
