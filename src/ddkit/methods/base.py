@@ -64,7 +64,10 @@ class FitContext:
 
 
 class Method:
-    """Marker base class (no behaviour) so registries can be type-checked."""
+    """Base class of a distillation method: a dataclass ``Config``, ``__init__(cfg)`` that stores it (a
+    mapping is built into the Config), and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``.
+    The class attributes below tell the pipeline and the contract (:func:`ddkit.testing.check_method`) what
+    the method needs and promises."""
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
