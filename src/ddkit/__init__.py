@@ -62,6 +62,9 @@ _OTHER_LOADERS = {
     "bench-table": "ddkit.artifacts.read_json(path) reads it (`ddkit report` renders it)",
     "bench-cell": "ddkit.artifacts.read_json(path) reads it",
     "bench-report": "ddkit.artifacts.read_json(path) reads it",
+    "imagefolder-decoded": "an entry of the imagefolder source's decoded-image cache, which loading that dataset "
+                           "maps itself (ddkit.data.load_dataset); `ddkit show` summarises it, `ddkit cache` lists "
+                           "the cache and `ddkit cache prune` removes entries",
 }
 _LOADS = "ddkit.load reads distilled sets, run folders, teachers, FKD stores and evaluation reports"
 

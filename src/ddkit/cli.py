@@ -407,6 +407,65 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    import datetime
+
+    from ddkit.artifacts import cache_dir
+    from ddkit.cache import cache_entries, cache_summary, prune_cache, size_text
+
+    if args.action == "prune":
+        result = prune_cache(args.kind, args.older_than, args.all, args.dry_run)
+        if args.json:
+            print(json.dumps({"dry_run": result.dry_run, "removed": [e.to_dict() for e in result.removed],
+                              "skipped": [{**e.to_dict(), "why": why} for e, why in result.skipped],
+                              "freed_bytes": result.freed}, indent=2))
+            return 0
+        verb = "would remove" if result.dry_run else "removed"
+        for e in result.removed:
+            print(f"{verb} {e.kind}/{e.name}  {size_text(e.bytes)}{_cache_state(e)}")
+        for e, why in result.skipped:
+            print(f"kept {e.kind}/{e.name}: {why}")
+        print(f"{verb} {len(result.removed)} item(s), {size_text(result.freed)}"
+              f"{' freed' if not result.dry_run else ''}")
+        return 0
+    entries = cache_entries()
+    kinds = cache_summary(entries)
+    if args.json:
+        record: dict[str, Any] = {"root": str(cache_dir()), "kinds": kinds}
+        if args.entries:
+            record["entries"] = [e.to_dict() for e in entries]
+        print(json.dumps(record, indent=2))
+        return 0
+    print(f"cache {cache_dir()}" + ("" if kinds else ": empty"))
+    if kinds:
+        width = max(len("kind"), *(len(k) for k in kinds))
+        print(f"{'kind'.ljust(width)}  {'entries':>7}  {'size':>9}  leftovers of killed or interrupted builds")
+        for kind, row in kinds.items():
+            left = row["leftovers"] + row["partial"]
+            extra = f"{left} ({size_text(row['leftover_bytes'] + row['partial_bytes'])})" if left else "-"
+            print(f"{kind.ljust(width)}  {row['entries']:>7}  {size_text(row['bytes']):>9}  {extra}")
+        total = {key: sum(r[key] for r in kinds.values()) for key in next(iter(kinds.values()))}
+        left = total["leftovers"] + total["partial"]
+        extra = f"{left} ({size_text(total['leftover_bytes'] + total['partial_bytes'])})" if left else "-"
+        print(f"{'total'.ljust(width)}  {total['entries']:>7}  {size_text(total['bytes']):>9}  {extra}")
+    if args.entries:
+        for e in entries:
+            when = datetime.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
+            print(f"{e.kind}/{e.name}  {size_text(e.bytes)}  {when}{_cache_state(e)}")
+    return 0
+
+
+def _cache_state(e) -> str:
+    """What the listing adds to an entry's line: an imagefolder's root and image_size; what a build left."""
+    if e.state == "leftover":
+        return f"  (leftover of a killed build of {e.of})"
+    if e.state == "partial":
+        return f"  (interrupted build of {e.of}, resumable)"
+    if e.details:
+        return f"  root {e.details.get('root')}, image_size {e.details.get('image_size')}"
+    return ""
+
+
 def _closest_name(name: str) -> tuple[str, str] | None:
     """("protocol" or "method", the registered name ``name`` is most likely a typo of), or None; the protocol
     when both are as close (``ecd``: the protocol ``edc``, which ``show edc`` shows)."""
@@ -698,6 +757,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
                     "else 2 and the one-line error")
     sp.set_defaults(func=cmd_show)
+
+    sp = sub.add_parser("cache", help="list the cache ($DDKIT_CACHE, default ~/.cache/ddkit) by kind and size, or "
+                        "prune its entries")
+
+    def cache_list_flags(parser, default):
+        parser.add_argument("-v", "--entries", action="store_true", default=default,
+                            help="each entry too: name, size, last modified (imagefolder: dataset root, image_size)")
+        parser.add_argument("--json", action="store_true", default=default, help="print it as JSON")
+
+    cache_list_flags(sp, False)
+    actions = sp.add_subparsers(dest="action")
+    cache_list_flags(actions.add_parser("list", help="list the cache (the default)"), argparse.SUPPRESS)
+    pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
+                            "left); needs --kind, --older-than or --all")
+    pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
+                    "random-baseline, full-reference; `ddkit cache` lists them); repeatable")
+    pp.add_argument("--older-than", type=float, metavar="DAYS", help="only entries last modified more than DAYS "
+                    "days ago")
+    pp.add_argument("--all", action="store_true", help="every entry (with --kind / --older-than: every one selected)")
+    pp.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
+    pp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
+    sp.set_defaults(func=cmd_cache, action="list")
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
                                        "images.pt + labels.pt")

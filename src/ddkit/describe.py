@@ -180,6 +180,15 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
         _check_ddranking(folder, manifest)
     elif kind == "pipeline-run":
         _check_run(folder, manifest)
+    elif kind == "imagefolder-decoded":
+        from ddkit.data.sources import _read_entry
+
+        try:
+            _read_entry(folder, manifest.get("key"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise DDKitError(f"the decoded-image cache {str(folder)!r} is damaged ({str(exc).splitlines()[0]}); "
+                             "delete it (`ddkit cache prune --kind imagefolder`, or rm -r): the next load decodes "
+                             "the images again") from None
     elif kind == "statistics":
         from ddkit.methods.statistics import TENSORS
 
@@ -429,6 +438,20 @@ def _statistics(m: dict) -> str:
             f"built in {_seconds(m.get('build_seconds'))}")
 
 
+def _decoded(m: dict) -> str:
+    from ddkit.cache import size_text
+
+    s, shapes = m["settings"], m["shapes"]
+    subset = [f"{k} {s[k]}" for k in ("train_per_class", "test_per_class") if s.get(k) is not None]
+    subset = ", ".join(subset + ([f"subset_seed {s['subset_seed']}"] if subset else []))
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (f"decoded-image cache of imagefolder {s['root']} (splits {'/'.join(s['splits'])}, {len(s['classes'])} "
+            f"classes, image_size {s['image_size']}{f', {subset}' if subset else ''}): train {shapes['train']}, test "
+            f"{shapes['test']} uint8, {size_text(m['bytes'])}, decoded in {_seconds(m.get('decode_seconds'))} on "
+            f"host {m['host']} ({versions}); loading the dataset maps it, `ddkit cache` lists the cache and "
+            "`ddkit cache prune --kind imagefolder` removes its entries")
+
+
 def _experts(m: dict) -> str:
     accs = [e.get("test_accuracy") for e in m["experts"]]
     accs = [a for a in accs if a is not None]
@@ -530,6 +553,7 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "imagefolder-export": _export,
     "ddranking-export": _export,
     "pt-export": _pt_export,
+    "imagefolder-decoded": _decoded,
 }
 
 __all__ = ["describe", "read_record"]
