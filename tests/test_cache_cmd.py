@@ -88,7 +88,7 @@ def test_list_counts_and_sizes_exactly(tree, capsys):
     assert entries["experts", tree["dead"].name]["of"] == "e"
     assert entries["experts", ".g.partial-abc-def-norm"]["state"] == "partial"
 
-    code, out, _ = run(["cache", "-v"], capsys)
+    code, out, _ = run(["cache", "-l"], capsys)
     lines = out.splitlines()
     assert lines[0] == f"cache {tree['root']}"
     assert re.fullmatch(r"experts +1 +1 kB +3 \(73 B\)", lines[2])
@@ -169,7 +169,7 @@ def test_a_real_decoded_entry_lists_shows_and_prunes(tmp_path, capsys):
     files = [p for p in entry.path.rglob("*") if p.is_file()]
     assert entry.bytes == sum(p.stat().st_size for p in files) > 0
     assert entry.details == {"root": str((tmp_path / "d").resolve()), "image_size": 8}
-    code, out, _ = run(["cache", "-v"], capsys)
+    code, out, _ = run(["cache", "-l"], capsys)
     assert f"imagefolder/{entry.name}  " in out and out.rstrip().endswith(
         f"root {(tmp_path / 'd').resolve()}, image_size 8")
 

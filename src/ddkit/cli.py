@@ -762,7 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prune its entries")
 
     def cache_list_flags(parser, default):
-        parser.add_argument("-v", "--entries", action="store_true", default=default,
+        parser.add_argument("-l", "--entries", action="store_true", default=default,
                             help="each entry too: name, size, last modified (imagefolder: dataset root, image_size)")
         parser.add_argument("--json", action="store_true", default=default, help="print it as JSON")
 
