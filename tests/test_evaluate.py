@@ -211,7 +211,7 @@ def test_fkd_evaluation_fingerprints_its_set_once(setup, tiny_protocol, tmp_path
     from ddkit.labels import relabel
 
     data, teacher, ds, _ = setup
-    relabel(ds, teacher, epochs=2, augment_spec="rrc_flip", seed=0).save(tmp_path / "fkd")
+    relabel(ds, teacher, epochs=2, augment="rrc_flip", seed=0).save(tmp_path / "fkd")
     proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
                                              "random_baseline": False, "full_reference": False,
                                              "train": {"epochs": 1}})
