@@ -440,14 +440,11 @@ def cmd_cache(args) -> int:
     if kinds:
         width = max(len("kind"), *(len(k) for k in kinds))
         print(f"{'kind'.ljust(width)}  {'entries':>7}  {'size':>9}  leftovers of killed or interrupted builds")
-        for kind, row in kinds.items():
+        total = {key: sum(r[key] for r in kinds.values()) for key in next(iter(kinds.values()))}
+        for kind, row in [*kinds.items(), ("total", total)]:
             left = row["leftovers"] + row["partial"]
             extra = f"{left} ({size_text(row['leftover_bytes'] + row['partial_bytes'])})" if left else "-"
             print(f"{kind.ljust(width)}  {row['entries']:>7}  {size_text(row['bytes']):>9}  {extra}")
-        total = {key: sum(r[key] for r in kinds.values()) for key in next(iter(kinds.values()))}
-        left = total["leftovers"] + total["partial"]
-        extra = f"{left} ({size_text(total['leftover_bytes'] + total['partial_bytes'])})" if left else "-"
-        print(f"{'total'.ljust(width)}  {total['entries']:>7}  {size_text(total['bytes']):>9}  {extra}")
     if args.entries:
         for e in entries:
             when = datetime.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")

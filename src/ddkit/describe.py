@@ -566,11 +566,12 @@ def method_record(key: str) -> dict[str, Any]:
 
     from ddkit.config import describe as config_rows
     from ddkit.methods import METHODS
+    from ddkit.registry import origin
 
     cls = METHODS.get(key)
     return {
         "method": key,
-        "class": f"{cls.__module__}.{cls.__qualname__}",
+        "class": origin(cls),
         "description": doc_summary(cls),
         "needs_teacher": bool(cls.needs_teacher),
         "uses_seed": bool(cls.uses_seed),

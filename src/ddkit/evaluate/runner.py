@@ -502,9 +502,10 @@ def evaluate(
 
     t0 = time.perf_counter()
     ipc = distilled.ipc
+    baseline = protocol.random_baseline and ipc is not None  # a set of every image (full) has no random subset
     # random baselines already cached are read, not trained; rank 0 decides which, so every rank deals the same jobs
     cached: dict[int, float] = {}
-    if protocol.random_baseline and ipc is not None:
+    if baseline:
         caches = {s: random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller)
                   for s in seeds}
         if info.is_main:
@@ -514,8 +515,7 @@ def evaluate(
     # every student is one job (the distilled set's, then the random subsets' left to train), dealt round-robin:
     # under torchrun 3 seeds with a random baseline keep 6 ranks busy, not 3; each student is trained whole
     # by one rank from its own seed, so the numbers are those of one process
-    jobs = [("distilled", s) for s in seeds] + [("random", s) for s in seeds
-                                                 if protocol.random_baseline and ipc is not None and s not in cached]
+    jobs = [("distilled", s) for s in seeds] + [("random", s) for s in seeds if baseline and s not in cached]
     local: dict[tuple[str, int], float] = {}
     for kind, s in jobs[info.rank :: info.world_size]:
         if kind == "distilled" and store is not None:
@@ -540,7 +540,7 @@ def evaluate(
     for part in ddist.all_gather_objects(local):
         merged.update(part)
     results: dict[str, Any] = {"distilled": _summary([merged["distilled", s] for s in seeds])}
-    if protocol.random_baseline and ipc is not None:
+    if baseline:
         results["random"] = _summary([merged["random", s] for s in seeds])
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device,
