@@ -5,6 +5,7 @@ import json
 import math
 import re
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -564,8 +565,10 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
         "synthetic-b-ipc1-tiny_convnet-hard"]
     assert cfg.protocol_for("tiny_convnet", "hard", ipc=2).train.epochs == 4
     assert cfg.protocol_for("tiny_convnet", "hard", ipc=1).train.epochs == 3
-    stages = []
-    rows = run_bench(cfg, stage_progress=lambda what, d, n: stages.append((what, d, n)))
+    stages, records = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # the (step, total, record) form is the current one
+        rows = run_bench(cfg, stage_progress=lambda d, n, r: (stages.append((r["stage"], d, n)), records.append(r)))
     assert len(rows) == 4 and rows[2]["cross_arch"] is not None and rows[0]["cross_arch"] is None
     pool = tmp_path / "run" / "teachers" / "synthetic@other"
     assert (pool / "manifest.json").is_file()
@@ -593,6 +596,9 @@ def test_per_ipc_options_pool_teachers_restricted_cells_and_stage_progress(tmp_p
     whats = {w.split(" ")[0] for w, _, _ in stages}
     assert {"teacher", "distill"} <= whats and any(": distilled, seed 0" in w for w, _, _ in stages)
     assert any(w == "distill synthetic-a-ipc2" and (d, n) == (6, 6) for w, d, n in stages)  # 2 slots x 3 steps
+    # the stage's own record comes along, named in record["stage"] as evaluate names its students
+    assert any(r["stage"] == "teacher synthetic" and "loss" in r for r in records)
+    assert any(r["stage"].endswith(": distilled, seed 0") and "loss" in r for r in records)
     # a moved bench folder keeps its sets and cells: '@other' resolves to another path, the same weights
     # (the path used to be in the sets' keys, so every set that names a pool teacher was made again)
     shutil.move(tmp_path / "run", tmp_path / "moved")
@@ -619,7 +625,17 @@ def test_fkd_label_mode_relabels_each_set_once(tmp_path):
     cfg = tiny_cfg(tmp_path / "run", ipcs=[2], label_modes=["fkd"], seeds=[0],
                    relabel={"epochs": 2, "cutmix_prob": 0.5, "top_k": 2},
                    overrides={"full_epochs": 1, "train": {"epochs": 3, "batch_size": 32, "lr": 0.05}})
-    rows = run_bench(cfg)
+    old = []
+
+    def old_form(what, done, total):  # stage_progress before 2026-12-07, still called so for one release
+        old.append((what, done, total))
+
+    with pytest.warns(DeprecationWarning, match=r"now calls stage_progress\(step, total, record\)"):
+        rows = run_bench(cfg, stage_progress=old_form)
+    assert all(isinstance(w, str) and isinstance(d, int) and isinstance(n, int) for w, d, n in old)
+    assert {w.split(" ")[0] for w, _, _ in old} >= {"teacher", "relabel"}
+    assert any(w.endswith(": distilled, seed 0") for w, _, _ in old)
+    assert [(d, n) for w, d, n in old if w.startswith("relabel synthetic-")] == [(1, 2), (2, 2)]  # per epoch
     stores = [p for p in (tmp_path / "run" / "labels").iterdir() if not p.name.startswith(".")]
     assert len(stores) == 1 and (stores[0] / "manifest.json").is_file()
     man = json.loads((stores[0] / "manifest.json").read_text())

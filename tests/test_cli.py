@@ -859,6 +859,8 @@ def test_bench_bar_rate_leaves_out_reused_cells():
         bars.cell(4, 5, {"cell": "c4"})
         meter = bars._cells.format_dict
         assert (meter["n"], meter["initial"]) == (4, 3)  # the rate is taken over one computed cell
+        bars.stage(2, 4, {"stage": "teacher synthetic", "loss": 0.5})  # run_bench's (step, total, record) form
+        assert (bars._stage.desc, bars._stage.n, bars._stage.total) == ("teacher synthetic", 2, 4)
     finally:
         bars.close()
 

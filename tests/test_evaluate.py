@@ -476,6 +476,38 @@ def test_protocol_picks_the_loss_of_a_soft_label_mode_as_resolve_protocol_does()
         "soft-kl": "7d9477511be45149"}
 
 
+def test_replace_with_another_label_mode_picks_its_loss_unless_one_was_given():
+    """dataclasses.replace(ProtocolConfig(), label_mode="teacher") was refused ("needs loss 'kl' ..."): the
+    default loss resolved to "ce" was passed on as if given. A loss given explicitly still has to fit the mode;
+    the hash, identity and saved (to_dict/YAML) form of a replaced protocol are those of one built directly."""
+    import copy
+
+    import yaml
+
+    from ddkit.config import ConfigError, to_dict
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
+
+    for mode in ("teacher", "stored", "fkd"):
+        soft = dataclasses.replace(ProtocolConfig(), label_mode=mode)
+        assert soft.loss == "kl" and soft == ProtocolConfig(label_mode=mode)
+        assert soft.hash == ProtocolConfig(label_mode=mode).hash == resolve_protocol("dc-protocol",
+                                                                                      {"label_mode": mode}).hash
+        back = dataclasses.replace(soft, label_mode="hard")
+        assert back.loss == "ce" and back.hash == ProtocolConfig().hash == "26ab4d31935aff70"
+    saved = to_dict(dataclasses.replace(ProtocolConfig(), label_mode="teacher"))
+    assert type(saved["loss"]) is str and "loss: kl\n" in yaml.safe_dump(saved)  # saved resolved, as before
+    if hasattr(copy, "replace"):  # Python 3.13
+        assert copy.replace(ProtocolConfig(), label_mode="teacher").loss == "kl"
+    assert dataclasses.replace(ProtocolConfig(), label_mode="teacher", loss="mse_ce").loss == "mse_ce"
+    with pytest.raises(ConfigError, match=r"^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
+        dataclasses.replace(ProtocolConfig(), label_mode="teacher", loss="ce")
+    with pytest.raises(ConfigError, match=r"^label_mode 'hard' needs loss 'ce', got 'mse_ce'"):
+        dataclasses.replace(PROTOCOLS.get("edc")(), label_mode="hard")  # edc gives mse_ce explicitly
+    with pytest.raises(ConfigError, match=r"^label_mode 'hard' needs loss 'ce', got 'kl'"):
+        dataclasses.replace(PROTOCOLS.get("soft-kl")(), label_mode="hard")  # soft-kl gives kl explicitly
+    assert dataclasses.replace(PROTOCOLS.get("soft-kl")(), label_mode="stored").loss == "kl"
+
+
 def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, tmp_path):
     """A DataBundle built from tensors in memory could be distilled only with a DatasetConfig naming no
     registered dataset, which the set recorded and evaluation could not load ("unknown dataset 'mine'").

@@ -336,6 +336,63 @@ def test_an_edited_plugin_model_is_a_new_student_expert_recipe_and_set(tmp_path,
     assert all(a != b for a, b in zip(before, after))
 
 
+def test_a_partial_plugin_model_is_identified_by_the_arguments_it_binds(tmp_path, monkeypatch, registries, caplog):
+    """A functools.partial of a plugin's class or function was identified by that definition's source alone:
+    registered again under its key with other bound arguments (a notebook, another process), it reused the
+    teachers, sets and evaluations of the old arguments. They now enter its identity (teacher, expert recipe,
+    student protocol, set); ddkit's own partials (convnet3-w32, tv_resnet18) keep their keys."""
+    from functools import partial
+
+    from ddkit.evaluate import ProtocolConfig
+    from ddkit.methods.trajectory import ExpertConfig
+    from ddkit.models.registry import model_config_hash, model_source
+    from ddkit.registry import bound_arguments, source_sha256
+    from ddkit.teacher import TeacherConfig
+    from ddkit.teacher.squeeze import teacher_hash
+
+    # the values the base code (c0c0211) computes for ddkit's own partials
+    assert [teacher_hash(TeacherConfig(model=m)) for m in ("convnet3-w32", "tv_resnet18", "tiny_convnet")] == [
+        "1069d514be96d88b", "82df8601efb54366", "d99de0aabf289a6c"]
+    assert [ProtocolConfig(student=m).hash for m in ("convnet3-w32", "tv_resnet18")] == [
+        "1ab9abf8133bc46f", "df2120d22f852022"]
+    assert model_source("convnet3-w32") == {"module": "ddkit.models.convnet.convnet"}
+
+    mod = _plugin(tmp_path, monkeypatch, "partnet", NET.format(key="part_base"))
+    file_sha = _sha(tmp_path / "partnet.py")
+    data = make_synthetic()
+    mtt = DistillConfig(method="mtt", ipc=2, options={"buffer": {"model": "part_net"}})
+
+    def keys():
+        return (teacher_hash(TeacherConfig(model="part_net")), model_config_hash(ExpertConfig(model="part_net")),
+                ProtocolConfig(student="part_net").hash, distill_hash(mtt, data, None))
+
+    MODELS.add("part_net", partial(mod.Net, hidden=8))
+    narrow = keys()
+    del MODELS._entries["part_net"]  # the same key, other bound arguments: a notebook cell edited, a new process
+    MODELS.add("part_net", partial(mod.Net, hidden=16))
+    wide = keys()
+    assert all(a != b for a, b in zip(narrow, wide))
+    del MODELS._entries["part_net"]
+    MODELS.add("part_net", partial(mod.Net, hidden=8))
+    assert keys() == narrow  # stable: the same arguments are the same model again
+    assert source_sha256(partial(mod.Net)) == source_sha256(mod.Net) == file_sha  # nothing bound: the source's
+    assert model_source("part_net")["source_sha256"] == hashlib.sha256(json.dumps(
+        {"source_sha256": file_sha, "bound": {"args": [], "keywords": {"hidden": 8}}}, sort_keys=True,
+        separators=(",", ":")).encode()).hexdigest()
+    # classes and functions by name, other values by repr; an object whose repr holds a memory address
+    # (another text in every process) by its type, with a warning
+    assert bound_arguments(partial(mod.Net, 3, act=torch.nn.ReLU, dtype=torch.float16, sizes=(1, 2))) == {
+        "args": [3], "keywords": {"act": {"def": "torch.nn.modules.activation.ReLU"},
+                                  "dtype": {"repr": "torch.float16"}, "sizes": [1, 2]}}
+    with caplog.at_level("WARNING", logger="ddkit"):
+        MODELS.add("part_obj", partial(mod.Net, hidden=object()))
+        first = model_source("part_obj")["source_sha256"]
+    assert caplog.text.count("binds a <builtins.object object>, whose repr holds a memory address") == 1
+    del MODELS._entries["part_obj"]
+    MODELS.add("part_obj", partial(mod.Net, hidden=object()))
+    assert model_source("part_obj")["source_sha256"] == first  # the same in every process
+
+
 def test_a_method_that_ignores_ipc_is_treated_as_full_is(registries):
     """The pipeline asked `method == "full"` where it meant "makes no ipc images per class": a plugin
     method declaring uses_ipc = False was refused ipc as full is, got its ipc checked against the class

@@ -218,18 +218,23 @@ def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monk
     assert (rdir / "grids" / "synthetic-random-ipc1.png").read_bytes()[:8] == PNG_MAGIC
 
 
+def assert_refused(folder: Path, kind: str, what: str, tail: str = "", manifest: str = "manifest.json") -> None:
+    """``write_report(folder)``, with ``folder/manifest`` of kind ``kind`` written first, fails with one
+    DDKitError: ``what`` (a regex), then what report takes, then ``tail``."""
+    (folder / manifest).parent.mkdir(parents=True, exist_ok=True)
+    (folder / manifest).write_text(json.dumps({"schema_version": 1, "kind": kind}))
+    with pytest.raises(DDKitError, match=rf"{what}`ddkit report` takes the folder of a `ddkit bench` run{tail}$"):
+        write_report(folder)
+
+
 def test_report_takes_the_bench_table_and_names_a_run_folder(run_dir, tmp_path):
     """`ddkit report RUN/bench.json` looked for RUN/bench.json/bench.json; a `ddkit run` folder was told to
     run `ddkit bench` first; a JSON file of another kind was "not a bench table" without a fix."""
     out = write_report(run_dir / "bench.json", tmp_path / "rep")
     assert (out / "report.md").is_file()
     run = tmp_path / "run"
-    run.mkdir()
-    (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "pipeline-run"}))
-    with pytest.raises(DDKitError, match=rf"^'{re.escape(str(run))}' is a `ddkit run` folder, whose report is "
-                                         rf"'{re.escape(str(run / 'report'))}'; `ddkit report` takes the folder of a "
-                                         r"`ddkit bench` run$"):
-        write_report(run)
+    assert_refused(run, "pipeline-run", rf"^'{re.escape(str(run))}' is a `ddkit run` folder, whose report is "
+                                        rf"'{re.escape(str(run / 'report'))}'; ")
     (run / "bench.json").write_text(json.dumps({"kind": "evaluation"}))
     with pytest.raises(DDKitError,
                        match=r"is not a bench table \(kind 'evaluation'\); pass the folder of a `ddkit bench` run$"):
@@ -259,20 +264,14 @@ def test_report_names_what_it_was_given_instead_of_a_bench_folder(tmp_path):
     """A set folder or an unfinished `ddkit run` was told "'DIR/bench.json' not found; run `ddkit bench
     CONFIG` to completion first", which a `ddkit run` user had never been told to use."""
     sset = tmp_path / "r10"
-    sset.mkdir()
-    (sset / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "distilled-set"}))
-    with pytest.raises(DDKitError, match=rf"^'{re.escape(str(sset))}' holds a ddkit 'distilled-set' output, not a "
-                                         r"bench run; `ddkit report` takes the folder of a `ddkit bench` run \(`ddkit "
-                                         r"show` summarises this one\)$"):
-        write_report(sset)
+    assert_refused(sset, "distilled-set", rf"^'{re.escape(str(sset))}' holds a ddkit 'distilled-set' output, not a "
+                                          r"bench run; ", r" \(`ddkit show` summarises this one\)")
     run = tmp_path / "run"
-    (run / "distilled").mkdir(parents=True)
+    run.mkdir()
     (run / "config.json").write_text("{}")
-    (run / "distilled" / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "distilled-set"}))
-    with pytest.raises(DDKitError, match=r"looks like an unfinished `ddkit run` folder \(no report yet\); run `ddkit "
-                                         r"run` with its config again to finish it and write its report/; `ddkit "
-                                         r"report` takes the folder of a `ddkit bench` run$"):
-        write_report(run)
+    assert_refused(run, "distilled-set", r"looks like an unfinished `ddkit run` folder \(no report yet\); run "
+                                         r"`ddkit run` with its config again to finish it and write its report/; ",
+                   manifest="distilled/manifest.json")
     with pytest.raises(DDKitError, match=r"bench.json' not found; run `ddkit bench CONFIG` to completion first$"):
         write_report(tmp_path)  # anything else: as before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r10", "run"]

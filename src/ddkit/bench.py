@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import re
 import shutil
 import threading
 import time
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,7 +88,9 @@ log = logging.getLogger(__name__)
 CELL_SCHEMA = 1
 FKD_PLACEHOLDER = "<made by the bench for each distilled set>"
 BenchProgress = Callable[[int, int, dict], None]
-StageProgress = Callable[[str, int, int], None]  # (what, done, total) inside a teacher, synthesis or evaluation
+# (step, total, record) inside a teacher training, synthesis, relabelling or student training, record["stage"]
+# naming it, as evaluate calls its progress (older ddkit called it as (what, done, total))
+StageProgress = Callable[[int, int, dict], None]
 
 
 @dataclass
@@ -445,7 +449,7 @@ def _teacher_stage(data: DataBundle, cfg: TeacherConfig, tdir: Path, device,
                    progress: StageProgress | None = None) -> Teacher:
     if (teacher := saved_teacher(data, cfg, tdir, device)) is not None:
         return teacher
-    cb = (lambda e, n, r: progress(f"teacher {tdir.name}", e, n)) if progress is not None else None
+    cb = (lambda e, n, r: progress(e, n, {**r, "stage": f"teacher {tdir.name}"})) if progress is not None else None
     return train_teacher(data, cfg, tdir, device, progress=cb)
 
 
@@ -500,7 +504,7 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
                 "versions": versions(), "bytes": {"images": ds.image_bytes, "labels": ds.label_bytes},
                 **{key: ds.manifest["meta"][key] for key in SET_FACTS if key in ds.manifest.get("meta", {})}})
 
-        cb = ((lambda d, n, r: progress(progress_view(f"distill {ddir.name}", r)[0], d, n))
+        cb = ((lambda d, n, r: progress(d, n, {**r, "stage": progress_view(f"distill {ddir.name}", r)[0]}))
               if progress is not None else None)
         distill(data, dist_cfg, dcfg, ddir, teacher, device, progress=cb, before_save=record, options_key=options_key)
     return read_json(stats_path)
@@ -686,7 +690,7 @@ class _Bench:
             if (rep := self._cached_eval(path, say=False)) is not None:  # another rank made it while this one waited
                 return rep
             sp = self.stage_progress
-            cb = (lambda e, n, r: sp(f"{cell.id}: {r['stage']}", e, n)) if sp is not None else None
+            cb = (lambda e, n, r: sp(e, n, {**r, "stage": f"{cell.id}: {r['stage']}"})) if sp is not None else None
             store = self._replayable_store(key3, protocol) if protocol.label_mode == "fkd" else None
             rep = evaluate(ds, protocol, self.cfg.seeds, data=self.data[cell.dataset],
                            teacher=teacher if protocol.label_mode != "hard" else None, device=self.device, progress=cb,
@@ -728,7 +732,7 @@ class _Bench:
             if (path / "manifest.json").is_file():  # another rank built it while this one waited
                 return path
             sp = self.stage_progress
-            cb = (lambda d, n, r: sp(f"relabel {path.name}", d, n)) if sp is not None else None
+            cb = (lambda d, n, r: sp(d, n, {**r, "stage": f"relabel {path.name}"})) if sp is not None else None
             spec.make(ds, teacher, protocol_epochs, self.device, cb, work_dir=work, out=path)
             shutil.rmtree(work, ignore_errors=True)
         return path
@@ -853,11 +857,15 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
 
     ``progress(done, total, row)`` is called after every cell (``row["reused"]`` tells whether it was
-    already finished); ``stage_progress(what, done, total)`` inside every teacher training (epochs),
-    synthesis (steps) and student training (epochs). Accuracies and scores are fractions. Under torchrun every rank runs
-    its share of the cells; the full table is returned on every rank (read back from the cell files).
+    already finished); ``stage_progress(step, total, record)`` inside every teacher training (epochs),
+    synthesis (steps), relabelling (epochs) and student training (epochs), as every stage calls its ``progress``,
+    ``record["stage"]`` naming it (``"teacher fashion-mnist"``, ``"<cell>: distilled, seed 0"``). Older ddkit called
+    it as ``stage_progress(what, done, total)``: a callback whose first parameter is named ``what`` or ``label`` is
+    still called so, with a DeprecationWarning, until the next release. Accuracies and scores are fractions. Under
+    torchrun every rank runs its share of the cells; the full table is returned on every rank (read back from the
+    cell files).
     """
-    bench = _Bench(cfg, stage_progress)
+    bench = _Bench(cfg, _stage_form(stage_progress))
     info = ddist.current()
     if info.is_main:
         write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
@@ -889,6 +897,21 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
                                                 "versions": versions(), "rows": rows})
     ddist.barrier()
     return rows
+
+
+def _stage_form(stage_progress: Callable | None) -> StageProgress | None:
+    """``stage_progress`` as a ``(step, total, record)`` callback; one of the old ``(what, done, total)`` form, told by
+    its first parameter's name (``what``, as documented, or ``label``), wrapped with a DeprecationWarning."""
+    try:
+        params = list(inspect.signature(stage_progress).parameters) if stage_progress is not None else []
+    except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
+        params = []
+    if not params or params[0] not in ("what", "label"):
+        return stage_progress
+    warnings.warn("run_bench(stage_progress=) now calls stage_progress(step, total, record), record['stage'] naming "
+                  "the stage; the old form stage_progress(what, done, total) goes in the next release: rename the "
+                  "callback's parameters and read the name from the record", DeprecationWarning, stacklevel=3)
+    return lambda step, total, record: stage_progress(record["stage"], step, total)
 
 
 def _my_cells(cells: list[Cell], finished: dict[int, dict | None], info) -> list[Cell]:

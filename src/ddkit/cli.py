@@ -513,8 +513,9 @@ class BenchBars:
     def enabled(self) -> bool:
         return self._cells is not None
 
-    def stage(self, what: str, done: int, total: int) -> None:
-        bar = self._stage
+    def stage(self, done: int, total: int, record: dict) -> None:
+        """``run_bench``'s ``stage_progress``: ``record["stage"]`` names the stage."""
+        bar, what = self._stage, record["stage"]
         if bar is not None:
             if bar.desc != what or done < bar.n:
                 bar.reset(total=total)

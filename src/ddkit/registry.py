@@ -7,7 +7,9 @@ import fnmatch
 import functools
 import hashlib
 import inspect
+import json
 import logging
+import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -111,10 +113,13 @@ def source_sha256(obj: object) -> str | None:
     reusing those of its old code. None for ddkit's own (their ``revision`` counts), and for a definition
     whose source cannot be read (with a warning, once).
 
+    A ``functools.partial`` of such a definition: the sha256 of its function's source and of the arguments it
+    binds (:func:`bound_arguments`), so that ``partial(f, width=16)`` registered where ``partial(f, width=8)``
+    was makes new sets and teachers too; one that binds nothing has its function's.
+
     Read once per definition and process, when it is registered (or first asked): the hash describes the
     code this process runs, so an edit of the file during a long run does not label what the old code
     makes with the new code's hash (a reload, or the next process, defines it anew and reads it again)."""
-    obj = _unwrap(obj)
     try:
         return _SOURCES[obj]
     except KeyError:
@@ -126,6 +131,12 @@ def source_sha256(obj: object) -> str | None:
 
 
 def _read_source_sha256(obj: object) -> str | None:
+    if isinstance(obj, functools.partial):
+        sha = source_sha256(obj.func)
+        if sha is None or not (obj.args or obj.keywords):  # ddkit's own (or untracked), or nothing bound
+            return sha
+        blob = json.dumps({"source_sha256": sha, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
     module = getattr(obj, "__module__", None) or ""
     if module == "ddkit" or module.startswith("ddkit."):
         return None
@@ -144,6 +155,38 @@ def _read_source_sha256(obj: object) -> str | None:
                         "after an edit bump a method's `revision` class attribute, or write to another out folder",
                         name)
         return None
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's default repr: another text in every process
+
+
+def bound_arguments(p: functools.partial) -> dict:
+    """The arguments partial ``p`` binds as JSON data that is the same in every process: numbers, strings, None,
+    lists and dicts of them as they are; a class or function as ``module.QualName``; any other object as its repr.
+    An object whose repr holds a memory address (the default ``<X object at 0x...>``) enters as its type's name,
+    with a warning: a change of it is not tracked."""
+    return {"args": [_stable(v, p) for v in p.args], "keywords": {k: _stable(v, p) for k, v in p.keywords.items()}}
+
+
+def _stable(value: object, p: functools.partial) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_stable(v, p) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _stable(v, p) for k, v in value.items()}
+    if isinstance(value, functools.partial):
+        return {"def": origin(value), "bound": bound_arguments(value)}
+    name = getattr(value, "__qualname__", None)
+    if callable(value) and isinstance(name, str):  # a class or function (torch.relu too): its name
+        return {"def": f"{getattr(value, '__module__', None)}.{name}"}
+    text = repr(value)
+    if _ADDRESS.search(text):
+        text = f"<{type(value).__module__}.{type(value).__qualname__} object>"
+        log.warning("functools.partial(%s, ...) binds a %s, whose repr holds a memory address: it enters the "
+                    "identity of what the partial makes as its type only, and a change of it is not tracked; bind "
+                    "numbers, strings, lists or dicts instead (the settings the object is made from)", origin(p), text)
+    return {"repr": text}
 
 
 def _unwrap(obj: object) -> object:
