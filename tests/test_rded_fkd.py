@@ -64,6 +64,39 @@ def test_rded_output(data, teacher):
         assert out.meta["factor"] == factor
 
 
+def test_rded_sets_evaluate_with_their_stored_labels(data, teacher, tmp_path):
+    """RDED stores the teacher's logits itself: label mode stored takes them (its random subset labelled by
+    the teacher), and a run or bench asking for stored labels accepts RDED without distill.soft_labels."""
+    from ddkit.bench import BenchConfig
+    from ddkit.config import from_dict
+    from ddkit.evaluate import evaluate
+    from ddkit.methods.rded import RDED
+    from ddkit.pipeline import DistillConfig, distill
+
+    from ddkit.data import DatasetConfig, load_dataset
+
+    options = {"mipc": 12, "num_crop": 3}
+    data = load_dataset(DatasetConfig(name="synthetic"))  # with its config, which the set records
+    ds = distill(data, DistillConfig(method="rded", ipc=1, seed=0, options=options), teacher=teacher,
+                 out=tmp_path / "set")
+    assert ds.soft_labels is not None and not ds.manifest["config"]["distill"]["soft_labels"]
+    protocol = ProtocolConfig(student="tiny_convnet", label_mode="stored", full_reference=False,
+                              train=TrainConfig(epochs=2, batch_size=8, lr=0.05))
+    report = evaluate(tmp_path / "set", protocol, seeds=[0], data=data, teacher=teacher)
+    res = report["results"]
+    assert set(res) == {"distilled", "random"} and res["random"]["n"] == res["distilled"]["n"] == 1
+    assert 0.25 < res["distilled"]["mean"] <= 1.0 and 0.0 <= res["random"]["mean"] <= 1.0  # 4 classes
+    assert RDED.stores_soft_labels(RDEDConfig()) and not RDED.stores_soft_labels(RDEDConfig(soft_labels=False))
+    assert RDED.own_soft_labels(RDEDConfig()) is None  # --soft-labels (the same logits) is not a clash
+    bench = {"out": str(tmp_path / "bench"), "datasets": ["synthetic"], "teacher": {"model": "tiny_convnet"},
+             "students": ["tiny_convnet"], "ipcs": [1], "label_modes": ["stored"], "methods": [{"name": "random", "soft_labels": True},
+                                                                 {"name": "rded", "options": options}]}
+    assert [m.name for m in from_dict(BenchConfig, bench).methods] == ["random", "rded"]
+    bench["methods"][1]["options"] = {**options, "soft_labels": False}
+    with pytest.raises(DDKitError, match=r"\['rded'\] store none"):
+        from_dict(BenchConfig, bench)
+
+
 def test_rded_needs_teacher(data):
     with pytest.raises(DDKitError, match="needs a teacher"):
         METHODS.get("rded")(RDEDConfig()).fit(data, [], FitContext(ipc=1, seed=0))

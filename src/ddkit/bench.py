@@ -207,7 +207,7 @@ class BenchConfig(Checked):
                 mcfg = from_dict(cls.Config, merge_overrides(m.options, m.ipc_options.get(ipc, {})),
                                  f"methods[{m.key}].options")
                 own = cls.own_soft_labels(mcfg)
-                if not m.soft_labels and own is None and m.key not in unlabelled:
+                if not m.soft_labels and not cls.stores_soft_labels(mcfg) and m.key not in unlabelled:
                     unlabelled.append(m.key)
                 if m.soft_labels and own is not None:
                     clashes.setdefault(m.key, (own, cls.own_soft_labels_off(own)))

@@ -459,7 +459,7 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
                               "or use label mode hard")
-        if mode == "stored" and not (cfg.distill.soft_labels or method.own_soft_labels(method_cfg)):
+        if mode == "stored" and not (cfg.distill.soft_labels or method.stores_soft_labels(method_cfg)):
             raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set "
                               "distill.soft_labels: true")
         if mode == "fkd":

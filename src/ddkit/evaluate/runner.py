@@ -234,7 +234,8 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
     from ddkit.teacher import Teacher
 
     man = distilled.manifest
-    rec = man.get("meta", {}).get("soft_labels") or {}
+    rec = man.get("meta", {}).get("soft_labels")
+    rec = rec if isinstance(rec, dict) else {}  # RDED records a description: the teacher's logits
     if rec.get("kind") == "committee":
         members, loaded = (rec.get("teachers") or [None])[1:], {}
         if "teachers" not in rec:  # sets made before the members were recorded: their extra_teachers, as given

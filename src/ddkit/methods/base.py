@@ -112,6 +112,12 @@ class Method:
         return None
 
     @classmethod
+    def stores_soft_labels(cls, cfg) -> bool:
+        """Whether the sets this method makes with ``cfg`` hold soft labels without the pipeline's
+        ``soft_labels``: its own (:meth:`own_soft_labels`), or teacher logits it stores itself (RDED)."""
+        return cls.own_soft_labels(cfg) is not None
+
+    @classmethod
     def own_soft_labels_off(cls, own: str) -> str:
         """The setting that turns off the method's own labels that ``own`` (from :meth:`own_soft_labels`)
         names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none."""

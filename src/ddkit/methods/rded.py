@@ -190,6 +190,10 @@ class RDED(Method):
     needs_teacher = True
     smoke_options = {"mipc": 12, "num_crop": 3, "factor": 2, "batch_size": 64}
 
+    @classmethod
+    def stores_soft_labels(cls, cfg) -> bool:
+        return cfg.soft_labels  # the teacher's logits of each stitched image, as distill.soft_labels would make them
+
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> RDED:
         cfg: RDEDConfig = self.cfg
         if not teachers:
