@@ -757,6 +757,113 @@ def test_recover_under_torchrun_holds_each_ranks_own_units_and_gathers_on_rank_0
     assert r0["seen"]["collective_tensors"] == r1["seen"]["collective_tensors"] == 0  # no image through a gather
 
 
+RDED_OPTS = {"mipc": 6, "num_crop": 2}
+
+
+def _rded_distills(teacher_dir, tmp, tag):
+    """rded (IPC 2) and sre2l starting from it (``init: rded``, IPC 3: units are the 3 slots of every class,
+    so rank 0 of 2 starts slots 0 and 2 of every class, rank 1 slot 1), as their distilled sets."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.pipeline import DistillConfig, distill
+
+    rded = DistillConfig(method="rded", ipc=2, options=RDED_OPTS)
+    sre2l = DistillConfig(method="sre2l", ipc=3, options={"iterations": 2, "init": "rded", "cache_dir": f"{tmp}/c",
+                                                          "rded_options": RDED_OPTS})
+    return [distill(make_synthetic(), cfg, DatasetConfig(name="synthetic"), f"{tmp}/{cfg.method}-{tag}", teacher_dir)
+            for cfg in (rded, sre2l)]
+
+
+def _rded_rank(rank: int, store_path: str, tmp: str) -> None:
+    """:func:`_rded_distills` on 2 gloo ranks, recording per set the image rows each rank sends, receives,
+    gathers, starts from, and the set rded's fit leaves on it."""
+    import os
+
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.methods import rded
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    seen = {"init": [], "sent": [], "received": [], "collective_tensors": 0, "rded_set": []}
+    send_to, receive_from, gather, fit, init = (ddist.send_to, ddist.receive_from, ddist.all_gather_objects,
+                                                rded.RDED.fit, S._initial_images)
+
+    def sent(t, dst):
+        seen["sent"].append((tuple(t.shape), dst))
+        return send_to(t, dst)
+
+    def received(src, shape, dtype):
+        seen["received"].append((shape, src))
+        return receive_from(src, shape, dtype)
+
+    def gathered(obj):
+        out = gather(obj)
+        seen["collective_tensors"] += sum(isinstance(v, torch.Tensor) for part in out for v in
+                                          (part.values() if isinstance(part, dict) else [part]))
+        return out
+
+    def fitted(self, *args):
+        out = fit(self, *args)
+        seen["rded_set"].append(None if out.synthetic_ is None else len(out.synthetic_.images))
+        return out
+
+    def initial(*args):
+        out = init(*args)
+        seen["init"].append(tuple(out.shape))
+        return out
+
+    ddist.send_to, ddist.receive_from, ddist.all_gather_objects = sent, received, gathered
+    rded.RDED.fit, S._initial_images = fitted, initial
+    try:
+        sets = _rded_distills(f"{tmp}/t", tmp, "two")
+        torch.save({"images": [d.images.clone() for d in sets], "soft": sets[0].soft_labels.clone(), "seen": seen},
+                   f"{tmp}/rank{rank}.pt")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see tests/test_distributed.py::_train_bn_rank
+
+
+def test_rded_under_torchrun_sends_each_rank_only_the_rows_it_needs(tmp_path):
+    """rded gathered its whole set on every rank (all_gather of every class), and a method starting from
+    it (init: rded) held that whole set on every rank to take its own rows. rded's own set is now sent to
+    rank 0 alone, class by class, which alone labels it; a method starting from it receives only the rows
+    of its units, from the rank that made their class. The sets are one process's, to the bit."""
+    import torch.multiprocessing as mp
+
+    data = make_synthetic()
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+    train_teacher(data, cfg, tmp_path / "t")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count
+    try:
+        one = _rded_distills(str(tmp_path / "t"), tmp_path, "one")
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(_rded_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for name in ("rded", "sre2l"):
+        for f in ("images.safetensors", "labels.safetensors", "soft_labels.safetensors"):
+            if (tmp_path / f"{name}-one" / f).exists() or f == "images.safetensors":
+                assert (tmp_path / f"{name}-one" / f).read_bytes() == (tmp_path / f"{name}-two" / f).read_bytes()
+    for got in (r0, r1):
+        assert all(torch.equal(a, b.images) for a, b in zip(got["images"], one))
+        assert torch.equal(got["soft"], one[0].soft_labels)
+    c, img = data.image_shape[0], tuple(data.image_shape[1:])
+    # rded: rank 1 sends its classes (1, 3) to rank 0, which alone holds and labels the set (init: rded fits none)
+    assert r0["seen"]["rded_set"] == [8] and r1["seen"]["rded_set"] == [None]
+    assert r1["seen"]["sent"][:2] == [((2, c, *img), 0)] * 2 and r0["seen"]["received"][:2] == [((2, c, *img), 1)] * 2
+    # init: rded: rank 0 starts 8 rows (slots 0 and 2 of every class), rank 1 4 (slot 1): the 4 of rank 0's
+    # that rank 1's classes hold come from rank 1, the 2 of rank 1's that rank 0's classes hold from rank 0
+    # (then sre2l's unit 1 goes to rank 0)
+    assert r0["seen"]["init"] == [(8, c, *img)] and r1["seen"]["init"] == [(4, c, *img)]
+    assert r0["seen"]["sent"] == [((2, c, *img), 1)] and r1["seen"]["received"] == [((2, c, *img), 0)]
+    assert r1["seen"]["sent"][2:] == [((4, c, *img), 0), ((4, c, *img), 0)]
+    assert r0["seen"]["received"][2:] == [((4, c, *img), 1), ((4, c, *img), 1)]
+    assert r0["seen"]["collective_tensors"] == r1["seen"]["collective_tensors"] == 0  # no image through a gather
+
+
 def test_gather_classes_returns_every_ranks_classes_in_class_order(monkeypatch):
     """Under torchrun, dm, datadam, rded and the statistics methods synthesise classes round-robin
     (rank 0: 0, 2; rank 1: 1, 3) and gather them: the set must come back in class order, not rank order,

@@ -473,3 +473,114 @@ def test_a_plugin_model_a_method_defaults_to_is_part_of_the_set_identity(tmp_pat
     before = distill_hash(DistillConfig(method="usesnet", ipc=2), data, None)
     _plugin(tmp_path, monkeypatch, "defnet", NET.format(key="def_net").replace("HIDDEN = 8", "HIDDEN = 16"))
     assert distill_hash(DistillConfig(method="usesnet", ipc=2), data, None) != before
+
+
+HELPED = '''
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from ddkit.config import Checked
+from ddkit.methods import METHODS, Method, SyntheticSet
+from ddkit.models import MODELS
+
+from . import losses
+from .consts import HIDDEN
+
+
+@METHODS.register("helped")
+class Helped(Method):
+    """The images OFFSET.. of every class, OFFSET from a helper module."""
+
+    @dataclass
+    class Config(Checked):
+        pass
+
+    def fit(self, real, teachers, ctx):
+        lo = losses.offset()
+        idx = [i for c in range(real.num_classes) for i in real.train.indices_of(c)[lo:lo + ctx.ipc].tolist()]
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone(),
+                                       meta={"source_index": idx, "np": int(np.int64(1))})
+        return self
+
+
+def helped_net(in_channels, num_classes, image_size):  # only hashed here, never built
+    return nn.Linear(HIDDEN, num_classes)
+
+
+MODELS.add("helped_net", helped_net)
+'''
+
+LOSSES = '''
+import math
+
+from helpplug import consts
+
+
+def offset():
+    from helpplug import plug  # back to the plugin: a cycle, which the hash must end
+
+    return consts.OFFSET + 0 * math.floor(len(plug.__name__))
+'''
+
+
+def test_an_edited_helper_module_of_a_plugin_is_an_edited_plugin(tmp_path, monkeypatch, registries, request):
+    """The identity of a plugin hashed its defining file only: an edit of a helper module of the user's
+    own that the plugin imports (here through a relative import, and a helper's own import) reused the
+    sets and teachers of the old code. Its own imported modules now count, transitively and in name
+    order; the standard library, installed packages (numpy, torch) and ddkit do not."""
+    from ddkit.registry import source_deps, source_record, source_sha256
+    from ddkit.teacher import TeacherConfig
+    from ddkit.teacher.squeeze import teacher_hash
+
+    pkg = tmp_path / "helpplug"
+    pkg.mkdir()
+    files = {"__init__": "", "plug": HELPED, "losses": LOSSES, "consts": "OFFSET = 0\nHIDDEN = 8\n"}
+    for name, text in files.items():
+        (pkg / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "helpplug"])
+    importlib.invalidate_caches()
+    plug = importlib.import_module("helpplug.plug")
+
+    def expected() -> str:
+        lines = [_sha(pkg / "plug.py"), *(f"helpplug{'' if n == '__init__' else '.' + n} {_sha(pkg / f'{n}.py')}"
+                                         for n in ("__init__", "consts", "losses"))]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+    deps = ["helpplug", "helpplug.consts", "helpplug.losses"]
+    assert source_deps(plug.Helped) == source_deps(plug.helped_net) == deps  # not numpy, torch, math or ddkit
+    assert source_sha256(plug.Helped) == source_sha256(plug.helped_net) == expected() != _sha(pkg / "plug.py")
+    assert source_record(plug.Helped) == {"source_sha256": expected(), "source_deps": deps}
+    data, cfg = make_synthetic(), DistillConfig(method="helped", ipc=2)
+    ds = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set")
+    man = json.loads((tmp_path / "set/manifest.json").read_text())
+    assert man["method"] == {"name": "helped", "config": {}, "module": "helpplug.plug.Helped",
+                             "source_sha256": expected(), "source_deps": deps}
+    assert ds.manifest["source_index"] == [0, 1, 24, 25, 48, 49, 72, 73]
+    before = (distill_hash(cfg, data, None), teacher_hash(TeacherConfig(model="helped_net")), expected())
+
+    (pkg / "consts.py").write_text("OFFSET = 5\nHIDDEN = 8\n")  # the plugin's own file is untouched
+    importlib.invalidate_caches()
+    for name in ("consts", "losses", "plug"):  # as the next process imports them
+        importlib.reload(sys.modules[f"helpplug.{name}"])
+    plug = sys.modules["helpplug.plug"]
+    assert source_sha256(METHODS.get("helped")) == source_sha256(MODELS.get("helped_net")) == expected() != before[2]
+    after = (distill_hash(cfg, data, None), teacher_hash(TeacherConfig(model="helped_net")))
+    assert after[0] != before[0] and after[1] != before[1]
+    ds = distill(data, cfg, DatasetConfig(name="synthetic"), tmp_path / "set2")
+    assert ds.manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77, 78]
+
+
+def test_a_plugin_without_own_imports_keeps_its_file_sha(tmp_path, monkeypatch, registries):
+    """Only a plugin that imports modules of the user's own hashes more than its file: one importing the
+    standard library, installed packages and ddkit alone keeps the sha256 of its file (its cached sets and
+    teachers stay valid), and its manifests record no source_deps."""
+    from ddkit.registry import source_deps, source_record
+
+    imports = "import json\nimport numpy\nimport torch.nn\nimport ddkit.config\nfrom ddkit.methods import common\n"
+    mod = _plugin(tmp_path, monkeypatch, "plainplug", imports + NET.format(key="plain_net"))
+    assert source_deps(mod.plain_net) == []
+    assert source_record(mod.plain_net) == {"source_sha256": _sha(tmp_path / "plainplug.py")}

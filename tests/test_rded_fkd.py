@@ -223,6 +223,17 @@ def test_stitch_geometry():
     assert odd.shape == (1, 1, 9, 9) and torch.allclose(odd, torch.ones_like(odd))
 
 
+def test_rded_initial_rows_are_those_rows_of_its_set(data, teacher):
+    """What another method starts from (init: rded) is the given rows of the set rded makes, in their order."""
+    cfg = RDEDConfig(**METHODS.get("rded").smoke_options)
+    full = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0)).synthetic_.images
+    rows = torch.tensor([5, 0, 7, 2, 3])
+    got = METHODS.get("rded")(cfg).initial_rows(data, [teacher], FitContext(ipc=2, seed=0), rows)
+    assert torch.equal(got, full[rows])
+    assert METHODS.get("rded")(cfg).initial_rows(data, [teacher], FitContext(ipc=2, seed=0), rows[:0]).shape == (
+        0, *data.image_shape)
+
+
 def test_rded_is_deterministic_and_class_seeded(data, teacher):
     cfg = RDEDConfig(**METHODS.get("rded").smoke_options)
     a = METHODS.get("rded")(cfg).fit(data, [teacher], FitContext(ipc=2, seed=0)).synthetic_

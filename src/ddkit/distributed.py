@@ -211,11 +211,17 @@ def _wire_device() -> torch.device:
 def send_to_main(t: torch.Tensor) -> None:
     """Send ``t`` to rank 0 alone, which takes it with :func:`receive_from` (tensors a rank sends
     arrive in the order it sent them)."""
-    dist.send(t.to(_wire_device()).contiguous(), dst=0)
+    send_to(t, 0)
+
+
+def send_to(t: torch.Tensor, dst: int) -> None:
+    """Send ``t`` to rank ``dst`` alone, which takes it with :func:`receive_from`."""
+    dist.send(t.to(_wire_device()).contiguous(), dst=dst)
 
 
 def receive_from(src: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The next tensor (of ``shape`` and ``dtype``) that rank ``src`` sent with :func:`send_to_main`, on the CPU."""
+    """The next tensor (of ``shape`` and ``dtype``) that rank ``src`` sent to this rank (:func:`send_to`,
+    :func:`send_to_main`), on the CPU."""
     buf = torch.empty(shape, dtype=dtype, device=_wire_device())
     dist.recv(buf, src=src)
     return buf.cpu()

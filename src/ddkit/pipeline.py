@@ -39,7 +39,7 @@ from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
 from ddkit.methods.base import check_ipc
-from ddkit.registry import origin, source_sha256
+from ddkit.registry import origin, source_record, source_sha256
 from ddkit.teacher import (
     Teacher,
     TeacherConfig,
@@ -305,9 +305,9 @@ def _fitted(method: Any, name: str) -> SyntheticSet:
 
 def method_source(cls: type) -> dict:
     """Where method class ``cls`` is defined (``module``: ``myplug.Herding``) and, for one from outside
-    ddkit, the sha256 of its source, which a distilled set records beside the method's name."""
-    sha = source_sha256(cls)
-    return {"module": origin(cls), **({"source_sha256": sha} if sha else {})}
+    ddkit, the sha256 of its source (and the helper modules it covers), which a distilled set records
+    beside the method's name."""
+    return {"module": origin(cls), **source_record(cls)}
 
 
 def work_dir(out: str | Path, key: str | None = None) -> Path:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import inspect
 import json
 import logging
+import os
 import re
+import sys
+import sysconfig
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
@@ -103,7 +109,8 @@ def origin(obj: object) -> str:
 
 
 _UNTRACKED: set[str] = set()  # definitions warned about once per process
-_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # definition -> its source_sha256, read once
+# definition -> (its source_sha256, the user's own modules that entered it), read once
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def source_sha256(obj: object) -> str | None:
@@ -113,6 +120,10 @@ def source_sha256(obj: object) -> str | None:
     reusing those of its old code. None for ddkit's own (their ``revision`` counts), and for a definition
     whose source cannot be read (with a warning, once).
 
+    The user's own modules that the file imports, directly or through each other (:func:`source_deps`),
+    count too: an edited helper module is an edited plugin. With none, the hash is the file's sha256
+    alone (the value before helpers counted, so caches of such plugins stay valid).
+
     A ``functools.partial`` of such a definition: the sha256 of its function's source and of the arguments it
     binds (:func:`bound_arguments`), so that ``partial(f, width=16)`` registered where ``partial(f, width=8)``
     was makes new sets and teachers too; one that binds nothing has its function's.
@@ -120,33 +131,63 @@ def source_sha256(obj: object) -> str | None:
     Read once per definition and process, when it is registered (or first asked): the hash describes the
     code this process runs, so an edit of the file during a long run does not label what the old code
     makes with the new code's hash (a reload, or the next process, defines it anew and reads it again)."""
+    return _source(obj)[0]
+
+
+def source_deps(obj: object) -> list[str]:
+    """The modules of the user's own (neither the standard library, nor an installed package under
+    site-packages or dist-packages, whose version is what counts, nor ddkit) that the source file of
+    ``obj`` imports, directly or through each other, sorted: those whose files :func:`source_sha256`
+    covers besides the definition's own."""
+    return list(_source(obj)[1])
+
+
+def source_record(obj: object) -> dict:
+    """What a manifest records of the source of ``obj``: ``source_sha256`` and, when helper modules
+    entered it, ``source_deps`` (their names); empty for ddkit's own and for an unreadable source."""
+    sha, deps = _source(obj)
+    if sha is None:
+        return {}
+    return {"source_sha256": sha, **({"source_deps": list(deps)} if deps else {})}
+
+
+def _source(obj: object) -> tuple[str | None, tuple[str, ...]]:
     try:
         return _SOURCES[obj]
     except KeyError:
         pass
     except TypeError:  # not hashable or not weakly referable: read every time
-        return _read_source_sha256(obj)
-    sha = _SOURCES[obj] = _read_source_sha256(obj)
-    return sha
+        return _read_source(obj)
+    found = _SOURCES[obj] = _read_source(obj)
+    return found
 
 
-def _read_source_sha256(obj: object) -> str | None:
+def _read_source(obj: object) -> tuple[str | None, tuple[str, ...]]:
     if isinstance(obj, functools.partial):
-        sha = source_sha256(obj.func)
+        sha, deps = _source(obj.func)
         if sha is None or not (obj.args or obj.keywords):  # ddkit's own (or untracked), or nothing bound
-            return sha
+            return sha, deps
         blob = json.dumps({"source_sha256": sha, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()
+        return hashlib.sha256(blob.encode()).hexdigest(), deps
     module = getattr(obj, "__module__", None) or ""
     if module == "ddkit" or module.startswith("ddkit."):
-        return None
+        return None, ()
     try:
-        with open(inspect.getsourcefile(obj) or "", "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        path = inspect.getsourcefile(obj) or ""
+        with open(path, "rb") as f:
+            text = f.read()
     except (OSError, TypeError):
         pass
+    else:
+        sha = hashlib.sha256(text).hexdigest()
+        deps = _own_imports(module, path, text)
+        if not deps:
+            return sha, ()
+        log.debug("the source of %s covers its module's own imports %s", origin(obj), sorted(deps))
+        lines = [sha, *(f"{name} {deps[name]}" for name in sorted(deps))]
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest(), tuple(sorted(deps))
     try:
-        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()
+        return hashlib.sha256(inspect.getsource(obj).encode()).hexdigest(), ()
     except (OSError, TypeError):
         name = origin(obj)
         if name not in _UNTRACKED:
@@ -154,7 +195,93 @@ def _read_source_sha256(obj: object) -> str | None:
             log.warning("cannot read the source of %s: edits to it are not tracked (what it made is reused after one); "
                         "after an edit bump a method's `revision` class attribute, or write to another out folder",
                         name)
-        return None
+        return None, ()
+
+
+def _own_imports(module: str, path: str, text: bytes) -> dict[str, str]:
+    """The sha256 of the file of every module of the user's own (:func:`_is_own`) that ``text`` (the
+    source of ``module`` at ``path``) imports, and those import in turn, by module name. Found from
+    the import statements and ``sys.modules`` or the import path, without importing anything."""
+    found: dict[str, str] = {}
+    seen = {module}  # a cycle ends at a module already seen; the definition's own file is hashed already
+    todo = [(module, path, text)]
+    while todo:
+        name, file, source = todo.pop()
+        for dep in _imported(name, file, source):
+            if dep in seen:
+                continue
+            seen.add(dep)
+            dep_file = _locate(dep)[0]
+            if dep_file is None or not _is_own(dep, dep_file) or os.path.realpath(dep_file) == os.path.realpath(path):
+                continue
+            try:
+                with open(dep_file, "rb") as f:
+                    dep_text = f.read()
+            except OSError:
+                continue
+            found[dep] = hashlib.sha256(dep_text).hexdigest()
+            if dep_file.endswith(".py"):
+                todo.append((dep, dep_file, dep_text))
+    return found
+
+
+def _imported(module: str, file: str, source: bytes) -> list[str]:
+    """Names of the modules the import statements of ``source`` may load (relative ones resolved from
+    ``module``): each named module, its parent packages (which run first), and for ``from X import y``
+    also ``X.y`` (a submodule, if there is one)."""
+    try:
+        tree = ast.parse(source, file)
+    except (SyntaxError, ValueError):
+        return []
+    package = getattr(sys.modules.get(module), "__package__", None)
+    if package is None:
+        package = module if os.path.basename(file).startswith("__init__.") else module.rpartition(".")[0]
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                try:
+                    base = importlib.util.resolve_name("." * node.level + base, package)
+                except (ImportError, ValueError):
+                    continue
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names if alias.name != "*")]
+    parts = [name.split(".") for name in names if name]
+    return [".".join(p[:i]) for p in parts for i in range(1, len(p) + 1)]
+
+
+def _locate(name: str) -> tuple[str | None, list[str] | None]:
+    """The file of module ``name`` and, for a package, where its submodules are: from ``sys.modules``
+    when it is imported, else found on the import path without running any of it."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return getattr(mod, "__file__", None), getattr(mod, "__path__", None)
+    parent = name.rpartition(".")[0]
+    where = _locate(parent)[1] if parent else None
+    if parent and where is None:
+        return None, None
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(name, where)
+    except (ImportError, ValueError):
+        return None, None
+    if spec is None:
+        return None, None
+    return spec.origin if spec.has_location else None, spec.submodule_search_locations
+
+
+def _is_own(name: str, file: str) -> bool:
+    """Whether module ``name`` (at ``file``) is the user's own code: not ddkit, not the standard library,
+    not an installed package (site-packages, dist-packages), whose version is what identifies it."""
+    top = name.partition(".")[0]
+    if top == "ddkit" or top in sys.stdlib_module_names:
+        return False
+    parts = os.path.normpath(os.path.abspath(file)).split(os.sep)
+    if "site-packages" in parts or "dist-packages" in parts:
+        return False
+    stdlib = os.path.normpath(sysconfig.get_paths()["stdlib"]) + os.sep
+    return not os.path.abspath(file).startswith(stdlib)
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's default repr: another text in every process

@@ -170,3 +170,31 @@ def gather_units(done: dict[int, torch.Tensor], shapes: list[tuple[int, ...]],
             place(u, done[u] if owner == 0 else ddist.receive_from(owner, shape, torch.float32))
         elif owner == info.rank:
             ddist.send_to_main(done[u])
+
+
+def exchange_rows(done: dict[int, torch.Tensor], ipc: int, rows: torch.Tensor,
+                  shape: tuple[int, ...]) -> torch.Tensor:
+    """The images at ``rows`` (positions ``class * ipc + slot`` of a class-major set of ``ipc`` images
+    per class, each of ``shape``, float32), in the order of ``rows``, where each rank made the classes
+    :func:`my_classes` deals it (``done``: this rank's, class -> its ``ipc`` images). A rank's rows of
+    its own classes come from ``done``, the others from the rank that made them, point to point; only
+    the row indices are shared, so no rank holds more than its classes, its rows and one part in
+    transit. Every rank calls it, with its own ``rows``. One process: all from ``done``."""
+    info = ddist.current()
+    out = torch.empty(len(rows), *shape)
+    # every (receiving rank, making rank) pair in one order on all ranks: each send meets its receive
+    for dst, want in enumerate(ddist.all_gather_objects(rows.tolist())):
+        want = torch.tensor(want, dtype=torch.int64)
+        for src in range(info.world_size):
+            pick = torch.nonzero((want // ipc) % info.world_size == src).flatten()
+            if len(pick) == 0 or info.rank not in (src, dst):
+                continue
+            if src == info.rank:
+                part = torch.stack([done[r // ipc][r % ipc] for r in want[pick].tolist()])
+                if dst == info.rank:
+                    out[pick] = part
+                else:
+                    ddist.send_to(part, dst)
+            else:
+                out[pick] = ddist.receive_from(src, (len(pick), *shape), torch.float32)
+    return out

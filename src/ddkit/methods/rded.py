@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ddkit import distributed as ddist
 from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
@@ -195,6 +197,44 @@ class RDED(Method):
         return cfg.soft_labels  # the teacher's logits of each stitched image, as distill.soft_labels would make them
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> RDED:
+        """Under torchrun each rank makes its classes (:func:`common.my_classes`) and sends them to rank 0,
+        which alone holds, labels and returns the set (the other ranks' ``synthetic_`` is None)."""
+        cfg: RDEDConfig = self.cfg
+        done, ipc, model, factor, patch, (mean, std) = self._classes(real, teachers, ctx)
+        k, shape = real.num_classes, tuple(real.image_shape)
+        images = torch.empty(k * ipc, *shape) if ddist.current().is_main else None
+
+        def place(c: int, part: torch.Tensor) -> None:
+            images[c * ipc : (c + 1) * ipc] = part
+
+        common.gather_units(done, [(ipc, *shape)] * k, place)
+        if images is None:
+            self.synthetic_ = None
+            return self
+        labels = torch.arange(real.num_classes).repeat_interleave(ipc)
+        soft = None
+        if cfg.soft_labels:
+            norm = normalizer(mean, std, "cpu")  # one forward batch at a time, not a normalised copy of the set
+            # the images as the set stores them (8-bit with distill.image_dtype uint8): the labels describe those
+            soft = torch.cat([_forward(model, norm(to_float(ctx.as_stored(images[i : i + cfg.batch_size]), "cpu")),
+                                       cfg.batch_size, ctx.device) for i in range(0, len(images), cfg.batch_size)])
+        self.synthetic_ = SyntheticSet(
+            images, labels, soft,
+            meta={"factor": factor, "patch_size": list(patch), "soft_labels": "teacher logits of the stitched image"},
+        )
+        return self
+
+    def initial_rows(self, real: DataBundle, teachers: list, ctx: FitContext, rows: torch.Tensor) -> torch.Tensor:
+        """The images at ``rows`` (positions in the class-major set) of the set :meth:`fit` makes, unlabelled:
+        another method's initialisation (``init: rded``), of which each rank of a torchrun job holds only
+        its own rows. Each rank makes its classes and hands the rows of them to the ranks that need them."""
+        done, ipc, *_ = self._classes(real, teachers, ctx)
+        return common.exchange_rows(done, ipc, rows, tuple(real.image_shape))
+
+    def _classes(self, real: DataBundle, teachers: list,
+                 ctx: FitContext) -> tuple[dict[int, torch.Tensor], int, Any, int, tuple[int, int], tuple]:
+        """The stitched images of each class of this rank (class -> [ipc, C, H, W], pixel space, float32),
+        ipc, the teacher's model, the stitch factor, the patch size and the teacher's (mean, std)."""
         cfg: RDEDConfig = self.cfg
         if not teachers:
             raise DDKitError("method 'rded' needs a teacher to score patches; pass --teacher DIR (see `ddkit teacher`)")
@@ -250,17 +290,4 @@ class RDED(Method):
                 if ckpt.due(step, len(mine)):
                     ckpt.save({"key": key, "images": done[c]})
             common.report(ctx, step, len(mine), **{"class": float(c)})
-
-        images = torch.cat(common.gather_classes(done, real.num_classes))
-        labels = torch.arange(real.num_classes).repeat_interleave(ipc)
-        soft = None
-        if cfg.soft_labels:
-            norm = normalizer(mean, std, "cpu")  # one forward batch at a time, not a normalised copy of the set
-            # the images as the set stores them (8-bit with distill.image_dtype uint8): the labels describe those
-            soft = torch.cat([_forward(model, norm(to_float(ctx.as_stored(images[i : i + cfg.batch_size]), "cpu")),
-                                       cfg.batch_size, ctx.device) for i in range(0, len(images), cfg.batch_size)])
-        self.synthetic_ = SyntheticSet(
-            images, labels, soft,
-            meta={"factor": factor, "patch_size": list(patch), "soft_labels": "teacher logits of the stitched image"},
-        )
-        return self
+        return done, ipc, model, factor, patch, (mean, std)

@@ -813,7 +813,8 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
                     rows: torch.Tensor) -> torch.Tensor:
     """Initial pixel-space images of the positions ``rows`` of the class-major ``[K * ipc, C, H, W]``
     set, equal to those rows of the whole set. Noise and real images are made for ``rows`` alone;
-    ``init: rded`` runs the rded method, which makes (and, under torchrun, gathers) every image."""
+    ``init: rded`` runs the rded method, whose classes are made round-robin over the ranks of a
+    torchrun job, each rank receiving only the rows it asks for (:meth:`RDED.initial_rows`)."""
     if cfg.init in ("noise", "real"):
         return common.init_images(real, ipc, cfg.init, ctx.seed, rows)[0]
     if "rded" not in METHODS:
@@ -823,14 +824,8 @@ def _initial_images(name: str, cfg: RecoverConfig, real: DataBundle, teachers: l
     sub = FitContext(ipc=ipc, seed=ctx.seed, device=ctx.device,
                      work_dir=Path(ctx.work_dir) / "rded" if ctx.work_dir is not None else None,
                      options_key=f"{ctx.options_key}.rded_options")
-    out = cls(from_dict(cls.Config, dict(cfg.rded_options),
-                        f"{ctx.options_key}.rded_options")).fit(real, teachers, sub).synthetic_
-    order = torch.sort(out.labels, stable=True).indices
-    expected = torch.arange(real.num_classes).repeat_interleave(ipc)
-    if not torch.equal(out.labels[order], expected):
-        raise DDKitError("the 'rded' output does not hold ipc images of every class; cannot initialise from it")
-    imgs = out.images[order[rows]]
-    return imgs.float() / 255.0 if imgs.dtype == torch.uint8 else imgs.float()
+    method = cls(from_dict(cls.Config, dict(cfg.rded_options), f"{ctx.options_key}.rded_options"))
+    return method.initial_rows(real, teachers, sub, rows)
 
 
 def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:

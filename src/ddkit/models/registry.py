@@ -24,7 +24,7 @@ from torch import nn
 
 from ddkit.config import config_hash, is_count
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.registry import Registry, origin, source_sha256
+from ddkit.registry import Registry, origin, source_record
 
 ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
@@ -184,8 +184,7 @@ def model_source(name: str) -> dict:
         factory, _ = resolve_model(name)
     except DDKitError:  # refused where the model is built, with the suggestion
         return {}
-    sha = source_sha256(factory)
-    return {"module": origin(factory), **({"source_sha256": sha} if sha else {})}
+    return {"module": origin(factory), **source_record(factory)}
 
 
 def model_config_hash(cfg: Any) -> str:
