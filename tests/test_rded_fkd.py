@@ -69,11 +69,10 @@ def test_rded_sets_evaluate_with_their_stored_labels(data, teacher, tmp_path):
     the teacher), and a run or bench asking for stored labels accepts RDED without distill.soft_labels."""
     from ddkit.bench import BenchConfig
     from ddkit.config import from_dict
+    from ddkit.data import DatasetConfig, load_dataset
     from ddkit.evaluate import evaluate
     from ddkit.methods.rded import RDED
     from ddkit.pipeline import DistillConfig, distill
-
-    from ddkit.data import DatasetConfig, load_dataset
 
     options = {"mipc": 12, "num_crop": 3}
     data = load_dataset(DatasetConfig(name="synthetic"))  # with its config, which the set records
@@ -89,8 +88,8 @@ def test_rded_sets_evaluate_with_their_stored_labels(data, teacher, tmp_path):
     assert RDED.stores_soft_labels(RDEDConfig()) and not RDED.stores_soft_labels(RDEDConfig(soft_labels=False))
     assert RDED.own_soft_labels(RDEDConfig()) is None  # --soft-labels (the same logits) is not a clash
     bench = {"out": str(tmp_path / "bench"), "datasets": ["synthetic"], "teacher": {"model": "tiny_convnet"},
-             "students": ["tiny_convnet"], "ipcs": [1], "label_modes": ["stored"], "methods": [{"name": "random", "soft_labels": True},
-                                                                 {"name": "rded", "options": options}]}
+             "students": ["tiny_convnet"], "ipcs": [1], "label_modes": ["stored"],
+             "methods": [{"name": "random", "soft_labels": True}, {"name": "rded", "options": options}]}
     assert [m.name for m in from_dict(BenchConfig, bench).methods] == ["random", "rded"]
     bench["methods"][1]["options"] = {**options, "soft_labels": False}
     with pytest.raises(DDKitError, match=r"\['rded'\] store none"):

@@ -6,9 +6,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import create_model
-from ddkit.training import TrainConfig, accuracy, lr_factor, per_sample_loss, sum_dtype, train_classifier
+from ddkit.training import (
+    NonFiniteOutputs,
+    TrainConfig,
+    accuracy,
+    lr_factor,
+    per_sample_loss,
+    sum_dtype,
+    train_classifier,
+)
 
 
 def test_lr_schedules_match_formulas():
@@ -400,3 +408,56 @@ def test_a_ddp_rank_moves_only_its_slice_and_its_partners(tiny, monkeypatch, mod
                 assert torch.equal(mine["targets"], whole["targets"][lo:hi])
             # own rows and their partners (FKD renders both); the whole batch of 19 before
             assert mine["moved"] <= 2 * (hi - lo) and (gb < world or mine["moved"] < gb), (gb, mine["moved"])
+
+
+class _NanInEval(nn.Module):
+    """Finite weights whose eval-mode outputs are NaN for images of class-0-like brightness (as a BatchNorm
+    model's degenerate running statistics give): an argmax would still name a class."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_channels * image_size * image_size, num_classes)
+        self.cut = math.inf  # images whose mean normalised pixel is below it give NaN: all of them by default
+        self.feature_dim = in_channels * image_size * image_size
+
+    def embed(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        out = self.fc(self.embed(x))
+        return out if self.training else torch.where(x.flatten(1).mean(1, keepdim=True) < self.cut, math.nan, out)
+
+
+def test_non_finite_outputs_count_as_wrong_with_a_warning(tiny, caplog):
+    """An argmax over NaN outputs names a class (the first NaN's): a model that gave NaN on every image
+    scored class 0's share, silently."""
+    torch.manual_seed(0)
+    model = _NanInEval(*tiny.image_shape[:1], tiny.num_classes, tiny.image_shape[-1])
+    from ddkit.training import normalizer, to_float
+
+    x = normalizer(tiny.mean, tiny.std, "cpu")(to_float(tiny.test.images, "cpu"))
+    model.cut = float(x.flatten(1).mean(1).median())
+    with torch.no_grad():
+        out = model.eval()(x)
+    bad = ~torch.isfinite(out).all(1)
+    assert 0 < int(bad.sum()) < len(bad)
+    right = int(((out.argmax(1) == tiny.test.labels) & ~bad).sum())
+    with caplog.at_level("WARNING"):
+        acc = accuracy(model, tiny.test, tiny.mean, tiny.std, "cpu", batch_size=7)
+    assert acc == right / len(bad)
+    assert f"{int(bad.sum())} of {len(bad)} test images give non-finite outputs (NaN/inf) in eval mode" in caplog.text
+    with pytest.raises(NonFiniteOutputs, match=f"^{int(bad.sum())} of {len(bad)} test images give non-finite"):
+        accuracy(model, tiny.test, tiny.mean, tiny.std, "cpu", nonfinite="raise")
+
+
+def test_a_teacher_with_non_finite_outputs_is_refused(tiny, tmp_path, monkeypatch):
+    from ddkit.models import MODELS
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "nan_eval": _NanInEval})
+    cfg = TeacherConfig(model="nan_eval", train=TrainConfig(epochs=2, batch_size=16, lr=0.01))
+    with pytest.raises(DDKitError, match=r"^teacher \d+ of \d+ test images give non-finite outputs \(NaN/inf\) in eval "
+                                         r"mode, counted as wrong; nothing was saved: train it on more images or "
+                                         r"epochs, or pick a model without BatchNorm \(now 'nan_eval'\)$"):
+        train_teacher(tiny, cfg, tmp_path / "t")
+    assert list(tmp_path.iterdir()) == []

@@ -349,32 +349,47 @@ def teacher_labels(model: nn.Module, views: Callable[[torch.Tensor], torch.Tenso
     return out
 
 
+class NonFiniteOutputs(DDKitError):
+    """A model gave NaN or inf outputs in eval mode (its weights may be finite: BatchNorm running statistics)."""
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
-             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "fp32") -> float:
+             transform: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "fp32",
+             nonfinite: Literal["warn", "raise"] = "warn") -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` on ``data``; shards over ranks if distributed.
     ``transform`` (e.g. ZCA whitening) is applied to the normalised images; ``precision``: the
-    forward pass's autocast (:func:`autocast`)."""
+    forward pass's autocast (:func:`autocast`). An image whose outputs are not all finite counts as
+    wrong (an argmax over NaN would name a class), with a warning, or :class:`NonFiniteOutputs` with
+    ``nonfinite="raise"`` (every rank raises together)."""
     info = ddist.current() if distributed else ddist.DistInfo()
     norm = normalizer(mean, std, device)
     was_training = model.training
     model.eval()
     n = len(data)
     lo, hi = n * info.rank // info.world_size, n * (info.rank + 1) // info.world_size
-    correct = torch.zeros(2, dtype=sum_dtype(device), device=device)
+    counts = torch.zeros(3, dtype=sum_dtype(device), device=device)  # right, seen, non-finite
     for start in range(lo, hi, batch_size):
         stop = min(hi, start + batch_size)
         x = norm(to_float(data.images[start:stop], device))
         if transform is not None:
             x = transform(x)
         with autocast(device, precision):
-            pred = model(x).argmax(1)
-        correct[0] += (pred == to_device(data.labels[start:stop], device)).sum()  # no host sync per batch
-        correct[1] += stop - start
+            out = model(x)
+        finite = torch.isfinite(out).all(1)
+        counts[0] += ((out.argmax(1) == to_device(data.labels[start:stop], device)) & finite).sum()  # no host sync
+        counts[1] += stop - start
+        counts[2] += (~finite).sum()
     if distributed:
-        ddist.all_reduce_sum(correct)
+        ddist.all_reduce_sum(counts)
     model.train(was_training)
-    right, seen = correct.tolist()  # divided as Python floats: exact counts give the same fraction in float32
+    right, seen, bad = counts.tolist()  # divided as Python floats: exact counts give the same fraction in float32
+    if bad:
+        text = (f"{int(bad)} of {int(seen)} test images give non-finite outputs (NaN/inf) in eval mode, counted as "
+                "wrong")
+        if nonfinite == "raise":
+            raise NonFiniteOutputs(text)
+        log.warning("%s: the model diverged, or its BatchNorm running statistics are degenerate", text)
     return right / seen if seen > 0 else float("nan")
 
 
@@ -499,7 +514,8 @@ def train_classifier(
     before augmentation and CutMix, as MTT's students see whitened images augmented, and to the test
     images; label modes hard and stored only. CutMix (``cfg.cutmix_prob``) mixes the augmented views,
     as the FKD store does. ``stop_if_diverged``: after each epoch, raise :class:`Diverged` (before that
-    epoch's checkpoint) if a weight is non-finite, instead of training the remaining epochs on NaN.
+    epoch's checkpoint) if a weight is non-finite, instead of training the remaining epochs on NaN; and
+    :class:`NonFiniteOutputs` if the final test accuracy meets non-finite outputs.
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
@@ -697,7 +713,7 @@ def train_classifier(
     acc = None
     if test is not None:
         acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform=transform,
-                       precision=cfg.precision)
+                       precision=cfg.precision, nonfinite="raise" if stop_if_diverged else "warn")
         if history:
             history[-1]["test_accuracy"] = acc
     return TrainResult(model=final, history=history, test_accuracy=acc)

@@ -40,7 +40,7 @@ from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
-from ddkit.training import Diverged, TrainConfig, accuracy, train_classifier
+from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,12 @@ def train_teacher(
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
         raise DDKitError(f"teacher {exc}; nothing was saved: lower teacher.train.lr (now {cfg.train.lr:g})") from None
+    except NonFiniteOutputs as exc:  # finite weights (else Diverged): BatchNorm statistics of too few images
+        if state_path is not None and info.is_main:
+            with contextlib.suppress(FileNotFoundError):
+                state_path.unlink()
+        raise DDKitError(f"teacher {exc}; nothing was saved: train it on more images or epochs, or pick a model "
+                         f"without BatchNorm (now {cfg.model!r})") from None
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
     log.info("teacher test accuracy %.4f", result.test_accuracy)
     if out is not None:
@@ -464,7 +470,11 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     model = _build(cfg, data)
     _load_strict(model, state, str(path), cfg.model)
     model.to(device)
-    acc = accuracy(model, data.test, data.mean, data.std, device)
+    try:
+        acc = accuracy(model, data.test, data.mean, data.std, device, nonfinite="raise")
+    except NonFiniteOutputs as exc:
+        raise DDKitError(f"checkpoint {path}: {exc}; nothing was saved: check that it is the trained model's "
+                         f"state_dict for model {cfg.model!r}") from None
     teacher = Teacher(model.cpu(), _manifest(model, data, cfg, acc, []))
     teacher.manifest["imported_from"] = str(path)
     if out is not None:  # as train_teacher: rank 0 writes it, and no rank goes on before it is there
