@@ -447,6 +447,28 @@ def read_manifest(path: str | Path, kind: str,
     return manifest
 
 
+def member(folder: Path, name: Any, manifest: str | Path, field: str, fix: str) -> Path:
+    """``folder / name`` for the file (or stage folder) ``name`` that the manifest at ``manifest`` gives in
+    ``field``, refused in one line ending in ``fix`` where it could lead out of ``folder``: not a plain
+    name (absolute, ``..``, or holding a separator), or a link that resolves outside the folder. A folder
+    that is itself a link is fine: the name is resolved against the folder's own target."""
+    # one plain name: with no separator, '..' can only lead out as the whole name ('a..b' is a fine name)
+    inside = (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and "/" not in name
+              and "\\" not in name and os.sep not in name and not Path(name).is_absolute())
+    path = folder / name if inside else folder
+    if inside and (path.exists() or path.is_symlink()):
+        try:
+            root = folder.resolve(strict=True)
+            real = path.resolve(strict=True)
+            inside = real != root and real.is_relative_to(root)
+        except (OSError, RuntimeError):  # a dangling link, or a loop
+            inside = False
+    if not inside:
+        raise DDKitError(f"{str(manifest)!r} names {name!r} as {field}, which leads outside the artifact's folder; the "
+                         f"manifest is damaged: {fix}")
+    return path
+
+
 def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type, ...]], path: str | Path,
                  kind: str) -> None:
     """Check that the manifest of the ``kind`` artifact at ``path`` holds every key of ``require`` (as
