@@ -921,3 +921,32 @@ def test_manifest_file_names_stay_inside_the_artifact(tiny, tmp_path, capsys):
     link.symlink_to(path, target_is_directory=True)  # the artifact folder itself a link: loads as before
     assert len(ddkit.load(link)) == 12 and main(["show", "-q", str(link)]) == 0
 
+
+def test_damaged_json_and_a_folder_for_a_file_are_one_line_errors(tiny, tmp_path, capsys):
+    """A manifest of arrays nested 100000 deep (RecursionError) or a 5000-digit number (ValueError: past
+    Python's int-digit limit) went out as a traceback; a folder where the images file should be was
+    'not found'."""
+    from ddkit.artifacts import read_json
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    good = (path / "manifest.json").read_text()
+    man = str(path / "manifest.json")
+    for text, error in (("[" * 100000 + "]" * 100000, "RecursionError"),
+                        (good[:-2] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "RecursionError"),
+                        (good.replace('"ipc": 3', '"ipc": ' + "9" * 5000), "ValueError")):
+        (path / "manifest.json").write_text(text)
+        with pytest.raises(DDKitError) as raised:
+            ddkit.load(path)
+        assert str(raised.value) == f"distilled-set manifest {man!r} is corrupt ({error}); re-create it"
+        assert main(["show", "-q", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: ddkit record {man!r} is corrupt ({error}); re-create it\n"
+        with pytest.raises(DDKitError, match=rf"^cell .* is corrupt \({error}\); re-create it$"):
+            read_json(path / "manifest.json", "cell")
+    (path / "manifest.json").write_text(good)
+    (path / "images.safetensors").unlink()
+    (path / "images.safetensors").mkdir()
+    with pytest.raises(DDKitError) as raised:
+        ddkit.load(path)
+    assert str(raised.value) == (f"distilled images {str(path / 'images.safetensors')!r} is a folder, not a file; "
+                                 "the artifact is damaged, re-create it")

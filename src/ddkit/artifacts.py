@@ -223,7 +223,7 @@ def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dic
         raise DDKitError(f"{what} {str(path)!r} not found; check the path")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or bytes, a 5000-digit number, arrays nested too deep
         raise DDKitError(f"{what} {str(path)!r} is corrupt ({exc.__class__.__name__}); re-create it") from None
     if mapping and not isinstance(data, dict):
         raise DDKitError(f"{what} {str(path)!r} is corrupt (a JSON {type(data).__name__}, not an object); re-create it")
@@ -243,6 +243,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
     path = Path(path)
+    if path.is_dir():
+        raise DDKitError(f"{what} {str(path)!r} is a folder, not a file; the artifact is damaged, re-create it")
     if not path.is_file():
         raise DDKitError(f"{what} {str(path)!r} not found; the artifact is incomplete, re-create it")
     try:
@@ -307,7 +309,7 @@ KIND_FILES = ("manifest.json", "meta.json", "classes.json", "config.json")
 def file_kind(path: Path) -> str | None:
     """The ``kind`` recorded in a ddkit JSON record at ``path``, or None (missing, not JSON, no kind)."""
     if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError):
             record = json.loads(path.read_text())
             kind = record.get("kind") if isinstance(record, dict) else None
             if isinstance(kind, str):

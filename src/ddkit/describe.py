@@ -186,7 +186,7 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
 
         try:
             _read_entry(folder, manifest.get("key"))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DDKitError(f"the decoded-image cache {str(folder)!r} is damaged ({str(exc).splitlines()[0]}); "
                              "delete it (`ddkit cache prune --kind imagefolder`, or rm -r): the next load decodes "
                              "the images again") from None
