@@ -491,3 +491,15 @@ def test_a_runs_stages_stay_inside_the_run_folder(demo_run, tmp_path, capsys):
             assert str(raised.value) == message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]
 
+
+def test_show_json_refuses_a_record_holding_nan(demo_run, tmp_path, capsys):
+    """`show --json` of a report whose mean was NaN printed `"mean": NaN`, which is not JSON; like any
+    damaged record, it is now refused in one line."""
+    report = json.loads((demo_run / "run" / "eval-hard.json").read_text())
+    report["results"]["distilled"]["mean"] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(report))
+    assert run_cli(["show", "--json", str(tmp_path / "nan.json")], capsys) == (
+        2, "", f"error: {str(tmp_path / 'nan.json')!r} holds results.distilled.mean = nan, a number JSON cannot hold; "
+               "the record is damaged, re-create it\n")
+    code, out, _ = run_cli(["show", "--json", str(demo_run / "run" / "eval-hard.json")], capsys)
+    assert code == 0 and json.loads(out) == json.loads((demo_run / "run" / "eval-hard.json").read_text())
