@@ -876,3 +876,77 @@ def test_the_stages_are_reexported_lazily_from_ddkit():
             "ProtocolConfig", "TeacherConfig", "RelabelSpec", "save_tensors"} <= set(ddkit.__all__)
     with pytest.raises(AttributeError, match="module 'ddkit' has no attribute 'distil'"):
         ddkit.distil  # noqa: B018
+
+
+def _listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_manifest_file_names_stay_inside_the_artifact(tiny, tmp_path, capsys):
+    """The loader joined whatever name files.images / files.soft_labels held onto the folder: an absolute
+    path, '../x' or a link inside the folder to a file outside loaded that file as the set (and `show -q`
+    passed it), so a folder someone sends could read any safetensors file here. Each is now one line."""
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((path / "images.safetensors").read_bytes())  # keys that fit: it loaded as the set
+    good = json.loads((path / "manifest.json").read_text())
+    man = str(path / "manifest.json")
+    for field, name in (("images", str(outside)), ("images", "../outside.safetensors"), ("images", ".."),
+                        ("images", "sub/images.safetensors"), ("images", ""),
+                        ("soft_labels", str(outside)), ("soft_labels", "../outside.safetensors")):
+        (path / "manifest.json").write_text(json.dumps({**good, "files": {**good["files"], field: name}}))
+        before = _listing(tmp_path)
+        message = (f"{man!r} names {name!r} as files.{field}, which leads outside the artifact's folder; the "
+                   "manifest is damaged: re-create the distilled-set artifact")
+        with pytest.raises(DDKitError) as raised:
+            ddkit.load(path)
+        assert str(raised.value) == message
+        assert main(["show", "-q", str(path)]) == 2 and capsys.readouterr().err == f"error: {message}\n"
+        assert _listing(tmp_path) == before
+    (path / "manifest.json").write_text(json.dumps(good))
+    real = (path / "images.safetensors").read_bytes()
+    (path / "images.safetensors").unlink()
+    (path / "images.safetensors").symlink_to(outside)  # a link in the folder to a file outside it
+    with pytest.raises(DDKitError) as raised:
+        ddkit.load(path)
+    assert str(raised.value) == (f"{man!r} names 'images.safetensors' as files.images, which leads outside the "
+                                 "artifact's folder; the manifest is damaged: re-create the distilled-set artifact")
+    (path / "images.safetensors").unlink()
+    (path / "real.safetensors").write_bytes(real)
+    (path / "images.safetensors").symlink_to("real.safetensors")  # a link that stays inside loads
+    assert len(ddkit.load(path)) == 12
+    link = tmp_path / "link"
+    link.symlink_to(path, target_is_directory=True)  # the artifact folder itself a link: loads as before
+    assert len(ddkit.load(link)) == 12 and main(["show", "-q", str(link)]) == 0
+
+
+def test_damaged_json_and_a_folder_for_a_file_are_one_line_errors(tiny, tmp_path, capsys):
+    """A manifest of arrays nested 100000 deep (RecursionError) or a 5000-digit number (ValueError: past
+    Python's int-digit limit) went out as a traceback; a folder where the images file should be was
+    'not found'."""
+    from ddkit.artifacts import read_json
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    good = (path / "manifest.json").read_text()
+    man = str(path / "manifest.json")
+    for text, error in (("[" * 100000 + "]" * 100000, "RecursionError"),
+                        (good[:-2] + ', "x": ' + "[" * 100000 + "]" * 100000 + "}", "RecursionError"),
+                        (good.replace('"ipc": 3', '"ipc": ' + "9" * 5000), "ValueError")):
+        (path / "manifest.json").write_text(text)
+        with pytest.raises(DDKitError) as raised:
+            ddkit.load(path)
+        assert str(raised.value) == f"distilled-set manifest {man!r} is corrupt ({error}); re-create it"
+        assert main(["show", "-q", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: ddkit record {man!r} is corrupt ({error}); re-create it\n"
+        with pytest.raises(DDKitError, match=rf"^cell .* is corrupt \({error}\); re-create it$"):
+            read_json(path / "manifest.json", "cell")
+    (path / "manifest.json").write_text(good)
+    (path / "images.safetensors").unlink()
+    (path / "images.safetensors").mkdir()
+    with pytest.raises(DDKitError) as raised:
+        ddkit.load(path)
+    assert str(raised.value) == (f"distilled images {str(path / 'images.safetensors')!r} is a folder, not a file; "
+                                 "the artifact is damaged, re-create it")

@@ -190,3 +190,19 @@ def test_a_real_decoded_entry_lists_shows_and_prunes(tmp_path, capsys):
     code, out, _ = run(["cache", "prune", "--kind", "imagefolder"], capsys)
     assert code == 0 and out.startswith(f"removed imagefolder/{entry.name}  ")
     assert list(entry.path.parent.iterdir()) == []  # the entry and its lock file
+
+
+def test_an_entry_with_a_manifest_nested_too_deep_lists_and_shows_as_damaged(tmp_path, capsys):
+    """`ddkit cache -l` and `ddkit show ENTRY` went out with a RecursionError traceback on an entry whose
+    manifest.json nests arrays 100000 deep: the listing leaves its details out, show refuses it in one line."""
+    write_folder(tmp_path / "d")
+    load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8)
+    (entry,) = [e for e in cache_entries() if e.kind == "imagefolder"]
+    (entry.path / "manifest.json").chmod(0o644)
+    (entry.path / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    assert [e.details for e in cache_entries() if e.kind == "imagefolder"] == [{"root": None, "image_size": None}]
+    code, out, err = run(["cache", "-l"], capsys)
+    assert code == 0 and f"imagefolder/{entry.name}  " in out and err == ""
+    code, out, err = run(["show", str(entry.path)], capsys)
+    assert (code, out) == (2, "") and err == (f"error: ddkit record {str(entry.path / 'manifest.json')!r} is corrupt "
+                                              "(RecursionError); re-create it\n")

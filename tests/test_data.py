@@ -609,6 +609,22 @@ def test_tensors_safetensors_roundtrip(tmp_path):
     assert b.std == pytest.approx(x.std(dim=(0, 2, 3), correction=0).tolist(), abs=1e-9)
 
 
+@pytest.mark.parametrize(("classes", "error"), [("[" * 100000 + "]" * 100000, "RecursionError"),
+                                                ("9" * 5000, "ValueError"), ('["x", "y"', "JSONDecodeError")])
+def test_tensors_classes_that_json_cannot_read_are_one_line_errors(tmp_path, classes, error):
+    """Class names nested 100000 deep (RecursionError) or a 5000-digit number (ValueError, past Python's
+    int-digit limit) in the metadata went out as a traceback; only a JSONDecodeError was caught."""
+    from safetensors.torch import save_file
+
+    from ddkit.errors import DataError
+
+    save_file(_tensors(), tmp_path / "d.safetensors", metadata={"classes": classes})
+    with pytest.raises(DataError) as raised:
+        load_dataset("tensors", path=str(tmp_path / "d.safetensors"))
+    assert str(raised.value) == (f"{tmp_path / 'd.safetensors'}: metadata 'classes' is not valid JSON ({error}); "
+                                 "store json.dumps(list_of_names)")
+
+
 def test_tensors_pt_with_classes_and_norm(tmp_path):
     t = _tensors(float_images=True)
     t["mean"], t["std"] = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4, 0.5, 0.6])

@@ -199,8 +199,12 @@ def test_the_switch_turns_it_off_and_other_sources_refuse_it(tmp_path, monkeypat
             load_dataset(name, path=path and str(path), decode_cache=False)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "manifest", "missing"])
+@pytest.mark.parametrize("damage", ["truncated", "manifest", "missing", "a list", "too deep", "a long number",
+                                    "nan mean", "zero std", "conversions"])
 def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
+    """As the README says, a damaged entry is decoded again with a warning. A manifest that was a JSON list
+    (AttributeError), nested too deep (RecursionError) or long numbers crashed the load with a traceback;
+    a NaN mean or a zero std was trusted, so distill wrote a set its own loader refuses."""
     write_folder(tmp_path / "d")
     plain = load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=False)
     load_dataset("imagefolder", path=str(tmp_path / "d"))  # builds the entry (and maps it while it lives)
@@ -211,6 +215,16 @@ def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
         (entry / "train_images.npy").write_bytes(raw[:-10])
     elif damage == "manifest":
         (entry / "manifest.json").write_text("{")
+    elif damage != "missing":
+        manifest = json.loads((entry / "manifest.json").read_text())
+        (entry / "manifest.json").chmod(0o644)
+        text = {"a list": "[]", "too deep": "[" * 100000 + "]" * 100000,
+                "a long number": json.dumps(manifest).replace('"files_read": {"train": ',
+                                                              '"files_read": {"train": ' + "9" * 5000 + ", \"x\": "),
+                "nan mean": json.dumps({**manifest, "mean": [float("nan")] * len(manifest["mean"])}),
+                "zero std": json.dumps({**manifest, "std": [0.0] * len(manifest["std"])}),
+                "conversions": json.dumps({**manifest, "conversions": {"train": [1]}})}[damage]
+        (entry / "manifest.json").write_text(text)
     else:
         (entry / "test_labels.npy").unlink()
     caplog.clear()

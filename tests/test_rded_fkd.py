@@ -973,3 +973,23 @@ def test_random_baseline_streams_its_labels_and_reuses_a_whole_store(data, teach
     _, fresh = _relabel_like(store, subset, data, teacher, 5, "cpu")
     assert made.path == again.path == tmp_path / "r.fkd"
     assert all(torch.equal(again.tensors[k], fresh.tensors[k]) for k in fresh.tensors)
+
+
+def test_store_labels_file_stays_inside_the_store(store, tmp_path):
+    """files.labels was joined onto the folder unchecked: a store whose manifest named another store's
+    labels file by an absolute path or '../' trained students on those labels without a word."""
+    import shutil
+
+    store.save(tmp_path / "fkd")
+    shutil.copy(tmp_path / "fkd" / FILE, tmp_path / "other.safetensors")
+    good = json.loads((tmp_path / "fkd" / "manifest.json").read_text())
+    man = str(tmp_path / "fkd" / "manifest.json")
+    for name in (str(tmp_path / "other.safetensors"), "../other.safetensors", "sub/" + FILE):
+        (tmp_path / "fkd" / "manifest.json").write_text(json.dumps({**good, "files": {"labels": name}}))
+        with pytest.raises(DDKitError) as raised:
+            SoftLabelStore.load(tmp_path / "fkd")
+        assert str(raised.value) == (f"{man!r} names {name!r} as files.labels, which leads outside the artifact's "
+                                     "folder; the manifest is damaged: re-create the store with `ddkit relabel`")
+    (tmp_path / "fkd" / "manifest.json").write_text(json.dumps(good))
+    assert SoftLabelStore.load(tmp_path / "fkd").epochs == store.epochs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fkd", "other.safetensors"]

@@ -469,3 +469,37 @@ def test_show_a_methods_options(tmp_path, capsys, monkeypatch):
     # a folder of a method's name is shown as the folder
     (tmp_path / "dm").mkdir()
     assert _refused(["show", "dm"], capsys).startswith("'dm' holds no ddkit record")
+
+
+def test_a_runs_stages_stay_inside_the_run_folder(demo_run, tmp_path, capsys):
+    """A run's manifest names its stages by their folder in the run (so a moved run loads); an absolute path
+    or '../' there made ddkit.load and `show -q` read a set (or teacher, store) from anywhere."""
+    run = tmp_path / "moved"
+    shutil.copytree(demo_run / "run", run)  # what ddkit wrote, moved: loads and shows as before
+    assert ddkit.load(run).path == run / "distilled" and run_cli(["show", str(run), "-q"], capsys)[:2] == (0, "")
+    good = json.loads((run / "manifest.json").read_text())
+    man = str(run / "manifest.json")
+    fix = "the manifest is damaged: run the run's config again to rewrite it"
+    for stage, name in (("distilled", str(demo_run / "run" / "distilled")), ("distilled", "../moved/distilled"),
+                        ("teacher", str(demo_run / "run" / "teacher")), ("labels", "../../fkd")):
+        (run / "manifest.json").write_text(json.dumps({**good, "stages": {**good["stages"], stage: name}}))
+        message = f"{man!r} names {name!r} as stages.{stage}, which leads outside the artifact's folder; {fix}"
+        assert run_cli(["show", str(run), "-q"], capsys) == (2, "", f"error: {message}\n")
+        if stage == "distilled":
+            with pytest.raises(DDKitError) as raised:
+                ddkit.load(run)
+            assert str(raised.value) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["moved"]
+
+
+def test_show_json_refuses_a_record_holding_nan(demo_run, tmp_path, capsys):
+    """`show --json` of a report whose mean was NaN printed `"mean": NaN`, which is not JSON; like any
+    damaged record, it is now refused in one line."""
+    report = json.loads((demo_run / "run" / "eval-hard.json").read_text())
+    report["results"]["distilled"]["mean"] = float("nan")
+    (tmp_path / "nan.json").write_text(json.dumps(report))
+    assert run_cli(["show", "--json", str(tmp_path / "nan.json")], capsys) == (
+        2, "", f"error: {str(tmp_path / 'nan.json')!r} holds results.distilled.mean = nan, a number JSON cannot hold; "
+               "the record is damaged, re-create it\n")
+    code, out, _ = run_cli(["show", "--json", str(demo_run / "run" / "eval-hard.json")], capsys)
+    assert code == 0 and json.loads(out) == json.loads((demo_run / "run" / "eval-hard.json").read_text())

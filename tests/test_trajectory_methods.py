@@ -804,3 +804,35 @@ def test_an_empty_experts_path_is_refused(name):
                        match=r"^distill.options.experts is empty; give the expert buffer's folder, or leave "
                              r"it out \(null\) to train `buffer` on the fly$"):
         from_dict(METHODS.get(name).Config, {"experts": " "}, "distill.options")
+
+
+def test_buffer_expert_files_stay_inside_the_buffer_and_are_distinct(buffer, tmp_path, capsys):
+    """experts[i].file was joined onto the folder unchecked: '../x' or an absolute path loaded a file from
+    outside the buffer, and a file listed twice gave a two-expert buffer of one trajectory; `show -q` passed
+    both. Each is now one line, from load_experts and show alike."""
+    import shutil
+
+    from ddkit.cli import main
+
+    copy = shutil.copytree(buffer.path, tmp_path / "experts")
+    good = json.loads((copy / "manifest.json").read_text())
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(copy / good["experts"][1]["file"], outside)
+    man = str(copy / "manifest.json")
+    fix = "the manifest is damaged: re-create the expert-buffer artifact"
+    for name, message in (
+            (str(outside), f"{man!r} names {str(outside)!r} as experts[0].file, which leads outside the artifact's "
+                           f"folder; {fix}"),
+            ("../outside.safetensors", f"{man!r} names '../outside.safetensors' as experts[0].file, which leads "
+                                       f"outside the artifact's folder; {fix}"),
+            (good["experts"][1]["file"], f"{man!r} names expert file {good['experts'][1]['file']!r} twice "
+                                         f"(experts[1]); {fix}")):
+        experts = [{**good["experts"][0], "file": name}, good["experts"][1]]
+        (copy / "manifest.json").write_text(json.dumps({**good, "experts": experts}))
+        with pytest.raises(DDKitError) as raised:
+            load_experts(copy)
+        assert str(raised.value) == message
+        assert main(["show", "-q", str(copy)]) == 2 and capsys.readouterr().err == f"error: {message}\n"
+    (copy / "manifest.json").write_text(json.dumps(good))
+    assert len(load_experts(copy).trajectories) == 2 and main(["show", "-q", str(copy)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts", "outside.safetensors"]

@@ -66,6 +66,7 @@ _OTHER_LOADERS = {
                            "maps itself (ddkit.data.load_dataset); `ddkit show` summarises it, `ddkit cache` lists "
                            "the cache and `ddkit cache prune` removes entries",
 }
+_RERUN = "run the run's config again to rewrite it"
 _LOADS = "ddkit.load reads distilled sets, run folders, teachers, FKD stores and evaluation reports"
 
 
@@ -85,7 +86,7 @@ def load(path, normalize: bool = False):
     """
     from pathlib import Path
 
-    from ddkit.artifacts import MANIFEST, file_kind, folder_kind, read_json, read_manifest
+    from ddkit.artifacts import MANIFEST, file_kind, folder_kind, member, read_json, read_manifest
     from ddkit.distilled import DistilledSet
     from ddkit.errors import DDKitError
 
@@ -111,8 +112,9 @@ def load(path, normalize: bool = False):
         stage = read_manifest(where, kind).get("stages", {}).get("distilled")
         if not isinstance(stage, str):
             raise DDKitError(f"{str(where / MANIFEST)!r} names no distilled stage (stages.distilled); the manifest is "
-                             "damaged: run the run's config again to rewrite it")
-        return DistilledSet.load(where / stage, normalize=normalize)
+                             f"damaged: {_RERUN}")
+        return DistilledSet.load(member(where, stage, where / MANIFEST, "stages.distilled", _RERUN),
+                                 normalize=normalize)
     if normalize:
         raise DDKitError(f"normalize applies to distilled sets, but {str(where)!r} is a {kind!r}; leave normalize out")
     if kind == "teacher":

@@ -223,7 +223,7 @@ def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dic
         raise DDKitError(f"{what} {str(path)!r} not found; check the path")
     try:
         data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or bytes, a 5000-digit number, arrays nested too deep
         raise DDKitError(f"{what} {str(path)!r} is corrupt ({exc.__class__.__name__}); re-create it") from None
     if mapping and not isinstance(data, dict):
         raise DDKitError(f"{what} {str(path)!r} is corrupt (a JSON {type(data).__name__}, not an object); re-create it")
@@ -243,6 +243,8 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
 
 def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
     path = Path(path)
+    if path.is_dir():
+        raise DDKitError(f"{what} {str(path)!r} is a folder, not a file; the artifact is damaged, re-create it")
     if not path.is_file():
         raise DDKitError(f"{what} {str(path)!r} not found; the artifact is incomplete, re-create it")
     try:
@@ -307,7 +309,7 @@ KIND_FILES = ("manifest.json", "meta.json", "classes.json", "config.json")
 def file_kind(path: Path) -> str | None:
     """The ``kind`` recorded in a ddkit JSON record at ``path``, or None (missing, not JSON, no kind)."""
     if path.is_file():
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, RecursionError):
             record = json.loads(path.read_text())
             kind = record.get("kind") if isinstance(record, dict) else None
             if isinstance(kind, str):
@@ -445,6 +447,28 @@ def read_manifest(path: str | Path, kind: str,
         )
     check_fields(manifest, require or {}, path, kind)
     return manifest
+
+
+def member(folder: Path, name: Any, manifest: str | Path, field: str, fix: str) -> Path:
+    """``folder / name`` for the file (or stage folder) ``name`` that the manifest at ``manifest`` gives in
+    ``field``, refused in one line ending in ``fix`` where it could lead out of ``folder``: not a plain
+    name (absolute, ``..``, or holding a separator), or a link that resolves outside the folder. A folder
+    that is itself a link is fine: the name is resolved against the folder's own target."""
+    # one plain name: with no separator, '..' can only lead out as the whole name ('a..b' is a fine name)
+    inside = (isinstance(name, str) and name not in ("", ".", "..") and "\0" not in name and "/" not in name
+              and "\\" not in name and os.sep not in name and not Path(name).is_absolute())
+    path = folder / name if inside else folder
+    if inside and (path.exists() or path.is_symlink()):
+        try:
+            root = folder.resolve(strict=True)
+            real = path.resolve(strict=True)
+            inside = real != root and real.is_relative_to(root)
+        except (OSError, RuntimeError):  # a dangling link, or a loop
+            inside = False
+    if not inside:
+        raise DDKitError(f"{str(manifest)!r} names {name!r} as {field}, which leads outside the artifact's folder; the "
+                         f"manifest is damaged: {fix}")
+    return path
 
 
 def check_fields(manifest: dict[str, Any], require: dict[str, type | tuple[type, ...]], path: str | Path,

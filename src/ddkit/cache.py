@@ -86,7 +86,7 @@ def _details(kind: str, path: Path) -> dict[str, Any]:
     try:
         settings = json.loads((path / "manifest.json").read_text()).get("settings") or {}
         return {"root": settings.get("root"), "image_size": settings.get("image_size")}
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # a damaged entry: listed without them
         return {"root": None, "image_size": None}
 
 

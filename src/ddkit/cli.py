@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -399,12 +400,27 @@ def cmd_show(args) -> int:
         raise DDKitError(f"{target!r} not found (no file, {names} of that name); did you mean the {kind} "
                          f"{name!r}?")
     elif args.json:
-        text = json.dumps(read_record(args.target)[0], indent=2)
+        record, where = read_record(args.target)
+        if (found := _not_finite(record)) is not None:  # json.dumps would print NaN, which JSON readers refuse
+            raise DDKitError(f"{str(where)!r} holds {found[0]} = {found[1]}, a number JSON cannot hold; the record "
+                             "is damaged, re-create it")
+        text = json.dumps(record, indent=2)
     else:
         text = describe(args.target)
     if not args.quiet:
         print(text)
     return 0
+
+
+def _not_finite(value: Any, key: str = "") -> tuple[str, float] | None:
+    """The first NaN or infinite number in a JSON record, as (dotted key, value), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key or "the record", value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        if (found := _not_finite(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}" if key else k)):
+            return found
+    return None
 
 
 def cmd_cache(args) -> int:

@@ -20,6 +20,7 @@ from ddkit.artifacts import (
     MANIFEST,
     damaged_record,
     load_failure,
+    member,
     quiet_torch_load,
     read_json,
 )
@@ -185,7 +186,7 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
 
         try:
             _read_entry(folder, manifest.get("key"))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise DDKitError(f"the decoded-image cache {str(folder)!r} is damaged ({str(exc).splitlines()[0]}); "
                              "delete it (`ddkit cache prune --kind imagefolder`, or rm -r): the next load decodes "
                              "the images again") from None
@@ -204,8 +205,10 @@ def _check_run(folder: Path, manifest: dict) -> None:
     stages = manifest.get("stages") or {}
     for stage, kind in (("teacher", "teacher"), ("distilled", "distilled-set"), ("labels", "fkd-soft-labels")):
         if name := stages.get(stage):
+            path = member(folder, name, folder / MANIFEST, f"stages.{stage}",
+                          "run the run's config again to rewrite it")
             try:
-                check_artifact(kind, folder / name, read_manifest(folder / name, kind))
+                check_artifact(kind, path, read_manifest(path, kind))
             except DDKitError as e:
                 raise DDKitError(f"the run's {stage} stage: {e}") from None
 
@@ -272,8 +275,9 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
     if not (isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names)):
         raise DDKitError(f"{str(where)!r} holds folders {names!r}, not one folder name per class; {_export_fix(kind)}")
     counts = {}
-    for name in names:
-        images = sorted((folder / name).glob("*.png")) if (folder / name).is_dir() else []
+    for i, name in enumerate(names):
+        path = member(folder, name, where, f"folders[{i}]", "export the distilled set again")
+        images = sorted(path.glob("*.png")) if path.is_dir() else []
         if not images:
             raise DDKitError(f"export {str(folder)!r} holds no images of class folder {name!r}; {_export_fix(kind)}")
         counts[name] = len(images)

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddkit.artifacts import (
+    MANIFEST,
     DescribesDataset,
     artifact_folder,
     atomic_dir,
@@ -36,6 +37,7 @@ from ddkit.artifacts import (
     check_normalisation,
     folder_kind,
     load_tensors,
+    member,
     quiet_torch_load,
     read_json,
     read_manifest,
@@ -186,7 +188,9 @@ class DistilledSet(DescribesDataset, Dataset):
         manifest = read_manifest(path, KIND, require={
             "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
             "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})
-        tensors = load_tensors(path / manifest["files"]["images"], what="distilled images")
+        damaged = f"re-create the {KIND} artifact"
+        tensors = load_tensors(member(path, manifest["files"]["images"], path / MANIFEST, "files.images", damaged),
+                               what="distilled images")
         if "images" not in tensors or "labels" not in tensors:
             raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
         images, labels = tensors["images"], tensors["labels"]
@@ -230,7 +234,8 @@ class DistilledSet(DescribesDataset, Dataset):
                              "images per class; the manifest is damaged: re-create the distilled set")
         soft = None
         if manifest["files"].get("soft_labels"):
-            stored = load_tensors(path / manifest["files"]["soft_labels"], what="soft labels")
+            stored = load_tensors(member(path, manifest["files"]["soft_labels"], path / MANIFEST, "files.soft_labels",
+                                         damaged), what="soft labels")
             soft = stored.get("logits")
             want = (len(labels), num_classes) if num_classes else None
             if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):

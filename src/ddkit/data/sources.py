@@ -42,7 +42,15 @@ import numpy as np
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.artifacts import atomic_dir, build_lock, cache_dir, quiet_torch_load, remove_unused_lock, sweep_leftovers
+from ddkit.artifacts import (
+    atomic_dir,
+    build_lock,
+    cache_dir,
+    check_normalisation,
+    quiet_torch_load,
+    remove_unused_lock,
+    sweep_leftovers,
+)
 from ddkit.data.base import (
     DATASETS,
     SOURCE_SETTINGS,
@@ -1053,7 +1061,7 @@ def _remove_old_states(folder: Path, slot: str, entry: Path) -> None:
             continue
         try:
             ours = json.loads((old / "manifest.json").read_text()).get("host") == host
-        except (OSError, ValueError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             ours = False
         with contextlib.suppress(OSError):
             if ours or time.time() - old.stat().st_mtime > FOREIGN_ENTRY_AGE:
@@ -1075,7 +1083,7 @@ def _cached_entry(entry: Path, key: str) -> _Decoded | None:
         return None
     try:
         return _read_entry(entry, key)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         logger.warning("the decoded-image cache %s is damaged (%s); removing it and decoding the images again",
                        entry, _one_line(exc))
         shutil.rmtree(entry, ignore_errors=True)
@@ -1084,8 +1092,14 @@ def _cached_entry(entry: Path, key: str) -> _Decoded | None:
 
 def _read_entry(entry: Path, key: str) -> _Decoded:
     """Map an entry written by :func:`_write_entry`; ValueError (or OSError, KeyError) when it is damaged: a
-    manifest that is not this schema's and key's, or arrays of other shapes or sizes than it records."""
-    manifest = json.loads((entry / "manifest.json").read_text())
+    manifest that is not this schema's and key's, a mean or std that normalising cannot use (not finite, a std
+    of 0), or arrays of other shapes or sizes than it records."""
+    try:
+        manifest = json.loads((entry / "manifest.json").read_text())
+    except RecursionError:
+        raise ValueError("its manifest.json nests arrays or objects too deep") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"its manifest.json holds a JSON {type(manifest).__name__}, not an object")
     if (manifest.get("schema_version"), manifest.get("kind"), manifest.get("key")) != (DECODED_SCHEMA, DECODED_KIND,
                                                                                       key):
         raise ValueError("its manifest.json is not an entry of this key")
@@ -1094,13 +1108,22 @@ def _read_entry(entry: Path, key: str) -> _Decoded:
         shape = tuple(manifest["shapes"][split])
         path = entry / f"{split}_images.npy"
         arr = np.load(path, mmap_mode="c")  # raises ValueError when the file is shorter than its header says
-        if arr.dtype != np.uint8 or arr.shape != shape or arr.offset + arr.nbytes != path.stat().st_size:
+        if (arr.dtype != np.uint8 or len(shape) != 4 or arr.shape != shape
+                or arr.offset + arr.nbytes != path.stat().st_size):
             raise ValueError(f"{path.name} holds {arr.dtype} {arr.shape} in {path.stat().st_size} bytes, "
                              f"not uint8 {shape}")
         lab = np.load(entry / f"{split}_labels.npy")
         if lab.dtype != np.int64 or lab.shape != shape[:1]:
             raise ValueError(f"{split}_labels.npy holds {lab.dtype} {lab.shape}, not int64 {shape[:1]}")
         images[split], labels[split] = np.asarray(arr), torch.from_numpy(lab)
+    try:  # what normalising the images divides by: finite, the std positive, one per channel
+        check_normalisation({"dataset": {"mean": manifest.get("mean"), "std": manifest.get("std")}},
+                            images["train"].shape[1], entry, DECODED_KIND)
+    except DDKitError as exc:
+        raise ValueError(str(exc).split("; ")[0]) from None
+    if not (isinstance(manifest.get("conversions"), dict)
+            and all(isinstance(counts, dict) for counts in manifest["conversions"].values())):
+        raise ValueError(f"its manifest.json holds conversions {manifest.get('conversions')!r}, not a mapping")
     conversions = {split: {k: int(n) for k, n in counts.items()} for split, counts in manifest["conversions"].items()}
     return _Decoded(images, labels, tuple(float(v) for v in manifest["mean"]),
                     tuple(float(v) for v in manifest["std"]), conversions,
@@ -1157,9 +1180,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], list[str] | 
     if "classes" in metadata:
         try:
             classes = json.loads(metadata["classes"])
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError) as exc:  # not JSON, a 5000-digit number, arrays nested too deep
             raise DataError(
-                f"{path}: metadata 'classes' is not valid JSON; store json.dumps(list_of_names)"
+                f"{path}: metadata 'classes' is not valid JSON ({exc.__class__.__name__}); store "
+                "json.dumps(list_of_names)"
             ) from None
     return tensors, classes
 

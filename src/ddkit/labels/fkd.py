@@ -71,6 +71,7 @@ from ddkit.artifacts import (
     check_fields,
     check_output_dir,
     load_tensors,
+    member,
     read_manifest,
     recorded_path,
     save_tensors,
@@ -420,7 +421,8 @@ class SoftLabelStore:
         except ConfigError as exc:
             raise DDKitError(f"{str(path / MANIFEST)!r}: {str(exc).split(';')[0]}; the manifest is damaged: re-create "
                              "the store with `ddkit relabel`") from None
-        tensors = load_tensors(path / files.get("labels", FILE), what="FKD soft labels")
+        tensors = load_tensors(member(path, files.get("labels", FILE), path / MANIFEST, "files.labels",
+                                      "re-create the store with `ddkit relabel`"), what="FKD soft labels")
         if set(man["tensors"]) != set(tensors):
             raise DDKitError(f"{path}: the manifest lists tensors {sorted(man['tensors'])} but the file holds "
                              f"{sorted(tensors)}; the store is corrupt, re-run `ddkit relabel`")

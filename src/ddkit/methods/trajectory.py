@@ -77,6 +77,7 @@ from ddkit.artifacts import (
     build_lock,
     check_output_dir,
     load_tensors,
+    member,
     read_json,
     read_manifest,
     record_shared_cost,
@@ -563,10 +564,19 @@ def read_experts_manifest(path: str | Path) -> dict[str, Any]:
         "epochs": int, "num_params": int, "experts": list, "params": list, "dataset": dict, "dataset.classes": list,
         "dataset.image_shape": list, "dataset.fingerprint": str, "model": dict, "model.name": str,
         "model.input_shape": list, "model.num_classes": int, "model.options": dict})
+    seen: dict[Path, str] = {}
     for i, entry in enumerate(manifest["experts"]):
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)):
             raise DDKitError(f"{str(path / MANIFEST)!r} holds {entry!r} as experts[{i}], not a record with a 'file'; "
                              f"the manifest is damaged: re-create the {KIND} artifact")
+        file = member(path, entry["file"], path / MANIFEST, f"experts[{i}].file", f"re-create the {KIND} artifact")
+        real = file.resolve()
+        if real in seen:  # one trajectory counted as two experts
+            twice = (f"expert file {entry['file']!r} twice" if seen[real] == entry["file"] else
+                     f"{seen[real]!r} and {entry['file']!r}, the same expert file")
+            raise DDKitError(f"{str(path / MANIFEST)!r} names {twice} (experts[{i}]); the manifest is damaged: "
+                             f"re-create the {KIND} artifact")
+        seen[real] = entry["file"]
     return manifest
 
 
