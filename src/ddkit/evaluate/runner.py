@@ -207,7 +207,7 @@ class StoredLabeller:
 
         if i not in self.loaded:
             m = self.members[i]
-            if not Path(m["path"]).exists():
+            if m["path"] is None or not Path(m["path"]).exists():
                 raise DDKitError(f"this set's stored soft labels come from a committee with teacher {m['path']!r}, "
                                  "which is not there; the random subset beside it is labelled by the same committee: "
                                  "restore that teacher, or use label_mode teacher")
