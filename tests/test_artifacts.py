@@ -950,3 +950,73 @@ def test_damaged_json_and_a_folder_for_a_file_are_one_line_errors(tiny, tmp_path
         ddkit.load(path)
     assert str(raised.value) == (f"distilled images {str(path / 'images.safetensors')!r} is a folder, not a file; "
                                  "the artifact is damaged, re-create it")
+
+
+def test_damaged_soft_label_records_in_a_set_manifest_are_one_line_errors(tiny, tmp_path, capsys):
+    """`meta`, a committee's `meta.soft_labels` and `config.distill.soft_labels_bn` were read only by
+    `evaluate` (to label the random subset alike), which crashed with AttributeError, KeyError or ValueError,
+    or blamed the protocol's teacher_bn; loading the set (and `ddkit show -q`) refuses them, naming the
+    manifest and the field. RDED's description (a str) and a whole committee record load."""
+    from ddkit.cli import main
+
+    path = _random_set(tiny, tmp_path).path
+    good = json.loads((path / "manifest.json").read_text())
+    where, fix = f"'{path / 'manifest.json'}'", "; the manifest is damaged: re-create the distilled set"
+    member = {"path": "/t1", "weights_sha": "ab12"}
+    committee = {"kind": "committee", "weights": [0.25, 0.75], "teacher_bn": "batch", "teacher_bn_batch": None,
+                 "teachers": [{"path": None, "weights_sha": "cd34"}, member]}
+    damages = [
+        ({"meta": "x"}, "holds meta 'x', not a mapping of the method's records"),
+        ({"meta": {"soft_labels": {"kind": "committee", "weights": "ab"}}},
+         "holds meta.soft_labels.weights 'ab', not a list of the committee's votes (finite numbers)"),
+        ({"meta": {"soft_labels": {"kind": "committee"}}},
+         "lacks meta.soft_labels.weights, a list of the committee's votes (finite numbers)"),
+        ({"meta": {"soft_labels": {**committee, "weights": [0.5, True]}}},
+         "holds meta.soft_labels.weights [0.5, True], not a list of the committee's votes (finite numbers)"),
+        ({"meta": {"soft_labels": {**committee, "teachers": [None, {"path": "/etc"}]}}},
+         "holds meta.soft_labels.teachers [None, {'path': '/etc'}], not 2 records of a teacher's path and "
+         "weights_sha, one per vote"),
+        ({"meta": {"soft_labels": {**committee, "teachers": [member]}}},
+         "holds meta.soft_labels.teachers [{'path': '/t1', 'weights_sha': 'ab12'}], not 2 records of a teacher's "
+         "path and weights_sha, one per vote"),
+        ({"meta": {"soft_labels": {**committee, "teacher_bn": "bogus"}}},
+         ": meta.soft_labels.teacher_bn must be 'running' or 'batch', got 'bogus'"),
+        ({"meta": {"soft_labels": {k: v for k, v in committee.items() if k != "teachers"}},
+          "method": {**good["method"], "config": {"extra_teachers": "/t1"}}},
+         "holds method.config.extra_teachers '/t1', not a list of teacher folders"),
+        ({"config": {**good["config"], "distill": {**good["config"]["distill"], "soft_labels_bn": "bogus"}}},
+         ": config.distill.soft_labels_bn must be 'running' or 'batch', got 'bogus'"),
+        ({"config": {**good["config"], "distill": {**good["config"]["distill"], "soft_labels_bn_batch": 0}}},
+         ": config.distill.soft_labels_bn_batch must be a number of images >= 1 (or null: the whole batch), got 0"),
+        ({"config": {**good["config"], "distill": ["x" * 300]}},
+         f"holds config.distill ['{'x' * 195}..., not a mapping of settings"),
+        ({"config": 3}, "holds config 3, not a mapping of settings"),
+    ]
+    for change, problem in damages:
+        (path / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DDKitError) as err:
+            ddkit.load(path)
+        assert str(err.value) == f"{where}{' ' if problem[0] != ':' else ''}{problem}{fix}"
+        assert main(["show", "-q", str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {err.value}\n"
+    for fine in ["the teacher's logits on each crop (RDED)", committee, {"kind": "other", "weights": "x"}]:
+        (path / "manifest.json").write_text(json.dumps({**good, "meta": {"soft_labels": fine}}))
+        assert ddkit.load(path).manifest["meta"]["soft_labels"] == fine
+
+
+def test_a_set_whose_mean_and_std_normalise_pixels_to_infinity_is_refused(tiny, tmp_path):
+    """A finite but absurd dataset.mean (1e308) passed the manifest check, and `load(normalize=True)` gave -inf
+    pixels; the mean and std must map pixels 0 and 1 to finite float32 values."""
+    path = _random_set(tiny, tmp_path).path
+    good = json.loads((path / "manifest.json").read_text())
+    channels = len(good["dataset"]["mean"])
+    for key, values in [("mean", [1e308] * channels), ("mean", [1e39] * channels), ("std", [1e-50] * channels)]:
+        (path / "manifest.json").write_text(json.dumps({**good, "dataset": {**good["dataset"], key: values}}))
+        held = {"mean": good["dataset"]["mean"], "std": good["dataset"]["std"], key: values}
+        with pytest.raises(DDKitError) as err:
+            ddkit.load(path, normalize=True)
+        assert str(err.value) == (f"'{path / 'manifest.json'}' holds dataset.mean {held['mean']!r} and dataset.std "
+                                  f"{held['std']!r}, which normalise pixels 0..1 to non-finite values; the manifest is "
+                                  "damaged: re-create the distilled-set artifact")
+    (path / "manifest.json").write_text(json.dumps(good))
+    assert torch.isfinite(ddkit.load(path, normalize=True)[0][0]).all()

@@ -471,3 +471,50 @@ def test_help_of_a_config_shows_its_fields_help():
     assert More.__doc__.endswith("Attributes:\n    noise (float, default 0.0): std of the noise\n"
                                  "    steps (int, default 3)\n    name (str, default 'x'): a name")
     assert More(noise=1).noise == 1.0  # still a checked dataclass
+
+
+def _nested_aliases(levels: int) -> str:
+    """`seeds:` as a YAML alias bomb: each level a list of ten aliases of the one before."""
+    names = "abcdefghij"
+    items = [f"&a [{', '.join(['x'] * 10)}]"] + [f"&{names[i]} [{', '.join([f'*{names[i - 1]}'] * 10)}]"
+                                                  for i in range(1, levels)]
+    return f"evaluate:\n  seeds: [{', '.join(items)}]\n"
+
+
+def test_yaml_alias_bombs_are_refused_and_errors_echo_values_in_short(tmp_path):
+    """A 1 KB file of 8 levels of nested aliases stood for 10^8 values, and its type error printed them all
+    (580 MB, 2.8 GB of memory). Such a file is refused before it is built; an error echoes at most 200
+    characters of a value; the anchors of the shipped configs (<<: *defaults) still load."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(_nested_aliases(8))
+    with pytest.raises(ConfigError) as err:
+        load_yaml(bomb)
+    assert str(err.value) == (f"config file '{bomb}' uses aliases that repeat 123,456,770 characters of values (at "
+                              "most 1,000,000); write the values out, or use fewer aliases")
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("seeds: &a [1, *a]\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(loop)
+    assert str(err.value) == (f"config file '{loop}' uses an alias inside the value it names (a value that holds "
+                              "itself); write the values out, or use fewer aliases")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("seeds: " + "[" * 3000 + "1" + "]" * 3000 + "\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(deep)
+    assert str(err.value) == f"config file '{deep}' nests lists or mappings too deeply to read; flatten it"
+    small = tmp_path / "small.yaml"  # 10^5 values: loads, and its type error is one short line
+    small.write_text(_nested_aliases(5))
+    with pytest.raises(ConfigError) as err:
+        from_dict(RunConfig, load_yaml(small))
+    levels = [["x"] * 10]
+    for _ in range(4):
+        levels.append([levels[-1]] * 10)
+    assert str(err.value) == "; ".join(f"evaluate.seeds[{i}]: expected an integer, got {config.short_repr(v)}"
+                                       for i, v in enumerate(levels))
+    assert str(err.value).endswith(f"got {str(levels[-1])[:197]}...") and len(str(err.value)) < 1200
+    assert config.short_repr([1, (2,), {"a": None}, ()]) == "[1, (2,), {'a': None}, ()]"
+    assert config.short_repr("a" * 300) == "'" + "a" * 196 + "..."
+    shared = tmp_path / "shared.yaml"
+    shared.write_text("a: &d {lr: 0.1, epochs: 2}\nb:\n  <<: *d\n  lr: 0.2\nc: *d\n")
+    assert load_yaml(shared) == {"a": {"lr": 0.1, "epochs": 2}, "b": {"lr": 0.2, "epochs": 2},
+                                 "c": {"lr": 0.1, "epochs": 2}}

@@ -121,6 +121,7 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
     random subset labelled by the main teacher alone with running statistics."""
     import ddkit.evaluate.runner as runner
     from ddkit.data.base import DatasetConfig
+    from ddkit.distilled import DistilledSet
     from ddkit.evaluate import resolve_protocol
     from ddkit.pipeline import DistillConfig, distill
 
@@ -130,6 +131,7 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
                  tmp_path / "set", teachers[0])
     assert ([m["weights_sha"] for m in ds.manifest["meta"]["soft_labels"]["teachers"]]
             == [t.fingerprint for t in teachers])
+    assert DistilledSet.load(tmp_path / "set").manifest["meta"] == ds.manifest["meta"]  # its record passes the checks
     seen = []
     monkeypatch.setattr(runner, "_train_student", lambda train_set, *a, **k: seen.append((train_set, a[7])) or 0.5)
     protocol = resolve_protocol("dc-protocol",

@@ -275,3 +275,22 @@ def test_report_names_what_it_was_given_instead_of_a_bench_folder(tmp_path):
     with pytest.raises(DDKitError, match=r"bench.json' not found; run `ddkit bench CONFIG` to completion first$"):
         write_report(tmp_path)  # anything else: as before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r10", "run"]
+
+
+def test_report_tables_escape_control_characters_of_rows(run_dir, tmp_path, capsys):
+    """A method name with terminal escapes and a newline (a received bench.json) went raw into the plain-text
+    and markdown tables (and to the terminal), the newline breaking their rows; cells are escaped, repr style."""
+    from ddkit.bench import format_bench_table
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    table = json.loads((run / "bench.json").read_text())
+    table["rows"] = [{**r, "method": "ran\x1b]0;T\x07\ndom"} for r in table["rows"]]
+    (run / "bench.json").write_text(json.dumps(table))
+    md = (write_report(run, tmp_path / "rep") / "report.md").read_text()
+    text = format_bench_table(table["rows"])
+    for page in (md, text):
+        assert "\x1b" not in page and "\x07" not in page and "ran\\x1b]0;T\\x07\\ndom" in page
+    assert len(text.splitlines()) == 2 + len(table["rows"])
+    rows = [line for line in md.splitlines() if "| ran\\x1b]0;T\\x07\\ndom |" in line]
+    assert len(rows) == len(table["rows"]) + 2  # the results, and the cross-architecture table's two IPCs

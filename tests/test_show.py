@@ -503,3 +503,28 @@ def test_show_json_refuses_a_record_holding_nan(demo_run, tmp_path, capsys):
                "the record is damaged, re-create it\n")
     code, out, _ = run_cli(["show", "--json", str(demo_run / "run" / "eval-hard.json")], capsys)
     assert code == 0 and json.loads(out) == json.loads((demo_run / "run" / "eval-hard.json").read_text())
+
+
+def test_show_and_errors_escape_control_characters_read_from_artifacts(demo_run, tmp_path, capsys):
+    """A received manifest's method name "ran\\x1b[2Jdom" cleared the screen in `ddkit show`, and one in an
+    evaluation report set the terminal's title; newlines broke the table. Text the CLI prints is escaped
+    (repr style), line breaks of its own kept."""
+    from ddkit import cli
+
+    name = "ran\x1b[2Jdom\x07\nx"
+    distilled = tmp_path / "set"
+    shutil.copytree(demo_run / "run" / "distilled", distilled)
+    man = json.loads((distilled / "manifest.json").read_text())
+    (distilled / "manifest.json").write_text(json.dumps({**man, "method": {**man["method"], "name": name}}))
+    report = json.loads((demo_run / "run" / "eval-hard.json").read_text())
+    (tmp_path / "eval.json").write_text(json.dumps({**report, "distilled": {**report["distilled"], "method": name}}))
+    escaped = "ran\\x1b[2Jdom\\x07\\nx"
+    assert main(["show", str(distilled)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"distilled set: {escaped} ipc=2 on synthetic") and "\x1b" not in out and "\x07" not in out
+    assert main(["show", str(tmp_path / "eval.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith(f"{escaped} ipc=2     hard     tiny_convnet")
+    assert len(lines) == 5  # header, rule, set, random, full
+    cli._error("class 'a\x1b[31m' of\tteacher")
+    assert capsys.readouterr().err == "error: class 'a\\x1b[31m' of\tteacher\n"

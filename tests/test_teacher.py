@@ -378,3 +378,62 @@ def test_a_teacher_whose_model_breaks_the_contract_is_not_called_damaged(teacher
         Teacher.load(teacher_dir)
     assert str(err.value) == (f"teacher {str(teacher_dir)!r}: model 'tiny_convnet' does not keep ddkit's "
                               "model contract: it has no embed(x) method; rule")
+
+
+def test_a_forged_teacher_manifest_is_refused_before_its_model_is_built(teacher_dir, tmp_path, monkeypatch):
+    """A manifest naming a vast model (images of 10^5 x 10^5 px: an 80 GB head; 10^6 class names) made ddkit
+    allocate and initialise it before reading the weights. The names, shapes and dtypes in the weights file's
+    header are compared first with the manifest's model built on the meta device: the model is never built."""
+    import ddkit.teacher.squeeze as squeeze
+
+    built = []
+    create = squeeze.create_model
+    monkeypatch.setattr(squeeze, "create_model", lambda *a, **k: built.append(a) or create(*a, **k))
+    good = json.loads((teacher_dir / "manifest.json").read_text())
+    weights = "the teacher artifact is damaged: re-create it"
+    for name, change, problem in [
+        ("huge", {"model": {**good["model"], "input_shape": [1, 100000, 100000]}},
+         "'classifier.weight' is F32 [4, 128], the model's F32 [4, 5000000000]"),
+        ("classes", {"dataset": {**good["dataset"], "classes": [f"c{i}" for i in range(10**6)]}},
+         "'classifier.weight' is F32 [4, 128], the model's F32 [1000000, 128]"),
+        ("other", {"model": {**good["model"], "name": "tiny_mlp"}},
+         "missing ['fc1.bias', 'fc1.weight']; unexpected ['features.0.bias', 'features.0.weight', "
+         "'features.1.bias']...; 'classifier.weight' is F32 [4, 128], the model's F32 [4, 32]"),
+    ]:
+        t = tmp_path / name
+        shutil.copytree(teacher_dir, t)
+        (t / "manifest.json").write_text(json.dumps({**good, **change}))
+        with pytest.raises(DDKitError) as err:
+            Teacher.load(t)
+        assert str(err.value) == (f"teacher weights '{t}/model.safetensors' do not match its manifest's model "
+                                  f"{change.get('model', good['model'])['name']!r} ({problem}); {weights}")
+    from ddkit.artifacts import load_tensors
+
+    retyped = tmp_path / "retyped"
+    shutil.copytree(teacher_dir, retyped)
+    held = load_tensors(teacher_dir / "model.safetensors")
+    save_file({k: v.double() if v.is_floating_point() else v for k, v in held.items()}, retyped / "model.safetensors")
+    with pytest.raises(DDKitError, match=r"do not match its manifest's model 'tiny_convnet' \('features.0.weight' is "
+                                         r"F64 \[8, 1, 3, 3\], the model's F32 \[8, 1, 3, 3\]\)"):
+        Teacher.load(retyped)
+    assert built == []
+    assert Teacher.load(teacher_dir).fingerprint == good["weights_sha"] and len(built) == 1
+
+
+def test_a_model_that_cannot_be_allocated_is_a_damaged_manifest(teacher_dir, monkeypatch):
+    """A model whose factory cannot run on the meta device is built for real, unchecked: running out of
+    memory there (RuntimeError, MemoryError) was a traceback."""
+    import ddkit.teacher.squeeze as squeeze
+
+    monkeypatch.setattr(squeeze, "_meta_state", lambda *a: None)
+    for exc in (RuntimeError("[enforce fail at alloc_cpu.cpp:127] you tried to allocate 14400000000 bytes"),
+                MemoryError()):
+        def vast(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(squeeze, "create_model", vast)
+        with pytest.raises(DDKitError) as err:
+            Teacher.load(teacher_dir)
+        what = f"{type(exc).__name__}: {str(exc) or type(exc).__name__}"
+        assert str(err.value) == (f"'{teacher_dir}/manifest.json' holds a model this ddkit cannot build ({what}); the "
+                                  "manifest is damaged: re-create the teacher artifact")

@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ddkit.config import is_count
+from ddkit.config import is_count, short_repr
 from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
@@ -524,6 +524,12 @@ def check_normalisation(manifest: dict[str, Any], channels: int, path: str | Pat
             need = "positive number" if key == "std" else "finite number"
             raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds dataset.{key} {values!r}, not one {need} per image "
                              f"channel ({channels}); the manifest is damaged: re-create the {kind} artifact")
+    # finite, but so large or small that normalising (in float32, as training does) makes inf or NaN of pixels
+    mean, std = (torch.tensor(described[key], dtype=torch.float32) for key in ("mean", "std"))
+    if not all(math.isfinite(v) for edge in (0.0, 1.0) for v in ((edge - mean) / std).tolist()):
+        raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds dataset.mean {short_repr(described['mean'])} and "
+                         f"dataset.std {short_repr(described['std'])}, which normalise pixels 0..1 to non-finite "
+                         f"values; the manifest is damaged: re-create the {kind} artifact")
 
 
 class DescribesDataset:

@@ -61,7 +61,7 @@ from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
-from ddkit.errors import ConfigError, DDKitError
+from ddkit.errors import ConfigError, DDKitError, printable
 from ddkit.evaluate import metrics
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
@@ -986,7 +986,8 @@ def format_bench_table(rows: list[dict]) -> str:
 
     for r in rows:
         lines.append(
-            f"{r['dataset']:<14} {r['method']:<10} {r['ipc']:>4} {r['student']:<14} {r['label_mode']:<8} "
+            f"{printable(r['dataset']):<14} {printable(r['method']):<10} {r['ipc']:>4} {printable(r['student']):<14} "
+            f"{printable(r['label_mode']):<8} "
             f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
             f"{mean(r, 'lrs', 1, 3):>6} {mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} "
             f"{synthesis_seconds(r):>8.2f}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ddkit import __version__
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, printable
 
 log = logging.getLogger("ddkit")
 
@@ -175,7 +175,7 @@ def _print(*a) -> None:
     from ddkit import distributed as ddist
 
     if ddist.current().is_main:
-        print(*a)
+        print(*(printable(str(x), keep="\n") for x in a))  # names read from artifacts: no terminal escapes
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -408,7 +408,7 @@ def cmd_show(args) -> int:
     else:
         text = describe(args.target)
     if not args.quiet:
-        print(text)
+        print(printable(text, keep="\n"))  # names read from the artifact: no terminal escapes
     return 0
 
 
@@ -438,9 +438,9 @@ def cmd_cache(args) -> int:
             return 0
         verb = "would remove" if result.dry_run else "removed"
         for e in result.removed:
-            print(f"{verb} {e.kind}/{e.name}  {size_text(e.bytes)}{_cache_state(e)}")
+            print(f"{verb} {e.kind}/{printable(e.name)}  {size_text(e.bytes)}{_cache_state(e)}")
         for e, why in result.skipped:
-            print(f"kept {e.kind}/{e.name}: {why}")
+            print(f"kept {e.kind}/{printable(e.name)}: {printable(why)}")
         print(f"{verb} {len(result.removed)} item(s), {size_text(result.freed)}"
               f"{' freed' if not result.dry_run else ''}")
         return 0
@@ -464,7 +464,7 @@ def cmd_cache(args) -> int:
     if args.entries:
         for e in entries:
             when = datetime.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
-            print(f"{e.kind}/{e.name}  {size_text(e.bytes)}  {when}{_cache_state(e)}")
+            print(f"{e.kind}/{printable(e.name)}  {size_text(e.bytes)}  {when}{_cache_state(e)}")
     return 0
 
 
@@ -834,7 +834,7 @@ def _error(message: str) -> None:
     share stderr and usually fail alike, never interleave; every rank of a job of several names itself."""
     rank, several = _launched_as()
     who = f"rank {rank}: " if rank != "0" or several else ""
-    sys.stderr.write(f"{who}error: {message}\n")
+    sys.stderr.write(f"{who}error: {printable(message, keep=chr(10) + chr(9))}\n")
     sys.stderr.flush()
 
 

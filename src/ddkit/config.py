@@ -17,6 +17,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -48,6 +49,41 @@ def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = 
     return dataclasses.field(default=default, metadata=meta, **kw)
 
 
+#: how many characters of a value an error echoes: a YAML alias bomb printed whole ran to 580 MB
+REPR_LIMIT = 200
+
+
+def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
+    """``repr(value)`` cut to ``limit`` characters (ending ``...`` when cut), built only that far: the
+    shared lists of a YAML alias bomb are never expanded whole."""
+    text = ""
+    for piece in _repr_pieces(value):
+        text += piece
+        if len(text) > limit:
+            return text[: limit - 3] + "..."
+    return text
+
+
+def _repr_pieces(value: Any) -> Iterator[str]:
+    """``repr(value)`` piece by piece, lists, tuples and dicts an item at a time."""
+    if isinstance(value, (list, tuple, dict)) and type(value) in (list, tuple, dict):
+        ends = {list: "[]", tuple: "()", dict: "{}"}[type(value)]
+        yield ends[0]
+        for i, item in enumerate(value.items() if isinstance(value, dict) else value):
+            if i:
+                yield ", "
+            if isinstance(value, dict):
+                yield from _repr_pieces(item[0])
+                yield ": "
+                item = item[1]
+            yield from _repr_pieces(item)
+        if isinstance(value, tuple) and len(value) == 1:
+            yield ","
+        yield ends[1]
+    else:
+        yield repr(value)
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
@@ -73,30 +109,31 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         shaped = [a for a in args if dataclasses.is_dataclass(a)]
         if isinstance(value, dict) and len(shaped) == 1:  # a mapping meant as that dataclass: say what is wrong in it
             return _convert(value, shaped[0], where, errors)
-        errors.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        errors.append(f"{where}: expected {_type_name(tp)}, got {short_repr(value)}")
         return value
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            text = str(value) if isinstance(value, (str, int, float)) else ""  # not a (shared, vast) list spelled out
+            close = difflib.get_close_matches(text, [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            errors.append(f"{where}: {value!r} is not one of {list(choices)}{hint}")
+            errors.append(f"{where}: {short_repr(value)} is not one of {list(choices)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
-            errors.append(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+            errors.append(f"{where}: expected a mapping for {tp.__name__}, got {short_repr(value)}")
             return value
         return _build(tp, value, where, errors)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            errors.append(f"{where}: expected a list, got {value!r}")
+            errors.append(f"{where}: expected a list, got {short_repr(value)}")
             return value
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly these items
             if len(value) != len(args):
-                errors.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
+                errors.append(f"{where}: expected a list of {len(args)} values, got {short_repr(value)}")
                 return value
             return tuple(_convert(v, a, f"{where}[{i}]", errors) for i, (v, a) in enumerate(zip(value, args)))
         item_tp = args[0] if args else Any
@@ -104,7 +141,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         return tuple(items) if origin is tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
-            errors.append(f"{where}: expected a mapping, got {value!r}")
+            errors.append(f"{where}: expected a mapping, got {short_repr(value)}")
             return value
         args = get_args(tp)
         if not args:
@@ -115,7 +152,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             if key_tp is int and isinstance(k, str) and re.fullmatch(r"[+-]?\d+", k.strip()):
                 k = int(k)  # `--set ipc_overrides.10.train.epochs=3` gives the key as text
             if key_tp in (int, str) and (isinstance(k, bool) or not isinstance(k, key_tp)):
-                errors.append(f"{where}: key {k!r} must be {'an integer' if key_tp is int else 'a string'}")
+                errors.append(f"{where}: key {short_repr(k)} must be {'an integer' if key_tp is int else 'a string'}")
                 continue
             out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
         return out
@@ -123,22 +160,22 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            errors.append(f"{where}: expected a number, got {value!r}")
+            errors.append(f"{where}: expected a number, got {short_repr(value)}")
             return value
         if not math.isfinite(value):
-            errors.append(f"{where}: expected a finite number, got {value!r}")
+            errors.append(f"{where}: expected a finite number, got {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            errors.append(f"{where}: expected an integer, got {value!r}")
+            errors.append(f"{where}: expected an integer, got {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            errors.append(f"{where}: expected true or false, got {value!r}")
+            errors.append(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{where}: expected a string, got {value!r}")
+            errors.append(f"{where}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -320,7 +357,7 @@ def seed_list(value: Any, what: str = "seeds") -> list[int]:
     import operator
 
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
-        raise ConfigError(f"{what} must be a list of integers such as [0, 1, 2], got {value!r}")
+        raise ConfigError(f"{what} must be a list of integers such as [0, 1, 2], got {short_repr(value)}")
     seeds = []
     for v in value:
         try:
@@ -328,7 +365,7 @@ def seed_list(value: Any, what: str = "seeds") -> list[int]:
                 raise TypeError
             seeds.append(operator.index(v))
         except TypeError:
-            raise ConfigError(f"{what} must be integers, got {v!r} in {value!r}") from None
+            raise ConfigError(f"{what} must be integers, got {short_repr(v)} in {short_repr(value)}") from None
     errors: list[str] = []
     _check_seeds(seeds, what, errors)
     if errors:
@@ -354,7 +391,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
     errors: list[str] = []
     obj = _build(cls, dict(data or {}), where, errors)
     if errors:
@@ -414,9 +451,54 @@ class _RepeatedKey(Exception):
         self.key, self.first, self.again = key, first, again
 
 
+class _Expanded(Exception):
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size  # None: an alias inside the node it names
+
+
+#: how much YAML aliases (``*name``, ``<<: *name``) may add to a config, in characters of the values they
+#: repeat: far above what the shipped configs' anchors of shared settings add (a few thousand), far below
+#: an alias bomb's (a 1 KB file of nested aliases stood for 10^8 values and a 580 MB error message)
+ALIAS_EXPANSION = 1_000_000
+
+
+def _alias_expansion(root: yaml.Node) -> int:
+    """How many characters (scalar values; 1 per list or mapping) the aliases in ``root`` repeat:
+    the size of the document with every alias written out, less its size as written."""
+    sizes: dict[int, int] = {}
+    own = 0
+
+    def size(node: yaml.Node) -> int:
+        nonlocal own
+        if id(node) in sizes:
+            if sizes[id(node)] < 0:
+                raise _Expanded(None)
+            return sizes[id(node)]
+        sizes[id(node)] = -1  # being sized: met again below, the node holds itself
+        if isinstance(node, yaml.ScalarNode):
+            n = weight = max(1, len(node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            n, weight = 1 + sum(size(child) for child in node.value), 1
+        else:
+            n, weight = 1 + sum(size(k) + size(v) for k, v in node.value), 1
+        sizes[id(node)] = n
+        own += weight
+        return n
+
+    return size(root) - own
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses a mapping setting one key twice: YAML's last-one-wins would
-    silently drop the setting written first (an edit that added a key the file already had)."""
+    silently drop the setting written first (an edit that added a key the file already had), and a
+    document whose aliases repeat more than :data:`ALIAS_EXPANSION` characters (an alias bomb)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        added = _alias_expansion(node)
+        if added > ALIAS_EXPANSION:
+            raise _Expanded(added)
+        return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, int] = {}
@@ -452,9 +534,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({first}); fix the syntax") from None
+    except _Expanded as exc:
+        what = ("an alias inside the value it names (a value that holds itself)" if exc.size is None else
+                f"aliases that repeat {exc.size:,} characters of values (at most {ALIAS_EXPANSION:,})")
+        raise ConfigError(f"config file {str(path)!r} uses {what}; write the values out, or use fewer "
+                          "aliases") from None
+    except RecursionError:
+        raise ConfigError(f"config file {str(path)!r} nests lists or mappings too deeply to read; "
+                          "flatten it") from None
     except _RepeatedKey as exc:
-        raise ConfigError(f"config file {str(path)!r} sets {exc.key!r} twice in one section (lines {exc.first} and "
-                          f"{exc.again}); keep one of them") from None
+        raise ConfigError(f"config file {str(path)!r} sets {short_repr(exc.key)} twice in one section (lines "
+                          f"{exc.first} and {exc.again}); keep one of them") from None
     if data is None:
         raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ "
                           "for examples)")
@@ -476,7 +566,7 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
         return data
     ref = data.pop("base")
     if not isinstance(ref, str) or not ref:
-        raise ConfigError(f"config file {str(path)!r}: base must be the path of a YAML file, got {ref!r}")
+        raise ConfigError(f"config file {str(path)!r}: base must be the path of a YAML file, got {short_repr(ref)}")
     base_path = path.parent / ref
     chain = (*_chain, path.resolve())
     if base_path.resolve() in chain:

@@ -25,7 +25,7 @@ from ddkit.artifacts import (
     read_json,
 )
 from ddkit.distilled import ipc_text
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, printable
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
@@ -141,10 +141,22 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
         # the record of a folder: check the folder's files
         if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
-        text = summarise(record)
+        text = summarise(_printable_text(record))
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
+
+
+def _printable_text(value: Any) -> Any:
+    """``value`` with every str in it (nested in lists and dicts) :func:`printable`: the names a summary
+    shows, read from an artifact someone sent, carry no terminal escapes or line breaks."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, list):
+        return [_printable_text(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _printable_text(v) for k, v in value.items()}
+    return value
 
 
 # how to re-create a damaged record, where it is not the command that wrote it

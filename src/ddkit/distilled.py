@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +47,10 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
+from ddkit.config import short_repr
 from ddkit.data.base import DataBundle, ImageSet
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
+from ddkit.training import check_teacher_bn
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +210,7 @@ class DistilledSet(DescribesDataset, Dataset):
                              f"{', '.join(map(str, shape or ['C', 'H', 'W']))}]; re-create the distilled set")
         check_normalisation(manifest, images.shape[1], path, KIND)
         check_classes(manifest["dataset"]["classes"], path, KIND)
+        check_label_records(manifest, path)
         described = manifest.get("images", {})
         if not isinstance(described, dict):
             raise DDKitError(f"{str(path / 'manifest.json')!r} holds images {described!r}, not a mapping of their "
@@ -315,6 +319,60 @@ class DistilledSet(DescribesDataset, Dataset):
 
             return export_for_ddranking(self, out)
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder, pt or ddranking")
+
+
+_MISSING = object()
+
+
+def check_label_records(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a set's manifest whose records of how its stored soft labels were made, which an evaluation reads
+    to label the random subset beside the set alike, are damaged: ``meta`` (a mapping), a committee's
+    ``meta.soft_labels`` (CV-DD: ``weights``, one per teacher in ``teachers``: ``path``, ``weights_sha``;
+    ``teacher_bn``, ``teacher_bn_batch``) and ``config.distill.soft_labels_bn`` / ``soft_labels_bn_batch``.
+    Other ``meta.soft_labels`` (RDED's description, a str) describe and are not read."""
+    where = repr(str(path / "manifest.json"))
+
+    def damaged(key: str, value: Any, want: str) -> DDKitError:
+        held = f"lacks {key}, {want}" if value is _MISSING else f"holds {key} {short_repr(value)}, not {want}"
+        return DDKitError(f"{where} {held}; the manifest is damaged: re-create the distilled set")
+
+    def check_bn(record: dict, name: str) -> None:
+        try:
+            check_teacher_bn(record.get(name, "running"), record.get(f"{name}_batch"), name)
+        except ConfigError as exc:
+            raise DDKitError(f"{where}: {str(exc).split('; set ')[0]}; the manifest is damaged: re-create the "
+                             "distilled set") from None
+
+    meta = manifest.get("meta", {})
+    if not isinstance(meta, dict):
+        raise damaged("meta", meta, "a mapping of the method's records")
+    committee = meta.get("soft_labels")
+    if isinstance(committee, dict) and committee.get("kind") == "committee":
+        weights = committee.get("weights", _MISSING)
+        if not (isinstance(weights, list) and weights and all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights)):
+            raise damaged("meta.soft_labels.weights", weights, "a list of the committee's votes (finite numbers)")
+        if "teachers" in committee:  # sets made before the members were recorded name them in extra_teachers
+            teachers = committee["teachers"]
+            if not (isinstance(teachers, list) and len(teachers) == len(weights) and all(
+                    isinstance(t, dict) and isinstance(t.get("path"), (str, type(None)))
+                    and isinstance(t.get("weights_sha"), str) for t in teachers)):
+                raise damaged("meta.soft_labels.teachers", teachers,
+                              f"{len(weights)} records of a teacher's path and weights_sha, one per vote")
+        else:
+            options = manifest["method"].get("config")
+            extra = options.get("extra_teachers") if isinstance(options, dict) else options
+            if not (extra is None or (isinstance(extra, list) and all(isinstance(t, str) for t in extra))):
+                raise damaged("method.config.extra_teachers", extra, "a list of teacher folders")
+        check_bn({"meta.soft_labels.teacher_bn": committee.get("teacher_bn", "running"),
+                  "meta.soft_labels.teacher_bn_batch": committee.get("teacher_bn_batch")},
+                 "meta.soft_labels.teacher_bn")
+    config = manifest.get("config", {})
+    distill = config.get("distill") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(distill, (dict, type(None))):
+        raise damaged("config" if not isinstance(config, dict) else "config.distill",
+                      config if not isinstance(config, dict) else distill, "a mapping of settings")
+    check_bn({f"config.distill.{k}": v for k, v in (distill or {}).items()}, "config.distill.soft_labels_bn")
 
 
 def ipc_text(ipc: int | None) -> str:

@@ -20,3 +20,12 @@ class DataError(DDKitError):
 
 class ImageTooSmall(DDKitError):
     """A model that cannot be built for images this small (too many poolings or strides)."""
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with every character that is not printable (control characters: a terminal escape sequence, a
+    newline inside a table cell), except those in ``keep``, written as ``repr`` writes it (``\\x1b``, ``\\n``):
+    text read from an artifact a terminal then shows as it is."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)

@@ -24,7 +24,7 @@ from ddkit.artifacts import (
 )
 from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
 from ddkit.config import is_count
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, printable
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -171,7 +171,7 @@ def _seconds(x: float | None) -> str:
 
 def _cells(r: dict) -> list[str]:
     mem = r["synthesis"].get("peak_memory_bytes")
-    return [r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"], _fmt(r["acc"]),
+    return [*map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"])), _fmt(r["acc"]),
             _fmt(r.get("random")), _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3),
             _fmt(r.get("ars"), 1, 3), f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
             _seconds(r["synthesis"].get("shared_seconds")),
@@ -184,7 +184,8 @@ def _cross_arch(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
         return None
     groups: dict[tuple, dict[str, dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["method"], str(r["ipc"]), r["label_mode"]), {})[r["student"]] = r["acc"]
+        key = tuple(map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["label_mode"])))
+        groups.setdefault(key, {})[r["student"]] = r["acc"]
     head = ["dataset", "method", "IPC", "labels", *students]
     body = [[*k, *(_fmt(g.get(s)) for s in students)] for k, g in groups.items()]
     return head, body
@@ -280,7 +281,7 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     md += ["", "## Plots", ""]
     md += [f"### {PLOTS[p]}\n\n![{PLOTS[p]}]({p})\n" for p in plots]
     md += ["## Distilled sets", ""]
-    md += [f"### {t}\n\n![{t}]({p})\n" for t, p in grids]
+    md += [f"### {printable(t)}\n\n![{printable(t)}]({p})\n" for t, p in grids]
     md += ["## Plain-text table", "", "```", format_bench_table(rows), "```", ""]
     write_text(out / "report.md", "\n".join(md))
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
-from ddkit.config import Checked, field, is_count
+from ddkit.config import Checked, field, is_count, short_repr
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
@@ -253,11 +253,13 @@ def check_teacher_bn(mode: str, group: int | None, name: str = "teacher_bn") -> 
     """Raise :class:`ConfigError` unless ``mode`` is a :data:`TeacherBN` and ``group`` (the setting
     ``<name>_batch``) is ``None`` or a positive image count given with mode ``batch``."""
     if mode not in TEACHER_BN_MODES:
-        raise ConfigError(f"{name} must be 'running' or 'batch', got {mode!r}; set {name}=running or {name}=batch")
+        raise ConfigError(f"{name} must be 'running' or 'batch', got {short_repr(mode)}; set {name}=running or "
+                          f"{name}=batch")
     if group is None:
         return
     if not is_count(group):
-        raise ConfigError(f"{name}_batch must be a number of images >= 1 (or null: the whole batch), got {group!r}")
+        raise ConfigError(f"{name}_batch must be a number of images >= 1 (or null: the whole batch), got "
+                          f"{short_repr(group)}")
     if mode != "batch":
         raise ConfigError(f"{name}_batch={group} only applies with {name} 'batch'; set {name}=batch or drop "
                           f"{name}_batch")

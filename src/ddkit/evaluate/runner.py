@@ -38,7 +38,7 @@ from ddkit.artifacts import (
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.distilled import DistilledSet, ipc_text
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
@@ -207,7 +207,7 @@ class StoredLabeller:
 
         if i not in self.loaded:
             m = self.members[i]
-            if not Path(m["path"]).exists():
+            if m["path"] is None or not Path(m["path"]).exists():
                 raise DDKitError(f"this set's stored soft labels come from a committee with teacher {m['path']!r}, "
                                  "which is not there; the random subset beside it is labelled by the same committee: "
                                  "restore that teacher, or use label_mode teacher")
@@ -601,8 +601,8 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
     for rep in reports:
         proto = rep["config"]
         ipc = rep["distilled"]["ipc"]
-        rows = [(f"{rep['distilled']['method']} ipc={ipc_text(ipc)}", proto["label_mode"], rep["results"]["distilled"],
-                 rep["bytes"]["total"])]
+        rows = [(f"{printable(rep['distilled']['method'])} ipc={ipc_text(ipc)}", proto["label_mode"],
+                 rep["results"]["distilled"], rep["bytes"]["total"])]
         if "random" in rep["results"]:
             rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
         if "full" in rep["results"]:
@@ -611,5 +611,6 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
         for label, mode, res, nbytes in rows:
             acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
             size = f"{nbytes:,}" if nbytes is not None else ""
-            lines.append(f"{label:<30} {mode:<8} {proto['student']:<14} {acc:<22} {res['n']:>5} {size:>12}")
+            lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<22} {res['n']:>5} "
+                         f"{size:>12}")
     return "\n".join(lines)

@@ -152,20 +152,33 @@ class Teacher(DescribesDataset):
                              "height, width]; the manifest is damaged: re-create the teacher artifact")
         check_normalisation(manifest, shape[0], path, KIND)
         check_classes(manifest["dataset"]["classes"], path, KIND)
-        try:
-            model = create_model(m["name"], m["input_shape"][0], len(manifest["dataset"]["classes"]),
-                                 m["input_shape"][-2], **m["options"])
-        except DDKitError as exc:  # ConfigError too: an unknown name or option
+        build = (m["name"], shape[0], len(manifest["dataset"]["classes"]), shape[-2])
+
+        def cannot_build(exc: DDKitError) -> DDKitError:
             if isinstance(exc, ContractError):  # the user's code, not the artifact, is at fault
-                raise DDKitError(f"teacher {str(path)!r}: {exc}") from None
+                return DDKitError(f"teacher {str(path)!r}: {exc}")
             made_by = _plugin_module(m.get("module"))
             own = ("" if not str(exc).startswith("unknown model") else
                    f"made by module {made_by}: import it first (CLI: set DDKIT_PLUGINS={made_by}); else "
                    if made_by else "a model of your own: import the module that registers it first (the CLI "
                    "imports those named in DDKIT_PLUGINS); else ")
-            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build "
-                             f"({str(exc).split(';')[0]}); {own}the manifest is damaged or from another ddkit: "
-                             "re-create the teacher artifact") from None
+            return DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build "
+                              f"({str(exc).split(';')[0]}); {own}the manifest is damaged or from another ddkit: "
+                              "re-create the teacher artifact")
+
+        try:
+            want = _meta_state(*build, m["options"])
+        except DDKitError as exc:  # an unknown model name
+            raise cannot_build(exc) from None
+        # the weights file's names and shapes first: a forged manifest must not make ddkit build a vast model
+        _check_weights_header(path / WEIGHTS, want, m["name"])
+        try:
+            model = create_model(*build, **m["options"])
+        except DDKitError as exc:  # ConfigError too: an unknown name or option
+            raise cannot_build(exc) from None
+        except (RuntimeError, MemoryError) as exc:  # a model too large for memory
+            raise DDKitError(f"{str(path / MANIFEST)!r} holds a model this ddkit cannot build ({type(exc).__name__}: "
+                             f"{load_failure(exc)}); the manifest is damaged: re-create the teacher artifact") from None
         state = load_tensors(path / WEIGHTS, what="teacher weights")
         _load_strict(model, state, str(path / WEIGHTS), m["name"])
         # the fingerprint keys every cache, store and reuse check: weights that are not the manifest's are refused
@@ -173,6 +186,57 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"{str(path / WEIGHTS)!r} does not hold the weights its manifest names (weights_sha "
                              f"{manifest['weights_sha']}); the teacher artifact is damaged: re-create it")
         return cls(model.to(device), manifest, path)
+
+
+def _meta_state(name: str, in_channels: int, num_classes: int, image_size: int,
+                options: dict) -> dict[str, tuple[list[int], torch.dtype]] | None:
+    """Names, shapes and dtypes of the state dict of model ``name``, built on the meta device (no memory, no
+    initialisation); None where its factory cannot build it there (or refuses the settings: :func:`create_model`
+    then names the problem)."""
+    from ddkit.models.registry import resolve_model
+
+    factory, implied = resolve_model(name)  # an unknown name: DDKitError
+    try:
+        with torch.device("meta"):
+            model = factory(in_channels, num_classes, image_size, **{**implied, **options})
+        return {k: (list(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    except Exception:  # any failure of the factory's own code: left to the real build, which reports it
+        return None
+
+
+def _check_weights_header(path: Path, want: dict[str, tuple[list[int], torch.dtype]] | None, name: str) -> None:
+    """Refuse a weights file whose tensor names, shapes or dtypes (read from its header, no data) differ from
+    ``want`` (:func:`_meta_state`); nothing is checked where ``want`` is None."""
+    from safetensors import SafetensorError, safe_open
+
+    if want is None:
+        return
+    if not path.is_file():
+        raise DDKitError(f"teacher weights {str(path)!r} not found; the artifact is incomplete, re-create it")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            held = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DDKitError(f"teacher weights {str(path)!r} is corrupt ({str(exc).splitlines()[0]}); re-create "
+                         "it") from None
+    missing, unexpected = sorted(set(want) - set(held)), sorted(set(held) - set(want))
+    wrong = [k for k in want if k in held and (held[k][0] != want[k][0] or held[k][1] != _SAFETENSORS_DTYPES.get(
+        want[k][1]))]
+    if missing or unexpected or wrong:
+        parts = [f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}"] if missing else []
+        parts += [f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"] if unexpected else []
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{k!r} is {held[k][1]} {held[k][0]}, the model's {_SAFETENSORS_DTYPES.get(want[k][1])} "
+                         f"{want[k][0]}")
+        raise DDKitError(f"teacher weights {str(path)!r} do not match its manifest's model {name!r} "
+                         f"({'; '.join(parts)}); the teacher artifact is damaged: re-create it")
+
+
+#: torch dtypes as a safetensors header names them
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 def _plugin_module(recorded: Any) -> str | None:
