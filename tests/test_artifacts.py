@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 import logging
@@ -311,12 +312,21 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
     assert (tmp_path / "empty" / "images.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def _unhashed(path: Path) -> Path:
+    """The artifact at ``path`` as ddkit wrote it before manifests recorded their files' sha256: its files
+    can be edited by hand, as the tests of the loaders' value checks do."""
+    man = json.loads((path / "manifest.json").read_text())
+    del man["files_sha256"]
+    (path / "manifest.json").write_text(json.dumps(man))
+    return path
+
+
 def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
     ds = distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=False), DatasetConfig(name="synthetic"),
                  tmp_path / "r")
-    path = ds.path
+    path = _unhashed(ds.path)
     t = load_file(str(path / "images.safetensors"))
     save_file({"images": t["images"], "labels": t["labels"] + 10}, str(path / "images.safetensors"))
     with pytest.raises(DDKitError, match="labels outside 0..3"):
@@ -641,7 +651,8 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
 
     from ddkit.cli import main
 
-    path = distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "r").path
+    path = _unhashed(distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"),
+                             tmp_path / "r").path)
     t = load_file(str(path / "images.safetensors"))
     for bad, dtype in ((t["labels"].float() + 0.4, "float32"), (t["labels"] > 1, "bool"),
                        (t["labels"][:, None], "int64")):
@@ -876,3 +887,69 @@ def test_the_stages_are_reexported_lazily_from_ddkit():
             "ProtocolConfig", "TeacherConfig", "RelabelSpec", "save_tensors"} <= set(ddkit.__all__)
     with pytest.raises(AttributeError, match="module 'ddkit' has no attribute 'distil'"):
         ddkit.distil  # noqa: B018
+
+
+def test_a_tensor_file_swapped_for_another_is_refused_and_not_reused(tiny, tmp_path, capsys, caplog):
+    """Sets, FKD stores and expert buffers recorded no hash of their tensor files: another set's images (another
+    seed's subset) or another buffer's expert copied in loaded, `show -q` passed them and a `ddkit run` reused
+    and evaluated them. Manifests record each file's sha256 (not part of any identity); a file that does not
+    match is a one-line error, and a run makes the set again. Artifacts from before the field load unchecked."""
+    import hashlib
+    import shutil
+
+    from ddkit.cli import main
+    from ddkit.labels import SoftLabelStore, relabel
+    from ddkit.labels.fkd import store_identity
+    from ddkit.methods.trajectory import ExpertConfig, load_experts, train_experts
+    from ddkit.pipeline import run
+
+    a, b = _random_set(tiny, tmp_path, ipc=2, seed=0), _random_set(tiny, tmp_path, ipc=2, seed=1)
+    sums = json.loads((a.path / "manifest.json").read_text())["files_sha256"]
+    assert sums == {"images.safetensors": hashlib.sha256((a.path / "images.safetensors").read_bytes()).hexdigest()}
+    assert a.manifest["files_sha256"] == sums and "files_sha256" not in a.manifest["config"]
+    shutil.copy(b.path / "images.safetensors", a.path / "images.safetensors")
+    swapped = f"distilled images {str(a.path / 'images.safetensors')!r} does not match its manifest (sha256); " \
+              "re-create the distilled set"
+    with pytest.raises(DDKitError) as exc:
+        ddkit.load(a.path)
+    assert str(exc.value) == swapped
+    assert main(["show", "-q", str(a.path)]) == 2 and capsys.readouterr().err == f"error: {swapped}\n"
+    assert len(ddkit.load(_unhashed(a.path))) == 8  # written before manifests held the sums: not checked
+
+    teacher = ddkit.train_teacher(tiny, ddkit.TeacherConfig(model="tiny_mlp", train={"epochs": 1}), tmp_path / "t")
+    one = relabel(b, teacher, 2, seed=0, out=tmp_path / "k1")
+    other = relabel(b, teacher, 2, seed=1, out=tmp_path / "k2")
+    assert set(one.manifest["files_sha256"]) == {"fkd_labels.safetensors"}
+    unsaved = relabel(b, teacher, 2, seed=0)  # the identity of a store in memory is the one it has once saved
+    assert store_identity(unsaved) == store_identity(one) == store_identity(tmp_path / "k1")
+    shutil.copy(tmp_path / "k2" / "fkd_labels.safetensors", tmp_path / "k1" / "fkd_labels.safetensors")
+    with pytest.raises(DDKitError) as exc:
+        SoftLabelStore.load(tmp_path / "k1")
+    assert str(exc.value) == (f"FKD soft labels {str(tmp_path / 'k1' / 'fkd_labels.safetensors')!r} does not match "
+                              "its manifest (sha256); re-create the store with `ddkit relabel`")
+    assert other.manifest["files_sha256"] != one.manifest["files_sha256"]
+
+    recipe = ExpertConfig(model="tiny_convnet", num_experts=1, epochs=1, batch_size=32)
+    train_experts(tiny, recipe, tmp_path / "e1")
+    train_experts(tiny, dataclasses.replace(recipe, seed=1), tmp_path / "e2")
+    shutil.copy(tmp_path / "e2" / "expert_000.safetensors", tmp_path / "e1" / "expert_000.safetensors")
+    mixed = (f"expert trajectory {str(tmp_path / 'e1' / 'expert_000.safetensors')!r} does not match its manifest "
+             "(sha256); re-create the buffer")
+    with pytest.raises(DDKitError) as exc:
+        load_experts(tmp_path / "e1")
+    assert str(exc.value) == mixed
+    assert main(["show", "-q", str(tmp_path / "e1")]) == 2 and capsys.readouterr().err == f"error: {mixed}\n"
+
+    cfg = RunConfig(dataset=DatasetConfig(name="synthetic"), teacher=None, out=str(tmp_path / "run"),
+                    distill=DistillConfig(method="random", ipc=2), device="cpu",
+                    evaluate={"overrides": {"student": "tiny_mlp", "full_reference": False, "random_baseline": False,
+                                            "train": {"epochs": 1}}, "seeds": [0]})
+    run(cfg)
+    ddir = tmp_path / "run" / "distilled"
+    whole = (ddir / "images.safetensors").read_bytes()
+    shutil.copy(b.path / "images.safetensors", ddir / "images.safetensors")  # the seed-1 subset, same shapes
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert "distilled" not in summary["reused"] and (ddir / "images.safetensors").read_bytes() == whole
+    assert f"distilled images {str(ddir / 'images.safetensors')!r} does not match its manifest (sha256); " \
+           "distilling again" in caplog.text

@@ -214,9 +214,11 @@ def _check_experts(folder: Path) -> None:
     """What :func:`ddkit.methods.trajectory.load_experts` checks, from the files' headers: the manifest's
     fields, at least one expert, each expert file opens and holds a float ``trajectory`` of shape
     ``[epochs + 1, num_params]``; and the manifest's parameter list adds up to ``num_params`` and is
-    that of its model (as :meth:`ExpertBuffer.build_model` checks). Values (NaN) are not read."""
+    that of its model (as :meth:`ExpertBuffer.build_model` checks), and each file's bytes have the sha256 its
+    manifest records (about a second per GB). Values (NaN) are not decoded."""
     from safetensors import SafetensorError, safe_open
 
+    from ddkit.artifacts import check_sha256
     from ddkit.methods.trajectory import KIND, ExpertBuffer, read_experts_manifest
 
     manifest = read_experts_manifest(folder)
@@ -251,6 +253,7 @@ def _check_experts(folder: Path) -> None:
         if got != want or dtype not in ("F16", "BF16", "F32", "F64"):
             raise DDKitError(f"expert file {str(path)!r} holds trajectory {got} ({dtype}), manifest says {want} "
                              "(floating point); the buffer is corrupt, re-create it")
+        check_sha256(manifest, folder, entry["file"], KIND, "expert trajectory", "re-create the buffer")
 
 
 def _export_fix(kind: str) -> str:
