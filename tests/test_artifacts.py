@@ -953,3 +953,51 @@ def test_a_tensor_file_swapped_for_another_is_refused_and_not_reused(tiny, tmp_p
     assert "distilled" not in summary["reused"] and (ddir / "images.safetensors").read_bytes() == whole
     assert f"distilled images {str(ddir / 'images.safetensors')!r} does not match its manifest (sha256); " \
            "distilling again" in caplog.text
+
+
+def test_an_evaluation_whose_mean_is_not_its_seeds_is_refused_and_evaluated_again(tmp_path, capsys, caplog):
+    """An evaluation report whose mean was edited (per_seed left as it was) was reused by `ddkit run` and shown
+    by `ddkit show` ("99.00 ± 0.00"); one with mean NaN was shown as "nan". ddkit.load, show and show --json
+    refuse it in one line; a run evaluates again."""
+    from ddkit.cli import main
+    from ddkit.pipeline import run
+
+    cfg = RunConfig(dataset=DatasetConfig(name="synthetic"), teacher=None, out=str(tmp_path / "run"),
+                    distill=DistillConfig(method="random", ipc=2), device="cpu",
+                    evaluate={"overrides": {"student": "tiny_mlp", "full_reference": False, "random_baseline": False,
+                                            "train": {"epochs": 1}}, "seeds": [0, 1]})
+    (good,) = run(cfg)["evaluations"]
+    path = tmp_path / "run" / "eval-hard.json"
+    per_seed, original = good["results"]["distilled"]["per_seed"], path.read_text()
+    for field, value, problem in (
+            ("mean", 0.99, f"mean 0.99, not the mean of its per_seed {per_seed} "
+                           f"({good['results']['distilled']['mean']!r})"),
+            ("std", float("nan"), f"std nan, not the population std of its per_seed {per_seed} "
+                                  f"({good['results']['distilled']['std']!r})"),
+            ("per_seed", [0.5, 1.5], "per_seed [0.5, 1.5], not accuracies in [0, 1]")):
+        edited = json.loads(original)
+        edited["results"]["distilled"][field] = value
+        path.write_text(json.dumps(edited))
+        refused = (f"evaluation report {str(path)!r} holds results.distilled {problem}; the report is damaged: delete "
+                   "it and evaluate again")
+        with pytest.raises(DDKitError) as exc:
+            ddkit.load(path)
+        assert str(exc.value) == refused
+        for show in (["show", str(path)], ["show", "--json", str(path)]):
+            assert main(show) == 2 and capsys.readouterr().err == f"error: {refused}\n"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert "eval-hard.json" not in summary["reused"] and summary["evaluations"][0]["results"] == good["results"]
+    assert (f"evaluation report {str(path)!r} holds results.distilled per_seed [0.5, 1.5], not accuracies in [0, 1]; "
+            "evaluating again") in caplog.text
+    assert ddkit.load(path)["results"] == good["results"] and main(["show", "-q", str(path)]) == 0
+    record = tmp_path / "run" / "manifest.json"  # the run's record lists its evaluations: `show run` prints them
+    edited = json.loads(record.read_text())
+    edited["evaluations"][0]["results"]["distilled"]["mean"] = 0.99
+    record.write_text(json.dumps(edited))
+    assert main(["show", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: evaluation report '{record}: evaluations[0]' holds results.distilled mean 0.99, not the mean of its "
+        f"per_seed {per_seed} ({good['results']['distilled']['mean']!r}); the report is damaged: run `ddkit run` with "
+        "its config again to rewrite it\n")

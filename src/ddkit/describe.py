@@ -140,10 +140,31 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
         # the record of a folder: check the folder's files
         if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
+        _check_numbers(kind, record, where)
         text = summarise(record)
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
+
+
+_CELL_FIX = "the cell is damaged: delete it and re-run `ddkit bench` with the run's config to make it again"
+
+
+def _check_numbers(kind: str, record: dict, where: Path) -> None:
+    """Refuse an evaluation (or a run's or report's list of them), a bench cell or table whose summaries are not
+    their seeds' (an edited mean, a NaN, n not the number of seeds): ``show`` would print them as results."""
+    from ddkit.evaluate.metrics import cell_problem, check_report
+
+    if kind == "evaluation":
+        check_report(record, where)
+    elif kind in ("evaluation-set", "pipeline-run"):  # a run's manifest lists its evaluations too
+        for i, report in enumerate(record["evaluations"]):
+            check_report(report, f"{where}: evaluations[{i}]", "run `ddkit run` with its config again to rewrite it")
+    elif kind in ("bench-cell", "bench-table"):
+        for i, row in enumerate([record] if kind == "bench-cell" else record["rows"]):
+            if problem := cell_problem(row):
+                where_ = f"{str(where)!r}" + (f" rows[{i}]" if kind == "bench-table" else "")
+                raise DDKitError(f"{where_} holds {problem}; {_FIXES.get(kind, _CELL_FIX)}")
 
 
 # how to re-create a damaged record, where it is not the command that wrote it
