@@ -255,7 +255,7 @@ _SHA256_READ: dict[tuple, str] = {}
 
 
 def file_sha256(path: str | Path) -> str:
-    """sha256 (64 hex digits) of a file's bytes, read a MiB at a time (no copy of the file in memory)."""
+    """sha256 (64 hex digits) of a file's bytes, read a chunk at a time (no copy of the file in memory)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -279,7 +279,7 @@ def check_sha256(manifest: dict[str, Any], folder: Path, name: str, kind: str, w
         if key not in _SHA256_READ:
             _SHA256_READ[key] = file_sha256(path)
     except OSError:
-        return  # missing or unreadable: the load that follows says so
+        return  # missing or unreadable: load_tensors refuses it
     if _SHA256_READ[key] != want:
         raise DDKitError(f"{what} {str(path)!r} does not match its manifest (sha256); {fix}")
 
