@@ -1,3 +1,4 @@
+import dataclasses
 import errno
 import json
 import logging
@@ -311,12 +312,21 @@ def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
     assert (tmp_path / "empty" / "images.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def _unhashed(path: Path) -> Path:
+    """The artifact at ``path`` as ddkit wrote it before manifests recorded their files' sha256: its files
+    can be edited by hand, as the tests of the loaders' value checks do."""
+    man = json.loads((path / "manifest.json").read_text())
+    del man["files_sha256"]
+    (path / "manifest.json").write_text(json.dumps(man))
+    return path
+
+
 def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
     from safetensors.torch import load_file, save_file
 
     ds = distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=False), DatasetConfig(name="synthetic"),
                  tmp_path / "r")
-    path = ds.path
+    path = _unhashed(ds.path)
     t = load_file(str(path / "images.safetensors"))
     save_file({"images": t["images"], "labels": t["labels"] + 10}, str(path / "images.safetensors"))
     with pytest.raises(DDKitError, match="labels outside 0..3"):
@@ -641,7 +651,8 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
 
     from ddkit.cli import main
 
-    path = distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "r").path
+    path = _unhashed(distill(tiny, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"),
+                             tmp_path / "r").path)
     t = load_file(str(path / "images.safetensors"))
     for bad, dtype in ((t["labels"].float() + 0.4, "float32"), (t["labels"] > 1, "bool"),
                        (t["labels"][:, None], "int64")):
@@ -1020,3 +1031,117 @@ def test_a_set_whose_mean_and_std_normalise_pixels_to_infinity_is_refused(tiny, 
                                   "damaged: re-create the distilled-set artifact")
     (path / "manifest.json").write_text(json.dumps(good))
     assert torch.isfinite(ddkit.load(path, normalize=True)[0][0]).all()
+
+
+def test_a_tensor_file_swapped_for_another_is_refused_and_not_reused(tiny, tmp_path, capsys, caplog):
+    """Sets, FKD stores and expert buffers recorded no hash of their tensor files: another set's images (another
+    seed's subset) or another buffer's expert copied in loaded, `show -q` passed them and a `ddkit run` reused
+    and evaluated them. Manifests record each file's sha256 (not part of any identity); a file that does not
+    match is a one-line error, and a run makes the set again. Artifacts from before the field load unchecked."""
+    import hashlib
+    import shutil
+
+    from ddkit.cli import main
+    from ddkit.labels import SoftLabelStore, relabel
+    from ddkit.labels.fkd import store_identity
+    from ddkit.methods.trajectory import ExpertConfig, load_experts, train_experts
+    from ddkit.pipeline import run
+
+    a, b = _random_set(tiny, tmp_path, ipc=2, seed=0), _random_set(tiny, tmp_path, ipc=2, seed=1)
+    sums = json.loads((a.path / "manifest.json").read_text())["files_sha256"]
+    assert sums == {"images.safetensors": hashlib.sha256((a.path / "images.safetensors").read_bytes()).hexdigest()}
+    assert a.manifest["files_sha256"] == sums and "files_sha256" not in a.manifest["config"]
+    shutil.copy(b.path / "images.safetensors", a.path / "images.safetensors")
+    swapped = f"distilled images {str(a.path / 'images.safetensors')!r} does not match its manifest (sha256); " \
+              "re-create the distilled set"
+    with pytest.raises(DDKitError) as exc:
+        ddkit.load(a.path)
+    assert str(exc.value) == swapped
+    assert main(["show", "-q", str(a.path)]) == 2 and capsys.readouterr().err == f"error: {swapped}\n"
+    assert len(ddkit.load(_unhashed(a.path))) == 8  # written before manifests held the sums: not checked
+
+    teacher = ddkit.train_teacher(tiny, ddkit.TeacherConfig(model="tiny_mlp", train={"epochs": 1}), tmp_path / "t")
+    one = relabel(b, teacher, 2, seed=0, out=tmp_path / "k1")
+    other = relabel(b, teacher, 2, seed=1, out=tmp_path / "k2")
+    assert set(one.manifest["files_sha256"]) == {"fkd_labels.safetensors"}
+    unsaved = relabel(b, teacher, 2, seed=0)  # the identity of a store in memory is the one it has once saved
+    assert store_identity(unsaved) == store_identity(one) == store_identity(tmp_path / "k1")
+    shutil.copy(tmp_path / "k2" / "fkd_labels.safetensors", tmp_path / "k1" / "fkd_labels.safetensors")
+    with pytest.raises(DDKitError) as exc:
+        SoftLabelStore.load(tmp_path / "k1")
+    assert str(exc.value) == (f"FKD soft labels {str(tmp_path / 'k1' / 'fkd_labels.safetensors')!r} does not match "
+                              "its manifest (sha256); re-create the store with `ddkit relabel`")
+    assert other.manifest["files_sha256"] != one.manifest["files_sha256"]
+
+    recipe = ExpertConfig(model="tiny_convnet", num_experts=1, epochs=1, batch_size=32)
+    train_experts(tiny, recipe, tmp_path / "e1")
+    train_experts(tiny, dataclasses.replace(recipe, seed=1), tmp_path / "e2")
+    shutil.copy(tmp_path / "e2" / "expert_000.safetensors", tmp_path / "e1" / "expert_000.safetensors")
+    mixed = (f"expert trajectory {str(tmp_path / 'e1' / 'expert_000.safetensors')!r} does not match its manifest "
+             "(sha256); re-create the buffer")
+    with pytest.raises(DDKitError) as exc:
+        load_experts(tmp_path / "e1")
+    assert str(exc.value) == mixed
+    assert main(["show", "-q", str(tmp_path / "e1")]) == 2 and capsys.readouterr().err == f"error: {mixed}\n"
+
+    cfg = RunConfig(dataset=DatasetConfig(name="synthetic"), teacher=None, out=str(tmp_path / "run"),
+                    distill=DistillConfig(method="random", ipc=2), device="cpu",
+                    evaluate={"overrides": {"student": "tiny_mlp", "full_reference": False, "random_baseline": False,
+                                            "train": {"epochs": 1}}, "seeds": [0]})
+    run(cfg)
+    ddir = tmp_path / "run" / "distilled"
+    whole = (ddir / "images.safetensors").read_bytes()
+    shutil.copy(b.path / "images.safetensors", ddir / "images.safetensors")  # the seed-1 subset, same shapes
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert "distilled" not in summary["reused"] and (ddir / "images.safetensors").read_bytes() == whole
+    assert f"distilled images {str(ddir / 'images.safetensors')!r} does not match its manifest (sha256); " \
+           "distilling again" in caplog.text
+
+
+def test_an_evaluation_whose_mean_is_not_its_seeds_is_refused_and_evaluated_again(tmp_path, capsys, caplog):
+    """An evaluation report whose mean was edited (per_seed left as it was) was reused by `ddkit run` and shown
+    by `ddkit show` ("99.00 ± 0.00"); one with mean NaN was shown as "nan". ddkit.load, show and show --json
+    refuse it in one line; a run evaluates again."""
+    from ddkit.cli import main
+    from ddkit.pipeline import run
+
+    cfg = RunConfig(dataset=DatasetConfig(name="synthetic"), teacher=None, out=str(tmp_path / "run"),
+                    distill=DistillConfig(method="random", ipc=2), device="cpu",
+                    evaluate={"overrides": {"student": "tiny_mlp", "full_reference": False, "random_baseline": False,
+                                            "train": {"epochs": 1}}, "seeds": [0, 1]})
+    (good,) = run(cfg)["evaluations"]
+    path = tmp_path / "run" / "eval-hard.json"
+    per_seed, original = good["results"]["distilled"]["per_seed"], path.read_text()
+    for field, value, problem in (
+            ("mean", 0.99, f"mean 0.99, not the mean of its per_seed {per_seed} "
+                           f"({good['results']['distilled']['mean']!r})"),
+            ("std", float("nan"), f"std nan, not the population std of its per_seed {per_seed} "
+                                  f"({good['results']['distilled']['std']!r})"),
+            ("per_seed", [0.5, 1.5], "per_seed [0.5, 1.5], not accuracies in [0, 1]")):
+        edited = json.loads(original)
+        edited["results"]["distilled"][field] = value
+        path.write_text(json.dumps(edited))
+        refused = (f"evaluation report {str(path)!r} holds results.distilled {problem}; the report is damaged: delete "
+                   "it and evaluate again")
+        with pytest.raises(DDKitError) as exc:
+            ddkit.load(path)
+        assert str(exc.value) == refused
+        for show in (["show", str(path)], ["show", "--json", str(path)]):
+            assert main(show) == 2 and capsys.readouterr().err == f"error: {refused}\n"
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        summary = run(cfg)
+    assert "eval-hard.json" not in summary["reused"] and summary["evaluations"][0]["results"] == good["results"]
+    assert (f"evaluation report {str(path)!r} holds results.distilled per_seed [0.5, 1.5], not accuracies in [0, 1]; "
+            "evaluating again") in caplog.text
+    assert ddkit.load(path)["results"] == good["results"] and main(["show", "-q", str(path)]) == 0
+    record = tmp_path / "run" / "manifest.json"  # the run's record lists its evaluations: `show run` prints them
+    edited = json.loads(record.read_text())
+    edited["evaluations"][0]["results"]["distilled"]["mean"] = 0.99
+    record.write_text(json.dumps(edited))
+    assert main(["show", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: evaluation report '{record}: evaluations[0]' holds results.distilled mean 0.99, not the mean of its "
+        f"per_seed {per_seed} ({good['results']['distilled']['mean']!r}); the report is damaged: run `ddkit run` with "
+        "its config again to rewrite it\n")

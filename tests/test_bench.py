@@ -1068,3 +1068,43 @@ def test_method_image_dtype_stores_the_bench_set_as_uint8(tmp_path):
     assert rows["u8"]["bytes"]["images"] * 4 == rows["f32"]["bytes"]["images"] == sets["f32"].images.numel() * 4
     with pytest.raises(ConfigError, match="image_dtype"):
         tiny_cfg(tmp_path / "bad", methods=[{"name": "random", "image_dtype": "float16"}])
+
+
+def test_edited_numbers_in_cells_cached_evaluations_and_the_full_reference_are_not_republished(tmp_path, caplog):
+    """A cell, a cached evaluation or a full-data reference cache entry whose mean was edited (its per_seed
+    left as it was) was reused as it stood: the table said 99.00 next to an IOR computed from the seeds. Each
+    is made again, with a warning naming the file, and the table holds the seeds' own numbers."""
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "b"
+    cfg = tiny_cfg(out, ipcs=[1])
+    (row,) = run_bench(cfg)
+    cell = out / "cells" / f"{row['cell']}.json"
+    edited = json.loads(cell.read_text())
+    edited["acc"]["mean"] = 0.99
+    cell.write_text(json.dumps(edited))
+    with caplog.at_level("WARNING"):
+        (again,) = run_bench(cfg)
+    assert again["acc"] == row["acc"]
+    assert (f"bench cell {cell} holds acc mean 0.99, not the mean of its per_seed {row['acc']['per_seed']} "
+            f"({row['acc']['mean']!r}); the cell is damaged: computing it again") in caplog.text
+
+    (ev,) = (out / "evals").glob("*.json")
+    report = json.loads(ev.read_text())
+    report["results"]["distilled"]["n"] = 5
+    ev.write_text(json.dumps(report))
+    (reference,) = (Path(os.environ["DDKIT_CACHE"]) / "full-reference").glob("*.json")
+    entry = json.loads(reference.read_text())
+    entry["result"]["mean"] = 0.01
+    reference.write_text(json.dumps(entry))
+    cell.unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        (again,) = run_bench(cfg)
+    assert strip([again]) == strip([row])
+    assert (f"evaluation report {str(ev)!r} holds results.distilled n 5 for 2 per_seed values; evaluating again"
+            in caplog.text)
+    assert (f"cache entry {reference} is damaged (result mean 0.01, not the mean of its per_seed "
+            f"{row['full_hard']['per_seed']} ({row['full_hard']['mean']!r})); computing it again") in caplog.text
+    assert json.loads(reference.read_text())["result"]["mean"] == row["full_hard"]["mean"]

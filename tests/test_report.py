@@ -130,6 +130,12 @@ def test_damaged_bench_table_is_a_one_line_error(run_dir, tmp_path, capsys):
         "acc-nan": (rows(lambda r: r["acc"].update(mean=float("nan"))),
                     r"holds accuracy \{.*'mean': nan, .*\} \(not a mean in \[0, 1\]\)"),
         "ipc-text": (rows(lambda r: r.update(ipc="one")), r"holds ipc 'one' \(not a count\) in rows\[0\]"),
+        # a mean or std that is not its seeds' (hand-edited) was published next to scores computed from the seeds
+        "acc-edited": (rows(lambda r: r["acc"].update(mean=0.99)),
+                       r"holds acc mean 0.99, not the mean of its per_seed \[.*\] \(.*\) in rows\[0\]"),
+        "std-edited": (rows(lambda r: r["hard_acc"].update(std=0.5)),
+                       r"holds hard_acc std 0.5, not the population std of its per_seed \[.*\] \(.*\) in rows\[0\]"),
+        "n-edited": (rows(lambda r: r["acc"].update(n=3)), r"holds acc n 3 for 2 per_seed values in rows\[0\]"),
         "twice": ({**good, "rows": [row, row, *good["rows"][1:]]}, rf"holds cell {row['cell']!r} twice in rows\[1\]"),
         **{f"no-{key}": (rows(lambda r, key=key: r.pop(key)), f"without the field '{key}'")
            for key in ("ipc", "method", "bytes", "random")},

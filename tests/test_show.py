@@ -253,7 +253,8 @@ def test_show_refuses_a_bench_table_with_a_damaged_row(tmp_path, capsys):
     """A row whose `synthesis` is null was an AttributeError from bench.synthesis_seconds (`ddkit report`
     refused it)."""
     row = {"dataset": "synthetic", "method": "random", "ipc": 1, "student": "tiny_convnet", "label_mode": "hard",
-           "acc": {"mean": 0.5, "std": 0.0}, "random": None, "bytes": {"total": 10}, "synthesis": {"seconds": 1.5}}
+           "acc": {"per_seed": [0.5], "mean": 0.5, "std": 0.0, "n": 1}, "random": None, "bytes": {"total": 10},
+           "synthesis": {"seconds": 1.5}}
     (tmp_path / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [row]}))
     assert run_cli(["show", str(tmp_path), "-q"], capsys)[:2] == (0, "")
     (tmp_path / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [{**row, "synthesis": None}]}))

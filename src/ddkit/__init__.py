@@ -126,7 +126,13 @@ def load(path, normalize: bool = False):
 
         return SoftLabelStore.load(where)
     if kind in ("evaluation", "evaluation-set") and where.is_file():
-        return read_json(where, "evaluation report")
+        from ddkit.evaluate.metrics import check_report
+
+        record = read_json(where, "evaluation report")
+        reports = record.get("evaluations") if kind == "evaluation-set" else [record]
+        for report in reports if isinstance(reports, list) else [{}]:  # a damaged list: refused as one
+            check_report(report if isinstance(report, dict) else {}, where)
+        return record
     if kind in _OTHER_LOADERS:
         raise DDKitError(f"{str(where)!r} is a {kind!r} record, which ddkit.load does not read; {_OTHER_LOADERS[kind]}")
     raise DDKitError(f"{str(where)!r} is a {kind!r} record, which ddkit.load does not know; {_LOADS}")

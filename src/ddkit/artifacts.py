@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -230,8 +231,9 @@ def read_json(path: str | Path, what: str = "file", mapping: bool = True) -> dic
     return data
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save tensors to safetensors atomically. ``metadata``: at most one entry, since safetensors writes
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Save tensors to safetensors atomically; returns the file's sha256 (what a manifest's
+    :data:`FILES_SHA256` records). ``metadata``: at most one entry, since safetensors writes
     several in an order that changes from call to call, and equal tensors must give equal bytes."""
     if metadata is not None and len(metadata) > 1:
         raise ValueError("save_tensors takes at most one metadata entry (several make the file's bytes vary), got "
@@ -239,6 +241,47 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     path = Path(path)
     with _atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        sha = file_sha256(tmp)  # read back from the page cache: about as fast as hashing the bytes in memory
+    return sha
+
+
+# the manifest field of an artifact's tensor files' sha256, by file name: {"images.safetensors": "ab12..."}.
+# Not part of any identity (config hashes, store identity): it says which bytes the artifact holds, not
+# what made them. Artifacts written before ddkit recorded it load without the check.
+FILES_SHA256 = "files_sha256"
+# file_sha256 of the files this process read, by (path, device, inode, size, mtime, ctime): a store or set
+# that a bench loads for every cell is hashed once; a file written or replaced since is hashed again
+_SHA256_READ: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (64 hex digits) of a file's bytes, read a chunk at a time (no copy of the file in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def check_sha256(manifest: dict[str, Any], folder: Path, name: str, kind: str, what: str = "file",
+                 fix: str = "re-create it") -> None:
+    """Refuse the tensor file ``name`` of the ``kind`` artifact in ``folder`` unless its bytes have the sha256
+    that the artifact's manifest records under :data:`FILES_SHA256` (a file swapped or edited since it
+    was written); no check for an artifact written before ddkit recorded them (no such field)."""
+    recorded = manifest.get(FILES_SHA256)
+    if recorded is None:
+        return
+    want = recorded.get(name) if isinstance(recorded, dict) else None
+    if not isinstance(want, str):
+        raise DDKitError(f"{str(folder / MANIFEST)!r} holds no sha256 of {name!r} in {FILES_SHA256}; the manifest is "
+                         f"damaged: re-create the {kind} artifact")
+    path = folder / name
+    try:
+        st = path.stat()
+        key = (str(path.absolute()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key not in _SHA256_READ:
+            _SHA256_READ[key] = file_sha256(path)
+    except OSError:
+        return  # missing or unreadable: load_tensors refuses it
+    if _SHA256_READ[key] != want:
+        raise DDKitError(f"{what} {str(path)!r} does not match its manifest (sha256); {fix}")
 
 
 def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:

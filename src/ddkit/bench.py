@@ -63,6 +63,7 @@ from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError, printable
 from ddkit.evaluate import metrics
+from ddkit.evaluate.metrics import cell_problem, check_report
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
@@ -704,7 +705,8 @@ class _Bench:
         """The evaluation cached at ``path``, unless it is missing or was made with another thread count
         (float sums depend on it: a student trained with another one is another number); ``say``: log
         that it is recomputed (once per cell: not again after waiting for the lock)."""
-        rep = reusable_stage(lambda: read_json(path), path, "evaluating")  # a damaged one is made again
+        # a damaged one (also one whose mean is not its seeds') is made again
+        rep = reusable_stage(lambda: check_report(read_json(path), path), path, "evaluating")
         if not rep:
             return None
         made = rep.get("run", {}).get("torch_threads")
@@ -779,6 +781,9 @@ class _Bench:
         except DDKitError:
             return None
         if rec.get("key") != self.cell_key(cell):
+            return None
+        if problem := cell_problem(rec):  # an edited number is not republished: the cell is made again
+            log.warning("bench cell %s holds %s; the cell is damaged: computing it again", path, problem)
             return None
         # a cell made with another thread count is recomputed (its evaluations too, in _evaluate); cells
         # made before 2026-12-05 recorded the thread count of their run, not of the cached evaluations

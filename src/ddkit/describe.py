@@ -141,6 +141,7 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
         # the record of a folder: check the folder's files
         if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
+        _check_numbers(kind, record, where)
         text = summarise(_printable_text(record))
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
@@ -157,6 +158,26 @@ def _printable_text(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _printable_text(v) for k, v in value.items()}
     return value
+
+
+_CELL_FIX = "the cell is damaged: delete it and re-run `ddkit bench` with the run's config to make it again"
+
+
+def _check_numbers(kind: str, record: dict, where: Path) -> None:
+    """Refuse an evaluation (or a run's or report's list of them), a bench cell or table whose summaries are not
+    their seeds' (an edited mean, a NaN, n not the number of seeds): ``show`` would print them as results."""
+    from ddkit.evaluate.metrics import cell_problem, check_report
+
+    if kind == "evaluation":
+        check_report(record, where)
+    elif kind in ("evaluation-set", "pipeline-run"):  # a run's manifest lists its evaluations too
+        for i, report in enumerate(record["evaluations"]):
+            check_report(report, f"{where}: evaluations[{i}]", "run `ddkit run` with its config again to rewrite it")
+    elif kind in ("bench-cell", "bench-table"):
+        for i, row in enumerate([record] if kind == "bench-cell" else record["rows"]):
+            if problem := cell_problem(row):
+                where_ = f"{str(where)!r}" + (f" rows[{i}]" if kind == "bench-table" else "")
+                raise DDKitError(f"{where_} holds {problem}; {_FIXES.get(kind, _CELL_FIX)}")
 
 
 # how to re-create a damaged record, where it is not the command that wrote it
@@ -229,9 +250,11 @@ def _check_experts(folder: Path) -> None:
     """What :func:`ddkit.methods.trajectory.load_experts` checks, from the files' headers: the manifest's
     fields, at least one expert, each expert file opens and holds a float ``trajectory`` of shape
     ``[epochs + 1, num_params]``; and the manifest's parameter list adds up to ``num_params`` and is
-    that of its model (as :meth:`ExpertBuffer.build_model` checks). Values (NaN) are not read."""
+    that of its model (as :meth:`ExpertBuffer.build_model` checks), and each file's bytes have the sha256 its
+    manifest records (about a second per GB). Values (NaN) are not decoded."""
     from safetensors import SafetensorError, safe_open
 
+    from ddkit.artifacts import check_sha256
     from ddkit.methods.trajectory import KIND, ExpertBuffer, read_experts_manifest
 
     manifest = read_experts_manifest(folder)
@@ -266,6 +289,7 @@ def _check_experts(folder: Path) -> None:
         if got != want or dtype not in ("F16", "BF16", "F32", "F64"):
             raise DDKitError(f"expert file {str(path)!r} holds trajectory {got} ({dtype}), manifest says {want} "
                              "(floating point); the buffer is corrupt, re-create it")
+        check_sha256(manifest, folder, entry["file"], KIND, "expert trajectory", "re-create the buffer")
 
 
 def _export_fix(kind: str) -> str:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ddkit.artifacts import (
+    FILES_SHA256,
     MANIFEST,
     DescribesDataset,
     artifact_folder,
@@ -36,6 +37,7 @@ from ddkit.artifacts import (
     base_manifest,
     check_classes,
     check_normalisation,
+    check_sha256,
     folder_kind,
     load_tensors,
     member,
@@ -174,10 +176,11 @@ class DistilledSet(DescribesDataset, Dataset):
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         with atomic_dir(out, kind=KIND) as tmp:
-            save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})
+            sums = {IMAGES: save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})}
             if self.soft_labels is not None:
-                save_tensors(tmp / SOFT, {"logits": self.soft_labels})
+                sums[SOFT] = save_tensors(tmp / SOFT, {"logits": self.soft_labels})
             save_grid(self.images, self.labels, self.classes, tmp / PREVIEW)
+            self.manifest = {**self.manifest, FILES_SHA256: sums}
             write_json(tmp / "manifest.json", self.manifest)
         self.path = out
         return out
@@ -251,6 +254,11 @@ class DistilledSet(DescribesDataset, Dataset):
                                  "floating-point logits; re-run distill --soft-labels")
             if not torch.isfinite(soft).all():
                 raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
+        # last, so that a damaged file is refused for what is wrong with it; a whole file swapped for another here
+        for what, name in (("distilled images", manifest["files"]["images"]),
+                           ("soft labels", manifest["files"].get("soft_labels"))):
+            if name:
+                check_sha256(manifest, path, name, KIND, what, "re-create the distilled set")
         return cls(images, labels, manifest, soft, path, normalize)
 
     def save_grid(self, path: str | Path, per_class: int = 10) -> Path:

@@ -33,6 +33,7 @@ from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, l
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
+from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
@@ -569,7 +570,8 @@ def run(
         key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
                            "teacher": teacher.fingerprint if teacher is not None else None,
                            **protocol_inputs(protocol)})
-        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and r,
+        # an edited number (a mean that is not its seeds') is a damaged report: evaluated again
+        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and check_report(r, p),
                                 path, "evaluating")
         if report:
             summary["reused"].append(path.name)

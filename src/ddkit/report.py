@@ -25,6 +25,7 @@ from ddkit.artifacts import (
 from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
 from ddkit.config import is_count
 from ddkit.errors import DDKitError, printable
+from ddkit.evaluate.metrics import cell_problem
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -216,7 +217,7 @@ def _check_table(table: dict, where: Path) -> None:
                    else f"ipc {ipc!r} (not a count)" if ipc is not None and not is_count(ipc)
                    else f"accuracy {acc!r} (not a mean in [0, 1])" if not (
                        isinstance(mean, (int, float)) and not isinstance(mean, bool) and 0 <= mean <= 1)
-                   else None)
+                   else cell_problem(row))  # a mean that is not its seeds' (edited) is not published
         if problem:
             raise DDKitError(f"{str(where)!r} holds {problem} in rows[{i}]; {_REBUILD}")
         seen.add(cell)

@@ -644,17 +644,23 @@ CONVERSIONS = {
 }
 
 
+#: what :func:`_read_image` says of a file over PIL's pixel limit (up to twice it: PIL refuses larger ones)
+OVER_PIXEL_LIMIT = "over_pixel_limit"
+
+
 def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
     """``[H, W]`` uint8 for grayscale files, ``[H, W, 3]`` for everything else, and what was converted
-    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels).
-    Callers ignore PIL's DecompressionBombWarning (see :func:`_read_images`)."""
+    (keys of :data:`CONVERSIONS`; ``"transparent"`` too when the dropped alpha held transparent pixels;
+    :data:`OVER_PIXEL_LIMIT` for a file over PIL's pixel limit, which PIL warns of in several lines of stderr:
+    callers ignore that warning and log one line per load, see :func:`_decode_imagefolder`)."""
     from PIL import Image
 
     try:
         im = Image.open(path)  # refuses images over twice PIL's pixel limit (DecompressionBombError, below)
         with im:
+            limit = Image.MAX_IMAGE_PIXELS
+            done = [OVER_PIXEL_LIMIT] if limit and im.width * im.height > limit else []
             im.load()
-            done = []
             if im.mode in _WIDE_GRAY_MODES:  # convert("L") would clip, not scale, 16-bit values
                 wide = np.asarray(im, dtype=np.float64)
                 if wide.size and (wide.min() < 0 or wide.max() > 65535):
@@ -838,9 +844,11 @@ def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes
     # mean/std of every training image (kept or not), by channels: 1 and 3 while all images so far are grayscale
     stats: dict[int, ChannelSums] = {}
     subsets = {"train": (cfg.train_per_class, cfg.subset_seed), "test": (cfg.test_per_class, cfg.subset_seed + 1)}
+    large: list[Path] = []  # files over PIL's pixel limit
     with warnings.catch_warnings():
-        # PIL warns (on stderr, several lines) of images between its pixel limit and twice that: a large photo is
-        # read and resized like any other (warning filters are process-wide, so the decoding threads see this one)
+        # PIL warns (on stderr, several lines, per image) of images between its pixel limit and twice that: a large
+        # photo is read and resized like any other, and said once per load below (warning filters are
+        # process-wide, so the decoding threads see this one)
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         for split in split_dirs:
             files, labels = listing[split]
@@ -859,7 +867,10 @@ def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes
             with closing(_read_images(files, cfg.image_size)) as decoded:
                 for path, row, (arr, done) in zip(files, slot, decoded):
                     for what in done:
-                        converted[split][what] = converted[split].get(what, 0) + 1
+                        if what == OVER_PIXEL_LIMIT:
+                            large.append(path)
+                        else:
+                            converted[split][what] = converted[split].get(what, 0) + 1
                     hw = arr.shape[:2]
                     if first is None:
                         first = (path, hw)
@@ -885,6 +896,8 @@ def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes
                         for channels, sums in stats.items():
                             sums.add(np.broadcast_to(chw, (channels, *hw))[None])
 
+    if large:
+        _log_large(large)
     for split in ("train", "test"):
         if colour and images[split].shape[1] == 1:
             images[split] = np.repeat(images[split], 3, axis=1)
@@ -896,6 +909,29 @@ def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes
     conversions = {split: {k: counts[k] for k in [*CONVERSIONS, "transparent"] if k in counts}
                    for split, counts in converted.items() if counts}
     return _Decoded(images, kept_labels, mean, std, conversions, files_read)
+
+
+def _log_large(files: list[Path]) -> None:
+    """One warning for the files over PIL's pixel limit that a load decoded, naming the largest: each takes
+    memory and time of its full size to decode (up to DECODE_WORKERS at once), however small it is on disk."""
+    from PIL import Image
+
+    from ddkit.cache import size_text
+
+    def pixels(path: Path) -> tuple[int, int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:  # the header only
+                return im.size
+
+    sizes = {path: pixels(path) for path in files}
+    path = max(files, key=lambda p: sizes[p][0] * sizes[p][1])
+    (w, h), others = sizes[path], len(files) - 1
+    others_text = f" ({others} other file{'s' if others > 1 else ''} too)" if others else ""
+    logger.warning("imagefolder: %s is %dx%d = %s pixels (%s on disk), over PIL's decompression-bomb limit of %s "
+                   "pixels%s; decoded anyway, which takes memory and time of its full size: shrink or remove such "
+                   "files if they are not meant to be there", path, w, h, f"{w * h:,}", size_text(path.stat().st_size),
+                   f"{Image.MAX_IMAGE_PIXELS:,}", others_text)
 
 
 def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> None:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 from ddkit.errors import DDKitError
 
-__all__ = ["ars", "check_fraction", "hlr", "ior", "lrs", "mean_std", "normalized_exp"]
+__all__ = ["ars", "cell_problem", "check_fraction", "check_report", "hlr", "ior", "lrs", "mean_std", "normalized_exp",
+           "report_problem", "summary_problem"]
 
 
 def check_fraction(value: float, name: str = "accuracy") -> float:
@@ -76,3 +77,65 @@ def mean_std(values: Sequence[float]) -> dict[str, float | list[float] | int]:
         return {"per_seed": [], "mean": float("nan"), "std": float("nan"), "n": 0}
     mean = sum(vals) / n
     return {"per_seed": vals, "mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in vals) / n), "n": n}
+
+
+# --- checking summaries read back from files ------------------------------------------------------
+
+# a bench cell's summaries of accuracies (fractions in [0, 1]) and of scores (gaps: negative too)
+CELL_ACCURACIES = ("acc", "random", "full_hard", "hard_acc", "aug_acc", "aug_random", "noaug_acc", "noaug_random")
+CELL_SCORES = ("ior", "hlr", "lrs", "ars", "aug_gap", "noaug_gap")
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def summary_problem(s: object, accuracy: bool = True) -> str | None:
+    """What is wrong with a ``{"per_seed", "mean", "std", "n"}`` summary read back from a file (a report, a
+    bench cell, a cache entry) that :func:`mean_std` would not have written, or None: ``per_seed`` finite
+    numbers (``accuracy``: in [0, 1]), ``n`` their count, ``mean`` and ``std`` their mean and population std
+    to rounding (an edited mean next to the seeds' own numbers is a damaged record, not a result)."""
+    if not isinstance(s, dict):
+        return f"{s!r}, not a summary (per_seed, mean, std, n)"
+    vals = s.get("per_seed")
+    if not (isinstance(vals, list) and all(_number(v) and math.isfinite(v) for v in vals)):
+        return f"per_seed {vals!r}, not a list of finite numbers"
+    if accuracy and not all(0 <= v <= 1 for v in vals):
+        return f"per_seed {vals!r}, not accuracies in [0, 1]"
+    if not (_number(s.get("n")) and s.get("n") == len(vals)):
+        return f"n {s.get('n')!r} for {len(vals)} per_seed values"
+    want = mean_std(vals)
+    for key, what in (("mean", "mean"), ("std", "population std")):
+        got = s.get(key)
+        ok = _number(got) and (math.isclose(got, want[key], rel_tol=1e-9, abs_tol=1e-12)
+                               or (not vals and math.isnan(got)))
+        if not ok:
+            return f"{key} {got!r}, not the {what} of its per_seed {vals} ({want[key]!r})"
+    return None
+
+
+def report_problem(report: dict) -> str | None:
+    """What is wrong with the ``results`` of an evaluation report (see :func:`summary_problem`), or None."""
+    results = report.get("results")
+    if not (isinstance(results, dict) and "distilled" in results):
+        return f"results {results!r}, not a mapping with the distilled set's accuracy"
+    for name, s in results.items():
+        if s is not None and (problem := summary_problem(s)):
+            return f"results.{name} {problem}"
+    return None
+
+
+def cell_problem(row: dict) -> str | None:
+    """What is wrong with the summaries of a bench cell or a bench table's row, or None."""
+    for keys, accuracy in ((CELL_ACCURACIES, True), (CELL_SCORES, False)):
+        for key in keys:
+            if row.get(key) is not None and (problem := summary_problem(row[key], accuracy)):
+                return f"{key} {problem}"
+    return None
+
+
+def check_report(report: dict, where: object, fix: str = "delete it and evaluate again") -> dict:
+    """``report`` (read from the file ``where``), unless its results are damaged: then a one-line error."""
+    if isinstance(report, dict) and (problem := report_problem(report)):
+        raise DDKitError(f"evaluation report {str(where)!r} holds {problem}; the report is damaged: {fix}")
+    return report

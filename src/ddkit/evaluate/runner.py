@@ -39,6 +39,7 @@ from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.distilled import DistilledSet, ipc_text
 from ddkit.errors import DDKitError, printable
+from ddkit.evaluate.metrics import summary_problem
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
@@ -320,6 +321,9 @@ def full_reference(
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
     with build_lock(cache):
         cached = _cache_entry(cache, "result", dict)
+        if cached is not None and (problem := summary_problem(cached)):
+            log.warning("cache entry %s is damaged (result %s); computing it again", cache, problem)
+            cached = None
         # ranks that disagree would take different paths: one returns, the others train in collectives
         if ddist.agree_found(cached is not None, f"the full-data reference {cache.name}", cache.parent):
             log.info("full-data reference from cache %s", cache)

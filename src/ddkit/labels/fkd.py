@@ -63,6 +63,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ddkit.artifacts import (
+    FILES_SHA256,
     MANIFEST,
     artifact_folder,
     atomic_dir,
@@ -70,6 +71,8 @@ from ddkit.artifacts import (
     check_classes,
     check_fields,
     check_output_dir,
+    check_sha256,
+    file_sha256,
     load_tensors,
     member,
     read_manifest,
@@ -116,6 +119,7 @@ def store_identity(store: str | Path | SoftLabelStore) -> str:
     else:
         man = read_manifest(store, KIND)
     man.pop("versions", None)
+    man.pop(FILES_SHA256, None)  # which bytes the file holds, not what made them (absent before a save)
     for part in ("teacher", "distilled"):
         if isinstance(man.get(part), dict):
             man[part] = {k: v for k, v in man[part].items() if k != "path"}
@@ -431,7 +435,10 @@ class SoftLabelStore:
                     or list(tensors[key].shape) != spec.get("shape")):
                 raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, "
                                  "re-run `ddkit relabel`")
-        return cls(tensors, man, path)
+        store = cls(tensors, man, path)  # checks the values: a damaged file is refused for what is wrong with it
+        check_sha256(man, path, files.get("labels", FILE), KIND, "FKD soft labels",
+                     "re-create the store with `ddkit relabel`")
+        return store
 
 
 def _write_store(out: Path, manifest: dict[str, Any], epochs: int, names: list[str],
@@ -445,6 +452,8 @@ def _write_store(out: Path, manifest: dict[str, Any], epochs: int, names: list[s
     man = {**manifest, **_layout_fields(epochs, spec)}
     with atomic_dir(out, kind=KIND) as tmp:
         _write_epochs(tmp / FILE, spec, epochs, row, {"kind": KIND})  # the format is in the manifest
+        # written a slice at a time out of order: hashed once whole, read back from the page cache
+        man[FILES_SHA256] = {FILE: file_sha256(tmp / FILE)}
         write_json(tmp / "manifest.json", man)
     return man
 

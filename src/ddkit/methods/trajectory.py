@@ -70,12 +70,14 @@ from torch.func import functional_call
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    FILES_SHA256,
     MANIFEST,
     artifact_folder,
     atomic_dir,
     base_manifest,
     build_lock,
     check_output_dir,
+    check_sha256,
     load_tensors,
     member,
     read_json,
@@ -547,8 +549,9 @@ def train_experts(
     if out is not None:
         if info.is_main:
             with atomic_dir(out, kind=KIND) as tmp:
-                for i, traj in enumerate(trajectories):
-                    save_tensors(tmp / _expert_file(i), {"trajectory": traj})
+                sums = {_expert_file(i): save_tensors(tmp / _expert_file(i), {"trajectory": traj})
+                        for i, traj in enumerate(trajectories)}
+                buffer.manifest[FILES_SHA256] = sums
                 write_json(tmp / "manifest.json", buffer.manifest)
             shutil.rmtree(partial, ignore_errors=True)
         ddist.barrier()
@@ -598,6 +601,7 @@ def load_experts(path: str | Path) -> ExpertBuffer:
         if not torch.isfinite(traj).all():
             raise DDKitError(f"expert file {str(path / entry['file'])!r} holds NaN or infinite weights; the buffer is "
                              "corrupt, re-create it")
+        check_sha256(manifest, path, entry["file"], KIND, "expert trajectory", "re-create the buffer")
         trajectories.append(traj.float())
     if not trajectories:
         raise DDKitError(f"expert buffer {str(path)!r} has no experts; re-create it")
