@@ -497,10 +497,17 @@ def test_show_json_refuses_a_record_holding_nan(demo_run, tmp_path, capsys):
     """`show --json` of a report whose mean was NaN printed `"mean": NaN`, which is not JSON; like any
     damaged record, it is now refused in one line."""
     report = json.loads((demo_run / "run" / "eval-hard.json").read_text())
-    report["results"]["distilled"]["mean"] = float("nan")
+    seeds = report["results"]["distilled"]["per_seed"]
+    report["results"]["distilled"]["mean"] = float("nan")  # refused by the check of summaries against per_seed
+    (tmp_path / "nan.json").write_text(json.dumps(report))
+    assert len(seeds) == 1 and run_cli(["show", "--json", str(tmp_path / "nan.json")], capsys) == (
+        2, "", f"error: evaluation report {str(tmp_path / 'nan.json')!r} holds results.distilled mean nan, not the "
+               f"mean of its per_seed {seeds} ({seeds[0]!r}); the report is damaged: delete it and evaluate again\n")
+    report["results"]["distilled"]["mean"] = report["results"]["distilled"]["per_seed"][0]
+    report["wall_seconds"] = float("nan")  # a number no check reads
     (tmp_path / "nan.json").write_text(json.dumps(report))
     assert run_cli(["show", "--json", str(tmp_path / "nan.json")], capsys) == (
-        2, "", f"error: {str(tmp_path / 'nan.json')!r} holds results.distilled.mean = nan, a number JSON cannot hold; "
+        2, "", f"error: {str(tmp_path / 'nan.json')!r} holds wall_seconds = nan, a number JSON cannot hold; "
                "the record is damaged, re-create it\n")
     code, out, _ = run_cli(["show", "--json", str(demo_run / "run" / "eval-hard.json")], capsys)
     assert code == 0 and json.loads(out) == json.loads((demo_run / "run" / "eval-hard.json").read_text())
