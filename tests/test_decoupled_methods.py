@@ -921,6 +921,9 @@ def test_torchrun_shards_units_and_matches_single_process(tmp_path):
     run(*distill, "--out", "d2", ranks=2, cache="cache2")  # the statistics pass also runs under torchrun
     a, b = load_file(str(tmp_path / "d1/images.safetensors")), load_file(str(tmp_path / "d2/images.safetensors"))
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+    # final_losses are the last unit's (made by rank 1 of 2: 3 slots x 2 class chunks), not rank 0's last one's
+    one, two = (json.loads((tmp_path / d / "manifest.json").read_text())["meta"]["final_losses"] for d in ("d1", "d2"))
+    assert set(one) >= {"loss", "loss_stats"} and one == two
     # the real-data statistics pass was sharded over the 2 ranks (all-reduced float64 sums)
     (s1,), (s2,) = ((tmp_path / c).glob("statistics/*/statistics.safetensors") for c in ("cache", "cache2"))
     one, two = load_file(str(s1)), load_file(str(s2))

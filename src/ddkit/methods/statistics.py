@@ -1113,6 +1113,8 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         images[positions(u)] = part
 
     common.gather_units(done, [(len(positions(u)), *real.image_shape) for u in range(len(units))], place)
+    # final_losses: the last unit's last step, as one process records them (not rank 0's last unit's)
+    final = max(ddist.all_gather_objects((mine[-1] if mine else -1, common.floats(last))), key=lambda p: p[0])[1]
     if images is None:
         return None
     labels_all = torch.arange(k).repeat_interleave(ipc)
@@ -1120,7 +1122,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
         "teachers": [t.fingerprint for t in teachers],
         "statistics": stat_paths,
         "layers_matched": {s.teacher.fingerprint: s.keys for s in states},
-        "final_losses": common.floats(last),
+        "final_losses": final,
     }
     return SyntheticSet(images, labels_all, meta=meta)
 
