@@ -349,6 +349,22 @@ def test_show_checks_exports(demo_run, tmp_path, capsys):
     png = bad / "000_class0" / "00000.png"
     assert _refused(["show", str(bad), "-q"], capsys) == (
         f"image {str(png)!r} does not open (cannot identify image file {str(png)!r}); {fix}")
+    from PIL import Image
+
+    bad = tmp_path / "odd-size"  # a 9x5 image among the export's others passed
+    shutil.copytree(folders, bad)
+    first = bad / "000_class0" / "00000.png"
+    with Image.open(first) as im:
+        w, h, mode = *im.size, im.mode
+    png = bad / "001_class1" / "00001.png"
+    Image.new(mode, (9, 5)).save(png)
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"image {str(png)!r} is 9x5 {mode}, but {str(first)!r} is {w}x{h} {mode}: an export's images share one "
+        f"size and mode; {fix}")
+    Image.new("RGB", (w, h)).save(png)
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"image {str(png)!r} is {w}x{h} RGB, but {str(first)!r} is {w}x{h} {mode}: an export's images share one "
+        f"size and mode; {fix}")
     bad = tmp_path / "cut"
     shutil.copytree(ranking, bad)
     (bad / "images.pt").write_bytes((bad / "images.pt").read_bytes()[:200])

@@ -298,7 +298,7 @@ def _export_fix(kind: str) -> str:
 
 def _check_imagefolder(folder: Path, meta: dict) -> None:
     """An image-folder export holds a folder of images for each class of its classes.json (as many in
-    each when the set had a fixed IPC), and every image opens."""
+    each when the set had a fixed IPC), and every image opens, all of one size and mode (as a set's are)."""
     from PIL import Image, UnidentifiedImageError
 
     from ddkit.distilled import class_folder_names
@@ -310,7 +310,7 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
     names = meta.get("folders", class_folder_names(classes))  # exports before the record named them
     if not (isinstance(names, list) and len(names) == len(classes) and all(isinstance(n, str) for n in names)):
         raise DDKitError(f"{str(where)!r} holds folders {names!r}, not one folder name per class; {_export_fix(kind)}")
-    counts = {}
+    counts, shape, first = {}, None, None
     for i, name in enumerate(names):
         path = member(folder, name, where, f"folders[{i}]", "export the distilled set again")
         images = sorted(path.glob("*.png")) if path.is_dir() else []
@@ -321,10 +321,17 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
             try:
                 with Image.open(image) as im:
                     im.verify()
+                    this = (im.size, im.mode)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
                 raise DDKitError(f"image {str(image)!r} does not open "
                                  f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                  f"{_export_fix(kind)}") from None
+            if shape is None:
+                shape, first = this, image
+            elif this != shape:
+                raise DDKitError(f"image {str(image)!r} is {this[0][0]}x{this[0][1]} {this[1]}, but "
+                                 f"{str(first)!r} is {shape[0][0]}x{shape[0][1]} {shape[1]}: an export's images "
+                                 f"share one size and mode; {_export_fix(kind)}")
     usual = max(set(counts.values()), key=list(counts.values()).count)
     odd = [f"{n} in {name!r}" for name, n in counts.items() if n != usual]
     if isinstance(meta.get("ipc"), int) and odd:  # a set of a fixed IPC has as many images of every class
