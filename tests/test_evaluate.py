@@ -6,7 +6,7 @@ import torch
 
 from conftest import twice_at_once
 from ddkit.data.base import DatasetConfig, make_synthetic
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import evaluate, format_table, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
@@ -476,38 +476,6 @@ def test_protocol_picks_the_loss_of_a_soft_label_mode_as_resolve_protocol_does()
         "soft-kl": "7d9477511be45149"}
 
 
-def test_replace_with_another_label_mode_picks_its_loss_unless_one_was_given():
-    """dataclasses.replace(ProtocolConfig(), label_mode="teacher") was refused ("needs loss 'kl' ..."): the
-    default loss resolved to "ce" was passed on as if given. A loss given explicitly still has to fit the mode;
-    the hash, identity and saved (to_dict/YAML) form of a replaced protocol are those of one built directly."""
-    import copy
-
-    import yaml
-
-    from ddkit.config import ConfigError, to_dict
-    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
-
-    for mode in ("teacher", "stored", "fkd"):
-        soft = dataclasses.replace(ProtocolConfig(), label_mode=mode)
-        assert soft.loss == "kl" and soft == ProtocolConfig(label_mode=mode)
-        assert soft.hash == ProtocolConfig(label_mode=mode).hash == resolve_protocol("dc-protocol",
-                                                                                      {"label_mode": mode}).hash
-        back = dataclasses.replace(soft, label_mode="hard")
-        assert back.loss == "ce" and back.hash == ProtocolConfig().hash == "26ab4d31935aff70"
-    saved = to_dict(dataclasses.replace(ProtocolConfig(), label_mode="teacher"))
-    assert type(saved["loss"]) is str and "loss: kl\n" in yaml.safe_dump(saved)  # saved resolved, as before
-    if hasattr(copy, "replace"):  # Python 3.13
-        assert copy.replace(ProtocolConfig(), label_mode="teacher").loss == "kl"
-    assert dataclasses.replace(ProtocolConfig(), label_mode="teacher", loss="mse_ce").loss == "mse_ce"
-    with pytest.raises(ConfigError, match=r"^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
-        dataclasses.replace(ProtocolConfig(), label_mode="teacher", loss="ce")
-    with pytest.raises(ConfigError, match=r"^label_mode 'hard' needs loss 'ce', got 'mse_ce'"):
-        dataclasses.replace(PROTOCOLS.get("edc")(), label_mode="hard")  # edc gives mse_ce explicitly
-    with pytest.raises(ConfigError, match=r"^label_mode 'hard' needs loss 'ce', got 'kl'"):
-        dataclasses.replace(PROTOCOLS.get("soft-kl")(), label_mode="hard")  # soft-kl gives kl explicitly
-    assert dataclasses.replace(PROTOCOLS.get("soft-kl")(), label_mode="stored").loss == "kl"
-
-
 def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, tmp_path):
     """A DataBundle built from tensors in memory could be distilled only with a DatasetConfig naming no
     registered dataset, which the set recorded and evaluation could not load ("unknown dataset 'mine'").
@@ -601,3 +569,25 @@ def test_the_callable_evaluate_module_has_the_functions_signature():
 
     assert inspect.signature(ddkit.evaluate) == inspect.signature(function)
     assert list(inspect.signature(ddkit.evaluate).parameters)[:3] == ["distilled", "protocol", "seeds"]
+
+
+def test_switching_a_protocols_label_mode_picks_the_new_modes_loss():
+    """The README's way to switch a protocol's mode: resolve_protocol with the new label_mode picks its loss
+    (kl), also from a preset whose loss was resolved to ce; the config stays plain data (YAML, weights_only)."""
+    import dataclasses
+    import io
+
+    import yaml
+
+    from ddkit.evaluate.protocol import ProtocolConfig
+
+    for base in (ProtocolConfig(), resolve_protocol("dc-protocol")):
+        soft = resolve_protocol(base, {"label_mode": "teacher"})
+        assert (soft.label_mode, soft.loss, base.loss) == ("teacher", "kl", "ce")
+        assert type(soft.loss) is str and yaml.safe_load(yaml.safe_dump(dataclasses.asdict(soft)))["loss"] == "kl"
+        buf = io.BytesIO()
+        torch.save(dataclasses.asdict(soft), buf)
+        buf.seek(0)
+        assert torch.load(buf, weights_only=True)["loss"] == "kl"
+    with pytest.raises(ConfigError, match=r"^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
+        dataclasses.replace(ProtocolConfig(), label_mode="teacher")

@@ -423,7 +423,7 @@ def to_dict(obj: Any, identity: bool = False) -> Any:
         return [to_dict(v, identity) for v in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v, identity) for k, v in obj.items()}
-    if isinstance(obj, Path) or (isinstance(obj, str) and type(obj) is not str):  # a marked str: plain (YAML)
+    if isinstance(obj, Path):
         return str(obj)
     return obj
 

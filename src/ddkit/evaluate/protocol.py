@@ -28,14 +28,6 @@ _UNKNOWN_STUDENTS: set[str] = set()  # students warned about once per process
 FKD_STORE_MARK = "<keyed by the store's content>"
 
 
-class _DefaultLoss(str):
-    """The loss a ``ProtocolConfig`` picked for ``loss`` left at None: its label mode's. The mark travels with the
-    value, so ``dataclasses.replace(p, label_mode=...)``, which passes every field on, picks the new mode's loss
-    instead of refusing the old mode's; :func:`~ddkit.config.to_dict` (saved configs, hashes) gives the plain string."""
-
-    __slots__ = ()
-
-
 @dataclass
 class ProtocolConfig(Checked):
     """How students are trained and tested."""
@@ -77,8 +69,8 @@ class ProtocolConfig(Checked):
     full_seeds: int = field(1, help="how many of the seeds the full-data reference uses")
 
     def __post_init__(self) -> None:
-        if self.loss is None or isinstance(self.loss, _DefaultLoss):  # the label mode's, as resolve_protocol picks it
-            self.loss = _DefaultLoss("ce" if self.label_mode == "hard" else "kl")
+        if self.loss is None:  # left at its default: the label mode's loss, as resolve_protocol picks it
+            self.loss = "ce" if self.label_mode == "hard" else "kl"
         if self.label_mode == "hard" and self.loss != "ce":
             raise ConfigError(f"label_mode 'hard' needs loss 'ce', got {self.loss!r}; set loss=ce or a soft label_mode")
         if self.label_mode != "hard" and self.loss == "ce":
