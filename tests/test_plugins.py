@@ -4,6 +4,7 @@ mistakes a method author makes end in one line that names the fix."""
 import hashlib
 import importlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 
@@ -584,3 +585,20 @@ def test_a_plugin_without_own_imports_keeps_its_file_sha(tmp_path, monkeypatch, 
     mod = _plugin(tmp_path, monkeypatch, "plainplug", imports + NET.format(key="plain_net"))
     assert source_deps(mod.plain_net) == []
     assert source_record(mod.plain_net) == {"source_sha256": _sha(tmp_path / "plainplug.py")}
+
+
+def test_bound_arguments_of_a_partial_are_the_same_in_every_process():
+    """A partial binding a set hashed its repr, whose order changes with PYTHONHASHSEED: every process gave the
+    plugin model another identity (nothing reused, torchrun ranks disagreeing)."""
+    import subprocess
+    import sys
+
+    code = ("import functools, json; from ddkit.registry import bound_arguments; "
+            "print(json.dumps(bound_arguments(functools.partial(max, tags={'alpha', 'beta', 'gamma', 'delta'}, "
+            "frozen=frozenset({3, 1, 2}), keyed={1: 'a', 0: 'b'})), sort_keys=True))")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3", "4")}
+    assert len(outs) == 1
+    assert json.loads(outs.pop())["keywords"] == {
+        "tags": {"set": ["alpha", "beta", "delta", "gamma"]}, "frozen": {"set": [1, 2, 3]},
+        "keyed": {"items": [[1, "a"], [0, "b"]]}}

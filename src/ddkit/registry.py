@@ -302,6 +302,10 @@ def _stable(value: object, p: functools.partial) -> object:
         return [_stable(v, p) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _stable(v, p) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):  # its iteration order (and repr) changes with PYTHONHASHSEED
+        return {"set": sorted((_stable(v, p) for v in value), key=_json_key)}
+    if isinstance(value, dict):  # other keys: as (key, value) pairs
+        return {"items": [[_stable(k, p), _stable(v, p)] for k, v in value.items()]}
     if isinstance(value, functools.partial):
         return {"def": origin(value), "bound": bound_arguments(value)}
     name = getattr(value, "__qualname__", None)
@@ -314,6 +318,10 @@ def _stable(value: object, p: functools.partial) -> object:
                     "identity of what the partial makes as its type only, and a change of it is not tracked; bind "
                     "numbers, strings, lists or dicts instead (the settings the object is made from)", origin(p), text)
     return {"repr": text}
+
+
+def _json_key(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
 
 
 def _unwrap(obj: object) -> object:
