@@ -552,3 +552,15 @@ def test_show_and_errors_escape_control_characters_read_from_artifacts(demo_run,
     assert len(lines) == 5  # header, rule, set, random, full
     cli._error("class 'a\x1b[31m' of\tteacher")
     assert capsys.readouterr().err == "error: class 'a\\x1b[31m' of\tteacher\n"
+
+
+def test_escaping_keeps_real_names_and_escapes_what_moves_the_terminal():
+    """Escaping every non-printable character mangled real names and paths (a no-break space, an emoji's
+    zero-width joiner printed as \\xa0, \\u200d); only controls, line separators and bidi overrides are escaped."""
+    from ddkit.errors import printable
+
+    for name in ("café", "漢字", "a\u00a0b", "👩\u200d💻", "x\u200by"):
+        assert printable(name) == name
+    assert printable("a\x1b[2Jb\x07\x9bc") == "a\\x1b[2Jb\\x07\\x9bc"
+    assert printable("evil\u202egnp.exe\u2066") == "evil\\u202egnp.exe\\u2066"
+    assert printable("one\u2028two\nthree", keep="\n") == "one\\u2028two\nthree"

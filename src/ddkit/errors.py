@@ -5,6 +5,8 @@ Every problem a user can cause (bad input, unknown names, mismatched classes) ra
 into ``error: <message>`` on stderr and exit code 2; library users catch it like any exception.
 """
 
+import unicodedata
+
 
 class DDKitError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
@@ -22,10 +24,19 @@ class ImageTooSmall(DDKitError):
     """A model that cannot be built for images this small (too many poolings or strides)."""
 
 
+_BIDI = set("\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder what follows
+
+
+def _unsafe(c: str) -> bool:
+    """A control character (a terminal escape sequence, a newline inside a table cell), a line or paragraph
+    separator, or a bidirectional override; not other invisible characters of real names (no-break space, joiners)."""
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI
+
+
 def printable(text: str, keep: str = "") -> str:
-    """``text`` with every character that is not printable (control characters: a terminal escape sequence, a
-    newline inside a table cell), except those in ``keep``, written as ``repr`` writes it (``\\x1b``, ``\\n``):
-    text read from an artifact a terminal then shows as it is."""
+    """``text`` with every control character, line separator and bidirectional override (:func:`_unsafe`), except
+    those in ``keep``, written as ``repr`` writes it (``\\x1b``, ``\\n``, ``\\u202e``): text read from an artifact
+    a terminal then shows as it is."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+    return "".join(repr(c)[1:-1] if _unsafe(c) and c not in keep else c for c in text)
