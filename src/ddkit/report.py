@@ -98,7 +98,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         for key, rs in series.items():
             if key[:3] == panel:
                 ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=key[3])
+                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=printable(key[3]))
         band = _random_band(series, panel)
         if len(band) > 1:
             ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
@@ -108,7 +108,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
             ((ipc, b),) = band.items()
             ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color="gray", marker="s", capsize=3,
                         label="random subset")
-        finish(ax, "images per class", " / ".join(panel))
+        finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
@@ -120,15 +120,15 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         for key, rs in series.items():
             if key[:3] == panel:
                 ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=key[3])
-        finish(ax, "bytes (images + labels)", " / ".join(panel))
+                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=printable(key[3]))
+        finish(ax, "bytes (images + labels)", " / ".join(map(printable, panel)))
     save(fig, "acc_vs_bytes.png")
 
     # synthesis time vs accuracy
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, rs in series.items():
         ax.scatter([max(synthesis_seconds(r), 1e-3) for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                   label=" / ".join(key), s=20)
+                   label=" / ".join(map(printable, key)), s=20)
     finish(ax, "synthesis wall time (s, without shared statistics / expert buffers)", legend=6)
     save(fig, "time_vs_acc.png")
     return written
