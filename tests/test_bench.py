@@ -1108,3 +1108,28 @@ def test_edited_numbers_in_cells_cached_evaluations_and_the_full_reference_are_n
     assert (f"cache entry {reference} is damaged (result mean 0.01, not the mean of its per_seed "
             f"{row['full_hard']['per_seed']} ({row['full_hard']['mean']!r})); computing it again") in caplog.text
     assert json.loads(reference.read_text())["result"]["mean"] == row["full_hard"]["mean"]
+
+
+@pytest.mark.parametrize("first", ["what", "label", "stage", "name", "desc"])
+def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
+    """A (stage, done, total) callback was taken for the new form and called with (int, int, dict)."""
+    import inspect
+
+    from ddkit.bench import _stage_form
+
+    seen = []
+
+    def old(*args):
+        seen.append(args)
+
+    old.__signature__ = inspect.Signature(  # (first, done, total), as the user named them
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (first, "done", "total")])
+    with pytest.warns(DeprecationWarning, match=r"now calls stage_progress\(step, total, record\)"):
+        wrapped = _stage_form(old)
+    wrapped(2, 5, {"stage": "teacher synthetic", "loss": 0.5})
+    assert seen == [("teacher synthetic", 2, 5)]
+
+    def new(step, total, record):
+        seen.append((step, total, record["stage"]))
+
+    assert _stage_form(new) is new

@@ -904,14 +904,18 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     return rows
 
 
+_OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title")  # first parameters of the old form
+
+
 def _stage_form(stage_progress: Callable | None) -> StageProgress | None:
     """``stage_progress`` as a ``(step, total, record)`` callback; one of the old ``(what, done, total)`` form, told by
-    its first parameter's name (``what``, as documented, or ``label``), wrapped with a DeprecationWarning."""
+    its first parameter's name (``what``, as documented, or another name of a label: :data:`_OLD_FIRST`), wrapped
+    with a DeprecationWarning."""
     try:
         params = list(inspect.signature(stage_progress).parameters) if stage_progress is not None else []
     except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
         params = []
-    if not params or params[0] not in ("what", "label"):
+    if not params or params[0] not in _OLD_FIRST:
         return stage_progress
     warnings.warn("run_bench(stage_progress=) now calls stage_progress(step, total, record), record['stage'] naming "
                   "the stage; the old form stage_progress(what, done, total) goes in the next release: rename the "
