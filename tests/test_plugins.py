@@ -602,3 +602,27 @@ def test_bound_arguments_of_a_partial_are_the_same_in_every_process():
     assert json.loads(outs.pop())["keywords"] == {
         "tags": {"set": ["alpha", "beta", "delta", "gamma"]}, "frozen": {"set": [1, 2, 3]},
         "keyed": {"items": [[1, "a"], [0, "b"]]}}
+
+
+def test_a_users_partial_of_a_ddkit_model_is_identified_by_what_it_binds(registries):
+    """A user's `partial(convnet, width=8)` registered again under its key with width=16 kept its teacher key
+    (ddkit's function has no plugin source), reusing the narrow teacher; ddkit's own registrations keep theirs."""
+    from functools import partial
+
+    from ddkit.models.convnet import convnet
+    from ddkit.models.registry import model_source
+    from ddkit.registry import OwnPartial
+    from ddkit.teacher import TeacherConfig
+    from ddkit.teacher.squeeze import teacher_hash
+
+    assert isinstance(MODELS.get("convnet3-w32"), OwnPartial) and model_source("convnet3-w32") == {
+        "module": "ddkit.models.convnet.convnet"}
+    keys = []
+    for width in (8, 16, 8):
+        MODELS._entries.pop("my_conv", None)
+        MODELS.add("my_conv", partial(convnet, depth=2, width=width))
+        keys.append(teacher_hash(TeacherConfig(model="my_conv")))
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    assert model_source("my_conv")["source_sha256"] == hashlib.sha256(json.dumps(
+        {"def": "ddkit.models.convnet.convnet", "bound": {"args": [], "keywords": {"depth": 2, "width": 8}}},
+        sort_keys=True, separators=(",", ":")).encode()).hexdigest()

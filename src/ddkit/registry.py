@@ -162,15 +162,27 @@ def _source(obj: object) -> tuple[str | None, tuple[str, ...]]:
     return found
 
 
+class OwnPartial(functools.partial):
+    """A ``functools.partial`` that ddkit registers itself (``convnet3-w32``, ``tv_resnet18``): the key names what
+    it binds and ddkit's version counts, so its identity is its key alone, as before partials were hashed. A
+    user's partial of one of ddkit's functions is hashed with its bound arguments."""
+
+
 def _read_source(obj: object) -> tuple[str | None, tuple[str, ...]]:
     if isinstance(obj, functools.partial):
         sha, deps = _source(obj.func)
-        if sha is None or not (obj.args or obj.keywords):  # ddkit's own (or untracked), or nothing bound
+        if isinstance(obj, OwnPartial) or not (obj.args or obj.keywords):  # ddkit's own, or nothing bound
             return sha, deps
-        blob = json.dumps({"source_sha256": sha, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
+        if sha is not None:
+            base: dict = {"source_sha256": sha}
+        elif _is_ddkit(_unwrap(obj.func)):  # a user's partial of ddkit's function: its arguments alone
+            base = {"def": origin(obj.func)}
+        else:  # a source that cannot be read (warned)
+            return None, deps
+        blob = json.dumps({**base, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest(), deps
     module = getattr(obj, "__module__", None) or ""
-    if module == "ddkit" or module.startswith("ddkit."):
+    if _is_ddkit(obj):
         return None, ()
     try:
         path = inspect.getsourcefile(obj) or ""
@@ -318,6 +330,11 @@ def _stable(value: object, p: functools.partial) -> object:
                     "identity of what the partial makes as its type only, and a change of it is not tracked; bind "
                     "numbers, strings, lists or dicts instead (the settings the object is made from)", origin(p), text)
     return {"repr": text}
+
+
+def _is_ddkit(obj: object) -> bool:
+    module = getattr(obj, "__module__", None) or ""
+    return module == "ddkit" or module.startswith("ddkit.")
 
 
 def _json_key(value: object) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from functools import partial
 from typing import Any
 
 import torch
@@ -35,6 +34,7 @@ from torch import nn
 
 from ddkit.errors import DDKitError, ImageTooSmall
 from ddkit.models.registry import MODELS, check_positive_int, register_name_parser
+from ddkit.registry import OwnPartial
 
 NORMS = ("instancenorm", "batchnorm", "layernorm", "none")
 POOLINGS = ("avgpooling", "maxpooling", "none")
@@ -171,7 +171,7 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "convnet3-w32-bn": {"depth": 3, "width": 32, "norm": "batchnorm"},
 }
 for _name, _opts in _VARIANTS.items():
-    MODELS.add(_name, partial(convnet, **_opts))
+    MODELS.add(_name, OwnPartial(convnet, **_opts))
 
 
 _NAME = re.compile(r"convnet(?:(\d)|d(\d+))?((?:-[^-]*)*)")

@@ -7,16 +7,15 @@ Linear(hidden=32) -> ReLU -> Linear.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import nn
 
 from ddkit.errors import DDKitError
 from ddkit.models.convnet import convnet
 from ddkit.models.registry import MODELS, check_positive_int
+from ddkit.registry import OwnPartial
 
-MODELS.add("tiny_convnet", partial(convnet, depth=2, width=8))
+MODELS.add("tiny_convnet", OwnPartial(convnet, depth=2, width=8))
 
 
 class MLP(nn.Module):

@@ -29,7 +29,6 @@ VGG-11-BN at >= 64 px, where it is the 4096-wide output of the classifier's seco
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +37,7 @@ from torch import nn
 from ddkit.data.augment import resize_bilinear
 from ddkit.determinism import global_avg_pool
 from ddkit.models.registry import MODELS
+from ddkit.registry import OwnPartial
 
 logger = logging.getLogger(__name__)
 
@@ -190,4 +190,4 @@ def torchvision_model(
 
 
 for _arch in ARCHS:
-    MODELS.add(f"tv_{_arch}", partial(torchvision_model, _arch))
+    MODELS.add(f"tv_{_arch}", OwnPartial(torchvision_model, _arch))
