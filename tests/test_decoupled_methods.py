@@ -728,6 +728,20 @@ def _recover_rank(rank: int, store_path: str, tmp: str) -> None:
     os._exit(0)  # see tests/test_distributed.py::_train_bn_rank
 
 
+def _teacher_then_one_process(tmp_path, single):
+    """Train a small BatchNorm teacher into ``tmp_path / "t"``, then return ``single()`` (the one-process run)
+    computed with the ranks' thread count (1)."""
+    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
+                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
+    train_teacher(make_synthetic(), cfg, tmp_path / "t")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return single()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_recover_under_torchrun_holds_each_ranks_own_units_and_gathers_on_rank_0(tmp_path):
     """Every rank built the initial images of the whole set, and all ranks gathered every unit
     (``all_gather``), although rank 0 alone saves. Each rank now builds its own units' images, sends
@@ -736,15 +750,7 @@ def test_recover_under_torchrun_holds_each_ranks_own_units_and_gathers_on_rank_0
     import torch.multiprocessing as mp
 
     data = make_synthetic()
-    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
-                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
-    train_teacher(data, cfg, tmp_path / "t")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' thread count
-    try:
-        one = _sre2l_distill(tmp_path / "t", tmp_path / "d1")
-    finally:
-        torch.set_num_threads(threads)
+    one = _teacher_then_one_process(tmp_path, lambda: _sre2l_distill(tmp_path / "t", tmp_path / "d1"))
     mp.spawn(_recover_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for got in (r0, r1):
@@ -832,15 +838,7 @@ def test_rded_under_torchrun_sends_each_rank_only_the_rows_it_needs(tmp_path):
     import torch.multiprocessing as mp
 
     data = make_synthetic()
-    cfg = TeacherConfig(model="convnet", model_options={"depth": 2, "width": 8, "norm": "batchnorm"},
-                        train=TrainConfig(epochs=1, batch_size=32, lr=0.05))
-    train_teacher(data, cfg, tmp_path / "t")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks' thread count
-    try:
-        one = _rded_distills(str(tmp_path / "t"), tmp_path, "one")
-    finally:
-        torch.set_num_threads(threads)
+    one = _teacher_then_one_process(tmp_path, lambda: _rded_distills(str(tmp_path / "t"), tmp_path, "one"))
     mp.spawn(_rded_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for name in ("rded", "sre2l"):
