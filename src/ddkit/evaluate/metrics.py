@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from ddkit.config import short_repr
 from ddkit.errors import DDKitError
 
 __all__ = ["ars", "cell_problem", "check_fraction", "check_report", "hlr", "ior", "lrs", "mean_std", "normalized_exp",
@@ -96,21 +97,21 @@ def summary_problem(s: object, accuracy: bool = True) -> str | None:
     numbers (``accuracy``: in [0, 1]), ``n`` their count, ``mean`` and ``std`` their mean and population std
     to rounding (an edited mean next to the seeds' own numbers is a damaged record, not a result)."""
     if not isinstance(s, dict):
-        return f"{s!r}, not a summary (per_seed, mean, std, n)"
+        return f"{short_repr(s)}, not a summary (per_seed, mean, std, n)"
     vals = s.get("per_seed")
     if not (isinstance(vals, list) and all(_number(v) and math.isfinite(v) for v in vals)):
-        return f"per_seed {vals!r}, not a list of finite numbers"
+        return f"per_seed {short_repr(vals)}, not a list of finite numbers"
     if accuracy and not all(0 <= v <= 1 for v in vals):
-        return f"per_seed {vals!r}, not accuracies in [0, 1]"
+        return f"per_seed {short_repr(vals)}, not accuracies in [0, 1]"
     if not (_number(s.get("n")) and s.get("n") == len(vals)):
-        return f"n {s.get('n')!r} for {len(vals)} per_seed values"
+        return f"n {short_repr(s.get('n'))} for {len(vals)} per_seed values"
     want = mean_std(vals)
     for key, what in (("mean", "mean"), ("std", "population std")):
         got = s.get(key)
         ok = _number(got) and (math.isclose(got, want[key], rel_tol=1e-9, abs_tol=1e-12)
                                or (not vals and math.isnan(got)))
         if not ok:
-            return f"{key} {got!r}, not the {what} of its per_seed {vals} ({want[key]!r})"
+            return f"{key} {short_repr(got)}, not the {what} of its per_seed {short_repr(vals)} ({want[key]!r})"
     return None
 
 
@@ -118,7 +119,7 @@ def report_problem(report: dict) -> str | None:
     """What is wrong with the ``results`` of an evaluation report (see :func:`summary_problem`), or None."""
     results = report.get("results")
     if not (isinstance(results, dict) and "distilled" in results):
-        return f"results {results!r}, not a mapping with the distilled set's accuracy"
+        return f"results {short_repr(results)}, not a mapping with the distilled set's accuracy"
     for name, s in results.items():
         if s is not None and (problem := summary_problem(s)):
             return f"results.{name} {problem}"
