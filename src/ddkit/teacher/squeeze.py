@@ -215,7 +215,8 @@ def _check_weights_header(path: Path, want: dict[str, tuple[list[int], torch.dty
         raise DDKitError(f"teacher weights {str(path)!r} not found; the artifact is incomplete, re-create it")
     try:
         with safe_open(str(path), framework="pt") as f:
-            held = {k: (list(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+            slices = {k: f.get_slice(k) for k in f.keys()}  # noqa: SIM118
+            held = {k: (list(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise DDKitError(f"teacher weights {str(path)!r} is corrupt ({str(exc).splitlines()[0]}); re-create "
                          "it") from None
@@ -427,17 +428,14 @@ def train_teacher(
         if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
             # the returned model may be the EMA copy, and buffers (BatchNorm) are not checked per epoch
             raise Diverged(cfg.train.epochs, cfg.train.epochs)
-    except Diverged as exc:
-        if state_path is not None and info.is_main:  # the same settings diverge again: nothing to resume
+    except (Diverged, NonFiniteOutputs) as exc:
+        if state_path is not None and info.is_main:  # the same settings fail again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
-        raise DDKitError(f"teacher {exc}; nothing was saved: lower teacher.train.lr (now {cfg.train.lr:g})") from None
-    except NonFiniteOutputs as exc:  # finite weights (else Diverged): BatchNorm statistics of too few images
-        if state_path is not None and info.is_main:
-            with contextlib.suppress(FileNotFoundError):
-                state_path.unlink()
-        raise DDKitError(f"teacher {exc}; nothing was saved: train it on more images or epochs, or pick a model "
-                         f"without BatchNorm (now {cfg.model!r})") from None
+        # NonFiniteOutputs: finite weights (else Diverged), BatchNorm statistics of too few images
+        fix = (f"lower teacher.train.lr (now {cfg.train.lr:g})" if isinstance(exc, Diverged) else
+               f"train it on more images or epochs, or pick a model without BatchNorm (now {cfg.model!r})")
+        raise DDKitError(f"teacher {exc}; nothing was saved: {fix}") from None
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
     log.info("teacher test accuracy %.4f", result.test_accuracy)
     if out is not None:
