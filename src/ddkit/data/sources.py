@@ -51,6 +51,7 @@ from ddkit.artifacts import (
     remove_unused_lock,
     sweep_leftovers,
 )
+from ddkit.config import short_repr
 from ddkit.data.base import (
     DATASETS,
     SOURCE_SETTINGS,
@@ -1159,7 +1160,8 @@ def _read_entry(entry: Path, key: str) -> _Decoded:
         raise ValueError(str(exc).split("; ")[0]) from None
     if not (isinstance(manifest.get("conversions"), dict)
             and all(isinstance(counts, dict) for counts in manifest["conversions"].values())):
-        raise ValueError(f"its manifest.json holds conversions {manifest.get('conversions')!r}, not a mapping")
+        raise ValueError(f"its manifest.json holds conversions {short_repr(manifest.get('conversions'))}, not a "
+                         "mapping")
     conversions = {split: {k: int(n) for k, n in counts.items()} for split, counts in manifest["conversions"].items()}
     return _Decoded(images, labels, tuple(float(v) for v in manifest["mean"]),
                     tuple(float(v) for v in manifest["std"]), conversions,
