@@ -199,6 +199,16 @@ def test_overrides_parse_values_and_nest():
         apply_overrides({}, ["novalue"])
 
 
+def test_overrides_reach_an_integer_key():
+    """A path part is text: `ipc_overrides.10.lr` missed the YAML's key 10 and added a key "10" beside it,
+    which then replaced the entry whole. It changes the entry's one setting; a text key is still taken first."""
+    data = apply_overrides({"o": {10: {"lr": 1, "epochs": 2}}}, ["o.10.lr=3", "o.+10.epochs=4", "o.20.lr=5"])
+    assert data == {"o": {10: {"lr": 3, "epochs": 4}, "20": {"lr": 5}}}
+    assert apply_overrides({"o": {10: {"lr": 1}}}, ["o.10={epochs: 2}"]) == {"o": {10: {"epochs": 2}}}
+    assert apply_overrides({"o": {"10": {"lr": 1}, 10: {}}}, ["o.10.lr=3"]) == {"o": {"10": {"lr": 3}, 10: {}}}
+    assert apply_overrides({"o": {True: {}}}, ["o.1.lr=3"]) == {"o": {True: {}, "1": {"lr": 3}}}
+
+
 def test_roundtrip_and_hash_stable():
     cfg = from_dict(RunConfig, {"distill": {"ipc": 5}})
     again = from_dict(RunConfig, to_dict(cfg))

@@ -148,12 +148,19 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return dict(value)
         key_tp, value_tp = args
         out = {}
+        given: dict[Any, Any] = {}  # each key of out as value spelled it
         for k, v in value.items():
-            if key_tp is int and isinstance(k, str) and re.fullmatch(r"[+-]?\d+", k.strip()):
-                k = int(k)  # `--set ipc_overrides.10.train.epochs=3` gives the key as text
+            spelled = k
+            if key_tp is int and isinstance(k, str) and _INT_TEXT.fullmatch(k.strip()):
+                k = int(k)  # text: `--set ipc_overrides.10.train.epochs=3` with no 10: entry yet
             if key_tp in (int, str) and (isinstance(k, bool) or not isinstance(k, key_tp)):
                 errors.append(f"{where}: key {short_repr(k)} must be {'an integer' if key_tp is int else 'a string'}")
                 continue
+            if k in given:  # 10 and "10", "+10" and "010": one would silently replace the other
+                errors.append(f"{where}: keys {short_repr(given[k])} and {short_repr(spelled)} both mean {k}; "
+                              "keep one of them")
+                continue
+            given[k] = spelled
             out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
         return out
     if tp is float:
@@ -182,6 +189,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 #: a decimal number as text, e.g. "1e-3", which YAML 1.1 does not read as a float
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: an integer as text, e.g. a ``--set`` path's "10" or a JSON record's key
+_INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
@@ -590,14 +599,25 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            nxt = node.get(part)
+            at = _existing_key(node, part)
+            nxt = node.get(at)
             if nxt is None:
-                nxt = node[part] = {}
+                nxt = node[at] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = nxt
-        node[parts[-1]] = value
+        node[_existing_key(node, parts[-1])] = value
     return data
+
+
+def _existing_key(node: dict[Any, Any], part: str) -> Any:
+    """The key of ``node`` that the path part ``part`` names: ``part`` itself, or the integer key it spells
+    (``ipc_overrides.10`` reaches the YAML's ``10:``, to change one of its settings, not replace it whole)."""
+    if part not in node and _INT_TEXT.fullmatch(part.strip()):
+        number = int(part)
+        if any(k == number and type(k) is int for k in node):
+            return number
+    return part
 
 
 def _choices_or_type(tp: Any) -> str:
