@@ -124,6 +124,26 @@ def test_bench_config_base_states_only_what_differs(tmp_path):
         load_bench_config(child)
 
 
+def test_set_changes_one_setting_of_an_ipc_override(tmp_path):
+    """`--set ipc_overrides.10.train.epochs=2` looked up the text key "10", missed the YAML's `10:` and made a
+    second entry that replaced it whole: the s05 bench then evaluated with the default scale_min 0.08, not 0.5.
+    It merges into the entry, as the same edit to the file does."""
+    shipped = REPO / "configs" / "bench" / "fashion-mnist-softkl-s05-cpu.yaml"
+    cfg = load_bench_config(shipped, ["ipc_overrides.10.train.epochs=2"])
+    assert cfg.ipc_overrides == {10: {"train": {"epochs": 2, "augment_options": {"scale_min": 0.5}}}}
+    protocol = cfg.protocol_for(cfg.students[0], cfg.label_modes[0], ipc=10)
+    assert (protocol.train.epochs, protocol.train.augment_options) == (2, {"scale_min": 0.5})
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(shipped.read_text().replace("epochs: 80", "epochs: 2")
+                      .replace("base: fashion-mnist", f"base: {shipped.parent}/fashion-mnist"))
+    assert (protocol.hash == load_bench_config(edited).protocol_for(cfg.students[0], cfg.label_modes[0], ipc=10).hash
+            != load_bench_config(shipped).protocol_for(cfg.students[0], cfg.label_modes[0], ipc=10).hash)
+    # a whole entry given is still the whole entry; an IPC with none yet gets one
+    cfg = load_bench_config(shipped, ["ipcs=[10, 20]", "ipc_overrides.10={train: {epochs: 3}}",
+                                      "ipc_overrides.20.train.epochs=4"])
+    assert cfg.ipc_overrides == {10: {"train": {"epochs": 3}}, 20: {"train": {"epochs": 4}}}
+
+
 def test_fashion_mnist_config_matrix():
     cfg = load_bench_config(REPO / "configs" / "bench" / "fashion-mnist-random.yaml")
     assert [c.id for c in cells_of(cfg)][:2] == ["fashion-mnist-random-ipc1-convnet3-hard",
@@ -786,6 +806,10 @@ def test_unfinished_cells_are_dealt_per_student():
      r"methods\[0\].ipc_options: key 'x' must be an integer"),
     ({"methods": [{"name": "random", "optins": {}}]}, r"methods\[0\].optins'; did you mean 'options'"),
     ({"seeds": [1, 1]}, r"seeds: \[1, 1\] repeats a seed"),
+    # two spellings of one IPC: the second silently replaced the first
+    ({"ipc_overrides": {2: {"train": {"lr": 0.1}}, "2": {"train": {"epochs": 3}}}},
+     r"^ipc_overrides: keys 2 and '2' both mean 2; keep one of them$"),
+    ({"ipc_overrides": {"+2": {}, "02": {}}}, r"^ipc_overrides: keys '\+2' and '02' both mean 2; keep one of them$"),
 ])
 def test_badly_typed_mappings_and_repeated_seeds_are_config_errors(tmp_path, over, message):
     """Typed mappings used to pass unchecked and crash later with a ValueError/TypeError traceback."""

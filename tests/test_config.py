@@ -199,6 +199,56 @@ def test_overrides_parse_values_and_nest():
         apply_overrides({}, ["novalue"])
 
 
+def test_overrides_reach_an_integer_key():
+    """A path part is text: `ipc_overrides.10.lr` missed the YAML's key 10 and added a key "10" beside it,
+    which then replaced the entry whole. It changes the entry's one setting; a text key is still taken first."""
+    data = apply_overrides({"o": {10: {"lr": 1, "epochs": 2}}}, ["o.10.lr=3", "o.+10.epochs=4", "o.20.lr=5"])
+    assert data == {"o": {10: {"lr": 3, "epochs": 4}, "20": {"lr": 5}}}
+    assert apply_overrides({"o": {10: {"lr": 1}}}, ["o.10={epochs: 2}"]) == {"o": {10: {"epochs": 2}}}
+    assert apply_overrides({"o": {"10": {"lr": 1}, 10: {}}}, ["o.10.lr=3"]) == {"o": {"10": {"lr": 3}, 10: {}}}
+    assert apply_overrides({"o": {True: {}}}, ["o.1.lr=3"]) == {"o": {True: {}, "1": {"lr": 3}}}
+
+
+def test_yaml_11_numbers_are_refused(tmp_path):
+    """YAML 1.1 reads 010 as octal 8 and 1:20 as base-60 80: `--set distill.seed=010` recorded seed 8 where
+    `--seeds 010` gives 10. In a --set value and in a config file alike, such a number is refused."""
+    in_decimal = "write the number in decimal"
+    for raw, read, fix in [("010", 8, "write the decimal number 10"), ("-0_10", -8, "write the decimal number -10"),
+                           ("1:20", 80, in_decimal), ("1:20.5", 80.5, in_decimal)]:
+        kind = "base-60" if ":" in raw else "octal"
+        with pytest.raises(ConfigError) as err:
+            apply_overrides({}, [f"distill.seed={raw}"])
+        assert str(err.value) == (f"override 'distill.seed={raw}': {raw} reads as the {kind} number {read} (YAML "
+                                  f"1.1); {fix}, or quote it ('{raw}') if it is text")
+        path = tmp_path / "c.yaml"
+        path.write_text(f"distill:\n  seed: [1, {raw}]\n")
+        with pytest.raises(ConfigError) as err:
+            load_yaml(path)
+        assert str(err.value) == (f"config file '{path}' line 2: {raw} reads as the {kind} number {read} (YAML 1.1); "
+                                  f"{fix}, or quote it ('{raw}') if it is text")
+    path.write_text("ipc_overrides:\n  010: {}\n")  # a key too
+    with pytest.raises(ConfigError, match=re.escape(f"config file '{path}' line 2: 010 reads as the octal number 8")):
+        load_yaml(path)
+    fine = ["a=0", "b=10", "c='010'", "d=0x10", "e=0b11", "f=1_000", "g=0.5", "h=010.5", "i=-3", "j=1e-3", "k='1:20'"]
+    assert apply_overrides({}, fine) == {"a": 0, "b": 10, "c": "010", "d": 16, "e": 3, "f": 1000, "g": 0.5,
+                                         "h": 10.5, "i": -3, "j": "1e-3", "k": "1:20"}
+
+
+def test_a_key_set_twice_on_one_line_is_refused(tmp_path):
+    """The repeated-key check compared lines, so `{lr: 1, lr: 2}` on one line kept lr 2 without a word; a
+    --set value was not checked at all (nor for an alias bomb)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 1\ntrain: {lr: 1, lr: 2}\n")
+    with pytest.raises(ConfigError) as err:
+        load_yaml(path)
+    assert str(err.value) == f"config file '{path}' sets 'lr' twice in one section (line 2); keep one of them"
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, ["train={lr: 1, lr: 2}"])
+    assert str(err.value) == "override 'train={lr: 1, lr: 2}' sets 'lr' twice; keep one of them"
+    with pytest.raises(ConfigError, match=r"^override 'a=&x \[\*x\]' nests or repeats values too deeply to read; "):
+        apply_overrides({}, ["a=&x [*x]"])  # a list that holds itself
+
+
 def test_roundtrip_and_hash_stable():
     cfg = from_dict(RunConfig, {"distill": {"ipc": 5}})
     again = from_dict(RunConfig, to_dict(cfg))

@@ -368,14 +368,21 @@ def test_show_checks_exports(demo_run, tmp_path, capsys):
     bad = tmp_path / "cut"
     shutil.copytree(ranking, bad)
     (bad / "images.pt").write_bytes((bad / "images.pt").read_bytes()[:200])
-    assert _refused(["show", str(bad), "-q"], capsys).startswith(
-        f"{str(bad / 'images.pt')!r} does not load (")
+    import torch
+
+    from ddkit.artifacts import load_failure
+
+    with pytest.raises(RuntimeError) as cut:
+        torch.load(bad / "images.pt")
+    # torch's reason, as a damaged `--format pt` export gives it (it named the exception class only)
+    assert _refused(["show", str(bad), "-q"], capsys) == (
+        f"{str(bad / 'images.pt')!r} does not load ({load_failure(cut.value)}); the ddranking-export is incomplete "
+        "or damaged; export the distilled set again")
+    assert "failed reading zip archive" in load_failure(cut.value)
     assert _refused(["show", str(bad)], capsys).endswith(
         "; the ddranking-export is incomplete or damaged; export the distilled set again")
     bad = tmp_path / "fewer"
     shutil.copytree(ranking, bad)
-    import torch
-
     torch.save(torch.load(ranking / "images.pt")[:-1].clone(), bad / "images.pt")
     assert _refused(["show", str(bad), "-q"], capsys) == (
         f"{str(bad / 'images.pt')!r} holds float32 images of shape [7, 1, 16, 16], meta.json says 8 images (2 per "

@@ -148,12 +148,19 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return dict(value)
         key_tp, value_tp = args
         out = {}
+        given: dict[Any, Any] = {}  # each key of out as value spelled it
         for k, v in value.items():
-            if key_tp is int and isinstance(k, str) and re.fullmatch(r"[+-]?\d+", k.strip()):
-                k = int(k)  # `--set ipc_overrides.10.train.epochs=3` gives the key as text
+            spelled = k
+            if key_tp is int and isinstance(k, str) and _INT_TEXT.fullmatch(k.strip()):
+                k = int(k)  # text: `--set ipc_overrides.10.train.epochs=3` with no 10: entry yet
             if key_tp in (int, str) and (isinstance(k, bool) or not isinstance(k, key_tp)):
                 errors.append(f"{where}: key {short_repr(k)} must be {'an integer' if key_tp is int else 'a string'}")
                 continue
+            if k in given:  # 10 and "10", "+10" and "010": one would silently replace the other
+                errors.append(f"{where}: keys {short_repr(given[k])} and {short_repr(spelled)} both mean {k}; "
+                              "keep one of them")
+                continue
+            given[k] = spelled
             out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
         return out
     if tp is float:
@@ -182,6 +189,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 #: a decimal number as text, e.g. "1e-3", which YAML 1.1 does not read as a float
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: an integer as text, e.g. a ``--set`` path's "10" or a JSON record's key
+_INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
@@ -457,6 +466,23 @@ class _Expanded(Exception):
         self.size = size  # None: an alias inside the node it names
 
 
+class _Surprising(Exception):
+    """A YAML 1.1 number unlike the decimal it looks like (``010`` is octal 8, ``1:20`` base-60 80), where
+    ``--seeds 010``, JSON and Python's ``int()`` read 10 or refuse."""
+
+    def __init__(self, text: str, value: Any, line: int) -> None:
+        super().__init__(text)
+        self.text, self.value, self.line = text, value, line
+
+    def advice(self) -> str:
+        if ":" in self.text:
+            what, fix = "base-60", "write the number in decimal"
+        else:
+            what, fix = "octal", f"write the decimal number {int(self.text.replace('_', ''), 10)}"
+        return f"{self.text} reads as the {what} number {self.value} (YAML 1.1); {fix}, or quote it ('{self.text}') " \
+               "if it is text"
+
+
 #: how much YAML aliases (``*name``, ``<<: *name``) may add to a config, in characters of the values they
 #: repeat: far above what the shipped configs' anchors of shared settings add (a few thousand), far below
 #: an alias bomb's (a 1 KB file of nested aliases stood for 10^8 values and a 580 MB error message)
@@ -501,18 +527,35 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_document(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` brings defaults the file may override
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                line = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.setdefault(key, key_node.start_mark)
             except TypeError:  # an unhashable key: safe_load's own error names it
                 continue
-            if line != key_node.start_mark.line + 1:
-                raise _RepeatedKey(key, line, key_node.start_mark.line + 1)
+            if first.index != key_node.start_mark.index:  # by position: `{x: 1, x: 2}` repeats x on one line
+                raise _RepeatedKey(key, first.line + 1, key_node.start_mark.line + 1)
         return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        value = super().construct_yaml_int(node)
+        digits = node.value.replace("_", "").lstrip("+-")
+        if ":" in digits or (len(digits) > 1 and digits[0] == "0" and digits[1] not in "bx"):  # not 0b101, 0x1f
+            raise _Surprising(node.value, value, node.start_mark.line + 1)
+        return value
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        value = super().construct_yaml_float(node)
+        if ":" in node.value:
+            raise _Surprising(node.value, value, node.start_mark.line + 1)
+        return value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -543,8 +586,11 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file {str(path)!r} nests lists or mappings too deeply to read; "
                           "flatten it") from None
     except _RepeatedKey as exc:
-        raise ConfigError(f"config file {str(path)!r} sets {short_repr(exc.key)} twice in one section (lines "
-                          f"{exc.first} and {exc.again}); keep one of them") from None
+        lines = f"line {exc.first}" if exc.first == exc.again else f"lines {exc.first} and {exc.again}"
+        raise ConfigError(f"config file {str(path)!r} sets {short_repr(exc.key)} twice in one section ({lines}); "
+                          "keep one of them") from None
+    except _Surprising as exc:
+        raise ConfigError(f"config file {str(path)!r} line {exc.line}: {exc.advice()}") from None
     if data is None:
         raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ "
                           "for examples)")
@@ -578,26 +624,45 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=value`` overrides (value parsed as YAML) to nested plain data, in place."""
+    """Apply ``a.b=value`` overrides to nested plain data, in place. The value is read as YAML with the
+    checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        except _Surprising as exc:
+            raise ConfigError(f"override {item!r}: {exc.advice()}") from None
+        except _RepeatedKey as exc:
+            raise ConfigError(f"override {item!r} sets {short_repr(exc.key)} twice; keep one of them") from None
+        except (_Expanded, RecursionError):
+            raise ConfigError(f"override {item!r} nests or repeats values too deeply to read; write the values "
+                              "out") from None
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
-            nxt = node.get(part)
+            at = _existing_key(node, part)
+            nxt = node.get(at)
             if nxt is None:
-                nxt = node[part] = {}
+                nxt = node[at] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = nxt
-        node[parts[-1]] = value
+        node[_existing_key(node, parts[-1])] = value
     return data
+
+
+def _existing_key(node: dict[Any, Any], part: str) -> Any:
+    """The key of ``node`` that the path part ``part`` names: ``part`` itself, or the integer key it spells
+    (``ipc_overrides.10`` reaches the YAML's ``10:``, to change one of its settings, not replace it whole)."""
+    if part not in node and _INT_TEXT.fullmatch(part.strip()):
+        number = int(part)
+        if any(k == number and type(k) is int for k in node):
+            return number
+    return part
 
 
 def _choices_or_type(tp: Any) -> str:

@@ -351,7 +351,7 @@ def _check_ddranking(folder: Path, meta: dict) -> None:
         try:
             obj = quiet_torch_load(folder / name)
         except Exception as exc:  # torch.load raises many types for a damaged file; all mean the same here
-            raise DDKitError(f"{str(folder / name)!r} does not load ({exc.__class__.__name__}); "
+            raise DDKitError(f"{str(folder / name)!r} does not load ({load_failure(exc)}); "
                              f"{_export_fix(kind)}") from None
         if not isinstance(obj, torch.Tensor):
             raise DDKitError(f"{str(folder / name)!r} holds a {type(obj).__name__}, not a tensor; {_export_fix(kind)}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddkit.config import Checked, apply_overrides, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -264,8 +264,3 @@ def merge_overrides(base: dict, over: dict) -> dict:
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
         out[k] = merge_overrides(out[k], v) if deep else v
     return out
-
-
-def overrides_to_dict(items: list[str]) -> dict:
-    """``key=value`` override strings (``--set``) as a nested dict."""
-    return apply_overrides({}, items)
