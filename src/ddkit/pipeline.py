@@ -288,7 +288,7 @@ def distill(
         ddist.barrier()
         if not info.is_main:
             distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
-    distilled.path = Path(out) if out is not None else None
+    distilled.path = Path(out).absolute() if out is not None else None
     return distilled
 
 

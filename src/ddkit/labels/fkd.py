@@ -393,7 +393,7 @@ class SoftLabelStore:
         out = Path(out)
         man = _write_store(out, self.manifest, self.epochs, list(self.tensors),
                            lambda e: {k: v[e] for k, v in self.tensors.items()})
-        self.manifest, self.path = man, out
+        self.manifest, self.path = man, out.absolute()  # records name it from any working folder (links stay)
         return out
 
     @classmethod
@@ -435,7 +435,8 @@ class SoftLabelStore:
                     or list(tensors[key].shape) != spec.get("shape")):
                 raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, "
                                  "re-run `ddkit relabel`")
-        store = cls(tensors, man, path)  # checks the values: a damaged file is refused for what is wrong with it
+        # checks the values: a damaged file is refused for what is wrong with it
+        store = cls(tensors, man, path.absolute())
         check_sha256(man, path, files.get("labels", FILE), KIND, "FKD soft labels",
                      "re-create the store with `ddkit relabel`")
         return store
