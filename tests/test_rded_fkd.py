@@ -1027,3 +1027,42 @@ def test_artifacts_name_their_folders_absolute_from_any_working_folder(data, tmp
                                              "full_reference": False, "train": {"epochs": 1, "augment": "rrc_flip"}})
     rep = evaluate(d, proto, [0], data=data, teacher=t, fkd_store=store)  # was refused: loaded from 's2.fkd'
     assert rep["distilled"]["path"] == str(a / "s2") and rep["teacher"]["path"] == str(a / "t")
+
+
+def test_a_users_teacher_module_keeps_its_train_eval_flags(data, teacher, small_set):
+    """relabel (a bare module), distill and evaluate left a user's module in eval mode: fine-tuning it afterwards
+    trained with dropout and BatchNorm frozen. Every submodule's flag comes back, after an exception too."""
+    import copy
+
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import Teacher
+
+    def flags(m):
+        return [x.training for x in m.modules()]
+
+    mine = copy.deepcopy(teacher.model).train()
+    next(iter(mine.children())).eval()  # mixed, as the caller left them
+    want = flags(mine)
+    assert True in want and False in want
+    a = relabel(small_set, mine, epochs=1, cutmix_prob=0.0, seed=0)
+    assert flags(mine) == want
+    assert torch.equal(a.tensors["logits"], relabel(small_set, teacher, epochs=1, cutmix_prob=0.0, seed=0)
+                       .tensors["logits"])  # labelled in eval mode all the same
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        relabel(small_set, mine, epochs=1, cutmix_prob=0.0, seed=0, progress=stop)
+    assert flags(mine) == want
+    wrapped = Teacher(mine, teacher.manifest)  # puts it in eval mode itself (documented)
+    mine.train()
+    ds = distill(data, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                 teacher=wrapped)
+    assert set(flags(mine)) == {True}
+    proto = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "teacher", "train": {"epochs": 1},
+                                             "random_baseline": False, "full_reference": False})
+    evaluate(ds, proto, [0], data=data, teacher=wrapped)
+    assert set(flags(mine)) == {True}

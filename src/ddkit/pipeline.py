@@ -49,7 +49,7 @@ from ddkit.teacher import (
     saved_teacher,
     train_teacher,
 )
-from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
+from ddkit.training import TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
+@keeps_teacher_modes
 def distill(
     data: DataBundle,
     cfg: DistillConfig,

@@ -89,6 +89,7 @@ from ddkit.training import (
     TeacherBN,
     TrainResult,
     check_teacher_bn,
+    keeps_teacher_modes,
     normalizer,
     omit_running_bn,
     teacher_labels,
@@ -531,6 +532,7 @@ def _topk_index_dtype(num_classes: int) -> torch.dtype:
 
 
 @torch.no_grad()
+@keeps_teacher_modes
 def relabel(
     distilled,
     teacher,
