@@ -1040,3 +1040,32 @@ def test_imageset_refuses_integer_images_other_than_uint8():
     assert ok.float_images().max() <= 1.0
     half = ImageSet(torch.full((2, 1, 4, 4), 0.5, dtype=torch.float16), torch.tensor([0, 1]))
     assert half.images.dtype == torch.float32 and float(half.float_images().max()) == 0.5
+
+
+def test_fingerprint_follows_in_place_edits_and_new_splits(monkeypatch):
+    """The fingerprint was computed once per bundle: after an in-place edit of its labels or a new ImageSet the
+    random-baseline / full-reference caches and the data checks kept seeing the old data."""
+    from ddkit.data.base import DataBundle, ImageSet
+
+    def fresh(b: DataBundle) -> str:  # a new bundle over the same tensors: nothing remembered
+        return dataclasses.replace(b).fingerprint
+
+    b = load_dataset("synthetic", train_per_class=3, test_per_class=2)
+    before = b.fingerprint
+    assert before == fresh(b) == load_dataset("synthetic", train_per_class=3, test_per_class=2).fingerprint
+    b.train.labels.zero_()  # in place (a label-noise study)
+    edited = b.fingerprint
+    assert edited != before and edited == fresh(b)
+    b.test.images[0, 0, 0, 0] += 1  # in place, the test split's pixels
+    assert b.fingerprint not in (before, edited) and b.fingerprint == fresh(b)
+    other = load_dataset("synthetic", train_per_class=3, test_per_class=2, subset_seed=1)
+    b.train = ImageSet(other.train.images, other.train.labels)  # a new split assigned
+    assert b.fingerprint == fresh(b) != edited
+    b.classes[0] = "renamed"
+    assert b.fingerprint == fresh(b)
+    assert pickle.loads(pickle.dumps(b)).fingerprint == b.fingerprint  # the memo's weak references are not pickled
+    hashed = []
+    real = DataBundle._hash_data
+    monkeypatch.setattr(DataBundle, "_hash_data", lambda self: hashed.append(1) or real(self))
+    fp = b.fingerprint
+    assert b.fingerprint == b.fingerprint == fp and hashed == []  # unchanged data: remembered, not hashed again

@@ -407,3 +407,40 @@ def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypat
         registry.configured_model(("teacher.model", "teacher.model_options"), "qa_noembed", 1, 3, 4, {})
     create_model("tiny_convnet", 1, 3, 8)
     assert {k[0] for k in registry._CHECKED} == {"qa_good", "qa_weightnorm"}
+
+
+def test_a_factory_registered_anew_under_its_name_is_checked_again(monkeypatch):
+    """The contract check was remembered by name and settings: a re-run notebook cell that redefined the factory
+    under the same name skipped it, and the broken model failed later in a method calling embed."""
+    from torch import nn
+
+    import ddkit.models.registry as registry
+
+    class Good(nn.Module):
+        feature_dim = 4
+
+        def __init__(self, c, k, s):
+            super().__init__()
+            self.body, self.head = nn.Linear(c * s * s, 4), nn.Linear(4, k)
+
+        def embed(self, x):
+            return self.body(x.flatten(1))
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+    monkeypatch.setattr(registry, "_CHECKED", set())
+
+    def qa_cell(c, k, s):
+        return Good(c, k, s)
+
+    MODELS.add("qa_cell", qa_cell)
+    create_model("qa_cell", 1, 3, 4)
+
+    def qa_cell(c, k, s):  # the cell edited and run again: no embed, no feature_dim
+        return nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, k))
+
+    MODELS.add("qa_cell", qa_cell)
+    with pytest.raises(DDKitError, match=r"^model 'qa_cell' does not keep ddkit's model contract: feature_dim is None"):
+        create_model("qa_cell", 1, 3, 4)

@@ -575,6 +575,35 @@ def test_an_edited_helper_module_of_a_plugin_is_an_edited_plugin(tmp_path, monke
     assert ds.manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77, 78]
 
 
+def test_a_helper_module_reloaded_alone_is_read_again(tmp_path, monkeypatch, registries, request):
+    """The hash was read once per definition: reloading an edited helper module (importlib.reload, IPython's
+    autoreload) changes the code the plugin runs but not its class, so `ddkit.run` reused the old code's set.
+    A reload reads it again; an edit without one (the old code still runs) does not."""
+    from ddkit.registry import source_sha256
+
+    pkg = tmp_path / "helpplug"
+    pkg.mkdir()
+    for name, text in {"__init__": "", "plug": HELPED, "losses": LOSSES, "consts": "OFFSET = 0\nHIDDEN = 8\n"}.items():
+        (pkg / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "helpplug"])
+    importlib.invalidate_caches()
+    plug = importlib.import_module("helpplug.plug")
+    data, cfg = make_synthetic(), DistillConfig(method="helped", ipc=2)
+    sha, key = source_sha256(plug.Helped), distill_hash(cfg, data, None)
+    importlib.reload(sys.modules["helpplug.consts"])  # reloaded unchanged: the same hash
+    assert source_sha256(plug.Helped) == sha and distill_hash(cfg, data, None) == key
+    (pkg / "consts.py").write_text("OFFSET = 5\nHIDDEN = 8\n")
+    assert source_sha256(plug.Helped) == sha  # edited, not reloaded: the old code runs, under the old hash
+    importlib.invalidate_caches()
+    importlib.reload(sys.modules["helpplug.consts"])  # the plugin's class is the same object
+    assert METHODS.get("helped") is plug.Helped
+    assert source_sha256(plug.Helped) != sha and distill_hash(cfg, data, None) != key
+    assert distill(data, cfg, DatasetConfig(name="synthetic")).manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77,
+                                                                                           78]
+
+
 def test_a_plugin_without_own_imports_keeps_its_file_sha(tmp_path, monkeypatch, registries):
     """Only a plugin that imports modules of the user's own hashes more than its file: one importing the
     standard library, installed packages and ddkit alone keeps the sha256 of its file (its cached sets and

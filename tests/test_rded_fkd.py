@@ -657,7 +657,8 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
     fresh = evaluate(ds, proto, [0], data=data, teacher=teacher)["results"]
     assert evaluate(ds, proto, [0], data=data, teacher=teacher,
                     fkd_store=SoftLabelStore.load(tmp_path / "st"))["results"] == fresh
-    with pytest.raises(DDKitError, match=r"^fkd_store was loaded from 'other', not from the protocol's fkd_store "
+    with pytest.raises(DDKitError, match=rf"^fkd_store was loaded from '{tmp_path}/other', not from the protocol's "
+                                         r"fkd_store "
                                          r"'st/manifest.json'; pass the store loaded from the protocol's fkd_store, or "
                                          r"leave fkd_store out \(it is read from there\)$"):
         evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=SoftLabelStore.load("other"))
@@ -993,3 +994,75 @@ def test_store_labels_file_stays_inside_the_store(store, tmp_path):
     (tmp_path / "fkd" / "manifest.json").write_text(json.dumps(good))
     assert SoftLabelStore.load(tmp_path / "fkd").epochs == store.epochs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fkd", "other.safetensors"]
+
+
+def test_artifacts_name_their_folders_absolute_from_any_working_folder(data, tmp_path, monkeypatch):
+    """Teachers, sets and stores kept the relative out they were given: after a chdir the records named folders
+    under the new working folder, and a store loaded from the protocol's folder was refused."""
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import Teacher
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    monkeypatch.chdir(a)
+    t = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1)), "t")
+    d = distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), "s")
+    store = relabel(d, t, epochs=1, augment="rrc_flip", cutmix_prob=0.0, seed=0, out="s.fkd")
+    assert (t.path, d.path, store.path) == (a / "t", a / "s", a / "s.fkd")
+    (a / "link").symlink_to(a / "s")
+    loaded = (Teacher.load("t"), DistilledSet.load("s/manifest.json"), SoftLabelStore.load("s.fkd"),
+              DistilledSet.load("link"))
+    assert [x.path for x in loaded] == [a / "t", a / "s", a / "s.fkd", a / "link"]  # absolute, links kept
+    d.save("s2")
+    store.save("s2.fkd")
+    assert (d.path, store.path) == (a / "s2", a / "s2.fkd")
+    monkeypatch.chdir(b)
+    d3 = distill(data, DistillConfig(method="random", ipc=2, seed=1, soft_labels=True),
+                 DatasetConfig(name="synthetic"), "s3", t)
+    assert d3.manifest["teacher"]["path"] == str(a / "t") and d3.path == b / "s3"
+    proto = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "fkd", "loss": "kl",
+                                             "fkd_store": str(a / "s2.fkd"), "random_baseline": False,
+                                             "full_reference": False, "train": {"epochs": 1, "augment": "rrc_flip"}})
+    rep = evaluate(d, proto, [0], data=data, teacher=t, fkd_store=store)  # was refused: loaded from 's2.fkd'
+    assert rep["distilled"]["path"] == str(a / "s2") and rep["teacher"]["path"] == str(a / "t")
+
+
+def test_a_users_teacher_module_keeps_its_train_eval_flags(data, teacher, small_set):
+    """relabel (a bare module), distill and evaluate left a user's module in eval mode: fine-tuning it afterwards
+    trained with dropout and BatchNorm frozen. Every submodule's flag comes back, after an exception too."""
+    import copy
+
+    from ddkit.data.base import DatasetConfig
+    from ddkit.evaluate import evaluate, resolve_protocol
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import Teacher
+
+    def flags(m):
+        return [x.training for x in m.modules()]
+
+    mine = copy.deepcopy(teacher.model).train()
+    next(iter(mine.children())).eval()  # mixed, as the caller left them
+    want = flags(mine)
+    assert True in want and False in want
+    a = relabel(small_set, mine, epochs=1, cutmix_prob=0.0, seed=0)
+    assert flags(mine) == want
+    assert torch.equal(a.tensors["logits"], relabel(small_set, teacher, epochs=1, cutmix_prob=0.0, seed=0)
+                       .tensors["logits"])  # labelled in eval mode all the same
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        relabel(small_set, mine, epochs=1, cutmix_prob=0.0, seed=0, progress=stop)
+    assert flags(mine) == want
+    wrapped = Teacher(mine, teacher.manifest)  # puts it in eval mode itself (documented)
+    mine.train()
+    ds = distill(data, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                 teacher=wrapped)
+    assert set(flags(mine)) == {True}
+    proto = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "teacher", "train": {"epochs": 1},
+                                             "random_baseline": False, "full_reference": False})
+    evaluate(ds, proto, [0], data=data, teacher=wrapped)
+    assert set(flags(mine)) == {True}

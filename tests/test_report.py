@@ -300,3 +300,19 @@ def test_report_tables_escape_control_characters_of_rows(run_dir, tmp_path, caps
     assert len(text.splitlines()) == 2 + len(table["rows"])
     rows = [line for line in md.splitlines() if "| ran\\x1b]0;T\\x07\\ndom |" in line]
     assert len(rows) == len(table["rows"]) + 2  # the results, and the cross-architecture table's two IPCs
+
+
+def test_write_report_leaves_the_callers_matplotlib_backend(run_dir, tmp_path):
+    """write_report called matplotlib.use("Agg"): a notebook's inline backend was gone for the rest of the session.
+    It draws on figures of its own without pyplot now, byte for byte the same PNGs."""
+    import sys
+
+    code = ("import sys, matplotlib; matplotlib.use('svg'); from ddkit.report import write_report; "
+            f"write_report({str(run_dir)!r}, {str(tmp_path / 'rep')!r}); "
+            "print(matplotlib.get_backend(), 'matplotlib.pyplot' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["svg", "False"]
+    assert write_report(run_dir, tmp_path / "again") and all(
+        (tmp_path / "rep" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+        for name in ("acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png"))

@@ -182,7 +182,7 @@ class DistilledSet(DescribesDataset, Dataset):
             save_grid(self.images, self.labels, self.classes, tmp / PREVIEW)
             self.manifest = {**self.manifest, FILES_SHA256: sums}
             write_json(tmp / "manifest.json", self.manifest)
-        self.path = out
+        self.path = out.absolute()  # records name it from any working folder (not resolved: links stay)
         return out
 
     @classmethod
@@ -259,7 +259,7 @@ class DistilledSet(DescribesDataset, Dataset):
                            ("soft labels", manifest["files"].get("soft_labels"))):
             if name:
                 check_sha256(manifest, path, name, KIND, what, "re-create the distilled set")
-        return cls(images, labels, manifest, soft, path, normalize)
+        return cls(images, labels, manifest, soft, path.absolute(), normalize)
 
     def save_grid(self, path: str | Path, per_class: int = 10) -> Path:
         """Write a PNG of the set to ``path`` (atomically): one row per class, named on the left, up to

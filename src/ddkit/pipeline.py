@@ -49,7 +49,7 @@ from ddkit.teacher import (
     saved_teacher,
     train_teacher,
 )
-from ddkit.training import TeacherBN, check_teacher_bn, omit_running_bn
+from ddkit.training import TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +183,7 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
+@keeps_teacher_modes
 def distill(
     data: DataBundle,
     cfg: DistillConfig,
@@ -288,7 +289,7 @@ def distill(
         ddist.barrier()
         if not info.is_main:
             distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
-    distilled.path = Path(out) if out is not None else None
+    distilled.path = Path(out).absolute() if out is not None else None
     return distilled
 
 

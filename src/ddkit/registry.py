@@ -109,7 +109,8 @@ def origin(obj: object) -> str:
 
 
 _UNTRACKED: set[str] = set()  # definitions warned about once per process
-# definition -> (its source_sha256, the user's own modules that entered it), read once
+# definition -> (its source_sha256, the user's own modules that entered it, the specs of its module and of those as
+# they were imported when it was read): read again once one of them is reloaded
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -128,9 +129,11 @@ def source_sha256(obj: object) -> str | None:
     binds (:func:`bound_arguments`), so that ``partial(f, width=16)`` registered where ``partial(f, width=8)``
     was makes new sets and teachers too; one that binds nothing has its function's.
 
-    Read once per definition and process, when it is registered (or first asked): the hash describes the
-    code this process runs, so an edit of the file during a long run does not label what the old code
-    makes with the new code's hash (a reload, or the next process, defines it anew and reads it again)."""
+    Read once per definition and process, when it is registered (or first asked), and again once its module
+    or one of those helper modules is reloaded (``importlib.reload``, IPython's autoreload; a reload
+    that leaves the definition in place too): the hash describes the code this process runs, so an edit of
+    the file during a long run does not label what the old code makes with the new code's hash (a reload,
+    or the next process, reads it again)."""
     return _source(obj)[0]
 
 
@@ -153,13 +156,21 @@ def source_record(obj: object) -> dict:
 
 def _source(obj: object) -> tuple[str | None, tuple[str, ...]]:
     try:
-        return _SOURCES[obj]
-    except KeyError:
-        pass
+        memo = _SOURCES.get(obj)
     except TypeError:  # not hashable or not weakly referable: read every time
         return _read_source(obj)
-    found = _SOURCES[obj] = _read_source(obj)
-    return found
+    if memo is not None and all(a is b for a, b in zip(memo[2], _specs(obj, memo[1]), strict=True)):
+        return memo[0], memo[1]
+    sha, deps = _read_source(obj)
+    _SOURCES[obj] = (sha, deps, _specs(obj, deps))
+    return sha, deps
+
+
+def _specs(obj: object, deps: tuple[str, ...]) -> tuple:
+    """The ``__spec__`` of the module of ``obj`` and of its helper modules ``deps`` as imported now (None for one
+    not imported): ``importlib.reload`` or a new import makes a new one, which tells a reloaded module."""
+    module = getattr(_unwrap(obj), "__module__", None)
+    return tuple(getattr(sys.modules.get(name), "__spec__", None) if name else None for name in (module, *deps))
 
 
 class OwnPartial(functools.partial):

@@ -60,10 +60,14 @@ def _random_band(series: dict[tuple, list[dict]], panel: tuple) -> dict[int, dic
 
 
 def _plots(rows: list[dict], out: Path) -> list[str]:
-    import matplotlib
+    # figures of their own on an Agg canvas: no pyplot, whose backend (a notebook's inline one) stays the caller's
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def subplots(*grid: int, **kw):
+        fig = Figure(figsize=kw.pop("figsize"))
+        FigureCanvasAgg(fig)
+        return fig, fig.subplots(*grid, **kw)
 
     series = _series(rows)
     panels = sorted({k[:3] for k in series})
@@ -72,7 +76,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     def figure(n: int):
         cols = min(n, 3)
         rows_ = (n + cols - 1) // cols
-        fig, axes = plt.subplots(rows_, cols, figsize=(5 * cols, 3.8 * rows_), squeeze=False)
+        fig, axes = subplots(rows_, cols, figsize=(5 * cols, 3.8 * rows_), squeeze=False)
         for ax in axes.flat[n:]:
             ax.set_visible(False)
         return fig, list(axes.flat)
@@ -89,7 +93,6 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     def save(fig, name: str) -> None:
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
-        plt.close(fig)
         written.append(name)
 
     # accuracy vs IPC, with the random baseline as a shaded band
@@ -125,7 +128,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     save(fig, "acc_vs_bytes.png")
 
     # synthesis time vs accuracy
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for key, rs in series.items():
         ax.scatter([max(synthesis_seconds(r), 1e-3) for r in rs], [100 * r["acc"]["mean"] for r in rs],
                    label=" / ".join(map(printable, key)), s=20)

@@ -302,6 +302,41 @@ def batch_statistics(model: nn.Module) -> Iterator[int]:
             m.training, m.track_running_stats = training, track
 
 
+def _teacher_modules(teacher) -> list[nn.Module]:
+    """The modules of a ``teacher`` argument: a module, a Teacher (its ``model``) or a list of them; none for a path."""
+    if isinstance(teacher, nn.Module):
+        return [teacher]
+    if isinstance(getattr(teacher, "model", None), nn.Module):
+        return [teacher.model]
+    if isinstance(teacher, (list, tuple)):
+        return [m for t in teacher for m in _teacher_modules(t)]
+    return []
+
+
+def keeps_teacher_modes(fn: Callable) -> Callable:
+    """Decorator of a stage that puts the modules of its ``teacher`` argument in eval mode: after it (an exception
+    too), every submodule's train/eval flag is back as the caller left it (a module being fine-tuned keeps training
+    with dropout and BatchNorm on). The device it moved them to stays (README, Teachers)."""
+    import inspect
+
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            teacher = signature.bind_partial(*args, **kwargs).arguments.get("teacher")
+        except TypeError:  # wrong arguments: the stage says so
+            teacher = None
+        modes = [(m, m.training) for model in _teacher_modules(teacher) for m in model.modules()]
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    return wrapper
+
+
 @torch.no_grad()
 def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running",
                     group: int | None = None) -> torch.Tensor:
@@ -476,6 +511,7 @@ def partner_params(mix_params: Params, need: torch.Tensor, lo: int, hi: int) -> 
     }
 
 
+@keeps_teacher_modes
 def train_classifier(
     model: nn.Module,
     data: ImageSet,

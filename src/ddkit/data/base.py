@@ -13,9 +13,9 @@ import difflib
 import hashlib
 import logging
 import os
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -202,9 +202,25 @@ class DataBundle:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
 
-    @cached_property
+    @property
     def fingerprint(self) -> str:
-        """sha256 over train/test images, labels and class names (identifies the exact data)."""
+        """sha256 over train/test images, labels and class names (identifies the exact data). Remembered while the
+        splits' tensors are the same objects, unmodified in place (their ``_version``), and the class names the
+        same: after an in-place edit or a new :class:`ImageSet` it is the new data's."""
+        tensors = (self.train.images, self.train.labels, self.test.images, self.test.labels)
+        state = (tuple(t._version for t in tensors), tuple(self.classes))
+        memo = self.__dict__.get("_fingerprint_memo")
+        if memo is not None and memo[1] == state and all(ref() is t for ref, t in zip(memo[0], tensors)):
+            return memo[2]
+        fp = self._hash_data()
+        # weak references: the memo keeps no replaced split alive
+        self._fingerprint_memo = (tuple(weakref.ref(t) for t in tensors), state, fp)
+        return fp
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "_fingerprint_memo"}  # weak references do not pickle
+
+    def _hash_data(self) -> str:
         h = hashlib.sha256()
         for part in (self.train, self.test):
             h.update(str(tuple(part.images.shape)).encode() + str(part.images.dtype).encode())

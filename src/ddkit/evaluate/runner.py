@@ -43,7 +43,7 @@ from ddkit.evaluate.metrics import summary_problem
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
-from ddkit.training import TeacherBN, TrainConfig, omit_running_bn, train_classifier
+from ddkit.training import TeacherBN, TrainConfig, keeps_teacher_modes, omit_running_bn, train_classifier
 
 if TYPE_CHECKING:
     from ddkit.labels import SoftLabelStore
@@ -363,6 +363,7 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
     return f"{theirs[0]} {theirs[1]}", f"{mine[0]} {mine[1]}"
 
 
+@keeps_teacher_modes
 def evaluate(
     distilled: DistilledSet | str | Path,
     protocol: ProtocolConfig | str | Path,

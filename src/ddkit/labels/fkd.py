@@ -89,6 +89,7 @@ from ddkit.training import (
     TeacherBN,
     TrainResult,
     check_teacher_bn,
+    keeps_teacher_modes,
     normalizer,
     omit_running_bn,
     teacher_labels,
@@ -393,7 +394,7 @@ class SoftLabelStore:
         out = Path(out)
         man = _write_store(out, self.manifest, self.epochs, list(self.tensors),
                            lambda e: {k: v[e] for k, v in self.tensors.items()})
-        self.manifest, self.path = man, out
+        self.manifest, self.path = man, out.absolute()  # records name it from any working folder (links stay)
         return out
 
     @classmethod
@@ -435,7 +436,8 @@ class SoftLabelStore:
                     or list(tensors[key].shape) != spec.get("shape")):
                 raise DDKitError(f"{path}: tensor {key!r} does not match its manifest entry; the store is corrupt, "
                                  "re-run `ddkit relabel`")
-        store = cls(tensors, man, path)  # checks the values: a damaged file is refused for what is wrong with it
+        # checks the values: a damaged file is refused for what is wrong with it
+        store = cls(tensors, man, path.absolute())
         check_sha256(man, path, files.get("labels", FILE), KIND, "FKD soft labels",
                      "re-create the store with `ddkit relabel`")
         return store
@@ -530,6 +532,7 @@ def _topk_index_dtype(num_classes: int) -> torch.dtype:
 
 
 @torch.no_grad()
+@keeps_teacher_modes
 def relabel(
     distilled,
     teacher,

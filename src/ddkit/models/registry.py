@@ -108,14 +108,22 @@ def create_model(
                 )
     model = factory(in_channels, num_classes, image_size, **{**implied, **kwargs})
     if not type(model).__module__.startswith("ddkit."):  # ddkit's own model classes are tested
-        key = (name, in_channels, num_classes, image_size, repr(sorted(kwargs.items())))
-        if key not in _CHECKED:
+        # the factory itself too: one registered anew under the same name (a re-run notebook cell) is checked again
+        key = (name, factory, in_channels, num_classes, image_size, repr(sorted(kwargs.items())))
+        try:
+            checked = key in _CHECKED
+        except TypeError:  # an unhashable factory: checked every time
+            checked, key = False, None
+        if not checked:
             check_contract(name, model, in_channels, num_classes, image_size)
-            _CHECKED.add(key)
+            if key is not None:
+                _CHECKED.add(key)
     return model
 
 
-_CHECKED: set[tuple] = set()  # user models (and settings) whose contract was checked in this process
+# user models (name, factory and settings) whose contract was checked in this process; holds the factories, which
+# are small, so that one's identity is never another's
+_CHECKED: set[tuple] = set()
 
 
 class ContractError(DDKitError):

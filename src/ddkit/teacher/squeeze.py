@@ -136,7 +136,7 @@ class Teacher(DescribesDataset):
         with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / WEIGHTS, self.model.state_dict())
             write_json(tmp / "manifest.json", self.manifest)
-        self.path = out
+        self.path = out.absolute()  # records name it from any working folder (not resolved: links stay)
         return out
 
     @classmethod
@@ -185,7 +185,7 @@ class Teacher(DescribesDataset):
         if weights_sha(model) != manifest["weights_sha"]:
             raise DDKitError(f"{str(path / WEIGHTS)!r} does not hold the weights its manifest names (weights_sha "
                              f"{manifest['weights_sha']}); the teacher artifact is damaged: re-create it")
-        return cls(model.to(device), manifest, path)
+        return cls(model.to(device), manifest, path.absolute())
 
 
 def _meta_state(name: str, in_channels: int, num_classes: int, image_size: int,
@@ -445,7 +445,7 @@ def train_teacher(
                 with contextlib.suppress(FileNotFoundError):
                     state_path.unlink()
         ddist.barrier()
-        teacher.path = out
+        teacher.path = Path(out).absolute()
     return teacher
 
 
@@ -543,5 +543,5 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
         if ddist.current().is_main:
             teacher.save(out)
         ddist.barrier()
-        teacher.path = Path(out)
+        teacher.path = Path(out).absolute()
     return teacher
