@@ -58,6 +58,19 @@ def test_sets_from_a_buffer_on_disk_are_keyed_by_what_it_holds(tmp_path):
     assert buffer_identity(path) != first and distill_hash(cfg, data, None) != key
 
 
+def test_a_buffer_names_its_folder_absolute_from_any_working_folder(tmp_path, monkeypatch):
+    """A buffer kept the relative out it was given (as teachers, sets and stores did): after a chdir its
+    errors and records named a folder under the new working folder."""
+    from ddkit.data import make_synthetic
+
+    monkeypatch.chdir(tmp_path)
+    trained = train_experts(make_synthetic(), from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 1}),
+                            "experts")
+    (tmp_path / "link").symlink_to(tmp_path / "experts")
+    assert [trained.path, load_experts("experts").path, load_experts("link").path] == [
+        tmp_path / "experts", tmp_path / "experts", tmp_path / "link"]  # absolute, links kept
+
+
 def test_show_refuses_a_buffer_with_an_expert_file_missing(buffer, tmp_path, capsys):
     """`show` checks an expert buffer's files (without loading gigabytes of trajectories): one deleted
     expert file used to leave it printing the summary and exiting 0."""

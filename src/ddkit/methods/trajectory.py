@@ -555,7 +555,7 @@ def train_experts(
                 write_json(tmp / "manifest.json", buffer.manifest)
             shutil.rmtree(partial, ignore_errors=True)
         ddist.barrier()
-        buffer.path = out
+        buffer.path = out.absolute()  # records name it from any working folder (not resolved: links stay)
     return buffer
 
 
@@ -605,7 +605,7 @@ def load_experts(path: str | Path) -> ExpertBuffer:
         trajectories.append(traj.float())
     if not trajectories:
         raise DDKitError(f"expert buffer {str(path)!r} has no experts; re-create it")
-    return ExpertBuffer(trajectories, manifest, path)
+    return ExpertBuffer(trajectories, manifest, path.absolute())
 
 
 def _norm_tag(data: DataBundle) -> str:
