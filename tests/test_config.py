@@ -234,6 +234,17 @@ def test_yaml_11_numbers_are_refused(tmp_path):
                                          "h": 10.5, "i": -3, "j": "1e-3", "k": "1:20"}
 
 
+def test_a_choice_yaml_reads_as_a_boolean_says_to_quote_it():
+    """`intermediate_matching: off` reads as false, and the error named only the choices."""
+    from ddkit.methods.mtt import MTTConfig
+
+    with pytest.raises(ConfigError) as err:
+        from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching=off"]))
+    assert str(err.value).endswith("intermediate_matching: False is not one of ['off', 'uniform', 'linear']; "
+                                   "YAML reads off unquoted as false: quote it ('off')")
+    assert from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching='off'"])).intermediate_matching == "off"
+
+
 def test_a_key_set_twice_on_one_line_is_refused(tmp_path):
     """The repeated-key check compared lines, so `{lr: 1, lr: 2}` on one line kept lr 2 without a word; a
     --set value was not checked at all (nor for an alias bomb)."""

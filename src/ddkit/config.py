@@ -117,6 +117,10 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             text = str(value) if isinstance(value, (str, int, float)) else ""  # not a (shared, vast) list spelled out
             close = difflib.get_close_matches(text, [str(c) for c in choices], n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
+            if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no unquoted as true/false
+                words = [c for c in choices if isinstance(c, str) and c.lower() in _BOOL_WORDS[value]]
+                if words:
+                    hint = f"; YAML reads {words[0]} unquoted as {str(value).lower()}: quote it ('{words[0]}')"
             errors.append(f"{where}: {short_repr(value)} is not one of {list(choices)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -189,6 +193,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 #: a decimal number as text, e.g. "1e-3", which YAML 1.1 does not read as a float
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+#: the words YAML 1.1 reads, unquoted, as each boolean
+_BOOL_WORDS = {True: ("on", "yes", "y", "true"), False: ("off", "no", "n", "false")}
 #: an integer as text, e.g. a ``--set`` path's "10" or a JSON record's key
 _INT_TEXT = re.compile(r"[+-]?\d+")
 
