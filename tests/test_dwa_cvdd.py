@@ -205,3 +205,25 @@ def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, 
     assert METHODS.get("cda").identity_tags({"flatness_weight": 0.1}) == {"flatness_kl": 2}
     assert METHODS.get("edc").identity_tags({}) == {"class_var": 2, "flatness_kl": 2}  # both on by default
     assert METHODS.get("edc").identity_tags({"alpha": 1.0, "flatness_weight": 0.0}) == {}
+
+
+def test_sets_beyond_100_classes_made_before_class_chunks_are_not_reused(monkeypatch):
+    """class_batch None once optimised every class in one batch; beyond 100 classes it now splits them into
+    batches of 100, which changes the images. A set cached before (the identity without the tag) was reused
+    by run and bench as if it were the new one; at 100 classes and with class_batch given nothing changed."""
+    from ddkit.pipeline import DistillConfig, distill_hash
+
+    def hashes(num_classes, options):
+        data = make_synthetic(num_classes=num_classes, train_per_class=1, test_per_class=1, image_size=4)
+        cfg = DistillConfig(method="sre2l", ipc=1, options=options)
+        now = distill_hash(cfg, data, None)
+        with monkeypatch.context() as m:  # the identity before the change
+            m.setattr(S.RecoverMethod, "data_identity_tags", classmethod(lambda cls, o, k: {}), raising=False)
+            return now, distill_hash(cfg, data, None)
+
+    now, before = hashes(101, {})
+    assert now != before
+    assert METHODS.get("edc").data_identity_tags({}, 101) == {"class_chunk": 100}
+    for num_classes, options in [(100, {}), (101, {"class_batch": 101}), (101, {"class_batch": 50})]:
+        now, before = hashes(num_classes, options)
+        assert now == before

@@ -332,8 +332,9 @@ def discard_work(out: str | Path, key: str) -> None:
 
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
     """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
-    ``revision`` and ``identity_tags`` (left out while 0 / empty; likewise ``soft_labels_bn`` while
-    running), and for a method from outside ddkit the sha256 of its source (:func:`source_sha256`).
+    ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out while 0 / empty; likewise
+    ``soft_labels_bn`` while running), and for a method from outside ddkit the sha256 of its source
+    (:func:`source_sha256`).
     Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what they hold,
     not by path, so a moved or copied run or bench folder keeps its sets."""
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
@@ -344,7 +345,7 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
         cls = METHODS.get(cfg.method)
         if cls.revision:
             key["method_revision"] = cls.revision
-        if tags := cls.identity_tags(cfg.options):
+        if tags := {**cls.identity_tags(cfg.options), **cls.data_identity_tags(cfg.options, data.num_classes)}:
             key["method_tags"] = tags
         if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
             key["method_source"] = sha

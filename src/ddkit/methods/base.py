@@ -105,6 +105,12 @@ class Method:
         return {}
 
     @classmethod
+    def data_identity_tags(cls, options: dict, num_classes: int) -> dict:
+        """Like :meth:`identity_tags`, for a change that altered the output only on some data (e.g. beyond
+        100 classes): what else identifies a set made with ``options`` from data of ``num_classes`` classes."""
+        return {}
+
+    @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         """The option that makes this method label its images itself (learned, expert or committee
         logits) as ``"<option>: <value>"``, or None; the pipeline's ``soft_labels`` (the teacher's

@@ -765,6 +765,13 @@ class RecoverMethod(Method):
             tags["flatness_kl"] = 2
         return tags
 
+    @classmethod
+    def data_identity_tags(cls, options: dict, num_classes: int) -> dict:
+        # 2026-12-06: class_batch None splits more than CLASS_BATCH classes into batches (all in one before)
+        if options.get("class_batch") is None and num_classes > CLASS_BATCH:
+            return {"class_chunk": CLASS_BATCH}
+        return {}
+
 
 @dataclass
 class _TeacherState:
