@@ -124,21 +124,30 @@ def synthetic():
     return load_dataset(DatasetConfig(name="synthetic"))
 
 
-def _teacher(data, **train):
+def _teacher(data, model="tiny_convnet", seed=0, **train):
     from ddkit.teacher import TeacherConfig, train_teacher
     from ddkit.training import TrainConfig
 
-    return train_teacher(data, TeacherConfig(model="tiny_convnet", seed=0, train=TrainConfig(epochs=1, **train)))
+    return train_teacher(data, TeacherConfig(model=model, seed=seed, train=TrainConfig(epochs=1, **train)))
 
 
-def _evaluate(data):
+def _evaluate(data, model="tiny_convnet", seed=0):
     import ddkit
     from ddkit.pipeline import DistillConfig, distill
 
     d = distill(data, DistillConfig(method="random", ipc=2))
     p = ddkit.resolve_protocol("dc-protocol", {"train": {"epochs": 2}, "full_reference": False,
-                                               "random_baseline": False, "student": "tiny_convnet"})
-    return ddkit.evaluate(d, p, [0], data=data)["results"]["distilled"]["per_seed"]
+                                               "random_baseline": False, "student": model})
+    return ddkit.evaluate(d, p, [seed], data=data)["results"]["distilled"]["per_seed"]
+
+
+def _dm(data, model, seed):
+    import hashlib
+
+    from ddkit.pipeline import DistillConfig, distill
+
+    d = distill(data, DistillConfig(method="dm", ipc=1, seed=seed, options={"iterations": 2, "model": model}))
+    return hashlib.sha256(d.images.numpy().tobytes()).hexdigest()
 
 
 def test_stages_leave_the_callers_rng_alone(synthetic):
@@ -168,29 +177,37 @@ def test_global_rng_forks_only_the_cpu_generator_for_the_cpu(monkeypatch):
     assert torch.equal(inside, torch.rand(2, generator=torch.Generator().manual_seed(3)))
 
 
-def _dm(data):
-    import hashlib
+class _SlowInit(torch.nn.Module):
+    """Two layers, initialised after pauses in which other threads run."""
 
-    from ddkit.pipeline import DistillConfig, distill
+    def __init__(self, in_channels, num_classes, image_size):
+        import time
 
-    d = distill(data, DistillConfig(method="dm", ipc=1, seed=0, options={"iterations": 2, "model": "tiny_convnet"}))
-    return hashlib.sha256(d.images.numpy().tobytes()).hexdigest()
+        super().__init__()
+        time.sleep(0.03)
+        self.fc1 = torch.nn.Linear(in_channels * image_size * image_size, 16)
+        time.sleep(0.03)
+        self.fc2 = torch.nn.Linear(16, num_classes)
+        self.feature_dim = 16
+
+    def embed(self, x):
+        return torch.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.fc2(self.embed(x))
 
 
-@pytest.mark.parametrize("stage", [_evaluate, lambda data: _teacher(data).fingerprint, _dm],
+@pytest.mark.parametrize("stage", [_evaluate, lambda data, model, seed: _teacher(data, model, seed).fingerprint, _dm],
                          ids=["evaluate", "train_teacher", "distill_dm"])
-def test_stages_in_threads_give_what_they_give_alone(synthetic, stage):
-    """Concurrent calls of one stage with one seed from threads (a notebook's ThreadPoolExecutor) gave
-    other numbers than alone: one thread reseeded or restored the global generator while another drew
-    initial weights from it."""
-    import sys
+def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypatch):
+    """Concurrent calls of a stage from threads (a notebook's ThreadPoolExecutor) gave other numbers than
+    alone: one thread reseeded or restored the global generator while another drew initial weights from it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    alone = stage(synthetic)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads often: the race showed at once
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            assert list(pool.map(stage, [synthetic] * 3)) == [alone] * 3
-    finally:
-        sys.setswitchinterval(interval)
+    from ddkit.models import MODELS
+
+    monkeypatch.setitem(MODELS._entries, "slow_init", _SlowInit)
+    seeds = [0, 1, 2]
+    alone = [stage(synthetic, "slow_init", s) for s in seeds]
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda s: stage(synthetic, "slow_init", s), seeds)) == alone
