@@ -199,3 +199,17 @@ def test_real_batches_of_the_matching_methods_never_wait_for_the_gpu(data):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+def test_stages_on_cuda_leave_the_callers_generators_alone(data):
+    """train_teacher and evaluate seeded torch's generators (torch.manual_seed, every CUDA one too) and left them
+    so; they now give the caller's CPU and CUDA states back, and give the same accuracy called twice."""
+    torch.manual_seed(123)
+    states = torch.get_rng_state(), torch.cuda.get_rng_state(CUDA)
+    train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1)), device=CUDA)
+    d = distill(data, DistillConfig(method="random", ipc=IPC), DatasetConfig(name="synthetic"))
+    p = resolve_protocol("dc-protocol", {"train": {"epochs": 2}, "full_reference": False, "random_baseline": False,
+                                         "student": "tiny_convnet"})
+    accs = [evaluate(d, p, [0], data=data, device=CUDA)["results"]["distilled"]["per_seed"] for _ in range(2)]
+    assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(torch.cuda.get_rng_state(CUDA), states[1])
+    assert accs[0] == accs[1]

@@ -111,3 +111,103 @@ def test_every_replacement_computes_what_pytorch_computes(monkeypatch):
         got = run(fn)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the global generators: the caller's states kept, threads serialised (ddkit.determinism.global_rng)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    from ddkit.data import DatasetConfig, load_dataset
+
+    return load_dataset(DatasetConfig(name="synthetic"))
+
+
+def _teacher(data, model="tiny_convnet", seed=0, **train):
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    return train_teacher(data, TeacherConfig(model=model, seed=seed, train=TrainConfig(epochs=1, **train)))
+
+
+def _evaluate(data, model="tiny_convnet", seed=0):
+    import ddkit
+    from ddkit.pipeline import DistillConfig, distill
+
+    d = distill(data, DistillConfig(method="random", ipc=2))
+    p = ddkit.resolve_protocol("dc-protocol", {"train": {"epochs": 2}, "full_reference": False,
+                                               "random_baseline": False, "student": model})
+    return ddkit.evaluate(d, p, [seed], data=data)["results"]["distilled"]["per_seed"]
+
+
+def _dm(data, model, seed):
+    import hashlib
+
+    from ddkit.pipeline import DistillConfig, distill
+
+    d = distill(data, DistillConfig(method="dm", ipc=1, seed=seed, options={"iterations": 2, "model": model}))
+    return hashlib.sha256(d.images.numpy().tobytes()).hexdigest()
+
+
+def test_stages_leave_the_callers_rng_alone(synthetic):
+    """train_teacher and evaluate seeded torch's global generator (torch.manual_seed) and left it so: the
+    caller's draws after the call were a fixed function of ddkit's seed, even after a stage that raised."""
+    from ddkit.errors import DDKitError
+
+    for stage in (lambda: _teacher(synthetic), lambda: _evaluate(synthetic)):
+        torch.manual_seed(123)
+        state = torch.get_rng_state()
+        stage()
+        assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with pytest.raises(DDKitError, match="nothing was saved"):
+        _teacher(synthetic, lr=1e12)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_global_rng_forks_only_the_cpu_generator_for_the_cpu(monkeypatch):
+    """Seeding for a CPU stage reseeds no CUDA generator (torch.manual_seed reseeds them all)."""
+    from ddkit.determinism import global_rng
+
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: pytest.fail("reseeded every CUDA generator"))
+    with global_rng(3, "cpu"):
+        inside = torch.rand(2)
+    assert torch.equal(inside, torch.rand(2, generator=torch.Generator().manual_seed(3)))
+
+
+class _SlowInit(torch.nn.Module):
+    """Two layers, initialised after pauses in which other threads run."""
+
+    def __init__(self, in_channels, num_classes, image_size):
+        import time
+
+        super().__init__()
+        time.sleep(0.03)
+        self.fc1 = torch.nn.Linear(in_channels * image_size * image_size, 16)
+        time.sleep(0.03)
+        self.fc2 = torch.nn.Linear(16, num_classes)
+        self.feature_dim = 16
+
+    def embed(self, x):
+        return torch.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x):
+        return self.fc2(self.embed(x))
+
+
+@pytest.mark.parametrize("stage", [_evaluate, lambda data, model, seed: _teacher(data, model, seed).fingerprint, _dm],
+                         ids=["evaluate", "train_teacher", "distill_dm"])
+def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypatch):
+    """Concurrent calls of a stage from threads (a notebook's ThreadPoolExecutor) gave other numbers than
+    alone: one thread reseeded or restored the global generator while another drew initial weights from it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ddkit.models import MODELS
+
+    monkeypatch.setitem(MODELS._entries, "slow_init", _SlowInit)
+    seeds = [0, 1, 2]
+    alone = [stage(synthetic, "slow_init", s) for s in seeds]
+    with ThreadPoolExecutor(3) as pool:
+        assert list(pool.map(lambda s: stage(synthetic, "slow_init", s), seeds)) == alone

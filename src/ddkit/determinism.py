@@ -17,6 +17,11 @@ message names it). cuBLAS needs
 ``CUBLAS_WORKSPACE_CONFIG`` set before its first call: ``import ddkit`` sets ``:4096:8`` unless the
 variable is already set. Set ``DDKIT_CUDA_DETERMINISTIC=0`` to keep PyTorch's defaults (faster
 kernels, run-to-run differences).
+
+Some draws have no generator argument: a model's initial weights, dropout masks, torch's gamma sampler.
+ddkit makes them inside :func:`global_rng`, which seeds torch's global generators for the span, gives the
+caller's states back afterwards, and lets one thread at a time in, so that stages called from several
+threads give the numbers they give alone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -32,15 +38,37 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+# held wherever ddkit's results depend on the state of torch's global generators (one process, many threads)
+_GLOBAL_RNG = threading.RLock()
+
+
 @contextlib.contextmanager
-def seeded_cpu_rng(seed: int) -> Iterator[None]:
-    """Inside: the global CPU generator seeded with ``seed``; after: its old state back, and every
-    CUDA generator untouched (``torch.manual_seed`` would reseed those too, and ``fork_rng(devices=[])``
-    would not restore them). For drawing something from a seed alone (a model's initial weights, a
-    sampler that takes no generator) without disturbing the caller's randomness."""
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
+def global_rng(seed: int | None = None, device: str | torch.device | None = None) -> Iterator[None]:
+    """Inside: torch's global CPU generator, and ``device``'s when it is an accelerator, to this thread
+    alone (a process-wide re-entrant lock), seeded with ``seed`` unless None; after, also on an
+    exception: their old states back and the lock released. Other devices' generators are left alone
+    (``torch.manual_seed`` would reseed every CUDA generator). For drawing from a seed alone (a model's
+    initial weights, then the dropout masks of its training) without disturbing the caller's randomness,
+    and without another thread's stage reseeding or drawing in between: hold it for the whole span
+    whose draws follow from the seed."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    accel = dev.type in ("cuda", "mps")
+    index = (dev.index if dev.index is not None else torch.cuda.current_device()) if dev.type == "cuda" else 0
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[index] if accel else [],
+                                            device_type=dev.type if accel else None):
+        if seed is not None:
+            torch.default_generator.manual_seed(seed)
+            if dev.type == "cuda":
+                torch.cuda.default_generators[index].manual_seed(seed)
+            elif dev.type == "mps":
+                torch.mps.manual_seed(seed)
         yield
+
+
+def seeded_cpu_rng(seed: int) -> contextlib.AbstractContextManager[None]:
+    """:func:`global_rng` for the CPU: inside, the global CPU generator seeded with ``seed`` (and held
+    by this thread); after, its old state back, and every CUDA generator untouched."""
+    return global_rng(seed)
 
 
 def wanted() -> bool:

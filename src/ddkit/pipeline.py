@@ -30,6 +30,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
+from ddkit.determinism import global_rng
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
@@ -418,7 +419,7 @@ def check_student(protocol: ProtocolConfig, data: DataBundle,
     from ddkit.models import configured_model, create_model
 
     c, h, _ = data.image_shape
-    with torch.random.fork_rng(devices=[]):
+    with global_rng():
         if keys is None:
             create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
         else:

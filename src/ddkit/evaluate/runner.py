@@ -37,6 +37,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
+from ddkit.determinism import global_rng
 from ddkit.distilled import DistilledSet, ipc_text
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import summary_problem
@@ -85,11 +86,11 @@ def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: Proto
                progress=None) -> float:
     from ddkit.labels import train_with_store
 
-    torch.manual_seed(seed)
     c, h, _ = data.image_shape
-    model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
-    return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test,
-                                  progress=progress).test_accuracy)
+    with global_rng(seed, device):  # initial weights, then dropout, from the seed: see _train_student
+        model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+        return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test,
+                                      progress=progress).test_accuracy)
 
 
 def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device, out: Path | None = None):
@@ -141,16 +142,18 @@ def _train_student(
     progress: Callable[[int, int, dict], None] | None = None,
     transform=None,
 ) -> float:
-    torch.manual_seed(seed)
     c, h, _ = data.image_shape
-    model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
-    result = train_classifier(
-        model, train_set, data.mean, data.std, cfg, seed=seed, device=device,
-        label_source=label_mode, loss=protocol.loss if label_mode != "hard" else "ce",
-        temperature=protocol.temperature, teacher=teacher.model if teacher is not None else None,
-        teacher_bn=protocol.teacher_bn, teacher_bn_batch=protocol.teacher_bn_batch,
-        stored_targets=stored, test=data.test, distributed=distributed, progress=progress, transform=transform,
-    )
+    # the initial weights come from the global generators seeded with ``seed``, and so do the dropout masks of
+    # the training that follows: both under the lock (other threads' stages wait), the caller's states kept
+    with global_rng(seed, device):
+        model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
+        result = train_classifier(
+            model, train_set, data.mean, data.std, cfg, seed=seed, device=device,
+            label_source=label_mode, loss=protocol.loss if label_mode != "hard" else "ce",
+            temperature=protocol.temperature, teacher=teacher.model if teacher is not None else None,
+            teacher_bn=protocol.teacher_bn, teacher_bn_batch=protocol.teacher_bn_batch,
+            stored_targets=stored, test=data.test, distributed=distributed, progress=progress, transform=transform,
+        )
     return float(result.test_accuracy)
 
 

@@ -93,7 +93,7 @@ from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
-from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
+from ddkit.determinism import global_rng, seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import model_config_hash
@@ -489,7 +489,7 @@ def train_experts(
                     cfg.lr_drop, cfg.epochs // 2 + 1, cfg.epochs, fix)
     partial = None
     c, h, _ = data.image_shape
-    with torch.random.fork_rng(devices=[]):  # a bad model fails here, before anything is written
+    with global_rng():  # a bad model fails here, before anything is written
         spec_model = configured_model((f"{where}.model", f"{where}.model_options"), cfg.model, c, data.num_classes, h,
                                       cfg.model_options)
     if out is not None:

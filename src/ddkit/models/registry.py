@@ -23,6 +23,7 @@ from typing import Any
 from torch import nn
 
 from ddkit.config import config_hash, is_count
+from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.registry import Registry, origin, source_record
 
@@ -156,7 +157,7 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
     modes = [(m, m.training) for m in model.modules()]
     try:
         model.eval()
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), global_rng():
             logits, features = model(x), model.embed(x)
     except Exception as exc:  # any failure of user code on the shape it was built for
         raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images ({type(exc).__name__}: "

@@ -37,6 +37,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
+from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
@@ -173,7 +174,8 @@ class Teacher(DescribesDataset):
         # the weights file's names and shapes first: a forged manifest must not make ddkit build a vast model
         _check_weights_header(path / WEIGHTS, want, m["name"])
         try:
-            model = create_model(*build, **m["options"])
+            with global_rng():  # initial weights, replaced by the file's: the caller's and other threads' RNG kept
+                model = create_model(*build, **m["options"])
         except DDKitError as exc:  # ConfigError too: an unknown name or option
             raise cannot_build(exc) from None
         except (RuntimeError, MemoryError) as exc:  # a model too large for memory
@@ -366,8 +368,8 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
 
 
 def _build(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") -> nn.Module:
-    """``cfg``'s model for ``data``, initialised from ``cfg.seed``; errors name ``key``'s model settings."""
-    torch.manual_seed(cfg.seed)
+    """``cfg``'s model for ``data``, drawn from the global generator: call it inside ``global_rng(cfg.seed)``
+    (:func:`~ddkit.determinism.global_rng`); errors name ``key``'s model settings."""
     c, h, _ = data.image_shape
     return configured_model((f"{key}.model", f"{key}.model_options"), cfg.model, c, data.num_classes, h,
                             cfg.model_options)
@@ -377,7 +379,7 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
     """Build ``cfg``'s model once for ``data`` (leaving the global random state alone) and load an
     imported ``checkpoint`` into it: a bad model, option or checkpoint fails before any stage runs,
     naming the config key (``key``: where the config holds ``cfg``)."""
-    with torch.random.fork_rng(devices=[]):
+    with global_rng(cfg.seed):
         model = _build(cfg, data, key)
     if cfg.checkpoint:
         try:
@@ -407,6 +409,14 @@ def train_teacher(
     if cfg.checkpoint:
         return import_teacher(data, cfg, out, device)
     info = ddist.current()
+    # the initial weights and the training's dropout masks come from cfg.seed: one span under global_rng
+    with global_rng(cfg.seed, device):
+        return _train(data, cfg, out, device, progress, info)
+
+
+def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device: torch.device,
+           progress: Callable[[int, int, dict], None] | None, info: ddist.DistInfo) -> Teacher:
+    """:func:`train_teacher`'s training, inside ``global_rng(cfg.seed, device)``."""
     model = _build(cfg, data)
     state_path = None
     if out is not None:
@@ -529,7 +539,8 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     torchrun every rank calls it (rank 0 saves ``out``, the others wait for it at a barrier)."""
     path = Path(cfg.checkpoint)
     state = _read_checkpoint(path)
-    model = _build(cfg, data)
+    with global_rng(cfg.seed):  # initial weights, replaced by the checkpoint's
+        model = _build(cfg, data)
     _load_strict(model, state, str(path), cfg.model)
     model.to(device)
     try:
