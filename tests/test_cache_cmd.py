@@ -106,7 +106,8 @@ def test_an_empty_or_missing_cache_lists_nothing(capsys):
 def test_a_bare_prune_is_refused(tree, capsys):
     code, out, err = run(["cache", "prune"], capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
-    assert err.startswith("error: `ddkit cache prune` needs a selection: --kind KIND, --older-than DAYS or --all")
+    assert err.startswith("error: `ddkit cache prune` needs a selection: --kind KIND, --older-than DAYS, --stale or "
+                          "--all")
     code, _, err = run(["cache", "prune", "--kind", "statistic"], capsys)  # a typo: refused, not nothing pruned
     assert code == 2 and "unknown cache kind 'statistic'; did you mean 'statistics'?" in err
     assert prune_cache(kinds=["imagefolder"]).removed == []  # a kind of ddkit's with no folder yet: nothing to do
@@ -206,3 +207,59 @@ def test_an_entry_with_a_manifest_nested_too_deep_lists_and_shows_as_damaged(tmp
     code, out, err = run(["show", str(entry.path)], capsys)
     assert (code, out) == (2, "") and err == (f"error: ddkit record {str(entry.path / 'manifest.json')!r} is corrupt "
                                               "(RecursionError); re-create it\n")
+
+
+def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_path, capsys):
+    """Cache keys hash the entry's schema (imagefolder: DECODED_SCHEMA in the slot; statistics: SCHEMA; expert
+    buffers: the normalisation in the name), so an entry of an older ddkit is never found or replaced again. `cache
+    -l` listed it like a live one, `show` called a healthy old decoded entry damaged, and only --older-than set it
+    apart from the live ones."""
+    import shutil
+
+    write_folder(tmp_path / "d")
+    load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8)
+    (live,) = [e for e in cache_entries() if e.kind == "imagefolder"]
+    old = live.path.with_name("0123456789abcdef-fedcba9876543210")  # schema 1's slot: another name
+    shutil.copytree(live.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["schema_version"] = manifest["settings"]["schema"] = 1
+    del manifest["host"]  # schema 1 recorded no host
+    (old / "manifest.json").chmod(0o644)
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    root = Path(os.environ["DDKIT_CACHE"])
+    for name, schema in (("s-old", 1), ("s-new", 2), ("s-untold", None)):
+        record = {"schema_version": 1, "kind": "statistics", "teacher": "t", "data": "d"}
+        write(root / "statistics" / name / "manifest.json", 0).write_text(
+            json.dumps(record if schema is None else {**record, "statistics_schema": schema}))
+    experts = {"a0c4c65b57963ce7-c1453d574a14ef5e": "named without its normalisation",  # before the norm part
+               "a0c4c65b57963ce7-c1453d574a14ef5e-44972221": "", "mine": ""}
+    for name in experts:
+        write(root / "experts" / name / "manifest.json", 0).write_text(
+            json.dumps({"schema_version": 1, "kind": "expert-buffer"}))
+
+    assert {e.name: e.stale for e in cache_entries()} == {
+        live.name: "", old.name: "schema 1", "s-old": "schema 1", "s-new": "", "s-untold": "", **experts}
+    code, out, _ = run(["cache", "-l"], capsys)
+    lines = {line.split()[0]: line for line in out.splitlines() if "/" in line.split()[0]}
+    marked = "  (made by an older ddkit: schema 1)"
+    assert lines[f"imagefolder/{old.name}"].endswith(f"image_size 8{marked}")
+    assert lines[f"imagefolder/{live.name}"].endswith("image_size 8")
+    assert lines["statistics/s-old"].endswith(marked) and "older" not in lines["statistics/s-new"]
+    assert out.splitlines()[-1] == ("entries made by an older ddkit are never read again: `ddkit cache prune "
+                                    "--stale` removes them")
+    code, out, _ = run(["cache", "-l", "--json"], capsys)
+    assert {e["name"]: e["stale"] for e in json.loads(out)["entries"]}[old.name] == "schema 1"
+
+    code, out, err = run(["show", str(old)], capsys)
+    assert (code, out) == (2, "") and err == (
+        f"error: the decoded-image cache {str(old)!r} was made by an older ddkit (schema 1), which this one never "
+        "reads (it decodes the images into a new entry); prune it (`ddkit cache prune --stale`, or rm -r)\n")
+    assert run(["show", str(live.path), "-q"], capsys)[:2] == (0, "")
+
+    code, out, _ = run(["cache", "prune", "--stale", "--kind", "imagefolder", "--dry-run"], capsys)
+    assert out.splitlines()[0].startswith(f"would remove imagefolder/{old.name}  ") and old.exists()
+    code, out, _ = run(["cache", "prune", "--stale"], capsys)
+    assert code == 0 and out.splitlines()[-1].startswith("removed 3 item(s)")
+    assert sorted(e.name for e in cache_entries()) == sorted(
+        [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine"])
+    assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept

@@ -949,3 +949,15 @@ def test_distill_bar_names_the_statistics_pass(data, bn_teacher, tmp_path):
     assert views == [("distill edc: real-data statistics", "img", len(data.train)), ("distill edc", "it", 3)]
     assert progress_view("distill mtt", {"expert_epochs_pass": 1.0}) == ("distill mtt: expert epochs", "ep")
     assert progress_view("distill mtt", {"loss": 0.5}) == ("distill mtt", "it")
+
+
+def test_real_statistics_record_their_schema_which_a_bump_makes_stale(data, bn_teacher, tmp_path, monkeypatch):
+    """The key hashes SCHEMA, so after a bump an entry is never read again: its manifest records the schema, and
+    `ddkit cache` marks the entry as an older ddkit's."""
+    from ddkit.cache import cache_entries
+
+    _, path = S.real_statistics(bn_teacher, data, cache_dir=tmp_path / "statistics")
+    assert json.loads((path / "manifest.json").read_text())["statistics_schema"] == S.SCHEMA
+    assert [(e.name, e.stale) for e in cache_entries(tmp_path)] == [(path.name, "")]
+    monkeypatch.setattr(S, "SCHEMA", S.SCHEMA + 1)
+    assert [(e.name, e.stale) for e in cache_entries(tmp_path)] == [(path.name, f"schema {S.SCHEMA - 1}")]

@@ -65,3 +65,47 @@ def test_show_refuses_other_torch_files_in_one_line(tmp_path, capsys):
         code, out, err = _cli(["show", str(tmp_path / name)], capsys)
         assert code == 2 and out == "" and err.count("\n") == 1, err
         assert words in err and "a `ddkit export --format pt` file" in err
+
+
+def test_exports_and_reports_of_an_older_ddkit_are_named_so_and_replaced(tmp_path, capsys, caplog):
+    """Early ddkit wrote a pt export as the set's fields without a kind, an imagefolder export's classes.json
+    without one and a report folder without a manifest: `show` called them "not a ddkit record (kind None)" and
+    `export --format pt` refused to replace the old file."""
+    d = str(tmp_path / "d")
+    assert main(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", d, "-q"]) == 0
+    old_pt = tmp_path / "old.pt"
+    torch.save({"images": torch.zeros(8, 1, 16, 16), "labels": torch.arange(4).repeat_interleave(2),
+                "classes": ["class0", "class1", "class2", "class3"], "mean": [0.5], "std": [0.25]}, old_pt)
+    old_png = tmp_path / "old.png"
+    (old_png / "000_class0").mkdir(parents=True)
+    (old_png / "classes.json").write_text(json.dumps({"classes": ["class0"], "folders": ["000_class0"]}))
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("report.md", "report.html"):
+        (report / name).write_text("x")
+    capsys.readouterr()
+
+    for target, fmt in ((old_pt, "pt"), (old_png, "imagefolder"), (old_png / "classes.json", "imagefolder")):
+        code, out, err = _cli(["show", str(target)], capsys)
+        folder = old_png if fmt == "imagefolder" else old_pt
+        assert (code, out) == (2, "") and err == (
+            f"error: {str(folder)!r} was written by an older ddkit export (it records no kind); export it again: "
+            f"`ddkit export SET --format {fmt} --out {str(folder)!r}`\n")
+    code, out, err = _cli(["show", str(report)], capsys)
+    assert (code, out) == (2, "") and err == (
+        f"error: {str(report)!r} is a `ddkit report` folder written by an older ddkit (no manifest.json); run "
+        f"`ddkit report BENCH_FOLDER --out {str(report)!r}` again\n")
+
+    # the fix each names: exporting over them replaces them, with the warning a current export's replacement gives
+    caplog.clear()
+    assert main(["export", d, "--format", "pt", "--out", str(old_pt)]) == 0
+    assert f"replaced the earlier pt-export {old_pt}" in caplog.text
+    assert _cli(["show", str(old_pt)], capsys)[0] == 0
+    caplog.clear()
+    assert main(["export", d, "--format", "imagefolder", "--out", str(old_png)]) == 0
+    assert f"replaced the earlier output in {old_png}" in caplog.text
+    assert _cli(["show", str(old_png)], capsys)[0] == 0
+    other = tmp_path / "other.pt"  # a dict of other fields is still no export of ours: never replaced
+    torch.save({"images": torch.zeros(1)}, other)
+    code, _, err = _cli(["export", d, "--format", "pt", "--out", str(other), "-q"], capsys)
+    assert code == 2 and "exists and is not a readable ddkit pt export" in err

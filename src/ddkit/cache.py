@@ -52,10 +52,14 @@ class CacheEntry:
     state: str = "entry"
     of: str = ""  #: the entry a leftover or partial folder belongs to
     details: dict[str, Any] = dataclasses.field(default_factory=dict)  #: imagefolder: root and image_size
+    #: an entry an older ddkit made, which this one never reads (its key or layout changed since): what tells
+    #: (``schema 1``); empty for a current entry and for one that records nothing to tell it by
+    stale: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "name": self.name, "path": str(self.path), "bytes": self.bytes,
-                "mtime": self.mtime, "state": self.state, "of": self.of or None, **self.details}
+                "mtime": self.mtime, "state": self.state, "of": self.of or None, **self.details,
+                "stale": self.stale or None}
 
 
 def tree_bytes(path: str | Path) -> int:
@@ -90,6 +94,37 @@ def _details(kind: str, path: Path) -> dict[str, Any]:
         return {"root": None, "image_size": None}
 
 
+# an expert buffer's name before ddkit 2026-12-06 added the normalisation's hash to it (now: ...-<8 hex>)
+_OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
+
+
+def stale_reason(kind: str, path: Path) -> str:
+    """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
+    current or records nothing that tells: an imagefolder entry of an older :data:`~ddkit.data.sources.DECODED_SCHEMA`,
+    statistics of an older :data:`~ddkit.methods.statistics.SCHEMA` (recorded since schema 2), an expert buffer
+    named without the normalisation part. Cache keys hash these, so such an entry is never found again and never
+    replaced: ``ddkit cache prune --stale`` removes it."""
+    if kind == "experts":
+        return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
+    if kind not in ("imagefolder", "statistics"):
+        return ""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):  # none, or damaged: not told apart here
+        return ""
+    if not isinstance(manifest, dict):
+        return ""
+    if kind == "imagefolder":
+        from ddkit.data.sources import DECODED_SCHEMA as current
+
+        schema = manifest.get("schema_version")
+    else:
+        from ddkit.methods.statistics import SCHEMA as current
+
+        schema = manifest.get("statistics_schema")
+    return f"schema {schema}" if isinstance(schema, int) and not isinstance(schema, bool) and schema < current else ""
+
+
 def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:
     """The entries of every kind folder of the cache ``root`` (default :func:`~ddkit.artifacts.cache_dir`), by
     kind and name, with the leftovers of killed builds and interrupted builds' work (``state``); lock files are
@@ -115,8 +150,10 @@ def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:
                     mtime = path.lstat().st_mtime
                 except OSError:  # removed meanwhile
                     continue
+                entry = state == "entry"
                 found.append(CacheEntry(folder.name, name, path, tree_bytes(path), mtime, state, of,
-                                        _details(folder.name, path) if state == "entry" else {}))
+                                        _details(folder.name, path) if entry else {},
+                                        stale_reason(folder.name, path) if entry else ""))
     return found
 
 
@@ -176,16 +213,17 @@ def _unused(entry: Path) -> Iterator[str | None]:
 
 
 def prune_cache(kinds: list[str] | None = None, older_than: float | None = None, everything: bool = False,
-                dry_run: bool = False, root: str | Path | None = None) -> PruneResult:
+                dry_run: bool = False, root: str | Path | None = None, stale: bool = False) -> PruneResult:
     """Remove whole entries of the cache ``root``: those of ``kinds`` (default every kind), last modified more
-    than ``older_than`` days ago (default any time); ``everything`` selects all of them. Refuses to run with no
+    than ``older_than`` days ago (default any time), with ``stale`` only those an older ddkit made that this one
+    never reads (:func:`stale_reason`); ``everything`` selects all of them. Refuses to run with no
     selection at all. An entry that a process holds the build lock of (see :func:`~ddkit.artifacts.build_lock`)
     is skipped; the others are removed under their lock, with their lock file. The temporary folders of killed
     builds are removed where :func:`~ddkit.artifacts.sweep_leftovers` would remove them (a process of this host
     that no longer runs); an interrupted build's resumable work goes as its entry would. ``dry_run``: remove
     nothing, return what would go."""
-    if not kinds and older_than is None and not everything:
-        raise ConfigError("`ddkit cache prune` needs a selection: --kind KIND, --older-than DAYS or --all "
+    if not kinds and older_than is None and not everything and not stale:
+        raise ConfigError("`ddkit cache prune` needs a selection: --kind KIND, --older-than DAYS, --stale or --all "
                           "(`ddkit cache` lists the kinds)")
     if older_than is not None and not older_than >= 0:
         raise ConfigError(f"--older-than must be a number of days >= 0, not {older_than}")
@@ -201,7 +239,7 @@ def prune_cache(kinds: list[str] | None = None, older_than: float | None = None,
                               f"(kinds: {', '.join(known)})")
     now = time.time()
     chosen = [e for e in entries if (not kinds or e.kind in kinds)
-              and (older_than is None or now - e.mtime > older_than * 86400)]
+              and (older_than is None or now - e.mtime > older_than * 86400) and (not stale or e.stale)]
     result = PruneResult([], [], dry_run)
     origin = _origin()
     for e in chosen:

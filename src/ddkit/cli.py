@@ -430,7 +430,7 @@ def cmd_cache(args) -> int:
     from ddkit.cache import cache_entries, cache_summary, prune_cache, size_text
 
     if args.action == "prune":
-        result = prune_cache(args.kind, args.older_than, args.all, args.dry_run)
+        result = prune_cache(args.kind, args.older_than, args.all, args.dry_run, stale=args.stale)
         if args.json:
             print(json.dumps({"dry_run": result.dry_run, "removed": [e.to_dict() for e in result.removed],
                               "skipped": [{**e.to_dict(), "why": why} for e, why in result.skipped],
@@ -465,18 +465,20 @@ def cmd_cache(args) -> int:
         for e in entries:
             when = datetime.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
             print(f"{e.kind}/{printable(e.name)}  {size_text(e.bytes)}  {when}{_cache_state(e)}")
+        if any(e.stale for e in entries):
+            print("entries made by an older ddkit are never read again: `ddkit cache prune --stale` removes them")
     return 0
 
 
 def _cache_state(e) -> str:
-    """What the listing adds to an entry's line: an imagefolder's root and image_size; what a build left."""
+    """What the listing adds to an entry's line: an imagefolder's root and image_size; what a build left; that an
+    older ddkit made it."""
     if e.state == "leftover":
         return f"  (leftover of a killed build of {e.of})"
     if e.state == "partial":
         return f"  (interrupted build of {e.of}, resumable)"
-    if e.details:
-        return f"  root {e.details.get('root')}, image_size {e.details.get('image_size')}"
-    return ""
+    text = f"  root {e.details.get('root')}, image_size {e.details.get('image_size')}" if e.details else ""
+    return text + (f"  (made by an older ddkit: {e.stale})" if e.stale else "")
 
 
 def _closest_name(name: str) -> tuple[str, str] | None:
@@ -784,11 +786,13 @@ def build_parser() -> argparse.ArgumentParser:
     actions = sp.add_subparsers(dest="action")
     cache_list_flags(actions.add_parser("list", help="list the cache (the default)"), argparse.SUPPRESS)
     pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
-                            "left); needs --kind, --older-than or --all")
+                            "left); needs --kind, --older-than, --stale or --all")
     pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
                     "random-baseline, full-reference; `ddkit cache` lists them); repeatable")
     pp.add_argument("--older-than", type=float, metavar="DAYS", help="only entries last modified more than DAYS "
                     "days ago")
+    pp.add_argument("--stale", action="store_true", help="only entries an older ddkit made, which this one never "
+                    "reads (`ddkit cache -l` marks them)")
     pp.add_argument("--all", action="store_true", help="every entry (with --kind / --older-than: every one selected)")
     pp.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
     pp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")

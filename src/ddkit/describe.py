@@ -89,6 +89,11 @@ def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
                 raise DDKitError(f"{str(path)!r} looks like an unfinished `ddkit run` (stages done: "
                                  f"{', '.join(stages)}; no run record yet); run its config again to finish it, or show "
                                  "a stage folder")
+            from ddkit.report import _older_report
+
+            if _older_report(path):
+                raise DDKitError(f"{str(path)!r} is a `ddkit report` folder written by an older ddkit (no "
+                                 f"manifest.json); run `ddkit report BENCH_FOLDER --out {str(path)!r}` again")
             raise DDKitError(f"{str(path)!r} holds no ddkit record ({', '.join(_RECORD_FILES)}); pass a ddkit "
                              "output folder")
         path = found
@@ -132,7 +137,19 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
             return _summarise(*_load_record(where.parent), check_files=check_files)
         raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an "
                          "unfinished run, or one from before run folders had a manifest.json); run `ddkit run` again "
-                         "with the same config and --out (finished stages are reused) to write it")
+                         "with the same config and --out to write it (finished stages are reused, though stages "
+                         "an older ddkit made may be made again)")
+    if kind is None and (older := _older_export(record, where)) is not None:
+        raise DDKitError(f"{str(older)!r} was written by an older ddkit export (it records no kind); export it "
+                         f"again: `ddkit export SET --format {'pt' if older == where else 'imagefolder'} --out "
+                         f"{str(older)!r}`")
+    if kind == "imagefolder-decoded" and where.name == MANIFEST:
+        from ddkit.cache import stale_reason
+
+        if why := stale_reason("imagefolder", where.parent):
+            raise DDKitError(f"the decoded-image cache {str(where.parent)!r} was made by an older ddkit ({why}), "
+                             "which this one never reads (it decodes the images into a new entry); prune it "
+                             "(`ddkit cache prune --stale`, or rm -r)")
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
@@ -146,6 +163,18 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     if kind == "bench-config" and where.name == "config.json":
         text += "\n" + _bench_progress(record, where.parent)
     return text
+
+
+def _older_export(record: dict[str, Any], where: Path) -> Path | None:
+    """The export an older ddkit wrote that ``record`` (read from ``where``, no kind) is of, or None: a
+    ``--format pt`` file of the set's fields, an imagefolder export's classes.json."""
+    from ddkit.distilled import older_imagefolder_export, older_pt_export
+
+    if _is_torch_file(where) and older_pt_export(record):
+        return where
+    if where.name == "classes.json" and older_imagefolder_export(where.parent):
+        return where.parent
+    return None
 
 
 def _printable_text(value: Any) -> Any:

@@ -305,7 +305,8 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "imagefolder":
             from PIL import Image
 
-            with atomic_dir(out, kind="imagefolder-export") as tmp:  # a refused --out first, then the warning
+            # a refused --out first, then the warning
+            with atomic_dir(out, kind="imagefolder-export", accept=older_imagefolder_export) as tmp:
                 clipped = clipped_fraction(self.images)
                 if clipped:
                     log.warning("%.2f%% of the set's pixels lie outside [0, 1] and are clipped in the PNG "
@@ -408,7 +409,27 @@ def _pt_export_record(path: Path) -> dict | None:
         record = quiet_torch_load(path)
     except Exception:
         return None
-    return record if isinstance(record, dict) and record.get("kind") == "pt-export" else None
+    if isinstance(record, dict) and (record.get("kind") == "pt-export" or older_pt_export(record)):
+        return record
+    return None
+
+
+def older_pt_export(record: Any) -> bool:
+    """Whether ``record`` (a loaded ``.pt`` file) is an ``export --format pt`` of an older ddkit: the set's
+    fields, no kind."""
+    return isinstance(record, dict) and "kind" not in record and {"images", "labels", "classes", "mean",
+                                                                   "std"} <= record.keys()
+
+
+def older_imagefolder_export(folder: Path) -> bool:
+    """Whether ``folder`` is an ``export --format imagefolder`` of an older ddkit: a classes.json of classes and
+    folders, no kind."""
+    try:
+        record = read_json(folder / "classes.json")
+    except DDKitError:
+        return False
+    return ("kind" not in record and isinstance(record.get("classes"), list)
+            and isinstance(record.get("folders"), list))
 
 
 def _is_pt_export(path: Path) -> bool:

@@ -74,7 +74,7 @@ from ddkit.training import sum_dtype
 log = logging.getLogger(__name__)
 
 KIND = "statistics"
-SCHEMA = 2  # in the cache key; 2: per-image sums in the features' dtype (1: float64 copies), equal to ~1e-7
+SCHEMA = 2  # in the cache key and the manifest; 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
 TENSORS = "statistics.safetensors"
 LOGITS = "logits"
 
@@ -397,7 +397,8 @@ def real_statistics(
         record_shared_cost(KIND, path.name, seconds, seconds, waited.seconds)
         if info.is_main:
             manifest = base_manifest(KIND, {"layers": keys, "batch_size": batch_size, "patch_size": patch_size}, None)
-            manifest.update({"teacher": teacher.fingerprint, "data": real.fingerprint,
+            # the key's SCHEMA, so that `ddkit cache` tells the entries of an older one (never read again)
+            manifest.update({"statistics_schema": SCHEMA, "teacher": teacher.fingerprint, "data": real.fingerprint,
                              "dataset": real.name, "num_classes": real.num_classes,
                              "build_seconds": round(seconds, 3)})
             with atomic_dir(path, kind=KIND) as tmp:
