@@ -981,6 +981,14 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
         "another --out")
     assert _os_error(OSError(errno.ENOSPC, "No space left on device")) == (
         "cannot write: No space left on device; free space on that disk or choose another --out")
+    # a failed write() names no file: the command's --out is named; a file-size limit is no permission problem
+    assert _os_error(OSError(errno.EFBIG, "File too large"), "p/e.json") == (
+        "cannot write 'p/e.json': File too large; a limit on file size (ulimit -f) or a quota stops this file; raise "
+        "the limit or choose another --out")
+    assert _os_error(OSError(errno.ENOSPC, "No space left on device"), "p/e.json") == (
+        "cannot write 'p/e.json': No space left on device; free space on that disk or choose another --out")
+    assert _os_error(OSError(errno.EIO, "Input/output error"), "p/x") == (
+        "cannot use 'p/x': Input/output error; check the path and its permissions")
     (tmp_path / "afile").write_text("mine")
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1",
                             "--out", str(tmp_path / "afile" / "sub"), "-q"], capsys)

@@ -167,6 +167,10 @@ def _atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            exc.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -240,7 +244,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
                          f"{sorted(metadata)}")
     path = Path(path)
     with _atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # a failed write: "... I/O error: No space left on device (os error 28)"
+            code = int(found[1]) if (found := re.search(r"\(os error (\d+)\)", str(exc))) else None
+            raise DDKitError(write_failure(path, os.strerror(code) if code else str(exc).splitlines()[0],
+                                           code)) from None
         sha = file_sha256(tmp)  # read back from the page cache: about as fast as hashing the bytes in memory
     return sha
 
@@ -303,10 +312,40 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(path) as tmp:
         try:
-            torch.save(obj, tmp)
-        except RuntimeError as exc:  # torch reports a failed write (no such folder, disk full) as RuntimeError
-            raise DDKitError(f"cannot write {str(path)!r} ({str(exc).splitlines()[0]}); choose another place or "
-                             "free space") from None
+            with open(tmp, "wb") as f:  # Python writes the bytes: a failure is an OSError with its errno
+                torch.save(obj, f)
+        except OSError as exc:
+            raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
+        except RuntimeError as exc:  # torch's own report of a failed write ("unexpected pos 64 vs 0")
+            full = _nearly_full(path.parent)
+            raise DDKitError(write_failure(path, "No space left on device" if full else
+                                           f"could not write ({str(exc).splitlines()[0]})",
+                                           errno.ENOSPC if full else None)) from None
+
+
+def _nearly_full(folder: Path) -> bool:
+    """Whether the disk of ``folder`` has (almost) no space left: under 1 MiB free."""
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+def write_failure(path: str | Path | None, cause: str, code: int | None = None) -> str:
+    """One line for a failed write of ``path`` (``cause``: why, ``code``: its errno where known), naming the
+    output the user gave (:func:`output_for`), not ddkit's hidden temporary beside it, and the fix the cause
+    calls for."""
+    where = f" {str(output_for(path))!r}" if path is not None else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or choose another --out"
+    elif code == errno.EFBIG:
+        fix = ("a limit on file size (ulimit -f) or a quota stops this file; raise the limit or choose another "
+               "--out")
+    elif code == errno.EROFS:
+        fix = "choose another --out"
+    else:
+        fix = "check the path and its permissions, or choose another --out"
+    return f"cannot write{where}: {cause}; {fix}"
 
 
 def quiet_torch_load(path: str | Path) -> Any:

@@ -838,21 +838,22 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
-def _os_error(exc: OSError) -> str:
+def _os_error(exc: OSError, out: str | None = None) -> str:
     """One line for a path the system refused, naming the output the user gave rather than ddkit's
-    hidden temporary or checkpoint beside it, with the fix the error calls for."""
+    hidden temporary or checkpoint beside it (``out``, the command's --out, where the system names no
+    file: a failed write), with the fix the error calls for."""
     import errno
 
-    from ddkit.artifacts import output_for
+    from ddkit.artifacts import output_for, write_failure
 
     path = output_for(exc.filename) if exc.filename else None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return write_failure(path or out, exc.strerror or str(exc), exc.errno)
     where = f" {str(path)!r}" if path is not None else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot write{where}: {exc.strerror}; free space on that disk or choose another --out"
     if exc.errno in (errno.EEXIST, errno.ENOTDIR) and path is not None and path.is_file():
         return f"{str(path)!r} is a file where a folder is needed; choose another path"
-    if exc.errno == errno.EROFS:
-        return f"cannot write{where}: {exc.strerror}; choose another --out"
+    if path is None and out:
+        where = f" {str(out)!r}"
     return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
 
 
@@ -956,7 +957,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
-        _error(_os_error(exc))
+        _error(_os_error(exc, getattr(args, "out", None)))
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:
