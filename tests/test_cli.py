@@ -1348,3 +1348,31 @@ def test_evaluate_bars_read_the_stage_from_the_record_and_fkd_needs_its_store_fi
     monkeypatch.setattr(base, "load_dataset", lambda *a, **k: pytest.fail("loaded the data before the check"))
     code, _, err = run_cli(["evaluate", str(out), "--label-mode", "fkd"], capsys)
     assert code == 2 and err == "error: label mode fkd replays a `ddkit relabel` store; pass --set fkd_store=DIR\n"
+
+
+def test_output_names_up_to_name_max_are_accepted(tmp_path, capsys):
+    """ddkit's hidden names beside an output (``.<name>.tmp-<host>_<pidns>-<pid>-<hex>``, the teacher's
+    ``.<name>.resume-<hash>.pt``, ``.<name>.work``) made output names of about 200-255 bytes fail with
+    'File name too long'; a long name is now embedded shortened, and ordinary names are unchanged."""
+    import errno
+
+    from ddkit.artifacts import hidden_path, output_for, sweep_leftovers, temp_path, work_name
+    from ddkit.cli import _os_error
+
+    assert work_name("t") == "t" and hidden_path(tmp_path / "d", ".work") == tmp_path / ".d.work"
+    long = "t" * 250 + "é"  # 252 bytes
+    hidden = [temp_path(tmp_path / long), temp_path(tmp_path / long, "old"), hidden_path(tmp_path / long, ".partial"),
+              hidden_path(tmp_path / long, ".resume-5a9921420fb83ac1.pt")]
+    hidden.append(temp_path(hidden[-1]))  # the checkpoint's own temporary
+    assert all(len(os.fsencode(p.name)) <= 255 for p in hidden)
+    assert all(output_for(p) == tmp_path / long for p in hidden)
+    assert repr(str(tmp_path / long)) in _os_error(OSError(errno.ENOSPC, "No space left on device", str(hidden[-1])))
+    dead = hidden[0].with_name(hidden[0].name.replace(f"-{os.getpid()}-", "-999999999-"))
+    dead.mkdir()
+    assert sweep_leftovers(tmp_path / long) == [dead] and not dead.exists()
+    for cmd in (["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1"],
+                ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2"]):
+        out = tmp_path / cmd[0] / ("x" * 255)
+        code, _, err = run_cli([*cmd, "--out", str(out), "-q"], capsys)
+        assert code == 0 and err == "" and (out / "manifest.json").is_file()
+        assert os.listdir(out.parent) == [out.name]  # nothing hidden left beside it

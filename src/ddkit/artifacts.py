@@ -91,11 +91,43 @@ def _origin() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", where) or "host"
 
 
+# A file name may hold 255 bytes (NAME_MAX), and ddkit's hidden names add to the output's name up to a temporary's
+# suffix: ".tmp-" + origin (a host name of up to 64 bytes, "_", a 10-digit PID namespace) + "-" + a 7-digit PID +
+# "-" + 8 hex digits. A longer output name is embedded shortened, the same on every host (a checkpoint resumes
+# anywhere): see work_name.
+NAME_MAX = 255
+_LONGEST_SUFFIX = len(".tmp-") + 64 + 1 + 10 + 1 + 7 + 1 + 8
+# the names work_name shortened in this process, so that output_for can name the output the user gave
+_SHORTENED: dict[str, str] = {}
+
+
+def work_name(name: str) -> str:
+    """``name`` as ddkit embeds it in the hidden names of its work beside the output ``name`` (``.<name>.tmp-...``,
+    ``.<name>.partial``, ``.<name>.work``, ``.<name>.resume-<hash>.pt``, ``.<name>.lock``): ``name`` itself,
+    or, where the hidden name could exceed NAME_MAX bytes, its first bytes, ``~`` and 16 hex digits of its
+    sha256 (so that a legal output name is not refused as "File name too long")."""
+    room = NAME_MAX - 1 - _LONGEST_SUFFIX
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    short = raw[:room - 17].decode("utf-8", "ignore") + f"~{digest}"  # "ignore": no character cut in two
+    _SHORTENED[short] = name
+    return short
+
+
+def hidden_path(path: str | Path, suffix: str) -> Path:
+    """The hidden sibling ``.<name><suffix>`` of ``path`` where ddkit keeps work for it (``suffix``: ``.partial``,
+    ``.work``, ``.resume-<hash>.pt``...), the name shortened as :func:`work_name` says."""
+    path = Path(path)
+    return path.with_name(f".{work_name(path.name)}{suffix}")
+
+
 def temp_path(final: Path, what: str = "tmp") -> Path:
     """A hidden name beside ``final`` for this process's temporary file or folder ``what`` (``tmp``, or
     ``old`` for a folder being replaced): ``.<name>.<what>-<origin>-<pid>-<random>``, which
     :func:`sweep_leftovers` recognises once the process is gone."""
-    return final.with_name(f".{final.name}.{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return hidden_path(final, f".{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 # hidden names ddkit keeps beside an output while it is made: temporaries, checkpoints, work folders
@@ -111,7 +143,7 @@ def output_for(path: str | Path) -> Path:
     for i, part in enumerate(path.parts):
         name = part
         while (found := _HIDDEN_FOR.fullmatch(name)) is not None:
-            name = found["name"]
+            name = _SHORTENED.get(found["name"], found["name"])
         if name != part:
             return Path(*path.parts[:i], name)
     return path
@@ -136,7 +168,7 @@ def sweep_leftovers(final: str | Path) -> list[Path]:
     machine's on a shared filesystem, or anything else hidden there is left alone."""
     final = Path(final)
     pattern = re.compile(
-        rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+        rf"\.{re.escape(work_name(final.name))}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
     try:
         entries = list(final.parent.iterdir())
     except OSError:  # no folder yet, or not readable: nothing of ours there
@@ -695,7 +727,7 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
 
 
 def _lock_file(path: Path) -> Path:
-    return path.parent / f".{path.name}.lock"
+    return hidden_path(path, ".lock")
 
 
 def _open_lock(path: Path) -> int | None:

@@ -574,7 +574,7 @@ def cmd_report(args) -> int:
 
 def cmd_relabel(args) -> int:
     from ddkit import distributed as ddist
-    from ddkit.artifacts import check_output_dir
+    from ddkit.artifacts import check_output_dir, hidden_path
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
     from ddkit.labels import relabel
@@ -594,7 +594,7 @@ def cmd_relabel(args) -> int:
     else:
         out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
-    work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
+    work = hidden_path(out, ".partial")  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet)
     store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
                     device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,

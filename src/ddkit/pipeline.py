@@ -22,6 +22,7 @@ from ddkit.artifacts import (
     base_manifest,
     check_output_dir,
     folder_kind,
+    hidden_path,
     holds_files,
     read_json,
     read_manifest,
@@ -315,7 +316,7 @@ def work_dir(out: str | Path, key: str | None = None) -> Path:
     """Where :func:`distill` keeps the checkpoints of a set written to ``out`` until it is saved (a
     hidden folder beside it), so that an interrupted synthesis resumes; with ``key`` (the set's
     :func:`distill_hash`), the subfolder of the synthesis with those settings."""
-    root = Path(out).parent / f".{Path(out).name}.work"
+    root = hidden_path(out, ".work")
     return root if key is None else root / key[:16]
 
 
@@ -616,7 +617,7 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
     and teacher. Returns whether it was reused, and the store (saved at ``path`` and loaded from there,
     memory-mapped, on every rank, for the evaluation, which then does not read it again)."""
     key = spec.key(distilled, teacher, protocol_epochs)
-    work = path.parent / f".{path.name}.partial"
+    work = hidden_path(path, ".partial")
     found = None
     if (path / "manifest.json").is_file():
         try:  # the whole store: a damaged one is labelled again, not replayed (or refused) at evaluation
