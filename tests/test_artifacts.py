@@ -1207,3 +1207,35 @@ def test_an_evaluation_whose_mean_is_not_its_seeds_is_refused_and_evaluated_agai
         f"error: evaluation report '{record}: evaluations[0]' holds results.distilled mean 0.99, not the mean of its "
         f"per_seed {per_seed} ({good['results']['distilled']['mean']!r}); the report is damaged: run `ddkit run` with "
         "its config again to rewrite it\n")
+
+
+@pytest.mark.parametrize("race", ["moved_away", "put_back"])
+def test_atomic_dir_survives_a_writer_finishing_at_the_same_time(tmp_path, monkeypatch, race):
+    """atomic_dir checked for the output, moved it aside and renamed its folder in, as three steps: another
+    writer finishing in between made the loser fail ('No such file or directory', or ENOTEMPTY) with its
+    finished output left hidden. Each rename is now tried again, and nothing hidden is left."""
+    import ddkit.artifacts as artifacts
+
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "x"}))
+    real, done = os.replace, []
+
+    def other_writer_first(src, dst):
+        if done:
+            pass
+        elif race == "moved_away" and Path(src) == final:
+            done.append(src)
+            real(final, tmp_path / "elsewhere")  # the other writer moved the output aside first
+        elif race == "put_back" and Path(dst) == final:
+            done.append(src)
+            final.mkdir()
+            (final / "manifest.json").write_text(json.dumps({"kind": "x", "by": "other"}))  # and put its own there
+        return real(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", other_writer_first)
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "x", "by": "me"}))
+    assert done and json.loads((final / "manifest.json").read_text()) == {"kind": "x", "by": "me"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["elsewhere"] if race == "moved_away"
+                                                                          else [])])

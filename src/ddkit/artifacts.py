@@ -493,18 +493,46 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
         raise DDKitError(f"cannot write in {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
     try:
         yield tmp
+        olds = _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = temp_path(final, "old")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        if any(old.iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
-            log.warning("replaced the earlier %s in %s", folder_kind(old) or "output", final)
+    if olds and any(olds[0].iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
+        log.warning("replaced the earlier %s in %s", folder_kind(olds[0]) or "output", final)
+    for old in olds:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path, tries: int = 20) -> list[Path]:
+    """Rename the finished folder ``tmp`` to ``final``, moving an existing ``final`` aside first; returns the
+    folders moved aside, for the caller to remove. Another writer to ``final`` that finishes at the same time
+    (two runs to one --out) can move ``final`` away, or put its own there, between the two renames: each
+    rename is then tried again, and the last writer's output stays. On a failure the output moved aside
+    is put back where it is still free."""
+    olds: list[Path] = []
+    try:
+        for _ in range(tries):
+            if final.exists() or final.is_symlink():
+                old = temp_path(final, "old")
+                try:
+                    os.replace(final, old)
+                except FileNotFoundError:  # the other writer moved it aside first
+                    continue
+                olds.append(old)
+            try:
+                os.replace(tmp, final)
+                return olds
+            except OSError as exc:  # the other writer put its output there in between
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+        raise OSError(errno.EBUSY, "other processes keep replacing it; give each run its own --out", str(final))
+    except BaseException:
+        if olds and not (final.exists() or final.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.replace(olds.pop(), final)
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
 
 
 def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
