@@ -1376,3 +1376,34 @@ def test_output_names_up_to_name_max_are_accepted(tmp_path, capsys):
         code, _, err = run_cli([*cmd, "--out", str(out), "-q"], capsys)
         assert code == 0 and err == "" and (out / "manifest.json").is_file()
         assert os.listdir(out.parent) == [out.name]  # nothing hidden left beside it
+
+
+def test_a_second_writer_to_the_same_out_refuses_at_once(workdir, tmp_path, capsys):
+    """Two `relabel` (or `distill`) runs to one --out shared its hidden work folder, and the first to finish
+    deleted it under the other: 'relabel epoch ... not found; the artifact is incomplete, re-create it'. The
+    second now refuses at once; a killed writer's lock (an flock) dies with it and blocks nothing."""
+    import signal
+
+    from ddkit.artifacts import hidden_path, writing
+
+    t, d = workdir / "teacher", workdir / "r5"
+    runs = {"relabel": (tmp_path / "f", ".partial", ["relabel", str(d), "--teacher", str(t), "--epochs", "1"]),
+            "distill": (tmp_path / "s", ".work", ["distill", "--dataset", "synthetic", "--method", "random",
+                                                  "--ipc", "2"])}
+    for out, suffix, args in runs.values():
+        with writing(hidden_path(out, suffix), out):  # another process writing the same --out
+            code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+            assert code == 2 and err == (f"error: another ddkit process is writing {str(out)!r}; wait for it or "
+                                         "choose another --out\n")
+            assert not out.exists()
+        assert os.listdir(tmp_path) == []  # the lock's folder goes with it
+    out, suffix, args = runs["relabel"]
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time, fcntl; os.makedirs(sys.argv[1]); "
+                               "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, "
+                               "flush=True); time.sleep(60)", str(hidden_path(out, suffix))], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"1\n"
+    assert run_cli([*args, "--out", str(out), "-q"], capsys)[0] == 2
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+    assert code == 0 and err == "" and sorted(os.listdir(tmp_path)) == ["f"]

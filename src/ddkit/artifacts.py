@@ -754,6 +754,49 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
             os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def writing(work: str | Path, out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
+    resumable work of its output ``out``, for the block. A second process writing the same ``out`` would
+    share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
+    (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
+    lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
+    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``."""
+    from ddkit import distributed as ddist
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    work, fd, busy = Path(work), None, False
+    made = not work.exists()
+    if ddist.current().is_main:
+        while True:
+            work.mkdir(parents=True, exist_ok=True)
+            fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = True
+            except OSError as exc:  # no locks on this filesystem: write unlocked, as before
+                log.debug("cannot lock %s (%s); writing %s without a lock", work, exc.strerror, out)
+            with contextlib.suppress(OSError):
+                if busy or os.stat(work).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
+    try:
+        if ddist.broadcast_object(busy):
+            raise DDKitError(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+        yield
+    finally:
+        if fd is not None:
+            if made and not busy:  # nothing in it to resume: leave nothing behind
+                with contextlib.suppress(OSError):
+                    work.rmdir()
+            os.close(fd)
+
+
 def _lock_file(path: Path) -> Path:
     return hidden_path(path, ".lock")
 

@@ -574,7 +574,7 @@ def cmd_report(args) -> int:
 
 def cmd_relabel(args) -> int:
     from ddkit import distributed as ddist
-    from ddkit.artifacts import check_output_dir, hidden_path
+    from ddkit.artifacts import check_output_dir, hidden_path, writing
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
     from ddkit.labels import relabel
@@ -596,13 +596,15 @@ def cmd_relabel(args) -> int:
     check_output_dir(out, FKD_KIND)  # before any labelling
     work = hidden_path(out, ".partial")  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet)
-    store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
-                    device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
-                    work_dir=work, out=out, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
-    progress.close()
-    if not ddist.current().is_main:
-        return 0
-    shutil.rmtree(work, ignore_errors=True)
+    with writing(work, out):  # another relabel to this --out would share (and remove) the work folder
+        store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed,
+                        args.top_k, device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha,
+                        batch_size=args.batch_size, work_dir=work, out=out, teacher_bn=args.teacher_bn,
+                        teacher_bn_batch=args.teacher_bn_batch)
+        progress.close()
+        if not ddist.current().is_main:
+            return 0
+        shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
            f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
