@@ -217,6 +217,13 @@ def test_tensor_and_checkpoint_write_failures_are_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 't': File too large; a limit"), \
         proc.stderr
     assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []
+    # a write cut short at the limit, which torch reports as "unexpected pos 1408 vs 1302", without an errno
+    assert _ddkit_under_fsize(10**6, "distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2",
+                              "--out", "d", cwd=tmp_path).returncode == 0
+    proc = _ddkit_under_fsize(1500, "export", "d", "--format", "pt", "--out", "x.pt", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 'x.pt': File too large; a limit"), \
+        proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["d"]
 
 
 def test_save_tensors_failure_names_the_output(tmp_path, monkeypatch):

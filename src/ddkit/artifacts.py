@@ -348,19 +348,25 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
                 torch.save(obj, f)
         except OSError as exc:
             raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
-        except RuntimeError as exc:  # torch's own report of a failed write ("unexpected pos 64 vs 0")
-            full = _nearly_full(path.parent)
-            raise DDKitError(write_failure(path, "No space left on device" if full else
-                                           f"could not write ({str(exc).splitlines()[0]})",
-                                           errno.ENOSPC if full else None)) from None
+        except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
+            code = _why_cut_short(tmp)
+            cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
+            raise DDKitError(write_failure(path, cause, code)) from None
 
 
-def _nearly_full(folder: Path) -> bool:
-    """Whether the disk of ``folder`` has (almost) no space left: under 1 MiB free."""
-    try:
-        return shutil.disk_usage(folder).free < 2**20
-    except OSError:
-        return False
+def _why_cut_short(path: Path) -> int | None:
+    """The likely errno of a write to ``path`` that a library reported without one: EFBIG where the file
+    reached this process's file-size limit (RLIMIT_FSIZE), ENOSPC where its disk has under 1 MiB free."""
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            return errno.EFBIG
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 2**20:
+            return errno.ENOSPC
+    return None
 
 
 def write_failure(path: str | Path | None, cause: str, code: int | None = None) -> str:
