@@ -162,17 +162,86 @@ def test_float_set_records_its_true_pixel_range_and_png_export_says_what_it_clip
 
 def test_failed_torch_save_is_a_one_line_error(tiny, tmp_path, monkeypatch):
     """torch.save reports a failed write (a full disk, a folder it may not write) as a RuntimeError,
-    which the CLI would show as a traceback; it becomes a DDKitError naming the file, and nothing is left."""
+    which the CLI would show as a traceback; it becomes a DDKitError naming the file, and nothing is left.
+    A full disk used to read "unexpected pos 64 vs 0": with under 1 MiB free it says so."""
     ds = _random_set(tiny, tmp_path)
 
-    def full_disk(obj, f):
-        Path(f).write_bytes(b"half")
+    def torch_fails(obj, f):
+        f.write(b"half")
         raise RuntimeError("[enforce fail at inline_container.cc:747] . unexpected pos 64 vs 0\nmore")
 
-    monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(DDKitError, match=r"cannot write .*set.pt' \(\[enforce fail .* vs 0\); choose another place"):
+    monkeypatch.setattr(torch, "save", torch_fails)
+    with pytest.raises(DDKitError, match=r"cannot write .*set.pt': could not write \(\[enforce fail .* vs 0\); check "):
         ds.export(tmp_path / "out" / "set.pt", "pt")
     assert list((tmp_path / "out").iterdir()) == []
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(2**30, 2**30 - 4096, 4096))
+    with pytest.raises(DDKitError, match=r"cannot write .*set.pt': No space left on device; free space on that disk"):
+        ds.export(tmp_path / "out" / "set.pt", "pt")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+_UNDER_FSIZE = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from ddkit.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _ddkit_under_fsize(limit: int, *args: str, cwd: Path):
+    """``ddkit ARGS`` in a process that may write no file larger than ``limit`` bytes (RLIMIT_FSIZE: each
+    larger write fails with EFBIG, as a full disk fails with ENOSPC)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(ddkit.__file__).parents[1])}
+    return subprocess.run([sys.executable, "-c", _UNDER_FSIZE, str(limit), *args, "-q"], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_tensor_and_checkpoint_write_failures_are_one_line(tmp_path):
+    """A write that fails in safetensors (a full disk, a file-size limit) raised SafetensorError, not an
+    OSError: a traceback and exit 1. torch's checkpoint named the hidden resume file and said "unexpected pos
+    128 vs 0". Now: one line naming --out and the cause, exit 2, nothing partial left."""
+    proc = _ddkit_under_fsize(2000, "distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2",
+                              "--out", "d", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == (
+        "error: cannot write 'd': File too large; a limit on file size (ulimit -f) or a quota stops this file; raise "
+        "the limit or choose another --out\n"), proc.stderr
+    proc = _ddkit_under_fsize(100, "teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1",
+                              "--out", "t", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 't': File too large; a limit"), \
+        proc.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []
+    # a write cut short at the limit, which torch reports as "unexpected pos 1408 vs 1302", without an errno
+    assert _ddkit_under_fsize(10**6, "distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2",
+                              "--out", "d", cwd=tmp_path).returncode == 0
+    proc = _ddkit_under_fsize(1500, "export", "d", "--format", "pt", "--out", "x.pt", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 'x.pt': File too large; a limit"), \
+        proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["d"]
+
+
+def test_save_tensors_failure_names_the_output(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import ddkit.artifacts as artifacts
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(artifacts, "save_file", full)
+    (tmp_path / ".out.partial").mkdir()
+    with pytest.raises(DDKitError) as info:
+        artifacts.save_tensors(tmp_path / ".out.partial" / "x.safetensors", {"a": torch.zeros(2)})
+    assert str(info.value) == (f"cannot write {str(tmp_path / 'out')!r}: No space left on device; free space on that "
+                               "disk or choose another --out")
+    assert list((tmp_path / ".out.partial").iterdir()) == []
 
 
 def test_load_errors(tiny, tmp_path):
@@ -1145,3 +1214,35 @@ def test_an_evaluation_whose_mean_is_not_its_seeds_is_refused_and_evaluated_agai
         f"error: evaluation report '{record}: evaluations[0]' holds results.distilled mean 0.99, not the mean of its "
         f"per_seed {per_seed} ({good['results']['distilled']['mean']!r}); the report is damaged: run `ddkit run` with "
         "its config again to rewrite it\n")
+
+
+@pytest.mark.parametrize("race", ["moved_away", "put_back"])
+def test_atomic_dir_survives_a_writer_finishing_at_the_same_time(tmp_path, monkeypatch, race):
+    """atomic_dir checked for the output, moved it aside and renamed its folder in, as three steps: another
+    writer finishing in between made the loser fail ('No such file or directory', or ENOTEMPTY) with its
+    finished output left hidden. Each rename is now tried again, and nothing hidden is left."""
+    import ddkit.artifacts as artifacts
+
+    final = tmp_path / "out"
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "x"}))
+    real, done = os.replace, []
+
+    def other_writer_first(src, dst):
+        if done:
+            pass
+        elif race == "moved_away" and Path(src) == final:
+            done.append(src)
+            real(final, tmp_path / "elsewhere")  # the other writer moved the output aside first
+        elif race == "put_back" and Path(dst) == final:
+            done.append(src)
+            final.mkdir()
+            (final / "manifest.json").write_text(json.dumps({"kind": "x", "by": "other"}))  # and put its own there
+        return real(src, dst)
+
+    monkeypatch.setattr(artifacts.os, "replace", other_writer_first)
+    with atomic_dir(final) as tmp:
+        (tmp / "manifest.json").write_text(json.dumps({"kind": "x", "by": "me"}))
+    assert done and json.loads((final / "manifest.json").read_text()) == {"kind": "x", "by": "me"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["elsewhere"] if race == "moved_away"
+                                                                          else [])])

@@ -981,6 +981,14 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
         "another --out")
     assert _os_error(OSError(errno.ENOSPC, "No space left on device")) == (
         "cannot write: No space left on device; free space on that disk or choose another --out")
+    # a failed write() names no file: the command's --out is named; a file-size limit is no permission problem
+    assert _os_error(OSError(errno.EFBIG, "File too large"), "p/e.json") == (
+        "cannot write 'p/e.json': File too large; a limit on file size (ulimit -f) or a quota stops this file; raise "
+        "the limit or choose another --out")
+    assert _os_error(OSError(errno.ENOSPC, "No space left on device"), "p/e.json") == (
+        "cannot write 'p/e.json': No space left on device; free space on that disk or choose another --out")
+    assert _os_error(OSError(errno.EIO, "Input/output error"), "p/x") == (
+        "cannot use 'p/x': Input/output error; check the path and its permissions")
     (tmp_path / "afile").write_text("mine")
     code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1",
                             "--out", str(tmp_path / "afile" / "sub"), "-q"], capsys)
@@ -1340,3 +1348,62 @@ def test_evaluate_bars_read_the_stage_from_the_record_and_fkd_needs_its_store_fi
     monkeypatch.setattr(base, "load_dataset", lambda *a, **k: pytest.fail("loaded the data before the check"))
     code, _, err = run_cli(["evaluate", str(out), "--label-mode", "fkd"], capsys)
     assert code == 2 and err == "error: label mode fkd replays a `ddkit relabel` store; pass --set fkd_store=DIR\n"
+
+
+def test_output_names_up_to_name_max_are_accepted(tmp_path, capsys):
+    """ddkit's hidden names beside an output (``.<name>.tmp-<host>_<pidns>-<pid>-<hex>``, the teacher's
+    ``.<name>.resume-<hash>.pt``, ``.<name>.work``) made output names of about 200-255 bytes fail with
+    'File name too long'; a long name is now embedded shortened, and ordinary names are unchanged."""
+    import errno
+
+    from ddkit.artifacts import hidden_path, output_for, sweep_leftovers, temp_path, work_name
+    from ddkit.cli import _os_error
+
+    assert work_name("t") == "t" and hidden_path(tmp_path / "d", ".work") == tmp_path / ".d.work"
+    long = "t" * 250 + "é"  # 252 bytes
+    hidden = [temp_path(tmp_path / long), temp_path(tmp_path / long, "old"), hidden_path(tmp_path / long, ".partial"),
+              hidden_path(tmp_path / long, ".resume-5a9921420fb83ac1.pt")]
+    hidden.append(temp_path(hidden[-1]))  # the checkpoint's own temporary
+    assert all(len(os.fsencode(p.name)) <= 255 for p in hidden)
+    assert all(output_for(p) == tmp_path / long for p in hidden)
+    assert repr(str(tmp_path / long)) in _os_error(OSError(errno.ENOSPC, "No space left on device", str(hidden[-1])))
+    dead = hidden[0].with_name(hidden[0].name.replace(f"-{os.getpid()}-", "-999999999-"))
+    dead.mkdir()
+    assert sweep_leftovers(tmp_path / long) == [dead] and not dead.exists()
+    for cmd in (["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1"],
+                ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2"]):
+        out = tmp_path / cmd[0] / ("x" * 255)
+        code, _, err = run_cli([*cmd, "--out", str(out), "-q"], capsys)
+        assert code == 0 and err == "" and (out / "manifest.json").is_file()
+        assert os.listdir(out.parent) == [out.name]  # nothing hidden left beside it
+
+
+def test_a_second_writer_to_the_same_out_refuses_at_once(workdir, tmp_path, capsys):
+    """Two `relabel` (or `distill`) runs to one --out shared its hidden work folder, and the first to finish
+    deleted it under the other: 'relabel epoch ... not found; the artifact is incomplete, re-create it'. The
+    second now refuses at once; a killed writer's lock (an flock) dies with it and blocks nothing."""
+    import signal
+
+    from ddkit.artifacts import hidden_path, writing
+
+    t, d = workdir / "teacher", workdir / "r5"
+    runs = {"relabel": (tmp_path / "f", ".partial", ["relabel", str(d), "--teacher", str(t), "--epochs", "1"]),
+            "distill": (tmp_path / "s", ".work", ["distill", "--dataset", "synthetic", "--method", "random",
+                                                  "--ipc", "2"])}
+    for out, suffix, args in runs.values():
+        with writing(hidden_path(out, suffix), out):  # another process writing the same --out
+            code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+            assert code == 2 and err == (f"error: another ddkit process is writing {str(out)!r}; wait for it or "
+                                         "choose another --out\n")
+            assert not out.exists()
+        assert os.listdir(tmp_path) == []  # the lock's folder goes with it
+    out, suffix, args = runs["relabel"]
+    holder = subprocess.Popen([sys.executable, "-c", "import os, sys, time, fcntl; os.makedirs(sys.argv[1]); "
+                               "fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, "
+                               "flush=True); time.sleep(60)", str(hidden_path(out, suffix))], stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"1\n"
+    assert run_cli([*args, "--out", str(out), "-q"], capsys)[0] == 2
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
+    assert code == 0 and err == "" and sorted(os.listdir(tmp_path)) == ["f"]

@@ -82,6 +82,35 @@ def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path
     assert all("accuracy" in json.loads(p.read_text()) or "result" in json.loads(p.read_text()) for p in entries)
 
 
+def test_a_cache_that_cannot_be_written_still_gives_the_report(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
+    """An empty cache folder that cannot be written (read-only, full) made evaluate train every student, then
+    fail on caching the random baseline or the full-data reference: no report. Now a warning per entry."""
+    import errno
+
+    import ddkit.evaluate.runner as runner
+
+    data, _, ds, _ = setup
+    cache, real = tmp_path / "rocache", runner.write_json
+
+    def refuse_cache(path, data):
+        if cache in path.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path.parent))
+        return real(path, data)
+
+    monkeypatch.setattr(runner, "write_json", refuse_cache)
+    proto = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    out = tmp_path / "e.json"
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        rep = evaluate(ds, proto, [5], data=data, cache_dir=cache, out=out)
+    assert set(rep["results"]) == {"distilled", "random", "full"}
+    assert json.loads(out.read_text())["results"] == rep["results"]
+    warned = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot cache"))
+    assert [w.split(" in ")[0] for w in warned] == ["cannot cache the full-data reference",
+                                                   "cannot cache the random baseline of seed 5"]
+    assert all(w.endswith(": Permission denied; later runs will train it again") for w in warned)
+    assert not cache.exists() or not list(cache.rglob("*.json"))
+
+
 def test_random_baseline_never_draws_the_sets_own_subset(setup, tiny_protocol, monkeypatch):
     """A `random` set of seed s evaluated with student seed s: a baseline subset drawn with the same seed
     is the set itself, so IOR would be 0 by construction. The baseline draws with seed + RANDOM_SEED_OFFSET."""

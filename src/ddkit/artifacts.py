@@ -91,11 +91,43 @@ def _origin() -> str:
     return re.sub(r"[^A-Za-z0-9.]", "_", where) or "host"
 
 
+# A file name may hold 255 bytes (NAME_MAX), and ddkit's hidden names add to the output's name up to a temporary's
+# suffix: ".tmp-" + origin (a host name of up to 64 bytes, "_", a 10-digit PID namespace) + "-" + a 7-digit PID +
+# "-" + 8 hex digits. A longer output name is embedded shortened, the same on every host (a checkpoint resumes
+# anywhere): see work_name.
+NAME_MAX = 255
+_LONGEST_SUFFIX = len(".tmp-") + 64 + 1 + 10 + 1 + 7 + 1 + 8
+# the names work_name shortened in this process, so that output_for can name the output the user gave
+_SHORTENED: dict[str, str] = {}
+
+
+def work_name(name: str) -> str:
+    """``name`` as ddkit embeds it in the hidden names of its work beside the output ``name`` (``.<name>.tmp-...``,
+    ``.<name>.partial``, ``.<name>.work``, ``.<name>.resume-<hash>.pt``, ``.<name>.lock``): ``name`` itself,
+    or, where the hidden name could exceed NAME_MAX bytes, its first bytes, ``~`` and 16 hex digits of its
+    sha256 (so that a legal output name is not refused as "File name too long")."""
+    room = NAME_MAX - 1 - _LONGEST_SUFFIX
+    raw = os.fsencode(name)
+    if len(raw) <= room:
+        return name
+    digest = hashlib.sha256(raw).hexdigest()[:16]
+    short = raw[:room - 17].decode("utf-8", "ignore") + f"~{digest}"  # "ignore": no character cut in two
+    _SHORTENED[short] = name
+    return short
+
+
+def hidden_path(path: str | Path, suffix: str) -> Path:
+    """The hidden sibling ``.<name><suffix>`` of ``path`` where ddkit keeps work for it (``suffix``: ``.partial``,
+    ``.work``, ``.resume-<hash>.pt``...), the name shortened as :func:`work_name` says."""
+    path = Path(path)
+    return path.with_name(f".{work_name(path.name)}{suffix}")
+
+
 def temp_path(final: Path, what: str = "tmp") -> Path:
     """A hidden name beside ``final`` for this process's temporary file or folder ``what`` (``tmp``, or
     ``old`` for a folder being replaced): ``.<name>.<what>-<origin>-<pid>-<random>``, which
     :func:`sweep_leftovers` recognises once the process is gone."""
-    return final.with_name(f".{final.name}.{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return hidden_path(final, f".{what}-{_origin()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 # hidden names ddkit keeps beside an output while it is made: temporaries, checkpoints, work folders
@@ -111,7 +143,7 @@ def output_for(path: str | Path) -> Path:
     for i, part in enumerate(path.parts):
         name = part
         while (found := _HIDDEN_FOR.fullmatch(name)) is not None:
-            name = found["name"]
+            name = _SHORTENED.get(found["name"], found["name"])
         if name != part:
             return Path(*path.parts[:i], name)
     return path
@@ -136,7 +168,7 @@ def sweep_leftovers(final: str | Path) -> list[Path]:
     machine's on a shared filesystem, or anything else hidden there is left alone."""
     final = Path(final)
     pattern = re.compile(
-        rf"\.{re.escape(final.name)}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
+        rf"\.{re.escape(work_name(final.name))}\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{{8}}")
     try:
         entries = list(final.parent.iterdir())
     except OSError:  # no folder yet, or not readable: nothing of ours there
@@ -167,6 +199,10 @@ def _atomic_file(path: Path) -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            exc.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -240,7 +276,12 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
                          f"{sorted(metadata)}")
     path = Path(path)
     with _atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        except SafetensorError as exc:  # a failed write: "... I/O error: No space left on device (os error 28)"
+            code = int(found[1]) if (found := re.search(r"\(os error (\d+)\)", str(exc))) else None
+            raise DDKitError(write_failure(path, os.strerror(code) if code else str(exc).splitlines()[0],
+                                           code)) from None
         sha = file_sha256(tmp)  # read back from the page cache: about as fast as hashing the bytes in memory
     return sha
 
@@ -303,10 +344,46 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(path) as tmp:
         try:
-            torch.save(obj, tmp)
-        except RuntimeError as exc:  # torch reports a failed write (no such folder, disk full) as RuntimeError
-            raise DDKitError(f"cannot write {str(path)!r} ({str(exc).splitlines()[0]}); choose another place or "
-                             "free space") from None
+            with open(tmp, "wb") as f:  # Python writes the bytes: a failure is an OSError with its errno
+                torch.save(obj, f)
+        except OSError as exc:
+            raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
+        except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
+            code = _why_cut_short(tmp)
+            cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
+            raise DDKitError(write_failure(path, cause, code)) from None
+
+
+def _why_cut_short(path: Path) -> int | None:
+    """The likely errno of a write to ``path`` that a library reported without one: EFBIG where the file
+    reached this process's file-size limit (RLIMIT_FSIZE), ENOSPC where its disk has under 1 MiB free."""
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource
+
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and path.stat().st_size >= limit:
+            return errno.EFBIG
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 2**20:
+            return errno.ENOSPC
+    return None
+
+
+def write_failure(path: str | Path | None, cause: str, code: int | None = None) -> str:
+    """One line for a failed write of ``path`` (``cause``: why, ``code``: its errno where known), naming the
+    output the user gave (:func:`output_for`), not ddkit's hidden temporary beside it, and the fix the cause
+    calls for."""
+    where = f" {str(output_for(path))!r}" if path is not None else ""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk or choose another --out"
+    elif code == errno.EFBIG:
+        fix = ("a limit on file size (ulimit -f) or a quota stops this file; raise the limit or choose another "
+               "--out")
+    elif code == errno.EROFS:
+        fix = "choose another --out"
+    else:
+        fix = "check the path and its permissions, or choose another --out"
+    return f"cannot write{where}: {cause}; {fix}"
 
 
 def quiet_torch_load(path: str | Path) -> Any:
@@ -422,18 +499,46 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
         raise DDKitError(f"cannot write in {str(final.parent)!r} ({exc.strerror}); choose another --out") from None
     try:
         yield tmp
+        olds = _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = None
-    if final.exists():
-        old = temp_path(final, "old")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        if any(old.iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
-            log.warning("replaced the earlier %s in %s", folder_kind(old) or "output", final)
+    if olds and any(olds[0].iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
+        log.warning("replaced the earlier %s in %s", folder_kind(olds[0]) or "output", final)
+    for old in olds:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, final: Path, tries: int = 20) -> list[Path]:
+    """Rename the finished folder ``tmp`` to ``final``, moving an existing ``final`` aside first; returns the
+    folders moved aside, for the caller to remove. Another writer to ``final`` that finishes at the same time
+    (two runs to one --out) can move ``final`` away, or put its own there, between the two renames: each
+    rename is then tried again, and the last writer's output stays. On a failure the output moved aside
+    is put back where it is still free."""
+    olds: list[Path] = []
+    try:
+        for _ in range(tries):
+            if final.exists() or final.is_symlink():
+                old = temp_path(final, "old")
+                try:
+                    os.replace(final, old)
+                except FileNotFoundError:  # the other writer moved it aside first
+                    continue
+                olds.append(old)
+            try:
+                os.replace(tmp, final)
+                return olds
+            except OSError as exc:  # the other writer put its output there in between
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+        raise OSError(errno.EBUSY, "other processes keep replacing it; give each run its own --out", str(final))
+    except BaseException:
+        if olds and not (final.exists() or final.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.replace(olds.pop(), final)
+        for old in olds:
+            shutil.rmtree(old, ignore_errors=True)
+        raise
 
 
 def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
@@ -655,8 +760,51 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
             os.close(fd)  # releases the lock
 
 
+@contextlib.contextmanager
+def writing(work: str | Path, out: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
+    resumable work of its output ``out``, for the block. A second process writing the same ``out`` would
+    share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
+    (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
+    lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
+    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``."""
+    from ddkit import distributed as ddist
+
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    work, fd, busy = Path(work), None, False
+    made = not work.exists()
+    if ddist.current().is_main:
+        while True:
+            work.mkdir(parents=True, exist_ok=True)
+            fd = os.open(work, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                busy = True
+            except OSError as exc:  # no locks on this filesystem: write unlocked, as before
+                log.debug("cannot lock %s (%s); writing %s without a lock", work, exc.strerror, out)
+            with contextlib.suppress(OSError):
+                if busy or os.stat(work).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
+    try:
+        if ddist.broadcast_object(busy):
+            raise DDKitError(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+        yield
+    finally:
+        if fd is not None:
+            if made and not busy:  # nothing in it to resume: leave nothing behind
+                with contextlib.suppress(OSError):
+                    work.rmdir()
+            os.close(fd)
+
+
 def _lock_file(path: Path) -> Path:
-    return path.parent / f".{path.name}.lock"
+    return hidden_path(path, ".lock")
 
 
 def _open_lock(path: Path) -> int | None:

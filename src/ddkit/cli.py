@@ -576,7 +576,7 @@ def cmd_report(args) -> int:
 
 def cmd_relabel(args) -> int:
     from ddkit import distributed as ddist
-    from ddkit.artifacts import check_output_dir
+    from ddkit.artifacts import check_output_dir, hidden_path, writing
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
     from ddkit.labels import relabel
@@ -596,15 +596,17 @@ def cmd_relabel(args) -> int:
     else:
         out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
-    work = out.parent / f".{out.name}.partial"  # finished epochs survive a kill; removed once saved
+    work = hidden_path(out, ".partial")  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet)
-    store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed, args.top_k,
-                    device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha, batch_size=args.batch_size,
-                    work_dir=work, out=out, teacher_bn=args.teacher_bn, teacher_bn_batch=args.teacher_bn_batch)
-    progress.close()
-    if not ddist.current().is_main:
-        return 0
-    shutil.rmtree(work, ignore_errors=True)
+    with writing(work, out):  # another relabel to this --out would share (and remove) the work folder
+        store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed,
+                        args.top_k, device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha,
+                        batch_size=args.batch_size, work_dir=work, out=out, teacher_bn=args.teacher_bn,
+                        teacher_bn_batch=args.teacher_bn_batch)
+        progress.close()
+        if not ddist.current().is_main:
+            return 0
+        shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
            f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
@@ -842,21 +844,22 @@ def _error(message: str) -> None:
     sys.stderr.flush()
 
 
-def _os_error(exc: OSError) -> str:
+def _os_error(exc: OSError, out: str | None = None) -> str:
     """One line for a path the system refused, naming the output the user gave rather than ddkit's
-    hidden temporary or checkpoint beside it, with the fix the error calls for."""
+    hidden temporary or checkpoint beside it (``out``, the command's --out, where the system names no
+    file: a failed write), with the fix the error calls for."""
     import errno
 
-    from ddkit.artifacts import output_for
+    from ddkit.artifacts import output_for, write_failure
 
     path = output_for(exc.filename) if exc.filename else None
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS):
+        return write_failure(path or out, exc.strerror or str(exc), exc.errno)
     where = f" {str(path)!r}" if path is not None else ""
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot write{where}: {exc.strerror}; free space on that disk or choose another --out"
     if exc.errno in (errno.EEXIST, errno.ENOTDIR) and path is not None and path.is_file():
         return f"{str(path)!r} is a file where a folder is needed; choose another path"
-    if exc.errno == errno.EROFS:
-        return f"cannot write{where}: {exc.strerror}; choose another --out"
+    if path is None and out:
+        where = f" {str(out)!r}"
     return f"cannot use{where}: {exc.strerror or exc}; check the path and its permissions"
 
 
@@ -960,7 +963,7 @@ def _main(args: argparse.Namespace) -> int:
         ddist.shutdown(barrier=False)
         return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
-        _error(_os_error(exc))
+        _error(_os_error(exc, getattr(args, "out", None)))
         ddist.shutdown(barrier=False)
         return 2
     except KeyboardInterrupt as exc:

@@ -22,11 +22,13 @@ from ddkit.artifacts import (
     base_manifest,
     check_output_dir,
     folder_kind,
+    hidden_path,
     holds_files,
     read_json,
     read_manifest,
     write_json,
     write_text,
+    writing,
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
@@ -229,69 +231,71 @@ def distill(
     source = method_source(method_cls)  # read with the key, before the fit (an edit during it is the next set's)
     root = work_dir(out) if out is not None else None
     fresh = root is not None and not root.exists()
-    work = work_dir(out, key) if out is not None else None
-    if root is not None and not fresh and ddist.current().is_main:
-        # checkpoints of an interrupted synthesis with other settings (seed, options, teacher, data) cannot be
-        # resumed by this one: they would only stop it, so it starts afresh
-        for stale in root.iterdir():
-            if stale != work:
-                log.info("discarding %s: checkpoints of a synthesis with other settings", stale)
-                if stale.is_dir():
-                    shutil.rmtree(stale)
-                else:
-                    stale.unlink()
-    ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
-                     options_key=options_key, image_dtype=cfg.image_dtype)
-    ipc = cfg.ipc if method_cls.uses_ipc else None
-    teacher_info = teacher.record() if teacher is not None else None
-    info = ddist.current()
-    distilled, failure = None, None
-    try:
-        method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
-        # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
-        # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
+    # another distill to this --out would share (and remove) the checkpoint folder
+    with writing(root, out) if root is not None else contextlib.nullcontext():
+        work = work_dir(out, key) if out is not None else None
+        if root is not None and not fresh and ddist.current().is_main:
+            # checkpoints of an interrupted synthesis with other settings (seed, options, teacher, data) cannot be
+            # resumed by this one: they would only stop it, so it starts afresh
+            for stale in root.iterdir():
+                if stale != work:
+                    log.info("discarding %s: checkpoints of a synthesis with other settings", stale)
+                    if stale.is_dir():
+                        shutil.rmtree(stale)
+                    else:
+                        stale.unlink()
+        ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
+                         options_key=options_key, image_dtype=cfg.image_dtype)
+        ipc = cfg.ipc if method_cls.uses_ipc else None
+        teacher_info = teacher.record() if teacher is not None else None
+        info = ddist.current()
+        distilled, failure = None, None
+        try:
+            method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
+            # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
+            # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
+            if info.is_main:
+                synthetic = _fitted(method, cfg.method)
+                # the images as the set stores them (uint8: rounded), before the teacher labels them: stored labels
+                # describe the stored images (RDED and CV-DD label theirs in fit, with ctx.as_stored)
+                quantised = store_images(synthetic, cfg.image_dtype, data, cfg.method, to_dict(method_cfg), options_key)
+                if cfg.soft_labels:
+                    synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
+                                                           bn=cfg.soft_labels_bn,
+                                                           bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
+                distilled = DistilledSet.build(
+                    synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
+                    config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+                    teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
+                )
+        except DDKitError as e:
+            failure = e
+        if info.enabled:  # a set rank 0 refused is refused on every rank, which would otherwise wait for it
+            reason = ddist.broadcast_object(None if failure is None else str(failure))
+            if failure is None and reason is not None:
+                failure = DDKitError(reason)
+        if failure is not None:
+            # a method that refuses its input or diverges does so again with the same settings: checkpoints
+            # this call made would only stand in the way of a corrected re-run (a kill keeps them, to resume)
+            if fresh and info.is_main:
+                shutil.rmtree(root, ignore_errors=True)
+            raise failure
         if info.is_main:
-            synthetic = _fitted(method, cfg.method)
-            # the images as the set stores them (uint8: rounded), before the teacher labels them: stored labels
-            # describe the stored images (RDED and CV-DD label theirs in fit, with ctx.as_stored)
-            quantised = store_images(synthetic, cfg.image_dtype, data, cfg.method, to_dict(method_cfg), options_key)
-            if cfg.soft_labels:
-                synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
-                                                       bn=cfg.soft_labels_bn,
-                                                       bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
-            distilled = DistilledSet.build(
-                synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-                config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
-                teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
-            )
-    except DDKitError as e:
-        failure = e
-    if info.enabled:  # a set rank 0 refused is refused on every rank, which would otherwise wait for it
-        reason = ddist.broadcast_object(None if failure is None else str(failure))
-        if failure is None and reason is not None:
-            failure = DDKitError(reason)
-    if failure is not None:
-        # a method that refuses its input or diverges does so again with the same settings: checkpoints
-        # this call made would only stand in the way of a corrected re-run (a kill keeps them, to resume)
-        if fresh and info.is_main:
-            shutil.rmtree(root, ignore_errors=True)
-        raise failure
-    if info.is_main:
-        distilled.manifest["config_hash"] = key
-    if out is not None and info.is_main:
-        if before_save is not None:
-            before_save(distilled)
-        distilled.save(out)
-        if root is not None and root.exists():
-            shutil.rmtree(root, ignore_errors=True)
-    if info.enabled and out is None:
-        distilled = ddist.broadcast_object(distilled)  # no artifact to read it from: rank 0 sends it
-    else:
-        ddist.barrier()
-        if not info.is_main:
-            distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
-    distilled.path = Path(out).absolute() if out is not None else None
-    return distilled
+            distilled.manifest["config_hash"] = key
+        if out is not None and info.is_main:
+            if before_save is not None:
+                before_save(distilled)
+            distilled.save(out)
+            if root is not None and root.exists():
+                shutil.rmtree(root, ignore_errors=True)
+        if info.enabled and out is None:
+            distilled = ddist.broadcast_object(distilled)  # no artifact to read it from: rank 0 sends it
+        else:
+            ddist.barrier()
+            if not info.is_main:
+                distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
+        distilled.path = Path(out).absolute() if out is not None else None
+        return distilled
 
 
 def _fitted(method: Any, name: str) -> SyntheticSet:
@@ -317,7 +321,7 @@ def work_dir(out: str | Path, key: str | None = None) -> Path:
     """Where :func:`distill` keeps the checkpoints of a set written to ``out`` until it is saved (a
     hidden folder beside it), so that an interrupted synthesis resumes; with ``key`` (the set's
     :func:`distill_hash`), the subfolder of the synthesis with those settings."""
-    root = Path(out).parent / f".{Path(out).name}.work"
+    root = hidden_path(out, ".work")
     return root if key is None else root / key[:16]
 
 
@@ -619,7 +623,7 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
     and teacher. Returns whether it was reused, and the store (saved at ``path`` and loaded from there,
     memory-mapped, on every rank, for the evaluation, which then does not read it again)."""
     key = spec.key(distilled, teacher, protocol_epochs)
-    work = path.parent / f".{path.name}.partial"
+    work = hidden_path(path, ".partial")
     found = None
     if (path / "manifest.json").is_file():
         try:  # the whole store: a damaged one is labelled again, not replayed (or refused) at evaluation

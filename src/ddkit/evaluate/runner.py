@@ -339,8 +339,19 @@ def full_reference(
         result = _summary(accs)
         result.update({"epochs": cfg.epochs, "key": key})
         if info.is_main:
-            write_json(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result})
+            _write_cache(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result},
+                         "the full-data reference")
     return result
+
+
+def _write_cache(path: Path, record: dict[str, Any], what: str) -> None:
+    """Cache ``what`` at ``path``; a cache that cannot be written (read-only, full) only costs later runs the
+    training again, so it is a warning: the students trained here still make their report."""
+    try:
+        write_json(path, record)
+    except (OSError, DDKitError) as exc:
+        reason = (exc.strerror or str(exc)) if isinstance(exc, OSError) else str(exc)
+        log.warning("cannot cache %s in %s: %s; later runs will train it again", what, path, reason)
 
 
 def check_report_out(out: str | Path) -> None:
@@ -540,8 +551,9 @@ def evaluate(
             fkd_out = caches[s].with_suffix(".fkd") if store is not None else None
             local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
                                               cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
-            write_json(caches[s], {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": local[kind, s],
-                                   "ipc": ipc, "seed": s, "protocol_hash": protocol.hash})
+            _write_cache(caches[s], {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": local[kind, s],
+                                     "ipc": ipc, "seed": s, "protocol_hash": protocol.hash},
+                         f"the random baseline of seed {s}")
             if fkd_out is not None:
                 with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
                     shutil.rmtree(fkd_out, ignore_errors=True)

@@ -73,6 +73,7 @@ from ddkit.artifacts import (
     check_output_dir,
     check_sha256,
     file_sha256,
+    hidden_path,
     load_tensors,
     member,
     read_manifest,
@@ -655,7 +656,7 @@ def relabel(
         out = Path(out)
         check_output_dir(out, KIND)  # before any labelling
         if own_work:  # the epochs go to files that rank 0 then streams into the store: a folder beside it
-            work_dir = out.parent / f".{out.name}.partial"
+            work_dir = hidden_path(out, ".partial")
     partial = None
     if work_dir is not None:
         key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]

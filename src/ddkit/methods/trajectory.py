@@ -78,6 +78,7 @@ from ddkit.artifacts import (
     build_lock,
     check_output_dir,
     check_sha256,
+    hidden_path,
     load_tensors,
     member,
     read_json,
@@ -616,7 +617,7 @@ def _norm_tag(data: DataBundle) -> str:
 
 def _partial_dir(out: Path, cfg: ExpertConfig, data: DataBundle) -> Path:
     """Where :func:`train_experts` keeps the finished experts of a buffer for ``out`` until it is saved."""
-    return out.parent / f".{out.name}.partial-{model_config_hash(cfg)}-{data.fingerprint}-{_norm_tag(data)}"
+    return hidden_path(out, f".partial-{model_config_hash(cfg)}-{data.fingerprint}-{_norm_tag(data)}")
 
 
 def _cached_buffer(out: Path, cfg: ExpertConfig, data: DataBundle) -> ExpertBuffer | None:

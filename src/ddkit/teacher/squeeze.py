@@ -26,6 +26,7 @@ from ddkit.artifacts import (
     check_normalisation,
     check_output_dir,
     folder_kind,
+    hidden_path,
     load_failure,
     load_tensors,
     quiet_torch_load,
@@ -33,6 +34,7 @@ from ddkit.artifacts import (
     read_manifest,
     recorded_path,
     save_tensors,
+    work_name,
     write_json,
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
@@ -423,7 +425,7 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         out = Path(out)
         state_path = _resume_path(out, cfg, data)
         if info.is_main:  # as distill's: another setting's checkpoint cannot be resumed here, and would stay for good
-            for stale in out.parent.glob(f".{glob.escape(out.name)}.resume-*.pt"):
+            for stale in out.parent.glob(f".{glob.escape(work_name(out.name))}.resume-*.pt"):
                 if stale != state_path:
                     log.info("discarding %s: the checkpoint of a teacher with other settings", stale.name)
                     stale.unlink(missing_ok=True)
@@ -464,7 +466,7 @@ def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
     parts = [cfg, data.fingerprint, data.normalisation]
     if sha := model_source(cfg.model).get("source_sha256"):  # a plugin model's edit does not resume the old one
         parts.append(sha)
-    return out.parent / f".{out.name}.resume-{config_hash(parts)}.pt"
+    return hidden_path(out, f".resume-{config_hash(parts)}.pt")
 
 
 def saved_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path,
