@@ -1069,3 +1069,19 @@ def test_fingerprint_follows_in_place_edits_and_new_splits(monkeypatch):
     monkeypatch.setattr(DataBundle, "_hash_data", lambda self: hashed.append(1) or real(self))
     fp = b.fingerprint
     assert b.fingerprint == b.fingerprint == fp and hashed == []  # unchanged data: remembered, not hashed again
+
+
+def test_data_and_sets_in_inference_tensors_are_fingerprinted():
+    """Tensors made under torch.inference_mode keep no version counter: reading it raised, so such a bundle could
+    no longer be used by any stage. They are hashed every time instead, to the same value as normal tensors."""
+    from ddkit.data.base import ImageSet
+    from ddkit.distilled import DistilledSet
+    from ddkit.labels.fkd import distilled_fingerprint, set_fingerprint
+
+    b = load_dataset("synthetic", train_per_class=3, test_per_class=2)
+    want = b.fingerprint
+    with torch.inference_mode():
+        b.train = ImageSet(b.train.images.clone(), b.train.labels.clone())
+    assert b.train.images.is_inference() and b.fingerprint == want
+    s = DistilledSet(b.train.images[:4], b.train.labels[:4], {}, None, None)
+    assert distilled_fingerprint(s) == set_fingerprint(b.train.images[:4].clone(), b.train.labels[:4].clone())

@@ -205,9 +205,12 @@ class DataBundle:
     @property
     def fingerprint(self) -> str:
         """sha256 over train/test images, labels and class names (identifies the exact data). Remembered while the
-        splits' tensors are the same objects, unmodified in place (their ``_version``), and the class names the
-        same: after an in-place edit or a new :class:`ImageSet` it is the new data's."""
+        splits' tensors are the same objects, unmodified by in-place torch ops (their ``_version``; an edit through
+        ``.data`` or ``.numpy()`` is not seen), and the class names the same: after such an edit or a new
+        :class:`ImageSet` it is the new data's. Inference tensors, which keep no version, are hashed every time."""
         tensors = (self.train.images, self.train.labels, self.test.images, self.test.labels)
+        if any(t.is_inference() for t in tensors):
+            return self._hash_data()
         state = (tuple(t._version for t in tensors), tuple(self.classes))
         memo = self.__dict__.get("_fingerprint_memo")
         if memo is not None and memo[1] == state and all(ref() is t for ref, t in zip(memo[0], tensors)):

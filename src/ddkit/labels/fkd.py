@@ -151,6 +151,8 @@ def distilled_fingerprint(distilled) -> str:
     """:func:`set_fingerprint` of ``distilled``, remembered while its images and labels are the same
     tensors, unmodified in place (their ``_version``)."""
     images, labels = distilled.images, distilled.labels
+    if images.is_inference() or labels.is_inference():  # they keep no version to tell an edit by
+        return set_fingerprint(images, labels)
     try:
         memo = _FINGERPRINTS.get(distilled)
     except TypeError:  # an object that cannot be referenced weakly: fingerprinted every time
