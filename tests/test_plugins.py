@@ -604,6 +604,33 @@ def test_a_helper_module_reloaded_alone_is_read_again(tmp_path, monkeypatch, reg
                                                                                            78]
 
 
+def test_a_helper_reloaded_whose_names_were_taken_keeps_the_hash_of_the_code_that_runs(tmp_path, monkeypatch,
+                                                                                      registries, request):
+    """A plugin that took a name from its helper (`from .consts import WIDTH`) keeps the old object after the helper
+    is reloaded: the old code runs, so the hash stays the old one (the new one would file what the old code makes
+    under the new code's hash, for the next process to reuse). Reloading the plugin's module too reads it again."""
+    from ddkit.registry import source_sha256
+
+    pkg = tmp_path / "takeplug"
+    pkg.mkdir()
+    plug_text = "from .consts import WIDTH\n\n\ndef width_net(in_channels, num_classes, image_size):\n" \
+                "    return WIDTH\n"
+    for name, text in {"__init__": "", "plug": plug_text, "consts": "WIDTH = 8\n"}.items():
+        (pkg / f"{name}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "takeplug"])
+    importlib.invalidate_caches()
+    plug = importlib.import_module("takeplug.plug")
+    sha = source_sha256(plug.width_net)
+    (pkg / "consts.py").write_text("WIDTH = 16\n")
+    importlib.invalidate_caches()
+    importlib.reload(sys.modules["takeplug.consts"])
+    assert plug.width_net(1, 2, 3) == 8 and source_sha256(plug.width_net) == sha  # the old code, its old hash
+    plug = importlib.reload(plug)
+    assert plug.width_net(1, 2, 3) == 16 and source_sha256(plug.width_net) != sha
+
+
 def test_a_plugin_without_own_imports_keeps_its_file_sha(tmp_path, monkeypatch, registries):
     """Only a plugin that imports modules of the user's own hashes more than its file: one importing the
     standard library, installed packages and ddkit alone keeps the sha256 of its file (its cached sets and

@@ -130,10 +130,11 @@ def source_sha256(obj: object) -> str | None:
     was makes new sets and teachers too; one that binds nothing has its function's.
 
     Read once per definition and process, when it is registered (or first asked), and again once its module
-    or one of those helper modules is reloaded (``importlib.reload``, IPython's autoreload; a reload
-    that leaves the definition in place too): the hash describes the code this process runs, so an edit of
-    the file during a long run does not label what the old code makes with the new code's hash (a reload,
-    or the next process, reads it again)."""
+    or a helper module it uses as a module (``import helper``) is reloaded (``importlib.reload``, IPython's
+    autoreload; a reload that leaves the definition in place too); names it took with ``from helper import x``
+    keep the old code until its own module is reloaded too. So the hash describes the code this process
+    runs: an edit of the file during a long run does not label what the old code makes with the new code's
+    hash (a reload, or the next process, reads it again)."""
     return _source(obj)[0]
 
 
@@ -159,18 +160,42 @@ def _source(obj: object) -> tuple[str | None, tuple[str, ...]]:
         memo = _SOURCES.get(obj)
     except TypeError:  # not hashable or not weakly referable: read every time
         return _read_source(obj)
-    if memo is not None and all(a is b for a, b in zip(memo[2], _specs(obj, memo[1]), strict=True)):
-        return memo[0], memo[1]
+    if memo is not None:
+        specs = _specs(obj, memo[1])
+        reloaded = [name for name, old, new in zip(_chain(obj, memo[1]), memo[2], specs, strict=True) if old is not new]
+        if not reloaded:
+            return memo[0], memo[1]
+        if reloaded[0] != _chain(obj, memo[1])[0] and not _runs_anew(_chain(obj, memo[1]), reloaded):
+            return memo[0], memo[1]  # names taken from reloaded helpers (`from helper import x`): the old code runs
     sha, deps = _read_source(obj)
     _SOURCES[obj] = (sha, deps, _specs(obj, deps))
     return sha, deps
 
 
+def _chain(obj: object, deps: tuple[str, ...]) -> tuple:
+    """The module of ``obj`` (None if it has none), then its helper modules ``deps``."""
+    return (getattr(_unwrap(obj), "__module__", None), *deps)
+
+
 def _specs(obj: object, deps: tuple[str, ...]) -> tuple:
     """The ``__spec__`` of the module of ``obj`` and of its helper modules ``deps`` as imported now (None for one
     not imported): ``importlib.reload`` or a new import makes a new one, which tells a reloaded module."""
-    module = getattr(_unwrap(obj), "__module__", None)
-    return tuple(getattr(sys.modules.get(name), "__spec__", None) if name else None for name in (module, *deps))
+    return tuple(getattr(sys.modules.get(name), "__spec__", None) if name else None for name in _chain(obj, deps))
+
+
+def _runs_anew(chain: tuple, reloaded: list[str]) -> bool:
+    """Whether the new code of a reloaded helper module runs in the definition: some module of its ``chain`` (or a
+    package one holds) holds the helper as a module (``import helper``, ``from . import helper``), whose names are
+    looked up at each call. Names taken from it (``from helper import x``) keep the old objects, and the old code."""
+    helpers = [sys.modules.get(name) for name in reloaded]
+    for holder in (sys.modules.get(name) for name in chain if name):
+        for key, value in vars(holder).items() if holder is not None else ():
+            # a package holds its imported submodules by itself: not a use (`from .consts import x` sets it too)
+            if any(value is h and f"{holder.__name__}.{key}" != h.__name__ for h in helpers):
+                return True
+            if inspect.ismodule(value) and any(v is h for v in vars(value).values() for h in helpers):
+                return True
+    return False
 
 
 class OwnPartial(functools.partial):
