@@ -211,3 +211,28 @@ def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypat
     alone = [stage(synthetic, "slow_init", s) for s in seeds]
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(lambda s: stage(synthetic, "slow_init", s), seeds)) == alone
+
+
+class _DropoutNet(_SlowInit):
+    """:class:`_SlowInit` with dropout on its features: its training draws masks from the global generator."""
+
+    def embed(self, x):
+        return F.dropout(torch.relu(self.fc1(x.flatten(1))), 0.5, self.training)
+
+
+def test_expert_training_with_dropout_is_seeded_and_leaves_the_callers_rng(synthetic, monkeypatch):
+    """Experts drew their dropout masks from the caller's generator: the same seed gave other trajectories in one
+    process, and the caller's state moved (a teacher's training is seeded and forked whole, an expert's was not)."""
+    from ddkit.config import from_dict
+    from ddkit.methods.trajectory import ExpertConfig, train_experts
+    from ddkit.models import MODELS
+
+    monkeypatch.setitem(MODELS._entries, "drop_net", _DropoutNet)
+    cfg = from_dict(ExpertConfig, {"model": "drop_net", "num_experts": 2, "epochs": 2, "batch_size": 16})
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    first = train_experts(synthetic, cfg, None, torch.device("cpu")).trajectories
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.rand(7)  # the caller draws: the experts do not depend on it
+    again = train_experts(synthetic, cfg, None, torch.device("cpu")).trajectories
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

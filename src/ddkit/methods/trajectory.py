@@ -355,11 +355,18 @@ def fit_zca(data: DataBundle, cfg: ExpertConfig):
 def train_one_expert(data: DataBundle, cfg: ExpertConfig, index: int, device: torch.device,
                      zca=None, on_epoch: Callable[[int], None] | None = None) -> tuple[torch.Tensor, dict]:
     """Train expert ``index`` (on ``zca``-whitened images if given); return its trajectory
-    ``[epochs + 1, P]`` and a summary. ``on_epoch(e + 1)`` after each epoch ``e``."""
+    ``[epochs + 1, P]`` and a summary. ``on_epoch(e + 1)`` after each epoch ``e``. Its initial weights, and
+    the dropout masks of a model with dropout, are drawn from the global generators seeded for it alone
+    (:func:`global_rng`), as a teacher's are."""
     seed = cfg.seed * 1_000_003 + index
+    with global_rng(seed, device):
+        return _train_one_expert(data, cfg, seed, device, zca, on_epoch)
+
+
+def _train_one_expert(data: DataBundle, cfg: ExpertConfig, seed: int, device: torch.device,
+                      zca, on_epoch: Callable[[int], None] | None) -> tuple[torch.Tensor, dict]:
     c, h, _ = data.image_shape
-    with seeded_cpu_rng(seed):
-        model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
+    model = create_model(cfg.model, c, data.num_classes, h, **cfg.model_options)
     model = model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     augment = build_augment(cfg.augment, **cfg.augment_options)
