@@ -219,7 +219,7 @@ def test_yaml_11_numbers_are_refused(tmp_path):
         with pytest.raises(ConfigError) as err:
             apply_overrides({}, [f"distill.seed={raw}"])
         assert str(err.value) == (f"override 'distill.seed={raw}': {raw} reads as the {kind} number {read} (YAML "
-                                  f"1.1); {fix}, or quote it ('{raw}') if it is text")
+                                  f"""1.1); {fix}, or quote it (--set "distill.seed='{raw}'") if it is text""")
         path = tmp_path / "c.yaml"
         path.write_text(f"distill:\n  seed: [1, {raw}]\n")
         with pytest.raises(ConfigError) as err:
@@ -241,7 +241,8 @@ def test_a_choice_yaml_reads_as_a_boolean_says_to_quote_it():
     with pytest.raises(ConfigError) as err:
         from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching=off"]))
     assert str(err.value).endswith("intermediate_matching: False is not one of ['off', 'uniform', 'linear']; "
-                                   "YAML reads off unquoted as false: quote it ('off')")
+                                   "YAML reads off unquoted as false: quote it ('off'; on a command line --set "
+                                   """"KEY='off'")""")
     assert from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching='off'"])).intermediate_matching == "off"
 
 

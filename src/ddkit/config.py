@@ -120,7 +120,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no unquoted as true/false
                 words = [c for c in choices if isinstance(c, str) and c.lower() in _BOOL_WORDS[value]]
                 if words:
-                    hint = f"; YAML reads {words[0]} unquoted as {str(value).lower()}: quote it ('{words[0]}')"
+                    hint = (f"; YAML reads {words[0]} unquoted as {str(value).lower()}: quote it ('{words[0]}'; "
+                            f"""on a command line --set "KEY='{words[0]}'")""")
             errors.append(f"{where}: {short_repr(value)} is not one of {list(choices)}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
@@ -480,12 +481,15 @@ class _Surprising(Exception):
         super().__init__(text)
         self.text, self.value, self.line = text, value, line
 
-    def advice(self) -> str:
+    def advice(self, key: str | None = None) -> str:
+        """What the number reads as and the fix; ``key``: a ``--set`` of this value alone, whose quotes the shell
+        would strip unless the whole override is quoted."""
         if ":" in self.text:
             what, fix = "base-60", "write the number in decimal"
         else:
             what, fix = "octal", f"write the decimal number {int(self.text.replace('_', ''), 10)}"
-        return f"{self.text} reads as the {what} number {self.value} (YAML 1.1); {fix}, or quote it ('{self.text}') " \
+        quoted = f"'{self.text}'" if key is None else '--set "' + f"{key}='{self.text}'" + '"'
+        return f"{self.text} reads as the {what} number {self.value} (YAML 1.1); {fix}, or quote it ({quoted}) " \
                "if it is text"
 
 
@@ -641,7 +645,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         except _Surprising as exc:
-            raise ConfigError(f"override {item!r}: {exc.advice()}") from None
+            whole = raw.strip() == exc.text  # the value alone: the shell form of its quotes
+            raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
         except _RepeatedKey as exc:
             raise ConfigError(f"override {item!r} sets {short_repr(exc.key)} twice; keep one of them") from None
         except (_Expanded, RecursionError):
