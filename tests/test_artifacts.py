@@ -1246,3 +1246,18 @@ def test_atomic_dir_survives_a_writer_finishing_at_the_same_time(tmp_path, monke
     assert done and json.loads((final / "manifest.json").read_text()) == {"kind": "x", "by": "me"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", *(["elsewhere"] if race == "moved_away"
                                                                           else [])])
+
+
+def test_manifests_record_torchvisions_version_without_importing_it():
+    """Every manifest records torchvision's version, and reading it imported torchvision: seconds, a third of a
+    no-op rerun of a run or bench. It is read from torchvision's version.py, the same string as its __version__."""
+    import subprocess
+    import sys
+
+    import torchvision
+
+    code = ("import sys; from ddkit.artifacts import versions; "
+            "print(versions()['torchvision'], 'torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(ddkit.__file__).parents[1])}).stdout.split()
+    assert out == [torchvision.__version__, "False"]
