@@ -255,6 +255,7 @@ def test_distill_soft_labels_in_batch_mode_and_stable_hashes(data, teacher, dist
     class Data:
         fingerprint = data.fingerprint
         normalisation = data.normalisation
+        num_classes = data.num_classes
 
     plain = DistillConfig(method="random", ipc=3, soft_labels=True)
     # the fields a DistillConfig had before soft_labels_bn (image_dtype came later still, identity-neutral too)
