@@ -526,6 +526,23 @@ def offset():
 '''
 
 
+HELPED_FILES = {"__init__": "", "plug": HELPED, "losses": LOSSES, "consts": "OFFSET = 0\nHIDDEN = 8\n"}
+
+
+def _package(tmp_path, monkeypatch, request, name: str, files: dict[str, str]):
+    """Write package ``name`` of ``files`` (module name -> source) under ``tmp_path`` and import its ``plug``; the
+    package leaves sys.modules after the test."""
+    pkg = tmp_path / name
+    pkg.mkdir()
+    for module, text in files.items():
+        (pkg / f"{module}.py").write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == name])
+    importlib.invalidate_caches()
+    return pkg, importlib.import_module(f"{name}.plug")
+
+
 def test_an_edited_helper_module_of_a_plugin_is_an_edited_plugin(tmp_path, monkeypatch, registries, request):
     """The identity of a plugin hashed its defining file only: an edit of a helper module of the user's
     own that the plugin imports (here through a relative import, and a helper's own import) reused the
@@ -535,16 +552,7 @@ def test_an_edited_helper_module_of_a_plugin_is_an_edited_plugin(tmp_path, monke
     from ddkit.teacher import TeacherConfig
     from ddkit.teacher.squeeze import teacher_hash
 
-    pkg = tmp_path / "helpplug"
-    pkg.mkdir()
-    files = {"__init__": "", "plug": HELPED, "losses": LOSSES, "consts": "OFFSET = 0\nHIDDEN = 8\n"}
-    for name, text in files.items():
-        (pkg / f"{name}.py").write_text(text)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "helpplug"])
-    importlib.invalidate_caches()
-    plug = importlib.import_module("helpplug.plug")
+    pkg, plug = _package(tmp_path, monkeypatch, request, "helpplug", HELPED_FILES)
 
     def expected() -> str:
         lines = [_sha(pkg / "plug.py"), *(f"helpplug{'' if n == '__init__' else '.' + n} {_sha(pkg / f'{n}.py')}"
@@ -581,15 +589,7 @@ def test_a_helper_module_reloaded_alone_is_read_again(tmp_path, monkeypatch, reg
     A reload reads it again; an edit without one (the old code still runs) does not."""
     from ddkit.registry import source_sha256
 
-    pkg = tmp_path / "helpplug"
-    pkg.mkdir()
-    for name, text in {"__init__": "", "plug": HELPED, "losses": LOSSES, "consts": "OFFSET = 0\nHIDDEN = 8\n"}.items():
-        (pkg / f"{name}.py").write_text(text)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "helpplug"])
-    importlib.invalidate_caches()
-    plug = importlib.import_module("helpplug.plug")
+    pkg, plug = _package(tmp_path, monkeypatch, request, "helpplug", HELPED_FILES)
     data, cfg = make_synthetic(), DistillConfig(method="helped", ipc=2)
     sha, key = source_sha256(plug.Helped), distill_hash(cfg, data, None)
     importlib.reload(sys.modules["helpplug.consts"])  # reloaded unchanged: the same hash
@@ -611,17 +611,10 @@ def test_a_helper_reloaded_whose_names_were_taken_keeps_the_hash_of_the_code_tha
     under the new code's hash, for the next process to reuse). Reloading the plugin's module too reads it again."""
     from ddkit.registry import source_sha256
 
-    pkg = tmp_path / "takeplug"
-    pkg.mkdir()
     plug_text = "from .consts import WIDTH\n\n\ndef width_net(in_channels, num_classes, image_size):\n" \
                 "    return WIDTH\n"
-    for name, text in {"__init__": "", "plug": plug_text, "consts": "WIDTH = 8\n"}.items():
-        (pkg / f"{name}.py").write_text(text)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    request.addfinalizer(lambda: [sys.modules.pop(m) for m in list(sys.modules) if m.split(".")[0] == "takeplug"])
-    importlib.invalidate_caches()
-    plug = importlib.import_module("takeplug.plug")
+    pkg, plug = _package(tmp_path, monkeypatch, request, "takeplug",
+                         {"__init__": "", "plug": plug_text, "consts": "WIDTH = 8\n"})
     sha = source_sha256(plug.width_net)
     (pkg / "consts.py").write_text("WIDTH = 16\n")
     importlib.invalidate_caches()
