@@ -342,16 +342,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp:
-        try:
-            with open(tmp, "wb") as f:  # Python writes the bytes: a failure is an OSError with its errno
-                torch.save(obj, f)
-        except OSError as exc:
-            raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
-        except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
-            code = _why_cut_short(tmp)
-            cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
-            raise DDKitError(write_failure(path, cause, code)) from None
+    # Python writes the bytes: a failure is an OSError with its errno
+    with _atomic_file(path) as tmp, torch_write_failures(path, tmp), open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def torch_write_failures(path: Path, tmp: Path) -> Iterator[None]:
+    """Turn a failed ``torch.save`` to ``tmp``, the temporary file of the output ``path``, into one line
+    naming ``path`` (:func:`write_failure`) instead of torch's traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
+    except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
+        code = _why_cut_short(tmp)
+        cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
+        raise DDKitError(write_failure(path, cause, code)) from None
 
 
 def _why_cut_short(path: Path) -> int | None:
