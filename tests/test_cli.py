@@ -1407,3 +1407,31 @@ def test_a_second_writer_to_the_same_out_refuses_at_once(workdir, tmp_path, caps
     holder.wait()
     code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
     assert code == 0 and err == "" and sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_run_report_grid_that_cannot_be_written_names_it_and_leaves_nothing(workdir, tmp_path):
+    """``ddkit run``'s report step copied the set's preview with shutil.copyfile: under a file-size limit (a
+    full disk alike) the error named the preview it read, and a truncated distilled-grid.png stayed."""
+    import errno
+    import resource
+    import signal
+
+    from ddkit.cli import _os_error
+    from ddkit.distilled import DistilledSet
+    from ddkit.pipeline import write_report
+
+    ds = DistilledSet.load(workdir / "r5")
+    size = (workdir / "r5" / "preview.png").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            write_report(tmp_path / "run", ds, [], None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert info.value.errno == errno.EFBIG
+    assert _os_error(info.value).startswith(f"cannot write {str(tmp_path / 'run' / 'report' / 'distilled-grid.png')!r}"
+                                            ": File too large")
+    assert os.listdir(tmp_path / "run" / "report") == []

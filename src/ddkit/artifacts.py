@@ -237,6 +237,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def copy_file(src: str | Path, path: str | Path) -> None:
+    """Copy the file ``src`` to ``path`` atomically, as :func:`write_text`: a failed write names ``path`` (not
+    ``src``, as ``shutil.copyfile``'s error does) and leaves no half file."""
+    data = Path(src).read_bytes()
+    path = Path(path)
+    check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (:func:`write_text`)."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

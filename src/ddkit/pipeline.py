@@ -21,6 +21,7 @@ from ddkit import distributed as ddist
 from ddkit.artifacts import (
     base_manifest,
     check_output_dir,
+    copy_file,
     folder_kind,
     hidden_path,
     holds_files,
@@ -654,7 +655,7 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
     if distilled.path is not None and (Path(distilled.path) / "preview.png").is_file():
-        shutil.copyfile(Path(distilled.path) / "preview.png", rdir / "distilled-grid.png")
+        copy_file(Path(distilled.path) / "preview.png", rdir / "distilled-grid.png")
     write_json(rdir / "eval.json", {"schema_version": 1, "kind": "evaluation-set", "evaluations": reports})
     man = distilled.manifest
     lines = [
