@@ -1435,3 +1435,16 @@ def test_run_report_grid_that_cannot_be_written_names_it_and_leaves_nothing(work
     assert _os_error(info.value).startswith(f"cannot write {str(tmp_path / 'run' / 'report' / 'distilled-grid.png')!r}"
                                             ": File too large")
     assert os.listdir(tmp_path / "run" / "report") == []
+
+
+def test_refused_relabel_leaves_no_new_parent_folders(workdir, tmp_path, capsys):
+    """The work folder's lock made --out's missing parents before relabel checked its options: a refused
+    `--seed -5 --out nd3/nd4/f` left nd3/nd4 behind."""
+    code, _, err = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs", "2",
+                            "--seed", "-5", "--out", str(tmp_path / "nd3" / "nd4" / "f"), "-q"], capsys)
+    assert code == 2 and "relabel seed must be an integer" in err
+    assert os.listdir(tmp_path) == []
+    # a finished one keeps the parents it made, its output in them
+    code, _, _ = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs", "2",
+                          "--out", str(tmp_path / "nd3" / "nd4" / "f"), "-q"], capsys)
+    assert code == 0 and os.listdir(tmp_path / "nd3" / "nd4") == ["f"]

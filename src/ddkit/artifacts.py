@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -795,6 +796,8 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
         return
     work, fd, busy = Path(work), None, False
     made = not work.exists()
+    # the folders above it made here too (a new --out's parents): a refused command leaves none behind
+    new_parents = list(itertools.takewhile(lambda p: not p.exists(), work.parents))
     if ddist.current().is_main:
         while True:
             work.mkdir(parents=True, exist_ok=True)
@@ -818,6 +821,8 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
             if made and not busy:  # nothing in it to resume: leave nothing behind
                 with contextlib.suppress(OSError):
                     work.rmdir()
+                    for parent in new_parents:  # only while empty: the output written there stays
+                        parent.rmdir()
             os.close(fd)
 
 
