@@ -1448,3 +1448,20 @@ def test_refused_relabel_leaves_no_new_parent_folders(workdir, tmp_path, capsys)
     code, _, _ = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs", "2",
                           "--out", str(tmp_path / "nd3" / "nd4" / "f"), "-q"], capsys)
     assert code == 0 and os.listdir(tmp_path / "nd3" / "nd4") == ["f"]
+
+
+def test_a_run_whose_distilled_folder_is_being_written_names_the_runs_out(tmp_path, capsys):
+    """Inside `ddkit run` the lock's refusal named the run's own `distilled` folder and said to choose another
+    --out for it, which is no --out the user gave: it names the run's --out."""
+    from ddkit.artifacts import hidden_path, writing
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
+                   "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, "
+                   "train: {epochs: 1}}\n  label_modes: [hard]\n  seeds: [0]\n"
+                   f"out: {tmp_path / 'run'}\n")
+    ddir = tmp_path / "run" / "distilled"
+    with writing(hidden_path(ddir, ".work"), ddir):  # another process distilling into the run's folder
+        code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and err == (f"error: another ddkit process is writing {str(tmp_path / 'run')!r}; wait for it or "
+                                 "choose another --out\n")

@@ -779,6 +779,10 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
             os.close(fd)  # releases the lock
 
 
+class OutputBusy(DDKitError):
+    """Another process holds the :func:`writing` lock of the output."""
+
+
 @contextlib.contextmanager
 def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
@@ -814,7 +818,7 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
             os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
     try:
         if ddist.broadcast_object(busy):
-            raise DDKitError(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
         yield
     finally:
         if fd is not None:

@@ -19,6 +19,7 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    OutputBusy,
     base_manifest,
     check_output_dir,
     copy_file,
@@ -562,7 +563,11 @@ def run(
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
-        distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
+        try:
+            distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
+        except OutputBusy:  # the run's own stage folder, which is no --out the user gave: name the run's
+            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another "
+                             "--out") from None
 
     protocols = cfg.evaluate.protocols()
     store = None
