@@ -223,6 +223,10 @@ def test_tensor_and_checkpoint_write_failures_are_one_line(tmp_path):
     proc = _ddkit_under_fsize(1500, "export", "d", "--format", "pt", "--out", "x.pt", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 'x.pt': File too large; a limit"), \
         proc.stderr
+    # the DD-Ranking exporter saved with torch.save by path: torch's traceback, exit 1
+    proc = _ddkit_under_fsize(1500, "export", "d", "--format", "ddranking", "--out", "r", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: cannot write 'r': File too large; a limit"), \
+        proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["d"]
 
 

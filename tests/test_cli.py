@@ -1407,3 +1407,61 @@ def test_a_second_writer_to_the_same_out_refuses_at_once(workdir, tmp_path, caps
     holder.wait()
     code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
     assert code == 0 and err == "" and sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_run_report_grid_that_cannot_be_written_names_it_and_leaves_nothing(workdir, tmp_path):
+    """``ddkit run``'s report step copied the set's preview with shutil.copyfile: under a file-size limit (a
+    full disk alike) the error named the preview it read, and a truncated distilled-grid.png stayed."""
+    import errno
+    import resource
+    import signal
+
+    from ddkit.cli import _os_error
+    from ddkit.distilled import DistilledSet
+    from ddkit.pipeline import write_report
+
+    ds = DistilledSet.load(workdir / "r5")
+    size = (workdir / "r5" / "preview.png").stat().st_size
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, hard))
+    try:
+        with pytest.raises(OSError) as info:
+            write_report(tmp_path / "run", ds, [], None)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    assert info.value.errno == errno.EFBIG
+    assert _os_error(info.value).startswith(f"cannot write {str(tmp_path / 'run' / 'report' / 'distilled-grid.png')!r}"
+                                            ": File too large")
+    assert os.listdir(tmp_path / "run" / "report") == []
+
+
+def test_refused_relabel_leaves_no_new_parent_folders(workdir, tmp_path, capsys):
+    """The work folder's lock made --out's missing parents before relabel checked its options: a refused
+    `--seed -5 --out nd3/nd4/f` left nd3/nd4 behind."""
+    code, _, err = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs", "2",
+                            "--seed", "-5", "--out", str(tmp_path / "nd3" / "nd4" / "f"), "-q"], capsys)
+    assert code == 2 and "relabel seed must be an integer" in err
+    assert os.listdir(tmp_path) == []
+    # a finished one keeps the parents it made, its output in them
+    code, _, _ = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs", "2",
+                          "--out", str(tmp_path / "nd3" / "nd4" / "f"), "-q"], capsys)
+    assert code == 0 and os.listdir(tmp_path / "nd3" / "nd4") == ["f"]
+
+
+def test_a_run_whose_distilled_folder_is_being_written_names_the_runs_out(tmp_path, capsys):
+    """Inside `ddkit run` the lock's refusal named the run's own `distilled` folder and said to choose another
+    --out for it, which is no --out the user gave: it names the run's --out."""
+    from ddkit.artifacts import hidden_path, writing
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
+                   "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_mlp, full_reference: false, "
+                   "train: {epochs: 1}}\n  label_modes: [hard]\n  seeds: [0]\n"
+                   f"out: {tmp_path / 'run'}\n")
+    ddir = tmp_path / "run" / "distilled"
+    with writing(hidden_path(ddir, ".work"), ddir):  # another process distilling into the run's folder
+        code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and err == (f"error: another ddkit process is writing {str(tmp_path / 'run')!r}; wait for it or "
+                                 "choose another --out\n")

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,6 +110,38 @@ def test_a_cache_that_cannot_be_written_still_gives_the_report(setup, tiny_proto
                                                    "cannot cache the random baseline of seed 5"]
     assert all(w.endswith(": Permission denied; later runs will train it again") for w in warned)
     assert not cache.exists() or not list(cache.rglob("*.json"))
+
+
+def test_fkd_baseline_labels_that_cannot_be_cached_are_made_in_memory(setup, tiny_protocol, tmp_path, monkeypatch,
+                                                                       caplog):
+    """Label mode fkd streams the random subset's labels into the cache: a cache that could not be written
+    failed the evaluation after its students were trained (no report). Now a warning, the labels made in
+    memory, and the numbers of a writable cache."""
+    import errno
+
+    import ddkit.labels as labels_pkg
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    relabel(ds, teacher, epochs=2, augment="rrc_flip", seed=0).save(tmp_path / "fkd")
+    proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
+                                             "full_reference": False, "train": {"epochs": 2}})
+    want = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "ok")
+    cache, real = tmp_path / "rocache", labels_pkg.relabel
+
+    def refuse_cache(*a, out=None, **k):
+        if out is not None and cache in Path(out).parents:
+            raise OSError(errno.EROFS, "Read-only file system", str(out))
+        return real(*a, out=out, **k)
+
+    monkeypatch.setattr(labels_pkg, "relabel", refuse_cache)
+    out = tmp_path / "e.json"
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        got = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=cache, out=out)
+    assert got["results"] == want["results"] and json.loads(out.read_text())["results"] == got["results"]
+    assert "cannot keep the random subset's labels in " in caplog.text
+    assert caplog.text.count("Read-only file system; labelling it in memory") == 1
+    assert not list(cache.rglob("*.fkd"))
 
 
 def test_random_baseline_never_draws_the_sets_own_subset(setup, tiny_protocol, monkeypatch):

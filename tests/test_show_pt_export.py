@@ -3,6 +3,7 @@ and refuses other torch files with one line saying what it reads."""
 
 import json
 
+import pytest
 import torch
 
 from ddkit.cli import main
@@ -78,6 +79,7 @@ def test_exports_and_reports_of_an_older_ddkit_are_named_so_and_replaced(tmp_pat
                 "classes": ["class0", "class1", "class2", "class3"], "mean": [0.5], "std": [0.25]}, old_pt)
     old_png = tmp_path / "old.png"
     (old_png / "000_class0").mkdir(parents=True)
+    (old_png / "000_class0" / "00000.png").write_bytes(b"png")
     (old_png / "classes.json").write_text(json.dumps({"classes": ["class0"], "folders": ["000_class0"]}))
     report = tmp_path / "report"
     report.mkdir()
@@ -109,3 +111,26 @@ def test_exports_and_reports_of_an_older_ddkit_are_named_so_and_replaced(tmp_pat
     torch.save({"images": torch.zeros(1)}, other)
     code, _, err = _cli(["export", d, "--format", "pt", "--out", str(other), "-q"], capsys)
     assert code == 2 and "exists and is not a readable ddkit pt export" in err
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "my_other_data/f", "000_class0/notes.txt", "000_class0/sub/x.png"])
+def test_a_hand_made_folder_with_an_old_style_classes_json_is_not_replaced(tmp_path, capsys, extra):
+    """A folder whose classes.json had classes and folders but no kind passed for an older ddkit's imagefolder
+    export, and an export over it replaced it with everything else in it. Only classes.json and the listed
+    class folders of images make one."""
+    d = str(tmp_path / "d")
+    assert main(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", d, "-q"]) == 0
+    mine = tmp_path / "mydata"
+    (mine / "000_a").mkdir(parents=True)
+    (mine / "000_a" / "00000.png").write_bytes(b"png")
+    (mine / "classes.json").write_text(json.dumps({"classes": ["a"], "folders": ["000_a"]}))
+    (mine / extra.replace("000_class0", "000_a")).parent.mkdir(parents=True, exist_ok=True)
+    (mine / extra.replace("000_class0", "000_a")).write_text("precious")
+    before = sorted(str(p.relative_to(mine)) for p in mine.rglob("*"))
+    capsys.readouterr()
+    code, out, err = _cli(["export", d, "--format", "imagefolder", "--out", str(mine), "-q"], capsys)
+    assert (code, out) == (2, "") and err == (
+        f"error: output {str(mine)!r} exists and is not a ddkit output (no manifest); choose another --out or "
+        "remove it\n")
+    assert sorted(str(p.relative_to(mine)) for p in mine.rglob("*")) == before
+    assert (mine / extra.replace("000_class0", "000_a")).read_text() == "precious"

@@ -13,6 +13,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -255,6 +256,17 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def copy_file(src: str | Path, path: str | Path) -> None:
+    """Copy the file ``src`` to ``path`` atomically, as :func:`write_text`: a failed write names ``path`` (not
+    ``src``, as ``shutil.copyfile``'s error does) and leaves no half file."""
+    data = Path(src).read_bytes()
+    path = Path(path)
+    check_output_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write JSON atomically (:func:`write_text`)."""
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -360,16 +372,23 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     ``weights_only=True``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp:
-        try:
-            with open(tmp, "wb") as f:  # Python writes the bytes: a failure is an OSError with its errno
-                torch.save(obj, f)
-        except OSError as exc:
-            raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
-        except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
-            code = _why_cut_short(tmp)
-            cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
-            raise DDKitError(write_failure(path, cause, code)) from None
+    # Python writes the bytes: a failure is an OSError with its errno
+    with _atomic_file(path) as tmp, torch_write_failures(path, tmp), open(tmp, "wb") as f:
+        torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def torch_write_failures(path: Path, tmp: Path) -> Iterator[None]:
+    """Turn a failed ``torch.save`` to ``tmp``, the temporary file of the output ``path``, into one line
+    naming ``path`` (:func:`write_failure`) instead of torch's traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
+    except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
+        code = _why_cut_short(tmp)
+        cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
+        raise DDKitError(write_failure(path, cause, code)) from None
 
 
 def _why_cut_short(path: Path) -> int | None:
@@ -778,6 +797,10 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
             os.close(fd)  # releases the lock
 
 
+class OutputBusy(DDKitError):
+    """Another process holds the :func:`writing` lock of the output."""
+
+
 @contextlib.contextmanager
 def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
@@ -795,6 +818,8 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
         return
     work, fd, busy = Path(work), None, False
     made = not work.exists()
+    # the folders above it made here too (a new --out's parents): a refused command leaves none behind
+    new_parents = list(itertools.takewhile(lambda p: not p.exists(), work.parents))
     if ddist.current().is_main:
         while True:
             work.mkdir(parents=True, exist_ok=True)
@@ -811,13 +836,15 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
             os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
     try:
         if ddist.broadcast_object(busy):
-            raise DDKitError(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
         yield
     finally:
         if fd is not None:
             if made and not busy:  # nothing in it to resume: leave nothing behind
                 with contextlib.suppress(OSError):
                     work.rmdir()
+                    for parent in new_parents:  # only while empty: the output written there stays
+                        parent.rmdir()
             os.close(fd)
 
 

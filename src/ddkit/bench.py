@@ -1019,7 +1019,7 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
     ``torch.load(folder / "images.pt", weights_only=True)`` gives the tensor to pass as ``image_tensor``. For
     ``image_path=`` use ``DistilledSet.export(out, "imagefolder")`` instead (folders sort in label order).
     """
-    from ddkit.artifacts import atomic_dir
+    from ddkit.artifacts import atomic_dir, torch_write_failures
 
     if not isinstance(distilled, DistilledSet):
         distilled = DistilledSet.load(distilled)
@@ -1034,10 +1034,13 @@ def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) 
     mean = torch.tensor(distilled.mean, dtype=torch.float32).view(1, -1, 1, 1)
     std = torch.tensor(distilled.std, dtype=torch.float32).view(1, -1, 1, 1)
     with atomic_dir(out, kind="ddranking-export") as tmp:
-        torch.save(((x - mean) / std).contiguous(), tmp / "images.pt")
-        torch.save(labels[order].clone(), tmp / "labels.pt")
+        tensors = {"images": ((x - mean) / std).contiguous(), "labels": labels[order].clone()}
         if distilled.soft_labels is not None:
-            torch.save(distilled.soft_labels[order].float().clone(), tmp / "soft_labels.pt")
+            tensors["soft_labels"] = distilled.soft_labels[order].float().clone()
+        for name, t in tensors.items():
+            # saved by path, not through atomic_torch_save's file object: the archives keep their inner names
+            with torch_write_failures(Path(out), tmp / f"{name}.pt"):
+                torch.save(t, tmp / f"{name}.pt")
         write_json(tmp / "meta.json", {**distilled.export_record("ddranking-export"), "ipc": counts[0],
                                        "mean": list(distilled.mean), "std": list(distilled.std),
                                        "normalized": True, "order": "class-major"})

@@ -423,13 +423,31 @@ def older_pt_export(record: Any) -> bool:
 
 def older_imagefolder_export(folder: Path) -> bool:
     """Whether ``folder`` is an ``export --format imagefolder`` of an older ddkit: a classes.json of classes and
-    folders, no kind."""
+    folders, no kind, and nothing else but those class folders (one per class with images), each holding only
+    image files. A hand-made folder with such a classes.json and anything more is not one: an export would
+    replace it, files and all."""
+    from ddkit.data.sources import IMAGE_SUFFIXES
+
     try:
         record = read_json(folder / "classes.json")
     except DDKitError:
         return False
-    return ("kind" not in record and isinstance(record.get("classes"), list)
-            and isinstance(record.get("folders"), list))
+    folders = record.get("folders")
+    if ("kind" in record or not isinstance(record.get("classes"), list) or not isinstance(folders, list)
+            or not all(isinstance(f, str) for f in folders)):
+        return False
+    try:
+        for entry in folder.iterdir():
+            if entry.name == "classes.json":
+                continue
+            if entry.name not in folders or entry.is_symlink() or not entry.is_dir():
+                return False
+            if any(f.is_symlink() or not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES
+                   for f in entry.iterdir()):
+                return False
+    except OSError:
+        return False
+    return True
 
 
 def _is_pt_export(path: Path) -> bool:

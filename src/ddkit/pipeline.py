@@ -19,8 +19,10 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    OutputBusy,
     base_manifest,
     check_output_dir,
+    copy_file,
     folder_kind,
     hidden_path,
     holds_files,
@@ -561,7 +563,11 @@ def run(
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
-        distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
+        try:
+            distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
+        except OutputBusy:  # the run's own stage folder, which is no --out the user gave: name the run's
+            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another "
+                             "--out") from None
 
     protocols = cfg.evaluate.protocols()
     store = None
@@ -654,7 +660,7 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     rdir = out / "report"
     rdir.mkdir(parents=True, exist_ok=True)
     if distilled.path is not None and (Path(distilled.path) / "preview.png").is_file():
-        shutil.copyfile(Path(distilled.path) / "preview.png", rdir / "distilled-grid.png")
+        copy_file(Path(distilled.path) / "preview.png", rdir / "distilled-grid.png")
     write_json(rdir / "eval.json", {"schema_version": 1, "kind": "evaluation-set", "evaluations": reports})
     man = distilled.manifest
     lines = [

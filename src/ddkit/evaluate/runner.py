@@ -27,6 +27,7 @@ from ddkit.artifacts import (
     build_lock,
     check_output_file,
     file_kind,
+    hidden_path,
     read_json,
     recorded_path,
     tensor_bytes,
@@ -108,24 +109,29 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
     m = store.manifest
     cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
     with ddist.single_process():
-        if out is None:
-            return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                               cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
-                               teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
-        with build_lock(out):  # two evaluations that need the same random subset's labels make them once
-            if (out / "manifest.json").is_file():
-                try:
-                    labels = SoftLabelStore.load(out)
-                    labels.check_matches(ds, teacher)
+        if out is not None:
+            try:
+                with build_lock(out):  # two evaluations that need the same random subset's labels make them once
+                    if (out / "manifest.json").is_file():
+                        try:
+                            labels = SoftLabelStore.load(out)
+                            labels.check_matches(ds, teacher)
+                            return ds, labels
+                        except DDKitError as e:
+                            log.warning("%s; labelling the random subset again", str(e).split(";")[0])
+                    work = hidden_path(out, ".partial")
+                    labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                                     cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
+                                     work_dir=work, out=out, teacher_bn=store.teacher_bn,
+                                     teacher_bn_batch=store.teacher_bn_batch)
+                    shutil.rmtree(work, ignore_errors=True)
                     return ds, labels
-                except DDKitError as e:
-                    log.warning("%s; labelling the random subset again", str(e).split(";")[0])
-            work = out.parent / f".{out.name}.partial"
-            labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                             cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"], work_dir=work,
-                             out=out, teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
-            shutil.rmtree(work, ignore_errors=True)
-    return ds, labels
+            except OSError as exc:  # a cache that cannot be written (read-only, full): the labels are made in memory
+                log.warning("cannot keep the random subset's labels in %s: %s; labelling it in memory", out,
+                            exc.strerror or exc)
+        return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
+                           cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
+                           teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
 
 
 def _train_student(
@@ -554,7 +560,7 @@ def evaluate(
             _write_cache(caches[s], {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": local[kind, s],
                                      "ipc": ipc, "seed": s, "protocol_hash": protocol.hash},
                          f"the random baseline of seed {s}")
-            if fkd_out is not None:
+            if fkd_out is not None and fkd_out.exists():
                 with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
                     shutil.rmtree(fkd_out, ignore_errors=True)
     merged: dict[tuple[str, int], float] = {("random", s): acc for s, acc in cached.items()}
