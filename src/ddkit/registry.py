@@ -131,10 +131,11 @@ def source_sha256(obj: object) -> str | None:
 
     Read once per definition and process, when it is registered (or first asked), and again once its module
     or a helper module it uses as a module (``import helper``) is reloaded (``importlib.reload``, IPython's
-    autoreload; a reload that leaves the definition in place too); names it took with ``from helper import x``
-    keep the old code until its own module is reloaded too. So the hash describes the code this process
-    runs: an edit of the file during a long run does not label what the old code makes with the new code's
-    hash (a reload, or the next process, reads it again)."""
+    autoreload; a reload that leaves the definition in place too). Names it took with ``from helper import f``
+    keep the old ``f``, which then runs among the helper's new code: until its own module is reloaded too, such
+    a mix gets a hash of its own, which neither the old nor the new code gives. So the hash describes the code
+    this process runs: an edit of the file during a long run does not label what the old code makes with the
+    new code's hash (a reload, or the next process, reads it again)."""
     return _source(obj)[0]
 
 
@@ -165,9 +166,12 @@ def _source(obj: object) -> tuple[str | None, tuple[str, ...]]:
         reloaded = [name for name, old, new in zip(_chain(obj, memo[1]), memo[2], specs, strict=True) if old is not new]
         if not reloaded:
             return memo[0], memo[1]
-        if reloaded[0] != _chain(obj, memo[1])[0] and not _runs_anew(_chain(obj, memo[1]), reloaded):
-            return memo[0], memo[1]  # names taken from reloaded helpers (`from helper import x`): the old code runs
     sha, deps = _read_source(obj)
+    if (memo is not None and None not in (sha, memo[0]) and sha != memo[0] and reloaded[0] != _chain(obj, memo[1])[0]
+            and not _runs_anew(_chain(obj, memo[1]), reloaded)):
+        # names taken from an edited, reloaded helper (`from helper import f`): the old f runs among the helper's
+        # new globals, neither the old code nor the new, so a hash of its own that no fresh process gives
+        sha = hashlib.sha256(f"{memo[0]} {sha}".encode()).hexdigest()
     _SOURCES[obj] = (sha, deps, _specs(obj, deps))
     return sha, deps
 
@@ -186,7 +190,8 @@ def _specs(obj: object, deps: tuple[str, ...]) -> tuple:
 def _runs_anew(chain: tuple, reloaded: list[str]) -> bool:
     """Whether the new code of a reloaded helper module runs in the definition: some module of its ``chain`` (or a
     package one holds) holds the helper as a module (``import helper``, ``from . import helper``), whose names are
-    looked up at each call. Names taken from it (``from helper import x``) keep the old objects, and the old code."""
+    looked up at each call. Names taken from it (``from helper import f``) keep the old objects, which run among
+    the helper's new globals: old and new code mixed."""
     helpers = [sys.modules.get(name) for name in reloaded]
     for holder in (sys.modules.get(name) for name in chain if name):
         for key, value in vars(holder).items() if holder is not None else ():
