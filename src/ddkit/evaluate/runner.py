@@ -125,8 +125,10 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
                                          dict(m["augment"]["options"]), cutmix["prob"], seed, store.top_k, device,
                                          cutmix_alpha=cutmix["alpha"], work_dir=work, out=out,
                                          teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
-                    finally:  # made, or given up for memory: no epochs left on a disk that may be full
+                    except OSError:  # given up for memory: no epochs left on a disk that may be full
                         shutil.rmtree(work, ignore_errors=True)
+                        raise
+                    shutil.rmtree(work, ignore_errors=True)
                     return ds, labels
             except OSError as exc:  # a cache that cannot be written (read-only, full): the labels are made in memory
                 log.warning("cannot keep the random subset's labels in %s: %s; labelling it in memory", out,
