@@ -798,7 +798,10 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
 
 
 class OutputBusy(DDKitError):
-    """Another process holds the :func:`writing` lock of the output."""
+    """Another process holds the :func:`writing` lock of the output ``out`` (the --out the message names)."""
+
+    def __init__(self, out: str | Path) -> None:
+        super().__init__(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
 
 
 @contextlib.contextmanager
@@ -836,7 +839,7 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
             os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
     try:
         if ddist.broadcast_object(busy):
-            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+            raise OutputBusy(out)
         yield
     finally:
         if fd is not None:

@@ -566,8 +566,7 @@ def run(
         try:
             distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
         except OutputBusy:  # the run's own stage folder, which is no --out the user gave: name the run's
-            raise OutputBusy(f"another ddkit process is writing {str(out)!r}; wait for it or choose another "
-                             "--out") from None
+            raise OutputBusy(out) from None
 
     protocols = cfg.evaluate.protocols()
     store = None

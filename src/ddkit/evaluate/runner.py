@@ -108,6 +108,12 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
     ds = DistilledSet(subset.images, subset.labels, {"dataset": data.describe()})
     m = store.manifest
     cutmix = m.get("cutmix") or {"prob": 0.0, "alpha": 1.0}
+
+    def label(**where) -> SoftLabelStore:  # as the store was made; ``where``: into the cache (work_dir, out)
+        return relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]), cutmix["prob"],
+                       seed, store.top_k, device, cutmix_alpha=cutmix["alpha"], teacher_bn=store.teacher_bn,
+                       teacher_bn_batch=store.teacher_bn_batch, **where)
+
     with ddist.single_process():
         if out is not None:
             try:
@@ -121,10 +127,7 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
                             log.warning("%s; labelling the random subset again", str(e).split(";")[0])
                     work = hidden_path(out, ".partial")
                     try:
-                        labels = relabel(ds, teacher, store.epochs, m["augment"]["spec"],
-                                         dict(m["augment"]["options"]), cutmix["prob"], seed, store.top_k, device,
-                                         cutmix_alpha=cutmix["alpha"], work_dir=work, out=out,
-                                         teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+                        labels = label(work_dir=work, out=out)
                     except OSError:  # given up for memory: no epochs left on a disk that may be full
                         shutil.rmtree(work, ignore_errors=True)
                         raise
@@ -133,9 +136,7 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
             except OSError as exc:  # a cache that cannot be written (read-only, full): the labels are made in memory
                 log.warning("cannot keep the random subset's labels in %s: %s; labelling it in memory", out,
                             exc.strerror or exc)
-        return ds, relabel(ds, teacher, store.epochs, m["augment"]["spec"], dict(m["augment"]["options"]),
-                           cutmix["prob"], seed, store.top_k, device, cutmix_alpha=cutmix["alpha"],
-                           teacher_bn=store.teacher_bn, teacher_bn_batch=store.teacher_bn_batch)
+        return ds, label()
 
 
 def _train_student(
