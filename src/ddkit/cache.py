@@ -83,14 +83,24 @@ def tree_bytes(path: str | Path) -> int:
     return total
 
 
-def _details(kind: str, path: Path) -> dict[str, Any]:
-    """What the listing says of an entry besides its size: an imagefolder entry's dataset root and image_size."""
+def _entry_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest.json of the cache entry ``path``, or None where there is none or it is damaged."""
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _details(kind: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """What the listing says of an entry besides its size: an imagefolder entry's dataset root and image_size
+    (from its ``manifest``)."""
     if kind != "imagefolder":
         return {}
     try:
-        settings = json.loads((path / "manifest.json").read_text()).get("settings") or {}
+        settings = manifest.get("settings") or {}
         return {"root": settings.get("root"), "image_size": settings.get("image_size")}
-    except (OSError, ValueError, AttributeError, RecursionError):  # a damaged entry: listed without them
+    except AttributeError:  # a damaged entry (no manifest, or settings not a mapping): listed without them
         return {"root": None, "image_size": None}
 
 
@@ -98,21 +108,17 @@ def _details(kind: str, path: Path) -> dict[str, Any]:
 _OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
 
 
-def stale_reason(kind: str, path: Path) -> str:
+def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) -> str:
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`~ddkit.data.sources.DECODED_SCHEMA`,
     statistics of an older :data:`~ddkit.methods.statistics.SCHEMA` (recorded since schema 2), an expert buffer
     named without the normalisation part. Cache keys hash these, so such an entry is never found again and never
-    replaced: ``ddkit cache prune --stale`` removes it."""
+    replaced: ``ddkit cache prune --stale`` removes it. ``manifest``: the entry's, where already read."""
     if kind == "experts":
         return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
     if kind not in ("imagefolder", "statistics"):
         return ""
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except (OSError, ValueError, RecursionError):  # none, or damaged: not told apart here
-        return ""
-    if not isinstance(manifest, dict):
+    if manifest is None and (manifest := _entry_manifest(path)) is None:  # none, or damaged: not told apart here
         return ""
     if kind == "imagefolder":
         from ddkit.data.sources import DECODED_SCHEMA as current
@@ -150,10 +156,12 @@ def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:
                     mtime = path.lstat().st_mtime
                 except OSError:  # removed meanwhile
                     continue
-                entry = state == "entry"
-                found.append(CacheEntry(folder.name, name, path, tree_bytes(path), mtime, state, of,
-                                        _details(folder.name, path) if entry else {},
-                                        stale_reason(folder.name, path) if entry else ""))
+                if state == "entry":
+                    manifest = _entry_manifest(path) if folder.name in ("imagefolder", "statistics") else None
+                    details, stale = _details(folder.name, manifest), stale_reason(folder.name, path, manifest)
+                else:
+                    details, stale = {}, ""
+                found.append(CacheEntry(folder.name, name, path, tree_bytes(path), mtime, state, of, details, stale))
     return found
 
 
