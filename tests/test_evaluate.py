@@ -146,6 +146,50 @@ def test_fkd_baseline_labels_that_cannot_be_cached_are_made_in_memory(setup, tin
     assert not list(cache.rglob("*.fkd")) and not list(cache.rglob("*.partial*"))  # no epochs left behind
 
 
+def test_fkd_baseline_labels_on_a_full_cache_disk_are_made_in_memory(setup, tiny_protocol, tmp_path, monkeypatch,
+                                                                      caplog):
+    """The safetensors writer reports a full disk as a one-line DDKitError (save_tensors), which the fallback
+    to labels in memory did not catch: the evaluation failed after its students were trained. And an error
+    that is not the cache's (here the teacher's) is raised as it is, not blamed on the cache and relabelled."""
+    from safetensors import SafetensorError
+
+    import ddkit.artifacts as artifacts
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    relabel(ds, teacher, epochs=2, augment="rrc_flip", seed=0).save(tmp_path / "fkd")
+    proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
+                                             "full_reference": False, "train": {"epochs": 2}})
+    want = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "ok")
+    cache, real = tmp_path / "full", artifacts.save_file
+
+    def full_disk(tensors, path, **k):
+        if cache in Path(path).parents:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, path, **k)
+
+    monkeypatch.setattr(artifacts, "save_file", full_disk)
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        got = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=cache)
+    assert got["results"] == want["results"]
+    assert caplog.text.count("No space left on device; labelling it in memory") == 1
+    assert not list(cache.rglob("*.fkd")) and not list(cache.rglob("*.partial*"))
+
+    calls = []
+
+    def broken_teacher(*a, **k):
+        calls.append(1)
+        raise OSError(5, "Input/output error", str(tmp_path / "elsewhere"))
+
+    import ddkit.labels.fkd as fkd
+
+    monkeypatch.setattr(artifacts, "save_file", real)
+    monkeypatch.setattr(fkd, "_epoch_logits", broken_teacher)
+    with pytest.raises(OSError, match="Input/output error"):
+        evaluate(ds, proto, [1], data=data, teacher=teacher, cache_dir=tmp_path / "other")
+    assert len(calls) == 1, "an error that is not the cache's was blamed on it and the subset relabelled"
+
+
 def test_random_baseline_never_draws_the_sets_own_subset(setup, tiny_protocol, monkeypatch):
     """A `random` set of seed s evaluated with student seed s: a baseline subset drawn with the same seed
     is the set itself, so IOR would be 0 by construction. The baseline draws with seed + RANDOM_SEED_OFFSET."""

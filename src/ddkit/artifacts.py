@@ -310,8 +310,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
         except SafetensorError as exc:  # a failed write: "... I/O error: No space left on device (os error 28)"
             code = int(found[1]) if (found := re.search(r"\(os error (\d+)\)", str(exc))) else None
-            raise DDKitError(write_failure(path, os.strerror(code) if code else str(exc).splitlines()[0],
-                                           code)) from None
+            raise WriteFailure(path, os.strerror(code) if code else str(exc).splitlines()[0], code) from None
         sha = file_sha256(tmp)  # read back from the page cache: about as fast as hashing the bytes in memory
     return sha
 
@@ -384,11 +383,11 @@ def torch_write_failures(path: Path, tmp: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise DDKitError(write_failure(path, exc.strerror or str(exc), exc.errno)) from None
+        raise WriteFailure(path, exc.strerror or str(exc), exc.errno) from None
     except RuntimeError as exc:  # torch's own report of a write cut short ("unexpected pos 64 vs 0")
         code = _why_cut_short(tmp)
         cause = os.strerror(code) if code else f"could not write ({str(exc).splitlines()[0]})"
-        raise DDKitError(write_failure(path, cause, code)) from None
+        raise WriteFailure(path, cause, code) from None
 
 
 def _why_cut_short(path: Path) -> int | None:
@@ -404,6 +403,15 @@ def _why_cut_short(path: Path) -> int | None:
         if shutil.disk_usage(path.parent).free < 2**20:
             return errno.ENOSPC
     return None
+
+
+class WriteFailure(DDKitError):
+    """A library's failed write of the file ``path`` (safetensors, ``torch.save``), as one line
+    (:func:`write_failure`); ``path``, ``cause`` and ``errno`` say which file and why, for a caller that falls back."""
+
+    def __init__(self, path: str | Path, cause: str, code: int | None = None) -> None:
+        super().__init__(write_failure(path, cause, code))
+        self.path, self.cause, self.errno = Path(path), cause, code
 
 
 def write_failure(path: str | Path | None, cause: str, code: int | None = None) -> str:

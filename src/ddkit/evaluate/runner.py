@@ -22,6 +22,7 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
+    WriteFailure,
     artifact_folder,
     base_manifest,
     build_lock,
@@ -116,6 +117,7 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
 
     with ddist.single_process():
         if out is not None:
+            work = hidden_path(out, ".partial")
             try:
                 with build_lock(out):  # two evaluations that need the same random subset's labels make them once
                     if (out / "manifest.json").is_file():
@@ -125,18 +127,35 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
                             return ds, labels
                         except DDKitError as e:
                             log.warning("%s; labelling the random subset again", str(e).split(";")[0])
-                    work = hidden_path(out, ".partial")
                     try:
                         labels = label(work_dir=work, out=out)
-                    except OSError:  # given up for memory: no epochs left on a disk that may be full
-                        shutil.rmtree(work, ignore_errors=True)
+                    except (OSError, WriteFailure) as exc:
+                        if _cache_failure(exc, out, work):  # given up for memory: no epochs left on a full disk
+                            shutil.rmtree(work, ignore_errors=True)
                         raise
                     shutil.rmtree(work, ignore_errors=True)
                     return ds, labels
-            except OSError as exc:  # a cache that cannot be written (read-only, full): the labels are made in memory
+            except (OSError, WriteFailure) as exc:
+                if not _cache_failure(exc, out, work):
+                    raise
+                # a cache that cannot be written (read-only, full): the labels are made in memory
+                cause = exc.strerror if isinstance(exc, OSError) else exc.cause
                 log.warning("cannot keep the random subset's labels in %s: %s; labelling it in memory", out,
-                            exc.strerror or exc)
+                            cause or exc)
         return ds, label()
+
+
+def _cache_failure(exc: OSError | WriteFailure, out: Path, work: Path) -> bool:
+    """Whether ``exc`` is a failed write of the cache entry ``out`` (or of its work folder ``work``, or of
+    the folders and hidden files made for them), which labels made in memory get round, and not another
+    error, which they would only meet again. An OSError that names no file is a write (the only I/O of a
+    relabel into a folder)."""
+    where = exc.path if isinstance(exc, WriteFailure) else exc.filename
+    if where is None:
+        return isinstance(exc, OSError)
+    where, out, work = (Path(os.path.abspath(os.fsdecode(p))) for p in (where, out, work))
+    return (where in out.parents or where.parent == out.parent
+            or any(where == p or p in where.parents for p in (out, work)))
 
 
 def _train_student(
