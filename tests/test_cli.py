@@ -54,6 +54,12 @@ def test_list(capsys):
     assert out.split() == sorted(m for m in out.split() if m.startswith("d")) and "random" not in out
     code, out, _ = run_cli(["list", "models", "convnet3*"], capsys)
     assert "convnet3" in out.split() and "resnet18_cifar" not in out
+    # the README's order, the glob after -l (argparse alone refused it: "unrecognized arguments: d*")
+    long = [run_cli(argv, capsys)[:2] for argv in (["list", "methods", "-l", "d*"], ["list", "-l", "methods", "d*"])]
+    assert long[0] == long[1] and long[0][0] == 0 and long[0][1].startswith("datadam  DataDAM (Sajedi")
+    assert "random" not in long[0][1]
+    with pytest.raises(SystemExit, match="2"):
+        run_cli(["list", "methods", "-l", "d*", "e*"], capsys)
     code, out, _ = run_cli(["list", "datasets"], capsys)
     assert {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "tensors", "synthetic"} <= set(out.split())
     code, out, _ = run_cli(["list", "protocols"], capsys)

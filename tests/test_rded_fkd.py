@@ -712,8 +712,9 @@ def test_relabel_takes_augment_as_relabel_spec_and_the_cli_name_it(small_set, te
     from ddkit.labels import RelabelSpec
 
     new = relabel(small_set, teacher, epochs=1, augment="flip", cutmix_prob=0.0)
-    with pytest.warns(DeprecationWarning, match=r"^relabel\(augment_spec=\) is deprecated; pass augment=$"):
+    with pytest.warns(DeprecationWarning, match=r"^relabel\(augment_spec=\) is deprecated; pass augment=$") as warned:
         old = relabel(small_set, teacher, epochs=1, augment_spec="flip", cutmix_prob=0.0)
+    assert [w.filename for w in warned] == [__file__]  # the caller's line, not torch's no_grad wrapper
     made = RelabelSpec(epochs=1, augment="flip", cutmix_prob=0.0).make(small_set, teacher)
     positional = relabel(small_set, teacher, 1, "flip", None, 0.0)
     for store in (old, made, positional):

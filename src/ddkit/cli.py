@@ -876,6 +876,12 @@ def _log_level(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "list":  # `list methods -l 'd*'`: argparse takes no positional after an option
+        at = argv.index("list") + 1
+        rest = argv[at:]
+        argv = [*argv[:at], *(a for a in rest if not a.startswith("-")), *(a for a in rest if a.startswith("-"))]
     args = parser.parse_args(argv)
     logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread

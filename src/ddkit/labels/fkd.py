@@ -595,7 +595,7 @@ def relabel(
         if augment not in ("rrc_flip", augment_spec):
             raise ConfigError(f"relabel got augment={augment!r} and its old name augment_spec={augment_spec!r}; pass "
                               "augment= alone")
-        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=3)
+        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=4)
         augment = augment_spec
     augment_name = augment  # `augment` is the built augmentation from here on
 
