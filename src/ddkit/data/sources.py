@@ -1411,10 +1411,10 @@ def save_tensors(data: DataBundle, path: str | Path) -> DatasetConfig:
     and return the :class:`DatasetConfig` that loads it: the pipeline's stages record that config, so a
     set made from the data evaluates from it later. A loaded bundle keeps the config it was loaded with
     (``distill`` refuses it paired with the returned one): distil ``load_dataset`` of the returned config.
-    ``path`` ends in ``.safetensors``; written
-    atomically, holding :data:`TENSOR_KEYS`, ``mean``/``std`` (float64, as given) and the class names
-    (metadata). Images are kept as uint8 or stored as float32 (the source's dtypes), labels as int64,
-    so ``load_dataset`` of the result has ``data``'s fingerprint when its tensors had those dtypes."""
+    ``path`` ends in ``.safetensors``; written atomically, holding :data:`TENSOR_KEYS`, ``mean``/``std``
+    (float64, as given) and the class names (metadata). Images are kept as uint8 or stored as float32 (the
+    source's dtypes), labels as int64, so ``load_dataset`` of the result has ``data``'s fingerprint when its
+    tensors had those dtypes."""
     from ddkit.artifacts import save_tensors as write_tensors
 
     path = Path(path).expanduser()
