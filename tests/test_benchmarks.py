@@ -131,6 +131,28 @@ def test_edc_steps_table_shows_each_step_against_the_row_it_adds_to(fm, tmp_path
             "point: 1 of 2." in text)
 
 
+def test_family_markdown_names_each_students_full_data_reference(fm):
+    """A bench with two students printed the first row's reference as "same student" for both."""
+    full = lambda m: {"mean": m, "std": 0.0, "per_seed": [m], "n": 1, "epochs": 2}
+    base = {"label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
+            "synthesis": {"seconds": 1.0, "peak_memory_bytes": None}, "versions": {}, "protocol_hash": "abc",
+            "method": "sre2l", "method_name": "sre2l", "acc": full(0.5), "random": full(0.4)}
+    rows = [{**base, "ipc": 1, "student": "resnet18_cifar", "full_hard": full(0.8235)},
+            {**base, "ipc": 1, "student": "convnet3-w32", "full_hard": full(0.8183)},
+            {**base, "ipc": 10, "student": "resnet18_cifar", "full_hard": full(0.8235)}]
+    cfg = {"label_modes": ["hard"], "seeds": [0], "protocol": "p", "overrides": {}}
+    line = lambda rows: [x for x in fm.family_markdown("x", "cpu", {"rows": rows, "config": cfg}).splitlines()
+                         if x.startswith("Full-data")]
+    pub = "(published whole-dataset ConvNet-3, 300 epochs: 93.5)."
+    assert line(rows) == ["Full-data reference (each row's own student, hard labels, 2 epochs): "
+                          f"resnet18_cifar 82.35 %, convnet3-w32 81.83 % {pub}"]
+    assert line([rows[0], rows[2]]) == [f"Full-data reference (same student, hard labels, 2 epochs): 82.35 % {pub}"]
+    rows[1]["full_hard"]["epochs"] = 5
+    assert line(rows) == ["Full-data reference (each row's own student, hard labels): "
+                          f"resnet18_cifar 82.35 % (2 epochs), convnet3-w32 81.83 % (5 epochs) {pub}"]
+    assert line([{k: v for k, v in r.items() if k != "full_hard"} for r in rows]) == []
+
+
 def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
     stat = lambda *xs: {"mean": sum(xs) / len(xs), "std": 0.0, "per_seed": list(xs), "n": len(xs)}
     base = {"student": "convnet3-w32", "label_mode": "hard", "ior": None, "hlr": None,

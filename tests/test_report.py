@@ -192,21 +192,53 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     assert len(results) == 5 and set(results.values()) == {"ok"}, results
 
 
+def _band_row(method, ipc, student="s", rnd=None, acc=0.9):
+    return {"dataset": "d", "student": student, "label_mode": "hard", "method": method, "ipc": ipc,
+            "acc": {"mean": acc, "std": 0.01}, "random": None if rnd is None else {"mean": rnd, "std": 0.01}}
+
+
 def test_random_band_gathers_every_ipc_of_a_panel():
     """The methods of a panel may run at different IPCs (``method_ipcs``): the random band takes each
     IPC from whichever method holds it, not from the first method alone."""
-    from ddkit.report import _random_band, _series
+    from ddkit.report import _random_bands, _series
 
-    def row(method, ipc, student="s", rnd=None):
-        return {"dataset": "d", "student": student, "label_mode": "hard", "method": method, "ipc": ipc,
-                "random": None if rnd is None else {"mean": rnd, "std": 0.01}}
-
+    row = _band_row
     rows = [row("dm", 1, rnd=0.5), row("mtt", 10, rnd=0.7), row("mtt", 50, rnd=0.8), row("dm", 50, rnd=0.8),
             row("random", 10), row("dm", 10, student="t", rnd=0.6)]
-    band = _random_band(_series(rows), ("d", "s", "hard"))
-    assert list(band) == [1, 10, 50]
+    ((methods, band),) = _random_bands(_series(rows), ("d", "s", "hard"))
+    assert methods == ["dm", "mtt"] and list(band) == [1, 10, 50]
     assert [b["mean"] for b in band.values()] == [0.5, 0.7, 0.8]
-    assert list(_random_band(_series(rows), ("d", "t", "hard"))) == [10]
+    assert [list(b) for _, b in _random_bands(_series(rows), ("d", "t", "hard"))] == [[10]]
+
+
+def test_each_random_baseline_gets_its_own_band(monkeypatch, tmp_path):
+    """Under learned_lr (or stored committee labels) methods have their own random baselines: the panel drew
+    the first method's for all of them."""
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    row = _band_row
+    rows = [row("mtt", 10, rnd=0.7462), row("mtt-x1", 10, rnd=0.7456), row("mtt", 50, rnd=0.8),
+            row("mtt-x1", 50, rnd=0.8), row("dm", 50, rnd=0.8)]
+    bands = report._random_bands(report._series(rows), ("d", "s", "hard"))
+    assert [(m, {i: b["mean"] for i, b in band.items()}) for m, band in bands] == [
+        (["mtt", "dm"], {10: 0.7462, 50: 0.8}), (["mtt-x1"], {10: 0.7456, 50: 0.8})]  # dm agrees at its IPC 50
+
+    class Saved(Exception):
+        pass
+
+    def legend(rows):  # of acc_vs_ipc.png, the first figure saved
+        def save(fig, *args, **kwargs):
+            raise Saved(sorted(t.get_text() for t in fig.axes[0].get_legend().get_texts()))
+
+        monkeypatch.setattr(Figure, "savefig", save)
+        with pytest.raises(Saved) as saved:
+            report._plots(rows, tmp_path)
+        return saved.value.args[0]
+
+    assert legend(rows) == ["dm", "mtt", "mtt-x1", "random subset (mtt, dm)", "random subset (mtt-x1)"]
+    assert legend([r for r in rows if r["method"] != "mtt-x1"]) == ["dm", "mtt", "random subset"]
 
 
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):

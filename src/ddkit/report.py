@@ -47,16 +47,25 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def _random_band(series: dict[tuple, list[dict]], panel: tuple) -> dict[int, dict]:
-    """The random subset's accuracy per IPC in one panel (dataset, student, label mode), from whichever
-    method's rows hold that IPC: the methods of a panel may run at different IPCs."""
-    band: dict[int, dict] = {}
+def _random_bands(series: dict[tuple, list[dict]], panel: tuple) -> list[tuple[list[str], dict[int, dict]]]:
+    """The random subset's accuracy per IPC in one panel (dataset, student, label mode): one band per distinct
+    baseline, with the methods it belongs to. Methods share a band when their random subsets agree at every IPC
+    both hold, and a band takes each IPC from whichever of its methods holds it (the methods of a panel may run
+    at different IPCs). Under ``learned_lr``, or ``stored`` labels made by each set's own committee or BN batch,
+    each method has its own random baseline, so its own band."""
+    bands: list[tuple[list[str], dict[int, dict]]] = []
     for key, rs in series.items():
-        if key[:3] == panel:
-            for r in rs:
-                if r.get("random"):
-                    band.setdefault(r["ipc"], r["random"])
-    return dict(sorted(band.items()))
+        own = {r["ipc"]: r["random"] for r in rs if r.get("random")} if key[:3] == panel else {}
+        if not own:
+            continue
+        for methods, band in bands:
+            if all(band.get(ipc, b) == b for ipc, b in own.items()):
+                methods.append(key[3])
+                band.update(own)
+                break
+        else:
+            bands.append(([key[3]], own))
+    return [(methods, dict(sorted(band.items()))) for methods, band in bands]
 
 
 def _plots(rows: list[dict], out: Path) -> list[str]:
@@ -98,19 +107,25 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     # accuracy vs IPC, with the random baseline as a shaded band
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
+        colors = {}  # method -> its line's colour, for its own random band
         for key, rs in series.items():
             if key[:3] == panel:
-                ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=printable(key[3]))
-        band = _random_band(series, panel)
-        if len(band) > 1:
-            ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
-                            [100 * (b["mean"] + b["std"]) for b in band.values()],
-                            color="gray", alpha=0.25, label="random subset")
-        elif band:  # one IPC: a band would have no width
-            ((ipc, b),) = band.items()
-            ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color="gray", marker="s", capsize=3,
-                        label="random subset")
+                line = ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                                   yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3,
+                                   label=printable(key[3]))
+                colors[key[3]] = line.lines[0].get_color()
+        bands = _random_bands(series, panel)
+        for methods, band in bands:  # one gray band when every method shares its random baseline
+            color, label = ("gray", "random subset") if len(bands) == 1 else (
+                colors[methods[0]], f"random subset ({', '.join(map(printable, methods))})")
+            if len(band) > 1:
+                ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
+                                [100 * (b["mean"] + b["std"]) for b in band.values()],
+                                color=color, alpha=0.25, label=label)
+            else:  # one IPC: a band would have no width
+                ((ipc, b),) = band.items()
+                ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s", capsize=3,
+                            label=label)
         finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])

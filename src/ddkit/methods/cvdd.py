@@ -40,8 +40,10 @@ class CVDDConfig(RecoverConfig):
     jitter: int = field(4, help="random roll of up to this many pixels per step (CV-DD CIFAR: 4)")
     committee_size: int | None = field(2, help="teachers per committee, drawn per IPC slot (CV-DD: 2); needs that many "
                                                "teachers (extra_teachers)")
-    committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(accuracy_% / T) voting (CV-DD 'prior') "
-                                                                       "or equal weights")
+    committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(test accuracy_% / T) voting (CV-DD "
+                                                                       "'prior', from each teacher's recorded TEST "
+                                                                       "accuracy: see the docstring) or equal weights "
+                                                                       "(no test-split information)")
     committee_temperature: float = field(5.0, help="voting temperature (CV-DD --weight-temperature 5)")
     soft_labels: Literal["none", "committee"] = field(
         "committee", help="committee: store the vote-weighted mean of every teacher's logits on each image (evaluate "
@@ -92,7 +94,9 @@ class CVDD(RecoverMethod):
     iterations, RRC + flip and jitter 4, initialisation from selected real patches -- ddkit's
     ``init: rded``). Differences: the prior ``p`` of a teacher is its own test accuracy (%) as
     recorded in its artifact; the authors use the accuracy of a student trained on data recovered
-    from that model alone (an extra distillation per model). BSSL is adapted to static labels: CV-DD
+    from that model alone (an extra distillation per model). So one number per teacher from the test
+    split that later scores the set weights synthesis and the stored labels (``committee_weights:
+    equal`` reads none). BSSL is adapted to static labels: CV-DD
     relabels every augmented training batch with the teachers' BatchNorm on that batch (stored per
     batch, replayed with the same batch size and order); here the un-augmented images are labelled
     once, with statistics over all of them or over groups of ``soft_labels_bn_batch`` images drawn

@@ -852,7 +852,7 @@ def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
                   slot: int) -> list[tuple[int, float]] | None:
     """CV-DD's committee of one IPC slot: ``committee_size`` teachers drawn without replacement
     (by a generator of (seed, slot), so every rank draws the same) and their voting weights,
-    ``softmax(accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
+    ``softmax(test_accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
     if cfg.committee_size is None:
         return None
     if cfg.committee_size > len(states):
