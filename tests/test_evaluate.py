@@ -381,6 +381,34 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
                  teacher=teacher)
 
 
+def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
+    """label_mode stored with extra_teachers: the set replays its teacher's labels, so the random subset beside it
+    is labelled by that teacher too (not by the ensemble), and the report names that teacher; said once."""
+    import ddkit.evaluate.runner as runner
+
+    data, teacher, ds, _ = setup
+    other = train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5,
+                                              train=TrainConfig(epochs=2, batch_size=32, lr=0.05)), tmp_path / "other")
+    stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False,
+                                              "train": {"epochs": 2}})
+    targets, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student",
+                        lambda *a, **k: targets.append((a[0].images, a[8] if len(a) > 8 else k.get("stored")))
+                        or real(*a, **k))
+    monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", False)
+    alone = evaluate(ds, stored, [0], data=data, teacher=teacher, cache_dir=tmp_path / "c")
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        both = [evaluate(ds, resolve_protocol(stored, {"extra_teachers": [str(tmp_path / "other")]}), [s], data=data,
+                         teacher=teacher, cache_dir=tmp_path / "c") for s in (0, 1)]
+    assert sum("does not use the protocol's extra_teachers" in r.message for r in caplog.records) == 1
+    assert both[0]["results"] == alone["results"]
+    assert both[0]["teacher"] == alone["teacher"] == teacher.record()
+    assert targets[2][1] is ds.soft_labels  # the distilled set's student, then the random subset's (seed 0)
+    images, labels = targets[3]
+    want = runner.teacher_logits(teacher, images, data.mean, data.std, "cpu", seed=runner.RANDOM_SEED_OFFSET)
+    assert torch.equal(labels, want)  # the random subset's targets: the set's teacher's logits, as the set's own
+
+
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):
     """learned_lr (MTT's evaluation): the distilled set's and the random subset's students train with
     the set's meta syn_lr, exactly as a protocol with that train.lr; sets without one are refused."""

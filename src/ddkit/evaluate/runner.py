@@ -327,6 +327,7 @@ def student_transform(protocol: ProtocolConfig, data: DataBundle):
 
 
 _ZCA_FITS: dict[tuple, Any] = {}
+_STORED_EXTRAS_SAID = False  # that label_mode stored leaves out extra_teachers: said once per process
 
 
 def full_reference(
@@ -482,7 +483,17 @@ def evaluate(
         raise DDKitError(f"label_mode 'stored' replays the soft labels teacher {made_by} "
                          f"({man['teacher'].get('path')}) gave this set, not teacher {teacher.fingerprint}; pass that "
                          "teacher, or use label_mode teacher to label both sets with this one")
-    if protocol.extra_teachers and mode != "hard":
+    if protocol.extra_teachers and mode == "stored":
+        # the set replays the labels its own teacher (or CV-DD committee) made: the random subset beside it is
+        # labelled the same way, so an ensemble here would label only one side (a bench's overrides give every
+        # label mode the same extra_teachers, so they are left out here rather than refused)
+        global _STORED_EXTRAS_SAID
+        if not _STORED_EXTRAS_SAID:
+            _STORED_EXTRAS_SAID = True
+            log.warning("label_mode 'stored' does not use the protocol's extra_teachers: the set replays the soft "
+                        "labels it was made with, and the random subset beside it is labelled as they were made (by "
+                        "the set's teacher, or its committee); use label_mode teacher to label both with the ensemble")
+    elif protocol.extra_teachers and mode != "hard":
         from ddkit.teacher import Teacher, teacher_ensemble
 
         if teacher is None:
