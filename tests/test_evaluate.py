@@ -387,8 +387,8 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
     import ddkit.evaluate.runner as runner
 
     data, teacher, ds, _ = setup
-    other = train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5,
-                                              train=TrainConfig(epochs=2, batch_size=32, lr=0.05)), tmp_path / "other")
+    train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5,
+                                      train=TrainConfig(epochs=2, batch_size=32, lr=0.05)), tmp_path / "other")
     stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False,
                                               "train": {"epochs": 2}})
     targets, real = [], runner._train_student

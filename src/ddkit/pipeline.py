@@ -40,7 +40,7 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
+from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
@@ -470,6 +470,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                     "evaluate.overrides.fkd_store")
     for protocol in protocols:
         mode = protocol.label_mode
+        if protocol.random_baseline and method.uses_ipc and not method.ipc_within_class_size:
+            check_random_ipc(data, cfg.distill.ipc, "evaluate.overrides.random_baseline: false")
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
                               "or use label mode hard")

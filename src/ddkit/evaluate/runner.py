@@ -290,6 +290,18 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
     return None
 
 
+def check_random_ipc(data: DataBundle, ipc: int, fix: str = "--set random_baseline=false") -> None:
+    """Refuse a random baseline of ``ipc`` images per class that a class of ``data`` is too small for (a method
+    with ``ipc_within_class_size = False`` makes more than the data holds): its subset would hold fewer images
+    than the set. ``fix``: how the caller's user turns the baseline off."""
+    counts = data.train.class_counts(data.num_classes)
+    c = int(counts.argmin())
+    if ipc > int(counts[c]):
+        raise DDKitError(f"the random baseline beside an ipc-{ipc} set needs {ipc} training images per class, but "
+                         f"class {data.classes[c]!r} has {int(counts[c])}, so it would train on fewer images than the "
+                         f"set; set random_baseline: false ({fix}) to evaluate the set without it")
+
+
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
                      progress=None, train: TrainConfig | None = None, transform=None,
                      labeller: StoredLabeller | None = None, fkd_out: Path | None = None) -> float:
@@ -469,6 +481,8 @@ def evaluate(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
             f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
         )
+    if protocol.random_baseline and distilled.ipc is not None:
+        check_random_ipc(data, distilled.ipc)
     mode = protocol.label_mode
     if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
         raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use "
