@@ -399,10 +399,10 @@ def teacher_weights(paths: list[str]) -> list[str]:
 
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
     """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash
-    counts only (they form an ensemble with the teacher in every label mode but hard). Empty without
+    counts only (they form an ensemble with the teacher in label modes teacher and fkd). Empty without
     an ensemble, so the keys of other evaluations keep their values. Label mode stored leaves them out
     (both sides are labelled as the set's stored labels were made): a marker, so evaluations that ddkit
-    before 2026-12-07 labelled the random subset by the ensemble are not reused."""
+    before 2026-12-07 made with the random subset labelled by the ensemble are not reused."""
     if not protocol.extra_teachers or protocol.label_mode == "hard":
         return {}
     if protocol.label_mode == "stored":
