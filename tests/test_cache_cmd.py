@@ -237,8 +237,14 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
         write(root / "experts" / name / "manifest.json", 0).write_text(
             json.dumps({"schema_version": 1, "kind": "expert-buffer"}))
 
+    # accuracies keyed without the thread count and device (schema 1) are never found again
+    accuracies = {"random-baseline/r-old.json": (1, "schema 1"), "random-baseline/r-new.json": (2, ""),
+                  "full-reference/f-old.json": (1, "schema 1"), "full-reference/f-bad.json": ("x", "")}
+    for name, (schema, _) in accuracies.items():
+        write(root / name, 0).write_text(json.dumps({"schema_version": schema, "kind": "random-baseline-cache"}))
     assert {e.name: e.stale for e in cache_entries()} == {
-        live.name: "", old.name: "schema 1", "s-old": "schema 1", "s-new": "", "s-untold": "", **experts}
+        live.name: "", old.name: "schema 1", "s-old": "schema 1", "s-new": "", "s-untold": "", **experts,
+        **{name.split("/")[1]: stale for name, (_, stale) in accuracies.items()}}
     code, out, _ = run(["cache", "-l"], capsys)
     lines = {line.split()[0]: line for line in out.splitlines() if "/" in line.split()[0]}
     marked = "  (made by an older ddkit: schema 1)"
@@ -259,7 +265,8 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     code, out, _ = run(["cache", "prune", "--stale", "--kind", "imagefolder", "--dry-run"], capsys)
     assert out.splitlines()[0].startswith(f"would remove imagefolder/{old.name}  ") and old.exists()
     code, out, _ = run(["cache", "prune", "--stale"], capsys)
-    assert code == 0 and out.splitlines()[-1].startswith("removed 3 item(s)")
+    assert code == 0 and out.splitlines()[-1].startswith("removed 5 item(s)")
     assert sorted(e.name for e in cache_entries()) == sorted(
-        [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine"])
+        [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine", "r-new.json",
+         "f-bad.json"])
     assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept

@@ -233,6 +233,36 @@ def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protoco
     assert a["key"] != b["key"] and len(list((tmp_path / "full-reference").glob("*.json"))) == 2
 
 
+def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protocol, tmp_path, monkeypatch):
+    """A bench evaluates again under another torch thread count (float sums depend on it), but the random subset's
+    and the full data's students still came from the cache, trained under the other count, while the report
+    recorded the new one. Both entries are now keyed (and say) where their students trained."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.evaluate.runner import random_cache_path
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    calls, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: calls.append(len(a[0])) or real(*a, **k))
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            rep = evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path)
+            assert rep["run"]["torch_threads"] == n
+    finally:
+        torch.set_num_threads(threads)
+    # 1 thread: set, random subset, full data; 2 threads: all three again; 1 thread again: the set only
+    assert calls == [16, 16, len(data.train)] * 2 + [16]
+    entries = sorted(tmp_path.rglob("*.json"))
+    assert sorted((p.parent.name, json.loads(p.read_text())["torch_threads"], json.loads(p.read_text())["device"],
+                   json.loads(p.read_text())["schema_version"]) for p in entries) == [
+        ("full-reference", 1, "cpu", 2), ("full-reference", 2, "cpu", 2),
+        ("random-baseline", 1, "cpu", 2), ("random-baseline", 2, "cpu", 2)]
+    on = {d: random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device=d) for d in ("cpu", "cuda:1")}
+    assert on["cpu"] != on["cuda:1"] == random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device="cuda")
+
+
 def test_full_reference_is_trained_once_by_concurrent_callers(setup, tiny_protocol, tmp_path, monkeypatch):
     """Two bench ranks scoring other sets with the same student used to train the same whole-data students
     side by side; the second now waits for the first and reads its entry."""
@@ -379,6 +409,34 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     with pytest.raises(DDKitError, match="extra teacher .* not found"):
         evaluate(ds, resolve_protocol(soft, {"extra_teachers": [str(tmp_path / "nope")]}), [0], data=data,
                  teacher=teacher)
+
+
+def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
+    """label_mode stored with extra_teachers: the set replays its teacher's labels, so the random subset beside it
+    is labelled by that teacher too (not by the ensemble), and the report names that teacher; said once."""
+    import ddkit.evaluate.runner as runner
+
+    data, teacher, ds, _ = setup
+    train_teacher(data, TeacherConfig(model="tiny_convnet", seed=5,
+                                      train=TrainConfig(epochs=2, batch_size=32, lr=0.05)), tmp_path / "other")
+    stored = resolve_protocol(tiny_protocol, {"label_mode": "stored", "full_reference": False,
+                                              "train": {"epochs": 2}})
+    targets, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student",
+                        lambda *a, **k: targets.append((a[0].images, a[8] if len(a) > 8 else k.get("stored")))
+                        or real(*a, **k))
+    monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", False)
+    alone = evaluate(ds, stored, [0], data=data, teacher=teacher, cache_dir=tmp_path / "c")
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        both = [evaluate(ds, resolve_protocol(stored, {"extra_teachers": [str(tmp_path / "other")]}), [s], data=data,
+                         teacher=teacher, cache_dir=tmp_path / "c") for s in (0, 1)]
+    assert sum("does not use the protocol's extra_teachers" in r.message for r in caplog.records) == 1
+    assert both[0]["results"] == alone["results"]
+    assert both[0]["teacher"] == alone["teacher"] == teacher.record()
+    assert targets[2][1] is ds.soft_labels  # the distilled set's student, then the random subset's (seed 0)
+    images, labels = targets[3]
+    want = runner.teacher_logits(teacher, images, data.mean, data.std, "cpu", seed=runner.RANDOM_SEED_OFFSET)
+    assert torch.equal(labels, want)  # the random subset's targets: the set's teacher's logits, as the set's own
 
 
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):

@@ -678,3 +678,58 @@ def test_a_users_partial_of_a_ddkit_model_is_identified_by_what_it_binds(registr
     assert model_source("my_conv")["source_sha256"] == hashlib.sha256(json.dumps(
         {"def": "ddkit.models.convnet.convnet", "bound": {"args": [], "keywords": {"depth": 2, "width": 8}}},
         sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+BIG = '''
+from dataclasses import dataclass
+
+import torch
+
+from ddkit.config import Checked
+from ddkit.methods import METHODS, Method, SyntheticSet
+
+
+@METHODS.register("bigipc")
+class Big(Method):
+    """ipc copies of every class's first image: more than a class holds."""
+
+    ipc_within_class_size = False
+
+    @dataclass
+    class Config(Checked):
+        pass
+
+    def fit(self, real, teachers, ctx):
+        idx = [int(real.train.indices_of(c)[0]) for c in range(real.num_classes) for _ in range(ctx.ipc)]
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone())
+        return self
+'''
+
+
+def test_a_random_baseline_larger_than_a_class_is_refused(tmp_path, monkeypatch, registries):
+    """A method allowed more images per class than the data holds (ipc_within_class_size = False): the random
+    subset beside its set held the whole class (24 images), fewer than the set's 30, under the name "random
+    ipc=30". evaluate and run refuse it, naming the class and the fix; without the baseline the set evaluates."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.evaluate import evaluate, resolve_protocol
+
+    _plugin(tmp_path, monkeypatch, "bigplug", BIG)
+    data = make_synthetic()
+    ds = distill(data, DistillConfig(method="bigipc", ipc=30), DatasetConfig(name="synthetic"), tmp_path / "big")
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_reference": False,
+                                                "train": {"epochs": 1, "batch_size": 32}})
+    sizes = []
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: sizes.append(len(a[0])) or 0.5)
+    with pytest.raises(DDKitError, match=r"^the random baseline beside an ipc-30 set needs 30 training images per "
+                       r"class, but class 'class0' has 24, .*random_baseline: false \(--set random_baseline=false\)"):
+        evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    assert sizes == []  # refused before any student trains
+    rep = evaluate(ds, resolve_protocol(protocol, {"random_baseline": False}), [0], data=data)
+    assert sizes == [120] and "random" not in rep["results"]
+    cfg = from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "teacher": None, "distill": {"method": "bigipc", "ipc": 30},
+        "evaluate": {"overrides": {"student": "tiny_convnet", "full_reference": False}, "seeds": [0]},
+        "device": "cpu", "out": str(tmp_path / "run")})
+    with pytest.raises(DDKitError, match=r"class 'class0' has 24.*\(evaluate.overrides.random_baseline: false\)"):
+        run(cfg)
+    assert not (tmp_path / "run" / "distilled").exists()  # before any stage

@@ -112,10 +112,14 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`~ddkit.data.sources.DECODED_SCHEMA`,
     statistics of an older :data:`~ddkit.methods.statistics.SCHEMA` (recorded since schema 2), an expert buffer
-    named without the normalisation part. Cache keys hash these, so such an entry is never found again and never
-    replaced: ``ddkit cache prune --stale`` removes it. ``manifest``: the entry's, where already read."""
+    named without the normalisation part, a random-baseline or full-reference accuracy of an older
+    :data:`~ddkit.evaluate.runner.CACHE_SCHEMA` (keyed without thread count and device). Cache keys hash these,
+    so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
+    ``manifest``: the entry's, where already read."""
     if kind == "experts":
         return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
+    if kind in ("random-baseline", "full-reference"):  # accuracies: keyed without thread count and device before 2
+        return _accuracy_stale(path)
     if kind not in ("imagefolder", "statistics"):
         return ""
     if manifest is None and (manifest := _entry_manifest(path)) is None:  # none, or damaged: not told apart here
@@ -129,6 +133,21 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
 
         schema = manifest.get("statistics_schema")
     return f"schema {schema}" if isinstance(schema, int) and not isinstance(schema, bool) and schema < current else ""
+
+
+def _accuracy_stale(path: Path) -> str:
+    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`~ddkit.evaluate.runner.CACHE_SCHEMA`,
+    or "" (current, damaged or not such a file)."""
+    from ddkit.evaluate.runner import CACHE_SCHEMA
+
+    if path.suffix != ".json":
+        return ""
+    try:
+        schema = json.loads(path.read_text()).get("schema_version")
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return ""
+    old = isinstance(schema, int) and not isinstance(schema, bool) and schema < CACHE_SCHEMA
+    return f"schema {schema}" if old else ""
 
 
 def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:

@@ -40,7 +40,7 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import evaluate, format_table, teacher_logits
+from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
@@ -399,10 +399,14 @@ def teacher_weights(paths: list[str]) -> list[str]:
 
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
     """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash
-    counts only (they form an ensemble with the teacher in every label mode but hard). Empty without
-    an ensemble, so the keys of other evaluations keep their values."""
+    counts only (they form an ensemble with the teacher in label modes teacher and fkd). Empty without
+    an ensemble, so the keys of other evaluations keep their values. Label mode stored leaves them out
+    (both sides are labelled as the set's stored labels were made): a marker, so evaluations that ddkit
+    before 2026-12-07 made with the random subset labelled by the ensemble are not reused."""
     if not protocol.extra_teachers or protocol.label_mode == "hard":
         return {}
+    if protocol.label_mode == "stored":
+        return {"extra_teachers": "unused"}
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
@@ -466,6 +470,8 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                     "evaluate.overrides.fkd_store")
     for protocol in protocols:
         mode = protocol.label_mode
+        if protocol.random_baseline and method.uses_ipc and not method.ipc_within_class_size:
+            check_random_ipc(data, cfg.distill.ipc, "evaluate.overrides.random_baseline: false")
         if mode in ("teacher", "stored", "fkd") and cfg.teacher is None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
                               "or use label mode hard")

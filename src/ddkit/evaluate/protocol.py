@@ -53,7 +53,8 @@ class ProtocolConfig(Checked):
                                   "passed to evaluate as fkd_store=)")
     extra_teachers: list[str] = field([], added=True,
                                       help="more teacher artifacts: soft labels become the mean logits of the "
-                                      "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee)")
+                                      "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee); "
+                                      "label modes teacher and fkd (stored replays the set's own labels)")
     learned_lr: bool = field(False, added=True,
                              help="train the students with the set's learned student lr (meta syn_lr: "
                              "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the "

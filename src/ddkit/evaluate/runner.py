@@ -193,12 +193,12 @@ _NOT_RANDOM_STUDENT = frozenset({"random_baseline", "full_reference", "full_epoc
 
 
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
-                      cache_dir: str | Path | None, lr: float | None = None, labeller: StoredLabeller | None = None
-                      ) -> Path:
+                      cache_dir: str | Path | None, lr: float | None = None, labeller: StoredLabeller | None = None,
+                      device: str | torch.device = "cpu") -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
     (the protocol without the fkd store path, the test batch size and the fields that only say what
-    else ``evaluate`` runs, data and its normalisation, teacher, FKD store settings, IPC, seed, and
-    the learned lr it trains with under ``learned_lr``)."""
+    else ``evaluate`` runs, data and its normalisation, teacher, FKD store settings, IPC, seed, the
+    learned lr it trains with under ``learned_lr``, and where it trains: :func:`trained_on`)."""
     proto = {k: v for k, v in protocol.identity().items() if k not in _NOT_RANDOM_STUDENT}
     proto["train"] = {k: v for k, v in proto["train"].items() if k != "eval_batch_size"}
     settings = None
@@ -208,12 +208,23 @@ def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store
                                     "top_k": store.top_k, "teacher_bn": store.teacher_bn,
                                     "teacher_bn_batch": store.teacher_bn_batch})
     key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "ipc": ipc,
-                       "seed": seed, "fkd": settings,
+                       "seed": seed, "fkd": settings, **trained_on(device),
                        "teacher": teacher.fingerprint
                        if teacher is not None and protocol.label_mode != "hard" else None,
                        **({"lr": lr} if lr is not None else {}),
                        **({"stored_labels": labeller.key} if labeller is not None else {})})
     return (Path(cache_dir) if cache_dir else cache_dir_of()) / "random-baseline" / f"{key}.json"
+
+
+def trained_on(device) -> dict[str, Any]:
+    """Where a cached student trains, for its key: the torch thread count (float sums depend on it; a bench
+    evaluates again under another one, and the report records it) and the device type (cpu, cuda)."""
+    return {"torch_threads": torch.get_num_threads(), "device": torch.device(device).type}
+
+
+#: cache entries of random-baseline and full-reference students; 2: keyed by :func:`trained_on` (ddkit cache
+#: calls entries of schema 1 stale)
+CACHE_SCHEMA = 2
 
 
 @dataclasses.dataclass
@@ -290,6 +301,18 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
     return None
 
 
+def check_random_ipc(data: DataBundle, ipc: int, fix: str = "--set random_baseline=false") -> None:
+    """Refuse a random baseline of ``ipc`` images per class that a class of ``data`` is too small for (a method
+    with ``ipc_within_class_size = False`` makes more than the data holds): its subset would hold fewer images
+    than the set. ``fix``: how the caller's user turns the baseline off."""
+    counts = data.train.class_counts(data.num_classes)
+    c = int(counts.argmin())
+    if ipc > int(counts[c]):
+        raise DDKitError(f"the random baseline beside an ipc-{ipc} set needs {ipc} training images per class, but "
+                         f"class {data.classes[c]!r} has {int(counts[c])}, so it would train on fewer images than the "
+                         f"set; set random_baseline: false ({fix}) to evaluate the set without it")
+
+
 def _random_baseline(data: DataBundle, protocol: ProtocolConfig, teacher, store, ipc: int, seed: int, device,
                      progress=None, train: TrainConfig | None = None, transform=None,
                      labeller: StoredLabeller | None = None, fkd_out: Path | None = None) -> float:
@@ -327,14 +350,15 @@ def student_transform(protocol: ProtocolConfig, data: DataBundle):
 
 
 _ZCA_FITS: dict[tuple, Any] = {}
+_STORED_EXTRAS_SAID = False  # that label_mode stored leaves out extra_teachers: said once per process
 
 
 def full_reference(
     data: DataBundle, protocol: ProtocolConfig, seeds: list[int], device, cache_dir: Path | None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Hard-label accuracy of the protocol's student trained on the whole training set (cached); on
-    whitened images under a ``zca`` protocol."""
+    """Hard-label accuracy of the protocol's student trained on the whole training set (cached, keyed with
+    :func:`trained_on` too); on whitened images under a ``zca`` protocol."""
     info = ddist.current()
     cfg = protocol.full_train()
     use = seeds[: protocol.full_seeds]
@@ -348,7 +372,7 @@ def full_reference(
     source = {"student_source": sha} if (sha := protocol.identity().get("student_source")) else {}
     key = config_hash({"student": protocol.student, "options": protocol.student_options, "train": train,
                        "data": data.fingerprint, "norm": data.normalisation, "seeds": use,
-                       **({"world": info.world_size} if info.enabled else {}), **zca, **source})
+                       **({"world": info.world_size} if info.enabled else {}), **zca, **source, **trained_on(device)})
     cache = (Path(cache_dir) if cache_dir else cache_dir_of()) / "full-reference" / f"{key}.json"
     # one builder per entry: torchrun ranks of `ddkit bench` scoring other sets with the same student, or
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
@@ -369,7 +393,8 @@ def full_reference(
         result = _summary(accs)
         result.update({"epochs": cfg.epochs, "key": key})
         if info.is_main:
-            _write_cache(cache, {"schema_version": 1, "kind": "full-reference-cache", "result": result},
+            _write_cache(cache, {"schema_version": CACHE_SCHEMA, "kind": "full-reference-cache", "result": result,
+                                 **trained_on(device)},
                          "the full-data reference")
     return result
 
@@ -468,6 +493,8 @@ def evaluate(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
             f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
         )
+    if protocol.random_baseline and distilled.ipc is not None:
+        check_random_ipc(data, distilled.ipc)
     mode = protocol.label_mode
     if mode == "stored" and distilled.soft_labels is None:  # before asking for a teacher it would need too
         raise DDKitError("label_mode 'stored' needs soft labels in the distilled set; distil with --soft-labels or use "
@@ -482,7 +509,17 @@ def evaluate(
         raise DDKitError(f"label_mode 'stored' replays the soft labels teacher {made_by} "
                          f"({man['teacher'].get('path')}) gave this set, not teacher {teacher.fingerprint}; pass that "
                          "teacher, or use label_mode teacher to label both sets with this one")
-    if protocol.extra_teachers and mode != "hard":
+    if protocol.extra_teachers and mode == "stored":
+        # the set replays the labels its own teacher (or CV-DD committee) made: the random subset beside it is
+        # labelled the same way, so an ensemble here would label only one side (a bench's overrides give every
+        # label mode the same extra_teachers, so they are left out here rather than refused)
+        global _STORED_EXTRAS_SAID
+        if not _STORED_EXTRAS_SAID:
+            _STORED_EXTRAS_SAID = True
+            log.warning("label_mode 'stored' does not use the protocol's extra_teachers: the set replays the soft "
+                        "labels it was made with, and the random subset beside it is labelled as they were made (by "
+                        "the set's teacher, or its committee); use label_mode teacher to label both with the ensemble")
+    elif protocol.extra_teachers and mode != "hard":
         from ddkit.teacher import Teacher, teacher_ensemble
 
         if teacher is None:
@@ -556,7 +593,7 @@ def evaluate(
     # random baselines already cached are read, not trained; rank 0 decides which, so every rank deals the same jobs
     cached: dict[int, float] = {}
     if baseline:
-        caches = {s: random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller)
+        caches = {s: random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller, device)
                   for s in seeds}
         if info.is_main:
             cached = {s: float(v) for s, c in caches.items()
@@ -581,8 +618,9 @@ def evaluate(
             fkd_out = caches[s].with_suffix(".fkd") if store is not None else None
             local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
                                               cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
-            _write_cache(caches[s], {"schema_version": 1, "kind": "random-baseline-cache", "accuracy": local[kind, s],
-                                     "ipc": ipc, "seed": s, "protocol_hash": protocol.hash},
+            _write_cache(caches[s], {"schema_version": CACHE_SCHEMA, "kind": "random-baseline-cache",
+                                     "accuracy": local[kind, s], "ipc": ipc, "seed": s, "protocol_hash": protocol.hash,
+                                     **trained_on(device)},
                          f"the random baseline of seed {s}")
             if fkd_out is not None and fkd_out.exists():
                 with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
