@@ -1265,3 +1265,41 @@ def test_manifests_record_torchvisions_version_without_importing_it():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(ddkit.__file__).parents[1])}).stdout.split()
     assert out == [torchvision.__version__, "False"]
+
+
+def test_non_finite_soft_labels_are_refused_before_anything_is_written(tiny, bn_teacher, tmp_path):
+    """distill --soft-labels with a teacher whose logits overflow wrote a set (exit 0) that every loader then
+    refused; DATM's learned and TESLA's expert labels went through the same unchecked build."""
+    import copy
+
+    from ddkit.methods.base import SyntheticSet
+
+    teacher = copy.deepcopy(bn_teacher)
+    last = [m for m in teacher.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight[0] = 3e38  # finite weights, logits beyond float32
+    out = tmp_path / "r_inf"
+    with pytest.raises(DDKitError) as err:
+        distill(tiny, DistillConfig(method="random", ipc=2, soft_labels=True), DatasetConfig(name="synthetic"),
+                out=out, teacher=teacher)
+    assert str(err.value) == ("the teacher's soft labels of the 'random' set hold NaN or infinite logits for 8 of 8 "
+                              "images (image 0 first): the teacher's logits overflow on these images; check the "
+                              "teacher (diverged training? huge weights?) and the images (diverged?); nothing was "
+                              "saved")
+    assert list(tmp_path.iterdir()) == []
+
+    soft = torch.zeros(4, tiny.num_classes)
+    soft[2, 1] = float("nan")
+    with pytest.raises(DDKitError, match=r"^the soft labels method 'datm' made hold NaN or infinite logits for 1 of 4 "
+                                         r"images \(image 2 first\): its labels diverged, or its teacher's logits "
+                                         r"overflow on its images; check the teacher and lower the learning rates in "
+                                         r"distill.options; nothing was saved$"):
+        DistilledSet.build(SyntheticSet(torch.rand(4, *tiny.image_shape), torch.arange(4), soft_labels=soft), tiny,
+                           method="datm", method_config={}, ipc=1, seed=0, config={}, dataset_config={})
+    ds = DistilledSet.build(SyntheticSet(torch.rand(4, *tiny.image_shape), torch.arange(4),
+                                         soft_labels=torch.zeros(4, tiny.num_classes)), tiny, method="datm",
+                            method_config={}, ipc=1, seed=0, config={}, dataset_config={})
+    ds.soft_labels = soft  # changed after build: save refuses it too
+    with pytest.raises(DDKitError, match=r"^the set's soft labels hold NaN or infinite logits for 1 of 4 images"):
+        ds.save(tmp_path / "s")
+    assert list(tmp_path.iterdir()) == []

@@ -640,6 +640,8 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
          "distill.options: expected a mapping, got 'foo'"),
         (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--set", "teacher.train.lr=.nan"],
          "teacher.train.lr: expected a finite number, got nan"),
+        (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--set", "teacher.train.lr=1e39"],
+         "teacher.train.lr: 1e+39 is beyond float32's range"),
         (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--seed", str(2**64)],
          "distill.seed: seeds must lie in [0, 2^32)"),
         # no CUDA here: "not available"; with CUDA: no device 99

@@ -36,6 +36,22 @@ def test_non_finite_numbers_and_non_mapping_sections_are_refused():
         from_dict(TeacherConfig, "foo", "dataset")
 
 
+def test_numbers_beyond_float32_are_refused_by_key():
+    """torch's optimisers take lr / weight_decay as float32: 1e39 passed the checks, then crashed in torch."""
+    from ddkit.methods import METHODS
+
+    for key, bad in (("lr", 1e39), ("weight_decay", 1e300), ("lr", -1e39), ("lr", 10**400)):
+        with pytest.raises(ConfigError, match=rf"teacher.train.{key}: .* beyond float32's range"
+                           if bad != 10**400 else rf"teacher.train.{key}: expected a finite number"):
+            from_dict(RunConfig, {"teacher": {"train": {key: bad}}})
+    with pytest.raises(ConfigError, match=r"TrainConfig.lr: 1e\+39 is beyond float32's range"):
+        TrainConfig(lr=1e39)  # built in Python
+    for method, key in (("dm", "lr_img"), ("sre2l", "lr"), ("datm", "lr_y")):
+        with pytest.raises(ConfigError, match=rf"distill.options.{key}: 1e\+300 is beyond float32's range"):
+            from_dict(METHODS.get(method).Config, {key: 1e300}, "distill.options")
+    assert from_dict(TrainConfig, {"lr": 3.4e38}).lr == 3.4e38  # float32's largest is still a number
+
+
 def test_seeds_must_fit_the_generators():
     from ddkit.bench import BenchConfig
     from ddkit.pipeline import DistillConfig

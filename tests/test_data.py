@@ -1009,6 +1009,20 @@ def test_split_names_and_sizes_are_checked_with_one_prefix(tmp_path):
         from_dict(DatasetConfig, {"name": "imagefolder", "image_size": 0}, "dataset")
 
 
+
+def test_image_size_beyond_any_decodable_set_is_refused_before_decoding(tmp_path, monkeypatch):
+    """image_size=100000 (a typo) decoded each 8x8 PNG into 30 GB and ended in a MemoryError traceback."""
+    import ddkit.data.sources as sources
+    from ddkit.config import from_dict
+
+    write_imagefolder(tmp_path, {"a": 2, "b": 2}, size=8)
+    monkeypatch.setattr(sources, "_read_images", lambda *a, **k: pytest.fail("decoded"))
+    with pytest.raises(ConfigError, match=r"^dataset.image_size must be at most 4096 \(a decoded 3-channel image of "
+                                          r"that size is 48 MiB\), got 100000; resize to a smaller square$"):
+        load_dataset("imagefolder", path=str(tmp_path), image_size=100000)
+    assert from_dict(DatasetConfig, {"name": "imagefolder", "image_size": 4096}, "dataset").image_size == 4096
+
+
 def test_class_folders_differing_in_unicode_form_show_apart(tmp_path):
     import unicodedata
 

@@ -287,6 +287,11 @@ def test_config_errors():
         SRe2LConfig(scale_min=0)
     with pytest.raises(ConfigError, match="iterations must be >= 1.*lr must be > 0"):
         SRe2LConfig(iterations=0, lr=0)
+    for weight in ("r_stats", "first_multiplier"):  # a negative first_multiplier pushed layer 1 away from the data
+        with pytest.raises(ConfigError, match=r"loss weights \(r_stats, r_logit, flatness_weight, first_multiplier\) "
+                                              "must be >= 0"):
+            from_dict(SRe2LConfig, {weight: -10})
+    assert from_dict(SRe2LConfig, {"first_multiplier": 0}).first_multiplier == 0
     # the crop-scale settings shape only RandomResizedCrop: set with another augment they would do nothing
     with pytest.raises(ConfigError,
                        match="scale_min, curriculum apply only to augment: rrc_flip, but augment is crop_flip"):

@@ -587,6 +587,30 @@ def test_relabel_refuses_logits_beyond_float16(small_set):
         relabel(small_set, Loud(), epochs=1, augment="none")
 
 
+def test_relabel_leaves_no_work_folder_without_a_finished_epoch(small_set, teacher, tmp_path, monkeypatch):
+    """A refusal in the first epoch (teacher logits beyond float16) left an empty hidden .OUT.partial/ folder;
+    a crash after finished epochs keeps them for the resume."""
+    import ddkit.labels.fkd as fkd
+    from ddkit.errors import DDKitError
+
+    real = fkd._epoch_logits
+
+    def overflowing(*a, **k):
+        z = real(*a, **k)
+        return z * 1e6 if a[5] == 1 else z  # epoch 1's logits pass float16's 65504
+
+    monkeypatch.setattr(fkd, "_epoch_logits", lambda *a, **k: real(*a, **k) * 1e6)
+    with pytest.raises(DDKitError, match=r"teacher logits reach .* in relabel epoch 0, beyond float16's 65504"):
+        relabel(small_set, teacher, epochs=2, out=tmp_path / "fk")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(fkd, "_epoch_logits", overflowing)
+    with pytest.raises(DDKitError, match=r"in relabel epoch 1, beyond float16's 65504"):
+        relabel(small_set, teacher, epochs=2, out=tmp_path / "fk")
+    (work,) = tmp_path.iterdir()
+    assert work.name == ".fk.partial"
+    assert [p.name for p in work.rglob("*.safetensors")] == ["epoch_00000.safetensors"]
+
+
 @pytest.mark.slow
 def test_relabel_under_torchrun_equals_single_process(tmp_path):
     """2 gloo ranks label alternate epochs; the saved store equals the single-process one."""

@@ -28,6 +28,8 @@ from ddkit.errors import ConfigError
 T = TypeVar("T")
 
 
+#: the largest float32: every float setting meets torch as a float32 (an optimizer's lr, a tensor's scale)
+FLOAT32_MAX = 3.4028234663852886e38
 SEED_LIMIT = 2**32  # seeds are offset and combined (seed * 1000 + i, ...) and must stay within int64
 
 
@@ -174,9 +176,16 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             errors.append(f"{where}: expected a number, got {short_repr(value)}")
             return value
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond any float (1e400 spelled out)
+            number = math.inf
+        if not math.isfinite(number):
             errors.append(f"{where}: expected a finite number, got {short_repr(value)}")
-        return float(value)
+        elif abs(number) > FLOAT32_MAX:  # torch takes lr, weight_decay, ... as float32: it would overflow there
+            errors.append(f"{where}: {short_repr(value)} is beyond float32's range, in which torch computes; "
+                          f"expected a number within +-{FLOAT32_MAX:.4g}")
+        return number
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             errors.append(f"{where}: expected an integer, got {short_repr(value)}")

@@ -148,6 +148,14 @@ class DistilledSet(DescribesDataset, Dataset):
                              f"0..{data.num_classes - 1}, the first {int(labels[bad[0]])} (image {int(bad[0])}); this "
                              "is a bug in the method")
         _check_meta(synthetic.meta, method)
+        if soft is not None:
+            by_teacher = bool((config.get("distill") or {}).get("soft_labels"))  # the pipeline's teacher labelled them
+            check_soft_labels(soft, f"the teacher's soft labels of the {method!r} set" if by_teacher
+                              else f"the soft labels method {method!r} made",
+                              "the teacher's logits overflow on these images; check the teacher (diverged training? "
+                              "huge weights?) and the images (diverged?)" if by_teacher
+                              else "its labels diverged, or its teacher's logits overflow on its images; check the "
+                              f"teacher and lower the learning rates in {options_key}")
         counts = torch.bincount(labels, minlength=data.num_classes).tolist()
         if ipc is not None and set(counts) != {ipc}:
             raise DDKitError(f"method {method!r} produced {counts} images per class for ipc {ipc}; this is a bug in "
@@ -175,6 +183,8 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
+        if self.soft_labels is not None:  # every loader would refuse the set: write none
+            check_soft_labels(self.soft_labels, "the set's soft labels", "check the teacher or method that made them")
         with atomic_dir(out, kind=KIND) as tmp:
             sums = {IMAGES: save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})}
             if self.soft_labels is not None:
@@ -546,6 +556,16 @@ def check_pixels(images: torch.Tensor, data: DataBundle, method: str, method_con
         log.warning("method %r produced pixels from %.3g to %.3g, far outside the data's 0..1 (its images likely "
                     "diverged); %s", method, low, high, _lower_lr(method_config, options_key))
     return held
+
+
+def check_soft_labels(soft: torch.Tensor, what: str, fix: str) -> None:
+    """Refuse soft labels (logits) with NaN or infinite values before a set is written: every loader would
+    refuse it (``what``: whose labels they are; ``fix``: the cause to check)."""
+    finite = torch.isfinite(soft)
+    bad = ~(finite.flatten(1).all(dim=1) if soft.dim() > 1 else finite)  # per image
+    if bad.any():
+        raise DDKitError(f"{what} hold NaN or infinite logits for {int(bad.sum())} of {len(bad)} images (image "
+                         f"{int(bad.nonzero()[0])} first): {fix}; nothing was saved")
 
 
 def store_images(synthetic, image_dtype: str, data: DataBundle, method: str, method_config: dict,

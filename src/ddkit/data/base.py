@@ -27,6 +27,9 @@ from ddkit.registry import Registry
 logger = logging.getLogger(__name__)
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+#: the largest dataset.image_size: one decoded 3-channel image of 4096x4096 is 48 MiB, 1,000 of them 48 GB, beyond
+#: any set this toolkit distils (ImageNet-scale work uses 224); a typo above it would decode into an out-of-memory crash
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass
@@ -60,6 +63,10 @@ class DatasetConfig(Checked):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name} must be >= 1, got {value}")  # from_dict names the section
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"image_size must be at most {MAX_IMAGE_SIZE} (a decoded 3-channel image of that size "
+                              f"is {3 * MAX_IMAGE_SIZE**2 / 2**20:.0f} MiB), got {self.image_size}; resize to a "
+                              "smaller square")
         for name in ("train_split", "test_split"):
             value = getattr(self, name)
             # the root itself (or above it): the other split's class folders look like classes

@@ -662,8 +662,7 @@ def relabel(
     partial = None
     if work_dir is not None:
         key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]
-        partial = Path(work_dir) / f"relabel-{key}"
-        partial.mkdir(parents=True, exist_ok=True)
+        partial = Path(work_dir) / f"relabel-{key}"  # made with the first finished epoch: a refusal leaves nothing
     info = ddist.current()
     mine = list(range(info.rank, epochs, info.world_size))
     tensors: dict[str, torch.Tensor] = {}  # the whole store, when it is returned in memory (no out)
@@ -713,6 +712,7 @@ def relabel(
         else:
             row["logits"] = z.half()
         if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_tensors(path, row)
         keep(e, row)
         del z, row
