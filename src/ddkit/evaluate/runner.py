@@ -70,8 +70,10 @@ def _summary(values: list[float]) -> dict[str, Any]:
 
 @torch.no_grad()
 def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size: int = 512, *,
-                   bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Teacher logits on un-augmented pixel-space images (static soft labels).
+                   bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0,
+                   name: str = "teacher_bn") -> torch.Tensor:
+    """Teacher logits on un-augmented pixel-space images (static soft labels); ``name``: the setting of ``bn``,
+    for errors.
 
     ``bn="batch"``: BatchNorm statistics of groups of ``bn_batch`` images (``None``: all images at
     once, one forward pass), the groups cut from a permutation seeded with ``seed``
@@ -81,7 +83,7 @@ def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size:
 
     norm = normalizer(mean, std, device)
     return teacher_labels(teacher.model.to(device).eval(), lambda idx: norm(to_float(images[idx], device)), len(images),
-                          batch_size, bn, bn_batch, torch.Generator().manual_seed(seed))
+                          batch_size, bn, bn_batch, torch.Generator().manual_seed(seed), name)
 
 
 def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: ProtocolConfig, seed: int, device,

@@ -435,6 +435,7 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         result = train_classifier(
             model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device, test=data.test,
             distributed=info.enabled, state_path=state_path, eval_every=5, progress=progress, stop_if_diverged=True,
+            settings="teacher.train",
         )
         model = result.model.cpu()
         if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
