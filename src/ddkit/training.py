@@ -128,6 +128,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict]
     test_accuracy: float | None
+    nonfinite: int = 0  # test images whose outputs were NaN or inf (counted as wrong): the model diverged
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:
@@ -424,7 +425,6 @@ class NonFiniteOutputs(DDKitError):
     """A model gave NaN or inf outputs in eval mode (its weights may be finite: BatchNorm running statistics)."""
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "fp32",
              nonfinite: Literal["warn", "raise"] = "warn") -> float:
@@ -433,6 +433,14 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     forward pass's autocast (:func:`autocast`). An image whose outputs are not all finite counts as
     wrong (an argmax over NaN would name a class), with a warning, or :class:`NonFiniteOutputs` with
     ``nonfinite="raise"`` (every rank raises together)."""
+    return _accuracy(model, data, mean, std, device, batch_size, distributed, transform, precision, nonfinite)[0]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int, distributed: bool,
+              transform: Callable[[torch.Tensor], torch.Tensor] | None, precision: Precision,
+              nonfinite: Literal["warn", "raise"]) -> tuple[float, int]:
+    """:func:`accuracy`, and the number of test images whose outputs are not all finite."""
     info = ddist.current() if distributed else ddist.DistInfo()
     norm = normalizer(mean, std, device)
     was_training = model.training
@@ -461,7 +469,7 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
         if nonfinite == "raise":
             raise NonFiniteOutputs(text)
         log.warning("%s: the model diverged, or its BatchNorm running statistics are degenerate", text)
-    return right / seen if seen > 0 else float("nan")
+    return (right / seen if seen > 0 else float("nan")), int(bad)
 
 
 class EMA:
@@ -796,10 +804,10 @@ def train_classifier(
             progress(epoch + 1, cfg.epochs, record)
 
     final = ema.model if ema is not None else model
-    acc = None
+    acc, bad = None, 0
     if test is not None:
-        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform=transform,
-                       precision=cfg.precision, nonfinite="raise" if stop_if_diverged else "warn")
+        acc, bad = _accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform,
+                             cfg.precision, "raise" if stop_if_diverged else "warn")
         if history:
             history[-1]["test_accuracy"] = acc
-    return TrainResult(model=final, history=history, test_accuracy=acc)
+    return TrainResult(model=final, history=history, test_accuracy=acc, nonfinite=bad)
