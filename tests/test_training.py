@@ -450,15 +450,27 @@ def test_non_finite_outputs_count_as_wrong_with_a_warning(tiny, caplog):
         accuracy(model, tiny.test, tiny.mean, tiny.std, "cpu", nonfinite="raise")
 
 
-def test_a_teacher_with_non_finite_outputs_is_refused(tiny, tmp_path, monkeypatch):
+class _NanInEvalBN(_NanInEval):
+    """:class:`_NanInEval` with a BatchNorm layer (unused): the model its NaN outputs imitate."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__(in_channels, num_classes, image_size)
+        self.bn = nn.BatchNorm1d(num_classes)
+
+
+@pytest.mark.parametrize("model, fix", [
+    (_NanInEvalBN, r"train it on more images or epochs, or pick a model without BatchNorm \(now 'nan_eval'\)"),
+    # no BatchNorm: finite weights so large that the outputs overflow; the fix used to name BatchNorm
+    (_NanInEval, r"lower teacher.train.lr \(now 0.01\)"),
+])
+def test_a_teacher_with_non_finite_outputs_is_refused(tiny, tmp_path, monkeypatch, model, fix):
     from ddkit.models import MODELS
     from ddkit.teacher import TeacherConfig, train_teacher
 
-    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "nan_eval": _NanInEval})
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "nan_eval": model})
     cfg = TeacherConfig(model="nan_eval", train=TrainConfig(epochs=2, batch_size=16, lr=0.01))
     with pytest.raises(DDKitError, match=r"^teacher \d+ of \d+ test images give non-finite outputs \(NaN/inf\) in eval "
-                                         r"mode, counted as wrong; nothing was saved: train it on more images or "
-                                         r"epochs, or pick a model without BatchNorm \(now 'nan_eval'\)$"):
+                                         rf"mode, counted as wrong; nothing was saved: {fix}$"):
         train_teacher(tiny, cfg, tmp_path / "t")
     assert list(tmp_path.iterdir()) == []
 
