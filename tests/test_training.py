@@ -552,3 +552,16 @@ def test_a_teacher_whose_last_batch_is_one_image_is_refused_in_one_line(tiny, tm
                                           "1 image, "):
         train_teacher(tiny, cfg, tmp_path / "t")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ddp_rank_slice_of_one_image_names_the_batch_size_and_ranks(tiny, monkeypatch):
+    """3 images over 2 ranks: rank 0 trains 1 of them (the process group faked, as in _steps_as_rank)."""
+    from ddkit import distributed as ddist
+
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    data = tiny.train.subset(torch.arange(3))
+    with pytest.raises(ConfigError, match=r"^train.batch_size=4 over 2 ranks gives a rank 1 image of a batch of 3, .* "
+                                          r"pick a train.batch_size that gives every rank 2 or more images$"):
+        train_classifier(_PooledBN(1, 4, 16), data, tiny.mean, tiny.std, TrainConfig(epochs=1, batch_size=4, lr=0.01),
+                         seed=0, distributed=True)
