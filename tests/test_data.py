@@ -705,6 +705,21 @@ def test_tensors_channels_last_is_refused_but_ambiguous_shapes_load(tmp_path):
         assert load_dataset("tensors", path=str(tmp_path / "ok.pt")).image_shape == shape
 
 
+def test_tensors_std_too_small_to_normalise_is_refused(tmp_path):
+    """A stored std of 1e-30 used to pass (only std > 0 was asked): the teacher then diverged, and its error
+    said to lower the lr."""
+    t = _tensors(float_images=True)
+    path = tmp_path / "s.pt"
+    for std in (1e-30, 0.0):
+        torch.save({**t, "mean": torch.tensor([0.1, 0.2, 0.3]), "std": torch.tensor([0.4, std, 0.6])}, path)
+        with pytest.raises(DataError, match=r"s.pt: std must be at least 1e-06 \(of pixels in 0..1; below it "
+                                            r"normalised pixels blow up\), found \[0.4.*\]; store the training "
+                                            r"images' std, or neither mean nor std \(then they are computed\)$"):
+            load_dataset("tensors", path=str(path))
+    torch.save({**t, "mean": torch.tensor([0.1, 0.2, 0.3]), "std": torch.tensor([0.4, 1e-5, 0.6])}, path)
+    assert load_dataset("tensors", path=str(path)).std[1] == pytest.approx(1e-5)
+
+
 def test_tensors_bad_norm_and_classes(tmp_path):
     t = _tensors(float_images=True)
     for key, bad in (("mean", [float("nan"), 0.2, 0.3]), ("std", [0.4, float("inf"), 0.6])):

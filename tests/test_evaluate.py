@@ -757,3 +757,34 @@ def test_switching_a_protocols_label_mode_picks_the_new_modes_loss():
         assert torch.load(buf, weights_only=True)["loss"] == "kl"
     with pytest.raises(ConfigError, match=r"^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
         dataclasses.replace(ProtocolConfig(), label_mode="teacher")
+
+
+@pytest.mark.parametrize("temperature", [1e300, 1e20, 1e-39, 1e-300, 0.0, -1.0])
+def test_temperatures_whose_square_or_inverse_overflow_float32_are_refused(temperature):
+    """The kl loss scales by T² and divides by T in float32: T = 1e300 or 1e-300 used to train every
+    student on NaN, reported as 0.00 % with exit 0."""
+    with pytest.raises(ConfigError, match=r"^protocol.temperature must lie in \[1.18e-38, 1.84e\+19\] \(1/T and T² "
+                                          r"finite in float32; 1 to 20 is usual\), got "):
+        resolve_protocol("dc-protocol", {"temperature": temperature})
+    assert resolve_protocol("dc-protocol", {"temperature": 1e19}).temperature == 1e19
+
+
+def test_students_that_diverge_are_counted_in_the_report_and_not_cached(setup, tiny_protocol, tmp_path):
+    """A student with NaN/inf test outputs scores 0 (counted as wrong): the report used to show 0.00 with
+    nothing saying the students diverged. Reports of students that did not diverge are unchanged."""
+    data, _, ds, _ = setup
+    short = dataclasses.replace(tiny_protocol, full_epochs=1, train=dataclasses.replace(tiny_protocol.train, epochs=1))
+    ok = evaluate(ds, short, [0], data=data, cache_dir=tmp_path / "ok")
+    assert all(set(s) == {"per_seed", "mean", "std", "n"} for k, s in ok["results"].items() if k != "full")
+    assert "diverged" not in ok["results"]["full"] and "diverged" not in format_table(ok)
+    bad = dataclasses.replace(short, train=dataclasses.replace(short.train, lr=1e30))
+    rep = evaluate(ds, bad, [0, 1], data=data, cache_dir=tmp_path / "bad", out=tmp_path / "bad.json")
+    res = json.loads((tmp_path / "bad.json").read_text())["results"]
+    assert res["distilled"] == res["random"] == {"per_seed": [0.0, 0.0], "diverged": 2, "mean": 0.0, "std": 0.0,
+                                                 "n": 2}
+    assert res["full"]["diverged"] == 1
+    assert [type(v) for v in rep["results"]["distilled"]["per_seed"]] == [float, float]
+    table = format_table(rep)
+    assert table.count("0.00 ± 0.00 (2 diverged)") == 2 and "0.00 ± 0.00 (1 diverged)" in table
+    assert not list((tmp_path / "bad").glob("random-baseline/*.json"))  # a diverged student is trained again
+    assert len(list((tmp_path / "ok").glob("random-baseline/*.json"))) == 1

@@ -450,14 +450,118 @@ def test_non_finite_outputs_count_as_wrong_with_a_warning(tiny, caplog):
         accuracy(model, tiny.test, tiny.mean, tiny.std, "cpu", nonfinite="raise")
 
 
-def test_a_teacher_with_non_finite_outputs_is_refused(tiny, tmp_path, monkeypatch):
+class _NanInEvalBN(_NanInEval):
+    """:class:`_NanInEval` with a BatchNorm layer (unused): the model its NaN outputs imitate."""
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+        super().__init__(in_channels, num_classes, image_size)
+        self.bn = nn.BatchNorm1d(num_classes)
+
+
+@pytest.mark.parametrize("model, fix", [
+    (_NanInEvalBN, r"train it on more images or epochs, or pick a model without BatchNorm \(now 'nan_eval'\)"),
+    # no BatchNorm: finite weights so large that the outputs overflow; the fix used to name BatchNorm
+    (_NanInEval, r"lower teacher.train.lr \(now 0.01\)"),
+])
+def test_a_teacher_with_non_finite_outputs_is_refused(tiny, tmp_path, monkeypatch, model, fix):
     from ddkit.models import MODELS
     from ddkit.teacher import TeacherConfig, train_teacher
 
-    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "nan_eval": _NanInEval})
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "nan_eval": model})
     cfg = TeacherConfig(model="nan_eval", train=TrainConfig(epochs=2, batch_size=16, lr=0.01))
     with pytest.raises(DDKitError, match=r"^teacher \d+ of \d+ test images give non-finite outputs \(NaN/inf\) in eval "
-                                         r"mode, counted as wrong; nothing was saved: train it on more images or "
-                                         r"epochs, or pick a model without BatchNorm \(now 'nan_eval'\)$"):
+                                         rf"mode, counted as wrong; nothing was saved: {fix}$"):
         train_teacher(tiny, cfg, tmp_path / "t")
     assert list(tmp_path.iterdir()) == []
+
+
+class _PooledBN(nn.Module):
+    """A conv, then BatchNorm on the 1x1 average-pooled map (``pool_first``: one value per channel and image, as
+    the last block of a ResNet-18 or MobileNetV2 on small images) or on the full map, then a linear head."""
+
+    def __init__(self, in_channels, num_classes, image_size, pool_first=True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, padding=1)
+        norm = [nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4)]
+        self.body = nn.Sequential(*(norm if pool_first else norm[::-1]))
+        self.fc = nn.Linear(4, num_classes)
+        self.feature_dim = 4
+
+    def embed(self, x):
+        return self.body(self.conv(x)).flatten(1)
+
+    def forward(self, x):
+        return self.fc(self.embed(x))
+
+
+_FIX = "which needs 2 images to normalise"
+
+
+def test_a_one_image_batch_at_batchnorm_on_a_1x1_map_names_the_batch_size(tiny):
+    """torch's bare ValueError ('Expected more than 1 value per channel when training') used to end
+    evaluate and teacher training when the last batch held one image; a 1-image batch whose BatchNorm sees
+    a larger map trains as before."""
+    data = tiny.train.subset(torch.arange(3))
+    cfg = TrainConfig(epochs=1, batch_size=2, lr=0.01)
+    with pytest.raises(ConfigError, match=rf"^train.batch_size=2 on 3 images leaves a last batch of 1 image, and "
+                                          rf"_PooledBN's BatchNorm meets a 1x1 feature map there, {_FIX}; pick a "
+                                          r"train.batch_size that leaves no single image over$"):
+        train_classifier(_PooledBN(1, 4, 16), data, tiny.mean, tiny.std, cfg, seed=0)
+    with pytest.raises(ConfigError, match=r"^teacher.train.batch_size=1 makes every batch 1 image, .* set "
+                                          r"teacher.train.batch_size to 2 or more$"):
+        train_classifier(_PooledBN(1, 4, 16), data, tiny.mean, tiny.std, dataclasses.replace(cfg, batch_size=1),
+                         seed=0, settings="teacher.train")
+    result = train_classifier(_PooledBN(1, 4, 16, pool_first=False), data, tiny.mean, tiny.std, cfg, seed=0)
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["loss"])
+
+
+def test_a_one_image_teacher_bn_group_names_teacher_bn_batch(tiny):
+    """Batch-statistics teacher labels (CV-DD) on a last group of one image: in training (evaluate's label
+    mode teacher) and for static labels (relabel, distill --soft-labels)."""
+    from ddkit.training import one_image_batch, teacher_labels
+
+    teacher = _PooledBN(1, 4, 16).eval()
+    data = tiny.train.subset(torch.arange(10))
+    student = nn.Sequential(nn.Flatten(), nn.Linear(256, 4))
+    with pytest.raises(ConfigError, match=rf"^teacher_bn_batch=3 on 10 images leaves a last group of 1 image, and "
+                                          rf"_PooledBN's BatchNorm .*{_FIX}; pick a teacher_bn_batch that"):
+        train_classifier(student, data, tiny.mean, tiny.std, TrainConfig(epochs=1, batch_size=10, lr=0.01), seed=0,
+                         label_source="teacher", loss="kl", teacher=teacher, teacher_bn="batch", teacher_bn_batch=3)
+    with pytest.raises(ConfigError, match=r"^teacher_bn=batch with train.batch_size=3 on 10 images leaves a last "
+                                          r"batch of 1 image, .* pick a train.batch_size that"):
+        train_classifier(student, data, tiny.mean, tiny.std, TrainConfig(epochs=1, batch_size=3, lr=0.01), seed=0,
+                         label_source="teacher", loss="kl", teacher=teacher, teacher_bn="batch")
+    images = tiny.train.images[:10].float()
+    with pytest.raises(ConfigError, match=r"^distill.soft_labels_bn_batch=3 on 10 images leaves a last group of 1 "
+                                          r"image, .* pick a distill.soft_labels_bn_batch that"):
+        teacher_labels(teacher, lambda idx: images[idx], 10, 64, "batch", 3, torch.Generator().manual_seed(0),
+                       "distill.soft_labels_bn")
+    assert teacher_labels(teacher, lambda idx: images[idx], 10, 64, "batch", 5, torch.Generator()).shape == (10, 4)
+    with pytest.raises(ValueError, match="^another$"), one_image_batch(teacher, lambda: ("", "")):
+        raise ValueError("another")  # other ValueErrors pass through
+
+
+def test_a_teacher_whose_last_batch_is_one_image_is_refused_in_one_line(tiny, tmp_path, monkeypatch):
+    from ddkit.models import MODELS
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "pooled_bn": _PooledBN})
+    n = len(tiny.train)
+    cfg = TeacherConfig(model="pooled_bn", train=TrainConfig(epochs=1, batch_size=n - 1, lr=0.01))
+    with pytest.raises(ConfigError, match=rf"^teacher.train.batch_size={n - 1} on {n} images leaves a last batch of "
+                                          "1 image, "):
+        train_teacher(tiny, cfg, tmp_path / "t")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ddp_rank_slice_of_one_image_names_the_batch_size_and_ranks(tiny, monkeypatch):
+    """3 images over 2 ranks: rank 0 trains 1 of them (the process group faked, as in _steps_as_rank)."""
+    from ddkit import distributed as ddist
+
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=0, world_size=2))
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", lambda model, device_ids=None: model)
+    data = tiny.train.subset(torch.arange(3))
+    with pytest.raises(ConfigError, match=r"^train.batch_size=4 over 2 ranks gives a rank 1 image of a batch of 3, .* "
+                                          r"pick a train.batch_size that gives every rank 2 or more images$"):
+        train_classifier(_PooledBN(1, 4, 16), data, tiny.mean, tiny.std, TrainConfig(epochs=1, batch_size=4, lr=0.01),
+                         seed=0, distributed=True)

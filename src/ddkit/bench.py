@@ -968,7 +968,8 @@ def load_table(run_dir: str | Path) -> dict:
 def _pm(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     if x is None:
         return "–"
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}"
+    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
+    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
 
 
 def synthesis_seconds(row: dict) -> float:

@@ -264,7 +264,8 @@ def distill(
                 if cfg.soft_labels:
                     synthetic.soft_labels = teacher_logits(teacher, synthetic.images, data.mean, data.std, device,
                                                            bn=cfg.soft_labels_bn,
-                                                           bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed)
+                                                           bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed,
+                                                           name="distill.soft_labels_bn")
                 distilled = DistilledSet.build(
                     synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
                     config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),

@@ -177,7 +177,10 @@ def _grids(rows: list[dict], out: Path, run_dir: Path) -> list[tuple[str, str]]:
 
 
 def _fmt(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    return "–" if not x else f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}"
+    if not x:
+        return "–"
+    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
+    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
 
 
 COLUMNS = ["dataset", "method", "IPC", "student", "labels", "acc %", "random %", "IOR (pts)", "HLR (pts)", "LRS",

@@ -128,6 +128,7 @@ class TrainResult:
     model: nn.Module
     history: list[dict]
     test_accuracy: float | None
+    nonfinite: int = 0  # test images whose outputs were NaN or inf (counted as wrong): the model diverged
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:
@@ -337,6 +338,37 @@ def keeps_teacher_modes(fn: Callable) -> Callable:
     return wrapper
 
 
+# the start of torch's ValueError when a BatchNorm layer in training mode meets one value per channel: a batch (or
+# group) of one image reaching a 1x1 feature map
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+@contextlib.contextmanager
+def one_image_batch(model: nn.Module, cause: Callable[[], tuple[str, str]]) -> Iterator[None]:
+    """Turn torch's ValueError for a batch of one image at a BatchNorm layer of ``model`` on a 1x1 feature map
+    into a one-line :class:`ConfigError`: ``cause()`` gives the setting that made that batch, and its fix. Other
+    ValueErrors pass through."""
+    try:
+        yield
+    except ValueError as exc:
+        if not str(exc).startswith(ONE_VALUE_PER_CHANNEL):
+            raise
+        what, fix = cause()
+        name = type(model).__name__ + (f" ({model.arch})" if isinstance(getattr(model, "arch", None), str) else "")
+        raise ConfigError(f"{what}, and {name}'s BatchNorm meets a 1x1 feature map there, which needs "
+                          f"2 images to normalise; {fix}") from None
+
+
+def _last_one(setting: str, size: int, n: int, unit: str) -> tuple[str, str]:
+    """:func:`one_image_batch`'s cause and fix for ``n`` images cut into ``unit``-s of ``size`` (``setting``)."""
+    if n == 1:
+        return f"{setting}={size} on 1 image gives a {unit} of 1 image", "use 2 or more images"
+    if size == 1:
+        return f"{setting}=1 makes every {unit} 1 image", f"set {setting} to 2 or more"
+    return (f"{setting}={size} on {n} images leaves a last {unit} of 1 image",
+            f"pick a {setting} that leaves no single image over")
+
+
 @torch.no_grad()
 def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running",
                     group: int | None = None) -> torch.Tensor:
@@ -372,15 +404,18 @@ def label_groups(n: int, batch_size: int, bn: TeacherBN, group: int | None, gen:
 
 @torch.no_grad()
 def teacher_labels(model: nn.Module, views: Callable[[torch.Tensor], torch.Tensor], n: int, batch_size: int,
-                   bn: TeacherBN, group: int | None, gen: torch.Generator) -> torch.Tensor:
+                   bn: TeacherBN, group: int | None, gen: torch.Generator, name: str = "teacher_bn") -> torch.Tensor:
     """``[n, C]`` CPU float logits of the teacher ``model`` on ``n`` fixed images, row ``i`` for image
     ``i``: one :func:`teacher_forward` per :func:`label_groups` batch on ``views(idx)`` (the normalised,
-    possibly augmented, views of the images ``idx``). An empty tensor when ``n`` is 0."""
-    check_teacher_bn(bn, group)
+    possibly augmented, views of the images ``idx``). An empty tensor when ``n`` is 0. ``name``: the
+    setting of ``bn`` (``<name>_batch`` that of ``group``), named by the error of a group of one image."""
+    check_teacher_bn(bn, group, name)
     groups = label_groups(n, batch_size, bn, group, gen)
     if not groups:
         return torch.zeros(0)
-    parts = [teacher_forward(model, views(idx), bn).cpu() for idx in groups]
+    with one_image_batch(model, lambda: _last_one(f"{name}_batch", group, n, "group") if group else
+                         (f"{name}=batch on 1 image", f"use {name}=running")):
+        parts = [teacher_forward(model, views(idx), bn).cpu() for idx in groups]
     out = torch.empty((n, parts[0].shape[1]))
     out[torch.cat(groups)] = torch.cat(parts)
     return out
@@ -390,7 +425,6 @@ class NonFiniteOutputs(DDKitError):
     """A model gave NaN or inf outputs in eval mode (its weights may be finite: BatchNorm running statistics)."""
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int = 1024, distributed: bool = False,
              transform: Callable[[torch.Tensor], torch.Tensor] | None = None, precision: Precision = "fp32",
              nonfinite: Literal["warn", "raise"] = "warn") -> float:
@@ -399,6 +433,14 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
     forward pass's autocast (:func:`autocast`). An image whose outputs are not all finite counts as
     wrong (an argmax over NaN would name a class), with a warning, or :class:`NonFiniteOutputs` with
     ``nonfinite="raise"`` (every rank raises together)."""
+    return _accuracy(model, data, mean, std, device, batch_size, distributed, transform, precision, nonfinite)[0]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: int, distributed: bool,
+              transform: Callable[[torch.Tensor], torch.Tensor] | None, precision: Precision,
+              nonfinite: Literal["warn", "raise"]) -> tuple[float, int]:
+    """:func:`accuracy`, and the number of test images whose outputs are not all finite."""
     info = ddist.current() if distributed else ddist.DistInfo()
     norm = normalizer(mean, std, device)
     was_training = model.training
@@ -427,7 +469,7 @@ def accuracy(model: nn.Module, data: ImageSet, mean, std, device, batch_size: in
         if nonfinite == "raise":
             raise NonFiniteOutputs(text)
         log.warning("%s: the model diverged, or its BatchNorm running statistics are degenerate", text)
-    return right / seen if seen > 0 else float("nan")
+    return (right / seen if seen > 0 else float("nan")), int(bad)
 
 
 class EMA:
@@ -536,6 +578,7 @@ def train_classifier(
     progress: Callable[[int, int, dict], None] | None = None,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
     stop_if_diverged: bool = False,
+    settings: str = "train",
 ) -> TrainResult:
     """Train ``model`` on pixel-space ``data`` and return it with its history and test accuracy.
 
@@ -553,7 +596,8 @@ def train_classifier(
     images; label modes hard and stored only. CutMix (``cfg.cutmix_prob``) mixes the augmented views,
     as the FKD store does. ``stop_if_diverged``: after each epoch, raise :class:`Diverged` (before that
     epoch's checkpoint) if a weight is non-finite, instead of training the remaining epochs on NaN; and
-    :class:`NonFiniteOutputs` if the final test accuracy meets non-finite outputs.
+    :class:`NonFiniteOutputs` if the final test accuracy meets non-finite outputs. ``settings``: where ``cfg``
+    sits in the user's config (``train``, ``teacher.train``), named by errors.
     """
     device = torch.device(device)
     use_deterministic_cuda(device)
@@ -626,6 +670,18 @@ def train_classifier(
 
     n = len(data)
     bs = min(cfg.batch_size, n)
+
+    def one_image(rows: int) -> tuple[str, str]:  # the cause of a batch of 1 image: see one_image_batch
+        if rows < gb:  # this rank's slice of a larger batch
+            return (f"{settings}.batch_size={cfg.batch_size} over {info.world_size} ranks gives a rank 1 image of a "
+                    f"batch of {gb}", f"pick a {settings}.batch_size that gives every rank 2 or more images")
+        return _last_one(f"{settings}.batch_size", cfg.batch_size, n, "batch")
+
+    def one_teacher_image(rows: int) -> tuple[str, str]:
+        if teacher_bn_batch is not None and teacher_bn_batch < rows:
+            return _last_one("teacher_bn_batch", teacher_bn_batch, rows, "group")
+        what, fix = one_image(rows)
+        return f"teacher_bn=batch with {what}", fix
     if progress is not None and start_epoch < cfg.epochs:  # a bar from the start, not after the first epoch
         progress(start_epoch, cfg.epochs, {})
     for epoch in range(start_epoch, cfg.epochs):
@@ -652,7 +708,7 @@ def train_classifier(
                 # of this rank's rows only: a row's replay is the same whatever else the batch holds
                 r = fkd_store.replay(epoch % fkd_store.epochs, idx[lo:hi])
                 x = fkd_store.render(r, data.images, mean, std, device)
-                with amp():
+                with amp(), one_image_batch(model, functools.partial(one_image, len(x))):
                     logits = net(x).float()
                 lam, classes = r.lam[:, None], logits.shape[1]  # one-hot of the batch's labels only (not the set's)
                 own = F.one_hot(data.labels[r.indices].long(), classes).float()
@@ -684,7 +740,7 @@ def train_classifier(
                     x = augment.apply(x_all[mine], slice_params(aug_params, slice(lo, hi)))
                 else:
                     x = x_all[mine]
-                with amp():
+                with amp(), one_image_batch(model, functools.partial(one_image, len(x))):
                     logits = net(x).float()
                 labels: torch.Tensor = y_all[mine]
                 targets = None
@@ -694,10 +750,10 @@ def train_classifier(
                 if label_source == "teacher" and teacher_bn == "batch" and info.enabled:
                     # BatchNorm statistics of the global batch (every rank labels it whole), not of this rank's slice
                     xt = augment.apply(x_all, aug_params) if augment is not None and cutmix is None else x_all
-                    with amp():
+                    with amp(), one_image_batch(teacher, functools.partial(one_teacher_image, len(xt))):
                         targets = teacher_forward(teacher, xt, teacher_bn, teacher_bn_batch)[lo:hi]
                 elif label_source == "teacher":
-                    with amp():
+                    with amp(), one_image_batch(teacher, functools.partial(one_teacher_image, len(x))):
                         targets = teacher_forward(teacher, x, teacher_bn, teacher_bn_batch)
                 elif label_source == "stored":
                     t_all = to_device(stored_targets[idx[need]], device)
@@ -748,10 +804,10 @@ def train_classifier(
             progress(epoch + 1, cfg.epochs, record)
 
     final = ema.model if ema is not None else model
-    acc = None
+    acc, bad = None, 0
     if test is not None:
-        acc = accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform=transform,
-                       precision=cfg.precision, nonfinite="raise" if stop_if_diverged else "warn")
+        acc, bad = _accuracy(final, test, mean, std, device, cfg.eval_batch_size, distributed, transform,
+                             cfg.precision, "raise" if stop_if_diverged else "warn")
         if history:
             history[-1]["test_accuracy"] = acc
-    return TrainResult(model=final, history=history, test_accuracy=acc)
+    return TrainResult(model=final, history=history, test_accuracy=acc, nonfinite=bad)

@@ -1305,8 +1305,10 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
         out.append(tuple(float(v) for v in t.flatten()))
         if not all(math.isfinite(v) for v in out[-1]):
             raise DataError(f"{path}: {key} must hold finite numbers, found {list(out[-1])}")
-    if min(out[1]) <= 0:
-        raise DataError(f"{path}: std must be positive, found {list(out[1])}")
+    if min(out[1]) < CONSTANT_STD:  # as a computed std: pixels divided by it blow up, and training diverges
+        raise DataError(f"{path}: std must be at least {CONSTANT_STD:g} (of pixels in 0..1; below it normalised "
+                        f"pixels blow up), found {list(out[1])}; store the training images' std, or neither mean nor "
+                        "std (then they are computed)")
     return out[0], out[1]
 
 

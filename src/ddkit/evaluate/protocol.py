@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_runnin
 
 log = logging.getLogger(__name__)
 _UNKNOWN_STUDENTS: set[str] = set()  # students warned about once per process
+
+# the kl loss divides logits by the temperature T and scales by T² in float32: both stay finite in this range
+MIN_TEMPERATURE = 2.0**-126  # float32's smallest normal number: 1/T <= 8.5e37
+MAX_TEMPERATURE = math.sqrt(3.4028234663852886e38)  # float32's largest number, the bound of T²
 
 # what a protocol's hash holds for its FKD store: the path names no content, the keys add the content
 FKD_STORE_MARK = "<keyed by the store's content>"
@@ -76,8 +81,9 @@ class ProtocolConfig(Checked):
             raise ConfigError(f"label_mode 'hard' needs loss 'ce', got {self.loss!r}; set loss=ce or a soft label_mode")
         if self.label_mode != "hard" and self.loss == "ce":
             raise ConfigError(f"label_mode {self.label_mode!r} needs loss 'kl' or 'mse_ce'; set loss=kl")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not MIN_TEMPERATURE <= self.temperature <= MAX_TEMPERATURE:  # the kl loss divides by T and scales by T²
+            raise ConfigError(f"temperature must lie in [{MIN_TEMPERATURE:.3g}, {MAX_TEMPERATURE:.3g}] (1/T and T² "
+                              f"finite in float32; 1 to 20 is usual), got {self.temperature:g}")
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
         if self.learned_lr and self.label_mode == "fkd":
             raise ConfigError("learned_lr is not supported with label_mode fkd; set learned_lr: false")

@@ -61,17 +61,32 @@ Progress = Callable[[int, int, dict], None]
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
 
 
+class DivergedAccuracy(float):
+    """The test accuracy of a student whose outputs were NaN or inf on some test images (counted as wrong):
+    it diverged. Counted as ``diverged`` in its summary (:func:`_summary`), and not cached."""
+
+
+def _score(result) -> float:
+    """The test accuracy of a :class:`~ddkit.training.TrainResult`: a :class:`DivergedAccuracy` if it diverged."""
+    return (DivergedAccuracy if result.nonfinite else float)(result.test_accuracy)
+
+
 def _summary(values: list[float]) -> dict[str, Any]:
     n = len(values)
     mean = sum(values) / n if n else float("nan")
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / n) if n else float("nan")
-    return {"per_seed": values, "mean": mean, "std": std, "n": n}
+    # students that diverged: only where some did, so the reports of the others stay as they were
+    diverged = sum(isinstance(v, DivergedAccuracy) for v in values)
+    return {"per_seed": [float(v) for v in values], **({"diverged": diverged} if diverged else {}),
+            "mean": mean, "std": std, "n": n}
 
 
 @torch.no_grad()
 def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size: int = 512, *,
-                   bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0) -> torch.Tensor:
-    """Teacher logits on un-augmented pixel-space images (static soft labels).
+                   bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0,
+                   name: str = "teacher_bn") -> torch.Tensor:
+    """Teacher logits on un-augmented pixel-space images (static soft labels); ``name``: the setting of ``bn``,
+    for errors.
 
     ``bn="batch"``: BatchNorm statistics of groups of ``bn_batch`` images (``None``: all images at
     once, one forward pass), the groups cut from a permutation seeded with ``seed``
@@ -81,7 +96,7 @@ def teacher_logits(teacher, images: torch.Tensor, mean, std, device, batch_size:
 
     norm = normalizer(mean, std, device)
     return teacher_labels(teacher.model.to(device).eval(), lambda idx: norm(to_float(images[idx], device)), len(images),
-                          batch_size, bn, bn_batch, torch.Generator().manual_seed(seed))
+                          batch_size, bn, bn_batch, torch.Generator().manual_seed(seed), name)
 
 
 def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: ProtocolConfig, seed: int, device,
@@ -91,8 +106,8 @@ def _train_fkd(distilled: DistilledSet, store, data: DataBundle, protocol: Proto
     c, h, _ = data.image_shape
     with global_rng(seed, device):  # initial weights, then dropout, from the seed: see _train_student
         model = create_model(protocol.student, c, data.num_classes, h, **protocol.student_options)
-        return float(train_with_store(model, distilled, store, protocol, seed, device, test=data.test,
-                                      progress=progress).test_accuracy)
+        return _score(train_with_store(model, distilled, store, protocol, seed, device, test=data.test,
+                                       progress=progress))
 
 
 def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int, device, out: Path | None = None):
@@ -184,7 +199,7 @@ def _train_student(
             teacher_bn=protocol.teacher_bn, teacher_bn_batch=protocol.teacher_bn_batch,
             stored_targets=stored, test=data.test, distributed=distributed, progress=progress, transform=transform,
         )
-    return float(result.test_accuracy)
+    return _score(result)
 
 
 # protocol fields that cannot change the random subset's student: whether the baselines run, the full
@@ -618,10 +633,11 @@ def evaluate(
             fkd_out = caches[s].with_suffix(".fkd") if store is not None else None
             local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
                                               cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
-            _write_cache(caches[s], {"schema_version": CACHE_SCHEMA, "kind": "random-baseline-cache",
-                                     "accuracy": local[kind, s], "ipc": ipc, "seed": s, "protocol_hash": protocol.hash,
-                                     **trained_on(device)},
-                         f"the random baseline of seed {s}")
+            if not isinstance(local[kind, s], DivergedAccuracy):  # the cache holds no diverged mark: trained again
+                _write_cache(caches[s], {"schema_version": CACHE_SCHEMA, "kind": "random-baseline-cache",
+                                         "accuracy": local[kind, s], "ipc": ipc, "seed": s,
+                                         "protocol_hash": protocol.hash, **trained_on(device)},
+                             f"the random baseline of seed {s}")
             if fkd_out is not None and fkd_out.exists():
                 with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
                     shutil.rmtree(fkd_out, ignore_errors=True)
@@ -698,6 +714,8 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
             rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None))
         for label, mode, res, nbytes in rows:
             acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
+            if res.get("diverged"):  # students with NaN/inf outputs, counted as wrong: not a score of the set
+                acc += f" ({res['diverged']} diverged)"
             size = f"{nbytes:,}" if nbytes is not None else ""
             lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<22} {res['n']:>5} "
                          f"{size:>12}")

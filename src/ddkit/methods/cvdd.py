@@ -60,15 +60,16 @@ class CVDDConfig(RecoverConfig):
 
 
 def committee_logits(teachers: list, images: torch.Tensor, weights: list[float], mean, std, device, *,
-                     bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0) -> torch.Tensor:
+                     bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0,
+                     name: str = "teacher_bn") -> torch.Tensor:
     """``sum_i w_i * logits_i`` of un-augmented pixel-space ``images``; ``bn``/``bn_batch``/``seed``:
     every member's BatchNorm mode, as in :func:`~ddkit.evaluate.runner.teacher_logits` (the same
-    groups of images for every member)."""
+    groups of images for every member); ``name``: the setting of ``bn``, for errors."""
     from ddkit.evaluate.runner import teacher_logits
 
     out = None
     for t, w in zip(teachers, weights):
-        part = w * teacher_logits(t, images, mean, std, device, bn=bn, bn_batch=bn_batch, seed=seed)
+        part = w * teacher_logits(t, images, mean, std, device, bn=bn, bn_batch=bn_batch, seed=seed, name=name)
         out = part if out is None else out + part
     if out is None:
         raise DDKitError("no teachers to label the images with")
@@ -122,7 +123,8 @@ class CVDD(RecoverMethod):
             # of the images as the set stores them (8-bit with distill.image_dtype uint8)
             synthetic.soft_labels = committee_logits(everyone, ctx.as_stored(synthetic.images), weights, real.mean,
                                                      real.std, ctx.device, bn=self.cfg.soft_labels_bn,
-                                                     bn_batch=self.cfg.soft_labels_bn_batch, seed=ctx.seed)
+                                                     bn_batch=self.cfg.soft_labels_bn_batch, seed=ctx.seed,
+                                                     name="distill.options.soft_labels_bn")
             synthetic.meta["soft_labels"] = {"kind": "committee", "weights": weights,
                                              "teacher_bn": self.cfg.soft_labels_bn,
                                              "teacher_bn_batch": self.cfg.soft_labels_bn_batch,

@@ -43,7 +43,7 @@ from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
-from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, train_classifier
+from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, batchnorm_layers, train_classifier
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +435,7 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         result = train_classifier(
             model, data.train, data.mean, data.std, cfg.train, seed=cfg.seed, device=device, test=data.test,
             distributed=info.enabled, state_path=state_path, eval_every=5, progress=progress, stop_if_diverged=True,
+            settings="teacher.train",
         )
         model = result.model.cpu()
         if not all(torch.isfinite(p).all() for p in model.state_dict().values() if p.is_floating_point()):
@@ -444,8 +445,10 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         if state_path is not None and info.is_main:  # the same settings fail again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
-        # NonFiniteOutputs: finite weights (else Diverged), BatchNorm statistics of too few images
-        fix = (f"lower teacher.train.lr (now {cfg.train.lr:g})" if isinstance(exc, Diverged) else
+        # NonFiniteOutputs: finite weights (else Diverged), so BatchNorm statistics of too few images, or, in a
+        # model without BatchNorm, weights finite but so large that the outputs overflow: the lr again
+        lr_fix = isinstance(exc, Diverged) or not batchnorm_layers(model)
+        fix = (f"lower teacher.train.lr (now {cfg.train.lr:g})" if lr_fix else
                f"train it on more images or epochs, or pick a model without BatchNorm (now {cfg.model!r})")
         raise DDKitError(f"teacher {exc}; nothing was saved: {fix}") from None
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
