@@ -759,9 +759,9 @@ def test_switching_a_protocols_label_mode_picks_the_new_modes_loss():
         dataclasses.replace(ProtocolConfig(), label_mode="teacher")
 
 
-@pytest.mark.parametrize("temperature", [1e300, 1e20, 1e-39, 1e-300, 0.0, -1.0])
+@pytest.mark.parametrize("temperature", [1e30, 1e20, 1e-39, 1e-300, 0.0, -1.0])
 def test_temperatures_whose_square_or_inverse_overflow_float32_are_refused(temperature):
-    """The kl loss scales by T² and divides by T in float32: T = 1e300 or 1e-300 used to train every
+    """The kl loss scales by T² and divides by T in float32: T = 1e30 or 1e-300 used to train every
     student on NaN, reported as 0.00 % with exit 0."""
     with pytest.raises(ConfigError, match=r"^protocol.temperature must lie in \[1.18e-38, 1.84e\+19\] \(1/T and T² "
                                           r"finite in float32; 1 to 20 is usual\), got "):
