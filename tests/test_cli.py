@@ -1498,6 +1498,8 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
                                             "settings": {"root": "/data", "image_size": 8}})):
         (root / kind / "old").mkdir(parents=True)
         (root / kind / "old" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "random-baseline").mkdir()
+    (root / "random-baseline" / "old.json").write_text(json.dumps({"schema_version": 1}))  # an older key
     run = tmp_path / "run"
     commands = [["cache", "-l"], ["cache", "prune", "--dry-run", "--all"], ["show", str(run / "eval-hard.json")],
                 ["show", str(run / "report")], ["show", "--json", str(run)], ["show", "--json", str(run / "distilled")],
@@ -1511,4 +1513,4 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
     *out, last = proc.stdout.splitlines()
     assert json.loads(last) == [[0] * len(commands), []]
     assert "statistics/old  " in "\n".join(out) and "random ipc=2" in "\n".join(out)
-    assert "removed 2 item(s)" in "\n".join(out) and not (root / "statistics" / "old").exists()
+    assert "removed 3 item(s)" in "\n".join(out) and not (root / "statistics" / "old").exists()
