@@ -231,6 +231,7 @@ def test_tensor_and_checkpoint_write_failures_are_one_line(tmp_path):
 
 
 def test_save_tensors_failure_names_the_output(tmp_path, monkeypatch):
+    import safetensors.torch
     from safetensors import SafetensorError
 
     import ddkit.artifacts as artifacts
@@ -239,7 +240,7 @@ def test_save_tensors_failure_names_the_output(tmp_path, monkeypatch):
         Path(path).write_bytes(b"half")
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
-    monkeypatch.setattr(artifacts, "save_file", full)
+    monkeypatch.setattr(safetensors.torch, "save_file", full)  # artifacts imports it where it writes
     (tmp_path / ".out.partial").mkdir()
     with pytest.raises(DDKitError) as info:
         artifacts.save_tensors(tmp_path / ".out.partial" / "x.safetensors", {"a": torch.zeros(2)})

@@ -697,9 +697,10 @@ def test_distill_with_mismatched_teacher(workdir, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_ctrl_c_while_torch_loads_ends_in_one_line(capsys, monkeypatch):
+def test_ctrl_c_while_torch_loads_ends_in_one_line(tmp_path, capsys, monkeypatch):
     """main() imported torch (through ddkit.distributed) before its error handling: a Ctrl-C in the
-    seconds that takes printed a long traceback through torch's import machinery instead of one line."""
+    seconds that takes printed a long traceback through torch's import machinery instead of one line.
+    (The commands that need torch import it now, inside that handling.)"""
     import importlib.abc
 
     import ddkit
@@ -714,10 +715,12 @@ def test_ctrl_c_while_torch_loads_ends_in_one_line(capsys, monkeypatch):
     monkeypatch.delitem(sys.modules, "ddkit.distributed", raising=False)
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     try:
-        code, out, err = run_cli(["list", "methods"], capsys)
+        code, out, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1",
+                                  "--out", str(tmp_path / "t")], capsys)
     except KeyboardInterrupt:  # escaping, it would end the whole pytest session as a user's Ctrl-C
         pytest.fail("a Ctrl-C while torch loads escaped main() instead of ending in one line")
-    assert (code, out, err) == (130, "", "interrupted\n")
+    assert (code, out, err) == (130, "", "interrupted; run the same command again to resume\n")
+    assert not (tmp_path / "t").exists()
 
 
 def test_console_entry_point_exit_code(tmp_path):
@@ -1473,3 +1476,41 @@ def test_a_run_whose_distilled_folder_is_being_written_names_the_runs_out(tmp_pa
         code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 2 and err == (f"error: another ddkit process is writing {str(tmp_path / 'run')!r}; wait for it or "
                                  "choose another --out\n")
+
+
+def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
+    """`ddkit cache -l` took 4.4 s and `ddkit show` of an evaluation JSON 2.9 s, nearly all of it importing torch
+    (main() imported ddkit.distributed for every command; ddkit.artifacts, .describe and .evaluate imported it too)
+    to read JSON manifests and list folders. These commands import none now (a fresh process: this one has torch)."""
+    from pathlib import Path
+
+    import ddkit
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
+                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    root = Path(os.environ["DDKIT_CACHE"])
+    for kind, manifest in (("statistics", {"kind": "statistics", "statistics_schema": 1}),
+                           ("imagefolder", {"kind": "imagefolder-decoded", "schema_version": 1,
+                                            "settings": {"root": "/data", "image_size": 8}})):
+        (root / kind / "old").mkdir(parents=True)
+        (root / kind / "old" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "random-baseline").mkdir()
+    (root / "random-baseline" / "old.json").write_text(json.dumps({"schema_version": 1}))  # an older key
+    run = tmp_path / "run"
+    commands = [["cache", "-l"], ["cache", "prune", "--dry-run", "--all"], ["show", str(run / "eval-hard.json")],
+                ["show", str(run / "report")], ["show", "--json", str(run)], ["show", "--json", str(run / "distilled")],
+                ["cache", "prune", "--stale"]]
+    script = ("import json, sys\nfrom ddkit.cli import main\n"
+              "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
+              "print(json.dumps([codes, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')]))")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps(commands)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(Path(ddkit.__file__).parents[1])})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    *out, last = proc.stdout.splitlines()
+    assert json.loads(last) == [[0] * len(commands), []]
+    assert "statistics/old  " in "\n".join(out) and "random ipc=2" in "\n".join(out)
+    assert "removed 3 item(s)" in "\n".join(out) and not (root / "statistics" / "old").exists()

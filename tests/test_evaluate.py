@@ -151,9 +151,9 @@ def test_fkd_baseline_labels_on_a_full_cache_disk_are_made_in_memory(setup, tiny
     """The safetensors writer reports a full disk as a one-line DDKitError (save_tensors), which the fallback
     to labels in memory did not catch: the evaluation failed after its students were trained. And an error
     that is not the cache's (here the teacher's) is raised as it is, not blamed on the cache and relabelled."""
+    import safetensors.torch
     from safetensors import SafetensorError
 
-    import ddkit.artifacts as artifacts
     from ddkit.labels import relabel
 
     data, teacher, ds, _ = setup
@@ -161,14 +161,14 @@ def test_fkd_baseline_labels_on_a_full_cache_disk_are_made_in_memory(setup, tiny
     proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
                                              "full_reference": False, "train": {"epochs": 2}})
     want = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "ok")
-    cache, real = tmp_path / "full", artifacts.save_file
+    cache, real = tmp_path / "full", safetensors.torch.save_file
 
     def full_disk(tensors, path, **k):
         if cache in Path(path).parents:
             raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
         return real(tensors, path, **k)
 
-    monkeypatch.setattr(artifacts, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)  # ddkit.artifacts imports it where it writes
     with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
         got = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=cache)
     assert got["results"] == want["results"]
@@ -183,7 +183,7 @@ def test_fkd_baseline_labels_on_a_full_cache_disk_are_made_in_memory(setup, tiny
 
     import ddkit.labels.fkd as fkd
 
-    monkeypatch.setattr(artifacts, "save_file", real)
+    monkeypatch.setattr(safetensors.torch, "save_file", real)
     monkeypatch.setattr(fkd, "_epoch_logits", broken_teacher)
     with pytest.raises(OSError, match="Input/output error"):
         evaluate(ds, proto, [1], data=data, teacher=teacher, cache_dir=tmp_path / "other")

@@ -270,7 +270,7 @@ def test_show_refuses_a_bench_table_with_a_damaged_row(tmp_path, capsys):
 def test_show_checks_an_expert_buffer_from_its_file_headers(tmp_path, capsys, monkeypatch):
     """`show -q` passed an expert buffer whose files existed, whatever they held; it reads their headers
     (not the trajectories: gigabytes at paper scale) and the manifest as load_experts does."""
-    import ddkit.artifacts
+    import safetensors.torch
 
     good = tmp_path / "experts"
     assert main(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1", "--epochs", "2",
@@ -278,7 +278,7 @@ def test_show_checks_an_expert_buffer_from_its_file_headers(tmp_path, capsys, mo
     capsys.readouterr()
     man = json.loads((good / "manifest.json").read_text())
     with monkeypatch.context() as m:  # no trajectory is loaded
-        m.setattr(ddkit.artifacts, "load_file", lambda *a, **k: pytest.fail("show loaded a tensor file"))
+        m.setattr(safetensors.torch, "load_file", lambda *a, **k: pytest.fail("show loaded a tensor file"))
         assert run_cli(["show", str(good), "-q"], capsys)[:2] == (0, "")
     params = man["num_params"]
 

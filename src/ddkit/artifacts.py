@@ -28,14 +28,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from ddkit.config import is_count, short_repr
 from ddkit.errors import DDKitError
+
+if TYPE_CHECKING:  # torch is imported where tensors are read or written: listing and showing records need none
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ _SHARED_COSTS: ContextVar[list[dict[str, Any]] | None] = ContextVar("ddkit_share
 
 @functools.cache
 def _versions() -> tuple[tuple[str, str], ...]:
+    import torch
+
     from ddkit import __version__
 
     return (
@@ -304,6 +305,9 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     if metadata is not None and len(metadata) > 1:
         raise ValueError("save_tensors takes at most one metadata entry (several make the file's bytes vary), got "
                          f"{sorted(metadata)}")
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     path = Path(path)
     with _atomic_file(path) as tmp:
         try:
@@ -355,6 +359,9 @@ def check_sha256(manifest: dict[str, Any], folder: Path, name: str, kind: str, w
 
 
 def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if path.is_dir():
         raise DDKitError(f"{what} {str(path)!r} is a folder, not a file; the artifact is damaged, re-create it")
@@ -369,6 +376,8 @@ def load_tensors(path: str | Path, what: str = "tensor file") -> dict[str, torch
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temp file beside ``path`` and rename (for resume states read back with
     ``weights_only=True``)."""
+    import torch
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Python writes the bytes: a failure is an OSError with its errno
@@ -435,6 +444,8 @@ def quiet_torch_load(path: str | Path) -> Any:
     """``torch.load(path, weights_only=True)`` on the CPU, without the warnings torch prints for some
     files it refuses (a plain pickle): the caller turns the refusal into its own one-line error."""
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -589,6 +600,8 @@ def _swap_in(tmp: Path, final: Path, tries: int = 20) -> list[Path]:
 def base_manifest(kind: str, config: Any, seed: int | None) -> dict[str, Any]:
     """The fields every artifact holds. ``run`` records what besides config, seed and versions
     changes the numbers: the CPU thread count (float summation order) and the number of processes."""
+    import torch
+
     from ddkit.distributed import current
 
     return {
@@ -718,6 +731,8 @@ def check_normalisation(manifest: dict[str, Any], channels: int, path: str | Pat
             raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds dataset.{key} {values!r}, not one {need} per image "
                              f"channel ({channels}); the manifest is damaged: re-create the {kind} artifact")
     # finite, but so large or small that normalising (in float32, as training does) makes inf or NaN of pixels
+    import torch
+
     mean, std = (torch.tensor(described[key], dtype=torch.float32) for key in ("mean", "std"))
     if not all(math.isfinite(v) for edge in (0.0, 1.0) for v in ((edge - mean) / std).tolist()):
         raise DDKitError(f"{str(Path(path) / MANIFEST)!r} holds dataset.mean {short_repr(described['mean'])} and "

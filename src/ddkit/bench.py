@@ -61,11 +61,12 @@ from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.distilled import DistilledSet
-from ddkit.errors import ConfigError, DDKitError, printable
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import evaluate, evaluation_bytes
+from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
@@ -963,45 +964,6 @@ def load_table(run_dir: str | Path) -> dict:
         raise DDKitError(f"{str(path)!r} is not a bench table (kind {table.get('kind')!r}); pass the folder of a "
                          "`ddkit bench` run")
     return table
-
-
-def _pm(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
-
-
-def synthesis_seconds(row: dict) -> float:
-    """A cell's synthesis time without building the shared cached artifacts it uses (teacher
-    statistics, expert buffers: ``row["synthesis"]["shared_seconds"]``); cells written before ddkit
-    separated the two give their whole wall time."""
-    syn = row["synthesis"]
-    return syn["seconds"] if syn.get("seconds") is not None else (syn.get("wall_seconds") or 0.0)
-
-
-def synthesis_cell(row: dict, digits: int = 2) -> str:
-    """:func:`synthesis_seconds` for a table, marked ``(resumed)`` where the synthesis resumed from an
-    interrupted run's checkpoints (its time then counts from the resume)."""
-    return f"{synthesis_seconds(row):.{digits}f}" + (" (resumed)" if row["synthesis"].get("resumed") else "")
-
-
-def format_bench_table(rows: list[dict]) -> str:
-    """Plain-text table: accuracy, random, IOR, HLR in points (%); LRS/ARS in [0, 1]."""
-    head = (f"{'dataset':<14} {'method':<10} {'ipc':>4} {'student':<14} {'labels':<8} {'acc %':<14} {'random %':<14} "
-            f"{'IOR':>7} {'HLR':>7} {'LRS':>6} {'ARS':>6} {'bytes':>11} {'synth s':>8}")
-    lines = [head, "-" * len(head)]
-    def mean(r, k, s=100.0, d=2):
-        return f"{s * r[k]['mean']:.{d}f}" if r.get(k) else "–"
-
-    for r in rows:
-        lines.append(
-            f"{printable(r['dataset']):<14} {printable(r['method']):<10} {r['ipc']:>4} {printable(r['student']):<14} "
-            f"{printable(r['label_mode']):<8} "
-            f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
-            f"{mean(r, 'lrs', 1, 3):>6} {mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} "
-            f"{synthesis_seconds(r):>8.2f}")
-    return "\n".join(lines)
 
 
 def export_for_ddranking(distilled: DistilledSet | str | Path, out: str | Path) -> Path:

@@ -33,6 +33,17 @@ KINDS = {"imagefolder": "decoded datasets of the imagefolder source", "statistic
          "experts": "expert trajectory buffers", "random-baseline": "random subsets' accuracies (and their labels)",
          "full-reference": "full-data students' accuracies"}
 
+# What this ddkit's entries hold: here rather than beside the code that writes them (ddkit.data.sources and
+# ddkit.methods.statistics import them from here), so that listing and showing the cache import no torch.
+#: an imagefolder entry's layout and meaning: bump it when a change to the decoding changes what the same files give
+DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records the writing host
+#: real-data statistics' layout, in their cache key and manifest
+STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
+#: a statistics entry's tensor file
+STATISTICS_TENSORS = "statistics.safetensors"
+#: random-baseline and full-reference accuracies (ddkit.evaluate.runner's CACHE_SCHEMA)
+ACCURACY_SCHEMA = 2  # 2: keyed by ddkit.evaluate.runner.trained_on (entries of schema 1 are stale)
+
 # what a killed build leaves beside an entry NAME (artifacts.temp_path), and a build's resumable work
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{8}")
 _PARTIAL = re.compile(r"\.(?P<name>.+)\.partial(?:-.*)?")
@@ -110,10 +121,10 @@ _OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
 
 def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) -> str:
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
-    current or records nothing that tells: an imagefolder entry of an older :data:`~ddkit.data.sources.DECODED_SCHEMA`,
-    statistics of an older :data:`~ddkit.methods.statistics.SCHEMA` (recorded since schema 2), an expert buffer
+    current or records nothing that tells: an imagefolder entry of an older :data:`DECODED_SCHEMA`,
+    statistics of an older :data:`STATISTICS_SCHEMA` (recorded since schema 2), an expert buffer
     named without the normalisation part, a random-baseline or full-reference accuracy of an older
-    :data:`~ddkit.evaluate.runner.CACHE_SCHEMA` (keyed without thread count and device). Cache keys hash these,
+    :data:`ACCURACY_SCHEMA` (keyed without thread count and device). Cache keys hash these,
     so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
     ``manifest``: the entry's, where already read."""
     if kind == "experts":
@@ -125,28 +136,22 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
     if manifest is None and (manifest := _entry_manifest(path)) is None:  # none, or damaged: not told apart here
         return ""
     if kind == "imagefolder":
-        from ddkit.data.sources import DECODED_SCHEMA as current
-
-        schema = manifest.get("schema_version")
+        schema, current = manifest.get("schema_version"), DECODED_SCHEMA
     else:
-        from ddkit.methods.statistics import SCHEMA as current
-
-        schema = manifest.get("statistics_schema")
+        schema, current = manifest.get("statistics_schema"), STATISTICS_SCHEMA
     return f"schema {schema}" if isinstance(schema, int) and not isinstance(schema, bool) and schema < current else ""
 
 
 def _accuracy_stale(path: Path) -> str:
-    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`~ddkit.evaluate.runner.CACHE_SCHEMA`,
-    or "" (current, damaged or not such a file)."""
-    from ddkit.evaluate.runner import CACHE_SCHEMA
-
+    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`ACCURACY_SCHEMA`, or "" (current,
+    damaged or not such a file)."""
     if path.suffix != ".json":
         return ""
     try:
         schema = json.loads(path.read_text()).get("schema_version")
     except (OSError, ValueError, RecursionError, AttributeError):
         return ""
-    old = isinstance(schema, int) and not isinstance(schema, bool) and schema < CACHE_SCHEMA
+    old = isinstance(schema, int) and not isinstance(schema, bool) and schema < ACCURACY_SCHEMA
     return f"schema {schema}" if old else ""
 
 

@@ -376,12 +376,12 @@ def cmd_list(args) -> int:
 def cmd_show(args) -> int:
     from ddkit.config import to_dict
     from ddkit.describe import describe, describe_method, method_record, read_record
-    from ddkit.evaluate import PROTOCOLS
 
     # a file or folder first, then a protocol, then a method; a name both protocol and method (edc, cvdd) shows
     # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`
     target, is_path = args.target, Path(args.target).exists()
-    if not is_path:  # importing every method takes a while: only for a name
+    if not is_path:  # importing every method (and torch) takes a while: only for a name
+        from ddkit.evaluate import PROTOCOLS
         from ddkit.methods import METHODS
     method = target.removeprefix("method:") if not is_path and target.startswith("method:") else None
     if not is_path and target in PROTOCOLS:
@@ -949,36 +949,43 @@ def _innermost(exc: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _main(args: argparse.Namespace) -> int:
-    # importing torch (below) takes seconds, in which a Ctrl-C or SIGTERM must end as a later one does
-    try:
-        from ddkit import distributed as ddist
-    except KeyboardInterrupt as exc:
-        return _stopped(exc, args.command)
+def _distributed():
+    """:mod:`ddkit.distributed` where the command imported it, else None: then it started no process group, and
+    nothing imports torch for one (which takes seconds; ``show`` of a JSON record and ``cache`` need none)."""
+    return sys.modules.get("ddkit.distributed")
 
+
+def _shutdown(barrier: bool) -> None:
+    """:func:`ddkit.distributed.shutdown`, where the command may have started a process group."""
+    if (ddist := _distributed()) is not None:
+        ddist.shutdown(barrier=barrier)
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         load_plugins()
         code = args.func(args)
     except DDKitError as exc:
         _error(_as_flags(str(exc), args))
-        ddist.shutdown(barrier=False)
+        _shutdown(barrier=False)
         return 2
     except BrokenPipeError:  # `ddkit show edc | head`: the reader left; say nothing more
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        ddist.shutdown(barrier=False)
+        _shutdown(barrier=False)
         return 0
     except OSError as exc:  # an output or input path the system refuses (not a folder, no permission, no space)
         _error(_os_error(exc, getattr(args, "out", None)))
-        ddist.shutdown(barrier=False)
+        _shutdown(barrier=False)
         return 2
-    except KeyboardInterrupt as exc:
+    except KeyboardInterrupt as exc:  # also while a command imports torch, which takes seconds
         code = _stopped(exc, args.command)
-        ddist.shutdown(barrier=False)
+        _shutdown(barrier=False)
         return code
     except RuntimeError as exc:
-        lost = ddist.current().enabled and _peer_lost(exc)
-        ddist.shutdown(barrier=False)
+        ddist = _distributed()
+        lost = ddist is not None and ddist.current().enabled and _peer_lost(exc)
+        _shutdown(barrier=False)
         if not lost:
             raise
         # gloo / NCCL: another rank of the job was killed or failed while this one waited on it, or worked
@@ -994,9 +1001,9 @@ def _main(args: argparse.Namespace) -> int:
                    "output says why: rerun the command, which resumes where the job got to")
         return 1
     except BaseException:
-        ddist.shutdown(barrier=False)
+        _shutdown(barrier=False)
         raise
-    ddist.shutdown(barrier=code == 0)  # every rank ran the same command: let the slowest finish its output
+    _shutdown(barrier=code == 0)  # every rank ran the same command: let the slowest finish its output
     return code
 
 

@@ -13,8 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ddkit.artifacts import (
     KIND_FILES,
     MANIFEST,
@@ -24,8 +22,8 @@ from ddkit.artifacts import (
     quiet_torch_load,
     read_json,
 )
-from ddkit.distilled import ipc_text
 from ddkit.errors import DDKitError, printable
+from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
@@ -43,6 +41,8 @@ def _is_torch_file(path: Path) -> bool:
 
 def _tensor_info(obj: Any) -> Any:
     """``obj`` with every tensor replaced by its shape and dtype (what ``show --json`` prints of a .pt export)."""
+    import torch  # loaded already: the export was read with torch.load
+
     if isinstance(obj, torch.Tensor):
         return {"shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
     if isinstance(obj, dict):
@@ -253,7 +253,7 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
                              "delete it (`ddkit cache prune --kind imagefolder`, or rm -r): the next load decodes "
                              "the images again") from None
     elif kind == "statistics":
-        from ddkit.methods.statistics import TENSORS
+        from ddkit.cache import STATISTICS_TENSORS as TENSORS
 
         if not (folder / TENSORS).is_file():
             raise DDKitError(f"{kind} {str(folder)!r} lacks its file(s) {[TENSORS]}; the artifact is incomplete, "
@@ -371,6 +371,8 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
 def _check_ddranking(folder: Path, meta: dict) -> None:
     """A DD-Ranking export's tensors load and agree with its meta.json: ``ipc`` images of each class in
     class-major order, the channels of its mean, soft labels (where written) one row of logits per image."""
+    import torch
+
     kind = "ddranking-export"
     classes, ipc, mean = meta.get("classes"), meta.get("ipc"), meta.get("mean")
     if not (isinstance(classes, list) and classes and isinstance(ipc, int) and ipc > 0 and isinstance(mean, list)):
@@ -482,14 +484,10 @@ def _teacher(m: dict) -> str:
 
 
 def _evaluation(m: dict) -> str:
-    from ddkit.evaluate import format_table
-
     return format_table([m])
 
 
 def _evaluation_set(m: dict) -> str:
-    from ddkit.evaluate import format_table
-
     return format_table(m["evaluations"])
 
 
@@ -537,14 +535,10 @@ def _experts(m: dict) -> str:
 
 
 def _bench_table(m: dict) -> str:
-    from ddkit.bench import format_bench_table
-
     return format_bench_table(m["rows"])
 
 
 def _bench_cell(m: dict) -> str:
-    from ddkit.bench import format_bench_table
-
     return format_bench_table([m])
 
 
@@ -578,8 +572,6 @@ def _synthesis_timing(m: dict) -> str:
 
 
 def _run(m: dict) -> str:
-    from ddkit.evaluate import format_table
-
     d = m["config"]["distill"]
     head = f"pipeline run: {d['method']} ipc={ipc_text(d['ipc'])} on {m['config']['dataset']['name']}, seed {m['seed']}"
     if m.get("teacher_accuracy") is not None:

@@ -52,6 +52,7 @@ from ddkit.artifacts import (
 from ddkit.config import short_repr
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.errors import ConfigError, DDKitError
+from ddkit.evaluate.tables import ipc_text  # noqa: F401  (defined here before)
 from ddkit.training import check_teacher_bn
 
 log = logging.getLogger(__name__)
@@ -392,11 +393,6 @@ def check_label_records(manifest: dict[str, Any], path: Path) -> None:
         raise damaged("config" if not isinstance(config, dict) else "config.distill",
                       config if not isinstance(config, dict) else distill, "a mapping of settings")
     check_bn({f"config.distill.{k}": v for k, v in (distill or {}).items()}, "config.distill.soft_labels_bn")
-
-
-def ipc_text(ipc: int | None) -> str:
-    """A set's IPC as messages and tables print it: ``all`` for method full's whole training split."""
-    return "all" if ipc is None else str(ipc)
 
 
 def _refuse_export(path: Path) -> None:

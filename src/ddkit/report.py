@@ -22,10 +22,10 @@ from ddkit.artifacts import (
     write_json,
     write_text,
 )
-from ddkit.bench import format_bench_table, load_table, synthesis_cell, synthesis_seconds
 from ddkit.config import is_count
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import cell_problem
+from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -253,6 +253,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     The folder is built beside ``out`` and renamed into place when complete, so a failed report
     leaves the previous one (or nothing); an existing ``out`` is replaced only when it is a report."""
+    from ddkit.bench import load_table  # here: it imports torch, which `ddkit show` (reading this module) needs not
+
     if Path(run_dir).name == "bench.json" and Path(run_dir).is_file():  # the table itself: its run folder
         run_dir = Path(run_dir).parent
     table = load_table(run_dir)

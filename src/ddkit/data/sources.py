@@ -51,6 +51,7 @@ from ddkit.artifacts import (
     remove_unused_lock,
     sweep_leftovers,
 )
+from ddkit.cache import DECODED_SCHEMA  # the layout and meaning of an entry (bump it there)
 from ddkit.config import short_repr
 from ddkit.data.base import (
     DATASETS,
@@ -951,8 +952,6 @@ def _log_conversions(split_dir: Path, counts: dict[str, int], total: int) -> Non
 # ---------------------------------------------------------------------------------------------
 # the decoded-image cache of imagefolder: $DDKIT_CACHE/imagefolder/<settings>-<files>/
 
-#: the layout and meaning of an entry: bump it when a change to the decoding changes what the same files give
-DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records the writing host
 DECODED_KIND = "imagefolder-decoded"
 
 

@@ -37,13 +37,15 @@ from ddkit.artifacts import (
 from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
+from ddkit.cache import ACCURACY_SCHEMA
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.determinism import global_rng
-from ddkit.distilled import DistilledSet, ipc_text
-from ddkit.errors import DDKitError, printable
+from ddkit.distilled import DistilledSet
+from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import summary_problem
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.tables import format_table  # noqa: F401  (defined here before)
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
 from ddkit.training import TeacherBN, TrainConfig, keeps_teacher_modes, omit_running_bn, train_classifier
@@ -238,8 +240,8 @@ def trained_on(device) -> dict[str, Any]:
 
 
 #: cache entries of random-baseline and full-reference students; 2: keyed by :func:`trained_on` (ddkit cache
-#: calls entries of schema 1 stale)
-CACHE_SCHEMA = 2
+#: calls entries of schema 1 stale). ddkit.cache holds it (bump it there): listing the cache imports no torch
+CACHE_SCHEMA = ACCURACY_SCHEMA
 
 
 @dataclasses.dataclass
@@ -693,30 +695,3 @@ def evaluation_bytes(distilled: DistilledSet, label_mode: str, fkd_bytes: int | 
               + (fkd_bytes or 0))
     return {"images": distilled.image_bytes, "labels": labels, "total": distilled.image_bytes + labels,
             **({"fkd_labels": fkd_bytes} if fkd_bytes is not None else {})}
-
-
-def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
-    """A plain-text table of one or more evaluation reports (accuracies shown in %): a list of them, one
-    report, or a run's ``report/eval.json`` (which lists them under ``evaluations``)."""
-    if isinstance(reports, dict):
-        reports = reports["evaluations"] if reports.get("kind") == "evaluation-set" else [reports]
-    header = f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"
-    lines = [header, "-" * len(header)]
-    for rep in reports:
-        proto = rep["config"]
-        ipc = rep["distilled"]["ipc"]
-        rows = [(f"{printable(rep['distilled']['method'])} ipc={ipc_text(ipc)}", proto["label_mode"],
-                 rep["results"]["distilled"], rep["bytes"]["total"])]
-        if "random" in rep["results"]:
-            rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
-        if "full" in rep["results"]:
-            full = rep["results"]["full"]
-            rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None))
-        for label, mode, res, nbytes in rows:
-            acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
-            if res.get("diverged"):  # students with NaN/inf outputs, counted as wrong: not a score of the set
-                acc += f" ({res['diverged']} diverged)"
-            size = f"{nbytes:,}" if nbytes is not None else ""
-            lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<22} {res['n']:>5} "
-                         f"{size:>12}")
-    return "\n".join(lines)

@@ -62,6 +62,7 @@ from ddkit.artifacts import (
 from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
+from ddkit.cache import STATISTICS_SCHEMA, STATISTICS_TENSORS
 from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
@@ -74,8 +75,8 @@ from ddkit.training import sum_dtype
 log = logging.getLogger(__name__)
 
 KIND = "statistics"
-SCHEMA = 2  # in the cache key and the manifest; 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
-TENSORS = "statistics.safetensors"
+SCHEMA = STATISTICS_SCHEMA  # in the cache key and the manifest (ddkit.cache holds it: bump it there)
+TENSORS = STATISTICS_TENSORS
 LOGITS = "logits"
 
 Progress = Callable[[int, int, dict], None]
