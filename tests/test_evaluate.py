@@ -261,6 +261,21 @@ def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protoc
         ("random-baseline", 1, "cpu", 2), ("random-baseline", 2, "cpu", 2)]
     on = {d: random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device=d) for d in ("cpu", "cuda:1")}
     assert on["cpu"] != on["cuda:1"] == random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device="cuda")
+    # `ddkit show ENTRY` summarises both kinds (it refused them: "not a ddkit record ddkit can summarise")
+    from ddkit.describe import describe
+
+    shown = {(p.parent.name, json.loads(p.read_text())["torch_threads"]): describe(p) for p in entries}
+    rb = json.loads(next(p for p in entries if p.parent.name == "random-baseline").read_text())
+    assert shown["random-baseline", rb["torch_threads"]] == (
+        f"cached random-baseline student: test accuracy {100 * rb['accuracy']:.2f}% of a random subset of 4 images "
+        f"per class, student seed 0, protocol {protocol.hash}, trained with {rb['torch_threads']} torch threads on cpu")
+    assert shown["full-reference", 2].startswith("cached full-data reference: test accuracy ")
+    assert shown["full-reference", 2].endswith(" over 1 student seed(s), 1 epochs, trained with 2 torch threads on cpu")
+    old = entries[0].parent / "old.json"  # an older ddkit's entry: said to be stale
+    old.write_text(json.dumps({"schema_version": 1, "kind": "full-reference-cache",
+                               "result": {"per_seed": [0.5], "mean": 0.5, "std": 0.0, "n": 1, "epochs": 4}}))
+    assert describe(old).endswith("4 epochs (made by an older ddkit, keyed without thread count and device: never "
+                                  "read again; `ddkit cache prune --stale` removes it)")
 
 
 def test_full_reference_is_trained_once_by_concurrent_callers(setup, tiny_protocol, tmp_path, monkeypatch):

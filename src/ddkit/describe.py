@@ -526,6 +526,26 @@ def _decoded(m: dict) -> str:
             "`ddkit cache prune --kind imagefolder` removes its entries")
 
 
+def _trained_where(m: dict) -> str:
+    """Where a cached random-subset or full-data student trained; entries of an older ddkit record nothing."""
+    if "torch_threads" in m:
+        return f", trained with {m['torch_threads']} torch threads on {m['device']}"
+    return (" (made by an older ddkit, keyed without thread count and device: never read again; `ddkit cache prune "
+            "--stale` removes it)")
+
+
+def _random_cache(m: dict) -> str:
+    return (f"cached random-baseline student: test accuracy {_pct(m['accuracy'])} of a random subset of {m['ipc']} "
+            f"images per class, student seed {m['seed']}, protocol {m['protocol_hash']}{_trained_where(m)}")
+
+
+def _full_cache(m: dict) -> str:
+    r = m["result"]
+    diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
+    return (f"cached full-data reference: test accuracy {_pct(r['mean'])} ± {_pct(r['std'])} over {r['n']} student "
+            f"seed(s){diverged}, {r['epochs']} epochs{_trained_where(m)}")
+
+
 def _experts(m: dict) -> str:
     accs = [e.get("test_accuracy") for e in m["experts"]]
     accs = [a for a in accs if a is not None]
@@ -622,6 +642,8 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "ddranking-export": _export,
     "pt-export": _pt_export,
     "imagefolder-decoded": _decoded,
+    "random-baseline-cache": _random_cache,
+    "full-reference-cache": _full_cache,
 }
 
 __all__ = ["describe", "read_record"]
