@@ -353,15 +353,22 @@ def test_run_makes_a_damaged_stage_again(tmp_path, capsys, caplog):
             == json.loads(files["eval-stored.json"])["results"]["distilled"]["per_seed"])
 
 
-def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
-    """A run killed after redoing a stage left the previous run's report/ (naming the old IPC) beside
-    the new stages; the report is removed when a run starts and written again when it finishes."""
+def tiny_run(tmp_path, capsys):
+    """``ddkit run`` of a random IPC-2 set on synthetic data, hard labels, one 1-epoch student, no
+    baselines, into ``tmp_path / 'run'``; returns its config file."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
                    "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
-                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\nout: "
-                   f"{tmp_path / 'run'}\n")
+                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    return cfg
+
+
+def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
+    """A run killed after redoing a stage left the previous run's report/ (naming the old IPC) beside
+    the new stages; the report is removed when a run starts and written again when it finishes."""
+    cfg = tiny_run(tmp_path, capsys)
     assert "IPC 2" in (tmp_path / "run/report/summary.md").read_text()
     cfg.write_text(cfg.read_text().replace("ipc: 2", "ipc: 3"))
 
@@ -1486,12 +1493,7 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
 
     import ddkit
 
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
-                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
-                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
-                   f"out: {tmp_path / 'run'}\n")
-    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    tiny_run(tmp_path, capsys)
     root = Path(os.environ["DDKIT_CACHE"])
     for kind, manifest in (("statistics", {"kind": "statistics", "statistics_schema": 1}),
                            ("imagefolder", {"kind": "imagefolder-decoded", "schema_version": 1,
