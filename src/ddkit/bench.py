@@ -65,7 +65,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
-from ddkit.evaluate.runner import evaluate, evaluation_bytes, labelling_teacher
+from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
@@ -609,7 +609,14 @@ class _Bench:
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
                 for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
-                    check_ipc(data, ipc)
+                    if METHODS.get(spec.name).ipc_within_class_size:
+                        check_ipc(data, ipc)
+                        continue
+                    # a method that makes more than a class holds runs (as in `ddkit run`); a random baseline
+                    # beside its set cannot (every cell's hard evaluation has one too, for HLR)
+                    if any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
+                           if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
+                        check_random_ipc(data, ipc, "overrides.random_baseline: false")
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)
