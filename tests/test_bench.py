@@ -726,9 +726,9 @@ def test_fkd_store_is_built_once_by_concurrent_builders(tmp_path, monkeypatch):
         return real(*args, **kw)
 
     monkeypatch.setattr(ddkit.labels.fkd, "relabel", slow_relabel)
-    key3 = ("synthetic", "random", 2)
+    key3, protocol = ("synthetic", "random", 2), cfg.protocol_for("tiny_convnet", "fkd", ipc=2)  # 2 epochs
     paths = []
-    threads = [threading.Thread(target=lambda: paths.append(bench._fkd_store(key3, 2))) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: paths.append(bench._fkd_store(key3, protocol))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
@@ -907,6 +907,33 @@ def test_protocol_extra_teachers_retrained_in_place_recompute_their_cells(tmp_pa
     again = []
     assert run_bench(moved, progress=lambda d, n, r: again.append((r["reused"], r["eval_keys"][0]))) == rows
     assert again == [(True, seen[2][2])]
+
+
+def test_fkd_with_protocol_extra_teachers_relabels_with_their_ensemble(tmp_path):
+    """Label mode fkd with a protocol's extra_teachers: the bench made each set's store with the teacher alone and
+    every fkd cell then failed, as the evaluation labels with the ensemble. The store is now made by the ensemble
+    (named by it: another store than the teacher's alone) and the cells evaluate."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.labels import SoftLabelStore
+    from ddkit.teacher import TeacherConfig, teacher_ensemble, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "extra"
+    train_teacher(make_synthetic(), TeacherConfig(model="tiny_convnet", seed=1,
+                                                  train=TrainConfig(epochs=1, batch_size=32)), extra)
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0], label_modes=["fkd"], relabel={"epochs": 2},
+                   overrides={**TINY["overrides"], "extra_teachers": [str(extra)]})
+    rows = run_bench(cfg)
+    own = Teacher.load(tmp_path / "run" / "teachers" / "synthetic")
+    both = teacher_ensemble([own, Teacher.load(extra)])
+    stores = [p for p in (tmp_path / "run" / "labels").iterdir() if not p.name.startswith(".")]
+    assert len(stores) == 1
+    assert SoftLabelStore.load(stores[0]).manifest["teacher"]["fingerprint"] == both.fingerprint != own.fingerprint
+    assert [(r["label_mode"], r["random"] is not None) for r in rows] == [("fkd", True)]
+    rep = json.loads((tmp_path / "run" / "evals" / f"{rows[0]['eval_keys'][0]}.json").read_text())
+    assert rep["teacher"]["weights_sha"] == both.fingerprint and rep["fkd_store"]["path"] == str(stores[0])
+    seen = []
+    assert run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"])) == rows and seen == [True]
 
 
 def test_an_evaluation_is_made_once_by_concurrent_ranks(tmp_path, monkeypatch):

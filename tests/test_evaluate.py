@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import twice_at_once
+from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import evaluate, format_table, resolve_protocol
@@ -452,6 +453,44 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
     images, labels = targets[3]
     want = runner.teacher_logits(teacher, images, data.mean, data.std, "cpu", seed=runner.RANDOM_SEED_OFFSET)
     assert torch.equal(labels, want)  # the random subset's targets: the set's teacher's logits, as the set's own
+
+
+def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
+    """Label mode fkd with extra_teachers labels with the ensemble: `ddkit run` made its store with the teacher
+    alone, so the evaluation refused it (and advised a relabel that could not make an ensemble's store). The run
+    now relabels with the ensemble and reuses that store; a store of the teacher alone is refused in one line
+    whose advice (evaluating without the extra teachers) succeeds."""
+    from ddkit.labels import SoftLabelStore, relabel
+    from ddkit.pipeline import RunConfig, run
+    from ddkit.teacher import teacher_ensemble
+
+    data, teacher, _, root = setup
+    extra = str(root / "teacher")  # any teacher artifact: the ensemble is another teacher all the same
+    cfg = from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+        "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+        "distill": {"method": "random", "ipc": 2}, "relabel": {"epochs": 2},
+        "evaluate": {"label_modes": ["fkd"], "seeds": [0], "overrides": {
+            "student": "tiny_convnet", "full_reference": False, "extra_teachers": [extra],
+            "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}}}})
+    first = run(cfg)
+    own = Teacher.load(tmp_path / "run" / "teacher")
+    both = teacher_ensemble([own, Teacher.load(extra)])
+    store = SoftLabelStore.load(tmp_path / "run" / "labels")
+    assert store.manifest["teacher"]["fingerprint"] == both.fingerprint != own.fingerprint
+    assert first["evaluations"][0]["teacher"]["weights_sha"] == both.fingerprint
+    assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
+    alone = relabel(tmp_path / "run" / "distilled", own, 2, out=tmp_path / "alone.fkd")
+    protocol = resolve_protocol("dc-protocol", {
+        "student": "tiny_convnet", "label_mode": "fkd", "fkd_store": str(alone.path), "random_baseline": False,
+        "full_reference": False, "extra_teachers": [extra], "train": {"epochs": 1, "batch_size": 32}})
+    with pytest.raises(DDKitError, match=rf"^the FKD store was labelled by teacher {own.fingerprint} alone, but "
+                       rf"with the protocol's extra_teachers label mode fkd uses their ensemble {both.fingerprint}; "
+                       r"evaluate without them \(--set extra_teachers=\[\]\)"):
+        evaluate(tmp_path / "run" / "distilled", protocol, [0], data=data, teacher=own)
+    rep = evaluate(tmp_path / "run" / "distilled", resolve_protocol(protocol, {"extra_teachers": []}), [0],
+                   data=data, teacher=own)
+    assert rep["teacher"]["weights_sha"] == own.fingerprint
 
 
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):

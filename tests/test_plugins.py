@@ -733,3 +733,25 @@ def test_a_random_baseline_larger_than_a_class_is_refused(tmp_path, monkeypatch,
     with pytest.raises(DDKitError, match=r"class 'class0' has 24.*\(evaluate.overrides.random_baseline: false\)"):
         run(cfg)
     assert not (tmp_path / "run" / "distilled").exists()  # before any stage
+
+
+def test_bench_runs_a_method_larger_than_a_class_without_its_random_baseline(tmp_path, monkeypatch, registries):
+    """`ddkit bench` refused a method with ipc_within_class_size = False at any ipc above a class's size, even
+    with random_baseline: false, which `ddkit run` and `ddkit evaluate` accept. It now refuses only the random
+    baseline beside such a set (before any output), as run does."""
+    from ddkit.bench import BenchConfig, run_bench
+
+    _plugin(tmp_path, monkeypatch, "bigplug", BIG)
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    bench = {"datasets": ["synthetic"], "methods": ["bigipc"], "ipcs": [30], "students": ["tiny_convnet"],
+             "label_modes": ["hard"], "seeds": [0], "protocol": "dc-protocol", "device": "cpu",
+             "overrides": {"full_reference": False, "random_baseline": False,
+                           "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}}
+    rows = run_bench(from_dict(BenchConfig, {**bench, "out": str(tmp_path / "b")}))
+    assert [(r["method"], r["ipc"], r["random"]) for r in rows] == [("bigipc", 30, None)]
+    assert rows[0]["bytes"]["images"] == 4 * 30 * 16 * 16  # 120 one-byte images: more than the 96 the data holds
+    on = {**bench, "out": str(tmp_path / "on"), "overrides": {**bench["overrides"], "random_baseline": True}}
+    with pytest.raises(DDKitError, match=r"^the random baseline beside an ipc-30 set needs 30 training images per "
+                       r"class, but class 'class0' has 24, .*\(overrides.random_baseline: false\)"):
+        run_bench(from_dict(BenchConfig, on))
+    assert not (tmp_path / "on").exists()  # before any output

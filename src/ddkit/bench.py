@@ -65,7 +65,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
 from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
-from ddkit.evaluate.runner import evaluate, evaluation_bytes
+from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
@@ -609,7 +609,14 @@ class _Bench:
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
                 for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
-                    check_ipc(data, ipc)
+                    if METHODS.get(spec.name).ipc_within_class_size:
+                        check_ipc(data, ipc)
+                        continue
+                    # a method that makes more than a class holds runs (as in `ddkit run`); a random baseline
+                    # beside its set cannot (every cell's hard evaluation has one too, for HLR)
+                    if any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
+                           if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
+                        check_random_ipc(data, ipc, "overrides.random_baseline: false")
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)
@@ -718,10 +725,12 @@ class _Bench:
                      torch.get_num_threads())
         return None
 
-    def _fkd_store(self, key3: tuple[str, str, int], protocol_epochs: int) -> Path:
-        """The set's FKD store for ``cfg.relabel`` (made once; atomic; resumable per epoch)."""
+    def _fkd_store(self, key3: tuple[str, str, int], protocol: ProtocolConfig) -> Path:
+        """The set's FKD store for ``cfg.relabel`` and ``protocol`` (made once; atomic; resumable per epoch), by
+        the teacher the evaluation labels with (with ``extra_teachers``, their ensemble: another store)."""
         spec = self.cfg.relabel
-        teacher = self.teachers[key3[0]]
+        teacher = labelling_teacher(protocol, self.teachers[key3[0]], self.device)
+        protocol_epochs = protocol.train.epochs
         ds = self.distilled[key3]
         key = spec.key(ds, teacher, protocol_epochs)[:16]
         path = self.root / "labels" / f"{self._set_dir(key3).name}-{key}"
@@ -754,7 +763,7 @@ class _Bench:
                 return SoftLabelStore.load(path)
             except DDKitError:
                 shutil.rmtree(path, ignore_errors=True)
-        self._fkd_store(key3, protocol.train.epochs)
+        self._fkd_store(key3, protocol)
         return SoftLabelStore.load(path)
 
     def cell_key(self, cell: Cell) -> str:
@@ -799,7 +808,7 @@ class _Bench:
         key3 = (cell.dataset, cell.method, cell.ipc)
         protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc)
         if cell.label_mode == "fkd":
-            store = self._fkd_store(key3, protocol.train.epochs)
+            store = self._fkd_store(key3, protocol)
             protocol = cfg.protocol_for(cell.student, cell.label_mode, ipc=cell.ipc, fkd_store=str(store))
         rep = self._evaluate(cell, protocol)
         hard = (rep if cell.label_mode == "hard"

@@ -40,7 +40,7 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, teacher_logits
+from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
@@ -578,8 +578,10 @@ def run(
     protocols = cfg.evaluate.protocols()
     store = None
     if cfg.evaluate.makes_store:
-        epochs = next(p for p in protocols if p.label_mode == "fkd").train.epochs
-        reused, store = relabel_stage(out / "labels", distilled, teacher, cfg.relabel, epochs, device, pf("relabel"))
+        fkd = next(p for p in protocols if p.label_mode == "fkd")
+        # with extra_teachers, by the ensemble that the evaluation labels with (the store's key names its teacher)
+        reused, store = relabel_stage(out / "labels", distilled, labelling_teacher(fkd, teacher, device), cfg.relabel,
+                                      fkd.train.epochs, device, pf("relabel"))
         if reused:
             summary["reused"].append("labels")
         protocols = cfg.evaluate.protocols(fkd_store=str(store.path))

@@ -318,6 +318,20 @@ def stored_labeller(distilled: DistilledSet, teacher, protocol: ProtocolConfig, 
     return None
 
 
+def labelling_teacher(protocol: ProtocolConfig, teacher, device):
+    """The teacher that labels in ``protocol``'s label mode: ``teacher``, or with ``extra_teachers`` in label
+    modes teacher and fkd the equal-weight ensemble of it and them (:func:`evaluate` labels with it; ``ddkit run``
+    and ``ddkit bench`` make fkd stores with it, so a store's teacher is the evaluation's)."""
+    if not protocol.extra_teachers or protocol.label_mode in ("hard", "stored") or teacher is None:
+        return teacher
+    from ddkit.teacher import Teacher, teacher_ensemble
+
+    for p in protocol.extra_teachers:
+        if not Path(p).exists():
+            raise DDKitError(f"extra teacher {p!r} not found; give the folder of a `ddkit teacher` artifact")
+    return teacher_ensemble([teacher] + [Teacher.load(p, device) for p in protocol.extra_teachers])
+
+
 def check_random_ipc(data: DataBundle, ipc: int, fix: str = "--set random_baseline=false") -> None:
     """Refuse a random baseline of ``ipc`` images per class that a class of ``data`` is too small for (a method
     with ``ipc_within_class_size = False`` makes more than the data holds): its subset would hold fewer images
@@ -526,6 +540,7 @@ def evaluate(
         raise DDKitError(f"label_mode 'stored' replays the soft labels teacher {made_by} "
                          f"({man['teacher'].get('path')}) gave this set, not teacher {teacher.fingerprint}; pass that "
                          "teacher, or use label_mode teacher to label both sets with this one")
+    alone = getattr(teacher, "fingerprint", None)  # the teacher without the protocol's extra_teachers
     if protocol.extra_teachers and mode == "stored":
         # the set replays the labels its own teacher (or CV-DD committee) made: the random subset beside it is
         # labelled the same way, so an ensemble here would label only one side (a bench's overrides give every
@@ -537,15 +552,10 @@ def evaluate(
                         "labels it was made with, and the random subset beside it is labelled as they were made (by "
                         "the set's teacher, or its committee); use label_mode teacher to label both with the ensemble")
     elif protocol.extra_teachers and mode != "hard":
-        from ddkit.teacher import Teacher, teacher_ensemble
-
         if teacher is None:
             raise DDKitError("protocol extra_teachers form an ensemble with the main teacher; pass teacher= "
                              "(CLI: --teacher DIR)")
-        for p in protocol.extra_teachers:
-            if not Path(p).exists():
-                raise DDKitError(f"extra teacher {p!r} not found; give the folder of a `ddkit teacher` artifact")
-        teacher = teacher_ensemble([teacher] + [Teacher.load(p, device) for p in protocol.extra_teachers])
+        teacher = labelling_teacher(protocol, teacher, device)
     store = store_record = None
     if mode == "fkd":
         from ddkit.labels.fkd import SoftLabelStore, store_identity
@@ -565,6 +575,12 @@ def evaluate(
                              f"{protocol.fkd_store!r}; pass the store loaded from the protocol's fkd_store, or leave "
                              "fkd_store out (it is read from there)")
         store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
+        if protocol.extra_teachers and store.manifest["teacher"]["fingerprint"] == alone != teacher.fingerprint:
+            # the advice of check_matches (relabel with the same teacher) cannot make an ensemble's store
+            raise DDKitError(f"the FKD store was labelled by teacher {alone} alone, but with the protocol's "
+                             f"extra_teachers label mode fkd uses their ensemble {teacher.fingerprint}; evaluate "
+                             "without them (--set extra_teachers=[]), or let `ddkit run` / `ddkit bench` make the "
+                             "store with the ensemble")
         store.check_matches(distilled, teacher)
         # the report names the store by content: one in memory has no path
         store_record = {"path": recorded_path(store.path), "identity": store_identity(store)}
