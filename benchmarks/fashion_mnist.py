@@ -321,9 +321,10 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
                   "without aug % | gain from aug | ARS |", "|---|---:|---|---|---|---|---|---|---:|---:|"]
         for r in robust:
             gain = 100 * (r["aug_acc"]["mean"] - r["noaug_acc"]["mean"])
+            ars = f"{r['ars']['mean']:.3f}" if r.get("ars") else "–"  # left out where students diverged
             lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['aug_acc'])} | "
                          f"{_pm(r['aug_random'])} | {_pm(r['noaug_acc'])} | {_pm(r['noaug_random'])} | {gain:+.2f} | "
-                         f"{r['ars']['mean']:.3f} |")
+                         f"{ars} |")
     for student in dict.fromkeys(r["student"] for r in rows):
         for mode in dict.fromkeys(r["label_mode"] for r in rows):
             main = main_rows(rows, student, mode)

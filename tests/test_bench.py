@@ -432,6 +432,41 @@ def test_robust_scores_and_cli(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "missing.yaml")]) == 2
 
 
+def test_scores_of_students_that_diverged_are_left_out(tmp_path, capsys):
+    """Students that diverge (NaN/inf outputs, counted as wrong) score 0.00 "(N diverged)": IOR, HLR, LRS and ARS
+    computed from those zeros used to be printed and published as ordinary numbers (HLR 0.00, LRS 0.269). They
+    are left out now (null, –), also where a cell made before is reused; the table's columns stay aligned."""
+    import yaml
+
+    out, cfg = tmp_path / "b", tmp_path / "b.yaml"
+    over = {"full_epochs": 1, "train": {"epochs": 1, "batch_size": 32, "lr": 1e20}}
+    cfg.write_text(yaml.safe_dump({**TINY, "ipcs": [1], "seeds": [0], "students": ["tiny_mlp"], "overrides": over,
+                                   "robust_scores": True, "out": str(out)}))
+    assert main(["bench", str(cfg), "--device", "cpu", "-q"]) == 0
+    printed = capsys.readouterr().out
+    row = json.loads((out / "bench.json").read_text())["rows"][0]
+    assert row["acc"]["diverged"] == row["full_hard"]["diverged"] == 1
+    for score, inputs in metrics.SCORE_INPUTS.items():  # left out exactly where a student behind it diverged
+        assert (row[score] is None) == any(row[k].get("diverged") for k in inputs), score
+    assert row["ior"] is row["hlr"] is row["lrs"] is row["ars"] is None
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("dataset "))
+    table = lines[head : head + 3]
+    assert " ± 0.00 (1 diverged) " in table[2] and "       –       –      –      – " in table[2]
+    assert len({len(line) for line in table}) == 1 and table[0].index("IOR") == table[2].index("–") + 1 - len("IOR")
+    # a cell made before scored them: its scores are left out of the table all the same
+    cell = next((out / "cells").glob("*.json"))
+    made = json.loads(cell.read_text())
+    cell.write_text(json.dumps({**made, "ior": metrics.mean_std([0.0]), "hlr": metrics.mean_std([0.0]),
+                                "lrs": metrics.mean_std([metrics.lrs(0.0, 0.0)])}))
+    assert main(["bench", str(cfg), "--device", "cpu", "-q"]) == 0
+    assert json.loads((out / "bench.json").read_text())["rows"][0] == row
+    assert json.loads(cell.read_text())["ior"] is not None  # reused, not made again
+    capsys.readouterr()
+    assert main(["show", str(out)]) == 0 and "(1 diverged)" in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(tmp_path / "rep"), "-q"]) == 0
+
+
 def test_robust_score_protocols_are_with_and_without_augmentation(tmp_path):
     """ARS's "without augmentation" run drops the preset's augmentation options and CutMix (CV-DD's
     protocol has both); its "with" run keeps the preset's own augmentation as it is."""

@@ -58,6 +58,13 @@ def test_list(capsys):
     long = [run_cli(argv, capsys)[:2] for argv in (["list", "methods", "-l", "d*"], ["list", "-l", "methods", "d*"])]
     assert long[0] == long[1] and long[0][0] == 0 and long[0][1].startswith("datadam  DataDAM (Sajedi")
     assert "random" not in long[0][1]
+    # `--` keeps its meaning: what follows is positional (the reordering moved it behind the glob, refused)
+    dashed = [run_cli(argv, capsys)[:2] for argv in (["list", "methods", "-l", "--", "d*"],
+                                                      ["list", "-l", "--", "methods", "d*"])]
+    assert dashed == long
+    assert run_cli(["list", "methods", "--", "d*"], capsys)[:2] == run_cli(["list", "methods", "d*"], capsys)[:2]
+    with pytest.raises(SystemExit, match="2"):  # an option after `--` is a positional: `-l` is no registry
+        run_cli(["list", "--", "-l", "methods"], capsys)
     with pytest.raises(SystemExit, match="2"):
         run_cli(["list", "methods", "-l", "d*", "e*"], capsys)
     code, out, _ = run_cli(["list", "datasets"], capsys)

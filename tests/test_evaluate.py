@@ -840,5 +840,13 @@ def test_students_that_diverge_are_counted_in_the_report_and_not_cached(setup, t
     assert [type(v) for v in rep["results"]["distilled"]["per_seed"]] == [float, float]
     table = format_table(rep)
     assert table.count("0.00 ± 0.00 (2 diverged)") == 2 and "0.00 ± 0.00 (1 diverged)" in table
+    # the column is widened for the mark (it pushed the seeds and bytes columns out of line); without one it is not
+    lines = table.splitlines()
+    assert len({len(line) for line in lines}) == 1 and {line.index(" 2 ", 60) for line in lines[2:4]} == {
+        lines[0].index("seeds") + 3}
+    assert format_table(ok).splitlines()[0].endswith("top-1 % (mean ± std)   seeds        bytes")
     assert not list((tmp_path / "bad").glob("random-baseline/*.json"))  # a diverged student is trained again
+    # the full-data reference's entry keeps its summary, mark included, so it is cached (as the docstring says)
+    (entry,) = (tmp_path / "bad").glob("full-reference/*.json")
+    assert json.loads(entry.read_text())["result"]["diverged"] == 1
     assert len(list((tmp_path / "ok").glob("random-baseline/*.json"))) == 1

@@ -864,6 +864,9 @@ class _Bench:
                 row[f"{name}_acc"], row[f"{name}_random"] = e["results"]["distilled"], e["results"]["random"]
             row["ars_protocol_hashes"] = {"with_aug": with_aug["protocol_hash"], "without_aug": no_aug["protocol_hash"]}
             row["eval_keys"] += [with_aug["eval_key"], no_aug["eval_key"]]
+        if dropped := metrics.drop_diverged_scores(row):
+            log.warning("bench cell %s: %s left out (–): students behind them diverged (NaN/inf outputs)",
+                        cell.id, ", ".join(dropped))
         return row
 
 
@@ -906,6 +909,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     for r in rows:  # cells finished before 2026-12-05 counted a set's soft labels also where they go unused
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
+        metrics.drop_diverged_scores(r)  # cells finished before 2026-12-07 scored diverged students too
     _add_cross_arch(rows)
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),

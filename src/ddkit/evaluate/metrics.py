@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from ddkit.config import short_repr
 from ddkit.errors import DDKitError
 
-__all__ = ["ars", "cell_problem", "check_fraction", "check_report", "hlr", "ior", "lrs", "mean_std", "normalized_exp",
-           "report_problem", "summary_problem"]
+__all__ = ["ars", "cell_problem", "check_fraction", "check_report", "drop_diverged_scores", "hlr", "ior", "lrs",
+           "mean_std", "normalized_exp", "report_problem", "summary_problem"]
 
 
 def check_fraction(value: float, name: str = "accuracy") -> float:
@@ -78,6 +78,24 @@ def mean_std(values: Sequence[float]) -> dict[str, float | list[float] | int]:
         return {"per_seed": [], "mean": float("nan"), "std": float("nan"), "n": 0}
     mean = sum(vals) / n
     return {"per_seed": vals, "mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in vals) / n), "n": n}
+
+
+# the accuracies of a bench cell each of its scores is computed from
+SCORE_INPUTS = {"ior": ("acc", "random"), "hlr": ("full_hard", "hard_acc"),
+                "lrs": ("acc", "random", "full_hard", "hard_acc"), "aug_gap": ("aug_acc", "aug_random"),
+                "noaug_gap": ("noaug_acc", "noaug_random"),
+                "ars": ("aug_acc", "aug_random", "noaug_acc", "noaug_random")}
+
+
+def drop_diverged_scores(row: dict) -> list[str]:
+    """Leave out (set to None, printed ``–``) each score of a bench cell computed from an accuracy with students
+    that diverged (its summary's ``diverged`` count): their NaN/inf outputs count as wrong, so such a score is not
+    one of the set. Returns the names of the scores left out; a row without diverged students is left as it is."""
+    dropped = [score for score, inputs in SCORE_INPUTS.items()
+               if row.get(score) is not None and any((row.get(k) or {}).get("diverged") for k in inputs)]
+    for score in dropped:
+        row[score] = None
+    return dropped
 
 
 # --- checking summaries read back from files ------------------------------------------------------

@@ -65,7 +65,9 @@ RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never th
 
 class DivergedAccuracy(float):
     """The test accuracy of a student whose outputs were NaN or inf on some test images (counted as wrong):
-    it diverged. Counted as ``diverged`` in its summary (:func:`_summary`), and not cached."""
+    it diverged. Counted as ``diverged`` in its summary (:func:`_summary`). A random baseline's cache entry holds a
+    bare accuracy, so a diverged one is not cached (it trains again); the full-data reference's entry holds its
+    summary, so it is cached with its ``diverged`` count."""
 
 
 def _score(result) -> float:

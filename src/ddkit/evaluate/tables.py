@@ -20,25 +20,26 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
     report, or a run's ``report/eval.json`` (which lists them under ``evaluations``)."""
     if isinstance(reports, dict):
         reports = reports["evaluations"] if reports.get("kind") == "evaluation-set" else [reports]
-    header = f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<22} {'seeds':>5} {'bytes':>12}"
-    lines = [header, "-" * len(header)]
+    rows = []
     for rep in reports:
         proto = rep["config"]
         ipc = rep["distilled"]["ipc"]
-        rows = [(f"{printable(rep['distilled']['method'])} ipc={ipc_text(ipc)}", proto["label_mode"],
-                 rep["results"]["distilled"], rep["bytes"]["total"])]
+        rows += [(f"{printable(rep['distilled']['method'])} ipc={ipc_text(ipc)}", proto["label_mode"],
+                  rep["results"]["distilled"], rep["bytes"]["total"], proto)]
         if "random" in rep["results"]:
-            rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None))
+            rows.append((f"  baseline: random ipc={ipc}", proto["label_mode"], rep["results"]["random"], None, proto))
         if "full" in rep["results"]:
             full = rep["results"]["full"]
-            rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None))
-        for label, mode, res, nbytes in rows:
-            acc = f"{100 * res['mean']:.2f} ± {100 * res['std']:.2f}"
-            if res.get("diverged"):  # students with NaN/inf outputs, counted as wrong: not a score of the set
-                acc += f" ({res['diverged']} diverged)"
-            size = f"{nbytes:,}" if nbytes is not None else ""
-            lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<22} {res['n']:>5} "
-                         f"{size:>12}")
+            rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None, proto))
+    accs = [_pm(res) for _, _, res, _, _ in rows]
+    width = max([22, *map(len, accs)])  # wider only where "(N diverged)" needs it
+    header = (f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<{width}} {'seeds':>5} "
+              f"{'bytes':>12}")
+    lines = [header, "-" * len(header)]
+    for (label, mode, res, nbytes, proto), acc in zip(rows, accs):
+        size = f"{nbytes:,}" if nbytes is not None else ""
+        lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<{width}} "
+                     f"{res['n']:>5} {size:>12}")
     return "\n".join(lines)
 
 
@@ -65,17 +66,20 @@ def synthesis_cell(row: dict, digits: int = 2) -> str:
 
 def format_bench_table(rows: list[dict]) -> str:
     """Plain-text table: accuracy, random, IOR, HLR in points (%); LRS/ARS in [0, 1]."""
-    head = (f"{'dataset':<14} {'method':<10} {'ipc':>4} {'student':<14} {'labels':<8} {'acc %':<14} {'random %':<14} "
-            f"{'IOR':>7} {'HLR':>7} {'LRS':>6} {'ARS':>6} {'bytes':>11} {'synth s':>8}")
+    accs = [(_pm(r["acc"]), _pm(r["random"])) for r in rows]
+    # each as wide as its widest cell: wider than 14 only where "(N diverged)" needs it
+    wa, wr = (max([14, *(len(a[i]) for a in accs)]) for i in (0, 1))
+    head = (f"{'dataset':<14} {'method':<10} {'ipc':>4} {'student':<14} {'labels':<8} {'acc %':<{wa}} "
+            f"{'random %':<{wr}} {'IOR':>7} {'HLR':>7} {'LRS':>6} {'ARS':>6} {'bytes':>11} {'synth s':>8}")
     lines = [head, "-" * len(head)]
     def mean(r, k, s=100.0, d=2):
         return f"{s * r[k]['mean']:.{d}f}" if r.get(k) else "–"
 
-    for r in rows:
+    for r, (acc, rnd) in zip(rows, accs):
         lines.append(
             f"{printable(r['dataset']):<14} {printable(r['method']):<10} {r['ipc']:>4} {printable(r['student']):<14} "
             f"{printable(r['label_mode']):<8} "
-            f"{_pm(r['acc']):<14} {_pm(r['random']):<14} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
+            f"{acc:<{wa}} {rnd:<{wr}} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
             f"{mean(r, 'lrs', 1, 3):>6} {mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} "
             f"{synthesis_seconds(r):>8.2f}")
     return "\n".join(lines)

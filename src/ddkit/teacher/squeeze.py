@@ -445,12 +445,13 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         if state_path is not None and info.is_main:  # the same settings fail again: nothing to resume
             with contextlib.suppress(FileNotFoundError):
                 state_path.unlink()
-        # NonFiniteOutputs: finite weights (else Diverged), so BatchNorm statistics of too few images, or, in a
-        # model without BatchNorm, weights finite but so large that the outputs overflow: the lr again
-        lr_fix = isinstance(exc, Diverged) or not batchnorm_layers(model)
-        fix = (f"lower teacher.train.lr (now {cfg.train.lr:g})" if lr_fix else
-               f"train it on more images or epochs, or pick a model without BatchNorm (now {cfg.model!r})")
-        raise DDKitError(f"teacher {exc}; nothing was saved: {fix}") from None
+        # NonFiniteOutputs: finite weights (else Diverged), so weights so large that the outputs overflow (the lr
+        # again) or, in a model with BatchNorm, also BatchNorm statistics of too few images
+        fix = f"lower teacher.train.lr (now {cfg.train.lr:g})"
+        if isinstance(exc, NonFiniteOutputs) and batchnorm_layers(model):
+            fix += f", or train it on more images or epochs, or pick a model without BatchNorm (now {cfg.model!r})"
+        what = f"teacher {exc}" if isinstance(exc, Diverged) else f"teacher: {exc}"  # "teacher training diverged ..."
+        raise DDKitError(f"{what}; nothing was saved: {fix}") from None
     teacher = Teacher(model, _manifest(model, data, cfg, result.test_accuracy, result.history))
     log.info("teacher test accuracy %.4f", result.test_accuracy)
     if out is not None:
