@@ -224,7 +224,8 @@ def run_family(family: str, tier: str, device: str | None = None, quiet: bool = 
 
 
 def _pm(x: dict | None) -> str:
-    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}"
+    diverged = f" ({x['diverged']} diverged)" if x and x.get("diverged") else ""  # students with NaN/inf outputs
+    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{diverged}"
 
 
 def _pub(method: str, ipc: int) -> str:
@@ -320,10 +321,12 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
                   "| method | IPC | student | labels | with aug % | random with aug % | without aug % | random "
                   "without aug % | gain from aug | ARS |", "|---|---:|---|---|---|---|---|---|---:|---:|"]
         for r in robust:
-            gain = 100 * (r["aug_acc"]["mean"] - r["noaug_acc"]["mean"])
+            # left out, as ARS, where students diverged: their NaN/inf outputs count as wrong
+            diverged = r["aug_acc"].get("diverged") or r["noaug_acc"].get("diverged")
+            gain = "–" if diverged else f"{100 * (r['aug_acc']['mean'] - r['noaug_acc']['mean']):+.2f}"
             ars = f"{r['ars']['mean']:.3f}" if r.get("ars") else "–"  # left out where students diverged
             lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['aug_acc'])} | "
-                         f"{_pm(r['aug_random'])} | {_pm(r['noaug_acc'])} | {_pm(r['noaug_random'])} | {gain:+.2f} | "
+                         f"{_pm(r['aug_random'])} | {_pm(r['noaug_acc'])} | {_pm(r['noaug_random'])} | {gain} | "
                          f"{ars} |")
     for student in dict.fromkeys(r["student"] for r in rows):
         for mode in dict.fromkeys(r["label_mode"] for r in rows):

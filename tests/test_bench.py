@@ -16,6 +16,7 @@ from ddkit.bench import (
     BenchConfig,
     cells_of,
     load_bench_config,
+    load_table,
     run_bench,
     shared_seconds,
     synthesis_seconds,
@@ -465,6 +466,15 @@ def test_scores_of_students_that_diverged_are_left_out(tmp_path, capsys):
     capsys.readouterr()
     assert main(["show", str(out)]) == 0 and "(1 diverged)" in capsys.readouterr().out
     assert main(["report", str(out), "--out", str(tmp_path / "rep"), "-q"]) == 0
+    # shown and reported from files made before: the reused cell, and a table that kept the scores
+    assert main(["show", str(cell)]) == 0 and "       –       –      –      – " in capsys.readouterr().out
+    table, scored = json.loads((out / "bench.json").read_text()), json.loads(cell.read_text())
+    old_row = {**row, **{k: scored[k] for k in ("ior", "hlr", "lrs")}}
+    (out / "bench.json").write_text(json.dumps({**table, "rows": [old_row]}))
+    assert main(["show", str(out)]) == 0 and "       –       –      –      – " in capsys.readouterr().out
+    assert load_table(out)["rows"][0]["ior"] is None
+    assert main(["report", str(out), "--out", str(tmp_path / "rep2"), "-q"]) == 0
+    assert (tmp_path / "rep2/report.md").read_text() == (tmp_path / "rep/report.md").read_text()
 
 
 def test_robust_score_protocols_are_with_and_without_augmentation(tmp_path):

@@ -372,6 +372,19 @@ def tiny_run(tmp_path, capsys):
     return cfg
 
 
+def test_run_summary_marks_diverged_students_and_gives_no_ior_from_them(tmp_path, capsys):
+    """summary.md printed "IOR +0.00" computed from students that diverged (NaN/inf outputs count as wrong),
+    unmarked; it marks their accuracies "(N diverged)" and leaves the IOR out (–), as the bench does."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_mlp, full_reference: false, "
+                   "train: {epochs: 3, lr: 1.0e+30}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    line = next(x for x in (tmp_path / "run/report/summary.md").read_text().splitlines() if "IOR" in x)
+    assert line.endswith(": distilled 0.00% (1 diverged), random subset 0.00% (1 diverged) (IOR –)"), line
+
+
 def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeypatch):
     """A run killed after redoing a stage left the previous run's report/ (naming the old IPC) beside
     the new stages; the report is removed when a run starts and written again when it finishes."""

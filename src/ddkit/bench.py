@@ -976,6 +976,10 @@ def load_table(run_dir: str | Path) -> dict:
     if table.get("kind") != "bench-table":
         raise DDKitError(f"{str(path)!r} is not a bench table (kind {table.get('kind')!r}); pass the folder of a "
                          "`ddkit bench` run")
+    rows = table.get("rows")  # tables assembled before 2026-12-07 scored diverged students too
+    for r in rows if isinstance(rows, list) else []:  # (damaged rows: refused by the report's checks)
+        if isinstance(r, dict):
+            metrics.drop_diverged_scores(r)
     return table
 
 

@@ -23,6 +23,7 @@ from ddkit.artifacts import (
     read_json,
 )
 from ddkit.errors import DDKitError, printable
+from ddkit.evaluate.metrics import drop_diverged_scores
 from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
@@ -555,10 +556,13 @@ def _experts(m: dict) -> str:
 
 
 def _bench_table(m: dict) -> str:
+    for r in m["rows"]:
+        drop_diverged_scores(r)  # tables assembled before 2026-12-07 scored diverged students too
     return format_bench_table(m["rows"])
 
 
 def _bench_cell(m: dict) -> str:
+    drop_diverged_scores(m)  # as the bench does when it assembles the table from this cell
     return format_bench_table([m])
 
 

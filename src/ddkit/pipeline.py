@@ -663,6 +663,11 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
     return False, store
 
 
+def _pct_marked(x: dict) -> str:
+    """A summary's mean accuracy in percent, marked as the tables do where students diverged (NaN/inf outputs)."""
+    return f"{100 * x['mean']:.2f}%" + (f" ({x['diverged']} diverged)" if x.get("diverged") else "")
+
+
 def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:
     """``report/``: the grid PNG, every eval JSON and a short markdown summary."""
     rdir = out / "report"
@@ -686,12 +691,14 @@ def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teache
     for rep in reports:
         res = rep["results"]
         line = (f"- label mode **{rep['config']['label_mode']}** (protocol `{rep['protocol_hash']}`): distilled "
-                f"{100 * res['distilled']['mean']:.2f}%")
+                f"{_pct_marked(res['distilled'])}")
         if "random" in res:
-            line += (f", random subset {100 * res['random']['mean']:.2f}% (IOR "
-                     f"{100 * (res['distilled']['mean'] - res['random']['mean']):+.2f})")
+            # as in the bench: no IOR from students that diverged (their NaN/inf outputs count as wrong)
+            diverged = res["distilled"].get("diverged") or res["random"].get("diverged")
+            ior = "–" if diverged else f"{100 * (res['distilled']['mean'] - res['random']['mean']):+.2f}"
+            line += f", random subset {_pct_marked(res['random'])} (IOR {ior})"
         if "full" in res:
-            line += f", full data {100 * res['full']['mean']:.2f}%"
+            line += f", full data {_pct_marked(res['full'])}"
         lines.append(line)
     lines.append("")
     lines.append(f"Produced by ddkit {man['versions']['ddkit']} (torch {man['versions']['torch']}).")

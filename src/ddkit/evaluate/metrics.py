@@ -92,7 +92,8 @@ def drop_diverged_scores(row: dict) -> list[str]:
     that diverged (its summary's ``diverged`` count): their NaN/inf outputs count as wrong, so such a score is not
     one of the set. Returns the names of the scores left out; a row without diverged students is left as it is."""
     dropped = [score for score, inputs in SCORE_INPUTS.items()
-               if row.get(score) is not None and any((row.get(k) or {}).get("diverged") for k in inputs)]
+               if row.get(score) is not None and any(isinstance(row.get(k), dict) and row[k].get("diverged")
+                                                     for k in inputs)]
     for score in dropped:
         row[score] = None
     return dropped
