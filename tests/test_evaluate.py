@@ -84,6 +84,36 @@ def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path
     assert all("accuracy" in json.loads(p.read_text()) or "result" in json.loads(p.read_text()) for p in entries)
 
 
+@pytest.mark.parametrize("accuracy", [2.0, float("nan")])
+def test_cache_entries_with_impossible_numbers_are_computed_again(setup, tiny_protocol, tmp_path, accuracy, caplog):
+    """A random-baseline entry whose accuracy read 2.0 or NaN was reused: the report said 200.00 % (or nan).
+    Now it is damaged as the full-data reference with an edited mean is: trained again (the same numbers),
+    overwritten, with a warning naming the file; `ddkit show` refuses both."""
+    from ddkit.describe import describe
+
+    data, _, ds, _ = setup
+    cache = tmp_path / "cache"
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    first = evaluate(ds, protocol, [5], data=data, cache_dir=cache)
+    (rb,), (fr,) = cache.glob("random-baseline/*.json"), cache.glob("full-reference/*.json")
+    good = {p: p.read_text() for p in (rb, fr)}
+    rb.write_text(json.dumps({**json.loads(good[rb]), "accuracy": accuracy}))
+    edited = json.loads(good[fr])
+    edited["result"]["mean"] = 0.99
+    fr.write_text(json.dumps(edited))
+    for p, held in ((rb, "holds accuracy "), (fr, "holds result mean 0.99, not the mean of its per_seed")):
+        with pytest.raises(DDKitError, match=f"cache entry '{p}' {held}.*it is damaged: delete it"):
+            describe(p)
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        again = evaluate(ds, protocol, [5], data=data, cache_dir=cache)
+    assert again["results"] == first["results"]
+    assert {p: p.read_text() for p in (rb, fr)} == good  # trained again to the same numbers and rewritten
+    warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert sorted(w.split(" is damaged")[0] for w in warned) == sorted(f"cache entry {p}" for p in (fr, rb))
+    assert f"damaged (accuracy {accuracy!r}, not an accuracy in [0, 1])" in "".join(warned)
+    assert describe(rb).startswith("cached random-baseline student: test accuracy ")
+
+
 def test_a_cache_that_cannot_be_written_still_gives_the_report(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
     """An empty cache folder that cannot be written (read-only, full) made evaluate train every student, then
     fail on caching the random baseline or the full-data reference: no report. Now a warning per entry."""
