@@ -510,7 +510,25 @@ def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     assert store.manifest["teacher"]["fingerprint"] == both.fingerprint != own.fingerprint
     assert first["evaluations"][0]["teacher"]["weights_sha"] == both.fingerprint
     assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
+    # the store records the ensemble's other members (it named the teacher alone, with the ensemble's fingerprint),
+    # and an evaluation with the teacher alone is told to pass them (it was told to pass "the same teacher")
+    from ddkit.describe import describe
+
+    assert store.manifest["teacher"]["extra_teachers"] == [extra]
+    shown = describe(tmp_path / "run" / "labels")
+    assert f"teacher {both.fingerprint} (ensemble with extra_teachers {extra}), " in shown
+    made_by_run = resolve_protocol("dc-protocol", {
+        "student": "tiny_convnet", "label_mode": "fkd", "fkd_store": str(tmp_path / "run" / "labels"),
+        "random_baseline": False, "full_reference": False, "train": {"epochs": 1, "batch_size": 32}})
+    with pytest.raises(DDKitError, match=rf"^soft-label store was made by the ensemble {both.fingerprint} of teacher "
+                       rf"'{tmp_path / 'run' / 'teacher'}' and extra_teachers \['{extra}'\], not by {own.fingerprint}; "
+                       rf'pass that teacher with --set "extra_teachers=\[{extra}\]"$'):
+        evaluate(tmp_path / "run" / "distilled", made_by_run, [0], data=data, teacher=own)
+    advised = resolve_protocol(made_by_run, {"extra_teachers": [extra]})
+    assert evaluate(tmp_path / "run" / "distilled", advised, [0], data=data, teacher=own)["teacher"]["weights_sha"] == (
+        both.fingerprint)
     alone = relabel(tmp_path / "run" / "distilled", own, 2, out=tmp_path / "alone.fkd")
+    assert "extra_teachers" not in alone.manifest["teacher"]  # the store of one teacher is as it was
     protocol = resolve_protocol("dc-protocol", {
         "student": "tiny_convnet", "label_mode": "fkd", "fkd_store": str(alone.path), "random_baseline": False,
         "full_reference": False, "extra_teachers": [extra], "train": {"epochs": 1, "batch_size": 32}})

@@ -504,9 +504,11 @@ def _fkd(m: dict) -> str:
     if bn == "batch":
         group = m.get("teacher_bn_batch")
         bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
+    others = m["teacher"].get("extra_teachers")
+    extra = f" (ensemble with extra_teachers {', '.join(map(str, others))})" if others else ""
     return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, "
             f"{top} (fp16), views {m['augment']['spec']} + {mix}, teacher BatchNorm {bn}, "
-            f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}, "
+            f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}{extra}, "
             f"set {m['distilled']['fingerprint']}")
 
 
