@@ -84,6 +84,36 @@ def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path
     assert all("accuracy" in json.loads(p.read_text()) or "result" in json.loads(p.read_text()) for p in entries)
 
 
+@pytest.mark.parametrize("accuracy", [2.0, float("nan")])
+def test_cache_entries_with_impossible_numbers_are_computed_again(setup, tiny_protocol, tmp_path, accuracy, caplog):
+    """A random-baseline entry whose accuracy read 2.0 or NaN was reused: the report said 200.00 % (or nan).
+    Now it is damaged as the full-data reference with an edited mean is: trained again (the same numbers),
+    overwritten, with a warning naming the file; `ddkit show` refuses both."""
+    from ddkit.describe import describe
+
+    data, _, ds, _ = setup
+    cache = tmp_path / "cache"
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    first = evaluate(ds, protocol, [5], data=data, cache_dir=cache)
+    (rb,), (fr,) = cache.glob("random-baseline/*.json"), cache.glob("full-reference/*.json")
+    good = {p: p.read_text() for p in (rb, fr)}
+    rb.write_text(json.dumps({**json.loads(good[rb]), "accuracy": accuracy}))
+    edited = json.loads(good[fr])
+    edited["result"]["mean"] = 0.99
+    fr.write_text(json.dumps(edited))
+    for p, held in ((rb, "holds accuracy "), (fr, "holds result mean 0.99, not the mean of its per_seed")):
+        with pytest.raises(DDKitError, match=f"cache entry '{p}' {held}.*it is damaged: delete it"):
+            describe(p)
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+        again = evaluate(ds, protocol, [5], data=data, cache_dir=cache)
+    assert again["results"] == first["results"]
+    assert {p: p.read_text() for p in (rb, fr)} == good  # trained again to the same numbers and rewritten
+    warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert sorted(w.split(" is damaged")[0] for w in warned) == sorted(f"cache entry {p}" for p in (fr, rb))
+    assert f"damaged (accuracy {accuracy!r}, not an accuracy in [0, 1])" in "".join(warned)
+    assert describe(rb).startswith("cached random-baseline student: test accuracy ")
+
+
 def test_a_cache_that_cannot_be_written_still_gives_the_report(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
     """An empty cache folder that cannot be written (read-only, full) made evaluate train every student, then
     fail on caching the random baseline or the full-data reference: no report. Now a warning per entry."""
@@ -480,7 +510,25 @@ def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     assert store.manifest["teacher"]["fingerprint"] == both.fingerprint != own.fingerprint
     assert first["evaluations"][0]["teacher"]["weights_sha"] == both.fingerprint
     assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
+    # the store records the ensemble's other members (it named the teacher alone, with the ensemble's fingerprint),
+    # and an evaluation with the teacher alone is told to pass them (it was told to pass "the same teacher")
+    from ddkit.describe import describe
+
+    assert store.manifest["teacher"]["extra_teachers"] == [extra]
+    shown = describe(tmp_path / "run" / "labels")
+    assert f"teacher {both.fingerprint} (ensemble with extra_teachers {extra}), " in shown
+    made_by_run = resolve_protocol("dc-protocol", {
+        "student": "tiny_convnet", "label_mode": "fkd", "fkd_store": str(tmp_path / "run" / "labels"),
+        "random_baseline": False, "full_reference": False, "train": {"epochs": 1, "batch_size": 32}})
+    with pytest.raises(DDKitError, match=rf"^soft-label store was made by the ensemble {both.fingerprint} of teacher "
+                       rf"'{tmp_path / 'run' / 'teacher'}' and extra_teachers \['{extra}'\], not by {own.fingerprint}; "
+                       rf'pass that teacher with --set "extra_teachers=\[{extra}\]"$'):
+        evaluate(tmp_path / "run" / "distilled", made_by_run, [0], data=data, teacher=own)
+    advised = resolve_protocol(made_by_run, {"extra_teachers": [extra]})
+    assert evaluate(tmp_path / "run" / "distilled", advised, [0], data=data, teacher=own)["teacher"]["weights_sha"] == (
+        both.fingerprint)
     alone = relabel(tmp_path / "run" / "distilled", own, 2, out=tmp_path / "alone.fkd")
+    assert "extra_teachers" not in alone.manifest["teacher"]  # the store of one teacher is as it was
     protocol = resolve_protocol("dc-protocol", {
         "student": "tiny_convnet", "label_mode": "fkd", "fkd_store": str(alone.path), "random_baseline": False,
         "full_reference": False, "extra_teachers": [extra], "train": {"epochs": 1, "batch_size": 32}})

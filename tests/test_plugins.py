@@ -755,3 +755,9 @@ def test_bench_runs_a_method_larger_than_a_class_without_its_random_baseline(tmp
                        r"class, but class 'class0' has 24, .*\(overrides.random_baseline: false\)"):
         run_bench(from_dict(BenchConfig, on))
     assert not (tmp_path / "on").exists()  # before any output
+    # turned on by an ipc_overrides entry (overrides says false already): the fix names that entry
+    at_ipc = {**bench, "out": str(tmp_path / "at"), "ipc_overrides": {30: {"random_baseline": True}}}
+    with pytest.raises(DDKitError, match=r"^the random baseline beside an ipc-30 set .*set random_baseline: false "
+                       r"\(ipc_overrides: \{30: \{random_baseline: false\}\}\) to evaluate the set without it$"):
+        run_bench(from_dict(BenchConfig, at_ipc))
+    assert not (tmp_path / "at").exists()

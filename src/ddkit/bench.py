@@ -616,7 +616,10 @@ class _Bench:
                     # beside its set cannot (every cell's hard evaluation has one too, for HLR)
                     if any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
                            if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
-                        check_random_ipc(data, ipc, "overrides.random_baseline: false")
+                        # the setting that turns it on: an ipc_overrides entry, applied after overrides, wins
+                        at_ipc = "random_baseline" in cfg.ipc_overrides.get(ipc, {})
+                        check_random_ipc(data, ipc, f"ipc_overrides: {{{ipc}: {{random_baseline: false}}}}" if at_ipc
+                                         else "overrides.random_baseline: false")
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)

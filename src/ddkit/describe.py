@@ -196,7 +196,7 @@ _CELL_FIX = "the cell is damaged: delete it and re-run `ddkit bench` with the ru
 def _check_numbers(kind: str, record: dict, where: Path) -> None:
     """Refuse an evaluation (or a run's or report's list of them), a bench cell or table whose summaries are not
     their seeds' (an edited mean, a NaN, n not the number of seeds): ``show`` would print them as results."""
-    from ddkit.evaluate.metrics import cell_problem, check_report
+    from ddkit.evaluate.metrics import accuracy_problem, cell_problem, check_report, summary_problem
 
     if kind == "evaluation":
         check_report(record, where)
@@ -208,6 +208,11 @@ def _check_numbers(kind: str, record: dict, where: Path) -> None:
             if problem := cell_problem(row):
                 where_ = f"{str(where)!r}" + (f" rows[{i}]" if kind == "bench-table" else "")
                 raise DDKitError(f"{where_} holds {problem}; {_FIXES.get(kind, _CELL_FIX)}")
+    elif kind in ("random-baseline-cache", "full-reference-cache"):  # as `ddkit evaluate` refuses to read it
+        key = "accuracy" if kind == "random-baseline-cache" else "result"
+        if problem := (accuracy_problem if key == "accuracy" else summary_problem)(record[key]):
+            raise DDKitError(f"cache entry {str(where)!r} holds {key} {problem}; it is damaged: delete it "
+                             "(`ddkit evaluate` trains its students again)")
 
 
 # how to re-create a damaged record, where it is not the command that wrote it
@@ -500,9 +505,11 @@ def _fkd(m: dict) -> str:
     if bn == "batch":
         group = m.get("teacher_bn_batch")
         bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
+    others = m["teacher"].get("extra_teachers")
+    extra = f" (ensemble with extra_teachers {', '.join(map(str, others))})" if others else ""
     return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, "
             f"{top} (fp16), views {m['augment']['spec']} + {mix}, teacher BatchNorm {bn}, "
-            f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}, "
+            f"{m['bytes']['total']:,} bytes, seed {m['seed']}, teacher {m['teacher']['fingerprint']}{extra}, "
             f"set {m['distilled']['fingerprint']}")
 
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from ddkit.config import short_repr
 from ddkit.errors import DDKitError
 
-__all__ = ["ars", "cell_problem", "check_fraction", "check_report", "drop_diverged_scores", "hlr", "ior", "lrs",
-           "mean_std", "normalized_exp", "report_problem", "summary_problem"]
+__all__ = ["accuracy_problem", "ars", "cell_problem", "check_fraction", "check_report", "drop_diverged_scores", "hlr",
+           "ior", "lrs", "mean_std", "normalized_exp", "report_problem", "summary_problem"]
 
 
 def check_fraction(value: float, name: str = "accuracy") -> float:
@@ -108,6 +108,14 @@ CELL_SCORES = ("ior", "hlr", "lrs", "ars", "aug_gap", "noaug_gap")
 
 def _number(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def accuracy_problem(v: object) -> str | None:
+    """What is wrong with one accuracy read back from a file (a random-baseline cache entry's), or None: a
+    finite number in [0, 1]."""
+    if not (_number(v) and math.isfinite(v) and 0 <= v <= 1):
+        return f"{short_repr(v)}, not an accuracy in [0, 1]"
+    return None
 
 
 def summary_problem(s: object, accuracy: bool = True) -> str | None:

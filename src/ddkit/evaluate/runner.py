@@ -43,7 +43,7 @@ from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, l
 from ddkit.determinism import global_rng
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
-from ddkit.evaluate.metrics import summary_problem
+from ddkit.evaluate.metrics import accuracy_problem, summary_problem
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.tables import format_table  # noqa: F401  (defined here before)
 from ddkit.methods.random import stratified_indices
@@ -410,10 +410,7 @@ def full_reference(
     # one builder per entry: torchrun ranks of `ddkit bench` scoring other sets with the same student, or
     # two runs sharing the cache, would otherwise train the same whole-data students side by side
     with build_lock(cache):
-        cached = _cache_entry(cache, "result", dict)
-        if cached is not None and (problem := summary_problem(cached)):
-            log.warning("cache entry %s is damaged (result %s); computing it again", cache, problem)
-            cached = None
+        cached = _cache_entry(cache, "result", dict, summary_problem)
         # ranks that disagree would take different paths: one returns, the others train in collectives
         if ddist.agree_found(cached is not None, f"the full-data reference {cache.name}", cache.parent):
             log.info("full-data reference from cache %s", cache)
@@ -632,7 +629,7 @@ def evaluate(
                   for s in seeds}
         if info.is_main:
             cached = {s: float(v) for s, c in caches.items()
-                      if (v := _cache_entry(c, "accuracy", (int, float))) is not None}
+                      if (v := _cache_entry(c, "accuracy", (int, float), accuracy_problem)) is not None}
         cached = ddist.broadcast_object(cached)
     # every student is one job (the distilled set's, then the random subsets' left to train), dealt round-robin:
     # under torchrun 3 seeds with a random baseline keep 6 ranks busy, not 3; each student is trained whole
@@ -690,9 +687,11 @@ def evaluate(
     return report
 
 
-def _cache_entry(path: Path, key: str, kind: type | tuple[type, ...]) -> Any:
-    """The ``key`` of the cache entry at ``path``, or None where there is none or it is unreadable or lacks
-    it (a foreign or hand-edited file): the caller computes the value again and rewrites the entry."""
+def _cache_entry(path: Path, key: str, kind: type | tuple[type, ...],
+                 problem: Callable[[Any], str | None] | None = None) -> Any:
+    """The ``key`` of the cache entry at ``path``, or None where there is none or it is unreadable, lacks
+    it or holds a value ``problem`` finds wrong (a foreign or hand-edited file: an accuracy of 2.0 or NaN):
+    the caller computes the value again and rewrites the entry."""
     if not path.is_file():
         return None
     try:
@@ -701,6 +700,9 @@ def _cache_entry(path: Path, key: str, kind: type | tuple[type, ...]) -> Any:
         value = None
     if not isinstance(value, kind) or isinstance(value, bool):
         log.warning("cache entry %s is damaged (no %r); computing it again", path, key)
+        return None
+    if problem is not None and (why := problem(value)):
+        log.warning("cache entry %s is damaged (%s %s); computing it again", path, key, why)
         return None
     return value
 

@@ -109,9 +109,10 @@ FORMAT = 1  # version of the tensor layout described in the module docstring
 def store_identity(store: str | Path | SoftLabelStore) -> str:
     """What an evaluation that replays ``store`` (a store's folder, or a :class:`SoftLabelStore`) depends
     on, for cache keys: its manifest (settings, seed, teacher and set fingerprints, thread count, tensor
-    layout) without the paths it was made from and the package versions. A moved or copied store keeps
-    its identity; one re-made in place with other settings, for another set or by another teacher gets
-    another. A store in memory that was never saved has the identity it will have once saved."""
+    layout) without the paths it was made from (an ensemble's extra teachers' too) and the package versions.
+    A moved or copied store keeps its identity; one re-made in place with other settings, for another set or
+    by another teacher gets another. A store in memory that was never saved has the identity it will have
+    once saved."""
     if isinstance(store, SoftLabelStore):
         man = dict(store.manifest)
         if "tensors" not in man:  # never saved: the fields saving it adds
@@ -124,7 +125,7 @@ def store_identity(store: str | Path | SoftLabelStore) -> str:
     man.pop(FILES_SHA256, None)  # which bytes the file holds, not what made them (absent before a save)
     for part in ("teacher", "distilled"):
         if isinstance(man.get(part), dict):
-            man[part] = {k: v for k, v in man[part].items() if k != "path"}
+            man[part] = {k: v for k, v in man[part].items() if k not in ("path", "extra_teachers")}
     return config_hash(man)
 
 
@@ -341,8 +342,15 @@ class SoftLabelStore:
             )
         if (teacher is not None and hasattr(teacher, "fingerprint")
                 and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]):
+            made = self.manifest["teacher"]
+            if "extra_teachers" in made:  # `ddkit relabel` cannot make an ensemble's store: name its members
+                raise DDKitError(
+                    f"soft-label store was made by the ensemble {made['fingerprint']} of teacher {made['path']!r} and "
+                    f"extra_teachers {made['extra_teachers']}, not by {teacher.fingerprint}; pass that teacher with "
+                    f"--set \"extra_teachers=[{','.join(map(str, made['extra_teachers']))}]\""
+                )
             raise DDKitError(
-                f"soft-label store was made by teacher {self.manifest['teacher']['fingerprint']}, not "
+                f"soft-label store was made by teacher {made['fingerprint']}, not "
                 f"{teacher.fingerprint}; pass the same teacher or re-run `ddkit relabel`"
             )
 
@@ -649,6 +657,7 @@ def relabel(
     omit_running_bn(config)  # at the default: work folders of older runs keep their key
     fingerprint = distilled_fingerprint(distilled)
     teacher_fp = getattr(teacher, "fingerprint", None)
+    members = (getattr(teacher, "manifest", None) or {}).get("ensemble") or []
     if teacher_fp is None:  # a bare module: its weights identify it (resume must not reuse another's logits)
         from ddkit.teacher.squeeze import weights_sha
 
@@ -735,7 +744,10 @@ def relabel(
         "teacher_bn_batch": teacher_bn_batch,
         "batch_size_independent": True,
         "teacher": {"fingerprint": teacher_fp,
-                    "path": recorded_path(getattr(teacher, "path", None))},
+                    "path": recorded_path(getattr(teacher, "path", None)),
+                    # an ensemble (the protocol's extra_teachers, see labelling_teacher): the others' folders, which
+                    # an evaluation must pass again
+                    **({"extra_teachers": [m["path"] for m in members[1:]]} if len(members) > 1 else {})},
         "distilled": {"fingerprint": fingerprint,
                       "path": recorded_path(getattr(distilled, "path", None))},
         **(manifest_extra or {}),
