@@ -360,13 +360,13 @@ def test_run_makes_a_damaged_stage_again(tmp_path, capsys, caplog):
             == json.loads(files["eval-stored.json"])["results"]["distilled"]["per_seed"])
 
 
-def tiny_run(tmp_path, capsys):
-    """``ddkit run`` of a random IPC-2 set on synthetic data, hard labels, one 1-epoch student, no
-    baselines, into ``tmp_path / 'run'``; returns its config file."""
+def tiny_run(tmp_path, capsys, overrides: str = "student: tiny_convnet, random_baseline: false, "
+                                                 "full_reference: false, train: {epochs: 1}"):
+    """``ddkit run`` of a random IPC-2 set on synthetic data, hard labels, one student seed with the protocol
+    ``overrides`` (default: one 1-epoch student, no baselines), into ``tmp_path / 'run'``; returns its config file."""
     cfg = tmp_path / "run.yaml"
     cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
-                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
-                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\n"
+                   f"evaluate: {{label_modes: [hard], seeds: [0], overrides: {{{overrides}}}}}\n"
                    f"out: {tmp_path / 'run'}\n")
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
     return cfg
@@ -375,12 +375,7 @@ def tiny_run(tmp_path, capsys):
 def test_run_summary_marks_diverged_students_and_gives_no_ior_from_them(tmp_path, capsys):
     """summary.md printed "IOR +0.00" computed from students that diverged (NaN/inf outputs count as wrong),
     unmarked; it marks their accuracies "(N diverged)" and leaves the IOR out (–), as the bench does."""
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 2}\n"
-                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_mlp, full_reference: false, "
-                   "train: {epochs: 3, lr: 1.0e+30}}}\n"
-                   f"out: {tmp_path / 'run'}\n")
-    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    tiny_run(tmp_path, capsys, "student: tiny_mlp, full_reference: false, train: {epochs: 3, lr: 1.0e+30}")
     line = next(x for x in (tmp_path / "run/report/summary.md").read_text().splitlines() if "IOR" in x)
     assert line.endswith(": distilled 0.00% (1 diverged), random subset 0.00% (1 diverged) (IOR –)"), line
 
