@@ -31,6 +31,7 @@ from _published import FASHION_MNIST
 from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import load_bench_config, run_bench, synthesis_cell, synthesis_seconds
 from ddkit.config import load_yaml, to_dict
+from ddkit.evaluate.tables import diverged_mark
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
@@ -224,8 +225,7 @@ def run_family(family: str, tier: str, device: str | None = None, quiet: bool = 
 
 
 def _pm(x: dict | None) -> str:
-    diverged = f" ({x['diverged']} diverged)" if x and x.get("diverged") else ""  # students with NaN/inf outputs
-    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{diverged}"
+    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{diverged_mark(x)}"
 
 
 def _pub(method: str, ipc: int) -> str:

@@ -41,7 +41,7 @@ DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records
 STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
 #: a statistics entry's tensor file
 STATISTICS_TENSORS = "statistics.safetensors"
-#: random-baseline and full-reference accuracies (ddkit.evaluate.runner's CACHE_SCHEMA)
+#: random-baseline and full-reference accuracies (written by ddkit.evaluate.runner)
 ACCURACY_SCHEMA = 2  # 2: keyed by ddkit.evaluate.runner.trained_on (entries of schema 1 are stale)
 
 # what a killed build leaves beside an entry NAME (artifacts.temp_path), and a build's resumable work

@@ -41,6 +41,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
+from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
@@ -665,7 +666,7 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
 
 def _pct_marked(x: dict) -> str:
     """A summary's mean accuracy in percent, marked as the tables do where students diverged (NaN/inf outputs)."""
-    return f"{100 * x['mean']:.2f}%" + (f" ({x['diverged']} diverged)" if x.get("diverged") else "")
+    return f"{100 * x['mean']:.2f}%{diverged_mark(x)}"
 
 
 def write_report(out: Path, distilled: DistilledSet, reports: list[dict], teacher_acc: float | None) -> Path:

@@ -37,7 +37,7 @@ from ddkit.artifacts import (
 from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
-from ddkit.cache import ACCURACY_SCHEMA
+from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.determinism import global_rng
@@ -241,11 +241,6 @@ def trained_on(device) -> dict[str, Any]:
     return {"torch_threads": torch.get_num_threads(), "device": torch.device(device).type}
 
 
-#: cache entries of random-baseline and full-reference students; 2: keyed by :func:`trained_on` (ddkit cache
-#: calls entries of schema 1 stale). ddkit.cache holds it (bump it there): listing the cache imports no torch
-CACHE_SCHEMA = ACCURACY_SCHEMA
-
-
 @dataclasses.dataclass
 class StoredLabeller:
     """How a set's stored soft labels were made, where not by the evaluation's teacher with the
@@ -423,7 +418,7 @@ def full_reference(
         result = _summary(accs)
         result.update({"epochs": cfg.epochs, "key": key})
         if info.is_main:
-            _write_cache(cache, {"schema_version": CACHE_SCHEMA, "kind": "full-reference-cache", "result": result,
+            _write_cache(cache, {"schema_version": ACCURACY_SCHEMA, "kind": "full-reference-cache", "result": result,
                                  **trained_on(device)},
                          "the full-data reference")
     return result
@@ -651,7 +646,7 @@ def evaluate(
             local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
                                               cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
             if not isinstance(local[kind, s], DivergedAccuracy):  # the cache holds no diverged mark: trained again
-                _write_cache(caches[s], {"schema_version": CACHE_SCHEMA, "kind": "random-baseline-cache",
+                _write_cache(caches[s], {"schema_version": ACCURACY_SCHEMA, "kind": "random-baseline-cache",
                                          "accuracy": local[kind, s], "ipc": ipc, "seed": s,
                                          "protocol_hash": protocol.hash, **trained_on(device)},
                              f"the random baseline of seed {s}")

@@ -43,11 +43,16 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def diverged_mark(summary: dict) -> str:
+    """`` (N diverged)`` after an accuracy summary some of whose students diverged (NaN/inf outputs, counted
+    as wrong), else nothing."""
+    return f" ({summary['diverged']} diverged)" if summary.get("diverged") else ""
+
+
 def _pm(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     if x is None:
         return "–"
-    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
+    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged_mark(x)}"
 
 
 def synthesis_seconds(row: dict) -> float:
