@@ -879,15 +879,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "list":  # `list methods -l 'd*'`: argparse takes no positional after an option
+        # its options first, then `--` and its words (`list -l -- methods 'd*'`); after a given `--` every word is
+        # a positional already
         at = argv.index("list") + 1
-        rest, tail = argv[at:], []
-        if "--" in rest:  # after `--` every word is a positional: options before it go first (`list -l -- models 'd*'`)
-            cut = rest.index("--")
-            rest, tail = rest[:cut], rest[cut + 1 :]
-            argv = [*argv[:at], *(a for a in rest if a.startswith("-")), "--",
-                    *(a for a in rest if not a.startswith("-")), *tail]
-        else:
-            argv = [*argv[:at], *(a for a in rest if not a.startswith("-")), *(a for a in rest if a.startswith("-"))]
+        rest = argv[at:]
+        cut = rest.index("--") if "--" in rest else len(rest)
+        head = rest[:cut]
+        argv = [*argv[:at], *(a for a in head if a.startswith("-")), "--", *(a for a in head if not a.startswith("-")),
+                *rest[cut + 1 :]]
     args = parser.parse_args(argv)
     logging.basicConfig(level=_log_level(args), format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
