@@ -646,6 +646,46 @@ def test_build_lock_lets_one_builder_in_at_a_time(tmp_path):
 
 
 
+def test_a_lock_file_removed_under_its_lock_still_keeps_builders_apart(tmp_path):
+    """remove_unused_lock(s) (a bench removing its evaluations' lock files when done) unlinks a lock file while it
+    holds it. A process that waited on that file entered on it once it was released, while a newcomer made and
+    locked a new file at the same path: two builders of one entry at once. It now locks the file there instead."""
+    import fcntl
+    import threading
+    import time
+
+    from ddkit.artifacts import remove_unused_locks
+
+    entry, lock = tmp_path / "cache" / "abc", tmp_path / "cache" / ".abc.lock"
+    with build_lock(entry):
+        pass
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)  # a remover holding the lock
+    inside, seen = [], []
+
+    def build(name):
+        with build_lock(entry):
+            seen.append((name, list(inside)))
+            inside.append(name)
+            time.sleep(0.4)
+            inside.remove(name)
+
+    threads = [threading.Thread(target=build, args=(name,)) for name in ("waiter", "newcomer")]
+    threads[0].start()
+    time.sleep(0.3)  # the waiter waits on the file the remover holds
+    lock.unlink()
+    os.close(held)
+    threads[1].start()
+    for t in threads:
+        t.join(timeout=10)
+    assert sorted(seen) == [("newcomer", []), ("waiter", [])]  # one after the other (in either order)
+    held = os.open(lock, os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    assert remove_unused_locks(lock.parent) == 0 and lock.is_file()  # one that a process holds stays
+    os.close(held)
+    assert remove_unused_locks(lock.parent) == 1 and list(lock.parent.iterdir()) == []
+
+
 @pytest.mark.parametrize("code", [errno.EACCES, errno.EROFS])
 def test_build_lock_where_the_lock_file_cannot_be_written(tmp_path, monkeypatch, caplog, code):
     """Another user's lock file in a shared cache, or a read-only cache, made build_lock raise: the existing

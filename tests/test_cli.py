@@ -1518,9 +1518,16 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
     (root / "random-baseline").mkdir()
     (root / "random-baseline" / "old.json").write_text(json.dumps({"schema_version": 1}))  # an older key
     run = tmp_path / "run"
+    # `show --json` of a bench's config.json imported torch to count its cells, which it does not print (plain `show`
+    # prints the count, and imports torch for it: see describe.describe)
+    bench = tmp_path / "bench.yaml"
+    bench.write_text("datasets: [synthetic]\nipcs: [1]\nstudents: [tiny_mlp]\nseeds: [0]\nmethods: [random]\n"
+                     "overrides: {full_reference: false, random_baseline: false, train: {epochs: 1}}\n"
+                     f"out: {tmp_path / 'bench'}\n")
+    assert main(["bench", str(bench), "-q"]) == 0
     commands = [["cache", "-l"], ["cache", "prune", "--dry-run", "--all"], ["show", str(run / "eval-hard.json")],
                 ["show", str(run / "report")], ["show", "--json", str(run)], ["show", "--json", str(run / "distilled")],
-                ["cache", "prune", "--stale"]]
+                ["show", "--json", str(tmp_path / "bench" / "config.json")], ["cache", "prune", "--stale"]]
     script = ("import json, sys\nfrom ddkit.cli import main\n"
               "codes = [main(args) for args in json.loads(sys.argv[1])]\n"
               "print(json.dumps([codes, sorted(m for m in sys.modules if m.split('.')[0] == 'torch')]))")
@@ -1531,3 +1538,4 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
     assert json.loads(last) == [[0] * len(commands), []]
     assert "statistics/old  " in "\n".join(out) and "random ipc=2" in "\n".join(out)
     assert "removed 3 item(s)" in "\n".join(out) and not (root / "statistics" / "old").exists()
+    assert '"kind": "bench-config"' in "\n".join(out)

@@ -158,6 +158,9 @@ def test_fkd_baseline_labels_that_cannot_be_cached_are_made_in_memory(setup, tin
     proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
                                              "full_reference": False, "train": {"epochs": 2}})
     want = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "ok")
+    # the labels streamed into the cache are removed once the student is cached, and their lock file with them
+    left = [p.name for p in (tmp_path / "ok" / "random-baseline").iterdir()]
+    assert len(left) == 1 and left[0].endswith(".json") and not left[0].startswith("."), left
     cache, real = tmp_path / "rocache", labels_pkg.relabel
 
     def refuse_cache(*a, out=None, **k):

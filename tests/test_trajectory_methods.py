@@ -186,6 +186,35 @@ def test_buffer_for_reports_the_wait_for_another_build(tiny, tmp_path, monkeypat
     assert 0.5 <= costs[0]["waited_seconds"] < 5
 
 
+def test_an_expert_batch_of_one_image_at_batchnorm_on_a_1x1_map_names_the_batch_size(tiny, tmp_path, monkeypatch):
+    """torch's bare ValueError ('Expected more than 1 value per channel when training') used to end expert
+    training (``ddkit experts``, a trajectory method's buffer) when a batch held one image, and left the hidden
+    per-expert folder behind; a batch size that leaves no single image trains as before."""
+    import dataclasses
+
+    from ddkit.models import MODELS
+    from test_training import _FIX, _PooledBN
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries, "pooled_bn": _PooledBN})
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    n = len(tiny.train)
+    cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "model": "pooled_bn", "num_experts": 1, "epochs": 1,
+                                   "batch_size": n - 1})
+    with pytest.raises(ConfigError, match=rf"^experts.batch_size={n - 1} on {n} images leaves a last batch of 1 "
+                                          rf"image, and _PooledBN's BatchNorm meets a 1x1 feature map there, {_FIX}; "
+                                          r"pick a experts.batch_size that leaves no single image over$"):
+        train_experts(tiny, cfg, tmp_path / "experts")
+    assert list(tmp_path.iterdir()) == []
+    # a trajectory method's buffer names its own config key; SAM's two forward passes are covered too
+    with pytest.raises(ConfigError, match=r"^distill.options.buffer.batch_size=1 makes every batch 1 image, .*; set "
+                                          r"distill.options.buffer.batch_size to 2 or more$"):
+        tr.buffer_for(tiny, None, dataclasses.replace(cfg, batch_size=1, sam_rho=0.05), tmp_path / "work",
+                      torch.device("cpu"))
+    assert not list((tmp_path / "cache" / "experts").glob(".*partial*"))
+    ok = train_experts(tiny, dataclasses.replace(cfg, batch_size=n - 2))  # a last batch of 2
+    assert ok.trajectories[0].shape[0] == 2 and torch.isfinite(ok.trajectories[0]).all()
+
+
 def test_buffer_errors(buffer, tmp_path):
     with pytest.raises(DDKitError, match="not found"):
         load_experts(tmp_path / "nope")

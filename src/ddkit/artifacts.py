@@ -774,8 +774,10 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
     ``$DDKIT_CACHE``, would otherwise both build it in the same place. Inside the block, look the
     entry up again and build it only if still missing: a process that waited then finds the other's
     result. The lock is an exclusive ``flock`` on the hidden file ``.<name>.lock`` beside ``path``,
-    released when the block ends or the process dies (no stale locks); the empty file stays, since
-    deleting a lock file races with its next user. A folder where the lock file cannot be made (read-only,
+    released when the block ends or the process dies (no stale locks). The empty file stays, unless
+    :func:`remove_unused_lock` removes it while holding the lock: a process that waited on the removed file
+    then finds another (or none) at ``.<name>.lock`` and locks that one instead, so that two processes never hold
+    the lock of one entry at once. A folder where the lock file cannot be made (read-only,
     or another user's file in a shared cache) uses the existing file read-only, or runs the block unlocked
     where there is none (the block's own writes there then fail as they would). Where ranks build one entry
     together (``ddkit.distributed.current()`` enabled), rank 0 holds the lock for all of them. No-op
@@ -800,18 +802,25 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
         waited.seconds = time.perf_counter() - t0
         yield waited
         return
-    fd = _open_lock(path)
+    fd, said = None, False
     try:
-        try:
-            if fd is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that is building %s", path)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:  # no locks here (NFS without lockd, or a read-only descriptor there)
-            log.debug("cannot lock %s (%s); building %s without a lock", _lock_file(path), exc.strerror, path)
-            os.close(fd)
-            fd = None
+        while True:
+            fd = _open_lock(path)
+            try:
+                if fd is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    log.info("waiting for another process that is building %s", path)
+                    said = True
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:  # no locks here (NFS without lockd, or a read-only descriptor there)
+                log.debug("cannot lock %s (%s); building %s without a lock", _lock_file(path), exc.strerror, path)
+                os.close(fd)
+                fd = None
+            if fd is None or _names(_lock_file(path), fd):
+                break
+            os.close(fd)  # the file was removed (remove_unused_lock) while this process waited: lock the one there now
         ddist.barrier()
         waited.seconds = time.perf_counter() - t0
         yield waited
@@ -856,9 +865,8 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
                 busy = True
             except OSError as exc:  # no locks on this filesystem: write unlocked, as before
                 log.debug("cannot lock %s (%s); writing %s without a lock", work, exc.strerror, out)
-            with contextlib.suppress(OSError):
-                if busy or os.stat(work).st_ino == os.fstat(fd).st_ino:
-                    break
+            if busy or _names(work, fd):
+                break
             os.close(fd)  # the other writer removed the folder as we locked it: lock the one there now
     try:
         if ddist.broadcast_object(busy):
@@ -876,6 +884,15 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
 
 def _lock_file(path: Path) -> Path:
     return hidden_path(path, ".lock")
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether ``path`` is (still) the file or folder open as ``fd``: not removed or replaced since it was opened."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 def _open_lock(path: Path) -> int | None:
@@ -899,19 +916,31 @@ def _open_lock(path: Path) -> int | None:
 
 
 def remove_unused_lock(path: str | Path) -> bool:
-    """Remove :func:`build_lock`'s file of ``path`` when no process holds it (an entry that is gone for good);
-    whether it did. One that is held, or cannot be locked here, stays."""
+    """Remove :func:`build_lock`'s file of ``path`` when no process holds it (an entry that is gone for good, or
+    no longer built); whether it did. One that is held, or cannot be locked here, stays. Removed while this process
+    holds the lock, so that a process waiting on it then locks the file made after it (see :func:`build_lock`)."""
+    return _remove_lock_file(_lock_file(Path(path)))
+
+
+def remove_unused_locks(folder: str | Path) -> int:
+    """Remove every :func:`build_lock` file in ``folder`` that no process holds (as :func:`remove_unused_lock`);
+    how many it removed."""
+    return sum(_remove_lock_file(lock) for lock in sorted(Path(folder).glob(".*.lock")))
+
+
+def _remove_lock_file(lock: Path) -> bool:
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         return False
-    lock = _lock_file(Path(path))
     try:
         fd = os.open(lock, os.O_RDWR)
     except OSError:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises while another process holds it
+        if not _names(lock, fd):  # another removed it meanwhile: the file there now may be held
+            return False
         lock.unlink()
         return True
     except OSError:

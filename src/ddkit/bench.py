@@ -53,6 +53,7 @@ from ddkit.artifacts import (
     folder_kind,
     holds_files,
     read_json,
+    remove_unused_locks,
     shared_costs,
     versions,
     write_json,
@@ -908,6 +909,10 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
         if progress is not None:
             progress(done, len(mine), {**row, "reused": reused})
     ddist.barrier()
+    if info.is_main:  # every rank is past its cells, so no rank of this job takes their build locks again; one
+        # another process holds stays (removal under the lock is safe for those waiting on it: see build_lock)
+        for folder in ("evals", "labels"):
+            remove_unused_locks(bench.root / folder)
     rows = [read_json(bench.cell_path(c), "cell") for c in cells]
     for r in rows:  # cells finished before 2026-12-05 counted a set's soft labels also where they go unused
         if r["label_mode"] != "fkd":

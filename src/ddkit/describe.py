@@ -125,7 +125,15 @@ def read_record(path: str | Path) -> tuple[dict[str, Any], Path]:
 
 def describe(path: str | Path) -> str:
     """A short plain-text summary of the ddkit output at ``path``."""
-    return _summarise(*_load_record(path))
+    record, where = _load_record(path)
+    text = _summarise(record, where)
+    if record.get("kind") == "bench-config" and where.name == "config.json":
+        # here, not in _summarise: counting the finished cells reads the config as ``ddkit bench`` does (a cell
+        # counts when made with the protocol hashes this ddkit gives it; the config checks need the method option
+        # classes, TrainConfig and the model registry), which imports torch; ``show --json`` (read_record) prints
+        # the record without the count, so it imports none (the count never refuses a record)
+        text += "\n" + _bench_progress(record, where.parent)
+    return text
 
 
 def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) -> str:
@@ -160,10 +168,7 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
         if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
         _check_numbers(kind, record, where)
-        text = summarise(_printable_text(record))
-    if kind == "bench-config" and where.name == "config.json":
-        text += "\n" + _bench_progress(record, where.parent)
-    return text
+        return summarise(_printable_text(record))
 
 
 def _older_export(record: dict[str, Any], where: Path) -> Path | None:

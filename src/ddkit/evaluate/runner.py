@@ -31,6 +31,7 @@ from ddkit.artifacts import (
     hidden_path,
     read_json,
     recorded_path,
+    remove_unused_lock,
     tensor_bytes,
     write_json,
 )
@@ -653,6 +654,7 @@ def evaluate(
             if fkd_out is not None and fkd_out.exists():
                 with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
                     shutil.rmtree(fkd_out, ignore_errors=True)
+                remove_unused_lock(fkd_out)  # no cache entry keeps it (`ddkit cache prune` would never remove it)
     merged: dict[tuple[str, int], float] = {("random", s): acc for s, acc in cached.items()}
     for part in ddist.all_gather_objects(local):
         merged.update(part)

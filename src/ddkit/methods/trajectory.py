@@ -54,6 +54,7 @@ reverse pass pulls back ``c_i = λ_{i+1} + m c_{i+1}`` (the adjoint of ``v_i`` i
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import shutil
@@ -98,7 +99,16 @@ from ddkit.determinism import global_rng, seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import model_config_hash
-from ddkit.training import Diverged, accuracy, check_finite_weights, normalizer, sum_dtype, to_float
+from ddkit.training import (
+    Diverged,
+    _last_one,
+    accuracy,
+    check_finite_weights,
+    normalizer,
+    one_image_batch,
+    sum_dtype,
+    to_float,
+)
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +518,8 @@ def train_experts(
     finished: dict[int, tuple[torch.Tensor, dict]] = {}
     zca = None
     mine = range(info.rank, cfg.num_experts, info.world_size)  # every expert in one process
+    # the cause of a batch of 1 image (see one_image_batch; spec_model: the experts' class, which the error names)
+    one_image = functools.partial(_last_one, f"{where}.batch_size", cfg.batch_size, len(data.train), "batch")
     epochs_done = 0
 
     def epoch_done(e: int) -> None:
@@ -526,10 +538,13 @@ def train_experts(
                 zca = fit_zca(data, cfg)
             t0 = time.perf_counter()
             try:
-                traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
-            except Diverged as exc:
-                if partial is not None:  # the same settings diverge again: nothing worth resuming
+                with one_image_batch(spec_model, one_image):  # a batch of 1 image at BatchNorm on a 1x1 map
+                    traj, summary = train_one_expert(data, cfg, i, device, zca, epoch_done)
+            except (Diverged, ConfigError) as exc:
+                if partial is not None:  # the same settings fail again: nothing worth resuming
                     shutil.rmtree(partial, ignore_errors=True)
+                if isinstance(exc, ConfigError):
+                    raise
                 raise DDKitError(f"expert {i}: {exc}; nothing was saved: lower {where}.lr (now {cfg.lr:g})") from None
             summary = {"file": _expert_file(i), **summary, "seconds": round(time.perf_counter() - t0, 3)}
             finished[i] = (traj, summary)
