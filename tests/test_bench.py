@@ -1093,6 +1093,26 @@ def test_late_used_values_fail_the_cli_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_hard_cells_are_reused_when_only_extra_teachers_change(tmp_path):
+    """Hard labels do not use the protocol's extra_teachers, but their count entered the cell's and the
+    evaluation's keys: adding them to a bench trained its hard cells (and the hard evaluation behind every
+    cell's HLR) again. They are now reused, with the same numbers."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0])
+    seen = []
+    rows = run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    extra = str(tmp_path / "extra")
+    train_teacher(make_synthetic(), TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)),
+                  extra)
+    more = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0],
+                    overrides={**TINY["overrides"], "extra_teachers": [extra]})
+    assert run_bench(more, progress=lambda d, n, r: seen.append(r["reused"])) == rows
+    assert seen == [False, True]
+
+
 def test_relabel_settings_that_fit_pass_the_early_checks(tmp_path, monkeypatch):
     """top_k equal to the class count is stored dense, so it needs no kl loss; relabel settings are not
     asked of a bench without label mode fkd; a hard-label bench trains no teacher, so its model is not built."""

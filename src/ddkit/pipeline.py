@@ -39,7 +39,7 @@ from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
@@ -402,13 +402,12 @@ def teacher_weights(paths: list[str]) -> list[str]:
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
     """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash
     counts only (they form an ensemble with the teacher in label modes teacher and fkd). Empty without
-    an ensemble, so the keys of other evaluations keep their values. Label mode stored leaves them out
-    (both sides are labelled as the set's stored labels were made): a marker, so evaluations that ddkit
-    before 2026-12-07 made with the random subset labelled by the ensemble are not reused."""
-    if not protocol.extra_teachers or protocol.label_mode == "hard":
+    an ensemble, so the keys of other evaluations keep their values, and in label modes hard and stored,
+    which do not use them (their hash leaves them out too: the evaluation is the one without them; those
+    that ddkit before 2026-12-07 made in mode stored with the random subset labelled by the ensemble had
+    their count in the hash, so they are not reused)."""
+    if not protocol.extra_teachers or protocol.label_mode in UNLABELLED_BY_ENSEMBLE:
         return {}
-    if protocol.label_mode == "stored":
-        return {"extra_teachers": "unused"}
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 

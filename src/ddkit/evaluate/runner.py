@@ -44,7 +44,7 @@ from ddkit.determinism import global_rng
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
 from ddkit.evaluate.tables import format_table  # noqa: F401  (defined here before)
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
@@ -319,7 +319,7 @@ def labelling_teacher(protocol: ProtocolConfig, teacher, device):
     """The teacher that labels in ``protocol``'s label mode: ``teacher``, or with ``extra_teachers`` in label
     modes teacher and fkd the equal-weight ensemble of it and them (:func:`evaluate` labels with it; ``ddkit run``
     and ``ddkit bench`` make fkd stores with it, so a store's teacher is the evaluation's)."""
-    if not protocol.extra_teachers or protocol.label_mode in ("hard", "stored") or teacher is None:
+    if not protocol.extra_teachers or protocol.label_mode in UNLABELLED_BY_ENSEMBLE or teacher is None:
         return teacher
     from ddkit.teacher import Teacher, teacher_ensemble
 
