@@ -879,6 +879,37 @@ def test_run_checks_extra_teachers_before_training_the_teacher(setting, message,
     assert list(tmp_path.iterdir()) == []  # no teacher trained
 
 
+@pytest.mark.parametrize("other_data, setting, message", [
+    ({"num_classes": 3}, "evaluate.overrides.extra_teachers=[{x}]",
+     "evaluate.overrides.extra_teachers: teacher '{x}' has 3 classes but dataset 'synthetic' has 4; use a teacher "
+     "trained on this dataset"),
+    ({"image_size": 12}, "evaluate.overrides.extra_teachers=[{x}]",
+     "evaluate.overrides.extra_teachers: teacher '{x}' expects images [1, 12, 12] but dataset 'synthetic' has "
+     "[1, 16, 16]; use the same image size"),
+    ({"num_classes": 3}, "distill.options.extra_teachers=[{x}]",
+     "distill.options.extra_teachers: teacher '{x}' has 3 classes but dataset 'synthetic' has 4; use a teacher "
+     "trained on this dataset"),
+])
+def test_run_refuses_extra_teachers_of_other_data_before_any_stage(other_data, setting, message, tmp_path, capsys):
+    """An extra teacher trained on other data (classes, image size) was refused only where it labelled or
+    synthesised: after the run had trained its teacher (and, for the protocol's, distilled its set). Its manifest is
+    now checked against the data before any stage, in one line naming the setting."""
+    from conftest import REPO
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "other"
+    train_teacher(make_synthetic(**other_data), TeacherConfig(model="tiny_convnet",
+                                                             train=TrainConfig(epochs=1, batch_size=32)), extra)
+    code, _, err = run_cli(["run", str(REPO / "configs/fashion-mnist/edc/ipc10.yaml"), "--out", str(tmp_path / "run"),
+                            "-q", "--set", "dataset.name=synthetic", "--set", "distill.ipc=1",
+                            "--set", "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=1",
+                            "--set", "distill.options.extra_teachers=[]", "--set", setting.format(x=extra)], capsys)
+    assert code == 2 and err == f"error: {message.format(x=extra)}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]  # no teacher trained, no set
+
+
 def test_bench_bar_rate_leaves_out_reused_cells():
     """Finished cells of a resumed bench count toward the bar, not toward its rate and ETA."""
     from ddkit.cli import BenchBars

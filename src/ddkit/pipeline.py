@@ -52,6 +52,7 @@ from ddkit.teacher import (
     TeacherConfig,
     as_teacher,
     check_teacher,
+    check_teacher_artifact,
     saved_teacher,
     train_teacher,
 )
@@ -451,13 +452,11 @@ def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
-    teacher or soft labels they need, extra teachers that are not there."""
-    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
-
+    teacher or soft labels they need, extra teachers that are not there or were made for other data."""
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
-    for path in getattr(method_cfg, "extra_teachers", None) or []:  # read after the teacher stage otherwise
-        read_manifest(path, TEACHER_KIND)
+    # read after the teacher stage otherwise: one of other data is refused before any teacher trains
+    check_teacher_folders(getattr(method_cfg, "extra_teachers", None) or [], data, "distill.options.extra_teachers")
     if method.uses_ipc and method.ipc_within_class_size:
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
@@ -481,9 +480,22 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                               "distill.soft_labels: true")
         if mode == "fkd":
             check_fkd(cfg, data, protocol)
-        for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
-            read_manifest(path, TEACHER_KIND)
+        if mode not in UNLABELLED_BY_ENSEMBLE:  # hard and stored ask no extra teacher; the others after the set
+            check_teacher_folders(protocol.extra_teachers, data, "evaluate.overrides.extra_teachers"
+                                 if "extra_teachers" in cfg.evaluate.overrides else
+                                 f"evaluate.protocol {cfg.evaluate.protocol!r}'s extra_teachers")
         check_student(protocol, data)
+
+
+def check_teacher_folders(paths: list[str], data: DataBundle, key: str) -> None:
+    """Refuse, naming the config ``key`` that lists them, an extra teacher in ``paths`` that is missing, no teacher
+    artifact, or made for other data than ``data`` (classes, image shape): from its manifest, before any stage runs
+    (its weights are read where it labels)."""
+    for path in paths:
+        try:
+            check_teacher_artifact(path, data)
+        except DDKitError as e:
+            raise keyed(key, e) from None
 
 
 def check_fkd(cfg: RunConfig, data: DataBundle, protocol: ProtocolConfig) -> None:
