@@ -1095,6 +1095,62 @@ def test_late_used_values_fail_the_cli_in_one_line(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.parametrize(("other_data", "over", "message"), [
+    ({"num_classes": 3}, {"label_modes": ["teacher"], "overrides": {**TINY["overrides"], "extra_teachers": ["{x}"]}},
+     "extra_teachers of protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'teacher': teacher "
+     "'{x}' has 3 classes but dataset 'synthetic' has 4; use a teacher trained on this dataset"),
+    ({"image_size": 12}, {"label_modes": ["fkd"], "overrides": {**TINY["overrides"], "extra_teachers": ["{x}"]}},
+     "extra_teachers of protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'fkd': teacher "
+     "'{x}' expects images [1, 12, 12] but dataset 'synthetic' has [1, 16, 16]; use the same image size"),
+    ({"num_classes": 3}, {"methods": [{"name": "sre2l", "options": {"extra_teachers": ["{x}"]}}]},
+     "methods[sre2l].options.extra_teachers: teacher '{x}' has 3 classes but dataset 'synthetic' has 4; use a "
+     "teacher trained on this dataset"),
+])
+def test_extra_teachers_of_other_data_are_refused_before_any_stage(tmp_path, monkeypatch, other_data, over, message):
+    """An extra teacher trained on other data (classes, image size) was refused only where it labelled or
+    synthesised: after the bench had trained its teacher and distilled its sets (a protocol's, at its first cell).
+    Its manifest is now checked against each dataset before any stage, naming the setting."""
+    import ddkit.bench
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "other"
+    train_teacher(make_synthetic(**other_data), TeacherConfig(model="tiny_convnet",
+                                                             train=TrainConfig(epochs=1, batch_size=32)), extra)
+
+    def no_stage(*a, **k):
+        raise AssertionError("a stage ran before the extra teachers were checked")
+
+    monkeypatch.setattr(ddkit.bench, "train_teacher", no_stage)
+    monkeypatch.setattr(ddkit.bench, "distill", no_stage)
+    over = json.loads(json.dumps(over).replace("{x}", str(extra)))
+    out = tmp_path / "b"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message.replace('{x}', str(extra)))}$"):
+        run_bench(tiny_cfg(out, **{"ipcs": [1], **over}))
+    assert not out.exists()
+
+
+def test_hard_cells_are_reused_when_only_extra_teachers_change(tmp_path):
+    """Hard labels do not use the protocol's extra_teachers, but their count entered the cell's and the
+    evaluation's keys: adding them to a bench trained its hard cells (and the hard evaluation behind every
+    cell's HLR) again. They are now reused, with the same numbers."""
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    cfg = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0])
+    seen = []
+    rows = run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    extra = str(tmp_path / "extra")
+    train_teacher(make_synthetic(), TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)),
+                  extra)
+    more = tiny_cfg(tmp_path / "run", ipcs=[1], seeds=[0],
+                    overrides={**TINY["overrides"], "extra_teachers": [extra]})
+    assert run_bench(more, progress=lambda d, n, r: seen.append(r["reused"])) == rows
+    assert seen == [False, True]
+
+
 def test_relabel_settings_that_fit_pass_the_early_checks(tmp_path, monkeypatch):
     """top_k equal to the class count is stored dense, so it needs no kl loss; relabel settings are not
     asked of a bench without label mode fkd; a hard-label bench trains no teacher, so its model is not built."""

@@ -879,6 +879,89 @@ def test_run_checks_extra_teachers_before_training_the_teacher(setting, message,
     assert list(tmp_path.iterdir()) == []  # no teacher trained
 
 
+@pytest.mark.parametrize("other_data, setting, message", [
+    ({"num_classes": 3}, "evaluate.overrides.extra_teachers=[{x}]",
+     "evaluate.overrides.extra_teachers: teacher '{x}' has 3 classes but dataset 'synthetic' has 4; use a teacher "
+     "trained on this dataset"),
+    ({"image_size": 12}, "evaluate.overrides.extra_teachers=[{x}]",
+     "evaluate.overrides.extra_teachers: teacher '{x}' expects images [1, 12, 12] but dataset 'synthetic' has "
+     "[1, 16, 16]; use the same image size"),
+    ({"num_classes": 3}, "distill.options.extra_teachers=[{x}]",
+     "distill.options.extra_teachers: teacher '{x}' has 3 classes but dataset 'synthetic' has 4; use a teacher "
+     "trained on this dataset"),
+])
+def test_run_refuses_extra_teachers_of_other_data_before_any_stage(other_data, setting, message, tmp_path, capsys):
+    """An extra teacher trained on other data (classes, image size) was refused only where it labelled or
+    synthesised: after the run had trained its teacher (and, for the protocol's, distilled its set). Its manifest is
+    now checked against the data before any stage, in one line naming the setting."""
+    from conftest import REPO
+    from ddkit.data.base import make_synthetic
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    extra = tmp_path / "other"
+    train_teacher(make_synthetic(**other_data), TeacherConfig(model="tiny_convnet",
+                                                             train=TrainConfig(epochs=1, batch_size=32)), extra)
+    code, _, err = run_cli(["run", str(REPO / "configs/fashion-mnist/edc/ipc10.yaml"), "--out", str(tmp_path / "run"),
+                            "-q", "--set", "dataset.name=synthetic", "--set", "distill.ipc=1",
+                            "--set", "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=1",
+                            "--set", "distill.options.extra_teachers=[]", "--set", setting.format(x=extra)], capsys)
+    assert code == 2 and err == f"error: {message.format(x=extra)}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["other"]  # no teacher trained, no set
+
+
+def test_relabel_with_extra_teachers_makes_the_ensembles_store(workdir, tmp_path, capsys):
+    """`ddkit relabel` took one --teacher, so the FKD store of an ensemble (the protocol's extra_teachers) could
+    only be made by `ddkit run` or `ddkit bench`. --extra-teacher (repeatable) labels with the ensemble that an
+    evaluation with those extra_teachers labels with: the store a bench makes (same identity, same accuracy),
+    which `ddkit evaluate --set extra_teachers=[...]` replays."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate import resolve_protocol
+    from ddkit.evaluate.runner import evaluate, labelling_teacher
+    from ddkit.labels import RelabelSpec, SoftLabelStore
+    from ddkit.labels.fkd import store_identity
+    from ddkit.teacher import Teacher, teacher_ensemble
+
+    t, d, extra = workdir / "teacher", workdir / "r5", tmp_path / "extra"
+    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--seed", "3",
+                    "--out", str(extra), "-q"], capsys)[0] == 0
+    code, out, err = run_cli(["relabel", str(d), "--teacher", str(t), "--extra-teacher", str(extra), "--epochs", "2",
+                              "--out", str(tmp_path / "ens.fkd"), "-q"], capsys)
+    assert code == 0, err
+    assert f"--set fkd_store={tmp_path / 'ens.fkd'} --set 'extra_teachers=[{extra}]'" in out
+    store = SoftLabelStore.load(tmp_path / "ens.fkd")
+    both = teacher_ensemble([Teacher.load(t), Teacher.load(extra)])
+    assert store.manifest["teacher"] == {"fingerprint": both.fingerprint, "path": str(t),
+                                         "extra_teachers": [str(extra)]}
+    # the store a bench (or a run, which adds its stage key) makes for a protocol with these extra_teachers
+    fkd = {"student": "tiny_convnet", "label_mode": "fkd", "random_baseline": False, "full_reference": False,
+           "extra_teachers": [str(extra)], "train": {"epochs": 2, "batch_size": 16, "lr": 0.05}}
+    made = RelabelSpec(epochs=2).make(DistilledSet.load(d), labelling_teacher(resolve_protocol("dc-protocol", fkd),
+                                      Teacher.load(t), "cpu"), out=tmp_path / "bench.fkd")
+    assert store_identity(made) == store_identity(store)
+    code, out, err = run_cli(["evaluate", str(d), "--teacher", str(t), "--label-mode", "fkd", "--seeds", "0",
+                              "--set", f"fkd_store={tmp_path / 'ens.fkd'}", "--set", f"extra_teachers=[{extra}]",
+                              "--set", "student=tiny_convnet", "--set", "random_baseline=false",
+                              "--set", "full_reference=false", "--set", "train.epochs=2", "--set",
+                              "train.batch_size=16", "--set", "train.lr=0.05", "--out", str(tmp_path / "ev.json"),
+                              "-q"], capsys)
+    assert code == 0, err
+    rep = json.loads((tmp_path / "ev.json").read_text())
+    assert rep["teacher"]["weights_sha"] == both.fingerprint
+    bench = evaluate(d, resolve_protocol("dc-protocol", {**fkd, "fkd_store": str(tmp_path / "bench.fkd")}), [0],
+                     teacher=t)
+    assert rep["results"] == bench["results"]
+    # a store of another teacher alone: the advice names the flag that makes the ensemble's store
+    assert run_cli(["relabel", str(d), "--teacher", str(extra), "--epochs", "2", "--out", str(tmp_path / "x.fkd"),
+                    "-q"], capsys)[0] == 0
+    code, _, err = run_cli(["evaluate", str(d), "--teacher", str(t), "--label-mode", "fkd", "--seeds", "0",
+                            "--set", f"fkd_store={tmp_path / 'x.fkd'}", "--set", f"extra_teachers=[{extra}]",
+                            "--set", "random_baseline=false", "--set", "full_reference=false", "-q"], capsys)
+    assert code == 2 and err == (f"error: soft-label store was made by teacher {Teacher.load(extra).fingerprint}, not "
+                                 f"{both.fingerprint}; pass the same teacher or re-run `ddkit relabel` with "
+                                 "--extra-teacher DIR for each of the protocol's extra_teachers\n")
+
+
 def test_bench_bar_rate_leaves_out_reused_cells():
     """Finished cells of a resumed bench count toward the bar, not toward its rate and ETA."""
     from ddkit.cli import BenchBars

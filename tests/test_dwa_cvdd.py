@@ -147,9 +147,10 @@ def test_random_baseline_of_committee_labels_is_labelled_by_the_committee(data, 
     alone = runner.teacher_logits(teachers[0], subset.images, data.mean, data.std, "cpu", seed=seed)
     assert not torch.allclose(stored, alone, atol=1e-3)
     # the protocol's extra_teachers are left out: the committee labels it with the set's teacher in its first seat
+    # (in another cache: the random subset's student of the protocol without them is reused otherwise)
     seen.clear()
     runner.evaluate(ds, resolve_protocol(protocol, {"extra_teachers": [str(teachers[2].path)]}), [0], data=data,
-                    teacher=teachers[0], cache_dir=tmp_path / "cache")
+                    teacher=teachers[0], cache_dir=tmp_path / "cache-extra")
     assert seen[1][0].images.equal(subset.images) and torch.allclose(seen[1][1], want, atol=1e-5)
     # a set made before its committee was recorded: its extra_teachers, each read once
     import copy

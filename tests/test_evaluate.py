@@ -441,9 +441,8 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
     shutil.copytree(tmp_path / "other", tmp_path / "moved")
     assert teacher_ensemble([teacher, Teacher.load(tmp_path / "moved")]).fingerprint == both.fingerprint
     here, there = ({"extra_teachers": [str(tmp_path / p)]} for p in ("other", "moved"))
-    assert (resolve_protocol(tiny_protocol, here).hash == resolve_protocol(tiny_protocol, there).hash
-            != tiny_protocol.hash)
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher", "random_baseline": False, "full_reference": False})
+    assert resolve_protocol(soft, here).hash == resolve_protocol(soft, there).hash != soft.hash
     alone = evaluate(ds, soft, [0], data=data, teacher=teacher)
     # label mode teacher asks the teacher: the set's own soft labels (16 x 4 float32) are not counted
     assert ds.soft_labels is not None
@@ -476,9 +475,9 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
                         or real(*a, **k))
     monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", False)
     alone = evaluate(ds, stored, [0], data=data, teacher=teacher, cache_dir=tmp_path / "c")
-    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):  # another cache: the random subsets train again
         both = [evaluate(ds, resolve_protocol(stored, {"extra_teachers": [str(tmp_path / "other")]}), [s], data=data,
-                         teacher=teacher, cache_dir=tmp_path / "c") for s in (0, 1)]
+                         teacher=teacher, cache_dir=tmp_path / "c2") for s in (0, 1)]
     assert sum("does not use the protocol's extra_teachers" in r.message for r in caplog.records) == 1
     assert both[0]["results"] == alone["results"]
     assert both[0]["teacher"] == alone["teacher"] == teacher.record()
@@ -486,6 +485,54 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
     images, labels = targets[3]
     want = runner.teacher_logits(teacher, images, data.mean, data.std, "cpu", seed=runner.RANDOM_SEED_OFFSET)
     assert torch.equal(labels, want)  # the random subset's targets: the set's teacher's logits, as the set's own
+
+
+def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setup, tmp_path, monkeypatch):
+    """Label modes hard and stored do not use the protocol's extra_teachers, but their count entered the protocol's
+    hash, so adding them to a run, a bench or `ddkit evaluate` trained the same students again (the random subset's
+    cached students too). Their keys now leave them out; keys without them are those ddkit made before (old run
+    folders and caches are reused), and the modes that label with the ensemble still key it."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.pipeline import RunConfig, ensemble_identity, protocol_inputs, run
+
+    extra = [str(setup[3] / "teacher")]
+    # the hashes of protocols without extra_teachers, as ddkit made them before
+    assert [resolve_protocol("dc-protocol", {"label_mode": m}).hash for m in ("hard", "stored", "teacher", "fkd")] == [
+        "26ab4d31935aff70", "e74f03ae3a0271a8", "2d0cf509f999d7a3", "dc584e20b1148f68"]
+    for mode in ("hard", "stored"):
+        alone = resolve_protocol("dc-protocol", {"label_mode": mode})
+        both = resolve_protocol(alone, {"extra_teachers": extra})
+        assert both.hash == alone.hash and ensemble_identity(both) == protocol_inputs(both) == {}
+    soft = resolve_protocol("dc-protocol", {"label_mode": "teacher"})
+    assert resolve_protocol(soft, {"extra_teachers": extra}).hash != soft.hash
+    assert ensemble_identity(resolve_protocol(soft, {"extra_teachers": extra})) == {
+        "extra_teacher_weights": [setup[1].fingerprint]}
+
+    def config(extra_teachers: list[str]) -> RunConfig:
+        return from_dict(RunConfig, {
+            "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+            "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+            "distill": {"method": "random", "ipc": 2, "soft_labels": True},
+            "evaluate": {"label_modes": ["hard", "stored"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "full_reference": False, "extra_teachers": extra_teachers,
+                "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}}}})
+
+    first = run(config([]))
+    trained = []
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(a) or 0.5)
+    again = run(config(extra))
+    assert again["reused"] == ["teacher", "distilled", "eval-hard.json", "eval-stored.json"] and trained == []
+    assert [e["results"] for e in again["evaluations"]] == [e["results"] for e in first["evaluations"]]
+    # `ddkit evaluate`'s random subset (cached by the protocol): read back, not trained again
+    hard = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_reference": False,
+                                            "train": {"epochs": 2, "batch_size": 32}})
+    ds = tmp_path / "run" / "distilled"
+    monkeypatch.undo()
+    alone = evaluate(ds, hard, [0], data=setup[0], cache_dir=tmp_path / "c")
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(a[0]) or 0.5)
+    both = evaluate(ds, resolve_protocol(hard, {"extra_teachers": extra}), [0], data=setup[0],
+                    cache_dir=tmp_path / "c")
+    assert len(trained) == 1 and both["results"]["random"] == alone["results"]["random"]  # only the set's student
 
 
 def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):

@@ -65,7 +65,7 @@ from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
-from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
+from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, merge_overrides, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
@@ -76,6 +76,7 @@ from ddkit.pipeline import (
     DistillConfig,
     check_learned_lr,
     check_student,
+    check_teacher_folders,
     discard_work,
     distill,
     distill_hash,
@@ -566,32 +567,24 @@ def check_relabel(cfg: BenchConfig, data: DataBundle) -> None:
     cfg.relabel.check(data.num_classes, data.name, losses, "use a protocol whose soft-label loss is kl")
 
 
-def check_extra_teachers(cfg: BenchConfig) -> None:
-    """Read the manifest of every teacher artifact that a method option or a protocol names by path
-    (``extra_teachers``; ``@name`` ones are the bench's pool): one that is missing or not a teacher
-    fails before any output is written, not at its synthesis or first cell."""
-    from ddkit.artifacts import read_manifest
-    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
-
+def check_extra_teachers(cfg: BenchConfig, data: DataBundle) -> None:
+    """Read the manifest of every teacher artifact that a method option or a protocol of a label mode that labels
+    with them names by path (``extra_teachers``; ``@name`` ones are the bench's pool, trained on ``data``): one that
+    is missing, not a teacher or made for other data than ``data`` (classes, image shape) fails before any output is
+    written, not at its synthesis or first cell."""
     for m in cfg.methods:
         for ipc in cfg.method_ipcs_of(m.key):
-            for ref in merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", []):
-                if isinstance(ref, str) and not ref.startswith("@"):
-                    try:
-                        read_manifest(ref, TEACHER_KIND)
-                    except DDKitError as e:
-                        raise keyed(f"methods[{m.key}].options.extra_teachers", e) from None
+            refs = merge_overrides(m.options, m.ipc_options.get(ipc, {})).get("extra_teachers", [])
+            check_teacher_folders([r for r in refs if isinstance(r, str) and not r.startswith("@")], data,
+                                  f"methods[{m.key}].options.extra_teachers")
     for student in cfg.students:
         for ipc in cfg.student_ipcs_of(student):
             for mode in cfg.label_modes:
-                if mode == "hard":  # hard labels ask no teacher
+                if mode in UNLABELLED_BY_ENSEMBLE:  # hard and stored labels ask no extra teacher
                     continue
-                for ref in cfg.protocol_for(student, mode, ipc=ipc).extra_teachers:
-                    try:
-                        read_manifest(ref, TEACHER_KIND)
-                    except DDKitError as e:
-                        raise ConfigError(f"extra_teachers of protocol {cfg.protocol!r} for student "
-                                          f"{student!r}, IPC {ipc}, label mode {mode!r}: {e}") from None
+                check_teacher_folders(cfg.protocol_for(student, mode, ipc=ipc).extra_teachers, data,
+                                      f"extra_teachers of protocol {cfg.protocol!r} for student {student!r}, IPC "
+                                      f"{ipc}, label mode {mode!r}")
 
 
 class _Bench:
@@ -624,7 +617,7 @@ class _Bench:
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)
-        check_extra_teachers(cfg)
+            check_extra_teachers(cfg, data)
         for spec in cfg.methods:  # learned_lr protocols need a set that learned its lr
             check_learned_lr(spec.name, [cfg.protocol_for(st, mode, ipc=ipc) for st in cfg.students
                                          for ipc in cfg.student_ipcs_of(st) for mode in cfg.label_modes],

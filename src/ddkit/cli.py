@@ -579,6 +579,7 @@ def cmd_relabel(args) -> int:
     from ddkit.artifacts import check_output_dir, hidden_path, writing
     from ddkit.config import apply_overrides
     from ddkit.distilled import DistilledSet
+    from ddkit.evaluate.runner import ensemble_with
     from ddkit.labels import relabel
     from ddkit.labels.fkd import KIND as FKD_KIND
     from ddkit.teacher import Teacher
@@ -588,6 +589,9 @@ def cmd_relabel(args) -> int:
     teacher = Teacher.load(args.teacher, device)
     if teacher.classes != distilled.classes:
         raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")
+    extra = list(args.extra_teacher or [])
+    if extra:  # the ensemble an evaluation with extra_teachers labels with (labelling_teacher): its store
+        teacher = ensemble_with(teacher, extra, device)
     options = apply_overrides({}, list(args.augment_option or []))
     if args.out is None:  # beside the set's folder, however it was named (`set/.`, `set/manifest.json`)
         folder = Path(distilled.path)
@@ -608,8 +612,10 @@ def cmd_relabel(args) -> int:
             return 0
         shutil.rmtree(work, ignore_errors=True)
     _print(f"FKD soft labels: {store.epochs} epochs x {store.num_images} images, {store.nbytes:,} bytes -> {out}")
+    members = ",".join(extra)  # as the mismatch error of an ensemble's store names them
+    ensemble = f" --set {shlex.quote(f'extra_teachers=[{members}]')}" if extra else ""
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
-           f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}")
+           f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}{ensemble}")
     return 0
 
 
@@ -729,6 +735,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
     sp.add_argument("distilled")
     sp.add_argument("--teacher", required=True, help="teacher artifact directory")
+    sp.add_argument("--extra-teacher", action="append", metavar="DIR",
+                    help="another teacher artifact directory (repeatable): label with the equal-weight ensemble of "
+                    "--teacher and these, the store an evaluation with --set extra_teachers=[DIR,...] replays")
     sp.add_argument("--epochs", type=int, default=300, help="epochs of stored views (match the protocol's epochs)")
     sp.add_argument("--augment", default="rrc_flip", help="augmentation of the stored views")
     sp.add_argument("--augment-option", action="append", metavar="KEY=VALUE", help="e.g. scale_min=0.08")

@@ -39,7 +39,7 @@ from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
@@ -52,6 +52,7 @@ from ddkit.teacher import (
     TeacherConfig,
     as_teacher,
     check_teacher,
+    check_teacher_artifact,
     saved_teacher,
     train_teacher,
 )
@@ -402,13 +403,12 @@ def teacher_weights(paths: list[str]) -> list[str]:
 def ensemble_identity(protocol: ProtocolConfig) -> dict:
     """For keys of ``protocol``'s evaluations: the weights of its ``extra_teachers``, which its hash
     counts only (they form an ensemble with the teacher in label modes teacher and fkd). Empty without
-    an ensemble, so the keys of other evaluations keep their values. Label mode stored leaves them out
-    (both sides are labelled as the set's stored labels were made): a marker, so evaluations that ddkit
-    before 2026-12-07 made with the random subset labelled by the ensemble are not reused."""
-    if not protocol.extra_teachers or protocol.label_mode == "hard":
+    an ensemble, so the keys of other evaluations keep their values, and in label modes hard and stored,
+    which do not use them (their hash leaves them out too: the evaluation is the one without them; those
+    that ddkit before 2026-12-07 made in mode stored with the random subset labelled by the ensemble had
+    their count in the hash, so they are not reused)."""
+    if not protocol.extra_teachers or protocol.label_mode in UNLABELLED_BY_ENSEMBLE:
         return {}
-    if protocol.label_mode == "stored":
-        return {"extra_teachers": "unused"}
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
@@ -452,13 +452,11 @@ def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
     options, the evaluation protocols and their overrides, the students, label modes without the
-    teacher or soft labels they need, extra teachers that are not there."""
-    from ddkit.teacher.squeeze import KIND as TEACHER_KIND
-
+    teacher or soft labels they need, extra teachers that are not there or were made for other data."""
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
-    for path in getattr(method_cfg, "extra_teachers", None) or []:  # read after the teacher stage otherwise
-        read_manifest(path, TEACHER_KIND)
+    # read after the teacher stage otherwise: one of other data is refused before any teacher trains
+    check_teacher_folders(getattr(method_cfg, "extra_teachers", None) or [], data, "distill.options.extra_teachers")
     if method.uses_ipc and method.ipc_within_class_size:
         check_ipc(data, cfg.distill.ipc)
     if method.needs_teacher and cfg.teacher is None:
@@ -482,9 +480,22 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                               "distill.soft_labels: true")
         if mode == "fkd":
             check_fkd(cfg, data, protocol)
-        for path in protocol.extra_teachers if mode != "hard" else []:  # hard labels ask no teacher
-            read_manifest(path, TEACHER_KIND)
+        if mode not in UNLABELLED_BY_ENSEMBLE:  # hard and stored ask no extra teacher; the others after the set
+            check_teacher_folders(protocol.extra_teachers, data, "evaluate.overrides.extra_teachers"
+                                 if "extra_teachers" in cfg.evaluate.overrides else
+                                 f"evaluate.protocol {cfg.evaluate.protocol!r}'s extra_teachers")
         check_student(protocol, data)
+
+
+def check_teacher_folders(paths: list[str], data: DataBundle, key: str) -> None:
+    """Refuse, naming the config ``key`` that lists them, an extra teacher in ``paths`` that is missing, no teacher
+    artifact, or made for other data than ``data`` (classes, image shape): from its manifest, before any stage runs
+    (its weights are read where it labels)."""
+    for path in paths:
+        try:
+            check_teacher_artifact(path, data)
+        except DDKitError as e:
+            raise keyed(key, e) from None
 
 
 def check_fkd(cfg: RunConfig, data: DataBundle, protocol: ProtocolConfig) -> None:

@@ -29,6 +29,10 @@ _UNKNOWN_STUDENTS: set[str] = set()  # students warned about once per process
 MIN_TEMPERATURE = 2.0**-126  # float32's smallest normal number: 1/T <= 8.5e37
 MAX_TEMPERATURE = math.sqrt(3.4028234663852886e38)  # float32's largest number, the bound of T²
 
+# label modes that do not use a protocol's extra_teachers (hard: the set's labels; stored: the labels the set was
+# made with, and the random subset's as they were made): their keys leave them out, so their evaluations are reused
+UNLABELLED_BY_ENSEMBLE = ("hard", "stored")
+
 # what a protocol's hash holds for its FKD store: the path names no content, the keys add the content
 FKD_STORE_MARK = "<keyed by the store's content>"
 
@@ -103,13 +107,16 @@ class ProtocolConfig(Checked):
         behaviour from before they existed (fields declared ``added``, e.g. an empty ``extra_teachers``:
         no ensemble; ``teacher_bn`` running with no ``teacher_bn_batch``), which are left out so hashes
         stay those of older protocols; with an EMA student, a marker of the EMA's decay warm-up.
-        ``extra_teachers`` enter as their count: every key of an evaluation adds their weights
-        (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so a moved
-        or copied ensemble keeps its evaluations. ``fkd_store`` enters as a marker for the same reason:
+        ``extra_teachers`` enter as their count in label modes teacher and fkd: every key of an evaluation
+        adds their weights (:func:`ddkit.pipeline.ensemble_identity`, or the ensemble teacher's fingerprint), so
+        a moved or copied ensemble keeps its evaluations; label modes hard and stored, which do not use them,
+        leave them out (their evaluations are those without them). ``fkd_store`` enters as a marker for the same reason:
         the keys add the store's content (:func:`ddkit.pipeline.protocol_inputs`). A student model from outside
         ddkit (a plugin) adds the sha256 of its source, so cached evaluations of an edited one are not reused."""
         out = to_dict(self, identity=True)
-        if "extra_teachers" in out:
+        if "extra_teachers" in out and self.label_mode in UNLABELLED_BY_ENSEMBLE:
+            del out["extra_teachers"]
+        elif "extra_teachers" in out:
             out["extra_teachers"] = len(out["extra_teachers"])
         if out.get("fkd_store"):
             out["fkd_store"] = FKD_STORE_MARK

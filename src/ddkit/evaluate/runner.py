@@ -45,7 +45,7 @@ from ddkit.determinism import global_rng
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
 from ddkit.evaluate.tables import format_table  # noqa: F401  (defined here before)
 from ddkit.methods.random import stratified_indices
 from ddkit.models import create_model
@@ -320,14 +320,20 @@ def labelling_teacher(protocol: ProtocolConfig, teacher, device):
     """The teacher that labels in ``protocol``'s label mode: ``teacher``, or with ``extra_teachers`` in label
     modes teacher and fkd the equal-weight ensemble of it and them (:func:`evaluate` labels with it; ``ddkit run``
     and ``ddkit bench`` make fkd stores with it, so a store's teacher is the evaluation's)."""
-    if not protocol.extra_teachers or protocol.label_mode in ("hard", "stored") or teacher is None:
+    if not protocol.extra_teachers or protocol.label_mode in UNLABELLED_BY_ENSEMBLE or teacher is None:
         return teacher
+    return ensemble_with(teacher, protocol.extra_teachers, device)
+
+
+def ensemble_with(teacher, extra_teachers: list[str], device):
+    """The equal-weight ensemble of ``teacher`` and the teacher artifacts at ``extra_teachers`` (folders), as
+    :func:`labelling_teacher` labels with (``ddkit relabel --extra-teacher`` makes its FKD store with it)."""
     from ddkit.teacher import Teacher, teacher_ensemble
 
-    for p in protocol.extra_teachers:
+    for p in extra_teachers:
         if not Path(p).exists():
             raise DDKitError(f"extra teacher {p!r} not found; give the folder of a `ddkit teacher` artifact")
-    return teacher_ensemble([teacher] + [Teacher.load(p, device) for p in protocol.extra_teachers])
+    return teacher_ensemble([teacher] + [Teacher.load(p, device) for p in extra_teachers])
 
 
 def check_random_ipc(data: DataBundle, ipc: int, fix: str = "--set random_baseline=false") -> None:
@@ -571,11 +577,12 @@ def evaluate(
                              "fkd_store out (it is read from there)")
         store = fkd_store if fkd_store is not None else SoftLabelStore.load(protocol.fkd_store)
         if protocol.extra_teachers and store.manifest["teacher"]["fingerprint"] == alone != teacher.fingerprint:
-            # the advice of check_matches (relabel with the same teacher) cannot make an ensemble's store
+            # check_matches would advise passing the same teacher, which the protocol's ensemble replaces
             raise DDKitError(f"the FKD store was labelled by teacher {alone} alone, but with the protocol's "
                              f"extra_teachers label mode fkd uses their ensemble {teacher.fingerprint}; evaluate "
-                             "without them (--set extra_teachers=[]), or let `ddkit run` / `ddkit bench` make the "
-                             "store with the ensemble")
+                             "without them (--set extra_teachers=[]), or make the store with the ensemble "
+                             "(`ddkit relabel` with --extra-teacher DIR for each of them, or `ddkit run` / `ddkit "
+                             "bench`)")
         store.check_matches(distilled, teacher)
         # the report names the store by content: one in memory has no path
         store_record = {"path": recorded_path(store.path), "identity": store_identity(store)}

@@ -343,15 +343,19 @@ class SoftLabelStore:
         if (teacher is not None and hasattr(teacher, "fingerprint")
                 and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]):
             made = self.manifest["teacher"]
-            if "extra_teachers" in made:  # `ddkit relabel` cannot make an ensemble's store: name its members
+            if "extra_teachers" in made:  # an ensemble's store (run, bench, relabel --extra-teacher): name its members
                 raise DDKitError(
                     f"soft-label store was made by the ensemble {made['fingerprint']} of teacher {made['path']!r} and "
                     f"extra_teachers {made['extra_teachers']}, not by {teacher.fingerprint}; pass that teacher with "
                     f"--set \"extra_teachers=[{','.join(map(str, made['extra_teachers']))}]\""
                 )
+            # an evaluation's ensemble (the protocol's extra_teachers) is relabelled with the same members
+            again = ("re-run `ddkit relabel` with --extra-teacher DIR for each of the protocol's extra_teachers"
+                     if len((getattr(teacher, "manifest", None) or {}).get("ensemble") or []) > 1
+                     else "re-run `ddkit relabel`")
             raise DDKitError(
                 f"soft-label store was made by teacher {made['fingerprint']}, not "
-                f"{teacher.fingerprint}; pass the same teacher or re-run `ddkit relabel`"
+                f"{teacher.fingerprint}; pass the same teacher or {again}"
             )
 
     # --- replay --------------------------------------------------------------------------------

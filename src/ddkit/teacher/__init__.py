@@ -5,11 +5,12 @@ from ddkit.teacher.squeeze import (
     TeacherConfig,
     as_teacher,
     check_teacher,
+    check_teacher_artifact,
     import_teacher,
     saved_teacher,
     teacher_ensemble,
     train_teacher,
 )
 
-__all__ = ["Teacher", "TeacherConfig", "as_teacher", "check_teacher", "import_teacher", "saved_teacher",
-           "teacher_ensemble", "train_teacher"]
+__all__ = ["Teacher", "TeacherConfig", "as_teacher", "check_teacher", "check_teacher_artifact", "import_teacher",
+           "saved_teacher", "teacher_ensemble", "train_teacher"]

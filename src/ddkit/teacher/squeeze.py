@@ -105,34 +105,7 @@ class Teacher(DescribesDataset):
     def check_compatible(self, data: DataBundle) -> None:
         """Fail unless ``data`` has the teacher's class names, order and image shape (an error names the
         teacher's folder, which tells an extra teacher or committee member from the main one)."""
-        mine = self.classes
-        who = f"teacher {str(self.path)!r}" if self.path is not None else "teacher"
-        if len(mine) != data.num_classes:
-            raise DDKitError(
-                f"{who} has {len(mine)} classes but dataset {data.name!r} has {data.num_classes}; "
-                "use a teacher trained on this dataset"
-            )
-        if sorted(mine) != sorted(data.classes):  # other names: no order of this data's classes fits
-            raise DDKitError(f"{who} classes {mine} differ from dataset {data.name!r}'s {list(data.classes)}; use a "
-                             "teacher trained on this data")
-        if mine != list(data.classes):
-            diff = next(i for i, (a, b) in enumerate(zip(mine, data.classes)) if a != b)
-            raise DDKitError(
-                f"{who} class order differs from dataset {data.name!r} at index {diff} "
-                f"({mine[diff]!r} vs {data.classes[diff]!r}); "
-                + ("pass dataset.classes in the teacher's order" if reorders_classes(data) else
-                   "re-order the labels and 'classes' in the data, or train a teacher on this data")
-            )
-        shape = list(self.manifest["model"]["input_shape"])
-        if shape[0] != data.image_shape[0]:
-            raise DDKitError(f"{who} expects {shape[0]}-channel images but dataset {data.name!r} has "
-                             f"{data.image_shape[0]}-channel ones (grayscale vs colour); use a teacher trained on "
-                             "this data")
-        if shape != list(data.image_shape):
-            raise DDKitError(
-                f"{who} expects images {shape} but dataset {data.name!r} has {list(data.image_shape)}; "
-                "use the same image size"
-            )
+        check_describes(self.manifest, self.path, data)
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
@@ -190,6 +163,47 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"{str(path / WEIGHTS)!r} does not hold the weights its manifest names (weights_sha "
                              f"{manifest['weights_sha']}); the teacher artifact is damaged: re-create it")
         return cls(model.to(device), manifest, path.absolute())
+
+
+def check_describes(manifest: dict[str, Any], path: Path | None, data: DataBundle) -> None:
+    """Fail unless ``data`` has the class names, order and image shape of the teacher whose manifest is
+    ``manifest`` (:meth:`Teacher.check_compatible`; ``path``: its folder, named in the error)."""
+    mine = list(manifest["dataset"]["classes"])
+    who = f"teacher {str(path)!r}" if path is not None else "teacher"
+    if len(mine) != data.num_classes:
+        raise DDKitError(
+            f"{who} has {len(mine)} classes but dataset {data.name!r} has {data.num_classes}; "
+            "use a teacher trained on this dataset"
+        )
+    if sorted(mine) != sorted(data.classes):  # other names: no order of this data's classes fits
+        raise DDKitError(f"{who} classes {mine} differ from dataset {data.name!r}'s {list(data.classes)}; use a "
+                         "teacher trained on this data")
+    if mine != list(data.classes):
+        diff = next(i for i, (a, b) in enumerate(zip(mine, data.classes)) if a != b)
+        raise DDKitError(
+            f"{who} class order differs from dataset {data.name!r} at index {diff} "
+            f"({mine[diff]!r} vs {data.classes[diff]!r}); "
+            + ("pass dataset.classes in the teacher's order" if reorders_classes(data) else
+               "re-order the labels and 'classes' in the data, or train a teacher on this data")
+        )
+    shape = list(manifest["model"]["input_shape"])
+    if shape[0] != data.image_shape[0]:
+        raise DDKitError(f"{who} expects {shape[0]}-channel images but dataset {data.name!r} has "
+                         f"{data.image_shape[0]}-channel ones (grayscale vs colour); use a teacher trained on "
+                         "this data")
+    if shape != list(data.image_shape):
+        raise DDKitError(
+            f"{who} expects images {shape} but dataset {data.name!r} has {list(data.image_shape)}; "
+            "use the same image size"
+        )
+
+
+def check_teacher_artifact(path: str | Path, data: DataBundle) -> None:
+    """Fail unless the teacher artifact at ``path`` is one and describes ``data`` (:func:`check_describes`),
+    from its manifest alone: its weights are not read (an extra teacher is checked before any stage runs)."""
+    path = artifact_folder(path, KIND)
+    manifest = read_manifest(path, KIND, require={"model.input_shape": list, "dataset.classes": list})
+    check_describes(manifest, path.absolute(), data)
 
 
 def _meta_state(name: str, in_channels: int, num_classes: int, image_size: int,
