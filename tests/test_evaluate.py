@@ -267,6 +267,27 @@ def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protoco
     assert a["key"] != b["key"] and len(list((tmp_path / "full-reference").glob("*.json"))) == 2
 
 
+def test_the_order_the_seeds_are_written_in_changes_no_number(setup, tiny_protocol, tmp_path):
+    """`--seeds 1,0` reported the full-data reference of seed 1 and `--seeds 0,1` that of seed 0 (the first
+    full_seeds seeds as written; in a bench HLR and LRS changed with it): the reference trains from the smallest
+    seeds, and the report lists the seeds sorted. Run and bench configs keep their seeds sorted, so their keys
+    agree too."""
+    from ddkit.bench import BenchConfig
+    from ddkit.evaluate.runner import full_reference
+    from ddkit.pipeline import EvalConfig
+
+    data, _, ds, _ = setup
+    p = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 2}})
+    first = full_reference(data, p, [0], "cpu", tmp_path / "c0")
+    assert full_reference(data, p, [1], "cpu", tmp_path / "c1")["mean"] != first["mean"]  # the order matters here
+    a = evaluate(ds, p, [0, 1], data=data, cache_dir=tmp_path / "a")
+    b = evaluate(ds, p, [1, 0], data=data, cache_dir=tmp_path / "b")
+    assert a["seeds"] == b["seeds"] == [0, 1] and b["results"] == a["results"]
+    assert b["results"]["full"]["mean"] == first["mean"] and b["results"]["full"]["key"] == first["key"]
+    assert full_reference(data, p, [1, 0], "cpu", tmp_path / "c0")["key"] == first["key"]
+    assert EvalConfig(seeds=[2, 0, 1]).seeds == BenchConfig(seeds=[2, 0, 1]).seeds == [0, 1, 2]
+
+
 def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protocol, tmp_path, monkeypatch):
     """A bench evaluates again under another torch thread count (float sums depend on it), but the random subset's
     and the full data's students still came from the cache, trained under the other count, while the report

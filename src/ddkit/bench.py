@@ -135,7 +135,8 @@ class BenchConfig(Checked):
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
     relabel: RelabelSpec = field(factory=RelabelSpec,
                                  help="label mode fkd: how each set's per-epoch soft labels are stored")
-    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them)")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them), in any "
+                             "order (kept sorted: the same cells however they are written)")
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
@@ -162,6 +163,7 @@ class BenchConfig(Checked):
     def __post_init__(self) -> None:
         self.datasets = [DatasetConfig(name=d) if isinstance(d, str) else d for d in self.datasets]
         self.methods = [MethodSpec(name=m) if isinstance(m, str) else m for m in self.methods]
+        self.seeds = sorted(self.seeds)
         problems = []
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):

@@ -106,10 +106,12 @@ class EvalConfig(Checked):
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
     label_modes: list[str] = field(["hard"],
                                    help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
-    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds, in any order (kept sorted: the same "
+                             "evaluation however they are written)")
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
+        self.seeds = sorted(self.seeds)
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
