@@ -556,6 +556,57 @@ def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setu
     assert len(trained) == 1 and both["results"]["random"] == alone["results"]["random"]  # only the set's student
 
 
+def test_a_teacher_free_set_and_its_hard_evaluation_are_kept_when_only_the_teacher_changes(tmp_path, monkeypatch):
+    """dm reads no teacher (uses_teacher = False), but the run's teacher was part of its set's identity and of the
+    hard-label evaluation's key: another teacher seed synthesised the same images and trained the same students
+    again. Both are now kept; a set and report ddkit made before (keyed with their teacher) are still reused, with
+    that teacher or another."""
+    import ddkit.pipeline as pipeline
+    from ddkit.config import config_hash
+    from ddkit.data import load_dataset
+    from ddkit.pipeline import RunConfig, distill_hash, run
+
+    def config(teacher_seed: int) -> RunConfig:
+        return from_dict(RunConfig, {
+            "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+            "teacher": {"model": "tiny_convnet", "seed": teacher_seed, "train": {"epochs": 1, "batch_size": 32}},
+            "distill": {"method": "dm", "ipc": 2, "options": {"iterations": 2, "model": "tiny_convnet",
+                                                              "batch_real": 8}},
+            "evaluate": {"label_modes": ["hard"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+                "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}}}})
+
+    first = run(config(0))
+    ddir, report = tmp_path / "run/distilled", tmp_path / "run/eval-hard.json"
+    images = (ddir / "images.safetensors").read_bytes()
+    made = json.loads((ddir / "manifest.json").read_text())
+    assert made["teacher"] is None  # it did not make the set
+    assert json.loads(report.read_text())["teacher"] is None
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: pytest.fail("the dm set was synthesised again"))
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: pytest.fail("the hard-label students trained again"))
+    again = run(config(1))
+    assert again["reused"] == ["distilled", "eval-hard.json"]  # the teacher is new, the rest is kept
+    assert again["evaluations"][0]["results"] == first["evaluations"][0]["results"]
+    assert (ddir / "images.safetensors").read_bytes() == images
+
+    # as ddkit until 2026-12-07 wrote them: the run's teacher recorded in the set and in both keys
+    cfg = config(1)
+    teacher = json.loads((tmp_path / "run/teacher/manifest.json").read_text())
+    man = json.loads((ddir / "manifest.json").read_text())
+    man["teacher"] = {"path": str(tmp_path / "run/teacher"), "weights_sha": teacher["weights_sha"]}
+    man["config_hash"] = distill_hash(cfg.distill, load_dataset(cfg.dataset), teacher["weights_sha"],
+                                      teacher_free=False)
+    assert man["config_hash"] != made["config_hash"]
+    (ddir / "manifest.json").write_text(json.dumps(man))
+    rep = json.loads(report.read_text())
+    protocol = cfg.evaluate.protocols()[0]
+    rep["run_hash"] = config_hash({"protocol": protocol.hash, "seeds": [0], "distilled": man["config_hash"],
+                                   "teacher": teacher["weights_sha"]})
+    report.write_text(json.dumps(rep))
+    assert run(cfg)["reused"] == ["teacher", "distilled", "eval-hard.json"]
+    assert run(config(0))["reused"] == ["distilled", "eval-hard.json"]
+
+
 def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     """Label mode fkd with extra_teachers labels with the ensemble: `ddkit run` made its store with the teacher
     alone, so the evaluation refused it (and advised a relabel that could not make an ensemble's store). The run

@@ -82,6 +82,7 @@ from ddkit.pipeline import (
     distill_hash,
     ensemble_identity,
     protocol_inputs,
+    reusable_set,
     reusable_stage,
     work_dir,
 )
@@ -481,12 +482,12 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
     stats_path = ddir.parent / f"{ddir.name}.synthesis.json"
     want = distill_hash(dist_cfg, data, teacher)
     made = read_json(stats_path) if stats_path.is_file() else {}
-    made = made if made.get("config_hash") == want else {}
-    if made and isinstance(reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                                          and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"),
-                           DistilledSet):
-        discard_work(ddir, want)
+    # the set's own key: want, or the older one it is still reused by (reusable_set)
+    if made and isinstance(found := reusable_set(ddir, dist_cfg, data, teacher, want), DistilledSet) and (
+            made.get("config_hash") == found.manifest["config_hash"]):
+        discard_work(ddir, made["config_hash"])
         return made
+    made = made if made.get("config_hash") == want else {}
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
     # the set) is timed from the resume only: the record says so
     work = work_dir(ddir, want)
