@@ -663,6 +663,49 @@ def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     assert rep["teacher"]["weights_sha"] == own.fingerprint
 
 
+def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_path):
+    """`ddkit run` records its labels stage's key in its store's manifest, which the store's identity hashed: the
+    store `ddkit relabel` made from the same set and teacher with the same settings (the same bytes) had another
+    identity, so evaluations keyed by it were not shared. The process count was hashed too, although relabel gives
+    the single-process bytes on any number (2 ranks: tests/test_distributed.py). Reports a run keyed by the old
+    identity are still reused."""
+    from ddkit.config import config_hash
+    from ddkit.labels import relabel
+    from ddkit.labels.fkd import FILE, store_identity
+    from ddkit.pipeline import RunConfig, run
+
+    cfg = from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+        "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+        "distill": {"method": "random", "ipc": 2}, "relabel": {"epochs": 2},
+        "evaluate": {"label_modes": ["fkd"], "seeds": [0], "overrides": {
+            "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}}})
+    run(cfg)
+    labels = tmp_path / "run" / "labels"
+    made = relabel(tmp_path / "run" / "distilled", tmp_path / "run" / "teacher", 2, out=tmp_path / "made.fkd")
+    assert (labels / FILE).read_bytes() == (made.path / FILE).read_bytes()
+    assert "config_hash" in json.loads((labels / "manifest.json").read_text())  # the run's key: kept, not hashed
+    assert store_identity(labels) == store_identity(made.path) == store_identity(made) != store_identity(
+        labels, legacy=True)
+    # as a 2-process relabel records it
+    man = json.loads((made.path / "manifest.json").read_text())
+    man["run"]["world_size"] = 2
+    (made.path / "manifest.json").write_text(json.dumps(man))
+    assert store_identity(made.path) == store_identity(labels)
+
+    report = tmp_path / "run" / "eval-fkd.json"
+    rep = json.loads(report.read_text())
+    assert rep["fkd_store"]["identity"] == store_identity(labels)
+    protocol = cfg.evaluate.protocols(fkd_store=str(labels))[0]
+    rep["run_hash"] = config_hash({  # the key ddkit until 2026-12-07 gave it
+        "protocol": protocol.hash, "seeds": [0],
+        "distilled": json.loads((tmp_path / "run/distilled/manifest.json").read_text())["config_hash"],
+        "teacher": rep["teacher"]["weights_sha"], "fkd_store": store_identity(labels, legacy=True)})
+    report.write_text(json.dumps(rep))
+    assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
+
+
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):
     """learned_lr (MTT's evaluation): the distilled set's and the random subset's students train with
     the set's meta syn_lr, exactly as a protocol with that train.lr; sets without one are refused."""

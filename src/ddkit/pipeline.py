@@ -425,14 +425,15 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
-def protocol_inputs(protocol: ProtocolConfig) -> dict:
+def protocol_inputs(protocol: ProtocolConfig, legacy: bool = False) -> dict:
     """For keys of ``protocol``'s evaluations: what it reads from disk, which its hash names only by
     count or marker: the extra teachers' weights (:func:`ensemble_identity`) and, in label mode fkd,
     the FKD store's content (a store re-made in place with other settings must not reuse the old
-    one's evaluations; a moved or copied one keeps them)."""
+    one's evaluations; a moved or copied one keeps them; ``legacy``: its identity as ddkit until 2026-12-07
+    gave it, :func:`store_identity`)."""
     out = ensemble_identity(protocol)
     if protocol.label_mode == "fkd" and protocol.fkd_store:
-        out["fkd_store"] = store_identity(protocol.fkd_store)
+        out["fkd_store"] = store_identity(protocol.fkd_store, legacy=legacy)
     return out
 
 
@@ -616,14 +617,15 @@ def run(
         path = out / f"eval-{protocol.label_mode}.json"
         # hard labels ask no teacher (nor do their random subset and full-data reference): the evaluation is the same
         # whichever teacher the run has. Reports ddkit until 2026-12-07 wrote are reused too: their key named the
-        # teacher in label mode hard as well (the run's, which its set records)
+        # teacher in label mode hard as well (the run's, which its set records), and an FKD store by its legacy
+        # identity (protocol_inputs)
         hard = protocol.label_mode == "hard"
         labels_with = None if hard else teacher
         fp = teacher.fingerprint if labels_with is not None else None
         keys = list(dict.fromkeys(
             config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want, "teacher": t,
-                         **protocol_inputs(protocol)})
-            for t in (fp, made_by if hard else fp)))
+                         **protocol_inputs(protocol, legacy)})
+            for t, legacy in ((fp, False), (made_by if hard else fp, True))))
         key = keys[0]
         # an edited number (a mean that is not its seeds') is a damaged report: evaluated again
         report = reusable_stage(lambda p=path, k=keys: (r := read_json(p)).get("run_hash") in k and check_report(r, p),
