@@ -89,7 +89,9 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        # a sample the caller owns: float32 images' row would be a view, and a caller's in-place transform
+        # (x.clamp_(), x.mul_()) would rewrite the set (uint8 ones are converted into a new tensor already)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         if self.normalize:
             m = torch.tensor(self.mean).view(-1, 1, 1)
             s = torch.tensor(self.std).view(-1, 1, 1)

@@ -1,0 +1,52 @@
+"""ddkit as a library in a caller's long-lived process (a notebook, a training script): what the caller's objects,
+callbacks, umask and repeated calls meet (QA review 15a)."""
+
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.distilled import DistilledSet
+from ddkit.evaluate import ProtocolConfig
+from ddkit.methods.base import SyntheticSet
+from ddkit.pipeline import DistillConfig, distill
+from ddkit.training import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The generated data as ``load_dataset`` gives it (a config to record, unlike ``tiny``)."""
+    return ddkit.load_dataset("synthetic")
+
+
+def _float_set(data, normalize=False):
+    images = torch.linspace(-0.5, 1.5, 8 * 16 * 16).view(8, 1, 16, 16)
+    ds = DistilledSet.build(SyntheticSet(images, torch.arange(4).repeat_interleave(2)), data, method="dm",
+                            method_config={}, ipc=2, seed=0, config={}, dataset_config={"name": "synthetic"})
+    ds.normalize = normalize
+    return ds
+
+
+def _one_epoch(**kw) -> ProtocolConfig:
+    return ProtocolConfig(student="tiny_convnet", full_reference=False, random_baseline=False,
+                          train=TrainConfig(epochs=1, batch_size=8), **kw)
+
+
+def test_a_sample_of_a_float_set_is_the_callers_own(data, tmp_path):
+    """ds[i] of a float32 set was a view of the set's images: the caller's in-place transform (x.mul_()) rewrote
+    the set, which later stages used and recorded as the original. Now a copy, with the same values."""
+    ds = _float_set(data)
+    before = ds.images.clone()
+    x, y = ds[3]
+    assert torch.equal(x, before[3]) and x.dtype == torch.float32 and y == 1  # the numbers are unchanged
+    x.clamp_(0, 1).mul_(0.5)
+    assert torch.equal(ds.images, before)
+    ds.save(tmp_path / "set")
+    loaded = ddkit.load(tmp_path / "set")
+    loaded[0][0].zero_()
+    assert torch.equal(loaded.images, before)
+    norm = _float_set(data, normalize=True)
+    mean, std = torch.tensor(norm.mean).view(-1, 1, 1), torch.tensor(norm.std).view(-1, 1, 1)
+    assert torch.equal(norm[5][0], (before[5] - mean) / std)
+    quantised = distill(data, DistillConfig(method="random", ipc=2))  # uint8 pixels: a new tensor as before
+    assert torch.equal(quantised[2][0], quantised.images[2].float() / 255.0)
