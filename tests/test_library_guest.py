@@ -1,13 +1,16 @@
 """ddkit as a library in a caller's long-lived process (a notebook, a training script): what the caller's objects,
 callbacks, umask and repeated calls meet (QA review 15a)."""
 
+import pickle
 
 import pytest
 import torch
+from torch import nn
 
 import ddkit
 from ddkit.distilled import DistilledSet
 from ddkit.evaluate import ProtocolConfig
+from ddkit.labels import relabel
 from ddkit.methods.base import SyntheticSet
 from ddkit.pipeline import DistillConfig, distill
 from ddkit.training import TrainConfig
@@ -50,3 +53,20 @@ def test_a_sample_of_a_float_set_is_the_callers_own(data, tmp_path):
     assert torch.equal(norm[5][0], (before[5] - mean) / std)
     quantised = distill(data, DistillConfig(method="random", ipc=2))  # uint8 pixels: a new tensor as before
     assert torch.equal(quantised[2][0], quantised.images[2].float() / 255.0)
+
+
+def test_a_soft_label_store_pickles_after_a_replay(data):
+    """evaluate's replay memoised a lambda normaliser in the store: pickle (a spawn DataLoader worker, joblib)
+    failed with "Can't pickle local object" afterwards. The memo is left out and made again."""
+    torch.manual_seed(0)
+    teacher = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, 4))
+    ds = distill(data, DistillConfig(method="random", ipc=2))
+    store = relabel(ds, teacher, 1)
+    replay = store.replay(0, torch.arange(4))
+    views = store.render(replay, ds.images.float() / 255.0, data.mean, data.std)
+    assert store._norms  # render's memo, filled
+    again = pickle.loads(pickle.dumps(store))
+    assert again._norms == {} and store._norms  # the caller's store keeps its memo
+    assert torch.equal(again.render(again.replay(0, torch.arange(4)), ds.images.float() / 255.0, data.mean,
+                                    data.std), views)

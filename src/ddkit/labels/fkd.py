@@ -240,6 +240,10 @@ class SoftLabelStore:
             raise DDKitError(f"{where} holds an augmentation this ddkit cannot replay ({str(exc).split(';')[0]}); "
                              "re-create the store with `ddkit relabel`") from None
 
+    def __getstate__(self) -> dict:
+        # render's normalisers are closures, which do not pickle (a spawn DataLoader worker, joblib): made again
+        return {**self.__dict__, "_norms": {}}
+
     # --- description ---------------------------------------------------------------------------
     @property
     def epochs(self) -> int:
