@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 import ddkit
+from ddkit.config import from_dict
 from ddkit.distilled import DistilledSet
+from ddkit.errors import ConfigError
 from ddkit.evaluate import ProtocolConfig
 from ddkit.labels import relabel
 from ddkit.methods.base import SyntheticSet
-from ddkit.pipeline import DistillConfig, distill
+from ddkit.pipeline import DistillConfig, RunConfig, distill, run
 from ddkit.training import TrainConfig
 
 
@@ -70,3 +72,26 @@ def test_a_soft_label_store_pickles_after_a_replay(data):
     assert again._norms == {} and store._norms  # the caller's store keeps its memo
     assert torch.equal(again.render(again.replay(0, torch.arange(4)), ds.images.float() / 255.0, data.mean,
                                     data.std), views)
+
+
+def test_distill_and_run_take_a_dict_config(data, tmp_path):
+    """distill(data, {...}) and run({...}) raised AttributeError ('dict' object has no attribute 'method'), where
+    evaluate takes a dict protocol: a dict is checked as YAML is, anything else is one line naming the type."""
+    assert torch.equal(distill(data, {"method": "random", "ipc": 2}).images,
+                       distill(data, DistillConfig(method="random", ipc=2)).images)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'distill.ipcs'; did you mean 'ipc'\?$"):
+        distill(data, {"method": "random", "ipcs": 2})
+    with pytest.raises(ConfigError, match=r"^cfg must be a DistillConfig or a dict of its settings, got str 'random'$"):
+        distill(data, "random")
+    with pytest.raises(ConfigError, match=r"^cfg must be a RunConfig or a dict of its settings, got list \[\]$"):
+        run([])
+    with pytest.raises(ConfigError, match=r"^cfg must be a TeacherConfig or a dict of its settings, got int 3$"):
+        ddkit.train_teacher(data, 3)
+    settings = {"dataset": {"name": "synthetic"}, "teacher": None, "distill": {"method": "random", "ipc": 2},
+                "out": str(tmp_path / "run"),
+                "evaluate": {"label_modes": ["hard"], "seeds": [0],
+                             "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                           "random_baseline": False, "train": {"epochs": 1}}}}
+    summary = run(settings)
+    assert summary["evaluations"] == run(from_dict(RunConfig, settings))["evaluations"]
+    assert summary["reused"] == []
