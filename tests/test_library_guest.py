@@ -1,16 +1,20 @@
 """ddkit as a library in a caller's long-lived process (a notebook, a training script): what the caller's objects,
 callbacks, umask and repeated calls meet (QA review 15a)."""
 
+import os
 import pickle
+import stat
 
 import pytest
 import torch
 from torch import nn
 
 import ddkit
+from ddkit.artifacts import save_tensors, write_json
 from ddkit.config import from_dict
+from ddkit.data import save_tensors as save_data
 from ddkit.distilled import DistilledSet
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import ProtocolConfig
 from ddkit.labels import relabel
 from ddkit.methods.base import SyntheticSet
@@ -95,3 +99,52 @@ def test_distill_and_run_take_a_dict_config(data, tmp_path):
     summary = run(settings)
     assert summary["evaluations"] == run(from_dict(RunConfig, settings))["evaluations"]
     assert summary["reused"] == []
+
+
+def test_atomic_writes_make_missing_folders_and_name_the_callers_path(data, tmp_path, monkeypatch):
+    """save_tensors / save_grid into a missing folder raised FileNotFoundError naming ddkit's hidden temporary
+    ('.x.safetensors.tmp-<host>-<pid>-<hex>'); they make the folders, as distilled-set and teacher outputs do, and a
+    temporary that cannot be made is one line naming the caller's path."""
+    cfg = save_data(data, tmp_path / "a/b/data.safetensors")
+    assert cfg.path == str(tmp_path / "a/b/data.safetensors")
+    assert ddkit.load_dataset(cfg).fingerprint == data.fingerprint
+    ds = distill(data, DistillConfig(method="random", ipc=2))
+    assert ds.save_grid(tmp_path / "c/d/grid.png") == tmp_path / "c/d/grid.png"
+    assert (tmp_path / "c/d/grid.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(DDKitError, match=rf"^output '{tmp_path}/file/x.png' lies inside '{tmp_path}/file', which is a "
+                                         "file; give another path$"):
+        ds.save_grid(tmp_path / "file/x.png")
+    real_open = os.open
+
+    def refused(path, *args, **kwargs):  # a folder that may not be written in (root may write anywhere)
+        if ".tmp-" in os.fspath(path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused)
+    with pytest.raises(DDKitError) as info:
+        save_tensors(tmp_path / "e/x.safetensors", {"a": torch.zeros(2)})
+    assert str(info.value) == (f"cannot write {str(tmp_path / 'e/x.safetensors')!r}: Permission denied; check the "
+                               "path and its permissions, or choose another --out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "c", "e", "file"] and not any((tmp_path / "e").iterdir())
+
+
+def test_files_take_the_umask_of_their_write(data, tmp_path):
+    """The file mode was computed from the umask at import: after the caller's os.umask(0o077) ddkit's files were
+    0644 (beside its own 0600 ones), after os.umask(0o022) they were 0600. They take the umask of the write."""
+    ds = distill(data, DistillConfig(method="random", ipc=2))
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)
+    before = os.umask(0o077)
+    try:
+        for mask in (0o077, 0o022, 0o027):
+            os.umask(mask)
+            out = tmp_path / f"{mask:o}"
+            write_json(out / "r.json", {})
+            save_tensors(out / "t.safetensors", {"a": torch.zeros(2)})
+            ds.save_grid(out / "g.png")
+            ds.save(out / "set")
+            files = [out / "r.json", out / "t.safetensors", out / "g.png", *(out / "set").iterdir()]
+            assert {p.name: mode(p) for p in files} == {p.name: 0o666 & ~mask for p in files}, oct(mask)
+    finally:
+        os.umask(before)
