@@ -15,7 +15,7 @@ from ddkit.config import from_dict
 from ddkit.data import save_tensors as save_data
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.evaluate import ProtocolConfig
+from ddkit.evaluate import ProtocolConfig, evaluate
 from ddkit.labels import relabel
 from ddkit.methods.base import SyntheticSet
 from ddkit.pipeline import DistillConfig, RunConfig, distill, run
@@ -99,6 +99,31 @@ def test_distill_and_run_take_a_dict_config(data, tmp_path):
     summary = run(settings)
     assert summary["evaluations"] == run(from_dict(RunConfig, settings))["evaluations"]
     assert summary["reused"] == []
+
+
+def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_path):
+    """An old-form progress(stage, epoch, total) was called with (epoch, total, record) by evaluate and run, silently;
+    run_bench had a shim for it. Now all three recognise it, call it the old way and say it goes."""
+    ds = distill(data, DistillConfig(method="random", ipc=2))
+    seen, new = [], []
+
+    def old(stage, epoch, total):
+        seen.append((stage, epoch, total))
+
+    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, record\)"):
+        report = evaluate(ds, _one_epoch(), [0], data=data, progress=old)
+    assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
+    plain = evaluate(ds, _one_epoch(), [0], data=data, progress=lambda step, total, record: new.append(record["stage"]))
+    assert plain["results"] == report["results"] and new == ["distilled, seed 0"] * 2
+    seen.clear()
+    cfg = from_dict(RunConfig, {"dataset": {"name": "synthetic"}, "teacher": None, "out": str(tmp_path / "run"),
+                                "distill": {"method": "random", "ipc": 2},
+                                "evaluate": {"label_modes": ["hard"], "seeds": [0],
+                                             "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                                           "random_baseline": False, "train": {"epochs": 1}}}})
+    with pytest.warns(DeprecationWarning, match=r"^run\(eval_progress=\) now calls eval_progress\(step, total, "):
+        run(cfg, eval_progress=old)
+    assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
 
 
 def test_atomic_writes_make_missing_folders_and_name_the_callers_path(data, tmp_path, monkeypatch):

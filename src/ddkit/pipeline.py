@@ -40,7 +40,14 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
+from ddkit.evaluate.runner import (
+    check_random_ipc,
+    evaluate,
+    format_table,
+    labelling_teacher,
+    progress_form,
+    teacher_logits,
+)
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
@@ -531,10 +538,12 @@ def run(
     ``progress_factory(stage)``: the ``progress(step, total, record)`` callback of the teacher, distill and
     relabel stages; ``eval_progress``: the evaluations' callback of the same form (``evaluate``'s
     ``progress``, ``record["stage"]`` naming each student). Older ddkit called ``eval_progress``
-    ``(stage, epoch, total)``."""
+    ``(stage, epoch, total)``: one whose first parameter is named ``stage`` (or ``what``, ``label``, ...) is still
+    called so, with a DeprecationWarning, until the next release."""
     from ddkit.distributed import resolve_device
 
     cfg = as_config(RunConfig, cfg)
+    eval_progress = progress_form(eval_progress, "run", "eval_progress")
     pf = progress_factory or (lambda name: None)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
