@@ -126,6 +126,28 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
 
 
+def test_stored_mode_says_it_leaves_extra_teachers_out_for_every_set_and_protocol(data, bn_teacher, tmp_path,
+                                                                                  monkeypatch, caplog):
+    """The warning was said once per process: a second evaluation (another set, another protocol, a later notebook
+    cell) dropped the protocol's extra_teachers silently. It is said once per set and protocol: not again for the
+    same pair (another seed), so a loop over seeds says it once."""
+    import ddkit.evaluate.runner as runner
+
+    monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", set())
+    sets = [distill(data, DistillConfig(method="random", ipc=2, seed=s, soft_labels=True), teacher=bn_teacher)
+            for s in (0, 1)]
+    protocols = [_one_epoch(label_mode="stored", loss=loss, extra_teachers=[str(tmp_path / "t2")])
+                 for loss in ("kl", "mse_ce")]
+    said = []
+    for ds, protocol, seed in [(sets[0], protocols[0], 0), (sets[0], protocols[0], 1), (sets[1], protocols[0], 0),
+                               (sets[0], protocols[1], 0), (sets[1], protocols[0], 1)]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):
+            evaluate(ds, protocol, [seed], data=data, teacher=bn_teacher)
+        said.append(sum("does not use the protocol's extra_teachers" in r.message for r in caplog.records))
+    assert said == [1, 0, 1, 1, 0]
+
+
 def test_atomic_writes_make_missing_folders_and_name_the_callers_path(data, tmp_path, monkeypatch):
     """save_tensors / save_grid into a missing folder raised FileNotFoundError naming ddkit's hidden temporary
     ('.x.safetensors.tmp-<host>-<pid>-<hex>'); they make the folders, as distilled-set and teacher outputs do, and a

@@ -398,7 +398,10 @@ def student_transform(protocol: ProtocolConfig, data: DataBundle):
 
 
 _ZCA_FITS: dict[tuple, Any] = {}
-_STORED_EXTRAS_SAID = False  # that label_mode stored leaves out extra_teachers: said once per process
+# that label_mode stored leaves out extra_teachers: said once per set and protocol (by their config hashes, a set
+# built by hand by the object), so a later evaluation of another set or protocol in the same process says it too,
+# and one repeated (another seed) does not
+_STORED_EXTRAS_SAID: set[tuple] = set()
 
 
 def full_reference(
@@ -562,9 +565,9 @@ def evaluate(
         # the set replays the labels its own teacher (or CV-DD committee) made: the random subset beside it is
         # labelled the same way, so an ensemble here would label only one side (a bench's overrides give every
         # label mode the same extra_teachers, so they are left out here rather than refused)
-        global _STORED_EXTRAS_SAID
-        if not _STORED_EXTRAS_SAID:
-            _STORED_EXTRAS_SAID = True
+        said = (man.get("config_hash") or id(distilled), recorded_path(distilled.path), protocol.hash)
+        if said not in _STORED_EXTRAS_SAID:
+            _STORED_EXTRAS_SAID.add(said)
             log.warning("label_mode 'stored' does not use the protocol's extra_teachers: the set replays the soft "
                         "labels it was made with, and the random subset beside it is labelled as they were made (by "
                         "the set's teacher, or its committee); use label_mode teacher to label both with the ensemble")
