@@ -126,6 +126,27 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
 
 
+def test_stages_results_print_as_one_line_of_facts(data, bn_teacher, tmp_path):
+    """Teacher, DistilledSet and SoftLabelStore printed as <... object at 0x...>; a DataBundle's repr dumped its
+    pixels (4,443 characters for the 144-image synthetic set)."""
+    ds = distill(data, DistillConfig(method="random", ipc=2, soft_labels=True), teacher=bn_teacher,
+                 out=tmp_path / "set")
+    assert repr(ds) == (f"DistilledSet(method='random', dataset='synthetic', classes=4, ipc=2, "
+                        f"images=uint8[8, 1, 16, 16], soft_labels=float32[8, 4], bytes={8 * 256 + 8 * 8 + 8 * 16}, "
+                        f"path={str(tmp_path / 'set')!r})")
+    assert str(ds) == repr(ds)
+    accuracy = round(bn_teacher.test_accuracy, 4)
+    assert repr(bn_teacher) == (f"Teacher(model='convnet', dataset='synthetic', classes=4, test_accuracy={accuracy}, "
+                                f"weights_sha={bn_teacher.fingerprint!r})")
+    assert repr(ddkit.teacher.Teacher(nn.Linear(2, 2), {})) == "Teacher(model='Linear')"  # a caller's bare module
+    store = relabel(ds, bn_teacher, 1, augment="none")
+    assert repr(store) == (f"SoftLabelStore(epochs=1, images=8, classes=4, augment='none', "
+                           f"teacher={bn_teacher.fingerprint!r}, bytes={store.nbytes})")
+    assert repr(data) == ("DataBundle(name='synthetic', classes=4, train=ImageSet(images=uint8[96, 1, 16, 16], "
+                          "labels=int64[96]), test=ImageSet(images=uint8[48, 1, 16, 16], labels=int64[48]), "
+                          "source='generated(seed=0)')")
+
+
 def test_stored_mode_says_it_leaves_extra_teachers_out_for_every_set_and_protocol(data, bn_teacher, tmp_path,
                                                                                   monkeypatch, caplog):
     """The warning was said once per process: a second evaluation (another set, another protocol, a later notebook

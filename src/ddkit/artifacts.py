@@ -755,6 +755,11 @@ class DescribesDataset:
     def std(self) -> tuple[float, ...]:
         return tuple(self.manifest["dataset"]["std"])
 
+    def dataset_facts(self) -> dict[str, Any]:
+        """The data's name and number of classes, for a repr (None where the manifest holds none)."""
+        dataset = self.manifest.get("dataset") or {}
+        return {"dataset": dataset.get("name"), "classes": len(dataset["classes"]) if "classes" in dataset else None}
+
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:
     return int(sum(t.numel() * t.element_size() for t in tensors if t is not None))

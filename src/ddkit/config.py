@@ -66,6 +66,21 @@ def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
     return text
 
 
+def summary_repr(obj: Any, **facts: Any) -> str:
+    """A one-line repr of ``obj`` from its key ``facts``: a tensor by dtype and shape (``uint8[8, 1, 16, 16]``, never
+    its values), anything else as :func:`short_repr` gives it; None left out."""
+    parts = []
+    for key, value in facts.items():
+        if value is None:
+            continue
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            text = f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+        else:
+            text = short_repr(value, 80)
+        parts.append(f"{key}={text}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
+
+
 def _repr_pieces(value: Any) -> Iterator[str]:
     """``repr(value)`` piece by piece, lists, tuples and dicts an item at a time."""
     if isinstance(value, (list, tuple, dict)) and type(value) in (list, tuple, dict):

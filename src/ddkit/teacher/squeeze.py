@@ -37,7 +37,7 @@ from ddkit.artifacts import (
     work_name,
     write_json,
 )
-from ddkit.config import Checked, as_config, config_hash, field, is_count, to_dict
+from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
@@ -80,6 +80,12 @@ class Teacher(DescribesDataset):
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
+
+    def __repr__(self) -> str:  # a teacher of the caller's own module may hold only some of the fields
+        accuracy = self.test_accuracy
+        return summary_repr(self, model=(self.manifest.get("model") or {}).get("name") or type(self.model).__name__,
+                            **self.dataset_facts(), test_accuracy=None if accuracy is None else round(accuracy, 4),
+                            weights_sha=self.manifest.get("weights_sha"), path=recorded_path(self.path))
 
     @property
     def test_accuracy(self) -> float | None:
