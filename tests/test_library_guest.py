@@ -4,6 +4,9 @@ callbacks, umask and repeated calls meet (QA review 15a)."""
 import os
 import pickle
 import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -216,3 +219,35 @@ def test_files_take_the_umask_of_their_write(data, tmp_path):
             assert {p.name: mode(p) for p in files} == {p.name: 0o666 & ~mask for p in files}, oct(mask)
     finally:
         os.umask(before)
+
+
+ONE_RANK_CALL = """
+import datetime, time
+import torch.distributed as dist
+import ddkit
+from ddkit.distributed import single_process
+
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # the caller's own job, not ddkit's
+if dist.get_rank() == 0:
+    data = ddkit.load_dataset("synthetic")
+    with single_process():  # README: a call on one rank of the caller's job
+        ds = ddkit.distill(data, ddkit.DistillConfig(method="random", ipc=2))
+    print("set", ds.images.sum().item(), ds.labels.tolist(), flush=True)
+else:
+    time.sleep(1)  # this rank never calls ddkit
+dist.barrier()  # the caller's own collective afterwards pairs with the other rank's, not with one of ddkit's
+dist.destroy_process_group()
+"""
+
+
+def test_a_call_on_one_rank_of_the_callers_own_job_runs_single_process(data, tmp_path):
+    """In the caller's own torch.distributed job, a stage called on rank 0 only waited in ddkit's collectives for a
+    rank that never joined (until the group's timeout). README documents single_process() for it: the call runs on
+    that rank alone and gives the single-process set."""
+    (tmp_path / "job.py").write_text(ONE_RANK_CALL)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(ddkit.__file__).parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "job.py"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = distill(data, DistillConfig(method="random", ipc=2))
+    assert proc.stdout.splitlines() == [f"set {alone.images.sum().item()} {alone.labels.tolist()}"]
