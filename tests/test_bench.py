@@ -1269,7 +1269,7 @@ def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
     """A (stage, done, total) callback was taken for the new form and called with (int, int, dict)."""
     import inspect
 
-    from ddkit.bench import _stage_form
+    from ddkit.evaluate.runner import progress_form
 
     seen = []
 
@@ -1279,11 +1279,11 @@ def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
     old.__signature__ = inspect.Signature(  # (first, done, total), as the user named them
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (first, "done", "total")])
     with pytest.warns(DeprecationWarning, match=r"now calls stage_progress\(step, total, record\)"):
-        wrapped = _stage_form(old)
+        wrapped = progress_form(old, "run_bench", "stage_progress")
     wrapped(2, 5, {"stage": "teacher synthetic", "loss": 0.5})
     assert seen == [("teacher synthetic", 2, 5)]
 
     def new(step, total, record):
         seen.append((step, total, record["stage"]))
 
-    assert _stage_form(new) is new
+    assert progress_form(new, "run_bench", "stage_progress") is new

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import re
 import shutil
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,7 +64,7 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
 from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, merge_overrides, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
+from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher, progress_form
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
@@ -880,7 +878,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     torchrun every rank runs its share of the cells; the full table is returned on every rank (read back from the
     cell files).
     """
-    bench = _Bench(cfg, _stage_form(stage_progress))
+    bench = _Bench(cfg, progress_form(stage_progress, "run_bench", "stage_progress"))
     info = ddist.current()
     if info.is_main:
         write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
@@ -917,25 +915,6 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
                                                 "versions": versions(), "rows": rows})
     ddist.barrier()
     return rows
-
-
-_OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title")  # first parameters of the old form
-
-
-def _stage_form(stage_progress: Callable | None) -> StageProgress | None:
-    """``stage_progress`` as a ``(step, total, record)`` callback; one of the old ``(what, done, total)`` form, told by
-    its first parameter's name (``what``, as documented, or another name of a label: :data:`_OLD_FIRST`), wrapped
-    with a DeprecationWarning."""
-    try:
-        params = list(inspect.signature(stage_progress).parameters) if stage_progress is not None else []
-    except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
-        params = []
-    if not params or params[0] not in _OLD_FIRST:
-        return stage_progress
-    warnings.warn("run_bench(stage_progress=) now calls stage_progress(step, total, record), record['stage'] naming "
-                  "the stage; the old form stage_progress(what, done, total) goes in the next release: rename the "
-                  "callback's parameters and read the name from the record", DeprecationWarning, stacklevel=3)
-    return lambda step, total, record: stage_progress(record["stage"], step, total)
 
 
 def _my_cells(cells: list[Cell], finished: dict[int, dict | None], info) -> list[Cell]:

@@ -49,7 +49,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import short_repr
+from ddkit.config import short_repr, summary_repr
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.tables import ipc_text  # noqa: F401  (defined here before)
@@ -89,7 +89,9 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        # a sample the caller owns: float32 images' row would be a view, and a caller's in-place transform
+        # (x.clamp_(), x.mul_()) would rewrite the set (uint8 ones are converted into a new tensor already)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         if self.normalize:
             m = torch.tensor(self.mean).view(-1, 1, 1)
             s = torch.tensor(self.std).view(-1, 1, 1)
@@ -97,6 +99,12 @@ class DistilledSet(DescribesDataset, Dataset):
         return x, int(self.labels[i])
 
     # --- description ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return summary_repr(self, method=(self.manifest.get("method") or {}).get("name"), **self.dataset_facts(),
+                            ipc=self.ipc, images=self.images, soft_labels=self.soft_labels,
+                            bytes=self.image_bytes + self.label_bytes, normalize=self.normalize or None,
+                            path=recorded_path(self.path))
+
     @property
     def ipc(self) -> int | None:
         return self.manifest.get("ipc")

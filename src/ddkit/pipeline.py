@@ -32,7 +32,7 @@ from ddkit.artifacts import (
     write_text,
     writing,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
+from ddkit.config import Checked, as_config, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.determinism import global_rng
 from ddkit.distilled import KIND as DISTILLED_KIND
@@ -40,7 +40,14 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
+from ddkit.evaluate.runner import (
+    check_random_ipc,
+    evaluate,
+    format_table,
+    labelling_teacher,
+    progress_form,
+    teacher_logits,
+)
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
@@ -193,7 +200,7 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
 @keeps_teacher_modes
 def distill(
     data: DataBundle,
-    cfg: DistillConfig,
+    cfg: DistillConfig | dict,
     dataset_cfg: DatasetConfig | None = None,
     out: str | Path | None = None,
     teacher: Teacher | str | Path | None = None,
@@ -203,14 +210,16 @@ def distill(
     before_save: Callable[[DistilledSet], None] | None = None,
     options_key: str = "distill.options",
 ) -> DistilledSet:
-    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
-    :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
-    saves) once the set is made, before it is saved. ``options_key``: the config key of
-    ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``). ``dataset_cfg``
+    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``cfg``: a
+    :class:`DistillConfig` or a dict of its settings; ``teacher``: a :class:`Teacher` or its artifact
+    folder; ``before_save(set)`` is called (by the process that saves) once the set is made, before it
+    is saved. ``options_key``: the config key of ``cfg.options``, which errors in them name (a bench's
+    ``methods[KEY].options``). ``dataset_cfg``
     (recorded in the set, which evaluation reloads the data by) defaults to the config ``data`` was
     loaded with, and must describe the same data if given. Under torchrun rank 0 alone labels, builds
     and saves the set; the other ranks return the saved artifact (without ``out``: rank 0's set, sent)."""
     check_bundle(data)
+    cfg = as_config(DistillConfig, cfg, "distill")
     dataset_cfg = _dataset_config_of(data, dataset_cfg)
     device = ddist.resolve_device(device)
     if out is not None:
@@ -530,18 +539,22 @@ def check_run_dir(out: Path) -> None:
 
 
 def run(
-    cfg: RunConfig,
+    cfg: RunConfig | dict,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
     eval_progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Chain the stages into ``cfg.out``; reuse every stage whose artifact matches. Returns a summary.
+    """Chain the stages into ``cfg.out`` (``cfg``: a :class:`RunConfig` or a dict of its settings, as a run's
+    YAML file holds them); reuse every stage whose artifact matches. Returns a summary.
 
     ``progress_factory(stage)``: the ``progress(step, total, record)`` callback of the teacher, distill and
     relabel stages; ``eval_progress``: the evaluations' callback of the same form (``evaluate``'s
     ``progress``, ``record["stage"]`` naming each student). Older ddkit called ``eval_progress``
-    ``(stage, epoch, total)``."""
+    ``(stage, epoch, total)``: one whose first parameter is named ``stage`` (or ``what``, ``label``, ...) is still
+    called so, with a DeprecationWarning, until the next release."""
     from ddkit.distributed import resolve_device
 
+    cfg = as_config(RunConfig, cfg)
+    eval_progress = progress_form(eval_progress, "run", "eval_progress")
     pf = progress_factory or (lambda name: None)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import Checked, field, is_count
+from ddkit.config import Checked, field, is_count, summary_repr
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -114,6 +114,9 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:  # the tensors' dtype and shape, not their values
+        return summary_repr(self, images=self.images, labels=self.labels)
+
     def float_images(self) -> torch.Tensor:
         """Images as float32 in [0, 1] pixel space."""
         if self.images.dtype == torch.uint8:
@@ -200,6 +203,10 @@ class DataBundle:
                     f"dataset {self.name!r}: {split} labels must lie in [0, {len(self.classes) - 1}] "
                     f"for {len(self.classes)} classes"
                 )
+
+    def __repr__(self) -> str:  # a notebook's view of it: no pixel values (the dataclass repr printed them all)
+        return summary_repr(self, name=self.name, classes=self.num_classes, train=self.train, test=self.test,
+                            source=self.source or None)
 
     @property
     def num_classes(self) -> int:

@@ -82,7 +82,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, is_count, keyed, summary_repr, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, hash_rows
 from ddkit.errors import ConfigError, DDKitError
@@ -240,7 +240,17 @@ class SoftLabelStore:
             raise DDKitError(f"{where} holds an augmentation this ddkit cannot replay ({str(exc).split(';')[0]}); "
                              "re-create the store with `ddkit relabel`") from None
 
+    def __getstate__(self) -> dict:
+        # render's normalisers are closures, which do not pickle (a spawn DataLoader worker, joblib): made again
+        return {**self.__dict__, "_norms": {}}
+
     # --- description ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return summary_repr(self, epochs=self.epochs, images=self.num_images, classes=self.num_classes,
+                            augment=self.manifest["augment"]["spec"], top_k=self.top_k,
+                            teacher=self.manifest["teacher"]["fingerprint"],
+                            bytes=self.nbytes, path=recorded_path(self.path))
+
     @property
     def epochs(self) -> int:
         return int(self.manifest["epochs"])

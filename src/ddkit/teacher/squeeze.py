@@ -37,7 +37,7 @@ from ddkit.artifacts import (
     work_name,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, to_dict
+from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
 from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
@@ -80,6 +80,12 @@ class Teacher(DescribesDataset):
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
+
+    def __repr__(self) -> str:  # a teacher of the caller's own module may hold only some of the fields
+        accuracy = self.test_accuracy
+        return summary_repr(self, model=(self.manifest.get("model") or {}).get("name") or type(self.model).__name__,
+                            **self.dataset_facts(), test_accuracy=None if accuracy is None else round(accuracy, 4),
+                            weights_sha=self.manifest.get("weights_sha"), path=recorded_path(self.path))
 
     @property
     def test_accuracy(self) -> float | None:
@@ -406,19 +412,19 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
 
 def train_teacher(
     data: DataBundle,
-    cfg: TeacherConfig,
+    cfg: TeacherConfig | dict,
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> Teacher:
-    """Train a teacher on ``data.train`` and (if ``out``) save it as an artifact.
+    """Train a teacher on ``data.train`` and (if ``out``) save it as an artifact (``cfg``: a
+    :class:`TeacherConfig` or a dict of its settings).
 
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
     until the artifact is written. Under torchrun the training is data-parallel.
     """
     check_bundle(data)
-    if not isinstance(cfg, TeacherConfig):
-        raise DDKitError(f"cfg must be a TeacherConfig, got {type(cfg).__name__} {cfg!r:.80}")
+    cfg = as_config(TeacherConfig, cfg, "teacher")
     device = ddist.resolve_device(device)
     if out is not None:
         check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
