@@ -61,6 +61,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.determinism import stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -874,6 +875,7 @@ class _Bench:
         return row
 
 
+@stage_modes()
 def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
               stage_progress: StageProgress | None = None) -> list[dict]:
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
@@ -939,9 +941,10 @@ def _stage_form(stage_progress: Callable | None) -> StageProgress | None:
         params = []
     if not params or params[0] not in _OLD_FIRST:
         return stage_progress
+    # stacklevel: the caller's line, past _stage_form, run_bench and stage_modes' wrapper
     warnings.warn("run_bench(stage_progress=) now calls stage_progress(step, total, record), record['stage'] naming "
                   "the stage; the old form stage_progress(what, done, total) goes in the next release: rename the "
-                  "callback's parameters and read the name from the record", DeprecationWarning, stacklevel=3)
+                  "callback's parameters and read the name from the record", DeprecationWarning, stacklevel=4)
     return lambda step, total, record: stage_progress(record["stage"], step, total)
 
 

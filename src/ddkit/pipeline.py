@@ -34,7 +34,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
@@ -189,6 +189,7 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
+@stage_modes()
 @keeps_teacher_modes
 def distill(
     data: DataBundle,
@@ -518,6 +519,7 @@ def check_run_dir(out: Path) -> None:
                          "out / --out or remove it")
 
 
+@stage_modes()
 def run(
     cfg: RunConfig,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,

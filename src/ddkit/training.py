@@ -147,7 +147,8 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 
 
 def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
-    """A fresh ``torch.autocast`` context for ``precision`` on ``device``'s type; fp32: a no-op.
+    """A fresh ``torch.autocast`` context for ``precision`` on ``device``'s type; fp32: a no-op (a stage
+    runs without the caller's autocast: :func:`ddkit.determinism.stage_modes`).
 
     Autocast runs convolutions and matrix products in the reduced type and keeps reductions such as
     softmax and cross-entropy in fp32 (PyTorch's autocast op lists); parameters stay fp32."""

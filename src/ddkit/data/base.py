@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ddkit.config import Checked, field, is_count
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -389,6 +390,7 @@ def check_bundle(data: object, what: str = "data") -> None:
                          "ddkit.data.load_dataset(name or DatasetConfig)")
 
 
+@stage_modes()
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     """Load a registered dataset by config (or by name with config fields as keywords)."""
     if isinstance(cfg, str):

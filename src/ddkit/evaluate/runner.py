@@ -41,7 +41,7 @@ from ddkit.artifacts import (
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -458,6 +458,7 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
     return f"{theirs[0]} {theirs[1]}", f"{mine[0]} {mine[1]}"
 
 
+@stage_modes()
 @keeps_teacher_modes
 def evaluate(
     distilled: DistilledSet | str | Path,

@@ -39,7 +39,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
 from ddkit.data.base import DataBundle, check_bundle, reorders_classes
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
@@ -143,6 +143,7 @@ class Teacher(DescribesDataset):
         return out
 
     @classmethod
+    @stage_modes()
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND,
@@ -390,6 +391,7 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
             raise ConfigError(f"{key}.checkpoint: {exc}") from None
 
 
+@stage_modes()
 def train_teacher(
     data: DataBundle,
     cfg: TeacherConfig,
@@ -540,6 +542,7 @@ def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+@stage_modes()
 def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None = None, device="cpu") -> Teacher:
     """Wrap a user checkpoint (strictly loaded into ``cfg.model``) as a teacher artifact. Under
     torchrun every rank calls it (rank 0 saves ``out``, the others wait for it at a barrier)."""
