@@ -378,8 +378,11 @@ def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running"
     ``bn="running"``: the model as it is (a teacher is in eval mode, so BatchNorm uses its running
     statistics). ``bn="batch"``: BatchNorm uses the statistics of each group of ``group`` consecutive
     rows of ``x`` (``None``: all of ``x``; a last group may be smaller), so a row's logits depend only
-    on the rows of its own group (:func:`batch_statistics`).
+    on the rows of its own group (:func:`batch_statistics`). A module whose weights are in another
+    floating dtype (a caller's bfloat16 or float64 teacher) gets ``x`` in the dtype of its first one.
     """
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    x = x.to(weights)  # float32 weights: x itself
     if bn == "running":
         return model(x).float()
     with batch_statistics(model):

@@ -151,11 +151,12 @@ HASH_BLOCK_BYTES = 64 << 20
 
 
 def hash_rows(h, t: torch.Tensor) -> None:
-    """Feed ``t``'s bytes (in C order) to ``h`` without copying them: hashlib reads the numpy views' memory. Rows
-    go in blocks, so a non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
+    """Feed ``t``'s bytes (in C order; ``t`` has at least one dimension) to ``h`` without copying them: hashlib
+    reads the memory of byte views (so any dtype, bfloat16 too, which numpy lacks). Rows go in blocks, so a
+    non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
     rows = max(1, HASH_BLOCK_BYTES // max(1, t[0].numel() * t.element_size())) if len(t) else 1
     for block in t.split(rows):
-        h.update(block.contiguous().numpy())
+        h.update(block.contiguous().view(torch.uint8).numpy())
 
 
 @dataclass

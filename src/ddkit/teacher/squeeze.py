@@ -38,7 +38,7 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import Checked, config_hash, field, is_count, to_dict
-from ddkit.data.base import DataBundle, check_bundle, reorders_classes
+from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
@@ -309,13 +309,13 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
 
 
 def weights_sha(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over a model's state dict: a teacher's fingerprint."""
+    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint."""
     import hashlib
 
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        hash_rows(h, v.detach().cpu().reshape(-1))  # 1-d: scalars (num_batches_tracked) too
     return h.hexdigest()[:16]
 
 
