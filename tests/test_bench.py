@@ -1264,6 +1264,20 @@ def test_edited_numbers_in_cells_cached_evaluations_and_the_full_reference_are_n
     assert json.loads(reference.read_text())["result"]["mean"] == row["full_hard"]["mean"]
 
 
+def test_old_form_stage_progress_warning_names_the_callers_line(monkeypatch):
+    """run_bench's DeprecationWarning for an old-form stage_progress names the line that called run_bench (through
+    run_bench's wrapper, which puts the stage in its own numeric modes), not ddkit's."""
+    import ddkit.bench
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddkit.bench, "_Bench", stop)
+    with pytest.warns(DeprecationWarning, match="now calls stage_progress") as warned, pytest.raises(KeyboardInterrupt):
+        run_bench(None, stage_progress=lambda what, done, total: None)
+    assert [w.filename for w in warned] == [__file__]
+
+
 @pytest.mark.parametrize("first", ["what", "label", "stage", "name", "desc"])
 def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
     """A (stage, done, total) callback was taken for the new form and called with (int, int, dict)."""

@@ -113,8 +113,9 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
     def old(stage, epoch, total):
         seen.append((stage, epoch, total))
 
-    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, record\)"):
+    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, record\)") as w:
         report = evaluate(ds, _one_epoch(), [0], data=data, progress=old)
+    assert [x.filename for x in w] == [__file__]  # the caller's line, past evaluate's decorators
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
     plain = evaluate(ds, _one_epoch(), [0], data=data, progress=lambda step, total, record: new.append(record["stage"]))
     assert plain["results"] == report["results"] and new == ["distilled, seed 0"] * 2
@@ -124,8 +125,9 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
                                 "evaluate": {"label_modes": ["hard"], "seeds": [0],
                                              "overrides": {"student": "tiny_convnet", "full_reference": False,
                                                            "random_baseline": False, "train": {"epochs": 1}}}})
-    with pytest.warns(DeprecationWarning, match=r"^run\(eval_progress=\) now calls eval_progress\(step, total, "):
+    with pytest.warns(DeprecationWarning, match=r"^run\(eval_progress=\) now calls eval_progress\(step, total, ") as w:
         run(cfg, eval_progress=old)
+    assert [x.filename for x in w] == [__file__]
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
 
 

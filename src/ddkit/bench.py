@@ -59,6 +59,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.determinism import stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -865,6 +866,7 @@ class _Bench:
         return row
 
 
+@stage_modes()
 def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
               stage_progress: StageProgress | None = None) -> list[dict]:
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.

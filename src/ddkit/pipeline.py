@@ -34,7 +34,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import Checked, as_config, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
@@ -197,6 +197,7 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
+@stage_modes()
 @keeps_teacher_modes
 def distill(
     data: DataBundle,
@@ -538,6 +539,7 @@ def check_run_dir(out: Path) -> None:
                          "out / --out or remove it")
 
 
+@stage_modes()
 def run(
     cfg: RunConfig | dict,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,

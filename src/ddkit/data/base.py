@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ddkit.config import Checked, field, is_count, summary_repr
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -153,11 +154,12 @@ HASH_BLOCK_BYTES = 64 << 20
 
 
 def hash_rows(h, t: torch.Tensor) -> None:
-    """Feed ``t``'s bytes (in C order) to ``h`` without copying them: hashlib reads the numpy views' memory. Rows
-    go in blocks, so a non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
+    """Feed ``t``'s bytes (in C order; ``t`` has at least one dimension) to ``h`` without copying them: hashlib
+    reads the memory of byte views (so any dtype, bfloat16 too, which numpy lacks). Rows go in blocks, so a
+    non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
     rows = max(1, HASH_BLOCK_BYTES // max(1, t[0].numel() * t.element_size())) if len(t) else 1
     for block in t.split(rows):
-        h.update(block.contiguous().numpy())
+        h.update(block.contiguous().view(torch.uint8).numpy())
 
 
 @dataclass
@@ -396,6 +398,7 @@ def check_bundle(data: object, what: str = "data") -> None:
                          "ddkit.data.load_dataset(name or DatasetConfig)")
 
 
+@stage_modes()
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     """Load a registered dataset by config (or by name with config fields as keywords)."""
     if isinstance(cfg, str):

@@ -43,7 +43,7 @@ from ddkit.artifacts import (
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -67,11 +67,11 @@ _OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title") 
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
 
 
-def progress_form(progress: Callable | None, call: str, name: str, stacklevel: int = 3) -> Progress | None:
+def progress_form(progress: Callable | None, call: str, name: str, stacklevel: int = 4) -> Progress | None:
     """The callback ``progress`` that the library call ``call`` takes as its argument ``name``, as a ``(step, total,
     record)`` callback; one of the old ``(what, done, total)`` form, told by its first parameter's name (``what``,
     ``stage``, or another name of a label: :data:`_OLD_FIRST`), wrapped with a DeprecationWarning (``stacklevel``:
-    :func:`warnings.warn`'s, naming the caller of ``call``)."""
+    :func:`warnings.warn`'s, naming the caller of ``call``: 4 is past ``call`` and its ``@stage_modes()``)."""
     try:
         params = list(inspect.signature(progress).parameters) if progress is not None else []
     except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
@@ -487,6 +487,7 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
     return f"{theirs[0]} {theirs[1]}", f"{mine[0]} {mine[1]}"
 
 
+@stage_modes()
 @keeps_teacher_modes
 def evaluate(
     distilled: DistilledSet | str | Path,
@@ -515,7 +516,7 @@ def evaluate(
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
-    progress = progress_form(progress, "evaluate", "progress", stacklevel=4)  # 4: past keeps_teacher_modes
+    progress = progress_form(progress, "evaluate", "progress", stacklevel=5)  # 5: past both decorators
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
     if protocol.label_mode == "fkd" and not protocol.fkd_store and fkd_store is None:

@@ -85,6 +85,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, is_count, keyed, summary_repr, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, hash_rows
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
     TeacherBN,
@@ -556,6 +557,7 @@ def _topk_index_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= 2**15 else torch.int32
 
 
+@stage_modes()
 @torch.no_grad()
 @keeps_teacher_modes
 def relabel(
@@ -617,7 +619,8 @@ def relabel(
         if augment not in ("rrc_flip", augment_spec):
             raise ConfigError(f"relabel got augment={augment!r} and its old name augment_spec={augment_spec!r}; pass "
                               "augment= alone")
-        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=4)
+        # the caller's line: past the wrappers of stage_modes, no_grad and keeps_teacher_modes
+        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=5)
         augment = augment_spec
     augment_name = augment  # `augment` is the built augmentation from here on
 
@@ -873,6 +876,7 @@ class RelabelSpec(Checked):
                        teacher_bn_batch=self.teacher_bn_batch)
 
 
+@stage_modes()
 def train_with_store(
     model: nn.Module,
     distilled,

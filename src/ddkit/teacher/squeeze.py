@@ -38,8 +38,8 @@ from ddkit.artifacts import (
     write_json,
 )
 from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
-from ddkit.data.base import DataBundle, check_bundle, reorders_classes
-from ddkit.determinism import global_rng
+from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
@@ -122,6 +122,7 @@ class Teacher(DescribesDataset):
         return out
 
     @classmethod
+    @stage_modes()
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND,
@@ -328,13 +329,13 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
 
 
 def weights_sha(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over a model's state dict: a teacher's fingerprint."""
+    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint."""
     import hashlib
 
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        hash_rows(h, v.detach().cpu().reshape(-1))  # 1-d: scalars (num_batches_tracked) too
     return h.hexdigest()[:16]
 
 
@@ -410,6 +411,7 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
             raise ConfigError(f"{key}.checkpoint: {exc}") from None
 
 
+@stage_modes()
 def train_teacher(
     data: DataBundle,
     cfg: TeacherConfig | dict,
@@ -560,6 +562,7 @@ def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+@stage_modes()
 def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None = None, device="cpu") -> Teacher:
     """Wrap a user checkpoint (strictly loaded into ``cfg.model``) as a teacher artifact. Under
     torchrun every rank calls it (rank 0 saves ``out``, the others wait for it at a barrier)."""
