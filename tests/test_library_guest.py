@@ -113,7 +113,7 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
     def old(stage, epoch, total):
         seen.append((stage, epoch, total))
 
-    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, record\)") as w:
+    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, ") as w:
         report = evaluate(ds, _one_epoch(), [0], data=data, progress=old)
     assert [x.filename for x in w] == [__file__]  # the caller's line, past evaluate's decorators
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
