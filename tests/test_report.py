@@ -278,6 +278,28 @@ def test_plots_tell_every_series_apart_and_keep_legends_off_the_data(monkeypatch
             assert legend.y1 <= fig.bbox.y1
 
 
+def test_series_at_one_ipc_are_drawn_side_by_side(monkeypatch, tmp_path):
+    """A single-IPC panel drew every method's error bar and the random subset's on one vertical line."""
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    def save(fig, *args, **kwargs):
+        raise Saved(fig)
+
+    class Saved(Exception):
+        pass
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    with pytest.raises(Saved) as saved:  # acc_vs_ipc.png, the first figure saved
+        report._plots([_band_row(m, 10, rnd=0.7) for m in ("dm", "mtt", "dc")], tmp_path)
+    (ax,) = saved.value.args[0].axes
+    xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]  # dm, mtt, dc, then the random subset
+    assert xs == sorted(xs) and len(set(xs)) == 4 and xs[0] < 10 < xs[-1]
+    assert xs == pytest.approx([10 * 10 ** (report.IPC_DODGE * (j - 1.5)) for j in range(4)])
+    assert list(ax.get_xticks()) == [10]
+
+
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
     """bench records each set's folder relative to where it ran; report must not depend on that."""
     monkeypatch.chdir(tmp_path)

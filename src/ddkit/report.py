@@ -43,6 +43,8 @@ MARKERS = ("o", "^", "D", "v", "P", "X", "*", "<", ">")
 LINESTYLES = ("-", "--", ":", "-.")
 #: legend entries per legend column (more series: more columns)
 LEGEND_ROWS = 30
+#: accuracy vs IPC draws neighbouring series this far apart (decades of the log IPC axis: 2.3 %)
+IPC_DODGE = 0.01
 
 
 def _style(i: int) -> dict:
@@ -135,13 +137,16 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
         colors = {}  # method -> its line's colour, for its own random band
-        for i, (key, rs) in enumerate((k, rs) for k, rs in series.items() if k[:3] == panel):
-            style = _style(i)
-            ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+        keys, bands = [k for k in series if k[:3] == panel], _random_bands(series, panel)
+        # each series a little to the side of the IPC it holds (ticks at the IPC), so that error bars at one IPC
+        # do not hide each other (a single-IPC panel drew every method on one vertical line)
+        dodge = [10 ** (IPC_DODGE * (j - (len(keys) + len(bands) - 1) / 2)) for j in range(len(keys) + len(bands))]
+        for i, key in enumerate(keys):
+            style, rs = _style(i), series[key]
+            ax.errorbar([r["ipc"] * dodge[i] for r in rs], [100 * r["acc"]["mean"] for r in rs],
                         yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **style)
             colors[key[3]] = style["color"]
-        bands = _random_bands(series, panel)
-        for methods, band in bands:  # one gray band when every method shares its random baseline
+        for j, (methods, band) in enumerate(bands, len(keys)):  # one gray band when every method shares its baseline
             color, label = ("gray", "random subset") if len(bands) == 1 else (
                 colors[methods[0]], f"random subset ({', '.join(map(printable, methods))})")
             if len(band) > 1:
@@ -150,8 +155,8 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
                                 color=color, alpha=0.25, label=label)
             else:  # one IPC: a band would have no width
                 ((ipc, b),) = band.items()
-                ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s", capsize=3,
-                            label=label)
+                ax.errorbar([ipc * dodge[j]], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s",
+                            capsize=3, label=label)
         finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
