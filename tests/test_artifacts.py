@@ -1065,7 +1065,8 @@ def test_load_reads_every_stages_artifact_by_its_kind(tiny, tmp_path):
 
     ds.save_grid(tmp_path / "grid.png", per_class=2)
     with Image.open(tmp_path / "grid.png") as grid, Image.open(ds.path / "preview.png") as preview:
-        assert grid.format == "PNG" and grid.height == preview.height and grid.width < preview.width
+        # 2 of the set's 3 images per class, said in a caption line (16 px) above the grid
+        assert grid.format == "PNG" and grid.height == preview.height + 16 and grid.width < preview.width
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # written atomically
 
 

@@ -745,7 +745,7 @@ def save_grid(
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     body = Image.fromarray(arr).convert("RGB")
     margin = 8 + 6 * max(len(c) for c in classes)
-    caption = textwrap.wrap("; ".join(notes), 70)
+    caption = textwrap.wrap("; ".join(notes), 100)
     for note in notes:
         log.info("the preview grid shows %s", note)
     top = 12 * len(caption) + 4 if caption else 0
