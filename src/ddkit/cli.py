@@ -813,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "images.pt + labels.pt")
     sp.add_argument("distilled")
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
-                    help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
+                    help="imagefolder: PNG per image (sets of 1 or 3 channels; pt keeps any); ddranking: normalised "
+                         "class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_export)
