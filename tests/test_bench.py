@@ -161,6 +161,35 @@ def test_config_errors_all_at_once(tmp_path):
         tiny_cfg(tmp_path, method=["random"])
 
 
+
+CELL = "protocol 'dc-protocol' for student 'tiny_convnet', IPC 2, label mode 'hard': "
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # a student or label mode in overrides was recorded (and stated in the report) while every cell used its own
+    (["overrides.student=tiny_mlp", "overrides.label_mode=teacher"],
+     "overrides.student is not used: each cell's student comes from students; list it there instead; "
+     "overrides.label_mode is not used: each cell's label mode comes from label_modes; list it there instead"),
+    (["ipc_overrides.2.student=tiny_mlp"], "ipc_overrides.2.student is not used: each cell's student comes from "
+     "students; list it there instead (student_ipcs limits a student to some IPCs)"),
+    (["ipc_overrides.2.label_mode=teacher"], "ipc_overrides.2.label_mode is not used: each cell's label mode comes "
+     "from label_modes; list it there instead"),
+    # a bad value of an IPC's entry was named overrides.…, where the file holds a valid one
+    (["ipc_overrides.2.train.epochs=3.0"], CELL + "ipc_overrides.2.train.epochs: expected an integer, got 3.0"),
+    (["ipc_overrides.2.trian.epochs=3"], CELL + "unknown config key 'ipc_overrides.2.trian'; did you mean 'train'?"),
+    (["overrides.train.batch_size=0.5", "ipc_overrides.2.train.epochs=4"],  # overrides' own stay named so
+     "protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'hard': overrides.train.batch_size: "
+     "expected an integer, got 0.5"),
+])
+def test_overrides_errors_name_the_key_given(tmp_path, capsys, sets, message):
+    import yaml
+
+    cfg, out = tmp_path / "b.yaml", tmp_path / "b"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
+    code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
+    assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
 # --- the runner -----------------------------------------------------------------------------------
 
 

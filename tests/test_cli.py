@@ -1037,6 +1037,9 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
     (["teacher.model=tiny_convnet", "teacher.model_options.width=0"],
      "teacher.model_options: ConvNet width must be a positive integer, got 0"),
     (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    # recorded in config.json while each evaluation took its mode from label_modes
+    (["evaluate.overrides.label_mode=teacher"], "evaluate.overrides.label_mode is not used: the run evaluates every "
+     "mode in evaluate.label_modes; list it there instead\n"),
 ])
 def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
     """Errors in a run config's protocol overrides named 'protocol.…' (a key no run config has), and a

@@ -123,6 +123,10 @@ class MethodSpec(Checked):
         return self.label or self.name
 
 
+#: the protocol fields a bench sets per cell from a list of its own, which overrides may not set
+CELL_KEYS = {"student": "students", "label_mode": "label_modes"}
+
+
 @dataclass
 class BenchConfig(Checked):
     """A benchmark matrix (``ddkit bench CONFIG``)."""
@@ -137,7 +141,8 @@ class BenchConfig(Checked):
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them)")
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
-    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not student or "
+                            "label_mode: students and label_modes set them per cell)")
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
                                            "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
     student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
@@ -190,6 +195,12 @@ class BenchConfig(Checked):
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
+        unused = [(f"overrides.{k}", k, "") for k in CELL_KEYS if k in self.overrides]
+        unused += [(f"ipc_overrides.{ipc}.{k}", k, " (student_ipcs limits a student to some IPCs)" if k == "student"
+                    else "") for ipc, over in self.ipc_overrides.items() for k in CELL_KEYS if k in over]
+        if unused:  # protocol_for sets both per cell: the key would be recorded, and never used
+            raise ConfigError("; ".join(f"{key} is not used: each cell's {k.replace('_', ' ')} comes from "
+                                        f"{CELL_KEYS[k]}; list it there instead{hint}" for key, k, hint in unused))
         self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
                              for k, v in self.teacher_pool.items()}
         extra = sorted(set(self.ipc_overrides) - set(self.ipcs))
@@ -274,13 +285,25 @@ class BenchConfig(Checked):
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
-        over: dict[str, Any] = merge_overrides(self.overrides, self.ipc_overrides.get(ipc, {}))
-        over.update({"student": student, "label_mode": label_mode})
-        if student in self.student_options:
-            over["student_options"] = dict(self.student_options[student])
-        if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
-            over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
-        protocol = resolve_protocol(self.protocol, over, "overrides")
+        at_ipc = self.ipc_overrides.get(ipc, {})
+
+        def over(entry: dict) -> dict[str, Any]:  # the cell's changes to the preset, with ``entry`` at its IPC
+            out: dict[str, Any] = merge_overrides(self.overrides, entry)
+            out.update({"student": student, "label_mode": label_mode})
+            if student in self.student_options:
+                out["student_options"] = dict(self.student_options[student])
+            if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
+                out.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
+            return out
+
+        try:
+            protocol = resolve_protocol(self.protocol, over(at_ipc), "overrides")
+        except ConfigError:
+            if not at_ipc:
+                raise
+            # name the key the bad value was given under: overrides alone fail (theirs), or the IPC's entry does
+            resolve_protocol(resolve_protocol(self.protocol, over({}), "overrides"), at_ipc, f"ipc_overrides.{ipc}")
+            raise
         if (augment is None
                 or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob))):
             return protocol

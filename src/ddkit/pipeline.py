@@ -102,13 +102,17 @@ class EvalConfig(Checked):
     """How the distilled set is evaluated."""
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
-    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not label_mode: "
+                            "label_modes sets it)")
     label_modes: list[str] = field(["hard"],
                                    help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
+        if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
+            raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
+                              "evaluate.label_modes; list it there instead")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
@@ -136,8 +140,6 @@ class EvalConfig(Checked):
             try:
                 out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
             except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
-                if "label_mode" in self.overrides:
-                    raise
                 raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
                                   ) from None
         return out
