@@ -360,6 +360,7 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
             "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
                       **model_source(cfg.model)},
             "dataset": data.describe(),
+            "dataset_config": data.config_record(),  # not in teachers made before 2026-12-07
             "test_accuracy": acc,
             "history": history,
             "weights_sha": weights_sha(model),
