@@ -1260,3 +1260,30 @@ def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
         seen.append((step, total, record["stage"]))
 
     assert _stage_form(new) is new
+
+
+def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
+    """A bench's config.json and bench.json recorded `protocol: proto.yaml` as given, read against the working
+    folder: from another folder the recorded config read another file or none. Recorded absolute, it re-runs from
+    anywhere and reuses every cell; "@name" references to the teacher pool stay as they are."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proto.yaml").write_text("student: tiny_convnet\nfull_reference: false\ntrain: {epochs: 1}\n")
+    cfg = {**TINY, "ipcs": [1], "seeds": [0], "protocol": "proto.yaml", "out": "b"}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["bench", "b.yaml", "--device", "cpu", "-q"]) == 0
+    for name in ("config.json", "bench.json"):
+        assert json.loads((tmp_path / "b" / name).read_text())["config"]["protocol"] == str(tmp_path / "proto.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/again.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "b/config.json").read_text())["config"], "out": str(tmp_path / "b")}))
+    seen = []
+    run_bench(load_bench_config("again.json"), progress=lambda d, n, row: seen.append(row))
+    assert [r["reused"] for r in seen] == [True]
+    pooled = tiny_cfg(tmp_path / "p", methods=[{"name": "gvbsm", "options": {"extra_teachers": ["@d2", "t2"]}}],
+                      teacher_pool={"d2": {"model": "tiny_convnet"}}, overrides={"extra_teachers": ["t3"]})
+    record = pooled.record()
+    assert record["methods"][0]["options"]["extra_teachers"] == ["@d2", str(tmp_path / "elsewhere/t2")]
+    assert record["overrides"]["extra_teachers"] == [str(tmp_path / "elsewhere/t3")]

@@ -53,6 +53,7 @@ from ddkit.artifacts import (
     folder_kind,
     holds_files,
     read_json,
+    recorded_paths,
     remove_unused_locks,
     shared_costs,
     versions,
@@ -65,7 +66,7 @@ from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
-from ddkit.evaluate.protocol import ProtocolConfig, merge_overrides, resolve_protocol
+from ddkit.evaluate.protocol import PATH_FIELDS, ProtocolConfig, merge_overrides, recorded_protocol, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
@@ -73,6 +74,7 @@ from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
+    OPTION_PATHS,
     DistillConfig,
     check_learned_lr,
     check_student,
@@ -311,6 +313,23 @@ class BenchConfig(Checked):
         train = dataclasses.replace(protocol.train, augment=augment, augment_options={},
                                     cutmix_prob=0.0 if augment == "none" else protocol.train.cutmix_prob)
         return dataclasses.replace(protocol, train=train)
+
+    def record(self) -> dict:
+        """The config as the bench records it (``config.json``, ``bench.json``): every relative path in it (a
+        dataset's ``path``, teachers' ``checkpoint``, a protocol YAML file, ``extra_teachers`` and ``fkd_store`` in
+        overrides, a method's ``extra_teachers`` and ``experts``) absolute against the working folder the bench
+        read it from, as :func:`ddkit.pipeline.recorded_config` records a run's; ``"@name"`` references stay."""
+        out = to_dict(self)
+        out["datasets"] = [to_dict(d.absolute()) for d in self.datasets]
+        out["protocol"] = recorded_protocol(self.protocol)
+        out["overrides"] = recorded_paths(out["overrides"], PATH_FIELDS)
+        out["ipc_overrides"] = {ipc: recorded_paths(o, PATH_FIELDS) for ipc, o in out["ipc_overrides"].items()}
+        for m in out["methods"]:
+            m["options"] = recorded_paths(m["options"], OPTION_PATHS)
+            m["ipc_options"] = {ipc: recorded_paths(o, OPTION_PATHS) for ipc, o in m["ipc_options"].items()}
+        for t in [out["teacher"], *out["teacher_pool"].values()]:
+            t.update(recorded_paths(t, ("checkpoint",)))
+        return out
 
     def needs_teacher(self) -> bool:
         return bool(self.teacher_pool) or any(m != "hard" for m in self.label_modes) or any(
@@ -913,7 +932,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     bench = _Bench(cfg, _stage_form(stage_progress))
     info = ddist.current()
     if info.is_main:
-        write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
+        write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": cfg.record(),
                                                  "versions": versions()})
         # the table is written once every cell is done: a run that stops before must not leave an earlier
         # run's table, which `ddkit report` would publish beside this run's distilled sets
@@ -943,7 +962,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
         metrics.drop_diverged_scores(r)  # cells finished before 2026-12-07 scored diverged students too
     _add_cross_arch(rows)
     if info.is_main:
-        write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),
+        write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": cfg.record(),
                                                 "versions": versions(), "rows": rows})
     ddist.barrier()
     return rows

@@ -28,6 +28,7 @@ from ddkit.artifacts import (
     holds_files,
     read_json,
     read_manifest,
+    recorded_paths,
     write_json,
     write_text,
     writing,
@@ -39,7 +40,7 @@ from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
-from ddkit.evaluate.protocol import ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import PATH_FIELDS, ProtocolConfig, recorded_protocol, resolve_protocol
 from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
@@ -271,7 +272,8 @@ def distill(
                                                            name="distill.soft_labels_bn")
                 distilled = DistilledSet.build(
                     synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-                    config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+                    config=run_config or {"distill": recorded_distill(cfg)},
+                    dataset_config=to_dict(dataset_cfg.absolute()),
                     teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
                 )
         except DDKitError as e:
@@ -547,8 +549,7 @@ def run(
         (out / "manifest.json").unlink(missing_ok=True)
         # nor its report, which names the previous stages (written again once every stage is done)
         shutil.rmtree(out / "report", ignore_errors=True)
-    resolved = to_dict(cfg)
-    resolved["dataset"] = to_dict(cfg.dataset.absolute())
+    resolved = recorded_config(cfg)
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
     teacher = None
@@ -619,6 +620,30 @@ def run(
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)
     return summary
+
+
+#: method options that name artifacts on disk (as distill_hash reads them: by content), recorded absolute
+OPTION_PATHS = ("extra_teachers", "experts")
+
+
+def recorded_distill(cfg: DistillConfig) -> dict:
+    """``cfg`` as a set records it: the paths its method options name (:data:`OPTION_PATHS`) absolute."""
+    return {**to_dict(cfg), "options": recorded_paths(cfg.options, OPTION_PATHS)}
+
+
+def recorded_config(cfg: RunConfig) -> dict:
+    """``cfg`` as a run records it (``config.json``, the manifests): every relative path in it (``dataset.path``,
+    ``teacher.checkpoint``, a protocol YAML file, ``extra_teachers``, ``fkd_store``, a method's ``extra_teachers``
+    and ``experts``) made absolute against the working folder the run read it from, so the record runs again from
+    any folder on the same files. Hashes do not change: they read those artifacts by content, not by path."""
+    out = to_dict(cfg)
+    out["dataset"] = to_dict(cfg.dataset.absolute())
+    if out["teacher"] is not None:
+        out["teacher"] = recorded_paths(out["teacher"], ("checkpoint",))
+    out["distill"] = recorded_distill(cfg.distill)
+    out["evaluate"]["protocol"] = recorded_protocol(cfg.evaluate.protocol)
+    out["evaluate"]["overrides"] = recorded_paths(out["evaluate"]["overrides"], PATH_FIELDS)
+    return out
 
 
 def reusable_stage(load: Callable[[], Any], marker: Path, redo: str) -> Any:

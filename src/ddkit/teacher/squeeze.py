@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -555,8 +556,10 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     except NonFiniteOutputs as exc:
         raise DDKitError(f"checkpoint {path}: {exc}; nothing was saved: check that it is the trained model's "
                          f"state_dict for model {cfg.model!r}") from None
-    teacher = Teacher(model.cpu(), _manifest(model, data, cfg, acc, []))
-    teacher.manifest["imported_from"] = str(path)
+    # the checkpoint named from any folder (recorded_path), as the import of the recorded config reads it
+    recorded = dataclasses.replace(cfg, checkpoint=recorded_path(path))
+    teacher = Teacher(model.cpu(), _manifest(model, data, recorded, acc, []))
+    teacher.manifest["imported_from"] = recorded.checkpoint
     if out is not None:  # as train_teacher: rank 0 writes it, and no rank goes on before it is there
         if ddist.current().is_main:
             teacher.save(out)
