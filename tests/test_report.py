@@ -368,3 +368,18 @@ def test_protocol_sentence_states_the_ipc_overrides(run_dir, tmp_path):
               "`{'train': {'epochs': 5, 'lr': 0.01}}`; seeds [0, 1]; protocol hashes ")
     assert (out / "report.md").read_text().splitlines()[2].startswith(stated)
     assert f"<p>{html.escape(stated).replace('`', '')}" in (out / "report.html").read_text()
+
+
+def test_committed_reports_state_their_benchs_protocol():
+    """Each committed docs/results/<run>-report/report.md (and .html) states the protocol of its bench JSON,
+    ipc_overrides included (re-render the sentence after changing report.protocol_sentence)."""
+    from conftest import REPO
+    from ddkit.report import protocol_sentence
+
+    reports = sorted((REPO / "docs" / "results").glob("*-report"))
+    assert reports
+    for folder in reports:
+        cfg = json.loads(folder.with_name(folder.name.removesuffix("-report") + ".json").read_text())["config"]
+        stated = protocol_sentence(cfg) + "; seeds "
+        assert (folder / "report.md").read_text().splitlines()[2].startswith(stated), folder.name
+        assert f"<p>{html.escape(stated).replace('`', '')}" in (folder / "report.html").read_text(), folder.name
