@@ -628,7 +628,9 @@ OPTION_PATHS = ("extra_teachers", "experts")
 
 def recorded_distill(cfg: DistillConfig) -> dict:
     """``cfg`` as a set records it: the paths its method options name (:data:`OPTION_PATHS`) absolute."""
-    return {**to_dict(cfg), "options": recorded_paths(cfg.options, OPTION_PATHS)}
+    out = to_dict(cfg)
+    out["options"] = recorded_paths(out["options"], OPTION_PATHS)
+    return out
 
 
 def recorded_config(cfg: RunConfig) -> dict:
