@@ -161,6 +161,35 @@ def test_config_errors_all_at_once(tmp_path):
         tiny_cfg(tmp_path, method=["random"])
 
 
+
+CELL = "protocol 'dc-protocol' for student 'tiny_convnet', IPC 2, label mode 'hard': "
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # a student or label mode in overrides was recorded (and stated in the report) while every cell used its own
+    (["overrides.student=tiny_mlp", "overrides.label_mode=teacher"],
+     "overrides.student is not used: each cell's student comes from students; list it there instead; "
+     "overrides.label_mode is not used: each cell's label mode comes from label_modes; list it there instead"),
+    (["ipc_overrides.2.student=tiny_mlp"], "ipc_overrides.2.student is not used: each cell's student comes from "
+     "students; list it there instead (student_ipcs limits a student to some IPCs)"),
+    (["ipc_overrides.2.label_mode=teacher"], "ipc_overrides.2.label_mode is not used: each cell's label mode comes "
+     "from label_modes; list it there instead"),
+    # a bad value of an IPC's entry was named overrides.…, where the file holds a valid one
+    (["ipc_overrides.2.train.epochs=3.0"], CELL + "ipc_overrides.2.train.epochs: expected an integer, got 3.0"),
+    (["ipc_overrides.2.trian.epochs=3"], CELL + "unknown config key 'ipc_overrides.2.trian'; did you mean 'train'?"),
+    (["overrides.train.batch_size=0.5", "ipc_overrides.2.train.epochs=4"],  # overrides' own stay named so
+     "protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'hard': overrides.train.batch_size: "
+     "expected an integer, got 0.5"),
+])
+def test_overrides_errors_name_the_key_given(tmp_path, capsys, sets, message):
+    import yaml
+
+    cfg, out = tmp_path / "b.yaml", tmp_path / "b"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
+    code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
+    assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
@@ -1301,3 +1330,30 @@ def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
         seen.append((step, total, record["stage"]))
 
     assert progress_form(new, "run_bench", "stage_progress") is new
+
+
+def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
+    """A bench's config.json and bench.json recorded `protocol: proto.yaml` as given, read against the working
+    folder: from another folder the recorded config read another file or none. Recorded absolute, it re-runs from
+    anywhere and reuses every cell; "@name" references to the teacher pool stay as they are."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proto.yaml").write_text("student: tiny_convnet\nfull_reference: false\ntrain: {epochs: 1}\n")
+    cfg = {**TINY, "ipcs": [1], "seeds": [0], "protocol": "proto.yaml", "out": "b"}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["bench", "b.yaml", "--device", "cpu", "-q"]) == 0
+    for name in ("config.json", "bench.json"):
+        assert json.loads((tmp_path / "b" / name).read_text())["config"]["protocol"] == str(tmp_path / "proto.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/again.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "b/config.json").read_text())["config"], "out": str(tmp_path / "b")}))
+    seen = []
+    run_bench(load_bench_config("again.json"), progress=lambda d, n, row: seen.append(row))
+    assert [r["reused"] for r in seen] == [True]
+    pooled = tiny_cfg(tmp_path / "p", methods=[{"name": "gvbsm", "options": {"extra_teachers": ["@d2", "t2"]}}],
+                      teacher_pool={"d2": {"model": "tiny_convnet"}}, overrides={"extra_teachers": ["t3"]})
+    record = pooled.record()
+    assert record["methods"][0]["options"]["extra_teachers"] == ["@d2", str(tmp_path / "elsewhere/t2")]
+    assert record["overrides"]["extra_teachers"] == [str(tmp_path / "elsewhere/t3")]

@@ -1,5 +1,6 @@
 """``ddkit report``: a self-contained folder whose HTML renders with every image loaded."""
 
+import html
 import json
 import re
 import shutil
@@ -407,3 +408,37 @@ def test_write_report_leaves_the_callers_matplotlib_backend(run_dir, tmp_path):
     assert write_report(run_dir, tmp_path / "again") and all(
         (tmp_path / "rep" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
         for name in ("acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png"))
+
+
+def test_protocol_sentence_states_the_ipc_overrides(run_dir, tmp_path):
+    """The sentence named the preset and `overrides` only: the cells of an IPC with an `ipc_overrides` entry (the
+    shipped -cpu benches' per-IPC epochs) ran settings the report did not state."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    table = json.loads((run_dir / "bench.json").read_text())
+    plain = (write_report(run_dir, tmp_path / "plain") / "report.md").read_text().splitlines()[2]
+    assert plain.startswith("Protocol preset `dc-protocol` with overrides `{'full_epochs': 1, 'train': {'epochs': 3, "
+                            "'batch_size': 32, 'lr': 0.05}}`; seeds [0, 1]; protocol hashes ")  # none: as before
+    table["config"]["ipc_overrides"] = {"2": {"train": {"epochs": 5, "lr": 0.01}}, "1": {"full_reference": False}}
+    (copy / "bench.json").write_text(json.dumps(table))
+    out = write_report(copy, tmp_path / "rep")
+    stated = ("Protocol preset `dc-protocol` with overrides `{'full_epochs': 1, 'train': {'epochs': 3, 'batch_size': "
+              "32, 'lr': 0.05}}` and per-IPC overrides (applied after them) IPC 1: `{'full_reference': False}`, IPC 2: "
+              "`{'train': {'epochs': 5, 'lr': 0.01}}`; seeds [0, 1]; protocol hashes ")
+    assert (out / "report.md").read_text().splitlines()[2].startswith(stated)
+    assert f"<p>{html.escape(stated).replace('`', '')}" in (out / "report.html").read_text()
+
+
+def test_committed_reports_state_their_benchs_protocol():
+    """Each committed docs/results/<run>-report/report.md (and .html) states the protocol of its bench JSON,
+    ipc_overrides included (re-render the sentence after changing report.protocol_sentence)."""
+    from conftest import REPO
+    from ddkit.report import protocol_sentence
+
+    reports = sorted((REPO / "docs" / "results").glob("*-report"))
+    assert reports
+    for folder in reports:
+        cfg = json.loads(folder.with_name(folder.name.removesuffix("-report") + ".json").read_text())["config"]
+        stated = protocol_sentence(cfg) + "; seeds "
+        assert (folder / "report.md").read_text().splitlines()[2].startswith(stated), folder.name
+        assert f"<p>{html.escape(stated).replace('`', '')}" in (folder / "report.html").read_text(), folder.name

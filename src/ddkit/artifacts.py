@@ -238,6 +238,20 @@ def recorded_path(path: str | Path | None) -> str | None:
     return str(Path(path).absolute()) if path else None
 
 
+def recorded_paths(section: dict, keys: tuple[str, ...]) -> dict:
+    """``section`` (a config's dict) with the paths under ``keys`` (a string, or a list of strings) made absolute
+    as :func:`recorded_path` does, so a record of the config finds the same files from another working folder;
+    a bench's ``"@name"`` reference to its teacher pool stays as it is."""
+    out = dict(section)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [recorded_paths({key: v}, (key,))[key] for v in value]
+        elif isinstance(value, str) and value and not value.startswith("@"):
+            out[key] = recorded_path(value)
+    return out
+
+
 def check_output_file(path: str | Path) -> None:
     """Refuse an output file path that ``write_text`` could not write: a folder, or one inside a file."""
     path = Path(path)

@@ -207,7 +207,7 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import load_dataset
     from ddkit.distilled import ipc_text
     from ddkit.methods import METHODS
-    from ddkit.pipeline import DistillConfig, distill, load_teacher_for
+    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, recorded_distill
 
     # the flag's default is None: only a typed --ipc gets here
     if args.ipc is not None and args.method in METHODS and not METHODS.get(args.method).uses_ipc:
@@ -223,7 +223,7 @@ def cmd_distill(args) -> int:
     teacher = load_teacher_for(args.teacher, bundle, device)
     progress = Progress(not args.quiet)
     ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
-                 run_config={"dataset": to_dict(dcfg.absolute()), "distill": to_dict(cfg)})
+                 run_config={"dataset": to_dict(dcfg.absolute()), "distill": recorded_distill(cfg)})
     progress.close()
     _print(f"{cfg.method} ipc={ipc_text(ds.ipc)}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
            f"{ds.label_bytes:,} label bytes -> {args.out}")

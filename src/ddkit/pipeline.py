@@ -28,6 +28,7 @@ from ddkit.artifacts import (
     holds_files,
     read_json,
     read_manifest,
+    recorded_paths,
     write_json,
     write_text,
     writing,
@@ -39,7 +40,13 @@ from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
-from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
+from ddkit.evaluate.protocol import (
+    PATH_FIELDS,
+    UNLABELLED_BY_ENSEMBLE,
+    ProtocolConfig,
+    recorded_protocol,
+    resolve_protocol,
+)
 from ddkit.evaluate.runner import (
     check_random_ipc,
     evaluate,
@@ -110,13 +117,17 @@ class EvalConfig(Checked):
     """How the distilled set is evaluated."""
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
-    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not label_mode: "
+                            "label_modes sets it)")
     label_modes: list[str] = field(["hard"],
                                    help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
+        if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
+            raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
+                              "evaluate.label_modes; list it there instead")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
@@ -144,8 +155,6 @@ class EvalConfig(Checked):
             try:
                 out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
             except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
-                if "label_mode" in self.overrides:
-                    raise
                 raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
                                   ) from None
         return out
@@ -280,7 +289,8 @@ def distill(
                                                            name="distill.soft_labels_bn")
                 distilled = DistilledSet.build(
                     synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-                    config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+                    config=run_config or {"distill": recorded_distill(cfg)},
+                    dataset_config=to_dict(dataset_cfg.absolute()),
                     teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
                 )
         except DDKitError as e:
@@ -571,8 +581,7 @@ def run(
         (out / "manifest.json").unlink(missing_ok=True)
         # nor its report, which names the previous stages (written again once every stage is done)
         shutil.rmtree(out / "report", ignore_errors=True)
-    resolved = to_dict(cfg)
-    resolved["dataset"] = to_dict(cfg.dataset.absolute())
+    resolved = recorded_config(cfg)
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
     teacher = None
@@ -643,6 +652,32 @@ def run(
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)
     return summary
+
+
+#: method options that name artifacts on disk (as distill_hash reads them: by content), recorded absolute
+OPTION_PATHS = ("extra_teachers", "experts")
+
+
+def recorded_distill(cfg: DistillConfig) -> dict:
+    """``cfg`` as a set records it: the paths its method options name (:data:`OPTION_PATHS`) absolute."""
+    out = to_dict(cfg)
+    out["options"] = recorded_paths(out["options"], OPTION_PATHS)
+    return out
+
+
+def recorded_config(cfg: RunConfig) -> dict:
+    """``cfg`` as a run records it (``config.json``, the manifests): every relative path in it (``dataset.path``,
+    ``teacher.checkpoint``, a protocol YAML file, ``extra_teachers``, ``fkd_store``, a method's ``extra_teachers``
+    and ``experts``) made absolute against the working folder the run read it from, so the record runs again from
+    any folder on the same files. Hashes do not change: they read those artifacts by content, not by path."""
+    out = to_dict(cfg)
+    out["dataset"] = to_dict(cfg.dataset.absolute())
+    if out["teacher"] is not None:
+        out["teacher"] = recorded_paths(out["teacher"], ("checkpoint",))
+    out["distill"] = recorded_distill(cfg.distill)
+    out["evaluate"]["protocol"] = recorded_protocol(cfg.evaluate.protocol)
+    out["evaluate"]["overrides"] = recorded_paths(out["evaluate"]["overrides"], PATH_FIELDS)
+    return out
 
 
 def reusable_stage(load: Callable[[], Any], marker: Path, redo: str) -> Any:

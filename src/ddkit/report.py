@@ -304,6 +304,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def protocol_sentence(cfg: dict) -> str:
+    """What a bench config (``bench.json``'s ``config``) changes in its protocol preset: its ``overrides`` and,
+    where it has them, its ``ipc_overrides``, which the cells of that IPC ran with over the overrides."""
+    text = f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`"
+    per_ipc = cfg.get("ipc_overrides") or {}  # JSON keys are text: "10"
+    if per_ipc:
+        text += " and per-IPC overrides (applied after them) " + ", ".join(
+            f"IPC {k}: `{per_ipc[k]}`" for k in sorted(per_ipc, key=int))
+    return text
+
+
 def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     """report.md, report.html, the plots and the set grids of ``table`` (the bench run in ``run_dir``)
     into the folder ``out``."""
@@ -314,8 +325,7 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
                     | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
     cfg = table["config"]
-    intro = (f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`; seeds {cfg['seeds']}; "
-             f"protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
+    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}; protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
              f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
     notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import Checked, field, is_count, summary_repr
+from ddkit.config import Checked, field, is_count, summary_repr, to_dict
 from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
@@ -260,6 +260,12 @@ class DataBundle:
         trained on other mean/std sees shifted inputs)."""
         return (described.get("fingerprint") == self.fingerprint and described.get("mean") == list(self.mean)
                 and described.get("std") == list(self.std))
+
+    def config_record(self) -> dict | None:
+        """The config this data was loaded with, as an artifact records it (``dataset_config``, with ``path``
+        absolute: :meth:`DatasetConfig.absolute`), so the artifact can be made again from its record; None for
+        data built by hand."""
+        return to_dict(self.config.absolute()) if self.config is not None else None
 
     def describe(self) -> dict:
         out = {

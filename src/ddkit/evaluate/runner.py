@@ -698,7 +698,7 @@ def evaluate(
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device,
                                          Path(cache_dir) if cache_dir else None, progress)
-    report = base_manifest("evaluation", to_dict(protocol), seeds[0])
+    report = base_manifest("evaluation", protocol.record(), seeds[0])
     report.update({
         "seeds": seeds,
         "protocol_hash": protocol.hash,

@@ -448,6 +448,7 @@ def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: li
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update({
         "dataset": data.describe(),
+        "dataset_config": data.config_record(),  # not in buffers made before 2026-12-07
         "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
                   "num_classes": data.num_classes},
         "params": param_spec(model),

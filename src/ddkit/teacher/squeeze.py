@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -381,6 +382,7 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
             "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
                       **model_source(cfg.model)},
             "dataset": data.describe(),
+            "dataset_config": data.config_record(),  # not in teachers made before 2026-12-07
             "test_accuracy": acc,
             "history": history,
             "weights_sha": weights_sha(model),
@@ -577,8 +579,10 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     except NonFiniteOutputs as exc:
         raise DDKitError(f"checkpoint {path}: {exc}; nothing was saved: check that it is the trained model's "
                          f"state_dict for model {cfg.model!r}") from None
-    teacher = Teacher(model.cpu(), _manifest(model, data, cfg, acc, []))
-    teacher.manifest["imported_from"] = str(path)
+    # the checkpoint named from any folder (recorded_path), as the import of the recorded config reads it
+    recorded = dataclasses.replace(cfg, checkpoint=recorded_path(path))
+    teacher = Teacher(model.cpu(), _manifest(model, data, recorded, acc, []))
+    teacher.manifest["imported_from"] = recorded.checkpoint
     if out is not None:  # as train_teacher: rank 0 writes it, and no rank goes on before it is there
         if ddist.current().is_main:
             teacher.save(out)
