@@ -12,6 +12,7 @@ from PIL import Image
 import ddkit
 from ddkit.artifacts import SCHEMA_VERSION, atomic_dir, build_lock
 from ddkit.config import from_dict
+from ddkit.data import make_synthetic
 from ddkit.data.base import DatasetConfig
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
@@ -584,10 +585,100 @@ def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path, monkeypatch):
     assert converted == [2] * 100  # each shown class's images, a row at a time
     monkeypatch.undo()
     save_grid(torch.rand(101, 1, 136, 136), torch.arange(101), classes, tmp_path / "big.png")
-    big = Image.open(tmp_path / "big.png")
-    assert big.height == 100 * (128 + 2) + 2 and big.width - (8 + 6 * len("class100")) == 10 * (128 + 2) + 2
+    big = Image.open(tmp_path / "big.png")  # one image per class: one column; the truncation in a caption line
+    assert big.height == 16 + 100 * (128 + 2) + 2 and big.width - (8 + 6 * len("class100")) == 1 * (128 + 2) + 2
     save_grid(torch.rand(3, 1, 28, 28), torch.arange(3), ["a", "b", "c"], tmp_path / "small.png")
     assert Image.open(tmp_path / "small.png").height == 3 * (56 + 2) + 2
+
+
+def _cell(grid: Image.Image, margin: int, top: int, side: int, row: int, col: int) -> tuple:
+    """The pixel at the middle of the grid cell (row, col) of ``side`` px cells (2 px padding)."""
+    return grid.getpixel((margin + 2 + col * (side + 2) + side // 2, top + 2 + row * (side + 2) + side // 2))
+
+
+def test_preview_grid_draws_sets_of_any_channel_count(tiny, tmp_path, caplog):
+    """A set of 5 or more channels crashed DistilledSet.save in PIL at its preview (after the whole synthesis,
+    nothing saved); 2 and 4 channels became PIL's LA/RGBA, whose 2nd/4th channel the RGB conversion dropped."""
+    from ddkit.distilled import save_grid
+
+    for c, want in ((2, (26, 51, 0)), (4, (26, 51, 76)), (5, (26, 51, 76))):
+        images = torch.arange(1, c + 1).float().div(10).view(1, c, 1, 1).expand(4, c, 16, 16)  # channel k: (k+1)/10
+        with caplog.at_level(logging.INFO, logger="ddkit.distilled"):
+            save_grid(images, torch.arange(4), ["a", "b", "c", "d"], tmp_path / f"c{c}.png")
+        note = "channels 0 and 1 of 2 drawn as red and green" if c == 2 else f"channels 0-2 of {c} drawn as RGB"
+        assert f"the preview grid shows {note}" in caplog.text
+        grid = Image.open(tmp_path / f"c{c}.png")  # the note in a caption line (16 px) above 16 px images x4
+        assert grid.height == 16 + 4 * (64 + 2) + 2 and _cell(grid, 14, 16, 64, 3, 0) == want
+    data = make_synthetic(num_classes=3, channels=5, image_size=8, train_per_class=4, test_per_class=2)
+    ds = distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "c5")
+    assert ds.images.shape[1] == 5 and (tmp_path / "c5" / "preview.png").is_file()
+    assert DistilledSet.load(tmp_path / "c5").images.equal(ds.images)
+
+
+def test_preview_grid_stretches_sets_mostly_outside_0_1(tmp_path, caplog):
+    """ZCA-whitened MTT sets (65 % of pixels outside 0..1) were clipped to black and white in their preview;
+    sets with few such pixels keep their preview byte for byte."""
+    from ddkit.distilled import save_grid
+
+    images = torch.tensor([-5.0, -1.0, 3.0, 7.0]).view(4, 1, 1, 1).expand(4, 1, 16, 16)  # mean 1, std 4.47
+    with caplog.at_level(logging.INFO, logger="ddkit.distilled"):
+        save_grid(images, torch.arange(4), ["a", "b", "c", "d"], tmp_path / "zca.png")
+    assert "the preview grid shows pixels from -5 to 7 drawn black to white (100 % lie outside 0..1)" in caplog.text
+    grid = Image.open(tmp_path / "zca.png")  # clipped: 0, 0, 255, 255
+    assert [_cell(grid, 14, 16, 64, row, 0) for row in range(4)] == [(v, v, v) for v in (0, 85, 170, 255)]
+    slight = torch.rand(10, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    slight[0, 0, 0, :5] = torch.tensor([-0.2, -0.1, 1.1, 1.2, 1.3])  # 0.07 % outside: drawn clipped, as before
+    save_grid(slight, torch.arange(5).repeat(2), list("abcde"), tmp_path / "slight.png")
+    save_grid(slight.clamp(0, 1), torch.arange(5).repeat(2), list("abcde"), tmp_path / "clamped.png")
+    assert (tmp_path / "slight.png").read_bytes() == (tmp_path / "clamped.png").read_bytes()
+
+
+def test_preview_grid_columns_filler_and_truncation(tmp_path, caplog):
+    """Rows were padded to 10 columns with black cells, which pass for black images, and IPC > 10 or more than
+    100 classes were cut without a mark in the picture; non-square images were enlarged past max_side (by the
+    width alone), large sets made grids of 17M px (24 MB)."""
+    from ddkit.distilled import GRID_MAX_PIXELS, save_grid
+
+    caplog.set_level(logging.INFO, logger="ddkit.distilled")
+    save_grid(torch.zeros(3, 1, 16, 16), torch.tensor([0, 0, 1]), ["a", "b"], tmp_path / "uneven.png")
+    grid = Image.open(tmp_path / "uneven.png")  # 2 columns (the fullest class), no caption: nothing left out
+    assert grid.size == (14 + 2 * 66 + 2, 2 * 66 + 2) and "preview grid shows" not in caplog.text
+    assert _cell(grid, 14, 0, 64, 1, 0) == (0, 0, 0)  # class b's black image ...
+    filler = {grid.getpixel((14 + 2 + 66 + x, 66 + 2 + y)) for x in range(64) for y in range(64)}
+    assert filler == {(153, 153, 153), (230, 230, 230)}  # ... and a hatched grey cell beside it
+    save_grid(torch.rand(12, 1, 16, 16), torch.arange(3).repeat(4), ["a", "b", "c"], tmp_path / "cut.png", per_class=3)
+    assert "the preview grid shows first 3 of 4 images per class" in caplog.text
+    assert Image.open(tmp_path / "cut.png").size == (14 + 3 * 66 + 2, 16 + 3 * 66 + 2)
+    save_grid(torch.rand(6, 1, 160, 20), torch.arange(3).repeat(2), ["a", "b", "c"], tmp_path / "tall.png")
+    assert Image.open(tmp_path / "tall.png").size == (14 + 2 * (16 + 2) + 2, 3 * (128 + 2) + 2)  # 128x16, not 512x64
+    x = (torch.rand(1000, 1, 64, 64) * 255).to(torch.uint8)  # 100 classes x 10 at 64 px: 66 px cells were 4.4M px
+    save_grid(x, torch.arange(100).repeat(10), [f"c{i}" for i in range(100)], tmp_path / "many.png")
+    many = Image.open(tmp_path / "many.png")
+    assert many.size == (26 + 10 * 63 + 2, 100 * 63 + 2) and (many.width - 26) * many.height <= GRID_MAX_PIXELS
+
+
+def test_preview_grid_refuses_a_per_class_below_one(tiny, tmp_path):
+    """save_grid(per_class=0) raised torchvision's ZeroDivisionError, -1 a torch overflow."""
+    ds = _random_set(tiny, tmp_path)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(DDKitError) as err:
+            ds.save_grid(tmp_path / "g.png", per_class=bad)
+        assert str(err.value) == f"per_class must be an integer >= 1 (the images shown per class), got {bad!r}"
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_imagefolder_export_refuses_channels_png_cannot_hold(tmp_path):
+    """A 4-channel set's export wrote its 4th channel as PNG transparency (2 channels: grey + alpha), which the
+    imagefolder loader drops; pt keeps every channel."""
+    for c in (2, 4):
+        data = make_synthetic(num_classes=2, channels=c, image_size=8, train_per_class=3, test_per_class=1)
+        ds = distill(data, DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / f"s{c}")
+        with pytest.raises(DDKitError) as err:
+            ds.export(tmp_path / f"png{c}", "imagefolder")
+        assert str(err.value) == (f"the set's images have {c} channels and --format imagefolder writes PNG files of "
+                                  "1 (grey) or 3 (RGB); use --format pt, which keeps every channel")
+        assert not (tmp_path / f"png{c}").exists()
+        assert torch.load(ds.export(tmp_path / f"s{c}.pt", "pt"), weights_only=True)["images"].shape[1] == c
 
 
 def test_full_method_is_whole_training_set(tiny, tmp_path):
@@ -974,7 +1065,8 @@ def test_load_reads_every_stages_artifact_by_its_kind(tiny, tmp_path):
 
     ds.save_grid(tmp_path / "grid.png", per_class=2)
     with Image.open(tmp_path / "grid.png") as grid, Image.open(ds.path / "preview.png") as preview:
-        assert grid.format == "PNG" and grid.height == preview.height and grid.width < preview.width
+        # 2 of the set's 3 images per class, said in a caption line (16 px) above the grid
+        assert grid.format == "PNG" and grid.height == preview.height + 16 and grid.width < preview.width
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # written atomically
 
 

@@ -161,6 +161,35 @@ def test_config_errors_all_at_once(tmp_path):
         tiny_cfg(tmp_path, method=["random"])
 
 
+
+CELL = "protocol 'dc-protocol' for student 'tiny_convnet', IPC 2, label mode 'hard': "
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # a student or label mode in overrides was recorded (and stated in the report) while every cell used its own
+    (["overrides.student=tiny_mlp", "overrides.label_mode=teacher"],
+     "overrides.student is not used: each cell's student comes from students; list it there instead; "
+     "overrides.label_mode is not used: each cell's label mode comes from label_modes; list it there instead"),
+    (["ipc_overrides.2.student=tiny_mlp"], "ipc_overrides.2.student is not used: each cell's student comes from "
+     "students; list it there instead (student_ipcs limits a student to some IPCs)"),
+    (["ipc_overrides.2.label_mode=teacher"], "ipc_overrides.2.label_mode is not used: each cell's label mode comes "
+     "from label_modes; list it there instead"),
+    # a bad value of an IPC's entry was named overrides.…, where the file holds a valid one
+    (["ipc_overrides.2.train.epochs=3.0"], CELL + "ipc_overrides.2.train.epochs: expected an integer, got 3.0"),
+    (["ipc_overrides.2.trian.epochs=3"], CELL + "unknown config key 'ipc_overrides.2.trian'; did you mean 'train'?"),
+    (["overrides.train.batch_size=0.5", "ipc_overrides.2.train.epochs=4"],  # overrides' own stay named so
+     "protocol 'dc-protocol' for student 'tiny_convnet', IPC 1, label mode 'hard': overrides.train.batch_size: "
+     "expected an integer, got 0.5"),
+])
+def test_overrides_errors_name_the_key_given(tmp_path, capsys, sets, message):
+    import yaml
+
+    cfg, out = tmp_path / "b.yaml", tmp_path / "b"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
+    code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
+    assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
@@ -1285,12 +1314,26 @@ def test_edited_numbers_in_cells_cached_evaluations_and_the_full_reference_are_n
     assert json.loads(reference.read_text())["result"]["mean"] == row["full_hard"]["mean"]
 
 
+def test_old_form_stage_progress_warning_names_the_callers_line(monkeypatch):
+    """run_bench's DeprecationWarning for an old-form stage_progress names the line that called run_bench (through
+    run_bench's wrapper, which puts the stage in its own numeric modes), not ddkit's."""
+    import ddkit.bench
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddkit.bench, "_Bench", stop)
+    with pytest.warns(DeprecationWarning, match="now calls stage_progress") as warned, pytest.raises(KeyboardInterrupt):
+        run_bench(None, stage_progress=lambda what, done, total: None)
+    assert [w.filename for w in warned] == [__file__]
+
+
 @pytest.mark.parametrize("first", ["what", "label", "stage", "name", "desc"])
 def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
     """A (stage, done, total) callback was taken for the new form and called with (int, int, dict)."""
     import inspect
 
-    from ddkit.bench import _stage_form
+    from ddkit.evaluate.runner import progress_form
 
     seen = []
 
@@ -1300,11 +1343,38 @@ def test_old_form_stage_progress_is_told_by_its_first_parameters_name(first):
     old.__signature__ = inspect.Signature(  # (first, done, total), as the user named them
         [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in (first, "done", "total")])
     with pytest.warns(DeprecationWarning, match=r"now calls stage_progress\(step, total, record\)"):
-        wrapped = _stage_form(old)
+        wrapped = progress_form(old, "run_bench", "stage_progress")
     wrapped(2, 5, {"stage": "teacher synthetic", "loss": 0.5})
     assert seen == [("teacher synthetic", 2, 5)]
 
     def new(step, total, record):
         seen.append((step, total, record["stage"]))
 
-    assert _stage_form(new) is new
+    assert progress_form(new, "run_bench", "stage_progress") is new
+
+
+def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
+    """A bench's config.json and bench.json recorded `protocol: proto.yaml` as given, read against the working
+    folder: from another folder the recorded config read another file or none. Recorded absolute, it re-runs from
+    anywhere and reuses every cell; "@name" references to the teacher pool stay as they are."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proto.yaml").write_text("student: tiny_convnet\nfull_reference: false\ntrain: {epochs: 1}\n")
+    cfg = {**TINY, "ipcs": [1], "seeds": [0], "protocol": "proto.yaml", "out": "b"}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["bench", "b.yaml", "--device", "cpu", "-q"]) == 0
+    for name in ("config.json", "bench.json"):
+        assert json.loads((tmp_path / "b" / name).read_text())["config"]["protocol"] == str(tmp_path / "proto.yaml")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    (tmp_path / "elsewhere/again.json").write_text(json.dumps(
+        {**json.loads((tmp_path / "b/config.json").read_text())["config"], "out": str(tmp_path / "b")}))
+    seen = []
+    run_bench(load_bench_config("again.json"), progress=lambda d, n, row: seen.append(row))
+    assert [r["reused"] for r in seen] == [True]
+    pooled = tiny_cfg(tmp_path / "p", methods=[{"name": "gvbsm", "options": {"extra_teachers": ["@d2", "t2"]}}],
+                      teacher_pool={"d2": {"model": "tiny_convnet"}}, overrides={"extra_teachers": ["t3"]})
+    record = pooled.record()
+    assert record["methods"][0]["options"]["extra_teachers"] == ["@d2", str(tmp_path / "elsewhere/t2")]
+    assert record["overrides"]["extra_teachers"] == [str(tmp_path / "elsewhere/t3")]

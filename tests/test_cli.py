@@ -1120,6 +1120,9 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
     (["teacher.model=tiny_convnet", "teacher.model_options.width=0"],
      "teacher.model_options: ConvNet width must be a positive integer, got 0"),
     (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    # recorded in config.json while each evaluation took its mode from label_modes
+    (["evaluate.overrides.label_mode=teacher"], "evaluate.overrides.label_mode is not used: the run evaluates every "
+     "mode in evaluate.label_modes; list it there instead\n"),
 ])
 def test_run_errors_name_the_config_key(tmp_path, capsys, sets, message):
     """Errors in a run config's protocol overrides named 'protocol.…' (a key no run config has), and a
@@ -1622,3 +1625,46 @@ def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
     assert "statistics/old  " in "\n".join(out) and "random ipc=2" in "\n".join(out)
     assert "removed 3 item(s)" in "\n".join(out) and not (root / "statistics" / "old").exists()
     assert '"kind": "bench-config"' in "\n".join(out)
+
+
+def test_run_records_its_relative_paths_absolute(tmp_path, capsys, monkeypatch):
+    """A run's config.json recorded a protocol YAML, extra_teachers and a teacher checkpoint as the relative paths
+    it was given (read against the working folder), so the recorded config failed from another folder ("config
+    file 'proto.yaml' not found") or read other files; the eval JSON and the imported teacher's manifest named
+    them relative too. They are recorded absolute, and the record re-runs from anywhere, reusing every stage."""
+    from safetensors.torch import save_file
+
+    from ddkit.evaluate.protocol import resolve_protocol
+    from ddkit.teacher import Teacher
+
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "tsyn",
+                    "-q"], capsys)[0] == 0
+    save_file(Teacher.load("tsyn").model.state_dict(), "ck.safetensors")  # weights to import as the run's teacher
+    (tmp_path / "proto.yaml").write_text("student: tiny_convnet\nfull_reference: false\nrandom_baseline: false\n"
+                                         "train: {epochs: 1, batch_size: 32}\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub/run.yaml").write_text(
+        "dataset: {name: synthetic}\nteacher: {model: tiny_convnet, checkpoint: ck.safetensors}\n"
+        "distill: {method: random, ipc: 2}\nevaluate: {protocol: proto.yaml, overrides: {extra_teachers: [tsyn]}, "
+        "label_modes: [teacher], seeds: [0]}\nout: run\n")
+    assert run_cli(["run", "sub/run.yaml", "-q"], capsys)[0] == 0
+    recorded = json.loads((tmp_path / "run/config.json").read_text())
+    assert recorded["teacher"]["checkpoint"] == str(tmp_path / "ck.safetensors")
+    assert recorded["evaluate"]["protocol"] == str(tmp_path / "proto.yaml")
+    assert recorded["evaluate"]["overrides"]["extra_teachers"] == [str(tmp_path / "tsyn")]
+    teacher = json.loads((tmp_path / "run/teacher/manifest.json").read_text())
+    assert teacher["config"]["checkpoint"] == teacher["imported_from"] == str(tmp_path / "ck.safetensors")
+    report = json.loads((tmp_path / "run/eval-teacher.json").read_text())
+    assert report["config"]["extra_teachers"] == [str(tmp_path / "tsyn")]
+    # from another folder the record reads the same files: the same teacher weights, set and evaluation
+    monkeypatch.chdir(tmp_path / "sub")
+    assert run_cli(["run", str(tmp_path / "run/config.json"), "--out", str(tmp_path / "run"), "-q"], capsys)[0] == 0
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["reused"] == ["distilled", "eval-teacher.json"]
+    # an FKD store is recorded absolute as well; the protocol's hash reads neither path
+    rel = resolve_protocol(str(tmp_path / "proto.yaml"),
+                           {"label_mode": "fkd", "loss": "kl", "fkd_store": "s.fkd", "extra_teachers": ["../tsyn"]})
+    assert (rel.record()["fkd_store"], rel.record()["extra_teachers"]) == (str(tmp_path / "sub/s.fkd"),
+                                                                         [str(tmp_path / "sub/../tsyn")])
+    absolute = resolve_protocol(rel, {"fkd_store": str(tmp_path / "s.fkd"), "extra_teachers": [str(tmp_path / "t")]})
+    assert absolute.hash == rel.hash

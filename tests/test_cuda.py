@@ -213,3 +213,15 @@ def test_stages_on_cuda_leave_the_callers_generators_alone(data):
     accs = [evaluate(d, p, [0], data=data, device=CUDA)["results"]["distilled"]["per_seed"] for _ in range(2)]
     assert torch.equal(torch.get_rng_state(), states[0]) and torch.equal(torch.cuda.get_rng_state(CUDA), states[1])
     assert accs[0] == accs[1]
+
+
+def test_stages_on_cuda_compute_in_their_own_precision_inside_the_callers_autocast(data):
+    """Inside a caller's torch.autocast("cuda") an fp32 teacher trained in the caller's fp16 (recorded as fp32); it
+    trains as alone there, and precision bf16 (ddkit's own autocast) still in bf16. The caller's autocast is back."""
+    fp32 = TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1))
+    bf16 = TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, precision="bf16"))
+    alone = [train_teacher(data, cfg, device=CUDA).fingerprint for cfg in (fp32, bf16)]
+    with torch.autocast("cuda", dtype=torch.float16):
+        inside = [train_teacher(data, cfg, device=CUDA).fingerprint for cfg in (fp32, bf16)]
+        assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+    assert inside == alone and alone[0] != alone[1]

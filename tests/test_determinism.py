@@ -1,9 +1,12 @@
 """Deterministic CUDA kernels (ddkit.determinism) and the gather-based resampling they rely on.
 
 The CUDA paths themselves run in tests/test_cuda.py (marked gpu); here the replacement ops are
-checked against the PyTorch ops they stand in for, on the CPU, values and gradients.
+checked against the PyTorch ops they stand in for, on the CPU, values and gradients. Also: the
+caller's global generators and numeric modes around a stage (global_rng, stage_modes).
 """
 
+import contextlib
+import copy
 import math
 
 import pytest
@@ -236,3 +239,125 @@ def test_expert_training_with_dropout_is_seeded_and_leaves_the_callers_rng(synth
     torch.rand(7)  # the caller draws: the experts do not depend on it
     again = train_experts(synthetic, cfg, None, torch.device("cpu")).trajectories
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------
+# the numeric modes: a stage's own, whatever the caller set around it (ddkit.determinism.stage_modes)
+
+
+@contextlib.contextmanager
+def _default_float64():
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# what a caller may have around a stage call: a numerics notebook's default dtype, an eval block, a bf16 block
+_AMBIENT = {"default_float64": _default_float64, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+            "autocast_bf16": lambda: torch.autocast("cpu", dtype=torch.bfloat16)}
+
+
+def _modes():
+    return (torch.get_default_dtype(), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
+
+
+def _stage_numbers(data, teacher) -> dict:
+    """What four tiny stages compute: a teacher's weights, a student's accuracy, dm's images, FKD logits."""
+    from ddkit.labels import relabel
+    from ddkit.pipeline import DistillConfig, distill
+
+    small = distill(data, DistillConfig(method="random", ipc=2))
+    return {"train_teacher": _teacher(data).fingerprint, "evaluate": _evaluate(data),
+            "distill_dm": _dm(data, "tiny_convnet", 0),
+            "relabel": relabel(small, teacher, 1, augment="none", cutmix_prob=0).tensors["logits"].tolist()}
+
+
+@pytest.fixture(scope="module")
+def plain_numbers(synthetic):
+    teacher = _teacher(synthetic)
+    return teacher, _stage_numbers(synthetic, teacher)
+
+
+@pytest.mark.parametrize("ambient", sorted(_AMBIENT))
+def test_stages_compute_in_their_own_modes_inside_the_callers(synthetic, plain_numbers, ambient):
+    """Inside a caller's torch.set_default_dtype(torch.float64), torch.no_grad() or torch.inference_mode() the
+    stages failed with raw torch errors (float64 weights meeting float32 images; a backward without gradients), and
+    inside a caller's torch.autocast an fp32 stage computed in bf16 (other numbers, recorded as fp32). Each computes
+    what it computes alone, and the caller's modes are as they were after every call, one that raised too."""
+    from ddkit.errors import DDKitError
+
+    teacher, want = plain_numbers
+    with _AMBIENT[ambient]():
+        before = _modes()
+        got = _stage_numbers(synthetic, teacher)
+        assert _modes() == before
+        with pytest.raises(DDKitError, match="nothing was saved"):
+            _teacher(synthetic, lr=1e12)
+        assert _modes() == before
+    assert got == want
+
+
+_OUTPUT_DTYPES = []
+
+
+class _NotesDtype(_SlowInit):
+    """:class:`_SlowInit` that notes the dtype of its outputs: float32, or autocast's type where autocast is on."""
+
+    def forward(self, x):
+        out = super().forward(x)
+        _OUTPUT_DTYPES.append(out.dtype)
+        return out
+
+
+def test_a_stage_computes_in_its_own_precision_inside_the_callers_autocast(synthetic, monkeypatch):
+    """An fp32 teacher trained inside a caller's torch.autocast computed every forward pass in the caller's type;
+    it computes in float32 there, and precision bf16 (ddkit's own autocast) still in bf16."""
+    from ddkit.models import MODELS
+
+    monkeypatch.setitem(MODELS._entries, "notes_dtype", _NotesDtype)
+    with torch.autocast("cpu", dtype=torch.float16):
+        for precision, want in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            _OUTPUT_DTYPES.clear()
+            _teacher(synthetic, "notes_dtype", precision=precision)
+            assert set(_OUTPUT_DTYPES) == {want}
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+
+
+def test_stage_modes_give_the_default_dtype_back_when_the_last_stage_ends():
+    """torch's default dtype is one setting for the process: stages overlapping in threads keep float32 until the
+    last one ends, whichever order they end in, and then the caller's comes back."""
+    from ddkit.determinism import stage_modes
+
+    with _default_float64():
+        first, second = stage_modes(), stage_modes()
+        first.__enter__()
+        second.__enter__()  # another thread's stage, started while the first runs
+        assert torch.get_default_dtype() == torch.float32
+        first.__exit__(None, None, None)  # the first ends before the second
+        assert torch.get_default_dtype() == torch.float32
+        second.__exit__(None, None, None)
+        assert torch.get_default_dtype() == torch.float64
+
+
+def test_a_teacher_made_under_inference_mode_is_refused_where_gradients_pass_through_it(synthetic):
+    """A teacher whose weights the caller made under torch.inference_mode() failed in sre2l's backward with torch's
+    "Inference tensors cannot be saved for backward"; it is a one-line DDKitError naming inference_mode. Where no
+    gradient passes through it (relabel) it labels as the same teacher made normally."""
+    from ddkit.errors import DDKitError
+    from ddkit.labels import relabel
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import Teacher
+
+    teacher = _teacher(synthetic)
+    with torch.inference_mode():
+        frozen = Teacher(copy.deepcopy(teacher.model), teacher.manifest)
+    assert next(frozen.model.parameters()).is_inference()
+    small = distill(synthetic, DistillConfig(method="random", ipc=2))
+    assert torch.equal(relabel(small, frozen, 1).tensors["logits"], relabel(small, teacher, 1).tensors["logits"])
+    cfg = DistillConfig(method="sre2l", ipc=1, options={"iterations": 1, "stats": "conv"})
+    with pytest.raises(DDKitError, match=r"^an input to this stage \(a teacher's weights, or tensors of yours\) was "
+                                         r"made under torch.inference_mode\(\), [^\n]*make it outside inference_mode"):
+        distill(synthetic, cfg, teacher=frozen)

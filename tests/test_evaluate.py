@@ -482,7 +482,8 @@ def test_teacher_ensemble_soft_labels(setup, tiny_protocol, tmp_path):
 
 def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, monkeypatch, caplog):
     """label_mode stored with extra_teachers: the set replays its teacher's labels, so the random subset beside it
-    is labelled by that teacher too (not by the ensemble), and the report names that teacher; said once."""
+    is labelled by that teacher too (not by the ensemble), and the report names that teacher; said once for the set
+    and protocol."""
     import ddkit.evaluate.runner as runner
 
     data, teacher, ds, _ = setup
@@ -494,7 +495,7 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
     monkeypatch.setattr(runner, "_train_student",
                         lambda *a, **k: targets.append((a[0].images, a[8] if len(a) > 8 else k.get("stored")))
                         or real(*a, **k))
-    monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", False)
+    monkeypatch.setattr(runner, "_STORED_EXTRAS_SAID", set())
     alone = evaluate(ds, stored, [0], data=data, teacher=teacher, cache_dir=tmp_path / "c")
     with caplog.at_level("WARNING", logger="ddkit.evaluate.runner"):  # another cache: the random subsets train again
         both = [evaluate(ds, resolve_protocol(stored, {"extra_teachers": [str(tmp_path / "other")]}), [s], data=data,

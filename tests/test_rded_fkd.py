@@ -578,6 +578,47 @@ def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_pa
     assert relabel(small_set, teacher, **opts).manifest["teacher"]["fingerprint"] == teacher.fingerprint
 
 
+def test_weights_sha_hashes_raw_bytes_of_any_dtype():
+    """weights_sha went through numpy, which has no bfloat16: a caller's bf16 teacher module crashed relabel with
+    "Got unsupported ScalarType BFloat16". It hashes raw bytes; a float32 model's fingerprint is the one the numpy
+    version gave (teachers and FKD stores of older runs keep their identity)."""
+    import hashlib
+
+    from ddkit.teacher.squeeze import weights_sha
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Flatten(),
+                            torch.nn.Linear(3, 2))
+    with torch.no_grad():
+        for i, t in enumerate(m.state_dict().values()):
+            if t.is_floating_point():
+                t.copy_(torch.linspace(-1, 1, t.numel()).reshape(t.shape) * (i + 1))
+        m[1].num_batches_tracked.fill_(7)  # a 0-d int64 buffer
+    m[0].weight.data = m[0].weight.data.transpose(2, 3)  # a non-contiguous weight
+    assert weights_sha(m) == "123582e89036fe46"  # ddkit 0.1.0's numpy-based hash of this model
+    half = m.bfloat16()
+    h = hashlib.sha256()
+    for k, v in sorted(half.state_dict().items()):
+        h.update(k.encode() + (v.contiguous().view(torch.int16) if v.dtype == torch.bfloat16 else v).numpy().tobytes())
+    assert weights_sha(half) == h.hexdigest()[:16] != weights_sha(m.double())
+
+
+def test_relabel_takes_a_bfloat16_or_float64_module(small_set, teacher):
+    """A caller's teacher module in bf16 crashed relabel in ddkit's weight hash, one in float64 met float32 views
+    ("Input type (float) and bias type (double) should be the same"). Each gets the views in its own dtype: its
+    logits are those of the float32 module up to its precision, under its own fingerprint."""
+    import copy
+
+    opts = {"epochs": 1, "augment": "none", "cutmix_prob": 0}
+    base = relabel(small_set, teacher, **opts)
+    stores = {dtype: relabel(small_set, copy.deepcopy(teacher.model).to(dtype), **opts)
+              for dtype in (torch.float64, torch.bfloat16)}
+    want = base.tensors["logits"].float()
+    assert torch.allclose(stores[torch.float64].tensors["logits"].float(), want, atol=1e-2)
+    assert torch.allclose(stores[torch.bfloat16].tensors["logits"].float(), want, atol=0.1, rtol=0.05)
+    assert not torch.equal(stores[torch.bfloat16].tensors["logits"], base.tensors["logits"])
+    assert len({s.manifest["teacher"]["fingerprint"] for s in (base, *stores.values())}) == 3
+
+
 def test_relabel_refuses_logits_beyond_float16(small_set):
     class Loud(torch.nn.Module):
         def forward(self, x):

@@ -1,5 +1,6 @@
 """``ddkit report``: a self-contained folder whose HTML renders with every image loaded."""
 
+import html
 import json
 import re
 import shutil
@@ -241,6 +242,65 @@ def test_each_random_baseline_gets_its_own_band(monkeypatch, tmp_path):
     assert legend([r for r in rows if r["method"] != "mtt-x1"]) == ["dm", "mtt", "random subset"]
 
 
+def test_plots_tell_every_series_apart_and_keep_legends_off_the_data(monkeypatch, tmp_path):
+    """With more than 10 series matplotlib's cycle drew e.g. random and rded in one blue with one marker, and the
+    legends sat inside the axes over the points (time_vs_acc's 26 entries covered its left half)."""
+    from matplotlib.colors import to_hex
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    figures, savefig = {}, Figure.savefig
+
+    def save(fig, path, *args, **kwargs):
+        figures[Path(path).name] = fig
+        return savefig(fig, path, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    rows = [{**_band_row(f"m{i}", ipc, student=student, rnd=0.5), "bytes": {"total": 1000 * ipc},
+             "synthesis": {"seconds": 1.0 + i}}
+            for i in range(13) for ipc in (1, 10) for student in ("s", "t")]
+    assert report._plots(rows, tmp_path) == ["acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png"]
+    for name in ("acc_vs_ipc.png", "acc_vs_bytes.png"):
+        for ax in figures[name].axes:
+            looks = [(to_hex(c.lines[0].get_color()), c.lines[0].get_marker()) for c in ax.containers
+                     if c.get_label().startswith("m")]
+            assert len(looks) == 13 and len(set(looks)) == 13
+            assert "#7f7f7f" not in {color for color, _ in looks}  # tab10's grey: the random subset's
+    (ax,) = figures["time_vs_acc.png"].axes  # 26 series: dataset / student / labels / method
+    looks = {(tuple(c.get_facecolor()[0]), c.get_paths()[0].vertices.tobytes()) for c in ax.collections}
+    assert len(ax.collections) == 26 and len(looks) == 26
+    for fig in figures.values():
+        boxes = [ax.get_window_extent() for ax in fig.axes]
+        for ax in fig.axes:
+            legend = ax.get_legend().get_window_extent()
+            assert not any(legend.overlaps(box) for box in boxes)  # beside its panel and the next one
+            assert fig.bbox.x0 <= legend.x0 and legend.x1 <= fig.bbox.x1 and fig.bbox.y0 <= legend.y0
+            assert legend.y1 <= fig.bbox.y1
+
+
+def test_series_at_one_ipc_are_drawn_side_by_side(monkeypatch, tmp_path):
+    """A single-IPC panel drew every method's error bar and the random subset's on one vertical line."""
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    def save(fig, *args, **kwargs):
+        raise Saved(fig)
+
+    class Saved(Exception):
+        pass
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    with pytest.raises(Saved) as saved:  # acc_vs_ipc.png, the first figure saved
+        report._plots([_band_row(m, 10, rnd=0.7) for m in ("dm", "mtt", "dc")], tmp_path)
+    (ax,) = saved.value.args[0].axes
+    xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]  # dm, mtt, dc, then the random subset
+    assert xs == sorted(xs) and len(set(xs)) == 4 and xs[0] < 10 < xs[-1]
+    assert xs == pytest.approx([10 * 10 ** (report.IPC_DODGE * (j - 1.5)) for j in range(4)])
+    assert list(ax.get_xticks()) == [10]
+
+
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
     """bench records each set's folder relative to where it ran; report must not depend on that."""
     monkeypatch.chdir(tmp_path)
@@ -348,3 +408,37 @@ def test_write_report_leaves_the_callers_matplotlib_backend(run_dir, tmp_path):
     assert write_report(run_dir, tmp_path / "again") and all(
         (tmp_path / "rep" / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
         for name in ("acc_vs_ipc.png", "acc_vs_bytes.png", "time_vs_acc.png"))
+
+
+def test_protocol_sentence_states_the_ipc_overrides(run_dir, tmp_path):
+    """The sentence named the preset and `overrides` only: the cells of an IPC with an `ipc_overrides` entry (the
+    shipped -cpu benches' per-IPC epochs) ran settings the report did not state."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    table = json.loads((run_dir / "bench.json").read_text())
+    plain = (write_report(run_dir, tmp_path / "plain") / "report.md").read_text().splitlines()[2]
+    assert plain.startswith("Protocol preset `dc-protocol` with overrides `{'full_epochs': 1, 'train': {'epochs': 3, "
+                            "'batch_size': 32, 'lr': 0.05}}`; seeds [0, 1]; protocol hashes ")  # none: as before
+    table["config"]["ipc_overrides"] = {"2": {"train": {"epochs": 5, "lr": 0.01}}, "1": {"full_reference": False}}
+    (copy / "bench.json").write_text(json.dumps(table))
+    out = write_report(copy, tmp_path / "rep")
+    stated = ("Protocol preset `dc-protocol` with overrides `{'full_epochs': 1, 'train': {'epochs': 3, 'batch_size': "
+              "32, 'lr': 0.05}}` and per-IPC overrides (applied after them) IPC 1: `{'full_reference': False}`, IPC 2: "
+              "`{'train': {'epochs': 5, 'lr': 0.01}}`; seeds [0, 1]; protocol hashes ")
+    assert (out / "report.md").read_text().splitlines()[2].startswith(stated)
+    assert f"<p>{html.escape(stated).replace('`', '')}" in (out / "report.html").read_text()
+
+
+def test_committed_reports_state_their_benchs_protocol():
+    """Each committed docs/results/<run>-report/report.md (and .html) states the protocol of its bench JSON,
+    ipc_overrides included (re-render the sentence after changing report.protocol_sentence)."""
+    from conftest import REPO
+    from ddkit.report import protocol_sentence
+
+    reports = sorted((REPO / "docs" / "results").glob("*-report"))
+    assert reports
+    for folder in reports:
+        cfg = json.loads(folder.with_name(folder.name.removesuffix("-report") + ".json").read_text())["config"]
+        stated = protocol_sentence(cfg) + "; seeds "
+        assert (folder / "report.md").read_text().splitlines()[2].startswith(stated), folder.name
+        assert f"<p>{html.escape(stated).replace('`', '')}" in (folder / "report.html").read_text(), folder.name

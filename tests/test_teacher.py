@@ -451,3 +451,41 @@ def test_a_train_config_given_to_teacher_config_is_taken_as_it_is():
     assert (given.train.augment, given.train.schedule) == ("none", "step")
     assert dataclasses.replace(TeacherConfig().train, epochs=4) == yaml.train
 
+
+def test_teacher_and_expert_buffer_record_the_dataset_config(tmp_path, monkeypatch):
+    """Teachers and expert buffers recorded the data's description (fingerprint, sizes), not the config it was
+    loaded with: a stratified subset (train_per_class, test_per_class, subset_seed) or a relative path could not
+    be made again from the record, as a distilled set's dataset_config can. Artifacts from before the field
+    load as before, and what keys caches (weights_sha, config_hash, buffer_identity) does not depend on it."""
+    from ddkit.config import from_dict, to_dict
+    from ddkit.data import DatasetConfig, load_dataset, save_tensors
+    from ddkit.methods.trajectory import ExpertConfig, buffer_identity, load_experts, train_experts
+    from ddkit.teacher import saved_teacher
+
+    monkeypatch.chdir(tmp_path)
+    save_tensors(make_synthetic(), "data.safetensors")
+    given = DatasetConfig(name="tensors", path="data.safetensors", train_per_class=6, test_per_class=4, subset_seed=3)
+    data = load_dataset(given)
+    recorded = {**to_dict(given), "path": str(tmp_path / "data.safetensors")}  # absolute: found from any folder
+    cfg = _cfg(train=TrainConfig(epochs=1, batch_size=16, lr=0.05))
+    teacher = train_teacher(data, cfg, "t")
+    ecfg = ExpertConfig(model="tiny_convnet", num_experts=1, epochs=1, batch_size=16)
+    buffer = train_experts(data, ecfg, tmp_path / "ex")
+    for path in (tmp_path / "t", tmp_path / "ex"):
+        assert json.loads((path / "manifest.json").read_text())["dataset_config"] == recorded
+    # made again from their records, in another folder: the same data, weights and trajectories
+    monkeypatch.chdir(tmp_path / "ex")
+    again = load_dataset(from_dict(DatasetConfig, recorded, "dataset"))
+    assert again.fingerprint == data.fingerprint and len(again.test) == len(data.test) == 4 * data.num_classes
+    assert train_teacher(again, cfg).fingerprint == teacher.fingerprint
+    assert torch.equal(train_experts(again, ecfg).trajectories[0], buffer.trajectories[0])
+    # a record from before the field: loaded and reused, under the same identities
+    identity = buffer_identity(tmp_path / "ex")
+    for path in (tmp_path / "t", tmp_path / "ex"):
+        manifest = json.loads((path / "manifest.json").read_text())
+        del manifest["dataset_config"]
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    old = saved_teacher(again, cfg, tmp_path / "t")
+    assert old is not None and old.fingerprint == teacher.fingerprint
+    assert old.manifest["config_hash"] == teacher.manifest["config_hash"]
+    assert buffer_identity(tmp_path / "ex") == identity and load_experts(tmp_path / "ex").num_experts == 1

@@ -22,6 +22,7 @@ import platform
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
 import uuid
@@ -88,15 +89,6 @@ def cache_dir(kind: str = "") -> Path:
     lists and prunes them)."""
     root = Path(os.environ.get("DDKIT_CACHE") or Path.home() / ".cache" / "ddkit")
     return root / kind if kind else root
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # what open() would give, for temporary files, created private (0600)
 
 
 # --- temporary names, and what a killed process leaves ------------------------------------------
@@ -210,14 +202,26 @@ def sweep_leftovers(final: str | Path) -> list[Path]:
 
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary file beside ``path`` (once dead writers' leftovers are swept) that
-    replaces ``path`` if the block succeeds and is removed if it fails."""
+    """Yield an empty temporary file beside ``path`` (once dead writers' leftovers are swept; its folder
+    made if missing, as :func:`atomic_dir` makes an output's) that replaces ``path`` if the block succeeds
+    and is removed if it fails. A folder or temporary that cannot be made is a :class:`WriteFailure`
+    naming ``path``, not the hidden temporary."""
+    check_output_file(path)
     sweep_leftovers(path)
     tmp = temp_path(path)
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # made 0666, as open() makes a file: the kernel applies the process's umask (and a folder's default ACL) of
+        # this write, which the file keeps (a writer that makes the file anew, as safetensors does, gets it back).
+        # No umask read at import, none set and restored (which would race with the caller's threads).
+        fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        os.close(fd)
+    except OSError as exc:
+        raise WriteFailure(path, exc.strerror or str(exc), exc.errno) from None
     try:
         yield tmp
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except OSError as exc:
         if exc.filename is None:  # a failed write() names no file: name the one being written
@@ -232,6 +236,20 @@ def recorded_path(path: str | Path | None) -> str | None:
     """How a record names another artifact's folder: absolute (against the current folder), so the
     record still finds it from another working folder; None for one never saved."""
     return str(Path(path).absolute()) if path else None
+
+
+def recorded_paths(section: dict, keys: tuple[str, ...]) -> dict:
+    """``section`` (a config's dict) with the paths under ``keys`` (a string, or a list of strings) made absolute
+    as :func:`recorded_path` does, so a record of the config finds the same files from another working folder;
+    a bench's ``"@name"`` reference to its teacher pool stays as it is."""
+    out = dict(section)
+    for key in keys:
+        value = out.get(key)
+        if isinstance(value, list):
+            out[key] = [recorded_paths({key: v}, (key,))[key] for v in value]
+        elif isinstance(value, str) and value and not value.startswith("@"):
+            out[key] = recorded_path(value)
+    return out
 
 
 def check_output_file(path: str | Path) -> None:
@@ -250,10 +268,7 @@ def _refuse_file_parent(path: Path) -> None:
 
 def write_text(path: str | Path, text: str) -> None:
     """Write text atomically (temp file in the same folder + rename): readers never see half a file."""
-    path = Path(path)
-    check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _atomic_file(path) as tmp:
+    with _atomic_file(Path(path)) as tmp:
         tmp.write_text(text)
 
 
@@ -262,8 +277,6 @@ def copy_file(src: str | Path, path: str | Path) -> None:
     ``src``, as ``shutil.copyfile``'s error does) and leaves no half file."""
     data = Path(src).read_bytes()
     path = Path(path)
-    check_output_file(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(path) as tmp:
         tmp.write_bytes(data)
 
@@ -379,7 +392,6 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Python writes the bytes: a failure is an OSError with its errno
     with _atomic_file(path) as tmp, torch_write_failures(path, tmp), open(tmp, "wb") as f:
         torch.save(obj, f)
@@ -756,6 +768,11 @@ class DescribesDataset:
     @property
     def std(self) -> tuple[float, ...]:
         return tuple(self.manifest["dataset"]["std"])
+
+    def dataset_facts(self) -> dict[str, Any]:
+        """The data's name and number of classes, for a repr (None where the manifest holds none)."""
+        dataset = self.manifest.get("dataset") or {}
+        return {"dataset": dataset.get("name"), "classes": len(dataset["classes"]) if "classes" in dataset else None}
 
 
 def tensor_bytes(*tensors: torch.Tensor | None) -> int:

@@ -32,13 +32,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import logging
 import re
 import shutil
 import threading
 import time
-import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +51,7 @@ from ddkit.artifacts import (
     folder_kind,
     holds_files,
     read_json,
+    recorded_paths,
     remove_unused_locks,
     shared_costs,
     versions,
@@ -61,18 +60,27 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
+from ddkit.determinism import stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
 from ddkit.evaluate.metrics import cell_problem, check_report
-from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, merge_overrides, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher
+from ddkit.evaluate.protocol import (
+    PATH_FIELDS,
+    UNLABELLED_BY_ENSEMBLE,
+    ProtocolConfig,
+    merge_overrides,
+    recorded_protocol,
+    resolve_protocol,
+)
+from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher, progress_form
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore
 from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
+    OPTION_PATHS,
     DistillConfig,
     check_learned_lr,
     check_student,
@@ -125,6 +133,10 @@ class MethodSpec(Checked):
         return self.label or self.name
 
 
+#: the protocol fields a bench sets per cell from a list of its own, which overrides may not set
+CELL_KEYS = {"student": "students", "label_mode": "label_modes"}
+
+
 @dataclass
 class BenchConfig(Checked):
     """A benchmark matrix (``ddkit bench CONFIG``)."""
@@ -140,7 +152,8 @@ class BenchConfig(Checked):
                              "order (kept sorted: the same cells however they are written)")
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
-    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not student or "
+                            "label_mode: students and label_modes set them per cell)")
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
                                            "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
     student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
@@ -194,6 +207,12 @@ class BenchConfig(Checked):
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
+        unused = [(f"overrides.{k}", k, "") for k in CELL_KEYS if k in self.overrides]
+        unused += [(f"ipc_overrides.{ipc}.{k}", k, " (student_ipcs limits a student to some IPCs)" if k == "student"
+                    else "") for ipc, over in self.ipc_overrides.items() for k in CELL_KEYS if k in over]
+        if unused:  # protocol_for sets both per cell: the key would be recorded, and never used
+            raise ConfigError("; ".join(f"{key} is not used: each cell's {k.replace('_', ' ')} comes from "
+                                        f"{CELL_KEYS[k]}; list it there instead{hint}" for key, k, hint in unused))
         self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
                              for k, v in self.teacher_pool.items()}
         extra = sorted(set(self.ipc_overrides) - set(self.ipcs))
@@ -278,13 +297,25 @@ class BenchConfig(Checked):
 
     def protocol_for(self, student: str, label_mode: str, augment: str | None = None, ipc: int | None = None,
                      fkd_store: str | None = None) -> ProtocolConfig:
-        over: dict[str, Any] = merge_overrides(self.overrides, self.ipc_overrides.get(ipc, {}))
-        over.update({"student": student, "label_mode": label_mode})
-        if student in self.student_options:
-            over["student_options"] = dict(self.student_options[student])
-        if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
-            over.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
-        protocol = resolve_protocol(self.protocol, over, "overrides")
+        at_ipc = self.ipc_overrides.get(ipc, {})
+
+        def over(entry: dict) -> dict[str, Any]:  # the cell's changes to the preset, with ``entry`` at its IPC
+            out: dict[str, Any] = merge_overrides(self.overrides, entry)
+            out.update({"student": student, "label_mode": label_mode})
+            if student in self.student_options:
+                out["student_options"] = dict(self.student_options[student])
+            if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
+                out.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
+            return out
+
+        try:
+            protocol = resolve_protocol(self.protocol, over(at_ipc), "overrides")
+        except ConfigError:
+            if not at_ipc:
+                raise
+            # name the key the bad value was given under: overrides alone fail (theirs), or the IPC's entry does
+            resolve_protocol(resolve_protocol(self.protocol, over({}), "overrides"), at_ipc, f"ipc_overrides.{ipc}")
+            raise
         if (augment is None
                 or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob))):
             return protocol
@@ -292,6 +323,23 @@ class BenchConfig(Checked):
         train = dataclasses.replace(protocol.train, augment=augment, augment_options={},
                                     cutmix_prob=0.0 if augment == "none" else protocol.train.cutmix_prob)
         return dataclasses.replace(protocol, train=train)
+
+    def record(self) -> dict:
+        """The config as the bench records it (``config.json``, ``bench.json``): every relative path in it (a
+        dataset's ``path``, teachers' ``checkpoint``, a protocol YAML file, ``extra_teachers`` and ``fkd_store`` in
+        overrides, a method's ``extra_teachers`` and ``experts``) absolute against the working folder the bench
+        read it from, as :func:`ddkit.pipeline.recorded_config` records a run's; ``"@name"`` references stay."""
+        out = to_dict(self)
+        out["datasets"] = [to_dict(d.absolute()) for d in self.datasets]
+        out["protocol"] = recorded_protocol(self.protocol)
+        out["overrides"] = recorded_paths(out["overrides"], PATH_FIELDS)
+        out["ipc_overrides"] = {ipc: recorded_paths(o, PATH_FIELDS) for ipc, o in out["ipc_overrides"].items()}
+        for m in out["methods"]:
+            m["options"] = recorded_paths(m["options"], OPTION_PATHS)
+            m["ipc_options"] = {ipc: recorded_paths(o, OPTION_PATHS) for ipc, o in m["ipc_options"].items()}
+        for t in [out["teacher"], *out["teacher_pool"].values()]:
+            t.update(recorded_paths(t, ("checkpoint",)))
+        return out
 
     def needs_teacher(self) -> bool:
         return bool(self.teacher_pool) or any(m != "hard" for m in self.label_modes) or any(
@@ -870,6 +918,7 @@ class _Bench:
         return row
 
 
+@stage_modes()
 def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
               stage_progress: StageProgress | None = None) -> list[dict]:
     """Run (or resume) the matrix of ``cfg``; return the table: one row (dict) per cell, in matrix order.
@@ -883,10 +932,10 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     torchrun every rank runs its share of the cells; the full table is returned on every rank (read back from the
     cell files).
     """
-    bench = _Bench(cfg, _stage_form(stage_progress))
+    bench = _Bench(cfg, progress_form(stage_progress, "run_bench", "stage_progress"))
     info = ddist.current()
     if info.is_main:
-        write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": to_dict(cfg),
+        write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": cfg.record(),
                                                  "versions": versions()})
         # the table is written once every cell is done: a run that stops before must not leave an earlier
         # run's table, which `ddkit report` would publish beside this run's distilled sets
@@ -916,29 +965,10 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
         metrics.drop_diverged_scores(r)  # cells finished before 2026-12-07 scored diverged students too
     _add_cross_arch(rows)
     if info.is_main:
-        write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": to_dict(cfg),
+        write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": cfg.record(),
                                                 "versions": versions(), "rows": rows})
     ddist.barrier()
     return rows
-
-
-_OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title")  # first parameters of the old form
-
-
-def _stage_form(stage_progress: Callable | None) -> StageProgress | None:
-    """``stage_progress`` as a ``(step, total, record)`` callback; one of the old ``(what, done, total)`` form, told by
-    its first parameter's name (``what``, as documented, or another name of a label: :data:`_OLD_FIRST`), wrapped
-    with a DeprecationWarning."""
-    try:
-        params = list(inspect.signature(stage_progress).parameters) if stage_progress is not None else []
-    except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
-        params = []
-    if not params or params[0] not in _OLD_FIRST:
-        return stage_progress
-    warnings.warn("run_bench(stage_progress=) now calls stage_progress(step, total, record), record['stage'] naming "
-                  "the stage; the old form stage_progress(what, done, total) goes in the next release: rename the "
-                  "callback's parameters and read the name from the record", DeprecationWarning, stacklevel=3)
-    return lambda step, total, record: stage_progress(record["stage"], step, total)
 
 
 def _my_cells(cells: list[Cell], finished: dict[int, dict | None], info) -> list[Cell]:

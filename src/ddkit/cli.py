@@ -207,7 +207,7 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import load_dataset
     from ddkit.distilled import ipc_text
     from ddkit.methods import METHODS
-    from ddkit.pipeline import DistillConfig, distill, load_teacher_for
+    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, recorded_distill
 
     # the flag's default is None: only a typed --ipc gets here
     if args.ipc is not None and args.method in METHODS and not METHODS.get(args.method).uses_ipc:
@@ -223,7 +223,7 @@ def cmd_distill(args) -> int:
     teacher = load_teacher_for(args.teacher, bundle, device)
     progress = Progress(not args.quiet)
     ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
-                 run_config={"dataset": to_dict(dcfg.absolute()), "distill": to_dict(cfg)})
+                 run_config={"dataset": to_dict(dcfg.absolute()), "distill": recorded_distill(cfg)})
     progress.close()
     _print(f"{cfg.method} ipc={ipc_text(ds.ipc)}: {len(ds)} images, {ds.image_bytes:,} image bytes, "
            f"{ds.label_bytes:,} label bytes -> {args.out}")
@@ -813,7 +813,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "images.pt + labels.pt")
     sp.add_argument("distilled")
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
-                    help="ddranking: normalised class-major images.pt + labels.pt for DD-Ranking's evaluator")
+                    help="imagefolder: PNG per image (sets of 1 or 3 channels; pt keeps any); ddranking: normalised "
+                         "class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     sp.set_defaults(func=cmd_export)

@@ -17,7 +17,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -64,6 +64,21 @@ def short_repr(value: Any, limit: int = REPR_LIMIT) -> str:
         if len(text) > limit:
             return text[: limit - 3] + "..."
     return text
+
+
+def summary_repr(obj: Any, **facts: Any) -> str:
+    """A one-line repr of ``obj`` from its key ``facts``: a tensor by dtype and shape (``uint8[8, 1, 16, 16]``, never
+    its values), anything else as :func:`short_repr` gives it; None left out."""
+    parts = []
+    for key, value in facts.items():
+        if value is None:
+            continue
+        if hasattr(value, "shape") and hasattr(value, "dtype"):
+            text = f"{str(value.dtype).removeprefix('torch.')}{list(value.shape)}"
+        else:
+            text = short_repr(value, 80)
+        parts.append(f"{key}={text}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 def _repr_pieces(value: Any) -> Iterator[str]:
@@ -422,6 +437,18 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     if errors:
         raise ConfigError("; ".join(errors))
     return obj
+
+
+def as_config(cls: type[T], value: Any, where: str = "", name: str = "cfg") -> T:
+    """The argument ``name`` of a library call as a ``cls``: a ``cls`` itself, or a mapping of its settings
+    built with :func:`from_dict` (checked as a YAML config is; ``where``: its section's name in a run config,
+    which errors name); anything else is one :class:`ConfigError`."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return from_dict(cls, dict(value), where)
+    raise ConfigError(f"{name} must be a {cls.__name__} or a dict of its settings, got {type(value).__name__} "
+                      f"{short_repr(value, 80)}")
 
 
 def _at_added_default(obj: Any, f: dataclasses.Field) -> bool:

@@ -22,6 +22,11 @@ Some draws have no generator argument: a model's initial weights, dropout masks,
 ddkit makes them inside :func:`global_rng`, which seeds torch's global generators for the span, gives the
 caller's states back afterwards, and lets one thread at a time in, so that stages called from several
 threads give the numbers they give alone.
+
+A stage also computes in the numeric modes it records whatever the caller's code around it has set:
+:func:`stage_modes` runs it with float32 as torch's default dtype, gradients on (also inside the caller's
+``torch.no_grad()`` or ``torch.inference_mode()``) and autocast off (ddkit's own ``precision`` option turns
+it on again for the passes it names), and gives the caller's settings back afterwards.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+
+from ddkit.errors import DDKitError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,51 @@ def global_rng(seed: int | None = None, device: str | torch.device | None = None
             elif dev.type == "mps":
                 torch.mps.manual_seed(seed)
         yield
+
+
+# torch's default dtype is one setting for the whole process (grad mode, inference mode and autocast are per thread):
+# the caller's is kept while any thread runs a stage and given back when the last one ends
+_DTYPE_LOCK = threading.Lock()
+_dtype_holders: list[torch.dtype] = []  # the caller's default dtype, once per stage running now
+
+# the device types whose autocast a caller may have left on around a stage
+_AUTOCAST_DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+# the starts of torch's errors for a tensor made under torch.inference_mode() used where autograd needs it
+_INFERENCE_TENSOR_ERRORS = ("Inference tensors cannot be saved for backward", "Inplace update to inference tensor")
+
+
+@contextlib.contextmanager
+def stage_modes() -> Iterator[None]:
+    """Inside: the numeric modes a stage records, whatever the caller set around it: float32 as torch's
+    default dtype (for the whole process while any thread is inside), gradients on and inference mode off
+    (the caller's ``torch.no_grad()``, ``torch.inference_mode()``), and no autocast (ddkit's ``precision``
+    option enters its own :func:`ddkit.training.autocast` inside); after, also on an exception: the
+    caller's settings back. torch's error for a tensor the caller made under ``torch.inference_mode()``
+    (which autograd cannot use) becomes a one-line :class:`DDKitError`. A decorator too
+    (``@stage_modes()``), of every public stage entry."""
+    with _DTYPE_LOCK:
+        _dtype_holders.append(torch.get_default_dtype())
+        torch.set_default_dtype(torch.float32)
+    try:
+        with contextlib.ExitStack() as modes:
+            modes.enter_context(torch.inference_mode(False))
+            modes.enter_context(torch.enable_grad())
+            for kind in _AUTOCAST_DEVICE_TYPES:
+                if torch.is_autocast_enabled(kind):
+                    modes.enter_context(torch.autocast(kind, enabled=False))
+            yield
+    except RuntimeError as exc:
+        if not str(exc).startswith(_INFERENCE_TENSOR_ERRORS):
+            raise
+        raise DDKitError("an input to this stage (a teacher's weights, or tensors of yours) was made under "
+                         "torch.inference_mode(), which autograd cannot use; make it outside inference_mode, or "
+                         "pass a copy made outside it (tensor.clone(), a model loaded again)") from None
+    finally:
+        with _DTYPE_LOCK:
+            caller = _dtype_holders.pop()
+            if not _dtype_holders:  # the first stage to start had the caller's setting
+                torch.set_default_dtype(caller)
 
 
 def seeded_cpu_rng(seed: int) -> contextlib.AbstractContextManager[None]:

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import short_repr
+from ddkit.config import is_count, short_repr, summary_repr
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.tables import ipc_text  # noqa: F401  (defined here before)
@@ -89,7 +90,9 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        # a sample the caller owns: float32 images' row would be a view, and a caller's in-place transform
+        # (x.clamp_(), x.mul_()) would rewrite the set (uint8 ones are converted into a new tensor already)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         if self.normalize:
             m = torch.tensor(self.mean).view(-1, 1, 1)
             s = torch.tensor(self.std).view(-1, 1, 1)
@@ -97,6 +100,12 @@ class DistilledSet(DescribesDataset, Dataset):
         return x, int(self.labels[i])
 
     # --- description ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return summary_repr(self, method=(self.manifest.get("method") or {}).get("name"), **self.dataset_facts(),
+                            ipc=self.ipc, images=self.images, soft_labels=self.soft_labels,
+                            bytes=self.image_bytes + self.label_bytes, normalize=self.normalize or None,
+                            path=recorded_path(self.path))
+
     @property
     def ipc(self) -> int | None:
         return self.manifest.get("ipc")
@@ -274,7 +283,7 @@ class DistilledSet(DescribesDataset, Dataset):
 
     def save_grid(self, path: str | Path, per_class: int = 10) -> Path:
         """Write a PNG of the set to ``path`` (atomically): one row per class, named on the left, up to
-        ``per_class`` images each (the set's ``preview.png`` shows 10)."""
+        ``per_class`` images each (the set's ``preview.png`` shows 10); drawn as :func:`save_grid` says."""
         from ddkit.artifacts import _atomic_file
 
         path = Path(path)
@@ -295,7 +304,8 @@ class DistilledSet(DescribesDataset, Dataset):
         (:func:`ddkit.bench.export_for_ddranking`) or ``pt`` (tensors: float
         images, 0..1 the data's range, exactly as the set holds them; labels, the set's soft labels where it
         has them, mean/std, class-major). PNG holds 8-bit pixels: float pixels outside [0, 1] are clipped,
-        which is logged and recorded (``clipped_pixels``, the fraction, in ``classes.json``)."""
+        which is logged and recorded (``clipped_pixels``, the fraction, in ``classes.json``); a set of other than
+        1 or 3 channels is refused (PNG would store a 2nd or 4th one as transparency)."""
         out = Path(out)
         if fmt == "pt":
             if out.is_dir():
@@ -316,6 +326,9 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "imagefolder":
             from PIL import Image
 
+            if self.images.shape[1] not in (1, 3):  # PNG would take a 2nd or 4th channel as alpha, drop a 5th
+                raise DDKitError(f"the set's images have {self.images.shape[1]} channels and --format imagefolder "
+                                 "writes PNG files of 1 (grey) or 3 (RGB); use --format pt, which keeps every channel")
             # a refused --out first, then the warning
             with atomic_dir(out, kind="imagefolder-export", accept=older_imagefolder_export) as tmp:
                 clipped = clipped_fraction(self.images)
@@ -636,42 +649,121 @@ def _check_meta(meta: dict, method: str) -> None:
                              "meta is saved as JSON: use str keys and lists, numbers or str") from None
 
 
+#: the most pixels a preview grid holds (about 2000 x 2000 px, a few MB of PNG): a set with more classes and
+#: columns gets smaller cells (a 100-class 224 px set's grid was 17.7M px, 24 MB and 20 s to write)
+GRID_MAX_PIXELS = 4_000_000
+#: a preview stretches a float set's pixels for display when more than this fraction lie outside 0..1
+#: (ZCA-whitened and other pixel-optimising sets, which clipped to 0..1 look binarised)
+STRETCH_FRACTION = 0.01
+#: the stretch: pixels clipped to the set's mean ± this many stds, that range drawn black..white (as MTT's code
+#: shows its sets)
+STRETCH_STDS = 2.5
+
+
+def display_range(images: torch.Tensor) -> tuple[float, float] | None:
+    """The pixel range a preview draws black..white: None (0..1, pixels outside it clipped) unless more than
+    :data:`STRETCH_FRACTION` of a float set's pixels lie outside 0..1; then the set's mean ± :data:`STRETCH_STDS`
+    stds, inside its min..max (mean and std over every pixel and channel, a chunk at a time)."""
+    if clipped_fraction(images) <= STRETCH_FRACTION:
+        return None
+    total = squares = 0.0
+    for chunk in pixel_chunks(images):
+        chunk = chunk.double()
+        total, squares = total + float(chunk.sum()), squares + float((chunk * chunk).sum())
+    mean = total / images.numel()
+    std = math.sqrt(max(squares / images.numel() - mean * mean, 0.0))
+    low, high = pixel_range(images)
+    low, high = max(low, mean - STRETCH_STDS * std), min(high, mean + STRETCH_STDS * std)
+    return (low, high) if high > low else None
+
+
+def display_channels(images: torch.Tensor) -> tuple[torch.Tensor, str | None]:
+    """``images`` [N, C, H, W] as a preview draws them, grey (C = 1) or RGB (C = 3), and a note where that is not
+    every channel as it is: 2 channels as red and green (blue 0), 4 or more the first 3 as RGB."""
+    c = images.shape[1]
+    if c in (1, 3):
+        return images, None
+    if c == 2:
+        return torch.cat([images, images[:, :1].new_zeros(images[:, :1].shape)], dim=1), (
+            "channels 0 and 1 of 2 drawn as red and green")
+    return images[:, :3], f"channels 0-2 of {c} drawn as RGB"
+
+
+def _filler(channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """A grid cell where a class has fewer images than the grid has columns: light grey hatching, which no
+    image of a set looks like (a black or white cell would pass for a black or white image)."""
+    i, j = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    hatch = torch.where((i + j) % 6 == 0, 0.6, 0.9)
+    return hatch.expand(1, channels, *size)
+
+
 def save_grid(
     images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, per_class: int = 10, cell: int = 56,
-    max_classes: int = 100, max_side: int = 128,
+    max_classes: int = 100, max_side: int = 128, max_pixels: int = GRID_MAX_PIXELS,
 ) -> None:
-    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each; small
-    images enlarged to about ``cell`` px. A preview, bounded whatever the set's size: the first
-    ``max_classes`` classes (a 1000-class set's grid was 226k px tall and took GBs to make), images
-    larger than ``max_side`` px shrunk to it."""
+    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each (as many columns as the
+    fullest shown class has images, up to ``per_class``; a class with fewer gets hatched grey cells); small images
+    enlarged to about ``cell`` px. A preview, bounded whatever the set's size: the first ``max_classes`` classes
+    (a 1000-class set's grid was 226k px tall and took GBs to make), images larger than ``max_side`` px shrunk to
+    it (the longer side), cells smaller still where the grid would exceed ``max_pixels``.
+
+    Drawn as: 1 channel grey, 3 RGB, 2 as red and green, 4 or more the first 3 as RGB; float pixels 0..1 black
+    to white, clipped outside it, unless more than 1 % lie outside (:func:`display_range`): then the set's mean ± 2.5
+    stds is stretched to black..white. What the grid leaves out or draws otherwise (classes, images per class,
+    channels, the stretch) is written above it and logged."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
 
+    if not is_count(per_class):
+        raise DDKitError(f"per_class must be an integer >= 1 (the images shown per class), got {per_class!r}")
+    notes = []
     if len(classes) > max_classes:
-        log.info("the preview grid shows the first %d of %d classes", max_classes, len(classes))
+        notes.append(f"first {max_classes} of {len(classes)} classes")
         classes = classes[:max_classes]
+    counts = torch.bincount(labels, minlength=len(classes))[: len(classes)]
+    most = int(counts.max()) if len(counts) else 0
+    cols = max(1, min(per_class, most))
+    if most > cols:
+        notes.append(f"first {cols} of {most} images per class")
+    stretch = display_range(images)
+    if stretch is not None:
+        notes.append(f"pixels from {stretch[0]:.3g} to {stretch[1]:.3g} drawn black to white "
+                     f"({100 * clipped_fraction(images):.0f} % lie outside 0..1)")
     c_, h, w = images.shape[1:]
     side = max(h, w)
-    size = (max(1, h * max_side // side), max(1, w * max_side // side)) if side > max_side else (h, w)
-    blank = torch.zeros(1, c_, *size)
-    rows = []
+    fit = max(12, math.isqrt(max_pixels // (len(classes) * cols)) - 2)  # the most px per cell side within max_pixels
+    limit = min(max_side, fit)
+    size = (max(1, h * limit // side), max(1, w * limit // side)) if side > limit else (h, w)
+    rows, channels = [], None
     for c in range(len(classes)):  # one row at a time, shrunk before the next: memory of one row at full size
-        sel = to_uint8(images[labels == c][:per_class]).float() / 255.0
+        sel = images[labels == c][:cols]
+        if stretch is not None:
+            sel = (sel.float().clamp(*stretch) - stretch[0]) / (stretch[1] - stretch[0])
+        sel, channels = display_channels(to_uint8(sel).float() / 255.0)
         if len(sel) and size != (h, w):
             sel = torch.nn.functional.interpolate(sel, size=size, mode="area")
-        rows.append(torch.cat([sel, blank.expand(per_class - len(sel), -1, -1, -1)]))
+        rows.append(torch.cat([sel, _filler(sel.shape[1], size).expand(cols - len(sel), -1, -1, -1)]))
+    if channels:
+        notes.append(channels)
     grid_in = torch.cat(rows)
-    scale = max(1, -(-cell // grid_in.shape[-1]))
+    scale = max(1, min(-(-cell // max(size)), fit // max(size)))  # by the longer side: neither passes max_side
     if scale > 1:
         grid_in = torch.nn.functional.interpolate(grid_in, scale_factor=scale, mode="nearest")
-    grid = make_grid(grid_in, nrow=per_class, padding=2, pad_value=1.0)
+    grid = make_grid(grid_in, nrow=cols, padding=2, pad_value=1.0)
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     body = Image.fromarray(arr).convert("RGB")
     margin = 8 + 6 * max(len(c) for c in classes)
-    canvas = Image.new("RGB", (body.width + margin, body.height), "white")
-    canvas.paste(body, (margin, 0))
+    caption = textwrap.wrap("; ".join(notes), 100)
+    for note in notes:
+        log.info("the preview grid shows %s", note)
+    top = 12 * len(caption) + 4 if caption else 0
+    canvas = Image.new("RGB", (max(body.width + margin, 8 + 6 * max(map(len, caption), default=0)), body.height + top),
+                       "white")
+    canvas.paste(body, (margin, top))
     draw = ImageDraw.Draw(canvas)
+    for i, line in enumerate(caption):
+        draw.text((4, 2 + 12 * i), line, fill=(90, 90, 90))
     row_h = grid_in.shape[-2] + 2
     for c, name in enumerate(classes):
-        draw.text((4, 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0))
+        draw.text((4, top + 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0))
     canvas.save(path, format="PNG")  # named by the format, not by the path's suffix (a temporary file's)

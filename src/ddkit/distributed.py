@@ -111,7 +111,8 @@ def current() -> DistInfo:
 def single_process() -> Iterator[None]:
     """Run the block as if this were the only process: :func:`current` reports one, so ddkit's stage
     functions do their whole job on this rank and skip their collectives. For work a rank does on its
-    own under ``torchrun`` (a bench cell, one evaluation seed's random-baseline labels)."""
+    own under ``torchrun`` (a bench cell, one evaluation seed's random-baseline labels), and for a ddkit
+    call that only some ranks of the caller's own ``torch.distributed`` job make (README)."""
     _SINGLE[0] += 1
     try:
         yield

@@ -28,19 +28,33 @@ from ddkit.artifacts import (
     holds_files,
     read_json,
     read_manifest,
+    recorded_paths,
     write_json,
     write_text,
     writing,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
+from ddkit.config import Checked, as_config, config_hash, field, from_dict, keyed, sorted_keys, to_dict
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
-from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
-from ddkit.evaluate.runner import check_random_ipc, evaluate, format_table, labelling_teacher, teacher_logits
+from ddkit.evaluate.protocol import (
+    PATH_FIELDS,
+    UNLABELLED_BY_ENSEMBLE,
+    ProtocolConfig,
+    recorded_protocol,
+    resolve_protocol,
+)
+from ddkit.evaluate.runner import (
+    check_random_ipc,
+    evaluate,
+    format_table,
+    labelling_teacher,
+    progress_form,
+    teacher_logits,
+)
 from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
@@ -103,7 +117,8 @@ class EvalConfig(Checked):
     """How the distilled set is evaluated."""
 
     protocol: str = field("dc-protocol", help="protocol preset name or YAML file (`ddkit list protocols`)")
-    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}}")
+    overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not label_mode: "
+                            "label_modes sets it)")
     label_modes: list[str] = field(["hard"],
                                    help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
     seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds, in any order (kept sorted: the same "
@@ -111,6 +126,9 @@ class EvalConfig(Checked):
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
+        if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
+            raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
+                              "evaluate.label_modes; list it there instead")
         self.seeds = sorted(self.seeds)
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
@@ -139,8 +157,6 @@ class EvalConfig(Checked):
             try:
                 out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
             except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
-                if "label_mode" in self.overrides:
-                    raise
                 raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
                                   ) from None
         return out
@@ -192,10 +208,11 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
+@stage_modes()
 @keeps_teacher_modes
 def distill(
     data: DataBundle,
-    cfg: DistillConfig,
+    cfg: DistillConfig | dict,
     dataset_cfg: DatasetConfig | None = None,
     out: str | Path | None = None,
     teacher: Teacher | str | Path | None = None,
@@ -205,14 +222,16 @@ def distill(
     before_save: Callable[[DistilledSet], None] | None = None,
     options_key: str = "distill.options",
 ) -> DistilledSet:
-    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``teacher``: a
-    :class:`Teacher` or its artifact folder; ``before_save(set)`` is called (by the process that
-    saves) once the set is made, before it is saved. ``options_key``: the config key of
-    ``cfg.options``, which errors in them name (a bench's ``methods[KEY].options``). ``dataset_cfg``
+    """Run a method and (if ``out``) write the distilled-set artifact atomically; ``cfg``: a
+    :class:`DistillConfig` or a dict of its settings; ``teacher``: a :class:`Teacher` or its artifact
+    folder; ``before_save(set)`` is called (by the process that saves) once the set is made, before it
+    is saved. ``options_key``: the config key of ``cfg.options``, which errors in them name (a bench's
+    ``methods[KEY].options``). ``dataset_cfg``
     (recorded in the set, which evaluation reloads the data by) defaults to the config ``data`` was
     loaded with, and must describe the same data if given. Under torchrun rank 0 alone labels, builds
     and saves the set; the other ranks return the saved artifact (without ``out``: rank 0's set, sent)."""
     check_bundle(data)
+    cfg = as_config(DistillConfig, cfg, "distill")
     dataset_cfg = _dataset_config_of(data, dataset_cfg)
     device = ddist.resolve_device(device)
     if out is not None:
@@ -273,7 +292,8 @@ def distill(
                                                            name="distill.soft_labels_bn")
                 distilled = DistilledSet.build(
                     synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
-                    config=run_config or {"distill": to_dict(cfg)}, dataset_config=to_dict(dataset_cfg.absolute()),
+                    config=run_config or {"distill": recorded_distill(cfg)},
+                    dataset_config=to_dict(dataset_cfg.absolute()),
                     teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
                 )
         except DDKitError as e:
@@ -543,19 +563,24 @@ def check_run_dir(out: Path) -> None:
                          "out / --out or remove it")
 
 
+@stage_modes()
 def run(
-    cfg: RunConfig,
+    cfg: RunConfig | dict,
     progress_factory: Callable[[str], Callable[[int, int, dict], None] | None] | None = None,
     eval_progress: Callable[[int, int, dict], None] | None = None,
 ) -> dict[str, Any]:
-    """Chain the stages into ``cfg.out``; reuse every stage whose artifact matches. Returns a summary.
+    """Chain the stages into ``cfg.out`` (``cfg``: a :class:`RunConfig` or a dict of its settings, as a run's
+    YAML file holds them); reuse every stage whose artifact matches. Returns a summary.
 
     ``progress_factory(stage)``: the ``progress(step, total, record)`` callback of the teacher, distill and
     relabel stages; ``eval_progress``: the evaluations' callback of the same form (``evaluate``'s
     ``progress``, ``record["stage"]`` naming each student). Older ddkit called ``eval_progress``
-    ``(stage, epoch, total)``."""
+    ``(stage, epoch, total)``: one whose first parameter is named ``stage`` (or ``what``, ``label``, ...) is still
+    called so, with a DeprecationWarning, until the next release."""
     from ddkit.distributed import resolve_device
 
+    cfg = as_config(RunConfig, cfg)
+    eval_progress = progress_form(eval_progress, "run", "eval_progress")
     pf = progress_factory or (lambda name: None)
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
@@ -570,8 +595,7 @@ def run(
         (out / "manifest.json").unlink(missing_ok=True)
         # nor its report, which names the previous stages (written again once every stage is done)
         shutil.rmtree(out / "report", ignore_errors=True)
-    resolved = to_dict(cfg)
-    resolved["dataset"] = to_dict(cfg.dataset.absolute())
+    resolved = recorded_config(cfg)
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
     teacher = None
@@ -652,6 +676,32 @@ def run(
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)
     return summary
+
+
+#: method options that name artifacts on disk (as distill_hash reads them: by content), recorded absolute
+OPTION_PATHS = ("extra_teachers", "experts")
+
+
+def recorded_distill(cfg: DistillConfig) -> dict:
+    """``cfg`` as a set records it: the paths its method options name (:data:`OPTION_PATHS`) absolute."""
+    out = to_dict(cfg)
+    out["options"] = recorded_paths(out["options"], OPTION_PATHS)
+    return out
+
+
+def recorded_config(cfg: RunConfig) -> dict:
+    """``cfg`` as a run records it (``config.json``, the manifests): every relative path in it (``dataset.path``,
+    ``teacher.checkpoint``, a protocol YAML file, ``extra_teachers``, ``fkd_store``, a method's ``extra_teachers``
+    and ``experts``) made absolute against the working folder the run read it from, so the record runs again from
+    any folder on the same files. Hashes do not change: they read those artifacts by content, not by path."""
+    out = to_dict(cfg)
+    out["dataset"] = to_dict(cfg.dataset.absolute())
+    if out["teacher"] is not None:
+        out["teacher"] = recorded_paths(out["teacher"], ("checkpoint",))
+    out["distill"] = recorded_distill(cfg.distill)
+    out["evaluate"]["protocol"] = recorded_protocol(cfg.evaluate.protocol)
+    out["evaluate"]["overrides"] = recorded_paths(out["evaluate"]["overrides"], PATH_FIELDS)
+    return out
 
 
 def reusable_set(ddir: Path, cfg: DistillConfig, data: DataBundle, teacher: Teacher | None, want: str) -> Any:

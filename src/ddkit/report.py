@@ -37,6 +37,25 @@ PLOTS = {
 }
 
 
+#: a plot's series colours: matplotlib's tab10 without its grey, which the random subset's band and marker use
+COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+MARKERS = ("o", "^", "D", "v", "P", "X", "*", "<", ">")
+LINESTYLES = ("-", "--", ":", "-.")
+#: legend entries per legend column (more series: more columns)
+LEGEND_ROWS = 30
+#: accuracy vs IPC draws neighbouring series this far apart (decades of the log IPC axis: 2.3 %)
+IPC_DODGE = 0.01
+
+
+def _style(i: int) -> dict:
+    """The look of a plot's ``i``-th series: the next colour, and after every round of colours the next marker
+    and line style, so no two of the first 81 series share colour and marker (matplotlib's cycle repeated its
+    10 colours with one marker)."""
+    turn = i // len(COLORS)
+    return {"color": COLORS[i % len(COLORS)], "marker": MARKERS[turn % len(MARKERS)],
+            "linestyle": LINESTYLES[turn % len(LINESTYLES)]}
+
+
 def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     """Rows grouped by (dataset, student, label mode, method), sorted by IPC."""
     out: dict[tuple, list[dict]] = {}
@@ -97,9 +116,19 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         if title:
             ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=legend)
+        entries = len(ax.get_legend_handles_labels()[1])  # beside the axes, where it hides no point
+        ax.legend(fontsize=legend, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0,
+                  ncols=-(-entries // LEGEND_ROWS))
 
     def save(fig, name: str) -> None:
+        """Widen the figure by its widest legend per column of panels (taller where a legend is taller than
+        its panel), so the panels keep their size beside the legends, then write it."""
+        renderer = fig.canvas.get_renderer()
+        boxes = [ax.get_legend().get_window_extent(renderer) for ax in fig.axes if ax.get_visible()]
+        rows_, cols = fig.axes[0].get_subplotspec().get_gridspec().get_geometry()
+        width, height = fig.get_size_inches()
+        fig.set_size_inches(width + cols * (max(b.width for b in boxes) / fig.dpi + 0.2),
+                            max(height, rows_ * (max(b.height for b in boxes) / fig.dpi + 1.2)))
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
         written.append(name)
@@ -108,14 +137,16 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
         colors = {}  # method -> its line's colour, for its own random band
-        for key, rs in series.items():
-            if key[:3] == panel:
-                line = ax.errorbar([r["ipc"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                                   yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3,
-                                   label=printable(key[3]))
-                colors[key[3]] = line.lines[0].get_color()
-        bands = _random_bands(series, panel)
-        for methods, band in bands:  # one gray band when every method shares its random baseline
+        keys, bands = [k for k in series if k[:3] == panel], _random_bands(series, panel)
+        # each series a little to the side of the IPC it holds (ticks at the IPC), so that error bars at one IPC
+        # do not hide each other (a single-IPC panel drew every method on one vertical line)
+        dodge = [10 ** (IPC_DODGE * (j - (len(keys) + len(bands) - 1) / 2)) for j in range(len(keys) + len(bands))]
+        for i, key in enumerate(keys):
+            style, rs = _style(i), series[key]
+            ax.errorbar([r["ipc"] * dodge[i] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **style)
+            colors[key[3]] = style["color"]
+        for j, (methods, band) in enumerate(bands, len(keys)):  # one gray band when every method shares its baseline
             color, label = ("gray", "random subset") if len(bands) == 1 else (
                 colors[methods[0]], f"random subset ({', '.join(map(printable, methods))})")
             if len(band) > 1:
@@ -124,8 +155,8 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
                                 color=color, alpha=0.25, label=label)
             else:  # one IPC: a band would have no width
                 ((ipc, b),) = band.items()
-                ax.errorbar([ipc], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s", capsize=3,
-                            label=label)
+                ax.errorbar([ipc * dodge[j]], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s",
+                            capsize=3, label=label)
         finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
@@ -135,18 +166,18 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     # accuracy vs bytes
     fig, axes = figure(len(panels))
     for ax, panel in zip(axes, panels):
-        for key, rs in series.items():
-            if key[:3] == panel:
-                ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                            yerr=[100 * r["acc"]["std"] for r in rs], marker="o", capsize=3, label=printable(key[3]))
+        for i, (key, rs) in enumerate((k, rs) for k, rs in series.items() if k[:3] == panel):
+            ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
+                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **_style(i))
         finish(ax, "bytes (images + labels)", " / ".join(map(printable, panel)))
     save(fig, "acc_vs_bytes.png")
 
     # synthesis time vs accuracy
     fig, ax = subplots(figsize=(6, 4))
-    for key, rs in series.items():
+    for i, (key, rs) in enumerate(series.items()):
+        style = _style(i)
         ax.scatter([max(synthesis_seconds(r), 1e-3) for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                   label=" / ".join(map(printable, key)), s=20)
+                   label=" / ".join(map(printable, key)), s=20, color=style["color"], marker=style["marker"])
     finish(ax, "synthesis wall time (s, without shared statistics / expert buffers)", legend=6)
     save(fig, "time_vs_acc.png")
     return written
@@ -273,6 +304,17 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return out
 
 
+def protocol_sentence(cfg: dict) -> str:
+    """What a bench config (``bench.json``'s ``config``) changes in its protocol preset: its ``overrides`` and,
+    where it has them, its ``ipc_overrides``, which the cells of that IPC ran with over the overrides."""
+    text = f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`"
+    per_ipc = cfg.get("ipc_overrides") or {}  # JSON keys are text: "10"
+    if per_ipc:
+        text += " and per-IPC overrides (applied after them) " + ", ".join(
+            f"IPC {k}: `{per_ipc[k]}`" for k in sorted(per_ipc, key=int))
+    return text
+
+
 def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     """report.md, report.html, the plots and the set grids of ``table`` (the bench run in ``run_dir``)
     into the folder ``out``."""
@@ -283,8 +325,7 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
                     | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
     cfg = table["config"]
-    intro = (f"Protocol preset `{cfg['protocol']}` with overrides `{cfg['overrides']}`; seeds {cfg['seeds']}; "
-             f"protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
+    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}; protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
              f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
     notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "

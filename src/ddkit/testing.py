@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ def tiny_teacher(data, out: str | Path | None = None):
     return train_teacher(data, cfg, out)
 
 
+@stage_modes()
 def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = None, progress=None):
     from ddkit.config import from_dict, to_dict
     from ddkit.methods import FitContext

@@ -147,7 +147,8 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
 
 
 def autocast(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
-    """A fresh ``torch.autocast`` context for ``precision`` on ``device``'s type; fp32: a no-op.
+    """A fresh ``torch.autocast`` context for ``precision`` on ``device``'s type; fp32: a no-op (a stage
+    runs without the caller's autocast: :func:`ddkit.determinism.stage_modes`).
 
     Autocast runs convolutions and matrix products in the reduced type and keeps reductions such as
     softmax and cross-entropy in fp32 (PyTorch's autocast op lists); parameters stay fp32."""
@@ -377,8 +378,11 @@ def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running"
     ``bn="running"``: the model as it is (a teacher is in eval mode, so BatchNorm uses its running
     statistics). ``bn="batch"``: BatchNorm uses the statistics of each group of ``group`` consecutive
     rows of ``x`` (``None``: all of ``x``; a last group may be smaller), so a row's logits depend only
-    on the rows of its own group (:func:`batch_statistics`).
+    on the rows of its own group (:func:`batch_statistics`). A module whose weights are in another
+    floating dtype (a caller's bfloat16 or float64 teacher) gets ``x`` in the dtype of its first one.
     """
+    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
+    x = x.to(weights)  # float32 weights: x itself
     if bn == "running":
         return model(x).float()
     with batch_statistics(model):

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import Checked, field, is_count
+from ddkit.config import Checked, field, is_count, summary_repr, to_dict
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -114,6 +115,9 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __repr__(self) -> str:  # the tensors' dtype and shape, not their values
+        return summary_repr(self, images=self.images, labels=self.labels)
+
     def float_images(self) -> torch.Tensor:
         """Images as float32 in [0, 1] pixel space."""
         if self.images.dtype == torch.uint8:
@@ -150,11 +154,12 @@ HASH_BLOCK_BYTES = 64 << 20
 
 
 def hash_rows(h, t: torch.Tensor) -> None:
-    """Feed ``t``'s bytes (in C order) to ``h`` without copying them: hashlib reads the numpy views' memory. Rows
-    go in blocks, so a non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
+    """Feed ``t``'s bytes (in C order; ``t`` has at least one dimension) to ``h`` without copying them: hashlib
+    reads the memory of byte views (so any dtype, bfloat16 too, which numpy lacks). Rows go in blocks, so a
+    non-contiguous ``t`` is copied a block at a time, never whole (ImageNet's train set: 193 GB)."""
     rows = max(1, HASH_BLOCK_BYTES // max(1, t[0].numel() * t.element_size())) if len(t) else 1
     for block in t.split(rows):
-        h.update(block.contiguous().numpy())
+        h.update(block.contiguous().view(torch.uint8).numpy())
 
 
 @dataclass
@@ -200,6 +205,10 @@ class DataBundle:
                     f"dataset {self.name!r}: {split} labels must lie in [0, {len(self.classes) - 1}] "
                     f"for {len(self.classes)} classes"
                 )
+
+    def __repr__(self) -> str:  # a notebook's view of it: no pixel values (the dataclass repr printed them all)
+        return summary_repr(self, name=self.name, classes=self.num_classes, train=self.train, test=self.test,
+                            source=self.source or None)
 
     @property
     def num_classes(self) -> int:
@@ -251,6 +260,12 @@ class DataBundle:
         trained on other mean/std sees shifted inputs)."""
         return (described.get("fingerprint") == self.fingerprint and described.get("mean") == list(self.mean)
                 and described.get("std") == list(self.std))
+
+    def config_record(self) -> dict | None:
+        """The config this data was loaded with, as an artifact records it (``dataset_config``, with ``path``
+        absolute: :meth:`DatasetConfig.absolute`), so the artifact can be made again from its record; None for
+        data built by hand."""
+        return to_dict(self.config.absolute()) if self.config is not None else None
 
     def describe(self) -> dict:
         out = {
@@ -389,6 +404,7 @@ def check_bundle(data: object, what: str = "data") -> None:
                          "ddkit.data.load_dataset(name or DatasetConfig)")
 
 
+@stage_modes()
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     """Load a registered dataset by config (or by name with config fields as keywords)."""
     if isinstance(cfg, str):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from ddkit.artifacts import recorded_paths
 from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
@@ -35,6 +36,8 @@ UNLABELLED_BY_ENSEMBLE = ("hard", "stored")
 
 # what a protocol's hash holds for its FKD store: the path names no content, the keys add the content
 FKD_STORE_MARK = "<keyed by the store's content>"
+#: the protocol fields that name artifacts on disk, recorded absolute
+PATH_FIELDS = ("extra_teachers", "fkd_store")
 
 
 @dataclass
@@ -138,6 +141,12 @@ class ProtocolConfig(Checked):
     def hash(self) -> str:
         return config_hash(self.identity())
 
+    def record(self) -> dict:
+        """The protocol as reports record it: every field, with the paths of ``extra_teachers`` and ``fkd_store``
+        absolute (against the current folder), so the record names the same artifacts from any folder (its hash
+        does not read them)."""
+        return recorded_paths(to_dict(self), PATH_FIELDS)
+
     def full_train(self) -> TrainConfig:
         return dataclasses.replace(self.train, epochs=self.full_epochs)
 
@@ -228,6 +237,18 @@ def demo_protocol() -> ProtocolConfig:
     return ProtocolConfig(student="convnet3-w32", full_epochs=3)
 
 
+def is_protocol_file(spec: object) -> bool:
+    """Whether :func:`resolve_protocol` reads ``spec`` as a YAML file's path (not a preset's name)."""
+    return isinstance(spec, os.PathLike) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml"))
+                                                                        or Path(spec).is_file()))
+
+
+def recorded_protocol(spec: str) -> str:
+    """A config's protocol as records name it: a YAML file's path absolute (against the current folder, where it
+    was read), so the record reads the same file from any folder; a preset's name as it is."""
+    return str(Path(spec).absolute()) if is_protocol_file(spec) else spec
+
+
 def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
                      where: str = "protocol") -> ProtocolConfig:
     """A protocol from a preset name, a YAML path (str or Path), a dict or a config, with ``overrides``
@@ -236,8 +257,7 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
         base = to_dict(spec)
     elif isinstance(spec, dict):
         base = to_dict(from_dict(ProtocolConfig, spec, "protocol"))
-    elif isinstance(spec, os.PathLike) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml"))
-                                                                       or Path(spec).is_file())):
+    elif is_protocol_file(spec):
         base = to_dict(from_dict(ProtocolConfig, load_yaml(spec), "protocol"))
     elif isinstance(spec, str):
         base = to_dict(PROTOCOLS.get(spec)())

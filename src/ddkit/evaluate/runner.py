@@ -9,11 +9,13 @@ reference is trained data-parallel.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +43,7 @@ from ddkit.artifacts import (
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.determinism import global_rng
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -61,7 +63,25 @@ log = logging.getLogger(__name__)
 # student, step/total its epochs, record["stage"] naming the student ("distilled, seed 0", "random subset, seed 0",
 # "full data, seed 0"; older ddkit called progress(stage, epoch, total))
 Progress = Callable[[int, int, dict], None]
+_OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title")  # first parameters of the old form
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
+
+
+def progress_form(progress: Callable | None, call: str, name: str, stacklevel: int = 4) -> Progress | None:
+    """The callback ``progress`` that the library call ``call`` takes as its argument ``name``, as a ``(step, total,
+    record)`` callback; one of the old ``(what, done, total)`` form, told by its first parameter's name (``what``,
+    ``stage``, or another name of a label: :data:`_OLD_FIRST`), wrapped with a DeprecationWarning (``stacklevel``:
+    :func:`warnings.warn`'s, naming the caller of ``call``: 4 is past ``call`` and its ``@stage_modes()``)."""
+    try:
+        params = list(inspect.signature(progress).parameters) if progress is not None else []
+    except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
+        params = []
+    if not params or params[0] not in _OLD_FIRST:
+        return progress
+    warnings.warn(f"{call}({name}=) now calls {name}(step, total, record), record['stage'] naming the stage; the old "
+                  f"form {name}(what, done, total) goes in the next release: rename the callback's parameters and read "
+                  "the name from the record", DeprecationWarning, stacklevel=stacklevel)
+    return lambda step, total, record: progress(record["stage"], step, total)
 
 
 class DivergedAccuracy(float):
@@ -385,7 +405,10 @@ def student_transform(protocol: ProtocolConfig, data: DataBundle):
 
 
 _ZCA_FITS: dict[tuple, Any] = {}
-_STORED_EXTRAS_SAID = False  # that label_mode stored leaves out extra_teachers: said once per process
+# that label_mode stored leaves out extra_teachers: said once per set and protocol (by their config hashes, a set
+# built by hand by the object), so a later evaluation of another set or protocol in the same process says it too,
+# and one repeated (another seed) does not
+_STORED_EXTRAS_SAID: set[tuple] = set()
 
 
 def full_reference(
@@ -465,6 +488,7 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
     return f"{theirs[0]} {theirs[1]}", f"{mine[0]} {mine[1]}"
 
 
+@stage_modes()
 @keeps_teacher_modes
 def evaluate(
     distilled: DistilledSet | str | Path,
@@ -487,13 +511,16 @@ def evaluate(
     not); the report records its identity (``fkd_store``). ``progress(step, total, record)`` after every
     epoch of every student (as ``train_teacher``, ``distill`` and ``relabel`` call theirs): ``step`` of
     ``total`` epochs, ``record["stage"]`` naming the student (``"distilled, seed 0"``, ``"random subset,
-    seed 0"``, ``"full data, seed 0"``). Older ddkit called ``progress(stage, epoch, total)``.
+    seed 0"``, ``"full data, seed 0"``). Older ddkit called ``progress(stage, epoch, total)``: a callback whose
+    first parameter is named ``stage`` (or ``what``, ``label``, ...) is still called so, with a DeprecationWarning,
+    until the next release.
 
     ``seeds`` may come in any order: the report lists them sorted, and the full-data reference trains from
     the ``full_seeds`` smallest.
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
+    progress = progress_form(progress, "evaluate", "progress", stacklevel=5)  # 5: past both decorators
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
     if protocol.label_mode == "fkd" and not protocol.fkd_store and fkd_store is None:
@@ -552,9 +579,9 @@ def evaluate(
         # the set replays the labels its own teacher (or CV-DD committee) made: the random subset beside it is
         # labelled the same way, so an ensemble here would label only one side (a bench's overrides give every
         # label mode the same extra_teachers, so they are left out here rather than refused)
-        global _STORED_EXTRAS_SAID
-        if not _STORED_EXTRAS_SAID:
-            _STORED_EXTRAS_SAID = True
+        said = (man.get("config_hash") or id(distilled), recorded_path(distilled.path), protocol.hash)
+        if said not in _STORED_EXTRAS_SAID:
+            _STORED_EXTRAS_SAID.add(said)
             log.warning("label_mode 'stored' does not use the protocol's extra_teachers: the set replays the soft "
                         "labels it was made with, and the random subset beside it is labelled as they were made (by "
                         "the set's teacher, or its committee); use label_mode teacher to label both with the ensemble")
@@ -677,7 +704,7 @@ def evaluate(
     if protocol.full_reference:
         results["full"] = full_reference(data, protocol, seeds, device,
                                          Path(cache_dir) if cache_dir else None, progress)
-    report = base_manifest("evaluation", to_dict(protocol), seeds[0])
+    report = base_manifest("evaluation", protocol.record(), seeds[0])
     report.update({
         "seeds": seeds,
         "protocol_hash": protocol.hash,

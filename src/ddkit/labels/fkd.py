@@ -82,9 +82,10 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, is_count, keyed, summary_repr, to_dict
 from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
 from ddkit.data.base import ImageSet, hash_rows
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.training import (
     TeacherBN,
@@ -247,7 +248,17 @@ class SoftLabelStore:
             raise DDKitError(f"{where} holds an augmentation this ddkit cannot replay ({str(exc).split(';')[0]}); "
                              "re-create the store with `ddkit relabel`") from None
 
+    def __getstate__(self) -> dict:
+        # render's normalisers are closures, which do not pickle (a spawn DataLoader worker, joblib): made again
+        return {**self.__dict__, "_norms": {}}
+
     # --- description ---------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        return summary_repr(self, epochs=self.epochs, images=self.num_images, classes=self.num_classes,
+                            augment=self.manifest["augment"]["spec"], top_k=self.top_k,
+                            teacher=self.manifest["teacher"]["fingerprint"],
+                            bytes=self.nbytes, path=recorded_path(self.path))
+
     @property
     def epochs(self) -> int:
         return int(self.manifest["epochs"])
@@ -553,6 +564,7 @@ def _topk_index_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= 2**15 else torch.int32
 
 
+@stage_modes()
 @torch.no_grad()
 @keeps_teacher_modes
 def relabel(
@@ -614,7 +626,8 @@ def relabel(
         if augment not in ("rrc_flip", augment_spec):
             raise ConfigError(f"relabel got augment={augment!r} and its old name augment_spec={augment_spec!r}; pass "
                               "augment= alone")
-        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=4)
+        # the caller's line: past the wrappers of stage_modes, no_grad and keeps_teacher_modes
+        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=5)
         augment = augment_spec
     augment_name = augment  # `augment` is the built augmentation from here on
 
@@ -870,6 +883,7 @@ class RelabelSpec(Checked):
                        teacher_bn_batch=self.teacher_bn_batch)
 
 
+@stage_modes()
 def train_with_store(
     model: nn.Module,
     distilled,

@@ -66,6 +66,7 @@ from ddkit.cache import STATISTICS_SCHEMA, STATISTICS_TENSORS
 from ddkit.config import Checked, config_hash, field, from_dict, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
+from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
@@ -360,6 +361,7 @@ def _load_cached(path: Path, teacher, real: DataBundle, keys: list[str],
         return None
 
 
+@stage_modes()
 def real_statistics(
     teacher,
     real: DataBundle,

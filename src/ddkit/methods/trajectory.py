@@ -95,7 +95,7 @@ from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
-from ddkit.determinism import global_rng, seeded_cpu_rng, use_deterministic_cuda
+from ddkit.determinism import global_rng, seeded_cpu_rng, stage_modes, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import model_config_hash
@@ -448,6 +448,7 @@ def _manifest(data: DataBundle, cfg: ExpertConfig, model: nn.Module, experts: li
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update({
         "dataset": data.describe(),
+        "dataset_config": data.config_record(),  # not in buffers made before 2026-12-07
         "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
                   "num_classes": data.num_classes},
         "params": param_spec(model),
@@ -475,6 +476,7 @@ def buffer_identity(path: str | Path) -> str | None:
         return None
 
 
+@stage_modes()
 def train_experts(
     data: DataBundle,
     cfg: ExpertConfig,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import logging
@@ -37,9 +38,9 @@ from ddkit.artifacts import (
     work_name,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, to_dict
-from ddkit.data.base import DataBundle, check_bundle, reorders_classes
-from ddkit.determinism import global_rng
+from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
+from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
+from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
@@ -88,6 +89,12 @@ class Teacher(DescribesDataset):
         self.manifest = manifest
         self.path = path
 
+    def __repr__(self) -> str:  # a teacher of the caller's own module may hold only some of the fields
+        accuracy = self.test_accuracy
+        return summary_repr(self, model=(self.manifest.get("model") or {}).get("name") or type(self.model).__name__,
+                            **self.dataset_facts(), test_accuracy=None if accuracy is None else round(accuracy, 4),
+                            weights_sha=self.manifest.get("weights_sha"), path=recorded_path(self.path))
+
     @property
     def test_accuracy(self) -> float | None:
         return self.manifest.get("test_accuracy")
@@ -123,6 +130,7 @@ class Teacher(DescribesDataset):
         return out
 
     @classmethod
+    @stage_modes()
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         manifest = read_manifest(path, KIND,
@@ -329,13 +337,13 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
 
 
 def weights_sha(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over a model's state dict: a teacher's fingerprint."""
+    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint."""
     import hashlib
 
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        hash_rows(h, v.detach().cpu().reshape(-1))  # 1-d: scalars (num_batches_tracked) too
     return h.hexdigest()[:16]
 
 
@@ -381,6 +389,7 @@ def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float
             "model": {"name": cfg.model, "options": dict(cfg.model_options), "input_shape": list(data.image_shape),
                       **model_source(cfg.model)},
             "dataset": data.describe(),
+            "dataset_config": data.config_record(),  # not in teachers made before 2026-12-07
             "test_accuracy": acc,
             "history": history,
             "weights_sha": weights_sha(model),
@@ -411,21 +420,22 @@ def check_teacher(cfg: TeacherConfig, data: DataBundle, key: str = "teacher") ->
             raise ConfigError(f"{key}.checkpoint: {exc}") from None
 
 
+@stage_modes()
 def train_teacher(
     data: DataBundle,
-    cfg: TeacherConfig,
+    cfg: TeacherConfig | dict,
     out: str | Path | None = None,
     device: str | torch.device = "cpu",
     progress: Callable[[int, int, dict], None] | None = None,
 ) -> Teacher:
-    """Train a teacher on ``data.train`` and (if ``out``) save it as an artifact.
+    """Train a teacher on ``data.train`` and (if ``out``) save it as an artifact (``cfg``: a
+    :class:`TeacherConfig` or a dict of its settings).
 
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
     until the artifact is written. Under torchrun the training is data-parallel.
     """
     check_bundle(data)
-    if not isinstance(cfg, TeacherConfig):
-        raise DDKitError(f"cfg must be a TeacherConfig, got {type(cfg).__name__} {cfg!r:.80}")
+    cfg = as_config(TeacherConfig, cfg, "teacher")
     device = ddist.resolve_device(device)
     if out is not None:
         check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
@@ -561,6 +571,7 @@ def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
+@stage_modes()
 def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None = None, device="cpu") -> Teacher:
     """Wrap a user checkpoint (strictly loaded into ``cfg.model``) as a teacher artifact. Under
     torchrun every rank calls it (rank 0 saves ``out``, the others wait for it at a barrier)."""
@@ -575,8 +586,10 @@ def import_teacher(data: DataBundle, cfg: TeacherConfig, out: str | Path | None 
     except NonFiniteOutputs as exc:
         raise DDKitError(f"checkpoint {path}: {exc}; nothing was saved: check that it is the trained model's "
                          f"state_dict for model {cfg.model!r}") from None
-    teacher = Teacher(model.cpu(), _manifest(model, data, cfg, acc, []))
-    teacher.manifest["imported_from"] = str(path)
+    # the checkpoint named from any folder (recorded_path), as the import of the recorded config reads it
+    recorded = dataclasses.replace(cfg, checkpoint=recorded_path(path))
+    teacher = Teacher(model.cpu(), _manifest(model, data, recorded, acc, []))
+    teacher.manifest["imported_from"] = recorded.checkpoint
     if out is not None:  # as train_teacher: rank 0 writes it, and no rank goes on before it is there
         if ddist.current().is_main:
             teacher.save(out)
