@@ -104,8 +104,8 @@ def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int])
     if report["protocol_hash"] != protocol_hash:
         return (f"it was evaluated under another protocol (hash {report['protocol_hash'][:12]}, now "
                 f"{protocol_hash[:12]})")
-    if report["seeds"] != seeds:
-        return f"it scored student seeds {report['seeds']}, not {seeds}"
+    if report["seeds"] != sorted(seeds):  # evaluate reports its seeds sorted (any order gives the same numbers)
+        return f"it scored student seeds {report['seeds']}, not {sorted(seeds)}"
     fingerprint = manifest.get("dataset", {}).get("fingerprint")
     if report.get("distilled", {}).get("dataset_fingerprint") != fingerprint:
         return ("it scored a set made from other data (fingerprint "

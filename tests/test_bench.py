@@ -247,6 +247,27 @@ def test_second_run_reuses_everything(full_run, monkeypatch):
     assert seen == [True] * 4 and again == rows
 
 
+def test_label_modes_that_need_a_teacher_or_not_keep_teacher_free_sets(tmp_path, monkeypatch):
+    """A bench trains a teacher only for label modes (or methods) that need one, and the teacher was part of every
+    set's identity: adding a teacher column to a hard-label bench, or narrowing it back to hard labels, synthesised
+    every dm set again (same images). Sets of methods that read no teacher are now kept, and so are the hard-label
+    evaluations (whose keys never named the teacher)."""
+    import ddkit.bench as bench
+
+    dm = {"name": "dm", "options": {"iterations": 2, "model": "tiny_convnet", "batch_real": 8}}
+    hard = run_bench(tiny_cfg(tmp_path, methods=[dm], ipcs=[1]))
+    record = (tmp_path / "distilled/synthetic-dm-ipc1.synthesis.json").read_text()
+    images = (tmp_path / "distilled/synthetic-dm-ipc1/images.safetensors").read_bytes()
+    monkeypatch.setattr(bench, "distill", lambda *a, **k: pytest.fail("the dm set was synthesised again"))
+    both = run_bench(tiny_cfg(tmp_path, methods=[dm], ipcs=[1], label_modes=["hard", "teacher"]))
+    trained = []
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: trained.append(a) or pytest.fail("evaluated again"))
+    again = run_bench(tiny_cfg(tmp_path, methods=[dm], ipcs=[1]))
+    assert trained == [] and [r["acc"] for r in again] == [r["acc"] for r in hard] == [both[0]["acc"]]
+    assert (tmp_path / "distilled/synthetic-dm-ipc1.synthesis.json").read_text() == record
+    assert (tmp_path / "distilled/synthetic-dm-ipc1/images.safetensors").read_bytes() == images
+
+
 def test_method_revision_remakes_only_its_sets(full_run, tmp_path, monkeypatch):
     """Bumping a method's ``revision`` (a changed default) remakes its sets and cells, not the teacher."""
     import shutil

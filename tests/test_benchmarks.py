@@ -725,6 +725,8 @@ def test_dc_dsa_report_only_reads_the_finished_files_and_refuses_a_mismatch(tmp_
     dd = _dc_files(tmp_path)
     row = dd.finished_row("dc", 1, 3, [0, 1], tmp_path)
     assert row["distilled"]["mean"] == 0.7 and row["synthesis_seconds"] == 12.0 and row["seeds"] == [0, 1]
+    # evaluate reports the seeds sorted: --seeds 1,0 is the report of 0,1 (it was refused as another one)
+    assert dd.finished_row("dc", 1, 3, [1, 0], tmp_path)["distilled"]["mean"] == 0.7
     with pytest.raises(DDKitError, match=r"scored student seeds \[0, 1\], not \[0\]; give the --seeds it scored"):
         dd.finished_row("dc", 1, 3, [0], tmp_path)
     for kw, words in (({"fingerprint": "f2"}, "made from other data"),

@@ -267,6 +267,27 @@ def test_baseline_cache_keys_follow_what_decides_the_student(setup, tiny_protoco
     assert a["key"] != b["key"] and len(list((tmp_path / "full-reference").glob("*.json"))) == 2
 
 
+def test_the_order_the_seeds_are_written_in_changes_no_number(setup, tiny_protocol, tmp_path):
+    """`--seeds 1,0` reported the full-data reference of seed 1 and `--seeds 0,1` that of seed 0 (the first
+    full_seeds seeds as written; in a bench HLR and LRS changed with it): the reference trains from the smallest
+    seeds, and the report lists the seeds sorted. Run and bench configs keep their seeds sorted, so their keys
+    agree too."""
+    from ddkit.bench import BenchConfig
+    from ddkit.evaluate.runner import full_reference
+    from ddkit.pipeline import EvalConfig
+
+    data, _, ds, _ = setup
+    p = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 2}})
+    first = full_reference(data, p, [0], "cpu", tmp_path / "c0")
+    assert full_reference(data, p, [1], "cpu", tmp_path / "c1")["mean"] != first["mean"]  # the order matters here
+    a = evaluate(ds, p, [0, 1], data=data, cache_dir=tmp_path / "a")
+    b = evaluate(ds, p, [1, 0], data=data, cache_dir=tmp_path / "b")
+    assert a["seeds"] == b["seeds"] == [0, 1] and b["results"] == a["results"]
+    assert b["results"]["full"]["mean"] == first["mean"] and b["results"]["full"]["key"] == first["key"]
+    assert full_reference(data, p, [1, 0], "cpu", tmp_path / "c0")["key"] == first["key"]
+    assert EvalConfig(seeds=[2, 0, 1]).seeds == BenchConfig(seeds=[2, 0, 1]).seeds == [0, 1, 2]
+
+
 def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protocol, tmp_path, monkeypatch):
     """A bench evaluates again under another torch thread count (float sums depend on it), but the random subset's
     and the full data's students still came from the cache, trained under the other count, while the report
@@ -536,6 +557,57 @@ def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setu
     assert len(trained) == 1 and both["results"]["random"] == alone["results"]["random"]  # only the set's student
 
 
+def test_a_teacher_free_set_and_its_hard_evaluation_are_kept_when_only_the_teacher_changes(tmp_path, monkeypatch):
+    """dm reads no teacher (uses_teacher = False), but the run's teacher was part of its set's identity and of the
+    hard-label evaluation's key: another teacher seed synthesised the same images and trained the same students
+    again. Both are now kept; a set and report ddkit made before (keyed with their teacher) are still reused, with
+    that teacher or another."""
+    import ddkit.pipeline as pipeline
+    from ddkit.config import config_hash
+    from ddkit.data import load_dataset
+    from ddkit.pipeline import RunConfig, distill_hash, run
+
+    def config(teacher_seed: int) -> RunConfig:
+        return from_dict(RunConfig, {
+            "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+            "teacher": {"model": "tiny_convnet", "seed": teacher_seed, "train": {"epochs": 1, "batch_size": 32}},
+            "distill": {"method": "dm", "ipc": 2, "options": {"iterations": 2, "model": "tiny_convnet",
+                                                              "batch_real": 8}},
+            "evaluate": {"label_modes": ["hard"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+                "train": {"epochs": 2, "batch_size": 32, "lr": 0.05}}}})
+
+    first = run(config(0))
+    ddir, report = tmp_path / "run/distilled", tmp_path / "run/eval-hard.json"
+    images = (ddir / "images.safetensors").read_bytes()
+    made = json.loads((ddir / "manifest.json").read_text())
+    assert made["teacher"] is None  # it did not make the set
+    assert json.loads(report.read_text())["teacher"] is None
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: pytest.fail("the dm set was synthesised again"))
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: pytest.fail("the hard-label students trained again"))
+    again = run(config(1))
+    assert again["reused"] == ["distilled", "eval-hard.json"]  # the teacher is new, the rest is kept
+    assert again["evaluations"][0]["results"] == first["evaluations"][0]["results"]
+    assert (ddir / "images.safetensors").read_bytes() == images
+
+    # as ddkit until 2026-12-07 wrote them: the run's teacher recorded in the set and in both keys
+    cfg = config(1)
+    teacher = json.loads((tmp_path / "run/teacher/manifest.json").read_text())
+    man = json.loads((ddir / "manifest.json").read_text())
+    man["teacher"] = {"path": str(tmp_path / "run/teacher"), "weights_sha": teacher["weights_sha"]}
+    man["config_hash"] = distill_hash(cfg.distill, load_dataset(cfg.dataset), teacher["weights_sha"],
+                                      teacher_free=False)
+    assert man["config_hash"] != made["config_hash"]
+    (ddir / "manifest.json").write_text(json.dumps(man))
+    rep = json.loads(report.read_text())
+    protocol = cfg.evaluate.protocols()[0]
+    rep["run_hash"] = config_hash({"protocol": protocol.hash, "seeds": [0], "distilled": man["config_hash"],
+                                   "teacher": teacher["weights_sha"]})
+    report.write_text(json.dumps(rep))
+    assert run(cfg)["reused"] == ["teacher", "distilled", "eval-hard.json"]
+    assert run(config(0))["reused"] == ["distilled", "eval-hard.json"]
+
+
 def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     """Label mode fkd with extra_teachers labels with the ensemble: `ddkit run` made its store with the teacher
     alone, so the evaluation refused it (and advised a relabel that could not make an ensemble's store). The run
@@ -590,6 +662,49 @@ def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     rep = evaluate(tmp_path / "run" / "distilled", resolve_protocol(protocol, {"extra_teachers": []}), [0],
                    data=data, teacher=own)
     assert rep["teacher"]["weights_sha"] == own.fingerprint
+
+
+def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_path):
+    """`ddkit run` records its labels stage's key in its store's manifest, which the store's identity hashed: the
+    store `ddkit relabel` made from the same set and teacher with the same settings (the same bytes) had another
+    identity, so evaluations keyed by it were not shared. The process count was hashed too, although relabel gives
+    the single-process bytes on any number (2 ranks: tests/test_distributed.py). Reports a run keyed by the old
+    identity are still reused."""
+    from ddkit.config import config_hash
+    from ddkit.labels import relabel
+    from ddkit.labels.fkd import FILE, store_identity
+    from ddkit.pipeline import RunConfig, run
+
+    cfg = from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+        "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}},
+        "distill": {"method": "random", "ipc": 2}, "relabel": {"epochs": 2},
+        "evaluate": {"label_modes": ["fkd"], "seeds": [0], "overrides": {
+            "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+            "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}}})
+    run(cfg)
+    labels = tmp_path / "run" / "labels"
+    made = relabel(tmp_path / "run" / "distilled", tmp_path / "run" / "teacher", 2, out=tmp_path / "made.fkd")
+    assert (labels / FILE).read_bytes() == (made.path / FILE).read_bytes()
+    assert "config_hash" in json.loads((labels / "manifest.json").read_text())  # the run's key: kept, not hashed
+    assert store_identity(labels) == store_identity(made.path) == store_identity(made) != store_identity(
+        labels, legacy=True)
+    # as a 2-process relabel records it
+    man = json.loads((made.path / "manifest.json").read_text())
+    man["run"]["world_size"] = 2
+    (made.path / "manifest.json").write_text(json.dumps(man))
+    assert store_identity(made.path) == store_identity(labels)
+
+    report = tmp_path / "run" / "eval-fkd.json"
+    rep = json.loads(report.read_text())
+    assert rep["fkd_store"]["identity"] == store_identity(labels)
+    protocol = cfg.evaluate.protocols(fkd_store=str(labels))[0]
+    rep["run_hash"] = config_hash({  # the key ddkit until 2026-12-07 gave it
+        "protocol": protocol.hash, "seeds": [0],
+        "distilled": json.loads((tmp_path / "run/distilled/manifest.json").read_text())["config_hash"],
+        "teacher": rep["teacher"]["weights_sha"], "fkd_store": store_identity(labels, legacy=True)})
+    report.write_text(json.dumps(rep))
+    assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
 
 
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):

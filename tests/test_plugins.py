@@ -247,7 +247,12 @@ def test_method_author_mistakes_end_in_one_line(registries):
         METHODS.register("noconfig")(type("M", (Method,), {}))
     with pytest.raises(DDKitError, match="no dataclass Config"):
         METHODS.add("plainconfig", _method(no_return, config=dict))
-    assert not {"notamethod", "noconfig", "plainconfig"} & set(METHODS.list())
+    contradiction = type("T", (_method(no_return),), {"needs_teacher": True, "uses_teacher": False})
+    with pytest.raises(DDKitError) as err:  # fit would get no teacher, which it needs
+        METHODS.add("needsnone", contradiction)
+    assert str(err.value) == ("method 'needsnone': T sets needs_teacher = True and uses_teacher = False; a method that "
+                              "needs a teacher reads it: drop uses_teacher = False")
+    assert not {"notamethod", "noconfig", "plainconfig", "needsnone"} & set(METHODS.list())
 
     @dataclass
     class Cfg(Checked):

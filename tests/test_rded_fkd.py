@@ -992,13 +992,23 @@ def _relabel_rank(rank: int, store_path: str, out: str) -> None:
 def test_relabel_under_two_ranks_streams_the_store_without_gathering_it(tmp_path):
     """Under torchrun every rank gathered every rank's epochs (all_gather_object of the tensors) and stacked
     them; now the ranks hand their epochs over in the work folder and rank 0 streams them into the store,
-    which is byte for byte the single-process one; in memory, ranks pass one epoch at a time."""
+    which is byte for byte the single-process one; in memory, ranks pass one epoch at a time. The two stores
+    have one identity (the process count was part of it), so evaluations keyed by it are shared."""
     import torch.multiprocessing as mp
 
+    from ddkit.labels.fkd import store_identity
+
     ds, model, logit_bytes = _wide(epochs=9)
-    one = relabel(ds, model, 9, out=tmp_path / "fkd1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count, which the identity holds (float sums depend on it)
+    try:
+        one = relabel(ds, model, 9, out=tmp_path / "fkd1")
+    finally:
+        torch.set_num_threads(threads)
     mp.spawn(_relabel_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "fkd1" / FILE).read_bytes() == (tmp_path / "fkd2" / FILE).read_bytes()
+    assert json.loads((tmp_path / "fkd2" / "manifest.json").read_text())["run"]["world_size"] == 2
+    assert store_identity(tmp_path / "fkd1") == store_identity(tmp_path / "fkd2")
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert 0 < got["bytes"] < logit_bytes / 4

@@ -478,9 +478,11 @@ def test_show_a_methods_options(tmp_path, capsys, monkeypatch):
     record = json.loads(run_cli(["show", "dm", "--json"], capsys)[1])
     assert record["options"][0] == {"name": "iterations", "type": "int", "default": 20000,
                                     "help": "image updates, each with a freshly initialised network (paper: 20000)"}
-    assert (record["needs_teacher"], record["uses_seed"], record["resumable"]) == (False, True, True)
+    assert (record["needs_teacher"], record["uses_teacher"], record["uses_seed"], record["resumable"]) == (
+        False, False, True, True)
     assert run_cli(["show", "full"], capsys)[1].splitlines()[1:] == [
-        "needs a teacher: no; another seed, another set: no; resumes after an interruption: no", "options: none"]
+        "needs a teacher: no (reads none); another seed, another set: no; resumes after an interruption: no",
+        "options: none"]
     assert run_cli(["show", "dm", "-q"], capsys)[:2] == (0, "")
     # a name both protocol and method shows the protocol, as before, and says how to see the method
     code, out, err = run_cli(["show", "edc"], capsys)

@@ -439,6 +439,19 @@ def test_a_model_that_cannot_be_allocated_is_a_damaged_manifest(teacher_dir, mon
                                   "manifest is damaged: re-create the teacher artifact")
 
 
+def test_a_train_config_given_to_teacher_config_is_taken_as_it_is():
+    """As TeacherConfig's docstring and the README say: YAML (and from_dict) merge a teacher's train section into
+    the teacher recipe, a TrainConfig object is taken with TrainConfig's own defaults; dataclasses.replace of the
+    recipe gives the YAML teacher from Python."""
+    from ddkit.config import from_dict
+
+    yaml = from_dict(TeacherConfig, {"model": "tiny_convnet", "train": {"epochs": 4}})
+    assert (yaml.train.augment, yaml.train.schedule, yaml.train.epochs) == ("crop_flip", "cosine", 4)
+    given = TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=4))
+    assert (given.train.augment, given.train.schedule) == ("none", "step")
+    assert dataclasses.replace(TeacherConfig().train, epochs=4) == yaml.train
+
+
 def test_teacher_and_expert_buffer_record_the_dataset_config(tmp_path, monkeypatch):
     """Teachers and expert buffers recorded the data's description (fingerprint, sizes), not the config it was
     loaded with: a stratified subset (train_per_class, test_per_class, subset_seed) or a relative path could not

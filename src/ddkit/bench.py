@@ -90,6 +90,7 @@ from ddkit.pipeline import (
     distill_hash,
     ensemble_identity,
     protocol_inputs,
+    reusable_set,
     reusable_stage,
     work_dir,
 )
@@ -147,7 +148,8 @@ class BenchConfig(Checked):
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
     relabel: RelabelSpec = field(factory=RelabelSpec,
                                  help="label mode fkd: how each set's per-epoch soft labels are stored")
-    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them)")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds (accuracy is mean ± std over them), in any "
+                             "order (kept sorted: the same cells however they are written)")
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not student or "
@@ -175,6 +177,7 @@ class BenchConfig(Checked):
     def __post_init__(self) -> None:
         self.datasets = [DatasetConfig(name=d) if isinstance(d, str) else d for d in self.datasets]
         self.methods = [MethodSpec(name=m) if isinstance(m, str) else m for m in self.methods]
+        self.seeds = sorted(self.seeds)
         problems = []
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):
@@ -527,12 +530,12 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
     stats_path = ddir.parent / f"{ddir.name}.synthesis.json"
     want = distill_hash(dist_cfg, data, teacher)
     made = read_json(stats_path) if stats_path.is_file() else {}
-    made = made if made.get("config_hash") == want else {}
-    if made and isinstance(reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                                          and DistilledSet.load(ddir), ddir / "manifest.json", "distilling"),
-                           DistilledSet):
-        discard_work(ddir, want)
+    # the set's own key: want, or the older one it is still reused by (reusable_set)
+    if made and isinstance(found := reusable_set(ddir, dist_cfg, data, teacher, want), DistilledSet) and (
+            made.get("config_hash") == found.manifest["config_hash"]):
+        discard_work(ddir, made["config_hash"])
         return made
+    made = made if made.get("config_hash") == want else {}
     # a synthesis that resumes from the checkpoints of an interrupted one (the method's work folder beside
     # the set) is timed from the resume only: the record says so
     work = work_dir(ddir, want)

@@ -699,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision_flag(sp, "the students' training and testing (train.precision)")
     sp.add_argument("--teacher", help="teacher artifact directory: needed for label mode teacher (the presets "
                     f"{', '.join(TEACHER_PRESETS)}), and for stored and fkd while the random baseline is on")
-    sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated")
+    sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated, in any order (reported sorted)")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
     sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
     sp.add_argument("--out", help="eval JSON path (default inside the distilled set)")

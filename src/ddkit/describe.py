@@ -680,6 +680,7 @@ def method_record(key: str) -> dict[str, Any]:
         "class": origin(cls),
         "description": doc_summary(cls),
         "needs_teacher": bool(cls.needs_teacher),
+        "uses_teacher": bool(cls.uses_teacher),
         "uses_seed": bool(cls.uses_seed),
         "resumable": bool(cls.resumable),
         # through JSON: a default the table prints is the value a YAML or --set override writes
@@ -695,7 +696,8 @@ def describe_method(key: str) -> str:
 
     m = method_record(key)
     lines = [f"method {key} ({m['class']}): {m['description'] or 'no description'}",
-             f"needs a teacher: {'yes' if m['needs_teacher'] else 'no'}; another seed, another set: "
+             f"needs a teacher: {'yes' if m['needs_teacher'] else 'no'}{'' if m['uses_teacher'] else ' (reads none)'}; "
+             f"another seed, another set: "
              f"{'yes' if m['uses_seed'] else 'no'}; resumes after an interruption: {'yes' if m['resumable'] else 'no'}"]
     if not m["options"]:
         return "\n".join([*lines, "options: none"])

@@ -121,13 +121,15 @@ class EvalConfig(Checked):
                             "label_modes sets it)")
     label_modes: list[str] = field(["hard"],
                                    help="label modes to evaluate, each a separate protocol: hard, teacher, stored, fkd")
-    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds")
+    seeds: list[int] = field([0, 1, 2], seed=True, help="student seeds, in any order (kept sorted: the same "
+                             "evaluation however they are written)")
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
         if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
             raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
                               "evaluate.label_modes; list it there instead")
+        self.seeds = sorted(self.seeds)
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
@@ -251,6 +253,7 @@ def distill(
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass "
                          "teacher= (CLI: --teacher DIR)")
     key = distill_hash(cfg, data, teacher)
+    reads = reads_teacher(cfg)  # a teacher-free set is made without one (and records none)
     source = method_source(method_cls)  # read with the key, before the fit (an edit during it is the next set's)
     root = work_dir(out) if out is not None else None
     fresh = root is not None and not root.exists()
@@ -270,11 +273,11 @@ def distill(
         ctx = FitContext(ipc=cfg.ipc, seed=cfg.seed, device=device, work_dir=work, progress=progress,
                          options_key=options_key, image_dtype=cfg.image_dtype)
         ipc = cfg.ipc if method_cls.uses_ipc else None
-        teacher_info = teacher.record() if teacher is not None else None
+        teacher_info = teacher.record() if teacher is not None and reads else None
         info = ddist.current()
         distilled, failure = None, None
         try:
-            method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None else [], ctx)
+            method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None and reads else [], ctx)
             # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
             # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
             if info.is_main:
@@ -360,8 +363,17 @@ def discard_work(out: str | Path, key: str) -> None:
         work_dir(out).rmdir()
 
 
-def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
-    """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
+def reads_teacher(cfg: DistillConfig) -> bool:
+    """Whether a set made with ``cfg`` depends on the teacher: its method may read one (``uses_teacher``; a method
+    not registered is assumed to), or the set stores the teacher's logits (``soft_labels``)."""
+    return cfg.soft_labels or cfg.method not in METHODS or METHODS.get(cfg.method).uses_teacher
+
+
+def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | str | None, *,
+                 teacher_free: bool = True) -> str:
+    """Identity of a distilled set: options as given, data and its normalisation, teacher (its fingerprint, or
+    ``teacher`` itself as one; left out where the set does not depend on it, :func:`reads_teacher`, unless
+    ``teacher_free`` is False, as ddkit until 2026-12-07 keyed every set), the method's
     ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out while 0 / empty; likewise
     ``soft_labels_bn`` while running), and for a method from outside ddkit the sha256 of its source
     (:func:`source_sha256`).
@@ -370,7 +382,8 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
     options = ident.get("options") or {}
     key = {"distill": ident, "data": data.fingerprint, "norm": data.normalisation,
-           "teacher": teacher.fingerprint if teacher is not None else None}
+           "teacher": None if teacher is None or (teacher_free and not reads_teacher(cfg))
+           else getattr(teacher, "fingerprint", teacher)}
     if cfg.method in METHODS:
         cls = METHODS.get(cfg.method)
         if cls.revision:
@@ -432,14 +445,15 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
-def protocol_inputs(protocol: ProtocolConfig) -> dict:
+def protocol_inputs(protocol: ProtocolConfig, legacy: bool = False) -> dict:
     """For keys of ``protocol``'s evaluations: what it reads from disk, which its hash names only by
     count or marker: the extra teachers' weights (:func:`ensemble_identity`) and, in label mode fkd,
     the FKD store's content (a store re-made in place with other settings must not reuse the old
-    one's evaluations; a moved or copied one keeps them)."""
+    one's evaluations; a moved or copied one keeps them; ``legacy``: its identity as ddkit until 2026-12-07
+    gave it, :func:`store_identity`)."""
     out = ensemble_identity(protocol)
     if protocol.label_mode == "fkd" and protocol.fkd_store:
-        out["fkd_store"] = store_identity(protocol.fkd_store)
+        out["fkd_store"] = store_identity(protocol.fkd_store, legacy=legacy)
     return out
 
 
@@ -597,12 +611,12 @@ def run(
 
     ddir = out / "distilled"
     want = distill_hash(cfg.distill, data, teacher)
-    found = reusable_stage(lambda: read_json(ddir / "manifest.json").get("config_hash") == want
-                           and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
+    found = reusable_set(ddir, cfg.distill, data, teacher, want)
     # rank 0's decision on every rank: a rank that looks late may find the set rank 0 has just made (a method
     # without collectives saves at once), skip distill's collectives and leave the ranks in different ones
     if ddist.broadcast_object(isinstance(found, DistilledSet)):
         distilled = found if isinstance(found, DistilledSet) else DistilledSet.load(ddir)
+        want = distilled.manifest["config_hash"]  # an older key it is reused by (reusable_set) keys its evaluations
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
@@ -622,18 +636,28 @@ def run(
             summary["reused"].append("labels")
         protocols = cfg.evaluate.protocols(fkd_store=str(store.path))
 
+    made_by = (distilled.manifest.get("teacher") or {}).get("weights_sha")
     for protocol in protocols:
         path = out / f"eval-{protocol.label_mode}.json"
-        key = config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want,
-                           "teacher": teacher.fingerprint if teacher is not None else None,
-                           **protocol_inputs(protocol)})
+        # hard labels ask no teacher (nor do their random subset and full-data reference): the evaluation is the same
+        # whichever teacher the run has. Reports ddkit until 2026-12-07 wrote are reused too: their key named the
+        # teacher in label mode hard as well (the run's, which its set records), and an FKD store by its legacy
+        # identity (protocol_inputs)
+        hard = protocol.label_mode == "hard"
+        labels_with = None if hard else teacher
+        fp = teacher.fingerprint if labels_with is not None else None
+        keys = list(dict.fromkeys(
+            config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want, "teacher": t,
+                         **protocol_inputs(protocol, legacy)})
+            for t, legacy in ((fp, False), (made_by if hard else fp, True))))
+        key = keys[0]
         # an edited number (a mean that is not its seeds') is a damaged report: evaluated again
-        report = reusable_stage(lambda p=path, k=key: (r := read_json(p)).get("run_hash") == k and check_report(r, p),
+        report = reusable_stage(lambda p=path, k=keys: (r := read_json(p)).get("run_hash") in k and check_report(r, p),
                                 path, "evaluating")
         if report:
             summary["reused"].append(path.name)
         else:
-            report = evaluate(distilled, protocol, cfg.evaluate.seeds, data=data, teacher=teacher, device=device,
+            report = evaluate(distilled, protocol, cfg.evaluate.seeds, data=data, teacher=labels_with, device=device,
                               progress=eval_progress, fkd_store=store if protocol.label_mode == "fkd" else None)
             report["run_hash"] = key
             if ddist.current().is_main:
@@ -678,6 +702,26 @@ def recorded_config(cfg: RunConfig) -> dict:
     out["evaluate"]["protocol"] = recorded_protocol(cfg.evaluate.protocol)
     out["evaluate"]["overrides"] = recorded_paths(out["evaluate"]["overrides"], PATH_FIELDS)
     return out
+
+
+def reusable_set(ddir: Path, cfg: DistillConfig, data: DataBundle, teacher: Teacher | None, want: str) -> Any:
+    """The distilled set saved at ``ddir`` if it was made with these settings (falsy otherwise, as
+    :func:`reusable_stage`): its ``config_hash`` is ``want`` (:func:`distill_hash`), or, for a set that does not
+    depend on the teacher, the key ddkit until 2026-12-07 gave it with the teacher it records (the same images: kept,
+    and keyed as they are), unless the set holds soft labels (a trajectory method's own) and the run has another
+    teacher: label mode stored would take the recorded one for theirs."""
+
+    def matches() -> bool:
+        man = read_json(ddir / "manifest.json")
+        got, made_by = man.get("config_hash"), (man.get("teacher") or {}).get("weights_sha")
+        if got == want:
+            return True
+        soft = (man.get("files") or {}).get("soft_labels")
+        return (not reads_teacher(cfg) and isinstance(made_by, str)
+                and (not soft or made_by == getattr(teacher, "fingerprint", made_by))
+                and got == distill_hash(cfg, data, made_by, teacher_free=False))
+
+    return reusable_stage(lambda: matches() and DistilledSet.load(ddir), ddir / "manifest.json", "distilling")
 
 
 def reusable_stage(load: Callable[[], Any], marker: Path, redo: str) -> Any:

@@ -62,7 +62,9 @@ def tiny_data():
 
 
 def tiny_teacher(data, out: str | Path | None = None):
-    """The checks' teacher: a ``tiny_convnet`` trained 6 epochs on ``data`` (seconds on a CPU)."""
+    """The checks' teacher: a ``tiny_convnet`` trained 6 epochs on ``data`` (seconds on a CPU) with
+    ``TrainConfig(epochs=6, batch_size=32, lr=0.05)`` as it is (no augmentation, step schedule: not the teacher
+    recipe that ``ddkit teacher`` merges these settings into, see :class:`~ddkit.teacher.TeacherConfig`)."""
     from ddkit.teacher import TeacherConfig, train_teacher
     from ddkit.training import TrainConfig
 

@@ -79,7 +79,7 @@ class ProtocolConfig(Checked):
     random_baseline: bool = field(True, help="also evaluate a random real subset of the same IPC")
     full_reference: bool = field(True, help="also report the same student trained on the full training set (cached)")
     full_epochs: int = field(20, help="epochs for the full-data reference (300 passes over 60k images are not needed)")
-    full_seeds: int = field(1, help="how many of the seeds the full-data reference uses")
+    full_seeds: int = field(1, help="how many of the seeds (the smallest) the full-data reference uses")
 
     def __post_init__(self) -> None:
         if self.loss is None:  # left at its default: the label mode's loss, as resolve_protocol picks it

@@ -416,10 +416,11 @@ def full_reference(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Hard-label accuracy of the protocol's student trained on the whole training set (cached, keyed with
-    :func:`trained_on` too); on whitened images under a ``zca`` protocol."""
+    :func:`trained_on` too) from the ``full_seeds`` smallest of ``seeds`` (in whatever order they are given);
+    on whitened images under a ``zca`` protocol."""
     info = ddist.current()
     cfg = protocol.full_train()
-    use = seeds[: protocol.full_seeds]
+    use = sorted(seeds)[: protocol.full_seeds]
     # data-parallel training differs for BatchNorm students, so the number of ranks keys the entry too
     # (left out for one process: entries made before it was recorded keep their key)
     train = {k: v for k, v in to_dict(cfg, identity=True).items() if k != "eval_batch_size"}
@@ -514,6 +515,9 @@ def evaluate(
     first parameter is named ``stage`` (or ``what``, ``label``, ...) is still called so, with a DeprecationWarning,
     until the next release.
 
+    ``seeds`` may come in any order: the report lists them sorted, and the full-data reference trains from
+    the ``full_seeds`` smallest.
+
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
     progress = progress_form(progress, "evaluate", "progress", stacklevel=5)  # 5: past both decorators
@@ -522,7 +526,9 @@ def evaluate(
     if protocol.label_mode == "fkd" and not protocol.fkd_store and fkd_store is None:
         raise DDKitError("label_mode 'fkd' needs fkd_store: pass fkd_store= (a SoftLabelStore, as relabel returns) or "
                          "set the protocol's fkd_store to a `ddkit relabel` folder (CLI: --set fkd_store=DIR)")
-    seeds = seed_list(seeds, "evaluation seeds")  # integers in range, none repeated
+    # integers in range, none repeated; sorted, so that the report (per-seed order, the full-data reference of the
+    # smallest seeds) is the same however the seeds are written
+    seeds = sorted(seed_list(seeds, "evaluation seeds"))
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
     if data is not None:

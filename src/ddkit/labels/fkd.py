@@ -107,13 +107,16 @@ FILE = "fkd_labels.safetensors"
 FORMAT = 1  # version of the tensor layout described in the module docstring
 
 
-def store_identity(store: str | Path | SoftLabelStore) -> str:
+def store_identity(store: str | Path | SoftLabelStore, *, legacy: bool = False) -> str:
     """What an evaluation that replays ``store`` (a store's folder, or a :class:`SoftLabelStore`) depends
     on, for cache keys: its manifest (settings, seed, teacher and set fingerprints, thread count, tensor
-    layout) without the paths it was made from (an ensemble's extra teachers' too) and the package versions.
-    A moved or copied store keeps its identity; one re-made in place with other settings, for another set or
-    by another teacher gets another. A store in memory that was never saved has the identity it will have
-    once saved."""
+    layout) without the paths it was made from (an ensemble's extra teachers' too), the package versions,
+    the number of processes (relabel gives the single-process bytes on any number: every store counts as made
+    by one, so single-process stores keep their identity) and ``ddkit run``'s key of its labels stage (a store
+    `ddkit relabel` makes with the same settings is the same). A moved or copied store keeps its identity; one
+    re-made in place with other settings, for another set or by another teacher gets another. A store in memory
+    that was never saved has the identity it will have once saved. ``legacy``: the identity ddkit until
+    2026-12-07 gave it (process count and stage key in), which reports made then are keyed by."""
     if isinstance(store, SoftLabelStore):
         man = dict(store.manifest)
         if "tensors" not in man:  # never saved: the fields saving it adds
@@ -124,6 +127,10 @@ def store_identity(store: str | Path | SoftLabelStore) -> str:
         man = read_manifest(store, KIND)
     man.pop("versions", None)
     man.pop(FILES_SHA256, None)  # which bytes the file holds, not what made them (absent before a save)
+    if not legacy:
+        man.pop("config_hash", None)  # how a run asked for the store (its labels stage), not what it holds
+        if isinstance(man.get("run"), dict):
+            man["run"] = {**man["run"], "world_size": 1}
     for part in ("teacher", "distilled"):
         if isinstance(man.get(part), dict):
             man[part] = {k: v for k, v in man[part].items() if k not in ("path", "extra_teachers")}

@@ -71,6 +71,11 @@ class Method:
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
+    # whether fit may read the teachers it is given (a method that needs one does). False: its sets are the same
+    # whichever teacher a run has, so fit gets none and the set's identity leaves the teacher out (`ddkit run` and
+    # `bench` reuse the set when only the teacher, or a bench's label modes, change; distill.soft_labels, which
+    # stores the teacher's logits, puts it back)
+    uses_teacher: ClassVar[bool] = True
     # whether its sets record a learned student lr (meta.syn_lr) that protocols with learned_lr train with
     learns_lr: ClassVar[bool] = False
     # options for a seconds-long run on tiny data (the contract test and `--quick` benchmarks)
@@ -148,6 +153,9 @@ def _check_method(name: str, obj: object) -> None:
         raise DDKitError(f"method {name!r}: {obj.__qualname__} has no dataclass Config; give it one (a "
                          "@dataclass class deriving from ddkit.config.Checked, even without fields) as "
                          "`Config = ...` or a nested class")
+    if obj.needs_teacher and not obj.uses_teacher:
+        raise DDKitError(f"method {name!r}: {obj.__qualname__} sets needs_teacher = True and uses_teacher = False; a "
+                         "method that needs a teacher reads it: drop uses_teacher = False")
 
 
 METHODS: Registry[type[Method]] = Registry("method", check=_check_method)

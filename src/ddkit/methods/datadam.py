@@ -112,6 +112,7 @@ class DataDAM(Method):
     """
 
     Config = DataDAMConfig
+    uses_teacher = False
     smoke_options = {"model": "tiny_convnet", "iterations": 4, "batch_real": 8, "checkpoint_every": 1}
 
     def _loss(self, net: nn.Module, x_real: torch.Tensor, x_syn: torch.Tensor) -> torch.Tensor:

@@ -61,6 +61,7 @@ class DM(Method):
     """
 
     Config = DMConfig
+    uses_teacher = False
     smoke_options = {"model": "tiny_convnet", "iterations": 4, "batch_real": 8, "checkpoint_every": 1}
 
     def fit_classes(self, real: DataBundle, ctx: FitContext, classes: list[int]) -> dict[int, torch.Tensor]:

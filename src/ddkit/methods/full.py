@@ -19,6 +19,7 @@ class FullDataset(Method):
     """Every training image (the "Whole Dataset" row of Zhao et al., ICLR 2021, Table 1). IPC is ignored."""
 
     Config = FullConfig
+    uses_teacher = False
     uses_seed = False
     uses_ipc = False
     resumable = False

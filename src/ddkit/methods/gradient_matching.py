@@ -288,6 +288,7 @@ class DC(Method):
     """
 
     Config = DCConfig
+    uses_teacher = False
     smoke_options = {"model": "tiny_convnet", "iterations": 3, "outer_loop": 2, "inner_loop": 1,
                      "batch_real": 8, "batch_train": 4, "checkpoint_every": 1}
 
@@ -317,6 +318,7 @@ class DSA(Method):
     """
 
     Config = DSAConfig
+    uses_teacher = False
     smoke_options = DC.smoke_options
     identity_tags = DC.identity_tags
 

@@ -415,6 +415,7 @@ class _TrajectoryMatching(Method):
 
     key = "mtt"
     learns_lr = True  # its sets record meta.syn_lr
+    uses_teacher = False  # experts, not a teacher
 
     @classmethod
     def identity_tags(cls, options: dict) -> dict:

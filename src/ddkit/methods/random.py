@@ -28,6 +28,7 @@ class RandomSubset(Method):
     """Random real images, ``ipc`` per class (the "Random" baseline of Zhao et al., ICLR 2021, Table 1)."""
 
     Config = RandomConfig
+    uses_teacher = False
     resumable = False  # one draw: nothing to interrupt
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> RandomSubset:

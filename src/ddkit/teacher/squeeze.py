@@ -60,7 +60,14 @@ def _teacher_train_defaults() -> TrainConfig:
 
 @dataclass
 class TeacherConfig(Checked):
-    """How to make a teacher."""
+    """How to make a teacher.
+
+    ``train`` defaults to the teacher's own recipe (SGD lr 0.05, cosine schedule, ``crop_flip`` augmentation, 20
+    epochs), into which a YAML ``teacher: {train: {...}}`` section or ``--set teacher.train.X=...`` merges. A
+    ``TrainConfig(...)`` passed here is taken as it is, with ``TrainConfig``'s own defaults (no augmentation, step
+    schedule) for the fields it leaves out: another teacher than the YAML one. For the YAML teacher with a few
+    changes, ``dataclasses.replace(TeacherConfig().train, epochs=4)`` or ``from_dict(TeacherConfig, {"train":
+    {"epochs": 4}})``."""
 
     model: str = field("convnet3", help="registered model key (`ddkit list models`)")
     model_options: dict = field({}, help="keyword options for the model factory (e.g. width)")
