@@ -32,7 +32,7 @@ from ddkit.artifacts import (
     write_text,
     writing,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_keys, to_dict, typed_numbers
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.determinism import global_rng
 from ddkit.distilled import KIND as DISTILLED_KIND
@@ -339,14 +339,29 @@ def discard_work(out: str | Path, key: str) -> None:
         work_dir(out).rmdir()
 
 
+def distill_identity(cfg: DistillConfig, resolved: dict | None = None) -> dict:
+    """The settings that identify a set made with ``cfg``: the options given, each number as the method's
+    Config types it (``resolved``: that Config as a dict, made here when not given), so that ``lr_img: 1``
+    and ``1.0`` (or numpy's 1.0) make one set; options written as they resolve, as the shipped configs
+    are, keep the identity they always had. ``soft_labels_bn`` is left out while running."""
+    ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
+    if resolved is None and cfg.method in METHODS:
+        resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options))
+    if resolved is not None:
+        ident["options"] = typed_numbers(ident["options"], resolved)
+    return ident
+
+
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) -> str:
-    """Identity of a distilled set: options as given, data and its normalisation, teacher, the method's
-    ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out while 0 / empty; likewise
-    ``soft_labels_bn`` while running), and for a method from outside ddkit the sha256 of its source
-    (:func:`source_sha256`).
+    """Identity of a distilled set: options as given (numbers typed, :func:`distill_identity`), data and its
+    normalisation, teacher, the method's ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out
+    while 0 / empty; likewise ``soft_labels_bn`` while running), and for a method from outside ddkit the
+    sha256 of its source (:func:`source_sha256`).
     Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what they hold,
     not by path, so a moved or copied run or bench folder keeps its sets."""
-    ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
+    # a plugin model the options name (MTT's experts, a student), given or a plugin method's default
+    resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options)) if cfg.method in METHODS else cfg.options
+    ident = distill_identity(cfg, resolved)
     options = ident.get("options") or {}
     key = {"distill": ident, "data": data.fingerprint, "norm": data.normalisation,
            "teacher": teacher.fingerprint if teacher is not None else None}
@@ -358,8 +373,6 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | None) 
             key["method_tags"] = tags
         if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
             key["method_source"] = sha
-    # a plugin model the options name (MTT's experts, a student), given or a plugin method's default
-    resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options)) if cfg.method in METHODS else cfg.options
     if models := _plugin_model_sources(resolved):
         key["model_sources"] = models
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path
