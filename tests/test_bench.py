@@ -139,10 +139,12 @@ def test_set_changes_one_setting_of_an_ipc_override(tmp_path):
                       .replace("base: fashion-mnist", f"base: {shipped.parent}/fashion-mnist"))
     assert (protocol.hash == load_bench_config(edited).protocol_for(cfg.students[0], cfg.label_modes[0], ipc=10).hash
             != load_bench_config(shipped).protocol_for(cfg.students[0], cfg.label_modes[0], ipc=10).hash)
-    # a whole entry given is still the whole entry; an IPC with none yet gets one
+    # a whole entry given merges into the entry key by key too (the file's other settings stay); an IPC with
+    # none yet gets one
     cfg = load_bench_config(shipped, ["ipcs=[10, 20]", "ipc_overrides.10={train: {epochs: 3}}",
                                       "ipc_overrides.20.train.epochs=4"])
-    assert cfg.ipc_overrides == {10: {"train": {"epochs": 3}}, 20: {"train": {"epochs": 4}}}
+    assert cfg.ipc_overrides == {10: {"train": {"epochs": 3, "augment_options": {"scale_min": 0.5}}},
+                                 20: {"train": {"epochs": 4}}}
 
 
 def test_fashion_mnist_config_matrix():

@@ -72,11 +72,14 @@ def test_is_count_takes_integers_from_low_and_refuses_bools_and_floats():
 
 
 def test_numbers_written_without_a_dot_and_sections_without_settings():
-    """YAML 1.1 reads 1e-3 as text; a method without options used to list "valid keys: " (none)."""
-    assert apply_overrides({}, ["train.lr=1e-3"]) == {"train": {"lr": "1e-3"}}  # what YAML gives
-    assert from_dict(TrainConfig, {"lr": "1e-3", "weight_decay": "5E-4"}).lr == 1e-3
-    with pytest.raises(ConfigError, match="expected a number, got 'fast'"):
-        from_dict(TrainConfig, {"lr": "fast"})
+    """YAML 1.1 reads 1e-3 as text, ddkit's loader as YAML 1.2 and JSON do; a method without options used to
+    list "valid keys: " (none)."""
+    assert apply_overrides({}, ["train.lr=1e-3", "train.weight_decay=5E-4"]) == {"train": {"lr": 1e-3,
+                                                                                          "weight_decay": 5e-4}}
+    assert from_dict(TrainConfig, apply_overrides({}, ["lr=1e-3"])).lr == 1e-3
+    for text in ("fast", "1e-3"):  # text is text: only YAML reads numbers
+        with pytest.raises(ConfigError, match=f"expected a number, got '{text}'"):
+            from_dict(TrainConfig, {"lr": text})
     from ddkit.methods import METHODS
     with pytest.raises(ConfigError, match="distill.options takes no settings; remove 'distill.options.iterations'"):
         from_dict(METHODS.get("random").Config, {"iterations": 5}, "distill.options")
@@ -220,7 +223,8 @@ def test_overrides_reach_an_integer_key():
     which then replaced the entry whole. It changes the entry's one setting; a text key is still taken first."""
     data = apply_overrides({"o": {10: {"lr": 1, "epochs": 2}}}, ["o.10.lr=3", "o.+10.epochs=4", "o.20.lr=5"])
     assert data == {"o": {10: {"lr": 3, "epochs": 4}, "20": {"lr": 5}}}
-    assert apply_overrides({"o": {10: {"lr": 1}}}, ["o.10={epochs: 2}"]) == {"o": {10: {"epochs": 2}}}
+    # a mapping merges into the entry (the other layers' rule), as settings one by one do
+    assert apply_overrides({"o": {10: {"lr": 1}}}, ["o.10={epochs: 2}"]) == {"o": {10: {"lr": 1, "epochs": 2}}}
     assert apply_overrides({"o": {"10": {"lr": 1}, 10: {}}}, ["o.10.lr=3"]) == {"o": {"10": {"lr": 3}, 10: {}}}
     assert apply_overrides({"o": {True: {}}}, ["o.1.lr=3"]) == {"o": {True: {}, "1": {"lr": 3}}}
 
@@ -247,7 +251,7 @@ def test_yaml_11_numbers_are_refused(tmp_path):
         load_yaml(path)
     fine = ["a=0", "b=10", "c='010'", "d=0x10", "e=0b11", "f=1_000", "g=0.5", "h=010.5", "i=-3", "j=1e-3", "k='1:20'"]
     assert apply_overrides({}, fine) == {"a": 0, "b": 10, "c": "010", "d": 16, "e": 3, "f": 1000, "g": 0.5,
-                                         "h": 10.5, "i": -3, "j": "1e-3", "k": "1:20"}
+                                         "h": 10.5, "i": -3, "j": 1e-3, "k": "1:20"}
 
 
 def test_a_choice_yaml_reads_as_a_boolean_says_to_quote_it():

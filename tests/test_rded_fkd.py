@@ -1142,3 +1142,23 @@ def test_a_users_teacher_module_keeps_its_train_eval_flags(data, teacher, small_
                                              "random_baseline": False, "full_reference": False})
     evaluate(ds, proto, [0], data=data, teacher=wrapped)
     assert set(flags(mine)) == {True}
+
+
+def test_relabel_takes_numpy_numbers_and_records_options_as_typed(small_set, teacher):
+    """np.int64 epochs were refused (config fields took them); `scale_min: 1` and `1.0` made one store under two
+    identities (the integer recorded as written)."""
+    import numpy as np
+
+    from ddkit.labels.fkd import store_identity
+
+    def store(epochs, seed, scale_min):
+        return relabel(small_set, teacher, epochs=epochs, augment="rrc_flip", augment_options={"scale_min": scale_min},
+                       seed=seed, batch_size=6)
+
+    py = store(1, 5, 1.0)
+    for other in (store(np.int64(1), np.int64(5), np.float32(1.0)), store(1, 5, 1)):
+        assert store_identity(other) == store_identity(py)
+        assert torch.equal(other.tensors["logits"], py.tensors["logits"])
+    assert py.manifest["augment"]["options"] == {"scale_min": 1.0}
+    assert type(store(1, 5, 1).manifest["augment"]["options"]["scale_min"]) is float
+    json.dumps(store(np.int64(1), np.int64(5), np.float32(1.0)).manifest["config"])

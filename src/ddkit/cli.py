@@ -653,7 +653,10 @@ def build_parser() -> argparse.ArgumentParser:
         if device:
             sp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
         if overrides:
-            sp.add_argument("--set", action="append", metavar="KEY=VALUE", help=f"config override, e.g. {example}")
+            sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help=f"config override, e.g. {example}; a mapping (KEY={{a: 1}}) merges into the section "
+                            "key by key, keeping its other settings (an option dict such as augment_options is "
+                            "replaced whole: KEY={} clears it)")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default

@@ -4,16 +4,19 @@ Every settings object in ddkit is a dataclass whose fields carry a docstring-lik
 metadata and whose ``__post_init__`` validates values. :func:`from_dict` builds one from plain data
 and reports *all* problems at once (unknown keys with a did-you-mean, wrong types); a config class
 derived from :class:`Checked` applies the same type rules to a config constructed in Python. YAML
-is read with ``yaml.safe_load`` only, so a config can never execute code.
+is read with ``yaml.safe_load``'s constructors only, so a config can never execute code; numbers are read as YAML 1.2
+and JSON read them (``1e-5`` is a float).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import hashlib
 import json
 import math
+import numbers
 import re
 import types
 import typing
@@ -167,7 +170,7 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             return value
         args = get_args(tp)
         if not args:
-            return dict(value)
+            return plain_numbers(value)
         key_tp, value_tp = args
         out = {}
         given: dict[Any, Any] = {}  # each key of out as value spelled it
@@ -175,6 +178,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             spelled = k
             if key_tp is int and isinstance(k, str) and _INT_TEXT.fullmatch(k.strip()):
                 k = int(k)  # text: `--set ipc_overrides.10.train.epochs=3` with no 10: entry yet
+            elif key_tp is int and isinstance(k, numbers.Integral) and not isinstance(k, bool):
+                k = int(k)  # numpy's
             if key_tp in (int, str) and (isinstance(k, bool) or not isinstance(k, key_tp)):
                 errors.append(f"{where}: key {short_repr(k)} must be {'an integer' if key_tp is int else 'a string'}")
                 continue
@@ -185,10 +190,8 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             given[k] = spelled
             out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
         return out
-    if tp is float:
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as text
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if tp is float:  # any real number but a bool (numpy's too), stored as a Python float; text is refused
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
             errors.append(f"{where}: expected a number, got {short_repr(value)}")
             return value
         try:
@@ -201,23 +204,61 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             errors.append(f"{where}: {short_repr(value)} is beyond float32's range, in which torch computes; "
                           f"expected a number within +-{FLOAT32_MAX:.4g}")
         return number
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+    if tp is int:  # any integer but a bool (numpy's too), stored as a Python int
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             errors.append(f"{where}: expected an integer, got {short_repr(value)}")
-        return value
+            return value
+        return value if type(value) is int else int(value)
     if tp is bool:
         if not isinstance(value, bool):
             errors.append(f"{where}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{where}: expected a string, got {short_repr(value)}")
+            errors.append(f"{where}: expected a string, got {short_repr(value)}{_unquoted_hint(value)}")
         return value
     return value
 
 
-#: a decimal number as text, e.g. "1e-3", which YAML 1.1 does not read as a float
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+def _unquoted_hint(value: Any) -> str:
+    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``) or a
+    date (``2024-01-01``)."""
+    if isinstance(value, bool):
+        what, text = f"{'/'.join(_BOOL_WORDS[value])} unquoted as {str(value).lower()}", _BOOL_WORDS[value][1]
+    elif isinstance(value, datetime.date):
+        what, text = f"{value.isoformat()} unquoted as a date", value.isoformat()
+    else:
+        return ""
+    return f"; YAML reads {what}: quote the text ('{text}'; on a command line --set \"KEY='{text}'\")"
+
+
+def plain_numbers(value: Any) -> Any:
+    """``value`` (a free-form dict or list of settings, nested) with numpy's integers and floats as Python's
+    ``int`` and ``float``, which JSON writes and hashes as it does the Python number."""
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(v) for v in value) if type(value) in (list, tuple) else value
+    if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def typed_numbers(given: Any, typed: Any) -> Any:
+    """``given`` (settings as written, nested) with each number replaced by the number its config field
+    made of it (``typed``: the resolved config as a dict): ``1`` for a float field becomes ``1.0``, so that
+    ``lr: 1`` and ``lr: 1.0`` record and hash alike, as typed fields do. Keys ``given`` leaves out stay
+    out, and nothing but numbers changes: settings written as they resolve keep their hashes."""
+    if isinstance(given, dict) and isinstance(typed, dict):
+        return {k: typed_numbers(v, typed[k]) if k in typed else v for k, v in given.items()}
+    if isinstance(given, list) and isinstance(typed, (list, tuple)) and len(given) == len(typed):
+        return [typed_numbers(g, t) for g, t in zip(given, typed)]
+    number = isinstance(given, numbers.Real) and not isinstance(given, bool)
+    if number and isinstance(typed, numbers.Real) and not isinstance(typed, bool) and given == typed:
+        return typed
+    return given
+
+
 #: the words YAML 1.1 reads, unquoted, as each boolean
 _BOOL_WORDS = {True: ("on", "yes", "y", "true"), False: ("off", "no", "n", "false")}
 #: an integer as text, e.g. a ``--set`` path's "10" or a JSON record's key
@@ -228,13 +269,12 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
+    listed = False  # the valid keys, said once per section
     for key, value in data.items():
-        path = f"{where}.{key}" if where else key
+        path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}" if fields
-                    else f"{where or 'this section'} takes no settings; remove {path!r}")
-            errors.append(f"unknown config key {path!r}; {hint}")
+            errors.append(_unknown_key(key, path, where, [] if listed else list(fields)))
+            listed = listed or " valid keys: " in errors[-1]
             continue
         default = _field_default(fields[key])
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
@@ -267,6 +307,25 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
 
 
+def _unknown_key(key: Any, path: str, where: str, fields: list[str]) -> str:
+    """The error for ``key`` (at ``path``), which names none of ``fields``: a did-you-mean, else the valid keys
+    (none given: said already). A key YAML read as no string (``2:``, ``~:``, ``on:``, which YAML 1.1 reads as
+    true) gets the quoting fix; a long key is cut as values are."""
+    if not isinstance(key, str):
+        if isinstance(key, bool):
+            spelled, what = "/".join(_BOOL_WORDS[key]), str(key).lower()
+        elif key is None:
+            spelled, what = "~ (or null)", "null"
+        else:
+            spelled, what = short_repr(key, 40), "a number" if isinstance(key, numbers.Real) else type(key).__name__
+        return (f"unknown config key {short_repr(path)}: YAML reads {spelled} unquoted as {what}, not a name; "
+                "quote the key if a name was meant")
+    close = difflib.get_close_matches(key, fields, n=1)
+    hint = (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}" if fields
+            else f"{where or 'this section'} takes no settings; remove {short_repr(path)}")
+    return f"unknown config key {short_repr(path)}; {hint}"
+
+
 def keyed(key: str, e: Exception) -> ConfigError:
     """``e`` as a ConfigError that starts with the config ``key`` it is about (``relabel.augment: ...``);
     a message that names a field below the key's last part (``augment_options.scale_min: ...``) gets the
@@ -280,11 +339,18 @@ def keyed(key: str, e: Exception) -> ConfigError:
     return ConfigError(f"{key}: {msg}")
 
 
+#: the instance attribute that marks a :class:`Checked` config as built: assignments are checked from then on
+_BUILT = "_ddkit_built"
+
+
 class Checked:
     """Base of the config dataclasses: a config constructed in Python (``DistillConfig(ipc="2")``) has
     its fields checked against their types as :func:`from_dict` checks YAML, before its own
     ``__post_init__`` runs; a wrong type is a :class:`ConfigError` naming the field (see
-    :func:`check_fields`). A subclass's ``__post_init__`` needs no ``super()`` call for this."""
+    :func:`check_fields`). A subclass's ``__post_init__`` needs no ``super()`` call for this.
+    A field assigned once the config is built (``cfg.ipc = 2``) passes the constructor's checks too:
+    the same :class:`ConfigError` for ``cfg.ipc = "2"`` or a combination ``__post_init__`` refuses,
+    and the config keeps its old value."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -294,9 +360,12 @@ class Checked:
             return
 
         def __post_init__(self: Any) -> None:
-            if type(self).__post_init__ is __post_init__:  # the outermost: a subclass's wrapper checked already
+            outermost = type(self).__post_init__ is __post_init__  # a subclass's wrapper checks and marks itself
+            if outermost:
                 check_fields(self)
             own(self)
+            if outermost:
+                object.__setattr__(self, _BUILT, True)
 
         __post_init__._checks_fields = True  # type: ignore[attr-defined]
         __post_init__.__doc__ = own.__doc__
@@ -304,6 +373,14 @@ class Checked:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        object.__setattr__(self, _BUILT, True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get(_BUILT) and name in _field_names(type(self)):
+            # built: the config as the constructor would make it with this value (types, ranges, combinations),
+            # from which the value is taken as the constructor stores it (a float for an int given, ...)
+            value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
+        object.__setattr__(self, name, value)
 
 
 def _with_attributes(cls: type) -> str | None:
@@ -341,6 +418,16 @@ def _default_text(f: dataclasses.Field) -> str:
     value = f.default_factory()
     return f"default {type(value).__name__}()" if dataclasses.is_dataclass(value) else f"default {value!r}"
 
+
+def _field_names(cls: type) -> frozenset[str]:
+    """The names of the fields ``cls.__init__`` sets (cached per class)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
+    return names
+
+
+_FIELD_NAMES: dict[type, frozenset[str]] = {}
 
 #: per config class: (field, type hint, holds seeds) of each field set by ``__init__``
 _FIELD_TYPES: dict[type, list[tuple[dataclasses.Field, Any, bool]]] = {}
@@ -428,10 +515,32 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
+# options merged from another augmentation or model would not apply to the new one
+WHOLE_DICTS = ("augment_options", "student_options", "model_options")
+
+
+def merge_overrides(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
+    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified). The one rule of every
+    override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``."""
+    out = dict(base)
+    for k, v in over.items():
+        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
+        out[k] = merge_overrides(out[k], v) if deep else v
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
+    if not where and data and isinstance(data.get("kind"), str) and "schema_version" in data and \
+            "kind" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
+        # a manifest.json, or a bench's wrapped config.json: every key of it would be unknown
+        held = "its settings are under its `config` key: write that mapping to a file and pass it" if \
+            isinstance(data.get("config"), dict) else "it holds no `config` to pass"
+        raise ConfigError(f"this is a ddkit {short_repr(data['kind'], 40)} record, not a config; {held}")
     errors: list[str] = []
     obj = _build(cls, dict(data or {}), where, errors)
     if errors:
@@ -501,6 +610,21 @@ class _RepeatedKey(Exception):
     def __init__(self, key: Any, first: int, again: int) -> None:
         super().__init__(key)
         self.key, self.first, self.again = key, first, again
+
+
+#: the merge key ``<<`` among a mapping's keys (a quoted "<<" is a plain key)
+_MERGE_KEY = object()
+
+
+class _MergeList(Exception):
+    """``<<: [*a, *b]``: the YAML merge-key spec lets the first mapping win, PyYAML the last."""
+
+    def __init__(self, line: int) -> None:
+        super().__init__(line)
+        self.line = line
+
+    advice = ("merges a list of mappings (<<: [*a, *b]), where the YAML spec lets the first win and PyYAML the "
+              "last; merge one mapping (<<: *a) and write the settings of the others out")
 
 
 class _Expanded(Exception):
@@ -574,8 +698,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
-        for key_node, _ in node.value:
+        for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` brings defaults the file may override
+                if isinstance(value_node, yaml.SequenceNode):
+                    raise _MergeList(key_node.start_mark.line + 1)
+                first = seen.setdefault(_MERGE_KEY, key_node.start_mark)  # twice: the second would silently win
+                if first.index != key_node.start_mark.index:
+                    raise _RepeatedKey("<<", first.line + 1, key_node.start_mark.line + 1)
                 continue
             key = self.construct_object(key_node, deep=deep)
             try:
@@ -601,6 +730,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _UniqueKeyLoader.construct_yaml_int)
+# Numbers as YAML 1.2 and JSON read them: YAML 1.1 reads 1e-5, 1E5 and 1.0e5 (an exponent without a dot, or without
+# a sign) as text, and JSON writes every float below 1e-4 as 1e-05, so a run's own config.json would not read back
+# (checked after YAML 1.1's own patterns: 1_000.5 and .5 stay floats, 10 an int)
+_UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                       re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+                                       list("-+0123456789."))
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
@@ -619,10 +754,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
-        first = str(exc).splitlines()[0]
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({first}); fix the syntax") from None
+        # the problem ("found character '\t' that cannot start any token"), then where PyYAML was ("while scanning")
+        what = "; ".join(p for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p) or \
+            str(exc).splitlines()[0]
+        fix = "indent with spaces, not tabs" if "'\\t'" in what else "fix the syntax"
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({what}); {fix}") from None
     except _Expanded as exc:
         what = ("an alias inside the value it names (a value that holds itself)" if exc.size is None else
                 f"aliases that repeat {exc.size:,} characters of values (at most {ALIAS_EXPANSION:,})")
@@ -637,6 +775,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
                           "keep one of them") from None
     except _Surprising as exc:
         raise ConfigError(f"config file {str(path)!r} line {exc.line}: {exc.advice()}") from None
+    except _MergeList as exc:
+        raise ConfigError(f"config file {str(path)!r} line {exc.line} {exc.advice}") from None
     if data is None:
         raise ConfigError(f"config file {str(path)!r} is empty; write the settings to change (see configs/ "
                           "for examples)")
@@ -671,7 +811,10 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides to nested plain data, in place. The value is read as YAML with the
-    checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused."""
+    checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused.
+    A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
+    merges every other layer: the settings the mapping leaves out keep their values (an option dict of
+    :data:`WHOLE_DICTS` is replaced whole)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -685,6 +828,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
         except _RepeatedKey as exc:
             raise ConfigError(f"override {item!r} sets {short_repr(exc.key)} twice; keep one of them") from None
+        except _MergeList as exc:
+            raise ConfigError(f"override {item!r} {exc.advice}") from None
         except (_Expanded, RecursionError):
             raise ConfigError(f"override {item!r} nests or repeats values too deeply to read; write the values "
                               "out") from None
@@ -698,7 +843,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(nxt, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = nxt
-        node[_existing_key(node, parts[-1])] = value
+        leaf = _existing_key(node, parts[-1])
+        node[leaf] = merge_overrides(node, {leaf: value})[leaf]  # a mapping merges into the one there key by key
     return data
 
 

@@ -33,7 +33,17 @@ from ddkit.artifacts import (
     write_text,
     writing,
 )
-from ddkit.config import Checked, as_config, config_hash, field, from_dict, keyed, sorted_keys, to_dict
+from ddkit.config import (
+    Checked,
+    as_config,
+    config_hash,
+    field,
+    from_dict,
+    keyed,
+    sorted_keys,
+    to_dict,
+    typed_numbers,
+)
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import KIND as DISTILLED_KIND
@@ -369,17 +379,32 @@ def reads_teacher(cfg: DistillConfig) -> bool:
     return cfg.soft_labels or cfg.method not in METHODS or METHODS.get(cfg.method).uses_teacher
 
 
+def distill_identity(cfg: DistillConfig, resolved: dict | None = None) -> dict:
+    """The settings that identify a set made with ``cfg``: the options given, each number as the method's
+    Config types it (``resolved``: that Config as a dict, made here when not given), so that ``lr_img: 1``
+    and ``1.0`` (or numpy's 1.0) make one set; options written as they resolve, as the shipped configs
+    are, keep the identity they always had. ``soft_labels_bn`` is left out while running."""
+    ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
+    if resolved is None and cfg.method in METHODS:
+        resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options))
+    if resolved is not None:
+        ident["options"] = typed_numbers(ident["options"], resolved)
+    return ident
+
+
 def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | str | None, *,
                  teacher_free: bool = True) -> str:
-    """Identity of a distilled set: options as given, data and its normalisation, teacher (its fingerprint, or
-    ``teacher`` itself as one; left out where the set does not depend on it, :func:`reads_teacher`, unless
-    ``teacher_free`` is False, as ddkit until 2026-12-07 keyed every set), the method's
-    ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out while 0 / empty; likewise
+    """Identity of a distilled set: options as given (numbers typed, :func:`distill_identity`), data and its
+    normalisation, teacher (its fingerprint, or ``teacher`` itself as one; left out where the set does not depend on
+    it, :func:`reads_teacher`, unless ``teacher_free`` is False, as ddkit until 2026-12-07 keyed every set), the
+    method's ``revision``, ``identity_tags`` and ``data_identity_tags`` (left out while 0 / empty; likewise
     ``soft_labels_bn`` while running), and for a method from outside ddkit the sha256 of its source
     (:func:`source_sha256`).
     Artifacts named in the options (``extra_teachers``, an ``experts`` buffer) enter by what they hold,
     not by path, so a moved or copied run or bench folder keeps its sets."""
-    ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
+    # a plugin model the options name (MTT's experts, a student), given or a plugin method's default
+    resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options)) if cfg.method in METHODS else cfg.options
+    ident = distill_identity(cfg, resolved)
     options = ident.get("options") or {}
     key = {"distill": ident, "data": data.fingerprint, "norm": data.normalisation,
            "teacher": None if teacher is None or (teacher_free and not reads_teacher(cfg))
@@ -392,8 +417,6 @@ def distill_hash(cfg: DistillConfig, data: DataBundle, teacher: Teacher | str | 
             key["method_tags"] = tags
         if sha := source_sha256(cls):  # a plugin's code: an edit makes a new set (ddkit's own keep their keys)
             key["method_source"] = sha
-    # a plugin model the options name (MTT's experts, a student), given or a plugin method's default
-    resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options)) if cfg.method in METHODS else cfg.options
     if models := _plugin_model_sources(resolved):
         key["model_sources"] = models
     if isinstance(experts := cfg.options.get("experts"), str):  # a buffer on disk: what it holds, not its path

@@ -38,7 +38,15 @@ from torch import nn
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.config import Checked, field, is_count, short_repr
-from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
+from ddkit.data.augment import (
+    AUGMENTS,
+    CutMix,
+    Params,
+    build_augment,
+    check_cutmix,
+    slice_params,
+    typed_augment_options,
+)
 from ddkit.data.base import ImageSet, to_device
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
@@ -105,7 +113,8 @@ class TrainConfig(Checked):
         check_cutmix(self.cutmix_prob, self.cutmix_alpha)
         if self.augment not in AUGMENTS:  # a ConfigError: from_dict names the section
             raise ConfigError(f"augment: unknown augmentation {self.augment!r}; valid: {', '.join(AUGMENTS)}")
-        build_augment(self.augment, **self.augment_options)  # fails early on a bad option
+        # fails early on a bad option; numbers as the augmentation types them (recorded and hashed alike)
+        self.augment_options = typed_augment_options(self.augment, self.augment_options)
 
 
 class Diverged(DDKitError):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from ddkit.artifacts import recorded_paths
-from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, merge_overrides, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -285,16 +285,3 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
         raise
 
 
-# option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
-# options merged from another augmentation or model would not apply to the new one
-WHOLE_DICTS = ("augment_options", "student_options", "model_options")
-
-
-def merge_overrides(base: dict, over: dict) -> dict:
-    """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
-    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified)."""
-    out = dict(base)
-    for k, v in over.items():
-        deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
-        out[k] = merge_overrides(out[k], v) if deep else v
-    return out

@@ -82,8 +82,16 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, keyed, summary_repr, to_dict
-from ddkit.data.augment import AUGMENTS, CutMix, Params, build_augment, check_cutmix, slice_params
+from ddkit.config import Checked, config_hash, field, is_count, keyed, plain_numbers, summary_repr, to_dict
+from ddkit.data.augment import (
+    AUGMENTS,
+    CutMix,
+    Params,
+    build_augment,
+    check_cutmix,
+    slice_params,
+    typed_augment_options,
+)
 from ddkit.data.base import ImageSet, hash_rows
 from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
@@ -641,6 +649,7 @@ def relabel(
 
         teacher = Teacher.load(teacher, device)
     # before anything is labelled or the work folder made (NaN fails every comparison, so it fails these too)
+    epochs, seed, batch_size, top_k = plain_numbers([epochs, seed, batch_size, top_k])  # numpy's ints as Python's
     if not is_count(epochs):
         raise ConfigError(f"relabel epochs must be an integer >= 1, got {epochs!r}")
     if batch_size < 1:
@@ -649,7 +658,7 @@ def relabel(
     if not is_count(seed, 0) or seed >= SEED_LIMIT:
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
-    augment_options = dict(augment_options or {})
+    augment_options = typed_augment_options(augment_name, dict(augment_options or {}))  # recorded as typed
     augment = build_augment(augment_name, **augment_options)
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)

@@ -1,0 +1,257 @@
+"""Config values as YAML, JSON records and Python give them: keys YAML reads as no name, numbers JSON writes
+without a dot, numpy scalars, assignment after construction, ``--set KEY={...}``, merge keys, records passed
+as configs (reviews 15a, 15b)."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from ddkit.bench import BenchConfig, load_bench_config
+from ddkit.cli import main
+from ddkit.config import (
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_yaml,
+    load_yaml_with_base,
+    merge_overrides,
+    to_dict,
+)
+from ddkit.data.base import DatasetConfig, make_synthetic
+from ddkit.errors import ConfigError
+from ddkit.evaluate import ProtocolConfig, resolve_protocol
+from ddkit.pipeline import DistillConfig, EvalConfig, RunConfig, distill_hash
+from ddkit.training import TrainConfig
+
+
+def _error(path, cls=RunConfig) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(cls, load_yaml(path))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("key,read", [("2", "2"), ("1.5", "1.5"), ("~", "~ (or null)"), ("on", "on/yes/y/true")])
+def test_a_key_yaml_reads_as_no_name_is_an_unknown_key(tmp_path, key, read):
+    """`2:`, `on:` (YAML 1.1: true), `~:`, `1.5:` in a section crashed in difflib with a TypeError."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"distill:\n  {key}: 3\n")
+    msg = _error(path)
+    assert msg.startswith("unknown config key 'distill.") and f"YAML reads {read} unquoted as " in msg
+    assert msg.endswith("not a name; quote the key if a name was meant") and "\n" not in msg
+    path.write_text(f"datasets: [synthetic]\n{key}: x\n")
+    with pytest.raises(ConfigError, match="quote the key if a name was meant"):
+        load_bench_config(path)
+
+
+def test_a_bench_file_with_a_number_key_is_one_line_exit_2(tmp_path, capsys):
+    path = tmp_path / "b.yaml"
+    path.write_text("datasets: [synthetic]\nmethods: [random]\n3: x\n")
+    assert main(["bench", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown config key '3': YAML reads 3 unquoted as a number") and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("text,value", [("1e-5", 1e-5), ("1e-05", 1e-5), ("1E5", 1e5), (".5", 0.5), ("1.0e5", 1e5),
+                                        ("-2.5e-3", -2.5e-3), ("+1e3", 1e3), ("10", 10), ("1_000.5", 1000.5),
+                                        ("1e", "1e"), ("e5", "e5")])
+def test_yaml_reads_numbers_as_yaml_12_and_json_do(tmp_path, text, value):
+    """YAML 1.1 reads 1e-05 (how JSON writes 0.00001) as text: a run's own config.json fed back kept the string
+    in distill.options, and its set's hash changed."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"a: {text}\n")
+    got = load_yaml(path)["a"]
+    assert got == value and type(got) is type(value)
+    assert apply_overrides({}, [f"a={text}"]) == {"a": value}
+
+
+def test_a_recorded_config_json_reads_back_to_the_same_set_identity(tmp_path):
+    data = make_synthetic()
+    path = tmp_path / "run.yaml"
+    path.write_text("distill: {method: dm, ipc: 1, options: {iterations: 2, lr_img: 0.00001}}\n")
+    cfg = from_dict(RunConfig, load_yaml(path))
+    (tmp_path / "config.json").write_text(json.dumps(to_dict(cfg)))
+    assert '"lr_img": 1e-05' in (tmp_path / "config.json").read_text()
+    again = from_dict(RunConfig, load_yaml(tmp_path / "config.json"))
+    assert again.distill.options == {"iterations": 2, "lr_img": 1e-05}
+    assert distill_hash(again.distill, data, None) == distill_hash(cfg.distill, data, None)
+    assert config_hash(again) == config_hash(cfg)
+
+
+def test_a_set_and_a_protocol_hash_numbers_as_their_fields_type_them():
+    """`lr_img: 1` and `1.0` (or 1e-1 and 0.1, or numpy's) made byte-identical sets under two hashes."""
+    data = make_synthetic()
+
+    def key(lr_img):
+        return distill_hash(DistillConfig(method="dm", ipc=1, options={"iterations": 2, "lr_img": lr_img}), data, None)
+
+    assert key(1) == key(1.0) == key(np.float64(1.0)) == key(np.int64(1)) != key(2.0)
+    assert key(0.1) == key(from_dict(RunConfig, apply_overrides({}, ["distill.options.lr_img=1e-1"])).distill
+                           .options["lr_img"])
+
+    def protocol(scale_min):
+        train = {"augment": "rrc_flip", "augment_options": {"scale_min": scale_min}}
+        return resolve_protocol("dc-protocol", {"train": train})
+
+    assert protocol(1).train.augment_options == {"scale_min": 1.0}  # recorded as the field types it
+    assert protocol(1).hash == protocol(1.0).hash == protocol(np.float32(1.0)).hash != protocol(0.5).hash
+
+
+# Hashes of shipped configs and presets from before the options were typed (computed at 7f81b35): the sets,
+# protocols and runs they name keep their cached artifacts.
+PINNED_SETS = {  # distill_hash on make_synthetic(), no teacher
+    "configs/fashion-mnist/dm/ipc10.yaml": "dd6ee955ad912694",
+    "configs/fashion-mnist/demo.yaml": "f7eedfb3ccba1eb1",
+    "configs/fashion-mnist/sre2l/ipc10.yaml": "cff7ba58e2b0c9e0",
+    "configs/bench/fashion-mnist-mtt-steps-cpu.yaml:mtt-lr100": "6dd2d4513ce9ced4",
+    "configs/bench/fashion-mnist-mtt-steps-cpu.yaml:datm-s30": "4f0266abc02a2a7c",
+    "configs/bench/fashion-mnist-mtt-steps-cpu.yaml:tesla-s30": "7d2e51e271e08ca7",
+}
+PINNED_CONFIGS = {
+    "configs/fashion-mnist/cvdd/ipc10.yaml": "2ae9059b391f8e10",
+    "configs/fashion-mnist/demo.yaml": "13d272bcb36440b7",
+    "configs/bench/fashion-mnist-mtt-steps-cpu.yaml": "9f2f3cd60bbc25cc",
+    "configs/bench/fashion-mnist-softkl-s05-cpu.yaml": "bafc15b2e925431b",
+}
+PINNED_PROTOCOLS = {"dc-protocol": "26ab4d31935aff70", "edc": "ce8aae6a0441945b", "soft-kl": "7d9477511be45149",
+                    "dsa-protocol": "34feb71c5412d85e", "cvdd": "1b41253b1c9e3d93"}
+
+
+def test_shipped_configs_keep_their_hashes():
+    data = make_synthetic()
+    for name, want in PINNED_SETS.items():
+        path, _, label = name.partition(":")
+        if label:
+            bench = load_bench_config(REPO / path)
+            spec = next(m for m in bench.methods if m.label == label)
+            cfg = DistillConfig(method=spec.name, ipc=10, seed=bench.distill_seed, soft_labels=spec.soft_labels,
+                                options=merge_overrides(spec.options, spec.ipc_options.get(10, {})))
+        else:
+            cfg = from_dict(RunConfig, load_yaml_with_base(REPO / path)).distill
+        assert distill_hash(cfg, data, None) == want, name
+    for path, want in PINNED_CONFIGS.items():
+        data_ = load_yaml_with_base(REPO / path)
+        cfg = load_bench_config(REPO / path) if "methods" in data_ else from_dict(RunConfig, data_)
+        assert config_hash(cfg) == want, path
+    for name, want in PINNED_PROTOCOLS.items():
+        assert resolve_protocol(name).hash == want, name
+
+
+def test_python_configs_refuse_text_for_numbers_and_take_numpy_scalars():
+    """`ProtocolConfig(temperature="2")` was taken as 2.0 (README: strings are refused); np.int64 was refused
+    for ipc/seed/epochs, np.float32 for lr."""
+    for make, field in ((lambda: ProtocolConfig(temperature="2"), "ProtocolConfig.temperature"),
+                        (lambda: TrainConfig(lr="1e-3"), "TrainConfig.lr")):
+        with pytest.raises(ConfigError, match=f"^{field}: expected a number, got '"):
+            make()
+    py = DistillConfig(method="dm", ipc=2, seed=1, options={"iterations": 3, "lr_img": 0.5})
+    npy = DistillConfig(method="dm", ipc=np.int64(2), seed=np.uint32(1),
+                        options={"iterations": np.int64(3), "lr_img": np.float32(0.5)})
+    assert to_dict(npy) == to_dict(py) and config_hash(npy) == config_hash(py)
+    assert [type(v) for v in (npy.ipc, npy.seed, npy.options["iterations"], npy.options["lr_img"])] == [int, int,
+                                                                                                      int, float]
+    json.dumps(to_dict(npy))  # plain numbers: the record writes
+    train = TrainConfig(epochs=np.int32(2), lr=np.float32(0.25), weight_decay=np.float64(0.0))
+    assert (train.epochs, train.lr) == (2, 0.25) and type(train.epochs) is int and type(train.lr) is float
+    assert config_hash(train) == config_hash(TrainConfig(epochs=2, lr=0.25, weight_decay=0.0))
+    assert EvalConfig(seeds=list(np.arange(2))).seeds == [0, 1]
+    with pytest.raises(ConfigError, match="DistillConfig.ipc: expected an integer, got np.True_"):
+        DistillConfig(ipc=np.bool_(True))
+
+
+def test_assignment_to_a_built_config_is_checked():
+    """`p.label_mode = "teacher"` was recorded with loss ce (the constructor refuses it); `cfg.ipc = "2"` failed
+    deep inside the method with a TypeError."""
+    p = ProtocolConfig(student="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32))
+    with pytest.raises(ConfigError, match="^label_mode 'teacher' needs loss 'kl' or 'mse_ce'; set loss=kl$"):
+        p.label_mode = "teacher"
+    assert p.label_mode == "hard"  # the old value kept
+    with pytest.raises(ConfigError, match="^TrainConfig.epochs: expected an integer, got '1'$"):
+        p.train.epochs = "1"
+    with pytest.raises(ConfigError, match="^lr must be a finite number > 0, got -1.0$"):
+        p.train.lr = -1.0
+    assert (p.train.epochs, p.train.lr) == (1, 0.01)
+    p.train.epochs = np.int64(3)  # a valid change is made, stored as the constructor stores it
+    p.temperature = 2
+    assert (p.train.epochs, type(p.train.epochs), p.temperature, type(p.temperature)) == (3, int, 2.0, float)
+    with pytest.raises(ConfigError, match="^label_mode 'hard' needs loss 'ce', got 'kl'"):
+        p.loss = "kl"  # fields checked together change together: dataclasses.replace(p, label_mode=..., loss=...)
+    assert dataclasses.replace(p, label_mode="teacher", loss="kl").train.epochs == 3
+    cfg = DistillConfig(method="random", ipc=2)
+    with pytest.raises(ConfigError, match="^DistillConfig.ipc: expected an integer, got '2'$"):
+        cfg.ipc = "2"
+    cfg.options = {}
+    cfg.ipc = 4
+    assert cfg == DistillConfig(method="random", ipc=4)
+
+
+def test_a_mapping_given_with_set_merges_into_the_files_section():
+    """`--set teacher.train={epochs: 3}` dropped the file's batch_size 32 (the default 256 trained), while the
+    same form merged into a preset."""
+    data = {"teacher": {"train": {"epochs": 2, "batch_size": 32, "lr": 0.05}},
+            "evaluate": {"overrides": {"train": {"epochs": 3, "batch_size": 32,
+                                                 "augment_options": {"scale_min": 0.5}}}}}
+    apply_overrides(data, ["teacher.train={epochs: 3}", "evaluate.overrides.train={epochs: 4, augment_options: {}}"])
+    assert data == {"teacher": {"train": {"epochs": 3, "batch_size": 32, "lr": 0.05}},
+                    "evaluate": {"overrides": {"train": {"epochs": 4, "batch_size": 32, "augment_options": {}}}}}
+    assert from_dict(RunConfig, data).teacher.train.batch_size == 32
+
+
+def test_merge_keys_once_per_section(tmp_path):
+    """Two `<<:` in one section: the second silently won; `<<: [*a, *b]`: PyYAML lets b win, the spec a."""
+    anchors = "a: &a {ipc: 2}\nb: &b {ipc: 3, seed: 1}\n"
+    path = tmp_path / "c.yaml"
+    path.write_text(anchors + "d:\n  <<: *a\n  <<: *b\n")
+    with pytest.raises(ConfigError, match=r"sets '<<' twice in one section \(lines 4 and 5\); keep one of them$"):
+        load_yaml(path)
+    path.write_text(anchors + "d:\n  <<: [*a, *b]\n")
+    with pytest.raises(ConfigError, match=r"line 4 merges a list of mappings \(<<: \[\*a, \*b\]\), where the YAML"):
+        load_yaml(path)
+    path.write_text(anchors + "d:\n  <<: *a\n  seed: 4\ne:\n  <<: *b\n")
+    assert load_yaml(path)["d"] == {"ipc": 2, "seed": 4} and load_yaml(path)["e"] == {"ipc": 3, "seed": 1}
+
+
+def test_a_ddkit_record_passed_as_a_config_is_named(tmp_path, capsys):
+    record = {"schema_version": 1, "kind": "bench-config", "config": {"datasets": ["synthetic"]}, "versions": {}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(record))
+    want = "this is a ddkit 'bench-config' record, not a config; its settings are under its `config` key"
+    with pytest.raises(ConfigError, match=f"^{want}"):
+        from_dict(BenchConfig, load_yaml(path))
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {want}") and err.count("\n") == 1 and len(err) < 200
+
+
+def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dataset:\n  name: imagefolder\n  path: /x\n  classes: [cat, yes]\nout: 2024-01-01\n")
+    msg = _error(path)
+    assert "dataset.classes[1]: expected a string, got True; YAML reads on/yes/y/true unquoted as true: quote " \
+           "the text ('yes'" in msg
+    assert "out: expected a string, got datetime.date(2024, 1, 1); YAML reads 2024-01-01 unquoted as a date: " \
+           "quote the text ('2024-01-01'" in msg
+    with pytest.raises(ConfigError, match=r"expected a string, got False; YAML reads off/no/n/false"):
+        from_dict(DatasetConfig, {"name": "imagefolder", "classes": [False]})
+
+
+def test_long_unknown_keys_are_cut_and_valid_keys_said_once(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n  ? " + "k" * 100_000 + "\n  : 1\n  zzz: 2\n")
+    msg = _error(path)
+    assert len(msg) < 700 and "kkk..." in msg and msg.count("valid keys") == 1
+
+
+def test_yaml_syntax_errors_name_the_problem(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("distill:\n\tipc: 2\n")
+    with pytest.raises(ConfigError, match=r"at line 2, column 1 \(found character '\\t' that cannot start any "
+                                          r"token; while scanning for the next token\); indent with spaces"):
+        load_yaml(path)
+    path.write_text("distill: {ipc: 2\n")
+    with pytest.raises(ConfigError, match=r"\(expected ',' or '}', but got '<stream end>'; while parsing a flow "
+                                          r"mapping\); fix the syntax$"):
+        load_yaml(path)
