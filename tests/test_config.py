@@ -526,8 +526,9 @@ def test_help_of_a_config_shows_its_fields_help():
     from ddkit.config import Checked, field
     from ddkit.teacher import TeacherConfig
 
-    assert TeacherConfig.__doc__ == (
-        "How to make a teacher.\n\nAttributes:\n"
+    assert TeacherConfig.__doc__.startswith("How to make a teacher.\n\n")
+    assert TeacherConfig.__doc__.split("\n\n")[-1] == (
+        "Attributes:\n"
         "    model (str, default 'convnet3'): registered model key (`ddkit list models`)\n"
         "    model_options (dict, default {}): keyword options for the model factory (e.g. width)\n"
         "    train (TrainConfig, default TrainConfig()): training recipe\n"

@@ -298,7 +298,10 @@ def test_fingerprint_hashes_the_images_without_copying_them(monkeypatch):
         assert data._hash_data() == old_fingerprint(data)
         monkeypatch.undo()
         assert all(len(d) < 100 for d in record if isinstance(d, bytes))  # no bytes copy of the pixels
-        arrays = [d for d in record if isinstance(d, np.ndarray) and d.dtype == np.uint8]
+        hashed = [d for d in record if isinstance(d, np.ndarray) and d.dtype == np.uint8]  # byte views of any dtype
+        of_labels = [a for a in hashed if np.shares_memory(a, labels.numpy())]
+        assert sum(a.nbytes for a in of_labels) == labels.nbytes + labels[:8].nbytes
+        arrays = [a for a in hashed if not any(a is b for b in of_labels)]
         assert sum(a.nbytes for a in arrays) == train.numel() + images[:8].numel()
         if train.is_contiguous():  # views of the tensors' own memory
             assert all(np.shares_memory(a, train.numpy()) or np.shares_memory(a, images.numpy()) for a in arrays)
