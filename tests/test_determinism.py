@@ -340,6 +340,12 @@ def test_stage_modes_give_the_default_dtype_back_when_the_last_stage_ends():
         assert torch.get_default_dtype() == torch.float32
         second.__exit__(None, None, None)
         assert torch.get_default_dtype() == torch.float64
+    with _default_float64():  # the caller's own thread sets another dtype while a stage runs: it stays after it
+        stage = stage_modes()
+        stage.__enter__()
+        torch.set_default_dtype(torch.float16)
+        stage.__exit__(None, None, None)
+        assert torch.get_default_dtype() == torch.float16
 
 
 def test_a_teacher_made_under_inference_mode_is_refused_where_gradients_pass_through_it(synthetic):

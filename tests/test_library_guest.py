@@ -116,6 +116,12 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
     with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, ") as w:
         report = evaluate(ds, _one_epoch(), [0], data=data, progress=old)
     assert [x.filename for x in w] == [__file__]  # the caller's line, past evaluate's decorators
+    import ddkit
+
+    seen.clear()  # ddkit.evaluate, the callable module the README shows, adds a frame of its own
+    with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress") as w:
+        assert ddkit.evaluate(ds, _one_epoch(), [0], data=data, progress=old)["results"] == report["results"]
+    assert [x.filename for x in w] == [__file__] and seen[-1] == ("distilled, seed 0", 1, 1)
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
     plain = evaluate(ds, _one_epoch(), [0], data=data, progress=lambda step, total, record: new.append(record["stage"]))
     assert plain["results"] == report["results"] and new == ["distilled, seed 0"] * 2

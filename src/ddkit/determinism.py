@@ -90,7 +90,8 @@ def stage_modes() -> Iterator[None]:
     default dtype (for the whole process while any thread is inside), gradients on and inference mode off
     (the caller's ``torch.no_grad()``, ``torch.inference_mode()``), and no autocast (ddkit's ``precision``
     option enters its own :func:`ddkit.training.autocast` inside); after, also on an exception: the
-    caller's settings back. torch's error for a tensor the caller made under ``torch.inference_mode()``
+    caller's settings back (a default dtype another thread set while the stage ran stays, and the stage computed
+    with it from then on). torch's error for a tensor the caller made under ``torch.inference_mode()``
     (which autograd cannot use) becomes a one-line :class:`DDKitError`. A decorator too
     (``@stage_modes()``), of every public stage entry."""
     with _DTYPE_LOCK:
@@ -113,7 +114,8 @@ def stage_modes() -> Iterator[None]:
     finally:
         with _DTYPE_LOCK:
             caller = _dtype_holders.pop()
-            if not _dtype_holders:  # the first stage to start had the caller's setting
+            # the first stage to start had the caller's setting; one the caller made meanwhile (another thread) stays
+            if not _dtype_holders and torch.get_default_dtype() == torch.float32:
                 torch.set_default_dtype(caller)
 
 

@@ -40,3 +40,21 @@ def printable(text: str, keep: str = "") -> str:
     if text.isprintable():
         return text
     return "".join(repr(c)[1:-1] if _unsafe(c) and c not in keep else c for c in text)
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a :func:`warnings.warn` made by the function that calls this one, that names the first
+    line outside ddkit: past ddkit's own frames and the wrappers its decorators add (``@stage_modes()``'s, in
+    contextlib), however many there are (``ddkit.evaluate(...)``, the callable module, adds one more than
+    ``ddkit.evaluate.evaluate(...)``)."""
+    import contextlib
+    import os
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    wrappers = os.path.abspath(contextlib.__file__)
+    frame, level = sys._getframe(1), 1  # the caller of this function: the one that warns, stacklevel 1
+    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(here)
+                                 or os.path.abspath(frame.f_code.co_filename) == wrappers):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -45,7 +45,7 @@ from ddkit.config import config_hash, from_dict, seed_list, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import DistilledSet
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, caller_stacklevel
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
 from ddkit.evaluate.protocol import UNLABELLED_BY_ENSEMBLE, ProtocolConfig, resolve_protocol
 from ddkit.evaluate.tables import format_table  # noqa: F401  (defined here before)
@@ -67,11 +67,11 @@ _OLD_FIRST = ("what", "label", "stage", "name", "desc", "description", "title") 
 RANDOM_SEED_OFFSET = 7919  # random-baseline subsets use seed + offset, never the distilled set's own draw
 
 
-def progress_form(progress: Callable | None, call: str, name: str, stacklevel: int = 4) -> Progress | None:
+def progress_form(progress: Callable | None, call: str, name: str) -> Progress | None:
     """The callback ``progress`` that the library call ``call`` takes as its argument ``name``, as a ``(step, total,
     record)`` callback; one of the old ``(what, done, total)`` form, told by its first parameter's name (``what``,
-    ``stage``, or another name of a label: :data:`_OLD_FIRST`), wrapped with a DeprecationWarning (``stacklevel``:
-    :func:`warnings.warn`'s, naming the caller of ``call``: 4 is past ``call`` and its ``@stage_modes()``)."""
+    ``stage``, or another name of a label: :data:`_OLD_FIRST`), wrapped with a DeprecationWarning that names the
+    caller's line (the first outside ddkit)."""
     try:
         params = list(inspect.signature(progress).parameters) if progress is not None else []
     except (TypeError, ValueError):  # a builtin without a signature: taken for the new form
@@ -80,7 +80,7 @@ def progress_form(progress: Callable | None, call: str, name: str, stacklevel: i
         return progress
     warnings.warn(f"{call}({name}=) now calls {name}(step, total, record), record['stage'] naming the stage; the old "
                   f"form {name}(what, done, total) goes in the next release: rename the callback's parameters and read "
-                  "the name from the record", DeprecationWarning, stacklevel=stacklevel)
+                  "the name from the record", DeprecationWarning, stacklevel=caller_stacklevel())
     return lambda step, total, record: progress(record["stage"], step, total)
 
 
@@ -520,7 +520,7 @@ def evaluate(
 
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
-    progress = progress_form(progress, "evaluate", "progress", stacklevel=5)  # 5: past both decorators
+    progress = progress_form(progress, "evaluate", "progress")
     if not isinstance(protocol, ProtocolConfig):
         protocol = resolve_protocol(protocol)
     if protocol.label_mode == "fkd" and not protocol.fkd_store and fkd_store is None:

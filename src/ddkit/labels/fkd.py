@@ -94,7 +94,7 @@ from ddkit.data.augment import (
 )
 from ddkit.data.base import ImageSet, hash_rows
 from ddkit.determinism import stage_modes
-from ddkit.errors import ConfigError, DDKitError
+from ddkit.errors import ConfigError, DDKitError, caller_stacklevel
 from ddkit.training import (
     TeacherBN,
     TrainResult,
@@ -635,7 +635,8 @@ def relabel(
             raise ConfigError(f"relabel got augment={augment!r} and its old name augment_spec={augment_spec!r}; pass "
                               "augment= alone")
         # the caller's line: past the wrappers of stage_modes, no_grad and keeps_teacher_modes
-        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning, stacklevel=5)
+        warnings.warn("relabel(augment_spec=) is deprecated; pass augment=", DeprecationWarning,
+                      stacklevel=caller_stacklevel())
         augment = augment_spec
     augment_name = augment  # `augment` is the built augmentation from here on
 
