@@ -144,7 +144,7 @@ def test_python_configs_refuse_text_for_numbers_and_take_numpy_scalars():
     """`ProtocolConfig(temperature="2")` was taken as 2.0 (README: strings are refused); np.int64 was refused
     for ipc/seed/epochs, np.float32 for lr."""
     for make, field in ((lambda: ProtocolConfig(temperature="2"), "ProtocolConfig.temperature"),
-                        (lambda: TrainConfig(lr="1e-3"), "TrainConfig.lr")):
+                        (lambda: TrainConfig(lr="0.001"), "TrainConfig.lr")):
         with pytest.raises(ConfigError, match=f"^{field}: expected a number, got '"):
             make()
     py = DistillConfig(method="dm", ipc=2, seed=1, options={"iterations": 3, "lr_img": 0.5})
@@ -255,3 +255,37 @@ def test_yaml_syntax_errors_name_the_problem(tmp_path):
     with pytest.raises(ConfigError, match=r"\(expected ',' or '}', but got '<stream end>'; while parsing a flow "
                                           r"mapping\); fix the syntax$"):
         load_yaml(path)
+
+
+def test_exponent_text_that_older_ddkit_recorded_reads_as_its_number():
+    """ddkit before 2026-12-07 read YAML 1.1's text "1e-1" as 0.1 and recorded the text: its records (an FKD
+    store's augment_options, a run's config.json) were refused as "expected a number", so an intact store
+    could not be replayed. Exponent text reads as the number; other text is still refused."""
+    from ddkit.data.augment import build_augment, typed_augment_options
+
+    assert from_dict(TrainConfig, {"lr": "1e-1", "weight_decay": "5E-4"}).lr == 0.1
+    assert DistillConfig(method="dm", ipc=1, options={"lr_img": "1e-1"}).options == {"lr_img": "1e-1"}
+    assert build_augment("rrc_flip", scale_min="5e-1").scale_min == 0.5
+    assert typed_augment_options("rrc_flip", {"scale_min": "5e-1"}) == {"scale_min": "5e-1"}  # its old hash
+    for text in ("0.5", "half", "1e-1x"):
+        with pytest.raises(ConfigError, match="expected a number, got"):
+            from_dict(TrainConfig, {"lr": text})
+
+
+def test_an_empty_mapping_in_set_empties_it_and_unknown_keys_keep_their_did_you_mean():
+    """`--set distill.options={}` merged into the file's options (so dm's lr_img stayed after switching to dc) and
+    only the first unknown key of a section got a did-you-mean; a numpy bool in options did not hash."""
+    from ddkit.config import config_hash, plain_numbers
+
+    data = {"distill": {"method": "dm", "options": {"lr_img": 5.0}}, "train": {"lr": 0.1, "epochs": 3}}
+    out = apply_overrides(data, ["distill.method=dc", "distill.options={}", "train={}"])
+    assert out == {"distill": {"method": "dc", "options": {}}, "train": {}}
+    assert apply_overrides({"train": {"lr": 0.1}}, ["train={epochs: 2}"]) == {"train": {"lr": 0.1, "epochs": 2}}
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrainConfig, {"bogus": 1, "epoks": 2, "sedd": 3})
+    msg = str(err.value)
+    assert "did you mean 'epochs'" in msg and "valid keys: " in msg and msg.count("valid keys: ") == 1
+    assert "takes no settings" not in msg
+    flag = plain_numbers({"flip": [np.bool_(True)]})["flip"][0]
+    assert flag is True
+    assert config_hash(plain_numbers({"flip": np.bool_(False)})) == config_hash({"flip": False})

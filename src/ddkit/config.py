@@ -191,6 +191,9 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             out[k] = _convert(v, value_tp, f"{where}.{k}", errors)
         return out
     if tp is float:  # any real number but a bool (numpy's too), stored as a Python float; text is refused
+        if isinstance(value, str) and _YAML11_FLOAT_TEXT.fullmatch(value):
+            # what YAML 1.1 left as text ("1e-1"), as ddkit before 2026-12-07 read and recorded it: its records load
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             errors.append(f"{where}: expected a number, got {short_repr(value)}")
             return value
@@ -239,6 +242,8 @@ def plain_numbers(value: Any) -> Any:
         return {k: plain_numbers(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(plain_numbers(v) for v in value) if type(value) in (list, tuple) else value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # not a numbers.Real
+        return bool(value)
     if isinstance(value, (bool, int, float)) or not isinstance(value, numbers.Real):
         return value
     return int(value) if isinstance(value, numbers.Integral) else float(value)
@@ -261,6 +266,9 @@ def typed_numbers(given: Any, typed: Any) -> Any:
 
 #: the words YAML 1.1 reads, unquoted, as each boolean
 _BOOL_WORDS = {True: ("on", "yes", "y", "true"), False: ("off", "no", "n", "false")}
+#: a number in exponent form without a dot or without a signed exponent ("1e-1", "5E3"), which YAML 1.1 reads as
+#: text: ddkit before 2026-12-07 took it as the number and recorded it as the text
+_YAML11_FLOAT_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 #: an integer as text, e.g. a ``--set`` path's "10" or a JSON record's key
 _INT_TEXT = re.compile(r"[+-]?\d+")
 
@@ -273,7 +281,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            errors.append(_unknown_key(key, path, where, [] if listed else list(fields)))
+            errors.append(_unknown_key(key, path, where, list(fields), listed))
             listed = listed or " valid keys: " in errors[-1]
             continue
         default = _field_default(fields[key])
@@ -307,10 +315,10 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         return None  # type: ignore[return-value]
 
 
-def _unknown_key(key: Any, path: str, where: str, fields: list[str]) -> str:
+def _unknown_key(key: Any, path: str, where: str, fields: list[str], listed: bool = False) -> str:
     """The error for ``key`` (at ``path``), which names none of ``fields``: a did-you-mean, else the valid keys
-    (none given: said already). A key YAML read as no string (``2:``, ``~:``, ``on:``, which YAML 1.1 reads as
-    true) gets the quoting fix; a long key is cut as values are."""
+    (``listed``: said already for this section, so pointed to). A key YAML read as no string (``2:``, ``~:``,
+    ``on:``, which YAML 1.1 reads as true) gets the quoting fix; a long key is cut as values are."""
     if not isinstance(key, str):
         if isinstance(key, bool):
             spelled, what = "/".join(_BOOL_WORDS[key]), str(key).lower()
@@ -321,8 +329,10 @@ def _unknown_key(key: Any, path: str, where: str, fields: list[str]) -> str:
         return (f"unknown config key {short_repr(path)}: YAML reads {spelled} unquoted as {what}, not a name; "
                 "quote the key if a name was meant")
     close = difflib.get_close_matches(key, fields, n=1)
-    hint = (f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(fields)}" if fields
-            else f"{where or 'this section'} takes no settings; remove {short_repr(path)}")
+    hint = (f"did you mean {close[0]!r}?" if close
+            else f"{where or 'this section'} takes no settings; remove {short_repr(path)}" if not fields
+            else f"{where or 'this section'} takes the keys listed above" if listed
+            else f"valid keys: {', '.join(fields)}")
     return f"unknown config key {short_repr(path)}; {hint}"
 
 
@@ -814,7 +824,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused.
     A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
     merges every other layer: the settings the mapping leaves out keep their values (an option dict of
-    :data:`WHOLE_DICTS` is replaced whole)."""
+    :data:`WHOLE_DICTS` is replaced whole); ``a.b={}`` empties it."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -844,7 +854,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = nxt
         leaf = _existing_key(node, parts[-1])
-        node[leaf] = merge_overrides(node, {leaf: value})[leaf]  # a mapping merges into the one there key by key
+        # a mapping merges into the one there key by key; {} empties it (a section back to its defaults, a method's
+        # options to none: the one way to drop settings a file or an earlier --set gave)
+        node[leaf] = value if value == {} else merge_overrides(node, {leaf: value})[leaf]
     return data
 
 
