@@ -1380,3 +1380,28 @@ def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
     record = pooled.record()
     assert record["methods"][0]["options"]["extra_teachers"] == ["@d2", str(tmp_path / "elsewhere/t2")]
     assert record["overrides"]["extra_teachers"] == [str(tmp_path / "elsewhere/t3")]
+
+
+def test_a_recorded_bench_finds_the_extra_teachers_its_protocol_file_names_from_any_folder(tmp_path, monkeypatch):
+    """A bench's config.json recorded its protocol YAML absolute, but the `extra_teachers: [T4]` inside that file
+    stayed relative to the working folder: from another folder the recorded config failed ("teacher artifact 'T4'
+    not found"), or labelled with another folder's T4. The record names the file's teachers absolute in
+    overrides; from anywhere it reuses every cell (the same keys: hashes count and weigh the teachers)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "T4",
+                 "-q"]) == 0
+    (tmp_path / "p.yaml").write_text("student: tiny_convnet\nextra_teachers: [T4]\nfull_reference: false\n"
+                                     "random_baseline: false\ntrain: {epochs: 1}\n")
+    cfg = {**TINY, "ipcs": [1], "seeds": [0], "label_modes": ["teacher"], "protocol": "p.yaml", "out": "b",
+           "overrides": {"train": {"epochs": 1, "batch_size": 32}}}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["bench", "b.yaml", "--device", "cpu", "-q"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    recorded = {**json.loads((tmp_path / "b/config.json").read_text())["config"], "out": str(tmp_path / "b")}
+    seen = []
+    run_bench(from_dict(BenchConfig, recorded), progress=lambda d, n, row: seen.append(row))
+    assert [(r["label_mode"], r["reused"]) for r in seen] == [("teacher", True)]
+    assert recorded["overrides"] == {"extra_teachers": [str(tmp_path / "T4")], "train": {"batch_size": 32, "epochs": 1}}

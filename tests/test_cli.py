@@ -1668,3 +1668,30 @@ def test_run_records_its_relative_paths_absolute(tmp_path, capsys, monkeypatch):
                                                                          [str(tmp_path / "sub/../tsyn")])
     absolute = resolve_protocol(rel, {"fkd_store": str(tmp_path / "s.fkd"), "extra_teachers": [str(tmp_path / "t")]})
     assert absolute.hash == rel.hash
+
+
+def test_a_recorded_run_finds_the_extra_teachers_its_protocol_file_names_from_any_folder(tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A run's config.json recorded its protocol YAML absolute, but the `extra_teachers: [T4]` inside that file
+    stayed relative to the working folder: from another folder the recorded config failed ("teacher artifact 'T4'
+    not found"), or labelled with another folder's T4. The record names the file's teachers absolute in
+    evaluate.overrides; from anywhere it reuses every stage (the same keys: hashes count and weigh the teachers)."""
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--out", "T4",
+                    "-q"], capsys)[0] == 0
+    (tmp_path / "p.yaml").write_text("student: tiny_convnet\nextra_teachers: [T4]\nfull_reference: false\n"
+                                     "random_baseline: false\ntrain: {epochs: 1}\n")
+    (tmp_path / "run.yaml").write_text(
+        f"out: {tmp_path / 'run'}\ndataset: {{name: synthetic}}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\ndistill: {method: random, ipc: 1}\n"
+        "evaluate: {protocol: p.yaml, label_modes: [teacher], seeds: [0]}\n")
+    assert run_cli(["run", "run.yaml", "-q"], capsys)[0] == 0
+    recorded = json.loads((tmp_path / "run/config.json").read_text())["evaluate"]
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, _, err = run_cli(["run", str(tmp_path / "run/config.json"), "-q"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "run/manifest.json").read_text())["reused"] == [
+        "teacher", "distilled", "eval-teacher.json"]
+    assert (recorded["protocol"], recorded["overrides"]) == (str(tmp_path / "p.yaml"),
+                                                             {"extra_teachers": [str(tmp_path / "T4")]})

@@ -608,6 +608,41 @@ def test_a_teacher_free_set_and_its_hard_evaluation_are_kept_when_only_the_teach
     assert run(config(0))["reused"] == ["distilled", "eval-hard.json"]
 
 
+def test_an_old_set_with_its_own_soft_labels_is_made_again_when_the_teacher_changes(tmp_path, monkeypatch):
+    """A set of a teacher-free method that ddkit made before 2026-12-07 (keyed with the run's teacher) is kept when
+    only the teacher changes, unless it holds soft labels of its own (TESLA's, DATM's): label mode stored would
+    replay them as those of the teacher recorded in the set, not the run's. With the same teacher it is kept."""
+    import ddkit.methods.mtt as mtt
+    import ddkit.pipeline as pipeline
+    from ddkit.data import load_dataset
+    from ddkit.pipeline import RunConfig, distill_hash, run
+
+    def config(teacher_seed: int) -> RunConfig:
+        return from_dict(RunConfig, {
+            "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
+            "teacher": {"model": "tiny_convnet", "seed": teacher_seed, "train": {"epochs": 1, "batch_size": 32}},
+            "distill": {"method": "tesla", "ipc": 2, "options": dict(mtt.TESLA.smoke_options)},
+            "evaluate": {"label_modes": ["hard"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+                "train": {"epochs": 1, "batch_size": 32}}}})
+
+    run(config(0))
+    ddir = tmp_path / "run/distilled"
+    made = json.loads((ddir / "manifest.json").read_text())
+    assert made["files"]["soft_labels"] and made["teacher"] is None
+    # as ddkit until 2026-12-07 wrote it: the run's teacher recorded in the set and in its key
+    teacher = json.loads((tmp_path / "run/teacher/manifest.json").read_text())["weights_sha"]
+    old = {**made, "teacher": {"path": str(tmp_path / "run/teacher"), "weights_sha": teacher},
+           "config_hash": distill_hash(config(0).distill, load_dataset(config(0).dataset), teacher, teacher_free=False)}
+    (ddir / "manifest.json").write_text(json.dumps(old))
+    assert run(config(0))["reused"][:2] == ["teacher", "distilled"]  # the same teacher: kept as it is
+    assert json.loads((ddir / "manifest.json").read_text()) == old
+    synthesised = []
+    monkeypatch.setattr(pipeline, "distill", lambda *a, **k: synthesised.append(a) or distill(*a, **k))
+    assert "distilled" not in run(config(1))["reused"] and len(synthesised) == 1  # another teacher: made again
+    assert json.loads((ddir / "manifest.json").read_text())["config_hash"] == made["config_hash"]
+
+
 def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     """Label mode fkd with extra_teachers labels with the ensemble: `ddkit run` made its store with the teacher
     alone, so the evaluation refused it (and advised a relabel that could not make an ensemble's store). The run

@@ -146,6 +146,38 @@ def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teach
         testing.check_method("broken", data, teacher, tmp_path / "det")
 
 
+class _PeeksAtTeacher(_Copies):
+    """_Copies that reads its teacher: always (``teachers[0]``), or only when it is given one."""
+
+    only_if_given = False
+
+    def fit(self, real, teachers, ctx):
+        super().fit(real, teachers, ctx)
+        if teachers or not self.only_if_given:  # other images with a teacher than without one
+            self.synthetic_.images = self.synthetic_.images * teachers[0].test_accuracy
+        return self
+
+
+def test_check_method_fits_a_method_that_reads_no_teacher_without_one(monkeypatch, data, teacher, tmp_path):
+    """check_method passed a teacher to every method while distill passes none to one with uses_teacher = False: a
+    plugin that declares it but reads teachers[0] failed with a raw IndexError inside the check's distill, and one
+    that reads the teacher only when given one was told its randomness does not come from ctx.seed."""
+    def register(**attrs):
+        monkeypatch.setitem(METHODS._entries, "peek", type("peek", (_PeeksAtTeacher,), {"resumable": False, **attrs}))
+
+    register(uses_teacher=False)
+    with pytest.raises(testing.ContractError) as exc:
+        testing.check_method("peek", data, teacher, tmp_path / "a")
+    assert str(exc.value) == (
+        "method 'peek' declares `uses_teacher = False`, so distill gives its fit no teacher, but it fails without one "
+        "(IndexError: list index out of range) and not with one; drop `uses_teacher = False` from the class, or read "
+        "no teacher in fit")
+    register()  # it may read one (the default): it gets one
+    testing.check_method("peek", data, teacher, tmp_path / "b")
+    register(uses_teacher=False, only_if_given=True)  # fitted as distill fits it: with no teacher
+    testing.check_method("peek", data, teacher, tmp_path / "c")
+
+
 def test_check_method_refuses_an_unregistered_class():
     with pytest.raises(DDKitError, match="register the class with @METHODS.register"):
         testing.check_method(type("Loose", (_Copies,), {}))

@@ -70,6 +70,7 @@ from ddkit.evaluate.protocol import (
     UNLABELLED_BY_ENSEMBLE,
     ProtocolConfig,
     merge_overrides,
+    recorded_overrides,
     recorded_protocol,
     resolve_protocol,
 )
@@ -328,11 +329,13 @@ class BenchConfig(Checked):
         """The config as the bench records it (``config.json``, ``bench.json``): every relative path in it (a
         dataset's ``path``, teachers' ``checkpoint``, a protocol YAML file, ``extra_teachers`` and ``fkd_store`` in
         overrides, a method's ``extra_teachers`` and ``experts``) absolute against the working folder the bench
-        read it from, as :func:`ddkit.pipeline.recorded_config` records a run's; ``"@name"`` references stay."""
+        read it from, and the protocol file's own relative ``extra_teachers`` in ``overrides``
+        (:func:`~ddkit.evaluate.protocol.recorded_overrides`), as :func:`ddkit.pipeline.recorded_config` records a
+        run's; ``"@name"`` references stay."""
         out = to_dict(self)
         out["datasets"] = [to_dict(d.absolute()) for d in self.datasets]
         out["protocol"] = recorded_protocol(self.protocol)
-        out["overrides"] = recorded_paths(out["overrides"], PATH_FIELDS)
+        out["overrides"] = recorded_overrides(self.protocol, out["overrides"])
         out["ipc_overrides"] = {ipc: recorded_paths(o, PATH_FIELDS) for ipc, o in out["ipc_overrides"].items()}
         for m in out["methods"]:
             m["options"] = recorded_paths(m["options"], OPTION_PATHS)

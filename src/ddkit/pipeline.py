@@ -51,9 +51,9 @@ from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import (
-    PATH_FIELDS,
     UNLABELLED_BY_ENSEMBLE,
     ProtocolConfig,
+    recorded_overrides,
     recorded_protocol,
     resolve_protocol,
 )
@@ -715,15 +715,17 @@ def recorded_distill(cfg: DistillConfig) -> dict:
 def recorded_config(cfg: RunConfig) -> dict:
     """``cfg`` as a run records it (``config.json``, the manifests): every relative path in it (``dataset.path``,
     ``teacher.checkpoint``, a protocol YAML file, ``extra_teachers``, ``fkd_store``, a method's ``extra_teachers``
-    and ``experts``) made absolute against the working folder the run read it from, so the record runs again from
-    any folder on the same files. Hashes do not change: they read those artifacts by content, not by path."""
+    and ``experts``) made absolute against the working folder the run read it from, and the protocol file's own
+    relative ``extra_teachers`` recorded absolute in ``evaluate.overrides`` (:func:`recorded_overrides`), so the
+    record runs again from any folder on the same files. Hashes do not change: they read those artifacts by
+    content, not by path."""
     out = to_dict(cfg)
     out["dataset"] = to_dict(cfg.dataset.absolute())
     if out["teacher"] is not None:
         out["teacher"] = recorded_paths(out["teacher"], ("checkpoint",))
     out["distill"] = recorded_distill(cfg.distill)
     out["evaluate"]["protocol"] = recorded_protocol(cfg.evaluate.protocol)
-    out["evaluate"]["overrides"] = recorded_paths(out["evaluate"]["overrides"], PATH_FIELDS)
+    out["evaluate"]["overrides"] = recorded_overrides(cfg.evaluate.protocol, out["evaluate"]["overrides"])
     return out
 
 

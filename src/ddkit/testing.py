@@ -10,7 +10,8 @@ that the config is not mutated, that the same seed gives the same bytes (through
 and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
 fit interrupted after its second iteration resumes to the uninterrupted result. The class attributes
 ``uses_seed``, ``uses_ipc`` and ``resumable`` of :class:`ddkit.methods.Method` turn off the checks
-that do not apply to a method. ddkit's own test suite runs both over every registered method.
+that do not apply to a method; one with ``uses_teacher = False`` is fitted with no teacher, as ``distill`` fits
+it. ddkit's own test suite runs both over every registered method.
 """
 
 from __future__ import annotations
@@ -80,13 +81,33 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     before = copy.deepcopy(to_dict(cfg))
     ctx = FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed, work_dir=work_dir, progress=progress)
-    method = cls(cfg).fit(data, [teacher], ctx)
+    try:  # the teachers distill passes: none to a method that declares it reads none
+        method = cls(cfg).fit(data, [teacher] if cls.uses_teacher else [], ctx)
+    except Exception as exc:
+        if cls.uses_teacher or not _fits_with_teacher(cls, key, data, teacher, seed):
+            raise
+        raise ContractError(f"method {key!r} declares `uses_teacher = False`, so distill gives its fit no teacher, but "
+                            f"it fails without one ({type(exc).__name__}: {exc}) and not with one; drop `uses_teacher "
+                            "= False` from the class, or read no teacher in fit") from exc
     _require(to_dict(cfg) == before, f"method {key!r}: fit() mutated its config (from {before} to {to_dict(cfg)}); "
              "keep what it changes in the method (self), not in self.cfg")
     _require(getattr(method, "synthetic_", None) is not None,
              f"method {key!r}: fit() returned {type(method).__name__} without synthetic_; set self.synthetic_ "
              "and return self")
     return method.synthetic_
+
+
+def _fits_with_teacher(cls, key: str, data, teacher, seed: int) -> bool:
+    """Whether a fit of ``cls`` (that failed with no teacher) succeeds with ``teacher``: then it reads one."""
+    from ddkit.config import from_dict
+    from ddkit.methods import FitContext
+
+    cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
+    try:
+        cls(cfg).fit(data, [teacher], FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed))
+    except Exception:  # it fails with a teacher too: its own error, not the contract's, is the one to report
+        return False
+    return True
 
 
 def _same_soft_labels(a, b) -> bool:

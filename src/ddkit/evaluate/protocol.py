@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Literal
 
 from ddkit.artifacts import recorded_paths
-from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, merge_overrides, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, merge_overrides, sorted_keys, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -247,6 +247,22 @@ def recorded_protocol(spec: str) -> str:
     """A config's protocol as records name it: a YAML file's path absolute (against the current folder, where it
     was read), so the record reads the same file from any folder; a preset's name as it is."""
     return str(Path(spec).absolute()) if is_protocol_file(spec) else spec
+
+
+def recorded_overrides(spec: str, overrides: dict) -> dict:
+    """A config's ``overrides`` of protocol ``spec`` as records hold them: the paths they name (:data:`PATH_FIELDS`)
+    absolute, and, where ``spec`` is a YAML file whose ``extra_teachers`` name relative paths (read against the working
+    folder, as the file's own path is) and the overrides give none, the file's teachers added absolute, so the record
+    labels with the same teachers from any folder. Hashes do not change (they count ``extra_teachers`` and read their
+    weights). A file's ``fkd_store`` is not added: runs and benches replay their own store or ``overrides.fkd_store``,
+    never the file's."""
+    out = recorded_paths(overrides, PATH_FIELDS)
+    if is_protocol_file(spec) and "extra_teachers" not in out:
+        named = resolve_protocol(spec).extra_teachers
+        absolute = recorded_paths({"extra_teachers": named}, ("extra_teachers",))["extra_teachers"]
+        if absolute != named:
+            out = sorted_keys({**out, "extra_teachers": absolute})
+    return out
 
 
 def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
