@@ -1375,6 +1375,9 @@ def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
     seen = []
     run_bench(load_bench_config("again.json"), progress=lambda d, n, row: seen.append(row))
     assert [r["reused"] for r in seen] == [True]
+    seen.clear()  # the bench folder's own record runs again as it is (README), not refused as a record
+    run_bench(load_bench_config(tmp_path / "b/config.json"), progress=lambda d, n, row: seen.append(row))
+    assert [r["reused"] for r in seen] == [True]
     pooled = tiny_cfg(tmp_path / "p", methods=[{"name": "gvbsm", "options": {"extra_teachers": ["@d2", "t2"]}}],
                       teacher_pool={"d2": {"model": "tiny_convnet"}}, overrides={"extra_teachers": ["t3"]})
     record = pooled.record()
