@@ -558,15 +558,15 @@ def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     return obj
 
 
-def as_config(cls: type[T], value: Any, where: str = "", name: str = "cfg") -> T:
-    """The argument ``name`` of a library call as a ``cls``: a ``cls`` itself, or a mapping of its settings
+def as_config(cls: type[T], value: Any, where: str = "") -> T:
+    """The argument ``cfg`` of a library call as a ``cls``: a ``cls`` itself, or a mapping of its settings
     built with :func:`from_dict` (checked as a YAML config is; ``where``: its section's name in a run config,
     which errors name); anything else is one :class:`ConfigError`."""
     if isinstance(value, cls):
         return value
     if isinstance(value, Mapping):
         return from_dict(cls, dict(value), where)
-    raise ConfigError(f"{name} must be a {cls.__name__} or a dict of its settings, got {type(value).__name__} "
+    raise ConfigError(f"cfg must be a {cls.__name__} or a dict of its settings, got {type(value).__name__} "
                       f"{short_repr(value, 80)}")
 
 

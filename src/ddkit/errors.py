@@ -44,17 +44,17 @@ def printable(text: str, keep: str = "") -> str:
 
 def caller_stacklevel() -> int:
     """The ``stacklevel`` for a :func:`warnings.warn` made by the function that calls this one, that names the first
-    line outside ddkit: past ddkit's own frames and the wrappers its decorators add (``@stage_modes()``'s, in
-    contextlib), however many there are (``ddkit.evaluate(...)``, the callable module, adds one more than
-    ``ddkit.evaluate.evaluate(...)``)."""
-    import contextlib
+    line outside ddkit: past ddkit's own frames and the wrappers its decorators add (``@stage_modes()``'s in
+    contextlib, ``@torch.no_grad()``'s in torch's ``_contextlib``), however many there are (``ddkit.evaluate(...)``,
+    the callable module, adds one more than ``ddkit.evaluate.evaluate(...)``)."""
     import os
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    wrappers = os.path.abspath(contextlib.__file__)
     frame, level = sys._getframe(1), 1  # the caller of this function: the one that warns, stacklevel 1
-    while frame is not None and (os.path.abspath(frame.f_code.co_filename).startswith(here)
-                                 or os.path.abspath(frame.f_code.co_filename) == wrappers):
+    while frame is not None:
+        file = os.path.abspath(frame.f_code.co_filename)
+        if not (file.startswith(here) or os.path.basename(file) in ("contextlib.py", "_contextlib.py")):
+            break
         frame, level = frame.f_back, level + 1
     return level

@@ -379,16 +379,13 @@ def reads_teacher(cfg: DistillConfig) -> bool:
     return cfg.soft_labels or cfg.method not in METHODS or METHODS.get(cfg.method).uses_teacher
 
 
-def distill_identity(cfg: DistillConfig, resolved: dict | None = None) -> dict:
+def distill_identity(cfg: DistillConfig, resolved: dict) -> dict:
     """The settings that identify a set made with ``cfg``: the options given, each number as the method's
-    Config types it (``resolved``: that Config as a dict, made here when not given), so that ``lr_img: 1``
-    and ``1.0`` (or numpy's 1.0) make one set; options written as they resolve, as the shipped configs
-    are, keep the identity they always had. ``soft_labels_bn`` is left out while running."""
+    Config types it (``resolved``: that Config as a dict), so that ``lr_img: 1`` and ``1.0`` (or numpy's
+    1.0) make one set; options written as they resolve, as the shipped configs are, keep the identity they
+    always had. ``soft_labels_bn`` is left out while running."""
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
-    if resolved is None and cfg.method in METHODS:
-        resolved = to_dict(from_dict(METHODS.get(cfg.method).Config, cfg.options))
-    if resolved is not None:
-        ident["options"] = typed_numbers(ident["options"], resolved)
+    ident["options"] = typed_numbers(ident["options"], resolved)
     return ident
 
 
