@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ddkit.artifacts import recorded_paths
+from ddkit.artifacts import recorded_path, recorded_paths
 from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, merge_overrides, sorted_keys, to_dict
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
@@ -246,7 +246,7 @@ def is_protocol_file(spec: object) -> bool:
 def recorded_protocol(spec: str) -> str:
     """A config's protocol as records name it: a YAML file's path absolute (against the current folder, where it
     was read), so the record reads the same file from any folder; a preset's name as it is."""
-    return str(Path(spec).absolute()) if is_protocol_file(spec) else spec
+    return recorded_path(spec) if is_protocol_file(spec) else spec
 
 
 def recorded_overrides(spec: str, overrides: dict) -> dict:
