@@ -33,7 +33,7 @@ from _cli import Parser, command, device_spec, output_file, positive_int, run_ma
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
-from ddkit.determinism import use_deterministic_cuda
+from ddkit.determinism import seeded_cpu_rng, use_deterministic_cuda
 from ddkit.errors import DDKitError
 from ddkit.methods import common
 from ddkit.methods import statistics as S
@@ -121,8 +121,9 @@ def max_rel_diff(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 def measure(label: str, real: DataBundle, device: torch.device, reference: bool) -> dict:
     name = label.removesuffix("-w8")
     channels, size, _ = real.image_shape
-    model = create_model(name, in_channels=channels, num_classes=real.num_classes, image_size=size,
-                         **MODELS[label]).to(device).eval()
+    with seeded_cpu_rng(0):  # the same weights every run, so rel diff repeats
+        model = create_model(name, in_channels=channels, num_classes=real.num_classes, image_size=size,
+                             **MODELS[label]).to(device).eval()
     keys = S.statistic_layers(model)
     forward_pass(model, real, device, batch_size=256)  # warm-up (kernels, allocator)
     _, fwd = _timed(lambda: forward_pass(model, real, device), device)

@@ -297,7 +297,10 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
     for r in rows.values():
         assert (r["images"] == result["images"] > 0
                 and min(r["forward_s"], r["stats_s"], r["patch_s"], r["reference_s"]) > 0)
-        assert r["max_rel_diff"] < 1e-5  # ddkit's float32 per-image sums vs float64 feature maps
+        # ddkit sums one image's pixels in float32 (then across images in float64); var = E[x^2] - E[x]^2
+        # multiplies that rounding by E[x^2]/var (~5 here). Measured 1e-7 on one CPU, 1.5e-5 on CI's (its
+        # float32 reduction order differs); a wrong statistic differs by ~1.
+        assert r["max_rel_diff"] < 1e-4
     md = out.with_suffix(".md").read_text()
     assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))
 
