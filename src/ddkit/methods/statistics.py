@@ -200,10 +200,9 @@ def _image_sums(f: torch.Tensor, acc: torch.device) -> tuple[torch.Tensor, torch
     """Per-image per-channel sums of ``x`` and ``x^2`` of ``f`` ``[N, C, ...]``: float64 ``[N, C]`` on
     ``acc`` (the device of the sums across images; see :func:`compute_real_statistics`).
 
-    The sum over one image's pixels runs in ``f``'s dtype (float32: relative error 1e-7 to 1e-5
-    depending on the CPU's reduction order and on E[x^2]/var; the statistics are float32 matching
-    targets); only the sums across images need float64. Casting whole feature maps to float64
-    first made the real-data pass 5x slower on the CPU.
+    The sum over one image's pixels runs in ``f``'s dtype (float32: relative error ~1e-7, well
+    below what float32 statistics hold); only the sums across images need float64. Casting whole
+    feature maps to float64 first made the real-data pass 5x slower on the CPU.
     """
     flat = f.reshape(f.shape[0], f.shape[1], -1)
     return flat.sum(2).to(acc).double(), (flat * flat).sum(2).to(acc).double()
