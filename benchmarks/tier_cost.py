@@ -235,15 +235,18 @@ class TierProbe:
 
     def _train(self, protocol, train_set, tcfg, runs: int, min_points: int = 2) -> dict:
         c, h, _ = self.data.image_shape
-        model = create_model(protocol.student, c, self.data.num_classes, h, **protocol.student_options)
         mode = protocol.label_mode
         teacher = self.teacher.model if self.teacher is not None and mode != "hard" else None
         clock = Clock(self.device, self.budget, min_points)
-        with clock:
-            train_classifier(model, train_set, self.data.mean, self.data.std, tcfg, seed=0, device=self.device,
-                             label_source=mode if mode in ("hard", "teacher") else "hard",
-                             loss=protocol.loss if teacher is not None else "ce", temperature=protocol.temperature,
-                             teacher=teacher, progress=clock)
+        # the student's initial weights and dropout masks from seed 0, as its batches (evaluate's students: their
+        # seed): the same training in every run, a diverging one too (its row's error)
+        with determinism.global_rng(0, self.device):
+            model = create_model(protocol.student, c, self.data.num_classes, h, **protocol.student_options)
+            with clock:
+                train_classifier(model, train_set, self.data.mean, self.data.std, tcfg, seed=0, device=self.device,
+                                 label_source=mode if mode in ("hard", "teacher") else "hard",
+                                 loss=protocol.loss if teacher is not None else "ce",
+                                 temperature=protocol.temperature, teacher=teacher, progress=clock)
         return clock.estimate(tcfg.epochs * runs)
 
     def run(self) -> list[dict]:

@@ -276,6 +276,26 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()
 
 
+def test_tier_cost_trains_the_same_student_whatever_the_global_random_state(tmp_path, monkeypatch):
+    """The students timed start from seed 0's weights (their batches already came from seed 0): a
+    fresh process (torch seeds its global generator from the OS) trains the same network."""
+    tc = _script("tier_cost")
+    cfg = tc.load_bench_config(str(REPO / "configs" / "bench" / "smoke.yaml"), [], device="cpu")
+    probe = tc.TierProbe(cfg, "smoke", torch.device("cpu"), 0.05, tmp_path)
+    protocol = cfg.protocol_for("tiny_convnet", "hard", ipc=2)
+    starts = []
+    monkeypatch.setattr(tc, "train_classifier", lambda model, *a, **k: starts.append(
+        torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()))
+    for state in (1, 2):  # the global generator as two fresh processes might leave it
+        torch.manual_seed(state)
+        probe._train(protocol, probe.data.train, protocol.train, 1)
+    c, h, _ = probe.data.image_shape
+    torch.manual_seed(0)
+    seed0 = torch.nn.utils.parameters_to_vector(
+        tc.create_model("tiny_convnet", c, probe.data.num_classes, h).parameters())
+    assert len(starts) == 2 and torch.equal(starts[0], seed0) and torch.equal(starts[1], seed0)
+
+
 def test_tier_cost_refuses_a_bad_config_in_one_line(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tier_cost.py"),
