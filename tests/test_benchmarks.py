@@ -339,6 +339,21 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
     assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))
 
 
+def test_stats_pass_gives_the_same_numbers_in_another_process(tmp_path):
+    """Each process seeds torch's global generator from the OS: the models' weights are drawn from seed 0,
+    so a second run repeats the first's numbers (built unseeded, each run measured other weights)."""
+    rows = []
+    for run in (1, 2):
+        out = tmp_path / f"sp{run}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stats_pass.py"), "--dataset", "synthetic",
+                               "--per-class", "10", "--models", "convnet3-w32-bn", "--threads", "1", "--out", str(out)],
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows.append([{k: r[k] for k in ("model", "layers", "images", "max_rel_diff")}
+                     for r in json.loads(out.read_text())["rows"]])
+    assert rows[0] == rows[1] and rows[0][0]["max_rel_diff"] > 0  # float32 against float64: not exactly 0
+
+
 def test_stats_pass_names_missing_data_in_one_line(tmp_path):
     out = tmp_path / "sp.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stats_pass.py"), "--dataset", "no-such-set",
