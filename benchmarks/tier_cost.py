@@ -12,7 +12,7 @@ library's own progress callbacks, and multiplies by the number of units the conf
   short buffer above and start at epoch 0 or 1: one iteration costs the same at any start epoch);
   per-step time from the method's progress reports over ``--budget`` seconds, plus the set-up time
   before the first step (teacher statistics, initialisation), times the config's step count;
-- evaluation: one student per (student, IPC) on a random subset under the config's protocol, per-epoch
+- evaluation: one student per (student, IPC), seed 0, on a random subset under the config's protocol, per-epoch
   time times epochs, seeds and the sets evaluated (every method plus the random baseline); the
   full-data reference once per student.
 
