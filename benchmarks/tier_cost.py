@@ -12,7 +12,7 @@ library's own progress callbacks, and multiplies by the number of units the conf
   short buffer above and start at epoch 0 or 1: one iteration costs the same at any start epoch);
   per-step time from the method's progress reports over ``--budget`` seconds, plus the set-up time
   before the first step (teacher statistics, initialisation), times the config's step count;
-- evaluation: one student per (student, IPC) on a random subset under the config's protocol, per-epoch
+- evaluation: one student per (student, IPC), seed 0, on a random subset under the config's protocol, per-epoch
   time times epochs, seeds and the sets evaluated (every method plus the random baseline); the
   full-data reference once per student.
 
@@ -235,15 +235,18 @@ class TierProbe:
 
     def _train(self, protocol, train_set, tcfg, runs: int, min_points: int = 2) -> dict:
         c, h, _ = self.data.image_shape
-        model = create_model(protocol.student, c, self.data.num_classes, h, **protocol.student_options)
         mode = protocol.label_mode
         teacher = self.teacher.model if self.teacher is not None and mode != "hard" else None
         clock = Clock(self.device, self.budget, min_points)
-        with clock:
-            train_classifier(model, train_set, self.data.mean, self.data.std, tcfg, seed=0, device=self.device,
-                             label_source=mode if mode in ("hard", "teacher") else "hard",
-                             loss=protocol.loss if teacher is not None else "ce", temperature=protocol.temperature,
-                             teacher=teacher, progress=clock)
+        # the student's initial weights and dropout masks from seed 0, as its batches (evaluate's students: their
+        # seed): the same training in every run, a diverging one too (its row's error)
+        with determinism.global_rng(0, self.device):
+            model = create_model(protocol.student, c, self.data.num_classes, h, **protocol.student_options)
+            with clock:
+                train_classifier(model, train_set, self.data.mean, self.data.std, tcfg, seed=0, device=self.device,
+                                 label_source=mode if mode in ("hard", "teacher") else "hard",
+                                 loss=protocol.loss if teacher is not None else "ce",
+                                 temperature=protocol.temperature, teacher=teacher, progress=clock)
         return clock.estimate(tcfg.epochs * runs)
 
     def run(self) -> list[dict]:

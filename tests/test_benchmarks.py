@@ -276,6 +276,26 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()
 
 
+def test_tier_cost_trains_the_same_student_whatever_the_global_random_state(tmp_path, monkeypatch):
+    """The students timed start from seed 0's weights (their batches already came from seed 0): a
+    fresh process (torch seeds its global generator from the OS) trains the same network."""
+    tc = _script("tier_cost")
+    cfg = tc.load_bench_config(str(REPO / "configs" / "bench" / "smoke.yaml"), [], device="cpu")
+    probe = tc.TierProbe(cfg, "smoke", torch.device("cpu"), 0.05, tmp_path)
+    protocol = cfg.protocol_for("tiny_convnet", "hard", ipc=2)
+    starts = []
+    monkeypatch.setattr(tc, "train_classifier", lambda model, *a, **k: starts.append(
+        torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()))
+    for state in (1, 2):  # the global generator as two fresh processes might leave it
+        torch.manual_seed(state)
+        probe._train(protocol, probe.data.train, protocol.train, 1)
+    c, h, _ = probe.data.image_shape
+    torch.manual_seed(0)
+    seed0 = torch.nn.utils.parameters_to_vector(
+        tc.create_model("tiny_convnet", c, probe.data.num_classes, h).parameters())
+    assert len(starts) == 2 and torch.equal(starts[0], seed0) and torch.equal(starts[1], seed0)
+
+
 def test_tier_cost_refuses_a_bad_config_in_one_line(tmp_path):
     out = tmp_path / "cost.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "tier_cost.py"),
@@ -317,6 +337,21 @@ def test_stats_pass_equals_the_float64_reference_and_writes_its_table(tmp_path):
         assert r["max_rel_diff"] < 1e-5
     md = out.with_suffix(".md").read_text()
     assert "| resnet18_cifar-w8 | 40 |" in md and not list(tmp_path.glob("*.tmp"))
+
+
+def test_stats_pass_gives_the_same_numbers_in_another_process(tmp_path):
+    """Each process seeds torch's global generator from the OS: the models' weights are drawn from seed 0,
+    so a second run repeats the first's numbers (built unseeded, each run measured other weights)."""
+    rows = []
+    for run in (1, 2):
+        out = tmp_path / f"sp{run}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "stats_pass.py"), "--dataset", "synthetic",
+                               "--per-class", "10", "--models", "convnet3-w32-bn", "--threads", "1", "--out", str(out)],
+                              capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows.append([{k: r[k] for k in ("model", "layers", "images", "max_rel_diff")}
+                     for r in json.loads(out.read_text())["rows"]])
+    assert rows[0] == rows[1] and rows[0][0]["max_rel_diff"] > 0  # float32 against float64: not exactly 0
 
 
 def test_stats_pass_names_missing_data_in_one_line(tmp_path):

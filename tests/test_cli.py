@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from ddkit.cli import main
 
@@ -104,6 +105,39 @@ def test_teacher_distill_evaluate_show_export(workdir, capsys, tmp_path):
     assert code == 0 and "teacher" in out
     code, out, _ = run_cli(["export", str(d), "--format", "imagefolder", "--out", str(tmp_path / "png")], capsys)
     assert code == 0 and len(list((tmp_path / "png").rglob("*.png"))) == 20
+
+
+def test_run_writes_the_same_numbers_in_a_fresh_process(tmp_path, capsys, monkeypatch):
+    """torch seeds its global generator from the OS in every new process (this one's: the test seed); a run
+    draws the initial weights and dropout of its teacher, synthesis nets and students from its own seeds,
+    so a fresh process writes the same weights, images and accuracies, to the byte."""
+    from conftest import run_ddkit
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "dataset: {name: synthetic}\n"
+        "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+        "distill: {method: dm, ipc: 2, options: {model: tiny_convnet, iterations: 2}}\n"
+        "evaluate:\n  protocol: dc-protocol\n  overrides: {student: tiny_convnet, random_baseline: false, "
+        "full_reference: false, train: {epochs: 2, batch_size: 32}}\n  label_modes: [teacher]\n  seeds: [0, 1]\n"
+        "out: run\n"
+    )
+    here, fresh = tmp_path / "here", tmp_path / "fresh"
+    here.mkdir()
+    fresh.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("DDKIT_CACHE", str(here / "cache"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as run_ddkit's process (the CPU's float sums depend on the thread count)
+    try:
+        assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    run_ddkit(fresh, "run", str(cfg))
+    for name in ("teacher/model.safetensors", "distilled/images.safetensors"):
+        assert (here / "run" / name).read_bytes() == (fresh / "run" / name).read_bytes(), name
+    runs = [json.loads((d / "run" / "eval-teacher.json").read_text())["results"]["distilled"] for d in (here, fresh)]
+    assert len(runs[0]["per_seed"]) == 2 and runs[0]["per_seed"] == runs[1]["per_seed"]
 
 
 def test_run_reuses_finished_stages(tmp_path, capsys):

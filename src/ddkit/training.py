@@ -1,7 +1,10 @@
 """One classifier training loop for teachers, students and full-data references.
 
 All randomness after model initialisation (batch order, augmentation, CutMix) is drawn from one
-``torch.Generator`` seeded explicitly, and always for the *global* batch: under ``torchrun`` each
+``torch.Generator`` seeded explicitly, but for dropout masks, which take no generator: they come from
+torch's global generators, as the initial weights do, so callers build and train a model inside
+:func:`ddkit.determinism.global_rng` with its seed (teachers, experts and students do). Batches and
+augmentation are always drawn for the *global* batch: under ``torchrun`` each
 rank takes a contiguous slice of every global batch and of its augmentation parameters, and the
 per-sample loss is normalised by the global batch size, so a data-parallel run computes the same
 updates as a single process (up to floating-point summation order) -- for models without

@@ -911,7 +911,9 @@ def train_with_store(
     schedule, epochs, batch size, EMA; ``loss`` = kl | mse_ce; ``temperature``). The store's
     augmentation and CutMix replace ``train.augment`` / ``train.cutmix_prob``. Student epoch ``e``
     replays store epoch ``e % store.epochs`` (a warning is logged when the store is shorter).
-    Batch order comes from a generator seeded with ``seed``. The loop is
+    Batch order comes from a generator seeded with ``seed``; dropout masks, as ``model``'s initial weights,
+    from torch's global generators (evaluation holds :func:`~ddkit.determinism.global_rng` with the student's
+    seed around both). The loop is
     :func:`ddkit.training.train_classifier` with label source ``fkd`` (so DDP, resume and EMA
     behave as everywhere else).
     """
