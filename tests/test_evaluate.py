@@ -288,6 +288,19 @@ def test_the_order_the_seeds_are_written_in_changes_no_number(setup, tiny_protoc
     assert EvalConfig(seeds=[2, 0, 1]).seeds == BenchConfig(seeds=[2, 0, 1]).seeds == [0, 1, 2]
 
 
+def test_full_reference_takes_its_seeds_as_every_stage_does(setup, tiny_protocol, tmp_path):
+    """full_reference sorted the seeds it was given with a sort of its own, unchecked: a repeated seed trained the
+    same reference student twice. It keeps them as config.sorted_seeds does for every stage, and refuses a repeat
+    before any student trains."""
+    from ddkit.config import sorted_seeds
+    from ddkit.evaluate.runner import full_reference
+
+    assert sorted_seeds([2, torch.tensor(0), 1]) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"^full_reference seeds: \[0, 0\] repeats a seed"):
+        full_reference(setup[0], resolve_protocol(tiny_protocol, {"full_epochs": 1}), [0, 0], "cpu", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing cached
+
+
 def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protocol, tmp_path, monkeypatch):
     """A bench evaluates again under another torch thread count (float sums depend on it), but the random subset's
     and the full data's students still came from the cache, trained under the other count, while the report

@@ -57,7 +57,7 @@ from ddkit.artifacts import (
     versions,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.determinism import stage_modes
@@ -178,7 +178,7 @@ class BenchConfig(Checked):
     def __post_init__(self) -> None:
         self.datasets = [DatasetConfig(name=d) if isinstance(d, str) else d for d in self.datasets]
         self.methods = [MethodSpec(name=m) if isinstance(m, str) else m for m in self.methods]
-        self.seeds = sorted(self.seeds)
+        self.seeds = sorted_seeds(self.seeds)
         problems = []
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):

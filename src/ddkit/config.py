@@ -510,6 +510,13 @@ def seed_list(value: Any, what: str = "seeds") -> list[int]:
     return seeds
 
 
+def sorted_seeds(value: Any, what: str = "seeds") -> list[int]:
+    """``value`` as :func:`seed_list` takes it, in ascending order: the one order in which every config and
+    stage keeps student seeds, so that an evaluation (its per-seed order, the full-data reference's smallest
+    seeds) is the same however the seeds are written."""
+    return sorted(seed_list(value, what))
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -41,6 +41,7 @@ from ddkit.config import (
     from_dict,
     keyed,
     sorted_keys,
+    sorted_seeds,
     to_dict,
     typed_numbers,
 )
@@ -139,7 +140,7 @@ class EvalConfig(Checked):
         if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
             raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
                               "evaluate.label_modes; list it there instead")
-        self.seeds = sorted(self.seeds)
+        self.seeds = sorted_seeds(self.seeds, "evaluate.seeds")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
