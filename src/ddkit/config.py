@@ -274,8 +274,7 @@ _INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _init_fields(cls)
     kwargs: dict[str, Any] = {}
     listed = False  # the valid keys, said once per section
     for key, value in data.items():
@@ -284,14 +283,15 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
             errors.append(_unknown_key(key, path, where, list(fields), listed))
             listed = listed or " valid keys: " in errors[-1]
             continue
-        default = _field_default(fields[key])
+        f, tp, seed = fields[key]
+        default = _field_default(f)
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             value = _deep_merge(to_dict(default), value)
-        kwargs[key] = _convert(value, hints[key], path, errors)
-        if fields[key].metadata.get("seed"):
+        kwargs[key] = _convert(value, tp, path, errors)
+        if seed:
             _check_seeds(kwargs[key], path, errors)
     missing = [
-        n for n, f in fields.items()
+        n for n, (f, _, _) in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     for name in missing:
@@ -386,7 +386,7 @@ class Checked:
         object.__setattr__(self, _BUILT, True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get(_BUILT) and name in _field_names(type(self)):
+        if self.__dict__.get(_BUILT) and name in _init_fields(type(self)):
             # built: the config as the constructor would make it with this value (types, ranges, combinations),
             # from which the value is taken as the constructor stores it (a float for an int given, ...)
             value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
@@ -429,18 +429,17 @@ def _default_text(f: dataclasses.Field) -> str:
     return f"default {type(value).__name__}()" if dataclasses.is_dataclass(value) else f"default {value!r}"
 
 
-def _field_names(cls: type) -> frozenset[str]:
-    """The names of the fields ``cls.__init__`` sets (cached per class)."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
-    return names
+def _init_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any, bool]]:
+    """The fields ``cls.__init__`` sets, by name: (field, type hint, holds seeds) (cached per class)."""
+    spec = _INIT_FIELDS.get(cls)
+    if spec is None:
+        hints = get_type_hints(cls)
+        spec = _INIT_FIELDS[cls] = {f.name: (f, hints[f.name], bool(f.metadata.get("seed")))
+                                    for f in dataclasses.fields(cls) if f.init}
+    return spec
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
-
-#: per config class: (field, type hint, holds seeds) of each field set by ``__init__``
-_FIELD_TYPES: dict[type, list[tuple[dataclasses.Field, Any, bool]]] = {}
+_INIT_FIELDS: dict[type, dict[str, tuple[dataclasses.Field, Any, bool]]] = {}
 
 
 def check_fields(obj: Any) -> None:
@@ -450,13 +449,8 @@ def check_fields(obj: Any) -> None:
     (an int in a float field as a float, a list for a fixed-length tuple as a tuple, a mapping given
     for a nested config as that config), so a config built in Python has the hash of its YAML twin."""
     cls = type(obj)
-    spec = _FIELD_TYPES.get(cls)
-    if spec is None:
-        hints = get_type_hints(cls)
-        spec = _FIELD_TYPES[cls] = [(f, hints[f.name], bool(f.metadata.get("seed")))
-                                    for f in dataclasses.fields(cls) if f.init]
     errors: list[str] = []
-    for field, tp, seed in spec:
+    for field, tp, seed in _init_fields(cls).values():
         name = field.name
         value = getattr(obj, name)
         where = f"{cls.__name__}.{name}"
