@@ -286,7 +286,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
         f, tp, seed = fields[key]
         default = _field_default(f)
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            value = _deep_merge(to_dict(default), value)
+            value = merge_overrides(to_dict(default), value)
         kwargs[key] = _convert(value, tp, path, errors)
         if seed:
             _check_seeds(kwargs[key], path, errors)
@@ -457,7 +457,7 @@ def check_fields(obj: Any) -> None:
         if isinstance(value, dict):  # on the field's own default, as from_dict does (TeacherConfig.train)
             default = _field_default(field)
             if dataclasses.is_dataclass(default):
-                value = _deep_merge(to_dict(default), value)
+                value = merge_overrides(to_dict(default), value)
         out = _convert(value, tp, where, errors)
         if seed:
             _check_seeds(out, where, errors)
@@ -519,13 +519,6 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 # option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
 # options merged from another augmentation or model would not apply to the new one
 WHOLE_DICTS = ("augment_options", "student_options", "model_options")
@@ -534,7 +527,8 @@ WHOLE_DICTS = ("augment_options", "student_options", "model_options")
 def merge_overrides(base: dict, over: dict) -> dict:
     """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
     :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified). The one rule of every
-    override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``."""
+    override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``, and a
+    mapping given for a nested config on that config's defaults (``teacher: {train: {epochs: 4}}``)."""
     out = dict(base)
     for k, v in over.items():
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
