@@ -366,10 +366,10 @@ class Cell:
 def load_bench_config(path: str | Path, overrides: list[str] | None = None, **fields: Any) -> BenchConfig:
     """A :class:`BenchConfig` from YAML (``base: other.yaml`` resolved), or from the ``config.json`` a bench
     folder records (its ``config``), then top-level ``fields`` (the CLI's flags), then ``a.b=c`` overrides."""
-    from ddkit.config import apply_overrides, load_yaml_with_base
+    from ddkit.config import apply_overrides, load_yaml_with_base, record_kind
 
     data = load_yaml_with_base(path)
-    if data.get("kind") == "bench-config" and "schema_version" in data and isinstance(data.get("config"), dict):
+    if record_kind(data) == "bench-config" and isinstance(data.get("config"), dict):
         data = data["config"]  # a bench folder's own record: runs again as it was (its paths are absolute)
     return from_dict(BenchConfig, apply_overrides({**data, **fields}, list(overrides or [])))
 

@@ -536,11 +536,19 @@ def merge_overrides(base: dict, over: dict) -> dict:
     return out
 
 
+def record_kind(data: Any) -> str | None:
+    """The ``kind`` of a record ddkit wrote (a manifest.json, a bench's config.json: a ``kind`` text beside a
+    ``schema_version``), None for anything else, such as a config's settings."""
+    if isinstance(data, dict) and isinstance(data.get("kind"), str) and "schema_version" in data:
+        return data["kind"]
+    return None
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
-    if not where and data and isinstance(data.get("kind"), str) and "schema_version" in data and \
+    if not where and record_kind(data) is not None and \
             "kind" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
         # a manifest.json, or a bench's wrapped config.json: every key of it would be unknown
         held = "its settings are under its `config` key: write that mapping to a file and pass it" if \
