@@ -73,6 +73,7 @@ from ddkit.evaluate.protocol import (
     recorded_overrides,
     recorded_protocol,
     resolve_protocol,
+    unused_overrides,
 )
 from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher, progress_form
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
@@ -208,12 +209,14 @@ class BenchConfig(Checked):
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
-        unused = [(f"overrides.{k}", k, "") for k in CELL_KEYS if k in self.overrides]
-        unused += [(f"ipc_overrides.{ipc}.{k}", k, " (student_ipcs limits a student to some IPCs)" if k == "student"
-                    else "") for ipc, over in self.ipc_overrides.items() for k in CELL_KEYS if k in over]
-        if unused:  # protocol_for sets both per cell: the key would be recorded, and never used
-            raise ConfigError("; ".join(f"{key} is not used: each cell's {k.replace('_', ' ')} comes from "
-                                        f"{CELL_KEYS[k]}; list it there instead{hint}" for key, k, hint in unused))
+        # protocol_for sets both per cell
+        set_by = {k: f"each cell's {k.replace('_', ' ')} comes from {listed}" for k, listed in CELL_KEYS.items()}
+        unused = unused_overrides(self.overrides, set_by)
+        for ipc, over in self.ipc_overrides.items():
+            unused += unused_overrides(over, set_by, f"ipc_overrides.{ipc}",
+                                       {"student": " (student_ipcs limits a student to some IPCs)"})
+        if unused:
+            raise ConfigError("; ".join(unused))
         self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
                              for k, v in self.teacher_pool.items()}
         extra = sorted(set(self.ipc_overrides) - set(self.ipcs))

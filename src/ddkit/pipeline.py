@@ -57,6 +57,7 @@ from ddkit.evaluate.protocol import (
     recorded_overrides,
     recorded_protocol,
     resolve_protocol,
+    unused_overrides,
 )
 from ddkit.evaluate.runner import (
     check_random_ipc,
@@ -137,9 +138,10 @@ class EvalConfig(Checked):
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
-        if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
-            raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
-                              "evaluate.label_modes; list it there instead")
+        unused = unused_overrides(self.overrides, {"label_mode": "the run evaluates every mode in "
+                                                                 "evaluate.label_modes"})  # protocols() sets it
+        if unused:
+            raise ConfigError("; ".join(unused))
         self.seeds = sorted_seeds(self.seeds, "evaluate.seeds")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
