@@ -90,7 +90,7 @@ from ddkit.data.augment import (
     build_augment,
     check_cutmix,
     slice_params,
-    typed_augment_options,
+    typed_augment,
 )
 from ddkit.data.base import ImageSet, hash_rows
 from ddkit.determinism import stage_modes
@@ -659,8 +659,7 @@ def relabel(
     if not is_count(seed, 0) or seed >= SEED_LIMIT:
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
-    augment_options = typed_augment_options(augment_name, dict(augment_options or {}))  # recorded as typed
-    augment = build_augment(augment_name, **augment_options)
+    augment, augment_options = typed_augment(augment_name, dict(augment_options or {}))  # options recorded typed
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)
     if not isinstance(model, nn.Module):
