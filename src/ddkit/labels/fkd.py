@@ -46,6 +46,7 @@ classes (FKD's renormalisation, at any temperature). ``-inf`` is only valid for 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -91,6 +92,7 @@ from ddkit.data.augment import (
     check_cutmix,
     slice_params,
     typed_augment,
+    typed_augment_options,
 )
 from ddkit.data.base import ImageSet, hash_rows
 from ddkit.determinism import stage_modes
@@ -831,6 +833,9 @@ class RelabelSpec(Checked):
 
     def __post_init__(self) -> None:
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+        # numbers as relabel records them (1 and 1.0 key one store); what does not build, check_augment refuses
+        with contextlib.suppress(DDKitError):
+            self.augment_options = typed_augment_options(self.augment, self.augment_options)
         # what relabel would refuse only once a run or bench reaches it (teachers and sets made)
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")
