@@ -601,3 +601,19 @@ def test_yaml_alias_bombs_are_refused_and_errors_echo_values_in_short(tmp_path):
     shared.write_text("a: &d {lr: 0.1, epochs: 2}\nb:\n  <<: *d\n  lr: 0.2\nc: *d\n")
     assert load_yaml(shared) == {"a": {"lr": 0.1, "epochs": 2}, "b": {"lr": 0.2, "epochs": 2},
                                  "c": {"lr": 0.1, "epochs": 2}}
+
+
+def test_a_nested_configs_defaults_take_a_mapping_by_the_override_rule():
+    """A mapping given for a nested config was merged into its defaults by a merge of its own, which also merged
+    an option dict (``augment_options``) key by key: options of the default augmentation then applied to another.
+    It is merged as every override layer is (``merge_overrides``): option dicts replaced whole, the rest by key."""
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Outer(config.Checked):
+        train: TrainConfig = config.field(factory=lambda: TrainConfig(epochs=7, augment="rrc_flip",
+                                                                      augment_options={"scale_min": 0.5}))
+
+    given = {"train": {"augment": "crop_flip", "augment_options": {"pad": 2}}}
+    for built in (from_dict(Outer, given), Outer(**given)):
+        assert (built.train.epochs, built.train.augment, built.train.augment_options) == (7, "crop_flip", {"pad": 2})

@@ -100,6 +100,31 @@ def test_a_set_and_a_protocol_hash_numbers_as_their_fields_type_them():
     assert protocol(1).hash == protocol(1.0).hash == protocol(np.float32(1.0)).hash != protocol(0.5).hash
 
 
+
+def test_augment_options_hash_as_the_augmentation_types_them_wherever_they_are_keyed():
+    """A protocol's and relabel's augment options were typed (`scale_min: 1` recorded as 1.0), but a run's or bench's
+    `relabel:` section, MTT's augment_options, its expert buffer's and DSA's dsa_options were hashed as written: `1`
+    and `1.0` keyed two FKD stores and two sets of the same bytes. The shipped configs keep their hashes (below)."""
+    from ddkit.labels import RelabelSpec
+    from ddkit.methods.mtt import MTTConfig
+    from ddkit.methods.trajectory import ExpertConfig
+
+    data = make_synthetic()
+    relabel = [RelabelSpec(augment_options={"scale_min": v}) for v in (1, 1.0, np.float32(1.0))]
+    assert relabel[0].augment_options == {"scale_min": 1.0} and type(relabel[0].augment_options["scale_min"]) is float
+    assert len({config_hash(r.identity()) for r in relabel}) == 1
+    assert RelabelSpec(augment="nope").augment == "nope"  # refused by check_augment, which names the key
+    assert ExpertConfig(augment="rrc_flip", augment_options={"scale_min": 1}).augment_options == {"scale_min": 1.0}
+    assert MTTConfig(augment_options={"brightness": 1}).augment_options == {"brightness": 1.0}
+
+    def key(method, options):
+        return distill_hash(DistillConfig(method=method, ipc=1, options=options), data, None)
+
+    assert key("mtt", {"augment_options": {"brightness": 1}}) == key("mtt", {"augment_options": {"brightness": 1.0}})
+    assert key("dm", {"dsa_options": {"brightness": 1}}) == key("dm", {"dsa_options": {"brightness": 1.0}}) != key(
+        "dm", {"dsa_options": {"brightness": 0.5}})
+
+
 # Hashes of shipped configs and presets from before the options were typed (computed at 7f81b35): the sets,
 # protocols and runs they name keep their cached artifacts.
 PINNED_SETS = {  # distill_hash on make_synthetic(), no teacher

@@ -288,6 +288,19 @@ def test_the_order_the_seeds_are_written_in_changes_no_number(setup, tiny_protoc
     assert EvalConfig(seeds=[2, 0, 1]).seeds == BenchConfig(seeds=[2, 0, 1]).seeds == [0, 1, 2]
 
 
+def test_full_reference_takes_its_seeds_as_every_stage_does(setup, tiny_protocol, tmp_path):
+    """full_reference sorted the seeds it was given with a sort of its own, unchecked: a repeated seed trained the
+    same reference student twice. It keeps them as config.sorted_seeds does for every stage, and refuses a repeat
+    before any student trains."""
+    from ddkit.config import sorted_seeds
+    from ddkit.evaluate.runner import full_reference
+
+    assert sorted_seeds([2, torch.tensor(0), 1]) == [0, 1, 2]
+    with pytest.raises(ConfigError, match=r"^full_reference seeds: \[0, 0\] repeats a seed"):
+        full_reference(setup[0], resolve_protocol(tiny_protocol, {"full_epochs": 1}), [0, 0], "cpu", tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing cached
+
+
 def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protocol, tmp_path, monkeypatch):
     """A bench evaluates again under another torch thread count (float sums depend on it), but the random subset's
     and the full data's students still came from the cache, trained under the other count, while the report
@@ -699,16 +712,23 @@ def test_fkd_with_extra_teachers_relabels_with_their_ensemble(setup, tmp_path):
     assert rep["teacher"]["weights_sha"] == own.fingerprint
 
 
-def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_path):
+def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_path, monkeypatch):
     """`ddkit run` records its labels stage's key in its store's manifest, which the store's identity hashed: the
     store `ddkit relabel` made from the same set and teacher with the same settings (the same bytes) had another
     identity, so evaluations keyed by it were not shared. The process count was hashed too, although relabel gives
     the single-process bytes on any number (2 ranks: tests/test_distributed.py). Reports a run keyed by the old
-    identity are still reused."""
+    identity are still reused; that old key (which reads the store's manifest again) is computed only for a report
+    without the current key, not on every run."""
+    import ddkit.pipeline as pipeline
     from ddkit.config import config_hash
     from ddkit.labels import relabel
     from ddkit.labels.fkd import FILE, store_identity
     from ddkit.pipeline import RunConfig, run
+
+    legacy_keys = []
+    inputs = pipeline.protocol_inputs
+    monkeypatch.setattr(pipeline, "protocol_inputs", lambda p, legacy=False: legacy_keys.append(legacy) or inputs(
+        p, legacy))
 
     cfg = from_dict(RunConfig, {
         "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(tmp_path / "run"),
@@ -718,6 +738,8 @@ def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_pa
             "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
             "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}}}})
     run(cfg)
+    assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]  # by the current key
+    assert legacy_keys == [False, False]  # one key per run: no report (first run), then one with that key
     labels = tmp_path / "run" / "labels"
     made = relabel(tmp_path / "run" / "distilled", tmp_path / "run" / "teacher", 2, out=tmp_path / "made.fkd")
     assert (labels / FILE).read_bytes() == (made.path / FILE).read_bytes()
@@ -739,7 +761,9 @@ def test_a_store_relabel_makes_with_a_runs_settings_has_the_runs_identity(tmp_pa
         "distilled": json.loads((tmp_path / "run/distilled/manifest.json").read_text())["config_hash"],
         "teacher": rep["teacher"]["weights_sha"], "fkd_store": store_identity(labels, legacy=True)})
     report.write_text(json.dumps(rep))
+    legacy_keys.clear()
     assert run(cfg)["reused"] == ["teacher", "distilled", "labels", "eval-fkd.json"]
+    assert legacy_keys == [False, True]  # the old key for the report that lacks the current one
 
 
 def test_learned_lr_trains_students_with_the_sets_lr(setup, tiny_protocol, tmp_path):

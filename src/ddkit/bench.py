@@ -57,7 +57,7 @@ from ddkit.artifacts import (
     versions,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, to_dict
+from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.determinism import stage_modes
@@ -73,6 +73,7 @@ from ddkit.evaluate.protocol import (
     recorded_overrides,
     recorded_protocol,
     resolve_protocol,
+    unused_overrides,
 )
 from ddkit.evaluate.runner import check_random_ipc, evaluate, evaluation_bytes, labelling_teacher, progress_form
 from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds  # noqa: F401  (defined here before)
@@ -178,7 +179,7 @@ class BenchConfig(Checked):
     def __post_init__(self) -> None:
         self.datasets = [DatasetConfig(name=d) if isinstance(d, str) else d for d in self.datasets]
         self.methods = [MethodSpec(name=m) if isinstance(m, str) else m for m in self.methods]
-        self.seeds = sorted(self.seeds)
+        self.seeds = sorted_seeds(self.seeds)
         problems = []
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):
@@ -208,12 +209,14 @@ class BenchConfig(Checked):
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
-        unused = [(f"overrides.{k}", k, "") for k in CELL_KEYS if k in self.overrides]
-        unused += [(f"ipc_overrides.{ipc}.{k}", k, " (student_ipcs limits a student to some IPCs)" if k == "student"
-                    else "") for ipc, over in self.ipc_overrides.items() for k in CELL_KEYS if k in over]
-        if unused:  # protocol_for sets both per cell: the key would be recorded, and never used
-            raise ConfigError("; ".join(f"{key} is not used: each cell's {k.replace('_', ' ')} comes from "
-                                        f"{CELL_KEYS[k]}; list it there instead{hint}" for key, k, hint in unused))
+        # protocol_for sets both per cell
+        set_by = {k: f"each cell's {k.replace('_', ' ')} comes from {listed}" for k, listed in CELL_KEYS.items()}
+        unused = unused_overrides(self.overrides, set_by)
+        for ipc, over in self.ipc_overrides.items():
+            unused += unused_overrides(over, set_by, f"ipc_overrides.{ipc}",
+                                       {"student": " (student_ipcs limits a student to some IPCs)"})
+        if unused:
+            raise ConfigError("; ".join(unused))
         self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
                              for k, v in self.teacher_pool.items()}
         extra = sorted(set(self.ipc_overrides) - set(self.ipcs))
@@ -366,10 +369,10 @@ class Cell:
 def load_bench_config(path: str | Path, overrides: list[str] | None = None, **fields: Any) -> BenchConfig:
     """A :class:`BenchConfig` from YAML (``base: other.yaml`` resolved), or from the ``config.json`` a bench
     folder records (its ``config``), then top-level ``fields`` (the CLI's flags), then ``a.b=c`` overrides."""
-    from ddkit.config import apply_overrides, load_yaml_with_base
+    from ddkit.config import apply_overrides, load_yaml_with_base, record_kind
 
     data = load_yaml_with_base(path)
-    if data.get("kind") == "bench-config" and "schema_version" in data and isinstance(data.get("config"), dict):
+    if record_kind(data) == "bench-config" and isinstance(data.get("config"), dict):
         data = data["config"]  # a bench folder's own record: runs again as it was (its paths are absolute)
     return from_dict(BenchConfig, apply_overrides({**data, **fields}, list(overrides or [])))
 

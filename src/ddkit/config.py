@@ -274,8 +274,7 @@ _INT_TEXT = re.compile(r"[+-]?\d+")
 
 
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
-    hints = get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = _init_fields(cls)
     kwargs: dict[str, Any] = {}
     listed = False  # the valid keys, said once per section
     for key, value in data.items():
@@ -284,14 +283,15 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
             errors.append(_unknown_key(key, path, where, list(fields), listed))
             listed = listed or " valid keys: " in errors[-1]
             continue
-        default = _field_default(fields[key])
+        f, tp, seed = fields[key]
+        default = _field_default(f)
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
-            value = _deep_merge(to_dict(default), value)
-        kwargs[key] = _convert(value, hints[key], path, errors)
-        if fields[key].metadata.get("seed"):
+            value = merge_overrides(to_dict(default), value)
+        kwargs[key] = _convert(value, tp, path, errors)
+        if seed:
             _check_seeds(kwargs[key], path, errors)
     missing = [
-        n for n, f in fields.items()
+        n for n, (f, _, _) in fields.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     for name in missing:
@@ -386,7 +386,7 @@ class Checked:
         object.__setattr__(self, _BUILT, True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get(_BUILT) and name in _field_names(type(self)):
+        if self.__dict__.get(_BUILT) and name in _init_fields(type(self)):
             # built: the config as the constructor would make it with this value (types, ranges, combinations),
             # from which the value is taken as the constructor stores it (a float for an int given, ...)
             value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
@@ -429,18 +429,17 @@ def _default_text(f: dataclasses.Field) -> str:
     return f"default {type(value).__name__}()" if dataclasses.is_dataclass(value) else f"default {value!r}"
 
 
-def _field_names(cls: type) -> frozenset[str]:
-    """The names of the fields ``cls.__init__`` sets (cached per class)."""
-    names = _FIELD_NAMES.get(cls)
-    if names is None:
-        names = _FIELD_NAMES[cls] = frozenset(f.name for f in dataclasses.fields(cls) if f.init)
-    return names
+def _init_fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any, bool]]:
+    """The fields ``cls.__init__`` sets, by name: (field, type hint, holds seeds) (cached per class)."""
+    spec = _INIT_FIELDS.get(cls)
+    if spec is None:
+        hints = get_type_hints(cls)
+        spec = _INIT_FIELDS[cls] = {f.name: (f, hints[f.name], bool(f.metadata.get("seed")))
+                                    for f in dataclasses.fields(cls) if f.init}
+    return spec
 
 
-_FIELD_NAMES: dict[type, frozenset[str]] = {}
-
-#: per config class: (field, type hint, holds seeds) of each field set by ``__init__``
-_FIELD_TYPES: dict[type, list[tuple[dataclasses.Field, Any, bool]]] = {}
+_INIT_FIELDS: dict[type, dict[str, tuple[dataclasses.Field, Any, bool]]] = {}
 
 
 def check_fields(obj: Any) -> None:
@@ -450,20 +449,15 @@ def check_fields(obj: Any) -> None:
     (an int in a float field as a float, a list for a fixed-length tuple as a tuple, a mapping given
     for a nested config as that config), so a config built in Python has the hash of its YAML twin."""
     cls = type(obj)
-    spec = _FIELD_TYPES.get(cls)
-    if spec is None:
-        hints = get_type_hints(cls)
-        spec = _FIELD_TYPES[cls] = [(f, hints[f.name], bool(f.metadata.get("seed")))
-                                    for f in dataclasses.fields(cls) if f.init]
     errors: list[str] = []
-    for field, tp, seed in spec:
+    for field, tp, seed in _init_fields(cls).values():
         name = field.name
         value = getattr(obj, name)
         where = f"{cls.__name__}.{name}"
         if isinstance(value, dict):  # on the field's own default, as from_dict does (TeacherConfig.train)
             default = _field_default(field)
             if dataclasses.is_dataclass(default):
-                value = _deep_merge(to_dict(default), value)
+                value = merge_overrides(to_dict(default), value)
         out = _convert(value, tp, where, errors)
         if seed:
             _check_seeds(out, where, errors)
@@ -510,19 +504,19 @@ def seed_list(value: Any, what: str = "seeds") -> list[int]:
     return seeds
 
 
+def sorted_seeds(value: Any, what: str = "seeds") -> list[int]:
+    """``value`` as :func:`seed_list` takes it, in ascending order: the one order in which every config and
+    stage keeps student seeds, so that an evaluation (its per-seed order, the full-data reference's smallest
+    seeds) is the same however the seeds are written."""
+    return sorted(seed_list(value, what))
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
     if f.default_factory is not dataclasses.MISSING:
         return f.default_factory()
     return None
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 # option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
@@ -533,7 +527,8 @@ WHOLE_DICTS = ("augment_options", "student_options", "model_options")
 def merge_overrides(base: dict, over: dict) -> dict:
     """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
     :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified). The one rule of every
-    override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``."""
+    override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``, and a
+    mapping given for a nested config on that config's defaults (``teacher: {train: {epochs: 4}}``)."""
     out = dict(base)
     for k, v in over.items():
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
@@ -541,11 +536,19 @@ def merge_overrides(base: dict, over: dict) -> dict:
     return out
 
 
+def record_kind(data: Any) -> str | None:
+    """The ``kind`` of a record ddkit wrote (a manifest.json, a bench's config.json: a ``kind`` text beside a
+    ``schema_version``), None for anything else, such as a config's settings."""
+    if isinstance(data, dict) and isinstance(data.get("kind"), str) and "schema_version" in data:
+        return data["kind"]
+    return None
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
-    if not where and data and isinstance(data.get("kind"), str) and "schema_version" in data and \
+    if not where and record_kind(data) is not None and \
             "kind" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
         # a manifest.json, or a bench's wrapped config.json: every key of it would be unknown
         held = "its settings are under its `config` key: write that mapping to a file and pass it" if \

@@ -41,6 +41,7 @@ from ddkit.config import (
     from_dict,
     keyed,
     sorted_keys,
+    sorted_seeds,
     to_dict,
     typed_numbers,
 )
@@ -56,6 +57,7 @@ from ddkit.evaluate.protocol import (
     recorded_overrides,
     recorded_protocol,
     resolve_protocol,
+    unused_overrides,
 )
 from ddkit.evaluate.runner import (
     check_random_ipc,
@@ -136,10 +138,11 @@ class EvalConfig(Checked):
 
     def __post_init__(self) -> None:
         self.overrides = sorted_keys(self.overrides)
-        if "label_mode" in self.overrides:  # protocols() sets it per mode: it would be recorded, and never used
-            raise ConfigError("overrides.label_mode is not used: the run evaluates every mode in "
-                              "evaluate.label_modes; list it there instead")
-        self.seeds = sorted(self.seeds)
+        unused = unused_overrides(self.overrides, {"label_mode": "the run evaluates every mode in "
+                                                                 "evaluate.label_modes"})  # protocols() sets it
+        if unused:
+            raise ConfigError("; ".join(unused))
+        self.seeds = sorted_seeds(self.seeds, "evaluate.seeds")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
         bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
@@ -465,6 +468,15 @@ def ensemble_identity(protocol: ProtocolConfig) -> dict:
     return {"extra_teacher_weights": teacher_weights(protocol.extra_teachers)}
 
 
+def evaluation_key(protocol: ProtocolConfig, seeds: list[int], distilled: str, teacher: str | None,
+                   legacy: bool = False) -> str:
+    """The key ``run`` gives its evaluation of the set with key ``distilled`` under ``protocol`` (its report's
+    ``run_hash``), labelled by the teacher with fingerprint ``teacher`` (None: hard labels); ``legacy``: with the
+    inputs as ddkit until 2026-12-07 keyed them (:func:`protocol_inputs`)."""
+    return config_hash({"protocol": protocol.hash, "seeds": seeds, "distilled": distilled, "teacher": teacher,
+                        **protocol_inputs(protocol, legacy)})
+
+
 def protocol_inputs(protocol: ProtocolConfig, legacy: bool = False) -> dict:
     """For keys of ``protocol``'s evaluations: what it reads from disk, which its hash names only by
     count or marker: the extra teachers' weights (:func:`ensemble_identity`) and, in label mode fkd,
@@ -662,18 +674,19 @@ def run(
         # hard labels ask no teacher (nor do their random subset and full-data reference): the evaluation is the same
         # whichever teacher the run has. Reports ddkit until 2026-12-07 wrote are reused too: their key named the
         # teacher in label mode hard as well (the run's, which its set records), and an FKD store by its legacy
-        # identity (protocol_inputs)
+        # identity (protocol_inputs); that key is computed only for a report there without the current one
         hard = protocol.label_mode == "hard"
         labels_with = None if hard else teacher
         fp = teacher.fingerprint if labels_with is not None else None
-        keys = list(dict.fromkeys(
-            config_hash({"protocol": protocol.hash, "seeds": cfg.evaluate.seeds, "distilled": want, "teacher": t,
-                         **protocol_inputs(protocol, legacy)})
-            for t, legacy in ((fp, False), (made_by if hard else fp, True))))
-        key = keys[0]
+        key = evaluation_key(protocol, cfg.evaluate.seeds, want, fp)
+
+        def keyed(r: dict, key: str = key, protocol: ProtocolConfig = protocol,
+                  old_teacher: str | None = made_by if hard else fp) -> bool:
+            return r.get("run_hash") == key or r.get("run_hash") == evaluation_key(
+                protocol, cfg.evaluate.seeds, want, old_teacher, legacy=True)
+
         # an edited number (a mean that is not its seeds') is a damaged report: evaluated again
-        report = reusable_stage(lambda p=path, k=keys: (r := read_json(p)).get("run_hash") in k and check_report(r, p),
-                                path, "evaluating")
+        report = reusable_stage(lambda p=path, f=keyed: f(r := read_json(p)) and check_report(r, p), path, "evaluating")
         if report:
             summary["reused"].append(path.name)
         else:

@@ -656,11 +656,16 @@ def build_augment(spec: str, **kw) -> Augment | None:
     return from_dict(cls, kw, "augment_options")  # typed: a string for a number is a config error, not a TypeError
 
 
-def typed_augment_options(spec: str, options: dict) -> dict:
-    """``options`` of the augmentation ``spec``, checked (:func:`build_augment`), with each number as its
-    field types it (``scale_min: 1`` as ``1.0``, numpy's as Python's), so that options written either way
-    record and hash alike; options written as they resolve are returned unchanged."""
+def typed_augment(spec: str, options: dict) -> tuple[Augment | None, dict]:
+    """The augmentation ``spec`` built with ``options`` (:func:`build_augment`), and ``options`` with each
+    number as its field types it (``scale_min: 1`` as ``1.0``, numpy's as Python's), so that options written
+    either way record and hash alike; options written as they resolve are returned unchanged."""
     from ddkit.config import to_dict, typed_numbers
 
     augment = build_augment(spec, **options)
-    return dict(options) if augment is None else typed_numbers(options, to_dict(augment))
+    return augment, dict(options) if augment is None else typed_numbers(options, to_dict(augment))
+
+
+def typed_augment_options(spec: str, options: dict) -> dict:
+    """``options`` of the augmentation ``spec``, checked and typed as :func:`typed_augment` types them."""
+    return typed_augment(spec, options)[1]

@@ -265,6 +265,15 @@ def recorded_overrides(spec: str, overrides: dict) -> dict:
     return out
 
 
+def unused_overrides(overrides: dict, set_by: dict[str, str], where: str = "overrides",
+                     hints: dict[str, str] | None = None) -> list[str]:
+    """One problem for each protocol field of ``set_by`` that ``overrides`` (at ``where``) sets although the
+    caller sets it itself (a run per label mode, a bench per cell): it would be recorded and never used.
+    ``set_by`` says where each field's value comes from instead, ``hints`` what more to say of a field."""
+    return [f"{where}.{k} is not used: {source}; list it there instead{(hints or {}).get(k, '')}"
+            for k, source in set_by.items() if k in overrides]
+
+
 def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
                      where: str = "protocol") -> ProtocolConfig:
     """A protocol from a preset name, a YAML path (str or Path), a dict or a config, with ``overrides``

@@ -41,7 +41,7 @@ from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
-from ddkit.config import config_hash, from_dict, seed_list, to_dict
+from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.distilled import DistilledSet
@@ -420,7 +420,7 @@ def full_reference(
     on whitened images under a ``zca`` protocol."""
     info = ddist.current()
     cfg = protocol.full_train()
-    use = sorted(seeds)[: protocol.full_seeds]
+    use = sorted_seeds(seeds, "full_reference seeds")[: protocol.full_seeds]
     # data-parallel training differs for BatchNorm students, so the number of ranks keys the entry too
     # (left out for one process: entries made before it was recorded keep their key)
     train = {k: v for k, v in to_dict(cfg, identity=True).items() if k != "eval_batch_size"}
@@ -528,7 +528,7 @@ def evaluate(
                          "set the protocol's fkd_store to a `ddkit relabel` folder (CLI: --set fkd_store=DIR)")
     # integers in range, none repeated; sorted, so that the report (per-seed order, the full-data reference of the
     # smallest seeds) is the same however the seeds are written
-    seeds = sorted(seed_list(seeds, "evaluation seeds"))
+    seeds = sorted_seeds(seeds, "evaluation seeds")
     if not seeds:
         raise DDKitError("no evaluation seeds; pass --seeds 0,1,2")
     if data is not None:

@@ -46,6 +46,7 @@ classes (FKD's renormalisation, at any temperature). ``-inf`` is only valid for 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -90,6 +91,7 @@ from ddkit.data.augment import (
     build_augment,
     check_cutmix,
     slice_params,
+    typed_augment,
     typed_augment_options,
 )
 from ddkit.data.base import ImageSet, hash_rows
@@ -659,8 +661,7 @@ def relabel(
     if not is_count(seed, 0) or seed >= SEED_LIMIT:
         raise ConfigError(f"relabel seed must be an integer in [0, 2^32), got {seed!r}")
     check_teacher_bn(teacher_bn, teacher_bn_batch)
-    augment_options = typed_augment_options(augment_name, dict(augment_options or {}))  # recorded as typed
-    augment = build_augment(augment_name, **augment_options)
+    augment, augment_options = typed_augment(augment_name, dict(augment_options or {}))  # options recorded typed
     cutmix = CutMix(cutmix_alpha, cutmix_prob) if cutmix_prob > 0 else None
     model: nn.Module = getattr(teacher, "model", teacher)
     if not isinstance(model, nn.Module):
@@ -832,6 +833,9 @@ class RelabelSpec(Checked):
 
     def __post_init__(self) -> None:
         check_teacher_bn(self.teacher_bn, self.teacher_bn_batch)
+        # numbers as relabel records them (1 and 1.0 key one store); what does not build, check_augment refuses
+        with contextlib.suppress(DDKitError):
+            self.augment_options = typed_augment_options(self.augment, self.augment_options)
         # what relabel would refuse only once a run or bench reaches it (teachers and sets made)
         if self.epochs is not None and self.epochs < 1:
             raise ConfigError(f"epochs must be >= 1 (or null: the protocol's training epochs), got {self.epochs}")

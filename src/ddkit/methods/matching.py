@@ -24,7 +24,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.config import to_dict
-from ddkit.data.augment import build_augment
+from ddkit.data.augment import build_augment, typed_augment_options
 from ddkit.data.base import DataBundle, to_device
 from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
@@ -126,8 +126,8 @@ def check_common(cfg: Any) -> None:
         raise ConfigError(f"batch_real must be >= 1, got {cfg.batch_real}")
     check_model(cfg.model)
     if hasattr(cfg, "dsa_options"):
-        try:
-            build_augment("dsa", **cfg.dsa_options)  # unknown DSA options fail here
+        try:  # unknown DSA options fail here; numbers as DSA types them (1 and 1.0 give one set)
+            cfg.dsa_options = typed_augment_options("dsa", cfg.dsa_options)
         except ConfigError as e:  # named as the method's option, not build_augment's augment_options
             msg = str(e)
             raise ConfigError(f"dsa_options{msg.removeprefix('augment_options')}" if msg.startswith("augment_options")

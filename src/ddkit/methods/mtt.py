@@ -75,7 +75,7 @@ import torch
 
 from ddkit import distributed as ddist
 from ddkit.config import Checked, field
-from ddkit.data.augment import build_augment
+from ddkit.data.augment import build_augment, typed_augment_options
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
@@ -208,8 +208,8 @@ class MTTConfig(Checked):
             problems.append(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if problems:
             raise ConfigError("; ".join(problems))
-        try:
-            build_augment(self.augment, **self.augment_options)
+        try:  # numbers as the augmentation types them: 1 and 1.0 give one set
+            self.augment_options = typed_augment_options(self.augment, self.augment_options)
         except DDKitError as exc:
             raise ConfigError(f"augment: {exc}") from None
 

@@ -92,7 +92,7 @@ from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
 from ddkit.config import Checked, config_hash, field, to_dict
-from ddkit.data.augment import build_augment
+from ddkit.data.augment import build_augment, typed_augment_options
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import global_rng, seeded_cpu_rng, stage_modes, use_deterministic_cuda
@@ -185,8 +185,8 @@ class ExpertConfig(Checked):
         if self.lr_drop != 1.0 and self.lr_drop_epoch is not None and self.lr_drop_epoch >= self.epochs - 1:
             raise ConfigError(f"lr_drop_epoch {self.lr_drop_epoch} is at or after the last of {self.epochs} epochs, so "
                               f"the lr never drops; use 0..{self.epochs - 2}, or lr_drop 1 for no drop")
-        try:
-            build_augment(self.augment, **self.augment_options)  # fails early on a bad name/option
+        try:  # fails early on a bad name/option; numbers as the augmentation types them (1 and 1.0 hash alike)
+            self.augment_options = typed_augment_options(self.augment, self.augment_options)
         except DDKitError as exc:
             raise ConfigError(f"buffer augment: {exc}") from None
 
