@@ -802,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
                             "left); needs --kind, --older-than, --stale or --all")
     pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
-                    "random-baseline, full-reference; `ddkit cache` lists them); repeatable")
+                    "random-baseline, distilled-student, full-reference; `ddkit cache` lists them); repeatable")
     pp.add_argument("--older-than", type=float, metavar="DAYS", help="only entries last modified more than DAYS "
                     "days ago")
     pp.add_argument("--stale", action="store_true", help="only entries an older ddkit made, which this one never "
