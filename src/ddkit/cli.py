@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{', '.join(TEACHER_PRESETS)}), and for stored and fkd while the random baseline is on")
     sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated, in any order (reported sorted)")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
-    sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
+    sp.add_argument("--cache-dir", help="cache of trained students (the set's, the random subset's and the full "
+                    "data's: each is read back instead of trained again; default $DDKIT_CACHE or ~/.cache/ddkit)")
     sp.add_argument("--out", help="eval JSON path (default inside the distilled set)")
     common(sp, data=False, example="train.epochs=50")
     sp.set_defaults(func=cmd_evaluate)

@@ -542,6 +542,12 @@ def evaluate(
     ``seeds`` may come in any order: the report lists them sorted, and the full-data reference trains from
     the ``full_seeds`` smallest.
 
+    Every student is cached in ``cache_dir`` (default :func:`~ddkit.artifacts.cache_dir`) as soon as it is trained,
+    by what decides its accuracy (:func:`student_cache_path`, :func:`random_cache_path`, :func:`full_reference`),
+    not by the other seeds or the baselines: a student cached before is read back, not trained again, so more seeds
+    train only theirs and turning a baseline on trains only its students. Students of a set built in memory are
+    keyed by its images and labels, as those of a saved one.
+
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
     progress = progress_form(progress, "evaluate", "progress")
