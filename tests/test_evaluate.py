@@ -1225,6 +1225,14 @@ def test_student_cache_keys_follow_what_decides_the_student(setup, tiny_protocol
     assert key(stored, t=teacher) != key(stored, s=other_soft, t=teacher)
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})
     assert key(soft, t=teacher) == key(soft, s=other_soft, t=teacher) != key(soft, t=None)
+    # label mode fkd: the store by its content, not its path
+    from ddkit.labels import relabel
+
+    fkd = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": "somewhere"})
+    stores = [relabel(ds, teacher, epochs=1, augment="flip", cutmix_prob=0.0, seed=s) for s in (0, 0, 1)]
+    keys = [student_cache_path(fkd, data, teacher, st, ds, 0, tmp_path).name for st in stores]
+    moved = resolve_protocol(fkd, {"fkd_store": "elsewhere"})
+    assert keys[0] == keys[1] == student_cache_path(moved, data, teacher, stores[0], ds, 0, tmp_path).name != keys[2]
 
 
 def _tiny_run(out: Path, seeds: list[int], **overrides):
