@@ -1408,3 +1408,20 @@ def test_a_recorded_bench_finds_the_extra_teachers_its_protocol_file_names_from_
     run_bench(from_dict(BenchConfig, recorded), progress=lambda d, n, row: seen.append(row))
     assert [(r["label_mode"], r["reused"]) for r in seen] == [("teacher", True)]
     assert recorded["overrides"] == {"extra_teachers": [str(tmp_path / "T4")], "train": {"batch_size": 32, "epochs": 1}}
+
+
+def test_more_seeds_train_only_the_new_seeds_students(tmp_path, monkeypatch):
+    """A bench given seeds 0,1 after seed 0 trained the cell's seed-0 students again (its evaluations are keyed by
+    the seed list); each student is now cached on its own: only seed 1's train, with the numbers of a bench run with
+    seeds 0,1 from scratch."""
+    import ddkit.evaluate.runner as runner
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = run_bench(tiny_cfg(tmp_path / "fresh", ipcs=[1], seeds=[0, 1]))
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    run_bench(tiny_cfg(tmp_path / "b", ipcs=[1], seeds=[0]))
+    trained, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append((len(a[0]), a[4])) or real(*a, **k))
+    rows = run_bench(tiny_cfg(tmp_path / "b", ipcs=[1], seeds=[0, 1]))
+    assert trained == [(4, 1), (4, 1)]  # seed 1's set and random subset (1 image of 4 classes each)
+    assert strip(rows) == strip(fresh) and rows[0]["seeds"] == [0, 1] and rows[0]["acc"]["n"] == 2

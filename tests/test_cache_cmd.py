@@ -239,7 +239,8 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
 
     # accuracies keyed without the thread count and device (schema 1) are never found again
     accuracies = {"random-baseline/r-old.json": (1, "schema 1"), "random-baseline/r-new.json": (2, ""),
-                  "full-reference/f-old.json": (1, "schema 1"), "full-reference/f-bad.json": ("x", "")}
+                  "full-reference/f-old.json": (1, "schema 1"), "full-reference/f-bad.json": ("x", ""),
+                  "distilled-student/d-new.json": (2, "")}
     for name, (schema, _) in accuracies.items():
         write(root / name, 0).write_text(json.dumps({"schema_version": schema, "kind": "random-baseline-cache"}))
     assert {e.name: e.stale for e in cache_entries()} == {
@@ -268,5 +269,5 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     assert code == 0 and out.splitlines()[-1].startswith("removed 5 item(s)")
     assert sorted(e.name for e in cache_entries()) == sorted(
         [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine", "r-new.json",
-         "f-bad.json"])
+         "f-bad.json", "d-new.json"])
     assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept

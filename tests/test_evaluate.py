@@ -61,11 +61,11 @@ def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_p
     monkeypatch.setattr(runner, "_train_student", lambda *a, **k: calls.append(a[1] is a[2]) or real(*a, **k))
     b = evaluate(ds, tiny_protocol, [3], data=data)
     assert a["results"] == b["results"]
-    assert len(calls) == 1  # distilled only: the random subset and the full data came from the caches
-    # the random-baseline cache is keyed by the protocol: another epoch count trains it again
+    assert len(calls) == 0  # the set's, the random subset's and the full data's students came from the caches
+    # the caches are keyed by the protocol: another epoch count trains the set's and the random subset's again
     other = resolve_protocol(tiny_protocol, {"train": {"epochs": tiny_protocol.train.epochs + 1}})
     c = evaluate(ds, other, [3], data=data)
-    assert len(calls) == 3 and c["results"]["random"]["n"] == 1  # distilled + random trained again
+    assert len(calls) == 2 and c["results"]["random"]["n"] == 1  # distilled + random trained again
 
 
 def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path):
@@ -76,7 +76,7 @@ def test_damaged_cache_entries_are_computed_again(setup, tiny_protocol, tmp_path
     tiny_protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
     first = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
     entries = sorted(p for p in cache.rglob("*.json"))
-    assert {p.parent.name for p in entries} == {"random-baseline", "full-reference"}
+    assert {p.parent.name for p in entries} == {"distilled-student", "random-baseline", "full-reference"}
     for p in entries:
         p.write_text(json.dumps({"kind": "something else"}))
     again = evaluate(ds, tiny_protocol, [5], data=data, cache_dir=cache)
@@ -137,7 +137,8 @@ def test_a_cache_that_cannot_be_written_still_gives_the_report(setup, tiny_proto
     assert set(rep["results"]) == {"distilled", "random", "full"}
     assert json.loads(out.read_text())["results"] == rep["results"]
     warned = sorted(r.getMessage() for r in caplog.records if r.getMessage().startswith("cannot cache"))
-    assert [w.split(" in ")[0] for w in warned] == ["cannot cache the full-data reference",
+    assert [w.split(" in ")[0] for w in warned] == ["cannot cache the distilled set's student of seed 5",
+                                                   "cannot cache the full-data reference",
                                                    "cannot cache the random baseline of seed 5"]
     assert all(w.endswith(": Permission denied; later runs will train it again") for w in warned)
     assert not cache.exists() or not list(cache.rglob("*.json"))
@@ -320,16 +321,17 @@ def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protoc
             assert rep["run"]["torch_threads"] == n
     finally:
         torch.set_num_threads(threads)
-    # 1 thread: set, random subset, full data; 2 threads: all three again; 1 thread again: the set only
-    assert calls == [16, 16, len(data.train)] * 2 + [16]
+    # 1 thread: set, random subset, full data; 2 threads: all three again; 1 thread again: none
+    assert calls == [16, 16, len(data.train)] * 2
     entries = sorted(tmp_path.rglob("*.json"))
     assert sorted((p.parent.name, json.loads(p.read_text())["torch_threads"], json.loads(p.read_text())["device"],
                    json.loads(p.read_text())["schema_version"]) for p in entries) == [
+        ("distilled-student", 1, "cpu", 2), ("distilled-student", 2, "cpu", 2),
         ("full-reference", 1, "cpu", 2), ("full-reference", 2, "cpu", 2),
         ("random-baseline", 1, "cpu", 2), ("random-baseline", 2, "cpu", 2)]
     on = {d: random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device=d) for d in ("cpu", "cuda:1")}
     assert on["cpu"] != on["cuda:1"] == random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device="cuda")
-    # `ddkit show ENTRY` summarises both kinds (it refused them: "not a ddkit record ddkit can summarise")
+    # `ddkit show ENTRY` summarises every kind (it refused them: "not a ddkit record ddkit can summarise")
     from ddkit.describe import describe
 
     shown = {(p.parent.name, json.loads(p.read_text())["torch_threads"]): describe(p) for p in entries}
@@ -338,6 +340,10 @@ def test_baseline_caches_are_keyed_by_thread_count_and_device(setup, tiny_protoc
         f"cached random-baseline student: test accuracy {100 * rb['accuracy']:.2f}% of a random subset of 4 images "
         f"per class, student seed 0, protocol {protocol.hash}, trained with {rb['torch_threads']} torch threads on cpu")
     assert shown["full-reference", 2].startswith("cached full-data reference: test accuracy ")
+    st = json.loads(next(p for p in entries if p.parent.name == "distilled-student").read_text())
+    assert shown["distilled-student", st["torch_threads"]] == (
+        f"cached distilled-set student: test accuracy {100 * st['accuracy']:.2f}% of a random set (ipc 4), label mode "
+        f"hard, student seed 0, protocol {protocol.hash}, trained with {st['torch_threads']} torch threads on cpu")
     assert shown["full-reference", 2].endswith(" over 1 student seed(s), 1 epochs, trained with 2 torch threads on cpu")
     old = entries[0].parent / "old.json"  # an older ddkit's entry: said to be stale
     old.write_text(json.dumps({"schema_version": 1, "kind": "full-reference-cache",
@@ -558,7 +564,7 @@ def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setu
     again = run(config(extra))
     assert again["reused"] == ["teacher", "distilled", "eval-hard.json", "eval-stored.json"] and trained == []
     assert [e["results"] for e in again["evaluations"]] == [e["results"] for e in first["evaluations"]]
-    # `ddkit evaluate`'s random subset (cached by the protocol): read back, not trained again
+    # `ddkit evaluate`'s students (cached by the protocol): read back, not trained again
     hard = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_reference": False,
                                             "train": {"epochs": 2, "batch_size": 32}})
     ds = tmp_path / "run" / "distilled"
@@ -567,7 +573,7 @@ def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setu
     monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(a[0]) or 0.5)
     both = evaluate(ds, resolve_protocol(hard, {"extra_teachers": extra}), [0], data=setup[0],
                     cache_dir=tmp_path / "c")
-    assert len(trained) == 1 and both["results"]["random"] == alone["results"]["random"]  # only the set's student
+    assert trained == [] and both["results"] == alone["results"]
 
 
 def test_a_teacher_free_set_and_its_hard_evaluation_are_kept_when_only_the_teacher_changes(tmp_path, monkeypatch):
@@ -1029,12 +1035,21 @@ def test_torchrun_ranks_share_out_students_not_seeds(setup, tiny_protocol, tmp_p
 
     # seed 1's random baseline cached (as rank 0 found it): jobs d0 d1 d2 r0 r2, rank 1 trains d1 and r0
     trained.clear()
-    cached.update({1: 1.25})
+    cached.update({("random", 1): 1.25})
     rank0.clear()
     rank0.update({("distilled", 0): 0.5, ("distilled", 2): 2.5, ("random", 2): 2.25})
     rep = evaluate(ds, protocol, [0, 1, 2], data=data, cache_dir=tmp_path / "c2")
     assert trained == [("distilled", 1), ("random", 0)]
     assert rep["results"]["random"]["per_seed"] == [0.25, 1.25, 2.25]
+
+    # seed 0's student of the set cached too: jobs d1 d2 r0 r2, rank 1 trains d2 and r2
+    trained.clear()
+    cached.update({("distilled", 0): 0.5})
+    rank0.clear()
+    rank0.update({("distilled", 1): 1.5, ("random", 0): 0.25})
+    rep = evaluate(ds, protocol, [0, 1, 2], data=data, cache_dir=tmp_path / "c3")
+    assert trained == [("distilled", 2), ("random", 2)]
+    assert rep["results"]["distilled"]["per_seed"] == [0.5, 1.5, 2.5]
 
 
 def test_save_tensors_writes_splits_that_share_memory(tmp_path):
@@ -1123,3 +1138,171 @@ def test_students_that_diverge_are_counted_in_the_report_and_not_cached(setup, t
     (entry,) = (tmp_path / "bad").glob("full-reference/*.json")
     assert json.loads(entry.read_text())["result"]["diverged"] == 1
     assert len(list((tmp_path / "ok").glob("random-baseline/*.json"))) == 1
+
+
+def _spy_students(monkeypatch, ds) -> list[tuple[str, int]]:
+    """The students ``evaluate`` trains from here on, as (``set`` or ``other``, seed): the set's own, or a random
+    subset's (or the full data's)."""
+    import ddkit.evaluate.runner as runner
+
+    trained, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(
+        ("set" if a[0].images is ds.images else "other", a[4])) or real(*a, **k))
+    return trained
+
+
+def test_more_seeds_train_only_the_new_students(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Evaluating a set with seeds 0,1 after seeds 0 trained seed 0's student again (the evaluation was cached as a
+    whole, its seed list in the key). Each student of the set is now cached by what decides it: only seed 1's
+    students train, and the numbers are those of an evaluation of 0,1 from scratch, bit for bit."""
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 3}})
+    fresh = evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "fresh")
+    evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    trained = _spy_students(monkeypatch, ds)
+    more = evaluate(ds, protocol, [1, 0], data=data, cache_dir=tmp_path / "c")
+    assert trained == [("set", 1), ("other", 1)]  # seed 1's set and random-subset students; seed 0's from the cache
+    assert more["seeds"] == [0, 1] and more["results"] == fresh["results"]
+    assert more["results"]["distilled"]["per_seed"] == fresh["results"]["distilled"]["per_seed"]
+    trained.clear()  # seed 1 alone: the report lists the seeds asked for, and only the full-data reference of its
+    # smallest seed (now 1) trains
+    assert evaluate(ds, protocol, [1], data=data, cache_dir=tmp_path / "c")["results"]["distilled"] == {
+        "per_seed": fresh["results"]["distilled"]["per_seed"][1:], "mean": fresh["results"]["distilled"]["per_seed"][1],
+        "std": 0.0, "n": 1}
+    assert trained == [("other", 1)]
+    entry = json.loads(next((tmp_path / "c" / "distilled-student").glob("*.json")).read_text())
+    assert {k: entry[k] for k in ("kind", "label_mode", "method", "ipc", "protocol_hash", "device")} == {
+        "kind": "distilled-student-cache", "label_mode": "hard", "method": "random", "ipc": 4,
+        "protocol_hash": protocol.hash, "device": "cpu"}
+
+
+def test_baseline_toggles_train_only_the_baselines_students(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Turning random_baseline on trained the set's students again (the protocol's hash keyed the whole
+    evaluation); turning full_reference off did too. Only the random subsets' students train now."""
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_reference": False, "random_baseline": False,
+                                                "train": {"epochs": 3}})
+    evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "c")
+    trained = _spy_students(monkeypatch, ds)
+    with_random = resolve_protocol(protocol, {"random_baseline": True})
+    rep = evaluate(ds, with_random, [0, 1], data=data, cache_dir=tmp_path / "c")
+    assert trained == [("other", 0), ("other", 1)]
+    assert rep["results"] == evaluate(ds, with_random, [0, 1], data=data, cache_dir=tmp_path / "fresh")["results"]
+    trained.clear()
+    both = resolve_protocol(with_random, {"full_reference": True, "full_epochs": 1})
+    assert set(evaluate(ds, both, [0, 1], data=data, cache_dir=tmp_path / "c")["results"]) == {
+        "distilled", "random", "full"}
+    assert trained == [("other", 0)]  # the full-data student only
+    trained.clear()
+    assert evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "c")["results"] == {
+        "distilled": rep["results"]["distilled"]}
+    assert trained == []
+
+
+def test_a_killed_evaluation_keeps_the_students_it_finished(setup, tiny_protocol, tmp_path, monkeypatch):
+    """Each of the set's students is cached as soon as it is trained: an evaluation stopped at its second student
+    trains only that one (and the rest) when run again."""
+    import ddkit.evaluate.runner as runner
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_reference": False, "random_baseline": False,
+                                                "train": {"epochs": 2}})
+    real = runner._train_student
+
+    def stopped(*a, **k):
+        if a[4] == 1:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(runner, "_train_student", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(runner, "_train_student", real)
+    trained = _spy_students(monkeypatch, ds)
+    rep = evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "c")
+    assert trained == [("set", 1)]
+    assert rep["results"] == evaluate(ds, protocol, [0, 1], data=data, cache_dir=tmp_path / "fresh")["results"]
+
+
+def test_student_cache_keys_follow_what_decides_the_student(setup, tiny_protocol, tmp_path):
+    """The key of a set's student: its seed, the protocol's training, the set's content (images, labels; its soft
+    labels in label mode stored only), the teacher outside label mode hard; not the other seeds or the baselines."""
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate.runner import student_cache_path
+
+    data, teacher, ds, _ = setup
+
+    def key(protocol=tiny_protocol, seed=0, s=ds, t=None):
+        return student_cache_path(protocol, data, t, None, s, seed, tmp_path).name
+
+    base = key()
+    assert key(seed=1) != base and key(resolve_protocol(tiny_protocol, {"train": {"epochs": 31}})) != base
+    toggled = resolve_protocol(tiny_protocol, {"random_baseline": False, "full_reference": False, "full_seeds": 3,
+                                               "train": {"eval_batch_size": 7}})
+    assert key(toggled) == base and key(t=teacher) == base  # hard labels ask no teacher
+    edited = DistilledSet(ds.images.clone(), ds.labels, ds.manifest, ds.soft_labels)
+    assert key(s=edited) == base
+    edited.images[0, 0, 0, 0] += 1  # one pixel, edited in place
+    assert key(s=edited) != base
+    stored = resolve_protocol(tiny_protocol, {"label_mode": "stored"})
+    other_soft = DistilledSet(ds.images, ds.labels, ds.manifest, ds.soft_labels + 1)
+    assert key(stored, t=teacher) != key(stored, s=other_soft, t=teacher)
+    soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})
+    assert key(soft, t=teacher) == key(soft, s=other_soft, t=teacher) != key(soft, t=None)
+    # label mode fkd: the store by its content, not its path
+    from ddkit.labels import relabel
+
+    fkd = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": "somewhere"})
+    stores = [relabel(ds, teacher, epochs=1, augment="flip", cutmix_prob=0.0, seed=s) for s in (0, 0, 1)]
+    keys = [student_cache_path(fkd, data, teacher, st, ds, 0, tmp_path).name for st in stores]
+    moved = resolve_protocol(fkd, {"fkd_store": "elsewhere"})
+    assert keys[0] == keys[1] == student_cache_path(moved, data, teacher, stores[0], ds, 0, tmp_path).name != keys[2]
+
+
+def _tiny_run(out: Path, seeds: list[int], **overrides):
+    from ddkit.pipeline import RunConfig
+
+    return from_dict(RunConfig, {
+        "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(out), "teacher": None,
+        "distill": {"method": "random", "ipc": 2},
+        "evaluate": {"label_modes": ["hard"], "seeds": seeds, "overrides": {
+            "student": "tiny_convnet", "full_epochs": 1, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+            **overrides}}})
+
+
+def test_a_run_given_more_seeds_trains_only_theirs(tmp_path, monkeypatch):
+    """`ddkit run` with seeds 0,1 after a run with seed 0 trained seed 0's students again; now only seed 1's, and the
+    run's report holds what a run with seeds 0,1 from scratch gives."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.pipeline import run
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "fresh-cache"))
+    fresh = run(_tiny_run(tmp_path / "fresh", [0, 1]))["evaluations"][0]
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    run(_tiny_run(tmp_path / "run", [0]))
+    trained, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append((len(a[0]), a[4])) or real(*a, **k))
+    more = run(_tiny_run(tmp_path / "run", [0, 1]))
+    assert trained == [(8, 1), (8, 1)]  # seed 1's set and random subset (2 images of 4 classes each)
+    assert more["reused"] == ["distilled"] and more["evaluations"][0]["results"] == fresh["results"]
+    saved = json.loads((tmp_path / "run" / "eval-hard.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["results"] == fresh["results"]
+    assert json.loads((tmp_path / "run" / "report" / "eval.json").read_text())["evaluations"][0]["seeds"] == [0, 1]
+
+
+def test_a_run_evaluated_before_students_were_cached_is_reused_unchanged(tmp_path, monkeypatch):
+    """A run folder whose evaluation was made before the students were cached one by one (here: the cache of
+    them removed) is reused as it was when run again unchanged: no student trains, its report stays."""
+    import shutil
+
+    import ddkit.evaluate.runner as runner
+    from ddkit.pipeline import run
+
+    first = run(_tiny_run(tmp_path / "run", [0, 1], random_baseline=False))
+    shutil.rmtree(tmp_path / "cache" / "distilled-student")
+    report = tmp_path / "run" / "eval-hard.json"
+    before = report.read_bytes()
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: pytest.fail("a student was trained again"))
+    again = run(_tiny_run(tmp_path / "run", [0, 1], random_baseline=False))
+    assert again["reused"] == ["distilled", "eval-hard.json"] and report.read_bytes() == before
+    assert again["evaluations"][0]["results"] == first["evaluations"][0]["results"]

@@ -104,9 +104,10 @@ def test_distill_and_run_take_a_dict_config(data, tmp_path):
     assert summary["reused"] == []
 
 
-def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_path):
+def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_path, monkeypatch):
     """An old-form progress(stage, epoch, total) was called with (epoch, total, record) by evaluate and run, silently;
-    run_bench had a shim for it. Now all three recognise it, call it the old way and say it goes."""
+    run_bench had a shim for it. Now all three recognise it, call it the old way and say it goes. (Each call has a
+    cache of its own: a student read from the cache reports no epochs.)"""
     ds = distill(data, DistillConfig(method="random", ipc=2))
     seen, new = [], []
 
@@ -114,18 +115,21 @@ def test_old_form_progress_of_evaluate_and_run_is_called_as_before(data, tmp_pat
         seen.append((stage, epoch, total))
 
     with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress\(step, total, ") as w:
-        report = evaluate(ds, _one_epoch(), [0], data=data, progress=old)
+        report = evaluate(ds, _one_epoch(), [0], data=data, progress=old, cache_dir=tmp_path / "c1")
     assert [x.filename for x in w] == [__file__]  # the caller's line, past evaluate's decorators
     import ddkit
 
     seen.clear()  # ddkit.evaluate, the callable module the README shows, adds a frame of its own
     with pytest.warns(DeprecationWarning, match=r"^evaluate\(progress=\) now calls progress") as w:
-        assert ddkit.evaluate(ds, _one_epoch(), [0], data=data, progress=old)["results"] == report["results"]
+        assert ddkit.evaluate(ds, _one_epoch(), [0], data=data, progress=old,
+                              cache_dir=tmp_path / "c2")["results"] == report["results"]
     assert [x.filename for x in w] == [__file__] and seen[-1] == ("distilled, seed 0", 1, 1)
     assert seen == [("distilled, seed 0", 0, 1), ("distilled, seed 0", 1, 1)]
-    plain = evaluate(ds, _one_epoch(), [0], data=data, progress=lambda step, total, record: new.append(record["stage"]))
+    plain = evaluate(ds, _one_epoch(), [0], data=data, progress=lambda step, total, record: new.append(record["stage"]),
+                     cache_dir=tmp_path / "c3")
     assert plain["results"] == report["results"] and new == ["distilled, seed 0"] * 2
     seen.clear()
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "c4"))
     cfg = from_dict(RunConfig, {"dataset": {"name": "synthetic"}, "teacher": None, "out": str(tmp_path / "run"),
                                 "distill": {"method": "random", "ipc": 2},
                                 "evaluate": {"label_modes": ["hard"], "seeds": [0],

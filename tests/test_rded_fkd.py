@@ -720,8 +720,8 @@ def test_evaluate_takes_the_protocols_store_by_any_spelling_of_its_path(teacher,
                                              "full_reference": False,
                                              "train": {"epochs": 2, "batch_size": 6, "augment": "rrc_flip"}})
     fresh = evaluate(ds, proto, [0], data=data, teacher=teacher)["results"]
-    assert evaluate(ds, proto, [0], data=data, teacher=teacher,
-                    fkd_store=SoftLabelStore.load(tmp_path / "st"))["results"] == fresh
+    assert evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=SoftLabelStore.load(tmp_path / "st"),
+                    cache_dir=tmp_path / "c2")["results"] == fresh  # trained again: the student was cached
     with pytest.raises(DDKitError, match=rf"^fkd_store was loaded from '{tmp_path}/other', not from the protocol's "
                                          r"fkd_store "
                                          r"'st/manifest.json'; pass the store loaded from the protocol's fkd_store, or "

@@ -220,9 +220,9 @@ def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
             assert _refused(["show", str(bad), *flags], capsys) == (
                 f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind "
                 f"{kind!r}); pass one of: bench-cell, bench-config, bench-report, bench-table, ddranking-export, "
-                "distilled-set, evaluation, evaluation-set, expert-buffer, fkd-soft-labels, full-reference-cache, "
-                "imagefolder-decoded, imagefolder-export, pipeline-run, pt-export, random-baseline-cache, statistics, "
-                "synthesis-stats, synthesis-timing, teacher")
+                "distilled-set, distilled-student-cache, evaluation, evaluation-set, expert-buffer, fkd-soft-labels, "
+                "full-reference-cache, imagefolder-decoded, imagefolder-export, pipeline-run, pt-export, "
+                "random-baseline-cache, statistics, synthesis-stats, synthesis-timing, teacher")
 
 
 def test_show_json_refuses_what_show_refuses(tmp_path, capsys):

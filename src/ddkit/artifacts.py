@@ -85,8 +85,8 @@ def versions() -> dict[str, str]:
 
 def cache_dir(kind: str = "") -> Path:
     """ddkit's cache (``$DDKIT_CACHE``, else ``~/.cache/ddkit``), or its ``kind`` folder in it
-    (``imagefolder``, ``statistics``, ``experts``, ``full-reference``, ``random-baseline``; ``ddkit cache``
-    lists and prunes them)."""
+    (``imagefolder``, ``statistics``, ``experts``, ``full-reference``, ``random-baseline``, ``distilled-student``;
+    ``ddkit cache`` lists and prunes them)."""
     root = Path(os.environ.get("DDKIT_CACHE") or Path.home() / ".cache" / "ddkit")
     return root / kind if kind else root
 

@@ -1,11 +1,11 @@
 """ddkit's cache folder (``$DDKIT_CACHE``, else ``~/.cache/ddkit``): what it holds, and pruning it.
 
 The cache has a folder per kind (``imagefolder``: decoded datasets; ``statistics``: teachers' real-data
-statistics; ``experts``: expert trajectory buffers; ``random-baseline`` and ``full-reference``: cached
-accuracies), each holding entries: a folder or a file per key. Beside an entry live its hidden lock file
-(``.<name>.lock``, see :func:`~ddkit.artifacts.build_lock`), the temporary folders a killed build left
-(``.<name>.tmp-*``, ``.<name>.old-*``, see :func:`~ddkit.artifacts.temp_path`) and the resumable work of an
-interrupted build (``.<name>.partial-*``). :func:`cache_entries` lists them with their sizes;
+statistics; ``experts``: expert trajectory buffers; ``random-baseline``, ``distilled-student`` and
+``full-reference``: cached accuracies), each holding entries: a folder or a file per key. Beside an entry live
+its hidden lock file (``.<name>.lock``, see :func:`~ddkit.artifacts.build_lock`), the temporary folders a killed
+build left (``.<name>.tmp-*``, ``.<name>.old-*``, see :func:`~ddkit.artifacts.temp_path`) and the resumable work of
+an interrupted build (``.<name>.partial-*``). :func:`cache_entries` lists them with their sizes;
 :func:`prune_cache` removes whole entries that no process is building.
 """
 
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 #: the kinds of entries ddkit caches, and what they hold
 KINDS = {"imagefolder": "decoded datasets of the imagefolder source", "statistics": "teachers' real-data statistics",
          "experts": "expert trajectory buffers", "random-baseline": "random subsets' accuracies (and their labels)",
+         "distilled-student": "distilled sets' students' accuracies",
          "full-reference": "full-data students' accuracies"}
 
 # What this ddkit's entries hold: here rather than beside the code that writes them (ddkit.data.sources and
@@ -41,7 +42,7 @@ DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records
 STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
 #: a statistics entry's tensor file
 STATISTICS_TENSORS = "statistics.safetensors"
-#: random-baseline and full-reference accuracies (written by ddkit.evaluate.runner)
+#: random-baseline, distilled-student and full-reference accuracies (written by ddkit.evaluate.runner)
 ACCURACY_SCHEMA = 2  # 2: keyed by ddkit.evaluate.runner.trained_on (entries of schema 1 are stale)
 
 # what a killed build leaves beside an entry NAME (artifacts.temp_path), and a build's resumable work
@@ -123,13 +124,14 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`DECODED_SCHEMA`,
     statistics of an older :data:`STATISTICS_SCHEMA` (recorded since schema 2), an expert buffer
-    named without the normalisation part, a random-baseline or full-reference accuracy of an older
-    :data:`ACCURACY_SCHEMA` (keyed without thread count and device). Cache keys hash these,
+    named without the normalisation part, a cached student's accuracy (random-baseline, distilled-student,
+    full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread count and device). Cache keys hash these,
     so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
     ``manifest``: the entry's, where already read."""
     if kind == "experts":
         return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
-    if kind in ("random-baseline", "full-reference"):  # accuracies: keyed without thread count and device before 2
+    if kind in ("random-baseline", "distilled-student", "full-reference"):  # accuracies: keyed without thread count
+        # and device before schema 2 (distilled-student entries began at 2)
         return _accuracy_stale(path)
     if kind not in ("imagefolder", "statistics"):
         return ""

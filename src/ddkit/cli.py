@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"{', '.join(TEACHER_PRESETS)}), and for stored and fkd while the random baseline is on")
     sp.add_argument("--seeds", default="0,1,2", help="student seeds, comma-separated, in any order (reported sorted)")
     sp.add_argument("--data-path", help="dataset location if it moved since distillation")
-    sp.add_argument("--cache-dir", help="cache for full-data references (default $DDKIT_CACHE or ~/.cache/ddkit)")
+    sp.add_argument("--cache-dir", help="cache of trained students (the set's, the random subset's and the full "
+                    "data's: each is read back instead of trained again; default $DDKIT_CACHE or ~/.cache/ddkit)")
     sp.add_argument("--out", help="eval JSON path (default inside the distilled set)")
     common(sp, data=False, example="train.epochs=50")
     sp.set_defaults(func=cmd_evaluate)
@@ -802,7 +803,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
                             "left); needs --kind, --older-than, --stale or --all")
     pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
-                    "random-baseline, full-reference; `ddkit cache` lists them); repeatable")
+                    "random-baseline, distilled-student, full-reference; `ddkit cache` lists them); repeatable")
     pp.add_argument("--older-than", type=float, metavar="DAYS", help="only entries last modified more than DAYS "
                     "days ago")
     pp.add_argument("--stale", action="store_true", help="only entries an older ddkit made, which this one never "

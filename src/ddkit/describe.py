@@ -213,8 +213,8 @@ def _check_numbers(kind: str, record: dict, where: Path) -> None:
             if problem := cell_problem(row):
                 where_ = f"{str(where)!r}" + (f" rows[{i}]" if kind == "bench-table" else "")
                 raise DDKitError(f"{where_} holds {problem}; {_FIXES.get(kind, _CELL_FIX)}")
-    elif kind in ("random-baseline-cache", "full-reference-cache"):  # as `ddkit evaluate` refuses to read it
-        key = "accuracy" if kind == "random-baseline-cache" else "result"
+    elif kind in ("random-baseline-cache", "distilled-student-cache", "full-reference-cache"):  # as `ddkit evaluate`
+        key = "result" if kind == "full-reference-cache" else "accuracy"  # refuses to read it
         if problem := (accuracy_problem if key == "accuracy" else summary_problem)(record[key]):
             raise DDKitError(f"cache entry {str(where)!r} holds {key} {problem}; it is damaged: delete it "
                              "(`ddkit evaluate` trains its students again)")
@@ -552,6 +552,12 @@ def _random_cache(m: dict) -> str:
             f"images per class, student seed {m['seed']}, protocol {m['protocol_hash']}{_trained_where(m)}")
 
 
+def _student_cache(m: dict) -> str:
+    return (f"cached distilled-set student: test accuracy {_pct(m['accuracy'])} of a {m['method']} set (ipc "
+            f"{m['ipc']}), label mode {m['label_mode']}, student seed {m['seed']}, protocol {m['protocol_hash']}"
+            f"{_trained_where(m)}")
+
+
 def _full_cache(m: dict) -> str:
     r = m["result"]
     diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
@@ -659,6 +665,7 @@ _SUMMARIES: dict[str, Callable[[dict], str]] = {
     "pt-export": _pt_export,
     "imagefolder-decoded": _decoded,
     "random-baseline-cache": _random_cache,
+    "distilled-student-cache": _student_cache,
     "full-reference-cache": _full_cache,
 }
 

@@ -227,33 +227,57 @@ def _train_student(
     return _score(result)
 
 
-# protocol fields that cannot change the random subset's student: whether the baselines run, the full
-# data's epochs and seeds, and the fkd store's path (its settings key the entry instead)
-_NOT_RANDOM_STUDENT = frozenset({"random_baseline", "full_reference", "full_epochs", "full_seeds", "fkd_store"})
+# protocol fields that cannot change a student of the set or of its random subset: whether the baselines run,
+# the full data's epochs and seeds, and the fkd store's path (the store's settings or content key the entry instead)
+_NOT_STUDENT = frozenset({"random_baseline", "full_reference", "full_epochs", "full_seeds", "fkd_store"})
+
+
+def _student_key(protocol: ProtocolConfig, data: DataBundle, teacher, seed: int, lr: float | None, device) -> dict:
+    """What decides the accuracy of one student of ``protocol`` besides what it trains on, for the keys of the
+    cached students: the protocol without the fkd store path, the test batch size and the fields that only say
+    what else ``evaluate`` runs, the data and its normalisation, the teacher (not in label mode hard), the seed,
+    the learned lr it trains with under ``learned_lr``, and where it trains (:func:`trained_on`)."""
+    proto = {k: v for k, v in protocol.identity().items() if k not in _NOT_STUDENT}
+    proto["train"] = {k: v for k, v in proto["train"].items() if k != "eval_batch_size"}
+    return {"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "seed": seed,
+            **trained_on(device),
+            "teacher": teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None,
+            **({"lr": lr} if lr is not None else {})}
 
 
 def random_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, ipc: int, seed: int,
                       cache_dir: str | Path | None, lr: float | None = None, labeller: StoredLabeller | None = None,
                       device: str | torch.device = "cpu") -> Path:
     """Cache file of one random-baseline student: keyed by everything that decides its accuracy
-    (the protocol without the fkd store path, the test batch size and the fields that only say what
-    else ``evaluate`` runs, data and its normalisation, teacher, FKD store settings, IPC, seed, the
-    learned lr it trains with under ``learned_lr``, and where it trains: :func:`trained_on`)."""
-    proto = {k: v for k, v in protocol.identity().items() if k not in _NOT_RANDOM_STUDENT}
-    proto["train"] = {k: v for k, v in proto["train"].items() if k != "eval_batch_size"}
+    (:func:`_student_key`, the IPC, FKD store settings and how stored labels are made)."""
     settings = None
     if store is not None:
         m = store.manifest
         settings = omit_running_bn({"epochs": store.epochs, "augment": m.get("augment"), "cutmix": m.get("cutmix"),
                                     "top_k": store.top_k, "teacher_bn": store.teacher_bn,
                                     "teacher_bn_batch": store.teacher_bn_batch})
-    key = config_hash({"protocol": proto, "data": data.fingerprint, "norm": data.normalisation, "ipc": ipc,
-                       "seed": seed, "fkd": settings, **trained_on(device),
-                       "teacher": teacher.fingerprint
-                       if teacher is not None and protocol.label_mode != "hard" else None,
-                       **({"lr": lr} if lr is not None else {}),
+    key = config_hash({**_student_key(protocol, data, teacher, seed, lr, device), "ipc": ipc, "fkd": settings,
                        **({"stored_labels": labeller.key} if labeller is not None else {})})
     return (Path(cache_dir) if cache_dir else cache_dir_of()) / "random-baseline" / f"{key}.json"
+
+
+def student_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, store, distilled: DistilledSet,
+                       seed: int, cache_dir: str | Path | None, lr: float | None = None,
+                       device: str | torch.device = "cpu") -> Path:
+    """Cache file of one student of the distilled set: keyed by everything that decides its accuracy
+    (:func:`_student_key`) and what it trains from: the set's images and labels by content, its soft labels in
+    label mode stored, the FKD store's identity in label mode fkd. Not by the other seeds evaluated with it, nor
+    by the baselines beside it: evaluating more seeds, or the same seeds with or without a baseline, trains only
+    the students not cached yet."""
+    from ddkit.labels.fkd import distilled_fingerprint, set_fingerprint, store_identity
+
+    labels = None
+    if protocol.label_mode == "stored" and distilled.soft_labels is not None:  # its rows beside their classes
+        labels = set_fingerprint(distilled.soft_labels, distilled.labels)
+    key = config_hash({**_student_key(protocol, data, teacher, seed, lr, device),
+                       "set": distilled_fingerprint(distilled), "soft_labels": labels,
+                       "fkd_store": store_identity(store) if store is not None else None})
+    return (Path(cache_dir) if cache_dir else cache_dir_of()) / "distilled-student" / f"{key}.json"
 
 
 def trained_on(device) -> dict[str, Any]:
@@ -518,6 +542,12 @@ def evaluate(
     ``seeds`` may come in any order: the report lists them sorted, and the full-data reference trains from
     the ``full_seeds`` smallest.
 
+    Every student is cached in ``cache_dir`` (default :func:`~ddkit.artifacts.cache_dir`) as soon as it is trained,
+    by what decides its accuracy (:func:`student_cache_path`, :func:`random_cache_path`, :func:`full_reference`),
+    not by the other seeds or the baselines: a student cached before is read back, not trained again, so more seeds
+    train only theirs and turning a baseline on trains only its students. Students of a set built in memory are
+    keyed by its images and labels, as those of a saved one.
+
     Returns the report (also written to ``out`` as JSON): accuracies are fractions in [0, 1].
     """
     progress = progress_form(progress, "evaluate", "progress")
@@ -658,44 +688,54 @@ def evaluate(
     t0 = time.perf_counter()
     ipc = distilled.ipc
     baseline = protocol.random_baseline and ipc is not None  # a set of every image (full) has no random subset
-    # random baselines already cached are read, not trained; rank 0 decides which, so every rank deals the same jobs
-    cached: dict[int, float] = {}
+    # every student is one job (the distilled set's, then the random subsets'): each is trained whole by one rank
+    # from its own seed, so its number depends on nothing else (not the other seeds, nor the baselines) and is cached
+    # per student; students already cached are read, not trained; rank 0 decides which, so every rank deals the
+    # same jobs
+    caches = {("distilled", s): student_cache_path(protocol, data, teacher, store, distilled, s, cache_dir, learned,
+                                                   device) for s in seeds}
     if baseline:
-        caches = {s: random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned, labeller, device)
-                  for s in seeds}
-        if info.is_main:
-            cached = {s: float(v) for s, c in caches.items()
-                      if (v := _cache_entry(c, "accuracy", (int, float), accuracy_problem)) is not None}
-        cached = ddist.broadcast_object(cached)
-    # every student is one job (the distilled set's, then the random subsets' left to train), dealt round-robin:
-    # under torchrun 3 seeds with a random baseline keep 6 ranks busy, not 3; each student is trained whole
-    # by one rank from its own seed, so the numbers are those of one process
-    jobs = [("distilled", s) for s in seeds] + [("random", s) for s in seeds if baseline and s not in cached]
+        caches.update({("random", s): random_cache_path(protocol, data, teacher, store, ipc, s, cache_dir, learned,
+                                                        labeller, device) for s in seeds})
+    cached: dict[tuple[str, int], float] = {}
+    if info.is_main:
+        cached = {job: float(v) for job, c in caches.items()
+                  if (v := _cache_entry(c, "accuracy", (int, float), accuracy_problem)) is not None}
+        if cached:
+            log.info("%d of %d students from the cache", len(cached), len(caches))
+    cached = ddist.broadcast_object(cached)
+    # the jobs left to train, dealt round-robin: under torchrun 3 seeds with a random baseline keep 6 ranks busy,
+    # not 3
+    jobs = [job for job in caches if job not in cached]
     local: dict[tuple[str, int], float] = {}
     for kind, s in jobs[info.rank :: info.world_size]:
+        fkd_out = None
         if kind == "distilled" and store is not None:
-            local[kind, s] = _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))
+            acc = _train_fkd(distilled, store, data, protocol, s, device, cb_for(f"distilled, seed {s}"))
         elif kind == "distilled":
-            local[kind, s] = _train_student(
+            acc = _train_student(
                 distilled.as_imageset(), data, protocol, train, s, device, mode, teacher,
                 distilled.soft_labels if mode == "stored" else None, progress=cb_for(f"distilled, seed {s}"),
                 transform=transform)
         else:
             # label mode fkd: the subset's labels are streamed into a folder beside its cache entry (an
             # IPC-50 ImageNet store is tens of GB), kept until the student's accuracy is cached
-            fkd_out = caches[s].with_suffix(".fkd") if store is not None else None
-            local[kind, s] = _random_baseline(data, protocol, teacher, store, ipc, s, device,
-                                              cb_for(f"random subset, seed {s}"), train, transform, labeller, fkd_out)
-            if not isinstance(local[kind, s], DivergedAccuracy):  # the cache holds no diverged mark: trained again
-                _write_cache(caches[s], {"schema_version": ACCURACY_SCHEMA, "kind": "random-baseline-cache",
-                                         "accuracy": local[kind, s], "ipc": ipc, "seed": s,
-                                         "protocol_hash": protocol.hash, **trained_on(device)},
-                             f"the random baseline of seed {s}")
-            if fkd_out is not None and fkd_out.exists():
-                with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
-                    shutil.rmtree(fkd_out, ignore_errors=True)
-                remove_unused_lock(fkd_out)  # no cache entry keeps it (`ddkit cache prune` would never remove it)
-    merged: dict[tuple[str, int], float] = {("random", s): acc for s, acc in cached.items()}
+            fkd_out = caches[kind, s].with_suffix(".fkd") if store is not None else None
+            acc = _random_baseline(data, protocol, teacher, store, ipc, s, device, cb_for(f"random subset, seed {s}"),
+                                   train, transform, labeller, fkd_out)
+        local[kind, s] = acc
+        if not isinstance(acc, DivergedAccuracy):  # the cache holds no diverged mark: trained again
+            # cached as soon as it is trained, so a killed evaluation keeps the students it finished
+            entry, what = (({"kind": "distilled-student-cache", "label_mode": mode, "method": distilled.method},
+                            f"the distilled set's student of seed {s}") if kind == "distilled"
+                           else ({"kind": "random-baseline-cache"}, f"the random baseline of seed {s}"))
+            _write_cache(caches[kind, s], {"schema_version": ACCURACY_SCHEMA, **entry, "accuracy": acc, "ipc": ipc,
+                                           "seed": s, "protocol_hash": protocol.hash, **trained_on(device)}, what)
+        if fkd_out is not None and fkd_out.exists():
+            with ddist.single_process(), build_lock(fkd_out):  # not while another process loads it
+                shutil.rmtree(fkd_out, ignore_errors=True)
+            remove_unused_lock(fkd_out)  # no cache entry keeps it (`ddkit cache prune` would never remove it)
+    merged = dict(cached)
     for part in ddist.all_gather_objects(local):
         merged.update(part)
     results: dict[str, Any] = {"distilled": _summary([merged["distilled", s] for s in seeds])}
