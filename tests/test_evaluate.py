@@ -54,6 +54,8 @@ def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
 def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_path, monkeypatch):
     data, _, ds, _ = setup
     a = evaluate(ds, tiny_protocol, [3], data=data)
+    # trained again in a cache of its own: the same numbers (in the same cache they are read back, below)
+    assert evaluate(ds, tiny_protocol, [3], data=data, cache_dir=tmp_path / "fresh")["results"] == a["results"]
     import ddkit.evaluate.runner as runner
 
     calls = []
@@ -101,6 +103,8 @@ def test_cache_entries_with_impossible_numbers_are_computed_again(setup, tiny_pr
     edited = json.loads(good[fr])
     edited["result"]["mean"] = 0.99
     fr.write_text(json.dumps(edited))
+    for p in cache.glob("distilled-student/*.json"):
+        p.unlink()  # the set's student is trained again too, so `again == first` compares two trainings of it
     for p, held in ((rb, "holds accuracy "), (fr, "holds result mean 0.99, not the mean of its per_seed")):
         with pytest.raises(DDKitError, match=f"cache entry '{p}' {held}.*it is damaged: delete it"):
             describe(p)
@@ -877,8 +881,8 @@ def test_evaluate_takes_a_protocol_preset_name_or_yaml_file(setup, tiny_protocol
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(to_dict(quick)))
     want = evaluate(ds, quick, [0], data=data)["results"]
-    for spec in (str(path), path):
-        rep = evaluate(ds, spec, [0], data=data)
+    for spec in (str(path), path):  # each in a cache of its own: trained again, not read back
+        rep = evaluate(ds, spec, [0], data=data, cache_dir=tmp_path / f"cache-{type(spec).__name__}")
         assert rep["protocol_hash"] == quick.hash and rep["results"] == want
     # a preset name is resolved: the run gets as far as the data check (no training needed to show it)
     with pytest.raises(DDKitError, match="but the loaded data has"):
