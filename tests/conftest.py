@@ -1,6 +1,8 @@
 import contextlib
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,20 @@ from ddkit.cli import load_plugins
 from ddkit.data import make_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+# The whole session computes in a fresh cache of its own, from before the first fixture: module- and
+# session-scoped fixtures are set up before the per-test `_isolated_cache`, and read and wrote the shell's
+# $DDKIT_CACHE or ~/.cache/ddkit (the next session read their students back). Removed at the session's end.
+SHELL_CACHE = os.environ.get("DDKIT_CACHE")
+SESSION_CACHE = Path(tempfile.mkdtemp(prefix="ddkit-test-cache-"))
+os.environ["DDKIT_CACHE"] = str(SESSION_CACHE)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+    if SHELL_CACHE is None:
+        os.environ.pop("DDKIT_CACHE", None)
+    else:
+        os.environ["DDKIT_CACHE"] = SHELL_CACHE
 # a user's own methods, models and datasets join the tests parametrized over the registries (the method
 # contract): `DDKIT_PLUGINS=myplug pytest tests/test_method_contract.py`, imported as the CLI imports them
 load_plugins()
@@ -96,8 +112,8 @@ TEST_SEED = int(os.environ.get("DDKIT_TEST_SEED", "0"))
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Full-data reference cache goes to a per-test folder, never ~/.cache; torch's, numpy's and
-    Python's global generators start from ``TEST_SEED``."""
+    """ddkit's cache is a per-test folder (fixtures of a wider scope use the session's, ``SESSION_CACHE``),
+    never ~/.cache; torch's, numpy's and Python's global generators start from ``TEST_SEED``."""
     monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
     torch.set_num_threads(THREADS)  # undo a test that changed it
     torch.manual_seed(TEST_SEED)

@@ -271,3 +271,21 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
         [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine", "r-new.json",
          "f-bad.json", "d-new.json"])
     assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept
+
+
+@pytest.fixture(scope="module")
+def module_cache():
+    """The cache a module-scoped fixture computes in (set up before the per-test ``_isolated_cache``)."""
+    return artifacts.cache_dir()
+
+
+def test_fixtures_of_every_scope_use_a_fresh_cache_of_the_session(module_cache, tmp_path):
+    """Module- and session-scoped fixtures (test_bench's full_run, test_report's run_dir...) evaluated in the
+    shell's $DDKIT_CACHE or ~/.cache/ddkit: tests wrote into the user's cache, and a second session read the
+    first's students back instead of training them."""
+    from conftest import SESSION_CACHE, SHELL_CACHE
+
+    home = Path.home() / ".cache"
+    assert module_cache == SESSION_CACHE and SESSION_CACHE.is_dir()
+    assert not module_cache.is_relative_to(home) and str(module_cache) != SHELL_CACHE
+    assert artifacts.cache_dir() == tmp_path / "cache"  # each test still has its own

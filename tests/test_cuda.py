@@ -137,7 +137,8 @@ def test_distill_relabel_evaluate_on_cuda(data, teacher, tmp_path):
     report = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
     acc = report["results"]["distilled"]["mean"]
     assert 1.0 / data.num_classes < acc <= 1.0
-    again = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA)
+    # in a cache of its own: in the first call's, every student would be read back instead of trained again
+    again = evaluate(ds, protocol, [0, 1], data=data, teacher=teacher, device=CUDA, cache_dir=tmp_path / "again")
     assert again["results"]["distilled"]["per_seed"] == report["results"]["distilled"]["per_seed"]
     assert again["results"] == report["results"]  # the random baseline's too
 

@@ -202,7 +202,7 @@ class _SlowInit(torch.nn.Module):
 
 @pytest.mark.parametrize("stage", [_evaluate, lambda data, model, seed: _teacher(data, model, seed).fingerprint, _dm],
                          ids=["evaluate", "train_teacher", "distill_dm"])
-def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypatch):
+def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypatch, tmp_path):
     """Concurrent calls of a stage from threads (a notebook's ThreadPoolExecutor) gave other numbers than
     alone: one thread reseeded or restored the global generator while another drew initial weights from it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -212,6 +212,9 @@ def test_stages_in_threads_give_what_they_give_alone(synthetic, stage, monkeypat
     monkeypatch.setitem(MODELS._entries, "slow_init", _SlowInit)
     seeds = [0, 1, 2]
     alone = [stage(synthetic, "slow_init", s) for s in seeds]
+    # the threads compute in a cache of their own: in the same one they would read what the calls alone wrote
+    # (evaluate's students) and train nothing
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "threads-cache"))
     with ThreadPoolExecutor(3) as pool:
         assert list(pool.map(lambda s: stage(synthetic, "slow_init", s), seeds)) == alone
 

@@ -54,6 +54,8 @@ def test_report_structure_and_values(setup, tiny_protocol, tmp_path):
 def test_same_seeds_same_numbers_and_baseline_caches(setup, tiny_protocol, tmp_path, monkeypatch):
     data, _, ds, _ = setup
     a = evaluate(ds, tiny_protocol, [3], data=data)
+    # trained again in a cache of its own: the same numbers (in the same cache they are read back, below)
+    assert evaluate(ds, tiny_protocol, [3], data=data, cache_dir=tmp_path / "fresh")["results"] == a["results"]
     import ddkit.evaluate.runner as runner
 
     calls = []
@@ -101,6 +103,8 @@ def test_cache_entries_with_impossible_numbers_are_computed_again(setup, tiny_pr
     edited = json.loads(good[fr])
     edited["result"]["mean"] = 0.99
     fr.write_text(json.dumps(edited))
+    for p in cache.glob("distilled-student/*.json"):
+        p.unlink()  # the set's student is trained again too, so `again == first` compares two trainings of it
     for p, held in ((rb, "holds accuracy "), (fr, "holds result mean 0.99, not the mean of its per_seed")):
         with pytest.raises(DDKitError, match=f"cache entry '{p}' {held}.*it is damaged: delete it"):
             describe(p)
@@ -528,6 +532,30 @@ def test_stored_labels_leave_extra_teachers_out(setup, tiny_protocol, tmp_path, 
     assert torch.equal(labels, want)  # the random subset's targets: the set's teacher's logits, as the set's own
 
 
+def test_stored_and_fkd_set_students_are_not_keyed_by_the_teacher(setup, tiny_protocol, tmp_path):
+    """In label modes stored and fkd the set's students learn from its soft labels or the FKD store, never from
+    the teacher, but their cache key held the teacher: passing a teacher only to turn the random baseline on
+    trained the set's students again. The random subset's students, which the teacher labels, keep it."""
+    from ddkit.evaluate.runner import random_cache_path
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    store = relabel(ds, teacher, epochs=1, augment="none", cutmix_prob=0.0, seed=0)
+    for mode, more in (("stored", {}), ("fkd", {"fkd_store": store})):
+        cache = tmp_path / mode
+        alone = resolve_protocol(tiny_protocol, {"label_mode": mode, "random_baseline": False,
+                                                 "full_reference": False, "train": {"epochs": 1}})
+        first = evaluate(ds, alone, [0], data=data, cache_dir=cache, **more)
+        students = sorted(cache.glob("distilled-student/*.json"))
+        both = evaluate(ds, resolve_protocol(alone, {"random_baseline": True}), [0], data=data, teacher=teacher,
+                        cache_dir=cache, **more)
+        # the set's student read back under the key it had without a teacher, only the random subset's trained
+        assert len(students) == 1 and sorted(cache.glob("distilled-student/*.json")) == students
+        assert both["results"]["distilled"] == first["results"]["distilled"] and both["results"]["random"]["n"] == 1
+        assert (random_cache_path(alone, data, teacher, None, 4, 0, cache)
+                != random_cache_path(alone, data, None, None, 4, 0, cache))
+
+
 def test_hard_and_stored_evaluations_leave_extra_teachers_out_of_their_keys(setup, tmp_path, monkeypatch):
     """Label modes hard and stored do not use the protocol's extra_teachers, but their count entered the protocol's
     hash, so adding them to a run, a bench or `ddkit evaluate` trained the same students again (the random subset's
@@ -877,8 +905,8 @@ def test_evaluate_takes_a_protocol_preset_name_or_yaml_file(setup, tiny_protocol
     path = tmp_path / "quick.yaml"
     path.write_text(yaml.safe_dump(to_dict(quick)))
     want = evaluate(ds, quick, [0], data=data)["results"]
-    for spec in (str(path), path):
-        rep = evaluate(ds, spec, [0], data=data)
+    for spec in (str(path), path):  # each in a cache of its own: trained again, not read back
+        rep = evaluate(ds, spec, [0], data=data, cache_dir=tmp_path / f"cache-{type(spec).__name__}")
         assert rep["protocol_hash"] == quick.hash and rep["results"] == want
     # a preset name is resolved: the run gets as far as the data check (no training needed to show it)
     with pytest.raises(DDKitError, match="but the loaded data has"):
@@ -1226,7 +1254,8 @@ def test_a_killed_evaluation_keeps_the_students_it_finished(setup, tiny_protocol
 
 def test_student_cache_keys_follow_what_decides_the_student(setup, tiny_protocol, tmp_path):
     """The key of a set's student: its seed, the protocol's training, the set's content (images, labels; its soft
-    labels in label mode stored only), the teacher outside label mode hard; not the other seeds or the baselines."""
+    labels in label mode stored only), the teacher in label mode teacher only (stored and fkd replay labels); not the
+    other seeds or the baselines."""
     from ddkit.distilled import DistilledSet
     from ddkit.evaluate.runner import student_cache_path
 
@@ -1247,6 +1276,7 @@ def test_student_cache_keys_follow_what_decides_the_student(setup, tiny_protocol
     stored = resolve_protocol(tiny_protocol, {"label_mode": "stored"})
     other_soft = DistilledSet(ds.images, ds.labels, ds.manifest, ds.soft_labels + 1)
     assert key(stored, t=teacher) != key(stored, s=other_soft, t=teacher)
+    assert key(stored, t=teacher) == key(stored)  # the set's soft labels, not the teacher, label its student
     soft = resolve_protocol(tiny_protocol, {"label_mode": "teacher"})
     assert key(soft, t=teacher) == key(soft, s=other_soft, t=teacher) != key(soft, t=None)
     # label mode fkd: the store by its content, not its path
@@ -1257,6 +1287,7 @@ def test_student_cache_keys_follow_what_decides_the_student(setup, tiny_protocol
     keys = [student_cache_path(fkd, data, teacher, st, ds, 0, tmp_path).name for st in stores]
     moved = resolve_protocol(fkd, {"fkd_store": "elsewhere"})
     assert keys[0] == keys[1] == student_cache_path(moved, data, teacher, stores[0], ds, 0, tmp_path).name != keys[2]
+    assert keys[0] == student_cache_path(fkd, data, None, stores[0], ds, 0, tmp_path).name  # the store, not the teacher
 
 
 def _tiny_run(out: Path, seeds: list[int], **overrides):

@@ -761,7 +761,7 @@ def test_evaluate_replays_a_store_held_in_memory(teacher, data, tmp_path):
     assert saved["fkd_store"] == {"path": str(tmp_path / "st"), "identity": rep["fkd_store"]["identity"]}
     # the folder passed as fkd_store= is loaded, as teacher= is
     assert evaluate(ds, proto, [0], data=data, teacher=teacher, fkd_store=tmp_path / "st",
-                    cache_dir=tmp_path / "cache")["results"] == rep["results"]
+                    cache_dir=tmp_path / "cache3")["results"] == rep["results"]
     other = relabel(ds, teacher, epochs=2, augment="rrc_flip", cutmix_prob=0.0, seed=1)
     assert store_identity(other) != store_identity(mem)
     with pytest.raises(DDKitError, match=r"^fkd_store must be a SoftLabelStore \(as relabel returns\) or its folder, "

@@ -266,7 +266,8 @@ def student_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, stor
                        device: str | torch.device = "cpu") -> Path:
     """Cache file of one student of the distilled set: keyed by everything that decides its accuracy
     (:func:`_student_key`) and what it trains from: the set's images and labels by content, its soft labels in
-    label mode stored, the FKD store's identity in label mode fkd. Not by the other seeds evaluated with it, nor
+    label mode stored, the FKD store's identity in label mode fkd (in these two modes not by the teacher, which
+    only labels the random subset). Not by the other seeds evaluated with it, nor
     by the baselines beside it: evaluating more seeds, or the same seeds with or without a baseline, trains only
     the students not cached yet."""
     from ddkit.labels.fkd import distilled_fingerprint, set_fingerprint, store_identity
@@ -274,6 +275,10 @@ def student_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, stor
     labels = None
     if protocol.label_mode == "stored" and distilled.soft_labels is not None:  # its rows beside their classes
         labels = set_fingerprint(distilled.soft_labels, distilled.labels)
+    if protocol.label_mode in ("stored", "fkd"):
+        # the set's student learns from its soft labels or the FKD store (both keyed here), never asks the teacher:
+        # a teacher passed only to label the random subset beside it keys no other student of the set
+        teacher = None
     key = config_hash({**_student_key(protocol, data, teacher, seed, lr, device),
                        "set": distilled_fingerprint(distilled), "soft_labels": labels,
                        "fkd_store": store_identity(store) if store is not None else None})
