@@ -27,6 +27,8 @@ def pytest_sessionfinish(session, exitstatus):
         os.environ.pop("DDKIT_CACHE", None)
     else:
         os.environ["DDKIT_CACHE"] = SHELL_CACHE
+
+
 # a user's own methods, models and datasets join the tests parametrized over the registries (the method
 # contract): `DDKIT_PLUGINS=myplug pytest tests/test_method_contract.py`, imported as the CLI imports them
 load_plugins()
