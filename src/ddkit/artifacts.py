@@ -860,7 +860,12 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
     (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
     lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
-    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``."""
+    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``.
+
+    ``work`` may be ``out`` itself, for an output folder that a command fills stage by stage (a ``ddkit run``'s or
+    ``ddkit bench``'s): a second process would replace its stages under the first. A ``work`` folder (and the
+    parents) made here that the block leaves empty is removed as it ends: a refused or failed command leaves
+    nothing behind."""
     from ddkit import distributed as ddist
 
     try:
