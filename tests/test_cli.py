@@ -1690,6 +1690,25 @@ def test_a_failed_run_leaves_no_empty_run_folder(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["given", "run.yaml"] and os.listdir(given) == []
 
 
+def test_evaluate_into_a_folder_it_cannot_write_fails_before_training(workdir, tmp_path, monkeypatch, capsys):
+    """`ddkit evaluate SET` of a set in a read-only folder trained every student, then failed to write its
+    eval-*.json: the accuracies were lost. The report's folder is now checked first, in one line."""
+    import ddkit.evaluate.runner as runner
+    from test_data_cache import read_only
+
+    ro = tmp_path / "set"
+    shutil.copytree(workdir / "r5", ro)
+    held = sorted(os.listdir(ro))
+    read_only(monkeypatch, ro)
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: pytest.fail("trained a student first"))
+    code, _, err = run_cli(["evaluate", str(ro), "--seeds", "0", *FAST, "-q"], capsys)
+    assert code == 2
+    assert re.fullmatch(rf"error: cannot write '{re.escape(str(ro))}/eval-hard-[0-9a-f]{{16}}\.json': "
+                        r"(Permission denied; check the path and its permissions, or|Read-only file system;) "
+                        r"choose another --out\n", err), err
+    assert sorted(os.listdir(ro)) == held
+
+
 def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):
     """`ddkit cache -l` took 4.4 s and `ddkit show` of an evaluation JSON 2.9 s, nearly all of it importing torch
     (main() imported ddkit.distributed for every command; ddkit.artifacts, .describe and .evaluate imported it too)

@@ -260,6 +260,22 @@ def check_output_file(path: str | Path) -> None:
     _refuse_file_parent(path)
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, as a :class:`WriteFailure` naming ``path``, an output file that this process cannot create: a
+    temporary file is made (as :func:`write_text` makes one) and removed in its folder, or, where that is missing, in
+    the nearest folder above it (where the missing ones would be made), so that a command that writes its output
+    last fails before its work, not after it."""
+    path = Path(path)
+    folder = next((p for p in path.parents if p.is_dir()), path.parent)
+    probe = temp_path(folder / path.name)
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as exc:
+        raise WriteFailure(path, exc.strerror or str(exc), exc.errno) from None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(probe)
+
+
 def _refuse_file_parent(path: Path) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
