@@ -565,6 +565,30 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert run_cli(cmd, capsys)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
 
 
+def test_a_stop_while_torch_imports_is_handled_once_it_is_imported(tmp_path, capsys, monkeypatch):
+    """SIGTERM during a command's start-up imports once ended in SIGABRT and a stack dump instead of `terminated`,
+    exit 143: the handler's exception, raised while torch's C++ initialisation called back into Python, cannot be
+    caught on its way out through C++. The CLI imports torch first, with SIGTERM and SIGINT held back: a stop that
+    comes meanwhile lets the import finish, then ends the command in one line."""
+    import builtins
+    import signal
+
+    real, events, sigint = builtins.__import__, [], signal.getsignal(signal.SIGINT)
+
+    def importing(name, *args, **kw):
+        if name == "torch" and not events:
+            os.kill(os.getpid(), signal.SIGTERM)  # while torch imports
+            events.append("import went on")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    code, out, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1", "--out",
+                              str(tmp_path / "t"), "-q"], capsys)
+    assert (code, out, err) == (143, "", "terminated; run the same command again to resume\n")
+    assert events == ["import went on"] and os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ctrl-C is handled as before once torch is imported
+
+
 def test_sigterm_to_a_running_command(tmp_path):
     """The handler is installed in a real process: SIGTERM during synthesis ends in one line, exit 143."""
     import signal
