@@ -341,6 +341,61 @@ def test_a_bench_stopped_after_a_config_change_leaves_no_earlier_table(tmp_path,
         write_report(out)
 
 
+def test_a_second_bench_in_the_same_folder_refuses_at_once(tmp_path):
+    """Two `ddkit bench` in one folder: nothing locked it, both finished, and the last one's bench.json held a cell
+    made with the other bench's teacher (17.7 points off). A second bench now refuses at once, naming the bench's
+    out (not one of its internal folders), while the first trains its teacher, and writes nothing there."""
+    from ddkit.artifacts import OutputBusy
+
+    out, settings = tmp_path / "b", {"ipcs": [1], "label_modes": ["hard", "teacher"]}
+    seen = {}
+
+    def listing() -> list[str]:
+        return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+    def stage(step, total, record):  # the first bench is training its teacher
+        if seen or not record["stage"].startswith("teacher"):
+            return
+        seen["before"] = listing()
+        with pytest.raises(OutputBusy) as info:  # another teacher, which it would have written over the first's
+            run_bench(tiny_cfg(out, **settings,
+                               teacher={**TINY["teacher"], "train": {**TINY["teacher"]["train"], "epochs": 2}}))
+        seen["busy"], seen["after"] = str(info.value), listing()
+
+    rows = run_bench(tiny_cfg(out, **settings), stage_progress=stage)
+    assert seen["busy"] == f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out"
+    assert seen["after"] == seen["before"]
+    teacher = Teacher.load(out / "teachers" / "synthetic")
+    assert teacher.manifest["config"]["train"]["epochs"] == 1
+    assert [r["teacher_sha"] for r in rows] == [teacher.fingerprint] * 2
+
+
+def test_a_bench_publishes_only_cells_of_its_own_settings(tmp_path):
+    """The table was read back from the cell files without checking their key: a cell that another process (a
+    bench with another teacher) wrote there meanwhile was published as this bench's. It is now an error naming the
+    cell, no table is written, and a re-run makes that cell again with this bench's settings."""
+    out = tmp_path / "b"
+    first = out / "cells" / f"{cells_of(tiny_cfg(out))[0].id}.json"
+    theirs = {}
+
+    def cell_done(done, total, row):
+        if done == total:  # the other process writes this bench's first cell, with its own key and numbers
+            theirs.update(json.loads(first.read_text()), key="0" * 16, acc={"mean": 0.0, "std": 0.0, "n": 2,
+                                                                           "per_seed": [0.0, 0.0]})
+            first.write_text(json.dumps(theirs))
+
+    with pytest.raises(DDKitError) as info:
+        run_bench(tiny_cfg(out), progress=cell_done)
+    assert str(info.value) == (f"bench cell {str(first)!r} was written with other settings than this bench's (its "
+                               "key differs) by another process while this bench ran; run one bench at a time in "
+                               f"{str(out)!r}, and this one again")
+    assert not (out / "bench.json").exists()
+    seen = []
+    rows = run_bench(tiny_cfg(out), progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [False, True] and rows[0]["key"] != theirs["key"] and rows[0]["acc"] != theirs["acc"]
+    assert json.loads((out / "bench.json").read_text())["rows"][0]["key"] == rows[0]["key"]
+
+
 def test_a_resumed_synthesis_is_marked(tmp_path):
     """A set whose synthesis resumed from an interrupted run's checkpoints is timed from the resume: its
     record and table cells say so (the time used to read as the whole synthesis')."""

@@ -565,6 +565,30 @@ def test_sigterm_unwinds_like_ctrl_c(tmp_path, capsys, monkeypatch):
     assert run_cli(cmd, capsys)[0] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["dm"]
 
 
+def test_a_stop_while_torch_imports_is_handled_once_it_is_imported(tmp_path, capsys, monkeypatch):
+    """SIGTERM during a command's start-up imports once ended in SIGABRT and a stack dump instead of `terminated`,
+    exit 143: the handler's exception, raised while torch's C++ initialisation called back into Python, cannot be
+    caught on its way out through C++. The CLI imports torch first, with SIGTERM and SIGINT held back: a stop that
+    comes meanwhile lets the import finish, then ends the command in one line."""
+    import builtins
+    import signal
+
+    real, events, sigint = builtins.__import__, [], signal.getsignal(signal.SIGINT)
+
+    def importing(name, *args, **kw):
+        if name == "torch" and not events:
+            os.kill(os.getpid(), signal.SIGTERM)  # while torch imports
+            events.append("import went on")
+        return real(name, *args, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", importing)
+    code, out, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1", "--out",
+                              str(tmp_path / "t"), "-q"], capsys)
+    assert (code, out, err) == (143, "", "terminated; run the same command again to resume\n")
+    assert events == ["import went on"] and os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is sigint  # Ctrl-C is handled as before once torch is imported
+
+
 def test_sigterm_to_a_running_command(tmp_path):
     """The handler is installed in a real process: SIGTERM during synthesis ends in one line, exit 143."""
     import signal
@@ -1618,6 +1642,95 @@ def test_a_run_whose_distilled_folder_is_being_written_names_the_runs_out(tmp_pa
         code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
     assert code == 2 and err == (f"error: another ddkit process is writing {str(tmp_path / 'run')!r}; wait for it or "
                                  "choose another --out\n")
+
+
+def test_a_second_run_to_the_same_out_refuses_before_writing_anything(tmp_path, capsys):
+    """Two `ddkit run` to one out: the second trained its own teacher and wrote it over the first's `teacher/`
+    ('replaced the earlier teacher') before it reached the distill stage's lock and refused, and the finished run
+    recorded evaluations of a teacher it no longer held. Now a second run (the CLI, or the library call) refuses
+    at once while the first trains its teacher, writes nothing, and leaves the first's run whole."""
+    import yaml
+
+    import ddkit
+    from ddkit.artifacts import OutputBusy
+
+    out = tmp_path / "run"
+    first = {"dataset": {"name": "synthetic"},
+             "teacher": {"model": "tiny_convnet", "train": {"epochs": 2, "batch_size": 32}},
+             "distill": {"method": "random", "ipc": 2},
+             "evaluate": {"overrides": {"student": "tiny_convnet", "random_baseline": False, "full_reference": False,
+                                        "train": {"epochs": 1}}, "label_modes": ["teacher"], "seeds": [0]},
+             "out": str(out)}
+    second = tmp_path / "second.yaml"  # another teacher, which it would have written over the first's
+    second.write_text(yaml.safe_dump({**first, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}}}))
+    busy = f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out"
+    seen = {}
+
+    def teacher_epoch(step, total, record):  # the first run is training its teacher
+        if seen:
+            return
+        seen["before"] = sorted(os.listdir(out)) if out.exists() else None
+        seen["cli"] = run_cli(["run", str(second), "-q"], capsys)
+        with pytest.raises(OutputBusy) as info:
+            ddkit.run(yaml.safe_load(second.read_text()))
+        seen["library"] = str(info.value)
+        seen["after"] = sorted(os.listdir(out)) if out.exists() else None
+
+    summary = ddkit.run(first, progress_factory=lambda stage: teacher_epoch if stage == "teacher" else None)
+    assert seen["cli"] == (2, "", f"error: {busy}\n") and seen["library"] == busy
+    assert seen["after"] == seen["before"]
+    assert not any(n.startswith(("teacher", "distilled", ".teacher.tmp")) for n in seen["after"] or ())
+    teacher = json.loads((out / "teacher" / "manifest.json").read_text())
+    assert teacher["config"]["train"]["epochs"] == 2  # the first run's own teacher, which its report records
+    assert summary["teacher_accuracy"] == teacher["test_accuracy"]
+    assert json.loads((out / "manifest.json").read_text())["teacher_accuracy"] == teacher["test_accuracy"]
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(tmp_path, capsys):
+    """A `ddkit run` that failed to write (a file-size limit: 'cannot write ...: File too large') left the empty
+    run folder it had made (`teacher` and `distill` leave nothing). The folder goes, with the parents the run made;
+    one that was there before the run stays."""
+    import resource
+    import signal
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: {model: tiny_convnet, train: {epochs: 1}}\n"
+                   "distill: {method: random, ipc: 2}\n"
+                   "evaluate: {label_modes: [hard], seeds: [0], overrides: {student: tiny_convnet, "
+                   "random_baseline: false, full_reference: false, train: {epochs: 1}}}\n")
+    given = tmp_path / "given"
+    given.mkdir()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # the teacher's weights cannot be written
+    try:
+        made = run_cli(["run", str(cfg), "--out", str(tmp_path / "new" / "run"), "-q"], capsys)
+        there = run_cli(["run", str(cfg), "--out", str(given), "-q"], capsys)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old)
+    for (code, _, err), out in ((made, tmp_path / "new" / "run"), (there, given)):
+        assert code == 2 and err.startswith(f"error: cannot write {str(out / 'teacher')!r}: File too large; ")
+    assert sorted(os.listdir(tmp_path)) == ["given", "run.yaml"] and os.listdir(given) == []
+
+
+def test_evaluate_into_a_folder_it_cannot_write_fails_before_training(workdir, tmp_path, monkeypatch, capsys):
+    """`ddkit evaluate SET` of a set in a read-only folder trained every student, then failed to write its
+    eval-*.json: the accuracies were lost. The report's folder is now checked first, in one line."""
+    import ddkit.evaluate.runner as runner
+    from test_data_cache import read_only
+
+    ro = tmp_path / "set"
+    shutil.copytree(workdir / "r5", ro)
+    held = sorted(os.listdir(ro))
+    read_only(monkeypatch, ro)
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: pytest.fail("trained a student first"))
+    code, _, err = run_cli(["evaluate", str(ro), "--seeds", "0", *FAST, "-q"], capsys)
+    assert code == 2
+    assert re.fullmatch(rf"error: cannot write '{re.escape(str(ro))}/eval-hard-[0-9a-f]{{16}}\.json': "
+                        r"(Permission denied; check the path and its permissions, or|Read-only file system;) "
+                        r"choose another --out\n", err), err
+    assert sorted(os.listdir(ro)) == held
 
 
 def test_cache_and_show_of_json_records_import_no_torch(tmp_path, capsys):

@@ -260,6 +260,22 @@ def check_output_file(path: str | Path) -> None:
     _refuse_file_parent(path)
 
 
+def check_writable(path: str | Path) -> None:
+    """Refuse, as a :class:`WriteFailure` naming ``path``, an output file that this process cannot create: a
+    temporary file is made (as :func:`write_text` makes one) and removed in its folder, or, where that is missing, in
+    the nearest folder above it (where the missing ones would be made), so that a command that writes its output
+    last fails before its work, not after it."""
+    path = Path(path)
+    folder = next((p for p in path.parents if p.is_dir()), path.parent)
+    probe = temp_path(folder / path.name)
+    try:
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    except OSError as exc:
+        raise WriteFailure(path, exc.strerror or str(exc), exc.errno) from None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(probe)
+
+
 def _refuse_file_parent(path: Path) -> None:
     parent = next((p for p in path.parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
@@ -860,7 +876,12 @@ def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
     (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
     lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
-    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``."""
+    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``.
+
+    ``work`` may be ``out`` itself, for an output folder that a command fills stage by stage (a ``ddkit run``'s or
+    ``ddkit bench``'s): a second process would replace its stages under the first. A ``work`` folder (and the
+    parents) made here that the block leaves empty is removed as it ends: a refused or failed command leaves
+    nothing behind."""
     from ddkit import distributed as ddist
 
     try:

@@ -56,6 +56,7 @@ from ddkit.artifacts import (
     shared_costs,
     versions,
     write_json,
+    writing,
 )
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
@@ -860,6 +861,17 @@ class _Bench:
         evals = [self.root / "evals" / f"{k}.json" for k in rec.get("eval_keys", [])]
         return rec if all(self._cached_eval(p) is not None for p in evals if p.is_file()) else None
 
+    def written(self, cell: Cell) -> dict:
+        """The finished cell's file, read back for the table: it must hold this bench's cell (its key), not one that
+        another process wrote there meanwhile (with another teacher or settings, its numbers are not this bench's)."""
+        path = self.cell_path(cell)
+        rec = read_json(path, "cell")
+        if rec.get("key") != self.cell_key(cell):
+            raise DDKitError(f"bench cell {str(path)!r} was written with other settings than this bench's (its key "
+                             f"differs) by another process while this bench ran; run one bench at a time in "
+                             f"{str(self.root)!r}, and this one again")
+        return rec
+
     def compute(self, cell: Cell) -> dict:
         cfg = self.cfg
         key3 = (cell.dataset, cell.method, cell.ipc)
@@ -942,6 +954,15 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     cell files).
     """
     bench = _Bench(cfg, progress_form(stage_progress, "run_bench", "stage_progress"))
+    # the bench folder is locked for the whole job (its rank 0 holds it for every rank): a second bench there would
+    # replace the teachers and cells this one reads back
+    with writing(bench.root, cfg.out):
+        return _run_cells(bench, progress)
+
+
+def _run_cells(bench: _Bench, progress: BenchProgress | None) -> list[dict]:
+    """:func:`run_bench`'s stages and cells, in the folder it holds the lock of."""
+    cfg = bench.cfg
     info = ddist.current()
     if info.is_main:
         write_json(bench.root / "config.json", {"schema_version": 1, "kind": "bench-config", "config": cfg.record(),
@@ -967,7 +988,7 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
         # another process holds stays (removal under the lock is safe for those waiting on it: see build_lock)
         for folder in ("evals", "labels"):
             remove_unused_locks(bench.root / folder)
-    rows = [read_json(bench.cell_path(c), "cell") for c in cells]
+    rows = [bench.written(c) for c in cells]
     for r in rows:  # cells finished before 2026-12-05 counted a set's soft labels also where they go unused
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])

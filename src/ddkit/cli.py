@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -980,8 +981,36 @@ def _shutdown(barrier: bool) -> None:
         ddist.shutdown(barrier=barrier)
 
 
+# the commands that read JSON records and list folders: they import torch (seconds) only where an artifact needs it
+_NO_TORCH = ("cache", "show")
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT back for the block: one that comes meanwhile is recorded, and ends the command as it
+    would have (Terminated, KeyboardInterrupt) once the block is done. For importing torch: its C++ initialisation
+    calls back into Python, and the handler's exception raised there cannot be caught on its way out through C++:
+    the process aborted (SIGABRT, a stack dump) instead of ending in one line. Handlers live in the main thread:
+    elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+    if came:
+        raise Terminated if signal.SIGTERM in came else KeyboardInterrupt
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command not in _NO_TORCH:  # every other command imports it: here, where a stop waits for its end
+            with _signals_held():
+                import torch  # noqa: F401
         load_plugins()
         code = args.func(args)
     except DDKitError as exc:

@@ -621,6 +621,17 @@ def run(
     log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test),
              data.fingerprint)
     check_run(cfg, data)
+    # the whole run under one lock on its folder: a second run to this out refuses before it writes anything (its
+    # teacher would replace this one's, which the evaluations record); a folder made here that the run leaves
+    # empty (it failed) goes with the lock
+    with writing(out, out):
+        return _run_stages(cfg, data, out, device, pf, eval_progress)
+
+
+def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.device,
+                pf: Callable[[str], Callable[[int, int, dict], None] | None],
+                eval_progress: Callable[[int, int, dict], None] | None) -> dict[str, Any]:
+    """:func:`run`'s stages, into ``out``, which the run holds the lock of."""
     if ddist.current().is_main:
         # the run record says every stage is done; a run that stops (killed, or failing) after replacing a
         # stage must not leave the previous run's record beside it, read as a finished run by `ddkit show`

@@ -29,6 +29,7 @@ from ddkit.artifacts import (
     base_manifest,
     build_lock,
     check_output_file,
+    check_writable,
     file_kind,
     hidden_path,
     read_json,
@@ -495,13 +496,15 @@ def _write_cache(path: Path, record: dict[str, Any], what: str) -> None:
 
 
 def check_report_out(out: str | Path) -> None:
-    """Refuse an output path for an evaluation report that :func:`write_json` could not write or that
-    holds something else than an evaluation report (a user's file, another artifact's manifest)."""
+    """Refuse an output path for an evaluation report that :func:`write_json` could not write (also in a folder
+    this process cannot write: a read-only set's) or that holds something else than an evaluation report (a
+    user's file, another artifact's manifest)."""
     check_output_file(out)
     path = Path(out)
     if path.exists() and file_kind(path) != "evaluation":
         raise DDKitError(f"output {str(path)!r} exists and is not a ddkit evaluation report; choose another --out or "
                          "remove it")
+    check_writable(path)
 
 
 def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
