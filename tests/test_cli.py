@@ -589,6 +589,32 @@ def test_a_stop_while_torch_imports_is_handled_once_it_is_imported(tmp_path, cap
     assert signal.getsignal(signal.SIGINT) is sigint  # Ctrl-C is handled as before once torch is imported
 
 
+def test_an_ignored_sigint_stays_ignored_while_torch_imports(tmp_path, capsys, monkeypatch):
+    """A command started with SIGINT ignored (a `ddkit ... &` job in a non-interactive script) is not stopped by a
+    SIGINT that comes while the CLI imports torch with the stop signals held back."""
+    import builtins
+    import signal
+
+    real, events = builtins.__import__, []
+
+    def importing(name, *args, **kw):
+        if name == "torch" and not events:
+            os.kill(os.getpid(), signal.SIGINT)
+            events.append("sent")
+        return real(name, *args, **kw)
+
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        monkeypatch.setattr(builtins, "__import__", importing)
+        code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "1", "--out",
+                                str(tmp_path / "t"), "-q"], capsys)
+        monkeypatch.undo()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert (code, err, events) == (0, "", ["sent"]) and (tmp_path / "t" / "manifest.json").is_file()
+
+
 def test_sigterm_to_a_running_command(tmp_path):
     """The handler is installed in a real process: SIGTERM during synthesis ends in one line, exit 143."""
     import signal

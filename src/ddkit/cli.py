@@ -991,12 +991,14 @@ def _signals_held() -> Iterator[None]:
     would have (Terminated, KeyboardInterrupt) once the block is done. For importing torch: its C++ initialisation
     calls back into Python, and the handler's exception raised there cannot be caught on its way out through C++:
     the process aborted (SIGABRT, a stack dump) instead of ending in one line. Handlers live in the main thread:
-    elsewhere the block runs as it is."""
+    elsewhere the block runs as it is. A signal ignored on entry (SIGINT of a ``ddkit ... &`` job in a script) stays
+    ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     came: list[int] = []
-    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    before = {s: signal.signal(s, lambda signum, frame: came.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)
+              if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:
