@@ -1337,3 +1337,32 @@ def test_a_run_evaluated_before_students_were_cached_is_reused_unchanged(tmp_pat
     again = run(_tiny_run(tmp_path / "run", [0, 1], random_baseline=False))
     assert again["reused"] == ["distilled", "eval-hard.json"] and report.read_bytes() == before
     assert again["evaluations"][0]["results"] == first["evaluations"][0]["results"]
+
+
+def test_report_folder_is_tried_by_rank_0_and_every_rank_stops_on_its_verdict(tmp_path, monkeypatch):
+    """Only rank 0 writes the report: a rank that could not write there (another node's file system) does not stop
+    alone, leaving the others waiting; when rank 0 cannot, every rank stops with its one line."""
+    from ddkit import distributed as ddist
+    from ddkit.artifacts import WriteFailure
+    from ddkit.evaluate import runner
+
+    tried = []
+
+    def unwritable(path):
+        tried.append(path)
+        raise WriteFailure(path, "Permission denied", 13)
+
+    monkeypatch.setattr(runner, "check_writable", unwritable)
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=1, world_size=2))
+    out = tmp_path / "eval.json"
+    monkeypatch.setattr(ddist, "broadcast_object", lambda obj, src=0: None)  # rank 0 could write there
+    runner.check_report_out(out)
+    monkeypatch.setattr(ddist, "broadcast_object", lambda obj, src=0: (str(out), "Permission denied", 13))
+    with pytest.raises(WriteFailure, match="Permission denied") as failed:
+        runner.check_report_out(out)
+    assert tried == [] and "eval.json" in str(failed.value) and "\n" not in str(failed.value)
+    monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo())  # one process: it tries the folder itself
+    monkeypatch.setattr(ddist, "broadcast_object", lambda obj, src=0: obj)
+    with pytest.raises(WriteFailure):
+        runner.check_report_out(out)
+    assert tried == [out]

@@ -498,13 +498,22 @@ def _write_cache(path: Path, record: dict[str, Any], what: str) -> None:
 def check_report_out(out: str | Path) -> None:
     """Refuse an output path for an evaluation report that :func:`write_json` could not write (also in a folder
     this process cannot write: a read-only set's) or that holds something else than an evaluation report (a
-    user's file, another artifact's manifest)."""
+    user's file, another artifact's manifest). Under torchrun only rank 0 writes the report: it tries the folder,
+    and every rank stops on its verdict (a rank of another node that cannot write there does not stop alone)."""
     check_output_file(out)
     path = Path(out)
     if path.exists() and file_kind(path) != "evaluation":
         raise DDKitError(f"output {str(path)!r} exists and is not a ddkit evaluation report; choose another --out or "
                          "remove it")
-    check_writable(path)
+    failure = None
+    if ddist.current().is_main:
+        try:
+            check_writable(path)
+        except WriteFailure as exc:
+            failure = (str(exc.path), exc.cause, exc.errno)
+    failure = ddist.broadcast_object(failure)
+    if failure is not None:
+        raise WriteFailure(*failure)
 
 
 def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
