@@ -263,6 +263,29 @@ def test_run_retrains_when_the_data_normalisation_changes(tmp_path, capsys):
     assert manifest["dataset"]["mean"] == [pytest.approx(0.1)] and manifest["dataset"]["std"] == [pytest.approx(0.6)]
 
 
+def test_a_run_does_not_relabel_into_a_store_a_relabel_is_writing(tmp_path, capsys):
+    """`ddkit run` in label mode fkd makes its store under `RUN/labels` as `ddkit relabel --out RUN/labels` does, in
+    the same hidden work folder: it takes that folder's lock too, so it refuses in one line while a relabel writes
+    there (it used to finish, and the relabel then failed on the folder the run had removed)."""
+    from ddkit.artifacts import hidden_path, writing
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\n"
+                   "teacher: {model: tiny_convnet, train: {epochs: 1, batch_size: 32}}\n"
+                   "distill: {method: random, ipc: 2}\nrelabel: {epochs: 2}\n"
+                   "evaluate: {label_modes: [fkd], seeds: [0], overrides: {student: tiny_convnet, "
+                   "random_baseline: false, full_reference: false, train: {epochs: 2, batch_size: 16}}}\n"
+                   f"out: {tmp_path / 'run'}\n")
+    labels = tmp_path / "run" / "labels"
+    with writing(hidden_path(labels, ".partial"), labels):  # a `ddkit relabel --out run/labels` meanwhile
+        code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
+    assert code == 2 and err == (f"error: another ddkit process is writing {str(labels)!r}; wait for it or choose "
+                                 "another --out\n")
+    assert not labels.exists()
+    assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0  # once it is done
+    assert (labels / "manifest.json").is_file() and not hidden_path(labels, ".partial").exists()
+
+
 def test_run_keys_an_fkd_evaluation_by_the_store_not_its_path(tmp_path, capsys):
     """Label mode fkd: `run` keys the evaluation by what the FKD store holds. A store re-made in place
     with other settings used to reuse the old store's evaluation (the key named the path); a copy of

@@ -807,11 +807,13 @@ def relabel_stage(path: Path, distilled: DistilledSet, teacher: Teacher, spec: R
         if ddist.current().is_main:  # a kill between the save and the removal below leaves them
             shutil.rmtree(work, ignore_errors=True)
         return True, found if found is not None else SoftLabelStore.load(path)
-    # streamed into path epoch by epoch, never whole in memory; every rank gets it loaded from there
-    store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work, out=path,
-                      manifest_extra={"config_hash": key})
-    if ddist.current().is_main:
-        shutil.rmtree(work, ignore_errors=True)
+    # streamed into path epoch by epoch, never whole in memory; every rank gets it loaded from there; under the
+    # work folder's lock, as `ddkit relabel` takes it: one relabelling into this path at a time
+    with writing(work, path):
+        store = spec.make(distilled, teacher, protocol_epochs, device, progress, work_dir=work, out=path,
+                          manifest_extra={"config_hash": key})
+        if ddist.current().is_main:
+            shutil.rmtree(work, ignore_errors=True)
     return False, store
 
 
