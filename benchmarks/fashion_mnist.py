@@ -68,7 +68,7 @@ EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 itera
                           "with one EDC knob taken out per row (flatness, category-aware matching, weak crops, "
                           "G-VBSM's statistics EMA and patch statistics, the ResNet-18 observer): which "
                           "knobs carry it?",
-          "edc-build10": "EDC's knobs added one by one (G-VBSM baseline, real init, flatness, category-aware "
+          "edc-build10": "EDC's knobs added one by one (G-VBSM's core, real init, flatness, category-aware "
                          "matching, weak crops = EDC's recipe), then whole real images, a 25x smaller image lr and a "
                          "ResNet-18 observer (ddkit's configuration), at IPC 10 under decoupled-long10's protocol",
           "edc-build1": "edc-build10 at IPC 1 under decoupled-long1's protocol (300 epochs, 8 student seeds), with "
@@ -294,8 +294,10 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
         ipc = min(r["ipc"] for r in ablation if r["method"] in ABLATION)
         lines += ["", f"### EDC ablation (IPC {ipc}, knobs added one by one as in EDC Fig. 1)", "",
                   "| step | knobs | student | accuracy % | vs random |", "|---|---|---|---|---:|"]
-        steps = {"edc-A": "G-VBSM baseline: backbones, BN + conv statistics, noise init",
-                 "edc-AB": "+ real-image init (RDED output)", "edc-ABD": "+ flatness regularisation",
+        steps = {"edc-A": "G-VBSM's core in EDC's loop: backbones, BN + conv statistics, noise init (not the "
+                          "`gvbsm` preset: logit matching, conv dropout, densification and all-slot batches off)",
+                 "edc-AB": "+ real-image init (RDED output; iterations not halved)",
+                 "edc-ABD": "+ flatness regularisation",
                  "edc-ABDF": "+ soft category-aware matching (alpha 0.5)", "edc": "+ weak augmentation (= EDC)"}
         for key, text in steps.items():
             for r in rows:
@@ -660,8 +662,9 @@ def _seed_race(ipc: int, runs: list[str], seeds: dict[int, list[dict]], race: tu
 EDC_STEP_RUNS = ("edc-build1", "edc-build10", "edc-build50", "edc-lr002-long1", "edc-lr002-long10", "edc-lr002-long50")
 EDC_STEPS = {  # row -> (what it is, the row it adds one change to)
     "gvbsm": ("G-VBSM's own preset", None),
-    "edc-A": ("A: G-VBSM's baseline in EDC's loop (noise init)", None),
-    "edc-AB": ("+ B: real-image init (RDED's output)", "edc-A"),
+    "edc-A": ("A: G-VBSM's core in EDC's loop (noise init; unlike `gvbsm`, no logit matching, conv dropout, "
+              "densification or all-slot batches)", None),
+    "edc-AB": ("+ B: real-image init (RDED's output; iterations not halved)", "edc-A"),
     "edc-ABD": ("+ D: flatness regularisation", "edc-AB"),
     "edc-ABDF": ("+ F: soft category-aware matching", "edc-ABD"),
     "edc": ("+ G: weak crops = EDC's recipe (image lr 0.05)", "edc-ABDF"),

@@ -124,11 +124,14 @@ def test_edc_steps_table_shows_each_step_against_the_row_it_adds_to(fm, tmp_path
     write("b1", [_row("edc-A", "edc", 1, 0.30, 0.50, "teacher"), _row("edc-AB", "edc", 1, 0.35, 0.50, "teacher")])
     text = "\n".join(fm.edc_steps(tmp_path, ("b1", "b10")))
     assert "| random subset (baseline) | 50.00 ± 1.00 | 78.00 ± 1.00 |" in text
-    assert "| `edc-A`: A: G-VBSM's baseline in EDC's loop (noise init) | 30.00 ± 1.00 | 40.00 ± 1.00 |" in text
-    assert "| `edc-AB`: + B: real-image init (RDED's output) | 35.00 ± 1.00 (+5.00) | 72.00 ± 1.00 (+32.00) |" in text
+    assert ("| `edc-A`: A: G-VBSM's core in EDC's loop (noise init; unlike `gvbsm`, no logit matching, conv dropout, "
+            "densification or all-slot batches) | 30.00 ± 1.00 | 40.00 ± 1.00 |" in text)
+    assert ("| `edc-AB`: + B: real-image init (RDED's output; iterations not halved) | 35.00 ± 1.00 (+5.00) | "
+            "72.00 ± 1.00 (+32.00) |" in text)
     assert "| `edc-ABD`: + D: flatness regularisation | – | 72.30 ± 1.00 (+0.30) |" in text
     assert "sre2l" not in text  # not a step
-    assert ("- IPC 10: largest step + B: real-image init (RDED's output) (+32.00); steps within 0.5 "
+    assert ("- IPC 10: largest step + B: real-image init (RDED's output; iterations not halved) (+32.00); "
+            "steps within 0.5 "
             "point: 1 of 2." in text)
 
 

@@ -65,7 +65,9 @@ class GVBSM(RecoverMethod):
       softmax(l))`` over the eigenvalues ``l`` of each class's Gram matrix of images
       (``--nuc-norm 1 --tau 4``), which needs several images of a class per batch, hence
     - ``slots_per_batch: None``: one batch holds every IPC slot of its classes, class-major, as the
-      code's batches of 100 over CIFAR-10 do.
+      code's batches do; with ``class_batch: None`` that is every class up to 100 (the code's
+      batches of 100 images hold 10 classes x 10 slots at IPC 10 but 2 classes x 50 slots at IPC 50:
+      set ``class_batch`` to match).
 
     Differences from the authors' code: teachers are sampled at random (the code cycles through
     them; sampling is what the paper describes); conv statistics are taken at the conv *outputs*
@@ -126,7 +128,7 @@ class EDC(RecoverMethod):
     =====  ====================================================  =================================
     step   EDC change                                            ddkit knob (off value)
     =====  ====================================================  =================================
-    A      G-VBSM baseline: several observers, BN + conv stats   ``stats: bn+conv``, teachers list
+    A      G-VBSM's core: several observers, BN + conv stats     ``stats: bn+conv``, teachers list
     B      real-image initialisation (RDED output); iterations   ``init: rded|real`` (``noise``);
            halved vs G-VBSM                                      ``iterations: 2000`` (4000)
     C      smoothing LR schedule at evaluation                   evaluation protocol, not here
@@ -139,9 +141,14 @@ class EDC(RecoverMethod):
     =====  ====================================================  =================================
 
     From G-VBSM's code EDC keeps the statistics moving average (``stats_momentum: 0.8``) and the
-    patch statistics (``patch_size: 4``); ddkit leaves G-VBSM's conv-term dropping, densification
-    and all-slot batches off here (``conv_drop_rate``, ``densify_weight``, ``slots_per_batch``
-    turn them on), so by default an EDC batch holds one image per class, as SRe2L's.
+    patch statistics (``patch_size: 4``); ddkit leaves G-VBSM's logit matching, conv-term dropping,
+    densification and all-slot batches off here (``r_logit``, ``conv_drop_rate``, ``densify_weight``,
+    ``slots_per_batch`` turn them on), so by default an EDC batch holds one image per class, as
+    SRe2L's. That batching is ddkit's choice, not EDC's: the authors' code (every branch) optimises
+    every IPC slot of a few classes in one batch, class-major (``slots_per_batch: None`` with a
+    ``class_batch``), so its category-aware term pools a class's moments over its IPC images where
+    ddkit's default matches each image's own. Step A of the ablation benches is therefore G-VBSM's
+    core in EDC's loop, not the ``gvbsm`` preset.
 
     The flatness term is EDC's code's (its CIFAR branch; the ImageNet-1k branch updates the copy after
     the step and crops it apart from the images): ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over

@@ -498,7 +498,8 @@ def statistics_loss(
     patch statistics (G-VBSM);
     ``C_l`` is the same per class present in ``labels`` against that class's real statistics,
     averaged over those classes (EDC's soft category-aware matching). A class with one image in the
-    batch (``slots_per_batch: 1``, EDC's and SRe2L's batches) contributes that image's own moments
+    batch (``slots_per_batch: 1``: SRe2L's batches, and ddkit's ``edc`` default, where EDC's code batches
+    every IPC slot of a few classes) contributes that image's own moments
     over positions, so ``C_l`` asks each image to carry its class's mean and spread over images and
     positions; ``slots_per_batch: None`` puts every IPC slot of a class in the batch, whose moments
     then pool over images. This is ddkit's reading of the paper: EDC's code (``category_aware:
