@@ -1366,3 +1366,62 @@ def test_report_folder_is_tried_by_rank_0_and_every_rank_stops_on_its_verdict(tm
     with pytest.raises(WriteFailure):
         runner.check_report_out(out)
     assert tried == [out]
+
+
+def _pinned_keys(cache: Path) -> tuple[str, str, str]:
+    """The keys of a distilled set's, a random subset's and the full data's student of one fixed small evaluation
+    (1 torch thread, on the CPU), without training any (the full-data reference's key from its result)."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate.runner import full_reference, random_cache_path, student_cache_path
+
+    torch.set_num_threads(1)  # the conftest gives the next test its own count back
+    data = make_synthetic()
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_epochs": 1,
+                                                "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}})
+    ds = DistilledSet(data.train.images[:8], data.train.labels[:8], {"dataset": data.describe()})
+    real, runner._train_student = runner._train_student, lambda *a, **k: 0.5
+    try:
+        full = full_reference(data, protocol, [0], "cpu", cache)["key"]
+    finally:
+        runner._train_student = real
+    return (student_cache_path(protocol, data, None, None, ds, 0, cache).stem,
+            random_cache_path(protocol, data, None, None, 2, 0, cache).stem, full)
+
+
+def test_a_new_revision_of_student_training_trains_every_cached_student_again(setup, tiny_protocol, tmp_path,
+                                                                             monkeypatch):
+    """No revision of ddkit's student training keyed the cached students: after a fix to it, every student came
+    back from the cache with the old numbers until `ddkit cache prune`. ddkit.cache.STUDENT_REVISION now keys them
+    all from 2 on; at 1 every key is the one ddkit gave before it existed (users' caches stay valid)."""
+    import ddkit.cache
+    from ddkit.cache import cache_entries
+    from ddkit.describe import describe
+
+    # the keys ddkit gave before the revision was counted (computed with ddkit at commit bcee3df)
+    assert _pinned_keys(tmp_path / "pin") == ("016d494fd2240909", "6ccf4e72c63cbd08", "8e05cbfce16638d9")
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    bumped = _pinned_keys(tmp_path / "pin")
+    assert all(a != b for a, b in zip(bumped, ("016d494fd2240909", "6ccf4e72c63cbd08", "8e05cbfce16638d9")))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 1)
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    before = evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    trained = _spy_students(monkeypatch, ds)
+    evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    assert trained == []  # all three from the cache
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    again = evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    assert trained == [("set", 0), ("other", 0), ("other", 0)]  # the set's, the random subset's, the full data's
+    assert {k: {f: v for f, v in r.items() if f != "key"} for k, r in again["results"].items()} == {
+        k: {f: v for f, v in r.items() if f != "key"} for k, r in before["results"].items()}  # the same numbers
+    entries = [e for e in cache_entries(tmp_path / "c") if e.state == "entry" and e.path.suffix == ".json"]
+    assert sorted((e.kind, json.loads(e.path.read_text()).get("revision", 1), e.stale) for e in entries) == [
+        ("distilled-student", 1, "student revision 1"), ("distilled-student", 2, ""),
+        ("full-reference", 1, "student revision 1"), ("full-reference", 2, ""),
+        ("random-baseline", 1, "student revision 1"), ("random-baseline", 2, "")]
+    old = next(e.path for e in entries if e.kind == "random-baseline" and e.stale)
+    assert describe(old).endswith(" torch threads on cpu (made by revision 1 of ddkit's student training, this "
+                                  "ddkit's is 2: never read again; `ddkit cache prune --stale` removes it)")
+

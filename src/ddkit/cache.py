@@ -44,6 +44,21 @@ STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 co
 STATISTICS_TENSORS = "statistics.safetensors"
 #: random-baseline, distilled-student and full-reference accuracies (written by ddkit.evaluate.runner)
 ACCURACY_SCHEMA = 2  # 2: keyed by ddkit.evaluate.runner.trained_on (entries of schema 1 are stale)
+#: the revision of ddkit's student training and evaluation code (ddkit.training, ddkit.evaluate, the replay of FKD
+#: labels): bump it whenever a change there changes the numbers a student of the same settings and seed gives, so that
+#: the cached students (random-baseline, distilled-student, full-reference) train again instead of being read back.
+#: It enters their keys from 2 on (:func:`revised`): at 1 the keys are those of the entries made before it existed
+STUDENT_REVISION = 1
+#: the same for the expert trajectory buffers (ddkit.methods.trajectory.train_experts): bump it whenever a change
+#: there (or in the training it calls) changes the trajectories the same recipe gives; it enters their names from 2 on
+EXPERTS_REVISION = 1
+
+
+def revised(revision: int) -> dict[str, int]:
+    """``{"revision": revision}`` for a cache key, or nothing at revision 1 (:data:`STUDENT_REVISION`,
+    :data:`EXPERTS_REVISION`): the keys of the entries made before the revision was counted stay valid."""
+    return {"revision": revision} if revision != 1 else {}
+
 
 # what a killed build leaves beside an entry NAME (artifacts.temp_path), and a build's resumable work
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -118,18 +133,24 @@ def _details(kind: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
 
 # an expert buffer's name before ddkit 2026-12-06 added the normalisation's hash to it (now: ...-<8 hex>)
 _OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
+# the revision an expert buffer's name ends with (trajectory.buffer_for): none at revision 1
+_EXPERTS_REVISION = re.compile(r"-r(\d+)$")
 
 
 def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) -> str:
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`DECODED_SCHEMA`,
     statistics of an older :data:`STATISTICS_SCHEMA` (recorded since schema 2), an expert buffer
-    named without the normalisation part, a cached student's accuracy (random-baseline, distilled-student,
-    full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread count and device). Cache keys hash these,
+    named without the normalisation part or of an older :data:`EXPERTS_REVISION`, a cached student's accuracy
+    (random-baseline, distilled-student, full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread
+    count and device) or :data:`STUDENT_REVISION`. Cache keys hash these,
     so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
     ``manifest``: the entry's, where already read."""
     if kind == "experts":
-        return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
+        if _OLD_EXPERTS_NAME.fullmatch(path.name):
+            return "named without its normalisation"
+        revision = int(hit[1]) if (hit := _EXPERTS_REVISION.search(path.name)) else 1
+        return f"expert revision {revision}" if revision < EXPERTS_REVISION else ""
     if kind in ("random-baseline", "distilled-student", "full-reference"):  # accuracies: keyed without thread count
         # and device before schema 2 (distilled-student entries began at 2)
         return _accuracy_stale(path)
@@ -145,16 +166,19 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
 
 
 def _accuracy_stale(path: Path) -> str:
-    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`ACCURACY_SCHEMA`, or "" (current,
-    damaged or not such a file)."""
+    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`ACCURACY_SCHEMA` or
+    :data:`STUDENT_REVISION` (entries record theirs from 2 on), or "" (current, damaged or not such a file)."""
     if path.suffix != ".json":
         return ""
     try:
-        schema = json.loads(path.read_text()).get("schema_version")
+        entry = json.loads(path.read_text())
+        schema, revision = entry.get("schema_version"), entry.get("revision", 1)
     except (OSError, ValueError, RecursionError, AttributeError):
         return ""
-    old = isinstance(schema, int) and not isinstance(schema, bool) and schema < ACCURACY_SCHEMA
-    return f"schema {schema}" if old else ""
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema < ACCURACY_SCHEMA:
+        return f"schema {schema}"
+    old = isinstance(revision, int) and not isinstance(revision, bool) and revision < STUDENT_REVISION
+    return f"student revision {revision}" if old else ""
 
 
 def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:

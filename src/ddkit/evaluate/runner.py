@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     WriteFailure,
@@ -287,9 +288,12 @@ def student_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, stor
 
 
 def trained_on(device) -> dict[str, Any]:
-    """Where a cached student trains, for its key: the torch thread count (float sums depend on it; a bench
+    """By what and where a cached student trains, for its key and its entry: the revision of ddkit's student training
+    (:data:`~ddkit.cache.STUDENT_REVISION`, from 2 on), the torch thread count (float sums depend on it; a bench
     evaluates again under another one, and the report records it) and the device type (cpu, cuda)."""
-    return {"torch_threads": torch.get_num_threads(), "device": torch.device(device).type}
+    device = torch.device(device)
+    return {**ddcache.revised(ddcache.STUDENT_REVISION), "torch_threads": torch.get_num_threads(),
+            "device": device.type}
 
 
 @dataclasses.dataclass
