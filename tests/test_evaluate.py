@@ -1425,3 +1425,85 @@ def test_a_new_revision_of_student_training_trains_every_cached_student_again(se
     assert describe(old).endswith(" torch threads on cpu (made by revision 1 of ddkit's student training, this "
                                   "ddkit's is 2: never read again; `ddkit cache prune --stale` removes it)")
 
+
+def _fake_cuda(monkeypatch, gpu: str = "NVIDIA H100 80GB HBM3") -> None:
+    """torch.cuda as a machine with one GPU named ``gpu`` answers what a cache key asks of it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpu)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+
+
+def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_protocol, tmp_path, monkeypatch):
+    """On CUDA a cached student's key said only "cuda": students trained with TF32 on, with nondeterministic
+    kernels, on another GPU model or CUDA/cuDNN version came back from the cache as if trained as asked. These now key
+    CUDA students (and are recorded in their entries); CPU keys are unchanged."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.evaluate.runner import random_cache_path, student_cache_path
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    cpu = _pinned_keys(tmp_path / "pin")
+    real_name = torch.cuda.get_device_name
+    _fake_cuda(monkeypatch)
+    assert _pinned_keys(tmp_path / "pin") == cpu  # nothing of CUDA is asked for a CPU key
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: pytest.fail("asked a GPU for a CPU key"))
+    _pinned_keys(tmp_path / "pin")
+    monkeypatch.setattr(torch.cuda, "get_device_name", real_name)
+    _fake_cuda(monkeypatch)
+
+    def keys() -> tuple[str, str]:
+        return (student_cache_path(protocol, data, None, None, ds, 0, tmp_path, device="cuda").name,
+                random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device="cuda:0").name)
+
+    def full_key() -> str:
+        with monkeypatch.context() as m:
+            m.setattr(runner, "_train_student", lambda *a, **k: 0.5)
+            m.setattr(runner, "_write_cache", lambda *a: None)
+            return runner.full_reference(data, protocol, [0], "cuda", tmp_path)["key"]
+
+    # torch.backends.cuda.matmul is no plain object (monkeypatch cannot restore it): set, then restored by hand
+    tf32_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        plain = (*keys(), full_key())
+        assert runner.trained_on("cuda")["cuda"] == {
+            "deterministic": True, "tf32_matmul": False, "tf32_cudnn": False, "float32_matmul_precision": "highest",
+            "gpu": "NVIDIA H100 80GB HBM3", "cuda_version": "12.4", "cudnn_version": 90100}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = (*keys(), full_key())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert (*keys(), full_key()) == plain
+        torch.backends.cudnn.allow_tf32 = True
+        conv_tf32 = keys()
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")  # TF32 in matmuls, as allow_tf32 says it
+        assert keys() == tf32[:2]
+        torch.set_float32_matmul_precision("medium")  # bf16 too
+        medium = keys()
+        torch.set_float32_matmul_precision(precision)
+        monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")
+        fast = keys()
+        monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC")
+        _fake_cuda(monkeypatch, "NVIDIA H200")
+        other_gpu = keys()
+        _fake_cuda(monkeypatch)
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        other_cuda = keys()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_flags
+        torch.set_float32_matmul_precision(precision)
+    found = [plain[:2], tf32[:2], conv_tf32, medium, fast, other_gpu, other_cuda]
+    assert len({k for pair in found for k in pair}) == 2 * len(found)  # every setting its own keys
+    assert tf32[2] != plain[2]
+    assert not any(k in cpu for pair in found for k in pair)
+    from ddkit.describe import describe  # the entry records them, and `ddkit show` names the GPU
+
+    entry = tmp_path / "random-baseline" / "k.json"
+    entry.parent.mkdir()
+    entry.write_text(json.dumps({"schema_version": 2, "kind": "random-baseline-cache", "accuracy": 0.5, "ipc": 4,
+                                 "seed": 0, "protocol_hash": "p", **runner.trained_on("cuda")}))
+    assert describe(entry).endswith(", trained with 1 torch threads on cuda (NVIDIA H100 80GB HBM3)")
