@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ddkit.artifacts import _alive, _lock_file, _origin, cache_dir, remove_unused_lock, temp_path
+from ddkit.artifacts import _alive, _lock_file, _names, _origin, cache_dir, remove_unused_lock, temp_path
 from ddkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -242,29 +242,36 @@ class PruneResult:
 @contextlib.contextmanager
 def _unused(entry: Path) -> Iterator[str | None]:
     """Hold ``entry``'s build lock for the block if no process holds it: yields None, or why the entry is in use
-    (or cannot be locked). A lock file that is missing is not made: no process builds the entry then."""
+    (or cannot be locked). A lock file that is missing is not made: no process builds the entry then. A lock file
+    removed or replaced between its open and its lock (by :func:`~ddkit.artifacts.remove_unused_lock`, whereupon a
+    builder makes a new one) is not the lock any more: the file there now is locked instead, as
+    :func:`~ddkit.artifacts.build_lock` does."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield None
         return
-    try:
-        fd = os.open(_lock_file(entry), os.O_RDWR)
-    except FileNotFoundError:
-        yield None
-        return
-    except OSError as exc:
-        yield f"cannot open its lock file ({exc.strerror})"
-        return
-    try:
+    lock = _lock_file(entry)
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield "in use: a process is building or reading it"
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            yield None
             return
         except OSError as exc:
-            yield f"cannot lock it ({exc.strerror})"
+            yield f"cannot open its lock file ({exc.strerror})"
             return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            yield ("in use: a process is building or reading it" if isinstance(exc, BlockingIOError)
+                   else f"cannot lock it ({exc.strerror})")
+            return
+        if _names(lock, fd):
+            break
+        os.close(fd)  # an orphan: a builder may hold the file at that path now
+    try:
         yield None
     finally:
         os.close(fd)
