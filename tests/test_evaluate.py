@@ -1507,3 +1507,24 @@ def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_
     entry.write_text(json.dumps({"schema_version": 2, "kind": "random-baseline-cache", "accuracy": 0.5, "ipc": 4,
                                  "seed": 0, "protocol_hash": "p", **runner.trained_on("cuda")}))
     assert describe(entry).endswith(", trained with 1 torch threads on cuda (NVIDIA H100 80GB HBM3)")
+
+
+def test_a_run_folder_evaluates_again_under_a_new_revision_of_student_training(tmp_path, monkeypatch):
+    """A run folder re-run unchanged reused its evaluation report whole, so a new STUDENT_REVISION (a fix to student
+    training) never reached its students: the report kept the old numbers. The revision keys the run's evaluation too
+    (from 2 on: at 1 the report is reused as before)."""
+    import ddkit.cache
+    from ddkit.pipeline import run
+
+    cfg = _tiny_run(tmp_path / "run", [0])
+    first = run(cfg)
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"]
+    import ddkit.evaluate.runner as runner
+
+    trained, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append((len(a[0]), a[4])) or real(*a, **k))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    again = run(cfg)
+    assert again["reused"] == ["distilled"] and trained == [(8, 0), (8, 0), (96, 0)]  # set, random subset, full data
+    assert again["evaluations"][0]["results"]["distilled"] == first["evaluations"][0]["results"]["distilled"]
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"] and len(trained) == 3
