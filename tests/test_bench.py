@@ -980,6 +980,29 @@ def test_ipc_larger_than_a_class_fails_before_any_teacher_or_set(tmp_path):
     assert not out.exists()
 
 
+def test_cells_and_evaluations_are_recomputed_under_a_new_revision_of_student_training(full_run, tmp_path,
+                                                                                       monkeypatch):
+    """A bench re-run reused its cells and evaluations whole, so a new STUDENT_REVISION (a fix to student training)
+    never reached their students. The revision keys both (from 2 on: at 1 they are reused as before)."""
+    import ddkit.cache
+
+    out, rows, _ = full_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg, seen = tiny_cfg(copy, label_modes=["hard", "teacher"]), []
+    evals = sorted(p.name for p in (copy / "evals").glob("*.json"))
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))  # no student cached: each one trains again
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    again = run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [False] * 4 and [r["acc"] for r in again] == [r["acc"] for r in rows]
+    made = sorted(p.name for p in (copy / "evals").glob("*.json") if p.name not in evals)
+    assert len(made) == len(evals)  # every evaluation made again, beside the old ones
+    assert {k for r in again for k in r["eval_keys"]} == {m.removesuffix(".json") for m in made}
+    seen.clear()
+    run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
+    assert seen == [True] * 4
+
+
 def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(full_run, monkeypatch, tmp_path):
     """A cached evaluation used to be reused whatever thread count made it (float sums, so other students):
     a table then mixed numbers that no single run gives."""

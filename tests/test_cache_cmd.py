@@ -149,6 +149,30 @@ def test_prune_by_kind_keeps_what_is_in_use(tree, capsys):
     assert (root / "statistics" / "a").is_dir() and (root / "random-baseline" / "k.json").is_file()
 
 
+def test_prune_keeps_an_entry_whose_lock_file_a_builder_made_again_before_the_lock(tree, monkeypatch):
+    """Prune opened an entry's lock file and locked it without checking that it was still the file there: where a
+    builder removed it (remove_unused_lock) and made a new one in between, prune held a lock on an orphan while the
+    builder held the new file, and removed the entry under it. Prune now locks the file there, as build_lock does."""
+    root = tree["root"]
+    lock, held, real = root / "experts" / ".e.lock", [], fcntl.flock
+
+    def flock(fd, op):  # between prune's open and its lock: the lock file made again, and held by a builder
+        if not held:
+            lock.unlink()
+            held.append(os.open(lock, os.O_RDWR | os.O_CREAT))
+            real(held[0], fcntl.LOCK_EX)
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    try:
+        result = prune_cache(["experts"])
+    finally:
+        os.close(held[0])
+    assert [(e.name, why) for e, why in result.skipped if e.name == "e"] == [
+        ("e", "in use: a process is building or reading it")]
+    assert (root / "experts" / "e" / "expert_000.safetensors").is_file() and lock.is_file()
+
+
 def test_prune_by_age_and_all(tree, capsys):
     root = tree["root"]
     result = prune_cache(older_than=2)  # the 10-day and 3-day-old entries

@@ -1366,3 +1366,165 @@ def test_report_folder_is_tried_by_rank_0_and_every_rank_stops_on_its_verdict(tm
     with pytest.raises(WriteFailure):
         runner.check_report_out(out)
     assert tried == [out]
+
+
+def _pinned_keys(cache: Path) -> tuple[str, str, str]:
+    """The keys of a distilled set's, a random subset's and the full data's student of one fixed small evaluation
+    (1 torch thread, on the CPU), without training any (the full-data reference's key from its result)."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.distilled import DistilledSet
+    from ddkit.evaluate.runner import full_reference, random_cache_path, student_cache_path
+
+    torch.set_num_threads(1)  # the conftest gives the next test its own count back
+    data = make_synthetic()
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "full_epochs": 1,
+                                                "train": {"epochs": 1, "batch_size": 32, "lr": 0.05}})
+    ds = DistilledSet(data.train.images[:8], data.train.labels[:8], {"dataset": data.describe()})
+    real, runner._train_student = runner._train_student, lambda *a, **k: 0.5
+    try:
+        full = full_reference(data, protocol, [0], "cpu", cache)["key"]
+    finally:
+        runner._train_student = real
+    return (student_cache_path(protocol, data, None, None, ds, 0, cache).stem,
+            random_cache_path(protocol, data, None, None, 2, 0, cache).stem, full)
+
+
+def test_a_new_revision_of_student_training_trains_every_cached_student_again(setup, tiny_protocol, tmp_path,
+                                                                             monkeypatch):
+    """No revision of ddkit's student training keyed the cached students: after a fix to it, every student came
+    back from the cache with the old numbers until `ddkit cache prune`. ddkit.cache.STUDENT_REVISION now keys them
+    all from 2 on; at 1 every key is the one ddkit gave before it existed (users' caches stay valid)."""
+    import ddkit.cache
+    from ddkit.cache import cache_entries
+    from ddkit.describe import describe
+
+    # the keys ddkit gave before the revision was counted (computed with ddkit at commit bcee3df)
+    assert _pinned_keys(tmp_path / "pin") == ("016d494fd2240909", "6ccf4e72c63cbd08", "8e05cbfce16638d9")
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    bumped = _pinned_keys(tmp_path / "pin")
+    assert all(a != b for a, b in zip(bumped, ("016d494fd2240909", "6ccf4e72c63cbd08", "8e05cbfce16638d9")))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 1)
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    before = evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    trained = _spy_students(monkeypatch, ds)
+    evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    assert trained == []  # all three from the cache
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    again = evaluate(ds, protocol, [0], data=data, cache_dir=tmp_path / "c")
+    assert trained == [("set", 0), ("other", 0), ("other", 0)]  # the set's, the random subset's, the full data's
+    assert {k: {f: v for f, v in r.items() if f != "key"} for k, r in again["results"].items()} == {
+        k: {f: v for f, v in r.items() if f != "key"} for k, r in before["results"].items()}  # the same numbers
+    entries = [e for e in cache_entries(tmp_path / "c") if e.state == "entry" and e.path.suffix == ".json"]
+    assert sorted((e.kind, json.loads(e.path.read_text()).get("revision", 1), e.stale) for e in entries) == [
+        ("distilled-student", 1, "student revision 1"), ("distilled-student", 2, ""),
+        ("full-reference", 1, "student revision 1"), ("full-reference", 2, ""),
+        ("random-baseline", 1, "student revision 1"), ("random-baseline", 2, "")]
+    old = next(e.path for e in entries if e.kind == "random-baseline" and e.stale)
+    assert describe(old).endswith(" torch threads on cpu (made by revision 1 of ddkit's student training, this "
+                                  "ddkit's is 2: never read again; `ddkit cache prune --stale` removes it)")
+
+
+def _fake_cuda(monkeypatch, gpu: str = "NVIDIA H100 80GB HBM3") -> None:
+    """torch.cuda as a machine with one GPU named ``gpu`` answers what a cache key asks of it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpu)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+
+
+def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_protocol, tmp_path, monkeypatch):
+    """On CUDA a cached student's key said only "cuda": students trained with TF32 on, with nondeterministic
+    kernels, on another GPU model or CUDA/cuDNN version came back from the cache as if trained as asked. These now key
+    CUDA students (and are recorded in their entries); CPU keys are unchanged."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.evaluate.runner import random_cache_path, student_cache_path
+
+    data, _, ds, _ = setup
+    protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
+    cpu = _pinned_keys(tmp_path / "pin")
+    real_name = torch.cuda.get_device_name
+    _fake_cuda(monkeypatch)
+    assert _pinned_keys(tmp_path / "pin") == cpu  # nothing of CUDA is asked for a CPU key
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: pytest.fail("asked a GPU for a CPU key"))
+    _pinned_keys(tmp_path / "pin")
+    monkeypatch.setattr(torch.cuda, "get_device_name", real_name)
+    _fake_cuda(monkeypatch)
+
+    def keys() -> tuple[str, str]:
+        return (student_cache_path(protocol, data, None, None, ds, 0, tmp_path, device="cuda").name,
+                random_cache_path(protocol, data, None, None, 4, 0, tmp_path, device="cuda:0").name)
+
+    def full_key() -> str:
+        with monkeypatch.context() as m:
+            m.setattr(runner, "_train_student", lambda *a, **k: 0.5)
+            m.setattr(runner, "_write_cache", lambda *a: None)
+            return runner.full_reference(data, protocol, [0], "cuda", tmp_path)["key"]
+
+    # torch.backends.cuda.matmul is no plain object (monkeypatch cannot restore it): set, then restored by hand
+    tf32_flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        plain = (*keys(), full_key())
+        assert runner.trained_on("cuda")["cuda"] == {
+            "deterministic": True, "tf32_matmul": False, "tf32_cudnn": False, "float32_matmul_precision": "highest",
+            "gpu": "NVIDIA H100 80GB HBM3", "cuda_version": "12.4", "cudnn_version": 90100}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        tf32 = (*keys(), full_key())
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert (*keys(), full_key()) == plain
+        torch.backends.cudnn.allow_tf32 = True
+        conv_tf32 = keys()
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("high")  # TF32 in matmuls, as allow_tf32 says it
+        assert keys() == tf32[:2]
+        torch.set_float32_matmul_precision("medium")  # bf16 too
+        medium = keys()
+        torch.set_float32_matmul_precision(precision)
+        monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")
+        fast = keys()
+        monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC")
+        _fake_cuda(monkeypatch, "NVIDIA H200")
+        other_gpu = keys()
+        _fake_cuda(monkeypatch)
+        monkeypatch.setattr(torch.version, "cuda", "12.8")
+        other_cuda = keys()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32_flags
+        torch.set_float32_matmul_precision(precision)
+    found = [plain[:2], tf32[:2], conv_tf32, medium, fast, other_gpu, other_cuda]
+    assert len({k for pair in found for k in pair}) == 2 * len(found)  # every setting its own keys
+    assert tf32[2] != plain[2]
+    assert not any(k in cpu for pair in found for k in pair)
+    from ddkit.describe import describe  # the entry records them, and `ddkit show` names the GPU
+
+    entry = tmp_path / "random-baseline" / "k.json"
+    entry.parent.mkdir()
+    entry.write_text(json.dumps({"schema_version": 2, "kind": "random-baseline-cache", "accuracy": 0.5, "ipc": 4,
+                                 "seed": 0, "protocol_hash": "p", **runner.trained_on("cuda")}))
+    assert describe(entry).endswith(", trained with 1 torch threads on cuda (NVIDIA H100 80GB HBM3)")
+
+
+def test_a_run_folder_evaluates_again_under_a_new_revision_of_student_training(tmp_path, monkeypatch):
+    """A run folder re-run unchanged reused its evaluation report whole, so a new STUDENT_REVISION (a fix to student
+    training) never reached its students: the report kept the old numbers. The revision keys the run's evaluation too
+    (from 2 on: at 1 the report is reused as before)."""
+    import ddkit.cache
+    from ddkit.pipeline import run
+
+    cfg = _tiny_run(tmp_path / "run", [0])
+    first = run(cfg)
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"]
+    import ddkit.evaluate.runner as runner
+
+    trained, real = [], runner._train_student
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append((len(a[0]), a[4])) or real(*a, **k))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    again = run(cfg)
+    assert again["reused"] == ["distilled"] and trained == [(8, 0), (8, 0), (96, 0)]  # set, random subset, full data
+    assert again["evaluations"][0]["results"]["distilled"] == first["evaluations"][0]["results"]["distilled"]
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"] and len(trained) == 3

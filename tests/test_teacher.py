@@ -489,3 +489,45 @@ def test_teacher_and_expert_buffer_record_the_dataset_config(tmp_path, monkeypat
     assert old is not None and old.fingerprint == teacher.fingerprint
     assert old.manifest["config_hash"] == teacher.manifest["config_hash"]
     assert buffer_identity(tmp_path / "ex") == identity and load_experts(tmp_path / "ex").num_experts == 1
+
+
+def test_a_teacher_edited_in_memory_gets_a_new_fingerprint(teacher_dir, tiny, tmp_path, monkeypatch):
+    """Teacher.fingerprint was the manifest's weights_sha, taken once: a teacher edited in place (fine-tuned further,
+    model.load_state_dict) kept it, and label mode teacher read its students from the cache of the old weights.
+    It now follows the weights, hashing them again only when their tensors changed (version counters, storage)."""
+    import ddkit.teacher.squeeze as squeeze
+    from ddkit.evaluate import resolve_protocol
+    from ddkit.evaluate.runner import random_cache_path
+    from ddkit.teacher import teacher_ensemble
+
+    hashed, real = [], squeeze.weights_sha
+    monkeypatch.setattr(squeeze, "weights_sha", lambda model: hashed.append(model) or real(model))
+    teacher, other = Teacher.load(teacher_dir), Teacher.load(teacher_dir)
+    protocol = resolve_protocol("dc-protocol", {"student": "tiny_convnet", "label_mode": "teacher"})
+    saved = teacher.fingerprint
+    key = random_cache_path(protocol, tiny, teacher, None, 4, 0, tmp_path)
+    hashed.clear()
+    teacher.to("cpu").model.eval()
+    with torch.no_grad():
+        teacher(torch.zeros(2, *tiny.image_shape))  # used, not changed: read from the memo
+    assert [teacher.fingerprint for _ in range(3)] == [saved] * 3 and hashed == []
+    with torch.no_grad():
+        next(teacher.model.parameters())[0].mul_(2)
+    assert teacher.fingerprint != saved and len(hashed) == 1 and teacher.fingerprint == real(teacher.model)
+    assert random_cache_path(protocol, tiny, teacher, None, 4, 0, tmp_path) != key
+    assert len(hashed) == 1 and other.fingerprint == saved  # hashed once per change; another teacher is its own
+    teacher.model.load_state_dict(other.model.state_dict())  # the old weights back
+    assert teacher.fingerprint == saved and random_cache_path(protocol, tiny, teacher, None, 4, 0, tmp_path) == key
+    assert teacher.record()["weights_sha"] == saved
+
+    ensemble = teacher_ensemble([teacher, other])  # an ensemble follows its members' weights
+    before = ensemble.fingerprint
+    with torch.no_grad():
+        next(other.model.parameters())[0].add_(1)
+    assert ensemble.fingerprint != before and other.fingerprint != saved
+    assert ensemble.fingerprint == teacher_ensemble([teacher, other]).fingerprint
+
+    with torch.no_grad():
+        next(teacher.model.parameters())[0].add_(1)
+    teacher.save(tmp_path / "edited")  # the manifest names the weights saved: it loads
+    assert Teacher.load(tmp_path / "edited").fingerprint == teacher.fingerprint != saved

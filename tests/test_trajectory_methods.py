@@ -172,6 +172,29 @@ def test_buffer_for_trains_once_and_reports_its_cost(tiny, tmp_path, monkeypatch
     assert costs == []
 
 
+def test_a_new_revision_of_expert_training_trains_the_cached_buffer_again(tmp_path, monkeypatch):
+    """No revision of ddkit's expert training named the cached buffers: after a fix to it, the old trajectories came
+    back until `ddkit cache prune`. ddkit.cache.EXPERTS_REVISION now names them from 2 on; at 1 a buffer keeps the
+    name ddkit gave it before."""
+    import ddkit.cache
+    from ddkit.cache import cache_entries
+    from ddkit.data import make_synthetic
+
+    data, cpu = make_synthetic(), torch.device("cpu")
+    cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 1})
+    trained, real = [], tr.train_experts
+    monkeypatch.setattr(tr, "train_experts", lambda *a, **k: trained.append(1) or real(*a, **k))
+    first = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
+    assert first.path.name == "6fcaaa168826c54b-c1453d574a14ef5e-44972221"  # the name before (commit bcee3df)
+    assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == first.path and trained == [1]
+    monkeypatch.setattr(ddkit.cache, "EXPERTS_REVISION", 2)
+    again = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
+    assert trained == [1, 1] and again.path == first.path.with_name(f"{first.path.name}-r2")
+    assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == again.path and trained == [1, 1]
+    assert sorted((e.name, e.stale) for e in cache_entries() if e.kind == "experts" and e.state == "entry") == [
+        (first.path.name, "expert revision 1"), (again.path.name, "")]
+
+
 def test_buffer_for_reports_the_wait_for_another_build(tiny, tmp_path, monkeypatch):
     """A process that waited for another's build of the buffer (a torchrun rank, a concurrent run)
     records the wait, which bench timings leave out with the build (it read as synthesis time)."""

@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 import torch
 
+from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     build_lock,
@@ -747,7 +748,8 @@ class _Bench:
         ds = self.distilled[key3]
         tfp = teacher.fingerprint if teacher is not None and protocol.label_mode != "hard" else None
         key = config_hash({"protocol": protocol.hash, "seeds": self.cfg.seeds,
-                           "distilled": ds.manifest.get("config_hash"), "teacher": tfp, **protocol_inputs(protocol)})
+                           "distilled": ds.manifest.get("config_hash"), "teacher": tfp, **protocol_inputs(protocol),
+                           **ddcache.revised(ddcache.STUDENT_REVISION)})  # as its students (STUDENT_REVISION 2 on)
         path = self.root / "evals" / f"{key}.json"
         if (rep := self._cached_eval(path)) is not None:
             return rep
@@ -835,6 +837,7 @@ class _Bench:
             "teacher": teacher.fingerprint if teacher is not None else None, "robust": cfg.robust_scores,
             "ars_augment": cfg.ars_augment, "lambda": cfg.lrs_lambda, "gamma": cfg.ars_gamma,
             **({"relabel": cfg.relabel.identity()} if cell.label_mode == "fkd" else {}), **ensemble_identity(protocol),
+            **ddcache.revised(ddcache.STUDENT_REVISION),  # its numbers are its students' (STUDENT_REVISION 2 on)
         })
 
     def cell_path(self, cell: Cell) -> Path:

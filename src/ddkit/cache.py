@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ddkit.artifacts import _alive, _lock_file, _origin, cache_dir, remove_unused_lock, temp_path
+from ddkit.artifacts import _alive, _lock_file, _names, _origin, cache_dir, remove_unused_lock, temp_path
 from ddkit.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,21 @@ STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 co
 STATISTICS_TENSORS = "statistics.safetensors"
 #: random-baseline, distilled-student and full-reference accuracies (written by ddkit.evaluate.runner)
 ACCURACY_SCHEMA = 2  # 2: keyed by ddkit.evaluate.runner.trained_on (entries of schema 1 are stale)
+#: the revision of ddkit's student training and evaluation code (ddkit.training, ddkit.evaluate, the replay of FKD
+#: labels): bump it whenever a change there changes the numbers a student of the same settings and seed gives, so that
+#: the cached students (random-baseline, distilled-student, full-reference) train again instead of being read back.
+#: It enters their keys from 2 on (:func:`revised`): at 1 the keys are those of the entries made before it existed
+STUDENT_REVISION = 1
+#: the same for the expert trajectory buffers (ddkit.methods.trajectory.train_experts): bump it whenever a change
+#: there (or in the training it calls) changes the trajectories the same recipe gives; it enters their names from 2 on
+EXPERTS_REVISION = 1
+
+
+def revised(revision: int) -> dict[str, int]:
+    """``{"revision": revision}`` for a cache key, or nothing at revision 1 (:data:`STUDENT_REVISION`,
+    :data:`EXPERTS_REVISION`): the keys of the entries made before the revision was counted stay valid."""
+    return {"revision": revision} if revision != 1 else {}
+
 
 # what a killed build leaves beside an entry NAME (artifacts.temp_path), and a build's resumable work
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp|old)-(?P<origin>[A-Za-z0-9._]+)-(?P<pid>\d+)-[0-9a-f]{8}")
@@ -118,18 +133,24 @@ def _details(kind: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
 
 # an expert buffer's name before ddkit 2026-12-06 added the normalisation's hash to it (now: ...-<8 hex>)
 _OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
+# the revision an expert buffer's name ends with (trajectory.buffer_for): none at revision 1
+_EXPERTS_REVISION = re.compile(r"-r(\d+)$")
 
 
 def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) -> str:
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`DECODED_SCHEMA`,
     statistics of an older :data:`STATISTICS_SCHEMA` (recorded since schema 2), an expert buffer
-    named without the normalisation part, a cached student's accuracy (random-baseline, distilled-student,
-    full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread count and device). Cache keys hash these,
+    named without the normalisation part or of an older :data:`EXPERTS_REVISION`, a cached student's accuracy
+    (random-baseline, distilled-student, full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread
+    count and device) or :data:`STUDENT_REVISION`. Cache keys hash these,
     so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
     ``manifest``: the entry's, where already read."""
     if kind == "experts":
-        return "named without its normalisation" if _OLD_EXPERTS_NAME.fullmatch(path.name) else ""
+        if _OLD_EXPERTS_NAME.fullmatch(path.name):
+            return "named without its normalisation"
+        revision = int(hit[1]) if (hit := _EXPERTS_REVISION.search(path.name)) else 1
+        return f"expert revision {revision}" if revision < EXPERTS_REVISION else ""
     if kind in ("random-baseline", "distilled-student", "full-reference"):  # accuracies: keyed without thread count
         # and device before schema 2 (distilled-student entries began at 2)
         return _accuracy_stale(path)
@@ -145,16 +166,19 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
 
 
 def _accuracy_stale(path: Path) -> str:
-    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`ACCURACY_SCHEMA`, or "" (current,
-    damaged or not such a file)."""
+    """Why the cached accuracy ``path`` (a JSON file) is of an older :data:`ACCURACY_SCHEMA` or
+    :data:`STUDENT_REVISION` (entries record theirs from 2 on), or "" (current, damaged or not such a file)."""
     if path.suffix != ".json":
         return ""
     try:
-        schema = json.loads(path.read_text()).get("schema_version")
+        entry = json.loads(path.read_text())
+        schema, revision = entry.get("schema_version"), entry.get("revision", 1)
     except (OSError, ValueError, RecursionError, AttributeError):
         return ""
-    old = isinstance(schema, int) and not isinstance(schema, bool) and schema < ACCURACY_SCHEMA
-    return f"schema {schema}" if old else ""
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema < ACCURACY_SCHEMA:
+        return f"schema {schema}"
+    old = isinstance(revision, int) and not isinstance(revision, bool) and revision < STUDENT_REVISION
+    return f"student revision {revision}" if old else ""
 
 
 def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:
@@ -218,29 +242,36 @@ class PruneResult:
 @contextlib.contextmanager
 def _unused(entry: Path) -> Iterator[str | None]:
     """Hold ``entry``'s build lock for the block if no process holds it: yields None, or why the entry is in use
-    (or cannot be locked). A lock file that is missing is not made: no process builds the entry then."""
+    (or cannot be locked). A lock file that is missing is not made: no process builds the entry then. A lock file
+    removed or replaced between its open and its lock (by :func:`~ddkit.artifacts.remove_unused_lock`, whereupon a
+    builder makes a new one) is not the lock any more: the file there now is locked instead, as
+    :func:`~ddkit.artifacts.build_lock` does."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield None
         return
-    try:
-        fd = os.open(_lock_file(entry), os.O_RDWR)
-    except FileNotFoundError:
-        yield None
-        return
-    except OSError as exc:
-        yield f"cannot open its lock file ({exc.strerror})"
-        return
-    try:
+    lock = _lock_file(entry)
+    while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield "in use: a process is building or reading it"
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            yield None
             return
         except OSError as exc:
-            yield f"cannot lock it ({exc.strerror})"
+            yield f"cannot open its lock file ({exc.strerror})"
             return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            yield ("in use: a process is building or reading it" if isinstance(exc, BlockingIOError)
+                   else f"cannot lock it ({exc.strerror})")
+            return
+        if _names(lock, fd):
+            break
+        os.close(fd)  # an orphan: a builder may hold the file at that path now
+    try:
         yield None
     finally:
         os.close(fd)

@@ -540,9 +540,17 @@ def _decoded(m: dict) -> str:
 
 
 def _trained_where(m: dict) -> str:
-    """Where a cached random-subset or full-data student trained; entries of an older ddkit record nothing."""
+    """Where a cached random-subset or full-data student trained (on CUDA: which GPU), and whether an older revision of
+    ddkit's student training did (:data:`~ddkit.cache.STUDENT_REVISION`); entries of an older ddkit record nothing."""
+    from ddkit.cache import STUDENT_REVISION
+
     if "torch_threads" in m:
-        return f", trained with {m['torch_threads']} torch threads on {m['device']}"
+        gpu = m["cuda"].get("gpu") if isinstance(m.get("cuda"), dict) else None
+        revision = m.get("revision", 1)
+        old = (f" (made by revision {revision} of ddkit's student training, this ddkit's is {STUDENT_REVISION}: never "
+               "read again; `ddkit cache prune --stale` removes it)"
+               if isinstance(revision, int) and revision < STUDENT_REVISION else "")
+        return f", trained with {m['torch_threads']} torch threads on {m['device']}{f' ({gpu})' if gpu else ''}{old}"
     return (" (made by an older ddkit, keyed without thread count and device: never read again; `ddkit cache prune "
             "--stale` removes it)")
 

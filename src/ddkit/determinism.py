@@ -36,6 +36,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,6 +143,26 @@ def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
     if gather_resampling(x):
         return x.mean((2, 3), keepdim=True)
     return F.adaptive_avg_pool2d(x, 1)
+
+
+def cuda_numerics(device: str | torch.device) -> dict[str, Any]:
+    """What the numbers of a stage on the CUDA ``device`` depend on besides its inputs and seed, for the keys of
+    cached results: the kernels ddkit's stages pick (deterministic, :func:`use_deterministic_cuda`; with
+    ``DDKIT_CUDA_DETERMINISTIC=0`` the caller's deterministic, cuDNN deterministic and benchmark settings), TF32 in
+    matmuls and cuDNN convolutions, torch's float32 matmul precision, the GPU's model (of ``device``'s index, else the
+    current device), and the CUDA and cuDNN versions."""
+    device = torch.device(device)
+    kernels = ({"deterministic": True} if wanted() else
+               {"deterministic": torch.are_deterministic_algorithms_enabled(),
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cudnn_benchmark": torch.backends.cudnn.benchmark})
+    gpu = None  # where torch sees no GPU (a key computed ahead), none to name: nothing trains there
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(device.index if device.index is not None else torch.cuda.current_device())
+    return {**kernels, "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "tf32_cudnn": torch.backends.cudnn.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "gpu": gpu, "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version()}
 
 
 def use_deterministic_cuda(device: str | torch.device) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     OutputBusy,
@@ -472,9 +473,11 @@ def evaluation_key(protocol: ProtocolConfig, seeds: list[int], distilled: str, t
                    legacy: bool = False) -> str:
     """The key ``run`` gives its evaluation of the set with key ``distilled`` under ``protocol`` (its report's
     ``run_hash``), labelled by the teacher with fingerprint ``teacher`` (None: hard labels); ``legacy``: with the
-    inputs as ddkit until 2026-12-07 keyed them (:func:`protocol_inputs`)."""
+    inputs as ddkit until 2026-12-07 keyed them (:func:`protocol_inputs`). From
+    :data:`~ddkit.cache.STUDENT_REVISION` 2 on, by the revision of ddkit's student training too, as its students:
+    a run folder evaluates again once a fix changed them."""
     return config_hash({"protocol": protocol.hash, "seeds": seeds, "distilled": distilled, "teacher": teacher,
-                        **protocol_inputs(protocol, legacy)})
+                        **protocol_inputs(protocol, legacy), **ddcache.revised(ddcache.STUDENT_REVISION)})
 
 
 def protocol_inputs(protocol: ProtocolConfig, legacy: bool = False) -> dict:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     WriteFailure,
@@ -44,7 +45,7 @@ from ddkit.artifacts import (
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.determinism import global_rng, stage_modes
+from ddkit.determinism import cuda_numerics, global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError, caller_stacklevel
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -287,9 +288,14 @@ def student_cache_path(protocol: ProtocolConfig, data: DataBundle, teacher, stor
 
 
 def trained_on(device) -> dict[str, Any]:
-    """Where a cached student trains, for its key: the torch thread count (float sums depend on it; a bench
-    evaluates again under another one, and the report records it) and the device type (cpu, cuda)."""
-    return {"torch_threads": torch.get_num_threads(), "device": torch.device(device).type}
+    """By what and where a cached student trains, for its key and its entry: the revision of ddkit's student training
+    (:data:`~ddkit.cache.STUDENT_REVISION`, from 2 on), the torch thread count (float sums depend on it; a bench
+    evaluates again under another one, and the report records it) and the device type (cpu, cuda); on a CUDA device
+    also its kernels' settings, GPU model and library versions (:func:`~ddkit.determinism.cuda_numerics`). Nothing
+    more on the CPU: the keys made before these were recorded stay valid."""
+    device = torch.device(device)
+    return {**ddcache.revised(ddcache.STUDENT_REVISION), "torch_threads": torch.get_num_threads(),
+            "device": device.type, **({"cuda": cuda_numerics(device)} if device.type == "cuda" else {})}
 
 
 @dataclasses.dataclass

@@ -69,6 +69,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     FILES_SHA256,
@@ -669,16 +670,19 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
     A trained buffer is kept in the cache
-    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``) when ``work_dir`` is given, so
-    every method, IPC and run with the same expert recipe on the same data shares one buffer (MTT, FTD, TESLA and DATM
-    train theirs once, not per distilled set).
+    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``, then ``-r<N>`` from
+    :data:`~ddkit.cache.EXPERTS_REVISION` 2 on) when ``work_dir`` is given, so every method, IPC and run with the same
+    expert recipe on the same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled
+    set).
     """
     seconds_here = waited = 0.0  # what training the buffer took here (0 when loaded); waiting for another's build
     if experts:
         buffer = load_experts(experts)
     else:
+        # a revision of the experts' training names new buffers (revision 1: the names before it was counted)
+        revision = "".join(f"-r{r}" for r in ddcache.revised(ddcache.EXPERTS_REVISION).values())
         out = (cache_dir_of("experts") / f"{model_config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{_norm_tag(data)}"
-               if work_dir is not None else None)
+               f"{revision}" if work_dir is not None else None)
         # one builder per cache entry: a process that waited for another's build then finds it here
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
             waited = lock.seconds if lock is not None else 0.0

@@ -88,6 +88,8 @@ class Teacher(DescribesDataset):
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
+        # the state of the weights that the manifest's weights_sha names (:func:`_weights_state`)
+        self._hashed = _weights_state(self.model)
 
     def __repr__(self) -> str:  # a teacher of the caller's own module may hold only some of the fields
         accuracy = self.test_accuracy
@@ -101,7 +103,31 @@ class Teacher(DescribesDataset):
 
     @property
     def fingerprint(self) -> str:
+        """The weights' sha (:func:`weights_sha`; an ensemble's: of its members' and their votes), which keys every
+        cache, store and reuse check: the manifest's, hashed again once the weights changed in memory since (edited in
+        place under ``torch.no_grad()``, an optimizer's steps, ``model.load_state_dict``, a module or parameter
+        replaced, the model moved), which :func:`_weights_state` tells without reading them. An edit through a
+        tensor's ``.data`` is one that PyTorch counts nowhere: edit under ``torch.no_grad()`` instead."""
+        self._follow_weights()
         return self.manifest["weights_sha"]
+
+    def _follow_weights(self) -> None:
+        """The manifest with the sha of the weights the model holds now (an ensemble's members' too), hashed again
+        where they changed since it was taken."""
+        state = _weights_state(self.model)
+        if state is not None and state == self._hashed:
+            return
+        self._hashed = state
+        members = self.manifest.get("ensemble")
+        if isinstance(self.model, _MeanLogits) and members:
+            members = [{**m, "weights_sha": weights_sha(model)} for m, model in zip(members, self.model.members)]
+            sha = _ensemble_sha(members)
+        else:
+            members, sha = None, weights_sha(self.model)
+        if sha != self.manifest.get("weights_sha"):
+            log.info("teacher %s: its weights changed in memory, now %s", self.manifest.get("weights_sha"), sha)
+        # a new dict: a manifest shared with another teacher (one made from it) keeps naming that one's weights
+        self.manifest = {**self.manifest, "weights_sha": sha, **({"ensemble": members} if members else {})}
 
     def record(self) -> dict[str, Any]:
         """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
@@ -123,6 +149,7 @@ class Teacher(DescribesDataset):
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
+        self._follow_weights()  # the manifest names the weights saved, also after an edit in memory
         with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / WEIGHTS, self.model.state_dict())
             write_json(tmp / "manifest.json", self.manifest)
@@ -314,8 +341,6 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
     committee). Every member must describe the same dataset (classes in order, image shape); the
     ensemble's fingerprint hashes the members' fingerprints and weights.
     """
-    import hashlib
-
     if not teachers:
         raise DDKitError("a teacher ensemble needs at least one teacher")
     weights = list(weights) if weights is not None else [1.0 / len(teachers)] * len(teachers)
@@ -328,12 +353,30 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
                              f"{str(first.path)!r}; an ensemble needs teachers of the same dataset")
     members = [{"path": recorded_path(t.path), "weights_sha": t.fingerprint, "weight": w}
                for t, w in zip(teachers, weights)]
-    # by weights, not paths: the same teachers copied elsewhere are the same ensemble
-    identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
-    sha = (hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16] if len(teachers) > 1
-           else first.fingerprint)
-    manifest = {**first.manifest, "weights_sha": sha, "test_accuracy": None, "ensemble": members}
+    manifest = {**first.manifest, "weights_sha": _ensemble_sha(members), "test_accuracy": None, "ensemble": members}
     return Teacher(_MeanLogits([t.model for t in teachers], weights), manifest, first.path)
+
+
+def _ensemble_sha(members: list[dict[str, Any]]) -> str:
+    """The fingerprint of the ensemble of ``members`` (``weights_sha``, ``weight``): a hash of their shas and votes,
+    by weights, not paths (the same teachers copied elsewhere are the same ensemble); one member's own sha."""
+    import hashlib
+
+    if len(members) == 1:
+        return members[0]["weights_sha"]
+    identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _weights_state(model: nn.Module) -> tuple | None:
+    """What tells, without reading them, that ``model``'s weights changed: each parameter's and buffer's object,
+    storage and version counter (which every in-place change under autograd's eye bumps); None where a tensor made
+    under ``torch.inference_mode()`` keeps no counter (its fingerprint is then hashed at every call). About 0.2 ms for
+    a ResNet-18's 122 tensors, where hashing them takes 27 ms."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((id(t), t.data_ptr(), t._version) for t in tensors)
 
 
 def weights_sha(model: nn.Module) -> str:
