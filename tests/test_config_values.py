@@ -251,6 +251,38 @@ def test_a_ddkit_record_passed_as_a_config_is_named(tmp_path, capsys):
     assert err.startswith(f"error: {want}") and err.count("\n") == 1 and len(err) < 200
 
 
+def test_a_ddkit_record_passed_to_a_one_stage_command_is_named(tmp_path, capsys):
+    """`ddkit evaluate SET --protocol RUN/eval-hard.json` and `ddkit teacher --config TEACHER/manifest.json` (and the
+    other one-stage commands' --config) listed every key of the record as unknown, in over 1000 characters; they
+    say what `ddkit run` says (QA 15i F7)."""
+    many = {f"field{i}": i for i in range(40)}  # a record's other keys, each of which was listed
+    teacher = {"schema_version": 1, "kind": "teacher", "config": {"model": "tiny_convnet", "seed": 0}, **many}
+    evaluation = {"schema_version": 1, "kind": "evaluation", "config": {"student": "tiny_convnet"}, **many}
+    for name, record in (("manifest.json", teacher), ("eval-hard.json", evaluation)):
+        (tmp_path / name).write_text(json.dumps(record))
+    assert main(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--out",
+                 str(tmp_path / "set"), "-q"]) == 0
+    capsys.readouterr()
+    record = "error: this is a ddkit '{}' record, not a config; "
+    for args, want in [
+        (["evaluate", str(tmp_path / "set"), "--protocol", str(tmp_path / "eval-hard.json")],
+         record.format("evaluation") + "its settings are under its `config` key: write that mapping to a file and "
+                                       "pass it"),
+        (["teacher", "--config", str(tmp_path / "manifest.json")],
+         record.format("teacher") + "its settings are under its `config` key: write that mapping to a file as its "
+                                    "`teacher:` section and pass it"),
+        (["experts", "--config", str(tmp_path / "manifest.json")],
+         record.format("teacher") + "it holds no `experts:` settings to pass"),
+        (["distill", "--config", str(tmp_path / "eval-hard.json")],
+         record.format("evaluation") + "it holds no `distill:` settings to pass"),
+    ]:
+        assert main([*args, "--out", str(tmp_path / "out"), "-q"]) == 2
+        assert capsys.readouterr().err == want + "\n", args
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="^this is a ddkit 'evaluation' record, not a config; "):
+        resolve_protocol(tmp_path / "eval-hard.json")  # a run's evaluate.protocol too
+
+
 def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset:\n  name: imagefolder\n  path: /x\n  classes: [cat, yes]\nout: 2024-01-01\n")

@@ -89,10 +89,15 @@ class Progress:
             self.label = None
 
 
-def _base(args) -> dict[str, Any]:
-    from ddkit.config import load_yaml
+def _base(args, section: str) -> dict[str, Any]:
+    """The --config file of a one-stage command (``ddkit <section>``); a record ddkit wrote is refused in one line."""
+    from ddkit.config import load_yaml, refuse_record
 
-    return load_yaml(args.config) if getattr(args, "config", None) else {}
+    if not getattr(args, "config", None):
+        return {}
+    data = load_yaml(args.config)
+    refuse_record(data, section=section)
+    return data
 
 
 def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
@@ -127,7 +132,7 @@ def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple
     from ddkit.config import from_dict
     from ddkit.data.base import DatasetConfig
 
-    data = _base(args)
+    data = _base(args, section)
     own = _section(data, section)
     for flag, key in flags.items():
         value = getattr(args, flag, None)

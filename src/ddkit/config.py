@@ -544,16 +544,32 @@ def record_kind(data: Any) -> str | None:
     return None
 
 
+def refuse_record(data: Any, cls: type | None = None, section: str | None = None) -> None:
+    """Refuse in one line a record ddkit wrote (:func:`record_kind`: a manifest.json, an evaluation's JSON, a bench's
+    wrapped config.json) given where a config of ``cls`` is expected: every key of it would be unknown. ``section``:
+    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill."""
+    kind = record_kind(data)
+    if kind is None or (cls is not None and "kind" in {f.name for f in dataclasses.fields(cls)}):
+        return
+    config = data.get("config")
+    if not isinstance(config, dict):
+        held = "it holds no `config` to pass"
+    elif section is None or section in config:
+        held = "its settings are under its `config` key: write that mapping to a file and pass it"
+    elif kind == section:  # a teacher's manifest: its config is the file's teacher: section
+        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` section " \
+               "and pass it"
+    else:
+        held = f"it holds no `{section}:` settings to pass"
+    raise ConfigError(f"this is a ddkit {short_repr(kind, 40)} record, not a config; {held}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
-    if not where and record_kind(data) is not None and \
-            "kind" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
-        # a manifest.json, or a bench's wrapped config.json: every key of it would be unknown
-        held = "its settings are under its `config` key: write that mapping to a file and pass it" if \
-            isinstance(data.get("config"), dict) else "it holds no `config` to pass"
-        raise ConfigError(f"this is a ddkit {short_repr(data['kind'], 40)} record, not a config; {held}")
+    if not where:
+        refuse_record(data, cls)
     errors: list[str] = []
     obj = _build(cls, dict(data or {}), where, errors)
     if errors:
