@@ -213,6 +213,26 @@ def test_assignment_to_a_built_config_is_checked():
     assert cfg == DistillConfig(method="random", ipc=4)
 
 
+def test_a_misspelt_field_assigned_to_a_built_config_is_refused():
+    """`cfg.ipcs = 4` made a new attribute that nothing reads, silently (QA 15i F9); copies, pickles and
+    dataclasses.replace of a config still work, and names starting with _ stay free."""
+    import copy
+    import pickle
+
+    cfg = DistillConfig(method="dm", ipc=2)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'ipcs'; did you mean 'ipc'\?$"):
+        cfg.ipcs = 4
+    with pytest.raises(ConfigError, match="^unknown config key 'bogus'; valid keys: method, ipc, seed, options, "):
+        cfg.bogus = 1
+    assert not hasattr(cfg, "ipcs") and cfg.ipc == 2
+    cfg._note = "free"
+    run = from_dict(RunConfig, {"dataset": {"name": "synthetic"}, "distill": {"method": "dm", "ipc": 2}})
+    for other in (copy.copy(run), copy.deepcopy(run), pickle.loads(pickle.dumps(run)), dataclasses.replace(run)):
+        assert other == run and config_hash(other) == config_hash(run)
+    with pytest.raises(ConfigError, match=r"^unknown config key 'lrr'; did you mean 'lr'\?$"):
+        copy.deepcopy(run).teacher.train.lrr = 0.1
+
+
 def test_a_mapping_given_with_set_merges_into_the_files_section():
     """`--set teacher.train={epochs: 3}` dropped the file's batch_size 32 (the default 256 trained), while the
     same form merged into a preset."""

@@ -360,7 +360,8 @@ class Checked:
     :func:`check_fields`). A subclass's ``__post_init__`` needs no ``super()`` call for this.
     A field assigned once the config is built (``cfg.ipc = 2``) passes the constructor's checks too:
     the same :class:`ConfigError` for ``cfg.ipc = "2"`` or a combination ``__post_init__`` refuses,
-    and the config keeps its old value."""
+    and the config keeps its old value; a name that is no field (``cfg.ipcs = 4``) is the unknown-key error of
+    :func:`from_dict` (names starting with ``_`` are free)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -386,10 +387,15 @@ class Checked:
         object.__setattr__(self, _BUILT, True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get(_BUILT) and name in _init_fields(type(self)):
-            # built: the config as the constructor would make it with this value (types, ranges, combinations),
-            # from which the value is taken as the constructor stores it (a float for an int given, ...)
-            value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
+        if self.__dict__.get(_BUILT):
+            fields = _init_fields(type(self))
+            if name in fields:
+                # built: the config as the constructor would make it with this value (types, ranges, combinations),
+                # from which the value is taken as the constructor stores it (a float for an int given, ...)
+                value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
+            elif not name.startswith("_") and not hasattr(type(self), name):
+                # a misspelt field (cfg.ipcs = 4) would be a new attribute that nothing reads
+                raise ConfigError(_unknown_key(name, name, type(self).__name__, list(fields)))
         object.__setattr__(self, name, value)
 
 
