@@ -315,6 +315,20 @@ def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
         from_dict(DatasetConfig, {"name": "imagefolder", "classes": [False]})
 
 
+def test_numbers_in_text_fields_get_the_quoting_hint(tmp_path):
+    """`out: 1e3`, `out: 10` or a bench method's `label: 1e3` said "expected a string, got 1000.0" without the fix
+    that unquoted booleans and dates get (QA 15i F10); YAML keeps no text of a number, so the number's is shown."""
+    path = tmp_path / "c.yaml"
+    path.write_text("out: 1e3\n")
+    assert _error(path) == ("out: expected a string, got 1000.0; YAML reads an unquoted number as a number: quote "
+                            "the text ('1000.0'; on a command line --set \"KEY='1000.0'\")")
+    path.write_text("methods: [{name: random, label: 10}]\n")
+    assert _error(path, BenchConfig).startswith("methods[0].label: expected a string, got 10; YAML reads an unquoted "
+                                                "number as a number: quote the text ('10'; ")
+    path.write_text("out: '1e3'\n")
+    assert from_dict(RunConfig, load_yaml(path)).out == "1e3"
+
+
 def test_long_unknown_keys_are_cut_and_valid_keys_said_once(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("distill:\n  ? " + "k" * 100_000 + "\n  : 1\n  zzz: 2\n")

@@ -224,12 +224,14 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 
 def _unquoted_hint(value: Any) -> str:
-    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``) or a
-    date (``2024-01-01``)."""
+    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
+    date (``2024-01-01``) or a number (``1e3``, ``10``; the text as written is lost, so the number's is shown)."""
     if isinstance(value, bool):
         what, text = f"{'/'.join(_BOOL_WORDS[value])} unquoted as {str(value).lower()}", _BOOL_WORDS[value][1]
     elif isinstance(value, datetime.date):
         what, text = f"{value.isoformat()} unquoted as a date", value.isoformat()
+    elif isinstance(value, numbers.Real):
+        what, text = "an unquoted number as a number", str(plain_numbers(value))
     else:
         return ""
     return f"; YAML reads {what}: quote the text ('{text}'; on a command line --set \"KEY='{text}'\")"
