@@ -245,6 +245,31 @@ def test_a_mapping_given_with_set_merges_into_the_files_section():
     assert from_dict(RunConfig, data).teacher.train.batch_size == 32
 
 
+def test_a_set_value_that_is_no_valid_yaml_is_refused(tmp_path, capsys, monkeypatch):
+    """`--set 'teacher.train={epochs: 3'` was taken as text ("expected a mapping for TrainConfig, got '{epochs: 3'",
+    the brace unnamed) and `--set 'out=[a'` made a folder named `[a` (QA 15i F12); plain text still passes."""
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, ["teacher.train={epochs: 3"])
+    assert str(err.value) == (
+        "override 'teacher.train={epochs: 3': the value is not valid YAML at column 11 (expected ',' or '}', but got "
+        "'<stream end>'; while parsing a flow mapping); fix the syntax, or quote it to pass it as text (--set "
+        "\"teacher.train='{epochs: 3'\")")
+    with pytest.raises(ConfigError, match="^override 'out=@x': the value is not valid YAML at column 1 \\(found "
+                                          "character '@' that cannot start any token; .*\\(--set \"out='@x'\"\\)$"):
+        apply_overrides({}, ["out=@x"])
+    assert apply_overrides({}, ["out='[a'"]) == {"out": "[a"}  # quoted as the error says
+    plain = ["a=runs/x", "b=a:b", "c=runs/exp [1]", "d=C:\\x", "e=dc-protocol", "f=my run, v2", "g=http://h/p"]
+    assert apply_overrides({}, plain) == {"a": "runs/x", "b": "a:b", "c": "runs/exp [1]", "d": "C:\\x",
+                                          "e": "dc-protocol", "f": "my run, v2", "g": "http://h/p"}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(cfg), "-q", "--set", "out=[a"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: override 'out=[a': the value is not valid YAML at column 3 (expected ',' or ']'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder `[a`
+
+
 def test_merge_keys_once_per_section(tmp_path):
     """Two `<<:` in one section: the second silently won; `<<: [*a, *b]`: PyYAML lets b win, the spec a."""
     anchors = "a: &a {ipc: 2}\nb: &b {ipc: 3, seed: 1}\n"

@@ -662,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help=f"config override, e.g. {example}; a mapping (KEY={{a: 1}}) merges into the section "
                             "key by key, keeping its other settings (an option dict such as augment_options is "
-                            "replaced whole); KEY={} empties any mapping")
+                            "replaced whole); KEY={} empties any mapping; VALUE is read as YAML: quote text that is "
+                            "not valid YAML (KEY=\"'[a'\")")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default

@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import re
+import shlex
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -776,6 +777,18 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
+def _yaml_problem(exc: yaml.YAMLError, line: bool = True) -> tuple[str, str]:
+    """Where PyYAML's ``exc`` happened (`` at line L, column C``; ``line``: False for one line of text, which
+    names only the column) and what it is: the problem ("found character '\\t' that cannot start any token"),
+    then where PyYAML was ("while scanning ...")."""
+    mark = getattr(exc, "problem_mark", None)
+    at = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}" if line else \
+        f" at column {mark.column + 1}"
+    what = "; ".join(p for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p) or \
+        str(exc).splitlines()[0]
+    return at, what
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -791,11 +804,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        # the problem ("found character '\t' that cannot start any token"), then where PyYAML was ("while scanning")
-        what = "; ".join(p for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p) or \
-            str(exc).splitlines()[0]
+        at, what = _yaml_problem(exc)
         fix = "indent with spaces, not tabs" if "'\\t'" in what else "fix the syntax"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({what}); {fix}") from None
     except _Expanded as exc:
@@ -848,7 +857,8 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides to nested plain data, in place. The value is read as YAML with the
-    checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused.
+    checks of a config file: a YAML syntax error (``{epochs: 3``, ``[a``), a key set twice, an alias bomb or a
+    YAML 1.1 number such as ``010`` is refused.
     A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
     merges every other layer: the settings the mapping leaves out keep their values (an option dict of
     :data:`WHOLE_DICTS` is replaced whole); ``a.b={}`` empties it."""
@@ -858,8 +868,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         try:
             value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as exc:  # `{epochs: 3` as text would be refused as no mapping, `[a` made a folder `[a`
+            at, what = _yaml_problem(exc, line="\n" in raw)
+            text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
+            quoted = f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{at} ({what}); fix the syntax, or quote "
+                              f"it to pass it as text (--set {quoted})") from None
         except _Surprising as exc:
             whole = raw.strip() == exc.text  # the value alone: the shell form of its quotes
             raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
