@@ -270,6 +270,20 @@ def test_a_set_value_that_is_no_valid_yaml_is_refused(tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder `[a`
 
 
+def test_a_set_mapping_reaches_the_entry_a_json_config_keys_as_text(tmp_path):
+    """`--set 'ipc_overrides={2: {train: {epochs: 5}}}'` on a bench config in JSON (`"ipc_overrides": {"2": ...}`)
+    failed with "keys '2' and 2 both mean 2; keep one of them", though each was written once (QA 15i F13): the
+    mapping merges into the entry, as the dotted `ipc_overrides.2.train.epochs=5` does."""
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"datasets": ["synthetic"], "ipcs": [1, 2], "students": ["tiny_convnet"], "seeds": [0],
+                                "ipc_overrides": {"2": {"train": {"batch_size": 8}}}}))
+    cfg = load_bench_config(path, ["ipc_overrides={2: {train: {epochs: 5}}}"])
+    assert cfg.ipc_overrides == {2: {"train": {"batch_size": 8, "epochs": 5}}}
+    assert cfg == load_bench_config(path, ["ipc_overrides.2.train.epochs=5"])
+    assert merge_overrides({2: {"a": 1}}, {"2": {"b": 2}}) == {2: {"a": 1, "b": 2}}  # the base's spelling stays
+    assert merge_overrides({"x": 1}, {"1": 2, 1: 3}) == {"x": 1, "1": 2, 1: 3}  # only against the base's keys
+
+
 def test_merge_keys_once_per_section(tmp_path):
     """Two `<<:` in one section: the second silently won; `<<: [*a, *b]`: PyYAML lets b win, the spec a."""
     anchors = "a: &a {ipc: 2}\nb: &b {ipc: 3, seed: 1}\n"

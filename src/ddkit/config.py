@@ -535,11 +535,13 @@ WHOLE_DICTS = ("augment_options", "student_options", "model_options")
 
 def merge_overrides(base: dict, over: dict) -> dict:
     """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
-    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified). The one rule of every
+    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified); a key of ``over`` that spells an
+    integer key of ``base`` the other way (``2`` and ``"2"``) is that key. The one rule of every
     override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``, and a
     mapping given for a nested config on that config's defaults (``teacher: {train: {epochs: 4}}``)."""
     out = dict(base)
     for k, v in over.items():
+        k = _existing_key(base, k)  # {2: ...} over a JSON record's "2": that entry, not a second one for 2
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
         out[k] = merge_overrides(out[k], v) if deep else v
     return out
@@ -901,14 +903,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _existing_key(node: dict[Any, Any], part: str) -> Any:
-    """The key of ``node`` that the path part ``part`` names: ``part`` itself, or the integer key it spells
-    (``ipc_overrides.10`` reaches the YAML's ``10:``, to change one of its settings, not replace it whole)."""
-    if part not in node and _INT_TEXT.fullmatch(part.strip()):
-        number = int(part)
-        if any(k == number and type(k) is int for k in node):
-            return number
-    return part
+def _existing_key(node: dict[Any, Any], key: Any) -> Any:
+    """The key of ``node`` that ``key`` (a path part, or a key of a mapping merged into ``node``) names: ``key``
+    itself, or the key that spells the same integer, one of them as an integer and the other as text
+    (``ipc_overrides.10`` reaches the YAML's ``10:``, and ``ipc_overrides={10: ...}`` a JSON record's ``"10"``, to
+    change the entry's settings, not to add a second entry for IPC 10)."""
+    if key in node:
+        return key
+    number = _int_key(key)
+    if number is not None:
+        for k in node:
+            if _int_key(k) == number and (type(k) is int) != (type(key) is int):
+                return k
+    return key
+
+
+def _int_key(key: Any) -> int | None:
+    """The integer ``key`` is (an int, not a bool) or spells (``"10"``, ``"+10"``), else None."""
+    if type(key) is int:
+        return key
+    return int(key) if isinstance(key, str) and _INT_TEXT.fullmatch(key.strip()) else None
 
 
 def _choices_or_type(tp: Any) -> str:
