@@ -4,6 +4,7 @@ as configs (reviews 15a, 15b)."""
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,6 +114,13 @@ def test_augment_options_hash_as_the_augmentation_types_them_wherever_they_are_k
     relabel = [RelabelSpec(augment_options={"scale_min": v}) for v in (1, 1.0, np.float32(1.0))]
     assert relabel[0].augment_options == {"scale_min": 1.0} and type(relabel[0].augment_options["scale_min"]) is float
     assert len({config_hash(r.identity()) for r in relabel}) == 1
+    # the store key of options written as floats, pinned at 4329f4e^ (before the typing): kept; `scale_max: 1` then
+    # keyed 0141991a223eaa17 and now keys this store (README: such stores are labelled once more)
+    distilled, teacher = SimpleNamespace(manifest={"config_hash": "0123456789abcdef"}), SimpleNamespace(
+        fingerprint="fedcba9876543210")
+    for scale_max in (1.0, 1):
+        spec = RelabelSpec(augment_options={"scale_min": 0.25, "scale_max": scale_max}, epochs=3, top_k=2)
+        assert spec.key(distilled, teacher, 5) == "5b1e19337329e556"
     assert RelabelSpec(augment="nope").augment == "nope"  # refused by check_augment, which names the key
     assert ExpertConfig(augment="rrc_flip", augment_options={"scale_min": 1}).augment_options == {"scale_min": 1.0}
     assert MTTConfig(augment_options={"brightness": 1}).augment_options == {"brightness": 1.0}
