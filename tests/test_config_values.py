@@ -1,6 +1,6 @@
 """Config values as YAML, JSON records and Python give them: keys YAML reads as no name, numbers JSON writes
 without a dot, numpy scalars, assignment after construction, ``--set KEY={...}``, merge keys, records passed
-as configs (reviews 15a, 15b)."""
+as configs (reviews 15a, 15b, 15i)."""
 
 import dataclasses
 import json
