@@ -188,7 +188,9 @@ def test_every_config_class_checks_the_types_of_python_arguments(cls):
     assert scalar or not dataclasses.fields(cls), f"{cls.__name__}: no plain int/float/bool/str field to try"
     for name, tp in scalar:
         bad = _wrong_value(tp)
-        with pytest.raises(ConfigError, match=rf"^{cls.__name__}.{name}: expected .*, got {re.escape(repr(bad))}$"):
+        hint = re.escape("; YAML reads an unquoted number as a number: quote the text ('3'") + ".*" if tp is str else ""
+        got = re.escape(repr(bad)) + hint  # a str field given 3 says how to quote it
+        with pytest.raises(ConfigError, match=rf"^{cls.__name__}.{name}: expected .*, got {got}$"):
             cls(**{name: bad})
 
 

@@ -153,6 +153,35 @@ def test_show_bench_folder_cell_and_synthesis(tmp_path, capsys):
     assert synthesis["seed"] == 0 and synthesis["versions"]["ddkit"] == ddkit.__version__
 
 
+def test_show_counts_the_cells_of_a_bench_whose_method_settings_no_longer_read(tmp_path):
+    """An unfinished bench folder whose recorded config no longer reads as a whole (a method option or teacher
+    setting this ddkit dropped) said only "(its matrix does not read with this ddkit; cannot count finished cells)"
+    (QA 15i F8); its cells are counted from the matrix, which is all that names them and their protocols."""
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(
+        "datasets: [synthetic]\nipcs: [1]\nstudents: [tiny_convnet]\nlabel_modes: [hard]\nseeds: [0]\n"
+        "methods: [random, {name: random, label: r2}]\noverrides: {full_reference: false, random_baseline: false, "
+        f"train: {{epochs: 1, batch_size: 8}}}}\nout: {tmp_path / 'bench'}\n")
+    assert main(["bench", str(cfg), "-q"]) == 0
+    bench = tmp_path / "bench"
+    (bench / "bench.json").unlink()
+    (bench / "cells" / "synthetic-r2-ipc1-tiny_convnet-hard.json").unlink()
+    record = json.loads((bench / "config.json").read_text())
+    record["config"]["methods"][1]["options"] = {"dropped_option": 1}
+    (bench / "config.json").write_text(json.dumps(record))
+    assert describe(bench).endswith(
+        "\n1 of 2 cells finished; no table yet (bench.json)\n(its config does not read with this ddkit as a whole "
+        "(unknown config key 'methods[r2].options.dropped_option'; methods[r2].options takes no settings; remove "
+        "'methods[r2].options.dropped_option'), which `ddkit bench` refuses; cells counted from its matrix)")
+    record["config"]["teacher"]["dropped_key"] = 1
+    record["config"]["methods"][0] = {"name": "dropped_method", "label": "random"}  # its cells keep their names
+    (bench / "config.json").write_text(json.dumps(record))
+    assert "\n1 of 2 cells finished; no table yet (bench.json)\n(its config does not read" in describe(bench)
+    record["config"]["students"] = 3  # the matrix itself
+    (bench / "config.json").write_text(json.dumps(record))
+    assert describe(bench).endswith("\n(its matrix does not read with this ddkit; cannot count finished cells)")
+
+
 def test_relative_dataset_path_is_recorded_absolute(tmp_path, monkeypatch):
     """A set made with a relative dataset path evaluates from any working folder."""
     write_imagefolder(tmp_path / "work" / "pics", {"a": 3, "b": 3}, size=8)

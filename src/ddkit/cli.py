@@ -89,10 +89,15 @@ class Progress:
             self.label = None
 
 
-def _base(args) -> dict[str, Any]:
-    from ddkit.config import load_yaml
+def _base(args, section: str) -> dict[str, Any]:
+    """The --config file of a one-stage command (``ddkit <section>``); a record ddkit wrote is refused in one line."""
+    from ddkit.config import load_yaml, refuse_record
 
-    return load_yaml(args.config) if getattr(args, "config", None) else {}
+    if not getattr(args, "config", None):
+        return {}
+    data = load_yaml(args.config)
+    refuse_record(data, section=section)
+    return data
 
 
 def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
@@ -127,7 +132,7 @@ def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple
     from ddkit.config import from_dict
     from ddkit.data.base import DatasetConfig
 
-    data = _base(args)
+    data = _base(args, section)
     own = _section(data, section)
     for flag, key in flags.items():
         value = getattr(args, flag, None)
@@ -657,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help=f"config override, e.g. {example}; a mapping (KEY={{a: 1}}) merges into the section "
                             "key by key, keeping its other settings (an option dict such as augment_options is "
-                            "replaced whole); KEY={} empties any mapping")
+                            "replaced whole); KEY={} empties any mapping; VALUE is read as YAML: quote text that is "
+                            "not valid YAML (KEY=\"'[a'\")")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default

@@ -18,6 +18,7 @@ import json
 import math
 import numbers
 import re
+import shlex
 import types
 import typing
 from collections.abc import Iterator, Mapping
@@ -224,12 +225,14 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
 
 
 def _unquoted_hint(value: Any) -> str:
-    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``) or a
-    date (``2024-01-01``)."""
+    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
+    date (``2024-01-01``) or a number (``1e3``, ``10``; the text as written is lost, so the number's is shown)."""
     if isinstance(value, bool):
         what, text = f"{'/'.join(_BOOL_WORDS[value])} unquoted as {str(value).lower()}", _BOOL_WORDS[value][1]
     elif isinstance(value, datetime.date):
         what, text = f"{value.isoformat()} unquoted as a date", value.isoformat()
+    elif isinstance(value, numbers.Real):
+        what, text = "an unquoted number as a number", str(plain_numbers(value))
     else:
         return ""
     return f"; YAML reads {what}: quote the text ('{text}'; on a command line --set \"KEY='{text}'\")"
@@ -360,7 +363,8 @@ class Checked:
     :func:`check_fields`). A subclass's ``__post_init__`` needs no ``super()`` call for this.
     A field assigned once the config is built (``cfg.ipc = 2``) passes the constructor's checks too:
     the same :class:`ConfigError` for ``cfg.ipc = "2"`` or a combination ``__post_init__`` refuses,
-    and the config keeps its old value."""
+    and the config keeps its old value; a name that is no field (``cfg.ipcs = 4``) is the unknown-key error of
+    :func:`from_dict` (names starting with ``_`` are free)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -386,10 +390,15 @@ class Checked:
         object.__setattr__(self, _BUILT, True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get(_BUILT) and name in _init_fields(type(self)):
-            # built: the config as the constructor would make it with this value (types, ranges, combinations),
-            # from which the value is taken as the constructor stores it (a float for an int given, ...)
-            value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
+        if self.__dict__.get(_BUILT):
+            fields = _init_fields(type(self))
+            if name in fields:
+                # built: the config as the constructor would make it with this value (types, ranges, combinations),
+                # from which the value is taken as the constructor stores it (a float for an int given, ...)
+                value = getattr(dataclasses.replace(self, **{name: value}), name)  # type: ignore[type-var]
+            elif not name.startswith("_") and not hasattr(type(self), name):
+                # a misspelt field (cfg.ipcs = 4) would be a new attribute that nothing reads
+                raise ConfigError(_unknown_key(name, name, type(self).__name__, list(fields)))
         object.__setattr__(self, name, value)
 
 
@@ -526,11 +535,13 @@ WHOLE_DICTS = ("augment_options", "student_options", "model_options")
 
 def merge_overrides(base: dict, over: dict) -> dict:
     """``base`` updated by ``over``, recursing into nested dicts except the option dicts of
-    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified). The one rule of every
+    :data:`WHOLE_DICTS`, which ``over`` replaces whole (neither input is modified); a key of ``over`` that spells an
+    integer key of ``base`` the other way (``2`` and ``"2"``) is that key. The one rule of every
     override layer: protocol overrides on a preset, a bench's ``ipc_overrides``, ``--set KEY={...}``, and a
     mapping given for a nested config on that config's defaults (``teacher: {train: {epochs: 4}}``)."""
     out = dict(base)
     for k, v in over.items():
+        k = _existing_key(base, k)  # {2: ...} over a JSON record's "2": that entry, not a second one for 2
         deep = isinstance(v, dict) and isinstance(out.get(k), dict) and k not in WHOLE_DICTS
         out[k] = merge_overrides(out[k], v) if deep else v
     return out
@@ -544,16 +555,32 @@ def record_kind(data: Any) -> str | None:
     return None
 
 
+def refuse_record(data: Any, cls: type | None = None, section: str | None = None) -> None:
+    """Refuse in one line a record ddkit wrote (:func:`record_kind`: a manifest.json, an evaluation's JSON, a bench's
+    wrapped config.json) given where a config of ``cls`` is expected: every key of it would be unknown. ``section``:
+    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill."""
+    kind = record_kind(data)
+    if kind is None or (cls is not None and "kind" in {f.name for f in dataclasses.fields(cls)}):
+        return
+    config = data.get("config")
+    if not isinstance(config, dict):
+        held = "it holds no `config` to pass"
+    elif section is None or section in config:
+        held = "its settings are under its `config` key: write that mapping to a file and pass it"
+    elif kind == section:  # a teacher's manifest: its config is the file's teacher: section
+        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` section " \
+               "and pass it"
+    else:
+        held = f"it holds no `{section}:` settings to pass"
+    raise ConfigError(f"this is a ddkit {short_repr(kind, 40)} record, not a config; {held}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; raises ConfigError listing every problem."""
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of settings, got {short_repr(data)}")
-    if not where and record_kind(data) is not None and \
-            "kind" not in {f.name for f in dataclasses.fields(cls)}:  # type: ignore[arg-type]
-        # a manifest.json, or a bench's wrapped config.json: every key of it would be unknown
-        held = "its settings are under its `config` key: write that mapping to a file and pass it" if \
-            isinstance(data.get("config"), dict) else "it holds no `config` to pass"
-        raise ConfigError(f"this is a ddkit {short_repr(data['kind'], 40)} record, not a config; {held}")
+    if not where:
+        refuse_record(data, cls)
     errors: list[str] = []
     obj = _build(cls, dict(data or {}), where, errors)
     if errors:
@@ -752,6 +779,18 @@ _UniqueKeyLoader.add_implicit_resolver("tag:yaml.org,2002:float",
 _UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", _UniqueKeyLoader.construct_yaml_float)
 
 
+def _yaml_problem(exc: yaml.YAMLError, line: bool = True) -> tuple[str, str]:
+    """Where PyYAML's ``exc`` happened (`` at line L, column C``; ``line``: False for one line of text, which
+    names only the column) and what it is: the problem ("found character '\\t' that cannot start any token"),
+    then where PyYAML was ("while scanning ...")."""
+    mark = getattr(exc, "problem_mark", None)
+    at = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}" if line else \
+        f" at column {mark.column + 1}"
+    what = "; ".join(p for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p) or \
+        str(exc).splitlines()[0]
+    return at, what
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
@@ -767,11 +806,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # safe_load's constructors, plus the repeated-key check
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        # the problem ("found character '\t' that cannot start any token"), then where PyYAML was ("while scanning")
-        what = "; ".join(p for p in (getattr(exc, "problem", None), getattr(exc, "context", None)) if p) or \
-            str(exc).splitlines()[0]
+        at, what = _yaml_problem(exc)
         fix = "indent with spaces, not tabs" if "'\\t'" in what else "fix the syntax"
         raise ConfigError(f"config file {str(path)!r} is not valid YAML{at} ({what}); {fix}") from None
     except _Expanded as exc:
@@ -824,7 +859,8 @@ def load_yaml_with_base(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides to nested plain data, in place. The value is read as YAML with the
-    checks of a config file: a key set twice, an alias bomb or a YAML 1.1 number such as ``010`` is refused.
+    checks of a config file: a YAML syntax error (``{epochs: 3``, ``[a``), a key set twice, an alias bomb or a
+    YAML 1.1 number such as ``010`` is refused.
     A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
     merges every other layer: the settings the mapping leaves out keep their values (an option dict of
     :data:`WHOLE_DICTS` is replaced whole); ``a.b={}`` empties it."""
@@ -834,8 +870,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, raw = item.split("=", 1)
         try:
             value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
+        except yaml.YAMLError as exc:  # `{epochs: 3` as text would be refused as no mapping, `[a` made a folder `[a`
+            at, what = _yaml_problem(exc, line="\n" in raw)
+            text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
+            quoted = f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
+            raise ConfigError(f"override {item!r}: the value is not valid YAML{at} ({what}); fix the syntax, or quote "
+                              f"it to pass it as text (--set {quoted})") from None
         except _Surprising as exc:
             whole = raw.strip() == exc.text  # the value alone: the shell form of its quotes
             raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
@@ -863,14 +903,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def _existing_key(node: dict[Any, Any], part: str) -> Any:
-    """The key of ``node`` that the path part ``part`` names: ``part`` itself, or the integer key it spells
-    (``ipc_overrides.10`` reaches the YAML's ``10:``, to change one of its settings, not replace it whole)."""
-    if part not in node and _INT_TEXT.fullmatch(part.strip()):
-        number = int(part)
-        if any(k == number and type(k) is int for k in node):
-            return number
-    return part
+def _existing_key(node: dict[Any, Any], key: Any) -> Any:
+    """The key of ``node`` that ``key`` (a path part, or a key of a mapping merged into ``node``) names: ``key``
+    itself, or the key that spells the same integer, one of them as an integer and the other as text
+    (``ipc_overrides.10`` reaches the YAML's ``10:``, and ``ipc_overrides={10: ...}`` a JSON record's ``"10"``, to
+    change the entry's settings, not to add a second entry for IPC 10)."""
+    if key in node:
+        return key
+    number = _int_key(key)
+    if number is not None:
+        for k in node:
+            if _int_key(k) == number and (type(k) is int) != (type(key) is int):
+                return k
+    return key
+
+
+def _int_key(key: Any) -> int | None:
+    """The integer ``key`` is (an int, not a bool) or spells (``"10"``, ``"+10"``), else None."""
+    if type(key) is int:
+        return key
+    return int(key) if isinstance(key, str) and _INT_TEXT.fullmatch(key.strip()) else None
 
 
 def _choices_or_type(tp: Any) -> str:

@@ -131,7 +131,8 @@ def describe(path: str | Path) -> str:
         # here, not in _summarise: counting the finished cells reads the config as ``ddkit bench`` does (a cell
         # counts when made with the protocol hashes this ddkit gives it; the config checks need the method option
         # classes, TrainConfig and the model registry), which imports torch; ``show --json`` (read_record) prints
-        # the record without the count, so it imports none (the count never refuses a record)
+        # the record without the count, so it imports none (the count never refuses a record; a config that no
+        # longer reads as a whole is counted from its matrix, :func:`_matrix_only`)
         text += "\n" + _bench_progress(record, where.parent)
     return text
 
@@ -425,11 +426,18 @@ def _bench_progress(record: dict, root: Path) -> str:
     from ddkit.bench import BenchConfig, cells_of
     from ddkit.config import from_dict
 
+    note = ""
     try:
         cfg = from_dict(BenchConfig, record["config"])
-        cells = cells_of(cfg)
-    except (DDKitError, KeyError, TypeError, ValueError):
-        return "(its matrix does not read with this ddkit; cannot count finished cells)"
+    except (DDKitError, KeyError, TypeError, ValueError) as exc:
+        try:  # a method option or teacher setting this ddkit no longer reads decides no cell's file or protocol
+            cfg = from_dict(BenchConfig, _matrix_only(record["config"]))
+        except (DDKitError, KeyError, TypeError, ValueError):
+            return "(its matrix does not read with this ddkit; cannot count finished cells)"
+        why = str(exc) if len(str(exc)) <= 160 else str(exc)[:157] + "..."
+        note = (f"\n(its config does not read with this ddkit as a whole ({why}), which `ddkit bench` refuses; cells "
+                "counted from its matrix)")
+    cells = cells_of(cfg)
     done = stale = 0
     for c in cells:
         path = root / "cells" / f"{c.id}.json"
@@ -449,7 +457,22 @@ def _bench_progress(record: dict, root: Path) -> str:
     else:
         table = "bench.json holds the table" if done == len(cells) else "bench.json holds an earlier run's table"
     old = f" ({stale} cell file(s) from another config or seeds, recomputed by the next `ddkit bench`)" if stale else ""
-    return f"{done} of {len(cells)} cells finished{old}; {table}"
+    return f"{done} of {len(cells)} cells finished{old}; {table}{note}"
+
+
+#: what counting a bench's cells reads of its config: the matrix, with the protocol settings of each cell
+_MATRIX_KEYS = ("datasets", "ipcs", "students", "label_modes", "seeds", "protocol", "overrides", "ipc_overrides",
+                "student_options", "student_ipcs", "method_ipcs")
+
+
+def _matrix_only(config: dict) -> dict:
+    """The part of a bench's recorded ``config`` that names its cells and their protocols (:data:`_MATRIX_KEYS`),
+    each method as the method ``random`` under its name in tables: its own settings (options, a method this ddkit
+    no longer has), the teachers and the relabel settings decide no cell's file name or protocol hash."""
+    methods = [m if isinstance(m, str) else m.get("label") or m.get("name", "random") for m in config["methods"]]
+    # soft labels: label mode 'stored' asks every set for them
+    return {**{k: config[k] for k in _MATRIX_KEYS if k in config},
+            "methods": [{"name": "random", "label": key, "soft_labels": True} for key in methods]}
 
 
 def _pct(x: float | None) -> str:

@@ -17,7 +17,17 @@ from pathlib import Path
 from typing import Literal
 
 from ddkit.artifacts import recorded_path, recorded_paths
-from ddkit.config import Checked, config_hash, field, from_dict, load_yaml, merge_overrides, sorted_keys, to_dict
+from ddkit.config import (
+    Checked,
+    config_hash,
+    field,
+    from_dict,
+    load_yaml,
+    merge_overrides,
+    refuse_record,
+    sorted_keys,
+    to_dict,
+)
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry
@@ -283,7 +293,9 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
     elif isinstance(spec, dict):
         base = to_dict(from_dict(ProtocolConfig, spec, "protocol"))
     elif is_protocol_file(spec):
-        base = to_dict(from_dict(ProtocolConfig, load_yaml(spec), "protocol"))
+        data = load_yaml(spec)
+        refuse_record(data, ProtocolConfig)  # an evaluation's JSON: every key of it would be unknown
+        base = to_dict(from_dict(ProtocolConfig, data, "protocol"))
     elif isinstance(spec, str):
         base = to_dict(PROTOCOLS.get(spec)())
     else:
