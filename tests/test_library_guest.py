@@ -3,6 +3,7 @@ callbacks, umask and repeated calls meet (QA review 15a)."""
 
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -263,3 +264,47 @@ def test_a_call_on_one_rank_of_the_callers_own_job_runs_single_process(data, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = distill(data, DistillConfig(method="random", ipc=2))
     assert proc.stdout.splitlines() == [f"set {alone.images.sum().item()} {alone.labels.tolist()}"]
+
+
+@pytest.mark.parametrize("stage", ["distill", "train_teacher", "relabel", "run", "run_bench", "run nested"])
+def test_an_out_in_a_folder_that_cannot_be_written_is_one_line_before_any_work(data, bn_teacher, tmp_path,
+                                                                               monkeypatch, stage):
+    """ddkit.distill, relabel, run and run_bench with an ``out`` in a read-only folder raised a raw PermissionError
+    (OSError) at their first write, train_teacher (and relabel) after a first epoch of work; the CLI said it in one
+    line. Now each refuses as a WriteFailure (a DDKitError) naming the output and the fix before any work, and
+    leaves nothing in the folder. (As root, whom modes do not stop, the folder fails as a read-only mount does.)"""
+    from ddkit.artifacts import WriteFailure
+    from ddkit.bench import BenchConfig, run_bench
+    from test_data_cache import read_only
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "sub" / "out" if stage == "run nested" else ro / "out"
+    ds = _float_set(data)
+    read_only(monkeypatch, ro)
+    steps = []
+
+    def progress(*args):
+        steps.append(args)
+
+    one_epoch = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False, "train": {"epochs": 1}}
+    calls = {
+        "distill": lambda: distill(data, {"method": "random", "ipc": 2}, out=out, progress=progress),
+        "train_teacher": lambda: ddkit.train_teacher(data, {"model": "tiny_convnet", "train": {"epochs": 1}}, out,
+                                                     progress=progress),
+        "relabel": lambda: relabel(ds, bn_teacher, 1, out=out, progress=progress),
+        "run": lambda: run({"dataset": {"name": "synthetic"}, "distill": {"method": "random", "ipc": 2},
+                            "out": str(out), "evaluate": {"seeds": [0], "overrides": one_epoch}},
+                           progress_factory=lambda name: progress, eval_progress=progress),
+        "run_bench": lambda: run_bench(from_dict(BenchConfig, {
+            "datasets": ["synthetic"], "methods": ["random"], "ipcs": [2], "students": ["tiny_convnet"],
+            "label_modes": ["hard"], "seeds": [0], "overrides": {k: v for k, v in one_epoch.items() if k != "student"},
+            "out": str(out)}), stage_progress=progress),
+    }
+    with pytest.raises(WriteFailure) as info:
+        calls[stage.split()[0]]()
+    where = f" in {str(ro)!r}" if stage == "run nested" else ""  # the folder above the missing ones it would make
+    assert re.fullmatch(rf"cannot write {re.escape(repr(str(out)))}: (Permission denied{where}; check the path and its "
+                        rf"permissions, or|Read-only file system{where};) choose another --out", str(info.value)), \
+        str(info.value)
+    assert steps == [] and os.listdir(ro) == []
