@@ -308,3 +308,38 @@ def test_an_out_in_a_folder_that_cannot_be_written_is_one_line_before_any_work(d
                         rf"permissions, or|Read-only file system{where};) choose another --out", str(info.value)), \
         str(info.value)
     assert steps == [] and os.listdir(ro) == []
+
+
+def test_a_second_thread_writing_the_same_out_is_told_so(data, tmp_path):
+    """The writing lock (flock, per open folder) also refuses a second call from another thread of the same process,
+    but its message said "another ddkit process is writing": the caller looked for a process that was not there. The
+    message now names a call in this process or another, in one line."""
+    import threading
+
+    from ddkit.artifacts import OutputBusy
+
+    out = tmp_path / "set"
+    inside, release, failed = threading.Event(), threading.Event(), []
+
+    def first(step, total, record):  # the first call, in another thread, is distilling into out
+        inside.set()
+        release.wait(60)
+
+    def distil_in_thread():
+        try:
+            distill(data, {"method": "dm", "ipc": 2, "options": {"iterations": 2}}, out=out, progress=first)
+        except BaseException as exc:  # reported below
+            failed.append(exc)
+
+    thread = threading.Thread(target=distil_in_thread)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(OutputBusy) as info:
+            distill(data, {"method": "random", "ipc": 2}, out=out)
+    finally:
+        release.set()
+        thread.join()
+    assert str(info.value) == (f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it "
+                               "or choose another --out")
+    assert failed == [] and ddkit.load(out).method == "dm"  # the first call finished, unharmed

@@ -883,20 +883,24 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
 
 
 class OutputBusy(DDKitError):
-    """Another process holds the :func:`writing` lock of the output ``out`` (the --out the message names)."""
+    """Another holder of the :func:`writing` lock of the output ``out`` (the --out the message names): another
+    process, or another call in this one (another thread's, or one a ``progress`` callback makes), since ``flock``
+    locks per open folder, not per process."""
 
     def __init__(self, out: str | Path) -> None:
-        super().__init__(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+        super().__init__(f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it or "
+                         "choose another --out")
 
 
 @contextlib.contextmanager
 def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
-    resumable work of its output ``out``, for the block. A second process writing the same ``out`` would
-    share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
-    (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
-    lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
-    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``.
+    resumable work of its output ``out``, for the block. A second process (or a second call in this one, from
+    another thread) writing the same ``out`` would share that folder, and the first to finish deletes it under the
+    other: it refuses at once, in one line (waiting, as :func:`build_lock` does for a cache entry, would only make it
+    do the same work again). The lock is an ``flock`` on the folder itself, released when the block ends or the
+    process dies: a killed run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op
+    without ``fcntl``.
 
     ``work`` may be ``out`` itself, for an output folder that a command fills stage by stage (a ``ddkit run``'s or
     ``ddkit bench``'s): a second process would replace its stages under the first. A ``work`` folder (and the
