@@ -343,3 +343,39 @@ def test_a_second_thread_writing_the_same_out_is_told_so(data, tmp_path):
     assert str(info.value) == (f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it "
                                "or choose another --out")
     assert failed == [] and ddkit.load(out).method == "dm"  # the first call finished, unharmed
+
+
+def test_stages_ignore_the_callers_default_device(data, bn_teacher, tmp_path, monkeypatch):
+    """A caller's torch.set_default_device("meta") (or "cuda", with ddkit on the CPU) put the tensors and models ddkit
+    makes without a device there: load_dataset, train_teacher, distill, evaluate, relabel and saving or loading a set
+    failed deep inside torch. Every stage and artifact call now makes them on the CPU, as with no default device set,
+    to the same numbers, and leaves the caller's setting as it was."""
+
+    def stages(where):
+        monkeypatch.setenv("DDKIT_CACHE", str(where / "cache"))  # computed, not read back from the first call
+        teacher = ddkit.train_teacher(ddkit.load_dataset("synthetic"), {"model": "tiny_convnet",
+                                                                        "train": {"epochs": 1}})
+        sets = {m: distill(data, {"method": m, "ipc": 2, "options": o}, out=where / m, teacher=bn_teacher)
+                for m, o in (("random", {}), ("dm", {"iterations": 2}), ("sre2l", {"iterations": 2}))}
+        report = evaluate(sets["dm"], _one_epoch(label_mode="teacher"), [0], data=data, teacher=bn_teacher)
+        store = relabel(ddkit.load(where / "random"), bn_teacher, 1)
+        store.save(where / "store")
+        loaded = ddkit.load(where / "dm", normalize=True)
+        return ([*teacher.model.state_dict().values()], [s.images for s in sets.values()],
+                report["results"]["distilled"]["per_seed"], store.targets(0, list(range(8))),
+                ddkit.load(where / "store").targets(0, list(range(8))), loaded[3][0])
+
+    plain = stages(tmp_path / "plain")
+    torch.set_default_device("meta")
+    try:
+        meta = stages(tmp_path / "meta")
+        assert torch.get_default_device() == torch.device("meta")  # the caller's setting, as it was
+    finally:
+        torch.set_default_device(None)
+    for mine, theirs in zip(meta, plain, strict=True):
+        if isinstance(mine, list) and mine and isinstance(mine[0], float):
+            assert mine == theirs
+            continue
+        for a, b in zip(mine if isinstance(mine, list) else [mine], theirs if isinstance(theirs, list) else [theirs],
+                        strict=True):
+            assert a.device == torch.device("cpu") and torch.equal(a, b)
