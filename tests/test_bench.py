@@ -363,7 +363,8 @@ def test_a_second_bench_in_the_same_folder_refuses_at_once(tmp_path):
         seen["busy"], seen["after"] = str(info.value), listing()
 
     rows = run_bench(tiny_cfg(out, **settings), stage_progress=stage)
-    assert seen["busy"] == f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out"
+    assert seen["busy"] == (f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it "
+                            "or choose another --out")
     assert seen["after"] == seen["before"]
     teacher = Teacher.load(out / "teachers" / "synthetic")
     assert teacher.manifest["config"]["train"]["epochs"] == 1

@@ -279,8 +279,8 @@ def test_a_run_does_not_relabel_into_a_store_a_relabel_is_writing(tmp_path, caps
     labels = tmp_path / "run" / "labels"
     with writing(hidden_path(labels, ".partial"), labels):  # a `ddkit relabel --out run/labels` meanwhile
         code, out, err = run_cli(["run", str(cfg), "-q"], capsys)
-    assert code == 2 and err == (f"error: another ddkit process is writing {str(labels)!r}; wait for it or choose "
-                                 "another --out\n")
+    assert code == 2 and err == (f"error: another ddkit call (in this process or another) is writing {str(labels)!r}; "
+                                 "wait for it or choose another --out\n")
     assert not labels.exists()
     assert run_cli(["run", str(cfg), "-q"], capsys)[0] == 0  # once it is done
     assert (labels / "manifest.json").is_file() and not hidden_path(labels, ".partial").exists()
@@ -1619,8 +1619,8 @@ def test_a_second_writer_to_the_same_out_refuses_at_once(workdir, tmp_path, caps
     for out, suffix, args in runs.values():
         with writing(hidden_path(out, suffix), out):  # another process writing the same --out
             code, _, err = run_cli([*args, "--out", str(out), "-q"], capsys)
-            assert code == 2 and err == (f"error: another ddkit process is writing {str(out)!r}; wait for it or "
-                                         "choose another --out\n")
+            assert code == 2 and err == (f"error: another ddkit call (in this process or another) is writing "
+                                         f"{str(out)!r}; wait for it or choose another --out\n")
             assert not out.exists()
         assert os.listdir(tmp_path) == []  # the lock's folder goes with it
     out, suffix, args = runs["relabel"]
@@ -1689,8 +1689,8 @@ def test_a_run_whose_distilled_folder_is_being_written_names_the_runs_out(tmp_pa
     ddir = tmp_path / "run" / "distilled"
     with writing(hidden_path(ddir, ".work"), ddir):  # another process distilling into the run's folder
         code, _, err = run_cli(["run", str(cfg), "-q"], capsys)
-    assert code == 2 and err == (f"error: another ddkit process is writing {str(tmp_path / 'run')!r}; wait for it or "
-                                 "choose another --out\n")
+    assert code == 2 and err == (f"error: another ddkit call (in this process or another) is writing "
+                                 f"{str(tmp_path / 'run')!r}; wait for it or choose another --out\n")
 
 
 def test_a_second_run_to_the_same_out_refuses_before_writing_anything(tmp_path, capsys):
@@ -1712,7 +1712,8 @@ def test_a_second_run_to_the_same_out_refuses_before_writing_anything(tmp_path, 
              "out": str(out)}
     second = tmp_path / "second.yaml"  # another teacher, which it would have written over the first's
     second.write_text(yaml.safe_dump({**first, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}}}))
-    busy = f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out"
+    busy = (f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it or choose "
+            "another --out")
     seen = {}
 
     def teacher_epoch(step, total, record):  # the first run is training its teacher

@@ -967,3 +967,27 @@ def test_real_statistics_record_their_schema_which_a_bump_makes_stale(data, bn_t
     assert [(e.name, e.stale) for e in cache_entries(tmp_path)] == [(path.name, "")]
     monkeypatch.setattr(cache, "STATISTICS_SCHEMA", S.SCHEMA + 1)  # a bump (ddkit.cache holds the current one)
     assert [(e.name, e.stale) for e in cache_entries(tmp_path)] == [(path.name, f"schema {S.SCHEMA}")]
+
+
+@pytest.mark.parametrize("name", ["sre2l", "cda", "gvbsm", "edc", "dwa", "cvdd", "rded"])
+def test_a_teacher_in_another_dtype_is_refused_before_synthesis(data, bn_teacher, name, monkeypatch):
+    """A library caller's bfloat16 teacher (teacher.model.to(torch.bfloat16)) made every synthesis method fail deep in
+    a convolution ("Input type (float) and bias type (c10::BFloat16) should be the same"). The methods compute through
+    the teacher in float32: such a teacher is refused at the start in one line naming the dtype and the fix, before
+    the real-data statistics pass, and left as it was; the float32 teacher the fix gives synthesises as before."""
+    cls = METHODS.get(name)
+    teacher = Teacher(copy.deepcopy(bn_teacher.model).to(torch.bfloat16), bn_teacher.manifest)
+    passes = []
+    monkeypatch.setattr(S, "real_statistics", lambda *a, **k: passes.append(a) or pytest.fail("statistics pass"))
+    with pytest.raises(DDKitError) as info:
+        _run(name, data, [teacher], ipc=1, **cls.smoke_options)
+    assert str(info.value) == (f"method {name!r} synthesises its images through the teacher in float32, but the "
+                               "teacher's weights are bfloat16; pass it in float32 (teacher.model.float()); relabel "
+                               "and evaluate label with it as it is")
+    assert passes == [] and {p.dtype for p in teacher.model.parameters()} == {torch.bfloat16}
+    monkeypatch.undo()
+    teacher.model.float()  # the fix: the same weights (bfloat16's), in float32
+    fixed = Teacher(copy.deepcopy(teacher.model), bn_teacher.manifest)
+    made = _run(name, data, [teacher], ipc=1, **cls.smoke_options)
+    assert made.images.dtype == torch.float32 and bool(torch.isfinite(made.images).all())
+    assert torch.equal(made.images, _run(name, data, [fixed], ipc=1, **cls.smoke_options).images)

@@ -1341,18 +1341,24 @@ def test_a_run_evaluated_before_students_were_cached_is_reused_unchanged(tmp_pat
 
 def test_report_folder_is_tried_by_rank_0_and_every_rank_stops_on_its_verdict(tmp_path, monkeypatch):
     """Only rank 0 writes the report: a rank that could not write there (another node's file system) does not stop
-    alone, leaving the others waiting; when rank 0 cannot, every rank stops with its one line."""
+    alone, leaving the others waiting; when rank 0 cannot, every rank stops with its one line. (The same check,
+    ddkit.artifacts.check_writable, guards the outputs of distill, relabel, train_teacher, run and run_bench.)"""
+    import errno
+    import os
+
     from ddkit import distributed as ddist
     from ddkit.artifacts import WriteFailure
     from ddkit.evaluate import runner
 
-    tried = []
+    tried, real_open = [], os.open
 
-    def unwritable(path):
-        tried.append(path)
-        raise WriteFailure(path, "Permission denied", 13)
+    def unwritable(path, flags, *args, **kw):
+        if Path(path).parent == tmp_path and flags & os.O_CREAT:
+            tried.append(path)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kw)
 
-    monkeypatch.setattr(runner, "check_writable", unwritable)
+    monkeypatch.setattr(os, "open", unwritable)
     monkeypatch.setattr(ddist, "current", lambda: ddist.DistInfo(rank=1, world_size=2))
     out = tmp_path / "eval.json"
     monkeypatch.setattr(ddist, "broadcast_object", lambda obj, src=0: None)  # rank 0 could write there
@@ -1365,7 +1371,7 @@ def test_report_folder_is_tried_by_rank_0_and_every_rank_stops_on_its_verdict(tm
     monkeypatch.setattr(ddist, "broadcast_object", lambda obj, src=0: obj)
     with pytest.raises(WriteFailure):
         runner.check_report_out(out)
-    assert tried == [out]
+    assert len(tried) == 1 and list(tmp_path.iterdir()) == []
 
 
 def _pinned_keys(cache: Path) -> tuple[str, str, str]:

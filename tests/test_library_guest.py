@@ -3,6 +3,7 @@ callbacks, umask and repeated calls meet (QA review 15a)."""
 
 import os
 import pickle
+import re
 import stat
 import subprocess
 import sys
@@ -263,3 +264,118 @@ def test_a_call_on_one_rank_of_the_callers_own_job_runs_single_process(data, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     alone = distill(data, DistillConfig(method="random", ipc=2))
     assert proc.stdout.splitlines() == [f"set {alone.images.sum().item()} {alone.labels.tolist()}"]
+
+
+@pytest.mark.parametrize("stage", ["distill", "train_teacher", "relabel", "run", "run_bench", "run nested"])
+def test_an_out_in_a_folder_that_cannot_be_written_is_one_line_before_any_work(data, bn_teacher, tmp_path,
+                                                                               monkeypatch, stage):
+    """ddkit.distill, relabel, run and run_bench with an ``out`` in a read-only folder raised a raw PermissionError
+    (OSError) at their first write, train_teacher (and relabel) after a first epoch of work; the CLI said it in one
+    line. Now each refuses as a WriteFailure (a DDKitError) naming the output and the fix before any work, and
+    leaves nothing in the folder. (As root, whom modes do not stop, the folder fails as a read-only mount does.)"""
+    from ddkit.artifacts import WriteFailure
+    from ddkit.bench import BenchConfig, run_bench
+    from test_data_cache import read_only
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro / "sub" / "out" if stage == "run nested" else ro / "out"
+    ds = _float_set(data)
+    read_only(monkeypatch, ro)
+    steps = []
+
+    def progress(*args):
+        steps.append(args)
+
+    one_epoch = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False, "train": {"epochs": 1}}
+    calls = {
+        "distill": lambda: distill(data, {"method": "random", "ipc": 2}, out=out, progress=progress),
+        "train_teacher": lambda: ddkit.train_teacher(data, {"model": "tiny_convnet", "train": {"epochs": 1}}, out,
+                                                     progress=progress),
+        "relabel": lambda: relabel(ds, bn_teacher, 1, out=out, progress=progress),
+        "run": lambda: run({"dataset": {"name": "synthetic"}, "distill": {"method": "random", "ipc": 2},
+                            "out": str(out), "evaluate": {"seeds": [0], "overrides": one_epoch}},
+                           progress_factory=lambda name: progress, eval_progress=progress),
+        "run_bench": lambda: run_bench(from_dict(BenchConfig, {
+            "datasets": ["synthetic"], "methods": ["random"], "ipcs": [2], "students": ["tiny_convnet"],
+            "label_modes": ["hard"], "seeds": [0], "overrides": {k: v for k, v in one_epoch.items() if k != "student"},
+            "out": str(out)}), stage_progress=progress),
+    }
+    with pytest.raises(WriteFailure) as info:
+        calls[stage.split()[0]]()
+    where = f" in {str(ro)!r}" if stage == "run nested" else ""  # the folder above the missing ones it would make
+    assert re.fullmatch(rf"cannot write {re.escape(repr(str(out)))}: (Permission denied{where}; check the path and its "
+                        rf"permissions, or|Read-only file system{where};) choose another --out", str(info.value)), \
+        str(info.value)
+    assert steps == [] and os.listdir(ro) == []
+
+
+def test_a_second_thread_writing_the_same_out_is_told_so(data, tmp_path):
+    """The writing lock (flock, per open folder) also refuses a second call from another thread of the same process,
+    but its message said "another ddkit process is writing": the caller looked for a process that was not there. The
+    message now names a call in this process or another, in one line."""
+    import threading
+
+    from ddkit.artifacts import OutputBusy
+
+    out = tmp_path / "set"
+    inside, release, failed = threading.Event(), threading.Event(), []
+
+    def first(step, total, record):  # the first call, in another thread, is distilling into out
+        inside.set()
+        release.wait(60)
+
+    def distil_in_thread():
+        try:
+            distill(data, {"method": "dm", "ipc": 2, "options": {"iterations": 2}}, out=out, progress=first)
+        except BaseException as exc:  # reported below
+            failed.append(exc)
+
+    thread = threading.Thread(target=distil_in_thread)
+    thread.start()
+    try:
+        assert inside.wait(60)
+        with pytest.raises(OutputBusy) as info:
+            distill(data, {"method": "random", "ipc": 2}, out=out)
+    finally:
+        release.set()
+        thread.join()
+    assert str(info.value) == (f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it "
+                               "or choose another --out")
+    assert failed == [] and ddkit.load(out).method == "dm"  # the first call finished, unharmed
+
+
+def test_stages_ignore_the_callers_default_device(data, bn_teacher, tmp_path, monkeypatch):
+    """A caller's torch.set_default_device("meta") (or "cuda", with ddkit on the CPU) put the tensors and models ddkit
+    makes without a device there: load_dataset, train_teacher, distill, evaluate, relabel and saving or loading a set
+    failed deep inside torch. Every stage and artifact call now makes them on the CPU, as with no default device set,
+    to the same numbers, and leaves the caller's setting as it was."""
+
+    def stages(where):
+        monkeypatch.setenv("DDKIT_CACHE", str(where / "cache"))  # computed, not read back from the first call
+        teacher = ddkit.train_teacher(ddkit.load_dataset("synthetic"), {"model": "tiny_convnet",
+                                                                        "train": {"epochs": 1}})
+        sets = {m: distill(data, {"method": m, "ipc": 2, "options": o}, out=where / m, teacher=bn_teacher)
+                for m, o in (("random", {}), ("dm", {"iterations": 2}), ("sre2l", {"iterations": 2}))}
+        report = evaluate(sets["dm"], _one_epoch(label_mode="teacher"), [0], data=data, teacher=bn_teacher)
+        store = relabel(ddkit.load(where / "random"), bn_teacher, 1)
+        store.save(where / "store")
+        loaded = ddkit.load(where / "dm", normalize=True)
+        return ([*teacher.model.state_dict().values()], [s.images for s in sets.values()],
+                report["results"]["distilled"]["per_seed"], store.targets(0, list(range(8))),
+                ddkit.load(where / "store").targets(0, list(range(8))), loaded[3][0])
+
+    plain = stages(tmp_path / "plain")
+    torch.set_default_device("meta")
+    try:
+        meta = stages(tmp_path / "meta")
+        assert torch.get_default_device() == torch.device("meta")  # the caller's setting, as it was
+    finally:
+        torch.set_default_device(None)
+    for mine, theirs in zip(meta, plain, strict=True):
+        if isinstance(mine, list) and mine and isinstance(mine[0], float):
+            assert mine == theirs
+            continue
+        for a, b in zip(mine if isinstance(mine, list) else [mine], theirs if isinstance(theirs, list) else [theirs],
+                        strict=True):
+            assert a.device == torch.device("cpu") and torch.equal(a, b)

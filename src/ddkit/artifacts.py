@@ -260,20 +260,31 @@ def check_output_file(path: str | Path) -> None:
     _refuse_file_parent(path)
 
 
-def check_writable(path: str | Path) -> None:
-    """Refuse, as a :class:`WriteFailure` naming ``path``, an output file that this process cannot create: a
-    temporary file is made (as :func:`write_text` makes one) and removed in its folder, or, where that is missing, in
-    the nearest folder above it (where the missing ones would be made), so that a command that writes its output
-    last fails before its work, not after it."""
-    path = Path(path)
-    folder = next((p for p in path.parents if p.is_dir()), path.parent)
-    probe = temp_path(folder / path.name)
-    try:
-        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    except OSError as exc:
-        raise WriteFailure(path, exc.strerror or str(exc), exc.errno) from None
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(probe)
+def check_writable(path: str | Path, inside: bool = False) -> None:
+    """Refuse, as a :class:`WriteFailure` naming ``path``, an output that this process cannot create: a temporary
+    file is made (as :func:`write_text` makes one) and removed in its folder (``inside``: in ``path`` itself where it
+    is a folder, for an output folder a command fills in place, a run's or a bench's), or, where that is missing, in
+    the nearest folder above it (where the missing ones would be made, which the message then names), so that a
+    command that writes its output last fails before its work, not after it. Under torchrun only rank 0 writes
+    outputs: it tries the folder, and every rank stops on its verdict (a rank of another node that cannot write
+    there does not stop alone, leaving the others waiting)."""
+    from ddkit import distributed as ddist
+
+    path, failure = Path(path), None
+    if ddist.current().is_main:
+        folder = next((p for p in [*([path] if inside else []), *path.parents] if p.is_dir()), path.parent)
+        probe = temp_path(folder / path.name)
+        try:
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except OSError as exc:
+            where = f" in {str(folder)!r}" if folder not in (path, path.parent) else ""
+            failure = (str(path), f"{exc.strerror or exc}{where}", exc.errno)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)
+    failure = ddist.broadcast_object(failure)
+    if failure is not None:
+        raise WriteFailure(*failure)
 
 
 def _refuse_file_parent(path: Path) -> None:
@@ -539,7 +550,16 @@ def holds_files(out: Path, ignore_hidden: bool = False) -> bool:
 def check_output_dir(final: Path, kind: str | None) -> None:
     """Refuse to replace ``final`` unless it is missing, an empty folder, or a ddkit output of ``kind``
     (any ddkit output when ``kind`` is None): --out must never delete a user's files, nor the folder
-    the command runs in (an output is replaced whole, by a rename next to it)."""
+    the command runs in (an output is replaced whole, by a rename next to it); and refuse (a :class:`WriteFailure`,
+    :func:`check_writable`) a ``final`` in a folder this process cannot write. Called by every rank of a torchrun
+    job at once, at a command's start: its verdict is rank 0's."""
+    _check_replaceable(final, kind)
+    check_writable(final)
+
+
+def _check_replaceable(final: Path, kind: str | None) -> None:
+    """:func:`check_output_dir`'s checks of what ``final`` holds, without the write test (:func:`atomic_dir`,
+    which rank 0 alone calls, reports a folder it cannot write itself)."""
     final = Path(final)
     here = Path.cwd().resolve()
     if final.resolve() in (here, *here.parents):
@@ -569,7 +589,7 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
     without a manifest; otherwise a one-line error."""
     final = Path(final)
     if accept is None or not (final.is_dir() and accept(final)):
-        check_output_dir(final, kind)
+        _check_replaceable(final, kind)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -863,20 +883,24 @@ def build_lock(path: str | Path) -> Iterator[LockWait]:
 
 
 class OutputBusy(DDKitError):
-    """Another process holds the :func:`writing` lock of the output ``out`` (the --out the message names)."""
+    """Another holder of the :func:`writing` lock of the output ``out`` (the --out the message names): another
+    process, or another call in this one (another thread's, or one a ``progress`` callback makes), since ``flock``
+    locks per open folder, not per process."""
 
     def __init__(self, out: str | Path) -> None:
-        super().__init__(f"another ddkit process is writing {str(out)!r}; wait for it or choose another --out")
+        super().__init__(f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it or "
+                         "choose another --out")
 
 
 @contextlib.contextmanager
 def writing(work: str | Path, out: str | Path) -> Iterator[None]:
     """Hold an exclusive lock on ``work``, the hidden folder (made if missing) where a command keeps the
-    resumable work of its output ``out``, for the block. A second process writing the same ``out`` would
-    share that folder, and the first to finish deletes it under the other: it refuses at once, in one line
-    (waiting, as :func:`build_lock` does for a cache entry, would only make it do the same work again). The
-    lock is an ``flock`` on the folder itself, released when the block ends or the process dies: a killed
-    run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op without ``fcntl``.
+    resumable work of its output ``out``, for the block. A second process (or a second call in this one, from
+    another thread) writing the same ``out`` would share that folder, and the first to finish deletes it under the
+    other: it refuses at once, in one line (waiting, as :func:`build_lock` does for a cache entry, would only make it
+    do the same work again). The lock is an ``flock`` on the folder itself, released when the block ends or the
+    process dies: a killed run never blocks the next. Under torchrun, rank 0 holds it for every rank. No-op
+    without ``fcntl``.
 
     ``work`` may be ``out`` itself, for an output folder that a command fills stage by stage (a ``ddkit run``'s or
     ``ddkit bench``'s): a second process would replace its stages under the first. A ``work`` folder (and the

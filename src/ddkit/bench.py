@@ -49,6 +49,7 @@ from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     build_lock,
+    check_writable,
     folder_kind,
     holds_files,
     read_json,
@@ -582,11 +583,12 @@ def _distill_stage(data, dcfg: DatasetConfig, dist_cfg: DistillConfig, ddir: Pat
 def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
     ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite
-    a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first."""
-    if not holds_files(root, ignore_hidden=True) or folder_kind(root) == "bench-config":
-        return
-    raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
-                     "bench-config); choose another out / --out or remove it")
+    a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first. A folder
+    this process cannot write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    if holds_files(root, ignore_hidden=True) and folder_kind(root) != "bench-config":
+        raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
+                         "bench-config); choose another out / --out or remove it")
+    check_writable(root, inside=True)
 
 
 def check_students(cfg: BenchConfig, data: DataBundle) -> None:

@@ -89,17 +89,18 @@ _INFERENCE_TENSOR_ERRORS = ("Inference tensors cannot be saved for backward", "I
 def stage_modes() -> Iterator[None]:
     """Inside: the numeric modes a stage records, whatever the caller set around it: float32 as torch's
     default dtype (for the whole process while any thread is inside), gradients on and inference mode off
-    (the caller's ``torch.no_grad()``, ``torch.inference_mode()``), and no autocast (ddkit's ``precision``
-    option enters its own :func:`ddkit.training.autocast` inside); after, also on an exception: the
-    caller's settings back (a default dtype another thread set while the stage ran stays, and the stage computed
-    with it from then on). torch's error for a tensor the caller made under ``torch.inference_mode()``
-    (which autograd cannot use) becomes a one-line :class:`DDKitError`. A decorator too
-    (``@stage_modes()``), of every public stage entry."""
+    (the caller's ``torch.no_grad()``, ``torch.inference_mode()``), no autocast (ddkit's ``precision``
+    option enters its own :func:`ddkit.training.autocast` inside), and the CPU as torch's default device in this
+    thread (:func:`cpu_default_device`); after, also on an exception: the caller's settings back (a default dtype
+    another thread set while the stage ran stays, and the stage computed with it from then on). torch's error for a
+    tensor the caller made under ``torch.inference_mode()`` (which autograd cannot use) becomes a one-line
+    :class:`DDKitError`. A decorator too (``@stage_modes()``), of every public stage entry."""
     with _DTYPE_LOCK:
         _dtype_holders.append(torch.get_default_dtype())
         torch.set_default_dtype(torch.float32)
     try:
         with contextlib.ExitStack() as modes:
+            modes.enter_context(cpu_default_device())
             modes.enter_context(torch.inference_mode(False))
             modes.enter_context(torch.enable_grad())
             for kind in _AUTOCAST_DEVICE_TYPES:
@@ -118,6 +119,21 @@ def stage_modes() -> Iterator[None]:
             # the first stage to start had the caller's setting; one the caller made meanwhile (another thread) stays
             if not _dtype_holders and torch.get_default_dtype() == torch.float32:
                 torch.set_default_dtype(caller)
+
+
+@contextlib.contextmanager
+def cpu_default_device() -> Iterator[None]:
+    """Inside, in this thread: the CPU as torch's default device, where the caller set another
+    (``torch.set_default_device("cuda")``, ``("meta")``): ddkit makes its tensors and models on the CPU and moves
+    them to a stage's ``device`` itself, and would otherwise put them elsewhere (or draw from another device's
+    generator); the caller's back after. A no-op where the default is the CPU: the device mode
+    would cost every torch call. A decorator too (``@cpu_default_device()``), of the public calls outside a stage
+    (:func:`stage_modes` enters it) that make tensors: saving and loading artifacts."""
+    if torch.get_default_device().type == "cpu":
+        yield
+        return
+    with torch.device("cpu"):
+        yield
 
 
 def seeded_cpu_rng(seed: int) -> contextlib.AbstractContextManager[None]:

@@ -52,6 +52,7 @@ from ddkit.artifacts import (
 )
 from ddkit.config import is_count, short_repr, summary_repr
 from ddkit.data.base import DataBundle, ImageSet
+from ddkit.determinism import cpu_default_device
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate.tables import ipc_text  # noqa: F401  (defined here before)
 from ddkit.training import check_teacher_bn
@@ -94,8 +95,8 @@ class DistilledSet(DescribesDataset, Dataset):
         # (x.clamp_(), x.mul_()) would rewrite the set (uint8 ones are converted into a new tensor already)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.to(torch.float32, copy=True)
         if self.normalize:
-            m = torch.tensor(self.mean).view(-1, 1, 1)
-            s = torch.tensor(self.std).view(-1, 1, 1)
+            m = torch.tensor(self.mean, device=x.device).view(-1, 1, 1)  # the caller's default device aside
+            s = torch.tensor(self.std, device=x.device).view(-1, 1, 1)
             x = (x - m) / s
         return x, int(self.labels[i])
 
@@ -191,6 +192,7 @@ class DistilledSet(DescribesDataset, Dataset):
             manifest["source_index"] = synthetic.meta["source_index"]
         return cls(images, labels, manifest, soft)
 
+    @cpu_default_device()
     def save(self, out: str | Path) -> Path:
         out = Path(out)
         if self.soft_labels is not None:  # every loader would refuse the set: write none
@@ -206,6 +208,7 @@ class DistilledSet(DescribesDataset, Dataset):
         return out
 
     @classmethod
+    @cpu_default_device()
     def load(cls, path: str | Path, normalize: bool = False) -> DistilledSet:
         if not isinstance(normalize, bool):
             raise DDKitError(f"normalize must be True or False, got {normalize!r}")
@@ -281,6 +284,7 @@ class DistilledSet(DescribesDataset, Dataset):
                 check_sha256(manifest, path, name, KIND, what, "re-create the distilled set")
         return cls(images, labels, manifest, soft, path.absolute(), normalize)
 
+    @cpu_default_device()
     def save_grid(self, path: str | Path, per_class: int = 10) -> Path:
         """Write a PNG of the set to ``path`` (atomically): one row per class, named on the left, up to
         ``per_class`` images each (the set's ``preview.png`` shows 10); drawn as :func:`save_grid` says."""
@@ -299,6 +303,7 @@ class DistilledSet(DescribesDataset, Dataset):
                        "source_config_hash": self.manifest.get("config_hash")})
         return record
 
+    @cpu_default_device()
     def export(self, out: str | Path, fmt: str) -> Path:
         """Write as ``imagefolder`` (PNG per image, class folders in label order), ``ddranking``
         (:func:`ddkit.bench.export_for_ddranking`) or ``pt`` (tensors: float

@@ -23,6 +23,7 @@ from ddkit.artifacts import (
     OutputBusy,
     base_manifest,
     check_output_dir,
+    check_writable,
     copy_file,
     folder_kind,
     hidden_path,
@@ -586,16 +587,17 @@ _RUN_FILES = ("config.json", "manifest.json", "report", "eval-*.json")
 def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
     ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
-    user's files. A folder holding a finished run, or the stages of a killed one, is fine."""
-    if not holds_files(out, ignore_hidden=True) or folder_kind(out) == RUN_KIND:
-        return
-    started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
-    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS
-                     and not (started and any(fnmatch.fnmatch(p.name, pat) for pat in _RUN_FILES)))
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise DDKitError(f"output {str(out)!r} exists and is not a ddkit run folder (it holds {shown}); choose another "
-                         "out / --out or remove it")
+    user's files. A folder holding a finished run, or the stages of a killed one, is fine; one this process cannot
+    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    if holds_files(out, ignore_hidden=True) and folder_kind(out) != RUN_KIND:
+        started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS
+                         and not (started and any(fnmatch.fnmatch(p.name, pat) for pat in _RUN_FILES)))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise DDKitError(f"output {str(out)!r} exists and is not a ddkit run folder (it holds {shown}); choose "
+                             "another out / --out or remove it")
+    check_writable(out, inside=True)
 
 
 @stage_modes()

@@ -64,6 +64,7 @@ from ddkit.data.base import (
     per_class_index,
     search_order,
 )
+from ddkit.determinism import cpu_default_device
 from ddkit.errors import ConfigError, DataError, DDKitError
 
 logger = logging.getLogger(__name__)
@@ -1407,6 +1408,7 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(path))
 
 
+@cpu_default_device()
 def save_tensors(data: DataBundle, path: str | Path) -> DatasetConfig:
     """Write ``data`` (a bundle built by hand, or any loaded one) as a file the ``tensors`` source reads,
     and return the :class:`DatasetConfig` that loads it: the pipeline's stages record that config, so a

@@ -511,15 +511,7 @@ def check_report_out(out: str | Path) -> None:
     if path.exists() and file_kind(path) != "evaluation":
         raise DDKitError(f"output {str(path)!r} exists and is not a ddkit evaluation report; choose another --out or "
                          "remove it")
-    failure = None
-    if ddist.current().is_main:
-        try:
-            check_writable(path)
-        except WriteFailure as exc:
-            failure = (str(exc.path), exc.cause, exc.errno)
-    failure = ddist.broadcast_object(failure)
-    if failure is not None:
-        raise WriteFailure(*failure)
+    check_writable(path)
 
 
 def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:

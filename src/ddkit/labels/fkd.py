@@ -95,7 +95,7 @@ from ddkit.data.augment import (
     typed_augment_options,
 )
 from ddkit.data.base import ImageSet, hash_rows
-from ddkit.determinism import stage_modes
+from ddkit.determinism import cpu_default_device, stage_modes
 from ddkit.errors import ConfigError, DDKitError, caller_stacklevel
 from ddkit.training import (
     TeacherBN,
@@ -390,6 +390,7 @@ class SoftLabelStore:
     def _params(self, epoch: int, idx: torch.Tensor) -> Params:
         return {k.removeprefix("aug."): v[epoch][idx] for k, v in self.tensors.items() if k.startswith("aug.")}
 
+    @cpu_default_device()
     def targets(self, epoch: int, indices) -> torch.Tensor:
         """Teacher logits ``[B, C]`` float32 of the views of ``indices`` in ``epoch`` (``-inf`` outside top-k)."""
         idx = self._index(epoch, indices)
@@ -407,6 +408,7 @@ class SoftLabelStore:
             raise DDKitError(f"image indices must lie in [0, {self.num_images}), got {idx.tolist()[:8]}")
         return idx
 
+    @cpu_default_device()
     def replay(self, epoch: int, indices) -> Replay:
         """The exact views (parameters) and targets of images ``indices`` in ``epoch``.
 
@@ -422,6 +424,7 @@ class SoftLabelStore:
         return Replay(epoch, idx, self._params(epoch, idx), partner, self._params(epoch, partner), box,
                       _lam(box, self.image_size), self.targets(epoch, idx))
 
+    @cpu_default_device()
     def render(self, replay: Replay, images: torch.Tensor, mean, std, device="cpu") -> torch.Tensor:
         """The normalised views of ``replay`` built from pixel-space ``images`` (the distilled set's)."""
         # made once per mean, std and device, not every training step: building it copies two small tensors to
@@ -432,6 +435,7 @@ class SoftLabelStore:
         return render(replay, images, self.augment, self._norms[key], device)
 
     # --- persistence ---------------------------------------------------------------------------
+    @cpu_default_device()
     def save(self, out: str | Path) -> Path:
         """Write the store to the folder ``out`` (atomically), one epoch at a time."""
         out = Path(out)
@@ -441,6 +445,7 @@ class SoftLabelStore:
         return out
 
     @classmethod
+    @cpu_default_device()
     def load(cls, path: str | Path) -> SoftLabelStore:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
         man = read_manifest(path, KIND, require={

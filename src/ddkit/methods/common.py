@@ -16,6 +16,7 @@ import torch
 from ddkit import distributed as ddist
 from ddkit.artifacts import atomic_torch_save, load_resume_state
 from ddkit.data.base import DataBundle
+from ddkit.errors import DDKitError
 from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
 from ddkit.training import sum_dtype
@@ -105,6 +106,19 @@ class Checkpoint:
         if self.path is None or not (self.per_rank or ddist.current().is_main):
             return
         atomic_torch_save(state, self.path)
+
+
+def check_float32_teacher(model: torch.nn.Module, method: str) -> None:
+    """Refuse, in one line, a teacher ``model`` with floating weights or buffers other than float32 (a caller's
+    bfloat16, float16 or float64 module): a synthesis method computes its images through the teacher (gradients,
+    BatchNorm and convolution statistics, patch scores) in float32, and cached real-data statistics are keyed by
+    the teacher's weights file, not by the dtype it was cast to. Labelling with it (relabel, evaluate) takes it."""
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
+                     if t.is_floating_point() and t.dtype != torch.float32})
+    if dtypes:
+        raise DDKitError(f"method {method!r} synthesises its images through the teacher in float32, but the teacher's "
+                         f"weights are {' and '.join(dtypes)}; pass it in float32 (teacher.model.float()); relabel and "
+                         "evaluate label with it as it is")
 
 
 def floats(record: dict[str, float | torch.Tensor]) -> dict[str, float]:

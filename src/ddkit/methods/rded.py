@@ -241,6 +241,7 @@ class RDED(Method):
         teacher = teachers[0]
         if hasattr(teacher, "check_compatible"):
             teacher.check_compatible(real)
+        common.check_float32_teacher(getattr(teacher, "model", teacher), "rded")
         model = getattr(teacher, "model", teacher).to(ctx.device).eval()
         ipc = check_ipc(real, ctx.ipc)
         size = tuple(real.image_shape[-2:])

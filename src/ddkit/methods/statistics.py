@@ -793,6 +793,8 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
     kinds = {"bn": ("bn",), "conv": (conv,), "bn+conv": ("bn", conv)}[cfg.stats]
     need_real = conv in kinds or cfg.alpha < 1 or cfg.r_logit > 0
     states, paths = [], []
+    for t in teachers:  # every one before the first statistics pass
+        common.check_float32_teacher(t.model, name)
     for t in teachers:
         t.check_compatible(real)
         model = t.model.to(ctx.device).eval()
