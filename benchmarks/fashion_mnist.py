@@ -747,8 +747,12 @@ def overview(results: Path) -> str:
            "augmentation keeps its flips; 50 experts of 30 epochs instead of 100 of 50 (MTT) or 100 (DATM), so "
            "start windows at IPC 1 / 10 / 50 end at 2 / 20 / 29 for MTT, TESLA and FTD (MTT's 2 / 20 / 40) and at "
            "4 / 20 / 29 for DATM (its configs' 4 / 20 / 40), the last cut to what 30-epoch experts can serve; unrolls, "
-           "lrs and thresholds are the CIFAR-10 values of each method's configs at the same IPC; every set is "
-           "evaluated with DSA's protocol (1000 epochs, DSA augmentation).", ""]
+           "lrs and thresholds are the CIFAR-10 values of each method's configs at the same IPC (FTD: its Table 7, "
+           "with GSAM alpha 1 experts at IPC 50), and IPC 50 unrolls on all 500 images; DC starts from noise, as "
+           "the DC paper's Table 1 (ddkit's `dc` default: real images); every set is evaluated with DSA's protocol "
+           "(1000 epochs, DSA augmentation, student lr 0.01, hard labels), so the trajectory rows measure their "
+           "images only: configs/bench/fashion-mnist-matching-learned.yaml evaluates them as their papers do "
+           "(learned student lr; DATM's learned soft labels).", ""]
     found = False
     for tier in ("full", "cpu"):
         for family in FAMILIES:

@@ -417,3 +417,97 @@ def test_dsa_moves_only_the_parameters_of_the_chosen_operation(monkeypatch):
     assert seen == set(reads)
     with pytest.raises(DDKitError, match="slice_params"):  # the rows of a parameter the operation skips: checked too
         aug.apply(x, {**params, "flip": torch.zeros(3, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("op", ["scale", "rotate"])
+def test_dsa_scale_and_rotate_equal_the_reference_resampling(op):
+    """The reference (DatasetCondensation utils.py rand_scale / rand_rotate) resamples with
+    ``affine_grid``/``grid_sample`` under ``align_corners=True``, ddkit with False: for a map without
+    translation both send an output pixel to the same input point on square images, so they agree to
+    float rounding (the docstring once said they differ by up to a pixel's shift)."""
+    import torch.nn.functional as F
+
+    x = torch.randn(4, 1, 28, 28, generator=gen(3))
+    if op == "scale":
+        p = torch.tensor([[1.15, 0.9], [0.85, 1.2], [1.0, 1.1], [0.9, 0.95]])
+        theta = torch.zeros(4, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = p[:, 0], p[:, 1]
+    else:
+        p = torch.tensor([0.25, -0.2, 0.1, -0.05])  # radians, within DSA's ±15°
+        theta = torch.stack([torch.stack([p.cos(), -p.sin(), torch.zeros(4)], 1),
+                             torch.stack([p.sin(), p.cos(), torch.zeros(4)], 1)], 1)
+    ref = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=True), align_corners=True)
+    out = build_augment("dsa").apply(x, {"op": torch.full((4,), DSA_OPS.index(op)), op: p})
+    assert (out - ref).abs().max().item() < 1e-4
+    assert (out - x).abs().max().item() > 0.1  # the map moved pixels: the comparison is not vacuous
+
+
+@pytest.fixture
+def fresh_flip_warnings(monkeypatch):
+    from ddkit.data import augment
+
+    monkeypatch.setattr(augment, "_warned_digit_flips", set())
+
+
+def _flip_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "ddkit.data.augment" and r.levelname == "WARNING" and "flip" in r.getMessage()]
+
+
+def test_dsa_flips_on_mnist_warn_once_naming_the_option(caplog, fresh_flip_warnings):
+    """DSA's README drops flips for digit datasets; ddkit keeps them but says so on `mnist`, once per option."""
+    from ddkit.data.augment import warn_digit_flips
+
+    caplog.set_level("WARNING", logger="ddkit.data.augment")
+    dsa = build_augment("dsa")
+    for _ in range(3):
+        warn_digit_flips(dsa, "mnist", "distill.options.dsa_options")
+    assert _flip_warnings(caplog) == [
+        "DSA augmentation flips the images of dataset 'mnist', a digit dataset, where DSA's authors drop flips (a "
+        "mirrored digit is another symbol); set distill.options.dsa_options: {flip: false} to turn them off"]
+    warn_digit_flips(dsa, "mnist", "train.augment_options")  # another option: its own warning
+    assert "set train.augment_options: {flip: false}" in _flip_warnings(caplog)[-1]
+    caplog.clear()
+    # no flips, another dataset, another augmentation: nothing
+    warn_digit_flips(build_augment("dsa", flip=False), "mnist", "x.dsa_options")
+    warn_digit_flips(build_augment("dsa", strategy="color_crop_cutout_scale_rotate"), "mnist", "y.dsa_options")
+    warn_digit_flips(dsa, "fashion-mnist", "z.dsa_options")
+    warn_digit_flips(build_augment("flip"), "mnist", "w.augment_options")
+    warn_digit_flips(None, "mnist", "v.augment_options")
+    assert _flip_warnings(caplog) == []
+
+
+def test_dsa_flips_warn_where_methods_and_students_build_them_on_mnist(caplog, fresh_flip_warnings):
+    """The warning comes from where a DataBundle named `mnist` meets a DSA with flips: DM's synthesis (its
+    dsa_options), a protocol's students (train.augment_options) and the expert training of a trajectory method."""
+    import dataclasses
+
+    from ddkit.config import from_dict
+    from ddkit.data.base import make_synthetic
+    from ddkit.evaluate.protocol import ProtocolConfig
+    from ddkit.evaluate.runner import _train_student
+    from ddkit.methods import METHODS, FitContext
+    from ddkit.methods.trajectory import ExpertConfig, train_experts
+    from ddkit.training import TrainConfig
+
+    caplog.set_level("WARNING", logger="ddkit.data.augment")
+    data = dataclasses.replace(make_synthetic(num_classes=2, train_per_class=8, test_per_class=2), name="mnist")
+    dm = METHODS.get("dm")
+    dm(from_dict(dm.Config, {"model": "tiny_convnet", "iterations": 1, "batch_real": 4})).fit(
+        data, [], FitContext(ipc=1, seed=0))
+    protocol = ProtocolConfig(student="tiny_convnet", random_baseline=False,
+                              train=TrainConfig(epochs=1, batch_size=8, augment="dsa"))
+    _train_student(data.train, data, protocol, protocol.train, 0, "cpu", "hard")
+    train_experts(data, ExpertConfig(model="tiny_convnet", num_experts=1, epochs=1, batch_size=8), None, "cpu",
+                  where="distill.options.buffer")
+    said = _flip_warnings(caplog)
+    assert [s.split("; set ")[1] for s in said] == [
+        "distill.options.dsa_options: {flip: false} to turn them off",
+        "train.augment_options: {flip: false} to turn them off",
+        "distill.options.buffer.augment_options: {flip: false} to turn them off"]
+    caplog.clear()  # flips off: silent
+    protocol = ProtocolConfig(student="tiny_convnet", random_baseline=False,
+                              train=TrainConfig(epochs=1, batch_size=8, augment="dsa",
+                                                augment_options={"flip": False}))
+    _train_student(data.train, data, protocol, protocol.train, 1, "cpu", "hard")
+    assert _flip_warnings(caplog) == []

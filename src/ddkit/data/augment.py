@@ -27,6 +27,7 @@ Specs accepted by :func:`build_augment`: ``none``, ``dsa``, ``rrc_flip``, ``flip
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -39,10 +40,13 @@ from ddkit.config import Checked
 from ddkit.data.base import to_device
 from ddkit.errors import ConfigError, DDKitError
 
+log = logging.getLogger(__name__)
+
 Params = dict[str, torch.Tensor]
 
 __all__ = [
     "AUGMENTS",
+    "DIGIT_DATASETS",
     "DSA",
     "DSA_OPS",
     "Augment",
@@ -52,6 +56,7 @@ __all__ = [
     "RandomResizedCropFlip",
     "build_augment",
     "slice_params",
+    "warn_digit_flips",
 ]
 
 
@@ -274,8 +279,9 @@ class DSA(Checked):
     Differences from the reference: magnitudes come from the caller's generator instead of the
     global RNG, and the crop/cutout offsets of the rows and columns are drawn as one ``[n, 2]``
     tensor; the distributions are the reference's. ``scale`` and ``rotate`` resample with
-    ``align_corners=False`` (the reference: ``True``), so a scaled image differs from the
-    reference's by under a pixel's shift; on square images the rotation is the same.
+    ``align_corners=False`` where the reference passes ``True``; for a map without translation both
+    take output pixel ``x`` to input ``c + A (x - c)`` about the centre ``c = (size - 1) / 2``, so on
+    square images the results equal the reference's up to float rounding (about 1e-5).
     """
 
     strategy: str = "color_crop_cutout_flip_scale_rotate"
@@ -654,6 +660,27 @@ def build_augment(spec: str, **kw) -> Augment | None:
     from ddkit.config import from_dict
 
     return from_dict(cls, kw, "augment_options")  # typed: a string for a number is a config error, not a TypeError
+
+
+#: datasets of digits, for which DSA's README drops flips (strategy ``color_crop_cutout_scale_rotate`` for MNIST
+#: and SVHN: a mirrored digit is another symbol or none)
+DIGIT_DATASETS = frozenset({"mnist"})
+_warned_digit_flips: set[tuple[str, str]] = set()
+
+
+def warn_digit_flips(augment: Augment | None, dataset: str, options_key: str) -> None:
+    """Log a warning, once per process for each dataset and ``options_key``, when ``augment`` is a :class:`DSA`
+    that flips and ``dataset`` (a :class:`~ddkit.data.base.DataBundle`'s name) is one of :data:`DIGIT_DATASETS`.
+    ``options_key``: the config key of the augmentation's options, which the message names
+    (``{options_key}: {flip: false}`` drops ``flip`` from DSA's operations). Nothing is changed: the
+    augmentation keeps its flips, as the config asked."""
+    if not isinstance(augment, DSA) or "flip" not in augment.ops or dataset.lower() not in DIGIT_DATASETS:
+        return
+    if (dataset, options_key) in _warned_digit_flips:
+        return
+    _warned_digit_flips.add((dataset, options_key))
+    log.warning("DSA augmentation flips the images of dataset %r, a digit dataset, where DSA's authors drop flips "
+                "(a mirrored digit is another symbol); set %s: {flip: false} to turn them off", dataset, options_key)
 
 
 def typed_augment(spec: str, options: dict) -> tuple[Augment | None, dict]:

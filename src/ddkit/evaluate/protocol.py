@@ -166,27 +166,31 @@ PROTOCOLS: Registry[Callable[[], ProtocolConfig]] = Registry("protocol")
 
 @PROTOCOLS.register("dc-protocol")
 def dc_protocol() -> ProtocolConfig:
-    """DC/DSA/DM evaluation (Zhao et al. ICLR 2021): ConvNet-3, SGD 0.01, momentum 0.9, wd 5e-4,
-    batch 256, 300 epochs, lr x0.1 at half, no augmentation, hard labels. The reference
-    ``evaluate_synset`` trains N+1 epochs, drops the lr after epoch N//2+1 and restarts the optimizer
-    there (``step`` keeps momentum); its 28x28 ConvNet is ``convnet3-p3`` (README, Fair evaluation)."""
+    """DC's evaluation (Zhao et al. ICLR 2021): ConvNet-3, SGD 0.01, momentum 0.9, wd 5e-4,
+    batch 256, 300 epochs, lr x0.1 at half, no augmentation, hard labels. That is DC's setting on
+    Fashion-MNIST (and other datasets whose DC augmentation is none); DSA and DM evaluate 1000
+    epochs with DSA augmentation (``dsa-protocol``). The reference ``evaluate_synset`` trains N+1
+    epochs, drops the lr after epoch N//2+1 and restarts the optimizer there (``step`` keeps
+    momentum); its 28x28 ConvNet is ``convnet3-p3`` (README, Fair evaluation)."""
     return ProtocolConfig()
 
 
 @PROTOCOLS.register("dsa-protocol")
 def dsa_protocol() -> ProtocolConfig:
-    """DSA evaluation (Zhao & Bilen ICML 2021): as dc-protocol, 1000 epochs with DSA augmentation."""
+    """DSA's and DM's evaluation (Zhao & Bilen ICML 2021, WACV 2023): as dc-protocol, 1000 epochs with
+    DSA augmentation."""
     return ProtocolConfig(train=TrainConfig(epochs=1000, augment="dsa"))
 
 
 @PROTOCOLS.register("mtt-protocol")
 def mtt_protocol() -> ProtocolConfig:
-    """MTT's evaluation (Cazenavette et al. CVPR 2022, reference ``evaluate_synset``), also FTD's,
-    TESLA's and DATM's: dsa-protocol (ConvNet-3, SGD momentum 0.9, wd 5e-4, batch 256, 1000 epochs
-    with DSA augmentation, lr x0.1 at half, hard labels) with the set's learned student lr
-    (``learned_lr``). For a set distilled on whitened images add ``zca: true``; for DATM's and
-    TESLA's learned soft labels ``label_mode: stored`` with ``temperature: 1`` (they train on
-    softmax(logits); stored's default is soft-kl's T=4)."""
+    """MTT's evaluation (Cazenavette et al. CVPR 2022, reference ``evaluate_synset``), also FTD's and
+    TESLA's: dsa-protocol (ConvNet-3, SGD momentum 0.9, wd 5e-4, batch 256, 1000 epochs with DSA
+    augmentation, lr x0.1 at half, hard labels) with the set's learned student lr (``learned_lr``).
+    DATM's evaluation is the same with batch 128 (its configs' ``batch_train``: add
+    ``--set train.batch_size=128``). For a set distilled on whitened images add ``zca: true``; for
+    DATM's and TESLA's learned soft labels ``label_mode: stored`` with ``temperature: 1`` (they train
+    on softmax(logits); stored's default is soft-kl's T=4)."""
     return ProtocolConfig(learned_lr=True, train=TrainConfig(epochs=1000, augment="dsa"))
 
 

@@ -44,6 +44,7 @@ from ddkit.artifacts import (
 )
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
+from ddkit.data.augment import build_augment, warn_digit_flips
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
 from ddkit.determinism import cuda_numerics, global_rng, stage_modes
 from ddkit.distilled import DistilledSet
@@ -214,6 +215,7 @@ def _train_student(
     progress: Callable[[int, int, dict], None] | None = None,
     transform=None,
 ) -> float:
+    warn_digit_flips(build_augment(cfg.augment, **cfg.augment_options), data.name, "train.augment_options")
     c, h, _ = data.image_shape
     # the initial weights come from the global generators seeded with ``seed``, and so do the dropout masks of
     # the training that follows: both under the lock (other threads' stages wait), the caller's states kept
@@ -518,8 +520,6 @@ def _other_views(train: TrainConfig, store) -> tuple[str, str] | None:
     """The store's and the protocol's augmentation, as text, when they differ (label mode fkd replays the
     store's views, so the protocol's are not used; the store's CutMix is FKD's own recipe, not compared);
     None when they agree."""
-    from ddkit.data.augment import build_augment
-
     aug = store.manifest["augment"]
     theirs, mine = (aug["spec"], aug.get("options") or {}), (train.augment, train.augment_options)
     if build_augment(theirs[0], **theirs[1]) == build_augment(mine[0], **mine[1]):

@@ -16,7 +16,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.config import Checked, field
-from ddkit.data.augment import Augment, build_augment
+from ddkit.data.augment import Augment, build_augment, warn_digit_flips
 from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
@@ -80,7 +80,8 @@ class DCConfig(Checked):
     iterations: int = field(1000, help="outer iterations, each with a freshly initialised network (paper: 1000)")
     model: str = field("convnet3", help="network whose gradients are matched")
     model_options: dict = field({}, help="options of the model (e.g. {width: 64})")
-    init: Literal["real", "noise"] = field("real", help="initial images: random real ones or Gaussian noise")
+    init: Literal["real", "noise"] = field("real", help="initial images: random real ones (DSA, DM) or Gaussian noise "
+                                                        "(the DC paper's Table 1)")
     outer_loop: int | None = field(None, help="image updates per network; null: by IPC (1->1, 10->10, 50->50)")
     inner_loop: int | None = field(None, help="network epochs on the synthetic set between image updates; null: by IPC "
                                               "(1->1, 10->50, 50->10)")
@@ -278,13 +279,17 @@ class DC(Method):
     lr 0.1 momentum 0.5, network SGD lr 0.01, 256 real images per class, loops by IPC
     (1 -> (1, 1), 10 -> (10, 50), 50 -> (50, 10); other IPCs use the nearest tabulated one).
 
-    Differences: default initialisation is ``real`` (the DC reference's default is noise; its
-    README and DSA use real), images are returned as float32 pixels; biases and normalisation
-    parameters contribute nothing to the distance (as in the reference, not stated in the paper);
-    each iteration draws from its own seeded generator instead of a global stream. For a network
-    with BatchNorm (``model: convnet3-bn``) the running statistics are set from 16 real images per
-    class before each image update and frozen while gradients are matched, as the reference does
-    (``bn_real_per_class``; until 2026-12-05 ddkit matched with batch statistics).
+    Differences: default initialisation is ``real`` (random real images, as DSA's and DM's README
+    commands), unlike the DC paper's Table-1 runs, which start from Gaussian noise (the reference
+    ``main.py`` default; its README's DC command passes no ``--init``): the published DC numbers
+    that ddkit's tables put beside ``dc`` come from noise initialisation, and ``init: noise``
+    reproduces that setting (the full-tier DC configs set it). Images are returned as float32
+    pixels; biases and normalisation parameters contribute nothing to the distance (as in the
+    reference, not stated in the paper); each iteration draws from its own seeded generator instead
+    of a global stream. For a network with BatchNorm (``model: convnet3-bn``) the running statistics
+    are set from 16 real images per class before each image update and frozen while gradients are
+    matched, as the reference does (``bn_real_per_class``; until 2026-12-05 ddkit matched with batch
+    statistics).
     """
 
     Config = DCConfig
@@ -324,5 +329,6 @@ class DSA(Method):
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> DSA:
         augment = build_augment("dsa", **self.cfg.dsa_options)
+        warn_digit_flips(augment, real.name, f"{ctx.options_key}.dsa_options")
         self.synthetic_ = fit_gradient_matching(self.cfg, real, ctx, augment, tag="dsa")
         return self

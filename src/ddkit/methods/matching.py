@@ -24,7 +24,7 @@ from torch import nn
 
 from ddkit import distributed as ddist
 from ddkit.config import to_dict
-from ddkit.data.augment import build_augment, typed_augment_options
+from ddkit.data.augment import build_augment, typed_augment_options, warn_digit_flips
 from ddkit.data.base import DataBundle, to_device
 from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
@@ -186,6 +186,7 @@ def fit_per_class(
     device = torch.device(ctx.device)
     size = tuple(real.image_shape[1:])
     augment = build_augment("dsa", **cfg.dsa_options) if cfg.dsa else None
+    warn_digit_flips(augment, real.name, f"{ctx.options_key}.dsa_options")
     # real init: the same subset as the ``random`` method with this seed
     pixels, _ = common.init_images(real, ipc, cfg.init, ctx.seed)
     start = common.to_normalized(pixels, real)

@@ -93,7 +93,7 @@ from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
 from ddkit.config import Checked, config_hash, field, to_dict
-from ddkit.data.augment import build_augment, typed_augment_options
+from ddkit.data.augment import build_augment, typed_augment_options, warn_digit_flips
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import global_rng, seeded_cpu_rng, stage_modes, use_deterministic_cuda
@@ -508,6 +508,7 @@ def train_experts(
         fix = f"set lr_drop_epoch 0..{cfg.epochs - 2} to drop it, or lr_drop 1" if cfg.epochs >= 2 else "set lr_drop 1"
         log.warning("the expert lr drop (x %g after epoch epochs // 2 + 1 = %d) never applies to %d-epoch experts; %s",
                     cfg.lr_drop, cfg.epochs // 2 + 1, cfg.epochs, fix)
+    warn_digit_flips(build_augment(cfg.augment, **cfg.augment_options), data.name, f"{where}.augment_options")
     partial = None
     c, h, _ = data.image_shape
     with global_rng():  # a bad model fails here, before anything is written
