@@ -1,20 +1,33 @@
-"""FYI flip plug-in, shared by every synthesis method (``flip_plugin: true``).
+"""FYI flip plug-in (``flip_plugin: true``), one helper shared by the synthesis methods that take it.
 
 Son, Oh, Baek & Ham, "FYI: Flip Your Images for Dataset Distillation", ECCV 2024
-(arXiv 2407.08113). Observation ("bilateral equivalence"): an object part seen on one side of a
-real image appears on the other side of another real image, so a matching objective that
-randomly flips the synthetic images pushes every synthetic image to carry the discriminative
-parts on *both* halves -- nearly mirror-symmetric images that waste half their pixels. FYI's fix
-is to distil with the synthetic set augmented by its horizontal flips, ``A_c = S_c U Flip(S_c)``:
-each image and its mirror image are matched *jointly* against the real data (whose distribution
-is flip-invariant), so one image may hold a part on the left while its mirror covers the right.
+(arXiv 2407.08113; code: github.com/cvlab-yonsei/FYI). Observation ("bilateral equivalence"): an object
+part seen on one side of a real image appears on the other side of another real image, so a matching
+objective that randomly flips the synthetic images pushes every synthetic image to carry the
+discriminative parts on *both* halves -- nearly mirror-symmetric images that waste half their pixels.
+FYI's fix is to distil with the synthetic set augmented by its horizontal flips,
+``A_c = S_c U Flip(S_c)``: each image and its mirror image are matched *jointly* against the real data
+(whose distribution is flip-invariant), so one image may hold a part on the left while its mirror
+covers the right.
 
-ddkit's implementation: :func:`flip_pair` returns ``cat([x, flip(x)])`` with duplicated labels;
-the recover loop matches that doubled batch (statistics, cross-entropy and the other terms) and
-turns the random flip of its augmentation off, since the explicit mirror replaces it (a random
-flip on both copies would re-symmetrise the pair). Our reading: this follows the paper's
-description; the authors' code was not available offline to check details such as how the
-flipped copies enter each base method's loss.
+Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``).
+Any other method refuses ``flip_plugin`` naming those that take it
+(:data:`ddkit.methods.base.PLUGIN_OPTIONS`).
+
+ddkit's implementation: :func:`flip_pair` returns ``cat([x, flip(x)])`` with duplicated labels. The
+recover loop matches that doubled batch (statistics, cross-entropy and the other terms) and turns the
+per-image random flip of its augmentation off, since the explicit mirror replaces it: a random flip
+drawn per image would flip one copy of a pair and not the other, re-symmetrising the pair.
+
+How the authors' code (``DC_DSA_DM/``, ``MTT/``) differs: they apply FYI to DC, DSA, DM and MTT (and,
+in the paper, IDC and FTD), not to statistics-matching methods. Their DC/DSA/DM concatenate each
+class's synthetic batch with its mirror (``BatchAug``) and keep DSA's flip: in DSA's siamese mode it
+is decided once per batch, so it swaps the two copies of every pair rather than re-symmetrising them;
+their MTT doubles each of the student's mini-batches (of half the size) and then applies DSA
+non-siamese, a flip per image. DC/DSA also train the inner-loop network on doubled batches. An
+earlier version of their MTT code also evaluated each set with flipped-batch training
+(``FlipBatchBT``: every student batch concatenated with its mirror); ddkit's evaluation has no such
+mode (a student trains on the set as stored, with its protocol's augmentation).
 """
 
 from __future__ import annotations
