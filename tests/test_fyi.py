@@ -1,14 +1,18 @@
 """FYI's flip plug-in (``flip_plugin``): which methods take it, what the others say, and what it changes."""
 
 import dataclasses
+import hashlib
+import importlib
 
 import pytest
+import torch
 
 from conftest import REPO
 from ddkit.cli import main
 from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
 from ddkit.errors import ConfigError
-from ddkit.methods import METHODS
+from ddkit.methods import METHODS, FitContext
 
 TAKERS = sorted(k for k in METHODS.list()
                 if "flip_plugin" in {f.name for f in dataclasses.fields(METHODS.get(k).Config)})
@@ -16,7 +20,7 @@ OTHERS = sorted(set(METHODS.list()) - set(TAKERS))
 
 
 def test_the_methods_that_take_the_plugin():
-    assert TAKERS == ["cda", "cvdd", "dwa", "edc", "gvbsm", "sre2l"]
+    assert TAKERS == ["cda", "cvdd", "datadam", "dm", "dwa", "edc", "gvbsm", "sre2l"]
 
 
 @pytest.mark.parametrize("name", OTHERS)
@@ -45,3 +49,60 @@ def test_run_refuses_the_plugin_in_one_line_before_any_stage(tmp_path, capsys):
                                  f"{', '.join(TAKERS)}; random does not take it: remove the key, or use one of those "
                                  "methods\n")
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the matching methods that take it: off is the set from before, on changes it, the loss sees the doubled batch
+
+#: sha256[:16] of the images of ``_fit(name, ipc=2)`` (smoke options, make_synthetic, seed 3, CPU, 2 threads), computed
+#: at bcee3df, before these methods took the plug-in: flip_plugin false must keep them bit for bit
+BEFORE = {"dm": "1c7176e8d00b9d71", "datadam": "ede590e4c4e6de33"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def _fit(name, data, work, ipc=2, **options):
+    cls = METHODS.get(name)
+    cfg = from_dict(cls.Config, {**cls.smoke_options, **options})
+    return cls(cfg).fit(data, [], FitContext(ipc=ipc, seed=3, work_dir=work)).synthetic_
+
+
+def _sha(images):
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_flip_plugin_off_keeps_the_set_from_before_and_on_changes_it(name, data, tmp_path):
+    assert METHODS.get(name).Config().flip_plugin is False
+    off = _fit(name, data, tmp_path / "off", flip_plugin=False)
+    assert _sha(off.images) == BEFORE[name]
+    on = _fit(name, data, tmp_path / "on", flip_plugin=True)
+    assert on.images.shape == off.images.shape and on.labels.tolist() == off.labels.tolist()
+    assert torch.isfinite(on.images).all() and not torch.equal(on.images, off.images)
+
+
+@pytest.mark.parametrize("name", ["dm", "datadam"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_per_class_loss_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
+    """FYI's DM: the class's synthetic batch concatenated with its mirror before DSA. DSA's flip is one draw for the
+    whole batch (siamese), so it swaps the halves and every pair stays mirrored."""
+    module = importlib.import_module(METHODS.get(name).__module__)
+    seen, fit_per_class = [], module.fit_per_class
+
+    def spy(cfg, real, ctx, classes, loss_fn, tag):
+        def loss(net, x_real, x_syn):
+            seen.append(x_syn.detach().clone())
+            return loss_fn(net, x_real, x_syn)
+
+        return fit_per_class(cfg, real, ctx, classes, loss, tag)
+
+    monkeypatch.setattr(module, "fit_per_class", spy)
+    _fit(name, data, tmp_path, ipc=2, flip_plugin=flip, dsa_options={"strategy": "flip"})
+    assert len(seen) == METHODS.get(name).smoke_options["iterations"] * data.num_classes
+    for x in seen:
+        assert len(x) == (4 if flip else 2)
+        if flip:
+            assert torch.equal(x[2:], x[:2].flip(-1)) and not torch.equal(x[:2], x[2:])

@@ -10,14 +10,21 @@ FYI's fix is to distil with the synthetic set augmented by its horizontal flips,
 (whose distribution is flip-invariant), so one image may hold a part on the left while its mirror
 covers the right.
 
-Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``).
-Any other method refuses ``flip_plugin`` naming those that take it
-(:data:`ddkit.methods.base.PLUGIN_OPTIONS`).
+Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``) and
+the distribution matching methods (``dm``, ``datadam``). Any other method refuses ``flip_plugin``
+naming those that take it (:data:`ddkit.methods.base.PLUGIN_OPTIONS`).
 
-ddkit's implementation: :func:`flip_pair` returns ``cat([x, flip(x)])`` with duplicated labels. The
-recover loop matches that doubled batch (statistics, cross-entropy and the other terms) and turns the
-per-image random flip of its augmentation off, since the explicit mirror replaces it: a random flip
-drawn per image would flip one copy of a pair and not the other, re-symmetrising the pair.
+ddkit's implementation: :func:`with_mirror` returns ``cat([x, flip(x)])``, :func:`flip_pair` that with
+duplicated labels.
+
+- The recover loop matches that doubled batch (statistics, cross-entropy and the other terms) and
+  turns the per-image random flip of its augmentation off, since the explicit mirror replaces it: a
+  random flip drawn per image would flip one copy of a pair and not the other, re-symmetrising the
+  pair.
+- ``dm`` and ``datadam`` (:func:`ddkit.methods.matching.fit_per_class`) embed each class's doubled
+  synthetic batch, as the authors' DM: the synthetic mean embedding (and DataDAM's attention maps)
+  cover the images and their mirrors. DSA stays as it is: in its siamese mode the flip is one draw
+  for the whole batch, which swaps the two halves and keeps every pair mirrored.
 
 How the authors' code (``DC_DSA_DM/``, ``MTT/``) differs: they apply FYI to DC, DSA, DM and MTT (and,
 in the paper, IDC and FTD), not to statistics-matching methods. Their DC/DSA/DM concatenate each
@@ -35,6 +42,11 @@ from __future__ import annotations
 import torch
 
 
+def with_mirror(x: torch.Tensor) -> torch.Tensor:
+    """``cat([x, x flipped left-right])``: FYI's ``S U Flip(S)`` of a batch; differentiable in ``x``."""
+    return torch.cat([x, torch.flip(x, dims=(-1,))])
+
+
 def flip_pair(x: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cat([x, x flipped left-right]), cat([labels, labels]))``; differentiable in ``x``."""
-    return torch.cat([x, torch.flip(x, dims=(-1,))]), torch.cat([labels, labels])
+    """``(with_mirror(x), cat([labels, labels]))``: the doubled batch with its labels."""
+    return with_mirror(x), torch.cat([labels, labels])
