@@ -20,7 +20,7 @@ OTHERS = sorted(set(METHODS.list()) - set(TAKERS))
 
 
 def test_the_methods_that_take_the_plugin():
-    assert TAKERS == ["cda", "cvdd", "datadam", "dm", "dwa", "edc", "gvbsm", "sre2l"]
+    assert TAKERS == ["cda", "cvdd", "datadam", "dc", "dm", "dsa", "dwa", "edc", "gvbsm", "sre2l"]
 
 
 @pytest.mark.parametrize("name", OTHERS)
@@ -56,7 +56,8 @@ def test_run_refuses_the_plugin_in_one_line_before_any_stage(tmp_path, capsys):
 
 #: sha256[:16] of the images of ``_fit(name, ipc=2)`` (smoke options, make_synthetic, seed 3, CPU, 2 threads), computed
 #: at bcee3df, before these methods took the plug-in: flip_plugin false must keep them bit for bit
-BEFORE = {"dm": "1c7176e8d00b9d71", "datadam": "ede590e4c4e6de33"}
+BEFORE = {"dm": "1c7176e8d00b9d71", "datadam": "ede590e4c4e6de33", "dc": "7f6d952bb0146f50",
+          "dsa": "062205f23b49a328"}
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,39 @@ def test_the_per_class_loss_sees_the_images_with_their_mirror_images(name, flip,
         assert len(x) == (4 if flip else 2)
         if flip:
             assert torch.equal(x[2:], x[:2].flip(-1)) and not torch.equal(x[:2], x[2:])
+
+
+@pytest.mark.parametrize("name", ["dc", "dsa"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_gradient_matching_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
+    """FYI's DC/DSA: a class's synthetic gradient is taken on its images and their mirrors (before the siamese DSA
+    draw, whose flip swaps the halves); the inner-loop network trains on batches doubled likewise."""
+    from ddkit.methods import gradient_matching as gm
+
+    matched, trained, fresh_model = [], [], gm.fresh_model
+
+    def spy_model(*args, **kw):
+        net = fresh_model(*args, **kw)
+        # the synthetic batches of the matching carry a graph to the images; the inner loop's are detached copies
+        net.register_forward_pre_hook(
+            lambda _m, inp: (matched if inp[0].requires_grad else trained).append(inp[0].detach().clone()))
+        return net
+
+    monkeypatch.setattr(gm, "fresh_model", spy_model)
+    ipc, batch_real, batch_train = 2, 8, 3
+    dsa = {"dsa_options": {"strategy": "flip"}} if name == "dsa" else {}
+    _fit(name, data, tmp_path, ipc=ipc, flip_plugin=flip, batch_real=batch_real, batch_train=batch_train, **dsa)
+    smoke = METHODS.get(name).smoke_options
+    assert len(matched) == smoke["iterations"] * smoke["outer_loop"] * data.num_classes
+    for x in matched:
+        assert len(x) == (2 * ipc if flip else ipc)
+        if flip:
+            assert torch.equal(x[ipc:], x[:ipc].flip(-1)) and not torch.equal(x[:ipc], x[ipc:])
+    inner = [x for x in trained if len(x) != batch_real]  # the real batches (batch_real images) are not synthetic
+    assert sum(map(len, inner)) == smoke["iterations"] * (smoke["outer_loop"] - 1) * data.num_classes * ipc * (
+        2 if flip else 1)
+    for x in inner:
+        assert len(x) <= (2 * batch_train if flip else batch_train)
+        if flip and name == "dc":  # DSA's per-image draw in the inner loop flips copies on their own
+            half = len(x) // 2
+            assert torch.equal(x[half:], x[:half].flip(-1))

@@ -33,6 +33,8 @@ def _fit(name, data, teacher, work, **options):
     ("datm", "momentum_y", 0.0, "soft_labels"),  # SGD momentum of the learned logits (default 0.9)
     ("dm", "flip_plugin", True, "images"),  # FYI: each class embedded with its mirror images (default off)
     ("datadam", "flip_plugin", True, "images"),
+    ("dc", "flip_plugin", True, "images"),
+    ("dsa", "flip_plugin", True, "images"),
 ])
 def test_an_option_changes_the_set(data, bn_teacher, cache, tmp_path, monkeypatch, name, option, value, field):
     monkeypatch.setenv("DDKIT_CACHE", str(cache))

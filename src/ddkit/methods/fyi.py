@@ -10,9 +10,9 @@ FYI's fix is to distil with the synthetic set augmented by its horizontal flips,
 (whose distribution is flip-invariant), so one image may hold a part on the left while its mirror
 covers the right.
 
-Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``) and
-the distribution matching methods (``dm``, ``datadam``). Any other method refuses ``flip_plugin``
-naming those that take it (:data:`ddkit.methods.base.PLUGIN_OPTIONS`).
+Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``),
+distribution matching (``dm``, ``datadam``) and gradient matching (``dc``, ``dsa``). Any other method
+refuses ``flip_plugin`` naming those that take it (:data:`ddkit.methods.base.PLUGIN_OPTIONS`).
 
 ddkit's implementation: :func:`with_mirror` returns ``cat([x, flip(x)])``, :func:`flip_pair` that with
 duplicated labels.
@@ -25,16 +25,21 @@ duplicated labels.
   synthetic batch, as the authors' DM: the synthetic mean embedding (and DataDAM's attention maps)
   cover the images and their mirrors. DSA stays as it is: in its siamese mode the flip is one draw
   for the whole batch, which swaps the two halves and keeps every pair mirrored.
+- ``dc`` and ``dsa`` (:func:`ddkit.methods.gradient_matching.fit_gradient_matching`) take each class's
+  synthetic gradient on its doubled batch (DSA's siamese flip kept, as above) and, as the authors'
+  DC/DSA, train the inner-loop network on doubled batches of the synthetic set, augmented after the
+  doubling (DSA there draws per image, as theirs).
 
 How the authors' code (``DC_DSA_DM/``, ``MTT/``) differs: they apply FYI to DC, DSA, DM and MTT (and,
 in the paper, IDC and FTD), not to statistics-matching methods. Their DC/DSA/DM concatenate each
 class's synthetic batch with its mirror (``BatchAug``) and keep DSA's flip: in DSA's siamese mode it
 is decided once per batch, so it swaps the two copies of every pair rather than re-symmetrising them;
 their MTT doubles each of the student's mini-batches (of half the size) and then applies DSA
-non-siamese, a flip per image. DC/DSA also train the inner-loop network on doubled batches. An
-earlier version of their MTT code also evaluated each set with flipped-batch training
-(``FlipBatchBT``: every student batch concatenated with its mirror); ddkit's evaluation has no such
-mode (a student trains on the set as stored, with its protocol's augmentation).
+non-siamese, a flip per image. Their DSA (``DiffAugment``) draws the random flip on every call, besides
+the one operation it draws from the others; ddkit's DSA draws the flip as one of its operations. An earlier version of
+their MTT code also evaluated each set with flipped-batch training (``FlipBatchBT``: every student
+batch concatenated with its mirror); ddkit's evaluation has no such mode (a student trains on the
+set as stored, with its protocol's augmentation).
 """
 
 from __future__ import annotations
