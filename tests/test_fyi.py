@@ -20,7 +20,8 @@ OTHERS = sorted(set(METHODS.list()) - set(TAKERS))
 
 
 def test_the_methods_that_take_the_plugin():
-    assert TAKERS == ["cda", "cvdd", "datadam", "dc", "dm", "dsa", "dwa", "edc", "gvbsm", "sre2l"]
+    assert TAKERS == ["cda", "cvdd", "datadam", "datm", "dc", "dm", "dsa", "dwa", "edc", "ftd", "gvbsm", "mtt", "shq",
+                      "sre2l", "tesla"]
 
 
 @pytest.mark.parametrize("name", OTHERS)
@@ -57,7 +58,8 @@ def test_run_refuses_the_plugin_in_one_line_before_any_stage(tmp_path, capsys):
 #: sha256[:16] of the images of ``_fit(name, ipc=2)`` (smoke options, make_synthetic, seed 3, CPU, 2 threads), computed
 #: at bcee3df, before these methods took the plug-in: flip_plugin false must keep them bit for bit
 BEFORE = {"dm": "1c7176e8d00b9d71", "datadam": "ede590e4c4e6de33", "dc": "7f6d952bb0146f50",
-          "dsa": "062205f23b49a328"}
+          "dsa": "062205f23b49a328", "mtt": "5cf24260147bc7ee", "tesla": "64d6d7699556d51a",
+          "ftd": "30acf275fe194c16", "datm": "ee88f8745aaa3c81", "shq": "e45e64eb4d544837"}
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,56 @@ def test_gradient_matching_sees_the_images_with_their_mirror_images(name, flip, 
         2 if flip else 1)
     for x in inner:
         assert len(x) <= (2 * batch_train if flip else batch_train)
-        if flip and name == "dc":  # DSA's per-image draw in the inner loop flips copies on their own
+        if flip:  # DSA's per-image draw in the inner loop is shared by an image and its mirror
             half = len(x) // 2
             assert torch.equal(x[half:], x[:half].flip(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# trajectory matching: every unrolled student step trains on its minibatch and the minibatch's mirror images
+
+
+@pytest.mark.parametrize("mode", ["unroll", "exact", "first_order"])
+def test_a_flipped_unroll_is_the_unroll_of_the_doubled_set(mode):
+    """flip=True gives the gradients of an unroll over ``cat([images, flip(images)])`` whose steps take each minibatch
+    with its mirrors (labels repeated, each mirror with its image's augmentation draw), folded back onto the images."""
+    from ddkit.methods.trajectory import Step, trajectory_gradients
+    from test_trajectory_methods import _tiny_case
+
+    student, start, target, images, augment, plan = _tiny_case()
+    labels = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    got = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode, flip=True)
+    doubled = [Step(torch.cat([s.index, s.index + 6]), {k: torch.cat([v, v]) for k, v in s.aug.items()}) for s in plan]
+    want = trajectory_gradients(student, start, target, torch.cat([images, images.flip(-1)]),
+                                torch.cat([labels, labels]).detach().requires_grad_(True), lr, doubled, augment, mode)
+    assert torch.allclose(got.loss, want.loss, rtol=1e-12)
+    assert torch.allclose(got.grad_images, want.grad_images[:6] + want.grad_images[6:].flip(-1), rtol=1e-9,
+                          atol=1e-14)
+    assert torch.allclose(got.grad_lr, want.grad_lr, rtol=1e-9)
+    assert torch.allclose(got.grad_labels, want.grad_labels[:6] + want.grad_labels[6:], rtol=1e-9, atol=1e-14)
+    plain = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode)
+    assert not torch.allclose(plain.grad_images, got.grad_images, rtol=1e-3)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_unrolled_student_trains_on_the_images_with_their_mirror_images(flip, data, tmp_path, monkeypatch):
+    from ddkit.methods import trajectory as tr
+
+    seen, call = [], tr.FunctionalStudent.__call__
+
+    def spy(self, flat, x):
+        if x.requires_grad:  # the unroll's batches (from the images being distilled), not the experts' training
+            seen.append(x.detach().clone())
+        return call(self, flat, x)
+
+    monkeypatch.setattr(tr.FunctionalStudent, "__call__", spy)
+    ipc = 2
+    _fit("mtt", data, tmp_path, ipc=ipc, flip_plugin=flip, augment="none")
+    smoke = METHODS.get("mtt").smoke_options
+    n = ipc * data.num_classes  # batch_syn null: every image in every step
+    assert len(seen) == smoke["iterations"] * smoke["syn_steps"]
+    for x in seen:
+        assert len(x) == (2 * n if flip else n)
+        if flip:
+            assert torch.equal(x[n:], x[:n].flip(-1))

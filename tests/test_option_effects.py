@@ -35,6 +35,8 @@ def _fit(name, data, teacher, work, **options):
     ("datadam", "flip_plugin", True, "images"),
     ("dc", "flip_plugin", True, "images"),
     ("dsa", "flip_plugin", True, "images"),
+    ("mtt", "flip_plugin", True, "images"),
+    ("datm", "flip_plugin", True, "soft_labels"),  # the learned logits train on both copies too
 ])
 def test_an_option_changes_the_set(data, bn_teacher, cache, tmp_path, monkeypatch, name, option, value, field):
     monkeypatch.setenv("DDKIT_CACHE", str(cache))

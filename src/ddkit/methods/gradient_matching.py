@@ -21,7 +21,7 @@ from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.fyi import flip_pair, with_mirror
+from ddkit.methods.fyi import flip_pair, pair_params, with_mirror
 from ddkit.methods.matching import (
     RealByClass,
     check_common,
@@ -177,7 +177,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     epochs of SGD on a detached copy of the synthetic set. With ``cfg.flip_plugin`` (FYI) a class's
     synthetic batch is its images and their mirror images (:func:`~ddkit.methods.fyi.with_mirror`),
     before the siamese DSA draw (whose flip, one for the batch, swaps the halves), and every
-    inner-loop batch is doubled likewise before its per-image augmentation, as the FYI authors' DC.
+    inner-loop batch is doubled likewise, each mirror augmented with its image's draw.
 
     Under ``torchrun`` class ``c``'s gradient distance is computed by rank ``c % world`` and the
     image gradient is all-reduced: each class's images receive their gradient from one rank only
@@ -259,10 +259,12 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 for lo in range(0, n, cfg.batch_train):
                     idx = perm[lo:lo + cfg.batch_train]
                     x, y = train_x[idx], labels_dev[idx]
-                    if cfg.flip_plugin:
+                    params = augment.sample(len(idx), gen, size) if augment is not None else None
+                    if cfg.flip_plugin:  # FYI: each image with its mirror, which takes the image's draw
                         x, y = flip_pair(x, y)
-                    if augment is not None:
-                        x = augment.apply(x, augment.sample(len(x), gen, size))
+                        params = pair_params(params) if params is not None else None
+                    if params is not None:
+                        x = augment.apply(x, params)
                     step_loss = F.cross_entropy(net(x), y)
                     opt_net.zero_grad(set_to_none=True)
                     step_loss.backward()
@@ -298,7 +300,7 @@ class DC(Method):
     ``flip_plugin`` adds FYI (:mod:`ddkit.methods.fyi`), as the FYI authors' ``main.py``: each class's
     synthetic batch is concatenated with its mirror images for its gradient, and the inner-loop
     network trains on batches of the synthetic set doubled likewise (``batch_train`` images and their
-    mirrors).
+    mirrors; DSA draws once per pair there, the authors per copy).
     """
 
     Config = DCConfig
