@@ -195,3 +195,18 @@ def test_the_unrolled_student_trains_on_the_images_with_their_mirror_images(flip
         assert len(x) == (2 * n if flip else n)
         if flip:
             assert torch.equal(x[n:], x[:n].flip(-1))
+
+
+@pytest.mark.parametrize("name", ["dm", "datadam", "mtt", "datm"])
+def test_a_checkpoint_from_before_the_plugin_resumes_with_it_off(name, data):
+    """The checkpoint fingerprint held the whole config, so the new field refused every checkpoint written before it
+    existed; at its default it is now left out, as from the set's identity. (dc/dsa checkpoints from before also held
+    bn_real_per_class, an earlier added field that is now left out at its default too: those start afresh once.)"""
+    from ddkit.config import to_dict
+    from ddkit.methods.matching import state_fingerprint
+
+    cfg = METHODS.get(name).Config()
+    before = {k: v for k, v in to_dict(cfg).items() if k != "flip_plugin"}  # the whole config as it was
+    assert state_fingerprint(cfg, 2, 0, data) == repr((before, 2, 0, data.fingerprint, data.normalisation))
+    assert state_fingerprint(dataclasses.replace(cfg, flip_plugin=True), 2, 0, data) != state_fingerprint(
+        cfg, 2, 0, data)

@@ -137,8 +137,10 @@ def check_common(cfg: Any) -> None:
 
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
-    pixels, labels and classes) with its normalisation."""
-    return repr((to_dict(cfg), ipc, seed, real.fingerprint, real.normalisation))
+    pixels, labels and classes) with its normalisation. The config as its identity has it: a field
+    added later (``flip_plugin``) is left out at its default, which reproduces the run from before it
+    existed, so a checkpoint written then still resumes."""
+    return repr((to_dict(cfg, identity=True), ipc, seed, real.fingerprint, real.normalisation))
 
 
 def check_resume(state: dict, fingerprint: str, path) -> None:
