@@ -31,6 +31,12 @@ def _fit(name, data, teacher, work, **options):
     ("edc", "flatness_tau", 1.0, "images"),  # the flatness KL's temperature (default 4)
     ("edc", "flatness_beta", 0.5, "images"),  # the EMA rate of the image copy (default 0.99)
     ("datm", "momentum_y", 0.0, "soft_labels"),  # SGD momentum of the learned logits (default 0.9)
+    ("dm", "flip_plugin", True, "images"),  # FYI: each class embedded with its mirror images (default off)
+    ("datadam", "flip_plugin", True, "images"),
+    ("dc", "flip_plugin", True, "images"),
+    ("dsa", "flip_plugin", True, "images"),
+    ("mtt", "flip_plugin", True, "images"),
+    ("datm", "flip_plugin", True, "soft_labels"),  # the learned logits train on both copies too
 ])
 def test_an_option_changes_the_set(data, bn_teacher, cache, tmp_path, monkeypatch, name, option, value, field):
     monkeypatch.setenv("DDKIT_CACHE", str(cache))

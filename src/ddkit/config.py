@@ -21,7 +21,7 @@ import re
 import shlex
 import types
 import typing
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
@@ -276,6 +276,29 @@ _YAML11_FLOAT_TEXT = re.compile(r"[-+]?(\d+(\.\d*)?|\.\d+)[eE][-+]?\d+")
 _INT_TEXT = re.compile(r"[+-]?\d+")
 
 
+#: explanations of a key that a config class lacks but others take: ``hint(cls, key)`` gives a text or None. The
+#: first text replaces the did-you-mean (e.g. a plug-in option given to a method without it names the methods that
+#: take it, see :data:`ddkit.methods.base.PLUGIN_OPTIONS`); register one with :func:`absent_key_hint`
+_ABSENT_KEY_HINTS: list[Callable[[type, str], str | None]] = []
+
+
+def absent_key_hint(hint: Callable[[type, str], str | None]) -> Callable[[type, str], str | None]:
+    """Register ``hint(cls, key)``, asked (before the did-you-mean) for every key ``key`` that config class ``cls``
+    lacks; its text, when not None, is the error (after the key's path). Usable as a decorator."""
+    if hint not in _ABSENT_KEY_HINTS:
+        _ABSENT_KEY_HINTS.append(hint)
+    return hint
+
+
+def _absent_key(cls: type, key: Any, path: str) -> str | None:
+    if not isinstance(key, str):
+        return None
+    for hint in _ABSENT_KEY_HINTS:
+        if (text := hint(cls, key)) is not None:
+            return f"{path}: {text}"
+    return None
+
+
 def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) -> T:
     fields = _init_fields(cls)
     kwargs: dict[str, Any] = {}
@@ -283,6 +306,9 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
+            if (absent := _absent_key(cls, key, path)) is not None:
+                errors.append(absent)
+                continue
             errors.append(_unknown_key(key, path, where, list(fields), listed))
             listed = listed or " valid keys: " in errors[-1]
             continue

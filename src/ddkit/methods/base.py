@@ -16,7 +16,7 @@ from typing import Any, ClassVar, get_args, get_type_hints
 
 import torch
 
-from ddkit.config import from_dict
+from ddkit.config import absent_key_hint, from_dict
 from ddkit.data.base import DataBundle
 from ddkit.determinism import use_deterministic_cuda
 from ddkit.errors import DataError, DDKitError
@@ -159,6 +159,24 @@ def _check_method(name: str, obj: object) -> None:
 
 
 METHODS: Registry[type[Method]] = Registry("method", check=_check_method)
+
+#: options that several methods take as a plug-in, with the paper that adds it. A method without one refuses it
+#: naming the methods that take it, rather than as an unknown key that reads like a typo.
+PLUGIN_OPTIONS = {"flip_plugin": "FYI"}
+
+
+@absent_key_hint
+def _plugin_option_hint(cls: type, key: str) -> str | None:
+    """For a :data:`PLUGIN_OPTIONS` key that method Config ``cls`` lacks: which methods take it."""
+    if key not in PLUGIN_OPTIONS:
+        return None
+    mine = [name for name in METHODS.list() if METHODS.get(name).Config is cls]
+    if not mine:  # not a method's Config
+        return None
+    takers = [name for name in METHODS.list()
+              if key in {f.name for f in dataclasses.fields(METHODS.get(name).Config)}]
+    return (f"{key} ({PLUGIN_OPTIONS[key]}) is supported by {', '.join(takers) or 'no registered method'}; "
+            f"{' and '.join(mine)} does not take it: remove the key, or use one of those methods")
 
 
 def check_ipc(real: DataBundle, ipc: int | None) -> int:

@@ -80,6 +80,8 @@ class DataDAMConfig(Checked):
     dsa: bool = field(True, help="differentiable siamese augmentation of both batches (paper: on)")
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits")
     checkpoint_every: int = field(500, help="iterations between checkpoints in the work folder")
+    flip_plugin: bool = field(False, added=True, help="FYI (ECCV 2024): embed each class's synthetic images "
+                              "together with their mirror images (DSA's per-batch flip kept)")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -113,6 +115,10 @@ class DataDAM(Method):
     the mean over channels replaces the sum (equal after the L2 normalisation); classes are
     forwarded separately, with per-class optimisers and RNG streams (as ``dm``), so classes shard
     over ranks; the reference's "smart" initialisation from pre-selected images is not offered.
+
+    ``flip_plugin`` adds FYI (:mod:`ddkit.methods.fyi`) as for ``dm``: each class's synthetic batch is
+    concatenated with its mirror images before DSA, so both its attention maps and its mean embedding
+    cover them (the FYI authors applied it to DM, not to DataDAM).
     """
 
     Config = DataDAMConfig

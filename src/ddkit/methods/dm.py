@@ -38,6 +38,8 @@ class DMConfig(Checked):
     dsa: bool = field(True, help="differentiable siamese augmentation of both batches (paper: on)")
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits")
     checkpoint_every: int = field(500, help="iterations between checkpoints in the work folder")
+    flip_plugin: bool = field(False, added=True, help="FYI (ECCV 2024): embed each class's synthetic images "
+                              "together with their mirror images (DSA's per-batch flip kept)")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -58,6 +60,10 @@ class DM(Method):
     iteration) so that classes can be sharded over ``torchrun`` ranks with the single-process
     result — the reference draws everything from one global stream. Batch-norm models see
     per-class batches (the reference concatenates all classes for BN models).
+
+    ``flip_plugin`` adds FYI (:mod:`ddkit.methods.fyi`), as the FYI authors' ``main_DM.py``: each class's
+    synthetic batch is concatenated with its mirror images before DSA, so the synthetic mean embedding
+    covers both.
     """
 
     Config = DMConfig

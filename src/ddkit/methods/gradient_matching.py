@@ -21,6 +21,7 @@ from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
+from ddkit.methods.fyi import flip_pair, pair_params, with_mirror
 from ddkit.methods.matching import (
     RealByClass,
     check_common,
@@ -95,6 +96,9 @@ class DCConfig(Checked):
                                    "pass over this many real images per class sets the running statistics, which stay "
                                    "frozen while gradients are matched (the reference's BNSizePC); 0: the "
                                    "statistics of each matched batch. No effect on the default instance-norm ConvNet")
+    flip_plugin: bool = field(False, added=True, help="FYI (ECCV 2024): match each class's gradient on its synthetic "
+                              "images together with their mirror images, and train the inner-loop network on batches "
+                              "doubled likewise (DSA's per-batch flip kept)")
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -171,7 +175,10 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     inner-loop shuffling) builds a fresh network, then ``outer_loop`` times: one image update on
     the summed per-class gradient distances (each class's differentiated on its own, into its rows
     of the images), followed (except after the last) by ``inner_loop``
-    epochs of SGD on a detached copy of the synthetic set.
+    epochs of SGD on a detached copy of the synthetic set. With ``cfg.flip_plugin`` (FYI) a class's
+    synthetic batch is its images and their mirror images (:func:`~ddkit.methods.fyi.with_mirror`),
+    before the siamese DSA draw (whose flip, one for the batch, swaps the halves), and every
+    inner-loop batch is doubled likewise, each mirror augmented with its image's draw.
 
     Under ``torchrun`` class ``c``'s gradient distance is computed by rank ``c % world`` and the
     image gradient is all-reduced: each class's images receive their gradient from one rank only
@@ -226,7 +233,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                     continue  # another rank's class
                 x_real = data.take(pick)
                 rows = syn[c * ipc:(c + 1) * ipc]
-                x_syn = rows
+                x_syn = with_mirror(rows) if cfg.flip_plugin else rows
                 if params is not None:
                     x_real = augment.apply(x_real, params)
                     x_syn = augment.apply(x_syn, params)
@@ -252,10 +259,14 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
                 perm = to_device(torch.randperm(n, generator=gen), device)
                 for lo in range(0, n, cfg.batch_train):
                     idx = perm[lo:lo + cfg.batch_train]
-                    x = train_x[idx]
-                    if augment is not None:
-                        x = augment.apply(x, augment.sample(len(idx), gen, size))
-                    step_loss = F.cross_entropy(net(x), labels_dev[idx])
+                    x, y = train_x[idx], labels_dev[idx]
+                    params = augment.sample(len(idx), gen, size) if augment is not None else None
+                    if cfg.flip_plugin:  # FYI: each image with its mirror, which takes the image's draw
+                        x, y = flip_pair(x, y)
+                        params = pair_params(params) if params is not None else None
+                    if params is not None:
+                        x = augment.apply(x, params)
+                    step_loss = F.cross_entropy(net(x), y)
                     opt_net.zero_grad(set_to_none=True)
                     step_loss.backward()
                     opt_net.step()
@@ -290,6 +301,11 @@ class DC(Method):
     are set from 16 real images per class before each image update and frozen while gradients are
     matched, as the reference does (``bn_real_per_class``; until 2026-12-05 ddkit matched with batch
     statistics).
+
+    ``flip_plugin`` adds FYI (:mod:`ddkit.methods.fyi`), as the FYI authors' ``main.py``: each class's
+    synthetic batch is concatenated with its mirror images for its gradient, and the inner-loop
+    network trains on batches of the synthetic set doubled likewise (``batch_train`` images and their
+    mirrors; DSA draws once per pair there, the authors per copy).
     """
 
     Config = DCConfig

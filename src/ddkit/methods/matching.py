@@ -30,6 +30,7 @@ from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import FitContext, SyntheticSet, check_ipc
+from ddkit.methods.fyi import with_mirror
 from ddkit.models import configured_model
 from ddkit.models.registry import resolve_model
 from ddkit.training import sum_dtype
@@ -136,8 +137,10 @@ def check_common(cfg: Any) -> None:
 
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
-    pixels, labels and classes) with its normalisation."""
-    return repr((to_dict(cfg), ipc, seed, real.fingerprint, real.normalisation))
+    pixels, labels and classes) with its normalisation. The config as its identity has it: a field
+    added later (``flip_plugin``) is left out at its default, which reproduces the run from before it
+    existed, so a checkpoint written then still resumes."""
+    return repr((to_dict(cfg, identity=True), ipc, seed, real.fingerprint, real.normalisation))
 
 
 def check_resume(state: dict, fingerprint: str, path) -> None:
@@ -177,7 +180,10 @@ def fit_per_class(
 
     Iteration ``it`` uses one freshly initialised ``cfg.model`` for all classes (seeded from
     ``(seed, it)``, so every rank builds the same one) and, per class ``c``, a generator seeded from
-    ``(seed, c, it)`` for the real batch and the one DSA draw applied to both batches (siamese).
+    ``(seed, c, it)`` for the real batch and the one DSA draw applied to both batches (siamese). With
+    ``cfg.flip_plugin`` (FYI) the synthetic batch is the class's images and their mirror images
+    (:func:`~ddkit.methods.fyi.with_mirror`); DSA's flip, one draw for the whole batch, then swaps the
+    two halves and keeps each pair mirrored.
     Each class has its own image tensor and SGD optimiser, so the images of a class do not depend on
     which other classes are fitted with it: sharding classes over ranks gives the single-process
     result. Checkpoints hold all classes (gathered from every rank, on the CPU) and the step.
@@ -214,7 +220,7 @@ def fit_per_class(
         for c in classes:
             gen = torch.Generator().manual_seed(derive_seed(ctx.seed, tag, "class", c, it))
             x_real = data.batch(c, cfg.batch_real, gen)
-            x_syn = syn[c]
+            x_syn = with_mirror(syn[c]) if getattr(cfg, "flip_plugin", False) else syn[c]
             if augment is not None:
                 params = augment.sample(1, gen, size)  # one draw for both batches: siamese
                 x_real = augment.apply(x_real, params)

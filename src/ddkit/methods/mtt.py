@@ -57,7 +57,8 @@ AST (``shq``) adds options that every method here accepts (all off by default): 
 representative`` (``representative_clusters``), ``balance_loss``, ``intermediate_matching``,
 ``weight_perturb``, ``inner_momentum``, and expert recipes with ``buffer.clip_loss`` /
 ``buffer.grad_penalty`` / ``buffer.lr_drop``; see :class:`SHQ`. FTD adds ``image_ema`` (the result
-is an EMA of the images) and GSAM experts (``buffer.sam_alpha``); see :class:`FTD`.
+is an EMA of the images) and GSAM experts (``buffer.sam_alpha``); see :class:`FTD`. FYI's
+``flip_plugin`` (every method here) unrolls the student on each minibatch with its mirror images.
 
 Fashion-MNIST (1x28x28, no ZCA): keep the table's steps and windows, take lr_img 1000 (MTT's
 non-ZCA value) and DSA with flips (as DSA does on Fashion-MNIST). The defaults of each Config are
@@ -167,6 +168,10 @@ class MTTConfig(Checked):
         0.0, help="decay of an exponential moving average of the (normalised) images, updated after every "
         "iteration from the initial images (no bias correction); the artifact holds the EMA images. FTD's "
         "--ema_decay (CIFAR-10: 0.9999 IPC 1, 0.9995 IPC 10, 0.999 IPC 50, for 5000 iterations); 0: off")
+    flip_plugin: bool = field(
+        False, added=True, help="FYI (ECCV 2024): every unrolled student step trains on its minibatch and the "
+        "minibatch's mirror images (2 x batch_syn images; the authors halve batch_syn), each mirror augmented with "
+        "its image's draw")
 
     def __post_init__(self) -> None:
         problems = []
@@ -529,7 +534,7 @@ class _TrajectoryMatching(Method):
                 summed = add_results(summed, trajectory_gradients(
                     student, seg.start, seg.target, images, targets, lr_param, seg.steps, augment, cfg.gradient,
                     cfg.log_lr, balance_scale(seg.start_epoch, cfg) if cfg.balance_loss else 1.0, seg.middle,
-                    cfg.inner_momentum))
+                    cfg.inner_momentum, cfg.flip_plugin))
             res = mean_over_segments(summed, cfg.trajectories, images, lr_param, soft)
             if threshold is None or float(res.loss) <= threshold:
                 opt_img.zero_grad(set_to_none=True)
@@ -733,6 +738,10 @@ class MTT(_TrajectoryMatching):
     Scale-out (all five keys): ``trajectories`` segments per iteration, averaged; under ``torchrun``
     each rank computes every ``world_size``-th segment (and trains every ``world_size``-th expert of
     an on-the-fly buffer) and the gradients are all-reduced, giving the one-process result.
+
+    ``flip_plugin`` (all five keys) adds FYI (:mod:`ddkit.methods.fyi`): every unrolled student step
+    trains on its minibatch and the minibatch's mirror images, as the FYI authors' MTT ``distill.py``
+    (which also halves ``batch_syn``; here the step holds 2 x ``batch_syn`` images).
     """
 
     Config = MTTConfig

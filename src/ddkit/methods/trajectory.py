@@ -98,6 +98,7 @@ from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.determinism import global_rng, seeded_cpu_rng, stage_modes, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
+from ddkit.methods.fyi import flip_pair, pair_params
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import model_config_hash
 from ddkit.training import (
@@ -802,6 +803,7 @@ def trajectory_gradients(
     inner_scale: float = 1.0,
     intermediate: list[Intermediate] | None = None,
     momentum: float = 0.0,
+    flip: bool = False,
 ) -> MatchResult:
     """Unroll ``len(steps)`` SGD steps of the student from ``start`` on ``images`` (normalised) and
     return the matching loss against ``target`` with its gradients (see the module docstring).
@@ -813,6 +815,8 @@ def trajectory_gradients(
     intermediate matching; ``0 < step < len(steps)``), added to the loss in every mode: the reverse
     pass adds their gradient to the adjoint when it reaches ``θ_step``.
     ``momentum``: heavy-ball momentum ``m`` of the inner SGD (AST: 0.9; 0: MTT's plain steps).
+    ``flip``: FYI (:mod:`ddkit.methods.fyi`): every step trains on its minibatch and the minibatch's
+    mirror images (labels repeated); each mirror copy takes its image's augmentation draw.
     """
     learn_labels = labels.dtype.is_floating_point and labels.requires_grad
     images = images.detach().requires_grad_(True)
@@ -822,10 +826,13 @@ def trajectory_gradients(
     target = target.detach()
 
     def batch(step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        x = images[step.index]
+        x, y, aug = images[step.index], ys[step.index], step.aug
+        if flip:
+            x, y = flip_pair(x, y)
+            aug = pair_params(aug) if aug is not None else None
         if augment is not None:
-            x = augment.apply(x, step.aug)
-        return x, ys[step.index]
+            x = augment.apply(x, aug)
+        return x, y
 
     def inner(theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss = student_loss(student(theta, x), y)

@@ -1,0 +1,212 @@
+"""FYI's flip plug-in (``flip_plugin``): which methods take it, what the others say, and what it changes."""
+
+import dataclasses
+import hashlib
+import importlib
+
+import pytest
+import torch
+
+from conftest import REPO
+from ddkit.cli import main
+from ddkit.config import from_dict
+from ddkit.data.base import make_synthetic
+from ddkit.errors import ConfigError
+from ddkit.methods import METHODS, FitContext
+
+TAKERS = sorted(k for k in METHODS.list()
+                if "flip_plugin" in {f.name for f in dataclasses.fields(METHODS.get(k).Config)})
+OTHERS = sorted(set(METHODS.list()) - set(TAKERS))
+
+
+def test_the_methods_that_take_the_plugin():
+    assert TAKERS == ["cda", "cvdd", "datadam", "datm", "dc", "dm", "dsa", "dwa", "edc", "ftd", "gvbsm", "mtt", "shq",
+                      "sre2l", "tesla"]
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_a_method_without_the_plugin_refuses_it_naming_those_that_take_it(name):
+    """It used to be the generic 'unknown config key ...; valid keys: ...', which reads like a typo."""
+    with pytest.raises(ConfigError) as err:
+        from_dict(METHODS.get(name).Config, {"flip_plugin": True}, "distill.options")
+    assert str(err.value) == (f"distill.options.flip_plugin: flip_plugin (FYI) is supported by {', '.join(TAKERS)}; "
+                              f"{name} does not take it: remove the key, or use one of those methods")
+
+
+def test_the_refusal_comes_with_the_configs_other_problems():
+    with pytest.raises(ConfigError) as err:
+        from_dict(METHODS.get("random").Config, {"flip_plugin": False, "sede": 1}, "distill.options")
+    first, second = str(err.value).split("; unknown config key ")
+    assert first.startswith("distill.options.flip_plugin: flip_plugin (FYI) is supported by ")
+    assert second.startswith("'distill.options.sede'")
+
+
+def test_run_refuses_the_plugin_in_one_line_before_any_stage(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", str(REPO / "configs/fashion-mnist/random/ipc10.yaml"), "--out", str(out), "-q", "--set",
+                 "dataset.name=synthetic", "--set", "distill.ipc=2", "--set", "distill.options.flip_plugin=true"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == (f"error: distill.options.flip_plugin: flip_plugin (FYI) is supported by "
+                                 f"{', '.join(TAKERS)}; random does not take it: remove the key, or use one of those "
+                                 "methods\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# the matching methods that take it: off is the set from before, on changes it, the loss sees the doubled batch
+
+#: sha256[:16] of the images of ``_fit(name, ipc=2)`` (smoke options, make_synthetic, seed 3, CPU, 2 threads), computed
+#: at bcee3df, before these methods took the plug-in: flip_plugin false must keep them bit for bit
+BEFORE = {"dm": "1c7176e8d00b9d71", "datadam": "ede590e4c4e6de33", "dc": "7f6d952bb0146f50",
+          "dsa": "062205f23b49a328", "mtt": "5cf24260147bc7ee", "tesla": "64d6d7699556d51a",
+          "ftd": "30acf275fe194c16", "datm": "ee88f8745aaa3c81", "shq": "e45e64eb4d544837"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_synthetic()
+
+
+def _fit(name, data, work, ipc=2, **options):
+    cls = METHODS.get(name)
+    cfg = from_dict(cls.Config, {**cls.smoke_options, **options})
+    return cls(cfg).fit(data, [], FitContext(ipc=ipc, seed=3, work_dir=work)).synthetic_
+
+
+def _sha(images):
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE))
+def test_flip_plugin_off_keeps_the_set_from_before_and_on_changes_it(name, data, tmp_path):
+    assert METHODS.get(name).Config().flip_plugin is False
+    off = _fit(name, data, tmp_path / "off", flip_plugin=False)
+    assert _sha(off.images) == BEFORE[name]
+    on = _fit(name, data, tmp_path / "on", flip_plugin=True)
+    assert on.images.shape == off.images.shape and on.labels.tolist() == off.labels.tolist()
+    assert torch.isfinite(on.images).all() and not torch.equal(on.images, off.images)
+
+
+@pytest.mark.parametrize("name", ["dm", "datadam"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_per_class_loss_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
+    """FYI's DM: the class's synthetic batch concatenated with its mirror before DSA. DSA's flip is one draw for the
+    whole batch (siamese), so it swaps the halves and every pair stays mirrored."""
+    module = importlib.import_module(METHODS.get(name).__module__)
+    seen, fit_per_class = [], module.fit_per_class
+
+    def spy(cfg, real, ctx, classes, loss_fn, tag):
+        def loss(net, x_real, x_syn):
+            seen.append(x_syn.detach().clone())
+            return loss_fn(net, x_real, x_syn)
+
+        return fit_per_class(cfg, real, ctx, classes, loss, tag)
+
+    monkeypatch.setattr(module, "fit_per_class", spy)
+    _fit(name, data, tmp_path, ipc=2, flip_plugin=flip, dsa_options={"strategy": "flip"})
+    assert len(seen) == METHODS.get(name).smoke_options["iterations"] * data.num_classes
+    for x in seen:
+        assert len(x) == (4 if flip else 2)
+        if flip:
+            assert torch.equal(x[2:], x[:2].flip(-1)) and not torch.equal(x[:2], x[2:])
+
+
+@pytest.mark.parametrize("name", ["dc", "dsa"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_gradient_matching_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
+    """FYI's DC/DSA: a class's synthetic gradient is taken on its images and their mirrors (before the siamese DSA
+    draw, whose flip swaps the halves); the inner-loop network trains on batches doubled likewise."""
+    from ddkit.methods import gradient_matching as gm
+
+    matched, trained, fresh_model = [], [], gm.fresh_model
+
+    def spy_model(*args, **kw):
+        net = fresh_model(*args, **kw)
+        # the synthetic batches of the matching carry a graph to the images; the inner loop's are detached copies
+        net.register_forward_pre_hook(
+            lambda _m, inp: (matched if inp[0].requires_grad else trained).append(inp[0].detach().clone()))
+        return net
+
+    monkeypatch.setattr(gm, "fresh_model", spy_model)
+    ipc, batch_real, batch_train = 2, 8, 3
+    dsa = {"dsa_options": {"strategy": "flip"}} if name == "dsa" else {}
+    _fit(name, data, tmp_path, ipc=ipc, flip_plugin=flip, batch_real=batch_real, batch_train=batch_train, **dsa)
+    smoke = METHODS.get(name).smoke_options
+    assert len(matched) == smoke["iterations"] * smoke["outer_loop"] * data.num_classes
+    for x in matched:
+        assert len(x) == (2 * ipc if flip else ipc)
+        if flip:
+            assert torch.equal(x[ipc:], x[:ipc].flip(-1)) and not torch.equal(x[:ipc], x[ipc:])
+    inner = [x for x in trained if len(x) != batch_real]  # the real batches (batch_real images) are not synthetic
+    assert sum(map(len, inner)) == smoke["iterations"] * (smoke["outer_loop"] - 1) * data.num_classes * ipc * (
+        2 if flip else 1)
+    for x in inner:
+        assert len(x) <= (2 * batch_train if flip else batch_train)
+        if flip:  # DSA's per-image draw in the inner loop is shared by an image and its mirror
+            half = len(x) // 2
+            assert torch.equal(x[half:], x[:half].flip(-1))
+
+
+# ------------------------------------------------------------------------------------------------
+# trajectory matching: every unrolled student step trains on its minibatch and the minibatch's mirror images
+
+
+@pytest.mark.parametrize("mode", ["unroll", "exact", "first_order"])
+def test_a_flipped_unroll_is_the_unroll_of_the_doubled_set(mode):
+    """flip=True gives the gradients of an unroll over ``cat([images, flip(images)])`` whose steps take each minibatch
+    with its mirrors (labels repeated, each mirror with its image's augmentation draw), folded back onto the images."""
+    from ddkit.methods.trajectory import Step, trajectory_gradients
+    from test_trajectory_methods import _tiny_case
+
+    student, start, target, images, augment, plan = _tiny_case()
+    labels = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    got = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode, flip=True)
+    doubled = [Step(torch.cat([s.index, s.index + 6]), {k: torch.cat([v, v]) for k, v in s.aug.items()}) for s in plan]
+    want = trajectory_gradients(student, start, target, torch.cat([images, images.flip(-1)]),
+                                torch.cat([labels, labels]).detach().requires_grad_(True), lr, doubled, augment, mode)
+    assert torch.allclose(got.loss, want.loss, rtol=1e-12)
+    assert torch.allclose(got.grad_images, want.grad_images[:6] + want.grad_images[6:].flip(-1), rtol=1e-9,
+                          atol=1e-14)
+    assert torch.allclose(got.grad_lr, want.grad_lr, rtol=1e-9)
+    assert torch.allclose(got.grad_labels, want.grad_labels[:6] + want.grad_labels[6:], rtol=1e-9, atol=1e-14)
+    plain = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode)
+    assert not torch.allclose(plain.grad_images, got.grad_images, rtol=1e-3)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_the_unrolled_student_trains_on_the_images_with_their_mirror_images(flip, data, tmp_path, monkeypatch):
+    from ddkit.methods import trajectory as tr
+
+    seen, call = [], tr.FunctionalStudent.__call__
+
+    def spy(self, flat, x):
+        if x.requires_grad:  # the unroll's batches (from the images being distilled), not the experts' training
+            seen.append(x.detach().clone())
+        return call(self, flat, x)
+
+    monkeypatch.setattr(tr.FunctionalStudent, "__call__", spy)
+    ipc = 2
+    _fit("mtt", data, tmp_path, ipc=ipc, flip_plugin=flip, augment="none")
+    smoke = METHODS.get("mtt").smoke_options
+    n = ipc * data.num_classes  # batch_syn null: every image in every step
+    assert len(seen) == smoke["iterations"] * smoke["syn_steps"]
+    for x in seen:
+        assert len(x) == (2 * n if flip else n)
+        if flip:
+            assert torch.equal(x[n:], x[:n].flip(-1))
+
+
+@pytest.mark.parametrize("name", ["dm", "datadam", "mtt", "datm"])
+def test_a_checkpoint_from_before_the_plugin_resumes_with_it_off(name, data):
+    """The checkpoint fingerprint held the whole config, so the new field refused every checkpoint written before it
+    existed; at its default it is now left out, as from the set's identity. (dc/dsa checkpoints from before also held
+    bn_real_per_class, an earlier added field that is now left out at its default too: those start afresh once.)"""
+    from ddkit.config import to_dict
+    from ddkit.methods.matching import state_fingerprint
+
+    cfg = METHODS.get(name).Config()
+    before = {k: v for k, v in to_dict(cfg).items() if k != "flip_plugin"}  # the whole config as it was
+    assert state_fingerprint(cfg, 2, 0, data) == repr((before, 2, 0, data.fingerprint, data.normalisation))
+    assert state_fingerprint(dataclasses.replace(cfg, flip_plugin=True), 2, 0, data) != state_fingerprint(
+        cfg, 2, 0, data)
