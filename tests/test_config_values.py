@@ -314,3 +314,52 @@ def test_an_empty_mapping_in_set_empties_it_and_unknown_keys_keep_their_did_you_
     flag = plain_numbers({"flip": [np.bool_(True)]})["flip"][0]
     assert flag is True
     assert config_hash(plain_numbers({"flip": np.bool_(False)})) == config_hash({"flip": False})
+
+
+# --- settings that decide nothing (QA 17a) ---------------------------------------------------------------------------
+
+def test_operational_options_are_no_part_of_a_sets_identity():
+    """QA 17a F5: `checkpoint_every` and recover's statistics `cache_dir` entered a set's identity, so writing
+    checkpoints more often or caching statistics elsewhere made the same set again. Another value now keys the set as
+    the option left out does; options left out or given at their default keep the keys they had (computed before)."""
+    from ddkit.methods import METHODS
+    from ddkit.methods.matching import state_fingerprint
+
+    data = make_synthetic()
+
+    def key(method, **options):
+        return distill_hash(DistillConfig(method=method, ipc=1, options=options), data, None)
+
+    assert key("dm") == key("dm", checkpoint_every=7) == key("dm", checkpoint_every=1) == "c249785de09c21a2"
+    assert key("dm", checkpoint_every=500) == "9666b64532deb126"  # the default given: the key it always had
+    assert key("sre2l") == key("sre2l", cache_dir="/x", checkpoint_every=3) == "9acc85fbd11fb60c"
+    assert key("sre2l", cache_dir=None, checkpoint_every=50) == "7d60c98434552789"
+    assert key("sre2l", lr=0.1, checkpoint_every=3) == key("sre2l", lr=0.1) != key("sre2l")
+    for name in ("dc", "dsa", "dm", "datadam", "mtt", "tesla", "sre2l", "cda", "gvbsm", "edc", "dwa", "cvdd"):
+        assert key(name, checkpoint_every=2) == key(name, checkpoint_every=3) == key(name), name
+    # the method's own config and a checkpoint's fingerprint hold them at their defaults too: a run resumed with
+    # another checkpoint_every resumes where it stopped
+    dm = METHODS.get("dm").Config
+    assert config_hash(dm(checkpoint_every=7)) == config_hash(dm())
+    assert state_fingerprint(dm(checkpoint_every=7), 1, 0, data) == state_fingerprint(dm(), 1, 0, data)
+    assert to_dict(dm(checkpoint_every=7))["checkpoint_every"] == 7  # recorded as given
+
+
+def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
+    """QA 17a F5: `ddkit run` made the set again when only distill.options.checkpoint_every changed."""
+    config = {"dataset": {"name": "synthetic"}, "teacher": None, "device": "cpu", "out": str(tmp_path / "run"),
+              "distill": {"method": "dm", "ipc": 1, "options": {"model": "tiny_convnet", "iterations": 2,
+                                                                "batch_real": 8, "checkpoint_every": 1}},
+              "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                                       "random_baseline": False,
+                                                       "train": {"epochs": 1, "batch_size": 32}}}}
+    (tmp_path / "a.yaml").write_text(json.dumps(config))
+    assert main(["run", str(tmp_path / "a.yaml"), "-q"]) == 0
+    images = (tmp_path / "run/distilled/images.safetensors").read_bytes()
+    config["distill"]["options"]["checkpoint_every"] = 2
+    (tmp_path / "b.yaml").write_text(json.dumps(config))
+    assert main(["run", str(tmp_path / "b.yaml"), "-q"]) == 0
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["reused"] == ["distilled", "eval-hard.json"]
+    assert (tmp_path / "run/distilled/images.safetensors").read_bytes() == images
+

@@ -40,6 +40,7 @@ from ddkit.config import (
     field,
     from_dict,
     keyed,
+    operational_defaults,
     sorted_keys,
     sorted_seeds,
     to_dict,
@@ -386,9 +387,16 @@ def distill_identity(cfg: DistillConfig, resolved: dict) -> dict:
     """The settings that identify a set made with ``cfg``: the options given, each number as the method's
     Config types it (``resolved``: that Config as a dict), so that ``lr_img: 1`` and ``1.0`` (or numpy's
     1.0) make one set; options written as they resolve, as the shipped configs are, keep the identity they
-    always had. ``soft_labels_bn`` is left out while running."""
+    always had. ``soft_labels_bn`` is left out while running. An ``operational`` option (see
+    :func:`ddkit.config.field`: ``checkpoint_every``, a ``cache_dir``) given at another value than its default is
+    left out, as if not given: it decides how the set is made, not what it is; given at its default it stays, as
+    identities always held it."""
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
-    ident["options"] = typed_numbers(ident["options"], resolved)
+    options = typed_numbers(ident["options"], resolved)
+    if cfg.method in METHODS:
+        at = operational_defaults(METHODS.get(cfg.method).Config)
+        options = {k: v for k, v in options.items() if k not in at or v == to_dict(at[k])}
+    ident["options"] = options
     return ident
 
 

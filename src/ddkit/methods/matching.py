@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ddkit import distributed as ddist
-from ddkit.config import to_dict
+from ddkit.config import operational_defaults, to_dict
 from ddkit.data.augment import build_augment, typed_augment_options
 from ddkit.data.base import DataBundle, to_device
 from ddkit.determinism import seeded_cpu_rng
@@ -136,8 +136,11 @@ def check_common(cfg: Any) -> None:
 
 def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
-    pixels, labels and classes) with its normalisation."""
-    return repr((to_dict(cfg), ipc, seed, real.fingerprint, real.normalisation))
+    pixels, labels and classes) with its normalisation. Operational settings (``checkpoint_every``) are held at
+    their defaults: a run resumed with another one keeps its checkpoint, as it keeps its set's identity."""
+    settings = to_dict(cfg)
+    settings.update(to_dict(operational_defaults(type(cfg))))
+    return repr((settings, ipc, seed, real.fingerprint, real.normalisation))
 
 
 def check_resume(state: dict, fingerprint: str, path) -> None:

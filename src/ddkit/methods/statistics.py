@@ -644,9 +644,11 @@ class RecoverConfig(Checked):
     class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes "
                                                f"up to {CLASS_BATCH}, in chunks of {CLASS_BATCH} beyond, as SRe2L's "
                                                "ImageNet-1K recover script)")
-    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
+    checkpoint_every: int = field(50, operational=True, help="steps between resumable checkpoints (not part of the "
+                                  "set's identity)")
     stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
-    cache_dir: str | None = field(None, help="statistics cache (default $DDKIT_CACHE/statistics)")
+    cache_dir: str | None = field(None, operational=True, help="statistics cache (default $DDKIT_CACHE/statistics; "
+                                  "not part of the set's identity)")
 
     def __post_init__(self) -> None:
         checks = [
