@@ -363,3 +363,61 @@ def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
     assert manifest["reused"] == ["distilled", "eval-hard.json"]
     assert (tmp_path / "run/distilled/images.safetensors").read_bytes() == images
 
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("edc", {"temperature": 1},
+     "temperature=1 does nothing under loss mse_ce (only loss kl reads it); drop it (it would only give the protocol "
+     "another hash) or set loss=kl"),
+    ("dc-protocol", {"train": {"smoothing_zeta": 1.5}},
+     "train.smoothing_zeta=1.5 does nothing under train.schedule step (only the smoothing schedule reads it); drop it "
+     "(it would only give the protocol another hash) or set train.schedule=smoothing"),
+    ("edc", {"train": {"momentum": 0.5}},
+     "train.momentum=0.5 does nothing under train.optimizer adamw (only sgd reads it); drop it (it would only give "
+     "the protocol another hash) or set train.optimizer=sgd"),
+    ("soft-kl", {"train": {"cutmix_alpha": 0.5}},
+     "train.cutmix_alpha=0.5 does nothing under train.cutmix_prob 0 (only CutMix reads it); drop it (it would only "
+     "give the protocol another hash) or set train.cutmix_prob"),
+])
+def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, message):
+    """QA 17a F4: `ddkit evaluate SET --protocol edc --set temperature=1` gave a new protocol hash and trained the
+    students again for the same numbers (edc's loss mse_ce reads no temperature); likewise a smoothing zeta without
+    the smoothing schedule, momentum with adamw, a CutMix alpha without CutMix."""
+    import re
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        resolve_protocol(preset, overrides, "")
+    with pytest.raises(ConfigError, match=f"^evaluate.overrides.{re.escape(message)}$"):  # a run's overrides
+        from_dict(EvalConfig, {"protocol": preset, "overrides": overrides,
+                               "label_modes": [resolve_protocol(preset).label_mode]}).protocols()
+
+
+def test_a_protocol_override_that_decides_something_is_taken():
+    """The preset's own values (edc prints temperature 4.0 under mse_ce) keep its hash; an override read by any
+    label mode a run evaluates is taken."""
+    pinned = {"edc": "ce8aae6a0441945b", "cvdd": "1b41253b1c9e3d93", "soft-kl": "7d9477511be45149"}
+    assert resolve_protocol("edc", {"temperature": 4.0, "train": {"momentum": 0.9, "smoothing_zeta": 2.0}},
+                            "").hash == pinned["edc"]
+    assert resolve_protocol("cvdd", {"train": {"cutmix_alpha": 1.0}}).hash == pinned["cvdd"]
+    assert resolve_protocol("cvdd", {"train": {"cutmix_alpha": 0.5}}).train.cutmix_alpha == 0.5
+    assert resolve_protocol("edc", {"loss": "kl", "temperature": 2}).temperature == 2.0
+    assert resolve_protocol("edc", {"train": {"smoothing_zeta": 1.5}}).train.smoothing_zeta == 1.5
+    # hard labels read no temperature, but the shipped hard-label benches set one: kept as their hashes have it
+    assert resolve_protocol("dc-protocol", {"temperature": 1.0}).temperature == 1.0
+    # a run's overrides serve every label mode: soft-kl's teacher mode reads the temperature its hard mode does not
+    modes = from_dict(EvalConfig, {"protocol": "soft-kl", "overrides": {"temperature": 2},
+                                   "label_modes": ["hard", "teacher"]}).protocols()
+    assert [p.temperature for p in modes] == [2.0, 2.0]
+    with pytest.raises(ConfigError, match=r"^evaluate.overrides.temperature=2 does nothing under loss mse_ce "):
+        from_dict(EvalConfig, {"protocol": "edc", "overrides": {"temperature": 2},
+                               "label_modes": ["hard", "teacher"]}).protocols()
+
+
+def test_a_bench_override_that_no_cell_reads_is_refused():
+    bench = {"methods": ["random"], "students": ["tiny_convnet"], "label_modes": ["teacher"], "ipcs": [1, 10]}
+    with pytest.raises(ConfigError, match=r"^overrides.temperature=2 does nothing under loss mse_ce "):
+        from_dict(BenchConfig, {**bench, "protocol": "edc", "overrides": {"temperature": 2}})
+    with pytest.raises(ConfigError, match=r"^ipc_overrides.10.train.momentum=0.3 does nothing under train.optimizer "
+                                          r"adamw \(only sgd reads it\)"):
+        from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "ipc_overrides": {10: {"train": {"momentum": 0.3}}}})
+    assert from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "overrides": {"temperature": 2}}).protocol_for(
+        "tiny_convnet", "teacher", ipc=1).temperature == 2.0

@@ -55,8 +55,10 @@ from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import (
     UNLABELLED_BY_ENSEMBLE,
     ProtocolConfig,
+    protocol_settings,
     recorded_overrides,
     recorded_protocol,
+    refuse_inert_overrides,
     resolve_protocol,
     unused_overrides,
 )
@@ -169,10 +171,12 @@ class EvalConfig(Checked):
             if mode == "fkd" and self.makes_store:
                 over["fkd_store"] = fkd_store or RUN_FKD_STORE
             try:
-                out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
+                out.append(resolve_protocol(self.protocol, over, "evaluate.overrides", check_inert=False))
             except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
                 raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
                                   ) from None
+        # an override that no label mode's protocol reads (hard labels read no temperature, soft ones may)
+        refuse_inert_overrides(protocol_settings(self.protocol), self.overrides, out, "evaluate.overrides")
         return out
 
 
