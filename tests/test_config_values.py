@@ -427,3 +427,110 @@ def test_an_empty_mapping_in_set_empties_it_and_unknown_keys_keep_their_did_you_
     flag = plain_numbers({"flip": [np.bool_(True)]})["flip"][0]
     assert flag is True
     assert config_hash(plain_numbers({"flip": np.bool_(False)})) == config_hash({"flip": False})
+
+
+# --- settings that decide nothing (QA 17a) ---------------------------------------------------------------------------
+
+def test_operational_options_are_no_part_of_a_sets_identity():
+    """QA 17a F5: `checkpoint_every` and recover's statistics `cache_dir` entered a set's identity, so writing
+    checkpoints more often or caching statistics elsewhere made the same set again. Another value now keys the set as
+    the option left out does; options left out or given at their default keep the keys they had (computed before)."""
+    from ddkit.methods import METHODS
+    from ddkit.methods.matching import state_fingerprint
+
+    data = make_synthetic()
+
+    def key(method, **options):
+        return distill_hash(DistillConfig(method=method, ipc=1, options=options), data, None)
+
+    assert key("dm") == key("dm", checkpoint_every=7) == key("dm", checkpoint_every=1) == "c249785de09c21a2"
+    assert key("dm", checkpoint_every=500) == "9666b64532deb126"  # the default given: the key it always had
+    assert key("sre2l") == key("sre2l", cache_dir="/x", checkpoint_every=3) == "9acc85fbd11fb60c"
+    assert key("sre2l", cache_dir=None, checkpoint_every=50) == "7d60c98434552789"
+    assert key("sre2l", lr=0.1, checkpoint_every=3) == key("sre2l", lr=0.1) != key("sre2l")
+    for name in ("dc", "dsa", "dm", "datadam", "mtt", "tesla", "sre2l", "cda", "gvbsm", "edc", "dwa", "cvdd"):
+        assert key(name, checkpoint_every=2) == key(name, checkpoint_every=3) == key(name), name
+    # the method's own config and a checkpoint's fingerprint hold them at their defaults too: a run resumed with
+    # another checkpoint_every resumes where it stopped
+    dm = METHODS.get("dm").Config
+    assert config_hash(dm(checkpoint_every=7)) == config_hash(dm())
+    assert state_fingerprint(dm(checkpoint_every=7), 1, 0, data) == state_fingerprint(dm(), 1, 0, data)
+    assert to_dict(dm(checkpoint_every=7))["checkpoint_every"] == 7  # recorded as given
+
+
+def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
+    """QA 17a F5: `ddkit run` made the set again when only distill.options.checkpoint_every changed."""
+    config = {"dataset": {"name": "synthetic"}, "teacher": None, "device": "cpu", "out": str(tmp_path / "run"),
+              "distill": {"method": "dm", "ipc": 1, "options": {"model": "tiny_convnet", "iterations": 2,
+                                                                "batch_real": 8, "checkpoint_every": 1}},
+              "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                                       "random_baseline": False,
+                                                       "train": {"epochs": 1, "batch_size": 32}}}}
+    (tmp_path / "a.yaml").write_text(json.dumps(config))
+    assert main(["run", str(tmp_path / "a.yaml"), "-q"]) == 0
+    images = (tmp_path / "run/distilled/images.safetensors").read_bytes()
+    config["distill"]["options"]["checkpoint_every"] = 2
+    (tmp_path / "b.yaml").write_text(json.dumps(config))
+    assert main(["run", str(tmp_path / "b.yaml"), "-q"]) == 0
+    manifest = json.loads((tmp_path / "run/manifest.json").read_text())
+    assert manifest["reused"] == ["distilled", "eval-hard.json"]
+    assert (tmp_path / "run/distilled/images.safetensors").read_bytes() == images
+
+
+@pytest.mark.parametrize("preset, overrides, message", [
+    ("edc", {"temperature": 1},
+     "temperature=1 does nothing under loss mse_ce (only loss kl reads it); drop it (it would only give the protocol "
+     "another hash) or set loss=kl"),
+    ("dc-protocol", {"train": {"smoothing_zeta": 1.5}},
+     "train.smoothing_zeta=1.5 does nothing under train.schedule step (only the smoothing schedule reads it); drop it "
+     "(it would only give the protocol another hash) or set train.schedule=smoothing"),
+    ("edc", {"train": {"momentum": 0.5}},
+     "train.momentum=0.5 does nothing under train.optimizer adamw (only sgd reads it); drop it (it would only give "
+     "the protocol another hash) or set train.optimizer=sgd"),
+    ("soft-kl", {"train": {"cutmix_alpha": 0.5}},
+     "train.cutmix_alpha=0.5 does nothing under train.cutmix_prob 0 (only CutMix reads it); drop it (it would only "
+     "give the protocol another hash) or set train.cutmix_prob"),
+])
+def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, message):
+    """QA 17a F4: `ddkit evaluate SET --protocol edc --set temperature=1` gave a new protocol hash and trained the
+    students again for the same numbers (edc's loss mse_ce reads no temperature); likewise a smoothing zeta without
+    the smoothing schedule, momentum with adamw, a CutMix alpha without CutMix."""
+    import re
+
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        resolve_protocol(preset, overrides, "")
+    with pytest.raises(ConfigError, match=f"^evaluate.overrides.{re.escape(message)}$"):  # a run's overrides
+        from_dict(EvalConfig, {"protocol": preset, "overrides": overrides,
+                               "label_modes": [resolve_protocol(preset).label_mode]}).protocols()
+
+
+def test_a_protocol_override_that_decides_something_is_taken():
+    """The preset's own values (edc prints temperature 4.0 under mse_ce) keep its hash; an override read by any
+    label mode a run evaluates is taken."""
+    pinned = {"edc": "ce8aae6a0441945b", "cvdd": "1b41253b1c9e3d93", "soft-kl": "7d9477511be45149"}
+    assert resolve_protocol("edc", {"temperature": 4.0, "train": {"momentum": 0.9, "smoothing_zeta": 2.0}},
+                            "").hash == pinned["edc"]
+    assert resolve_protocol("cvdd", {"train": {"cutmix_alpha": 1.0}}).hash == pinned["cvdd"]
+    assert resolve_protocol("cvdd", {"train": {"cutmix_alpha": 0.5}}).train.cutmix_alpha == 0.5
+    assert resolve_protocol("edc", {"loss": "kl", "temperature": 2}).temperature == 2.0
+    assert resolve_protocol("edc", {"train": {"smoothing_zeta": 1.5}}).train.smoothing_zeta == 1.5
+    # hard labels read no temperature, but the shipped hard-label benches set one: kept as their hashes have it
+    assert resolve_protocol("dc-protocol", {"temperature": 1.0}).temperature == 1.0
+    # a run's overrides serve every label mode: soft-kl's teacher mode reads the temperature its hard mode does not
+    modes = from_dict(EvalConfig, {"protocol": "soft-kl", "overrides": {"temperature": 2},
+                                   "label_modes": ["hard", "teacher"]}).protocols()
+    assert [p.temperature for p in modes] == [2.0, 2.0]
+    with pytest.raises(ConfigError, match=r"^evaluate.overrides.temperature=2 does nothing under loss mse_ce "):
+        from_dict(EvalConfig, {"protocol": "edc", "overrides": {"temperature": 2},
+                               "label_modes": ["hard", "teacher"]}).protocols()
+
+
+def test_a_bench_override_that_no_cell_reads_is_refused():
+    bench = {"methods": ["random"], "students": ["tiny_convnet"], "label_modes": ["teacher"], "ipcs": [1, 10]}
+    with pytest.raises(ConfigError, match=r"^overrides.temperature=2 does nothing under loss mse_ce "):
+        from_dict(BenchConfig, {**bench, "protocol": "edc", "overrides": {"temperature": 2}})
+    with pytest.raises(ConfigError, match=r"^ipc_overrides.10.train.momentum=0.3 does nothing under train.optimizer "
+                                          r"adamw \(only sgd reads it\)"):
+        from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "ipc_overrides": {10: {"train": {"momentum": 0.3}}}})
+    assert from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "overrides": {"temperature": 2}}).protocol_for(
+        "tiny_convnet", "teacher", ipc=1).temperature == 2.0

@@ -379,6 +379,64 @@ def test_settings_of_a_part_that_is_off_are_refused(key, options, message):
     from_dict(METHODS.get("cda").Config, {"augment": "crop_flip", "curriculum": "none"})  # the fix, accepted
 
 
+@pytest.mark.parametrize("key, options, message", [
+    ("sre2l", {"flatness_beta": 0.5},
+     "flatness_beta 0.5 applies only with flatness_weight > 0, but flatness_weight is 0; remove it or set "
+     "flatness_weight"),
+    ("sre2l", {"flatness_tau": 1.0},
+     "flatness_tau 1.0 applies only with flatness_weight > 0, but flatness_weight is 0; remove it or set "
+     "flatness_weight"),
+    ("sre2l", {"densify_tau": 2.0},
+     "densify_tau 2.0 applies only with densify_weight > 0, but densify_weight is 0; remove it or set densify_weight"),
+    ("sre2l", {"committee_weights": "equal"},
+     "committee_weights equal applies only with a committee, but committee_size is null; remove it or set "
+     "committee_size"),
+    ("sre2l", {"committee_temperature": 1.0},
+     "committee_temperature 1.0 applies only with a committee, but committee_size is null; remove it or set "
+     "committee_size"),
+    ("cvdd", {"committee_weights": "equal", "committee_temperature": 1.0},
+     "committee_temperature 1.0 applies only with committee_weights prior, but committee_weights is equal; remove "
+     "it or set committee_weights: prior"),
+    ("cvdd", {"committee_size": None, "soft_labels": "none", "committee_weights": "equal"},
+     "committee_weights equal applies only with a committee, but committee_size is null; remove it or set "
+     "committee_size"),
+    ("sre2l", {"perturb_steps": 3},
+     "perturb_steps 3 applies only with perturb_rho > 0, but perturb_rho is 0; remove it or set perturb_rho"),
+    ("sre2l", {"milestone": 0.5},
+     "milestone 0.5 applies only with a curriculum, but curriculum is none; remove it or set curriculum"),
+    ("sre2l", {"conv_features": "input"},
+     "conv_features input applies only with convolution statistics (stats conv or bn+conv), but stats is bn; "
+     "remove it or set stats"),
+    ("sre2l", {"rded_options": {"bogus": 1}},
+     "rded_options {'bogus': 1} applies only with init: rded, but init is noise; remove it or set init: rded"),
+    ("sre2l", {"stats": "conv", "alpha": 0.0, "patch_size": 2},
+     "patch_size 2 applies only with global statistics (alpha > 0), but alpha is 0; remove it or set alpha"),
+])
+def test_settings_of_a_recover_part_that_is_off_are_refused(key, options, message):
+    """QA 17a F2: on sre2l each of these did nothing (the same image bytes as without it) but gave the set another
+    identity, so `ddkit run` made it again; rded_options were not even checked unless init was rded."""
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        from_dict(METHODS.get(key).Config, options)
+
+
+@pytest.mark.parametrize("key, options", [
+    ("edc", {"flatness_weight": 0.0}),  # its own flatness_beta / flatness_tau stay as the class has them
+    ("gvbsm", {"densify_weight": 0.0, "slots_per_batch": 2}),
+    ("gvbsm", {"alpha": 0.0}),  # its own patch_size 4
+    ("cda", {"curriculum": "none"}),
+    ("dwa", {"perturb_rho": 0.0}),
+    ("cvdd", {"committee_size": None, "committee_temperature": 2.0}),  # its committee soft labels still vote
+    ("cvdd", {"committee_weights": "equal"}),
+    ("sre2l", {"flatness_weight": 0.5, "flatness_tau": 1.0, "perturb_rho": 0.01, "perturb_steps": 3,
+               "init": "rded", "rded_options": {"mipc": 20}}),
+])
+def test_a_preset_turns_its_own_part_off_with_its_settings_left_as_they_are(key, options):
+    """An ablation of a preset (EDC without flatness) keeps the preset's own settings of the part: only a setting
+    that differs from the method's default is refused."""
+    cfg = from_dict(METHODS.get(key).Config, options)
+    assert all(getattr(cfg, k) == v for k, v in options.items() if k != "rded_options")
+
+
 def test_fyi_flip_pair():
     x = torch.arange(8.0).view(1, 1, 2, 4)
     out, labels = flip_pair(x, torch.tensor([3]))
@@ -896,7 +954,7 @@ def test_edc_init_from_rded(data, bn_teacher, tmp_path):
             "rded_options": {"mipc": 6, "num_crop": 2, "soft_labels": False}}
     out = _run("edc", data, [bn_teacher], ipc=2, **opts)
     assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3] and torch.isfinite(out.images).all()
-    real_init = _run("edc", data, [bn_teacher], ipc=2, **{**opts, "init": "real"})
+    real_init = _run("edc", data, [bn_teacher], ipc=2, **{**opts, "init": "real", "rded_options": {}})
     assert not torch.equal(out.images, real_init.images)
     # rded's errors name its settings inside edc's options
     with pytest.raises(ConfigError, match=r"raise distill.options.rded_options.mipc to at least 2, or lower --ipc$"):

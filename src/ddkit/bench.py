@@ -73,8 +73,10 @@ from ddkit.evaluate.protocol import (
     UNLABELLED_BY_ENSEMBLE,
     ProtocolConfig,
     merge_overrides,
+    protocol_settings,
     recorded_overrides,
     recorded_protocol,
+    refuse_inert_overrides,
     resolve_protocol,
     unused_overrides,
 )
@@ -278,14 +280,21 @@ class BenchConfig(Checked):
                                       f"{sorted(self.teacher_pool)}; add it there")
         # fail early on a bad protocol or student: every label mode's, and the hard-label one that every
         # cell's HLR trains too
+        protocols: dict[int, list[ProtocolConfig]] = {ipc: [] for ipc in self.ipcs}
         for student in self.students:
             for ipc in self.ipcs:
                 for mode in dict.fromkeys([*self.label_modes, "hard"]):
                     try:
-                        self.protocol_for(student, mode, ipc=ipc)
+                        protocols[ipc].append(self.protocol_for(student, mode, ipc=ipc))
                     except ConfigError as e:
                         raise ConfigError(f"protocol {self.protocol!r} for student {student!r}, IPC {ipc}, label mode "
                                           f"{mode!r}: {e}") from None
+        # an override that no cell's protocol reads (hard labels read no temperature, soft ones may)
+        settings = protocol_settings(self.protocol)
+        refuse_inert_overrides(settings, self.overrides, [p for ps in protocols.values() for p in ps], "overrides")
+        for ipc, over in self.ipc_overrides.items():
+            refuse_inert_overrides(merge_overrides(settings, self.overrides), over, protocols[ipc],
+                                   f"ipc_overrides.{ipc}")
         # the augmentations of relabel (fkd cells) and of ARS's "with augmentation" run, built only when the
         # bench reaches a cell, after teachers and sets are made
         self.relabel.check_augment("relabel")
@@ -315,13 +324,14 @@ class BenchConfig(Checked):
                 out.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
             return out
 
-        try:
-            protocol = resolve_protocol(self.protocol, over(at_ipc), "overrides")
+        try:  # overrides no cell reads are refused by __post_init__, over every cell's protocol
+            protocol = resolve_protocol(self.protocol, over(at_ipc), "overrides", check_inert=False)
         except ConfigError:
             if not at_ipc:
                 raise
             # name the key the bad value was given under: overrides alone fail (theirs), or the IPC's entry does
-            resolve_protocol(resolve_protocol(self.protocol, over({}), "overrides"), at_ipc, f"ipc_overrides.{ipc}")
+            resolve_protocol(resolve_protocol(self.protocol, over({}), "overrides", check_inert=False), at_ipc,
+                             f"ipc_overrides.{ipc}", check_inert=False)
             raise
         if (augment is None
                 or (augment == protocol.train.augment and not (augment == "none" and protocol.train.cutmix_prob))):

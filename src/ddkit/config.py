@@ -38,15 +38,18 @@ SEED_LIMIT = 2**32  # seeds are offset and combined (seed * 1000 + i, ...) and m
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str = "", factory: Any = None, added: bool = False,
-          seed: bool = False, **kw: Any) -> Any:
+          seed: bool = False, operational: bool = False, **kw: Any) -> Any:
     """A dataclass field with a ``help`` text; ``factory`` builds a (dataclass) default per instance.
 
     ``added``: a field added after configs were already hashed, whose default reproduces the
     behaviour from before it existed. :func:`config_hash` (and ``to_dict(..., identity=True)``)
     leave it out while it holds that default, so cached artifacts keep their keys.
     ``seed``: a seed or a list of seeds, each checked to lie in [0, 2^32) when a config is built.
+    ``operational``: a setting that decides how a result is made, not what it is (how often checkpoints are
+    written, where a cache lies); :func:`config_hash` (and ``to_dict(..., identity=True)``) hold it at its
+    default, so another value keeps the artifact's key (and the default's key is the one it always had).
     """
-    meta = {"help": help, "added": added, "seed": seed}
+    meta = {"help": help, "added": added, "seed": seed, "operational": operational}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta, **kw)
     if isinstance(default, (list, dict, set)):
@@ -626,26 +629,43 @@ def as_config(cls: type[T], value: Any, where: str = "") -> T:
                       f"{short_repr(value, 80)}")
 
 
-def _at_added_default(obj: Any, f: dataclasses.Field) -> bool:
-    if not f.metadata.get("added"):
-        return False
+def field_default(f: dataclasses.Field) -> Any:
+    """The default of dataclass field ``f`` (a fresh one from its factory), or ``dataclasses.MISSING``."""
     if f.default is not dataclasses.MISSING:
-        default = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        default = f.default_factory()
-    else:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def operational_defaults(cls: type) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` declared ``operational`` (see :func:`field`), each with its default in
+    ``cls`` (a subclass's own default where it sets one)."""
+    return {f.name: field_default(f) for f in dataclasses.fields(cls) if f.metadata.get("operational")}
+
+
+def _at_added_default(obj: Any, f: dataclasses.Field) -> bool:
+    if not f.metadata.get("added") or (default := field_default(f)) is dataclasses.MISSING:
         return False
     return to_dict(getattr(obj, f.name)) == to_dict(default)
+
+
+def _identity_value(obj: Any, f: dataclasses.Field) -> Any:
+    """Field ``f`` of ``obj`` as its identity holds it: an ``operational`` one at its default."""
+    if f.metadata.get("operational") and (default := field_default(f)) is not dataclasses.MISSING:
+        return to_dict(default, True)
+    return to_dict(getattr(obj, f.name), True)
 
 
 def to_dict(obj: Any, identity: bool = False) -> Any:
     """A dataclass (nested) as plain JSON/YAML-serialisable data.
 
     ``identity``: what decides results, for hashing -- fields declared ``added`` (see :func:`field`)
-    are left out while they hold their default."""
+    are left out while they hold their default, fields declared ``operational`` are held at their default."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name), identity) for f in dataclasses.fields(obj)
-                if not (identity and _at_added_default(obj, f))}
+        if identity:
+            return {f.name: _identity_value(obj, f) for f in dataclasses.fields(obj) if not _at_added_default(obj, f)}
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v, identity) for v in obj]
     if isinstance(obj, dict):

@@ -42,6 +42,7 @@ from ddkit.config import (
     field,
     from_dict,
     keyed,
+    operational_defaults,
     sorted_keys,
     sorted_seeds,
     to_dict,
@@ -56,8 +57,10 @@ from ddkit.evaluate.metrics import check_report
 from ddkit.evaluate.protocol import (
     UNLABELLED_BY_ENSEMBLE,
     ProtocolConfig,
+    protocol_settings,
     recorded_overrides,
     recorded_protocol,
+    refuse_inert_overrides,
     resolve_protocol,
     unused_overrides,
 )
@@ -170,10 +173,12 @@ class EvalConfig(Checked):
             if mode == "fkd" and self.makes_store:
                 over["fkd_store"] = fkd_store or RUN_FKD_STORE
             try:
-                out.append(resolve_protocol(self.protocol, over, "evaluate.overrides"))
+                out.append(resolve_protocol(self.protocol, over, "evaluate.overrides", check_inert=False))
             except ConfigError as e:  # the label mode comes from label_modes, not from an override the user wrote
                 raise ConfigError(str(e).replace("evaluate.overrides.label_mode ", "evaluate.label_modes: label_mode ")
                                   ) from None
+        # an override that no label mode's protocol reads (hard labels read no temperature, soft ones may)
+        refuse_inert_overrides(protocol_settings(self.protocol), self.overrides, out, "evaluate.overrides")
         return out
 
 
@@ -388,9 +393,16 @@ def distill_identity(cfg: DistillConfig, resolved: dict) -> dict:
     """The settings that identify a set made with ``cfg``: the options given, each number as the method's
     Config types it (``resolved``: that Config as a dict), so that ``lr_img: 1`` and ``1.0`` (or numpy's
     1.0) make one set; options written as they resolve, as the shipped configs are, keep the identity they
-    always had. ``soft_labels_bn`` is left out while running."""
+    always had. ``soft_labels_bn`` is left out while running. An ``operational`` option (see
+    :func:`ddkit.config.field`: ``checkpoint_every``, a ``cache_dir``) given at another value than its default is
+    left out, as if not given: it decides how the set is made, not what it is; given at its default it stays, as
+    identities always held it."""
     ident = omit_running_bn(to_dict(cfg, identity=True), "soft_labels_bn")
-    ident["options"] = typed_numbers(ident["options"], resolved)
+    options = typed_numbers(ident["options"], resolved)
+    if cfg.method in METHODS:
+        at = operational_defaults(METHODS.get(cfg.method).Config)
+        options = {k: v for k, v in options.items() if k not in at or v == to_dict(at[k])}
+    ident["options"] = options
     return ident
 
 

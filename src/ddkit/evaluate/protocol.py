@@ -8,6 +8,7 @@ random real subset of the same IPC and the full training set are measured the sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -288,23 +289,78 @@ def unused_overrides(overrides: dict, set_by: dict[str, str], where: str = "over
             for k, source in set_by.items() if k in overrides]
 
 
-def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
-                     where: str = "protocol") -> ProtocolConfig:
-    """A protocol from a preset name, a YAML path (str or Path), a dict or a config, with ``overrides``
-    (nested dict; ``where``: what a config calls them, which errors in them name)."""
+def protocol_settings(spec: str | Path | dict | ProtocolConfig) -> dict:
+    """Every setting of the protocol ``spec`` names (a preset name, a YAML path, a dict or a config), as a dict."""
     if isinstance(spec, ProtocolConfig):
-        base = to_dict(spec)
-    elif isinstance(spec, dict):
-        base = to_dict(from_dict(ProtocolConfig, spec, "protocol"))
-    elif is_protocol_file(spec):
+        return to_dict(spec)
+    if isinstance(spec, dict):
+        return to_dict(from_dict(ProtocolConfig, spec, "protocol"))
+    if is_protocol_file(spec):
         data = load_yaml(spec)
         refuse_record(data, ProtocolConfig)  # an evaluation's JSON: every key of it would be unknown
-        base = to_dict(from_dict(ProtocolConfig, data, "protocol"))
-    elif isinstance(spec, str):
-        base = to_dict(PROTOCOLS.get(spec)())
-    else:
-        raise ConfigError(f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML file's "
-                          f"path, got {type(spec).__name__} {spec!r}; pass one of them, e.g. 'dc-protocol'")
+        return to_dict(from_dict(ProtocolConfig, data, "protocol"))
+    if isinstance(spec, str):
+        return to_dict(PROTOCOLS.get(spec)())
+    raise ConfigError(f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML file's "
+                      f"path, got {type(spec).__name__} {spec!r}; pass one of them, e.g. 'dc-protocol'")
+
+
+def inert_settings(protocol: ProtocolConfig) -> dict[str, tuple[str, str, str] | None]:
+    """The settings (dotted names) that decide nothing in ``protocol``, each with what makes it so (``loss
+    mse_ce``), what would read it and how to make it count; None for ``temperature`` under hard labels (loss ce),
+    which read none either, but the shipped hard-label benches set one (for their soft modes, once) and it keys
+    their evaluations: it is refused only where a soft label mode beside them does not read it either."""
+    train, out = protocol.train, {}
+    if protocol.loss != "kl":
+        out["temperature"] = None if protocol.loss == "ce" else (f"loss {protocol.loss}", "only loss kl reads it",
+                                                                  "set loss=kl")
+    if train.schedule != "smoothing":
+        out["train.smoothing_zeta"] = (f"train.schedule {train.schedule}", "only the smoothing schedule reads it",
+                                       "set train.schedule=smoothing")
+    if train.optimizer != "sgd":
+        out["train.momentum"] = (f"train.optimizer {train.optimizer}", "only sgd reads it", "set train.optimizer=sgd")
+    if train.cutmix_prob == 0:
+        out["train.cutmix_alpha"] = ("train.cutmix_prob 0", "only CutMix reads it", "set train.cutmix_prob")
+    return out
+
+
+def refuse_inert_overrides(settings: dict, overrides: dict, protocols: list[ProtocolConfig], where: str) -> None:
+    """Refuse, in one :class:`ConfigError`, each setting that ``overrides`` (at ``where``) changes from ``settings``
+    (the protocol's own, :func:`protocol_settings`) while it decides nothing in every one of ``protocols`` (those
+    resolved with the overrides: one per label mode a run or bench evaluates; :func:`inert_settings`): it would
+    only give the protocol another hash, and students would be trained again for the same numbers. A preset's own
+    inert values (edc's temperature) are not refused: they keep the hash it always had."""
+    problems = []
+    inert = [inert_settings(p) for p in protocols]
+    for name in inert[0] if inert else {}:
+        why = [i[name] for i in inert if name in i]
+        if len(why) < len(inert) or not (states := [w for w in why if w is not None]):
+            continue  # some protocol reads it, or only hard labels leave it unread
+        path = name.split(".")
+        given, was = overrides, settings
+        for part in path:
+            given = given.get(part, _UNSET) if isinstance(given, dict) else _UNSET
+            was = was.get(part, _UNSET) if isinstance(was, dict) else _UNSET
+        value = functools.reduce(getattr, path, protocols[0])
+        if given is not _UNSET and value != was:
+            under = ", ".join(dict.fromkeys(state for state, _, _ in states))
+            _, reads, fix = states[0]
+            problems.append(f"{where + '.' if where else ''}{name}={value:g} does nothing under {under} ({reads}); "
+                            f"drop it (it would only give the protocol another hash) or {fix}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+_UNSET = object()
+
+
+def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict | None = None,
+                     where: str = "protocol", check_inert: bool = True) -> ProtocolConfig:
+    """A protocol from a preset name, a YAML path (str or Path), a dict or a config, with ``overrides``
+    (nested dict; ``where``: what a config calls them, which errors in them name). An override of a setting that
+    decides nothing in the result (:func:`refuse_inert_overrides`) is refused, unless ``check_inert`` is False (a
+    run or bench resolves one protocol per label mode, and refuses only what none of them reads)."""
+    base = settings = protocol_settings(spec)
     if overrides:
         merged = merge_overrides(base, overrides)
         # switching to hard labels implies cross-entropy; to soft labels implies KL unless given
@@ -313,7 +369,7 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
                 base["loss"] if base["loss"] != "ce" else "kl")
         base = merged
     try:
-        return from_dict(ProtocolConfig, base, where if overrides else "protocol")
+        protocol = from_dict(ProtocolConfig, base, where if overrides else "protocol")
     except ConfigError as exc:
         train = (overrides or {}).get("train")
         if (isinstance(train, dict) and "augment" in train and "augment_options" not in train
@@ -324,5 +380,8 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
             raise ConfigError(f"{exc}; the protocol's train.augment_options are kept when train.augment changes: "
                               f"{fix}") from None
         raise
+    if overrides and check_inert:
+        refuse_inert_overrides(settings, overrides, [protocol], where)
+    return protocol
 
 

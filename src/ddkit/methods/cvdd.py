@@ -58,6 +58,10 @@ class CVDDConfig(RecoverConfig):
         super().__post_init__()
         check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
 
+    def uses_votes(self) -> bool:
+        """The committee's votes weigh its soft labels too (``soft_labels: committee``)."""
+        return super().uses_votes() or self.soft_labels == "committee"
+
 
 def committee_logits(teachers: list, images: torch.Tensor, weights: list[float], mean, std, device, *,
                      bn: TeacherBN = "running", bn_batch: int | None = None, seed: int = 0,

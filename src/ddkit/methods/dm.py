@@ -37,7 +37,8 @@ class DMConfig(Checked):
     batch_real: int = field(256, help="real images per class per iteration")
     dsa: bool = field(True, help="differentiable siamese augmentation of both batches (paper: on)")
     dsa_options: dict = field({}, help="DSA options, e.g. {flip: false} for digits")
-    checkpoint_every: int = field(500, help="iterations between checkpoints in the work folder")
+    checkpoint_every: int = field(500, operational=True, help="iterations between checkpoints in the work folder (not "
+                                  "part of the set's identity)")
     flip_plugin: bool = field(False, added=True, help="FYI (ECCV 2024): embed each class's synthetic images "
                               "together with their mirror images (DSA's per-batch flip kept)")
 

@@ -91,7 +91,8 @@ class DCConfig(Checked):
     lr_net: float = field(0.01, help="SGD learning rate of the network in the inner loop (no momentum)")
     batch_real: int = field(256, help="real images per class per matching step")
     batch_train: int = field(256, help="batch size of the inner-loop network training on the synthetic set")
-    checkpoint_every: int = field(10, help="iterations between checkpoints in the work folder")
+    checkpoint_every: int = field(10, operational=True, help="iterations between checkpoints in the work folder (not "
+                                  "part of the set's identity)")
     bn_real_per_class: int = field(16, added=True, help="networks with BatchNorm: before each image update a forward "
                                    "pass over this many real images per class sets the running statistics, which stay "
                                    "frozen while gradients are matched (the reference's BNSizePC); 0: the "

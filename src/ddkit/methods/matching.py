@@ -139,7 +139,9 @@ def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     """What a checkpoint must match to be resumed: config, IPC, seed, and the data (its fingerprint:
     pixels, labels and classes) with its normalisation. The config as its identity has it: a field
     added later (``flip_plugin``) is left out at its default, which reproduces the run from before it
-    existed, so a checkpoint written then still resumes."""
+    existed, so a checkpoint written then still resumes; operational settings (``checkpoint_every``) are
+    held at their defaults, so a run resumed with another one keeps its checkpoint, as it keeps its set's
+    identity."""
     return repr((to_dict(cfg, identity=True), ipc, seed, real.fingerprint, real.normalisation))
 
 

@@ -148,7 +148,8 @@ class MTTConfig(Checked):
     gradient: GradientMode = field(
         "unroll", help="unroll: backprop through all steps (MTT); exact: same gradient, memory of one step; "
         "first_order: TESLA's reference approximation")
-    checkpoint_every: int = field(100, help="iterations between resumable checkpoints in the work dir")
+    checkpoint_every: int = field(100, operational=True, help="iterations between resumable checkpoints in the work "
+                                  "dir (not part of the set's identity)")
     balance_loss: bool = field(
         False, help="AST balanced inner loss: scale the student's cross-entropy by log_5(t − h + 8) when the start "
         "epoch t >= h = max_start_epoch // 2, else by 1 / log_5(h − t + 8)")

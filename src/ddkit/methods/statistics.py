@@ -63,7 +63,7 @@ from ddkit.artifacts import (
     cache_dir as cache_dir_of,
 )
 from ddkit.cache import STATISTICS_SCHEMA, STATISTICS_TENSORS
-from ddkit.config import Checked, config_hash, field, from_dict, to_dict
+from ddkit.config import Checked, config_hash, field, field_default, from_dict, short_repr, to_dict
 from ddkit.data.augment import build_augment, resize_bilinear
 from ddkit.data.base import DataBundle
 from ddkit.determinism import stage_modes
@@ -645,9 +645,11 @@ class RecoverConfig(Checked):
     class_batch: int | None = field(None, help="at most this many classes per optimised batch (None: all classes "
                                                f"up to {CLASS_BATCH}, in chunks of {CLASS_BATCH} beyond, as SRe2L's "
                                                "ImageNet-1K recover script)")
-    checkpoint_every: int = field(50, help="steps between resumable checkpoints")
+    checkpoint_every: int = field(50, operational=True, help="steps between resumable checkpoints (not part of the "
+                                  "set's identity)")
     stats_batch_size: int = field(256, help="batch size of the real-data statistics pass")
-    cache_dir: str | None = field(None, help="statistics cache (default $DDKIT_CACHE/statistics)")
+    cache_dir: str | None = field(None, operational=True, help="statistics cache (default $DDKIT_CACHE/statistics; "
+                                  "not part of the set's identity)")
 
     def __post_init__(self) -> None:
         checks = [
@@ -693,7 +695,7 @@ class RecoverConfig(Checked):
             (self.curriculum in ("none", "step", "linear", "cosine"),
              f"curriculum must be none, step, linear or cosine, got {self.curriculum!r}"),
         ]
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        defaults = {f.name: field_default(f) for f in dataclasses.fields(self)}  # this class's (a preset's own)
         if self.augment != "rrc_flip":  # the crop-scale settings only shape RandomResizedCrop
             moved = [k for k in ("scale_min", "curriculum", "milestone")  # (curriculum none is no curriculum)
                      if getattr(self, k) != defaults[k] and not (k == "curriculum" and self.curriculum == "none")]
@@ -704,16 +706,46 @@ class RecoverConfig(Checked):
             elif self.curriculum != "none":  # a preset's own curriculum (CDA's) would silently do nothing
                 checks.append((False, f"curriculum {self.curriculum} (this method's) shapes RandomResizedCrop's scale, "
                                       f"but augment is {self.augment}; set curriculum: none or augment: rrc_flip"))
-        # settings of a part that is off: they would do nothing, yet give the set another identity
+        # settings of a part that is off: they would do nothing, yet give the set another identity (a setting at
+        # this class's default is taken: a preset's own value, when an ablation turns its part off)
         if self.jitter == 0 and self.jitter_mode != defaults["jitter_mode"]:
             checks.append((False,
                            f"jitter_mode {self.jitter_mode} applies only with jitter > 0; remove it or set jitter"))
         if self.augment == "none" and self.augment_per != defaults["augment_per"]:
             checks.append((False, f"augment_per {self.augment_per} applies only with an augmentation, but augment is "
                                   "none; remove it or set augment"))
+        voting = self.uses_votes()
+        off_parts = [  # (settings, whether their part is off, the part, why it is off, how to turn it on)
+            (("flatness_beta", "flatness_tau"), self.flatness_weight == 0, "flatness_weight > 0",
+             "flatness_weight is 0", "set flatness_weight"),
+            (("densify_tau",), self.densify_weight == 0, "densify_weight > 0", "densify_weight is 0",
+             "set densify_weight"),
+            (("committee_weights",), not voting, "a committee", "committee_size is null", "set committee_size"),
+            (("committee_temperature",), not voting, "a committee", "committee_size is null", "set committee_size"),
+            (("committee_temperature",), voting and self.committee_weights == "equal", "committee_weights prior",
+             "committee_weights is equal", "set committee_weights: prior"),
+            (("perturb_steps",), self.perturb_rho == 0, "perturb_rho > 0", "perturb_rho is 0", "set perturb_rho"),
+            (("milestone",), self.augment == "rrc_flip" and self.curriculum == "none", "a curriculum",
+             "curriculum is none", "set curriculum"),  # (with another augment: refused above)
+            (("conv_features",), self.stats == "bn", "convolution statistics (stats conv or bn+conv)",
+             "stats is bn", "set stats"),
+            (("rded_options",), self.init != "rded", "init: rded", f"init is {self.init}", "set init: rded"),
+            (("patch_size",), self.alpha == 0, "global statistics (alpha > 0)", "alpha is 0", "set alpha"),
+        ]
+        for names, off, part, why, fix in off_parts:
+            for name in names:
+                value = getattr(self, name)
+                if off and value != defaults[name]:
+                    shown = short_repr(value, 80) if isinstance(value, (dict, list)) else value
+                    checks.append((False, f"{name} {shown} applies only with {part}, but {why}; remove it or {fix}"))
         errors = [msg for ok, msg in checks if not ok]
         if errors:
             raise ConfigError("; ".join(errors))
+
+    def uses_votes(self) -> bool:
+        """Whether the committee's voting weights (``committee_weights``, ``committee_temperature``) decide
+        anything: a committee per IPC slot (``committee_size``)."""
+        return self.committee_size is not None
 
 
 def crop_scale_min(cfg: RecoverConfig, it: int) -> float:
