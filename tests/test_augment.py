@@ -503,7 +503,8 @@ def test_dsa_flips_warn_where_methods_and_students_build_them_on_mnist(caplog, f
     said = _flip_warnings(caplog)
     assert [s.split("; set ")[1] for s in said] == [
         "distill.options.dsa_options: {flip: false} to turn them off",
-        "train.augment_options: {flip: false} to turn them off",
+        "train.augment_options (in a run: evaluate.overrides.train.augment_options; in a bench: "
+        "overrides.train.augment_options): {flip: false} to turn them off",
         "distill.options.buffer.augment_options: {flip: false} to turn them off"]
     caplog.clear()  # flips off: silent
     protocol = ProtocolConfig(student="tiny_convnet", random_baseline=False,

@@ -531,3 +531,48 @@ def test_a_teacher_edited_in_memory_gets_a_new_fingerprint(teacher_dir, tiny, tm
         next(teacher.model.parameters())[0].add_(1)
     teacher.save(tmp_path / "edited")  # the manifest names the weights saved: it loads
     assert Teacher.load(tmp_path / "edited").fingerprint == teacher.fingerprint != saved
+
+
+def test_a_thread_asking_while_another_hashes_an_edited_teacher_gets_the_new_fingerprint(teacher_dir, monkeypatch):
+    """Review 17c F1: the first thread to see an edit marked the weights as hashed before it had the new sha, so a
+    second thread asking meanwhile was given the old one (and the cache entries of the old weights)."""
+    import threading
+
+    import ddkit.teacher.squeeze as squeeze
+
+    teacher = Teacher.load(teacher_dir)
+    old = teacher.fingerprint
+    with torch.no_grad():
+        next(teacher.model.parameters())[0].add_(1)
+    hashing, release, real = threading.Event(), threading.Event(), squeeze.weights_sha
+
+    def slow(model):  # the first hash waits until the second thread has asked
+        hashing.set()
+        release.wait(5)
+        return real(model)
+
+    monkeypatch.setattr(squeeze, "weights_sha", slow)
+    seen = {}
+    first = threading.Thread(target=lambda: seen.update(first=teacher.fingerprint))
+    first.start()
+    assert hashing.wait(5)
+    second = threading.Thread(target=lambda: seen.update(second=teacher.fingerprint))
+    second.start()
+    second.join(0.2)  # it waits for the hash under way, not returning the old sha
+    assert "second" not in seen
+    release.set()
+    first.join(5)
+    second.join(5)
+    new = real(teacher.model)
+    assert new != old and seen == {"first": new, "second": new}
+
+
+def test_saving_a_teacher_ensemble_is_refused_in_one_line(teacher_dir, tmp_path):
+    """Review 17c F8: Teacher.save of an ensemble wrote its wrapper's weights under the first member's model, a
+    folder Teacher.load then refused as damaged."""
+    from ddkit.teacher import teacher_ensemble
+
+    ensemble = teacher_ensemble([Teacher.load(teacher_dir), Teacher.load(teacher_dir)], [0.7, 0.3])
+    with pytest.raises(DDKitError, match=r"cannot save a teacher ensemble as one teacher .* save each member") as e:
+        ensemble.save(tmp_path / "ens")
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []

@@ -215,7 +215,7 @@ def _train_student(
     progress: Callable[[int, int, dict], None] | None = None,
     transform=None,
 ) -> float:
-    warn_digit_flips(build_augment(cfg.augment, **cfg.augment_options), data.name, "train.augment_options")
+    warn_digit_flips(build_augment(cfg.augment, **cfg.augment_options), data.name, STUDENT_AUGMENT_KEY)
     c, h, _ = data.image_shape
     # the initial weights come from the global generators seeded with ``seed``, and so do the dropout masks of
     # the training that follows: both under the lock (other threads' stages wait), the caller's states kept
@@ -229,6 +229,11 @@ def _train_student(
             stored_targets=stored, test=data.test, distributed=distributed, progress=progress, transform=transform,
         )
     return _score(result)
+
+
+# where a protocol's student augmentation options are set: evaluate's own key, and a run's and a bench's
+STUDENT_AUGMENT_KEY = ("train.augment_options (in a run: evaluate.overrides.train.augment_options; in a bench: "
+                       "overrides.train.augment_options)")
 
 
 # protocol fields that cannot change a student of the set or of its random subset: whether the baselines run,

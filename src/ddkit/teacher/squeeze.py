@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ from ddkit.models.registry import ContractError, model_config_hash, model_source
 from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, batchnorm_layers, train_classifier
 
 log = logging.getLogger(__name__)
+# held while a teacher's fingerprint is hashed again (Teacher._follow_weights): one lock for all teachers, as a
+# lock held by each would keep them from being copied or pickled
+_FOLLOWING = threading.Lock()
 
 KIND = "teacher"
 WEIGHTS = "model.safetensors"
@@ -107,7 +111,8 @@ class Teacher(DescribesDataset):
         cache, store and reuse check: the manifest's, hashed again once the weights changed in memory since (edited in
         place under ``torch.no_grad()``, an optimizer's steps, ``model.load_state_dict``, a module or parameter
         replaced, the model moved), which :func:`_weights_state` tells without reading them. An edit through a
-        tensor's ``.data`` is one that PyTorch counts nowhere: edit under ``torch.no_grad()`` instead."""
+        tensor's ``.data`` or a NumPy/DLPack view of it is one that PyTorch counts nowhere: edit under
+        ``torch.no_grad()`` instead (``param.copy_(torch.from_numpy(array))``)."""
         self._follow_weights()
         return self.manifest["weights_sha"]
 
@@ -117,17 +122,22 @@ class Teacher(DescribesDataset):
         state = _weights_state(self.model)
         if state is not None and state == self._hashed:
             return
-        self._hashed = state
-        members = self.manifest.get("ensemble")
-        if isinstance(self.model, _MeanLogits) and members:
-            members = [{**m, "weights_sha": weights_sha(model)} for m, model in zip(members, self.model.members)]
-            sha = _ensemble_sha(members)
-        else:
-            members, sha = None, weights_sha(self.model)
-        if sha != self.manifest.get("weights_sha"):
-            log.info("teacher %s: its weights changed in memory, now %s", self.manifest.get("weights_sha"), sha)
-        # a new dict: a manifest shared with another teacher (one made from it) keeps naming that one's weights
-        self.manifest = {**self.manifest, "weights_sha": sha, **({"ensemble": members} if members else {})}
+        # one thread hashes; another that asks meanwhile waits for its sha instead of reading the old one
+        with _FOLLOWING:
+            state = _weights_state(self.model)
+            if state is not None and state == self._hashed:
+                return
+            members = self.manifest.get("ensemble")
+            if isinstance(self.model, _MeanLogits) and members:
+                members = [{**m, "weights_sha": weights_sha(model)} for m, model in zip(members, self.model.members)]
+                sha = _ensemble_sha(members)
+            else:
+                members, sha = None, weights_sha(self.model)
+            if sha != self.manifest.get("weights_sha"):
+                log.info("teacher %s: its weights changed in memory, now %s", self.manifest.get("weights_sha"), sha)
+            # a new dict: a manifest shared with another teacher (one made from it) keeps naming that one's weights
+            self.manifest = {**self.manifest, "weights_sha": sha, **({"ensemble": members} if members else {})}
+            self._hashed = state  # last: the state says the manifest names these weights
 
     def record(self) -> dict[str, Any]:
         """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
@@ -149,6 +159,9 @@ class Teacher(DescribesDataset):
 
     def save(self, out: str | Path) -> Path:
         out = Path(out)
+        if isinstance(self.model, _MeanLogits):  # Teacher.load builds one model: the members' weights would not fit
+            raise DDKitError(f"cannot save a teacher ensemble as one teacher to {str(out)!r}; save each member "
+                             "(member.save(DIR)) and make the ensemble again with teacher_ensemble([...], weights)")
         self._follow_weights()  # the manifest names the weights saved, also after an edit in memory
         with atomic_dir(out, kind=KIND) as tmp:
             save_tensors(tmp / WEIGHTS, self.model.state_dict())
