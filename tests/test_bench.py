@@ -1004,6 +1004,46 @@ def test_cells_and_evaluations_are_recomputed_under_a_new_revision_of_student_tr
     assert seen == [True] * 4
 
 
+def test_show_counts_cells_of_an_older_revision_of_student_training_as_not_finished(full_run, tmp_path, monkeypatch):
+    """After a new STUDENT_REVISION `ddkit show` of an unfinished bench still said "4 of 4 cells finished" (it counted
+    a cell by its seeds and protocols) while `ddkit bench` recomputed all four (their key names the revision; QA 17c
+    F9). Cells record the revision their key names (from 2 on), and show counts them as bench does."""
+    import ddkit.cache
+    from ddkit.bench import _Bench
+    from ddkit.describe import describe
+
+    out, _, _ = full_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "bench.json").unlink()  # a bench folder before its table
+    cfg = tiny_cfg(copy, label_modes=["hard", "teacher"])
+
+    def finished() -> int:
+        bench = _Bench(cfg)
+        bench.prepare()
+        return sum(bench.finished(c) is not None for c in cells_of(cfg))
+
+    assert describe(copy).endswith("\n4 of 4 cells finished; no table yet (bench.json)") and finished() == 4
+    assert not any("revision" in json.loads(p.read_text()) for p in (copy / "cells").glob("*.json"))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    assert describe(copy).endswith(
+        "\n0 of 4 cells finished (4 made by revision 1 of ddkit's student training (this ddkit's is 2), recomputed by "
+        "the next `ddkit bench`); no table yet (bench.json)") and finished() == 0
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    run_bench(cfg)
+    assert {json.loads(p.read_text())["revision"] for p in (copy / "cells").glob("*.json")} == {2}
+    assert describe(copy / "config.json").endswith("\n4 of 4 cells finished; bench.json holds the table")
+    assert finished() == 4
+    # one cell of another config too: both reasons are named
+    cell = copy / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json"
+    cell.write_text(json.dumps({**json.loads(cell.read_text()), "seeds": [5]}))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 1)
+    assert describe(copy / "config.json").endswith(
+        "\n0 of 4 cells finished (1 cell file(s) from another config or seeds, 3 made by revision 2 of ddkit's student "
+        "training (this ddkit's is 1), recomputed by the next `ddkit bench`); bench.json holds an earlier run's table")
+    assert finished() == 0
+
+
 def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(full_run, monkeypatch, tmp_path):
     """A cached evaluation used to be reused whatever thread count made it (float sums, so other students):
     a table then mixed numbers that no single run gives."""

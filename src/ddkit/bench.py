@@ -923,6 +923,9 @@ class _Bench:
             "teacher_sha": self.teachers[cell.dataset].fingerprint if self.teachers[cell.dataset] is not None else None,
             # (of its evaluations: cells and cached evaluations made with another one are recomputed)
             "torch_threads": rep.get("run", {}).get("torch_threads", torch.get_num_threads()),
+            # the revision of ddkit's student training its key names (from 2 on), for `ddkit show`, which loads no
+            # teacher or set to compute that key
+            **ddcache.revised(ddcache.STUDENT_REVISION),
         }
         if "learned_lr" in rep:  # protocol learned_lr: the student lr the set learned, which its students trained with
             row["learned_lr"] = rep["learned_lr"]
