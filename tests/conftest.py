@@ -112,6 +112,35 @@ def lock_held(path: Path, seconds: float):
 TEST_SEED = int(os.environ.get("DDKIT_TEST_SEED", "0"))
 
 
+def fake_cuda(monkeypatch, gpu: str = "NVIDIA H100 80GB HBM3") -> None:
+    """torch.cuda as a machine with one GPU named ``gpu`` answers what a cache key (or resolve_device) asks of it;
+    nothing trains there: a test that evaluates on "cuda" fakes its students."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpu)
+    monkeypatch.setattr(torch.version, "cuda", "12.4")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
+
+
+@contextlib.contextmanager
+def cuda_settings_kept():
+    """Inside: change torch's TF32 flags and float32 matmul precision freely; after, they are back, and so are the
+    deterministic-algorithm and cuDNN settings that a stage on a (faked) CUDA device turns on for the process.
+    (torch.backends.cuda.matmul is no plain object: monkeypatch cannot restore it.)"""
+    kept = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = kept[:2]
+        torch.set_float32_matmul_precision(kept[2])
+        torch.use_deterministic_algorithms(kept[3], warn_only=kept[4])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = kept[5:]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """ddkit's cache is a per-test folder (fixtures of a wider scope use the session's, ``SESSION_CACHE``),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ddkit
-from conftest import REPO, twice_at_once
+from conftest import REPO, cuda_settings_kept, fake_cuda, twice_at_once
 from ddkit.bench import (
     BenchConfig,
     cells_of,
@@ -1002,6 +1002,99 @@ def test_cells_and_evaluations_are_recomputed_under_a_new_revision_of_student_tr
     seen.clear()
     run_bench(cfg, progress=lambda d, n, r: seen.append(r["reused"]))
     assert seen == [True] * 4
+
+
+def test_show_counts_cells_of_an_older_revision_of_student_training_as_not_finished(full_run, tmp_path, monkeypatch):
+    """After a new STUDENT_REVISION `ddkit show` of an unfinished bench still said "4 of 4 cells finished" (it counted
+    a cell by its seeds and protocols) while `ddkit bench` recomputed all four (their key names the revision; QA 17c
+    F9). Cells record the revision their key names (from 2 on), and show counts them as bench does."""
+    import ddkit.cache
+    from ddkit.bench import _Bench
+    from ddkit.describe import describe
+
+    out, _, _ = full_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    (copy / "bench.json").unlink()  # a bench folder before its table
+    cfg = tiny_cfg(copy, label_modes=["hard", "teacher"])
+
+    def finished() -> int:
+        bench = _Bench(cfg)
+        bench.prepare()
+        return sum(bench.finished(c) is not None for c in cells_of(cfg))
+
+    assert describe(copy).endswith("\n4 of 4 cells finished; no table yet (bench.json)") and finished() == 4
+    assert not any("revision" in json.loads(p.read_text()) for p in (copy / "cells").glob("*.json"))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 2)
+    assert describe(copy).endswith(
+        "\n0 of 4 cells finished (4 made by revision 1 of ddkit's student training (this ddkit's is 2), recomputed by "
+        "the next `ddkit bench`); no table yet (bench.json)") and finished() == 0
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    run_bench(cfg)
+    assert {json.loads(p.read_text())["revision"] for p in (copy / "cells").glob("*.json")} == {2}
+    assert describe(copy / "config.json").endswith("\n4 of 4 cells finished; bench.json holds the table")
+    assert finished() == 4
+    # one cell of another config too: both reasons are named
+    cell = copy / "cells" / "synthetic-random-ipc1-tiny_convnet-hard.json"
+    cell.write_text(json.dumps({**json.loads(cell.read_text()), "seeds": [5]}))
+    monkeypatch.setattr(ddkit.cache, "STUDENT_REVISION", 1)
+    assert describe(copy / "config.json").endswith(
+        "\n0 of 4 cells finished (1 cell file(s) from another config or seeds, 3 made by revision 2 of ddkit's student "
+        "training (this ddkit's is 1), recomputed by the next `ddkit bench`); bench.json holds an earlier run's table")
+    assert finished() == 0
+
+
+def test_cells_and_evaluations_made_under_other_cuda_settings_are_recomputed(full_run, tmp_path, monkeypatch, caplog):
+    """A bench's cells and cached evaluations were reused whatever CUDA settings, GPU or libraries (or device type)
+    their students were trained under, while those key the students themselves (QA 17c F10): a bench made with TF32 on
+    was reused whole with TF32 off, or on another GPU. Made on CUDA, evaluations record them (``run.cuda``) and so do
+    cells (``cuda``); under others both are recomputed. On the CPU nothing changes (no GPU asked, all reused)."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.artifacts import write_json
+    from ddkit.bench import _Bench
+
+    out, _, _ = full_run
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    cfg = tiny_cfg(copy, label_modes=["hard", "teacher"])
+    bench = _Bench(cfg)
+    bench.prepare()
+    cells = cells_of(cfg)
+    cpu_made = [json.loads(bench.cell_path(c).read_text()) for c in cells]
+    assert not any("cuda" in r for r in cpu_made)
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: pytest.fail("asked a GPU on the CPU"))
+    assert [bench.finished(c) for c in cells] == cpu_made  # on the CPU: reused as before
+    fake_cuda(monkeypatch)
+    bench.device = torch.device("cuda:0")  # a bench on a GPU: its students are faked (no GPU here)
+    assert [bench.finished(c) for c in cells] == [None] * 4  # made on the CPU: not what the GPU trains
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: 0.5)
+    monkeypatch.setattr(runner, "_random_baseline", lambda *a, **k: 0.25)
+    with cuda_settings_kept():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        for c in cells:
+            write_json(bench.cell_path(c), bench.compute(c))  # as run_bench writes a finished cell
+        made = [json.loads(bench.cell_path(c).read_text()) for c in cells]
+        on = runner.trained_on("cuda")["cuda"]
+        assert on["tf32_matmul"] and all(r["cuda"] == on and r["acc"]["mean"] == 0.5 for r in made)
+        evals = [copy / "evals" / f"{k}.json" for k in sorted({k for r in made for k in r["eval_keys"]})]
+        assert len(evals) == 4 and all(json.loads(p.read_text())["run"]["cuda"] == on for p in evals)
+        assert [bench.finished(c) for c in cells] == made  # the same settings: reused
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert [bench.finished(c) for c in cells] == [None] * 4
+        with caplog.at_level("INFO", logger="ddkit.bench"):
+            assert all(bench._cached_eval(p, bench.device) is None for p in evals)  # an evaluation alone too
+        assert (f"recomputing {evals[0].name}: it was made under other CUDA settings (tf32_matmul True, now False; "
+                "float32_matmul_precision 'high', now 'highest')") in caplog.text
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert [bench.finished(c) for c in cells] == made
+        fake_cuda(monkeypatch, "NVIDIA H200")
+        assert [bench.finished(c) for c in cells] == [None] * 4  # another GPU
+        assert all(bench._cached_eval(p, bench.device) is None for p in evals)
+        fake_cuda(monkeypatch)
+        bench.device = torch.device("cpu")
+        assert [bench.finished(c) for c in cells] == [None] * 4  # made on CUDA: not what the CPU trains
+        assert all(bench._cached_eval(p, "cpu") is None for p in evals)
 
 
 def test_cells_and_evaluations_made_with_another_thread_count_are_recomputed(full_run, monkeypatch, tmp_path):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import twice_at_once
+from conftest import cuda_settings_kept, fake_cuda, twice_at_once
 from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import ConfigError, DDKitError
@@ -1432,15 +1432,6 @@ def test_a_new_revision_of_student_training_trains_every_cached_student_again(se
                                   "ddkit's is 2: never read again; `ddkit cache prune --stale` removes it)")
 
 
-def _fake_cuda(monkeypatch, gpu: str = "NVIDIA H100 80GB HBM3") -> None:
-    """torch.cuda as a machine with one GPU named ``gpu`` answers what a cache key asks of it."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: gpu)
-    monkeypatch.setattr(torch.version, "cuda", "12.4")
-    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 90100)
-
-
 def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_protocol, tmp_path, monkeypatch):
     """On CUDA a cached student's key said only "cuda": students trained with TF32 on, with nondeterministic
     kernels, on another GPU model or CUDA/cuDNN version came back from the cache as if trained as asked. These now key
@@ -1452,12 +1443,12 @@ def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_
     protocol = resolve_protocol(tiny_protocol, {"full_epochs": 1, "train": {"epochs": 1}})
     cpu = _pinned_keys(tmp_path / "pin")
     real_name = torch.cuda.get_device_name
-    _fake_cuda(monkeypatch)
+    fake_cuda(monkeypatch)
     assert _pinned_keys(tmp_path / "pin") == cpu  # nothing of CUDA is asked for a CPU key
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: pytest.fail("asked a GPU for a CPU key"))
     _pinned_keys(tmp_path / "pin")
     monkeypatch.setattr(torch.cuda, "get_device_name", real_name)
-    _fake_cuda(monkeypatch)
+    fake_cuda(monkeypatch)
 
     def keys() -> tuple[str, str]:
         return (student_cache_path(protocol, data, None, None, ds, 0, tmp_path, device="cuda").name,
@@ -1494,9 +1485,9 @@ def test_cuda_students_are_keyed_by_their_kernels_gpu_and_libraries(setup, tiny_
         monkeypatch.setenv("DDKIT_CUDA_DETERMINISTIC", "0")
         fast = keys()
         monkeypatch.delenv("DDKIT_CUDA_DETERMINISTIC")
-        _fake_cuda(monkeypatch, "NVIDIA H200")
+        fake_cuda(monkeypatch, "NVIDIA H200")
         other_gpu = keys()
-        _fake_cuda(monkeypatch)
+        fake_cuda(monkeypatch)
         monkeypatch.setattr(torch.version, "cuda", "12.8")
         other_cuda = keys()
     finally:
@@ -1534,3 +1525,47 @@ def test_a_run_folder_evaluates_again_under_a_new_revision_of_student_training(t
     assert again["reused"] == ["distilled"] and trained == [(8, 0), (8, 0), (96, 0)]  # set, random subset, full data
     assert again["evaluations"][0]["results"]["distilled"] == first["evaluations"][0]["results"]["distilled"]
     assert run(cfg)["reused"] == ["distilled", "eval-hard.json"] and len(trained) == 3
+
+
+def test_a_run_folder_evaluates_again_under_other_cuda_settings(tmp_path, monkeypatch, caplog):
+    """A run folder's evaluation report was reused whatever CUDA settings, GPU or libraries (or device type) its
+    students were trained under, while those key the students themselves (QA 17c F10): a run made with TF32 on kept
+    its numbers when run again with TF32 off, or on another GPU. A report made on CUDA records them (``run.cuda``) and
+    is evaluated again under others; on the CPU nothing changes (no GPU asked, the report reused as before)."""
+    import dataclasses
+
+    import ddkit.evaluate.runner as runner
+    from ddkit.pipeline import run
+
+    cfg = _tiny_run(tmp_path / "run", [0])
+    first = run(cfg)
+    assert "cuda" not in first["evaluations"][0]["run"]
+    fake_cuda(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: pytest.fail("asked a GPU on the CPU"))
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"]  # on the CPU as before
+    fake_cuda(monkeypatch)
+    gpu = dataclasses.replace(cfg, device="cuda")
+    trained = []  # no GPU here: the students "train" to 0.5 (the report's records are what is checked)
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(a[4]) or 0.5)
+    with cuda_settings_kept():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        on = run(gpu)  # made on the CPU: evaluated again
+        assert on["reused"] == ["distilled"] and len(trained) == 3
+        report = json.loads((tmp_path / "run" / "eval-hard.json").read_text())
+        assert report["run"]["cuda"] == runner.trained_on("cuda")["cuda"] and report["run"]["cuda"]["tf32_matmul"]
+        assert report["results"]["distilled"]["mean"] == 0.5
+        assert run(gpu)["reused"] == ["distilled", "eval-hard.json"] and len(trained) == 3  # the same settings
+        torch.backends.cuda.matmul.allow_tf32 = False
+        with caplog.at_level("INFO", logger="ddkit.pipeline"):
+            assert run(gpu)["reused"] == ["distilled"] and len(trained) == 6
+        assert ("evaluating eval-hard.json again: it was made under other CUDA settings (tf32_matmul True, now False; "
+                "float32_matmul_precision 'high', now 'highest')") in caplog.text
+        assert run(gpu)["reused"] == ["distilled", "eval-hard.json"] and len(trained) == 6
+        fake_cuda(monkeypatch, "NVIDIA H200")
+        assert run(gpu)["reused"] == ["distilled"] and len(trained) == 9
+    caplog.clear()
+    with caplog.at_level("INFO", logger="ddkit.pipeline"):
+        back = run(cfg)  # made on CUDA: evaluated again on the CPU (its students come from the cache)
+    assert back["reused"] == ["distilled"] and len(trained) == 9
+    assert "evaluating eval-hard.json again: it was made on CUDA (NVIDIA H200), not on the CPU" in caplog.text
+    assert back["evaluations"][0]["results"] == first["evaluations"][0]["results"]

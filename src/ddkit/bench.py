@@ -63,7 +63,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
-from ddkit.determinism import stage_modes
+from ddkit.determinism import numerics_change, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -763,12 +763,13 @@ class _Bench:
                            "distilled": ds.manifest.get("config_hash"), "teacher": tfp, **protocol_inputs(protocol),
                            **ddcache.revised(ddcache.STUDENT_REVISION)})  # as its students (STUDENT_REVISION 2 on)
         path = self.root / "evals" / f"{key}.json"
-        if (rep := self._cached_eval(path)) is not None:
+        if (rep := self._cached_eval(path, self.device)) is not None:
             return rep
         # torchrun ranks may need one evaluation at once (the hard one behind HLR, for cells of other label
         # modes): one makes it, the other waits and reuses it
         with build_lock(path) if self.world > 1 else contextlib.nullcontext():
-            if (rep := self._cached_eval(path, say=False)) is not None:  # another rank made it while this one waited
+            # another rank made it while this one waited
+            if (rep := self._cached_eval(path, self.device, say=False)) is not None:
                 return rep
             sp = self.stage_progress
             cb = (lambda e, n, r: sp(e, n, {**r, "stage": f"{cell.id}: {r['stage']}"})) if sp is not None else None
@@ -781,21 +782,27 @@ class _Bench:
         return rep
 
     @staticmethod
-    def _cached_eval(path: Path, say: bool = True) -> dict | None:
+    def _cached_eval(path: Path, device: str | torch.device = "cpu", say: bool = True) -> dict | None:
         """The evaluation cached at ``path``, unless it is missing or was made with another thread count
-        (float sums depend on it: a student trained with another one is another number); ``say``: log
-        that it is recomputed (once per cell: not again after waiting for the lock)."""
+        (float sums depend on it: a student trained with another one is another number) or, evaluating on
+        ``device``, under other CUDA settings, GPU or libraries, or on another device type (its students are not
+        those that ``device`` trains: :func:`~ddkit.determinism.numerics_change`); ``say``: log that it is
+        recomputed (once per cell: not again after waiting for the lock)."""
         # a damaged one (also one whose mean is not its seeds') is made again
         rep = reusable_stage(lambda: check_report(read_json(path), path), path, "evaluating")
         if not rep:
             return None
         made = rep.get("run", {}).get("torch_threads")
-        if made in (None, torch.get_num_threads()):
-            return rep
-        if say:
-            log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
-                     torch.get_num_threads())
-        return None
+        if made not in (None, torch.get_num_threads()):
+            if say:
+                log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
+                         torch.get_num_threads())
+            return None
+        if why := numerics_change(rep.get("run", {}).get("cuda"), device):
+            if say:
+                log.info("recomputing %s: %s", path.name, why)
+            return None
+        return rep
 
     def _fkd_store(self, key3: tuple[str, str, int], protocol: ProtocolConfig) -> Path:
         """The set's FKD store for ``cfg.relabel`` and ``protocol`` (made once; atomic; resumable per epoch), by
@@ -873,8 +880,10 @@ class _Bench:
         # they were built from, so those are asked too
         if rec.get("torch_threads") not in (None, torch.get_num_threads()):
             return None
+        if numerics_change(rec.get("cuda"), self.device):  # made under other CUDA settings, or on another device
+            return None
         evals = [self.root / "evals" / f"{k}.json" for k in rec.get("eval_keys", [])]
-        return rec if all(self._cached_eval(p) is not None for p in evals if p.is_file()) else None
+        return rec if all(self._cached_eval(p, self.device) is not None for p in evals if p.is_file()) else None
 
     def written(self, cell: Cell) -> dict:
         """The finished cell's file, read back for the table: it must hold this bench's cell (its key), not one that
@@ -923,6 +932,11 @@ class _Bench:
             "teacher_sha": self.teachers[cell.dataset].fingerprint if self.teachers[cell.dataset] is not None else None,
             # (of its evaluations: cells and cached evaluations made with another one are recomputed)
             "torch_threads": rep.get("run", {}).get("torch_threads", torch.get_num_threads()),
+            # on CUDA also the settings, GPU and libraries they were made under (not recorded on the CPU)
+            **{k: v for k, v in rep.get("run", {}).items() if k == "cuda"},
+            # the revision of ddkit's student training its key names (from 2 on), for `ddkit show`, which loads no
+            # teacher or set to compute that key
+            **ddcache.revised(ddcache.STUDENT_REVISION),
         }
         if "learned_lr" in rep:  # protocol learned_lr: the student lr the set learned, which its students trained with
             row["learned_lr"] = rep["learned_lr"]

@@ -421,9 +421,12 @@ def _check_ddranking(folder: Path, meta: dict) -> None:
 
 def _bench_progress(record: dict, root: Path) -> str:
     """How many of a bench folder's cells are finished: a cell file of the matrix exists and was made with
-    the config's protocols and student seeds. ``show`` loads no teacher or distilled set, so a cell whose
-    teacher or set changed still counts here; ``ddkit bench`` re-checks those and recomputes the cell."""
+    the config's protocols and student seeds, by this ddkit's revision of student training
+    (:data:`~ddkit.cache.STUDENT_REVISION`: its cells record theirs from 2 on, as their key names it). ``show`` loads
+    no teacher or distilled set, so a cell whose teacher or set changed still counts here; ``ddkit bench`` re-checks
+    those and recomputes the cell."""
     from ddkit.bench import BenchConfig, cells_of
+    from ddkit.cache import STUDENT_REVISION
     from ddkit.config import from_dict
 
     note = ""
@@ -439,6 +442,7 @@ def _bench_progress(record: dict, root: Path) -> str:
                 "counted from its matrix)")
     cells = cells_of(cfg)
     done = stale = 0
+    revisions: dict[Any, int] = {}  # cells of this config made by another revision of student training: how many
     for c in cells:
         path = root / "cells" / f"{c.id}.json"
         if not path.is_file():
@@ -450,13 +454,21 @@ def _bench_progress(record: dict, root: Path) -> str:
         current = isinstance(rec, dict) and rec.get("seeds") == list(cfg.seeds) and (
             rec.get("hard_protocol_hash") == cfg.protocol_for(c.student, "hard", ipc=c.ipc).hash) and (
             rec.get("protocol_hash") == cfg.protocol_for(c.student, c.label_mode, ipc=c.ipc).hash)
+        if current and (revision := rec.get("revision", 1)) != STUDENT_REVISION:
+            revisions[revision] = revisions.get(revision, 0) + 1
+            continue
         done += current
         stale += not current
     if not (root / "bench.json").is_file():
         table = "no table yet (bench.json)"
     else:
         table = "bench.json holds the table" if done == len(cells) else "bench.json holds an earlier run's table"
-    old = f" ({stale} cell file(s) from another config or seeds, recomputed by the next `ddkit bench`)" if stale else ""
+    why = [f"{stale} cell file(s) from another config or seeds"] if stale else []
+    if revisions:
+        made = " or ".join(str(r) for r in sorted(revisions, key=str))
+        why.append(f"{sum(revisions.values())} made by revision {made} of ddkit's student training (this ddkit's is "
+                   f"{STUDENT_REVISION})")
+    old = f" ({', '.join(why)}, recomputed by the next `ddkit bench`)" if why else ""
     return f"{done} of {len(cells)} cells finished{old}; {table}{note}"
 
 

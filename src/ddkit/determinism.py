@@ -181,6 +181,31 @@ def cuda_numerics(device: str | torch.device) -> dict[str, Any]:
             "gpu": gpu, "cuda_version": torch.version.cuda, "cudnn_version": torch.backends.cudnn.version()}
 
 
+def device_numerics(device: str | torch.device) -> dict[str, Any]:
+    """``{"cuda": cuda_numerics(device)}`` on a CUDA device, nothing on the CPU: what a record of results (an
+    evaluation report, a bench cell) notes beside its thread count, so that a folder made under other CUDA settings
+    or on another GPU is not reused whole (:func:`numerics_change`); records made on the CPU stay as they were."""
+    return {"cuda": cuda_numerics(device)} if torch.device(device).type == "cuda" else {}
+
+
+def numerics_change(recorded: Any, device: str | torch.device) -> str:
+    """Why results recorded with ``recorded`` (the ``cuda`` of :func:`device_numerics` they were made under; None:
+    none, i.e. on the CPU or by a ddkit before 2026-12-07) are not what ``device`` would make now ("" when they are):
+    their students were trained under other CUDA settings (TF32, matmul precision, kernels), on another GPU model or
+    with other CUDA/cuDNN versions, or on another device type. A CPU record on the CPU is always alike."""
+    now = device_numerics(device).get("cuda")
+    if recorded == now:
+        return ""
+    if now is None:
+        gpu = recorded.get("gpu") if isinstance(recorded, dict) else recorded
+        return f"it was made on CUDA ({gpu}), not on the CPU"
+    if not isinstance(recorded, dict):
+        return "it records no CUDA settings (made on the CPU, or on CUDA by a ddkit that did not record them)"
+    changed = [f"{k} {recorded.get(k)!r}, now {v!r}" for k, v in now.items() if recorded.get(k) != v]
+    changed += [f"{k} {v!r}, now none" for k, v in recorded.items() if k not in now]
+    return f"it was made under other CUDA settings ({'; '.join(changed)})"
+
+
 def use_deterministic_cuda(device: str | torch.device) -> None:
     """Turn on PyTorch's deterministic kernels when ``device`` is a CUDA device (no-op on CPU).
 

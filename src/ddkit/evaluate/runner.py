@@ -46,7 +46,7 @@ from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here 
 from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment, warn_digit_flips
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
-from ddkit.determinism import cuda_numerics, global_rng, stage_modes
+from ddkit.determinism import device_numerics, global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError, caller_stacklevel
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -302,7 +302,7 @@ def trained_on(device) -> dict[str, Any]:
     more on the CPU: the keys made before these were recorded stay valid."""
     device = torch.device(device)
     return {**ddcache.revised(ddcache.STUDENT_REVISION), "torch_threads": torch.get_num_threads(),
-            "device": device.type, **({"cuda": cuda_numerics(device)} if device.type == "cuda" else {})}
+            "device": device.type, **device_numerics(device)}
 
 
 @dataclasses.dataclass
@@ -765,6 +765,8 @@ def evaluate(
         results["full"] = full_reference(data, protocol, seeds, device,
                                          Path(cache_dir) if cache_dir else None, progress)
     report = base_manifest("evaluation", protocol.record(), seeds[0])
+    # on CUDA also the settings its students trained under (a bench or run re-evaluates under others; numerics_change)
+    report["run"].update(device_numerics(device))
     report.update({
         "seeds": seeds,
         "protocol_hash": protocol.hash,
