@@ -350,6 +350,60 @@ def test_a_ddkit_record_passed_to_a_one_stage_command_is_named(tmp_path, capsys)
         resolve_protocol(tmp_path / "eval-hard.json")  # a run's evaluate.protocol too
 
 
+def test_a_run_made_record_passed_to_a_one_stage_command_names_the_sections_to_keep(tmp_path, capsys):
+    """A set made by `ddkit run` records the run's whole config; `ddkit distill --config SET/manifest.json` said to pass
+    that mapping, which `ddkit distill` then refused as unknown sections. A teacher's manifest keeps its dataset under
+    `dataset_config`: the advice left it out, so the teacher would train on the default dataset (QA 17c F2). The
+    advice followed reproduces the stage."""
+    import yaml
+
+    dataset = {"name": "synthetic"}
+    run = {"dataset": dataset, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}},
+           "distill": {"method": "random", "ipc": 1}, "evaluate": {"protocol": "dc-protocol"}, "relabel": {},
+           "device": "auto", "out": str(tmp_path / "run")}
+    made = {"schema_version": 1, "kind": "distilled-set", "config": run, "dataset_config": dataset}
+    teacher = {"schema_version": 1, "kind": "teacher", "config": run["teacher"], "dataset_config": dataset}
+    (tmp_path / "set.json").write_text(json.dumps(made))
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    record = "error: this is a ddkit '{}' record, not a config; "
+    for args, want in [
+        (["distill", "--config", str(tmp_path / "set.json")],
+         record.format("distilled-set") + "its `config` key holds the config of the `ddkit run` that made it: write "
+                                          "its `dataset:` and `distill:` sections to a file and pass it (or pass the "
+                                          "whole mapping to `ddkit run` to repeat the run)"),
+        (["teacher", "--config", str(tmp_path / "teacher.json")],
+         record.format("teacher") + "its settings are under its `config` key: write that mapping to a file as its "
+                                    "`teacher:` section, its `dataset_config` as its `dataset:` section, and pass it"),
+    ]:
+        assert main([*args, "--out", str(tmp_path / "out"), "-q"]) == 2
+        assert capsys.readouterr().err == want + "\n", args
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({k: run[k] for k in ("dataset", "distill")}))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"teacher": teacher["config"], "dataset": dataset}))
+    assert main(["distill", "--config", str(tmp_path / "d.yaml"), "--out", str(tmp_path / "d"), "-q"]) == 0
+    assert main(["teacher", "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "t"), "-q"]) == 0
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["dataset_config"]["name"] == "synthetic"
+
+
+def test_a_record_given_as_a_dict_for_a_protocol_is_named():
+    """`resolve_protocol(record)` and `evaluate(set, record)` with an evaluation's JSON read in listed every key of it
+    as unknown, in over 1,000 characters; the file form said it in one line (QA 17c F7)."""
+    from ddkit.evaluate import evaluate
+
+    protocol = {"student": "tiny_convnet", "train": {"epochs": 2}}
+    record = {"schema_version": 1, "kind": "evaluation", "config": protocol,
+              **{f"field{i}": i for i in range(40)}}
+    want = ("this is a ddkit 'evaluation' record, not a config; its settings are under its `config` key: pass that "
+            "mapping (record['config'])")
+    for call in (lambda: resolve_protocol(record), lambda: evaluate(None, record, [0])):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == want
+    assert resolve_protocol(record["config"]).train.epochs == 2  # the advice followed
+    # a protocol's own settings are never taken for a record, whatever they hold
+    assert resolve_protocol({**protocol, "label_mode": "teacher", "loss": "kl"}).label_mode == "teacher"
+
+
 def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset:\n  name: imagefolder\n  path: /x\n  classes: [cat, yes]\nout: 2024-01-01\n")

@@ -584,21 +584,33 @@ def record_kind(data: Any) -> str | None:
     return None
 
 
-def refuse_record(data: Any, cls: type | None = None, section: str | None = None) -> None:
+def refuse_record(data: Any, cls: type | None = None, section: str | None = None, read: bool = False) -> None:
     """Refuse in one line a record ddkit wrote (:func:`record_kind`: a manifest.json, an evaluation's JSON, a bench's
     wrapped config.json) given where a config of ``cls`` is expected: every key of it would be unknown. ``section``:
-    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill."""
+    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill; ``read``: the
+    record was given as the data read from it (a library call's dict), not as a file."""
     kind = record_kind(data)
     if kind is None or (cls is not None and "kind" in {f.name for f in dataclasses.fields(cls)}):
         return
     config = data.get("config")
     if not isinstance(config, dict):
         held = "it holds no `config` to pass"
-    elif section is None or section in config:
-        held = "its settings are under its `config` key: write that mapping to a file and pass it"
+    elif section is None:
+        held = "its settings are under its `config` key: " + ("pass that mapping (record['config'])" if read else
+                                                              "write that mapping to a file and pass it")
+    elif section in config:
+        keep = [k for k in ("dataset", section) if k in config]
+        if set(config) <= set(keep):  # what a one-stage command recorded: the file it takes
+            held = "its settings are under its `config` key: write that mapping to a file and pass it"
+        else:  # a stage of `ddkit run`, which records the run's whole config: the command refuses its other sections
+            held = "its `config` key holds the config of the `ddkit run` that made it: write its " + \
+                   " and ".join(f"`{k}:`" for k in keep) + " section" + "s" * (len(keep) > 1) + \
+                   " to a file and pass it (or pass the whole mapping to `ddkit run` to repeat the run)"
     elif kind == section:  # a teacher's manifest: its config is the file's teacher: section
-        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` section " \
-               "and pass it"
+        dataset = ", its `dataset_config` as its `dataset:` section," if isinstance(data.get("dataset_config"),
+                                                                                        dict) else ""
+        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` " \
+               f"section{dataset} and pass it"
     else:
         held = f"it holds no `{section}:` settings to pass"
     raise ConfigError(f"this is a ddkit {short_repr(kind, 40)} record, not a config; {held}")
