@@ -278,6 +278,30 @@ def test_a_set_value_that_is_no_valid_yaml_is_refused(tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder `[a`
 
 
+def test_a_comment_in_a_set_value_is_refused(tmp_path, capsys, monkeypatch):
+    """`--set "out=runs/exp #2"` ran into runs/exp and `--set "name=#c"` set name to null: YAML read the rest as a
+    comment and dropped it, silently (QA 17c F6). A --set value is one shell word: the comment is text meant."""
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, ["out=runs/exp #2"])
+    assert str(err.value) == ("override 'out=runs/exp #2': YAML reads '#2' as a comment and drops it; quote the value "
+                              "to keep it as text (--set \"out='runs/exp #2'\")")
+    with pytest.raises(ConfigError, match=r"^override 'name=#c': YAML reads '#c' as a comment .*"
+                                          r"\(--set \"name='#c'\"\)$"):
+        apply_overrides({}, ["name=#c"])
+    with pytest.raises(ConfigError, match=r"^override 'ipcs=\[1, 2\]  # two': YAML reads '# two' as a comment"):
+        apply_overrides({}, ["ipcs=[1, 2]  # two"])
+    assert apply_overrides({}, ["out='runs/exp #2'"]) == {"out": "runs/exp #2"}  # as the error says, the shell's
+    # quotes gone; a `#` with no space before it, or inside quotes, is text, as YAML reads it
+    assert apply_overrides({}, ["a=x#2", "b=C#", "c='#c'", 'd=["a #b"]']) == {"a": "x#2", "b": "C#", "c": "#c",
+                                                                             "d": ["a #b"]}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(cfg), "-q", "--set", "out=exp #2"]) == 2
+    assert capsys.readouterr().err.startswith("error: override 'out=exp #2': YAML reads '#2' as a comment")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder exp
+
+
 def test_a_set_mapping_reaches_the_entry_a_json_config_keys_as_text(tmp_path):
     """`--set 'ipc_overrides={2: {train: {epochs: 5}}}'` on a bench config in JSON (`"ipc_overrides": {"2": ...}`)
     failed with "keys '2' and 2 both mean 2; keep one of them", though each was written once (QA 15i F13): the

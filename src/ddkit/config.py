@@ -930,10 +930,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
         except yaml.YAMLError as exc:  # `{epochs: 3` as text would be refused as no mapping, `[a` made a folder `[a`
             at, what = _yaml_problem(exc, line="\n" in raw)
-            text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
-            quoted = f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
             raise ConfigError(f"override {item!r}: the value is not valid YAML{at} ({what}); fix the syntax, or quote "
-                              f"it to pass it as text (--set {quoted})") from None
+                              f"it to pass it as text (--set {_set_as_text(key, raw)})") from None
         except _Surprising as exc:
             whole = raw.strip() == exc.text  # the value alone: the shell form of its quotes
             raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
@@ -944,6 +942,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except (_Expanded, RecursionError):
             raise ConfigError(f"override {item!r} nests or repeats values too deeply to read; write the values "
                               "out") from None
+        comment = _comment(raw)
+        if comment is not None:  # `out=exp #2` went to exp: one shell word, so the comment is text meant
+            raise ConfigError(f"override {item!r}: YAML reads {comment!r} as a comment and drops it; quote the value "
+                              f"to keep it as text (--set {_set_as_text(key, raw)})")
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -959,6 +961,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         # options to none: the one way to drop settings a file or an earlier --set gave)
         node[leaf] = value if value == {} else merge_overrides(node, {leaf: value})[leaf]
     return data
+
+
+def _set_as_text(key: str, raw: str) -> str:
+    """``--set KEY=RAW`` with RAW quoted as YAML text, quoted for a shell: the override that passes RAW as text."""
+    text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
+    return f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
+
+
+def _comment(text: str) -> str | None:
+    """The first YAML comment in ``text`` (a ``#`` after a space or at the start, outside quotes, to the end of its
+    line), or None; ``text`` is valid YAML. ``a#b`` holds none: YAML reads it as text."""
+    if "#" not in text:
+        return None
+    spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=yaml.SafeLoader)]
+    for at in (i for i, ch in enumerate(text) if ch == "#"):
+        if not any(start <= at < end for start, end in spans):  # in no token: the scanner skipped it as a comment
+            return text[at:].split("\n", 1)[0]
+    return None
 
 
 def _existing_key(node: dict[Any, Any], key: Any) -> Any:
