@@ -442,16 +442,65 @@ def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
 
 def test_numbers_in_text_fields_get_the_quoting_hint(tmp_path):
     """`out: 1e3`, `out: 10` or a bench method's `label: 1e3` said "expected a string, got 1000.0" without the fix
-    that unquoted booleans and dates get (QA 15i F10); YAML keeps no text of a number, so the number's is shown."""
+    that unquoted booleans and dates get (QA 15i F10). YAML keeps no text of a number: the number read is not offered
+    as the text to quote (it was: '1000.0' for 1e3, under the placeholder KEY; QA 17c F3)."""
     path = tmp_path / "c.yaml"
     path.write_text("out: 1e3\n")
-    assert _error(path) == ("out: expected a string, got 1000.0; YAML reads an unquoted number as a number: quote "
-                            "the text ('1000.0'; on a command line --set \"KEY='1000.0'\")")
+    assert _error(path) == ("out: expected a string, got 1000.0; YAML reads an unquoted number as a number (1000.0 is "
+                            "the number read, not the text written): quote the text as you meant it")
     path.write_text("methods: [{name: random, label: 10}]\n")
-    assert _error(path, BenchConfig).startswith("methods[0].label: expected a string, got 10; YAML reads an unquoted "
-                                                "number as a number: quote the text ('10'; ")
+    assert _error(path, BenchConfig) == ("methods[0].label: expected a string, got 10; YAML reads an unquoted number "
+                                         "as a number (10 is the number read, not the text written): quote the text "
+                                         "as you meant it")
     path.write_text("out: '1e3'\n")
     assert from_dict(RunConfig, load_yaml(path)).out == "1e3"
+
+
+@pytest.mark.parametrize("typed,read,what", [
+    ("1e3", "1000.0", "an unquoted number as a number"), ("1.10", "1.1", "an unquoted number as a number"),
+    ("0x1F", "31", "an unquoted number as a number"), ("on", "True", "on/yes/y/true unquoted as true"),
+])
+def test_a_set_value_read_as_no_text_gets_its_text_quoted(tmp_path, capsys, monkeypatch, typed, read, what):
+    """`--set out=1e3` was told to quote '1000.0' (`--set "KEY='1000.0'"`), which names another folder, and `--set
+    out=on` to quote 'yes': a --set value's text and key are known, so the fix quotes them as typed (QA 17c F3)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(cfg), "-q", "--set", f"out={typed}"]) == 2
+    assert capsys.readouterr().err == (f"error: out: expected a string, got {read}; YAML reads {what}: quote it "
+                                       f"(--set \"out='{typed}'\")\n")
+    assert from_dict(RunConfig, apply_overrides({}, [f"out='{typed}'"])).out == typed  # the fix, without the shell's ""
+
+
+def test_a_set_value_read_as_no_text_inside_a_list_or_mapping_or_given_over_is_named_as_typed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_bench_config(REPO / "configs/bench/fashion-mnist-decoupled-cpu.yaml",
+                          ["methods=[{name: random, label: 1e3}]"])
+    assert str(err.value) == ("methods[0].label: expected a string, got 1000.0; YAML reads an unquoted number as a "
+                              "number: quote it in the --set value ('1e3')")
+    with pytest.raises(ConfigError, match=r"^dataset.classes\[1\]: expected a string, got True; YAML reads "
+                                          r"on/yes/y/true unquoted as true: quote it in the --set value \('on'\)$"):
+        from_dict(RunConfig, apply_overrides({}, ["dataset={classes: [a, on]}"]))
+    # a later --set of the key is the one the value came from, and a value a file gave is no --set's
+    assert _build_error(apply_overrides({}, ["out=1e3", "out=1000.0"])).endswith("(--set \"out='1000.0'\")")
+    assert _build_error(apply_overrides({}, ["out=1e3", "out=x", "device=1e3"])).startswith("device: ")
+    assert _build_error(apply_overrides({"out": 1000.0}, ["device=cpu"])).endswith("quote the text as you meant it")
+
+
+def test_a_set_fix_for_dataset_path_keeps_its_key_where_the_cli_names_the_flag(tmp_path, capsys):
+    """A command with --data-path names the key dataset.path as that flag; it renamed the key in a proposed --set too
+    (`--set "--data-path='[a'"`), a fix that argparse refuses."""
+    for value, fix in [("1e3", "quote it (--set \"dataset.path='1e3'\")"),
+                       ("[a", "quote it to pass it as text (--set \"dataset.path='[a'\")")]:
+        args = ["distill", "--dataset", "synthetic", "--method", "random", "--set", f"dataset.path={value}"]
+        assert main([*args, "--out", str(tmp_path / "o"), "-q"]) == 2
+        assert capsys.readouterr().err.endswith(fix + "\n")
+
+
+def _build_error(data, cls=RunConfig) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(cls, data)
+    return str(err.value)
 
 
 def test_long_unknown_keys_are_cut_and_valid_keys_said_once(tmp_path):

@@ -10,6 +10,7 @@ and JSON read them (``1e-5`` is a float).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime
 import difflib
@@ -143,7 +144,11 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no unquoted as true/false
                 words = [c for c in choices if isinstance(c, str) and c.lower() in _BOOL_WORDS[value]]
-                if words:
+                typed = _set_text(where, value)
+                if words and typed is not None and typed.key is not None:  # the whole --set value: its key is known
+                    hint = (f"; YAML reads {typed.text} unquoted as {str(value).lower()}: quote it "
+                            f"(--set {_set_as_text(typed.key, words[0])})")
+                elif words:
                     hint = (f"; YAML reads {words[0]} unquoted as {str(value).lower()}: quote it ('{words[0]}'; "
                             f"""on a command line --set "KEY='{words[0]}'")""")
             errors.append(f"{where}: {short_repr(value)} is not one of {list(choices)}{hint}")
@@ -222,23 +227,86 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{where}: expected a string, got {short_repr(value)}{_unquoted_hint(value)}")
+            errors.append(f"{where}: expected a string, got {short_repr(value)}{_unquoted_hint(value, where)}")
         return value
     return value
 
 
-def _unquoted_hint(value: Any) -> str:
-    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
-    date (``2024-01-01``) or a number (``1e3``, ``10``; the text as written is lost, so the number's is shown)."""
+def _unquoted_hint(value: Any, where: str = "") -> str:
+    """For a string field (at ``where``): the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
+    date (``2024-01-01``) or a number (``1e3``, ``10``). A ``--set`` value's text is known (:data:`_SET_TEXTS`): the
+    fix quotes it as typed; a file's number keeps no text, so the fix asks for the text meant, not the number read."""
     if isinstance(value, bool):
         what, text = f"{'/'.join(_BOOL_WORDS[value])} unquoted as {str(value).lower()}", _BOOL_WORDS[value][1]
     elif isinstance(value, datetime.date):
         what, text = f"{value.isoformat()} unquoted as a date", value.isoformat()
     elif isinstance(value, numbers.Real):
-        what, text = "an unquoted number as a number", str(plain_numbers(value))
+        what, text = "an unquoted number as a number", None
     else:
         return ""
+    typed = _set_text(where, value)
+    if typed is not None:
+        if typed.key is not None:  # the whole --set value
+            return f"; YAML reads {what}: quote it (--set {_set_as_text(typed.key, typed.text)})"
+        return f"; YAML reads {what}: quote it in the --set value ('{typed.text}')"
+    if text is None:  # YAML keeps no text of a number: 1e3 and 1000.0 both read 1000.0
+        return f"; YAML reads {what} ({short_repr(plain_numbers(value))} is the number read, not the text written): " \
+               "quote the text as you meant it"
     return f"; YAML reads {what}: quote the text ('{text}'; on a command line --set \"KEY='{text}'\")"
+
+
+class _Typed(typing.NamedTuple):
+    """A scalar of a ``--set`` value that YAML read as no text: its ``value``, its ``text`` as typed, and the override's
+    key when it is the whole value (None: inside a list or mapping)."""
+
+    value: Any
+    text: str
+    key: str | None
+
+
+#: the scalars the last :func:`apply_overrides` call read as no text (a number, a boolean, a date), by the config path
+#: they set (``out``, ``methods[0].label``): a text field given one is told to quote the text as typed. Reset by each
+#: call and by :func:`load_yaml` (a new config); one is matched by identity, so only the interpreter's shared objects
+#: (``True``, ``3``) at the same path could be taken for an earlier --set's, whose fix then still names that key
+_SET_TEXTS: contextvars.ContextVar[dict[str, _Typed] | None] = contextvars.ContextVar("ddkit_set_texts", default=None)
+
+
+def _set_text(where: str, value: Any) -> _Typed | None:
+    """How the last :func:`apply_overrides` call was given ``value``, found at config path ``where``; None when no
+    ``--set`` of it gave it (a file, a Python argument)."""
+    typed = (_SET_TEXTS.get() or {}).get(where)
+    # the very object the --set made (every layer passes values on as they are): a file's 1000.0 is another one
+    return typed if typed is not None and typed.value is value else None
+
+
+def _typed_scalars(raw: str, value: Any, key: str) -> dict[str, _Typed]:
+    """The scalars of ``value`` (``raw`` read as YAML, a ``--set`` value for ``key``) that are no text, by path."""
+    if isinstance(value, str):
+        return {}
+    if not isinstance(value, (dict, list)):
+        return {key: _Typed(value, raw.strip(), key)}
+    loader = _UniqueKeyLoader(raw)
+    out: dict[str, _Typed] = {}
+
+    def walk(node: yaml.Node, value: Any, path: str) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            if not isinstance(value, str):
+                out[path] = _Typed(value, node.value, None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+            for i, (child, item) in enumerate(zip(node.value, value)):
+                walk(child, item, f"{path}[{i}]")
+        elif isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+            for key_node, child in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    k = loader.construct_object(key_node)
+                    if isinstance(k, (str, int)) and k in value:
+                        walk(child, value[k], f"{path}.{k}")
+
+    try:
+        walk(loader.get_single_node(), value, key)
+    finally:
+        loader.dispose()
+    return out
 
 
 def plain_numbers(value: Any) -> Any:
@@ -850,6 +918,7 @@ def _yaml_problem(exc: yaml.YAMLError, line: bool = True) -> tuple[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    _SET_TEXTS.set(None)  # a new config: the values of an earlier --set are no longer in play
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file (see configs/)")
@@ -922,6 +991,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
     merges every other layer: the settings the mapping leaves out keep their values (an option dict of
     :data:`WHOLE_DICTS` is replaced whole); ``a.b={}`` empties it."""
+    texts: dict[str, _Typed] = {}
+    _SET_TEXTS.set(texts)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -946,6 +1017,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if comment is not None:  # `out=exp #2` went to exp: one shell word, so the comment is text meant
             raise ConfigError(f"override {item!r}: YAML reads {comment!r} as a comment and drops it; quote the value "
                               f"to keep it as text (--set {_set_as_text(key, raw)})")
+        path = key.strip()  # a later override of a key is the one its fields are given by
+        texts = {p: t for p, t in texts.items() if not (p == path or p.startswith((path + ".", path + "[")))}
+        texts.update(_typed_scalars(raw, value, path))
+        _SET_TEXTS.set(texts)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
