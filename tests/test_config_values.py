@@ -377,8 +377,8 @@ def test_a_ddkit_record_passed_to_a_one_stage_command_is_named(tmp_path, capsys)
 def test_a_run_made_record_passed_to_a_one_stage_command_names_the_sections_to_keep(tmp_path, capsys):
     """A set made by `ddkit run` records the run's whole config; `ddkit distill --config SET/manifest.json` said to pass
     that mapping, which `ddkit distill` then refused as unknown sections. A teacher's manifest keeps its dataset under
-    `dataset_config`: the advice left it out, so the teacher would train on the default dataset (QA 17c F2). The
-    advice followed reproduces the stage."""
+    `dataset_config`: the advice left it out, so the teacher would train on the default dataset; an expert buffer's
+    was said to hold no `experts:` settings (QA 17c F2). The advice followed reproduces the stage."""
     import yaml
 
     dataset = {"name": "synthetic"}
@@ -387,8 +387,11 @@ def test_a_run_made_record_passed_to_a_one_stage_command_names_the_sections_to_k
            "device": "auto", "out": str(tmp_path / "run")}
     made = {"schema_version": 1, "kind": "distilled-set", "config": run, "dataset_config": dataset}
     teacher = {"schema_version": 1, "kind": "teacher", "config": run["teacher"], "dataset_config": dataset}
+    experts = {"schema_version": 1, "kind": "expert-buffer", "config": {"model": "tiny_convnet", "epochs": 1},
+               "dataset_config": dataset}
     (tmp_path / "set.json").write_text(json.dumps(made))
     (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    (tmp_path / "experts.json").write_text(json.dumps(experts))
     record = "error: this is a ddkit '{}' record, not a config; "
     for args, want in [
         (["distill", "--config", str(tmp_path / "set.json")],
@@ -398,6 +401,10 @@ def test_a_run_made_record_passed_to_a_one_stage_command_names_the_sections_to_k
         (["teacher", "--config", str(tmp_path / "teacher.json")],
          record.format("teacher") + "its settings are under its `config` key: write that mapping to a file as its "
                                     "`teacher:` section, its `dataset_config` as its `dataset:` section, and pass it"),
+        (["experts", "--config", str(tmp_path / "experts.json")],  # said "it holds no `experts:` settings to pass"
+         record.format("expert-buffer") + "its settings are under its `config` key: write that mapping to a file as "
+                                          "its `experts:` section, its `dataset_config` as its `dataset:` section, "
+                                          "and pass it"),
     ]:
         assert main([*args, "--out", str(tmp_path / "out"), "-q"]) == 2
         assert capsys.readouterr().err == want + "\n", args

@@ -652,6 +652,10 @@ def record_kind(data: Any) -> str | None:
     return None
 
 
+#: the records whose ``config`` is one section of a one-stage command's config file, and that section
+_RECORD_SECTION = {"teacher": "teacher", "expert-buffer": "experts"}
+
+
 def refuse_record(data: Any, cls: type | None = None, section: str | None = None, read: bool = False) -> None:
     """Refuse in one line a record ddkit wrote (:func:`record_kind`: a manifest.json, an evaluation's JSON, a bench's
     wrapped config.json) given where a config of ``cls`` is expected: every key of it would be unknown. ``section``:
@@ -674,7 +678,7 @@ def refuse_record(data: Any, cls: type | None = None, section: str | None = None
             held = "its `config` key holds the config of the `ddkit run` that made it: write its " + \
                    " and ".join(f"`{k}:`" for k in keep) + " section" + "s" * (len(keep) > 1) + \
                    " to a file and pass it (or pass the whole mapping to `ddkit run` to repeat the run)"
-    elif kind == section:  # a teacher's manifest: its config is the file's teacher: section
+    elif _RECORD_SECTION.get(kind) == section:  # a teacher's manifest: its config is the file's teacher: section
         dataset = ", its `dataset_config` as its `dataset:` section," if isinstance(data.get("dataset_config"),
                                                                                         dict) else ""
         held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` " \
