@@ -488,6 +488,10 @@ def test_a_set_value_read_as_no_text_inside_a_list_or_mapping_or_given_over_is_n
     with pytest.raises(ConfigError, match=r"^dataset.classes\[1\]: expected a string, got True; YAML reads "
                                           r"on/yes/y/true unquoted as true: quote it in the --set value \('on'\)$"):
         from_dict(RunConfig, apply_overrides({}, ["dataset={classes: [a, on]}"]))
+    protocol = tmp_path / "p.yaml"  # read after the --set values that override it (`ddkit evaluate --protocol`)
+    protocol.write_text("student: tiny_convnet\n")
+    with pytest.raises(ConfigError, match=r"^fkd_store: .*: quote it \(--set \"fkd_store='1e3'\"\)$"):
+        resolve_protocol(protocol, apply_overrides({}, ["fkd_store=1e3"]), where="")
     # a later --set of the key is the one the value came from, and a value a file gave is no --set's
     assert _build_error(apply_overrides({}, ["out=1e3", "out=1000.0"])).endswith("(--set \"out='1000.0'\")")
     assert _build_error(apply_overrides({}, ["out=1e3", "out=x", "device=1e3"])).startswith("device: ")

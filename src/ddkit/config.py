@@ -265,9 +265,10 @@ class _Typed(typing.NamedTuple):
 
 
 #: the scalars the last :func:`apply_overrides` call read as no text (a number, a boolean, a date), by the config path
-#: they set (``out``, ``methods[0].label``): a text field given one is told to quote the text as typed. Reset by each
-#: call and by :func:`load_yaml` (a new config); one is matched by identity, so only the interpreter's shared objects
-#: (``True``, ``3``) at the same path could be taken for an earlier --set's, whose fix then still names that key
+#: they set (``out``, ``methods[0].label``): a text field given one is told to quote the text as typed. Each call
+#: replaces them (not :func:`load_yaml`: a protocol file is read after the --set values that override it); one is
+#: matched by identity, so only the interpreter's shared objects (``True``, ``3``) given at the same path after the
+#: last call could be taken for its --set's, whose fix then still names that key
 _SET_TEXTS: contextvars.ContextVar[dict[str, _Typed] | None] = contextvars.ContextVar("ddkit_set_texts", default=None)
 
 
@@ -922,7 +923,6 @@ def _yaml_problem(exc: yaml.YAMLError, line: bool = True) -> tuple[str, str]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    _SET_TEXTS.set(None)  # a new config: the values of an earlier --set are no longer in play
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; pass a YAML file (see configs/)")
