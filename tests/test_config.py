@@ -1,3 +1,4 @@
+import contextvars
 import json
 import re
 from pathlib import Path
@@ -188,7 +189,8 @@ def test_every_config_class_checks_the_types_of_python_arguments(cls):
     assert scalar or not dataclasses.fields(cls), f"{cls.__name__}: no plain int/float/bool/str field to try"
     for name, tp in scalar:
         bad = _wrong_value(tp)
-        hint = re.escape("; YAML reads an unquoted number as a number: quote the text ('3'") + ".*" if tp is str else ""
+        hint = re.escape("; YAML reads an unquoted number as a number (3 is the number read, not the text written): "
+                         "quote the text as you meant it") if tp is str else ""
         got = re.escape(repr(bad)) + hint  # a str field given 3 says how to quote it
         with pytest.raises(ConfigError, match=rf"^{cls.__name__}.{name}: expected .*, got {got}$"):
             cls(**{name: bad})
@@ -256,14 +258,19 @@ def test_yaml_11_numbers_are_refused(tmp_path):
                                          "h": 10.5, "i": -3, "j": 1e-3, "k": "1:20"}
 
 
-def test_a_choice_yaml_reads_as_a_boolean_says_to_quote_it():
+def test_a_choice_yaml_reads_as_a_boolean_says_to_quote_it(tmp_path):
     """`intermediate_matching: off` reads as false, and the error named only the choices."""
     from ddkit.methods.mtt import MTTConfig
 
     with pytest.raises(ConfigError) as err:
         from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching=off"]))
     assert str(err.value).endswith("intermediate_matching: False is not one of ['off', 'uniform', 'linear']; "
-                                   "YAML reads off unquoted as false: quote it ('off'; on a command line --set "
+                                   "YAML reads off unquoted as false: quote it (--set \"intermediate_matching='off'\")")
+    path = tmp_path / "c.yaml"
+    path.write_text("intermediate_matching: off\n")
+    with pytest.raises(ConfigError) as err:  # a file's: the key a --set would name is not known here
+        contextvars.Context().run(lambda: from_dict(MTTConfig, load_yaml(path)))  # no --set read in it
+    assert str(err.value).endswith("YAML reads off unquoted as false: quote it ('off'; on a command line --set "
                                    """"KEY='off'")""")
     assert from_dict(MTTConfig, apply_overrides({}, ["intermediate_matching='off'"])).intermediate_matching == "off"
 

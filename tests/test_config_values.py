@@ -278,6 +278,30 @@ def test_a_set_value_that_is_no_valid_yaml_is_refused(tmp_path, capsys, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder `[a`
 
 
+def test_a_comment_in_a_set_value_is_refused(tmp_path, capsys, monkeypatch):
+    """`--set "out=runs/exp #2"` ran into runs/exp and `--set "name=#c"` set name to null: YAML read the rest as a
+    comment and dropped it, silently (QA 17c F6). A --set value is one shell word: the comment is text meant."""
+    with pytest.raises(ConfigError) as err:
+        apply_overrides({}, ["out=runs/exp #2"])
+    assert str(err.value) == ("override 'out=runs/exp #2': YAML reads '#2' as a comment and drops it; quote the value "
+                              "to keep it as text (--set \"out='runs/exp #2'\")")
+    with pytest.raises(ConfigError, match=r"^override 'name=#c': YAML reads '#c' as a comment .*"
+                                          r"\(--set \"name='#c'\"\)$"):
+        apply_overrides({}, ["name=#c"])
+    with pytest.raises(ConfigError, match=r"^override 'ipcs=\[1, 2\]  # two': YAML reads '# two' as a comment"):
+        apply_overrides({}, ["ipcs=[1, 2]  # two"])
+    assert apply_overrides({}, ["out='runs/exp #2'"]) == {"out": "runs/exp #2"}  # as the error says, the shell's
+    # quotes gone; a `#` with no space before it, or inside quotes, is text, as YAML reads it
+    assert apply_overrides({}, ["a=x#2", "b=C#", "c='#c'", 'd=["a #b"]']) == {"a": "x#2", "b": "C#", "c": "#c",
+                                                                             "d": ["a #b"]}
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(cfg), "-q", "--set", "out=exp #2"]) == 2
+    assert capsys.readouterr().err.startswith("error: override 'out=exp #2': YAML reads '#2' as a comment")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]  # no folder exp
+
+
 def test_a_set_mapping_reaches_the_entry_a_json_config_keys_as_text(tmp_path):
     """`--set 'ipc_overrides={2: {train: {epochs: 5}}}'` on a bench config in JSON (`"ipc_overrides": {"2": ...}`)
     failed with "keys '2' and 2 both mean 2; keep one of them", though each was written once (QA 15i F13): the
@@ -350,6 +374,67 @@ def test_a_ddkit_record_passed_to_a_one_stage_command_is_named(tmp_path, capsys)
         resolve_protocol(tmp_path / "eval-hard.json")  # a run's evaluate.protocol too
 
 
+def test_a_run_made_record_passed_to_a_one_stage_command_names_the_sections_to_keep(tmp_path, capsys):
+    """A set made by `ddkit run` records the run's whole config; `ddkit distill --config SET/manifest.json` said to pass
+    that mapping, which `ddkit distill` then refused as unknown sections. A teacher's manifest keeps its dataset under
+    `dataset_config`: the advice left it out, so the teacher would train on the default dataset; an expert buffer's
+    was said to hold no `experts:` settings (QA 17c F2). The advice followed reproduces the stage."""
+    import yaml
+
+    dataset = {"name": "synthetic"}
+    run = {"dataset": dataset, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}},
+           "distill": {"method": "random", "ipc": 1}, "evaluate": {"protocol": "dc-protocol"}, "relabel": {},
+           "device": "auto", "out": str(tmp_path / "run")}
+    made = {"schema_version": 1, "kind": "distilled-set", "config": run, "dataset_config": dataset}
+    teacher = {"schema_version": 1, "kind": "teacher", "config": run["teacher"], "dataset_config": dataset}
+    experts = {"schema_version": 1, "kind": "expert-buffer", "config": {"model": "tiny_convnet", "epochs": 1},
+               "dataset_config": dataset}
+    (tmp_path / "set.json").write_text(json.dumps(made))
+    (tmp_path / "teacher.json").write_text(json.dumps(teacher))
+    (tmp_path / "experts.json").write_text(json.dumps(experts))
+    record = "error: this is a ddkit '{}' record, not a config; "
+    for args, want in [
+        (["distill", "--config", str(tmp_path / "set.json")],
+         record.format("distilled-set") + "its `config` key holds the config of the `ddkit run` that made it: write "
+                                          "its `dataset:` and `distill:` sections to a file and pass it (or pass the "
+                                          "whole mapping to `ddkit run` to repeat the run)"),
+        (["teacher", "--config", str(tmp_path / "teacher.json")],
+         record.format("teacher") + "its settings are under its `config` key: write that mapping to a file as its "
+                                    "`teacher:` section, its `dataset_config` as its `dataset:` section, and pass it"),
+        (["experts", "--config", str(tmp_path / "experts.json")],  # said "it holds no `experts:` settings to pass"
+         record.format("expert-buffer") + "its settings are under its `config` key: write that mapping to a file as "
+                                          "its `experts:` section, its `dataset_config` as its `dataset:` section, "
+                                          "and pass it"),
+    ]:
+        assert main([*args, "--out", str(tmp_path / "out"), "-q"]) == 2
+        assert capsys.readouterr().err == want + "\n", args
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({k: run[k] for k in ("dataset", "distill")}))
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"teacher": teacher["config"], "dataset": dataset}))
+    assert main(["distill", "--config", str(tmp_path / "d.yaml"), "--out", str(tmp_path / "d"), "-q"]) == 0
+    assert main(["teacher", "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "t"), "-q"]) == 0
+    assert json.loads((tmp_path / "t" / "manifest.json").read_text())["dataset_config"]["name"] == "synthetic"
+
+
+def test_a_record_given_as_a_dict_for_a_protocol_is_named():
+    """`resolve_protocol(record)` and `evaluate(set, record)` with an evaluation's JSON read in listed every key of it
+    as unknown, in over 1,000 characters; the file form said it in one line (QA 17c F7)."""
+    from ddkit.evaluate import evaluate
+
+    protocol = {"student": "tiny_convnet", "train": {"epochs": 2}}
+    record = {"schema_version": 1, "kind": "evaluation", "config": protocol,
+              **{f"field{i}": i for i in range(40)}}
+    want = ("this is a ddkit 'evaluation' record, not a config; its settings are under its `config` key: pass that "
+            "mapping (record['config'])")
+    for call in (lambda: resolve_protocol(record), lambda: evaluate(None, record, [0])):
+        with pytest.raises(ConfigError) as err:
+            call()
+        assert str(err.value) == want
+    assert resolve_protocol(record["config"]).train.epochs == 2  # the advice followed
+    # a protocol's own settings are never taken for a record, whatever they hold
+    assert resolve_protocol({**protocol, "label_mode": "teacher", "loss": "kl"}).label_mode == "teacher"
+
+
 def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("dataset:\n  name: imagefolder\n  path: /x\n  classes: [cat, yes]\nout: 2024-01-01\n")
@@ -364,16 +449,69 @@ def test_unquoted_words_in_text_fields_get_the_quoting_hint(tmp_path):
 
 def test_numbers_in_text_fields_get_the_quoting_hint(tmp_path):
     """`out: 1e3`, `out: 10` or a bench method's `label: 1e3` said "expected a string, got 1000.0" without the fix
-    that unquoted booleans and dates get (QA 15i F10); YAML keeps no text of a number, so the number's is shown."""
+    that unquoted booleans and dates get (QA 15i F10). YAML keeps no text of a number: the number read is not offered
+    as the text to quote (it was: '1000.0' for 1e3, under the placeholder KEY; QA 17c F3)."""
     path = tmp_path / "c.yaml"
     path.write_text("out: 1e3\n")
-    assert _error(path) == ("out: expected a string, got 1000.0; YAML reads an unquoted number as a number: quote "
-                            "the text ('1000.0'; on a command line --set \"KEY='1000.0'\")")
+    assert _error(path) == ("out: expected a string, got 1000.0; YAML reads an unquoted number as a number (1000.0 is "
+                            "the number read, not the text written): quote the text as you meant it")
     path.write_text("methods: [{name: random, label: 10}]\n")
-    assert _error(path, BenchConfig).startswith("methods[0].label: expected a string, got 10; YAML reads an unquoted "
-                                                "number as a number: quote the text ('10'; ")
+    assert _error(path, BenchConfig) == ("methods[0].label: expected a string, got 10; YAML reads an unquoted number "
+                                         "as a number (10 is the number read, not the text written): quote the text "
+                                         "as you meant it")
     path.write_text("out: '1e3'\n")
     assert from_dict(RunConfig, load_yaml(path)).out == "1e3"
+
+
+@pytest.mark.parametrize("typed,read,what", [
+    ("1e3", "1000.0", "an unquoted number as a number"), ("1.10", "1.1", "an unquoted number as a number"),
+    ("0x1F", "31", "an unquoted number as a number"), ("on", "True", "on/yes/y/true unquoted as true"),
+])
+def test_a_set_value_read_as_no_text_gets_its_text_quoted(tmp_path, capsys, monkeypatch, typed, read, what):
+    """`--set out=1e3` was told to quote '1000.0' (`--set "KEY='1000.0'"`), which names another folder, and `--set
+    out=on` to quote 'yes': a --set value's text and key are known, so the fix quotes them as typed (QA 17c F3)."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("dataset: {name: synthetic}\nteacher: null\ndistill: {method: random, ipc: 1}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(cfg), "-q", "--set", f"out={typed}"]) == 2
+    assert capsys.readouterr().err == (f"error: out: expected a string, got {read}; YAML reads {what}: quote it "
+                                       f"(--set \"out='{typed}'\")\n")
+    assert from_dict(RunConfig, apply_overrides({}, [f"out='{typed}'"])).out == typed  # the fix, without the shell's ""
+
+
+def test_a_set_value_read_as_no_text_inside_a_list_or_mapping_or_given_over_is_named_as_typed(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        load_bench_config(REPO / "configs/bench/fashion-mnist-decoupled-cpu.yaml",
+                          ["methods=[{name: random, label: 1e3}]"])
+    assert str(err.value) == ("methods[0].label: expected a string, got 1000.0; YAML reads an unquoted number as a "
+                              "number: quote it in the --set value ('1e3')")
+    with pytest.raises(ConfigError, match=r"^dataset.classes\[1\]: expected a string, got True; YAML reads "
+                                          r"on/yes/y/true unquoted as true: quote it in the --set value \('on'\)$"):
+        from_dict(RunConfig, apply_overrides({}, ["dataset={classes: [a, on]}"]))
+    protocol = tmp_path / "p.yaml"  # read after the --set values that override it (`ddkit evaluate --protocol`)
+    protocol.write_text("student: tiny_convnet\n")
+    with pytest.raises(ConfigError, match=r"^fkd_store: .*: quote it \(--set \"fkd_store='1e3'\"\)$"):
+        resolve_protocol(protocol, apply_overrides({}, ["fkd_store=1e3"]), where="")
+    # a later --set of the key is the one the value came from, and a value a file gave is no --set's
+    assert _build_error(apply_overrides({}, ["out=1e3", "out=1000.0"])).endswith("(--set \"out='1000.0'\")")
+    assert _build_error(apply_overrides({}, ["out=1e3", "out=x", "device=1e3"])).startswith("device: ")
+    assert _build_error(apply_overrides({"out": 1000.0}, ["device=cpu"])).endswith("quote the text as you meant it")
+
+
+def test_a_set_fix_for_dataset_path_keeps_its_key_where_the_cli_names_the_flag(tmp_path, capsys):
+    """A command with --data-path names the key dataset.path as that flag; it renamed the key in a proposed --set too
+    (`--set "--data-path='[a'"`), a fix that argparse refuses."""
+    for value, fix in [("1e3", "quote it (--set \"dataset.path='1e3'\")"),
+                       ("[a", "quote it to pass it as text (--set \"dataset.path='[a'\")")]:
+        args = ["distill", "--dataset", "synthetic", "--method", "random", "--set", f"dataset.path={value}"]
+        assert main([*args, "--out", str(tmp_path / "o"), "-q"]) == 2
+        assert capsys.readouterr().err.endswith(fix + "\n")
+
+
+def _build_error(data, cls=RunConfig) -> str:
+    with pytest.raises(ConfigError) as err:
+        from_dict(cls, data)
+    return str(err.value)
 
 
 def test_long_unknown_keys_are_cut_and_valid_keys_said_once(tmp_path):

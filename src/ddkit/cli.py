@@ -834,8 +834,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _as_flags(message: str, args) -> str:
     """``message`` as this command's user would act on it: the library names the config key
-    ``dataset.path``, which a command with ``--data-path`` sets by that flag (``demo`` has no other way)."""
-    return message.replace("dataset.path", "--data-path") if hasattr(args, "data_path") else message
+    ``dataset.path``, which a command with ``--data-path`` sets by that flag (``demo`` has no other way); a ``--set
+    dataset.path=...`` the message quotes or proposes stays one."""
+    return re.sub(r"dataset\.path(?!=)", "--data-path", message) if hasattr(args, "data_path") else message
 
 
 class Terminated(KeyboardInterrupt):

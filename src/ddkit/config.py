@@ -10,6 +10,7 @@ and JSON read them (``1e-5`` is a float).
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import datetime
 import difflib
@@ -143,7 +144,11 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
             hint = f"; did you mean {close[0]!r}?" if close else ""
             if isinstance(value, bool):  # YAML 1.1 reads on/off/yes/no unquoted as true/false
                 words = [c for c in choices if isinstance(c, str) and c.lower() in _BOOL_WORDS[value]]
-                if words:
+                typed = _set_text(where, value)
+                if words and typed is not None and typed.key is not None:  # the whole --set value: its key is known
+                    hint = (f"; YAML reads {typed.text} unquoted as {str(value).lower()}: quote it "
+                            f"(--set {_set_as_text(typed.key, words[0])})")
+                elif words:
                     hint = (f"; YAML reads {words[0]} unquoted as {str(value).lower()}: quote it ('{words[0]}'; "
                             f"""on a command line --set "KEY='{words[0]}'")""")
             errors.append(f"{where}: {short_repr(value)} is not one of {list(choices)}{hint}")
@@ -222,23 +227,87 @@ def _convert(value: Any, tp: Any, where: str, errors: list[str]) -> Any:
         return value
     if tp is str:
         if not isinstance(value, str):
-            errors.append(f"{where}: expected a string, got {short_repr(value)}{_unquoted_hint(value)}")
+            errors.append(f"{where}: expected a string, got {short_repr(value)}{_unquoted_hint(value, where)}")
         return value
     return value
 
 
-def _unquoted_hint(value: Any) -> str:
-    """For a string field: the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
-    date (``2024-01-01``) or a number (``1e3``, ``10``; the text as written is lost, so the number's is shown)."""
+def _unquoted_hint(value: Any, where: str = "") -> str:
+    """For a string field (at ``where``): the fix when YAML 1.1 read an unquoted word as a boolean (``yes``, ``on``), a
+    date (``2024-01-01``) or a number (``1e3``, ``10``). A ``--set`` value's text is known (:data:`_SET_TEXTS`): the
+    fix quotes it as typed; a file's number keeps no text, so the fix asks for the text meant, not the number read."""
     if isinstance(value, bool):
         what, text = f"{'/'.join(_BOOL_WORDS[value])} unquoted as {str(value).lower()}", _BOOL_WORDS[value][1]
     elif isinstance(value, datetime.date):
         what, text = f"{value.isoformat()} unquoted as a date", value.isoformat()
     elif isinstance(value, numbers.Real):
-        what, text = "an unquoted number as a number", str(plain_numbers(value))
+        what, text = "an unquoted number as a number", None
     else:
         return ""
+    typed = _set_text(where, value)
+    if typed is not None:
+        if typed.key is not None:  # the whole --set value
+            return f"; YAML reads {what}: quote it (--set {_set_as_text(typed.key, typed.text)})"
+        return f"; YAML reads {what}: quote it in the --set value ('{typed.text}')"
+    if text is None:  # YAML keeps no text of a number: 1e3 and 1000.0 both read 1000.0
+        return f"; YAML reads {what} ({short_repr(plain_numbers(value))} is the number read, not the text written): " \
+               "quote the text as you meant it"
     return f"; YAML reads {what}: quote the text ('{text}'; on a command line --set \"KEY='{text}'\")"
+
+
+class _Typed(typing.NamedTuple):
+    """A scalar of a ``--set`` value that YAML read as no text: its ``value``, its ``text`` as typed, and the override's
+    key when it is the whole value (None: inside a list or mapping)."""
+
+    value: Any
+    text: str
+    key: str | None
+
+
+#: the scalars the last :func:`apply_overrides` call read as no text (a number, a boolean, a date), by the config path
+#: they set (``out``, ``methods[0].label``): a text field given one is told to quote the text as typed. Each call
+#: replaces them (not :func:`load_yaml`: a protocol file is read after the --set values that override it); one is
+#: matched by identity, so only the interpreter's shared objects (``True``, ``3``) given at the same path after the
+#: last call could be taken for its --set's, whose fix then still names that key
+_SET_TEXTS: contextvars.ContextVar[dict[str, _Typed] | None] = contextvars.ContextVar("ddkit_set_texts", default=None)
+
+
+def _set_text(where: str, value: Any) -> _Typed | None:
+    """How the last :func:`apply_overrides` call was given ``value``, found at config path ``where``; None when no
+    ``--set`` of it gave it (a file, a Python argument)."""
+    typed = (_SET_TEXTS.get() or {}).get(where)
+    # the very object the --set made (every layer passes values on as they are): a file's 1000.0 is another one
+    return typed if typed is not None and typed.value is value else None
+
+
+def _typed_scalars(raw: str, value: Any, key: str) -> dict[str, _Typed]:
+    """The scalars of ``value`` (``raw`` read as YAML, a ``--set`` value for ``key``) that are no text, by path."""
+    if isinstance(value, str):
+        return {}
+    if not isinstance(value, (dict, list)):
+        return {key: _Typed(value, raw.strip(), key)}
+    loader = _UniqueKeyLoader(raw)
+    out: dict[str, _Typed] = {}
+
+    def walk(node: yaml.Node, value: Any, path: str) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            if not isinstance(value, str):
+                out[path] = _Typed(value, node.value, None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(value, list):
+            for i, (child, item) in enumerate(zip(node.value, value)):
+                walk(child, item, f"{path}[{i}]")
+        elif isinstance(node, yaml.MappingNode) and isinstance(value, dict):
+            for key_node, child in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    k = loader.construct_object(key_node)
+                    if isinstance(k, (str, int)) and k in value:
+                        walk(child, value[k], f"{path}.{k}")
+
+    try:
+        walk(loader.get_single_node(), value, key)
+    finally:
+        loader.dispose()
+    return out
 
 
 def plain_numbers(value: Any) -> Any:
@@ -584,21 +653,37 @@ def record_kind(data: Any) -> str | None:
     return None
 
 
-def refuse_record(data: Any, cls: type | None = None, section: str | None = None) -> None:
+#: the records whose ``config`` is one section of a one-stage command's config file, and that section
+_RECORD_SECTION = {"teacher": "teacher", "expert-buffer": "experts"}
+
+
+def refuse_record(data: Any, cls: type | None = None, section: str | None = None, read: bool = False) -> None:
     """Refuse in one line a record ddkit wrote (:func:`record_kind`: a manifest.json, an evaluation's JSON, a bench's
     wrapped config.json) given where a config of ``cls`` is expected: every key of it would be unknown. ``section``:
-    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill."""
+    the section of a one-stage command's config file (``teacher``) that its ``config`` would fill; ``read``: the
+    record was given as the data read from it (a library call's dict), not as a file."""
     kind = record_kind(data)
     if kind is None or (cls is not None and "kind" in {f.name for f in dataclasses.fields(cls)}):
         return
     config = data.get("config")
     if not isinstance(config, dict):
         held = "it holds no `config` to pass"
-    elif section is None or section in config:
-        held = "its settings are under its `config` key: write that mapping to a file and pass it"
-    elif kind == section:  # a teacher's manifest: its config is the file's teacher: section
-        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` section " \
-               "and pass it"
+    elif section is None:
+        held = "its settings are under its `config` key: " + ("pass that mapping (record['config'])" if read else
+                                                              "write that mapping to a file and pass it")
+    elif section in config:
+        keep = [k for k in ("dataset", section) if k in config]
+        if set(config) <= set(keep):  # what a one-stage command recorded: the file it takes
+            held = "its settings are under its `config` key: write that mapping to a file and pass it"
+        else:  # a stage of `ddkit run`, which records the run's whole config: the command refuses its other sections
+            held = "its `config` key holds the config of the `ddkit run` that made it: write its " + \
+                   " and ".join(f"`{k}:`" for k in keep) + " section" + "s" * (len(keep) > 1) + \
+                   " to a file and pass it (or pass the whole mapping to `ddkit run` to repeat the run)"
+    elif _RECORD_SECTION.get(kind) == section:  # a teacher's manifest: its config is the file's teacher: section
+        dataset = ", its `dataset_config` as its `dataset:` section," if isinstance(data.get("dataset_config"),
+                                                                                        dict) else ""
+        held = f"its settings are under its `config` key: write that mapping to a file as its `{section}:` " \
+               f"section{dataset} and pass it"
     else:
         held = f"it holds no `{section}:` settings to pass"
     raise ConfigError(f"this is a ddkit {short_repr(kind, 40)} record, not a config; {held}")
@@ -910,6 +995,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     A mapping (``a.b={c: 1}``) merges into the one ``data`` holds there key by key, as :func:`merge_overrides`
     merges every other layer: the settings the mapping leaves out keep their values (an option dict of
     :data:`WHOLE_DICTS` is replaced whole); ``a.b={}`` empties it."""
+    texts: dict[str, _Typed] = {}
+    _SET_TEXTS.set(texts)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
@@ -918,10 +1005,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else ""
         except yaml.YAMLError as exc:  # `{epochs: 3` as text would be refused as no mapping, `[a` made a folder `[a`
             at, what = _yaml_problem(exc, line="\n" in raw)
-            text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
-            quoted = f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
             raise ConfigError(f"override {item!r}: the value is not valid YAML{at} ({what}); fix the syntax, or quote "
-                              f"it to pass it as text (--set {quoted})") from None
+                              f"it to pass it as text (--set {_set_as_text(key, raw)})") from None
         except _Surprising as exc:
             whole = raw.strip() == exc.text  # the value alone: the shell form of its quotes
             raise ConfigError(f"override {item!r}: {exc.advice(key.strip() if whole else None)}") from None
@@ -932,6 +1017,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except (_Expanded, RecursionError):
             raise ConfigError(f"override {item!r} nests or repeats values too deeply to read; write the values "
                               "out") from None
+        comment = _comment(raw)
+        if comment is not None:  # `out=exp #2` went to exp: one shell word, so the comment is text meant
+            raise ConfigError(f"override {item!r}: YAML reads {comment!r} as a comment and drops it; quote the value "
+                              f"to keep it as text (--set {_set_as_text(key, raw)})")
+        path = key.strip()  # a later override of a key is the one its fields are given by
+        texts = {p: t for p, t in texts.items() if not (p == path or p.startswith((path + ".", path + "[")))}
+        texts.update(_typed_scalars(raw, value, path))
+        _SET_TEXTS.set(texts)
         node = data
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -947,6 +1040,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         # options to none: the one way to drop settings a file or an earlier --set gave)
         node[leaf] = value if value == {} else merge_overrides(node, {leaf: value})[leaf]
     return data
+
+
+def _set_as_text(key: str, raw: str) -> str:
+    """``--set KEY=RAW`` with RAW quoted as YAML text, quoted for a shell: the override that passes RAW as text."""
+    text = f"{key.strip()}='" + raw.replace("'", "''") + "'"  # YAML's quoting of text
+    return f'"{text}"' if not re.search(r'["$`\\!]', text) else shlex.quote(text)
+
+
+def _comment(text: str) -> str | None:
+    """The first YAML comment in ``text`` (a ``#`` after a space or at the start, outside quotes, to the end of its
+    line), or None; ``text`` is valid YAML. ``a#b`` holds none: YAML reads it as text."""
+    if "#" not in text:
+        return None
+    spans = [(t.start_mark.index, t.end_mark.index) for t in yaml.scan(text, Loader=yaml.SafeLoader)]
+    for at in (i for i, ch in enumerate(text) if ch == "#"):
+        if not any(start <= at < end for start, end in spans):  # in no token: the scanner skipped it as a comment
+            return text[at:].split("\n", 1)[0]
+    return None
 
 
 def _existing_key(node: dict[Any, Any], key: Any) -> Any:

@@ -294,6 +294,7 @@ def protocol_settings(spec: str | Path | dict | ProtocolConfig) -> dict:
     if isinstance(spec, ProtocolConfig):
         return to_dict(spec)
     if isinstance(spec, dict):
+        refuse_record(spec, ProtocolConfig, read=True)  # an evaluation's JSON read in: every key of it would be unknown
         return to_dict(from_dict(ProtocolConfig, spec, "protocol"))
     if is_protocol_file(spec):
         data = load_yaml(spec)
