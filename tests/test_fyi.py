@@ -201,7 +201,8 @@ def test_the_unrolled_student_trains_on_the_images_with_their_mirror_images(flip
 def test_a_checkpoint_from_before_the_plugin_resumes_with_it_off(name, data):
     """The checkpoint fingerprint held the whole config, so the new field refused every checkpoint written before it
     existed; at its default it is now left out, as from the set's identity. (dc/dsa checkpoints from before also held
-    bn_real_per_class, an earlier added field that is now left out at its default too: those start afresh once.)"""
+    bn_real_per_class, an earlier added field that the identity leaves out at its default: the identity form does not
+    match them, the legacy form does -- see the next test.)"""
     from ddkit.config import to_dict
     from ddkit.methods.matching import state_fingerprint
 
@@ -210,3 +211,60 @@ def test_a_checkpoint_from_before_the_plugin_resumes_with_it_off(name, data):
     assert state_fingerprint(cfg, 2, 0, data) == repr((before, 2, 0, data.fingerprint, data.normalisation))
     assert state_fingerprint(dataclasses.replace(cfg, flip_plugin=True), 2, 0, data) != state_fingerprint(
         cfg, 2, 0, data)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _legacy_fingerprint(cfg, ipc, seed, data):
+    """The fingerprint as bcee3df (before flip_plugin) wrote it: the whole config, operational settings as set."""
+    from ddkit.config import to_dict
+
+    before = {k: v for k, v in to_dict(cfg).items() if k != "flip_plugin"}
+    return repr((before, ipc, seed, data.fingerprint, data.normalisation))
+
+
+@pytest.mark.parametrize("name,tag", [("dc", "dc"), ("dsa", "dsa"), ("dm", "dm"), ("mtt", "mtt-state")])
+def test_a_checkpoint_written_before_the_plugin_resumes_to_the_same_bytes(name, tag, data, tmp_path):
+    """A checkpoint from before flip_plugin holds ``repr((to_dict(cfg), ipc, seed, data))``: DC's bn_real_per_class
+    and checkpoint_every as set included, which the identity form of the fingerprint (since 6d7e2e6) leaves out or
+    holds at its default. It was refused, and ``ddkit distill`` met it again on every run in its work folder (keyed
+    by distill_hash, which did not change). The same config resumes it to the uninterrupted bytes; another config,
+    flip_plugin on included, is still refused."""
+    from ddkit.errors import DDKitError
+    from ddkit.methods.matching import state_fingerprint
+
+    cls = METHODS.get(name)
+    options = {**cls.smoke_options, "checkpoint_every": 1}
+
+    def fit(work, interrupt=False, **more):
+        calls = []
+
+        def progress(step, total, record):
+            if interrupt and not any(k.endswith("_pass") for k in record):
+                calls.append(step)
+                if len(calls) == 2:
+                    raise _Interrupted
+
+        cfg = from_dict(cls.Config, {**options, **more})
+        ctx = FitContext(ipc=2, seed=3, work_dir=work, progress=progress)
+        return cls(cfg).fit(data, [], ctx).synthetic_
+
+    straight = fit(None)
+    work = tmp_path / "work"
+    with pytest.raises(_Interrupted):
+        fit(work, interrupt=True)
+    path = work / f"{tag}.pt"
+    state = torch.load(path, weights_only=True)
+    cfg = from_dict(cls.Config, options)
+    legacy = _legacy_fingerprint(cfg, 2, 3, data)
+    assert state["step"] == 2 and state["fingerprint"] == state_fingerprint(cfg, 2, 3, data) != legacy
+    state["fingerprint"] = legacy  # as written before the merge
+    torch.save(state, path)
+    for changed in ({"lr_img": 2 * cfg.lr_img}, {"flip_plugin": True}):
+        with pytest.raises(DDKitError, match="was written by a run with other settings"):
+            fit(work, **changed)
+    resumed = fit(work)
+    assert torch.equal(resumed.images, straight.images) and torch.equal(resumed.labels, straight.labels)
+    assert torch.load(path, weights_only=True)["fingerprint"] == state_fingerprint(cfg, 2, 3, data)  # the new form

@@ -27,6 +27,7 @@ from ddkit.methods.matching import (
     check_common,
     derive_seed,
     fresh_model,
+    legacy_fingerprint,
     model_keys,
     resumable,
     state_fingerprint,
@@ -199,7 +200,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
 
     fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
-    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint)
+    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint,
+                            legacy_fingerprint(cfg, ipc, ctx.seed, real))
     step = 0
     if state is not None:
         with torch.no_grad():
