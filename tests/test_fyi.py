@@ -119,11 +119,33 @@ def test_flip_plugin_off_keeps_the_set_from_before_and_on_changes_it(name, data,
     assert torch.isfinite(on.images).all() and not torch.equal(on.images, off.images)
 
 
+def _spy_dsa(monkeypatch):
+    """Record DSA's apply calls: (whether the batch carries a graph to the synthetic images, input, params, output)."""
+    from ddkit.data.augment import DSA
+
+    calls, apply = [], DSA.apply
+
+    def spy(self, x, params):
+        out = apply(self, x, params)
+        calls.append((x.requires_grad, x.detach().clone(), {k: v.clone() for k, v in params.items()},
+                      out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(DSA, "apply", spy)
+    return calls
+
+
+def _mirrored(x):
+    half = len(x) // 2
+    return torch.equal(x[half:], x[:half].flip(-1))
+
+
 @pytest.mark.parametrize("name", ["dm", "datadam"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_the_per_class_loss_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
-    """FYI's DM: the class's synthetic batch concatenated with its mirror before DSA. DSA's flip is one draw for the
-    whole batch (siamese), so it swaps the halves and every pair stays mirrored."""
+    """FYI's DM: the class's synthetic batch concatenated with its mirror *before* DSA (the authors' BatchAug, then
+    DiffAugment): the loss sees augment.apply(with_mirror(rows), params). A crop with a horizontal shift does not
+    commute with the mirror, so mirroring after DSA gives other batches."""
     module = importlib.import_module(METHODS.get(name).__module__)
     seen, fit_per_class = [], module.fit_per_class
 
@@ -135,48 +157,90 @@ def test_the_per_class_loss_sees_the_images_with_their_mirror_images(name, flip,
         return fit_per_class(cfg, real, ctx, classes, loss, tag)
 
     monkeypatch.setattr(module, "fit_per_class", spy)
-    _fit(name, data, tmp_path, ipc=2, flip_plugin=flip, dsa_options={"strategy": "flip"})
-    assert len(seen) == METHODS.get(name).smoke_options["iterations"] * data.num_classes
-    for x in seen:
-        assert len(x) == (4 if flip else 2)
+    calls = _spy_dsa(monkeypatch)
+    _fit(name, data, tmp_path, ipc=2, flip_plugin=flip, dsa_options={"strategy": "crop"})
+    applied = [call[1:] for call in calls if call[0]]
+    assert len(seen) == len(applied) == METHODS.get(name).smoke_options["iterations"] * data.num_classes
+    shifted = 0
+    for x, (given, params, out) in zip(seen, applied):
+        assert torch.equal(x, out) and len(x) == (4 if flip else 2)
         if flip:
-            assert torch.equal(x[2:], x[:2].flip(-1)) and not torch.equal(x[:2], x[2:])
+            assert _mirrored(given) and not torch.equal(given[:2], given[2:])
+            dx = int(params["translate"][0, 1])
+            shifted += dx != 0
+            assert _mirrored(x) == (dx == 0)  # a horizontal shift is not mirrored by the mirror image
+    assert not flip or shifted > 0  # seed 3 draws horizontal shifts
 
 
 @pytest.mark.parametrize("name", ["dc", "dsa"])
 @pytest.mark.parametrize("flip", [False, True])
 def test_gradient_matching_sees_the_images_with_their_mirror_images(name, flip, data, tmp_path, monkeypatch):
-    """FYI's DC/DSA: a class's synthetic gradient is taken on its images and their mirrors (before the siamese DSA
-    draw, whose flip swaps the halves); the inner-loop network trains on batches doubled likewise."""
+    """FYI's DC/DSA: a class's synthetic gradient is taken on augment.apply(with_mirror(rows), params) -- mirrored
+    before the siamese DSA draw, as the authors' code; the inner-loop network trains on batches doubled likewise,
+    each mirror with its image's label and augmentation draw."""
     from ddkit.methods import gradient_matching as gm
 
+    ipc, batch_real, batch_train = 2, 8, 3
     matched, trained, fresh_model = [], [], gm.fresh_model
+
+    last = [None]  # the batch the network saw last
+
+    def forward(_m, inp):
+        last[0] = inp[0]
+        (matched if inp[0].requires_grad else trained).append(inp[0].detach().clone())
 
     def spy_model(*args, **kw):
         net = fresh_model(*args, **kw)
         # the synthetic batches of the matching carry a graph to the images; the inner loop's are detached copies
-        net.register_forward_pre_hook(
-            lambda _m, inp: (matched if inp[0].requires_grad else trained).append(inp[0].detach().clone()))
+        net.register_forward_pre_hook(forward)
         return net
 
+    losses, cross_entropy = [], gm.F.cross_entropy
+
+    def spy_loss(logits, y, *a, **kw):  # the inner loop's steps: the network's batch was a detached synthetic one
+        if not last[0].requires_grad and len(last[0]) != batch_real:
+            losses.append(y.clone())
+        return cross_entropy(logits, y, *a, **kw)
+
     monkeypatch.setattr(gm, "fresh_model", spy_model)
-    ipc, batch_real, batch_train = 2, 8, 3
-    dsa = {"dsa_options": {"strategy": "flip"}} if name == "dsa" else {}
+    monkeypatch.setattr(gm.F, "cross_entropy", spy_loss)
+    calls = _spy_dsa(monkeypatch)
+    dsa = {"dsa_options": {"strategy": "crop"}} if name == "dsa" else {}
     _fit(name, data, tmp_path, ipc=ipc, flip_plugin=flip, batch_real=batch_real, batch_train=batch_train, **dsa)
     smoke = METHODS.get(name).smoke_options
     assert len(matched) == smoke["iterations"] * smoke["outer_loop"] * data.num_classes
-    for x in matched:
+    applied = [call[1:] for call in calls if call[0]]
+    assert len(applied) == (len(matched) if name == "dsa" else 0)
+    shifted = 0
+    for k, x in enumerate(matched):
         assert len(x) == (2 * ipc if flip else ipc)
-        if flip:
-            assert torch.equal(x[ipc:], x[:ipc].flip(-1)) and not torch.equal(x[:ipc], x[ipc:])
+        if name == "dsa":
+            given, params, out = applied[k]
+            assert torch.equal(x, out)
+            if flip:
+                dx = int(params["translate"][0, 1])
+                shifted += dx != 0
+                assert _mirrored(given) and _mirrored(x) == (dx == 0)
+        elif flip:
+            assert _mirrored(x) and not torch.equal(x[:ipc], x[ipc:])
+    assert not (flip and name == "dsa") or shifted > 0  # seed 3 draws horizontal shifts
     inner = [x for x in trained if len(x) != batch_real]  # the real batches (batch_real images) are not synthetic
     assert sum(map(len, inner)) == smoke["iterations"] * (smoke["outer_loop"] - 1) * data.num_classes * ipc * (
         2 if flip else 1)
     for x in inner:
         assert len(x) <= (2 * batch_train if flip else batch_train)
-        if flip:  # DSA's per-image draw in the inner loop is shared by an image and its mirror
-            half = len(x) // 2
-            assert torch.equal(x[half:], x[:half].flip(-1))
+        if flip and name == "dc":
+            assert _mirrored(x)
+    steps = [(given, params) for graph, given, params, _ in calls if not graph and len(given) != batch_real]
+    assert len(steps) == (len(inner) if name == "dsa" else 0)
+    for given, params in steps:
+        if flip:  # the inner loop's batch mirrored before DSA, each mirror with its image's draw
+            assert _mirrored(given) and all(torch.equal(v[:len(v) // 2], v[len(v) // 2:]) for v in params.values())
+    labels = losses  # one per inner-loop step
+    assert [len(y) for y in labels] == [len(x) for x in inner]
+    if flip:  # each mirror with its image's label
+        assert all(torch.equal(y[len(y) // 2:], y[:len(y) // 2]) for y in labels)
+        assert any(not torch.equal(y[:len(y) // 2], y[:len(y) // 2].flip(0)) for y in labels)
 
 
 # ------------------------------------------------------------------------------------------------
