@@ -251,10 +251,16 @@ def test_gradient_matching_sees_the_images_with_their_mirror_images(name, flip, 
 def test_a_flipped_unroll_is_the_unroll_of_the_doubled_set(mode):
     """flip=True gives the gradients of an unroll over ``cat([images, flip(images)])`` whose steps take each minibatch
     with its mirrors (labels repeated, each mirror with its image's augmentation draw), folded back onto the images."""
-    from ddkit.methods.trajectory import Step, trajectory_gradients
+    from ddkit.data.augment import build_augment
+    from ddkit.methods.trajectory import Step, plan_steps, trajectory_gradients
     from test_trajectory_methods import _tiny_case
 
-    student, start, target, images, augment, plan = _tiny_case()
+    student, start, target, images, _, _ = _tiny_case()
+    # crops only, with horizontal shifts: they do not commute with the mirror, so mirroring after the augmentation
+    # would give other batches
+    augment = build_augment("dsa", strategy="crop")
+    plan = plan_steps(6, 4, 4, torch.Generator().manual_seed(0), augment, (8, 8))
+    assert any(bool((s.aug["translate"][:, 1] != 0).any()) for s in plan)
     labels = torch.randn(6, 3, dtype=torch.float64).requires_grad_(True)
     lr = torch.tensor(0.1, dtype=torch.float64)
     got = trajectory_gradients(student, start, target, images, labels, lr, plan, augment, mode, flip=True)
