@@ -370,3 +370,35 @@ def test_a_checkpoint_written_before_the_plugin_resumes_to_the_same_bytes(name, 
     resumed = fit(work)
     assert torch.equal(resumed.images, straight.images) and torch.equal(resumed.labels, straight.labels)
     assert torch.load(path, weights_only=True)["fingerprint"] == state_fingerprint(cfg, 2, 3, data)  # the new form
+
+
+@pytest.mark.parametrize("name,options", [("dm", {"dsa_options": {"flip": False}}), ("dc", {}),
+                                          ("mtt", {"augment_options": {"flip": False}}), ("sre2l", {})])
+def test_the_plugin_on_digits_warns_once_naming_its_key(name, options, data, bn_teacher, tmp_path, caplog,
+                                                        monkeypatch):
+    """FYI assumes flip-invariant classes; a mirrored digit is another symbol. Every method that takes the plug-in
+    warns on mnist, as DSA's flips do, even with DSA's flip turned off."""
+    from ddkit.methods import fyi
+
+    monkeypatch.setattr(fyi, "_warned_digits", set())
+    mnist = dataclasses.replace(data, name="mnist")
+    cls = METHODS.get(name)
+    teachers = [bn_teacher] if name == "sre2l" else []
+
+    def fit(work, flip):
+        cfg = from_dict(cls.Config, {**cls.smoke_options, **options, "flip_plugin": flip})
+        cls(cfg).fit(mnist, teachers, FitContext(ipc=1, seed=3, work_dir=tmp_path / work))
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.name == "ddkit.methods.fyi"]
+
+    with caplog.at_level("WARNING"):
+        fit("off", False)
+        assert warnings() == []
+        fit("on", True)
+        assert warnings() == [
+            "flip_plugin (FYI) matches every synthetic image of dataset 'mnist', a digit dataset, together with its "
+            "mirror image, but FYI assumes flip-invariant classes (a mirrored digit is another symbol); set "
+            "distill.options.flip_plugin: false to turn it off"]
+        fit("again", True)
+        assert len(warnings()) == 1  # once per process

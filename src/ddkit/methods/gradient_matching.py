@@ -21,7 +21,7 @@ from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.fyi import flip_pair, pair_params, with_mirror
+from ddkit.methods.fyi import flip_pair, pair_params, warn_digit_mirrors, with_mirror
 from ddkit.methods.matching import (
     RealByClass,
     check_common,
@@ -190,6 +190,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     of one process.
     """
     ipc = check_ipc(real, ctx.ipc)
+    warn_digit_mirrors(cfg, real.name, ctx.options_key)
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
     device = torch.device(ctx.device)
     size = tuple(real.image_shape[1:])

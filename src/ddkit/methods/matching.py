@@ -32,7 +32,7 @@ from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import FitContext, SyntheticSet, check_ipc
-from ddkit.methods.fyi import with_mirror
+from ddkit.methods.fyi import warn_digit_mirrors, with_mirror
 from ddkit.models import configured_model
 from ddkit.models.registry import resolve_model
 from ddkit.training import sum_dtype
@@ -221,6 +221,7 @@ def fit_per_class(
     size = tuple(real.image_shape[1:])
     augment = build_augment("dsa", **cfg.dsa_options) if cfg.dsa else None
     warn_digit_flips(augment, real.name, f"{ctx.options_key}.dsa_options")
+    warn_digit_mirrors(cfg, real.name, ctx.options_key)
     # real init: the same subset as the ``random`` method with this seed
     pixels, _ = common.init_images(real, ipc, cfg.init, ctx.seed)
     start = common.to_normalized(pixels, real)

@@ -84,6 +84,7 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.common import init_images, report, to_normalized, to_pixels
+from ddkit.methods.fyi import warn_digit_mirrors
 from ddkit.methods.matching import legacy_fingerprint, resumable, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
@@ -455,6 +456,7 @@ class _TrajectoryMatching(Method):
         student = FunctionalStudent(buffer.build_model().to(device).train())
         augment = build_augment(cfg.augment, **cfg.augment_options)
         warn_digit_flips(augment, real.name, f"{ctx.options_key}.augment_options")
+        warn_digit_mirrors(cfg, real.name, ctx.options_key)
         size = tuple(real.image_shape[-2:])
         gen = torch.Generator().manual_seed(ctx.seed)
 
