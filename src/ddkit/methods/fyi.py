@@ -8,7 +8,9 @@ discriminative parts on *both* halves -- nearly mirror-symmetric images that was
 FYI's fix is to distil with the synthetic set augmented by its horizontal flips,
 ``A_c = S_c U Flip(S_c)``: each image and its mirror image are matched *jointly* against the real data
 (whose distribution is flip-invariant), so one image may hold a part on the left while its mirror
-covers the right.
+covers the right. FYI therefore assumes classes whose mirror images are still of the class (the paper
+evaluates CIFAR, Tiny ImageNet and ImageNet); on digits (``mnist``) a mirrored image is another symbol, and
+every method logs a warning once (:func:`warn_digit_mirrors`).
 
 Which methods take it: the recover methods (``sre2l``, ``cda``, ``gvbsm``, ``edc``, ``dwa``, ``cvdd``),
 distribution matching (``dm``, ``datadam``), gradient matching (``dc``, ``dsa``) and trajectory
@@ -53,7 +55,30 @@ no such mode (a student trains on the set as stored, with its protocol's augment
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
+
+from ddkit.data.augment import DIGIT_DATASETS
+
+log = logging.getLogger(__name__)
+_warned_digits: set[tuple[str, str]] = set()
+
+
+def warn_digit_mirrors(cfg: Any, dataset: str, options_key: str) -> None:
+    """Log a warning, once per process for each dataset and ``options_key``, when ``cfg.flip_plugin`` is on and
+    ``dataset`` is a digit dataset (:data:`~ddkit.data.augment.DIGIT_DATASETS`): FYI matches every synthetic
+    image with its mirror image, which assumes flip-invariant classes, and a mirrored digit is another symbol.
+    Every method that takes ``flip_plugin`` calls it; nothing is changed."""
+    if not getattr(cfg, "flip_plugin", False) or dataset.lower() not in DIGIT_DATASETS:
+        return
+    if (dataset, options_key) in _warned_digits:
+        return
+    _warned_digits.add((dataset, options_key))
+    log.warning("flip_plugin (FYI) matches every synthetic image of dataset %r, a digit dataset, together with its "
+                "mirror image, but FYI assumes flip-invariant classes (a mirrored digit is another symbol); set "
+                "%s.flip_plugin: false to turn it off", dataset, options_key)
 
 
 def with_mirror(x: torch.Tensor) -> torch.Tensor:

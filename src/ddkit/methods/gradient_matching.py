@@ -21,12 +21,13 @@ from ddkit.data.base import DataBundle, to_device
 from ddkit.errors import ConfigError, DDKitError, ImageTooSmall
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.fyi import flip_pair, pair_params, with_mirror
+from ddkit.methods.fyi import flip_pair, pair_params, warn_digit_mirrors, with_mirror
 from ddkit.methods.matching import (
     RealByClass,
     check_common,
     derive_seed,
     fresh_model,
+    legacy_fingerprint,
     model_keys,
     resumable,
     state_fingerprint,
@@ -189,6 +190,7 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     of one process.
     """
     ipc = check_ipc(real, ctx.ipc)
+    warn_digit_mirrors(cfg, real.name, ctx.options_key)
     outer, inner = loops_for(ipc, cfg.outer_loop, cfg.inner_loop)
     device = torch.device(ctx.device)
     size = tuple(real.image_shape[1:])
@@ -199,7 +201,8 @@ def fit_gradient_matching(cfg: DCConfig, real: DataBundle, ctx: FitContext, augm
     opt_img = torch.optim.SGD([syn], lr=cfg.lr_img, momentum=cfg.momentum_img)
 
     fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
-    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint)
+    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint,
+                            legacy_fingerprint(cfg, ipc, ctx.seed, real))
     step = 0
     if state is not None:
         with torch.no_grad():

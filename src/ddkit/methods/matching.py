@@ -6,14 +6,16 @@
   touching the global RNG (:func:`model_keys`: the config keys an error about it names);
 - :class:`RealByClass`: normalised real images indexed by class, on the device;
 - :func:`check_common`, :func:`check_model`: the config checks the matching methods share;
-- :func:`state_fingerprint`, :func:`resumable`, :func:`tree_to`: what a checkpoint must match to be
-  resumed, the checkpoint with the state it holds, and moving its (optimiser) state between devices;
+- :func:`state_fingerprint`, :func:`legacy_fingerprint`, :func:`resumable`, :func:`tree_to`: what a
+  checkpoint must match to be resumed (now, and as written before ``flip_plugin``), the checkpoint with
+  the state it holds, and moving its (optimiser) state between devices;
 - :func:`fit_per_class`: the loop of every method whose loss splits into independent per-class terms
   (DM, DataDAM), and :func:`gather_result`, their classes from every rank as one synthetic set.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -30,7 +32,7 @@ from ddkit.determinism import seeded_cpu_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import FitContext, SyntheticSet, check_ipc
-from ddkit.methods.fyi import with_mirror
+from ddkit.methods.fyi import warn_digit_mirrors, with_mirror
 from ddkit.models import configured_model
 from ddkit.models.registry import resolve_model
 from ddkit.training import sum_dtype
@@ -145,21 +147,45 @@ def state_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str:
     return repr((to_dict(cfg, identity=True), ipc, seed, real.fingerprint, real.normalisation))
 
 
-def check_resume(state: dict, fingerprint: str, path) -> None:
-    if state.get("fingerprint") != fingerprint:
+#: config fields that checkpoints written before them (up to bcee3df) do not hold: at their defaults those
+#: runs are reproduced, so :func:`legacy_fingerprint` leaves them out
+LEGACY_ABSENT = ("flip_plugin",)
+
+
+def legacy_fingerprint(cfg: Any, ipc: int, seed: int, real: DataBundle) -> str | None:
+    """The fingerprint that a checkpoint written before ``flip_plugin`` existed holds for this run: the
+    whole config as written (``to_dict(cfg)``, operational settings included, ``added`` fields such as
+    DC's ``bn_real_per_class`` included) without the fields of :data:`LEGACY_ABSENT`. None where one of
+    those is set away from its default: no run from then wrote it. :func:`state_fingerprint` left that
+    form when ``added`` fields at their defaults left it (6d7e2e6), which refused every dc/dsa checkpoint
+    from before; the form is accepted on resume so those resume to the same bytes."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    whole = to_dict(cfg)
+    for name in LEGACY_ABSENT:
+        if name in whole and whole.pop(name) != defaults[name]:
+            return None
+    return repr((whole, ipc, seed, real.fingerprint, real.normalisation))
+
+
+def check_resume(state: dict, fingerprint: str, path, legacy: str | None = None) -> None:
+    """Refuse a checkpoint whose fingerprint is neither ``fingerprint`` nor ``legacy`` (:func:`legacy_fingerprint`)."""
+    held = state.get("fingerprint")
+    if held != fingerprint and (legacy is None or held != legacy):
         raise DDKitError(
             f"checkpoint {path} was written by a run with other settings (config, ipc, seed or data); "
             "delete it (or its work folder) to start afresh"
         )
 
 
-def resumable(ctx: FitContext, every: int, tag: str, fingerprint: str) -> tuple[common.Checkpoint, dict | None]:
+def resumable(ctx: FitContext, every: int, tag: str, fingerprint: str,
+              legacy: str | None = None) -> tuple[common.Checkpoint, dict | None]:
     """The method's checkpoint and the state it holds (None: start afresh); a state that a run with other
-    settings wrote (another ``fingerprint``) is refused."""
+    settings wrote (another ``fingerprint``, and not the ``legacy`` one of :func:`legacy_fingerprint`) is
+    refused. A resumed run saves its next checkpoints with ``fingerprint``."""
     ckpt = common.Checkpoint(ctx, every, tag=tag)
     state = ckpt.load()
     if state is not None:
-        check_resume(state, fingerprint, ckpt.path)
+        check_resume(state, fingerprint, ckpt.path, legacy)
     return ckpt, state
 
 
@@ -195,6 +221,7 @@ def fit_per_class(
     size = tuple(real.image_shape[1:])
     augment = build_augment("dsa", **cfg.dsa_options) if cfg.dsa else None
     warn_digit_flips(augment, real.name, f"{ctx.options_key}.dsa_options")
+    warn_digit_mirrors(cfg, real.name, ctx.options_key)
     # real init: the same subset as the ``random`` method with this seed
     pixels, _ = common.init_images(real, ipc, cfg.init, ctx.seed)
     start = common.to_normalized(pixels, real)
@@ -202,7 +229,8 @@ def fit_per_class(
     opts = {c: torch.optim.SGD([syn[c]], lr=cfg.lr_img, momentum=cfg.momentum_img) for c in classes}
 
     fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
-    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint)
+    ckpt, state = resumable(ctx, cfg.checkpoint_every, tag, fingerprint,
+                            legacy_fingerprint(cfg, ipc, ctx.seed, real))
     step = 0
     if state is not None:
         step = int(state["step"])

@@ -84,7 +84,8 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
 from ddkit.methods.common import init_images, report, to_normalized, to_pixels
-from ddkit.methods.matching import resumable, state_fingerprint
+from ddkit.methods.fyi import warn_digit_mirrors
+from ddkit.methods.matching import legacy_fingerprint, resumable, state_fingerprint
 from ddkit.methods.random import stratified_indices
 from ddkit.methods.trajectory import (
     ZCA_SPACE,
@@ -455,6 +456,7 @@ class _TrajectoryMatching(Method):
         student = FunctionalStudent(buffer.build_model().to(device).train())
         augment = build_augment(cfg.augment, **cfg.augment_options)
         warn_digit_flips(augment, real.name, f"{ctx.options_key}.augment_options")
+        warn_digit_mirrors(cfg, real.name, ctx.options_key)
         size = tuple(real.image_shape[-2:])
         gen = torch.Generator().manual_seed(ctx.seed)
 
@@ -481,9 +483,11 @@ class _TrajectoryMatching(Method):
         ema = images.detach().clone() if cfg.image_ema > 0 else None  # FTD: EMA from the initial images
 
         fingerprint = state_fingerprint(cfg, ipc, ctx.seed, real)
+        legacy = legacy_fingerprint(cfg, ipc, ctx.seed, real)
         if cfg.experts is not None:  # a buffer retrained at the same path must not resume the old one's run
-            fingerprint += f"|experts={buffer_identity(cfg.experts)}"
-        ckpt, state = resumable(ctx, cfg.checkpoint_every, f"{self.key}-state", fingerprint)
+            experts = f"|experts={buffer_identity(cfg.experts)}"
+            fingerprint, legacy = fingerprint + experts, None if legacy is None else legacy + experts
+        ckpt, state = resumable(ctx, cfg.checkpoint_every, f"{self.key}-state", fingerprint, legacy)
         start_it, skipped = 0, 0
         if state is not None:
             with torch.no_grad():

@@ -70,7 +70,7 @@ from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import common
 from ddkit.methods.base import METHODS, FitContext, Method, SyntheticSet, check_ipc
-from ddkit.methods.fyi import flip_pair
+from ddkit.methods.fyi import flip_pair, warn_digit_mirrors
 from ddkit.training import sum_dtype
 
 log = logging.getLogger(__name__)
@@ -1012,6 +1012,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     ``done_<unit>``) is resumed too: its finished units move to their files.
     """
     ipc = check_ipc(real, ctx.ipc)
+    warn_digit_mirrors(cfg, real.name, ctx.options_key)
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
     k = real.num_classes
