@@ -385,7 +385,7 @@ def _build(cls: type[T], data: dict[str, Any], where: str, errors: list[str]) ->
             listed = listed or " valid keys: " in errors[-1]
             continue
         f, tp, seed = fields[key]
-        default = _field_default(f)
+        default = field_default(f)
         if isinstance(value, dict) and dataclasses.is_dataclass(default):
             value = merge_overrides(to_dict(default), value)
         kwargs[key] = _convert(value, tp, path, errors)
@@ -562,7 +562,7 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, name)
         where = f"{cls.__name__}.{name}"
         if isinstance(value, dict):  # on the field's own default, as from_dict does (TeacherConfig.train)
-            default = _field_default(field)
+            default = field_default(field)
             if dataclasses.is_dataclass(default):
                 value = merge_overrides(to_dict(default), value)
         out = _convert(value, tp, where, errors)
@@ -616,14 +616,6 @@ def sorted_seeds(value: Any, what: str = "seeds") -> list[int]:
     stage keeps student seeds, so that an evaluation (its per-seed order, the full-data reference's smallest
     seeds) is the same however the seeds are written."""
     return sorted(seed_list(value, what))
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
 
 
 # option dicts of a chosen component: an override gives the whole dict (``{}`` clears it), since
@@ -1094,11 +1086,7 @@ def describe(cls: type) -> list[tuple[str, str, Any, str]]:
     rows = []
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
+        if (default := field_default(f)) is dataclasses.MISSING:
             default = "<required>"
         rows.append((f.name, _choices_or_type(hints[f.name]), to_dict(default), f.metadata.get("help", "")))
     return rows
