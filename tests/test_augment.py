@@ -446,7 +446,7 @@ def test_dsa_scale_and_rotate_equal_the_reference_resampling(op):
 def fresh_flip_warnings(monkeypatch):
     from ddkit.data import augment
 
-    monkeypatch.setattr(augment, "_warned_digit_flips", set())
+    monkeypatch.setattr(augment, "_warned_digits", set())
 
 
 def _flip_warnings(caplog) -> list[str]:

@@ -378,9 +378,9 @@ def test_the_plugin_on_digits_warns_once_naming_its_key(name, options, data, bn_
                                                         monkeypatch):
     """FYI assumes flip-invariant classes; a mirrored digit is another symbol. Every method that takes the plug-in
     warns on mnist, as DSA's flips do, even with DSA's flip turned off."""
-    from ddkit.methods import fyi
+    from ddkit.data import augment
 
-    monkeypatch.setattr(fyi, "_warned_digits", set())
+    monkeypatch.setattr(augment, "_warned_digits", set())
     mnist = dataclasses.replace(data, name="mnist")
     cls = METHODS.get(name)
     teachers = [bn_teacher] if name == "sre2l" else []

@@ -57,6 +57,7 @@ __all__ = [
     "build_augment",
     "slice_params",
     "warn_digit_flips",
+    "warn_digits_once",
 ]
 
 
@@ -665,7 +666,17 @@ def build_augment(spec: str, **kw) -> Augment | None:
 #: datasets of digits, for which DSA's README drops flips (strategy ``color_crop_cutout_scale_rotate`` for MNIST
 #: and SVHN: a mirrored digit is another symbol or none)
 DIGIT_DATASETS = frozenset({"mnist"})
-_warned_digit_flips: set[tuple[str, str]] = set()
+_warned_digits: set[tuple[str, str, str]] = set()
+
+
+def warn_digits_once(logger: logging.Logger, message: str, dataset: str, options_key: str) -> None:
+    """Log ``message % (dataset, options_key)`` as a warning with ``logger`` where ``dataset`` is one of
+    :data:`DIGIT_DATASETS`, once per process for each message, dataset and ``options_key`` (the config key the
+    message names)."""
+    if dataset.lower() not in DIGIT_DATASETS or (message, dataset, options_key) in _warned_digits:
+        return
+    _warned_digits.add((message, dataset, options_key))
+    logger.warning(message, dataset, options_key)
 
 
 def warn_digit_flips(augment: Augment | None, dataset: str, options_key: str) -> None:
@@ -674,13 +685,10 @@ def warn_digit_flips(augment: Augment | None, dataset: str, options_key: str) ->
     ``options_key``: the config key of the augmentation's options, which the message names
     (``{options_key}: {flip: false}`` drops ``flip`` from DSA's operations). Nothing is changed: the
     augmentation keeps its flips, as the config asked."""
-    if not isinstance(augment, DSA) or "flip" not in augment.ops or dataset.lower() not in DIGIT_DATASETS:
-        return
-    if (dataset, options_key) in _warned_digit_flips:
-        return
-    _warned_digit_flips.add((dataset, options_key))
-    log.warning("DSA augmentation flips the images of dataset %r, a digit dataset, where DSA's authors drop flips "
-                "(a mirrored digit is another symbol); set %s: {flip: false} to turn them off", dataset, options_key)
+    if isinstance(augment, DSA) and "flip" in augment.ops:
+        warn_digits_once(log, "DSA augmentation flips the images of dataset %r, a digit dataset, where DSA's authors "
+                         "drop flips (a mirrored digit is another symbol); set %s: {flip: false} to turn them off",
+                         dataset, options_key)
 
 
 def typed_augment(spec: str, options: dict) -> tuple[Augment | None, dict]:

@@ -60,10 +60,9 @@ from typing import Any
 
 import torch
 
-from ddkit.data.augment import DIGIT_DATASETS
+from ddkit.data.augment import warn_digits_once
 
 log = logging.getLogger(__name__)
-_warned_digits: set[tuple[str, str]] = set()
 
 
 def warn_digit_mirrors(cfg: Any, dataset: str, options_key: str) -> None:
@@ -71,14 +70,10 @@ def warn_digit_mirrors(cfg: Any, dataset: str, options_key: str) -> None:
     ``dataset`` is a digit dataset (:data:`~ddkit.data.augment.DIGIT_DATASETS`): FYI matches every synthetic
     image with its mirror image, which assumes flip-invariant classes, and a mirrored digit is another symbol.
     Every method that takes ``flip_plugin`` calls it; nothing is changed."""
-    if not getattr(cfg, "flip_plugin", False) or dataset.lower() not in DIGIT_DATASETS:
-        return
-    if (dataset, options_key) in _warned_digits:
-        return
-    _warned_digits.add((dataset, options_key))
-    log.warning("flip_plugin (FYI) matches every synthetic image of dataset %r, a digit dataset, together with its "
-                "mirror image, but FYI assumes flip-invariant classes (a mirrored digit is another symbol); set "
-                "%s.flip_plugin: false to turn it off", dataset, options_key)
+    if getattr(cfg, "flip_plugin", False):
+        warn_digits_once(log, "flip_plugin (FYI) matches every synthetic image of dataset %r, a digit dataset, "
+                         "together with its mirror image, but FYI assumes flip-invariant classes (a mirrored digit is "
+                         "another symbol); set %s.flip_plugin: false to turn it off", dataset, options_key)
 
 
 def with_mirror(x: torch.Tensor) -> torch.Tensor:
