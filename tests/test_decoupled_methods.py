@@ -267,7 +267,7 @@ def test_sre2l_iterations_reduce_the_loss(data, bn_teacher):
 
 
 def test_bn_statistics_need_a_batchnorm_teacher(data, in_teacher):
-    with pytest.raises(DDKitError, match="needs a teacher with BatchNorm layers.*convnet3-bn"):
+    with pytest.raises(DDKitError, match="needs teachers with BatchNorm layers.*convnet3-bn"):
         _run("sre2l", data, [in_teacher], iterations=1)
     with pytest.raises(DDKitError, match="needs a teacher"):
         _run("cda", data, [], iterations=1)
@@ -503,6 +503,72 @@ def test_gvbsm_samples_several_teachers(data, bn_teacher, in_teacher):
     assert torch.equal(out.images, again.images)
 
 
+def test_a_mixed_pool_matches_bn_terms_of_its_bn_teachers_and_conv_terms_of_every_teacher(data, bn_teacher,
+                                                                                          in_teacher, tmp_path,
+                                                                                          monkeypatch):
+    """G-VBSM's and EDC's pools mix BatchNorm backbones with instance-norm ConvNets, and the authors'
+    hooks are per module type: under stats: bn+conv a teacher without BatchNorm matches its conv
+    statistics (and its CE and logit terms), a BatchNorm teacher its BN and conv statistics. The main
+    teacher may be either; the statistics artifact of each holds its own layers."""
+    used = []  # [teacher fingerprint, the layers whose terms entered the loss at this step]
+    member_loss, stats_loss = S._member_loss, S.statistics_loss
+
+    def spy_member(cfg, st, *args, **kw):
+        used.append([st.teacher.fingerprint, None])
+        return member_loss(cfg, st, *args, **kw)
+
+    def spy_stats(features, targets, *args, drop=frozenset(), **kw):
+        used[-1][1] = {key for key in targets.keys if key not in drop} & set(features)
+        return stats_loss(features, targets, *args, drop=drop, **kw)
+
+    monkeypatch.setattr(S, "_member_loss", spy_member)
+    monkeypatch.setattr(S, "statistics_loss", spy_stats)
+    bn_conv, bn = S.statistic_layers(bn_teacher.model, ("conv",)), S.statistic_layers(bn_teacher.model, ("bn",))
+    in_conv = S.statistic_layers(in_teacher.model, ("conv",))
+    assert bn and in_conv and not S.statistic_layers(in_teacher.model, ("bn",))
+    out = _run("gvbsm", data, [bn_teacher, in_teacher], iterations=8, cache_dir=str(tmp_path))
+    layers = out.meta["layers_matched"]
+    assert layers == {bn_teacher.fingerprint: S.statistic_layers(bn_teacher.model),
+                      in_teacher.fingerprint: in_conv}
+    assert {"loss_ce", "loss_stats", "loss_logit"} <= set(out.meta["final_losses"])
+    terms = {fp: set().union(*(keys for f, keys in used if f == fp)) for fp in layers}
+    assert {fp for fp, _ in used} == set(layers)  # both teachers were sampled
+    assert terms[in_teacher.fingerprint] == set(in_conv)  # conv terms only (some steps drop some)
+    assert terms[bn_teacher.fingerprint] == set(bn_conv) | set(bn)
+    # each teacher's statistics artifact records the layers it holds
+    manifests = [json.loads(m.read_text()) for m in tmp_path.glob("*/manifest.json")]
+    assert sorted((m["teacher"], m["config"]["layers"]) for m in manifests) == sorted(layers.items())
+    # a main teacher without BatchNorm is one of the pool as any other (teachers are sampled, not ranked)
+    used.clear()
+    swapped = _run("gvbsm", data, [in_teacher, bn_teacher], iterations=2, cache_dir=str(tmp_path))
+    assert swapped.meta["layers_matched"] == layers and torch.isfinite(swapped.images).all()
+
+
+def test_a_pool_is_refused_where_a_teacher_or_the_pool_would_match_no_bn_statistics(data, bn_teacher, in_teacher,
+                                                                                   tmp_path):
+    """stats: bn (BatchNorm alone) with a teacher without BatchNorm would match nothing of that teacher, and
+    stats: bn+conv with no BatchNorm teacher at all nothing of what bn asks for: both refused in one line
+    naming the teacher (its folder where it has one) and the fix, before any statistics pass."""
+    folder = tmp_path / "in-teacher"
+    Teacher(in_teacher.model, dict(in_teacher.manifest)).save(folder)
+    cache = tmp_path / "stats"
+    with pytest.raises(DDKitError) as err:
+        _run("gvbsm", data, [bn_teacher], iterations=1, stats="bn", patch_size=0, extra_teachers=[str(folder)],
+             cache_dir=str(cache))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(
+        f"method 'gvbsm' with stats: bn needs teachers with BatchNorm layers, but teacher model 'convnet' "
+        f"({folder.absolute()}) has none, so it would match no statistics; use a teacher with BatchNorm")
+    assert "or set stats: bn+conv" in msg
+    assert not cache.exists()  # refused before the BatchNorm teacher's statistics pass
+    for teachers, which in (([in_teacher], "teacher model 'convnet' has none"),
+                            ([in_teacher, in_teacher], "none of its 2 teachers has any")):
+        with pytest.raises(DDKitError, match=f"^method 'edc' with stats: bn\\+conv needs a teacher with BatchNorm "
+                                             f"layers, but {which}; .*or set stats: conv"):
+            _run("edc", data, teachers, iterations=1, init="real", cache_dir=str(cache))
+    assert not cache.exists()
+
+
 def test_class_batches_and_ipc_slots(data, bn_teacher):
     out = _run("sre2l", data, [bn_teacher], ipc=2, iterations=2, class_batch=3)
     assert out.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -530,12 +596,17 @@ def test_many_classes_are_split_into_batches_of_100():
     assert S.class_chunk(S.RecoverConfig(class_batch=7), 120) == 7
 
 
-@pytest.mark.parametrize("every", [2, 3])
-def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
-    """ipc 2 = two units; EDC keeps an EMA copy and optimizer state: resume must be bit-exact."""
+@pytest.mark.parametrize("every, mixed", [(2, False), (3, False), (2, True)])
+def test_resume_across_units_with_ema(data, bn_teacher, in_teacher, tmp_path, every, mixed):
+    """ipc 2 = two units; EDC keeps an EMA copy and optimizer state: resume must be bit-exact. ``mixed``:
+    a pool of a BatchNorm teacher and one without (per-teacher statistics moving averages of other layers)."""
     opts = {"iterations": 3, "lr": 0.1, "checkpoint_every": every, "cache_dir": str(tmp_path / "c")}
     cls = METHODS.get("edc")
-    straight = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher], FitContext(ipc=2, seed=3)).synthetic_
+    teachers = [bn_teacher, in_teacher] if mixed else [bn_teacher]
+    straight = cls(from_dict(cls.Config, opts)).fit(data, teachers, FitContext(ipc=2, seed=3)).synthetic_
+    if mixed:
+        assert straight.meta["layers_matched"][in_teacher.fingerprint] == S.statistic_layers(in_teacher.model,
+                                                                                             ("conv",))
     calls = []
 
     def kill(step, total, record):
@@ -545,12 +616,13 @@ def test_resume_across_units_with_ema(data, bn_teacher, tmp_path, every):
 
     work = tmp_path / "work"
     with pytest.raises(KeyboardInterrupt):
-        cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+        cls(from_dict(cls.Config, opts)).fit(data, teachers,
                                              FitContext(ipc=2, seed=3, work_dir=work, progress=kill))
     assert any(work.iterdir())
-    resumed = cls(from_dict(cls.Config, opts)).fit(data, [bn_teacher],
+    resumed = cls(from_dict(cls.Config, opts)).fit(data, teachers,
                                                    FitContext(ipc=2, seed=3, work_dir=work)).synthetic_
     assert torch.equal(straight.images, resumed.images)
+    assert resumed.meta["final_losses"] == straight.meta["final_losses"]
 
 
 def test_recover_does_not_resume_a_checkpoint_of_another_normalisation(data, bn_teacher, tmp_path):

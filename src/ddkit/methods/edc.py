@@ -53,7 +53,15 @@ class GVBSM(RecoverMethod):
     set, computed once and cached: the paper's "convolution-based statistical matching"), plus
     ``r_logit *`` a logit matching term (per-class mean teacher logits of the synthetic batch
     against those of the real data). Adam lr 0.05, betas (0.5, 0.9), cosine schedule, 4000
-    iterations, first layer x10. The pieces of the authors' CIFAR recover code, each a knob:
+    iterations, first layer x10. The pool may mix BatchNorm teachers with teachers without
+    BatchNorm (the authors' pools hold instance-norm ConvNets beside ResNet-18, MobileNetV2 and
+    ShuffleNetV2): as the code's hooks are per module type, a teacher without BatchNorm contributes
+    its convolution statistics, cross-entropy and logit terms and no BN terms, its first
+    convolution taking the x10 (the first matched layer of each teacher, as in the code). Any
+    teacher may be the main one (``--teacher``; ``extra_teachers`` add the others), since teachers
+    are sampled alike; a pool without any BatchNorm teacher is refused under ``stats: bn+conv``
+    (it would match no BN term: ``stats: conv`` says so), as is a teacher without BatchNorm under
+    ``stats: bn`` (it would match nothing). The pieces of the authors' CIFAR recover code, each a knob:
 
     - ``stats_momentum: 0.8``: the matched synthetic statistics are a moving average over the
       batch's steps, with the gradient of the current step (``--training-momentum``);
@@ -123,7 +131,9 @@ class EDC(RecoverMethod):
     "Elucidating the Design Space of Dataset Condensation", NeurIPS 2024; shaoshitong/EDC).
 
     G-VBSM's synthesis (:class:`GVBSM`: several teachers sampled per step, BN + convolution
-    statistics) with EDC's synthesis-side changes. Map of the knobs to EDC's Fig. 1 steps:
+    statistics; a teacher without BatchNorm, as the instance-norm ConvNets of EDC's pools, matches
+    its convolution statistics alone, class-conditional ones included) with EDC's synthesis-side
+    changes. Map of the knobs to EDC's Fig. 1 steps:
 
     =====  ====================================================  =================================
     step   EDC change                                            ddkit knob (off value)

@@ -10,6 +10,9 @@ Three pieces, shared by every recover-style method:
    hook them. On a BatchNorm teacher a conv output is the next BN layer's input, so ``conv`` keys
    match the BN terms' tensors again (against real-data instead of running statistics), while
    ``convin`` keys add the post-activation features and, at the first convolution, the images.
+   Each teacher is hooked at the layers of the kinds asked for that it has, as the G-VBSM/EDC
+   code's per-module-type hooks are: under ``stats: bn+conv`` a teacher without BatchNorm (their
+   pools' instance-norm ConvNets) matches its convolution statistics alone (:func:`_teacher_layers`).
    Convolution features can also be matched per spatial patch (:func:`patch_moments`, G-VBSM's
    patch statistics).
 2. **Real-data statistics** (:func:`real_statistics`): global and per-class per-channel mean and
@@ -56,6 +59,7 @@ from ddkit.artifacts import (
     load_tensors,
     read_manifest,
     record_shared_cost,
+    recorded_path,
     save_tensors,
     write_json,
 )
@@ -581,9 +585,11 @@ class RecoverConfig(Checked):
     beta1: float = field(0.5, help="Adam beta1 (SRe2L: 0.5)")
     beta2: float = field(0.9, help="Adam beta2 (SRe2L: 0.9)")
     r_stats: float = field(0.01, help="weight of the statistics loss (SRe2L's r_bn)")
-    first_multiplier: float = field(10.0, help="extra weight on the first matched layer (SRe2L/G-VBSM code: 10)")
+    first_multiplier: float = field(10.0, help="extra weight on each teacher's first matched layer (SRe2L/G-VBSM "
+                                               "code: 10)")
     stats: Literal["bn", "conv", "bn+conv"] = field("bn", help="layers matched: BN inputs vs running stats, conv "
-                                                               "outputs vs real data, or both (G-VBSM)")
+                                                               "outputs vs real data, or both (G-VBSM; a teacher "
+                                                               "without BN matches its conv layers alone)")
     alpha: float = field(1.0,
                          help="EDC soft category-aware matching: alpha*global + (1-alpha)*per-class; 1 = global only")
     r_logit: float = field(0.0,
@@ -817,6 +823,51 @@ class _TeacherState:
     targets: StatTargets
 
 
+def _teacher_name(t) -> str:
+    """A teacher as errors name it: its model, and its folder where it has one (an extra teacher's)."""
+    arch = t.manifest.get("model", {}).get("name", "?") if isinstance(t.manifest, dict) else "?"
+    return f"teacher model {arch!r}" + (f" ({recorded_path(t.path)})" if getattr(t, "path", None) else "")
+
+
+def _teacher_layers(name: str, cfg: RecoverConfig, teachers: list, kinds: tuple[str, ...]) -> list[list[str]]:
+    """The statistic keys of each teacher: the layers of the ``kinds`` asked for that it has.
+
+    As the G-VBSM/EDC code's hooks are per module type, a teacher without BatchNorm matches, under
+    ``stats: bn+conv``, its convolution statistics alone (G-VBSM's and EDC's pools mix BatchNorm
+    backbones with instance-norm ConvNets). Refused: a teacher that would match no statistics (``stats:
+    bn`` and no BatchNorm), and a pool of which no teacher has BatchNorm while ``stats`` asks for it
+    (the BatchNorm terms would silently be none: ``stats: conv`` says so). The main teacher is one of
+    the pool as any other (teachers are sampled alike), so it too may lack BatchNorm in a mixed pool.
+    """
+    layers = [statistic_layers(t.model, kinds) for t in teachers]
+    for t, keys in zip(teachers, layers):
+        if keys:
+            continue
+        if kinds == ("bn",) and statistic_layers(t.model, ("conv",)):
+            raise DDKitError(
+                f"method {name!r} with stats: bn needs teachers with BatchNorm layers, but {_teacher_name(t)} has "
+                "none, so it would match no statistics; use a teacher with BatchNorm (e.g. convnet3-bn or "
+                "resnet18_cifar), or set stats: bn+conv (BatchNorm statistics where a teacher has them, convolution "
+                "statistics of every teacher) or stats: conv"
+            )
+        raise DDKitError(f"{_teacher_name(t)} has no BatchNorm or convolution layers to match statistics at; "
+                         f"method {name!r} cannot use it")
+    if "bn" not in kinds:
+        return layers
+    no_bn = [t for t, keys in zip(teachers, layers) if not any(key.startswith("bn:") for key in keys)]
+    if len(no_bn) == len(teachers):
+        which = (f"{_teacher_name(teachers[0])} has none" if len(teachers) == 1 else
+                 f"none of its {len(teachers)} teachers has any")
+        raise DDKitError(
+            f"method {name!r} with stats: {cfg.stats} needs a teacher with BatchNorm layers, but {which}; use e.g. "
+            "convnet3-bn or resnet18_cifar (as the teacher or among extra_teachers), or set stats: conv to match "
+            "convolution statistics of the real data instead"
+        )
+    for t in no_bn:
+        log.info("%s: %s has no BatchNorm layers; it matches its convolution statistics only", name, _teacher_name(t))
+    return layers
+
+
 def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list,
                       ctx: FitContext) -> tuple[list[_TeacherState], list[str]]:
     if not teachers:
@@ -827,20 +878,10 @@ def _prepare_teachers(name: str, cfg: RecoverConfig, real: DataBundle, teachers:
     states, paths = [], []
     for t in teachers:  # every one before the first statistics pass
         common.check_float32_teacher(t.model, name)
-    for t in teachers:
+    layers = _teacher_layers(name, cfg, teachers, kinds)
+    for t, keys in zip(teachers, layers):
         t.check_compatible(real)
         model = t.model.to(ctx.device).eval()
-        if "bn" in kinds and not statistic_layers(model, ("bn",)):
-            arch = t.manifest.get("model", {}).get("name", "?") if isinstance(t.manifest, dict) else "?"
-            raise DDKitError(
-                f"method {name!r} with stats: {cfg.stats} needs a teacher with BatchNorm layers, but teacher "
-                f"model {arch!r} has none; use e.g. convnet3-bn or resnet18_cifar, or set stats: conv to match "
-                "convolution statistics of the real data instead"
-            )
-        keys = statistic_layers(model, kinds)
-        if not keys:
-            raise DDKitError(f"teacher has no BatchNorm or convolution layers to match statistics at; method {name!r} "
-                             "cannot use it")
         real_stats = None
         if need_real:
             # the one-off statistics pass reports its own progress (images done / total), marked
