@@ -462,6 +462,19 @@ def test_full_decoupled_tier_batches_gvbsm_as_its_code():
     assert _recover_batch(from_dict(METHODS.get("gvbsm").Config, shipped.options), shipped.ipc) == 100
 
 
+def test_edc_recipe_bench_says_what_its_edc_c10_row_runs():
+    """QA 18b F9: the header called edc-c10 the authors' CIFAR-10 recover script with "global statistics only
+    (alpha 1)", but the script's --category-aware "global" is alpha 0.5 and it runs without --flatness, while the
+    row runs alpha 1 with the preset's flatness 0.25 (its recorded results stay: the header now says so)."""
+    path = "configs/bench/fashion-mnist-edc-recipe-cpu.yaml"
+    row = _tier_method_configs(path)["edc-c10", 1]
+    assert (row.alpha, row.flatness_weight, row.init, row.iterations) == (1.0, 0.25, "real", 75)
+    header = " ".join(line.lstrip("# ") for line in (REPO / path).read_text().splitlines() if line.startswith("#"))
+    assert "global statistics only (alpha 1), where the script's `--category-aware \"global\"` matches" in header
+    assert "(alpha 0.5, the preset's), and the preset's flatness term (flatness_weight 0.25), which the" in header
+    assert "script leaves off (no --flatness)" in header
+
+
 def test_learned_matching_tier_evaluates_trajectory_sets_as_their_papers():
     """The full tier trains every student at lr 0.01 with hard labels; its companion evaluates the trajectory
     sets at their learned lr and on their stored labels (DATM's learned logits) at temperature 1, with the full
