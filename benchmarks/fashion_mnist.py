@@ -37,8 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
 # Supplementary matrices (cpu tier only, run with --family NAME, not part of "all"): each answers one
 # question the family tables raise, under the same teacher and protocol as its family.
-EXTRAS = {"edc-recipe": "EDC with its authors' CIFAR-10 recover recipe (75 iterations from real images), with 75 "
-                        "iterations, and with a 10x weaker statistics loss, beside "
+EXTRAS = {"edc-recipe": "EDC with part of its authors' CIFAR-10 recover recipe (75 iterations from real images, "
+                        "crop 0.08-1; unlike the script with global statistics only, alpha 1, and with the preset's "
+                        "flatness term), with 75 iterations, and with a 10x weaker statistics loss, beside "
                         "the decoupled bench's EDC, RDED and random",
           "edc-transfer": "why recovered sets fall below random on the ResNet-18 student: RDED/EDC from "
                           "larger crops or whole real images, and EDC with a ResNet-18 in its backbone pool",

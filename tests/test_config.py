@@ -440,6 +440,41 @@ def test_full_matching_tier_takes_the_papers_settings():
         full["ftd", 50].buffer)
 
 
+def _recover_batch(cfg, ipc: int, num_classes: int = 10) -> int:
+    """Images in one optimised batch of a recover method's config: its class chunk times its slot group."""
+    from ddkit.methods.statistics import _slot_groups, class_chunk
+
+    return class_chunk(cfg, num_classes) * len(_slot_groups(cfg, ipc)[0])
+
+
+def test_full_decoupled_tier_batches_gvbsm_as_its_code():
+    """QA 18b F11: G-VBSM's recover code optimises batches of 100 images, class-major (2 classes x 50 slots at IPC
+    50); the full tier and configs/fashion-mnist/gvbsm/ipc50.yaml ("the papers' settings") put all 10 classes x 50
+    slots (500 images) in one. The per-method configs follow the tier (test_per_method_configs_match_the_full_tiers).
+    EDC keeps ddkit's one image per class: 10 images, its CIFAR-10 script's --batch-size 10."""
+    from ddkit.methods import METHODS
+
+    full = _tier_method_configs("configs/bench/fashion-mnist-decoupled.yaml")
+    assert [_recover_batch(full["gvbsm", ipc], ipc) for ipc in (1, 10, 50)] == [10, 100, 100]
+    assert full["gvbsm", 50].class_batch == 2 and full["gvbsm", 10].class_batch is None
+    assert [_recover_batch(full["edc", ipc], ipc) for ipc in (1, 10, 50)] == [10, 10, 10]
+    shipped = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/gvbsm/ipc50.yaml")).distill
+    assert _recover_batch(from_dict(METHODS.get("gvbsm").Config, shipped.options), shipped.ipc) == 100
+
+
+def test_edc_recipe_bench_says_what_its_edc_c10_row_runs():
+    """QA 18b F9: the header called edc-c10 the authors' CIFAR-10 recover script with "global statistics only
+    (alpha 1)", but the script's --category-aware "global" is alpha 0.5 and it runs without --flatness, while the
+    row runs alpha 1 with the preset's flatness 0.25 (its recorded results stay: the header now says so)."""
+    path = "configs/bench/fashion-mnist-edc-recipe-cpu.yaml"
+    row = _tier_method_configs(path)["edc-c10", 1]
+    assert (row.alpha, row.flatness_weight, row.init, row.iterations) == (1.0, 0.25, "real", 75)
+    header = " ".join(line.lstrip("# ") for line in (REPO / path).read_text().splitlines() if line.startswith("#"))
+    assert "global statistics only (alpha 1), where the script's `--category-aware \"global\"` matches" in header
+    assert "(alpha 0.5, the preset's), and the preset's flatness term (flatness_weight 0.25), which the" in header
+    assert "script leaves off (no --flatness)" in header
+
+
 def test_learned_matching_tier_evaluates_trajectory_sets_as_their_papers():
     """The full tier trains every student at lr 0.01 with hard labels; its companion evaluates the trajectory
     sets at their learned lr and on their stored labels (DATM's learned logits) at temperature 1, with the full

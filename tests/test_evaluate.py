@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cuda_settings_kept, fake_cuda, twice_at_once
+from conftest import REPO, cuda_settings_kept, fake_cuda, twice_at_once
 from ddkit.config import from_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import ConfigError, DDKitError
@@ -1001,6 +1001,29 @@ def test_protocol_picks_the_loss_of_a_soft_label_mode_as_resolve_protocol_does()
         "cvdd": "1b41253b1c9e3d93", "dc-protocol": "26ab4d31935aff70", "demo": "c3ee88bcf436d67d",
         "dsa-protocol": "34feb71c5412d85e", "edc": "ce8aae6a0441945b", "mtt-protocol": "70fc2691509dc513",
         "soft-kl": "7d9477511be45149"}
+
+
+
+def test_edc_protocol_lists_what_it_leaves_out_of_edcs_scripts():
+    """QA 18b F1: the `edc` preset trains without the CutMix every EDC evaluation script applies to every batch, and
+    called its batch 50 "EDC's CIFAR branch" (CIFAR-100's batch 50 trains with SGD). Recorded benches use the preset,
+    so it stays; its docstring and the README say what it leaves out and how to switch CutMix on."""
+    import inspect
+
+    from ddkit.evaluate.protocol import PROTOCOLS
+
+    assert resolve_protocol("edc").train.cutmix_prob == 0.0
+    on = resolve_protocol("edc", {"train": {"cutmix_prob": 1.0}})  # the switch the docs name, taken as given
+    assert (on.train.cutmix_prob, on.loss) == (1.0, "mse_ce")
+    doc = " ".join(inspect.getdoc(PROTOCOLS.get("edc")).split())
+    assert "without EDC's CutMix and RandAugment" in doc
+    assert "``train.cutmix_prob: 1.0`` switches ddkit's on" in doc
+    assert "where EDC's ``mse_gt`` takes it on the unmixed labels" in doc
+    assert "batch 50 with AdamW 1e-3 is the ImageNet-10 script's" in doc
+    assert "the CIFAR-100 script's batch 50 trains with SGD" in doc
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "`edc` (EDC's recipe without its CutMix and RandAugment" in readme
+    assert "`--set train.cutmix_prob=1.0` switches ddkit's on" in readme
 
 
 def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, tmp_path):

@@ -226,7 +226,8 @@ def per_sample_loss(
     - ``ce``: cross-entropy with the (possibly mixed) hard labels.
     - ``kl``: KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. 2015; SRe2L/RDED relabelling).
     - ``mse_ce``: mean-squared error between student and teacher logits plus ``ce_weight`` x
-      cross-entropy with the hard labels (G-VBSM / EDC, weight 0.025).
+      cross-entropy with the hard labels (G-VBSM / EDC, weight 0.025); under CutMix those are the mixed labels,
+      where EDC's code takes the cross-entropy on the unmixed ones.
     """
     if loss == "ce" or targets is None:
         if labels.dim() == 2:

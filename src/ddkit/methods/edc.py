@@ -75,7 +75,7 @@ class GVBSM(RecoverMethod):
     - ``slots_per_batch: None``: one batch holds every IPC slot of its classes, class-major, as the
       code's batches do; with ``class_batch: None`` that is every class up to 100 (the code's
       batches of 100 images hold 10 classes x 10 slots at IPC 10 but 2 classes x 50 slots at IPC 50:
-      set ``class_batch`` to match).
+      set ``class_batch`` to match, as ``configs/fashion-mnist/gvbsm/ipc50.yaml`` does with 2).
 
     Differences from the authors' code: teachers are sampled at random (the code cycles through
     them; sampling is what the paper describes); conv statistics are taken at the conv *outputs*
@@ -90,7 +90,11 @@ class GVBSM(RecoverMethod):
     (``augment: crop_flip`` gives the CIFAR branch's crop + flip); the code's random roll of the
     batch by up to ``--jitter 32`` pixels each step (its default, which no recover script of G-VBSM
     or EDC overrides; on 32 px images a full cyclic shift) is off (``jitter: 0``; ``jitter: 32``
-    turns it on).
+    turns it on); the real-data statistics are computed on the un-augmented training images
+    (:func:`~ddkit.methods.statistics.compute_real_statistics`), where the code passes them through
+    its training augmentation (``RandomCrop(32, padding=4)`` + flip on CIFAR, ``RandomResizedCrop`` +
+    flip on ImageNet; on Fashion-MNIST that crop + flip moves the first layer's 4x4-patch mean targets
+    by about 30 % of their norm, the patch variances by about 18 %).
     """
 
     Config = GVBSMConfig
@@ -113,11 +117,13 @@ class EDCConfig(RecoverConfig):
     stats: Literal["bn", "conv", "bn+conv"] = field("bn+conv",
                                                     help="BN + convolution statistics (EDC step A, from G-VBSM)")
     init: Literal["noise", "real", "rded"] = field("rded", help="EDC step B: real-image init from the rded method's "
-                                                                "output (as EDC); 'real': a random real subset; "
-                                                                "'noise' turns B off")
+                                                                "output (as EDC's ImageNet code); 'real': a random "
+                                                                "real subset (as EDC's CIFAR-10/100 and Tiny-ImageNet "
+                                                                "code); 'noise' turns B off")
     alpha: float = field(0.5,
                          help="EDC step F: soft category-aware matching alpha*global + (1-alpha)*class; 1 turns it off")
-    flatness_weight: float = field(0.25, help="EDC step D: flatness regularisation weight; 0 turns it off")
+    flatness_weight: float = field(0.25, help="EDC step D: flatness regularisation weight (ddkit's choice; EDC's "
+                                              "recover scripts run without the term); 0 turns it off")
     flatness_beta: float = field(0.99, help="EDC step D: EMA rate of the image copy")
     flatness_tau: float = field(4.0, help="EDC step D: KL temperature")
     scale_min: float = field(0.5, help="EDC step G: weak augmentation, RRC area in [0.5, 1]; 0.08 turns it off")
@@ -139,8 +145,10 @@ class EDC(RecoverMethod):
     step   EDC change                                            ddkit knob (off value)
     =====  ====================================================  =================================
     A      G-VBSM's core: several observers, BN + conv stats     ``stats: bn+conv``, teachers list
-    B      real-image initialisation (RDED output); iterations   ``init: rded|real`` (``noise``);
-           halved vs G-VBSM                                      ``iterations: 2000`` (4000)
+    B      real-image initialisation (RDED output in EDC's       ``init: rded|real`` (``noise``);
+           ImageNet code, random real images of the class in     ``iterations: 2000`` (4000)
+           its CIFAR and Tiny-ImageNet code); iterations
+           halved vs G-VBSM
     C      smoothing LR schedule at evaluation                   evaluation protocol, not here
     D      flatness regularisation: KL(observer logits on an     ``flatness_weight: 0.25`` (0),
            EMA copy || on the images), beta 0.99, tau 4          ``flatness_beta``, ``flatness_tau``
@@ -160,16 +168,26 @@ class EDC(RecoverMethod):
     ddkit's default matches each image's own. Step A of the ablation benches is therefore G-VBSM's
     core in EDC's loop, not the ``gvbsm`` preset.
 
-    The flatness term is EDC's code's (its CIFAR branch; the ImageNet-1k branch updates the copy after
-    the step and crops it apart from the images): ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over
-    images and classes (``F.kl_div``'s default ``mean``, so 1/num_classes of a per-image KL; not
-    scaled by tau^2), with the EMA copy updated by each step's images before their update. Before
-    revision 3 ddkit took the KL the other way round, per image (10x stronger on 10 classes), and
-    updated the copy after the step: every EDC number in docs/results made before 2026-12-04 used
-    that term (edc-flat compares the two).
+    The flatness term is the one EDC's CIFAR-10/100 and Tiny-ImageNet recover code computes behind
+    ``--flatness``: ``KL(softmax(l_ema / tau) || softmax(l / tau))`` averaged over images and classes
+    (``F.kl_div``'s default ``mean``, so 1/num_classes of a per-image KL; not scaled by tau^2), with the
+    EMA copy updated by each step's images before their update. EDC's recover scripts (HEAD 80116a7)
+    never pass ``--flatness``, so they run without it, and its ImageNet-10/1k code computes the term as
+    a constant 0. At commit 9836066 the ImageNet-1k script still passed ``--flatness`` (weight 1.0), but
+    there the "copy" is never updated (no ``ema_update`` call): it is the live images, cropped apart from
+    them. ddkit's weight 0.25 is ddkit's choice: the released code's ``--flatness-weight`` defaults to
+    1.0; 0.25 is that option's default in the repository's February 2024 commits before 9836066
+    (4553d34 to ace2600) and the unused ``flatness_weight`` default of its ImageNet branches' hook
+    classes. Before revision 3 ddkit took the KL the other way round, per image (10x stronger on 10
+    classes), and updated the copy after the step: every EDC number in docs/results made before
+    2026-12-04 used that term (edc-flat compares the two).
 
     Differences: G-VBSM's logit-matching term is off (``r_logit: 0``) as EDC does not list it; the
-    same differences from G-VBSM's code as :class:`GVBSM`.
+    class-conditional term (``alpha < 1``) matches per-channel moments only, where EDC's code also matches each
+    class's per-4x4-patch moments at the conv layers (its ``save()`` writes a class's patch means under the
+    patch-variance key and its patch variances under the mean key, so the code matches them crosswise); the
+    same differences from G-VBSM's code as :class:`GVBSM`, the un-augmented real-data statistics included (EDC's
+    code computes its class-conditional statistics on augmented images too).
     ``flip_plugin`` adds FYI.
     """
 

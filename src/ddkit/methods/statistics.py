@@ -17,9 +17,10 @@ Three pieces, shared by every recover-style method:
    patch statistics).
 2. **Real-data statistics** (:func:`real_statistics`): global and per-class per-channel mean and
    variance at every hooked layer, plus the teacher's mean logits per class, computed once per
-   (teacher, dataset) over the un-augmented training set, with progress reported through a
-   callback, and cached as an artifact (``statistics.safetensors`` + ``manifest.json``, written
-   atomically, loaded without unpickling) under ``<cache>/statistics/<key>``, the key hashing the
+   (teacher, dataset) over the un-augmented training set (G-VBSM's and EDC's code pass the images
+   through their training crop + flip first), with progress reported through a callback, and cached
+   as an artifact (``statistics.safetensors`` + ``manifest.json``, written atomically, loaded without
+   unpickling) under ``<cache>/statistics/<key>``, the key hashing the
    schema, the teacher fingerprint, the data fingerprint, the normalisation, the layer list and the
    patch size.
 3. **The loss** (:func:`statistics_loss`): sum over layers of
@@ -241,7 +242,10 @@ def compute_real_statistics(
     ``<key>/patch_mean`` and ``<key>/patch_var`` ``[P]`` at every conv key (see
     :func:`patch_moments`; global, over the whole set). Sums across images are accumulated in
     float64 over the whole (un-augmented) training set, on ``device`` and without a host sync per
-    batch, so the result does not depend on ``batch_size`` beyond float64 rounding.
+    batch, so the result does not depend on ``batch_size`` beyond float64 rounding. G-VBSM's and EDC's
+    code take their statistics, class-conditional ones included, on augmented images instead (CIFAR:
+    ``RandomCrop(32, padding=4)`` + flip; ImageNet: ``RandomResizedCrop`` + flip): a difference of the
+    ``gvbsm`` and ``edc`` presets.
     ``progress(done_images, total_images, {})`` is called after every batch.
 
     Under ``torchrun`` batch ``i`` is processed by rank ``i % world`` and the float64 sums are
@@ -510,7 +514,10 @@ def statistics_loss(
     global``) takes as a class's target the mean over its images of their own moments over positions
     (the within-image spread, without the spread between images; on Fashion-MNIST features ddkit's
     pooled variance is 1.05-1.08x that) and matches the batch's moving-average moments against the
-    mean of those targets over the batch's labels. ``alpha = 1`` never touches class statistics. With ``ema`` every
+    mean of those targets over the batch's labels; at conv layers it also matches class-conditional per-patch
+    moments (per-image 4x4-patch moments averaged over the class, matched crosswise: its saved class patch means
+    and variances swap keys), which ``C_l`` has none of (``patch_size`` adds patch terms to ``G_l`` only).
+    ``alpha = 1`` never touches class statistics. With ``ema`` every
     synthetic moment is replaced by its moving average (:class:`StatsEMA`); layers in ``drop`` contribute nothing this
     step (G-VBSM's drop rate).
     """
@@ -615,7 +622,8 @@ class RecoverConfig(Checked):
     jitter_mode: Literal["positive", "symmetric"] = field(
         "positive", help="shifts of the roll: positive draws each in [0, jitter] (the SRe2L, CDA, DWA and CV-DD "
         "recover scripts), symmetric in [-jitter, jitter] (DeepInversion)")
-    flatness_weight: float = field(0.0, help="EDC flatness regularisation weight (0 = off; EDC: 0.25)")
+    flatness_weight: float = field(0.0, help="EDC flatness regularisation weight (0 = off; ddkit's edc: 0.25, EDC's "
+                                             "recover scripts: off)")
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
     flatness_tau: float = field(4.0, help="softmax temperature of the flatness KL")
     flip_plugin: bool = field(False, help="FYI (ECCV 2024): match each image together with its mirror image")
