@@ -150,7 +150,8 @@ PINNED_CONFIGS = {
     "configs/bench/fashion-mnist-softkl-s05-cpu.yaml": "bafc15b2e925431b",
 }
 PINNED_PROTOCOLS = {"dc-protocol": "26ab4d31935aff70", "edc": "ce8aae6a0441945b", "soft-kl": "7d9477511be45149",
-                    "dsa-protocol": "34feb71c5412d85e", "cvdd": "1b41253b1c9e3d93"}
+                    "dsa-protocol": "34feb71c5412d85e",
+                    "cvdd": "eb26960c58ee238d"}  # 2026-12-07: teacher_bn_batch 8 (CV-DD's halves; was 1b41253b1c9e3d93)
 
 
 def test_shipped_configs_keep_their_hashes():
@@ -645,7 +646,7 @@ def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, 
 def test_a_protocol_override_that_decides_something_is_taken():
     """The preset's own values (edc prints temperature 4.0 under mse_ce) keep its hash; an override read by any
     label mode a run evaluates is taken."""
-    pinned = {"edc": "ce8aae6a0441945b", "cvdd": "1b41253b1c9e3d93", "soft-kl": "7d9477511be45149"}
+    pinned = {"edc": "ce8aae6a0441945b", "cvdd": PINNED_PROTOCOLS["cvdd"], "soft-kl": "7d9477511be45149"}
     assert resolve_protocol("edc", {"temperature": 4.0, "train": {"momentum": 0.9, "smoothing_zeta": 2.0}},
                             "").hash == pinned["edc"]
     assert resolve_protocol("cvdd", {"train": {"cutmix_alpha": 1.0}}).hash == pinned["cvdd"]

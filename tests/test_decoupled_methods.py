@@ -400,6 +400,17 @@ def test_settings_of_a_part_that_is_off_are_refused(key, options, message):
     ("cvdd", {"committee_size": None, "soft_labels": "none", "committee_weights": "equal"},
      "committee_weights equal applies only with a committee, but committee_size is null; remove it or set "
      "committee_size"),
+    # the committee soft labels vote at label_temperature: committee_temperature weighs only the recover committee
+    ("cvdd", {"committee_size": None, "committee_temperature": 2.0},
+     "committee_temperature 2.0 applies only with a committee, but committee_size is null; remove it or set "
+     "committee_size"),
+    ("cvdd", {"soft_labels": "none", "label_temperature": 5.0},
+     "label_temperature 5.0 applies only with soft_labels: committee, but soft_labels is none; remove it or set "
+     "soft_labels: committee"),
+    ("cvdd", {"committee_weights": "equal", "label_temperature": 5.0},
+     "label_temperature 5.0 applies only with committee_weights prior, but committee_weights is equal; remove it or "
+     "set committee_weights: prior"),
+    ("cvdd", {"label_temperature": 0.0}, "label_temperature must be > 0, got 0.0"),
     ("sre2l", {"perturb_steps": 3},
      "perturb_steps 3 applies only with perturb_rho > 0, but perturb_rho is 0; remove it or set perturb_rho"),
     ("sre2l", {"milestone": 0.5},
@@ -425,7 +436,7 @@ def test_settings_of_a_recover_part_that_is_off_are_refused(key, options, messag
     ("gvbsm", {"alpha": 0.0}),  # its own patch_size 4
     ("cda", {"curriculum": "none"}),
     ("dwa", {"perturb_rho": 0.0}),
-    ("cvdd", {"committee_size": None, "committee_temperature": 2.0}),  # its committee soft labels still vote
+    ("cvdd", {"committee_size": None, "label_temperature": 2.0}),  # its committee soft labels still vote
     ("cvdd", {"committee_weights": "equal"}),
     ("sre2l", {"flatness_weight": 0.5, "flatness_tau": 1.0, "perturb_rho": 0.01, "perturb_steps": 3,
                "init": "rded", "rded_options": {"mipc": 20}}),

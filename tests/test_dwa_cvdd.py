@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddkit.config import from_dict
+from ddkit.config import from_dict, to_dict
 from ddkit.data.base import make_synthetic
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import METHODS, FitContext
@@ -92,6 +92,53 @@ def test_committee_weights_follow_prior_accuracy(data, teachers):
     assert S.committee_for(cfg, states, 0, 3) == S.committee_for(cfg, states, 0, 3)
     with pytest.raises(DDKitError, match="committee_size 2 exceeds the 1 teacher"):
         S.committee_for(cfg, states[:1], 0, 0)
+
+
+def test_cvdd_defaults_and_votes_follow_the_authors_scripts(data, teachers):
+    """QA 18b F2/F3: CV-DD's recover scripts all pass --iteration 4000 (ddkit's default was 200, an early
+    revision's); its relabel.py weighs the committee's soft labels softmax(acc / 10) (hard-coded), while
+    the recover loss votes softmax(acc / 5) (--weight-temperature 5): ddkit labelled with T 5 too."""
+    from ddkit.teacher import Teacher
+
+    assert (CVDDConfig().iterations, CVDDConfig().committee_temperature, CVDDConfig().label_temperature) == (
+        4000, 5.0, 10.0)
+    priors = [63, 65.3, 68.5, 67.6, 67.4]  # CV-DD relabel_voter_res18_ipc10.sh (CIFAR-10) --model-weight
+    five = [Teacher(teachers[i % 3].model, {**teachers[i % 3].manifest, "test_accuracy": a / 100})
+            for i, a in enumerate(priors)]
+    cfg = from_dict(CVDDConfig, {"iterations": 1, "init": "real", "stats": "conv", "checkpoint_every": 100})
+    out = METHODS.get("cvdd")(cfg).fit(data, five, FitContext(ipc=1, seed=0)).synthetic_
+    labels = out.meta["soft_labels"]["weights"]
+    assert [round(w, 4) for w in labels] == [0.1403, 0.1766, 0.2431, 0.2222, 0.2178]  # softmax(acc / 10)
+    z = [math.exp(a / 10) for a in priors]
+    assert labels == pytest.approx([v / sum(z) for v in z], rel=1e-9)
+    # label_temperature 5 gives the labels ddkit stored before: the same images, weights of the recover loss
+    old = METHODS.get("cvdd")(from_dict(CVDDConfig, {**to_dict(cfg), "label_temperature": 5.0})).fit(
+        data, five, FitContext(ipc=1, seed=0)).synthetic_
+    assert old.meta["soft_labels"]["weights"] == S.committee_weights_of(cfg, five)
+    assert torch.equal(old.images, out.images) and not torch.allclose(old.soft_labels, out.soft_labels)
+    # the recover loss's votes stay softmax(acc / 5), over all five and over each slot's committee
+    assert [round(w, 4) for w in S.committee_weights_of(cfg, five)] == [0.0952, 0.1507, 0.2859, 0.2388, 0.2294]
+    states = [S._TeacherState(t, [], None) for t in five]
+    for slot in range(4):
+        members = S.committee_for(cfg, states, 0, slot)
+        z = [math.exp(priors[i] / 5) for i, _ in members]
+        assert [w for _, w in members] == pytest.approx([v / sum(z) for v in z], rel=1e-9)
+
+
+def test_cvdd_sets_made_with_the_old_defaults_get_new_keys(data):
+    """The sets cached with 200 default iterations, or with committee labels voted at T 5, are made again; a set
+    whose iterations were given and whose labels come from one teacher keeps its key."""
+    from ddkit.pipeline import DistillConfig, distill_hash
+
+    def key(**options):
+        return distill_hash(DistillConfig(method="cvdd", ipc=1, options=options), data, None)
+
+    assert key(iterations=200) == "85d6e258c056a72f"  # its key before 2026-12-07
+    assert key() not in ("b8080b5b6ee09826", key(iterations=200))  # before: the default's 200 iterations
+    tags = METHODS.get("cvdd").identity_tags
+    assert tags({"iterations": 200, "extra_teachers": ["a"]})["label_votes"] == 2
+    for off in ({"committee_weights": "equal"}, {"soft_labels": "none"}, {"extra_teachers": []}):
+        assert "label_votes" not in tags({"iterations": 200, "extra_teachers": ["a"], **off})
 
 
 def test_cvdd_uses_extra_teachers_and_stores_committee_soft_labels(data, teachers):

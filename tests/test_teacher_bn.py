@@ -223,16 +223,21 @@ def test_protocol_identity_omits_running_and_records_batch():
 
 
 def test_cvdd_protocol_preset(capsys):
+    """QA 18b F4: CV-DD's relabel.py runs each batch of 16 through the teachers in two halves of 8 (BatchNorm
+    statistics of 8 images); the preset normalised over the whole batch of 16."""
     p = resolve_protocol("cvdd")
     t = p.train
     assert ((p.label_mode, p.loss, p.temperature, p.teacher_bn, p.teacher_bn_batch)
-            == ("teacher", "kl", 20.0, "batch", None))
+            == ("teacher", "kl", 20.0, "batch", 8))
+    assert t.batch_size == 2 * p.teacher_bn_batch
     assert ((t.optimizer, t.lr, t.weight_decay, t.schedule, t.batch_size, t.epochs)
             == ("adamw", 1e-3, 0.01, "cosine", 16, 300))
     assert (t.cutmix_prob, t.cutmix_alpha, t.augment, t.augment_options) == (1.0, 1.0, "rrc_flip", {"scale_min": 0.08})
     assert p.identity()["teacher_bn"] == "batch"
     assert main(["list", "protocols", "cv*"]) == 0 and capsys.readouterr().out.split() == ["cvdd"]
-    assert main(["show", "cvdd"]) == 0 and json.loads(capsys.readouterr().out)["teacher_bn"] == "batch"
+    assert main(["show", "cvdd"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["teacher_bn"], shown["teacher_bn_batch"]) == ("batch", 8)
 
 
 def test_evaluate_passes_the_protocol_mode_to_training(data, teacher, distilled, monkeypatch):

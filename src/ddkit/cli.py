@@ -761,7 +761,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="teacher BatchNorm: running statistics, or batch: statistics of the views labelled "
                          "together (CV-DD's batch-specific soft labels)")
     sp.add_argument("--teacher-bn-batch", type=int, metavar="N",
-                    help="with --teacher-bn batch: statistics over groups of N views of an epoch (default: all views)")
+                    help="with --teacher-bn batch: statistics over groups of N views of an epoch (default: all views; "
+                    "CV-DD: 8, the halves of its batches of 16)")
     sp.add_argument("--out", help="output directory (default: <distilled>.fkd)")
     common(sp, data=False, overrides=False)
     sp.set_defaults(func=cmd_relabel)

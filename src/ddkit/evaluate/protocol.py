@@ -244,19 +244,24 @@ def cvdd_protocol() -> ProtocolConfig:
     teacher logits at temperature 20, AdamW lr 1e-3 (weight decay 0.01) with a cosine schedule over
     300 epochs, batch 16 (``train_fkd.py``'s default), CutMix (Beta(1, 1) on every batch),
     random-resized-crop (scale 0.08-1) + flip, and batch-specific soft labels: the teacher's BatchNorm normalises with
-    the statistics of each (augmented, mixed) student batch (``teacher_bn: batch``, the whole batch of 16).
+    the statistics of each (augmented, mixed) student batch (``teacher_bn: batch``), in groups of 8 images
+    (``teacher_bn_batch: 8``): CV-DD's ``relabel.py`` runs each batch of 16 through the teachers in two halves
+    (a smaller last batch: 8 and the rest here, two halves there).
 
     Adapted: the teacher is queried online on every batch (``label_mode: teacher``) instead of
     CV-DD's stored per-batch FKD labels, which only replay with the same batch size and order; for
-    stored labels use ``ddkit relabel --teacher-bn batch --teacher-bn-batch 16`` and label_mode fkd.
+    stored labels use ``ddkit relabel --teacher-bn batch --teacher-bn-batch 8`` and label_mode fkd
+    (its groups of 8 views are drawn from the epoch, not the student's batches).
     ddkit's KL is scaled by T^2 (CV-DD leaves it out; AdamW is nearly invariant to that factor),
     CutMix draws a box per image (CV-DD one per batch); like CV-DD it mixes the cropped and flipped
     views. Not reproduced: CV-DD's gradient accumulation (2 forward passes of 8 per
-    step). CV-DD's committee of teachers is ``extra_teachers``; its ``eta`` 2 runs are
+    step). CV-DD's committee of teachers is ``extra_teachers``, which label with equal weights, where
+    CV-DD's relabelling weighs the teachers ``softmax(acc / 10)`` by their accuracies in % (a set's own
+    ``cvdd`` committee labels do, evaluated with ``label_mode: stored``); its ``eta`` 2 runs are
     ``train.schedule=smoothing``.
     """
     return ProtocolConfig(
-        label_mode="teacher", loss="kl", temperature=20.0, teacher_bn="batch",
+        label_mode="teacher", loss="kl", temperature=20.0, teacher_bn="batch", teacher_bn_batch=8,
         train=TrainConfig(epochs=300, batch_size=16, optimizer="adamw", lr=1e-3, weight_decay=0.01,
                           schedule="cosine", augment="rrc_flip", augment_options={"scale_min": 0.08},
                           cutmix_prob=1.0, cutmix_alpha=1.0),

@@ -12,9 +12,9 @@ from typing import Literal
 
 import torch
 
-from ddkit.config import field
+from ddkit.config import field, field_default
 from ddkit.data.base import DataBundle
-from ddkit.errors import DDKitError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext
 from ddkit.methods.statistics import (
     RecoverConfig,
@@ -32,7 +32,7 @@ _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1, "committee_si
 class CVDDConfig(RecoverConfig):
     """CV-DD settings (defaults: the authors' CIFAR-10 scripts)."""
 
-    iterations: int = field(200, help="steps per batch (CV-DD CIFAR-10 script: 200)")
+    iterations: int = field(4000, help="steps per batch (CV-DD's recover scripts: --iteration 4000)")
     lr: float = field(0.25, help="Adam lr on normalised pixels (CV-DD: 0.25)")
     r_stats: float = field(0.01, help="weight of each member's BN statistics loss (CV-DD --r-bn 0.01)")
     init: Literal["noise", "real", "rded"] = field("rded", help="CV-DD starts from RDED-style selected real patches "
@@ -44,7 +44,10 @@ class CVDDConfig(RecoverConfig):
                                                                        "'prior', from each teacher's recorded TEST "
                                                                        "accuracy: see the docstring) or equal weights "
                                                                        "(no test-split information)")
-    committee_temperature: float = field(5.0, help="voting temperature (CV-DD --weight-temperature 5)")
+    committee_temperature: float = field(5.0, help="voting temperature of the recover loss's committee (CV-DD "
+                                                   "--weight-temperature 5)")
+    label_temperature: float = field(10.0, help="voting temperature of the committee soft labels: softmax(test "
+                                                "accuracy_% / T) over every teacher (CV-DD's relabel.py: 10)")
     soft_labels: Literal["none", "committee"] = field(
         "committee", help="committee: store the vote-weighted mean of every teacher's logits on each image (evaluate "
                           "with label_mode stored)")
@@ -57,9 +60,21 @@ class CVDDConfig(RecoverConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
+        if self.label_temperature <= 0:
+            raise ConfigError(f"label_temperature must be > 0, got {self.label_temperature}")
+        if self.label_temperature != field_default(type(self).__dataclass_fields__["label_temperature"]):
+            # it would do nothing, yet give the set another identity (as RecoverConfig's settings of a part that is off)
+            for off, part, why, fix in ((self.soft_labels != "committee", "soft_labels: committee",
+                                         f"soft_labels is {self.soft_labels}", "set soft_labels: committee"),
+                                        (self.committee_weights == "equal", "committee_weights prior",
+                                         "committee_weights is equal", "set committee_weights: prior")):
+                if off:
+                    raise ConfigError(f"label_temperature {self.label_temperature} applies only with {part}, but "
+                                      f"{why}; remove it or {fix}")
 
     def uses_votes(self) -> bool:
-        """The committee's votes weigh its soft labels too (``soft_labels: committee``)."""
+        """``committee_weights`` weighs the committee soft labels too (``soft_labels: committee``; with
+        ``label_temperature``)."""
         return super().uses_votes() or self.soft_labels == "committee"
 
 
@@ -88,20 +103,22 @@ class CVDD(RecoverMethod):
     Each IPC slot draws a committee of ``committee_size`` teachers (different architectures) from
     the ones given (the pipeline's teacher plus ``extra_teachers``); every step minimises
     ``sum_i w_i (CE_i + r_bn * BN_i)`` over the members with "prior performance guided" votes
-    ``w = softmax(p / T)``, T = 5, so that the images carry what several models agree on rather
-    than one model's bias. Soft labels come from the committee too: the vote-weighted mean of all
-    teachers' logits on each image (``soft_labels: committee``; evaluate with ``label_mode:
-    stored``), with CV-DD's batch-specific soft labels (BSSL, ``soft_labels_bn: batch``): every
-    teacher's BatchNorm normalises with the statistics of the synthetic images being labelled instead
-    of the running statistics estimated on real data, which do not match the synthetic distribution.
+    ``w = softmax(p / T)``, T = 5 (``committee_temperature``), so that the images carry what several
+    models agree on rather than one model's bias. Soft labels come from the committee too: the
+    vote-weighted mean of all teachers' logits on each image (``soft_labels: committee``; evaluate
+    with ``label_mode: stored``), with votes at T = 10 (``label_temperature``: CV-DD's
+    ``relabel.py`` hard-codes 10 for the labels, apart from the recover loss's 5), and CV-DD's
+    batch-specific soft labels (BSSL, ``soft_labels_bn: batch``): every teacher's BatchNorm
+    normalises with the statistics of the synthetic images being labelled instead of the running
+    statistics estimated on real data, which do not match the synthetic distribution.
 
-    Defaults follow the CIFAR-10 scripts (2 voters, prior votes, lr 0.25, r_bn 0.01, 200
-    iterations, RRC + flip and jitter 4, initialisation from selected real patches -- ddkit's
-    ``init: rded``). Differences: the prior ``p`` of a teacher is its own test accuracy (%) as
-    recorded in its artifact; the authors use the accuracy of a student trained on data recovered
-    from that model alone (an extra distillation per model). So one number per teacher from the test
-    split that later scores the set weights synthesis and the stored labels (``committee_weights:
-    equal`` reads none). BSSL is adapted to static labels: CV-DD
+    Defaults follow the CIFAR-10 scripts (2 voters, prior votes, lr 0.25, r_bn 0.01, 4000
+    iterations as in every released recover script, RRC + flip and jitter 4, initialisation from
+    selected real patches -- ddkit's ``init: rded``). Differences: the prior ``p`` of a teacher is
+    its own test accuracy (%) as recorded in its artifact; the authors use the accuracy of a student
+    trained on data recovered from that model alone (an extra distillation per model). So one number
+    per teacher from the test split that later scores the set weights synthesis and the stored
+    labels (``committee_weights: equal`` reads none). BSSL is adapted to static labels: CV-DD
     relabels every augmented training batch with the teachers' BatchNorm on that batch (stored per
     batch, replayed with the same batch size and order); here the un-augmented images are labelled
     once, with statistics over all of them or over groups of ``soft_labels_bn_batch`` images drawn
@@ -116,6 +133,19 @@ class CVDD(RecoverMethod):
     smoke_options = dict(_SMOKE)
 
     @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        tags = super().identity_tags(options)
+        # 2026-12-07: the default iterations are the recover scripts' 4000 (200 before, an early script's)
+        if "iterations" not in options:
+            tags["iterations"] = cls.Config.iterations
+        # 2026-12-07: the committee soft labels vote at label_temperature (10), not committee_temperature; their
+        # weights change only where prior votes weigh more than the pipeline's teacher
+        if (options.get("soft_labels", cls.Config.soft_labels) == "committee" and options.get("extra_teachers")
+                and options.get("committee_weights", cls.Config.committee_weights) == "prior"):
+            tags["label_votes"] = 2
+        return tags
+
+    @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         return "soft_labels: committee" if cfg.soft_labels == "committee" else None
 
@@ -123,7 +153,7 @@ class CVDD(RecoverMethod):
         everyone = load_extra_teachers(self.cfg, teachers, ctx.device)  # loaded once for synthesis and labels
         synthetic = recover("cvdd", dataclasses.replace(self.cfg, extra_teachers=[]), real, everyone, ctx)
         if self.cfg.soft_labels == "committee" and synthetic is not None:  # None: torchrun ranks but rank 0
-            weights = committee_weights_of(self.cfg, everyone)
+            weights = committee_weights_of(self.cfg, everyone, self.cfg.label_temperature)
             # of the images as the set stores them (8-bit with distill.image_dtype uint8)
             synthetic.soft_labels = committee_logits(everyone, ctx.as_stored(synthetic.images), weights, real.mean,
                                                      real.std, ctx.device, bn=self.cfg.soft_labels_bn,

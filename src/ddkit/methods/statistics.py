@@ -728,15 +728,15 @@ class RecoverConfig(Checked):
         if self.augment == "none" and self.augment_per != defaults["augment_per"]:
             checks.append((False, f"augment_per {self.augment_per} applies only with an augmentation, but augment is "
                                   "none; remove it or set augment"))
-        voting = self.uses_votes()
+        voting, committee = self.uses_votes(), self.committee_size is not None
         off_parts = [  # (settings, whether their part is off, the part, why it is off, how to turn it on)
             (("flatness_beta", "flatness_tau"), self.flatness_weight == 0, "flatness_weight > 0",
              "flatness_weight is 0", "set flatness_weight"),
             (("densify_tau",), self.densify_weight == 0, "densify_weight > 0", "densify_weight is 0",
              "set densify_weight"),
             (("committee_weights",), not voting, "a committee", "committee_size is null", "set committee_size"),
-            (("committee_temperature",), not voting, "a committee", "committee_size is null", "set committee_size"),
-            (("committee_temperature",), voting and self.committee_weights == "equal", "committee_weights prior",
+            (("committee_temperature",), not committee, "a committee", "committee_size is null", "set committee_size"),
+            (("committee_temperature",), committee and self.committee_weights == "equal", "committee_weights prior",
              "committee_weights is equal", "set committee_weights: prior"),
             (("perturb_steps",), self.perturb_rho == 0, "perturb_rho > 0", "perturb_rho is 0", "set perturb_rho"),
             (("milestone",), self.augment == "rrc_flip" and self.curriculum == "none", "a curriculum",
@@ -757,8 +757,8 @@ class RecoverConfig(Checked):
             raise ConfigError("; ".join(errors))
 
     def uses_votes(self) -> bool:
-        """Whether the committee's voting weights (``committee_weights``, ``committee_temperature``) decide
-        anything: a committee per IPC slot (``committee_size``)."""
+        """Whether ``committee_weights`` decides anything: a committee per IPC slot (``committee_size``),
+        whose votes alone ``committee_temperature`` weighs."""
         return self.committee_size is not None
 
 
@@ -950,8 +950,9 @@ def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
     return list(zip(members, committee_weights_of(cfg, [states[i].teacher for i in members])))
 
 
-def committee_weights_of(cfg: RecoverConfig, teachers: list) -> list[float]:
-    """CV-DD voting weights of ``teachers``: ``softmax(100 * test_accuracy / T)`` ("prior") or equal."""
+def committee_weights_of(cfg: RecoverConfig, teachers: list, temperature: float | None = None) -> list[float]:
+    """CV-DD voting weights of ``teachers``: ``softmax(100 * test_accuracy / T)`` ("prior") or equal;
+    ``temperature``: T (None: ``committee_temperature``, the recover loss's)."""
     if cfg.committee_weights == "equal":
         return [1.0 / len(teachers)] * len(teachers)
     priors = []
@@ -960,7 +961,8 @@ def committee_weights_of(cfg: RecoverConfig, teachers: list) -> list[float]:
             raise DDKitError("committee_weights 'prior' needs each teacher's recorded test accuracy, and one "
                              "teacher has none; set committee_weights: equal")
         priors.append(100.0 * float(t.test_accuracy))
-    return torch.softmax(torch.tensor(priors, dtype=torch.float64) / cfg.committee_temperature, 0).tolist()
+    t = cfg.committee_temperature if temperature is None else temperature
+    return torch.softmax(torch.tensor(priors, dtype=torch.float64) / t, 0).tolist()
 
 
 def directed_weight_adjustment(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, rho: float,
