@@ -432,6 +432,37 @@ def test_per_method_sre2l_configs_recover_as_the_authors_small_image_script(ipc)
     assert from_dict(METHODS.get("sre2l").Config, {}).augment == "rrc_flip"
 
 
+def test_rded_fkd_config_trains_students_as_rdeds_evaluation():
+    """QA 18a F3: configs/fashion-mnist/rded/ipc10-fkd.yaml, "RDED's recipe", trained with crops of scale 0.08-1, T 4,
+    a cosine to 0 and batch 64. RDED (validation/main.py, argument.py; scripts/cifar10_*.sh: factor 1, 300 epochs):
+    RandomResizedCrop(scale=(1/factor, 1)) + flip, CutMix, T 20, AdamW 1e-3 wd 0.01, batch 50 at IPC 10 of 10
+    classes, lr factor 0.5 (1 + cos(pi e / (2 E))) per epoch e."""
+    import math
+
+    import torch
+    from torchvision import transforms
+
+    from ddkit.training import lr_factor
+
+    run = from_dict(RunConfig, load_yaml(REPO / "configs/fashion-mnist/rded/ipc10-fkd.yaml"))
+    (protocol,) = run.evaluate.protocols()
+    assert (protocol.label_mode, protocol.loss, protocol.temperature) == ("fkd", "kl", 20.0)
+    train = protocol.train
+    assert (train.epochs, train.batch_size, train.optimizer, train.lr, train.weight_decay) == (300, 50, "adamw", 1e-3,
+                                                                                                0.01)
+    rded = [0.5 * (1 + math.cos(math.pi * e / train.epochs / 2)) for e in range(train.epochs)]
+    assert [lr_factor(train, e) for e in range(train.epochs)] == pytest.approx(rded, abs=1e-12)
+    assert lr_factor(train, train.epochs - 1) == pytest.approx(0.5, abs=0.01)
+    # the stored views: whole images + flip, as RDED's crop at factor 1 (every box the whole 28x28 image), CutMix
+    assert (run.relabel.augment, run.relabel.augment_options, run.relabel.cutmix_prob) == ("flip", {}, 1.0)
+    assert run.distill.options.get("factor") is None  # ddkit's rded factor below 128 px: 1, as RDED's small scripts
+    boxes = {transforms.RandomResizedCrop.get_params(torch.zeros(1, 28, 28), (1.0, 1.0), (3 / 4, 4 / 3))
+             for _ in range(500)}
+    assert boxes == {(0, 0, 28, 28)}
+    # the protocol names the store's views, so its record says what the students trained on
+    assert (train.augment, train.augment_options, train.cutmix_prob) == ("flip", {}, 1.0)
+
+
 def _tier_method_configs(path: str) -> dict:
     """{(method key, ipc): the method's resolved Config} of a bench file."""
     from ddkit.bench import load_bench_config
