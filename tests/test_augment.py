@@ -158,6 +158,21 @@ def test_rrc_box_crops_the_right_region():
     torch.testing.assert_close(out[0, 0, 0], expected)
 
 
+def test_rrc_matches_torchvisions_resized_crop_but_at_the_boxs_outer_pixels():
+    """RandomResizedCropFlip's docstring (QA 18a F7): sampling the box from the whole image mixes the pixels just
+    outside it into the outer 1-2 rows and columns of an enlarged crop, where torchvision crops first; the interior
+    agrees to float rounding."""
+    from torchvision.transforms import functional as TF
+
+    x = torch.rand(1, 3, 28, 28, generator=gen(0))
+    for top, left, h, w in [(10, 2, 9, 9), (5, 5, 20, 20), (3, 7, 25, 18)]:
+        box = torch.tensor([[left / 28, top / 28, (left + w) / 28, (top + h) / 28]])
+        ours = RandomResizedCropFlip().apply(x, {"box": box, "flip": torch.tensor([False])})
+        diff = (ours - TF.resized_crop(x, top, left, h, w, [28, 28], antialias=False)).abs()[0]
+        assert diff[:, 2:-2, 2:-2].max().item() < 1e-5
+        assert 0.1 < max(diff[:, :2].max(), diff[:, -2:].max(), diff[:, :, :2].max(), diff[:, :, -2:].max()) < 0.4
+
+
 @pytest.mark.parametrize("scale_min", [0.08, 0.5])
 def test_rrc_box_statistics(scale_min):
     params = RandomResizedCropFlip(scale_min=scale_min).sample(2000, gen(0), (32, 32))

@@ -237,9 +237,12 @@ def test_cvdd_needs_enough_teachers_and_existing_paths(data, teachers, tmp_path)
         from_dict(DWAConfig, {"perturb_steps": 0})
 
 
-@pytest.mark.parametrize("mode,low", [("positive", 0), ("symmetric", -3)])
-def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, monkeypatch, mode, low):
-    """positive: shifts in [0, jitter] as the SRe2L/CDA/DWA/CV-DD scripts; symmetric: [-jitter, jitter]."""
+@pytest.mark.parametrize("mode,low,augment", [("positive", 0, "rrc_flip"), ("symmetric", -3, "rrc_flip"),
+                                              ("positive", 0, "none")])
+def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, monkeypatch, mode, low, augment):
+    """positive: shifts in [0, jitter] as SRe2L's ImageNet-1K and CIFAR-100 scripts and CDA's, DWA's and CV-DD's;
+    symmetric: [-jitter, jitter] as SRe2L's Tiny-ImageNet script and DeepInversion. ``augment: none``: the roll of
+    whole images, SRe2L's CIFAR-100 recipe (the per-method sre2l configs)."""
     shifts = []
     roll = torch.roll
 
@@ -248,7 +251,7 @@ def test_jitter_mode_draws_the_scripts_or_deepinversions_shifts(data, teachers, 
         return roll(x, kw.get("shifts", shifts_), dims)
 
     monkeypatch.setattr(torch, "roll", spy)
-    _run("sre2l", data, teachers[:1], iterations=30, jitter=3, jitter_mode=mode, checkpoint_every=100)
+    _run("sre2l", data, teachers[:1], iterations=30, jitter=3, jitter_mode=mode, augment=augment, checkpoint_every=100)
     assert len(shifts) == 60 and min(shifts) == low and max(shifts) == 3
     assert METHODS.get("sre2l").identity_tags({"jitter": 3, "jitter_mode": mode}) == {"jitter_mode": mode}
     assert METHODS.get("dwa").identity_tags({}) == {"jitter_mode": "positive"}  # DWA rolls by default

@@ -13,6 +13,7 @@ from ddkit.training import (
     TrainConfig,
     accuracy,
     lr_factor,
+    make_optimizer,
     per_sample_loss,
     sum_dtype,
     train_classifier,
@@ -70,6 +71,27 @@ def test_losses_match_hand_computation():
     soft_y = torch.tensor([[0.25, 0.75, 0.0]])
     mixed = 0.25 * F.cross_entropy(s, torch.tensor([0])) + 0.75 * F.cross_entropy(s, torch.tensor([1]))
     assert per_sample_loss(s, soft_y, None, "ce", 1.0).item() == pytest.approx(mixed.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("T", [4.0, 20.0])
+def test_kl_is_the_authors_unscaled_kl_times_t_squared(T):
+    """per_sample_loss's docstring (QA 18a F4): ddkit's kl is Hinton's, T^2 times the batchmean KLDivLoss that
+    SRe2L's train_FKD.py, relabel_cifar.py and RDED's validation/main.py train on (400x at their T 20)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(8, 10, generator=g), 3 * torch.randn(8, 10, generator=g)
+    ours = per_sample_loss(s, torch.zeros(8, dtype=torch.long), t, "kl", T).mean()
+    theirs = nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s / T, dim=1), F.softmax(t / T, dim=1))
+    assert (ours / theirs).item() == pytest.approx(T * T, rel=1e-5)
+
+
+def test_optimizer_decays_every_parameter_biases_and_batchnorm_included():
+    """make_optimizer's docstring (QA 18a F6): one group, weight decay on every tensor; SRe2L's FKD, RDED, EDC and
+    CV-DD students put biases and 1-D (BatchNorm) tensors in a second group without decay."""
+    model = create_model("resnet18_cifar", num_classes=10, in_channels=1, image_size=28)
+    opt = make_optimizer(TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.01), model.parameters())
+    (group,) = opt.param_groups
+    assert group["weight_decay"] == 0.01 and len(group["params"]) == len(list(model.parameters()))
+    assert sum(p.dim() == 1 for p in group["params"]) == 41  # the tensors the authors' get_parameters leaves out
 
 
 def _train(tiny, cfg, seed=0, **kw):

@@ -73,7 +73,9 @@ class TrainConfig(Checked):
     optimizer: Literal["sgd", "adam", "adamw"] = field("sgd", help="optimizer")
     lr: float = field(0.01, help="peak learning rate")
     momentum: float = field(0.9, help="SGD momentum")
-    weight_decay: float = field(5e-4, help="weight decay (L2 for sgd/adam, decoupled for adamw)")
+    weight_decay: float = field(5e-4, help="weight decay (L2 for sgd/adam, decoupled for adamw) of every parameter "
+                                "(SRe2L's FKD, RDED, EDC and CV-DD student code leave out biases and 1-D (BatchNorm) "
+                                "parameters)")
     schedule: Literal["step", "cosine", "smoothing", "constant"] = field(
         "step",
         help="step: lr x0.1 from epoch N//2 on, counting from 0, momentum kept (DC/DSA's halving; their code trains "
@@ -189,6 +191,13 @@ def warn_slow_precision(precision: Precision, device: torch.device) -> None:
 
 
 def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    """``cfg``'s optimizer over ``params``, one group: ``cfg.weight_decay`` applies to every parameter, biases
+    and BatchNorm weights included, as DC's and DSA's ``evaluate_synset`` and SRe2L's CIFAR-100
+    ``relabel_cifar.py`` do. The soft-label student code of SRe2L (``validate/train_FKD.py``), RDED, EDC and
+    CV-DD builds two groups instead (their ``get_parameters``): decay only on ``weight`` tensors of more than one
+    dimension, none on biases and BatchNorm's 1-D gamma/beta. ddkit's AdamW multiplies those by
+    ``1 - lr * weight_decay`` every step: about 1% over a thousand or two steps at lr 1e-3 and weight decay 0.01
+    (soft-kl on ddkit's small sets), more at the papers' ImageNet scale."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
@@ -224,7 +233,10 @@ def per_sample_loss(
     """Per-sample loss. ``labels`` are hard labels (or a soft [B, C] mixture), ``targets`` teacher logits.
 
     - ``ce``: cross-entropy with the (possibly mixed) hard labels.
-    - ``kl``: KL(softmax(t/T) || softmax(s/T)) * T^2 (Hinton et al. 2015; SRe2L/RDED relabelling).
+    - ``kl``: KL(softmax(t/T) || softmax(s/T)) * T^2. The T^2 is Hinton et al. (2015)'s, which keeps the
+      gradients' size independent of T; SRe2L's and RDED's code (and EDC's, CV-DD's) train on the unscaled KL
+      (``KLDivLoss(reduction="batchmean")``), T^2 times smaller (400x at their T 20): a constant factor, which
+      Adam/AdamW nearly ignore but which scales SGD's step (and its balance against weight decay).
     - ``mse_ce``: mean-squared error between student and teacher logits plus ``ce_weight`` x
       cross-entropy with the hard labels (G-VBSM / EDC, weight 0.025); under CutMix those are the mixed labels,
       where EDC's code takes the cross-entropy on the unmixed ones.

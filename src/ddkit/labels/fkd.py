@@ -1,9 +1,11 @@
 """Stored per-epoch soft labels (FKD-style relabelling) and student training that replays them.
 
 SRe2L, RDED, CDA and EDC train students on teacher logits of *augmented* views of the distilled
-images: the "relabel" stage stores, for every epoch ``e`` and image ``i``, the augmentation of that
-view and the teacher's logits on it (Shen & Xing, "A Fast Knowledge Distillation Framework for
-Visual Recognition", ECCV 2022 = FKD). Training then replays the very same views, so no teacher
+images. SRe2L's ImageNet-1K recipe (which CDA reuses) and EDC's code store them in a "relabel" stage:
+for every epoch ``e`` and image ``i``, the augmentation of that view and the teacher's logits on it
+(Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition", ECCV 2022 = FKD);
+RDED's code and SRe2L's CIFAR-100 recipe (``relabel_cifar.py``) store nothing and query the teacher on
+every batch instead (ddkit's label mode ``teacher``). Training then replays the very same views, so no teacher
 is needed at training time, at the cost of storing labels (counted by :attr:`SoftLabelStore.nbytes`).
 
 Everything is keyed by ``(epoch, image)``, never by batch: the parameters of epoch ``e`` are drawn
@@ -608,7 +610,9 @@ def relabel(
     ``distilled``: a :class:`~ddkit.distilled.DistilledSet` or its folder (or anything with ``images``,
     ``labels``, ``classes``, ``mean``, ``std``). ``teacher``: a :class:`~ddkit.teacher.Teacher` or its
     folder (or a bare module, then no class/fingerprint check). ``augment``/``augment_options``: any
-    :func:`~ddkit.data.augment.build_augment` spec (SRe2L/RDED: ``rrc_flip`` with scale 0.08-1), as
+    :func:`~ddkit.data.augment.build_augment` spec (SRe2L's ImageNet-1K relabel: ``rrc_flip`` with scale 0.08-1;
+    RDED's views: RandomResizedCrop with scale 1/factor-1, i.e. the whole image at factor 1 (``flip``), ``rrc_flip``
+    with ``scale_min: 0.5`` at factor 2 after shuffling the 2x2 patches, which ddkit does not do), as
     ``RelabelSpec.augment`` and ``--augment`` name it (``augment_spec=``: its old name, deprecated).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
     logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
@@ -825,7 +829,8 @@ class RelabelSpec(Checked):
     of :func:`relabel` as a config section (``relabel:``)."""
 
     epochs: int | None = field(None, help="stored epochs (None: the protocol's training epochs)")
-    augment: str = field("rrc_flip", help="augmentation of each stored view (SRe2L/RDED: rrc_flip)")
+    augment: str = field("rrc_flip", help="augmentation of each stored view (SRe2L's ImageNet-1K relabel: rrc_flip "
+                                          "0.08-1; RDED at factor 1: flip, the whole image)")
     augment_options: dict = field({}, help="options of the augmentation, e.g. {scale_min: 0.08}")
     cutmix_prob: float = field(1.0, help="per-image CutMix probability (0: off)")
     cutmix_alpha: float = field(1.0, help="CutMix Beta(alpha, alpha)")

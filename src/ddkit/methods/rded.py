@@ -186,6 +186,12 @@ class RDED(Method):
     - The reference errors if the class has fewer than ``mipc`` images only implicitly; we cap
       ``mipc`` at the class size and fail clearly if ``mipc`` or the class holds fewer than
       ``ipc * factor**2`` images.
+    - Evaluation is not part of the method. RDED's own (``validation/main.py``) queries the teacher on
+      every batch of views cropped at scale 1/factor-1 (the whole image at factor 1) + flip, CutMix, KL at
+      T 20, AdamW 1e-3 with a cosine that ends at half the lr, batch 10/50/100 at IPC 1/10/50 (10 classes);
+      ``soft-kl`` differs (crops 0.08-1, no CutMix, T 4, cosine to 0, batch 64). RDED's ``--mix-type
+      mixup`` (T 4) is not reachable: ddkit has no MixUp.
+      ``configs/fashion-mnist/rded/ipc10-fkd.yaml`` follows RDED where ddkit can, and names what differs.
     """
 
     Config = RDEDConfig

@@ -21,10 +21,11 @@ _SMOKE = {"iterations": 4, "stats": "conv", "checkpoint_every": 1}
 
 @dataclass
 class SRe2LConfig(RecoverConfig):
-    """SRe2L recover settings (defaults: the authors' ImageNet-1K / CIFAR-100 recipe)."""
+    """SRe2L recover settings (defaults: the authors' ImageNet-1K multi-crop recipe at CIFAR-100's lr, r_bn and
+    iterations; their CIFAR-100 recipe optimises whole images: ``augment: none, jitter: 4``)."""
 
-    iterations: int = field(1000, help="steps per batch (SRe2L: 4000 on ImageNet-1K in recover.sh, 1000 on CIFAR-100 "
-                                       "and Tiny-ImageNet)")
+    iterations: int = field(1000, help="steps per batch (SRe2L: 4000 on ImageNet-1K in recover.sh and on "
+                                       "Tiny-ImageNet in recover_tiny.sh, 1000 on CIFAR-100)")
     lr: float = field(0.25, help="Adam lr on normalised pixels (SRe2L: 0.25 ImageNet/CIFAR-100, 0.1 Tiny-ImageNet)")
     r_stats: float = field(0.01, help="weight of the BN statistics loss (SRe2L's r_bn: 0.01)")
 
@@ -47,11 +48,23 @@ class SRe2L(RecoverMethod):
 
     Defaults and differences: lr 0.25 / r_bn 0.01 are the ImageNet-1K and CIFAR-100 settings
     (``recover.sh``, ``recover_cifar.sh``), 1000 iterations CIFAR-100's (ImageNet-1K's ``recover.sh``
-    and its released IPC-50 set used 4000, which small images do not need); Tiny-ImageNet used lr 0.1. The
-    authors' random roll ("jitter", 32 px at 224 px) is off by default (``jitter: 0``) because the
-    small images ddkit targets are already shifted by the crop; set ``jitter: 4`` to follow the
-    Tiny-ImageNet script. The scripts draw each shift in [0, jitter] (``jitter_mode: positive``);
-    DeepInversion, whose roll they inherit, draws in [-jitter, jitter] (``symmetric``). Crops use bilinear
+    and its released IPC-50 set used 4000, which small images do not need); Tiny-ImageNet's
+    ``recover_tiny.sh`` uses lr 0.1, r_bn 1 and 4000 iterations.
+
+    Multi-crop on small images (a difference from the authors' CIFAR-100 recipe): ddkit's default keeps
+    the ImageNet-1K multi-crop optimisation (RandomResizedCrop + flip, no roll) on the 28-32 px images
+    it targets. The authors' CIFAR-100 script (``recover_cifar.py``) drops it -- its README: "we discard the
+    Multi-crop Optimization and optimize the whole image due to the small resolution of CIFAR" -- and
+    shifts the whole batch by a random roll in [0, 4] pixels instead, with no crop and no flip:
+    ``augment: none, jitter: 4`` (``jitter_mode: positive``) is that recipe, and the per-method
+    Fashion-MNIST configs (``configs/fashion-mnist/sre2l/``) use it. Tiny-ImageNet's script keeps the
+    crop and flip (one per batch, scale 0.08-1) and adds a roll in [-4, 4]: ``jitter: 4, jitter_mode:
+    symmetric, augment_per: batch``.
+
+    The roll ("jitter") is off by default (``jitter: 0``). Its shifts: ImageNet-1K's ``data_synthesis.py``
+    (32 px at 224 px) and CIFAR-100's ``recover_cifar.py`` (4 px) draw each in [0, jitter] (``jitter_mode:
+    positive``, the default), as do CDA's scripts; Tiny-ImageNet's ``recover_tiny.py`` draws in [-jitter,
+    jitter] (``jitter_mode: symmetric``), as DeepInversion, whose roll they inherit. Crops use bilinear
     ``grid_sample`` without antialiasing (``ddkit.data.augment.RandomResizedCropFlip``). The last iterate is kept, as
     the authors do. ``stats: conv`` matches real-data convolution statistics instead (any teacher);
     ``alpha < 1`` adds EDC's class-conditional term; ``flip_plugin`` adds FYI.

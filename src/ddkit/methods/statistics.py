@@ -618,10 +618,12 @@ class RecoverConfig(Checked):
         help="convolution statistics of each conv's output (ddkit's default; on a BatchNorm teacher "
         "the next BN's input) or its input (G-VBSM/EDC code: post-activation features, the images at the first conv)")
     milestone: float = field(1.0, help="CDA: fraction of the iterations over which the curriculum runs")
-    jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on Tiny)")
+    jitter: int = field(0, help="random roll of the batch by up to this many pixels (SRe2L: 32 at 224 px, 4 on "
+                                "CIFAR-100 and Tiny-ImageNet)")
     jitter_mode: Literal["positive", "symmetric"] = field(
-        "positive", help="shifts of the roll: positive draws each in [0, jitter] (the SRe2L, CDA, DWA and CV-DD "
-        "recover scripts), symmetric in [-jitter, jitter] (DeepInversion)")
+        "positive", help="shifts of the roll: positive draws each in [0, jitter] (SRe2L's ImageNet-1K and CIFAR-100 "
+        "recover scripts, CDA's, DWA's and CV-DD's), symmetric in [-jitter, jitter] (SRe2L's Tiny-ImageNet script, "
+        "DeepInversion)")
     flatness_weight: float = field(0.0, help="EDC flatness regularisation weight (0 = off; ddkit's edc: 0.25, EDC's "
                                              "recover scripts: off)")
     flatness_beta: float = field(0.99, help="EMA rate of the image copy used by the flatness term")
