@@ -26,12 +26,26 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+#: what a registered name may be: it becomes part of file and folder names (a bench's cells and sets), so no path
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(kind: str, name: object) -> None:
+    """Refuse, in one line, a name no registry takes: empty, with whitespace, ``/`` or other characters, or starting
+    with ``.`` or ``-`` (``..``, a hidden file, an option). Every built-in name (``resnet18_cifar``,
+    ``convnet3-w32``, ``fashion-mnist``) is one."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DDKitError(f"{kind} name {name!r} is not allowed: a name starts with a letter or digit and holds only "
+                         "letters, digits, '_', '-' and '.' (it becomes part of file names); register it under "
+                         "such a name")
+
 
 class Registry(Generic[T]):
     """Maps short keys to objects (classes or factories).
 
-    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern. ``check(name,
-    obj)``, if given, refuses an entry at registration (a DDKitError naming the fix).
+    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern. A name must pass
+    :func:`check_name`; ``check(name, obj)``, if given, refuses an entry at registration (a DDKitError naming the
+    fix).
     """
 
     def __init__(self, kind: str, check: Callable[[str, T], None] | None = None) -> None:
@@ -40,7 +54,8 @@ class Registry(Generic[T]):
         self._check = check
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; names are unique."""
+        """Decorator that registers ``obj`` under ``name``; names are unique and pass :func:`check_name`."""
+        check_name(self.kind, name)
 
         def deco(obj: T) -> T:
             if self._check is not None:
