@@ -1593,3 +1593,28 @@ def test_a_run_folder_evaluates_again_under_other_cuda_settings(tmp_path, monkey
     assert back["reused"] == ["distilled"] and len(trained) == 9
     assert "evaluating eval-hard.json again: it was made on CUDA (NVIDIA H200), not on the CPU" in caplog.text
     assert back["evaluations"][0]["results"] == first["evaluations"][0]["results"]
+
+
+def test_a_protocol_is_registered_as_a_function_of_no_arguments(monkeypatch):
+    """PROTOCOLS took any object (QA 18c #12): a ProtocolConfig registered itself made every use of its name a
+    TypeError ('ProtocolConfig' object is not callable); it is refused at registration, naming the fix."""
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig, protocol_settings
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+    cfg = ProtocolConfig(student="tiny_convnet", train=TrainConfig(epochs=2))
+    with pytest.raises(DDKitError, match=r"^protocol 'quickinst': register a function returning the ProtocolConfig, "
+                                         r"not the config itself: PROTOCOLS.add\('quickinst', lambda: cfg\) \(or save "
+                                         r"it as a YAML file and pass its path\)$"):
+        PROTOCOLS.add("quickinst", cfg)
+
+    def needs_epochs(epochs):
+        return ProtocolConfig(train=TrainConfig(epochs=epochs))
+
+    for bad, shown in (({"student": "tiny_convnet"}, r"dict \{'student': 'tiny_convnet'\}"),
+                       (needs_epochs, r"function <function .*needs_epochs at .*>")):
+        with pytest.raises(DDKitError, match=rf"^protocol 'quickbad': {shown} is no function of no arguments returning "
+                                             r"a ProtocolConfig; register such a function, e.g."):
+            PROTOCOLS.add("quickbad", bad)
+    assert "quickinst" not in PROTOCOLS and "quickbad" not in PROTOCOLS
+    PROTOCOLS.add("quick", lambda: cfg)  # as README says
+    assert protocol_settings("quick")["train"]["epochs"] == 2
