@@ -93,3 +93,22 @@ def test_every_built_in_name_passes_the_name_rule():
             check_name(reg.kind, name)
     for name in ("resnet18_cifar", "convnet3-w32", "fashion-mnist", "v1.2", "3x"):
         Registry("model").add(name, object())
+
+
+def test_a_far_fetched_name_is_not_suggested_and_the_plugin_hint_stays():
+    """'myrec' (a plugin's method, its module not imported) got "did you mean 'edc'?" and lost the DDKIT_PLUGINS hint
+    (QA 18c #6): only names at least SUGGEST_CUTOFF alike are suggested, and the hint stays beside a suggestion."""
+    reg = Registry("method")
+    for name in ("edc", "random", "tiny_mlp"):
+        reg.add(name, object())
+    own = ("one of your own: import the module that registers it first; the CLI imports those named in "
+           "DDKIT_PLUGINS")
+    with pytest.raises(DDKitError) as err:
+        reg.get("myrec")
+    assert str(err.value) == f"unknown method 'myrec'; see `ddkit list methods` ({own})"
+    with pytest.raises(DDKitError) as err:
+        reg.get("my_mlp")  # 0.71 alike: suggested, with the hint
+    assert str(err.value) == f"unknown method 'my_mlp'; did you mean 'tiny_mlp'? (or {own})"
+    with pytest.raises(DDKitError) as err:
+        reg.get("RANDON")  # case ignored in the likeness
+    assert str(err.value) == f"unknown method 'RANDON'; did you mean 'random'? (or {own})"
