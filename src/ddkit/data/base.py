@@ -326,6 +326,19 @@ class DatasetRegistry(Registry[Loader]):
 
 
 DATASETS = DatasetRegistry("dataset")
+
+
+def other_data_fix(cfg: DatasetConfig, recorded: dict) -> str:
+    """How to load the data an artifact was made from when ``cfg`` loaded other pixels than the artifact's record
+    (its ``dataset_config``, ``recorded``) says: point dataset.path at the same files. A source declared to read no
+    files (see :class:`DatasetRegistry`) that was given the recorded settings is itself at fault: it loads other
+    data on each load (an unseeded generator)."""
+    settings = DATASETS.declared.get(cfg.name, (None, None))[1]
+    if settings is not None and "path" not in settings and dataset_config(**recorded).absolute() == cfg.absolute():
+        return (f"dataset source {cfg.name!r} ({origin(DATASETS.get(cfg.name))}) reads no files and was given the "
+                "settings the set records, so it loaded other data than then: make it return the same data on every "
+                "load (seed its generator), then make the set again")
+    return "point dataset.path at the same files"
 #: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
 CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
 #: sources that apply ``train_per_class``/``test_per_class`` themselves, with :func:`per_class_index` (the same
