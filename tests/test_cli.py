@@ -1226,7 +1226,8 @@ def test_system_errors_name_the_output_not_its_hidden_temporaries(tmp_path, caps
      "student_options: ConvNet width must be a positive integer, got 0"),
     (["teacher.model=tiny_convnet", "teacher.model_options.width=0"],
      "teacher.model_options: ConvNet width must be a positive integer, got 0"),
-    (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; did you mean 'convnet'?"),
+    (["teacher.model=nonexist"], "teacher.model: unknown model 'nonexist'; see `ddkit list models` (one of your own: "
+     "import the module that registers it first; the CLI imports those named in DDKIT_PLUGINS)"),
     # recorded in config.json while each evaluation took its mode from label_modes
     (["evaluate.overrides.label_mode=teacher"], "evaluate.overrides.label_mode is not used: the run evaluates every "
      "mode in evaluate.label_modes; list it there instead\n"),

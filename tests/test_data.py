@@ -7,6 +7,7 @@ import gzip
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
 from pathlib import Path
@@ -714,7 +715,8 @@ def test_tensors_std_too_small_to_normalise_is_refused(tmp_path):
         torch.save({**t, "mean": torch.tensor([0.1, 0.2, 0.3]), "std": torch.tensor([0.4, std, 0.6])}, path)
         with pytest.raises(DataError, match=r"s.pt: std must be at least 1e-06 \(of pixels in 0..1; below it "
                                             r"normalised pixels blow up\), found \[0.4.*\]; store the training "
-                                            r"images' std, or neither mean nor std \(then they are computed\)$"):
+                                            r"images' mean and std, or neither mean nor std \(then they are "
+                                            r"computed\)$"):
             load_dataset("tensors", path=str(path))
     torch.save({**t, "mean": torch.tensor([0.1, 0.2, 0.3]), "std": torch.tensor([0.4, 1e-5, 0.6])}, path)
     assert load_dataset("tensors", path=str(path)).std[1] == pytest.approx(1e-5)
@@ -1114,3 +1116,41 @@ def test_data_and_sets_in_inference_tensors_are_fingerprinted():
     assert b.train.images.is_inference() and b.fingerprint == want
     s = DistilledSet(b.train.images[:4], b.train.labels[:4], {}, None, None)
     assert distilled_fingerprint(s) == set_fingerprint(b.train.images[:4].clone(), b.train.labels[:4].clone())
+
+
+@pytest.mark.parametrize(("mean", "std", "words"), [
+    ((0.5,), (0.0,), r"std must be at least 1e-06 \(of pixels in 0..1; below it normalised pixels blow up\), found "
+                     r"\[0.0\]; return the per-channel mean and std of its training images in 0..1"),
+    ((float("nan"),), (0.25,), r"mean must hold finite numbers, found \[nan\]; return the per-channel mean and std"),
+    ((125.0,), (60.0,), r"mean \[125.0\] and std \[60.0\] are not of pixels in 0..1 \(whose mean and std are at "
+                        r"most 1; 0..255-scale values train to chance\); divide them by 255"),
+    ((0.5,), (60.0,), r"mean \[0.5\] and std \[60.0\] are not of pixels in 0..1"),
+])
+def test_a_plugin_source_with_a_normalisation_no_training_can_use_is_refused(monkeypatch, mean, std, words):
+    """std 0 from a user's source was accepted (QA 18c #20): every stage then diverged with advice to lower its lr;
+    0..255-scale statistics trained to chance without a word. The tensors source's check now covers every source."""
+    from ddkit.data import DataBundle
+
+    def source(cfg):
+        data = _blobs(cfg)
+        return DataBundle("zstd", data.train, data.test, data.classes, mean, std)
+
+    monkeypatch.setitem(DATASETS._entries, "zstd", source)
+    with pytest.raises(DataError, match=rf"^dataset source 'zstd' \(test_data\..*source\): {words}"):
+        load_dataset("zstd")
+    for mean, std in (((0.0,), (1.0,)), ((1.0,), (1e-6,))):  # no scaling; the bounds themselves
+        monkeypatch.setitem(DATASETS._entries, "zstd", lambda cfg, mean=mean, std=std: DataBundle(
+            "zstd", _blobs(cfg).train, _blobs(cfg).test, ["c0", "c1", "c2"], mean, std))
+        assert load_dataset("zstd").std == std
+
+
+def test_a_plugin_source_returning_no_databundle_is_refused(monkeypatch):
+    """A loader returning a tuple gave `AttributeError: 'tuple' object has no attribute 'classes'` (QA 18c #3)."""
+    x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 2
+    monkeypatch.setitem(DATASETS._entries, "badsrc", lambda cfg: (x, y, x, y))
+    with pytest.raises(DDKitError) as err:
+        load_dataset("badsrc")
+    assert re.fullmatch(r"dataset source 'badsrc' \(test_data\..*<lambda>\) returned a tuple; a "
+                        r"loader returns a ddkit.data.DataBundle\(name, train=ImageSet\(images, labels\), "
+                        r"test=ImageSet\(...\), classes, mean, std\) \(README, Models\)", str(err.value)), \
+        str(err.value)

@@ -1593,3 +1593,52 @@ def test_a_run_folder_evaluates_again_under_other_cuda_settings(tmp_path, monkey
     assert back["reused"] == ["distilled"] and len(trained) == 9
     assert "evaluating eval-hard.json again: it was made on CUDA (NVIDIA H200), not on the CPU" in caplog.text
     assert back["evaluations"][0]["results"] == first["evaluations"][0]["results"]
+
+
+def test_a_protocol_is_registered_as_a_function_of_no_arguments(monkeypatch):
+    """PROTOCOLS took any object (QA 18c #12): a ProtocolConfig registered itself made every use of its name a
+    TypeError ('ProtocolConfig' object is not callable); it is refused at registration, naming the fix."""
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig, protocol_settings
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+    cfg = ProtocolConfig(student="tiny_convnet", train=TrainConfig(epochs=2))
+    with pytest.raises(DDKitError, match=r"^protocol 'quickinst': register a function returning the ProtocolConfig, "
+                                         r"not the config itself: PROTOCOLS.add\('quickinst', lambda: cfg\) \(or save "
+                                         r"it as a YAML file and pass its path\)$"):
+        PROTOCOLS.add("quickinst", cfg)
+
+    def needs_epochs(epochs):
+        return ProtocolConfig(train=TrainConfig(epochs=epochs))
+
+    for bad, shown in (({"student": "tiny_convnet"}, r"dict \{'student': 'tiny_convnet'\}"),
+                       (needs_epochs, r"function <function .*needs_epochs at .*>")):
+        with pytest.raises(DDKitError, match=rf"^protocol 'quickbad': {shown} is no function of no arguments returning "
+                                             r"a ProtocolConfig; register such a function, e.g."):
+            PROTOCOLS.add("quickbad", bad)
+    assert "quickinst" not in PROTOCOLS and "quickbad" not in PROTOCOLS
+    PROTOCOLS.add("quick", lambda: cfg)  # as README says
+    assert protocol_settings("quick")["train"]["epochs"] == 2
+
+
+def test_a_source_reading_no_files_that_loads_other_data_is_told_to_seed_itself(tiny_protocol, tmp_path, monkeypatch):
+    """An unseeded plugin source (other pixels on each load) made evaluation refuse its set with advice to "point
+    --data-path at the same files", which that source refuses (QA 18c #23): the source itself is named at fault."""
+    from ddkit.data import DATASETS, DataBundle, ImageSet, load_dataset
+
+    def rnd(cfg):  # forgot the seed
+        y = torch.arange(3).repeat_interleave(4)
+        return DataBundle("rnd", ImageSet(torch.rand(12, 1, 8, 8), y), ImageSet(torch.rand(12, 1, 8, 8), y),
+                          ["a", "b", "c"], (0.5,), (0.25,))
+
+    monkeypatch.setitem(DATASETS._entries, "rnd", rnd)
+    monkeypatch.setitem(DATASETS.declared, "rnd", (frozenset(), frozenset()))
+    ds = distill(load_dataset("rnd"), DistillConfig(method="random", ipc=2), DatasetConfig(name="rnd"),
+                 tmp_path / "set")
+    proto = resolve_protocol(tiny_protocol, {"full_reference": False, "random_baseline": False})
+    with pytest.raises(DDKitError, match=r"^distilled set was made from 'rnd' data with fingerprint \w+ but the loaded "
+                                         r"data has \w+; dataset source 'rnd' \(test_evaluate\..*rnd\) reads no files "
+                                         r"and was given the settings the set records, so it loaded other data than "
+                                         r"then: make it return the same data on every load \(seed its generator\), "
+                                         r"then make the set again$"):
+        evaluate(ds, proto, [0], out=tmp_path / "eval.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]

@@ -520,7 +520,9 @@ def test_show_a_methods_options(tmp_path, capsys, monkeypatch):
     assert err == "note: 'edc' is also a method; `ddkit show method:edc` shows its options\n"
     code, out, err = run_cli(["show", "method:edc"], capsys)
     assert code == 0 and out.startswith("method edc (ddkit.methods.edc.EDC): Elucidating") and err == ""
-    assert _refused(["show", "method:edcc"], capsys) == "unknown method 'edcc'; did you mean 'edc'?"
+    assert _refused(["show", "method:edcc"], capsys) == (
+        "unknown method 'edcc'; did you mean 'edc'? (or one of your own: import the module that registers it first; "
+        "the CLI imports those named in DDKIT_PLUGINS)")
     # a typo: the closer of a protocol and a method, the protocol when as close
     assert _refused(["show", "dmm"], capsys) == ("'dmm' not found (no file, folder, protocol or method of that name); "
                                                  "did you mean the method 'dm'?")

@@ -26,12 +26,32 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+#: what a registered name may be: it becomes part of file and folder names (a bench's cells and sets), so no path
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_name(kind: str, name: object) -> None:
+    """Refuse, in one line, a name no registry takes: empty, with whitespace, ``/`` or other characters, or starting
+    with ``.`` or ``-`` (``..``, a hidden file, an option). Every built-in name (``resnet18_cifar``,
+    ``convnet3-w32``, ``fashion-mnist``) is one."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DDKitError(f"{kind} name {name!r} is not allowed: a name starts with a letter or digit and holds only "
+                         "letters, digits, '_', '-' and '.' (it becomes part of file names); register it under "
+                         "such a name")
+
+
+#: how alike (difflib's ratio, case ignored) a registered name must be to be suggested for an unknown one: typos
+#: ('edcc', 'convnt3', 'synthetc', 'dc-protocl': 0.8 and more; 'ecd' for 'edc': 0.67) are; a plugin's name that shares
+#: a few letters with one of ours ('myrec' and 'edc': 0.5, 'nonexist' and 'convnet': 0.53) is not
+SUGGEST_CUTOFF = 0.6
+
 
 class Registry(Generic[T]):
     """Maps short keys to objects (classes or factories).
 
-    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern. ``check(name,
-    obj)``, if given, refuses an entry at registration (a DDKitError naming the fix).
+    ``get`` fails with a did-you-mean suggestion; ``list`` takes an optional glob pattern. A name must pass
+    :func:`check_name`; ``check(name, obj)``, if given, refuses an entry at registration (a DDKitError naming the
+    fix).
     """
 
     def __init__(self, kind: str, check: Callable[[str, T], None] | None = None) -> None:
@@ -40,7 +60,8 @@ class Registry(Generic[T]):
         self._check = check
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; names are unique."""
+        """Decorator that registers ``obj`` under ``name``; names are unique and pass :func:`check_name`."""
+        check_name(self.kind, name)
 
         def deco(obj: T) -> T:
             if self._check is not None:
@@ -65,16 +86,27 @@ class Registry(Generic[T]):
             raise DDKitError(self.unknown_message(name)) from None
 
     def suggest(self, name: str) -> str | None:
-        """The registered name ``name`` is most likely a typo of, or None."""
+        """The registered name ``name`` is most likely a typo of (at least :data:`SUGGEST_CUTOFF` alike, case
+        ignored), or None."""
         same_case = [n for n in self._entries if n.lower() == str(name).lower()]  # 'EDC' for 'edc'
-        close = same_case or difflib.get_close_matches(name, list(self._entries), n=1, cutoff=0.5)
-        return close[0] if close else None
+        if same_case:
+            return same_case[0]
+        lower = {n.lower(): n for n in self._entries}
+        close = difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=SUGGEST_CUTOFF)
+        return lower[close[0]] if close else None
 
     def unknown_message(self, name: str) -> str:
+        """``unknown KIND 'name'; ...`` with a did-you-mean; unless ``name`` differs from a registered name in case
+        alone, it says too how a name of the user's own is found (a plugin's name may look like a typo of ours)."""
         close = self.suggest(name)
-        hint = (f"did you mean {close!r}?" if close else
-                f"see `ddkit list {self.kind}s` (one of your own: import the module that registers it first; the CLI "
-                "imports those named in DDKIT_PLUGINS)")
+        own = ("one of your own: import the module that registers it first; the CLI imports those named in "
+               "DDKIT_PLUGINS")
+        if close is not None and close.lower() == str(name).lower():
+            hint = f"did you mean {close!r}?"
+        elif close is not None:
+            hint = f"did you mean {close!r}? (or {own})"
+        else:
+            hint = f"see `ddkit list {self.kind}s` ({own})"
         return f"unknown {self.kind} {name!r}; {hint}"
 
     def list(self, pattern: str | None = None) -> list[str]:

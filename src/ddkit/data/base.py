@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import hashlib
 import logging
+import math
+import numbers
 import os
 import weakref
 from collections.abc import Callable
@@ -23,11 +25,14 @@ import torch
 from ddkit.config import Checked, field, is_count, summary_repr, to_dict
 from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
-from ddkit.registry import Registry
+from ddkit.registry import Registry, origin
 
 logger = logging.getLogger(__name__)
 
 SYSTEM_DATA_DIR = Path("/usr/share/datasets")
+# a channel whose std is below this (in [0, 1] pixel space, far below one uint8 step of 1/255) is constant:
+# what is left is float rounding, and normalising by it would divide by (almost) zero
+CONSTANT_STD = 1e-6
 #: the largest dataset.image_size: one decoded 3-channel image of 4096x4096 is 48 MiB, 1,000 of them 48 GB, beyond
 #: any set this toolkit distils (ImageNet-scale work uses 224); a typo above it would decode into an out-of-memory crash
 MAX_IMAGE_SIZE = 4096
@@ -321,6 +326,19 @@ class DatasetRegistry(Registry[Loader]):
 
 
 DATASETS = DatasetRegistry("dataset")
+
+
+def other_data_fix(cfg: DatasetConfig, recorded: dict) -> str:
+    """How to load the data an artifact was made from when ``cfg`` loaded other pixels than the artifact's record
+    (its ``dataset_config``, ``recorded``) says: point dataset.path at the same files. A source declared to read no
+    files (see :class:`DatasetRegistry`) that was given the recorded settings is itself at fault: it loads other
+    data on each load (an unseeded generator)."""
+    settings = DATASETS.declared.get(cfg.name, (None, None))[1]
+    if settings is not None and "path" not in settings and dataset_config(**recorded).absolute() == cfg.absolute():
+        return (f"dataset source {cfg.name!r} ({origin(DATASETS.get(cfg.name))}) reads no files and was given the "
+                "settings the set records, so it loaded other data than then: make it return the same data on every "
+                "load (seed its generator), then make the set again")
+    return "point dataset.path at the same files"
 #: sources that put their classes in ``dataset.classes``' order (the others only check it against theirs)
 CLASS_ORDER_SOURCES = frozenset({"imagefolder"})
 #: sources that apply ``train_per_class``/``test_per_class`` themselves, with :func:`per_class_index` (the same
@@ -404,6 +422,22 @@ def check_bundle(data: object, what: str = "data") -> None:
                          "ddkit.data.load_dataset(name or DatasetConfig)")
 
 
+def check_mean_std(mean: tuple[float, ...], std: tuple[float, ...], where: str, fix: str) -> None:
+    """Refuse, in one line naming ``where`` and ending with ``fix``, a normalisation no training can use: a value
+    that is not finite, a std below :data:`CONSTANT_STD` (normalised pixels blow up, and training diverges with
+    advice to lower its lr), or a mean or std above 1, which no pixels in 0..1 (uint8 images divided by 255) have:
+    0..255-scale statistics squeeze every image to almost one value, which trains to chance."""
+    for key, values in (("mean", mean), ("std", std)):
+        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+            raise DataError(f"{where}: {key} must hold finite numbers, found {list(values)}; {fix}")
+    if min(std) < CONSTANT_STD:
+        raise DataError(f"{where}: std must be at least {CONSTANT_STD:g} (of pixels in 0..1; below it normalised "
+                        f"pixels blow up), found {list(std)}; {fix}")
+    if max(*mean, *std) > 1:
+        raise DataError(f"{where}: mean {list(mean)} and std {list(std)} are not of pixels in 0..1 (whose mean and std "
+                        "are at most 1; 0..255-scale values train to chance); divide them by 255")
+
+
 @stage_modes()
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     """Load a registered dataset by config (or by name with config fields as keywords)."""
@@ -413,6 +447,13 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
         raise DDKitError(f"load_dataset takes a dataset name or a DatasetConfig, got {type(cfg).__name__} {cfg!r:.80}")
     loader = DATASETS.get(cfg.name)
     bundle = loader(cfg)
+    where = f"dataset source {cfg.name!r} ({origin(loader)})"
+    if not isinstance(bundle, DataBundle):
+        raise DDKitError(f"{where} returned a {type(bundle).__name__}; a loader returns a "
+                         "ddkit.data.DataBundle(name, train=ImageSet(images, labels), test=ImageSet(...), classes, "
+                         "mean, std) (README, Models)")
+    check_mean_std(bundle.mean, bundle.std, where, "return the per-channel mean and std of its training images "
+                                                   "in 0..1")
     _check_source_settings(cfg, bundle)
     subset_here = cfg.name not in SUBSET_SOURCES
     if subset_here and (cfg.train_per_class is not None or cfg.test_per_class is not None):

@@ -54,12 +54,14 @@ from ddkit.artifacts import (
 from ddkit.cache import DECODED_SCHEMA  # the layout and meaning of an entry (bump it there)
 from ddkit.config import short_repr
 from ddkit.data.base import (
+    CONSTANT_STD,
     DATASETS,
     SOURCE_SETTINGS,
     DataBundle,
     DatasetConfig,
     ImageSet,
     check_class_order,
+    check_mean_std,
     find_data_dir,
     per_class_index,
     search_order,
@@ -145,10 +147,6 @@ def _locate(cfg: DatasetConfig, layouts: list[list[str]], hint: str) -> tuple[Pa
     _, layout, folder = min(hits)
     return folder, layout
 
-
-# a channel whose std is below this (in [0, 1] pixel space, far below one uint8 step of 1/255) is constant:
-# what is left is float rounding, and normalising by it would divide by (almost) zero
-CONSTANT_STD = 1e-6
 
 
 #: images summed as one group by :class:`ChannelSums`, the group totals then added: channel_stats's chunk, always 4096
@@ -1303,12 +1301,8 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
             raise DataError(f"{path}: {key} must be a float tensor of {channels} values (one per channel), "
                             f"found {shape}")
         out.append(tuple(float(v) for v in t.flatten()))
-        if not all(math.isfinite(v) for v in out[-1]):
-            raise DataError(f"{path}: {key} must hold finite numbers, found {list(out[-1])}")
-    if min(out[1]) < CONSTANT_STD:  # as a computed std: pixels divided by it blow up, and training diverges
-        raise DataError(f"{path}: std must be at least {CONSTANT_STD:g} (of pixels in 0..1; below it normalised "
-                        f"pixels blow up), found {list(out[1])}; store the training images' std, or neither mean nor "
-                        "std (then they are computed)")
+    check_mean_std(out[0], out[1], str(path), "store the training images' mean and std, or neither mean nor std "
+                                              "(then they are computed)")
     return out[0], out[1]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import math
 import os
@@ -26,11 +27,12 @@ from ddkit.config import (
     load_yaml,
     merge_overrides,
     refuse_record,
+    short_repr,
     sorted_keys,
     to_dict,
 )
 from ddkit.data.zca import check_reg as check_zca_reg
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DDKitError
 from ddkit.registry import Registry
 from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
 
@@ -162,7 +164,24 @@ class ProtocolConfig(Checked):
         return dataclasses.replace(self.train, epochs=self.full_epochs)
 
 
-PROTOCOLS: Registry[Callable[[], ProtocolConfig]] = Registry("protocol")
+def _check_protocol(name: str, obj: object) -> None:
+    """What PROTOCOLS takes: a factory called with no arguments that returns a ProtocolConfig, as the presets
+    below are registered (a config itself would be called at every use)."""
+    if isinstance(obj, ProtocolConfig):
+        raise DDKitError(f"protocol {name!r}: register a function returning the ProtocolConfig, not the config "
+                         f"itself: PROTOCOLS.add({name!r}, lambda: cfg) (or save it as a YAML file and pass its path)")
+    try:
+        inspect.signature(obj).bind()
+    except TypeError:  # not callable, or takes arguments
+        raise DDKitError(f"protocol {name!r}: {type(obj).__name__} {short_repr(obj)} is no function of no arguments "
+                         "returning a ProtocolConfig; register such a function, e.g. "
+                         "`@PROTOCOLS.register(name)` on `def f(): return ProtocolConfig(...)`") from None
+    except ValueError:  # a callable whose signature cannot be read (a builtin): taken as it is
+        pass
+
+
+#: named protocols: functions of no arguments returning a ProtocolConfig (README, Fair evaluation)
+PROTOCOLS: Registry[Callable[[], ProtocolConfig]] = Registry("protocol", check=_check_protocol)
 
 
 @PROTOCOLS.register("dc-protocol")

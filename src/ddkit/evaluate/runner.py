@@ -45,7 +45,7 @@ from ddkit.artifacts import (
 from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here (bump it there)
 from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment, warn_digit_flips
-from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset
+from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset, other_data_fix
 from ddkit.determinism import device_numerics, global_rng, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError, caller_stacklevel
@@ -603,7 +603,8 @@ def evaluate(
         raise DDKitError(f"distilled set's classes {list(distilled.classes)} differ from the dataset's "
                          f"{list(data.classes)}; {fix}")
     if data.fingerprint != man["dataset"]["fingerprint"]:
-        fix = "pass the bundle the set was made from as data=" if by_hand else "point dataset.path at the same files"
+        fix = ("pass the bundle the set was made from as data=" if by_hand
+               else other_data_fix(data.config, man["dataset_config"]))
         raise DDKitError(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
             f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
