@@ -373,6 +373,18 @@ def _stable(value: object, p: functools.partial) -> object:
     return {"repr": text}
 
 
+def own_source_sha256(obj: object) -> str | None:
+    """:func:`source_sha256` of a class or function of the user's own code (:func:`_is_own`: a plugin, a script, a
+    notebook); None for ddkit's, the standard library's and an installed package's, whose versions identify them."""
+    try:
+        file = inspect.getsourcefile(obj) or ""
+    except TypeError:  # a built-in
+        return None
+    if _is_ddkit(obj) or not _is_own(getattr(obj, "__module__", None) or "", file):
+        return None
+    return source_sha256(obj)
+
+
 def _is_ddkit(obj: object) -> bool:
     module = getattr(obj, "__module__", None) or ""
     return module == "ddkit" or module.startswith("ddkit.")

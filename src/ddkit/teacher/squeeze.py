@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
+from ddkit.registry import own_source_sha256
 from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, batchnorm_layers, train_classifier
 
 log = logging.getLogger(__name__)
@@ -112,9 +114,16 @@ class Teacher(DescribesDataset):
         place under ``torch.no_grad()``, an optimizer's steps, ``model.load_state_dict``, a module or parameter
         replaced, the model moved), which :func:`_weights_state` tells without reading them. An edit through a
         tensor's ``.data`` or a NumPy/DLPack view of it is one that PyTorch counts nowhere: edit under
-        ``torch.no_grad()`` instead (``param.copy_(torch.from_numpy(array))``)."""
+        ``torch.no_grad()`` instead (``param.copy_(torch.from_numpy(array))``).
+
+        A model of the user's own code (a plugin's, :func:`model_code`) adds the sha256 of that code, so that the
+        statistics, labels, students and sets of a teacher are not reused once its model's code was edited; a
+        teacher of ddkit's own models keeps the weights' sha alone."""
         self._follow_weights()
-        return self.manifest["weights_sha"]
+        if isinstance(self.model, _MeanLogits):  # its members' fingerprints hold their code
+            return self.manifest["weights_sha"]
+        return _with_code(self.manifest["weights_sha"], model_code(self.model, (self.manifest.get("model") or {}).get(
+            "name")))
 
     def _follow_weights(self) -> None:
         """The manifest with the sha of the weights the model holds now (an ensemble's members' too), hashed again
@@ -129,7 +138,8 @@ class Teacher(DescribesDataset):
                 return
             members = self.manifest.get("ensemble")
             if isinstance(self.model, _MeanLogits) and members:
-                members = [{**m, "weights_sha": weights_sha(model)} for m, model in zip(members, self.model.members)]
+                members = [{**m, "weights_sha": _with_code(weights_sha(model), model_code(model))}
+                           for m, model in zip(members, self.model.members)]
                 sha = _ensemble_sha(members)
             else:
                 members, sha = None, weights_sha(self.model)
@@ -313,6 +323,24 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def model_code(model: nn.Module, name: Any = None) -> list[str]:
+    """The sha256 of the user's own code that ``model`` runs (:func:`~ddkit.registry.source_sha256`): the factory
+    registered as ``name`` (its manifest's model, when a plugin's) and the class of ``model`` when outside ddkit, the
+    standard library and installed packages. Empty for ddkit's own models."""
+    found = []
+    if isinstance(name, str) and (sha := model_source(name).get("source_sha256")):
+        found.append(sha)
+    if (sha := own_source_sha256(type(model))) and sha not in found:
+        found.append(sha)
+    return found
+
+
+def _with_code(sha: str, code: list[str]) -> str:
+    """A teacher's fingerprint from its weights' ``sha`` and its model's ``code`` (:func:`model_code`): ``sha`` itself
+    without any."""
+    return sha if not code else hashlib.sha256(" ".join([sha, *code]).encode()).hexdigest()[:16]
+
+
 def _plugin_module(recorded: Any) -> str | None:
     """The module a manifest's ``module`` entry (``myplug.my_mlp``) names, unless ddkit's own or not one."""
     if not isinstance(recorded, str) or "." not in recorded or recorded.split(".")[0] == "ddkit":
@@ -373,8 +401,6 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
 def _ensemble_sha(members: list[dict[str, Any]]) -> str:
     """The fingerprint of the ensemble of ``members`` (``weights_sha``, ``weight``): a hash of their shas and votes,
     by weights, not paths (the same teachers copied elsewhere are the same ensemble); one member's own sha."""
-    import hashlib
-
     if len(members) == 1:
         return members[0]["weights_sha"]
     identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
@@ -393,9 +419,8 @@ def _weights_state(model: nn.Module) -> tuple | None:
 
 
 def weights_sha(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint."""
-    import hashlib
-
+    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint
+    (with its model's code for a plugin's, :attr:`Teacher.fingerprint`)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
