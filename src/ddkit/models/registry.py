@@ -3,7 +3,9 @@
 Every entry of :data:`MODELS` is a factory ``factory(in_channels, num_classes, image_size, **options)``
 that returns an ``nn.Module`` with the model contract:
 
-- ``model(x)`` takes a normalised float tensor ``[B, C, H, W]`` and returns logits ``[B, num_classes]``;
+- its weights are float32;
+- ``model(x)`` takes a normalised float tensor ``[B, C, H, W]`` and returns logits ``[B, num_classes]``, in eval
+  and in training mode;
 - ``model.embed(x)`` returns the penultimate features ``[B, model.feature_dim]`` (the input of the
   final ``nn.Linear``), used by distribution-matching methods;
 - weights come from the global torch RNG only, so ``torch.manual_seed(s)`` before creation fixes them.
@@ -132,43 +134,53 @@ class ContractError(DDKitError):
 
 
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
-    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked
-    with a batch of two zero images in eval mode without gradients, on the model's device and dtype,
-    with the RNG forked and every module's train/eval flag restored: weights, buffers and the RNG are
-    left as they were."""
+    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract: float32 weights, checked
+    with a batch of two zero images in eval mode and in training mode (which training runs: a model with auxiliary
+    logits there fails it) without gradients, on the model's device, with the RNG forked, every module's train/eval
+    flag restored and the buffers that a training-mode pass updates (BatchNorm's running statistics) put back:
+    weights, buffers and the RNG are left as they were."""
     import torch
 
-    rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
-            "integer feature_dim (README, Models)")
+    rule = ("a model has float32 weights, maps [B, C, H, W] images to [B, num_classes] logits (in eval and training "
+            "mode) and has embed(x) -> [B, feature_dim] and an integer feature_dim (README, Models)")
 
     def broken(problem: str) -> ContractError:
         return ContractError(f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}")
 
     if not isinstance(model, nn.Module):
         raise broken(f"its factory returned a {type(model).__name__}, not an nn.Module")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:  # ddkit feeds float32 images: every stage would fail on a dtype mismatch
+        raise broken(f"its weights are {', '.join(dtypes)}, not float32 (return model.float() from its factory)")
     dim = getattr(model, "feature_dim", None)
     if not is_count(dim):
         raise broken(f"feature_dim is {dim!r}")
     if not callable(getattr(model, "embed", None)):
         raise broken("it has no embed(x) method")
     first = next(model.parameters(), None)
-    x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None,
-                    dtype=first.dtype if first is not None and first.is_floating_point() else None)
+    x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None)
     modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), global_rng():
-            logits, features = model(x), model.embed(x)
-    except Exception as exc:  # any failure of user code on the shape it was built for
-        raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images ({type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    finally:
-        for m, training in modes:
-            m.training = training
-    for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        if shape != want:
-            raise broken(f"{what} gives {shape} for 2 images, expected {want}")
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    for training in (False, True):
+        mode = " in training mode" if training else ""
+        try:
+            model.train(training)
+            with torch.no_grad(), global_rng():
+                logits, features = model(x), model.embed(x)
+        except Exception as exc:  # any failure of user code on the shape it was built for
+            raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images{mode} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        finally:
+            for m, was in modes:
+                m.training = was
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if shape != want:
+                raise broken(f"{what} gives {shape} for 2 images{mode}, expected {want}")
 
 
 def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_classes: int, image_size: int,
