@@ -494,3 +494,44 @@ def test_a_users_model_of_other_dtypes_or_training_outputs_is_refused_by_the_che
             create_model(name, 1, 3, 4)
         assert str(err.value).startswith(f"model {name!r} does not keep ddkit's model contract: {problem}; a model "
                                          "has float32 weights")
+
+
+def test_a_users_model_under_a_convnet_family_name_or_of_a_wrong_signature_is_refused(monkeypatch):
+    """QA 18c #1, #17: a user's model could take a name that ddkit's ConvNet family builds from its pattern
+    (``convnetd2-w8``: only registered names were refused), after which ddkit's own teachers of that name read as
+    damaged; and a factory that cannot take the three sizes was registered, then failed at first use with a TypeError
+    traceback. Both are refused at registration, in one line."""
+    from ddkit.models import ConvNet
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+
+    def mine(in_channels, num_classes, image_size, width=8):
+        return MODELS.get("tiny_mlp")(in_channels, num_classes, image_size)
+
+    for name, message in [
+        ("convnetd2-w8", "model 'convnetd2-w8' is a name ddkit's convnet family builds (convnet with depth=2, "
+                         "width=8); register yours under another name"),
+        ("convnet5", "model 'convnet5' is a name ddkit's convnet family builds (convnet with depth=5); register yours "
+                     "under another name"),
+        ("convnet3", "model 'convnet3' is already registered (by ddkit.models.convnet.convnet); register yours under "
+                     "another name"),
+    ]:
+        with pytest.raises(DDKitError) as err:
+            MODELS.add(name, mine)
+        assert str(err.value) == message
+    assert isinstance(create_model("convnetd2-w8", 1, 3, 8), ConvNet)
+    MODELS.add("convnet-mine", mine)  # the family's prefix, but no name it builds
+    MODELS.add("sized", lambda *sizes, **options: mine(*sizes))
+
+    def two_args(in_channels, num_classes):
+        return mine(in_channels, num_classes, 16)
+
+    with pytest.raises(DDKitError) as err:
+        MODELS.add("two_args", two_args)
+    assert str(err.value).startswith("model 'two_args': its factory test_models.")
+    assert str(err.value).endswith(
+        ".two_args(in_channels, num_classes) cannot take the three sizes create_model passes; a model factory is "
+        "f(in_channels, num_classes, image_size, **options), its options keywords with defaults")
+    with pytest.raises(DDKitError, match=r"^model 'three': an object of type int is not a factory; register a "):
+        MODELS.add("three", 3)
+    assert "two_args" not in MODELS and "three" not in MODELS and "convnet-mine" in MODELS

@@ -46,9 +46,8 @@ class Registry(Generic[T]):
             if self._check is not None:
                 self._check(name, obj)
             if name in self._entries and (_origin(obj) is None or _origin(self._entries[name]) != _origin(obj)):
-                raise DDKitError(f"{self.kind} {name!r} is already registered (by "
-                                 f"{_origin(self._entries[name]) or type(self._entries[name]).__name__}); register "
-                                 "yours under another name")
+                raise DDKitError(f"{self.kind} {name!r} is already registered (by {origin(self._entries[name])}); "
+                                 "register yours under another name")
             self._entries[name] = obj  # the same definition again (a re-run notebook cell, a reload) replaces it
             source_sha256(obj)  # a plugin's source as it is when loaded, not as an edit during a long run leaves it
             return obj

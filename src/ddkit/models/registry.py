@@ -32,13 +32,45 @@ from ddkit.registry import Registry, origin, source_record
 ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
 
-MODELS: Registry[ModelFactory] = Registry("model")
-
 # Parsers for parameterised names; each returns (registered base name, options) or None when the
 # name is not of its family, and raises DDKitError when the name is of its family but malformed.
 _NAME_PARSERS: list[NameParser] = []
 
 _POSITIONAL = ("in_channels", "num_classes", "image_size")
+
+
+def _check_factory(name: str, factory: Any) -> None:
+    """Refuse, when it is registered, a factory that :func:`create_model` cannot call with the three sizes, and a
+    user's model under a name that a family of ddkit's builds from its pattern (``convnetd2-w8``), which it would
+    shadow: ddkit's own artifacts of that name would then read as damaged."""
+    if not callable(factory):
+        raise DDKitError(f"model {name!r}: an object of type {type(factory).__name__} is not a factory; register a "
+                         "function or class f(in_channels, num_classes, image_size, **options) that returns the "
+                         "nn.Module")
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): its first call tells
+        params = None
+    if params is not None and not any(p.kind is p.VAR_POSITIONAL for p in params) and len(
+            [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) < len(_POSITIONAL):
+        raise DDKitError(f"model {name!r}: its factory {origin(factory)}{inspect.signature(factory)} cannot take the "
+                         f"three sizes create_model passes; a model factory is f({', '.join(_POSITIONAL)}, **options), "
+                         "its options keywords with defaults")
+    if origin(factory).startswith("ddkit.") or name in MODELS:  # ddkit's own; a taken name: the Registry's message
+        return
+    for parser in _NAME_PARSERS:
+        try:
+            parsed = parser(name)
+        except DDKitError:  # of a family's form but malformed: not a name ddkit builds
+            continue
+        if parsed is not None:
+            base, options = parsed
+            implied = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its defaults"
+            raise DDKitError(f"model {name!r} is a name ddkit's {base} family builds ({base} with {implied}); "
+                             "register yours under another name")
+
+
+MODELS: Registry[ModelFactory] = Registry("model", check=_check_factory)
 
 
 def check_positive_int(what: str, value: Any) -> None:
