@@ -172,6 +172,27 @@ def test_an_edited_plugin_model_trains_its_teacher_again(tmp_path, monkeypatch, 
         Teacher.load(tmp_path / "t")
 
 
+def test_a_teacher_of_a_model_registered_in_a_script_names_a_fix_that_works(tmp_path, monkeypatch, registries):
+    """QA 18c #18: a model registered in a script run as `python script.py` is recorded as module __main__, and
+    loading its teacher in another process advised DDKIT_PLUGINS=__main__, which imports ddkit's own __main__."""
+    from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    plug = _plugin(tmp_path, monkeypatch, "scriptnet", NET.format(key="script_net"))
+    plug.script_net.__module__ = "__main__"  # as `python scriptnet.py` defines it
+    MODELS.add("script_net", plug.script_net)
+    train_teacher(make_synthetic(), TeacherConfig(model="script_net", train=TrainConfig(epochs=1, batch_size=32)),
+                  tmp_path / "t")
+    assert json.loads((tmp_path / "t/manifest.json").read_text())["model"]["module"] == "__main__.script_net"
+    del MODELS._entries["script_net"]  # another process
+    with pytest.raises(DDKitError) as err:
+        Teacher.load(tmp_path / "t")
+    assert "DDKIT_PLUGINS=__main__" not in str(err.value)
+    assert ("(unknown model 'script_net'); made by a script (module __main__), which another process cannot import: "
+            "move the model's registration into a module of its own, import that in the script, and import it first "
+            "(CLI: name it in DDKIT_PLUGINS); else the manifest is damaged") in str(err.value)
+
+
 def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_path, monkeypatch, registries):
     """QA 18c #8: a teacher's fingerprint was its weights' sha alone, so after an edit of its plugin model's forward
     (same weights, other logits) the cached real-data statistics, teacher-labelled students and the sets of a run with

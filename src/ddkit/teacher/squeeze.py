@@ -200,6 +200,10 @@ class Teacher(DescribesDataset):
                 return DDKitError(f"teacher {str(path)!r}: {exc}")
             made_by = _plugin_module(m.get("module"))
             own = ("" if not str(exc).startswith("unknown model") else
+                   # a script run as `python script.py`: no other process imports it as __main__
+                   "made by a script (module __main__), which another process cannot import: move the model's "
+                   "registration into a module of its own, import that in the script, and import it first (CLI: name "
+                   "it in DDKIT_PLUGINS); else " if made_by == "__main__" else
                    f"made by module {made_by}: import it first (CLI: set DDKIT_PLUGINS={made_by}); else "
                    if made_by else "a model of your own: import the module that registers it first (the CLI "
                    "imports those named in DDKIT_PLUGINS); else ")
