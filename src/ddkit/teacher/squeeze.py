@@ -26,6 +26,7 @@ from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
     check_classes,
+    check_fields,
     check_normalisation,
     check_output_dir,
     folder_kind,
@@ -47,7 +48,15 @@ from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
 from ddkit.registry import own_source_sha256
-from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, batchnorm_layers, train_classifier
+from ddkit.training import (
+    Diverged,
+    NonFiniteOutputs,
+    TrainConfig,
+    accuracy,
+    batchnorm_layers,
+    check_teacher_logits,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 # held while a teacher's fingerprint is hashed again (Teacher._follow_weights): one lock for all teachers, as a
@@ -87,10 +96,28 @@ class TeacherConfig(Checked):
             raise ConfigError("checkpoint is empty; give the weights file to import, or leave it out (null) to train")
 
 
+#: what a teacher's manifest holds, by type, which the stages read (Teacher.load also checks its dataset's mean and std)
+MANIFEST_FIELDS: dict[str, type] = {"model.name": str, "model.input_shape": list, "model.options": dict,
+                                    "dataset.classes": list, "weights_sha": str}
+
+
 class Teacher(DescribesDataset):
-    """A trained classifier with the data description it was trained on."""
+    """A trained classifier with the data description it was trained on.
+
+    ``Teacher(model, manifest)`` takes a teacher artifact's manifest (:data:`MANIFEST_FIELDS`, and the dataset's
+    ``mean`` and ``std``); a module of your own trained outside ddkit becomes one with :meth:`of_module`."""
 
     def __init__(self, model: nn.Module, manifest: dict[str, Any], path: Path | None = None) -> None:
+        lacks = []
+        for key, kind in {**MANIFEST_FIELDS, "dataset.mean": list, "dataset.std": list}.items():
+            try:
+                check_fields(manifest if isinstance(manifest, dict) else {}, {key: kind}, "", KIND)
+            except DDKitError:
+                lacks.append(key)
+        if lacks:  # every stage would fail on the first one it reads, with a KeyError
+            raise DDKitError(f"Teacher(model, manifest): the manifest lacks {', '.join(lacks)}; make a teacher of a "
+                             "module of your own with Teacher.of_module(model, data), or load a teacher artifact with "
+                             "Teacher.load(DIR)")
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
@@ -180,12 +207,26 @@ class Teacher(DescribesDataset):
         return out
 
     @classmethod
+    def of_module(cls, model: nn.Module, data: DataBundle, name: str | None = None) -> Teacher:
+        """A teacher of a module of your own trained outside ddkit on ``data``: the same classes in that order, images
+        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero
+        images). Its manifest describes ``data`` as an imported teacher's does (no test accuracy). ``name``: the model
+        registered in :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
+        (``Teacher.load``) once it is registered; without it, the module's class name, and such a saved teacher loads
+        only where a model of that name builds it. Its fingerprint holds its class's source (:attr:`fingerprint`)."""
+        check_bundle(data)
+        if not isinstance(model, nn.Module):
+            raise DDKitError(f"Teacher.of_module takes an nn.Module, got {type(model).__name__}; pass the trained "
+                             "model")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_teacher_logits(model, data.image_shape, data.num_classes, device)
+        return cls(model, _manifest(model, data, TeacherConfig(model=name or type(model).__name__), None, []))
+
+    @classmethod
     @stage_modes()
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
-        manifest = read_manifest(path, KIND,
-                                 require={"model.name": str, "model.input_shape": list, "model.options": dict,
-                                          "dataset.classes": list, "weights_sha": str})
+        manifest = read_manifest(path, KIND, require=MANIFEST_FIELDS)
         m = manifest["model"]
         shape = m["input_shape"]
         if len(shape) != 3 or not all(map(is_count, shape)):
@@ -375,6 +416,9 @@ def as_teacher(teacher: Teacher | str | Path | None, device: str | torch.device 
         return teacher
     if isinstance(teacher, (str, os.PathLike)):
         return Teacher.load(teacher, device)
+    if isinstance(teacher, nn.Module):  # its repr spans many lines
+        raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got a "
+                         f"module ({type(teacher).__name__}); make a teacher of it with Teacher.of_module(model, data)")
     raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
                      f"{type(teacher).__name__} {teacher!r}; pass the teacher's folder or Teacher.load(folder)")
 
@@ -467,7 +511,7 @@ def teacher_hash(cfg: TeacherConfig) -> str:
     return model_config_hash(cfg)
 
 
-def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float, history: list) -> dict:
+def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float | None, history: list) -> dict:
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update(
         {
