@@ -219,6 +219,9 @@ def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_pat
     assert not torch.equal(new(x), before[1])  # ...give other logits
     after = (new.fingerprint, statistics_key(new, data, ["logits"]), distill_hash(sre2l, data, new))
     assert all(a != b for a, b in zip(after, before[:1] + before[2:]))
+    # stored labels, label stores and committees record the fingerprint: the old code's is not this teacher's, while
+    # a record from before the code entered it (the weights' sha alone) still names it
+    assert new.made(after[0]) and new.made(new.manifest["weights_sha"]) and not new.made(before[0])
     # a module of the user's own in Teacher(model, manifest): its class's source counts without a registered name (the
     # same file as the factory's: the same fingerprint)
     own = Teacher(copy.deepcopy(new.model), {**new.manifest, "model": {**new.manifest["model"], "name": "unknown"}})

@@ -372,7 +372,7 @@ class SoftLabelStore:
                 f"{self.manifest['distilled']['fingerprint']} but this set has {fp}; re-run `ddkit relabel` on this set"
             )
         if (teacher is not None and hasattr(teacher, "fingerprint")
-                and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]):
+                and not teacher.made(self.manifest["teacher"]["fingerprint"])):
             made = self.manifest["teacher"]
             if "extra_teachers" in made:  # an ensemble's store (run, bench, relabel --extra-teacher): name its members
                 raise DDKitError(

@@ -176,6 +176,11 @@ class Teacher(DescribesDataset):
             self.manifest = {**self.manifest, "weights_sha": sha, **({"ensemble": members} if members else {})}
             self._hashed = state  # last: the state says the manifest names these weights
 
+    def made(self, recorded: Any) -> bool:
+        """Whether the fingerprint ``recorded`` (by a set, label store or committee) names this teacher: its
+        :attr:`fingerprint`, or, for what ddkit made before a plugin model's code entered it, its weights' sha alone."""
+        return recorded in (self.fingerprint, self.manifest["weights_sha"])
+
     def record(self) -> dict[str, Any]:
         """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
         return {"path": recorded_path(self.path),
