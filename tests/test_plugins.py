@@ -201,6 +201,7 @@ def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_pat
     import copy
 
     from ddkit.methods.statistics import statistics_key
+    from ddkit.pipeline import teacher_weights
     from ddkit.teacher import Teacher, TeacherConfig, train_teacher
     from ddkit.training import TrainConfig
 
@@ -211,13 +212,16 @@ def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_pat
     old = Teacher.load(tmp_path / "t")
     x = torch.rand(2, *data.image_shape)
     sre2l = DistillConfig(method="sre2l", ipc=1)
-    before = (old.fingerprint, old(x), statistics_key(old, data, ["logits"]), distill_hash(sre2l, data, old))
+    extra = DistillConfig(method="sre2l", ipc=1, options={"extra_teachers": [str(tmp_path / "t")]})
+    before = (old.fingerprint, old(x), statistics_key(old, data, ["logits"]), distill_hash(sre2l, data, old),
+              distill_hash(extra, data, None))  # an extra teacher is keyed by its manifest alone
     assert before[0] != old.manifest["weights_sha"]
     _plugin(tmp_path, monkeypatch, "actplug", NET.format(key="act_net").replace("nn.ReLU()", "nn.Tanh()"))
     new = Teacher.load(tmp_path / "t")
     assert new.manifest["weights_sha"] == old.manifest["weights_sha"]  # the same weights...
     assert not torch.equal(new(x), before[1])  # ...give other logits
-    after = (new.fingerprint, statistics_key(new, data, ["logits"]), distill_hash(sre2l, data, new))
+    after = (new.fingerprint, statistics_key(new, data, ["logits"]), distill_hash(sre2l, data, new),
+             distill_hash(extra, data, None))
     assert all(a != b for a, b in zip(after, before[:1] + before[2:]))
     # stored labels, label stores and committees record the fingerprint: the old code's is not this teacher's, while
     # a record from before the code entered it (the weights' sha alone) still names it
@@ -226,8 +230,9 @@ def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_pat
     # same file as the factory's: the same fingerprint)
     own = Teacher(copy.deepcopy(new.model), {**new.manifest, "model": {**new.manifest["model"], "name": "unknown"}})
     assert own.fingerprint == new.fingerprint != new.manifest["weights_sha"]
-    builtin = train_teacher(data, TeacherConfig(model="tiny_convnet", train=recipe))
-    assert builtin.fingerprint == builtin.manifest["weights_sha"]
+    builtin = train_teacher(data, TeacherConfig(model="tiny_convnet", train=recipe), tmp_path / "b")
+    assert builtin.fingerprint == builtin.manifest["weights_sha"] and builtin.made(builtin.manifest["weights_sha"])
+    assert teacher_weights([str(tmp_path / "b")]) == [builtin.manifest["weights_sha"]]
     assert Teacher(builtin.model, builtin.manifest).fingerprint == builtin.manifest["weights_sha"]
 
 

@@ -377,12 +377,24 @@ def model_code(model: nn.Module, name: Any = None) -> list[str]:
     """The sha256 of the user's own code that ``model`` runs (:func:`~ddkit.registry.source_sha256`): the factory
     registered as ``name`` (its manifest's model, when a plugin's) and the class of ``model`` when outside ddkit, the
     standard library and installed packages. Empty for ddkit's own models."""
-    found = []
-    if isinstance(name, str) and (sha := model_source(name).get("source_sha256")):
-        found.append(sha)
+    found = _factory_code(name)
     if (sha := own_source_sha256(type(model))) and sha not in found:
         found.append(sha)
     return found
+
+
+def _factory_code(name: Any) -> list[str]:
+    """The source sha256 of the factory registered as model ``name`` when a plugin's (:func:`model_source`)."""
+    sha = model_source(name).get("source_sha256") if isinstance(name, str) else None
+    return [sha] if sha else []
+
+
+def recorded_fingerprint(manifest: dict[str, Any]) -> str:
+    """The fingerprint of the teacher whose manifest is ``manifest``, from the manifest alone (its weights are not
+    read): the weights' sha with the source of the factory of a plugin's model as it is now (not its class's, which
+    needs the model built); the weights' sha alone for ddkit's own models."""
+    model = manifest.get("model")
+    return _with_code(manifest["weights_sha"], _factory_code(model.get("name") if isinstance(model, dict) else None))
 
 
 def _with_code(sha: str, code: list[str]) -> str:
