@@ -621,3 +621,22 @@ def test_a_teacher_of_a_users_module_needs_a_manifest_or_of_module(tiny, teacher
                 teacher=own)
     assert str(err.value) == ("teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got a "
                               "module (_OwnNet); make a teacher of it with Teacher.of_module(model, data)")
+
+
+def test_a_teacher_of_a_module_defined_without_a_source_file_is_fingerprinted_by_its_weights(tiny, monkeypatch,
+                                                                                               caplog):
+    """A module class defined where no file is kept (``python -c``, a notebook) cannot enter the fingerprint: inspect
+    raised OSError out of Teacher.fingerprint; its weights' sha identifies it, with a warning that edits are not
+    tracked."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # as `python -c`: no __file__
+    scope = {"__name__": "__main__", "torch": torch}
+    exec("class Cell(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+         "        self.fc = torch.nn.Linear(256, 4)\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n",
+         scope)
+    with caplog.at_level("WARNING", logger="ddkit"):
+        teacher = Teacher.of_module(scope["Cell"](), tiny)
+        assert teacher.fingerprint == teacher.manifest["weights_sha"]
+    assert "cannot read the source of __main__.Cell: edits to it are not tracked" in caplog.text

@@ -377,8 +377,10 @@ def own_source_sha256(obj: object) -> str | None:
     notebook); None for ddkit's, the standard library's and an installed package's, whose versions identify them."""
     try:
         file = inspect.getsourcefile(obj) or ""
-    except TypeError:  # a built-in
-        return None
+    except (TypeError, OSError):  # a built-in, or defined where no file is kept (a notebook, python -c)
+        if getattr(obj, "__module__", None) != "__main__":
+            return None
+        file = ""
     if _is_ddkit(obj) or not _is_own(getattr(obj, "__module__", None) or "", file):
         return None
     return source_sha256(obj)
