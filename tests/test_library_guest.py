@@ -154,7 +154,8 @@ def test_stages_results_print_as_one_line_of_facts(data, bn_teacher, tmp_path):
     accuracy = round(bn_teacher.test_accuracy, 4)
     assert repr(bn_teacher) == (f"Teacher(model='convnet', dataset='synthetic', classes=4, test_accuracy={accuracy}, "
                                 f"weights_sha={bn_teacher.fingerprint!r})")
-    assert repr(ddkit.teacher.Teacher(nn.Linear(2, 2), {})) == "Teacher(model='Linear')"  # a caller's bare module
+    own = ddkit.teacher.Teacher.of_module(nn.Sequential(nn.Flatten(), nn.Linear(256, 4)), data)  # a caller's module
+    assert repr(own) == f"Teacher(model='Sequential', dataset='synthetic', classes=4, weights_sha={own.fingerprint!r})"
     store = relabel(ds, bn_teacher, 1, augment="none")
     assert repr(store) == (f"SoftLabelStore(epochs=1, images=8, classes=4, augment='none', "
                            f"teacher={bn_teacher.fingerprint!r}, bytes={store.nbytes})")

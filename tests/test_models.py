@@ -383,8 +383,8 @@ def test_a_users_model_that_breaks_the_contract_is_named_with_the_rule(monkeypat
     monkeypatch.setattr(registry, "_CHECKED", set())
     for name, f in factories.items():
         MODELS.add(name, f)
-    rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
-            "integer feature_dim (README, Models)")
+    rule = ("a model has float32 weights, maps [B, C, H, W] images to [B, num_classes] logits (in eval and training "
+            "mode) and has embed(x) -> [B, feature_dim] and an integer feature_dim (README, Models)")
     torch.manual_seed(0)
     good = create_model("qa_good", 1, 3, 4)
     after_check = torch.rand(1)
@@ -444,3 +444,94 @@ def test_a_factory_registered_anew_under_its_name_is_checked_again(monkeypatch):
     MODELS.add("qa_cell", qa_cell)
     with pytest.raises(DDKitError, match=r"^model 'qa_cell' does not keep ddkit's model contract: feature_dim is None"):
         create_model("qa_cell", 1, 3, 4)
+
+
+def test_a_users_model_of_other_dtypes_or_training_outputs_is_refused_by_the_check(monkeypatch):
+    """QA 18c #2, #14: a user's model with float64 or bf16 weights, or one whose output is a tuple in training mode
+    only (torchvision Inception-style auxiliary logits), passed the contract check (fed in the model's own dtype, in
+    eval mode only), then every stage failed with a dtype-mismatch or AttributeError traceback. The check now asks for
+    float32 weights and probes training mode too, leaving the model as it was (BatchNorm statistics, mode, RNG)."""
+    from torch import nn
+
+    import ddkit.models.registry as registry
+
+    class Net(nn.Module):
+        feature_dim = 6
+
+        def __init__(self, c, k, s):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, 6), nn.BatchNorm1d(6), nn.Dropout(0.5))
+            self.head = nn.Linear(6, k)
+
+        def embed(self, x):
+            return self.body(x + 1)
+
+        def forward(self, x):
+            return self.head(self.embed(x))
+
+    class Aux(Net):
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out / 2) if self.training else out
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+    monkeypatch.setattr(registry, "_CHECKED", set())
+    for name, f in {"qa_net": Net, "qa_f64": lambda c, k, s: Net(c, k, s).double(),
+                    "qa_bf16": lambda c, k, s: Net(c, k, s).bfloat16(), "qa_aux": Aux}.items():
+        MODELS.add(name, f)
+    torch.manual_seed(0)
+    net = create_model("qa_net", 1, 3, 4)
+    after_check = torch.rand(1)
+    torch.manual_seed(0)
+    plain = Net(1, 3, 4)
+    assert torch.equal(after_check, torch.rand(1)) and net.training and net.body[2].training
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), plain.state_dict().values()))
+    assert int(net.body[2].num_batches_tracked) == 0 and torch.equal(net.body[2].running_var, torch.ones(6))
+    for name, problem in [("qa_f64", "its weights are float64, not float32 (return model.float() from its factory)"),
+                          ("qa_bf16", "its weights are bfloat16, not float32 (return model.float() from its factory)"),
+                          ("qa_aux", "model(x) gives tuple for 2 images in training mode, expected [2, 3]")]:
+        with pytest.raises(DDKitError) as err:
+            create_model(name, 1, 3, 4)
+        assert str(err.value).startswith(f"model {name!r} does not keep ddkit's model contract: {problem}; a model "
+                                         "has float32 weights")
+
+
+def test_a_users_model_under_a_convnet_family_name_or_of_a_wrong_signature_is_refused(monkeypatch):
+    """QA 18c #1, #17: a user's model could take a name that ddkit's ConvNet family builds from its pattern
+    (``convnetd2-w8``: only registered names were refused), after which ddkit's own teachers of that name read as
+    damaged; and a factory that cannot take the three sizes was registered, then failed at first use with a TypeError
+    traceback. Both are refused at registration, in one line."""
+    from ddkit.models import ConvNet
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+
+    def mine(in_channels, num_classes, image_size, width=8):
+        return MODELS.get("tiny_mlp")(in_channels, num_classes, image_size)
+
+    for name, message in [
+        ("convnetd2-w8", "model 'convnetd2-w8' is a name ddkit's convnet family builds (convnet with depth=2, "
+                         "width=8); register yours under another name"),
+        ("convnet5", "model 'convnet5' is a name ddkit's convnet family builds (convnet with depth=5); register yours "
+                     "under another name"),
+        ("convnet3", "model 'convnet3' is already registered (by ddkit.models.convnet.convnet); register yours under "
+                     "another name"),
+    ]:
+        with pytest.raises(DDKitError) as err:
+            MODELS.add(name, mine)
+        assert str(err.value) == message
+    assert isinstance(create_model("convnetd2-w8", 1, 3, 8), ConvNet)
+    MODELS.add("convnet-mine", mine)  # the family's prefix, but no name it builds
+    MODELS.add("sized", lambda *sizes, **options: mine(*sizes))
+
+    def two_args(in_channels, num_classes):
+        return mine(in_channels, num_classes, 16)
+
+    with pytest.raises(DDKitError) as err:
+        MODELS.add("two_args", two_args)
+    assert str(err.value).startswith("model 'two_args': its factory test_models.")
+    assert str(err.value).endswith(
+        ".two_args(in_channels, num_classes) cannot take the three sizes create_model passes; a model factory is "
+        "f(in_channels, num_classes, image_size, **options), its options keywords with defaults")
+    with pytest.raises(DDKitError, match=r"^model 'three': an object of type int is not a factory; register a "):
+        MODELS.add("three", 3)
+    assert "two_args" not in MODELS and "three" not in MODELS and "convnet-mine" in MODELS

@@ -172,6 +172,70 @@ def test_an_edited_plugin_model_trains_its_teacher_again(tmp_path, monkeypatch, 
         Teacher.load(tmp_path / "t")
 
 
+def test_a_teacher_of_a_model_registered_in_a_script_names_a_fix_that_works(tmp_path, monkeypatch, registries):
+    """QA 18c #18: a model registered in a script run as `python script.py` is recorded as module __main__, and
+    loading its teacher in another process advised DDKIT_PLUGINS=__main__, which imports ddkit's own __main__."""
+    from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    plug = _plugin(tmp_path, monkeypatch, "scriptnet", NET.format(key="script_net"))
+    plug.script_net.__module__ = "__main__"  # as `python scriptnet.py` defines it
+    MODELS.add("script_net", plug.script_net)
+    train_teacher(make_synthetic(), TeacherConfig(model="script_net", train=TrainConfig(epochs=1, batch_size=32)),
+                  tmp_path / "t")
+    assert json.loads((tmp_path / "t/manifest.json").read_text())["model"]["module"] == "__main__.script_net"
+    del MODELS._entries["script_net"]  # another process
+    with pytest.raises(DDKitError) as err:
+        Teacher.load(tmp_path / "t")
+    assert "DDKIT_PLUGINS=__main__" not in str(err.value)
+    assert ("(unknown model 'script_net'); made by a script (module __main__), which another process cannot import: "
+            "move the model's registration into a module of its own, import that in the script, and import it first "
+            "(CLI: name it in DDKIT_PLUGINS); else the manifest is damaged") in str(err.value)
+
+
+def test_an_edited_plugin_teacher_model_is_a_new_teacher_for_every_cache(tmp_path, monkeypatch, registries):
+    """QA 18c #8: a teacher's fingerprint was its weights' sha alone, so after an edit of its plugin model's forward
+    (same weights, other logits) the cached real-data statistics, teacher-labelled students and the sets of a run with
+    an imported teacher made by the old code were reused. Its model's source now enters the fingerprint; a teacher of
+    ddkit's own models keeps the weights' sha (the keys of every cache stay)."""
+    import copy
+
+    from ddkit.methods.statistics import statistics_key
+    from ddkit.pipeline import teacher_weights
+    from ddkit.teacher import Teacher, TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    data = make_synthetic()
+    recipe = TrainConfig(epochs=1, batch_size=32)
+    _plugin(tmp_path, monkeypatch, "actplug", NET.format(key="act_net"))
+    train_teacher(data, TeacherConfig(model="act_net", train=recipe), tmp_path / "t")
+    old = Teacher.load(tmp_path / "t")
+    x = torch.rand(2, *data.image_shape)
+    sre2l = DistillConfig(method="sre2l", ipc=1)
+    extra = DistillConfig(method="sre2l", ipc=1, options={"extra_teachers": [str(tmp_path / "t")]})
+    before = (old.fingerprint, old(x), statistics_key(old, data, ["logits"]), distill_hash(sre2l, data, old),
+              distill_hash(extra, data, None))  # an extra teacher is keyed by its manifest alone
+    assert before[0] != old.manifest["weights_sha"]
+    _plugin(tmp_path, monkeypatch, "actplug", NET.format(key="act_net").replace("nn.ReLU()", "nn.Tanh()"))
+    new = Teacher.load(tmp_path / "t")
+    assert new.manifest["weights_sha"] == old.manifest["weights_sha"]  # the same weights...
+    assert not torch.equal(new(x), before[1])  # ...give other logits
+    after = (new.fingerprint, statistics_key(new, data, ["logits"]), distill_hash(sre2l, data, new),
+             distill_hash(extra, data, None))
+    assert all(a != b for a, b in zip(after, before[:1] + before[2:]))
+    # stored labels, label stores and committees record the fingerprint: the old code's is not this teacher's, while
+    # a record from before the code entered it (the weights' sha alone) still names it
+    assert new.made(after[0]) and new.made(new.manifest["weights_sha"]) and not new.made(before[0])
+    # a module of the user's own in Teacher(model, manifest): its class's source counts without a registered name (the
+    # same file as the factory's: the same fingerprint)
+    own = Teacher(copy.deepcopy(new.model), {**new.manifest, "model": {**new.manifest["model"], "name": "unknown"}})
+    assert own.fingerprint == new.fingerprint != new.manifest["weights_sha"]
+    builtin = train_teacher(data, TeacherConfig(model="tiny_convnet", train=recipe), tmp_path / "b")
+    assert builtin.fingerprint == builtin.manifest["weights_sha"] and builtin.made(builtin.manifest["weights_sha"])
+    assert teacher_weights([str(tmp_path / "b")]) == [builtin.manifest["weights_sha"]]
+    assert Teacher(builtin.model, builtin.manifest).fingerprint == builtin.manifest["weights_sha"]
+
+
 def test_a_method_whose_source_cannot_be_read_is_warned_about(caplog, registries):
     """A class defined where no source is kept (``python -c``, some notebooks) cannot be tracked: its
     identity is its key, options and `revision`, and a warning says so, once."""

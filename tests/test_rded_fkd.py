@@ -558,6 +558,34 @@ def test_relabel_resumes_from_finished_epochs(small_set, teacher, store, tmp_pat
         assert torch.equal(store.tensors[k], again.tensors[k]), k
 
 
+def test_relabel_refuses_a_bare_module_that_gives_no_logits_of_the_sets_classes(small_set, teacher, tmp_path):
+    """QA 18c #10: a bare teacher module (documented for relabel) that returns a tuple crashed with AttributeError
+    ('tuple' object has no attribute 'float'), and one with 7 outputs for 4 classes labelled every epoch, then failed
+    at the store with a message that did not blame the teacher. Both are refused in one line before any labelling."""
+    from torch import nn
+
+    class Tuple(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x), x
+
+    seen = []
+    opts = {"epochs": 2, "augment": "none", "progress": lambda *a: seen.append(a), "out": tmp_path / "store"}
+    with pytest.raises(DDKitError) as err:
+        relabel(small_set, Tuple(teacher.model), **opts)
+    assert str(err.value) == ("the teacher's model(x) gives a tuple, not a logits tensor [B, num_classes]; pass a "
+                              "teacher whose forward returns the logits alone")
+    wide = nn.Sequential(nn.Flatten(), nn.Linear(256, 7))
+    with pytest.raises(DDKitError) as err:
+        relabel(small_set, wide, **opts)
+    assert str(err.value) == ("teacher gives logits [2, 7] for 2 images but the distilled set has 4 classes; use the "
+                              "teacher of this dataset")
+    assert seen == [] and not (tmp_path / "store").exists()
+
+
 def test_relabel_of_bare_modules_resumes_only_its_own(small_set, teacher, tmp_path):
     """A bare module has no teacher fingerprint: its weights key the resume folder and the store, so
     a second module never gets the first one's epochs back."""

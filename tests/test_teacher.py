@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ddkit.data.base import DataBundle, make_synthetic
+from ddkit.data.base import DataBundle, DatasetConfig, make_synthetic
 from ddkit.errors import DDKitError
 from ddkit.teacher import Teacher, TeacherConfig, train_teacher
 from ddkit.training import TrainConfig
@@ -576,3 +576,67 @@ def test_saving_a_teacher_ensemble_is_refused_in_one_line(teacher_dir, tmp_path)
     with pytest.raises(DDKitError, match=r"cannot save a teacher ensemble as one teacher .* save each member") as e:
         ensemble.save(tmp_path / "ens")
     assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+class _OwnNet(torch.nn.Module):
+    """A module of the user's own, trained outside ddkit."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_teacher_of_a_users_module_needs_a_manifest_or_of_module(tiny, teacher_dir):
+    """QA 18c #9: Teacher(model, {}) was accepted, then every stage failed with a raw KeyError ('weights_sha',
+    'dataset'), and nothing said what the manifest must hold. The manifest is checked at construction (one line
+    listing what it lacks), and Teacher.of_module(model, data) makes the teacher of a module of one's own."""
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.training import teacher_forward
+
+    torch.manual_seed(0)
+    own = _OwnNet()
+    with pytest.raises(DDKitError) as err:
+        Teacher(own, {})
+    assert str(err.value) == (
+        "Teacher(model, manifest): the manifest lacks model.name, model.input_shape, model.options, dataset.classes, "
+        "weights_sha, dataset.mean, dataset.std; make a teacher of a module of your own with "
+        "Teacher.of_module(model, data), or load a teacher artifact with Teacher.load(DIR)")
+    manifest = Teacher.load(teacher_dir).manifest
+    with pytest.raises(DDKitError, match=r"^Teacher\(model, manifest\): the manifest lacks weights_sha; make "):
+        Teacher(own, {k: v for k, v in manifest.items() if k != "weights_sha"})
+    teacher = Teacher.of_module(own, tiny)
+    assert teacher.classes == tiny.classes and teacher.manifest["model"]["input_shape"] == [1, 16, 16]
+    assert teacher.manifest["model"]["name"] == "_OwnNet" and teacher.test_accuracy is None
+    ds = distill(tiny, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                 teacher=teacher)
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (tiny.mean, tiny.std))
+    assert torch.allclose(ds.soft_labels, teacher_forward(own, (ds.images.float() / 255 - mean) / std), atol=1e-5)
+    with pytest.raises(DDKitError, match=r"^teacher gives logits \[2, 7\] for 2 images but the data has 4 classes; "):
+        Teacher.of_module(_OwnNet(7), tiny)
+    with pytest.raises(DDKitError) as err:
+        distill(tiny, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                teacher=own)
+    assert str(err.value) == ("teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got a "
+                              "module (_OwnNet); make a teacher of it with Teacher.of_module(model, data)")
+
+
+def test_a_teacher_of_a_module_defined_without_a_source_file_is_fingerprinted_by_its_weights(tiny, monkeypatch,
+                                                                                               caplog):
+    """A module class defined where no file is kept (``python -c``, a notebook) cannot enter the fingerprint: inspect
+    raised OSError out of Teacher.fingerprint; its weights' sha identifies it, with a warning that edits are not
+    tracked."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "__main__", types.ModuleType("__main__"))  # as `python -c`: no __file__
+    scope = {"__name__": "__main__", "torch": torch}
+    exec("class Cell(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+         "        self.fc = torch.nn.Linear(256, 4)\n    def forward(self, x):\n        return self.fc(x.flatten(1))\n",
+         scope)
+    with caplog.at_level("WARNING", logger="ddkit"):
+        teacher = Teacher.of_module(scope["Cell"](), tiny)
+        assert teacher.fingerprint == teacher.manifest["weights_sha"]
+    assert "cannot read the source of __main__.Cell: edits to it are not tracked" in caplog.text

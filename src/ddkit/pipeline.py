@@ -464,10 +464,12 @@ def _plugin_model_sources(value: Any) -> dict[str, str]:
 
 def teacher_weights(paths: list[str]) -> list[str]:
     """The weights sha of each teacher artifact in ``paths`` (read from its manifest): what keys name
-    instead of the paths."""
+    instead of the paths. A plugin model's adds the sha256 of its factory's source as it is now
+    (:func:`~ddkit.teacher.squeeze.model_code`), so an edit of it makes new sets and evaluations."""
     from ddkit.teacher.squeeze import KIND as TEACHER_KIND
+    from ddkit.teacher.squeeze import recorded_fingerprint
 
-    return [read_manifest(t, TEACHER_KIND, require={"weights_sha": str})["weights_sha"] for t in paths]
+    return [recorded_fingerprint(read_manifest(t, TEACHER_KIND, require={"weights_sha": str})) for t in paths]
 
 
 def ensemble_identity(protocol: ProtocolConfig) -> dict:

@@ -67,9 +67,8 @@ class Registry(Generic[T]):
             if self._check is not None:
                 self._check(name, obj)
             if name in self._entries and (_origin(obj) is None or _origin(self._entries[name]) != _origin(obj)):
-                raise DDKitError(f"{self.kind} {name!r} is already registered (by "
-                                 f"{_origin(self._entries[name]) or type(self._entries[name]).__name__}); register "
-                                 "yours under another name")
+                raise DDKitError(f"{self.kind} {name!r} is already registered (by {origin(self._entries[name])}); "
+                                 "register yours under another name")
             self._entries[name] = obj  # the same definition again (a re-run notebook cell, a reload) replaces it
             source_sha256(obj)  # a plugin's source as it is when loaded, not as an edit during a long run leaves it
             return obj
@@ -403,6 +402,20 @@ def _stable(value: object, p: functools.partial) -> object:
                     "identity of what the partial makes as its type only, and a change of it is not tracked; bind "
                     "numbers, strings, lists or dicts instead (the settings the object is made from)", origin(p), text)
     return {"repr": text}
+
+
+def own_source_sha256(obj: object) -> str | None:
+    """:func:`source_sha256` of a class or function of the user's own code (:func:`_is_own`: a plugin, a script, a
+    notebook); None for ddkit's, the standard library's and an installed package's, whose versions identify them."""
+    try:
+        file = inspect.getsourcefile(obj) or ""
+    except (TypeError, OSError):  # a built-in, or defined where no file is kept (a notebook, python -c)
+        if getattr(obj, "__module__", None) != "__main__":
+            return None
+        file = ""
+    if _is_ddkit(obj) or not _is_own(getattr(obj, "__module__", None) or "", file):
+        return None
+    return source_sha256(obj)
 
 
 def _is_ddkit(obj: object) -> bool:

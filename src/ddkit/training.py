@@ -51,7 +51,7 @@ from ddkit.data.augment import (
     typed_augment_options,
 )
 from ddkit.data.base import ImageSet, to_device
-from ddkit.determinism import use_deterministic_cuda
+from ddkit.determinism import global_rng, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 
 log = logging.getLogger(__name__)
@@ -409,11 +409,32 @@ def teacher_forward(model: nn.Module, x: torch.Tensor, bn: TeacherBN = "running"
     weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), x.dtype)
     x = x.to(weights)  # float32 weights: x itself
     if bn == "running":
-        return model(x).float()
+        return _logits(model, x)
     with batch_statistics(model):
         if group is None or group >= len(x):
-            return model(x).float()
-        return torch.cat([model(part) for part in x.split(group)]).float()
+            return _logits(model, x)
+        return torch.cat([_logits(model, part) for part in x.split(group)])
+
+
+def check_teacher_logits(model: nn.Module, image_shape, num_classes: int, device, what: str = "data") -> None:
+    """One-line DDKitError unless the teacher ``model`` gives ``[B, num_classes]`` logits (:func:`teacher_forward`) on
+    two zero images of ``image_shape``, the global random state left alone: for a module whose contract nothing
+    checked where it was built (a bare module, a caller's own). ``what``: whose classes they are, for the message."""
+    with global_rng(device=device):
+        probe = teacher_forward(model, torch.zeros(2, *image_shape, device=device))
+    if list(probe.shape) != [2, num_classes]:
+        raise DDKitError(f"teacher gives logits {list(probe.shape)} for 2 images but the {what} has {num_classes} "
+                         "classes; use the teacher of this dataset")
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` as float logits, refused in one line where the teacher gives another object (a tuple of logits and
+    features: a bare module or a caller's own in a Teacher, whose contract nothing checked where it was built)."""
+    out = model(x)
+    if not isinstance(out, torch.Tensor):
+        raise DDKitError(f"the teacher's model(x) gives a {type(out).__name__}, not a logits tensor [B, num_classes]; "
+                         "pass a teacher whose forward returns the logits alone")
+    return out.float()
 
 
 def label_groups(n: int, batch_size: int, bn: TeacherBN, group: int | None, gen: torch.Generator) -> list[torch.Tensor]:

@@ -335,7 +335,7 @@ class StoredLabeller:
                                  "which is not there; the random subset beside it is labelled by the same committee: "
                                  "restore that teacher, or use label_mode teacher")
             member = Teacher.load(m["path"], device)
-            if member.fingerprint != m["weights_sha"]:
+            if not member.made(m["weights_sha"]):
                 raise DDKitError(f"committee teacher {m['path']!r} no longer holds the weights that labelled this set "
                                  f"({m['weights_sha']}); restore them, or use label_mode teacher")
             self.loaded[i] = member
@@ -620,7 +620,7 @@ def evaluate(
         fix = "" if mode == "teacher" else ", or set random_baseline=false to evaluate the set alone"
         raise DDKitError(f"label_mode {mode!r} needs a teacher{why}; pass teacher= (CLI: --teacher DIR){fix}")
     made_by = (man.get("teacher") or {}).get("weights_sha")
-    if mode == "stored" and teacher is not None and made_by is not None and teacher.fingerprint != made_by:
+    if mode == "stored" and teacher is not None and made_by is not None and not teacher.made(made_by):
         # the set replays its teacher's logits; the random baseline would be labelled by another teacher
         raise DDKitError(f"label_mode 'stored' replays the soft labels teacher {made_by} "
                          f"({man['teacher'].get('path')}) gave this set, not teacher {teacher.fingerprint}; pass that "

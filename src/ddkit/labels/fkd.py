@@ -103,6 +103,7 @@ from ddkit.training import (
     TeacherBN,
     TrainResult,
     check_teacher_bn,
+    check_teacher_logits,
     keeps_teacher_modes,
     normalizer,
     omit_running_bn,
@@ -371,7 +372,7 @@ class SoftLabelStore:
                 f"{self.manifest['distilled']['fingerprint']} but this set has {fp}; re-run `ddkit relabel` on this set"
             )
         if (teacher is not None and hasattr(teacher, "fingerprint")
-                and teacher.fingerprint != self.manifest["teacher"]["fingerprint"]):
+                and not teacher.made(self.manifest["teacher"]["fingerprint"])):
             made = self.manifest["teacher"]
             if "extra_teachers" in made:  # an ensemble's store (run, bench, relabel --extra-teacher): name its members
                 raise DDKitError(
@@ -690,6 +691,8 @@ def relabel(
                          f"{list(images.shape[1:])}; use the teacher of this dataset")
     size = tuple(images.shape[-2:])
     num_classes = len(classes)
+    # one look at its logits before any labelling (a bare module had no contract check)
+    check_teacher_logits(model, images.shape[1:], num_classes, device, "distilled set")
     if top_k is not None and not 1 <= top_k <= num_classes:
         raise ConfigError(f"top_k must lie in [1, {num_classes}] (or null for dense), got {top_k}")
     if top_k == num_classes:

@@ -3,7 +3,9 @@
 Every entry of :data:`MODELS` is a factory ``factory(in_channels, num_classes, image_size, **options)``
 that returns an ``nn.Module`` with the model contract:
 
-- ``model(x)`` takes a normalised float tensor ``[B, C, H, W]`` and returns logits ``[B, num_classes]``;
+- its weights are float32;
+- ``model(x)`` takes a normalised float tensor ``[B, C, H, W]`` and returns logits ``[B, num_classes]``, in eval
+  and in training mode;
 - ``model.embed(x)`` returns the penultimate features ``[B, model.feature_dim]`` (the input of the
   final ``nn.Linear``), used by distribution-matching methods;
 - weights come from the global torch RNG only, so ``torch.manual_seed(s)`` before creation fixes them.
@@ -30,13 +32,45 @@ from ddkit.registry import Registry, origin, source_record
 ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
 
-MODELS: Registry[ModelFactory] = Registry("model")
-
 # Parsers for parameterised names; each returns (registered base name, options) or None when the
 # name is not of its family, and raises DDKitError when the name is of its family but malformed.
 _NAME_PARSERS: list[NameParser] = []
 
 _POSITIONAL = ("in_channels", "num_classes", "image_size")
+
+
+def _check_factory(name: str, factory: Any) -> None:
+    """Refuse, when it is registered, a factory that :func:`create_model` cannot call with the three sizes, and a
+    user's model under a name that a family of ddkit's builds from its pattern (``convnetd2-w8``), which it would
+    shadow: ddkit's own artifacts of that name would then read as damaged."""
+    if not callable(factory):
+        raise DDKitError(f"model {name!r}: an object of type {type(factory).__name__} is not a factory; register a "
+                         "function or class f(in_channels, num_classes, image_size, **options) that returns the "
+                         "nn.Module")
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin): its first call tells
+        params = None
+    if params is not None and not any(p.kind is p.VAR_POSITIONAL for p in params) and len(
+            [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]) < len(_POSITIONAL):
+        raise DDKitError(f"model {name!r}: its factory {origin(factory)}{inspect.signature(factory)} cannot take the "
+                         f"three sizes create_model passes; a model factory is f({', '.join(_POSITIONAL)}, **options), "
+                         "its options keywords with defaults")
+    if origin(factory).startswith("ddkit.") or name in MODELS:  # ddkit's own; a taken name: the Registry's message
+        return
+    for parser in _NAME_PARSERS:
+        try:
+            parsed = parser(name)
+        except DDKitError:  # of a family's form but malformed: not a name ddkit builds
+            continue
+        if parsed is not None:
+            base, options = parsed
+            implied = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "its defaults"
+            raise DDKitError(f"model {name!r} is a name ddkit's {base} family builds ({base} with {implied}); "
+                             "register yours under another name")
+
+
+MODELS: Registry[ModelFactory] = Registry("model", check=_check_factory)
 
 
 def check_positive_int(what: str, value: Any) -> None:
@@ -132,43 +166,53 @@ class ContractError(DDKitError):
 
 
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
-    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract, checked
-    with a batch of two zero images in eval mode without gradients, on the model's device and dtype,
-    with the RNG forked and every module's train/eval flag restored: weights, buffers and the RNG are
-    left as they were."""
+    """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract: float32 weights, checked
+    with a batch of two zero images in eval mode and in training mode (which training runs: a model with auxiliary
+    logits there fails it) without gradients, on the model's device, with the RNG forked, every module's train/eval
+    flag restored and the buffers that a training-mode pass updates (BatchNorm's running statistics) put back:
+    weights, buffers and the RNG are left as they were."""
     import torch
 
-    rule = ("a model maps [B, C, H, W] images to [B, num_classes] logits and has embed(x) -> [B, feature_dim] and an "
-            "integer feature_dim (README, Models)")
+    rule = ("a model has float32 weights, maps [B, C, H, W] images to [B, num_classes] logits (in eval and training "
+            "mode) and has embed(x) -> [B, feature_dim] and an integer feature_dim (README, Models)")
 
     def broken(problem: str) -> ContractError:
         return ContractError(f"model {name!r} does not keep ddkit's model contract: {problem}; {rule}")
 
     if not isinstance(model, nn.Module):
         raise broken(f"its factory returned a {type(model).__name__}, not an nn.Module")
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                     if p.is_floating_point() and p.dtype != torch.float32})
+    if dtypes:  # ddkit feeds float32 images: every stage would fail on a dtype mismatch
+        raise broken(f"its weights are {', '.join(dtypes)}, not float32 (return model.float() from its factory)")
     dim = getattr(model, "feature_dim", None)
     if not is_count(dim):
         raise broken(f"feature_dim is {dim!r}")
     if not callable(getattr(model, "embed", None)):
         raise broken("it has no embed(x) method")
     first = next(model.parameters(), None)
-    x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None,
-                    dtype=first.dtype if first is not None and first.is_floating_point() else None)
+    x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None)
     modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad(), global_rng():
-            logits, features = model(x), model.embed(x)
-    except Exception as exc:  # any failure of user code on the shape it was built for
-        raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images ({type(exc).__name__}: "
-                     f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    finally:
-        for m, training in modes:
-            m.training = training
-    for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
-        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        if shape != want:
-            raise broken(f"{what} gives {shape} for 2 images, expected {want}")
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    for training in (False, True):
+        mode = " in training mode" if training else ""
+        try:
+            model.train(training)
+            with torch.no_grad(), global_rng():
+                logits, features = model(x), model.embed(x)
+        except Exception as exc:  # any failure of user code on the shape it was built for
+            raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images{mode} "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        finally:
+            for m, was in modes:
+                m.training = was
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+        for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            if shape != want:
+                raise broken(f"{what} gives {shape} for 2 images{mode}, expected {want}")
 
 
 def configured_model(keys: tuple[str, str], name: str, in_channels: int, num_classes: int, image_size: int,

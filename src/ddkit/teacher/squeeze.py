@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
     check_classes,
+    check_fields,
     check_normalisation,
     check_output_dir,
     folder_kind,
@@ -45,7 +47,16 @@ from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
 from ddkit.models.registry import ContractError, model_config_hash, model_source
-from ddkit.training import Diverged, NonFiniteOutputs, TrainConfig, accuracy, batchnorm_layers, train_classifier
+from ddkit.registry import own_source_sha256
+from ddkit.training import (
+    Diverged,
+    NonFiniteOutputs,
+    TrainConfig,
+    accuracy,
+    batchnorm_layers,
+    check_teacher_logits,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 # held while a teacher's fingerprint is hashed again (Teacher._follow_weights): one lock for all teachers, as a
@@ -85,10 +96,28 @@ class TeacherConfig(Checked):
             raise ConfigError("checkpoint is empty; give the weights file to import, or leave it out (null) to train")
 
 
+#: what a teacher's manifest holds, by type, which the stages read (Teacher.load also checks its dataset's mean and std)
+MANIFEST_FIELDS: dict[str, type] = {"model.name": str, "model.input_shape": list, "model.options": dict,
+                                    "dataset.classes": list, "weights_sha": str}
+
+
 class Teacher(DescribesDataset):
-    """A trained classifier with the data description it was trained on."""
+    """A trained classifier with the data description it was trained on.
+
+    ``Teacher(model, manifest)`` takes a teacher artifact's manifest (:data:`MANIFEST_FIELDS`, and the dataset's
+    ``mean`` and ``std``); a module of your own trained outside ddkit becomes one with :meth:`of_module`."""
 
     def __init__(self, model: nn.Module, manifest: dict[str, Any], path: Path | None = None) -> None:
+        lacks = []
+        for key, kind in {**MANIFEST_FIELDS, "dataset.mean": list, "dataset.std": list}.items():
+            try:
+                check_fields(manifest if isinstance(manifest, dict) else {}, {key: kind}, "", KIND)
+            except DDKitError:
+                lacks.append(key)
+        if lacks:  # every stage would fail on the first one it reads, with a KeyError
+            raise DDKitError(f"Teacher(model, manifest): the manifest lacks {', '.join(lacks)}; make a teacher of a "
+                             "module of your own with Teacher.of_module(model, data), or load a teacher artifact with "
+                             "Teacher.load(DIR)")
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
@@ -112,9 +141,16 @@ class Teacher(DescribesDataset):
         place under ``torch.no_grad()``, an optimizer's steps, ``model.load_state_dict``, a module or parameter
         replaced, the model moved), which :func:`_weights_state` tells without reading them. An edit through a
         tensor's ``.data`` or a NumPy/DLPack view of it is one that PyTorch counts nowhere: edit under
-        ``torch.no_grad()`` instead (``param.copy_(torch.from_numpy(array))``)."""
+        ``torch.no_grad()`` instead (``param.copy_(torch.from_numpy(array))``).
+
+        A model of the user's own code (a plugin's, :func:`model_code`) adds the sha256 of that code, so that the
+        statistics, labels, students and sets of a teacher are not reused once its model's code was edited; a
+        teacher of ddkit's own models keeps the weights' sha alone."""
         self._follow_weights()
-        return self.manifest["weights_sha"]
+        if isinstance(self.model, _MeanLogits):  # its members' fingerprints hold their code
+            return self.manifest["weights_sha"]
+        return _with_code(self.manifest["weights_sha"], model_code(self.model, (self.manifest.get("model") or {}).get(
+            "name")))
 
     def _follow_weights(self) -> None:
         """The manifest with the sha of the weights the model holds now (an ensemble's members' too), hashed again
@@ -129,7 +165,8 @@ class Teacher(DescribesDataset):
                 return
             members = self.manifest.get("ensemble")
             if isinstance(self.model, _MeanLogits) and members:
-                members = [{**m, "weights_sha": weights_sha(model)} for m, model in zip(members, self.model.members)]
+                members = [{**m, "weights_sha": _with_code(weights_sha(model), model_code(model))}
+                           for m, model in zip(members, self.model.members)]
                 sha = _ensemble_sha(members)
             else:
                 members, sha = None, weights_sha(self.model)
@@ -138,6 +175,11 @@ class Teacher(DescribesDataset):
             # a new dict: a manifest shared with another teacher (one made from it) keeps naming that one's weights
             self.manifest = {**self.manifest, "weights_sha": sha, **({"ensemble": members} if members else {})}
             self._hashed = state  # last: the state says the manifest names these weights
+
+    def made(self, recorded: Any) -> bool:
+        """Whether the fingerprint ``recorded`` (by a set, label store or committee) names this teacher: its
+        :attr:`fingerprint`, or, for what ddkit made before a plugin model's code entered it, its weights' sha alone."""
+        return recorded in (self.fingerprint, self.manifest["weights_sha"])
 
     def record(self) -> dict[str, Any]:
         """How sets and reports name this teacher: its folder (absolute; None if never saved) and fingerprint."""
@@ -170,12 +212,26 @@ class Teacher(DescribesDataset):
         return out
 
     @classmethod
+    def of_module(cls, model: nn.Module, data: DataBundle, name: str | None = None) -> Teacher:
+        """A teacher of a module of your own trained outside ddkit on ``data``: the same classes in that order, images
+        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero
+        images). Its manifest describes ``data`` as an imported teacher's does (no test accuracy). ``name``: the model
+        registered in :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
+        (``Teacher.load``) once it is registered; without it, the module's class name, and such a saved teacher loads
+        only where a model of that name builds it. Its fingerprint holds its class's source (:attr:`fingerprint`)."""
+        check_bundle(data)
+        if not isinstance(model, nn.Module):
+            raise DDKitError(f"Teacher.of_module takes an nn.Module, got {type(model).__name__}; pass the trained "
+                             "model")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        check_teacher_logits(model, data.image_shape, data.num_classes, device)
+        return cls(model, _manifest(model, data, TeacherConfig(model=name or type(model).__name__), None, []))
+
+    @classmethod
     @stage_modes()
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> Teacher:
         path = artifact_folder(path, KIND)  # the manifest's path names its folder, as read_manifest takes it
-        manifest = read_manifest(path, KIND,
-                                 require={"model.name": str, "model.input_shape": list, "model.options": dict,
-                                          "dataset.classes": list, "weights_sha": str})
+        manifest = read_manifest(path, KIND, require=MANIFEST_FIELDS)
         m = manifest["model"]
         shape = m["input_shape"]
         if len(shape) != 3 or not all(map(is_count, shape)):
@@ -190,6 +246,10 @@ class Teacher(DescribesDataset):
                 return DDKitError(f"teacher {str(path)!r}: {exc}")
             made_by = _plugin_module(m.get("module"))
             own = ("" if not str(exc).startswith("unknown model") else
+                   # a script run as `python script.py`: no other process imports it as __main__
+                   "made by a script (module __main__), which another process cannot import: move the model's "
+                   "registration into a module of its own, import that in the script, and import it first (CLI: name "
+                   "it in DDKIT_PLUGINS); else " if made_by == "__main__" else
                    f"made by module {made_by}: import it first (CLI: set DDKIT_PLUGINS={made_by}); else "
                    if made_by else "a model of your own: import the module that registers it first (the CLI "
                    "imports those named in DDKIT_PLUGINS); else ")
@@ -313,6 +373,36 @@ _SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16
                        torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def model_code(model: nn.Module, name: Any = None) -> list[str]:
+    """The sha256 of the user's own code that ``model`` runs (:func:`~ddkit.registry.source_sha256`): the factory
+    registered as ``name`` (its manifest's model, when a plugin's) and the class of ``model`` when outside ddkit, the
+    standard library and installed packages. Empty for ddkit's own models."""
+    found = _factory_code(name)
+    if (sha := own_source_sha256(type(model))) and sha not in found:
+        found.append(sha)
+    return found
+
+
+def _factory_code(name: Any) -> list[str]:
+    """The source sha256 of the factory registered as model ``name`` when a plugin's (:func:`model_source`)."""
+    sha = model_source(name).get("source_sha256") if isinstance(name, str) else None
+    return [sha] if sha else []
+
+
+def recorded_fingerprint(manifest: dict[str, Any]) -> str:
+    """The fingerprint of the teacher whose manifest is ``manifest``, from the manifest alone (its weights are not
+    read): the weights' sha with the source of the factory of a plugin's model as it is now (not its class's, which
+    needs the model built); the weights' sha alone for ddkit's own models."""
+    model = manifest.get("model")
+    return _with_code(manifest["weights_sha"], _factory_code(model.get("name") if isinstance(model, dict) else None))
+
+
+def _with_code(sha: str, code: list[str]) -> str:
+    """A teacher's fingerprint from its weights' ``sha`` and its model's ``code`` (:func:`model_code`): ``sha`` itself
+    without any."""
+    return sha if not code else hashlib.sha256(" ".join([sha, *code]).encode()).hexdigest()[:16]
+
+
 def _plugin_module(recorded: Any) -> str | None:
     """The module a manifest's ``module`` entry (``myplug.my_mlp``) names, unless ddkit's own or not one."""
     if not isinstance(recorded, str) or "." not in recorded or recorded.split(".")[0] == "ddkit":
@@ -343,6 +433,9 @@ def as_teacher(teacher: Teacher | str | Path | None, device: str | torch.device 
         return teacher
     if isinstance(teacher, (str, os.PathLike)):
         return Teacher.load(teacher, device)
+    if isinstance(teacher, nn.Module):  # its repr spans many lines
+        raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got a "
+                         f"module ({type(teacher).__name__}); make a teacher of it with Teacher.of_module(model, data)")
     raise DDKitError(f"teacher must be a Teacher or the folder path (str or Path) of a teacher artifact, got "
                      f"{type(teacher).__name__} {teacher!r}; pass the teacher's folder or Teacher.load(folder)")
 
@@ -373,8 +466,6 @@ def teacher_ensemble(teachers: list[Teacher], weights: list[float] | None = None
 def _ensemble_sha(members: list[dict[str, Any]]) -> str:
     """The fingerprint of the ensemble of ``members`` (``weights_sha``, ``weight``): a hash of their shas and votes,
     by weights, not paths (the same teachers copied elsewhere are the same ensemble); one member's own sha."""
-    import hashlib
-
     if len(members) == 1:
         return members[0]["weights_sha"]
     identity = [{k: m[k] for k in ("weights_sha", "weight")} for m in members]
@@ -393,9 +484,8 @@ def _weights_state(model: nn.Module) -> tuple | None:
 
 
 def weights_sha(model: nn.Module) -> str:
-    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint."""
-    import hashlib
-
+    """sha256 (16 hex digits) over a model's state dict, names and raw bytes (any dtype): a teacher's fingerprint
+    (with its model's code for a plugin's, :attr:`Teacher.fingerprint`)."""
     h = hashlib.sha256()
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
@@ -438,7 +528,7 @@ def teacher_hash(cfg: TeacherConfig) -> str:
     return model_config_hash(cfg)
 
 
-def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float, history: list) -> dict:
+def _manifest(model: nn.Module, data: DataBundle, cfg: TeacherConfig, acc: float | None, history: list) -> dict:
     manifest = base_manifest(KIND, to_dict(cfg), cfg.seed)
     manifest.update(
         {
