@@ -886,7 +886,7 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
     (path / "manifest.json").write_text(
         json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
     save_file({"logits": torch.zeros(len(t["labels"]), 4, dtype=torch.int32)}, str(path / "soft.safetensors"))
-    with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-run distill --soft-labels"):
+    with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-create the distilled set"):
         ddkit.load(path)
     assert main(["show", "-q", str(path)]) == 2  # show loads the artifact, not only its manifest
     assert "not floating-point logits" in capsys.readouterr().err
@@ -988,7 +988,7 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
         json.dumps({**good, "files": {**good["files"], "soft_labels": "soft_labels.safetensors"}}))
     with pytest.raises(DDKitError,
                        match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
-                             r"of 4 classes; re-run distill --soft-labels"):
+                             r"of 4 classes; re-create the distilled set \(method .*\)"):
         ddkit.load(soft)
     # labels that disagree with the manifest's class counts loaded, and showed and exported
     relabelled = tmp_path / "relabelled"

@@ -766,3 +766,45 @@ def test_bench_runs_a_method_larger_than_a_class_without_its_random_baseline(tmp
                        r"\(ipc_overrides: \{30: \{random_baseline: false\}\}\) to evaluate the set without it$"):
         run_bench(from_dict(BenchConfig, at_ipc))
     assert not (tmp_path / "at").exists()
+
+
+def _own_soft(soft_of):
+    """A method keeping the first ipc images of every class, with the soft labels ``soft_of(labels, classes)``."""
+
+    def fit(self, real, teachers, ctx):
+        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
+        labels = real.train.labels[idx].clone()
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), labels, soft_of(labels, real.num_classes))
+        return self
+
+    return _method(fit)
+
+
+def test_a_methods_soft_labels_of_the_wrong_shape_or_dtype_are_refused_before_anything_is_written(tmp_path,
+                                                                                                   registries):
+    """Soft labels of [N, classes + 1] from a method were saved and `distill` reported success; every load then
+    refused the set, telling the user to re-run with --soft-labels, which they never gave."""
+    from safetensors.torch import save_file
+
+    import ddkit
+
+    data = make_synthetic()
+    METHODS.register("widesoft")(_own_soft(lambda y, k: torch.zeros(len(y), k + 1)))
+    METHODS.register("f64soft")(_own_soft(lambda y, k: torch.zeros(len(y), k, dtype=torch.float64)))
+    METHODS.register("goodsoft")(_own_soft(lambda y, k: torch.nn.functional.one_hot(y, k).float() * 5))
+    for name, message in (
+            ("widesoft", "the soft labels method 'widesoft' made have shape [8, 5], expected [8, 4] (one row of "
+                         "logits per image, one column per class of 4); this is a bug in the method"),
+            ("f64soft", "the soft labels method 'f64soft' made are float64, expected float32 logits; convert them "
+                        "with .float() in the method")):
+        with pytest.raises(DDKitError) as err:
+            distill(data, DistillConfig(method=name, ipc=2), DatasetConfig(name="synthetic"), tmp_path / name)
+        assert str(err.value) == message
+        assert list(tmp_path.iterdir()) == []
+    ds = distill(data, DistillConfig(method="goodsoft", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "good")
+    assert ds.soft_labels.tolist()[0] == [5.0, 0.0, 0.0, 0.0]
+    save_file({"logits": torch.zeros(8, 5)}, str(tmp_path / "good/soft_labels.safetensors"))  # damaged later
+    with pytest.raises(DDKitError) as err:
+        ddkit.load(tmp_path / "good")
+    assert str(err.value).endswith("have shape [8, 5] but the set has 8 images of 4 classes; re-create the distilled "
+                                   "set (method 'goodsoft' made them)")

@@ -161,8 +161,17 @@ class DistilledSet(DescribesDataset, Dataset):
         _check_meta(synthetic.meta, method)
         if soft is not None:
             by_teacher = bool((config.get("distill") or {}).get("soft_labels"))  # the pipeline's teacher labelled them
-            check_soft_labels(soft, f"the teacher's soft labels of the {method!r} set" if by_teacher
-                              else f"the soft labels method {method!r} made",
+            whose = (f"the teacher's soft labels of the {method!r} set" if by_teacher
+                     else f"the soft labels method {method!r} made")
+            want = [len(labels), data.num_classes]
+            if list(soft.shape) != want:  # every loader would refuse the set
+                raise DDKitError(f"{whose} have shape {list(soft.shape)}, expected {want} (one row of logits per "
+                                 f"image, one column per class of {data.num_classes}); this is a bug in the "
+                                 f"{'teacher' if by_teacher else 'method'}")
+            if soft.dtype != torch.float32:  # as the teacher's logits are, and counted at 4 bytes each
+                raise DDKitError(f"{whose} are {str(soft.dtype).removeprefix('torch.')}, expected float32 logits; "
+                                 "convert them with .float() in the method")
+            check_soft_labels(soft, whose,
                               "the teacher's logits overflow on these images; check the teacher (diverged training? "
                               "huge weights?) and the images (diverged?)" if by_teacher
                               else "its labels diverged, or its teacher's logits overflow on its images; check the "
@@ -268,15 +277,19 @@ class DistilledSet(DescribesDataset, Dataset):
                                          damaged), what="soft labels")
             soft = stored.get("logits")
             want = (len(labels), num_classes) if num_classes else None
+            # the pipeline's teacher made them (distill --soft-labels), or the method did
+            by_teacher = ((manifest.get("config") or {}).get("distill") or {}).get("soft_labels") is True
+            redo = ("re-run distill --soft-labels" if by_teacher else
+                    f"re-create the distilled set (method {manifest['method']['name']!r} made them)")
             if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):
                 held = f"have shape {list(soft.shape)}" if soft is not None else "hold no 'logits' tensor"
                 raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} {held} but the set "
-                                 f"has {len(labels)} images of {num_classes} classes; re-run distill --soft-labels")
+                                 f"has {len(labels)} images of {num_classes} classes; {redo}")
             if not soft.is_floating_point():
                 raise DDKitError(f"soft labels in {path} hold {str(soft.dtype).removeprefix('torch.')} values, not "
-                                 "floating-point logits; re-run distill --soft-labels")
+                                 f"floating-point logits; {redo}")
             if not torch.isfinite(soft).all():
-                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
+                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; {redo}")
         # last, so that a damaged file is refused for what is wrong with it; a whole file swapped for another here
         for what, name in (("distilled images", manifest["files"]["images"]),
                            ("soft labels", manifest["files"].get("soft_labels"))):
