@@ -777,7 +777,7 @@ def _own_soft(soft_of):
         self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), labels, soft_of(labels, real.num_classes))
         return self
 
-    return _method(fit)
+    return type("Own", (_method(fit),), {"uses_seed": False, "resumable": False})
 
 
 def test_a_methods_soft_labels_of_the_wrong_shape_or_dtype_are_refused_before_anything_is_written(tmp_path,
@@ -808,3 +808,68 @@ def test_a_methods_soft_labels_of_the_wrong_shape_or_dtype_are_refused_before_an
         ddkit.load(tmp_path / "good")
     assert str(err.value).endswith("have shape [8, 5] but the set has 8 images of 4 classes; re-create the distilled "
                                    "set (method 'goodsoft' made them)")
+
+
+def _one_hot5(labels, classes):
+    return torch.nn.functional.one_hot(labels, classes).float() * 5
+
+
+def test_a_methods_own_soft_labels_are_never_replaced_by_the_teachers_and_declared_serve_label_mode_stored(
+        tmp_path, registries):
+    """A plugin method making its own soft labels: `ddkit run` refused label mode stored ("set
+    distill.soft_labels: true"), and that fix silently replaced the method's labels with the teacher's logits.
+    Undeclared, they are now refused under distill.soft_labels (nothing saved) and the contract names the
+    hook; declared (own_soft_labels, "always" here), run evaluates them in mode stored as DATM's."""
+    from ddkit import testing
+    from ddkit.bench import BenchConfig
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    data = make_synthetic()
+    teacher = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)))
+    METHODS.register("ownsoft")(_own_soft(_one_hot5))
+    with pytest.raises(ConfigError) as err:
+        distill(data, DistillConfig(method="ownsoft", ipc=2, soft_labels=True), DatasetConfig(name="synthetic"),
+                tmp_path / "set", teacher)
+    assert str(err.value) == (
+        "method 'ownsoft' made soft labels of its own, and distill.soft_labels (--soft-labels) would overwrite them "
+        "with the teacher's logits; drop --soft-labels / distill.soft_labels: true to keep them (label mode stored "
+        "trains with them), and declare them in the method's class (classmethod own_soft_labels), which ddkit run "
+        "and bench read before the fit")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(testing.ContractError, match=r"^method 'ownsoft' made soft labels, but its class does not "
+                                                    r"declare them: override the classmethod own_soft_labels"):
+        testing.check_output("ownsoft", data, teacher, tmp_path / "check")
+
+    declared = type("Declared", (_own_soft(_one_hot5),), {"own_soft_labels": classmethod(lambda cls, cfg: "always")})
+    METHODS.register("declaredsoft")(declared)
+    testing.check_output("declaredsoft", data, teacher, tmp_path / "check2")
+    with pytest.raises(ConfigError) as err:
+        distill(data, DistillConfig(method="declaredsoft", ipc=2, soft_labels=True), DatasetConfig(name="synthetic"),
+                tmp_path / "set", teacher)
+    assert str(err.value) == ("method 'declaredsoft' labels its images itself (always), and distill.soft_labels "
+                              "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
+                              "distill.soft_labels: true")
+    with pytest.raises(ConfigError, match=r"methods \['declaredsoft'\] label their images themselves \(declaredsoft: "
+                                          r"always\), and their soft_labels: true would overwrite that with the "
+                                          r"teacher's logits; drop soft_labels: true on them$"):
+        from_dict(BenchConfig, {"datasets": ["synthetic"], "methods": [{"name": "declaredsoft", "soft_labels": True}],
+                                "ipcs": [1], "students": ["tiny_convnet"], "out": str(tmp_path / "bench")})
+    base = {"dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+            "evaluate": {"protocol": "soft-kl", "label_modes": ["stored"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "train": {"epochs": 1}, "full_reference": False,
+                "random_baseline": False}}, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"^evaluate label mode 'stored' needs soft labels in the set, and method "
+                                          r"'ownsoft' declares none of its own; set distill.soft_labels: true"):
+        run({**base, "distill": {"method": "ownsoft", "ipc": 2}, "out": str(tmp_path / "run1")})
+    run({**base, "distill": {"method": "declaredsoft", "ipc": 2}, "out": str(tmp_path / "run")})
+    report = json.loads((tmp_path / "run/eval-stored.json").read_text())
+    assert report["config"]["label_mode"] == "stored"
+    soft = ddkit_load(tmp_path / "run/distilled").soft_labels
+    assert soft.tolist()[:2] == [[5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]  # the method's, not the teacher's
+
+
+def ddkit_load(path):
+    import ddkit
+
+    return ddkit.load(path)

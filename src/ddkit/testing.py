@@ -138,7 +138,7 @@ def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
     import ddkit
     from ddkit.config import from_dict
     from ddkit.data.base import DatasetConfig
-    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.pipeline import DistillConfig, distill, own_labels_clash
 
     out = _fit(cls, key, data, teacher)
     if cls.uses_ipc:
@@ -184,14 +184,17 @@ def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
                  and _same_soft_labels(out, got_set),
                  f"method {key!r}: {what} differs from the first run with seed 0; draw all randomness from "
                  "ctx.seed (a torch.Generator), never from global state or the clock")
-    # a method that labels its images itself refuses the pipeline's teacher logits over them
-    own = cls.own_soft_labels(from_dict(cls.Config, dict(cls.smoke_options)))
+    # a method that labels its images itself says so (ddkit run and bench read it before the fit), and refuses the
+    # pipeline's teacher logits over them
+    smoke_cfg = from_dict(cls.Config, dict(cls.smoke_options))
+    own = cls.own_soft_labels(smoke_cfg)
+    _require(out.soft_labels is None or cls.stores_soft_labels(smoke_cfg),
+             f"method {key!r} made soft labels, but its class does not declare them: override the classmethod "
+             "own_soft_labels(cls, cfg) to return the option that makes them ('<option>: <value>', or 'always'), "
+             "so that ddkit run and bench take them for label mode stored and never overwrite them")
     if own is not None:
         _require(out.soft_labels is not None, f"method {key!r} says {own} makes soft labels but made none")
-        off = cls.own_soft_labels_off(own)
-        want = (f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) would "
-                "overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or set "
-                f"distill.options.{off}")
+        want = own_labels_clash(key, cls, own)
         try:
             distill(data, DistillConfig(method=key, ipc=IPC, soft_labels=True, options=options), dataset_cfg,
                     work_dir / "own", teacher)

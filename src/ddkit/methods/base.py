@@ -67,7 +67,12 @@ class Method:
     """Base class of a distillation method: a dataclass ``Config``, ``__init__(cfg)`` that stores it (a
     mapping is built into the Config), and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``.
     The class attributes below tell the pipeline and the contract (:func:`ddkit.testing.check_method`) what
-    the method needs and promises."""
+    the method needs and promises.
+
+    A method whose ``synthetic_`` holds soft labels of its own (learned, expert or committee logits) says so in
+    :meth:`own_soft_labels`: ``ddkit run`` and ``bench`` then evaluate its sets in label mode ``stored`` with
+    those labels, and refuse ``distill.soft_labels`` (the teacher's logits), which would replace them.
+    Undeclared, such labels are refused under ``distill.soft_labels`` after the fit, and the contract fails."""
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
@@ -117,9 +122,12 @@ class Method:
 
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
-        """The option that makes this method label its images itself (learned, expert or committee
-        logits) as ``"<option>: <value>"``, or None; the pipeline's ``soft_labels`` (the teacher's
-        logits) would overwrite them."""
+        """Whether this method, with ``cfg`` (its Config), labels its images itself (learned, expert or committee
+        logits, in ``synthetic_.soft_labels``): the option that makes it do so as ``"<option>: <value>"``
+        (``"learn_labels: true"``), ``"always"`` for a method that always does, or None (the default: it makes
+        none). Errors name the option; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite
+        the labels, so it is refused for them, and label mode ``stored`` takes them in ``ddkit run`` / ``bench``.
+        E.g. ``return "soft_labels: true" if cfg.soft_labels else None``."""
         return None
 
     @classmethod
@@ -129,9 +137,12 @@ class Method:
         return cls.own_soft_labels(cfg) is not None
 
     @classmethod
-    def own_soft_labels_off(cls, own: str) -> str:
+    def own_soft_labels_off(cls, own: str) -> str | None:
         """The setting that turns off the method's own labels that ``own`` (from :meth:`own_soft_labels`)
-        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none."""
+        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none; None for a
+        method that always makes them (``own`` names no option)."""
+        if ":" not in own:
+            return None
         option = own.split(":")[0].strip()
         hint = get_type_hints(cls.Config).get(option)
         if hint is bool:
