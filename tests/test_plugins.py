@@ -873,3 +873,29 @@ def ddkit_load(path):
     import ddkit
 
     return ddkit.load(path)
+
+
+def test_a_helper_module_named_like_a_standard_library_module_is_the_users_own(tmp_path, monkeypatch, registries):
+    """A helper of the plugin's own whose name is also a standard-library module's (trace.py, test.py) was taken
+    for the standard library by its name and not hashed: its edits reused the sets of the old code. Where its
+    file is decides now; the standard library's own modules (json, math) stay out."""
+    from ddkit.registry import _is_own, _locate, source_deps
+
+    assert "tabnanny" in sys.stdlib_module_names
+    # the user's tabnanny.py is imported, not the standard library's; sys.modules as it was after the test
+    monkeypatch.setitem(sys.modules, "tabnanny", sys.modules.get("tabnanny"))
+    monkeypatch.delitem(sys.modules, "tabnanny")
+    (tmp_path / "tabnanny.py").write_text("OFFSET = 0\n")
+    plugin = PICK.format(key="stdname").replace("from ddkit.config", "import json\nimport math\n\nimport tabnanny\n"
+                                                                        "from ddkit.config")
+    mod = _plugin(tmp_path, monkeypatch, "stdnameplug", plugin.replace("OFFSET = 0", "OFFSET = tabnanny.OFFSET"))
+    assert source_deps(mod.Pick) == ["tabnanny"]
+    assert not any(_is_own(n, _locate(n)[0]) for n in ("json", "math", "os"))
+    data, cfg = make_synthetic(), DistillConfig(method="stdname", ipc=2)
+    before = distill_hash(cfg, data, None)
+    (tmp_path / "tabnanny.py").write_text("OFFSET = 5\n")
+    importlib.reload(sys.modules["tabnanny"])
+    _plugin(tmp_path, monkeypatch, "stdnameplug", plugin.replace("OFFSET = 0", "OFFSET = tabnanny.OFFSET"))
+    assert distill_hash(cfg, data, None) != before
+    assert distill(data, cfg, DatasetConfig(name="synthetic")).manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77,
+                                                                                           78]
