@@ -566,9 +566,10 @@ def test_pixel_checks_skip_integer_sets_and_read_float_sets_a_bounded_chunk_at_a
             DistilledSet.load(tmp_path / "set")
         assert str(err.value) == (f"{tmp_path / 'set' / IMAGES} holds NaN or infinite pixels; re-create the "
                                   "distilled set")
-    with pytest.raises(DDKitError) as err:  # finite as float64 but not as float32, what training reads: as before
-        build(images.double().index_fill(0, torch.tensor([7]), 1e300))
-    assert str(err.value) == diverged
+    with pytest.raises(DDKitError) as err:  # finite as float64 but not as float32: refused for its dtype (a set holds
+        build(images.double().index_fill(0, torch.tensor([7]), 1e300))  # float32), before any pixel is read
+    assert str(err.value) == ("method 'dm' produced float64 images; a set holds uint8 0..255 or float32 0..1 pixels: "
+                              "convert them with .float() in the method")
 
 
 def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path, monkeypatch):

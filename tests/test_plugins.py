@@ -899,3 +899,24 @@ def test_a_helper_module_named_like_a_standard_library_module_is_the_users_own(t
     assert distill_hash(cfg, data, None) != before
     assert distill(data, cfg, DatasetConfig(name="synthetic")).manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77,
                                                                                            78]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_methods_images_of_another_dtype_than_uint8_or_float32_are_refused(tmp_path, registries, dtype):
+    """float64 images from a method were stored as float64 and counted at 8 bytes a pixel in every table (and
+    bench row) beside built-in methods' float32 sets, although check_method refuses them."""
+    data = make_synthetic()
+
+    def fit(self, real, teachers, ctx):
+        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
+        self.synthetic_ = SyntheticSet(real.train.images[idx].to(dtype) / 255, real.train.labels[idx].clone())
+        return self
+
+    METHODS.register("otherdtype")(_method(fit))
+    for image_dtype in ("float32", "uint8"):
+        with pytest.raises(DDKitError) as err:
+            distill(data, DistillConfig(method="otherdtype", ipc=2, image_dtype=image_dtype),
+                    DatasetConfig(name="synthetic"), tmp_path / "set")
+        assert str(err.value) == (f"method 'otherdtype' produced {str(dtype).removeprefix('torch.')} images; a set "
+                                  "holds uint8 0..255 or float32 0..1 pixels: convert them with .float() in the method")
+        assert list(tmp_path.iterdir()) == []

@@ -567,13 +567,17 @@ def stored_pixels(images: torch.Tensor, image_dtype: str) -> torch.Tensor:
 
 def check_pixels(images: torch.Tensor, data: DataBundle, method: str, method_config: dict,
                  options_key: str = "distill.options") -> list:
-    """Refuse a method's images of the wrong shape or with non-finite pixels, warn of pixels far outside
-    0..1 (diverged images); return their :func:`pixel_range`."""
+    """Refuse a method's images of the wrong shape or dtype (a set holds uint8 or float32 pixels, as every
+    built-in method makes them and byte counts compare them) or with non-finite pixels, warn of pixels far
+    outside 0..1 (diverged images); return their :func:`pixel_range`."""
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
         raise DDKitError(
             f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
             f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
         )
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise DDKitError(f"method {method!r} produced {str(images.dtype).removeprefix('torch.')} images; a set holds "
+                         "uint8 0..255 or float32 0..1 pixels: convert them with .float() in the method")
     if not all_finite(images):
         raise DDKitError(f"method {method!r} produced non-finite pixels"
                          f"{' (its images diverged)' if _image_lr(method_config) else ''}; "
