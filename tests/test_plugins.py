@@ -920,3 +920,30 @@ def test_a_methods_images_of_another_dtype_than_uint8_or_float32_are_refused(tmp
         assert str(err.value) == (f"method 'otherdtype' produced {str(dtype).removeprefix('torch.')} images; a set "
                                   "holds uint8 0..255 or float32 0..1 pixels: convert them with .float() in the method")
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"final_loss": float("nan"), "ok": 1}, "method 'badmeta' put nan in synthetic_.meta['final_loss']; meta is saved "
+                                            "as JSON, which holds no NaN or infinity: record it as None or a str"),
+    ({"losses": [0.5, float("-inf")]}, "method 'badmeta' put -inf in synthetic_.meta['losses'][1]; meta is saved as "
+                                       "JSON, which holds no NaN or infinity: record it as None or a str"),
+    ({3: "intkey"}, "method 'badmeta' put the key 3 (int) in synthetic_.meta; meta is saved as JSON, whose keys are "
+                    "str: use '3'"),
+    ({"per_class": {0: 1.0}}, "method 'badmeta' put the key 0 (int) in synthetic_.meta['per_class']; meta is saved "
+                              "as JSON, whose keys are str: use '0'"),
+])
+def test_a_nan_or_a_key_that_is_no_str_in_meta_is_refused_before_anything_is_written(tmp_path, registries, meta,
+                                                                                       message):
+    """A NaN in meta was written (and `ddkit show --json` then called the set damaged, advising to re-create it,
+    which wrote the NaN again); an int key silently became a str."""
+    def fit(self, real, teachers, ctx):
+        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone(), meta=meta)
+        return self
+
+    METHODS.register("badmeta")(_method(fit))
+    with pytest.raises(DDKitError) as err:
+        distill(make_synthetic(), DistillConfig(method="badmeta", ipc=1), DatasetConfig(name="synthetic"),
+                tmp_path / "set")
+    assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []

@@ -653,11 +653,33 @@ def _not_json(obj: Any) -> Any:
     raise _NotJSON(obj)
 
 
+def _meta_problem(value: Any, where: str = "") -> str | None:
+    """What in ``value`` (at ``synthetic_.meta{where}``) JSON would hold otherwise than given (a key that is no str
+    becomes one) or readers refuse (NaN, infinity), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"the key {key!r} ({type(key).__name__}) in synthetic_.meta{where}; meta is saved as JSON, "
+                        f"whose keys are str: use {str(key)!r}")
+            if found := _meta_problem(item, f"{where}[{key!r}]"):
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if found := _meta_problem(item, f"{where}[{i}]"):
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return (f"{value} in synthetic_.meta{where}; meta is saved as JSON, which holds no NaN or infinity: record "
+                "it as None or a str")
+    return None
+
+
 def _check_meta(meta: dict, method: str) -> None:
-    """Refuse a ``synthetic_.meta`` the manifest (JSON) cannot hold now, not at the save after the fit."""
+    """Refuse a ``synthetic_.meta`` the manifest (JSON) cannot hold as given now, not at the save after the fit."""
     if not isinstance(meta, dict):
         raise DDKitError(f"method {method!r} set synthetic_.meta to a {type(meta).__name__}; it must be a dict of "
                          "JSON values (numbers, str, lists, dicts)")
+    if found := _meta_problem(meta):
+        raise DDKitError(f"method {method!r} put {found}")
     for key, value in meta.items():
         try:
             json.dumps({key: value}, default=_not_json)

@@ -27,9 +27,9 @@ from ddkit.registry import Registry
 class SyntheticSet:
     """A method's output: pixel-space images, hard labels, optional soft-label logits, metadata.
 
-    ``meta`` is written to the set's JSON manifest, so it holds JSON values only: numbers, strings,
-    bools, None, lists and dicts of them (a tensor: ``.tolist()``; ``source_index``: the indices of
-    selected real training images)."""
+    ``meta`` is written to the set's JSON manifest, so it holds JSON values only: finite numbers, strings,
+    bools, None, lists and dicts of them with str keys (a tensor: ``.tolist()``; a NaN: None; ``source_index``:
+    the indices of selected real training images); the pipeline refuses anything else before it writes."""
 
     images: torch.Tensor  # [N, C, H, W] uint8 (real pixels) or float32 in ~[0, 1]
     labels: torch.Tensor  # int64 [N]
