@@ -947,3 +947,28 @@ def test_a_nan_or_a_key_that_is_no_str_in_meta_is_refused_before_anything_is_wri
                 tmp_path / "set")
     assert str(err.value) == message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_set_without_an_ipc_that_is_not_every_image_says_its_random_baseline_is_skipped(registries, caplog):
+    """A method with uses_ipc = False (a fixed budget, unbalanced classes) was evaluated without the random
+    baseline its protocol asks for, and nothing said why."""
+    import ddkit
+
+    data = make_synthetic()
+
+    def fit(self, real, teachers, ctx):
+        idx = torch.cat([real.train.indices_of(c)[: 3 if c == 0 else 1] for c in range(real.num_classes)])
+        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone())
+        return self
+
+    METHODS.register("unbalanced")(type("U", (_method(fit),), {"uses_ipc": False}))
+    protocol = {"student": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}, "full_reference": False}
+    said = ("the unbalanced set holds 6 of the 96 training images without an ipc (its method sets uses_ipc = False), "
+            "so no random subset is evaluated beside it (random_baseline skipped)")
+    for method, warned in (("unbalanced", True), ("full", False)):  # full: every image, no subset to draw
+        ds = distill(data, DistillConfig(method=method, ipc=None), DatasetConfig(name="synthetic"))
+        with caplog.at_level("WARNING", logger="ddkit"):
+            caplog.clear()
+            report = ddkit.evaluate(ds, protocol, [0], data=data)
+        assert "random" not in report["results"]
+        assert (said in caplog.text) is warned
