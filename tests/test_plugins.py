@@ -972,3 +972,28 @@ def test_a_set_without_an_ipc_that_is_not_every_image_says_its_random_baseline_i
             report = ddkit.evaluate(ds, protocol, [0], data=data)
         assert "random" not in report["results"]
         assert (said in caplog.text) is warned
+
+
+def test_a_method_drawing_from_torchs_global_generator_makes_the_same_set_for_the_same_seed(tmp_path, registries):
+    """README said torch's global generator is reseeded while a stage runs, but a method's fit was not: one drawing
+    torch.rand without a generator gave other bytes on every run. fit now runs with the global generators seeded
+    with the distill seed (the caller's state back after), in check_method too."""
+    from ddkit import testing
+
+    def fit(self, real, teachers, ctx):
+        labels = torch.arange(real.num_classes).repeat_interleave(ctx.ipc)
+        self.synthetic_ = SyntheticSet(torch.rand(len(labels), *real.image_shape), labels)
+        return self
+
+    METHODS.register("globalnoise")(type("G", (_method(fit),), {"resumable": False, "uses_teacher": False}))
+    data = make_synthetic()
+
+    def images(seed: int, caller: int) -> torch.Tensor:
+        torch.manual_seed(caller)  # whatever the caller's generator holds
+        got = distill(data, DistillConfig(method="globalnoise", ipc=1, seed=seed), DatasetConfig(name="synthetic"))
+        assert torch.equal(torch.rand(3), torch.manual_seed(caller) and torch.rand(3))  # the caller's state is back
+        return got.images
+
+    assert torch.equal(images(0, 1), images(0, 2))
+    assert not torch.equal(images(0, 1), images(1, 1))
+    testing.check_output("globalnoise", data, work_dir=tmp_path)  # same seed, same bytes (distill and fit alone)

@@ -76,7 +76,7 @@ from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
-from ddkit.methods.base import check_ipc
+from ddkit.methods.base import check_ipc, fit_seeded
 from ddkit.registry import origin, source_record, source_sha256
 from ddkit.teacher import (
     Teacher,
@@ -294,7 +294,7 @@ def distill(
         info = ddist.current()
         distilled, failure = None, None
         try:
-            method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None and reads else [], ctx)
+            method = fit_seeded(method_cls(method_cfg), data, [teacher] if teacher is not None and reads else [], ctx)
             # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
             # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
             if info.is_main:

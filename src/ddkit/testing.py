@@ -77,12 +77,13 @@ def tiny_teacher(data, out: str | Path | None = None):
 def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = None, progress=None):
     from ddkit.config import from_dict, to_dict
     from ddkit.methods import FitContext
+    from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     before = copy.deepcopy(to_dict(cfg))
     ctx = FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed, work_dir=work_dir, progress=progress)
-    try:  # the teachers distill passes: none to a method that declares it reads none
-        method = cls(cfg).fit(data, [teacher] if cls.uses_teacher else [], ctx)
+    try:  # the teachers distill passes: none to a method that declares it reads none; seeded as distill seeds it
+        method = fit_seeded(cls(cfg), data, [teacher] if cls.uses_teacher else [], ctx)
     except Exception as exc:
         if cls.uses_teacher or not _fits_with_teacher(cls, key, data, teacher, seed):
             raise
@@ -101,10 +102,11 @@ def _fits_with_teacher(cls, key: str, data, teacher, seed: int) -> bool:
     """Whether a fit of ``cls`` (that failed with no teacher) succeeds with ``teacher``: then it reads one."""
     from ddkit.config import from_dict
     from ddkit.methods import FitContext
+    from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     try:
-        cls(cfg).fit(data, [teacher], FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed))
+        fit_seeded(cls(cfg), data, [teacher], FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed))
     except Exception:  # it fails with a teacher too: its own error, not the contract's, is the one to report
         return False
     return True

@@ -18,7 +18,7 @@ import torch
 
 from ddkit.config import absent_key_hint, from_dict
 from ddkit.data.base import DataBundle
-from ddkit.determinism import use_deterministic_cuda
+from ddkit.determinism import global_rng, use_deterministic_cuda
 from ddkit.errors import DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -153,6 +153,16 @@ class Method:
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError
+
+
+def fit_seeded(method: Method, real: DataBundle, teachers: list, ctx: FitContext) -> Method:
+    """``method.fit(real, teachers, ctx)`` with torch's global generators (the CPU's and ``ctx.device``'s) seeded
+    with ``ctx.seed`` for its span (:func:`~ddkit.determinism.global_rng`), as the other stages seed theirs: a method
+    drawing from them (``torch.rand`` without a generator, a network's initial weights or dropout) makes the same set
+    for the same seed; the caller's generator states come back after. What ddkit's own methods draw comes from
+    generators of their own, so their sets are the same as without it."""
+    with global_rng(ctx.seed, ctx.device):
+        return method.fit(real, teachers, ctx)
 
 
 def _check_method(name: str, obj: object) -> None:
