@@ -997,3 +997,18 @@ def test_a_method_drawing_from_torchs_global_generator_makes_the_same_set_for_th
     assert torch.equal(images(0, 1), images(0, 2))
     assert not torch.equal(images(0, 1), images(1, 1))
     testing.check_output("globalnoise", data, work_dir=tmp_path)  # same seed, same bytes (distill and fit alone)
+
+
+def test_a_method_without_a_docstring_is_not_described_by_the_base_classs(registries, capsys):
+    """`ddkit show` and `ddkit list methods -l` described a user method without a docstring with ddkit's Method
+    docstring ("Base class of a distillation method: ...")."""
+    from ddkit.cli import main
+    from ddkit.describe import describe_method, doc_summary
+
+    METHODS.register("nodoc")(_method(lambda self, real, teachers, ctx: self))
+    assert describe_method("nodoc").splitlines()[0] == (
+        "method nodoc (test_plugins.M): no description (add a docstring to its class)")
+    assert main(["list", "methods", "-l"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nodoc")]
+    assert listed == ["nodoc"]
+    assert doc_summary(METHODS.get("dm")).startswith("Distribution Matching (Zhao & Bilen")  # ddkit's own: as before
