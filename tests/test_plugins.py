@@ -1012,3 +1012,40 @@ def test_a_method_without_a_docstring_is_not_described_by_the_base_classs(regist
     listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nodoc")]
     assert listed == ["nodoc"]
     assert doc_summary(METHODS.get("dm")).startswith("Distribution Matching (Zhao & Bilen")  # ddkit's own: as before
+
+
+def test_check_method_names_smoke_options_where_a_method_refuses_the_checks_teacher(registries):
+    """check_method on a recover method of one's own failed on the checker's own BatchNorm-less teacher, naming
+    neither the class attribute smoke_options nor check_method's teacher= argument, the ways out."""
+    from ddkit import testing
+    from ddkit.methods.statistics import RecoverConfig, RecoverMethod, recover
+
+    @dataclass
+    class RecCfg(RecoverConfig):
+        pass
+
+    class MyRecover(RecoverMethod):
+        """A recover method of one's own (as sre2l's)."""
+
+        Config = RecCfg
+        needs_teacher = True
+        resumable = False
+
+        def fit(self, real, teachers, ctx):
+            self.synthetic_ = recover("myrecover", self.cfg, real, teachers, ctx)
+            return self
+
+    METHODS.register("myrecover")(MyRecover)
+    data = make_synthetic()
+    teacher = testing.tiny_teacher(data)
+    with pytest.raises(testing.ContractError) as err:
+        testing.check_output("myrecover", data, teacher)
+    message = str(err.value)
+    assert message.startswith("method 'myrecover' refuses the check's run with its smoke_options {} (tiny data, and "
+                              "check_method's own tiny_convnet teacher, without BatchNorm, unless teacher= is given): "
+                              "method 'myrecover' with stats: bn needs teachers with BatchNorm layers")
+    assert message.endswith("; set the class attribute smoke_options to options that run there in seconds (e.g. "
+                            "{'stats': 'conv', 'iterations': 4}, as sre2l's), or pass check_method a data= / teacher= "
+                            "it can use") and "\n" not in message
+    MyRecover.smoke_options = {"stats": "conv", "iterations": 2}
+    testing.check_output("myrecover", data, teacher)

@@ -4,8 +4,10 @@
     from ddkit.testing import check_method
     check_method("myherding")  # raises ContractError naming the first broken promise
 
-On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny teacher trained for it,
-with the method's ``smoke_options``, :func:`check_output` checks shapes, finite pixels, the label range,
+On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny teacher trained for it
+(``tiny_convnet``, no BatchNorm; ``data=`` and ``teacher=`` replace them), with the method's ``smoke_options`` (a
+class attribute: options for a seconds-long run there, e.g. fewer iterations, ``stats: conv`` for a recover
+method, which the BatchNorm-less teacher needs), :func:`check_output` checks shapes, finite pixels, the label range,
 that the config is not mutated, that the same seed gives the same bytes (through the ``distill`` stage
 and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
 fit interrupted after its second iteration resumes to the uninterrupted result. The class attributes
@@ -86,6 +88,14 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
         method = fit_seeded(cls(cfg), data, [teacher] if cls.uses_teacher else [], ctx)
     except Exception as exc:
         if cls.uses_teacher or not _fits_with_teacher(cls, key, data, teacher, seed):
+            if isinstance(exc, DDKitError) and not isinstance(exc, ContractError):  # it refuses the checks' run
+                raise ContractError(
+                    f"method {key!r} refuses the check's run with its smoke_options {dict(cls.smoke_options)} (tiny "
+                    "data, and check_method's own tiny_convnet teacher, without BatchNorm, unless teacher= is given): "
+                    f"{exc}; set the class attribute smoke_options to options that run there in seconds (e.g. "
+                    "{'stats': 'conv', 'iterations': 4}, as sre2l's), or pass check_method a data= / teacher= it can "
+                    "use"
+                ) from exc
             raise
         raise ContractError(f"method {key!r} declares `uses_teacher = False`, so distill gives its fit no teacher, but "
                             f"it fails without one ({type(exc).__name__}: {exc}) and not with one; drop `uses_teacher "
