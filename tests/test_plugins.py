@@ -860,7 +860,8 @@ def test_a_methods_own_soft_labels_are_never_replaced_by_the_teachers_and_declar
                 "student": "tiny_convnet", "train": {"epochs": 1}, "full_reference": False,
                 "random_baseline": False}}, "device": "cpu"}
     with pytest.raises(ConfigError, match=r"^evaluate label mode 'stored' needs soft labels in the set, and method "
-                                          r"'ownsoft' declares none of its own; set distill.soft_labels: true"):
+                                          r"'ownsoft' declares none of its own with these options; set "
+                                          r"distill.soft_labels: true"):
         run({**base, "distill": {"method": "ownsoft", "ipc": 2}, "out": str(tmp_path / "run1")})
     run({**base, "distill": {"method": "declaredsoft", "ipc": 2}, "out": str(tmp_path / "run")})
     report = json.loads((tmp_path / "run/eval-stored.json").read_text())

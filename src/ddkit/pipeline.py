@@ -572,9 +572,9 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
                               "or use label mode hard")
         if mode == "stored" and not (cfg.distill.soft_labels or method.stores_soft_labels(method_cfg)):
             raise ConfigError(f"evaluate label mode 'stored' needs soft labels in the set, and method "
-                              f"{cfg.distill.method!r} declares none of its own; set distill.soft_labels: true (the "
-                              "teacher's logits), or, for a method that makes its own, declare them in its class "
-                              "(classmethod own_soft_labels)")
+                              f"{cfg.distill.method!r} declares none of its own with these options; set "
+                              "distill.soft_labels: true (the teacher's logits), or, for a method that makes its own, "
+                              "declare them in its class (classmethod own_soft_labels)")
         if mode == "fkd":
             check_fkd(cfg, data, protocol)
         if mode not in UNLABELLED_BY_ENSEMBLE:  # hard and stored ask no extra teacher; the others after the set
