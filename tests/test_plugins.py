@@ -768,16 +768,21 @@ def test_bench_runs_a_method_larger_than_a_class_without_its_random_baseline(tmp
     assert not (tmp_path / "at").exists()
 
 
-def _own_soft(soft_of):
-    """A method keeping the first ipc images of every class, with the soft labels ``soft_of(labels, classes)``."""
+def _firsts(make=lambda images, labels, k: SyntheticSet(images, labels), count=lambda c, ipc: ipc, **attrs):
+    """A one-pass deterministic method keeping the first ``count(class, ipc)`` training images of every class, whose
+    output is ``make(images, labels, num_classes)``; ``attrs``: more class attributes."""
 
     def fit(self, real, teachers, ctx):
-        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
-        labels = real.train.labels[idx].clone()
-        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), labels, soft_of(labels, real.num_classes))
+        idx = torch.cat([real.train.indices_of(c)[: count(c, ctx.ipc)] for c in range(real.num_classes)])
+        self.synthetic_ = make(real.train.images[idx].clone(), real.train.labels[idx].clone(), real.num_classes)
         return self
 
-    return type("Own", (_method(fit),), {"uses_seed": False, "resumable": False})
+    return type("First", (_method(fit),), {"uses_seed": False, "resumable": False, **attrs})
+
+
+def _own_soft(soft_of):
+    """:func:`_firsts` with the soft labels ``soft_of(labels, classes)``."""
+    return _firsts(lambda images, labels, k: SyntheticSet(images, labels, soft_of(labels, k)))
 
 
 def test_a_methods_soft_labels_of_the_wrong_shape_or_dtype_are_refused_before_anything_is_written(tmp_path,
@@ -907,13 +912,7 @@ def test_a_methods_images_of_another_dtype_than_uint8_or_float32_are_refused(tmp
     """float64 images from a method were stored as float64 and counted at 8 bytes a pixel in every table (and
     bench row) beside built-in methods' float32 sets, although check_method refuses them."""
     data = make_synthetic()
-
-    def fit(self, real, teachers, ctx):
-        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
-        self.synthetic_ = SyntheticSet(real.train.images[idx].to(dtype) / 255, real.train.labels[idx].clone())
-        return self
-
-    METHODS.register("otherdtype")(_method(fit))
+    METHODS.register("otherdtype")(_firsts(lambda images, labels, k: SyntheticSet(images.to(dtype) / 255, labels)))
     for image_dtype in ("float32", "uint8"):
         with pytest.raises(DDKitError) as err:
             distill(data, DistillConfig(method="otherdtype", ipc=2, image_dtype=image_dtype),
@@ -937,12 +936,7 @@ def test_a_nan_or_a_key_that_is_no_str_in_meta_is_refused_before_anything_is_wri
                                                                                        message):
     """A NaN in meta was written (and `ddkit show --json` then called the set damaged, advising to re-create it,
     which wrote the NaN again); an int key silently became a str."""
-    def fit(self, real, teachers, ctx):
-        idx = torch.cat([real.train.indices_of(c)[: ctx.ipc] for c in range(real.num_classes)])
-        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone(), meta=meta)
-        return self
-
-    METHODS.register("badmeta")(_method(fit))
+    METHODS.register("badmeta")(_firsts(lambda images, labels, k: SyntheticSet(images, labels, meta=meta)))
     with pytest.raises(DDKitError) as err:
         distill(make_synthetic(), DistillConfig(method="badmeta", ipc=1), DatasetConfig(name="synthetic"),
                 tmp_path / "set")
@@ -956,13 +950,7 @@ def test_a_set_without_an_ipc_that_is_not_every_image_says_its_random_baseline_i
     import ddkit
 
     data = make_synthetic()
-
-    def fit(self, real, teachers, ctx):
-        idx = torch.cat([real.train.indices_of(c)[: 3 if c == 0 else 1] for c in range(real.num_classes)])
-        self.synthetic_ = SyntheticSet(real.train.images[idx].clone(), real.train.labels[idx].clone())
-        return self
-
-    METHODS.register("unbalanced")(type("U", (_method(fit),), {"uses_ipc": False}))
+    METHODS.register("unbalanced")(_firsts(count=lambda c, ipc: 3 if c == 0 else 1, uses_ipc=False))
     protocol = {"student": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}, "full_reference": False}
     said = ("the unbalanced set holds 6 of the 96 training images without an ipc (its method sets uses_ipc = False), "
             "so no random subset is evaluated beside it (random_baseline skipped)")
