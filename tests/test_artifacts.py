@@ -566,9 +566,10 @@ def test_pixel_checks_skip_integer_sets_and_read_float_sets_a_bounded_chunk_at_a
             DistilledSet.load(tmp_path / "set")
         assert str(err.value) == (f"{tmp_path / 'set' / IMAGES} holds NaN or infinite pixels; re-create the "
                                   "distilled set")
-    with pytest.raises(DDKitError) as err:  # finite as float64 but not as float32, what training reads: as before
-        build(images.double().index_fill(0, torch.tensor([7]), 1e300))
-    assert str(err.value) == diverged
+    with pytest.raises(DDKitError) as err:  # finite as float64 but not as float32: refused for its dtype (a set holds
+        build(images.double().index_fill(0, torch.tensor([7]), 1e300))  # float32), before any pixel is read
+    assert str(err.value) == ("method 'dm' produced float64 images; a set holds uint8 0..255 or float32 0..1 pixels: "
+                              "convert them with .float() in the method")
 
 
 def test_preview_grid_is_bounded_whatever_the_sets_size(tmp_path, monkeypatch):
@@ -886,7 +887,7 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
     (path / "manifest.json").write_text(
         json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
     save_file({"logits": torch.zeros(len(t["labels"]), 4, dtype=torch.int32)}, str(path / "soft.safetensors"))
-    with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-run distill --soft-labels"):
+    with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-create the distilled set"):
         ddkit.load(path)
     assert main(["show", "-q", str(path)]) == 2  # show loads the artifact, not only its manifest
     assert "not floating-point logits" in capsys.readouterr().err
@@ -988,7 +989,7 @@ def test_damaged_distilled_manifest_fields_are_one_line_errors(tiny, tmp_path):
         json.dumps({**good, "files": {**good["files"], "soft_labels": "soft_labels.safetensors"}}))
     with pytest.raises(DDKitError,
                        match=r"'soft_labels.safetensors' in .* hold no 'logits' tensor but the set has 8 images "
-                             r"of 4 classes; re-run distill --soft-labels"):
+                             r"of 4 classes; re-create the distilled set \(method .*\)"):
         ddkit.load(soft)
     # labels that disagree with the manifest's class counts loaded, and showed and exported
     relabelled = tmp_path / "relabelled"

@@ -830,3 +830,275 @@ def test_bench_runs_a_method_larger_than_a_class_without_its_random_baseline(tmp
                        r"\(ipc_overrides: \{30: \{random_baseline: false\}\}\) to evaluate the set without it$"):
         run_bench(from_dict(BenchConfig, at_ipc))
     assert not (tmp_path / "at").exists()
+
+
+def _firsts(make=lambda images, labels, k: SyntheticSet(images, labels), count=lambda c, ipc: ipc, **attrs):
+    """A one-pass deterministic method keeping the first ``count(class, ipc)`` training images of every class, whose
+    output is ``make(images, labels, num_classes)``; ``attrs``: more class attributes."""
+
+    def fit(self, real, teachers, ctx):
+        idx = torch.cat([real.train.indices_of(c)[: count(c, ctx.ipc)] for c in range(real.num_classes)])
+        self.synthetic_ = make(real.train.images[idx].clone(), real.train.labels[idx].clone(), real.num_classes)
+        return self
+
+    return type("First", (_method(fit),), {"uses_seed": False, "resumable": False, **attrs})
+
+
+def _own_soft(soft_of):
+    """:func:`_firsts` with the soft labels ``soft_of(labels, classes)``."""
+    return _firsts(lambda images, labels, k: SyntheticSet(images, labels, soft_of(labels, k)))
+
+
+def test_a_methods_soft_labels_of_the_wrong_shape_or_dtype_are_refused_before_anything_is_written(tmp_path,
+                                                                                                   registries):
+    """Soft labels of [N, classes + 1] from a method were saved and `distill` reported success; every load then
+    refused the set, telling the user to re-run with --soft-labels, which they never gave."""
+    from safetensors.torch import save_file
+
+    import ddkit
+
+    data = make_synthetic()
+    METHODS.register("widesoft")(_own_soft(lambda y, k: torch.zeros(len(y), k + 1)))
+    METHODS.register("f64soft")(_own_soft(lambda y, k: torch.zeros(len(y), k, dtype=torch.float64)))
+    METHODS.register("goodsoft")(_own_soft(lambda y, k: torch.nn.functional.one_hot(y, k).float() * 5))
+    for name, message in (
+            ("widesoft", "the soft labels method 'widesoft' made have shape [8, 5], expected [8, 4] (one row of "
+                         "logits per image, one column per class of 4); this is a bug in the method"),
+            ("f64soft", "the soft labels method 'f64soft' made are float64, expected float32 logits; convert them "
+                        "with .float() in the method")):
+        with pytest.raises(DDKitError) as err:
+            distill(data, DistillConfig(method=name, ipc=2), DatasetConfig(name="synthetic"), tmp_path / name)
+        assert str(err.value) == message
+        assert list(tmp_path.iterdir()) == []
+    ds = distill(data, DistillConfig(method="goodsoft", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "good")
+    assert ds.soft_labels.tolist()[0] == [5.0, 0.0, 0.0, 0.0]
+    save_file({"logits": torch.zeros(8, 5)}, str(tmp_path / "good/soft_labels.safetensors"))  # damaged later
+    with pytest.raises(DDKitError) as err:
+        ddkit.load(tmp_path / "good")
+    assert str(err.value).endswith("have shape [8, 5] but the set has 8 images of 4 classes; re-create the distilled "
+                                   "set (method 'goodsoft' made them)")
+
+
+def _one_hot5(labels, classes):
+    return torch.nn.functional.one_hot(labels, classes).float() * 5
+
+
+def test_a_methods_own_soft_labels_are_never_replaced_by_the_teachers_and_declared_serve_label_mode_stored(
+        tmp_path, registries):
+    """A plugin method making its own soft labels: `ddkit run` refused label mode stored ("set
+    distill.soft_labels: true"), and that fix silently replaced the method's labels with the teacher's logits.
+    Undeclared, they are now refused under distill.soft_labels (nothing saved) and the contract names the
+    hook; declared (own_soft_labels, "always" here), run evaluates them in mode stored as DATM's."""
+    from ddkit import testing
+    from ddkit.bench import BenchConfig
+    from ddkit.teacher import TeacherConfig, train_teacher
+    from ddkit.training import TrainConfig
+
+    data = make_synthetic()
+    teacher = train_teacher(data, TeacherConfig(model="tiny_convnet", train=TrainConfig(epochs=1, batch_size=32)))
+    METHODS.register("ownsoft")(_own_soft(_one_hot5))
+    with pytest.raises(ConfigError) as err:
+        distill(data, DistillConfig(method="ownsoft", ipc=2, soft_labels=True), DatasetConfig(name="synthetic"),
+                tmp_path / "set", teacher)
+    assert str(err.value) == (
+        "method 'ownsoft' made soft labels of its own, and distill.soft_labels (--soft-labels) would overwrite them "
+        "with the teacher's logits; drop --soft-labels / distill.soft_labels: true to keep them (label mode stored "
+        "trains with them), and declare them in the method's class (classmethod own_soft_labels), which ddkit run "
+        "and bench read before the fit")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(testing.ContractError, match=r"^method 'ownsoft' made soft labels, but its class does not "
+                                                    r"declare them: override the classmethod own_soft_labels"):
+        testing.check_output("ownsoft", data, teacher, tmp_path / "check")
+
+    declared = type("Declared", (_own_soft(_one_hot5),), {"own_soft_labels": classmethod(lambda cls, cfg: "always")})
+    METHODS.register("declaredsoft")(declared)
+    testing.check_output("declaredsoft", data, teacher, tmp_path / "check2")
+    with pytest.raises(ConfigError) as err:
+        distill(data, DistillConfig(method="declaredsoft", ipc=2, soft_labels=True), DatasetConfig(name="synthetic"),
+                tmp_path / "set", teacher)
+    assert str(err.value) == ("method 'declaredsoft' labels its images itself (always), and distill.soft_labels "
+                              "(--soft-labels) would overwrite them with the teacher's logits; drop --soft-labels / "
+                              "distill.soft_labels: true")
+    with pytest.raises(ConfigError, match=r"methods \['declaredsoft'\] label their images themselves \(declaredsoft: "
+                                          r"always\), and their soft_labels: true would overwrite that with the "
+                                          r"teacher's logits; drop soft_labels: true on them$"):
+        from_dict(BenchConfig, {"datasets": ["synthetic"], "methods": [{"name": "declaredsoft", "soft_labels": True}],
+                                "ipcs": [1], "students": ["tiny_convnet"], "out": str(tmp_path / "bench")})
+    base = {"dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+            "evaluate": {"protocol": "soft-kl", "label_modes": ["stored"], "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "train": {"epochs": 1}, "full_reference": False,
+                "random_baseline": False}}, "device": "cpu"}
+    with pytest.raises(ConfigError, match=r"^evaluate label mode 'stored' needs soft labels in the set, and method "
+                                          r"'ownsoft' declares none of its own with these options; set "
+                                          r"distill.soft_labels: true"):
+        run({**base, "distill": {"method": "ownsoft", "ipc": 2}, "out": str(tmp_path / "run1")})
+    run({**base, "distill": {"method": "declaredsoft", "ipc": 2}, "out": str(tmp_path / "run")})
+    report = json.loads((tmp_path / "run/eval-stored.json").read_text())
+    assert report["config"]["label_mode"] == "stored"
+    soft = ddkit_load(tmp_path / "run/distilled").soft_labels
+    assert soft.tolist()[:2] == [[5.0, 0.0, 0.0, 0.0], [5.0, 0.0, 0.0, 0.0]]  # the method's, not the teacher's
+
+
+def ddkit_load(path):
+    import ddkit
+
+    return ddkit.load(path)
+
+
+def test_a_helper_module_named_like_a_standard_library_module_is_the_users_own(tmp_path, monkeypatch, registries):
+    """A helper of the plugin's own whose name is also a standard-library module's (trace.py, test.py) was taken
+    for the standard library by its name and not hashed: its edits reused the sets of the old code. Where its
+    file is decides now; the standard library's own modules (json, math) stay out."""
+    from ddkit.registry import _is_own, _locate, source_deps
+
+    assert "tabnanny" in sys.stdlib_module_names
+    # the user's tabnanny.py is imported, not the standard library's; sys.modules as it was after the test
+    monkeypatch.setitem(sys.modules, "tabnanny", sys.modules.get("tabnanny"))
+    monkeypatch.delitem(sys.modules, "tabnanny")
+    (tmp_path / "tabnanny.py").write_text("OFFSET = 0\n")
+    plugin = PICK.format(key="stdname").replace("from ddkit.config", "import json\nimport math\n\nimport tabnanny\n"
+                                                                        "from ddkit.config")
+    mod = _plugin(tmp_path, monkeypatch, "stdnameplug", plugin.replace("OFFSET = 0", "OFFSET = tabnanny.OFFSET"))
+    assert source_deps(mod.Pick) == ["tabnanny"]
+    assert not any(_is_own(n, _locate(n)[0]) for n in ("json", "math", "os"))
+    data, cfg = make_synthetic(), DistillConfig(method="stdname", ipc=2)
+    before = distill_hash(cfg, data, None)
+    (tmp_path / "tabnanny.py").write_text("OFFSET = 5\n")
+    importlib.reload(sys.modules["tabnanny"])
+    _plugin(tmp_path, monkeypatch, "stdnameplug", plugin.replace("OFFSET = 0", "OFFSET = tabnanny.OFFSET"))
+    assert distill_hash(cfg, data, None) != before
+    assert distill(data, cfg, DatasetConfig(name="synthetic")).manifest["source_index"] == [5, 6, 29, 30, 53, 54, 77,
+                                                                                           78]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_a_methods_images_of_another_dtype_than_uint8_or_float32_are_refused(tmp_path, registries, dtype):
+    """float64 images from a method were stored as float64 and counted at 8 bytes a pixel in every table (and
+    bench row) beside built-in methods' float32 sets, although check_method refuses them."""
+    data = make_synthetic()
+    METHODS.register("otherdtype")(_firsts(lambda images, labels, k: SyntheticSet(images.to(dtype) / 255, labels)))
+    for image_dtype in ("float32", "uint8"):
+        with pytest.raises(DDKitError) as err:
+            distill(data, DistillConfig(method="otherdtype", ipc=2, image_dtype=image_dtype),
+                    DatasetConfig(name="synthetic"), tmp_path / "set")
+        assert str(err.value) == (f"method 'otherdtype' produced {str(dtype).removeprefix('torch.')} images; a set "
+                                  "holds uint8 0..255 or float32 0..1 pixels: convert them with .float() in the method")
+        assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"final_loss": float("nan"), "ok": 1}, "method 'badmeta' put nan in synthetic_.meta['final_loss']; meta is saved "
+                                            "as JSON, which holds no NaN or infinity: record it as None or a str"),
+    ({"losses": [0.5, float("-inf")]}, "method 'badmeta' put -inf in synthetic_.meta['losses'][1]; meta is saved as "
+                                       "JSON, which holds no NaN or infinity: record it as None or a str"),
+    ({3: "intkey"}, "method 'badmeta' put the key 3 (int) in synthetic_.meta; meta is saved as JSON, whose keys are "
+                    "str: use '3'"),
+    ({"per_class": {0: 1.0}}, "method 'badmeta' put the key 0 (int) in synthetic_.meta['per_class']; meta is saved "
+                              "as JSON, whose keys are str: use '0'"),
+])
+def test_a_nan_or_a_key_that_is_no_str_in_meta_is_refused_before_anything_is_written(tmp_path, registries, meta,
+                                                                                       message):
+    """A NaN in meta was written (and `ddkit show --json` then called the set damaged, advising to re-create it,
+    which wrote the NaN again); an int key silently became a str."""
+    METHODS.register("badmeta")(_firsts(lambda images, labels, k: SyntheticSet(images, labels, meta=meta)))
+    with pytest.raises(DDKitError) as err:
+        distill(make_synthetic(), DistillConfig(method="badmeta", ipc=1), DatasetConfig(name="synthetic"),
+                tmp_path / "set")
+    assert str(err.value) == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_set_without_an_ipc_that_is_not_every_image_says_its_random_baseline_is_skipped(registries, caplog):
+    """A method with uses_ipc = False (a fixed budget, unbalanced classes) was evaluated without the random
+    baseline its protocol asks for, and nothing said why."""
+    import ddkit
+
+    data = make_synthetic()
+    METHODS.register("unbalanced")(_firsts(count=lambda c, ipc: 3 if c == 0 else 1, uses_ipc=False))
+    protocol = {"student": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}, "full_reference": False}
+    said = ("the unbalanced set holds 6 of the 96 training images without an ipc (its method sets uses_ipc = False), "
+            "so no random subset is evaluated beside it (random_baseline skipped)")
+    for method, warned in (("unbalanced", True), ("full", False)):  # full: every image, no subset to draw
+        ds = distill(data, DistillConfig(method=method, ipc=None), DatasetConfig(name="synthetic"))
+        with caplog.at_level("WARNING", logger="ddkit"):
+            caplog.clear()
+            report = ddkit.evaluate(ds, protocol, [0], data=data)
+        assert "random" not in report["results"]
+        assert (said in caplog.text) is warned
+
+
+def test_a_method_drawing_from_torchs_global_generator_makes_the_same_set_for_the_same_seed(tmp_path, registries):
+    """README said torch's global generator is reseeded while a stage runs, but a method's fit was not: one drawing
+    torch.rand without a generator gave other bytes on every run. fit now runs with the global generators seeded
+    with the distill seed (the caller's state back after), in check_method too."""
+    from ddkit import testing
+
+    def fit(self, real, teachers, ctx):
+        labels = torch.arange(real.num_classes).repeat_interleave(ctx.ipc)
+        self.synthetic_ = SyntheticSet(torch.rand(len(labels), *real.image_shape), labels)
+        return self
+
+    METHODS.register("globalnoise")(type("G", (_method(fit),), {"resumable": False, "uses_teacher": False}))
+    data = make_synthetic()
+
+    def images(seed: int, caller: int) -> torch.Tensor:
+        torch.manual_seed(caller)  # whatever the caller's generator holds
+        got = distill(data, DistillConfig(method="globalnoise", ipc=1, seed=seed), DatasetConfig(name="synthetic"))
+        assert torch.equal(torch.rand(3), torch.manual_seed(caller) and torch.rand(3))  # the caller's state is back
+        return got.images
+
+    assert torch.equal(images(0, 1), images(0, 2))
+    assert not torch.equal(images(0, 1), images(1, 1))
+    testing.check_output("globalnoise", data, work_dir=tmp_path)  # same seed, same bytes (distill and fit alone)
+
+
+def test_a_method_without_a_docstring_is_not_described_by_the_base_classs(registries, capsys):
+    """`ddkit show` and `ddkit list methods -l` described a user method without a docstring with ddkit's Method
+    docstring ("Base class of a distillation method: ...")."""
+    from ddkit.cli import main
+    from ddkit.describe import describe_method, doc_summary
+
+    METHODS.register("nodoc")(_method(lambda self, real, teachers, ctx: self))
+    assert describe_method("nodoc").splitlines()[0] == (
+        "method nodoc (test_plugins.M): no description (add a docstring to its class)")
+    assert main(["list", "methods", "-l"]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("nodoc")]
+    assert listed == ["nodoc"]
+    assert doc_summary(METHODS.get("dm")).startswith("Distribution Matching (Zhao & Bilen")  # ddkit's own: as before
+
+
+def test_check_method_names_smoke_options_where_a_method_refuses_the_checks_teacher(registries):
+    """check_method on a recover method of one's own failed on the checker's own BatchNorm-less teacher, naming
+    neither the class attribute smoke_options nor check_method's teacher= argument, the ways out."""
+    from ddkit import testing
+    from ddkit.methods.statistics import RecoverConfig, RecoverMethod, recover
+
+    @dataclass
+    class RecCfg(RecoverConfig):
+        pass
+
+    class MyRecover(RecoverMethod):
+        """A recover method of one's own (as sre2l's)."""
+
+        Config = RecCfg
+        needs_teacher = True
+        resumable = False
+
+        def fit(self, real, teachers, ctx):
+            self.synthetic_ = recover("myrecover", self.cfg, real, teachers, ctx)
+            return self
+
+    METHODS.register("myrecover")(MyRecover)
+    data = make_synthetic()
+    teacher = testing.tiny_teacher(data)
+    with pytest.raises(testing.ContractError) as err:
+        testing.check_output("myrecover", data, teacher)
+    message = str(err.value)
+    assert message.startswith("method 'myrecover' refuses the check's run with its smoke_options {} (tiny data, and "
+                              "check_method's own tiny_convnet teacher, without BatchNorm, unless teacher= is given): "
+                              "method 'myrecover' with stats: bn needs teachers with BatchNorm layers")
+    assert message.endswith("; set the class attribute smoke_options to options that run there in seconds (e.g. "
+                            "{'stats': 'conv', 'iterations': 4}, as sre2l's), or pass check_method a data= / teacher= "
+                            "it can use") and "\n" not in message
+    MyRecover.smoke_options = {"stats": "conv", "iterations": 2}
+    testing.check_output("myrecover", data, teacher)

@@ -248,15 +248,18 @@ class BenchConfig(Checked):
                     clashes.setdefault(m.key, (own, cls.own_soft_labels_off(own)))
         if clashes:  # the pipeline would refuse them only when the bench reaches their cell
             keys = sorted(clashes)
+            offs = [f"methods[{k}].options.{clashes[k][1]}" for k in keys if clashes[k][1] is not None]
             raise ConfigError(
-                f"methods {keys} label their images themselves "
-                f"({'; '.join(f'{k}: options.{clashes[k][0]}' for k in keys)}), and their soft_labels: true would "
-                "overwrite that with the teacher's logits; drop soft_labels: true on them, or set "
-                f"{' / '.join(f'methods[{k}].options.{clashes[k][1]}' for k in keys)}")
+                f"methods {keys} label their images themselves ("
+                + "; ".join(f"{k}: options.{clashes[k][0]}" if clashes[k][1] is not None else f"{k}: {clashes[k][0]}"
+                            for k in keys)
+                + "), and their soft_labels: true would overwrite that with the teacher's logits; drop soft_labels: "
+                f"true on them{', or set ' + ' / '.join(offs) if offs else ''}")
         # a method that labels its images itself (DATM) needs no teacher's
         if "stored" in self.label_modes and unlabelled:
             raise ConfigError(f"label mode 'stored' needs soft labels in every set; {unlabelled} store none: set "
-                              "soft_labels: true on them (the teacher's logits) or drop label mode 'stored'")
+                              "soft_labels: true on them (the teacher's logits) or drop label mode 'stored' (a method "
+                              "that makes its own declares them in its class: classmethod own_soft_labels)")
         for what, table, known in (("student_ipcs", self.student_ipcs, self.students),
                                    ("method_ipcs", self.method_ipcs, [m.key for m in self.methods])):
             for name, ipcs in table.items():

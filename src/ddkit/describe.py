@@ -745,7 +745,7 @@ def describe_method(key: str) -> str:
     import json
 
     m = method_record(key)
-    lines = [f"method {key} ({m['class']}): {m['description'] or 'no description'}",
+    lines = [f"method {key} ({m['class']}): {m['description'] or 'no description (add a docstring to its class)'}",
              f"needs a teacher: {'yes' if m['needs_teacher'] else 'no'}{'' if m['uses_teacher'] else ' (reads none)'}; "
              f"another seed, another set: "
              f"{'yes' if m['uses_seed'] else 'no'}; resumes after an interruption: {'yes' if m['resumable'] else 'no'}"]
@@ -761,11 +761,13 @@ def describe_method(key: str) -> str:
 
 
 def doc_summary(obj: Any) -> str:
-    """The first paragraph of ``obj``'s docstring (its summary, which cites the paper) on one line, or ""."""
+    """The first paragraph of ``obj``'s docstring (its summary, which cites the paper) on one line, or "". A class's
+    own docstring only: one without (a user's method) would be described by its base class's (``Method``'s)."""
     import functools
     import inspect
 
     while isinstance(obj, functools.partial):  # a model family's preset: the family's docstring
         obj = obj.func
-    doc = (inspect.getdoc(obj) or "").strip()
+    own = obj.__dict__.get("__doc__") if isinstance(obj, type) else inspect.getdoc(obj)
+    doc = inspect.cleandoc(own if isinstance(own, str) else "").strip()
     return " ".join(doc.split("\n\n")[0].split())

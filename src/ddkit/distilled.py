@@ -161,8 +161,17 @@ class DistilledSet(DescribesDataset, Dataset):
         _check_meta(synthetic.meta, method)
         if soft is not None:
             by_teacher = bool((config.get("distill") or {}).get("soft_labels"))  # the pipeline's teacher labelled them
-            check_soft_labels(soft, f"the teacher's soft labels of the {method!r} set" if by_teacher
-                              else f"the soft labels method {method!r} made",
+            whose = (f"the teacher's soft labels of the {method!r} set" if by_teacher
+                     else f"the soft labels method {method!r} made")
+            want = [len(labels), data.num_classes]
+            if list(soft.shape) != want:  # every loader would refuse the set
+                raise DDKitError(f"{whose} have shape {list(soft.shape)}, expected {want} (one row of logits per "
+                                 f"image, one column per class of {data.num_classes}); this is a bug in the "
+                                 f"{'teacher' if by_teacher else 'method'}")
+            if soft.dtype != torch.float32:  # as the teacher's logits are, and counted at 4 bytes each
+                raise DDKitError(f"{whose} are {str(soft.dtype).removeprefix('torch.')}, expected float32 logits; "
+                                 "convert them with .float() in the method")
+            check_soft_labels(soft, whose,
                               "the teacher's logits overflow on these images; check the teacher (diverged training? "
                               "huge weights?) and the images (diverged?)" if by_teacher
                               else "its labels diverged, or its teacher's logits overflow on its images; check the "
@@ -268,15 +277,19 @@ class DistilledSet(DescribesDataset, Dataset):
                                          damaged), what="soft labels")
             soft = stored.get("logits")
             want = (len(labels), num_classes) if num_classes else None
+            # the pipeline's teacher made them (distill --soft-labels), or the method did
+            by_teacher = ((manifest.get("config") or {}).get("distill") or {}).get("soft_labels") is True
+            redo = ("re-run distill --soft-labels" if by_teacher else
+                    f"re-create the distilled set (method {manifest['method']['name']!r} made them)")
             if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):
                 held = f"have shape {list(soft.shape)}" if soft is not None else "hold no 'logits' tensor"
                 raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} {held} but the set "
-                                 f"has {len(labels)} images of {num_classes} classes; re-run distill --soft-labels")
+                                 f"has {len(labels)} images of {num_classes} classes; {redo}")
             if not soft.is_floating_point():
                 raise DDKitError(f"soft labels in {path} hold {str(soft.dtype).removeprefix('torch.')} values, not "
-                                 "floating-point logits; re-run distill --soft-labels")
+                                 f"floating-point logits; {redo}")
             if not torch.isfinite(soft).all():
-                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; re-run distill --soft-labels")
+                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; {redo}")
         # last, so that a damaged file is refused for what is wrong with it; a whole file swapped for another here
         for what, name in (("distilled images", manifest["files"]["images"]),
                            ("soft labels", manifest["files"].get("soft_labels"))):
@@ -554,13 +567,17 @@ def stored_pixels(images: torch.Tensor, image_dtype: str) -> torch.Tensor:
 
 def check_pixels(images: torch.Tensor, data: DataBundle, method: str, method_config: dict,
                  options_key: str = "distill.options") -> list:
-    """Refuse a method's images of the wrong shape or with non-finite pixels, warn of pixels far outside
-    0..1 (diverged images); return their :func:`pixel_range`."""
+    """Refuse a method's images of the wrong shape or dtype (a set holds uint8 or float32 pixels, as every
+    built-in method makes them and byte counts compare them) or with non-finite pixels, warn of pixels far
+    outside 0..1 (diverged images); return their :func:`pixel_range`."""
     if images.dim() != 4 or tuple(images.shape[1:]) != tuple(data.image_shape):
         raise DDKitError(
             f"method {method!r} produced images of shape {tuple(images.shape)}, expected [N, "
             f"{', '.join(map(str, data.image_shape))}]; this is a bug in the method"
         )
+    if images.dtype not in (torch.uint8, torch.float32):
+        raise DDKitError(f"method {method!r} produced {str(images.dtype).removeprefix('torch.')} images; a set holds "
+                         "uint8 0..255 or float32 0..1 pixels: convert them with .float() in the method")
     if not all_finite(images):
         raise DDKitError(f"method {method!r} produced non-finite pixels"
                          f"{' (its images diverged)' if _image_lr(method_config) else ''}; "
@@ -636,11 +653,33 @@ def _not_json(obj: Any) -> Any:
     raise _NotJSON(obj)
 
 
+def _meta_problem(value: Any, where: str = "") -> str | None:
+    """What in ``value`` (at ``synthetic_.meta{where}``) JSON would hold otherwise than given (a key that is no str
+    becomes one) or readers refuse (NaN, infinity), or None."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return (f"the key {key!r} ({type(key).__name__}) in synthetic_.meta{where}; meta is saved as JSON, "
+                        f"whose keys are str: use {str(key)!r}")
+            if found := _meta_problem(item, f"{where}[{key!r}]"):
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if found := _meta_problem(item, f"{where}[{i}]"):
+                return found
+    elif isinstance(value, float) and not math.isfinite(value):
+        return (f"{value} in synthetic_.meta{where}; meta is saved as JSON, which holds no NaN or infinity: record "
+                "it as None or a str")
+    return None
+
+
 def _check_meta(meta: dict, method: str) -> None:
-    """Refuse a ``synthetic_.meta`` the manifest (JSON) cannot hold now, not at the save after the fit."""
+    """Refuse a ``synthetic_.meta`` the manifest (JSON) cannot hold as given now, not at the save after the fit."""
     if not isinstance(meta, dict):
         raise DDKitError(f"method {method!r} set synthetic_.meta to a {type(meta).__name__}; it must be a dict of "
                          "JSON values (numbers, str, lists, dicts)")
+    if found := _meta_problem(meta):
+        raise DDKitError(f"method {method!r} put {found}")
     for key, value in meta.items():
         try:
             json.dumps({key: value}, default=_not_json)

@@ -76,7 +76,7 @@ from ddkit.evaluate.tables import diverged_mark
 from ddkit.labels.fkd import KIND as FKD_KIND
 from ddkit.labels.fkd import RelabelSpec, SoftLabelStore, store_identity
 from ddkit.methods import METHODS, FitContext, Method, SyntheticSet
-from ddkit.methods.base import check_ipc
+from ddkit.methods.base import check_ipc, fit_seeded
 from ddkit.registry import origin, source_record, source_sha256
 from ddkit.teacher import (
     Teacher,
@@ -265,10 +265,7 @@ def distill(
         teacher.check_compatible(data)
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
-        raise ConfigError(f"method {cfg.method!r} labels its images itself ({options_key}.{own}), and "
-                          "distill.soft_labels (--soft-labels) would overwrite them with the teacher's logits; drop "
-                          "--soft-labels / distill.soft_labels: true, or set "
-                          f"{options_key}.{method_cls.own_soft_labels_off(own)}")
+        raise ConfigError(own_labels_clash(cfg.method, method_cls, own, options_key))
     if (getattr(method_cls, "needs_teacher", False) or cfg.soft_labels) and teacher is None:
         raise DDKitError(f"method {cfg.method!r}{' with soft_labels' if cfg.soft_labels else ''} needs a teacher; pass "
                          "teacher= (CLI: --teacher DIR)")
@@ -297,11 +294,18 @@ def distill(
         info = ddist.current()
         distilled, failure = None, None
         try:
-            method = method_cls(method_cfg).fit(data, [teacher] if teacher is not None and reads else [], ctx)
+            method = fit_seeded(method_cls(method_cfg), data, [teacher] if teacher is not None and reads else [], ctx)
             # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
             # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
             if info.is_main:
                 synthetic = _fitted(method, cfg.method)
+                if cfg.soft_labels and synthetic.soft_labels is not None and not method_cls.stores_soft_labels(
+                        method_cfg):  # labels of its own that it does not declare: never replaced unannounced
+                    raise ConfigError(
+                        f"method {cfg.method!r} made soft labels of its own, and distill.soft_labels (--soft-labels) "
+                        "would overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: "
+                        "true to keep them (label mode stored trains with them), and declare them in the method's "
+                        "class (classmethod own_soft_labels), which ddkit run and bench read before the fit")
                 # the images as the set stores them (uint8: rounded), before the teacher labels them: stored labels
                 # describe the stored images (RDED and CV-DD label theirs in fit, with ctx.as_stored)
                 quantised = store_images(synthetic, cfg.image_dtype, data, cfg.method, to_dict(method_cfg), options_key)
@@ -344,6 +348,15 @@ def distill(
                 distilled = DistilledSet.load(out)  # rank 0's saved set, as rank 0 holds it
         distilled.path = Path(out).absolute() if out is not None else None
         return distilled
+
+
+def own_labels_clash(name: str, cls: type[Method], own: str, options_key: str = "distill.options") -> str:
+    """Why ``distill.soft_labels`` is refused for method ``name`` (class ``cls``), which labels its images itself as
+    ``own`` (:meth:`~ddkit.methods.Method.own_soft_labels`) says, and how to go on."""
+    off = cls.own_soft_labels_off(own)
+    where, keep = (f"{options_key}.{own}", f", or set {options_key}.{off}") if off else (own, "")
+    return (f"method {name!r} labels its images itself ({where}), and distill.soft_labels (--soft-labels) would "
+            f"overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: true{keep}")
 
 
 def _fitted(method: Any, name: str) -> SyntheticSet:
@@ -560,8 +573,10 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
             raise ConfigError(f"evaluate label mode {mode!r} needs a teacher but teacher is null; configure teacher: "
                               "or use label mode hard")
         if mode == "stored" and not (cfg.distill.soft_labels or method.stores_soft_labels(method_cfg)):
-            raise ConfigError("evaluate label mode 'stored' needs soft labels in the set; set "
-                              "distill.soft_labels: true")
+            raise ConfigError(f"evaluate label mode 'stored' needs soft labels in the set, and method "
+                              f"{cfg.distill.method!r} declares none of its own with these options; set "
+                              "distill.soft_labels: true (the teacher's logits), or, for a method that makes its own, "
+                              "declare them in its class (classmethod own_soft_labels)")
         if mode == "fkd":
             check_fkd(cfg, data, protocol)
         if mode not in UNLABELLED_BY_ENSEMBLE:  # hard and stored ask no extra teacher; the others after the set

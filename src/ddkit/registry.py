@@ -357,15 +357,25 @@ def _locate(name: str) -> tuple[str | None, list[str] | None]:
 
 def _is_own(name: str, file: str) -> bool:
     """Whether module ``name`` (at ``file``) is the user's own code: not ddkit, not the standard library,
-    not an installed package (site-packages, dist-packages), whose version is what identifies it."""
-    top = name.partition(".")[0]
-    if top == "ddkit" or top in sys.stdlib_module_names:
+    not an installed package (site-packages, dist-packages), whose version is what identifies it. Decided by
+    where the file is, not by the name: a module of the user's named like one of the standard library
+    (``trace.py``, ``test.py`` beside the plugin) is theirs."""
+    if name.partition(".")[0] == "ddkit":
         return False
-    parts = os.path.normpath(os.path.abspath(file)).split(os.sep)
+    where = os.path.realpath(file)
+    parts = where.split(os.sep)
     if "site-packages" in parts or "dist-packages" in parts:
         return False
-    stdlib = os.path.normpath(sysconfig.get_paths()["stdlib"]) + os.sep
-    return not os.path.abspath(file).startswith(stdlib)
+    return not where.startswith(_stdlib_folders())
+
+
+@functools.cache
+def _stdlib_folders() -> tuple[str, ...]:
+    """The folders of the standard library, pure and platform-specific (``lib64/.../lib-dynload`` on some
+    systems), of the installation a virtual environment was made from, links resolved, each ending in a
+    separator."""
+    paths = sysconfig.get_paths(vars={"base": sys.base_prefix, "platbase": sys.base_exec_prefix})
+    return tuple(sorted({os.path.join(os.path.realpath(paths[key]), "") for key in ("stdlib", "platstdlib")}))
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's default repr: another text in every process

@@ -4,8 +4,10 @@
     from ddkit.testing import check_method
     check_method("myherding")  # raises ContractError naming the first broken promise
 
-On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny teacher trained for it,
-with the method's ``smoke_options``, :func:`check_output` checks shapes, finite pixels, the label range,
+On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny teacher trained for it
+(``tiny_convnet``, no BatchNorm; ``data=`` and ``teacher=`` replace them), with the method's ``smoke_options`` (a
+class attribute: options for a seconds-long run there, e.g. fewer iterations, ``stats: conv`` for a recover
+method, which the BatchNorm-less teacher needs), :func:`check_output` checks shapes, finite pixels, the label range,
 that the config is not mutated, that the same seed gives the same bytes (through the ``distill`` stage
 and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
 fit interrupted after its second iteration resumes to the uninterrupted result. The class attributes
@@ -77,14 +79,23 @@ def tiny_teacher(data, out: str | Path | None = None):
 def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = None, progress=None):
     from ddkit.config import from_dict, to_dict
     from ddkit.methods import FitContext
+    from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     before = copy.deepcopy(to_dict(cfg))
     ctx = FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed, work_dir=work_dir, progress=progress)
-    try:  # the teachers distill passes: none to a method that declares it reads none
-        method = cls(cfg).fit(data, [teacher] if cls.uses_teacher else [], ctx)
+    try:  # the teachers distill passes: none to a method that declares it reads none; seeded as distill seeds it
+        method = fit_seeded(cls(cfg), data, [teacher] if cls.uses_teacher else [], ctx)
     except Exception as exc:
         if cls.uses_teacher or not _fits_with_teacher(cls, key, data, teacher, seed):
+            if isinstance(exc, DDKitError) and not isinstance(exc, ContractError):  # it refuses the checks' run
+                raise ContractError(
+                    f"method {key!r} refuses the check's run with its smoke_options {dict(cls.smoke_options)} (tiny "
+                    "data, and check_method's own tiny_convnet teacher, without BatchNorm, unless teacher= is given): "
+                    f"{exc}; set the class attribute smoke_options to options that run there in seconds (e.g. "
+                    "{'stats': 'conv', 'iterations': 4}, as sre2l's), or pass check_method a data= / teacher= it can "
+                    "use"
+                ) from exc
             raise
         raise ContractError(f"method {key!r} declares `uses_teacher = False`, so distill gives its fit no teacher, but "
                             f"it fails without one ({type(exc).__name__}: {exc}) and not with one; drop `uses_teacher "
@@ -101,10 +112,11 @@ def _fits_with_teacher(cls, key: str, data, teacher, seed: int) -> bool:
     """Whether a fit of ``cls`` (that failed with no teacher) succeeds with ``teacher``: then it reads one."""
     from ddkit.config import from_dict
     from ddkit.methods import FitContext
+    from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     try:
-        cls(cfg).fit(data, [teacher], FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed))
+        fit_seeded(cls(cfg), data, [teacher], FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed))
     except Exception:  # it fails with a teacher too: its own error, not the contract's, is the one to report
         return False
     return True
@@ -138,7 +150,7 @@ def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
     import ddkit
     from ddkit.config import from_dict
     from ddkit.data.base import DatasetConfig
-    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.pipeline import DistillConfig, distill, own_labels_clash
 
     out = _fit(cls, key, data, teacher)
     if cls.uses_ipc:
@@ -184,14 +196,17 @@ def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
                  and _same_soft_labels(out, got_set),
                  f"method {key!r}: {what} differs from the first run with seed 0; draw all randomness from "
                  "ctx.seed (a torch.Generator), never from global state or the clock")
-    # a method that labels its images itself refuses the pipeline's teacher logits over them
-    own = cls.own_soft_labels(from_dict(cls.Config, dict(cls.smoke_options)))
+    # a method that labels its images itself says so (ddkit run and bench read it before the fit), and refuses the
+    # pipeline's teacher logits over them
+    smoke_cfg = from_dict(cls.Config, dict(cls.smoke_options))
+    own = cls.own_soft_labels(smoke_cfg)
+    _require(out.soft_labels is None or cls.stores_soft_labels(smoke_cfg),
+             f"method {key!r} made soft labels, but its class does not declare them: override the classmethod "
+             "own_soft_labels(cls, cfg) to return the option that makes them ('<option>: <value>', or 'always'), "
+             "so that ddkit run and bench take them for label mode stored and never overwrite them")
     if own is not None:
         _require(out.soft_labels is not None, f"method {key!r} says {own} makes soft labels but made none")
-        off = cls.own_soft_labels_off(own)
-        want = (f"labels its images itself (distill.options.{own}), and distill.soft_labels (--soft-labels) would "
-                "overwrite them with the teacher's logits; drop --soft-labels / distill.soft_labels: true, or set "
-                f"distill.options.{off}")
+        want = own_labels_clash(key, cls, own)
         try:
             distill(data, DistillConfig(method=key, ipc=IPC, soft_labels=True, options=options), dataset_cfg,
                     work_dir / "own", teacher)

@@ -709,6 +709,10 @@ def evaluate(
     t0 = time.perf_counter()
     ipc = distilled.ipc
     baseline = protocol.random_baseline and ipc is not None  # a set of every image (full) has no random subset
+    if protocol.random_baseline and ipc is None and len(distilled) != man["dataset"].get("train_size", len(distilled)):
+        log.warning("the %s set holds %d of the %d training images without an ipc (its method sets uses_ipc = False), "
+                    "so no random subset is evaluated beside it (random_baseline skipped): ddkit draws its random "
+                    "subsets ipc images per class", distilled.method, len(distilled), man["dataset"]["train_size"])
     # every student is one job (the distilled set's, then the random subsets'): each is trained whole by one rank
     # from its own seed, so its number depends on nothing else (not the other seeds, nor the baselines) and is cached
     # per student; students already cached are read, not trained; rank 0 decides which, so every rank deals the

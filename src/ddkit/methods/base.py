@@ -18,7 +18,7 @@ import torch
 
 from ddkit.config import absent_key_hint, from_dict
 from ddkit.data.base import DataBundle
-from ddkit.determinism import use_deterministic_cuda
+from ddkit.determinism import global_rng, use_deterministic_cuda
 from ddkit.errors import DataError, DDKitError
 from ddkit.registry import Registry
 
@@ -27,9 +27,9 @@ from ddkit.registry import Registry
 class SyntheticSet:
     """A method's output: pixel-space images, hard labels, optional soft-label logits, metadata.
 
-    ``meta`` is written to the set's JSON manifest, so it holds JSON values only: numbers, strings,
-    bools, None, lists and dicts of them (a tensor: ``.tolist()``; ``source_index``: the indices of
-    selected real training images)."""
+    ``meta`` is written to the set's JSON manifest, so it holds JSON values only: finite numbers, strings,
+    bools, None, lists and dicts of them with str keys (a tensor: ``.tolist()``; a NaN: None; ``source_index``:
+    the indices of selected real training images); the pipeline refuses anything else before it writes."""
 
     images: torch.Tensor  # [N, C, H, W] uint8 (real pixels) or float32 in ~[0, 1]
     labels: torch.Tensor  # int64 [N]
@@ -67,7 +67,12 @@ class Method:
     """Base class of a distillation method: a dataclass ``Config``, ``__init__(cfg)`` that stores it (a
     mapping is built into the Config), and ``fit(real, teachers, ctx) -> self`` that sets ``synthetic_``.
     The class attributes below tell the pipeline and the contract (:func:`ddkit.testing.check_method`) what
-    the method needs and promises."""
+    the method needs and promises.
+
+    A method whose ``synthetic_`` holds soft labels of its own (learned, expert or committee logits) says so in
+    :meth:`own_soft_labels`: ``ddkit run`` and ``bench`` then evaluate its sets in label mode ``stored`` with
+    those labels, and refuse ``distill.soft_labels`` (the teacher's logits), which would replace them.
+    Undeclared, such labels are refused under ``distill.soft_labels`` after the fit, and the contract fails."""
 
     Config: ClassVar[type]
     needs_teacher: ClassVar[bool] = False
@@ -117,9 +122,12 @@ class Method:
 
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
-        """The option that makes this method label its images itself (learned, expert or committee
-        logits) as ``"<option>: <value>"``, or None; the pipeline's ``soft_labels`` (the teacher's
-        logits) would overwrite them."""
+        """Whether this method, with ``cfg`` (its Config), labels its images itself (learned, expert or committee
+        logits, in ``synthetic_.soft_labels``): the option that makes it do so as ``"<option>: <value>"``
+        (``"learn_labels: true"``), ``"always"`` for a method that always does, or None (the default: it makes
+        none). Errors name the option; the pipeline's ``soft_labels`` (the teacher's logits) would overwrite
+        the labels, so it is refused for them, and label mode ``stored`` takes them in ``ddkit run`` / ``bench``.
+        E.g. ``return "soft_labels: true" if cfg.soft_labels else None``."""
         return None
 
     @classmethod
@@ -129,9 +137,12 @@ class Method:
         return cls.own_soft_labels(cfg) is not None
 
     @classmethod
-    def own_soft_labels_off(cls, own: str) -> str:
+    def own_soft_labels_off(cls, own: str) -> str | None:
         """The setting that turns off the method's own labels that ``own`` (from :meth:`own_soft_labels`)
-        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none."""
+        names: ``"<option>: false"`` for a switch, ``"<option>: none"`` for a choice that has none; None for a
+        method that always makes them (``own`` names no option)."""
+        if ":" not in own:
+            return None
         option = own.split(":")[0].strip()
         hint = get_type_hints(cls.Config).get(option)
         if hint is bool:
@@ -142,6 +153,16 @@ class Method:
 
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> Method:  # pragma: no cover
         raise NotImplementedError
+
+
+def fit_seeded(method: Method, real: DataBundle, teachers: list, ctx: FitContext) -> Method:
+    """``method.fit(real, teachers, ctx)`` with torch's global generators (the CPU's and ``ctx.device``'s) seeded
+    with ``ctx.seed`` for its span (:func:`~ddkit.determinism.global_rng`), as the other stages seed theirs: a method
+    drawing from them (``torch.rand`` without a generator, a network's initial weights or dropout) makes the same set
+    for the same seed; the caller's generator states come back after. What ddkit's own methods draw comes from
+    generators of their own, so their sets are the same as without it."""
+    with global_rng(ctx.seed, ctx.device):
+        return method.fit(real, teachers, ctx)
 
 
 def _check_method(name: str, obj: object) -> None:
