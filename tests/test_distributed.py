@@ -456,3 +456,58 @@ def test_a_set_rank_0_refuses_stops_every_rank_with_its_error(tmp_path):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"refused{rank}.json").read_text()) == "the set holds NaN pixels; fix the method"
     assert not (tmp_path / "d").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _teacher_cfg():
+    from ddkit.teacher import TeacherConfig
+
+    return TeacherConfig(model="convnet1-w4-bn", train={"epochs": 3, "batch_size": 8})
+
+
+def _teacher_world_rank(rank: int, store_path: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data import make_synthetic
+    from ddkit.teacher import train_teacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=2, image_size=8)
+        train_teacher(data, _teacher_cfg(), f"{out}/t")  # beside the 1-process run's checkpoint
+        train_teacher(data, _teacher_cfg(), f"{out}/fresh")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_a_teacher_checkpoint_of_another_world_size_is_not_resumed(tmp_path):
+    """A BatchNorm teacher trains differently on 2 ranks: a 1-process run's epoch checkpoint resumed by a
+    2-rank run gave weights that neither run gives. The 2-rank run starts afresh (as a recover method's
+    synthesis does), discards the other checkpoint and gives the uninterrupted 2-rank weights."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from ddkit.data import make_synthetic
+    from ddkit.teacher import train_teacher
+
+    def stop(epoch, total, record):
+        if epoch == 1:
+            raise _Stop
+
+    data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=2, image_size=8)
+    with pytest.raises(_Stop):
+        train_teacher(data, _teacher_cfg(), tmp_path / "t", progress=stop)
+    assert len(list(tmp_path.glob(".t.resume-*.pt"))) == 1
+    mp.spawn(_teacher_world_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    resumed, fresh = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("t", "fresh"))
+    assert resumed.keys() == fresh.keys()
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    assert list(tmp_path.glob(".t.resume-*")) == []
+    assert json.loads((tmp_path / "t/manifest.json").read_text())["run"]["world_size"] == 2

@@ -488,7 +488,8 @@ def train_teacher(
     :class:`TeacherConfig` or a dict of its settings).
 
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
-    until the artifact is written. Under torchrun the training is data-parallel.
+    until the artifact is written; a re-run with another number of torchrun processes starts afresh.
+    Under torchrun the training is data-parallel.
     """
     check_bundle(data)
     cfg = as_config(TeacherConfig, cfg, "teacher")
@@ -514,7 +515,8 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         if info.is_main:  # as distill's: another setting's checkpoint cannot be resumed here, and would stay for good
             for stale in out.parent.glob(f".{glob.escape(work_name(out.name))}.resume-*.pt"):
                 if stale != state_path:
-                    log.info("discarding %s: the checkpoint of a teacher with other settings", stale.name)
+                    log.info("discarding %s: the checkpoint of a teacher with other settings or another number "
+                             "of processes", stale.name)
                     stale.unlink(missing_ok=True)
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train),
              cfg.train.epochs)
@@ -553,8 +555,12 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
 
 
 def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
-    """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data``."""
+    """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data`` by this
+    number of processes (a single process's keeps its name from before the number was counted)."""
     parts = [cfg, data.fingerprint, data.normalisation]
+    world = ddist.current().world_size
+    if world > 1:  # as a recover method's: the number of ranks changes the training (BatchNorm, summation order)
+        parts.append({"world": world})
     if sha := model_source(cfg.model).get("source_sha256"):  # a plugin model's edit does not resume the old one
         parts.append(sha)
     return hidden_path(out, f".resume-{config_hash(parts)}.pt")
