@@ -38,6 +38,7 @@ from ddkit.artifacts import (
     save_tensors,
     work_name,
     write_json,
+    writing,
 )
 from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
 from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
@@ -488,20 +489,33 @@ def train_teacher(
     :class:`TeacherConfig` or a dict of its settings).
 
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
-    until the artifact is written; a re-run with another number of torchrun processes starts afresh.
+    until the artifact is written; a re-run with another number of torchrun processes starts afresh. A
+    second call training into the same ``out`` meanwhile is refused (:class:`~ddkit.artifacts.OutputBusy`).
     Under torchrun the training is data-parallel.
     """
     check_bundle(data)
     cfg = as_config(TeacherConfig, cfg, "teacher")
     device = ddist.resolve_device(device)
-    if out is not None:
-        check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
+    if out is None:
+        return _train_or_import(data, cfg, out, device, progress)
+    check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
+    # another teacher trained into this --out would replace this one's under it: it refuses at once, as distill's
+    lock = hidden_path(Path(out), ".work")
+    with writing(lock, out):
+        teacher = _train_or_import(data, cfg, out, device, progress)
+        if ddist.current().is_main:  # the lock folder a killed run left
+            with contextlib.suppress(OSError):
+                lock.rmdir()
+    return teacher
+
+
+def _train_or_import(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device: torch.device,
+                     progress: Callable[[int, int, dict], None] | None) -> Teacher:
     if cfg.checkpoint:
         return import_teacher(data, cfg, out, device)
-    info = ddist.current()
     # the initial weights and the training's dropout masks come from cfg.seed: one span under global_rng
     with global_rng(cfg.seed, device):
-        return _train(data, cfg, out, device, progress, info)
+        return _train(data, cfg, out, device, progress, ddist.current())
 
 
 def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device: torch.device,
