@@ -511,3 +511,64 @@ def test_a_teacher_checkpoint_of_another_world_size_is_not_resumed(tmp_path):
     assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
     assert list(tmp_path.glob(".t.resume-*")) == []
     assert json.loads((tmp_path / "t/manifest.json").read_text())["run"]["world_size"] == 2
+
+
+def _disagree_rank(rank: int, store_path: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.errors import DDKitError
+    from ddkit.evaluate import evaluate
+    from ddkit.labels import relabel
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    # ranks that went on with their own settings could wait for each other: a short timeout fails them
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        data = load_dataset(DatasetConfig(name="synthetic", train_per_class=8, test_per_class=2))
+        with ddist.single_process():  # the same inputs on both ranks, made apart
+            teacher = train_teacher(data, {"model": "tiny_convnet", "train": {"epochs": 1}}, f"{out}/t{rank}")
+            made = distill(data, DistillConfig(method="random", ipc=2), out=f"{out}/set{rank}")
+        results = [ddist.agree_settings({"a": {"x": 1, "y": [2, 3]}, "b": None})]
+        calls = {  # each stage with one setting given to rank 1 alone
+            "settings": lambda: ddist.agree_settings({"a": {"x": 1, "y": rank}, "b": {"c": rank}}),
+            "distill": lambda: distill(data, DistillConfig(method="random", ipc=2, seed=rank), out=f"{out}/d"),
+            "teacher": lambda: train_teacher(data, TeacherConfig(model="tiny_convnet", seed=rank), f"{out}/t"),
+            "relabel": lambda: relabel(made, teacher, 2, top_k=1 + rank, out=f"{out}/f"),
+            "evaluate": lambda: evaluate(made, {"student": "tiny_convnet", "train": {"epochs": 1 + rank}}, [0],
+                                         data=data, out=f"{out}/e.json"),
+        }
+        for call in calls.values():
+            try:
+                call()
+                results.append("ran")
+            except DDKitError as exc:
+                results.append(str(exc))
+        with open(f"{out}/disagree{rank}.json", "w") as f:
+            json.dump(results, f)
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_ranks_started_with_different_settings_stop_naming_them(tmp_path):
+    """Ranks given different settings (another seed, option or epoch count on one rank) each made their share
+    of the work with their own, and rank 0 recorded only its own: a set half of one seed and half of another,
+    a report whose students trained for different epochs. Every stage now stops every rank first, in one line
+    naming the settings, and writes nothing."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_disagree_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    said = ("the ranks of this torchrun job were started with different settings (they differ in {}); give every "
+            "rank the same command, data and teacher")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"disagree{rank}.json").read_text())
+        assert got == [None, said.format("a.y, b.c"), said.format("distill.seed"), said.format("teacher.seed"),
+                       said.format("relabel.top_k"), said.format("protocol.train.epochs")]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("store", "disagree"))) == [
+        "set0", "set1", "t0", "t1"]

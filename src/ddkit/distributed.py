@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,6 +157,37 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * info.world_size
     dist.all_gather_object(out, obj)
     return out
+
+
+def agree_settings(settings: Mapping[str, Any]) -> None:
+    """Stop every rank, in one line naming the settings that differ, when the ranks of this torchrun job
+    were given different ``settings`` for the stage that calls this first (a no-op in a single process).
+
+    ``settings``: what decides the stage's result, by the name an error gives it (``{"distill": cfg,
+    "dataset": data.fingerprint, "teacher": ...}``); dicts and dataclasses in it are compared setting by
+    setting and named by dotted key (``distill.options.lr``). Each rank builds its share of the work from its
+    own command line and rank 0 alone records its settings, so ranks started with another seed, option or
+    epoch count would make an artifact that no recorded setting describes. One all-gather of a short digest
+    per setting."""
+    if not current().enabled:
+        return
+    from ddkit.config import config_hash, to_dict
+
+    def flat(value: Any, name: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                yield from flat(item, f"{name}.{key}")
+        else:
+            yield name, value
+
+    mine = {name: config_hash(value) for key, value in to_dict(dict(settings)).items() for name, value in
+            flat(value, key)}
+    every = all_gather_objects(mine)
+    differ = sorted({name for digests in every for name in digests if any(d.get(name) != digests[name] for d in every)})
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise DDKitError(f"the ranks of this torchrun job were started with different settings (they differ in "
+                         f"{shown}); give every rank the same command, data and teacher")
 
 
 def agree_found(found: bool, what: str, folder: str | Path) -> bool:

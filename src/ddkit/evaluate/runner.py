@@ -608,6 +608,12 @@ def evaluate(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
             f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
         )
+    from ddkit.labels.fkd import distilled_fingerprint
+
+    # every rank trains its share of the students: with another protocol or seeds the report would mix them
+    ddist.agree_settings({"protocol": protocol, "seeds": seeds, "set": distilled_fingerprint(distilled),
+                          "dataset": [data.fingerprint, data.normalisation],
+                          "teacher": getattr(teacher, "fingerprint", None)})
     if protocol.random_baseline and distilled.ipc is not None:
         check_random_ipc(data, distilled.ipc)
     mode = protocol.label_mode

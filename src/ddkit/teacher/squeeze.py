@@ -496,6 +496,7 @@ def train_teacher(
     check_bundle(data)
     cfg = as_config(TeacherConfig, cfg, "teacher")
     device = ddist.resolve_device(device)
+    ddist.agree_settings({"teacher": cfg, "dataset": [data.fingerprint, data.normalisation]})
     if out is None:
         return _train_or_import(data, cfg, out, device, progress)
     check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
