@@ -345,6 +345,11 @@ def _agree_rank(rank: int, store_path: str, out: str) -> None:
             results.append("agreed")
         except DDKitError as exc:
             results.append(str(exc))
+        try:  # ranks that loaded different data look for different entries, whatever they found
+            ddist.agree_found(rank == 0, f"the real-data statistics k{rank}", "/c")
+            results.append("agreed")
+        except DDKitError as exc:
+            results.append(str(exc))
         # the full-data reference: filled by both ranks in a shared cache, then looked up with rank 1's
         # own empty cache (it trained in collectives that rank 0, returning from its cache, never joined)
         data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=4, image_size=8)
@@ -376,9 +381,12 @@ def test_ranks_that_see_different_caches_stop_with_the_fix(tmp_path):
             "($DDKIT_CACHE, or the option that named it)")
     for rank in (0, 1):
         got = json.loads((tmp_path / f"agree{rank}.json").read_text())
-        assert got[:4] == [True, False, want, 1]
+        other = ("the ranks of this torchrun job look for different cache entries (ranks [0]: the real-data "
+                 "statistics k0; ranks [1]: the real-data statistics k1): they loaded different data or teachers; give "
+                 "every rank the same --dataset and --data-path (the same files on every node), settings and teacher")
+        assert got[:5] == [True, False, want, other, 1]
         assert re.fullmatch(r"the ranks of this torchrun job disagree on whether the full-data reference \w+\.json "
-                            r"exists", got[4]), got[4]
+                            r"exists", got[5]), got[5]
 
 
 def _import_rank(rank: int, store_path: str, out: str) -> None:

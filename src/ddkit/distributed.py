@@ -193,8 +193,17 @@ def agree_settings(settings: Mapping[str, Any]) -> None:
 def agree_found(found: bool, what: str, folder: str | Path) -> bool:
     """``found`` (whether this rank found the cached ``what`` in the cache ``folder`` on its disk),
     checked to be every rank's: ranks that disagree would take different paths (load it, or build it
-    in collectives) and hang, as happens when the nodes of a job each keep their own cache."""
-    flags = all_gather_objects(bool(found))
+    in collectives) and hang, as happens when the nodes of a job each keep their own cache. ``what`` names the
+    entry by its key: ranks that look for different entries loaded different data (or teachers), which a shared
+    cache folder would not mend, and stop saying so."""
+    gathered = all_gather_objects((bool(found), str(what)))
+    flags, names = [f for f, _ in gathered], [n for _, n in gathered]
+    if len(set(names)) > 1:
+        each = "; ".join(f"ranks {[r for r, n in enumerate(names) if n == name]}: {name}"
+                         for name in dict.fromkeys(names))
+        raise DDKitError(f"the ranks of this torchrun job look for different cache entries ({each}): they loaded "
+                         "different data or teachers; give every rank the same --dataset and --data-path (the same "
+                         "files on every node), settings and teacher")
     if len(set(flags)) > 1:
         have = [r for r, f in enumerate(flags) if f]
         lack = [r for r, f in enumerate(flags) if not f]
