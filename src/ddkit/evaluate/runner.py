@@ -167,6 +167,9 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
                         try:
                             labels = SoftLabelStore.load(out)
                             labels.check_matches(ds, teacher)
+                            # epochs a kill between the save and their removal left: under this lock no one
+                            # else writes them, and nothing would remove them once the student is cached
+                            shutil.rmtree(work, ignore_errors=True)
                             return ds, labels
                         except DDKitError as e:
                             log.warning("%s; labelling the random subset again", str(e).split(";")[0])
