@@ -1108,6 +1108,7 @@ def test_torchrun_ranks_share_out_students_not_seeds(setup, tiny_protocol, tmp_p
     monkeypatch.setattr(runner.ddist, "broadcast_object", lambda obj, src=0: cached)  # rank 0's view of the cache
     rank0 = {}
     monkeypatch.setattr(runner.ddist, "all_gather_objects", lambda local: [rank0, local])
+    monkeypatch.setattr(runner.ddist, "agree_settings", lambda settings: None)  # rank 0 was given the same
 
     # jobs d0 d1 d2 r0 r1 r2: rank 1 trains d1, r0, r2
     rank0.update({("distilled", 0): 0.5, ("distilled", 2): 2.5, ("random", 1): 1.25})
