@@ -345,6 +345,11 @@ def _agree_rank(rank: int, store_path: str, out: str) -> None:
             results.append("agreed")
         except DDKitError as exc:
             results.append(str(exc))
+        try:  # ranks that loaded different data look for different entries, whatever they found
+            ddist.agree_found(rank == 0, f"the real-data statistics k{rank}", "/c")
+            results.append("agreed")
+        except DDKitError as exc:
+            results.append(str(exc))
         # the full-data reference: filled by both ranks in a shared cache, then looked up with rank 1's
         # own empty cache (it trained in collectives that rank 0, returning from its cache, never joined)
         data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=4, image_size=8)
@@ -376,9 +381,12 @@ def test_ranks_that_see_different_caches_stop_with_the_fix(tmp_path):
             "($DDKIT_CACHE, or the option that named it)")
     for rank in (0, 1):
         got = json.loads((tmp_path / f"agree{rank}.json").read_text())
-        assert got[:4] == [True, False, want, 1]
+        other = ("the ranks of this torchrun job look for different cache entries (ranks [0]: the real-data "
+                 "statistics k0; ranks [1]: the real-data statistics k1): they loaded different data or teachers; give "
+                 "every rank the same --dataset and --data-path (the same files on every node), settings and teacher")
+        assert got[:5] == [True, False, want, other, 1]
         assert re.fullmatch(r"the ranks of this torchrun job disagree on whether the full-data reference \w+\.json "
-                            r"exists", got[4]), got[4]
+                            r"exists", got[5]), got[5]
 
 
 def _import_rank(rank: int, store_path: str, out: str) -> None:
@@ -456,3 +464,119 @@ def test_a_set_rank_0_refuses_stops_every_rank_with_its_error(tmp_path):
     for rank in (0, 1):
         assert json.loads((tmp_path / f"refused{rank}.json").read_text()) == "the set holds NaN pixels; fix the method"
     assert not (tmp_path / "d").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _teacher_cfg():
+    from ddkit.teacher import TeacherConfig
+
+    return TeacherConfig(model="convnet1-w4-bn", train={"epochs": 3, "batch_size": 8})
+
+
+def _teacher_world_rank(rank: int, store_path: str, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data import make_synthetic
+    from ddkit.teacher import train_teacher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    try:
+        data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=2, image_size=8)
+        train_teacher(data, _teacher_cfg(), f"{out}/t")  # beside the 1-process run's checkpoint
+        train_teacher(data, _teacher_cfg(), f"{out}/fresh")
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_a_teacher_checkpoint_of_another_world_size_is_not_resumed(tmp_path):
+    """A BatchNorm teacher trains differently on 2 ranks: a 1-process run's epoch checkpoint resumed by a
+    2-rank run gave weights that neither run gives. The 2-rank run starts afresh (as a recover method's
+    synthesis does), discards the other checkpoint and gives the uninterrupted 2-rank weights."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from ddkit.data import make_synthetic
+    from ddkit.teacher import train_teacher
+
+    def stop(epoch, total, record):
+        if epoch == 1:
+            raise _Stop
+
+    data = make_synthetic(num_classes=2, train_per_class=8, test_per_class=2, image_size=8)
+    with pytest.raises(_Stop):
+        train_teacher(data, _teacher_cfg(), tmp_path / "t", progress=stop)
+    assert len(list(tmp_path.glob(".t.resume-*.pt"))) == 1
+    mp.spawn(_teacher_world_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    resumed, fresh = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("t", "fresh"))
+    assert resumed.keys() == fresh.keys()
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    assert list(tmp_path.glob(".t.resume-*")) == []
+    assert json.loads((tmp_path / "t/manifest.json").read_text())["run"]["world_size"] == 2
+
+
+def _disagree_rank(rank: int, store_path: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    from ddkit import distributed as ddist
+    from ddkit.data.base import DatasetConfig, load_dataset
+    from ddkit.errors import DDKitError
+    from ddkit.evaluate import evaluate
+    from ddkit.labels import relabel
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher import TeacherConfig, train_teacher
+
+    # ranks that went on with their own settings could wait for each other: a short timeout fails them
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        data = load_dataset(DatasetConfig(name="synthetic", train_per_class=8, test_per_class=2))
+        with ddist.single_process():  # the same inputs on both ranks, made apart
+            teacher = train_teacher(data, {"model": "tiny_convnet", "train": {"epochs": 1}}, f"{out}/t{rank}")
+            made = distill(data, DistillConfig(method="random", ipc=2), out=f"{out}/set{rank}")
+        results = [ddist.agree_settings({"a": {"x": 1, "y": [2, 3]}, "b": None})]
+        calls = {  # each stage with one setting given to rank 1 alone
+            "settings": lambda: ddist.agree_settings({"a": {"x": 1, "y": rank}, "b": {"c": rank}}),
+            "distill": lambda: distill(data, DistillConfig(method="random", ipc=2, seed=rank), out=f"{out}/d"),
+            "teacher": lambda: train_teacher(data, TeacherConfig(model="tiny_convnet", seed=rank), f"{out}/t"),
+            "relabel": lambda: relabel(made, teacher, 2, top_k=1 + rank, out=f"{out}/f"),
+            "evaluate": lambda: evaluate(made, {"student": "tiny_convnet", "train": {"epochs": 1 + rank}}, [0],
+                                         data=data, out=f"{out}/e.json"),
+        }
+        for call in calls.values():
+            try:
+                call()
+                results.append("ran")
+            except DDKitError as exc:
+                results.append(str(exc))
+        with open(f"{out}/disagree{rank}.json", "w") as f:
+            json.dump(results, f)
+    finally:
+        ddist.shutdown()
+    os._exit(0)  # see _train_bn_rank
+
+
+def test_ranks_started_with_different_settings_stop_naming_them(tmp_path):
+    """Ranks given different settings (another seed, option or epoch count on one rank) each made their share
+    of the work with their own, and rank 0 recorded only its own: a set half of one seed and half of another,
+    a report whose students trained for different epochs. Every stage now stops every rank first, in one line
+    naming the settings, and writes nothing."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_disagree_rank, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    said = ("the ranks of this torchrun job were started with different settings (they differ in {}); give every "
+            "rank the same command, data and teacher")
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"disagree{rank}.json").read_text())
+        assert got == [None, said.format("a.y, b.c"), said.format("distill.seed"), said.format("teacher.seed"),
+                       said.format("relabel.top_k"), said.format("protocol.train.epochs")]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(("store", "disagree"))) == [
+        "set0", "set1", "t0", "t1"]

@@ -185,6 +185,37 @@ def test_fkd_baseline_labels_that_cannot_be_cached_are_made_in_memory(setup, tin
     assert not list(cache.rglob("*.fkd")) and not list(cache.rglob("*.partial*"))  # no epochs left behind
 
 
+def test_fkd_baseline_epochs_a_kill_left_beside_the_whole_labels_are_removed(setup, tiny_protocol, tmp_path,
+                                                                             monkeypatch):
+    """A kill between the random subset's FKD labels' save and the removal of their epochs left the hidden
+    ``.KEY.fkd.partial`` folder: the next run found the labels whole and used them, cached the student, and the
+    epochs stayed in the cache for good. The run that finds the labels whole removes them."""
+    import ddkit.labels as labels_pkg
+    from ddkit.labels import relabel
+
+    data, teacher, ds, _ = setup
+    relabel(ds, teacher, epochs=2, augment="rrc_flip", seed=0).save(tmp_path / "fkd")
+    proto = resolve_protocol(tiny_protocol, {"label_mode": "fkd", "fkd_store": str(tmp_path / "fkd"),
+                                             "full_reference": False, "train": {"epochs": 2}})
+    want = evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=tmp_path / "ok")
+    cache, real = tmp_path / "killed", labels_pkg.relabel
+
+    def killed_after_the_save(*a, work_dir=None, **k):
+        real(*a, work_dir=work_dir, **k)
+        (Path(work_dir) / "relabel-x").mkdir(parents=True)  # the epochs the kill kept from their removal
+        (Path(work_dir) / "relabel-x" / "epoch_00000.safetensors").write_bytes(b"x")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(labels_pkg, "relabel", killed_after_the_save)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=cache)
+    assert len(list(cache.glob("random-baseline/.*.fkd.partial/relabel-x/*"))) == 1
+    monkeypatch.setattr(labels_pkg, "relabel", real)
+    assert evaluate(ds, proto, [0], data=data, teacher=teacher, cache_dir=cache)["results"] == want["results"]
+    left = [p.name for p in (cache / "random-baseline").iterdir()]
+    assert len(left) == 1 and left[0].endswith(".json") and not left[0].startswith("."), left
+
+
 def test_fkd_baseline_labels_on_a_full_cache_disk_are_made_in_memory(setup, tiny_protocol, tmp_path, monkeypatch,
                                                                       caplog):
     """The safetensors writer reports a full disk as a one-line DDKitError (save_tensors), which the fallback
@@ -1077,6 +1108,7 @@ def test_torchrun_ranks_share_out_students_not_seeds(setup, tiny_protocol, tmp_p
     monkeypatch.setattr(runner.ddist, "broadcast_object", lambda obj, src=0: cached)  # rank 0's view of the cache
     rank0 = {}
     monkeypatch.setattr(runner.ddist, "all_gather_objects", lambda local: [rank0, local])
+    monkeypatch.setattr(runner.ddist, "agree_settings", lambda settings: None)  # rank 0 was given the same
 
     # jobs d0 d1 d2 r0 r1 r2: rank 1 trains d1, r0, r2
     rank0.update({("distilled", 0): 0.5, ("distilled", 2): 2.5, ("random", 1): 1.25})

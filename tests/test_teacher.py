@@ -280,6 +280,31 @@ def test_resume_after_interruption_matches(tiny, tmp_path):
     assert not any(".resume-" in p.name for p in tmp_path.iterdir())
 
 
+def test_a_second_teacher_to_the_same_out_is_refused_at_once(tiny, tmp_path):
+    """Two teachers trained into one --out at once: the last save won, while the first reported a folder
+    that held the other's teacher. The second refuses at once, as a second distill does, and writes nothing."""
+    from ddkit.artifacts import OutputBusy
+
+    out = tmp_path / "t"
+    cfg = _cfg(train=TrainConfig(epochs=2, batch_size=32, lr=0.05))
+    refused = []
+
+    def second(epoch, total, record):
+        if epoch == 1:  # another call, from this one's progress, while the first trains
+            with pytest.raises(OutputBusy) as info:
+                train_teacher(tiny, dataclasses.replace(cfg, seed=1), out)
+            refused.append(str(info.value))
+
+    first = train_teacher(tiny, cfg, out, progress=second)
+    assert refused == [f"another ddkit call (in this process or another) is writing {str(out)!r}; wait for it or "
+                       "choose another --out"]
+    assert Teacher.load(out).fingerprint == first.fingerprint and first.manifest["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]  # no lock folder or checkpoint left
+    (tmp_path / ".t.work").mkdir()  # the lock folder of a killed run goes with the next one
+    train_teacher(tiny, cfg, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+
+
 def test_distill_hash_follows_extra_teachers_weights_not_paths(tmp_path):
     from ddkit.pipeline import DistillConfig, distill_hash
 

@@ -986,6 +986,8 @@ def run_bench(cfg: BenchConfig, progress: BenchProgress | None = None,
     cell files).
     """
     bench = _Bench(cfg, progress_form(stage_progress, "run_bench", "stage_progress"))
+    ddist.agree_settings({"bench": cfg,
+                          "datasets": {n: [d.fingerprint, d.normalisation] for n, d in bench.data.items()}})
     # the bench folder is locked for the whole job (its rank 0 holds it for every rank): a second bench there would
     # replace the teachers and cells this one reads back
     with writing(bench.root, cfg.out):

@@ -12,7 +12,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,11 +159,51 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def agree_settings(settings: Mapping[str, Any]) -> None:
+    """Stop every rank, in one line naming the settings that differ, when the ranks of this torchrun job
+    were given different ``settings`` for the stage that calls this first (a no-op in a single process).
+
+    ``settings``: what decides the stage's result, by the name an error gives it (``{"distill": cfg,
+    "dataset": data.fingerprint, "teacher": ...}``); dicts and dataclasses in it are compared setting by
+    setting and named by dotted key (``distill.options.lr``). Each rank builds its share of the work from its
+    own command line and rank 0 alone records its settings, so ranks started with another seed, option or
+    epoch count would make an artifact that no recorded setting describes. One all-gather of a short digest
+    per setting."""
+    if not current().enabled:
+        return
+    from ddkit.config import config_hash, to_dict
+
+    def flat(value: Any, name: str) -> Iterator[tuple[str, Any]]:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                yield from flat(item, f"{name}.{key}")
+        else:
+            yield name, value
+
+    mine = {name: config_hash(value) for key, value in to_dict(dict(settings)).items() for name, value in
+            flat(value, key)}
+    every = all_gather_objects(mine)
+    differ = sorted({name for digests in every for name in digests if any(d.get(name) != digests[name] for d in every)})
+    if differ:
+        shown = ", ".join(differ[:6]) + (f" and {len(differ) - 6} more" if len(differ) > 6 else "")
+        raise DDKitError(f"the ranks of this torchrun job were started with different settings (they differ in "
+                         f"{shown}); give every rank the same command, data and teacher")
+
+
 def agree_found(found: bool, what: str, folder: str | Path) -> bool:
     """``found`` (whether this rank found the cached ``what`` in the cache ``folder`` on its disk),
     checked to be every rank's: ranks that disagree would take different paths (load it, or build it
-    in collectives) and hang, as happens when the nodes of a job each keep their own cache."""
-    flags = all_gather_objects(bool(found))
+    in collectives) and hang, as happens when the nodes of a job each keep their own cache. ``what`` names the
+    entry by its key: ranks that look for different entries loaded different data (or teachers), which a shared
+    cache folder would not mend, and stop saying so."""
+    gathered = all_gather_objects((bool(found), str(what)))
+    flags, names = [f for f, _ in gathered], [n for _, n in gathered]
+    if len(set(names)) > 1:
+        each = "; ".join(f"ranks {[r for r, n in enumerate(names) if n == name]}: {name}"
+                         for name in dict.fromkeys(names))
+        raise DDKitError(f"the ranks of this torchrun job look for different cache entries ({each}): they loaded "
+                         "different data or teachers; give every rank the same --dataset and --data-path (the same "
+                         "files on every node), settings and teacher")
     if len(set(flags)) > 1:
         have = [r for r, f in enumerate(flags) if f]
         lack = [r for r, f in enumerate(flags) if not f]

@@ -263,6 +263,8 @@ def distill(
     teacher = as_teacher(teacher, device)  # a teacher artifact's folder is loaded (after the options are checked)
     if teacher is not None:
         teacher.check_compatible(data)
+    ddist.agree_settings({"distill": cfg, "dataset": [data.fingerprint, data.normalisation],
+                          "teacher": getattr(teacher, "fingerprint", None)})
     own = method_cls.own_soft_labels(method_cfg)
     if cfg.soft_labels and own is not None:
         raise ConfigError(own_labels_clash(cfg.method, method_cls, own, options_key))
@@ -655,6 +657,7 @@ def run(
     log.info("dataset %s: %d train / %d test images, fingerprint %s", data.name, len(data.train), len(data.test),
              data.fingerprint)
     check_run(cfg, data)
+    ddist.agree_settings({"run": cfg, "dataset": [data.fingerprint, data.normalisation]})
     # the whole run under one lock on its folder: a second run to this out refuses before it writes anything (its
     # teacher would replace this one's, which the evaluations record); a folder made here that the run leaves
     # empty (it failed) goes with the lock

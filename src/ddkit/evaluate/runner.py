@@ -167,6 +167,9 @@ def _relabel_like(store, subset: ImageSet, data: DataBundle, teacher, seed: int,
                         try:
                             labels = SoftLabelStore.load(out)
                             labels.check_matches(ds, teacher)
+                            # epochs a kill between the save and their removal left: under this lock no one
+                            # else writes them, and nothing would remove them once the student is cached
+                            shutil.rmtree(work, ignore_errors=True)
                             return ds, labels
                         except DDKitError as e:
                             log.warning("%s; labelling the random subset again", str(e).split(";")[0])
@@ -609,6 +612,12 @@ def evaluate(
             f"distilled set was made from {man['dataset']['name']!r} data with fingerprint "
             f"{man['dataset']['fingerprint']} but the loaded data has {data.fingerprint}; {fix}"
         )
+    from ddkit.labels.fkd import distilled_fingerprint
+
+    # every rank trains its share of the students: with another protocol or seeds the report would mix them
+    ddist.agree_settings({"protocol": protocol, "seeds": seeds, "set": distilled_fingerprint(distilled),
+                          "dataset": [data.fingerprint, data.normalisation],
+                          "teacher": getattr(teacher, "fingerprint", None)})
     if protocol.random_baseline and distilled.ipc is not None:
         check_random_ipc(data, distilled.ipc)
     mode = protocol.label_mode

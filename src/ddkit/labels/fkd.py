@@ -709,6 +709,7 @@ def relabel(
         from ddkit.teacher.squeeze import weights_sha
 
         teacher_fp = weights_sha(model)
+    ddist.agree_settings({"relabel": config, "set": fingerprint, "teacher": teacher_fp})
     own_work = out is not None and work_dir is None
     if out is not None:
         out = Path(out)

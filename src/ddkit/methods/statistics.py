@@ -394,6 +394,8 @@ def real_statistics(
     root = Path(cache_dir) if cache_dir is not None else cache_dir_of("statistics")
     path = root / statistics_key(teacher, real, keys, patch_size)
     info = ddist.current()
+    ddist.agree_settings({"statistics": {"batch_size": batch_size, "patch_size": patch_size, "layers": keys},
+                          "dataset": [real.fingerprint, real.normalisation], "teacher": teacher.fingerprint})
     with build_lock(path) as waited:  # one builder per entry: a process that waited finds the other's result here
         cached = _load_cached(path, teacher, real, keys, patch_size)
         if ddist.agree_found(cached is not None, f"the real-data statistics {path.name}", root):

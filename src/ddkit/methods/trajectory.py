@@ -504,6 +504,7 @@ def train_experts(
     device = torch.device(device)
     use_deterministic_cuda(device)
     info = ddist.current()
+    ddist.agree_settings({where: cfg, "dataset": [data.fingerprint, data.normalisation]})
     if cfg.lr_drop != 1.0 and cfg.lr_drop_epoch is None and cfg.epochs // 2 + 1 >= cfg.epochs - 1:
         # an explicit lr_drop_epoch that late is refused; the default is AST's rule, kept as its code has it
         fix = f"set lr_drop_epoch 0..{cfg.epochs - 2} to drop it, or lr_drop 1" if cfg.epochs >= 2 else "set lr_drop 1"

@@ -40,6 +40,7 @@ from ddkit.artifacts import (
     save_tensors,
     work_name,
     write_json,
+    writing,
 )
 from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
 from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
@@ -578,19 +579,34 @@ def train_teacher(
     :class:`TeacherConfig` or a dict of its settings).
 
     Resumable: a per-epoch checkpoint lives next to ``out`` (``.<name>.resume-<config hash>.pt``)
-    until the artifact is written. Under torchrun the training is data-parallel.
+    until the artifact is written; a re-run with another number of torchrun processes starts afresh. A
+    second call training into the same ``out`` meanwhile is refused (:class:`~ddkit.artifacts.OutputBusy`).
+    Under torchrun the training is data-parallel.
     """
     check_bundle(data)
     cfg = as_config(TeacherConfig, cfg, "teacher")
     device = ddist.resolve_device(device)
-    if out is not None:
-        check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
+    ddist.agree_settings({"teacher": cfg, "dataset": [data.fingerprint, data.normalisation]})
+    if out is None:
+        return _train_or_import(data, cfg, out, device, progress)
+    check_output_dir(Path(out), KIND)  # a folder we may not replace fails now, not after the training
+    # another teacher trained into this --out would replace this one's under it: it refuses at once, as distill's
+    lock = hidden_path(Path(out), ".work")
+    with writing(lock, out):
+        teacher = _train_or_import(data, cfg, out, device, progress)
+        if ddist.current().is_main:  # the lock folder a killed run left
+            with contextlib.suppress(OSError):
+                lock.rmdir()
+    return teacher
+
+
+def _train_or_import(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device: torch.device,
+                     progress: Callable[[int, int, dict], None] | None) -> Teacher:
     if cfg.checkpoint:
         return import_teacher(data, cfg, out, device)
-    info = ddist.current()
     # the initial weights and the training's dropout masks come from cfg.seed: one span under global_rng
     with global_rng(cfg.seed, device):
-        return _train(data, cfg, out, device, progress, info)
+        return _train(data, cfg, out, device, progress, ddist.current())
 
 
 def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device: torch.device,
@@ -604,7 +620,8 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
         if info.is_main:  # as distill's: another setting's checkpoint cannot be resumed here, and would stay for good
             for stale in out.parent.glob(f".{glob.escape(work_name(out.name))}.resume-*.pt"):
                 if stale != state_path:
-                    log.info("discarding %s: the checkpoint of a teacher with other settings", stale.name)
+                    log.info("discarding %s: the checkpoint of a teacher with other settings or another number "
+                             "of processes", stale.name)
                     stale.unlink(missing_ok=True)
     log.info("training teacher %s on %s (%d images, %d epochs)", cfg.model, data.name, len(data.train),
              cfg.train.epochs)
@@ -643,8 +660,12 @@ def _train(data: DataBundle, cfg: TeacherConfig, out: str | Path | None, device:
 
 
 def _resume_path(out: Path, cfg: TeacherConfig, data: DataBundle) -> Path:
-    """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data``."""
+    """The per-epoch checkpoint of a teacher being trained into ``out`` with ``cfg`` on ``data`` by this
+    number of processes (a single process's keeps its name from before the number was counted)."""
     parts = [cfg, data.fingerprint, data.normalisation]
+    world = ddist.current().world_size
+    if world > 1:  # as a recover method's: the number of ranks changes the training (BatchNorm, summation order)
+        parts.append({"world": world})
     if sha := model_source(cfg.model).get("source_sha256"):  # a plugin model's edit does not resume the old one
         parts.append(sha)
     return hidden_path(out, f".resume-{config_hash(parts)}.pt")
