@@ -1892,3 +1892,24 @@ def test_a_recorded_run_finds_the_extra_teachers_its_protocol_file_names_from_an
         "teacher", "distilled", "eval-teacher.json"]
     assert (recorded["protocol"], recorded["overrides"]) == (str(tmp_path / "p.yaml"),
                                                              {"extra_teachers": [str(tmp_path / "T4")]})
+
+
+def test_relabels_suggested_evaluate_works_on_manifest_paths(workdir, tmp_path, capsys):
+    """A set (and teacher) given as its manifest.json: `relabel` prints them back in its "evaluate with:" line, and
+    that command, pasted, evaluated nothing: evaluate built its default report path inside the manifest file
+    (QA 18d F3)."""
+    import shlex
+
+    d = tmp_path / "r5"
+    shutil.copytree(workdir / "r5", d)
+    code, out, err = run_cli(["relabel", str(d / "manifest.json"), "--teacher", str(workdir / "teacher/manifest.json"),
+                              "--epochs", "2", "--out", str(tmp_path / "fkd"), "-q"], capsys)
+    assert code == 0, err
+    suggested = shlex.split(out.split("evaluate with: ddkit ", 1)[1].splitlines()[0])
+    assert suggested[:2] == ["evaluate", str(d / "manifest.json")]
+    code, out, err = run_cli([*suggested, "--seeds", "0", "--set", "student=tiny_convnet", "--set", "train.epochs=2",
+                              "--set", "full_reference=false", "--set", "random_baseline=false", "-q"], capsys)
+    assert code == 0, err
+    written = sorted(p.name for p in d.glob("eval-fkd-*.json"))
+    assert len(written) == 1 and f"report -> {d / written[0]}" in out
+    assert json.loads((d / written[0]).read_text())["config"]["label_mode"] == "fkd"

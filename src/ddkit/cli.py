@@ -277,7 +277,8 @@ def cmd_evaluate(args) -> int:
             raise type(exc)(f"{problem}; the set records its dataset settings: point --data-path at the data it was "
                             "made from (and --teacher at a teacher trained on it)") from None
         raise
-    out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
+    # inside the set's folder, however it was named (`set/manifest.json` too)
+    out = args.out or str(Path(distilled.path) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
     progress = Progress(not args.quiet)
     report = evaluate(distilled, protocol, _seeds(args.seeds), data=bundle, teacher=teacher, device=device,
                       cache_dir=args.cache_dir, out=out, progress=progress.students())
