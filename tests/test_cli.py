@@ -1913,3 +1913,34 @@ def test_relabels_suggested_evaluate_works_on_manifest_paths(workdir, tmp_path, 
     written = sorted(p.name for p in d.glob("eval-fkd-*.json"))
     assert len(written) == 1 and f"report -> {d / written[0]}" in out
     assert json.loads((d / written[0]).read_text())["config"]["label_mode"] == "fkd"
+
+
+def test_run_and_bench_refuse_the_current_folder_in_one_line(tmp_path, capsys, monkeypatch):
+    """`ddkit run` / `ddkit bench` with out `.` (`--out .`, `--out ""`, or `out: ""` in the YAML) in an empty folder
+    ended in a ValueError traceback from naming a temporary beside a folder with no name (QA 18d F7); `--out ""`
+    silently wrote to the config's out instead."""
+    import yaml
+
+    tiny = {"dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}}}
+    run = {**tiny, "distill": {"method": "random", "ipc": 1}, "out": str(tmp_path / "configured"),
+           "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "train": {"epochs": 1},
+                                                    "full_reference": False, "random_baseline": False}}}
+    bench = {"datasets": [{"name": "synthetic"}], "methods": ["random"], "ipcs": [1], "seeds": [0],
+             "students": ["tiny_convnet"], "teacher": tiny["teacher"], "out": str(tmp_path / "configured"),
+             "overrides": {"full_reference": False, "train": {"epochs": 1}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "run_here.yaml").write_text(yaml.safe_dump({**run, "out": ""}))
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    (tmp_path / "bench_here.yaml").write_text(yaml.safe_dump({**bench, "out": ""}))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for command in ("run", "bench"):
+        given = str(tmp_path / f"{command}.yaml")
+        for argv in ([given, "--out", "."], [given, "--out", ""], [str(tmp_path / f"{command}_here.yaml")]):
+            code, _, err = run_cli([command, *argv, "-q"], capsys)
+            assert code == 2 and err == (f"error: output '.' is the current folder or holds it, and a {command} "
+                                         f"folder holds only what the {command} writes; give a subfolder, e.g. --out "
+                                         "./out\n"), err
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.yaml", "bench_here.yaml", "here", "run.yaml", "run_here.yaml"]

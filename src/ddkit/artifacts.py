@@ -557,14 +557,20 @@ def check_output_dir(final: Path, kind: str | None) -> None:
     check_writable(final)
 
 
+def refuse_current_folder(out: Path, why: str) -> None:
+    """Refuse, in one line ending in the fix, an output folder ``out`` that is the current folder or one above it
+    (``.``, ``""``, ``..``), for the reason ``why``."""
+    here = Path.cwd().resolve()
+    if Path(out).resolve() in (here, *here.parents):
+        raise DDKitError(f"output {str(out)!r} is the current folder or holds it, and {why}; give a subfolder, e.g. "
+                         "--out ./out")
+
+
 def _check_replaceable(final: Path, kind: str | None) -> None:
     """:func:`check_output_dir`'s checks of what ``final`` holds, without the write test (:func:`atomic_dir`,
     which rank 0 alone calls, reports a folder it cannot write itself)."""
     final = Path(final)
-    here = Path.cwd().resolve()
-    if final.resolve() in (here, *here.parents):
-        raise DDKitError(f"output {str(final)!r} is the current folder or holds it, and an output folder is replaced "
-                         "whole; give a subfolder, e.g. --out ./out")
+    refuse_current_folder(final, "an output folder is replaced whole")
     _refuse_file_parent(final)
     if not holds_files(final):
         return

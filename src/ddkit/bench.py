@@ -54,6 +54,7 @@ from ddkit.artifacts import (
     holds_files,
     read_json,
     recorded_paths,
+    refuse_current_folder,
     remove_unused_locks,
     shared_costs,
     versions,
@@ -594,7 +595,9 @@ def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
     ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite
     a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first. A folder
-    this process cannot write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    this process cannot write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so
+    is the current folder (``.``)."""
+    refuse_current_folder(root, "a bench folder holds only what the bench writes")
     if holds_files(root, ignore_hidden=True) and folder_kind(root) != "bench-config":
         raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
                          "bench-config); choose another out / --out or remove it")

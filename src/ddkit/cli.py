@@ -294,7 +294,7 @@ def cmd_run(args) -> int:
 
     data = load_yaml(args.config)
     _refuse_other_schema(data, args.config, "run")
-    if args.out:
+    if args.out is not None:  # --out "" is the current folder, refused as such (not the config's out)
         data["out"] = args.out
     if args.device != "auto":
         data["device"] = args.device
@@ -559,7 +559,9 @@ def cmd_bench(args) -> int:
     from ddkit.config import load_yaml_with_base
 
     _refuse_other_schema(load_yaml_with_base(args.config), args.config, "bench")
-    flags = ({"out": args.out} if args.out else {}) | ({"device": args.device} if args.device != "auto" else {})
+    # --out "" is the current folder, refused as such (not the config's out)
+    flags = ({"out": args.out} if args.out is not None else {}) | ({"device": args.device} if args.device != "auto"
+                                                                     else {})
     cfg = load_bench_config(args.config, list(args.set or []), **flags)  # --set last, as in every subcommand
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
     bars = BenchBars(not args.quiet and ddist.current().is_main)

@@ -31,6 +31,7 @@ from ddkit.artifacts import (
     read_json,
     read_manifest,
     recorded_paths,
+    refuse_current_folder,
     write_json,
     write_text,
     writing,
@@ -600,7 +601,9 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
     ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
     user's files. A folder holding a finished run, or the stages of a killed one, is fine; one this process cannot
-    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so is the current
+    folder (``.``)."""
+    refuse_current_folder(out, "a run folder holds only what the run writes")
     if holds_files(out, ignore_hidden=True) and folder_kind(out) != RUN_KIND:
         started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS
