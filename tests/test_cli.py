@@ -1944,3 +1944,22 @@ def test_run_and_bench_refuse_the_current_folder_in_one_line(tmp_path, capsys, m
                                          "./out\n"), err
     assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
         "bench.yaml", "bench_here.yaml", "here", "run.yaml", "run_here.yaml"]
+
+
+def test_device_mps_where_it_is_missing_is_refused_in_one_line(workdir, tmp_path, capsys, monkeypatch):
+    """`--device mps` on a machine without MPS: a RuntimeError traceback from the first generator on it (teacher,
+    evaluate), or nothing at all where no tensor went there (a random set, exit 0) (QA 18d F9). It is refused as
+    `--device cuda` without CUDA is, before any work."""
+    from ddkit.distributed import resolve_device
+    from ddkit.errors import DDKitError
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for argv in (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1"],
+                 ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1"],
+                 ["evaluate", str(workdir / "r5"), "--seeds", "0", *FAST]):
+        code, out, err = run_cli([*argv, "--device", "mps", "--out", str(tmp_path / "out"), "-q"], capsys)
+        assert (code, out, err) == (2, "", "error: device 'mps' asked for but MPS is not available here; use --device "
+                                           "cpu or auto\n")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DDKitError, match="^device 'mps' asked for but MPS is not available here"):
+        resolve_device("mps")
