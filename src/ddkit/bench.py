@@ -61,7 +61,7 @@ from ddkit.artifacts import (
     write_json,
     writing,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
+from ddkit.config import Checked, config_hash, field, field_default, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.determinism import numerics_change, stage_modes
@@ -212,6 +212,11 @@ class BenchConfig(Checked):
         for name in ("lrs_lambda", "ars_gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.robust_scores:  # ARS's settings key every cell: one that nothing reads would only redo them
+            defaults = {f.name: field_default(f) for f in dataclasses.fields(self)}
+            problems += [f"{name} {getattr(self, name)!r} applies only with robust_scores, but robust_scores is "
+                         "false; remove it or set robust_scores: true" for name in ("ars_augment", "ars_gamma")
+                         if getattr(self, name) != defaults[name]]
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
