@@ -696,17 +696,25 @@ def read_manifest(path: str | Path, kind: str,
         raise DDKitError(
             f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
         )
-    version = manifest.get("schema_version")
-    if not is_count(version):
-        raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version "
-                         f"number; the manifest is damaged: re-create the {kind} artifact")
-    if version > SCHEMA_VERSION:
-        raise DDKitError(
-            f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
-            f"({SCHEMA_VERSION}); upgrade ddkit"
-        )
+    check_schema_version(manifest, path / MANIFEST, f"the manifest is damaged: re-create the {kind} artifact", path)
     check_fields(manifest, require or {}, path, kind)
     return manifest
+
+
+def check_schema_version(record: dict[str, Any], file: Path, fix: str, name: Path | None = None,
+                         required: bool = True) -> None:
+    """Refuse in one line a ddkit record (a manifest, an evaluation report, a bench table, read from ``file``) whose
+    ``schema_version`` is no version number (damaged: ``fix`` says what to do) or one newer than this ddkit reads (a
+    newer ddkit may have changed what its fields mean); ``name``: what the second message names (an artifact's
+    folder), default ``file``. A record without one is taken where not ``required`` (JSON records of older ddkit)."""
+    version = record.get("schema_version")
+    if version is None and not required:
+        return
+    if not is_count(version):
+        raise DDKitError(f"{str(file)!r} holds schema_version {version!r}, not a version number; {fix}")
+    if version > SCHEMA_VERSION:
+        raise DDKitError(f"{str(name or file)!r} has schema_version {version!r}, newer than this ddkit understands "
+                         f"({SCHEMA_VERSION}); upgrade ddkit")
 
 
 def member(folder: Path, name: Any, manifest: str | Path, field: str, fix: str) -> Path:

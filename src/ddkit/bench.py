@@ -49,6 +49,7 @@ from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     build_lock,
+    check_schema_version,
     check_writable,
     folder_kind,
     holds_files,
@@ -1077,6 +1078,8 @@ def load_table(run_dir: str | Path) -> dict:
     if table.get("kind") != "bench-table":
         raise DDKitError(f"{str(path)!r} is not a bench table (kind {table.get('kind')!r}); pass the folder of a "
                          "`ddkit bench` run")
+    check_schema_version(table, path, "it is damaged: re-run `ddkit bench` with the run's config (finished cells are "
+                         "reused) to rebuild it", required=False)
     rows = table.get("rows")  # tables assembled before 2026-12-07 scored diverged students too
     for r in rows if isinstance(rows, list) else []:  # (damaged rows: refused by the report's checks)
         if isinstance(r, dict):

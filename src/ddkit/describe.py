@@ -16,6 +16,7 @@ from typing import Any
 from ddkit.artifacts import (
     KIND_FILES,
     MANIFEST,
+    check_schema_version,
     damaged_record,
     load_failure,
     member,
@@ -163,6 +164,7 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
+    check_schema_version(record, where, _FIXES.get(kind, "it is damaged, re-create it"), required=False)
     with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
                         (KeyError, TypeError, ValueError, AttributeError)):
         # the record of a folder: check the folder's files
