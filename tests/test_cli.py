@@ -1964,3 +1964,38 @@ def test_device_mps_where_it_is_missing_is_refused_in_one_line(workdir, tmp_path
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DDKitError, match="^device 'mps' asked for but MPS is not available here"):
         resolve_device("mps")
+
+
+def test_sizes_no_machine_holds_end_in_one_line(workdir, tmp_path, capsys, monkeypatch):
+    """An enormous size setting ended in a traceback (torch's allocator, Python's MemoryError) or ran for hours (rded
+    num_crop 10^12 built a list of 10^12 crop batches; relabel --epochs 10^12 a list of 10^12 epochs) (QA 18d F1, F5).
+    A failed allocation is one line naming its size and where ddkit asked for it; the relabel store and rded's crops,
+    whose sizes are known up front, are refused before any work, naming the setting to lower."""
+    import ddkit.cli
+
+    out = tmp_path / "out" / "x"
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--set",
+                            "teacher.model_options.width=1000000000000", "--out", str(out), "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and re.match(
+        r"error: out of memory allocating [\d.e+]+ GB \(at ddkit/models/convnet\.py:\d+\): a size setting is too large "
+        r"for this machine; lower it \(a model's width or depth", err), err
+    code, _, err = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs",
+                            str(10**12), "--out", str(out), "-q"], capsys)
+    assert code == 2 and re.fullmatch(
+        r"error: the store's logits \(1000000000000 epochs x 20 images x 4 logits\) would take [\d.e+]+ GB, more than "
+        rf"the [\d.]+ [kMGT]?B free on the disk of {re.escape(repr(str(out.parent)))}; lower the relabel epochs \(or "
+        r"keep fewer logits with top_k\)\n", err), err
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "rded", "--ipc", "1", "--teacher",
+                            str(workdir / "teacher"), "--set", f"distill.options.num_crop={10**12}", "--out", str(out),
+                            "-q"], capsys)
+    assert code == 2 and re.fullmatch(
+        r"error: rded's 1000000000000 crops of each of \d+ source images per class would take [\d.e+]+ GB, more than "
+        r"the [\d.]+ [kMGT]?B of memory on this machine; lower distill.options.num_crop\n", err), err
+    assert not out.exists()
+
+    def python_out_of_memory(args):
+        raise MemoryError
+
+    monkeypatch.setattr(ddkit.cli, "cmd_list", python_out_of_memory)
+    code, _, err = run_cli(["list", "models"], capsys)
+    assert code == 2 and err.startswith("error: out of memory (at ddkit/cli.py:") and err.count("\n") == 1, err

@@ -453,6 +453,34 @@ def _why_cut_short(path: Path) -> int | None:
     return None
 
 
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or the name unknown here
+        return None
+
+
+def check_room(need: int, what: str, fix: str, folder: str | Path | None = None) -> None:
+    """Refuse in one line, before the work that would fill it, ``what`` (e.g. ``the store's logits``) of ``need``
+    bytes that cannot fit: on the disk of ``folder`` (of the nearest folder above it that exists: an output not made
+    yet), or, without ``folder``, in this machine's memory; ``fix`` names the setting to lower. A size the system
+    cannot be asked about is let through (a failed allocation then ends the command in one line all the same)."""
+    from ddkit.cache import size_text
+
+    if folder is not None:
+        folder = next((p for p in (Path(folder), *Path(folder).absolute().parents) if p.is_dir()), None)
+        try:
+            room = shutil.disk_usage(folder).free if folder is not None else None
+        except OSError:
+            room = None
+        where = f"free on the disk of {str(folder)!r}"
+    else:
+        room, where = memory_bytes(), "of memory on this machine"
+    if room is not None and need > room:
+        raise DDKitError(f"{what} would take {size_text(need)}, more than the {size_text(room)} {where}; {fix}")
+
+
 class WriteFailure(DDKitError):
     """A library's failed write of the file ``path`` (safetensors, ``torch.save``), as one line
     (:func:`write_failure`); ``path``, ``cause`` and ``errno`` say which file and why, for a caller that falls back."""

@@ -980,6 +980,31 @@ def _innermost(exc: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for a failed allocation (Python's MemoryError, torch's CPU allocator, CUDA out of memory), with the
+    size asked for where torch gives it and the line of ddkit that asked (the setting behind it is near there); None
+    for any other error."""
+    text = str(exc)
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
+    if not (isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    size = ""
+    if found := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator
+        from ddkit.cache import size_text
+
+        size = f" allocating {size_text(int(found[1]))}"
+    elif found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA
+        size = f" allocating {found[1]}"
+    import traceback
+
+    ours = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}ddkit{os.sep}" in f.filename]
+    where = f" (at ddkit/{ours[-1].filename.rpartition(f'{os.sep}ddkit{os.sep}')[2]}:{ours[-1].lineno})" if ours else ""
+    return (f"out of memory{size}{where}: a size setting is too large for this machine; lower it (a model's width or "
+            "depth, the dataset's image_size or train_per_class, a batch size, relabel epochs, a method's crops or "
+            "images per step), or use a device with more memory (-v shows where it failed)")
+
+
 def _distributed():
     """:mod:`ddkit.distributed` where the command imported it, else None: then it started no process group, and
     nothing imports torch for one (which takes seconds; ``show`` of a JSON record and ``cache`` need none)."""
@@ -1043,7 +1068,15 @@ def _main(args: argparse.Namespace) -> int:
         code = _stopped(exc, args.command)
         _shutdown(barrier=False)
         return code
-    except RuntimeError as exc:
+    except (MemoryError, RuntimeError) as exc:
+        if (message := _out_of_memory(exc)) is not None:  # a size setting too large: one line, no traceback
+            log.info("the failed allocation:", exc_info=True)  # -v shows where
+            _error(message)
+            _shutdown(barrier=False)
+            return 2
+        if isinstance(exc, MemoryError):
+            _shutdown(barrier=False)
+            raise
         ddist = _distributed()
         lost = ddist is not None and ddist.current().enabled and _peer_lost(exc)
         _shutdown(barrier=False)

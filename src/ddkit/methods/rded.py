@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import distributed as ddist
+from ddkit.artifacts import check_room
 from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
@@ -270,6 +271,11 @@ class RDED(Method):
                 f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
                 f"raise {ctx.options_key}.mipc to at least {need}, or lower {lower}"
             )
+        # a class's crops are scored from one float32 tensor: refuse a num_crop no memory holds before any class
+        sources = min(cfg.mipc, int(counts.max()))
+        check_room(cfg.num_crop * sources * real.image_shape[0] * patch[0] * patch[1] * 4,
+                   f"rded's {cfg.num_crop} crops of each of {sources} source images per class",
+                   f"lower {ctx.options_key}.num_crop")
 
         mine = common.my_classes(real.num_classes)
         # the teacher scores the patches: a rerun with another teacher must not resume this one's classes
