@@ -710,3 +710,24 @@ def test_settings_of_a_part_that_is_off_are_refused_outside_the_protocol():
         assert from_dict(cls, {"experts": "runs/ex"}).experts == "runs/ex"
         assert from_dict(cls, {"experts": "runs/ex", "buffer": to_dict(cls().buffer)}).experts == "runs/ex"
         assert from_dict(cls, {"buffer": {"num_experts": 3}}).buffer.num_experts == 3
+
+
+def test_synthetic_seed_and_noise_are_bounded_by_what_torch_takes(tmp_path, capsys):
+    """The synthetic source's seed had a lower bound only: 2^70 ended in torch's "Overflow when unpacking long long"
+    traceback; its noise took 1e300, beyond float32's range in which the images are drawn (QA 18d F2)."""
+    import math
+
+    from ddkit.data.base import load_dataset
+
+    for seed in (2**64, 2**70):
+        code = main(["distill", "--dataset", "synthetic", "--set", f"dataset.options.seed={seed}", "--method",
+                     "random", "--ipc", "1", "--out", str(tmp_path / "set"), "-q"])
+        assert (code, capsys.readouterr().err) == (2, f"error: dataset.options.seed must be an integer in [0, 2^64) "
+                                                      f"(what torch's generator takes), got {seed}\n")
+    assert list(tmp_path.iterdir()) == []
+    for noise in (1e300, math.inf, math.nan, -0.5):
+        with pytest.raises(ConfigError, match=r"^dataset.options.noise must be a number in \[0, 3.403e\+38\] "):
+            load_dataset("synthetic", options={"noise": noise})
+    # the largest of each is taken
+    assert load_dataset("synthetic", options={"seed": 2**64 - 1, "train_per_class": 1, "test_per_class": 1}).name
+    assert load_dataset("synthetic", options={"noise": 3.4e38, "train_per_class": 1, "test_per_class": 1}).name

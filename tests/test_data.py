@@ -852,7 +852,8 @@ def test_synthetic_refuses_settings_it_cannot_honour():
     for key, bad in (("num_classes", 0), ("num_classes", 1.5), ("image_size", 0), ("channels", 0), ("seed", -1)):
         with pytest.raises(ConfigError, match=rf"dataset.options.{key} must be an integer >= \d, got {bad}"):
             load_dataset("synthetic", options={key: bad})
-    with pytest.raises(ConfigError, match="dataset.options.noise must be a number >= 0, got 'abc'"):
+    with pytest.raises(ConfigError, match=r"dataset.options.noise must be a number in \[0, 3.403e\+38\] \(float32's "
+                                          r"range, in which the images are drawn\), got 'abc'"):
         load_dataset("synthetic", options={"noise": "abc"})
     with pytest.raises(DataError,
                        match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
