@@ -704,16 +704,19 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
     assert sha == made[1].fingerprint and "reused: distilled, eval-teacher.json" in out
 
 
-def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
-    """YAML, then flags, then --set: `--ipc 1 --set distill.ipc=2` used to make IPC 1 (the flag silently won)."""
+def test_set_wins_over_the_yaml_and_flags_over_it(tmp_path, capsys, monkeypatch):
+    """YAML, then flags, then --set: `--ipc 1 --set distill.ipc=2` used to make IPC 1 (the flag silently won); a flag
+    and a --set of the same key are refused now (test_a_flag_and_a_set_of_the_same_key_are_refused), each over the
+    YAML is taken."""
     import ddkit.evaluate
     import ddkit.teacher
 
+    (tmp_path / "d.yaml").write_text("distill: {method: random, ipc: 3, seed: 7}\n")
     d = tmp_path / "d"
-    code, out, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--seed", "4",
-                            "--set", "distill.ipc=2", "--set", "distill.seed=5", "--out", str(d), "-q"], capsys)
+    code, out, _ = run_cli(["distill", "--config", str(tmp_path / "d.yaml"), "--dataset", "synthetic", "--ipc", "1",
+                            "--set", "distill.seed=5", "--out", str(d), "-q"], capsys)
     man = json.loads((d / "manifest.json").read_text())
-    assert code == 0 and man["ipc"] == 2 and man["seed"] == 5 and man["config"]["distill"]["ipc"] == 2
+    assert code == 0 and man["ipc"] == 1 and man["seed"] == 5 and man["config"]["distill"]["ipc"] == 1
 
     class Stop(Exception):
         pass
@@ -729,21 +732,21 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ddkit.teacher, "train_teacher", capture("teacher"))
     monkeypatch.setattr(ddkit.evaluate, "evaluate", capture("evaluate"))
     with pytest.raises(Stop):
-        main(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "3", "--set",
-              "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=4", "--out", str(tmp_path / "t"), "-q"])
-    assert seen["teacher"][1].model == "tiny_convnet" and seen["teacher"][1].train.epochs == 4
+        main(["teacher", "--dataset", "synthetic", "--epochs", "3", "--set", "teacher.model=tiny_convnet", "--out",
+              str(tmp_path / "t"), "-q"])
+    assert seen["teacher"][1].model == "tiny_convnet" and seen["teacher"][1].train.epochs == 3
     with pytest.raises(Stop):
-        main(["evaluate", str(d), "--epochs", "3", "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
+        main(["evaluate", str(d), "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
     assert seen["evaluate"][1].train.epochs == 4
 
     import ddkit.bench
 
     monkeypatch.setattr(ddkit.bench, "run_bench", capture("bench"))
     bench = tmp_path / "bench.yaml"
-    bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n")
+    bench.write_text(f"datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\nout: "
+                     f"{tmp_path / 'b1'}\n")
     with pytest.raises(Stop):
-        main(["bench", str(bench), "--out", str(tmp_path / "b1"), "--device", "cpu", "--set",
-              f"out={tmp_path / 'b2'}", "-q"])
+        main(["bench", str(bench), "--device", "cpu", "--set", f"out={tmp_path / 'b2'}", "-q"])
     assert seen["bench"][0].out == str(tmp_path / "b2") and seen["bench"][0].device == "cpu"
 
 
@@ -1999,3 +2002,50 @@ def test_sizes_no_machine_holds_end_in_one_line(workdir, tmp_path, capsys, monke
     monkeypatch.setattr(ddkit.cli, "cmd_list", python_out_of_memory)
     code, _, err = run_cli(["list", "models"], capsys)
     assert code == 2 and err.startswith("error: out of memory (at ddkit/cli.py:") and err.count("\n") == 1, err
+
+
+def test_a_flag_and_a_set_of_the_same_key_are_refused(workdir, tmp_path, capsys):
+    """A --set applied over a flag of the same key dropped the flag's value without a word, even an invalid one
+    (`--ipc -1 --set distill.ipc=1`), and `--set dataset=~` loaded Fashion-MNIST instead of `--dataset synthetic`
+    (QA 18d F6). The two are refused in one line; a --set that leaves the flag's value (another key of its section,
+    the same value) is taken."""
+    out = str(tmp_path / "out")
+    ev = ["evaluate", str(workdir / "r5"), "--seeds", "0", "--set", "student=tiny_convnet", "--set",
+          "full_reference=false", "--set", "random_baseline=false"]
+    cases = [
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "-1", "--set", "distill.ipc=1"],
+         "--ipc -1 and --set distill.ipc=1 both give distill.ipc"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "dataset=~"],
+         "--dataset synthetic and --set dataset=~ both give dataset.name"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill=null"],
+         "--method random and --set distill=null both give distill.method"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--teacher",
+          str(workdir / "teacher"), "--soft-labels", "--set", "distill.soft_labels=false"],
+         "--soft-labels and --set distill.soft_labels=false both give distill.soft_labels"),
+        (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "-5", "--set",
+          "teacher.train.epochs=1"], "--epochs -5 and --set teacher.train.epochs=1 both give teacher.train.epochs"),
+        (["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "2", "--set",
+          "experts={num_experts: 3}"],
+         "--num-experts 2 and --set experts={num_experts: 3} both give experts.num_experts"),
+        ([*ev, "--epochs", "-3", "--set", "train.epochs=1"],
+         "--epochs -3 and --set train.epochs=1 both give train.epochs"),
+        ([*ev, "--label-mode", "hard", "--set", "label_mode=teacher"],
+         "--label-mode hard and --set label_mode=teacher both give label_mode"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli([*argv, "--out", out, "-q"], capsys)
+        assert (code, err) == (2, f"error: {message}; give it once (a --set is applied over the flags)\n"), argv
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run.yaml").write_text(f"dataset: {{name: synthetic}}\nout: {tmp_path / 'configured'}\n")
+    (tmp_path / "bench.yaml").write_text(f"datasets: [synthetic]\nout: {tmp_path / 'configured'}\n")
+    for command in ("run", "bench"):
+        code, _, err = run_cli([command, str(tmp_path / f"{command}.yaml"), "--out", out, "--set", f"out={out}2",
+                                "-q"], capsys)
+        assert (code, err) == (2, f"error: --out {out} and --set out={out}2 both give out; give it once (a --set is "
+                                  "applied over the flags)\n"), command
+    # the same value, or another key of the flag's section: taken
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set",
+                            "distill.ipc=1", "--set", "dataset={options: {num_classes: 3}}", "--out", out, "-q"],
+                           capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["num_images"] == 3

@@ -112,6 +112,37 @@ def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
     return value
 
 
+def _refuse_flag_and_set(given: dict[str, tuple[str, Any]], sets: list[str]) -> None:
+    """Refuse in one line a flag whose value a ``--set`` of the same command replaces or drops (``--set`` is applied
+    last, over the flags: the flag's value, even an invalid one, went unread). ``given``: config key (dotted) ->
+    (the flag, its value). A ``--set`` that leaves the key at the flag's value (another key of its section merged in,
+    the same value) is taken."""
+    from ddkit.config import apply_overrides
+
+    if not given or not sets:
+        return
+    probe: dict[str, Any] = {}
+    for key, (_, value) in given.items():  # the flags' values where the command puts them
+        *parents, leaf = key.split(".")
+        node = probe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    apply_overrides(probe, sets)  # as the command applies them over the flags
+    for key, (flag, value) in given.items():
+        node: Any = probe
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node != value or type(node) is not type(value):
+            item = next((i for i in sets if key == (k := i.split("=", 1)[0].strip()) or key.startswith(k + ".")), key)
+            shown = "" if value is True else f" {value}"
+            raise DDKitError(f"{flag}{shown} and --set {item} both give {key}; give it once (a --set is applied over "
+                             "the flags)")
+
+
+_MISSING = object()
+
+
 def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
     """The dataset flags, then ``--set`` (last, over every flag); call it after the command's own flags."""
     from ddkit.config import apply_overrides
@@ -134,15 +165,19 @@ def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple
 
     data = _base(args, section)
     own = _section(data, section)
+    given = {f"dataset.{key}": (f"--{name.replace('_', '-')}", getattr(args, name))
+             for name, key in (("dataset", "name"), ("data_path", "path")) if getattr(args, name, None) is not None}
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is None or value is False:
             continue
+        given[f"{section}.{key}"] = (f"--{flag.replace('_', '-')}", value)
         *parents, leaf = key.split(".")
         target, where = own, section
         for parent in parents:
             target, where = _section(target, parent, where), f"{where}.{parent}"
         target[leaf] = value
+    _refuse_flag_and_set(given, list(getattr(args, "set", None) or []))
     data = _apply_common(data, args)
     unknown = set(data) - {"dataset", section}
     if unknown:
@@ -245,12 +280,17 @@ def cmd_evaluate(args) -> int:
 
     distilled = DistilledSet.load(args.distilled)
     overrides: dict[str, Any] = {}
+    given = {key: (flag, value) for key, flag, value in (("label_mode", "--label-mode", args.label_mode),
+                                                          ("train.epochs", "--epochs", args.epochs),
+                                                          ("train.precision", "--precision", args.precision))
+             if value is not None}
     if args.label_mode:
         overrides["label_mode"] = args.label_mode
     if args.epochs is not None:
         _section(overrides, "train")["epochs"] = args.epochs
     if args.precision is not None:
         _section(overrides, "train")["precision"] = args.precision
+    _refuse_flag_and_set(given, list(args.set or []))
     apply_overrides(overrides, list(args.set or []))  # last, over the flags
     protocol = resolve_protocol(args.protocol, overrides, where="")  # keys as --set names them
     if protocol.label_mode == "hard" and args.teacher:
@@ -298,9 +338,16 @@ def cmd_run(args) -> int:
         data["out"] = args.out
     if args.device != "auto":
         data["device"] = args.device
+    _refuse_flag_and_set(_top_flags(args), list(args.set or []))
     apply_overrides(data, list(args.set or []))  # last, over the flags
     cfg = from_dict(RunConfig, data)
     return _run_and_print(cfg, args.quiet)
+
+
+def _top_flags(args) -> dict[str, tuple[str, Any]]:
+    """The config keys ``ddkit run`` and ``ddkit bench`` take from flags (--out, --device), with the flag and value."""
+    return {key: (f"--{key}", value) for key, value in (("out", args.out), ("device", args.device))
+            if value is not None and not (key == "device" and value == "auto")}
 
 
 def _refuse_other_schema(data: Any, path: str, command: str) -> None:
@@ -559,6 +606,7 @@ def cmd_bench(args) -> int:
     from ddkit.config import load_yaml_with_base
 
     _refuse_other_schema(load_yaml_with_base(args.config), args.config, "bench")
+    _refuse_flag_and_set(_top_flags(args), list(args.set or []))
     # --out "" is the current folder, refused as such (not the config's out)
     flags = ({"out": args.out} if args.out is not None else {}) | ({"device": args.device} if args.device != "auto"
                                                                      else {})
@@ -666,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"config override, e.g. {example}; a mapping (KEY={{a: 1}}) merges into the section "
                             "key by key, keeping its other settings (an option dict such as augment_options is "
                             "replaced whole); KEY={} empties any mapping; VALUE is read as YAML: quote text that is "
-                            "not valid YAML (KEY=\"'[a'\")")
+                            "not valid YAML (KEY=\"'[a'\"); applied last, over the flags: a flag and a --set that "
+                            "give one key different values are refused")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
