@@ -2049,3 +2049,33 @@ def test_a_flag_and_a_set_of_the_same_key_are_refused(workdir, tmp_path, capsys)
                            capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "out/manifest.json").read_text())["num_images"] == 3
+
+
+@pytest.mark.parametrize("distill, message", [
+    ("{method: dm, ipc: 1, options: {iterations: 2, model: convnet3, model_options: {depth: 5}}}",
+     "{at}.model_options: image size 16 is too small for a depth-5 ConvNet with pooling: 5 poolings need at least 32 "
+     "px; use a smaller depth (at most 4) or pooling='none'"),
+    ("{method: mtt, ipc: 1, options: {buffer: {model: convnet3, model_options: {depth: 5}}}}",
+     "{at}.buffer.model_options: image size 16 is too small for a depth-5 ConvNet with pooling"),
+    ("{method: rded, ipc: 2, options: {mipc: 1}}",
+     "rded needs 2 source images per class (ipc 2 x factor 1^2) but mipc is 1; raise {at}.mipc to at least 2"),
+])
+def test_run_and_bench_check_what_the_method_refuses_of_the_data_before_any_stage(tmp_path, capsys, distill, message):
+    """A method's network too deep for the images and rded's mipc below its need were refused only inside the
+    method's fit, after `ddkit run` (or `ddkit bench`) had trained the teacher (QA 18d F11)."""
+    import yaml
+
+    method = yaml.safe_load(distill)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"dataset: {{name: synthetic}}\nteacher: {{model: tiny_convnet, train: {{epochs: 1}}}}\n"
+                   f"distill: {distill}\nevaluate: {{seeds: [0], overrides: {{student: tiny_convnet, "
+                   f"full_reference: false, train: {{epochs: 1}}}}}}\nout: {tmp_path / 'run'}\n")
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(yaml.safe_dump({"datasets": ["synthetic"], "ipcs": [method["ipc"]], "students": ["tiny_convnet"],
+                                     "methods": [{"name": method["method"], "options": method["options"]}],
+                                     "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+                                     "out": str(tmp_path / "bench")}))
+    for command, at in (("run", "distill.options"), ("bench", f"methods[{method['method']}].options")):
+        code, _, err = run_cli([command, str(tmp_path / f"{command}.yaml"), "-q"], capsys)
+        assert code == 2 and err.startswith(f"error: {message.format(at=at)}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]

@@ -92,6 +92,7 @@ from ddkit.pipeline import (
     OPTION_PATHS,
     DistillConfig,
     check_learned_lr,
+    check_method_data,
     check_student,
     check_teacher_folders,
     discard_work,
@@ -686,17 +687,20 @@ class _Bench:
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
                 for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
-                    if METHODS.get(spec.name).ipc_within_class_size:
+                    method, where = METHODS.get(spec.name), f"methods[{key}].options"
+                    if method.ipc_within_class_size:
                         check_ipc(data, ipc)
-                        continue
                     # a method that makes more than a class holds runs (as in `ddkit run`); a random baseline
                     # beside its set cannot (every cell's hard evaluation has one too, for HLR)
-                    if any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
-                           if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
+                    elif any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
+                             if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
                         # the setting that turns it on: an ipc_overrides entry, applied after overrides, wins
                         at_ipc = "random_baseline" in cfg.ipc_overrides.get(ipc, {})
                         check_random_ipc(data, ipc, f"ipc_overrides: {{{ipc}: {{random_baseline: false}}}}" if at_ipc
                                          else "overrides.random_baseline: false")
+                    options = merge_overrides(spec.options, spec.ipc_options.get(ipc, {}))
+                    check_method_data(method, from_dict(method.Config, options, where), data,
+                                      ipc if method.uses_ipc else None, where)
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)

@@ -521,6 +521,27 @@ def check_student(protocol: ProtocolConfig, data: DataBundle,
             configured_model(keys, protocol.student, c, data.num_classes, h, protocol.student_options)
 
 
+def check_method_data(method: type[Method], method_cfg: Any, data: DataBundle, ipc: int | None,
+                      key: str = "distill.options") -> None:
+    """What ``method`` (its options ``method_cfg``, at ``key``) would refuse of ``data`` only in its ``fit``, after a
+    run's or bench's teacher trained: its network (``model`` / ``model_options``, or an expert ``buffer`` trained on the
+    fly) too deep for the images, built once here as the students are, and the method's own ``check_data(cfg, data,
+    ipc, key)`` where it has one (rded: the source images per class)."""
+    from ddkit.models import configured_model
+
+    nets = [(key, method_cfg)]
+    if getattr(method_cfg, "experts", None) is None and hasattr(method_cfg, "buffer"):
+        nets.append((f"{key}.buffer", method_cfg.buffer))
+    c, h, _ = data.image_shape
+    with global_rng():
+        for at, part in nets:
+            if isinstance(getattr(part, "model", None), str) and isinstance(getattr(part, "model_options", None), dict):
+                configured_model((f"{at}.model", f"{at}.model_options"), part.model, c, data.num_classes, h,
+                                 part.model_options)
+    if (check := getattr(method, "check_data", None)) is not None and ipc is not None:
+        check(method_cfg, data, ipc, key)
+
+
 def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = "evaluate") -> None:
     """Refuse a protocol with ``learned_lr`` (students train with the set's learned lr) for a method
     whose sets record none, before any stage runs."""
@@ -534,7 +555,8 @@ def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = 
 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
-    options, the evaluation protocols and their overrides, the students, label modes without the
+    options and what it would refuse of the data (:func:`check_method_data`), the evaluation protocols and their
+    overrides, the students, label modes without the
     teacher or soft labels they need, extra teachers that are not there or were made for other data."""
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
@@ -542,6 +564,7 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
     check_teacher_folders(getattr(method_cfg, "extra_teachers", None) or [], data, "distill.options.extra_teachers")
     if method.uses_ipc and method.ipc_within_class_size:
         check_ipc(data, cfg.distill.ipc)
+    check_method_data(method, method_cfg, data, cfg.distill.ipc if method.uses_ipc else None)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
     if cfg.teacher is not None:
