@@ -1115,3 +1115,31 @@ def test_data_and_sets_in_inference_tensors_are_fingerprinted():
     assert b.train.images.is_inference() and b.fingerprint == want
     s = DistilledSet(b.train.images[:4], b.train.labels[:4], {}, None, None)
     assert distilled_fingerprint(s) == set_fingerprint(b.train.images[:4].clone(), b.train.labels[:4].clone())
+
+
+def test_mnist_and_fashion_mnist_files_named_as_the_other_are_refused(tmp_path):
+    """`--dataset mnist` on the Fashion-MNIST files loaded them as digits (same names, shapes and sizes) and recorded
+    MNIST's classes and normalisation; the reverse too (QA 18d F8). The published files' first labels tell them
+    apart: one named as the other is refused; other IDX data of the same shape still loads."""
+    # the first labels (train, test) of the published files
+    heads = {"mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
+             "fashion-mnist": ([9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7])}
+
+    def write(folder: Path, train_head: list[int], test_head: list[int]) -> None:
+        folder.mkdir()
+        for prefix, n, head in (("train", 60000, train_head), ("t10k", 10000, test_head)):
+            labels = np.arange(n) % 10
+            labels[:10] = head
+            (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_images(np.zeros((n, 28, 28), np.uint8)))
+            (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_labels(labels))
+
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        folder = tmp_path / other
+        write(folder, *heads[other])
+        with pytest.raises(DataError, match=f"^{folder} holds {other}'s files \\(their labels are {other}'s\\), not "
+                                            f"{name}'s; use --dataset {other}, or point dataset.path at the {name} "
+                                            "files$"):
+            load_dataset(name, path=str(folder))
+        assert load_dataset(other, path=str(folder)).name == other
+    write(tmp_path / "own", list(range(10)), list(range(10)))
+    assert load_dataset("mnist", path=str(tmp_path / "own")).classes[0] == "0"
