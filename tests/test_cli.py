@@ -2002,6 +2002,11 @@ def test_sizes_no_machine_holds_end_in_one_line(workdir, tmp_path, capsys, monke
     monkeypatch.setattr(ddkit.cli, "cmd_list", python_out_of_memory)
     code, _, err = run_cli(["list", "models"], capsys)
     assert code == 2 and err.startswith("error: out of memory (at ddkit/cli.py:") and err.count("\n") == 1, err
+    # CUDA's (no device here: the message as torch words it) and other errors
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 1.2 GiB is free.")
+    assert ddkit.cli._out_of_memory(cuda).startswith("out of memory allocating 20.00 GiB: a size setting is too large")
+    assert ddkit.cli._out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
 
 
 def test_a_flag_and_a_set_of_the_same_key_are_refused(workdir, tmp_path, capsys):
