@@ -199,6 +199,7 @@ class TierProbe:
                                          for r in options["extra_teachers"]]
         found = self._buffer_key(options, cls)
         if found:  # the short buffer; start epochs 0..1 (the cost of a step does not depend on it)
+            options.pop("buffer", None)  # its recipe made the short buffer; with `experts` given it is refused
             options["experts"] = str(self.buffers[found[0]])
             options["max_start_epoch"] = 2
             options["min_start_epoch"] = 0

@@ -1537,7 +1537,8 @@ def test_bench_records_its_relative_paths_absolute(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "proto.yaml").write_text("student: tiny_convnet\nfull_reference: false\ntrain: {epochs: 1}\n")
-    cfg = {**TINY, "ipcs": [1], "seeds": [0], "protocol": "proto.yaml", "out": "b"}
+    cfg = {**TINY, "ipcs": [1], "seeds": [0], "protocol": "proto.yaml", "out": "b",  # no reference: no full_epochs
+           "overrides": {k: v for k, v in TINY["overrides"].items() if k != "full_epochs"}}
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["bench", "b.yaml", "--device", "cpu", "-q"]) == 0
     for name in ("config.json", "bench.json"):

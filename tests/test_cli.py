@@ -704,16 +704,19 @@ def test_run_reads_an_imported_checkpoint_again(tmp_path, capsys):
     assert sha == made[1].fingerprint and "reused: distilled, eval-teacher.json" in out
 
 
-def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
-    """YAML, then flags, then --set: `--ipc 1 --set distill.ipc=2` used to make IPC 1 (the flag silently won)."""
+def test_set_wins_over_the_yaml_and_flags_over_it(tmp_path, capsys, monkeypatch):
+    """YAML, then flags, then --set: `--ipc 1 --set distill.ipc=2` used to make IPC 1 (the flag silently won); a flag
+    and a --set of the same key are refused now (test_a_flag_and_a_set_of_the_same_key_are_refused), each over the
+    YAML is taken."""
     import ddkit.evaluate
     import ddkit.teacher
 
+    (tmp_path / "d.yaml").write_text("distill: {method: random, ipc: 3, seed: 7}\n")
     d = tmp_path / "d"
-    code, out, _ = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--seed", "4",
-                            "--set", "distill.ipc=2", "--set", "distill.seed=5", "--out", str(d), "-q"], capsys)
+    code, out, _ = run_cli(["distill", "--config", str(tmp_path / "d.yaml"), "--dataset", "synthetic", "--ipc", "1",
+                            "--set", "distill.seed=5", "--out", str(d), "-q"], capsys)
     man = json.loads((d / "manifest.json").read_text())
-    assert code == 0 and man["ipc"] == 2 and man["seed"] == 5 and man["config"]["distill"]["ipc"] == 2
+    assert code == 0 and man["ipc"] == 1 and man["seed"] == 5 and man["config"]["distill"]["ipc"] == 1
 
     class Stop(Exception):
         pass
@@ -729,21 +732,21 @@ def test_set_wins_over_flags(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ddkit.teacher, "train_teacher", capture("teacher"))
     monkeypatch.setattr(ddkit.evaluate, "evaluate", capture("evaluate"))
     with pytest.raises(Stop):
-        main(["teacher", "--dataset", "synthetic", "--model", "tiny_mlp", "--epochs", "3", "--set",
-              "teacher.model=tiny_convnet", "--set", "teacher.train.epochs=4", "--out", str(tmp_path / "t"), "-q"])
-    assert seen["teacher"][1].model == "tiny_convnet" and seen["teacher"][1].train.epochs == 4
+        main(["teacher", "--dataset", "synthetic", "--epochs", "3", "--set", "teacher.model=tiny_convnet", "--out",
+              str(tmp_path / "t"), "-q"])
+    assert seen["teacher"][1].model == "tiny_convnet" and seen["teacher"][1].train.epochs == 3
     with pytest.raises(Stop):
-        main(["evaluate", str(d), "--epochs", "3", "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
+        main(["evaluate", str(d), "--label-mode", "hard", "--set", "train.epochs=4", "-q"])
     assert seen["evaluate"][1].train.epochs == 4
 
     import ddkit.bench
 
     monkeypatch.setattr(ddkit.bench, "run_bench", capture("bench"))
     bench = tmp_path / "bench.yaml"
-    bench.write_text("datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\n")
+    bench.write_text(f"datasets: [synthetic]\nmethods: [random]\nipcs: [1]\nstudents: [tiny_convnet]\nout: "
+                     f"{tmp_path / 'b1'}\n")
     with pytest.raises(Stop):
-        main(["bench", str(bench), "--out", str(tmp_path / "b1"), "--device", "cpu", "--set",
-              f"out={tmp_path / 'b2'}", "-q"])
+        main(["bench", str(bench), "--device", "cpu", "--set", f"out={tmp_path / 'b2'}", "-q"])
     assert seen["bench"][0].out == str(tmp_path / "b2") and seen["bench"][0].device == "cpu"
 
 
@@ -901,8 +904,9 @@ def test_precision_flag_reaches_teacher_and_protocol(tmp_path, capsys):
                    capsys)[0] == 0
     reports = {}
     for precision in ("fp32", "bf16"):
-        code, _, _ = run_cli(["evaluate", str(d), "--seeds", "0", "--precision", precision, "-q", *FAST,
-                              "--set", "random_baseline=false", "--set", "full_reference=false"], capsys)
+        # FAST but its full_epochs, which nothing reads without the reference
+        code, _, _ = run_cli(["evaluate", str(d), "--seeds", "0", "--precision", precision, "-q", *FAST[:2],
+                              *FAST[4:], "--set", "random_baseline=false", "--set", "full_reference=false"], capsys)
         assert code == 0
         reports[precision] = [json.loads(p.read_text()) for p in sorted(d.glob("eval-hard-*.json"))]
     # fp32 keeps the protocol hash (and file name) of before the option; bf16 is another protocol, another file
@@ -1893,3 +1897,191 @@ def test_a_recorded_run_finds_the_extra_teachers_its_protocol_file_names_from_an
         "teacher", "distilled", "eval-teacher.json"]
     assert (recorded["protocol"], recorded["overrides"]) == (str(tmp_path / "p.yaml"),
                                                              {"extra_teachers": [str(tmp_path / "T4")]})
+
+
+def test_relabels_suggested_evaluate_works_on_manifest_paths(workdir, tmp_path, capsys):
+    """A set (and teacher) given as its manifest.json: `relabel` prints them back in its "evaluate with:" line, and
+    that command, pasted, evaluated nothing: evaluate built its default report path inside the manifest file
+    (QA 18d F3)."""
+    import shlex
+
+    d = tmp_path / "r5"
+    shutil.copytree(workdir / "r5", d)
+    code, out, err = run_cli(["relabel", str(d / "manifest.json"), "--teacher", str(workdir / "teacher/manifest.json"),
+                              "--epochs", "2", "--out", str(tmp_path / "fkd"), "-q"], capsys)
+    assert code == 0, err
+    suggested = shlex.split(out.split("evaluate with: ddkit ", 1)[1].splitlines()[0])
+    assert suggested[:2] == ["evaluate", str(d / "manifest.json")]
+    code, out, err = run_cli([*suggested, "--seeds", "0", "--set", "student=tiny_convnet", "--set", "train.epochs=2",
+                              "--set", "full_reference=false", "--set", "random_baseline=false", "-q"], capsys)
+    assert code == 0, err
+    written = sorted(p.name for p in d.glob("eval-fkd-*.json"))
+    assert len(written) == 1 and f"report -> {d / written[0]}" in out
+    assert json.loads((d / written[0]).read_text())["config"]["label_mode"] == "fkd"
+
+
+def test_run_and_bench_refuse_the_current_folder_in_one_line(tmp_path, capsys, monkeypatch):
+    """`ddkit run` / `ddkit bench` with out `.` (`--out .`, `--out ""`, or `out: ""` in the YAML) in an empty folder
+    ended in a ValueError traceback from naming a temporary beside a folder with no name (QA 18d F7); `--out ""`
+    silently wrote to the config's out instead."""
+    import yaml
+
+    tiny = {"dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}}}
+    run = {**tiny, "distill": {"method": "random", "ipc": 1}, "out": str(tmp_path / "configured"),
+           "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "train": {"epochs": 1},
+                                                    "full_reference": False, "random_baseline": False}}}
+    bench = {"datasets": [{"name": "synthetic"}], "methods": ["random"], "ipcs": [1], "seeds": [0],
+             "students": ["tiny_convnet"], "teacher": tiny["teacher"], "out": str(tmp_path / "configured"),
+             "overrides": {"full_reference": False, "train": {"epochs": 1}}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
+    (tmp_path / "run_here.yaml").write_text(yaml.safe_dump({**run, "out": ""}))
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump(bench))
+    (tmp_path / "bench_here.yaml").write_text(yaml.safe_dump({**bench, "out": ""}))
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for command in ("run", "bench"):
+        given = str(tmp_path / f"{command}.yaml")
+        for argv in ([given, "--out", "."], [given, "--out", ""], [str(tmp_path / f"{command}_here.yaml")]):
+            code, _, err = run_cli([command, *argv, "-q"], capsys)
+            assert code == 2 and err == (f"error: output '.' is the current folder or holds it, and a {command} "
+                                         f"folder holds only what the {command} writes; give a subfolder, e.g. --out "
+                                         "./out\n"), err
+    assert list(here.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "bench.yaml", "bench_here.yaml", "here", "run.yaml", "run_here.yaml"]
+
+
+def test_device_mps_where_it_is_missing_is_refused_in_one_line(workdir, tmp_path, capsys, monkeypatch):
+    """`--device mps` on a machine without MPS: a RuntimeError traceback from the first generator on it (teacher,
+    evaluate), or nothing at all where no tensor went there (a random set, exit 0) (QA 18d F9). It is refused as
+    `--device cuda` without CUDA is, before any work."""
+    from ddkit.distributed import resolve_device
+    from ddkit.errors import DDKitError
+
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for argv in (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1"],
+                 ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1"],
+                 ["evaluate", str(workdir / "r5"), "--seeds", "0", *FAST]):
+        code, out, err = run_cli([*argv, "--device", "mps", "--out", str(tmp_path / "out"), "-q"], capsys)
+        assert (code, out, err) == (2, "", "error: device 'mps' asked for but MPS is not available here; use --device "
+                                           "cpu or auto\n")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DDKitError, match="^device 'mps' asked for but MPS is not available here"):
+        resolve_device("mps")
+
+
+def test_sizes_no_machine_holds_end_in_one_line(workdir, tmp_path, capsys, monkeypatch):
+    """An enormous size setting ended in a traceback (torch's allocator, Python's MemoryError) or ran for hours (rded
+    num_crop 10^12 built a list of 10^12 crop batches; relabel --epochs 10^12 a list of 10^12 epochs) (QA 18d F1, F5).
+    A failed allocation is one line naming its size and where ddkit asked for it; the relabel store and rded's crops,
+    whose sizes are known up front, are refused before any work, naming the setting to lower."""
+    import ddkit.cli
+
+    out = tmp_path / "out" / "x"
+    code, _, err = run_cli(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1", "--set",
+                            "teacher.model_options.width=1000000000000", "--out", str(out), "-q"], capsys)
+    assert code == 2 and err.count("\n") == 1 and re.match(
+        r"error: out of memory allocating [\d.e+]+ GB \(at ddkit/models/convnet\.py:\d+\): a size setting is too large "
+        r"for this machine; lower it \(a model's width or depth", err), err
+    code, _, err = run_cli(["relabel", str(workdir / "r5"), "--teacher", str(workdir / "teacher"), "--epochs",
+                            str(10**12), "--out", str(out), "-q"], capsys)
+    assert code == 2 and re.fullmatch(
+        r"error: the store's logits \(1000000000000 epochs x 20 images x 4 logits\) would take [\d.e+]+ GB, more than "
+        rf"the [\d.]+ [kMGT]?B free on the disk of {re.escape(repr(str(out.parent)))}; lower the relabel epochs \(or "
+        r"keep fewer logits with top_k\)\n", err), err
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "rded", "--ipc", "1", "--teacher",
+                            str(workdir / "teacher"), "--set", f"distill.options.num_crop={10**12}", "--out", str(out),
+                            "-q"], capsys)
+    assert code == 2 and re.fullmatch(
+        r"error: rded's 1000000000000 crops of each of \d+ source images per class would take [\d.e+]+ GB, more than "
+        r"the [\d.]+ [kMGT]?B of memory on this machine; lower distill.options.num_crop\n", err), err
+    assert not out.exists()
+
+    def python_out_of_memory(args):
+        raise MemoryError
+
+    monkeypatch.setattr(ddkit.cli, "cmd_list", python_out_of_memory)
+    code, _, err = run_cli(["list", "models"], capsys)
+    assert code == 2 and err.startswith("error: out of memory (at ddkit/cli.py:") and err.count("\n") == 1, err
+    # CUDA's (no device here: the message as torch words it) and other errors
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.19 GiB of which 1.2 GiB is free.")
+    assert ddkit.cli._out_of_memory(cuda).startswith("out of memory allocating 20.00 GiB: a size setting is too large")
+    assert ddkit.cli._out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+
+
+def test_a_flag_and_a_set_of_the_same_key_are_refused(workdir, tmp_path, capsys):
+    """A --set applied over a flag of the same key dropped the flag's value without a word, even an invalid one
+    (`--ipc -1 --set distill.ipc=1`), and `--set dataset=~` loaded Fashion-MNIST instead of `--dataset synthetic`
+    (QA 18d F6). The two are refused in one line; a --set that leaves the flag's value (another key of its section,
+    the same value) is taken."""
+    out = str(tmp_path / "out")
+    ev = ["evaluate", str(workdir / "r5"), "--seeds", "0", "--set", "student=tiny_convnet", "--set",
+          "full_reference=false", "--set", "random_baseline=false"]
+    cases = [
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "-1", "--set", "distill.ipc=1"],
+         "--ipc -1 and --set distill.ipc=1 both give distill.ipc"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "dataset=~"],
+         "--dataset synthetic and --set dataset=~ both give dataset.name"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set", "distill=null"],
+         "--method random and --set distill=null both give distill.method"),
+        (["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--teacher",
+          str(workdir / "teacher"), "--soft-labels", "--set", "distill.soft_labels=false"],
+         "--soft-labels and --set distill.soft_labels=false both give distill.soft_labels"),
+        (["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "-5", "--set",
+          "teacher.train.epochs=1"], "--epochs -5 and --set teacher.train.epochs=1 both give teacher.train.epochs"),
+        (["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "2", "--set",
+          "experts={num_experts: 3}"],
+         "--num-experts 2 and --set experts={num_experts: 3} both give experts.num_experts"),
+        ([*ev, "--epochs", "-3", "--set", "train.epochs=1"],
+         "--epochs -3 and --set train.epochs=1 both give train.epochs"),
+        ([*ev, "--label-mode", "hard", "--set", "label_mode=teacher"],
+         "--label-mode hard and --set label_mode=teacher both give label_mode"),
+    ]
+    for argv, message in cases:
+        code, _, err = run_cli([*argv, "--out", out, "-q"], capsys)
+        assert (code, err) == (2, f"error: {message}; give it once (a --set is applied over the flags)\n"), argv
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "run.yaml").write_text(f"dataset: {{name: synthetic}}\nout: {tmp_path / 'configured'}\n")
+    (tmp_path / "bench.yaml").write_text(f"datasets: [synthetic]\nout: {tmp_path / 'configured'}\n")
+    for command in ("run", "bench"):
+        code, _, err = run_cli([command, str(tmp_path / f"{command}.yaml"), "--out", out, "--set", f"out={out}2",
+                                "-q"], capsys)
+        assert (code, err) == (2, f"error: --out {out} and --set out={out}2 both give out; give it once (a --set is "
+                                  "applied over the flags)\n"), command
+    # the same value, or another key of the flag's section: taken
+    code, _, err = run_cli(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "1", "--set",
+                            "distill.ipc=1", "--set", "dataset={options: {num_classes: 3}}", "--out", out, "-q"],
+                           capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "out/manifest.json").read_text())["num_images"] == 3
+
+
+@pytest.mark.parametrize("distill, message", [
+    ("{method: dm, ipc: 1, options: {iterations: 2, model: convnet3, model_options: {depth: 5}}}",
+     "{at}.model_options: image size 16 is too small for a depth-5 ConvNet with pooling: 5 poolings need at least 32 "
+     "px; use a smaller depth (at most 4) or pooling='none'"),
+    ("{method: mtt, ipc: 1, options: {buffer: {model: convnet3, model_options: {depth: 5}}}}",
+     "{at}.buffer.model_options: image size 16 is too small for a depth-5 ConvNet with pooling"),
+    ("{method: rded, ipc: 2, options: {mipc: 1}}",
+     "rded needs 2 source images per class (ipc 2 x factor 1^2) but mipc is 1; raise {at}.mipc to at least 2"),
+])
+def test_run_and_bench_check_what_the_method_refuses_of_the_data_before_any_stage(tmp_path, capsys, distill, message):
+    """A method's network too deep for the images and rded's mipc below its need were refused only inside the
+    method's fit, after `ddkit run` (or `ddkit bench`) had trained the teacher (QA 18d F11)."""
+    import yaml
+
+    method = yaml.safe_load(distill)
+    run = tmp_path / "run.yaml"
+    run.write_text(f"dataset: {{name: synthetic}}\nteacher: {{model: tiny_convnet, train: {{epochs: 1}}}}\n"
+                   f"distill: {distill}\nevaluate: {{seeds: [0], overrides: {{student: tiny_convnet, "
+                   f"full_reference: false, train: {{epochs: 1}}}}}}\nout: {tmp_path / 'run'}\n")
+    bench = tmp_path / "bench.yaml"
+    bench.write_text(yaml.safe_dump({"datasets": ["synthetic"], "ipcs": [method["ipc"]], "students": ["tiny_convnet"],
+                                     "methods": [{"name": method["method"], "options": method["options"]}],
+                                     "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+                                     "out": str(tmp_path / "bench")}))
+    for command, at in (("run", "distill.options"), ("bench", f"methods[{method['method']}].options")):
+        code, _, err = run_cli([command, str(tmp_path / f"{command}.yaml"), "-q"], capsys)
+        assert code == 2 and err.startswith(f"error: {message.format(at=at)}") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]

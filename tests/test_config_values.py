@@ -631,6 +631,16 @@ def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
     ("soft-kl", {"train": {"cutmix_alpha": 0.5}},
      "train.cutmix_alpha=0.5 does nothing under train.cutmix_prob 0 (only CutMix reads it); drop it (it would only "
      "give the protocol another hash) or set train.cutmix_prob"),
+    # QA 18d F4
+    ("dc-protocol", {"zca_reg": 0.5},
+     "zca_reg=0.5 does nothing under zca false (only ZCA whitening reads it); drop it (it would only give the protocol "
+     "another hash) or set zca=true"),
+    ("dc-protocol", {"full_reference": False, "full_epochs": 7},
+     "full_epochs=7 does nothing under full_reference false (only the full-data reference reads it); drop it (it "
+     "would only give the protocol another hash) or set full_reference=true"),
+    ("dc-protocol", {"full_reference": False, "full_seeds": 2},
+     "full_seeds=2 does nothing under full_reference false (only the full-data reference reads it); drop it (it "
+     "would only give the protocol another hash) or set full_reference=true"),
 ])
 def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, message):
     """QA 17a F4: `ddkit evaluate SET --protocol edc --set temperature=1` gave a new protocol hash and trained the
@@ -675,3 +685,49 @@ def test_a_bench_override_that_no_cell_reads_is_refused():
         from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "ipc_overrides": {10: {"train": {"momentum": 0.3}}}})
     assert from_dict(BenchConfig, {**bench, "protocol": "soft-kl", "overrides": {"temperature": 2}}).protocol_for(
         "tiny_convnet", "teacher", ipc=1).temperature == 2.0
+
+
+def test_settings_of_a_part_that_is_off_are_refused_outside_the_protocol():
+    """QA 18d F4: a bench's ARS settings without robust_scores (part of every cell's key: a change redid every cell for
+    the same numbers) and a trajectory method's on-the-fly expert recipe with `experts` given (part of the set's
+    identity: a change distilled again for the same bytes) were taken."""
+    from ddkit.methods import METHODS
+    from ddkit.methods.mtt import MTTConfig
+
+    bench = {"methods": ["random"], "students": ["tiny_convnet"], "ipcs": [1]}
+    for key, value in (("ars_gamma", 0.7), ("ars_augment", "flip")):
+        with pytest.raises(ConfigError, match=rf"^{key} {value!r} applies only with robust_scores, but "
+                                              "robust_scores is false; remove it or set robust_scores: true$"):
+            from_dict(BenchConfig, {**bench, key: value})
+        assert getattr(from_dict(BenchConfig, {**bench, key: value, "robust_scores": True}), key) == value
+    assert from_dict(BenchConfig, {**bench, "ars_gamma": 0.5}).ars_gamma == 0.5  # the default: taken
+    with pytest.raises(ConfigError, match=r"^distill.options.buffer \(num_experts, epochs\) applies only to experts "
+                                          r"trained on the fly, but experts is given; remove buffer or experts$"):
+        from_dict(MTTConfig, {"experts": "runs/ex", "buffer": {"num_experts": 3, "epochs": 7}}, "distill.options")
+    # the class's own recipe is no setting of the user's: FTD's GSAM buffer, and the default spelt out, are taken
+    for name in ("mtt", "ftd", "shq"):
+        cls = METHODS.get(name).Config
+        assert from_dict(cls, {"experts": "runs/ex"}).experts == "runs/ex"
+        assert from_dict(cls, {"experts": "runs/ex", "buffer": to_dict(cls().buffer)}).experts == "runs/ex"
+        assert from_dict(cls, {"buffer": {"num_experts": 3}}).buffer.num_experts == 3
+
+
+def test_synthetic_seed_and_noise_are_bounded_by_what_torch_takes(tmp_path, capsys):
+    """The synthetic source's seed had a lower bound only: 2^70 ended in torch's "Overflow when unpacking long long"
+    traceback; its noise took 1e300, beyond float32's range in which the images are drawn (QA 18d F2)."""
+    import math
+
+    from ddkit.data.base import load_dataset
+
+    for seed in (2**64, 2**70):
+        code = main(["distill", "--dataset", "synthetic", "--set", f"dataset.options.seed={seed}", "--method",
+                     "random", "--ipc", "1", "--out", str(tmp_path / "set"), "-q"])
+        assert (code, capsys.readouterr().err) == (2, f"error: dataset.options.seed must be an integer in [0, 2^64) "
+                                                      f"(what torch's generator takes), got {seed}\n")
+    assert list(tmp_path.iterdir()) == []
+    for noise in (1e300, math.inf, math.nan, -0.5):
+        with pytest.raises(ConfigError, match=r"^dataset.options.noise must be a number in \[0, 3.403e\+38\] "):
+            load_dataset("synthetic", options={"noise": noise})
+    # the largest of each is taken
+    assert load_dataset("synthetic", options={"seed": 2**64 - 1, "train_per_class": 1, "test_per_class": 1}).name
+    assert load_dataset("synthetic", options={"noise": 3.4e38, "train_per_class": 1, "test_per_class": 1}).name

@@ -854,7 +854,8 @@ def test_synthetic_refuses_settings_it_cannot_honour():
     for key, bad in (("num_classes", 0), ("num_classes", 1.5), ("image_size", 0), ("channels", 0), ("seed", -1)):
         with pytest.raises(ConfigError, match=rf"dataset.options.{key} must be an integer >= \d, got {bad}"):
             load_dataset("synthetic", options={key: bad})
-    with pytest.raises(ConfigError, match="dataset.options.noise must be a number >= 0, got 'abc'"):
+    with pytest.raises(ConfigError, match=r"dataset.options.noise must be a number in \[0, 3.403e\+38\] \(float32's "
+                                          r"range, in which the images are drawn\), got 'abc'"):
         load_dataset("synthetic", options={"noise": "abc"})
     with pytest.raises(DataError,
                        match=r"dataset.classes \['a', 'b', 'c', 'd'\] does not match the classes of 'synthetic'"):
@@ -1154,3 +1155,31 @@ def test_a_plugin_source_returning_no_databundle_is_refused(monkeypatch):
                         r"loader returns a ddkit.data.DataBundle\(name, train=ImageSet\(images, labels\), "
                         r"test=ImageSet\(...\), classes, mean, std\) \(README, Models\)", str(err.value)), \
         str(err.value)
+
+
+def test_mnist_and_fashion_mnist_files_named_as_the_other_are_refused(tmp_path):
+    """`--dataset mnist` on the Fashion-MNIST files loaded them as digits (same names, shapes and sizes) and recorded
+    MNIST's classes and normalisation; the reverse too (QA 18d F8). The published files' first labels tell them
+    apart: one named as the other is refused; other IDX data of the same shape still loads."""
+    # the first labels (train, test) of the published files
+    heads = {"mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
+             "fashion-mnist": ([9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7])}
+
+    def write(folder: Path, train_head: list[int], test_head: list[int]) -> None:
+        folder.mkdir()
+        for prefix, n, head in (("train", 60000, train_head), ("t10k", 10000, test_head)):
+            labels = np.arange(n) % 10
+            labels[:10] = head
+            (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_images(np.zeros((n, 28, 28), np.uint8)))
+            (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_labels(labels))
+
+    for name, other in (("mnist", "fashion-mnist"), ("fashion-mnist", "mnist")):
+        folder = tmp_path / other
+        write(folder, *heads[other])
+        with pytest.raises(DataError, match=f"^{folder} holds {other}'s files \\(their labels are {other}'s\\), not "
+                                            f"{name}'s; use --dataset {other}, or point dataset.path at the {name} "
+                                            "files$"):
+            load_dataset(name, path=str(folder))
+        assert load_dataset(other, path=str(folder)).name == other
+    write(tmp_path / "own", list(range(10)), list(range(10)))
+    assert load_dataset("mnist", path=str(tmp_path / "own")).classes[0] == "0"

@@ -2,6 +2,7 @@
 from another working folder."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -608,3 +609,33 @@ def test_escaping_keeps_real_names_and_escapes_what_moves_the_terminal():
     assert printable("a\x1b[2Jb\x07\x9bc") == "a\\x1b[2Jb\\x07\\x9bc"
     assert printable("evil\u202egnp.exe\u2066") == "evil\\u202egnp.exe\\u2066"
     assert printable("one\u2028two\nthree", keep="\n") == "one\\u2028two\nthree"
+
+
+def test_records_of_a_newer_ddkit_are_refused_as_artifacts_are(demo_run, tmp_path, capsys):
+    """An evaluation report or bench table with a future schema_version was read and shown (`show`, `show --json`,
+    `ddkit.load`, `ddkit report`), where an artifact folder of one is refused: a newer ddkit may mean other things by
+    its fields (QA 18d F10)."""
+    report = json.loads((demo_run / "run" / "eval-hard.json").read_text())
+    future = tmp_path / "eval-future.json"
+    future.write_text(json.dumps({**report, "schema_version": 999}))
+    newer = f"error: {str(future)!r} has schema_version 999, newer than this ddkit understands (1); upgrade ddkit\n"
+    for argv in (["show", str(future)], ["show", "--json", str(future)]):
+        assert run_cli(argv, capsys) == (2, "", newer)
+    with pytest.raises(DDKitError, match=f"^{re.escape(newer[7:-1])}$"):
+        ddkit.load(future)
+    future.write_text(json.dumps({**report, "schema_version": "1"}))
+    code, out, err = run_cli(["show", str(future)], capsys)
+    assert code == 2 and err.startswith(f"error: {str(future)!r} holds schema_version '1', not a version number; ")
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text("datasets: [synthetic]\nipcs: [1]\nstudents: [tiny_convnet]\nlabel_modes: [hard]\nseeds: [0]\n"
+                   "methods: [random]\noverrides: {full_reference: false, random_baseline: false, train: {epochs: 1, "
+                   f"batch_size: 8}}}}\nout: {tmp_path / 'bench'}\n")
+    assert main(["bench", str(cfg), "-q"]) == 0
+    table = tmp_path / "bench" / "bench.json"
+    table.write_text(json.dumps({**json.loads(table.read_text()), "schema_version": 999}))
+    capsys.readouterr()
+    newer = f"error: {str(table)!r} has schema_version 999, newer than this ddkit understands (1); upgrade ddkit\n"
+    for argv in (["show", str(tmp_path / "bench")], ["show", str(table)],
+                 ["report", str(tmp_path / "bench"), "--out", str(tmp_path / "report"), "-q"]):
+        assert run_cli(argv, capsys) == (2, "", newer), argv
+    assert not (tmp_path / "report").exists()

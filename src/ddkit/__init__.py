@@ -86,7 +86,7 @@ def load(path, normalize: bool = False):
     """
     from pathlib import Path
 
-    from ddkit.artifacts import MANIFEST, file_kind, folder_kind, member, read_json, read_manifest
+    from ddkit.artifacts import MANIFEST, check_schema_version, file_kind, folder_kind, member, read_json, read_manifest
     from ddkit.distilled import DistilledSet
     from ddkit.errors import DDKitError
 
@@ -129,6 +129,7 @@ def load(path, normalize: bool = False):
         from ddkit.evaluate.metrics import check_report
 
         record = read_json(where, "evaluation report")
+        check_schema_version(record, where, "it is damaged: evaluate again to rewrite it", required=False)
         reports = record.get("evaluations") if kind == "evaluation-set" else [record]
         for report in reports if isinstance(reports, list) else [{}]:  # a damaged list: refused as one
             check_report(report if isinstance(report, dict) else {}, where)

@@ -453,6 +453,34 @@ def _why_cut_short(path: Path) -> int | None:
     return None
 
 
+def memory_bytes() -> int | None:
+    """This machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX, or the name unknown here
+        return None
+
+
+def check_room(need: int, what: str, fix: str, folder: str | Path | None = None) -> None:
+    """Refuse in one line, before the work that would fill it, ``what`` (e.g. ``the store's logits``) of ``need``
+    bytes that cannot fit: on the disk of ``folder`` (of the nearest folder above it that exists: an output not made
+    yet), or, without ``folder``, in this machine's memory; ``fix`` names the setting to lower. A size the system
+    cannot be asked about is let through (a failed allocation then ends the command in one line all the same)."""
+    from ddkit.cache import size_text
+
+    if folder is not None:
+        folder = next((p for p in (Path(folder), *Path(folder).absolute().parents) if p.is_dir()), None)
+        try:
+            room = shutil.disk_usage(folder).free if folder is not None else None
+        except OSError:
+            room = None
+        where = f"free on the disk of {str(folder)!r}"
+    else:
+        room, where = memory_bytes(), "of memory on this machine"
+    if room is not None and need > room:
+        raise DDKitError(f"{what} would take {size_text(need)}, more than the {size_text(room)} {where}; {fix}")
+
+
 class WriteFailure(DDKitError):
     """A library's failed write of the file ``path`` (safetensors, ``torch.save``), as one line
     (:func:`write_failure`); ``path``, ``cause`` and ``errno`` say which file and why, for a caller that falls back."""
@@ -557,14 +585,20 @@ def check_output_dir(final: Path, kind: str | None) -> None:
     check_writable(final)
 
 
+def refuse_current_folder(out: Path, why: str) -> None:
+    """Refuse, in one line ending in the fix, an output folder ``out`` that is the current folder or one above it
+    (``.``, ``""``, ``..``), for the reason ``why``."""
+    here = Path.cwd().resolve()
+    if Path(out).resolve() in (here, *here.parents):
+        raise DDKitError(f"output {str(out)!r} is the current folder or holds it, and {why}; give a subfolder, e.g. "
+                         "--out ./out")
+
+
 def _check_replaceable(final: Path, kind: str | None) -> None:
     """:func:`check_output_dir`'s checks of what ``final`` holds, without the write test (:func:`atomic_dir`,
     which rank 0 alone calls, reports a folder it cannot write itself)."""
     final = Path(final)
-    here = Path.cwd().resolve()
-    if final.resolve() in (here, *here.parents):
-        raise DDKitError(f"output {str(final)!r} is the current folder or holds it, and an output folder is replaced "
-                         "whole; give a subfolder, e.g. --out ./out")
+    refuse_current_folder(final, "an output folder is replaced whole")
     _refuse_file_parent(final)
     if not holds_files(final):
         return
@@ -690,17 +724,25 @@ def read_manifest(path: str | Path, kind: str,
         raise DDKitError(
             f"{str(path)!r} is a {manifest.get('kind', 'unknown')!r} artifact, not a {kind!r}; pass a {kind} directory"
         )
-    version = manifest.get("schema_version")
-    if not is_count(version):
-        raise DDKitError(f"{str(path / MANIFEST)!r} holds schema_version {version!r}, not a version "
-                         f"number; the manifest is damaged: re-create the {kind} artifact")
-    if version > SCHEMA_VERSION:
-        raise DDKitError(
-            f"{str(path)!r} has schema_version {version!r}, newer than this ddkit understands "
-            f"({SCHEMA_VERSION}); upgrade ddkit"
-        )
+    check_schema_version(manifest, path / MANIFEST, f"the manifest is damaged: re-create the {kind} artifact", path)
     check_fields(manifest, require or {}, path, kind)
     return manifest
+
+
+def check_schema_version(record: dict[str, Any], file: Path, fix: str, name: Path | None = None,
+                         required: bool = True) -> None:
+    """Refuse in one line a ddkit record (a manifest, an evaluation report, a bench table, read from ``file``) whose
+    ``schema_version`` is no version number (damaged: ``fix`` says what to do) or one newer than this ddkit reads (a
+    newer ddkit may have changed what its fields mean); ``name``: what the second message names (an artifact's
+    folder), default ``file``. A record without one is taken where not ``required`` (JSON records of older ddkit)."""
+    version = record.get("schema_version")
+    if version is None and not required:
+        return
+    if not is_count(version):
+        raise DDKitError(f"{str(file)!r} holds schema_version {version!r}, not a version number; {fix}")
+    if version > SCHEMA_VERSION:
+        raise DDKitError(f"{str(name or file)!r} has schema_version {version!r}, newer than this ddkit understands "
+                         f"({SCHEMA_VERSION}); upgrade ddkit")
 
 
 def member(folder: Path, name: Any, manifest: str | Path, field: str, fix: str) -> Path:

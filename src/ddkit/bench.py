@@ -49,18 +49,20 @@ from ddkit import cache as ddcache
 from ddkit import distributed as ddist
 from ddkit.artifacts import (
     build_lock,
+    check_schema_version,
     check_writable,
     folder_kind,
     holds_files,
     read_json,
     recorded_paths,
+    refuse_current_folder,
     remove_unused_locks,
     shared_costs,
     versions,
     write_json,
     writing,
 )
-from ddkit.config import Checked, config_hash, field, from_dict, keyed, sorted_seeds, to_dict
+from ddkit.config import Checked, config_hash, field, field_default, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
 from ddkit.determinism import numerics_change, stage_modes
@@ -90,6 +92,7 @@ from ddkit.pipeline import (
     OPTION_PATHS,
     DistillConfig,
     check_learned_lr,
+    check_method_data,
     check_student,
     check_teacher_folders,
     discard_work,
@@ -211,6 +214,11 @@ class BenchConfig(Checked):
         for name in ("lrs_lambda", "ars_gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not self.robust_scores:  # ARS's settings key every cell: one that nothing reads would only redo them
+            defaults = {f.name: field_default(f) for f in dataclasses.fields(self)}
+            problems += [f"{name} {getattr(self, name)!r} applies only with robust_scores, but robust_scores is "
+                         "false; remove it or set robust_scores: true" for name in ("ars_augment", "ars_gamma")
+                         if getattr(self, name) != defaults[name]]
         if problems:
             raise ConfigError("; ".join(problems))
         self.ipc_overrides = {int(k): v for k, v in self.ipc_overrides.items()}
@@ -597,7 +605,9 @@ def check_bench_dir(root: Path) -> None:
     """Refuse an existing ``root`` that is not a bench folder: the bench writes ``config.json``,
     ``bench.json``, ``cells/``, ``evals/``, ``distilled/``, ``labels/`` and ``teachers/`` there and must never overwrite
     a user's files. A bench folder is marked by the ``config.json`` of kind ``bench-config`` written first. A folder
-    this process cannot write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    this process cannot write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so
+    is the current folder (``.``)."""
+    refuse_current_folder(root, "a bench folder holds only what the bench writes")
     if holds_files(root, ignore_hidden=True) and folder_kind(root) != "bench-config":
         raise DDKitError(f"output {str(root)!r} exists and is not a ddkit bench folder (no config.json of kind "
                          "bench-config); choose another out / --out or remove it")
@@ -680,17 +690,20 @@ class _Bench:
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
                 for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
-                    if METHODS.get(spec.name).ipc_within_class_size:
+                    method, where = METHODS.get(spec.name), f"methods[{key}].options"
+                    if method.ipc_within_class_size:
                         check_ipc(data, ipc)
-                        continue
                     # a method that makes more than a class holds runs (as in `ddkit run`); a random baseline
                     # beside its set cannot (every cell's hard evaluation has one too, for HLR)
-                    if any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
-                           if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
+                    elif any(cfg.protocol_for(st, mode, ipc=ipc).random_baseline for st in cfg.students
+                             if ipc in cfg.student_ipcs_of(st) for mode in {"hard", *cfg.label_modes}):
                         # the setting that turns it on: an ipc_overrides entry, applied after overrides, wins
                         at_ipc = "random_baseline" in cfg.ipc_overrides.get(ipc, {})
                         check_random_ipc(data, ipc, f"ipc_overrides: {{{ipc}: {{random_baseline: false}}}}" if at_ipc
                                          else "overrides.random_baseline: false")
+                    options = merge_overrides(spec.options, spec.ipc_options.get(ipc, {}))
+                    check_method_data(method, from_dict(method.Config, options, where), data,
+                                      ipc if method.uses_ipc else None, where)
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)
@@ -1074,6 +1087,8 @@ def load_table(run_dir: str | Path) -> dict:
     if table.get("kind") != "bench-table":
         raise DDKitError(f"{str(path)!r} is not a bench table (kind {table.get('kind')!r}); pass the folder of a "
                          "`ddkit bench` run")
+    check_schema_version(table, path, "it is damaged: re-run `ddkit bench` with the run's config (finished cells are "
+                         "reused) to rebuild it", required=False)
     rows = table.get("rows")  # tables assembled before 2026-12-07 scored diverged students too
     for r in rows if isinstance(rows, list) else []:  # (damaged rows: refused by the report's checks)
         if isinstance(r, dict):

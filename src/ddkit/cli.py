@@ -112,6 +112,37 @@ def _section(data: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
     return value
 
 
+def _refuse_flag_and_set(given: dict[str, tuple[str, Any]], sets: list[str]) -> None:
+    """Refuse in one line a flag whose value a ``--set`` of the same command replaces or drops (``--set`` is applied
+    last, over the flags: the flag's value, even an invalid one, went unread). ``given``: config key (dotted) ->
+    (the flag, its value). A ``--set`` that leaves the key at the flag's value (another key of its section merged in,
+    the same value) is taken."""
+    from ddkit.config import apply_overrides
+
+    if not given or not sets:
+        return
+    probe: dict[str, Any] = {}
+    for key, (_, value) in given.items():  # the flags' values where the command puts them
+        *parents, leaf = key.split(".")
+        node = probe
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    apply_overrides(probe, sets)  # as the command applies them over the flags
+    for key, (flag, value) in given.items():
+        node: Any = probe
+        for part in key.split("."):
+            node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        if node != value or type(node) is not type(value):
+            item = next((i for i in sets if key == (k := i.split("=", 1)[0].strip()) or key.startswith(k + ".")), key)
+            shown = "" if value is True else f" {value}"
+            raise DDKitError(f"{flag}{shown} and --set {item} both give {key}; give it once (a --set is applied over "
+                             "the flags)")
+
+
+_MISSING = object()
+
+
 def _apply_common(data: dict[str, Any], args) -> dict[str, Any]:
     """The dataset flags, then ``--set`` (last, over every flag); call it after the command's own flags."""
     from ddkit.config import apply_overrides
@@ -134,15 +165,19 @@ def _stage_config(args, section: str, cls: type, flags: dict[str, str]) -> tuple
 
     data = _base(args, section)
     own = _section(data, section)
+    given = {f"dataset.{key}": (f"--{name.replace('_', '-')}", getattr(args, name))
+             for name, key in (("dataset", "name"), ("data_path", "path")) if getattr(args, name, None) is not None}
     for flag, key in flags.items():
         value = getattr(args, flag, None)
         if value is None or value is False:
             continue
+        given[f"{section}.{key}"] = (f"--{flag.replace('_', '-')}", value)
         *parents, leaf = key.split(".")
         target, where = own, section
         for parent in parents:
             target, where = _section(target, parent, where), f"{where}.{parent}"
         target[leaf] = value
+    _refuse_flag_and_set(given, list(getattr(args, "set", None) or []))
     data = _apply_common(data, args)
     unknown = set(data) - {"dataset", section}
     if unknown:
@@ -245,12 +280,17 @@ def cmd_evaluate(args) -> int:
 
     distilled = DistilledSet.load(args.distilled)
     overrides: dict[str, Any] = {}
+    given = {key: (flag, value) for key, flag, value in (("label_mode", "--label-mode", args.label_mode),
+                                                          ("train.epochs", "--epochs", args.epochs),
+                                                          ("train.precision", "--precision", args.precision))
+             if value is not None}
     if args.label_mode:
         overrides["label_mode"] = args.label_mode
     if args.epochs is not None:
         _section(overrides, "train")["epochs"] = args.epochs
     if args.precision is not None:
         _section(overrides, "train")["precision"] = args.precision
+    _refuse_flag_and_set(given, list(args.set or []))
     apply_overrides(overrides, list(args.set or []))  # last, over the flags
     protocol = resolve_protocol(args.protocol, overrides, where="")  # keys as --set names them
     if protocol.label_mode == "hard" and args.teacher:
@@ -277,7 +317,8 @@ def cmd_evaluate(args) -> int:
             raise type(exc)(f"{problem}; the set records its dataset settings: point --data-path at the data it was "
                             "made from (and --teacher at a teacher trained on it)") from None
         raise
-    out = args.out or str(Path(args.distilled) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
+    # inside the set's folder, however it was named (`set/manifest.json` too)
+    out = args.out or str(Path(distilled.path) / f"eval-{protocol.label_mode}-{protocol.hash}.json")
     progress = Progress(not args.quiet)
     report = evaluate(distilled, protocol, _seeds(args.seeds), data=bundle, teacher=teacher, device=device,
                       cache_dir=args.cache_dir, out=out, progress=progress.students())
@@ -293,13 +334,20 @@ def cmd_run(args) -> int:
 
     data = load_yaml(args.config)
     _refuse_other_schema(data, args.config, "run")
-    if args.out:
+    if args.out is not None:  # --out "" is the current folder, refused as such (not the config's out)
         data["out"] = args.out
     if args.device != "auto":
         data["device"] = args.device
+    _refuse_flag_and_set(_top_flags(args), list(args.set or []))
     apply_overrides(data, list(args.set or []))  # last, over the flags
     cfg = from_dict(RunConfig, data)
     return _run_and_print(cfg, args.quiet)
+
+
+def _top_flags(args) -> dict[str, tuple[str, Any]]:
+    """The config keys ``ddkit run`` and ``ddkit bench`` take from flags (--out, --device), with the flag and value."""
+    return {key: (f"--{key}", value) for key, value in (("out", args.out), ("device", args.device))
+            if value is not None and not (key == "device" and value == "auto")}
 
 
 def _refuse_other_schema(data: Any, path: str, command: str) -> None:
@@ -558,7 +606,10 @@ def cmd_bench(args) -> int:
     from ddkit.config import load_yaml_with_base
 
     _refuse_other_schema(load_yaml_with_base(args.config), args.config, "bench")
-    flags = ({"out": args.out} if args.out else {}) | ({"device": args.device} if args.device != "auto" else {})
+    _refuse_flag_and_set(_top_flags(args), list(args.set or []))
+    # --out "" is the current folder, refused as such (not the config's out)
+    flags = ({"out": args.out} if args.out is not None else {}) | ({"device": args.device} if args.device != "auto"
+                                                                     else {})
     cfg = load_bench_config(args.config, list(args.set or []), **flags)  # --set last, as in every subcommand
     ddist.init_from_env("cuda" if cfg.device.startswith("cuda") or (cfg.device == "auto" and _cuda()) else "cpu")
     bars = BenchBars(not args.quiet and ddist.current().is_main)
@@ -663,7 +714,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"config override, e.g. {example}; a mapping (KEY={{a: 1}}) merges into the section "
                             "key by key, keeping its other settings (an option dict such as augment_options is "
                             "replaced whole); KEY={} empties any mapping; VALUE is read as YAML: quote text that is "
-                            "not valid YAML (KEY=\"'[a'\")")
+                            "not valid YAML (KEY=\"'[a'\"); applied last, over the flags: a flag and a --set that "
+                            "give one key different values are refused")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
@@ -977,6 +1029,31 @@ def _innermost(exc: BaseException) -> str:
     return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
+def _out_of_memory(exc: BaseException) -> str | None:
+    """One line for a failed allocation (Python's MemoryError, torch's CPU allocator, CUDA out of memory), with the
+    size asked for where torch gives it and the line of ddkit that asked (the setting behind it is near there); None
+    for any other error."""
+    text = str(exc)
+    oom = getattr(sys.modules.get("torch"), "OutOfMemoryError", ())
+    if not (isinstance(exc, MemoryError) or (oom and isinstance(exc, oom)) or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    size = ""
+    if found := re.search(r"allocate (\d+) bytes", text):  # the CPU allocator
+        from ddkit.cache import size_text
+
+        size = f" allocating {size_text(int(found[1]))}"
+    elif found := re.search(r"[Tt]ried to allocate ([\d.]+ [KMGT]?i?B)", text):  # CUDA
+        size = f" allocating {found[1]}"
+    import traceback
+
+    ours = [f for f in traceback.extract_tb(exc.__traceback__) if f"{os.sep}ddkit{os.sep}" in f.filename]
+    where = f" (at ddkit/{ours[-1].filename.rpartition(f'{os.sep}ddkit{os.sep}')[2]}:{ours[-1].lineno})" if ours else ""
+    return (f"out of memory{size}{where}: a size setting is too large for this machine; lower it (a model's width or "
+            "depth, the dataset's image_size or train_per_class, a batch size, relabel epochs, a method's crops or "
+            "images per step), or use a device with more memory (-v shows where it failed)")
+
+
 def _distributed():
     """:mod:`ddkit.distributed` where the command imported it, else None: then it started no process group, and
     nothing imports torch for one (which takes seconds; ``show`` of a JSON record and ``cache`` need none)."""
@@ -1040,7 +1117,15 @@ def _main(args: argparse.Namespace) -> int:
         code = _stopped(exc, args.command)
         _shutdown(barrier=False)
         return code
-    except RuntimeError as exc:
+    except (MemoryError, RuntimeError) as exc:
+        if (message := _out_of_memory(exc)) is not None:  # a size setting too large: one line, no traceback
+            log.info("the failed allocation:", exc_info=True)  # -v shows where
+            _error(message)
+            _shutdown(barrier=False)
+            return 2
+        if isinstance(exc, MemoryError):
+            _shutdown(barrier=False)
+            raise
         ddist = _distributed()
         lost = ddist is not None and ddist.current().enabled and _peer_lost(exc)
         _shutdown(barrier=False)

@@ -16,6 +16,7 @@ from typing import Any
 from ddkit.artifacts import (
     KIND_FILES,
     MANIFEST,
+    check_schema_version,
     damaged_record,
     load_failure,
     member,
@@ -163,6 +164,8 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     if summarise is None:
         raise DDKitError(f"{str(where)!r} is not a ddkit record ddkit can summarise (kind {kind!r}); pass one of: "
                          f"{', '.join(sorted(_SUMMARIES))}")
+    if kind in _VERSIONED:  # a newer ddkit's record may mean other things by its fields (caches keep own schemas)
+        check_schema_version(record, where, _FIXES.get(kind, "it is damaged, re-create it"), required=False)
     with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
                         (KeyError, TypeError, ValueError, AttributeError)):
         # the record of a folder: check the folder's files
@@ -224,6 +227,10 @@ def _check_numbers(kind: str, record: dict, where: Path) -> None:
 # how to re-create a damaged record, where it is not the command that wrote it
 _FIXES = {"bench-table": "it is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) "
                          "to rebuild it"}
+
+# the records written at ddkit's SCHEMA_VERSION that are read without read_manifest (artifacts' manifests are checked
+# there; cache entries have schemas of their own, ddkit.cache)
+_VERSIONED = ("evaluation", "evaluation-set", "pipeline-run", "bench-table", "bench-config")
 
 # the file that records the kind of an artifact folder, where it is not its manifest.json
 _ARTIFACT_RECORD = {"imagefolder-export": "classes.json", "ddranking-export": "meta.json"}

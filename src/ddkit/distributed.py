@@ -144,7 +144,10 @@ def resolve_device(device: str | torch.device, info: DistInfo | None = None) -> 
         if dev.index is not None and dev.index >= count:
             raise DDKitError(f"device {device!r} does not exist (this machine has {count} CUDA device(s)); use "
                              f"cuda:0..{count - 1}")
-    elif dev.type not in ("cpu", "mps"):
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise DDKitError(f"device {device!r} asked for but MPS is not available here; use --device cpu or auto")
+    elif dev.type != "cpu":
         raise DDKitError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or auto")
     use_deterministic_cuda(device)
     return dev

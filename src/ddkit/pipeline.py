@@ -31,6 +31,7 @@ from ddkit.artifacts import (
     read_json,
     read_manifest,
     recorded_paths,
+    refuse_current_folder,
     write_json,
     write_text,
     writing,
@@ -537,6 +538,27 @@ def check_student(protocol: ProtocolConfig, data: DataBundle,
             configured_model(keys, protocol.student, c, data.num_classes, h, protocol.student_options)
 
 
+def check_method_data(method: type[Method], method_cfg: Any, data: DataBundle, ipc: int | None,
+                      key: str = "distill.options") -> None:
+    """What ``method`` (its options ``method_cfg``, at ``key``) would refuse of ``data`` only in its ``fit``, after a
+    run's or bench's teacher trained: its network (``model`` / ``model_options``, or an expert ``buffer`` trained on the
+    fly) too deep for the images, built once here as the students are, and the method's own ``check_data(cfg, data,
+    ipc, key)`` where it has one (rded: the source images per class)."""
+    from ddkit.models import configured_model
+
+    nets = [(key, method_cfg)]
+    if getattr(method_cfg, "experts", None) is None and hasattr(method_cfg, "buffer"):
+        nets.append((f"{key}.buffer", method_cfg.buffer))
+    c, h, _ = data.image_shape
+    with global_rng():
+        for at, part in nets:
+            if isinstance(getattr(part, "model", None), str) and isinstance(getattr(part, "model_options", None), dict):
+                configured_model((f"{at}.model", f"{at}.model_options"), part.model, c, data.num_classes, h,
+                                 part.model_options)
+    if (check := getattr(method, "check_data", None)) is not None and ipc is not None:
+        check(method_cfg, data, ipc, key)
+
+
 def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = "evaluate") -> None:
     """Refuse a protocol with ``learned_lr`` (students train with the set's learned lr) for a method
     whose sets record none, before any stage runs."""
@@ -550,7 +572,8 @@ def check_learned_lr(method: str, protocols: list[ProtocolConfig], where: str = 
 
 def check_run(cfg: RunConfig, data: DataBundle) -> None:
     """Fail before any stage runs (and leaves output) on what would only fail later: the method's
-    options, the evaluation protocols and their overrides, the students, label modes without the
+    options and what it would refuse of the data (:func:`check_method_data`), the evaluation protocols and their
+    overrides, the students, label modes without the
     teacher or soft labels they need, extra teachers that are not there or were made for other data."""
     method = METHODS.get(cfg.distill.method)
     method_cfg = from_dict(method.Config, dict(cfg.distill.options), "distill.options")
@@ -558,6 +581,7 @@ def check_run(cfg: RunConfig, data: DataBundle) -> None:
     check_teacher_folders(getattr(method_cfg, "extra_teachers", None) or [], data, "distill.options.extra_teachers")
     if method.uses_ipc and method.ipc_within_class_size:
         check_ipc(data, cfg.distill.ipc)
+    check_method_data(method, method_cfg, data, cfg.distill.ipc if method.uses_ipc else None)
     if method.needs_teacher and cfg.teacher is None:
         raise ConfigError(f"method {cfg.distill.method!r} needs a teacher but teacher is null; configure teacher:")
     if cfg.teacher is not None:
@@ -619,7 +643,9 @@ def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
     ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
     user's files. A folder holding a finished run, or the stages of a killed one, is fine; one this process cannot
-    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage."""
+    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so is the current
+    folder (``.``)."""
+    refuse_current_folder(out, "a run folder holds only what the run writes")
     if holds_files(out, ignore_hidden=True) and folder_kind(out) != RUN_KIND:
         started = any(folder_kind(out / name) is not None for name in _STAGE_DIRS)
         foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in _STAGE_DIRS

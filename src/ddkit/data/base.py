@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ddkit.config import Checked, field, is_count, summary_repr, to_dict
+from ddkit.config import FLOAT32_MAX, Checked, field, is_count, summary_repr, to_dict
 from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry, origin
@@ -588,8 +588,12 @@ def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
         v = cfg.options.get(key)
         if v is not None and not is_count(v, low):
             raise ConfigError(f"dataset.options.{key} must be an integer >= {low}, got {v!r}")
+    if is_count(seed := cfg.options.get("seed"), 0) and seed >= 2**64:  # torch's generator takes 64 bits
+        raise ConfigError(f"dataset.options.seed must be an integer in [0, 2^64) (what torch's generator takes), got "
+                          f"{seed!r}")
     noise = cfg.options.get("noise")
     if (noise is not None
-            and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise < float("inf"))):
-        raise ConfigError(f"dataset.options.noise must be a number >= 0, got {noise!r}")
+            and (not isinstance(noise, (int, float)) or isinstance(noise, bool) or not 0 <= noise <= FLOAT32_MAX)):
+        raise ConfigError(f"dataset.options.noise must be a number in [0, {FLOAT32_MAX:.4g}] (float32's range, in "
+                          f"which the images are drawn), got {noise!r}")
     return make_synthetic(**cfg.options)

@@ -279,6 +279,11 @@ FASHION_MNIST_CLASSES = [
 ]  # fmt: skip
 MNIST_CLASSES = [str(d) for d in range(10)]
 
+# the published files of the two datasets share names, shapes and sizes; their first labels (train, test) tell them
+# apart, so one named as the other is refused (its images would be recorded under the other's classes)
+IDX_FIRST_LABELS = {"mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]),
+                    "fashion-mnist": ([9, 0, 0, 3, 0, 2, 7, 2, 5, 5], [9, 2, 1, 1, 6, 1, 4, 6, 5, 7])}
+
 _REDOWNLOAD = "re-download or re-install the file"
 
 
@@ -366,6 +371,12 @@ def _load_idx_dataset(
                 f"{_REDOWNLOAD}"
             )
         parts[split] = ImageSet(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+    heads = tuple(parts[split].labels[:10].tolist() for split in ("train", "test"))
+    other = next((name for name, first in IDX_FIRST_LABELS.items() if name != cfg.name and first == heads
+                  and (len(parts["train"]), len(parts["test"])) == (60000, 10000)), None)
+    if other is not None:
+        raise DataError(f"{folder} holds {other}'s files (their labels are {other}'s), not {cfg.name}'s; use "
+                        f"--dataset {other}, or point dataset.path at the {cfg.name} files")
     _check_class_order(cfg, classes)
     logger.info("loaded %s from %s: %d train, %d test", cfg.name, folder, len(parts["train"]), len(parts["test"]))
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(folder))

@@ -378,6 +378,11 @@ def inert_settings(protocol: ProtocolConfig) -> dict[str, tuple[str, str, str] |
         out["train.momentum"] = (f"train.optimizer {train.optimizer}", "only sgd reads it", "set train.optimizer=sgd")
     if train.cutmix_prob == 0:
         out["train.cutmix_alpha"] = ("train.cutmix_prob 0", "only CutMix reads it", "set train.cutmix_prob")
+    if not protocol.zca:
+        out["zca_reg"] = ("zca false", "only ZCA whitening reads it", "set zca=true")
+    if not protocol.full_reference:
+        for name in ("full_epochs", "full_seeds"):
+            out[name] = ("full_reference false", "only the full-data reference reads it", "set full_reference=true")
     return out
 
 

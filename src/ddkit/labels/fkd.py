@@ -74,6 +74,7 @@ from ddkit.artifacts import (
     check_classes,
     check_fields,
     check_output_dir,
+    check_room,
     check_sha256,
     file_sha256,
     hidden_path,
@@ -716,12 +717,16 @@ def relabel(
         check_output_dir(out, KIND)  # before any labelling
         if own_work:  # the epochs go to files that rank 0 then streams into the store: a folder beside it
             work_dir = hidden_path(out, ".partial")
+    # the logits alone (float16; top-k also their indices), on out's disk or, returned in memory, in memory
+    per_view = top_k * (2 + _topk_index_dtype(num_classes).itemsize) if top_k else num_classes * 2
+    check_room(epochs * n * per_view, f"the store's logits ({epochs} epochs x {n} images x "
+               f"{top_k or num_classes} logits)", "lower the relabel epochs (or keep fewer logits with top_k)", out)
     partial = None
     if work_dir is not None:
         key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]
         partial = Path(work_dir) / f"relabel-{key}"  # made with the first finished epoch: a refusal leaves nothing
     info = ddist.current()
-    mine = list(range(info.rank, epochs, info.world_size))
+    mine = range(info.rank, epochs, info.world_size)
     tensors: dict[str, torch.Tensor] = {}  # the whole store, when it is returned in memory (no out)
 
     def keep(e: int, row: dict[str, torch.Tensor]) -> None:

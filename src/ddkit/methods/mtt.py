@@ -70,6 +70,7 @@ see ``docs/results/mtt-steps-fashion-mnist-cpu.md``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ from typing import Any, Literal
 import torch
 
 from ddkit import distributed as ddist
-from ddkit.config import Checked, field
+from ddkit.config import Checked, field, field_default
 from ddkit.data.augment import build_augment, typed_augment_options, warn_digit_flips
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
@@ -202,6 +203,13 @@ class MTTConfig(Checked):
                 f"need 0 <= min_start_epoch < max_start_epoch, got {self.min_start_epoch} and {self.max_start_epoch}")
         elif self.experts is None and (window := window_problem(self, self.buffer.epochs)):
             problems.append(window)  # before the experts are trained; fit checks a given `experts` buffer
+        if self.experts is not None:  # the recipe is not read, yet it would give the set another identity
+            default = field_default(next(f for f in dataclasses.fields(self) if f.name == "buffer"))
+            changed = [f.name for f in dataclasses.fields(self.buffer)
+                       if getattr(self.buffer, f.name) != getattr(default, f.name)]
+            if changed:
+                problems.append(f"buffer ({', '.join(changed)}) applies only to experts trained on the fly, but "
+                                "experts is given; remove buffer or experts")
         if self.lr_img <= 0:
             problems.append(f"lr_img must be > 0, got {self.lr_img}")
         if self.lr_lr < 0:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ddkit import distributed as ddist
+from ddkit.artifacts import check_room
 from ddkit.config import Checked, field
 from ddkit.data.augment import RandomResizedCropFlip
 from ddkit.data.base import DataBundle
@@ -130,6 +131,39 @@ def _forward(model, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     return torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
 
 
+def check_sources(cfg: RDEDConfig, real: DataBundle, ipc: int,
+                  options_key: str = "distill.options") -> tuple[int, int, tuple[int, int]]:
+    """The stitch factor, the source images each class needs (``ipc * factor**2``) and the patch size of RDED on
+    ``real`` at ``ipc``; refused in one line naming the setting to change (``options_key``: the config key of the
+    method's options) where a class has too few images, ``mipc`` draws too few, or a class's crops would not fit
+    in memory."""
+    size = tuple(real.image_shape[-2:])
+    factor = resolve_factor(cfg.factor, size, f"{options_key}.factor")
+    need = ipc * factor * factor
+    patch = (size[0] // factor, size[1] // factor)
+    # what lowers the need: the images per class, and the patches per image while there are several
+    lower = f"--ipc or {options_key}.factor" if factor > 1 else "--ipc"
+    counts = real.train.class_counts(real.num_classes)
+    if int(counts.min()) < need:
+        c = int(counts.argmin())
+        raise DataError(
+            f"rded needs {need} real images per class (ipc {ipc} x factor {factor}^2) but class "
+            f"{real.classes[c]!r} has {int(counts.min())}; lower {lower}"
+        )
+    # checked after the class sizes: raising mipc cannot help a class too small
+    if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
+        raise ConfigError(
+            f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
+            f"raise {options_key}.mipc to at least {need}, or lower {lower}"
+        )
+    # a class's crops are scored from one float32 tensor: refuse a num_crop no memory holds before any class
+    sources = min(cfg.mipc, int(counts.max()))
+    check_room(cfg.num_crop * sources * real.image_shape[0] * patch[0] * patch[1] * 4,
+               f"rded's {cfg.num_crop} crops of each of {sources} source images per class",
+               f"lower {options_key}.num_crop")
+    return factor, need, patch
+
+
 @torch.no_grad()
 def select_patches(
     model, images: torch.Tensor, label: int, num_crop: int, n_keep: int, patch: tuple[int, int],
@@ -202,6 +236,12 @@ class RDED(Method):
     def stores_soft_labels(cls, cfg) -> bool:
         return cfg.soft_labels  # the teacher's logits of each stitched image, as distill.soft_labels would make them
 
+    @classmethod
+    def check_data(cls, cfg: RDEDConfig, real: DataBundle, ipc: int, options_key: str = "distill.options") -> None:
+        """What :meth:`fit` refuses of ``real`` at ``ipc`` (:func:`check_sources`), for a run or bench to check
+        before any stage: the teacher is trained first there."""
+        check_sources(cfg, real, ipc, options_key)
+
     def fit(self, real: DataBundle, teachers: list, ctx: FitContext) -> RDED:
         """Under torchrun each rank makes its classes (:func:`common.my_classes`) and sends them to rank 0,
         which alone holds, labels and returns the set (the other ranks' ``synthetic_`` is None)."""
@@ -251,25 +291,8 @@ class RDED(Method):
         model = getattr(teacher, "model", teacher).to(ctx.device).eval()
         ipc = check_ipc(real, ctx.ipc)
         size = tuple(real.image_shape[-2:])
-        factor = resolve_factor(cfg.factor, size, f"{ctx.options_key}.factor")
-        need = ipc * factor * factor
-        patch = (size[0] // factor, size[1] // factor)
+        factor, need, patch = check_sources(cfg, real, ipc, ctx.options_key)
         mean, std = getattr(teacher, "mean", real.mean), getattr(teacher, "std", real.std)
-        # what lowers the need: the images per class, and the patches per image while there are several
-        lower = f"--ipc or {ctx.options_key}.factor" if factor > 1 else "--ipc"
-        counts = real.train.class_counts(real.num_classes)
-        if int(counts.min()) < need:
-            c = int(counts.argmin())
-            raise DataError(
-                f"rded needs {need} real images per class (ipc {ipc} x factor {factor}^2) but class "
-                f"{real.classes[c]!r} has {int(counts.min())}; lower {lower}"
-            )
-        # checked after the class sizes: raising mipc cannot help a class too small
-        if cfg.mipc < need:  # the pool each class draws its crops' sources from holds min(mipc, class size) images
-            raise ConfigError(
-                f"rded needs {need} source images per class (ipc {ipc} x factor {factor}^2) but mipc is {cfg.mipc}; "
-                f"raise {ctx.options_key}.mipc to at least {need}, or lower {lower}"
-            )
 
         mine = common.my_classes(real.num_classes)
         # the teacher scores the patches: a rerun with another teacher must not resume this one's classes
