@@ -1052,6 +1052,55 @@ def test_a_method_drawing_from_torchs_global_generator_makes_the_same_set_for_th
     testing.check_output("globalnoise", data, work_dir=tmp_path)  # same seed, same bytes (distill and fit alone)
 
 
+def test_only_a_users_method_fits_holding_the_global_generators(registries):
+    """Seeding every fit under the global generators' lock made distils of ddkit's own methods in several threads
+    run one after another, and a fit handing a stage to a worker thread wait forever (QA 19a F4). ddkit's own
+    methods (which draw from generators of their own) fit without it; a user's method still holds it for its span."""
+    import threading
+
+    from ddkit import determinism
+    from ddkit.methods.base import FitContext, fit_seeded
+
+    data = make_synthetic()
+    seen = {}
+
+    def fit(self, real, teachers, ctx):
+        seen["held"] = determinism._GLOBAL_RNG._is_owned()
+        labels = torch.arange(real.num_classes).repeat_interleave(ctx.ipc)
+        self.synthetic_ = SyntheticSet(real.train.images[:len(labels)].float() / 255, labels)
+        return self
+
+    METHODS.register("heldfit")(type("H", (_method(fit),), {"resumable": False, "uses_teacher": False}))
+    release, holding = threading.Event(), threading.Event()
+
+    def hold():
+        with determinism.global_rng(0):
+            holding.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        ctx = FitContext(ipc=1, seed=0)
+        done = []
+        own = threading.Thread(target=lambda: done.append(fit_seeded(METHODS.get("random")(
+            METHODS.get("random").Config()), data, [], ctx)))
+        own.start()
+        own.join(30)
+        assert done and not own.is_alive()  # ddkit's own method: not waiting for the other thread's generators
+        users = threading.Thread(target=lambda: done.append(fit_seeded(METHODS.get("heldfit")(
+            METHODS.get("heldfit").Config()), data, [], ctx)))
+        users.start()
+        users.join(0.5)
+        assert users.is_alive() and len(done) == 1  # a user's method waits for them
+    finally:
+        release.set()
+        holder.join(30)
+    users.join(30)
+    assert len(done) == 2 and seen["held"] is True
+
+
 def test_a_method_without_a_docstring_is_not_described_by_the_base_classs(registries, capsys):
     """`ddkit show` and `ddkit list methods -l` described a user method without a docstring with ddkit's Method
     docstring ("Base class of a distillation method: ...")."""

@@ -159,8 +159,14 @@ def fit_seeded(method: Method, real: DataBundle, teachers: list, ctx: FitContext
     """``method.fit(real, teachers, ctx)`` with torch's global generators (the CPU's and ``ctx.device``'s) seeded
     with ``ctx.seed`` for its span (:func:`~ddkit.determinism.global_rng`), as the other stages seed theirs: a method
     drawing from them (``torch.rand`` without a generator, a network's initial weights or dropout) makes the same set
-    for the same seed; the caller's generator states come back after. What ddkit's own methods draw comes from
-    generators of their own, so their sets are the same as without it."""
+    for the same seed; the caller's generator states come back after. Its fit holds them for its whole span (one
+    thread at a time, so that stages in other threads give the numbers they give alone): it must not wait for a ddkit
+    stage it hands to another thread, which would never start. ddkit's own methods (not a subclass of yours) fit as
+    they are: what they draw comes from generators of their own, and their few draws from the global ones (a
+    network's initial weights) hold :func:`~ddkit.determinism.global_rng` themselves, so their sets are the same
+    either way and distils in several threads run side by side."""
+    if type(method).__module__.split(".")[0] == "ddkit":
+        return method.fit(real, teachers, ctx)
     with global_rng(ctx.seed, ctx.device):
         return method.fit(real, teachers, ctx)
 
