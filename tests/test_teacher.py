@@ -648,6 +648,34 @@ def test_a_teacher_of_a_users_module_needs_a_manifest_or_of_module(tiny, teacher
                               "module (_OwnNet); make a teacher of it with Teacher.of_module(model, data)")
 
 
+def test_a_manifest_holding_a_data_bundles_tuples_makes_a_teacher(teacher_dir, tiny):
+    """QA 19a F5: Teacher(model, manifest) refused dataset.mean/std and model.input_shape given as tuples (as a
+    DataBundle holds them), saying the manifest lacked them. Sequences of numbers are taken (as the lists JSON saves),
+    and a field of the wrong type is named as such, not as missing."""
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher.squeeze import teacher_ensemble
+
+    loaded = Teacher.load(teacher_dir)
+    manifest = {**loaded.manifest, "model": {**loaded.manifest["model"], "input_shape": tuple(tiny.image_shape)},
+                "dataset": {**loaded.manifest["dataset"], "mean": tiny.mean, "std": tiny.std}}
+    assert isinstance(tiny.mean, tuple) and isinstance(tiny.std, tuple)
+    teacher = Teacher(loaded.model, manifest)
+    assert teacher.manifest["model"]["input_shape"] == [1, 16, 16]
+    assert teacher.manifest["dataset"]["mean"] == list(tiny.mean) and teacher.manifest["dataset"]["std"] == list(
+        tiny.std)
+    assert isinstance(manifest["dataset"]["mean"], tuple)  # the caller's manifest is left as it was
+    assert teacher.fingerprint == loaded.fingerprint
+    teacher_ensemble([teacher, loaded])  # the same image shape as a loaded teacher's list
+    ds = distill(tiny, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                 teacher=teacher)
+    assert ds.soft_labels.shape == (4, 4)
+    with pytest.raises(DDKitError) as err:
+        Teacher(loaded.model, {**manifest, "dataset": {**manifest["dataset"], "mean": "0.5"}})
+    assert str(err.value) == (
+        "Teacher(model, manifest): dataset.mean must be a list of numbers, found str '0.5'; make a teacher of a module "
+        "of your own with Teacher.of_module(model, data), or load a teacher artifact with Teacher.load(DIR)")
+
+
 def test_a_teacher_of_a_module_defined_without_a_source_file_is_fingerprinted_by_its_weights(tiny, monkeypatch,
                                                                                                caplog):
     """A module class defined where no file is kept (``python -c``, a notebook) cannot enter the fingerprint: inspect
