@@ -676,6 +676,45 @@ def test_a_manifest_holding_a_data_bundles_tuples_makes_a_teacher(teacher_dir, t
         "of your own with Teacher.of_module(model, data), or load a teacher artifact with Teacher.load(DIR)")
 
 
+def test_of_module_checks_a_module_in_training_mode_in_eval_mode_leaving_its_statistics(tiny):
+    """QA 19a F6: Teacher.of_module probed a module left in training mode (as a training loop leaves it) before
+    putting it in eval mode: BatchNorm's running statistics moved toward the probe's zero images, and a module with
+    auxiliary logits in training mode only was refused. The probe runs in eval mode, the module's state left alone."""
+    from ddkit.teacher.squeeze import weights_sha
+
+    class BN(_OwnNet):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            return super().forward(self.norm(x))
+
+    class Aux(_OwnNet):
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out / 2) if self.training else out
+
+    torch.manual_seed(0)
+    own = BN()
+    with torch.no_grad():  # trained: statistics away from their start
+        own.norm.running_mean.fill_(0.5)
+        own.norm.running_var.fill_(2.0)
+    sha = weights_sha(own)
+    teacher = Teacher.of_module(own, tiny)
+    assert weights_sha(own) == sha and teacher.manifest["weights_sha"] == sha and not own.training
+    assert float(own.norm.running_mean) == 0.5 and float(own.norm.running_var) == 2.0
+    assert int(own.norm.num_batches_tracked) == 0
+    aux = Aux()  # built: in training mode
+    assert aux.training and not Teacher.of_module(aux, tiny).model.training
+    with pytest.raises(DDKitError, match=r"^teacher gives logits \[2, 7\] for 2 images but the data has 4 classes; "):
+        Teacher.of_module(_OwnNet(7).train(), tiny)
+    refused = _OwnNet(7).train()
+    with pytest.raises(DDKitError):
+        Teacher.of_module(refused, tiny)
+    assert refused.training  # a refused module is left in its mode
+
+
 def test_a_teacher_of_a_module_defined_without_a_source_file_is_fingerprinted_by_its_weights(tiny, monkeypatch,
                                                                                                caplog):
     """A module class defined where no file is kept (``python -c``, a notebook) cannot enter the fingerprint: inspect

@@ -47,7 +47,7 @@ from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classe
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
-from ddkit.models.registry import ContractError, model_config_hash, model_source
+from ddkit.models.registry import ContractError, model_config_hash, model_source, state_kept
 from ddkit.registry import own_source_sha256
 from ddkit.training import (
     Diverged,
@@ -231,9 +231,10 @@ class Teacher(DescribesDataset):
     @classmethod
     def of_module(cls, model: nn.Module, data: DataBundle, name: str | None = None) -> Teacher:
         """A teacher of a module of your own trained outside ddkit on ``data``: the same classes in that order, images
-        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero
-        images). Its manifest describes ``data`` as an imported teacher's does (no test accuracy). ``name``: the model
-        registered in :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
+        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero images
+        in eval mode, the module's state left as it was; the teacher puts it in eval mode). Its manifest describes
+        ``data`` as an imported teacher's does (no test accuracy). ``name``: the model registered in
+        :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
         (``Teacher.load``) once it is registered; without it, the module's class name, and such a saved teacher loads
         only where a model of that name builds it. Its fingerprint holds its class's source (:attr:`fingerprint`)."""
         check_bundle(data)
@@ -241,7 +242,8 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"Teacher.of_module takes an nn.Module, got {type(model).__name__}; pass the trained "
                              "model")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        check_teacher_logits(model, data.image_shape, data.num_classes, device)
+        with state_kept(model):  # in eval mode, as a teacher is used: a BatchNorm layer's statistics stay as they are
+            check_teacher_logits(model.eval(), data.image_shape, data.num_classes, device)
         return cls(model, _manifest(model, data, TeacherConfig(model=name or type(model).__name__), None, []))
 
     @classmethod
