@@ -1145,6 +1145,41 @@ def test_a_plugin_source_with_a_normalisation_no_training_can_use_is_refused(mon
         assert load_dataset("zstd").std == std
 
 
+def test_a_plugin_sources_mean_and_std_as_tensors_or_arrays_are_taken_as_floats(monkeypatch):
+    """QA 19a F1: a source's mean/std as a NumPy array passed the check, then distill failed with a float64-vs-float32
+    RuntimeError; a tensor's (``images.mean(dim=(0, 2, 3))``) was refused as not holding finite numbers. Both are taken
+    as a tuple of Python floats; a single number or strings are refused in one line."""
+    import numpy as np
+
+    from ddkit.data import DataBundle
+    from ddkit.pipeline import DistillConfig, distill
+
+    def source_of(mean, std):
+        return lambda cfg: DataBundle("zms", _blobs(cfg).train, _blobs(cfg).test, ["c0", "c1", "c2"], mean, std)
+
+    loaded = []
+    for mean, std in ((np.array([0.5]), np.array([0.25])), (torch.tensor([0.5]), torch.tensor([0.25])),
+                      ([np.float32(0.5)], (torch.tensor(0.25),)), ([0.5], [0.25])):
+        monkeypatch.setitem(DATASETS._entries, "zms", source_of(mean, std))
+        loaded.append(load_dataset("zms"))
+        assert loaded[-1].mean == (0.5,) and loaded[-1].std == (0.25,)
+        assert all(type(v) is float for v in (*loaded[-1].mean, *loaded[-1].std))
+    ds = distill(loaded[0], DistillConfig(method="dm", ipc=1, options={"model": "tiny_convnet", "iterations": 1,
+                                                                  "batch_real": 4}))
+    assert ds.images.shape == (3, 1, 12, 12)  # the NumPy array's statistics
+    monkeypatch.setitem(DATASETS._entries, "zms", source_of((0, ), (1, )))  # Python ints stay as they are
+    assert load_dataset("zms").mean == (0,) and type(load_dataset("zms").mean[0]) is int
+    monkeypatch.setitem(DATASETS._entries, "zms", source_of(0.5, (0.25,)))
+    with pytest.raises(DataError) as err:
+        load_dataset("zms")
+    assert str(err.value) == ("dataset 'zms': mean must be a sequence of one number per channel (1), found float 0.5; "
+                              "give a tuple of floats")
+    monkeypatch.setitem(DATASETS._entries, "zms", source_of(("0.5",), (0.25,)))
+    with pytest.raises(DataError, match=r"^dataset source 'zms' \(.*\): mean must hold numbers \(Python floats\), "
+                                        r"found \['0.5'\]; return the per-channel mean"):
+        load_dataset("zms")
+
+
 def test_a_plugin_source_returning_no_databundle_is_refused(monkeypatch):
     """A loader returning a tuple gave `AttributeError: 'tuple' object has no attribute 'classes'` (QA 18c #3)."""
     x, y = torch.rand(10, 1, 8, 8), torch.arange(10) % 2

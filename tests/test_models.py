@@ -496,6 +496,60 @@ def test_a_users_model_of_other_dtypes_or_training_outputs_is_refused_by_the_che
                                          "has float32 weights")
 
 
+def test_a_users_model_with_lazy_modules_or_a_rebound_buffer_comes_back_as_before_the_check(monkeypatch):
+    """QA 19a F2, F3: a user's model with lazy modules (LazyConv2d, LazyBatchNorm2d) could not be created (a raw
+    ValueError: the check copied the uninitialized buffers before the first forward), and a buffer that a
+    training-mode forward rebinds (``self.seen = self.seen + len(x)``) kept the check's value. The eval-mode pass
+    materialises lazy modules (as at their first forward); each pass puts every buffer tensor back as it was."""
+    from torch import nn
+
+    import ddkit.models.registry as registry
+
+    class Net(nn.Module):
+        feature_dim = 8
+
+        def __init__(self, body, k):
+            super().__init__()
+            self.body, self.head = body, nn.Linear(8, k)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def embed(self, x):
+            return self.body(x)
+
+        def forward(self, x):
+            if self.training:
+                self.seen = self.seen + len(x)
+            return self.head(self.embed(x))
+
+    def lazy(c, k, s):
+        return Net(nn.Sequential(nn.LazyConv2d(8, 3), nn.LazyBatchNorm2d(), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten()), k)
+
+    made = []
+
+    def counter(c, k, s):
+        net = Net(nn.Sequential(nn.Flatten(), nn.Linear(c * s * s, 8)), k)
+        made.append((net, net.seen))
+        return net
+
+    monkeypatch.setattr(MODELS, "_entries", {**MODELS._entries})
+    monkeypatch.setattr(registry, "_CHECKED", set())
+    MODELS.add("qa_lazy", lazy)
+    MODELS.add("qa_counter", counter)
+    torch.manual_seed(0)
+    net = create_model("qa_lazy", 1, 3, 4)
+    torch.manual_seed(0)
+    plain = lazy(1, 3, 4)
+    with torch.no_grad():  # its first forward, as the check's eval-mode pass (the RNG forked) makes it
+        plain.eval()(torch.zeros(2, 1, 4, 4))
+    assert type(net.body[1]) is nn.BatchNorm2d and net.training and net.body[1].training
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), plain.state_dict().values()))
+    assert int(net.body[1].num_batches_tracked) == 0 and torch.equal(net.body[1].running_var, torch.ones(8))
+    assert float(net.seen) == 0
+    net = create_model("qa_counter", 1, 3, 4)
+    assert made == [(net, net.seen)] and net._buffers["seen"] is made[0][1] and float(net.seen) == 0
+
+
 def test_a_users_model_under_a_convnet_family_name_or_of_a_wrong_signature_is_refused(monkeypatch):
     """QA 18c #1, #17: a user's model could take a name that ddkit's ConvNet family builds from its pattern
     (``convnetd2-w8``: only registered names were refused), after which ddkit's own teachers of that name read as

@@ -648,6 +648,73 @@ def test_a_teacher_of_a_users_module_needs_a_manifest_or_of_module(tiny, teacher
                               "module (_OwnNet); make a teacher of it with Teacher.of_module(model, data)")
 
 
+def test_a_manifest_holding_a_data_bundles_tuples_makes_a_teacher(teacher_dir, tiny):
+    """QA 19a F5: Teacher(model, manifest) refused dataset.mean/std and model.input_shape given as tuples (as a
+    DataBundle holds them), saying the manifest lacked them. Sequences of numbers are taken (as the lists JSON saves),
+    and a field of the wrong type is named as such, not as missing."""
+    from ddkit.pipeline import DistillConfig, distill
+    from ddkit.teacher.squeeze import teacher_ensemble
+
+    loaded = Teacher.load(teacher_dir)
+    manifest = {**loaded.manifest, "model": {**loaded.manifest["model"], "input_shape": tuple(tiny.image_shape)},
+                "dataset": {**loaded.manifest["dataset"], "mean": tiny.mean, "std": tiny.std}}
+    assert isinstance(tiny.mean, tuple) and isinstance(tiny.std, tuple)
+    teacher = Teacher(loaded.model, manifest)
+    assert teacher.manifest["model"]["input_shape"] == [1, 16, 16]
+    assert teacher.manifest["dataset"]["mean"] == list(tiny.mean) and teacher.manifest["dataset"]["std"] == list(
+        tiny.std)
+    assert isinstance(manifest["dataset"]["mean"], tuple)  # the caller's manifest is left as it was
+    assert teacher.fingerprint == loaded.fingerprint
+    teacher_ensemble([teacher, loaded])  # the same image shape as a loaded teacher's list
+    ds = distill(tiny, DistillConfig(method="random", ipc=1, soft_labels=True), DatasetConfig(name="synthetic"),
+                 teacher=teacher)
+    assert ds.soft_labels.shape == (4, 4)
+    with pytest.raises(DDKitError) as err:
+        Teacher(loaded.model, {**manifest, "dataset": {**manifest["dataset"], "mean": "0.5"}})
+    assert str(err.value) == (
+        "Teacher(model, manifest): dataset.mean must be a list of numbers, found str '0.5'; make a teacher of a module "
+        "of your own with Teacher.of_module(model, data), or load a teacher artifact with Teacher.load(DIR)")
+
+
+def test_of_module_checks_a_module_in_training_mode_in_eval_mode_leaving_its_statistics(tiny):
+    """QA 19a F6: Teacher.of_module probed a module left in training mode (as a training loop leaves it) before
+    putting it in eval mode: BatchNorm's running statistics moved toward the probe's zero images, and a module with
+    auxiliary logits in training mode only was refused. The probe runs in eval mode, the module's state left alone."""
+    from ddkit.teacher.squeeze import weights_sha
+
+    class BN(_OwnNet):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.BatchNorm2d(1)
+
+        def forward(self, x):
+            return super().forward(self.norm(x))
+
+    class Aux(_OwnNet):
+        def forward(self, x):
+            out = super().forward(x)
+            return (out, out / 2) if self.training else out
+
+    torch.manual_seed(0)
+    own = BN()
+    with torch.no_grad():  # trained: statistics away from their start
+        own.norm.running_mean.fill_(0.5)
+        own.norm.running_var.fill_(2.0)
+    sha = weights_sha(own)
+    teacher = Teacher.of_module(own, tiny)
+    assert weights_sha(own) == sha and teacher.manifest["weights_sha"] == sha and not own.training
+    assert float(own.norm.running_mean) == 0.5 and float(own.norm.running_var) == 2.0
+    assert int(own.norm.num_batches_tracked) == 0
+    aux = Aux()  # built: in training mode
+    assert aux.training and not Teacher.of_module(aux, tiny).model.training
+    with pytest.raises(DDKitError, match=r"^teacher gives logits \[2, 7\] for 2 images but the data has 4 classes; "):
+        Teacher.of_module(_OwnNet(7).train(), tiny)
+    refused = _OwnNet(7).train()
+    with pytest.raises(DDKitError):
+        Teacher.of_module(refused, tiny)
+    assert refused.training  # a refused module is left in its mode
+
+
 def test_a_teacher_of_a_module_defined_without_a_source_file_is_fingerprinted_by_its_weights(tiny, monkeypatch,
                                                                                                caplog):
     """A module class defined where no file is kept (``python -c``, a notebook) cannot enter the fingerprint: inspect

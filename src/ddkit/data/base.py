@@ -19,10 +19,11 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ddkit.config import FLOAT32_MAX, Checked, field, is_count, summary_repr, to_dict
+from ddkit.config import FLOAT32_MAX, Checked, field, is_count, short_repr, summary_repr, to_dict
 from ddkit.determinism import stage_modes
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.registry import Registry, origin
@@ -167,9 +168,27 @@ def hash_rows(h, t: torch.Tensor) -> None:
         h.update(block.contiguous().view(torch.uint8).numpy())
 
 
+def channel_values(values: Any) -> Any:
+    """A dataset's ``mean`` or ``std`` as the tuple of Python numbers every stage reads: a tensor's or NumPy array's
+    values (``images.mean(dim=(0, 2, 3))``) and NumPy or one-value tensor elements as Python floats (float64 ones would
+    make float64 inputs, which float32 weights refuse); Python ints and floats as they are. Anything else (one number,
+    a string) comes back unchanged, for :class:`DataBundle` to refuse."""
+    if isinstance(values, torch.Tensor) or type(values).__module__ == "numpy":
+        try:
+            return tuple(float(v) for v in values.tolist()) if values.ndim == 1 else values
+        except (TypeError, ValueError):  # not numbers: refused as they are
+            return values
+    if not isinstance(values, (list, tuple)):
+        return values
+    return tuple(float(v) if (isinstance(v, torch.Tensor) and v.numel() == 1 and v.dtype != torch.bool)
+                 or (type(v).__module__ == "numpy" and isinstance(v, numbers.Real) and not isinstance(v, bool)) else v
+                 for v in values)
+
+
 @dataclass
 class DataBundle:
-    """A loaded dataset: train/test image sets, classes and normalisation."""
+    """A loaded dataset: train/test image sets, classes and normalisation (``mean`` and ``std``: one number per
+    channel, of pixels in 0..1; a tensor or NumPy array of them is taken as a tuple of floats)."""
 
     name: str
     train: ImageSet
@@ -196,6 +215,12 @@ class DataBundle:
                 raise DataError(f"dataset {self.name!r}{where} has an empty {split} split (0 images); "
                                 f"give it at least one {split} image with its label")
         c = self.train.images.shape[1]
+        self.mean, self.std = channel_values(self.mean), channel_values(self.std)
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if not isinstance(values, tuple):
+                raise DataError(f"dataset {self.name!r}: {key} must be a sequence of one number per channel ({c}), "
+                                f"found {type(values).__name__} {short_repr(values)}; give a tuple of floats")
         if len(self.mean) != c or len(self.std) != c:
             raise DataError(f"dataset {self.name!r}: mean/std need {c} values (one per channel)")
         if self.test.images.shape[1:] != self.train.images.shape[1:]:
@@ -428,7 +453,9 @@ def check_mean_std(mean: tuple[float, ...], std: tuple[float, ...], where: str, 
     advice to lower its lr), or a mean or std above 1, which no pixels in 0..1 (uint8 images divided by 255) have:
     0..255-scale statistics squeeze every image to almost one value, which trains to chance."""
     for key, values in (("mean", mean), ("std", std)):
-        if not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in values):
+        if not all(isinstance(v, numbers.Real) for v in values):
+            raise DataError(f"{where}: {key} must hold numbers (Python floats), found {list(values)}; {fix}")
+        if not all(math.isfinite(v) for v in values):
             raise DataError(f"{where}: {key} must hold finite numbers, found {list(values)}; {fix}")
     if min(std) < CONSTANT_STD:
         raise DataError(f"{where}: std must be at least {CONSTANT_STD:g} (of pixels in 0..1; below it normalised "

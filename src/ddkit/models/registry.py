@@ -17,9 +17,10 @@ its options.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
@@ -165,12 +166,39 @@ class ContractError(DDKitError):
     """A user's model breaks the model contract: its code is at fault, not its options or an artifact."""
 
 
+@contextlib.contextmanager
+def state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back, after the block (a check's forward pass, also when it raises), every module's train/eval flag and
+    buffers as they were: the buffer tensors themselves into the modules' ``_buffers`` (one the forward rebinds,
+    ``self.seen = self.seen + 1``, and one it adds too) with their values (BatchNorm's running statistics, updated in
+    place). Parameters are left alone; a lazy module's uninitialized buffers are left to the block, which materialises
+    them (``torch.nn.parameter.is_lazy``)."""
+    import torch
+
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(m, dict(m._buffers), {k: b.detach().clone() for k, b in m._buffers.items()
+                                      if b is not None and not torch.nn.parameter.is_lazy(b)})
+               for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+        with torch.no_grad():
+            for m, kept, values in buffers:
+                m._buffers.clear()
+                m._buffers.update(kept)
+                for k, saved in values.items():
+                    kept[k].copy_(saved)
+
+
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
     """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract: float32 weights, checked
     with a batch of two zero images in eval mode and in training mode (which training runs: a model with auxiliary
     logits there fails it) without gradients, on the model's device, with the RNG forked, every module's train/eval
-    flag restored and the buffers that a training-mode pass updates (BatchNorm's running statistics) put back:
-    weights, buffers and the RNG are left as they were."""
+    flag and the buffers restored (:func:`state_kept`: BatchNorm's running statistics, a buffer the forward rebinds):
+    weights, buffers and the RNG are left as they were, a lazy module's weights and buffers materialised (by the
+    eval-mode pass, as its first forward would)."""
     import torch
 
     rule = ("a model has float32 weights, maps [B, C, H, W] images to [B, num_classes] logits (in eval and training "
@@ -192,23 +220,15 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
         raise broken("it has no embed(x) method")
     first = next(model.parameters(), None)
     x = torch.zeros(2, in_channels, image_size, image_size, device=first.device if first is not None else None)
-    modes = [(m, m.training) for m in model.modules()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
-    for training in (False, True):
+    for training in (False, True):  # eval mode first: it materialises a lazy module's weights and buffers
         mode = " in training mode" if training else ""
         try:
-            model.train(training)
-            with torch.no_grad(), global_rng():
+            with state_kept(model), torch.no_grad(), global_rng():
+                model.train(training)
                 logits, features = model(x), model.embed(x)
         except Exception as exc:  # any failure of user code on the shape it was built for
             raise broken(f"it fails on [2, {in_channels}, {image_size}, {image_size}] images{mode} "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-        finally:
-            for m, was in modes:
-                m.training = was
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
         for what, out, want in (("model(x)", logits, [2, num_classes]), ("embed(x)", features, [2, dim])):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             if shape != want:

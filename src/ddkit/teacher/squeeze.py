@@ -8,6 +8,7 @@ import glob
 import hashlib
 import json
 import logging
+import numbers
 import os
 import threading
 from collections.abc import Callable
@@ -26,7 +27,6 @@ from ddkit.artifacts import (
     atomic_dir,
     base_manifest,
     check_classes,
-    check_fields,
     check_normalisation,
     check_output_dir,
     folder_kind,
@@ -42,12 +42,12 @@ from ddkit.artifacts import (
     write_json,
     writing,
 )
-from ddkit.config import Checked, as_config, config_hash, field, is_count, summary_repr, to_dict
+from ddkit.config import Checked, as_config, config_hash, field, is_count, short_repr, summary_repr, to_dict
 from ddkit.data.base import DataBundle, check_bundle, hash_rows, reorders_classes
 from ddkit.determinism import global_rng, stage_modes
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.models import configured_model, create_model
-from ddkit.models.registry import ContractError, model_config_hash, model_source
+from ddkit.models.registry import ContractError, model_config_hash, model_source, state_kept
 from ddkit.registry import own_source_sha256
 from ddkit.training import (
     Diverged,
@@ -109,16 +109,32 @@ class Teacher(DescribesDataset):
     ``mean`` and ``std``); a module of your own trained outside ddkit becomes one with :meth:`of_module`."""
 
     def __init__(self, model: nn.Module, manifest: dict[str, Any], path: Path | None = None) -> None:
-        lacks = []
+        lacks, wrong, sequences, missing = [], [], {}, object()
         for key, kind in {**MANIFEST_FIELDS, "dataset.mean": list, "dataset.std": list}.items():
-            try:
-                check_fields(manifest if isinstance(manifest, dict) else {}, {key: kind}, "", KIND)
-            except DDKitError:
+            value: Any = manifest if isinstance(manifest, dict) else {}
+            for part in key.split("."):
+                value = value.get(part, missing) if isinstance(value, dict) else missing
+            if value is missing:
                 lacks.append(key)
+            elif kind is list and key != "dataset.classes":  # a DataBundle's mean, std and image shape are tuples
+                if not (isinstance(value, (list, tuple)) and all(isinstance(v, numbers.Real) and not isinstance(v, bool)
+                                                                 for v in value)):
+                    wrong.append(f"{key} must be a list of numbers, found {type(value).__name__} {short_repr(value)}")
+                elif isinstance(value, tuple):
+                    sequences[key] = list(value)
+            elif not isinstance(value, kind) or isinstance(value, bool):
+                wrong.append(f"{key} must be a {kind.__name__}, found {type(value).__name__} {short_repr(value)}")
+        fix = ("make a teacher of a module of your own with Teacher.of_module(model, data), or load a teacher "
+               "artifact with Teacher.load(DIR)")
         if lacks:  # every stage would fail on the first one it reads, with a KeyError
-            raise DDKitError(f"Teacher(model, manifest): the manifest lacks {', '.join(lacks)}; make a teacher of a "
-                             "module of your own with Teacher.of_module(model, data), or load a teacher artifact with "
-                             "Teacher.load(DIR)")
+            raise DDKitError(f"Teacher(model, manifest): the manifest lacks {', '.join(lacks)}; {fix}")
+        if wrong:
+            raise DDKitError(f"Teacher(model, manifest): {'; '.join(wrong)}; {fix}")
+        if sequences:  # as the stages read them (and as JSON saves them): lists
+            manifest = {**manifest, **{part: {**manifest[part], **{key.split(".")[1]: value
+                                                                   for key, value in sequences.items()
+                                                                   if key.startswith(part + ".")}}
+                                       for part in {key.split(".")[0] for key in sequences}}}
         self.model = model.eval()
         self.manifest = manifest
         self.path = path
@@ -215,9 +231,10 @@ class Teacher(DescribesDataset):
     @classmethod
     def of_module(cls, model: nn.Module, data: DataBundle, name: str | None = None) -> Teacher:
         """A teacher of a module of your own trained outside ddkit on ``data``: the same classes in that order, images
-        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero
-        images). Its manifest describes ``data`` as an imported teacher's does (no test accuracy). ``name``: the model
-        registered in :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
+        of its shape normalised with its ``mean`` and ``std``, ``[B, num_classes]`` logits (checked on two zero images
+        in eval mode, the module's state left as it was; the teacher puts it in eval mode). Its manifest describes
+        ``data`` as an imported teacher's does (no test accuracy). ``name``: the model registered in
+        :data:`~ddkit.models.MODELS` that builds the module, so that ``teacher.save(DIR)`` loads again
         (``Teacher.load``) once it is registered; without it, the module's class name, and such a saved teacher loads
         only where a model of that name builds it. Its fingerprint holds its class's source (:attr:`fingerprint`)."""
         check_bundle(data)
@@ -225,7 +242,8 @@ class Teacher(DescribesDataset):
             raise DDKitError(f"Teacher.of_module takes an nn.Module, got {type(model).__name__}; pass the trained "
                              "model")
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        check_teacher_logits(model, data.image_shape, data.num_classes, device)
+        with state_kept(model):  # in eval mode, as a teacher is used: a BatchNorm layer's statistics stay as they are
+            check_teacher_logits(model.eval(), data.image_shape, data.num_classes, device)
         return cls(model, _manifest(model, data, TeacherConfig(model=name or type(model).__name__), None, []))
 
     @classmethod
