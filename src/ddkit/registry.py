@@ -247,14 +247,14 @@ def _read_source(obj: object) -> tuple[str | None, tuple[str, ...]]:
             return sha, deps
         if sha is not None:
             base: dict = {"source_sha256": sha}
-        elif _is_ddkit(_unwrap(obj.func)):  # a user's partial of ddkit's function: its arguments alone
+        elif is_ddkit(_unwrap(obj.func)):  # a user's partial of ddkit's function: its arguments alone
             base = {"def": origin(obj.func)}
         else:  # a source that cannot be read (warned)
             return None, deps
         blob = json.dumps({**base, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest(), deps
     module = getattr(obj, "__module__", None) or ""
-    if _is_ddkit(obj):
+    if is_ddkit(obj):
         return None, ()
     try:
         path = inspect.getsourcefile(obj) or ""
@@ -423,12 +423,13 @@ def own_source_sha256(obj: object) -> str | None:
         if getattr(obj, "__module__", None) != "__main__":
             return None
         file = ""
-    if _is_ddkit(obj) or not _is_own(getattr(obj, "__module__", None) or "", file):
+    if not _is_own(getattr(obj, "__module__", None) or "", file):  # ddkit's own too
         return None
     return source_sha256(obj)
 
 
-def _is_ddkit(obj: object) -> bool:
+def is_ddkit(obj: object) -> bool:
+    """Whether ``obj`` (a class or function) is ddkit's own, by its module."""
     module = getattr(obj, "__module__", None) or ""
     return module == "ddkit" or module.startswith("ddkit.")
 

@@ -20,7 +20,7 @@ from ddkit.config import absent_key_hint, from_dict
 from ddkit.data.base import DataBundle
 from ddkit.determinism import global_rng, use_deterministic_cuda
 from ddkit.errors import DataError, DDKitError
-from ddkit.registry import Registry
+from ddkit.registry import Registry, is_ddkit
 
 
 @dataclass
@@ -165,7 +165,7 @@ def fit_seeded(method: Method, real: DataBundle, teachers: list, ctx: FitContext
     they are: what they draw comes from generators of their own, and their few draws from the global ones (a
     network's initial weights) hold :func:`~ddkit.determinism.global_rng` themselves, so their sets are the same
     either way and distils in several threads run side by side."""
-    if type(method).__module__.split(".")[0] == "ddkit":
+    if is_ddkit(type(method)):
         return method.fit(real, teachers, ctx)
     with global_rng(ctx.seed, ctx.device):
         return method.fit(real, teachers, ctx)

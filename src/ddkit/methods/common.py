@@ -19,6 +19,7 @@ from ddkit.data.base import DataBundle
 from ddkit.errors import DDKitError
 from ddkit.methods.base import FitContext, check_ipc
 from ddkit.methods.random import stratified_indices
+from ddkit.models.registry import other_float_dtypes
 from ddkit.training import sum_dtype
 
 
@@ -113,9 +114,7 @@ def check_float32_teacher(model: torch.nn.Module, method: str) -> None:
     bfloat16, float16 or float64 module): a synthesis method computes its images through the teacher (gradients,
     BatchNorm and convolution statistics, patch scores) in float32, and cached real-data statistics are keyed by
     the teacher's weights file, not by the dtype it was cast to. Labelling with it (relabel, evaluate) takes it."""
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in (*model.parameters(), *model.buffers())
-                     if t.is_floating_point() and t.dtype != torch.float32})
-    if dtypes:
+    if dtypes := other_float_dtypes((*model.parameters(), *model.buffers())):
         raise DDKitError(f"method {method!r} synthesises its images through the teacher in float32, but the teacher's "
                          f"weights are {' and '.join(dtypes)}; pass it in float32 (teacher.model.float()); relabel and "
                          "evaluate label with it as it is")

@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from ddkit.config import field, field_default
+from ddkit.config import field
 from ddkit.data.base import DataBundle
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.base import METHODS, FitContext
@@ -62,15 +62,14 @@ class CVDDConfig(RecoverConfig):
         check_teacher_bn(self.soft_labels_bn, self.soft_labels_bn_batch, "soft_labels_bn")
         if self.label_temperature <= 0:
             raise ConfigError(f"label_temperature must be > 0, got {self.label_temperature}")
-        if self.label_temperature != field_default(type(self).__dataclass_fields__["label_temperature"]):
-            # it would do nothing, yet give the set another identity (as RecoverConfig's settings of a part that is off)
-            for off, part, why, fix in ((self.soft_labels != "committee", "soft_labels: committee",
-                                         f"soft_labels is {self.soft_labels}", "set soft_labels: committee"),
-                                        (self.committee_weights == "equal", "committee_weights prior",
-                                         "committee_weights is equal", "set committee_weights: prior")):
-                if off:
-                    raise ConfigError(f"label_temperature {self.label_temperature} applies only with {part}, but "
-                                      f"{why}; remove it or {fix}")
+
+    def off_parts(self) -> list[tuple[tuple[str, ...], bool, str, str, str]]:
+        """RecoverConfig's, and the committee soft labels' vote temperature, which only their prior vote reads."""
+        return [*super().off_parts(),
+                (("label_temperature",), self.soft_labels != "committee", "soft_labels: committee",
+                 f"soft_labels is {self.soft_labels}", "set soft_labels: committee"),
+                (("label_temperature",), self.committee_weights == "equal", "committee_weights prior",
+                 "committee_weights is equal", "set committee_weights: prior")]
 
     def uses_votes(self) -> bool:
         """``committee_weights`` weighs the committee soft labels too (``soft_labels: committee``; with

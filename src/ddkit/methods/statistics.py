@@ -732,8 +732,22 @@ class RecoverConfig(Checked):
         if self.augment == "none" and self.augment_per != defaults["augment_per"]:
             checks.append((False, f"augment_per {self.augment_per} applies only with an augmentation, but augment is "
                                   "none; remove it or set augment"))
+        for names, off, part, why, fix in self.off_parts():
+            for name in names:
+                value = getattr(self, name)
+                if off and value != defaults[name]:
+                    shown = short_repr(value, 80) if isinstance(value, (dict, list)) else value
+                    checks.append((False, f"{name} {shown} applies only with {part}, but {why}; remove it or {fix}"))
+        errors = [msg for ok, msg in checks if not ok]
+        if errors:
+            raise ConfigError("; ".join(errors))
+
+    def off_parts(self) -> list[tuple[tuple[str, ...], bool, str, str, str]]:
+        """Settings of a part that may be off, each row (settings, whether their part is off, the part, why it is
+        off, how to turn it on): a setting other than this class's default while its part is off is refused (it
+        would do nothing, yet give the set another identity). A method adds rows for settings of its own."""
         voting, committee = self.uses_votes(), self.committee_size is not None
-        off_parts = [  # (settings, whether their part is off, the part, why it is off, how to turn it on)
+        return [
             (("flatness_beta", "flatness_tau"), self.flatness_weight == 0, "flatness_weight > 0",
              "flatness_weight is 0", "set flatness_weight"),
             (("densify_tau",), self.densify_weight == 0, "densify_weight > 0", "densify_weight is 0",
@@ -744,21 +758,12 @@ class RecoverConfig(Checked):
              "committee_weights is equal", "set committee_weights: prior"),
             (("perturb_steps",), self.perturb_rho == 0, "perturb_rho > 0", "perturb_rho is 0", "set perturb_rho"),
             (("milestone",), self.augment == "rrc_flip" and self.curriculum == "none", "a curriculum",
-             "curriculum is none", "set curriculum"),  # (with another augment: refused above)
+             "curriculum is none", "set curriculum"),  # (with another augment: refused by __post_init__)
             (("conv_features",), self.stats == "bn", "convolution statistics (stats conv or bn+conv)",
              "stats is bn", "set stats"),
             (("rded_options",), self.init != "rded", "init: rded", f"init is {self.init}", "set init: rded"),
             (("patch_size",), self.alpha == 0, "global statistics (alpha > 0)", "alpha is 0", "set alpha"),
         ]
-        for names, off, part, why, fix in off_parts:
-            for name in names:
-                value = getattr(self, name)
-                if off and value != defaults[name]:
-                    shown = short_repr(value, 80) if isinstance(value, (dict, list)) else value
-                    checks.append((False, f"{name} {shown} applies only with {part}, but {why}; remove it or {fix}"))
-        errors = [msg for ok, msg in checks if not ok]
-        if errors:
-            raise ConfigError("; ".join(errors))
 
     def uses_votes(self) -> bool:
         """Whether ``committee_weights`` decides anything: a committee per IPC slot (``committee_size``),

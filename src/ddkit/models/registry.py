@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import torch
 from torch import nn
 
 from ddkit.config import config_hash, is_count
@@ -173,8 +174,6 @@ def state_kept(model: nn.Module) -> Iterator[None]:
     ``self.seen = self.seen + 1``, and one it adds too) with their values (BatchNorm's running statistics, updated in
     place). Parameters are left alone; a lazy module's uninitialized buffers are left to the block, which materialises
     them (``torch.nn.parameter.is_lazy``)."""
-    import torch
-
     modes = [(m, m.training) for m in model.modules()]
     buffers = [(m, dict(m._buffers), {k: b.detach().clone() for k, b in m._buffers.items()
                                       if b is not None and not torch.nn.parameter.is_lazy(b)})
@@ -192,6 +191,13 @@ def state_kept(model: nn.Module) -> Iterator[None]:
                     kept[k].copy_(saved)
 
 
+def other_float_dtypes(tensors: Iterable[torch.Tensor]) -> list[str]:
+    """The floating dtypes other than float32 among ``tensors`` (a model's weights), by name, sorted: what ddkit,
+    which feeds and computes in float32, refuses in a model of the user's or a synthesis method's teacher."""
+    return sorted({str(t.dtype).removeprefix("torch.") for t in tensors
+                   if t.is_floating_point() and t.dtype != torch.float32})
+
+
 def check_contract(name: str, model: Any, in_channels: int, num_classes: int, image_size: int) -> None:
     """DDKitError naming what model ``name`` (a user's factory) breaks of the model contract: float32 weights, checked
     with a batch of two zero images in eval mode and in training mode (which training runs: a model with auxiliary
@@ -199,8 +205,6 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
     flag and the buffers restored (:func:`state_kept`: BatchNorm's running statistics, a buffer the forward rebinds):
     weights, buffers and the RNG are left as they were, a lazy module's weights and buffers materialised (by the
     eval-mode pass, as its first forward would)."""
-    import torch
-
     rule = ("a model has float32 weights, maps [B, C, H, W] images to [B, num_classes] logits (in eval and training "
             "mode) and has embed(x) -> [B, feature_dim] and an integer feature_dim (README, Models)")
 
@@ -209,9 +213,8 @@ def check_contract(name: str, model: Any, in_channels: int, num_classes: int, im
 
     if not isinstance(model, nn.Module):
         raise broken(f"its factory returned a {type(model).__name__}, not an nn.Module")
-    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
-                     if p.is_floating_point() and p.dtype != torch.float32})
-    if dtypes:  # ddkit feeds float32 images: every stage would fail on a dtype mismatch
+    # ddkit feeds float32 images: every stage would fail on a dtype mismatch
+    if dtypes := other_float_dtypes(model.parameters()):
         raise broken(f"its weights are {', '.join(dtypes)}, not float32 (return model.float() from its factory)")
     dim = getattr(model, "feature_dim", None)
     if not is_count(dim):
