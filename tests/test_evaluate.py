@@ -1627,6 +1627,34 @@ def test_a_run_folder_evaluates_again_under_other_cuda_settings(tmp_path, monkey
     assert back["evaluations"][0]["results"] == first["evaluations"][0]["results"]
 
 
+def test_a_run_at_another_thread_count_evaluates_again(tmp_path, monkeypatch, caplog):
+    """`ddkit run` reused the evaluations made with another torch thread count (QA 20b F4), while its students (cached
+    by thread count) and `bench` train again: its report then showed numbers its recorded thread count does not give.
+    Now it evaluates again (its students from the cache of this thread count), as bench does, and a report made with
+    this count is reused."""
+    import ddkit.evaluate.runner as runner
+    from ddkit.pipeline import run
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    cfg = _tiny_run(tmp_path / "run", [0])
+    run(cfg)
+    path = tmp_path / "run" / "eval-hard.json"
+    made = json.loads(path.read_text())["run"]["torch_threads"]
+    assert made == torch.get_num_threads()
+    trained = []
+    monkeypatch.setattr(runner, "_train_student", lambda *a, **k: trained.append(a[4]) or 0.5)
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"] and trained == []
+    path.write_text(json.dumps({**json.loads(path.read_text()), "run": {"torch_threads": made + 7, "world_size": 1}}))
+    with caplog.at_level("INFO", logger="ddkit.pipeline"):
+        again = run(cfg)
+    # evaluated again: its students come from the cache, kept by thread count (this run's were made with this one)
+    assert again["reused"] == ["distilled"] and trained == []
+    assert (f"evaluating eval-hard.json again: it was evaluated with {made + 7} torch threads, this run has {made}"
+            in caplog.text)
+    assert json.loads(path.read_text())["run"]["torch_threads"] == made
+    assert run(cfg)["reused"] == ["distilled", "eval-hard.json"]
+
+
 def test_a_protocol_is_registered_as_a_function_of_no_arguments(monkeypatch):
     """PROTOCOLS took any object (QA 18c #12): a ProtocolConfig registered itself made every use of its name a
     TypeError ('ProtocolConfig' object is not callable); it is refused at registration, naming the fix."""

@@ -65,7 +65,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, field_default, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
-from ddkit.determinism import numerics_change, stage_modes
+from ddkit.determinism import evaluation_change, numerics_change, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -808,13 +808,7 @@ class _Bench:
         rep = reusable_stage(lambda: check_report(read_json(path), path), path, "evaluating")
         if not rep:
             return None
-        made = rep.get("run", {}).get("torch_threads")
-        if made not in (None, torch.get_num_threads()):
-            if say:
-                log.info("recomputing %s: it was evaluated with %s torch threads, this run has %d", path.name, made,
-                         torch.get_num_threads())
-            return None
-        if why := numerics_change(rep.get("run", {}).get("cuda"), device):
+        if why := evaluation_change(rep.get("run"), device):
             if say:
                 log.info("recomputing %s: %s", path.name, why)
             return None

@@ -206,6 +206,18 @@ def numerics_change(recorded: Any, device: str | torch.device) -> str:
     return f"it was made under other CUDA settings ({'; '.join(changed)})"
 
 
+def evaluation_change(run: Any, device: str | torch.device) -> str:
+    """Why an evaluation whose report's ``run`` record is ``run`` (torch thread count and :func:`device_numerics`'
+    ``cuda``) is not what training its students on ``device`` would give now ("" when it is): another thread count
+    (float sums depend on it: a student trained with another one is another number) or another device's numerics
+    (:func:`numerics_change`)."""
+    run = run if isinstance(run, dict) else {}
+    made = run.get("torch_threads")
+    if made not in (None, torch.get_num_threads()):
+        return f"it was evaluated with {made} torch threads, this run has {torch.get_num_threads()}"
+    return numerics_change(run.get("cuda"), device)
+
+
 def use_deterministic_cuda(device: str | torch.device) -> None:
     """Turn on PyTorch's deterministic kernels when ``device`` is a CUDA device (no-op on CPU).
 

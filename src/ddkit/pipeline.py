@@ -50,7 +50,7 @@ from ddkit.config import (
     typed_numbers,
 )
 from ddkit.data.base import DATASETS, DataBundle, DatasetConfig, check_bundle, load_dataset
-from ddkit.determinism import global_rng, numerics_change, stage_modes
+from ddkit.determinism import evaluation_change, global_rng, stage_modes
 from ddkit.distilled import KIND as DISTILLED_KIND
 from ddkit.distilled import DistilledSet, ipc_text, store_images
 from ddkit.errors import ConfigError, DDKitError
@@ -760,10 +760,9 @@ def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.devic
                 protocol, cfg.evaluate.seeds, want, old_teacher, legacy=True)
 
         def alike(r: dict, path: Path = path) -> bool:
-            """Whether report ``r`` was made under the CUDA settings, GPU and libraries (or on the device type) that
-            this run's students train under: the key names none of them (a report made on the CPU records none)."""
-            made = r.get("run")
-            if why := numerics_change(made.get("cuda") if isinstance(made, dict) else None, device):
+            """Whether report ``r`` was made with the torch thread count and under the CUDA settings, GPU and
+            libraries (or on the device type) that this run's students train under: the key names none of them."""
+            if why := evaluation_change(r.get("run"), device):
                 log.info("evaluating %s again: %s", path.name, why)
             return not why
 
