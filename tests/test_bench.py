@@ -192,6 +192,54 @@ def test_overrides_errors_name_the_key_given(tmp_path, capsys, sets, message):
     assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
     assert not out.exists()
 
+
+REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set from its relabel section; remove it (to "
+                  "replay a given store, evaluate its set with `ddkit evaluate SET --teacher T --label-mode fkd --set "
+                  "fkd_store=DIR`)")
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # the full set has no ipc: the bench made the sets before it, then stopped with advice for a run ("remove ipc")
+    (["methods=[random,full]"], "method 'full' (full) keeps every training image, but a bench makes each method's set "
+     "at each of its ipcs [1, 2]; remove it from methods: every cell trains the full-data reference behind its HLR "
+     "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: {full_epochs: 20})"),
+    # every fkd cell replayed the given store, while the bench relabelled its sets and recorded its relabel section
+    (["label_modes=[fkd]", "overrides.fkd_store=elsewhere"], "overrides.fkd_store " + REPLACED_STORE),
+    (["label_modes=[fkd]", "ipc_overrides.2.fkd_store=elsewhere"], "ipc_overrides.2.fkd_store " + REPLACED_STORE),
+    # a listed student's options replaced the overrides' wholesale, which the config and report still stated
+    (["student_options.tiny_convnet.width=8", "overrides.student_options.width=4"],
+     "overrides.student_options is not used by ['tiny_convnet'], whose options come from student_options alone; give "
+     "them there: student_options: {tiny_convnet: {...}}"),
+    (["students=[tiny_convnet,tiny_mlp]", "student_options.tiny_convnet.width=8",
+      "ipc_overrides.2.student_options.width=16"],
+     "ipc_overrides.2.student_options is not used by ['tiny_convnet'], whose options come from student_options alone "
+     "(the same at every IPC); give them there: student_options: {tiny_convnet: {...}}"),
+])
+def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, capsys, sets, message):
+    """Each of these ran (part of) the bench and recorded a setting that no cell used: refused in one line when the
+    config loads, before the teacher, any set or the output folder."""
+    import yaml
+
+    cfg, out = tmp_path / "b.yaml", tmp_path / "b"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_bench_config(cfg, sets)
+    code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
+    assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
+
+def test_student_options_apply_where_no_listed_student_replaces_them(tmp_path):
+    """The overrides' student_options still apply to a student not listed in student_options, and an IPC's to a
+    listed student that does not train at that IPC; a listed student has its own options at every IPC. What a cell's
+    protocol says is what its students are built with (``check_students`` builds them from it)."""
+    cfg = tiny_cfg(tmp_path, students=["tiny_convnet", "tiny_mlp"], ipcs=[1, 2],
+                   student_options={"tiny_convnet": {"width": 8}}, student_ipcs={"tiny_convnet": [1]},
+                   ipc_overrides={2: {"student_options": {"hidden": 16}}})
+    assert [cfg.protocol_for("tiny_convnet", "hard", ipc=1).student_options,
+            cfg.protocol_for("tiny_mlp", "hard", ipc=1).student_options,
+            cfg.protocol_for("tiny_mlp", "hard", ipc=2).student_options] == [{"width": 8}, {}, {"hidden": 16}]
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
