@@ -337,8 +337,37 @@ def test_method_revision_remakes_only_its_sets(full_run, tmp_path, monkeypatch):
     again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
     assert made == [1, 2] and seen == [False] * 4
     assert [r["eval_keys"] for r in again] != [r["eval_keys"] for r in rows]
+    # each row names the revision that made its set, in the cell files and the table alike
+    assert [r["method_revision"] for r in rows] == [0] * 4 and [r["method_revision"] for r in again] == [1] * 4
+    assert [json.loads(p.read_text())["method_revision"] for p in sorted((out / "cells").glob("*.json"))] == [1] * 4
+    assert [r["method_revision"] for r in json.loads((out / "bench.json").read_text())["rows"]] == [1] * 4
     # same seed, same algorithm: the remade sets hold the same images, so accuracies are unchanged
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]
+
+
+def test_rows_of_cells_and_tables_made_before_method_revisions_were_recorded(full_run, tmp_path, monkeypatch):
+    """Cells finished before rows recorded ``method_revision`` are reused, their rows in the table given the revision
+    their key holds (the set's, as of the method's class); a table assembled before loads and renders as it did."""
+    import ddkit.bench as bench
+    from ddkit.bench import format_bench_table
+
+    src, rows, _ = full_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    monkeypatch.setattr(METHODS.get("random"), "revision", 3)  # the revision of every set, made again, and cell
+    made = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
+    assert [r["method_revision"] for r in made] == [METHODS.get("random").revision] * 4 == [3] * 4
+    for path in [*(out / "cells").glob("*.json"), out / "bench.json"]:  # as ddkit wrote them before
+        record = json.loads(path.read_text())
+        for r in record.get("rows", [record]):
+            del r["method_revision"]
+        path.write_text(json.dumps(record))
+    old = load_table(out)["rows"]
+    assert all("method_revision" not in r for r in old) and format_bench_table(old) == format_bench_table(made)
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
+    assert again == made
+    assert [r["method_revision"] for r in json.loads((out / "bench.json").read_text())["rows"]] == [3] * 4
 
 
 def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):

@@ -914,6 +914,12 @@ class _Bench:
             **ddcache.revised(ddcache.STUDENT_REVISION),  # its numbers are its students' (STUDENT_REVISION 2 on)
         })
 
+    def method_revision(self, key: str) -> int:
+        """The ``revision`` of the method (by its name in tables) that made the bench's sets of ``key``: a set's
+        identity, and so every cell key, holds it (:func:`~ddkit.pipeline.distill_hash`), so a set or cell the bench
+        reuses was made by this revision (0: the method was never revised)."""
+        return METHODS.get(self.methods[key].name).revision
+
     def cell_path(self, cell: Cell) -> Path:
         return self.root / "cells" / f"{cell.id}.json"
 
@@ -971,7 +977,8 @@ class _Bench:
             "schema_version": CELL_SCHEMA, "kind": "bench-cell", "key": self.cell_key(cell), "cell": cell.id,
             "index": cell.index, "dataset": cell.dataset, "method": cell.method,
             "method_name": self.methods[cell.method].name, "ipc": cell.ipc, "student": cell.student,
-            "label_mode": cell.label_mode, "seeds": list(seeds), "acc": acc, "random": rnd,
+            "label_mode": cell.label_mode, "method_revision": self.method_revision(cell.method),
+            "seeds": list(seeds), "acc": acc, "random": rnd,
             "full_hard": full, "hard_acc": hard_acc,
             "ior": None, "hlr": None, "lrs": None, "ars": None,
             "bytes": rep["bytes"], "synthesis": {
@@ -1079,6 +1086,8 @@ def _run_cells(bench: _Bench, progress: BenchProgress | None) -> list[dict]:
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
         metrics.drop_diverged_scores(r)  # cells finished before 2026-12-07 scored diverged students too
+        # cells finished before rows recorded their method's revision (2026-12-07) hold none: their key holds it
+        r.setdefault("method_revision", bench.method_revision(r["method"]))
     _add_cross_arch(rows)
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": cfg.record(),
