@@ -192,6 +192,54 @@ def test_overrides_errors_name_the_key_given(tmp_path, capsys, sets, message):
     assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
     assert not out.exists()
 
+
+REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set from its relabel section; remove it (to "
+                  "replay a given store, evaluate its set with `ddkit evaluate SET --teacher T --label-mode fkd --set "
+                  "fkd_store=DIR`)")
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    # the full set has no ipc: the bench made the sets before it, then stopped with advice for a run ("remove ipc")
+    (["methods=[random,full]"], "method 'full' (full) keeps every training image, but a bench makes each method's set "
+     "at each of its ipcs [1, 2]; remove it from methods: every cell trains the full-data reference behind its HLR "
+     "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: {full_epochs: 20})"),
+    # every fkd cell replayed the given store, while the bench relabelled its sets and recorded its relabel section
+    (["label_modes=[fkd]", "overrides.fkd_store=elsewhere"], "overrides.fkd_store " + REPLACED_STORE),
+    (["label_modes=[fkd]", "ipc_overrides.2.fkd_store=elsewhere"], "ipc_overrides.2.fkd_store " + REPLACED_STORE),
+    # a listed student's options replaced the overrides' wholesale, which the config and report still stated
+    (["student_options.tiny_convnet.width=8", "overrides.student_options.width=4"],
+     "overrides.student_options is not used by ['tiny_convnet'], whose options come from student_options alone; give "
+     "them there: student_options: {tiny_convnet: {...}}"),
+    (["students=[tiny_convnet,tiny_mlp]", "student_options.tiny_convnet.width=8",
+      "ipc_overrides.2.student_options.width=16"],
+     "ipc_overrides.2.student_options is not used by ['tiny_convnet'], whose options come from student_options alone "
+     "(the same at every IPC); give them there: student_options: {tiny_convnet: {...}}"),
+])
+def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, capsys, sets, message):
+    """Each of these ran (part of) the bench and recorded a setting that no cell used: refused in one line when the
+    config loads, before the teacher, any set or the output folder."""
+    import yaml
+
+    cfg, out = tmp_path / "b.yaml", tmp_path / "b"
+    cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+        load_bench_config(cfg, sets)
+    code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
+    assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
+
+def test_student_options_apply_where_no_listed_student_replaces_them(tmp_path):
+    """The overrides' student_options still apply to a student not listed in student_options, and an IPC's to a
+    listed student that does not train at that IPC; a listed student has its own options at every IPC. What a cell's
+    protocol says is what its students are built with (``check_students`` builds them from it)."""
+    cfg = tiny_cfg(tmp_path, students=["tiny_convnet", "tiny_mlp"], ipcs=[1, 2],
+                   student_options={"tiny_convnet": {"width": 8}}, student_ipcs={"tiny_convnet": [1]},
+                   ipc_overrides={2: {"student_options": {"hidden": 16}}})
+    assert [cfg.protocol_for("tiny_convnet", "hard", ipc=1).student_options,
+            cfg.protocol_for("tiny_mlp", "hard", ipc=1).student_options,
+            cfg.protocol_for("tiny_mlp", "hard", ipc=2).student_options] == [{"width": 8}, {}, {"hidden": 16}]
+
 # --- the runner -----------------------------------------------------------------------------------
 
 
@@ -289,8 +337,37 @@ def test_method_revision_remakes_only_its_sets(full_run, tmp_path, monkeypatch):
     again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]), progress=lambda d, n, r: seen.append(r["reused"]))
     assert made == [1, 2] and seen == [False] * 4
     assert [r["eval_keys"] for r in again] != [r["eval_keys"] for r in rows]
+    # each row names the revision that made its set, in the cell files and the table alike
+    assert [r["method_revision"] for r in rows] == [0] * 4 and [r["method_revision"] for r in again] == [1] * 4
+    assert [json.loads(p.read_text())["method_revision"] for p in sorted((out / "cells").glob("*.json"))] == [1] * 4
+    assert [r["method_revision"] for r in json.loads((out / "bench.json").read_text())["rows"]] == [1] * 4
     # same seed, same algorithm: the remade sets hold the same images, so accuracies are unchanged
     assert [r["acc"] for r in again] == [r["acc"] for r in rows]
+
+
+def test_rows_of_cells_and_tables_made_before_method_revisions_were_recorded(full_run, tmp_path, monkeypatch):
+    """Cells finished before rows recorded ``method_revision`` are reused, their rows in the table given the revision
+    their key holds (the set's, as of the method's class); a table assembled before loads and renders as it did."""
+    import ddkit.bench as bench
+    from ddkit.bench import format_bench_table
+
+    src, rows, _ = full_run
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    monkeypatch.setattr(METHODS.get("random"), "revision", 3)  # the revision of every set, made again, and cell
+    made = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
+    assert [r["method_revision"] for r in made] == [METHODS.get("random").revision] * 4 == [3] * 4
+    for path in [*(out / "cells").glob("*.json"), out / "bench.json"]:  # as ddkit wrote them before
+        record = json.loads(path.read_text())
+        for r in record.get("rows", [record]):
+            del r["method_revision"]
+        path.write_text(json.dumps(record))
+    old = load_table(out)["rows"]
+    assert all("method_revision" not in r for r in old) and format_bench_table(old) == format_bench_table(made)
+    monkeypatch.setattr(bench, "evaluate", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
+    again = run_bench(tiny_cfg(out, label_modes=["hard", "teacher"]))
+    assert again == made
+    assert [r["method_revision"] for r in json.loads((out / "bench.json").read_text())["rows"]] == [3] * 4
 
 
 def test_resume_after_interrupt_gives_same_table(full_run, tmp_path):

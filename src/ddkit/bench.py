@@ -152,7 +152,9 @@ class BenchConfig(Checked):
     """A benchmark matrix (``ddkit bench CONFIG``)."""
 
     datasets: list[str | DatasetConfig] = field(["synthetic"], help="dataset keys or dataset sections")
-    methods: list[str | MethodSpec] = field(["random"], help="method keys or {name, options, soft_labels, label}")
+    methods: list[str | MethodSpec] = field(["random"], help="method keys or {name, options, soft_labels, label}, "
+                                            "each making a set per IPC (not full: every cell's hard evaluation trains "
+                                            "the full-data reference, overrides.full_reference / full_epochs)")
     ipcs: list[int] = field([1, 10], help="images per class")
     students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
@@ -163,10 +165,13 @@ class BenchConfig(Checked):
     distill_seed: int = field(0, seed=True, help="seed of every method's synthesis")
     protocol: str = field("dc-protocol", help="protocol preset or YAML (`ddkit list protocols`)")
     overrides: dict = field({}, help="protocol fields to change, e.g. {train: {epochs: 100}} (not student or "
-                            "label_mode: students and label_modes set them per cell)")
+                            "label_mode: students and label_modes set them per cell; not fkd_store: the bench makes "
+                            "each set's store from relabel)")
     ipc_overrides: dict[int, dict] = field({}, help="protocol fields to change at one IPC, applied after overrides, "
                                            "e.g. {50: {train: {epochs: 100}}} (same for every method: still fair)")
-    student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}")
+    student_options: dict[str, dict] = field({}, help="options per student, e.g. {resnet18_cifar: {width: 16}}, the "
+                                             "same at every IPC (a student listed here takes no student_options "
+                                             "from overrides or ipc_overrides)")
     student_ipcs: dict[str, list[int]] = field({}, help="run a student only at these IPCs, e.g. {resnet18_cifar: [10]} "
                                                         "(cross-architecture at one IPC)")
     method_ipcs: dict[str, list[int]] = field({}, help="run a method (by its name in tables) only at these IPCs, e.g. "
@@ -204,6 +209,20 @@ class BenchConfig(Checked):
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             problems.append(f"methods {keys} repeat a name; give each a distinct label")
+        # a set without an ipc (uses_ipc = False) has no place in a matrix over ipcs: DistillConfig refuses an ipc
+        # for it only when the bench reaches its set, after the sets before it were made
+        for m in self.methods:
+            if METHODS.get(m.name).uses_ipc:
+                continue
+            if m.name == "full":
+                problems.append(f"method {m.key!r} (full) keeps every training image, but a bench makes each method's "
+                                f"set at each of its ipcs {self.ipcs}; remove it from methods: every cell trains the "
+                                "full-data reference behind its HLR (full_hard) already, set by the protocol's "
+                                "full_reference / full_epochs (e.g. overrides: {full_epochs: 20})")
+            else:
+                problems.append(f"method {m.key!r} ({m.name}) makes no ipc images per class (uses_ipc = False), "
+                                f"but a bench makes each method's set at each of its ipcs {self.ipcs}; remove it from "
+                                "methods and make its set with `ddkit run` or `ddkit distill`")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
@@ -228,6 +247,7 @@ class BenchConfig(Checked):
         for ipc, over in self.ipc_overrides.items():
             unused += unused_overrides(over, set_by, f"ipc_overrides.{ipc}",
                                        {"student": " (student_ipcs limits a student to some IPCs)"})
+        unused += self._replaced_overrides()
         if unused:
             raise ConfigError("; ".join(unused))
         self.teacher_pool = {k: v if isinstance(v, TeacherConfig) else from_dict(TeacherConfig, v, f"teacher_pool.{k}")
@@ -314,6 +334,26 @@ class BenchConfig(Checked):
         except DDKitError as e:
             raise keyed("ars_augment", e) from None
 
+    def _replaced_overrides(self) -> list[str]:
+        """One problem for each protocol field in ``overrides`` or an ``ipc_overrides`` entry that a bench replaces
+        with its own (which the config and report would state, though no student trained with it): the FKD store,
+        made per distilled set from ``relabel``, and ``student_options`` for a student listed in
+        ``student_options``, whose options come from there alone."""
+        problems = []
+        for where, over, ipc in [("overrides", self.overrides, None),
+                                 *((f"ipc_overrides.{i}", o, i) for i, o in self.ipc_overrides.items())]:
+            if "fkd_store" in over:
+                problems.append(f"{where}.fkd_store is not used: a bench makes one FKD store per distilled set from "
+                                "its relabel section; remove it (to replay a given store, evaluate its set with "
+                                "`ddkit evaluate SET --teacher T --label-mode fkd --set fkd_store=DIR`)")
+            listed = [s for s in self.students if s in self.student_options
+                      and (ipc is None or ipc in self.student_ipcs_of(s))]
+            if over.get("student_options") and listed:
+                problems.append(f"{where}.student_options is not used by {listed}, whose options come from "
+                                f"student_options alone{' (the same at every IPC)' if ipc is not None else ''}; give "
+                                "them there: student_options: {" + ", ".join(f"{s}: {{...}}" for s in listed) + "}")
+        return problems
+
     def method_ipcs_of(self, key: str) -> list[int]:
         """The IPCs method ``key`` (its label) runs at, in the order of ``ipcs``."""
         return [i for i in self.ipcs if i in self.method_ipcs.get(key, self.ipcs)]
@@ -332,7 +372,7 @@ class BenchConfig(Checked):
             if student in self.student_options:
                 out["student_options"] = dict(self.student_options[student])
             if label_mode == "fkd":  # the store is made per distilled set by the bench; named here for validation
-                out.setdefault("fkd_store", fkd_store or FKD_PLACEHOLDER)
+                out["fkd_store"] = fkd_store or FKD_PLACEHOLDER  # (overrides may not name one: __post_init__)
             return out
 
         try:  # overrides no cell reads are refused by __post_init__, over every cell's protocol
@@ -354,9 +394,9 @@ class BenchConfig(Checked):
 
     def record(self) -> dict:
         """The config as the bench records it (``config.json``, ``bench.json``): every relative path in it (a
-        dataset's ``path``, teachers' ``checkpoint``, a protocol YAML file, ``extra_teachers`` and ``fkd_store`` in
-        overrides, a method's ``extra_teachers`` and ``experts``) absolute against the working folder the bench
-        read it from, and the protocol file's own relative ``extra_teachers`` in ``overrides``
+        dataset's ``path``, teachers' ``checkpoint``, a protocol YAML file, ``extra_teachers`` in overrides, a
+        method's ``extra_teachers`` and ``experts``) absolute against the working folder the bench read it from, and
+        the protocol file's own relative ``extra_teachers`` in ``overrides``
         (:func:`~ddkit.evaluate.protocol.recorded_overrides`), as :func:`ddkit.pipeline.recorded_config` records a
         run's; ``"@name"`` references stay."""
         out = to_dict(self)
@@ -689,7 +729,7 @@ class _Bench:
         self.methods = {m.key: m for m in cfg.methods}
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
-                for ipc in cfg.method_ipcs_of(key) if spec.name != "full" else ():
+                for ipc in cfg.method_ipcs_of(key):  # (every method makes ipc images per class: BenchConfig)
                     method, where = METHODS.get(spec.name), f"methods[{key}].options"
                     if method.ipc_within_class_size:
                         check_ipc(data, ipc)
@@ -702,8 +742,7 @@ class _Bench:
                         check_random_ipc(data, ipc, f"ipc_overrides: {{{ipc}: {{random_baseline: false}}}}" if at_ipc
                                          else "overrides.random_baseline: false")
                     options = merge_overrides(spec.options, spec.ipc_options.get(ipc, {}))
-                    check_method_data(method, from_dict(method.Config, options, where), data,
-                                      ipc if method.uses_ipc else None, where)
+                    check_method_data(method, from_dict(method.Config, options, where), data, ipc, where)
             check_students(cfg, data)
             check_teachers(cfg, data)
             check_relabel(cfg, data)
@@ -869,6 +908,12 @@ class _Bench:
             **ddcache.revised(ddcache.STUDENT_REVISION),  # its numbers are its students' (STUDENT_REVISION 2 on)
         })
 
+    def method_revision(self, key: str) -> int:
+        """The ``revision`` of the method (by its name in tables) that made the bench's sets of ``key``: a set's
+        identity, and so every cell key, holds it (:func:`~ddkit.pipeline.distill_hash`), so a set or cell the bench
+        reuses was made by this revision (0: the method was never revised)."""
+        return METHODS.get(self.methods[key].name).revision
+
     def cell_path(self, cell: Cell) -> Path:
         return self.root / "cells" / f"{cell.id}.json"
 
@@ -926,7 +971,8 @@ class _Bench:
             "schema_version": CELL_SCHEMA, "kind": "bench-cell", "key": self.cell_key(cell), "cell": cell.id,
             "index": cell.index, "dataset": cell.dataset, "method": cell.method,
             "method_name": self.methods[cell.method].name, "ipc": cell.ipc, "student": cell.student,
-            "label_mode": cell.label_mode, "seeds": list(seeds), "acc": acc, "random": rnd,
+            "label_mode": cell.label_mode, "method_revision": self.method_revision(cell.method),
+            "seeds": list(seeds), "acc": acc, "random": rnd,
             "full_hard": full, "hard_acc": hard_acc,
             "ior": None, "hlr": None, "lrs": None, "ars": None,
             "bytes": rep["bytes"], "synthesis": {
@@ -1034,6 +1080,8 @@ def _run_cells(bench: _Bench, progress: BenchProgress | None) -> list[dict]:
         if r["label_mode"] != "fkd":
             r["bytes"] = evaluation_bytes(bench.distilled[(r["dataset"], r["method"], r["ipc"])], r["label_mode"])
         metrics.drop_diverged_scores(r)  # cells finished before 2026-12-07 scored diverged students too
+        # cells finished before rows recorded their method's revision (2026-12-07) hold none: their key holds it
+        r.setdefault("method_revision", bench.method_revision(r["method"]))
     _add_cross_arch(rows)
     if info.is_main:
         write_json(bench.root / "bench.json", {"schema_version": 1, "kind": "bench-table", "config": cfg.record(),
