@@ -705,6 +705,20 @@ def test_datm_init_real_labels_start_from_the_first_expert(tiny, buffer):
     assert datm.identity_tags({}) == datm.identity_tags({"init": "noise"}) == {}
 
 
+def test_tesla_iterations_default_is_mtts_and_names_teslas(capsys):
+    """TESLA's distill.py runs 10000 iterations; ddkit keeps MTT's 5000, which its shipped configs read, and says so
+    where the default is shown (``ddkit show tesla``)."""
+    import dataclasses
+
+    from ddkit.cli import main
+
+    assert TESLAConfig().iterations == MTTConfig().iterations == 5000
+    help_text = next(f for f in dataclasses.fields(TESLAConfig) if f.name == "iterations").metadata["help"]
+    assert "MTT's 5000" in help_text and "TESLA's distill.py defaults to 10000" in help_text
+    main(["show", "tesla"])
+    assert "TESLA's distill.py defaults to 10000" in capsys.readouterr().out
+
+
 def test_tesla_soft_labels_and_ftd_sam_buffer(tiny, buffer):
     out = _fit("tesla", tiny, buffer.path)
     assert out.soft_labels.shape == (8, 4) and torch.isfinite(out.soft_labels).all()
