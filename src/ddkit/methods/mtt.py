@@ -756,6 +756,13 @@ class MTT(_TrajectoryMatching):
     Differences from the reference: ZCA is off by default (``buffer: {zca: true}``; the module table
     gives the non-ZCA lrs too); the on-the-fly
     buffer (when ``experts`` is unset) has 10 experts, not 100; randomness from one seeded generator.
+    The shipped Fashion-MNIST configs (``configs/fashion-mnist/{mtt,tesla,ftd,datm}``) and the full
+    matching bench train 50 experts of 30 epochs, not the 100 of 50 of MTT's, TESLA's and FTD's buffer
+    commands (``buffer.py --num_experts=100 --train_epochs=50``; DATM's: 100 of 100): 1500
+    expert-epochs instead of 5000 (DATM: 10000), for the GPU budget (``docs/results/tier-cost-h200.md``:
+    50 x 30 take 0.4 h plain, 1.0 h with GSAM on one H200). Fewer, shorter experts are other targets:
+    at CPU scale, which epochs of 30-epoch experts were matched (starts in [0, 20) or [0, 10)) moved
+    IPC-10 accuracy by about 2 points (``docs/results/README.md``, traj-e30-window).
 
     Scale-out (all five keys): ``trajectories`` segments per iteration, averaged; under ``torchrun``
     each rank computes every ``world_size``-th segment (and trains every ``world_size``-th expert of
