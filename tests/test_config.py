@@ -419,6 +419,42 @@ def test_per_method_configs_match_the_full_tiers(path: Path):
     assert run.evaluate.protocols()[0].student == bench.students[0]
 
 
+def _header(path: Path) -> str:
+    """The leading comment of a YAML config, its lines joined by spaces."""
+    lines = path.read_text().splitlines()
+    return " ".join(line.lstrip("# ") for line in lines[:next(i for i, x in enumerate(lines) if not x.startswith("#"))])
+
+
+@pytest.mark.parametrize("path", [p for p in _per_method_configs() if p.parent.name in ("mtt", "tesla", "ftd", "datm")],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_trajectory_configs_state_their_reduced_experts(path: Path):
+    """QA 20c F3/F2: the "papers' settings" trajectory configs train fewer, shorter experts than the papers (and
+    TESLA runs MTT's iterations); their headers say so, with the numbers the config holds."""
+    buffer = load_yaml(path)["distill"]["options"]["buffer"]
+    header = _header(path)
+    assert f"{buffer['num_experts']} experts x {buffer['epochs']} epochs" in header
+    assert ("100 x 100" if path.parent.name == "datm" else "100 x 50") in header
+    assert "traj-e30-window" in header
+    if path.parent.name == "tesla":
+        assert "iterations" not in load_yaml(path)["distill"]["options"] and "defaults to 10000" in header
+    bench = _header(REPO / "configs/bench/fashion-mnist-matching.yaml")
+    assert "Experts: 50 x 30 epochs" in bench and "TESLA's distill.py defaults to 10000" in bench
+
+
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_datadam_configs_name_the_authors_evaluation(ipc):
+    """QA 20c F4: DataDAM's code trains students 1800 epochs at batch 64, ddkit's configs evaluate with dsa-protocol;
+    the headers (the config's and the full bench's) say so, and the override they give sets the authors' numbers."""
+    path = REPO / f"configs/fashion-mnist/datadam/ipc{ipc}.yaml"
+    header = _header(path)
+    override = re.search(r'--set "([^"]+)"', header).group(1)
+    theirs = from_dict(RunConfig, apply_overrides(load_yaml(path), [override])).evaluate.protocols()[0]
+    ours = from_dict(RunConfig, load_yaml(path)).evaluate.protocols()[0]
+    assert (ours.train.epochs, ours.train.batch_size) == (1000, 256)
+    assert (theirs.train.epochs, theirs.train.batch_size, theirs.train.augment) == (1800, 64, "dsa")
+    assert override in _header(REPO / "configs/bench/fashion-mnist-matching.yaml")
+
+
 @pytest.mark.parametrize("ipc", [1, 10, 50])
 def test_per_method_sre2l_configs_recover_as_the_authors_small_image_script(ipc):
     """QA 18a F1: the per-method sre2l configs, "the papers' settings", ran ImageNet-1K's multi-crop (RandomResizedCrop

@@ -681,6 +681,44 @@ def test_datm_label_init_averages_correct_experts():
     assert out.tolist() == [[1.0, 0.0], [0.0, 2.0]]
 
 
+def test_datm_init_real_labels_start_from_the_first_expert(tiny, buffer):
+    """DATM.py's ``pix_init == "real"`` initialises the labels from one expert's logits (``buffer[0][-1]``), not
+    from the mean over the experts that classify each image correctly (``samples_predicted_correctly``)."""
+    from ddkit.methods.common import init_images, to_normalized
+
+    # threshold below any loss: no update is taken, so the stored labels are the initial ones
+    out = _fit("datm", tiny, buffer.path, init="real", iterations=1, threshold=1e-9)
+    assert out.meta["skipped_updates"] == 1
+    student = FunctionalStudent(buffer.build_model().train())
+    x = to_normalized(init_images(tiny, 2, "real", 0)[0], tiny)
+    per_expert = [student(buffer.params(e, -1), x).detach() for e in range(buffer.num_experts)]
+    assert not torch.allclose(per_expert[0], per_expert[1], atol=1e-3), "the experts agree: the test cannot tell"
+    assert torch.equal(out.soft_labels, per_expert[0])
+    # the default init keeps the mean over the correct experts
+    correct = _fit("datm", tiny, buffer.path, iterations=1, threshold=1e-9)
+    mean = _expert_logits(buffer, student, to_normalized(correct.images, tiny), correct.labels, -1)
+    assert torch.allclose(correct.soft_labels, mean, atol=1e-5)
+    # sets made with init real (and learned labels) before the change are made again; the others keep their identity
+    datm = METHODS.get("datm")
+    assert datm.identity_tags({"init": "real"}) == {"real_label_init": "first_expert"}
+    assert datm.identity_tags({"init": "real", "learn_labels": False}) == {}
+    assert datm.identity_tags({}) == datm.identity_tags({"init": "noise"}) == {}
+
+
+def test_tesla_iterations_default_is_mtts_and_names_teslas(capsys):
+    """TESLA's distill.py runs 10000 iterations; ddkit keeps MTT's 5000, which its shipped configs read, and says so
+    where the default is shown (``ddkit show tesla``)."""
+    import dataclasses
+
+    from ddkit.cli import main
+
+    assert TESLAConfig().iterations == MTTConfig().iterations == 5000
+    help_text = next(f for f in dataclasses.fields(TESLAConfig) if f.name == "iterations").metadata["help"]
+    assert "MTT's 5000" in help_text and "TESLA's distill.py defaults to 10000" in help_text
+    main(["show", "tesla"])
+    assert "TESLA's distill.py defaults to 10000" in capsys.readouterr().out
+
+
 def test_tesla_soft_labels_and_ftd_sam_buffer(tiny, buffer):
     out = _fit("tesla", tiny, buffer.path)
     assert out.soft_labels.shape == (8, 4) and torch.isfinite(out.soft_labels).all()

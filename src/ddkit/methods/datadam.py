@@ -117,6 +117,14 @@ class DataDAM(Method):
     forwarded separately, with per-class optimisers and RNG streams (as ``dm``), so classes shard
     over ranks; the reference's "smart" initialisation from pre-selected images is not offered.
 
+    Evaluation: ddkit's full matching bench and Fashion-MNIST configs score DataDAM's sets with
+    ``dsa-protocol`` (1000 epochs, batch 256), as DSA and DM evaluate (the CPU tier: shorter
+    ``dc-protocol`` students); the authors' ``main_DataDAM.py`` and
+    ``distill_test_model.py`` train their students 1800 epochs at batch 64 (``--epoch_eval_train``,
+    ``--batch_train``; SGD 0.01, momentum 0.9, wd 5e-4, lr x0.1 after epoch 901, DSA). For theirs, add
+    ``evaluate.overrides.train={epochs: 1800, batch_size: 64}`` (the README's hyper-parameter table
+    gives yet another student schedule, a step lr x0.5 every 15 epochs).
+
     ``flip_plugin`` adds FYI (:mod:`ddkit.methods.fyi`) as for ``dm``: each class's synthetic batch is
     concatenated with its mirror images before DSA, so both its attention maps and its mean embedding
     cover them (the FYI authors applied it to DM, not to DataDAM).

@@ -236,6 +236,9 @@ class MTTConfig(Checked):
 class TESLAConfig(MTTConfig):
     """MTT settings plus TESLA's soft labels; the gradient needs the memory of one student step."""
 
+    iterations: int = field(
+        5000, help="distillation iterations (MTT's 5000, which the shipped configs and the full bench run; TESLA's "
+        "distill.py defaults to 10000)")
     gradient: GradientMode = field(
         "exact", help="exact: MTT's gradient with the memory of one step; first_order: TESLA's reference "
         "code (drops the dependence of later steps on earlier batches); unroll: MTT")
@@ -274,9 +277,10 @@ class DATMConfig(MTTConfig):
     max_start_epoch: int = field(4, help="final upper end of the start window (exclusive)")
     lr_img: float = field(100.0, help="SGD lr of the synthetic images (DATM IPC 1/10: 100 with ZCA)")
     init: Literal["real", "noise", "correct", "representative"] = field(
-        "correct", help="correct: real images that the experts classify correctly (DATM); real; noise; "
-        "representative (AST)")
-    learn_labels: bool = field(True, help="learn soft labels (logits) initialised from the experts")
+        "correct", help="correct: real images that the experts classify correctly (DATM); real (labels from the "
+        "first expert's logits, as DATM's pix_init real); noise; representative (AST)")
+    learn_labels: bool = field(True, help="learn soft labels (logits) initialised from the experts: the mean over "
+                               "the experts that classify each image correctly; init real: the first expert's")
     label_epoch: int = field(-1, help="expert epoch whose logits initialise the labels (-1: last)")
     lr_y: float = field(5.0, help="SGD lr of the soft-label logits (DATM: 5 at IPC 1, else 2)")
     momentum_y: float = field(0.9, help="SGD momentum of the soft-label logits")
@@ -481,7 +485,8 @@ class _TrajectoryMatching(Method):
         hard = labels.to(device)
         soft = None
         if getattr(cfg, "learn_labels", False):
-            soft = _expert_logits(buffer, student, images.detach(), hard, cfg.label_epoch).requires_grad_(True)
+            soft = _expert_logits(buffer, student, images.detach(), hard, cfg.label_epoch,
+                                  cfg.init).requires_grad_(True)
         init_lr = math.log(cfg.lr_teacher) if cfg.log_lr else cfg.lr_teacher
         lr_param = torch.tensor(init_lr, dtype=torch.float32, device=device, requires_grad=True)
         opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
@@ -628,10 +633,14 @@ def _load_ema(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
 
 
 def _expert_logits(buffer: ExpertBuffer, student: FunctionalStudent, images: torch.Tensor, labels: torch.Tensor,
-                   epoch: int) -> torch.Tensor:
-    """DATM's label init: per image, the mean logits of the experts (at ``epoch``) that classify it
-    correctly; images no expert gets right take the mean over all experts."""
+                   epoch: int, init: str = "correct") -> torch.Tensor:
+    """DATM's label init, by the image ``init``: for ``real``, the logits of the buffer's first expert (at
+    ``epoch``), as DATM.py's ``pix_init == "real"`` takes ``buffer[0][-1]``; otherwise, per image, the mean
+    logits of the experts (at ``epoch``) that classify it correctly (DATM.py's ``samples_predicted_correctly``);
+    images no expert gets right take the mean over all experts."""
     with torch.no_grad():
+        if init == "real":
+            return student(buffer.params(0, epoch).to(images.device), images).detach()
         logits = torch.stack([student(buffer.params(e, epoch).to(images.device), images)
                               for e in range(buffer.num_experts)])  # [E, N, C]
     correct = (logits.argmax(2) == labels[None]).float()  # [E, N]
@@ -747,6 +756,13 @@ class MTT(_TrajectoryMatching):
     Differences from the reference: ZCA is off by default (``buffer: {zca: true}``; the module table
     gives the non-ZCA lrs too); the on-the-fly
     buffer (when ``experts`` is unset) has 10 experts, not 100; randomness from one seeded generator.
+    The shipped Fashion-MNIST configs (``configs/fashion-mnist/{mtt,tesla,ftd,datm}``) and the full
+    matching bench train 50 experts of 30 epochs, not the 100 of 50 of MTT's, TESLA's and FTD's buffer
+    commands (``buffer.py --num_experts=100 --train_epochs=50``; DATM's: 100 of 100): 1500
+    expert-epochs instead of 5000 (DATM: 10000), for the GPU budget (``docs/results/tier-cost-h200.md``:
+    50 x 30 take 0.4 h plain, 1.0 h with GSAM on one H200). Fewer, shorter experts are other targets:
+    at CPU scale, which epochs of 30-epoch experts were matched (starts in [0, 20) or [0, 10)) moved
+    IPC-10 accuracy by about 2 points (``docs/results/README.md``, traj-e30-window).
 
     Scale-out (all five keys): ``trajectories`` segments per iteration, averaged; under ``torchrun``
     each rank computes every ``world_size``-th segment (and trains every ``world_size``-th expert of
@@ -777,6 +793,12 @@ class TESLA(_TrajectoryMatching):
     last iteration's segment-0 expert's logits for the final images (computed after the last image
     update; before 2026-12-04 they were those of the images before it). With ``trajectories > 1`` each segment's
     student trains on its own expert's labels and the stored ones come from segment 0 (rank 0).
+
+    Differences from the reference besides the gradient: ``iterations`` is MTT's 5000, half of
+    TESLA's (``distill.py --Iteration`` defaults to 10000 and its README commands keep it); the
+    shipped Fashion-MNIST configs, the full matching bench and its recorded cost estimate run 5000,
+    so ddkit keeps it as the default (set ``iterations: 10000`` for TESLA's). TESLA's CIFAR-10 IPC-1
+    command starts in [0, 5), ddkit MTT's [0, 2).
     """
 
     Config = TESLAConfig
@@ -830,12 +852,18 @@ class DATM(_TrajectoryMatching):
     Matching", ICLR 2024).
 
     MTT plus: soft labels (logits) learned with their own SGD, initialised from the experts' logits
-    of the synthetic images (mean over the experts that classify each image correctly); init from
+    of the synthetic images at ``label_epoch``: per image the mean over the experts that classify it
+    correctly (``DATM.py``'s ``samples_predicted_correctly``), or with ``init: real`` one expert's
+    logits, right or wrong (its ``pix_init == "real"``: ``buffer[0][-1]``; before 2026-12-07 ddkit
+    took the mean there too); init from
     real images the first expert classifies correctly; a start-epoch window whose upper end grows
     from ``current_max_start_epoch`` to ``max_start_epoch`` (sequential generation); updates skipped
     when the loss exceeds ``threshold`` (with ``trajectories > 1``: the mean loss of the segments).
     Output ``soft_labels`` are the learned logits.
-    Differences: the reference also averages the label init over experts from other buffer files.
+    Differences: the reference also averages the label init over experts from other buffer files;
+    its ``pix_init == "real"`` takes the first expert of a buffer file drawn at random (and always
+    its last epoch), ddkit the buffer's first expert (``expert_000``: the same one on every run) at
+    ``label_epoch`` (-1, the last, by default).
     Its configs carry an ``ema_decay`` (e.g. 0.995 at CIFAR-10 IPC 1) but ``distill/DATM.py`` never
     uses it (no EMA is built or saved), so ``image_ema`` is off here too. Its README trains the
     experts with FTD's GSAM (``buffer_FTD.py --rho_max=0.01 --rho_min=0.01 --alpha=0.3``, 100
@@ -851,6 +879,15 @@ class DATM(_TrajectoryMatching):
     @classmethod
     def own_soft_labels(cls, cfg) -> str | None:
         return "learn_labels: true" if cfg.learn_labels else None
+
+    @classmethod
+    def identity_tags(cls, options: dict) -> dict:
+        tags = super().identity_tags(options)
+        # 2026-12-07: init real starts the learned labels from the first expert's logits (DATM.py's pix_init
+        # real), not from the mean over the experts that classify each image correctly
+        if options.get("init") == "real" and options.get("learn_labels", cls.Config.learn_labels):
+            tags["real_label_init"] = "first_expert"
+        return tags
 
 
 @METHODS.register("shq")
