@@ -1,7 +1,8 @@
-"""DC and DSA on Fashion-MNIST with the papers' network, loops and evaluation, at one IPC.
+"""DC and DSA on Fashion-MNIST with the papers' loops and evaluation and a width-128 ConvNet-3, at one IPC.
 
 Issue 4's reproduction check: the synthesis network and the students are the full ConvNet-3
-(width 128, instance norm, avg pooling), the loops are the papers' for the IPC (outer/inner 1/1,
+(width 128, instance norm, avg pooling; its first conv padded by 1 unless ``--model convnet3-p3``,
+below), the loops are the papers' for the IPC (outer/inner 1/1,
 10/50, 50/10 at IPC 1/10/50; 256 real images per class, image SGD lr 0.1), and each method is
 evaluated with its own paper's protocol: DC with ``dc-protocol`` (300 epochs, no augmentation), DSA
 with ``dsa-protocol`` (1000 epochs with DSA augmentation), beside a random real subset under the
@@ -55,7 +56,7 @@ from _cli import (
     run_main,
     seed_int,
 )
-from _published import FASHION_MNIST
+from _published import FASHION_MNIST, PAPERS_NETWORK, network_differences
 from tqdm import tqdm
 
 from ddkit.artifacts import read_json, versions, write_json, write_results
@@ -241,12 +242,24 @@ def upgrade(table: dict) -> dict:
     return table
 
 
+def network(model: str) -> tuple[str, str]:
+    """How a table names ``model``: in its title, and in its header against the papers' network."""
+    differs = network_differences(model)
+    paper = "the DC/DSA code's width-128 ConvNet-3 on 1x28x28 images, first conv padded by 3"
+    if not differs:
+        return "the papers' network", f"`{model}`, the papers' network ({paper})"
+    how = ", ".join(f"{k} {ours} (theirs {theirs})" for k, (ours, theirs) in differs.items())
+    return (f"`{model}` (not the papers' network)",
+            f"`{model}`, not the papers' network `{PAPERS_NETWORK}` ({paper}): it differs in {how}")
+
+
 def markdown(table: dict) -> str:
     table = upgrade(table)
     outer, inner = loops_for(table["ipc"], None, None)
-    lines = [f"## DC and DSA at IPC {table['ipc']}, papers' network and protocols ({table['device']})", "",
-             f"Command: `{table['command']}`. ConvNet-3 width 128 (`{table.get('model', MODEL)}`) for synthesis and "
-             f"students; loops of IPC {table['ipc']} (outer {outer}, inner {inner}), 256 real images per class per "
+    title, header = network(table["model"])
+    lines = [f"## DC and DSA at IPC {table['ipc']}, {title} and the papers' protocols ({table['device']})", "",
+             f"Command: `{table['command']}`. Synthesis network and students {header}; "
+             f"loops of IPC {table['ipc']} (outer {outer}, inner {inner}), 256 real images per class per "
              "step, image SGD lr 0.1 momentum 0.5; each method evaluated with its own paper's protocol beside a random "
              f"real subset (same protocol, same seeds). Student seeds {table['seeds']}. Outer iterations: "
              f"{table['iterations']} (papers: 1000).", "",

@@ -9,9 +9,9 @@ every step. This script measures both with ddkit's own :func:`trajectory_gradien
 Fashion-MNIST shapes of issue 4 (1x28x28, 10 classes, IPC 10 = 100 images in one synthetic batch,
 DSA augmentation in every step as MTT does) and the ConvNet-3 students of the benchmarks:
 
-- ``graph MB``: peak bytes of the storages autograd saved for backward
+- ``graph MiB``: peak bytes (in MiB, 2^20 bytes) of the storages autograd saved for backward
   (:class:`ddkit.bench.SavedTensorBytes`): exact, and what grows with the unroll;
-- ``peak MB``: on CPU the sampled RSS high-water mark of the update minus the RSS before it
+- ``peak MiB``: on CPU the sampled RSS high-water mark of the update minus the RSS before it
   (:class:`ddkit.bench.PeakMemory`), each cell in a fresh process with the warm-up's freed memory
   handed back to the OS first (``malloc_trim``), so no earlier allocation hides this one's; it
   includes the update's non-graph allocations (the DSA draws, every step's parameter vector);
@@ -60,7 +60,7 @@ from ddkit.models import create_model
 
 REPO = Path(__file__).resolve().parents[1]
 MODES = {"unroll": "MTT (unrolled)", "exact": "TESLA (exact)", "first_order": "TESLA (first order)"}
-MB = 2**20
+MiB = 2**20  # the rows' graph_mb / peak_mb hold MiB (keys kept for the recorded JSON)
 
 
 def _case(model_name: str, steps: int, ipc: int, device: torch.device):
@@ -108,7 +108,7 @@ def run_cell(model_name: str, mode: str, steps: int, ipc: int, device: str, grad
     if grad_out:
         torch.save(out.grad_images.cpu(), grad_out)
     return {"model": model_name, "mode": mode, "steps": steps, "ipc": ipc, "device": dev.type,
-            "params": student.num_params, "graph_mb": saved.peak / MB, "peak_mb": (mem.peak or 0) / MB,
+            "params": student.num_params, "graph_mb": saved.peak / MiB, "peak_mb": (mem.peak or 0) / MiB,
             "peak_kind": mem.kind, "seconds": seconds, "loss": float(out.loss)}
 
 
@@ -148,12 +148,12 @@ def _markdown(result: dict, plot: str = "unroll-memory.png") -> str:
         "",
         f"`{result['command'].strip()}` on {result['device']} ({result['machine']['torch_threads']} "
         f"threads): IPC {result['ipc']} (one synthetic batch of {10 * result['ipc']} 1x28x28 images), DSA "
-        "augmentation in every step, float32. graph MB = peak bytes of the storages autograd holds for backward "
+        "augmentation in every step, float32. graph MiB = peak bytes of the storages autograd holds for backward "
         "(exact); "
-        f"peak MB = {result['peak_kind']}; rel. err = ||g - g_MTT|| / ||g_MTT|| of the image gradient, both in "
+        f"peak MiB = {result['peak_kind']}; rel. err = ||g - g_MTT|| / ||g_MTT|| of the image gradient, both in "
         "float32.",
         "",
-        "| student | params | gradient | steps | graph MB | peak MB | s / update | rel. err vs MTT |",
+        "| student | params | gradient | steps | graph MiB | peak MiB | s / update | rel. err vs MTT |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
@@ -186,7 +186,7 @@ def _plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    metrics = [("graph_mb", "autograd saved tensors (MB)"), ("peak_mb", f"peak memory (MB, {result['peak_kind']})")]
+    metrics = [("graph_mb", "autograd saved tensors (MiB)"), ("peak_mb", f"peak memory (MiB, {result['peak_kind']})")]
     styles = {"unroll": ("o", "-"), "exact": ("s", "--"), "first_order": ("^", ":")}
     fig, axes = plt.subplots(len(metrics), len(models), figsize=(4.5 * len(models), 3.4 * len(metrics)), squeeze=False)
     for col, model in enumerate(models):
@@ -239,7 +239,7 @@ def main() -> None:
         ap.error("--modes must include unroll: the other gradients are checked against it")
     out = output_file(ap, args.out)
     rows = []
-    print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MB':>9} {'peak MB':>9} {'s/update':>9} "
+    print(f"{'student':<14} {'gradient':<20} {'steps':>5} {'graph MiB':>9} {'peak MiB':>9} {'s/update':>9} "
           f"{'rel.err':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for model_name in args.models:
