@@ -180,7 +180,8 @@ class EDC(RecoverMethod):
     (4553d34 to ace2600) and the unused ``flatness_weight`` default of its ImageNet branches' hook
     classes. Before revision 3 ddkit took the KL the other way round, per image (10x stronger on 10
     classes), and updated the copy after the step: every EDC number in docs/results made before
-    2026-12-04 used that term (edc-flat compares the two).
+    2026-12-04 used that term (edc-flat compares the two). Revision 4 (2026-12-06) changed only the rounding of the
+    class-conditional variances; docs/results/README.md lists which recorded runs each revision made.
 
     Differences: G-VBSM's logit-matching term is off (``r_logit: 0``) as EDC does not list it; the
     class-conditional term (``alpha < 1``) matches per-channel moments only, where EDC's code also matches each
