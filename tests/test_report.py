@@ -301,6 +301,34 @@ def test_series_at_one_ipc_are_drawn_side_by_side(monkeypatch, tmp_path):
     assert list(ax.get_xticks()) == [10]
 
 
+def test_report_tables_print_a_value_of_one_seed_without_a_spread(run_dir, tmp_path):
+    """One student seed printed "62.50 ± 0.00" in the Results and cross-architecture tables, under "mean ± population
+    std over seeds", as if 0.00 were a measured spread; several seeds print as before."""
+    from ddkit.report import COLUMNS, _cells, _cross_arch
+
+    table = json.loads((run_dir / "bench.json").read_text())
+    many = write_report(run_dir, tmp_path / "many")
+    assert "over seeds)." in (many / "report.md").read_text() and "±" in _cells(table["rows"][0])[5]
+    for row in table["rows"]:
+        for key in ("acc", "random", "ior", "hlr", "lrs"):
+            row[key] = {**row[key], "per_seed": row[key]["per_seed"][:1], "mean": row[key]["per_seed"][0], "std": 0.0,
+                        "n": 1}
+    row = table["rows"][0]
+    cells = dict(zip(COLUMNS, _cells(row)))
+    assert cells["acc %"] == f"{100 * row['acc']['mean']:.2f}"
+    assert cells["random %"] == f"{100 * row['random']['mean']:.2f}"
+    assert cells["LRS"] == f"{row['lrs']['mean']:.3f}" and not any("±" in c for c in _cells(row))
+    assert not any("±" in c for line in _cross_arch(table["rows"])[1] for c in line)
+    table["config"]["seeds"] = [0]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "bench.json").write_text(json.dumps(table))
+    md = (write_report(tmp_path / "one") / "report.md").read_text()
+    assert "(mean ± population std over seeds; a single seed's value without ±)." in md
+    spread = [line for line in md.splitlines() if "±" in line]  # the notes and the plot's caption only
+    assert len(spread) == 3 and spread[0].startswith("Accuracies are")
+    assert all("Accuracy vs IPC" in line for line in spread[1:])
+
+
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
     """bench records each set's folder relative to where it ran; report must not depend on that."""
     monkeypatch.chdir(tmp_path)

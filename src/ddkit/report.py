@@ -25,7 +25,7 @@ from ddkit.artifacts import (
 from ddkit.config import is_count
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import cell_problem
-from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds
+from ddkit.evaluate.tables import format_bench_table, summary_text, synthesis_cell, synthesis_seconds
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -207,13 +207,6 @@ def _grids(rows: list[dict], out: Path, run_dir: Path) -> list[tuple[str, str]]:
     return grids
 
 
-def _fmt(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    if not x:
-        return "–"
-    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
-
-
 COLUMNS = ["dataset", "method", "IPC", "student", "labels", "acc %", "random %", "IOR (pts)", "HLR (pts)", "LRS",
            "ARS", "image bytes", "label bytes", "synthesis s", "shared s", "peak mem MiB", "protocol"]
 
@@ -224,10 +217,10 @@ def _seconds(x: float | None) -> str:
 
 def _cells(r: dict) -> list[str]:
     mem = r["synthesis"].get("peak_memory_bytes")
-    return [*map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"])), _fmt(r["acc"]),
-            _fmt(r.get("random")), _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3),
-            _fmt(r.get("ars"), 1, 3), f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
-            _seconds(r["synthesis"].get("shared_seconds")),
+    return [*map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"])),
+            *map(summary_text, (r["acc"], r.get("random"), r.get("ior"), r.get("hlr"))),
+            *(summary_text(r.get(k), 1, 3) for k in ("lrs", "ars")), f"{r['bytes']['images']:,}",
+            f"{r['bytes']['labels']:,}", synthesis_cell(r), _seconds(r["synthesis"].get("shared_seconds")),
             "–" if mem is None else f"{mem / 2**20:.1f}", f"`{r['protocol_hash']}`"]
 
 
@@ -240,7 +233,7 @@ def _cross_arch(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
         key = tuple(map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["label_mode"])))
         groups.setdefault(key, {})[r["student"]] = r["acc"]
     head = ["dataset", "method", "IPC", "labels", *students]
-    body = [[*k, *(_fmt(g.get(s)) for s in students)] for k, g in groups.items()]
+    body = [[*k, *(summary_text(g.get(s)) for s in students)] for k, g in groups.items()]
     return head, body
 
 
@@ -327,13 +320,15 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     cfg = table["config"]
     intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}; protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
              f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
-    notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds). IOR = acc − acc(random "
+    single = any(r["acc"].get("n") == 1 for r in rows)  # its value alone: no spread to state
+    notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds{}). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "
              "follow DD-Ranking on fractions (λ = {}, γ = {}), in [0, 1]. Peak memory: CUDA allocator peak on GPU, "
              "sampled RSS high-water above the stage's start on CPU. Synthesis s leaves out building the cached "
              "artifacts that every set of the same teacher or expert recipe shares (teacher statistics, expert "
              "buffers); shared s is what building those took, reused or not (– where "
-             "not recorded).").format(cfg["lrs_lambda"], cfg["ars_gamma"])
+             "not recorded).").format("; a single seed's value without ±" if single else "", cfg["lrs_lambda"],
+                                       cfg["ars_gamma"])
     cross = _cross_arch(rows)
 
     md = ["# ddkit benchmark report", "", intro, "", notes, "", "## Results", "",
