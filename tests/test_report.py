@@ -301,6 +301,78 @@ def test_series_at_one_ipc_are_drawn_side_by_side(monkeypatch, tmp_path):
     assert list(ax.get_xticks()) == [10]
 
 
+def _first_figure(monkeypatch, rows, tmp_path):
+    """acc_vs_ipc.png's figure (the first one ``report._plots`` saves), as drawn."""
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    class Saved(Exception):
+        pass
+
+    def save(fig, *args, **kwargs):
+        raise Saved(fig)
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    with pytest.raises(Saved) as saved:
+        report._plots(rows, tmp_path)
+    monkeypatch.undo()
+    return saved.value.args[0]
+
+
+def test_a_single_ipc_panel_spans_more_than_the_dodge(monkeypatch, tmp_path):
+    """The x axis autoscaled to the dodge (±3.5 %), so a single IPC's series sat at the panel's edges, away from its
+    only tick, as if at different IPCs: the axis spans IPC_SPAN (a decade) around the IPC, the series close to it."""
+    import math
+
+    from ddkit import report
+
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, 10, rnd=0.7) for m in ("dm", "mtt", "dc")], tmp_path).axes
+    low, high = ax.get_xlim()
+    xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]
+    assert math.log10(high / low) == pytest.approx(report.IPC_SPAN) and math.sqrt(low * high) == pytest.approx(10)
+    assert math.log10(max(xs) / min(xs)) < 0.1 * math.log10(high / low) and list(ax.get_xticks()) == [10]
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, i, rnd=0.7) for m in ("dm", "mtt") for i in (1, 2, 4)],
+                          tmp_path).axes  # IPCs less than a decade apart: a decade around them too
+    assert math.log10(ax.get_xlim()[1] / ax.get_xlim()[0]) == pytest.approx(report.IPC_SPAN)
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, i, rnd=0.7) for m in ("dm", "mtt") for i in (1, 10, 50)],
+                          tmp_path).axes  # over a decade: autoscaled, as before
+    low, high = ax.get_xlim()
+    assert low < 1 and high > 50 and math.log10(high / low) < math.log10(50) + 0.5
+
+
+def _seeds_row(method, ipc, n, rnd=0.7, acc=0.9):
+    """A row whose summaries are of ``n`` seeds (std 0 for one)."""
+    row = _band_row(method, ipc, rnd=rnd, acc=acc)
+    for key in ("acc", "random"):
+        row[key] = {**row[key], "n": n, "std": 0.0 if n == 1 else 0.01}
+    return row
+
+
+def test_one_seed_draws_no_error_bars_or_band_and_a_band_draws_its_mean(monkeypatch, tmp_path):
+    """One seed drew error bars of no length and a random band of no height (a hairline under a grey legend patch);
+    with several seeds the band never drew the random subset's mean."""
+    from matplotlib.collections import PolyCollection
+
+    def drawn(n, ipcs):
+        (ax,) = _first_figure(monkeypatch, [_seeds_row(m, i, n, acc=a) for m, a in (("dm", 0.8), ("mtt", 0.9))
+                                            for i in ipcs], tmp_path).axes
+        bars = [len(c.lines[2][0].get_segments()) if c.has_yerr else 0 for c in ax.containers]
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        means = [(list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle(), line.get_marker())
+                 for line in ax.lines if line.get_linestyle() == "--"]  # the series' lines are solid
+        return bars, bands, means
+
+    bars, bands, means = drawn(3, (1, 10))
+    assert bars == [2, 2] and len(bands) == 1 and means == [([1, 10], [70.0, 70.0], "--", "None")]
+    bars, bands, means = drawn(1, (1, 10))  # markers only: the random subset's on its dashed line
+    assert bars == [0, 0] and bands == [] and means == [([1, 10], [70.0, 70.0], "--", "s")]
+    bars, bands, means = drawn(1, (10,))  # one IPC: the random subset as a marker, without a bar
+    assert bars == [0, 0, 0] and bands == [] and means == []
+    bars, _, _ = drawn(3, (10,))
+    assert bars == [1, 1, 1]
+
+
 def test_report_tables_print_a_value_of_one_seed_without_a_spread(run_dir, tmp_path):
     """One student seed printed "62.50 ± 0.00" in the Results and cross-architecture tables, under "mean ± population
     std over seeds", as if 0.00 were a measured spread; several seeds print as before."""

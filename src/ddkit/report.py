@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,8 @@ log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
 
 PLOTS = {
-    "acc_vs_ipc.png": "Accuracy vs IPC (mean ± std over seeds; shaded: random real subset)",
+    "acc_vs_ipc.png": ("Accuracy vs IPC (mean ± std over seeds; random real subset: dashed line in a shaded ± std "
+                       "band, square markers at a single IPC or seed)"),
     "acc_vs_bytes.png": "Accuracy vs total bytes (images + labels)",
     "time_vs_acc.png": "Synthesis wall time vs accuracy",
 }
@@ -45,6 +47,10 @@ LINESTYLES = ("-", "--", ":", "-.")
 LEGEND_ROWS = 30
 #: accuracy vs IPC draws neighbouring series this far apart (decades of the log IPC axis: 2.3 %)
 IPC_DODGE = 0.01
+#: the least an accuracy-vs-IPC axis spans (decades): a panel of one IPC (or of IPCs close together) is widened to
+#: it around its IPCs, so that the dodge stays a small offset (autoscaled, a single IPC's dodged series filled the
+#: panel, at its edges, away from the IPC's only tick)
+IPC_SPAN = 1.0
 
 
 def _style(i: int) -> dict:
@@ -64,6 +70,13 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     for v in out.values():
         v.sort(key=lambda r: r["ipc"])
     return out
+
+
+def _errors(summaries: list[dict]) -> list[float] | None:
+    """Error bars (± std, in %) of a series' summaries: none at a summary of one seed (whose std 0 is no spread: its
+    bar a dash through the marker, a band of no height), None where no summary has one."""
+    errors = [math.nan if s.get("n") == 1 else 100 * s["std"] for s in summaries]
+    return None if all(map(math.isnan, errors)) else errors
 
 
 def _random_bands(series: dict[tuple, list[dict]], panel: tuple) -> list[tuple[list[str], dict[int, dict]]]:
@@ -144,23 +157,28 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         for i, key in enumerate(keys):
             style, rs = _style(i), series[key]
             ax.errorbar([r["ipc"] * dodge[i] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **style)
+                        yerr=_errors([r["acc"] for r in rs]), capsize=3, label=printable(key[3]), **style)
             colors[key[3]] = style["color"]
         for j, (methods, band) in enumerate(bands, len(keys)):  # one gray band when every method shares its baseline
             color, label = ("gray", "random subset") if len(bands) == 1 else (
                 colors[methods[0]], f"random subset ({', '.join(map(printable, methods))})")
-            if len(band) > 1:
-                ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
-                                [100 * (b["mean"] + b["std"]) for b in band.values()],
-                                color=color, alpha=0.25, label=label)
-            else:  # one IPC: a band would have no width
-                ((ipc, b),) = band.items()
-                ax.errorbar([ipc * dodge[j]], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s",
-                            capsize=3, label=label)
+            means, errors = [100 * b["mean"] for b in band.values()], _errors(list(band.values()))
+            if len(band) == 1:  # one IPC: a band would have no width
+                ax.errorbar([next(iter(band)) * dodge[j]], means, yerr=errors, color=color, marker="s", capsize=3,
+                            label=label)
+            elif errors is None:  # one seed: a band would have no height
+                ax.plot(list(band), means, color=color, linestyle="--", linewidth=1, marker="s", label=label)
+            else:
+                ax.fill_between(list(band), [m - e for m, e in zip(means, errors)],
+                                [m + e for m, e in zip(means, errors)], color=color, alpha=0.25, label=label)
+                ax.plot(list(band), means, color=color, linestyle="--", linewidth=1)  # its mean
         finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
+        if math.log10(ticks[-1] / ticks[0]) < IPC_SPAN:  # IPC_SPAN around the IPCs, the dodged series within it
+            middle, low, high = math.sqrt(ticks[0] * ticks[-1]), *ax.get_xlim()
+            ax.set_xlim(min(low, middle / 10 ** (IPC_SPAN / 2)), max(high, middle * 10 ** (IPC_SPAN / 2)))
     save(fig, "acc_vs_ipc.png")
 
     # accuracy vs bytes
@@ -168,7 +186,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     for ax, panel in zip(axes, panels):
         for i, (key, rs) in enumerate((k, rs) for k, rs in series.items() if k[:3] == panel):
             ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **_style(i))
+                        yerr=_errors([r["acc"] for r in rs]), capsize=3, label=printable(key[3]), **_style(i))
         finish(ax, "bytes (images + labels)", " / ".join(map(printable, panel)))
     save(fig, "acc_vs_bytes.png")
 
