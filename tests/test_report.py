@@ -401,6 +401,26 @@ def test_report_tables_print_a_value_of_one_seed_without_a_spread(run_dir, tmp_p
     assert all("Accuracy vs IPC" in line for line in spread[1:])
 
 
+def test_report_states_the_students_options(run_dir, tmp_path):
+    """`student_options` (a width-8 ResNet-18) appeared nowhere in a report: it named the student `resnet18_cifar`."""
+    from ddkit.report import students_sentence
+
+    assert students_sentence({"students": ["convnet3-w32", "resnet18_cifar"]}) == ""
+    cfg = {"students": ["convnet3-w32", "resnet18_cifar"],
+           "student_options": {"resnet18_cifar": {"width": 8, "norm": "bn"}}}
+    assert students_sentence(cfg) == "students convnet3-w32, resnet18_cifar (width=8, norm=bn)"
+    cfg = {"students": ["a\x1b[2J"], "student_options": {"a\x1b[2J": {"w": 1}}}  # a terminal escape, written out
+    assert students_sentence(cfg) == "students a\\x1b[2J (w=1)"
+    table = json.loads((run_dir / "bench.json").read_text())
+    table["config"]["student_options"] = {"tiny_mlp": {"hidden": 16}}
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "bench.json").write_text(json.dumps(table))
+    out = write_report(tmp_path / "copy", tmp_path / "rep")
+    intro = "; seeds [0, 1]; students tiny_convnet, tiny_mlp (hidden=16); protocol hashes "
+    assert intro in (out / "report.md").read_text().splitlines()[2] and intro in (out / "report.html").read_text()
+    assert "students" not in (write_report(run_dir, tmp_path / "plain") / "report.md").read_text().splitlines()[2]
+
+
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
     """bench records each set's folder relative to where it ran; report must not depend on that."""
     monkeypatch.chdir(tmp_path)

@@ -326,6 +326,18 @@ def protocol_sentence(cfg: dict) -> str:
     return text
 
 
+def students_sentence(cfg: dict) -> str:
+    """The students of a bench config (``bench.json``'s ``config``) with their ``student_options`` (``students
+    convnet3-w32, resnet18_cifar (width=8)``), or nothing where it sets none: the pages name a student by its model
+    alone, and a width-8 ResNet-18 read as the standard one."""
+    options = cfg.get("student_options") or {}
+    if not options:
+        return ""
+    named = [f"{s} ({', '.join(f'{k}={v}' for k, v in options[s].items())})" if options.get(s) else str(s)
+             for s in cfg.get("students") or options]
+    return printable("students " + ", ".join(named))
+
+
 def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     """report.md, report.html, the plots and the set grids of ``table`` (the bench run in ``run_dir``)
     into the folder ``out``."""
@@ -336,8 +348,10 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
                     | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
     cfg = table["config"]
-    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}; protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
-             f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
+    students = students_sentence(cfg)
+    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}{'; ' + students if students else ''}; protocol hashes "
+             f"{', '.join(f'`{p}`' for p in protos)}. ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision "
+             f"{ver['torchvision']}, python {ver['python']}.")
     single = any(r["acc"].get("n") == 1 for r in rows)  # its value alone: no spread to state
     notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds{}). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "
