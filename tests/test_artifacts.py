@@ -658,6 +658,36 @@ def test_preview_grid_columns_filler_and_truncation(tmp_path, caplog):
     assert many.size == (26 + 10 * 63 + 2, 100 * 63 + 2) and (many.width - 26) * many.height <= GRID_MAX_PIXELS
 
 
+def test_preview_grid_writes_class_names_that_are_not_ascii(tmp_path):
+    """Pillow's default font drew every non-ASCII character of a class name (an ImageFolder's folders, a tensors
+    file's classes) as a box: "Größe" read "Gr□□e". Accented Latin, Greek and Cyrillic are drawn (matplotlib's DejaVu
+    Sans); a character that font lacks is written as its escape, not as a box."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    from ddkit.distilled import GRID_FONT_SIZE, grid_text, save_grid
+
+    images, labels = torch.zeros(2, 1, 8, 8), torch.arange(2)
+    save_grid(images, labels, ["Größe", "猫 (cat)"], tmp_path / "names.png")
+    save_grid(images, labels, ["Größe", "\\u732b (cat)"], tmp_path / "escaped.png")
+    assert (tmp_path / "names.png").read_bytes() == (tmp_path / "escaped.png").read_bytes()
+    assert grid_text("Ωμέγα Кошка\x1b猫") == "Ωμέγα Кошка\\x1b\\u732b"  # a terminal escape written out too
+    font = ImageFont.truetype(str(Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")), GRID_FONT_SIZE)
+    grid = Image.open(tmp_path / "names.png")
+    margin, row_h = grid.width - (56 + 2 + 2), (grid.height - 2) // 2  # one column of 56 px cells, 2 rows
+    label = Image.new("RGB", (margin, row_h), "white")  # the first row's name, as DejaVu Sans draws it
+    ImageDraw.Draw(label).text((4, 2 + row_h // 2 - 6), "Größe", fill=(0, 0, 0), font=font)
+    assert grid.crop((0, 0, margin, row_h)).tobytes() == label.tobytes()
+
+    def drawn(text: str) -> bytes:
+        im = Image.new("L", (16, 14), 255)
+        ImageDraw.Draw(im).text((2, 0), text, fill=0, font=font)
+        return im.tobytes()
+
+    box = drawn("猫")  # a character the font lacks: its missing-glyph box
+    assert len({drawn("ö"), drawn("ß"), drawn("o"), drawn("s"), box}) == 5  # the accents drawn, not boxes
+
+
 def test_preview_grid_refuses_a_per_class_below_one(tiny, tmp_path):
     """save_grid(per_class=0) raised torchvision's ZeroDivisionError, -1 a torch overflow."""
     ds = _random_set(tiny, tmp_path)

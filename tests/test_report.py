@@ -301,6 +301,126 @@ def test_series_at_one_ipc_are_drawn_side_by_side(monkeypatch, tmp_path):
     assert list(ax.get_xticks()) == [10]
 
 
+def _first_figure(monkeypatch, rows, tmp_path):
+    """acc_vs_ipc.png's figure (the first one ``report._plots`` saves), as drawn."""
+    from matplotlib.figure import Figure
+
+    from ddkit import report
+
+    class Saved(Exception):
+        pass
+
+    def save(fig, *args, **kwargs):
+        raise Saved(fig)
+
+    monkeypatch.setattr(Figure, "savefig", save)
+    with pytest.raises(Saved) as saved:
+        report._plots(rows, tmp_path)
+    monkeypatch.undo()
+    return saved.value.args[0]
+
+
+def test_a_single_ipc_panel_spans_more_than_the_dodge(monkeypatch, tmp_path):
+    """The x axis autoscaled to the dodge (±3.5 %), so a single IPC's series sat at the panel's edges, away from its
+    only tick, as if at different IPCs: the axis spans IPC_SPAN (a decade) around the IPC, the series close to it."""
+    import math
+
+    from ddkit import report
+
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, 10, rnd=0.7) for m in ("dm", "mtt", "dc")], tmp_path).axes
+    low, high = ax.get_xlim()
+    xs = [float(c.lines[0].get_xdata()[0]) for c in ax.containers]
+    assert math.log10(high / low) == pytest.approx(report.IPC_SPAN) and math.sqrt(low * high) == pytest.approx(10)
+    assert math.log10(max(xs) / min(xs)) < 0.1 * math.log10(high / low) and list(ax.get_xticks()) == [10]
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, i, rnd=0.7) for m in ("dm", "mtt") for i in (1, 2, 4)],
+                          tmp_path).axes  # IPCs less than a decade apart: a decade around them too
+    assert math.log10(ax.get_xlim()[1] / ax.get_xlim()[0]) == pytest.approx(report.IPC_SPAN)
+    (ax,) = _first_figure(monkeypatch, [_band_row(m, i, rnd=0.7) for m in ("dm", "mtt") for i in (1, 10, 50)],
+                          tmp_path).axes  # over a decade: autoscaled, as before
+    low, high = ax.get_xlim()
+    assert low < 1 and high > 50 and math.log10(high / low) < math.log10(50) + 0.5
+
+
+def _seeds_row(method, ipc, n, rnd=0.7, acc=0.9):
+    """A row whose summaries are of ``n`` seeds (std 0 for one)."""
+    row = _band_row(method, ipc, rnd=rnd, acc=acc)
+    for key in ("acc", "random"):
+        row[key] = {**row[key], "n": n, "std": 0.0 if n == 1 else 0.01}
+    return row
+
+
+def test_one_seed_draws_no_error_bars_or_band_and_a_band_draws_its_mean(monkeypatch, tmp_path):
+    """One seed drew error bars of no length and a random band of no height (a hairline under a grey legend patch);
+    with several seeds the band never drew the random subset's mean."""
+    from matplotlib.collections import PolyCollection
+
+    def drawn(n, ipcs):
+        (ax,) = _first_figure(monkeypatch, [_seeds_row(m, i, n, acc=a) for m, a in (("dm", 0.8), ("mtt", 0.9))
+                                            for i in ipcs], tmp_path).axes
+        bars = [len(c.lines[2][0].get_segments()) if c.has_yerr else 0 for c in ax.containers]
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        means = [(list(line.get_xdata()), list(line.get_ydata()), line.get_linestyle(), line.get_marker())
+                 for line in ax.lines if line.get_linestyle() == "--"]  # the series' lines are solid
+        return bars, bands, means
+
+    bars, bands, means = drawn(3, (1, 10))
+    assert bars == [2, 2] and len(bands) == 1 and means == [([1, 10], [70.0, 70.0], "--", "None")]
+    bars, bands, means = drawn(1, (1, 10))  # markers only: the random subset's on its dashed line
+    assert bars == [0, 0] and bands == [] and means == [([1, 10], [70.0, 70.0], "--", "s")]
+    bars, bands, means = drawn(1, (10,))  # one IPC: the random subset as a marker, without a bar
+    assert bars == [0, 0, 0] and bands == [] and means == []
+    bars, _, _ = drawn(3, (10,))
+    assert bars == [1, 1, 1]
+
+
+def test_report_tables_print_a_value_of_one_seed_without_a_spread(run_dir, tmp_path):
+    """One student seed printed "62.50 ± 0.00" in the Results and cross-architecture tables, under "mean ± population
+    std over seeds", as if 0.00 were a measured spread; several seeds print as before."""
+    from ddkit.report import COLUMNS, _cells, _cross_arch
+
+    table = json.loads((run_dir / "bench.json").read_text())
+    many = write_report(run_dir, tmp_path / "many")
+    assert "over seeds)." in (many / "report.md").read_text() and "±" in _cells(table["rows"][0])[5]
+    for row in table["rows"]:
+        for key in ("acc", "random", "ior", "hlr", "lrs"):
+            row[key] = {**row[key], "per_seed": row[key]["per_seed"][:1], "mean": row[key]["per_seed"][0], "std": 0.0,
+                        "n": 1}
+    row = table["rows"][0]
+    cells = dict(zip(COLUMNS, _cells(row)))
+    assert cells["acc %"] == f"{100 * row['acc']['mean']:.2f}"
+    assert cells["random %"] == f"{100 * row['random']['mean']:.2f}"
+    assert cells["LRS"] == f"{row['lrs']['mean']:.3f}" and not any("±" in c for c in _cells(row))
+    assert not any("±" in c for line in _cross_arch(table["rows"])[1] for c in line)
+    table["config"]["seeds"] = [0]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "bench.json").write_text(json.dumps(table))
+    md = (write_report(tmp_path / "one") / "report.md").read_text()
+    assert "(mean ± population std over seeds; a single seed's value without ±)." in md
+    spread = [line for line in md.splitlines() if "±" in line]  # the notes and the plot's caption only
+    assert len(spread) == 3 and spread[0].startswith("Accuracies are")
+    assert all("Accuracy vs IPC" in line for line in spread[1:])
+
+
+def test_report_states_the_students_options(run_dir, tmp_path):
+    """`student_options` (a width-8 ResNet-18) appeared nowhere in a report: it named the student `resnet18_cifar`."""
+    from ddkit.report import students_sentence
+
+    assert students_sentence({"students": ["convnet3-w32", "resnet18_cifar"]}) == ""
+    cfg = {"students": ["convnet3-w32", "resnet18_cifar"],
+           "student_options": {"resnet18_cifar": {"width": 8, "norm": "bn"}}}
+    assert students_sentence(cfg) == "students convnet3-w32, resnet18_cifar (width=8, norm=bn)"
+    cfg = {"students": ["a\x1b[2J"], "student_options": {"a\x1b[2J": {"w": 1}}}  # a terminal escape, written out
+    assert students_sentence(cfg) == "students a\\x1b[2J (w=1)"
+    table = json.loads((run_dir / "bench.json").read_text())
+    table["config"]["student_options"] = {"tiny_mlp": {"hidden": 16}}
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "bench.json").write_text(json.dumps(table))
+    out = write_report(tmp_path / "copy", tmp_path / "rep")
+    intro = "; seeds [0, 1]; students tiny_convnet, tiny_mlp (hidden=16); protocol hashes "
+    assert intro in (out / "report.md").read_text().splitlines()[2] and intro in (out / "report.html").read_text()
+    assert "students" not in (write_report(run_dir, tmp_path / "plain") / "report.md").read_text().splitlines()[2]
+
+
 def test_report_finds_the_grids_of_a_run_made_with_a_relative_out(tmp_path, monkeypatch):
     """bench records each set's folder relative to where it ran; report must not depend on that."""
     monkeypatch.chdir(tmp_path)

@@ -611,7 +611,8 @@ def _student_cache(m: dict) -> str:
 def _full_cache(m: dict) -> str:
     r = m["result"]
     diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
-    return (f"cached full-data reference: test accuracy {_pct(r['mean'])} ± {_pct(r['std'])} over {r['n']} student "
+    spread = "" if r["n"] == 1 else f" ± {_pct(r['std'])}"  # one seed: no spread to state
+    return (f"cached full-data reference: test accuracy {_pct(r['mean'])}{spread} over {r['n']} student "
             f"seed(s){diverged}, {r['epochs']} epochs{_trained_where(m)}")
 
 

@@ -16,12 +16,13 @@ Layout (every file named in ``manifest.json``):
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import re
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from ddkit.artifacts import (
 from ddkit.config import is_count, short_repr, summary_repr
 from ddkit.data.base import DataBundle, ImageSet
 from ddkit.determinism import cpu_default_device
-from ddkit.errors import ConfigError, DDKitError
+from ddkit.errors import ConfigError, DDKitError, printable
 from ddkit.evaluate.tables import ipc_text  # noqa: F401  (defined here before)
 from ddkit.training import check_teacher_bn
 
@@ -733,6 +734,43 @@ def display_channels(images: torch.Tensor) -> tuple[torch.Tensor, str | None]:
     return images[:, :3], f"channels 0-2 of {c} drawn as RGB"
 
 
+#: the size (px) of a preview grid's text (class names, caption lines): about 6 px a character, as Pillow's default
+GRID_FONT_SIZE = 10
+
+
+@functools.cache
+def grid_font() -> tuple[Any, Callable[[str], bool]]:
+    """The font a preview grid writes its class names and caption in, and whether it draws a character: DejaVu Sans,
+    which matplotlib (a dependency of ddkit) ships, with Latin (accents too), Greek and Cyrillic letters (Pillow's
+    default font drew every non-ASCII character as a box); where that cannot be loaded, Pillow's default, for ASCII."""
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+        from matplotlib.ft2font import FT2Font
+
+        path = str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+        glyphs, font = FT2Font(path), ImageFont.truetype(path, GRID_FONT_SIZE)
+    except (ImportError, OSError, RuntimeError) as err:
+        log.warning("preview grids write their class names in Pillow's default font, other characters than ASCII as "
+                    "escapes (\\u732b): matplotlib's DejaVu Sans could not be loaded (%s)", err)
+        return ImageFont.load_default(), str.isascii  # its size is 10 px too
+    return font, lambda char: glyphs.get_char_index(ord(char)) != 0
+
+
+def grid_text(text: str) -> str:
+    """``text`` as a preview grid writes it: control characters (:func:`printable`) and characters that
+    :func:`grid_font` lacks as their escapes (``\\u732b``), not as boxes that hide which character it was."""
+    draws = grid_font()[1]
+    return "".join(char if draws(char) else ascii(char)[1:-1] for char in printable(text))
+
+
+def _text_width(text: str) -> int:
+    """The px a grid's line of ``text`` takes from the left edge: 4 px before it, at least 2 after it, and at least
+    8 + 6 px a character (the width every grid had before its text was measured)."""
+    return max(8 + 6 * len(text), 6 + math.ceil(grid_font()[0].getlength(text)))
+
+
 def _filler(channels: int, size: tuple[int, int]) -> torch.Tensor:
     """A grid cell where a class has fewer images than the grid has columns: light grey hatching, which no
     image of a set looks like (a black or white cell would pass for a black or white image)."""
@@ -745,11 +783,11 @@ def save_grid(
     images: torch.Tensor, labels: torch.Tensor, classes: list[str], path: Path, per_class: int = 10, cell: int = 56,
     max_classes: int = 100, max_side: int = 128, max_pixels: int = GRID_MAX_PIXELS,
 ) -> None:
-    """A PNG grid: one row per class (named on the left), up to ``per_class`` images each (as many columns as the
-    fullest shown class has images, up to ``per_class``; a class with fewer gets hatched grey cells); small images
-    enlarged to about ``cell`` px. A preview, bounded whatever the set's size: the first ``max_classes`` classes
-    (a 1000-class set's grid was 226k px tall and took GBs to make), images larger than ``max_side`` px shrunk to
-    it (the longer side), cells smaller still where the grid would exceed ``max_pixels``.
+    """A PNG grid: one row per class (named on the left, as :func:`grid_text` writes the name), up to ``per_class``
+    images each (as many columns as the fullest shown class has images, up to ``per_class``; a class with fewer gets
+    hatched grey cells); small images enlarged to about ``cell`` px. A preview, bounded whatever the set's size: the
+    first ``max_classes`` classes (a 1000-class set's grid was 226k px tall and took GBs to make), images larger than
+    ``max_side`` px shrunk to it (the longer side), cells smaller still where the grid would exceed ``max_pixels``.
 
     Drawn as: 1 channel grey, 3 RGB, 2 as red and green, 4 or more the first 3 as RGB; float pixels 0..1 black
     to white, clipped outside it, unless more than 1 % lie outside (:func:`display_range`): then the set's mean ± 2.5
@@ -796,18 +834,19 @@ def save_grid(
     grid = make_grid(grid_in, nrow=cols, padding=2, pad_value=1.0)
     arr = (grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
     body = Image.fromarray(arr).convert("RGB")
-    margin = 8 + 6 * max(len(c) for c in classes)
-    caption = textwrap.wrap("; ".join(notes), 100)
+    names = [grid_text(c) for c in classes]
+    margin = max(map(_text_width, names))
+    caption = [grid_text(line) for line in textwrap.wrap("; ".join(notes), 100)]
     for note in notes:
         log.info("the preview grid shows %s", note)
     top = 12 * len(caption) + 4 if caption else 0
-    canvas = Image.new("RGB", (max(body.width + margin, 8 + 6 * max(map(len, caption), default=0)), body.height + top),
+    canvas = Image.new("RGB", (max(body.width + margin, max(map(_text_width, caption), default=0)), body.height + top),
                        "white")
     canvas.paste(body, (margin, top))
-    draw = ImageDraw.Draw(canvas)
+    draw, font = ImageDraw.Draw(canvas), grid_font()[0]
     for i, line in enumerate(caption):
-        draw.text((4, 2 + 12 * i), line, fill=(90, 90, 90))
+        draw.text((4, 2 + 12 * i), line, fill=(90, 90, 90), font=font)
     row_h = grid_in.shape[-2] + 2
-    for c, name in enumerate(classes):
-        draw.text((4, top + 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0))
+    for c, name in enumerate(names):
+        draw.text((4, top + 2 + c * row_h + row_h // 2 - 6), name, fill=(0, 0, 0), font=font)
     canvas.save(path, format="PNG")  # named by the format, not by the path's suffix (a temporary file's)

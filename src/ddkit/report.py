@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -25,13 +26,14 @@ from ddkit.artifacts import (
 from ddkit.config import is_count
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import cell_problem
-from ddkit.evaluate.tables import format_bench_table, synthesis_cell, synthesis_seconds
+from ddkit.evaluate.tables import format_bench_table, summary_text, synthesis_cell, synthesis_seconds
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
 
 PLOTS = {
-    "acc_vs_ipc.png": "Accuracy vs IPC (mean ± std over seeds; shaded: random real subset)",
+    "acc_vs_ipc.png": ("Accuracy vs IPC (mean ± std over seeds; random real subset: dashed line in a shaded ± std "
+                       "band, square markers at a single IPC or seed)"),
     "acc_vs_bytes.png": "Accuracy vs total bytes (images + labels)",
     "time_vs_acc.png": "Synthesis wall time vs accuracy",
 }
@@ -45,6 +47,10 @@ LINESTYLES = ("-", "--", ":", "-.")
 LEGEND_ROWS = 30
 #: accuracy vs IPC draws neighbouring series this far apart (decades of the log IPC axis: 2.3 %)
 IPC_DODGE = 0.01
+#: the least an accuracy-vs-IPC axis spans (decades): a panel of one IPC (or of IPCs close together) is widened to
+#: it around its IPCs, so that the dodge stays a small offset (autoscaled, a single IPC's dodged series filled the
+#: panel, at its edges, away from the IPC's only tick)
+IPC_SPAN = 1.0
 
 
 def _style(i: int) -> dict:
@@ -64,6 +70,13 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
     for v in out.values():
         v.sort(key=lambda r: r["ipc"])
     return out
+
+
+def _errors(summaries: list[dict]) -> list[float] | None:
+    """Error bars (± std, in %) of a series' summaries: none at a summary of one seed (whose std 0 is no spread: its
+    bar a dash through the marker, a band of no height), None where no summary has one."""
+    errors = [math.nan if s.get("n") == 1 else 100 * s["std"] for s in summaries]
+    return None if all(map(math.isnan, errors)) else errors
 
 
 def _random_bands(series: dict[tuple, list[dict]], panel: tuple) -> list[tuple[list[str], dict[int, dict]]]:
@@ -144,23 +157,28 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
         for i, key in enumerate(keys):
             style, rs = _style(i), series[key]
             ax.errorbar([r["ipc"] * dodge[i] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **style)
+                        yerr=_errors([r["acc"] for r in rs]), capsize=3, label=printable(key[3]), **style)
             colors[key[3]] = style["color"]
         for j, (methods, band) in enumerate(bands, len(keys)):  # one gray band when every method shares its baseline
             color, label = ("gray", "random subset") if len(bands) == 1 else (
                 colors[methods[0]], f"random subset ({', '.join(map(printable, methods))})")
-            if len(band) > 1:
-                ax.fill_between(list(band), [100 * (b["mean"] - b["std"]) for b in band.values()],
-                                [100 * (b["mean"] + b["std"]) for b in band.values()],
-                                color=color, alpha=0.25, label=label)
-            else:  # one IPC: a band would have no width
-                ((ipc, b),) = band.items()
-                ax.errorbar([ipc * dodge[j]], [100 * b["mean"]], yerr=[100 * b["std"]], color=color, marker="s",
-                            capsize=3, label=label)
+            means, errors = [100 * b["mean"] for b in band.values()], _errors(list(band.values()))
+            if len(band) == 1:  # one IPC: a band would have no width
+                ax.errorbar([next(iter(band)) * dodge[j]], means, yerr=errors, color=color, marker="s", capsize=3,
+                            label=label)
+            elif errors is None:  # one seed: a band would have no height
+                ax.plot(list(band), means, color=color, linestyle="--", linewidth=1, marker="s", label=label)
+            else:
+                ax.fill_between(list(band), [m - e for m, e in zip(means, errors)],
+                                [m + e for m, e in zip(means, errors)], color=color, alpha=0.25, label=label)
+                ax.plot(list(band), means, color=color, linestyle="--", linewidth=1)  # its mean
         finish(ax, "images per class", " / ".join(map(printable, panel)))
         ticks = sorted({r["ipc"] for k, rs in series.items() if k[:3] == panel for r in rs})
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
+        if math.log10(ticks[-1] / ticks[0]) < IPC_SPAN:  # IPC_SPAN around the IPCs, the dodged series within it
+            middle, low, high = math.sqrt(ticks[0] * ticks[-1]), *ax.get_xlim()
+            ax.set_xlim(min(low, middle / 10 ** (IPC_SPAN / 2)), max(high, middle * 10 ** (IPC_SPAN / 2)))
     save(fig, "acc_vs_ipc.png")
 
     # accuracy vs bytes
@@ -168,7 +186,7 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
     for ax, panel in zip(axes, panels):
         for i, (key, rs) in enumerate((k, rs) for k, rs in series.items() if k[:3] == panel):
             ax.errorbar([r["bytes"]["total"] for r in rs], [100 * r["acc"]["mean"] for r in rs],
-                        yerr=[100 * r["acc"]["std"] for r in rs], capsize=3, label=printable(key[3]), **_style(i))
+                        yerr=_errors([r["acc"] for r in rs]), capsize=3, label=printable(key[3]), **_style(i))
         finish(ax, "bytes (images + labels)", " / ".join(map(printable, panel)))
     save(fig, "acc_vs_bytes.png")
 
@@ -207,13 +225,6 @@ def _grids(rows: list[dict], out: Path, run_dir: Path) -> list[tuple[str, str]]:
     return grids
 
 
-def _fmt(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    if not x:
-        return "–"
-    diverged = f" ({x['diverged']} diverged)" if x.get("diverged") else ""  # students with NaN/inf outputs
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged}"
-
-
 COLUMNS = ["dataset", "method", "IPC", "student", "labels", "acc %", "random %", "IOR (pts)", "HLR (pts)", "LRS",
            "ARS", "image bytes", "label bytes", "synthesis s", "shared s", "peak mem MiB", "protocol"]
 
@@ -224,10 +235,10 @@ def _seconds(x: float | None) -> str:
 
 def _cells(r: dict) -> list[str]:
     mem = r["synthesis"].get("peak_memory_bytes")
-    return [*map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"])), _fmt(r["acc"]),
-            _fmt(r.get("random")), _fmt(r.get("ior")), _fmt(r.get("hlr")), _fmt(r.get("lrs"), 1, 3),
-            _fmt(r.get("ars"), 1, 3), f"{r['bytes']['images']:,}", f"{r['bytes']['labels']:,}", synthesis_cell(r),
-            _seconds(r["synthesis"].get("shared_seconds")),
+    return [*map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["student"], r["label_mode"])),
+            *map(summary_text, (r["acc"], r.get("random"), r.get("ior"), r.get("hlr"))),
+            *(summary_text(r.get(k), 1, 3) for k in ("lrs", "ars")), f"{r['bytes']['images']:,}",
+            f"{r['bytes']['labels']:,}", synthesis_cell(r), _seconds(r["synthesis"].get("shared_seconds")),
             "–" if mem is None else f"{mem / 2**20:.1f}", f"`{r['protocol_hash']}`"]
 
 
@@ -240,7 +251,7 @@ def _cross_arch(rows: list[dict]) -> tuple[list[str], list[list[str]]] | None:
         key = tuple(map(printable, (r["dataset"], r["method"], str(r["ipc"]), r["label_mode"])))
         groups.setdefault(key, {})[r["student"]] = r["acc"]
     head = ["dataset", "method", "IPC", "labels", *students]
-    body = [[*k, *(_fmt(g.get(s)) for s in students)] for k, g in groups.items()]
+    body = [[*k, *(summary_text(g.get(s)) for s in students)] for k, g in groups.items()]
     return head, body
 
 
@@ -315,6 +326,18 @@ def protocol_sentence(cfg: dict) -> str:
     return text
 
 
+def students_sentence(cfg: dict) -> str:
+    """The students of a bench config (``bench.json``'s ``config``) with their ``student_options`` (``students
+    convnet3-w32, resnet18_cifar (width=8)``), or nothing where it sets none: the pages name a student by its model
+    alone, and a width-8 ResNet-18 read as the standard one."""
+    options = cfg.get("student_options") or {}
+    if not options:
+        return ""
+    named = [f"{s} ({', '.join(f'{k}={v}' for k, v in options[s].items())})" if options.get(s) else str(s)
+             for s in cfg.get("students") or options]
+    return printable("students " + ", ".join(named))
+
+
 def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     """report.md, report.html, the plots and the set grids of ``table`` (the bench run in ``run_dir``)
     into the folder ``out``."""
@@ -325,15 +348,19 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     protos = sorted({r["protocol_hash"] for r in rows} | {r["hard_protocol_hash"] for r in rows}
                     | {h for r in rows for h in (r.get("ars_protocol_hashes") or {}).values()})
     cfg = table["config"]
-    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}; protocol hashes {', '.join(f'`{p}`' for p in protos)}. "
-             f"ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision {ver['torchvision']}, python {ver['python']}.")
-    notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds). IOR = acc − acc(random "
+    students = students_sentence(cfg)
+    intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}{'; ' + students if students else ''}; protocol hashes "
+             f"{', '.join(f'`{p}`' for p in protos)}. ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision "
+             f"{ver['torchvision']}, python {ver['python']}.")
+    single = any(r["acc"].get("n") == 1 for r in rows)  # its value alone: no spread to state
+    notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds{}). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "
              "follow DD-Ranking on fractions (λ = {}, γ = {}), in [0, 1]. Peak memory: CUDA allocator peak on GPU, "
              "sampled RSS high-water above the stage's start on CPU. Synthesis s leaves out building the cached "
              "artifacts that every set of the same teacher or expert recipe shares (teacher statistics, expert "
              "buffers); shared s is what building those took, reused or not (– where "
-             "not recorded).").format(cfg["lrs_lambda"], cfg["ars_gamma"])
+             "not recorded).").format("; a single seed's value without ±" if single else "", cfg["lrs_lambda"],
+                                       cfg["ars_gamma"])
     cross = _cross_arch(rows)
 
     md = ["# ddkit benchmark report", "", intro, "", notes, "", "## Results", "",

@@ -31,16 +31,25 @@ def format_table(reports: list[dict[str, Any]] | dict[str, Any]) -> str:
         if "full" in rep["results"]:
             full = rep["results"]["full"]
             rows.append((f"  baseline: full data ({full['epochs']} ep)", "hard", full, None, proto))
-    accs = [_pm(res) for _, _, res, _, _ in rows]
-    width = max([22, *map(len, accs)])  # wider only where "(N diverged)" needs it
-    header = (f"{'set':<30} {'labels':<8} {'student':<14} {'top-1 % (mean ± std)':<{width}} {'seeds':>5} "
-              f"{'bytes':>12}")
-    lines = [header, "-" * len(header)]
-    for (label, mode, res, nbytes, proto), acc in zip(rows, accs):
-        size = f"{nbytes:,}" if nbytes is not None else ""
-        lines.append(f"{label:<30} {printable(mode):<8} {printable(proto['student']):<14} {acc:<{width}} "
-                     f"{res['n']:>5} {size:>12}")
-    return "\n".join(lines)
+    cells = [[label, printable(mode), printable(proto["student"]), summary_text(res), str(res["n"]),
+              f"{nbytes:,}" if nbytes is not None else ""] for label, mode, res, nbytes, proto in rows]
+    # at least as wide as before, wider only where a cell needs it ("(N diverged)", a long student name)
+    columns = [("set", "<", 30), ("labels", "<", 8), ("student", "<", 14), ("top-1 % (mean ± std)", "<", 22),
+               ("seeds", ">", 5), ("bytes", ">", 12)]
+    return "\n".join(text_table(columns, cells))
+
+
+def text_table(columns: list[tuple[str, str, int]], rows: list[list[str]]) -> list[str]:
+    """The lines of a plain-text table: its header, a rule and ``rows``, each column (``(header, alignment,
+    least width)``: ``<`` left, ``>`` right) as wide as its widest cell, so that a long method label or
+    student name does not push the columns after it out from under their headers."""
+    widths = [max([least, len(head), *(len(row[i]) for row in rows)]) for i, (head, _, least) in enumerate(columns)]
+
+    def line(cells: list[str]) -> str:
+        return " ".join(f"{cell:{align}{width}}" for cell, (_, align, _), width in zip(cells, columns, widths))
+
+    head = line([head for head, _, _ in columns])
+    return [head, "-" * len(head), *map(line, rows)]
 
 
 def diverged_mark(summary: dict) -> str:
@@ -49,10 +58,13 @@ def diverged_mark(summary: dict) -> str:
     return f" ({summary['diverged']} diverged)" if summary.get("diverged") else ""
 
 
-def _pm(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
-    if x is None:
+def summary_text(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
+    """A ``{"mean", "std", "n", ...}`` summary as tables print it: ``mean ± std`` (times ``scale``), the mean alone
+    where it is of one value (``n`` 1: no spread to state), ``–`` for none; marked where students diverged."""
+    if not x:
         return "–"
-    return f"{scale * x['mean']:.{digits}f} ± {scale * x['std']:.{digits}f}{diverged_mark(x)}"
+    spread = "" if x.get("n") == 1 else f" ± {scale * x['std']:.{digits}f}"
+    return f"{scale * x['mean']:.{digits}f}{spread}{diverged_mark(x)}"
 
 
 def synthesis_seconds(row: dict) -> float:
@@ -71,23 +83,19 @@ def synthesis_cell(row: dict, digits: int = 2) -> str:
 
 def format_bench_table(rows: list[dict]) -> str:
     """Plain-text table: accuracy, random, IOR, HLR in points (%); LRS/ARS in [0, 1]."""
-    accs = [(_pm(r["acc"]), _pm(r["random"])) for r in rows]
-    # each as wide as its widest cell: wider than 14 only where "(N diverged)" needs it
-    wa, wr = (max([14, *(len(a[i]) for a in accs)]) for i in (0, 1))
-    head = (f"{'dataset':<14} {'method':<10} {'ipc':>4} {'student':<14} {'labels':<8} {'acc %':<{wa}} "
-            f"{'random %':<{wr}} {'IOR':>7} {'HLR':>7} {'LRS':>6} {'ARS':>6} {'bytes':>11} {'synth s':>8}")
-    lines = [head, "-" * len(head)]
     def mean(r, k, s=100.0, d=2):
         return f"{s * r[k]['mean']:.{d}f}" if r.get(k) else "–"
 
-    for r, (acc, rnd) in zip(rows, accs):
-        lines.append(
-            f"{printable(r['dataset']):<14} {printable(r['method']):<10} {r['ipc']:>4} {printable(r['student']):<14} "
-            f"{printable(r['label_mode']):<8} "
-            f"{acc:<{wa}} {rnd:<{wr}} {mean(r, 'ior'):>7} {mean(r, 'hlr'):>7} "
-            f"{mean(r, 'lrs', 1, 3):>6} {mean(r, 'ars', 1, 3):>6} {r['bytes']['total']:>11,} "
-            f"{synthesis_seconds(r):>8.2f}")
-    return "\n".join(lines)
+    cells = [[printable(r["dataset"]), printable(r["method"]), ipc_text(r["ipc"]), printable(r["student"]),
+              printable(r["label_mode"]), summary_text(r["acc"]), summary_text(r["random"]), mean(r, "ior"),
+              mean(r, "hlr"), mean(r, "lrs", 1, 3), mean(r, "ars", 1, 3), f"{r['bytes']['total']:,}",
+              f"{synthesis_seconds(r):.2f}"] for r in rows]
+    # at least as wide as before, wider only where a cell needs it ("(N diverged)", a long method label)
+    columns = [("dataset", "<", 14), ("method", "<", 10), ("ipc", ">", 4), ("student", "<", 14), ("labels", "<", 8),
+               ("acc %", "<", 14), ("random %", "<", 14), ("IOR", ">", 7), ("HLR", ">", 7), ("LRS", ">", 6),
+               ("ARS", ">", 6), ("bytes", ">", 11), ("synth s", ">", 8)]
+    return "\n".join(text_table(columns, cells))
 
 
-__all__ = ["format_bench_table", "format_table", "ipc_text", "synthesis_cell", "synthesis_seconds"]
+__all__ = ["text_table", "format_bench_table", "format_table", "ipc_text", "summary_text", "synthesis_cell",
+           "synthesis_seconds"]
