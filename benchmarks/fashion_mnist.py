@@ -34,7 +34,7 @@ from ddkit.artifacts import read_json, write_results, write_text
 from ddkit.bench import BenchConfig, load_bench_config, run_bench, synthesis_cell, synthesis_seconds
 from ddkit.config import from_dict, load_yaml, to_dict
 from ddkit.evaluate import ProtocolConfig, resolve_protocol
-from ddkit.evaluate.tables import diverged_mark
+from ddkit.evaluate.tables import summary_text
 
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES = ("matching", "decoupled")
@@ -233,8 +233,7 @@ def run_family(family: str, tier: str, device: str | None = None, quiet: bool = 
     return rows, Path(cfg.out)
 
 
-def _pm(x: dict | None) -> str:
-    return "–" if not x else f"{100 * x['mean']:.2f} ± {100 * x['std']:.2f}{diverged_mark(x)}"
+_pm = summary_text  # mean ± std in %, the mean alone for one seed
 
 
 def _pub(method: str, ipc: int) -> str:
