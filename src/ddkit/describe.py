@@ -26,6 +26,7 @@ from ddkit.artifacts import (
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import drop_diverged_scores
 from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text
+from ddkit.labels.fkd import TEACHER_BATCH
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
@@ -552,6 +553,8 @@ def _fkd(m: dict) -> str:
     if bn == "batch":
         group = m.get("teacher_bn_batch")
         bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
+    if (batch := m.get("teacher_batch_size")) not in (None, TEACHER_BATCH):  # the default (or unrecorded): not said
+        bn += f", teacher batches of {batch}"
     others = m["teacher"].get("extra_teachers")
     extra = f" (ensemble with extra_teachers {', '.join(map(str, others))})" if others else ""
     return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, "
