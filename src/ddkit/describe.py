@@ -538,7 +538,24 @@ def _teacher(m: dict) -> str:
 
 
 def _evaluation(m: dict) -> str:
-    return format_table([m])
+    return format_table([m]) + _replaced_set(m)
+
+
+def _replaced_set(m: dict) -> str:
+    """A note where the set at the path evaluation report ``m`` records is no longer the one it scored (another
+    ``config_hash`` in its manifest: a run or distill replaced it since), else "" (also for a report from before
+    2026-12-07, which names no set, and for a set that is gone or unreadable)."""
+    scored = m.get("distilled") if isinstance(m.get("distilled"), dict) else {}
+    if not isinstance(scored.get("config_hash"), str) or not isinstance(path := scored.get("path"), str):
+        return ""
+    try:
+        now = read_json(Path(path) / MANIFEST, "distilled-set manifest").get("config_hash")
+    except (DDKitError, OSError):
+        return ""
+    if now is None or now == scored["config_hash"]:
+        return ""
+    return (f"\nnote: this report scored set {scored['config_hash']}, but the set now at {path} is another "
+            f"({now}): evaluate that set again")
 
 
 def _evaluation_set(m: dict) -> str:

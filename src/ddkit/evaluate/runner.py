@@ -783,9 +783,12 @@ def evaluate(
         "seeds": seeds,
         "protocol_hash": protocol.hash,
         **({"learned_lr": learned} if learned is not None else {}),
+        # which set it scored: its identity (config_hash; None for a set never made by distill) and its images' and
+        # labels' content (fingerprint), so a report left beside another set is told from a current one
         "distilled": {"path": recorded_path(distilled.path), "method": distilled.method,
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
-                      "dataset_fingerprint": man["dataset"]["fingerprint"]},
+                      "dataset_fingerprint": man["dataset"]["fingerprint"], "config_hash": man.get("config_hash"),
+                      "fingerprint": distilled_fingerprint(distilled)},
         "teacher": teacher.record() if teacher is not None else None,
         # label mode fkd: which store it replayed (by content: a store in memory has no path)
         **({"fkd_store": store_record} if store is not None else {}),
