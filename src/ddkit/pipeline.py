@@ -409,7 +409,9 @@ def distill_identity(cfg: DistillConfig, resolved: dict) -> dict:
     """The settings that identify a set made with ``cfg``: the options given, each number as the method's
     Config types it (``resolved``: that Config as a dict), so that ``lr_img: 1`` and ``1.0`` (or numpy's
     1.0) make one set; options written as they resolve, as the shipped configs are, keep the identity they
-    always had. ``soft_labels_bn`` is left out while running. An ``operational`` option (see
+    always had. An option given at the method's default stays in (``lr_img: 1.0`` for dm is another identity than no
+    ``lr_img``): dropping defaults would re-key shipped configs and recorded benches that write some out.
+    ``soft_labels_bn`` is left out while running. An ``operational`` option (see
     :func:`ddkit.config.field`: ``checkpoint_every``, a ``cache_dir``) given at another value than its default is
     left out, as if not given: it decides how the set is made, not what it is; given at its default it stays, as
     identities always held it."""
