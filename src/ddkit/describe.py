@@ -26,7 +26,6 @@ from ddkit.artifacts import (
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import drop_diverged_scores
 from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text
-from ddkit.labels.fkd import TEACHER_BATCH
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
@@ -563,6 +562,8 @@ def _evaluation_set(m: dict) -> str:
 
 
 def _fkd(m: dict) -> str:
+    from ddkit.labels.fkd import TEACHER_BATCH  # here: showing JSON records imports no torch
+
     cut = m.get("cutmix")
     top = f"top-{m['top_k']} logits" if m.get("top_k") else "all logits"
     mix = f"CutMix p={cut['prob']} alpha={cut['alpha']}" if cut else "no CutMix"
