@@ -256,7 +256,10 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
         write(root / "statistics" / name / "manifest.json", 0).write_text(
             json.dumps(record if schema is None else {**record, "statistics_schema": schema}))
     experts = {"a0c4c65b57963ce7-c1453d574a14ef5e": "named without its normalisation",  # before the norm part
-               "a0c4c65b57963ce7-c1453d574a14ef5e-44972221": "", "mine": ""}
+               # before the thread count and device part
+               "a0c4c65b57963ce7-c1453d574a14ef5e-44972221": "named without its thread count and device",
+               "a0c4c65b57963ce7-c1453d574a14ef5e-44972221-r2": "named without its thread count and device",
+               "a0c4c65b57963ce7-c1453d574a14ef5e-44972221-0d5c9a4e": "", "mine": ""}
     for name in experts:
         write(root / "experts" / name / "manifest.json", 0).write_text(
             json.dumps({"schema_version": 1, "kind": "expert-buffer"}))
@@ -290,9 +293,9 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     code, out, _ = run(["cache", "prune", "--stale", "--kind", "imagefolder", "--dry-run"], capsys)
     assert out.splitlines()[0].startswith(f"would remove imagefolder/{old.name}  ") and old.exists()
     code, out, _ = run(["cache", "prune", "--stale"], capsys)
-    assert code == 0 and out.splitlines()[-1].startswith("removed 5 item(s)")
+    assert code == 0 and out.splitlines()[-1].startswith("removed 7 item(s)")
     assert sorted(e.name for e in cache_entries()) == sorted(
-        [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221", "mine", "r-new.json",
+        [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221-0d5c9a4e", "mine", "r-new.json",
          "f-bad.json", "d-new.json"])
     assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept
 

@@ -872,6 +872,14 @@ def test_relabel_experts_and_ddranking_export(workdir, tmp_path, capsys):
     assert code == 0 and "3 epochs x 20 images" in out and "--label-mode fkd" in out
     man = json.loads((tmp_path / "fkd/manifest.json").read_text())
     assert man["kind"] == "fkd-soft-labels" and man["top_k"] == 2 and man["epochs"] == 3
+    assert man["teacher_batch_size"] == 256  # --batch-size left out: relabel's default, recorded (QA 20b F3)
+    code, out, _ = run_cli(["relabel", str(d), "--teacher", str(t), "--epochs", "1", "--batch-size", "7",
+                            "--out", str(tmp_path / "fkd7"), "-q"], capsys)
+    assert code == 0 and json.loads((tmp_path / "fkd7/manifest.json").read_text())["teacher_batch_size"] == 7
+    code, out, _ = run_cli(["show", str(tmp_path / "fkd7")], capsys)
+    assert code == 0 and "teacher BatchNorm running, teacher batches of 7," in out
+    code, out, _ = run_cli(["show", str(tmp_path / "fkd")], capsys)
+    assert code == 0 and "teacher BatchNorm running, " in out and "teacher batches" not in out
     # evaluate's --set keys are the protocol's own: an error named 'protocol.train.epochz', a key no one can type
     code, _, err = run_cli(["evaluate", str(d), "--set", "train.epochz=2"], capsys)
     assert code == 2 and err == "error: unknown config key 'train.epochz'; did you mean 'epochs'?\n"

@@ -599,6 +599,31 @@ def test_operational_options_are_no_part_of_a_sets_identity():
     assert to_dict(dm(checkpoint_every=7))["checkpoint_every"] == 7  # recorded as given
 
 
+def test_an_option_given_at_its_default_is_part_of_the_sets_identity():
+    """QA 20b F2: `lr_img: 1.0` written out for dm (its default) gives the set another identity than leaving it out
+    (the same bytes: `ddkit run` distils again). Dropping defaults before hashing would re-key the shipped configs and
+    recorded benches that write some out (the trajectory presets' `expert_epochs: 2`, the EDC build benches'
+    `init: rded`), so identities keep the options as given, numbers typed; the README says so."""
+    from ddkit.methods import METHODS
+
+    data = make_synthetic()
+
+    def key(method, **options):
+        return distill_hash(DistillConfig(method=method, ipc=2, options=options), data, None)
+
+    dm = METHODS.get("dm").Config()
+    assert dm.lr_img == 1.0 and dm.iterations == 20000
+    plain = key("dm")
+    assert plain == "2cb7db939ac402fe"  # its key before (QA 20b's reproduction)
+    assert key("dm", lr_img=1) == key("dm", lr_img=1.0) == "5fcfaa267b997c40" != plain
+    assert len({plain, key("dm", iterations=20000), key("dm", dsa_options={})}) == 3  # nested alike
+    # a shipped preset that writes a default out: dropping it would change the key of its sets
+    distill = from_dict(RunConfig, load_yaml_with_base(REPO / "configs/fashion-mnist/mtt/ipc10.yaml")).distill
+    assert distill.options["expert_epochs"] == METHODS.get("mtt").Config().expert_epochs == 2
+    dropped = dataclasses.replace(distill, options={k: v for k, v in distill.options.items() if k != "expert_epochs"})
+    assert distill_hash(dropped, data, None) != distill_hash(distill, data, None)
+
+
 def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
     """QA 17a F5: `ddkit run` made the set again when only distill.options.checkpoint_every changed."""
     config = {"dataset": {"name": "synthetic"}, "teacher": None, "device": "cpu", "out": str(tmp_path / "run"),

@@ -162,6 +162,26 @@ def test_real_statistics_keep_their_float64_sums_where_float64_exists(data, bn_t
     assert any(k.endswith("/patch_var") for k in a)
 
 
+def test_real_statistics_do_not_depend_on_the_thread_count(data, bn_teacher, in_teacher):
+    """Their cache key holds no thread count (unlike the expert buffers', QA 20b F1): that is right only while the
+    pass gives the same bytes at any thread count (checked at 1 and 2, BatchNorm and instance-norm teachers,
+    convolution inputs and outputs, patch statistics)."""
+    threads = torch.get_num_threads()
+    for teacher in (bn_teacher, in_teacher):
+        model = teacher.model
+        for conv in ("output", "input"):
+            keys = S.statistic_layers(model, ("bn", S.CONV_KIND[conv]))
+            try:
+                made = []
+                for n in (1, 2):
+                    torch.set_num_threads(n)
+                    made.append(S.compute_real_statistics(model, data, keys, batch_size=64, patch_size=2))
+            finally:
+                torch.set_num_threads(threads)
+            one, two = made
+            assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+
+
 def test_statistics_cache_round_trip_and_reuse(data, bn_teacher, tmp_path, monkeypatch):
     calls = []
     real_compute = S.compute_real_statistics

@@ -686,6 +686,67 @@ def test_a_teacher_free_set_and_its_hard_evaluation_are_kept_when_only_the_teach
     assert run(config(0))["reused"] == ["distilled", "eval-hard.json"]
 
 
+def test_a_run_keeps_no_report_of_a_mode_it_dropped_or_of_a_set_it_replaced(tmp_path, monkeypatch, capsys):
+    """QA 20d F10: a run into the same folder with fewer label modes and a new set left the old eval-<mode>.json
+    beside the new set, and nothing in them named the set they scored. A run now removes the reports of the modes it
+    does not evaluate, and (before it makes a new set) those of the set it replaces, so a run that fails after that
+    leaves none of the old set's; a report names its set (config_hash, fingerprint), and `show` of a report whose
+    set was replaced says so. Reports from before (no set named) still load and print."""
+    import ddkit
+    import ddkit.pipeline as pipeline
+    from ddkit.describe import describe
+    from ddkit.distilled import DistilledSet
+    from ddkit.labels.fkd import distilled_fingerprint
+    from ddkit.pipeline import RunConfig, run
+
+    out = tmp_path / "run"
+
+    def config(modes: list[str], seed: int = 0) -> RunConfig:
+        return from_dict(RunConfig, {
+            "dataset": {"name": "synthetic"}, "device": "cpu", "out": str(out),
+            "teacher": {"model": "tiny_convnet", "train": {"epochs": 1, "batch_size": 32}},
+            "distill": {"method": "random", "ipc": 2, "seed": seed, "soft_labels": True},
+            "evaluate": {"label_modes": modes, "seeds": [0], "overrides": {
+                "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
+                "train": {"epochs": 1, "batch_size": 32}}}})
+
+    def reports() -> list[str]:
+        return sorted(p.name for p in out.glob("eval-*.json"))
+
+    run(config(["hard", "stored"]))
+    made = json.loads((out / "distilled/manifest.json").read_text())
+    first = json.loads((out / "eval-stored.json").read_text())
+    assert first["distilled"]["config_hash"] == made["config_hash"]
+    assert first["distilled"]["fingerprint"] == distilled_fingerprint(DistilledSet.load(out / "distilled"))
+    (tmp_path / "kept.json").write_text(json.dumps(first))  # a copy, as a user may keep one
+    assert run(config(["hard"]))["reused"] == ["teacher", "distilled", "eval-hard.json"]
+    assert reports() == ["eval-hard.json"]  # the stored one is gone, the hard one kept
+    assert json.loads((out / "manifest.json").read_text())["stages"]["evaluations"] == ["eval-hard.json"]
+
+    # a new set: the old set's reports go before it is made; a run failing after that leaves none of them
+    run(config(["hard", "stored"]))
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: pytest.fail("evaluating"))
+    with pytest.raises(pytest.fail.Exception):
+        run(config(["hard", "stored"], seed=1))
+    assert reports() == [] and not (out / "manifest.json").exists()
+    monkeypatch.undo()
+    run(config(["hard"], seed=1))
+    now = json.loads((out / "distilled/manifest.json").read_text())["config_hash"]
+    assert now != made["config_hash"] and reports() == ["eval-hard.json"]
+    assert json.loads((out / "eval-hard.json").read_text())["distilled"]["config_hash"] == now
+
+    # `show` of the kept report of the replaced set says so; a current one and an old one (no set named) say nothing
+    shown = describe(tmp_path / "kept.json")
+    assert shown.endswith(f"\nnote: this report scored set {made['config_hash']}, but the set now at "
+                          f"{out / 'distilled'} is another ({now}): evaluate that set again")
+    assert "note:" not in describe(out / "eval-hard.json")
+    old = dict(first, distilled={k: v for k, v in first["distilled"].items()
+                                 if k not in ("config_hash", "fingerprint")})
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    assert describe(tmp_path / "old.json") == shown.split("\nnote:")[0]
+    assert ddkit.load(tmp_path / "old.json")["distilled"] == old["distilled"]
+
+
 def test_an_old_set_with_its_own_soft_labels_is_made_again_when_the_teacher_changes(tmp_path, monkeypatch):
     """A set of a teacher-free method that ddkit made before 2026-12-07 (keyed with the run's teacher) is kept when
     only the teacher changes, unless it holds soft labels of its own (TESLA's, DATM's): label mode stored would

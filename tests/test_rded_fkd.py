@@ -1,6 +1,7 @@
 """RDED (patch selection + stitching) and FKD-style stored per-epoch soft labels."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -323,13 +324,45 @@ def test_stored_logits_are_the_teachers_on_the_views(store, small_set, teacher):
         assert torch.allclose(r.targets, expect, atol=2e-2, rtol=2e-3)
 
 
-def test_relabel_independent_of_batch_size(small_set, teacher, store):
+def test_relabel_views_do_not_depend_on_batch_size(small_set, teacher, store):
+    """The views (boxes, flips, CutMix partners) are the same at any teacher batch size; the logits only
+    within float16 rounding (the store records the batch size and keys by it, see below)."""
     other = relabel(small_set, teacher, epochs=3, augment="rrc_flip", cutmix_prob=0.7, seed=5, batch_size=256)
     for k in store.tensors:
         if k == "logits":
             assert torch.allclose(store.tensors[k].float(), other.tensors[k].float(), atol=1e-2)
         else:
             assert torch.equal(store.tensors[k], other.tensors[k]), k
+
+
+def test_the_teachers_batch_size_is_recorded_and_keys_the_store_off_its_default(small_set, teacher, tmp_path):
+    """QA 20b F3: `ddkit relabel --batch-size` changed a few float16 logits by an ulp (the teacher's forward runs in
+    batches), yet no store recorded it and its identity ignored it: two stores of one identity held other bytes. A
+    store records its teacher batch size and its identity holds it where it is not the default, 256, so stores of
+    the default (and those made before the field) keep their identity."""
+    from ddkit.labels.fkd import TEACHER_BATCH, store_identity
+
+    opts = dict(epochs=2, augment="rrc_flip", cutmix_prob=0.7, seed=5)
+    plain = relabel(small_set, teacher, **opts, out=tmp_path / "plain")
+    made = {b: relabel(small_set, teacher, **opts, batch_size=b, out=tmp_path / f"b{b}") for b in (TEACHER_BATCH, 5, 7)}
+    assert TEACHER_BATCH == 256 and plain.manifest["teacher_batch_size"] == 256
+    assert {b: s.manifest["teacher_batch_size"] for b, s in made.items()} == {256: 256, 5: 5, 7: 7}
+    ids = {b: store_identity(s.path) for b, s in made.items()}
+    assert ids[256] == store_identity(plain.path) and len(set(ids.values())) == 3
+    assert store_identity(relabel(small_set, teacher, **opts, batch_size=7)) == ids[7]  # in memory, never saved
+    # the same store as ddkit wrote it before the field (its manifest without it): the default's identity, old and new
+    old = tmp_path / "old"
+    shutil.copytree(plain.path, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["teacher_batch_size"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert store_identity(old) == ids[256]
+    assert store_identity(old, legacy=True) == store_identity(plain.path, legacy=True)
+    # a relabel resumed with another batch size labels afresh (its epochs could differ by an ulp from the others')
+    work = tmp_path / "work"
+    relabel(small_set, teacher, **opts, work_dir=work)
+    relabel(small_set, teacher, **opts, batch_size=5, work_dir=work)
+    assert len(list(work.iterdir())) == 2
 
 
 def test_topk_store(small_set, teacher, store):

@@ -9,8 +9,9 @@ from torch import nn
 
 from ddkit.artifacts import shared_costs
 from ddkit.bench import SavedTensorBytes
-from ddkit.config import from_dict
+from ddkit.config import config_hash, from_dict
 from ddkit.data.augment import build_augment
+from ddkit.determinism import made_under
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods import METHODS, FitContext
 from ddkit.methods import trajectory as tr
@@ -185,7 +186,8 @@ def test_a_new_revision_of_expert_training_trains_the_cached_buffer_again(tmp_pa
     trained, real = [], tr.train_experts
     monkeypatch.setattr(tr, "train_experts", lambda *a, **k: trained.append(1) or real(*a, **k))
     first = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
-    assert first.path.name == "6fcaaa168826c54b-c1453d574a14ef5e-44972221"  # the name before (commit bcee3df)
+    # the name before (commit bcee3df), then the hash of the thread count and device (2026-12-07)
+    assert first.path.name == f"6fcaaa168826c54b-c1453d574a14ef5e-44972221-{config_hash(made_under(cpu))[:8]}"
     assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == first.path and trained == [1]
     monkeypatch.setattr(ddkit.cache, "EXPERTS_REVISION", 2)
     again = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
@@ -193,6 +195,35 @@ def test_a_new_revision_of_expert_training_trains_the_cached_buffer_again(tmp_pa
     assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == again.path and trained == [1, 1]
     assert sorted((e.name, e.stale) for e in cache_entries() if e.kind == "experts" and e.state == "entry") == [
         (first.path.name, "expert revision 1"), (again.path.name, "")]
+
+
+def test_cached_buffers_are_keyed_by_thread_count_and_device(tmp_path, monkeypatch):
+    """QA 20b F1: the buffer's cache name held no thread count, so a buffer trained with 2 torch threads came back
+    from a warm cache to a 1-thread run, whose set then differed from a cold 1-thread run's (trajectories' bytes
+    depend on the thread count). Another thread count trains a buffer of its own; the same one reuses its buffer."""
+    from ddkit.data import make_synthetic
+
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    data, cpu = make_synthetic(), torch.device("cpu")
+    cfg = from_dict(ExpertConfig, {**TINY_BUFFER, "num_experts": 1, "epochs": 1})
+    trained, real = [], tr.train_experts
+    monkeypatch.setattr(tr, "train_experts", lambda *a, **k: trained.append(torch.get_num_threads()) or real(*a, **k))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
+        torch.set_num_threads(2)
+        two = tr.buffer_for(data, None, cfg, tmp_path / "work", cpu)
+        assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == two.path
+        torch.set_num_threads(1)
+        assert tr.buffer_for(data, None, cfg, tmp_path / "work", cpu).path == one.path
+    finally:
+        torch.set_num_threads(threads)
+    assert trained == [1, 2]  # one build per thread count, each reused after
+    assert one.path != two.path and one.path.parent == two.path.parent == tmp_path / "cache" / "experts"
+    assert [b.manifest["run"]["torch_threads"] for b in (one, two)] == [1, 2]
+    # what the set records of its buffer (its recipe's hash) is the same for both
+    assert one.manifest["config_hash"] == two.manifest["config_hash"]
 
 
 def test_buffer_for_reports_the_wait_for_another_build(tiny, tmp_path, monkeypatch):

@@ -133,6 +133,8 @@ def _details(kind: str, manifest: dict[str, Any] | None) -> dict[str, Any]:
 
 # an expert buffer's name before ddkit 2026-12-06 added the normalisation's hash to it (now: ...-<8 hex>)
 _OLD_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}")
+# an expert buffer's name before ddkit 2026-12-07 added the hash of its thread count and device to it
+_UNPLACED_EXPERTS_NAME = re.compile(r"[0-9a-f]{16}-[0-9a-f]{16}-[0-9a-f]{8}(?:-r\d+)?")
 # the revision an expert buffer's name ends with (trajectory.buffer_for): none at revision 1
 _EXPERTS_REVISION = re.compile(r"-r(\d+)$")
 
@@ -141,7 +143,8 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
     """Why the entry ``path`` of ``kind`` is one an older ddkit made and this one never reads, or "" when it is
     current or records nothing that tells: an imagefolder entry of an older :data:`DECODED_SCHEMA`,
     statistics of an older :data:`STATISTICS_SCHEMA` (recorded since schema 2), an expert buffer
-    named without the normalisation part or of an older :data:`EXPERTS_REVISION`, a cached student's accuracy
+    named without the normalisation part or the thread count and device part, or of an older
+    :data:`EXPERTS_REVISION`, a cached student's accuracy
     (random-baseline, distilled-student, full-reference) of an older :data:`ACCURACY_SCHEMA` (keyed without thread
     count and device) or :data:`STUDENT_REVISION`. Cache keys hash these,
     so such an entry is never found again and never replaced: ``ddkit cache prune --stale`` removes it.
@@ -149,6 +152,8 @@ def stale_reason(kind: str, path: Path, manifest: dict[str, Any] | None = None) 
     if kind == "experts":
         if _OLD_EXPERTS_NAME.fullmatch(path.name):
             return "named without its normalisation"
+        if _UNPLACED_EXPERTS_NAME.fullmatch(path.name):
+            return "named without its thread count and device"
         revision = int(hit[1]) if (hit := _EXPERTS_REVISION.search(path.name)) else 1
         return f"expert revision {revision}" if revision < EXPERTS_REVISION else ""
     if kind in ("random-baseline", "distilled-student", "full-reference"):  # accuracies: keyed without thread count

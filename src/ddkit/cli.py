@@ -639,6 +639,7 @@ def cmd_relabel(args) -> int:
     from ddkit.evaluate.runner import ensemble_with
     from ddkit.labels import relabel
     from ddkit.labels.fkd import KIND as FKD_KIND
+    from ddkit.labels.fkd import TEACHER_BATCH
     from ddkit.teacher import Teacher
 
     device = _device(args)
@@ -662,7 +663,8 @@ def cmd_relabel(args) -> int:
     with writing(work, out):  # another relabel to this --out would share (and remove) the work folder
         store = relabel(distilled, teacher, args.epochs, args.augment, options, args.cutmix_prob, args.seed,
                         args.top_k, device, progress.stage("relabel"), cutmix_alpha=args.cutmix_alpha,
-                        batch_size=args.batch_size, work_dir=work, out=out, teacher_bn=args.teacher_bn,
+                        batch_size=TEACHER_BATCH if args.batch_size is None else args.batch_size, work_dir=work,
+                        out=out, teacher_bn=args.teacher_bn,
                         teacher_bn_batch=args.teacher_bn_batch)
         progress.close()
         if not ddist.current().is_main:
@@ -808,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cutmix-alpha", type=float, default=1.0)
     sp.add_argument("--top-k", type=int, help="store only the k largest logits per view")
     sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--batch-size", type=int, default=256, help="teacher batch size (does not change the store)")
+    sp.add_argument("--batch-size", type=int, help="views per teacher forward (default 256): another value can change "
+                    "a few float16 logits by an ulp, so the store records it and its identity holds it")
     sp.add_argument("--teacher-bn", default="running", choices=["running", "batch"],
                     help="teacher BatchNorm: running statistics, or batch: statistics of the views labelled "
                          "together (CV-DD's batch-specific soft labels)")

@@ -537,7 +537,24 @@ def _teacher(m: dict) -> str:
 
 
 def _evaluation(m: dict) -> str:
-    return format_table([m])
+    return format_table([m]) + _replaced_set(m)
+
+
+def _replaced_set(m: dict) -> str:
+    """A note where the set at the path evaluation report ``m`` records is no longer the one it scored (another
+    ``config_hash`` in its manifest: a run or distill replaced it since), else "" (also for a report from before
+    2026-12-07, which names no set, and for a set that is gone or unreadable)."""
+    scored = m.get("distilled") if isinstance(m.get("distilled"), dict) else {}
+    if not isinstance(scored.get("config_hash"), str) or not isinstance(path := scored.get("path"), str):
+        return ""
+    try:
+        now = read_json(Path(path) / MANIFEST, "distilled-set manifest").get("config_hash")
+    except (DDKitError, OSError):
+        return ""
+    if now is None or now == scored["config_hash"]:
+        return ""
+    return (f"\nnote: this report scored set {scored['config_hash']}, but the set now at {path} is another "
+            f"({now}): evaluate that set again")
 
 
 def _evaluation_set(m: dict) -> str:
@@ -545,6 +562,8 @@ def _evaluation_set(m: dict) -> str:
 
 
 def _fkd(m: dict) -> str:
+    from ddkit.labels.fkd import TEACHER_BATCH  # here: showing JSON records imports no torch
+
     cut = m.get("cutmix")
     top = f"top-{m['top_k']} logits" if m.get("top_k") else "all logits"
     mix = f"CutMix p={cut['prob']} alpha={cut['alpha']}" if cut else "no CutMix"
@@ -552,6 +571,8 @@ def _fkd(m: dict) -> str:
     if bn == "batch":
         group = m.get("teacher_bn_batch")
         bn += f" (groups of {group} views)" if group else " (all views of an epoch)"
+    if (batch := m.get("teacher_batch_size")) not in (None, TEACHER_BATCH):  # the default (or unrecorded): not said
+        bn += f", teacher batches of {batch}"
     others = m["teacher"].get("extra_teachers")
     extra = f" (ensemble with extra_teachers {', '.join(map(str, others))})" if others else ""
     return (f"FKD soft labels: {m['epochs']} epochs x {m['num_images']} images, {m['num_classes']} classes, "

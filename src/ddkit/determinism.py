@@ -188,6 +188,13 @@ def device_numerics(device: str | torch.device) -> dict[str, Any]:
     return {"cuda": cuda_numerics(device)} if torch.device(device).type == "cuda" else {}
 
 
+def made_under(device: str | torch.device) -> dict[str, Any]:
+    """Where float results are made, for the keys of cached ones: the torch thread count (float sums are split
+    differently over another number of intra-op threads), the device type (cpu, cuda) and, on a CUDA device, its
+    :func:`device_numerics`. The same settings give the same bytes; another thread count may not."""
+    return {"torch_threads": torch.get_num_threads(), "device": torch.device(device).type, **device_numerics(device)}
+
+
 def numerics_change(recorded: Any, device: str | torch.device) -> str:
     """Why results recorded with ``recorded`` (the ``cuda`` of :func:`device_numerics` they were made under; None:
     none, i.e. on the CPU or by a ddkit before 2026-12-07) are not what ``device`` would make now ("" when they are):

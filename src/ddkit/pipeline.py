@@ -10,7 +10,7 @@ import contextlib
 import fnmatch
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -409,7 +409,9 @@ def distill_identity(cfg: DistillConfig, resolved: dict) -> dict:
     """The settings that identify a set made with ``cfg``: the options given, each number as the method's
     Config types it (``resolved``: that Config as a dict), so that ``lr_img: 1`` and ``1.0`` (or numpy's
     1.0) make one set; options written as they resolve, as the shipped configs are, keep the identity they
-    always had. ``soft_labels_bn`` is left out while running. An ``operational`` option (see
+    always had. An option given at the method's default stays in (``lr_img: 1.0`` for dm is another identity than no
+    ``lr_img``): dropping defaults would re-key shipped configs and recorded benches that write some out.
+    ``soft_labels_bn`` is left out while running. An ``operational`` option (see
     :func:`ddkit.config.field`: ``checkpoint_every``, a ``cache_dir``) given at another value than its default is
     left out, as if not given: it decides how the set is made, not what it is; given at its default it stays, as
     identities always held it."""
@@ -639,11 +641,28 @@ _STAGE_DIRS = ("teacher", "distilled", "labels")  # atomic_dir refuses these whe
 _RUN_FILES = ("config.json", "manifest.json", "report", "eval-*.json")
 
 
+def evaluation_file(label_mode: str) -> str:
+    """The name of a run folder's evaluation report of ``label_mode`` (one of :data:`_RUN_FILES`' ``eval-*.json``)."""
+    return f"eval-{label_mode}.json"
+
+
+def drop_evaluations(out: Path, keep: Sequence[str] = ()) -> None:
+    """Remove the evaluation reports (``eval-*.json``) in the run folder ``out`` but those of the label modes
+    ``keep``: a run that replaces another keeps no report of a label mode it no longer evaluates, nor (``keep``
+    empty) any report of a set it is about to replace, whether it finishes or fails later (as it removes the old
+    run's ``manifest.json`` and ``report/`` first)."""
+    kept = {evaluation_file(mode) for mode in keep}
+    for path in out.glob("eval-*.json"):
+        if path.name not in kept and path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def check_run_dir(out: Path) -> None:
     """Refuse an ``out`` that ``run`` would write into but that is not (the start of) a run folder:
-    ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there and must never overwrite a
-    user's files. A folder holding a finished run, or the stages of a killed one, is fine; one this process cannot
-    write (or make) is refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so is the current
+    ``run`` replaces ``config.json``, ``report/`` and ``eval-*.json`` there (the reports of label modes it no longer
+    evaluates, or of a set it replaces, removed: :func:`drop_evaluations`) and must never overwrite a user's files. A
+    folder holding a finished run, or the stages of a killed one, is fine; one this process cannot write (or make) is
+    refused (a :class:`~ddkit.artifacts.WriteFailure`), before any stage, and so is the current
     folder (``.``)."""
     refuse_current_folder(out, "a run folder holds only what the run writes")
     if holds_files(out, ignore_hidden=True) and folder_kind(out) != RUN_KIND:
@@ -701,6 +720,8 @@ def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.devic
         (out / "manifest.json").unlink(missing_ok=True)
         # nor its report, which names the previous stages (written again once every stage is done)
         shutil.rmtree(out / "report", ignore_errors=True)
+        # nor the evaluations of label modes this run does not evaluate (they would stay beside its set)
+        drop_evaluations(out, cfg.evaluate.label_modes)
     resolved = recorded_config(cfg)
     summary: dict[str, Any] = {"out": str(out), "reused": [], "evaluations": []}
 
@@ -726,6 +747,8 @@ def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.devic
         discard_work(ddir, want)
         summary["reused"].append("distilled")
     else:
+        if ddist.current().is_main:  # they score the set that is replaced now: none stays beside the new one
+            drop_evaluations(out)
         try:
             distilled = distill(data, cfg.distill, cfg.dataset, ddir, teacher, device, pf("distill"), resolved)
         except OutputBusy:  # the run's own stage folder, which is no --out the user gave: name the run's
@@ -744,7 +767,7 @@ def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.devic
 
     made_by = (distilled.manifest.get("teacher") or {}).get("weights_sha")
     for protocol in protocols:
-        path = out / f"eval-{protocol.label_mode}.json"
+        path = out / evaluation_file(protocol.label_mode)
         # hard labels ask no teacher (nor do their random subset and full-data reference): the evaluation is the same
         # whichever teacher the run has. Reports ddkit until 2026-12-07 wrote are reused too: their key named the
         # teacher in label mode hard as well (the run's, which its set records), and an FKD store by its legacy
@@ -786,7 +809,7 @@ def _run_stages(cfg: RunConfig, data: DataBundle, out: Path, device: torch.devic
                          "teacher_accuracy": summary.get("teacher_accuracy"), "reused": summary["reused"],
                          "stages": {"teacher": "teacher" if teacher is not None else None, "distilled": "distilled",
                                     "labels": "labels" if store is not None else None,
-                                    "evaluations": [f"eval-{p.label_mode}.json" for p in protocols],
+                                    "evaluations": [evaluation_file(p.label_mode) for p in protocols],
                                     "report": "report"},
                          "evaluations": summary["evaluations"]})
         write_json(out / "manifest.json", manifest)

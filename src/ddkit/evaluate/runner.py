@@ -46,7 +46,7 @@ from ddkit.cache import ACCURACY_SCHEMA  # of the accuracy entries written here 
 from ddkit.config import config_hash, from_dict, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment, warn_digit_flips
 from ddkit.data.base import DataBundle, DatasetConfig, ImageSet, check_bundle, load_dataset, other_data_fix
-from ddkit.determinism import device_numerics, global_rng, stage_modes
+from ddkit.determinism import device_numerics, global_rng, made_under, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError, caller_stacklevel
 from ddkit.evaluate.metrics import accuracy_problem, summary_problem
@@ -303,9 +303,7 @@ def trained_on(device) -> dict[str, Any]:
     evaluates again under another one, and the report records it) and the device type (cpu, cuda); on a CUDA device
     also its kernels' settings, GPU model and library versions (:func:`~ddkit.determinism.cuda_numerics`). Nothing
     more on the CPU: the keys made before these were recorded stay valid."""
-    device = torch.device(device)
-    return {**ddcache.revised(ddcache.STUDENT_REVISION), "torch_threads": torch.get_num_threads(),
-            "device": device.type, **device_numerics(device)}
+    return {**ddcache.revised(ddcache.STUDENT_REVISION), **made_under(device)}
 
 
 @dataclasses.dataclass
@@ -785,9 +783,12 @@ def evaluate(
         "seeds": seeds,
         "protocol_hash": protocol.hash,
         **({"learned_lr": learned} if learned is not None else {}),
+        # which set it scored: its identity (config_hash; None for a set never made by distill) and its images' and
+        # labels' content (fingerprint), so a report left beside another set is told from a current one
         "distilled": {"path": recorded_path(distilled.path), "method": distilled.method,
                       "ipc": ipc, "num_images": len(distilled), "dataset": man["dataset"]["name"],
-                      "dataset_fingerprint": man["dataset"]["fingerprint"]},
+                      "dataset_fingerprint": man["dataset"]["fingerprint"], "config_hash": man.get("config_hash"),
+                      "fingerprint": distilled_fingerprint(distilled)},
         "teacher": teacher.record() if teacher is not None else None,
         # label mode fkd: which store it replayed (by content: a store in memory has no path)
         **({"fkd_store": store_record} if store is not None else {}),

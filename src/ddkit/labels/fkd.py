@@ -32,7 +32,11 @@ part of ``mse_ce``.
 - ``manifest.json``: ``kind: fkd-soft-labels``, ``schema_version``, ``format: 1``, teacher
   fingerprint and classes, distilled-set fingerprint, augmentation spec and options, CutMix
   prob/alpha, epochs, top_k, seed, ``teacher_bn`` / ``teacher_bn_batch`` (the teacher's BatchNorm
-  mode; missing in older stores = running), tensor names/dtypes/shapes and bytes.
+  mode; missing in older stores = running), ``teacher_batch_size`` (views per teacher forward in
+  :func:`relabel`; missing in stores made before 2026-12-07, which used 256), tensor names/dtypes/shapes
+  and bytes. ``batch_size_independent: true`` says that the targets are keyed by ``(epoch, image)``, so
+  a student replays them with any batch size, order or sampler; it says nothing of the teacher's batch
+  size in relabel, which can change a few logits by a float16 ulp.
 
 **Teacher BatchNorm** (``teacher_bn``): ``running`` labels every view with the teacher in eval
 mode. ``batch`` (CV-DD's batch-specific soft labels) normalises with the statistics of a group of
@@ -119,6 +123,10 @@ FP16_MAX = float(torch.finfo(torch.float16).max)
 KIND = "fkd-soft-labels"
 FILE = "fkd_labels.safetensors"
 FORMAT = 1  # version of the tensor layout described in the module docstring
+#: the teacher's batch size in :func:`relabel` (its forward runs in batches of this many views): another one can change
+#: a few float16 logits by an ulp (float sums in the teacher are split differently), so a store records it
+#: (``teacher_batch_size``) and its identity holds it where it is not this default (stores made before keep theirs)
+TEACHER_BATCH = 256
 
 
 def store_identity(store: str | Path | SoftLabelStore, *, legacy: bool = False) -> str:
@@ -130,7 +138,9 @@ def store_identity(store: str | Path | SoftLabelStore, *, legacy: bool = False) 
     `ddkit relabel` makes with the same settings is the same). A moved or copied store keeps its identity; one
     re-made in place with other settings, for another set or by another teacher gets another. A store in memory
     that was never saved has the identity it will have once saved. ``legacy``: the identity ddkit until
-    2026-12-07 gave it (process count and stage key in), which reports made then are keyed by."""
+    2026-12-07 gave it (process count and stage key in), which reports made then are keyed by. The teacher's batch
+    size in relabel (``teacher_batch_size``) is in it only where it is not the default :data:`TEACHER_BATCH`, so
+    stores made before it was recorded (and stores made with the default since) keep their identity."""
     if isinstance(store, SoftLabelStore):
         man = dict(store.manifest)
         if "tensors" not in man:  # never saved: the fields saving it adds
@@ -141,6 +151,8 @@ def store_identity(store: str | Path | SoftLabelStore, *, legacy: bool = False) 
         man = read_manifest(store, KIND)
     man.pop("versions", None)
     man.pop(FILES_SHA256, None)  # which bytes the file holds, not what made them (absent before a save)
+    if man.get("teacher_batch_size") == TEACHER_BATCH:  # at the default: the identity stores had before it was recorded
+        man.pop("teacher_batch_size")
     if not legacy:
         man.pop("config_hash", None)  # how a run asked for the store (its labels stage), not what it holds
         if isinstance(man.get("run"), dict):
@@ -599,7 +611,7 @@ def relabel(
     progress: Callable[[int, int, dict], None] | None = None,
     *,
     cutmix_alpha: float = 1.0,
-    batch_size: int = 256,
+    batch_size: int = TEACHER_BATCH,
     work_dir: str | Path | None = None,
     out: str | Path | None = None,
     manifest_extra: dict[str, Any] | None = None,
@@ -617,7 +629,9 @@ def relabel(
     with ``scale_min: 0.5`` at factor 2 after shuffling the 2x2 patches, which ddkit does not do), as
     ``RelabelSpec.augment`` and ``--augment`` name it (``augment_spec=``: its old name, deprecated).
     ``cutmix_prob``: per-image CutMix probability (0 disables). ``top_k``: keep only the k largest
-    logits per view. ``batch_size`` only changes speed, never the stored values' meaning.
+    logits per view. ``batch_size``: views per teacher forward; it changes speed and, as float sums in the teacher
+    are split differently, can change a few stored float16 logits by an ulp: the store records it
+    (``teacher_batch_size``) and its identity (:func:`store_identity`) holds it where it is not :data:`TEACHER_BATCH`.
     ``teacher_bn``/``teacher_bn_batch``: the teacher's BatchNorm mode and group size (module docstring).
     ``progress(done, epochs_of_this_rank, record)`` after every epoch.
 
@@ -710,7 +724,10 @@ def relabel(
         from ddkit.teacher.squeeze import weights_sha
 
         teacher_fp = weights_sha(model)
-    ddist.agree_settings({"relabel": config, "set": fingerprint, "teacher": teacher_fp})
+    # the teacher's batch size where it is not the default (its logits can differ by an ulp): a work folder of another
+    # one is not resumed (the default's key is the one work folders always had)
+    batched = {"batch_size": batch_size} if batch_size != TEACHER_BATCH else {}
+    ddist.agree_settings({"relabel": config, "set": fingerprint, "teacher": teacher_fp, **batched})
     own_work = out is not None and work_dir is None
     if out is not None:
         out = Path(out)
@@ -723,7 +740,7 @@ def relabel(
                f"{top_k or num_classes} logits)", "lower the relabel epochs (or keep fewer logits with top_k)", out)
     partial = None
     if work_dir is not None:
-        key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp})[:16]
+        key = config_hash({**config, "epochs": None, "set": fingerprint, "teacher": teacher_fp, **batched})[:16]
         partial = Path(work_dir) / f"relabel-{key}"  # made with the first finished epoch: a refusal leaves nothing
     info = ddist.current()
     mine = range(info.rank, epochs, info.world_size)
@@ -795,6 +812,8 @@ def relabel(
         "view": "normalise -> augment(own params) -> CutMix box from partner's augmented view",
         "teacher_bn": teacher_bn,
         "teacher_bn_batch": teacher_bn_batch,
+        "teacher_batch_size": batch_size,
+        # keyed by (epoch, image): a student replays the store with any batch size (the teacher's is the field above)
         "batch_size_independent": True,
         "teacher": {"fingerprint": teacher_fp,
                     "path": recorded_path(getattr(teacher, "path", None)),

@@ -96,7 +96,7 @@ from ddkit.config import Checked, config_hash, field, to_dict
 from ddkit.data.augment import build_augment, typed_augment_options, warn_digit_flips
 from ddkit.data.base import DataBundle
 from ddkit.data.zca import check_reg as check_zca_reg
-from ddkit.determinism import global_rng, seeded_cpu_rng, stage_modes, use_deterministic_cuda
+from ddkit.determinism import global_rng, made_under, seeded_cpu_rng, stage_modes, use_deterministic_cuda
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.methods.fyi import flip_pair, pair_params
 from ddkit.models import configured_model, create_model
@@ -673,10 +673,11 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
     :func:`train_experts`; ``where``: the config key of ``cfg``, which errors in its model name).
 
     A trained buffer is kept in the cache
-    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>``, then ``-r<N>`` from
-    :data:`~ddkit.cache.EXPERTS_REVISION` 2 on) when ``work_dir`` is given, so every method, IPC and run with the same
-    expert recipe on the same data shares one buffer (MTT, FTD, TESLA and DATM train theirs once, not per distilled
-    set).
+    (``$DDKIT_CACHE/experts/<recipe hash>-<data fingerprint>-<normalisation hash>-<where hash>``, then ``-r<N>`` from
+    :data:`~ddkit.cache.EXPERTS_REVISION` 2 on; where: the torch thread count and device type,
+    :func:`~ddkit.determinism.made_under`, which change the trajectories' bytes) when ``work_dir`` is given, so every
+    method, IPC and run with the same expert recipe on the same data and thread count shares one buffer (MTT, FTD,
+    TESLA and DATM train theirs once, not per distilled set).
     """
     seconds_here = waited = 0.0  # what training the buffer took here (0 when loaded); waiting for another's build
     if experts:
@@ -685,7 +686,7 @@ def buffer_for(data: DataBundle, experts: str | None, cfg: ExpertConfig, work_di
         # a revision of the experts' training names new buffers (revision 1: the names before it was counted)
         revision = "".join(f"-r{r}" for r in ddcache.revised(ddcache.EXPERTS_REVISION).values())
         out = (cache_dir_of("experts") / f"{model_config_hash(cfg)[:16]}-{data.fingerprint[:16]}-{_norm_tag(data)}"
-               f"{revision}" if work_dir is not None else None)
+               f"-{config_hash(made_under(device))[:8]}{revision}" if work_dir is not None else None)
         # one builder per cache entry: a process that waited for another's build then finds it here
         with build_lock(out) if out is not None else contextlib.nullcontext() as lock:
             waited = lock.seconds if lock is not None else 0.0
