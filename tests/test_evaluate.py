@@ -710,8 +710,8 @@ def test_a_run_keeps_no_report_of_a_mode_it_dropped_or_of_a_set_it_replaced(tmp_
                 "student": "tiny_convnet", "full_reference": False, "random_baseline": False,
                 "train": {"epochs": 1, "batch_size": 32}}}})
 
-    def reports() -> list[str]:
-        return sorted(p.name for p in out.glob("eval-*.json"))
+    def reports() -> list[str]:  # the run's own (QA 21c F1: a user's eval-hard-3ep.json there is never removed)
+        return sorted(p.name for p in out.glob("eval-*.json") if p.name != "eval-hard-3ep.json")
 
     run(config(["hard", "stored"]))
     made = json.loads((out / "distilled/manifest.json").read_text())
@@ -719,21 +719,24 @@ def test_a_run_keeps_no_report_of_a_mode_it_dropped_or_of_a_set_it_replaced(tmp_
     assert first["distilled"]["config_hash"] == made["config_hash"]
     assert first["distilled"]["fingerprint"] == distilled_fingerprint(DistilledSet.load(out / "distilled"))
     (tmp_path / "kept.json").write_text(json.dumps(first))  # a copy, as a user may keep one
+    users = out / "eval-hard-3ep.json"  # as `ddkit evaluate ... --out` writes one beside the run's
+    users.write_text(json.dumps(first))
     assert run(config(["hard"]))["reused"] == ["teacher", "distilled", "eval-hard.json"]
     assert reports() == ["eval-hard.json"]  # the stored one is gone, the hard one kept
     assert json.loads((out / "manifest.json").read_text())["stages"]["evaluations"] == ["eval-hard.json"]
 
     # a new set: the old set's reports go before it is made; a run failing after that leaves none of them
     run(config(["hard", "stored"]))
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: pytest.fail("evaluating"))
-    with pytest.raises(pytest.fail.Exception):
-        run(config(["hard", "stored"], seed=1))
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "evaluate", lambda *a, **k: pytest.fail("evaluating"))
+        with pytest.raises(pytest.fail.Exception):
+            run(config(["hard", "stored"], seed=1))
     assert reports() == [] and not (out / "manifest.json").exists()
-    monkeypatch.undo()
     run(config(["hard"], seed=1))
     now = json.loads((out / "distilled/manifest.json").read_text())["config_hash"]
     assert now != made["config_hash"] and reports() == ["eval-hard.json"]
     assert json.loads((out / "eval-hard.json").read_text())["distilled"]["config_hash"] == now
+    assert json.loads(users.read_text()) == first  # the user's file, through all of it
 
     # `show` of the kept report of the replaced set says so; a current one and an old one (no set named) say nothing
     shown = describe(tmp_path / "kept.json")

@@ -10,6 +10,7 @@ import contextlib
 import fnmatch
 import logging
 import shutil
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ from ddkit.teacher import (
     saved_teacher,
     train_teacher,
 )
-from ddkit.training import TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
+from ddkit.training import LabelSource, TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -647,13 +648,13 @@ def evaluation_file(label_mode: str) -> str:
 
 
 def drop_evaluations(out: Path, keep: Sequence[str] = ()) -> None:
-    """Remove the evaluation reports (``eval-*.json``) in the run folder ``out`` but those of the label modes
-    ``keep``: a run that replaces another keeps no report of a label mode it no longer evaluates, nor (``keep``
-    empty) any report of a set it is about to replace, whether it finishes or fails later (as it removes the old
-    run's ``manifest.json`` and ``report/`` first)."""
-    kept = {evaluation_file(mode) for mode in keep}
-    for path in out.glob("eval-*.json"):
-        if path.name not in kept and path.is_file():
+    """Remove the evaluation reports the run writes (``eval-<label mode>.json``) in the run folder ``out`` but those
+    of the label modes ``keep``: a run that replaces another keeps no report of a label mode it no longer evaluates,
+    nor (``keep`` empty) any report of a set it is about to replace, whether it finishes or fails later (as it
+    removes the old run's ``manifest.json`` and ``report/`` first). Other ``eval-*.json`` there (``ddkit evaluate
+    --out``) are the user's: kept."""
+    for mode in set(typing.get_args(LabelSource)) - set(keep):  # only the run's own names: a user's are kept
+        if (path := out / evaluation_file(mode)).is_file():
             path.unlink(missing_ok=True)
 
 
