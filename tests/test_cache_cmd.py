@@ -263,6 +263,11 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     for name in experts:
         write(root / "experts" / name / "manifest.json", 0).write_text(
             json.dumps({"schema_version": 1, "kind": "expert-buffer"}))
+    # an interrupted build's work by an older ddkit's name is never resumed (QA 21c F3); by a current name it is
+    partials = {".a0c4c65b57963ce7-c1453d574a14ef5e-44972221.partial-x": "named without its thread count and device",
+                ".a0c4c65b57963ce7-c1453d574a14ef5e-44972221-0d5c9a4e.partial-x": ""}
+    for name in partials:
+        write(root / "experts" / name / "expert_000.safetensors", 0)
 
     # accuracies keyed without the thread count and device (schema 1) are never found again
     accuracies = {"random-baseline/r-old.json": (1, "schema 1"), "random-baseline/r-new.json": (2, ""),
@@ -271,10 +276,15 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     for name, (schema, _) in accuracies.items():
         write(root / name, 0).write_text(json.dumps({"schema_version": schema, "kind": "random-baseline-cache"}))
     assert {e.name: e.stale for e in cache_entries()} == {
-        live.name: "", old.name: "schema 1", "s-old": "schema 1", "s-new": "", "s-untold": "", **experts,
+        live.name: "", old.name: "schema 1", "s-old": "schema 1", "s-new": "", "s-untold": "", **experts, **partials,
         **{name.split("/")[1]: stale for name, (_, stale) in accuracies.items()}}
     code, out, _ = run(["cache", "-l"], capsys)
     lines = {line.split()[0]: line for line in out.splitlines() if "/" in line.split()[0]}
+    old_partial, new_partial = partials
+    assert lines[f"experts/{old_partial}"].endswith("(interrupted build of a0c4c65b57963ce7-c1453d574a14ef5e-44972221,"
+                                                     " by an older ddkit: named without its thread count and device;"
+                                                     " never resumed)")
+    assert lines[f"experts/{new_partial}"].endswith("-0d5c9a4e, resumable)")
     marked = "  (made by an older ddkit: schema 1)"
     assert lines[f"imagefolder/{old.name}"].endswith(f"image_size 8{marked}")
     assert lines[f"imagefolder/{live.name}"].endswith("image_size 8")
@@ -293,10 +303,10 @@ def test_entries_an_older_ddkit_made_are_marked_shown_so_and_pruned_alone(tmp_pa
     code, out, _ = run(["cache", "prune", "--stale", "--kind", "imagefolder", "--dry-run"], capsys)
     assert out.splitlines()[0].startswith(f"would remove imagefolder/{old.name}  ") and old.exists()
     code, out, _ = run(["cache", "prune", "--stale"], capsys)
-    assert code == 0 and out.splitlines()[-1].startswith("removed 7 item(s)")
+    assert code == 0 and out.splitlines()[-1].startswith("removed 8 item(s)")
     assert sorted(e.name for e in cache_entries()) == sorted(
         [live.name, "s-new", "s-untold", "a0c4c65b57963ce7-c1453d574a14ef5e-44972221-0d5c9a4e", "mine", "r-new.json",
-         "f-bad.json", "d-new.json"])
+         "f-bad.json", "d-new.json", new_partial])
     assert load_dataset("imagefolder", path=str(tmp_path / "d"), image_size=8).train is not None  # live one kept
 
 

@@ -214,8 +214,8 @@ def cache_entries(root: str | Path | None = None) -> list[CacheEntry]:
                 if state == "entry":
                     manifest = _entry_manifest(path) if folder.name in ("imagefolder", "statistics") else None
                     details, stale = _details(folder.name, manifest), stale_reason(folder.name, path, manifest)
-                else:
-                    details, stale = {}, ""
+                else:  # an expert build's work is named as its entry: of an older name, never resumed
+                    details, stale = {}, stale_reason(folder.name, folder / of) if folder.name == "experts" else ""
                 found.append(CacheEntry(folder.name, name, path, tree_bytes(path), mtime, state, of, details, stale))
     return found
 

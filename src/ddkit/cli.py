@@ -530,7 +530,8 @@ def _cache_state(e) -> str:
     if e.state == "leftover":
         return f"  (leftover of a killed build of {e.of})"
     if e.state == "partial":
-        return f"  (interrupted build of {e.of}, resumable)"
+        return (f"  (interrupted build of {e.of}, by an older ddkit: {e.stale}; never resumed)" if e.stale
+                else f"  (interrupted build of {e.of}, resumable)")
     text = f"  root {e.details.get('root')}, image_size {e.details.get('image_size')}" if e.details else ""
     return text + (f"  (made by an older ddkit: {e.stale})" if e.stale else "")
 
