@@ -65,7 +65,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, field_default, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
-from ddkit.determinism import evaluation_change, numerics_change, stage_modes
+from ddkit.determinism import evaluation_change, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -933,9 +933,7 @@ class _Bench:
         # a cell made with another thread count is recomputed (its evaluations too, in _evaluate); cells
         # made before 2026-12-05 recorded the thread count of their run, not of the cached evaluations
         # they were built from, so those are asked too
-        if rec.get("torch_threads") not in (None, torch.get_num_threads()):
-            return None
-        if numerics_change(rec.get("cuda"), self.device):  # made under other CUDA settings, or on another device
+        if evaluation_change(rec, self.device):  # another thread count, other CUDA settings or another device
             return None
         evals = [self.root / "evals" / f"{k}.json" for k in rec.get("eval_keys", [])]
         return rec if all(self._cached_eval(p, self.device) is not None for p in evals if p.is_file()) else None
