@@ -214,15 +214,13 @@ class BenchConfig(Checked):
         for m in self.methods:
             if METHODS.get(m.name).uses_ipc:
                 continue
-            if m.name == "full":
-                problems.append(f"method {m.key!r} (full) keeps every training image, but a bench makes each method's "
-                                f"set at each of its ipcs {self.ipcs}; remove it from methods: every cell trains the "
-                                "full-data reference behind its HLR (full_hard) already, set by the protocol's "
-                                "full_reference / full_epochs (e.g. overrides: {full_epochs: 20})")
-            else:
-                problems.append(f"method {m.key!r} ({m.name}) makes no ipc images per class (uses_ipc = False), "
-                                f"but a bench makes each method's set at each of its ipcs {self.ipcs}; remove it from "
-                                "methods and make its set with `ddkit run` or `ddkit distill`")
+            what, fix = (("keeps every training image", ": every cell trains the full-data reference behind its HLR "
+                          "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: "
+                          "{full_epochs: 20})") if m.name == "full" else
+                         ("makes no ipc images per class (uses_ipc = False)",
+                          " and make its set with `ddkit run` or `ddkit distill`"))
+            problems.append(f"method {m.key!r} ({m.name}) {what}, but a bench makes each method's set at each of its "
+                            f"ipcs {self.ipcs}; remove it from methods{fix}")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
