@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 import statistics
 from collections.abc import Callable
@@ -250,29 +251,28 @@ def _mib(n: int | None) -> str:
 
 
 def papers_evaluation(method: str, protocol: ProtocolConfig) -> bool:
-    """Whether students of ``protocol`` train as those behind ``method``'s published number did: hard
-    labels, the paper's protocol (:data:`PAPER_PROTOCOLS`: augmentation, optimizer, schedule, batch, no
-    ZCA, no learned lr) but for its epochs, and a ConvNet-3 that differs from the papers' only in
+    """Whether students of hard-label ``protocol`` train as those behind ``method``'s published number did:
+    the paper's protocol (:data:`PAPER_PROTOCOLS`: augmentation, optimizer, schedule, batch, no ZCA, no
+    learned lr) but for its epochs, and a ConvNet-3 that differs from the papers' only in
     :data:`TIER_CHANGES`."""
     paper = resolve_protocol(PAPER_PROTOCOLS[method])
     train = dataclasses.replace(protocol.train, epochs=paper.train.epochs)
-    return (protocol.label_mode == paper.label_mode and protocol.zca == paper.zca
-            and protocol.learned_lr == paper.learned_lr and to_dict(train) == to_dict(paper.train)
+    return (all(getattr(protocol, k) == getattr(paper, k) for k in ("zca", "learned_lr"))
+            and to_dict(train) == to_dict(paper.train)
             and set(network_differences(protocol.student, protocol.student_options)) <= set(TIER_CHANGES))
 
 
-def published_cells(table: dict) -> Callable[[str, str, int], str]:
-    """``(method, student, ipc) -> cell`` for the hard-label rows of bench ``table``: the published
-    number of ``method`` at ``ipc`` where the row's students trained as the paper's
-    (:func:`papers_evaluation` of the cell's protocol, from the table's config), else –."""
-    cfg: BenchConfig | None = None
+def published_cells(table: dict) -> Callable[[str, str, int, str], str]:
+    """``(method, student, ipc, label_mode) -> cell`` for the rows of bench ``table``: the published
+    number of ``method`` at ``ipc`` where the row has hard labels (the papers' numbers are of hard labels)
+    and its students trained as the paper's (:func:`papers_evaluation` of the cell's protocol, from the
+    table's config), else –."""
+    config = functools.cache(lambda: from_dict(BenchConfig, table["config"]))  # needed by a published method only
 
-    def cell(method: str, student: str, ipc: int) -> str:
-        nonlocal cfg
-        if ipc not in PUBLISHED.get(method, {}):
+    def cell(method: str, student: str, ipc: int, label_mode: str) -> str:
+        if label_mode != "hard" or ipc not in PUBLISHED.get(method, {}):
             return "–"
-        cfg = cfg or from_dict(BenchConfig, table["config"])  # only a table with a published method needs it
-        return _pub(method, ipc) if papers_evaluation(method, cfg.protocol_for(student, "hard", ipc=ipc)) else "–"
+        return _pub(method, ipc) if papers_evaluation(method, config().protocol_for(student, "hard", ipc=ipc)) else "–"
 
     return cell
 
@@ -323,8 +323,8 @@ def family_markdown(family: str, tier: str, table: dict) -> str:
         syn = r["synthesis"]
         ior = f"{100 * r['ior']['mean']:+.2f}" if r.get("ior") else "–"
         hlr = f"{100 * r['hlr']['mean']:.2f}" if r.get("hlr") else "–"
-        pub = (published(r["method_name"], r["student"], r["ipc"])
-               if r["label_mode"] == "hard" and r["method"] == r["method_name"] else "–")
+        pub = (published(r["method_name"], r["student"], r["ipc"], r["label_mode"])
+               if r["method"] == r["method_name"] else "–")
         lines.append(f"| {r['method']} | {r['ipc']} | {r['student']} | {r['label_mode']} | {_pm(r['acc'])} | "
                      f"{_pm(r['random'])} | {ior} | {hlr} | {pub} | {synthesis_cell(r, 1)} | "
                      f"{_seconds(syn.get('shared_seconds'))} | {_mib(syn['peak_memory_bytes'])} | "
@@ -447,7 +447,7 @@ def findings(rows: list[dict], ipcs: list[int]) -> list[str]:
 
 
 def _student_table(family: str, tier: str, student: str, mode: str, main: list[dict],
-                   published: Callable[[str, str, int], str]) -> list[str]:
+                   published: Callable[[str, str, int, str], str]) -> list[str]:
     """One student's and label mode's table of a tier; ``published``: :func:`published_cells` of its bench table."""
     ipcs = sorted({r["ipc"] for r in main})
     methods = list(dict.fromkeys(r["method"] for r in main))
@@ -457,7 +457,7 @@ def _student_table(family: str, tier: str, student: str, mode: str, main: list[d
     for m in methods:
         cells = {r["ipc"]: r for r in main if r["method"] == m}
         accs = " | ".join(_pm(cells[i]["acc"]) if i in cells else "–" for i in ipcs)
-        pubs = [published(m, student, i) for i in ipcs] if mode == "hard" else []
+        pubs = [published(m, student, i, mode) for i in ipcs]
         pub = " / ".join(pubs) if any(p != "–" for p in pubs) else "–"
         syn = sum(synthesis_seconds(c) for c in cells.values())
         out.append(f"| {m} | {accs} | {pub} | {syn:.0f} |")

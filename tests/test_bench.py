@@ -203,6 +203,10 @@ REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set fr
     (["methods=[random,full]"], "method 'full' (full) keeps every training image, but a bench makes each method's set "
      "at each of its ipcs [1, 2]; remove it from methods: every cell trains the full-data reference behind its HLR "
      "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: {full_epochs: 20})"),
+    # a plugin method without an ipc (registered by the test) likewise, with advice for its own set
+    (["methods=[random,budget]"], "method 'budget' (budget) makes no ipc images per class (uses_ipc = False), but a "
+     "bench makes each method's set at each of its ipcs [1, 2]; remove it from methods and make its set with `ddkit "
+     "run` or `ddkit distill`"),
     # every fkd cell replayed the given store, while the bench relabelled its sets and recorded its relabel section
     (["label_modes=[fkd]", "overrides.fkd_store=elsewhere"], "overrides.fkd_store " + REPLACED_STORE),
     (["label_modes=[fkd]", "ipc_overrides.2.fkd_store=elsewhere"], "ipc_overrides.2.fkd_store " + REPLACED_STORE),
@@ -215,11 +219,27 @@ REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set fr
      "ipc_overrides.2.student_options is not used by ['tiny_convnet'], whose options come from student_options alone "
      "(the same at every IPC); give them there: student_options: {tiny_convnet: {...}}"),
 ])
-def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, capsys, sets, message):
+def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, capsys, monkeypatch, sets, message):
     """Each of these ran (part of) the bench and recorded a setting that no cell used: refused in one line when the
     config loads, before the teacher, any set or the output folder."""
     import yaml
 
+    from ddkit.config import Checked
+    from ddkit.methods import Method
+
+    @dataclasses.dataclass
+    class NoOptions(Checked):
+        pass
+
+    class Budget(Method):  # a plugin's method that makes a set without an ipc (a fixed image budget)
+        Config = NoOptions
+        uses_ipc = False
+
+        def fit(self, real, teachers, ctx):
+            raise AssertionError("a refused bench makes no set")
+
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # the registration is undone after the test
+    METHODS.register("budget")(Budget)
     cfg, out = tmp_path / "b.yaml", tmp_path / "b"
     cfg.write_text(yaml.safe_dump({**TINY, "seeds": [0], "out": str(out)}))
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):

@@ -313,10 +313,10 @@ def _first_figure(monkeypatch, rows, tmp_path):
     def save(fig, *args, **kwargs):
         raise Saved(fig)
 
-    monkeypatch.setattr(Figure, "savefig", save)
-    with pytest.raises(Saved) as saved:
-        report._plots(rows, tmp_path)
-    monkeypatch.undo()
+    with monkeypatch.context() as m:  # (not monkeypatch.undo(): it would undo the autouse cache isolation too)
+        m.setattr(Figure, "savefig", save)
+        with pytest.raises(Saved) as saved:
+            report._plots(rows, tmp_path)
     return saved.value.args[0]
 
 

@@ -65,7 +65,7 @@ from ddkit.artifacts import (
 from ddkit.config import Checked, config_hash, field, field_default, from_dict, keyed, sorted_seeds, to_dict
 from ddkit.data.augment import build_augment
 from ddkit.data.base import DataBundle, DatasetConfig, load_dataset
-from ddkit.determinism import evaluation_change, numerics_change, stage_modes
+from ddkit.determinism import evaluation_change, stage_modes
 from ddkit.distilled import DistilledSet
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.evaluate import metrics
@@ -214,15 +214,13 @@ class BenchConfig(Checked):
         for m in self.methods:
             if METHODS.get(m.name).uses_ipc:
                 continue
-            if m.name == "full":
-                problems.append(f"method {m.key!r} (full) keeps every training image, but a bench makes each method's "
-                                f"set at each of its ipcs {self.ipcs}; remove it from methods: every cell trains the "
-                                "full-data reference behind its HLR (full_hard) already, set by the protocol's "
-                                "full_reference / full_epochs (e.g. overrides: {full_epochs: 20})")
-            else:
-                problems.append(f"method {m.key!r} ({m.name}) makes no ipc images per class (uses_ipc = False), "
-                                f"but a bench makes each method's set at each of its ipcs {self.ipcs}; remove it from "
-                                "methods and make its set with `ddkit run` or `ddkit distill`")
+            what, fix = (("keeps every training image", ": every cell trains the full-data reference behind its HLR "
+                          "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: "
+                          "{full_epochs: 20})") if m.name == "full" else
+                         ("makes no ipc images per class (uses_ipc = False)",
+                          " and make its set with `ddkit run` or `ddkit distill`"))
+            problems.append(f"method {m.key!r} ({m.name}) {what}, but a bench makes each method's set at each of its "
+                            f"ipcs {self.ipcs}; remove it from methods{fix}")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
@@ -933,9 +931,7 @@ class _Bench:
         # a cell made with another thread count is recomputed (its evaluations too, in _evaluate); cells
         # made before 2026-12-05 recorded the thread count of their run, not of the cached evaluations
         # they were built from, so those are asked too
-        if rec.get("torch_threads") not in (None, torch.get_num_threads()):
-            return None
-        if numerics_change(rec.get("cuda"), self.device):  # made under other CUDA settings, or on another device
+        if evaluation_change(rec, self.device):  # another thread count, other CUDA settings or another device
             return None
         evals = [self.root / "evals" / f"{k}.json" for k in rec.get("eval_keys", [])]
         return rec if all(self._cached_eval(p, self.device) is not None for p in evals if p.is_file()) else None

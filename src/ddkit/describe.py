@@ -25,7 +25,7 @@ from ddkit.artifacts import (
 )
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import drop_diverged_scores
-from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text
+from ddkit.evaluate.tables import format_bench_table, format_table, ipc_text, single_seed
 
 # what a folder may hold that names its kind, in the order they are looked for: a bench folder's
 # table before its config (no folder holds both a manifest and a bench table)
@@ -632,7 +632,7 @@ def _student_cache(m: dict) -> str:
 def _full_cache(m: dict) -> str:
     r = m["result"]
     diverged = f", {r['diverged']} diverged" if r.get("diverged") else ""
-    spread = "" if r["n"] == 1 else f" ± {_pct(r['std'])}"  # one seed: no spread to state
+    spread = "" if single_seed(r) else f" ± {_pct(r['std'])}"  # one seed: no spread to state
     return (f"cached full-data reference: test accuracy {_pct(r['mean'])}{spread} over {r['n']} student "
             f"seed(s){diverged}, {r['epochs']} epochs{_trained_where(m)}")
 

@@ -24,7 +24,7 @@ import re
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -738,8 +738,15 @@ def display_channels(images: torch.Tensor) -> tuple[torch.Tensor, str | None]:
 GRID_FONT_SIZE = 10
 
 
+class GridFont(NamedTuple):
+    """:func:`grid_font`'s answer."""
+
+    font: Any  # a Pillow font
+    draws: Callable[[str], bool]  # whether ``font`` has a glyph for a character
+
+
 @functools.cache
-def grid_font() -> tuple[Any, Callable[[str], bool]]:
+def grid_font() -> GridFont:
     """The font a preview grid writes its class names and caption in, and whether it draws a character: DejaVu Sans,
     which matplotlib (a dependency of ddkit) ships, with Latin (accents too), Greek and Cyrillic letters (Pillow's
     default font drew every non-ASCII character as a box); where that cannot be loaded, Pillow's default, for ASCII."""
@@ -754,21 +761,21 @@ def grid_font() -> tuple[Any, Callable[[str], bool]]:
     except (ImportError, OSError, RuntimeError) as err:
         log.warning("preview grids write their class names in Pillow's default font, other characters than ASCII as "
                     "escapes (\\u732b): matplotlib's DejaVu Sans could not be loaded (%s)", err)
-        return ImageFont.load_default(), str.isascii  # its size is 10 px too
-    return font, lambda char: glyphs.get_char_index(ord(char)) != 0
+        return GridFont(ImageFont.load_default(), str.isascii)  # its size is 10 px too
+    return GridFont(font, lambda char: glyphs.get_char_index(ord(char)) != 0)
 
 
 def grid_text(text: str) -> str:
     """``text`` as a preview grid writes it: control characters (:func:`printable`) and characters that
     :func:`grid_font` lacks as their escapes (``\\u732b``), not as boxes that hide which character it was."""
-    draws = grid_font()[1]
+    draws = grid_font().draws
     return "".join(char if draws(char) else ascii(char)[1:-1] for char in printable(text))
 
 
 def _text_width(text: str) -> int:
     """The px a grid's line of ``text`` takes from the left edge: 4 px before it, at least 2 after it, and at least
     8 + 6 px a character (the width every grid had before its text was measured)."""
-    return max(8 + 6 * len(text), 6 + math.ceil(grid_font()[0].getlength(text)))
+    return max(8 + 6 * len(text), 6 + math.ceil(grid_font().font.getlength(text)))
 
 
 def _filler(channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -843,7 +850,7 @@ def save_grid(
     canvas = Image.new("RGB", (max(body.width + margin, max(map(_text_width, caption), default=0)), body.height + top),
                        "white")
     canvas.paste(body, (margin, top))
-    draw, font = ImageDraw.Draw(canvas), grid_font()[0]
+    draw, font = ImageDraw.Draw(canvas), grid_font().font
     for i, line in enumerate(caption):
         draw.text((4, 2 + 12 * i), line, fill=(90, 90, 90), font=font)
     row_h = grid_in.shape[-2] + 2

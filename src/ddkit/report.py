@@ -26,7 +26,7 @@ from ddkit.artifacts import (
 from ddkit.config import is_count
 from ddkit.errors import DDKitError, printable
 from ddkit.evaluate.metrics import cell_problem
-from ddkit.evaluate.tables import format_bench_table, summary_text, synthesis_cell, synthesis_seconds
+from ddkit.evaluate.tables import format_bench_table, single_seed, summary_text, synthesis_cell, synthesis_seconds
 
 log = logging.getLogger(__name__)
 REPORT_KIND = "bench-report"
@@ -75,7 +75,7 @@ def _series(rows: list[dict]) -> dict[tuple, list[dict]]:
 def _errors(summaries: list[dict]) -> list[float] | None:
     """Error bars (± std, in %) of a series' summaries: none at a summary of one seed (whose std 0 is no spread: its
     bar a dash through the marker, a band of no height), None where no summary has one."""
-    errors = [math.nan if s.get("n") == 1 else 100 * s["std"] for s in summaries]
+    errors = [math.nan if single_seed(s) else 100 * s["std"] for s in summaries]
     return None if all(map(math.isnan, errors)) else errors
 
 
@@ -352,7 +352,7 @@ def _write_pages(table: dict, out: Path, run_dir: Path) -> None:
     intro = (f"{protocol_sentence(cfg)}; seeds {cfg['seeds']}{'; ' + students if students else ''}; protocol hashes "
              f"{', '.join(f'`{p}`' for p in protos)}. ddkit {ver['ddkit']}, torch {ver['torch']}, torchvision "
              f"{ver['torchvision']}, python {ver['python']}.")
-    single = any(r["acc"].get("n") == 1 for r in rows)  # its value alone: no spread to state
+    single = any(single_seed(r["acc"]) for r in rows)  # its value alone: no spread to state
     notes = ("Accuracies are top-1 test accuracy in % (mean ± population std over seeds{}). IOR = acc − acc(random "
              "subset, same protocol); HLR = acc(full data, hard) − acc(distilled, hard), in points. LRS and ARS "
              "follow DD-Ranking on fractions (λ = {}, γ = {}), in [0, 1]. Peak memory: CUDA allocator peak on GPU, "

@@ -58,12 +58,18 @@ def diverged_mark(summary: dict) -> str:
     return f" ({summary['diverged']} diverged)" if summary.get("diverged") else ""
 
 
+def single_seed(x: dict) -> bool:
+    """Whether summary ``x`` is of one value (``n`` 1): its std 0 is no measured spread, so tables print no ± and
+    plots draw no error bar."""
+    return x.get("n") == 1
+
+
 def summary_text(x: dict | None, scale: float = 100.0, digits: int = 2) -> str:
     """A ``{"mean", "std", "n", ...}`` summary as tables print it: ``mean ± std`` (times ``scale``), the mean alone
     where it is of one value (``n`` 1: no spread to state), ``–`` for none; marked where students diverged."""
     if not x:
         return "–"
-    spread = "" if x.get("n") == 1 else f" ± {scale * x['std']:.{digits}f}"
+    spread = "" if single_seed(x) else f" ± {scale * x['std']:.{digits}f}"
     return f"{scale * x['mean']:.{digits}f}{spread}{diverged_mark(x)}"
 
 

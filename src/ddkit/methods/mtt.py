@@ -486,7 +486,7 @@ class _TrajectoryMatching(Method):
         soft = None
         if getattr(cfg, "learn_labels", False):
             soft = _expert_logits(buffer, student, images.detach(), hard, cfg.label_epoch,
-                                  cfg.init).requires_grad_(True)
+                                  1 if cfg.init == "real" else None).requires_grad_(True)
         init_lr = math.log(cfg.lr_teacher) if cfg.log_lr else cfg.lr_teacher
         lr_param = torch.tensor(init_lr, dtype=torch.float32, device=device, requires_grad=True)
         opt_img = torch.optim.SGD([images], lr=cfg.lr_img, momentum=cfg.momentum)
@@ -633,16 +633,13 @@ def _load_ema(state: dict[str, Any], like: torch.Tensor) -> torch.Tensor:
 
 
 def _expert_logits(buffer: ExpertBuffer, student: FunctionalStudent, images: torch.Tensor, labels: torch.Tensor,
-                   epoch: int, init: str = "correct") -> torch.Tensor:
-    """DATM's label init, by the image ``init``: for ``real``, the logits of the buffer's first expert (at
-    ``epoch``), as DATM.py's ``pix_init == "real"`` takes ``buffer[0][-1]``; otherwise, per image, the mean
-    logits of the experts (at ``epoch``) that classify it correctly (DATM.py's ``samples_predicted_correctly``);
-    images no expert gets right take the mean over all experts."""
+                   epoch: int, experts: int | None = None) -> torch.Tensor:
+    """DATM's label init: per image, the mean logits (at ``epoch``) of those of the buffer's first ``experts`` experts
+    (all by default) that classify it correctly (DATM.py's ``samples_predicted_correctly``), or of all of them where
+    none does. ``experts=1`` is DATM.py's ``pix_init == "real"`` (``buffer[0][-1]``): the first expert's logits."""
     with torch.no_grad():
-        if init == "real":
-            return student(buffer.params(0, epoch).to(images.device), images).detach()
         logits = torch.stack([student(buffer.params(e, epoch).to(images.device), images)
-                              for e in range(buffer.num_experts)])  # [E, N, C]
+                              for e in range(experts or buffer.num_experts)])  # [E, N, C]
     correct = (logits.argmax(2) == labels[None]).float()  # [E, N]
     count = correct.sum(0)
     mean_correct = (logits * correct[..., None]).sum(0) / count.clamp_min(1)[:, None]
