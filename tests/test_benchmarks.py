@@ -29,7 +29,7 @@ def fm():
 
 
 def _row(label, method, ipc, acc, rand, mode="hard", student="convnet3-w32"):
-    stat = lambda m: {"mean": m, "std": 0.01, "per_seed": [m], "n": 1}
+    stat = lambda m: {"mean": m, "std": 0.01, "per_seed": [m, m, m], "n": 3}
     return {"method": label, "method_name": method, "ipc": ipc, "label_mode": mode, "student": student,
             "acc": stat(acc), "random": stat(rand), "ior": stat(acc - rand)}
 
@@ -137,7 +137,7 @@ def test_edc_steps_table_shows_each_step_against_the_row_it_adds_to(fm, tmp_path
 
 def test_family_markdown_names_each_students_full_data_reference(fm):
     """A bench with two students printed the first row's reference as "same student" for both."""
-    full = lambda m: {"mean": m, "std": 0.0, "per_seed": [m], "n": 1, "epochs": 2}
+    full = lambda m: {"mean": m, "std": 0.0, "per_seed": [m, m, m], "n": 3, "epochs": 2}
     base = {"label_mode": "hard", "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
             "synthesis": {"seconds": 1.0, "peak_memory_bytes": None}, "versions": {}, "protocol_hash": "abc",
             "method": "sre2l", "method_name": "sre2l", "acc": full(0.5), "random": full(0.4)}
@@ -169,17 +169,15 @@ def test_family_markdown_shows_accuracy_with_and_without_augmentation(fm):
     cfg = {"label_modes": ["hard"], "seeds": [0, 1], "protocol": "dsa-protocol", "overrides": {}}
     text = fm.family_markdown("dsa-eval", "cpu", {"rows": rows, "config": cfg})
     section = text.split("### With and without augmentation")[1].split("\n\n")[1].splitlines()
-    # only the robust row; gain from augmentation = 81.00 - 75.00 points
-    assert section[2:] == ["| dsa | 10 | convnet3-w32 | hard | 81.00 ± 0.00 | 76.00 ± 0.00 | 75.00 ± 0.00 | "
-                           "74.00 ± 0.00 | +6.00 | 0.512 |"]
+    # only the robust row; gain from augmentation = 81.00 - 75.00 points; one seed's value without ±
+    assert section[2:] == ["| dsa | 10 | convnet3-w32 | hard | 81.00 ± 0.00 | 76.00 | 75.00 | 74.00 | +6.00 | 0.512 |"]
     assert "With and without" not in fm.family_markdown("x", "cpu", {"rows": rows[1:], "config": cfg})
     # students that diverged: the bench leaves ARS out (None), which the table used to index (TypeError)
     rows[0] = {**rows[0], "ars": None, "aug_acc": {**stat(0.0, 0.0), "diverged": 2}}
     text = fm.family_markdown("dsa-eval", "cpu", {"rows": rows, "config": cfg})
     # their accuracies carry the bench's "(N diverged)" mark, and no gain from augmentation is computed from them
     assert text.split("### With and without augmentation")[1].split("\n\n")[1].splitlines()[2] == (
-        "| dsa | 10 | convnet3-w32 | hard | 0.00 ± 0.00 (2 diverged) | 76.00 ± 0.00 | 75.00 ± 0.00 | 74.00 ± 0.00 | "
-        "– | – |")
+        "| dsa | 10 | convnet3-w32 | hard | 0.00 ± 0.00 (2 diverged) | 76.00 | 75.00 | 74.00 | – | – |")
 
 
 def _published_column(fm, rows, cfg):
@@ -193,7 +191,7 @@ def test_family_markdown_shows_published_numbers_only_beside_the_papers_evaluati
     """The published column stood beside any hard-label dc/dsa/random row: DSA-augmented dc, ZCA-whitened
     random, a ResNet student; now only where the students train as the paper's (its epochs and the
     ConvNet-3's width and padding aside)."""
-    stat = {"mean": 0.8, "std": 0.01, "per_seed": [0.8], "n": 1}
+    stat = {"mean": 0.8, "std": 0.01, "per_seed": [0.8, 0.8, 0.8], "n": 3}
     base = {"label_mode": "hard", "ipc": 10, "acc": stat, "random": stat, "ior": None, "hlr": None,
             "bytes": {"images": 1, "labels": 1}, "synthesis": {"seconds": 1.0, "peak_memory_bytes": None},
             "versions": {}, "protocol_hash": "abc"}
@@ -220,7 +218,7 @@ def test_family_markdown_shows_published_numbers_only_beside_the_papers_evaluati
 def test_family_markdown_states_student_options_and_peak_memory_in_mib(fm):
     """The header never named the bench's student_options (a width-8 ResNet-18 read as `resnet18_cifar`),
     and the memory column said MB of a value in 2^20 bytes."""
-    stat = {"mean": 0.8, "std": 0.01, "per_seed": [0.8], "n": 1}
+    stat = {"mean": 0.8, "std": 0.01, "per_seed": [0.8, 0.8, 0.8], "n": 3}
     row = {"method": "sre2l", "method_name": "sre2l", "ipc": 1, "student": "resnet18_cifar", "label_mode": "teacher",
            "acc": stat, "random": stat, "ior": None, "hlr": None, "bytes": {"images": 1, "labels": 1},
            "synthesis": {"seconds": 1.0, "peak_memory_bytes": 3 * 2**20}, "versions": {}, "protocol_hash": "abc"}
@@ -426,7 +424,7 @@ def test_stats_pass_names_missing_data_in_one_line(tmp_path):
 
 def test_dc_dsa_table_compares_each_ipc_with_its_published_numbers():
     dd = _script("dc_dsa")
-    stat = lambda m: {"mean": m, "std": 0.004, "per_seed": [m], "n": 1}
+    stat = lambda m: {"mean": m, "std": 0.004, "per_seed": [m, m, m], "n": 3}
     rows = [{"method": m, "iterations": 250, "protocol": dd.PROTOCOL[m], "distilled": stat(acc), "random": stat(0.74),
              "published": dd.PUBLISHED[10][m], "published_random": dd.PUBLISHED[10]["random"],
              "synthesis_seconds": 12.0}
@@ -825,7 +823,7 @@ def _dc_files(work, seeds=(0, 1), fingerprint="f1", config_hash="h1", set_hash="
         json.dumps({"config_hash": config_hash, "dataset": {"fingerprint": fingerprint}}))
     (work / f"{name}.synthesis.json").write_text(
         json.dumps({"wall_seconds": 12.0, "device": device, "machine": f"a box, device {device}"}))
-    stat = {"mean": 0.7, "std": 0.01, "per_seed": [0.7], "n": 1}
+    stat = {"mean": 0.7, "std": 0.01, "per_seed": [0.7, 0.7, 0.7], "n": 3}
     report = {"protocol_hash": dd._protocol(method, dd.MODEL).hash, "seeds": list(seeds), "set_config_hash": set_hash,
               "distilled": {"dataset_fingerprint": "f1"}, "results": {"distilled": stat, "random": stat},
               "bytes": {"images": 1, "labels": 1}}
@@ -911,7 +909,7 @@ def test_dc_dsa_evaluates_again_a_set_made_again(tmp_path, monkeypatch):
 
     def evaluate(distilled, protocol, seeds, **kw):
         evaluated.append(distilled)
-        stat = {"mean": 0.8, "std": 0.0, "per_seed": [0.8], "n": 1}
+        stat = {"mean": 0.8, "std": 0.0, "per_seed": [0.8, 0.8, 0.8], "n": 3}
         return {"protocol_hash": protocol.hash, "seeds": seeds, "distilled": {"dataset_fingerprint": "f1"},
                 "results": {"distilled": stat, "random": stat}, "bytes": {"images": 1, "labels": 1}}
 
