@@ -6,6 +6,7 @@ import math
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,14 +200,17 @@ REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set fr
 
 
 @pytest.mark.parametrize(("sets", "message"), [
-    # the full set has no ipc: the bench made the sets before it, then stopped with advice for a run ("remove ipc")
-    (["methods=[random,full]"], "method 'full' (full) keeps every training image, but a bench makes each method's set "
-     "at each of its ipcs [1, 2]; remove it from methods: every cell trains the full-data reference behind its HLR "
-     "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: {full_epochs: 20})"),
+    # the full set has no ipc: the bench made the sets before it, then stopped with advice for a run ("remove ipc");
+    # at the default ipc (10) it is made once and filed there (QA 21a F1: that ran, and still does)
+    (["methods=[random,full]"], "method 'full' (full) keeps every training image: a bench makes its one set at ipc 10 "
+     "alone (its rows are filed there), not at ipcs [1, 2]; limit it with method_ipcs: {full: [10]} (10 among ipcs), "
+     "or remove it from methods: every cell trains the full-data reference behind its HLR (full_hard) already, set by "
+     "the protocol's full_reference / full_epochs (e.g. overrides: {full_epochs: 20})"),
     # a plugin method without an ipc (registered by the test) likewise, with advice for its own set
-    (["methods=[random,budget]"], "method 'budget' (budget) makes no ipc images per class (uses_ipc = False), but a "
-     "bench makes each method's set at each of its ipcs [1, 2]; remove it from methods and make its set with `ddkit "
-     "run` or `ddkit distill`"),
+    (["methods=[random,budget]", "ipcs=[2,10]"], "method 'budget' (budget) makes no ipc images per class (uses_ipc = "
+     "False): a bench makes its one set at ipc 10 alone (its rows are filed there), not at ipcs [2]; limit it with "
+     "method_ipcs: {budget: [10]} (10 among ipcs), or remove it from methods and make its set with `ddkit run` or "
+     "`ddkit distill`"),
     # every fkd cell replayed the given store, while the bench relabelled its sets and recorded its relabel section
     (["label_modes=[fkd]", "overrides.fkd_store=elsewhere"], "overrides.fkd_store " + REPLACED_STORE),
     (["label_modes=[fkd]", "ipc_overrides.2.fkd_store=elsewhere"], "ipc_overrides.2.fkd_store " + REPLACED_STORE),
@@ -247,6 +251,20 @@ def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, 
     code = main(["bench", str(cfg), "--device", "cpu", "-q", *[a for s in sets for a in ("--set", s)]])
     assert (code, capsys.readouterr().err) == (2, f"error: {message}\n")
     assert not out.exists()
+
+
+def test_full_in_a_bench_makes_its_one_set_at_the_default_ipc(tmp_path):
+    """QA 21a F1: a bench with `full` limited to IPC 10 (the IPC DistillConfig takes for a set without one) ran before
+    `full` was refused in benches; it runs again, its rows filed at IPC 10, in every label mode, with the whole
+    training split as its set."""
+    out = tmp_path / "b"
+    rows = run_bench(tiny_cfg(out, methods=["random", "full"], ipcs=[2, 10], method_ipcs={"full": [10]},
+                              label_modes=["hard", "teacher"], seeds=[0]))
+    full = [r for r in rows if r["method"] == "full"]
+    assert sorted((r["ipc"], r["label_mode"]) for r in full) == [(10, "hard"), (10, "teacher")]
+    manifest = json.loads((Path(full[0]["distilled_path"]) / "manifest.json").read_text())
+    assert manifest["num_images"] == 96 and manifest["ipc"] is None  # synthetic's whole training split
+    assert all(0 <= r["acc"]["mean"] <= 1 for r in full)
 
 
 def test_student_options_apply_where_no_listed_student_replaces_them(tmp_path):

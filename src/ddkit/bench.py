@@ -89,6 +89,7 @@ from ddkit.methods import METHODS
 from ddkit.methods.base import check_ipc
 from ddkit.methods.common import progress_view
 from ddkit.pipeline import (
+    DEFAULT_IPC,
     OPTION_PATHS,
     DistillConfig,
     check_learned_lr,
@@ -153,8 +154,9 @@ class BenchConfig(Checked):
 
     datasets: list[str | DatasetConfig] = field(["synthetic"], help="dataset keys or dataset sections")
     methods: list[str | MethodSpec] = field(["random"], help="method keys or {name, options, soft_labels, label}, "
-                                            "each making a set per IPC (not full: every cell's hard evaluation trains "
-                                            "the full-data reference, overrides.full_reference / full_epochs)")
+                                            "each making a set per IPC (full: one set, at IPC 10 alone; every cell's "
+                                            "hard evaluation trains the full-data reference already, "
+                                            "overrides.full_reference / full_epochs)")
     ipcs: list[int] = field([1, 10], help="images per class")
     students: list[str] = field(["convnet3"], help="student models; several give cross-architecture accuracy")
     label_modes: list[str] = field(["hard"], help="hard, teacher, stored and/or fkd; each is a column of the matrix")
@@ -209,18 +211,20 @@ class BenchConfig(Checked):
         keys = [m.key for m in self.methods]
         if len(set(keys)) != len(keys):
             problems.append(f"methods {keys} repeat a name; give each a distinct label")
-        # a set without an ipc (uses_ipc = False) has no place in a matrix over ipcs: DistillConfig refuses an ipc
-        # for it only when the bench reaches its set, after the sets before it were made
+        # a set without an ipc (uses_ipc = False) is made once, at the default IPC (which DistillConfig takes for
+        # it) and filed under it; at any other IPC DistillConfig refuses it only when the bench reaches its set
         for m in self.methods:
-            if METHODS.get(m.name).uses_ipc:
+            others = [i for i in self.method_ipcs.get(m.key, self.ipcs) if i != DEFAULT_IPC]
+            if METHODS.get(m.name).uses_ipc or not others:
                 continue
             what, fix = (("keeps every training image", ": every cell trains the full-data reference behind its HLR "
                           "(full_hard) already, set by the protocol's full_reference / full_epochs (e.g. overrides: "
                           "{full_epochs: 20})") if m.name == "full" else
                          ("makes no ipc images per class (uses_ipc = False)",
                           " and make its set with `ddkit run` or `ddkit distill`"))
-            problems.append(f"method {m.key!r} ({m.name}) {what}, but a bench makes each method's set at each of its "
-                            f"ipcs {self.ipcs}; remove it from methods{fix}")
+            problems.append(f"method {m.key!r} ({m.name}) {what}: a bench makes its one set at ipc {DEFAULT_IPC} "
+                            f"alone (its rows are filed there), not at ipcs {others}; limit it with method_ipcs: "
+                            f"{{{m.key}: [{DEFAULT_IPC}]}} ({DEFAULT_IPC} among ipcs), or remove it from methods{fix}")
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
@@ -727,7 +731,8 @@ class _Bench:
         self.methods = {m.key: m for m in cfg.methods}
         for data in self.data.values():  # before any teacher trains or set is made
             for key, spec in self.methods.items():
-                for ipc in cfg.method_ipcs_of(key):  # (every method makes ipc images per class: BenchConfig)
+                # a method without an ipc (full) makes its one set at the default IPC alone (BenchConfig)
+                for ipc in cfg.method_ipcs_of(key) if METHODS.get(spec.name).uses_ipc else ():
                     method, where = METHODS.get(spec.name), f"methods[{key}].options"
                     if method.ipc_within_class_size:
                         check_ipc(data, ipc)
