@@ -214,14 +214,16 @@ REPLACED_STORE = ("is not used: a bench makes one FKD store per distilled set fr
     # every fkd cell replayed the given store, while the bench relabelled its sets and recorded its relabel section
     (["label_modes=[fkd]", "overrides.fkd_store=elsewhere"], "overrides.fkd_store " + REPLACED_STORE),
     (["label_modes=[fkd]", "ipc_overrides.2.fkd_store=elsewhere"], "ipc_overrides.2.fkd_store " + REPLACED_STORE),
-    # a listed student's options replaced the overrides' wholesale, which the config and report still stated
+    # a listed student's options replaced the overrides' wholesale, which the config and report still stated; the
+    # students that do read them are named (QA 21a F3)
     (["student_options.tiny_convnet.width=8", "overrides.student_options.width=4"],
      "overrides.student_options is not used by ['tiny_convnet'], whose options come from student_options alone; give "
      "them there: student_options: {tiny_convnet: {...}}"),
     (["students=[tiny_convnet,tiny_mlp]", "student_options.tiny_convnet.width=8",
       "ipc_overrides.2.student_options.width=16"],
      "ipc_overrides.2.student_options is not used by ['tiny_convnet'], whose options come from student_options alone "
-     "(the same at every IPC); give them there: student_options: {tiny_convnet: {...}}"),
+     "(the same at every IPC); give them there: student_options: {tiny_convnet: {...}, tiny_mlp: {...}} (tiny_mlp "
+     "read it now: list them there too)"),
 ])
 def test_settings_a_bench_would_replace_are_refused_before_any_output(tmp_path, capsys, monkeypatch, sets, message):
     """Each of these ran (part of) the bench and recorded a setting that no cell used: refused in one line when the

@@ -351,9 +351,13 @@ class BenchConfig(Checked):
             listed = [s for s in self.students if s in self.student_options
                       and (ipc is None or ipc in self.student_ipcs_of(s))]
             if over.get("student_options") and listed:
+                # the students that do read it keep it only by being listed too: one place for every student's options
+                users = [s for s in self.students
+                         if s not in listed and (ipc is None or ipc in self.student_ipcs_of(s))]
                 problems.append(f"{where}.student_options is not used by {listed}, whose options come from "
                                 f"student_options alone{' (the same at every IPC)' if ipc is not None else ''}; give "
-                                "them there: student_options: {" + ", ".join(f"{s}: {{...}}" for s in listed) + "}")
+                                "them there: student_options: {" + ", ".join(f"{s}: {{...}}" for s in listed + users)
+                                + "}" + (f" ({', '.join(users)} read it now: list them there too)" if users else ""))
         return problems
 
     def method_ipcs_of(self, key: str) -> list[int]:
