@@ -352,6 +352,7 @@ def _seeds_row(method, ipc, n, rnd=0.7, acc=0.9):
 def test_one_seed_draws_no_error_bars_or_band_and_a_band_draws_its_mean(monkeypatch, tmp_path):
     """One seed drew error bars of no length and a random band of no height (a hairline under a grey legend patch);
     with several seeds the band never drew the random subset's mean."""
+    import numpy as np
     from matplotlib.collections import PolyCollection
 
     def drawn(n, ipcs):
@@ -371,6 +372,14 @@ def test_one_seed_draws_no_error_bars_or_band_and_a_band_draws_its_mean(monkeypa
     assert bars == [0, 0, 0] and bands == [] and means == []
     bars, _, _ = drawn(3, (10,))
     assert bars == [1, 1, 1]
+    # one seed at one IPC, several at another (a merged table): the band spans both, of no height at the first
+    # (QA 21a F4: its NaN left the whole band undrawn)
+    rows = [_seeds_row(m, i, 1 if i == 1 else 3, acc=a) for m, a in (("dm", 0.8), ("mtt", 0.9)) for i in (1, 10)]
+    (ax,) = _first_figure(monkeypatch, rows, tmp_path).axes
+    (band,) = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    xs, ys = band.get_paths()[0].vertices.T
+    assert {1.0, 10.0} <= set(xs.tolist()) and np.isfinite(ys).all()
+    assert ys.min() == pytest.approx(69.0) and ys.max() == pytest.approx(71.0)
 
 
 def test_report_tables_print_a_value_of_one_seed_without_a_spread(run_dir, tmp_path):

@@ -168,7 +168,8 @@ def _plots(rows: list[dict], out: Path) -> list[str]:
                             label=label)
             elif errors is None:  # one seed: a band would have no height
                 ax.plot(list(band), means, color=color, linestyle="--", linewidth=1, marker="s", label=label)
-            else:
+            else:  # of no height at an IPC of one seed (a merged or edited table), ± std elsewhere
+                errors = [0.0 if math.isnan(e) else e for e in errors]
                 ax.fill_between(list(band), [m - e for m, e in zip(means, errors)],
                                 [m + e for m, e in zip(means, errors)], color=color, alpha=0.25, label=label)
                 ax.plot(list(band), means, color=color, linestyle="--", linewidth=1)  # its mean
