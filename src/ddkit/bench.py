@@ -106,6 +106,7 @@ from ddkit.pipeline import (
     work_dir,
 )
 from ddkit.teacher import Teacher, TeacherConfig, check_teacher, saved_teacher, train_teacher
+from ddkit.training import LABEL_MODES
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ class BenchConfig(Checked):
         for name in ("datasets", "methods", "ipcs", "students", "label_modes", "seeds"):
             if not getattr(self, name):
                 problems.append(f"{name} is empty; list at least one")
-        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
+        bad = [m for m in self.label_modes if m not in LABEL_MODES]
         if bad:
             problems.append(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if any(i < 1 for i in self.ipcs):

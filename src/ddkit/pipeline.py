@@ -10,7 +10,6 @@ import contextlib
 import fnmatch
 import logging
 import shutil
-import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +88,7 @@ from ddkit.teacher import (
     saved_teacher,
     train_teacher,
 )
-from ddkit.training import LabelSource, TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
+from ddkit.training import LABEL_MODES, TeacherBN, check_teacher_bn, keeps_teacher_modes, omit_running_bn
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class EvalConfig(Checked):
         self.seeds = sorted_seeds(self.seeds, "evaluate.seeds")
         if not self.label_modes:
             raise ConfigError("label_modes is empty; list at least one (hard, teacher, stored or fkd)")
-        bad = [m for m in self.label_modes if m not in ("hard", "teacher", "stored", "fkd")]
+        bad = [m for m in self.label_modes if m not in LABEL_MODES]
         if bad:
             raise ConfigError(f"unknown label mode(s) {bad}; use hard, teacher, stored or fkd")
         if len(set(self.label_modes)) != len(self.label_modes):
@@ -653,7 +652,7 @@ def drop_evaluations(out: Path, keep: Sequence[str] = ()) -> None:
     nor (``keep`` empty) any report of a set it is about to replace, whether it finishes or fails later (as it
     removes the old run's ``manifest.json`` and ``report/`` first). Other ``eval-*.json`` there (``ddkit evaluate
     --out``) are the user's: kept."""
-    for mode in set(typing.get_args(LabelSource)) - set(keep):  # only the run's own names: a user's are kept
+    for mode in set(LABEL_MODES) - set(keep):  # only the run's own names: a user's are kept
         if (path := out / evaluation_file(mode)).is_file():
             path.unlink(missing_ok=True)
 

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ from ddkit.errors import ConfigError, DDKitError
 log = logging.getLogger(__name__)
 
 LabelSource = Literal["hard", "teacher", "stored", "fkd"]
+LABEL_MODES: tuple[str, ...] = get_args(LabelSource)
 LossKind = Literal["ce", "kl", "mse_ce"]
 TeacherBN = Literal["running", "batch"]
 TEACHER_BN_MODES = ("running", "batch")
