@@ -560,14 +560,19 @@ def test_protocol_sentence_states_the_ipc_overrides(run_dir, tmp_path):
 
 def test_committed_reports_state_their_benchs_protocol():
     """Each committed docs/results/<run>-report/report.md (and .html) states the protocol of its bench JSON,
-    ipc_overrides included (re-render the sentence after changing report.protocol_sentence)."""
+    ipc_overrides included, and its results table is the JSON's rows as the report writes them now (re-render the
+    folders after changing report.protocol_sentence or the table's cells: docs/results/README.md says how)."""
     from conftest import REPO
-    from ddkit.report import protocol_sentence
+    from ddkit.report import _cells, protocol_sentence
 
     reports = sorted((REPO / "docs" / "results").glob("*-report"))
     assert reports
     for folder in reports:
-        cfg = json.loads(folder.with_name(folder.name.removesuffix("-report") + ".json").read_text())["config"]
-        stated = protocol_sentence(cfg) + "; seeds "
-        assert (folder / "report.md").read_text().splitlines()[2].startswith(stated), folder.name
+        table = json.loads(folder.with_name(folder.name.removesuffix("-report") + ".json").read_text())
+        stated = protocol_sentence(table["config"]) + "; seeds "
+        md = (folder / "report.md").read_text().splitlines()
+        assert md[2].startswith(stated), folder.name
+        start = md.index("## Results") + 4
+        assert md[start:start + len(table["rows"]) + 1] == ["| " + " | ".join(_cells(r)) + " |"
+                                                             for r in table["rows"]] + [""], folder.name
         assert f"<p>{html.escape(stated).replace('`', '')}" in (folder / "report.html").read_text(), folder.name
