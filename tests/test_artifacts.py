@@ -348,6 +348,30 @@ def test_atomic_dir_leaves_nothing_on_failure_and_keeps_old(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_output_through_a_symlink_replaces_what_it_points_to(tmp_path):
+    """An output path that is a symbolic link (to a folder or a file) is written where the link points: the link
+    stays and names the new output, and nothing hidden is left beside either."""
+    from ddkit.artifacts import write_text
+
+    target, links = tmp_path / "target", tmp_path / "links"
+    target.mkdir()
+    links.mkdir()
+    (target / "manifest.json").write_text(json.dumps({"kind": "thing"}))
+    (target / "old.txt").write_text("old")
+    (links / "out").symlink_to(target)
+    with atomic_dir(links / "out", kind="thing") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert (links / "out").is_symlink() and sorted(p.name for p in target.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in links.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["links", "target"]
+    (tmp_path / "file.txt").write_text("old")
+    (links / "file").symlink_to(tmp_path / "file.txt")
+    write_text(links / "file", "new")
+    assert (links / "file").is_symlink() and (tmp_path / "file.txt").read_text() == "new"
+    assert sorted(p.name for p in links.iterdir()) == ["file", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "links", "target"]
+
+
 def test_atomic_dir_never_replaces_what_is_not_a_ddkit_output(tiny, tmp_path):
     """--out pointing at a user's folder, a file, or another kind of ddkit output is refused (nothing
     deleted, nothing left behind); an empty folder or an output of the same kind is replaced."""

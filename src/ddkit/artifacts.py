@@ -190,14 +190,20 @@ def sweep_leftovers(final: str | Path) -> list[Path]:
         found = pattern.fullmatch(entry.name)
         if found is None or found["origin"] != origin or _alive(int(found["pid"])):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                entry.unlink()
+        _remove(entry)
         log.info("removed %s, left by a process that was killed while writing %s", entry.name, final.name)
         removed.append(entry)
     return removed
+
+
+def _remove(entry: Path) -> None:
+    """Delete ``entry``, whatever it is: a folder with what it holds, or a file or symbolic link (the link, not
+    what it points to). A missing or undeletable entry is left for :func:`sweep_leftovers` to try again."""
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            entry.unlink()
 
 
 @contextlib.contextmanager
@@ -205,7 +211,9 @@ def _atomic_file(path: Path) -> Iterator[Path]:
     """Yield an empty temporary file beside ``path`` (once dead writers' leftovers are swept; its folder
     made if missing, as :func:`atomic_dir` makes an output's) that replaces ``path`` if the block succeeds
     and is removed if it fails. A folder or temporary that cannot be made is a :class:`WriteFailure`
-    naming ``path``, not the hidden temporary."""
+    naming ``path``, not the hidden temporary. A ``path`` that is a symbolic link is written where it points."""
+    if path.is_symlink():
+        path = path.resolve()
     check_output_file(path)
     sweep_leftovers(path)
     tmp = temp_path(path)
@@ -620,8 +628,11 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
 
     An existing ``final`` is replaced only when it is an empty folder or a ddkit output of ``kind``
     (see :func:`check_output_dir`), or when ``accept(final)`` says it is one an older ddkit wrote
-    without a manifest; otherwise a one-line error."""
+    without a manifest; otherwise a one-line error. A ``final`` that is a symbolic link is written where it
+    points (the link stays and names the new output)."""
     final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()
     if accept is None or not (final.is_dir() and accept(final)):
         _check_replaceable(final, kind)
     try:
@@ -644,7 +655,7 @@ def atomic_dir(final: str | Path, *, kind: str | None = None,
     if olds and any(olds[0].iterdir()):  # a rerun with other settings must not replace the earlier output unannounced
         log.warning("replaced the earlier %s in %s", folder_kind(olds[0]) or "output", final)
     for old in olds:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 def _swap_in(tmp: Path, final: Path, tries: int = 20) -> list[Path]:
@@ -675,7 +686,7 @@ def _swap_in(tmp: Path, final: Path, tries: int = 20) -> list[Path]:
             with contextlib.suppress(OSError):
                 os.replace(olds.pop(), final)
         for old in olds:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         raise
 
 
