@@ -283,3 +283,59 @@ def test_sets_beyond_100_classes_made_before_class_chunks_are_not_reused(monkeyp
     for num_classes, options in [(100, {}), (101, {"class_batch": 101}), (101, {"class_batch": 50})]:
         now, before = hashes(num_classes, options)
         assert now == before
+
+
+def test_committee_larger_than_the_teachers_is_refused_before_any_stage(data, teachers, tmp_path, capsys,
+                                                                        monkeypatch):
+    """QA 22f F1: `cvdd`'s default committee of 2 without extra_teachers was refused only once a slot's committee was
+    drawn, after `ddkit run`/`bench` had trained the teacher and `recover` had run its teacher and RDED-init passes;
+    `ddkit run`/`bench` refuse it at load (``check_data``), `ddkit distill` before the method's first pass."""
+    import yaml
+
+    from ddkit.cli import main
+
+    def ran(*a, **k):
+        raise AssertionError("a teacher or init pass ran before the committee was checked")
+
+    monkeypatch.setattr(S, "_prepare_teachers", ran)
+    monkeypatch.setattr(S, "_initial_images", ran)
+    with pytest.raises(DDKitError, match=r"^distill\.options\.committee_size 2 exceeds the 1 teacher\(s\) given; add "
+                                         r"teachers with distill\.options\.extra_teachers or lower "
+                                         r"distill\.options\.committee_size$"):
+        _run("cvdd", data, teachers[:1], iterations=1)
+    with pytest.raises(DDKitError, match=r"^distill\.options\.committee_size 3 exceeds the 2 teacher\(s\)"):
+        _run("cvdd", data, teachers[:1], iterations=1, committee_size=3, extra_teachers=[str(teachers[1].path)])
+    # the pre-flight counts the pipeline's teacher and the extra ones, and takes a committee they fill
+    check = METHODS.get("cvdd").check_data
+    check(from_dict(CVDDConfig, {"extra_teachers": ["a"]}), data, 1)
+    check(from_dict(CVDDConfig, {"committee_size": None, "soft_labels": "none"}), data, 1)
+    with pytest.raises(DDKitError, match=r"^at\.committee_size 3 exceeds the 2 teacher\(s\) given; add teachers with "
+                                         r"at\.extra_teachers or lower at\.committee_size$"):
+        check(from_dict(CVDDConfig, {"committee_size": 3, "extra_teachers": ["a"]}), data, 1, "at")
+    # the CLI: one line, nothing written (no teacher trained, no set made)
+    fast = {"iterations": 1, "init": "real", "stats": "conv"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+        "distill": {"method": "cvdd", "ipc": 1, "options": fast},
+        "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                                 "train": {"epochs": 1}}},
+        "out": str(tmp_path / "run")}))
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
+        "datasets": ["synthetic"], "ipcs": [1], "students": ["tiny_convnet"],
+        "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+        "teacher_pool": {"d2": {"model": "tiny_convnet", "seed": 1, "train": {"epochs": 1}}},
+        "methods": [{"name": "cvdd", "options": {**fast, "committee_size": 3, "extra_teachers": ["@d2"]}}],
+        "out": str(tmp_path / "bench")}))
+    for argv, message in (
+            (["run", str(tmp_path / "run.yaml")], "distill.options.committee_size 2 exceeds the 1 teacher(s) given; "
+             "add teachers with distill.options.extra_teachers or lower distill.options.committee_size"),
+            (["bench", str(tmp_path / "bench.yaml")], "methods[cvdd].options.committee_size 3 exceeds the 2 "
+             "teacher(s) given; add teachers with methods[cvdd].options.extra_teachers or lower "
+             "methods[cvdd].options.committee_size"),
+            (["distill", "--dataset", "synthetic", "--method", "cvdd", "--ipc", "1", "--teacher",
+              str(teachers[0].path), "--out", str(tmp_path / "set"), "--set", "distill.options.iterations=1"],
+             "distill.options.committee_size 2 exceeds the 1 teacher(s) given; add teachers with "
+             "distill.options.extra_teachers or lower distill.options.committee_size")):
+        code = main([*argv, "-q"])
+        assert (code, capsys.readouterr().err) == (2, f"error: {message}\n"), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]

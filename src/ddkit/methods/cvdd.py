@@ -39,7 +39,8 @@ class CVDDConfig(RecoverConfig):
                                                                 "('real' is cheaper)")
     jitter: int = field(4, help="random roll of up to this many pixels per step (CV-DD CIFAR: 4)")
     committee_size: int | None = field(2, help="teachers per committee, drawn per IPC slot (CV-DD: 2); needs that many "
-                                               "teachers (extra_teachers)")
+                                               "teachers, the pipeline's and extra_teachers (refused before any stage "
+                                               "otherwise)")
     committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(test accuracy_% / T) voting (CV-DD "
                                                                        "'prior', from each teacher's recorded TEST "
                                                                        "accuracy: see the docstring) or equal weights "
@@ -99,8 +100,9 @@ class CVDD(RecoverMethod):
     """Committee Voting for Dataset Distillation (Cui, Li, Ma, Bi, Luo & Shen, "Dataset Distillation via
     Committee Voting", arXiv 2501.07575, 2025; Jiacheng8/CV-DD).
 
-    Each IPC slot draws a committee of ``committee_size`` teachers (different architectures) from
-    the ones given (the pipeline's teacher plus ``extra_teachers``); every step minimises
+    Each IPC slot draws a committee of ``committee_size`` teachers (different architectures)
+    from the ones given (the pipeline's teacher plus ``extra_teachers``, at least ``committee_size``
+    of them: refused before any stage otherwise); every step minimises
     ``sum_i w_i (CE_i + r_bn * BN_i)`` over the members with "prior performance guided" votes
     ``w = softmax(p / T)``, T = 5 (``committee_temperature``), so that the images carry what several
     models agree on rather than one model's bias. Soft labels come from the committee too: the

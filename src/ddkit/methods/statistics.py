@@ -826,6 +826,13 @@ class RecoverMethod(Method):
         return tags
 
     @classmethod
+    def check_data(cls, cfg: RecoverConfig, real: DataBundle, ipc: int, options_key: str = "distill.options") -> None:
+        """What :func:`recover` refuses before its first teacher pass, for a run or bench to check before any stage
+        (the teacher is trained first there): a committee larger than the pipeline's teacher and the
+        ``extra_teachers``."""
+        check_committee(cfg, 1 + len(cfg.extra_teachers), options_key)
+
+    @classmethod
     def data_identity_tags(cls, options: dict, num_classes: int) -> dict:
         # 2026-12-06: class_batch None splits more than CLASS_BATCH classes into batches (all in one before)
         if options.get("class_batch") is None and num_classes > CLASS_BATCH:
@@ -944,6 +951,15 @@ def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
     return list(teachers) + extra
 
 
+def check_committee(cfg: RecoverConfig, teachers: int, where: str = "") -> None:
+    """Refuse a committee (``committee_size``) larger than the ``teachers`` it is chosen from; ``where``: the config
+    key of the options (``distill.options``), which the error names."""
+    if cfg.committee_size is not None and cfg.committee_size > teachers:
+        at = f"{where}." if where else ""
+        raise DDKitError(f"{at}committee_size {cfg.committee_size} exceeds the {teachers} teacher(s) given; add "
+                         f"teachers with {at}extra_teachers or lower {at}committee_size")
+
+
 def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
                   slot: int) -> list[tuple[int, float]] | None:
     """CV-DD's committee of one IPC slot: ``committee_size`` teachers drawn without replacement
@@ -951,9 +967,7 @@ def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
     ``softmax(test_accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
     if cfg.committee_size is None:
         return None
-    if cfg.committee_size > len(states):
-        raise DDKitError(f"committee_size {cfg.committee_size} exceeds the {len(states)} teacher(s) given; "
-                         "add teachers with extra_teachers or lower committee_size")
+    check_committee(cfg, len(states))
     gen = torch.Generator().manual_seed(_unit_seed(seed, slot, 0) ^ 0x5EED)
     members = sorted(torch.randperm(len(states), generator=gen)[: cfg.committee_size].tolist())
     return list(zip(members, committee_weights_of(cfg, [states[i].teacher for i in members])))
@@ -1072,6 +1086,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     ``done_<unit>``) is resumed too: its finished units move to their files.
     """
     ipc = check_ipc(real, ctx.ipc)
+    check_committee(cfg, len(teachers) + len(cfg.extra_teachers), ctx.options_key)  # before any teacher pass
     warn_digit_mirrors(cfg, real.name, ctx.options_key)
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
