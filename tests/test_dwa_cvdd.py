@@ -283,3 +283,142 @@ def test_sets_beyond_100_classes_made_before_class_chunks_are_not_reused(monkeyp
     for num_classes, options in [(100, {}), (101, {"class_batch": 101}), (101, {"class_batch": 50})]:
         now, before = hashes(num_classes, options)
         assert now == before
+
+
+def test_committee_larger_than_the_teachers_is_refused_before_any_stage(data, teachers, tmp_path, capsys,
+                                                                        monkeypatch):
+    """QA 22f F1: `cvdd`'s default committee of 2 without extra_teachers was refused only once a slot's committee was
+    drawn, after `ddkit run`/`bench` had trained the teacher and `recover` had run its teacher and RDED-init passes;
+    `ddkit run`/`bench` refuse it at load (``check_data``), `ddkit distill` before the method's first pass."""
+    import yaml
+
+    from ddkit.cli import main
+
+    def ran(*a, **k):
+        raise AssertionError("a teacher or init pass ran before the committee was checked")
+
+    monkeypatch.setattr(S, "_prepare_teachers", ran)
+    monkeypatch.setattr(S, "_initial_images", ran)
+    with pytest.raises(DDKitError, match=r"^distill\.options\.committee_size 2 exceeds the 1 teacher\(s\) given; add "
+                                         r"teachers with distill\.options\.extra_teachers or lower "
+                                         r"distill\.options\.committee_size$"):
+        _run("cvdd", data, teachers[:1], iterations=1)
+    with pytest.raises(DDKitError, match=r"^distill\.options\.committee_size 3 exceeds the 2 teacher\(s\)"):
+        _run("cvdd", data, teachers[:1], iterations=1, committee_size=3, extra_teachers=[str(teachers[1].path)])
+    # the pre-flight counts the pipeline's teacher and the extra ones, and takes a committee they fill
+    check = METHODS.get("cvdd").check_data
+    check(from_dict(CVDDConfig, {"extra_teachers": ["a"]}), data, 1)
+    check(from_dict(CVDDConfig, {"committee_size": None, "soft_labels": "none"}), data, 1)
+    with pytest.raises(DDKitError, match=r"^at\.committee_size 3 exceeds the 2 teacher\(s\) given; add teachers with "
+                                         r"at\.extra_teachers or lower at\.committee_size$"):
+        check(from_dict(CVDDConfig, {"committee_size": 3, "extra_teachers": ["a"]}), data, 1, "at")
+    # the CLI: one line, nothing written (no teacher trained, no set made)
+    fast = {"iterations": 1, "init": "real", "stats": "conv"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+        "distill": {"method": "cvdd", "ipc": 1, "options": fast},
+        "evaluate": {"seeds": [0], "overrides": {"student": "tiny_convnet", "full_reference": False,
+                                                 "train": {"epochs": 1}}},
+        "out": str(tmp_path / "run")}))
+    (tmp_path / "bench.yaml").write_text(yaml.safe_dump({
+        "datasets": ["synthetic"], "ipcs": [1], "students": ["tiny_convnet"],
+        "teacher": {"model": "tiny_convnet", "train": {"epochs": 1}},
+        "teacher_pool": {"d2": {"model": "tiny_convnet", "seed": 1, "train": {"epochs": 1}}},
+        "methods": [{"name": "cvdd", "options": {**fast, "committee_size": 3, "extra_teachers": ["@d2"]}}],
+        "out": str(tmp_path / "bench")}))
+    for argv, message in (
+            (["run", str(tmp_path / "run.yaml")], "distill.options.committee_size 2 exceeds the 1 teacher(s) given; "
+             "add teachers with distill.options.extra_teachers or lower distill.options.committee_size"),
+            (["bench", str(tmp_path / "bench.yaml")], "methods[cvdd].options.committee_size 3 exceeds the 2 "
+             "teacher(s) given; add teachers with methods[cvdd].options.extra_teachers or lower "
+             "methods[cvdd].options.committee_size"),
+            (["distill", "--dataset", "synthetic", "--method", "cvdd", "--ipc", "1", "--teacher",
+              str(teachers[0].path), "--out", str(tmp_path / "set"), "--set", "distill.options.iterations=1"],
+             "distill.options.committee_size 2 exceeds the 1 teacher(s) given; add teachers with "
+             "distill.options.extra_teachers or lower distill.options.committee_size")):
+        code = main([*argv, "-q"])
+        assert (code, capsys.readouterr().err) == (2, f"error: {message}\n"), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.yaml", "run.yaml"]
+
+
+def _pool(*accuracies):
+    from types import SimpleNamespace
+
+    return [S._TeacherState(SimpleNamespace(test_accuracy=a), [], None) for a in accuracies]
+
+
+def test_committee_choice_picks_the_committees_of_cv_dd_scripts():
+    """QA 22f F3: CV-DD's scripts fix the committee at IPC 1 (the two best teachers by prior, --model-setting 4) and
+    take every pair once at IPC 10 (--model-setting 5), drawing at random only at IPC 50; ddkit drew at random at
+    every IPC. ``committee_choice`` picks the scripts' forms; ``random`` stays the default and draws as before."""
+    def members(options, states, seed=0, slots=range(10)):
+        cfg = from_dict(CVDDConfig, options)
+        return [[i for i, _ in S.committee_for(cfg, states, seed, s)] for s in slots]
+
+    three = _pool(0.90, 0.92, 0.89)
+    # random: the draws of the code before the setting (seeds 0 and 2), given or by default
+    assert members({}, three) == [[1, 2], [0, 2], [0, 1], [0, 2], [1, 2], [0, 2], [1, 2], [1, 2], [0, 2], [0, 2]]
+    assert members({"committee_choice": "random"}, three, seed=2) == [
+        [0, 2], [0, 2], [0, 2], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 1], [0, 2]]
+    # best: the committee_size of highest test accuracy, the same for every slot and seed (earlier first on a tie)
+    assert members({"committee_choice": "best"}, three, seed=5) == [[0, 1]] * 10
+    assert members({"committee_choice": "best"}, _pool(0.88, 0.92, 0.90)) == [[1, 2]] * 10
+    assert members({"committee_choice": "best", "committee_size": 1}, _pool(0.88, 0.92, 0.90)) == [[1]] * 10
+    assert members({"committee_choice": "best"}, _pool(0.9, 0.9, 0.9)) == [[0, 1]] * 10
+    # cycle: the combinations in a fixed order, slot s taking s mod their count, whatever the seed
+    assert members({"committee_choice": "cycle"}, three, seed=7, slots=range(7)) == [
+        [0, 1], [0, 2], [1, 2], [0, 1], [0, 2], [1, 2], [0, 1]]
+    # CV-DD's five models at IPC 10: its model_choice_sequence, every pair once
+    names = ["ResNet18", "ResNet50", "ShuffleNetV2", "MobileNetV2", "Densenet121"]
+    sequence = [["ResNet18", "ResNet50"], ["ResNet18", "ShuffleNetV2"], ["ResNet18", "MobileNetV2"],
+                ["ResNet18", "Densenet121"], ["ResNet50", "ShuffleNetV2"], ["ResNet50", "MobileNetV2"],
+                ["ResNet50", "Densenet121"], ["ShuffleNetV2", "MobileNetV2"], ["ShuffleNetV2", "Densenet121"],
+                ["MobileNetV2", "Densenet121"]]
+    five = _pool(0.63, 0.653, 0.685, 0.676, 0.674)  # CV-DD's CIFAR-10 priors, in that order
+    assert [[names[i] for i in m] for m in members({"committee_choice": "cycle"}, five)] == sequence
+    assert members({"committee_choice": "best"}, five, slots=[0]) == [[2, 3]]  # ShuffleNetV2, MobileNetV2
+    # the members' votes: softmax(acc_% / 5) over the committee, as for a random one
+    best = S.committee_for(from_dict(CVDDConfig, {"committee_choice": "best"}), five, 0, 3)
+    z = [math.exp(68.5 / 5), math.exp(67.6 / 5)]
+    assert [w for _, w in best] == pytest.approx([v / sum(z) for v in z], rel=1e-9)
+    # best ranks by the prior: a teacher without a recorded accuracy is refused (equal votes read none)
+    with pytest.raises(DDKitError, match=r"^committee_choice 'best' needs each teacher's recorded test accuracy, and "
+                                         r"one teacher has none; set committee_choice: random or cycle$"):
+        members({"committee_choice": "best", "committee_weights": "equal"}, _pool(0.9, None, 0.8))
+    assert members({"committee_choice": "cycle", "committee_weights": "equal"}, _pool(0.9, None, 0.8),
+                   slots=[2]) == [[1, 2]]
+    with pytest.raises(ConfigError, match="committee_choice: 'balanced' is not one of"):
+        from_dict(CVDDConfig, {"committee_choice": "balanced"})
+    with pytest.raises(ConfigError, match=r"committee_choice best applies only with a committee, but committee_size "
+                                          r"is null; remove it or set committee_size"):
+        from_dict(CVDDConfig, {"committee_size": None, "committee_choice": "best"})
+
+
+def test_committee_choice_reaches_the_recovery_and_the_default_keeps_identity(data, teachers):
+    """A best / cycle slot is recovered against exactly its committee: its images equal those of a run whose pool
+    is that committee alone. The default (random) keeps the sets' keys of the code before the setting."""
+    from ddkit.config import config_hash
+    from ddkit.pipeline import DistillConfig, distill_hash
+
+    opts = {"iterations": 2, "init": "real", "stats": "conv", "checkpoint_every": 100}
+    paths = [str(t.path) for t in teachers]
+    ipc = 3
+
+    def images(pool, **extra):
+        return _run("cvdd", data, [teachers[pool[0]]], ipc=ipc,
+                    **{**opts, "extra_teachers": [paths[i] for i in pool[1:]], **extra}).images
+
+    order = sorted(range(3), key=lambda i: -teachers[i].test_accuracy)
+    assert torch.equal(images([0, 1, 2], committee_choice="best"), images(sorted(order[:2])))
+    cycle = images([0, 1, 2], committee_choice="cycle")
+    for slot, pair in enumerate([[0, 1], [0, 2], [1, 2]]):  # class-major: slot s of class c is row c * ipc + s
+        assert torch.equal(cycle[slot::ipc], images(pair)[slot::ipc]), slot
+    assert torch.equal(images([0, 1, 2]), images([0, 1, 2], committee_choice="random"))
+    # identity of the default: the keys of the code before committee_choice existed
+    assert config_hash(CVDDConfig()) == config_hash(from_dict(CVDDConfig, {"committee_choice": "random"})) == (
+        "501bf60bd3a20cc6")
+    assert "committee_choice" not in to_dict(CVDDConfig(), identity=True)
+    assert config_hash(from_dict(CVDDConfig, {"committee_choice": "best"})) != config_hash(CVDDConfig())
+    assert distill_hash(DistillConfig(method="cvdd", ipc=3, options={}), data, None) == "84303d2dfdcd4faa"
+    assert distill_hash(DistillConfig(method="cvdd", ipc=3, options={"committee_size": 1}), data, None) == (
+        "21b83d247ec4b214")

@@ -1122,6 +1122,50 @@ def test_edc_protocol_lists_what_it_leaves_out_of_edcs_scripts():
     assert "`--set train.cutmix_prob=1.0` switches ddkit's on" in readme
 
 
+def test_edc_protocol_says_edc_labels_with_its_teacher_pool_and_how_to_get_that():
+    """QA 22f F2: every EDC branch's train/direct_train.py trains the student on the mean logits of its whole teacher
+    pool; the `edc` preset (and the edc-protocol bench, "EDC's own recipe") labels with one teacher, which its list
+    of differences left out. The docstring, the extra_teachers help, the README and the bench's header say so, and
+    the syntax they give for EDC's form resolves to the ensemble in evaluate, run and bench."""
+    import inspect
+
+    from ddkit.bench import load_bench_config
+    from ddkit.config import apply_overrides, load_yaml
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
+    from ddkit.pipeline import RunConfig
+
+    counts = "CIFAR-10: 8 models, CIFAR-100 and Tiny-ImageNet: 5, ImageNet-10: 4"
+    doc = " ".join(inspect.getdoc(PROTOCOLS.get("edc")).split())
+    assert "- one teacher: every EDC branch's ``train/direct_train.py`` labels each batch with the mean logits" in doc
+    assert counts in doc and "``extra_teachers: []``" in doc
+    assert "--set 'extra_teachers=[T2, T3]'``" in doc and "--set 'evaluate.overrides.extra_teachers=[T2, T3]'``" in doc
+    assert "CIFAR-10 8 models, CIFAR-100 and Tiny-ImageNet 5, ImageNet-10 4, where the edc preset uses the teacher" in (
+        ProtocolConfig.__dataclass_fields__["extra_teachers"].metadata["help"])
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert ("every EDC branch's `train/direct_train.py` labels with the mean logits of its whole teacher pool "
+            f"({counts};") in readme
+    bench_file = REPO / "configs/bench/fashion-mnist-edc-protocol-cpu.yaml"
+    header = " ".join(line.lstrip("# ") for line in bench_file.read_text().splitlines() if line.startswith("#"))
+    assert "EDC's evaluation labels with the mean logits of its whole teacher pool" in header
+    assert "--set \"overrides.extra_teachers=[$P@d2, $P@d4]\"" in header
+    # the documented syntax: the ensemble in the protocol, the recorded bench's settings kept
+    assert resolve_protocol("edc").extra_teachers == []
+    overrides: dict = {}
+    apply_overrides(overrides, ["extra_teachers=[T2, T3]"])
+    assert resolve_protocol("edc", overrides).extra_teachers == ["T2", "T3"]
+    run = {"dataset": {"name": "synthetic"}, "teacher": {"model": "tiny_convnet"}, "distill": {"method": "random"},
+           "evaluate": {"protocol": "edc"}}
+    apply_overrides(run, ["evaluate.overrides.extra_teachers=[T2, T3]"])
+    assert [p.extra_teachers for p in from_dict(RunConfig, run).evaluate.protocols()] == [["T2", "T3"]]
+    pool = "runs/bench/fashion-mnist-edc-protocol-cpu/teachers/fashion-mnist"
+    bench = load_bench_config(bench_file, ["out=runs/bench/fashion-mnist-edc-protocol-ens-cpu",
+                                           f"overrides.extra_teachers=[{pool}@d2, {pool}@d4]"])
+    plain = load_bench_config(bench_file)
+    assert [Path(t).parts[-1] for t in bench.overrides["extra_teachers"]] == ["fashion-mnist@d2", "fashion-mnist@d4"]
+    assert {k: v for k, v in bench.overrides.items() if k != "extra_teachers"} == plain.overrides
+    assert "extra_teachers" not in load_yaml(bench_file).get("overrides", {})
+
+
 def test_data_built_by_hand_goes_through_every_stage_once_saved(tiny_protocol, tmp_path):
     """A DataBundle built from tensors in memory could be distilled only with a DatasetConfig naming no
     registered dataset, which the set recorded and evaluation could not load ("unknown dataset 'mine'").

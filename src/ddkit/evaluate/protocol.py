@@ -78,8 +78,11 @@ class ProtocolConfig(Checked):
                                   "passed to evaluate as fkd_store=)")
     extra_teachers: list[str] = field([], added=True,
                                       help="more teacher artifacts: soft labels become the mean logits of the "
-                                      "teacher and these (an ensemble, as EDC's CIFAR recipe and CV-DD's committee); "
-                                      "label modes teacher and fkd (stored replays the set's own labels)")
+                                      "teacher and these (an ensemble: every EDC branch's train/direct_train.py "
+                                      "labels with the mean logits of its whole teacher pool, CIFAR-10 8 models, "
+                                      "CIFAR-100 and Tiny-ImageNet 5, ImageNet-10 4, where the edc preset uses the "
+                                      "teacher alone; CV-DD's committee); label modes teacher and fkd (stored "
+                                      "replays the set's own labels)")
     learned_lr: bool = field(False, added=True,
                              help="train the students with the set's learned student lr (meta syn_lr: "
                              "mtt, tesla, ftd, datm, shq) instead of train.lr, as MTT's evaluation; the "
@@ -246,7 +249,8 @@ def soft_kl_protocol() -> ProtocolConfig:
 def edc_protocol() -> ProtocolConfig:
     """EDC's evaluation recipe in part (Shao et al. NeurIPS 2024; shaoshitong/EDC ``train/direct_train.py``): MSE +
     0.025 CE on teacher logits, AdamW 1e-3 (weight decay 0.01), smoothing schedule (zeta 2), small batch (50), weak
-    augmentation (crop scale 0.5-1) and an EMA student (0.99), without EDC's CutMix and RandAugment.
+    augmentation (crop scale 0.5-1) and an EMA student (0.99), without EDC's CutMix and RandAugment, and labelled
+    by one teacher where EDC's labels are the mean logits of a teacher pool.
 
     Differences from EDC's evaluation scripts (``Branch_*/train/train.sh``), kept because recorded benches use this
     preset (``configs/bench/fashion-mnist-edc-protocol-cpu.yaml``):
@@ -262,7 +266,15 @@ def edc_protocol() -> ProtocolConfig:
       uses batch 10 with AdamW 1e-3 (ImageNet-1k: batch 100); the smoothing schedule is the Tiny-ImageNet and
       ImageNet-1k scripts' (``--ls-type cos``; CIFAR-100 and ImageNet-10 end with a linear tail over the last
       sixth, ``cos2``; CIFAR-10 halves the lr at epochs 800, 900 and 950 of 1000);
-    - 300 epochs (the CIFAR-10/100 and ImageNet-10 scripts: 1000).
+    - 300 epochs (the CIFAR-10/100 and ImageNet-10 scripts: 1000);
+    - one teacher: every EDC branch's ``train/direct_train.py`` labels each batch with the mean logits of its whole
+      teacher pool (``soft_label.mean(0)`` over ``model_teacher``, in the ``mse_gt`` loss too; CIFAR-10: 8 models,
+      CIFAR-100 and Tiny-ImageNet: 5, ImageNet-10: 4), where this preset labels with the pipeline's teacher alone
+      (``extra_teachers: []``). EDC's form: name the other teachers' folders in ``extra_teachers`` (the labels
+      become the mean logits of the teacher and these): ``ddkit evaluate SET --teacher T1 --protocol edc --set
+      'extra_teachers=[T2, T3]'``, ``ddkit run CONFIG --set 'evaluate.overrides.extra_teachers=[T2, T3]'``, or a
+      bench's ``overrides: {extra_teachers: [T2, T3]}`` (folders, not the ``@name`` references of a method's
+      options: a bench's pool lies in ``OUT/teachers/DATASET@NAME`` once trained).
     """
     return ProtocolConfig(
         label_mode="teacher", loss="mse_ce",

@@ -38,8 +38,9 @@ class CVDDConfig(RecoverConfig):
     init: Literal["noise", "real", "rded"] = field("rded", help="CV-DD starts from RDED-style selected real patches "
                                                                 "('real' is cheaper)")
     jitter: int = field(4, help="random roll of up to this many pixels per step (CV-DD CIFAR: 4)")
-    committee_size: int | None = field(2, help="teachers per committee, drawn per IPC slot (CV-DD: 2); needs that many "
-                                               "teachers (extra_teachers)")
+    committee_size: int | None = field(2, help="teachers per committee, chosen per IPC slot as committee_choice says "
+                                               "(CV-DD: 2); needs that many teachers, the pipeline's and "
+                                               "extra_teachers (refused before any stage otherwise)")
     committee_weights: Literal["prior", "equal"] = field("prior", help="softmax(test accuracy_% / T) voting (CV-DD "
                                                                        "'prior', from each teacher's recorded TEST "
                                                                        "accuracy: see the docstring) or equal weights "
@@ -99,8 +100,9 @@ class CVDD(RecoverMethod):
     """Committee Voting for Dataset Distillation (Cui, Li, Ma, Bi, Luo & Shen, "Dataset Distillation via
     Committee Voting", arXiv 2501.07575, 2025; Jiacheng8/CV-DD).
 
-    Each IPC slot draws a committee of ``committee_size`` teachers (different architectures) from
-    the ones given (the pipeline's teacher plus ``extra_teachers``); every step minimises
+    Each IPC slot has a committee of ``committee_size`` teachers (different architectures) chosen
+    from the ones given (the pipeline's teacher plus ``extra_teachers``, at least ``committee_size``
+    of them: refused before any stage otherwise) as ``committee_choice`` says; every step minimises
     ``sum_i w_i (CE_i + r_bn * BN_i)`` over the members with "prior performance guided" votes
     ``w = softmax(p / T)``, T = 5 (``committee_temperature``), so that the images carry what several
     models agree on rather than one model's bias. Soft labels come from the committee too: the
@@ -124,6 +126,17 @@ class CVDD(RecoverMethod):
     by a seeded permutation, and running statistics are never updated. For CV-DD's per-batch form at
     evaluation use the ``cvdd`` protocol (``teacher_bn: batch``) or ``ddkit relabel --teacher-bn
     batch``. ``flip_plugin`` adds FYI.
+
+    Committees: CV-DD's released recover scripts choose them per IPC index by IPC (``recover.py``'s
+    ``--model-setting``): at IPC 1 one fixed pair for every slot (4: the two best teachers by prior, or
+    a hand-picked pair for CIFAR-10, ImageNette and CIFAR-100) -- ``committee_choice: best``; at IPC 10
+    every pair of its 5 models once, one per IPC index, in a fixed order (5) -- ``cycle``; at IPC 50 a
+    random pair per IPC index (3) -- ``random``. ddkit's default is ``random`` at every IPC, as ddkit
+    drew committees before the setting existed: the recorded sets and result rows (``docs/results``)
+    keep their identity and bytes. At IPC 1 the random draw may leave the pipeline's teacher out of the
+    only committee; set ``committee_choice: best`` at IPC 1 and ``cycle`` at IPC 10 for the scripts'
+    form (``best`` ranks by recorded test accuracy, the prior's number; with ``slots_per_batch`` > 1 a
+    batch takes the committee of its first slot).
     """
 
     Config = CVDDConfig

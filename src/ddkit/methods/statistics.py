@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import logging
 import math
 import time
@@ -652,6 +653,12 @@ class RecoverConfig(Checked):
     committee_size: int | None = field(None, help="None: sample one teacher per step (G-VBSM); k: a committee of k "
                                                   "teachers per IPC slot, all used every step with voting "
                                                   "weights (CV-DD)")
+    committee_choice: Literal["random", "best", "cycle"] = field(
+        "random", added=True,
+        help="how each IPC slot's committee is chosen: random (ddkit's default: a draw per slot, seeded by the run's "
+        "seed and the slot; CV-DD's IPC-50 scripts), best (the committee_size teachers of highest recorded test "
+        "accuracy, for every slot: CV-DD's IPC-1 scripts) or cycle (the combinations of committee_size of the teachers "
+        "in their order, slot s taking combination s mod their count: CV-DD's IPC-10 scripts, every pair once)")
     committee_weights: Literal["prior", "equal"] = field("prior", help="CV-DD voting: softmax(prior / "
                                                                        "committee_temperature) of each teacher's test "
                                                                        "accuracy in %, or equal weights")
@@ -703,6 +710,8 @@ class RecoverConfig(Checked):
              f"committee_size must be >= 1, got {self.committee_size}"),
             (self.committee_weights in ("prior", "equal"),
              f"committee_weights must be prior or equal, got {self.committee_weights!r}"),
+            (self.committee_choice in ("random", "best", "cycle"),
+             f"committee_choice must be random, best or cycle, got {self.committee_choice!r}"),
             (self.committee_temperature > 0, f"committee_temperature must be > 0, got {self.committee_temperature}"),
             (self.perturb_rho >= 0, f"perturb_rho must be >= 0, got {self.perturb_rho}"),
             (self.perturb_steps >= 1, f"perturb_steps must be >= 1, got {self.perturb_steps}"),
@@ -753,7 +762,8 @@ class RecoverConfig(Checked):
             (("densify_tau",), self.densify_weight == 0, "densify_weight > 0", "densify_weight is 0",
              "set densify_weight"),
             (("committee_weights",), not voting, "a committee", "committee_size is null", "set committee_size"),
-            (("committee_temperature",), not committee, "a committee", "committee_size is null", "set committee_size"),
+            (("committee_temperature", "committee_choice"), not committee, "a committee", "committee_size is null",
+             "set committee_size"),
             (("committee_temperature",), committee and self.committee_weights == "equal", "committee_weights prior",
              "committee_weights is equal", "set committee_weights: prior"),
             (("perturb_steps",), self.perturb_rho == 0, "perturb_rho > 0", "perturb_rho is 0", "set perturb_rho"),
@@ -824,6 +834,13 @@ class RecoverMethod(Method):
         if isinstance(option("flatness_weight"), (int, float)) and option("flatness_weight") > 0:
             tags["flatness_kl"] = 2
         return tags
+
+    @classmethod
+    def check_data(cls, cfg: RecoverConfig, real: DataBundle, ipc: int, options_key: str = "distill.options") -> None:
+        """What :func:`recover` refuses before its first teacher pass, for a run or bench to check before any stage
+        (the teacher is trained first there): a committee larger than the pipeline's teacher and the
+        ``extra_teachers``."""
+        check_committee(cfg, 1 + len(cfg.extra_teachers), options_key)
 
     @classmethod
     def data_identity_tags(cls, options: dict, num_classes: int) -> dict:
@@ -944,19 +961,48 @@ def load_extra_teachers(cfg: RecoverConfig, teachers: list, device) -> list:
     return list(teachers) + extra
 
 
+def check_committee(cfg: RecoverConfig, teachers: int, where: str = "") -> None:
+    """Refuse a committee (``committee_size``) larger than the ``teachers`` it is chosen from; ``where``: the config
+    key of the options (``distill.options``), which the error names."""
+    if cfg.committee_size is not None and cfg.committee_size > teachers:
+        at = f"{where}." if where else ""
+        raise DDKitError(f"{at}committee_size {cfg.committee_size} exceeds the {teachers} teacher(s) given; add "
+                         f"teachers with {at}extra_teachers or lower {at}committee_size")
+
+
 def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
                   slot: int) -> list[tuple[int, float]] | None:
-    """CV-DD's committee of one IPC slot: ``committee_size`` teachers drawn without replacement
-    (by a generator of (seed, slot), so every rank draws the same) and their voting weights,
-    ``softmax(test_accuracy_% / T)`` over the members ("prior") or equal. None when committees are off."""
+    """CV-DD's committee of one IPC slot, as ``committee_choice`` picks ``committee_size`` of the teachers
+    (indices, in order) -- random: drawn without replacement by a generator of (seed, slot), so every rank
+    draws the same; best: those of highest recorded test accuracy (earlier teachers first on a tie), the
+    same for every slot; cycle: combination ``slot mod C(n, k)`` of the teachers in lexicographic order --
+    and their voting weights, ``softmax(test_accuracy_% / T)`` over the members ("prior") or equal. None
+    when committees are off."""
     if cfg.committee_size is None:
         return None
-    if cfg.committee_size > len(states):
-        raise DDKitError(f"committee_size {cfg.committee_size} exceeds the {len(states)} teacher(s) given; "
-                         "add teachers with extra_teachers or lower committee_size")
-    gen = torch.Generator().manual_seed(_unit_seed(seed, slot, 0) ^ 0x5EED)
-    members = sorted(torch.randperm(len(states), generator=gen)[: cfg.committee_size].tolist())
+    check_committee(cfg, len(states))
+    n, k = len(states), cfg.committee_size
+    if cfg.committee_choice == "best":
+        priors = _priors([st.teacher for st in states], "committee_choice 'best'",
+                         "set committee_choice: random or cycle")
+        members = sorted(sorted(range(n), key=lambda i: -priors[i])[:k])
+    elif cfg.committee_choice == "cycle":
+        members = list(next(itertools.islice(itertools.combinations(range(n), k), slot % math.comb(n, k), None)))
+    else:
+        gen = torch.Generator().manual_seed(_unit_seed(seed, slot, 0) ^ 0x5EED)
+        members = sorted(torch.randperm(n, generator=gen)[:k].tolist())
     return list(zip(members, committee_weights_of(cfg, [states[i].teacher for i in members])))
+
+
+def _priors(teachers: list, what: str, fix: str) -> list[float]:
+    """CV-DD's prior of each of ``teachers``: its recorded test accuracy in %; ``what`` needs them and ``fix``
+    avoids it (for the error on a teacher without one)."""
+    priors = []
+    for t in teachers:
+        if t.test_accuracy is None:
+            raise DDKitError(f"{what} needs each teacher's recorded test accuracy, and one teacher has none; {fix}")
+        priors.append(100.0 * float(t.test_accuracy))
+    return priors
 
 
 def committee_weights_of(cfg: RecoverConfig, teachers: list, temperature: float | None = None) -> list[float]:
@@ -964,12 +1010,7 @@ def committee_weights_of(cfg: RecoverConfig, teachers: list, temperature: float 
     ``temperature``: T (None: ``committee_temperature``, the recover loss's)."""
     if cfg.committee_weights == "equal":
         return [1.0 / len(teachers)] * len(teachers)
-    priors = []
-    for t in teachers:
-        if t.test_accuracy is None:
-            raise DDKitError("committee_weights 'prior' needs each teacher's recorded test accuracy, and one "
-                             "teacher has none; set committee_weights: equal")
-        priors.append(100.0 * float(t.test_accuracy))
+    priors = _priors(teachers, "committee_weights 'prior'", "set committee_weights: equal")
     t = cfg.committee_temperature if temperature is None else temperature
     return torch.softmax(torch.tensor(priors, dtype=torch.float64) / t, 0).tolist()
 
@@ -1072,6 +1113,7 @@ def recover(name: str, cfg: RecoverConfig, real: DataBundle, teachers: list, ctx
     ``done_<unit>``) is resumed too: its finished units move to their files.
     """
     ipc = check_ipc(real, ctx.ipc)
+    check_committee(cfg, len(teachers) + len(cfg.extra_teachers), ctx.options_key)  # before any teacher pass
     warn_digit_mirrors(cfg, real.name, ctx.options_key)
     teachers = load_extra_teachers(cfg, teachers, ctx.device)
     states, stat_paths = _prepare_teachers(name, cfg, real, teachers, ctx)
