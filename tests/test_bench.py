@@ -111,6 +111,26 @@ def test_shipped_bench_configs_validate(path):
     assert cells_of(cfg)
 
 
+def test_bench_refuses_datasets_and_methods_whose_cells_share_a_name():
+    """Dataset 'fashion' with method 'mnist-random' and dataset 'fashion-mnist' with method 'random' would share
+    every cell file and set folder (fashion-mnist-random-ipc...): refused at load, naming both pairs and the fix."""
+    from ddkit.data import DATASETS
+
+    DATASETS.add("fashion", DATASETS.get("synthetic"))
+    try:
+        with pytest.raises(ConfigError, match=r"^dataset 'fashion-mnist' with method 'random' and dataset 'fashion' "
+                                              r"with method 'mnist-random' would file their cells and sets under one "
+                                              r"name \(fashion-mnist-random-ipc...\); give one of the methods a label"):
+            from_dict(BenchConfig, {"datasets": ["fashion-mnist", "fashion"], "ipcs": [1],
+                                    "methods": ["random", {"name": "random", "label": "mnist-random"}]})
+        cfg = from_dict(BenchConfig, {"datasets": ["fashion-mnist", "fashion"], "ipcs": [1],
+                                      "methods": ["random", {"name": "random", "label": "mnist_random"}]})
+        assert len({c.id for c in cells_of(cfg)}) == len(cells_of(cfg)) == 4
+    finally:
+        DATASETS._entries.pop("fashion")
+        DATASETS.declared.pop("fashion", None)
+
+
 def test_bench_config_base_states_only_what_differs(tmp_path):
     shipped = REPO / "configs" / "bench" / "fashion-mnist-decoupled-cpu.yaml"
     child = tmp_path / "child.yaml"

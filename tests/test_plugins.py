@@ -4,18 +4,20 @@ mistakes a method author makes end in one line that names the fix."""
 import hashlib
 import importlib
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+from torch import nn
 
 from ddkit.config import Checked, config_hash, from_dict
 from ddkit.data.base import DatasetConfig, make_synthetic
 from ddkit.errors import ConfigError, DataError, DDKitError
 from ddkit.methods import METHODS, Checkpoint, Method, SyntheticSet, check_ipc
-from ddkit.models import MODELS
+from ddkit.models import MODELS, create_model
 from ddkit.pipeline import DistillConfig, RunConfig, distill, distill_hash, run
 
 PICK = '''
@@ -404,6 +406,24 @@ def test_an_edited_plugin_model_is_a_new_student_expert_recipe_and_set(tmp_path,
     _plugin(tmp_path, monkeypatch, "stunet", NET.format(key="stu_net").replace("HIDDEN = 8", "HIDDEN = 16"))
     after = (proto.hash, model_config_hash(experts), distill_hash(mtt, data, None))
     assert all(a != b for a, b in zip(before, after))
+
+
+def test_a_plugin_model_given_a_value_it_cannot_take_is_one_line(tmp_path, monkeypatch, registries, caplog):
+    """A user's factory that raises TypeError/ValueError on an option's value is a DDKitError naming the model, its
+    options and the exception (the traceback logged at INFO, which -v shows); one of ddkit's own is not wrapped."""
+    def my_mlp(in_channels, num_classes, image_size, width=16):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2, width),
+                             nn.Linear(width, num_classes))
+
+    MODELS.add("my_mlp_w", my_mlp)
+    with caplog.at_level(logging.INFO, logger="ddkit.models.registry"), pytest.raises(
+            DDKitError, match=r"^model 'my_mlp_w' cannot be built with options \{'width': 'x'\} \(TypeError: .*\); "
+                              r"check their values \(model_options / student_options; -v shows the traceback\)$"):
+        create_model("my_mlp_w", 1, 3, 8, width="x")
+    assert "building model 'my_mlp_w' failed" in caplog.text and "Traceback" in caplog.text
+    monkeypatch.setattr(my_mlp, "__module__", "ddkit.models.fake")  # ddkit's own: a TypeError is a bug, kept
+    with pytest.raises(TypeError):
+        create_model("my_mlp_w", 1, 3, 8, width="x")
 
 
 def test_a_partial_plugin_model_is_identified_by_the_arguments_it_binds(tmp_path, monkeypatch, registries, caplog):

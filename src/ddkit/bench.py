@@ -229,6 +229,15 @@ class BenchConfig(Checked):
         names = [d.name for d in self.datasets]
         if len(set(names)) != len(names):
             problems.append(f"datasets {names} repeat a name; run them in separate benches")
+        joined: dict[str, list[tuple[str, str]]] = {}  # cells and sets are filed under "<dataset>-<method>-ipc..."
+        for d in dict.fromkeys(names):
+            for k in dict.fromkeys(keys):
+                joined.setdefault(f"{d}-{k}", []).append((d, k))
+        for name, pairs in joined.items():
+            if len(pairs) > 1:
+                problems.append(f"dataset {pairs[0][0]!r} with method {pairs[0][1]!r} and dataset {pairs[1][0]!r} "
+                                f"with method {pairs[1][1]!r} would file their cells and sets under one name "
+                                f"({name}-ipc...); give one of the methods a label that tells them apart")
         if self.robust_scores and "fkd" in self.label_modes:
             problems.append("robust_scores retrains students with and without augmentation, but label mode "
                             "fkd replays the views stored with its labels; use robust_scores with hard, teacher or "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,6 +31,8 @@ from ddkit.config import config_hash, is_count
 from ddkit.determinism import global_rng
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.registry import Registry, origin, source_record
+
+log = logging.getLogger(__name__)
 
 ModelFactory = Callable[..., nn.Module]
 NameParser = Callable[[str], tuple[str, dict[str, Any]] | None]
@@ -143,7 +146,15 @@ def create_model(
                     f"model {name!r} has no option {key!r}; {hint}"
                     f"valid options: {', '.join(valid) if valid else 'none'}"
                 )
-    model = factory(in_channels, num_classes, image_size, **{**implied, **kwargs})
+    options = {**implied, **kwargs}
+    try:
+        model = factory(in_channels, num_classes, image_size, **options)
+    except (TypeError, ValueError) as exc:  # a user's factory given a value it cannot take: one line, not a traceback
+        if getattr(getattr(factory, "func", factory), "__module__", "").startswith("ddkit."):
+            raise  # ddkit's own factories check their options' values (DDKitError): anything else is a bug
+        log.info("building model %r failed:", name, exc_info=True)  # at INFO, which -v shows
+        raise DDKitError(f"model {name!r} cannot be built with options {options} ({type(exc).__name__}: {exc}); check "
+                         "their values (model_options / student_options; -v shows the traceback)") from None
     if not type(model).__module__.startswith("ddkit."):  # ddkit's own model classes are tested
         # the factory itself too: one registered anew under the same name (a re-run notebook cell) is checked again
         key = (name, factory, in_channels, num_classes, image_size, repr(sorted(kwargs.items())))
