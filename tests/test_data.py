@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import io
+import logging
 import os
 import pickle
 import re
@@ -830,11 +831,16 @@ def test_tensors_bad_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_real_fashion_mnist():
+def test_real_fashion_mnist(caplog):
     root = os.environ.get("DDKIT_DATA")
     if not root or not (Path(root) / "fashion-mnist").is_dir():
         pytest.skip("set DDKIT_DATA to a folder with fashion-mnist/ to run")
-    b = load_dataset("fashion-mnist")
+    with caplog.at_level(logging.WARNING, logger="ddkit.data.sources"):
+        b = load_dataset("fashion-mnist")
+        sub = load_dataset("fashion-mnist", train_per_class=5)
+    assert caplog.records == []  # the published files pass the check of their statistics, and their subsets
+    # recorded artifacts and caches are keyed by it: it must never change
+    assert b.fingerprint == "1e4051f3afc1aa62" and sub.fingerprint == "e4bdf67653ed50b3"
     assert len(b.train) == 60000 and len(b.test) == 10000
     assert b.image_shape == (1, 28, 28)
     assert b.train.class_counts(10).tolist() == [6000] * 10
@@ -1218,3 +1224,153 @@ def test_mnist_and_fashion_mnist_files_named_as_the_other_are_refused(tmp_path):
         assert load_dataset(other, path=str(folder)).name == other
     write(tmp_path / "own", list(range(10)), list(range(10)))
     assert load_dataset("mnist", path=str(tmp_path / "own")).classes[0] == "0"
+
+
+# ------------------------------------------------------------------------------------------------
+# edge cases of the sources (QA22a)
+
+
+def test_imagefolder_follows_symlinked_subfolders_once(tmp_path, caplog):
+    """A symlinked subfolder of a class folder was skipped without a word (rglob does not follow it), while
+    symlinked class folders and files were followed; a link loop is searched once, with a warning."""
+    write_imagefolder(tmp_path / "d", {"a": 2, "b": 2})
+    extra = write_imagefolder(tmp_path / "extra", {"x": 3}, seed=1)
+    (tmp_path / "d" / "train" / "a" / "more").symlink_to(tmp_path / "extra" / "train" / "x")
+    (tmp_path / "d" / "train" / "a" / "loop").symlink_to(tmp_path / "d" / "train" / "a")
+    with caplog.at_level(logging.WARNING, logger="ddkit.data.sources"):
+        b = load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=False)
+    assert b.train.class_counts(2).tolist() == [5, 2]
+    a = tmp_path / "d" / "train" / "a"
+    assert torch.equal(b.train.images[2:5], torch.from_numpy(np.stack(extra[("train", "x")]).transpose(0, 3, 1, 2)))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"imagefolder: skipping {a / 'loop'}, a link to a folder searched already (a link loop, or two links to one "
+        "folder)"]
+
+
+@pytest.mark.parametrize("decode_cache", [True, False])
+def test_imagefolder_broken_link_is_an_unreadable_image(tmp_path, decode_cache):
+    """A dangling link named like an image was left out silently; it is as unreadable as a damaged file."""
+    write_imagefolder(tmp_path / "d", {"a": 2, "b": 2})
+    link = tmp_path / "d" / "train" / "a" / "9.png"
+    link.symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=decode_cache)
+    assert str(err.value) == f"cannot read image {link} (No such file or directory); replace or delete the file"
+
+
+def test_imagefolder_logs_files_skipped_for_their_suffix(tmp_path, caplog):
+    """Files of other formats (.tif, .gif, ...) were left out without a count, even with -v."""
+    write_imagefolder(tmp_path, {"a": 2, "b": 2})
+    for name in ("a/x.tif", "a/y.TIF", "b/z.gif", "b/sub/README", "b/.hidden.tif"):
+        path = tmp_path / "train" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    with caplog.at_level(logging.INFO, logger="ddkit.data.sources"):
+        b = load_dataset("imagefolder", path=str(tmp_path), decode_cache=False)
+    assert len(b.train) == 4
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skipped == [f"imagefolder {tmp_path / 'train'}: skipped 4 files that are not .bmp/.jpeg/.jpg/.png/.webp "
+                       "images (no suffix: 1, .gif: 1, .tif: 2)"]  # one line, for the split that has them
+
+
+def _fixed_bundle(classes: list[str]):
+    from ddkit.data import DataBundle, ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    tr = ImageSet(torch.randint(0, 256, (4, 1, 4, 4), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 2, 0]))
+    te = ImageSet(torch.randint(0, 256, (3, 1, 4, 4), generator=g, dtype=torch.uint8), torch.tensor([0, 1, 2]))
+    return DataBundle("x", tr, te, classes, (0.5,), (0.25,))
+
+
+def test_class_names_with_a_newline_are_refused_and_fingerprints_stay(tmp_path):
+    """Class lists ['a\\nb', 'c', 'd'] and ['a', 'b\\nc', 'd'] had one fingerprint (names joined by newlines). Such
+    names are refused instead, so the fingerprint of every other class list stays what artifacts recorded."""
+    assert _fixed_bundle(["a", "b", "c"]).fingerprint == "44a8470d5fbcf7ff"
+    assert _fixed_bundle(["T-shirt/top", "ü ñ", "tab\u00a0nbsp"]).fingerprint == "2f5715995bb305eb"
+    with pytest.raises(DataError) as err:
+        _fixed_bundle(["a\nb", "c", "d"])
+    assert str(err.value) == "dataset 'x': class name 'a\\nb' holds the control character '\\n'; rename the class"
+    with pytest.raises(DataError, match=r"class name 'b\\tc' holds the control character '\\t'"):
+        _fixed_bundle(["a", "b\tc", "d"])
+    t = _tensors()
+    torch.save({**t, "classes": ["a", "b\nc", "d"]}, tmp_path / "nl.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "nl.pt"))
+    assert str(err.value) == (f"{tmp_path / 'nl.pt'}: class name 'b\\nc' in 'classes' holds the control character "
+                              "'\\n'; rename it")
+
+
+def test_class_names_that_are_not_utf8_are_refused_in_one_line(tmp_path, capsys):
+    """A class folder named in another encoding (read with surrogate escapes) crashed with a UnicodeEncodeError
+    traceback, exit 1, after writing the decode cache; the same from a tensors file's 'classes'."""
+    from ddkit.cli import main
+
+    write_imagefolder(tmp_path / "d", {"a": 2, "b": 2})
+    for split in ("train", "test"):
+        os.rename(os.fsencode(tmp_path / "d" / split / "a"), os.fsencode(tmp_path / "d" / split) + b"/\xffa")
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "d"))
+    assert str(err.value) == f"class folder name b'\\xffa' in {tmp_path / 'd' / 'train'} is not valid UTF-8; rename it"
+    assert not list((Path(os.environ["DDKIT_CACHE"]) / "imagefolder").glob("[!.]*"))  # refused before decoding
+    code = main(["distill", "--method", "random", "--ipc", "1", "--dataset", "imagefolder", "--data-path",
+                 str(tmp_path / "d"), "--out", str(tmp_path / "out"), "-q"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and "is not valid UTF-8; rename it" in err_text
+    assert not (tmp_path / "out").exists()
+    torch.save({**_tensors(), "classes": ["\udcff", "b", "c"]}, tmp_path / "sur.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "sur.pt"))
+    assert str(err.value) == f"{tmp_path / 'sur.pt'}: class name b'\\xff' in 'classes' is not valid UTF-8; rename it"
+
+
+def test_tensors_uint8_images_of_only_0_and_1_are_refused(tmp_path):
+    """Float 0..1 images cast with .byte() (or masks) loaded silently as near-black images of 0 and 1/255."""
+    t = _tensors()
+    g = torch.Generator().manual_seed(1)
+    t["train_images"] = (torch.rand(t["train_images"].shape, generator=g) > 0.5).to(torch.uint8)
+    torch.save(t, tmp_path / "bin.pt")
+    with pytest.raises(DataError) as err:
+        load_dataset("tensors", path=str(tmp_path / "bin.pt"))
+    assert str(err.value) == (f"{tmp_path / 'bin.pt'}: uint8 train_images hold only 0s and 1s (of 0..255), which read "
+                              "as black pixels; store them as float 0..1 or multiply them by 255")
+    t["train_images"] = t["train_images"] * 2  # dark, but 0 and 2: real (if odd) pixels load
+    torch.save(t, tmp_path / "dark.pt")
+    assert int(load_dataset("tensors", path=str(tmp_path / "dark.pt")).train.images.max()) == 2
+    t = _tensors()
+    t["test_images"] = (t["test_images"] > 127).to(torch.uint8)  # a dark test split alone is no sign of it
+    torch.save(t, tmp_path / "dark_test.pt")
+    assert int(load_dataset("tensors", path=str(tmp_path / "dark_test.pt")).test.images.max()) == 1
+
+
+def test_idx_files_that_are_not_the_dataset_are_warned_of_once(tmp_path, caplog):
+    """Own IDX data loaded as fashion-mnist got its class names and published mean/std without a word."""
+    write_idx_folder(tmp_path / "noise", n_train=200)
+    write_idx_folder(tmp_path / "small")  # the tests' 20 images: too few to judge, no warning
+    with caplog.at_level(logging.WARNING, logger="ddkit.data.sources"):
+        load_dataset("fashion-mnist", path=str(tmp_path / "small"))
+        assert caplog.records == []
+        for _ in range(2):  # once per process (evaluation loads the data again per student)
+            b = load_dataset("fashion-mnist", path=str(tmp_path / "noise"), train_per_class=2)
+    assert len(b.train) == 20 and b.mean == (0.2861,)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"fashion-mnist: the training images in {tmp_path / 'noise'} have pixel mean 0.498 and std 0.290, but "
+        "fashion-mnist's have 0.2861 and 0.353: these are not fashion-mnist's files, yet they get its class names "
+        "and mean/std; load other IDX data as a tensors file (ddkit.data.save_tensors) or an imagefolder, which "
+        "compute both and take the class names"]
+
+
+def test_ipc_above_a_train_per_class_subset_names_it(tmp_path):
+    """The message said the class has 2 training images (of thousands) and never named dataset.train_per_class."""
+    from ddkit.methods.base import check_ipc
+
+    write_idx_folder(tmp_path / "fm")  # 2 training images per class
+    with pytest.raises(DataError) as err:
+        check_ipc(load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=1), 2)
+    assert str(err.value) == ("ipc 2 is larger than the smallest class ('T-shirt/top' has 1 training images after "
+                              "dataset.train_per_class=1); raise dataset.train_per_class or use an ipc of 1 or less "
+                              "(--ipc, or ipc / ipcs in a config)")
+    for per_class in (None, 5):  # the data, not the subset, limits it
+        with pytest.raises(DataError) as err:
+            check_ipc(load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=per_class), 3)
+        assert str(err.value) == ("ipc 3 is larger than the smallest class ('T-shirt/top' has 2 training images); "
+                                  "use an ipc of 2 or less (--ipc, or ipc / ipcs in a config)")

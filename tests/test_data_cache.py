@@ -7,6 +7,7 @@ Every test runs with its own ``$DDKIT_CACHE`` (conftest's ``_isolated_cache``), 
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import errno
 import io
 import json
@@ -200,19 +201,22 @@ def test_the_switch_turns_it_off_and_other_sources_refuse_it(tmp_path, monkeypat
 
 
 @pytest.mark.parametrize("damage", ["truncated", "manifest", "missing", "a list", "too deep", "a long number",
-                                    "nan mean", "zero std", "conversions"])
+                                    "nan mean", "zero std", "conversions", "a changed byte", "no fingerprint"])
 def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
     """As the README says, a damaged entry is decoded again with a warning. A manifest that was a JSON list
     (AttributeError), nested too deep (RecursionError) or long numbers crashed the load with a traceback;
-    a NaN mean or a zero std was trusted, so distill wrote a set its own loader refuses."""
+    a NaN mean or a zero std was trusted, so distill wrote a set its own loader refuses. A changed byte (disk or NFS
+    damage, the size kept) was mapped as the data: other pixels, another fingerprint, for every later load; the
+    entry records the data's fingerprint now (an entry of an older ddkit, which records none, is decoded again)."""
     write_folder(tmp_path / "d")
     plain = load_dataset("imagefolder", path=str(tmp_path / "d"), decode_cache=False)
     load_dataset("imagefolder", path=str(tmp_path / "d"))  # builds the entry (and maps it while it lives)
     (entry,) = entries()
-    if damage == "truncated":
-        raw = (entry / "train_images.npy").read_bytes()
+    if damage in ("truncated", "a changed byte"):
+        raw = bytearray((entry / "train_images.npy").read_bytes())
+        raw[-1] ^= 0xFF
         (entry / "train_images.npy").chmod(0o644)
-        (entry / "train_images.npy").write_bytes(raw[:-10])
+        (entry / "train_images.npy").write_bytes(raw[:-10] if damage == "truncated" else raw)
     elif damage == "manifest":
         (entry / "manifest.json").write_text("{")
     elif damage != "missing":
@@ -223,7 +227,8 @@ def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
                                                               '"files_read": {"train": ' + "9" * 5000 + ", \"x\": "),
                 "nan mean": json.dumps({**manifest, "mean": [float("nan")] * len(manifest["mean"])}),
                 "zero std": json.dumps({**manifest, "std": [0.0] * len(manifest["std"])}),
-                "conversions": json.dumps({**manifest, "conversions": {"train": [1]}})}[damage]
+                "conversions": json.dumps({**manifest, "conversions": {"train": [1]}}),
+                "no fingerprint": json.dumps({k: v for k, v in manifest.items() if k != "fingerprint"})}[damage]
         (entry / "manifest.json").write_text(text)
     else:
         (entry / "test_labels.npy").unlink()
@@ -233,9 +238,22 @@ def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
     warned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("the decoded-image cache ")]
     assert len(warned) == 1 and warned[0].startswith(f"the decoded-image cache {entry} is damaged (")
     assert warned[0].endswith("); removing it and decoding the images again") and "\n" not in warned[0]
+    if damage in ("a changed byte", "no fingerprint"):
+        assert warned[0] == f"the decoded-image cache {entry} is damaged (" + {
+            "a changed byte": f"its images and labels have fingerprint {_changed_fingerprint(plain)}, not the "
+                              f"{plain.fingerprint} it was written with",
+            "no fingerprint": "its manifest.json records no fingerprint of the images (an entry of an older ddkit)",
+        }[damage] + "); removing it and decoding the images again"
     assert any(r.getMessage().startswith(f"decoded images cached in {entry} ") for r in caplog.records)
     assert_same(again, plain)
     assert entries() == [entry] and (entry / "test_labels.npy").exists()
+
+
+def _changed_fingerprint(data) -> str:
+    """The fingerprint of ``data`` with the last byte of its train images flipped."""
+    train = data.train.images.clone()
+    train.view(-1)[-1] ^= 0xFF
+    return dataclasses.replace(data, train=dataclasses.replace(data.train, images=train)).fingerprint
 
 
 def test_an_unwritable_cache_decodes_in_memory(tmp_path, monkeypatch, caplog):

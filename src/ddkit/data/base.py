@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import os
+import unicodedata
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -168,6 +169,25 @@ def hash_rows(h, t: torch.Tensor) -> None:
         h.update(block.contiguous().view(torch.uint8).numpy())
 
 
+def bad_class_name(name: str) -> tuple[str, str] | None:
+    """Why ``name`` cannot name a class, as ``(name shown, problem)``, or None when it can: a name that is not valid
+    UTF-8 (a folder name in another encoding, read with surrogate escapes), which no artifact can record as text,
+    or one holding a control character (a newline would make the fingerprint of two class lists alike, and
+    one-line messages span lines)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            shown = repr(os.fsencode(name))  # the folder name's bytes: b'\xffa'
+        except UnicodeEncodeError:  # a surrogate no bytes give
+            shown = ascii(name)
+        return shown, "is not valid UTF-8"
+    control = next((ch for ch in name if unicodedata.category(ch) == "Cc"), None)
+    if control is not None:
+        return repr(name), f"holds the control character {control!r}"
+    return None
+
+
 def channel_values(values: Any) -> Any:
     """A dataset's ``mean`` or ``std`` as the tuple of Python numbers every stage reads: a tensor's or NumPy array's
     values (``images.mean(dim=(0, 2, 3))``) and NumPy or one-value tensor elements as Python floats (float64 ones would
@@ -214,6 +234,11 @@ class DataBundle:
                 where = f" ({self.source})" if self.source else ""
                 raise DataError(f"dataset {self.name!r}{where} has an empty {split} split (0 images); "
                                 f"give it at least one {split} image with its label")
+        for name in self.classes:
+            bad = bad_class_name(name) if isinstance(name, str) else None
+            if bad is not None:
+                where = f" ({self.source})" if self.source else ""
+                raise DataError(f"dataset {self.name!r}{where}: class name {bad[0]} {bad[1]}; rename the class")
         c = self.train.images.shape[1]
         self.mean, self.std = channel_values(self.mean), channel_values(self.std)
         for key in ("mean", "std"):
@@ -275,6 +300,8 @@ class DataBundle:
             h.update(str(tuple(part.images.shape)).encode() + str(part.images.dtype).encode())
             hash_rows(h, part.images)
             hash_rows(h, part.labels)
+        # one name per line: unambiguous, as no class name holds a newline (bad_class_name), and the hash of every
+        # dataset that ever loaded stays as it was
         h.update("\n".join(self.classes).encode())
         return h.hexdigest()[:16]
 

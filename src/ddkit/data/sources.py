@@ -60,6 +60,7 @@ from ddkit.data.base import (
     DataBundle,
     DatasetConfig,
     ImageSet,
+    bad_class_name,
     check_class_order,
     check_mean_std,
     find_data_dir,
@@ -286,6 +287,14 @@ IDX_FIRST_LABELS = {"mnist": ([5, 0, 4, 1, 9, 2, 1, 3, 1, 4], [7, 2, 1, 0, 4, 1,
 
 _REDOWNLOAD = "re-download or re-install the file"
 
+#: the fewest training images whose pixel mean and std :func:`_check_idx_statistics` compares with the dataset's
+IDX_STATS_MIN_IMAGES = 100
+#: how far (in 0..1 pixel space) their mean or std may lie from the dataset's published ones: Fashion-MNIST's and
+#: MNIST's training sets lie within 0.001, KMNIST's (0.19, 0.35) or uniform noise (0.5, 0.29) far outside
+IDX_STATS_TOLERANCE = 0.05
+#: (dataset, folder) pairs already warned about by :func:`_check_idx_statistics`
+_WARNED_IDX: set[tuple[str, Path]] = set()
+
 
 def _read_bytes(path: Path) -> bytes:
     """File contents, gunzipped when the name ends in ``.gz``; damage raises DataError."""
@@ -378,8 +387,30 @@ def _load_idx_dataset(
         raise DataError(f"{folder} holds {other}'s files (their labels are {other}'s), not {cfg.name}'s; use "
                         f"--dataset {other}, or point dataset.path at the {cfg.name} files")
     _check_class_order(cfg, classes)
+    _check_idx_statistics(cfg.name, folder, parts["train"].images, mean, std)
     logger.info("loaded %s from %s: %d train, %d test", cfg.name, folder, len(parts["train"]), len(parts["test"]))
     return DataBundle(cfg.name, parts["train"], parts["test"], list(classes), mean, std, source=str(folder))
+
+
+def _check_idx_statistics(name: str, folder: Path, images: torch.Tensor, mean: tuple[float, ...],
+                          std: tuple[float, ...]) -> None:
+    """Warn when the training images are clearly not ``name``'s (other IDX data, such as KMNIST or an own export):
+    they would be recorded under its class names and normalised with its published mean/std. Checked on the whole
+    train files (before any train_per_class subset) of at least :data:`IDX_STATS_MIN_IMAGES` images, from a
+    histogram of the uint8 values (no float copy)."""
+    if len(images) < IDX_STATS_MIN_IMAGES or (name, folder) in _WARNED_IDX:
+        return
+    counts = np.bincount(images.numpy().reshape(-1), minlength=256).astype(np.float64)
+    values = np.arange(256) / 255
+    found_mean = float(counts @ values / counts.sum())
+    found_std = math.sqrt(max(0.0, float(counts @ (values - found_mean) ** 2 / counts.sum())))
+    if abs(found_mean - mean[0]) <= IDX_STATS_TOLERANCE and abs(found_std - std[0]) <= IDX_STATS_TOLERANCE:
+        return
+    _WARNED_IDX.add((name, folder))  # once per process: evaluation loads the data again per student
+    logger.warning("%s: the training images in %s have pixel mean %.3f and std %.3f, but %s's have %.4g and %.4g: "
+                   "these are not %s's files, yet they get its class names and mean/std; load other IDX data as a "
+                   "tensors file (ddkit.data.save_tensors) or an imagefolder, which compute both and take the class "
+                   "names", name, folder, found_mean, found_std, name, mean[0], std[0], name)
 
 
 @DATASETS.register("fashion-mnist", options=(), settings=("path",))
@@ -633,16 +664,41 @@ _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}  # 16-bit grayscale 
 
 
 def _class_dirs(split_dir: Path) -> dict[str, Path]:
-    return {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    found = {p.name: p for p in sorted(split_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")}
+    for name in found:  # before anything is decoded: the name is the class name every artifact records
+        bad = bad_class_name(name)
+        if bad is not None:
+            raise DataError(f"class folder name {bad[0]} in {split_dir} {bad[1]}; rename it")
+    return found
 
 
-def _image_files(class_dir: Path) -> list[Path]:
-    return sorted(
-        # hidden files and folders (.ipynb_checkpoints, ...) are not images of the class
-        p for p in class_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
-    )  # fmt: skip
+def _image_files(class_dir: Path, skipped: dict[str, int] | None = None) -> list[Path]:
+    """The image files (by :data:`IMAGE_SUFFIXES`) under ``class_dir``, sorted. Hidden files and folders
+    (.ipynb_checkpoints, ...) are not images of the class; symlinked folders are searched like the others, each
+    folder once (a link to a folder searched already, such as a link loop, is skipped with a warning); a broken
+    link named like an image is listed, for reading it to fail as a damaged file does. ``skipped`` counts the other
+    files per suffix (lower case, ``""`` for none)."""
+    found = []
+    seen = set()
+    for folder, dirs, files in os.walk(class_dir, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            logger.warning("imagefolder: skipping %s, a link to a folder searched already (a link loop, or two links "
+                           "to one folder)", folder)
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # in order: the same link is the one skipped
+        for name in files:
+            path = Path(folder, name)
+            if name.startswith(".") or not (path.is_file() or (path.is_symlink() and not path.exists())):
+                continue
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                found.append(path)
+            elif skipped is not None:
+                skipped[suffix] = skipped.get(suffix, 0) + 1
+    return sorted(found)
 
 
 _ALPHA_MODES = {"LA", "La", "PA", "RGBA", "RGBa"}
@@ -696,7 +752,9 @@ def _read_image(path: Path, size: int | None) -> tuple[np.ndarray, list[str]]:
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
             return np.asarray(im, dtype=np.uint8), done
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path} ({_one_line(exc)}); replace or delete the file") from None
+        # a file that cannot be opened (a broken link): its error without the path, said already
+        why = exc.strerror if isinstance(exc, OSError) and exc.filename and exc.strerror else _one_line(exc)
+        raise DataError(f"cannot read image {path} ({why}); replace or delete the file") from None
 
 
 #: threads that decode image files (PIL releases the GIL while it decodes and resizes); 1 decodes in the caller
@@ -727,8 +785,9 @@ def _split_files(cfg: DatasetConfig, split_dir: Path, classes: list[str]) -> tup
     """The image files of a split, class by class in label order, and their labels."""
     files: list[Path] = []
     labels: list[int] = []
+    skipped: dict[str, int] = {}
     for label, name in enumerate(classes):
-        found = _image_files(split_dir / name)
+        found = _image_files(split_dir / name, skipped)
         if not found:
             raise DataError(
                 f"class folder {split_dir / name} has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add "
@@ -737,6 +796,10 @@ def _split_files(cfg: DatasetConfig, split_dir: Path, classes: list[str]) -> tup
             )
         files += found
         labels += [label] * len(found)
+    if skipped:
+        said = ", ".join(f"{suffix or 'no suffix'}: {n}" for suffix, n in sorted(skipped.items()))
+        logger.info("imagefolder %s: skipped %d files that are not %s images (%s)", split_dir, sum(skipped.values()),
+                    "/".join(sorted(IMAGE_SUFFIXES)), said)
     return files, labels
 
 
@@ -777,7 +840,8 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
 
-    Class folders are searched recursively (hidden files and folders skipped). Class order is
+    Class folders are searched recursively (hidden files and folders skipped, symlinked folders followed, each
+    folder once; the files of other suffixes are counted in one log line per split). Class order is
     ``dataset.classes`` when given (checked against both splits), else sorted folder names. Images
     become RGB, or single-channel when every file is grayscale; what that converted (grayscale
     repeated, palettes expanded, alpha dropped, ...) is logged once per split and recorded in
@@ -814,12 +878,10 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
         decoded = _decode_cached(cfg, root, split_dirs, classes, listing)
     else:
         decoded = _decode_imagefolder(cfg, split_dirs, classes, listing)
-    parts = {split: ImageSet(torch.from_numpy(decoded.images[split]), decoded.labels[split])
-             for split in ("train", "test")}
-    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(parts["train"]),
-                len(parts["test"]))
-    return DataBundle(cfg.name, parts["train"], parts["test"], classes, decoded.mean, decoded.std, source=str(root),
-                      conversions=decoded.conversions)
+    bundle = decoded.bundle(classes, cfg.name, str(root))
+    logger.info("loaded imagefolder %s: %d classes, %d train, %d test", root, len(classes), len(bundle.train),
+                len(bundle.test))
+    return bundle
 
 
 @dataclasses.dataclass
@@ -834,10 +896,23 @@ class _Decoded:
     std: tuple[float, ...]
     conversions: dict[str, dict[str, int]]
     files_read: dict[str, int]
+    _bundle: DataBundle | None = dataclasses.field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.images.values()) + sum(t.numel() * 8 for t in self.labels.values())
+
+    def bundle(self, classes: list[str], name: str = "imagefolder", source: str = "") -> DataBundle:
+        """The images as the DataBundle that loading returns, made once: its fingerprint, hashed to check a cache
+        entry or to record one, is remembered for the stages that ask for it. A later call gives the same bundle with
+        its ``name`` and ``source`` set (neither is part of the fingerprint)."""
+        if self._bundle is None:
+            parts = {split: ImageSet(torch.from_numpy(self.images[split]), self.labels[split])
+                     for split in ("train", "test")}
+            self._bundle = DataBundle(name, parts["train"], parts["test"], list(classes), self.mean, self.std,
+                                      source=source, conversions=self.conversions)
+        self._bundle.name, self._bundle.source = name, source
+        return self._bundle
 
 
 def _decode_imagefolder(cfg: DatasetConfig, split_dirs: dict[str, Path], classes: list[str],
@@ -1040,6 +1115,8 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
         start = time.perf_counter()
         decoded = _decode_imagefolder(cfg, split_dirs, classes, listing)
         seconds = time.perf_counter() - start
+        # what the entry records, and data that is no DataBundle (one class, ...) refused before it is written
+        fingerprint = decoded.bundle(classes, cfg.name, str(root)).fingerprint
         try:
             need, free = decoded.nbytes + _free_margin(decoded.nbytes), shutil.disk_usage(folder).free
             if free < need:
@@ -1048,8 +1125,9 @@ def _decode_cached(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path], 
                                "another folder, or dataset.decode_cache=false)", entry, _size_text(need),
                                _size_text(need - decoded.nbytes), _size_text(free))
                 return decoded
-            _write_entry(entry, key, settings, decoded, seconds)
-            mapped = _read_entry(entry, key)  # the file's pages, shared, for the decoded copy in this process
+            _write_entry(entry, key, settings, decoded, seconds, fingerprint)
+            # the file's pages, shared, for the decoded copy in this process (hashed: they are what was decoded)
+            mapped = _read_entry(entry, key)
         except (OSError, ValueError, KeyError, TypeError, DDKitError) as exc:
             logger.warning("cannot write the decoded-image cache %s (%s); the images stay decoded in memory",
                            entry, _one_line(exc))
@@ -1139,7 +1217,9 @@ def _cached_entry(entry: Path, key: str) -> _Decoded | None:
 def _read_entry(entry: Path, key: str) -> _Decoded:
     """Map an entry written by :func:`_write_entry`; ValueError (or OSError, KeyError) when it is damaged: a
     manifest that is not this schema's and key's, a mean or std that normalising cannot use (not finite, a std
-    of 0), or arrays of other shapes or sizes than it records."""
+    of 0), arrays of other shapes or sizes than it records, or images and labels whose fingerprint is not the one it
+    records (a changed byte; an entry of a ddkit that recorded none is decoded again too). The check hashes the
+    images once, as loading does anyway: the returned entry's :meth:`_Decoded.bundle` remembers the fingerprint."""
     try:
         manifest = json.loads((entry / "manifest.json").read_text())
     except RecursionError:
@@ -1172,14 +1252,26 @@ def _read_entry(entry: Path, key: str) -> _Decoded:
         raise ValueError(f"its manifest.json holds conversions {short_repr(manifest.get('conversions'))}, not a "
                          "mapping")
     conversions = {split: {k: int(n) for k, n in counts.items()} for split, counts in manifest["conversions"].items()}
-    return _Decoded(images, labels, tuple(float(v) for v in manifest["mean"]),
-                    tuple(float(v) for v in manifest["std"]), conversions,
-                    {split: int(manifest["files_read"][split]) for split in ("train", "test")})
+    found = _Decoded(images, labels, tuple(float(v) for v in manifest["mean"]),
+                     tuple(float(v) for v in manifest["std"]), conversions,
+                     {split: int(manifest["files_read"][split]) for split in ("train", "test")})
+    recorded = manifest.get("fingerprint")
+    if not isinstance(recorded, str):
+        raise ValueError("its manifest.json records no fingerprint of the images (an entry of an older ddkit)")
+    try:
+        fingerprint = found.bundle(manifest["settings"]["classes"]).fingerprint
+    except DDKitError as exc:
+        raise ValueError(_one_line(exc)) from None
+    if fingerprint != recorded:
+        raise ValueError(f"its images and labels have fingerprint {fingerprint}, not the {recorded} it was written "
+                         "with")
+    return found
 
 
-def _write_entry(entry: Path, key: str, settings: dict, decoded: _Decoded, seconds: float) -> None:
-    """Write ``decoded`` as the cache entry ``entry``: a temporary folder renamed into place (see :func:`atomic_dir`),
-    each file on the disk before the rename, so that an entry is whole or absent."""
+def _write_entry(entry: Path, key: str, settings: dict, decoded: _Decoded, seconds: float, fingerprint: str) -> None:
+    """Write ``decoded``, whose DataBundle has ``fingerprint``, as the cache entry ``entry``: a temporary folder renamed
+    into place (see :func:`atomic_dir`), each file on the disk before the rename, so that an entry is whole or
+    absent."""
     from ddkit import __version__
 
     with atomic_dir(entry, accept=lambda _: True) as tmp:
@@ -1190,6 +1282,8 @@ def _write_entry(entry: Path, key: str, settings: dict, decoded: _Decoded, secon
                     "host": socket.gethostname(),
                     "shapes": {split: list(a.shape) for split, a in decoded.images.items()},
                     "mean": list(decoded.mean), "std": list(decoded.std), "conversions": decoded.conversions,
+                    # the data's fingerprint (DataBundle.fingerprint), which every load of the entry checks
+                    "fingerprint": fingerprint,
                     "files_read": decoded.files_read, "bytes": decoded.nbytes, "decode_seconds": round(seconds, 3),
                     "versions": {"ddkit": __version__, **_decoding_versions()}}
         _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=1).encode())
@@ -1269,6 +1363,11 @@ def _tensor_images(t: object, key: str, path: Path) -> torch.Tensor:
         raise DataError(f"{path}: {key} has shape {tuple(t.shape)}, which looks like [N, H, W, C] (channels last) "
                         f"but is read as [N, C, H, W]; save images.permute(0, 3, 1, 2) instead")
     if t.dtype == torch.uint8:
+        # only 0s and 1s: float 0..1 images cast with .byte() (or masks), which read as near-black pixels of 0 and
+        # 1/255. Train images only, as a few test images may well be that dark (all 0s: a std of 0, refused below)
+        if key == "train_images" and t.numel() and int(t.max()) == 1:
+            raise DataError(f"{path}: uint8 {key} hold only 0s and 1s (of 0..255), which read as black pixels; "
+                            "store them as float 0..1 or multiply them by 255")
         return t.contiguous()
     if not t.is_floating_point():
         raise DataError(f"{path}: {key} has dtype {t.dtype}; store uint8 0..255 or float 0..1 images")
@@ -1397,6 +1496,9 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     elif top >= len(classes):
         raise DataError(f"{path}: labels go up to {top} but 'classes' names only {len(classes)} classes; "
                         "list every class")
+    bad = next(filter(None, map(bad_class_name, classes)), None)
+    if bad is not None:
+        raise DataError(f"{path}: class name {bad[0]} in 'classes' {bad[1]}; rename it")
     _check_class_order(cfg, classes)
 
     if 0 in parts["train"].images.shape[1:]:

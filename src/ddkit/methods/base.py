@@ -218,8 +218,12 @@ def check_ipc(real: DataBundle, ipc: int | None) -> int:
                         "from the dataset")
     if ipc > smallest:
         c = int(counts.argmin())
+        per_class = real.config.train_per_class if real.config is not None else None
+        # the subset, not the data, is what limits it: say so (the class itself may have thousands)
+        after, fix = ((f" after dataset.train_per_class={per_class}", "raise dataset.train_per_class or use")
+                      if per_class == smallest else ("", "use"))
         raise DataError(
             f"ipc {ipc} is larger than the smallest class ({real.classes[c]!r} has {smallest} training "
-            f"images); use an ipc of {smallest} or less (--ipc, or ipc / ipcs in a config)"
+            f"images{after}); {fix} an ipc of {smallest} or less (--ipc, or ipc / ipcs in a config)"
         )
     return ipc
