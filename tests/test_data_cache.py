@@ -242,7 +242,7 @@ def test_a_damaged_entry_is_decoded_again(tmp_path, damage, caplog):
         assert warned[0] == f"the decoded-image cache {entry} is damaged (" + {
             "a changed byte": f"its images and labels have fingerprint {_changed_fingerprint(plain)}, not the "
                               f"{plain.fingerprint} it was written with",
-            "no fingerprint": "its manifest.json records no fingerprint of the images (an entry of an older ddkit)",
+            "no fingerprint": "its manifest.json records no fingerprint of the images",
         }[damage] + "); removing it and decoding the images again"
     assert any(r.getMessage().startswith(f"decoded images cached in {entry} ") for r in caplog.records)
     assert_same(again, plain)

@@ -37,7 +37,8 @@ KINDS = {"imagefolder": "decoded datasets of the imagefolder source", "statistic
 # What this ddkit's entries hold: here rather than beside the code that writes them (ddkit.data.sources and
 # ddkit.methods.statistics import them from here), so that listing and showing the cache import no torch.
 #: an imagefolder entry's layout and meaning: bump it when a change to the decoding changes what the same files give
-DECODED_SCHEMA = 2  # 2: the key stats inode and ctime too; the manifest records the writing host
+DECODED_SCHEMA = 3  # 2: the key stats inode and ctime too; the manifest records the writing host; 3: it records the
+# data fingerprint, checked at every read
 #: real-data statistics' layout, in their cache key and manifest
 STATISTICS_SCHEMA = 2  # 2: per-image sums in the features' dtype (1: float64 copies), ~1e-7
 #: a statistics entry's tensor file

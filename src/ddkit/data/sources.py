@@ -1257,7 +1257,7 @@ def _read_entry(entry: Path, key: str) -> _Decoded:
                      {split: int(manifest["files_read"][split]) for split in ("train", "test")})
     recorded = manifest.get("fingerprint")
     if not isinstance(recorded, str):
-        raise ValueError("its manifest.json records no fingerprint of the images (an entry of an older ddkit)")
+        raise ValueError("its manifest.json records no fingerprint of the images")
     try:
         fingerprint = found.bundle(manifest["settings"]["classes"]).fingerprint
     except DDKitError as exc:
