@@ -734,7 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int)
     precision_flag(sp, "the teacher's training")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--checkpoint", help="import these weights instead of training")
+    sp.add_argument("--checkpoint", help="import these weights instead of training (then nothing that sets how a "
+                    "teacher trains is taken: --epochs, --precision, --seed, teacher.train, teacher.seed)")
     sp.add_argument("--out", required=True)
     common(sp)
     sp.set_defaults(func=cmd_teacher)

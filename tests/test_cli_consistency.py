@@ -1,0 +1,74 @@
+"""QA 22b: the CLI, its records and its descriptions agree with what the commands do (findings F1, F3-F8)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddkit.cli import build_parser, main
+from ddkit.config import from_dict
+from ddkit.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(args, capsys):
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A 1-epoch tiny teacher ``t`` and a random set ``r2`` (IPC 2) on the generated data."""
+    root = tmp_path_factory.mktemp("qa22b")
+    assert main(["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--epochs", "1",
+                 "--out", str(root / "t"), "-q"]) == 0
+    assert main(["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--out", str(root / "r2"),
+                 "-q"]) == 0
+    return root
+
+
+def test_a_checkpoint_import_refuses_training_settings_however_given(made, tmp_path, capsys):
+    """F1: --epochs/--seed/--precision were refused with --checkpoint, but --set teacher.train.epochs=7 (or a
+    --config teacher.train section) was taken and recorded in the imported teacher's manifest, which trained 0 epochs.
+    The teacher's own recipe that a config merely carries (a run's teacher section) is taken."""
+    from ddkit.pipeline import RunConfig
+    from ddkit.teacher import TeacherConfig
+
+    ck = str(made / "t" / "model.safetensors")
+    with pytest.raises(ConfigError, match=r"^checkpoint imports a trained teacher, but train\.epochs=7 sets how one "
+                                          r"trains; drop it \(or drop checkpoint to train\)$"):
+        TeacherConfig(model="tiny_convnet", checkpoint=ck, train={"epochs": 7})
+    with pytest.raises(ConfigError, match=r"^teacher\.checkpoint imports a trained teacher, but "
+                                          r"train\.precision='bf16', seed=3 set how one trains; drop them "):
+        from_dict(RunConfig, {"dataset": {"name": "synthetic"}, "out": str(tmp_path / "run"),
+                              "teacher": {"model": "tiny_convnet", "checkpoint": ck, "seed": 3,
+                                          "train": {"precision": "bf16"}}})
+    # the defaults, merged or given again, decide nothing: taken
+    run = from_dict(RunConfig, {"dataset": {"name": "synthetic"}, "out": str(tmp_path / "run"),
+                                "teacher": {"model": "tiny_convnet", "checkpoint": ck, "train": {"epochs": 20}}})
+    assert run.teacher.checkpoint == ck and run.teacher.train == TeacherConfig().train
+
+    base = ["teacher", "--dataset", "synthetic", "--model", "tiny_convnet", "--checkpoint", ck, "-q"]
+    code, out, err = run_cli([*base, "--set", "teacher.train.epochs=7", "--out", str(tmp_path / "a")], capsys)
+    assert (code, out, err) == (2, "", "error: teacher.checkpoint imports a trained teacher, but train.epochs=7 sets "
+                                       "how one trains; drop it (or drop checkpoint to train)\n")
+    (tmp_path / "t.yaml").write_text("teacher:\n  train: {lr: 0.1}\n")
+    code, _, err = run_cli([*base, "--config", str(tmp_path / "t.yaml"), "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and err.startswith("error: teacher.checkpoint imports a trained teacher, but train.lr=0.1 sets ")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    # the flags keep their own message
+    code, _, err = run_cli([*base, "--epochs", "2", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and err.startswith("error: --epochs set how a teacher trains, but --checkpoint imports")
+    # a --set of the default recipe imports, and records the recipe it always recorded
+    assert run_cli([*base, "--set", "teacher.train.epochs=20", "--out", str(tmp_path / "d")], capsys)[0] == 0
+    recorded = json.loads((tmp_path / "d" / "manifest.json").read_text())["config"]
+    assert recorded["train"]["epochs"] == 20 and recorded["checkpoint"] == ck
