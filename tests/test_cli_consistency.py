@@ -72,3 +72,27 @@ def test_a_checkpoint_import_refuses_training_settings_however_given(made, tmp_p
     assert run_cli([*base, "--set", "teacher.train.epochs=20", "--out", str(tmp_path / "d")], capsys)[0] == 0
     recorded = json.loads((tmp_path / "d" / "manifest.json").read_text())["config"]
     assert recorded["train"]["epochs"] == 20 and recorded["checkpoint"] == ck
+
+
+@pytest.mark.parametrize("argv", [["list", "models"], ["show", "dm"], ["report", "runs/x"],
+                                  ["export", "set", "--format", "pt", "--out", "x"], ["cache"], ["cache", "list"],
+                                  ["cache", "prune", "--all"], ["teacher", "--out", "x"]])
+def test_v_is_taken_after_every_subcommand(argv):
+    """F3: -v after list/show/report/export/cache was a usage error, though their errors say "-v shows the
+    traceback"."""
+    parser = build_parser()
+    assert parser.parse_args([*argv, "-v"]).verbose is True
+    assert parser.parse_args(["-v", *argv]).verbose is True
+    assert parser.parse_args(argv).verbose is False
+
+
+def test_v_after_list_shows_a_plugins_traceback(tmp_path):
+    (tmp_path / "badplug.py").write_text("raise ValueError('boom')\n")
+    import ddkit
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    path = os.pathsep.join([str(Path(ddkit.__file__).parents[1]), env.get("PYTHONPATH", "")])  # this ddkit
+    done = subprocess.run([sys.executable, "-m", "ddkit", "list", "models", "-v"], capture_output=True, text=True,
+                          cwd=tmp_path, env={**env, "DDKIT_PLUGINS": "badplug", "PYTHONPATH": path})
+    assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
+    assert done.stderr.rstrip().endswith("fix the module or remove it from DDKIT_PLUGINS (-v shows the traceback)")

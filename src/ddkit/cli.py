@@ -721,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "give one key different values are refused")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
+        verbose(sp)
+
+    def verbose(sp):
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
 
@@ -797,6 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`ddkit run` folder has its report in its report/ already)")
     sp.add_argument("--out", help="report folder (default BENCH_DIR/report)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbose(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
@@ -841,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "convnet3-w32-p3 is accepted as itself)")
     sp.add_argument("-l", "--long", action="store_true",
                     help="each with its description (a method's paper; `ddkit show METHOD` for its options)")
+    verbose(sp)
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell), "
@@ -852,6 +857,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
                     "else 2 and the one-line error")
+    verbose(sp)
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("cache", help="list the cache ($DDKIT_CACHE, default ~/.cache/ddkit) by kind and size, or "
@@ -863,8 +869,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", default=default, help="print it as JSON")
 
     cache_list_flags(sp, False)
+    verbose(sp)
     actions = sp.add_subparsers(dest="action")
     cache_list_flags(actions.add_parser("list", help="list the cache (the default)"), argparse.SUPPRESS)
+    verbose(actions.choices["list"])
     pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
                             "left); needs --kind, --older-than, --stale or --all")
     pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
@@ -876,6 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--all", action="store_true", help="every entry (with --kind / --older-than: every one selected)")
     pp.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
     pp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
+    verbose(pp)
     sp.set_defaults(func=cmd_cache, action="list")
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
@@ -886,6 +895,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbose(sp)
     sp.set_defaults(func=cmd_export)
     return p
 
