@@ -96,3 +96,32 @@ def test_v_after_list_shows_a_plugins_traceback(tmp_path):
                           cwd=tmp_path, env={**env, "DDKIT_PLUGINS": "badplug", "PYTHONPATH": path})
     assert done.returncode == 2 and "Traceback (most recent call last)" in done.stderr
     assert done.stderr.rstrip().endswith("fix the module or remove it from DDKIT_PLUGINS (-v shows the traceback)")
+
+
+def _evaluate_printed(out: str) -> list[str]:
+    """The `ddkit evaluate ...` command relabel printed, as arguments."""
+    line = next(x for x in out.splitlines() if x.startswith("evaluate with: "))
+    argv = shlex.split(line.removeprefix("evaluate with: "))
+    assert argv[0] == "ddkit"
+    return argv[1:]
+
+
+def test_relabel_prints_an_evaluation_of_the_stores_views(made, tmp_path, capsys, caplog):
+    """F4: the printed command named no protocol: dc-protocol (no augmentation) then warned every time that the
+    store's rrc_flip views replace the protocol's. It names soft-kl for relabel's defaults (README's pairing), the
+    store's epochs, and a preset or the augmentation for other views; run as printed it warns of neither."""
+    quick = ["--seeds", "0", "--set", "full_reference=false", "--set", "random_baseline=false",
+             "--set", "student=tiny_convnet", "-q"]
+    for augment, want in ((None, "--protocol soft-kl --epochs 1 --label-mode fkd"),
+                          ("none", "--protocol dc-protocol --epochs 1 --label-mode fkd"),
+                          ("crop_flip", "--protocol soft-kl --set train.augment=crop_flip --set "
+                                        "'train.augment_options={}' --epochs 1 --label-mode fkd")):
+        store = tmp_path / f"{augment}.fkd"
+        args = ["relabel", str(made / "r2"), "--teacher", str(made / "t"), "--epochs", "1", "--out", str(store), "-q"]
+        code, out, _ = run_cli([*args, *(["--augment", augment] if augment else [])], capsys)
+        assert code == 0 and want in out
+        printed = _evaluate_printed(out)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert main([*printed, *quick, "--out", str(tmp_path / f"{augment}.json")]) == 0
+        assert not [r.getMessage() for r in caplog.records if "store" in r.getMessage()], augment

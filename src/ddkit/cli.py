@@ -675,8 +675,28 @@ def cmd_relabel(args) -> int:
     members = ",".join(extra)  # as the mismatch error of an ensemble's store names them
     ensemble = f" --set {shlex.quote(f'extra_teachers=[{members}]')}" if extra else ""
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
-           f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}{ensemble}")
+           f"{shlex.quote(str(args.teacher))} {_protocol_for(store)} --label-mode fkd --set "
+           f"{shlex.quote(f'fkd_store={out}')}{ensemble}")
     return 0
+
+
+def _protocol_for(store) -> str:
+    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
+    first preset whose students train on the store's views (soft-kl for relabel's defaults), else soft-kl with the
+    store's augmentation set; ``--epochs`` where the store holds another number of epochs than the preset trains."""
+    from ddkit.evaluate import PROTOCOLS
+    from ddkit.evaluate.runner import _other_views
+
+    name = next((n for n in dict.fromkeys(["soft-kl", *PROTOCOLS])
+                 if _other_views(PROTOCOLS.get(n)().train, store) is None), None)
+    flags = f"--protocol {name or 'soft-kl'}"
+    if name is None:
+        aug = store.manifest["augment"]
+        flags += (f" --set train.augment={shlex.quote(aug['spec'])} --set "
+                  f"{shlex.quote('train.augment_options=' + json.dumps(aug.get('options') or {}))}")
+    if store.epochs != PROTOCOLS.get(name or "soft-kl")().train.epochs:
+        flags += f" --epochs {store.epochs}"
+    return flags
 
 
 def cmd_experts(args) -> int:
