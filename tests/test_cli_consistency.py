@@ -125,3 +125,27 @@ def test_relabel_prints_an_evaluation_of_the_stores_views(made, tmp_path, capsys
         with caplog.at_level(logging.WARNING):
             assert main([*printed, *quick, "--out", str(tmp_path / f"{augment}.json")]) == 0
         assert not [r.getMessage() for r in caplog.records if "store" in r.getMessage()], augment
+
+
+def test_a_sets_method_config_records_paths_as_its_config_does(made, tmp_path, monkeypatch, capsys):
+    """F5: method.config (`ddkit show --json SET`'s resolved method config) held the experts and extra_teachers paths
+    as given (relative to the folder the command ran in) where config.distill.options holds them absolute; and the
+    on-the-fly expert recipe `buffer` that a given experts buffer replaced, as if it had been used."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["experts", "--dataset", "synthetic", "--model", "tiny_convnet", "--num-experts", "1", "--epochs",
+                 "2", "--out", "e", "-q"]) == 0
+    assert main(["distill", "--dataset", "synthetic", "--method", "mtt", "--ipc", "1", "--set",
+                 "distill.options.experts=e", "--set", "distill.options.iterations=2", "--set",
+                 "distill.options.expert_epochs=1", "--out", "mtt", "-q"]) == 0
+    m = json.loads((tmp_path / "mtt" / "manifest.json").read_text())
+    assert m["method"]["config"]["experts"] == m["config"]["distill"]["options"]["experts"] == str(tmp_path / "e")
+    assert m["method"]["config"]["buffer"] is None
+    (tmp_path / "x").symlink_to(made / "t")
+    assert main(["distill", "--dataset", "synthetic", "--method", "sre2l", "--ipc", "1", "--teacher", "x",
+                 "--set", "distill.options.iterations=2", "--set", "distill.options.stats=conv",
+                 "--set", "distill.options.extra_teachers=[x]",
+                 "--out", "sre", "-q"]) == 0
+    m = json.loads((tmp_path / "sre" / "manifest.json").read_text())
+    assert m["method"]["config"]["extra_teachers"] == m["config"]["distill"]["options"]["extra_teachers"] == [
+        str(tmp_path / "x")]
+    capsys.readouterr()
