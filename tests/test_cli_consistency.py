@@ -149,3 +149,18 @@ def test_a_sets_method_config_records_paths_as_its_config_does(made, tmp_path, m
     assert m["method"]["config"]["extra_teachers"] == m["config"]["distill"]["options"]["extra_teachers"] == [
         str(tmp_path / "x")]
     capsys.readouterr()
+
+
+def test_list_long_tells_presets_apart_and_says_full_takes_no_ipc(capsys):
+    """F6: every ConvNet preset printed the family's line, every torchvision one a literal ``arch``; `full` said
+    "IPC is ignored" while an ipc is refused."""
+    code, out, _ = run_cli(["list", "models", "-l"], capsys)
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert code == 0 and "``arch``" not in out
+    assert lines["convnet3-w32"].endswith("Preset: depth=3, width=32.")
+    assert lines["tiny_convnet"].endswith("Preset: depth=2, width=8.")
+    assert lines["tv_resnet18"].endswith("Preset: arch='resnet18'.")
+    presets = [n for n in lines if n.startswith(("convnet", "tv_", "tiny_convnet"))]
+    assert len({lines[n] for n in presets}) == len(presets)  # each its own line
+    code, out, _ = run_cli(["list", "methods", "-l", "full"], capsys)
+    assert "IPC is ignored" not in out and "It takes no ipc (an ipc given is refused)." in out

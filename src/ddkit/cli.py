@@ -421,10 +421,23 @@ def cmd_list(args) -> int:
         from ddkit.describe import doc_summary
 
         width = max(len(n) for n in names)
-        names = [f"{n.ljust(width)}  {doc_summary(registries[args.what].get(n))}".rstrip() if n in registries[args.what]
-                 else n for n in names]
+        names = [f"{n.ljust(width)}  {_description(registries[args.what].get(n), doc_summary)}".rstrip()
+                 if n in registries[args.what] else n for n in names]
     print("\n".join(names))
     return 0
+
+
+def _description(entry: Any, doc_summary) -> str:
+    """``list -l``'s description of a registered entry: its docstring's summary; a preset (a model family's factory
+    with options bound, ``convnet3-w32``, ``tv_resnet18``) adds the options it binds, which tell it from the others."""
+    import functools
+    import inspect
+
+    text = doc_summary(entry)
+    if isinstance(entry, functools.partial):
+        bound = inspect.signature(entry.func).bind_partial(*entry.args, **entry.keywords).arguments
+        text += f" Preset: {', '.join(f'{k}={v!r}' for k, v in bound.items())}."
+    return text
 
 
 def cmd_show(args) -> int:
