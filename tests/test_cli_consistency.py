@@ -164,3 +164,17 @@ def test_list_long_tells_presets_apart_and_says_full_takes_no_ipc(capsys):
     assert len({lines[n] for n in presets}) == len(presets)  # each its own line
     code, out, _ = run_cli(["list", "methods", "-l", "full"], capsys)
     assert "IPC is ignored" not in out and "It takes no ipc (an ipc given is refused)." in out
+
+
+def test_distill_says_when_its_teacher_is_not_used(made, tmp_path, capsys, caplog):
+    """F7: `distill --teacher DIR` with a method that reads no teacher and no --soft-labels ignored it silently;
+    evaluate warns in the same case."""
+    args = ["distill", "--dataset", "synthetic", "--method", "random", "--ipc", "2", "--teacher", str(made / "t")]
+    with caplog.at_level(logging.WARNING, logger="ddkit"):
+        assert run_cli([*args, "--out", str(tmp_path / "a"), "-q"], capsys)[0] == 0
+        warned = [r.getMessage() for r in caplog.records]
+        caplog.clear()
+        assert run_cli([*args, "--soft-labels", "--out", str(tmp_path / "b"), "-q"], capsys)[0] == 0
+        assert not [r for r in caplog.records if "teacher" in r.getMessage()]
+    assert warned == ["method 'random' reads no teacher: --teacher is not used (--soft-labels stores its logits on "
+                      "the images)"]

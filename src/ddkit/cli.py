@@ -248,7 +248,7 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import load_dataset
     from ddkit.distilled import ipc_text
     from ddkit.methods import METHODS
-    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, recorded_distill
+    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, reads_teacher, recorded_distill
 
     # the flag's default is None: only a typed --ipc gets here
     if args.ipc is not None and args.method in METHODS and not METHODS.get(args.method).uses_ipc:
@@ -259,6 +259,9 @@ def cmd_distill(args) -> int:
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
                                                                "soft_labels": "soft_labels",
                                                                "image_dtype": "image_dtype"})
+    if args.teacher and not reads_teacher(cfg):  # as evaluate's label mode hard: said, not refused
+        log.warning("method %r reads no teacher: --teacher is not used (--soft-labels stores its logits on the images)",
+                    cfg.method)
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
