@@ -178,3 +178,23 @@ def test_distill_says_when_its_teacher_is_not_used(made, tmp_path, capsys, caplo
         assert not [r for r in caplog.records if "teacher" in r.getMessage()]
     assert warned == ["method 'random' reads no teacher: --teacher is not used (--soft-labels stores its logits on "
                       "the images)"]
+
+
+def test_full_reference_off_over_a_config_with_full_epochs_names_a_command_line_fix():
+    """F8: `ddkit bench configs/bench/smoke.yaml --set overrides.full_reference=false` (the README's quick setting) was
+    refused with "drop it" for the file's full_epochs, which no --set can remove; the error names the --set of the
+    protocol's own value, which is taken (and gives the protocol the hash of one without full_epochs)."""
+    from ddkit.bench import load_bench_config
+    from ddkit.evaluate import resolve_protocol
+
+    smoke = ROOT / "configs" / "bench" / "smoke.yaml"
+    with pytest.raises(ConfigError) as refused:
+        load_bench_config(smoke, ["overrides.full_reference=false"])
+    assert str(refused.value) == (
+        "overrides.full_epochs=4 does nothing under full_reference false (only the full-data reference reads it); "
+        "drop it (it would only give the protocol another hash; from the command line: --set "
+        "overrides.full_epochs=20, the protocol's own) or set full_reference=true")
+    cfg = load_bench_config(smoke, ["overrides.full_reference=false", "overrides.full_epochs=20"])
+    alone = resolve_protocol("dc-protocol", {"full_reference": False, "student": "tiny_convnet",
+                                             "train": {"epochs": 15, "batch_size": 32, "lr": 0.05}})
+    assert cfg.protocol_for("tiny_convnet", "hard").hash == alone.hash
