@@ -643,39 +643,43 @@ def test_a_run_with_another_checkpoint_every_reuses_its_set(tmp_path):
     assert (tmp_path / "run/distilled/images.safetensors").read_bytes() == images
 
 
-@pytest.mark.parametrize("preset, overrides, message", [
+@pytest.mark.parametrize("preset, overrides, message, own", [
     ("edc", {"temperature": 1},
      "temperature=1 does nothing under loss mse_ce (only loss kl reads it); drop it (it would only give the protocol "
-     "another hash) or set loss=kl"),
+     "another hash) or set loss=kl", "temperature=4"),
     ("dc-protocol", {"train": {"smoothing_zeta": 1.5}},
      "train.smoothing_zeta=1.5 does nothing under train.schedule step (only the smoothing schedule reads it); drop it "
-     "(it would only give the protocol another hash) or set train.schedule=smoothing"),
+     "(it would only give the protocol another hash) or set train.schedule=smoothing", "train.smoothing_zeta=2"),
     ("edc", {"train": {"momentum": 0.5}},
      "train.momentum=0.5 does nothing under train.optimizer adamw (only sgd reads it); drop it (it would only give "
-     "the protocol another hash) or set train.optimizer=sgd"),
+     "the protocol another hash) or set train.optimizer=sgd", "train.momentum=0.9"),
     ("soft-kl", {"train": {"cutmix_alpha": 0.5}},
      "train.cutmix_alpha=0.5 does nothing under train.cutmix_prob 0 (only CutMix reads it); drop it (it would only "
-     "give the protocol another hash) or set train.cutmix_prob"),
+     "give the protocol another hash) or set train.cutmix_prob", "train.cutmix_alpha=1"),
     # QA 18d F4
     ("dc-protocol", {"zca_reg": 0.5},
      "zca_reg=0.5 does nothing under zca false (only ZCA whitening reads it); drop it (it would only give the protocol "
-     "another hash) or set zca=true"),
+     "another hash) or set zca=true", "zca_reg=0.1"),
     ("dc-protocol", {"full_reference": False, "full_epochs": 7},
      "full_epochs=7 does nothing under full_reference false (only the full-data reference reads it); drop it (it "
-     "would only give the protocol another hash) or set full_reference=true"),
+     "would only give the protocol another hash) or set full_reference=true", "full_epochs=20"),
     ("dc-protocol", {"full_reference": False, "full_seeds": 2},
      "full_seeds=2 does nothing under full_reference false (only the full-data reference reads it); drop it (it "
-     "would only give the protocol another hash) or set full_reference=true"),
+     "would only give the protocol another hash) or set full_reference=true", "full_seeds=1"),
 ])
-def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, message):
+def test_a_protocol_override_that_decides_nothing_is_refused(preset, overrides, message, own):
     """QA 17a F4: `ddkit evaluate SET --protocol edc --set temperature=1` gave a new protocol hash and trained the
     students again for the same numbers (edc's loss mse_ce reads no temperature); likewise a smoothing zeta without
-    the smoothing schedule, momentum with adamw, a CutMix alpha without CutMix."""
+    the smoothing schedule, momentum with adamw, a CutMix alpha without CutMix. A run's (a config file's) overrides
+    also name the --set that takes the setting back to the protocol's own value, as no --set removes a file's key
+    (QA 22b F8)."""
     import re
 
     with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
         resolve_protocol(preset, overrides, "")
-    with pytest.raises(ConfigError, match=f"^evaluate.overrides.{re.escape(message)}$"):  # a run's overrides
+    run = message.replace("another hash)", f"another hash; from the command line: --set evaluate.overrides.{own}, the "
+                          "protocol's own)")
+    with pytest.raises(ConfigError, match=f"^evaluate.overrides.{re.escape(run)}$"):  # a run's overrides
         from_dict(EvalConfig, {"protocol": preset, "overrides": overrides,
                                "label_modes": [resolve_protocol(preset).label_mode]}).protocols()
 

@@ -13,7 +13,8 @@ from ddkit.training import TrainConfig
 
 
 def _cfg(**kw):
-    kw.setdefault("train", TrainConfig(epochs=8, batch_size=32, lr=0.05, schedule="cosine"))
+    if "checkpoint" not in kw:  # an import takes no training recipe (TeacherConfig refuses one)
+        kw.setdefault("train", TrainConfig(epochs=8, batch_size=32, lr=0.05, schedule="cosine"))
     return TeacherConfig(model="tiny_convnet", **kw)
 
 

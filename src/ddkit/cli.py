@@ -248,7 +248,7 @@ def cmd_distill(args) -> int:
     from ddkit.data.base import load_dataset
     from ddkit.distilled import ipc_text
     from ddkit.methods import METHODS
-    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, recorded_distill
+    from ddkit.pipeline import DistillConfig, distill, load_teacher_for, reads_teacher, recorded_distill
 
     # the flag's default is None: only a typed --ipc gets here
     if args.ipc is not None and args.method in METHODS and not METHODS.get(args.method).uses_ipc:
@@ -259,6 +259,9 @@ def cmd_distill(args) -> int:
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
                                                                "soft_labels": "soft_labels",
                                                                "image_dtype": "image_dtype"})
+    if args.teacher and not reads_teacher(cfg):  # as evaluate's label mode hard: said, not refused
+        log.warning("method %r reads no teacher: --teacher is not used (--soft-labels stores its logits on the images)",
+                    cfg.method)
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
@@ -421,10 +424,23 @@ def cmd_list(args) -> int:
         from ddkit.describe import doc_summary
 
         width = max(len(n) for n in names)
-        names = [f"{n.ljust(width)}  {doc_summary(registries[args.what].get(n))}".rstrip() if n in registries[args.what]
-                 else n for n in names]
+        names = [f"{n.ljust(width)}  {_description(registries[args.what].get(n), doc_summary)}".rstrip()
+                 if n in registries[args.what] else n for n in names]
     print("\n".join(names))
     return 0
+
+
+def _description(entry: Any, doc_summary) -> str:
+    """``list -l``'s description of a registered entry: its docstring's summary; a preset (a model family's factory
+    with options bound, ``convnet3-w32``, ``tv_resnet18``) adds the options it binds, which tell it from the others."""
+    import functools
+    import inspect
+
+    text = doc_summary(entry)
+    if isinstance(entry, functools.partial):
+        bound = inspect.signature(entry.func).bind_partial(*entry.args, **entry.keywords).arguments
+        text += f" Preset: {', '.join(f'{k}={v!r}' for k, v in bound.items())}."
+    return text
 
 
 def cmd_show(args) -> int:
@@ -675,8 +691,28 @@ def cmd_relabel(args) -> int:
     members = ",".join(extra)  # as the mismatch error of an ensemble's store names them
     ensemble = f" --set {shlex.quote(f'extra_teachers=[{members}]')}" if extra else ""
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
-           f"{shlex.quote(str(args.teacher))} --label-mode fkd --set {shlex.quote(f'fkd_store={out}')}{ensemble}")
+           f"{shlex.quote(str(args.teacher))} {_protocol_for(store)} --label-mode fkd --set "
+           f"{shlex.quote(f'fkd_store={out}')}{ensemble}")
     return 0
+
+
+def _protocol_for(store) -> str:
+    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
+    first preset whose students train on the store's views (soft-kl for relabel's defaults), else soft-kl with the
+    store's augmentation set; ``--epochs`` where the store holds another number of epochs than the preset trains."""
+    from ddkit.evaluate import PROTOCOLS
+    from ddkit.evaluate.runner import _other_views
+
+    name = next((n for n in dict.fromkeys(["soft-kl", *PROTOCOLS])
+                 if _other_views(PROTOCOLS.get(n)().train, store) is None), None)
+    flags = f"--protocol {name or 'soft-kl'}"
+    if name is None:
+        aug = store.manifest["augment"]
+        flags += (f" --set train.augment={shlex.quote(aug['spec'])} --set "
+                  f"{shlex.quote('train.augment_options=' + json.dumps(aug.get('options') or {}))}")
+    if store.epochs != PROTOCOLS.get(name or "soft-kl")().train.epochs:
+        flags += f" --epochs {store.epochs}"
+    return flags
 
 
 def cmd_experts(args) -> int:
@@ -721,6 +757,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "give one key different values are refused")
         sp.add_argument("-q", "--quiet", action="store_true",
                         help="no progress bars (the result lines and warnings are still printed)")
+        verbose(sp)
+
+    def verbose(sp):
         # also after the subcommand; SUPPRESS: a -v given before it is not reset by this parser's default
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log progress details")
 
@@ -734,7 +773,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int)
     precision_flag(sp, "the teacher's training")
     sp.add_argument("--seed", type=int)
-    sp.add_argument("--checkpoint", help="import these weights instead of training")
+    sp.add_argument("--checkpoint", help="import these weights instead of training (then nothing that sets how a "
+                    "teacher trains is taken: --epochs, --precision, --seed, teacher.train, teacher.seed)")
     sp.add_argument("--out", required=True)
     common(sp)
     sp.set_defaults(func=cmd_teacher)
@@ -796,6 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`ddkit run` folder has its report in its report/ already)")
     sp.add_argument("--out", help="report folder (default BENCH_DIR/report)")
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbose(sp)
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
@@ -840,6 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "convnet3-w32-p3 is accepted as itself)")
     sp.add_argument("-l", "--long", action="store_true",
                     help="each with its description (a method's paper; `ddkit show METHOD` for its options)")
+    verbose(sp)
     sp.set_defaults(func=cmd_list)
 
     sp = sub.add_parser("show", help="summarise what ddkit wrote (artifact, run or bench folder, eval JSON, cell), "
@@ -851,6 +893,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
                     "else 2 and the one-line error")
+    verbose(sp)
     sp.set_defaults(func=cmd_show)
 
     sp = sub.add_parser("cache", help="list the cache ($DDKIT_CACHE, default ~/.cache/ddkit) by kind and size, or "
@@ -862,8 +905,10 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument("--json", action="store_true", default=default, help="print it as JSON")
 
     cache_list_flags(sp, False)
+    verbose(sp)
     actions = sp.add_subparsers(dest="action")
     cache_list_flags(actions.add_parser("list", help="list the cache (the default)"), argparse.SUPPRESS)
+    verbose(actions.choices["list"])
     pp = actions.add_parser("prune", help="remove whole entries no process is building (and what killed builds "
                             "left); needs --kind, --older-than, --stale or --all")
     pp.add_argument("--kind", action="append", help="only entries of this kind (imagefolder, statistics, experts, "
@@ -875,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--all", action="store_true", help="every entry (with --kind / --older-than: every one selected)")
     pp.add_argument("--dry-run", action="store_true", help="remove nothing; print what would go")
     pp.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print the result as JSON")
+    verbose(pp)
     sp.set_defaults(func=cmd_cache, action="list")
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
@@ -885,6 +931,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "class-major images.pt + labels.pt for DD-Ranking's evaluator")
     sp.add_argument("--out", required=True)
     sp.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    verbose(sp)
     sp.set_defaults(func=cmd_export)
     return p
 

@@ -318,7 +318,8 @@ def distill(
                                                            bn_batch=cfg.soft_labels_bn_batch, seed=cfg.seed,
                                                            name="distill.soft_labels_bn")
                 distilled = DistilledSet.build(
-                    synthetic, data, method=cfg.method, method_config=to_dict(method_cfg), ipc=ipc, seed=cfg.seed,
+                    synthetic, data, method=cfg.method, method_config=recorded_options(method_cfg), ipc=ipc,
+                    seed=cfg.seed,
                     config=run_config or {"distill": recorded_distill(cfg)},
                     dataset_config=to_dict(dataset_cfg.absolute()),
                     teacher=teacher_info, options_key=options_key, quantised=quantised, method_source=source,
@@ -824,6 +825,16 @@ def recorded_distill(cfg: DistillConfig) -> dict:
     """``cfg`` as a set records it: the paths its method options name (:data:`OPTION_PATHS`) absolute."""
     out = to_dict(cfg)
     out["options"] = recorded_paths(out["options"], OPTION_PATHS)
+    return out
+
+
+def recorded_options(method_cfg: Any) -> dict:
+    """A method's resolved config as its set records it (``method.config``): the paths it names (:data:`OPTION_PATHS`)
+    absolute, as ``config.distill.options`` holds them, and an on-the-fly expert recipe (``buffer``) that a given
+    ``experts`` buffer leaves unused as null. The set's identity is not read from it."""
+    out = recorded_paths(to_dict(method_cfg), OPTION_PATHS)
+    if out.get("experts") is not None and "buffer" in out:
+        out["buffer"] = None
     return out
 
 

@@ -398,12 +398,15 @@ def inert_settings(protocol: ProtocolConfig) -> dict[str, tuple[str, str, str] |
     return out
 
 
-def refuse_inert_overrides(settings: dict, overrides: dict, protocols: list[ProtocolConfig], where: str) -> None:
+def refuse_inert_overrides(settings: dict, overrides: dict, protocols: list[ProtocolConfig], where: str,
+                           in_file: bool = True) -> None:
     """Refuse, in one :class:`ConfigError`, each setting that ``overrides`` (at ``where``) changes from ``settings``
     (the protocol's own, :func:`protocol_settings`) while it decides nothing in every one of ``protocols`` (those
     resolved with the overrides: one per label mode a run or bench evaluates; :func:`inert_settings`): it would
     only give the protocol another hash, and students would be trained again for the same numbers. A preset's own
-    inert values (edc's temperature) are not refused: they keep the hash it always had."""
+    inert values (edc's temperature) are not refused: they keep the hash it always had. ``in_file``: the overrides
+    are a config file's section (a run's, a bench's) with the command's ``--set`` applied, which cannot remove a key
+    of the file: the error names the ``--set`` of the protocol's own value, which is taken."""
     problems = []
     inert = [inert_settings(p) for p in protocols]
     for name in inert[0] if inert else {}:
@@ -419,8 +422,13 @@ def refuse_inert_overrides(settings: dict, overrides: dict, protocols: list[Prot
         if given is not _UNSET and value != was:
             under = ", ".join(dict.fromkeys(state for state, _, _ in states))
             _, reads, fix = states[0]
-            problems.append(f"{where + '.' if where else ''}{name}={value:g} does nothing under {under} ({reads}); "
-                            f"drop it (it would only give the protocol another hash) or {fix}")
+            key = f"{where + '.' if where else ''}{name}"
+            # a --set cannot remove a key a config file gives (smoke.yaml's full_epochs under --set
+            # overrides.full_reference=false): the protocol's own value, which is taken, does the same
+            own = f"; from the command line: --set {key}={was:g}, the protocol's own" if (
+                in_file and isinstance(was, int | float)) else ""
+            problems.append(f"{key}={value:g} does nothing under {under} ({reads}); drop it (it would only give the "
+                            f"protocol another hash{own}) or {fix}")
     if problems:
         raise ConfigError("; ".join(problems))
 
@@ -455,7 +463,7 @@ def resolve_protocol(spec: str | Path | dict | ProtocolConfig, overrides: dict |
                               f"{fix}") from None
         raise
     if overrides and check_inert:
-        refuse_inert_overrides(settings, overrides, [protocol], where)
+        refuse_inert_overrides(settings, overrides, [protocol], where, in_file=False)
     return protocol
 
 

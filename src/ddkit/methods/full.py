@@ -16,7 +16,8 @@ class FullConfig(Checked):
 
 @METHODS.register("full")
 class FullDataset(Method):
-    """Every training image (the "Whole Dataset" row of Zhao et al., ICLR 2021, Table 1). IPC is ignored."""
+    """Every training image (the "Whole Dataset" row of Zhao et al., ICLR 2021, Table 1). It takes no ipc (an ipc
+    given is refused)."""
 
     Config = FullConfig
     uses_teacher = False

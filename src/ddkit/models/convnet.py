@@ -154,7 +154,8 @@ def convnet(
     activation: str = "relu",
     first_padding: int = 1,
 ) -> ConvNet:
-    """ConvNet with every option; the defaults are the standard ConvNet-3 (``convnet3``)."""
+    """ConvNet family: ``depth`` conv-norm-activation-pooling blocks of ``width`` channels, then a linear layer; the
+    defaults are the standard ConvNet-3 (``convnet3``)."""
     return ConvNet(in_channels, num_classes, image_size, depth, width, norm, pooling, activation, first_padding)
 
 

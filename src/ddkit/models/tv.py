@@ -149,7 +149,8 @@ def _small_vgg(arch: str, num_classes: int) -> nn.Module:
 def torchvision_model(
     arch: str, in_channels: int, num_classes: int, image_size: int
 ) -> TorchvisionClassifier:
-    """Randomly initialised torchvision ``arch`` adapted to the input and class count (module doc)."""
+    """A randomly initialised torchvision classifier, adapted to the input channels, image size and class count
+    (module doc)."""
     from torchvision.models import get_model  # lazy: importing torchvision.models takes a while
 
     family, first_conv = ARCHS[arch]

@@ -83,7 +83,8 @@ class TeacherConfig(Checked):
     ``TrainConfig(...)`` passed here is taken as it is, with ``TrainConfig``'s own defaults (no augmentation, step
     schedule) for the fields it leaves out: another teacher than the YAML one. For the YAML teacher with a few
     changes, ``dataclasses.replace(TeacherConfig().train, epochs=4)`` or ``from_dict(TeacherConfig, {"train":
-    {"epochs": 4}})``."""
+    {"epochs": 4}})``. With ``checkpoint`` (an import, which trains nothing) a ``train`` other than the teacher's
+    recipe and a ``seed`` other than 0 are refused: they would be recorded as if they had made the teacher."""
 
     model: str = field("convnet3", help="registered model key (`ddkit list models`)")
     model_options: dict = field({}, help="keyword options for the model factory (e.g. width)")
@@ -95,6 +96,18 @@ class TeacherConfig(Checked):
     def __post_init__(self) -> None:
         if self.checkpoint is not None and not self.checkpoint.strip():
             raise ConfigError("checkpoint is empty; give the weights file to import, or leave it out (null) to train")
+        if self.checkpoint is not None and (trains := self._training_settings()):
+            # an import trains nothing: the settings would be recorded in its manifest as if they had made it
+            raise ConfigError(f"checkpoint imports a trained teacher, but {', '.join(trains)} "
+                              f"{'sets' if len(trains) == 1 else 'set'} how one trains; drop "
+                              f"{'it' if len(trains) == 1 else 'them'} (or drop checkpoint to train)")
+
+    def _training_settings(self) -> list[str]:
+        """The settings that differ from the defaults and only a training reads (``train.X=value``, ``seed=N``):
+        a teacher's own recipe that a config merely carries (a run's ``teacher:`` section) is none."""
+        default = to_dict(_teacher_train_defaults())
+        trains = [f"train.{k}={short_repr(v)}" for k, v in to_dict(self.train).items() if v != default.get(k)]
+        return trains + ([f"seed={self.seed}"] if self.seed != 0 else [])
 
 
 #: what a teacher's manifest holds, by type, which the stages read (Teacher.load also checks its dataset's mean and std)
