@@ -1319,6 +1319,25 @@ def test_error_lines_of_other_ranks_name_the_rank(tmp_path, monkeypatch, capsys)
     assert capsys.readouterr().err == "error: x\n"
 
 
+@pytest.mark.parametrize("argv", [["export", "SET", "--format", "pt", "--out", "OUT"], ["report", "SET"], ["cache"]],
+                         ids=["export", "report", "cache"])
+def test_one_process_commands_refuse_torchrun(tmp_path, monkeypatch, capsys, argv):
+    """export, report and cache wrote their output (or pruned) once per torchrun rank, printing it twice: refused
+    under a job of several processes in one line, nothing written; a single process runs them."""
+    argv = [str(tmp_path / a) if a in ("SET", "OUT") else a for a in argv]
+    monkeypatch.setenv("DDKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err == (f"rank 1: error: ddkit {argv[0]} runs in one process (under torchrun every rank "
+                                 "would write its output again); run it without torchrun\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    code, _, err = run_cli(argv, capsys)
+    assert "torchrun" not in err and (code == 0) == (argv[0] == "cache")
+
+
 def test_cli_details_from_qa_round_4(tmp_path, capsys, caplog):
     """-v only worked before the subcommand; --seeds 0,,1 ran as 0,1; a rerun replaced the earlier output
     without a word; label mode stored on a set without soft labels first asked for a teacher it would not

@@ -1144,8 +1144,15 @@ def _signals_held() -> Iterator[None]:
         raise Terminated if signal.SIGTERM in came else KeyboardInterrupt
 
 
+# the commands that write one output from what is on disk: under torchrun every rank would write it again
+_ONE_PROCESS = ("export", "report", "cache")
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
+        if args.command in _ONE_PROCESS and _launched_as()[1]:
+            raise DDKitError(f"ddkit {args.command} runs in one process (under torchrun every rank would write its "
+                             "output again); run it without torchrun")
         if args.command not in _NO_TORCH:  # every other command imports it: here, where a stop waits for its end
             with _signals_held():
                 import torch  # noqa: F401
