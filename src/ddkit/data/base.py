@@ -627,6 +627,7 @@ SYNTHETIC_OPTIONS = {"num_classes", "channels", "image_size", "train_per_class",
 
 @DATASETS.register("synthetic", options=SYNTHETIC_OPTIONS, settings=())
 def _load_synthetic(cfg: DatasetConfig) -> DataBundle:
+    """Generated class patterns (oriented waves, shifted, with noise) for tests and quick tries; no files needed."""
     allowed = SYNTHETIC_OPTIONS
     unknown = set(cfg.options) - allowed
     if unknown:
