@@ -63,6 +63,7 @@ from ddkit.data.base import (
     bad_class_name,
     check_class_order,
     check_mean_std,
+    check_train_classes,
     find_data_dir,
     per_class_index,
     search_order,
@@ -1416,12 +1417,6 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
     return out[0], out[1]
 
 
-def _no_train_images(path: Path, names: list[str], count: int) -> None:
-    shown = f"{names}" if count <= len(names) else f"[{', '.join(map(repr, names))}, ...] ({count} in all)"
-    raise DataError(f"{path}: classes {shown} have no training images; check the labels (train_labels, "
-                    "test_labels) or drop those classes from 'classes'")
-
-
 def _label_set(labels: list[int]) -> str:
     """``{3, 7}``; a long set as its first and last values and its size."""
     if len(labels) <= 8:
@@ -1504,9 +1499,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     if 0 in parts["train"].images.shape[1:]:
         raise DataError(f"{path}: images have shape {list(parts['train'].images.shape[1:])} (C, H, W); store images "
                         "as [N, C, H, W] with C, H and W >= 1")
-    empty = [classes[c] for c, n in enumerate(parts["train"].class_counts(len(classes)).tolist()) if n == 0]
-    if empty:
-        _no_train_images(path, empty[:5], len(empty))
+    check_train_classes(parts["train"], classes, str(path), "check the labels (train_labels, test_labels), or drop "
+                        "each such class from 'classes'")
     norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
     mean, std = norm if norm is not None else channel_stats(
         parts["train"].images, name=f"train_images in {path}",
