@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -1381,6 +1382,61 @@ def test_ipc_above_a_train_per_class_subset_names_it(tmp_path):
             check_ipc(load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=per_class), 3)
         assert str(err.value) == ("ipc 3 is larger than the smallest class ('T-shirt/top' has 2 training images); "
                                   "use an ipc of 2 or less (--ipc, or ipc / ipcs in a config)")
+
+
+def test_imagefolder_layout_mistakes_get_a_fix_that_works(tmp_path, capsys):
+    """Class folders of images right under the root (torchvision's layout) and a root one level too deep (a split
+    folder) were told to "set dataset.train_split", which cannot fix either (QA 22a F11)."""
+    from ddkit.cli import main
+
+    write_imagefolder(tmp_path / "base", {"a": 2, "b": 2})
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "train"))
+    assert str(err.value) == (f"imagefolder root {tmp_path / 'base' / 'train'} is the train/ split folder itself, not "
+                              f"the folder holding the splits; point dataset.path at {tmp_path / 'base'} (the folder "
+                              "holding train/)")
+    with pytest.raises(DataError, match=rf"is the test/ split folder itself, .*; point dataset.path at "
+                                        rf"{re.escape(str(tmp_path / 'base'))} \(the folder holding train/\)$"):
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "test"))
+    # the CLI names its flag; no output folder
+    code = main(["teacher", "--dataset", "imagefolder", "--data-path", str(tmp_path / "base" / "train"), "--model",
+                 "tiny_convnet", "--epochs", "1", "--out", str(tmp_path / "t"), "-q"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and not (tmp_path / "t").exists()
+    assert err_text.endswith(f"; point --data-path at {tmp_path / 'base'} (the folder holding train/)\n"), err_text
+    # custom split names are named as given
+    os.rename(tmp_path / "base" / "train", tmp_path / "base" / "tr")
+    with pytest.raises(DataError, match=r"is the tr/ split folder itself, .*\(the folder holding tr/\)$"):
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "tr"), train_split="tr")
+    os.rename(tmp_path / "base" / "tr", tmp_path / "base" / "train")
+    # torchvision's layout: root/<class>/<image>, no split folders
+    (tmp_path / "flat").mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "base" / "train" / name, tmp_path / "flat" / name)
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir()  # hidden: no class
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "flat"))
+    flat = tmp_path / "flat"
+    assert str(err.value) == (f"imagefolder root {flat} has class folders of images (a, b) but no train/ and test/ "
+                              "split folders; ddkit needs root/train/<class>/ and root/test/<class>/ (a held-out test "
+                              f"split): move the class folders into {flat / 'train'} and put held-out images of each "
+                              f"class in {flat / 'test'}/<class>/")
+    # following the fix loads the data
+    (flat / "train").mkdir()
+    for name in ("a", "b"):
+        os.rename(flat / name, flat / "train" / name)
+    with pytest.raises(DataError, match=r"^imagefolder has no test split folder .*; create it or set "
+                                        r"dataset.test_split$"):
+        load_dataset("imagefolder", path=str(flat))  # no class folders of images left at the root: as before
+    shutil.copytree(tmp_path / "base" / "test", flat / "test")
+    assert load_dataset("imagefolder", path=str(flat)).fingerprint == load_dataset(
+        "imagefolder", path=str(tmp_path / "base")).fingerprint
+    # one split folder there, the class folders beside it: only the missing one is named
+    shutil.rmtree(flat / "test")
+    shutil.copytree(tmp_path / "base" / "test" / "a", flat / "a")
+    with pytest.raises(DataError, match=rf"^imagefolder root {re.escape(str(flat))} has class folders of images \(a\) "
+                                        r"but no test/ split folder; ddkit needs"):
+        load_dataset("imagefolder", path=str(flat))
 
 
 def test_every_source_refuses_a_class_without_training_images(tmp_path, capsys):

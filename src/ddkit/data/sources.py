@@ -837,6 +837,34 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
     return sorted(train)
 
 
+def _check_split_dirs(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path]) -> None:
+    """Both split folders must exist. Two layouts that lack them are told apart, as their fix is another: class
+    folders of images right under ``root`` (torchvision's ImageFolder layout, which has no held-out split), and a
+    ``root`` that is a split folder itself (dataset.path one level too deep)."""
+    missing = [split for split, d in split_dirs.items() if not d.is_dir()]
+    if not missing:
+        return
+    full = root.resolve()
+    if full.name in (cfg.train_split, cfg.test_split) and (full.parent / cfg.train_split).is_dir():
+        parent = root.parent if root.name == full.name else full.parent  # as given, unless it ends in "." or ".."
+        raise DataError(f"imagefolder root {root} is the {full.name}/ split folder itself, not the folder holding "
+                        f"the splits; point dataset.path at {parent} (the folder holding {cfg.train_split}/)")
+    flat = [name for name, d in _class_dirs(root).items()
+            if d not in split_dirs.values() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())]
+    if flat:
+        shown = ", ".join(flat[:3]) + (f", ... ({len(flat)} in all)" if len(flat) > 3 else "")
+        lacks = " and ".join(f"{split_dirs[split].name}/" for split in missing)
+        raise DataError(
+            f"imagefolder root {root} has class folders of images ({shown}) but no {lacks} split "
+            f"folder{'s' if len(missing) > 1 else ''}; ddkit needs root/{cfg.train_split}/<class>/ and "
+            f"root/{cfg.test_split}/<class>/ (a held-out test split): move the class folders into "
+            f"{root / cfg.train_split} and put held-out images of each class in {root / cfg.test_split}/<class>/"
+        )
+    split = missing[0]
+    raise DataError(f"imagefolder has no {split} split folder {split_dirs[split]}; create it or set "
+                    f"dataset.{split}_split")
+
+
 @DATASETS.register("imagefolder", options=(), settings=SOURCE_SETTINGS)
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
@@ -868,11 +896,7 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     if split_dirs["train"].resolve() == split_dirs["test"].resolve():
         raise ConfigError(f"dataset.train_split and test_split both name {split_dirs['train']}, so accuracy would be "
                           f"measured on training images; set dataset.test_split to a held-out folder")
-    for split, d in split_dirs.items():
-        if not d.is_dir():
-            raise DataError(
-                f"imagefolder has no {split} split folder {d}; create it or set dataset.{split}_split"
-            )
+    _check_split_dirs(cfg, root, split_dirs)
     classes = _imagefolder_classes(cfg, split_dirs)
     listing = {split: _split_files(cfg, split_dir, classes) for split, split_dir in split_dirs.items()}
     if cfg.decode_cache:
