@@ -9,6 +9,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import struct
 import tarfile
 from pathlib import Path
@@ -35,14 +36,16 @@ def idx_labels(labels: np.ndarray) -> bytes:
     return struct.pack(">ii", 2049, len(labels)) + labels.astype(np.uint8).tobytes()
 
 
-def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0) -> dict:
-    """Four IDX files with random 28x28 images; labels cycle 0..9. Returns the arrays written."""
+def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool = True, seed: int = 0,
+                     train_classes: int = 10) -> dict:
+    """Four IDX files with random 28x28 images; labels cycle 0..9 (training labels 0..train_classes-1). Returns the
+    arrays written."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     data = {}
     for prefix, n in (("train", n_train), ("t10k", n_test)):
         images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        labels = np.arange(n) % 10
+        labels = np.arange(n) % (train_classes if prefix == "train" else 10)
         for kind, blob in (("images-idx3", idx_images(images)), ("labels-idx1", idx_labels(labels))):
             name = f"{prefix}-{kind}-ubyte"
             if gz:
@@ -56,13 +59,15 @@ def write_idx_folder(folder: Path, n_train: int = 20, n_test: int = 10, gz: bool
 CIFAR10_NAMES = [f"c{i}" for i in range(10)]
 
 
-def cifar10_pickles(n: int = 6, seed: int = 0) -> tuple[dict[str, bytes], dict[str, tuple]]:
-    """Pickled batches shaped like the official cifar-10-batches-py (bytes keys, numpy data)."""
+def cifar10_pickles(n: int = 6, seed: int = 0, train_classes: int = 10) -> tuple[dict[str, bytes], dict[str, tuple]]:
+    """Pickled batches shaped like the official cifar-10-batches-py (bytes keys, numpy data); the labels, shuffled,
+    cycle through the 10 classes (those of the training batches through 0..train_classes-1)."""
     rng = np.random.default_rng(seed)
     blobs, arrays = {}, {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    for k, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, n)]
+        classes = 10 if name == "test_batch" else train_classes
+        labels = [int(v) for v in rng.permutation((np.arange(n) + k * n) % classes)]
         blobs[name] = pickle.dumps({b"batch_label": name.encode(), b"data": data, b"labels": labels})
         arrays[name] = (data, labels)
     blobs["batches.meta"] = pickle.dumps({b"label_names": [c.encode() for c in CIFAR10_NAMES]})
@@ -320,17 +325,18 @@ def test_cifar10_via_ddkit_data(tmp_path, monkeypatch):
 def test_cifar100_archive(tmp_path):
     rng = np.random.default_rng(0)
     names = [f"fine{i:02d}" for i in range(100)]
-    train = rng.integers(0, 256, (7, 3072), dtype=np.uint8)
+    train = rng.integers(0, 256, (103, 3072), dtype=np.uint8)
     test = rng.integers(0, 256, (3, 3072), dtype=np.uint8)
+    train_labels = [99, 0, 5, *range(100)]  # every class has training images
     blobs = {
-        "train": pickle.dumps({b"data": train, b"fine_labels": [99, 0, 5, 5, 1, 2, 3], b"coarse_labels": [0] * 7}),
+        "train": pickle.dumps({b"data": train, b"fine_labels": train_labels, b"coarse_labels": [0] * 103}),
         "test": pickle.dumps({b"data": test, b"fine_labels": [7, 8, 9], b"coarse_labels": [0] * 3}),
         "meta": pickle.dumps({b"fine_label_names": [n.encode() for n in names], b"coarse_label_names": []}),
     }
     write_tar(tmp_path / "cifar-100-python.tar.gz", "cifar-100-python", blobs)
     b = load_dataset("cifar100", path=str(tmp_path / "cifar-100-python.tar.gz"))
     assert torch.equal(b.train.images, torch.from_numpy(train.reshape(-1, 3, 32, 32)))
-    assert b.train.labels.tolist() == [99, 0, 5, 5, 1, 2, 3] and b.test.labels.tolist() == [7, 8, 9]
+    assert b.train.labels.tolist() == train_labels and b.test.labels.tolist() == [7, 8, 9]
     assert b.classes == names
     assert b.mean == (0.5071, 0.4865, 0.4409) and b.std == (0.2673, 0.2564, 0.2762)
 
@@ -738,8 +744,10 @@ def test_tensors_bad_norm_and_classes(tmp_path):
                               "{4}, but without 'classes' the labels must be 0..K-1, each with training images; drop "
                               "the test images whose labels no training image has")
     torch.save({**t, "classes": ["x", "y", "z", "w"]}, tmp_path / "w.pt")
-    with pytest.raises(DataError, match=r"classes \['w'\] have no training images"):
+    with pytest.raises(DataError) as err:
         load_dataset("tensors", path=str(tmp_path / "w.pt"))
+    assert str(err.value) == (f"{tmp_path / 'w.pt'}: class 'w' has no training images; check the labels "
+                              "(train_labels, test_labels), or drop each such class from 'classes'")
     torch.save({**t, "train_images": t["train_images"][:, :0], "test_images": t["test_images"][:, :0]},
                tmp_path / "z.pt")
     with pytest.raises(DataError, match=r"images have shape \[0, 5, 5\] \(C, H, W\)"):
@@ -1374,3 +1382,110 @@ def test_ipc_above_a_train_per_class_subset_names_it(tmp_path):
             check_ipc(load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=per_class), 3)
         assert str(err.value) == ("ipc 3 is larger than the smallest class ('T-shirt/top' has 2 training images); "
                                   "use an ipc of 2 or less (--ipc, or ipc / ipcs in a config)")
+
+
+def test_imagefolder_layout_mistakes_get_a_fix_that_works(tmp_path, capsys):
+    """Class folders of images right under the root (torchvision's layout) and a root one level too deep (a split
+    folder) were told to "set dataset.train_split", which cannot fix either (QA 22a F11)."""
+    from ddkit.cli import main
+
+    write_imagefolder(tmp_path / "base", {"a": 2, "b": 2})
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "train"))
+    assert str(err.value) == (f"imagefolder root {tmp_path / 'base' / 'train'} is the train/ split folder itself, not "
+                              f"the folder holding the splits; point dataset.path at {tmp_path / 'base'} (the folder "
+                              "holding train/)")
+    with pytest.raises(DataError, match=rf"is the test/ split folder itself, .*; point dataset.path at "
+                                        rf"{re.escape(str(tmp_path / 'base'))} \(the folder holding train/\)$"):
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "test"))
+    # the CLI names its flag; no output folder
+    code = main(["teacher", "--dataset", "imagefolder", "--data-path", str(tmp_path / "base" / "train"), "--model",
+                 "tiny_convnet", "--epochs", "1", "--out", str(tmp_path / "t"), "-q"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and not (tmp_path / "t").exists()
+    assert err_text.endswith(f"; point --data-path at {tmp_path / 'base'} (the folder holding train/)\n"), err_text
+    # custom split names are named as given
+    os.rename(tmp_path / "base" / "train", tmp_path / "base" / "tr")
+    with pytest.raises(DataError, match=r"is the tr/ split folder itself, .*\(the folder holding tr/\)$"):
+        load_dataset("imagefolder", path=str(tmp_path / "base" / "tr"), train_split="tr")
+    os.rename(tmp_path / "base" / "tr", tmp_path / "base" / "train")
+    # torchvision's layout: root/<class>/<image>, no split folders
+    (tmp_path / "flat").mkdir()
+    for name in ("a", "b"):
+        shutil.copytree(tmp_path / "base" / "train" / name, tmp_path / "flat" / name)
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir()  # hidden: no class
+    with pytest.raises(DataError) as err:
+        load_dataset("imagefolder", path=str(tmp_path / "flat"))
+    flat = tmp_path / "flat"
+    assert str(err.value) == (f"imagefolder root {flat} has class folders of images (a, b) but no train/ and test/ "
+                              "split folders; ddkit needs root/train/<class>/ and root/test/<class>/ (a held-out test "
+                              f"split): move the class folders into {flat / 'train'} and put held-out images of each "
+                              f"class in {flat / 'test'}/<class>/")
+    # following the fix loads the data
+    (flat / "train").mkdir()
+    for name in ("a", "b"):
+        os.rename(flat / name, flat / "train" / name)
+    with pytest.raises(DataError, match=r"^imagefolder has no test split folder .*; create it or set "
+                                        r"dataset.test_split$"):
+        load_dataset("imagefolder", path=str(flat))  # no class folders of images left at the root: as before
+    shutil.copytree(tmp_path / "base" / "test", flat / "test")
+    assert load_dataset("imagefolder", path=str(flat)).fingerprint == load_dataset(
+        "imagefolder", path=str(tmp_path / "base")).fingerprint
+    # one split folder there, the class folders beside it: only the missing one is named
+    shutil.rmtree(flat / "test")
+    shutil.copytree(tmp_path / "base" / "test" / "a", flat / "a")
+    with pytest.raises(DataError, match=rf"^imagefolder root {re.escape(str(flat))} has class folders of images \(a\) "
+                                        r"but no test/ split folder; ddkit needs"):
+        load_dataset("imagefolder", path=str(flat))
+
+
+def test_every_source_refuses_a_class_without_training_images(tmp_path, capsys):
+    """IDX and CIFAR data with classes that have no training images loaded, so `ddkit teacher` trained on them and
+    only distillation refused them; a tensors file was refused at load (QA 22a F12). Now load_dataset refuses them for
+    every source, with the one message check_ipc also gives for data built by hand."""
+    from ddkit.cli import main
+    from ddkit.data import DataBundle, ImageSet
+    from ddkit.methods.base import check_ipc
+
+    fix = "give every class training images, or drop each such class (and its test images) from the data"
+    write_idx_folder(tmp_path / "fm", train_classes=5)
+    with pytest.raises(DataError) as err:
+        load_dataset("fashion-mnist", path=str(tmp_path / "fm"), train_per_class=1)
+    assert str(err.value) == (f"dataset 'fashion-mnist' ({tmp_path / 'fm'}): classes {FASHION_MNIST_CLASSES[5:]} have "
+                              f"no training images; {fix}")
+    write_idx_folder(tmp_path / "fm9", train_classes=9)
+    with pytest.raises(DataError, match=r"^dataset 'mnist' \(.*fm9\): class '9' has no training images; give"):
+        load_dataset("mnist", path=str(tmp_path / "fm9"))
+    # the data of every class loads, also as a subset
+    write_idx_folder(tmp_path / "ok")
+    subset = load_dataset("fashion-mnist", path=str(tmp_path / "ok"), train_per_class=1)
+    assert subset.train.class_counts(10).tolist() == [1] * 10
+    blobs, _ = cifar10_pickles(train_classes=4)
+    write_tar(tmp_path / "cifar-10-python.tar.gz", "cifar-10-batches-py", blobs)
+    with pytest.raises(DataError, match=r"^dataset 'cifar10' \(.*cifar-10-python.tar.gz\): classes \['c4', 'c5', "
+                                        r"'c6', 'c7', 'c8', \.\.\.\] \(6 in all\) have no training images; give"):
+        load_dataset("cifar10", path=str(tmp_path / "cifar-10-python.tar.gz"))
+
+    def gappy(cfg: DatasetConfig) -> DataBundle:
+        images = torch.rand(4, 1, 6, 6, generator=torch.Generator().manual_seed(0))
+        return DataBundle("gappy", ImageSet(images, torch.tensor([0, 0, 2, 2])),
+                          ImageSet(images, torch.tensor([0, 1, 2, 1])), ["x", "y", "z"], (0.5,), (0.25,))
+
+    DATASETS.add("gappy", gappy, options=(), settings=())
+    try:
+        with pytest.raises(DataError) as err:
+            load_dataset("gappy")
+        assert str(err.value) == f"dataset 'gappy': class 'y' has no training images; {fix}"
+    finally:
+        DATASETS._entries.pop("gappy")
+        DATASETS.declared.pop("gappy")
+    with pytest.raises(DataError) as err:  # built by hand, never loaded
+        check_ipc(gappy(DatasetConfig(name="gappy")), 1)
+    assert str(err.value) == f"dataset 'gappy': class 'y' has no training images; {fix}"
+    # the teacher command refuses it before training: one line, exit 2, no output folder
+    code = main(["teacher", "--dataset", "fashion-mnist", "--data-path", str(tmp_path / "fm"), "--model",
+                 "tiny_convnet", "--epochs", "1", "--out", str(tmp_path / "t"), "-q"])
+    err_text = capsys.readouterr().err
+    assert code == 2 and err_text.count("\n") == 1 and not (tmp_path / "t").exists()
+    assert err_text == (f"error: dataset 'fashion-mnist' ({tmp_path / 'fm'}): classes {FASHION_MNIST_CLASSES[5:]} have "
+                        f"no training images; {fix}\n")

@@ -265,6 +265,12 @@ class DataBundle:
         return summary_repr(self, name=self.name, classes=self.num_classes, train=self.train, test=self.test,
                             source=self.source or None)
 
+    def check_train_classes(self) -> None:
+        """Refuse, in one line, a class without training images (:func:`check_train_classes`): :func:`load_dataset`
+        checks what every source loaded, a method what it is given."""
+        where = f"dataset {self.name!r}" + (f" ({self.source})" if self.source else "")
+        check_train_classes(self.train, self.classes, where)
+
     @property
     def num_classes(self) -> int:
         return len(self.classes)
@@ -492,9 +498,28 @@ def check_mean_std(mean: tuple[float, ...], std: tuple[float, ...], where: str, 
                         "are at most 1; 0..255-scale values train to chance); divide them by 255")
 
 
+def check_train_classes(train: ImageSet, classes: list[str], where: str,
+                        fix: str = "give every class training images, or drop each such class (and its test "
+                                   "images) from the data") -> None:
+    """Refuse, in one line naming ``where`` and ending with ``fix``, the classes of which the train split ``train`` has
+    no image: no teacher or method can learn them (a teacher trains as if they did not exist), yet their test images
+    count against every accuracy."""
+    counts = train.class_counts(len(classes))[: len(classes)].tolist()
+    empty = [name for name, n in zip(classes, counts) if n == 0]
+    if not empty:
+        return
+    if len(empty) == 1:
+        said = f"class {empty[0]!r} has"
+    else:
+        shown = f"{empty}" if len(empty) <= 5 else f"[{', '.join(map(repr, empty[:5]))}, ...] ({len(empty)} in all)"
+        said = f"classes {shown} have"
+    raise DataError(f"{where}: {said} no training images; {fix}")
+
+
 @stage_modes()
 def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
-    """Load a registered dataset by config (or by name with config fields as keywords)."""
+    """Load a registered dataset by config (or by name with config fields as keywords). What any source loaded is
+    checked: its mean/std, the dataset settings it declares, and that every class has training images."""
     if isinstance(cfg, str):
         cfg = dataset_config(name=cfg, **kw)
     elif not isinstance(cfg, DatasetConfig):
@@ -509,6 +534,7 @@ def load_dataset(cfg: DatasetConfig | str, **kw) -> DataBundle:
     check_mean_std(bundle.mean, bundle.std, where, "return the per-channel mean and std of its training images "
                                                    "in 0..1")
     _check_source_settings(cfg, bundle)
+    bundle.check_train_classes()  # before any train_per_class subset, which keeps at least one image of each class
     subset_here = cfg.name not in SUBSET_SOURCES
     if subset_here and (cfg.train_per_class is not None or cfg.test_per_class is not None):
         bundle = DataBundle(

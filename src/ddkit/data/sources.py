@@ -63,6 +63,7 @@ from ddkit.data.base import (
     bad_class_name,
     check_class_order,
     check_mean_std,
+    check_train_classes,
     find_data_dir,
     per_class_index,
     search_order,
@@ -836,6 +837,34 @@ def _imagefolder_classes(cfg: DatasetConfig, split_dirs: dict[str, Path]) -> lis
     return sorted(train)
 
 
+def _check_split_dirs(cfg: DatasetConfig, root: Path, split_dirs: dict[str, Path]) -> None:
+    """Both split folders must exist. Two layouts that lack them are told apart, as their fix is another: class
+    folders of images right under ``root`` (torchvision's ImageFolder layout, which has no held-out split), and a
+    ``root`` that is a split folder itself (dataset.path one level too deep)."""
+    missing = [split for split, d in split_dirs.items() if not d.is_dir()]
+    if not missing:
+        return
+    full = root.resolve()
+    if full.name in (cfg.train_split, cfg.test_split) and (full.parent / cfg.train_split).is_dir():
+        parent = root.parent if root.name == full.name else full.parent  # as given, unless it ends in "." or ".."
+        raise DataError(f"imagefolder root {root} is the {full.name}/ split folder itself, not the folder holding "
+                        f"the splits; point dataset.path at {parent} (the folder holding {cfg.train_split}/)")
+    flat = [name for name, d in _class_dirs(root).items()
+            if d not in split_dirs.values() and any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())]
+    if flat:
+        shown = ", ".join(flat[:3]) + (f", ... ({len(flat)} in all)" if len(flat) > 3 else "")
+        lacks = " and ".join(f"{split_dirs[split].name}/" for split in missing)
+        raise DataError(
+            f"imagefolder root {root} has class folders of images ({shown}) but no {lacks} split "
+            f"folder{'s' if len(missing) > 1 else ''}; ddkit needs root/{cfg.train_split}/<class>/ and "
+            f"root/{cfg.test_split}/<class>/ (a held-out test split): move the class folders into "
+            f"{root / cfg.train_split} and put held-out images of each class in {root / cfg.test_split}/<class>/"
+        )
+    split = missing[0]
+    raise DataError(f"imagefolder has no {split} split folder {split_dirs[split]}; create it or set "
+                    f"dataset.{split}_split")
+
+
 @DATASETS.register("imagefolder", options=(), settings=SOURCE_SETTINGS)
 def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     """Images in ``root/<train_split>/<class>/*`` and ``root/<test_split>/<class>/*``.
@@ -867,11 +896,7 @@ def load_imagefolder(cfg: DatasetConfig) -> DataBundle:
     if split_dirs["train"].resolve() == split_dirs["test"].resolve():
         raise ConfigError(f"dataset.train_split and test_split both name {split_dirs['train']}, so accuracy would be "
                           f"measured on training images; set dataset.test_split to a held-out folder")
-    for split, d in split_dirs.items():
-        if not d.is_dir():
-            raise DataError(
-                f"imagefolder has no {split} split folder {d}; create it or set dataset.{split}_split"
-            )
+    _check_split_dirs(cfg, root, split_dirs)
     classes = _imagefolder_classes(cfg, split_dirs)
     listing = {split: _split_files(cfg, split_dir, classes) for split, split_dir in split_dirs.items()}
     if cfg.decode_cache:
@@ -1416,12 +1441,6 @@ def _tensor_norm(tensors: dict, channels: int, path: Path) -> tuple[tuple[float,
     return out[0], out[1]
 
 
-def _no_train_images(path: Path, names: list[str], count: int) -> None:
-    shown = f"{names}" if count <= len(names) else f"[{', '.join(map(repr, names))}, ...] ({count} in all)"
-    raise DataError(f"{path}: classes {shown} have no training images; check the labels (train_labels, "
-                    "test_labels) or drop those classes from 'classes'")
-
-
 def _label_set(labels: list[int]) -> str:
     """``{3, 7}``; a long set as its first and last values and its size."""
     if len(labels) <= 8:
@@ -1504,9 +1523,8 @@ def load_tensors(cfg: DatasetConfig) -> DataBundle:
     if 0 in parts["train"].images.shape[1:]:
         raise DataError(f"{path}: images have shape {list(parts['train'].images.shape[1:])} (C, H, W); store images "
                         "as [N, C, H, W] with C, H and W >= 1")
-    empty = [classes[c] for c, n in enumerate(parts["train"].class_counts(len(classes)).tolist()) if n == 0]
-    if empty:
-        _no_train_images(path, empty[:5], len(empty))
+    check_train_classes(parts["train"], classes, str(path), "check the labels (train_labels, test_labels), or drop "
+                        "each such class from 'classes'")
     norm = _tensor_norm(tensors, parts["train"].images.shape[1], path)
     mean, std = norm if norm is not None else channel_stats(
         parts["train"].images, name=f"train_images in {path}",
