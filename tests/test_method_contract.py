@@ -16,6 +16,7 @@ from ddkit.config import Checked, from_dict
 from ddkit.data.base import DatasetConfig
 from ddkit.errors import DDKitError
 from ddkit.methods import METHODS, Method, SyntheticSet
+from ddkit.methods.common import Checkpoint
 from ddkit.pipeline import DistillConfig, distill
 
 IPC = testing.IPC
@@ -94,6 +95,8 @@ class _Copies(Method):
     shift_by_seed = True
     wrong_label = False
     iterations = 0
+    checkpoints = False  # a checkpoint saved in every iteration
+    resumes = False  # read back: the iterations it holds are not done again (but reported, as rded its classes)
 
     def fit(self, real, teachers, ctx):
         index = torch.cat([real.train.indices_of(c)[:ctx.ipc] + ctx.seed * self.shift_by_seed
@@ -101,7 +104,11 @@ class _Copies(Method):
         labels = real.train.labels[index].clone()
         if self.wrong_label:
             labels[-1] = real.num_classes + 5
+        ckpt = Checkpoint(ctx, 1) if self.checkpoints else None
+        state = ckpt.load() if ckpt is not None and self.resumes else None
         for step in range(self.iterations):
+            if ckpt is not None and step >= (state["step"] if state is not None else 0):
+                ckpt.save({"step": step + 1})
             if ctx.progress is not None:
                 ctx.progress(step + 1, self.iterations, {"loss": 0.0})
         self.synthetic_ = SyntheticSet(real.train.images[index].clone(), labels)
@@ -121,6 +128,9 @@ def test_check_method_passes_a_method_that_keeps_the_contract(monkeypatch, data,
     testing.check_method(cls, data, teacher, tmp_path / "b")
     assert (tmp_path / "a" / "output" / "art" / "manifest.json").is_file()
     assert not (tmp_path / "a" / "resume").exists()  # not resumable: not fitted for it
+    _register(monkeypatch, "resumes", iterations=3, checkpoints=True, resumes=True)
+    testing.check_method("resumes", data, teacher, tmp_path / "c")  # it reports the iterations it restored: passes
+    assert [p.name for p in (tmp_path / "c" / "resume" / "work").iterdir()] == ["state.pt"]
 
 
 @pytest.mark.parametrize(("attrs", "message"), [
@@ -133,6 +143,11 @@ def test_check_method_passes_a_method_that_keeps_the_contract(monkeypatch, data,
          "ctx.work_dir (ddkit.methods.common.Checkpoint), or set `resumable = False` on the class"),
     ({"iterations": 3}, "method 'broken' is marked resumable but wrote no checkpoint to ctx.work_dir before it was "
                         "interrupted in its 2nd iteration"),
+    # QA 22c F3: it saved a checkpoint in every iteration and never read one, so a resumed fit started over
+    ({"iterations": 3, "checkpoints": True},
+     "method 'broken': resumed after an interruption in iteration 2, it wrote state.pt in ctx.work_dir again by "
+     "iteration 1: it started over instead of resuming from its checkpoint; load the checkpoint at the start of fit "
+     "(Checkpoint.load) and continue after its step"),
 ])
 def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teacher, tmp_path, attrs, message):
     """The contract test said "DID NOT RAISE KeyboardInterrupt" for a method that never reports progress, and
