@@ -97,11 +97,14 @@ class _Copies(Method):
     iterations = 0
     checkpoints = False  # a checkpoint saved in every iteration
     resumes = False  # read back: the iterations it holds are not done again (but reported, as rded its classes)
+    mutates_real = False  # blanks the first real training image in place
 
     def fit(self, real, teachers, ctx):
         index = torch.cat([real.train.indices_of(c)[:ctx.ipc] + ctx.seed * self.shift_by_seed
                            for c in range(real.num_classes)])
         labels = real.train.labels[index].clone()
+        if self.mutates_real:
+            real.train.images[0].zero_()
         if self.wrong_label:
             labels[-1] = real.num_classes + 5
         ckpt = Checkpoint(ctx, 1) if self.checkpoints else None
@@ -159,6 +162,21 @@ def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teach
     _register(monkeypatch, "broken", **attrs, uses_seed=False)  # deterministic by design: the seed check is off
     if attrs == {"shift_by_seed": False, "resumable": False}:
         testing.check_method("broken", data, teacher, tmp_path / "det")
+
+
+def test_check_method_refuses_a_method_that_changes_the_real_data(monkeypatch, teacher, tmp_path):
+    """QA 22c F5: a fit that wrote into `real` passed the contract, though a run's baselines and evaluations use
+    that data after it (and its set recorded the fingerprint of the changed data)."""
+    data = testing.tiny_data()  # its own: the fit changes it
+    before = data.fingerprint
+    _register(monkeypatch, "broken", mutates_real=True, resumable=False)
+    with pytest.raises(testing.ContractError) as exc:
+        testing.check_method("broken", data, teacher, tmp_path)
+    assert str(exc.value) == (
+        f"method 'broken': fit() changed the real data it was given (fingerprint {before} before, "
+        f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
+        "(real.train.images.float(), .clone()), never on `real` in place")
+    assert not (tmp_path / "output").exists()
 
 
 class _PeeksAtTeacher(_Copies):

@@ -8,8 +8,8 @@ On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny t
 (``tiny_convnet``, no BatchNorm; ``data=`` and ``teacher=`` replace them), with the method's ``smoke_options`` (a
 class attribute: options for a seconds-long run there, e.g. fewer iterations, ``stats: conv`` for a recover
 method, which the BatchNorm-less teacher needs), :func:`check_output` checks shapes, finite pixels, the label range,
-that the config is not mutated, that the same seed gives the same bytes (through the ``distill`` stage
-and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
+that neither the config nor the real data is mutated, that the same seed gives the same bytes (through the
+``distill`` stage and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
 fit interrupted after its second iteration resumes to the uninterrupted result, from its checkpoints (rewriting
 none of them before it reports an iteration past the interrupted one: a fit that ignores them starts over). The
 class attributes ``uses_seed``, ``uses_ipc`` and ``resumable`` of :class:`ddkit.methods.Method` turn off the checks
@@ -84,7 +84,7 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
     from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
-    before = copy.deepcopy(to_dict(cfg))
+    before, data_before = copy.deepcopy(to_dict(cfg)), data.fingerprint
     ctx = FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed, work_dir=work_dir, progress=progress)
     try:  # the teachers distill passes: none to a method that declares it reads none; seeded as distill seeds it
         method = fit_seeded(cls(cfg), data, [teacher] if cls.uses_teacher else [], ctx)
@@ -104,6 +104,10 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
                             "= False` from the class, or read no teacher in fit") from exc
     _require(to_dict(cfg) == before, f"method {key!r}: fit() mutated its config (from {before} to {to_dict(cfg)}); "
              "keep what it changes in the method (self), not in self.cfg")
+    _require(data.fingerprint == data_before,
+             f"method {key!r}: fit() changed the real data it was given (fingerprint {data_before} before, "
+             f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
+             "(real.train.images.float(), .clone()), never on `real` in place")
     _require(getattr(method, "synthetic_", None) is not None,
              f"method {key!r}: fit() returned {type(method).__name__} without synthetic_; set self.synthetic_ "
              "and return self")
