@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -1810,3 +1811,88 @@ def test_a_source_reading_no_files_that_loads_other_data_is_told_to_seed_itself(
                                          r"then make the set again$"):
         evaluate(ds, proto, [0], out=tmp_path / "eval.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_a_protocol_name_with_a_files_suffix_is_refused(monkeypatch):
+    """QA 22c F1: PROTOCOLS.add("fast.yml", f) was accepted, listed and shown, but every --protocol fast.yml read a
+    file of that name instead: a name ending in a file's suffix is refused at registration, naming the fix."""
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+    for name, suffix, stem in (("fast.yml", ".yml", "fast"), ("my.proto.YAML", ".YAML", "my.proto"),
+                               ("e.json", ".json", "e")):
+        with pytest.raises(DDKitError, match=rf"^protocol name '{name}' ends in '{suffix}', so every --protocol or "
+                                             r"protocol: naming it reads a file of that name instead; register it "
+                                             rf"under a name without the suffix, e.g. '{stem}'$"):
+            PROTOCOLS.add(name, lambda: ProtocolConfig())
+        assert name not in PROTOCOLS
+    PROTOCOLS.add("fast.v2", lambda: ProtocolConfig())  # a dot elsewhere is a name as before
+
+
+def test_a_registered_protocol_name_is_not_shadowed_by_a_file_in_the_working_folder(monkeypatch, tmp_path, caplog):
+    """QA 22c F2: a file named `quick` (or `demo`) in the current folder was read as the protocol's YAML, over
+    ProtocolConfig's defaults, in place of the registered protocol of that name, without a word. A spec is a file
+    by its suffix or a path separator; a bare name is a registered one, with a warning (once) naming the file."""
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig, is_protocol_file, protocol_settings
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+    PROTOCOLS.add("quick", lambda: ProtocolConfig(student="tiny_convnet", train=TrainConfig(epochs=2)))
+    monkeypatch.chdir(tmp_path)
+    for name in ("quick", "demo", "stray"):
+        (tmp_path / name).write_text("train: {epochs: 1}\n")
+    with caplog.at_level("WARNING", logger="ddkit.evaluate.protocol"):
+        assert protocol_settings("quick")["train"]["epochs"] == 2
+        assert resolve_protocol("quick", {"full_epochs": 3}).student == "tiny_convnet"
+        assert resolve_protocol("demo").student == "convnet3-w32"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"protocol {n!r} is the registered one, not the file {n!r} in the current folder; pass ./{n} to read the file"
+        for n in ("quick", "demo")]
+    for path in ("./quick", str(tmp_path / "demo"), tmp_path / "stray"):  # a path reads the file
+        assert resolve_protocol(path).student == "convnet3" and resolve_protocol(path).train.epochs == 1
+    assert [is_protocol_file(s) for s in ("quick", "p.yaml", "P.YML", "eval-hard.json", "a/quick", Path("quick"))] == [
+        False, True, True, True, True, True]
+    with pytest.raises(ConfigError, match=r"^unknown protocol 'stray'; see `ddkit list protocols` \(.*\); to read the "
+                                          r"file 'stray' in the current folder, pass its path: ./stray$"):
+        resolve_protocol("stray")
+
+
+def test_a_registered_protocol_that_returns_no_protocol_config_is_refused(monkeypatch, tmp_path, capsys):
+    """QA 22c F4: a protocol function without `return` ran ProtocolConfig's defaults silently (with overrides: a
+    TypeError traceback), and `ddkit show` printed `null`; another return value gave unrelated messages. Every
+    resolution (evaluate, run, bench, show) refuses it in one line naming the protocol and what it returned."""
+    from ddkit.bench import BenchConfig
+    from ddkit.cli import main
+    from ddkit.evaluate.protocol import PROTOCOLS, ProtocolConfig
+    from test_bench import TINY
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+
+    def noreturn():
+        ProtocolConfig(train=TrainConfig(epochs=2))
+
+    PROTOCOLS.add("noreturn", noreturn)
+    PROTOCOLS.add("retstr", lambda: "soft-kl")
+    PROTOCOLS.add("rettrain", lambda: TrainConfig(epochs=2))
+    made_by = "test_evaluate.test_a_registered_protocol_that_returns_no_protocol_config_is_refused.<locals>."
+    returned = {"noreturn": f"{made_by}noreturn) returned None (no `return`?)",
+                "retstr": f"{made_by}<lambda>) returned str 'soft-kl'",
+                "rettrain": f"{made_by}<lambda>) returned TrainConfig(epochs=2, batch_size=256, "}
+    for name, what in returned.items():
+        message = re.escape(f"protocol {name!r}: its function ({what}")
+        for overrides in (None, {"train": {"epochs": 1}}):
+            with pytest.raises(DDKitError, match=rf"^{message}.*, not a ProtocolConfig; make it `return "
+                                                 r"ProtocolConfig\(...\)`$"):
+                resolve_protocol(name, overrides)
+        with pytest.raises(DDKitError, match=rf"^{message}"):
+            from_dict(BenchConfig, {**TINY, "protocol": name, "out": str(tmp_path / "bench"), "device": "cpu"})
+    distill(make_synthetic(), DistillConfig(method="random", ipc=2), DatasetConfig(name="synthetic"), tmp_path / "set")
+    made = sorted(p.name for p in (tmp_path / "set").iterdir())
+    for args in (["show", "noreturn"], ["evaluate", str(tmp_path / "set"), "--protocol", "noreturn", "--seeds", "0"],
+                 ["run", str(REPO / "configs/fashion-mnist/random/ipc10.yaml"), "--out", str(tmp_path / "run"),
+                  "--set", "dataset.name=synthetic", "--set", "evaluate.protocol=noreturn"]):
+        assert main(args) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err == f"error: protocol 'noreturn': its function ({returned['noreturn']}, not a " \
+                                    "ProtocolConfig; make it `return ProtocolConfig(...)`\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == made

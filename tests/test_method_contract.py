@@ -16,6 +16,7 @@ from ddkit.config import Checked, from_dict
 from ddkit.data.base import DatasetConfig
 from ddkit.errors import DDKitError
 from ddkit.methods import METHODS, Method, SyntheticSet
+from ddkit.methods.common import Checkpoint
 from ddkit.pipeline import DistillConfig, distill
 
 IPC = testing.IPC
@@ -94,14 +95,23 @@ class _Copies(Method):
     shift_by_seed = True
     wrong_label = False
     iterations = 0
+    checkpoints = False  # a checkpoint saved in every iteration
+    resumes = False  # read back: the iterations it holds are not done again (but reported, as rded its classes)
+    mutates_real = False  # blanks the first real training image in place
 
     def fit(self, real, teachers, ctx):
         index = torch.cat([real.train.indices_of(c)[:ctx.ipc] + ctx.seed * self.shift_by_seed
                            for c in range(real.num_classes)])
         labels = real.train.labels[index].clone()
+        if self.mutates_real:
+            real.train.images[0].zero_()
         if self.wrong_label:
             labels[-1] = real.num_classes + 5
+        ckpt = Checkpoint(ctx, 1) if self.checkpoints else None
+        state = ckpt.load() if ckpt is not None and self.resumes else None
         for step in range(self.iterations):
+            if ckpt is not None and step >= (state["step"] if state is not None else 0):
+                ckpt.save({"step": step + 1})
             if ctx.progress is not None:
                 ctx.progress(step + 1, self.iterations, {"loss": 0.0})
         self.synthetic_ = SyntheticSet(real.train.images[index].clone(), labels)
@@ -121,6 +131,9 @@ def test_check_method_passes_a_method_that_keeps_the_contract(monkeypatch, data,
     testing.check_method(cls, data, teacher, tmp_path / "b")
     assert (tmp_path / "a" / "output" / "art" / "manifest.json").is_file()
     assert not (tmp_path / "a" / "resume").exists()  # not resumable: not fitted for it
+    _register(monkeypatch, "resumes", iterations=3, checkpoints=True, resumes=True)
+    testing.check_method("resumes", data, teacher, tmp_path / "c")  # it reports the iterations it restored: passes
+    assert [p.name for p in (tmp_path / "c" / "resume" / "work").iterdir()] == ["state.pt"]
 
 
 @pytest.mark.parametrize(("attrs", "message"), [
@@ -133,6 +146,11 @@ def test_check_method_passes_a_method_that_keeps_the_contract(monkeypatch, data,
          "ctx.work_dir (ddkit.methods.common.Checkpoint), or set `resumable = False` on the class"),
     ({"iterations": 3}, "method 'broken' is marked resumable but wrote no checkpoint to ctx.work_dir before it was "
                         "interrupted in its 2nd iteration"),
+    # QA 22c F3: it saved a checkpoint in every iteration and never read one, so a resumed fit started over
+    ({"iterations": 3, "checkpoints": True},
+     "method 'broken': resumed after an interruption in iteration 2, it wrote state.pt in ctx.work_dir again by "
+     "iteration 1: it started over instead of resuming from its checkpoint; load the checkpoint at the start of fit "
+     "(Checkpoint.load) and continue after its step"),
 ])
 def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teacher, tmp_path, attrs, message):
     """The contract test said "DID NOT RAISE KeyboardInterrupt" for a method that never reports progress, and
@@ -144,6 +162,21 @@ def test_check_method_names_what_a_broken_method_breaks(monkeypatch, data, teach
     _register(monkeypatch, "broken", **attrs, uses_seed=False)  # deterministic by design: the seed check is off
     if attrs == {"shift_by_seed": False, "resumable": False}:
         testing.check_method("broken", data, teacher, tmp_path / "det")
+
+
+def test_check_method_refuses_a_method_that_changes_the_real_data(monkeypatch, teacher, tmp_path):
+    """QA 22c F5: a fit that wrote into `real` passed the contract, though a run's baselines and evaluations use
+    that data after it (and its set recorded the fingerprint of the changed data)."""
+    data = testing.tiny_data()  # its own: the fit changes it
+    before = data.fingerprint
+    _register(monkeypatch, "broken", mutates_real=True, resumable=False)
+    with pytest.raises(testing.ContractError) as exc:
+        testing.check_method("broken", data, teacher, tmp_path)
+    assert str(exc.value) == (
+        f"method 'broken': fit() changed the real data it was given (fingerprint {before} before, "
+        f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
+        "(real.train.images.float(), .clone()), never on `real` in place")
+    assert not (tmp_path / "output").exists()
 
 
 class _PeeksAtTeacher(_Copies):

@@ -483,6 +483,28 @@ def test_a_partial_plugin_model_is_identified_by_the_arguments_it_binds(tmp_path
     assert model_source("part_obj")["source_sha256"] == first  # the same in every process
 
 
+def test_a_partial_binding_an_object_is_warned_about_where_it_is_used(tmp_path, monkeypatch, registries, caplog):
+    """QA 22c F9: the warning of a partial that binds an object with a memory address in its repr was given at its
+    registration, so every command of a process importing the plugin printed it (`ddkit list`, a teacher of another
+    model). It is given once, where the identity of what the partial makes is taken."""
+    from functools import partial
+
+    from ddkit.models.registry import model_source
+
+    mod = _plugin(tmp_path, monkeypatch, "objnet", NET.format(key="obj_base"))
+    with caplog.at_level("WARNING", logger="ddkit"):
+        MODELS.add("obj_net", partial(mod.Net, hidden=object()))
+        MODELS.add("obj_net8", partial(mod.Net, hidden=8))
+        model_source("obj_net8")
+        assert caplog.text == ""
+        sha = model_source("obj_net")["source_sha256"]
+        assert model_source("obj_net")["source_sha256"] == sha
+    assert [r.getMessage() for r in caplog.records] == [
+        "functools.partial(objnet.Net, ...) binds a <builtins.object object>, whose repr holds a memory address: it "
+        "enters the identity of what the partial makes as its type only, and a change of it is not tracked; bind "
+        "numbers, strings, lists or dicts instead (the settings the object is made from)"]
+
+
 def test_a_method_that_ignores_ipc_is_treated_as_full_is(registries):
     """The pipeline asked `method == "full"` where it meant "makes no ipc images per class": a plugin
     method declaring uses_ipc = False was refused ipc as full is, got its ipc checked against the class

@@ -452,10 +452,11 @@ def cmd_show(args) -> int:
     target, is_path = args.target, Path(args.target).exists()
     if not is_path:  # importing every method (and torch) takes a while: only for a name
         from ddkit.evaluate import PROTOCOLS
+        from ddkit.evaluate.protocol import preset
         from ddkit.methods import METHODS
     method = target.removeprefix("method:") if not is_path and target.startswith("method:") else None
     if not is_path and target in PROTOCOLS:
-        text = json.dumps(to_dict(PROTOCOLS.get(target)()), indent=2)
+        text = json.dumps(to_dict(preset(target)), indent=2)
         if target in METHODS and not args.quiet:
             print(f"note: {target!r} is also a method; `ddkit show method:{target}` shows its options",
                   file=sys.stderr)
@@ -796,7 +797,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("evaluate", help="train fresh students on a distilled set and report accuracy")
     sp.add_argument("distilled", help="distilled-set directory")
-    sp.add_argument("--protocol", default="dc-protocol", help="preset (`ddkit list protocols`) or YAML")
+    sp.add_argument("--protocol", default="dc-protocol",
+                    help="registered name (`ddkit list protocols`), or a YAML file's path: one ending in .yaml, .yml "
+                    "or .json, or with a / (./NAME)")
     sp.add_argument("--label-mode", choices=["hard", "teacher", "stored", "fkd"])
     sp.add_argument("--epochs", type=int,
                     help="the students' training epochs (train.epochs); the full-data reference keeps its own "

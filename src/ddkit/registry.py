@@ -70,7 +70,7 @@ class Registry(Generic[T]):
                 raise DDKitError(f"{self.kind} {name!r} is already registered (by {origin(self._entries[name])}); "
                                  "register yours under another name")
             self._entries[name] = obj  # the same definition again (a re-run notebook cell, a reload) replaces it
-            source_sha256(obj)  # a plugin's source as it is when loaded, not as an edit during a long run leaves it
+            _source(obj)  # a plugin's source as it is when loaded, not as an edit during a long run leaves it
             return obj
 
         return deco
@@ -166,7 +166,9 @@ def source_sha256(obj: object) -> str | None:
     keep the old ``f``, which then runs among the helper's new code: until its own module is reloaded too, such
     a mix gets a hash of its own, which neither the old nor the new code gives. So the hash describes the code
     this process runs: an edit of the file during a long run does not label what the old code makes with the
-    new code's hash (a reload, or the next process, reads it again)."""
+    new code's hash (a reload, or the next process, reads it again). A partial binding an object whose repr
+    holds a memory address is warned about here (once), where the identity is used, not at its registration."""
+    _warn_unstable(obj)
     return _source(obj)[0]
 
 
@@ -181,6 +183,7 @@ def source_deps(obj: object) -> list[str]:
 def source_record(obj: object) -> dict:
     """What a manifest records of the source of ``obj``: ``source_sha256`` and, when helper modules
     entered it, ``source_deps`` (their names); empty for ddkit's own and for an unreadable source."""
+    _warn_unstable(obj)
     sha, deps = _source(obj)
     if sha is None:
         return {}
@@ -251,7 +254,7 @@ def _read_source(obj: object) -> tuple[str | None, tuple[str, ...]]:
             base = {"def": origin(obj.func)}
         else:  # a source that cannot be read (warned)
             return None, deps
-        blob = json.dumps({**base, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps({**base, "bound": bound_arguments(obj, [])}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest(), deps
     module = getattr(obj, "__module__", None) or ""
     if is_ddkit(obj):
@@ -381,36 +384,61 @@ def _stdlib_folders() -> tuple[str, ...]:
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # an object's default repr: another text in every process
 
 
-def bound_arguments(p: functools.partial) -> dict:
+def bound_arguments(p: functools.partial, unstable: list[str] | None = None) -> dict:
     """The arguments partial ``p`` binds as JSON data that is the same in every process: numbers, strings, None,
     lists and dicts of them as they are; a class or function as ``module.QualName``; any other object as its repr.
     An object whose repr holds a memory address (the default ``<X object at 0x...>``) enters as its type's name,
-    with a warning: a change of it is not tracked."""
-    return {"args": [_stable(v, p) for v in p.args], "keywords": {k: _stable(v, p) for k, v in p.keywords.items()}}
+    added to ``unstable`` where given (:func:`source_sha256` warns of those where the identity is used), else
+    warned about: a change of it is not tracked."""
+    found: list[str] = [] if unstable is None else unstable
+    out = {"args": [_stable(v, found) for v in p.args],
+           "keywords": {k: _stable(v, found) for k, v in p.keywords.items()}}
+    if unstable is None:
+        for text in found:
+            _warn_address(p, text)
+    return out
 
 
-def _stable(value: object, p: functools.partial) -> object:
+_UNSTABLE: set[tuple[str, str]] = set()  # (partial, object type) warned about once per process
+
+
+def _warn_unstable(obj: object) -> None:
+    """Warn, once per process, of each object a user's partial ``obj`` binds whose repr holds a memory address."""
+    if isinstance(obj, functools.partial) and not isinstance(obj, OwnPartial):
+        found: list[str] = []
+        bound_arguments(obj, found)
+        for text in found:
+            if (origin(obj), text) not in _UNSTABLE:
+                _UNSTABLE.add((origin(obj), text))
+                _warn_address(obj, text)
+
+
+def _warn_address(p: functools.partial, text: str) -> None:
+    log.warning("functools.partial(%s, ...) binds a %s, whose repr holds a memory address: it enters the identity of "
+                "what the partial makes as its type only, and a change of it is not tracked; bind numbers, strings, "
+                "lists or dicts instead (the settings the object is made from)", origin(p), text)
+
+
+def _stable(value: object, unstable: list[str]) -> object:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_stable(v, p) for v in value]
+        return [_stable(v, unstable) for v in value]
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _stable(v, p) for k, v in value.items()}
+        return {k: _stable(v, unstable) for k, v in value.items()}
     if isinstance(value, (set, frozenset)):  # its iteration order (and repr) changes with PYTHONHASHSEED
-        return {"set": sorted((_stable(v, p) for v in value), key=_json_key)}
+        return {"set": sorted((_stable(v, unstable) for v in value), key=_json_key)}
     if isinstance(value, dict):  # other keys: as (key, value) pairs
-        return {"items": [[_stable(k, p), _stable(v, p)] for k, v in value.items()]}
+        return {"items": [[_stable(k, unstable), _stable(v, unstable)] for k, v in value.items()]}
     if isinstance(value, functools.partial):
-        return {"def": origin(value), "bound": bound_arguments(value)}
+        return {"def": origin(value), "bound": bound_arguments(value, unstable)}
     name = getattr(value, "__qualname__", None)
     if callable(value) and isinstance(name, str):  # a class or function (torch.relu too): its name
         return {"def": f"{getattr(value, '__module__', None)}.{name}"}
     text = repr(value)
     if _ADDRESS.search(text):
         text = f"<{type(value).__module__}.{type(value).__qualname__} object>"
-        log.warning("functools.partial(%s, ...) binds a %s, whose repr holds a memory address: it enters the "
-                    "identity of what the partial makes as its type only, and a change of it is not tracked; bind "
-                    "numbers, strings, lists or dicts instead (the settings the object is made from)", origin(p), text)
+        unstable.append(text)
     return {"repr": text}
 
 

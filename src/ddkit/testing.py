@@ -8,10 +8,11 @@ On tiny generated data (``synthetic``: 4 classes of 1x16x16 images) and a tiny t
 (``tiny_convnet``, no BatchNorm; ``data=`` and ``teacher=`` replace them), with the method's ``smoke_options`` (a
 class attribute: options for a seconds-long run there, e.g. fewer iterations, ``stats: conv`` for a recover
 method, which the BatchNorm-less teacher needs), :func:`check_output` checks shapes, finite pixels, the label range,
-that the config is not mutated, that the same seed gives the same bytes (through the ``distill`` stage
-and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
-fit interrupted after its second iteration resumes to the uninterrupted result. The class attributes
-``uses_seed``, ``uses_ipc`` and ``resumable`` of :class:`ddkit.methods.Method` turn off the checks
+that neither the config nor the real data is mutated, that the same seed gives the same bytes (through the
+``distill`` stage and the saved artifact), and that another seed gives another set; :func:`check_resume` checks that a
+fit interrupted after its second iteration resumes to the uninterrupted result, from its checkpoints (rewriting
+none of them before it reports an iteration past the interrupted one: a fit that ignores them starts over). The
+class attributes ``uses_seed``, ``uses_ipc`` and ``resumable`` of :class:`ddkit.methods.Method` turn off the checks
 that do not apply to a method; one with ``uses_teacher = False`` is fitted with no teacher, as ``distill`` fits
 it. ddkit's own test suite runs both over every registered method.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -82,7 +84,7 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
     from ddkit.methods.base import fit_seeded
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
-    before = copy.deepcopy(to_dict(cfg))
+    before, data_before = copy.deepcopy(to_dict(cfg)), data.fingerprint
     ctx = FitContext(ipc=IPC if cls.uses_ipc else None, seed=seed, work_dir=work_dir, progress=progress)
     try:  # the teachers distill passes: none to a method that declares it reads none; seeded as distill seeds it
         method = fit_seeded(cls(cfg), data, [teacher] if cls.uses_teacher else [], ctx)
@@ -102,6 +104,10 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
                             "= False` from the class, or read no teacher in fit") from exc
     _require(to_dict(cfg) == before, f"method {key!r}: fit() mutated its config (from {before} to {to_dict(cfg)}); "
              "keep what it changes in the method (self), not in self.cfg")
+    _require(data.fingerprint == data_before,
+             f"method {key!r}: fit() changed the real data it was given (fingerprint {data_before} before, "
+             f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
+             "(real.train.images.float(), .clone()), never on `real` in place")
     _require(getattr(method, "synthetic_", None) is not None,
              f"method {key!r}: fit() returned {type(method).__name__} without synthetic_; set self.synthetic_ "
              "and return self")
@@ -222,6 +228,8 @@ def _check_output(key: str, cls, data, teacher, work_dir: Path) -> None:
 def check_resume(method, data=None, teacher=None, work_dir: str | Path | None = None) -> None:
     """Check that ``method``, stopped (KeyboardInterrupt) in its second iteration, resumes from the checkpoints it
     wrote to ``ctx.work_dir`` to the images of an uninterrupted fit; a method with ``resumable = False`` passes.
+    A resumed fit that writes any of those files again before it reports an iteration past the interrupted one
+    (``ctx.progress``) started over, and fails: it may report the iterations it restored, as rded its classes.
     Arguments as :func:`check_output`'s; ``work_dir`` holds the checkpoints."""
     key, cls = _resolve(method)
     if cls.resumable:
@@ -253,10 +261,32 @@ def _check_resume(key: str, cls, data, teacher, work_dir: Path) -> None:
              f"method {key!r} is marked resumable but wrote no checkpoint to ctx.work_dir before it was interrupted "
              "in its 2nd iteration; save its state there (ddkit.methods.common.Checkpoint), or set "
              "`resumable = False` on the class")
-    resumed = _fit(cls, key, data, teacher, work_dir=work)
+    for path in work.rglob("*"):  # an old time, which any rewrite changes (one within a clock tick of the save too)
+        if path.is_file():
+            os.utime(path, ns=(path.stat().st_atime_ns, 0))
+    left = _files(work)
+    restarted = []
+
+    def watch(step, total, record):  # an iteration up to the interrupted one that rewrites a checkpoint: redone
+        if not restarted and step <= calls[-1] and not any(k.endswith("_pass") for k in record):
+            restarted.extend((step, name) for name, stat in left.items() if _files(work).get(name) != stat)
+
+    resumed = _fit(cls, key, data, teacher, work_dir=work, progress=watch)
+    if restarted:
+        step, name = restarted[0]
+        raise ContractError(f"method {key!r}: resumed after an interruption in iteration {calls[-1]}, it wrote {name} "
+                            f"in ctx.work_dir again by iteration {step}: it started over instead of resuming from its "
+                            "checkpoint; load the checkpoint at the start of fit (Checkpoint.load) and continue after "
+                            "its step")
     _require(torch.equal(straight.images, resumed.images),
              f"method {key!r}: resumed after an interruption, it made other images than an uninterrupted fit; "
              "restore all its state (images, optimiser, random generators, step) from its checkpoint")
+
+
+def _files(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """Each file under ``folder`` (its path relative to it) with what a rewrite changes: inode, size, mtime."""
+    return {str(p.relative_to(folder)): (st.st_ino, st.st_size, st.st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file() and (st := p.stat())}
 
 
 def check_method(method, data=None, teacher=None, work_dir: str | Path | None = None) -> None:

@@ -33,7 +33,7 @@ from ddkit.config import (
 )
 from ddkit.data.zca import check_reg as check_zca_reg
 from ddkit.errors import ConfigError, DDKitError
-from ddkit.registry import Registry
+from ddkit.registry import Registry, origin
 from ddkit.training import TeacherBN, TrainConfig, check_teacher_bn, omit_running_bn
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,20 @@ class ProtocolConfig(Checked):
         return dataclasses.replace(self.train, epochs=self.full_epochs)
 
 
+#: how a protocol spec names a file (case ignored): every other spec without a path separator is a registered name
+PROTOCOL_FILE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
 def _check_protocol(name: str, obj: object) -> None:
     """What PROTOCOLS takes: a factory called with no arguments that returns a ProtocolConfig, as the presets
-    below are registered (a config itself would be called at every use)."""
+    below are registered (a config itself would be called at every use), under a name that does not end in a
+    file's suffix (:data:`PROTOCOL_FILE_SUFFIXES`: a spec with one is read as a file, so the name could not be
+    used)."""
+    if name.lower().endswith(PROTOCOL_FILE_SUFFIXES):
+        stem = name[: name.rindex(".")]
+        raise DDKitError(f"protocol name {name!r} ends in {name[len(stem):]!r}, so every --protocol or protocol: "
+                         f"naming it reads a file of that name instead; register it under a name without the "
+                         f"suffix, e.g. {stem!r}")
     if isinstance(obj, ProtocolConfig):
         raise DDKitError(f"protocol {name!r}: register a function returning the ProtocolConfig, not the config "
                          f"itself: PROTOCOLS.add({name!r}, lambda: cfg) (or save it as a YAML file and pass its path)")
@@ -321,9 +332,36 @@ def demo_protocol() -> ProtocolConfig:
 
 
 def is_protocol_file(spec: object) -> bool:
-    """Whether :func:`resolve_protocol` reads ``spec`` as a YAML file's path (not a preset's name)."""
-    return isinstance(spec, os.PathLike) or (isinstance(spec, str) and (spec.endswith((".yaml", ".yml"))
-                                                                        or Path(spec).is_file()))
+    """Whether :func:`resolve_protocol` reads ``spec`` as a file's path, not a registered protocol's name: a path
+    object, or a string with a path separator or ending in ``.yaml``, ``.yml`` or ``.json`` (no registered name
+    has either). A bare name is a registered protocol's even where a file of that name lies in the current folder
+    (``./NAME`` reads the file)."""
+    return isinstance(spec, os.PathLike) or (isinstance(spec, str) and (
+        spec.lower().endswith(PROTOCOL_FILE_SUFFIXES) or any(sep in spec for sep in ("/", os.sep, os.altsep) if sep)))
+
+
+_SHADOWED: set[str] = set()  # protocol names warned about once per process: a file of the name in the current folder
+
+
+def preset(name: str) -> ProtocolConfig:
+    """The ProtocolConfig the protocol registered as ``name`` returns; one that returns anything else (a function
+    that forgot its ``return``) is refused, naming the protocol. A file of that name in the current folder is not
+    read (a warning says how to read it); an unknown name that is such a file gets the same hint."""
+    if name not in PROTOCOLS and Path(name).is_file():
+        raise ConfigError(f"{PROTOCOLS.unknown_message(name)}; to read the file {name!r} in the current folder, "
+                          f"pass its path: ./{name}")
+    made = PROTOCOLS.get(name)()
+    if not isinstance(made, ProtocolConfig):
+        text = short_repr(made, 60)
+        what = ("None (no `return`?)" if made is None else
+                text if text.startswith(type(made).__name__) else f"{type(made).__name__} {text}")
+        raise DDKitError(f"protocol {name!r}: its function ({origin(PROTOCOLS.get(name))}) returned {what}, not a "
+                         "ProtocolConfig; make it `return ProtocolConfig(...)`")
+    if name not in _SHADOWED and Path(name).is_file():
+        _SHADOWED.add(name)
+        log.warning("protocol %r is the registered one, not the file %r in the current folder; pass ./%s to read "
+                    "the file", name, name, name)
+    return made
 
 
 def recorded_protocol(spec: str) -> str:
@@ -369,7 +407,7 @@ def protocol_settings(spec: str | Path | dict | ProtocolConfig) -> dict:
         refuse_record(data, ProtocolConfig)  # an evaluation's JSON: every key of it would be unknown
         return to_dict(from_dict(ProtocolConfig, data, "protocol"))
     if isinstance(spec, str):
-        return to_dict(PROTOCOLS.get(spec)())
+        return to_dict(preset(spec))
     raise ConfigError(f"protocol must be a ProtocolConfig, a preset name (`ddkit list protocols`) or a YAML file's "
                       f"path, got {type(spec).__name__} {spec!r}; pass one of them, e.g. 'dc-protocol'")
 
