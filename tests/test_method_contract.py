@@ -179,6 +179,21 @@ def test_check_method_refuses_a_method_that_changes_the_real_data(monkeypatch, t
     assert not (tmp_path / "output").exists()
 
 
+def test_distill_refuses_a_method_that_changes_the_real_data(monkeypatch, tmp_path):
+    """The distill stage itself (ddkit run, bench, distill) refuses a fit that changed `real` in place, writing no
+    set: the run would train its baselines on the changed data and the set record its fingerprint."""
+    data = testing.tiny_data()
+    before = data.fingerprint
+    _register(monkeypatch, "broken", mutates_real=True, resumable=False)
+    with pytest.raises(DDKitError) as exc:
+        distill(data, DistillConfig(method="broken", ipc=1), out=tmp_path / "set")
+    assert str(exc.value) == (
+        f"method 'broken' changed the real data it was given in place (fingerprint {before} before its fit, "
+        f"{data.fingerprint} after); fix the method to work on copies (real.train.images.float(), .clone()), never "
+        "on `real` itself")
+    assert before != data.fingerprint and not (tmp_path / "set").exists()
+
+
 class _PeeksAtTeacher(_Copies):
     """_Copies that reads its teacher: always (``teachers[0]``), or only when it is given one."""
 

@@ -297,7 +297,12 @@ def distill(
         info = ddist.current()
         distilled, failure = None, None
         try:
+            data_before = data.fingerprint  # remembered: a second read costs nothing unless fit edits the tensors
             method = fit_seeded(method_cls(method_cfg), data, [teacher] if teacher is not None and reads else [], ctx)
+            if data.fingerprint != data_before:  # the run's baselines and evaluations, and the set's record, use it
+                raise DDKitError(f"method {cfg.method!r} changed the real data it was given in place (fingerprint "
+                                 f"{data_before} before its fit, {data.fingerprint} after); fix the method to work on "
+                                 "copies (real.train.images.float(), .clone()), never on `real` itself")
             # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
             # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
             if info.is_main:
