@@ -317,15 +317,16 @@ class DistilledSet(DescribesDataset, Dataset):
         without an ipc) gets an empty folder, so folder order stays label order (torchvision's ``ImageFolder`` reads
         it with ``allow_empty=True``). An ``out`` holding an export of a newer ddkit (``schema_version``) is
         refused."""
-        _refuse_newer_export(Path(out), fmt)
         out = Path(out)
         if fmt == "pt":
             if out.is_dir():
                 raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
             earlier = out.exists()
-            if earlier and not _is_pt_export(out):
+            if earlier and (record := _pt_export_record(out)) is None:
                 raise DDKitError(f"output {str(out)!r} exists and is not a readable ddkit pt export; choose "
                                  "another --out or remove it")
+            if earlier:  # one a newer ddkit wrote is refused, as its readers refuse it
+                check_schema_version(record, out, "it is damaged: remove it or choose another --out", required=False)
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -341,6 +342,7 @@ class DistilledSet(DescribesDataset, Dataset):
             if self.images.shape[1] not in (1, 3):  # PNG would take a 2nd or 4th channel as alpha, drop a 5th
                 raise DDKitError(f"the set's images have {self.images.shape[1]} channels and --format imagefolder "
                                  "writes PNG files of 1 (grey) or 3 (RGB); use --format pt, which keeps every channel")
+            _refuse_newer_export(out, "imagefolder-export")
             # a refused --out first, then the warning
             with atomic_dir(out, kind="imagefolder-export", accept=older_imagefolder_export) as tmp:
                 clipped = clipped_fraction(self.images)
@@ -363,6 +365,7 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "ddranking":
             from ddkit.bench import export_for_ddranking
 
+            _refuse_newer_export(out, "ddranking-export")
             return export_for_ddranking(self, out)
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder, pt or ddranking")
 
@@ -414,8 +417,9 @@ def check_manifest_tensors(manifest: dict[str, Any], images: torch.Tensor, label
     :func:`check_set_tensors`): ``images.dtype``, ``num_images``, ``class_counts``, ``ipc``, ``bytes`` (of the images;
     of the labels, as int64 or the narrower integer an older build counted, and soft labels) and
     ``images.pixel_range`` ([0, 255] for uint8; the min and max of float pixels where ``exact_range``: sets made
-    before 2026-12-06 recorded a nominal [0.0, 1.0]). A field the manifest lacks is not compared. ``damaged``: the
-    fix where the manifest's own record is wrong (default ``fix``)."""
+    before 2026-12-06 recorded a nominal [0.0, 1.0], and load compares only sets that record ``files_sha256``). A
+    field the manifest lacks is not compared. ``damaged``: the fix where the manifest's own record is wrong (default
+    ``fix``)."""
     damaged = damaged or fix
     described = manifest.get("images", {})
     if not isinstance(described, dict):
@@ -558,16 +562,13 @@ def _refuse_export(path: Path) -> None:
                      + (f" ({source})" if source else ""))
 
 
-def _refuse_newer_export(out: Path, fmt: str) -> None:
-    """Refuse to replace an export that a newer ddkit wrote (its ``schema_version``), as every reader refuses it."""
-    if fmt == "pt":
-        record, where = (_pt_export_record(out) if out.is_file() else None), out
-    else:
-        where = out / ("classes.json" if fmt == "imagefolder" else "meta.json")
-        record = read_json(where) if file_kind(where) == f"{fmt}-export" else None
-    if isinstance(record, dict):
-        check_schema_version(record, where, "it is damaged: remove it or choose another --out", required=False)
-
+def _refuse_newer_export(out: Path, kind: str) -> None:
+    """Refuse to replace a folder export of ``kind`` that a newer ddkit wrote (its ``schema_version``), as every
+    reader refuses it."""
+    where = out / ("classes.json" if kind == "imagefolder-export" else "meta.json")
+    if file_kind(where) == kind:
+        check_schema_version(read_json(where), where, "it is damaged: remove it or choose another --out",
+                             required=False)
 
 def _pt_export_record(path: Path) -> dict | None:
     """The record of a file an earlier ``export --format pt`` wrote, or None for any other file."""
@@ -614,11 +615,6 @@ def older_imagefolder_export(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _is_pt_export(path: Path) -> bool:
-    """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
-    return _pt_export_record(path) is not None
 
 
 def class_folder_names(classes: list[str]) -> list[str]:
