@@ -162,6 +162,10 @@ def test_a_set_recorded_before_2026_12_06_or_with_narrower_labels_still_loads(ma
     _edit(old, lambda m: (m.pop("files_sha256"), m["images"].update(pixel_range=[0.0, 1.0]),
                           m["bytes"].update(labels=8 * 4 + 8 * 4 * 4)))
     assert len(ddkit.load(old)) == 8
+    # saved again unedited, it records files_sha256, and with them the range of its pixels, which load compares
+    again = ddkit.load(old).save(tmp_path / "again")
+    assert json.loads((again / "manifest.json").read_text())["images"]["pixel_range"] == [-1.0, 2.0]
+    assert len(ddkit.load(again)) == 8
 
 
 def test_save_refuses_tensors_that_disagree_with_the_manifest_and_writes_nothing(made, tmp_path):

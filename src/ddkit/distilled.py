@@ -219,7 +219,13 @@ class DistilledSet(DescribesDataset, Dataset):
                           images_at="the set", fix=fix, soft_at="the set's soft labels",
                           image_shape=dataset.get("image_shape"))
         check_manifest_tensors(self.manifest, self.images, self.labels, self.soft_labels, images_at="the set",
-                               manifest_at="the set's manifest", fix=fix, exact_range=True)
+                               manifest_at="the set's manifest", fix=fix, exact_range=not self._older_record)
+
+    @property
+    def _older_record(self) -> bool:
+        """Whether the manifest is one a ddkit before 2026-12-07 saved (loaded, no ``files_sha256``), whose float
+        ``images.pixel_range`` may be a nominal [0, 1] (before 2026-12-06) rather than the pixels' range."""
+        return self.path is not None and FILES_SHA256 not in self.manifest
 
     @cpu_default_device()
     def save(self, out: str | Path) -> Path:
@@ -229,12 +235,16 @@ class DistilledSet(DescribesDataset, Dataset):
         if self.soft_labels is not None:  # every loader would refuse the set: write none
             check_soft_labels(self.soft_labels, "the set's soft labels", "check the teacher or method that made them")
         self.check()
+        manifest = self.manifest
+        if self._older_record and isinstance(manifest.get("images"), dict) and "pixel_range" in manifest["images"]:
+            # saved with files_sha256, its range is compared on load: the pixels', not an older nominal [0, 1]
+            manifest = {**manifest, "images": {**manifest["images"], "pixel_range": pixel_range(self.images)}}
         with atomic_dir(out, kind=KIND) as tmp:
             sums = {IMAGES: save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})}
             if self.soft_labels is not None:
                 sums[SOFT] = save_tensors(tmp / SOFT, {"logits": self.soft_labels})
             save_grid(self.images, self.labels, self.classes, tmp / PREVIEW)
-            self.manifest = {**self.manifest, FILES_SHA256: sums}
+            self.manifest = {**manifest, FILES_SHA256: sums}
             write_json(tmp / "manifest.json", self.manifest)
         self.path = out.absolute()  # records name it from any working folder (not resolved: links stay)
         return out
