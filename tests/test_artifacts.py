@@ -439,7 +439,8 @@ def test_load_rejects_tampered_labels_and_soft_labels(tiny, tmp_path):
         with pytest.raises(DDKitError, match=msg):
             ddkit.load(path)
     man = json.loads((path / "manifest.json").read_text())
-    (path / "manifest.json").write_text(json.dumps({**man, "images": {**man["images"], "dtype": "float32"}}))
+    (path / "manifest.json").write_text(json.dumps({**man, "images": {**man["images"], "dtype": "float32"},
+                                                   "bytes": {**man["bytes"], "images": 4 * images.numel()}}))
     assert len(ddkit.load(path)) == 8  # float32 pixels, as the manifest now says, load
     save_file({"images": torch.where(images == images.max(), float("nan"), images), "labels": t["labels"]},
               str(path / "images.safetensors"))
@@ -569,7 +570,7 @@ def test_pixel_checks_skip_integer_sets_and_read_float_sets_a_bounded_chunk_at_a
     chunks = [(3, 1, 16, 16), (3, 1, 16, 16), (2, 1, 16, 16)]
     images = torch.rand(8, 1, 16, 16) * 1.4 - 0.2
     build(images).save(tmp_path / "set")
-    assert scanned == chunks
+    assert scanned == chunks * 2  # build's check, and save's (a set edited since its build is refused)
     scanned.clear()
     ds = DistilledSet.load(tmp_path / "set")
     assert scanned == chunks
@@ -939,7 +940,8 @@ def test_load_refuses_damaged_values_it_used_to_accept(tiny, tmp_path, capsys):
                                              "damaged: re-create the distilled-set artifact"):
             ddkit.load(path)
     (path / "manifest.json").write_text(
-        json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"}}))
+        json.dumps({**good, "files": {**good["files"], "soft_labels": "soft.safetensors"},
+                    "bytes": {**good["bytes"], "labels": good["bytes"]["labels"] + 4 * 4 * len(t["labels"])}}))
     save_file({"logits": torch.zeros(len(t["labels"]), 4, dtype=torch.int32)}, str(path / "soft.safetensors"))
     with pytest.raises(DDKitError, match="hold int32 values, not floating-point logits; re-create the distilled set"):
         ddkit.load(path)

@@ -66,7 +66,6 @@ _OTHER_LOADERS = {
                            "maps itself (ddkit.data.load_dataset); `ddkit show` summarises it, `ddkit cache` lists "
                            "the cache and `ddkit cache prune` removes entries",
 }
-_RERUN = "run the run's config again to rewrite it"
 _LOADS = "ddkit.load reads distilled sets, run folders, teachers, FKD stores and evaluation reports"
 
 
@@ -86,8 +85,8 @@ def load(path, normalize: bool = False):
     """
     from pathlib import Path
 
-    from ddkit.artifacts import MANIFEST, check_schema_version, file_kind, folder_kind, member, read_json, read_manifest
-    from ddkit.distilled import DistilledSet
+    from ddkit.artifacts import MANIFEST, check_schema_version, file_kind, folder_kind, read_json
+    from ddkit.distilled import DistilledSet, set_folder
     from ddkit.errors import DDKitError
 
     if not isinstance(path, (str, _os.PathLike)) or not isinstance(normalize, bool):
@@ -101,20 +100,11 @@ def load(path, normalize: bool = False):
         kind = folder_kind(where)
         if kind is None and file_kind(where / "eval.json") == "evaluation-set":  # a run's report/ folder
             where, kind = where / "eval.json", "evaluation-set"
-        elif kind is None and (where / "distilled" / MANIFEST).is_file():
-            raise DDKitError(f"{str(where)!r} is an unfinished `ddkit run` folder (no manifest.json); run its config "
-                             f"again to finish it, or load its stage: ddkit.load({str(where / 'distilled')!r})")
     else:
         kind = None
-    if kind in (None, "distilled-set", "imagefolder-export", "pt-export"):
-        return DistilledSet.load(where, normalize=normalize)  # exports and non-artifacts: its one-line errors
-    if kind == "pipeline-run":
-        stage = read_manifest(where, kind).get("stages", {}).get("distilled")
-        if not isinstance(stage, str):
-            raise DDKitError(f"{str(where / MANIFEST)!r} names no distilled stage (stages.distilled); the manifest is "
-                             f"damaged: {_RERUN}")
-        return DistilledSet.load(member(where, stage, where / MANIFEST, "stages.distilled", _RERUN),
-                                 normalize=normalize)
+    if kind in (None, "distilled-set", "imagefolder-export", "pt-export", "pipeline-run"):
+        # exports and non-artifacts: its one-line errors; a run folder: its distilled stage
+        return DistilledSet.load(set_folder(where, "load its stage: ddkit.load({!r})"), normalize=normalize)
     if normalize:
         raise DDKitError(f"normalize applies to distilled sets, but {str(where)!r} is a {kind!r}; leave normalize out")
     if kind == "teacher":

@@ -277,11 +277,11 @@ def cmd_distill(args) -> int:
 def cmd_evaluate(args) -> int:
     from ddkit.config import apply_overrides, from_dict
     from ddkit.data.base import DatasetConfig, load_dataset
-    from ddkit.distilled import DistilledSet
+    from ddkit.distilled import DistilledSet, set_folder
     from ddkit.evaluate import evaluate, format_table, resolve_protocol
     from ddkit.pipeline import load_teacher_for
 
-    distilled = DistilledSet.load(args.distilled)
+    distilled = DistilledSet.load(set_folder(args.distilled))  # a run folder: its set
     overrides: dict[str, Any] = {}
     given = {key: (flag, value) for key, flag, value in (("label_mode", "--label-mode", args.label_mode),
                                                           ("train.epochs", "--epochs", args.epochs),
@@ -568,9 +568,9 @@ def _closest_name(name: str) -> tuple[str, str] | None:
 
 
 def cmd_export(args) -> int:
-    from ddkit.distilled import DistilledSet
+    from ddkit.distilled import DistilledSet, set_folder
 
-    ds = DistilledSet.load(args.distilled)
+    ds = DistilledSet.load(set_folder(args.distilled))  # a run folder: its set
     out = ds.export(args.out, args.format)
     if not args.quiet:
         print(f"exported {len(ds)} images as {args.format} -> {out}")
@@ -653,7 +653,7 @@ def cmd_relabel(args) -> int:
     from ddkit import distributed as ddist
     from ddkit.artifacts import check_output_dir, hidden_path, writing
     from ddkit.config import apply_overrides
-    from ddkit.distilled import DistilledSet
+    from ddkit.distilled import DistilledSet, set_folder
     from ddkit.evaluate.runner import ensemble_with
     from ddkit.labels import relabel
     from ddkit.labels.fkd import KIND as FKD_KIND
@@ -661,7 +661,7 @@ def cmd_relabel(args) -> int:
     from ddkit.teacher import Teacher
 
     device = _device(args)
-    distilled = DistilledSet.load(args.distilled)
+    distilled = DistilledSet.load(set_folder(args.distilled))  # a run folder: its set
     teacher = Teacher.load(args.teacher, device)
     if teacher.classes != distilled.classes:
         raise DDKitError("teacher classes differ from the distilled set's; use the teacher of this dataset")

@@ -169,7 +169,9 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     with damaged_record(where, f"a {kind!r} record", _FIXES.get(kind, "it is damaged, re-create it"),
                         (KeyError, TypeError, ValueError, AttributeError)):
         # the record of a folder: check the folder's files
-        if check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
+        if check_files and kind == "pt-export" and _is_torch_file(where):
+            check_artifact(kind, where, record)
+        elif check_files and where.name == _ARTIFACT_RECORD.get(kind, MANIFEST):
             check_artifact(kind, where.parent, record)
         _check_numbers(kind, record, where)
         return summarise(_printable_text(record))
@@ -226,14 +228,18 @@ def _check_numbers(kind: str, record: dict, where: Path) -> None:
 
 # how to re-create a damaged record, where it is not the command that wrote it
 _FIXES = {"bench-table": "it is damaged: re-run `ddkit bench` with the run's config (finished cells are reused) "
-                         "to rebuild it"}
+                         "to rebuild it",
+          **{kind: "it is damaged: export the distilled set again"
+             for kind in ("imagefolder-export", "ddranking-export", "pt-export")}}
 
 # the records written at ddkit's SCHEMA_VERSION that are read without read_manifest (artifacts' manifests are checked
-# there; cache entries have schemas of their own, ddkit.cache)
-_VERSIONED = ("evaluation", "evaluation-set", "pipeline-run", "bench-table", "bench-config")
+# there; cache entries have schemas of their own, ddkit.cache); exports record one in their side file or .pt fields
+_VERSIONED = ("evaluation", "evaluation-set", "pipeline-run", "bench-table", "bench-config", "imagefolder-export",
+              "ddranking-export", "pt-export")
 
-# the file that records the kind of an artifact folder, where it is not its manifest.json
-_ARTIFACT_RECORD = {"imagefolder-export": "classes.json", "ddranking-export": "meta.json"}
+# the file that records the kind of an artifact folder, where it is not its manifest.json (a bench folder's table
+# names its sets; a pt export is a file, checked as such)
+_ARTIFACT_RECORD = {"imagefolder-export": "classes.json", "ddranking-export": "meta.json", "bench-table": "bench.json"}
 
 
 def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
@@ -241,7 +247,10 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
     refuses an incomplete or damaged artifact instead of summarising its manifest alone. An expert
     buffer (gigabytes at paper scale) is checked from its files' headers (each opens, holds a trajectory of
     the manifest's shape), a statistics cache for its file only, an image-folder export for its class
-    folders and that each image opens."""
+    folders and that each image opens, a pt export (``folder``: the file) and a DD-Ranking export for their
+    tensors as a set's are checked (:func:`~ddkit.distilled.check_set_tensors`), a bench report for the files its
+    manifest lists, a bench folder for each set its table names (its manifest and tensor files, not their
+    contents: ``ddkit show -q`` a set's folder loads it)."""
     if kind == "distilled-set":
         from ddkit.distilled import DistilledSet
 
@@ -260,6 +269,12 @@ def check_artifact(kind: str, folder: Path, manifest: dict) -> None:
         _check_imagefolder(folder, manifest)
     elif kind == "ddranking-export":
         _check_ddranking(folder, manifest)
+    elif kind == "pt-export":
+        _check_pt_export(folder)
+    elif kind == "bench-report":
+        _check_report(folder, manifest)
+    elif kind == "bench-table":
+        _check_bench(folder, manifest)
     elif kind == "pipeline-run":
         _check_run(folder, manifest)
     elif kind == "imagefolder-decoded":
@@ -362,7 +377,8 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
     for i, name in enumerate(names):
         path = member(folder, name, where, f"folders[{i}]", "export the distilled set again")
         images = sorted(path.glob("*.png")) if path.is_dir() else []
-        if not images:
+        # a set without an ipc may hold no image of a class: its export writes the class's folder empty
+        if not images and (isinstance(meta.get("ipc"), int) or not path.is_dir()):
             raise DDKitError(f"export {str(folder)!r} holds no images of class folder {name!r}; {_export_fix(kind)}")
         counts[name] = len(images)
         for image in images:
@@ -385,12 +401,18 @@ def _check_imagefolder(folder: Path, meta: dict) -> None:
     if isinstance(meta.get("ipc"), int) and odd:  # a set of a fixed IPC has as many images of every class
         raise DDKitError(f"export {str(folder)!r} holds {usual} images in its other class folders but "
                          f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; {_export_fix(kind)}")
+    if isinstance(meta.get("ipc"), int) and usual != meta["ipc"]:  # as many lost from every folder
+        raise DDKitError(f"export {str(folder)!r} holds {usual} images in each class folder, but {str(where)!r} says "
+                         f"ipc {meta['ipc']}; {_export_fix(kind)}")
 
 
 def _check_ddranking(folder: Path, meta: dict) -> None:
     """A DD-Ranking export's tensors load and agree with its meta.json: ``ipc`` images of each class in
-    class-major order, the channels of its mean, soft labels (where written) one row of logits per image."""
+    class-major order, the channels of its mean, soft labels (where written) one row of logits per image; and are
+    checked as a set's are (:func:`~ddkit.distilled.check_set_tensors`: finite pixels and logits)."""
     import torch
+
+    from ddkit.distilled import check_set_tensors
 
     kind = "ddranking-export"
     classes, ipc, mean = meta.get("classes"), meta.get("ipc"), meta.get("mean")
@@ -419,11 +441,91 @@ def _check_ddranking(folder: Path, meta: dict) -> None:
     if labels.tolist() != [c for c in range(k) for _ in range(ipc)]:
         raise DDKitError(f"{str(folder / 'labels.pt')!r} does not hold {ipc} labels of each of {k} classes "
                          f"in class-major order; {_export_fix(kind)}")
+    soft = None
     if (folder / "soft_labels.pt").is_file():
         soft = load("soft_labels.pt")
         if list(soft.shape) != [n, k]:
             raise DDKitError(f"{str(folder / 'soft_labels.pt')!r} holds soft labels of shape {list(soft.shape)}, not "
                              f"[{n}, {k}]; {_export_fix(kind)}")
+    check_set_tensors(images, labels, soft, k, images_at=repr(str(folder / "images.pt")),
+                      labels_at=repr(str(folder / "labels.pt")), soft_at=f"the soft labels in "
+                      f"{str(folder / 'soft_labels.pt')!r}", fix=_export_fix(kind))
+
+
+def _check_pt_export(path: Path) -> None:
+    """A ``ddkit export --format pt`` file's tensors, checked as a set's are (:func:`check_set_tensors`: as many
+    labels (and soft-label rows) as images, finite pixels and logits, labels and soft-label columns of its classes),
+    the channels of its mean, ``ipc`` images of each class where it records one, and the ``pixel_range`` it records
+    (which ``show`` prints) that of its images."""
+    import torch
+
+    from ddkit.distilled import check_set_tensors, pixel_range
+
+    kind, fix = "pt-export", _export_fix("pt-export")
+    record = quiet_torch_load(path)  # read once already (_read_torch_record): it loads
+    images, labels, soft = record.get("images"), record.get("labels"), record.get("soft_labels")
+    classes, mean = record.get("classes"), record.get("mean")
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and isinstance(classes, list)
+            and classes and isinstance(mean, list) and isinstance(soft, (torch.Tensor, type(None)))):
+        raise DDKitError(f"{str(path)!r} lacks its images, labels, classes or mean (or holds other types there); "
+                         f"the {kind} is incomplete or damaged; export the distilled set again")
+    where = repr(str(path))
+    check_set_tensors(images, labels, soft, len(classes), images_at=where, soft_at=f"the soft labels in {where}",
+                      fix=fix)
+    if images.shape[1] != len(mean):
+        raise DDKitError(f"{where} holds images of {images.shape[1]} channel(s) but a mean of {len(mean)}; {fix}")
+    ipc, held = record.get("ipc"), torch.bincount(labels, minlength=len(classes)).tolist()
+    if isinstance(ipc, int) and set(held) != {ipc}:
+        raise DDKitError(f"{where} holds {held} images per class but records ipc {ipc}; {fix}")
+    span = record.get("pixel_range")  # exports before 2026-12-06 did not record it
+    if span is not None and list(span) != pixel_range(images):
+        raise DDKitError(f"{where} records pixel_range {span} but its pixels lie in {pixel_range(images)}; {fix}")
+
+
+def _check_report(folder: Path, manifest: dict) -> None:
+    """A ``ddkit report`` folder holds each file its manifest lists (``files``: report.md, report.html, plots,
+    set grids)."""
+    files = manifest["files"]
+    fix = (f"run `ddkit report {manifest.get('run_dir', 'BENCH_FOLDER')} --out {str(folder)}` again to write it "
+           "whole")
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise DDKitError(f"{str(folder / MANIFEST)!r} holds files {files!r}, not a list of file names; {fix}")
+    outside = [f for f in files if not f or Path(f).is_absolute() or ".." in Path(f).parts]
+    if outside:
+        raise DDKitError(f"{str(folder / MANIFEST)!r} lists {outside[0]!r} among its files, which leads outside the "
+                         f"report's folder; the manifest is damaged: {fix}")
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise DDKitError(f"report {str(folder)!r} lacks {len(missing)} of the files its manifest lists "
+                         f"({', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); {fix}")
+
+
+def _check_bench(folder: Path, table: dict) -> None:
+    """A bench folder holds each distilled set its table's rows name (``distilled_path``: the set's folder under
+    ``distilled/``): its manifest and the tensor files the manifest lists. The sets are not loaded (a bench of
+    full-size sets holds gigabytes): ``ddkit show -q`` of a set's folder checks its contents."""
+    from ddkit.artifacts import read_manifest
+
+    fix = "re-run `ddkit bench` with its config (finished cells are reused) to make it again"
+    seen = set()
+    for row in table["rows"]:
+        if not isinstance(row.get("distilled_path"), str) or row["distilled_path"] in seen:
+            continue
+        seen.add(row["distilled_path"])
+        name = Path(row["distilled_path"]).name
+        path = member(folder / "distilled", name, folder / "bench.json", "a row's distilled_path", fix)
+        if not (path / MANIFEST).is_file():
+            raise DDKitError(f"bench {str(folder)!r} lacks the distilled set {name!r} its table names "
+                             f"({str(path)!r}); {fix}")
+        try:
+            manifest = read_manifest(path, "distilled-set", require={"files.images": str})
+        except DDKitError as e:
+            raise DDKitError(f"bench {str(folder)!r}: {e}") from None
+        files = manifest["files"]
+        for key in ("images", "soft_labels"):
+            if files.get(key) and not member(path, files[key], path / MANIFEST, f"files.{key}", fix).is_file():
+                raise DDKitError(f"bench {str(folder)!r}: the distilled set {name!r} lacks its file {files[key]!r}; "
+                                 f"{fix}")
 
 
 def _bench_progress(record: dict, root: Path) -> str:

@@ -39,7 +39,9 @@ from ddkit.artifacts import (
     base_manifest,
     check_classes,
     check_normalisation,
+    check_schema_version,
     check_sha256,
+    file_kind,
     folder_kind,
     load_tensors,
     member,
@@ -193,7 +195,8 @@ class DistilledSet(DescribesDataset, Dataset):
                 "teacher": teacher,
                 "images": {"dtype": str(images.dtype).removeprefix("torch."), "pixel_range": held,
                            **({"quantised": quantised} if quantised is not None else {})},
-                "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels, soft)},
+                # the labels as the set holds (and saves) them: int64, whatever integer type the method gave
+                "bytes": {"images": tensor_bytes(images), "labels": tensor_bytes(labels.long(), soft)},
                 "files": {"images": IMAGES, "soft_labels": SOFT if soft is not None else None, "preview": PREVIEW},
                 "meta": {k: v for k, v in synthetic.meta.items() if k != "source_index"},
             }
@@ -202,17 +205,46 @@ class DistilledSet(DescribesDataset, Dataset):
             manifest["source_index"] = synthetic.meta["source_index"]
         return cls(images, labels, manifest, soft)
 
+    def check(self) -> None:
+        """Refuse, in one line, tensors that :meth:`load` would refuse or that disagree with the manifest this set
+        holds (its ``num_images``, ``class_counts``, ``ipc``, ``images.dtype``, ``images.pixel_range``, ``bytes``):
+        the manifest records how the set was made (``config``, ``config_hash``), so an edited set is another set,
+        which :meth:`save` does not write under the record of the first."""
+        dataset = self.manifest.get("dataset") if isinstance(self.manifest.get("dataset"), dict) else {}
+        fix = ("the manifest records the set its config made: save the set unedited, or make the manifest say what "
+               "the tensors hold; nothing was saved")
+        classes = dataset.get("classes")
+        num_classes = len(classes) if isinstance(classes, list) else None
+        check_set_tensors(self.images, self.labels, self.soft_labels, num_classes,
+                          images_at="the set", fix=fix, soft_at="the set's soft labels",
+                          image_shape=dataset.get("image_shape"))
+        check_manifest_tensors(self.manifest, self.images, self.labels, self.soft_labels, images_at="the set",
+                               manifest_at="the set's manifest", fix=fix, exact_range=not self._older_record)
+
+    @property
+    def _older_record(self) -> bool:
+        """Whether the manifest is one a ddkit before 2026-12-07 saved (loaded, no ``files_sha256``), whose float
+        ``images.pixel_range`` may be a nominal [0, 1] (before 2026-12-06) rather than the pixels' range."""
+        return self.path is not None and FILES_SHA256 not in self.manifest
+
     @cpu_default_device()
     def save(self, out: str | Path) -> Path:
+        """Write the set to the folder ``out`` (atomically): its tensors, preview and manifest; a set whose tensors
+        disagree with its manifest is refused first (:meth:`check`)."""
         out = Path(out)
         if self.soft_labels is not None:  # every loader would refuse the set: write none
             check_soft_labels(self.soft_labels, "the set's soft labels", "check the teacher or method that made them")
+        self.check()
+        manifest = self.manifest
+        if self._older_record and isinstance(manifest.get("images"), dict) and "pixel_range" in manifest["images"]:
+            # saved with files_sha256, its range is compared on load: the pixels', not an older nominal [0, 1]
+            manifest = {**manifest, "images": {**manifest["images"], "pixel_range": pixel_range(self.images)}}
         with atomic_dir(out, kind=KIND) as tmp:
             sums = {IMAGES: save_tensors(tmp / IMAGES, {"images": self.images, "labels": self.labels})}
             if self.soft_labels is not None:
                 sums[SOFT] = save_tensors(tmp / SOFT, {"logits": self.soft_labels})
             save_grid(self.images, self.labels, self.classes, tmp / PREVIEW)
-            self.manifest = {**self.manifest, FILES_SHA256: sums}
+            self.manifest = {**manifest, FILES_SHA256: sums}
             write_json(tmp / "manifest.json", self.manifest)
         self.path = out.absolute()  # records name it from any working folder (not resolved: links stay)
         return out
@@ -228,69 +260,36 @@ class DistilledSet(DescribesDataset, Dataset):
             "files.images": str, "num_images": int, "dataset": dict, "dataset_config": dict, "dataset.classes": list,
             "dataset.mean": list, "dataset.std": list, "method.name": str, "ipc": (int, type(None))})
         damaged = f"re-create the {KIND} artifact"
+        recreate = "re-create the distilled set"
         tensors = load_tensors(member(path, manifest["files"]["images"], path / MANIFEST, "files.images", damaged),
                                what="distilled images")
         if "images" not in tensors or "labels" not in tensors:
-            raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; re-create the distilled set")
+            raise DDKitError(f"{path / IMAGES} lacks 'images' or 'labels'; {recreate}")
         images, labels = tensors["images"], tensors["labels"]
-        if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise DDKitError(f"{path / IMAGES} holds {str(labels.dtype).removeprefix('torch.')} labels of shape "
-                             f"{list(labels.shape)}, not one class index (an integer) per image; re-create the "
-                             "distilled set")
-        if not (images.dtype == torch.uint8 or images.is_floating_point()):
-            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images, not uint8 or "
-                             "floating-point pixels; re-create the distilled set")
-        shape = manifest["dataset"].get("image_shape")
-        if images.dim() != 4 or (shape and list(images.shape[1:]) != list(shape)):
-            raise DDKitError(f"{path / IMAGES} holds images of shape {list(images.shape)}, expected [N, "
-                             f"{', '.join(map(str, shape or ['C', 'H', 'W']))}]; re-create the distilled set")
-        check_normalisation(manifest, images.shape[1], path, KIND)
-        check_classes(manifest["dataset"]["classes"], path, KIND)
-        check_label_records(manifest, path)
-        described = manifest.get("images", {})
-        if not isinstance(described, dict):
-            raise DDKitError(f"{str(path / 'manifest.json')!r} holds images {described!r}, not a mapping of their "
-                             "dtype and shape; the manifest is damaged: re-create the distilled set")
-        dtype = described.get("dtype")
-        if dtype and str(images.dtype).removeprefix("torch.") != dtype:
-            raise DDKitError(f"{path / IMAGES} holds {str(images.dtype).removeprefix('torch.')} images "
-                             f"but the manifest says {dtype}; re-create the distilled set")
-        if not all_finite(images, as_float32=False):
-            raise DDKitError(f"{path / IMAGES} holds NaN or infinite pixels; re-create the distilled set")
-        if len(images) != len(labels) or len(labels) != manifest["num_images"]:
-            raise DDKitError(f"{path} is inconsistent: {len(images)} images, {len(labels)} labels, manifest says "
-                             f"{manifest['num_images']}; re-create the distilled set")
         num_classes = len(manifest["dataset"].get("classes") or []) or None
-        if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
-            raise DDKitError(f"{path / IMAGES} has labels outside 0..{(num_classes or 0) - 1} (found "
-                             f"{int(labels.min())}..{int(labels.max())}); re-create the distilled set")
-        counts, held = manifest.get("class_counts"), torch.bincount(labels, minlength=num_classes or 0).tolist()
-        if counts is not None and counts != held:
-            raise DDKitError(f"{path / IMAGES} holds {held} images per class but the manifest says {counts}; re-create "
-                             "the distilled set")
-        ipc = manifest["ipc"]  # the random baseline of an evaluation draws this many real images per class
-        if ipc is not None and held and set(held) != {ipc}:
-            raise DDKitError(f"{str(path / 'manifest.json')!r} says ipc {ipc} but the set holds {held} "
-                             "images per class; the manifest is damaged: re-create the distilled set")
-        soft = None
+        soft, soft_at, redo = None, "the soft labels", recreate
         if manifest["files"].get("soft_labels"):
             stored = load_tensors(member(path, manifest["files"]["soft_labels"], path / MANIFEST, "files.soft_labels",
                                          damaged), what="soft labels")
             soft = stored.get("logits")
-            want = (len(labels), num_classes) if num_classes else None
             # the pipeline's teacher made them (distill --soft-labels), or the method did
             by_teacher = ((manifest.get("config") or {}).get("distill") or {}).get("soft_labels") is True
             redo = ("re-run distill --soft-labels" if by_teacher else
                     f"re-create the distilled set (method {manifest['method']['name']!r} made them)")
-            if soft is None or soft.dim() != 2 or soft.shape[0] != len(labels) or (want and tuple(soft.shape) != want):
-                held = f"have shape {list(soft.shape)}" if soft is not None else "hold no 'logits' tensor"
-                raise DDKitError(f"soft labels {manifest['files']['soft_labels']!r} in {path} {held} but the set "
-                                 f"has {len(labels)} images of {num_classes} classes; {redo}")
-            if not soft.is_floating_point():
-                raise DDKitError(f"soft labels in {path} hold {str(soft.dtype).removeprefix('torch.')} values, not "
-                                 f"floating-point logits; {redo}")
-            if not torch.isfinite(soft).all():
-                raise DDKitError(f"soft labels in {path} hold NaN or infinite logits; {redo}")
+            soft_at = f"soft labels {manifest['files']['soft_labels']!r} in {path}"
+            if soft is None:
+                raise DDKitError(f"{soft_at} hold no 'logits' tensor but the set has {len(labels)} images of "
+                                 f"{num_classes} classes; {redo}")
+        check_set_tensors(images, labels, soft, num_classes, images_at=str(path / IMAGES), fix=recreate,
+                          soft_at=soft_at, soft_fix=redo, image_shape=manifest["dataset"].get("image_shape"))
+        check_normalisation(manifest, images.shape[1], path, KIND)
+        check_classes(manifest["dataset"]["classes"], path, KIND)
+        check_label_records(manifest, path)
+        check_dataset_config(manifest["dataset_config"], path / MANIFEST)
+        # sets made before files_sha256 was recorded (2026-12-07) may record the nominal [0, 1] of a float set
+        check_manifest_tensors(manifest, images, labels, soft, images_at=str(path / IMAGES),
+                               manifest_at=repr(str(path / MANIFEST)), fix=recreate,
+                               damaged=f"the manifest is damaged: {recreate}", exact_range=FILES_SHA256 in manifest)
         # last, so that a damaged file is refused for what is wrong with it; a whole file swapped for another here
         for what, name in (("distilled images", manifest["files"]["images"]),
                            ("soft labels", manifest["files"].get("soft_labels"))):
@@ -324,15 +323,20 @@ class DistilledSet(DescribesDataset, Dataset):
         images, 0..1 the data's range, exactly as the set holds them; labels, the set's soft labels where it
         has them, mean/std, class-major). PNG holds 8-bit pixels: float pixels outside [0, 1] are clipped,
         which is logged and recorded (``clipped_pixels``, the fraction, in ``classes.json``); a set of other than
-        1 or 3 channels is refused (PNG would store a 2nd or 4th one as transparency)."""
+        1 or 3 channels is refused (PNG would store a 2nd or 4th one as transparency); a class without images (a set
+        without an ipc) gets an empty folder, so folder order stays label order (torchvision's ``ImageFolder`` reads
+        it with ``allow_empty=True``). An ``out`` holding an export of a newer ddkit (``schema_version``) is
+        refused."""
         out = Path(out)
         if fmt == "pt":
             if out.is_dir():
                 raise DDKitError(f"output {str(out)!r} is a folder; --format pt writes one file, give a file path")
             earlier = out.exists()
-            if earlier and not _is_pt_export(out):
+            if earlier and (record := _pt_export_record(out)) is None:
                 raise DDKitError(f"output {str(out)!r} exists and is not a readable ddkit pt export; choose "
                                  "another --out or remove it")
+            if earlier:  # one a newer ddkit wrote is refused, as its readers refuse it
+                check_schema_version(record, out, "it is damaged: remove it or choose another --out", required=False)
             order = torch.argsort(self.labels, stable=True)  # class-major
             x = self.images[order]
             x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -348,6 +352,7 @@ class DistilledSet(DescribesDataset, Dataset):
             if self.images.shape[1] not in (1, 3):  # PNG would take a 2nd or 4th channel as alpha, drop a 5th
                 raise DDKitError(f"the set's images have {self.images.shape[1]} channels and --format imagefolder "
                                  "writes PNG files of 1 (grey) or 3 (RGB); use --format pt, which keeps every channel")
+            _refuse_newer_export(out, "imagefolder-export")
             # a refused --out first, then the warning
             with atomic_dir(out, kind="imagefolder-export", accept=older_imagefolder_export) as tmp:
                 clipped = clipped_fraction(self.images)
@@ -356,9 +361,10 @@ class DistilledSet(DescribesDataset, Dataset):
                                 "files; export --format pt keeps them exactly", 100 * clipped)
                 names = class_folder_names(self.classes)
                 counters = [0] * len(names)
+                for name in names:  # a class without images too (a set without an ipc): classes.json lists it
+                    (tmp / name).mkdir()
                 for img, y in zip(self.images, self.labels.tolist()):
                     folder = tmp / names[y]
-                    folder.mkdir(exist_ok=True)
                     arr = to_uint8(img).permute(1, 2, 0).numpy()  # one image at a time: no 8-bit copy of the set
                     Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr).save(folder / f"{counters[y]:05d}.png")
                     counters[y] += 1
@@ -369,8 +375,108 @@ class DistilledSet(DescribesDataset, Dataset):
         if fmt == "ddranking":
             from ddkit.bench import export_for_ddranking
 
+            _refuse_newer_export(out, "ddranking-export")
             return export_for_ddranking(self, out)
         raise DDKitError(f"unknown export format {fmt!r}; use imagefolder, pt or ddranking")
+
+
+def check_set_tensors(images: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, num_classes: int | None,
+                      *, images_at: str, fix: str, labels_at: str | None = None, soft_at: str = "the soft labels",
+                      soft_fix: str | None = None, image_shape: list | None = None) -> None:
+    """What every reader of a set's tensors checks, alike for a set's files (:meth:`DistilledSet.load`), a set about
+    to be saved (:meth:`DistilledSet.save`) and an export's tensors (``ddkit show`` of a pt or DD-Ranking export):
+    one integer label per image, in 0..``num_classes`` - 1 (None: not known, only >= 0); uint8 or floating-point
+    images [N, C, H, W] (C, H, W: ``image_shape`` where given) with finite pixels; soft labels (where not None)
+    finite floating-point logits [N, ``num_classes``]. One-line errors name where the tensors were read
+    (``images_at``, ``labels_at`` (default ``images_at``), ``soft_at``) and end in ``fix`` (``soft_fix`` for the
+    soft labels, default ``fix``)."""
+    labels_at, soft_fix = labels_at or images_at, soft_fix or fix
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise DDKitError(f"{labels_at} holds {str(labels.dtype).removeprefix('torch.')} labels of shape "
+                         f"{list(labels.shape)}, not one class index (an integer) per image; {fix}")
+    if not (images.dtype == torch.uint8 or images.is_floating_point()):
+        raise DDKitError(f"{images_at} holds {str(images.dtype).removeprefix('torch.')} images, not uint8 or "
+                         f"floating-point pixels; {fix}")
+    if images.dim() != 4 or (image_shape and list(images.shape[1:]) != list(image_shape)):
+        raise DDKitError(f"{images_at} holds images of shape {list(images.shape)}, expected [N, "
+                         f"{', '.join(map(str, image_shape or ['C', 'H', 'W']))}]; {fix}")
+    if not all_finite(images, as_float32=False):
+        raise DDKitError(f"{images_at} holds NaN or infinite pixels; {fix}")
+    if len(images) != len(labels):
+        held = f"{len(labels)} labels" if labels_at == images_at else f"{labels_at} {len(labels)} labels"
+        raise DDKitError(f"{images_at} holds {len(images)} images but {held}; {fix}")
+    if len(labels) and (int(labels.min()) < 0 or (num_classes and int(labels.max()) >= num_classes)):
+        raise DDKitError(f"{labels_at} has labels outside 0..{(num_classes or 0) - 1} (found "
+                         f"{int(labels.min())}..{int(labels.max())}); {fix}")
+    if soft is None:
+        return
+    if soft.dim() != 2 or soft.shape[0] != len(labels) or (num_classes and soft.shape[1] != num_classes):
+        raise DDKitError(f"{soft_at} have shape {list(soft.shape)} but the set has {len(labels)} images of "
+                         f"{num_classes} classes; {soft_fix}")
+    if not soft.is_floating_point():
+        raise DDKitError(f"{soft_at} hold {str(soft.dtype).removeprefix('torch.')} values, not floating-point "
+                         f"logits; {soft_fix}")
+    if not torch.isfinite(soft).all():
+        raise DDKitError(f"{soft_at} hold NaN or infinite logits; {soft_fix}")
+
+
+def check_manifest_tensors(manifest: dict[str, Any], images: torch.Tensor, labels: torch.Tensor,
+                           soft: torch.Tensor | None, *, images_at: str, manifest_at: str, fix: str,
+                           exact_range: bool, damaged: str | None = None) -> None:
+    """Refuse a set's manifest whose records of its tensors disagree with them (tensors checked by
+    :func:`check_set_tensors`): ``images.dtype``, ``num_images``, ``class_counts``, ``ipc``, ``bytes`` (of the images;
+    of the labels, as int64 or the narrower integer an older build counted, and soft labels) and
+    ``images.pixel_range`` ([0, 255] for uint8; the min and max of float pixels where ``exact_range``: sets made
+    before 2026-12-06 recorded a nominal [0.0, 1.0], and load compares only sets that record ``files_sha256``). A
+    field the manifest lacks is not compared. ``damaged``: the fix where the manifest's own record is wrong (default
+    ``fix``)."""
+    damaged = damaged or fix
+    described = manifest.get("images", {})
+    if not isinstance(described, dict):
+        raise DDKitError(f"{manifest_at} holds images {short_repr(described)}, not a mapping of their dtype and "
+                         f"shape; {damaged}")
+    dtype = described.get("dtype")
+    if dtype and str(images.dtype).removeprefix("torch.") != dtype:
+        raise DDKitError(f"{images_at} holds {str(images.dtype).removeprefix('torch.')} images "
+                         f"but the manifest says {dtype}; {fix}")
+    if manifest.get("num_images", len(labels)) != len(labels):
+        raise DDKitError(f"{images_at} holds {len(labels)} images but the manifest says num_images "
+                         f"{manifest['num_images']}; {fix}")
+    classes = (manifest.get("dataset") or {}).get("classes")
+    held = torch.bincount(labels, minlength=len(classes) if isinstance(classes, list) else 0).tolist()
+    counts = manifest.get("class_counts")
+    if counts is not None and counts != held:
+        raise DDKitError(f"{images_at} holds {held} images per class but the manifest says {counts}; {fix}")
+    ipc = manifest.get("ipc")  # the random baseline of an evaluation draws this many real images per class
+    if ipc is not None and held and set(held) != {ipc}:
+        raise DDKitError(f"{manifest_at} says ipc {ipc} but the set holds {held} images per class; {damaged}")
+    recorded = manifest.get("bytes")
+    if recorded is not None:
+        holds = {"images": tensor_bytes(images), "labels": tensor_bytes(labels.long(), soft)}
+        # sets built before 2026-12-08 counted the labels at the integer width their method gave (a plugin's int32),
+        # though the set holds and saves them as int64
+        narrower = [tensor_bytes(soft) + len(labels) * width for width in (1, 2, 4)]
+        if not isinstance(recorded, dict) or recorded.get("images") != holds["images"] or (
+                recorded.get("labels") != holds["labels"] and recorded.get("labels") not in narrower):
+            raise DDKitError(f"{manifest_at} records bytes {short_repr(recorded)} but the set holds "
+                             f"{holds['images']} image bytes and {holds['labels']} label bytes; {damaged}")
+    span = described.get("pixel_range")
+    if span is not None and (exact_range or images.dtype == torch.uint8) and span != (lies := pixel_range(images)):
+        raise DDKitError(f"{manifest_at} records pixel_range {short_repr(span)} but the set's pixels lie in "
+                         f"{lies}; {damaged}")
+
+
+def check_dataset_config(recorded: Any, manifest: Path) -> None:
+    """Refuse a set's ``dataset_config`` that does not read as a :class:`~ddkit.data.base.DatasetConfig` (an unknown
+    key, a value of the wrong type): an evaluation loads the set's data with it."""
+    from ddkit.config import from_dict
+    from ddkit.data.base import DatasetConfig
+
+    try:
+        from_dict(DatasetConfig, recorded, "dataset_config")
+    except ConfigError as exc:
+        raise DDKitError(f"{str(manifest)!r} holds a dataset_config this ddkit does not read ({exc}); the manifest is "
+                         "damaged: re-create the distilled set") from None
 
 
 _MISSING = object()
@@ -427,6 +533,31 @@ def check_label_records(manifest: dict[str, Any], path: Path) -> None:
     check_bn({f"config.distill.{k}": v for k, v in (distill or {}).items()}, "config.distill.soft_labels_bn")
 
 
+#: the fix of a damaged run manifest
+RERUN = "run the run's config again to rewrite it"
+
+
+def set_folder(path: str | Path, load_stage: str = "pass its stage folder {!r}") -> Path:
+    """The folder of the distilled set that ``path`` names, as ``ddkit.load`` and the commands that read a set
+    (``evaluate``, ``relabel``, ``export``) resolve it: a ``ddkit run`` folder's distilled stage (its manifest's
+    ``stages.distilled``), anything else ``path`` itself (:meth:`DistilledSet.load` checks it). A run folder without
+    its manifest (killed before its last stage) is refused, naming its stage folder as ``load_stage`` says."""
+    where = Path(path)
+    if not where.is_dir():
+        return where
+    kind = folder_kind(where)
+    if kind is None and (where / "distilled" / MANIFEST).is_file():
+        raise DDKitError(f"{str(where)!r} is an unfinished `ddkit run` folder (no manifest.json); run its config "
+                         f"again to finish it, or {load_stage.format(str(where / 'distilled'))}")
+    if kind != "pipeline-run":
+        return where
+    stage = read_manifest(where, kind).get("stages", {}).get("distilled")
+    if not isinstance(stage, str):
+        raise DDKitError(f"{str(where / MANIFEST)!r} names no distilled stage (stages.distilled); the manifest is "
+                         f"damaged: {RERUN}")
+    return member(where, stage, where / MANIFEST, "stages.distilled", RERUN)
+
+
 def _refuse_export(path: Path) -> None:
     """An export of a set given where the set is meant: say what it is and what to pass instead."""
     if path.is_file() and path.stat().st_size and (record := _pt_export_record(path)) is not None:
@@ -440,6 +571,14 @@ def _refuse_export(path: Path) -> None:
     raise DDKitError(f"{str(path)!r} is {what} of a distilled set, not the set ({use}); pass the set's folder"
                      + (f" ({source})" if source else ""))
 
+
+def _refuse_newer_export(out: Path, kind: str) -> None:
+    """Refuse to replace a folder export of ``kind`` that a newer ddkit wrote (its ``schema_version``), as every
+    reader refuses it."""
+    where = out / ("classes.json" if kind == "imagefolder-export" else "meta.json")
+    if file_kind(where) == kind:
+        check_schema_version(read_json(where), where, "it is damaged: remove it or choose another --out",
+                             required=False)
 
 def _pt_export_record(path: Path) -> dict | None:
     """The record of a file an earlier ``export --format pt`` wrote, or None for any other file."""
@@ -486,11 +625,6 @@ def older_imagefolder_export(folder: Path) -> bool:
     except OSError:
         return False
     return True
-
-
-def _is_pt_export(path: Path) -> bool:
-    """Whether ``path`` is a file an earlier ``export --format pt`` wrote (which a new export may replace)."""
-    return _pt_export_record(path) is not None
 
 
 def class_folder_names(classes: list[str]) -> list[str]:

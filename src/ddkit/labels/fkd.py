@@ -90,7 +90,17 @@ from ddkit.artifacts import (
     tensor_bytes,
     write_json,
 )
-from ddkit.config import Checked, config_hash, field, is_count, keyed, plain_numbers, summary_repr, to_dict
+from ddkit.config import (
+    Checked,
+    config_hash,
+    field,
+    is_count,
+    keyed,
+    plain_numbers,
+    short_repr,
+    summary_repr,
+    to_dict,
+)
 from ddkit.data.augment import (
     AUGMENTS,
     CutMix,
@@ -502,6 +512,12 @@ class SoftLabelStore:
                                  "re-run `ddkit relabel`")
         # checks the values: a damaged file is refused for what is wrong with it
         store = cls(tensors, man, path.absolute())
+        holds = {"total": store.nbytes, "logits": store.logit_nbytes}  # as the manifest's bytes were written
+        if (recorded := man.get("bytes")) is not None and (
+                not isinstance(recorded, dict) or {k: recorded.get(k) for k in holds} != holds):
+            raise DDKitError(f"{str(path / MANIFEST)!r} records bytes {short_repr(recorded)} but the store holds "
+                             f"{holds['total']} bytes, {holds['logits']} of them logits; the manifest is damaged: "
+                             "re-create the store with `ddkit relabel`")
         check_sha256(man, path, files.get("labels", FILE), KIND, "FKD soft labels",
                      "re-create the store with `ddkit relabel`")
         return store
