@@ -796,7 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_distill)
 
     sp = sub.add_parser("evaluate", help="train fresh students on a distilled set and report accuracy")
-    sp.add_argument("distilled", help="distilled-set directory")
+    sp.add_argument("distilled", help="distilled-set directory (or a `ddkit run` folder: its set)")
     sp.add_argument("--protocol", default="dc-protocol",
                     help="registered name (`ddkit list protocols`), or a YAML file's path: one ending in .yaml, .yml "
                     "or .json, or with a / (./NAME)")
@@ -843,7 +843,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_report)
 
     sp = sub.add_parser("relabel", help="FKD-style per-epoch soft labels for a distilled set (label mode fkd)")
-    sp.add_argument("distilled")
+    sp.add_argument("distilled", help="distilled-set directory (or a `ddkit run` folder: its set)")
     sp.add_argument("--teacher", required=True, help="teacher artifact directory")
     sp.add_argument("--extra-teacher", action="append", metavar="DIR",
                     help="another teacher artifact directory (repeatable): label with the equal-weight ensemble of "
@@ -928,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("export", help="write a distilled set as PNG folders, a tensor file or DD-Ranking's "
                                        "images.pt + labels.pt")
-    sp.add_argument("distilled")
+    sp.add_argument("distilled", help="distilled-set directory (or a `ddkit run` folder: its set)")
     sp.add_argument("--format", choices=["imagefolder", "pt", "ddranking"], required=True,
                     help="imagefolder: PNG per image (sets of 1 or 3 channels; pt keeps any); ddranking: normalised "
                          "class-major images.pt + labels.pt for DD-Ranking's evaluator")
