@@ -391,6 +391,8 @@ def _per_method_configs():
 PER_METHOD_DEPARTURES = {
     "sre2l": {"augment": "none", "jitter": 4},  # SRe2L's CIFAR-100 recover_cifar.py: whole images, a roll in [0, 4]
 }
+# the same, at one IPC: CV-DD's recover scripts choose committees per IPC (QA 22h F5; the full tier keeps `random`)
+PER_IPC_DEPARTURES = {("cvdd", 1): {"committee_choice": "best"}, ("cvdd", 10): {"committee_choice": "cycle"}}
 
 
 @pytest.mark.parametrize("path", _per_method_configs(), ids=lambda p: str(p.relative_to(REPO)))
@@ -408,7 +410,8 @@ def test_per_method_configs_match_the_full_tiers(path: Path):
     distill = load_yaml(path)["distill"]
     bench, spec = specs[distill["method"]]
     want = merge_overrides(merge_overrides(spec.options, spec.ipc_options.get(distill["ipc"], {})),
-                           PER_METHOD_DEPARTURES.get(distill["method"], {}))
+                           merge_overrides(PER_METHOD_DEPARTURES.get(distill["method"], {}),
+                                           PER_IPC_DEPARTURES.get((distill["method"], distill["ipc"]), {})))
     # the bench's named teachers ("@c3") are the per-method configs' teacher folders
     if "extra_teachers" in want:
         want["extra_teachers"] = [f"runs/fashion-mnist/teachers/{t.lstrip('@')}" for t in want["extra_teachers"]]
@@ -439,6 +442,93 @@ def test_trajectory_configs_state_their_reduced_experts(path: Path):
         assert "iterations" not in load_yaml(path)["distill"]["options"] and "defaults to 10000" in header
     bench = _header(REPO / "configs/bench/fashion-mnist-matching.yaml")
     assert "Experts: 50 x 30 epochs" in bench and "TESLA's distill.py defaults to 10000" in bench
+
+
+@pytest.mark.parametrize("path", [p for p in _per_method_configs() if p.parent.name in ("edc", "gvbsm", "cvdd")],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_extra_teacher_commands_train_the_full_tiers_pool(path: Path):
+    """QA 22h F2: the presets "as in" the full decoupled tier told users to train c3 and c4 with `ddkit teacher`
+    commands that left out the pool's seeds (1 and 2), so both trained with seed 0: every setting those commands give
+    (flags and CLI defaults) must be the bench's teacher_pool entry's."""
+    import shlex
+
+    from ddkit.bench import load_bench_config
+    from ddkit.cli import _stage_config, build_parser
+
+    pool = load_bench_config(REPO / "configs/bench/fashion-mnist-decoupled.yaml").teacher_pool
+    commands = [line.lstrip("# ") for line in path.read_text().splitlines() if line.startswith("#   ddkit teacher ")]
+    made = {}
+    for command in commands:
+        args = build_parser().parse_args(shlex.split(command)[1:])
+        dataset, teacher = _stage_config(args, "teacher", TeacherConfig, {"model": "model", "seed": "seed",
+                                                                         "epochs": "train.epochs"})
+        assert dataset.name == "fashion-mnist"
+        made[Path(args.out).name] = to_dict(teacher)
+    assert made == {name: to_dict(cfg) for name, cfg in pool.items()}
+    assert [Path(t).name for t in load_yaml(path)["distill"]["options"]["extra_teachers"]] == ["c3", "c4"]
+
+
+@pytest.mark.parametrize("method", ["edc", "cvdd", "dc"])
+@pytest.mark.parametrize("ipc", [1, 10, 50])
+def test_decoupled_and_dc_configs_name_their_evaluation_and_the_papers(method, ipc):
+    """QA 22h F3/F4: the edc/cvdd presets evaluate with soft-kl on one online teacher and the dc presets with DSA's
+    protocol, not as their papers; the headers say so and the override they give sets the paper's protocol (and for
+    CV-DD adds label mode stored, which reads the set's committee soft labels)."""
+    path = REPO / f"configs/fashion-mnist/{method}/ipc{ipc}.yaml"
+    header = _header(path)
+    ours = from_dict(RunConfig, load_yaml(path)).evaluate
+    if method == "cvdd":
+        overrides = re.search(r"add --set (evaluate\.protocol=cvdd) --set \"([^\"]+)\"", header).groups()
+        assert "label mode `stored`" in header
+        assert load_yaml(path)["distill"]["options"].get("soft_labels", "committee") == "committee"
+    else:
+        overrides = [re.search(r"add `--set (evaluate\.protocol=[a-z-]+)`", header).group(1)]
+    theirs = from_dict(RunConfig, apply_overrides(load_yaml(path), list(overrides))).evaluate
+    assert (ours.protocol, ours.label_modes) == ("dsa-protocol" if method == "dc" else "soft-kl",
+                                                ["hard"] if method == "dc" else ["teacher"])
+    p = ours.protocols()[0]
+    if method == "dc":
+        assert "1000 epochs with DSA" in header and (p.train.epochs, p.train.augment) == (1000, "dsa")
+        q = theirs.protocols()[0]
+        assert theirs.protocol == "dc-protocol" and (q.train.epochs, q.train.augment) == (300, "none")
+        assert q.student == p.student == "convnet3-p3"
+        return
+    assert "soft-kl (KL at T 4, batch 64, no CutMix" in header
+    assert (p.loss, p.temperature, p.train.batch_size, p.train.cutmix_prob, p.teacher_bn) == ("kl", 4.0, 64, 0.0,
+                                                                                              "running")
+    assert theirs.protocol == method
+    q = {x.label_mode: x for x in theirs.protocols()}
+    if method == "cvdd":
+        assert sorted(q) == ["stored", "teacher"]
+        assert (q["stored"].loss, q["stored"].temperature, q["stored"].train.batch_size, q["stored"].train.cutmix_prob,
+                q["stored"].teacher_bn) == ("kl", 20.0, 16, 1.0, "batch")
+    else:
+        assert sorted(q) == ["teacher"] and (q["teacher"].loss, q["teacher"].train.batch_size) == ("mse_ce", 50)
+
+
+@pytest.mark.parametrize("ipc, choice", [(1, "best"), (10, "cycle"), (50, "random")])
+def test_cvdd_configs_choose_committees_as_the_authors_scripts(ipc, choice):
+    """QA 22h F5: CV-DD's recover scripts take one best pair at IPC 1, every pair in turn at IPC 10 and a random
+    pair at IPC 50; the "papers' settings" presets kept ddkit's `random` at every IPC without saying so."""
+    from ddkit.methods import METHODS
+
+    path = REPO / f"configs/fashion-mnist/cvdd/ipc{ipc}.yaml"
+    options = from_dict(RunConfig, load_yaml(path)).distill.options
+    assert from_dict(METHODS.get("cvdd").Config, options).committee_choice == choice
+    said = "committee_choice: ddkit's default `random`" if ipc == 50 else f"committee_choice {choice} "
+    assert said in _header(path)
+
+
+def test_matching_cpu_header_states_shqs_expert_epochs():
+    """QA 22h F6: the CPU matching tier's header said "1 expert epoch" for the MTT family, AST (shq) included,
+    whose entry matches 2."""
+    from ddkit.bench import load_bench_config
+
+    path = REPO / "configs/bench/fashion-mnist-matching-cpu.yaml"
+    epochs = {m.name: m.options["expert_epochs"] for m in load_bench_config(path).methods
+              if m.name in ("mtt", "tesla", "ftd", "datm", "shq")}
+    assert epochs == {"mtt": 1, "tesla": 1, "ftd": 1, "datm": 1, "shq": 2}
+    assert "unroll 10 steps, 1 expert epoch (AST as shq: 2 expert epochs" in _header(path)
 
 
 @pytest.mark.parametrize("ipc", [1, 10, 50])
