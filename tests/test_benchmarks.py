@@ -321,7 +321,9 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     # random, mtt and the random baseline at IPC 1, sre2l too at IPC 2; 2 seeds of soft-kl's 300 epochs each
     assert rows[("evaluate", "tiny_convnet teacher ipc1 (3 sets x 2 seeds)")]["units"] == 3 * 2 * 300
     assert rows[("evaluate", "tiny_convnet teacher ipc2 (4 sets x 2 seeds)")]["units"] == 4 * 2 * 300
-    assert rows[("evaluate", "tiny_convnet teacher full data (1 seeds)")]["units"] == 3
+    # and the hard-label students behind each cell's HLR / hard_acc (hard-label dc-protocol: 300 epochs too)
+    assert rows[("evaluate", "tiny_convnet hard ipc1 (3 sets x 2 seeds)")]["units"] == 3 * 2 * 300
+    assert rows[("evaluate", "tiny_convnet full data (1 seeds)")]["units"] == 3
     for r in result["rows"]:
         assert (r["per_unit_s"] > 0
                 and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"])))
@@ -334,6 +336,36 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert set(stages) == {"teacher", "experts", "synthesis", "evaluate"}
     assert saved["summary"][0]["total_h"] == pytest.approx(sum(stages.values()))
     assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("modes", [["teacher"], ["hard", "teacher"]])
+def test_tier_cost_counts_the_student_epochs_a_bench_trains(tmp_path, modes):
+    """The evaluation stage counts every student epoch ``ddkit bench`` trains on the same config: the hard-label
+    students behind HLR / hard_acc of a soft-label cell, and one full-data reference for both label modes."""
+    from ddkit.bench import run_bench
+
+    tc = _script("tier_cost")
+    sets = [f"label_modes={json.dumps(modes)}", "ipcs=[2]", "overrides.train.epochs=2", "overrides.full_epochs=3",
+            "teacher.train.epochs=1"]
+    cfg = tc.load_bench_config(str(REPO / "configs" / "bench" / "smoke.yaml"), [*sets, f"out={tmp_path / 'b'}"],
+                               device="cpu")
+    epochs = {"student": 0, "full": 0}
+
+    def seen(done, total, record):  # each student's last epoch: its epoch count
+        if done == total and ", seed " in record["stage"]:
+            epochs["full" if "full data" in record["stage"] else "student"] += total
+
+    run_bench(cfg, stage_progress=seen)
+    result = tc.main([str(REPO / "configs" / "bench" / "smoke.yaml"), *[a for s in sets for a in ("--set", s)],
+                      "--device", "cpu", "--budget", "0.05", "--out", str(tmp_path / "cost.json")])
+    rows = [r for r in result["rows"] if r["stage"] == "evaluate"]
+    assert not [r for r in rows if r["error"]], rows
+    full = [r["units"] for r in rows if "full data" in r["item"]]
+    assert full == [3] and epochs["full"] == 3
+    # per label mode (and hard): 2 sets (random's, the random subset) x 2 seeds x 2 epochs
+    assert sum(r["units"] for r in rows if "full data" not in r["item"]) == epochs["student"] == 2 * 2 * 2 * 2
+    assert {r["item"].split(" ipc")[0] for r in rows if "ipc2" in r["item"]} == {"tiny_convnet hard",
+                                                                                  "tiny_convnet teacher"}
 
 
 def test_tier_cost_trains_the_same_student_whatever_the_global_random_state(tmp_path, monkeypatch):
