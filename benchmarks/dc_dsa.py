@@ -38,8 +38,6 @@ replaces the published record.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -49,6 +47,8 @@ from _cli import (
     comma_list,
     command,
     device_spec,
+    distinct_seeds,
+    machine_record,
     one_of,
     output_folder,
     positive_int,
@@ -120,8 +120,8 @@ def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int])
 def machine(device: str) -> str:
     """This machine in one line: platform, CPUs, torch threads and ``device`` (with the GPU's name)."""
     gpu = f" ({torch.cuda.get_device_name(torch.device(device))})" if torch.device(device).type == "cuda" else ""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
-            f"device {device}{gpu}")
+    m = machine_record()
+    return f"{m['platform']}, {m['cpus']} CPUs, {m['torch_threads']} torch thread(s), device {device}{gpu}"
 
 
 def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], timing: dict, report: dict) -> dict:
@@ -304,6 +304,7 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="only assemble the table from the finished methods in --work (nothing is trained)")
     args = ap.parse_args()
+    distinct_seeds(ap, args.seeds)
     work = output_folder(ap, args.work or ROOT / "runs" / "bench" / f"dc-dsa-ipc{args.ipc}", "--work")
     results = output_folder(ap, args.results, "--results")
     seeds, methods = args.seeds, args.methods

@@ -689,6 +689,9 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
     ("dc_dsa", ["--seeds", "0,a"], "argument --seeds: expected a seed"),
     ("dc_dsa", ["--model", "nope"], "argument --model: unknown model 'nope'"),
     ("dc_dsa", ["--report-only"], "--report-only: no finished method in"),
+    # a repeated seed: refused before any data is read (not hours later, after the synthesis or the teacher)
+    ("dc_dsa", ["--seeds", "0,1,0"], "argument --seeds: a seed is given twice in [0, 1, 0]; give each once"),
+    ("spine", ["--seeds", "0,0"], "argument --seeds: a seed is given twice in [0, 0]; give each once"),
 ])
 def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args, words):
     """Every numeric and name argument is checked while parsing: no NaN table, no traceback, no output."""
@@ -1097,3 +1100,34 @@ def test_spine_quick_trains_a_small_teacher_and_full_runs_keep_theirs():
     assert (cfg.model, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule) == (
         "convnet3", 10, 256, 0.05, "cosine")
     assert name == "teacher-convnet3-e10-flip"
+
+
+def test_spine_records_the_machine_and_its_thread_count(tmp_path, monkeypatch):
+    """spine.py's JSON holds the CPU count, torch's thread count (the students' numbers depend on it) and the
+    platform, as the other scripts' do (stages faked: only the record is under test)."""
+    import platform
+    import types
+
+    from ddkit.data import load_dataset
+
+    sp = _script("spine")
+    data = load_dataset(sp.DatasetConfig(name="synthetic"))
+    monkeypatch.setattr(sp, "load_dataset", lambda cfg: data)
+    monkeypatch.setattr(sp, "train_teacher", lambda *a, **k: types.SimpleNamespace(
+        manifest={"config": {"train": {"epochs": 1, "augment": "flip"}}}, test_accuracy=0.5))
+    monkeypatch.setattr(sp, "distill", lambda *a, **k: None)
+    stat = {"mean": 0.5, "std": 0.0, "per_seed": [0.5]}
+    monkeypatch.setattr(sp, "evaluate", lambda *a, **k: {"config": {}, "protocol_hash": "h", "results": {
+        "distilled": stat}, "bytes": {"images": 1, "labels": 0}})
+    out = tmp_path / "spine.json"
+    monkeypatch.setattr(sys, "argv", ["spine.py", "--quick", "--ipcs", "1", "--seeds", "0", "--work",
+                                      str(tmp_path / "w"), "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sp.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["machine"] == {"cpus": os.cpu_count(), "torch_threads": 1,
+                                                      "platform": platform.platform()}
+
