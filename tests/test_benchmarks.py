@@ -1131,3 +1131,24 @@ def test_spine_records_the_machine_and_its_thread_count(tmp_path, monkeypatch):
     assert json.loads(out.read_text())["machine"] == {"cpus": os.cpu_count(), "torch_threads": 1,
                                                       "platform": platform.platform()}
 
+
+def test_dc_dsa_threads_sets_the_thread_count_its_machine_line_records(tmp_path, monkeypatch):
+    """--threads N runs the method with N torch threads, which the set's machine line (and the command) state:
+    the recorded IPC-1 sets were made with 1 thread each, two processes side by side."""
+    dd = _script("dc_dsa")
+    made = []
+    monkeypatch.setattr(dd, "run_method", lambda m, ipc, it, seeds, work, device, model: made.append(
+        (m, dd.machine(device), dd.command("dc_dsa"))))
+    monkeypatch.setattr(sys, "argv", ["dc_dsa.py", "--methods", "dc", "--threads", "1", "--device", "cpu",
+                                      "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        dd.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert [(m, ", 1 torch thread(s), device cpu" in line, cmd.endswith("--methods dc --threads 1 --device cpu "
+                                                                          f"--work {tmp_path / 'w'} --results "
+                                                                          f"{tmp_path / 'r'}"))
+            for m, line, cmd in made] == [("dc", True, True)]
+    assert not (tmp_path / "r").exists()  # one method: no table
