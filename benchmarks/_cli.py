@@ -11,7 +11,8 @@ fix>`` on stderr, exit code 2, no traceback and nothing written. Two halves:
 - :func:`run_main` runs a script's ``main`` and turns a :class:`~ddkit.errors.DDKitError` raised later
   (missing data, an unknown dataset, a bad bench config) into the same line.
 
-Every script records the command that made its JSON with :func:`command`.
+Every script records the command that made its JSON with :func:`command`, and the machine with
+:func:`machine_record`.
 
     from _cli import Parser, positive_int, run_main
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import platform
 import shlex
 import sys
 from collections.abc import Callable
@@ -92,6 +94,22 @@ def command(script: str, argv: list[str] | None = None, data: bool = False) -> s
         if os.environ.get(name):
             line = f"{name}={shlex.quote(os.environ[name])} {line}"
     return line
+
+
+def machine_record(threads: int | None = None) -> dict:
+    """This machine as the scripts' JSONs record it: CPUs, torch's CPU thread count (``threads``, default the
+    current one; float sums, so results, depend on it) and the platform."""
+    import torch
+
+    return {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads() if threads is None else threads,
+            "platform": platform.platform()}
+
+
+def distinct_seeds(ap: argparse.ArgumentParser, seeds: list[int], flag: str = "--seeds") -> list[int]:
+    """Refuse, right after parsing, a seed given twice (the same run twice would inflate n). Returns ``seeds``."""
+    if len(set(seeds)) < len(seeds):
+        ap.error(f"argument {flag}: a seed is given twice in {seeds}; give each once")
+    return seeds
 
 
 def _writable(ap: argparse.ArgumentParser, folder: Path, flag: str, given: str) -> None:

@@ -14,14 +14,13 @@ Prints a table and writes docs/results/bench_overhead.json.
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, command, output_file, positive_int, run_main
+from _cli import Parser, command, machine_record, output_file, positive_int, run_main
 
 from ddkit.artifacts import versions, write_json
 from ddkit.bench import BenchConfig, cells_of, run_bench
@@ -98,7 +97,7 @@ def main() -> None:
         "overhead_percent": round(100 * (b - h) / h, 2),
         "paired_overhead_percent_median": round(100 * (statistics.median(ratios) - 1), 2),
         "target_overhead_percent": 5.0,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": machine_record(),
         "versions": versions(),
     }
     print(f"{'arm':<28} {'best s':>9}  runs")

@@ -16,7 +16,11 @@ DC and 0.12 / 3.1 / 11.3 s for DSA at IPC 1 / 10 / 50 (docs/results/tier-cost-h2
 a CPU run (~1.5 h for both methods at the default 250 iterations) and IPC 10/50 are GPU runs.
 
     DDKIT_DATA=../shared/data python benchmarks/dc_dsa.py [--ipc 1] [--iterations 250] [--device cuda] \\
-        [--model convnet3-p3]
+        [--model convnet3-p3] [--threads N]
+
+The recorded IPC-1 table was made as two processes side by side, 1 torch thread each (its machine line):
+``--methods dc --threads 1 & --methods dsa --threads 1``, then ``--report-only``. ``--threads`` is recorded in
+each set's command and the thread count in its machine line (float sums, so the numbers, depend on it).
 
 ``--model convnet3-p3`` uses the papers' code's network exactly: on 1-channel 28x28 images it pads the
 first conv by 3 (feature maps 32 -> 16 -> 8 -> 4); ``convnet3`` (the default, and the recorded IPC-1
@@ -38,8 +42,6 @@ replaces the published record.
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -49,6 +51,8 @@ from _cli import (
     comma_list,
     command,
     device_spec,
+    distinct_seeds,
+    machine_record,
     one_of,
     output_folder,
     positive_int,
@@ -120,8 +124,8 @@ def unscored(report: dict, manifest: dict, protocol_hash: str, seeds: list[int])
 def machine(device: str) -> str:
     """This machine in one line: platform, CPUs, torch threads and ``device`` (with the GPU's name)."""
     gpu = f" ({torch.cuda.get_device_name(torch.device(device))})" if torch.device(device).type == "cuda" else ""
-    return (f"{platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch thread(s), "
-            f"device {device}{gpu}")
+    m = machine_record()
+    return f"{m['platform']}, {m['cpus']} CPUs, {m['torch_threads']} torch thread(s), device {device}{gpu}"
 
 
 def _row(method: str, ipc: int, model: str, iterations: int, seeds: list[int], timing: dict, report: dict) -> dict:
@@ -301,9 +305,13 @@ def main() -> None:
     ap.add_argument("--model", type=registered_model, default=MODEL,
                     help="synthesis network and students (convnet3-p3: "
                     "the papers' code's first-conv padding 3 on 28x28 grayscale, 2048 features instead of 1152)")
+    ap.add_argument("--threads", type=positive_int,
+                    help="torch CPU threads (default: torch's own, the CPU count unless OMP_NUM_THREADS sets it); "
+                         "the recorded IPC-1 sets were made with 1 each, --methods dc and --methods dsa side by side")
     ap.add_argument("--report-only", action="store_true",
                     help="only assemble the table from the finished methods in --work (nothing is trained)")
     args = ap.parse_args()
+    distinct_seeds(ap, args.seeds)
     work = output_folder(ap, args.work or ROOT / "runs" / "bench" / f"dc-dsa-ipc{args.ipc}", "--work")
     results = output_folder(ap, args.results, "--results")
     seeds, methods = args.seeds, args.methods
@@ -313,6 +321,8 @@ def main() -> None:
         ap.error(f"--report-only: no finished method in {work} (iterations {args.iterations}, model {args.model}); "
                  "run --methods dc and --methods dsa first, or give their --work, --iterations and --model")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads is not None:  # in the command and each set's machine line, so a re-run states it
+        torch.set_num_threads(args.threads)
     if args.report_only:  # read, never train: a report that does not match is refused
         rows = [finished_row(m, args.ipc, args.iterations, seeds, work, args.model) for m in finished]
     else:

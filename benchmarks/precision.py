@@ -26,7 +26,18 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, comma_list, command, device_spec, output_file, positive_int, run_main, seed_int
+from _cli import (
+    Parser,
+    comma_list,
+    command,
+    device_spec,
+    distinct_seeds,
+    machine_record,
+    output_file,
+    positive_int,
+    run_main,
+    seed_int,
+)
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
@@ -133,8 +144,7 @@ def main() -> None:
     ap.add_argument("--out", help="JSON path, the markdown beside it (default docs/results/precision-<device>.json)")
     args = ap.parse_args()
     args.seeds = [s for group in args.seeds for s in group]  # `0,1 2`: one list
-    if len(set(args.seeds)) < len(args.seeds):
-        ap.error(f"argument --seeds: a seed is given twice in {args.seeds}; give each once")
+    distinct_seeds(ap, args.seeds)
     out = output_file(ap, args.out or REPO / "docs" / "results" / f"precision-{torch.device(args.device).type}.json")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -158,8 +168,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
         "dataset": real.name, "steps": args.steps, "ipc": args.ipc, "epochs": args.epochs,
         "seeds": args.seeds, "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform(),
-                    "cpu_bf16": cpu_bf16_support()},
+        "machine": {**machine_record(args.threads), "cpu_bf16": cpu_bf16_support()},
         "versions": versions(),
     }
     md = write_results(out, result, markdown(result))

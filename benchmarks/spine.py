@@ -27,6 +27,8 @@ from _cli import (
     comma_list,
     command,
     device_spec,
+    distinct_seeds,
+    machine_record,
     output_file,
     output_folder,
     positive_int,
@@ -78,6 +80,7 @@ def main() -> None:
     ap.add_argument("--device", type=device_spec, default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or auto (default: cuda if present, else cpu)")
     args = ap.parse_args()
+    distinct_seeds(ap, args.seeds)
     trial = any(getattr(args, k) != v for k, v in DEFAULTS.items())  # never the published file unless --out says so
     out = output_file(ap, args.out or ROOT / ("runs/bench-spine/spine-trial.json" if trial else
                                               "docs/results/spine-fashion-mnist.json"))
@@ -126,6 +129,7 @@ def main() -> None:
                     "epochs": teacher.manifest["config"]["train"]["epochs"],
                     "published_whole_dataset": PUBLISHED["whole dataset"], "train_seconds": round(teacher_s, 1)},
         "rows": rows, "device": str(args.device), "versions": versions(),
+        "machine": machine_record(),  # the thread count too: float sums, so the students, depend on it
     }
     lines = [f"| set | IPC | ddkit top-1 % (mean ± std, {len(seeds)} seeds) | DC Table 1 | image bytes |",
              "|---|---|---|---|---|"]

@@ -25,12 +25,11 @@ Prints a table and writes docs/results/stats-pass-<device>.json and .md.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, command, device_spec, output_file, positive_int, run_main
+from _cli import Parser, command, device_spec, machine_record, output_file, positive_int, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.data.base import DataBundle, load_dataset
@@ -198,7 +197,7 @@ def main() -> None:
                 "a forward pass",
         "command": command("stats_pass", data=args.dataset != "synthetic"),
         "device": str(device), "dataset": real.name, "images": len(real.train), "patch_size": PATCH, "rows": rows,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},
+        "machine": machine_record(args.threads),
         "versions": versions(),
     }
     md = write_results(out, result, _markdown(result))

@@ -12,9 +12,11 @@ library's own progress callbacks, and multiplies by the number of units the conf
   short buffer above and start at epoch 0 or 1: one iteration costs the same at any start epoch);
   per-step time from the method's progress reports over ``--budget`` seconds, plus the set-up time
   before the first step (teacher statistics, initialisation), times the config's step count;
-- evaluation: one student per (student, IPC), seed 0, on a random subset under the config's protocol, per-epoch
-  time times epochs, seeds and the sets evaluated (every method plus the random baseline); the
-  full-data reference once per student.
+- evaluation: one student per (student, label mode, IPC), seed 0, on a random subset under the config's
+  protocol, per-epoch time times epochs, seeds and the sets evaluated (every method plus the random
+  baseline); the label modes are the config's and ``hard``, whose students every cell of another label
+  mode trains too (its HLR and ``hard_acc``, as ``ddkit bench`` does); the full-data reference once per
+  student (once per distinct full-data training: the bench's cache trains it once for every label mode).
 
 Extrapolated time = set-up + per-unit time x units. It leaves out what the bench adds around the
 stages (loading, artifacts, reports: seconds) and assumes one process; under ``torchrun`` the
@@ -42,7 +44,7 @@ from _cli import Parser, command, device_spec, output_file, positive_float, run_
 from ddkit import determinism
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import BenchConfig, load_bench_config
-from ddkit.config import config_hash, from_dict
+from ddkit.config import config_hash, from_dict, to_dict
 from ddkit.data.base import DataBundle, load_dataset
 from ddkit.evaluate.protocol import merge_overrides
 from ddkit.methods import METHODS, FitContext
@@ -217,26 +219,35 @@ class TierProbe:
     # --- evaluation -----------------------------------------------------------------------------
     def evaluation(self) -> None:
         cfg = self.cfg
+        fulls: dict[str, tuple] = {}  # the full-data references, one per distinct training (as its cache key)
         for student in cfg.students:
-            for mode in cfg.label_modes:
-                for ipc in cfg.student_ipcs.get(student, cfg.ipcs):
+            # each label mode's students and the hard-label ones behind HLR / hard_acc, which every cell of another
+            # label mode trains too (Bench.compute); cells of both modes share the hard ones (one cached evaluation)
+            for mode in dict.fromkeys([*cfg.label_modes, "hard"]):
+                for ipc in cfg.student_ipcs_of(student):
                     protocol = cfg.protocol_for(student, mode, ipc=ipc)
-                    sets = sum(ipc in cfg.method_ipcs.get(m.key, cfg.ipcs) for m in cfg.methods)
+                    sets = sum(ipc in cfg.method_ipcs_of(m.key) for m in cfg.methods)
                     sets += 1 if protocol.random_baseline else 0
                     idx = stratified_indices(self.data.train.labels, self.data.num_classes, ipc, 0)
                     self._guard("evaluate",
                                 f"{student} {mode} ipc{ipc} ({sets} sets x {len(cfg.seeds)} seeds)", "epoch",
                                 lambda p=protocol, idx=idx, n=sets * len(cfg.seeds): self._train(
                                     p, self.data.train.subset(idx), p.train, n))
-                protocol = cfg.protocol_for(student, mode, ipc=cfg.ipcs[0])
-                if protocol.full_reference:
-                    self._guard("evaluate", f"{student} {mode} full data ({protocol.full_seeds} seeds)", "epoch",
-                                lambda p=protocol: self._train(p, self.data.train, p.full_train(),
-                                                               p.full_seeds, min_points=2))
+                    if protocol.full_reference:  # every evaluation asks for it; the cache trains it once
+                        fulls.setdefault(config_hash({
+                            "student": protocol.student, "options": protocol.student_options,
+                            "train": to_dict(protocol.full_train(), identity=True), "seeds": protocol.full_seeds}),
+                            (student, protocol))
+        for student, protocol in fulls.values():  # trained on hard labels whatever the cell's label mode
+            self._guard("evaluate", f"{student} full data ({protocol.full_seeds} seeds)", "epoch",
+                        lambda p=protocol: self._train(p, self.data.train, p.full_train(), p.full_seeds,
+                                                       min_points=2, mode="hard"))
 
-    def _train(self, protocol, train_set, tcfg, runs: int, min_points: int = 2) -> dict:
+    def _train(self, protocol, train_set, tcfg, runs: int, min_points: int = 2, mode: str | None = None) -> dict:
+        """Time ``runs`` trainings of the protocol's student on ``train_set`` under ``tcfg``, with its label mode
+        or ``mode``."""
         c, h, _ = self.data.image_shape
-        mode = protocol.label_mode
+        mode = mode or protocol.label_mode
         teacher = self.teacher.model if self.teacher is not None and mode != "hard" else None
         clock = Clock(self.device, self.budget, min_points)
         # the student's initial weights and dropout masks from seed 0, as its batches (evaluate's students: their

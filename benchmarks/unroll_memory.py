@@ -42,7 +42,6 @@ import ctypes
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ import time
 from pathlib import Path
 
 import torch
-from _cli import Parser, command, device_spec, output_file, positive_int, registered_model, run_main
+from _cli import Parser, command, device_spec, machine_record, output_file, positive_int, registered_model, run_main
 
 from ddkit.artifacts import versions, write_results
 from ddkit.bench import PeakMemory, SavedTensorBytes
@@ -279,7 +278,7 @@ def main() -> None:
         "command": command("unroll_memory"),
         "ipc": args.ipc, "device": args.device, "peak_kind": rows[0]["peak_kind"], "rows": rows, "growth": growth,
         "precision": precision,
-        "machine": {"cpus": os.cpu_count(), "torch_threads": args.threads, "platform": platform.platform()},
+        "machine": machine_record(args.threads),
         "versions": versions(),
     }
     for g in growth:

@@ -321,7 +321,9 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     # random, mtt and the random baseline at IPC 1, sre2l too at IPC 2; 2 seeds of soft-kl's 300 epochs each
     assert rows[("evaluate", "tiny_convnet teacher ipc1 (3 sets x 2 seeds)")]["units"] == 3 * 2 * 300
     assert rows[("evaluate", "tiny_convnet teacher ipc2 (4 sets x 2 seeds)")]["units"] == 4 * 2 * 300
-    assert rows[("evaluate", "tiny_convnet teacher full data (1 seeds)")]["units"] == 3
+    # and the hard-label students behind each cell's HLR / hard_acc (hard-label dc-protocol: 300 epochs too)
+    assert rows[("evaluate", "tiny_convnet hard ipc1 (3 sets x 2 seeds)")]["units"] == 3 * 2 * 300
+    assert rows[("evaluate", "tiny_convnet full data (1 seeds)")]["units"] == 3
     for r in result["rows"]:
         assert (r["per_unit_s"] > 0
                 and r["total_s"] == pytest.approx(r["setup_s"] + r["per_unit_s"] * (r["units"] or r["units_measured"])))
@@ -334,6 +336,36 @@ def test_tier_cost_times_every_stage_of_a_bench_config(tmp_path):
     assert set(stages) == {"teacher", "experts", "synthesis", "evaluate"}
     assert saved["summary"][0]["total_h"] == pytest.approx(sum(stages.values()))
     assert "| tiny | synthesis | mtt ipc2 |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize("modes", [["teacher"], ["hard", "teacher"]])
+def test_tier_cost_counts_the_student_epochs_a_bench_trains(tmp_path, modes):
+    """The evaluation stage counts every student epoch ``ddkit bench`` trains on the same config: the hard-label
+    students behind HLR / hard_acc of a soft-label cell, and one full-data reference for both label modes."""
+    from ddkit.bench import run_bench
+
+    tc = _script("tier_cost")
+    sets = [f"label_modes={json.dumps(modes)}", "ipcs=[2]", "overrides.train.epochs=2", "overrides.full_epochs=3",
+            "teacher.train.epochs=1"]
+    cfg = tc.load_bench_config(str(REPO / "configs" / "bench" / "smoke.yaml"), [*sets, f"out={tmp_path / 'b'}"],
+                               device="cpu")
+    epochs = {"student": 0, "full": 0}
+
+    def seen(done, total, record):  # each student's last epoch: its epoch count
+        if done == total and ", seed " in record["stage"]:
+            epochs["full" if "full data" in record["stage"] else "student"] += total
+
+    run_bench(cfg, stage_progress=seen)
+    result = tc.main([str(REPO / "configs" / "bench" / "smoke.yaml"), *[a for s in sets for a in ("--set", s)],
+                      "--device", "cpu", "--budget", "0.05", "--out", str(tmp_path / "cost.json")])
+    rows = [r for r in result["rows"] if r["stage"] == "evaluate"]
+    assert not [r for r in rows if r["error"]], rows
+    full = [r["units"] for r in rows if "full data" in r["item"]]
+    assert full == [3] and epochs["full"] == 3
+    # per label mode (and hard): 2 sets (random's, the random subset) x 2 seeds x 2 epochs
+    assert sum(r["units"] for r in rows if "full data" not in r["item"]) == epochs["student"] == 2 * 2 * 2 * 2
+    assert {r["item"].split(" ipc")[0] for r in rows if "ipc2" in r["item"]} == {"tiny_convnet hard",
+                                                                                  "tiny_convnet teacher"}
 
 
 def test_tier_cost_trains_the_same_student_whatever_the_global_random_state(tmp_path, monkeypatch):
@@ -657,6 +689,9 @@ def test_family_scripts_offer_their_own_familys_runs(fm):
     ("dc_dsa", ["--seeds", "0,a"], "argument --seeds: expected a seed"),
     ("dc_dsa", ["--model", "nope"], "argument --model: unknown model 'nope'"),
     ("dc_dsa", ["--report-only"], "--report-only: no finished method in"),
+    # a repeated seed: refused before any data is read (not hours later, after the synthesis or the teacher)
+    ("dc_dsa", ["--seeds", "0,1,0"], "argument --seeds: a seed is given twice in [0, 1, 0]; give each once"),
+    ("spine", ["--seeds", "0,0"], "argument --seeds: a seed is given twice in [0, 0]; give each once"),
 ])
 def test_scripts_refuse_bad_numbers_and_names_in_one_line(tmp_path, script, args, words):
     """Every numeric and name argument is checked while parsing: no NaN table, no traceback, no output."""
@@ -1065,3 +1100,55 @@ def test_spine_quick_trains_a_small_teacher_and_full_runs_keep_theirs():
     assert (cfg.model, cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.schedule) == (
         "convnet3", 10, 256, 0.05, "cosine")
     assert name == "teacher-convnet3-e10-flip"
+
+
+def test_spine_records_the_machine_and_its_thread_count(tmp_path, monkeypatch):
+    """spine.py's JSON holds the CPU count, torch's thread count (the students' numbers depend on it) and the
+    platform, as the other scripts' do (stages faked: only the record is under test)."""
+    import platform
+    import types
+
+    from ddkit.data import load_dataset
+
+    sp = _script("spine")
+    data = load_dataset(sp.DatasetConfig(name="synthetic"))
+    monkeypatch.setattr(sp, "load_dataset", lambda cfg: data)
+    monkeypatch.setattr(sp, "train_teacher", lambda *a, **k: types.SimpleNamespace(
+        manifest={"config": {"train": {"epochs": 1, "augment": "flip"}}}, test_accuracy=0.5))
+    monkeypatch.setattr(sp, "distill", lambda *a, **k: None)
+    stat = {"mean": 0.5, "std": 0.0, "per_seed": [0.5]}
+    monkeypatch.setattr(sp, "evaluate", lambda *a, **k: {"config": {}, "protocol_hash": "h", "results": {
+        "distilled": stat}, "bytes": {"images": 1, "labels": 0}})
+    out = tmp_path / "spine.json"
+    monkeypatch.setattr(sys, "argv", ["spine.py", "--quick", "--ipcs", "1", "--seeds", "0", "--work",
+                                      str(tmp_path / "w"), "--out", str(out)])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        sp.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads(out.read_text())["machine"] == {"cpus": os.cpu_count(), "torch_threads": 1,
+                                                      "platform": platform.platform()}
+
+
+def test_dc_dsa_threads_sets_the_thread_count_its_machine_line_records(tmp_path, monkeypatch):
+    """--threads N runs the method with N torch threads, which the set's machine line (and the command) state:
+    the recorded IPC-1 sets were made with 1 thread each, two processes side by side."""
+    dd = _script("dc_dsa")
+    made = []
+    monkeypatch.setattr(dd, "run_method", lambda m, ipc, it, seeds, work, device, model: made.append(
+        (m, dd.machine(device), dd.command("dc_dsa"))))
+    monkeypatch.setattr(sys, "argv", ["dc_dsa.py", "--methods", "dc", "--threads", "1", "--device", "cpu",
+                                      "--work", str(tmp_path / "w"), "--results", str(tmp_path / "r")])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        dd.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert [(m, ", 1 torch thread(s), device cpu" in line, cmd.endswith("--methods dc --threads 1 --device cpu "
+                                                                          f"--work {tmp_path / 'w'} --results "
+                                                                          f"{tmp_path / 'r'}"))
+            for m, line, cmd in made] == [("dc", True, True)]
+    assert not (tmp_path / "r").exists()  # one method: no table
