@@ -676,6 +676,7 @@ def cmd_relabel(args) -> int:
     else:
         out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
+    presets = _protocol_presets()  # a broken plugin protocol is refused before any labelling, not after the store
     work = hidden_path(out, ".partial")  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet)
     with writing(work, out):  # another relabel to this --out would share (and remove) the work folder
@@ -692,26 +693,34 @@ def cmd_relabel(args) -> int:
     members = ",".join(extra)  # as the mismatch error of an ensemble's store names them
     ensemble = f" --set {shlex.quote(f'extra_teachers=[{members}]')}" if extra else ""
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
-           f"{shlex.quote(str(args.teacher))} {_protocol_for(store)} --label-mode fkd --set "
+           f"{shlex.quote(str(args.teacher))} {_protocol_for(store, presets)} --label-mode fkd --set "
            f"{shlex.quote(f'fkd_store={out}')}{ensemble}")
     return 0
 
 
-def _protocol_for(store) -> str:
-    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
-    first preset whose students train on the store's views (soft-kl for relabel's defaults), else soft-kl with the
-    store's augmentation set; ``--epochs`` where the store holds another number of epochs than the preset trains."""
+def _protocol_presets() -> dict:
+    """Every registered protocol's ProtocolConfig by name, soft-kl first, as :func:`ddkit.evaluate.protocol.preset`
+    checks them (a plugin protocol that returns no ProtocolConfig is refused with its one-line error)."""
     from ddkit.evaluate import PROTOCOLS
+    from ddkit.evaluate.protocol import preset
+
+    return {n: preset(n) for n in dict.fromkeys(["soft-kl", *PROTOCOLS])}
+
+
+def _protocol_for(store, presets: dict) -> str:
+    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
+    first of ``presets`` (:func:`_protocol_presets`) whose students train on the store's views (soft-kl for relabel's
+    defaults), else soft-kl with the store's augmentation set; ``--epochs`` where the store holds another number of
+    epochs than the preset trains."""
     from ddkit.evaluate.runner import _other_views
 
-    name = next((n for n in dict.fromkeys(["soft-kl", *PROTOCOLS])
-                 if _other_views(PROTOCOLS.get(n)().train, store) is None), None)
+    name = next((n for n, made in presets.items() if _other_views(made.train, store) is None), None)
     flags = f"--protocol {name or 'soft-kl'}"
     if name is None:
         aug = store.manifest["augment"]
         flags += (f" --set train.augment={shlex.quote(aug['spec'])} --set "
                   f"{shlex.quote('train.augment_options=' + json.dumps(aug.get('options') or {}))}")
-    if store.epochs != PROTOCOLS.get(name or "soft-kl")().train.epochs:
+    if store.epochs != presets[name or "soft-kl"].train.epochs:
         flags += f" --epochs {store.epochs}"
     return flags
 
