@@ -261,9 +261,33 @@ def test_export_evaluate_and_relabel_follow_a_run_folder_to_its_set(made, tmp_pa
     (run / "manifest.json").unlink()  # a run killed before its last stage
     for args in (["export", str(run), "--format", "pt", "--out", str(tmp_path / "x.pt")],
                  ["evaluate", str(run)], ["relabel", str(run), "--teacher", str(made / "t")]):
-        assert _refused(args, capsys) == (f"{str(run)!r} is an unfinished `ddkit run` folder (no manifest.json); run "
-                                          f"its config again to finish it, or pass its stage folder "
+        assert _refused(args, capsys) == (f"{str(run)!r} is an unfinished `ddkit run` folder (stages done: distilled; "
+                                          "no manifest.json: killed before its last stage, or from before run folders "
+                                          "had a manifest.json); run its config again with the same --out to finish "
+                                          "it (finished stages are reused, though stages an older ddkit made may be "
+                                          "made again), or pass its stage folder "
                                           f"{str(run / 'distilled')!r}")
+    # show says the same (it said other words before)
+    assert _refused(["show", str(run)], capsys).startswith(f"{str(run)!r} is an unfinished `ddkit run` folder (stages "
+                                                           "done: distilled; no manifest.json: killed before its ")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_show_refuses_a_run_manifest_that_names_no_distilled_stage_as_its_readers_do(made, tmp_path, capsys):
+    """QA 23b F2: `show -q RUN` exited 0 for a run manifest without stages.distilled (or with a non-name there),
+    which ddkit.load, export, evaluate and relabel refuse as damaged; one rule (describe.run_stage) now reads both."""
+    run = tmp_path / "run"
+    shutil.copytree(made / "s", run / "distilled")
+    for stages in ({}, {"distilled": []}, {"distilled": None, "teacher": None}):
+        (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "pipeline-run",
+                                                       "stages": stages}))
+        want = (f"{str(run / 'manifest.json')!r} names no distilled stage (stages.distilled); the manifest is "
+                "damaged: run the run's config again to rewrite it")
+        assert _refused(["show", "-q", str(run)], capsys) == want, stages
+        assert _refused(["export", str(run), "--format", "pt", "--out", str(tmp_path / "x.pt")], capsys) == want
+        with pytest.raises(DDKitError) as e:
+            ddkit.load(run)
+        assert str(e.value) == want
     assert not (tmp_path / "x.pt").exists()
 
 
