@@ -474,6 +474,26 @@ def test_show_suggests_the_protocol_a_typo_meant(tmp_path, capsys, monkeypatch):
         assert code == 2 and err.startswith(f"error: '{target}' not found; pass a ddkit output folder"), err
 
 
+def test_show_of_a_registered_name_is_not_shadowed_by_a_file_of_that_name(tmp_path, capsys, monkeypatch):
+    """QA 23b F3: a file `edc` in the current folder made `show edc` read the file and ask for "a protocol name"; a
+    bare registered name wins, as --protocol reads it (./edc is the file), and folders and suffixed paths stay paths."""
+    monkeypatch.chdir(tmp_path)
+    _, protocol, _ = run_cli(["show", "edc"], capsys)
+    _, method, _ = run_cli(["show", "sre2l"], capsys)
+    for name in ("edc", "sre2l"):
+        (tmp_path / name).write_text("train: {epochs: 1}\n")
+    assert run_cli(["show", "edc"], capsys)[:2] == (0, protocol)
+    assert run_cli(["show", "sre2l"], capsys)[:2] == (0, method)
+    code, out, err = run_cli(["show", "./edc"], capsys)  # the file: no record of ddkit's
+    assert (code, out) == (2, "") and err.startswith("error: 'edc' is not a ddkit record (a file that is not JSON)")
+    (tmp_path / "random").mkdir()  # a folder named as a method is a path
+    code, _, err = run_cli(["show", "random"], capsys)
+    assert code == 2 and err.startswith("error: 'random' holds no ddkit record"), err
+    (tmp_path / "notes").write_text("x")  # a file of no registered name is a path
+    code, _, err = run_cli(["show", "notes"], capsys)
+    assert code == 2 and err.startswith("error: 'notes' is not a ddkit record"), err
+
+
 def test_show_summarises_the_synthesis_records_of_a_benchmark(tmp_path, capsys):
     """`show` refused the `NAME.synthesis.json` benchmarks/dc_dsa.py writes (kind synthesis-timing)."""
     done = tmp_path / "dc-it1.synthesis.json"

@@ -448,8 +448,16 @@ def cmd_show(args) -> int:
     from ddkit.describe import describe, describe_method, method_record, read_record
 
     # a file or folder first, then a protocol, then a method; a name both protocol and method (edc, cvdd) shows
-    # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`
+    # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`. A bare
+    # registered name wins over a file of that name in the current folder (as --protocol reads it: ./NAME is the
+    # file); a folder, or a path with a separator or a suffix, is a path
     target, is_path = args.target, Path(args.target).exists()
+    if Path(target).is_file() and not Path(target).suffix:
+        from ddkit.evaluate import PROTOCOLS
+        from ddkit.evaluate.protocol import is_protocol_file
+        from ddkit.methods import METHODS
+
+        is_path = is_protocol_file(target) or (target not in PROTOCOLS and target not in METHODS)
     if not is_path:  # importing every method (and torch) takes a while: only for a name
         from ddkit.evaluate import PROTOCOLS
         from ddkit.evaluate.protocol import preset
@@ -900,7 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a protocol or a method's options")
     sp.add_argument("target",
                     help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, a protocol name, or a "
-                    "method name (its options; method:NAME for one that is also a protocol: edc, cvdd)")
+                    "method name (its options; method:NAME for one that is also a protocol: edc, cvdd); a registered "
+                    "name wins over a file of that name in the current folder (./NAME is the file)")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "
