@@ -11,16 +11,11 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from ddkit.cli import main
 
 FAST = ["--set", "student=tiny_convnet", "--set", "full_epochs=2", "--set", "train.epochs=20",
         "--set", "train.batch_size=32", "--set", "train.lr=0.05"]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")

@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from ddkit.cli import build_parser, main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
