@@ -39,6 +39,22 @@ THREADS = min(2, os.cpu_count() or 1)
 torch.set_num_threads(THREADS)
 
 
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    """``ddkit ARGS`` in this process: (exit code, stdout, stderr)."""
+    from ddkit.cli import main
+
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def refused(args, capsys) -> str:
+    """The one-line error of ``ddkit ARGS`` (exit code 2, nothing on stdout), without its 'error: ' prefix."""
+    code, out, err = run_cli(args, capsys)
+    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, (code, out, err)
+    return err.removeprefix("error: ").rstrip("\n")
+
+
 def run_ddkit(cwd: Path, *args: str, ranks: int = 1, cache: str = "cache", timeout: int = 600) -> None:
     """``python -m ddkit ARGS -q`` in ``cwd`` (under torchrun with ``ranks`` gloo processes when > 1),
     one OpenMP thread per process and ``$DDKIT_CACHE = cwd/cache``; fails the test on a non-zero exit."""

@@ -11,22 +11,20 @@ import pytest
 import torch
 
 import ddkit
+from conftest import refused, run_cli
 from ddkit.cli import main
 from ddkit.distilled import DistilledSet
 from ddkit.errors import DDKitError
 
 
-def _cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def _refused(args, capsys) -> str:
-    """The one-line error of a command that must exit 2, without its 'error: ' prefix."""
-    code, out, err = _cli(args, capsys)
-    assert code == 2 and out == "" and err.count("\n") == 1, (code, out, err)
-    return err.removeprefix("error: ").rstrip("\n")
+def _float_set(made) -> DistilledSet:
+    """The set ``made/s`` as float pixels in [-1, 2] (not yet saved), its manifest's images and bytes to match."""
+    ds = ddkit.load(made / "s")
+    ds.images = ds.images.float() / 255 * 3 - 1
+    ds.manifest = {**ds.manifest, "images": {"dtype": "float32", "pixel_range": [float(ds.images.min()),
+                                                                                 float(ds.images.max())]},
+                   "bytes": {**ds.manifest["bytes"], "images": 4 * ds.images.numel()}}
+    return ds
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +57,15 @@ def test_exports_of_a_newer_schema_version_are_refused_by_show_and_by_export(mad
         (path / record).write_text(json.dumps({**meta, "schema_version": 99}))
         newer = (f"{str(path / record)!r} has schema_version 99, newer than this ddkit understands (1); "
                  "upgrade ddkit")
-        assert _refused(["show", "-q", str(path)], capsys) == newer
+        assert refused(["show", "-q", str(path)], capsys) == newer
         fmt = "imagefolder" if name == "s_if" else "ddranking"
-        assert _refused(["export", str(made / "s"), "--format", fmt, "--out", str(path)], capsys) == newer
+        assert refused(["export", str(made / "s"), "--format", fmt, "--out", str(path)], capsys) == newer
         assert json.loads((path / record).read_text())["schema_version"] == 99  # not replaced
     pt = tmp_path / "fut.pt"
     torch.save({**torch.load(made / "s.pt", weights_only=True), "schema_version": 99}, pt)
     newer = f"{str(pt)!r} has schema_version 99, newer than this ddkit understands (1); upgrade ddkit"
-    assert _refused(["show", str(pt)], capsys) == newer
-    assert _refused(["export", str(made / "s"), "--format", "pt", "--out", str(pt)], capsys) == newer
+    assert refused(["show", str(pt)], capsys) == newer
+    assert refused(["export", str(made / "s"), "--format", "pt", "--out", str(pt)], capsys) == newer
     assert torch.load(pt, weights_only=True)["schema_version"] == 99
 
 
@@ -75,7 +73,7 @@ def test_show_checks_the_tensors_of_pt_and_ddranking_exports(made, tmp_path, cap
     """`show -q` exited 0 on a pt export with 5 labels for 8 images, a NaN pixel, labels out of range, soft labels
     of the wrong shape, and a DD-Ranking export with a NaN pixel or an infinite logit (QA 22e F2); they are checked
     as a set's tensors are, and a pt export's recorded pixel_range (which `show` prints) against its pixels."""
-    assert _cli(["show", "-q", str(made / "s.pt")], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(made / "s.pt")], capsys)[0] == 0
     record = torch.load(made / "s.pt", weights_only=True)
     pt, fix = tmp_path / "bad.pt", "the pt-export is incomplete or damaged; export the distilled set again"
     nan = record["images"].clone()
@@ -87,24 +85,24 @@ def test_show_checks_the_tensors_of_pt_and_ddranking_exports(made, tmp_path, cap
             ({"pixel_range": [0.0, 0.5]}, f"records pixel_range [0.0, 0.5] but its pixels lie in "
                                           f"{[float(record['images'].min()), float(record['images'].max())]}")):
         torch.save({**record, **change}, pt)
-        assert _refused(["show", "-q", str(pt)], capsys) == f"{str(pt)!r} {problem}; {fix}"
+        assert refused(["show", "-q", str(pt)], capsys) == f"{str(pt)!r} {problem}; {fix}"
     torch.save({**record, "soft_labels": record["soft_labels"][:, :3]}, pt)
-    assert _refused(["show", str(pt)], capsys) == (f"the soft labels in {str(pt)!r} have shape [8, 3] but the set "
+    assert refused(["show", str(pt)], capsys) == (f"the soft labels in {str(pt)!r} have shape [8, 3] but the set "
                                                    f"has 8 images of 4 classes; {fix}")
 
     fix = fix.replace("pt-export", "ddranking-export")
     path = _copy(made, "s_ddr", tmp_path)
-    assert _cli(["show", "-q", str(path)], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(path)], capsys)[0] == 0
     images = torch.load(path / "images.pt", weights_only=True)
     images[0, 0, 0, 0] = float("nan")
     torch.save(images, path / "images.pt")
-    assert _refused(["show", "-q", str(path)], capsys) == (f"{str(path / 'images.pt')!r} holds NaN or infinite "
+    assert refused(["show", "-q", str(path)], capsys) == (f"{str(path / 'images.pt')!r} holds NaN or infinite "
                                                            f"pixels; {fix}")
     shutil.copy(made / "s_ddr" / "images.pt", path / "images.pt")
     soft = torch.load(path / "soft_labels.pt", weights_only=True)
     soft[0, 0] = float("inf")
     torch.save(soft, path / "soft_labels.pt")
-    assert _refused(["show", "-q", str(path)], capsys) == (f"the soft labels in {str(path / 'soft_labels.pt')!r} hold "
+    assert refused(["show", "-q", str(path)], capsys) == (f"the soft labels in {str(path / 'soft_labels.pt')!r} hold "
                                                            f"NaN or infinite logits; {fix}")
 
 
@@ -123,29 +121,24 @@ def test_a_recorded_bytes_or_pixel_range_that_is_not_the_tensors_is_refused(made
     _edit(s, lambda m: m.update(bytes={"images": 1, "labels": 2}))
     damaged = (f"{str(s / 'manifest.json')!r} records bytes {{'images': 1, 'labels': 2}} but the set holds 2048 "
                "image bytes and 192 label bytes; the manifest is damaged: re-create the distilled set")
-    assert _refused(["show", "-q", str(s)], capsys) == damaged
+    assert refused(["show", "-q", str(s)], capsys) == damaged
     with pytest.raises(DDKitError) as err:
         ddkit.load(s)
     assert str(err.value) == damaged
     _edit(s, lambda m: m.update(bytes=held, images={**m["images"], "pixel_range": [0.0, 1.0]}))
-    assert _refused(["show", str(s)], capsys) == (f"{str(s / 'manifest.json')!r} records pixel_range [0.0, 1.0] but "
+    assert refused(["show", str(s)], capsys) == (f"{str(s / 'manifest.json')!r} records pixel_range [0.0, 1.0] but "
                                                   "the set's pixels lie in [0, 255]; the manifest is damaged: "
                                                   "re-create the distilled set")
     # a float set's range is its pixels' min and max, to the bit
-    ds = ddkit.load(made / "s")
-    ds.images = ds.images.float() / 255 * 3 - 1
-    ds.manifest = {**ds.manifest, "images": {"dtype": "float32", "pixel_range": [float(ds.images.min()),
-                                                                                 float(ds.images.max())]},
-                   "bytes": {**ds.manifest["bytes"], "images": 4 * ds.images.numel()}}
-    f = ds.save(tmp_path / "f")
-    assert _cli(["show", "-q", str(f)], capsys)[0] == 0
+    f = _float_set(made).save(tmp_path / "f")
+    assert run_cli(["show", "-q", str(f)], capsys)[0] == 0
     _edit(f, lambda m: m["images"].update(pixel_range=[0.0, 1.0]))
-    assert "records pixel_range [0.0, 1.0] but the set's pixels lie in [-1.0, 2.0" in _refused(["show", str(f)],
+    assert "records pixel_range [0.0, 1.0] but the set's pixels lie in [-1.0, 2.0" in refused(["show", str(f)],
                                                                                                  capsys)
     store = _copy(made, "s.fkd", tmp_path)
     _edit(store, lambda m: m.update(bytes={"total": 5, "logits": 1}))
     total = ddkit.load(made / "s.fkd").nbytes
-    assert _refused(["show", "-q", str(store)], capsys) == (
+    assert refused(["show", "-q", str(store)], capsys) == (
         f"{str(store / 'manifest.json')!r} records bytes {{'total': 5, 'logits': 1}} but the store holds {total} "
         f"bytes, {1 * 8 * 4 * 2} of them logits; the manifest is damaged: re-create the store with `ddkit relabel`")
 
@@ -153,12 +146,7 @@ def test_a_recorded_bytes_or_pixel_range_that_is_not_the_tensors_is_refused(made
 def test_a_set_recorded_before_2026_12_06_or_with_narrower_labels_still_loads(made, tmp_path):
     """Sets made before 2026-12-06 recorded a float set's pixel_range as [0.0, 1.0] whatever it held (and no
     files_sha256); a plugin method's int32 labels were counted at 4 bytes, though saved as int64: both load."""
-    ds = ddkit.load(made / "s")
-    ds.images = ds.images.float() / 255 * 3 - 1
-    ds.manifest = {**ds.manifest, "images": {"dtype": "float32", "pixel_range": [float(ds.images.min()),
-                                                                                 float(ds.images.max())]},
-                   "bytes": {**ds.manifest["bytes"], "images": 4 * ds.images.numel()}}
-    old = ds.save(tmp_path / "old")
+    old = _float_set(made).save(tmp_path / "old")
     _edit(old, lambda m: (m.pop("files_sha256"), m["images"].update(pixel_range=[0.0, 1.0]),
                           m["bytes"].update(labels=8 * 4 + 8 * 4 * 4)))
     assert len(ddkit.load(old)) == 8
@@ -218,9 +206,9 @@ def test_an_imagefolder_export_of_a_set_with_an_empty_class_reads_back_whole(mad
     assert sorted(p.name for p in out.iterdir()) == ["000_class0", "001_class1", "002_class2", "003_class3",
                                                      "classes.json"]
     assert list((out / "003_class3").iterdir()) == [] and len(list((out / "000_class0").iterdir())) == 2
-    assert _cli(["show", "-q", str(out)], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(out)], capsys)[0] == 0
     (out / "003_class3").rmdir()
-    assert "holds no images of class folder '003_class3'" in _refused(["show", "-q", str(out)], capsys)
+    assert "holds no images of class folder '003_class3'" in refused(["show", "-q", str(out)], capsys)
 
 
 def test_an_imagefolder_export_holding_fewer_images_than_its_ipc_is_refused(made, tmp_path, capsys):
@@ -230,13 +218,13 @@ def test_an_imagefolder_export_holding_fewer_images_than_its_ipc_is_refused(made
     path = _copy(made, "s_if", tmp_path)
     for folder in sorted(p for p in path.iterdir() if p.is_dir()):
         (folder / "00001.png").unlink()
-    assert _refused(["show", str(path)], capsys) == (f"export {str(path)!r} holds 1 images in each class folder, but "
+    assert refused(["show", str(path)], capsys) == (f"export {str(path)!r} holds 1 images in each class folder, but "
                                                      f"{str(path / 'classes.json')!r} says ipc 2; {fix}")
     shutil.rmtree(path)
     path = _copy(made, "s_if", tmp_path)
     meta = json.loads((path / "classes.json").read_text())
     (path / "classes.json").write_text(json.dumps({**meta, "ipc": 7}))
-    assert _refused(["show", "-q", str(path)], capsys) == (f"export {str(path)!r} holds 2 images in each class folder, "
+    assert refused(["show", "-q", str(path)], capsys) == (f"export {str(path)!r} holds 2 images in each class folder, "
                                                            f"but {str(path / 'classes.json')!r} says ipc 7; {fix}")
 
 
@@ -248,22 +236,46 @@ def test_export_evaluate_and_relabel_follow_a_run_folder_to_its_set(made, tmp_pa
     shutil.copytree(made / "s", run / "distilled")
     (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "pipeline-run",
                                                    "stages": {"distilled": "distilled"}}))
-    assert _cli(["export", str(run), "--format", "pt", "--out", str(tmp_path / "run.pt"), "-q"], capsys)[0] == 0
+    assert run_cli(["export", str(run), "--format", "pt", "--out", str(tmp_path / "run.pt"), "-q"], capsys)[0] == 0
     assert torch.equal(torch.load(tmp_path / "run.pt", weights_only=True)["labels"],
                        torch.load(made / "s.pt", weights_only=True)["labels"])
-    assert _cli(["relabel", str(run), "--teacher", str(made / "t"), "--epochs", "1", "--out",
+    assert run_cli(["relabel", str(run), "--teacher", str(made / "t"), "--epochs", "1", "--out",
                  str(tmp_path / "run.fkd"), "-q"], capsys)[0] == 0
     assert (ddkit.load(tmp_path / "run.fkd").manifest["distilled"]["fingerprint"]
             == ddkit.load(made / "s.fkd").manifest["distilled"]["fingerprint"])
     # evaluate reads the set (then stops at its own check, before training)
-    assert _refused(["evaluate", str(run), "--label-mode", "fkd"], capsys) == (
+    assert refused(["evaluate", str(run), "--label-mode", "fkd"], capsys) == (
         "label mode fkd replays a `ddkit relabel` store; pass --set fkd_store=DIR")
     (run / "manifest.json").unlink()  # a run killed before its last stage
     for args in (["export", str(run), "--format", "pt", "--out", str(tmp_path / "x.pt")],
                  ["evaluate", str(run)], ["relabel", str(run), "--teacher", str(made / "t")]):
-        assert _refused(args, capsys) == (f"{str(run)!r} is an unfinished `ddkit run` folder (no manifest.json); run "
-                                          f"its config again to finish it, or pass its stage folder "
+        assert refused(args, capsys) == (f"{str(run)!r} is an unfinished `ddkit run` folder (stages done: distilled; "
+                                          "no manifest.json: killed before its last stage, or from before run folders "
+                                          "had a manifest.json); run its config again with the same --out to finish "
+                                          "it (finished stages are reused, though stages an older ddkit made may be "
+                                          "made again), or pass its stage folder "
                                           f"{str(run / 'distilled')!r}")
+    # show says the same (it said other words before)
+    assert refused(["show", str(run)], capsys).startswith(f"{str(run)!r} is an unfinished `ddkit run` folder (stages "
+                                                           "done: distilled; no manifest.json: killed before its ")
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_show_refuses_a_run_manifest_that_names_no_distilled_stage_as_its_readers_do(made, tmp_path, capsys):
+    """QA 23b F2: `show -q RUN` exited 0 for a run manifest without stages.distilled (or with a non-name there),
+    which ddkit.load, export, evaluate and relabel refuse as damaged; one rule (describe.run_stage) now reads both."""
+    run = tmp_path / "run"
+    shutil.copytree(made / "s", run / "distilled")
+    for stages in ({}, {"distilled": []}, {"distilled": None, "teacher": None}):
+        (run / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "pipeline-run",
+                                                       "stages": stages}))
+        want = (f"{str(run / 'manifest.json')!r} names no distilled stage (stages.distilled); the manifest is "
+                "damaged: run the run's config again to rewrite it")
+        assert refused(["show", "-q", str(run)], capsys) == want, stages
+        assert refused(["export", str(run), "--format", "pt", "--out", str(tmp_path / "x.pt")], capsys) == want
+        with pytest.raises(DDKitError) as e:
+            ddkit.load(run)
+        assert str(e.value) == want
     assert not (tmp_path / "x.pt").exists()
 
 
@@ -272,7 +284,7 @@ def test_a_recorded_dataset_config_with_an_unknown_key_is_refused_on_load(made, 
     a `dataset.bogus` the user never gave (QA 22e F7)."""
     s = _copy(made, "s", tmp_path)
     _edit(s, lambda m: m["dataset_config"].update(bogus=1))
-    message = _refused(["show", "-q", str(s)], capsys)
+    message = refused(["show", "-q", str(s)], capsys)
     assert message.startswith(f"{str(s / 'manifest.json')!r} holds a dataset_config this ddkit does not read (unknown "
                               "config key 'dataset_config.bogus'; valid keys: name, path,")
     assert message.endswith("); the manifest is damaged: re-create the distilled set")
@@ -291,10 +303,10 @@ def test_show_checks_the_files_a_report_and_a_bench_folder_name(made, tmp_path, 
         (report / name).write_text("x")
     (report / "manifest.json").write_text(json.dumps({"schema_version": 1, "kind": "bench-report", "rows": 1,
                                                       "run_dir": "runs/b", "files": files}))
-    assert _cli(["show", "-q", str(report)], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(report)], capsys)[0] == 0
     (report / "grids" / "s.png").unlink()
     (report / "report.html").unlink()
-    assert _refused(["show", "-q", str(report)], capsys) == (
+    assert refused(["show", "-q", str(report)], capsys) == (
         f"report {str(report)!r} lacks 2 of the files its manifest lists (report.html, grids/s.png); run `ddkit "
         f"report runs/b --out {str(report)}` again to write it whole")
 
@@ -304,13 +316,13 @@ def test_show_checks_the_files_a_report_and_a_bench_folder_name(made, tmp_path, 
            "acc": {"per_seed": [0.5], "mean": 0.5, "std": 0.0, "n": 1}, "random": None, "bytes": {"total": 10},
            "synthesis": {"seconds": 1.5}, "distilled_path": "elsewhere/distilled/synthetic-random-ipc2"}
     (bench / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [row, row]}))
-    assert _cli(["show", "-q", str(bench)], capsys)[0] == 0
+    assert run_cli(["show", "-q", str(bench)], capsys)[0] == 0
     (bench / "distilled" / "synthetic-random-ipc2" / "soft_labels.safetensors").unlink()
-    assert _refused(["show", "-q", str(bench)], capsys) == (
+    assert refused(["show", "-q", str(bench)], capsys) == (
         f"bench {str(bench)!r}: the distilled set 'synthetic-random-ipc2' lacks its file 'soft_labels.safetensors'; "
         "re-run `ddkit bench` with its config (finished cells are reused) to make it again")
     shutil.rmtree(bench / "distilled")
-    assert _refused(["show", "-q", str(bench)], capsys) == (
+    assert refused(["show", "-q", str(bench)], capsys) == (
         f"bench {str(bench)!r} lacks the distilled set 'synthetic-random-ipc2' its table names "
         f"({str(bench / 'distilled' / 'synthetic-random-ipc2')!r}); re-run `ddkit bench` with its config (finished "
         "cells are reused) to make it again")

@@ -11,16 +11,11 @@ import sys
 import pytest
 import torch
 
+from conftest import run_cli
 from ddkit.cli import main
 
 FAST = ["--set", "student=tiny_convnet", "--set", "full_epochs=2", "--set", "train.epochs=20",
         "--set", "train.batch_size=32", "--set", "train.lr=0.05"]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +185,7 @@ def test_a_run_stopped_after_replacing_a_stage_does_not_show_as_finished(tmp_pat
     assert json.loads((tmp_path / "run/distilled/manifest.json").read_text())["seed"] == 1
     assert not (tmp_path / "run/manifest.json").exists()
     code, _, err = run_cli(["show", "-q", str(tmp_path / "run")], capsys)
-    assert code == 2 and "an unfinished run" in err
+    assert code == 2 and "is an unfinished `ddkit run` folder (stages done: " in err
     monkeypatch.undo()
     assert run_cli(["run", str(cfg), "-q", "--set", "distill.seed=1"], capsys)[0] == 0
     assert json.loads((tmp_path / "run/manifest.json").read_text())["seed"] == 1
@@ -454,9 +449,12 @@ def test_run_drops_the_report_of_the_previous_settings(tmp_path, capsys, monkeyp
     # `show` on a killed first run (no config.json yet) says what it is ("holds no ddkit record" before)
     (tmp_path / "run/config.json").unlink()
     code, _, err = run_cli(["show", str(tmp_path / "run")], capsys)
-    assert code == 2 and err == (f"error: {str(tmp_path / 'run')!r} looks like an unfinished `ddkit run` (stages done: "
-                                 "distilled; no run record yet); run its config again to finish it, or show a "
-                                 "stage folder\n")
+    assert code == 2 and err == (f"error: {str(tmp_path / 'run')!r} is an unfinished `ddkit run` folder (stages done: "
+                                 "distilled; no manifest.json: killed before its last stage, or from before run "
+                                 "folders had a manifest.json); run its config again with the same --out to "
+                                 "finish it (finished stages are reused, though stages an older ddkit made may be "
+                                 "made again), or show a stage folder, e.g. "
+                                 f"{str(tmp_path / 'run' / 'distilled')!r}\n")
 
 
 @pytest.mark.parametrize(("relabel", "overrides", "message"), [

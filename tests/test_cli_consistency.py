@@ -12,17 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli
 from ddkit.cli import build_parser, main
 from ddkit.config import from_dict
 from ddkit.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args, capsys):
-    code = main(args)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +120,23 @@ def test_relabel_prints_an_evaluation_of_the_stores_views(made, tmp_path, capsys
         with caplog.at_level(logging.WARNING):
             assert main([*printed, *quick, "--out", str(tmp_path / f"{augment}.json")]) == 0
         assert not [r.getMessage() for r in caplog.records if "store" in r.getMessage()], augment
+
+
+def test_relabel_refuses_a_broken_plugin_protocol_before_writing_its_store(made, tmp_path, monkeypatch, capsys):
+    """QA 23b F1: relabel's printed evaluation looked protocols up without preset()'s check, so a plugin protocol that
+    returns no ProtocolConfig crashed with a traceback after the store was written. It is refused in one line, as
+    every protocol reader refuses it, before any labelling."""
+    from ddkit.evaluate import PROTOCOLS
+
+    monkeypatch.setattr(PROTOCOLS, "_entries", {**PROTOCOLS._entries})
+    PROTOCOLS.add("broken", lambda: None)
+    store = tmp_path / "s.fkd"
+    code, out, err = run_cli(["relabel", str(made / "r2"), "--teacher", str(made / "t"), "--epochs", "1",
+                              "--augment", "crop_flip", "--out", str(store), "-q"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: protocol 'broken': its function (") and err.count("\n") == 1
+    assert "returned None (no `return`?), not a ProtocolConfig; make it `return ProtocolConfig(...)`" in err
+    assert not store.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_a_sets_method_config_records_paths_as_its_config_does(made, tmp_path, monkeypatch, capsys):

@@ -173,9 +173,9 @@ def test_check_method_refuses_a_method_that_changes_the_real_data(monkeypatch, t
     with pytest.raises(testing.ContractError) as exc:
         testing.check_method("broken", data, teacher, tmp_path)
     assert str(exc.value) == (
-        f"method 'broken': fit() changed the real data it was given (fingerprint {before} before, "
-        f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
-        "(real.train.images.float(), .clone()), never on `real` in place")
+        f"method 'broken' changed the real data it was given in place (fingerprint {before} before its fit, "
+        f"{data.fingerprint} after), which the run's baselines and evaluations use next; fix the method to work on "
+        "copies (real.train.images.float(), .clone()), never on `real` itself")
     assert not (tmp_path / "output").exists()
 
 
@@ -189,8 +189,8 @@ def test_distill_refuses_a_method_that_changes_the_real_data(monkeypatch, tmp_pa
         distill(data, DistillConfig(method="broken", ipc=1), out=tmp_path / "set")
     assert str(exc.value) == (
         f"method 'broken' changed the real data it was given in place (fingerprint {before} before its fit, "
-        f"{data.fingerprint} after); fix the method to work on copies (real.train.images.float(), .clone()), never "
-        "on `real` itself")
+        f"{data.fingerprint} after), which the run's baselines and evaluations use next; fix the method to work on "
+        "copies (real.train.images.float(), .clone()), never on `real` itself")
     assert before != data.fingerprint and not (tmp_path / "set").exists()
 
 

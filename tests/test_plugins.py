@@ -421,6 +421,15 @@ def test_a_plugin_model_given_a_value_it_cannot_take_is_one_line(tmp_path, monke
                               r"check their values \(model_options / student_options; -v shows the traceback\)$"):
         create_model("my_mlp_w", 1, 3, 8, width="x")
     assert "building model 'my_mlp_w' failed" in caplog.text and "Traceback" in caplog.text
+
+    def my_checked(in_channels, num_classes, image_size, width=16):  # QA 23b F6: a message of several lines
+        raise ValueError(f"width must be positive\n  got: {width}")
+
+    MODELS.add("my_checked", my_checked)
+    with pytest.raises(DDKitError) as exc:
+        create_model("my_checked", 1, 3, 8, width=0)
+    assert str(exc.value) == ("model 'my_checked' cannot be built with options {'width': 0} (ValueError: width must be "
+                              "positive); check their values (model_options / student_options; -v shows the traceback)")
     monkeypatch.setattr(my_mlp, "__module__", "ddkit.models.fake")  # ddkit's own: a TypeError is a bug, kept
     with pytest.raises(TypeError):
         create_model("my_mlp_w", 1, 3, 8, width="x")

@@ -8,13 +8,13 @@ import shutil
 import pytest
 
 import ddkit
+from conftest import refused, run_cli
 from ddkit.cli import main
 from ddkit.data.base import DatasetConfig, load_dataset
 from ddkit.describe import describe
 from ddkit.errors import DDKitError
 from ddkit.evaluate import evaluate, resolve_protocol
 from ddkit.pipeline import DistillConfig, distill
-from test_cli import run_cli
 from test_data import write_imagefolder
 
 FAST = {"student": "tiny_convnet", "full_reference": False, "random_baseline": False,
@@ -234,13 +234,6 @@ def _edit(path, change):
     path.write_text(json.dumps(record))
 
 
-def _refused(args, capsys):
-    """The one-line error of ``ddkit ARGS`` (exit code 2, nothing on stdout)."""
-    code, out, err = run_cli(args, capsys)
-    assert code == 2 and out == "" and err.startswith("error: ") and err.count("\n") == 1, (code, out, err)
-    return err.removeprefix("error: ").rstrip("\n")
-
-
 def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
     """A list or object as `kind` used to be a traceback (unhashable type: 'list')."""
     for kind in ([], {}):
@@ -248,7 +241,7 @@ def test_show_refuses_a_kind_that_is_not_a_name(demo_run, tmp_path, capsys):
         shutil.copytree(demo_run / "run" / "distilled", bad)
         _edit(bad, lambda m, kind=kind: m.update(kind=kind))
         for flags in ([], ["-q"], ["--json"]):
-            assert _refused(["show", str(bad), *flags], capsys) == (
+            assert refused(["show", str(bad), *flags], capsys) == (
                 f"{str(bad / 'manifest.json')!r} is not a ddkit record ddkit can summarise (kind "
                 f"{kind!r}); pass one of: bench-cell, bench-config, bench-report, bench-table, ddranking-export, "
                 "distilled-set, distilled-student-cache, evaluation, evaluation-set, expert-buffer, fkd-soft-labels, "
@@ -263,7 +256,7 @@ def test_show_json_refuses_what_show_refuses(tmp_path, capsys):
                               ("cell.json", '{"kind": "bench-cell"}', "is a 'bench-cell' record without the field")):
         (tmp_path / name).write_text(text)
         for flags in ([], ["--json"], ["--json", "-q"]):
-            assert words in _refused(["show", str(tmp_path / name), *flags], capsys)
+            assert words in refused(["show", str(tmp_path / name), *flags], capsys)
 
 
 def test_show_names_a_file_that_is_no_record(demo_run, tmp_path, capsys):
@@ -272,15 +265,15 @@ def test_show_names_a_file_that_is_no_record(demo_run, tmp_path, capsys):
     for path, what in ((run / "distilled" / "preview.png", "a .png file"),
                        (run / "teacher" / "model.safetensors", "a .safetensors file")):
         for flags in ([], ["-q"], ["--json"]):
-            assert _refused(["show", str(path), *flags], capsys) == (
+            assert refused(["show", str(path), *flags], capsys) == (
                 f"{str(path)!r} is not a ddkit record ({what} of the ddkit output {str(path.parent)!r}); "
                 "pass that folder")
     (tmp_path / "weights.bin").write_bytes(b"\x89\x00\xff binary")
-    assert _refused(["show", str(tmp_path / "weights.bin")], capsys) == (
+    assert refused(["show", str(tmp_path / "weights.bin")], capsys) == (
         f"{str(tmp_path / 'weights.bin')!r} is not a ddkit record (a .bin file); pass a ddkit output folder, a JSON "
         "record of one, a `ddkit export --format pt` file or a protocol name")
     (tmp_path / "broken.json").write_bytes(b"\xff{")  # a damaged record stays "corrupt"
-    assert "is corrupt (UnicodeDecodeError); re-create it" in _refused(["show", str(tmp_path / "broken.json")], capsys)
+    assert "is corrupt (UnicodeDecodeError); re-create it" in refused(["show", str(tmp_path / "broken.json")], capsys)
 
 
 def test_show_refuses_a_bench_table_with_a_damaged_row(tmp_path, capsys):
@@ -293,7 +286,7 @@ def test_show_refuses_a_bench_table_with_a_damaged_row(tmp_path, capsys):
     assert run_cli(["show", str(tmp_path), "-q"], capsys)[:2] == (0, "")
     (tmp_path / "bench.json").write_text(json.dumps({"kind": "bench-table", "rows": [{**row, "synthesis": None}]}))
     for flags in ([], ["-q"], ["--json"]):
-        assert _refused(["show", str(tmp_path), *flags], capsys) == (
+        assert refused(["show", str(tmp_path), *flags], capsys) == (
             f"{str(tmp_path / 'bench.json')!r} is a 'bench-table' record with a field of the wrong type ('NoneType' "
             "object has no attribute 'get'); it is damaged: re-run `ddkit bench` with the run's config (finished cells "
             "are reused) to rebuild it")
@@ -340,14 +333,14 @@ def test_show_checks_an_expert_buffer_from_its_file_headers(tmp_path, capsys, mo
         want = message.format(folder=str(bad), manifest=str(bad / "manifest.json"),
                               file=str(bad / "expert_000.safetensors"))
         for flags in ([], ["-q"]):
-            assert _refused(["show", str(bad), *flags], capsys) == want, name
+            assert refused(["show", str(bad), *flags], capsys) == want, name
     # --json prints the manifest of a buffer with damaged files (to see what is there), not a damaged manifest
     assert run_cli(["show", str(tmp_path / "truncated"), "--json"], capsys)[0] == 0
-    assert _refused(["show", str(tmp_path / "string"), "--json"], capsys) == (
+    assert refused(["show", str(tmp_path / "string"), "--json"], capsys) == (
         f"{str(tmp_path / 'string' / 'manifest.json')!r} is a 'expert-buffer' record with a field of the wrong type "
         "('str' object has no attribute 'get'); it is damaged, re-create it")
     (tmp_path / "epochs" / "expert_000.safetensors").unlink()  # a file missing: named as before
-    assert _refused(["show", str(tmp_path / "epochs"), "-q"], capsys) == (
+    assert refused(["show", str(tmp_path / "epochs"), "-q"], capsys) == (
         f"expert-buffer {str(tmp_path / 'epochs')!r} lacks its file(s) ['expert_000.safetensors']; the artifact is "
         "incomplete, re-create it")
 
@@ -367,21 +360,21 @@ def test_show_checks_exports(demo_run, tmp_path, capsys):
     shutil.copytree(folders, bad)
     for png in (bad / "001_class1").glob("*.png"):
         png.unlink()
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"export {str(bad)!r} holds no images of class folder '001_class1'; {fix}")
     shutil.rmtree(bad / "001_class1")
-    assert _refused(["show", str(bad)], capsys) == (
+    assert refused(["show", str(bad)], capsys) == (
         f"export {str(bad)!r} holds no images of class folder '001_class1'; {fix}")
     bad = tmp_path / "one-less"
     shutil.copytree(folders, bad)
     (bad / "002_class2" / "00001.png").unlink()
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"export {str(bad)!r} holds 2 images in its other class folders but 1 in '002_class2'; {fix}")
     bad = tmp_path / "text"
     shutil.copytree(folders, bad)
     (bad / "000_class0" / "00000.png").write_text("not an image")
     png = bad / "000_class0" / "00000.png"
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"image {str(png)!r} does not open (cannot identify image file {str(png)!r}); {fix}")
     from PIL import Image
 
@@ -392,11 +385,11 @@ def test_show_checks_exports(demo_run, tmp_path, capsys):
         w, h, mode = *im.size, im.mode
     png = bad / "001_class1" / "00001.png"
     Image.new(mode, (9, 5)).save(png)
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"image {str(png)!r} is 9x5 {mode}, but {str(first)!r} is {w}x{h} {mode}: an export's images share one "
         f"size and mode; {fix}")
     Image.new("RGB", (w, h)).save(png)
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"image {str(png)!r} is {w}x{h} RGB, but {str(first)!r} is {w}x{h} {mode}: an export's images share one "
         f"size and mode; {fix}")
     bad = tmp_path / "cut"
@@ -409,16 +402,16 @@ def test_show_checks_exports(demo_run, tmp_path, capsys):
     with pytest.raises(RuntimeError) as cut:
         torch.load(bad / "images.pt")
     # torch's reason, as a damaged `--format pt` export gives it (it named the exception class only)
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"{str(bad / 'images.pt')!r} does not load ({load_failure(cut.value)}); the ddranking-export is incomplete "
         "or damaged; export the distilled set again")
     assert "failed reading zip archive" in load_failure(cut.value)
-    assert _refused(["show", str(bad)], capsys).endswith(
+    assert refused(["show", str(bad)], capsys).endswith(
         "; the ddranking-export is incomplete or damaged; export the distilled set again")
     bad = tmp_path / "fewer"
     shutil.copytree(ranking, bad)
     torch.save(torch.load(ranking / "images.pt")[:-1].clone(), bad / "images.pt")
-    assert _refused(["show", str(bad), "-q"], capsys) == (
+    assert refused(["show", str(bad), "-q"], capsys) == (
         f"{str(bad / 'images.pt')!r} holds float32 images of shape [7, 1, 16, 16], meta.json says 8 images (2 per "
         "class) of 1 channel(s); the ddranking-export is incomplete or damaged; export the distilled set again")
 
@@ -429,7 +422,7 @@ def test_show_refuses_an_fkd_store_evaluate_refuses(demo_run, tmp_path, capsys):
     shutil.copytree(demo_run / "fkd", bad)
     _edit(bad, lambda m: m.update(teacher_bn="xx"))
     for flags in ([], ["-q"]):
-        assert _refused(["show", str(bad), *flags], capsys) == (
+        assert refused(["show", str(bad), *flags], capsys) == (
             f"{str(bad / 'manifest.json')!r}: teacher_bn must be 'running' or 'batch', got 'xx'; the "
             "manifest is damaged: re-create the store with `ddkit relabel`")
 
@@ -472,6 +465,26 @@ def test_show_suggests_the_protocol_a_typo_meant(tmp_path, capsys, monkeypatch):
     for target in ("runs/demo", "xyzzy"):  # a path's typo, or nothing like a protocol: not found, as before
         code, _, err = run_cli(["show", target], capsys)
         assert code == 2 and err.startswith(f"error: '{target}' not found; pass a ddkit output folder"), err
+
+
+def test_show_of_a_registered_name_is_not_shadowed_by_a_file_of_that_name(tmp_path, capsys, monkeypatch):
+    """QA 23b F3: a file `edc` in the current folder made `show edc` read the file and ask for "a protocol name"; a
+    bare registered name wins, as --protocol reads it (./edc is the file), and folders and suffixed paths stay paths."""
+    monkeypatch.chdir(tmp_path)
+    _, protocol, _ = run_cli(["show", "edc"], capsys)
+    _, method, _ = run_cli(["show", "sre2l"], capsys)
+    for name in ("edc", "sre2l"):
+        (tmp_path / name).write_text("train: {epochs: 1}\n")
+    assert run_cli(["show", "edc"], capsys)[:2] == (0, protocol)
+    assert run_cli(["show", "sre2l"], capsys)[:2] == (0, method)
+    code, out, err = run_cli(["show", "./edc"], capsys)  # the file: no record of ddkit's
+    assert (code, out) == (2, "") and err.startswith("error: 'edc' is not a ddkit record (a file that is not JSON)")
+    (tmp_path / "random").mkdir()  # a folder named as a method is a path
+    code, _, err = run_cli(["show", "random"], capsys)
+    assert code == 2 and err.startswith("error: 'random' holds no ddkit record"), err
+    (tmp_path / "notes").write_text("x")  # a file of no registered name is a path
+    code, _, err = run_cli(["show", "notes"], capsys)
+    assert code == 2 and err.startswith("error: 'notes' is not a ddkit record"), err
 
 
 def test_show_summarises_the_synthesis_records_of_a_benchmark(tmp_path, capsys):
@@ -521,16 +534,16 @@ def test_show_a_methods_options(tmp_path, capsys, monkeypatch):
     assert err == "note: 'edc' is also a method; `ddkit show method:edc` shows its options\n"
     code, out, err = run_cli(["show", "method:edc"], capsys)
     assert code == 0 and out.startswith("method edc (ddkit.methods.edc.EDC): Elucidating") and err == ""
-    assert _refused(["show", "method:edcc"], capsys) == (
+    assert refused(["show", "method:edcc"], capsys) == (
         "unknown method 'edcc'; did you mean 'edc'? (or one of your own: import the module that registers it first; "
         "the CLI imports those named in DDKIT_PLUGINS)")
     # a typo: the closer of a protocol and a method, the protocol when as close
-    assert _refused(["show", "dmm"], capsys) == ("'dmm' not found (no file, folder, protocol or method of that name); "
+    assert refused(["show", "dmm"], capsys) == ("'dmm' not found (no file, folder, protocol or method of that name); "
                                                  "did you mean the method 'dm'?")
-    assert _refused(["show", "ecd"], capsys).endswith("did you mean the protocol 'edc'?")
+    assert refused(["show", "ecd"], capsys).endswith("did you mean the protocol 'edc'?")
     # a folder of a method's name is shown as the folder
     (tmp_path / "dm").mkdir()
-    assert _refused(["show", "dm"], capsys).startswith("'dm' holds no ddkit record")
+    assert refused(["show", "dm"], capsys).startswith("'dm' holds no ddkit record")
 
 
 def test_a_runs_stages_stay_inside_the_run_folder(demo_run, tmp_path, capsys):

@@ -448,8 +448,16 @@ def cmd_show(args) -> int:
     from ddkit.describe import describe, describe_method, method_record, read_record
 
     # a file or folder first, then a protocol, then a method; a name both protocol and method (edc, cvdd) shows
-    # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`
+    # the protocol, as before methods could be shown, and says how to see the method: `show method:edc`. A bare
+    # registered name wins over a file of that name in the current folder (as --protocol reads it: ./NAME is the
+    # file); a folder, or a path with a separator or a suffix, is a path
     target, is_path = args.target, Path(args.target).exists()
+    if Path(target).is_file() and not Path(target).suffix:
+        from ddkit.evaluate import PROTOCOLS
+        from ddkit.evaluate.protocol import is_protocol_file
+        from ddkit.methods import METHODS
+
+        is_path = is_protocol_file(target) or (target not in PROTOCOLS and target not in METHODS)
     if not is_path:  # importing every method (and torch) takes a while: only for a name
         from ddkit.evaluate import PROTOCOLS
         from ddkit.evaluate.protocol import preset
@@ -676,6 +684,7 @@ def cmd_relabel(args) -> int:
     else:
         out = Path(args.out)
     check_output_dir(out, FKD_KIND)  # before any labelling
+    presets = _protocol_presets()  # a broken plugin protocol is refused before any labelling, not after the store
     work = hidden_path(out, ".partial")  # finished epochs survive a kill; removed once saved
     progress = Progress(not args.quiet)
     with writing(work, out):  # another relabel to this --out would share (and remove) the work folder
@@ -692,26 +701,34 @@ def cmd_relabel(args) -> int:
     members = ",".join(extra)  # as the mismatch error of an ensemble's store names them
     ensemble = f" --set {shlex.quote(f'extra_teachers=[{members}]')}" if extra else ""
     _print(f"evaluate with: ddkit evaluate {shlex.quote(str(args.distilled))} --teacher "
-           f"{shlex.quote(str(args.teacher))} {_protocol_for(store)} --label-mode fkd --set "
+           f"{shlex.quote(str(args.teacher))} {_protocol_for(store, presets)} --label-mode fkd --set "
            f"{shlex.quote(f'fkd_store={out}')}{ensemble}")
     return 0
 
 
-def _protocol_for(store) -> str:
-    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
-    first preset whose students train on the store's views (soft-kl for relabel's defaults), else soft-kl with the
-    store's augmentation set; ``--epochs`` where the store holds another number of epochs than the preset trains."""
+def _protocol_presets() -> dict:
+    """Every registered protocol's ProtocolConfig by name, soft-kl first, as :func:`ddkit.evaluate.protocol.preset`
+    checks them (a plugin protocol that returns no ProtocolConfig is refused with its one-line error)."""
     from ddkit.evaluate import PROTOCOLS
+    from ddkit.evaluate.protocol import preset
+
+    return {n: preset(n) for n in dict.fromkeys(["soft-kl", *PROTOCOLS])}
+
+
+def _protocol_for(store, presets: dict) -> str:
+    """The ``--protocol`` (and ``--epochs``) flags of an evaluation that replays ``store`` as its protocol says: the
+    first of ``presets`` (:func:`_protocol_presets`) whose students train on the store's views (soft-kl for relabel's
+    defaults), else soft-kl with the store's augmentation set; ``--epochs`` where the store holds another number of
+    epochs than the preset trains."""
     from ddkit.evaluate.runner import _other_views
 
-    name = next((n for n in dict.fromkeys(["soft-kl", *PROTOCOLS])
-                 if _other_views(PROTOCOLS.get(n)().train, store) is None), None)
+    name = next((n for n, made in presets.items() if _other_views(made.train, store) is None), None)
     flags = f"--protocol {name or 'soft-kl'}"
     if name is None:
         aug = store.manifest["augment"]
         flags += (f" --set train.augment={shlex.quote(aug['spec'])} --set "
                   f"{shlex.quote('train.augment_options=' + json.dumps(aug.get('options') or {}))}")
-    if store.epochs != PROTOCOLS.get(name or "soft-kl")().train.epochs:
+    if store.epochs != presets[name or "soft-kl"].train.epochs:
         flags += f" --epochs {store.epochs}"
     return flags
 
@@ -891,7 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "a protocol or a method's options")
     sp.add_argument("target",
                     help="folder or JSON file ddkit wrote, a `ddkit export --format pt` file, a protocol name, or a "
-                    "method name (its options; method:NAME for one that is also a protocol: edc, cvdd)")
+                    "method name (its options; method:NAME for one that is also a protocol: edc, cvdd); a registered "
+                    "name wins over a file of that name in the current folder (./NAME is the file)")
     sp.add_argument("--json", action="store_true", help="print the whole record (manifest, table) as JSON instead")
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="print nothing but an error; exit 0 if the record reads (an artifact: with its files), "

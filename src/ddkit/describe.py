@@ -86,11 +86,7 @@ def _load_record(path: str | Path) -> tuple[dict[str, Any], Path]:
             found = path / "eval.json" if (path / "eval.json").is_file() else None  # a `ddkit run`'s report/
         if found is None:
             # a `ddkit run` killed before its last stage has stage folders but no record of its own yet
-            stages = [name for name in ("teacher", "distilled", "labels") if (path / name / MANIFEST).is_file()]
-            if stages:
-                raise DDKitError(f"{str(path)!r} looks like an unfinished `ddkit run` (stages done: "
-                                 f"{', '.join(stages)}; no run record yet); run its config again to finish it, or show "
-                                 "a stage folder")
+            check_run_finished(path)
             from ddkit.report import _older_report
 
             if _older_report(path):
@@ -146,10 +142,7 @@ def _summarise(record: dict[str, Any], where: Path, check_files: bool = True) ->
     if kind is None and where.name == "config.json" and (where.parent / "distilled" / "manifest.json").is_file():
         if (where.parent / MANIFEST).is_file():  # a finished run: its record is the folder's manifest
             return _summarise(*_load_record(where.parent), check_files=check_files)
-        raise DDKitError(f"{str(where.parent)!r} is a `ddkit run` folder without its manifest.json (an "
-                         "unfinished run, or one from before run folders had a manifest.json); run `ddkit run` again "
-                         "with the same config and --out to write it (finished stages are reused, though stages "
-                         "an older ddkit made may be made again)")
+        check_run_finished(where.parent)
     if kind is None and (older := _older_export(record, where)) is not None:
         raise DDKitError(f"{str(older)!r} was written by an older ddkit export (it records no kind); export it "
                          f"again: `ddkit export SET --format {'pt' if older == where else 'imagefolder'} --out "
@@ -298,15 +291,46 @@ def _check_run(folder: Path, manifest: dict) -> None:
     """Each stage a run's manifest names (teacher, distilled set, FKD labels), checked as its own artifact."""
     from ddkit.artifacts import read_manifest
 
-    stages = manifest.get("stages") or {}
     for stage, kind in (("teacher", "teacher"), ("distilled", "distilled-set"), ("labels", "fkd-soft-labels")):
-        if name := stages.get(stage):
-            path = member(folder, name, folder / MANIFEST, f"stages.{stage}",
-                          "run the run's config again to rewrite it")
+        if (path := run_stage(folder, manifest, stage)) is not None:
             try:
                 check_artifact(kind, path, read_manifest(path, kind))
             except DDKitError as e:
                 raise DDKitError(f"the run's {stage} stage: {e}") from None
+
+
+#: the stages of a ``ddkit run`` folder, each a subfolder of that name
+RUN_STAGES = ("teacher", "distilled", "labels")
+#: the fix of a damaged run manifest
+RERUN = "run the run's config again to rewrite it"
+
+
+def run_stage(folder: Path, manifest: dict, stage: str) -> Path | None:
+    """The folder of ``stage`` that the manifest of the run ``folder`` names, or None for a teacher or labels stage
+    the run did not make (null); the distilled stage, which every run makes, must be named. A damaged entry (missing,
+    not a name, outside the folder) is refused, as ``ddkit show`` and every reader of a run's set refuse it."""
+    stages = manifest.get("stages")
+    name = stages.get(stage) if isinstance(stages, dict) else None
+    if name is None and stage != "distilled":
+        return None
+    if not isinstance(name, str):
+        raise DDKitError(f"{str(folder / MANIFEST)!r} names no {stage} stage (stages.{stage}); the manifest is "
+                         f"damaged: {RERUN}")
+    return member(folder, name, folder / MANIFEST, f"stages.{stage}", RERUN)
+
+
+def check_run_finished(folder: Path, load_stage: str = "show a stage folder, e.g. {!r}") -> None:
+    """Refuse ``folder`` where it is a ``ddkit run`` folder killed before its last stage: stage folders but no
+    manifest.json yet. ``load_stage`` says how to read its distilled stage instead (where that was made)."""
+    if (folder / MANIFEST).is_file():
+        return
+    done = [name for name in RUN_STAGES if (folder / name / MANIFEST).is_file()]
+    if done:
+        other = f", or {load_stage.format(str(folder / 'distilled'))}" if "distilled" in done else ""
+        raise DDKitError(f"{str(folder)!r} is an unfinished `ddkit run` folder (stages done: {', '.join(done)}; no "
+                         f"manifest.json: killed before its last stage, or from before run folders had a "
+                         f"manifest.json); run its config again with the same --out to finish it (finished "
+                         f"stages are reused, though stages an older ddkit made may be made again){other}")
 
 
 def _check_experts(folder: Path) -> None:

@@ -533,29 +533,23 @@ def check_label_records(manifest: dict[str, Any], path: Path) -> None:
     check_bn({f"config.distill.{k}": v for k, v in (distill or {}).items()}, "config.distill.soft_labels_bn")
 
 
-#: the fix of a damaged run manifest
-RERUN = "run the run's config again to rewrite it"
-
-
 def set_folder(path: str | Path, load_stage: str = "pass its stage folder {!r}") -> Path:
     """The folder of the distilled set that ``path`` names, as ``ddkit.load`` and the commands that read a set
-    (``evaluate``, ``relabel``, ``export``) resolve it: a ``ddkit run`` folder's distilled stage (its manifest's
-    ``stages.distilled``), anything else ``path`` itself (:meth:`DistilledSet.load` checks it). A run folder without
-    its manifest (killed before its last stage) is refused, naming its stage folder as ``load_stage`` says."""
+    (``evaluate``, ``relabel``, ``export``) resolve it: a ``ddkit run`` folder's distilled stage
+    (:func:`ddkit.describe.run_stage`, as ``ddkit show`` reads it), anything else ``path`` itself
+    (:meth:`DistilledSet.load` checks it). A run folder without its manifest (killed before its last stage) is
+    refused (:func:`ddkit.describe.check_run_finished`), naming its stage folder as ``load_stage`` says."""
+    from ddkit.describe import check_run_finished, run_stage
+
     where = Path(path)
     if not where.is_dir():
         return where
     kind = folder_kind(where)
-    if kind is None and (where / "distilled" / MANIFEST).is_file():
-        raise DDKitError(f"{str(where)!r} is an unfinished `ddkit run` folder (no manifest.json); run its config "
-                         f"again to finish it, or {load_stage.format(str(where / 'distilled'))}")
+    if kind is None:
+        check_run_finished(where, load_stage)
     if kind != "pipeline-run":
         return where
-    stage = read_manifest(where, kind).get("stages", {}).get("distilled")
-    if not isinstance(stage, str):
-        raise DDKitError(f"{str(where / MANIFEST)!r} names no distilled stage (stages.distilled); the manifest is "
-                         f"damaged: {RERUN}")
-    return member(where, stage, where / MANIFEST, "stages.distilled", RERUN)
+    return run_stage(where, read_manifest(where, kind), "distilled")
 
 
 def _refuse_export(path: Path) -> None:

@@ -231,6 +231,16 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
 
 @stage_modes()
 @keeps_teacher_modes
+def check_real_unchanged(method: str, data: DataBundle, before: str, error: type[DDKitError] = DDKitError) -> None:
+    """Refuse (as ``error``) a fit of ``method`` that changed the real ``data`` it was given in place: its
+    fingerprint is no longer ``before``, read before the fit. The run's baselines and evaluations, and the set's
+    record, use that data after the fit; the distill stage and the method contract (:mod:`ddkit.testing`) check it."""
+    if data.fingerprint != before:
+        raise error(f"method {method!r} changed the real data it was given in place (fingerprint {before} before its "
+                    f"fit, {data.fingerprint} after), which the run's baselines and evaluations use next; fix the "
+                    "method to work on copies (real.train.images.float(), .clone()), never on `real` itself")
+
+
 def distill(
     data: DataBundle,
     cfg: DistillConfig | dict,
@@ -299,10 +309,7 @@ def distill(
         try:
             data_before = data.fingerprint  # remembered: a second read costs nothing unless fit edits the tensors
             method = fit_seeded(method_cls(method_cfg), data, [teacher] if teacher is not None and reads else [], ctx)
-            if data.fingerprint != data_before:  # the run's baselines and evaluations, and the set's record, use it
-                raise DDKitError(f"method {cfg.method!r} changed the real data it was given in place (fingerprint "
-                                 f"{data_before} before its fit, {data.fingerprint} after); fix the method to work on "
-                                 "copies (real.train.images.float(), .clone()), never on `real` itself")
+            check_real_unchanged(cfg.method, data, data_before)
             # rank 0 alone labels and builds the set (a method may gather it there alone, and return None on the
             # other ranks of a torchrun job), which the other ranks then read back from the saved artifact
             if info.is_main:

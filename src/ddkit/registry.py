@@ -254,7 +254,7 @@ def _read_source(obj: object) -> tuple[str | None, tuple[str, ...]]:
             base = {"def": origin(obj.func)}
         else:  # a source that cannot be read (warned)
             return None, deps
-        blob = json.dumps({**base, "bound": bound_arguments(obj, [])}, sort_keys=True, separators=(",", ":"))
+        blob = json.dumps({**base, "bound": bound_arguments(obj)}, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest(), deps
     module = getattr(obj, "__module__", None) or ""
     if is_ddkit(obj):
@@ -388,15 +388,11 @@ def bound_arguments(p: functools.partial, unstable: list[str] | None = None) -> 
     """The arguments partial ``p`` binds as JSON data that is the same in every process: numbers, strings, None,
     lists and dicts of them as they are; a class or function as ``module.QualName``; any other object as its repr.
     An object whose repr holds a memory address (the default ``<X object at 0x...>``) enters as its type's name,
-    added to ``unstable`` where given (:func:`source_sha256` warns of those where the identity is used), else
-    warned about: a change of it is not tracked."""
+    added to ``unstable`` where given (a change of it is not tracked: :func:`_warn_unstable` warns of those where the
+    identity is used)."""
     found: list[str] = [] if unstable is None else unstable
-    out = {"args": [_stable(v, found) for v in p.args],
-           "keywords": {k: _stable(v, found) for k, v in p.keywords.items()}}
-    if unstable is None:
-        for text in found:
-            _warn_address(p, text)
-    return out
+    return {"args": [_stable(v, found) for v in p.args],
+            "keywords": {k: _stable(v, found) for k, v in p.keywords.items()}}
 
 
 _UNSTABLE: set[tuple[str, str]] = set()  # (partial, object type) warned about once per process

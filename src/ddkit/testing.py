@@ -82,6 +82,7 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
     from ddkit.config import from_dict, to_dict
     from ddkit.methods import FitContext
     from ddkit.methods.base import fit_seeded
+    from ddkit.pipeline import check_real_unchanged
 
     cfg = from_dict(cls.Config, dict(cls.smoke_options), f"{key}.smoke_options")
     before, data_before = copy.deepcopy(to_dict(cfg)), data.fingerprint
@@ -104,10 +105,7 @@ def _fit(cls, key: str, data, teacher, seed: int = 0, work_dir: Path | None = No
                             "= False` from the class, or read no teacher in fit") from exc
     _require(to_dict(cfg) == before, f"method {key!r}: fit() mutated its config (from {before} to {to_dict(cfg)}); "
              "keep what it changes in the method (self), not in self.cfg")
-    _require(data.fingerprint == data_before,
-             f"method {key!r}: fit() changed the real data it was given (fingerprint {data_before} before, "
-             f"{data.fingerprint} after), which the run's baselines and evaluations use next; work on copies "
-             "(real.train.images.float(), .clone()), never on `real` in place")
+    check_real_unchanged(key, data, data_before, ContractError)
     _require(getattr(method, "synthetic_", None) is not None,
              f"method {key!r}: fit() returned {type(method).__name__} without synthetic_; set self.synthetic_ "
              "and return self")

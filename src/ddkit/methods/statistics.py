@@ -977,10 +977,9 @@ def committee_for(cfg: RecoverConfig, states: list[_TeacherState], seed: int,
     draws the same; best: those of highest recorded test accuracy (earlier teachers first on a tie), the
     same for every slot; cycle: combination ``slot mod C(n, k)`` of the teachers in lexicographic order --
     and their voting weights, ``softmax(test_accuracy_% / T)`` over the members ("prior") or equal. None
-    when committees are off."""
+    when committees are off. ``recover`` has refused a committee larger than ``states`` (:func:`check_committee`)."""
     if cfg.committee_size is None:
         return None
-    check_committee(cfg, len(states))
     n, k = len(states), cfg.committee_size
     if cfg.committee_choice == "best":
         priors = _priors([st.teacher for st in states], "committee_choice 'best'",

@@ -153,8 +153,10 @@ def create_model(
         if getattr(getattr(factory, "func", factory), "__module__", "").startswith("ddkit."):
             raise  # ddkit's own factories check their options' values (DDKitError): anything else is a bug
         log.info("building model %r failed:", name, exc_info=True)  # at INFO, which -v shows
-        raise DDKitError(f"model {name!r} cannot be built with options {options} ({type(exc).__name__}: {exc}); check "
-                         "their values (model_options / student_options; -v shows the traceback)") from None
+        text = str(exc).strip()  # its first line, as DDKIT_PLUGINS' import error gives it (the rest: -v's traceback)
+        raise DDKitError(f"model {name!r} cannot be built with options {options} ({type(exc).__name__}: "
+                         f"{text.splitlines()[0] if text else ''}); check their values (model_options / "
+                         "student_options; -v shows the traceback)") from None
     if not type(model).__module__.startswith("ddkit."):  # ddkit's own model classes are tested
         # the factory itself too: one registered anew under the same name (a re-run notebook cell) is checked again
         key = (name, factory, in_channels, num_classes, image_size, repr(sorted(kwargs.items())))
