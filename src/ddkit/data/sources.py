@@ -293,8 +293,11 @@ IDX_STATS_MIN_IMAGES = 100
 #: how far (in 0..1 pixel space) their mean or std may lie from the dataset's published ones: Fashion-MNIST's and
 #: MNIST's training sets lie within 0.001, KMNIST's (0.19, 0.35) or uniform noise (0.5, 0.29) far outside
 IDX_STATS_TOLERANCE = 0.05
-#: (dataset, folder) pairs already warned about by :func:`_check_idx_statistics`
-_WARNED_IDX: set[tuple[str, Path]] = set()
+#: how many of the first training images :func:`_check_idx_statistics` reads (the files' order mixes the classes)
+IDX_STATS_SAMPLE = 10000
+#: (dataset, folder) pairs already checked by :func:`_check_idx_statistics`: once per process, as evaluation loads
+#: the data again per student
+_CHECKED_IDX: set[tuple[str, Path]] = set()
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -396,18 +399,18 @@ def _load_idx_dataset(
 def _check_idx_statistics(name: str, folder: Path, images: torch.Tensor, mean: tuple[float, ...],
                           std: tuple[float, ...]) -> None:
     """Warn when the training images are clearly not ``name``'s (other IDX data, such as KMNIST or an own export):
-    they would be recorded under its class names and normalised with its published mean/std. Checked on the whole
-    train files (before any train_per_class subset) of at least :data:`IDX_STATS_MIN_IMAGES` images, from a
-    histogram of the uint8 values (no float copy)."""
-    if len(images) < IDX_STATS_MIN_IMAGES or (name, folder) in _WARNED_IDX:
+    they would be recorded under its class names and normalised with its published mean/std. Checked once per
+    process and folder, on the first :data:`IDX_STATS_SAMPLE` images of train files (before any train_per_class
+    subset) of at least :data:`IDX_STATS_MIN_IMAGES` images, from a histogram of the uint8 values (no float copy)."""
+    if len(images) < IDX_STATS_MIN_IMAGES or (name, folder) in _CHECKED_IDX:
         return
-    counts = np.bincount(images.numpy().reshape(-1), minlength=256).astype(np.float64)
+    _CHECKED_IDX.add((name, folder))
+    counts = np.bincount(images[:IDX_STATS_SAMPLE].numpy().reshape(-1), minlength=256).astype(np.float64)
     values = np.arange(256) / 255
     found_mean = float(counts @ values / counts.sum())
     found_std = math.sqrt(max(0.0, float(counts @ (values - found_mean) ** 2 / counts.sum())))
     if abs(found_mean - mean[0]) <= IDX_STATS_TOLERANCE and abs(found_std - std[0]) <= IDX_STATS_TOLERANCE:
         return
-    _WARNED_IDX.add((name, folder))  # once per process: evaluation loads the data again per student
     logger.warning("%s: the training images in %s have pixel mean %.3f and std %.3f, but %s's have %.4g and %.4g: "
                    "these are not %s's files, yet they get its class names and mean/std; load other IDX data as a "
                    "tensors file (ddkit.data.save_tensors) or an imagefolder, which compute both and take the class "
