@@ -190,6 +190,10 @@ def test_distill_says_when_its_teacher_is_not_used(made, tmp_path, capsys, caplo
         assert not [r for r in caplog.records if "teacher" in r.getMessage()]
     assert warned == ["method 'random' reads no teacher: --teacher is not used (--soft-labels stores its logits on "
                       "the images)"]
+    with caplog.at_level(logging.WARNING, logger="ddkit"):  # a teacher that is not there: the error alone (QA 23a)
+        caplog.clear()
+        code, _, err = run_cli([*args[:-1], str(tmp_path / "nope"), "--out", str(tmp_path / "c"), "-q"], capsys)
+        assert code == 2 and err.count("\n") == 1 and "nope" in err and not caplog.records
 
 
 def test_full_reference_off_over_a_config_with_full_epochs_names_a_command_line_fix():

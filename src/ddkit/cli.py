@@ -259,12 +259,12 @@ def cmd_distill(args) -> int:
     dcfg, cfg = _stage_config(args, "distill", DistillConfig, {"method": "method", "ipc": "ipc", "seed": "seed",
                                                                "soft_labels": "soft_labels",
                                                                "image_dtype": "image_dtype"})
-    if args.teacher and not reads_teacher(cfg):  # as evaluate's label mode hard: said, not refused
-        log.warning("method %r reads no teacher: --teacher is not used (--soft-labels stores its logits on the images)",
-                    cfg.method)
     device = _device(args)
     bundle = load_dataset(dcfg)
     teacher = load_teacher_for(args.teacher, bundle, device)
+    if args.teacher and not reads_teacher(cfg):  # as evaluate's label mode hard: said, not refused (once it loaded)
+        log.warning("method %r reads no teacher: --teacher is not used (--soft-labels stores its logits on the images)",
+                    cfg.method)
     progress = Progress(not args.quiet)
     ds = distill(bundle, cfg, dcfg, args.out, teacher, device, progress.stage(f"distill {cfg.method}"),
                  run_config={"dataset": to_dict(dcfg.absolute()), "distill": recorded_distill(cfg)})
