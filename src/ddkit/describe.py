@@ -527,9 +527,13 @@ def _check_report(folder: Path, manifest: dict) -> None:
 def _check_bench(folder: Path, table: dict) -> None:
     """A bench folder holds each distilled set its table's rows name (``distilled_path``: the set's folder under
     ``distilled/``): its manifest and the tensor files the manifest lists. The sets are not loaded (a bench of
-    full-size sets holds gigabytes): ``ddkit show -q`` of a set's folder checks its contents."""
+    full-size sets holds gigabytes): ``ddkit show -q`` of a set's folder checks its contents. A table without a
+    ``distilled/`` folder beside it is a copy of the table alone (as kept to write its report again), read from
+    its records."""
     from ddkit.artifacts import read_manifest
 
+    if not (folder / "distilled").exists():
+        return
     fix = "re-run `ddkit bench` with its config (finished cells are reused) to make it again"
     seen = set()
     for row in table["rows"]:
