@@ -229,8 +229,6 @@ def _dataset_config_of(data: DataBundle, given: DatasetConfig | None) -> Dataset
     return given
 
 
-@stage_modes()
-@keeps_teacher_modes
 def check_real_unchanged(method: str, data: DataBundle, before: str, error: type[DDKitError] = DDKitError) -> None:
     """Refuse (as ``error``) a fit of ``method`` that changed the real ``data`` it was given in place: its
     fingerprint is no longer ``before``, read before the fit. The run's baselines and evaluations, and the set's
@@ -241,6 +239,8 @@ def check_real_unchanged(method: str, data: DataBundle, before: str, error: type
                     "method to work on copies (real.train.images.float(), .clone()), never on `real` itself")
 
 
+@stage_modes()
+@keeps_teacher_modes
 def distill(
     data: DataBundle,
     cfg: DistillConfig | dict,
